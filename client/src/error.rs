@@ -1,0 +1,70 @@
+use std::path::PathBuf;
+
+use dlsession_proto::{ErrorCode, ErrorInfo, ProtoError};
+
+/// Everything that can go wrong talking to the daemon.
+///
+/// Errors the daemon reports carry their stable SPEC code; see [`Error::code`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Nothing listens on the socket.
+    #[error(
+        "dlsessiond is not running (cannot connect to {path}: {source}); start it with `dlsessiond &` \
+         or `systemctl --user start dlsessiond`"
+    )]
+    NotRunning { path: PathBuf, source: std::io::Error },
+    /// The daemon speaks another protocol version.
+    #[error("protocol_version: this client speaks protocol {ours}, dlsessiond speaks {theirs}; upgrade the older one")]
+    VersionMismatch { ours: u16, theirs: u16 },
+    /// The daemon refused the connection during the handshake.
+    #[error("{}: dlsessiond refused the connection: {reason}", code.as_str())]
+    Refused { code: ErrorCode, reason: String },
+    /// The daemon answered the request with an error.
+    #[error("{0}")]
+    Daemon(ErrorInfo),
+    /// The daemon answered with a response of the wrong kind.
+    #[error("internal: unexpected response from dlsessiond (expected {expected}, got {got})")]
+    UnexpectedResponse { expected: &'static str, got: &'static str },
+    /// The connection closed.
+    #[error("internal: the connection to dlsessiond was lost{}", .reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
+    Disconnected { reason: Option<String> },
+    /// A frame from the daemon could not be read.
+    #[error("internal: protocol error talking to dlsessiond: {0}")]
+    Protocol(#[from] ProtoError),
+    /// A value given to this library is invalid (checked before it is sent).
+    #[error("{0}")]
+    Invalid(ErrorInfo),
+    #[error("internal: cannot determine where dlsessiond's socket is: {0}")]
+    NoSocketPath(#[from] dlsession_proto::paths::NoHomeDir),
+}
+
+impl Error {
+    /// The SPEC §10 code for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::Daemon(e) | Error::Invalid(e) => e.code,
+            Error::VersionMismatch { .. } => ErrorCode::ProtocolVersion,
+            Error::Refused { code, .. } => *code,
+            Error::NotRunning { .. }
+            | Error::UnexpectedResponse { .. }
+            | Error::Disconnected { .. }
+            | Error::Protocol(_)
+            | Error::NoSocketPath(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// The daemon's error details, when it reported one.
+    pub fn info(&self) -> Option<&ErrorInfo> {
+        match self {
+            Error::Daemon(e) | Error::Invalid(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// True when the daemon could not be reached at all (not running, or gone).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Error::NotRunning { .. } | Error::Disconnected { .. })
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

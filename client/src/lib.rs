@@ -1,0 +1,51 @@
+//! `dlsession`: background downloads through `dlsessiond`, the way `URLSession`
+//! background sessions work on Apple platforms.
+//!
+//! An app attaches to a session by identifier, creates download tasks and may then exit:
+//! the daemon keeps downloading, survives crashes and reboots, and when the session's
+//! work is done it wakes the app (or relaunches it with a registered command). The app
+//! rejoins the session by the same identifier and its [`SessionDelegate`] receives what
+//! happened while it was away.
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use dlsession::{DownloadRequest, DownloadTask, Session, SessionConfiguration, SessionDelegate, TaskError};
+//!
+//! struct Delegate;
+//!
+//! impl SessionDelegate for Delegate {
+//!     fn did_finish_downloading_to(&self, _: &Session, task: &DownloadTask, location: &Path) {
+//!         // Move the file before returning: afterwards the daemon deletes what is left.
+//!         let _ = std::fs::rename(location, format!("/tmp/download-{}", task.id()));
+//!     }
+//!     fn did_complete_with_error(&self, _: &Session, task: &DownloadTask, error: Option<&TaskError>) {
+//!         match error {
+//!             None => println!("task {} done", task.id()),
+//!             Some(e) => eprintln!("task {} failed: {e}", task.id()),
+//!         }
+//!     }
+//! }
+//!
+//! # async fn run() -> dlsession::Result<()> {
+//! let config = SessionConfiguration::background("org.example.fetcher")
+//!     .app_id("org.example.fetcher")
+//!     .launch_command(["/usr/bin/fetcher", "--background"]);
+//! let session = Session::attach(config, Delegate).await?;
+//! let task = session.download_task(DownloadRequest::new("https://example.org/big.iso")).await?;
+//! task.resume().await?;
+//! // The app may exit now; the daemon finishes the download and relaunches it.
+//! # Ok(())
+//! # }
+//! ```
+
+mod connection;
+mod error;
+mod session;
+
+pub use connection::{Client, ClientOptions};
+pub use error::{Error, Result};
+pub use session::{DownloadRequest, DownloadTask, Session, SessionConfiguration, SessionDelegate, TaskError};
+
+/// The wire types, for tools that talk to the daemon directly (like `dlsessionctl`).
+pub use dlsession_proto as proto;
+pub use dlsession_proto::{DetachReason, ErrorCode, ErrorInfo, TaskId, TaskInfo, TaskState};

@@ -1,0 +1,643 @@
+//! Sessions, tasks and the delegate.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::connection::{Client, ClientOptions};
+use crate::error::{Error, Result};
+use dlsession_proto::{
+    DetachReason, DurableEvent, ErrorCode, ErrorInfo, Event, Header, LaunchSpec, Request, Response, SessionConfig,
+    SessionInfo, TaskAction, TaskId, TaskInfo, TaskQuery, TaskSpec,
+};
+
+/// An error a task completed with (its [`ErrorInfo::code`] is one of the SPEC codes).
+pub type TaskError = ErrorInfo;
+
+/// How a background session is set up. The configuration is stored with the session
+/// and replaced each time an app attaches with a new one.
+#[derive(Debug, Clone)]
+pub struct SessionConfiguration {
+    identifier: String,
+    config: SessionConfig,
+    socket: Option<PathBuf>,
+    takeover: bool,
+    client_name: Option<String>,
+}
+
+impl SessionConfiguration {
+    /// A background session named `identifier` (reverse-DNS recommended, e.g.
+    /// `org.example.photos.background`), with SPEC defaults.
+    pub fn background(identifier: impl Into<String>) -> SessionConfiguration {
+        SessionConfiguration {
+            identifier: identifier.into(),
+            config: SessionConfig::default(),
+            socket: None,
+            takeover: false,
+            client_name: None,
+        }
+    }
+
+    pub fn identifier(&self) -> &str {
+        &self.identifier
+    }
+
+    /// The app the daemon wakes when this session has finished events.
+    pub fn app_id(mut self, app_id: impl Into<String>) -> Self {
+        self.config.app_id = Some(app_id.into());
+        self
+    }
+
+    /// Relaunch the app with this argv (run directly, no shell) when it is not running.
+    pub fn launch_command<I, S>(mut self, argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.config.launch = Some(LaunchSpec::Command { argv: argv.into_iter().map(Into::into).collect() });
+        self
+    }
+
+    /// Relaunch the app with `systemctl --user start UNIT` (a template gets the identifier).
+    pub fn systemd_unit(mut self, unit: impl Into<String>) -> Self {
+        self.config.launch = Some(LaunchSpec::SystemdUnit { unit: unit.into() });
+        self
+    }
+
+    /// A header added to every request of the session.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.http_headers.push(Header::new(name, value));
+        self
+    }
+
+    /// Idle timeout: an attempt fails (and is retried) after this long without data.
+    pub fn timeout_for_request(mut self, timeout: Duration) -> Self {
+        self.config.timeout_for_request_ms = timeout.as_millis() as u64;
+        self
+    }
+
+    /// The whole budget of a task, retries included.
+    pub fn timeout_for_resource(mut self, timeout: Duration) -> Self {
+        self.config.timeout_for_resource_ms = timeout.as_millis() as u64;
+        self
+    }
+
+    pub fn max_connections_per_host(mut self, n: u32) -> Self {
+        self.config.max_connections_per_host = n;
+        self
+    }
+
+    pub fn max_concurrent_tasks(mut self, n: u32) -> Self {
+        self.config.max_concurrent_tasks = Some(n);
+        self
+    }
+
+    /// Bytes per second for the whole session.
+    pub fn bandwidth_limit(mut self, bytes_per_second: u64) -> Self {
+        self.config.bandwidth_limit = Some(bytes_per_second);
+        self
+    }
+
+    /// Connect to this socket instead of the default.
+    pub fn socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.socket = Some(path.into());
+        self
+    }
+
+    /// Take the session over if another process is attached (it gets `detached`).
+    pub fn takeover(mut self, takeover: bool) -> Self {
+        self.takeover = takeover;
+        self
+    }
+
+    /// The name shown for this client in the daemon's logs and `dlsessionctl`.
+    pub fn client_name(mut self, name: impl Into<String>) -> Self {
+        self.client_name = Some(name.into());
+        self
+    }
+
+    /// The wire form of the stored configuration.
+    pub fn config(&self) -> &SessionConfig {
+        &self.config
+    }
+}
+
+/// One download to create.
+#[derive(Debug, Clone)]
+pub struct DownloadRequest {
+    spec: TaskSpec,
+}
+
+impl DownloadRequest {
+    pub fn new(url: impl Into<String>) -> DownloadRequest {
+        DownloadRequest { spec: TaskSpec::get(url) }
+    }
+
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.spec.headers.push(Header::new(name, value));
+        self
+    }
+
+    /// Free text kept with the task (like `taskDescription`): a key to find it again.
+    pub fn description(mut self, text: impl Into<String>) -> Self {
+        self.spec.description = Some(text.into());
+        self
+    }
+
+    /// 0.0 (lowest) to 1.0 (highest).
+    pub fn priority(mut self, priority: f32) -> Self {
+        self.spec.priority = priority;
+        self
+    }
+
+    /// Do not start before this time.
+    pub fn earliest_begin(mut self, at: SystemTime) -> Self {
+        self.spec.earliest_begin = at.duration_since(UNIX_EPOCH).ok().map(|d| d.as_millis() as u64);
+        self
+    }
+
+    /// The SHA-256 the finished file must have (else it completes with `checksum_mismatch`).
+    pub fn expected_sha256(mut self, digest: [u8; 32]) -> Self {
+        self.spec.expected_sha256 = Some(digest);
+        self
+    }
+
+    /// The same, as 64 hex digits.
+    pub fn expected_sha256_hex(self, hex: &str) -> Result<Self> {
+        let digest = dlsession_proto::validate::parse_sha256_hex(hex).map_err(Error::Invalid)?;
+        Ok(self.expected_sha256(digest))
+    }
+
+    /// Move the finished file here (an absolute path) instead of leaving it in the cache.
+    pub fn destination(mut self, path: impl AsRef<Path>) -> Self {
+        self.spec.destination = Some(path.as_ref().to_string_lossy().into_owned());
+        self
+    }
+
+    /// Replace an existing file at the destination.
+    pub fn overwrite(mut self, overwrite: bool) -> Self {
+        self.spec.overwrite = overwrite;
+        self
+    }
+
+    pub fn expected_size(mut self, bytes: u64) -> Self {
+        self.spec.expected_size = Some(bytes);
+        self
+    }
+
+    pub fn spec(&self) -> &TaskSpec {
+        &self.spec
+    }
+
+    pub fn into_spec(self) -> TaskSpec {
+        self.spec
+    }
+}
+
+/// What an app learns about its downloads. Every method has a default that does nothing.
+///
+/// Callbacks run one at a time, in event order, on a thread owned by the session; they
+/// may block (moving a large file is fine). A durable event is acknowledged only after
+/// its callback returns, so an app that crashes mid-callback gets it again on its next
+/// attach: handle events idempotently (the pair task id + callback identifies each one).
+pub trait SessionDelegate: Send + Sync + 'static {
+    /// Progress, coalesced (at most one per task per progress interval, plus one at the end).
+    fn did_write_data(
+        &self,
+        session: &Session,
+        task: &DownloadTask,
+        bytes_written: u64,
+        total_bytes_written: u64,
+        total_bytes_expected: Option<u64>,
+    ) {
+        let _ = (session, task, bytes_written, total_bytes_written, total_bytes_expected);
+    }
+
+    /// A transfer (re)started at `offset`; 0 means it had to start over.
+    fn did_resume_at_offset(&self, session: &Session, task: &DownloadTask, offset: u64, expected_total: Option<u64>) {
+        let _ = (session, task, offset, expected_total);
+    }
+
+    /// The file is complete at `location`. Move it before returning; whatever is left in
+    /// dlsessiond's cache afterwards is deleted.
+    fn did_finish_downloading_to(&self, session: &Session, task: &DownloadTask, location: &Path) {
+        let _ = (session, task, location);
+    }
+
+    /// Always the last callback of a task: `None` on success.
+    fn did_complete_with_error(&self, session: &Session, task: &DownloadTask, error: Option<&TaskError>) {
+        let _ = (session, task, error);
+    }
+
+    /// Every event queued while the app was away has been delivered and acknowledged.
+    fn did_finish_events_for_background_session(&self, session: &Session) {
+        let _ = session;
+    }
+
+    /// The session was invalidated; its identifier may be reused.
+    fn did_become_invalid(&self, session: &Session, error: Option<&TaskError>) {
+        let _ = (session, error);
+    }
+
+    /// This process is no longer attached (taken over by another, invalidated, or the
+    /// daemon shut down).
+    fn did_detach(&self, session: &Session, reason: DetachReason) {
+        let _ = (session, reason);
+    }
+}
+
+#[derive(Debug)]
+struct SessionShared {
+    client: Client,
+    identifier: String,
+    tasks: Mutex<HashMap<TaskId, DownloadTask>>,
+}
+
+/// An attached background session.
+#[derive(Debug, Clone)]
+pub struct Session {
+    shared: Arc<SessionShared>,
+}
+
+impl Session {
+    /// Connects to the daemon and attaches to (creating or rejoining) the session.
+    pub async fn attach(config: SessionConfiguration, delegate: impl SessionDelegate) -> Result<Session> {
+        let options = ClientOptions {
+            socket: config.socket.clone(),
+            app_id: config.config.app_id.clone(),
+            client_name: config.client_name.clone().unwrap_or_else(|| ClientOptions::default().client_name),
+            ..ClientOptions::default()
+        };
+        let client = Client::connect(options).await?;
+        Session::attach_with(&client, config, Arc::new(delegate)).await
+    }
+
+    /// Attaches over an existing connection (several sessions may share one).
+    pub async fn attach_with(
+        client: &Client,
+        config: SessionConfiguration,
+        delegate: Arc<dyn SessionDelegate>,
+    ) -> Result<Session> {
+        dlsession_proto::validate::identifier(&config.identifier).map_err(Error::Invalid)?;
+        let session = Session {
+            shared: Arc::new(SessionShared {
+                client: client.clone(),
+                identifier: config.identifier.clone(),
+                tasks: Mutex::new(HashMap::new()),
+            }),
+        };
+        // Route first: the replay follows the attach response immediately.
+        let events = client.route(&config.identifier);
+        let request = Request::Attach {
+            identifier: config.identifier.clone(),
+            config: config.config.clone(),
+            takeover: config.takeover,
+        };
+        match client.request(request).await {
+            Ok(Response::Session(_)) => {}
+            Ok(other) => {
+                client.unroute(&config.identifier);
+                return Err(Error::UnexpectedResponse { expected: "session", got: other.kind() });
+            }
+            Err(e) => {
+                client.unroute(&config.identifier);
+                return Err(e);
+            }
+        }
+        let dispatcher = Dispatcher {
+            session: session.clone(),
+            delegate,
+            runtime: tokio::runtime::Handle::current(),
+            pending_acks: Vec::new(),
+        };
+        std::thread::Builder::new()
+            .name(format!("dlsession-{}", config.identifier.chars().take(20).collect::<String>()))
+            .spawn(move || dispatcher.run(events))
+            .map_err(|e| {
+                Error::Invalid(ErrorInfo::new(ErrorCode::Internal, format!("cannot start delegate thread: {e}")))
+            })?;
+        Ok(session)
+    }
+
+    pub fn identifier(&self) -> &str {
+        &self.shared.identifier
+    }
+
+    /// The connection this session uses.
+    pub fn client(&self) -> &Client {
+        &self.shared.client
+    }
+
+    /// Creates a task (suspended, as in `URLSession`: call [`DownloadTask::resume`]).
+    pub async fn download_task(&self, request: DownloadRequest) -> Result<DownloadTask> {
+        let mut tasks = self.create(vec![request], false).await?;
+        tasks.pop().ok_or(Error::UnexpectedResponse { expected: "one task id", got: "none" })
+    }
+
+    /// Creates many tasks in one request (one transaction in the daemon); `resume` starts them.
+    pub async fn download_tasks(&self, requests: Vec<DownloadRequest>, resume: bool) -> Result<Vec<DownloadTask>> {
+        self.create(requests, resume).await
+    }
+
+    async fn create(&self, requests: Vec<DownloadRequest>, resume: bool) -> Result<Vec<DownloadTask>> {
+        let specs: Vec<TaskSpec> = requests.into_iter().map(DownloadRequest::into_spec).collect();
+        let metas: Vec<(String, Option<String>)> =
+            specs.iter().map(|s| (s.url.clone(), s.description.clone())).collect();
+        let response = self
+            .shared
+            .client
+            .request(Request::CreateTasks { identifier: self.shared.identifier.clone(), tasks: specs, resume })
+            .await?;
+        let Response::TasksCreated(ids) = response else {
+            return Err(Error::UnexpectedResponse { expected: "tasks_created", got: response.kind() });
+        };
+        let tasks: Vec<DownloadTask> =
+            ids.into_iter().zip(metas).map(|(id, (url, description))| self.task_handle(id, url, description)).collect();
+        if let Ok(mut known) = self.shared.tasks.lock() {
+            for t in &tasks {
+                known.insert(t.id, t.clone());
+            }
+        }
+        Ok(tasks)
+    }
+
+    /// Creates a task continuing a download cancelled with
+    /// [`DownloadTask::cancel_producing_resume_data`].
+    pub async fn download_task_with_resume_data(&self, resume_data: &[u8]) -> Result<DownloadTask> {
+        let response = self
+            .shared
+            .client
+            .request(Request::CreateTaskFromResumeData {
+                identifier: self.shared.identifier.clone(),
+                resume_data: resume_data.to_vec(),
+                resume: false,
+            })
+            .await?;
+        let Response::TasksCreated(ids) = response else {
+            return Err(Error::UnexpectedResponse { expected: "tasks_created", got: response.kind() });
+        };
+        let id = ids.first().copied().ok_or(Error::UnexpectedResponse { expected: "one task id", got: "none" })?;
+        let info = self.task_info(id).await?;
+        let task = self.task_handle(id, info.url, info.description);
+        if let Ok(mut known) = self.shared.tasks.lock() {
+            known.insert(id, task.clone());
+        }
+        Ok(task)
+    }
+
+    /// Every task of the session not yet acknowledged as completed, with state and
+    /// counters: what a relaunched app rebuilds its view from.
+    pub async fn get_all_tasks(&self) -> Result<Vec<TaskInfo>> {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let response = self
+                .shared
+                .client
+                .request(Request::ListTasks(TaskQuery {
+                    session: Some(self.shared.identifier.clone()),
+                    states: Vec::new(),
+                    after,
+                    limit: 1000,
+                }))
+                .await?;
+            let Response::Tasks(page) = response else {
+                return Err(Error::UnexpectedResponse { expected: "tasks", got: response.kind() });
+            };
+            all.extend(page.tasks);
+            match page.next_after {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        if let Ok(mut known) = self.shared.tasks.lock() {
+            for info in &all {
+                known
+                    .entry(info.id)
+                    .or_insert_with(|| self.task_handle(info.id, info.url.clone(), info.description.clone()));
+            }
+        }
+        Ok(all)
+    }
+
+    /// The session as the daemon sees it (configuration, counts, pending events).
+    pub async fn info(&self) -> Result<SessionInfo> {
+        let response =
+            self.shared.client.request(Request::GetSession { identifier: self.shared.identifier.clone() }).await?;
+        match response {
+            Response::Session(info) => Ok(info),
+            other => Err(Error::UnexpectedResponse { expected: "session", got: other.kind() }),
+        }
+    }
+
+    /// No new tasks; the session becomes invalid when its last task completes.
+    pub async fn finish_tasks_and_invalidate(&self) -> Result<()> {
+        self.ok(Request::FinishTasksAndInvalidate { identifier: self.shared.identifier.clone() }).await
+    }
+
+    /// Cancels every task and invalidates the session.
+    pub async fn invalidate_and_cancel(&self) -> Result<()> {
+        self.ok(Request::InvalidateAndCancel { identifier: self.shared.identifier.clone() }).await
+    }
+
+    /// Stops receiving events; tasks go on.
+    pub async fn detach(&self) -> Result<()> {
+        let r = self.ok(Request::Detach { identifier: self.shared.identifier.clone() }).await;
+        self.shared.client.unroute(&self.shared.identifier);
+        r
+    }
+
+    async fn ok(&self, request: Request) -> Result<()> {
+        match self.shared.client.request(request).await? {
+            Response::Ok => Ok(()),
+            other => Err(Error::UnexpectedResponse { expected: "ok", got: other.kind() }),
+        }
+    }
+
+    async fn task_info(&self, id: TaskId) -> Result<TaskInfo> {
+        match self.shared.client.request(Request::GetTask { task: id }).await? {
+            Response::Task(detail) => Ok(detail.info),
+            other => Err(Error::UnexpectedResponse { expected: "task", got: other.kind() }),
+        }
+    }
+
+    fn task_handle(&self, id: TaskId, url: String, description: Option<String>) -> DownloadTask {
+        DownloadTask { id, url, description, client: self.shared.client.clone() }
+    }
+
+    fn known_task(&self, id: TaskId) -> Option<DownloadTask> {
+        self.shared.tasks.lock().ok()?.get(&id).cloned()
+    }
+}
+
+/// A download task of a session.
+#[derive(Debug, Clone)]
+pub struct DownloadTask {
+    id: TaskId,
+    url: String,
+    description: Option<String>,
+    client: Client,
+}
+
+impl DownloadTask {
+    /// Unique across the daemon, never reused.
+    pub fn id(&self) -> TaskId {
+        self.id
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn description(&self) -> Option<&str> {
+        self.description.as_deref()
+    }
+
+    pub async fn resume(&self) -> Result<()> {
+        self.control(TaskAction::Resume).await.map(|_| ())
+    }
+
+    pub async fn suspend(&self) -> Result<()> {
+        self.control(TaskAction::Suspend).await.map(|_| ())
+    }
+
+    pub async fn cancel(&self) -> Result<()> {
+        self.control(TaskAction::Cancel).await.map(|_| ())
+    }
+
+    /// Cancels and returns an opaque blob for [`Session::download_task_with_resume_data`].
+    pub async fn cancel_producing_resume_data(&self) -> Result<Vec<u8>> {
+        match self.control(TaskAction::CancelProducingResumeData).await? {
+            Response::ResumeData(data) => Ok(data),
+            other => Err(Error::UnexpectedResponse { expected: "resume_data", got: other.kind() }),
+        }
+    }
+
+    /// State and counters, now.
+    pub async fn info(&self) -> Result<TaskInfo> {
+        match self.client.request(Request::GetTask { task: self.id }).await? {
+            Response::Task(detail) => Ok(detail.info),
+            other => Err(Error::UnexpectedResponse { expected: "task", got: other.kind() }),
+        }
+    }
+
+    async fn control(&self, action: TaskAction) -> Result<Response> {
+        self.client.request(Request::ControlTask { task: self.id, action }).await
+    }
+}
+
+/// Runs the delegate on its own thread, in event order, acknowledging after each call.
+struct Dispatcher {
+    session: Session,
+    delegate: Arc<dyn SessionDelegate>,
+    runtime: tokio::runtime::Handle,
+    pending_acks: Vec<u64>,
+}
+
+/// Acknowledgements are sent in batches of at most this many.
+const ACK_BATCH: usize = 64;
+
+impl Dispatcher {
+    fn run(mut self, mut events: mpsc::UnboundedReceiver<Event>) {
+        loop {
+            let event = match events.try_recv() {
+                Ok(e) => e,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    // Idle: acknowledge what has been handled, then wait.
+                    self.flush_acks(false);
+                    match events.blocking_recv() {
+                        Some(e) => e,
+                        None => break,
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            };
+            if !self.handle(event) {
+                break;
+            }
+        }
+        self.flush_acks(false);
+        debug!(session = self.session.identifier(), "delegate thread exiting");
+    }
+
+    /// Returns false when the session is over for this process.
+    fn handle(&mut self, event: Event) -> bool {
+        let session = self.session.clone();
+        let d = self.delegate.clone();
+        match event {
+            Event::Durable { seq, event, .. } => {
+                match &event {
+                    DurableEvent::ResumedAtOffset { task, offset, expected_total } => {
+                        let t = self.task(*task);
+                        d.did_resume_at_offset(&session, &t, *offset, *expected_total);
+                    }
+                    DurableEvent::FinishedDownloading { task, location } => {
+                        let t = self.task(*task);
+                        d.did_finish_downloading_to(&session, &t, Path::new(location));
+                    }
+                    DurableEvent::Completed { task, error } => {
+                        let t = self.task(*task);
+                        d.did_complete_with_error(&session, &t, error.as_ref());
+                    }
+                    DurableEvent::DidBecomeInvalid { error } => d.did_become_invalid(&session, error.as_ref()),
+                }
+                self.pending_acks.push(seq);
+                if self.pending_acks.len() >= ACK_BATCH {
+                    self.flush_acks(false);
+                }
+            }
+            Event::Progress { task, bytes_written, total_bytes_written, total_bytes_expected, .. } => {
+                let t = self.task(task);
+                d.did_write_data(&session, &t, bytes_written, total_bytes_written, total_bytes_expected);
+            }
+            Event::FinishedEvents { .. } => {
+                // Everything is acknowledged (and durable) before the app is told it is done.
+                self.flush_acks(true);
+                d.did_finish_events_for_background_session(&session);
+            }
+            Event::Detached { reason, .. } => {
+                self.flush_acks(false);
+                d.did_detach(&session, reason);
+                session.shared.client.unroute(session.identifier());
+                return false;
+            }
+            Event::Wake { .. } | Event::TaskUpdate(_) => {}
+        }
+        true
+    }
+
+    fn flush_acks(&mut self, wait: bool) {
+        if self.pending_acks.is_empty() {
+            return;
+        }
+        let seqs = std::mem::take(&mut self.pending_acks);
+        let client = self.session.shared.client.clone();
+        let request = Request::AckEvents { identifier: self.session.identifier().to_owned(), seqs };
+        if wait {
+            if let Err(e) = self.runtime.block_on(client.request(request)) {
+                warn!(error = %e, "acknowledging events failed; they will be delivered again");
+            }
+        } else if let Err(e) = client.send_request(request) {
+            warn!(error = %e, "acknowledging events failed; they will be delivered again");
+        }
+    }
+
+    /// The task handle for an event, fetching its details once if this process has not
+    /// seen the task (created by another process, or before a relaunch).
+    fn task(&self, id: TaskId) -> DownloadTask {
+        if let Some(t) = self.session.known_task(id) {
+            return t;
+        }
+        let fetched = self.runtime.block_on(self.session.task_info(id)).ok();
+        let (url, description) = fetched.map(|i| (i.url, i.description)).unwrap_or_default();
+        let task = self.session.task_handle(id, url, description);
+        if let Ok(mut known) = self.session.shared.tasks.lock() {
+            known.insert(id, task.clone());
+        }
+        task
+    }
+}

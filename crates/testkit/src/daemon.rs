@@ -1,0 +1,296 @@
+//! Real `dlsessiond` processes in isolated environments.
+//!
+//! [`TestEnv`] is a temporary `HOME` with every `XDG_*` directory inside it, so the daemon
+//! and clients resolve their default paths there. [`TestDaemon`] runs the real binary in
+//! it, waits until it accepts connections, and kills it on drop (printing its log if the
+//! test failed).
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// Path of a binary built from this workspace (`target/<profile>/<name>`).
+///
+/// Test executables live in `target/<profile>/deps/`; the workspace's binaries sit one
+/// level up. `cargo test --workspace` builds them before running any test.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace's binaries first (`cargo build --workspace` or run tests with --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// Fast timings so tests of retries and wakes finish in seconds.
+pub const FAST_CONFIG: &str = "
+retry_initial_ms = 100
+retry_max_ms = 2000
+wake_initial_ms = 300
+wake_max_ms = 5000
+progress_interval_ms = 100
+checkpoint_interval_ms = 200
+handshake_timeout_ms = 2000
+shutdown_grace_ms = 5000
+";
+
+/// A private home with XDG directories, a config file and a socket path.
+#[derive(Debug)]
+pub struct TestEnv {
+    dir: TempDir,
+    pub home: PathBuf,
+    pub runtime_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    pub config_dir: PathBuf,
+    pub data_dir: PathBuf,
+    /// Where the daemon's socket is expected (the XDG default inside this env).
+    pub socket: PathBuf,
+    /// The daemon's config file.
+    pub config_file: PathBuf,
+}
+
+impl TestEnv {
+    /// A fresh environment with [`FAST_CONFIG`].
+    pub fn new() -> TestEnv {
+        TestEnv::with_config(FAST_CONFIG)
+    }
+
+    pub fn with_config(config: &str) -> TestEnv {
+        let dir = tempfile::Builder::new().prefix("dls").tempdir().expect("tempdir");
+        let home = dir.path().join("home");
+        let runtime_dir = dir.path().join("run");
+        let state_dir = home.join(".local/state");
+        let cache_dir = home.join(".cache");
+        let config_dir = home.join(".config");
+        let data_dir = home.join(".local/share");
+        for d in [&home, &runtime_dir, &state_dir, &cache_dir, &config_dir, &data_dir] {
+            std::fs::create_dir_all(d).expect("mkdir");
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&runtime_dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let config_file = config_dir.join("dlsessiond/config.toml");
+        std::fs::create_dir_all(config_file.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&config_file, config).expect("write config");
+        let socket = runtime_dir.join("dlsessiond/dlsessiond.sock");
+        TestEnv { dir, home, runtime_dir, state_dir, cache_dir, config_dir, data_dir, socket, config_file }
+    }
+
+    /// The temporary directory everything lives in (also fine for test files).
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Appends a line to the daemon's config file (takes effect at the next start).
+    pub fn add_config(&self, line: &str) {
+        let mut text = std::fs::read_to_string(&self.config_file).unwrap_or_default();
+        text.push_str(line);
+        text.push('\n');
+        std::fs::write(&self.config_file, text).expect("write config");
+    }
+
+    /// The environment variables that point a process at this env.
+    pub fn vars(&self) -> Vec<(&'static str, OsString)> {
+        vec![
+            ("HOME", self.home.clone().into()),
+            ("XDG_RUNTIME_DIR", self.runtime_dir.clone().into()),
+            ("XDG_STATE_HOME", self.state_dir.clone().into()),
+            ("XDG_CACHE_HOME", self.cache_dir.clone().into()),
+            ("XDG_CONFIG_HOME", self.config_dir.clone().into()),
+            ("XDG_DATA_HOME", self.data_dir.clone().into()),
+        ]
+    }
+
+    /// A command for `program` inside this env (daemon-related variables cleared).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new(program);
+        for var in [
+            "DLSESSIOND_SOCKET",
+            "DLSESSION_SOCKET",
+            "DLSESSION_IDENTIFIER",
+            "DLSESSION_WAKE_REASON",
+            "NOTIFY_SOCKET",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.envs(self.vars());
+        cmd
+    }
+
+    /// Runs `dlsessionctl` with `args` in this env and returns its output.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        self.command(bin_path("dlsessionctl")).args(args).stdin(Stdio::null()).output().expect("run dlsessionctl")
+    }
+
+    /// Where the daemon keeps its database.
+    pub fn database(&self) -> PathBuf {
+        self.state_dir.join("dlsessiond/dlsessiond.db")
+    }
+
+    /// Where the daemon keeps partial and finished files.
+    pub fn downloads_dir(&self) -> PathBuf {
+        self.cache_dir.join("dlsessiond/downloads")
+    }
+}
+
+impl Default for TestEnv {
+    fn default() -> TestEnv {
+        TestEnv::new()
+    }
+}
+
+/// A running `dlsessiond`.
+#[derive(Debug)]
+pub struct TestDaemon {
+    child: Option<Child>,
+    log: PathBuf,
+    socket: PathBuf,
+    command: Vec<(&'static str, OsString)>,
+    extra_env: Vec<(String, OsString)>,
+    runs: u32,
+}
+
+impl TestDaemon {
+    /// Starts the daemon in `env` and waits until it accepts connections.
+    pub fn start(env: &TestEnv) -> TestDaemon {
+        TestDaemon::start_with_env(env, &[])
+    }
+
+    /// Like [`TestDaemon::start`] with extra environment variables (e.g. `SSL_CERT_FILE`).
+    pub fn start_with_env(env: &TestEnv, extra: &[(&str, &std::ffi::OsStr)]) -> TestDaemon {
+        let mut d = TestDaemon {
+            child: None,
+            log: env.path().join("daemon.log"),
+            socket: env.socket.clone(),
+            command: env.vars(),
+            extra_env: extra.iter().map(|(k, v)| (k.to_string(), v.to_os_string())).collect(),
+            runs: 0,
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        self.runs += 1;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("daemon log");
+        let mut cmd = Command::new(bin_path("dlsessiond"));
+        for var in ["DLSESSIOND_SOCKET", "DLSESSION_SOCKET", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID"] {
+            cmd.env_remove(var);
+        }
+        cmd.envs(self.command.iter().map(|(k, v)| (*k, v)))
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
+            .env("DLSESSIOND_LOG", std::env::var("DLSESSIOND_LOG").unwrap_or_else(|_| "info,dlsessiond=debug".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        let child = cmd.spawn().expect("spawn dlsessiond");
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(20));
+    }
+
+    /// Waits until the socket accepts a connection (or the daemon exits: then panics with its log).
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait() {
+                    panic!("dlsessiond exited during start-up ({status}); log:\n{}", self.log());
+                }
+            if UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "dlsessiond not ready after {timeout:?}; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Everything the daemon logged so far (all runs).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to checkpoint.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon not running");
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("dlsessiond did not exit within 30 s of SIGTERM; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the daemon again (after [`TestDaemon::kill9`] or [`TestDaemon::terminate`]).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "daemon still running");
+        self.spawn();
+    }
+
+    /// How many times the daemon was started.
+    pub fn runs(&self) -> u32 {
+        self.runs
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("---- dlsessiond log ----\n{}\n---- end of log ----", self.log());
+        }
+    }
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, or panics after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads a whole file, for comparisons in tests.
+pub fn read(path: &Path) -> Vec<u8> {
+    let mut v = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut v))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    v
+}

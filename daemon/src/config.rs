@@ -1,0 +1,190 @@
+//! Daemon configuration: command-line flags over an optional TOML file over defaults.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Everything the daemon is configured with. Built once at start by [`Config::load`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    /// A PEM file of extra trusted CA certificates.
+    pub extra_ca_file: Option<PathBuf>,
+    pub limits: Limits,
+    pub timing: Timing,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Downloads running at once, across all sessions.
+    pub max_concurrent_downloads: u32,
+    /// Client connections at once; more are refused at the handshake.
+    pub max_connections: u32,
+    /// Tasks in one `CreateTasks` request.
+    pub max_tasks_per_batch: u32,
+    pub max_headers_per_task: u32,
+    pub max_url_len: usize,
+    /// Redirects followed per attempt.
+    pub max_redirects: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Timing {
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Progress events: at most one per task per interval.
+    pub progress_interval: Duration,
+    /// A running download syncs and commits its offset after this many bytes…
+    pub checkpoint_bytes: u64,
+    /// …or this much time, whichever comes first.
+    pub checkpoint_interval: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub wake_initial: Duration,
+    pub wake_max: Duration,
+    /// How long SIGTERM waits for downloads to checkpoint.
+    pub shutdown_grace: Duration,
+}
+
+/// Command-line overrides (all optional).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub socket: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub cache_dir: Option<PathBuf>,
+    pub config_file: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    NoHome(#[from] dlsession_proto::paths::NoHomeDir),
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{what} must be an absolute path, got {path}")]
+    Relative { what: &'static str, path: PathBuf },
+    #[error("{what} is not valid UTF-8: {path}")]
+    NotUtf8 { what: &'static str, path: PathBuf },
+    #[error("invalid setting {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// The TOML file: every key optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    socket: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    cache_dir: Option<PathBuf>,
+    extra_ca_file: Option<PathBuf>,
+    max_concurrent_downloads: Option<u32>,
+    max_connections: Option<u32>,
+    max_tasks_per_batch: Option<u32>,
+    handshake_timeout_ms: Option<u64>,
+    connect_timeout_ms: Option<u64>,
+    progress_interval_ms: Option<u64>,
+    checkpoint_bytes: Option<u64>,
+    checkpoint_interval_ms: Option<u64>,
+    retry_initial_ms: Option<u64>,
+    retry_max_ms: Option<u64>,
+    wake_initial_ms: Option<u64>,
+    wake_max_ms: Option<u64>,
+    shutdown_grace_ms: Option<u64>,
+}
+
+impl Config {
+    /// Resolves the configuration: flags, then `DLSESSIOND_SOCKET`, then the config file,
+    /// then XDG defaults. A missing default config file is fine; a missing named one is not.
+    pub fn load(overrides: Overrides) -> Result<Config, ConfigError> {
+        let defaults = dlsession_proto::paths::defaults()?;
+        let (file_path, required) = match &overrides.config_file {
+            Some(p) => (p.clone(), true),
+            None => (defaults.config_file.clone(), false),
+        };
+        let file = read_file(&file_path, required)?;
+        let env_socket =
+            std::env::var_os(dlsession_proto::paths::SOCKET_ENV).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let ms = |v: Option<u64>, default: u64| Duration::from_millis(v.unwrap_or(default));
+        let config = Config {
+            socket: overrides.socket.or(env_socket).or(file.socket).unwrap_or(defaults.socket),
+            state_dir: overrides.state_dir.or(file.state_dir).unwrap_or(defaults.state_dir),
+            cache_dir: overrides.cache_dir.or(file.cache_dir).unwrap_or(defaults.cache_dir),
+            extra_ca_file: file.extra_ca_file,
+            limits: Limits {
+                max_concurrent_downloads: file.max_concurrent_downloads.unwrap_or(16),
+                max_connections: file.max_connections.unwrap_or(512),
+                max_tasks_per_batch: file.max_tasks_per_batch.unwrap_or(10_000),
+                max_headers_per_task: 64,
+                max_url_len: 8192,
+                max_redirects: 10,
+            },
+            timing: Timing {
+                handshake_timeout: ms(file.handshake_timeout_ms, 5_000),
+                connect_timeout: ms(file.connect_timeout_ms, 30_000),
+                progress_interval: ms(file.progress_interval_ms, 250),
+                checkpoint_bytes: file.checkpoint_bytes.unwrap_or(64 << 20),
+                checkpoint_interval: ms(file.checkpoint_interval_ms, 2_000),
+                retry_initial: ms(file.retry_initial_ms, 1_000),
+                retry_max: ms(file.retry_max_ms, 600_000),
+                wake_initial: ms(file.wake_initial_ms, 30_000),
+                wake_max: ms(file.wake_max_ms, 3_600_000),
+                shutdown_grace: ms(file.shutdown_grace_ms, 10_000),
+            },
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (what, path) in [("socket", &self.socket), ("state_dir", &self.state_dir), ("cache_dir", &self.cache_dir)] {
+            if !path.is_absolute() {
+                return Err(ConfigError::Relative { what, path: path.clone() });
+            }
+            // Paths travel to clients as UTF-8 strings.
+            if path.to_str().is_none() {
+                return Err(ConfigError::NotUtf8 { what, path: path.clone() });
+            }
+        }
+        if self.limits.max_concurrent_downloads == 0 {
+            return Err(ConfigError::Invalid { key: "max_concurrent_downloads", message: "must be at least 1".into() });
+        }
+        if self.timing.progress_interval.is_zero() {
+            return Err(ConfigError::Invalid { key: "progress_interval_ms", message: "must be at least 1".into() });
+        }
+        if self.timing.retry_initial.is_zero() || self.timing.wake_initial.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "retry_initial_ms",
+                message: "backoffs must be at least 1 ms".into(),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        self.state_dir.join("dlsessiond.db")
+    }
+
+    /// Partial and finished files live under here.
+    pub fn downloads_dir(&self) -> PathBuf {
+        self.cache_dir.join("downloads")
+    }
+
+    /// Logs of relaunched apps.
+    pub fn launch_log_dir(&self) -> PathBuf {
+        self.state_dir.join("launch-logs")
+    }
+}
+
+fn read_file(path: &Path, required: bool) -> Result<FileConfig, ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => return Ok(FileConfig::default()),
+        Err(source) => return Err(ConfigError::Read { path: path.to_path_buf(), source }),
+    };
+    toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })
+}

@@ -1,0 +1,136 @@
+//! What the core knows about a client connection, and its outbound mailbox.
+//!
+//! Responses and durable events go through an unbounded channel (they are bounded by
+//! the requests the client makes and by the events in the database). Progress and task
+//! updates are coalesced in a [`Mailbox`] keyed by task, so a client that never reads
+//! costs at most one entry per task and never slows a download.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{Notify, mpsc};
+
+use dlsession_proto::{Event, ServerMessage, TaskId, TaskInfo};
+
+pub type ConnId = u64;
+
+#[derive(Debug, Clone)]
+pub struct ConnHandle {
+    pub id: ConnId,
+    pub client_name: String,
+    pub app_id: Option<String>,
+    pub pid: Option<u32>,
+    pub out: mpsc::UnboundedSender<ServerMessage>,
+    pub mailbox: Arc<Mailbox>,
+}
+
+impl ConnHandle {
+    pub fn send(&self, msg: ServerMessage) {
+        let _ = self.out.send(msg);
+    }
+
+    pub fn event(&self, event: Event) {
+        self.send(ServerMessage::Event(event));
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Mailbox {
+    inner: Mutex<MailboxInner>,
+    pub notify: Notify,
+}
+
+#[derive(Debug, Default)]
+struct MailboxInner {
+    progress: BTreeMap<TaskId, PendingProgress>,
+    updates: BTreeMap<TaskId, TaskInfo>,
+}
+
+#[derive(Debug)]
+struct PendingProgress {
+    identifier: String,
+    written: u64,
+    total: u64,
+    expected: Option<u64>,
+}
+
+impl Mailbox {
+    /// Adds `written` bytes of progress for `task`, merging with what is not yet sent.
+    pub fn add_progress(&self, identifier: &str, task: TaskId, written: u64, total: u64, expected: Option<u64>) {
+        if let Ok(mut m) = self.inner.lock() {
+            let p = m.progress.entry(task).or_insert_with(|| PendingProgress {
+                identifier: identifier.to_owned(),
+                written: 0,
+                total,
+                expected,
+            });
+            p.written += written;
+            p.total = total;
+            p.expected = expected;
+        }
+        self.notify.notify_one();
+    }
+
+    /// Replaces any unsent update of the same task.
+    pub fn put_update(&self, info: TaskInfo) {
+        if let Ok(mut m) = self.inner.lock() {
+            m.updates.insert(info.id, info);
+        }
+        self.notify.notify_one();
+    }
+
+    /// The unsent progress of one task (sent ahead of its final events).
+    pub fn take_progress(&self, task: TaskId) -> Option<ServerMessage> {
+        let p = self.inner.lock().ok()?.progress.remove(&task)?;
+        Some(progress_message(task, p))
+    }
+
+    pub fn take_all(&self) -> Vec<ServerMessage> {
+        let Ok(mut m) = self.inner.lock() else { return Vec::new() };
+        let progress = std::mem::take(&mut m.progress);
+        let updates = std::mem::take(&mut m.updates);
+        drop(m);
+        let mut out: Vec<ServerMessage> = progress.into_iter().map(|(t, p)| progress_message(t, p)).collect();
+        out.extend(updates.into_values().map(|i| ServerMessage::Event(Event::TaskUpdate(i))));
+        out
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.inner.lock().map(|m| m.progress.len() + m.updates.len()).unwrap_or(0)
+    }
+}
+
+fn progress_message(task: TaskId, p: PendingProgress) -> ServerMessage {
+    ServerMessage::Event(Event::Progress {
+        identifier: p.identifier,
+        task,
+        bytes_written: p.written,
+        total_bytes_written: p.total,
+        total_bytes_expected: p.expected,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_coalesces_per_task() {
+        let m = Mailbox::default();
+        for i in 1..=1000u64 {
+            m.add_progress("s", i % 3, 10, i * 10, Some(100_000));
+        }
+        assert_eq!(m.len(), 3, "one entry per task, however many updates");
+        let all = m.take_all();
+        let written: u64 = all
+            .iter()
+            .map(|msg| match msg {
+                ServerMessage::Event(Event::Progress { bytes_written, .. }) => *bytes_written,
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(written, 10_000, "no bytes lost in coalescing");
+        assert_eq!(m.len(), 0);
+    }
+}

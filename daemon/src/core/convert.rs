@@ -1,0 +1,129 @@
+//! Domain → wire: the only place that builds `TaskInfo`, `TaskDetail` and `SessionInfo`.
+
+use std::path::Path;
+
+use super::{Core, Task};
+use crate::model::{SessionKey, TaskRecord, now_ms};
+use dlsession_proto::{ErrorCode, ErrorInfo, SessionInfo, TaskDetail, TaskInfo, TaskState, WaitReason};
+
+impl Core {
+    pub(super) fn task_info(&self, t: &Task) -> TaskInfo {
+        let identifier = self.sessions.get(&t.rec.session).map(|s| s.rec.identifier.clone()).unwrap_or_default();
+        let received = if t.state == TaskState::Running { t.progress.received() } else { t.rec.committed_offset };
+        info_from(&t.rec, identifier, t.state, received, t.progress.expected(), t.speed, self.wait_reason(t))
+    }
+
+    pub(super) fn task_detail(&self, t: &Task) -> TaskDetail {
+        let info = self.task_info(t);
+        let partial = (t.state != TaskState::Completed).then(|| self.part_path(&t.rec).display().to_string());
+        detail_from(&t.rec, info, partial)
+    }
+
+    /// Why a task that is not running is not running.
+    fn wait_reason(&self, t: &Task) -> Option<WaitReason> {
+        let s = self.sessions.get(&t.rec.session)?;
+        match t.state {
+            TaskState::Running => None,
+            TaskState::Suspended => Some(WaitReason::Suspended),
+            TaskState::Waiting => Some(WaitReason::Backoff {
+                until: t.rec.retry_at.unwrap_or(0),
+                attempt: t.rec.attempts,
+                last_error: t.rec.last_error.clone().unwrap_or_else(|| ErrorInfo::new(ErrorCode::Internal, "unknown")),
+            }),
+            TaskState::Completed => s
+                .events
+                .values()
+                .any(|e| e.task() == Some(t.rec.id))
+                .then_some(WaitReason::EventsPending { next_wake: s.wake.next_wake }),
+            TaskState::Queued => {
+                if let Some(at) = t.rec.earliest_begin.filter(|&at| at > now_ms()) {
+                    return Some(WaitReason::EarliestBegin { at });
+                }
+                let max = self.cfg.limits.max_concurrent_downloads;
+                if self.running.len() >= max as usize {
+                    return Some(WaitReason::GlobalLimit { limit: max });
+                }
+                if let Some(m) = s.rec.config.max_concurrent_tasks.filter(|&m| s.running >= m) {
+                    return Some(WaitReason::SessionLimit { limit: m });
+                }
+                let per_host = s.rec.config.max_connections_per_host;
+                if self.lanes.running(&t.lane()) >= per_host {
+                    return Some(WaitReason::HostLimit { host: t.host.clone(), limit: per_host });
+                }
+                None
+            }
+        }
+    }
+
+    pub(super) fn session_info(&self, key: SessionKey) -> Result<SessionInfo, ErrorInfo> {
+        let s = self
+            .sessions
+            .get(&key)
+            .ok_or_else(|| ErrorInfo::new(ErrorCode::NoSuchSession, "the session no longer exists"))?;
+        Ok(SessionInfo {
+            identifier: s.rec.identifier.clone(),
+            config: s.rec.config.clone(),
+            attached: s.attached.is_some(),
+            tasks: s.counts,
+            pending_events: s.events.len() as u64,
+            wake: s.wake.clone(),
+            invalidating: s.rec.invalidating,
+            created_at: s.rec.created_at,
+        })
+    }
+}
+
+fn info_from(
+    rec: &TaskRecord,
+    session: String,
+    state: TaskState,
+    received: u64,
+    expected: Option<u64>,
+    speed: u64,
+    wait: Option<WaitReason>,
+) -> TaskInfo {
+    TaskInfo {
+        id: rec.id,
+        session,
+        state,
+        url: rec.url.clone(),
+        description: rec.description.clone(),
+        priority: rec.priority,
+        bytes_received: received,
+        bytes_expected: expected.or(rec.bytes_expected),
+        speed,
+        location: rec.location.clone(),
+        error: rec.error.clone(),
+        created_at: rec.created_at,
+        wait,
+    }
+}
+
+fn detail_from(rec: &TaskRecord, info: TaskInfo, partial_path: Option<String>) -> TaskDetail {
+    TaskDetail {
+        info,
+        request_headers: rec.headers.clone(),
+        expected_sha256: rec.expected_sha256,
+        destination: rec.destination.clone(),
+        partial_path,
+        final_url: rec.final_url.clone(),
+        response_status: rec.response_status,
+        response_headers: rec.response_headers.clone(),
+        etag: rec.etag.clone(),
+        last_modified: rec.last_modified.clone(),
+        committed_offset: rec.committed_offset,
+        resumable: rec.etag.as_deref().is_some_and(crate::engine::http::is_strong_etag) || rec.last_modified.is_some(),
+        attempts: rec.attempts,
+        last_error: rec.last_error.clone(),
+        started_at: rec.started_at,
+        finished_at: rec.finished_at,
+        resource_deadline: rec.resource_deadline,
+        retired: rec.retired,
+    }
+}
+
+/// A task that is no longer live (retired, or its session gone), read from the database.
+pub(super) fn history_detail(rec: TaskRecord, session: String, _downloads: &Path) -> TaskDetail {
+    let info = info_from(&rec, session, rec.state, rec.committed_offset, rec.bytes_expected, 0, None);
+    detail_from(&rec, info, None)
+}

@@ -1,0 +1,510 @@
+//! The core: the single owner of all session, task and connection state.
+//!
+//! Everything else talks to it through [`CoreMsg`] on one channel, and it never awaits
+//! inside a handler: store writes are queued (FIFO) and report back with
+//! `CoreMsg::Committed`, workers report with `CoreMsg::Worker`. A state change is applied
+//! in memory at once; anything observable outside the daemon that depends on it (a
+//! response, a durable event) is released only after its commit.
+
+mod conn;
+mod convert;
+mod delivery;
+mod recovery;
+mod requests;
+mod sched;
+mod tasks;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn};
+
+pub use conn::{ConnHandle, ConnId, Mailbox};
+pub use sched::LaneKey;
+
+use crate::config::Config;
+use crate::engine::limiter::RateLimiter;
+use crate::engine::{Engine, FinishPlan, Progress, WorkerEvent};
+use crate::model::{EventRecord, SessionKey, SessionRecord, TaskRecord, now_ms};
+use crate::store::{Op, Snapshot, Store};
+use dlsession_proto::{
+    ErrorCode, ErrorInfo, Request, Response, ServerMessage, TaskCounts, TaskId, TaskState, UnixMillis, WakeStatus,
+    WatchFilter,
+};
+use sched::Lanes;
+
+pub type CoreTx = mpsc::UnboundedSender<CoreMsg>;
+
+/// Everything the core reacts to.
+#[derive(Debug)]
+pub enum CoreMsg {
+    Open(ConnHandle),
+    Closed(ConnId),
+    Request { conn: ConnId, id: u64, request: Request },
+    Worker { task: TaskId, generation: u64, event: WorkerEvent },
+    Committed { result: Result<(), String>, after: Vec<After> },
+    LaunchFinished { session: SessionKey, result: Result<(), String> },
+    StoreFailed(String),
+    Shutdown,
+}
+
+/// What to do once a batch is durable.
+#[derive(Debug)]
+pub enum After {
+    Reply {
+        conn: ConnId,
+        id: u64,
+        response: Response,
+    },
+    /// Durable events up to `seq` are committed: deliver them.
+    Events {
+        session: SessionKey,
+        seq: u64,
+    },
+    /// Finish an attach: reply, then replay every undelivered event.
+    Replay {
+        conn: ConnId,
+        id: u64,
+        session: SessionKey,
+    },
+    Plan {
+        reply: oneshot::Sender<FinishPlan>,
+        plan: FinishPlan,
+    },
+    RemoveFiles(Vec<PathBuf>),
+    RemoveDir(PathBuf),
+}
+
+/// What a running task should do once its worker has stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterStop {
+    Suspend,
+    Requeue,
+    Cancel,
+    CancelProducingResumeData,
+    Shutdown,
+}
+
+#[derive(Debug)]
+struct Run {
+    generation: u64,
+    stop: watch::Sender<bool>,
+    after_stop: Option<AfterStop>,
+    lane: LaneKey,
+    /// Bytes in the file when the attempt began (to tell progress from a stall).
+    start_received: u64,
+    _worker: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug)]
+struct Task {
+    rec: TaskRecord,
+    /// The live state (including `Running`, which is never stored).
+    state: TaskState,
+    host: String,
+    progress: Arc<Progress>,
+    run: Option<Run>,
+    /// The deadline this task has in `Core::timers`, if any.
+    timer: Option<UnixMillis>,
+    /// Consecutive failed attempts without progress (the backoff exponent).
+    failures: u32,
+    speed: u64,
+    sampled: u64,
+    /// Requests answered once the worker has stopped.
+    waiting_replies: Vec<(ConnId, u64)>,
+}
+
+impl Task {
+    fn lane(&self) -> LaneKey {
+        (self.rec.session, self.host.clone())
+    }
+}
+
+#[derive(Debug)]
+struct Session {
+    rec: SessionRecord,
+    attached: Option<ConnId>,
+    /// Replaying undelivered events to a new attachment: live delivery waits.
+    replaying: bool,
+    /// Highest seq sent to the attached connection.
+    delivered: u64,
+    /// Highest seq known committed.
+    committed: u64,
+    /// Unacknowledged durable events.
+    events: BTreeMap<u64, EventRecord>,
+    tasks: BTreeSet<TaskId>,
+    counts: TaskCounts,
+    running: u32,
+    wake: WakeStatus,
+    limiter: Option<Arc<RateLimiter>>,
+}
+
+#[derive(Debug)]
+struct Conn {
+    handle: ConnHandle,
+    attached: HashSet<SessionKey>,
+    watch: Option<WatchFilter>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Begin(TaskId),
+    Retry(TaskId),
+    Wake(SessionKey),
+    ShutdownDeadline,
+}
+
+/// The core actor. Build with [`Core::new`], drive with [`Core::run`].
+#[derive(Debug)]
+pub struct Core {
+    cfg: Arc<Config>,
+    store: Store,
+    engine: Arc<Engine>,
+    tx: CoreTx,
+    rx: mpsc::UnboundedReceiver<CoreMsg>,
+    sessions: HashMap<SessionKey, Session>,
+    by_identifier: HashMap<String, SessionKey>,
+    next_session_key: SessionKey,
+    tasks: BTreeMap<TaskId, Task>,
+    next_task_id: TaskId,
+    next_generation: u64,
+    conns: HashMap<ConnId, Conn>,
+    lanes: Lanes,
+    running: HashSet<TaskId>,
+    timers: BTreeSet<(UnixMillis, Timer)>,
+    counts: TaskCounts,
+    started_at: UnixMillis,
+    last_tick: Instant,
+    bytes_downloaded: u64,
+    download_rate: u64,
+    rng: u64,
+    shutting_down: bool,
+    fatal: Option<String>,
+}
+
+impl Core {
+    /// Builds the core from the store's snapshot, recovering interrupted finishes and
+    /// cleaning stray files (see `recovery`).
+    pub fn new(
+        cfg: Arc<Config>,
+        store: Store,
+        snapshot: Snapshot,
+        engine: Arc<Engine>,
+        tx: CoreTx,
+        rx: mpsc::UnboundedReceiver<CoreMsg>,
+    ) -> Core {
+        let mut core = Core {
+            cfg,
+            store,
+            engine,
+            tx,
+            rx,
+            sessions: HashMap::new(),
+            by_identifier: HashMap::new(),
+            next_session_key: 1,
+            tasks: BTreeMap::new(),
+            next_task_id: snapshot.next_task_id,
+            next_generation: 1,
+            conns: HashMap::new(),
+            lanes: Lanes::default(),
+            running: HashSet::new(),
+            timers: BTreeSet::new(),
+            counts: TaskCounts::default(),
+            started_at: now_ms(),
+            last_tick: Instant::now(),
+            bytes_downloaded: 0,
+            download_rate: 0,
+            rng: seed(),
+            shutting_down: false,
+            fatal: None,
+        };
+        core.restore(snapshot);
+        core
+    }
+
+    /// Runs until shutdown completes. Returns the fatal error, if the store failed.
+    pub async fn run(mut self) -> Result<(), String> {
+        self.schedule();
+        let mut ticker: Option<tokio::time::Interval> = None;
+        loop {
+            if self.shutting_down && self.running.is_empty() {
+                break;
+            }
+            let want_ticks = !self.running.is_empty();
+            if want_ticks && ticker.is_none() {
+                let mut t = tokio::time::interval(self.cfg.timing.progress_interval);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                self.last_tick = Instant::now();
+                ticker = Some(t);
+            } else if !want_ticks && ticker.is_some() {
+                // Nothing runs: no timer fires until something happens.
+                ticker = None;
+                self.download_rate = 0;
+            }
+            let next_timer = self.timers.first().map(|(at, _)| *at);
+            tokio::select! {
+                msg = self.rx.recv() => match msg {
+                    Some(msg) => self.handle(msg),
+                    None => break,
+                },
+                _ = sleep_until_ms(next_timer) => self.fire_timers(),
+                _ = tick(&mut ticker) => self.on_tick(),
+            }
+            if self.fatal.is_some() {
+                break;
+            }
+        }
+        self.notify_shutdown();
+        self.store.flush().await;
+        match self.fatal.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn handle(&mut self, msg: CoreMsg) {
+        match msg {
+            CoreMsg::Open(handle) => self.on_open(handle),
+            CoreMsg::Closed(id) => self.on_closed(id),
+            CoreMsg::Request { conn, id, request } => self.on_request(conn, id, request),
+            CoreMsg::Worker { task, generation, event } => self.on_worker(task, generation, event),
+            CoreMsg::Committed { result, after } => match result {
+                Ok(()) => self.run_after(after),
+                // The store already reported the failure; nothing depending on it happens.
+                Err(e) => warn!(error = %e, "dropping actions of a failed commit"),
+            },
+            CoreMsg::LaunchFinished { session, result } => self.on_launch_finished(session, result),
+            CoreMsg::StoreFailed(e) => {
+                error!(error = %e, "the database failed; shutting down to restart from a consistent state");
+                self.fatal = Some(format!("database write failed: {e}"));
+            }
+            CoreMsg::Shutdown => self.begin_shutdown(),
+        }
+    }
+
+    fn on_open(&mut self, handle: ConnHandle) {
+        let app_id = handle.app_id.clone();
+        self.conns.insert(handle.id, Conn { handle, attached: HashSet::new(), watch: None });
+        if let Some(app_id) = app_id {
+            self.wake_for_new_app(&app_id);
+        }
+    }
+
+    fn on_closed(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.remove(&id) else { return };
+        for key in conn.attached {
+            if let Some(s) = self.sessions.get_mut(&key)
+                && s.attached == Some(id)
+            {
+                s.attached = None;
+                s.replaying = false;
+            }
+            // The app left (or crashed) with events unacknowledged: wake it later, not at once.
+            self.check_wake(key, self.cfg.timing.wake_initial);
+        }
+    }
+
+    fn begin_shutdown(&mut self) {
+        if self.shutting_down {
+            return;
+        }
+        info!(running = self.running.len(), "shutting down: checkpointing running downloads");
+        self.shutting_down = true;
+        let running: Vec<TaskId> = self.running.iter().copied().collect();
+        for id in running {
+            self.stop_worker(id, AfterStop::Shutdown);
+        }
+        let deadline = now_ms() + self.cfg.timing.shutdown_grace.as_millis() as u64;
+        self.timers.insert((deadline, Timer::ShutdownDeadline));
+    }
+
+    fn notify_shutdown(&mut self) {
+        for conn in self.conns.values() {
+            for key in &conn.attached {
+                if let Some(s) = self.sessions.get(key) {
+                    conn.handle.event(dlsession_proto::Event::Detached {
+                        identifier: s.rec.identifier.clone(),
+                        reason: dlsession_proto::DetachReason::DaemonShutdown,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Queues `ops`; `after` runs once they are durable (at once if there is nothing to write).
+    fn commit(&mut self, ops: Vec<Op>, after: Vec<After>) {
+        if ops.is_empty() {
+            self.run_after(after);
+            return;
+        }
+        let tx = self.tx.clone();
+        self.store.write(
+            ops,
+            Some(Box::new(move |result| {
+                let _ = tx.send(CoreMsg::Committed { result, after });
+            })),
+        );
+    }
+
+    fn run_after(&mut self, after: Vec<After>) {
+        for a in after {
+            match a {
+                After::Reply { conn, id, response } => self.reply(conn, id, Ok(response)),
+                After::Events { session, seq } => self.on_events_committed(session, seq),
+                After::Replay { conn, id, session } => self.replay(conn, id, session),
+                After::Plan { reply, plan } => {
+                    let _ = reply.send(plan);
+                }
+                After::RemoveFiles(paths) => {
+                    for p in paths {
+                        remove_file_quietly(&p);
+                    }
+                }
+                After::RemoveDir(dir) => {
+                    if let Err(e) = std::fs::remove_dir_all(&dir)
+                        && e.kind() != std::io::ErrorKind::NotFound
+                    {
+                        warn!(dir = %dir.display(), error = %e, "cannot remove session directory");
+                    }
+                }
+            }
+        }
+    }
+
+    fn reply(&self, conn: ConnId, id: u64, result: Result<Response, ErrorInfo>) {
+        if let Some(c) = self.conns.get(&conn) {
+            c.handle.send(ServerMessage::Response { id, result });
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let now = now_ms();
+        while let Some(&(at, timer)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.remove(&(at, timer));
+            match timer {
+                Timer::Begin(id) | Timer::Retry(id) => self.on_task_timer(id),
+                Timer::Wake(key) => self.on_wake_timer(key),
+                Timer::ShutdownDeadline => {
+                    warn!(
+                        running = self.running.len(),
+                        "shutdown grace period over; exiting without final checkpoints"
+                    );
+                    self.running.clear();
+                }
+            }
+        }
+        self.schedule();
+    }
+
+    fn set_timer(&mut self, at: UnixMillis, timer: Timer) {
+        self.timers.insert((at, timer));
+    }
+
+    fn clear_timer(&mut self, at: Option<UnixMillis>, timer: Timer) {
+        if let Some(at) = at {
+            self.timers.remove(&(at, timer));
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let elapsed = self.last_tick.elapsed().as_secs_f64().max(0.001);
+        self.last_tick = Instant::now();
+        let mut rate = 0u64;
+        let ids: Vec<TaskId> = self.running.iter().copied().collect();
+        for id in ids {
+            let Some(t) = self.tasks.get_mut(&id) else { continue };
+            let received = t.progress.received();
+            let delta = received.saturating_sub(t.sampled);
+            t.sampled = received;
+            let instant = (delta as f64 / elapsed) as u64;
+            t.speed = if t.speed == 0 { instant } else { (t.speed * 3 + instant * 7) / 10 };
+            rate += t.speed;
+            self.bytes_downloaded += delta;
+            if delta > 0 {
+                self.push_progress(id, delta);
+            }
+        }
+        self.download_rate = rate;
+    }
+
+    /// A pseudo-random number for backoff jitter (xorshift; not for secrets).
+    fn random(&mut self) -> u64 {
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        x
+    }
+
+    fn session_dir(&self, key: SessionKey) -> PathBuf {
+        self.cfg.downloads_dir().join(format!("s{key}"))
+    }
+
+    fn part_path(&self, rec: &TaskRecord) -> PathBuf {
+        self.session_dir(rec.session).join(format!("{}.part", rec.id))
+    }
+
+    fn cache_location(&self, rec: &TaskRecord) -> PathBuf {
+        self.session_dir(rec.session).join(format!("{}.download", rec.id))
+    }
+
+    fn resume_dir(&self) -> PathBuf {
+        self.cfg.downloads_dir().join("resume")
+    }
+
+    fn session_by_identifier(&self, identifier: &str) -> Result<SessionKey, ErrorInfo> {
+        self.by_identifier
+            .get(identifier)
+            .copied()
+            .ok_or_else(|| ErrorInfo::new(ErrorCode::NoSuchSession, format!("no session named {identifier:?}")))
+    }
+}
+
+fn seed() -> u64 {
+    let mut buf = [0u8; 8];
+    match rustix::rand::getrandom(&mut buf, rustix::rand::GetRandomFlags::empty()) {
+        Ok(8) => u64::from_le_bytes(buf) | 1,
+        _ => (now_ms() ^ u64::from(std::process::id()) << 32) | 1,
+    }
+}
+
+/// A random 64-bit value from the kernel (for resume-data file names).
+fn secret() -> u64 {
+    seed()
+}
+
+async fn sleep_until_ms(at: Option<UnixMillis>) {
+    match at {
+        Some(at) => {
+            let now = now_ms();
+            if at > now {
+                tokio::time::sleep(Duration::from_millis(at - now)).await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn tick(ticker: &mut Option<tokio::time::Interval>) {
+    match ticker {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn remove_file_quietly(path: &std::path::Path) {
+    if let Err(e) = std::fs::remove_file(path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(path = %path.display(), error = %e, "cannot remove file");
+    }
+}

@@ -1,0 +1,435 @@
+//! Task state transitions: queueing, starting workers, reacting to what they report.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::requests::cancelled;
+use super::{After, AfterStop, Core, Run, Timer};
+use crate::engine::{FinishPlan, Job, ResponseMeta, Retry, WorkerEvent, WorkerLink};
+use crate::model::{Phase, now_ms};
+use crate::store::Op;
+use dlsession_proto::{DurableEvent, ErrorCode, ErrorInfo, Header, TaskId, TaskState};
+
+/// Response headers kept per task (for `show`); more are dropped.
+const MAX_KEPT_HEADERS: usize = 64;
+const MAX_KEPT_HEADER_LEN: usize = 1024;
+
+impl Core {
+    /// Moves a task to `state`, keeping the counters and watchers in step.
+    pub(super) fn set_state(&mut self, id: TaskId, state: TaskState) {
+        let Some(t) = self.tasks.get_mut(&id) else { return };
+        let old = t.state;
+        t.state = state;
+        if state != TaskState::Running {
+            t.rec.state = state;
+        }
+        if old == state {
+            return;
+        }
+        let key = t.rec.session;
+        self.counts.remove(old);
+        self.counts.add(state);
+        if let Some(s) = self.sessions.get_mut(&key) {
+            s.counts.remove(old);
+            s.counts.add(state);
+        }
+        self.notify_watchers(id);
+    }
+
+    /// Puts a queued task where it waits: its lane, or a timer until `earliest_begin`.
+    pub(super) fn enqueue(&mut self, id: TaskId) {
+        let now = now_ms();
+        let Some(t) = self.tasks.get_mut(&id) else { return };
+        match t.rec.earliest_begin.filter(|&at| at > now) {
+            Some(at) => {
+                t.timer = Some(at);
+                self.timers.insert((at, Timer::Begin(id)));
+            }
+            None => {
+                let lane = t.lane();
+                let prio = t.rec.priority;
+                self.lanes.push(&lane, prio, id);
+            }
+        }
+    }
+
+    /// Takes a queued or waiting task out of its lane and timers.
+    pub(super) fn unqueue(&mut self, id: TaskId) {
+        let Some(t) = self.tasks.get_mut(&id) else { return };
+        let timer = t.timer.take();
+        let (lane, prio, state) = (t.lane(), t.rec.priority, t.state);
+        match state {
+            TaskState::Queued => {
+                self.lanes.remove(&lane, prio, id);
+                self.clear_timer(timer, Timer::Begin(id));
+            }
+            TaskState::Waiting => self.clear_timer(timer, Timer::Retry(id)),
+            _ => {}
+        }
+        if let Some(t) = self.tasks.get_mut(&id) {
+            t.rec.retry_at = None;
+        }
+    }
+
+    pub(super) fn on_task_timer(&mut self, id: TaskId) {
+        let Some(t) = self.tasks.get_mut(&id) else { return };
+        t.timer = None;
+        match t.state {
+            TaskState::Queued => {
+                let (lane, prio) = (t.lane(), t.rec.priority);
+                self.lanes.push(&lane, prio, id);
+            }
+            TaskState::Waiting => {
+                // Stored state stays `waiting` with a past `retry_at`: after a restart it
+                // queues at once, which is the same thing.
+                self.set_state(id, TaskState::Queued);
+                if let Some(t) = self.tasks.get_mut(&id) {
+                    t.rec.retry_at = None;
+                }
+                self.enqueue(id);
+            }
+            _ => {}
+        }
+    }
+
+    /// Starts queued tasks while slots are free, best priority first.
+    pub(super) fn schedule(&mut self) {
+        if self.shutting_down {
+            return;
+        }
+        let max = self.cfg.limits.max_concurrent_downloads as usize;
+        while self.running.len() < max {
+            let sessions = &self.sessions;
+            let picked = self.lanes.pop_best(|(key, _), lane_running| {
+                sessions.get(key).is_some_and(|s| {
+                    lane_running < s.rec.config.max_connections_per_host
+                        && s.rec.config.max_concurrent_tasks.is_none_or(|m| s.running < m)
+                })
+            });
+            let Some((lane, id)) = picked else { break };
+            self.start(id, lane);
+        }
+    }
+
+    fn start(&mut self, id: TaskId, lane: super::LaneKey) {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let Some(t) = self.tasks.get(&id) else { return };
+        let Some(s) = self.sessions.get(&t.rec.session) else { return };
+        let now = now_ms();
+        // Task headers override session headers of the same name.
+        let mut headers: Vec<Header> = s
+            .rec
+            .config
+            .http_headers
+            .iter()
+            .filter(|h| !t.rec.headers.iter().any(|o| o.name.eq_ignore_ascii_case(&h.name)))
+            .cloned()
+            .collect();
+        headers.extend(t.rec.headers.iter().cloned());
+        let deadline =
+            t.rec.resource_deadline.map(|d| tokio::time::Instant::now() + Duration::from_millis(d.saturating_sub(now)));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let job = Job {
+            link: WorkerLink::new(self.tx.clone(), id, generation),
+            url: t.rec.url.clone(),
+            headers,
+            offset: t.rec.committed_offset,
+            etag: t.rec.etag.clone(),
+            last_modified: t.rec.last_modified.clone(),
+            expected_sha256: t.rec.expected_sha256,
+            part_path: self.part_path(&t.rec),
+            idle_timeout: Duration::from_millis(s.rec.config.timeout_for_request_ms),
+            deadline,
+            progress: t.progress.clone(),
+            limiter: s.limiter.clone(),
+            stop: stop_rx,
+        };
+        let worker = self.engine.spawn(job);
+        let key = t.rec.session;
+        if let Some(t) = self.tasks.get_mut(&id) {
+            t.rec.attempts += 1;
+            t.rec.started_at.get_or_insert(now);
+            t.sampled = t.progress.received();
+            t.run = Some(Run {
+                generation,
+                stop: stop_tx,
+                after_stop: None,
+                lane: lane.clone(),
+                start_received: t.progress.received(),
+                _worker: worker,
+            });
+        }
+        self.lanes.started(&lane);
+        if let Some(s) = self.sessions.get_mut(&key) {
+            s.running += 1;
+        }
+        self.running.insert(id);
+        self.set_state(id, TaskState::Running);
+    }
+
+    /// Asks a running worker to stop; `how` says what happens once it has.
+    pub(super) fn stop_worker(&mut self, id: TaskId, how: AfterStop) {
+        let Some(run) = self.tasks.get_mut(&id).and_then(|t| t.run.as_mut()) else { return };
+        let rank = |a: AfterStop| match a {
+            AfterStop::Requeue => 0,
+            AfterStop::Shutdown => 1,
+            AfterStop::Suspend => 2,
+            AfterStop::Cancel => 3,
+            AfterStop::CancelProducingResumeData => 4,
+        };
+        if run.after_stop.is_none_or(|cur| rank(how) > rank(cur)) {
+            run.after_stop = Some(how);
+        }
+        let _ = run.stop.send(true);
+    }
+
+    /// The worker is gone: give back its slot.
+    fn release(&mut self, id: TaskId) -> Option<Run> {
+        let t = self.tasks.get_mut(&id)?;
+        let run = t.run.take()?;
+        t.speed = 0;
+        let key = t.rec.session;
+        self.lanes.stopped(&run.lane);
+        if let Some(s) = self.sessions.get_mut(&key) {
+            s.running = s.running.saturating_sub(1);
+        }
+        self.running.remove(&id);
+        Some(run)
+    }
+
+    pub(super) fn on_worker(&mut self, id: TaskId, generation: u64, event: WorkerEvent) {
+        let current = self.tasks.get(&id).and_then(|t| t.run.as_ref()).map(|r| r.generation);
+        if current != Some(generation) {
+            // A report from a run that has since been replaced or abandoned.
+            if let WorkerEvent::DataComplete { reply, .. } = event {
+                let _ = reply.send(FinishPlan::Abort);
+            }
+            return;
+        }
+        match event {
+            WorkerEvent::Started(meta) => self.on_started(id, meta),
+            WorkerEvent::Checkpoint { offset } => {
+                if let Some(t) = self.tasks.get_mut(&id) {
+                    t.rec.committed_offset = offset;
+                }
+                self.commit(vec![Op::Checkpoint { task: id, offset }], Vec::new());
+            }
+            WorkerEvent::DataComplete { size, sha256, reply } => self.on_data_complete(id, size, sha256, reply),
+            WorkerEvent::Moved { location } => self.on_moved(id, location),
+            WorkerEvent::Failed(failure) => self.on_failed(id, failure),
+            WorkerEvent::Stopped { offset } => self.on_stopped(id, offset),
+        }
+        self.schedule();
+    }
+
+    fn on_started(&mut self, id: TaskId, meta: ResponseMeta) {
+        let Some(t) = self.tasks.get_mut(&id) else { return };
+        let had_data = t.rec.committed_offset > 0;
+        let rec = &mut t.rec;
+        rec.response_status = Some(meta.status);
+        rec.final_url = Some(meta.final_url);
+        rec.response_headers = meta
+            .headers
+            .into_iter()
+            .take(MAX_KEPT_HEADERS)
+            .map(|mut h| {
+                h.value.truncate(h.value.floor_char_boundary(MAX_KEPT_HEADER_LEN));
+                h
+            })
+            .collect();
+        rec.etag = meta.etag;
+        rec.last_modified = meta.last_modified;
+        rec.bytes_expected = meta.total.or(rec.expected_size);
+        if meta.restarted || meta.offset == 0 {
+            // Committed before any new byte is written: the old offset must not point
+            // into data of a changed resource after a crash.
+            rec.committed_offset = 0;
+        }
+        let key = rec.session;
+        let expected_total = rec.bytes_expected;
+        let mut ops = vec![Op::UpdateTask(Box::new(rec.clone()))];
+        let mut after = Vec::new();
+        if meta.offset > 0 || (meta.restarted && had_data) {
+            let event = DurableEvent::ResumedAtOffset { task: id, offset: meta.offset, expected_total };
+            let seq = self.emit(key, event, &mut ops);
+            after.push(After::Events { session: key, seq });
+        }
+        self.commit(ops, after);
+        self.notify_watchers(id);
+    }
+
+    fn on_data_complete(
+        &mut self,
+        id: TaskId,
+        size: u64,
+        sha256: Option<[u8; 32]>,
+        reply: tokio::sync::oneshot::Sender<FinishPlan>,
+    ) {
+        self.flush_progress(id);
+        let cache_location = match self.tasks.get(&id) {
+            Some(t) => self.cache_location(&t.rec),
+            None => return,
+        };
+        let Some(t) = self.tasks.get_mut(&id) else { return };
+        if let Some(expected) = t.rec.expected_sha256
+            && sha256 != Some(expected)
+        {
+            let _ = reply.send(FinishPlan::Abort);
+            let got = sha256.map(|d| dlsession_proto::validate::to_hex(&d)).unwrap_or_default();
+            let error = ErrorInfo::new(
+                ErrorCode::ChecksumMismatch,
+                format!(
+                    "SHA-256 of the downloaded {size} bytes is {got}, expected {}",
+                    dlsession_proto::validate::to_hex(&expected)
+                ),
+            );
+            self.release(id);
+            let mut ops = Vec::new();
+            let mut after = Vec::new();
+            self.complete(id, Some(error), &mut ops, &mut after);
+            self.commit(ops, after);
+            return;
+        }
+        t.rec.phase = Phase::Finishing;
+        t.rec.committed_offset = size;
+        t.rec.bytes_expected = Some(size);
+        let (to, overwrite) = match &t.rec.destination {
+            Some(dest) => (dest.into(), t.rec.overwrite),
+            None => (cache_location, true),
+        };
+        let ops = vec![Op::UpdateTask(Box::new(t.rec.clone()))];
+        self.commit(ops, vec![After::Plan { reply, plan: FinishPlan::Move { to, overwrite } }]);
+    }
+
+    fn on_moved(&mut self, id: TaskId, location: String) {
+        self.release(id);
+        info!(task = id, "download finished");
+        self.mark_finished(id, location);
+    }
+
+    fn on_failed(&mut self, id: TaskId, failure: crate::engine::Failure) {
+        let run = self.release(id);
+        let Some(t) = self.tasks.get_mut(&id) else { return };
+        let made_progress = run.as_ref().is_some_and(|r| t.progress.received() > r.start_received);
+        t.failures = if made_progress { 1 } else { t.failures + 1 };
+        warn!(task = id, error = %failure.error, attempt = t.rec.attempts, "download attempt failed");
+        if failure.discard_partial {
+            t.rec.committed_offset = 0;
+            t.rec.etag = None;
+            t.rec.last_modified = None;
+        }
+        t.rec.last_error = Some(failure.error.clone());
+        let after_stop = run.and_then(|r| r.after_stop);
+        // A stop was requested while the attempt was failing: honour the request.
+        if let Some(how) = after_stop {
+            let offset = t.rec.committed_offset;
+            return self.apply_after_stop(id, how, offset);
+        }
+        let now = now_ms();
+        let delay = match failure.retry {
+            Retry::Never => None,
+            Retry::After(server) => {
+                let base = self.cfg.timing.retry_initial.as_millis() as u64;
+                let exp = base.saturating_mul(1u64 << (t.failures.saturating_sub(1)).min(20));
+                let capped = exp.min(self.cfg.timing.retry_max.as_millis() as u64);
+                let jitter = self.random() % (capped / 4 + 1);
+                let ours = capped - capped / 8 + jitter;
+                Some(ours.max(server.map_or(0, |d| d.as_millis() as u64)))
+            }
+        };
+        let Some(t) = self.tasks.get_mut(&id) else { return };
+        let mut ops = Vec::new();
+        let mut after = Vec::new();
+        match delay {
+            None => self.complete(id, Some(failure.error), &mut ops, &mut after),
+            Some(delay) if t.rec.resource_deadline.is_some_and(|d| now + delay >= d) => {
+                let error = ErrorInfo {
+                    code: ErrorCode::TimedOut,
+                    message: format!(
+                        "gave up after {} attempts: timeout_for_resource ran out (last error: {})",
+                        t.rec.attempts, failure.error
+                    ),
+                    http_status: failure.error.http_status,
+                };
+                self.complete(id, Some(error), &mut ops, &mut after);
+            }
+            Some(delay) => {
+                let at = now + delay;
+                t.rec.retry_at = Some(at);
+                t.timer = Some(at);
+                self.timers.insert((at, Timer::Retry(id)));
+                self.set_state(id, TaskState::Waiting);
+                if let Some(t) = self.tasks.get(&id) {
+                    ops.push(Op::UpdateTask(Box::new(t.rec.clone())));
+                }
+            }
+        }
+        self.commit(ops, after);
+    }
+
+    fn on_stopped(&mut self, id: TaskId, offset: u64) {
+        let how = self.release(id).and_then(|r| r.after_stop).unwrap_or(AfterStop::Requeue);
+        self.apply_after_stop(id, how, offset);
+    }
+
+    fn apply_after_stop(&mut self, id: TaskId, how: AfterStop, offset: u64) {
+        let Some(t) = self.tasks.get_mut(&id) else { return };
+        t.rec.committed_offset = offset;
+        let replies = std::mem::take(&mut t.waiting_replies);
+        let mut ops = Vec::new();
+        let mut after = Vec::new();
+        let mut response = dlsession_proto::Response::Ok;
+        match how {
+            AfterStop::Suspend => self.set_state(id, TaskState::Suspended),
+            AfterStop::Requeue => {
+                self.set_state(id, TaskState::Queued);
+                self.enqueue(id);
+            }
+            AfterStop::Shutdown => {
+                // Stays queued in the store; the restart picks it up from `offset`.
+                self.set_state(id, TaskState::Queued);
+            }
+            AfterStop::Cancel => self.complete(id, Some(cancelled()), &mut ops, &mut after),
+            AfterStop::CancelProducingResumeData => {
+                response = dlsession_proto::Response::ResumeData(self.keep_for_resume(id));
+                self.complete(id, Some(cancelled()), &mut ops, &mut after);
+            }
+        }
+        if let Some(t) = self.tasks.get(&id)
+            && !ops.iter().any(|op| matches!(op, Op::UpdateTask(r) if r.id == id))
+        {
+            ops.push(Op::UpdateTask(Box::new(t.rec.clone())));
+        }
+        for (conn, req) in replies {
+            after.push(After::Reply { conn, id: req, response: response.clone() });
+        }
+        self.commit(ops, after);
+    }
+
+    /// Completes a task that did not succeed (failure or cancellation): the partial file
+    /// goes once the completion is durable, and `completed` is emitted.
+    pub(super) fn complete(&mut self, id: TaskId, error: Option<ErrorInfo>, ops: &mut Vec<Op>, after: &mut Vec<After>) {
+        let now = now_ms();
+        let part = match self.tasks.get(&id) {
+            Some(t) => self.part_path(&t.rec),
+            None => return,
+        };
+        let Some(t) = self.tasks.get_mut(&id) else { return };
+        t.rec.error = error.clone();
+        t.rec.finished_at = Some(now);
+        t.rec.retry_at = None;
+        t.rec.phase = Phase::Transfer;
+        let key = t.rec.session;
+        self.set_state(id, TaskState::Completed);
+        let seq = self.emit(key, DurableEvent::Completed { task: id, error }, ops);
+        if let Some(t) = self.tasks.get(&id) {
+            ops.push(Op::UpdateTask(Box::new(t.rec.clone())));
+        }
+        after.push(After::RemoveFiles(vec![part]));
+        after.push(After::Events { session: key, seq });
+        self.check_invalidation(key, ops, after);
+    }
+}

@@ -1,0 +1,249 @@
+//! The shared HTTP client (HTTP/1.1 and HTTP/2 over rustls) and error classification.
+
+use std::error::Error as StdError;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::RootCertStore;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use tracing::{info, warn};
+
+use dlsession_proto::{ErrorCode, ErrorInfo};
+
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("cannot read extra CA file {path}: {message}")]
+    ExtraCa { path: String, message: String },
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// Builds the client: system roots (honouring `SSL_CERT_FILE`/`SSL_CERT_DIR`) plus an
+/// optional extra CA file, ALPN h2 and http/1.1, pooled connections.
+pub fn build_client(extra_ca: Option<&Path>, connect_timeout: Duration) -> Result<HttpClient, TlsSetupError> {
+    let mut roots = RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for e in &native.errors {
+        warn!(error = %e, "problem loading system CA certificates");
+    }
+    let (added, ignored) = roots.add_parsable_certificates(native.certs);
+    if let Some(path) = extra_ca {
+        let err = |message: String| TlsSetupError::ExtraCa { path: path.display().to_string(), message };
+        let mut count = 0;
+        for cert in CertificateDer::pem_file_iter(path).map_err(|e| err(e.to_string()))? {
+            roots.add(cert.map_err(|e| err(e.to_string()))?).map_err(|e| err(e.to_string()))?;
+            count += 1;
+        }
+        if count == 0 {
+            return Err(err("no certificates found".into()));
+        }
+        info!(count, path = %path.display(), "loaded extra CA certificates");
+    }
+    info!(roots = added, ignored, "trust roots loaded");
+    if roots.is_empty() {
+        warn!("no trusted CA certificates: every https download will fail with a tls error");
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    http.set_nodelay(true);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(16)
+        .http2_adaptive_window(true)
+        .http1_max_buf_size(1 << 20)
+        .build(https))
+}
+
+/// Whether a failed attempt may be retried.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Retry {
+    Never,
+    /// Transient: retry with backoff, but not before the server's `Retry-After`, if any.
+    After(Option<Duration>),
+}
+
+/// A failed attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub error: ErrorInfo,
+    pub retry: Retry,
+    /// The partial data cannot be trusted or continued: the next attempt starts at zero.
+    pub discard_partial: bool,
+}
+
+impl Failure {
+    pub fn transient(code: ErrorCode, message: impl Into<String>) -> Failure {
+        Failure { error: ErrorInfo::new(code, message), retry: Retry::After(None), discard_partial: false }
+    }
+
+    pub fn permanent(code: ErrorCode, message: impl Into<String>) -> Failure {
+        Failure { error: ErrorInfo::new(code, message), retry: Retry::Never, discard_partial: false }
+    }
+
+    pub fn restart(code: ErrorCode, message: impl Into<String>) -> Failure {
+        Failure { error: ErrorInfo::new(code, message), retry: Retry::After(None), discard_partial: true }
+    }
+}
+
+/// Classifies an error from sending a request or reading a body.
+pub fn classify(err: &(dyn StdError + 'static), what: &str) -> Failure {
+    let chain = error_chain(err);
+    // A certificate problem is not transient: retrying for a week would only hide it.
+    if let Some(tls) = find::<rustls::Error>(err) {
+        let permanent = matches!(
+            tls,
+            rustls::Error::InvalidCertificate(_)
+                | rustls::Error::NoCertificatesPresented
+                | rustls::Error::UnsupportedNameType
+                | rustls::Error::PeerIncompatible(_)
+        );
+        let message = format!("{what}: TLS error: {tls}");
+        return if permanent {
+            Failure::permanent(ErrorCode::Tls, message)
+        } else {
+            Failure::transient(ErrorCode::Tls, message)
+        };
+    }
+    if let Some(io) = find::<std::io::Error>(err)
+        && io.kind() == std::io::ErrorKind::TimedOut
+    {
+        return Failure::transient(ErrorCode::TimedOut, format!("{what}: {chain}"));
+    }
+    Failure::transient(ErrorCode::Network, format!("{what}: {chain}"))
+}
+
+fn find<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a T> {
+    let mut cur: Option<&'a (dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(t) = e.downcast_ref::<T>() {
+            return Some(t);
+        }
+        // rustls errors reach us wrapped in io::Error::other.
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && let Some(inner) = io.get_ref()
+            && let Some(t) = inner.downcast_ref::<T>()
+        {
+            return Some(t);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// "outer: inner: innermost", skipping repeats.
+fn error_chain(err: &(dyn StdError + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        cur = e.source();
+    }
+    parts.join(": ")
+}
+
+/// Statuses that are worth retrying (SPEC §7).
+pub fn is_transient_status(status: u16) -> bool {
+    matches!(status, 408 | 429 | 500 | 502 | 503 | 504)
+}
+
+/// Parses `Retry-After` as delta-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// Parses `Content-Range: bytes START-END/TOTAL` (TOTAL may be `*`).
+pub fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = value.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (start, end) = range.split_once('-')?;
+    let start: u64 = start.trim().parse().ok()?;
+    let end: u64 = end.trim().parse().ok()?;
+    if end < start {
+        return None;
+    }
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    if let Some(t) = total
+        && end >= t
+    {
+        return None;
+    }
+    Some((start, end, total))
+}
+
+/// A strong entity tag (usable in `If-Range`), as opposed to `W/"…"`.
+pub fn is_strong_etag(etag: &str) -> bool {
+    etag.starts_with('"')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range() {
+        assert_eq!(parse_content_range("bytes 0-99/100"), Some((0, 99, Some(100))));
+        assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, 9, None)));
+        assert_eq!(parse_content_range("bytes 9-5/100"), None);
+        assert_eq!(parse_content_range("bytes 0-100/100"), None);
+        assert_eq!(parse_content_range("items 0-1/2"), None);
+        assert_eq!(parse_content_range("bytes */100"), None);
+    }
+
+    #[test]
+    fn retry_after() {
+        let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(30)));
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn transient_statuses() {
+        for s in [408, 429, 500, 502, 503, 504] {
+            assert!(is_transient_status(s));
+        }
+        for s in [400, 401, 403, 404, 410, 501] {
+            assert!(!is_transient_status(s));
+        }
+    }
+}

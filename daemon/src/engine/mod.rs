@@ -1,0 +1,639 @@
+//! The download engine: one tokio task per running download.
+//!
+//! A worker is handed a [`Job`] by the core and reports back only through
+//! [`WorkerEvent`]s on the core's channel; it knows nothing about IPC or SQL. It never
+//! decides a task's fate: it reports what happened (a response started, a checkpoint is
+//! durable, the data is complete, a failure and whether it is transient) and the core
+//! decides.
+
+pub mod files;
+pub mod http;
+pub mod limiter;
+pub mod writer;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tracing::{Instrument, debug, info_span};
+use url::Url;
+
+use crate::core::{CoreMsg, CoreTx};
+use dlsession_proto::{ErrorCode, Header, TaskId, is_sensitive_header};
+pub use http::{Failure, Retry};
+use http::{HttpClient, classify, is_strong_etag, is_transient_status, parse_content_range, parse_retry_after};
+use limiter::RateLimiter;
+use writer::{CheckpointPolicy, WriterMsg};
+
+/// Live counters of a task, shared between its worker and the core.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Bytes in the partial file, including those from earlier attempts.
+    pub received: AtomicU64,
+    /// `u64::MAX` when unknown.
+    pub expected: AtomicU64,
+}
+
+impl Progress {
+    pub fn new(received: u64, expected: Option<u64>) -> Progress {
+        Progress { received: AtomicU64::new(received), expected: AtomicU64::new(expected.unwrap_or(u64::MAX)) }
+    }
+
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    pub fn expected(&self) -> Option<u64> {
+        Some(self.expected.load(Ordering::Relaxed)).filter(|&e| e != u64::MAX)
+    }
+}
+
+/// What a worker reports. Tagged with the task and run generation by [`WorkerLink`].
+#[derive(Debug)]
+pub enum WorkerEvent {
+    /// A response was accepted; the body transfer starts at `meta.offset`.
+    Started(ResponseMeta),
+    /// Bytes up to `offset` are synced to disk: commit it.
+    Checkpoint {
+        offset: u64,
+    },
+    /// Every byte is written and synced. The core commits the finishing phase and
+    /// answers with where to move the file.
+    DataComplete {
+        size: u64,
+        sha256: Option<[u8; 32]>,
+        reply: oneshot::Sender<FinishPlan>,
+    },
+    /// The file is in its final place.
+    Moved {
+        location: String,
+    },
+    Failed(Failure),
+    /// Stopped on request; everything up to `offset` is synced.
+    Stopped {
+        offset: u64,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct ResponseMeta {
+    pub status: u16,
+    pub final_url: String,
+    pub headers: Vec<Header>,
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+    pub total: Option<u64>,
+    /// Where this transfer starts in the file.
+    pub offset: u64,
+    /// Earlier data was discarded (resource changed, no validators, or no range support).
+    pub restarted: bool,
+}
+
+#[derive(Debug)]
+pub enum FinishPlan {
+    Move {
+        to: PathBuf,
+        overwrite: bool,
+    },
+    /// The core failed the task (e.g. checksum mismatch); do nothing more.
+    Abort,
+}
+
+/// The worker's way back to the core.
+#[derive(Debug, Clone)]
+pub struct WorkerLink {
+    tx: CoreTx,
+    task: TaskId,
+    generation: u64,
+}
+
+impl WorkerLink {
+    pub fn new(tx: CoreTx, task: TaskId, generation: u64) -> WorkerLink {
+        WorkerLink { tx, task, generation }
+    }
+
+    pub fn send(&self, event: WorkerEvent) {
+        let _ = self.tx.send(CoreMsg::Worker { task: self.task, generation: self.generation, event });
+    }
+}
+
+/// Everything a worker needs for one attempt.
+#[derive(Debug)]
+pub struct Job {
+    pub link: WorkerLink,
+    pub url: String,
+    /// Session headers followed by task headers.
+    pub headers: Vec<Header>,
+    /// Committed offset of the partial file.
+    pub offset: u64,
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+    pub expected_sha256: Option<[u8; 32]>,
+    pub part_path: PathBuf,
+    pub idle_timeout: Duration,
+    /// `timeout_for_resource` runs out at this instant.
+    pub deadline: Option<Instant>,
+    pub progress: Arc<Progress>,
+    pub limiter: Option<Arc<RateLimiter>>,
+    pub stop: watch::Receiver<bool>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub max_redirects: u32,
+    pub checkpoint_bytes: u64,
+    pub checkpoint_interval: Duration,
+}
+
+/// The shared HTTP client and settings. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Engine {
+    client: HttpClient,
+    settings: EngineSettings,
+}
+
+const USER_AGENT: &str = concat!("dlsessiond/", env!("CARGO_PKG_VERSION"));
+
+impl Engine {
+    pub fn new(client: HttpClient, settings: EngineSettings) -> Engine {
+        Engine { client, settings }
+    }
+
+    /// Starts a worker for `job`.
+    pub fn spawn(self: &Arc<Self>, job: Job) -> tokio::task::JoinHandle<()> {
+        let engine = Arc::clone(self);
+        let span = info_span!("download", task = job.link.task);
+        tokio::spawn(
+            async move {
+                let link = job.link.clone();
+                let outcome = engine.download(job).await;
+                debug!(?outcome, "worker finished");
+                match outcome {
+                    Outcome::Moved(location) => link.send(WorkerEvent::Moved { location }),
+                    Outcome::Failed(f) => link.send(WorkerEvent::Failed(f)),
+                    Outcome::Stopped(offset) => link.send(WorkerEvent::Stopped { offset }),
+                    Outcome::Aborted => {}
+                }
+            }
+            .instrument(span),
+        )
+    }
+
+    async fn download(&self, mut job: Job) -> Outcome {
+        let resumable =
+            job.offset > 0 && (job.etag.as_deref().is_some_and(is_strong_etag) || job.last_modified.is_some());
+        let want = if resumable { job.offset } else { 0 };
+        let hash = job.expected_sha256.is_some();
+        let path = job.part_path.clone();
+        let mut prepared = match tokio::task::spawn_blocking(move || writer::prepare(&path, want, hash)).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => return Outcome::Failed(file_failure(&e, "preparing the partial file")),
+            Err(e) => return Outcome::Failed(Failure::transient(ErrorCode::Internal, format!("worker: {e}"))),
+        };
+        let offset = prepared.offset;
+        let lost_data = job.offset > 0 && offset == 0;
+
+        let mut stop = job.stop.clone();
+        let sent = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => return Outcome::Stopped(offset),
+            _ = deadline(job.deadline) => return Outcome::Failed(resource_timeout()),
+            r = self.send_following_redirects(&job, offset) => r,
+        };
+        let (resp, final_url) = match sent {
+            Ok(r) => r,
+            Err(f) => return Outcome::Failed(f),
+        };
+        let meta = match self.accept_response(&job, &resp, final_url, offset) {
+            Ok(m) => m,
+            Err(f) => return Outcome::Failed(f),
+        };
+        if meta.offset != offset {
+            // The server sent the whole resource: start the file over.
+            let file = prepared.file;
+            let reset = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+                use std::io::{Seek, SeekFrom};
+                let mut file = file;
+                file.set_len(0)?;
+                file.seek(SeekFrom::Start(0))?;
+                Ok(file)
+            })
+            .await;
+            prepared.file = match reset {
+                Ok(Ok(f)) => f,
+                Ok(Err(e)) => return Outcome::Failed(file_failure(&e, "truncating the partial file")),
+                Err(e) => return Outcome::Failed(Failure::transient(ErrorCode::Internal, format!("worker: {e}"))),
+            };
+            prepared.offset = 0;
+            if hash {
+                prepared.hasher = Some(sha2::Digest::new());
+            }
+        }
+        let meta = ResponseMeta { restarted: meta.restarted || lost_data, ..meta };
+        job.progress.received.store(meta.offset, Ordering::Relaxed);
+        job.progress.expected.store(meta.total.unwrap_or(u64::MAX), Ordering::Relaxed);
+        let total = meta.total;
+        job.link.send(WorkerEvent::Started(meta));
+
+        let (tx, rx) = mpsc::channel::<WriterMsg>(64);
+        let policy =
+            CheckpointPolicy { bytes: self.settings.checkpoint_bytes, interval: self.settings.checkpoint_interval };
+        let link = job.link.clone();
+        let writer = tokio::task::spawn_blocking(move || writer::run(prepared, policy, link, rx));
+
+        let ended = self.pump_body(&mut job, resp.into_body(), &tx).await;
+        let last = match ended {
+            BodyEnd::Complete => WriterMsg::Finish,
+            BodyEnd::Stopped | BodyEnd::Failed(_) | BodyEnd::WriterGone => WriterMsg::Stop,
+        };
+        let _ = tx.send(last).await;
+        drop(tx);
+        let done = match writer.await {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => return Outcome::Failed(file_failure(&e, "writing the partial file")),
+            Err(e) => return Outcome::Failed(Failure::transient(ErrorCode::Internal, format!("writer: {e}"))),
+        };
+        match ended {
+            BodyEnd::Complete => {}
+            BodyEnd::Stopped => return Outcome::Stopped(done.offset),
+            BodyEnd::Failed(f) => return Outcome::Failed(f),
+            BodyEnd::WriterGone => {
+                return Outcome::Failed(Failure::transient(ErrorCode::Internal, "the file writer stopped"));
+            }
+        }
+        if let Some(total) = total
+            && done.offset != total
+        {
+            return Outcome::Failed(Failure::transient(
+                ErrorCode::Network,
+                format!("the response ended after {} of {total} bytes", done.offset),
+            ));
+        }
+        self.finish(&job, done).await
+    }
+
+    async fn finish(&self, job: &Job, done: writer::WriterDone) -> Outcome {
+        let (reply, plan) = oneshot::channel();
+        job.link.send(WorkerEvent::DataComplete { size: done.offset, sha256: done.sha256, reply });
+        let Ok(FinishPlan::Move { to, overwrite }) = plan.await else {
+            return Outcome::Aborted;
+        };
+        let from = job.part_path.clone();
+        let target = to.clone();
+        match tokio::task::spawn_blocking(move || files::move_into_place(&from, &target, overwrite)).await {
+            Ok(Ok(())) => Outcome::Moved(to.to_string_lossy().into_owned()),
+            Ok(Err(files::MoveError::Exists(p))) => Outcome::Failed(Failure::permanent(
+                ErrorCode::FileError,
+                format!("destination {} already exists; the download was not moved there", p.display()),
+            )),
+            Ok(Err(e)) => Outcome::Failed(Failure::permanent(ErrorCode::FileError, e.to_string())),
+            Err(e) => Outcome::Failed(Failure::transient(ErrorCode::Internal, format!("worker: {e}"))),
+        }
+    }
+
+    async fn pump_body(&self, job: &mut Job, mut body: Incoming, tx: &mpsc::Sender<WriterMsg>) -> BodyEnd {
+        loop {
+            let frame = tokio::select! {
+                biased;
+                _ = job.stop.wait_for(|s| *s) => return BodyEnd::Stopped,
+                _ = deadline(job.deadline) => return BodyEnd::Failed(resource_timeout()),
+                f = tokio::time::timeout(job.idle_timeout, body.frame()) => f,
+            };
+            let data: Bytes = match frame {
+                Err(_) => {
+                    return BodyEnd::Failed(Failure::transient(
+                        ErrorCode::TimedOut,
+                        format!("no data received for {} s", job.idle_timeout.as_secs_f64()),
+                    ));
+                }
+                Ok(None) => return BodyEnd::Complete,
+                Ok(Some(Err(e))) => return BodyEnd::Failed(classify(&e, "reading the response body")),
+                Ok(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(d) => d,
+                    Err(_) => continue, // trailers
+                },
+            };
+            if data.is_empty() {
+                continue;
+            }
+            if let Some(l) = &job.limiter {
+                l.acquire(data.len()).await;
+            }
+            job.progress.received.fetch_add(data.len() as u64, Ordering::Relaxed);
+            if tx.send(WriterMsg::Data(data)).await.is_err() {
+                return BodyEnd::WriterGone;
+            }
+        }
+    }
+
+    async fn send_following_redirects(
+        &self,
+        job: &Job,
+        offset: u64,
+    ) -> Result<(hyper::Response<Incoming>, Url), Failure> {
+        let mut url =
+            Url::parse(&job.url).map_err(|e| Failure::permanent(ErrorCode::InvalidUrl, format!("invalid URL: {e}")))?;
+        let origin = url.origin();
+        let mut hops = 0;
+        loop {
+            let same_origin = url.origin() == origin;
+            let req = build_request(&url, job, offset, same_origin)?;
+            let resp = match tokio::time::timeout(job.idle_timeout, self.client.request(req)).await {
+                Err(_) => {
+                    return Err(Failure::transient(
+                        ErrorCode::TimedOut,
+                        format!("no response from {} within {} s", host_of(&url), job.idle_timeout.as_secs_f64()),
+                    ));
+                }
+                Ok(Err(e)) => return Err(classify(&e, &format!("requesting {}", host_of(&url)))),
+                Ok(Ok(r)) => r,
+            };
+            let status = resp.status().as_u16();
+            if !matches!(status, 301 | 302 | 303 | 307 | 308) {
+                return Ok((resp, url));
+            }
+            let Some(location) = resp.headers().get(hyper::header::LOCATION).and_then(|v| v.to_str().ok()) else {
+                return Ok((resp, url));
+            };
+            let next = url.join(location).map_err(|e| {
+                Failure::permanent(ErrorCode::InvalidUrl, format!("redirect to an invalid location {location:?}: {e}"))
+            })?;
+            if !matches!(next.scheme(), "http" | "https") {
+                return Err(Failure::permanent(
+                    ErrorCode::UnsupportedScheme,
+                    format!("redirect to unsupported scheme {:?}", next.scheme()),
+                ));
+            }
+            if url.scheme() == "https" && next.scheme() == "http" {
+                return Err(Failure::permanent(
+                    ErrorCode::UnsupportedScheme,
+                    format!("refusing redirect from https to insecure http ({})", host_of(&next)),
+                ));
+            }
+            hops += 1;
+            if hops > self.settings.max_redirects {
+                return Err(Failure::permanent(
+                    ErrorCode::TooManyRedirects,
+                    format!("more than {} redirects", self.settings.max_redirects),
+                ));
+            }
+            url = next;
+        }
+    }
+
+    /// Decides whether the response can be written to the file, and from where.
+    fn accept_response(
+        &self,
+        job: &Job,
+        resp: &hyper::Response<Incoming>,
+        final_url: Url,
+        offset: u64,
+    ) -> Result<ResponseMeta, Failure> {
+        let status = resp.status().as_u16();
+        let headers = resp.headers();
+        let get = |name: hyper::header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        if is_transient_status(status) {
+            let retry_after = get(hyper::header::RETRY_AFTER).and_then(|v| parse_retry_after(&v, SystemTime::now()));
+            let mut f = Failure::transient(ErrorCode::HttpStatus, format!("server answered {}", status_text(status)));
+            f.error.http_status = Some(status);
+            f.retry = Retry::After(retry_after);
+            return Err(f);
+        }
+        if status == 416 && offset > 0 {
+            return Err(Failure::restart(
+                ErrorCode::CannotResume,
+                "server refused the range request (416); restarting",
+            ));
+        }
+        if !(200..300).contains(&status) {
+            let mut f = Failure::permanent(ErrorCode::HttpStatus, format!("server answered {}", status_text(status)));
+            f.error.http_status = Some(status);
+            return Err(f);
+        }
+        let etag = get(hyper::header::ETAG);
+        let last_modified = get(hyper::header::LAST_MODIFIED);
+        let content_length = get(hyper::header::CONTENT_LENGTH).and_then(|v| v.trim().parse::<u64>().ok());
+        let (start, total, restarted) = if status == 206 {
+            let range = get(hyper::header::CONTENT_RANGE).and_then(|v| parse_content_range(&v));
+            let Some((start, end, total)) = range else {
+                return Err(Failure::restart(ErrorCode::CannotResume, "206 response without a valid Content-Range"));
+            };
+            if start != offset {
+                return Err(Failure::restart(
+                    ErrorCode::CannotResume,
+                    format!("asked for bytes from {offset}, server sent a range starting at {start}"),
+                ));
+            }
+            // The validators must still be the ones the partial data came from.
+            let changed = match (&job.etag, &etag) {
+                (Some(old), Some(new)) => old != new,
+                _ => match (&job.last_modified, &last_modified) {
+                    (Some(old), Some(new)) => old != new,
+                    _ => false,
+                },
+            };
+            if changed {
+                return Err(Failure::restart(
+                    ErrorCode::CannotResume,
+                    "the resource changed since the partial data was downloaded",
+                ));
+            }
+            if let Some(t) = total
+                && end + 1 != t
+            {
+                return Err(Failure::restart(ErrorCode::CannotResume, "server sent an incomplete range"));
+            }
+            (offset, total.or(content_length.map(|l| offset + l)), false)
+        } else {
+            (0, content_length, offset > 0)
+        };
+        let headers = headers
+            .iter()
+            .map(|(k, v)| Header::new(k.as_str(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect();
+        Ok(ResponseMeta {
+            status,
+            final_url: redact_url(&final_url),
+            headers,
+            etag,
+            last_modified,
+            total,
+            offset: start,
+            restarted,
+        })
+    }
+}
+
+#[derive(Debug)]
+enum Outcome {
+    Moved(String),
+    Failed(Failure),
+    Stopped(u64),
+    Aborted,
+}
+
+enum BodyEnd {
+    Complete,
+    Stopped,
+    Failed(Failure),
+    WriterGone,
+}
+
+async fn deadline(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn resource_timeout() -> Failure {
+    Failure::permanent(ErrorCode::TimedOut, "timeout_for_resource ran out")
+}
+
+fn file_failure(e: &std::io::Error, what: &str) -> Failure {
+    let raw = e.raw_os_error();
+    if raw == Some(rustix::io::Errno::NOSPC.raw_os_error()) || raw == Some(rustix::io::Errno::DQUOT.raw_os_error()) {
+        // Keep the partial data: the task waits and resumes when space is free.
+        Failure::transient(ErrorCode::InsufficientSpace, format!("{what}: {e}"))
+    } else {
+        Failure::permanent(ErrorCode::FileError, format!("{what}: {e}"))
+    }
+}
+
+fn status_text(status: u16) -> String {
+    match hyper::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()) {
+        Some(reason) => format!("{status} {reason}"),
+        None => status.to_string(),
+    }
+}
+
+fn host_of(url: &Url) -> String {
+    match (url.host_str(), url.port()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_owned(),
+        _ => "(no host)".into(),
+    }
+}
+
+/// The URL without credentials, for logs and display.
+pub fn redact_url(url: &Url) -> String {
+    if url.username().is_empty() && url.password().is_none() {
+        return url.to_string();
+    }
+    let mut u = url.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    u.to_string()
+}
+
+fn build_request(
+    url: &Url,
+    job: &Job,
+    offset: u64,
+    same_origin: bool,
+) -> Result<hyper::Request<Empty<Bytes>>, Failure> {
+    let mut target = url.clone();
+    let _ = target.set_username("");
+    let _ = target.set_password(None);
+    target.set_fragment(None);
+    let mut b = hyper::Request::get(target.as_str());
+    let has = |name: &str| job.headers.iter().any(|h| h.name.eq_ignore_ascii_case(name));
+    let (has_ua, has_ae, has_auth) = (has("user-agent"), has("accept-encoding"), has("authorization"));
+    for h in &job.headers {
+        // Credentials never travel to another origin after a redirect.
+        if !same_origin && is_sensitive_header(&h.name) {
+            continue;
+        }
+        b = b.header(h.name.as_str(), h.value.as_str());
+    }
+    if !has_ua {
+        b = b.header(hyper::header::USER_AGENT, USER_AGENT);
+    }
+    if !has_ae {
+        // Ranges and sizes refer to the bytes on the wire: ask for them unencoded.
+        b = b.header(hyper::header::ACCEPT_ENCODING, "identity");
+    }
+    if same_origin && !has_auth && !url.username().is_empty() {
+        let user = percent_decode(url.username());
+        let pass = url.password().map(percent_decode).unwrap_or_default();
+        b = b.header(hyper::header::AUTHORIZATION, format!("Basic {}", base64(format!("{user}:{pass}").as_bytes())));
+    }
+    if offset > 0 {
+        b = b.header(hyper::header::RANGE, format!("bytes={offset}-"));
+        match (&job.etag, &job.last_modified) {
+            (Some(etag), _) if is_strong_etag(etag) => b = b.header(hyper::header::IF_RANGE, etag.as_str()),
+            (_, Some(lm)) => b = b.header(hyper::header::IF_RANGE, lm.as_str()),
+            _ => {}
+        }
+    }
+    b.body(Empty::new())
+        .map_err(|e| Failure::permanent(ErrorCode::InvalidRequest, format!("cannot build the request: {e}")))
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let hex = |j: usize| bytes.get(j).and_then(|c| (*c as char).to_digit(16));
+        match (b, hex(i + 1), hex(i + 2)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            _ => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn base64(input: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk.first().copied().unwrap_or(0),
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(TABLE.get(((n >> shift) & 63) as usize).map(|&c| c as char).unwrap_or('='));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"user:p@ss"), "dXNlcjpwQHNz");
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        let u = Url::parse("https://alice:secret@example.org/x?y=1").unwrap();
+        assert_eq!(redact_url(&u), "https://example.org/x?y=1");
+        assert_eq!(percent_decode("p%40ss"), "p@ss");
+    }
+}

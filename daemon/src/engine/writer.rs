@@ -1,0 +1,127 @@
+//! The blocking half of a download: writes body chunks to the partial file on a blocking
+//! thread, so network reads and disk writes overlap, and makes checkpoints durable.
+//!
+//! Checkpoint order (SPEC §8): flush, `fdatasync`, and only then report the offset for
+//! the core to commit. A committed offset therefore never exceeds the synced bytes.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use super::WorkerEvent;
+use super::WorkerLink;
+
+#[derive(Debug)]
+pub enum WriterMsg {
+    Data(Bytes),
+    /// All data is in: sync and return the size and digest.
+    Finish,
+    /// Stop early: sync what we have and report it as a checkpoint.
+    Stop,
+}
+
+#[derive(Debug)]
+pub struct WriterDone {
+    pub offset: u64,
+    pub sha256: Option<[u8; 32]>,
+}
+
+#[derive(Debug)]
+pub struct CheckpointPolicy {
+    pub bytes: u64,
+    pub interval: Duration,
+}
+
+/// The partial file, opened and trimmed to where the next attempt continues.
+#[derive(Debug)]
+pub struct Prepared {
+    pub file: File,
+    pub offset: u64,
+    pub hasher: Option<Sha256>,
+}
+
+/// Opens (creating) the partial file and trims it to `offset`. If the file is shorter
+/// than `offset` (deleted or truncated behind our back) the download restarts at zero.
+pub fn prepare(path: &Path, offset: u64, hash: bool) -> std::io::Result<Prepared> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+    let len = file.metadata()?.len();
+    let offset = if len < offset { 0 } else { offset };
+    if len != offset {
+        file.set_len(offset)?;
+    }
+    let hasher = if hash {
+        let mut h = Sha256::new();
+        file.seek(SeekFrom::Start(0))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = offset;
+        while left > 0 {
+            let want = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+            let chunk = buf.get_mut(..want).unwrap_or_default();
+            file.read_exact(chunk)?;
+            h.update(&*chunk);
+            left -= want as u64;
+        }
+        Some(h)
+    } else {
+        None
+    };
+    file.seek(SeekFrom::Start(offset))?;
+    Ok(Prepared { file, offset, hasher })
+}
+
+/// Runs on a blocking thread until told to finish or stop (or the sender is dropped,
+/// which counts as a stop).
+pub fn run(
+    prepared: Prepared,
+    policy: CheckpointPolicy,
+    link: WorkerLink,
+    mut rx: mpsc::Receiver<WriterMsg>,
+) -> std::io::Result<WriterDone> {
+    let Prepared { file, offset, mut hasher } = prepared;
+    let mut out = BufWriter::with_capacity(512 << 10, file);
+    let mut offset = offset;
+    let mut synced = offset;
+    let mut last_sync = Instant::now();
+    let checkpoint = |out: &mut BufWriter<File>, offset: u64| -> std::io::Result<()> {
+        out.flush()?;
+        rustix::fs::fdatasync(out.get_ref())?;
+        link.send(WorkerEvent::Checkpoint { offset });
+        Ok(())
+    };
+    loop {
+        match rx.blocking_recv() {
+            Some(WriterMsg::Data(bytes)) => {
+                out.write_all(&bytes)?;
+                if let Some(h) = hasher.as_mut() {
+                    h.update(&bytes);
+                }
+                offset += bytes.len() as u64;
+                if offset - synced >= policy.bytes || last_sync.elapsed() >= policy.interval {
+                    checkpoint(&mut out, offset)?;
+                    synced = offset;
+                    last_sync = Instant::now();
+                }
+            }
+            Some(WriterMsg::Finish) => {
+                out.flush()?;
+                rustix::fs::fdatasync(out.get_ref())?;
+                let sha256 = hasher.map(|h| h.finalize().into());
+                return Ok(WriterDone { offset, sha256 });
+            }
+            Some(WriterMsg::Stop) | None => {
+                if offset != synced {
+                    checkpoint(&mut out, offset)?;
+                }
+                return Ok(WriterDone { offset, sha256: None });
+            }
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! The socket server: peer check, handshake, and one reader and one writer per connection.
+//!
+//! Nothing from a peer is trusted: the uid is checked before a byte is read, the
+//! handshake has a deadline, frames are size-checked before allocation, and a bad frame
+//! closes only its own connection.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use interprocess::local_socket::tokio::{Listener, Stream, prelude::*};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::core::{ConnHandle, CoreMsg, CoreTx, Mailbox};
+use dlsession_proto::handshake::{HandshakeStatus, Preamble};
+use dlsession_proto::io::{read_frame, read_preamble, write_frame};
+use dlsession_proto::{ClientHello, ErrorCode, ErrorInfo, ProtoError, RequestFrame, ServerMessage, Welcome};
+
+/// Requests a connection may have in flight before the daemon stops reading from it.
+const MAX_IN_FLIGHT: usize = 256;
+/// Messages written before the writer flushes and looks at the mailbox again.
+const WRITE_BATCH: usize = 256;
+
+#[derive(Debug, Clone)]
+pub struct IpcSettings {
+    pub handshake_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// Accepts connections until `shutdown` turns true.
+pub async fn serve(listener: Listener, core: CoreTx, settings: IpcSettings, mut shutdown: watch::Receiver<bool>) {
+    let our_uid = rustix::process::geteuid().as_raw();
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let ids = AtomicU64::new(1);
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok(stream) => {
+                let id = ids.fetch_add(1, Ordering::Relaxed);
+                let conn = Connection { id, core: core.clone(), settings: settings.clone(), our_uid };
+                let slots = slots.clone();
+                tokio::spawn(conn.run(stream, slots).instrument(info_span!("conn", id)));
+            }
+            Err(e) => {
+                // E.g. EMFILE: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    debug!("no longer accepting connections");
+}
+
+struct Connection {
+    id: u64,
+    core: CoreTx,
+    settings: IpcSettings,
+    our_uid: u32,
+}
+
+impl Connection {
+    async fn run(self, stream: Stream, slots: Arc<Semaphore>) {
+        let creds = stream.peer_creds();
+        let (uid, pid) = match &creds {
+            Ok(c) => (c.euid(), c.pid().and_then(|p| u32::try_from(p).ok())),
+            Err(_) => (None, None),
+        };
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        if uid != Some(self.our_uid) {
+            warn!(peer_uid = ?uid, peer_pid = ?pid, "refused a connection from another user");
+            refuse(&mut wr, HandshakeStatus::PermissionDenied).await;
+            return;
+        }
+        let Ok(_slot) = slots.try_acquire_owned() else {
+            warn!(max = self.settings.max_connections, "refused a connection: too many connections");
+            refuse(&mut wr, HandshakeStatus::TooManyConnections).await;
+            return;
+        };
+        let hello = match tokio::time::timeout(self.settings.handshake_timeout, read_hello(&mut rd)).await {
+            Ok(Ok(hello)) => hello,
+            Ok(Err(HelloError::Version(theirs))) => {
+                info!(theirs, "client speaks another protocol version");
+                refuse(&mut wr, HandshakeStatus::VersionMismatch).await;
+                return;
+            }
+            Ok(Err(HelloError::Bad(e))) => {
+                info!(error = %e, "bad handshake");
+                refuse(&mut wr, HandshakeStatus::BadHello).await;
+                return;
+            }
+            Err(_) => {
+                info!("handshake timed out");
+                refuse(&mut wr, HandshakeStatus::BadHello).await;
+                return;
+            }
+        };
+        let welcome = Welcome {
+            daemon_version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            connection_id: self.id,
+        };
+        let mut opening = Preamble::ours(HandshakeStatus::Ok).to_bytes().to_vec();
+        match dlsession_proto::frame::encode_frame(&welcome) {
+            Ok(frame) => opening.extend_from_slice(&frame),
+            Err(_) => return,
+        }
+        if wr.write_all(&opening).await.is_err() || wr.flush().await.is_err() {
+            return;
+        }
+        info!(client = %hello.client_name, app_id = ?hello.app_id, pid = ?pid, "client connected");
+
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let mailbox = Arc::new(Mailbox::default());
+        let handle = ConnHandle {
+            id: self.id,
+            client_name: hello.client_name,
+            app_id: hello.app_id,
+            pid,
+            out: out_tx.clone(),
+            mailbox: mailbox.clone(),
+        };
+        if self.core.send(CoreMsg::Open(handle)).is_err() {
+            return;
+        }
+        let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let writer = tokio::spawn(write_loop(wr, out_rx, mailbox, in_flight.clone()));
+        let end = self.read_loop(&mut rd, in_flight).await;
+        if let Err(e) = end {
+            // Tell the peer why before closing; id 0 marks a connection-level error.
+            info!(error = %e, "closing connection after a bad frame");
+            let error = ErrorInfo::new(ErrorCode::InvalidRequest, format!("malformed request, closing: {e}"));
+            let _ = out_tx.send(ServerMessage::Response { id: 0, result: Err(error) });
+        }
+        drop(out_tx);
+        let _ = self.core.send(CoreMsg::Closed(self.id));
+        let _ = writer.await;
+        debug!("connection closed");
+    }
+
+    async fn read_loop<R: AsyncRead + Unpin>(&self, rd: &mut R, in_flight: Arc<Semaphore>) -> Result<(), ProtoError> {
+        let mut buf = Vec::new();
+        loop {
+            // Back-pressure: a client that does not read its responses stops being read.
+            let Ok(permit) = in_flight.acquire().await else { return Ok(()) };
+            permit.forget();
+            let Some(frame) = read_frame::<_, RequestFrame>(rd, &mut buf).await? else { return Ok(()) };
+            let msg = CoreMsg::Request { conn: self.id, id: frame.id, request: frame.request };
+            if self.core.send(msg).is_err() {
+                return Ok(());
+            }
+            if buf.capacity() > 64 << 10 {
+                buf = Vec::new();
+            }
+        }
+    }
+}
+
+enum HelloError {
+    Version(u16),
+    Bad(ProtoError),
+}
+
+async fn read_hello<R: AsyncRead + Unpin>(rd: &mut R) -> Result<ClientHello, HelloError> {
+    let preamble = read_preamble(rd).await.map_err(HelloError::Bad)?;
+    if preamble.check_version().is_err() {
+        return Err(HelloError::Version(preamble.version));
+    }
+    let mut buf = Vec::new();
+    let hello: ClientHello =
+        read_frame(rd, &mut buf).await.map_err(HelloError::Bad)?.ok_or(HelloError::Bad(ProtoError::Truncated))?;
+    if hello.client_name.len() > 256 {
+        return Err(HelloError::Bad(ProtoError::Decode("client name too long".into())));
+    }
+    if let Some(app_id) = &hello.app_id
+        && (app_id.is_empty() || app_id.len() > 255 || app_id.chars().any(char::is_control))
+    {
+        return Err(HelloError::Bad(ProtoError::Decode("invalid app_id".into())));
+    }
+    Ok(hello)
+}
+
+async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, status: HandshakeStatus) {
+    let _ = wr.write_all(&Preamble::ours(status).to_bytes()).await;
+    let _ = wr.flush().await;
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    wr: W,
+    mut rx: mpsc::UnboundedReceiver<ServerMessage>,
+    mailbox: Arc<Mailbox>,
+    in_flight: Arc<Semaphore>,
+) {
+    let mut w = BufWriter::with_capacity(64 << 10, wr);
+    let write = |msg: ServerMessage| {
+        if matches!(msg, ServerMessage::Response { .. }) {
+            in_flight.add_permits(1);
+        }
+        msg
+    };
+    loop {
+        let first = tokio::select! {
+            biased;
+            m = rx.recv() => match m {
+                Some(m) => m,
+                None => break,
+            },
+            _ = mailbox.notify.notified() => {
+                let mut ok = true;
+                for m in mailbox.take_all() {
+                    ok &= write_frame(&mut w, &m).await.is_ok();
+                }
+                if !ok || w.flush().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        if write_frame(&mut w, &write(first)).await.is_err() {
+            return;
+        }
+        for _ in 0..WRITE_BATCH {
+            let Ok(m) = rx.try_recv() else { break };
+            if write_frame(&mut w, &write(m)).await.is_err() {
+                return;
+            }
+        }
+        if w.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = w.flush().await;
+}

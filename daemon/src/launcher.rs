@@ -1,0 +1,174 @@
+//! Relaunching an app (SPEC §6): an argv run directly, detached, or a systemd user unit.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::process::Stdio;
+
+use tracing::{info, warn};
+
+use dlsession_proto::LaunchSpec;
+use dlsession_proto::paths::{RELAUNCH_IDENTIFIER_ENV, RELAUNCH_REASON_ENV, RELAUNCH_SOCKET_ENV};
+
+#[derive(Debug)]
+pub struct Context<'a> {
+    pub identifier: &'a str,
+    pub socket: &'a Path,
+    pub log_dir: &'a Path,
+    pub reason: &'a str,
+}
+
+#[derive(Debug)]
+pub enum Launched {
+    Process(u32),
+    Unit(String),
+}
+
+/// Starts the app. `on_exit` is told later whether the launch really worked (the exit
+/// status of `systemctl`; for a command, whether it could be waited for).
+pub fn launch(
+    spec: &LaunchSpec,
+    ctx: &Context<'_>,
+    on_exit: impl FnOnce(Result<(), String>) + Send + 'static,
+) -> Result<Launched, String> {
+    match spec {
+        LaunchSpec::Command { argv } => launch_command(argv, ctx, on_exit),
+        LaunchSpec::SystemdUnit { unit } => start_unit(unit, ctx, on_exit),
+    }
+}
+
+fn launch_command(
+    argv: &[String],
+    ctx: &Context<'_>,
+    on_exit: impl FnOnce(Result<(), String>) + Send + 'static,
+) -> Result<Launched, String> {
+    let (program, args) = argv.split_first().ok_or("empty launch command")?;
+    let log = open_log(ctx);
+    let (out, err) = match &log {
+        Some(f) => (
+            f.try_clone().map(Stdio::from).unwrap_or_else(|_| Stdio::null()),
+            f.try_clone().map(Stdio::from).unwrap_or_else(|_| Stdio::null()),
+        ),
+        None => (Stdio::null(), Stdio::null()),
+    };
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .env(RELAUNCH_IDENTIFIER_ENV, ctx.identifier)
+        .env(RELAUNCH_SOCKET_ENV, ctx.socket)
+        .env(RELAUNCH_REASON_ENV, ctx.reason)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        // Its own process group: a signal to the daemon's group does not reach it.
+        .process_group(0)
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|e| format!("cannot run {program:?}: {e}"))?;
+    let pid = child.id().unwrap_or(0);
+    info!(pid, program = %program, "relaunched app");
+    // Reap it when it exits so it never lingers as a zombie.
+    tokio::spawn(async move {
+        match child.wait().await {
+            Ok(status) if !status.success() => warn!(pid, %status, "relaunched app exited with failure"),
+            Ok(_) => {}
+            Err(e) => warn!(pid, error = %e, "cannot wait for relaunched app"),
+        }
+        on_exit(Ok(()));
+    });
+    Ok(Launched::Process(pid))
+}
+
+fn start_unit(
+    unit: &str,
+    ctx: &Context<'_>,
+    on_exit: impl FnOnce(Result<(), String>) + Send + 'static,
+) -> Result<Launched, String> {
+    let unit = instantiate(unit, ctx.identifier);
+    let child = tokio::process::Command::new("systemctl")
+        .args(["--user", "start", &unit])
+        .env(RELAUNCH_IDENTIFIER_ENV, ctx.identifier)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|e| format!("cannot run systemctl: {e}"))?;
+    let name = unit.clone();
+    tokio::spawn(async move {
+        let result = match child.wait_with_output().await {
+            Ok(out) if out.status.success() => Ok(()),
+            Ok(out) => Err(format!(
+                "systemctl --user start {name} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+            Err(e) => Err(format!("cannot wait for systemctl: {e}")),
+        };
+        on_exit(result);
+    });
+    info!(unit = %unit, "starting app unit");
+    Ok(Launched::Unit(unit))
+}
+
+/// `app@.service` + identifier → `app@<escaped identifier>.service`; other units as given.
+pub fn instantiate(unit: &str, identifier: &str) -> String {
+    match unit.split_once("@.") {
+        Some((prefix, suffix)) => format!("{prefix}@{}.{suffix}", systemd_escape(identifier)),
+        None => unit.to_owned(),
+    }
+}
+
+/// Escapes a string the way `systemd-escape` does for unit instance names.
+pub fn systemd_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for (i, b) in s.bytes().enumerate() {
+        match b {
+            b'/' => out.push('-'),
+            b'.' if i == 0 => out.push_str("\\x2e"),
+            b if b.is_ascii_alphanumeric() || b == b':' || b == b'_' || b == b'.' => out.push(b as char),
+            b => out.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    out
+}
+
+fn open_log(ctx: &Context<'_>) -> Option<std::fs::File> {
+    std::fs::create_dir_all(ctx.log_dir).ok()?;
+    let name = format!("{}.log", file_safe(ctx.identifier));
+    OpenOptions::new().create(true).append(true).mode(0o600).open(ctx.log_dir.join(name)).ok()
+}
+
+/// A file name for an identifier: a readable prefix plus a hash, never the raw string.
+pub fn file_safe(identifier: &str) -> String {
+    let prefix: String =
+        identifier.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '.' || *c == '-').take(48).collect();
+    // FNV-1a: stable across runs and platforms.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in identifier.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{}-{h:016x}", prefix.trim_start_matches('.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_matches_systemd_escape() {
+        assert_eq!(systemd_escape("org.example.fetcher"), "org.example.fetcher");
+        assert_eq!(systemd_escape("a/b c"), "a-b\\x20c");
+        assert_eq!(systemd_escape(".hidden"), "\\x2ehidden");
+        assert_eq!(systemd_escape("ü"), "\\xc3\\xbc");
+        assert_eq!(instantiate("fetch@.service", "org.ex/a"), "fetch@org.ex-a.service");
+        assert_eq!(instantiate("fetch.service", "x"), "fetch.service");
+    }
+
+    #[test]
+    fn file_names_are_safe() {
+        let n = file_safe("../../etc/passwd\n");
+        assert!(!n.contains('/') && !n.contains('\n') && !n.starts_with('.'), "{n}");
+        assert_ne!(file_safe("a b"), file_safe("a_b"));
+    }
+}

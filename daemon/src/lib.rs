@@ -1,0 +1,180 @@
+//! dlsessiond: a per-user background download daemon.
+//!
+//! Layout:
+//! - [`config`]: flags, TOML file and defaults → [`config::Config`].
+//! - [`lifecycle`]: private directories, single-instance locks, the socket.
+//! - [`ipc`]: the socket server; peer checks, handshake, framing.
+//! - `core`: the one owner of session, task and connection state.
+//! - [`engine`]: one tokio task per running download (HTTP, files, checkpoints).
+//! - [`store`]: SQLite, on its own thread; the only module with SQL.
+//! - [`launcher`]: relaunching apps.
+//!
+//! [`run`] is the entry point that tests and `main` share.
+
+pub mod config;
+mod core;
+pub mod engine;
+pub mod ipc;
+pub mod launcher;
+pub mod lifecycle;
+pub mod model;
+pub mod store;
+pub mod validate;
+
+use std::future::Future;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use interprocess::local_socket::tokio::Listener;
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info};
+
+use config::{Config, Overrides};
+use core::{Core, CoreMsg};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Lifecycle(#[from] lifecycle::LifecycleError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Tls(#[from] engine::http::TlsSetupError),
+    #[error("{0}")]
+    Fatal(String),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Serves `listener` until `shutdown` resolves, then checkpoints and returns.
+pub async fn run(cfg: Config, listener: Listener, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    let cfg = Arc::new(cfg);
+    let (core_tx, core_rx) = mpsc::unbounded_channel();
+    let fatal_tx = core_tx.clone();
+    let db = cfg.database_path();
+    let (store, snapshot) = tokio::task::block_in_place(|| {
+        store::Store::open(&db, move |e| {
+            let _ = fatal_tx.send(CoreMsg::StoreFailed(e));
+        })
+    })?;
+    let client = engine::http::build_client(cfg.extra_ca_file.as_deref(), cfg.timing.connect_timeout)?;
+    let engine = Arc::new(engine::Engine::new(
+        client,
+        engine::EngineSettings {
+            max_redirects: cfg.limits.max_redirects,
+            checkpoint_bytes: cfg.timing.checkpoint_bytes,
+            checkpoint_interval: cfg.timing.checkpoint_interval,
+        },
+    ));
+    let core =
+        tokio::task::block_in_place(|| Core::new(cfg.clone(), store, snapshot, engine, core_tx.clone(), core_rx));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let settings = ipc::IpcSettings {
+        handshake_timeout: cfg.timing.handshake_timeout,
+        max_connections: cfg.limits.max_connections as usize,
+    };
+    let server = tokio::spawn(ipc::serve(listener, core_tx.clone(), settings, stop_rx));
+    let mut core_task = tokio::spawn(core.run());
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    info!(socket = %cfg.socket.display(), pid = std::process::id(), "dlsessiond ready");
+
+    tokio::pin!(shutdown);
+    let result = tokio::select! {
+        r = &mut core_task => r,
+        _ = &mut shutdown => {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+            let _ = stop_tx.send(true);
+            let _ = core_tx.send(CoreMsg::Shutdown);
+            (&mut core_task).await
+        }
+    };
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    match result {
+        Ok(Ok(())) => {
+            info!("stopped cleanly");
+            Ok(())
+        }
+        Ok(Err(e)) => Err(DaemonError::Fatal(e)),
+        Err(e) => Err(DaemonError::Fatal(format!("core task failed: {e}"))),
+    }
+}
+
+/// Command-line arguments of `dlsessiond`.
+#[derive(Debug, clap::Parser)]
+#[command(name = "dlsessiond", version, about = "Per-user background download daemon")]
+pub struct Args {
+    /// Socket path [default: $XDG_RUNTIME_DIR/dlsessiond/dlsessiond.sock]
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<std::path::PathBuf>,
+    /// Where the database lives [default: $XDG_STATE_HOME/dlsessiond]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
+    /// Where partial and finished files live [default: $XDG_CACHE_HOME/dlsessiond]
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// Configuration file [default: $XDG_CONFIG_HOME/dlsessiond/config.toml]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+}
+
+/// The `dlsessiond` binary: parse flags, set up logging, run until SIGTERM or SIGINT.
+pub fn main_entry() -> ExitCode {
+    use clap::Parser;
+    let args = Args::parse();
+    init_logging();
+    match start(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("dlsessiond: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn start(args: Args) -> Result<(), DaemonError> {
+    let absolute = |p: Option<std::path::PathBuf>| {
+        p.map(|p| if p.is_absolute() { p } else { std::env::current_dir().unwrap_or_default().join(p) })
+    };
+    let cfg = Config::load(Overrides {
+        socket: absolute(args.socket),
+        state_dir: absolute(args.state_dir),
+        cache_dir: absolute(args.cache_dir),
+        config_file: absolute(args.config),
+    })?;
+    let _instance = lifecycle::prepare(&cfg)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("dlsessiond")
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    runtime.block_on(async {
+        let listener = lifecycle::bind(&cfg.socket)?;
+        run(cfg, listener, shutdown_signal()).await
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        error!("cannot install signal handlers; SIGTERM will not checkpoint");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("DLSESSIOND_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

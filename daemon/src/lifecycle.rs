@@ -1,0 +1,106 @@
+//! Start-up plumbing: private directories, the single-instance locks, the socket.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use interprocess::local_socket::tokio::Listener;
+use interprocess::local_socket::{GenericFilePath, ListenerOptions, ToFsName};
+use interprocess::os::unix::local_socket::ListenerOptionsExt;
+use tracing::{info, warn};
+
+use crate::config::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("cannot create directory {path}: {source}")]
+    Dir { path: PathBuf, source: std::io::Error },
+    #[error("{path} is owned by uid {owner}, not by us (uid {us}); refusing to use it")]
+    NotOurs { path: PathBuf, owner: u32, us: u32 },
+    #[error("another dlsessiond is already running{pid} (lock {path} is held)")]
+    AlreadyRunning { path: PathBuf, pid: String },
+    #[error("cannot lock {path}: {source}")]
+    Lock { path: PathBuf, source: std::io::Error },
+    #[error("{path} exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("cannot listen on {path}: {source}")]
+    Bind { path: PathBuf, source: std::io::Error },
+}
+
+/// Holds the instance locks for as long as the daemon runs.
+#[derive(Debug)]
+pub struct Instance {
+    _locks: Vec<File>,
+}
+
+/// Creates the private directories and takes the locks that make this the only daemon
+/// for its state directory and for its socket.
+pub fn prepare(cfg: &Config) -> Result<Instance, LifecycleError> {
+    private_dir(&cfg.state_dir)?;
+    private_dir(&cfg.downloads_dir())?;
+    let socket_dir = cfg.socket.parent().unwrap_or(Path::new("/"));
+    private_dir(socket_dir)?;
+    let state_lock = lock(&cfg.state_dir.join("dlsessiond.lock"))?;
+    let socket_lock = lock(&lock_path_for(&cfg.socket))?;
+    Ok(Instance { _locks: vec![state_lock, socket_lock] })
+}
+
+fn lock_path_for(socket: &Path) -> PathBuf {
+    let mut name = socket.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".lock");
+    socket.with_file_name(name)
+}
+
+/// Creates `dir` (mode 0700) or checks that an existing one is ours, tightening its mode.
+pub fn private_dir(dir: &Path) -> Result<(), LifecycleError> {
+    let err = |source| LifecycleError::Dir { path: dir.to_path_buf(), source };
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)?;
+    let meta = std::fs::metadata(dir).map_err(err)?;
+    let us = rustix::process::geteuid().as_raw();
+    if meta.uid() != us {
+        return Err(LifecycleError::NotOurs { path: dir.to_path_buf(), owner: meta.uid(), us });
+    }
+    if meta.mode() & 0o077 != 0 {
+        warn!(dir = %dir.display(), mode = format!("{:o}", meta.mode() & 0o777), "tightening directory to 0700");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
+}
+
+fn lock(path: &Path) -> Result<File, LifecycleError> {
+    let err = |source| LifecycleError::Lock { path: path.to_path_buf(), source };
+    let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(err)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            let pid = if pid.is_empty() { String::new() } else { format!(" as pid {pid}") };
+            return Err(LifecycleError::AlreadyRunning { path: path.to_path_buf(), pid });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(err(e)),
+    }
+    file.set_len(0).map_err(err)?;
+    file.rewind().map_err(err)?;
+    writeln!(file, "{}", std::process::id()).map_err(err)?;
+    Ok(file)
+}
+
+/// Binds the socket (mode 0600, set before `bind`: no umask race). A socket file left by
+/// a crashed daemon is removed: we hold the lock, so nothing live can be listening on it.
+pub fn bind(socket: &Path) -> Result<Listener, LifecycleError> {
+    match std::fs::symlink_metadata(socket) {
+        Ok(m) if m.file_type().is_socket() => {
+            info!(path = %socket.display(), "removing stale socket");
+            std::fs::remove_file(socket)
+                .map_err(|source| LifecycleError::Bind { path: socket.to_path_buf(), source })?;
+        }
+        Ok(_) => return Err(LifecycleError::NotASocket { path: socket.to_path_buf() }),
+        Err(_) => {}
+    }
+    let bind_err = |source| LifecycleError::Bind { path: socket.to_path_buf(), source };
+    let name = socket.to_fs_name::<GenericFilePath>().map_err(bind_err)?;
+    ListenerOptions::new().name(name).mode(0o600).reclaim_name(true).create_tokio().map_err(bind_err)
+}

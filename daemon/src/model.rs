@@ -1,0 +1,96 @@
+//! The persistent records of sessions, tasks and durable events.
+//!
+//! These are what the store reads and writes. The core wraps them with runtime state;
+//! `ipc::convert` turns them into wire types. Nothing here is sent over the socket as is.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dlsession_proto::{DurableEvent, ErrorInfo, Header, SessionConfig, TaskId, TaskState, UnixMillis};
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> UnixMillis {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// The rowid of a session in the database.
+pub type SessionKey = i64;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRecord {
+    pub key: SessionKey,
+    pub identifier: String,
+    pub config: SessionConfig,
+    /// The sequence number the next durable event gets (never reused).
+    pub next_seq: u64,
+    /// `finish_tasks_and_invalidate` was called.
+    pub invalidating: bool,
+    /// `did_become_invalid` was emitted: only its pending events remain.
+    pub invalid: bool,
+    pub created_at: UnixMillis,
+}
+
+/// Where a task stands in the finish protocol (SPEC §8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Downloading into the partial file.
+    Transfer,
+    /// The partial file is complete and synced; it is being moved to its final location.
+    Finishing,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRecord {
+    pub id: TaskId,
+    pub session: SessionKey,
+    // What was asked.
+    pub url: String,
+    pub headers: Vec<Header>,
+    pub description: Option<String>,
+    pub priority: f32,
+    pub earliest_begin: Option<UnixMillis>,
+    pub expected_sha256: Option<[u8; 32]>,
+    pub destination: Option<String>,
+    pub overwrite: bool,
+    pub expected_size: Option<u64>,
+    pub created_at: UnixMillis,
+    // Where it stands. `Running` is never stored: a running task is stored as `Queued`.
+    pub state: TaskState,
+    pub phase: Phase,
+    /// Bytes of the partial file that are synced to disk.
+    pub committed_offset: u64,
+    pub bytes_expected: Option<u64>,
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+    pub final_url: Option<String>,
+    pub response_status: Option<u16>,
+    pub response_headers: Vec<Header>,
+    pub attempts: u32,
+    pub last_error: Option<ErrorInfo>,
+    /// While `Waiting`: when the next attempt may start.
+    pub retry_at: Option<UnixMillis>,
+    pub started_at: Option<UnixMillis>,
+    pub finished_at: Option<UnixMillis>,
+    pub resource_deadline: Option<UnixMillis>,
+    /// The finished file, once committed.
+    pub location: Option<String>,
+    /// The completion error (only when `Completed`).
+    pub error: Option<ErrorInfo>,
+    /// Cancelled with resume data: the partial file is kept for a later task.
+    pub resume_secret: Option<u64>,
+    /// The completed event was acknowledged: the task is history.
+    pub retired: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRecord {
+    pub session: SessionKey,
+    pub seq: u64,
+    pub event: DurableEvent,
+    pub created_at: UnixMillis,
+}
+
+impl EventRecord {
+    pub fn task(&self) -> Option<TaskId> {
+        self.event.task()
+    }
+}

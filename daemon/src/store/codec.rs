@@ -1,0 +1,388 @@
+//! Rows ↔ records.
+
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+
+use crate::model::{EventRecord, Phase, SessionRecord, TaskRecord};
+use dlsession_proto::{DurableEvent, ErrorCode, ErrorInfo, Header, LaunchSpec, SessionConfig, TaskId, TaskState};
+
+// Lists are stored as NUL-separated text: NUL cannot occur in a valid header, argv
+// element or URL, and validation refuses it before anything reaches the store.
+fn join_headers(headers: &[Header]) -> String {
+    let mut out = String::new();
+    for h in headers {
+        out.push_str(&h.name);
+        out.push('\0');
+        out.push_str(&h.value);
+        out.push('\0');
+    }
+    out
+}
+
+fn split_headers(text: &str) -> Vec<Header> {
+    let mut parts = text.split('\0');
+    let mut out = Vec::new();
+    while let (Some(name), Some(value)) = (parts.next(), parts.next()) {
+        out.push(Header::new(name, value));
+    }
+    out
+}
+
+fn launch_columns(launch: &Option<LaunchSpec>) -> (Option<&'static str>, Option<String>) {
+    match launch {
+        None => (None, None),
+        Some(LaunchSpec::Command { argv }) => (Some("command"), Some(argv.join("\0"))),
+        Some(LaunchSpec::SystemdUnit { unit }) => (Some("systemd_unit"), Some(unit.clone())),
+    }
+}
+
+fn launch_from(kind: Option<String>, value: Option<String>) -> Option<LaunchSpec> {
+    match (kind.as_deref(), value) {
+        (Some("command"), Some(v)) => Some(LaunchSpec::Command { argv: v.split('\0').map(str::to_owned).collect() }),
+        (Some("systemd_unit"), Some(v)) => Some(LaunchSpec::SystemdUnit { unit: v }),
+        _ => None,
+    }
+}
+
+fn error_columns(e: &Option<ErrorInfo>) -> (Option<&'static str>, Option<&str>, Option<u16>) {
+    match e {
+        None => (None, None, None),
+        Some(e) => (Some(e.code.as_str()), Some(e.message.as_str()), e.http_status),
+    }
+}
+
+fn error_from(code: Option<String>, message: Option<String>, http: Option<u16>) -> Option<ErrorInfo> {
+    let code = code?;
+    Some(ErrorInfo {
+        code: ErrorCode::from_name(&code).unwrap_or(ErrorCode::Internal),
+        message: message.unwrap_or_default(),
+        http_status: http,
+    })
+}
+
+fn state_name(state: TaskState) -> &'static str {
+    // A running task is stored as queued: after a restart it queues again.
+    match state {
+        TaskState::Running => TaskState::Queued.as_str(),
+        s => s.as_str(),
+    }
+}
+
+fn u64_opt(v: Option<i64>) -> Option<u64> {
+    v.map(|v| v.max(0) as u64)
+}
+
+fn i64_opt(v: Option<u64>) -> Option<i64> {
+    v.map(|v| v.min(i64::MAX as u64) as i64)
+}
+
+pub fn insert_session(tx: &Transaction<'_>, s: &SessionRecord) -> rusqlite::Result<()> {
+    let (kind, value) = launch_columns(&s.config.launch);
+    tx.execute(
+        "INSERT INTO sessions (id, identifier, app_id, launch_kind, launch_value, http_headers,
+            timeout_request_ms, timeout_resource_ms, max_conn_per_host, max_concurrent_tasks,
+            bandwidth_limit, next_seq, invalidating, invalid, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+        params![
+            s.key,
+            s.identifier,
+            s.config.app_id,
+            kind,
+            value,
+            join_headers(&s.config.http_headers),
+            s.config.timeout_for_request_ms as i64,
+            s.config.timeout_for_resource_ms as i64,
+            s.config.max_connections_per_host,
+            s.config.max_concurrent_tasks,
+            i64_opt(s.config.bandwidth_limit),
+            s.next_seq as i64,
+            s.invalidating,
+            s.invalid,
+            s.created_at as i64,
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn update_session(tx: &Transaction<'_>, s: &SessionRecord) -> rusqlite::Result<()> {
+    let (kind, value) = launch_columns(&s.config.launch);
+    tx.execute(
+        "UPDATE sessions SET app_id = ?2, launch_kind = ?3, launch_value = ?4, http_headers = ?5,
+            timeout_request_ms = ?6, timeout_resource_ms = ?7, max_conn_per_host = ?8,
+            max_concurrent_tasks = ?9, bandwidth_limit = ?10, next_seq = max(next_seq, ?11),
+            invalidating = ?12, invalid = ?13
+         WHERE id = ?1",
+        params![
+            s.key,
+            s.config.app_id,
+            kind,
+            value,
+            join_headers(&s.config.http_headers),
+            s.config.timeout_for_request_ms as i64,
+            s.config.timeout_for_resource_ms as i64,
+            s.config.max_connections_per_host,
+            s.config.max_concurrent_tasks,
+            i64_opt(s.config.bandwidth_limit),
+            s.next_seq as i64,
+            s.invalidating,
+            s.invalid,
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn load_sessions(conn: &Connection) -> rusqlite::Result<Vec<SessionRecord>> {
+    let mut stmt = conn.prepare(
+        "SELECT id, identifier, app_id, launch_kind, launch_value, http_headers, timeout_request_ms,
+            timeout_resource_ms, max_conn_per_host, max_concurrent_tasks, bandwidth_limit, next_seq,
+            invalidating, invalid, created_at
+         FROM sessions ORDER BY id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(SessionRecord {
+            key: r.get(0)?,
+            identifier: r.get(1)?,
+            config: SessionConfig {
+                app_id: r.get(2)?,
+                launch: launch_from(r.get(3)?, r.get(4)?),
+                http_headers: split_headers(&r.get::<_, String>(5)?),
+                timeout_for_request_ms: r.get::<_, i64>(6)?.max(0) as u64,
+                timeout_for_resource_ms: r.get::<_, i64>(7)?.max(0) as u64,
+                max_connections_per_host: r.get(8)?,
+                max_concurrent_tasks: r.get(9)?,
+                bandwidth_limit: u64_opt(r.get(10)?),
+            },
+            next_seq: r.get::<_, i64>(11)?.max(0) as u64,
+            invalidating: r.get(12)?,
+            invalid: r.get(13)?,
+            created_at: r.get::<_, i64>(14)?.max(0) as u64,
+        })
+    })?;
+    rows.collect()
+}
+
+const TASK_COLUMNS: &str = "id, session_id, url, headers, description, priority, earliest_begin, expected_sha256,
+    destination, overwrite, expected_size, created_at, state, phase, committed_offset, bytes_expected, etag,
+    last_modified, final_url, response_status, response_headers, attempts, last_error_code, last_error_msg,
+    last_error_http, retry_at, started_at, finished_at, resource_deadline, location, error_code, error_msg,
+    error_http, resume_secret, retired";
+
+pub fn insert_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "INSERT INTO tasks ({TASK_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
+            ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35)"
+    ))?;
+    let (lec, lem, leh) = error_columns(&t.last_error);
+    let (ec, em, eh) = error_columns(&t.error);
+    stmt.execute(params![
+        t.id as i64,
+        t.session,
+        t.url,
+        join_headers(&t.headers),
+        t.description,
+        f64::from(t.priority),
+        i64_opt(t.earliest_begin),
+        t.expected_sha256.as_ref().map(|d| d.as_slice()),
+        t.destination,
+        t.overwrite,
+        i64_opt(t.expected_size),
+        t.created_at as i64,
+        state_name(t.state),
+        phase_name(t.phase),
+        t.committed_offset as i64,
+        i64_opt(t.bytes_expected),
+        t.etag,
+        t.last_modified,
+        t.final_url,
+        t.response_status,
+        join_headers(&t.response_headers),
+        t.attempts,
+        lec,
+        lem,
+        leh,
+        i64_opt(t.retry_at),
+        i64_opt(t.started_at),
+        i64_opt(t.finished_at),
+        i64_opt(t.resource_deadline),
+        t.location,
+        ec,
+        em,
+        eh,
+        t.resume_secret.map(|s| s as i64),
+        t.retired,
+    ])?;
+    Ok(())
+}
+
+pub fn update_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare_cached(
+        "UPDATE tasks SET state = ?2, phase = ?3, committed_offset = ?4, bytes_expected = ?5, etag = ?6,
+            last_modified = ?7, final_url = ?8, response_status = ?9, response_headers = ?10, attempts = ?11,
+            last_error_code = ?12, last_error_msg = ?13, last_error_http = ?14, retry_at = ?15, started_at = ?16,
+            finished_at = ?17, resource_deadline = ?18, location = ?19, error_code = ?20, error_msg = ?21,
+            error_http = ?22, resume_secret = ?23, retired = ?24, priority = ?25
+         WHERE id = ?1",
+    )?;
+    let (lec, lem, leh) = error_columns(&t.last_error);
+    let (ec, em, eh) = error_columns(&t.error);
+    stmt.execute(params![
+        t.id as i64,
+        state_name(t.state),
+        phase_name(t.phase),
+        t.committed_offset as i64,
+        i64_opt(t.bytes_expected),
+        t.etag,
+        t.last_modified,
+        t.final_url,
+        t.response_status,
+        join_headers(&t.response_headers),
+        t.attempts,
+        lec,
+        lem,
+        leh,
+        i64_opt(t.retry_at),
+        i64_opt(t.started_at),
+        i64_opt(t.finished_at),
+        i64_opt(t.resource_deadline),
+        t.location,
+        ec,
+        em,
+        eh,
+        t.resume_secret.map(|s| s as i64),
+        t.retired,
+        f64::from(t.priority),
+    ])?;
+    Ok(())
+}
+
+fn phase_name(p: Phase) -> &'static str {
+    match p {
+        Phase::Transfer => "transfer",
+        Phase::Finishing => "finishing",
+    }
+}
+
+fn task_from_row(r: &Row<'_>) -> rusqlite::Result<TaskRecord> {
+    let sha: Option<Vec<u8>> = r.get(7)?;
+    let state: String = r.get(12)?;
+    let phase: String = r.get(13)?;
+    Ok(TaskRecord {
+        id: r.get::<_, i64>(0)? as u64,
+        session: r.get(1)?,
+        url: r.get(2)?,
+        headers: split_headers(&r.get::<_, String>(3)?),
+        description: r.get(4)?,
+        priority: r.get::<_, f64>(5)? as f32,
+        earliest_begin: u64_opt(r.get(6)?),
+        expected_sha256: sha.and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok()),
+        destination: r.get(8)?,
+        overwrite: r.get(9)?,
+        expected_size: u64_opt(r.get(10)?),
+        created_at: r.get::<_, i64>(11)?.max(0) as u64,
+        state: TaskState::from_name(&state).unwrap_or(TaskState::Suspended),
+        phase: if phase == "finishing" { Phase::Finishing } else { Phase::Transfer },
+        committed_offset: r.get::<_, i64>(14)?.max(0) as u64,
+        bytes_expected: u64_opt(r.get(15)?),
+        etag: r.get(16)?,
+        last_modified: r.get(17)?,
+        final_url: r.get(18)?,
+        response_status: r.get(19)?,
+        response_headers: split_headers(&r.get::<_, String>(20)?),
+        attempts: r.get(21)?,
+        last_error: error_from(r.get(22)?, r.get(23)?, r.get(24)?),
+        retry_at: u64_opt(r.get(25)?),
+        started_at: u64_opt(r.get(26)?),
+        finished_at: u64_opt(r.get(27)?),
+        resource_deadline: u64_opt(r.get(28)?),
+        location: r.get(29)?,
+        error: error_from(r.get(30)?, r.get(31)?, r.get(32)?),
+        resume_secret: r.get::<_, Option<i64>>(33)?.map(|s| s as u64),
+        retired: r.get(34)?,
+    })
+}
+
+pub fn load_live_tasks(conn: &Connection) -> rusqlite::Result<Vec<TaskRecord>> {
+    let mut stmt = conn.prepare(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE retired = 0 ORDER BY id"))?;
+    let rows = stmt.query_map([], task_from_row)?;
+    rows.collect()
+}
+
+pub fn load_task(conn: &Connection, id: TaskId) -> Result<Option<TaskRecord>, super::StoreError> {
+    let mut stmt = conn.prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))?;
+    Ok(stmt.query_row(params![id as i64], task_from_row).optional()?)
+}
+
+pub fn insert_event(tx: &Transaction<'_>, e: &EventRecord) -> rusqlite::Result<()> {
+    let (kind, task, offset, total, location, err) = match &e.event {
+        DurableEvent::ResumedAtOffset { task, offset, expected_total } => {
+            ("resumed_at_offset", Some(*task), Some(*offset), *expected_total, None, &None)
+        }
+        DurableEvent::FinishedDownloading { task, location } => {
+            ("finished_downloading", Some(*task), None, None, Some(location.as_str()), &None)
+        }
+        DurableEvent::Completed { task, error } => ("completed", Some(*task), None, None, None, error),
+        DurableEvent::DidBecomeInvalid { error } => ("did_become_invalid", None, None, None, None, error),
+    };
+    let (ec, em, eh) = error_columns(err);
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO events (session_id, seq, kind, task_id, byte_offset, expected_total, location, error_code,
+            error_msg, error_http, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )?;
+    stmt.execute(params![
+        e.session,
+        e.seq as i64,
+        kind,
+        i64_opt(task),
+        i64_opt(offset),
+        i64_opt(total),
+        location,
+        ec,
+        em,
+        eh,
+        e.created_at as i64
+    ])?;
+    tx.execute(
+        "UPDATE sessions SET next_seq = max(next_seq, ?2) WHERE id = ?1",
+        params![e.session, e.seq.saturating_add(1) as i64],
+    )?;
+    Ok(())
+}
+
+pub fn load_events(conn: &Connection) -> rusqlite::Result<Vec<EventRecord>> {
+    let mut stmt = conn.prepare(
+        "SELECT session_id, seq, kind, task_id, byte_offset, expected_total, location, error_code, error_msg,
+            error_http, created_at
+         FROM events ORDER BY session_id, seq",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        let kind: String = r.get(2)?;
+        let task = r.get::<_, Option<i64>>(3)?.unwrap_or(0).max(0) as u64;
+        let error = error_from(r.get(7)?, r.get(8)?, r.get(9)?);
+        let event = match kind.as_str() {
+            "resumed_at_offset" => DurableEvent::ResumedAtOffset {
+                task,
+                offset: r.get::<_, Option<i64>>(4)?.unwrap_or(0).max(0) as u64,
+                expected_total: u64_opt(r.get(5)?),
+            },
+            "finished_downloading" => {
+                DurableEvent::FinishedDownloading { task, location: r.get::<_, Option<String>>(6)?.unwrap_or_default() }
+            }
+            "completed" => DurableEvent::Completed { task, error },
+            _ => DurableEvent::DidBecomeInvalid { error },
+        };
+        Ok(EventRecord {
+            session: r.get(0)?,
+            seq: r.get::<_, i64>(1)?.max(0) as u64,
+            event,
+            created_at: r.get::<_, i64>(10)?.max(0) as u64,
+        })
+    })?;
+    rows.collect()
+}
+
+pub fn load_next_task_id(conn: &Connection) -> rusqlite::Result<TaskId> {
+    let stored: Option<i64> =
+        conn.query_row("SELECT value FROM meta WHERE key = 'next_task_id'", [], |r| r.get(0)).optional()?;
+    let max_id: Option<i64> = conn.query_row("SELECT max(id) FROM tasks", [], |r| r.get(0))?;
+    Ok((stored.unwrap_or(1).max(max_id.unwrap_or(0) + 1)).max(1) as u64)
+}

@@ -1,0 +1,148 @@
+//! Opening, checking and migrating the database file.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+
+use super::StoreError;
+
+/// `PRAGMA application_id`: "DLSD".
+pub const APPLICATION_ID: i64 = 0x444c_5344;
+
+/// Migrations, applied in order; `user_version` counts how many have run.
+/// Never edit one that has shipped: append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: initial schema.
+    "CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+     );
+     CREATE TABLE sessions (
+        id                   INTEGER PRIMARY KEY,
+        identifier           TEXT NOT NULL UNIQUE,
+        app_id               TEXT,
+        launch_kind          TEXT,
+        launch_value         TEXT,
+        http_headers         TEXT NOT NULL,
+        timeout_request_ms   INTEGER NOT NULL,
+        timeout_resource_ms  INTEGER NOT NULL,
+        max_conn_per_host    INTEGER NOT NULL,
+        max_concurrent_tasks INTEGER,
+        bandwidth_limit      INTEGER,
+        next_seq             INTEGER NOT NULL,
+        invalidating         INTEGER NOT NULL,
+        invalid              INTEGER NOT NULL,
+        created_at           INTEGER NOT NULL
+     );
+     CREATE TABLE tasks (
+        id                INTEGER PRIMARY KEY,
+        session_id        INTEGER NOT NULL REFERENCES sessions(id),
+        url               TEXT NOT NULL,
+        headers           TEXT NOT NULL,
+        description       TEXT,
+        priority          REAL NOT NULL,
+        earliest_begin    INTEGER,
+        expected_sha256   BLOB,
+        destination       TEXT,
+        overwrite         INTEGER NOT NULL,
+        expected_size     INTEGER,
+        created_at        INTEGER NOT NULL,
+        state             TEXT NOT NULL,
+        phase             TEXT NOT NULL,
+        committed_offset  INTEGER NOT NULL,
+        bytes_expected    INTEGER,
+        etag              TEXT,
+        last_modified     TEXT,
+        final_url         TEXT,
+        response_status   INTEGER,
+        response_headers  TEXT NOT NULL,
+        attempts          INTEGER NOT NULL,
+        last_error_code   TEXT,
+        last_error_msg    TEXT,
+        last_error_http   INTEGER,
+        retry_at          INTEGER,
+        started_at        INTEGER,
+        finished_at       INTEGER,
+        resource_deadline INTEGER,
+        location          TEXT,
+        error_code        TEXT,
+        error_msg         TEXT,
+        error_http        INTEGER,
+        resume_secret     INTEGER,
+        retired           INTEGER NOT NULL
+     );
+     CREATE INDEX tasks_by_session ON tasks(session_id);
+     CREATE INDEX tasks_live ON tasks(retired, id);
+     CREATE TABLE events (
+        session_id     INTEGER NOT NULL REFERENCES sessions(id),
+        seq            INTEGER NOT NULL,
+        kind           TEXT NOT NULL,
+        task_id        INTEGER,
+        byte_offset    INTEGER,
+        expected_total INTEGER,
+        location       TEXT,
+        error_code     TEXT,
+        error_msg      TEXT,
+        error_http     INTEGER,
+        created_at     INTEGER NOT NULL,
+        PRIMARY KEY (session_id, seq)
+     ) WITHOUT ROWID;",
+];
+
+pub const LATEST_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Opens the database, refusing files that are corrupt, foreign or from a newer schema,
+/// and applies pending migrations.
+pub fn open(path: &Path) -> Result<Connection, StoreError> {
+    let open_err = |source| StoreError::Open { path: path.to_path_buf(), source };
+    let corrupt = |detail: String| StoreError::Corrupt { path: path.to_path_buf(), detail };
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE)
+        .map_err(open_err)?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(open_err)?;
+
+    // The first read is where SQLite notices a file that is not a database at all.
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| match e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::NotADatabase => {
+            corrupt("the file is not an SQLite database".into())
+        }
+        e => open_err(e),
+    })?;
+    let app_id: i64 = conn.query_row("PRAGMA application_id", [], |r| r.get(0)).map_err(open_err)?;
+    if app_id != 0 && app_id != APPLICATION_ID {
+        return Err(StoreError::Foreign { path: path.to_path_buf(), found: app_id });
+    }
+    if version > LATEST_VERSION {
+        return Err(StoreError::TooNew { path: path.to_path_buf(), found: version, known: LATEST_VERSION });
+    }
+    if version > 0 {
+        let check: String =
+            conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(|e| corrupt(e.to_string()))?;
+        if check != "ok" {
+            return Err(corrupt(check));
+        }
+    }
+
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)).map_err(open_err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(open_err(rusqlite::Error::InvalidParameterName(format!("journal_mode is {mode}, not wal"))));
+    }
+    // FULL: a commit is on disk before we acknowledge anything that depends on it.
+    conn.pragma_update(None, "synchronous", "FULL").map_err(open_err)?;
+    conn.pragma_update(None, "foreign_keys", true).map_err(open_err)?;
+    migrate(conn, version, path)
+}
+
+fn migrate(mut conn: Connection, from: i64, path: &Path) -> Result<Connection, StoreError> {
+    let open_err = |source| StoreError::Open { path: path.to_path_buf(), source };
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(from.max(0) as usize) {
+        let version = index as i64 + 1;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(open_err)?;
+        tx.execute_batch(sql).map_err(open_err)?;
+        tx.pragma_update(None, "user_version", version).map_err(open_err)?;
+        tx.pragma_update(None, "application_id", APPLICATION_ID).map_err(open_err)?;
+        tx.commit().map_err(open_err)?;
+        tracing::info!(version, "database migrated");
+    }
+    Ok(conn)
+}

@@ -1,0 +1,307 @@
+//! Validation of everything a client asks for (SPEC §9). Each refusal carries its
+//! SPEC §10 code and a message a developer can act on.
+
+use std::path::Path;
+
+use dlsession_proto::{ErrorCode, ErrorInfo, Header, LaunchSpec, SessionConfig, TaskSpec};
+use url::Url;
+
+use crate::config::Limits;
+
+fn err(code: ErrorCode, message: impl Into<String>) -> ErrorInfo {
+    ErrorInfo::new(code, message)
+}
+
+/// Headers the daemon manages itself or that would let a client smuggle framing.
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "expect",
+    "range",
+    "if-range",
+];
+
+const MAX_HEADER_VALUE: usize = 8192;
+const MAX_DESCRIPTION: usize = 4096;
+
+/// Parses and checks a download URL; returns the parsed form.
+pub fn url(raw: &str, limits: &Limits) -> Result<Url, ErrorInfo> {
+    if raw.len() > limits.max_url_len {
+        return Err(err(
+            ErrorCode::InvalidUrl,
+            format!("URL is {} bytes long; the limit is {}", raw.len(), limits.max_url_len),
+        ));
+    }
+    let scheme = raw.split_once(':').map(|(s, _)| s.to_ascii_lowercase());
+    let parsed = Url::parse(raw);
+    let scheme = parsed.as_ref().map(|u| u.scheme().to_owned()).ok().or(scheme);
+    if let Some(s) = &scheme
+        && s != "http"
+        && s != "https"
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    {
+        return Err(err(
+            ErrorCode::UnsupportedScheme,
+            format!("only http and https URLs can be downloaded (got {s:?})"),
+        ));
+    }
+    let url = parsed.map_err(|e| err(ErrorCode::InvalidUrl, format!("invalid URL {:?}: {e}", redact(raw))))?;
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(err(ErrorCode::InvalidUrl, format!("URL {:?} has no host", redact(raw))));
+    }
+    Ok(url)
+}
+
+/// A URL for messages: credentials removed even if it does not parse.
+fn redact(raw: &str) -> String {
+    if let Ok(u) = Url::parse(raw) {
+        return crate::engine::redact_url(&u);
+    }
+    let Some((scheme, rest)) = raw.split_once("://") else { return raw.to_owned() };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest.split_at_checked(authority_end) {
+        Some((authority, path)) => match authority.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://{host}{path}"),
+            None => raw.to_owned(),
+        },
+        None => raw.to_owned(),
+    }
+}
+
+pub fn headers(headers: &[Header], limits: &Limits) -> Result<(), ErrorInfo> {
+    if headers.len() > limits.max_headers_per_task as usize {
+        return Err(err(
+            ErrorCode::InvalidRequest,
+            format!("{} headers given; the limit is {}", headers.len(), limits.max_headers_per_task),
+        ));
+    }
+    for h in headers {
+        header(h)?;
+    }
+    Ok(())
+}
+
+fn header(h: &Header) -> Result<(), ErrorInfo> {
+    let is_tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if h.name.is_empty() || h.name.len() > 256 || !h.name.chars().all(is_tchar) {
+        return Err(err(ErrorCode::InvalidRequest, format!("invalid header name {:?}", h.name)));
+    }
+    if RESERVED_HEADERS.iter().any(|r| h.name.eq_ignore_ascii_case(r)) {
+        return Err(err(
+            ErrorCode::InvalidRequest,
+            format!("header {:?} is managed by dlsessiond and cannot be set", h.name),
+        ));
+    }
+    if h.value.len() > MAX_HEADER_VALUE {
+        return Err(err(
+            ErrorCode::InvalidRequest,
+            format!("header {:?} value exceeds {MAX_HEADER_VALUE} bytes", h.name),
+        ));
+    }
+    if let Some(c) = h.value.chars().find(|&c| c.is_control() && c != '\t') {
+        // The value itself is never echoed: it may be a credential.
+        return Err(err(
+            ErrorCode::InvalidRequest,
+            format!("header {:?} value contains the control character {:?} (CR, LF and NUL are refused)", h.name, c),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks one task; `cache_dir` is where our own files live (never a destination).
+pub fn task(spec: &TaskSpec, limits: &Limits, cache_dir: &Path) -> Result<Url, ErrorInfo> {
+    let parsed = url(&spec.url, limits)?;
+    headers(&spec.headers, limits)?;
+    if !spec.priority.is_finite() || !(0.0..=1.0).contains(&spec.priority) {
+        return Err(err(
+            ErrorCode::InvalidRequest,
+            format!("priority must be between 0.0 and 1.0, got {}", spec.priority),
+        ));
+    }
+    if spec.description.as_ref().is_some_and(|d| d.len() > MAX_DESCRIPTION) {
+        return Err(err(ErrorCode::InvalidRequest, format!("description exceeds {MAX_DESCRIPTION} bytes")));
+    }
+    if let Some(dest) = &spec.destination {
+        destination(dest, spec.overwrite, cache_dir)?;
+    }
+    Ok(parsed)
+}
+
+fn destination(dest: &str, overwrite: bool, cache_dir: &Path) -> Result<(), ErrorInfo> {
+    let path = Path::new(dest);
+    if !path.is_absolute() {
+        return Err(err(ErrorCode::InvalidRequest, format!("destination must be an absolute path, got {dest:?}")));
+    }
+    if dest.contains('\0') || path.file_name().is_none() {
+        return Err(err(ErrorCode::InvalidRequest, format!("destination {dest:?} does not name a file")));
+    }
+    if path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        return Err(err(ErrorCode::InvalidRequest, format!("destination {dest:?} must not contain '..'")));
+    }
+    if path.starts_with(cache_dir) {
+        return Err(err(
+            ErrorCode::InvalidRequest,
+            format!(
+                "destination {dest:?} is inside dlsessiond's cache directory; leave the destination unset to keep the file there"
+            ),
+        ));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => {
+            Err(err(ErrorCode::FileError, format!("destination {dest:?} is a directory; give a file path")))
+        }
+        Ok(_) if !overwrite => {
+            Err(err(ErrorCode::FileError, format!("destination {dest:?} already exists (set overwrite to replace it)")))
+        }
+        _ => Ok(()),
+    }
+}
+
+pub fn session_config(c: &SessionConfig, limits: &Limits) -> Result<(), ErrorInfo> {
+    let bad = |m: String| Err(err(ErrorCode::InvalidRequest, m));
+    if let Some(app_id) = &c.app_id
+        && (app_id.is_empty() || app_id.len() > 255 || app_id.chars().any(char::is_control))
+    {
+        return bad(format!("invalid app_id {app_id:?}: 1-255 bytes without control characters"));
+    }
+    match &c.launch {
+        None => {}
+        Some(LaunchSpec::Command { argv }) => {
+            let Some(program) = argv.first() else { return bad("launch command is empty".into()) };
+            if program.is_empty() {
+                return bad("launch command has an empty program name".into());
+            }
+            if argv.len() > 256 || argv.iter().map(String::len).sum::<usize>() > 65536 {
+                return bad("launch command is too long (256 arguments, 64 KiB at most)".into());
+            }
+            if argv.iter().any(|a| a.contains('\0')) {
+                return bad("launch command arguments must not contain NUL".into());
+            }
+        }
+        Some(LaunchSpec::SystemdUnit { unit }) => {
+            let ok = |ch: char| ch.is_ascii_alphanumeric() || ":_.@-\\".contains(ch);
+            if unit.is_empty() || unit.len() > 255 || !unit.chars().all(ok) || !unit.contains('.') {
+                return bad(format!("invalid systemd unit name {unit:?}"));
+            }
+        }
+    }
+    headers(&c.http_headers, limits)?;
+    if c.timeout_for_request_ms < 100 {
+        return bad("timeout_for_request must be at least 100 ms".into());
+    }
+    if c.timeout_for_resource_ms < 1000 {
+        return bad("timeout_for_resource must be at least 1 s".into());
+    }
+    if !(1..=256).contains(&c.max_connections_per_host) {
+        return bad(format!("max_connections_per_host must be 1-256, got {}", c.max_connections_per_host));
+    }
+    if c.max_concurrent_tasks == Some(0) {
+        return bad("max_concurrent_tasks must be at least 1 (or unset)".into());
+    }
+    if c.bandwidth_limit.is_some_and(|b| b < 1024) {
+        return bad("bandwidth_limit must be at least 1024 bytes per second (or unset)".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_concurrent_downloads: 4,
+            max_connections: 8,
+            max_tasks_per_batch: 10,
+            max_headers_per_task: 4,
+            max_url_len: 100,
+            max_redirects: 10,
+        }
+    }
+
+    #[test]
+    fn urls() {
+        let l = limits();
+        assert!(url("http://127.0.0.1:8080/a", &l).is_ok());
+        assert!(url("https://example.org/a?b=c", &l).is_ok());
+        for (raw, code) in [
+            ("file:///etc/passwd", ErrorCode::UnsupportedScheme),
+            ("ftp://example.org/x", ErrorCode::UnsupportedScheme),
+            ("data:text/plain,hi", ErrorCode::UnsupportedScheme),
+            ("FILE:///etc/passwd", ErrorCode::UnsupportedScheme),
+            ("not a url", ErrorCode::InvalidUrl),
+            ("http://", ErrorCode::InvalidUrl),
+            ("", ErrorCode::InvalidUrl),
+        ] {
+            assert_eq!(url(raw, &l).unwrap_err().code, code, "{raw}");
+        }
+        let long = format!("http://example.org/{}", "a".repeat(200));
+        assert_eq!(url(&long, &l).unwrap_err().code, ErrorCode::InvalidUrl);
+        let msg = url("http://user:hunter2@[bad/x", &l).unwrap_err().message;
+        assert!(!msg.contains("hunter2"), "{msg}");
+        let msg = url("file:///x", &l).unwrap_err().message;
+        assert!(msg.contains("only http and https URLs can be downloaded (got \"file\")"), "{msg}");
+    }
+
+    #[test]
+    fn header_injection_is_refused() {
+        let l = limits();
+        assert!(headers(&[Header::new("X-Ok", "fine\tvalue")], &l).is_ok());
+        for h in [
+            Header::new("X-Evil", "a\r\nInjected: yes"),
+            Header::new("X-Evil", "a\nb"),
+            Header::new("X-Nul", "a\0b"),
+            Header::new("Bad Name", "v"),
+            Header::new("", "v"),
+            Header::new("Host", "evil.example"),
+            Header::new("Transfer-Encoding", "chunked"),
+            Header::new("connection", "close"),
+            Header::new("Range", "bytes=0-"),
+        ] {
+            assert_eq!(headers(std::slice::from_ref(&h), &l).unwrap_err().code, ErrorCode::InvalidRequest, "{h:?}");
+        }
+        let secret = Header::new("Authorization", "Bearer s3cret\r\n");
+        let msg = headers(&[secret], &l).unwrap_err().message;
+        assert!(!msg.contains("s3cret"), "the value is never echoed: {msg}");
+        let many: Vec<Header> = (0..5).map(|i| Header::new(format!("X-{i}"), "v")).collect();
+        assert!(headers(&many, &l).is_err());
+    }
+
+    #[test]
+    fn destinations() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let existing = dir.path().join("exists");
+        std::fs::write(&existing, b"x").unwrap();
+        let ok = dir.path().join("new");
+        assert!(destination(ok.to_str().unwrap(), false, &cache).is_ok());
+        assert_eq!(destination("relative/path", false, &cache).unwrap_err().code, ErrorCode::InvalidRequest);
+        assert_eq!(destination(existing.to_str().unwrap(), false, &cache).unwrap_err().code, ErrorCode::FileError);
+        assert!(destination(existing.to_str().unwrap(), true, &cache).is_ok());
+        assert_eq!(destination(dir.path().to_str().unwrap(), true, &cache).unwrap_err().code, ErrorCode::FileError);
+        let inside = cache.join("downloads/s1/1.part");
+        assert_eq!(destination(inside.to_str().unwrap(), true, &cache).unwrap_err().code, ErrorCode::InvalidRequest);
+        assert_eq!(destination("/tmp/../etc/passwd", true, &cache).unwrap_err().code, ErrorCode::InvalidRequest);
+    }
+
+    #[test]
+    fn configs() {
+        let l = limits();
+        assert!(session_config(&SessionConfig::default(), &l).is_ok());
+        let mut c = SessionConfig { launch: Some(LaunchSpec::Command { argv: vec![] }), ..SessionConfig::default() };
+        assert!(session_config(&c, &l).is_err());
+        c.launch = Some(LaunchSpec::SystemdUnit { unit: "app@.service".into() });
+        assert!(session_config(&c, &l).is_ok());
+        c.launch = Some(LaunchSpec::SystemdUnit { unit: "app;rm -rf".into() });
+        assert!(session_config(&c, &l).is_err());
+        let c = SessionConfig { max_connections_per_host: 0, ..SessionConfig::default() };
+        assert!(session_config(&c, &l).is_err());
+    }
+}

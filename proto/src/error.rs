@@ -1,0 +1,146 @@
+//! Stable error codes (SPEC §10) and the errors of the wire layer itself.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A stable, snake_case error code shared by the API, events and the CLI.
+///
+/// Encoded on the wire by position: only ever append new codes at the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorCode {
+    InvalidUrl,
+    UnsupportedScheme,
+    InvalidIdentifier,
+    InvalidRequest,
+    SessionInUse,
+    NoSuchSession,
+    NoSuchTask,
+    SessionInvalidated,
+    HttpStatus,
+    Network,
+    Tls,
+    TimedOut,
+    TooManyRedirects,
+    CannotResume,
+    ChecksumMismatch,
+    InsufficientSpace,
+    FileError,
+    Cancelled,
+    ProtocolVersion,
+    PermissionDenied,
+    Internal,
+}
+
+impl ErrorCode {
+    /// Every code, in wire order.
+    pub const ALL: [ErrorCode; 21] = [
+        ErrorCode::InvalidUrl,
+        ErrorCode::UnsupportedScheme,
+        ErrorCode::InvalidIdentifier,
+        ErrorCode::InvalidRequest,
+        ErrorCode::SessionInUse,
+        ErrorCode::NoSuchSession,
+        ErrorCode::NoSuchTask,
+        ErrorCode::SessionInvalidated,
+        ErrorCode::HttpStatus,
+        ErrorCode::Network,
+        ErrorCode::Tls,
+        ErrorCode::TimedOut,
+        ErrorCode::TooManyRedirects,
+        ErrorCode::CannotResume,
+        ErrorCode::ChecksumMismatch,
+        ErrorCode::InsufficientSpace,
+        ErrorCode::FileError,
+        ErrorCode::Cancelled,
+        ErrorCode::ProtocolVersion,
+        ErrorCode::PermissionDenied,
+        ErrorCode::Internal,
+    ];
+
+    /// The stable snake_case name, as used in JSON output and CLI messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidUrl => "invalid_url",
+            ErrorCode::UnsupportedScheme => "unsupported_scheme",
+            ErrorCode::InvalidIdentifier => "invalid_identifier",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::SessionInUse => "session_in_use",
+            ErrorCode::NoSuchSession => "no_such_session",
+            ErrorCode::NoSuchTask => "no_such_task",
+            ErrorCode::SessionInvalidated => "session_invalidated",
+            ErrorCode::HttpStatus => "http_status",
+            ErrorCode::Network => "network",
+            ErrorCode::Tls => "tls",
+            ErrorCode::TimedOut => "timed_out",
+            ErrorCode::TooManyRedirects => "too_many_redirects",
+            ErrorCode::CannotResume => "cannot_resume",
+            ErrorCode::ChecksumMismatch => "checksum_mismatch",
+            ErrorCode::InsufficientSpace => "insufficient_space",
+            ErrorCode::FileError => "file_error",
+            ErrorCode::Cancelled => "cancelled",
+            ErrorCode::ProtocolVersion => "protocol_version",
+            ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// Parses a snake_case name back into a code.
+    pub fn from_name(name: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error as it travels on the wire: a code, a human message, and the HTTP status
+/// where the code is [`ErrorCode::HttpStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    pub code: ErrorCode,
+    pub message: String,
+    pub http_status: Option<u16>,
+}
+
+impl ErrorInfo {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ErrorInfo {
+        ErrorInfo { code, message: message.into(), http_status: None }
+    }
+
+    pub fn http(status: u16, message: impl Into<String>) -> ErrorInfo {
+        ErrorInfo { code: ErrorCode::HttpStatus, message: message.into(), http_status: Some(status) }
+    }
+}
+
+impl fmt::Display for ErrorInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for ErrorInfo {}
+
+/// What can go wrong while framing, encoding or decoding.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    FrameTooLarge { len: usize, max: usize },
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    #[error("malformed message: {0}")]
+    Decode(String),
+    #[error("message could not be encoded: {0}")]
+    Encode(String),
+    #[error("{trailing} unexpected bytes after the message")]
+    TrailingBytes { trailing: usize },
+    #[error("peer is not a dlsessiond endpoint (bad magic)")]
+    BadMagic,
+    #[error("protocol version mismatch: we speak {ours}, the peer speaks {theirs}")]
+    VersionMismatch { ours: u16, theirs: u16 },
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}

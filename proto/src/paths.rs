@@ -1,0 +1,58 @@
+//! Where the daemon and its clients meet (SPEC §2).
+//!
+//! Resolved from the environment when called, so a test isolates itself by pointing
+//! `HOME` and every `XDG_*` variable at a temporary directory.
+
+use std::path::PathBuf;
+
+/// Overrides the socket path for the daemon and every client.
+pub const SOCKET_ENV: &str = "DLSESSIOND_SOCKET";
+/// Set by the daemon in the environment of an app it relaunches.
+pub const RELAUNCH_SOCKET_ENV: &str = "DLSESSION_SOCKET";
+pub const RELAUNCH_IDENTIFIER_ENV: &str = "DLSESSION_IDENTIFIER";
+pub const RELAUNCH_REASON_ENV: &str = "DLSESSION_WAKE_REASON";
+
+const APP: &str = "dlsessiond";
+const SOCKET_NAME: &str = "dlsessiond.sock";
+
+/// The default directories of a daemon, from the XDG environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DefaultPaths {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    pub config_file: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot determine the home directory: set HOME or the XDG_* variables")]
+pub struct NoHomeDir;
+
+/// The XDG default paths, ignoring `DLSESSIOND_SOCKET`.
+pub fn defaults() -> Result<DefaultPaths, NoHomeDir> {
+    let dirs = directories::ProjectDirs::from("", "", APP).ok_or(NoHomeDir)?;
+    let state_dir = dirs.state_dir().map(|p| p.to_path_buf()).unwrap_or_else(|| dirs.data_local_dir().to_path_buf());
+    let runtime = match dirs.runtime_dir() {
+        Some(dir) => dir.to_path_buf(),
+        // No XDG_RUNTIME_DIR (e.g. a root shell without logind): a private directory in
+        // /tmp named after the uid; the daemon insists it is ours and 0700.
+        None => std::env::temp_dir().join(format!("{APP}-{}", rustix::process::getuid().as_raw())),
+    };
+    Ok(DefaultPaths {
+        socket: runtime.join(SOCKET_NAME),
+        state_dir,
+        cache_dir: dirs.cache_dir().to_path_buf(),
+        config_file: dirs.config_dir().join("config.toml"),
+    })
+}
+
+/// The socket a client should connect to: `DLSESSION_SOCKET` (set for relaunched apps),
+/// else `DLSESSIOND_SOCKET`, else the XDG default.
+pub fn client_socket() -> Result<PathBuf, NoHomeDir> {
+    for var in [RELAUNCH_SOCKET_ENV, SOCKET_ENV] {
+        if let Some(path) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+            return Ok(PathBuf::from(path));
+        }
+    }
+    Ok(defaults()?.socket)
+}

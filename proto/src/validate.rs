@@ -1,0 +1,81 @@
+//! Validation rules both sides apply to values they exchange.
+
+use crate::{ErrorCode, ErrorInfo};
+
+/// Longest session identifier, in bytes.
+pub const MAX_IDENTIFIER_LEN: usize = 255;
+
+/// Checks a session identifier: 1–255 bytes of UTF-8 without control characters.
+pub fn identifier(id: &str) -> Result<(), ErrorInfo> {
+    if id.is_empty() {
+        return Err(ErrorInfo::new(ErrorCode::InvalidIdentifier, "session identifier is empty"));
+    }
+    if id.len() > MAX_IDENTIFIER_LEN {
+        return Err(ErrorInfo::new(
+            ErrorCode::InvalidIdentifier,
+            format!("session identifier is {} bytes long; the limit is {MAX_IDENTIFIER_LEN}", id.len()),
+        ));
+    }
+    if let Some(c) = id.chars().find(|c| c.is_control()) {
+        return Err(ErrorInfo::new(
+            ErrorCode::InvalidIdentifier,
+            format!("session identifier contains the control character {:?}", c),
+        ));
+    }
+    Ok(())
+}
+
+/// Parses a SHA-256 digest written as 64 hexadecimal digits.
+pub fn parse_sha256_hex(hex: &str) -> Result<[u8; 32], ErrorInfo> {
+    let bad = || {
+        ErrorInfo::new(ErrorCode::InvalidRequest, format!("expected a SHA-256 digest as 64 hex digits, got {hex:?}"))
+    };
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (slot, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        let [hi, lo] = pair else { return Err(bad()) };
+        let digit = |b: u8| (b as char).to_digit(16).ok_or_else(bad);
+        *slot = u8::try_from(digit(*hi)? * 16 + digit(*lo)?).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+/// Formats bytes as lowercase hexadecimal.
+pub fn to_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers() {
+        assert!(identifier("org.example.photos.background").is_ok());
+        assert!(identifier("ünïcødé session").is_ok());
+        assert_eq!(identifier("").unwrap_err().code, ErrorCode::InvalidIdentifier);
+        assert_eq!(identifier("a\nb").unwrap_err().code, ErrorCode::InvalidIdentifier);
+        assert_eq!(identifier("a\u{7f}").unwrap_err().code, ErrorCode::InvalidIdentifier);
+        assert!(identifier(&"x".repeat(255)).is_ok());
+        assert_eq!(identifier(&"x".repeat(256)).unwrap_err().code, ErrorCode::InvalidIdentifier);
+    }
+
+    #[test]
+    fn sha256_hex_round_trip() {
+        let hex = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let bytes = parse_sha256_hex(hex).unwrap();
+        assert_eq!(to_hex(&bytes), hex);
+        assert_eq!(parse_sha256_hex(&hex.to_uppercase()).unwrap(), bytes);
+        assert!(parse_sha256_hex("abc").is_err());
+        assert!(parse_sha256_hex(&"g".repeat(64)).is_err());
+        assert!(parse_sha256_hex(&"é".repeat(32)).is_err());
+    }
+}

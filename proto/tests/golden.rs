@@ -1,0 +1,291 @@
+//! Golden bytes: the encoding of one sample of every message variant is frozen in
+//! `tests/golden/*.hex`. A failure here means the wire format changed: either undo the
+//! change, or bump `PROTOCOL_VERSION` and re-bless with `DLSESSION_BLESS=1`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::path::PathBuf;
+
+use dlsession_proto::handshake::{HandshakeStatus, Preamble};
+use dlsession_proto::*;
+
+fn sample_error() -> ErrorInfo {
+    ErrorInfo::http(404, "server answered 404 Not Found")
+}
+
+fn sample_task_info() -> TaskInfo {
+    TaskInfo {
+        id: 42,
+        session: "org.example.fetcher".into(),
+        state: TaskState::Waiting,
+        url: "https://example.org/a.bin".into(),
+        description: Some("first".into()),
+        priority: 0.75,
+        bytes_received: 1 << 20,
+        bytes_expected: Some(3 << 20),
+        speed: 1000,
+        location: None,
+        error: None,
+        created_at: 1_700_000_000_000,
+        wait: Some(WaitReason::Backoff {
+            until: 1_700_000_005_000,
+            attempt: 2,
+            last_error: ErrorInfo::new(ErrorCode::Network, "connection reset"),
+        }),
+    }
+}
+
+fn sample_config() -> SessionConfig {
+    SessionConfig {
+        app_id: Some("org.example.fetcher".into()),
+        launch: Some(LaunchSpec::Command { argv: vec!["/usr/bin/fetcher".into(), "--background".into()] }),
+        http_headers: vec![Header::new("User-Agent", "fetcher/1.0")],
+        max_concurrent_tasks: Some(4),
+        bandwidth_limit: Some(1_000_000),
+        ..SessionConfig::default()
+    }
+}
+
+fn sample_session() -> SessionInfo {
+    SessionInfo {
+        identifier: "org.example.fetcher".into(),
+        config: sample_config(),
+        attached: true,
+        tasks: TaskCounts { suspended: 1, queued: 2, running: 3, waiting: 4, completed: 5 },
+        pending_events: 6,
+        wake: WakeStatus { attempts: 1, last_wake: Some(10), next_wake: Some(20), last_error: None },
+        invalidating: false,
+        created_at: 1_700_000_000_000,
+    }
+}
+
+fn requests() -> Vec<(&'static str, Request)> {
+    let mut spec = TaskSpec::get("https://example.org/a.bin");
+    spec.headers.push(Header::new("Authorization", "Bearer x"));
+    spec.expected_sha256 = Some([7; 32]);
+    spec.destination = Some("/home/u/a.bin".into());
+    spec.earliest_begin = Some(5);
+    spec.expected_size = Some(9);
+    vec![
+        ("req_status", Request::Status),
+        (
+            "req_attach",
+            Request::Attach { identifier: "org.example.fetcher".into(), config: sample_config(), takeover: true },
+        ),
+        ("req_detach", Request::Detach { identifier: "s".into() }),
+        ("req_open_session", Request::OpenSession { identifier: "s".into(), config: Some(SessionConfig::default()) }),
+        ("req_get_session", Request::GetSession { identifier: "s".into() }),
+        ("req_list_sessions", Request::ListSessions),
+        ("req_create_tasks", Request::CreateTasks { identifier: "s".into(), tasks: vec![spec], resume: true }),
+        (
+            "req_create_from_resume",
+            Request::CreateTaskFromResumeData { identifier: "s".into(), resume_data: vec![1, 2, 3], resume: false },
+        ),
+        ("req_control", Request::ControlTask { task: 7, action: TaskAction::CancelProducingResumeData }),
+        ("req_get_task", Request::GetTask { task: 7 }),
+        (
+            "req_list_tasks",
+            Request::ListTasks(TaskQuery {
+                session: Some("s".into()),
+                states: vec![TaskState::Running],
+                after: Some(3),
+                limit: 100,
+            }),
+        ),
+        ("req_ack", Request::AckEvents { identifier: "s".into(), seqs: vec![1, 2, 300] }),
+        ("req_finish_invalidate", Request::FinishTasksAndInvalidate { identifier: "s".into() }),
+        ("req_invalidate_cancel", Request::InvalidateAndCancel { identifier: "s".into() }),
+        ("req_wake", Request::Wake { identifier: "s".into() }),
+        ("req_watch", Request::Watch(WatchFilter { session: None, tasks: vec![1, 2] })),
+        ("req_unwatch", Request::Unwatch),
+    ]
+}
+
+fn server_messages() -> Vec<(&'static str, ServerMessage)> {
+    let resp = |r: Response| ServerMessage::Response { id: 9, result: Ok(r) };
+    let detail = TaskDetail {
+        info: sample_task_info(),
+        request_headers: vec![Header::new("Accept", "*/*")],
+        expected_sha256: None,
+        destination: None,
+        partial_path: Some("/cache/1.part".into()),
+        final_url: Some("https://cdn.example.org/a.bin".into()),
+        response_status: Some(206),
+        response_headers: vec![Header::new("ETag", "\"abc\"")],
+        etag: Some("\"abc\"".into()),
+        last_modified: None,
+        committed_offset: 1 << 20,
+        resumable: true,
+        attempts: 2,
+        last_error: Some(sample_error()),
+        started_at: Some(1),
+        finished_at: None,
+        resource_deadline: Some(2),
+        retired: false,
+    };
+    let status = DaemonStatus {
+        daemon_version: "0.1.0".into(),
+        protocol_version: 1,
+        pid: 1234,
+        started_at: 1,
+        uptime_ms: 2,
+        socket: "/run/user/1000/dlsessiond/dlsessiond.sock".into(),
+        state_dir: "/s".into(),
+        cache_dir: "/c".into(),
+        database: "/s/dlsessiond.db".into(),
+        tasks: TaskCounts::default(),
+        sessions: 3,
+        connections: 4,
+        download_rate: 5,
+        bytes_downloaded: 6,
+        max_concurrent_downloads: 16,
+    };
+    vec![
+        ("resp_ok", resp(Response::Ok)),
+        ("resp_err", ServerMessage::Response { id: 10, result: Err(sample_error()) }),
+        ("resp_status", resp(Response::Status(status))),
+        ("resp_session", resp(Response::Session(sample_session()))),
+        ("resp_sessions", resp(Response::Sessions(vec![sample_session()]))),
+        ("resp_tasks_created", resp(Response::TasksCreated(vec![1, 2, 3]))),
+        ("resp_resume_data", resp(Response::ResumeData(vec![0xde, 0xad]))),
+        ("resp_task", resp(Response::Task(detail))),
+        ("resp_tasks", resp(Response::Tasks(TaskPage { tasks: vec![sample_task_info()], next_after: Some(42) }))),
+        ("resp_wake", resp(Response::Wake(WakeOutcome::Launched { pid: 77 }))),
+        (
+            "ev_resumed",
+            ServerMessage::Event(Event::Durable {
+                identifier: "s".into(),
+                seq: 1,
+                event: DurableEvent::ResumedAtOffset { task: 4, offset: 100, expected_total: Some(200) },
+            }),
+        ),
+        (
+            "ev_finished",
+            ServerMessage::Event(Event::Durable {
+                identifier: "s".into(),
+                seq: 2,
+                event: DurableEvent::FinishedDownloading { task: 4, location: "/c/4.download".into() },
+            }),
+        ),
+        (
+            "ev_completed",
+            ServerMessage::Event(Event::Durable {
+                identifier: "s".into(),
+                seq: 3,
+                event: DurableEvent::Completed { task: 4, error: Some(sample_error()) },
+            }),
+        ),
+        (
+            "ev_invalid",
+            ServerMessage::Event(Event::Durable {
+                identifier: "s".into(),
+                seq: 4,
+                event: DurableEvent::DidBecomeInvalid { error: None },
+            }),
+        ),
+        (
+            "ev_progress",
+            ServerMessage::Event(Event::Progress {
+                identifier: "s".into(),
+                task: 4,
+                bytes_written: 10,
+                total_bytes_written: 20,
+                total_bytes_expected: None,
+            }),
+        ),
+        ("ev_finished_events", ServerMessage::Event(Event::FinishedEvents { identifier: "s".into() })),
+        (
+            "ev_detached",
+            ServerMessage::Event(Event::Detached { identifier: "s".into(), reason: DetachReason::TakenOver }),
+        ),
+        ("ev_wake", ServerMessage::Event(Event::Wake { identifier: "s".into(), reason: WakeReason::FinishedEvents })),
+        ("ev_task_update", ServerMessage::Event(Event::TaskUpdate(sample_task_info()))),
+    ]
+}
+
+fn golden_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+}
+
+fn check(name: &str, bytes: &[u8]) {
+    let path = golden_dir().join(format!("{name}.hex"));
+    let hex = validate::to_hex(bytes);
+    if std::env::var_os("DLSESSION_BLESS").is_some() {
+        std::fs::write(&path, format!("{hex}\n")).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (bless with DLSESSION_BLESS=1)", path.display()));
+    assert_eq!(hex, want.trim(), "wire encoding of {name} changed");
+}
+
+#[test]
+fn handshake_is_frozen() {
+    let hello = ClientHello {
+        client_name: "dlsessionctl".into(),
+        client_version: "0.1.0".into(),
+        app_id: Some("org.example.fetcher".into()),
+    };
+    check("hello", &frame::encode_frame(&hello).unwrap());
+    let welcome = Welcome { daemon_version: "0.1.0".into(), pid: 4242, connection_id: 7 };
+    check("welcome", &frame::encode_frame(&welcome).unwrap());
+    assert_eq!(&Preamble::ours(HandshakeStatus::Ok).to_bytes(), b"DLSD\x00\x01\x00\x00");
+    assert_eq!(&Preamble { version: 9, status: HandshakeStatus::VersionMismatch }.to_bytes(), b"DLSD\x00\x09\x00\x01");
+}
+
+#[test]
+fn requests_are_frozen_and_round_trip() {
+    for (name, request) in requests() {
+        let frame = RequestFrame { id: 0x1234, request };
+        let bytes = frame::encode_frame(&frame).unwrap();
+        check(name, &bytes);
+        let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
+        assert_eq!(back, vec![frame], "{name} does not round-trip");
+    }
+}
+
+#[test]
+fn server_messages_are_frozen_and_round_trip() {
+    for (name, msg) in server_messages() {
+        let bytes = frame::encode_frame(&msg).unwrap();
+        check(name, &bytes);
+        let back: Vec<ServerMessage> = frame::decode_frames(&bytes).unwrap();
+        assert_eq!(back, vec![msg], "{name} does not round-trip");
+    }
+}
+
+#[test]
+fn error_codes_are_stable() {
+    let names: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "invalid_url",
+            "unsupported_scheme",
+            "invalid_identifier",
+            "invalid_request",
+            "session_in_use",
+            "no_such_session",
+            "no_such_task",
+            "session_invalidated",
+            "http_status",
+            "network",
+            "tls",
+            "timed_out",
+            "too_many_redirects",
+            "cannot_resume",
+            "checksum_mismatch",
+            "insufficient_space",
+            "file_error",
+            "cancelled",
+            "protocol_version",
+            "permission_denied",
+            "internal",
+        ]
+    );
+    for (i, code) in ErrorCode::ALL.iter().enumerate() {
+        // The wire carries the position; it must match the list order.
+        assert_eq!(codec::encode(code).unwrap(), vec![i as u8]);
+        assert_eq!(ErrorCode::from_name(code.as_str()), Some(*code));
+    }
+}

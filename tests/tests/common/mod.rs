@@ -1,0 +1,125 @@
+//! Shared pieces of the end-to-end tests.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use dlsession::{DetachReason, DownloadTask, Session, SessionDelegate, TaskError, TaskId};
+use tokio::sync::mpsc;
+
+/// What a delegate saw, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Seen {
+    Progress { task: TaskId, total: u64 },
+    Resumed { task: TaskId, offset: u64 },
+    Finished { task: TaskId, moved_to: PathBuf },
+    Completed { task: TaskId, error: Option<TaskError> },
+    FinishedEvents,
+    Invalid,
+    Detached(DetachReason),
+}
+
+/// A delegate that moves finished files into `dir/<task id>` and reports everything.
+pub struct Recorder {
+    dir: PathBuf,
+    tx: mpsc::UnboundedSender<Seen>,
+}
+
+impl Recorder {
+    pub fn new(dir: &Path) -> (Recorder, Events) {
+        std::fs::create_dir_all(dir).unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Recorder { dir: dir.to_path_buf(), tx }, Events { rx, seen: Vec::new() })
+    }
+}
+
+impl SessionDelegate for Recorder {
+    fn did_write_data(&self, _: &Session, task: &DownloadTask, _: u64, total: u64, _: Option<u64>) {
+        let _ = self.tx.send(Seen::Progress { task: task.id(), total });
+    }
+    fn did_resume_at_offset(&self, _: &Session, task: &DownloadTask, offset: u64, _: Option<u64>) {
+        let _ = self.tx.send(Seen::Resumed { task: task.id(), offset });
+    }
+    fn did_finish_downloading_to(&self, _: &Session, task: &DownloadTask, location: &Path) {
+        let to = self.dir.join(task.id().to_string());
+        std::fs::rename(location, &to).unwrap_or_else(|e| panic!("move {}: {e}", location.display()));
+        let _ = self.tx.send(Seen::Finished { task: task.id(), moved_to: to });
+    }
+    fn did_complete_with_error(&self, _: &Session, task: &DownloadTask, error: Option<&TaskError>) {
+        let _ = self.tx.send(Seen::Completed { task: task.id(), error: error.cloned() });
+    }
+    fn did_finish_events_for_background_session(&self, _: &Session) {
+        let _ = self.tx.send(Seen::FinishedEvents);
+    }
+    fn did_become_invalid(&self, _: &Session, _: Option<&TaskError>) {
+        let _ = self.tx.send(Seen::Invalid);
+    }
+    fn did_detach(&self, _: &Session, reason: DetachReason) {
+        let _ = self.tx.send(Seen::Detached(reason));
+    }
+}
+
+pub struct Events {
+    rx: mpsc::UnboundedReceiver<Seen>,
+    /// Everything received so far.
+    pub seen: Vec<Seen>,
+}
+
+impl Events {
+    /// Waits for the first event matching `pred` and returns it.
+    pub async fn wait(&mut self, what: &str, timeout: Duration, mut pred: impl FnMut(&Seen) -> bool) -> Seen {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(ev)) => {
+                    self.seen.push(ev.clone());
+                    if pred(&ev) {
+                        return ev;
+                    }
+                }
+                Ok(None) => panic!("delegate gone while waiting for {what}; saw {:?}", self.seen),
+                Err(_) => panic!("timed out waiting for {what}; saw {:?}", self.seen),
+            }
+        }
+    }
+
+    /// Waits for the completion of `task` and returns its error.
+    pub async fn completion(&mut self, task: TaskId, timeout: Duration) -> Option<TaskError> {
+        let seen = self.seen.iter().find_map(|e| match e {
+            Seen::Completed { task: t, error } if *t == task => Some(error.clone()),
+            _ => None,
+        });
+        if let Some(error) = seen {
+            return error;
+        }
+        match self
+            .wait(
+                &format!("completion of task {task}"),
+                timeout,
+                |e| matches!(e, Seen::Completed { task: t, .. } if *t == task),
+            )
+            .await
+        {
+            Seen::Completed { error, .. } => error,
+            _ => unreachable!(),
+        }
+    }
+
+    /// The path the finished file of `task` was moved to (must have been seen already).
+    pub fn moved_to(&self, task: TaskId) -> Option<PathBuf> {
+        self.seen.iter().find_map(|e| match e {
+            Seen::Finished { task: t, moved_to } if *t == task => Some(moved_to.clone()),
+            _ => None,
+        })
+    }
+
+    /// Drains what has arrived without waiting.
+    pub fn drain(&mut self) {
+        while let Ok(ev) = self.rx.try_recv() {
+            self.seen.push(ev);
+        }
+    }
+}
+
+pub const LONG: Duration = Duration::from_secs(60);

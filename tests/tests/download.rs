@@ -1,0 +1,121 @@
+//! The whole path once: real daemon process, real HTTP(S) server on loopback, real client.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use common::{LONG, Recorder, Seen};
+use dlsession::{DownloadRequest, ErrorCode, Session, SessionConfiguration};
+use dlsession_testkit::{
+    Fault, Hits, Resource, TestCa, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex,
+};
+
+fn config(env: &TestEnv, id: &str) -> SessionConfiguration {
+    SessionConfiguration::background(id).socket(&env.socket)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_download_is_byte_exact() {
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/a.bin", Resource::generated(3 << 20, 7));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "test.basic"), delegate).await.unwrap();
+    let task = session.download_task(DownloadRequest::new(server.url("/a.bin"))).await.unwrap();
+    assert_eq!(task.info().await.unwrap().state, dlsession::TaskState::Suspended, "new tasks start suspended");
+    task.resume().await.unwrap();
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    let file = events.moved_to(task.id()).expect("finished_downloading came before completed");
+    assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(7, 3 << 20)));
+    // Progress reached the full size.
+    assert!(
+        events
+            .seen
+            .iter()
+            .any(|e| matches!(e, Seen::Progress { task: t, total } if *t == task.id() && *total == 3 << 20))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_download_over_h2_with_test_ca() {
+    let env = TestEnv::new();
+    let ca = TestCa::new().unwrap();
+    env.add_config(&format!("extra_ca_file = {:?}", ca.ca_pem_path()));
+    let _daemon = TestDaemon::start(&env);
+    let server = TestServer::start_tls(&ca).await.unwrap();
+    server.add("/b.bin", Resource::generated(5 << 20, 11));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "test.https"), delegate).await.unwrap();
+    let task = session.download_task(DownloadRequest::new(server.url("/b.bin"))).await.unwrap();
+    task.resume().await.unwrap();
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(11, 5 << 20)));
+    let versions: Vec<_> = server.requests_for("/b.bin").iter().map(|r| r.version).collect();
+    assert_eq!(versions, vec![http::Version::HTTP_2], "ALPN negotiated HTTP/2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_found_completes_with_http_status_and_no_file() {
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "test.404"), delegate).await.unwrap();
+    let dest = env.path().join("never.bin");
+    let task = session.download_task(DownloadRequest::new(server.url("/missing")).destination(&dest)).await.unwrap();
+    task.resume().await.unwrap();
+    let error = events.completion(task.id(), LONG).await.expect("an error");
+    assert_eq!(error.code, ErrorCode::HttpStatus);
+    assert_eq!(error.http_status, Some(404));
+    assert!(!events.seen.iter().any(|e| matches!(e, Seen::Finished { .. })), "no file is delivered");
+    assert!(!dest.exists(), "the error page is never written to the destination");
+    assert_eq!(server.hits("/missing"), 1, "404 is not retried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_faults_still_give_a_byte_exact_file() {
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let len = 4u64 << 20;
+    // Reset mid-body, then 503 with Retry-After, then fine: resumes with Range.
+    server.add(
+        "/flaky.bin",
+        Resource::generated(len, 21)
+            .fault(Hits::Nth(1), Fault::ResetAfter(1 << 20))
+            .fault(Hits::Nth(2), Fault::Status { code: 503, retry_after: Some("1".into()) }),
+    );
+    // Ignores Range after a drop: must restart from zero, never splice.
+    server
+        .add("/norange.bin", Resource::generated(len, 22).no_ranges().fault(Hits::Nth(1), Fault::ResetAfter(1 << 20)));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "test.faults"), delegate).await.unwrap();
+    let tasks = session
+        .download_tasks(
+            vec![DownloadRequest::new(server.url("/flaky.bin")), DownloadRequest::new(server.url("/norange.bin"))],
+            true,
+        )
+        .await
+        .unwrap();
+    for t in &tasks {
+        assert_eq!(events.completion(t.id(), LONG).await, None);
+    }
+    assert_eq!(sha256_file(&events.moved_to(tasks[0].id()).unwrap()).unwrap(), to_hex(&pattern_sha256(21, len)));
+    assert_eq!(sha256_file(&events.moved_to(tasks[1].id()).unwrap()).unwrap(), to_hex(&pattern_sha256(22, len)));
+
+    let flaky = server.requests_for("/flaky.bin");
+    assert_eq!(flaky.len(), 3, "reset, 503, then success: {flaky:?}");
+    let last = flaky.last().unwrap();
+    let range = last.range.as_deref().expect("the final attempt resumes with Range");
+    assert_ne!(range, "bytes=0-");
+    assert!(last.if_range.is_some(), "with If-Range");
+    // Resumed events say where each transfer restarted.
+    assert!(
+        events
+            .seen
+            .iter()
+            .any(|e| matches!(e, Seen::Resumed { task, offset } if *task == tasks[0].id() && *offset > 0))
+    );
+    assert!(events.seen.iter().any(|e| matches!(e, Seen::Resumed { task, offset: 0 } if *task == tasks[1].id())));
+}
