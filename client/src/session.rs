@@ -257,6 +257,15 @@ struct SessionShared {
     tasks: Mutex<HashMap<TaskId, DownloadTask>>,
 }
 
+impl Drop for SessionShared {
+    /// Dropping the last handle detaches: the daemon keeps the tasks going and keeps
+    /// undelivered events for the next attach.
+    fn drop(&mut self) {
+        self.client.unroute(&self.identifier);
+        let _ = self.client.send_request(Request::Detach { identifier: self.identifier.clone() });
+    }
+}
+
 /// An attached background session.
 #[derive(Debug, Clone)]
 pub struct Session {
@@ -309,7 +318,8 @@ impl Session {
             }
         }
         let dispatcher = Dispatcher {
-            session: session.clone(),
+            session: Arc::downgrade(&session.shared),
+            identifier: config.identifier.clone(),
             delegate,
             runtime: tokio::runtime::Handle::current(),
             pending_acks: Vec::new(),
@@ -531,8 +541,12 @@ impl DownloadTask {
 }
 
 /// Runs the delegate on its own thread, in event order, acknowledging after each call.
+///
+/// It holds the session weakly: when the app drops its last handle, the session detaches
+/// and this thread ends.
 struct Dispatcher {
-    session: Session,
+    session: std::sync::Weak<SessionShared>,
+    identifier: String,
     delegate: Arc<dyn SessionDelegate>,
     runtime: tokio::runtime::Handle,
     pending_acks: Vec<u64>,
@@ -561,26 +575,27 @@ impl Dispatcher {
             }
         }
         self.flush_acks(false);
-        debug!(session = self.session.identifier(), "delegate thread exiting");
+        debug!(session = %self.identifier, "delegate thread exiting");
     }
 
     /// Returns false when the session is over for this process.
     fn handle(&mut self, event: Event) -> bool {
-        let session = self.session.clone();
+        let Some(shared) = self.session.upgrade() else { return false };
+        let session = Session { shared };
         let d = self.delegate.clone();
         match event {
             Event::Durable { seq, event, .. } => {
                 match &event {
                     DurableEvent::ResumedAtOffset { task, offset, expected_total } => {
-                        let t = self.task(*task);
+                        let t = self.task(&session, *task);
                         d.did_resume_at_offset(&session, &t, *offset, *expected_total);
                     }
                     DurableEvent::FinishedDownloading { task, location } => {
-                        let t = self.task(*task);
+                        let t = self.task(&session, *task);
                         d.did_finish_downloading_to(&session, &t, Path::new(location));
                     }
                     DurableEvent::Completed { task, error } => {
-                        let t = self.task(*task);
+                        let t = self.task(&session, *task);
                         d.did_complete_with_error(&session, &t, error.as_ref());
                     }
                     DurableEvent::DidBecomeInvalid { error } => d.did_become_invalid(&session, error.as_ref()),
@@ -591,7 +606,7 @@ impl Dispatcher {
                 }
             }
             Event::Progress { task, bytes_written, total_bytes_written, total_bytes_expected, .. } => {
-                let t = self.task(task);
+                let t = self.task(&session, task);
                 d.did_write_data(&session, &t, bytes_written, total_bytes_written, total_bytes_expected);
             }
             Event::FinishedEvents { .. } => {
@@ -615,8 +630,11 @@ impl Dispatcher {
             return;
         }
         let seqs = std::mem::take(&mut self.pending_acks);
-        let client = self.session.shared.client.clone();
-        let request = Request::AckEvents { identifier: self.session.identifier().to_owned(), seqs };
+        // The app dropped the session: the events stay unacknowledged and come again.
+        let Some(shared) = self.session.upgrade() else { return };
+        let client = shared.client.clone();
+        drop(shared);
+        let request = Request::AckEvents { identifier: self.identifier.clone(), seqs };
         if wait {
             if let Err(e) = self.runtime.block_on(client.request(request)) {
                 warn!(error = %e, "acknowledging events failed; they will be delivered again");
@@ -628,14 +646,14 @@ impl Dispatcher {
 
     /// The task handle for an event, fetching its details once if this process has not
     /// seen the task (created by another process, or before a relaunch).
-    fn task(&self, id: TaskId) -> DownloadTask {
-        if let Some(t) = self.session.known_task(id) {
+    fn task(&self, session: &Session, id: TaskId) -> DownloadTask {
+        if let Some(t) = session.known_task(id) {
             return t;
         }
-        let fetched = self.runtime.block_on(self.session.task_info(id)).ok();
+        let fetched = self.runtime.block_on(session.task_info(id)).ok();
         let (url, description) = fetched.map(|i| (i.url, i.description)).unwrap_or_default();
-        let task = self.session.task_handle(id, url, description);
-        if let Ok(mut known) = self.session.shared.tasks.lock() {
+        let task = session.task_handle(id, url, description);
+        if let Ok(mut known) = session.shared.tasks.lock() {
             known.insert(id, task.clone());
         }
         task

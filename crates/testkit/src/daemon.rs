@@ -89,6 +89,16 @@ impl TestEnv {
         self.dir.path()
     }
 
+    /// Sets `key = value` in the daemon's config file, replacing an earlier value (takes
+    /// effect at the next start). `value` is TOML (quote strings).
+    pub fn set_config(&self, key: &str, value: &str) {
+        let text = std::fs::read_to_string(&self.config_file).unwrap_or_default();
+        let mut lines: Vec<String> =
+            text.lines().filter(|l| l.split('=').next().map(str::trim) != Some(key)).map(str::to_owned).collect();
+        lines.push(format!("{key} = {value}"));
+        std::fs::write(&self.config_file, lines.join("\n") + "\n").expect("write config");
+    }
+
     /// Appends a line to the daemon's config file (takes effect at the next start).
     pub fn add_config(&self, line: &str) {
         let mut text = std::fs::read_to_string(&self.config_file).unwrap_or_default();
@@ -203,9 +213,10 @@ impl TestDaemon {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait() {
-                    panic!("dlsessiond exited during start-up ({status}); log:\n{}", self.log());
-                }
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("dlsessiond exited during start-up ({status}); log:\n{}", self.log());
+            }
             if UnixStream::connect(&self.socket).is_ok() {
                 return;
             }

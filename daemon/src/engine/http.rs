@@ -139,21 +139,17 @@ pub fn classify(err: &(dyn StdError + 'static), what: &str) -> Failure {
 }
 
 fn find<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a T> {
-    let mut cur: Option<&'a (dyn StdError + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if let Some(t) = e.downcast_ref::<T>() {
-            return Some(t);
-        }
-        // rustls errors reach us wrapped in io::Error::other.
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && let Some(inner) = io.get_ref()
-            && let Some(t) = inner.downcast_ref::<T>()
-        {
-            return Some(t);
-        }
-        cur = e.source();
+    if let Some(t) = err.downcast_ref::<T>() {
+        return Some(t);
     }
-    None
+    // io::Error::source() skips the error it wraps: look inside explicitly.
+    if let Some(inner) = err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+        let inner: &(dyn StdError + 'static) = inner;
+        if let Some(t) = find::<T>(inner) {
+            return Some(t);
+        }
+    }
+    err.source().and_then(find::<T>)
 }
 
 /// "outer: inner: innermost", skipping repeats.
@@ -235,6 +231,17 @@ mod tests {
         let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
         assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn certificate_errors_are_found_inside_io_errors() {
+        let tls = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, tls);
+        let wrapped = std::io::Error::other(io);
+        let boxed: Box<dyn StdError + Send + Sync> = Box::new(wrapped);
+        let f = classify(boxed.as_ref(), "connecting");
+        assert_eq!(f.error.code, ErrorCode::Tls);
+        assert_eq!(f.retry, Retry::Never);
     }
 
     #[test]

@@ -166,10 +166,22 @@ const TASK_COLUMNS: &str = "id, session_id, url, headers, description, priority,
     last_error_http, retry_at, started_at, finished_at, resource_deadline, location, error_code, error_msg,
     error_http, resume_secret, retired";
 
-pub fn insert_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
+/// Inserts or replaces a task row (one statement for both, so the column lists cannot drift).
+pub fn save_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare_cached(&format!(
         "INSERT INTO tasks ({TASK_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
-            ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35)"
+            ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35)
+         ON CONFLICT(id) DO UPDATE SET priority = excluded.priority, state = excluded.state,
+            phase = excluded.phase, committed_offset = excluded.committed_offset,
+            bytes_expected = excluded.bytes_expected, etag = excluded.etag, last_modified = excluded.last_modified,
+            final_url = excluded.final_url, response_status = excluded.response_status,
+            response_headers = excluded.response_headers, attempts = excluded.attempts,
+            last_error_code = excluded.last_error_code, last_error_msg = excluded.last_error_msg,
+            last_error_http = excluded.last_error_http, retry_at = excluded.retry_at,
+            started_at = excluded.started_at, finished_at = excluded.finished_at,
+            resource_deadline = excluded.resource_deadline, location = excluded.location,
+            error_code = excluded.error_code, error_msg = excluded.error_msg, error_http = excluded.error_http,
+            resume_secret = excluded.resume_secret, retired = excluded.retired"
     ))?;
     let (lec, lem, leh) = error_columns(&t.last_error);
     let (ec, em, eh) = error_columns(&t.error);
@@ -209,47 +221,6 @@ pub fn insert_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()>
         eh,
         t.resume_secret.map(|s| s as i64),
         t.retired,
-    ])?;
-    Ok(())
-}
-
-pub fn update_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
-    let mut stmt = tx.prepare_cached(
-        "UPDATE tasks SET state = ?2, phase = ?3, committed_offset = ?4, bytes_expected = ?5, etag = ?6,
-            last_modified = ?7, final_url = ?8, response_status = ?9, response_headers = ?10, attempts = ?11,
-            last_error_code = ?12, last_error_msg = ?13, last_error_http = ?14, retry_at = ?15, started_at = ?16,
-            finished_at = ?17, resource_deadline = ?18, location = ?19, error_code = ?20, error_msg = ?21,
-            error_http = ?22, resume_secret = ?23, retired = ?24, priority = ?25
-         WHERE id = ?1",
-    )?;
-    let (lec, lem, leh) = error_columns(&t.last_error);
-    let (ec, em, eh) = error_columns(&t.error);
-    stmt.execute(params![
-        t.id as i64,
-        state_name(t.state),
-        phase_name(t.phase),
-        t.committed_offset as i64,
-        i64_opt(t.bytes_expected),
-        t.etag,
-        t.last_modified,
-        t.final_url,
-        t.response_status,
-        join_headers(&t.response_headers),
-        t.attempts,
-        lec,
-        lem,
-        leh,
-        i64_opt(t.retry_at),
-        i64_opt(t.started_at),
-        i64_opt(t.finished_at),
-        i64_opt(t.resource_deadline),
-        t.location,
-        ec,
-        em,
-        eh,
-        t.resume_secret.map(|s| s as i64),
-        t.retired,
-        f64::from(t.priority),
     ])?;
     Ok(())
 }

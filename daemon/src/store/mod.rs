@@ -233,8 +233,7 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
             tx.execute("DELETE FROM sessions WHERE id = ?1", params![key])?;
             Ok(())
         }
-        Op::InsertTask(t) => codec::insert_task(tx, t),
-        Op::UpdateTask(t) => codec::update_task(tx, t),
+        Op::InsertTask(t) | Op::UpdateTask(t) => codec::save_task(tx, t),
         Op::Checkpoint { task, offset } => {
             tx.execute("UPDATE tasks SET committed_offset = ?2 WHERE id = ?1", params![*task as i64, *offset as i64])?;
             Ok(())

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 pub enum Seen {
     Progress { task: TaskId, total: u64 },
     Resumed { task: TaskId, offset: u64 },
-    Finished { task: TaskId, moved_to: PathBuf },
+    Finished { task: TaskId, location: PathBuf, moved_to: PathBuf },
     Completed { task: TaskId, error: Option<TaskError> },
     FinishedEvents,
     Invalid,
@@ -44,7 +44,7 @@ impl SessionDelegate for Recorder {
     fn did_finish_downloading_to(&self, _: &Session, task: &DownloadTask, location: &Path) {
         let to = self.dir.join(task.id().to_string());
         std::fs::rename(location, &to).unwrap_or_else(|e| panic!("move {}: {e}", location.display()));
-        let _ = self.tx.send(Seen::Finished { task: task.id(), moved_to: to });
+        let _ = self.tx.send(Seen::Finished { task: task.id(), location: location.to_path_buf(), moved_to: to });
     }
     fn did_complete_with_error(&self, _: &Session, task: &DownloadTask, error: Option<&TaskError>) {
         let _ = self.tx.send(Seen::Completed { task: task.id(), error: error.cloned() });
@@ -109,7 +109,15 @@ impl Events {
     /// The path the finished file of `task` was moved to (must have been seen already).
     pub fn moved_to(&self, task: TaskId) -> Option<PathBuf> {
         self.seen.iter().find_map(|e| match e {
-            Seen::Finished { task: t, moved_to } if *t == task => Some(moved_to.clone()),
+            Seen::Finished { task: t, moved_to, .. } if *t == task => Some(moved_to.clone()),
+            _ => None,
+        })
+    }
+
+    /// Where the daemon said the finished file of `task` was.
+    pub fn location(&self, task: TaskId) -> Option<PathBuf> {
+        self.seen.iter().find_map(|e| match e {
+            Seen::Finished { task: t, location, .. } if *t == task => Some(location.clone()),
             _ => None,
         })
     }

@@ -1,0 +1,123 @@
+//! The daemon as a process: private socket and directories, one instance, stale socket
+//! reclaimed, clean SIGTERM, refusing databases it does not understand.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::process::Output;
+use std::time::Duration;
+
+use dlsession_testkit::{TestDaemon, TestEnv, bin_path};
+
+fn mode(path: &std::path::Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Runs the daemon expecting it to refuse to start.
+fn run_expecting_failure(env: &TestEnv) -> Output {
+    let mut child = env
+        .command(bin_path("dlsessiond"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..500 {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    panic!("dlsessiond kept running; it should have refused to start");
+}
+
+#[test]
+fn socket_and_directories_are_private() {
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let meta = std::fs::metadata(&env.socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(mode(&env.socket), 0o600, "socket is 0600");
+    assert_eq!(mode(env.socket.parent().unwrap()), 0o700, "socket directory is 0700");
+    assert_eq!(mode(&env.state_dir.join("dlsessiond")), 0o700, "state directory is 0700");
+    assert!(env.database().exists(), "database at the XDG state path");
+}
+
+#[test]
+fn a_second_instance_is_refused_and_the_first_keeps_serving() {
+    let env = TestEnv::new();
+    let daemon = TestDaemon::start(&env);
+    let out = run_expecting_failure(&env);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("already running"), "{stderr}");
+    assert!(stderr.contains(&daemon.pid().to_string()), "names the running pid: {stderr}");
+    assert!(std::os::unix::net::UnixStream::connect(&env.socket).is_ok(), "the first still listens");
+}
+
+#[test]
+fn a_stale_socket_is_reclaimed() {
+    let env = TestEnv::new();
+    std::fs::create_dir_all(env.socket.parent().unwrap()).unwrap();
+    std::fs::set_permissions(env.socket.parent().unwrap(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(&env.socket).unwrap()); // leaves the file behind
+    assert!(env.socket.exists());
+    let _daemon = TestDaemon::start(&env);
+    assert!(std::os::unix::net::UnixStream::connect(&env.socket).is_ok());
+}
+
+#[test]
+fn a_non_socket_at_the_socket_path_is_left_alone() {
+    let env = TestEnv::new();
+    std::fs::create_dir_all(env.socket.parent().unwrap()).unwrap();
+    std::fs::write(&env.socket, b"precious").unwrap();
+    let out = run_expecting_failure(&env);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a socket"));
+    assert_eq!(std::fs::read(&env.socket).unwrap(), b"precious");
+}
+
+#[test]
+fn sigterm_exits_cleanly() {
+    let env = TestEnv::new();
+    let mut daemon = TestDaemon::start(&env);
+    let status = daemon.terminate();
+    assert!(status.success(), "exit status {status}");
+    assert!(daemon.log().contains("stopped cleanly"));
+    assert!(!env.socket.exists(), "the socket is removed on a clean exit");
+}
+
+#[test]
+fn a_corrupt_database_is_refused_and_untouched() {
+    let env = TestEnv::new();
+    std::fs::create_dir_all(env.database().parent().unwrap()).unwrap();
+    let garbage = b"garbage, not a database ".repeat(400);
+    std::fs::write(env.database(), &garbage).unwrap();
+    let out = run_expecting_failure(&env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("corrupt") && stderr.contains("refusing to start"), "{stderr}");
+    assert_eq!(std::fs::read(env.database()).unwrap(), garbage);
+}
+
+#[test]
+fn a_newer_database_is_refused() {
+    let env = TestEnv::new();
+    std::fs::create_dir_all(env.database().parent().unwrap()).unwrap();
+    {
+        let c = rusqlite::Connection::open(env.database()).unwrap();
+        c.execute_batch("PRAGMA application_id = 1145852740; CREATE TABLE x(y); PRAGMA user_version = 42;").unwrap();
+    }
+    let out = run_expecting_failure(&env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("schema version 42"), "{stderr}");
+}
+
+#[test]
+fn an_invalid_config_file_is_reported() {
+    let env = TestEnv::with_config("max_concurrent_downloads = \"lots\"\n");
+    let out = run_expecting_failure(&env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("invalid config file"), "{stderr}");
+    let env = TestEnv::with_config("no_such_setting = 1\n");
+    let out = run_expecting_failure(&env);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_setting"));
+}

@@ -1,0 +1,200 @@
+//! The store: records survive a reopen; databases it does not understand are refused and
+//! left untouched.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::path::Path;
+
+use dlsession_proto::{DurableEvent, ErrorCode, ErrorInfo, Header, LaunchSpec, SessionConfig, TaskState};
+use dlsessiond::model::{EventRecord, Phase, SessionRecord, TaskRecord};
+use dlsessiond::store::{Op, Store, StoreError};
+
+fn session() -> SessionRecord {
+    SessionRecord {
+        key: 7,
+        identifier: "org.example.store".into(),
+        config: SessionConfig {
+            app_id: Some("org.example".into()),
+            launch: Some(LaunchSpec::Command { argv: vec!["/bin/app".into(), "--bg".into(), "".into()] }),
+            http_headers: vec![Header::new("X-A", "1"), Header::new("Authorization", "Bearer t")],
+            bandwidth_limit: Some(4096),
+            max_concurrent_tasks: Some(3),
+            ..SessionConfig::default()
+        },
+        next_seq: 1,
+        invalidating: false,
+        invalid: false,
+        created_at: 1000,
+    }
+}
+
+fn task(id: u64) -> TaskRecord {
+    TaskRecord {
+        id,
+        session: 7,
+        url: format!("https://example.org/{id}"),
+        headers: vec![Header::new("Accept", "*/*")],
+        description: Some("desc".into()),
+        priority: 0.25,
+        earliest_begin: Some(5),
+        expected_sha256: Some([9; 32]),
+        destination: Some("/tmp/x".into()),
+        overwrite: true,
+        expected_size: Some(10),
+        created_at: dlsessiond::model::now_ms(),
+        state: TaskState::Running,
+        phase: Phase::Transfer,
+        committed_offset: 0,
+        bytes_expected: None,
+        etag: None,
+        last_modified: None,
+        final_url: None,
+        response_status: None,
+        response_headers: vec![],
+        attempts: 0,
+        last_error: None,
+        retry_at: None,
+        started_at: None,
+        finished_at: None,
+        resource_deadline: None,
+        location: None,
+        error: None,
+        resume_secret: None,
+        retired: false,
+    }
+}
+
+fn open(path: &Path) -> (Store, dlsessiond::store::Snapshot) {
+    Store::open(path, |e| panic!("store failed: {e}")).unwrap()
+}
+
+#[tokio::test]
+async fn records_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("d.db");
+    {
+        let (store, snap) = open(&db);
+        assert!(snap.sessions.is_empty() && snap.tasks.is_empty());
+        assert_eq!(snap.next_task_id, 1);
+        let mut t2 = task(2);
+        let t3 = task(3);
+        store.write(
+            vec![
+                Op::InsertSession(session()),
+                Op::InsertTask(Box::new(task(1))),
+                Op::InsertTask(Box::new(t2.clone())),
+                Op::InsertTask(Box::new(t3)),
+                Op::SetNextTaskId(10),
+            ],
+            None,
+        );
+        t2.state = TaskState::Waiting;
+        t2.committed_offset = 77;
+        t2.etag = Some("\"e\"".into());
+        t2.last_error = Some(ErrorInfo::http(503, "busy"));
+        t2.retry_at = Some(9999);
+        store.write(
+            vec![
+                Op::UpdateTask(Box::new(t2)),
+                Op::Checkpoint { task: 1, offset: 55 },
+                Op::InsertEvent(EventRecord {
+                    session: 7,
+                    seq: 1,
+                    event: DurableEvent::FinishedDownloading { task: 3, location: "/c/3.download".into() },
+                    created_at: 1,
+                }),
+                Op::InsertEvent(EventRecord {
+                    session: 7,
+                    seq: 2,
+                    event: DurableEvent::Completed { task: 3, error: Some(ErrorInfo::new(ErrorCode::Cancelled, "c")) },
+                    created_at: 2,
+                }),
+                Op::RetireTasks(vec![1]),
+            ],
+            None,
+        );
+        store.flush().await;
+    }
+    let (store, snap) = open(&db);
+    assert_eq!(snap.sessions, vec![SessionRecord { next_seq: 3, ..session() }]);
+    assert_eq!(snap.next_task_id, 10);
+    let ids: Vec<u64> = snap.tasks.iter().map(|t| t.id).collect();
+    assert_eq!(ids, vec![2, 3], "retired task 1 is not live");
+    let t2 = &snap.tasks[0];
+    assert_eq!(t2.state, TaskState::Waiting);
+    assert_eq!(t2.committed_offset, 77);
+    assert_eq!(t2.last_error, Some(ErrorInfo::http(503, "busy")));
+    assert_eq!(snap.tasks[1].state, TaskState::Queued, "running is stored as queued");
+    assert_eq!(snap.tasks[1].expected_sha256, Some([9; 32]));
+    assert_eq!(snap.events.len(), 2);
+    let retired = store.load_task(1).await.unwrap().unwrap();
+    assert!(retired.retired);
+    assert_eq!(retired.committed_offset, 55);
+    store.write(vec![Op::DeleteEvents { session: 7, seqs: vec![1, 2] }, Op::DeleteSession(7)], None);
+    store.flush().await;
+    drop(store);
+    let (_, snap) = open(&db);
+    assert!(snap.sessions.is_empty() && snap.tasks.is_empty() && snap.events.is_empty());
+    assert_eq!(snap.next_task_id, 10, "task ids are never reused");
+}
+
+fn digest(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+#[test]
+fn refuses_a_newer_schema_and_leaves_it_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("d.db");
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch("CREATE TABLE future(x); PRAGMA user_version = 99;").unwrap();
+    }
+    let before = digest(&db);
+    let err = Store::open(&db, |_| {}).unwrap_err();
+    assert!(matches!(err, StoreError::TooNew { found: 99, .. }), "{err}");
+    assert!(err.to_string().contains("newer than this dlsessiond understands"), "{err}");
+    assert_eq!(digest(&db), before);
+}
+
+#[test]
+fn refuses_a_corrupt_file_and_leaves_it_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("d.db");
+    std::fs::write(&db, b"this is not an SQLite database, just some bytes that look nothing like one".repeat(100))
+        .unwrap();
+    let before = digest(&db);
+    let err = Store::open(&db, |_| {}).unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("refusing to start"), "{err}");
+    assert_eq!(digest(&db), before);
+}
+
+#[test]
+fn refuses_another_applications_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("d.db");
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch("CREATE TABLE t(x); PRAGMA application_id = 1234;").unwrap();
+    }
+    let err = Store::open(&db, |_| {}).unwrap_err();
+    assert!(matches!(err, StoreError::Foreign { found: 1234, .. }), "{err}");
+}
+
+#[tokio::test]
+async fn a_burst_of_batches_commits_in_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(&dir.path().join("d.db"));
+    store.write(vec![Op::InsertSession(session())], None);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for id in 1..=500u64 {
+        let tx = tx.clone();
+        store.write(vec![Op::InsertTask(Box::new(task(id)))], Some(Box::new(move |r| tx.send(r).unwrap())));
+    }
+    for _ in 0..500 {
+        assert_eq!(rx.recv().await.unwrap(), Ok(()));
+    }
+    let task = store.load_task(500).await.unwrap().unwrap();
+    assert_eq!(task.url, "https://example.org/500");
+}

@@ -1,0 +1,308 @@
+//! What a download does, end to end: redirects, checksums, retries, limits, priority,
+//! suspend/resume/cancel, destinations, and clear refusals of bad requests.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{LONG, Recorder, Seen};
+use dlsession::proto::WaitReason;
+use dlsession::{DownloadRequest, ErrorCode, Session, SessionConfiguration, TaskState};
+use dlsession_testkit::{
+    Fault, Hits, Resource, TestCa, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex,
+};
+
+async fn attach(env: &TestEnv, id: &str) -> (Session, common::Events) {
+    attach_with(env, SessionConfiguration::background(id)).await
+}
+
+async fn attach_with(env: &TestEnv, config: SessionConfiguration) -> (Session, common::Events) {
+    let (delegate, events) = Recorder::new(&env.path().join(format!("out-{}", config.identifier())));
+    let session = Session::attach(config.socket(&env.socket), delegate).await.unwrap();
+    (session, events)
+}
+
+fn code(e: dlsession::Error) -> ErrorCode {
+    e.code()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_followed_within_limits() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/file", Resource::generated(100_000, 3));
+    server.add("/r1", Resource::bytes("").fault(Hits::All, Fault::Redirect { status: 301, location: "/r2".into() }));
+    server.add(
+        "/r2",
+        Resource::bytes("").fault(Hits::All, Fault::Redirect { status: 307, location: server.url("/file") }),
+    );
+    server
+        .add("/loop", Resource::bytes("").fault(Hits::All, Fault::Redirect { status: 302, location: "/loop".into() }));
+    let (session, mut events) = attach(&env, "t.redirect").await;
+    let tasks = session
+        .download_tasks(vec![DownloadRequest::new(server.url("/r1")), DownloadRequest::new(server.url("/loop"))], true)
+        .await
+        .unwrap();
+    assert_eq!(events.completion(tasks[0].id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(tasks[0].id()).unwrap()).unwrap(), to_hex(&pattern_sha256(3, 100_000)));
+    let err = events.completion(tasks[1].id(), LONG).await.unwrap();
+    assert_eq!(err.code, ErrorCode::TooManyRedirects);
+    assert_eq!(server.hits("/loop"), 11, "the first request and ten redirects");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_to_http_redirect_is_refused() {
+    let env = TestEnv::new();
+    let ca = TestCa::new().unwrap();
+    env.add_config(&format!("extra_ca_file = {:?}", ca.ca_pem_path()));
+    let _d = TestDaemon::start(&env);
+    let plain = TestServer::start().await.unwrap();
+    plain.add("/x", Resource::generated(10, 1));
+    let tls = TestServer::start_tls(&ca).await.unwrap();
+    tls.add("/down", Resource::bytes("").fault(Hits::All, Fault::Redirect { status: 302, location: plain.url("/x") }));
+    let (session, mut events) = attach(&env, "t.downgrade").await;
+    let task = session.download_tasks(vec![DownloadRequest::new(tls.url("/down"))], true).await.unwrap().remove(0);
+    let err = events.completion(task.id(), LONG).await.unwrap();
+    assert_eq!(err.code, ErrorCode::UnsupportedScheme);
+    assert!(err.message.contains("https to insecure http"), "{err}");
+    assert_eq!(plain.hits("/x"), 0, "the insecure URL was never fetched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_certificates_fail_with_tls_and_are_not_retried() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let ca = TestCa::new().unwrap(); // not given to the daemon
+    let tls = TestServer::start_tls(&ca).await.unwrap();
+    tls.add("/a", Resource::generated(10, 1));
+    let (session, mut events) = attach(&env, "t.tls").await;
+    let task = session.download_tasks(vec![DownloadRequest::new(tls.url("/a"))], true).await.unwrap().remove(0);
+    let err = events.completion(task.id(), LONG).await.unwrap();
+    assert_eq!(err.code, ErrorCode::Tls, "{err}");
+    assert_eq!(tls.hits("/a"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checksums_are_verified() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(200_000, 8));
+    let (session, mut events) = attach(&env, "t.sha").await;
+    let good = DownloadRequest::new(server.url("/a")).expected_sha256(pattern_sha256(8, 200_000));
+    let bad = DownloadRequest::new(server.url("/a")).expected_sha256([0; 32]);
+    let tasks = session.download_tasks(vec![good, bad], true).await.unwrap();
+    assert_eq!(events.completion(tasks[0].id(), LONG).await, None);
+    let err = events.completion(tasks[1].id(), LONG).await.unwrap();
+    assert_eq!(err.code, ErrorCode::ChecksumMismatch);
+    assert!(events.moved_to(tasks[1].id()).is_none(), "a mismatching file is never delivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_dates_and_429_are_honoured() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let when = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(2));
+    server.add(
+        "/a",
+        Resource::generated(1000, 2)
+            .fault(Hits::Nth(1), Fault::Status { code: 429, retry_after: Some(when) })
+            .fault(Hits::Nth(2), Fault::Status { code: 500, retry_after: None }),
+    );
+    let (session, mut events) = attach(&env, "t.429").await;
+    let started = std::time::Instant::now();
+    let task = session.download_tasks(vec![DownloadRequest::new(server.url("/a"))], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert!(started.elapsed() >= Duration::from_millis(900), "waited for Retry-After: {:?}", started.elapsed());
+    assert_eq!(server.hits("/a"), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_tasks_say_why_and_until_when() {
+    let env = TestEnv::new();
+    env.set_config("retry_initial_ms", "30000");
+    env.set_config("retry_max_ms", "60000");
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/busy", Resource::generated(10, 1).fault(Hits::All, Fault::Status { code: 503, retry_after: None }));
+    let (session, _events) = attach(&env, "t.why").await;
+    let task = session.download_tasks(vec![DownloadRequest::new(server.url("/busy"))], true).await.unwrap().remove(0);
+    let info = dlsession_testkit::wait_for("backoff", LONG, || {
+        let info = futures_block(task.info()).unwrap();
+        (info.state == TaskState::Waiting).then_some(info)
+    });
+    match info.wait {
+        Some(WaitReason::Backoff { until, attempt, last_error }) => {
+            assert_eq!(attempt, 1);
+            assert_eq!(last_error.code, ErrorCode::HttpStatus);
+            assert_eq!(last_error.http_status, Some(503));
+            assert!(until > dlsessiond_now() + 10_000, "backs off ~30 s");
+        }
+        other => panic!("expected a backoff reason, got {other:?}"),
+    }
+}
+
+fn dlsessiond_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+fn futures_block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_host_limit_and_priority_order() {
+    let env = TestEnv::new();
+    env.set_config("max_concurrent_downloads", "3");
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    for i in 0..8 {
+        server.add(&format!("/slow{i}"), Resource::generated(100_000, i).throttle(400_000));
+    }
+    // One connection per host makes the start order observable at the server.
+    let config = SessionConfiguration::background("t.limits").max_connections_per_host(1);
+    let (session, mut events) = attach_with(&env, config).await;
+    // Created suspended, then resumed in one batch: order follows priority, then age.
+    let reqs: Vec<_> = (0..8)
+        .map(|i| DownloadRequest::new(server.url(&format!("/slow{i}"))).priority(if i == 7 { 1.0 } else { 0.5 }))
+        .collect();
+    let tasks = session.download_tasks(reqs, true).await.unwrap();
+    let snapshot = dlsession_testkit::wait_for("one running", LONG, || {
+        let all = futures_block(session.get_all_tasks()).unwrap();
+        (all.iter().filter(|t| t.state == TaskState::Running).count() == 1).then_some(all)
+    });
+    let queued: Vec<_> = snapshot.iter().filter(|t| t.state == TaskState::Queued).collect();
+    assert!(!queued.is_empty());
+    for t in &queued {
+        assert!(
+            matches!(&t.wait, Some(WaitReason::HostLimit { limit: 1, host }) if host.starts_with("127.0.0.1:")),
+            "queued behind the per-host limit: {:?}",
+            t.wait
+        );
+    }
+    for t in &tasks {
+        assert_eq!(events.completion(t.id(), LONG).await, None);
+    }
+    let order: Vec<String> = server.requests().iter().map(|r| r.path.clone()).collect();
+    let want: Vec<String> = [7, 0, 1, 2, 3, 4, 5, 6].iter().map(|i| format!("/slow{i}")).collect();
+    assert_eq!(order, want, "highest priority first, then oldest first");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_resume_and_cancel() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let len = 6u64 << 20;
+    server.add("/a", Resource::generated(len, 4).throttle(3 << 20));
+    server.add("/b", Resource::generated(len, 5).throttle(1 << 20));
+    let (session, mut events) = attach(&env, "t.control").await;
+    let a = session.download_tasks(vec![DownloadRequest::new(server.url("/a"))], true).await.unwrap().remove(0);
+    events
+        .wait(
+            "progress of a",
+            LONG,
+            |e| matches!(e, Seen::Progress { task, total } if *task == a.id() && *total > 1 << 20),
+        )
+        .await;
+    a.suspend().await.unwrap();
+    let info = a.info().await.unwrap();
+    assert_eq!(info.state, TaskState::Suspended);
+    assert_eq!(info.wait, Some(WaitReason::Suspended));
+    assert!(info.bytes_received > 0, "suspending keeps the synced bytes");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let hits = server.hits("/a");
+    a.resume().await.unwrap();
+    assert_eq!(events.completion(a.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(a.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(4, len)));
+    let resumed = &server.requests_for("/a")[hits];
+    assert!(resumed.range.as_deref().is_some_and(|r| r != "bytes=0-"), "resume continues with Range");
+
+    let b = session.download_tasks(vec![DownloadRequest::new(server.url("/b"))], true).await.unwrap().remove(0);
+    events
+        .wait("progress of b", LONG, |e| matches!(e, Seen::Progress { task, total } if *task == b.id() && *total > 0))
+        .await;
+    let part = env.downloads_dir().join("s1").join(format!("{}.part", b.id()));
+    assert!(part.exists(), "partial data lives in the cache directory");
+    b.cancel().await.unwrap();
+    let err = events.completion(b.id(), LONG).await.unwrap();
+    assert_eq!(err.code, ErrorCode::Cancelled);
+    dlsession_testkit::wait_for("partial file removed", LONG, || (!part.exists()).then_some(()));
+    let again = b.resume().await.unwrap_err();
+    assert!(matches!(code(again), ErrorCode::InvalidRequest | ErrorCode::NoSuchTask), "completed tasks cannot resume");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destinations_and_bad_requests() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(5000, 6));
+    let (session, mut events) = attach(&env, "t.dest").await;
+    let dest = env.path().join("saved/a.bin");
+    let task = session
+        .download_tasks(vec![DownloadRequest::new(server.url("/a")).destination(&dest)], true)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(events.location(task.id()), Some(dest.clone()), "delivered at its destination");
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(6, 5000)));
+    std::fs::write(&dest, b"the user's file").unwrap();
+
+    let refused = |r: DownloadRequest| {
+        let session = session.clone();
+        async move { code(session.download_task(r).await.unwrap_err()) }
+    };
+    assert_eq!(
+        refused(DownloadRequest::new(server.url("/a")).destination(&dest)).await,
+        ErrorCode::FileError,
+        "exists"
+    );
+    assert_eq!(refused(DownloadRequest::new("file:///etc/passwd")).await, ErrorCode::UnsupportedScheme);
+    assert_eq!(refused(DownloadRequest::new("ftp://example.org/x")).await, ErrorCode::UnsupportedScheme);
+    assert_eq!(refused(DownloadRequest::new("http//nope")).await, ErrorCode::InvalidUrl);
+    assert_eq!(
+        refused(DownloadRequest::new(server.url("/a")).header("X-Evil", "a\r\nHost: x")).await,
+        ErrorCode::InvalidRequest
+    );
+    assert_eq!(
+        refused(DownloadRequest::new(server.url("/a")).destination("relative/x")).await,
+        ErrorCode::InvalidRequest
+    );
+    assert_eq!(refused(DownloadRequest::new(server.url("/a")).priority(2.0)).await, ErrorCode::InvalidRequest);
+    let bad_id = Session::attach(
+        SessionConfiguration::background("").socket(&env.socket),
+        common::Recorder::new(&env.path().join("x")).0,
+    )
+    .await;
+    assert_eq!(code(bad_id.unwrap_err()), ErrorCode::InvalidIdentifier);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_leaves_finds_its_results_when_it_rejoins() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(300_000, 9).throttle(1 << 20));
+    let (session, _events) = attach(&env, "t.leave").await;
+    let task = session.download_tasks(vec![DownloadRequest::new(server.url("/a"))], true).await.unwrap().remove(0);
+    drop(session); // the app goes away mid-download
+    dlsession_testkit::wait_for("download done", LONG, || (server.bytes_sent("/a") >= 300_000).then_some(()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (session, mut events) = attach(&env, "t.leave").await;
+    let all = session.get_all_tasks().await.unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].state, TaskState::Completed);
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(9, 300_000)));
+    events.wait("finished events", LONG, |e| *e == Seen::FinishedEvents).await;
+    // Acknowledged: the task is history now.
+    dlsession_testkit::wait_for("task retired", LONG, || {
+        futures_block(session.get_all_tasks()).unwrap().is_empty().then_some(())
+    });
+}

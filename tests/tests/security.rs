@@ -1,0 +1,185 @@
+//! Hostile peers: another uid is refused before a byte is read; garbage, truncated and
+//! oversized frames close only their own connection; everyone else carries on.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use dlsession::{Client, ClientOptions, ErrorCode};
+use dlsession_proto::handshake::{HandshakeStatus, Preamble};
+use dlsession_proto::{ClientHello, PROTOCOL_VERSION, Request, RequestFrame, Response, frame};
+use dlsession_testkit::{TestDaemon, TestEnv};
+
+fn hello_bytes() -> Vec<u8> {
+    let mut v = Preamble::ours(HandshakeStatus::Ok).to_bytes().to_vec();
+    v.extend(
+        frame::encode_frame(&ClientHello { client_name: "raw".into(), client_version: "0".into(), app_id: None })
+            .unwrap(),
+    );
+    v
+}
+
+/// A raw connection that has completed the handshake.
+fn raw_connected(socket: &Path) -> UnixStream {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&hello_bytes()).unwrap();
+    let mut pre = [0u8; 8];
+    s.read_exact(&mut pre).unwrap();
+    assert_eq!(Preamble::parse(pre).unwrap().status, HandshakeStatus::Ok);
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut welcome = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut welcome).unwrap();
+    s
+}
+
+/// Reads until the daemon closes the connection; returns everything it sent.
+fn read_to_close(s: &mut UnixStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("the daemon closes the connection");
+    out
+}
+
+async fn healthy(env: &TestEnv) {
+    let client =
+        Client::connect(ClientOptions { socket: Some(env.socket.clone()), ..ClientOptions::default() }).await.unwrap();
+    assert!(matches!(client.request(Request::Status).await.unwrap(), Response::Status(_)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_close_only_their_connection() {
+    let env = TestEnv::new();
+    let daemon = TestDaemon::start(&env);
+    // A well-behaved client stays connected throughout.
+    let bystander =
+        Client::connect(ClientOptions { socket: Some(env.socket.clone()), ..ClientOptions::default() }).await.unwrap();
+
+    // Garbage after the handshake.
+    let mut s = raw_connected(&env.socket);
+    s.write_all(&[0, 0, 0, 5, 0xff, 0xfe, 0xfd, 0xfc, 0xfb]).unwrap();
+    let reply = read_to_close(&mut s);
+    let msgs: Vec<dlsession_proto::ServerMessage> = frame::decode_frames(&reply).unwrap();
+    assert!(
+        matches!(&msgs[..], [dlsession_proto::ServerMessage::Response { id: 0, result: Err(e) }] if e.code == ErrorCode::InvalidRequest)
+    );
+
+    // An oversized frame header: refused before anything is allocated.
+    let mut s = raw_connected(&env.socket);
+    s.write_all(&u32::MAX.to_be_bytes()).unwrap();
+    let reply = read_to_close(&mut s);
+    assert!(String::from_utf8_lossy(&reply).contains("exceeds the limit"));
+
+    // A truncated frame: header says 100 bytes, 10 arrive, then EOF.
+    let mut s = raw_connected(&env.socket);
+    s.write_all(&100u32.to_be_bytes()).unwrap();
+    s.write_all(&[1; 10]).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let _ = read_to_close(&mut s);
+
+    // A frame that decodes to the wrong type (a hello where a request is expected).
+    let mut s = raw_connected(&env.socket);
+    s.write_all(&hello_bytes()[8..]).unwrap();
+    let _ = read_to_close(&mut s);
+
+    // Not our protocol at all: refused at the preamble (the unread rest of the request
+    // may turn the close into a reset, which is fine).
+    let mut s = UnixStream::connect(&env.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut reply = Vec::new();
+    match s.read_to_end(&mut reply) {
+        Ok(_) => assert_eq!(Preamble::parse(reply[..8].try_into().unwrap()).unwrap().status, HandshakeStatus::BadHello),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+    }
+
+    // A valid request still works on a fresh connection and on the old one.
+    let mut s = raw_connected(&env.socket);
+    s.write_all(&frame::encode_frame(&RequestFrame { id: 9, request: Request::Status }).unwrap()).unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    assert!(matches!(bystander.request(Request::Status).await.unwrap(), Response::Status(_)));
+    healthy(&env).await;
+    assert!(daemon.log().contains("closing connection after a bad frame"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_mismatch_is_a_typed_error_on_both_sides() {
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let mut s = UnixStream::connect(&env.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&Preamble { version: PROTOCOL_VERSION + 1, status: HandshakeStatus::Ok }.to_bytes()).unwrap();
+    let reply = read_to_close(&mut s);
+    let pre = Preamble::parse(reply[..8].try_into().unwrap()).unwrap();
+    assert_eq!(pre.status, HandshakeStatus::VersionMismatch);
+    assert_eq!(pre.version, PROTOCOL_VERSION);
+    healthy(&env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_dropped_after_the_handshake_timeout() {
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let started = std::time::Instant::now();
+    let mut s = UnixStream::connect(&env.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let reply = read_to_close(&mut s); // sends nothing
+    assert_eq!(Preamble::parse(reply[..8].try_into().unwrap()).unwrap().status, HandshakeStatus::BadHello);
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(1500) && waited < Duration::from_secs(15), "{waited:?}");
+    healthy(&env).await;
+}
+
+/// Connects as uid/gid 65534 (via `setpriv`) and reports what the daemon sent.
+fn connect_as_nobody(socket: &Path) -> std::process::Output {
+    std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_peer_probe")])
+        .arg(socket)
+        .output()
+        .expect("setpriv (util-linux) is needed for this test")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_user_is_refused_even_through_a_loosened_socket() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("not root: cannot switch uid to test peer credentials; covered in CI (runs as root)");
+        return;
+    }
+    let env = TestEnv::new();
+    let daemon = TestDaemon::start(&env);
+    // With the modes as the daemon made them, the kernel already stops another user.
+    let out = connect_as_nobody(&env.socket);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("connect-error"),
+        "0700/0600 keep other users out: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Loosen every mode on the way: the daemon's SO_PEERCRED check still refuses.
+    let mut dir = env.socket.parent().unwrap().to_path_buf();
+    std::fs::set_permissions(&env.socket, std::fs::Permissions::from_mode(0o777)).unwrap();
+    loop {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        if dir == env.path() {
+            break;
+        }
+        dir = dir.parent().unwrap().to_path_buf();
+    }
+    std::fs::set_permissions(&env.socket.parent().unwrap(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = connect_as_nobody(&env.socket);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let want = dlsession_proto::validate::to_hex(&Preamble::ours(HandshakeStatus::PermissionDenied).to_bytes());
+    assert!(
+        stdout.contains(&format!("reply {want}")),
+        "refused with permission_denied: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(daemon.log().contains("refused a connection from another user"));
+    healthy(&env).await;
+}
