@@ -1,1 +1,5 @@
-fn main() {}
+//! `dlsessionctl`: see the library for everything.
+
+fn main() -> std::process::ExitCode {
+    dlsessionctl::main()
+}

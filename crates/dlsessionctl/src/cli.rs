@@ -1,0 +1,266 @@
+//! The command line, as clap derive types. Doc comments are the `--help` text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use dlsession_proto::{TaskId, TaskState};
+
+/// Inspect and control dlsessiond, the per-user background download daemon.
+///
+/// dlsessiond keeps downloads going after the app that started them exits, survives
+/// crashes and reboots, and wakes or relaunches the app when its downloads are done.
+/// This tool shows what the daemon is doing, starts downloads of its own (`get`), and
+/// can stand in for an app (`attach`).
+///
+/// Exit status: 0 success, 1 the operation or a task failed, 2 usage error,
+/// 3 dlsessiond is not running.
+#[derive(Debug, Parser)]
+#[command(name = "dlsessionctl", version, max_term_width = 100)]
+pub struct Cli {
+    /// The daemon's socket [default: $XDG_RUNTIME_DIR/dlsessiond/dlsessiond.sock]
+    #[arg(long, global = true, value_name = "PATH", env = "DLSESSIOND_SOCKET")]
+    pub socket: Option<PathBuf>,
+
+    /// Machine-readable output on stdout: one JSON document, or JSON lines for streams
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show the daemon's version, paths, task counts and throughput
+    Status,
+
+    /// List sessions: app, attachment, tasks by state, undelivered events, next wake
+    Sessions,
+
+    /// List tasks with their progress, speed, ETA and why they are not running
+    Tasks(TasksArgs),
+
+    /// Show everything about one task: URLs, response, validators, bytes, attempts,
+    /// last error, why it waits and until when, file paths
+    Show(ShowArgs),
+
+    /// Download URLs through the daemon (like wget, but the daemon does the work)
+    ///
+    /// Creates and starts one task per URL in one batch, prints the task ids and exits;
+    /// the downloads go on in dlsessiond. With --wait, shows progress until every task
+    /// is done and exits 0 only if all of them succeeded.
+    ///
+    /// Files land in the current directory under the name from the URL, unless -o or -d
+    /// says otherwise. Without --wait, the tasks' completion events stay in the session
+    /// until collected with `dlsessionctl attach SESSION`.
+    Get(GetArgs),
+
+    /// Show live progress of active tasks until none is active
+    Watch(WatchArgs),
+
+    /// Pause (suspend) a task; it keeps its partial data and can be resumed
+    Pause(TaskArg),
+
+    /// Resume a suspended task
+    Resume(TaskArg),
+
+    /// Cancel a task; it completes with the error `cancelled`
+    Cancel(TaskArg),
+
+    /// Act as a session's app: rejoin it, print each delivered event, exit when all are delivered
+    ///
+    /// Events are acknowledged as they are printed. A finished file is reported at its
+    /// location; once acknowledged, dlsessiond deletes files left in its cache, so use
+    /// --move-to DIR to keep them. The session's stored configuration (app id, relaunch
+    /// command, headers, limits) is kept.
+    Attach(AttachArgs),
+
+    /// Ask the daemon to wake or relaunch a session's app now
+    Wake(WakeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TasksArgs {
+    /// Only tasks of this session
+    #[arg(long, value_name = "ID")]
+    pub session: Option<String>,
+
+    /// Only tasks in this state
+    #[arg(long, value_name = "STATE")]
+    pub state: Option<StateArg>,
+}
+
+/// A task state, as the user types it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StateArg {
+    /// Created or paused, not started
+    Suspended,
+    /// Waiting for a download slot or its start time
+    Queued,
+    /// Downloading
+    Running,
+    /// Backing off after a transient failure
+    Waiting,
+    /// Finished: succeeded, failed or cancelled
+    Completed,
+}
+
+impl From<StateArg> for TaskState {
+    fn from(s: StateArg) -> TaskState {
+        match s {
+            StateArg::Suspended => TaskState::Suspended,
+            StateArg::Queued => TaskState::Queued,
+            StateArg::Running => TaskState::Running,
+            StateArg::Waiting => TaskState::Waiting,
+            StateArg::Completed => TaskState::Completed,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The task id (see `dlsessionctl tasks`)
+    #[arg(value_name = "TASK")]
+    pub task: TaskId,
+}
+
+#[derive(Debug, Args)]
+pub struct TaskArg {
+    /// The task id (see `dlsessionctl tasks`)
+    #[arg(value_name = "TASK")]
+    pub task: TaskId,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// The URLs to download (http or https)
+    #[arg(value_name = "URL")]
+    pub urls: Vec<String>,
+
+    /// Also read URLs from FILE, one per line ('-' reads stdin; blank lines and lines
+    /// starting with '#' are skipped)
+    #[arg(short = 'i', long = "input-file", value_name = "FILE")]
+    pub input: Option<PathBuf>,
+
+    /// Save the download as PATH (only with a single URL)
+    #[arg(short = 'o', long = "output", value_name = "PATH", conflicts_with = "dir")]
+    pub output: Option<PathBuf>,
+
+    /// Save the downloads into DIR, named after the last part of each URL (DIR is created
+    /// if needed)
+    #[arg(short = 'd', long = "dir", value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+
+    /// The session the tasks belong to
+    #[arg(long, value_name = "ID", default_value = "dlsessionctl")]
+    pub session: String,
+
+    /// Set the session's app id: the app dlsessiond wakes when the downloads are done
+    #[arg(long, value_name = "ID")]
+    pub app_id: Option<String>,
+
+    /// Set the session's relaunch command, run (without a shell) when the downloads are
+    /// done and the app is not running; split into words like a POSIX shell would
+    #[arg(long, value_name = "CMD")]
+    pub launch_cmd: Option<String>,
+
+    /// Add a request header, e.g. --header 'Authorization: Bearer …' (repeatable)
+    #[arg(short = 'H', long = "header", value_name = "NAME: VALUE")]
+    pub headers: Vec<String>,
+
+    /// The SHA-256 the file must have, as 64 hex digits (only with a single URL); a
+    /// mismatch fails the task with checksum_mismatch
+    #[arg(long, value_name = "HEX")]
+    pub sha256: Option<String>,
+
+    /// Scheduling priority, from 0 (lowest) to 1 (highest)
+    #[arg(long, value_name = "P", default_value_t = 0.5, value_parser = parse_priority)]
+    pub priority: f32,
+
+    /// Replace files that already exist at the destination
+    #[arg(long)]
+    pub overwrite: bool,
+
+    /// Show progress and wait until every task is done; exit 1 if any failed
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Only tasks of this session
+    #[arg(long, value_name = "ID")]
+    pub session: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// The session identifier
+    #[arg(value_name = "SESSION")]
+    pub session: String,
+
+    /// Move each finished file into DIR, keeping the URL's file name (a name that is
+    /// taken gets a suffix like " (1)")
+    #[arg(long, value_name = "DIR")]
+    pub move_to: Option<PathBuf>,
+
+    /// Take the session over if another process is attached (it gets `detached`)
+    #[arg(long)]
+    pub takeover: bool,
+
+    /// Announce this app id on the connection (as the app itself would)
+    #[arg(long, value_name = "ID")]
+    pub app_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct WakeArgs {
+    /// The session identifier
+    #[arg(value_name = "SESSION")]
+    pub session: String,
+}
+
+fn parse_priority(s: &str) -> Result<f32, String> {
+    let p: f32 = s.trim().parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if p.is_finite() && (0.0..=1.0).contains(&p) {
+        Ok(p)
+    } else {
+        Err(format!("priority must be between 0 and 1, got {s}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn priority_range() {
+        assert_eq!(parse_priority("0.25"), Ok(0.25));
+        assert_eq!(parse_priority("1"), Ok(1.0));
+        assert!(parse_priority("1.5").is_err());
+        assert!(parse_priority("-0.1").is_err());
+        assert!(parse_priority("NaN").is_err());
+        assert!(parse_priority("x").is_err());
+    }
+
+    #[test]
+    fn bad_state_is_a_usage_error() {
+        let e = Cli::try_parse_from(["dlsessionctl", "tasks", "--state", "sleeping"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let ok = Cli::try_parse_from(["dlsessionctl", "--json", "tasks", "--state", "running"]).unwrap();
+        assert!(ok.json);
+    }
+
+    #[test]
+    fn output_and_dir_conflict() {
+        let e = Cli::try_parse_from(["dlsessionctl", "get", "http://a/x", "-o", "a", "-d", "b"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+    }
+}

@@ -1,0 +1,358 @@
+//! `dlsessionctl attach SESSION [--move-to DIR] [--takeover]`: stand in for the app.
+//!
+//! Attaching replaces the session's stored configuration, so the existing one is read
+//! first and sent back unchanged. The client library's delegate runs on its own thread;
+//! it prints each event and tells the main task through a channel when the session's
+//! events are all delivered (or the attachment ended).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use dlsession::{DownloadTask, Session, SessionConfiguration, SessionDelegate, TaskError};
+use dlsession_proto::{DetachReason, ErrorCode, LaunchSpec, Request, Response, SessionConfig};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::cli::AttachArgs;
+use crate::commands::Ctx;
+use crate::error::{CliError, Exit, Result};
+use crate::json::{self, AttachEventJson, ErrorJson};
+use crate::output;
+
+/// What the delegate tells the main task.
+#[derive(Debug)]
+enum Note {
+    FinishedEvents,
+    Detached(DetachReason),
+}
+
+pub async fn run(ctx: &Ctx, args: AttachArgs) -> Result<Exit> {
+    let move_to = match &args.move_to {
+        Some(dir) => Some(prepare_dir(dir)?),
+        None => None,
+    };
+    let client = ctx.connect(args.app_id.clone()).await?;
+    let existing = match client.request(Request::GetSession { identifier: args.session.clone() }).await {
+        Ok(Response::Session(info)) => Some(info.config),
+        Ok(other) => return Err(CliError::unexpected("session", &other)),
+        Err(dlsession::Error::Daemon(e)) if e.code == ErrorCode::NoSuchSession => None,
+        Err(e) => return Err(e.into()),
+    };
+    let existed = existing.is_some();
+    let configuration =
+        configuration(&args.session, existing.unwrap_or_default()).takeover(args.takeover).client_name("dlsessionctl");
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let printer = Printer {
+        json: ctx.json,
+        move_to,
+        notes: tx,
+        failed: Arc::new(AtomicBool::new(false)),
+        cache_note: AtomicBool::new(false),
+    };
+    let failed = printer.failed.clone();
+    // The delegate is dropped when the session's dispatcher ends, closing `rx`.
+    let session = Session::attach_with(&client, configuration, Arc::new(printer)).await?;
+    if !existed {
+        eprintln!("note: session {} did not exist; it was created (with no tasks)", args.session);
+    }
+    let interrupt = tokio::signal::ctrl_c();
+    tokio::pin!(interrupt);
+    let note = tokio::select! {
+        note = rx.recv() => note,
+        _ = &mut interrupt => return Ok(Exit::Interrupted),
+    };
+    let outcome = match note {
+        Some(Note::FinishedEvents | Note::Detached(DetachReason::Invalidated)) => Ok(Exit::Success),
+        Some(Note::Detached(DetachReason::TakenOver)) => {
+            Err(CliError::local(ErrorCode::SessionInUse, format!("another process took session {} over", args.session)))
+        }
+        Some(Note::Detached(DetachReason::DaemonShutdown)) => {
+            Err(CliError::Client(dlsession::Error::Disconnected { reason: Some("dlsessiond is shutting down".into()) }))
+        }
+        None => Err(CliError::Client(dlsession::Error::Disconnected { reason: None })),
+    };
+    if matches!(outcome, Ok(Exit::Success)) {
+        // Tasks go on; this only ends the attachment politely.
+        let _ = tokio::time::timeout(Duration::from_secs(2), session.detach()).await;
+    }
+    match outcome {
+        Ok(Exit::Success) if failed.load(Ordering::Relaxed) => Ok(Exit::Failed),
+        other => other,
+    }
+}
+
+/// Creates `dir` if needed and makes sure files can be created in it, before any
+/// event is acknowledged.
+fn prepare_dir(dir: &Path) -> Result<PathBuf> {
+    let dir = std::path::absolute(dir).map_err(|e| CliError::file("cannot use", dir, &e))?;
+    std::fs::create_dir_all(&dir).map_err(|e| CliError::file("cannot create the directory", &dir, &e))?;
+    let probe = dir.join(format!(".dlsessionctl-probe-{}", std::process::id()));
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(|e| CliError::file("cannot create files in", &dir, &e))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(dir)
+}
+
+/// The stored configuration as a `SessionConfiguration`, so attaching keeps it.
+fn configuration(identifier: &str, c: SessionConfig) -> SessionConfiguration {
+    let mut s = SessionConfiguration::background(identifier)
+        .timeout_for_request(Duration::from_millis(c.timeout_for_request_ms))
+        .timeout_for_resource(Duration::from_millis(c.timeout_for_resource_ms))
+        .max_connections_per_host(c.max_connections_per_host);
+    if let Some(app_id) = c.app_id {
+        s = s.app_id(app_id);
+    }
+    match c.launch {
+        Some(LaunchSpec::Command { argv }) => s = s.launch_command(argv),
+        Some(LaunchSpec::SystemdUnit { unit }) => s = s.systemd_unit(unit),
+        None => {}
+    }
+    for h in c.http_headers {
+        s = s.header(h.name, h.value);
+    }
+    if let Some(n) = c.max_concurrent_tasks {
+        s = s.max_concurrent_tasks(n);
+    }
+    if let Some(b) = c.bandwidth_limit {
+        s = s.bandwidth_limit(b);
+    }
+    s
+}
+
+/// Prints every event; moves finished files with `--move-to`.
+struct Printer {
+    json: bool,
+    move_to: Option<PathBuf>,
+    notes: mpsc::UnboundedSender<Note>,
+    /// A file could not be moved.
+    failed: Arc<AtomicBool>,
+    /// The note about the cache was printed.
+    cache_note: AtomicBool,
+}
+
+impl Printer {
+    fn line(&self, human: &str, json: &AttachEventJson) {
+        let mut out = io::stdout().lock();
+        let _ = if self.json { write_json(&mut out, json) } else { writeln!(out, "{human}") };
+        let _ = out.flush();
+    }
+}
+
+fn write_json(out: &mut impl Write, value: &impl Serialize) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, value).map_err(io::Error::from)?;
+    writeln!(out)
+}
+
+impl SessionDelegate for Printer {
+    fn did_resume_at_offset(&self, _: &Session, task: &DownloadTask, offset: u64, expected_total: Option<u64>) {
+        self.line(
+            &format!("resumed_at_offset task {} at {offset}", task.id()),
+            &AttachEventJson::ResumedAtOffset { task: task.id(), offset, expected_total },
+        );
+    }
+
+    fn did_finish_downloading_to(&self, _: &Session, task: &DownloadTask, location: &Path) {
+        let Some(dir) = &self.move_to else {
+            if !self.json && !self.cache_note.swap(true, Ordering::Relaxed) {
+                eprintln!(
+                    "note: files left in dlsessiond's cache are deleted once acknowledged; --move-to DIR keeps them"
+                );
+            }
+            self.line(
+                &format!("finished_downloading task {}: {}", task.id(), location.display()),
+                &AttachEventJson::FinishedDownloading {
+                    task: task.id(),
+                    location: location.display().to_string(),
+                    moved_from: None,
+                    move_error: None,
+                },
+            );
+            return;
+        };
+        let name = output::file_name_from_url(task.url())
+            .or_else(|| location.file_name().map(|n| output::sanitize_file_name(&n.to_string_lossy())))
+            .unwrap_or_else(|| output::FALLBACK_FILE_NAME.into());
+        match move_into(location, dir, &name) {
+            Ok(to) => self.line(
+                &format!("finished_downloading task {}: {}", task.id(), to.display()),
+                &AttachEventJson::FinishedDownloading {
+                    task: task.id(),
+                    location: to.display().to_string(),
+                    moved_from: Some(location.display().to_string()),
+                    move_error: None,
+                },
+            ),
+            Err(e) => {
+                self.failed.store(true, Ordering::Relaxed);
+                let error = CliError::file("cannot move the download to", dir, &e);
+                eprintln!("error: task {}: {error}", task.id());
+                let info = match &error {
+                    CliError::Local(info) => Some(ErrorJson::from(info)),
+                    _ => None,
+                };
+                self.line(
+                    &format!("finished_downloading task {}: {}", task.id(), location.display()),
+                    &AttachEventJson::FinishedDownloading {
+                        task: task.id(),
+                        location: location.display().to_string(),
+                        moved_from: None,
+                        move_error: info,
+                    },
+                );
+            }
+        }
+    }
+
+    fn did_complete_with_error(&self, _: &Session, task: &DownloadTask, error: Option<&TaskError>) {
+        let human = match error {
+            None => format!("completed task {}", task.id()),
+            Some(e) => format!("completed task {}: {}", task.id(), output::error(e)),
+        };
+        self.line(&human, &AttachEventJson::Completed { task: task.id(), error: json::error(error) });
+    }
+
+    fn did_finish_events_for_background_session(&self, session: &Session) {
+        self.line(
+            "finished_events: every event was delivered",
+            &AttachEventJson::FinishedEvents { session: session.identifier().to_owned() },
+        );
+        let _ = self.notes.send(Note::FinishedEvents);
+    }
+
+    fn did_become_invalid(&self, _: &Session, error: Option<&TaskError>) {
+        let human = match error {
+            None => "did_become_invalid".to_owned(),
+            Some(e) => format!("did_become_invalid: {}", output::error(e)),
+        };
+        self.line(&human, &AttachEventJson::DidBecomeInvalid { error: json::error(error) });
+    }
+
+    fn did_detach(&self, _: &Session, reason: DetachReason) {
+        self.line(&format!("detached: {}", reason.as_str()), &AttachEventJson::Detached { reason: reason.as_str() });
+        let _ = self.notes.send(Note::Detached(reason));
+    }
+}
+
+/// `name`, then `stem (1).ext`, `stem (2).ext`…
+fn numbered(name: &str, n: u32) -> String {
+    if n == 0 {
+        return name.to_owned();
+    }
+    match name.rfind('.') {
+        Some(dot) if dot > 0 => {
+            let (stem, ext) = name.split_at(dot);
+            format!("{stem} ({n}){ext}")
+        }
+        _ => format!("{name} ({n})"),
+    }
+}
+
+/// Moves `from` into `dir` as `name` (numbered if taken); never replaces a file.
+fn move_into(from: &Path, dir: &Path, name: &str) -> io::Result<PathBuf> {
+    for n in 0..1000 {
+        let to = dir.join(numbered(name, n));
+        match place(from, &to) {
+            Ok(()) => return Ok(to),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("too many files named like {name}")))
+}
+
+/// A rename that fails if `to` exists: a hard link then unlink, or (across file systems,
+/// or where links are not supported) a copy into a new file then unlink.
+fn place(from: &Path, to: &Path) -> io::Result<()> {
+    match std::fs::hard_link(from, to) {
+        Ok(()) => {
+            let _ = std::fs::remove_file(from);
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(e),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(e),
+        Err(_) => copy_new(from, to),
+    }
+}
+
+fn copy_new(from: &Path, to: &Path) -> io::Result<()> {
+    let mut src = File::open(from)?;
+    let mut dst = OpenOptions::new().write(true).create_new(true).open(to)?;
+    let copied = io::copy(&mut src, &mut dst).and_then(|_| dst.sync_all());
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(to);
+        return Err(e);
+    }
+    let _ = std::fs::remove_file(from);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dlsession_proto::Header;
+
+    #[test]
+    fn configuration_is_carried_over() {
+        let c = SessionConfig {
+            app_id: Some("org.example.app".into()),
+            launch: Some(LaunchSpec::Command { argv: vec!["/bin/app".into(), "--bg".into()] }),
+            http_headers: vec![Header::new("X-A", "1")],
+            timeout_for_request_ms: 1234,
+            timeout_for_resource_ms: 99_999,
+            max_connections_per_host: 2,
+            max_concurrent_tasks: Some(3),
+            bandwidth_limit: Some(4096),
+        };
+        assert_eq!(configuration("s", c.clone()).config(), &c);
+        let d = SessionConfig::default();
+        assert_eq!(configuration("s", d.clone()).config(), &d);
+        let unit = SessionConfig { launch: Some(LaunchSpec::SystemdUnit { unit: "app@.service".into() }), ..d };
+        assert_eq!(configuration("s", unit.clone()).config(), &unit);
+    }
+
+    #[test]
+    fn numbered_names() {
+        assert_eq!(numbered("a.bin", 0), "a.bin");
+        assert_eq!(numbered("a.bin", 1), "a (1).bin");
+        assert_eq!(numbered("README", 2), "README (2)");
+        assert_eq!(numbered(".hidden", 1), ".hidden (1)");
+    }
+
+    #[test]
+    fn moves_never_replace() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        std::fs::write(out.join("a.bin"), b"old").unwrap();
+        std::fs::write(&src, b"new").unwrap();
+        let to = move_into(&src, &out, "a.bin").unwrap();
+        assert_eq!(to, out.join("a (1).bin"));
+        assert_eq!(std::fs::read(&to).unwrap(), b"new");
+        assert_eq!(std::fs::read(out.join("a.bin")).unwrap(), b"old");
+        assert!(!src.exists());
+        assert_eq!(move_into(&src, &out, "b").unwrap_err().kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn copies_into_new_files_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::write(&src, b"data").unwrap();
+        let taken = dir.path().join("taken");
+        std::fs::write(&taken, b"x").unwrap();
+        assert_eq!(copy_new(&src, &taken).unwrap_err().kind(), io::ErrorKind::AlreadyExists);
+        let to = dir.path().join("new");
+        copy_new(&src, &to).unwrap();
+        assert_eq!(std::fs::read(&to).unwrap(), b"data");
+        assert!(!src.exists());
+    }
+}

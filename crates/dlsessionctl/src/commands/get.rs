@@ -1,0 +1,409 @@
+//! `dlsessionctl get URL... [-i FILE] [-o PATH | -d DIR] [--wait] …`
+//!
+//! Everything that can be checked locally (flag combinations, headers, checksum,
+//! launch command, destinations) is checked before the daemon is contacted, so a usage
+//! error never leaves half a batch behind. The tasks are then created and started in
+//! one `CreateTasks` request.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use dlsession::Client;
+use dlsession_proto::{
+    ErrorCode, Event, Header, LaunchSpec, Request, Response, SessionConfig, TaskId, TaskInfo, TaskSpec,
+    TaskState, WatchFilter,
+};
+
+use crate::cli::GetArgs;
+use crate::commands::{Ctx, request_ok};
+use crate::error::{CliError, Exit, Result};
+use crate::json::{self, CreatedJson, FinishedJson};
+use crate::output;
+use crate::progress::{self, Progress};
+use crate::shell_words;
+
+/// One download to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Item {
+    url: String,
+    destination: PathBuf,
+}
+
+/// What the command line asks for, checked.
+#[derive(Debug)]
+struct Plan {
+    items: Vec<Item>,
+    headers: Vec<Header>,
+    sha256: Option<[u8; 32]>,
+    launch: Option<Vec<String>>,
+    /// A `-d` directory to create before the downloads finish.
+    make_dir: Option<PathBuf>,
+}
+
+pub async fn run(ctx: &Ctx, args: GetArgs) -> Result<Exit> {
+    let mut urls = args.urls.clone();
+    if let Some(list) = &args.input {
+        urls.extend(read_url_list(list)?);
+    } else if urls.is_empty() {
+        return Err(CliError::usage("no URL given: pass URLs as arguments or in a file with -i FILE"));
+    }
+    if urls.is_empty() {
+        eprintln!("nothing to download: the URL list is empty");
+        return Ok(Exit::Success);
+    }
+    let cwd = std::env::current_dir().map_err(|e| CliError::file("cannot determine", Path::new("."), &e))?;
+    let plan = plan(&args, urls, &cwd)?;
+    prepare_files(&plan, args.overwrite)?;
+
+    let client = ctx.connect(None).await?;
+    open_session(&client, &args.session, args.app_id.clone(), plan.launch.clone()).await?;
+    let specs: Vec<TaskSpec> = plan
+        .items
+        .iter()
+        .map(|item| {
+            let mut spec = TaskSpec::get(item.url.clone());
+            spec.headers = plan.headers.clone();
+            spec.priority = args.priority;
+            spec.expected_sha256 = plan.sha256;
+            spec.destination = item.destination.to_str().map(str::to_owned);
+            spec.overwrite = args.overwrite;
+            spec
+        })
+        .collect();
+    let request = Request::CreateTasks { identifier: args.session.clone(), tasks: specs, resume: true };
+    let ids = match client.request(request).await? {
+        Response::TasksCreated(ids) if ids.len() == plan.items.len() => ids,
+        other => return Err(CliError::unexpected("one task id per URL", &other)),
+    };
+    {
+        let mut out = std::io::stdout().lock();
+        for (id, item) in ids.iter().zip(&plan.items) {
+            let destination = item.destination.display().to_string();
+            if ctx.json {
+                let line = CreatedJson {
+                    task: *id,
+                    session: &args.session,
+                    url: output::redact_url(&item.url),
+                    destination: &destination,
+                };
+                serde_json::to_writer(&mut out, &line).map_err(std::io::Error::from)?;
+                writeln!(out)?;
+            } else {
+                writeln!(out, "task {id}: {} -> {destination}", output::redact_url(&item.url))?;
+            }
+        }
+        out.flush()?;
+    }
+    if !args.wait {
+        return Ok(Exit::Success);
+    }
+    wait(ctx, &client, &args.session, &ids).await
+}
+
+/// Reads URLs, one per line; blank lines and `#` comments are skipped. `-` is stdin.
+fn read_url_list(path: &Path) -> Result<Vec<String>> {
+    let text = if path == Path::new("-") {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).map_err(|e| CliError::file("cannot read URLs from", path, &e))?;
+        s
+    } else {
+        std::fs::read_to_string(path).map_err(|e| CliError::file("cannot read the URL list", path, &e))?
+    };
+    Ok(parse_url_list(&text))
+}
+
+fn parse_url_list(text: &str) -> Vec<String> {
+    text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned).collect()
+}
+
+/// Checks the flags and works out each URL's destination.
+fn plan(args: &GetArgs, urls: Vec<String>, cwd: &Path) -> Result<Plan> {
+    if args.output.is_some() && urls.len() != 1 {
+        return Err(CliError::usage(format!(
+            "-o names the file of a single URL, but {} URLs were given; use -d DIR for several",
+            urls.len()
+        )));
+    }
+    let sha256 = match &args.sha256 {
+        Some(_) if urls.len() != 1 => {
+            return Err(CliError::usage(format!(
+                "--sha256 checks a single download, but {} URLs were given",
+                urls.len()
+            )));
+        }
+        Some(hex) => Some(
+            dlsession_proto::validate::parse_sha256_hex(hex.trim())
+                .map_err(|e| CliError::usage(format!("--sha256: {}", e.message)))?,
+        ),
+        None => None,
+    };
+    let headers = args
+        .headers
+        .iter()
+        .map(|h| output::parse_header(h).map(|(n, v)| Header::new(n, v)).map_err(CliError::usage))
+        .collect::<Result<Vec<_>>>()?;
+    let launch = match &args.launch_cmd {
+        Some(cmd) => {
+            let argv = shell_words::split(cmd).map_err(|e| CliError::usage(format!("--launch-cmd: {e}")))?;
+            if argv.is_empty() {
+                return Err(CliError::usage("--launch-cmd is empty"));
+            }
+            Some(argv)
+        }
+        None => None,
+    };
+    let items = destinations(urls, args.output.as_deref(), args.dir.as_deref(), cwd)?;
+    Ok(Plan { items, headers, sha256, launch, make_dir: args.dir.as_ref().map(|d| cwd.join(d)) })
+}
+
+/// Each URL's absolute destination; two URLs may not share one.
+fn destinations(urls: Vec<String>, output: Option<&Path>, dir: Option<&Path>, cwd: &Path) -> Result<Vec<Item>> {
+    let mut items = Vec::with_capacity(urls.len());
+    let mut taken: HashMap<PathBuf, String> = HashMap::new();
+    for url in urls {
+        let name = output::file_name_from_url(&url);
+        let destination = match (output, dir) {
+            (Some(o), _) => {
+                let o = cwd.join(o);
+                if o.is_dir() { o.join(name.as_deref().unwrap_or(output::FALLBACK_FILE_NAME)) } else { o }
+            }
+            (None, Some(d)) => cwd.join(d).join(name.as_deref().unwrap_or(output::FALLBACK_FILE_NAME)),
+            (None, None) => cwd.join(name.as_deref().unwrap_or(output::FALLBACK_FILE_NAME)),
+        };
+        if destination.to_str().is_none() {
+            return Err(CliError::usage(format!("destination {} is not valid UTF-8", destination.display())));
+        }
+        // A string that is not a URL is refused by the daemon with `invalid_url`; its
+        // placeholder name says nothing about a clash.
+        if name.is_some() {
+            if let Some(other) = taken.get(&destination) {
+                return Err(CliError::usage(format!(
+                    "{} and {} would both be saved as {}; download them separately with -o",
+                    output::redact_url(other),
+                    output::redact_url(&url),
+                    destination.display()
+                )));
+            }
+            taken.insert(destination.clone(), url.clone());
+        }
+        items.push(Item { url, destination });
+    }
+    Ok(items)
+}
+
+/// Creates the `-d` directory and checks that every destination can be written.
+fn prepare_files(plan: &Plan, overwrite: bool) -> Result<()> {
+    if let Some(dir) = &plan.make_dir {
+        std::fs::create_dir_all(dir).map_err(|e| CliError::file("cannot create the directory", dir, &e))?;
+    }
+    for item in &plan.items {
+        if let Some(parent) = item.destination.parent()
+            && !parent.is_dir()
+        {
+            return Err(CliError::local(
+                ErrorCode::FileError,
+                format!("cannot save to {}: {} is not a directory", item.destination.display(), parent.display()),
+            ));
+        }
+        if !overwrite && item.destination.symlink_metadata().is_ok() {
+            return Err(CliError::local(
+                ErrorCode::FileError,
+                format!("{} already exists (--overwrite replaces it)", item.destination.display()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Creates the session if needed; sets its app id and relaunch command if asked to,
+/// keeping the rest of an existing configuration.
+async fn open_session(
+    client: &Client,
+    identifier: &str,
+    app_id: Option<String>,
+    launch: Option<Vec<String>>,
+) -> Result<()> {
+    let config = if app_id.is_some() || launch.is_some() {
+        let mut config = match client.request(Request::GetSession { identifier: identifier.to_owned() }).await {
+            Ok(Response::Session(info)) => info.config,
+            Ok(other) => return Err(CliError::unexpected("session", &other)),
+            Err(dlsession::Error::Daemon(e)) if e.code == ErrorCode::NoSuchSession => SessionConfig::default(),
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(app_id) = app_id {
+            config.app_id = Some(app_id);
+        }
+        if let Some(argv) = launch {
+            config.launch = Some(LaunchSpec::Command { argv });
+        }
+        Some(config)
+    } else {
+        None
+    };
+    match client.request(Request::OpenSession { identifier: identifier.to_owned(), config }).await? {
+        Response::Session(_) => Ok(()),
+        other => Err(CliError::unexpected("session", &other)),
+    }
+}
+
+/// Follows the tasks until all are completed, then acknowledges their events.
+async fn wait(ctx: &Ctx, client: &Client, session: &str, ids: &[TaskId]) -> Result<Exit> {
+    // Subscribe before asking, so nothing sent right after the Watch answer is lost.
+    let mut events = client.events();
+    request_ok(client, Request::Watch(WatchFilter { session: None, tasks: ids.to_vec() })).await?;
+    let mut progress = Progress::new(progress::terminal(), false);
+    let mut pending: HashSet<TaskId> = ids.iter().copied().collect();
+    let mut paused_noted: HashSet<TaskId> = HashSet::new();
+    let mut failed = 0usize;
+    let interrupt = tokio::signal::ctrl_c();
+    tokio::pin!(interrupt);
+    while !pending.is_empty() {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            _ = &mut interrupt => {
+                progress.clear();
+                eprintln!(
+                    "interrupted: the downloads go on in dlsessiond (see `dlsessionctl tasks --session {session}`)"
+                );
+                return Ok(Exit::Interrupted);
+            }
+        };
+        match event {
+            None => {
+                progress.clear();
+                return Err(CliError::Client(dlsession::Error::Disconnected {
+                    reason: Some("while waiting for the downloads".into()),
+                }));
+            }
+            Some(Event::TaskUpdate(info)) if pending.contains(&info.id) => {
+                if info.state == TaskState::Completed {
+                    pending.remove(&info.id);
+                    progress.remove(info.id);
+                    if info.error.is_some() {
+                        failed += 1;
+                    }
+                    report_finished(ctx, &progress, session, &info)?;
+                } else {
+                    if info.state == TaskState::Suspended && paused_noted.insert(info.id) {
+                        progress.err(&format!(
+                            "task {} is paused; waiting until it is resumed (`dlsessionctl resume {}`)",
+                            info.id, info.id
+                        ));
+                    }
+                    progress.update(&info);
+                }
+            }
+            Some(Event::Progress { task, total_bytes_written, total_bytes_expected, .. })
+                if pending.contains(&task) =>
+            {
+                progress.progress(task, total_bytes_written, total_bytes_expected);
+            }
+            Some(_) => {}
+        }
+    }
+    progress.clear();
+    // The events of these tasks would otherwise wait in the session for an app.
+    if let Err(e) = acknowledge(client, ids).await {
+        eprintln!("warning: could not acknowledge the tasks' events: {e}");
+    }
+    Ok(if failed == 0 { Exit::Success } else { Exit::Failed })
+}
+
+/// Acknowledges the tasks' events, so they do not wait in the session for an app.
+///
+/// The daemon emits a task's durable events in the same step that tells watchers it
+/// completed, so one request after the last completion covers them all.
+async fn acknowledge(client: &Client, ids: &[TaskId]) -> Result<()> {
+    request_ok(client, Request::AcknowledgeTasks { tasks: ids.to_vec() }).await
+}
+
+fn report_finished(ctx: &Ctx, progress: &Progress, session: &str, info: &TaskInfo) -> Result<()> {
+    if ctx.json {
+        let line = FinishedJson {
+            task: info.id,
+            session,
+            state: info.state.as_str(),
+            location: info.location.as_deref(),
+            bytes_received: info.bytes_received,
+            error: json::error(info.error.as_ref()),
+        };
+        progress.out(&serde_json::to_string(&line).map_err(std::io::Error::from)?)?;
+        return Ok(());
+    }
+    match &info.error {
+        None => progress.out(&format!(
+            "task {} completed: {} ({})",
+            info.id,
+            info.location.as_deref().unwrap_or("-"),
+            output::size(info.bytes_received)
+        ))?,
+        Some(e) => progress.err(&format!("task {} failed: {}", info.id, output::error(e))),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(argv: &[&str]) -> GetArgs {
+        let mut full = vec!["dlsessionctl", "get"];
+        full.extend_from_slice(argv);
+        match crate::cli::Cli::try_parse_from(full).unwrap().command {
+            crate::cli::Command::Get(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn plan_of(argv: &[&str]) -> Result<Plan> {
+        let a = args(argv);
+        let urls = a.urls.clone();
+        plan(&a, urls, Path::new("/work"))
+    }
+
+    #[test]
+    fn url_lists() {
+        assert_eq!(parse_url_list("# c\n\n  http://a/x  \n#http://no\nhttp://b/y\n"), ["http://a/x", "http://b/y"]);
+    }
+
+    #[test]
+    fn destinations_follow_the_flags() {
+        let p = plan_of(&["http://h/a.bin"]).unwrap();
+        assert_eq!(p.items[0].destination, Path::new("/work/a.bin"));
+        let p = plan_of(&["http://h/a.bin", "-o", "out/b.bin"]).unwrap();
+        assert_eq!(p.items[0].destination, Path::new("/work/out/b.bin"));
+        let p = plan_of(&["http://h/a.bin", "http://h/x/c%20d", "-d", "/tmp/dl"]).unwrap();
+        assert_eq!(p.items[1].destination, Path::new("/tmp/dl/c d"));
+        assert_eq!(p.make_dir.as_deref(), Some(Path::new("/tmp/dl")));
+        let p = plan_of(&["http://h/"]).unwrap();
+        assert_eq!(p.items[0].destination, Path::new("/work/download"));
+    }
+
+    #[test]
+    fn usage_errors() {
+        for argv in [
+            &["http://h/a", "http://h/b", "-o", "x"][..],
+            &["http://h/a", "http://g/a"],
+            &["http://h/a", "http://h/b", "--sha256", &"0".repeat(64)],
+            &["http://h/a", "--sha256", "abc"],
+            &["http://h/a", "--header", "NoColon"],
+            &["http://h/a", "--launch-cmd", "app 'open"],
+            &["http://h/a", "--launch-cmd", "  "],
+        ] {
+            let e = plan_of(argv).unwrap_err();
+            assert_eq!(e.exit(), Exit::Usage, "{argv:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn options_are_carried() {
+        let hex = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let p = plan_of(&["http://h/a", "--sha256", hex, "-H", "X-A: 1:2", "--launch-cmd", "/usr/bin/app --bg 'a b'"])
+            .unwrap();
+        assert!(p.sha256.is_some());
+        assert_eq!(p.headers, [Header::new("X-A", "1:2")]);
+        assert_eq!(p.launch.unwrap(), ["/usr/bin/app", "--bg", "a b"]);
+    }
+}

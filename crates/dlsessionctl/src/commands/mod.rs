@@ -1,0 +1,65 @@
+//! One module per subcommand; [`run`] dispatches.
+
+mod attach;
+mod control;
+mod get;
+mod sessions;
+mod show;
+mod status;
+mod tasks;
+mod wake;
+mod watch;
+
+use std::path::PathBuf;
+
+use dlsession::{Client, ClientOptions};
+use dlsession_proto::{Request, Response};
+
+use crate::cli::{Cli, Command};
+use crate::error::{CliError, Exit, Result};
+
+/// What every command gets: the global flags.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub json: bool,
+    pub socket: Option<PathBuf>,
+}
+
+impl Ctx {
+    /// Connects to the daemon, announcing `app_id` if given.
+    pub async fn connect(&self, app_id: Option<String>) -> Result<Client> {
+        let options = ClientOptions {
+            socket: self.socket.clone(),
+            client_name: "dlsessionctl".into(),
+            app_id,
+            ..ClientOptions::default()
+        };
+        Ok(Client::connect(options).await?)
+    }
+}
+
+/// Runs the command and returns the exit status.
+pub async fn run(cli: Cli) -> Result<Exit> {
+    let ctx = Ctx { json: cli.json, socket: cli.socket };
+    match cli.command {
+        Command::Status => status::run(&ctx).await,
+        Command::Sessions => sessions::run(&ctx).await,
+        Command::Tasks(args) => tasks::run(&ctx, args).await,
+        Command::Show(args) => show::run(&ctx, args).await,
+        Command::Get(args) => get::run(&ctx, args).await,
+        Command::Watch(args) => watch::run(&ctx, args).await,
+        Command::Pause(t) => control::run(&ctx, t.task, control::Action::Pause).await,
+        Command::Resume(t) => control::run(&ctx, t.task, control::Action::Resume).await,
+        Command::Cancel(t) => control::run(&ctx, t.task, control::Action::Cancel).await,
+        Command::Attach(args) => attach::run(&ctx, args).await,
+        Command::Wake(args) => wake::run(&ctx, args).await,
+    }
+}
+
+/// Sends a request that must be answered with `Response::Ok`.
+async fn request_ok(client: &Client, request: Request) -> Result<()> {
+    match client.request(request).await? {
+        Response::Ok => Ok(()),
+        other => Err(CliError::unexpected("ok", &other)),
+    }
+}

@@ -1,0 +1,72 @@
+//! `dlsessionctl sessions`
+
+use std::io::Write;
+
+use comfy_table::{Cell, CellAlignment, Color, ContentArrangement, Table, presets};
+use dlsession_proto::{Request, Response, SessionInfo};
+
+use crate::commands::Ctx;
+use crate::error::{CliError, Exit, Result};
+use crate::json::{self, SessionJson};
+use crate::output;
+
+pub async fn run(ctx: &Ctx) -> Result<Exit> {
+    let client = ctx.connect(None).await?;
+    let mut sessions = match client.request(Request::ListSessions).await? {
+        Response::Sessions(s) => s,
+        other => return Err(CliError::unexpected("sessions", &other)),
+    };
+    sessions.sort_by(|a, b| a.identifier.cmp(&b.identifier));
+    if ctx.json {
+        let list: Vec<SessionJson> = sessions.iter().map(SessionJson::from).collect();
+        json::print(&list)?;
+        return Ok(Exit::Success);
+    }
+    let mut out = std::io::stdout().lock();
+    if sessions.is_empty() {
+        writeln!(out, "no sessions")?;
+        return Ok(Exit::Success);
+    }
+    writeln!(out, "{}", table(&sessions, output::now_ms(), output::color_stdout()))?;
+    Ok(Exit::Success)
+}
+
+/// When the app is woken next, in words.
+fn next_wake(s: &SessionInfo, now: u64) -> String {
+    if s.attached {
+        return "- (attached)".into();
+    }
+    let mut text = match s.wake.next_wake {
+        Some(at) => format!("{} (attempt {})", output::relative(at, now), s.wake.attempts.saturating_add(1)),
+        None => "-".into(),
+    };
+    if let Some(e) = &s.wake.last_error {
+        text.push_str(&format!("; last failed: {}", output::error(e)));
+    }
+    text
+}
+
+fn table(sessions: &[SessionInfo], now: u64, color: bool) -> Table {
+    let mut table = Table::new();
+    table.load_style(presets::UTF8_FULL_CONDENSED).set_content_arrangement(ContentArrangement::Dynamic);
+    if !color {
+        table.force_no_tty();
+    }
+    table.set_header(["SESSION", "APP ID", "ATTACHED", "TASKS", "PENDING EVENTS", "NEXT WAKE"]);
+    for s in sessions {
+        let mut id = s.identifier.clone();
+        if s.invalidating {
+            id.push_str(" (invalidating)");
+        }
+        let attached = if s.attached { Cell::new("yes").fg(Color::Green) } else { Cell::new("no") };
+        table.add_row([
+            Cell::new(id),
+            Cell::new(s.config.app_id.as_deref().unwrap_or("-")),
+            attached,
+            Cell::new(output::task_counts(&s.tasks)),
+            Cell::new(s.pending_events).set_alignment(CellAlignment::Right),
+            Cell::new(next_wake(s, now)),
+        ]);
+    }
+    table
+}

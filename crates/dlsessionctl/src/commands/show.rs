@@ -1,0 +1,90 @@
+//! `dlsessionctl show TASK`
+
+use std::io::Write;
+
+use dlsession_proto::{Header, Request, Response, TaskDetail};
+
+use crate::cli::ShowArgs;
+use crate::commands::Ctx;
+use crate::error::{CliError, Exit, Result};
+use crate::json::{self, TaskDetailJson};
+use crate::output;
+
+pub async fn run(ctx: &Ctx, args: ShowArgs) -> Result<Exit> {
+    let client = ctx.connect(None).await?;
+    let detail = match client.request(Request::GetTask { task: args.task }).await? {
+        Response::Task(d) => d,
+        other => return Err(CliError::unexpected("task", &other)),
+    };
+    if ctx.json {
+        json::print(&TaskDetailJson::from(&detail))?;
+    } else {
+        let mut out = std::io::stdout().lock();
+        for (key, value) in describe(&detail, output::now_ms()) {
+            writeln!(out, "{:<18} {value}", format!("{key}:"))?;
+        }
+    }
+    Ok(Exit::Success)
+}
+
+fn or_dash(v: Option<impl ToString>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+fn headers(h: &[Header]) -> String {
+    if h.is_empty() {
+        return "-".into();
+    }
+    h.iter().map(|h| format!("{}: {}", h.name, h.display_value())).collect::<Vec<_>>().join("\n                   ")
+}
+
+/// The lines of `show`, as (label, value).
+fn describe(d: &TaskDetail, now: u64) -> Vec<(&'static str, String)> {
+    let t = &d.info;
+    let mut lines = vec![
+        ("task", t.id.to_string()),
+        ("session", t.session.clone()),
+        ("state", t.state.to_string()),
+        ("url", output::redact_url(&t.url)),
+    ];
+    if let Some(f) = d.final_url.as_deref().filter(|f| *f != t.url) {
+        lines.push(("final url", output::redact_url(f)));
+    }
+    lines.push(("description", or_dash(t.description.as_deref())));
+    lines.push(("priority", t.priority.to_string()));
+    lines.push(("bytes", output::progress(t.bytes_received, t.bytes_expected)));
+    lines.push((
+        "committed",
+        format!("{} ({} bytes on disk, synced)", output::size(d.committed_offset), d.committed_offset),
+    ));
+    if t.speed > 0 || t.state == dlsession_proto::TaskState::Running {
+        let eta = output::eta(t.bytes_received, t.bytes_expected, t.speed).unwrap_or_else(|| "-".into());
+        lines.push(("speed", format!("{} (ETA {eta})", output::speed(t.speed))));
+    }
+    if let Some(w) = &t.wait {
+        lines.push(("why", output::wait_sentence(w, t.id, now)));
+    }
+    lines.push(("error", t.error.as_ref().map(output::error).unwrap_or_else(|| "-".into())));
+    lines.push(("attempts", d.attempts.to_string()));
+    if let Some(e) = d.last_error.as_ref().filter(|e| Some(*e) != t.error.as_ref()) {
+        lines.push(("last error", output::error(e)));
+    }
+    lines.push(("response status", or_dash(d.response_status)));
+    lines.push(("response headers", headers(&d.response_headers)));
+    lines.push(("request headers", headers(&d.request_headers)));
+    lines.push(("etag", or_dash(d.etag.as_deref())));
+    lines.push(("last-modified", or_dash(d.last_modified.as_deref())));
+    lines.push(("resumable", if d.resumable { "yes".into() } else { "no (no validators yet)".into() }));
+    if let Some(h) = d.expected_sha256 {
+        lines.push(("expected sha256", dlsession_proto::validate::to_hex(&h)));
+    }
+    lines.push(("partial file", or_dash(d.partial_path.as_deref())));
+    lines.push(("destination", or_dash(d.destination.as_deref())));
+    lines.push(("location", or_dash(t.location.as_deref())));
+    lines.push(("created", output::when(t.created_at, now)));
+    lines.push(("started", or_dash(d.started_at.map(|at| output::when(at, now)))));
+    lines.push(("finished", or_dash(d.finished_at.map(|at| output::when(at, now)))));
+    lines.push(("resource deadline", or_dash(d.resource_deadline.map(|at| output::when(at, now)))));
+    lines.push(("retired", if d.retired { "yes (its events were acknowledged)".into() } else { "no".into() }));
+    lines
+}

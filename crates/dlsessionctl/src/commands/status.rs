@@ -1,0 +1,48 @@
+//! `dlsessionctl status`
+
+use std::io::Write;
+
+use dlsession_proto::{Request, Response};
+
+use crate::commands::Ctx;
+use crate::error::{CliError, Exit, Result};
+use crate::json::{self, StatusJson};
+use crate::output;
+
+pub async fn run(ctx: &Ctx) -> Result<Exit> {
+    let client = ctx.connect(None).await?;
+    let status = match client.request(Request::Status).await? {
+        Response::Status(s) => s,
+        other => return Err(CliError::unexpected("status", &other)),
+    };
+    if ctx.json {
+        json::print(&StatusJson::from(&status))?;
+        return Ok(Exit::Success);
+    }
+    let t = &status.tasks;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "dlsessiond {} (protocol {}), pid {}, up {} (since {})",
+        status.daemon_version,
+        status.protocol_version,
+        status.pid,
+        output::duration_ms(status.uptime_ms),
+        output::timestamp_zoned(status.started_at),
+    )?;
+    writeln!(out, "socket:       {}", status.socket)?;
+    writeln!(out, "state dir:    {}", status.state_dir)?;
+    writeln!(out, "cache dir:    {}", status.cache_dir)?;
+    writeln!(out, "database:     {}", status.database)?;
+    writeln!(out, "tasks:        {} ({} total)", output::task_counts(t), t.total())?;
+    writeln!(out, "sessions:     {}", status.sessions)?;
+    writeln!(out, "connections:  {}", status.connections)?;
+    writeln!(
+        out,
+        "download:     {} now, {} since start (at most {} downloads at once)",
+        output::speed(status.download_rate),
+        output::size(status.bytes_downloaded),
+        status.max_concurrent_downloads,
+    )?;
+    Ok(Exit::Success)
+}
