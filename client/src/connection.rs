@@ -229,6 +229,10 @@ impl Client {
         rx
     }
 
+    pub(crate) fn is_routed(&self, identifier: &str) -> bool {
+        self.inner.routes.lock().map(|r| r.contains_key(identifier)).unwrap_or(false)
+    }
+
     pub(crate) fn unroute(&self, identifier: &str) {
         if let Ok(mut routes) = self.inner.routes.lock() {
             routes.remove(identifier);

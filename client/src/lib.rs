@@ -44,7 +44,9 @@ mod session;
 
 pub use connection::{Client, ClientOptions};
 pub use error::{Error, Result};
-pub use session::{DownloadRequest, DownloadTask, Session, SessionConfiguration, SessionDelegate, TaskError};
+pub use session::{
+    DownloadRequest, DownloadTask, Session, SessionConfiguration, SessionDelegate, TaskError, WakeHandler,
+};
 
 /// The wire types, for tools that talk to the daemon directly (like `dlsessionctl`).
 pub use dlsession_proto as proto;

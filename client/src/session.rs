@@ -250,6 +250,46 @@ pub trait SessionDelegate: Send + Sync + 'static {
     }
 }
 
+/// What an app tells the library so it can rejoin sessions when the daemon wakes it.
+///
+/// Register with [`Client::handle_wakes`] on a connection that announced the app's
+/// `app_id` ([`ClientOptions::app_id`]).
+pub trait WakeHandler: Send + Sync + 'static {
+    /// The daemon has events for session `identifier`: return its configuration and
+    /// delegate to rejoin it, or `None` to ignore the wake.
+    fn rejoin(&self, identifier: &str) -> Option<(SessionConfiguration, Arc<dyn SessionDelegate>)>;
+}
+
+impl Client {
+    /// Rejoins sessions whenever the daemon sends `wake`, using `handler` for each
+    /// session's configuration and delegate. Rejoined sessions stay attached for as long
+    /// as this connection is open.
+    pub fn handle_wakes(&self, handler: impl WakeHandler) {
+        let mut events = self.events();
+        let client = self.clone();
+        tokio::spawn(async move {
+            let mut joined: HashMap<String, Session> = HashMap::new();
+            while let Some(event) = events.recv().await {
+                let Event::Wake { identifier, .. } = event else { continue };
+                // A session whose connection still routes to us is attached already.
+                if joined.contains_key(&identifier) && client.is_routed(&identifier) {
+                    continue;
+                }
+                let Some((config, delegate)) = handler.rejoin(&identifier) else {
+                    debug!(%identifier, "wake ignored by the app");
+                    continue;
+                };
+                match Session::attach_with(&client, config, delegate).await {
+                    Ok(session) => {
+                        joined.insert(identifier, session);
+                    }
+                    Err(e) => warn!(%identifier, error = %e, "rejoining after a wake failed"),
+                }
+            }
+        });
+    }
+}
+
 #[derive(Debug)]
 struct SessionShared {
     client: Client,

@@ -171,7 +171,7 @@ async fn another_user_is_refused_even_through_a_loosened_socket() {
         }
         dir = dir.parent().unwrap().to_path_buf();
     }
-    std::fs::set_permissions(&env.socket.parent().unwrap(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(env.socket.parent().unwrap(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let out = connect_as_nobody(&env.socket);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let want = dlsession_proto::validate::to_hex(&Preamble::ours(HandshakeStatus::PermissionDenied).to_bytes());

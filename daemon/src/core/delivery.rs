@@ -91,10 +91,8 @@ impl Core {
         let mut files = Vec::new();
         let mut retire = Vec::new();
         for seq in seqs {
-            // Only what was committed can be acknowledged; unknown seqs were acked before.
-            if seq > s.committed {
-                continue;
-            }
+            // Unknown seqs were acknowledged before. An event whose insert is still queued
+            // may be acknowledged too: the store applies the delete after the insert.
             let Some(ev) = s.events.remove(&seq) else { continue };
             acked.push(seq);
             match ev.event {
