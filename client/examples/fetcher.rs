@@ -246,10 +246,13 @@ async fn serve(o: &Options) -> anyhow::Result<()> {
         }
         let info = client.request(dlsession::proto::Request::GetSession { identifier: o.session.clone() }).await;
         if let Ok(dlsession::proto::Response::Session(s)) = info
-            && drained && s.tasks.active() == 0 && s.pending_events == 0 {
-                log(o, "collected everything");
-                return Ok(());
-            }
+            && drained
+            && s.tasks.active() == 0
+            && s.pending_events == 0
+        {
+            log(o, "collected everything");
+            return Ok(());
+        }
     }
 }
 

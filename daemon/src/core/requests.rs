@@ -53,7 +53,7 @@ const PAGE_BUDGET: usize = 512 << 10;
 
 impl Core {
     pub(super) fn on_request(&mut self, conn: super::ConnId, id: u64, request: Request) {
-        debug!(conn, id, ?request, "request");
+        debug!(conn, id, request = request_name(&request), "request");
         let mutating = !matches!(
             request,
             Request::Status
@@ -710,6 +710,30 @@ impl Core {
     pub(super) fn save_task(&mut self, task: TaskId, after: Vec<After>) {
         let ops = self.tasks.get(&task).map(|t| vec![Op::UpdateTask(Box::new(t.rec.clone()))]).unwrap_or_default();
         self.commit(ops, after);
+    }
+}
+
+/// A short name for logs (requests can be large, and carry header values).
+fn request_name(r: &Request) -> &'static str {
+    match r {
+        Request::Status => "status",
+        Request::Attach { .. } => "attach",
+        Request::Detach { .. } => "detach",
+        Request::OpenSession { .. } => "open_session",
+        Request::GetSession { .. } => "get_session",
+        Request::ListSessions => "list_sessions",
+        Request::CreateTasks { .. } => "create_tasks",
+        Request::CreateTaskFromResumeData { .. } => "create_task_from_resume_data",
+        Request::ControlTask { .. } => "control_task",
+        Request::GetTask { .. } => "get_task",
+        Request::ListTasks(_) => "list_tasks",
+        Request::AckEvents { .. } => "ack_events",
+        Request::FinishTasksAndInvalidate { .. } => "finish_tasks_and_invalidate",
+        Request::InvalidateAndCancel { .. } => "invalidate_and_cancel",
+        Request::Wake { .. } => "wake",
+        Request::Watch(_) => "watch",
+        Request::Unwatch => "unwatch",
+        Request::AcknowledgeTasks { .. } => "acknowledge_tasks",
     }
 }
 

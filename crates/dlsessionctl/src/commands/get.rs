@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 
 use dlsession::Client;
 use dlsession_proto::{
-    ErrorCode, Event, Header, LaunchSpec, Request, Response, SessionConfig, TaskId, TaskInfo, TaskSpec,
-    TaskState, WatchFilter,
+    ErrorCode, Event, Header, LaunchSpec, Request, Response, SessionConfig, TaskId, TaskInfo, TaskSpec, TaskState,
+    WatchFilter,
 };
 
 use crate::cli::GetArgs;

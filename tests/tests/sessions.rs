@@ -1,0 +1,175 @@
+//! Sessions (SPEC §3, §6): exclusive attach and takeover, invalidation and reuse of the
+//! identifier, resume data, and wakes that back off while the app stays away.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{LONG, Recorder, Seen};
+use dlsession::proto::{Request, Response, SessionInfo};
+use dlsession::{Client, ClientOptions, DetachReason, DownloadRequest, ErrorCode, Session, SessionConfiguration};
+use dlsession_testkit::{Resource, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex, wait_for};
+
+fn config(env: &TestEnv, id: &str) -> SessionConfiguration {
+    SessionConfiguration::background(id).socket(&env.socket)
+}
+
+async fn info(env: &TestEnv, id: &str) -> Option<SessionInfo> {
+    let client =
+        Client::connect(ClientOptions { socket: Some(env.socket.clone()), ..ClientOptions::default() }).await.unwrap();
+    match client.request(Request::GetSession { identifier: id.into() }).await {
+        Ok(Response::Session(s)) => Some(s),
+        Ok(other) => panic!("unexpected {other:?}"),
+        Err(e) if e.code() == ErrorCode::NoSuchSession => None,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_attachment_at_a_time_and_explicit_takeover() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let (first, mut first_events) = Recorder::new(&env.path().join("a"));
+    let _a = Session::attach(config(&env, "t.excl"), first).await.unwrap();
+    let (second, _) = Recorder::new(&env.path().join("b"));
+    let err = Session::attach(config(&env, "t.excl"), second).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::SessionInUse);
+    assert!(err.to_string().contains("takeover"), "says how to take over: {err}");
+
+    let (third, _) = Recorder::new(&env.path().join("c"));
+    let _c = Session::attach(config(&env, "t.excl").takeover(true), third).await.unwrap();
+    first_events.wait("detached", LONG, |e| *e == Seen::Detached(DetachReason::TakenOver)).await;
+    assert!(info(&env, "t.excl").await.unwrap().attached);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finish_tasks_and_invalidate_then_the_identifier_is_reused() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(500_000, 1).throttle(1 << 20));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.inv"), delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(server.url("/a"))], true).await.unwrap().remove(0);
+    session.finish_tasks_and_invalidate().await.unwrap();
+    let refused = session.download_task(DownloadRequest::new(server.url("/a"))).await.unwrap_err();
+    assert_eq!(refused.code(), ErrorCode::SessionInvalidated, "no new tasks once invalidating");
+    // The running task still finishes, then the session becomes invalid.
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    events.wait("did_become_invalid", LONG, |e| *e == Seen::Invalid).await;
+    events.wait("detached", LONG, |e| *e == Seen::Detached(DetachReason::Invalidated)).await;
+    wait_for("session removed", LONG, || block(info(&env, "t.inv")).is_none().then_some(()));
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(1, 500_000)));
+
+    // The identifier can be used again: a fresh, empty session.
+    let (delegate, _) = Recorder::new(&env.path().join("out2"));
+    let again = Session::attach(config(&env, "t.inv"), delegate).await.unwrap();
+    assert!(again.get_all_tasks().await.unwrap().is_empty());
+    let t2 = again.download_task(DownloadRequest::new(server.url("/a"))).await.unwrap();
+    assert!(t2.id() > task.id(), "task ids are never reused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_and_cancel_cancels_everything() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/slow", Resource::generated(20 << 20, 2).throttle(1 << 20));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.cancel"), delegate).await.unwrap();
+    let running =
+        session.download_tasks(vec![DownloadRequest::new(server.url("/slow"))], true).await.unwrap().remove(0);
+    let suspended = session.download_task(DownloadRequest::new(server.url("/slow"))).await.unwrap();
+    events.wait("progress", LONG, |e| matches!(e, Seen::Progress { task, .. } if *task == running.id())).await;
+    session.invalidate_and_cancel().await.unwrap();
+    for t in [&running, &suspended] {
+        assert_eq!(events.completion(t.id(), LONG).await.unwrap().code, ErrorCode::Cancelled);
+    }
+    events.wait("did_become_invalid", LONG, |e| *e == Seen::Invalid).await;
+    let invalid_at = events.seen.iter().position(|e| *e == Seen::Invalid).unwrap();
+    let last_completed = events.seen.iter().rposition(|e| matches!(e, Seen::Completed { .. })).unwrap();
+    assert!(last_completed < invalid_at, "did_become_invalid comes after every completion");
+    wait_for("session removed", LONG, || block(info(&env, "t.cancel")).is_none().then_some(()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_data_continues_at_the_offset() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let len = 8u64 << 20;
+    server.add("/big", Resource::generated(len, 3).throttle(4 << 20));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.resume"), delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(server.url("/big"))], true).await.unwrap().remove(0);
+    events
+        .wait("2 MiB", LONG, |e| matches!(e, Seen::Progress { task: t, total } if *t == task.id() && *total >= 2 << 20))
+        .await;
+    let data = task.cancel_producing_resume_data().await.unwrap();
+    assert!(!data.is_empty());
+    assert_eq!(events.completion(task.id(), LONG).await.unwrap().code, ErrorCode::Cancelled);
+
+    let resumed = session.download_task_with_resume_data(&data).await.unwrap();
+    assert_ne!(resumed.id(), task.id());
+    assert_eq!(resumed.url(), server.url("/big"));
+    resumed.resume().await.unwrap();
+    assert_eq!(events.completion(resumed.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(resumed.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(3, len)));
+    // The server saw the new task continue where the old one stopped.
+    let last = server.requests_for("/big").pop().unwrap();
+    let offset: u64 =
+        last.range.as_deref().unwrap().trim_start_matches("bytes=").trim_end_matches('-').parse().unwrap();
+    assert!(offset >= 2 << 20, "continued at {offset}");
+    assert!(
+        events
+            .seen
+            .iter()
+            .any(|e| matches!(e, Seen::Resumed { task, offset: o } if *task == resumed.id() && *o == offset))
+    );
+    // Garbage is refused with a clear error.
+    let err = session.download_task_with_resume_data(b"not resume data").await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidRequest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wakes_back_off_while_the_app_stays_away() {
+    let env = TestEnv::new();
+    env.set_config("wake_initial_ms", "200");
+    env.set_config("wake_max_ms", "100000");
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(1000, 1));
+    // An app whose relaunch command never rejoins.
+    let config = config(&env, "t.away").app_id("org.example.away").launch_command(["/bin/true"]);
+    let (delegate, _) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config, delegate).await.unwrap();
+    session.download_tasks(vec![DownloadRequest::new(server.url("/a"))], true).await.unwrap();
+    session.detach().await.unwrap();
+    drop(session);
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let s = info(&env, "t.away").await.unwrap();
+    // 0, 200, 600, 1400, 3000 ms: about five wakes in 3.2 s, never a tight loop.
+    assert!((3..=6).contains(&s.wake.attempts), "{:?}", s.wake);
+    let (last, next) = (s.wake.last_wake.unwrap(), s.wake.next_wake.unwrap());
+    let gap = next - last;
+    assert!(
+        gap >= 200 << (s.wake.attempts - 1) >> 1,
+        "doubling backoff, next gap {gap} ms after {} wakes",
+        s.wake.attempts
+    );
+    assert_eq!(s.pending_events, 2, "finished_downloading and completed still wait");
+    // Attaching resets the backoff.
+    let (delegate, mut events) = Recorder::new(&env.path().join("out2"));
+    let _s = Session::attach(SessionConfiguration::background("t.away").socket(&env.socket), delegate).await.unwrap();
+    events.wait("finished events", LONG, |e| *e == Seen::FinishedEvents).await;
+    wait_for("acknowledged", LONG, || block(info(&env, "t.away")).filter(|s| s.pending_events == 0));
+    let s = info(&env, "t.away").await.unwrap();
+    assert_eq!(s.wake.attempts, 0);
+    assert_eq!(s.wake.next_wake, None);
+}
