@@ -59,9 +59,11 @@ pub async fn run(cfg: Config, listener: Listener, shutdown: impl Future<Output =
             let _ = fatal_tx.send(CoreMsg::StoreFailed(e));
         })
     })?;
-    let client = engine::http::build_client(cfg.extra_ca_file.as_deref(), cfg.timing.connect_timeout)?;
+    let proxies = engine::proxy::Proxies::from_env();
+    let client = engine::http::build_client(cfg.extra_ca_file.as_deref(), cfg.timing.connect_timeout, &proxies)?;
     let engine = Arc::new(engine::Engine::new(
         client,
+        proxies,
         engine::EngineSettings {
             max_redirects: cfg.limits.max_redirects,
             checkpoint_bytes: cfg.timing.checkpoint_bytes,

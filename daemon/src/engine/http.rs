@@ -16,9 +16,11 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tracing::{info, warn};
 
+use super::proxy::{Proxies, ProxyConnector};
+
 use dlsession_proto::{ErrorCode, ErrorInfo};
 
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+pub type HttpClient = Client<HttpsConnector<ProxyConnector>, Empty<Bytes>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
@@ -29,8 +31,12 @@ pub enum TlsSetupError {
 }
 
 /// Builds the client: system roots (honouring `SSL_CERT_FILE`/`SSL_CERT_DIR`) plus an
-/// optional extra CA file, ALPN h2 and http/1.1, pooled connections.
-pub fn build_client(extra_ca: Option<&Path>, connect_timeout: Duration) -> Result<HttpClient, TlsSetupError> {
+/// optional extra CA file, ALPN h2 and http/1.1, proxies, pooled connections.
+pub fn build_client(
+    extra_ca: Option<&Path>,
+    connect_timeout: Duration,
+    proxies: &Proxies,
+) -> Result<HttpClient, TlsSetupError> {
     let mut roots = RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for e in &native.errors {
@@ -64,12 +70,13 @@ pub fn build_client(extra_ca: Option<&Path>, connect_timeout: Duration) -> Resul
     http.set_connect_timeout(Some(connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
     http.set_nodelay(true);
+    info!(proxies = %proxies.describe(), "proxy settings from the environment");
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
+        .wrap_connector(ProxyConnector::new(proxies.clone(), http));
     Ok(Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())

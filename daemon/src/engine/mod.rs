@@ -9,6 +9,7 @@
 pub mod files;
 pub mod http;
 pub mod limiter;
+pub mod proxy;
 pub mod writer;
 
 use std::path::PathBuf;
@@ -155,14 +156,15 @@ pub struct EngineSettings {
 #[derive(Debug)]
 pub struct Engine {
     client: HttpClient,
+    proxies: proxy::Proxies,
     settings: EngineSettings,
 }
 
 const USER_AGENT: &str = concat!("dlsessiond/", env!("CARGO_PKG_VERSION"));
 
 impl Engine {
-    pub fn new(client: HttpClient, settings: EngineSettings) -> Engine {
-        Engine { client, settings }
+    pub fn new(client: HttpClient, proxies: proxy::Proxies, settings: EngineSettings) -> Engine {
+        Engine { client, proxies, settings }
     }
 
     /// Starts a worker for `job`.
@@ -343,7 +345,10 @@ impl Engine {
         let mut hops = 0;
         loop {
             let same_origin = url.origin() == origin;
-            let req = build_request(&url, job, offset, same_origin)?;
+            let mut req = build_request(&url, job, offset, same_origin)?;
+            if let Some(auth) = self.proxies.http_auth(&url) {
+                req.headers_mut().insert(hyper::header::PROXY_AUTHORIZATION, auth);
+            }
             let resp = match tokio::time::timeout(job.idle_timeout, self.client.request(req)).await {
                 Err(_) => {
                     return Err(Failure::transient(

@@ -1,0 +1,105 @@
+//! A forwarding HTTP proxy for tests: `CONNECT host:port` tunnels, and absolute-form
+//! requests (`GET http://host:port/path`) are relayed to their origin. It records the
+//! first request of every connection.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+/// What a client asked the proxy for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyRecord {
+    pub method: String,
+    /// `host:port` for CONNECT, the absolute URL otherwise.
+    pub target: String,
+    pub proxy_authorization: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct TestProxy {
+    addr: SocketAddr,
+    records: Arc<Mutex<Vec<ProxyRecord>>>,
+    tasks: Arc<Mutex<JoinSet<()>>>,
+}
+
+impl TestProxy {
+    pub async fn start() -> anyhow::Result<TestProxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let tasks = Arc::new(Mutex::new(JoinSet::new()));
+        let (r, t) = (records.clone(), tasks.clone());
+        tasks.lock().unwrap().spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let r = r.clone();
+                t.lock().unwrap().spawn(async move {
+                    let _ = serve(stream, r).await;
+                });
+            }
+        });
+        Ok(TestProxy { addr, records, tasks })
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `http://USER:PASS@127.0.0.1:PORT`
+    pub fn url_with_auth(&self, user: &str, pass: &str) -> String {
+        format!("http://{user}:{pass}@{}", self.addr)
+    }
+
+    pub fn records(&self) -> Vec<ProxyRecord> {
+        self.records.lock().unwrap().clone()
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.tasks.lock() {
+            t.abort_all();
+        }
+    }
+}
+
+async fn serve(mut client: TcpStream, records: Arc<Mutex<Vec<ProxyRecord>>>) -> anyhow::Result<()> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        anyhow::ensure!(head.len() < 64 << 10, "request head too large");
+        if client.read(&mut byte).await? == 0 {
+            return Ok(());
+        }
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = text.split("\r\n");
+    let mut parts = lines.next().unwrap_or("").split(' ');
+    let (method, target) = (parts.next().unwrap_or("").to_owned(), parts.next().unwrap_or("").to_owned());
+    let proxy_authorization = lines.find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("proxy-authorization").then(|| v.trim().to_owned())
+    });
+    records.lock().unwrap().push(ProxyRecord { method: method.clone(), target: target.clone(), proxy_authorization });
+    if method == "CONNECT" {
+        let mut upstream = TcpStream::connect(resolve(&target)).await?;
+        client.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").await?;
+        tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+    } else {
+        let authority = target.strip_prefix("http://").and_then(|r| r.split('/').next()).unwrap_or("");
+        let mut upstream = TcpStream::connect(resolve(authority)).await?;
+        // HTTP/1.1 origin servers accept absolute-form, so the head goes on unchanged.
+        upstream.write_all(&head).await?;
+        tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+    }
+    Ok(())
+}
+
+/// `localhost:PORT` → `127.0.0.1:PORT` (the test servers listen there).
+fn resolve(authority: &str) -> String {
+    authority.replace("localhost", "127.0.0.1")
+}
