@@ -243,7 +243,8 @@ impl Engine {
         let total = meta.total;
         job.link.send(WorkerEvent::Started(meta));
 
-        let (tx, rx) = mpsc::channel::<WriterMsg>(64);
+        // Enough to keep the disk busy while the network delivers; bounds memory per download.
+        let (tx, rx) = mpsc::channel::<WriterMsg>(16);
         let policy =
             CheckpointPolicy { bytes: self.settings.checkpoint_bytes, interval: self.settings.checkpoint_interval };
         let link = job.link.clone();
