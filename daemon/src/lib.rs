@@ -46,6 +46,8 @@ pub enum DaemonError {
     Fatal(String),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("cannot install the SIGTERM/SIGINT handlers: {0}")]
+    Signals(std::io::Error),
 }
 
 /// Serves `listener` until `shutdown` resolves, then checkpoints and returns.
@@ -154,21 +156,24 @@ fn start(args: Args) -> Result<(), DaemonError> {
         .build()
         .map_err(DaemonError::Runtime)?;
     runtime.block_on(async {
+        // Handlers first: once the socket accepts connections, SIGTERM must checkpoint.
+        let shutdown = shutdown_signal()?;
         let listener = lifecycle::bind(&cfg.socket)?;
-        run(cfg, listener, shutdown_signal()).await
+        run(cfg, listener, shutdown).await
     })
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the future resolves on either signal.
+fn shutdown_signal() -> Result<impl Future<Output = ()>, DaemonError> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        error!("cannot install signal handlers; SIGTERM will not checkpoint");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
-    }
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received"),
+            _ = int.recv() => info!("SIGINT received"),
+        }
+    })
 }
 
 fn init_logging() {
