@@ -20,6 +20,21 @@ pub type TaskError = ErrorInfo;
 
 /// How a background session is set up. The configuration is stored with the session
 /// and replaced each time an app attaches with a new one.
+///
+/// ```
+/// use std::time::Duration;
+/// use dlsession::SessionConfiguration;
+///
+/// let config = SessionConfiguration::background("org.example.photos.background")
+///     .app_id("org.example.photos")
+///     .launch_command(["/usr/bin/photos", "--collect-downloads"])
+///     .header("User-Agent", "photos/2.1")
+///     .timeout_for_request(Duration::from_secs(30))
+///     .max_connections_per_host(4);
+/// assert_eq!(config.identifier(), "org.example.photos.background");
+/// assert_eq!(config.config().max_connections_per_host, 4);
+/// assert_eq!(config.config().timeout_for_request_ms, 30_000);
+/// ```
 #[derive(Debug, Clone)]
 pub struct SessionConfiguration {
     identifier: String,
@@ -127,6 +142,19 @@ impl SessionConfiguration {
 }
 
 /// One download to create.
+///
+/// ```
+/// use dlsession::DownloadRequest;
+///
+/// let request = DownloadRequest::new("https://example.org/big.iso")
+///     .description("big.iso for the photo library")
+///     .priority(0.9)
+///     .expected_sha256_hex("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")?
+///     .destination("/tmp/big.iso");
+/// assert_eq!(request.spec().priority, 0.9);
+/// assert!(DownloadRequest::new("x").expected_sha256_hex("not hex").is_err());
+/// # Ok::<(), dlsession::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct DownloadRequest {
     spec: TaskSpec,

@@ -1,0 +1,147 @@
+//! Nothing a daemon sends can panic the client: a fake daemon on a Unix socket answers
+//! with wrong versions, refusals, garbage, oversized frames and the wrong responses, and
+//! every case ends in a typed error.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::path::PathBuf;
+
+use dlsession::proto::handshake::{HandshakeStatus, Preamble};
+use dlsession::proto::{ErrorCode, Response, ServerMessage, Welcome, frame};
+use dlsession::{Client, ClientOptions, Error};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+/// Serves one connection with `script` after reading the client's opening (preamble and
+/// hello frame).
+async fn fake_daemon<F, Fut>(script: F) -> (tempfile::TempDir, PathBuf)
+where
+    F: FnOnce(UnixStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fake.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut pre = [0u8; 8];
+        let _ = s.read_exact(&mut pre).await;
+        let _ = read_frame(&mut s).await;
+        script(s).await;
+    });
+    (dir, path)
+}
+
+async fn read_frame(s: &mut UnixStream) -> Vec<u8> {
+    let mut len = [0u8; 4];
+    if s.read_exact(&mut len).await.is_err() {
+        return Vec::new();
+    }
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    let _ = s.read_exact(&mut body).await;
+    body
+}
+
+fn options(path: PathBuf) -> ClientOptions {
+    ClientOptions { socket: Some(path), ..ClientOptions::default() }
+}
+
+async fn welcome(s: &mut UnixStream) {
+    let mut bytes = Preamble::ours(HandshakeStatus::Ok).to_bytes().to_vec();
+    bytes.extend(frame::encode_frame(&Welcome { daemon_version: "fake".into(), pid: 1, connection_id: 1 }).unwrap());
+    s.write_all(&bytes).await.unwrap();
+}
+
+#[tokio::test]
+async fn another_protocol_version_is_a_typed_error() {
+    let (_d, path) = fake_daemon(|mut s| async move {
+        let _ = s.write_all(&Preamble { version: 2, status: HandshakeStatus::VersionMismatch }.to_bytes()).await;
+    })
+    .await;
+    let err = Client::connect(options(path)).await.unwrap_err();
+    assert!(matches!(err, Error::VersionMismatch { ours: 1, theirs: 2 }), "{err:?}");
+    assert_eq!(err.code(), ErrorCode::ProtocolVersion);
+}
+
+#[tokio::test]
+async fn a_refusal_names_its_reason() {
+    let (_d, path) = fake_daemon(|mut s| async move {
+        let _ = s.write_all(&Preamble::ours(HandshakeStatus::PermissionDenied).to_bytes()).await;
+    })
+    .await;
+    let err = Client::connect(options(path)).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::PermissionDenied, "{err}");
+}
+
+#[tokio::test]
+async fn not_a_daemon_at_all() {
+    let (_d, path) = fake_daemon(|mut s| async move {
+        let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+    })
+    .await;
+    let err = Client::connect(options(path)).await.unwrap_err();
+    assert!(matches!(err, Error::Protocol(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn garbage_after_the_handshake_fails_the_request_not_the_process() {
+    let (_d, path) = fake_daemon(|mut s| async move {
+        welcome(&mut s).await;
+        let _ = read_frame(&mut s).await;
+        let _ = s.write_all(&[0, 0, 0, 4, 0xde, 0xad, 0xbe, 0xef]).await;
+    })
+    .await;
+    let client = Client::connect(options(path)).await.unwrap();
+    let err = client.request(dlsession::proto::Request::Status).await.unwrap_err();
+    assert!(matches!(err, Error::Disconnected { reason: Some(_) }), "{err:?}");
+    assert!(client.is_closed());
+}
+
+#[tokio::test]
+async fn an_oversized_frame_is_refused_before_allocation() {
+    let (_d, path) = fake_daemon(|mut s| async move {
+        welcome(&mut s).await;
+        let _ = read_frame(&mut s).await;
+        let _ = s.write_all(&u32::MAX.to_be_bytes()).await;
+    })
+    .await;
+    let client = Client::connect(options(path)).await.unwrap();
+    let err = client.request(dlsession::proto::Request::Status).await.unwrap_err();
+    match err {
+        Error::Disconnected { reason: Some(r) } => assert!(r.contains("exceeds the limit"), "{r}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_wrong_response_is_an_unexpected_response_error() {
+    let (_d, path) = fake_daemon(|mut s| async move {
+        welcome(&mut s).await;
+        // Read the attach request's frame and answer it with `Ok` instead of `Session`.
+        let body = read_frame(&mut s).await;
+        let req: dlsession::proto::RequestFrame = dlsession::proto::codec::decode(&body).unwrap();
+        let reply = ServerMessage::Response { id: req.id, result: Ok(Response::Ok) };
+        s.write_all(&frame::encode_frame(&reply).unwrap()).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    })
+    .await;
+    let client = Client::connect(options(path)).await.unwrap();
+    struct Nothing;
+    impl dlsession::SessionDelegate for Nothing {}
+    let err = dlsession::Session::attach_with(
+        &client,
+        dlsession::SessionConfiguration::background("x"),
+        std::sync::Arc::new(Nothing),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::UnexpectedResponse { expected: "session", got: "ok" }), "{err:?}");
+}
+
+#[tokio::test]
+async fn nobody_listening_is_not_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Client::connect(options(dir.path().join("none.sock"))).await.unwrap_err();
+    assert!(err.is_unreachable(), "{err:?}");
+    assert!(err.to_string().contains("dlsessiond is not running"));
+}
