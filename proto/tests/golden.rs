@@ -98,6 +98,7 @@ fn requests() -> Vec<(&'static str, Request)> {
         ("req_wake", Request::Wake { identifier: "s".into() }),
         ("req_watch", Request::Watch(WatchFilter { session: None, tasks: vec![1, 2] })),
         ("req_unwatch", Request::Unwatch),
+        ("req_acknowledge_tasks", Request::AcknowledgeTasks { tasks: vec![4, 5] }),
     ]
 }
 

@@ -119,3 +119,16 @@ async fn transient_faults_still_give_a_byte_exact_file() {
     );
     assert!(events.seen.iter().any(|e| matches!(e, Seen::Resumed { task, offset: 0 } if *task == tasks[1].id())));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssl_cert_file_adds_trust_roots() {
+    let env = TestEnv::new();
+    let ca = TestCa::new().unwrap();
+    let _daemon = TestDaemon::start_with_env(&env, &[("SSL_CERT_FILE", ca.ca_pem_path().as_os_str())]);
+    let server = TestServer::start_tls(&ca).await.unwrap();
+    server.add("/c.bin", Resource::generated(100_000, 12));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "test.sslcertfile"), delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(server.url("/c.bin"))], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None, "the CA from SSL_CERT_FILE is trusted");
+}
