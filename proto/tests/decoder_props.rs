@@ -54,8 +54,13 @@ fn arb_durable() -> impl Strategy<Value = DurableEvent> {
     ]
 }
 
+/// `PROPTEST_CASES` raises the count for the long profile (`scripts/long-tests.sh`).
+fn cases(default: u32) -> ProptestConfig {
+    ProptestConfig::with_cases(std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default))
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #![proptest_config(cases(2000))]
 
     #[test]
     fn request_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {

@@ -197,9 +197,9 @@ impl TestDaemon {
         for var in ["DLSESSIOND_SOCKET", "DLSESSION_SOCKET", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID"] {
             cmd.env_remove(var);
         }
-        cmd.envs(self.command.iter().map(|(k, v)| (*k, v)))
+        cmd.env("DLSESSIOND_LOG", std::env::var("DLSESSIOND_LOG").unwrap_or_else(|_| "info,dlsessiond=debug".into()))
+            .envs(self.command.iter().map(|(k, v)| (*k, v)))
             .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
-            .env("DLSESSIOND_LOG", std::env::var("DLSESSIOND_LOG").unwrap_or_else(|_| "info,dlsessiond=debug".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);

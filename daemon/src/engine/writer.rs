@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -47,11 +48,33 @@ pub struct Prepared {
 
 /// Opens (creating) the partial file and trims it to `offset`. If the file is shorter
 /// than `offset` (deleted or truncated behind our back) the download restarts at zero.
+///
+/// Never writes through a symlink: a symlink planted where the partial file or its
+/// session directory should be is removed (or refused), not followed.
 pub fn prepare(path: &Path, offset: u64, hash: bool) -> std::io::Result<Prepared> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
+        if std::fs::symlink_metadata(dir)?.file_type().is_symlink() {
+            return Err(std::io::Error::other(format!("{} is a symlink; refusing to write through it", dir.display())));
+        }
     }
-    let mut file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+    let offset = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() => offset,
+        Ok(m) if m.file_type().is_symlink() => {
+            // Planted: drop the link itself and start over.
+            std::fs::remove_file(path)?;
+            0
+        }
+        Ok(_) => return Err(std::io::Error::other(format!("{} is not a regular file", path.display()))),
+        Err(_) => 0,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)?;
     let len = file.metadata()?.len();
     let offset = if len < offset { 0 } else { offset };
     if len != offset {
@@ -123,5 +146,41 @@ pub fn run(
                 return Ok(WriterDone { offset, sha256: None });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_planted_symlink_is_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let part = dir.path().join("s1/7.part");
+        std::fs::create_dir_all(part.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&victim, &part).unwrap();
+        let p = prepare(&part, 5, false).unwrap();
+        assert_eq!(p.offset, 0, "starts over");
+        assert!(std::fs::symlink_metadata(&part).unwrap().file_type().is_file());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious", "the link target is untouched");
+
+        let linked_dir = dir.path().join("s2");
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), &linked_dir).unwrap();
+        std::fs::create_dir_all(dir.path().join("elsewhere")).unwrap();
+        assert!(prepare(&linked_dir.join("1.part"), 0, false).is_err(), "a symlinked session directory is refused");
+    }
+
+    #[test]
+    fn a_short_partial_file_restarts_at_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("1.part");
+        std::fs::write(&part, b"abc").unwrap();
+        assert_eq!(prepare(&part, 10, false).unwrap().offset, 0);
+        std::fs::write(&part, b"abcdef").unwrap();
+        let p = prepare(&part, 4, true).unwrap();
+        assert_eq!(p.offset, 4);
+        assert_eq!(std::fs::metadata(&part).unwrap().len(), 4, "trimmed to the committed offset");
     }
 }

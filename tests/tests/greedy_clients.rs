@@ -1,0 +1,163 @@
+//! Slow and greedy clients (SPEC §9): a connection limit with a clear refusal, a client
+//! that stops in the middle of a frame, and hundreds of clients connecting and leaving
+//! while a well-behaved client keeps getting fast answers and memory stays flat.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use dlsession::proto::handshake::{HandshakeStatus, Preamble};
+use dlsession::proto::{ClientHello, Request, Response, frame};
+use dlsession::{Client, ClientOptions};
+use dlsession_testkit::{TestDaemon, TestEnv};
+
+fn hello() -> Vec<u8> {
+    let mut v = Preamble::ours(HandshakeStatus::Ok).to_bytes().to_vec();
+    v.extend(
+        frame::encode_frame(&ClientHello { client_name: "greedy".into(), client_version: "0".into(), app_id: None })
+            .unwrap(),
+    );
+    v
+}
+
+/// Connects and completes the handshake; returns the daemon's preamble status.
+fn handshake(socket: &std::path::Path) -> (UnixStream, HandshakeStatus) {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&hello()).unwrap();
+    let mut pre = [0u8; 8];
+    s.read_exact(&mut pre).unwrap();
+    (s, Preamble::parse(pre).unwrap().status)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches("kB").trim().parse().unwrap()
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+async fn status_latency(client: &Client) -> Duration {
+    let t = Instant::now();
+    assert!(matches!(client.request(Request::Status).await.unwrap(), Response::Status(_)));
+    t.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_refused_clearly() {
+    let env = TestEnv::new();
+    env.set_config("max_connections", "4");
+    let _d = TestDaemon::start(&env);
+    let held: Vec<UnixStream> = (0..4)
+        .map(|_| {
+            let (s, status) = handshake(&env.socket);
+            assert_eq!(status, HandshakeStatus::Ok);
+            s
+        })
+        .collect();
+    let (_, status) = handshake(&env.socket);
+    assert_eq!(status, HandshakeStatus::TooManyConnections);
+    let err = Client::connect(ClientOptions { socket: Some(env.socket.clone()), ..ClientOptions::default() })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("too many connections"), "{err}");
+    drop(held);
+    // Slots come back when connections close.
+    let client = dlsession_testkit::wait_for("a free slot", Duration::from_secs(10), || {
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current()
+                .block_on(Client::connect(ClientOptions {
+                    socket: Some(env.socket.clone()),
+                    ..ClientOptions::default()
+                }))
+                .ok()
+        })
+    });
+    status_latency(&client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stuck_in_the_middle_of_a_frame_bothers_nobody() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let mut stuck = Vec::new();
+    for _ in 0..20 {
+        let (mut s, _) = handshake(&env.socket);
+        let mut welcome_len = [0u8; 4];
+        s.read_exact(&mut welcome_len).unwrap();
+        s.write_all(&[0, 0, 1]).unwrap(); // three bytes of a four-byte header, then nothing
+        stuck.push(s);
+    }
+    let client =
+        Client::connect(ClientOptions { socket: Some(env.socket.clone()), ..ClientOptions::default() }).await.unwrap();
+    assert!(status_latency(&client).await < Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_clients_coming_and_going() {
+    let env = TestEnv::new();
+    let daemon = TestDaemon::start(&env);
+    let client =
+        Client::connect(ClientOptions { socket: Some(env.socket.clone()), ..ClientOptions::default() }).await.unwrap();
+    // Warm up, then take the baseline.
+    for _ in 0..20 {
+        status_latency(&client).await;
+    }
+    let rss_before = rss_kib(daemon.pid());
+    let fds_before = open_fds(daemon.pid());
+
+    let socket = env.socket.clone();
+    let churn = std::thread::spawn(move || {
+        let mut refused = 0;
+        for round in 0..500 {
+            // A third leave mid-handshake, a third right after it, a third after a request.
+            let mut s = UnixStream::connect(&socket).unwrap();
+            match round % 3 {
+                0 => s.write_all(&hello()[..5]).unwrap(),
+                1 => {
+                    s.write_all(&hello()).unwrap();
+                    let mut pre = [0u8; 8];
+                    let _ = s.read_exact(&mut pre);
+                    if Preamble::parse(pre).map(|p| p.status).ok() != Some(HandshakeStatus::Ok) {
+                        refused += 1;
+                    }
+                }
+                _ => {
+                    s.write_all(&hello()).unwrap();
+                    s.write_all(
+                        &frame::encode_frame(&dlsession::proto::RequestFrame { id: 1, request: Request::Status })
+                            .unwrap(),
+                    )
+                    .unwrap();
+                    let mut buf = [0u8; 64];
+                    let _ = s.read(&mut buf);
+                }
+            }
+        }
+        refused
+    });
+    let mut latencies = Vec::new();
+    while !churn.is_finished() {
+        latencies.push(status_latency(&client).await);
+    }
+    let refused = churn.join().unwrap();
+    assert_eq!(refused, 0, "well-formed handshakes were all accepted");
+    latencies.sort();
+    let p50 = latencies[latencies.len() / 2];
+    let p99 = latencies[latencies.len() * 99 / 100];
+    eprintln!("status round trip during churn: {} samples, p50 {p50:?}, p99 {p99:?}", latencies.len());
+    assert!(p99 < Duration::from_millis(500), "p99 {p99:?}");
+
+    // Everything those clients held is released.
+    let fds = dlsession_testkit::wait_for("connections released", Duration::from_secs(10), || {
+        let n = open_fds(daemon.pid());
+        (n <= fds_before).then_some(n)
+    });
+    let rss_after = rss_kib(daemon.pid());
+    eprintln!("daemon fds {fds_before} -> {fds}, RSS {rss_before} KiB -> {rss_after} KiB");
+    assert!(rss_after < rss_before + 16 * 1024, "RSS grew by {} KiB", rss_after - rss_before);
+}
