@@ -115,9 +115,18 @@ impl Client {
         };
         let mut opening = Preamble::ours(HandshakeStatus::Ok).to_bytes().to_vec();
         opening.extend_from_slice(&frame::encode_frame(&hello)?);
-        wr.write_all(&opening).await.map_err(|source| Error::NotRunning { path: socket.clone(), source })?;
-        wr.flush().await.map_err(|source| Error::NotRunning { path: socket.clone(), source })?;
-        let theirs = read_preamble(&mut rd).await?;
+        let sent = async {
+            wr.write_all(&opening).await?;
+            wr.flush().await
+        }
+        .await;
+        // Read the answer even if sending failed: a daemon that refuses us answers and
+        // closes without reading, so our write may break while its refusal is waiting.
+        let theirs = match (read_preamble(&mut rd).await, sent) {
+            (Ok(p), _) => p,
+            (Err(_), Err(source)) => return Err(Error::NotRunning { path: socket.clone(), source }),
+            (Err(e), Ok(())) => return Err(e.into()),
+        };
         match theirs.status {
             HandshakeStatus::Ok => theirs
                 .check_version()

@@ -73,19 +73,19 @@ impl Connection {
         let (mut rd, mut wr) = tokio::io::split(stream);
         if uid != Some(self.our_uid) {
             warn!(peer_uid = ?uid, peer_pid = ?pid, "refused a connection from another user");
-            refuse(&mut wr, HandshakeStatus::PermissionDenied).await;
+            refuse_and_linger(&mut rd, &mut wr, HandshakeStatus::PermissionDenied).await;
             return;
         }
         let Ok(_slot) = slots.try_acquire_owned() else {
             warn!(max = self.settings.max_connections, "refused a connection: too many connections");
-            refuse(&mut wr, HandshakeStatus::TooManyConnections).await;
+            refuse_and_linger(&mut rd, &mut wr, HandshakeStatus::TooManyConnections).await;
             return;
         };
         let hello = match tokio::time::timeout(self.settings.handshake_timeout, read_hello(&mut rd)).await {
             Ok(Ok(hello)) => hello,
             Ok(Err(HelloError::Version(theirs))) => {
                 info!(theirs, "client speaks another protocol version");
-                refuse(&mut wr, HandshakeStatus::VersionMismatch).await;
+                refuse_and_linger(&mut rd, &mut wr, HandshakeStatus::VersionMismatch).await;
                 return;
             }
             Ok(Err(HelloError::Bad(e))) => {
@@ -187,6 +187,28 @@ async fn read_hello<R: AsyncRead + Unpin>(rd: &mut R) -> Result<ClientHello, Hel
 async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, status: HandshakeStatus) {
     let _ = wr.write_all(&Preamble::ours(status).to_bytes()).await;
     let _ = wr.flush().await;
+}
+
+/// Refuses, then reads (and drops) what the peer already sent for a moment before
+/// closing: closing with unread input would reset the connection and could discard the
+/// refusal before the peer reads it.
+async fn refuse_and_linger<R, W>(rd: &mut R, wr: &mut W, status: HandshakeStatus)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    refuse(wr, status).await;
+    let mut sink = [0u8; 1024];
+    let mut left: usize = 64 << 10;
+    let _ = tokio::time::timeout(Duration::from_millis(200), async {
+        while left > 0 {
+            match tokio::io::AsyncReadExt::read(rd, &mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(

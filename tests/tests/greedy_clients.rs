@@ -161,3 +161,34 @@ async fn five_hundred_clients_coming_and_going() {
     eprintln!("daemon fds {fds_before} -> {fds}, RSS {rss_before} KiB -> {rss_after} KiB");
     assert!(rss_after < rss_before + 16 * 1024, "RSS grew by {} KiB", rss_after - rss_before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_batches_are_refused_whole() {
+    let env = TestEnv::new();
+    env.set_config("max_tasks_per_batch", "10");
+    let _d = TestDaemon::start(&env);
+    let client =
+        Client::connect(ClientOptions { socket: Some(env.socket.clone()), ..ClientOptions::default() }).await.unwrap();
+    client.request(Request::OpenSession { identifier: "t.batch".into(), config: None }).await.unwrap();
+    let specs = |n: usize| (0..n).map(|i| dlsession::proto::TaskSpec::get(format!("http://127.0.0.1:9/{i}"))).collect();
+    let err = client
+        .request(Request::CreateTasks { identifier: "t.batch".into(), tasks: specs(11), resume: false })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), dlsession::ErrorCode::InvalidRequest);
+    assert!(err.to_string().contains("11 tasks in one batch; the limit is 10"), "{err}");
+    // One bad task refuses the whole batch, naming it.
+    let mut bad: Vec<dlsession::proto::TaskSpec> = specs(3);
+    bad[1].url = "gopher://example.org/".into();
+    let err = client
+        .request(Request::CreateTasks { identifier: "t.batch".into(), tasks: bad, resume: false })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), dlsession::ErrorCode::UnsupportedScheme);
+    assert!(err.to_string().contains("task 2 of the batch"), "{err}");
+    let Response::Session(s) = client.request(Request::GetSession { identifier: "t.batch".into() }).await.unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(s.tasks.total(), 0, "nothing of a refused batch was created");
+}
