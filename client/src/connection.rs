@@ -31,6 +31,8 @@ pub struct ClientOptions {
     pub app_id: Option<String>,
     /// Deadline for connecting and the handshake.
     pub timeout: Duration,
+    /// Start `dlsessiond` if nothing listens on the socket (unless `DLSESSION_NO_AUTOSTART=1`).
+    pub autostart: bool,
 }
 
 impl Default for ClientOptions {
@@ -43,6 +45,7 @@ impl Default for ClientOptions {
                 .unwrap_or_else(|| "dlsession".into()),
             app_id: None,
             timeout: Duration::from_secs(10),
+            autostart: true,
         }
     }
 }
@@ -91,12 +94,32 @@ impl Client {
             None => dlsession_proto::paths::client_socket()?,
         };
         let timeout = options.timeout;
-        tokio::time::timeout(timeout, Self::connect_inner(socket.clone(), options)).await.map_err(|_| {
-            Error::NotRunning {
-                path: socket,
-                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"),
+        let attempt = |options: ClientOptions| {
+            let socket = socket.clone();
+            async move {
+                tokio::time::timeout(timeout, Self::connect_inner(socket.clone(), options)).await.map_err(|_| {
+                    Error::NotRunning {
+                        path: socket,
+                        source: std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"),
+                    }
+                })?
             }
-        })?
+        };
+        match attempt(options.clone()).await {
+            // Nothing listens (no socket, or a stale one): start the daemon and try again.
+            Err(Error::NotRunning { source, .. })
+                if options.autostart
+                    && crate::autostart::enabled()
+                    && matches!(
+                        source.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ) =>
+            {
+                crate::autostart::start(&socket, timeout).await?;
+                attempt(options).await
+            }
+            other => other,
+        }
     }
 
     async fn connect_inner(socket: PathBuf, options: ClientOptions) -> Result<Client> {

@@ -36,6 +36,9 @@ pub enum Error {
     Invalid(ErrorInfo),
     #[error("internal: cannot determine where dlsessiond's socket is: {0}")]
     NoSocketPath(#[from] dlsession_proto::paths::NoHomeDir),
+    /// Nothing listened, and starting the daemon on demand failed.
+    #[error("dlsessiond is not running and could not be started: {reason}")]
+    StartFailed { reason: String },
 }
 
 impl Error {
@@ -49,7 +52,8 @@ impl Error {
             | Error::UnexpectedResponse { .. }
             | Error::Disconnected { .. }
             | Error::Protocol(_)
-            | Error::NoSocketPath(_) => ErrorCode::Internal,
+            | Error::NoSocketPath(_)
+            | Error::StartFailed { .. } => ErrorCode::Internal,
         }
     }
 
@@ -63,7 +67,7 @@ impl Error {
 
     /// True when the daemon could not be reached at all (not running, or gone).
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, Error::NotRunning { .. } | Error::Disconnected { .. })
+        matches!(self, Error::NotRunning { .. } | Error::Disconnected { .. } | Error::StartFailed { .. })
     }
 }
 

@@ -38,6 +38,7 @@
 //! # }
 //! ```
 
+pub mod autostart;
 mod connection;
 mod error;
 mod session;

@@ -18,6 +18,19 @@ pub struct Context<'a> {
     pub reason: &'a str,
 }
 
+/// Variables systemd gives the daemon that must not reach the apps it starts (an app
+/// could otherwise notify systemd on the daemon's behalf, or take its socket).
+const SYSTEMD_VARIABLES: &[&str] = &[
+    "NOTIFY_SOCKET",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "JOURNAL_STREAM",
+    "INVOCATION_ID",
+];
+
 #[derive(Debug)]
 pub enum Launched {
     Process(u32),
@@ -51,7 +64,11 @@ fn launch_command(
         ),
         None => (Stdio::null(), Stdio::null()),
     };
-    let mut child = tokio::process::Command::new(program)
+    let mut command = tokio::process::Command::new(program);
+    for var in SYSTEMD_VARIABLES {
+        command.env_remove(var);
+    }
+    let mut child = command
         .args(args)
         .env(RELAUNCH_IDENTIFIER_ENV, ctx.identifier)
         .env(RELAUNCH_SOCKET_ENV, ctx.socket)
@@ -84,7 +101,11 @@ fn start_unit(
     on_exit: impl FnOnce(Result<(), String>) + Send + 'static,
 ) -> Result<Launched, String> {
     let unit = instantiate(unit, ctx.identifier);
-    let child = tokio::process::Command::new("systemctl")
+    let mut command = tokio::process::Command::new("systemctl");
+    for var in SYSTEMD_VARIABLES {
+        command.env_remove(var);
+    }
+    let child = command
         .args(["--user", "start", &unit])
         .env(RELAUNCH_IDENTIFIER_ENV, ctx.identifier)
         .stdin(Stdio::null())

@@ -19,6 +19,7 @@ pub mod launcher;
 pub mod lifecycle;
 pub mod model;
 pub mod store;
+pub mod units;
 pub mod validate;
 
 use std::future::Future;
@@ -108,8 +109,17 @@ pub async fn run(cfg: Config, listener: Listener, shutdown: impl Future<Output =
 
 /// Command-line arguments of `dlsessiond`.
 #[derive(Debug, clap::Parser)]
-#[command(name = "dlsessiond", version, about = "Per-user background download daemon")]
+#[command(
+    name = "dlsessiond",
+    version,
+    about = "Per-user background download daemon",
+    long_about = "Per-user background download daemon.\n\nRuns in the foreground until SIGTERM or SIGINT. \
+                  Under systemd it adopts the socket from dlsessiond.socket and reports readiness; \
+                  `dlsessiond install-user-units` installs those units."
+)]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Socket path [default: $XDG_RUNTIME_DIR/dlsessiond/dlsessiond.sock]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<std::path::PathBuf>,
@@ -124,10 +134,39 @@ pub struct Args {
     pub config: Option<std::path::PathBuf>,
 }
 
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Write dlsessiond.service and dlsessiond.socket into ~/.config/systemd/user
+    /// (ExecStart pointing at this binary), then print how to enable them.
+    InstallUserUnits {
+        /// Write the units here instead
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
+        /// The daemon binary the service starts [default: this one]
+        #[arg(long, value_name = "PATH")]
+        exec: Option<std::path::PathBuf>,
+    },
+}
+
 /// The `dlsessiond` binary: parse flags, set up logging, run until SIGTERM or SIGINT.
 pub fn main_entry() -> ExitCode {
     use clap::Parser;
     let args = Args::parse();
+    if let Some(Command::InstallUserUnits { dir, exec }) = args.command {
+        return match units::install(dir, exec) {
+            Ok(files) => {
+                for f in &files {
+                    println!("wrote {}", f.display());
+                }
+                println!("now run: systemctl --user daemon-reload && systemctl --user enable --now dlsessiond.socket");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("dlsessiond: cannot install the units: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     init_logging();
     match start(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -158,7 +197,10 @@ fn start(args: Args) -> Result<(), DaemonError> {
     runtime.block_on(async {
         // Handlers first: once the socket accepts connections, SIGTERM must checkpoint.
         let shutdown = shutdown_signal()?;
-        let listener = lifecycle::bind(&cfg.socket)?;
+        let listener = match lifecycle::activated_listener(&cfg.socket)? {
+            Some(passed) => passed,
+            None => lifecycle::bind(&cfg.socket)?,
+        };
         run(cfg, listener, shutdown).await
     })
 }
@@ -176,12 +218,28 @@ fn shutdown_signal() -> Result<impl Future<Output = ()>, DaemonError> {
     })
 }
 
+/// Logs to journald (with `SESSION=` and `TASK=` fields) when systemd connected our
+/// stderr to the journal, else readable lines on stderr (coloured only on a terminal).
 fn init_logging() {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = std::env::var("DLSESSIOND_LOG")
         .ok()
         .or_else(|| std::env::var("RUST_LOG").ok())
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    if std::env::var_os("JOURNAL_STREAM").is_some()
+        && let Ok(journal) = tracing_journald::layer()
+    {
+        let journal = journal.with_field_prefix(None).with_syslog_identifier("dlsessiond".into());
+        let _ = tracing_subscriber::registry().with(filter).with(journal).try_init();
+        return;
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }

@@ -26,6 +26,8 @@ pub enum LifecycleError {
     NotASocket { path: PathBuf },
     #[error("cannot listen on {path}: {source}")]
     Bind { path: PathBuf, source: std::io::Error },
+    #[error("cannot use the socket passed by systemd: {0}")]
+    Activation(std::io::Error),
 }
 
 /// Holds the instance locks for as long as the daemon runs.
@@ -103,4 +105,42 @@ pub fn bind(socket: &Path) -> Result<Listener, LifecycleError> {
     let bind_err = |source| LifecycleError::Bind { path: socket.to_path_buf(), source };
     let name = socket.to_fs_name::<GenericFilePath>().map_err(bind_err)?;
     ListenerOptions::new().name(name).mode(0o600).reclaim_name(true).create_tokio().map_err(bind_err)
+}
+
+/// The listening socket systemd passed (`LISTEN_FDS`/`LISTEN_PID`), if any.
+///
+/// Must run inside the tokio runtime (the socket is registered with it). Children the
+/// daemon starts never inherit the descriptor (it is made close-on-exec) nor the
+/// variables (the launcher removes them).
+pub fn activated_listener(configured: &Path) -> Result<Option<Listener>, LifecycleError> {
+    let mut fds = sd_notify::listen_fds().map_err(LifecycleError::Activation)?;
+    let Some(fd) = fds.next() else { return Ok(None) };
+    if fds.len() > 0 {
+        warn!(count = fds.len() + 1, "systemd passed several sockets; using the first");
+    }
+    let std_listener = std::os::unix::net::UnixListener::from(adopt(fd));
+    let passed = std_listener.local_addr().ok().and_then(|a| a.as_pathname().map(Path::to_path_buf));
+    if passed.as_deref() != Some(configured) {
+        warn!(
+            passed = ?passed,
+            configured = %configured.display(),
+            "systemd passed a socket at another path than clients look for"
+        );
+    }
+    std_listener.set_nonblocking(true).map_err(LifecycleError::Activation)?;
+    let listener =
+        interprocess::os::unix::uds_local_socket::tokio::Listener::try_from(std::os::fd::OwnedFd::from(std_listener))
+            .map_err(LifecycleError::Activation)?;
+    info!(fd = 3, "listening on the socket passed by systemd");
+    Ok(Some(Listener::from(listener)))
+}
+
+/// Takes ownership of a descriptor passed by systemd.
+#[allow(unsafe_code)]
+fn adopt(fd: std::os::fd::RawFd) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `listen_fds` returned it only because LISTEN_PID names this process, so the
+    // descriptor was passed to us by the service manager; nothing else in the process
+    // owns or closes it, and it is adopted exactly once, at start-up.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
 }

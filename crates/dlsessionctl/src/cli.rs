@@ -54,6 +54,11 @@ pub enum Command {
     /// Files land in the current directory under the name from the URL, unless -o or -d
     /// says otherwise. Without --wait, the tasks' completion events stay in the session
     /// until collected with `dlsessionctl attach SESSION`.
+    ///
+    /// If no daemon is running (and none is provided by systemd's socket), `get` starts
+    /// dlsessiond in the background (from DLSESSIOND_PATH, next to dlsessionctl, or on
+    /// PATH; log in ~/.local/state/dlsessiond/dlsessiond.log). DLSESSION_NO_AUTOSTART=1
+    /// turns that off.
     Get(GetArgs),
 
     /// Show live progress of active tasks until none is active

@@ -158,7 +158,7 @@ impl Core {
         }
         ops.push(Op::DeleteSession(key));
         after.push(After::RemoveDir(self.session_dir(key)));
-        info!(session = key, "session invalidated and removed");
+        info!(session = %s.rec.identifier, "session invalidated and removed");
     }
 
     /// Emits `did_become_invalid` once an invalidating session has no unfinished task.
@@ -216,7 +216,7 @@ impl Core {
         if self.has_finished_events(key)
             && let Err(e) = self.wake_now(key, WakeReason::FinishedEvents)
         {
-            warn!(session = key, error = %e, "wake failed");
+            warn!(session = %self.identifier(key), error = %e, "wake failed");
         }
     }
 
@@ -270,7 +270,7 @@ impl Core {
             s.wake.last_wake = Some(now);
         }
         s.wake.last_error = outcome.as_ref().err().cloned();
-        info!(session = key, identifier, ?outcome, attempt = s.wake.attempts, "wake");
+        info!(session = %identifier, ?outcome, attempt = s.wake.attempts, "wake");
         // Backoff: initial, doubling, capped; repeated until the events are acknowledged.
         if again {
             let delay = initial.saturating_mul(1u64 << s.wake.attempts.saturating_sub(1).min(30)).min(max);
@@ -301,7 +301,7 @@ impl Core {
 
     pub(super) fn on_launch_finished(&mut self, key: SessionKey, result: Result<(), String>) {
         if let (Err(e), Some(s)) = (result, self.sessions.get_mut(&key)) {
-            warn!(session = key, error = %e, "relaunch failed; will retry with backoff");
+            warn!(session = %s.rec.identifier, error = %e, "relaunch failed; will retry with backoff");
             s.wake.last_error = Some(ErrorInfo::new(ErrorCode::Internal, format!("relaunch failed: {e}")));
         }
     }

@@ -155,6 +155,8 @@ enum Timer {
     Retry(TaskId),
     Wake(SessionKey),
     ShutdownDeadline,
+    /// A throttled `STATUS=` update to systemd.
+    Status,
 }
 
 /// The core actor. Build with [`Core::new`], drive with [`Core::run`].
@@ -183,7 +185,19 @@ pub struct Core {
     rng: u64,
     shutting_down: bool,
     fatal: Option<String>,
+    /// Systemd status reporting: enabled when `NOTIFY_SOCKET` is set.
+    status: Option<StatusReport>,
 }
+
+#[derive(Debug, Default)]
+struct StatusReport {
+    last: String,
+    sent_at: Option<Instant>,
+    pending: bool,
+}
+
+/// At most one `STATUS=` line per second.
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Core {
     /// Builds the core from the store's snapshot, recovering interrupted finishes and
@@ -220,6 +234,7 @@ impl Core {
             rng: seed(),
             shutting_down: false,
             fatal: None,
+            status: std::env::var_os("NOTIFY_SOCKET").map(|_| StatusReport::default()),
         };
         core.restore(snapshot);
         core
@@ -229,6 +244,12 @@ impl Core {
     pub async fn run(mut self) -> Result<(), String> {
         self.schedule();
         let mut ticker: Option<tokio::time::Interval> = None;
+        // Pinging from this loop (not a side task) means a wedged core is restarted.
+        let mut watchdog = sd_notify::watchdog_enabled().map(|every| {
+            let mut t = tokio::time::interval(every / 2);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
         loop {
             if self.shutting_down && self.running.is_empty() {
                 break;
@@ -252,7 +273,11 @@ impl Core {
                 },
                 _ = sleep_until_ms(next_timer) => self.fire_timers(),
                 _ = tick(&mut ticker) => self.on_tick(),
+                _ = tick(&mut watchdog) => {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
             }
+            self.report_status();
             if self.fatal.is_some() {
                 break;
             }
@@ -390,6 +415,11 @@ impl Core {
             match timer {
                 Timer::Begin(id) | Timer::Retry(id) => self.on_task_timer(id),
                 Timer::Wake(key) => self.on_wake_timer(key),
+                Timer::Status => {
+                    if let Some(r) = self.status.as_mut() {
+                        r.pending = false;
+                    }
+                }
                 Timer::ShutdownDeadline => {
                     warn!(
                         running = self.running.len(),
@@ -433,6 +463,44 @@ impl Core {
         self.download_rate = rate;
     }
 
+    /// Tells systemd what the daemon is doing (`systemctl --user status`), at most once a
+    /// second and only when it changed.
+    fn report_status(&mut self) {
+        let Some(report) = self.status.as_ref() else { return };
+        let c = self.counts;
+        let line = if c.active() == 0 {
+            format!("idle; {} suspended, {} sessions, {} clients", c.suspended, self.sessions.len(), self.conns.len())
+        } else {
+            format!(
+                "{} running, {} queued, {} waiting; {} sessions, {} clients",
+                c.running,
+                c.queued,
+                c.waiting,
+                self.sessions.len(),
+                self.conns.len()
+            )
+        };
+        if line == report.last || report.pending {
+            return;
+        }
+        match report.sent_at.map(|t| t.elapsed()) {
+            Some(since) if since < STATUS_INTERVAL => {
+                let at = now_ms() + (STATUS_INTERVAL - since).as_millis() as u64;
+                self.timers.insert((at, Timer::Status));
+                if let Some(r) = self.status.as_mut() {
+                    r.pending = true;
+                }
+            }
+            _ => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
+                if let Some(r) = self.status.as_mut() {
+                    r.last = line;
+                    r.sent_at = Some(Instant::now());
+                }
+            }
+        }
+    }
+
     /// A pseudo-random number for backoff jitter (xorshift; not for secrets).
     fn random(&mut self) -> u64 {
         let mut x = self.rng;
@@ -457,6 +525,11 @@ impl Core {
 
     fn resume_dir(&self) -> PathBuf {
         self.cfg.downloads_dir().join("resume")
+    }
+
+    /// The identifier of a session, for logs.
+    fn identifier(&self, key: SessionKey) -> &str {
+        self.sessions.get(&key).map_or("?", |s| s.rec.identifier.as_str())
     }
 
     fn session_by_identifier(&self, identifier: &str) -> Result<SessionKey, ErrorInfo> {

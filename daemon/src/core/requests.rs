@@ -198,7 +198,7 @@ impl Core {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.attached.insert(key);
         }
-        info!(conn, session = key, "attached");
+        info!(conn, session = %self.identifier(key), "attached");
         self.commit(ops, vec![After::Replay { conn, id, session: key }]);
         Ok(Answer::Later)
     }
@@ -235,6 +235,7 @@ impl Core {
     fn create_session(&mut self, identifier: String, config: SessionConfig, ops: &mut Vec<Op>) -> SessionKey {
         let key = self.next_session_key;
         self.next_session_key += 1;
+        info!(session = %identifier, "session created");
         let rec = SessionRecord {
             key,
             identifier: identifier.clone(),
@@ -247,7 +248,6 @@ impl Core {
         ops.push(Op::InsertSession(rec.clone()));
         self.sessions.insert(key, new_session(rec));
         self.by_identifier.insert(identifier, key);
-        info!(session = key, "session created");
         key
     }
 
@@ -345,7 +345,7 @@ impl Core {
             ids.push(id);
         }
         ops.push(Op::SetNextTaskId(self.next_task_id));
-        debug!(session = key, count = ids.len(), "tasks created");
+        debug!(session = %self.identifier(key), count = ids.len(), "tasks created");
         self.commit(ops, vec![After::Reply { conn, id, response: Response::TasksCreated(ids) }]);
         self.schedule();
         Ok(Answer::Later)

@@ -134,6 +134,7 @@ impl Core {
         let (stop_tx, stop_rx) = watch::channel(false);
         let job = Job {
             link: WorkerLink::new(self.tx.clone(), id, generation),
+            session: s.rec.identifier.clone(),
             url: t.rec.url.clone(),
             headers,
             offset: t.rec.committed_offset,
@@ -306,16 +307,18 @@ impl Core {
 
     fn on_moved(&mut self, id: TaskId, location: String) {
         self.release(id);
-        info!(task = id, "download finished");
+        let session = self.tasks.get(&id).map(|t| self.identifier(t.rec.session)).unwrap_or("?");
+        info!(%session, task = id, "download finished");
         self.mark_finished(id, location);
     }
 
     fn on_failed(&mut self, id: TaskId, failure: crate::engine::Failure) {
         let run = self.release(id);
+        let session = self.tasks.get(&id).map(|t| self.identifier(t.rec.session).to_owned()).unwrap_or_default();
         let Some(t) = self.tasks.get_mut(&id) else { return };
         let made_progress = run.as_ref().is_some_and(|r| t.progress.received() > r.start_received);
         t.failures = if made_progress { 1 } else { t.failures + 1 };
-        warn!(task = id, error = %failure.error, attempt = t.rec.attempts, "download attempt failed");
+        warn!(%session, task = id, error = %failure.error, attempt = t.rec.attempts, "download attempt failed");
         if failure.discard_partial {
             t.rec.committed_offset = 0;
             t.rec.etag = None;

@@ -128,6 +128,8 @@ impl WorkerLink {
 #[derive(Debug)]
 pub struct Job {
     pub link: WorkerLink,
+    /// The session's identifier, for logs.
+    pub session: String,
     pub url: String,
     /// Session headers followed by task headers.
     pub headers: Vec<Header>,
@@ -170,7 +172,7 @@ impl Engine {
     /// Starts a worker for `job`.
     pub fn spawn(self: &Arc<Self>, job: Job) -> tokio::task::JoinHandle<()> {
         let engine = Arc::clone(self);
-        let span = info_span!("download", task = job.link.task);
+        let span = info_span!("download", session = %job.session, task = job.link.task);
         tokio::spawn(
             async move {
                 let link = job.link.clone();

@@ -35,7 +35,7 @@ pub async fn run(ctx: &Ctx, args: AttachArgs) -> Result<Exit> {
         Some(dir) => Some(prepare_dir(dir)?),
         None => None,
     };
-    let client = ctx.connect(args.app_id.clone()).await?;
+    let client = ctx.connect_or_start(args.app_id.clone()).await?;
     let existing = match client.request(Request::GetSession { identifier: args.session.clone() }).await {
         Ok(Response::Session(info)) => Some(info.config),
         Ok(other) => return Err(CliError::unexpected("session", &other)),

@@ -56,7 +56,7 @@ pub async fn run(ctx: &Ctx, args: GetArgs) -> Result<Exit> {
     let plan = plan(&args, urls, &cwd)?;
     prepare_files(&plan, args.overwrite)?;
 
-    let client = ctx.connect(None).await?;
+    let client = ctx.connect_or_start(None).await?;
     open_session(&client, &args.session, args.app_id.clone(), plan.launch.clone()).await?;
     let specs: Vec<TaskSpec> = plan
         .items

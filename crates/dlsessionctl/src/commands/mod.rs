@@ -26,12 +26,24 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    /// Connects to the daemon, announcing `app_id` if given.
+    /// Connects to a running daemon, announcing `app_id` if given. Inspection and
+    /// control never start a daemon: a missing one is reported (exit 3).
     pub async fn connect(&self, app_id: Option<String>) -> Result<Client> {
+        self.connect_with(app_id, false).await
+    }
+
+    /// Connects, starting the daemon on demand if nothing listens (`get`, `attach`),
+    /// unless `DLSESSION_NO_AUTOSTART=1`.
+    pub async fn connect_or_start(&self, app_id: Option<String>) -> Result<Client> {
+        self.connect_with(app_id, true).await
+    }
+
+    async fn connect_with(&self, app_id: Option<String>, autostart: bool) -> Result<Client> {
         let options = ClientOptions {
             socket: self.socket.clone(),
             client_name: "dlsessionctl".into(),
             app_id,
+            autostart,
             ..ClientOptions::default()
         };
         Ok(Client::connect(options).await?)

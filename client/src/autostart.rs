@@ -1,0 +1,124 @@
+//! Starting `dlsessiond` on demand, when nothing listens on its socket.
+//!
+//! Under systemd the socket unit answers every connection, so this only runs where no
+//! service manager provides the daemon. Racing clients serialise on a lock file next to
+//! the socket: the first starts the daemon, the others find it listening.
+
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::error::Error;
+
+/// Set to `1` to never start the daemon from a client.
+pub const NO_AUTOSTART_ENV: &str = "DLSESSION_NO_AUTOSTART";
+/// The daemon binary to start (else next to this program, else on `PATH`).
+pub const DAEMON_PATH_ENV: &str = "DLSESSIOND_PATH";
+
+/// False when `DLSESSION_NO_AUTOSTART` is set to a true value.
+pub fn enabled() -> bool {
+    !matches!(
+        std::env::var(NO_AUTOSTART_ENV).map(|v| v.to_ascii_lowercase()).as_deref(),
+        Ok("1" | "true" | "yes" | "on")
+    )
+}
+
+/// Starts a daemon listening on `socket` unless one already is, and waits until it
+/// accepts connections.
+pub async fn start(socket: &Path, timeout: Duration) -> Result<(), Error> {
+    let socket = socket.to_path_buf();
+    tokio::task::spawn_blocking(move || start_blocking(&socket, timeout))
+        .await
+        .map_err(|e| Error::StartFailed { reason: format!("the starter thread failed: {e}") })?
+}
+
+fn start_blocking(socket: &Path, timeout: Duration) -> Result<(), Error> {
+    let fail = |reason: String| Error::StartFailed { reason };
+    let dir = socket.parent().ok_or_else(|| fail(format!("{} has no parent directory", socket.display())))?;
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
+    let lock_path = dir.join("dlsessiond.startup.lock");
+    let lock = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(|e| fail(format!("cannot open {}: {e}", lock_path.display())))?;
+    lock.lock().map_err(|e| fail(format!("cannot lock {}: {e}", lock_path.display())))?;
+    // Whoever held the lock before us may have started it already.
+    if UnixStream::connect(socket).is_ok() {
+        return Ok(());
+    }
+    let exe = find_daemon().ok_or_else(|| {
+        fail(format!(
+            "cannot find the dlsessiond binary (set {DAEMON_PATH_ENV}, or put it next to this program or on PATH)"
+        ))
+    })?;
+    let log_path = log_path();
+    let log = log_path.as_deref().and_then(|p| {
+        if let Some(parent) = p.parent() {
+            let _ = DirBuilder::new().recursive(true).mode(0o700).create(parent);
+        }
+        OpenOptions::new().create(true).append(true).open(p).ok()
+    });
+    let (out, err) = match &log {
+        Some(f) => (stdio(f), stdio(f)),
+        None => (Stdio::null(), Stdio::null()),
+    };
+    let mut child = Command::new(&exe)
+        .arg("--socket")
+        .arg(socket)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        // Its own process group: ^C in the client's terminal does not stop it.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| fail(format!("cannot run {}: {e}", exe.display())))?;
+    let see_log = log_path.map(|p| format!("; see {}", p.display())).unwrap_or_default();
+    let deadline = Instant::now() + timeout;
+    loop {
+        if UnixStream::connect(socket).is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(fail(format!("{} exited during start-up ({status}){see_log}", exe.display())));
+        }
+        if Instant::now() >= deadline {
+            return Err(fail(format!("{} did not start listening within {timeout:?}{see_log}", exe.display())));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn stdio(f: &File) -> Stdio {
+    f.try_clone().map(Stdio::from).unwrap_or_else(|_| Stdio::null())
+}
+
+/// Where an autostarted daemon logs: `$XDG_STATE_HOME/dlsessiond/dlsessiond.log`.
+fn log_path() -> Option<PathBuf> {
+    dlsession_proto::paths::defaults().ok().map(|d| d.state_dir.join("dlsessiond.log"))
+}
+
+fn find_daemon() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(DAEMON_PATH_ENV).filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let beside = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("dlsessiond")));
+    if let Some(p) = beside.filter(|p| p.is_file()) {
+        return Some(p);
+    }
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).map(|d| d.join("dlsessiond")).collect::<Vec<_>>())
+        .and_then(|candidates| candidates.into_iter().find(|p| p.is_file()))
+}

@@ -1,0 +1,292 @@
+//! The systemd user service: units that verify, socket activation with readiness and
+//! watchdog pings on a NOTIFY_SOCKET we read, STOPPING on SIGTERM; and on-demand start
+//! without systemd, race-free.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dlsession::proto::{Request, Response};
+use dlsession::{Client, ClientOptions};
+use dlsession_testkit::{Resource, TestDaemon, TestEnv, TestServer, bin_path, sha256_file, wait_for};
+
+/// A NOTIFY_SOCKET the test reads.
+struct Notify {
+    socket: UnixDatagram,
+    path: PathBuf,
+    seen: Vec<String>,
+}
+
+impl Notify {
+    fn new(dir: &Path) -> Notify {
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        Notify { socket, path, seen: Vec::new() }
+    }
+
+    /// Reads datagrams for `duration`.
+    fn collect(&mut self, duration: Duration) {
+        let deadline = Instant::now() + duration;
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.socket.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                self.seen.extend(text.lines().map(str::to_owned));
+            }
+        }
+    }
+
+    /// Reads until a line equal to (or starting with) `want` arrives.
+    fn wait(&mut self, want: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.seen.iter().any(|l| l.starts_with(want)) {
+            assert!(Instant::now() < deadline, "no {want} on NOTIFY_SOCKET; got {:?}", self.seen);
+            self.collect(Duration::from_millis(50));
+        }
+    }
+}
+
+/// `systemd-socket-activate -l SOCKET … dlsessiond`, with the env's XDG variables.
+fn socket_activate(env: &TestEnv, notify: &Path, extra: &[&str]) -> (Child, PathBuf) {
+    std::fs::create_dir_all(env.socket.parent().unwrap()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(env.socket.parent().unwrap(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let log = env.path().join("activated.log");
+    let mut cmd = env.command("systemd-socket-activate");
+    cmd.arg("-l").arg(&env.socket);
+    for (k, v) in env.vars() {
+        cmd.arg("-E").arg(format!("{k}={}", v.to_string_lossy()));
+    }
+    cmd.arg("-E").arg(format!("NOTIFY_SOCKET={}", notify.display()));
+    cmd.arg("-E").arg("DLSESSIOND_LOG=info,dlsessiond=debug");
+    for e in extra {
+        cmd.arg("-E").arg(e);
+    }
+    cmd.arg(bin_path("dlsessiond"));
+    let log_file = std::fs::File::create(&log).unwrap();
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .spawn()
+        .expect("systemd-socket-activate");
+    wait_for("the activation socket", Duration::from_secs(10), || env.socket.exists().then_some(()));
+    (child, log)
+}
+
+fn stop(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn the_installed_units_pass_systemd_analyze_verify() {
+    let env = TestEnv::new();
+    let dir = env.path().join("units");
+    let out = env.command(bin_path("dlsessiond")).args(["install-user-units", "--dir"]).arg(&dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let service = std::fs::read_to_string(dir.join("dlsessiond.service")).unwrap();
+    let exe = std::fs::canonicalize(bin_path("dlsessiond")).unwrap();
+    assert!(service.contains(&format!("ExecStart={}\n", exe.display())), "{service}");
+    for key in ["Type=notify", "WatchdogSec=", "Restart=on-failure", "NoNewPrivileges=yes"] {
+        assert!(service.contains(key), "{key} in\n{service}");
+    }
+    let socket = std::fs::read_to_string(dir.join("dlsessiond.socket")).unwrap();
+    for key in ["ListenStream=%t/dlsessiond/dlsessiond.sock", "SocketMode=0600", "DirectoryMode=0700"] {
+        assert!(socket.contains(key), "{key} in\n{socket}");
+    }
+    let verify = env
+        .command("systemd-analyze")
+        .args(["--user", "verify"])
+        .arg(dir.join("dlsessiond.socket"))
+        .arg(dir.join("dlsessiond.service"))
+        .output()
+        .expect("systemd-analyze (Debian package systemd) is needed");
+    let stderr = String::from_utf8_lossy(&verify.stderr);
+    assert!(verify.status.success(), "{stderr}");
+    assert_eq!(stderr.trim(), "", "no warnings");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_activation_adopts_the_socket_and_reports_readiness() {
+    let env = TestEnv::new();
+    let mut notify = Notify::new(env.path());
+    let (child, log) = socket_activate(&env, &notify.path, &[]);
+    // The first connection starts the daemon on the passed socket.
+    let client = Client::connect(ClientOptions {
+        socket: Some(env.socket.clone()),
+        autostart: false,
+        ..ClientOptions::default()
+    })
+    .await
+    .unwrap();
+    let Response::Status(status) = client.request(Request::Status).await.unwrap() else { panic!() };
+    assert_eq!(status.socket, env.socket.display().to_string());
+    notify.wait("READY=1", Duration::from_secs(10));
+    notify.wait("STATUS=", Duration::from_secs(5));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("listening on the socket passed by systemd"), "{text}");
+    assert!(!text.contains("another path"), "{text}");
+    stop(child);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchdog_pings_arrive_at_half_the_interval() {
+    let env = TestEnv::new();
+    let mut notify = Notify::new(env.path());
+    let (child, _log) = socket_activate(&env, &notify.path, &["WATCHDOG_USEC=200000"]);
+    let _client = Client::connect(ClientOptions {
+        socket: Some(env.socket.clone()),
+        autostart: false,
+        ..ClientOptions::default()
+    })
+    .await
+    .unwrap();
+    notify.wait("READY=1", Duration::from_secs(10));
+    notify.seen.clear();
+    notify.collect(Duration::from_millis(1000));
+    let pings = notify.seen.iter().filter(|l| *l == "WATCHDOG=1").count();
+    // Every 100 ms for a 200 ms watchdog: about ten in a second.
+    assert!((6..=14).contains(&pings), "{pings} pings: {:?}", notify.seen);
+    stop(child);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_downloads_reports_stopping_and_resumes_after_restart() {
+    let env = TestEnv::new();
+    let mut notify = Notify::new(env.path());
+    let notify_path = notify.path.clone();
+    let mut daemon = TestDaemon::start_with_env(&env, &[("NOTIFY_SOCKET", notify_path.as_os_str())]);
+    notify.wait("READY=1", Duration::from_secs(10));
+    let server = TestServer::start().await.unwrap();
+    let len = 24u64 << 20;
+    server.add("/big", Resource::generated(len, 9).throttle(8 << 20));
+    let client = Client::connect(ClientOptions {
+        socket: Some(env.socket.clone()),
+        autostart: false,
+        ..ClientOptions::default()
+    })
+    .await
+    .unwrap();
+    client.request(Request::OpenSession { identifier: "t.term".into(), config: None }).await.unwrap();
+    let dest = env.path().join("big.bin");
+    let mut spec = dlsession::proto::TaskSpec::get(server.url("/big"));
+    spec.destination = Some(dest.to_string_lossy().into_owned());
+    client
+        .request(Request::CreateTasks { identifier: "t.term".into(), tasks: vec![spec], resume: true })
+        .await
+        .unwrap();
+    wait_for("a third downloaded", Duration::from_secs(30), || (server.bytes_sent("/big") > len / 3).then_some(()));
+    notify.wait("STATUS=1 running", Duration::from_secs(5));
+    drop(client);
+    let status = daemon.terminate();
+    assert!(status.success(), "clean exit: {status}");
+    notify.wait("STOPPING=1", Duration::from_secs(5));
+    let sent = server.bytes_sent("/big");
+    daemon.restart();
+    wait_for("the download to finish", Duration::from_secs(60), || dest.exists().then_some(()));
+    assert_eq!(sha256_file(&dest).unwrap(), Resource::generated(len, 9).sha256_hex());
+    let last = server.requests_for("/big").pop().unwrap();
+    let offset: u64 =
+        last.range.as_deref().unwrap().trim_start_matches("bytes=").trim_end_matches('-').parse().unwrap();
+    assert!(offset + (2 << 20) >= sent, "resumed at {offset} after {sent} were sent");
+}
+
+/// The pid in the daemon's state-directory lock file.
+fn daemon_pid(env: &TestEnv) -> Option<u32> {
+    std::fs::read_to_string(env.state_dir.join("dlsessiond/dlsessiond.lock")).ok()?.trim().parse().ok()
+}
+
+/// Stops a daemon that a client started in `env`, even when the test fails.
+struct StopAutostarted(Arc<TestEnv>);
+
+impl Drop for StopAutostarted {
+    fn drop(&mut self) {
+        if let Some(p) = daemon_pid(&self.0).and_then(|pid| rustix::process::Pid::from_raw(pid as i32)) {
+            let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
+        }
+    }
+}
+
+async fn ctl(
+    env: &Arc<TestEnv>,
+    args: Vec<String>,
+    extra_env: Option<(&'static str, &'static str)>,
+) -> std::process::Output {
+    let env = env.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut cmd = env.command(bin_path("dlsessionctl"));
+        cmd.env_remove("DLSESSION_NO_AUTOSTART");
+        if let Some((k, v)) = extra_env {
+            cmd.env(k, v);
+        }
+        cmd.args(args).stdin(Stdio::null()).output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_starts_the_daemon_when_none_runs() {
+    let env = Arc::new(TestEnv::new());
+    let _stop = StopAutostarted(env.clone());
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(100_000, 1));
+    let out = env.path().join("a.bin");
+    let args =
+        vec!["get".to_owned(), server.url("/a"), "-o".into(), out.to_string_lossy().into_owned(), "--wait".into()];
+
+    // Turned off: a clear "not running" and exit 3.
+    let o = ctl(&env, args.clone(), Some(("DLSESSION_NO_AUTOSTART", "1"))).await;
+    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("dlsessiond is not running"));
+
+    let o = ctl(&env, args, None).await;
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(sha256_file(&out).unwrap(), Resource::generated(100_000, 1).sha256_hex());
+    daemon_pid(&env).expect("a daemon runs now");
+    let log = std::fs::read_to_string(env.state_dir.join("dlsessiond/dlsessiond.log")).unwrap();
+    assert!(log.contains("dlsessiond ready"), "{log}");
+    // Inspection commands never start one, but see this one.
+    let o = ctl(&env, vec!["status".into()], None).await;
+    assert_eq!(o.status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_clients_racing_start_exactly_one_daemon() {
+    let env = Arc::new(TestEnv::new());
+    let _stop = StopAutostarted(env.clone());
+    let server = TestServer::start().await.unwrap();
+    let mut runs = Vec::new();
+    for i in 0..10 {
+        server.add(&format!("/f{i}"), Resource::generated(50_000, i));
+        let out = env.path().join(format!("f{i}.bin"));
+        let args = vec![
+            "get".to_owned(),
+            server.url(&format!("/f{i}")),
+            "-o".into(),
+            out.to_string_lossy().into_owned(),
+            "--wait".into(),
+        ];
+        runs.push(tokio::spawn({
+            let env = env.clone();
+            async move { ctl(&env, args, None).await }
+        }));
+    }
+    for (i, r) in runs.into_iter().enumerate() {
+        let o = r.await.unwrap();
+        assert_eq!(o.status.code(), Some(0), "client {i}: {}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            sha256_file(&env.path().join(format!("f{i}.bin"))).unwrap(),
+            Resource::generated(50_000, i as u64).sha256_hex()
+        );
+    }
+    let log = std::fs::read_to_string(env.state_dir.join("dlsessiond/dlsessiond.log")).unwrap();
+    assert_eq!(log.matches("dlsessiond ready").count(), 1, "exactly one daemon started:\n{log}");
+    assert!(!log.contains("already running"), "no second daemon was even tried:\n{log}");
+}
