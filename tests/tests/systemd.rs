@@ -290,3 +290,45 @@ async fn ten_clients_racing_start_exactly_one_daemon() {
     assert_eq!(log.matches("dlsessiond ready").count(), 1, "exactly one daemon started:\n{log}");
     assert!(!log.contains("already running"), "no second daemon was even tried:\n{log}");
 }
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name: utime and stime are the 12th and 13th.
+    let after = stat.rsplit_once(')').unwrap().1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_daemon_uses_no_cpu() {
+    let env = TestEnv::new();
+    let daemon = TestDaemon::start(&env);
+    let client = Client::connect(ClientOptions {
+        socket: Some(env.socket.clone()),
+        autostart: false,
+        ..ClientOptions::default()
+    })
+    .await
+    .unwrap();
+    // Suspended tasks and a connected client: still nothing to do.
+    client.request(Request::OpenSession { identifier: "t.idle".into(), config: None }).await.unwrap();
+    let specs = (0..500).map(|i| dlsession::proto::TaskSpec::get(format!("http://127.0.0.1:9/{i}"))).collect();
+    client.request(Request::CreateTasks { identifier: "t.idle".into(), tasks: specs, resume: false }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = cpu_ticks(daemon.pid());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = cpu_ticks(daemon.pid()) - before;
+    assert!(used <= 1, "an idle daemon used {used} clock ticks in 3 s");
+}
+
+#[test]
+fn without_a_journal_logs_stay_on_stderr() {
+    if Path::new("/run/systemd/journal/socket").exists() {
+        eprintln!("a journal runs here: the fallback cannot be observed");
+        return;
+    }
+    let env = TestEnv::new();
+    let daemon = TestDaemon::start_with_env(&env, &[("JOURNAL_STREAM", std::ffi::OsStr::new("8:12345"))]);
+    assert!(daemon.log().contains("dlsessiond ready"));
+    assert!(!daemon.log().contains("\u{1b}["), "no colour codes when stderr is not a terminal");
+}
