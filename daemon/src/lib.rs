@@ -14,6 +14,7 @@
 pub mod config;
 mod core;
 pub mod engine;
+pub mod failpoint;
 pub mod ipc;
 pub mod launcher;
 pub mod lifecycle;

@@ -16,7 +16,7 @@ use dlsession_proto::{TaskId, TaskState};
 /// Exit status: 0 success, 1 the operation or a task failed, 2 usage error,
 /// 3 dlsessiond is not running.
 #[derive(Debug, Parser)]
-#[command(name = "dlsessionctl", version, max_term_width = 100)]
+#[command(name = "dlsessionctl", version, max_term_width = 100, after_long_help = EXAMPLES)]
 pub struct Cli {
     /// The daemon's socket [default: $XDG_RUNTIME_DIR/dlsessiond/dlsessiond.sock]
     #[arg(long, global = true, value_name = "PATH", env = "DLSESSIOND_SOCKET")]
@@ -29,6 +29,19 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
+
+/// The examples at the end of `dlsessionctl --help`.
+const EXAMPLES: &str = "\
+Examples:
+  dlsessionctl get https://example.org/a.iso -o /tmp/a.iso --wait   download, showing progress
+  dlsessionctl get -d /tmp/many -i urls.txt                         many URLs in one batch
+  dlsessionctl tasks --state waiting                                what waits, and why
+  dlsessionctl show 12                                              everything about task 12
+  dlsessionctl watch                                                live progress of active tasks
+  dlsessionctl attach org.example.app --move-to ~/Downloads         collect a session's events
+  dlsessionctl completions bash > ~/.local/share/bash-completion/completions/dlsessionctl
+
+Each command has its own --help, e.g. `dlsessionctl get --help`.";
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -83,6 +96,25 @@ pub enum Command {
 
     /// Ask the daemon to wake or relaunch a session's app now
     Wake(WakeArgs),
+
+    /// Print a shell completion script (bash, zsh, fish, elvish or powershell) on stdout
+    ///
+    /// Install it where your shell looks for completions, for example:
+    ///
+    ///   bash: dlsessionctl completions bash > ~/.local/share/bash-completion/completions/dlsessionctl
+    ///   zsh:  dlsessionctl completions zsh > ~/.zfunc/_dlsessionctl   (with ~/.zfunc in $fpath)
+    ///   fish: dlsessionctl completions fish > ~/.config/fish/completions/dlsessionctl.fish
+    ///
+    /// Does not contact dlsessiond.
+    #[command(verbatim_doc_comment)]
+    Completions(CompletionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for
+    #[arg(value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
 }
 
 #[derive(Debug, Args)]

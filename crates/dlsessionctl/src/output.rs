@@ -311,9 +311,19 @@ pub fn truncate_middle(s: &str, max: usize) -> String {
     format!("{start}…{end}")
 }
 
-/// Whether to colour stdout: a terminal, and `NO_COLOR` unset.
+/// Whether to colour stdout: a terminal (not a dumb one), and `NO_COLOR` unset or empty.
 pub fn color_stdout() -> bool {
-    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+    use_color(
+        std::io::stdout().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+        std::env::var_os("TERM").as_deref(),
+    )
+}
+
+/// The colour decision (<https://no-color.org>): only on a terminal, never when `NO_COLOR`
+/// is set to anything but the empty string, never on `TERM=dumb`.
+pub fn use_color(is_terminal: bool, no_color: Option<&std::ffi::OsStr>, term: Option<&std::ffi::OsStr>) -> bool {
+    is_terminal && no_color.is_none_or(|v| v.is_empty()) && term.is_none_or(|t| t != "dumb")
 }
 
 /// ANSI colouring of a task state (already padded), or the text as is.
@@ -446,6 +456,22 @@ mod tests {
         assert_eq!(task_counts(&c), "2 running, 5 queued");
         assert_eq!(truncate_middle("abcdefghij", 5), "ab…ij");
         assert_eq!(truncate_middle("abc", 5), "abc");
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        let set = |s: &'static str| Some(OsStr::new(s));
+        assert!(use_color(true, None, set("xterm-256color")));
+        assert!(use_color(true, None, None));
+        assert!(use_color(true, set(""), set("xterm")), "an empty NO_COLOR does not count");
+        assert!(!use_color(false, None, set("xterm")), "not a terminal");
+        assert!(!use_color(true, set("1"), set("xterm")));
+        assert!(!use_color(true, set("0"), set("xterm")), "any non-empty value turns colour off");
+        assert!(!use_color(true, None, set("dumb")));
+        assert!(!use_color(false, set("1"), None));
+        assert_eq!(paint_state("running", TaskState::Running, false, false), "running");
+        assert_eq!(paint_state("running", TaskState::Running, false, true), "\x1b[32mrunning\x1b[0m");
     }
 
     #[test]

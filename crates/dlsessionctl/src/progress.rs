@@ -2,10 +2,11 @@
 //! terminal; otherwise no escape codes at all, only plain lines.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
 use dlsession_proto::{TaskId, TaskInfo, TaskState};
 
@@ -16,9 +17,10 @@ const MAX_BARS: usize = 20;
 /// Plain progress lines per task at most this often.
 const PLAIN_INTERVAL: Duration = Duration::from_secs(2);
 
-const KNOWN: &str =
-    "{spinner} {prefix} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}";
-const UNKNOWN: &str = "{spinner} {prefix} {binary_bytes} {binary_bytes_per_sec} {msg}";
+/// A bar for a task of known size: `⠙ task 7     a.iso   [====>     ] 1.2 MiB / 3.0 MiB 1.9 MiB/s ETA 1 s`.
+const KNOWN: &str = "{spinner} {prefix} [{bar:30}] {dl_size} / {dl_total} {dl_speed} ETA {dl_eta} {msg}";
+/// Without a size: no bar, no ETA.
+const UNKNOWN: &str = "{spinner} {prefix} {dl_size} {dl_speed} {msg}";
 
 struct Bar {
     bar: ProgressBar,
@@ -46,8 +48,30 @@ impl std::fmt::Debug for Progress {
 
 fn style(template: &str) -> ProgressStyle {
     ProgressStyle::with_template(template)
-        .map(|s| s.progress_chars("=> "))
+        .map(|s| {
+            s.progress_chars("=> ")
+                .with_key("dl_size", |st: &ProgressState, w: &mut dyn fmt::Write| {
+                    let _ = w.write_str(&output::size(st.pos()));
+                })
+                .with_key("dl_total", |st: &ProgressState, w: &mut dyn fmt::Write| {
+                    let _ = w.write_str(&st.len().map_or_else(|| "?".into(), output::size));
+                })
+                .with_key("dl_speed", |st: &ProgressState, w: &mut dyn fmt::Write| {
+                    let _ = w.write_str(&output::speed(bytes_per_sec(st)));
+                })
+                .with_key("dl_eta", |st: &ProgressState, w: &mut dyn fmt::Write| {
+                    let eta = output::eta(st.pos(), st.len(), bytes_per_sec(st));
+                    let _ = w.write_str(eta.as_deref().unwrap_or("-"));
+                })
+        })
         .unwrap_or_else(|_| ProgressStyle::default_bar())
+}
+
+/// The bar's estimate of the current speed (0 until it has seen bytes move).
+fn bytes_per_sec(state: &ProgressState) -> u64 {
+    let rate = state.per_sec();
+    // Saturating float-to-int conversion; NaN becomes 0.
+    if rate.is_finite() && rate > 0.0 { rate as u64 } else { 0 }
 }
 
 /// Whether bars can be drawn: stderr is a terminal (and not a dumb one).
@@ -241,5 +265,61 @@ mod tests {
         for t in [KNOWN, UNKNOWN] {
             assert!(ProgressStyle::with_template(t).is_ok(), "{t}");
         }
+    }
+
+    /// A terminal that keeps everything written to it.
+    #[derive(Debug, Clone, Default)]
+    struct Screen(std::sync::Arc<std::sync::Mutex<String>>);
+
+    impl indicatif::TermLike for Screen {
+        fn width(&self) -> u16 {
+            120
+        }
+        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.write_str(s)
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            self.0.lock().unwrap().push_str(s);
+            Ok(())
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn bars_use_the_tables_units() {
+        let screen = Screen::default();
+        let drawn = |position: u64, length: Option<u64>| {
+            screen.0.lock().unwrap().clear();
+            let target = ProgressDrawTarget::term_like(Box::new(screen.clone()));
+            let bar = ProgressBar::with_draw_target(None, target).with_style(style(UNKNOWN)).with_prefix("task 7");
+            // As for a task already under way when watched.
+            let mut bar = Bar { bar, has_length: false };
+            set_counters(&mut bar, position, length);
+            bar.bar.tick();
+            screen.0.lock().unwrap().clone()
+        };
+        let text = drawn(3 << 19, Some(3 << 20));
+        assert!(text.contains("task 7 [===============>"), "{text:?}");
+        // Nothing measured yet: no speed and no ETA rather than "0 B/s ETA 0s" or a huge speed.
+        assert!(text.contains("] 1.5 MiB / 3.0 MiB - ETA -"), "{text:?}");
+        let text = drawn(2048, None);
+        assert!(text.contains("task 7 2.0 KiB -"), "{text:?}");
     }
 }

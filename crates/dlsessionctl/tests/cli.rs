@@ -7,24 +7,33 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::path::Path;
-use std::process::Output;
+use std::process::{Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dlsession_testkit::{Resource, TestDaemon, TestEnv, TestServer, sha256_file};
+use dlsession::{Client, ClientOptions};
+use dlsession_proto::{Request, Response, TaskSpec};
+use dlsession_testkit::{Fault, Hits, Resource, TestDaemon, TestEnv, TestServer, bin_path, sha256_file};
 use serde_json::Value;
 
 struct Fixture {
     env: Arc<TestEnv>,
-    _daemon: TestDaemon,
+    daemon: TestDaemon,
     server: TestServer,
 }
 
 async fn fixture() -> Fixture {
+    fixture_with(|_| {}).await
+}
+
+/// A fixture whose environment is adjusted (e.g. its config) before the daemon starts.
+async fn fixture_with(setup: impl FnOnce(&TestEnv)) -> Fixture {
     let server = TestServer::start().await.expect("test server");
-    let env = Arc::new(TestEnv::new());
+    let env = TestEnv::new();
+    setup(&env);
+    let env = Arc::new(env);
     let daemon = tokio::task::block_in_place(|| TestDaemon::start(&env));
-    Fixture { env, _daemon: daemon, server }
+    Fixture { env, daemon, server }
 }
 
 async fn ctl(env: &Arc<TestEnv>, args: &[&str]) -> Output {
@@ -201,9 +210,44 @@ async fn unreachable_daemon_exits_3() {
     assert!(err.contains(socket.to_str().unwrap()), "{err}");
     assert!(err.contains("hint: start it with"), "{err}");
 
-    // The default socket of an environment without a daemon.
-    let o = ctl(&env, &["tasks"]).await;
-    assert_exit(&o, 3);
+    // The default socket of an environment without a daemon: every command that needs
+    // one says so and exits 3 (inspection and control never start a daemon).
+    for args in [
+        &["tasks"][..],
+        &["sessions"],
+        &["show", "1"],
+        &["watch"],
+        &["pause", "1"],
+        &["resume", "1"],
+        &["cancel", "1"],
+        &["wake", "org.example"],
+        &["--json", "status"],
+    ] {
+        let o = ctl(&env, args).await;
+        assert_exit(&o, 3);
+        assert!(stderr(&o).starts_with("error: dlsessiond is not running (no socket at "), "{args:?}: {}", stderr(&o));
+        assert!(o.stdout.is_empty(), "{args:?}: {}", stdout(&o));
+    }
+    // `get` and `attach` would start one, unless told not to.
+    let env2 = Arc::clone(&env);
+    let dest = env.path().join("never-written").to_str().unwrap().to_owned();
+    let outputs = tokio::task::spawn_blocking(move || {
+        [&["get", "http://127.0.0.1:9/a.bin", "-o", &dest][..], &["attach", "org.example"]].map(|args| {
+            env2.command(bin_path("dlsessionctl"))
+                .args(args)
+                .env("DLSESSION_NO_AUTOSTART", "1")
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        })
+    })
+    .await
+    .unwrap();
+    for o in &outputs {
+        assert_exit(o, 3);
+        assert!(stderr(o).contains("dlsessiond is not running"), "{}", stderr(o));
+    }
+    assert!(!env.socket.exists(), "no daemon was started");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,8 +341,18 @@ async fn pause_resume_cancel() {
     assert_exit(&o, 0);
     assert_eq!(json(&o), serde_json::json!({"task": id.parse::<u64>().unwrap(), "action": "resume", "ok": true}));
 
+    let o = ctl(&f.env, &["--json", "pause", &id]).await;
+    assert_exit(&o, 0);
+    assert_eq!(json(&o), serde_json::json!({"task": id.parse::<u64>().unwrap(), "action": "pause", "ok": true}));
+    let o = ctl(&f.env, &["resume", &id]).await;
+    assert_exit(&o, 0);
+    assert_eq!(stdout(&o).trim(), format!("task {id} resumed"));
+    let o = ctl(&f.env, &["--json", "show", &id]).await;
+    assert_ne!(json(&o)["state"], "suspended");
+
     let o = ctl(&f.env, &["cancel", &id]).await;
     assert_exit(&o, 0);
+    assert_eq!(stdout(&o).trim(), format!("task {id} cancelled"));
     let done = wait_completed(&f.env, id.parse().unwrap()).await;
     assert_eq!(done["error"]["code"], "cancelled", "{done}");
 
@@ -392,4 +446,536 @@ fn help_is_there_for_every_command() {
         assert_eq!(o.status.code(), Some(0), "{cmd}");
         assert!(String::from_utf8_lossy(&o.stdout).contains("Usage: dlsessionctl"), "{cmd}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Completions, human output, why tasks wait, paging, and progress on terminals and pipes
+// ---------------------------------------------------------------------------------------------
+
+async fn connect(env: &TestEnv) -> Client {
+    Client::connect(ClientOptions { socket: Some(env.socket.clone()), autostart: false, ..ClientOptions::default() })
+        .await
+        .expect("connect to the test daemon")
+}
+
+/// Creates suspended tasks in `session` (never resumed, so their URLs are never fetched).
+async fn create_suspended(client: &Client, session: &str, urls: impl IntoIterator<Item = String>) -> Vec<u64> {
+    client.request(Request::OpenSession { identifier: session.into(), config: None }).await.expect("open session");
+    let tasks: Vec<TaskSpec> = urls.into_iter().map(TaskSpec::get).collect();
+    let request = Request::CreateTasks { identifier: session.into(), tasks, resume: false };
+    match client.request(request).await.expect("create tasks") {
+        Response::TasksCreated(ids) => ids,
+        other => panic!("expected task ids, got {other:?}"),
+    }
+}
+
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Runs `dlsessionctl args` under a pseudo-terminal of 120 columns, with util-linux
+/// `script`. The returned stdout is everything drawn on the terminal (the command's stdout
+/// and stderr merged, with `\r\n` line ends); the exit status is the command's.
+async fn ctl_pty(env: &Arc<TestEnv>, args: &[&str]) -> Output {
+    ctl_pty_with(env, args, &[]).await
+}
+
+/// [`ctl_pty`] with extra environment variables.
+async fn ctl_pty_with(env: &Arc<TestEnv>, args: &[&str], vars: &[(&str, &str)]) -> Output {
+    let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    let mut line = String::from("stty cols 120 rows 40 2>/dev/null; exec");
+    let exe = bin_path("dlsessionctl");
+    for arg in std::iter::once(exe.to_str().unwrap()).chain(args.iter().copied()) {
+        line.push(' ');
+        line.push_str(&sh_quote(arg));
+    }
+    let env = Arc::clone(env);
+    tokio::task::spawn_blocking(move || {
+        env.command("script")
+            .args(["-qfec", &line, "/dev/null"])
+            .env("SHELL", "/bin/sh")
+            .env("TERM", "xterm-256color")
+            .env_remove("NO_COLOR")
+            .envs(vars)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run `script` ({e}): the pseudo-terminal tests need util-linux's `script` \
+                     (Debian/Ubuntu: apt-get install bsdutils; Fedora: dnf install util-linux-script)"
+                )
+            })
+    })
+    .await
+    .expect("script run")
+}
+
+/// The line of a `tasks` table whose first column is `id`.
+#[track_caller]
+fn task_row(table: &str, id: u64) -> String {
+    table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id.to_string().as_str()))
+        .unwrap_or_else(|| panic!("no row for task {id} in:\n{table}"))
+        .to_owned()
+}
+
+/// The value of a `show` line (`label:   value`).
+#[track_caller]
+fn show_field(text: &str, label: &str) -> String {
+    let prefix = format!("{label}:");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {label:?} line in:\n{text}"))
+        .trim()
+        .to_owned()
+}
+
+/// The cells of a comfy-table row containing `needle`.
+#[track_caller]
+fn table_cells(table: &str, needle: &str) -> Vec<String> {
+    let line = table.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle:?} in:\n{table}"));
+    line.split(['│', '┆', '|']).map(str::trim).filter(|c| !c.is_empty()).map(str::to_owned).collect()
+}
+
+/// Polls `show --json` until `ready` accepts the task's JSON.
+async fn wait_task(env: &Arc<TestEnv>, id: u64, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let o = ctl(env, &["--json", "show", &id.to_string()]).await;
+        assert_exit(&o, 0);
+        let v = json(&o);
+        if ready(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "task {id} is not {what}: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn completions_for_bash_zsh_and_fish() {
+    let exe = Path::new(env!("CARGO_BIN_EXE_dlsessionctl"));
+    let run = |args: &[&str]| {
+        // No daemon is needed (nor contacted) for completions.
+        std::process::Command::new(exe)
+            .args(args)
+            .env("DLSESSIOND_SOCKET", "/nonexistent/dlsessiond.sock")
+            .output()
+            .unwrap()
+    };
+    let commands =
+        ["status", "sessions", "tasks", "show", "get", "watch", "pause", "resume", "cancel", "attach", "wake"];
+
+    let o = run(&["completions", "bash"]);
+    assert_exit(&o, 0);
+    let bash = stdout(&o);
+    assert!(bash.contains("_dlsessionctl"), "{bash}");
+    for cmd in commands.iter().chain(&["completions"]) {
+        assert!(bash.contains(cmd), "bash completion lacks {cmd}");
+    }
+    for flag in ["--socket", "--json", "--wait", "--move-to", "--state"] {
+        assert!(bash.contains(flag), "bash completion lacks {flag}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dlsessionctl.bash");
+    std::fs::write(&file, &bash).unwrap();
+    let check = std::process::Command::new("bash").arg("-n").arg(&file).output().expect("run bash");
+    assert!(check.status.success(), "bash -n refused the script: {}", stderr(&check));
+    // And it completes: `dlsessionctl sta<TAB>` offers status; `tasks --state <TAB>` the states.
+    let complete = |words: &str| {
+        let script = format!(
+            "source {}; COMP_LINE={line}; COMP_POINT=${{#COMP_LINE}}; COMP_WORDS=({words}); \
+             COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); \
+             _dlsessionctl dlsessionctl \"${{COMP_WORDS[COMP_CWORD]}}\" \"${{COMP_WORDS[COMP_CWORD-1]}}\"; \
+             printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            sh_quote(file.to_str().unwrap()),
+            line = sh_quote(&words.replace('\'', "")),
+        );
+        let o = std::process::Command::new("bash").args(["-c", &script]).output().expect("run bash");
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o).lines().map(str::to_owned).collect::<Vec<_>>()
+    };
+    assert_eq!(complete("dlsessionctl sta"), ["status"]);
+    let states = complete("dlsessionctl tasks --state ''");
+    for s in ["suspended", "queued", "running", "waiting", "completed"] {
+        assert!(states.iter().any(|x| x == s), "{s} not offered: {states:?}");
+    }
+
+    let o = run(&["completions", "zsh"]);
+    assert_exit(&o, 0);
+    assert!(stdout(&o).starts_with("#compdef dlsessionctl"), "{}", stdout(&o));
+    for cmd in commands {
+        assert!(stdout(&o).contains(cmd), "zsh completion lacks {cmd}");
+    }
+
+    let o = run(&["completions", "fish"]);
+    assert_exit(&o, 0);
+    assert!(stdout(&o).contains("complete -c dlsessionctl"), "{}", stdout(&o));
+    for cmd in commands {
+        assert!(stdout(&o).contains(cmd), "fish completion lacks {cmd}");
+    }
+
+    for shell in ["elvish", "powershell"] {
+        let o = run(&["completions", shell]);
+        assert_exit(&o, 0);
+        assert!(stdout(&o).contains("dlsessionctl"));
+    }
+    let o = run(&["completions", "tcsh"]);
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("possible values"), "{}", stderr(&o));
+    let o = run(&["completions"]);
+    assert_exit(&o, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn human_output_of_every_command() {
+    let f = fixture().await;
+    f.server.add("/h/report.bin", Resource::generated(50_000, 21));
+    let port = f.server.addr().port();
+    let secret_url = format!("http://user:s3cret@127.0.0.1:{port}/h/report.bin?access_token=t0ken");
+    let shown_url = format!("http://127.0.0.1:{port}/h/report.bin?access_token=REDACTED");
+    let dest = f.env.path().join("report.bin");
+
+    // get: one line per task, with the redacted URL and the destination.
+    let o = ctl(&f.env, &["get", &secret_url, "-o", dest.to_str().unwrap()]).await;
+    assert_exit(&o, 0);
+    let out = stdout(&o);
+    let id: u64 = out
+        .strip_prefix("task ")
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no task id in {out:?}"));
+    assert_eq!(out.trim(), format!("task {id}: {shown_url} -> {}", dest.display()));
+    wait_completed(&f.env, id).await;
+
+    // status: version, protocol, pid, paths, counts.
+    let o = ctl(&f.env, &["--json", "status"]).await;
+    assert_exit(&o, 0);
+    let status = json(&o);
+    let o = ctl(&f.env, &["status"]).await;
+    assert_exit(&o, 0);
+    let out = stdout(&o);
+    let first = out.lines().next().unwrap();
+    assert!(
+        first.starts_with(&format!(
+            "dlsessiond {} (protocol {}), pid {}, up ",
+            status["daemon_version"].as_str().unwrap(),
+            status["protocol_version"],
+            f.daemon.pid()
+        )),
+        "{out}"
+    );
+    assert_eq!(show_field(&out, "socket"), f.env.socket.to_str().unwrap(), "{out}");
+    assert_eq!(show_field(&out, "database"), f.env.database().to_str().unwrap(), "{out}");
+    assert_eq!(show_field(&out, "tasks"), "1 completed (1 total)", "{out}");
+    assert_eq!(show_field(&out, "sessions"), "1", "{out}");
+    assert!(show_field(&out, "download").contains("48.8 KiB since start"), "{out}");
+
+    // tasks: a header, aligned columns, the redacted URL.
+    let o = ctl(&f.env, &["tasks"]).await;
+    assert_exit(&o, 0);
+    let out = stdout(&o);
+    let header = out.lines().next().unwrap();
+    let columns: Vec<&str> = header.split_whitespace().collect();
+    assert_eq!(columns, ["ID", "SESSION", "STATE", "PROGRESS", "SPEED", "ETA", "URL", "WHY"], "{out}");
+    let row = task_row(&out, id);
+    assert_eq!(header.find("SESSION"), row.find("dlsessionctl"), "columns are aligned:\n{out}");
+    assert_eq!(header.find("STATE"), row.find("completed"), "columns are aligned:\n{out}");
+    assert_eq!(header.find("URL"), row.find(&shown_url), "columns are aligned:\n{out}");
+    assert!(row.contains("100% 48.8 KiB / 48.8 KiB"), "{row}");
+    assert!(!out.contains("s3cret") && !out.contains("t0ken"), "{out}");
+    assert!(!o.stdout.contains(&0x1b), "no colour on a pipe: {out}");
+
+    // show: every field, the URL redacted.
+    let o = ctl(&f.env, &["show", &id.to_string()]).await;
+    assert_exit(&o, 0);
+    let out = stdout(&o);
+    assert_eq!(show_field(&out, "task"), id.to_string());
+    assert_eq!(show_field(&out, "session"), "dlsessionctl");
+    assert_eq!(show_field(&out, "state"), "completed");
+    assert_eq!(show_field(&out, "url"), shown_url);
+    assert_eq!(show_field(&out, "bytes"), "100% 48.8 KiB / 48.8 KiB");
+    assert_eq!(show_field(&out, "error"), "-");
+    assert_eq!(show_field(&out, "response status"), "200");
+    assert!(out.contains("content-length: 50000"), "{out}");
+    assert!(!out.contains("final url:"), "the same URL once redacted: {out}");
+    assert_eq!(show_field(&out, "destination"), dest.to_str().unwrap());
+    assert_eq!(show_field(&out, "location"), dest.to_str().unwrap());
+    assert!(show_field(&out, "why").starts_with("completed; its events wait for the app"), "{out}");
+    assert!(!out.contains("s3cret") && !out.contains("t0ken"), "{out}");
+
+    // sessions: the identifier, attachment, counts and pending events.
+    let o = ctl(&f.env, &["sessions"]).await;
+    assert_exit(&o, 0);
+    let out = stdout(&o);
+    assert_eq!(
+        table_cells(&out, "SESSION"),
+        ["SESSION", "APP ID", "ATTACHED", "TASKS", "PENDING EVENTS", "NEXT WAKE"],
+        "{out}"
+    );
+    let cells = table_cells(&out, "dlsessionctl");
+    assert_eq!(cells[..5], ["dlsessionctl", "-", "no", "1 completed", "2"], "{out}");
+    assert!(!o.stdout.contains(&0x1b), "no colour on a pipe: {out}");
+
+    // wake: nobody to wake in a session without app id or launch command.
+    let o = ctl(&f.env, &["wake", "dlsessionctl"]).await;
+    assert_exit(&o, 0);
+    assert!(stdout(&o).starts_with("dlsessionctl: nothing to wake"), "{}", stdout(&o));
+    let o = ctl(&f.env, &["--json", "wake", "dlsessionctl"]).await;
+    assert_exit(&o, 0);
+    assert_eq!(json(&o)["outcome"], "no_target");
+
+    // attach: each event, then the end of the backlog.
+    let keep = f.env.path().join("keep");
+    let o = ctl(&f.env, &["attach", "dlsessionctl", "--move-to", keep.to_str().unwrap()]).await;
+    assert_exit(&o, 0);
+    let lines: Vec<String> = stdout(&o).lines().map(str::to_owned).collect();
+    assert_eq!(
+        lines,
+        [
+            format!("finished_downloading task {id}: {}", keep.join("report.bin").display()),
+            format!("completed task {id}"),
+            "finished_events: every event was delivered".to_owned(),
+        ],
+        "{}",
+        stderr(&o)
+    );
+    assert!(keep.join("report.bin").exists());
+    let o = ctl(&f.env, &["sessions"]).await;
+    assert_eq!(table_cells(&stdout(&o), "dlsessionctl")[4], "0", "{}", stdout(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_and_tasks_say_why_a_task_waits() {
+    let f = fixture_with(|env| {
+        // The first retry is far away, so the task is seen backing off.
+        env.set_config("retry_initial_ms", "30000");
+        env.set_config("retry_max_ms", "60000");
+    })
+    .await;
+    f.server.add(
+        "/busy.bin",
+        Resource::generated(10_000, 4).fault(Hits::All, Fault::Status { code: 503, retry_after: None }),
+    );
+    let client = connect(&f.env).await;
+    let suspended =
+        create_suspended(&client, "t.why", ["http://user:s3cret@127.0.0.1:9/never.bin".to_owned()]).await[0];
+
+    let dest = f.env.path().join("busy.bin");
+    let o = ctl(&f.env, &["--json", "get", &f.server.url("/busy.bin"), "-o", dest.to_str().unwrap()]).await;
+    assert_exit(&o, 0);
+    let busy = json_lines(&o)[0]["task"].as_u64().unwrap();
+    wait_task(&f.env, busy, "backing off", |v| v["state"] == "waiting" && v["wait"]["reason"] == "backoff").await;
+
+    // show: the sentence, and until when.
+    let o = ctl(&f.env, &["show", &suspended.to_string()]).await;
+    assert_exit(&o, 0);
+    let out = stdout(&o);
+    assert_eq!(show_field(&out, "state"), "suspended");
+    assert_eq!(
+        show_field(&out, "why"),
+        format!("suspended: created or paused and not resumed (`dlsessionctl resume {suspended}` starts it)")
+    );
+    assert_eq!(show_field(&out, "url"), "http://127.0.0.1:9/never.bin");
+    assert!(!out.contains("s3cret"), "{out}");
+
+    let o = ctl(&f.env, &["show", &busy.to_string()]).await;
+    assert_exit(&o, 0);
+    let out = stdout(&o);
+    assert_eq!(show_field(&out, "state"), "waiting");
+    let why = show_field(&out, "why");
+    assert!(why.starts_with("backing off after attempt 1 until "), "{out}");
+    assert!(why.contains(" (in "), "says how long: {out}");
+    assert!(why.contains("; last error: http_status: ") && why.contains("503"), "{out}");
+    assert_eq!(show_field(&out, "attempts"), "1", "{out}");
+
+    // tasks: the short form in the WHY column.
+    let o = ctl(&f.env, &["tasks"]).await;
+    assert_exit(&o, 0);
+    let out = stdout(&o);
+    let row = task_row(&out, suspended);
+    assert!(row.contains("t.why") && row.contains("suspended"), "{out}");
+    let words: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(words[words.len() - 2..], ["http://127.0.0.1:9/never.bin", "suspended"], "{out}");
+    let row = task_row(&out, busy);
+    assert!(row.contains(" waiting "), "{out}");
+    let why = &row[out.lines().next().unwrap().find("WHY").unwrap()..];
+    assert!(why.starts_with("backoff until ") && why.contains("(attempt 1: http_status: "), "{out}");
+
+    let o = ctl(&f.env, &["tasks", "--state", "waiting"]).await;
+    assert_exit(&o, 0);
+    let out = stdout(&o);
+    task_row(&out, busy);
+    assert!(out.lines().all(|l| l.split_whitespace().next() != Some(suspended.to_string().as_str())), "{out}");
+
+    let o = ctl(&f.env, &["--json", "tasks"]).await;
+    assert_exit(&o, 0);
+    let tasks = json(&o);
+    let by_id = |id: u64| tasks.as_array().unwrap().iter().find(|t| t["id"] == id).unwrap().clone();
+    assert_eq!(by_id(suspended)["wait"], serde_json::json!({"reason": "suspended"}));
+    assert_eq!(by_id(suspended)["url"], "http://127.0.0.1:9/never.bin");
+    let wait = &by_id(busy)["wait"];
+    assert_eq!(wait["reason"], "backoff", "{wait}");
+    assert_eq!(wait["attempt"], 1, "{wait}");
+    assert_eq!(wait["last_error"]["code"], "http_status", "{wait}");
+    assert!(wait["until"].as_u64().unwrap() > 0, "{wait}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_pages_through_thousands_of_tasks_in_order() {
+    let f = fixture().await;
+    let client = connect(&f.env).await;
+    let mut ids = Vec::new();
+    for batch in 0..5 {
+        let urls = (0..500).map(|i| format!("http://127.0.0.1:9/many/{}.bin", batch * 500 + i));
+        ids.extend(create_suspended(&client, "t.many", urls).await);
+    }
+    assert_eq!(ids.len(), 2_500);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase");
+
+    // More than two pages of 1000, all of them, in order.
+    for args in [&["--json", "tasks"][..], &["--json", "tasks", "--session", "t.many", "--state", "suspended"]] {
+        let o = ctl(&f.env, args).await;
+        assert_exit(&o, 0);
+        let tasks = json(&o);
+        let tasks = tasks.as_array().unwrap();
+        let listed: Vec<u64> = tasks.iter().map(|t| t["id"].as_u64().unwrap()).collect();
+        assert_eq!(listed, ids, "{args:?}");
+        for (n, t) in tasks.iter().enumerate() {
+            assert_eq!(t["url"], format!("http://127.0.0.1:9/many/{n}.bin"));
+            assert_eq!(t["state"], "suspended");
+        }
+    }
+
+    let o = ctl(&f.env, &["tasks", "--session", "t.many"]).await;
+    assert_exit(&o, 0);
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2_501, "a header and one row per task");
+    assert!(lines[0].trim_start().starts_with("ID  SESSION"), "{}", lines[0]);
+    let listed: Vec<u64> = lines[1..].iter().map(|l| l.split_whitespace().next().unwrap().parse().unwrap()).collect();
+    assert_eq!(listed, ids);
+    // Widths grow across pages but rows stay aligned with the header.
+    let at = lines[0].find("SESSION").unwrap();
+    assert!(lines[1..].iter().all(|l| l.find("t.many") == Some(at)), "misaligned rows");
+
+    let o = ctl(&f.env, &["tasks", "--state", "running"]).await;
+    assert_exit(&o, 0);
+    assert_eq!(stdout(&o), "no tasks\n");
+    let o = ctl(&f.env, &["--json", "tasks", "--state", "running"]).await;
+    assert_eq!(json(&o), serde_json::json!([]));
+
+    let o = ctl(&f.env, &["--json", "status"]).await;
+    assert_eq!(json(&o)["tasks"]["suspended"], 2_500);
+}
+
+/// The terminal output holds drawn progress bars: escape codes, the bar, bytes, speed, ETA.
+#[track_caller]
+fn assert_bars(o: &Output) {
+    let text = stdout(o);
+    eprintln!("PTY OUTPUT: {text:?}");
+    assert!(text.contains("\x1b["), "no escape codes: {text:?}");
+    assert!(text.contains("=>"), "no bar drawn: {text:?}");
+    assert!(text.contains("ETA"), "no ETA: {text:?}");
+    assert!(text.contains("MiB/s") || text.contains("KiB/s"), "no speed: {text:?}");
+    assert!(text.contains(" MiB / 3.0 MiB ") || text.contains(" KiB / 3.0 MiB "), "no bytes: {text:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_wait_draws_bars_on_a_terminal_and_plain_lines_on_a_pipe() {
+    let f = fixture().await;
+    // About 1.5 s each.
+    let resource = Resource::generated(3 << 20, 1).throttle(2 << 20);
+    f.server.add("/tty.bin", resource.clone());
+    f.server.add("/pipe.bin", resource.clone());
+
+    let dest = f.env.path().join("tty.bin");
+    let o = ctl_pty(&f.env, &["get", &f.server.url("/tty.bin"), "-o", dest.to_str().unwrap(), "--wait"]).await;
+    assert_exit(&o, 0);
+    assert_bars(&o);
+    let text = stdout(&o);
+    assert!(text.contains(&format!("completed: {} (3.0 MiB)", dest.display())), "{text:?}");
+    assert_eq!(sha256_file(&dest).unwrap(), resource.sha256_hex());
+
+    let dest = f.env.path().join("pipe.bin");
+    let o = ctl(&f.env, &["get", &f.server.url("/pipe.bin"), "-o", dest.to_str().unwrap(), "--wait"]).await;
+    assert_exit(&o, 0);
+    assert!(!o.stdout.contains(&0x1b) && !o.stderr.contains(&0x1b), "{}\n{}", stdout(&o), stderr(&o));
+    assert!(!stderr(&o).contains("ETA"), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.lines().last().unwrap().ends_with(&format!("completed: {} (3.0 MiB)", dest.display())), "{out}");
+    assert_eq!(sha256_file(&dest).unwrap(), resource.sha256_hex());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_draws_bars_on_a_terminal_and_plain_lines_on_a_pipe() {
+    let f = fixture().await;
+    // About 1.5 s each, started before `watch` runs.
+    let resource = Resource::generated(3 << 20, 2).throttle(2 << 20);
+    f.server.add("/w-tty.bin", resource.clone());
+    f.server.add("/w-pipe.bin", resource.clone());
+
+    let start = |path: &'static str| {
+        let env = Arc::clone(&f.env);
+        let url = f.server.url(path);
+        async move {
+            let dest = env.path().join(path.trim_start_matches('/'));
+            let o = ctl(&env, &["--json", "get", &url, "-o", dest.to_str().unwrap()]).await;
+            assert_exit(&o, 0);
+            json_lines(&o)[0]["task"].as_u64().unwrap()
+        }
+    };
+
+    let id = start("/w-tty.bin").await;
+    let o = ctl_pty(&f.env, &["watch"]).await;
+    assert_exit(&o, 0);
+    assert_bars(&o);
+    let text = stdout(&o);
+    assert!(text.contains(&format!("task {id} completed: ")), "{text:?}");
+    assert!(!text.contains("no active tasks"), "watch started too late: {text:?}");
+
+    let id = start("/w-pipe.bin").await;
+    let o = ctl(&f.env, &["watch"]).await;
+    assert_exit(&o, 0);
+    assert!(!o.stdout.contains(&0x1b) && !o.stderr.contains(&0x1b), "{}\n{}", stdout(&o), stderr(&o));
+    let out = stdout(&o);
+    assert!(!out.contains("no active tasks"), "watch started too late: {out}");
+    let first = out.lines().next().unwrap();
+    assert!(
+        first.starts_with(&format!("task {id} running: ")) || first.starts_with(&format!("task {id} queued: ")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .last()
+            .unwrap()
+            .starts_with(&format!("task {id} completed: {}", f.env.path().join("w-pipe.bin").display())),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn colour_only_on_a_terminal_and_never_with_no_color() {
+    let f = fixture().await;
+    let client = connect(&f.env).await;
+    let id = create_suspended(&client, "t.colour", ["http://127.0.0.1:9/c.bin".to_owned()]).await[0];
+
+    let o = ctl_pty(&f.env, &["tasks"]).await;
+    assert_exit(&o, 0);
+    let text = stdout(&o);
+    assert!(text.contains("\x1b[2msuspended"), "the state is coloured on a terminal: {text:?}");
+    assert!(text.contains(&format!("{id}  t.colour")), "{text:?}");
+
+    for no_color in ["1", "yes"] {
+        let o = ctl_pty_with(&f.env, &["tasks"], &[("NO_COLOR", no_color)]).await;
+        assert_exit(&o, 0);
+        assert!(!o.stdout.contains(&0x1b), "NO_COLOR={no_color}: {:?}", stdout(&o));
+        assert!(stdout(&o).contains("suspended"));
+    }
+    let o = ctl_pty_with(&f.env, &["tasks"], &[("TERM", "dumb")]).await;
+    assert!(!o.stdout.contains(&0x1b), "TERM=dumb: {:?}", stdout(&o));
+
+    let o = ctl(&f.env, &["tasks"]).await;
+    assert!(!o.stdout.contains(&0x1b), "a pipe: {:?}", stdout(&o));
 }

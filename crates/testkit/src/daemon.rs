@@ -264,6 +264,27 @@ impl TestDaemon {
         }
     }
 
+    /// Waits for the daemon to exit by itself (e.g. at a failpoint) and returns how.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon not running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("dlsessiond did not exit within {timeout:?}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Replaces the extra environment used for the next (re)start.
+    pub fn set_env(&mut self, extra: &[(&str, &std::ffi::OsStr)]) {
+        self.extra_env = extra.iter().map(|(k, v)| (k.to_string(), v.to_os_string())).collect();
+    }
+
     /// Starts the daemon again (after [`TestDaemon::kill9`] or [`TestDaemon::terminate`]).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "daemon still running");

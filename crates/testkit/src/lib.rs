@@ -5,12 +5,14 @@
 
 pub mod content;
 pub mod daemon;
+pub mod nginx;
 pub mod proxy;
 pub mod server;
 pub mod tls;
 
 pub use content::{fill_pattern, pattern_byte, pattern_sha256, sha256_file, sha256_hex, to_hex};
 pub use daemon::{TestDaemon, TestEnv, bin_path, wait_for};
-pub use proxy::{ProxyRecord, TestProxy};
+pub use nginx::Nginx;
+pub use proxy::{ProxyFault, ProxyRecord, TestProxy};
 pub use server::{Fault, Hits, RequestRecord, Resource, TestServer};
 pub use tls::TestCa;

@@ -18,6 +18,17 @@ pub struct ProxyRecord {
     pub proxy_authorization: Option<String>,
 }
 
+/// A fault the proxy injects into the first `times` connections it relays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyFault {
+    /// Relay faithfully.
+    None,
+    /// Close both sides after relaying this many bytes from the server.
+    CutAfter { bytes: u64, times: usize },
+    /// Stop relaying (but keep the connections open) after this many bytes.
+    StallAfter { bytes: u64, times: usize },
+}
+
 #[derive(Debug)]
 pub struct TestProxy {
     addr: SocketAddr,
@@ -27,16 +38,29 @@ pub struct TestProxy {
 
 impl TestProxy {
     pub async fn start() -> anyhow::Result<TestProxy> {
+        TestProxy::start_faulty(ProxyFault::None).await
+    }
+
+    /// A proxy that injects `fault` into its first connections.
+    pub async fn start_faulty(fault: ProxyFault) -> anyhow::Result<TestProxy> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let records = Arc::new(Mutex::new(Vec::new()));
         let tasks = Arc::new(Mutex::new(JoinSet::new()));
         let (r, t) = (records.clone(), tasks.clone());
         tasks.lock().unwrap().spawn(async move {
+            let mut n = 0usize;
             while let Ok((stream, _)) = listener.accept().await {
                 let r = r.clone();
+                let f = match fault {
+                    ProxyFault::CutAfter { times, .. } | ProxyFault::StallAfter { times, .. } if n >= times => {
+                        ProxyFault::None
+                    }
+                    f => f,
+                };
+                n += 1;
                 t.lock().unwrap().spawn(async move {
-                    let _ = serve(stream, r).await;
+                    let _ = serve(stream, r, f).await;
                 });
             }
         });
@@ -66,7 +90,7 @@ impl Drop for TestProxy {
     }
 }
 
-async fn serve(mut client: TcpStream, records: Arc<Mutex<Vec<ProxyRecord>>>) -> anyhow::Result<()> {
+async fn serve(mut client: TcpStream, records: Arc<Mutex<Vec<ProxyRecord>>>, fault: ProxyFault) -> anyhow::Result<()> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -86,16 +110,51 @@ async fn serve(mut client: TcpStream, records: Arc<Mutex<Vec<ProxyRecord>>>) -> 
     });
     records.lock().unwrap().push(ProxyRecord { method: method.clone(), target: target.clone(), proxy_authorization });
     if method == "CONNECT" {
-        let mut upstream = TcpStream::connect(resolve(&target)).await?;
+        let upstream = TcpStream::connect(resolve(&target)).await?;
         client.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").await?;
-        tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+        relay(client, upstream, fault).await?;
     } else {
         let authority = target.strip_prefix("http://").and_then(|r| r.split('/').next()).unwrap_or("");
         let mut upstream = TcpStream::connect(resolve(authority)).await?;
         // HTTP/1.1 origin servers accept absolute-form, so the head goes on unchanged.
         upstream.write_all(&head).await?;
-        tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+        relay(client, upstream, fault).await?;
     }
+    Ok(())
+}
+
+/// Copies both ways; the server-to-client direction counts bytes for the fault.
+async fn relay(client: TcpStream, upstream: TcpStream, fault: ProxyFault) -> anyhow::Result<()> {
+    if fault == ProxyFault::None {
+        let (mut c, mut u) = (client, upstream);
+        tokio::io::copy_bidirectional(&mut c, &mut u).await?;
+        return Ok(());
+    }
+    let (mut c_rd, mut c_wr) = client.into_split();
+    let (mut u_rd, mut u_wr) = upstream.into_split();
+    let up = tokio::spawn(async move { tokio::io::copy(&mut c_rd, &mut u_wr).await });
+    let limit = match fault {
+        ProxyFault::CutAfter { bytes, .. } | ProxyFault::StallAfter { bytes, .. } => bytes,
+        ProxyFault::None => u64::MAX,
+    };
+    let mut sent = 0u64;
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let n = u_rd.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        let allowed = usize::try_from(limit.saturating_sub(sent)).unwrap_or(usize::MAX).min(n);
+        c_wr.write_all(&buf[..allowed]).await?;
+        sent += allowed as u64;
+        if sent >= limit {
+            match fault {
+                ProxyFault::StallAfter { .. } => std::future::pending::<()>().await,
+                _ => break,
+            }
+        }
+    }
+    up.abort();
     Ok(())
 }
 

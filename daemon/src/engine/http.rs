@@ -142,6 +142,13 @@ pub fn classify(err: &(dyn StdError + 'static), what: &str) -> Failure {
     {
         return Failure::transient(ErrorCode::TimedOut, format!("{what}: {chain}"));
     }
+    // A server that does not speak HTTP (or sends a head larger than we accept) will
+    // not start to on a retry.
+    if let Some(h) = find::<hyper::Error>(err)
+        && h.is_parse()
+    {
+        return Failure::permanent(ErrorCode::Network, format!("{what}: malformed response: {chain}"));
+    }
     Failure::transient(ErrorCode::Network, format!("{what}: {chain}"))
 }
 
@@ -249,6 +256,29 @@ mod tests {
         let f = classify(boxed.as_ref(), "connecting");
         assert_eq!(f.error.code, ErrorCode::Tls);
         assert_eq!(f.retry, Retry::Never);
+    }
+
+    /// A response head larger than the client accepts is a permanent error.
+    #[tokio::test]
+    async fn an_oversized_response_head_is_not_retried() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let mut head = b"HTTP/1.1 200 OK\r\nX-Padding: ".to_vec();
+            head.extend(std::iter::repeat_n(b'a', 2 << 20));
+            head.extend(b"\r\nContent-Length: 0\r\n\r\n");
+            let _ = s.write_all(&head).await;
+        });
+        let client = build_client(None, Duration::from_secs(5), &super::super::proxy::Proxies::from_env()).unwrap();
+        let req = hyper::Request::get(format!("http://{addr}/")).body(Empty::<Bytes>::new()).unwrap();
+        let err = client.request(req).await.unwrap_err();
+        let f = classify(&err, "requesting");
+        assert_eq!(f.retry, Retry::Never, "{f:?}");
+        assert!(f.error.message.contains("malformed response"), "{f:?}");
     }
 
     #[test]

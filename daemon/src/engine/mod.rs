@@ -119,6 +119,10 @@ impl WorkerLink {
         WorkerLink { tx, task, generation }
     }
 
+    pub fn task(&self) -> TaskId {
+        self.task
+    }
+
     pub fn send(&self, event: WorkerEvent) {
         let _ = self.tx.send(CoreMsg::Worker { task: self.task, generation: self.generation, event });
     }
@@ -291,8 +295,12 @@ impl Engine {
         };
         let from = job.part_path.clone();
         let target = to.clone();
+        crate::failpoint::hit("finish-before-move");
         match tokio::task::spawn_blocking(move || files::move_into_place(&from, &target, overwrite)).await {
-            Ok(Ok(())) => Outcome::Moved(to.to_string_lossy().into_owned()),
+            Ok(Ok(())) => {
+                crate::failpoint::hit("finish-after-move");
+                Outcome::Moved(to.to_string_lossy().into_owned())
+            }
             Ok(Err(files::MoveError::Exists(p))) => Outcome::Failed(Failure::permanent(
                 ErrorCode::FileError,
                 format!("destination {} already exists; the download was not moved there", p.display()),

@@ -116,6 +116,8 @@ pub fn run(
     let checkpoint = |out: &mut BufWriter<File>, offset: u64| -> std::io::Result<()> {
         out.flush()?;
         rustix::fs::fdatasync(out.get_ref())?;
+        tracing::debug!(task = link.task(), offset, "synced");
+        crate::failpoint::hit("checkpoint-after-sync");
         link.send(WorkerEvent::Checkpoint { offset });
         Ok(())
     };
@@ -136,6 +138,7 @@ pub fn run(
             Some(WriterMsg::Finish) => {
                 out.flush()?;
                 rustix::fs::fdatasync(out.get_ref())?;
+                tracing::debug!(task = link.task(), offset, "synced");
                 let sha256 = hasher.map(|h| h.finalize().into());
                 return Ok(WriterDone { offset, sha256 });
             }

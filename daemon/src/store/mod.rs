@@ -201,6 +201,18 @@ fn flush_writes(
         Some(msg) => Err(msg.clone()),
         None => commit(conn, batch.iter().flat_map(|(ops, _)| ops.iter())).map_err(|e| e.to_string()),
     };
+    if result.is_ok() {
+        let mut checkpoints = batch.iter().flat_map(|(ops, _)| ops.iter()).filter_map(|op| match op {
+            Op::Checkpoint { task, offset } => Some((*task, *offset)),
+            _ => None,
+        });
+        if let Some(first) = checkpoints.next() {
+            for (task, offset) in std::iter::once(first).chain(checkpoints) {
+                debug!(task, offset, "checkpoint committed");
+            }
+            crate::failpoint::hit("checkpoint-after-commit");
+        }
+    }
     if let Err(msg) = &result
         && failed.is_none()
     {

@@ -43,7 +43,10 @@ impl SessionDelegate for Recorder {
     }
     fn did_finish_downloading_to(&self, _: &Session, task: &DownloadTask, location: &Path) {
         let to = self.dir.join(task.id().to_string());
-        std::fs::rename(location, &to).unwrap_or_else(|e| panic!("move {}: {e}", location.display()));
+        // Across filesystems (a cache on its own mount) a rename fails: copy instead.
+        std::fs::rename(location, &to)
+            .or_else(|_| std::fs::copy(location, &to).and_then(|_| std::fs::remove_file(location)))
+            .unwrap_or_else(|e| panic!("move {}: {e}", location.display()));
         let _ = self.tx.send(Seen::Finished { task: task.id(), location: location.to_path_buf(), moved_to: to });
     }
     fn did_complete_with_error(&self, _: &Session, task: &DownloadTask, error: Option<&TaskError>) {
@@ -131,3 +134,17 @@ impl Events {
 }
 
 pub const LONG: Duration = Duration::from_secs(60);
+
+/// Polls `f` every 20 ms until it is true (at most [`LONG`]).
+pub async fn wait_until(mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + LONG;
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "condition not reached within {LONG:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs a future to completion from synchronous code inside a multi-thread test runtime.
+pub fn block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}

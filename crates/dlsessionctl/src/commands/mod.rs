@@ -1,6 +1,7 @@
 //! One module per subcommand; [`run`] dispatches.
 
 mod attach;
+mod completions;
 mod control;
 mod get;
 mod sessions;
@@ -65,6 +66,7 @@ pub async fn run(cli: Cli) -> Result<Exit> {
         Command::Cancel(t) => control::run(&ctx, t.task, control::Action::Cancel).await,
         Command::Attach(args) => attach::run(&ctx, args).await,
         Command::Wake(args) => wake::run(&ctx, args).await,
+        Command::Completions(args) => completions::run(&args),
     }
 }
 

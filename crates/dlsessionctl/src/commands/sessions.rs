@@ -1,6 +1,6 @@
 //! `dlsessionctl sessions`
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 
 use comfy_table::{Cell, CellAlignment, Color, ContentArrangement, Table, presets};
 use dlsession_proto::{Request, Response, SessionInfo};
@@ -49,7 +49,9 @@ fn next_wake(s: &SessionInfo, now: u64) -> String {
 fn table(sessions: &[SessionInfo], now: u64, color: bool) -> Table {
     let mut table = Table::new();
     table.load_style(presets::UTF8_FULL_CONDENSED).set_content_arrangement(ContentArrangement::Dynamic);
-    if !color {
+    // Without a terminal: no width to fit and no styling at all. On a terminal the table
+    // fits its width; colour only if `color` (NO_COLOR unset).
+    if !std::io::stdout().is_terminal() {
         table.force_no_tty();
     }
     table.set_header(["SESSION", "APP ID", "ATTACHED", "TASKS", "PENDING EVENTS", "NEXT WAKE"]);
@@ -58,7 +60,11 @@ fn table(sessions: &[SessionInfo], now: u64, color: bool) -> Table {
         if s.invalidating {
             id.push_str(" (invalidating)");
         }
-        let attached = if s.attached { Cell::new("yes").fg(Color::Green) } else { Cell::new("no") };
+        let attached = match (s.attached, color) {
+            (true, true) => Cell::new("yes").fg(Color::Green),
+            (true, false) => Cell::new("yes"),
+            (false, _) => Cell::new("no"),
+        };
         table.add_row([
             Cell::new(id),
             Cell::new(s.config.app_id.as_deref().unwrap_or("-")),

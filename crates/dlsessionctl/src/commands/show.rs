@@ -41,14 +41,16 @@ fn headers(h: &[Header]) -> String {
 /// The lines of `show`, as (label, value).
 fn describe(d: &TaskDetail, now: u64) -> Vec<(&'static str, String)> {
     let t = &d.info;
+    let url = output::redact_url(&t.url);
     let mut lines = vec![
         ("task", t.id.to_string()),
         ("session", t.session.clone()),
         ("state", t.state.to_string()),
-        ("url", output::redact_url(&t.url)),
+        ("url", url.clone()),
     ];
-    if let Some(f) = d.final_url.as_deref().filter(|f| *f != t.url) {
-        lines.push(("final url", output::redact_url(f)));
+    // A final URL differing only in what redaction hides says nothing new.
+    if let Some(f) = d.final_url.as_deref().map(output::redact_url).filter(|f| *f != url) {
+        lines.push(("final url", f));
     }
     lines.push(("description", or_dash(t.description.as_deref())));
     lines.push(("priority", t.priority.to_string()));

@@ -1,0 +1,373 @@
+//! Breaking things on purpose (SPEC §7, §8): hostile servers, a faulty proxy in front of
+//! nginx, disk faults, and crashes between the durability steps. Every case ends in a
+//! byte-exact file or a clear error, never a spliced file or a lost task.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{LONG, Recorder, Seen};
+use dlsession::proto::WaitReason;
+use dlsession::{DownloadRequest, ErrorCode, Session, SessionConfiguration, TaskState};
+use dlsession_testkit::{
+    Fault, Hits, Nginx, ProxyFault, Resource, TestCa, TestDaemon, TestEnv, TestProxy, TestServer, pattern_sha256,
+    sha256_file, to_hex,
+};
+
+async fn attach(env: &TestEnv, config: SessionConfiguration) -> (Session, common::Events) {
+    let dir = env.path().join(format!("out-{}", config.identifier()));
+    let (delegate, events) = Recorder::new(&dir);
+    (Session::attach(config.socket(&env.socket), delegate).await.unwrap(), events)
+}
+
+fn offset_of(range: Option<&str>) -> u64 {
+    range.map_or(0, |r| r.trim_start_matches("bytes=").trim_end_matches('-').parse().unwrap())
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+// ---------------------------------------------------------------- hostile servers
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_servers_end_in_exact_files_or_clear_errors() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    let len = 3u64 << 20;
+    let r = |seed| Resource::generated(len, seed);
+    // Stall: no byte for longer than timeout_for_request, then it works.
+    s.add("/stall", r(1).fault(Hits::Nth(1), Fault::StallAfter(1 << 20)));
+    // Content-Length longer than the body, then shorter bodies.
+    s.add("/long-cl", r(2).fault(Hits::Nth(1), Fault::LongContentLength(1000)));
+    s.add("/short", r(3).fault(Hits::Nth(1), Fault::ShortBody(1 << 20)));
+    // A reset, then a 206 whose Content-Range starts elsewhere: must restart from zero.
+    s.add(
+        "/bad-range",
+        r(4).fault(Hits::Nth(1), Fault::ResetAfter(1 << 20)).fault(Hits::Nth(2), Fault::WrongContentRange),
+    );
+    // A reset, then 200 instead of 206: the whole body again from zero.
+    s.add("/no-206", r(5).fault(Hits::Nth(1), Fault::ResetAfter(1 << 20)).fault(Hits::Nth(2), Fault::IgnoreRange));
+    // The server closes before sending headers, then behaves.
+    s.add("/close", r(6).fault(Hits::Nth(1), Fault::CloseBeforeHeaders));
+    // A response head far larger than any real one: a clear error, not a retry loop.
+    s.add("/huge", r(7).fault(Hits::All, Fault::HugeHeaders(2 << 20)));
+    // A slow drip, never idle long enough to time out.
+    s.add("/drip", Resource::generated(6000, 8).throttle(3000));
+
+    let config = SessionConfiguration::background("t.hostile").timeout_for_request(Duration::from_millis(700));
+    let (session, mut events) = attach(&env, config).await;
+    let paths = ["/stall", "/long-cl", "/short", "/bad-range", "/no-206", "/close", "/huge", "/drip"];
+    let reqs = paths.iter().map(|p| DownloadRequest::new(s.url(p))).collect();
+    let tasks = session.download_tasks(reqs, true).await.unwrap();
+    let by = |p: &str| tasks[paths.iter().position(|x| *x == p).unwrap()].id();
+    for (p, seed) in [("/stall", 1), ("/long-cl", 2), ("/short", 3), ("/bad-range", 4), ("/no-206", 5), ("/close", 6)] {
+        assert_eq!(events.completion(by(p), LONG).await, None, "{p}");
+        let file = events.moved_to(by(p)).unwrap();
+        assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(seed, len)), "{p} is byte-exact");
+    }
+    assert_eq!(events.completion(by("/drip"), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(by("/drip")).unwrap()).unwrap(), to_hex(&pattern_sha256(8, 6000)));
+
+    let huge = events.completion(by("/huge"), LONG).await.unwrap();
+    assert_eq!(huge.code, ErrorCode::Network, "{huge}");
+    assert_eq!(s.hits("/huge"), 1, "not retried");
+
+    // The stall resumed where the synced data ended.
+    let stall = s.requests_for("/stall");
+    assert_eq!(stall.len(), 2);
+    assert!(offset_of(stall[1].range.as_deref()) > 0, "{stall:?}");
+    // After the wrong Content-Range the partial data was dropped: the third request
+    // starts from zero.
+    let bad = s.requests_for("/bad-range");
+    assert_eq!(bad.len(), 3, "{bad:?}");
+    assert!(offset_of(bad[1].range.as_deref()) > 0);
+    assert_eq!(offset_of(bad[2].range.as_deref()), 0);
+    // The 200-instead-of-206 restart is reported as resumed at offset 0.
+    assert!(events.seen.iter().any(|e| matches!(e, Seen::Resumed { task, offset: 0 } if *task == by("/no-206"))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_resource_is_never_spliced() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    let len = 4u64 << 20;
+    s.add("/doc", Resource::generated(len, 10).etag("\"v1\"").fault(Hits::Nth(1), Fault::ResetAfter(2 << 20)));
+    let (session, mut events) = attach(&env, SessionConfiguration::background("t.changed")).await;
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/doc"))], true).await.unwrap().remove(0);
+    // Between the attempts the document changes (new content, new ETag).
+    common::wait_until(|| s.hits("/doc") >= 1).await;
+    s.add("/doc", Resource::generated(len, 11).etag("\"v2\"").throttle(8 << 20));
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    let file = events.moved_to(task.id()).unwrap();
+    assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(11, len)), "entirely the new version");
+    let second = &s.requests_for("/doc")[1];
+    assert_eq!(second.if_range.as_deref(), Some("\"v1\""), "the resume was conditional on the old ETag");
+    assert!(events.seen.iter().any(|e| matches!(e, Seen::Resumed { task: t, offset: 0 } if *t == task.id())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate_is_a_tls_error() {
+    let env = TestEnv::new();
+    let ca = TestCa::expired().unwrap();
+    env.add_config(&format!("extra_ca_file = {:?}", ca.ca_pem_path()));
+    let _d = TestDaemon::start(&env);
+    let s = TestServer::start_tls(&ca).await.unwrap();
+    s.add("/x", Resource::generated(10, 1));
+    let (session, mut events) = attach(&env, SessionConfiguration::background("t.expired")).await;
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/x"))], true).await.unwrap().remove(0);
+    let err = events.completion(task.id(), LONG).await.unwrap();
+    assert_eq!(err.code, ErrorCode::Tls);
+    assert!(err.message.to_lowercase().contains("expired"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_faulty_proxy_in_front_of_nginx() {
+    let env = TestEnv::new();
+    let www = env.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    let body: Vec<u8> = (0..(6u32 << 20)).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(www.join("big.bin"), &body).unwrap();
+    let nginx = Nginx::serve(&www).expect("nginx");
+    // Cuts the first three connections after 1 MiB of response.
+    let proxy = TestProxy::start_faulty(ProxyFault::CutAfter { bytes: 1 << 20, times: 3 }).await.unwrap();
+    let proxy_url = proxy.url();
+    let _d = TestDaemon::start_with_env(&env, &[("HTTP_PROXY", OsStr::new(&proxy_url)), ("NO_PROXY", OsStr::new(""))]);
+    let (session, mut events) = attach(&env, SessionConfiguration::background("t.nginx")).await;
+    let task = session.download_tasks(vec![DownloadRequest::new(nginx.url("/big.bin"))], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(std::fs::read(events.moved_to(task.id()).unwrap()).unwrap(), body);
+    let records = proxy.records();
+    assert!(records.len() >= 4, "three cut attempts and a good one: {records:?}");
+    assert!(events.seen.iter().any(|e| matches!(e, Seen::Resumed { offset, .. } if *offset > 0)), "resumed with Range");
+}
+
+// ---------------------------------------------------------------- disk faults
+
+/// A tmpfs mounted for the test, unmounted on drop.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn tmpfs(at: &Path, options: &str) -> Mount {
+        std::fs::create_dir_all(at).unwrap();
+        let st =
+            std::process::Command::new("mount").args(["-t", "tmpfs", "-o", options, "tmpfs"]).arg(at).status().unwrap();
+        assert!(st.success(), "mount tmpfs at {}", at.display());
+        Mount(at.to_path_buf())
+    }
+
+    fn remount(&self, options: &str) {
+        let st = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,{options}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_cache_disk_pauses_the_task_and_it_resumes_when_space_is_free() {
+    if !is_root() {
+        eprintln!("not root: cannot mount a small filesystem; covered in CI (runs as root)");
+        return;
+    }
+    let env = TestEnv::new();
+    env.set_config("checkpoint_bytes", "524288");
+    let mount = Mount::tmpfs(&env.cache_dir, "size=6m,mode=0700");
+    let _d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    let len = 10u64 << 20;
+    s.add("/big", Resource::generated(len, 12).throttle(16 << 20));
+    let (session, mut events) = attach(&env, SessionConfiguration::background("t.full")).await;
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/big"))], true).await.unwrap().remove(0);
+    // The disk fills: the task waits with insufficient_space, keeping its partial data.
+    let info = dlsession_testkit::wait_for("insufficient_space", LONG, || {
+        let info = common::block(task.info()).unwrap();
+        match &info.wait {
+            Some(WaitReason::Backoff { last_error, .. }) if last_error.code == ErrorCode::InsufficientSpace => {
+                Some(info)
+            }
+            _ => None,
+        }
+    });
+    assert_eq!(info.state, TaskState::Waiting);
+    assert!(info.bytes_received > 0, "checkpointed data is kept: {info:?}");
+    // Other requests are still served.
+    assert!(session.get_all_tasks().await.is_ok());
+    mount.remount("size=64m");
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(12, len)));
+    let last = s.requests_for("/big").pop().unwrap();
+    assert!(offset_of(last.range.as_deref()) > 0, "resumed from the kept partial data");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_destination_is_a_file_error() {
+    let env = TestEnv::new();
+    let dir = env.path().join("readonly");
+    let _mount = if is_root() {
+        Some(Mount::tmpfs(&dir, "size=1m,ro"))
+    } else {
+        std::fs::create_dir_all(&dir).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o500)).unwrap();
+        None
+    };
+    let _d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    s.add("/a", Resource::generated(1000, 1));
+    let (session, mut events) = attach(&env, SessionConfiguration::background("t.ro")).await;
+    let req = DownloadRequest::new(s.url("/a")).destination(dir.join("a.bin"));
+    let task = session.download_tasks(vec![req], true).await.unwrap().remove(0);
+    let err = events.completion(task.id(), LONG).await.unwrap();
+    assert_eq!(err.code, ErrorCode::FileError, "{err}");
+    assert!(err.message.contains("a.bin"), "names the destination: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_file_deleted_behind_the_daemons_back_restarts_from_zero() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    let len = 6u64 << 20;
+    s.add("/big", Resource::generated(len, 13).throttle(4 << 20));
+    let (session, mut events) = attach(&env, SessionConfiguration::background("t.deleted")).await;
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/big"))], true).await.unwrap().remove(0);
+    events.wait("progress", LONG, |e| matches!(e, Seen::Progress { total, .. } if *total > 1 << 20)).await;
+    task.suspend().await.unwrap();
+    let part = env.downloads_dir().join("s1").join(format!("{}.part", task.id()));
+    assert!(part.exists());
+    std::fs::remove_file(&part).unwrap();
+    task.resume().await.unwrap();
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(13, len)));
+    assert_eq!(offset_of(s.requests_for("/big").pop().unwrap().range.as_deref()), 0, "started over");
+}
+
+// ---------------------------------------------------------------- power loss and failpoints
+
+/// Every checkpoint offset committed to SQLite had been fdatasync'ed first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_offsets_never_run_ahead_of_synced_bytes() {
+    let env = TestEnv::new();
+    env.set_config("checkpoint_bytes", "524288");
+    let daemon = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    let len = 12u64 << 20;
+    s.add("/a", Resource::generated(len, 14).throttle(24 << 20));
+    s.add("/b", Resource::generated(len, 15).throttle(24 << 20));
+    let (session, mut events) = attach(&env, SessionConfiguration::background("t.order")).await;
+    let tasks = session
+        .download_tasks(vec![DownloadRequest::new(s.url("/a")), DownloadRequest::new(s.url("/b"))], true)
+        .await
+        .unwrap();
+    for t in &tasks {
+        assert_eq!(events.completion(t.id(), LONG).await, None);
+    }
+    let log = daemon.log();
+    let mut synced: std::collections::HashMap<u64, u64> = Default::default();
+    let mut commits = 0;
+    for line in log.lines() {
+        let field = |name: &str| -> Option<u64> {
+            line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{name}="))).and_then(|v| v.parse().ok())
+        };
+        if line.contains(" synced ") || line.ends_with(" synced") || line.contains(": synced") {
+            let (task, offset) = (field("task").unwrap(), field("offset").unwrap());
+            let e = synced.entry(task).or_default();
+            *e = (*e).max(offset);
+        } else if line.contains("checkpoint committed") {
+            let (task, offset) = (field("task").unwrap(), field("offset").unwrap());
+            let durable = synced.get(&task).copied().unwrap_or(0);
+            assert!(offset <= durable, "task {task}: committed {offset} but only {durable} synced:\n{line}");
+            commits += 1;
+        }
+    }
+    assert!(commits >= 20, "enough checkpoints to mean something: {commits}");
+}
+
+/// Crashes between the steps of a checkpoint and of the finish protocol all end in one
+/// correct outcome after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_at_every_step_ends_in_exactly_one_correct_outcome() {
+    for failpoint in ["checkpoint-after-sync:3", "checkpoint-after-commit:3", "finish-before-move", "finish-after-move"]
+    {
+        let env = TestEnv::new();
+        env.set_config("checkpoint_bytes", "524288");
+        let mut daemon = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", OsStr::new(failpoint))]);
+        let s = TestServer::start().await.unwrap();
+        let len = 4u64 << 20;
+        s.add("/f", Resource::generated(len, 16).throttle(8 << 20));
+        let dest = env.path().join("f.bin");
+        let (session, _events) = attach(&env, SessionConfiguration::background("t.fail")).await;
+        let task = session
+            .download_tasks(vec![DownloadRequest::new(s.url("/f")).destination(&dest)], true)
+            .await
+            .unwrap()
+            .remove(0);
+        let status = daemon.wait_exit(LONG);
+        assert!(!status.success(), "{failpoint}: the daemon stopped at the failpoint");
+        assert!(daemon.log().contains(&format!("failpoint {}", failpoint.split(':').next().unwrap())));
+        drop(session);
+        daemon.set_env(&[]);
+        daemon.restart();
+        let (_session, mut events) = attach(&env, SessionConfiguration::background("t.fail")).await;
+        assert_eq!(events.completion(task.id(), LONG).await, None, "{failpoint}");
+        if !events.seen.contains(&Seen::FinishedEvents) {
+            events.wait("finished events", LONG, |e| *e == Seen::FinishedEvents).await;
+        }
+        // Exactly one finished_downloading and one completed for the task.
+        events.drain();
+        let finished =
+            events.seen.iter().filter(|e| matches!(e, Seen::Finished { task: t, .. } if *t == task.id())).count();
+        let completed =
+            events.seen.iter().filter(|e| matches!(e, Seen::Completed { task: t, .. } if *t == task.id())).count();
+        assert_eq!((finished, completed), (1, 1), "{failpoint}: {:?}", events.seen);
+        let file = events.moved_to(task.id()).unwrap();
+        assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(16, len)), "{failpoint}");
+        let leftovers: Vec<_> = std::fs::read_dir(env.downloads_dir().join("s1"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(leftovers.is_empty(), "{failpoint}: stray files {leftovers:?}");
+    }
+}
+
+// ---------------------------------------------------------------- database
+
+#[test]
+fn a_read_only_state_directory_is_refused_with_a_clear_message() {
+    if !is_root() {
+        eprintln!("not root: cannot make a read-only mount; covered in CI (runs as root)");
+        return;
+    }
+    let env = TestEnv::new();
+    {
+        let mut d = TestDaemon::start(&env);
+        assert!(d.terminate().success());
+    }
+    let state = env.state_dir.join("dlsessiond");
+    let db_before = std::fs::read(env.database()).unwrap();
+    let st = std::process::Command::new("mount").args(["--bind"]).arg(&state).arg(&state).status().unwrap();
+    assert!(st.success());
+    let _unmount = Mount(state.clone());
+    let st = std::process::Command::new("mount").args(["-o", "remount,bind,ro"]).arg(&state).status().unwrap();
+    assert!(st.success());
+    let out = env.command(dlsession_testkit::bin_path("dlsessiond")).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lower = stderr.to_lowercase();
+    assert!(lower.contains("dlsessiond") && (lower.contains("read-only") || lower.contains("readonly")), "{stderr}");
+    assert_eq!(std::fs::read(env.database()).unwrap(), db_before, "untouched");
+}
