@@ -874,7 +874,6 @@ async fn tasks_pages_through_thousands_of_tasks_in_order() {
 #[track_caller]
 fn assert_bars(o: &Output) {
     let text = stdout(o);
-    eprintln!("PTY OUTPUT: {text:?}");
     assert!(text.contains("\x1b["), "no escape codes: {text:?}");
     assert!(text.contains("=>"), "no bar drawn: {text:?}");
     assert!(text.contains("ETA"), "no ETA: {text:?}");
