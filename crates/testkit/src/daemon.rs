@@ -246,22 +246,12 @@ impl TestDaemon {
         }
     }
 
-    /// SIGTERM and wait for a clean exit.
+    /// SIGTERM and wait for the daemon to exit.
     pub fn terminate(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("daemon not running");
+        let child = self.child.as_ref().expect("daemon not running");
         let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("dlsessiond did not exit within 30 s of SIGTERM; log:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_exit(Duration::from_secs(30))
     }
 
     /// Waits for the daemon to exit by itself (e.g. at a failpoint) and returns how.

@@ -75,58 +75,39 @@ fn i64_opt(v: Option<u64>) -> Option<i64> {
     v.map(|v| v.min(i64::MAX as u64) as i64)
 }
 
-pub fn insert_session(tx: &Transaction<'_>, s: &SessionRecord) -> rusqlite::Result<()> {
+/// Inserts or updates a session row (one statement for both, so the column lists cannot
+/// drift). `next_seq` never goes backwards.
+pub fn save_session(tx: &Transaction<'_>, s: &SessionRecord) -> rusqlite::Result<()> {
     let (kind, value) = launch_columns(&s.config.launch);
-    tx.execute(
+    let mut stmt = tx.prepare_cached(
         "INSERT INTO sessions (id, identifier, app_id, launch_kind, launch_value, http_headers,
             timeout_request_ms, timeout_resource_ms, max_conn_per_host, max_concurrent_tasks,
             bandwidth_limit, next_seq, invalidating, invalid, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-        params![
-            s.key,
-            s.identifier,
-            s.config.app_id,
-            kind,
-            value,
-            join_headers(&s.config.http_headers),
-            s.config.timeout_for_request_ms as i64,
-            s.config.timeout_for_resource_ms as i64,
-            s.config.max_connections_per_host,
-            s.config.max_concurrent_tasks,
-            i64_opt(s.config.bandwidth_limit),
-            s.next_seq as i64,
-            s.invalidating,
-            s.invalid,
-            s.created_at as i64,
-        ],
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+         ON CONFLICT(id) DO UPDATE SET app_id = excluded.app_id, launch_kind = excluded.launch_kind,
+            launch_value = excluded.launch_value, http_headers = excluded.http_headers,
+            timeout_request_ms = excluded.timeout_request_ms, timeout_resource_ms = excluded.timeout_resource_ms,
+            max_conn_per_host = excluded.max_conn_per_host, max_concurrent_tasks = excluded.max_concurrent_tasks,
+            bandwidth_limit = excluded.bandwidth_limit, next_seq = max(next_seq, excluded.next_seq),
+            invalidating = excluded.invalidating, invalid = excluded.invalid",
     )?;
-    Ok(())
-}
-
-pub fn update_session(tx: &Transaction<'_>, s: &SessionRecord) -> rusqlite::Result<()> {
-    let (kind, value) = launch_columns(&s.config.launch);
-    tx.execute(
-        "UPDATE sessions SET app_id = ?2, launch_kind = ?3, launch_value = ?4, http_headers = ?5,
-            timeout_request_ms = ?6, timeout_resource_ms = ?7, max_conn_per_host = ?8,
-            max_concurrent_tasks = ?9, bandwidth_limit = ?10, next_seq = max(next_seq, ?11),
-            invalidating = ?12, invalid = ?13
-         WHERE id = ?1",
-        params![
-            s.key,
-            s.config.app_id,
-            kind,
-            value,
-            join_headers(&s.config.http_headers),
-            s.config.timeout_for_request_ms as i64,
-            s.config.timeout_for_resource_ms as i64,
-            s.config.max_connections_per_host,
-            s.config.max_concurrent_tasks,
-            i64_opt(s.config.bandwidth_limit),
-            s.next_seq as i64,
-            s.invalidating,
-            s.invalid,
-        ],
-    )?;
+    stmt.execute(params![
+        s.key,
+        s.identifier,
+        s.config.app_id,
+        kind,
+        value,
+        join_headers(&s.config.http_headers),
+        s.config.timeout_for_request_ms as i64,
+        s.config.timeout_for_resource_ms as i64,
+        s.config.max_connections_per_host,
+        s.config.max_concurrent_tasks,
+        i64_opt(s.config.bandwidth_limit),
+        s.next_seq as i64,
+        s.invalidating,
+        s.invalid,
+        s.created_at as i64,
+    ])?;
     Ok(())
 }
 

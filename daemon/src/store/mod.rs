@@ -237,8 +237,7 @@ fn commit<'a>(conn: &mut Connection, ops: impl Iterator<Item = &'a Op>) -> Resul
 
 fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
     match op {
-        Op::InsertSession(s) => codec::insert_session(tx, s),
-        Op::UpdateSession(s) => codec::update_session(tx, s),
+        Op::InsertSession(s) | Op::UpdateSession(s) => codec::save_session(tx, s),
         Op::DeleteSession(key) => {
             tx.execute("DELETE FROM events WHERE session_id = ?1", params![key])?;
             tx.execute("DELETE FROM tasks WHERE session_id = ?1", params![key])?;
