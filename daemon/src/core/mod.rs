@@ -111,6 +111,9 @@ struct Task {
     timer: Option<UnixMillis>,
     /// Consecutive failed attempts without progress (the backoff exponent).
     failures: u32,
+    /// The record changed (response metadata of a fresh transfer) without a commit of its
+    /// own: the next checkpoint writes the whole record instead of just the offset.
+    unsaved: bool,
     speed: u64,
     sampled: u64,
     /// Requests answered once the worker has stopped.

@@ -368,6 +368,7 @@ impl Core {
                 run: None,
                 timer: None,
                 failures: 0,
+                unsaved: false,
                 speed: 0,
                 sampled,
                 waiting_replies: Vec::new(),

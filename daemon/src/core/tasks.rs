@@ -213,10 +213,15 @@ impl Core {
         match event {
             WorkerEvent::Started(meta) => self.on_started(id, meta),
             WorkerEvent::Checkpoint { offset } => {
-                if let Some(t) = self.tasks.get_mut(&id) {
-                    t.rec.committed_offset = offset;
-                }
-                self.commit(vec![Op::Checkpoint { task: id, offset }], Vec::new());
+                let Some(t) = self.tasks.get_mut(&id) else { return };
+                t.rec.committed_offset = offset;
+                let op = if std::mem::take(&mut t.unsaved) {
+                    // The validators must be durable before an offset that relies on them.
+                    Op::UpdateTask(Box::new(t.rec.clone()))
+                } else {
+                    Op::Checkpoint { task: id, offset }
+                };
+                self.commit(vec![op], Vec::new());
             }
             WorkerEvent::DataComplete { size, sha256, reply } => self.on_data_complete(id, size, sha256, reply),
             WorkerEvent::Moved { location } => self.on_moved(id, location),
@@ -251,9 +256,17 @@ impl Core {
         }
         let key = rec.session;
         let expected_total = rec.bytes_expected;
+        if meta.offset == 0 && !had_data {
+            // A fresh transfer: nothing on disk depends on this metadata yet, so it is
+            // written with the first checkpoint or the finish (one commit fewer per file).
+            t.unsaved = true;
+            self.notify_watchers(id);
+            return;
+        }
         let mut ops = vec![Op::UpdateTask(Box::new(rec.clone()))];
+        t.unsaved = false;
         let mut after = Vec::new();
-        if meta.offset > 0 || (meta.restarted && had_data) {
+        if meta.offset > 0 || meta.restarted {
             let event = DurableEvent::ResumedAtOffset { task: id, offset: meta.offset, expected_total };
             let seq = self.emit(key, event, &mut ops);
             after.push(After::Events { session: key, seq });

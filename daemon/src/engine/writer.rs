@@ -102,6 +102,10 @@ pub fn prepare(path: &Path, offset: u64, hash: bool) -> std::io::Result<Prepared
 
 /// Runs on a blocking thread until told to finish or stop (or the sender is dropped,
 /// which counts as a stop).
+///
+/// Checkpoints are synced by a second thread, so the writer keeps writing (and the network
+/// keeps flowing) while the disk flushes; one sync is in flight at a time, and the offset
+/// it reports is the one flushed to the kernel before the sync started.
 pub fn run(
     prepared: Prepared,
     policy: CheckpointPolicy,
@@ -111,14 +115,15 @@ pub fn run(
     let Prepared { file, offset, mut hasher } = prepared;
     let mut out = BufWriter::with_capacity(512 << 10, file);
     let mut offset = offset;
-    let mut synced = offset;
-    let mut last_sync = Instant::now();
-    let checkpoint = |out: &mut BufWriter<File>, offset: u64| -> std::io::Result<()> {
+    // The last offset handed to a sync (reported once that sync is done).
+    let mut requested = offset;
+    let mut last_request = Instant::now();
+    // Started on the first checkpoint: small downloads never need it.
+    let mut syncer: Option<Syncer> = None;
+    let sync_inline = |out: &mut BufWriter<File>, offset: u64| -> std::io::Result<()> {
         out.flush()?;
         rustix::fs::fdatasync(out.get_ref())?;
         tracing::debug!(task = link.task(), offset, "synced");
-        crate::failpoint::hit("checkpoint-after-sync");
-        link.send(WorkerEvent::Checkpoint { offset });
         Ok(())
     };
     loop {
@@ -129,26 +134,104 @@ pub fn run(
                     h.update(&bytes);
                 }
                 offset += bytes.len() as u64;
-                if offset - synced >= policy.bytes || last_sync.elapsed() >= policy.interval {
-                    checkpoint(&mut out, offset)?;
-                    synced = offset;
-                    last_sync = Instant::now();
+                if offset - requested >= policy.bytes || last_request.elapsed() >= policy.interval {
+                    let s = match syncer.as_mut() {
+                        Some(s) => s,
+                        None => syncer.insert(Syncer::start(out.get_ref(), link.clone())?),
+                    };
+                    s.check()?;
+                    if !s.is_busy() {
+                        out.flush()?;
+                        s.request(offset);
+                        requested = offset;
+                        last_request = Instant::now();
+                    }
                 }
             }
             Some(WriterMsg::Finish) => {
-                out.flush()?;
-                rustix::fs::fdatasync(out.get_ref())?;
-                tracing::debug!(task = link.task(), offset, "synced");
+                if let Some(s) = syncer.take() {
+                    s.finish()?;
+                }
+                sync_inline(&mut out, offset)?;
                 let sha256 = hasher.map(|h| h.finalize().into());
                 return Ok(WriterDone { offset, sha256 });
             }
             Some(WriterMsg::Stop) | None => {
-                if offset != synced {
-                    checkpoint(&mut out, offset)?;
+                if let Some(s) = syncer.take() {
+                    s.finish()?;
                 }
+                // Everything written so far becomes the last checkpoint.
+                sync_inline(&mut out, offset)?;
+                crate::failpoint::hit("checkpoint-after-sync");
+                link.send(WorkerEvent::Checkpoint { offset });
                 return Ok(WriterDone { offset, sha256: None });
             }
         }
+    }
+}
+
+fn join(thread: Option<std::thread::JoinHandle<std::io::Result<()>>>) -> std::io::Result<()> {
+    match thread {
+        Some(t) => t.join().map_err(|_| std::io::Error::other("the checkpoint thread panicked"))?,
+        None => Ok(()),
+    }
+}
+
+/// The thread that makes checkpoints durable and reports them.
+struct Syncer {
+    tx: std::sync::mpsc::Sender<u64>,
+    busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Syncer {
+    fn start(file: &File, link: WorkerLink) -> std::io::Result<Syncer> {
+        use std::sync::atomic::Ordering;
+        let fd = file.try_clone()?;
+        let busy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel::<u64>();
+        let flag = busy.clone();
+        let thread = std::thread::Builder::new().name("dl-sync".into()).spawn(move || {
+            for offset in rx {
+                let synced = rustix::fs::fdatasync(&fd);
+                flag.store(false, Ordering::Release);
+                synced?;
+                tracing::debug!(task = link.task(), offset, "synced");
+                crate::failpoint::hit("checkpoint-after-sync");
+                link.send(WorkerEvent::Checkpoint { offset });
+            }
+            Ok(())
+        })?;
+        Ok(Syncer { tx, busy, thread: Some(thread) })
+    }
+
+    fn is_busy(&self) -> bool {
+        self.busy.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Hands `offset` (already flushed to the kernel) to the sync thread.
+    fn request(&self, offset: u64) {
+        self.busy.store(true, std::sync::atomic::Ordering::Release);
+        if self.tx.send(offset).is_err() {
+            self.busy.store(false, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Surfaces a failed sync (the thread has stopped) as the writer's error, with its
+    /// errno (a full disk must still read as `ENOSPC`).
+    fn check(&mut self) -> std::io::Result<()> {
+        if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+            join(self.thread.take())?;
+            return Err(std::io::Error::other("the checkpoint thread stopped"));
+        }
+        Ok(())
+    }
+
+    /// Waits for the sync in flight and returns its error, if any.
+    fn finish(self) -> std::io::Result<()> {
+        let Syncer { tx, thread, .. } = self;
+        drop(tx);
+        join(thread)
     }
 }
 
