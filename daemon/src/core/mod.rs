@@ -173,7 +173,8 @@ pub struct Core {
     sessions: HashMap<SessionKey, Session>,
     by_identifier: HashMap<String, SessionKey>,
     next_session_key: SessionKey,
-    tasks: BTreeMap<TaskId, Task>,
+    /// Boxed: filled in id order, a map's nodes stay half full, and tasks are large.
+    tasks: BTreeMap<TaskId, Box<Task>>,
     next_task_id: TaskId,
     next_generation: u64,
     conns: HashMap<ConnId, Conn>,

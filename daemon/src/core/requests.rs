@@ -360,7 +360,7 @@ impl Core {
         let sampled = rec.committed_offset;
         self.tasks.insert(
             id,
-            Task {
+            Box::new(Task {
                 rec,
                 state,
                 host,
@@ -372,7 +372,7 @@ impl Core {
                 speed: 0,
                 sampled,
                 waiting_replies: Vec::new(),
-            },
+            }),
         );
         self.counts.add(state);
         if let Some(s) = self.sessions.get_mut(&key) {
