@@ -1,0 +1,177 @@
+//! `small-files`: 1,000 files of 100 KiB enqueued at once, dlsessiond against curl's
+//! parallel mode and aria2c.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+
+use super::download::{Sample, measure};
+use super::{Data, Served, out_dir, remove, verify};
+use crate::Ctx;
+use crate::env::{BenchEnv, Daemon};
+use crate::report::{Outcome, Row};
+use crate::run::{self, Cmd};
+use crate::stats::{Summary, size, thousands};
+
+const NAME: &str = "small-files";
+
+/// A contender: its name, how to build its command for an output directory, whether it is dlsessiond.
+type Contender = (String, Box<dyn Fn(&Path) -> Cmd>, bool);
+
+fn check_all(dir: &Path, files: &[Served]) -> Result<()> {
+    for f in files {
+        let name = f.url_path.rsplit('/').next().context("file name")?;
+        verify(&dir.join(name), &f.sha256)?;
+    }
+    Ok(())
+}
+
+pub async fn run(ctx: &Ctx, data: &mut Data) -> Result<Outcome> {
+    let files = data.small(ctx)?;
+    let n = files.len();
+    let env = BenchEnv::new(&ctx.work, NAME, "")?;
+    let daemon = Daemon::start(&ctx.daemon_bin, &env).await?;
+    let base = ctx.work.join("small-lists");
+    std::fs::create_dir_all(&base)?;
+    let list = base.join("urls.txt");
+    let curl_cfg = base.join("curl.cfg");
+    let urls: Vec<String> = files.iter().map(|f| ctx.nginx.http_url(&f.url_path)).collect();
+    std::fs::write(&list, urls.join("\n") + "\n")?;
+    std::fs::write(&curl_cfg, urls.iter().map(|u| format!("url = \"{u}\"\n")).collect::<String>())?;
+    let out = out_dir(ctx, NAME)?;
+
+    let mut contenders: Vec<Contender> = Vec::new();
+    {
+        let ctl = env.ctl(&ctx.ctl_bin);
+        let list = list.clone();
+        contenders.push((
+            "dlsessionctl get -i LIST -d DIR --wait".into(),
+            Box::new(move |dir: &Path| ctl.clone().arg("get").arg("-i").arg(&list).arg("-d").arg(dir).arg("--wait")),
+            true,
+        ));
+    }
+    if let Some(curl) = &ctx.curl {
+        let curl = curl.clone();
+        let cfg = curl_cfg.clone();
+        let envs = ctx.peer_env();
+        contenders.push((
+            "curl -Z --parallel-max 50".into(),
+            Box::new(move |dir: &Path| {
+                Cmd::new(&curl)
+                    .args(["-q", "-s", "-S", "--fail", "-Z", "--parallel-max", "50", "--remote-name-all"])
+                    .arg("--output-dir")
+                    .arg(dir)
+                    .arg("-K")
+                    .arg(&cfg)
+                    .envs(envs.clone())
+            }),
+            false,
+        ));
+    }
+    if let Some(aria2c) = &ctx.aria2c {
+        let aria2c = aria2c.clone();
+        let list = list.clone();
+        let envs = ctx.peer_env();
+        contenders.push((
+            "aria2c -j16".into(),
+            Box::new(move |dir: &Path| {
+                Cmd::new(&aria2c).args(["-q", "-j16", "-i"]).arg(&list).arg("-d").arg(dir).envs(envs.clone())
+            }),
+            false,
+        ));
+    }
+
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); contenders.len()];
+    for r in 0..ctx.runs {
+        for (i, (name, make, is_daemon)) in contenders.iter().enumerate() {
+            // A fresh directory per run, all removed only when the workload ends: ext4 skips
+            // recently deleted inodes when it allocates new ones, so deleting 1,000 files
+            // between runs would make every later run slower than the one before.
+            let dir = out.join(format!("c{i}-r{r}"));
+            std::fs::create_dir_all(&dir)?;
+            let cmd = make(&dir);
+            let d = is_daemon.then_some(&daemon);
+            let s = measure(ctx, &cmd, d, Duration::from_secs(600)).await.with_context(|| name.clone())?;
+            check_all(&dir, &files).with_context(|| name.clone())?;
+            run::sync_disks();
+            println!(
+                "[{NAME}] run {}/{}  {:<40} {:>7.3} s  {:>7.0} files/s  cpu {:.2} s",
+                r + 1,
+                ctx.runs,
+                name,
+                s.wall,
+                n as f64 / s.wall,
+                s.cpu()
+            );
+            if let Some(v) = samples.get_mut(i) {
+                v.push(s);
+            }
+        }
+    }
+
+    remove(&out)?;
+    let stat = |i: usize, f: &dyn Fn(&Sample) -> f64| -> Option<Summary> {
+        Summary::of(&samples.get(i)?.iter().map(f).collect::<Vec<_>>())
+    };
+    let ours = stat(0, &|s| s.wall).context("no dlsessiond samples")?;
+    let mut outcome = Outcome::default();
+    let what = format!("{} × {}", thousands(n as u64), size(files.first().map_or(0, |f| f.size)));
+    for (i, (name, _, _)) in contenders.iter().enumerate().skip(1) {
+        let Some(peer) = stat(i, &|s| s.wall) else { continue };
+        let (limit, tool) = if name.starts_with("curl") { (1.5, "curl") } else { (0.25, "aria2c") };
+        let ratio = ours.median / peer.median;
+        outcome.rows.push(
+            Row::new(NAME, format!("{what}: wall time vs {tool}, s"))
+                .ours(format!("{:.3}", ours.median))
+                .peers(format!("{name} {:.3}", peer.median))
+                .ratio(ratio)
+                .target(format!("≤ {limit} × {tool}"), ratio <= limit),
+        );
+    }
+    let peers_rate: Vec<String> = contenders
+        .iter()
+        .enumerate()
+        .skip(1)
+        .filter_map(|(i, (name, _, _))| Some(format!("{name} {:.0}", n as f64 / stat(i, &|s| s.wall)?.median)))
+        .collect();
+    outcome.rows.push(
+        Row::new(NAME, "files per second")
+            .ours(format!("{:.0}", n as f64 / ours.median))
+            .peers(if peers_rate.is_empty() { "—".into() } else { peers_rate.join("; ") }),
+    );
+
+    let _ = writeln!(
+        outcome.details,
+        "{what} files of random data from nginx (plain HTTP), all enqueued at once. dlsessiond: \
+         `dlsessionctl get -i LIST -d DIR --wait` (one `CreateTasks` of every URL, durable: committed to SQLite \
+         before the reply; default limits: 16 downloads at once, 6 connections per host per session). curl: \
+         `curl -Z --parallel-max 50 --remote-name-all --output-dir DIR -K CONFIG` (CONFIG lists the URLs). \
+         aria2c: `aria2c -q -j16 -i LIST -d DIR`. Every file's SHA-256 is checked after each run and `sync` runs \
+         between runs. Each run writes into a new directory and all outputs are deleted only at the end: on \
+         ext4, deleting 1,000 files between runs made every following run of every tool slower (new inodes \
+         skip recently deleted ones: `recently_deleted`/`find_inode_bit` dominated a kernel profile).\n"
+    );
+    let _ = writeln!(
+        outcome.details,
+        "| contender | wall s | files/s (median) | client CPU s | daemon CPU s |\n|---|---|---|---|---|"
+    );
+    for (i, (name, _, is_daemon)) in contenders.iter().enumerate() {
+        let (Some(w), Some(c), Some(d)) =
+            (stat(i, &|s| s.wall), stat(i, &|s| s.client_cpu), stat(i, &|s| s.daemon_cpu))
+        else {
+            continue;
+        };
+        let _ = writeln!(
+            outcome.details,
+            "| {name} | {} | {:.0} | {} | {} |",
+            w.fmt(3),
+            n as f64 / w.median,
+            c.fmt(2),
+            if *is_daemon { d.fmt(2) } else { "—".into() }
+        );
+    }
+    let _ = writeln!(outcome.details);
+    Ok(outcome)
+}
