@@ -219,6 +219,11 @@ pub struct GetArgs {
     #[arg(long)]
     pub overwrite: bool,
 
+    /// Downloads from one host at once in the session (sets the session's
+    /// max_connections_per_host; a session that get creates allows 16)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub per_host: Option<u32>,
+
     /// Show progress and wait until every task is done; exit 1 if any failed
     #[arg(long)]
     pub wait: bool,

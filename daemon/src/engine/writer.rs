@@ -53,9 +53,16 @@ pub struct Prepared {
 /// session directory should be is removed (or refused), not followed.
 pub fn prepare(path: &Path, offset: u64, hash: bool) -> std::io::Result<Prepared> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-        if std::fs::symlink_metadata(dir)?.file_type().is_symlink() {
-            return Err(std::io::Error::other(format!("{} is a symlink; refusing to write through it", dir.display())));
+        match std::fs::symlink_metadata(dir) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(std::io::Error::other(format!(
+                    "{} is a symlink; refusing to write through it",
+                    dir.display()
+                )));
+            }
+            Ok(_) => {}
+            // Created only when missing: one stat per download instead of a mkdir per level.
+            Err(_) => std::fs::create_dir_all(dir)?,
         }
     }
     let offset = match std::fs::symlink_metadata(path) {
@@ -113,7 +120,8 @@ pub fn run(
     mut rx: mpsc::Receiver<WriterMsg>,
 ) -> std::io::Result<WriterDone> {
     let Prepared { file, offset, mut hasher } = prepared;
-    let mut out = BufWriter::with_capacity(512 << 10, file);
+    // Chunks of this size or more bypass the buffer; it only gathers small ones.
+    let mut out = BufWriter::with_capacity(128 << 10, file);
     let mut offset = offset;
     // The last offset handed to a sync (reported once that sync is done).
     let mut requested = offset;
