@@ -19,7 +19,8 @@ use super::WorkerLink;
 
 #[derive(Debug)]
 pub enum WriterMsg {
-    Data(Bytes),
+    /// Body chunks, in order.
+    Data(Vec<Bytes>),
     /// All data is in: sync and return the size and digest.
     Finish,
     /// Stop early: sync what we have and report it as a checkpoint.
@@ -136,12 +137,14 @@ pub fn run(
     };
     loop {
         match rx.blocking_recv() {
-            Some(WriterMsg::Data(bytes)) => {
-                out.write_all(&bytes)?;
-                if let Some(h) = hasher.as_mut() {
-                    h.update(&bytes);
+            Some(WriterMsg::Data(chunks)) => {
+                for bytes in &chunks {
+                    out.write_all(bytes)?;
+                    if let Some(h) = hasher.as_mut() {
+                        h.update(bytes);
+                    }
+                    offset += bytes.len() as u64;
                 }
-                offset += bytes.len() as u64;
                 if offset - requested >= policy.bytes || last_request.elapsed() >= policy.interval {
                     let s = match syncer.as_mut() {
                         Some(s) => s,
