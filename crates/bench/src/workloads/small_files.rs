@@ -146,7 +146,7 @@ pub async fn run(ctx: &Ctx, data: &mut Data) -> Result<Outcome> {
         outcome.details,
         "{what} files of random data from nginx (plain HTTP), all enqueued at once. dlsessiond: \
          `dlsessionctl get -i LIST -d DIR --wait` (one `CreateTasks` of every URL, durable: committed to SQLite \
-         before the reply; default limits: 16 downloads at once, 6 connections per host per session). curl: \
+         before the reply; default limits: 16 downloads at once; the session `dlsessionctl get` creates allows 16 connections per host). curl: \
          `curl -Z --parallel-max 50 --remote-name-all --output-dir DIR -K CONFIG` (CONFIG lists the URLs). \
          aria2c: `aria2c -q -j16 -i LIST -d DIR`. Every file's SHA-256 is checked after each run and `sync` runs \
          between runs. Each run writes into a new directory and all outputs are deleted only at the end: on \
