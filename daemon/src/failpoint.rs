@@ -1,6 +1,8 @@
 //! Failpoints for crash tests: `DLSESSIOND_FAILPOINT=NAME` (or `NAME:N` for the Nth time
 //! it is reached) makes the daemon abort at that point, as a power cut or `kill -9`
-//! would stop it. Unset, a failpoint costs one relaxed atomic load.
+//! would stop it; `NAME:N:sleep-ms=MS` pauses the thread there instead (to hold a step
+//! open). Every failpoint is reached on a blocking thread, never on the async runtime.
+//! Unset, a failpoint costs one relaxed atomic load.
 //!
 //! | name | where |
 //! |---|---|
@@ -17,6 +19,8 @@ pub const ENV: &str = "DLSESSIOND_FAILPOINT";
 struct Armed {
     name: String,
     nth: u64,
+    /// Pause this long instead of aborting.
+    sleep: Option<std::time::Duration>,
     hits: AtomicU64,
 }
 
@@ -25,11 +29,15 @@ fn armed() -> Option<&'static Armed> {
     ARMED
         .get_or_init(|| {
             let spec = std::env::var(ENV).ok().filter(|s| !s.is_empty())?;
-            let (name, nth) = match spec.split_once(':') {
-                Some((n, k)) => (n.to_owned(), k.parse().unwrap_or(1)),
-                None => (spec, 1),
-            };
-            Some(Armed { name, nth, hits: AtomicU64::new(0) })
+            let mut parts = spec.splitn(3, ':');
+            let name = parts.next().unwrap_or_default().to_owned();
+            let nth = parts.next().and_then(|k| k.parse().ok()).unwrap_or(1);
+            let sleep = parts
+                .next()
+                .and_then(|a| a.strip_prefix("sleep-ms="))
+                .and_then(|ms| ms.parse().ok())
+                .map(std::time::Duration::from_millis);
+            Some(Armed { name, nth, sleep, hits: AtomicU64::new(0) })
         })
         .as_ref()
 }
@@ -38,6 +46,11 @@ fn armed() -> Option<&'static Armed> {
 pub fn hit(name: &str) {
     let Some(a) = armed() else { return };
     if a.name == name && a.hits.fetch_add(1, Ordering::Relaxed) + 1 == a.nth {
+        if let Some(pause) = a.sleep {
+            eprintln!("dlsessiond: failpoint {name} reached; pausing for {pause:?}");
+            std::thread::sleep(pause);
+            return;
+        }
         eprintln!("dlsessiond: failpoint {name} reached; aborting");
         std::process::abort();
     }

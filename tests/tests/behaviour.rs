@@ -154,6 +154,39 @@ fn futures_block<F: std::future::Future>(f: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
 
+/// A task whose body has arrived gives its download slot to the next task while it syncs
+/// and moves its file: with one slot, a second download completes while the first is held
+/// just before its move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finishing_task_frees_its_download_slot() {
+    let env = TestEnv::new();
+    env.set_config("max_concurrent_downloads", "1");
+    let pause = std::ffi::OsStr::new("finish-before-move:1:sleep-ms=5000");
+    let d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", pause)]);
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(50_000, 1));
+    // b takes about half a second, so a (hit by the pause) reaches its move first.
+    server.add("/b", Resource::generated(50_000, 2).throttle(100_000));
+    let (session, mut events) = attach(&env, "t.slots").await;
+    let reqs = vec![DownloadRequest::new(server.url("/a")), DownloadRequest::new(server.url("/b"))];
+    let tasks = session.download_tasks(reqs, true).await.unwrap();
+    let (a, b) = (tasks[0].id(), tasks[1].id());
+    assert_eq!(events.completion(b, LONG).await, None);
+    assert!(
+        !events.seen.iter().any(|e| matches!(e, Seen::Completed { task, .. } if *task == a)),
+        "the first task is still paused before its move: {:?}",
+        events.seen
+    );
+    assert!(d.log().contains("failpoint finish-before-move reached; pausing"), "{}", d.log());
+    assert_eq!(events.completion(a, LONG).await, None);
+    let order: Vec<String> = server.requests().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(order, ["/a", "/b"], "the first task started first");
+    for (task, seed) in [(a, 1), (b, 2)] {
+        let file = events.moved_to(task).unwrap();
+        assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(seed, 50_000)));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_host_limit_and_priority_order() {
     let env = TestEnv::new();

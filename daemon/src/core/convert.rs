@@ -40,7 +40,9 @@ impl Core {
                     return Some(WaitReason::EarliestBegin { at });
                 }
                 let max = self.cfg.limits.max_concurrent_downloads;
-                if self.running.len() >= max as usize {
+                if self.downloading >= max as usize
+                    || self.running.len() >= (max as usize).saturating_mul(super::tasks::FINISHING_FACTOR)
+                {
                     return Some(WaitReason::GlobalLimit { limit: max });
                 }
                 if let Some(m) = s.rec.config.max_concurrent_tasks.filter(|&m| s.running >= m) {

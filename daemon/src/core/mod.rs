@@ -94,6 +94,9 @@ struct Run {
     stop: watch::Sender<bool>,
     after_stop: Option<AfterStop>,
     lane: LaneKey,
+    /// Counted against the global and per-host limits: true until the whole body has
+    /// arrived (the final sync and the move no longer use the network).
+    holds_slot: bool,
     /// Bytes in the file when the attempt began (to tell progress from a stall).
     start_received: u64,
     _worker: tokio::task::JoinHandle<()>,
@@ -179,7 +182,10 @@ pub struct Core {
     next_generation: u64,
     conns: HashMap<ConnId, Conn>,
     lanes: Lanes,
+    /// Every task with a worker: downloading, or syncing and moving its file.
     running: HashSet<TaskId>,
+    /// How many of them still hold a download slot (`Run::holds_slot`).
+    downloading: usize,
     timers: BTreeSet<(UnixMillis, Timer)>,
     counts: TaskCounts,
     started_at: UnixMillis,
@@ -229,6 +235,7 @@ impl Core {
             conns: HashMap::new(),
             lanes: Lanes::default(),
             running: HashSet::new(),
+            downloading: 0,
             timers: BTreeSet::new(),
             counts: TaskCounts::default(),
             started_at: now_ms(),

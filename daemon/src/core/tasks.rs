@@ -14,6 +14,9 @@ use dlsession_proto::{DurableEvent, ErrorCode, ErrorInfo, Header, TaskId, TaskSt
 
 /// Response headers kept per task (for `show`); more are dropped.
 const MAX_KEPT_HEADERS: usize = 64;
+/// Tasks past their body (syncing and moving files) may number this many times the
+/// download limit; beyond that new downloads wait, so a slow disk bounds open files.
+pub(super) const FINISHING_FACTOR: usize = 4;
 const MAX_KEPT_HEADER_LEN: usize = 1024;
 
 impl Core {
@@ -100,7 +103,7 @@ impl Core {
             return;
         }
         let max = self.cfg.limits.max_concurrent_downloads as usize;
-        while self.running.len() < max {
+        while self.downloading < max && self.running.len() < max.saturating_mul(FINISHING_FACTOR) {
             let sessions = &self.sessions;
             let picked = self.lanes.pop_best(|(key, _), lane_running| {
                 sessions.get(key).is_some_and(|s| {
@@ -159,6 +162,7 @@ impl Core {
                 stop: stop_tx,
                 after_stop: None,
                 lane: lane.clone(),
+                holds_slot: true,
                 start_received: t.progress.received(),
                 _worker: worker,
             });
@@ -168,6 +172,7 @@ impl Core {
             s.running += 1;
         }
         self.running.insert(id);
+        self.downloading += 1;
         self.set_state(id, TaskState::Running);
     }
 
@@ -187,13 +192,23 @@ impl Core {
         let _ = run.stop.send(true);
     }
 
+    /// The body has arrived: the network slot goes to the next task while this one syncs
+    /// and moves its file (the fsyncs of small files then overlap other downloads).
+    fn free_slot(&mut self, id: TaskId) {
+        let Some(run) = self.tasks.get_mut(&id).and_then(|t| t.run.as_mut()) else { return };
+        if std::mem::replace(&mut run.holds_slot, false) {
+            self.lanes.stopped(&run.lane);
+            self.downloading = self.downloading.saturating_sub(1);
+        }
+    }
+
     /// The worker is gone: give back its slot.
     fn release(&mut self, id: TaskId) -> Option<Run> {
+        self.free_slot(id);
         let t = self.tasks.get_mut(&id)?;
         let run = t.run.take()?;
         t.speed = 0;
         let key = t.rec.session;
-        self.lanes.stopped(&run.lane);
         if let Some(s) = self.sessions.get_mut(&key) {
             s.running = s.running.saturating_sub(1);
         }
@@ -223,6 +238,7 @@ impl Core {
                 };
                 self.commit(vec![op], Vec::new());
             }
+            WorkerEvent::BodyReceived => self.free_slot(id),
             WorkerEvent::DataComplete { size, sha256, reply } => self.on_data_complete(id, size, sha256, reply),
             WorkerEvent::Moved { location } => self.on_moved(id, location),
             WorkerEvent::Failed(failure) => self.on_failed(id, failure),

@@ -64,6 +64,8 @@ pub enum WorkerEvent {
     Checkpoint {
         offset: u64,
     },
+    /// The whole body has arrived (the connection is free); the file is still being synced.
+    BodyReceived,
     /// Every byte is written and synced. The core commits the finishing phase and
     /// answers with where to move the file.
     DataComplete {
@@ -108,6 +110,8 @@ pub enum FinishPlan {
 
 /// Body frames are handed to the writer thread in batches of about this many bytes.
 const HANDOFF: usize = 256 << 10;
+/// Batches queued for the writer thread per download.
+const WRITER_QUEUE: usize = 4;
 
 /// The worker's way back to the core.
 #[derive(Debug, Clone)]
@@ -202,12 +206,18 @@ impl Engine {
         let want = if resumable { job.offset } else { 0 };
         let hash = job.expected_sha256.is_some();
         let path = job.part_path.clone();
-        let mut prepared = match tokio::task::spawn_blocking(move || writer::prepare(&path, want, hash)).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => return Outcome::Failed(file_failure(&e, "preparing the partial file")),
-            Err(e) => return Outcome::Failed(Failure::transient(ErrorCode::Internal, format!("worker: {e}"))),
+        // A fresh transfer opens its file on the writer thread, while the request is out;
+        // a resumed one must know how much data survived before it asks for the rest.
+        let mut prepared = if want == 0 {
+            None
+        } else {
+            match tokio::task::spawn_blocking(move || writer::prepare(&path, want, hash)).await {
+                Ok(Ok(p)) => Some(p),
+                Ok(Err(e)) => return Outcome::Failed(file_failure(&e, "preparing the partial file")),
+                Err(e) => return Outcome::Failed(Failure::transient(ErrorCode::Internal, format!("worker: {e}"))),
+            }
         };
-        let offset = prepared.offset;
+        let offset = prepared.as_ref().map_or(0, |p| p.offset);
         let lost_data = job.offset > 0 && offset == 0;
 
         let mut stop = job.stop.clone();
@@ -225,26 +235,27 @@ impl Engine {
             Ok(m) => m,
             Err(f) => return Outcome::Failed(f),
         };
-        if meta.offset != offset {
+        if meta.offset != offset
+            && let Some(p) = prepared.take()
+        {
             // The server sent the whole resource: start the file over.
-            let file = prepared.file;
-            let reset = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+            let reset = tokio::task::spawn_blocking(move || -> std::io::Result<writer::Prepared> {
                 use std::io::{Seek, SeekFrom};
-                let mut file = file;
-                file.set_len(0)?;
-                file.seek(SeekFrom::Start(0))?;
-                Ok(file)
+                let mut p = p;
+                p.file.set_len(0)?;
+                p.file.seek(SeekFrom::Start(0))?;
+                p.offset = 0;
+                if hash {
+                    p.hasher = Some(sha2::Digest::new());
+                }
+                Ok(p)
             })
             .await;
-            prepared.file = match reset {
-                Ok(Ok(f)) => f,
+            prepared = Some(match reset {
+                Ok(Ok(p)) => p,
                 Ok(Err(e)) => return Outcome::Failed(file_failure(&e, "truncating the partial file")),
                 Err(e) => return Outcome::Failed(Failure::transient(ErrorCode::Internal, format!("worker: {e}"))),
-            };
-            prepared.offset = 0;
-            if hash {
-                prepared.hasher = Some(sha2::Digest::new());
-            }
+            });
         }
         let meta = ResponseMeta { restarted: meta.restarted || lost_data, ..meta };
         job.progress.received.store(meta.offset, Ordering::Relaxed);
@@ -252,14 +263,25 @@ impl Engine {
         let total = meta.total;
         job.link.send(WorkerEvent::Started(meta));
 
-        // Enough to keep the disk busy while the network delivers; bounds memory per download.
-        let (tx, rx) = mpsc::channel::<WriterMsg>(16);
+        // Enough to keep the disk busy while the network delivers; bounds memory per
+        // download to about HANDOFF × WRITER_QUEUE bytes.
+        let (tx, rx) = mpsc::channel::<WriterMsg>(WRITER_QUEUE);
         let policy =
             CheckpointPolicy { bytes: self.settings.checkpoint_bytes, interval: self.settings.checkpoint_interval };
         let link = job.link.clone();
-        let writer = tokio::task::spawn_blocking(move || writer::run(prepared, policy, link, rx));
+        let path = job.part_path.clone();
+        let writer = tokio::task::spawn_blocking(move || {
+            let prepared = match prepared {
+                Some(p) => p,
+                None => writer::prepare(&path, 0, hash).map_err(|e| (e, "preparing the partial file"))?,
+            };
+            writer::run(prepared, policy, link, rx).map_err(|e| (e, "writing the partial file"))
+        });
 
         let ended = self.pump_body(&mut job, resp.into_body(), &tx).await;
+        if matches!(ended, BodyEnd::Complete) {
+            job.link.send(WorkerEvent::BodyReceived);
+        }
         let last = match ended {
             BodyEnd::Complete => WriterMsg::Finish,
             BodyEnd::Stopped | BodyEnd::Failed(_) | BodyEnd::WriterGone => WriterMsg::Stop,
@@ -268,7 +290,7 @@ impl Engine {
         drop(tx);
         let done = match writer.await {
             Ok(Ok(done)) => done,
-            Ok(Err(e)) => return Outcome::Failed(file_failure(&e, "writing the partial file")),
+            Ok(Err((e, what))) => return Outcome::Failed(file_failure(&e, what)),
             Err(e) => return Outcome::Failed(Failure::transient(ErrorCode::Internal, format!("writer: {e}"))),
         };
         match ended {
@@ -298,12 +320,16 @@ impl Engine {
         };
         let from = job.part_path.clone();
         let target = to.clone();
-        crate::failpoint::hit("finish-before-move");
-        match tokio::task::spawn_blocking(move || files::move_into_place(&from, &target, overwrite)).await {
-            Ok(Ok(())) => {
+        let moved = tokio::task::spawn_blocking(move || {
+            crate::failpoint::hit("finish-before-move");
+            let moved = files::move_into_place(&from, &target, overwrite);
+            if moved.is_ok() {
                 crate::failpoint::hit("finish-after-move");
-                Outcome::Moved(to.to_string_lossy().into_owned())
             }
+            moved
+        });
+        match moved.await {
+            Ok(Ok(())) => Outcome::Moved(to.to_string_lossy().into_owned()),
             Ok(Err(files::MoveError::Exists(p))) => Outcome::Failed(Failure::permanent(
                 ErrorCode::FileError,
                 format!("destination {} already exists; the download was not moved there", p.display()),
@@ -314,16 +340,37 @@ impl Engine {
     }
 
     async fn pump_body(&self, job: &mut Job, mut body: Incoming, tx: &mpsc::Sender<WriterMsg>) -> BodyEnd {
-        // Small frames (HTTP/2 DATA frames are often 8-16 KiB) are handed to the writer
-        // thread in batches: one wake-up per 256 KiB instead of one per frame, no copying.
+        // Frames go to the writer thread in batches of whatever has already arrived, up to
+        // HANDOFF bytes: one wake-up per batch instead of one per frame (HTTP/2 DATA frames
+        // are often 8-16 KiB) and no copying, while a slow body is never held back.
         let mut batch: Vec<Bytes> = Vec::new();
         let mut batched = 0usize;
         let end = loop {
-            let frame = tokio::select! {
-                biased;
-                _ = job.stop.wait_for(|s| *s) => break BodyEnd::Stopped,
-                _ = deadline(job.deadline) => break BodyEnd::Failed(resource_timeout()),
-                f = tokio::time::timeout(job.idle_timeout, body.frame()) => f,
+            let ready = if !batch.is_empty() && batched < HANDOFF {
+                tokio::select! {
+                    biased;
+                    f = body.frame() => Some(Ok(f)),
+                    () = std::future::ready(()) => None,
+                }
+            } else {
+                None
+            };
+            let frame = match ready {
+                Some(f) => f,
+                None => {
+                    if !batch.is_empty() {
+                        batched = 0;
+                        if tx.send(WriterMsg::Data(std::mem::take(&mut batch))).await.is_err() {
+                            return BodyEnd::WriterGone;
+                        }
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = job.stop.wait_for(|s| *s) => break BodyEnd::Stopped,
+                        _ = deadline(job.deadline) => break BodyEnd::Failed(resource_timeout()),
+                        f = tokio::time::timeout(job.idle_timeout, body.frame()) => f,
+                    }
+                }
             };
             let data: Bytes = match frame {
                 Err(_) => {
@@ -348,13 +395,6 @@ impl Engine {
             job.progress.received.fetch_add(data.len() as u64, Ordering::Relaxed);
             batched += data.len();
             batch.push(data);
-            if batched < HANDOFF {
-                continue;
-            }
-            batched = 0;
-            if tx.send(WriterMsg::Data(std::mem::take(&mut batch))).await.is_err() {
-                return BodyEnd::WriterGone;
-            }
         };
         // Whatever arrived is written (and synced) whatever happens next.
         if !batch.is_empty() && tx.send(WriterMsg::Data(batch)).await.is_err() {
