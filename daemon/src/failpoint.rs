@@ -1,7 +1,7 @@
 //! Failpoints for crash tests: `DLSESSIOND_FAILPOINT=NAME` (or `NAME:N` for the Nth time
 //! it is reached) makes the daemon abort at that point, as a power cut or `kill -9`
 //! would stop it; `NAME:N:sleep-ms=MS` pauses the thread there instead (to hold a step
-//! open). Every failpoint is reached on a blocking thread, never on the async runtime.
+//! open), and `NAME:N+:sleep-ms=MS` pauses every hit from the Nth on. Every failpoint is reached on a blocking thread, never on the async runtime.
 //! Unset, a failpoint costs one relaxed atomic load.
 //!
 //! | name | where |
@@ -19,6 +19,8 @@ pub const ENV: &str = "DLSESSIOND_FAILPOINT";
 struct Armed {
     name: String,
     nth: u64,
+    /// Every hit from the Nth on, not only the Nth.
+    onwards: bool,
     /// Pause this long instead of aborting.
     sleep: Option<std::time::Duration>,
     hits: AtomicU64,
@@ -31,21 +33,27 @@ fn armed() -> Option<&'static Armed> {
             let spec = std::env::var(ENV).ok().filter(|s| !s.is_empty())?;
             let mut parts = spec.splitn(3, ':');
             let name = parts.next().unwrap_or_default().to_owned();
-            let nth = parts.next().and_then(|k| k.parse().ok()).unwrap_or(1);
+            let count = parts.next().unwrap_or_default();
+            let onwards = count.ends_with('+');
+            let nth = count.trim_end_matches('+').parse().unwrap_or(1);
             let sleep = parts
                 .next()
                 .and_then(|a| a.strip_prefix("sleep-ms="))
                 .and_then(|ms| ms.parse().ok())
                 .map(std::time::Duration::from_millis);
-            Some(Armed { name, nth, sleep, hits: AtomicU64::new(0) })
+            Some(Armed { name, nth, onwards, sleep, hits: AtomicU64::new(0) })
         })
         .as_ref()
 }
 
-/// Aborts the process if `name` is the armed failpoint and this is its Nth hit.
+/// Aborts (or pauses) if `name` is the armed failpoint and this is its Nth hit.
 pub fn hit(name: &str) {
     let Some(a) = armed() else { return };
-    if a.name == name && a.hits.fetch_add(1, Ordering::Relaxed) + 1 == a.nth {
+    if a.name != name {
+        return;
+    }
+    let n = a.hits.fetch_add(1, Ordering::Relaxed) + 1;
+    if n == a.nth || (a.onwards && n > a.nth) {
         if let Some(pause) = a.sleep {
             eprintln!("dlsessiond: failpoint {name} reached; pausing for {pause:?}");
             std::thread::sleep(pause);

@@ -187,6 +187,36 @@ async fn a_finishing_task_frees_its_download_slot() {
     }
 }
 
+/// Finishing tasks are bounded too: with one download slot and every finish held open, at
+/// most four tasks (FINISHING_FACTOR x the limit) are running at once; the fifth starts
+/// only when one of them is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finishing_tasks_are_bounded_at_four_times_the_limit() {
+    let env = TestEnv::new();
+    env.set_config("max_concurrent_downloads", "1");
+    let pause = std::ffi::OsStr::new("finish-before-move:1+:sleep-ms=1500");
+    let _d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", pause)]);
+    let server = TestServer::start().await.unwrap();
+    for i in 0..6 {
+        server.add(&format!("/f{i}"), Resource::generated(10_000, i));
+    }
+    let (session, mut events) = attach(&env, "t.finishing").await;
+    let reqs = (0..6).map(|i| DownloadRequest::new(server.url(&format!("/f{i}")))).collect();
+    let tasks = session.download_tasks(reqs, true).await.unwrap();
+    let started = std::time::Instant::now();
+    while server.requests().len() < 4 {
+        assert!(started.elapsed() < LONG, "four tasks should start: {:?}", server.requests());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // All four are held in their finish now (well under the 1.5 s pause).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(server.requests().len(), 4, "a fifth task started while four were finishing");
+    for t in &tasks {
+        assert_eq!(events.completion(t.id(), LONG).await, None);
+    }
+    assert_eq!(server.requests().len(), 6);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_host_limit_and_priority_order() {
     let env = TestEnv::new();
