@@ -47,6 +47,9 @@ pub struct Timing {
     pub wake_max: Duration,
     /// How long SIGTERM waits for downloads to checkpoint.
     pub shutdown_grace: Duration,
+    /// Under socket activation: exit after this long with nothing to do (no client, no
+    /// download, no timer). `None`: never.
+    pub idle_exit: Option<Duration>,
 }
 
 /// Command-line overrides (all optional).
@@ -95,6 +98,7 @@ struct FileConfig {
     wake_initial_ms: Option<u64>,
     wake_max_ms: Option<u64>,
     shutdown_grace_ms: Option<u64>,
+    idle_exit_ms: Option<u64>,
 }
 
 impl Config {
@@ -134,6 +138,7 @@ impl Config {
                 wake_initial: ms(file.wake_initial_ms, 30_000),
                 wake_max: ms(file.wake_max_ms, 3_600_000),
                 shutdown_grace: ms(file.shutdown_grace_ms, 10_000),
+                idle_exit: file.idle_exit_ms.filter(|&ms| ms > 0).map(Duration::from_millis),
             },
         };
         config.validate()?;

@@ -5,12 +5,12 @@
 //! closes only its own connection.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use interprocess::local_socket::tokio::{Listener, Stream, prelude::*};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::core::{ConnHandle, CoreMsg, CoreTx, Mailbox};
@@ -29,14 +29,36 @@ pub struct IpcSettings {
     pub max_connections: usize,
 }
 
-/// Accepts connections until `shutdown` turns true.
-pub async fn serve(listener: Listener, core: CoreTx, settings: IpcSettings, mut shutdown: watch::Receiver<bool>) {
+/// Asks the server to stop accepting if no connection is open; the answer says whether
+/// it stopped. Asked and answered inside the accept loop, so no connection can slip in
+/// between the check and the stop.
+pub type IdleCheck = oneshot::Sender<bool>;
+
+/// Accepts connections until `shutdown` turns true, or until an [`IdleCheck`] finds no
+/// connection open.
+pub async fn serve(
+    listener: Listener,
+    core: CoreTx,
+    settings: IpcSettings,
+    mut shutdown: watch::Receiver<bool>,
+    mut idle_checks: mpsc::Receiver<IdleCheck>,
+) {
     let our_uid = rustix::process::geteuid().as_raw();
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     let ids = AtomicU64::new(1);
+    // Accepted connections whose task has not ended, counted from the moment of accept.
+    let live = Arc::new(AtomicUsize::new(0));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => break,
+            Some(check) = idle_checks.recv() => {
+                let idle = live.load(Ordering::Acquire) == 0;
+                let _ = check.send(idle);
+                if idle {
+                    break;
+                }
+                continue;
+            }
             r = listener.accept() => r,
         };
         match accepted {
@@ -44,7 +66,15 @@ pub async fn serve(listener: Listener, core: CoreTx, settings: IpcSettings, mut 
                 let id = ids.fetch_add(1, Ordering::Relaxed);
                 let conn = Connection { id, core: core.clone(), settings: settings.clone(), our_uid };
                 let slots = slots.clone();
-                tokio::spawn(conn.run(stream, slots).instrument(info_span!("conn", id)));
+                live.fetch_add(1, Ordering::AcqRel);
+                let live = LiveGuard(live.clone());
+                tokio::spawn(
+                    async move {
+                        let _live = live;
+                        conn.run(stream, slots).await;
+                    }
+                    .instrument(info_span!("conn", id)),
+                );
             }
             Err(e) => {
                 // E.g. EMFILE: back off instead of spinning.
@@ -54,6 +84,15 @@ pub async fn serve(listener: Listener, core: CoreTx, settings: IpcSettings, mut 
         }
     }
     debug!("no longer accepting connections");
+}
+
+/// Counts a connection as live until its task ends (however it ends).
+struct LiveGuard(Arc<AtomicUsize>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 struct Connection {

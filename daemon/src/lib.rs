@@ -52,8 +52,15 @@ pub enum DaemonError {
     Signals(std::io::Error),
 }
 
-/// Serves `listener` until `shutdown` resolves, then checkpoints and returns.
-pub async fn run(cfg: Config, listener: Listener, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+/// Serves `listener` until `shutdown` resolves, then checkpoints and returns. `activated`:
+/// the listener came from systemd, which starts the daemon again on the next connection,
+/// so `idle_exit_ms` applies.
+pub async fn run(
+    cfg: Config,
+    listener: Listener,
+    activated: bool,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
     let cfg = Arc::new(cfg);
     let (core_tx, core_rx) = mpsc::unbounded_channel();
     let fatal_tx = core_tx.clone();
@@ -74,14 +81,20 @@ pub async fn run(cfg: Config, listener: Listener, shutdown: impl Future<Output =
             checkpoint_interval: cfg.timing.checkpoint_interval,
         },
     ));
-    let core =
+    let mut core =
         tokio::task::block_in_place(|| Core::new(cfg.clone(), store, snapshot, engine, core_tx.clone(), core_rx));
+    let (idle_tx, idle_rx) = mpsc::channel(1);
+    match cfg.timing.idle_exit {
+        Some(after) if activated => core.exit_when_idle(core::IdleExit { after, ask: idle_tx }),
+        Some(_) => info!("idle_exit_ms applies only when systemd passes the socket; staying up"),
+        None => {}
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let settings = ipc::IpcSettings {
         handshake_timeout: cfg.timing.handshake_timeout,
         max_connections: cfg.limits.max_connections as usize,
     };
-    let server = tokio::spawn(ipc::serve(listener, core_tx.clone(), settings, stop_rx));
+    let server = tokio::spawn(ipc::serve(listener, core_tx.clone(), settings, stop_rx, idle_rx));
     let mut core_task = tokio::spawn(core.run());
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     info!(socket = %cfg.socket.display(), pid = std::process::id(), "dlsessiond ready");
@@ -198,11 +211,11 @@ fn start(args: Args) -> Result<(), DaemonError> {
     runtime.block_on(async {
         // Handlers first: once the socket accepts connections, SIGTERM must checkpoint.
         let shutdown = shutdown_signal()?;
-        let listener = match lifecycle::activated_listener(&cfg.socket)? {
-            Some(passed) => passed,
-            None => lifecycle::bind(&cfg.socket)?,
+        let (listener, activated) = match lifecycle::activated_listener(&cfg.socket)? {
+            Some(passed) => (passed, true),
+            None => (lifecycle::bind(&cfg.socket)?, false),
         };
-        run(cfg, listener, shutdown).await
+        run(cfg, listener, activated, shutdown).await
     })
 }
 

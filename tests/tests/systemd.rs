@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use dlsession::proto::{Request, Response};
 use dlsession::{Client, ClientOptions};
-use dlsession_testkit::{Resource, TestDaemon, TestEnv, TestServer, bin_path, sha256_file, wait_for};
+use dlsession_testkit::{Fault, Hits, Resource, TestDaemon, TestEnv, TestServer, bin_path, sha256_file, wait_for};
 
 /// A NOTIFY_SOCKET the test reads.
 struct Notify {
@@ -195,6 +195,79 @@ async fn sigterm_during_downloads_reports_stopping_and_resumes_after_restart() {
     let offset: u64 =
         last.range.as_deref().unwrap().trim_start_matches("bytes=").trim_end_matches('-').parse().unwrap();
     assert!(offset + (2 << 20) >= sent, "resumed at {offset} after {sent} were sent");
+}
+
+/// With `idle_exit_ms` a socket-activated daemon exits once nothing is left to do (a
+/// retry waiting on `Retry-After` keeps it up), and the next activation finds everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_activated_daemon_exits_when_idle_and_comes_back() {
+    let env = TestEnv::new();
+    env.set_config("idle_exit_ms", "1000");
+    let mut notify = Notify::new(env.path());
+    let (mut child, log) = socket_activate(&env, &notify.path, &[]);
+    let server = TestServer::start().await.unwrap();
+    server.add("/now", Resource::generated(50_000, 1));
+    server.add(
+        "/later",
+        Resource::generated(50_000, 2)
+            .fault(Hits::First(1), Fault::Status { code: 503, retry_after: Some("3".into()) }),
+    );
+    let connect = || async {
+        Client::connect(ClientOptions {
+            socket: Some(env.socket.clone()),
+            autostart: false,
+            ..ClientOptions::default()
+        })
+        .await
+        .unwrap()
+    };
+    let client = connect().await;
+    notify.wait("READY=1", Duration::from_secs(10));
+    client.request(Request::OpenSession { identifier: "t.idle".into(), config: None }).await.unwrap();
+    let specs = ["/now", "/later"]
+        .iter()
+        .map(|p| {
+            let mut spec = dlsession::proto::TaskSpec::get(server.url(p));
+            spec.destination = Some(env.path().join(&p[1..]).to_string_lossy().into_owned());
+            spec
+        })
+        .collect();
+    client.request(Request::CreateTasks { identifier: "t.idle".into(), tasks: specs, resume: true }).await.unwrap();
+    drop(client);
+    let left = Instant::now();
+
+    // Nobody is connected, but /later waits 3 s to retry: the daemon must stay for that.
+    wait_for("the retry of /later", Duration::from_secs(15), || (server.hits("/later") >= 2).then_some(()));
+    assert!(left.elapsed() >= Duration::from_millis(2500), "retried after {:?}", left.elapsed());
+    assert!(child.try_wait().unwrap().is_none(), "the daemon left while a retry was pending");
+    // Then nothing is left to do, and it goes.
+    let status = wait_for("the idle exit", Duration::from_secs(15), || child.try_wait().unwrap());
+    assert!(status.success(), "clean exit: {status}");
+    notify.wait("STOPPING=1", Duration::from_secs(5));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("idle with nothing to do; exiting"), "{text}");
+    for (name, seed) in [("now", 1), ("later", 2)] {
+        let got = sha256_file(&env.path().join(name)).unwrap();
+        assert_eq!(got, Resource::generated(50_000, seed).sha256_hex(), "{name}");
+    }
+
+    // The next connection activates it again and finds both tasks completed.
+    let _ = std::fs::remove_file(&env.socket);
+    let (child, _log) = socket_activate(&env, &notify.path, &[]);
+    let client = connect().await;
+    let query = dlsession::proto::TaskQuery {
+        session: Some("t.idle".into()),
+        states: vec![dlsession::proto::TaskState::Completed],
+        after: None,
+        limit: 10,
+    };
+    let Response::Tasks(page) = client.request(Request::ListTasks(query)).await.unwrap() else { panic!() };
+    assert_eq!(page.tasks.len(), 2, "{:?}", page.tasks);
+    assert!(page.tasks.iter().all(|t| t.error.is_none()), "{:?}", page.tasks);
+    // A connected client keeps it up past the idle time.
+    std::thread::sleep(Duration::from_millis(1800));
+    let Response::Status(_) = client.request(Request::Status).await.unwrap() else { panic!() };
+    stop(child);
 }
 
 /// The pid in the daemon's state-directory lock file.

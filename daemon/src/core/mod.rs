@@ -197,6 +197,7 @@ pub struct Core {
     fatal: Option<String>,
     /// Systemd status reporting: enabled when `NOTIFY_SOCKET` is set.
     status: Option<StatusReport>,
+    idle_exit: Option<IdleExit>,
 }
 
 #[derive(Debug, Default)]
@@ -208,6 +209,14 @@ struct StatusReport {
 
 /// At most one `STATUS=` line per second.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Exiting when idle (under socket activation, where the next connection starts the
+/// daemon again): after how long, and how to ask the socket server to stop accepting.
+#[derive(Debug)]
+pub struct IdleExit {
+    pub after: Duration,
+    pub ask: mpsc::Sender<crate::ipc::IdleCheck>,
+}
 
 impl Core {
     /// Builds the core from the store's snapshot, recovering interrupted finishes and
@@ -246,9 +255,36 @@ impl Core {
             shutting_down: false,
             fatal: None,
             status: std::env::var_os("NOTIFY_SOCKET").map(|_| StatusReport::default()),
+            idle_exit: None,
         };
         core.restore(snapshot);
         core
+    }
+
+    /// Exit once nothing has happened for `idle.after` (see [`Core::has_nothing_to_do`]).
+    pub fn exit_when_idle(&mut self, idle: IdleExit) {
+        self.idle_exit = Some(idle);
+    }
+
+    /// No client, no download, nothing queued, no timer that must fire (a retry, a
+    /// delayed begin, a wake): everything is durable and nothing would happen until a
+    /// client comes, so the process may go.
+    fn has_nothing_to_do(&self) -> bool {
+        !self.shutting_down
+            && self.conns.is_empty()
+            && self.running.is_empty()
+            && self.lanes.is_empty()
+            && self.timers.iter().all(|(_, t)| matches!(t, Timer::Status))
+    }
+
+    /// Asks the socket server to stop accepting if no connection is open (in any state).
+    async fn stop_accepting_if_idle(&self) -> bool {
+        let Some(idle) = &self.idle_exit else { return false };
+        let (tx, rx) = oneshot::channel();
+        if idle.ask.send(tx).await.is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
     }
 
     /// Runs until shutdown completes. Returns the fatal error, if the store failed.
@@ -261,10 +297,21 @@ impl Core {
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             t
         });
+        // When the daemon last became idle; reset by anything that happens.
+        let mut idle_since: Option<tokio::time::Instant> = None;
         loop {
             if self.shutting_down && self.running.is_empty() {
                 break;
             }
+            let idle_at = match &self.idle_exit {
+                Some(idle) if self.has_nothing_to_do() => {
+                    Some(*idle_since.get_or_insert_with(tokio::time::Instant::now) + idle.after)
+                }
+                _ => {
+                    idle_since = None;
+                    None
+                }
+            };
             let want_ticks = !self.running.is_empty();
             if want_ticks && ticker.is_none() {
                 let mut t = tokio::time::interval(self.cfg.timing.progress_interval);
@@ -286,6 +333,15 @@ impl Core {
                 _ = tick(&mut ticker) => self.on_tick(),
                 _ = tick(&mut watchdog) => {
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
+                _ = sleep_until(idle_at) => {
+                    idle_since = None;
+                    if self.stop_accepting_if_idle().await {
+                        let after = self.idle_exit.as_ref().map(|i| i.after).unwrap_or_default();
+                        info!(?after, "idle with nothing to do; exiting (the next connection starts the daemon again)");
+                        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+                        self.begin_shutdown();
+                    }
                 }
             }
             self.report_status();
@@ -572,6 +628,13 @@ async fn sleep_until_ms(at: Option<UnixMillis>) {
                 tokio::time::sleep(Duration::from_millis(at - now)).await;
             }
         }
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }

@@ -42,6 +42,11 @@ impl Lanes {
         removed
     }
 
+    /// No lane has a queued or running task.
+    pub fn is_empty(&self) -> bool {
+        self.lanes.is_empty()
+    }
+
     pub fn running(&self, key: &LaneKey) -> u32 {
         self.lanes.get(key).map_or(0, |l| l.running)
     }
