@@ -198,6 +198,9 @@ pub struct Core {
     /// Systemd status reporting: enabled when `NOTIFY_SOCKET` is set.
     status: Option<StatusReport>,
     idle_exit: Option<IdleExit>,
+    /// Store batches whose `Committed` has not come back yet (their follow-up actions,
+    /// such as deleting acknowledged files, are still to run).
+    commits_in_flight: usize,
 }
 
 #[derive(Debug, Default)]
@@ -256,6 +259,7 @@ impl Core {
             fatal: None,
             status: std::env::var_os("NOTIFY_SOCKET").map(|_| StatusReport::default()),
             idle_exit: None,
+            commits_in_flight: 0,
         };
         core.restore(snapshot);
         core
@@ -274,6 +278,7 @@ impl Core {
             && self.conns.is_empty()
             && self.running.is_empty()
             && self.lanes.is_empty()
+            && self.commits_in_flight == 0
             && self.timers.iter().all(|(_, t)| matches!(t, Timer::Status))
     }
 
@@ -363,11 +368,14 @@ impl Core {
             CoreMsg::Closed(id) => self.on_closed(id),
             CoreMsg::Request { conn, id, request } => self.on_request(conn, id, request),
             CoreMsg::Worker { task, generation, event } => self.on_worker(task, generation, event),
-            CoreMsg::Committed { result, after } => match result {
-                Ok(()) => self.run_after(after),
-                // The store already reported the failure; nothing depending on it happens.
-                Err(e) => warn!(error = %e, "dropping actions of a failed commit"),
-            },
+            CoreMsg::Committed { result, after } => {
+                self.commits_in_flight = self.commits_in_flight.saturating_sub(1);
+                match result {
+                    Ok(()) => self.run_after(after),
+                    // The store already reported the failure; nothing depending on it happens.
+                    Err(e) => warn!(error = %e, "dropping actions of a failed commit"),
+                }
+            }
             CoreMsg::LaunchFinished { session, result } => self.on_launch_finished(session, result),
             CoreMsg::StoreFailed(e) => {
                 error!(error = %e, "the database failed; shutting down to restart from a consistent state");
@@ -433,6 +441,7 @@ impl Core {
             return;
         }
         let tx = self.tx.clone();
+        self.commits_in_flight += 1;
         self.store.write(
             ops,
             Some(Box::new(move |result| {
