@@ -187,6 +187,34 @@ async fn a_finishing_task_frees_its_download_slot() {
     }
 }
 
+/// Once the body is in, the task is syncing and moving its file: a suspend or cancel is
+/// answered at once (too late), never left hanging, and the download completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_a_finishing_task_is_refused_at_once() {
+    let env = TestEnv::new();
+    let pause = std::ffi::OsStr::new("finish-before-move:1:sleep-ms=2000");
+    let d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", pause)]);
+    let server = TestServer::start().await.unwrap();
+    server.add("/f", Resource::generated(30_000, 7));
+    let (session, mut events) = attach(&env, "t.late").await;
+    let task = session.download_tasks(vec![DownloadRequest::new(server.url("/f"))], true).await.unwrap().remove(0);
+    dlsession_testkit::wait_for("the finish to pause", LONG, || {
+        d.log().contains("failpoint finish-before-move reached; pausing").then_some(())
+    });
+    for (what, result) in [("suspend", task.suspend().await), ("cancel", task.cancel().await)] {
+        match result {
+            Err(dlsession::Error::Daemon(e)) => {
+                assert_eq!(e.code, ErrorCode::InvalidRequest, "{what}: {e:?}");
+                assert!(e.message.contains("finishing"), "{what}: {}", e.message);
+            }
+            other => panic!("{what} of a finishing task: {other:?}"),
+        }
+    }
+    assert_eq!(events.completion(task.id(), LONG).await, None, "the download still completes");
+    let file = events.moved_to(task.id()).unwrap();
+    assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(7, 30_000)));
+}
+
 /// Finishing tasks are bounded too: with one download slot and every finish held open, at
 /// most four tasks (FINISHING_FACTOR x the limit) are running at once; the fifth starts
 /// only when one of them is done.

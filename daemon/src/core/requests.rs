@@ -472,6 +472,14 @@ impl Core {
             return Err(ErrorInfo::new(ErrorCode::InvalidRequest, format!("task {task} has already completed")));
         }
         let stopping_for = t.run.as_ref().and_then(|r| r.after_stop);
+        // The body is in and the file is being synced and moved: too late to stop it.
+        let finishing = t.run.as_ref().is_some_and(|r| !r.holds_slot);
+        if finishing && action != TaskAction::Resume {
+            return Err(ErrorInfo::new(
+                ErrorCode::InvalidRequest,
+                format!("task {task} has received all its data and is finishing; it can no longer be stopped"),
+            ));
+        }
         match action {
             TaskAction::Resume => match state {
                 TaskState::Suspended => {

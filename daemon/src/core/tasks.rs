@@ -317,6 +317,7 @@ impl Core {
                 ),
             );
             self.release(id);
+            self.refuse_waiting_stops(id, "completed (its checksum did not match)");
             let mut ops = Vec::new();
             let mut after = Vec::new();
             self.complete(id, Some(error), &mut ops, &mut after);
@@ -336,6 +337,7 @@ impl Core {
 
     fn on_moved(&mut self, id: TaskId, location: String) {
         self.release(id);
+        self.refuse_waiting_stops(id, "finished downloading");
         let session = self.tasks.get(&id).map(|t| self.identifier(t.rec.session)).unwrap_or("?");
         info!(%session, task = id, "download finished");
         self.mark_finished(id, location);
@@ -400,6 +402,17 @@ impl Core {
             }
         }
         self.commit(ops, after);
+    }
+
+    /// A suspend or cancel asked for while the body was still arriving, but the body
+    /// completed first: the task was not stopped, and its requester hears so.
+    fn refuse_waiting_stops(&mut self, id: TaskId, what: &str) {
+        let Some(t) = self.tasks.get_mut(&id) else { return };
+        for (conn, req) in std::mem::take(&mut t.waiting_replies) {
+            let error =
+                ErrorInfo::new(ErrorCode::InvalidRequest, format!("task {id} {what} before it could be stopped"));
+            self.reply(conn, req, Err(error));
+        }
     }
 
     fn on_stopped(&mut self, id: TaskId, offset: u64) {
