@@ -29,10 +29,15 @@ pub struct IpcSettings {
     pub max_connections: usize,
 }
 
-/// Asks the server to stop accepting if no connection is open; the answer says whether
-/// it stopped. Asked and answered inside the accept loop, so no connection can slip in
-/// between the check and the stop.
-pub type IdleCheck = oneshot::Sender<bool>;
+/// The core asks whether any connection is open. If none is, the server stops accepting
+/// (answered inside the accept loop, so no connection slips in between) and waits: `resume`
+/// firing means accept again, `resume` dropped means stop for good. The pause lets the
+/// core first handle what connections that just closed had sent.
+#[derive(Debug)]
+pub struct IdleCheck {
+    pub reply: oneshot::Sender<bool>,
+    pub resume: oneshot::Receiver<()>,
+}
 
 /// Accepts connections until `shutdown` turns true, or until an [`IdleCheck`] finds no
 /// connection open.
@@ -51,15 +56,25 @@ pub async fn serve(
     loop {
         let accepted = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => break,
-            Some(check) = idle_checks.recv() => {
+            Some(check) = idle_checks.recv() => Err(check),
+            r = listener.accept() => Ok(r),
+        };
+        let accepted = match accepted {
+            Ok(r) => r,
+            Err(check) => {
                 let idle = live.load(Ordering::Acquire) == 0;
-                let _ = check.send(idle);
+                let _ = check.reply.send(idle);
                 if idle {
-                    break;
+                    let go_on = tokio::select! {
+                        _ = shutdown.wait_for(|s| *s) => false,
+                        r = check.resume => r.is_ok(),
+                    };
+                    if !go_on {
+                        break;
+                    }
                 }
                 continue;
             }
-            r = listener.accept() => r,
         };
         match accepted {
             Ok(stream) => {

@@ -270,6 +270,55 @@ async fn a_socket_activated_daemon_exits_when_idle_and_comes_back() {
     stop(child);
 }
 
+/// Under systemd an app the daemon relaunched lives in the daemon's cgroup, so an idle
+/// daemon waits for it to exit before leaving (leaving would have it killed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_daemon_waits_for_the_app_it_relaunched() {
+    let env = TestEnv::new();
+    env.set_config("idle_exit_ms", "500");
+    let mut notify = Notify::new(env.path());
+    let (mut child, log) = socket_activate(&env, &notify.path, &[]);
+    let server = TestServer::start().await.unwrap();
+    server.add("/f", Resource::generated(10_000, 3));
+    let started = env.path().join("app-started");
+    let done = env.path().join("app-done");
+    // The "app" collects its events at once, then keeps running for 3 s.
+    let script = format!(
+        "'{}' --socket '{}' attach t.app >/dev/null && touch '{}' && sleep 3 && touch '{}'",
+        bin_path("dlsessionctl").display(),
+        env.socket.display(),
+        started.display(),
+        done.display()
+    );
+    let config = dlsession::proto::SessionConfig {
+        launch: Some(dlsession::proto::LaunchSpec::Command { argv: vec!["sh".into(), "-c".into(), script] }),
+        ..dlsession::proto::SessionConfig::default()
+    };
+    let client = Client::connect(ClientOptions {
+        socket: Some(env.socket.clone()),
+        autostart: false,
+        ..ClientOptions::default()
+    })
+    .await
+    .unwrap();
+    notify.wait("READY=1", Duration::from_secs(10));
+    client.request(Request::OpenSession { identifier: "t.app".into(), config: Some(config) }).await.unwrap();
+    let spec = dlsession::proto::TaskSpec::get(server.url("/f"));
+    client.request(Request::CreateTasks { identifier: "t.app".into(), tasks: vec![spec], resume: true }).await.unwrap();
+    drop(client);
+    wait_for("the relaunched app to collect", Duration::from_secs(20), || started.exists().then_some(()));
+    // Its events are acknowledged: only the running app is left, for 3 s.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the daemon left while its app ran:\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    wait_for("the app to end", Duration::from_secs(10), || done.exists().then_some(()));
+    let status = wait_for("the idle exit", Duration::from_secs(10), || child.try_wait().unwrap());
+    assert!(status.success(), "clean exit: {status}");
+}
+
 /// The pid in the daemon's state-directory lock file.
 fn daemon_pid(env: &TestEnv) -> Option<u32> {
     std::fs::read_to_string(env.state_dir.join("dlsessiond/dlsessiond.lock")).ok()?.trim().parse().ok()

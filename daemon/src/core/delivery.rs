@@ -247,14 +247,18 @@ impl Core {
                 log_dir: &self.cfg.launch_log_dir(),
                 reason: reason.as_str(),
             };
-            launcher::launch(&spec, &ctx, move |result| {
+            let launched = launcher::launch(&spec, &ctx, move |result| {
                 let _ = tx.send(super::CoreMsg::LaunchFinished { session: key, result });
-            })
-            .map(|l| match l {
-                launcher::Launched::Process(pid) => WakeOutcome::Launched { pid },
-                launcher::Launched::Unit(unit) => WakeOutcome::UnitStarted { unit },
-            })
-            .map_err(|e| ErrorInfo::new(ErrorCode::Internal, format!("cannot relaunch the app: {e}")))
+            });
+            if launched.is_ok() {
+                self.launches_running += 1;
+            }
+            launched
+                .map(|l| match l {
+                    launcher::Launched::Process(pid) => WakeOutcome::Launched { pid },
+                    launcher::Launched::Unit(unit) => WakeOutcome::UnitStarted { unit },
+                })
+                .map_err(|e| ErrorInfo::new(ErrorCode::Internal, format!("cannot relaunch the app: {e}")))
         } else {
             Ok(WakeOutcome::NoTarget)
         };
@@ -300,6 +304,7 @@ impl Core {
     }
 
     pub(super) fn on_launch_finished(&mut self, key: SessionKey, result: Result<(), String>) {
+        self.launches_running = self.launches_running.saturating_sub(1);
         if let (Err(e), Some(s)) = (result, self.sessions.get_mut(&key)) {
             warn!(session = %s.rec.identifier, error = %e, "relaunch failed; will retry with backoff");
             s.wake.last_error = Some(ErrorInfo::new(ErrorCode::Internal, format!("relaunch failed: {e}")));

@@ -201,6 +201,9 @@ pub struct Core {
     /// Store batches whose `Committed` has not come back yet (their follow-up actions,
     /// such as deleting acknowledged files, are still to run).
     commits_in_flight: usize,
+    /// Relaunched apps (or `systemctl --user start`) not yet exited: under systemd they
+    /// live in the daemon's cgroup, so the daemon must not leave before them.
+    launches_running: usize,
 }
 
 #[derive(Debug, Default)]
@@ -260,6 +263,7 @@ impl Core {
             status: std::env::var_os("NOTIFY_SOCKET").map(|_| StatusReport::default()),
             idle_exit: None,
             commits_in_flight: 0,
+            launches_running: 0,
         };
         core.restore(snapshot);
         core
@@ -279,17 +283,18 @@ impl Core {
             && self.running.is_empty()
             && self.lanes.is_empty()
             && self.commits_in_flight == 0
+            && self.launches_running == 0
             && self.timers.iter().all(|(_, t)| matches!(t, Timer::Status))
     }
 
-    /// Asks the socket server to stop accepting if no connection is open (in any state).
-    async fn stop_accepting_if_idle(&self) -> bool {
-        let Some(idle) = &self.idle_exit else { return false };
-        let (tx, rx) = oneshot::channel();
-        if idle.ask.send(tx).await.is_err() {
-            return false;
-        }
-        rx.await.unwrap_or(false)
+    /// Asks the socket server to pause accepting if no connection is open (in any
+    /// state). Paused, it returns the handle that resumes it (send) or stops it (drop).
+    async fn pause_accepting_if_idle(&self) -> Option<oneshot::Sender<()>> {
+        let idle = self.idle_exit.as_ref()?;
+        let (reply, answer) = oneshot::channel();
+        let (resume_tx, resume) = oneshot::channel();
+        idle.ask.send(crate::ipc::IdleCheck { reply, resume }).await.ok()?;
+        answer.await.unwrap_or(false).then_some(resume_tx)
     }
 
     /// Runs until shutdown completes. Returns the fatal error, if the store failed.
@@ -341,11 +346,21 @@ impl Core {
                 }
                 _ = sleep_until(idle_at) => {
                     idle_since = None;
-                    if self.stop_accepting_if_idle().await {
-                        let after = self.idle_exit.as_ref().map(|i| i.after).unwrap_or_default();
-                        info!(?after, "idle with nothing to do; exiting (the next connection starts the daemon again)");
-                        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-                        self.begin_shutdown();
+                    if let Some(resume) = self.pause_accepting_if_idle().await {
+                        // Connections that closed just before the pause may have left
+                        // messages behind; nothing new can arrive while paused.
+                        while let Ok(msg) = self.rx.try_recv() {
+                            self.handle(msg);
+                        }
+                        if self.has_nothing_to_do() {
+                            drop(resume);
+                            let after = self.idle_exit.as_ref().map(|i| i.after).unwrap_or_default();
+                            info!(?after, "idle with nothing to do; exiting (the next connection starts the daemon again)");
+                            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+                            self.begin_shutdown();
+                        } else {
+                            let _ = resume.send(());
+                        }
                     }
                 }
             }
