@@ -36,11 +36,17 @@ fn armed() -> Option<&'static Armed> {
             let count = parts.next().unwrap_or_default();
             let onwards = count.ends_with('+');
             let nth = count.trim_end_matches('+').parse().unwrap_or(1);
-            let sleep = parts
-                .next()
-                .and_then(|a| a.strip_prefix("sleep-ms="))
-                .and_then(|ms| ms.parse().ok())
-                .map(std::time::Duration::from_millis);
+            let sleep = match parts.next() {
+                None => None,
+                Some(action) => match action.strip_prefix("sleep-ms=").and_then(|ms| ms.parse().ok()) {
+                    Some(ms) => Some(std::time::Duration::from_millis(ms)),
+                    None => {
+                        // A typo must not turn a pause into an abort.
+                        eprintln!("dlsessiond: {ENV}={spec}: unknown action {action:?}; failpoint disarmed");
+                        return None;
+                    }
+                },
+            };
             Some(Armed { name, nth, onwards, sleep, hits: AtomicU64::new(0) })
         })
         .as_ref()
