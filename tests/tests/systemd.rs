@@ -79,6 +79,13 @@ fn socket_activate(env: &TestEnv, notify: &Path, extra: &[&str]) -> (Child, Path
     (child, log)
 }
 
+/// A client of the daemon in `env` that never starts one itself.
+async fn connect(env: &TestEnv) -> Client {
+    Client::connect(ClientOptions { socket: Some(env.socket.clone()), autostart: false, ..ClientOptions::default() })
+        .await
+        .unwrap()
+}
+
 fn stop(mut child: Child) {
     let _ = child.kill();
     let _ = child.wait();
@@ -118,13 +125,7 @@ async fn socket_activation_adopts_the_socket_and_reports_readiness() {
     let mut notify = Notify::new(env.path());
     let (child, log) = socket_activate(&env, &notify.path, &[]);
     // The first connection starts the daemon on the passed socket.
-    let client = Client::connect(ClientOptions {
-        socket: Some(env.socket.clone()),
-        autostart: false,
-        ..ClientOptions::default()
-    })
-    .await
-    .unwrap();
+    let client = connect(&env).await;
     let Response::Status(status) = client.request(Request::Status).await.unwrap() else { panic!() };
     assert_eq!(status.socket, env.socket.display().to_string());
     notify.wait("READY=1", Duration::from_secs(10));
@@ -140,13 +141,7 @@ async fn watchdog_pings_arrive_at_half_the_interval() {
     let env = TestEnv::new();
     let mut notify = Notify::new(env.path());
     let (child, _log) = socket_activate(&env, &notify.path, &["WATCHDOG_USEC=200000"]);
-    let _client = Client::connect(ClientOptions {
-        socket: Some(env.socket.clone()),
-        autostart: false,
-        ..ClientOptions::default()
-    })
-    .await
-    .unwrap();
+    let _client = connect(&env).await;
     notify.wait("READY=1", Duration::from_secs(10));
     notify.seen.clear();
     notify.collect(Duration::from_millis(1000));
@@ -166,13 +161,7 @@ async fn sigterm_during_downloads_reports_stopping_and_resumes_after_restart() {
     let server = TestServer::start().await.unwrap();
     let len = 24u64 << 20;
     server.add("/big", Resource::generated(len, 9).throttle(8 << 20));
-    let client = Client::connect(ClientOptions {
-        socket: Some(env.socket.clone()),
-        autostart: false,
-        ..ClientOptions::default()
-    })
-    .await
-    .unwrap();
+    let client = connect(&env).await;
     client.request(Request::OpenSession { identifier: "t.term".into(), config: None }).await.unwrap();
     let dest = env.path().join("big.bin");
     let mut spec = dlsession::proto::TaskSpec::get(server.url("/big"));
@@ -212,16 +201,7 @@ async fn a_socket_activated_daemon_exits_when_idle_and_comes_back() {
         Resource::generated(50_000, 2)
             .fault(Hits::First(1), Fault::Status { code: 503, retry_after: Some("3".into()) }),
     );
-    let connect = || async {
-        Client::connect(ClientOptions {
-            socket: Some(env.socket.clone()),
-            autostart: false,
-            ..ClientOptions::default()
-        })
-        .await
-        .unwrap()
-    };
-    let client = connect().await;
+    let client = connect(&env).await;
     notify.wait("READY=1", Duration::from_secs(10));
     client.request(Request::OpenSession { identifier: "t.idle".into(), config: None }).await.unwrap();
     let specs = ["/now", "/later"]
@@ -254,7 +234,7 @@ async fn a_socket_activated_daemon_exits_when_idle_and_comes_back() {
     // The next connection activates it again and finds both tasks completed.
     let _ = std::fs::remove_file(&env.socket);
     let (child, _log) = socket_activate(&env, &notify.path, &[]);
-    let client = connect().await;
+    let client = connect(&env).await;
     let query = dlsession::proto::TaskQuery {
         session: Some("t.idle".into()),
         states: vec![dlsession::proto::TaskState::Completed],
@@ -294,13 +274,7 @@ async fn an_idle_daemon_waits_for_the_app_it_relaunched() {
         launch: Some(dlsession::proto::LaunchSpec::Command { argv: vec!["sh".into(), "-c".into(), script] }),
         ..dlsession::proto::SessionConfig::default()
     };
-    let client = Client::connect(ClientOptions {
-        socket: Some(env.socket.clone()),
-        autostart: false,
-        ..ClientOptions::default()
-    })
-    .await
-    .unwrap();
+    let client = connect(&env).await;
     notify.wait("READY=1", Duration::from_secs(10));
     client.request(Request::OpenSession { identifier: "t.app".into(), config: Some(config) }).await.unwrap();
     let spec = dlsession::proto::TaskSpec::get(server.url("/f"));
@@ -425,13 +399,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 async fn an_idle_daemon_uses_no_cpu() {
     let env = TestEnv::new();
     let daemon = TestDaemon::start(&env);
-    let client = Client::connect(ClientOptions {
-        socket: Some(env.socket.clone()),
-        autostart: false,
-        ..ClientOptions::default()
-    })
-    .await
-    .unwrap();
+    let client = connect(&env).await;
     // Suspended tasks and a connected client: still nothing to do.
     client.request(Request::OpenSession { identifier: "t.idle".into(), config: None }).await.unwrap();
     let specs = (0..500).map(|i| dlsession::proto::TaskSpec::get(format!("http://127.0.0.1:9/{i}"))).collect();
