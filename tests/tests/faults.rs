@@ -344,6 +344,37 @@ async fn a_crash_at_every_step_ends_in_exactly_one_correct_outcome() {
     }
 }
 
+/// A file of the same size that appeared at the destination is not taken for the finished
+/// download when a crash interrupted the move: it is left alone and the task fails clearly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_before_the_move_never_adopts_a_foreign_file_of_the_same_size() {
+    let env = TestEnv::new();
+    let mut daemon = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", OsStr::new("finish-before-move"))]);
+    let s = TestServer::start().await.unwrap();
+    let len = 1u64 << 20;
+    s.add("/f", Resource::generated(len, 21).throttle(2 << 20));
+    let dest = env.path().join("f.bin");
+    let (session, _events) = attach(&env, SessionConfiguration::background("t.foreign")).await;
+    let task = session
+        .download_tasks(vec![DownloadRequest::new(s.url("/f")).destination(&dest)], true)
+        .await
+        .unwrap()
+        .remove(0);
+    // Someone writes a different file of the same size there while the download runs.
+    let foreign = vec![0x5au8; len as usize];
+    std::fs::write(&dest, &foreign).unwrap();
+    assert!(!daemon.wait_exit(LONG).success(), "stopped at the failpoint");
+    drop(session);
+    daemon.set_env(&[]);
+    daemon.restart();
+    let (_session, mut events) = attach(&env, SessionConfiguration::background("t.foreign")).await;
+    let err = events.completion(task.id(), LONG).await.expect("the task fails");
+    assert_eq!(err.code, ErrorCode::FileError, "{err:?}");
+    assert!(err.message.contains("already exists"), "{}", err.message);
+    assert_eq!(std::fs::read(&dest).unwrap(), foreign, "the foreign file is untouched");
+    assert!(!events.seen.iter().any(|e| matches!(e, Seen::Finished { .. })), "{:?}", events.seen);
+}
+
 // ---------------------------------------------------------------- database
 
 #[test]

@@ -75,16 +75,18 @@ impl Core {
         let size = t.rec.committed_offset;
         let len = |p: &Path| std::fs::metadata(p).map(|m| m.len()).ok();
         let outcome = match (len(&part), len(&to)) {
-            // Copied across filesystems and renamed, but the source not yet removed.
-            (Some(a), Some(b)) if a == size && b == size && !overwrite => {
+            // Copied across filesystems and renamed, but the source not yet removed. Only
+            // the same bytes prove it: a file that was there before may have the same size.
+            (Some(a), Some(b)) if a == size && b == size && !overwrite && same_contents(&part, &to) => {
                 let _ = std::fs::remove_file(&part);
                 Ok(())
             }
-            (Some(_), _) => move_into_place(&part, &to, overwrite).map_err(|e| match e {
+            (Some(a), _) if a == size => move_into_place(&part, &to, overwrite).map_err(|e| match e {
                 MoveError::Exists(p) => format!("destination {} already exists", p.display()),
                 e => e.to_string(),
             }),
             (None, Some(b)) if b == size => Ok(()),
+            // Nothing, or not the complete file: download again.
             _ => Err(String::new()),
         };
         match outcome {
@@ -200,4 +202,35 @@ impl Core {
         }
         removed
     }
+}
+
+/// Whether two files hold the same bytes (false on any read error).
+fn same_contents(a: &Path, b: &Path) -> bool {
+    let (Ok(mut fa), Ok(mut fb)) = (std::fs::File::open(a), std::fs::File::open(b)) else { return false };
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let Ok(n) = read_full(&mut fa, &mut ba) else { return false };
+        let Ok(m) = read_full(&mut fb, &mut bb) else { return false };
+        if n != m || ba.get(..n) != bb.get(..m) {
+            return false;
+        }
+        if n == 0 {
+            return true;
+        }
+    }
+}
+
+/// Reads until `buf` is full or the file ends.
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read;
+    let mut filled = 0;
+    while let Some(rest) = buf.get_mut(filled..).filter(|r| !r.is_empty()) {
+        match f.read(rest) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }

@@ -356,6 +356,8 @@ impl Core {
             t.rec.last_modified = None;
         }
         t.rec.last_error = Some(failure.error.clone());
+        // A failed finish (e.g. the move) downloads again: it is no longer finishing.
+        t.rec.phase = Phase::Transfer;
         let after_stop = run.and_then(|r| r.after_stop);
         // A stop was requested while the attempt was failing: honour the request.
         if let Some(how) = after_stop {
