@@ -137,6 +137,46 @@ async fn resume_data_continues_at_the_offset() {
     assert_eq!(err.code(), ErrorCode::InvalidRequest);
 }
 
+/// Kept resume files are dated from the cancel: a partial file last written 8 days ago
+/// (a task suspended that long) survives the next start-up's cleanup once kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_data_of_a_long_suspended_task_survives_a_restart() {
+    let env = TestEnv::new();
+    let mut d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let len = 4u64 << 20;
+    server.add("/big", Resource::generated(len, 5).throttle(2 << 20));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.old"), delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(server.url("/big"))], true).await.unwrap().remove(0);
+    events
+        .wait("1 MiB", LONG, |e| matches!(e, Seen::Progress { task: t, total } if *t == task.id() && *total >= 1 << 20))
+        .await;
+    task.suspend().await.unwrap();
+    let part = std::fs::read_dir(env.downloads_dir().join("s1"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "part"))
+        .expect("the partial file");
+    let st = std::process::Command::new("touch").arg("-d").arg("8 days ago").arg(&part).status().unwrap();
+    assert!(st.success());
+    let data = task.cancel_producing_resume_data().await.unwrap();
+    drop(session);
+    assert!(d.terminate().success());
+    d.restart();
+    let (delegate, mut events) = Recorder::new(&env.path().join("out2"));
+    let session = Session::attach(config(&env, "t.old"), delegate).await.unwrap();
+    let resumed = session.download_task_with_resume_data(&data).await.unwrap();
+    resumed.resume().await.unwrap();
+    assert_eq!(events.completion(resumed.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(resumed.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(5, len)));
+    let last = server.requests_for("/big").pop().unwrap();
+    let offset: u64 =
+        last.range.as_deref().unwrap_or("bytes=0-").trim_start_matches("bytes=").trim_end_matches('-').parse().unwrap();
+    assert!(offset >= 1 << 20, "continued at {offset}, not from zero");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wakes_back_off_while_the_app_stays_away() {
     let env = TestEnv::new();

@@ -541,7 +541,17 @@ impl Core {
         if resumable {
             let name = format!("{:016x}.part", super::secret());
             let dir = self.resume_dir();
-            let kept = std::fs::create_dir_all(&dir).and_then(|_| std::fs::rename(&part, dir.join(&name)));
+            let kept_path = dir.join(&name);
+            // Durable before the blob is handed out (both directory entries), and dated now:
+            // retention counts from the cancel, not from the last byte written. Rare enough
+            // for these syncs to run here rather than on a blocking thread.
+            let kept = std::fs::create_dir_all(&dir)
+                .and_then(|_| std::fs::rename(&part, &kept_path))
+                .and_then(|_| {
+                    std::fs::File::options().write(true).open(&kept_path)?.set_modified(std::time::SystemTime::now())
+                })
+                .and_then(|_| crate::engine::files::sync_parent(&kept_path))
+                .and_then(|_| crate::engine::files::sync_parent(&part));
             match kept {
                 Ok(()) => file = Some(name),
                 Err(e) => info!(task, error = %e, "cannot keep the partial file; resume data will restart from zero"),

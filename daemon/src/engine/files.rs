@@ -28,7 +28,7 @@ pub fn move_into_place(from: &Path, to: &Path, overwrite: bool) -> Result<(), Mo
     if renamed.as_ref().is_err_and(|e| e.kind() == io::ErrorKind::NotFound) && from.exists() {
         // The destination's directory is missing: create it (only then) and try again.
         if let Some(dir) = to.parent() {
-            std::fs::create_dir_all(dir).map_err(io_err)?;
+            create_dirs_durably(dir).map_err(io_err)?;
         }
         renamed = rename(from, to, overwrite);
     }
@@ -36,12 +36,34 @@ pub fn move_into_place(from: &Path, to: &Path, overwrite: bool) -> Result<(), Mo
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error()) => {
             copy_then_rename(from, to, overwrite)?;
+            // The copy's name must be durable before the only other copy goes.
+            sync_parent(to).map_err(io_err)?;
             std::fs::remove_file(from).map_err(io_err)?;
+            return Ok(());
         }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(MoveError::Exists(to.to_path_buf())),
         Err(e) => return Err(io_err(e)),
     }
     sync_parent(to).map_err(io_err)
+}
+
+/// `create_dir_all`, with each new directory's entry synced into its parent: a finished
+/// file is only as durable as the directories leading to it.
+fn create_dirs_durably(dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut cur = Some(dir);
+    while let Some(d) = cur.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        missing.push(d);
+        cur = d.parent();
+    }
+    for d in missing.into_iter().rev() {
+        match std::fs::create_dir(d) {
+            Ok(()) => sync_parent(d)?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn rename(from: &Path, to: &Path, overwrite: bool) -> io::Result<()> {
@@ -183,5 +205,10 @@ mod tests {
         assert_eq!(std::fs::read(&b).unwrap(), b"new", "existing file untouched");
         move_into_place(&a, &b, true).unwrap();
         assert_eq!(std::fs::read(&b).unwrap(), b"newer");
+        // Several missing levels are created (and synced) on the way.
+        std::fs::write(&a, b"deep").unwrap();
+        let deep = dir.path().join("x/y/z/f");
+        move_into_place(&a, &deep, false).unwrap();
+        assert_eq!(std::fs::read(&deep).unwrap(), b"deep");
     }
 }
