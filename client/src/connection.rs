@@ -57,8 +57,10 @@ struct Inner {
     out: mpsc::UnboundedSender<Vec<u8>>,
     pending: Mutex<Option<Pending>>,
     next_id: AtomicU64,
-    /// Events of attached sessions, by identifier.
-    routes: Mutex<HashMap<String, mpsc::UnboundedSender<Event>>>,
+    /// Events of attached sessions, by identifier, with the token of the session that
+    /// owns the route (a later attachment of the same identifier gets a new one).
+    routes: Mutex<HashMap<String, (u64, mpsc::UnboundedSender<Event>)>>,
+    next_route: AtomicU64,
     /// Everything else (watch updates, progress of watched tasks, wakes).
     other: Mutex<Option<mpsc::UnboundedSender<Event>>>,
     closed_reason: Mutex<Option<String>>,
@@ -182,6 +184,7 @@ impl Client {
             pending: Mutex::new(Some(HashMap::new())),
             next_id: AtomicU64::new(1),
             routes: Mutex::new(HashMap::new()),
+            next_route: AtomicU64::new(1),
             other: Mutex::new(None),
             closed_reason: Mutex::new(None),
             welcome,
@@ -253,22 +256,28 @@ impl Client {
         rx
     }
 
-    pub(crate) fn route(&self, identifier: &str) -> mpsc::UnboundedReceiver<Event> {
+    /// Routes the identifier's events to a new channel; the token proves ownership.
+    pub(crate) fn route(&self, identifier: &str) -> (u64, mpsc::UnboundedReceiver<Event>) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let token = self.inner.next_route.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut routes) = self.inner.routes.lock() {
-            routes.insert(identifier.to_owned(), tx);
+            routes.insert(identifier.to_owned(), (token, tx));
         }
-        rx
+        (token, rx)
     }
 
     pub(crate) fn is_routed(&self, identifier: &str) -> bool {
         self.inner.routes.lock().map(|r| r.contains_key(identifier)).unwrap_or(false)
     }
 
-    pub(crate) fn unroute(&self, identifier: &str) {
-        if let Ok(mut routes) = self.inner.routes.lock() {
+    /// Removes the route if `token` still owns it; says whether it did.
+    pub(crate) fn unroute(&self, identifier: &str, token: u64) -> bool {
+        let Ok(mut routes) = self.inner.routes.lock() else { return false };
+        if routes.get(identifier).is_some_and(|(owner, _)| *owner == token) {
             routes.remove(identifier);
+            return true;
         }
+        false
     }
 
     /// What the daemon said about itself in the handshake.
@@ -326,7 +335,7 @@ impl Inner {
                 };
                 let routed = identifier.and_then(|id| {
                     let routes = self.routes.lock().ok()?;
-                    routes.get(id).cloned()
+                    routes.get(id).map(|(_, tx)| tx.clone())
                 });
                 match routed {
                     Some(tx) => {

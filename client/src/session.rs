@@ -307,6 +307,9 @@ impl Client {
                     debug!(%identifier, "wake ignored by the app");
                     continue;
                 };
+                // An earlier, detached attachment goes first, so that dropping it later
+                // cannot detach the new one.
+                joined.remove(&identifier);
                 match Session::attach_with(&client, config, delegate).await {
                     Ok(session) => {
                         joined.insert(identifier, session);
@@ -322,6 +325,8 @@ impl Client {
 struct SessionShared {
     client: Client,
     identifier: String,
+    /// Ownership of the client's route for `identifier`.
+    route: u64,
     tasks: Mutex<HashMap<TaskId, DownloadTask>>,
 }
 
@@ -329,8 +334,11 @@ impl Drop for SessionShared {
     /// Dropping the last handle detaches: the daemon keeps the tasks going and keeps
     /// undelivered events for the next attach.
     fn drop(&mut self) {
-        self.client.unroute(&self.identifier);
-        let _ = self.client.send_request(Request::Detach { identifier: self.identifier.clone() });
+        // Only while still attached: a later session of the same identifier on this
+        // connection owns the route (and the attachment) now.
+        if self.client.unroute(&self.identifier, self.route) {
+            let _ = self.client.send_request(Request::Detach { identifier: self.identifier.clone() });
+        }
     }
 }
 
@@ -360,15 +368,25 @@ impl Session {
         delegate: Arc<dyn SessionDelegate>,
     ) -> Result<Session> {
         dlsession_proto::validate::identifier(&config.identifier).map_err(Error::Invalid)?;
+        if client.is_routed(&config.identifier) {
+            return Err(Error::Invalid(ErrorInfo::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "session {} is already attached on this connection; drop that Session first",
+                    config.identifier
+                ),
+            )));
+        }
+        // Route first: the replay follows the attach response immediately.
+        let (route, events) = client.route(&config.identifier);
         let session = Session {
             shared: Arc::new(SessionShared {
                 client: client.clone(),
                 identifier: config.identifier.clone(),
+                route,
                 tasks: Mutex::new(HashMap::new()),
             }),
         };
-        // Route first: the replay follows the attach response immediately.
-        let events = client.route(&config.identifier);
         let request = Request::Attach {
             identifier: config.identifier.clone(),
             config: config.config.clone(),
@@ -377,11 +395,11 @@ impl Session {
         match client.request(request).await {
             Ok(Response::Session(_)) => {}
             Ok(other) => {
-                client.unroute(&config.identifier);
+                client.unroute(&config.identifier, route);
                 return Err(Error::UnexpectedResponse { expected: "session", got: other.kind() });
             }
             Err(e) => {
-                client.unroute(&config.identifier);
+                client.unroute(&config.identifier, route);
                 return Err(e);
             }
         }
@@ -391,6 +409,7 @@ impl Session {
             delegate,
             runtime: tokio::runtime::Handle::current(),
             pending_acks: Vec::new(),
+            acks_in_flight: Vec::new(),
         };
         std::thread::Builder::new()
             .name(format!("dlsession-{}", config.identifier.chars().take(20).collect::<String>()))
@@ -525,7 +544,7 @@ impl Session {
     /// Stops receiving events; tasks go on.
     pub async fn detach(&self) -> Result<()> {
         let r = self.ok(Request::Detach { identifier: self.shared.identifier.clone() }).await;
-        self.shared.client.unroute(&self.shared.identifier);
+        self.shared.client.unroute(&self.shared.identifier, self.shared.route);
         r
     }
 
@@ -618,6 +637,8 @@ struct Dispatcher {
     delegate: Arc<dyn SessionDelegate>,
     runtime: tokio::runtime::Handle,
     pending_acks: Vec<u64>,
+    /// Answers to acknowledgements sent without waiting (sent in order, at once).
+    acks_in_flight: Vec<tokio::sync::oneshot::Receiver<std::result::Result<Response, ErrorInfo>>>,
 }
 
 /// Acknowledgements are sent in batches of at most this many.
@@ -684,8 +705,9 @@ impl Dispatcher {
             }
             Event::Detached { reason, .. } => {
                 self.flush_acks(false);
+                // Unrouted first, so the delegate may attach again from the callback.
+                session.shared.client.unroute(session.identifier(), session.shared.route);
                 d.did_detach(&session, reason);
-                session.shared.client.unroute(session.identifier());
                 return false;
             }
             Event::Wake { .. } | Event::TaskUpdate(_) => {}
@@ -693,22 +715,38 @@ impl Dispatcher {
         true
     }
 
+    /// Sends the pending acknowledgements. With `wait`, returns only once every
+    /// acknowledgement sent so far is durable (answered), including earlier batches.
     fn flush_acks(&mut self, wait: bool) {
-        if self.pending_acks.is_empty() {
-            return;
-        }
-        let seqs = std::mem::take(&mut self.pending_acks);
-        // The app dropped the session: the events stay unacknowledged and come again.
-        let Some(shared) = self.session.upgrade() else { return };
-        let client = shared.client.clone();
-        drop(shared);
-        let request = Request::AckEvents { identifier: self.identifier.clone(), seqs };
-        if wait {
-            if let Err(e) = self.runtime.block_on(client.request(request)) {
+        // Forget answers already in (a failed one is logged).
+        self.acks_in_flight.retain_mut(|rx| match rx.try_recv() {
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => true,
+            Ok(Err(e)) => {
                 warn!(error = %e, "acknowledging events failed; they will be delivered again");
+                false
             }
-        } else if let Err(e) = client.send_request(request) {
-            warn!(error = %e, "acknowledging events failed; they will be delivered again");
+            _ => false,
+        });
+        if !self.pending_acks.is_empty() {
+            let seqs = std::mem::take(&mut self.pending_acks);
+            // The app dropped the session: the events stay unacknowledged and come again.
+            let Some(shared) = self.session.upgrade() else { return };
+            let client = shared.client.clone();
+            drop(shared);
+            let request = Request::AckEvents { identifier: self.identifier.clone(), seqs };
+            match client.send_request(request) {
+                Ok(rx) => self.acks_in_flight.push(rx),
+                Err(e) => warn!(error = %e, "acknowledging events failed; they will be delivered again"),
+            }
+        }
+        if wait {
+            for rx in std::mem::take(&mut self.acks_in_flight) {
+                match self.runtime.block_on(rx) {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => warn!(error = %e, "acknowledging events failed; they will be delivered again"),
+                    Err(_) => warn!("the connection closed before an acknowledgement was answered"),
+                }
+            }
         }
     }
 

@@ -137,6 +137,32 @@ async fn resume_data_continues_at_the_offset() {
     assert_eq!(err.code(), ErrorCode::InvalidRequest);
 }
 
+/// An old handle of a session, dropped after the identifier was attached again on the same
+/// connection, does not detach the new attachment (whose events keep coming).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_an_old_handle_leaves_a_new_attachment_alone() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(20_000, 8));
+    let client =
+        Client::connect(ClientOptions { socket: Some(env.socket.clone()), ..ClientOptions::default() }).await.unwrap();
+    let (d1, _e1) = Recorder::new(&env.path().join("out1"));
+    let old = Session::attach_with(&client, config(&env, "t.twice"), std::sync::Arc::new(d1)).await.unwrap();
+    old.detach().await.unwrap();
+    let (d2, mut events) = Recorder::new(&env.path().join("out2"));
+    let new = Session::attach_with(&client, config(&env, "t.twice"), std::sync::Arc::new(d2)).await.unwrap();
+    // A third attachment on the same connection is refused while the second lives.
+    let (d3, _e3) = Recorder::new(&env.path().join("out3"));
+    let err = Session::attach_with(&client, config(&env, "t.twice"), std::sync::Arc::new(d3)).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidRequest, "{err}");
+    drop(old);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(info(&env, "t.twice").await.unwrap().attached, "still attached after the old handle went");
+    let task = new.download_tasks(vec![DownloadRequest::new(server.url("/a"))], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None, "events reach the new attachment");
+}
+
 /// Kept resume files are dated from the cancel: a partial file last written 8 days ago
 /// (a task suspended that long) survives the next start-up's cleanup once kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
