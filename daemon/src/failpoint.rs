@@ -1,7 +1,8 @@
 //! Failpoints for crash tests: `DLSESSIOND_FAILPOINT=NAME` (or `NAME:N` for the Nth time
 //! it is reached) makes the daemon abort at that point, as a power cut or `kill -9`
 //! would stop it; `NAME:N:sleep-ms=MS` pauses the thread there instead (to hold a step
-//! open), and `NAME:N+:sleep-ms=MS` pauses every hit from the Nth on. Every failpoint is reached on a blocking thread, never on the async runtime.
+//! open), and `NAME:N+:sleep-ms=MS` pauses every hit from the Nth on. Failpoints are
+//! reached on blocking threads, except where the table says abort only.
 //! Unset, a failpoint costs one relaxed atomic load.
 //!
 //! | name | where |
@@ -10,6 +11,7 @@
 //! | `checkpoint-after-commit` | the store committed a batch holding a checkpoint |
 //! | `finish-before-move` | the finishing phase is committed, the file not moved yet |
 //! | `finish-after-move` | the file is moved and its directory synced, `completed` not committed yet |
+//! | `restart-after-reset` | a resource that changed is starting over: its reset offset is committed, no new byte written (abort only: reached on the async runtime) |
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};

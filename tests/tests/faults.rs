@@ -375,6 +375,63 @@ async fn a_crash_before_the_move_never_adopts_a_foreign_file_of_the_same_size() 
     assert!(!events.seen.iter().any(|e| matches!(e, Seen::Finished { .. })), "{:?}", events.seen);
 }
 
+/// A resource that changed while the daemon was down starts over from zero; a crash right
+/// after the reset (committed before any new byte is written) resumes from zero, never at
+/// the old offset, which with a stale server would splice two versions. (The truncated
+/// partial file also forces zero here; the commit-before-write order itself is enforced by
+/// the worker waiting for the core's answer.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_from_zero_is_committed_before_new_bytes() {
+    let env = TestEnv::new();
+    env.set_config("checkpoint_bytes", "262144");
+    let mut daemon = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    let len = 4u64 << 20;
+    s.add("/f", Resource::generated(len, 31).etag("\"v1\"").throttle(1 << 20));
+    let dest = env.path().join("f.bin");
+    let (session, _events) = attach(&env, SessionConfiguration::background("t.reset")).await;
+    let task = session
+        .download_tasks(vec![DownloadRequest::new(s.url("/f")).destination(&dest)], true)
+        .await
+        .unwrap()
+        .remove(0);
+    let client = dlsession::Client::connect(dlsession::ClientOptions {
+        socket: Some(env.socket.clone()),
+        ..dlsession::ClientOptions::default()
+    })
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let r = client.request(dlsession::proto::Request::GetTask { task: task.id() }).await.unwrap();
+        let dlsession::proto::Response::Task(detail) = r else { panic!("{r:?}") };
+        if detail.committed_offset >= 512 << 10 {
+            break;
+        }
+        assert!(started.elapsed() < LONG, "no checkpoint");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(client);
+    drop(session);
+    daemon.kill9();
+    // The resource changes; the daemon comes back and dies right after starting over.
+    // (Slow headers: the crash comes after the restart has been seen to succeed.)
+    let v2 = Resource::generated(len, 32).etag("\"v2\"").throttle(1 << 20);
+    s.add("/f", v2.fault(Hits::All, Fault::SlowHeaders(Duration::from_millis(700))));
+    daemon.set_env(&[("DLSESSIOND_FAILPOINT", OsStr::new("restart-after-reset"))]);
+    daemon.restart();
+    assert!(!daemon.wait_exit(LONG).success(), "stopped at the failpoint");
+    let before = s.requests_for("/f").len();
+    daemon.set_env(&[]);
+    daemon.restart();
+    let (_session, mut events) = attach(&env, SessionConfiguration::background("t.reset")).await;
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    let after: Vec<_> = s.requests_for("/f").into_iter().skip(before).collect();
+    assert!(after.first().is_some_and(|r| r.range.is_none()), "resumed from zero, not the old offset: {after:?}");
+    let file = events.moved_to(task.id()).unwrap();
+    assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(32, len)), "the new version, whole");
+}
+
 // ---------------------------------------------------------------- database
 
 #[test]

@@ -76,6 +76,8 @@ pub enum After {
     },
     RemoveFiles(Vec<PathBuf>),
     RemoveDir(PathBuf),
+    /// Tell a waiting worker that its commit is durable.
+    Signal(oneshot::Sender<()>),
 }
 
 /// What a running task should do once its worker has stopped.
@@ -473,6 +475,9 @@ impl Core {
                 After::Replay { conn, id, session } => self.replay(conn, id, session),
                 After::Plan { reply, plan } => {
                     let _ = reply.send(plan);
+                }
+                After::Signal(tx) => {
+                    let _ = tx.send(());
                 }
                 After::RemoveFiles(paths) => {
                     for p in paths {

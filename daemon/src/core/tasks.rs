@@ -226,7 +226,7 @@ impl Core {
             return;
         }
         match event {
-            WorkerEvent::Started(meta) => self.on_started(id, meta),
+            WorkerEvent::Started { meta, durable } => self.on_started(id, meta, durable),
             WorkerEvent::Checkpoint { offset } => {
                 let Some(t) = self.tasks.get_mut(&id) else { return };
                 t.rec.committed_offset = offset;
@@ -247,7 +247,7 @@ impl Core {
         self.schedule();
     }
 
-    fn on_started(&mut self, id: TaskId, meta: ResponseMeta) {
+    fn on_started(&mut self, id: TaskId, meta: ResponseMeta, durable: Option<tokio::sync::oneshot::Sender<()>>) {
         let Some(t) = self.tasks.get_mut(&id) else { return };
         let had_data = t.rec.committed_offset > 0;
         let rec = &mut t.rec;
@@ -276,6 +276,9 @@ impl Core {
             // A fresh transfer: nothing on disk depends on this metadata yet, so it is
             // written with the first checkpoint or the finish (one commit fewer per file).
             t.unsaved = true;
+            if let Some(tx) = durable {
+                let _ = tx.send(());
+            }
             self.notify_watchers(id);
             return;
         }
@@ -286,6 +289,9 @@ impl Core {
             let event = DurableEvent::ResumedAtOffset { task: id, offset: meta.offset, expected_total };
             let seq = self.emit(key, event, &mut ops);
             after.push(After::Events { session: key, seq });
+        }
+        if let Some(tx) = durable {
+            after.push(After::Signal(tx));
         }
         self.commit(ops, after);
         self.notify_watchers(id);

@@ -58,8 +58,13 @@ impl Progress {
 /// What a worker reports. Tagged with the task and run generation by [`WorkerLink`].
 #[derive(Debug)]
 pub enum WorkerEvent {
-    /// A response was accepted; the body transfer starts at `meta.offset`.
-    Started(ResponseMeta),
+    /// A response was accepted; the body transfer starts at `meta.offset`. With `durable`,
+    /// the worker writes nothing until the core answers that the new metadata (and the
+    /// offset reset to zero) is committed.
+    Started {
+        meta: ResponseMeta,
+        durable: Option<oneshot::Sender<()>>,
+    },
     /// Bytes up to `offset` are synced to disk: commit it.
     Checkpoint {
         offset: u64,
@@ -261,7 +266,23 @@ impl Engine {
         job.progress.received.store(meta.offset, Ordering::Relaxed);
         job.progress.expected.store(meta.total.unwrap_or(u64::MAX), Ordering::Relaxed);
         let total = meta.total;
-        job.link.send(WorkerEvent::Started(meta));
+        // Starting over while the store still holds an offset into the old data: that
+        // offset must be gone before new bytes land, or a crash could leave the new
+        // resource's first bytes to be resumed with the old one's rest (SPEC §8).
+        let (durable, committed) = if job.offset > 0 && meta.offset == 0 {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        job.link.send(WorkerEvent::Started { meta, durable });
+        if let Some(committed) = committed {
+            if committed.await.is_err() {
+                return Outcome::Aborted;
+            }
+            // Abort only (never a pause): this runs on the async runtime.
+            crate::failpoint::hit("restart-after-reset");
+        }
 
         // Enough to keep the disk busy while the network delivers; bounds memory per
         // download to about HANDOFF × WRITER_QUEUE bytes.
