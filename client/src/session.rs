@@ -659,8 +659,21 @@ impl Dispatcher {
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
             };
-            if !self.handle(event) {
-                break;
+            // A panicking delegate must not leave the session attached but deaf: the
+            // daemon would never wake the app again. Its event stays unacknowledged.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(event))) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(_) => {
+                    tracing::error!(session = %self.identifier, "the session delegate panicked; detaching (the events come again)");
+                    self.flush_acks(false);
+                    if let Some(shared) = self.session.upgrade()
+                        && shared.client.unroute(&shared.identifier, shared.route)
+                    {
+                        let _ = shared.client.send_request(Request::Detach { identifier: shared.identifier.clone() });
+                    }
+                    return;
+                }
             }
         }
         self.flush_acks(false);

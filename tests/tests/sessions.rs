@@ -163,6 +163,36 @@ async fn dropping_an_old_handle_leaves_a_new_attachment_alone() {
     assert_eq!(events.completion(task.id(), LONG).await, None, "events reach the new attachment");
 }
 
+struct Panicky;
+
+impl dlsession::SessionDelegate for Panicky {
+    fn did_finish_downloading_to(&self, _: &Session, _: &dlsession::DownloadTask, _: &std::path::Path) {
+        panic!("the app's delegate fails");
+    }
+}
+
+/// A delegate that panics detaches its session instead of leaving it attached and deaf;
+/// the event it failed on comes again on the next attach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_delegate_detaches_and_its_event_comes_again() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/p", Resource::generated(10_000, 9));
+    let session = Session::attach(config(&env, "t.panic"), Panicky).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(server.url("/p"))], true).await.unwrap().remove(0);
+    let started = std::time::Instant::now();
+    while info(&env, "t.panic").await.is_some_and(|i| i.attached) {
+        assert!(started.elapsed() < LONG, "still attached after the delegate panicked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(session);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let _session = Session::attach(config(&env, "t.panic"), delegate).await.unwrap();
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(9, 10_000)));
+}
+
 /// Kept resume files are dated from the cancel: a partial file last written 8 days ago
 /// (a task suspended that long) survives the next start-up's cleanup once kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
