@@ -126,6 +126,11 @@ async fn resume_data_continues_at_the_offset() {
     let offset: u64 =
         last.range.as_deref().unwrap().trim_start_matches("bytes=").trim_end_matches('-').parse().unwrap();
     assert!(offset >= 2 << 20, "continued at {offset}");
+    // The kept file went once the new task was committed.
+    let kept: Vec<_> = std::fs::read_dir(env.downloads_dir().join("resume"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(kept.is_empty(), "left in resume/: {kept:?}");
     assert!(
         events
             .seen

@@ -428,14 +428,23 @@ impl Core {
         let task_id = self.next_task_id;
         self.next_task_id += 1;
         let mut rec = new_record(task_id, key, spec, now);
-        // Adopt the kept partial file, if it is still there.
+        // Adopt the kept partial file, if it is still there. It is linked, not moved: the
+        // kept name goes only once the new task is durable, so a crash before that leaves
+        // the resume data usable (start-up removes the unknown task's link).
         let kept = data.file.filter(|f| !f.contains('/') && !f.starts_with('.')).map(|f| self.resume_dir().join(f));
+        let mut adopted = None;
         if let Some(kept) = kept {
             let part = self.part_path(&rec);
-            let moved =
-                part.parent().map(std::fs::create_dir_all).transpose().and_then(|_| std::fs::rename(&kept, &part));
-            match moved {
-                Ok(()) => {
+            let linked = part.parent().map(std::fs::create_dir_all).transpose().and_then(|_| {
+                std::fs::hard_link(&kept, &part)
+                    .map(|()| true)
+                    .or_else(|_| std::fs::rename(&kept, &part).map(|()| false))
+            });
+            match linked {
+                Ok(is_link) => {
+                    if is_link {
+                        adopted = Some(kept);
+                    }
                     rec.committed_offset = data.offset;
                     rec.etag = data.etag;
                     rec.last_modified = data.last_modified;
@@ -453,7 +462,9 @@ impl Core {
             ops.push(Op::InsertTask(Box::new(t.rec.clone())));
         }
         ops.push(Op::SetNextTaskId(self.next_task_id));
-        self.commit(ops, vec![After::Reply { conn, id, response: Response::TasksCreated(vec![task_id]) }]);
+        let mut after = vec![After::Reply { conn, id, response: Response::TasksCreated(vec![task_id]) }];
+        after.extend(adopted.map(|kept| After::RemoveFiles(vec![kept])));
+        self.commit(ops, after);
         self.schedule();
         Ok(Answer::Later)
     }
