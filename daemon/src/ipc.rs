@@ -39,8 +39,14 @@ pub struct IdleCheck {
     pub resume: oneshot::Receiver<()>,
 }
 
-/// Accepts connections until `shutdown` turns true, or until an [`IdleCheck`] finds no
-/// connection open.
+/// What woke the accept loop.
+enum Next {
+    Accepted(std::io::Result<Stream>),
+    IdleCheck(IdleCheck),
+}
+
+/// Accepts connections until `shutdown` turns true, or until the core lets an idle pause
+/// (see [`IdleCheck`]) end in a stop.
 pub async fn serve(
     listener: Listener,
     core: CoreTx,
@@ -56,12 +62,12 @@ pub async fn serve(
     loop {
         let accepted = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => break,
-            Some(check) = idle_checks.recv() => Err(check),
-            r = listener.accept() => Ok(r),
+            Some(check) = idle_checks.recv() => Next::IdleCheck(check),
+            r = listener.accept() => Next::Accepted(r),
         };
         let accepted = match accepted {
-            Ok(r) => r,
-            Err(check) => {
+            Next::Accepted(r) => r,
+            Next::IdleCheck(check) => {
                 let idle = live.load(Ordering::Acquire) == 0;
                 let _ = check.reply.send(idle);
                 if idle {

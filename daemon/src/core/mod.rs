@@ -219,7 +219,7 @@ struct StatusReport {
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Exiting when idle (under socket activation, where the next connection starts the
-/// daemon again): after how long, and how to ask the socket server to stop accepting.
+/// daemon again): after how long, and how to ask the socket server to pause accepting.
 #[derive(Debug)]
 pub struct IdleExit {
     pub after: Duration,
