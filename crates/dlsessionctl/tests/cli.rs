@@ -150,6 +150,16 @@ async fn get_json_lines_for_several_urls() {
     }
     assert_eq!(sha256_file(&dir.join("a.bin")).unwrap(), a.sha256_hex());
     assert_eq!(sha256_file(&dir.join("b c.txt")).unwrap(), b.sha256_hex());
+
+    // Both tasks' events were acknowledged together and the tasks retired.
+    let o = ctl(&f.env, &["--json", "sessions"]).await;
+    assert_exit(&o, 0);
+    let sessions = json(&o);
+    let s = sessions.as_array().unwrap().iter().find(|s| s["identifier"] == "org.example.cli").expect("session");
+    assert_eq!(s["pending_events"], 0, "{s}");
+    let o = ctl(&f.env, &["--json", "tasks", "--session", "org.example.cli"]).await;
+    assert_exit(&o, 0);
+    assert_eq!(json(&o).as_array().map(Vec::len), Some(0), "{}", stdout(&o));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -651,16 +651,26 @@ impl Core {
     }
 
     fn acknowledge_tasks(&mut self, conn: super::ConnId, id: u64, tasks: Vec<TaskId>) -> Handled {
-        let mut by_session: std::collections::BTreeMap<SessionKey, Vec<u64>> = Default::default();
+        // The tasks per session first, then one pass over each session's events: a pass per
+        // task made acknowledging 1,000 tasks cost 1,000 passes over 2,000 events.
+        let mut wanted: std::collections::BTreeMap<SessionKey, std::collections::HashSet<TaskId>> = Default::default();
         for task in tasks {
             let t = self.tasks.get(&task).ok_or_else(|| Self::no_such_task(task))?;
             if t.state != TaskState::Completed {
                 return Err(ErrorInfo::new(ErrorCode::InvalidRequest, format!("task {task} has not completed")));
             }
-            if let Some(s) = self.sessions.get(&t.rec.session) {
-                let seqs = s.events.iter().filter(|(_, e)| e.task() == Some(task)).map(|(seq, _)| *seq);
-                by_session.entry(t.rec.session).or_default().extend(seqs);
-            }
+            wanted.entry(t.rec.session).or_default().insert(task);
+        }
+        let mut by_session: std::collections::BTreeMap<SessionKey, Vec<u64>> = Default::default();
+        for (key, ids) in wanted {
+            let Some(s) = self.sessions.get(&key) else { continue };
+            let seqs: Vec<u64> = s
+                .events
+                .iter()
+                .filter(|(_, e)| e.task().is_some_and(|t| ids.contains(&t)))
+                .map(|(seq, _)| *seq)
+                .collect();
+            by_session.insert(key, seqs);
         }
         let last = by_session.len();
         if last == 0 {

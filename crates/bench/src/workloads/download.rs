@@ -156,7 +156,8 @@ pub async fn http(ctx: &Ctx, data: &mut Data) -> Result<Outcome> {
          the command until it exits; the daemon was already running) against `curl -s -o`, `wget2 -q -O` and \
          `aria2c -q -x1 -s1 --file-allocation=none` (one connection, no preallocation, for fairness). The file \
          was read once before measuring, so every run is served from the page cache; outputs are deleted and \
-         `sync` runs between runs (outside the timing; caches are not dropped). CPU: user+system of the command \
+         `sync` runs between runs (outside the timing; caches are not dropped); the contenders' order rotates \
+         every run, so each takes each position equally often. CPU: user+system of the command \
          from `/usr/bin/time`, plus the daemon's utime+stime delta from `/proc/PID/stat` for dlsessiond. Note \
          that dlsessiond `fdatasync`s the file (every 64 MiB and at the end) and renames it into place; the \
          peers never sync.\n",
@@ -216,7 +217,8 @@ async fn one_proto(
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); contenders.len()];
     let timeout = Duration::from_secs(600);
     for r in 0..ctx.runs {
-        for (i, c) in contenders.iter().enumerate() {
+        for i in super::rotation(contenders.len(), r) {
+            let Some(c) = contenders.get(i) else { continue };
             let out = dir.join(format!("big-{i}.bin"));
             remove(&out)?;
             let cmd = command(ctx, env, c, &url, &out, proto)?;

@@ -114,6 +114,13 @@ pub fn remove(path: &Path) -> Result<()> {
     }
 }
 
+/// The order contenders run in during run `r`: rotated by one each run, so every contender
+/// takes every position equally often. A fixed order was not fair here: a 1 GiB run right
+/// after another tool's file was deleted was consistently slower, whoever ran it.
+pub fn rotation(n: usize, r: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |k| (k + r) % n)
+}
+
 /// Where a workload writes its downloads (emptied first).
 pub fn out_dir(ctx: &Ctx, name: &str) -> Result<PathBuf> {
     let dir = ctx.work.join("out").join(name);
@@ -133,5 +140,24 @@ pub async fn run(name: &str, ctx: &Ctx, data: &mut Data) -> Result<Outcome> {
         "crash-cost" => crash::run(ctx).await,
         "rss-per-download" => rss::run(ctx).await,
         other => bail!("unknown workload {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rotation_gives_every_contender_every_position() {
+        let n = 4;
+        let mut seen = vec![vec![0; n]; n];
+        for r in 0..n {
+            let order: Vec<usize> = super::rotation(n, r).collect();
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..n).collect::<Vec<_>>(), "each contender runs once per run");
+            for (pos, c) in order.into_iter().enumerate() {
+                seen[c][pos] += 1;
+            }
+        }
+        assert!(seen.iter().flatten().all(|&k| k == 1), "{seen:?}");
     }
 }

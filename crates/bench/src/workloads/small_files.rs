@@ -85,7 +85,8 @@ pub async fn run(ctx: &Ctx, data: &mut Data) -> Result<Outcome> {
 
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); contenders.len()];
     for r in 0..ctx.runs {
-        for (i, (name, make, is_daemon)) in contenders.iter().enumerate() {
+        for i in super::rotation(contenders.len(), r) {
+            let Some((name, make, is_daemon)) = contenders.get(i) else { continue };
             // A fresh directory per run, all removed only when the workload ends: ext4 skips
             // recently deleted inodes when it allocates new ones, so deleting 1,000 files
             // between runs would make every later run slower than the one before.
@@ -149,7 +150,7 @@ pub async fn run(ctx: &Ctx, data: &mut Data) -> Result<Outcome> {
          before the reply; default limits: 16 downloads at once; the session `dlsessionctl get` creates allows 16 connections per host). curl: \
          `curl -Z --parallel-max 50 --remote-name-all --output-dir DIR -K CONFIG` (CONFIG lists the URLs). \
          aria2c: `aria2c -q -j16 -i LIST -d DIR`. Every file's SHA-256 is checked after each run and `sync` runs \
-         between runs. Each run writes into a new directory and all outputs are deleted only at the end: on \
+         between runs; the contenders' order rotates every run. Each run writes into a new directory and all outputs are deleted only at the end: on \
          ext4, deleting 1,000 files between runs made every following run of every tool slower (new inodes \
          skip recently deleted ones: `recently_deleted`/`find_inode_bit` dominated a kernel profile).\n"
     );
