@@ -72,15 +72,18 @@ pub async fn run(
     })?;
     let proxies = engine::proxy::Proxies::from_env();
     let client = engine::http::build_client(cfg.extra_ca_file.as_deref(), cfg.timing.connect_timeout, &proxies)?;
-    let engine = Arc::new(engine::Engine::new(
-        client,
-        proxies,
-        engine::EngineSettings {
-            max_redirects: cfg.limits.max_redirects,
-            checkpoint_bytes: cfg.timing.checkpoint_bytes,
-            checkpoint_interval: cfg.timing.checkpoint_interval,
-        },
-    ));
+    let engine = Arc::new(
+        engine::Engine::new(
+            client,
+            proxies,
+            engine::EngineSettings {
+                max_redirects: cfg.limits.max_redirects,
+                checkpoint_bytes: cfg.timing.checkpoint_bytes,
+                checkpoint_interval: cfg.timing.checkpoint_interval,
+            },
+        )
+        .map_err(|e| DaemonError::Fatal(format!("cannot start the file mover thread: {e}")))?,
+    );
     let mut core =
         tokio::task::block_in_place(|| Core::new(cfg.clone(), store, snapshot, engine, core_tx.clone(), core_rx));
     let (idle_tx, idle_rx) = mpsc::channel(1);

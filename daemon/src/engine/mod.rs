@@ -176,13 +176,15 @@ pub struct Engine {
     client: HttpClient,
     proxies: proxy::Proxies,
     settings: EngineSettings,
+    mover: files::Mover,
 }
 
 const USER_AGENT: &str = concat!("dlsessiond/", env!("CARGO_PKG_VERSION"));
 
 impl Engine {
-    pub fn new(client: HttpClient, proxies: proxy::Proxies, settings: EngineSettings) -> Engine {
-        Engine { client, proxies, settings }
+    /// Fails only if the thread that moves finished files cannot be started.
+    pub fn new(client: HttpClient, proxies: proxy::Proxies, settings: EngineSettings) -> std::io::Result<Engine> {
+        Ok(Engine { client, proxies, settings, mover: files::Mover::start()? })
     }
 
     /// Starts a worker for `job`.
@@ -339,24 +341,16 @@ impl Engine {
         let Ok(FinishPlan::Move { to, overwrite }) = plan.await else {
             return Outcome::Aborted;
         };
-        let from = job.part_path.clone();
-        let target = to.clone();
-        let moved = tokio::task::spawn_blocking(move || {
-            crate::failpoint::hit("finish-before-move");
-            let moved = files::move_into_place(&from, &target, overwrite);
-            if moved.is_ok() {
-                crate::failpoint::hit("finish-after-move");
-            }
-            moved
-        });
-        match moved.await {
-            Ok(Ok(())) => Outcome::Moved(to.to_string_lossy().into_owned()),
-            Ok(Err(files::MoveError::Exists(p))) => Outcome::Failed(Failure::permanent(
+        match self.mover.move_into_place(job.part_path.clone(), to.clone(), overwrite).await {
+            Ok(()) => Outcome::Moved(to.to_string_lossy().into_owned()),
+            Err(files::MoveError::Exists(p)) => Outcome::Failed(Failure::permanent(
                 ErrorCode::FileError,
                 format!("destination {} already exists; the download was not moved there", p.display()),
             )),
-            Ok(Err(e)) => Outcome::Failed(Failure::permanent(ErrorCode::FileError, e.to_string())),
-            Err(e) => Outcome::Failed(Failure::transient(ErrorCode::Internal, format!("worker: {e}"))),
+            Err(e @ files::MoveError::MoverStopped) => {
+                Outcome::Failed(Failure::transient(ErrorCode::Internal, e.to_string()))
+            }
+            Err(e) => Outcome::Failed(Failure::permanent(ErrorCode::FileError, e.to_string())),
         }
     }
 
