@@ -67,6 +67,11 @@ pub fn prepare(path: &Path, offset: u64, hash: bool) -> std::io::Result<Prepared
             Err(_) => std::fs::create_dir_all(dir)?,
         }
     }
+    if offset == 0 {
+        let file = open_fresh(path)?;
+        let hasher = hash.then(Sha256::new);
+        return Ok(Prepared { file, offset, hasher });
+    }
     let offset = match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_file() => offset,
         Ok(m) if m.file_type().is_symlink() => {
@@ -107,6 +112,36 @@ pub fn prepare(path: &Path, offset: u64, hash: bool) -> std::io::Result<Prepared
     };
     file.seek(SeekFrom::Start(offset))?;
     Ok(Prepared { file, offset, hasher })
+}
+
+/// Opens the partial file of a download that starts at zero, emptied. No stat first: with
+/// 16 downloads creating files in one directory, every path lookup waits on the others'
+/// creates and renames, and a fresh download needs only the open.
+fn open_fresh(path: &Path) -> std::io::Result<File> {
+    let open = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(path)
+    };
+    let file = match open() {
+        // Planted symlink: drop the link itself and create the file.
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+            std::fs::remove_file(path)?;
+            open()?
+        }
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::ISDIR.raw_os_error()) => {
+            return Err(std::io::Error::other(format!("{} is not a regular file", path.display())));
+        }
+        other => other?,
+    };
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other(format!("{} is not a regular file", path.display())));
+    }
+    Ok(file)
 }
 
 /// Runs on a blocking thread until told to finish or stop (or the sender is dropped,
@@ -307,11 +342,46 @@ mod tests {
         assert_eq!(p.offset, 0, "starts over");
         assert!(std::fs::symlink_metadata(&part).unwrap().file_type().is_file());
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious", "the link target is untouched");
+        // The same for a download that starts at zero (no stat before the open).
+        std::fs::remove_file(&part).unwrap();
+        std::os::unix::fs::symlink(&victim, &part).unwrap();
+        let mut p = prepare(&part, 0, false).unwrap();
+        p.file.write_all(b"new").unwrap();
+        assert!(std::fs::symlink_metadata(&part).unwrap().file_type().is_file());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious", "the link target is untouched");
+        // Not a regular file: refused, not written to.
+        let fifo = dir.path().join("s1/8.part");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+            0,
+        )
+        .unwrap();
+        assert!(prepare(&fifo, 0, false).is_err(), "a FIFO is refused");
+        std::fs::create_dir(dir.path().join("s1/9.part")).unwrap();
+        assert!(prepare(&dir.path().join("s1/9.part"), 0, false).is_err(), "a directory is refused");
 
         let linked_dir = dir.path().join("s2");
         std::os::unix::fs::symlink(dir.path().join("elsewhere"), &linked_dir).unwrap();
         std::fs::create_dir_all(dir.path().join("elsewhere")).unwrap();
         assert!(prepare(&linked_dir.join("1.part"), 0, false).is_err(), "a symlinked session directory is refused");
+    }
+
+    #[test]
+    fn a_fresh_start_empties_a_stale_partial_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("s/1.part");
+        std::fs::create_dir_all(part.parent().unwrap()).unwrap();
+        std::fs::write(&part, b"left over from an attempt that never checkpointed").unwrap();
+        let p = prepare(&part, 0, true).unwrap();
+        assert_eq!(p.offset, 0);
+        assert_eq!(std::fs::metadata(&part).unwrap().len(), 0);
+        assert!(p.hasher.is_some());
+        // A missing session directory is created.
+        let p = prepare(&dir.path().join("new/2.part"), 0, false).unwrap();
+        assert!(p.hasher.is_none());
     }
 
     #[test]
