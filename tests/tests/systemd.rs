@@ -419,6 +419,9 @@ fn without_a_journal_logs_stay_on_stderr() {
     }
     let env = TestEnv::new();
     let daemon = TestDaemon::start_with_env(&env, &[("JOURNAL_STREAM", std::ffi::OsStr::new("8:12345"))]);
-    assert!(daemon.log().contains("dlsessiond ready"));
+    // The socket accepts a moment before the line is written.
+    wait_for("the ready line on stderr", Duration::from_secs(10), || {
+        daemon.log().contains("dlsessiond ready").then_some(())
+    });
     assert!(!daemon.log().contains("\u{1b}["), "no colour codes when stderr is not a terminal");
 }
