@@ -195,7 +195,31 @@ pub fn main_entry() -> ExitCode {
     }
 }
 
+/// Keeps freed body buffers in the heap for the next ones instead of handing them back to
+/// the kernel: glibc's defaults returned them (trimmed or unmapped), so a 1 GiB download
+/// page-faulted on about 100,000 fresh pages (400 MiB of buffers touched anew), which cost
+/// 15-25 % of the daemon's CPU, more when the VM host is slow to fault pages in. With these
+/// settings the same download faults on almost none (measured: 97,000-127,000 minor faults
+/// -> 4-3,900; CPU 0.88-1.13 s -> 0.63-0.87 s), for about 10 MiB more resident memory.
+/// Runs before any thread exists; left alone when the user tunes malloc themselves.
+#[allow(unsafe_code)]
+fn tune_malloc() {
+    #[cfg(target_env = "gnu")]
+    {
+        if std::env::var_os("GLIBC_TUNABLES").is_some_and(|t| t.to_string_lossy().contains("glibc.malloc.")) {
+            return;
+        }
+        // Buffers up to 4 MiB come from the heap; the heap keeps up to 16 MiB free.
+        // SAFETY: mallopt only sets allocator parameters; no other thread is running yet.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
+        }
+    }
+}
+
 fn start(args: Args) -> Result<(), DaemonError> {
+    tune_malloc();
     let absolute = |p: Option<std::path::PathBuf>| {
         p.map(|p| if p.is_absolute() { p } else { std::env::current_dir().unwrap_or_default().join(p) })
     };
