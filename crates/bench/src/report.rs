@@ -165,7 +165,7 @@ pub fn results_markdown(
     let _ = writeln!(md, "- **Commit:** {}", machine.commit);
     let _ = writeln!(
         md,
-        "- **Runs:** {runs} per contender{}, alternating (dlsessiond, peer A, peer B, dlsessiond, …); \
+        "- **Runs:** {runs} per contender{}, alternating, the order rotated every run (dlsessiond, A, B; A, B, dlsessiond; …); \
          values are medians, min–max in parentheses",
         if quick { " (`--quick`: smaller sizes)" } else { "" }
     );
