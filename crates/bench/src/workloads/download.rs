@@ -156,8 +156,8 @@ pub async fn http(ctx: &Ctx, data: &mut Data) -> Result<Outcome> {
          the command until it exits; the daemon was already running) against `curl -s -o`, `wget2 -q -O` and \
          `aria2c -q -x1 -s1 --file-allocation=none` (one connection, no preallocation, for fairness). The file \
          was read once before measuring, so every run is served from the page cache; outputs are deleted and \
-         `sync` runs between runs (outside the timing; caches are not dropped); the contenders' order rotates \
-         every run, so each takes each position equally often. CPU: user+system of the command \
+         `sync` runs between runs (outside the timing; caches are not dropped); the contenders' order changes \
+         every run (see Runs above). CPU: user+system of the command \
          from `/usr/bin/time`, plus the daemon's utime+stime delta from `/proc/PID/stat` for dlsessiond. Note \
          that dlsessiond `fdatasync`s the file (every 64 MiB and at the end) and renames it into place; the \
          peers never sync.\n",

@@ -114,11 +114,18 @@ pub fn remove(path: &Path) -> Result<()> {
     }
 }
 
-/// The order contenders run in during run `r`: rotated by one each run, so every contender
-/// takes every position equally often. A fixed order was not fair here: a 1 GiB run right
-/// after another tool's file was deleted was consistently slower, whoever ran it.
+/// The order contenders run in during run `r`: runs come in pairs, forward then backward,
+/// and each pair starts one contender later, so over 2 × n runs every contender runs twice
+/// in every position and after more than one other contender. A fixed order was not fair
+/// here: a 1 GiB run right after another tool's file was deleted could be slower, whoever
+/// ran it; plain rotation keeps the cyclic order (the same tool always before dlsessiond).
 pub fn rotation(n: usize, r: usize) -> impl Iterator<Item = usize> {
-    (0..n).map(move |k| (k + r) % n)
+    let shift = r / 2;
+    let backward = r % 2 == 1;
+    (0..n).map(move |k| {
+        let k = if backward { n - 1 - k } else { k };
+        (k + shift) % n
+    })
 }
 
 /// Where a workload writes its downloads (emptied first).
@@ -146,18 +153,25 @@ pub async fn run(name: &str, ctx: &Ctx, data: &mut Data) -> Result<Outcome> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn rotation_gives_every_contender_every_position() {
+    fn rotation_varies_positions_and_predecessors() {
         let n = 4;
-        let mut seen = vec![vec![0; n]; n];
-        for r in 0..n {
+        let mut positions = vec![std::collections::BTreeSet::new(); n];
+        let mut before = vec![std::collections::BTreeSet::new(); n];
+        for r in 0..2 * n {
             let order: Vec<usize> = super::rotation(n, r).collect();
             let mut sorted = order.clone();
             sorted.sort_unstable();
             assert_eq!(sorted, (0..n).collect::<Vec<_>>(), "each contender runs once per run");
-            for (pos, c) in order.into_iter().enumerate() {
-                seen[c][pos] += 1;
+            for (pos, &c) in order.iter().enumerate() {
+                positions[c].insert(pos);
+                if pos > 0 {
+                    before[c].insert(order[pos - 1]);
+                }
             }
         }
-        assert!(seen.iter().flatten().all(|&k| k == 1), "{seen:?}");
+        for c in 0..n {
+            assert_eq!(positions[c].len(), n, "contender {c} ran only in positions {:?}", positions[c]);
+            assert!(before[c].len() >= 2, "contender {c} only ever ran after {:?}", before[c]);
+        }
     }
 }

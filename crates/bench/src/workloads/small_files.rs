@@ -178,7 +178,7 @@ pub async fn run(ctx: &Ctx, data: &mut Data) -> Result<Outcome> {
          no HTTP, no database, no IPC, just the same bytes copied from nginx's directory the way SPEC §8 lands \
          a finished file (write a partial file, `fdatasync`, rename into place, `fsync` the directory), 16 \
          files at a time; it is what per-file durability alone costs on this machine. Every file's SHA-256 is checked after each run and `sync` runs \
-         between runs; the contenders' order rotates every run. Each run writes into a new directory and all outputs are deleted only at the end: on \
+         between runs; the contenders' order changes every run. Each run writes into a new directory and all outputs are deleted only at the end: on \
          ext4, deleting 1,000 files between runs made every following run of every tool slower (new inodes \
          skip recently deleted ones: `recently_deleted`/`find_inode_bit` dominated a kernel profile).\n"
     );
