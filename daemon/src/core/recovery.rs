@@ -8,7 +8,7 @@ use tracing::{info, warn};
 
 use super::requests::{host_key, new_session};
 use super::{After, Core, Timer};
-use crate::engine::files::{MoveError, move_into_place};
+use crate::engine::files::{MoveError, move_into_place, sync_parent};
 use crate::model::{Phase, now_ms};
 use crate::store::{Op, Snapshot};
 use dlsession_proto::{DurableEvent, ErrorCode, ErrorInfo, TaskId, TaskState};
@@ -77,15 +77,21 @@ impl Core {
         let outcome = match (len(&part), len(&to)) {
             // Copied across filesystems and renamed, but the source not yet removed. Only
             // the same bytes prove it: a file that was there before may have the same size.
+            // The destination's directory is synced first: the crash may have come between
+            // the rename (or copy) and its directory sync, and the cache copy is the only
+            // other one.
             (Some(a), Some(b)) if a == size && b == size && !overwrite && same_contents(&part, &to) => {
-                let _ = std::fs::remove_file(&part);
-                Ok(())
+                sync_parent(&to).map_err(|e| sync_failed(&to, &e)).map(|()| {
+                    let _ = std::fs::remove_file(&part);
+                })
             }
             (Some(a), _) if a == size => move_into_place(&part, &to, overwrite).map_err(|e| match e {
                 MoveError::Exists(p) => format!("destination {} already exists", p.display()),
                 e => e.to_string(),
             }),
-            (None, Some(b)) if b == size => Ok(()),
+            // Renamed; whether the rename is durable is not known, so make it so before
+            // "completed" is committed.
+            (None, Some(b)) if b == size => sync_parent(&to).map_err(|e| sync_failed(&to, &e)),
             // Nothing, or not the complete file: download again.
             _ => Err(String::new()),
         };
@@ -233,4 +239,8 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(filled)
+}
+
+fn sync_failed(to: &Path, e: &std::io::Error) -> String {
+    format!("cannot sync the directory of {}: {e}", to.display())
 }

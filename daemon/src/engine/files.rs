@@ -129,19 +129,44 @@ impl Mover {
         let since = self.clock.batch_since.load(std::sync::atomic::Ordering::Acquire);
         if since != 0 && u128::from(self.clock.now().saturating_sub(since)) > STUCK.as_micros() {
             tracing::debug!(to = %to.display(), "the mover is busy; moving on a thread of its own");
-            let moved = tokio::task::spawn_blocking(move || {
-                crate::failpoint::hit("finish-before-move");
-                let moved = move_into_place(&from, &to, overwrite);
-                if moved.is_ok() {
-                    crate::failpoint::hit("finish-after-move");
-                }
-                moved
-            });
-            return moved.await.map_err(|_| MoveError::MoverStopped)?;
+            return move_on_own_thread(from, to, overwrite).await;
         }
         let (reply, done) = tokio::sync::oneshot::channel();
-        self.tx.send(MoveJob { from, to, overwrite, reply }).map_err(|_| MoveError::MoverStopped)?;
+        if let Err(std::sync::mpsc::SendError(job)) = self.tx.send(MoveJob { from, to, overwrite, reply }) {
+            // The mover thread is gone (it cannot panic short of a bug): move without it.
+            tracing::warn!("the mover thread has stopped; moving on a thread of its own");
+            return move_on_own_thread(job.from, job.to, job.overwrite).await;
+        }
         done.await.map_err(|_| MoveError::MoverStopped)?
+    }
+}
+
+/// `move_into_place` on a blocking thread of its own, with the finish protocol's failpoints.
+async fn move_on_own_thread(from: PathBuf, to: PathBuf, overwrite: bool) -> Result<(), MoveError> {
+    let moved = tokio::task::spawn_blocking(move || {
+        crate::failpoint::hit("finish-before-move");
+        let moved = move_into_place(&from, &to, overwrite);
+        if moved.is_ok() {
+            crate::failpoint::hit("finish-after-move");
+        }
+        moved
+    });
+    moved.await.map_err(|_| MoveError::MoverStopped)?
+}
+
+/// Marks a batch as running for as long as it lives, even if the batch panics.
+struct BatchRunning<'a>(&'a MoverClock);
+
+impl<'a> BatchRunning<'a> {
+    fn start(clock: &'a MoverClock) -> BatchRunning<'a> {
+        clock.batch_since.store(clock.now(), std::sync::atomic::Ordering::Release);
+        BatchRunning(clock)
+    }
+}
+
+impl Drop for BatchRunning<'_> {
+    fn drop(&mut self) {
+        self.0.batch_since.store(0, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -149,11 +174,9 @@ impl Mover {
 const MOVE_BATCH: usize = 256;
 
 fn mover_loop(rx: &std::sync::mpsc::Receiver<MoveJob>, clock: &MoverClock) {
-    use std::sync::atomic::Ordering;
     while let Ok(first) = rx.recv() {
-        clock.batch_since.store(clock.now(), Ordering::Release);
+        let _running = BatchRunning::start(clock);
         move_batch(first, rx);
-        clock.batch_since.store(0, Ordering::Release);
     }
 }
 
@@ -171,15 +194,26 @@ fn move_batch(first: MoveJob, rx: &std::sync::mpsc::Receiver<MoveJob>) {
         match rename_into_place(&job.from, &job.to, job.overwrite) {
             Ok(Renamed::Here) => renamed.push(job),
             Ok(Renamed::OtherFilesystem) => {
-                let spawned = std::thread::Builder::new().name("dl-copy".into()).spawn(move || {
+                let copy = |job: MoveJob| {
                     let moved = move_across(&job.from, &job.to, job.overwrite);
                     if moved.is_ok() {
                         crate::failpoint::hit("finish-after-move");
                     }
                     let _ = job.reply.send(moved);
+                };
+                // The job comes back if the thread cannot start: then it is copied here.
+                let slot = std::sync::Arc::new(Mutex::new(Some(job)));
+                let theirs = slot.clone();
+                let spawned = std::thread::Builder::new().name("dl-copy".into()).spawn(move || {
+                    if let Some(job) = theirs.lock().ok().and_then(|mut j| j.take()) {
+                        copy(job);
+                    }
                 });
                 if let Err(e) = spawned {
-                    tracing::error!(error = %e, "cannot start a thread to copy a finished file");
+                    tracing::warn!(error = %e, "cannot start a thread to copy a finished file; copying on the mover");
+                    if let Some(job) = slot.lock().ok().and_then(|mut j| j.take()) {
+                        copy(job);
+                    }
                 }
             }
             Err(e) => {
