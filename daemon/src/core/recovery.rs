@@ -8,7 +8,7 @@ use tracing::{info, warn};
 
 use super::requests::{host_key, new_session};
 use super::{After, Core, Timer};
-use crate::engine::files::{MoveError, move_into_place, sync_parent};
+use crate::engine::files::{MoveError, move_into_place, remove_stale_copies, sync_parent};
 use crate::model::{Phase, now_ms};
 use crate::store::{Op, Snapshot};
 use dlsession_proto::{DurableEvent, ErrorCode, ErrorInfo, TaskId, TaskState};
@@ -73,6 +73,8 @@ impl Core {
             None => (self.cache_location(&t.rec), true),
         };
         let size = t.rec.committed_offset;
+        // A copy across filesystems cut short leaves a temporary file beside the target.
+        remove_stale_copies(&to);
         let len = |p: &Path| std::fs::metadata(p).map(|m| m.len()).ok();
         let outcome = match (len(&part), len(&to)) {
             // Copied across filesystems and renamed, but the source not yet removed. Only

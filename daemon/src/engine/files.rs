@@ -272,10 +272,35 @@ fn rename(from: &Path, to: &Path, overwrite: bool) -> io::Result<()> {
     }
 }
 
+/// The temporary name a copy across filesystems is written under, beside `to`.
+fn copy_temp_path(to: &Path, pid: u32) -> PathBuf {
+    let name = to.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    to.with_file_name(format!(".{name}.dlsessiond-{pid}.tmp"))
+}
+
+/// Removes copies to `to` that an earlier daemon process left half-written when it stopped
+/// mid-copy (named by that process's pid). Recovery calls it before finishing the move again.
+pub fn remove_stale_copies(to: &Path) {
+    let (Some(dir), Some(name)) = (to.parent(), to.file_name()) else { return };
+    let prefix = format!(".{}.dlsessiond-", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let file = file.to_string_lossy();
+        let Some(pid) = file.strip_prefix(&prefix).and_then(|rest| rest.strip_suffix(".tmp")) else { continue };
+        if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) || pid == std::process::id().to_string() {
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => tracing::info!(path = %entry.path().display(), "removed a copy left by an interrupted move"),
+            Err(e) => tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove a stale copy"),
+        }
+    }
+}
+
 fn copy_then_rename(from: &Path, to: &Path, overwrite: bool) -> Result<(), MoveError> {
     let io_err = |source: io::Error| MoveError::Io { path: to.to_path_buf(), source };
-    let name = to.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = to.with_file_name(format!(".{name}.dlsessiond-{}.tmp", std::process::id()));
+    let tmp = copy_temp_path(to, std::process::id());
     let result = (|| {
         let mut src = File::open(from)?;
         let mut dst = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
@@ -427,6 +452,30 @@ mod tests {
                 assert!(!cache.path().join(format!("{i}.part")).exists(), "file {i} moved, not copied");
             }
         }
+    }
+
+    #[test]
+    fn stale_copies_of_an_interrupted_move_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let to = dir.path().join("report.pdf");
+        let stale = copy_temp_path(&to, 4_000_001);
+        let mine = copy_temp_path(&to, std::process::id());
+        let keep = [
+            dir.path().join(".report.pdf.dlsessiond-12x.tmp"),
+            dir.path().join(".other.pdf.dlsessiond-7.tmp"),
+            dir.path().join("report.pdf.dlsessiond-7.tmp"),
+            dir.path().join(".report.pdf.dlsessiond-.tmp"),
+        ];
+        for p in keep.iter().chain([&stale, &mine]) {
+            std::fs::write(p, b"x").unwrap();
+        }
+        remove_stale_copies(&to);
+        assert!(!stale.exists(), "an earlier process's copy is removed");
+        assert!(mine.exists(), "this process's own copy in progress is kept");
+        for p in &keep {
+            assert!(p.exists(), "{} is not ours and stays", p.display());
+        }
+        remove_stale_copies(&dir.path().join("missing-dir/x"));
     }
 
     #[test]
