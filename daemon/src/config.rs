@@ -50,6 +50,8 @@ pub struct Timing {
     /// Under socket activation: exit after this long with nothing to do (no client, no
     /// download, no timer). `None`: never.
     pub idle_exit: Option<Duration>,
+    /// How long retired tasks stay in the database (for `dlsessionctl show`).
+    pub retired_history: Duration,
 }
 
 /// Command-line overrides (all optional).
@@ -99,6 +101,7 @@ struct FileConfig {
     wake_max_ms: Option<u64>,
     shutdown_grace_ms: Option<u64>,
     idle_exit_ms: Option<u64>,
+    retired_history_days: Option<u32>,
 }
 
 impl Config {
@@ -139,6 +142,7 @@ impl Config {
                 wake_max: ms(file.wake_max_ms, 3_600_000),
                 shutdown_grace: ms(file.shutdown_grace_ms, 10_000),
                 idle_exit: file.idle_exit_ms.filter(|&ms| ms > 0).map(Duration::from_millis),
+                retired_history: Duration::from_secs(u64::from(file.retired_history_days.unwrap_or(30)) * 86_400),
             },
         };
         config.validate()?;

@@ -198,3 +198,37 @@ async fn a_burst_of_batches_commits_in_groups() {
     let task = store.load_task(500).await.unwrap().unwrap();
     assert_eq!(task.url, "https://example.org/500");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_deletes_only_retired_tasks_older_than_the_horizon() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("d.db");
+    let (store, _) = open(&db);
+    let day = 24 * 3600 * 1000;
+    let now = dlsessiond::model::now_ms();
+    let at = |id: u64, finished: Option<u64>, created: u64, retired: bool| TaskRecord {
+        finished_at: finished,
+        created_at: created,
+        retired,
+        ..task(id)
+    };
+    store.write(
+        vec![
+            Op::InsertSession(session()),
+            // Retired long ago: goes.
+            Op::InsertTask(Box::new(at(1, Some(now - 40 * day), now - 41 * day, true))),
+            // Retired, created long ago but finished recently: stays.
+            Op::InsertTask(Box::new(at(2, Some(now - day), now - 41 * day, true))),
+            // Never finished (cancelled before starting), created long ago: goes.
+            Op::InsertTask(Box::new(at(3, None, now - 40 * day, true))),
+            // Old but live: never pruned.
+            Op::InsertTask(Box::new(at(4, Some(now - 40 * day), now - 41 * day, false))),
+        ],
+        None,
+    );
+    store.write(vec![Op::PruneRetired { before: now - 30 * day }], None);
+    store.flush().await;
+    for (id, kept) in [(1, false), (2, true), (3, false), (4, true)] {
+        assert_eq!(store.load_task(id).await.unwrap().is_some(), kept, "task {id}");
+    }
+}

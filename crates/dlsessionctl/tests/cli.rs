@@ -113,6 +113,34 @@ async fn get_wait_downloads_the_file() {
     assert_eq!(s["pending_events"], 0, "{s}");
 }
 
+/// With `retired_history_days = 0` a task's record goes when it retires; by default
+/// `show` still finds it afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retired_history_is_pruned_as_configured() {
+    for (days, kept) in [(None, true), (Some("0"), false)] {
+        let f = fixture_with(|env| {
+            if let Some(days) = days {
+                env.set_config("retired_history_days", days);
+            }
+        })
+        .await;
+        f.server.add("/h.bin", Resource::generated(1000, 3));
+        let dest = f.env.path().join("h.bin");
+        let o = ctl(&f.env, &["--json", "get", &f.server.url("/h.bin"), "-o", dest.to_str().unwrap(), "--wait"]).await;
+        assert_exit(&o, 0);
+        let id = json_lines(&o)[0]["task"].as_u64().expect("task id");
+        // Retirement is committed with the acknowledgement `get --wait` sends before it exits.
+        let o = ctl(&f.env, &["--json", "show", &id.to_string()]).await;
+        if kept {
+            assert_exit(&o, 0);
+            assert_eq!(json(&o)["state"], "completed");
+        } else {
+            assert_exit(&o, 1);
+            assert!(stderr(&o).contains("no_such_task"), "{}", stderr(&o));
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_json_lines_for_several_urls() {
     let f = fixture().await;

@@ -115,6 +115,7 @@ impl Core {
         let invalid = s.rec.invalid;
         if !retire.is_empty() {
             ops.push(Op::RetireTasks(retire.clone()));
+            self.prune_history(&mut ops);
             for task in retire {
                 if self.tasks.get(&task).is_some_and(|t| t.state == TaskState::Completed) {
                     self.tasks.remove(&task);

@@ -206,6 +206,8 @@ pub struct Core {
     /// Relaunched apps (or `systemctl --user start`) not yet exited: under systemd they
     /// live in the daemon's cgroup, so the daemon must not leave before them.
     launches_running: usize,
+    /// When retired history was last pruned (see `prune_history`).
+    last_prune: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -266,9 +268,28 @@ impl Core {
             idle_exit: None,
             commits_in_flight: 0,
             launches_running: 0,
+            last_prune: None,
         };
         core.restore(snapshot);
+        let mut ops = Vec::new();
+        core.prune_history(&mut ops);
+        core.commit(ops, Vec::new());
         core
+    }
+
+    /// Deletes retired tasks older than `retired_history`: at start, then at most once
+    /// an hour (or a tenth of the history, if shorter) when tasks retire. History grows
+    /// only as tasks retire, so a daemon that runs for months stays bounded without a
+    /// timer of its own.
+    fn prune_history(&mut self, ops: &mut Vec<Op>) {
+        let history = self.cfg.timing.retired_history;
+        let every = (history / 10).min(Duration::from_secs(3600));
+        if self.last_prune.is_some_and(|at| at.elapsed() < every) {
+            return;
+        }
+        self.last_prune = Some(Instant::now());
+        let history_ms = u64::try_from(history.as_millis()).unwrap_or(u64::MAX);
+        ops.push(Op::PruneRetired { before: now_ms().saturating_sub(history_ms) });
     }
 
     /// Exit once nothing has happened for `idle.after` (see [`Core::has_nothing_to_do`]).

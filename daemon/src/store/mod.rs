@@ -69,6 +69,10 @@ pub enum Op {
         seqs: Vec<u64>,
     },
     RetireTasks(Vec<TaskId>),
+    /// Deletes retired tasks that finished (or, never started, were created) at or before this.
+    PruneRetired {
+        before: u64,
+    },
     SetNextTaskId(TaskId),
 }
 
@@ -145,12 +149,6 @@ impl Store {
 }
 
 fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreError> {
-    // Retired history older than 30 days is pruned at start.
-    let horizon = crate::model::now_ms().saturating_sub(30 * 24 * 3600 * 1000);
-    conn.execute(
-        "DELETE FROM tasks WHERE retired = 1 AND coalesce(finished_at, created_at) < ?1",
-        params![horizon as i64],
-    )?;
     Ok(Snapshot {
         sessions: codec::load_sessions(conn)?,
         tasks: codec::load_live_tasks(conn)?,
@@ -262,6 +260,14 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
             for id in ids {
                 stmt.execute(params![*id as i64])?;
             }
+            Ok(())
+        }
+        Op::PruneRetired { before } => {
+            let before = i64::try_from(*before).unwrap_or(i64::MAX);
+            tx.execute(
+                "DELETE FROM tasks WHERE retired = 1 AND coalesce(finished_at, created_at) <= ?1",
+                params![before],
+            )?;
             Ok(())
         }
         Op::SetNextTaskId(id) => {
