@@ -232,3 +232,40 @@ async fn pruning_deletes_only_retired_tasks_older_than_the_horizon() {
         assert_eq!(store.load_task(id).await.unwrap().is_some(), kept, "task {id}");
     }
 }
+
+/// The daemon deletes history older than `retired_history_days` when it starts.
+#[test]
+fn the_daemon_prunes_old_history_when_it_starts() {
+    let env = dlsession_testkit::TestEnv::new();
+    let db = env.database();
+    std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+    let day = 24 * 3600 * 1000;
+    let now = dlsessiond::model::now_ms();
+    let retired = |id: u64, finished: u64| TaskRecord {
+        state: TaskState::Completed,
+        finished_at: Some(finished),
+        retired: true,
+        ..task(id)
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    rt.block_on(async {
+        let (store, _) = open(&db);
+        store.write(
+            vec![
+                Op::InsertSession(session()),
+                Op::InsertTask(Box::new(retired(1, now - 40 * day))),
+                Op::InsertTask(Box::new(retired(2, now - day))),
+                Op::SetNextTaskId(3),
+            ],
+            None,
+        );
+        store.flush().await;
+    });
+    let daemon = dlsession_testkit::TestDaemon::start(&env);
+    let shown = |id: u64| env.ctl(&["show", &id.to_string()]).status.code();
+    dlsession_testkit::wait_for("the old task pruned", std::time::Duration::from_secs(10), || {
+        (shown(1) == Some(1)).then_some(())
+    });
+    assert_eq!(shown(2), Some(0), "a task retired yesterday stays");
+    drop(daemon);
+}

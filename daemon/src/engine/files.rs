@@ -272,14 +272,34 @@ fn rename(from: &Path, to: &Path, overwrite: bool) -> io::Result<()> {
     }
 }
 
-/// The temporary name a copy across filesystems is written under, beside `to`.
-fn copy_temp_path(to: &Path, pid: u32) -> PathBuf {
+/// The temporary name a copy across filesystems is written under, beside `to`: the pid
+/// and a per-process sequence number keep concurrent copies apart.
+fn copy_temp_path(to: &Path, pid: u32, seq: u64) -> PathBuf {
     let name = to.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    to.with_file_name(format!(".{name}.dlsessiond-{pid}.tmp"))
+    to.with_file_name(format!(".{name}.dlsessiond-{pid}-{seq}.tmp"))
 }
 
-/// Removes copies to `to` that an earlier daemon process left half-written when it stopped
-/// mid-copy (named by that process's pid). Recovery calls it before finishing the move again.
+static COPY_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Creates a fresh temporary file for a copy to `to`, skipping names already taken (left
+/// by an earlier process that had the same pid, say).
+fn create_copy_temp(to: &Path) -> io::Result<(PathBuf, File)> {
+    for _ in 0..64 {
+        let seq = COPY_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = copy_temp_path(to, std::process::id(), seq);
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::other("no free temporary name beside the destination"))
+}
+
+/// Removes copies to `to` that an interrupted move left half-written. Recovery calls it
+/// before this process moves anything, so a copy named by this process's own pid is a
+/// leftover too (pids repeat, in containers every start); a copy by another live process
+/// (a second daemon of this user, copying right now) is left alone.
 pub fn remove_stale_copies(to: &Path) {
     let (Some(dir), Some(name)) = (to.parent(), to.file_name()) else { return };
     let prefix = format!(".{}.dlsessiond-", name.to_string_lossy());
@@ -287,8 +307,12 @@ pub fn remove_stale_copies(to: &Path) {
     for entry in entries.flatten() {
         let file = entry.file_name();
         let file = file.to_string_lossy();
-        let Some(pid) = file.strip_prefix(&prefix).and_then(|rest| rest.strip_suffix(".tmp")) else { continue };
-        if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) || pid == std::process::id().to_string() {
+        let Some(tag) = file.strip_prefix(&prefix).and_then(|rest| rest.strip_suffix(".tmp")) else { continue };
+        // "PID-SEQ", or "PID" from before sequence numbers.
+        let (pid, seq) = tag.split_once('-').unwrap_or((tag, "0"));
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        let Some(pid) = pid.parse::<i32>().ok().filter(|_| digits(pid) && digits(seq)) else { continue };
+        if pid != i32::try_from(std::process::id()).unwrap_or(-1) && is_running(pid) {
             continue;
         }
         match std::fs::remove_file(entry.path()) {
@@ -298,17 +322,25 @@ pub fn remove_stale_copies(to: &Path) {
     }
 }
 
+/// Whether a process `pid` exists (ours to signal or not).
+fn is_running(pid: i32) -> bool {
+    match rustix::process::Pid::from_raw(pid) {
+        Some(pid) => !matches!(rustix::process::test_kill_process(pid), Err(rustix::io::Errno::SRCH)),
+        None => false,
+    }
+}
+
 fn copy_then_rename(from: &Path, to: &Path, overwrite: bool) -> Result<(), MoveError> {
     let io_err = |source: io::Error| MoveError::Io { path: to.to_path_buf(), source };
-    let tmp = copy_temp_path(to, std::process::id());
+    let (tmp, mut dst) = create_copy_temp(to).map_err(io_err)?;
     let result = (|| {
         let mut src = File::open(from)?;
-        let mut dst = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         io::copy(&mut src, &mut dst)?;
         dst.sync_all()?;
         rename(&tmp, to, overwrite)
     })();
     if let Err(e) = result {
+        // The temporary file is ours: created above.
         let _ = std::fs::remove_file(&tmp);
         return Err(if e.kind() == io::ErrorKind::AlreadyExists {
             MoveError::Exists(to.to_path_buf())
@@ -458,24 +490,53 @@ mod tests {
     fn stale_copies_of_an_interrupted_move_are_removed_and_nothing_else() {
         let dir = tempfile::tempdir().unwrap();
         let to = dir.path().join("report.pdf");
-        let stale = copy_temp_path(&to, 4_000_001);
-        let mine = copy_temp_path(&to, std::process::id());
+        // A process that has exited.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = [
+            copy_temp_path(&to, dead, 3),
+            // This process's own pid: recovery runs before any move of ours, so it was a
+            // process before us with the same pid.
+            copy_temp_path(&to, std::process::id(), 0),
+            // The name used before sequence numbers.
+            dir.path().join(format!(".report.pdf.dlsessiond-{dead}.tmp")),
+        ];
         let keep = [
+            // A live process (init) may be copying right now.
+            copy_temp_path(&to, 1, 0),
             dir.path().join(".report.pdf.dlsessiond-12x.tmp"),
-            dir.path().join(".other.pdf.dlsessiond-7.tmp"),
-            dir.path().join("report.pdf.dlsessiond-7.tmp"),
+            dir.path().join(".report.pdf.dlsessiond-7-x.tmp"),
+            dir.path().join(".other.pdf.dlsessiond-7-0.tmp"),
+            dir.path().join("report.pdf.dlsessiond-7-0.tmp"),
             dir.path().join(".report.pdf.dlsessiond-.tmp"),
         ];
-        for p in keep.iter().chain([&stale, &mine]) {
+        for p in keep.iter().chain(&stale) {
             std::fs::write(p, b"x").unwrap();
         }
         remove_stale_copies(&to);
-        assert!(!stale.exists(), "an earlier process's copy is removed");
-        assert!(mine.exists(), "this process's own copy in progress is kept");
+        for p in &stale {
+            assert!(!p.exists(), "{} is a leftover and goes", p.display());
+        }
         for p in &keep {
-            assert!(p.exists(), "{} is not ours and stays", p.display());
+            assert!(p.exists(), "{} is not a leftover of ours and stays", p.display());
         }
         remove_stale_copies(&dir.path().join("missing-dir/x"));
+    }
+
+    #[test]
+    fn a_copy_skips_a_temporary_name_that_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let to = dir.path().join("f");
+        // Leftovers under the next names this process would pick.
+        let next = COPY_SEQ.load(std::sync::atomic::Ordering::Relaxed);
+        for seq in next..next + 3 {
+            std::fs::write(copy_temp_path(&to, std::process::id(), seq), b"old").unwrap();
+        }
+        let src = dir.path().join("src");
+        std::fs::write(&src, b"new data").unwrap();
+        copy_then_rename(&src, &to, false).unwrap();
+        assert_eq!(std::fs::read(&to).unwrap(), b"new data", "not refused as if the destination existed");
     }
 
     #[test]
