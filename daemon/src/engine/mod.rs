@@ -6,6 +6,7 @@
 //! durable, the data is complete, a failure and whether it is transient) and the core
 //! decides.
 
+pub mod direct;
 pub mod files;
 pub mod http;
 pub mod limiter;
@@ -298,7 +299,7 @@ impl Engine {
                 Some(p) => p,
                 None => writer::prepare(&path, 0, hash).map_err(|e| (e, "preparing the partial file"))?,
             };
-            writer::run(prepared, policy, link, rx).map_err(|e| (e, "writing the partial file"))
+            writer::run(prepared, &path, policy, link, rx).map_err(|e| (e, "writing the partial file"))
         });
 
         let ended = self.pump_body(&mut job, resp.into_body(), &tx).await;

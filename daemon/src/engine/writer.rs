@@ -152,12 +152,18 @@ fn open_fresh(path: &Path) -> std::io::Result<File> {
 /// it reports is the one written to the kernel before the sync started.
 pub fn run(
     prepared: Prepared,
+    path: &Path,
     policy: CheckpointPolicy,
     link: WorkerLink,
     mut rx: mpsc::Receiver<WriterMsg>,
 ) -> std::io::Result<WriterDone> {
     let Prepared { file: mut out, offset, mut hasher } = prepared;
     let mut offset = offset;
+    // A fast download switches to direct writes once (see `direct`).
+    let started = Instant::now();
+    let start_offset = offset;
+    let mut direct: Option<super::direct::Direct> = None;
+    let mut direct_tried = false;
     // The last offset handed to a sync (reported once that sync is done).
     let mut requested = offset;
     let mut last_request = Instant::now();
@@ -173,6 +179,27 @@ pub fn run(
     loop {
         match rx.blocking_recv() {
             Some(WriterMsg::Data(chunks)) => {
+                if !direct_tried && offset - start_offset >= DIRECT_AFTER && is_fast(offset - start_offset, started) {
+                    direct_tried = true;
+                    // The sync thread's last report must come before the direct thread's first.
+                    if let Some(s) = syncer.take() {
+                        s.finish()?;
+                    }
+                    direct = super::direct::Direct::start(path, &out, offset, link.clone())?;
+                    if direct.is_some() {
+                        tracing::debug!(task = link.task(), offset, "fast download: writing directly");
+                    }
+                }
+                if let Some(d) = direct.as_mut() {
+                    for bytes in &chunks {
+                        if let Some(h) = hasher.as_mut() {
+                            h.update(bytes);
+                        }
+                        d.write(bytes, &policy)?;
+                        offset += bytes.len() as u64;
+                    }
+                    continue;
+                }
                 write_batch(&mut out, &chunks)?;
                 for bytes in &chunks {
                     if let Some(h) = hasher.as_mut() {
@@ -201,6 +228,9 @@ pub fn run(
                 if let Some(s) = syncer.take() {
                     s.finish()?;
                 }
+                if let Some(d) = direct.take() {
+                    d.finish(&out)?;
+                }
                 sync_inline(&mut out, offset)?;
                 let sha256 = hasher.map(|h| h.finalize().into());
                 return Ok(WriterDone { offset, sha256 });
@@ -208,6 +238,9 @@ pub fn run(
             Some(WriterMsg::Stop) | None => {
                 if let Some(s) = syncer.take() {
                     s.finish()?;
+                }
+                if let Some(d) = direct.take() {
+                    d.finish(&out)?;
                 }
                 // Everything written so far becomes the last checkpoint.
                 sync_inline(&mut out, offset)?;
@@ -217,6 +250,17 @@ pub fn run(
             }
         }
     }
+}
+
+/// A download switches to direct writes after this much data…
+const DIRECT_AFTER: u64 = 16 << 20;
+/// …if it arrived at least this fast (bytes per second): a slow download gains nothing
+/// from it and would hold two 2 MiB buffers for its whole life.
+const DIRECT_RATE: u64 = 100 << 20;
+
+fn is_fast(bytes: u64, since: Instant) -> bool {
+    let secs = since.elapsed().as_secs_f64();
+    secs <= 0.0 || bytes as f64 / secs >= DIRECT_RATE as f64
 }
 
 /// How much written data may sit in the page cache before its writeback is started.
@@ -367,6 +411,80 @@ mod tests {
         std::os::unix::fs::symlink(dir.path().join("elsewhere"), &linked_dir).unwrap();
         std::fs::create_dir_all(dir.path().join("elsewhere")).unwrap();
         assert!(prepare(&linked_dir.join("1.part"), 0, false).is_err(), "a symlinked session directory is refused");
+    }
+
+    /// Runs the writer over `body` sent in uneven chunks from another thread, continuing a
+    /// partial file that holds `head`; returns what it reported and the checkpoints.
+    fn write_through(head: &[u8], body: &[u8], stop: bool) -> (WriterDone, Vec<u64>, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("s/1.part");
+        std::fs::create_dir_all(part.parent().unwrap()).unwrap();
+        std::fs::write(&part, head).unwrap();
+        let prepared = prepare(&part, head.len() as u64, true).unwrap();
+        let (core_tx, mut core_rx) = tokio::sync::mpsc::unbounded_channel();
+        let link = WorkerLink::new(core_tx, 1, 1);
+        let (tx, rx) = mpsc::channel(4);
+        let chunks: Vec<Bytes> = {
+            let mut v = Vec::new();
+            let mut rest = body;
+            let mut n = 1usize;
+            while !rest.is_empty() {
+                let take = rest.len().min(n * 7919 % (300 << 10) + 1);
+                v.push(Bytes::copy_from_slice(rest.get(..take).unwrap()));
+                rest = rest.get(take..).unwrap();
+                n += 1;
+            }
+            v
+        };
+        let sender = std::thread::spawn(move || {
+            for c in chunks.chunks(3) {
+                tx.blocking_send(WriterMsg::Data(c.to_vec())).unwrap();
+            }
+            tx.blocking_send(if stop { WriterMsg::Stop } else { WriterMsg::Finish }).unwrap();
+        });
+        let policy = CheckpointPolicy { bytes: 8 << 20, interval: Duration::from_secs(60) };
+        let before = super::super::direct::STARTED.load(std::sync::atomic::Ordering::Relaxed);
+        let done = run(prepared, &part, policy, link, rx).unwrap();
+        sender.join().unwrap();
+        let after = super::super::direct::STARTED.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(after > before, "the download did not switch to direct writes");
+        let mut checkpoints = Vec::new();
+        while let Ok(crate::core::CoreMsg::Worker { event: WorkerEvent::Checkpoint { offset }, .. }) =
+            core_rx.try_recv()
+        {
+            checkpoints.push(offset);
+        }
+        (done, checkpoints, std::fs::read(&part).unwrap())
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8).collect()
+    }
+
+    #[test]
+    fn a_fast_download_switches_to_direct_writes_and_keeps_every_byte() {
+        // An unaligned resume offset and an unaligned end: both partial blocks must survive.
+        let head = pattern(12_345, 1);
+        let body = pattern(40 * (1 << 20) + 777, 2);
+        let (done, checkpoints, file) = write_through(&head, &body, false);
+        let mut want = head.clone();
+        want.extend_from_slice(&body);
+        assert_eq!(done.offset, want.len() as u64);
+        assert!(file == want, "the file differs from what was sent");
+        let digest: [u8; 32] = Sha256::digest(&want).into();
+        assert_eq!(done.sha256, Some(digest));
+        assert!(!checkpoints.is_empty(), "checkpoints while writing directly");
+        assert!(checkpoints.windows(2).all(|w| w[0] <= w[1]), "{checkpoints:?}");
+        assert!(checkpoints.iter().all(|&c| c <= want.len() as u64));
+    }
+
+    #[test]
+    fn a_stop_while_writing_directly_checkpoints_everything_received() {
+        let body = pattern(30 * (1 << 20) + 4097, 3);
+        let (done, checkpoints, file) = write_through(&[], &body, true);
+        assert_eq!(done.offset, body.len() as u64);
+        assert!(file == body, "the file differs from what was sent");
+        assert_eq!(checkpoints.last(), Some(&(body.len() as u64)), "the stop reports all of it: {checkpoints:?}");
     }
 
     #[test]

@@ -1,0 +1,232 @@
+//! Fast large downloads written with `O_DIRECT`, past the page cache.
+//!
+//! Buffered writes copy every byte into the page cache and write it back later; on this
+//! kind of machine that copy is the daemon's largest cost on a 1 GiB download and, when
+//! the VM host is slow to hand out fresh pages, it doubles. A download that turns out to
+//! be fast switches to direct writes: the body is gathered into aligned 4 MiB buffers
+//! (three per fast download) that a second thread writes with `pwrite` while the next ones
+//! fill, so network and disk overlap and the kernel copies nothing into the page cache.
+//! 1 GiB from nginx on loopback, alternating with the buffered build: through a slow
+//! stretch of the host 0.75-0.96 s and 0.55-0.69 CPU s, against 0.67-2.06 s and 0.77-2.38 s
+//! buffered; in a calm one about level (medians 0.87 against 1.01 s).
+//!
+//! Durability is unchanged: a checkpoint is reported only after an `fdatasync` that
+//! follows the writes it covers, on the same thread. The bytes after the last whole block
+//! (under 4 KiB) are written through the ordinary descriptor when the download ends or
+//! stops, then the whole file is synced as before.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use super::WorkerEvent;
+use super::WorkerLink;
+use super::writer::CheckpointPolicy;
+
+/// Direct I/O offsets, lengths and buffer addresses are multiples of this.
+const BLOCK: usize = 4096;
+/// One buffer; three of them per fast download (2 MiB buffers, two of them, kept the
+/// writer waiting for the disk: 0.80 s against 0.70 s buffered in a calm stretch).
+const BUF: usize = 4 << 20;
+
+/// How many downloads switched to direct writes (for tests and diagnostics).
+pub static STARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A buffer whose usable part starts at a block-aligned address.
+struct Aligned {
+    mem: Vec<u8>,
+    at: usize,
+}
+
+impl Aligned {
+    fn new() -> Aligned {
+        let mem = vec![0u8; BUF + BLOCK];
+        let at = (BLOCK - mem.as_ptr() as usize % BLOCK) % BLOCK;
+        Aligned { mem, at }
+    }
+
+    fn slice(&self, len: usize) -> &[u8] {
+        self.mem.get(self.at..self.at + len).unwrap_or_default()
+    }
+
+    fn slice_mut(&mut self, from: usize, to: usize) -> &mut [u8] {
+        self.mem.get_mut(self.at + from..self.at + to).unwrap_or_default()
+    }
+}
+
+enum Job {
+    /// Write `len` bytes of the buffer at file offset `pos`, then hand the buffer back.
+    Write { buf: Aligned, len: usize, pos: u64 },
+    /// fdatasync, then report `upto` as a checkpoint.
+    Sync { upto: u64 },
+}
+
+/// The direct-I/O side of one download's writer.
+pub struct Direct {
+    cur: Aligned,
+    /// File offset of `cur`'s first byte (block-aligned).
+    base: u64,
+    /// Bytes in `cur`.
+    fill: usize,
+    spare: Vec<Aligned>,
+    jobs: Option<mpsc::SyncSender<Job>>,
+    back: mpsc::Receiver<Aligned>,
+    thread: Option<std::thread::JoinHandle<io::Result<()>>>,
+    /// The end of the data handed to the I/O thread (what a checkpoint may cover).
+    written: u64,
+    requested: u64,
+    last_request: Instant,
+}
+
+impl Direct {
+    /// Opens `path` for direct writes continuing at `offset` (what `file`, the ordinary
+    /// descriptor, holds so far). `None` when the filesystem does not do direct I/O.
+    pub fn start(path: &Path, file: &File, offset: u64, link: WorkerLink) -> io::Result<Option<Direct>> {
+        let direct = match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT | rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(error = %e, "no direct I/O here; writing through the page cache");
+                return Ok(None);
+            }
+        };
+        let mut cur = Aligned::new();
+        let base = offset - offset % BLOCK as u64;
+        let fill = usize::try_from(offset - base).unwrap_or(0);
+        // The partial block before `offset` is rewritten with the first buffer.
+        if fill > 0 {
+            file.read_exact_at(cur.slice_mut(0, fill), base)?;
+        }
+        STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (jobs, rx) = mpsc::sync_channel::<Job>(4);
+        let (back_tx, back) = mpsc::channel::<Aligned>();
+        let thread = std::thread::Builder::new()
+            .name("dl-direct".into())
+            .spawn(move || io_loop(&direct, &rx, &back_tx, &link))?;
+        Ok(Some(Direct {
+            cur,
+            base,
+            fill,
+            spare: vec![Aligned::new(), Aligned::new()],
+            jobs: Some(jobs),
+            back,
+            thread: Some(thread),
+            written: offset,
+            requested: offset,
+            last_request: Instant::now(),
+        }))
+    }
+
+    /// Appends body bytes; full buffers go to the I/O thread.
+    pub fn write(&mut self, mut data: &[u8], policy: &CheckpointPolicy) -> io::Result<()> {
+        while !data.is_empty() {
+            let n = data.len().min(BUF - self.fill);
+            let (now, rest) = data.split_at(n);
+            self.cur.slice_mut(self.fill, self.fill + n).copy_from_slice(now);
+            self.fill += n;
+            data = rest;
+            if self.fill == BUF {
+                self.hand_over(BUF)?;
+                if self.written - self.requested >= policy.bytes || self.last_request.elapsed() >= policy.interval {
+                    self.send(Job::Sync { upto: self.written })?;
+                    self.requested = self.written;
+                    self.last_request = Instant::now();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the first `len` (block-aligned) bytes of the current buffer to be written and
+    /// continues in a fresh buffer.
+    fn hand_over(&mut self, len: usize) -> io::Result<()> {
+        let next = match self.spare.pop() {
+            Some(b) => b,
+            None => match self.back.recv() {
+                Ok(b) => b,
+                // The I/O thread stopped: its error comes from `join`.
+                Err(_) => return Err(self.join_error()),
+            },
+        };
+        let buf = std::mem::replace(&mut self.cur, next);
+        let pos = self.base;
+        self.send(Job::Write { buf, len, pos })?;
+        self.base += len as u64;
+        self.written = self.base;
+        self.fill = 0;
+        Ok(())
+    }
+
+    fn send(&mut self, job: Job) -> io::Result<()> {
+        match self.jobs.as_ref().map(|j| j.send(job)) {
+            Some(Ok(())) => Ok(()),
+            _ => Err(self.join_error()),
+        }
+    }
+
+    fn join_error(&mut self) -> io::Error {
+        self.jobs = None;
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(Err(e))) => e,
+            Some(Err(_)) => io::Error::other("the direct-write thread panicked"),
+            _ => io::Error::other("the direct-write thread stopped"),
+        }
+    }
+
+    /// Writes everything still buffered (whole blocks directly, the rest through `file`)
+    /// and waits for the I/O thread. The caller syncs the file afterwards.
+    pub fn finish(mut self, file: &File) -> io::Result<()> {
+        let whole = self.fill - self.fill % BLOCK;
+        let tail_pos = self.base + whole as u64;
+        let mut tail = vec![0u8; self.fill - whole];
+        tail.copy_from_slice(self.cur.slice(self.fill).get(whole..).unwrap_or_default());
+        if whole > 0 {
+            self.hand_over(whole)?;
+        }
+        self.jobs = None;
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(r)) => r?,
+            Some(Err(_)) => return Err(io::Error::other("the direct-write thread panicked")),
+            None => {}
+        }
+        if !tail.is_empty() {
+            file.write_all_at(&tail, tail_pos)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Direct {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Direct").field("base", &self.base).field("fill", &self.fill).finish_non_exhaustive()
+    }
+}
+
+fn io_loop(
+    direct: &File,
+    jobs: &mpsc::Receiver<Job>,
+    back: &mpsc::Sender<Aligned>,
+    link: &WorkerLink,
+) -> io::Result<()> {
+    for job in jobs {
+        match job {
+            Job::Write { buf, len, pos } => {
+                direct.write_all_at(buf.slice(len), pos)?;
+                let _ = back.send(buf);
+            }
+            Job::Sync { upto } => {
+                rustix::fs::fdatasync(direct)?;
+                tracing::debug!(task = link.task(), offset = upto, "synced");
+                crate::failpoint::hit("checkpoint-after-sync");
+                link.send(WorkerEvent::Checkpoint { offset: upto });
+            }
+        }
+    }
+    Ok(())
+}
