@@ -96,6 +96,9 @@ impl Direct {
                 return Ok(None);
             }
         };
+        if !suits(file, &direct) {
+            return Ok(None);
+        }
         let mut cur = Aligned::new();
         let base = offset - offset % BLOCK as u64;
         let fill = usize::try_from(offset - base).unwrap_or(0);
@@ -133,13 +136,32 @@ impl Direct {
             data = rest;
             if self.fill == BUF {
                 self.hand_over(BUF)?;
-                if self.written - self.requested >= policy.bytes || self.last_request.elapsed() >= policy.interval {
-                    self.send(Job::Sync { upto: self.written })?;
-                    self.requested = self.written;
-                    self.last_request = Instant::now();
+                if self.written - self.requested >= policy.bytes {
+                    self.checkpoint()?;
                 }
             }
         }
+        // A download that slowed down still checkpoints on time: the whole blocks in the
+        // buffer go out, the partial block stays for the next write.
+        if self.last_request.elapsed() >= policy.interval {
+            let whole = self.fill - self.fill % BLOCK;
+            if whole > 0 {
+                let tail = self.cur.slice(self.fill).get(whole..).unwrap_or_default().to_vec();
+                self.hand_over(whole)?;
+                self.cur.slice_mut(0, tail.len()).copy_from_slice(&tail);
+                self.fill = tail.len();
+            }
+            if self.written > self.requested {
+                self.checkpoint()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&mut self) -> io::Result<()> {
+        self.send(Job::Sync { upto: self.written })?;
+        self.requested = self.written;
+        self.last_request = Instant::now();
         Ok(())
     }
 
@@ -208,6 +230,44 @@ impl std::fmt::Debug for Direct {
     }
 }
 
+/// Whether direct writes of 4 KiB-aligned buffers at 4 KiB-aligned offsets suit this file:
+/// the same file as `file` (not one put at its path meanwhile), and a filesystem whose
+/// direct-I/O alignment divides 4 KiB (asked with `STATX_DIOALIGN` where the kernel knows
+/// it; older kernels are trusted, a refusal then fails the attempt like any write error).
+fn suits(file: &File, direct: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), direct.metadata()) {
+        (Ok(a), Ok(b)) if a.dev() == b.dev() && a.ino() == b.ino() => {}
+        _ => return false,
+    }
+    let flags = rustix::fs::AtFlags::EMPTY_PATH;
+    match rustix::fs::statx(direct, "", flags, rustix::fs::StatxFlags::DIOALIGN) {
+        Ok(st) if st.stx_mask & rustix::fs::StatxFlags::DIOALIGN.bits() != 0 => {
+            let fits = |a: u32| a != 0 && a as usize <= BLOCK && BLOCK.is_multiple_of(a as usize);
+            fits(st.stx_dio_offset_align) && fits(st.stx_dio_mem_align)
+        }
+        _ => true,
+    }
+}
+
+/// `pwrite`s whole blocks. A short write that ends inside a block cannot be continued
+/// directly, so it is reported rather than retried into an `EINVAL`.
+fn write_blocks(direct: &File, data: &[u8], pos: u64) -> io::Result<()> {
+    let mut done = 0usize;
+    while let Some(rest) = data.get(done..).filter(|r| !r.is_empty()) {
+        match direct.write_at(rest, pos + done as u64) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) if n < rest.len() && n % BLOCK != 0 => {
+                return Err(io::Error::other(format!("a direct write stopped after {n} of {} bytes", rest.len())));
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 fn io_loop(
     direct: &File,
     jobs: &mpsc::Receiver<Job>,
@@ -217,7 +277,7 @@ fn io_loop(
     for job in jobs {
         match job {
             Job::Write { buf, len, pos } => {
-                direct.write_all_at(buf.slice(len), pos)?;
+                write_blocks(direct, buf.slice(len), pos)?;
                 let _ = back.send(buf);
             }
             Job::Sync { upto } => {

@@ -255,7 +255,7 @@ pub fn run(
 /// A download switches to direct writes after this much data…
 const DIRECT_AFTER: u64 = 16 << 20;
 /// …if it arrived at least this fast (bytes per second): a slow download gains nothing
-/// from it and would hold two 2 MiB buffers for its whole life.
+/// from it and would hold three 4 MiB buffers for its whole life.
 const DIRECT_RATE: u64 = 100 << 20;
 
 fn is_fast(bytes: u64, since: Instant) -> bool {
@@ -476,6 +476,45 @@ mod tests {
         assert!(!checkpoints.is_empty(), "checkpoints while writing directly");
         assert!(checkpoints.windows(2).all(|w| w[0] <= w[1]), "{checkpoints:?}");
         assert!(checkpoints.iter().all(|&c| c <= want.len() as u64));
+    }
+
+    #[test]
+    fn a_download_that_slows_down_after_switching_still_checkpoints_on_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("s/1.part");
+        let prepared = prepare(&part, 0, false).unwrap();
+        let (core_tx, mut core_rx) = tokio::sync::mpsc::unbounded_channel();
+        let link = WorkerLink::new(core_tx, 1, 1);
+        let (tx, rx) = mpsc::channel(4);
+        let fast = pattern(20 << 20, 5);
+        let slow = pattern(10_000, 6);
+        let sender = std::thread::spawn(move || {
+            for c in fast.chunks(256 << 10) {
+                tx.blocking_send(WriterMsg::Data(vec![Bytes::copy_from_slice(c)])).unwrap();
+            }
+            // Then a trickle: 10,000 bytes, well under one 4 MiB buffer, over 300 ms.
+            for c in slow.chunks(2_500) {
+                std::thread::sleep(Duration::from_millis(100));
+                tx.blocking_send(WriterMsg::Data(vec![Bytes::copy_from_slice(c)])).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            tx.blocking_send(WriterMsg::Finish).unwrap();
+        });
+        let policy = CheckpointPolicy { bytes: 64 << 20, interval: Duration::from_millis(50) };
+        let done = run(prepared, &part, policy, link, rx).unwrap();
+        sender.join().unwrap();
+        let total = (20 << 20) + 10_000u64;
+        assert_eq!(done.offset, total);
+        let mut checkpoints = Vec::new();
+        while let Ok(crate::core::CoreMsg::Worker { event: WorkerEvent::Checkpoint { offset }, .. }) =
+            core_rx.try_recv()
+        {
+            checkpoints.push(offset);
+        }
+        // The trickle's whole blocks were written and synced before the finish.
+        let beyond = (20 << 20) + 8_192u64;
+        assert!(checkpoints.contains(&beyond), "no checkpoint of the trickle's whole blocks: {checkpoints:?}");
+        assert_eq!(std::fs::metadata(&part).unwrap().len(), total);
     }
 
     #[test]
