@@ -12,7 +12,7 @@ url=${1:-https://static.crates.io/crates/serde/serde-1.0.229.crate}
 out=${2:-$PWD/$(basename "${url%%\?*}")}
 
 cargo build --release --locked -p dlsessiond -p dlsessionctl
-bin=$PWD/target/release
+bin=${CARGO_TARGET_DIR:-$PWD/target}/release
 
 if ! "$bin/dlsessionctl" status >/dev/null 2>&1; then
     log=${XDG_STATE_HOME:-$HOME/.local/state}/dlsessiond/dlsessiond.log
