@@ -144,10 +144,8 @@ impl Direct {
         // A download that slowed down still checkpoints on time: the whole blocks in the
         // buffer go out, the partial block stays for the next write.
         if self.last_request.elapsed() >= policy.interval {
-            let whole = self.fill - self.fill % BLOCK;
-            if whole > 0 {
-                let tail = self.cur.slice(self.fill).get(whole..).unwrap_or_default().to_vec();
-                self.hand_over(whole)?;
+            if self.fill >= BLOCK {
+                let tail = self.send_whole_blocks()?;
                 self.cur.slice_mut(0, tail.len()).copy_from_slice(&tail);
                 self.fill = tail.len();
             }
@@ -185,6 +183,19 @@ impl Direct {
         Ok(())
     }
 
+    /// Hands the whole blocks in the current buffer to the I/O thread and returns the bytes
+    /// after them (under a block, at file offset `base` now), which leave the buffer.
+    fn send_whole_blocks(&mut self) -> io::Result<Vec<u8>> {
+        let whole = self.fill - self.fill % BLOCK;
+        let tail = self.cur.slice(self.fill).get(whole..).unwrap_or_default().to_vec();
+        if whole > 0 {
+            self.hand_over(whole)?;
+        } else {
+            self.fill = 0;
+        }
+        Ok(tail)
+    }
+
     fn send(&mut self, job: Job) -> io::Result<()> {
         match self.jobs.as_ref().map(|j| j.send(job)) {
             Some(Ok(())) => Ok(()),
@@ -204,13 +215,8 @@ impl Direct {
     /// Writes everything still buffered (whole blocks directly, the rest through `file`)
     /// and waits for the I/O thread. The caller syncs the file afterwards.
     pub fn finish(mut self, file: &File) -> io::Result<()> {
-        let whole = self.fill - self.fill % BLOCK;
-        let tail_pos = self.base + whole as u64;
-        let mut tail = vec![0u8; self.fill - whole];
-        tail.copy_from_slice(self.cur.slice(self.fill).get(whole..).unwrap_or_default());
-        if whole > 0 {
-            self.hand_over(whole)?;
-        }
+        let tail = self.send_whole_blocks()?;
+        let tail_pos = self.base;
         self.jobs = None;
         match self.thread.take().map(std::thread::JoinHandle::join) {
             Some(Ok(r)) => r?,

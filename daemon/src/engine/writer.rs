@@ -448,13 +448,19 @@ mod tests {
         sender.join().unwrap();
         let after = super::super::direct::STARTED.load(std::sync::atomic::Ordering::Relaxed);
         assert!(after > before, "the download did not switch to direct writes");
+        let checkpoints = checkpoints_sent(&mut core_rx);
+        (done, checkpoints, std::fs::read(&part).unwrap())
+    }
+
+    /// The checkpoints a writer reported to the core, in order.
+    fn checkpoints_sent(core_rx: &mut tokio::sync::mpsc::UnboundedReceiver<crate::core::CoreMsg>) -> Vec<u64> {
         let mut checkpoints = Vec::new();
         while let Ok(crate::core::CoreMsg::Worker { event: WorkerEvent::Checkpoint { offset }, .. }) =
             core_rx.try_recv()
         {
             checkpoints.push(offset);
         }
-        (done, checkpoints, std::fs::read(&part).unwrap())
+        checkpoints
     }
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -505,12 +511,7 @@ mod tests {
         sender.join().unwrap();
         let total = (20 << 20) + 10_000u64;
         assert_eq!(done.offset, total);
-        let mut checkpoints = Vec::new();
-        while let Ok(crate::core::CoreMsg::Worker { event: WorkerEvent::Checkpoint { offset }, .. }) =
-            core_rx.try_recv()
-        {
-            checkpoints.push(offset);
-        }
+        let checkpoints = checkpoints_sent(&mut core_rx);
         // The trickle's whole blocks were written and synced before the finish.
         let beyond = (20 << 20) + 8_192u64;
         assert!(checkpoints.contains(&beyond), "no checkpoint of the trickle's whole blocks: {checkpoints:?}");
