@@ -22,9 +22,10 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::Instant;
 
-use super::WorkerEvent;
 use super::WorkerLink;
 use super::writer::CheckpointPolicy;
+
+const DIRECT_THREAD: &str = "the direct-write thread";
 
 /// Direct I/O offsets, lengths and buffer addresses are multiples of this.
 const BLOCK: usize = 4096;
@@ -203,13 +204,15 @@ impl Direct {
         }
     }
 
-    fn join_error(&mut self) -> io::Error {
+    /// Closes the job queue and waits for the I/O thread; its error, if any.
+    fn join(&mut self) -> io::Result<()> {
         self.jobs = None;
-        match self.thread.take().map(std::thread::JoinHandle::join) {
-            Some(Ok(Err(e))) => e,
-            Some(Err(_)) => io::Error::other("the direct-write thread panicked"),
-            _ => io::Error::other("the direct-write thread stopped"),
-        }
+        super::writer::join(self.thread.take(), DIRECT_THREAD)
+    }
+
+    /// Why the I/O thread is gone (it ends early only on an error).
+    fn join_error(&mut self) -> io::Error {
+        self.join().err().unwrap_or_else(|| io::Error::other(format!("{DIRECT_THREAD} stopped")))
     }
 
     /// Writes everything still buffered (whole blocks directly, the rest through `file`)
@@ -217,12 +220,7 @@ impl Direct {
     pub fn finish(mut self, file: &File) -> io::Result<()> {
         let tail = self.send_whole_blocks()?;
         let tail_pos = self.base;
-        self.jobs = None;
-        match self.thread.take().map(std::thread::JoinHandle::join) {
-            Some(Ok(r)) => r?,
-            Some(Err(_)) => return Err(io::Error::other("the direct-write thread panicked")),
-            None => {}
-        }
+        self.join()?;
         if !tail.is_empty() {
             file.write_all_at(&tail, tail_pos)?;
         }
@@ -289,8 +287,7 @@ fn io_loop(
             Job::Sync { upto } => {
                 rustix::fs::fdatasync(direct)?;
                 tracing::debug!(task = link.task(), offset = upto, "synced");
-                crate::failpoint::hit("checkpoint-after-sync");
-                link.send(WorkerEvent::Checkpoint { offset: upto });
+                super::writer::report_checkpoint(link, upto);
             }
         }
     }

@@ -145,13 +145,18 @@ impl Mover {
 async fn move_on_own_thread(from: PathBuf, to: PathBuf, overwrite: bool) -> Result<(), MoveError> {
     let moved = tokio::task::spawn_blocking(move || {
         crate::failpoint::hit("finish-before-move");
-        let moved = move_into_place(&from, &to, overwrite);
-        if moved.is_ok() {
-            crate::failpoint::hit("finish-after-move");
-        }
-        moved
+        after_move(move_into_place(&from, &to, overwrite))
     });
     moved.await.map_err(|_| MoveError::MoverStopped)?
+}
+
+/// Passes a move's result on, hitting the `finish-after-move` failpoint when it succeeded
+/// (the file is in place and its directory synced).
+fn after_move(moved: Result<(), MoveError>) -> Result<(), MoveError> {
+    if moved.is_ok() {
+        crate::failpoint::hit("finish-after-move");
+    }
+    moved
 }
 
 /// Marks a batch as running for as long as it lives, even if the batch panics.
@@ -195,11 +200,7 @@ fn move_batch(first: MoveJob, rx: &std::sync::mpsc::Receiver<MoveJob>) {
             Ok(Renamed::Here) => renamed.push(job),
             Ok(Renamed::OtherFilesystem) => {
                 let copy = |job: MoveJob| {
-                    let moved = move_across(&job.from, &job.to, job.overwrite);
-                    if moved.is_ok() {
-                        crate::failpoint::hit("finish-after-move");
-                    }
-                    let _ = job.reply.send(moved);
+                    let _ = job.reply.send(after_move(move_across(&job.from, &job.to, job.overwrite)));
                 };
                 // The job comes back if the thread cannot start: then it is copied here.
                 let slot = std::sync::Arc::new(Mutex::new(Some(job)));
@@ -225,19 +226,15 @@ fn move_batch(first: MoveJob, rx: &std::sync::mpsc::Receiver<MoveJob>) {
     let mut synced: HashMap<PathBuf, Option<(io::ErrorKind, String)>> = HashMap::new();
     for job in renamed {
         let dir = parent_dir(&job.to).to_path_buf();
-        let outcome = synced.entry(dir).or_insert_with_key(|dir| {
-            File::open(dir).and_then(|d| d.sync_all()).err().map(|e| (e.kind(), e.to_string()))
-        });
+        let outcome =
+            synced.entry(dir).or_insert_with_key(|dir| DIR_SYNCS.sync(dir).err().map(|e| (e.kind(), e.to_string())));
         let result = match outcome {
-            None => {
-                crate::failpoint::hit("finish-after-move");
-                Ok(())
-            }
+            None => Ok(()),
             Some((kind, msg)) => {
                 Err(MoveError::Io { path: job.to.clone(), source: io::Error::new(*kind, msg.clone()) })
             }
         };
-        let _ = job.reply.send(result);
+        let _ = job.reply.send(after_move(result));
     }
 }
 

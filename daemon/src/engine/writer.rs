@@ -79,7 +79,7 @@ pub fn prepare(path: &Path, offset: u64, hash: bool) -> std::io::Result<Prepared
             std::fs::remove_file(path)?;
             0
         }
-        Ok(_) => return Err(std::io::Error::other(format!("{} is not a regular file", path.display()))),
+        Ok(_) => return Err(not_regular(path)),
         Err(_) => 0,
     };
     let mut file = std::fs::OpenOptions::new()
@@ -133,15 +133,17 @@ fn open_fresh(path: &Path) -> std::io::Result<File> {
             std::fs::remove_file(path)?;
             open()?
         }
-        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::ISDIR.raw_os_error()) => {
-            return Err(std::io::Error::other(format!("{} is not a regular file", path.display())));
-        }
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::ISDIR.raw_os_error()) => return Err(not_regular(path)),
         other => other?,
     };
     if !file.metadata()?.is_file() {
-        return Err(std::io::Error::other(format!("{} is not a regular file", path.display())));
+        return Err(not_regular(path));
     }
     Ok(file)
+}
+
+fn not_regular(path: &Path) -> std::io::Error {
+    std::io::Error::other(format!("{} is not a regular file", path.display()))
 }
 
 /// Runs on a blocking thread until told to finish or stop (or the sender is dropped,
@@ -190,22 +192,19 @@ pub fn run(
                         tracing::debug!(task = link.task(), offset, "fast download: writing directly");
                     }
                 }
-                if let Some(d) = direct.as_mut() {
-                    for bytes in &chunks {
-                        if let Some(h) = hasher.as_mut() {
-                            h.update(bytes);
-                        }
-                        d.write(bytes, &policy)?;
-                        offset += bytes.len() as u64;
-                    }
-                    continue;
+                match direct.as_mut() {
+                    Some(d) => chunks.iter().try_for_each(|bytes| d.write(bytes, &policy))?,
+                    None => write_batch(&mut out, &chunks)?,
                 }
-                write_batch(&mut out, &chunks)?;
                 for bytes in &chunks {
                     if let Some(h) = hasher.as_mut() {
                         h.update(bytes);
                     }
                     offset += bytes.len() as u64;
+                }
+                // The direct thread syncs and reports its own checkpoints.
+                if direct.is_some() {
+                    continue;
                 }
                 if offset - kicked >= KICK_BYTES {
                     start_writeback(&out, kicked, offset - kicked);
@@ -244,8 +243,7 @@ pub fn run(
                 }
                 // Everything written so far becomes the last checkpoint.
                 sync_inline(&mut out, offset)?;
-                crate::failpoint::hit("checkpoint-after-sync");
-                link.send(WorkerEvent::Checkpoint { offset });
+                report_checkpoint(&link, offset);
                 return Ok(WriterDone { offset, sha256: None });
             }
         }
@@ -305,12 +303,21 @@ fn write_batch(out: &mut File, chunks: &[Bytes]) -> std::io::Result<()> {
     Ok(())
 }
 
-fn join(thread: Option<std::thread::JoinHandle<std::io::Result<()>>>) -> std::io::Result<()> {
+/// Reports `offset` to the core as a checkpoint; its bytes were just synced (SPEC §8).
+pub(super) fn report_checkpoint(link: &WorkerLink, offset: u64) {
+    crate::failpoint::hit("checkpoint-after-sync");
+    link.send(WorkerEvent::Checkpoint { offset });
+}
+
+/// Waits for a helper thread (`what` names it in the panic error) and returns its error.
+pub(super) fn join(thread: Option<std::thread::JoinHandle<std::io::Result<()>>>, what: &str) -> std::io::Result<()> {
     match thread {
-        Some(t) => t.join().map_err(|_| std::io::Error::other("the checkpoint thread panicked"))?,
+        Some(t) => t.join().map_err(|_| std::io::Error::other(format!("{what} panicked")))?,
         None => Ok(()),
     }
 }
+
+const SYNC_THREAD: &str = "the checkpoint thread";
 
 /// The thread that makes checkpoints durable and reports them.
 struct Syncer {
@@ -332,8 +339,7 @@ impl Syncer {
                 flag.store(false, Ordering::Release);
                 synced?;
                 tracing::debug!(task = link.task(), offset, "synced");
-                crate::failpoint::hit("checkpoint-after-sync");
-                link.send(WorkerEvent::Checkpoint { offset });
+                report_checkpoint(&link, offset);
             }
             Ok(())
         })?;
@@ -356,8 +362,8 @@ impl Syncer {
     /// errno (a full disk must still read as `ENOSPC`).
     fn check(&mut self) -> std::io::Result<()> {
         if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
-            join(self.thread.take())?;
-            return Err(std::io::Error::other("the checkpoint thread stopped"));
+            join(self.thread.take(), SYNC_THREAD)?;
+            return Err(std::io::Error::other(format!("{SYNC_THREAD} stopped")));
         }
         Ok(())
     }
@@ -366,7 +372,7 @@ impl Syncer {
     fn finish(self) -> std::io::Result<()> {
         let Syncer { tx, thread, .. } = self;
         drop(tx);
-        join(thread)
+        join(thread, SYNC_THREAD)
     }
 }
 
