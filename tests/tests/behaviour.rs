@@ -283,6 +283,33 @@ async fn per_host_limit_and_priority_order() {
     assert_eq!(order, want, "highest priority first, then oldest first");
 }
 
+/// A body of at most 1 MiB is gathered in memory before the writer starts; a suspend in
+/// the middle must still keep (write, sync and commit) what had arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_download_suspended_mid_body_keeps_what_arrived() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let len = 800_000u64;
+    server.add("/s", Resource::generated(len, 44).throttle(400_000));
+    let (session, mut events) = attach(&env, "t.small").await;
+    let t = session.download_tasks(vec![DownloadRequest::new(server.url("/s"))], true).await.unwrap().remove(0);
+    events
+        .wait("progress", LONG, |e| matches!(e, Seen::Progress { task, total } if *task == t.id() && *total >= 200_000))
+        .await;
+    t.suspend().await.unwrap();
+    let info = t.info().await.unwrap();
+    assert_eq!(info.state, TaskState::Suspended);
+    assert!(info.bytes_received >= 200_000, "kept only {} bytes", info.bytes_received);
+    assert!(info.bytes_received < len, "the whole body arrived before the suspend: nothing tested");
+    let hits = server.hits("/s");
+    t.resume().await.unwrap();
+    assert_eq!(events.completion(t.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(t.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(44, len)));
+    let resumed = &server.requests_for("/s")[hits];
+    assert_eq!(resumed.range.as_deref(), Some(format!("bytes={}-", info.bytes_received).as_str()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suspend_resume_and_cancel() {
     let env = TestEnv::new();
