@@ -37,9 +37,10 @@ pub struct Timing {
     pub connect_timeout: Duration,
     /// Progress events: at most one per task per interval.
     pub progress_interval: Duration,
-    /// A running download syncs and commits its offset after this many bytes…
+    /// The most received data a crash may cost a running download (it syncs and commits
+    /// its offset every half of this)…
     pub checkpoint_bytes: u64,
-    /// …or this much time, whichever comes first.
+    /// …or after this much time, whichever comes first.
     pub checkpoint_interval: Duration,
     pub retry_initial: Duration,
     pub retry_max: Duration,

@@ -33,8 +33,17 @@ const BLOCK: usize = 4096;
 /// writer waiting for the disk: 0.80 s against 0.70 s buffered in a calm stretch).
 const BUF: usize = 4 << 20;
 
-/// How many downloads switched to direct writes (for tests and diagnostics).
-pub static STARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Direct writes need a checkpoint window at least this large: while a sync is in flight
+/// its three buffers can hold up to 12 MiB received after the synced offset, and with a sync
+/// every half window that must fit in the other half (see `CheckpointPolicy`).
+pub const MIN_WINDOW: u64 = 2 * 3 * BUF as u64;
+
+#[cfg(test)]
+thread_local! {
+    /// How many downloads written on this thread switched to direct writes (tests run in
+    /// parallel, so a global count would mix them up).
+    pub static STARTED_HERE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
 
 /// A buffer whose usable part starts at a block-aligned address.
 struct Aligned {
@@ -84,8 +93,9 @@ pub struct Direct {
 
 impl Direct {
     /// Opens `path` for direct writes continuing at `offset` (what `file`, the ordinary
-    /// descriptor, holds so far). `None` when the filesystem does not do direct I/O.
-    pub fn start(path: &Path, file: &File, offset: u64, link: WorkerLink) -> io::Result<Option<Direct>> {
+    /// descriptor, holds so far, synced up to `durable`). `None` when the filesystem does
+    /// not do direct I/O.
+    pub fn start(path: &Path, file: &File, offset: u64, durable: u64, link: WorkerLink) -> io::Result<Option<Direct>> {
         let direct = match std::fs::OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_DIRECT | rustix::fs::OFlags::NOFOLLOW.bits() as i32)
@@ -107,12 +117,14 @@ impl Direct {
         if fill > 0 {
             file.read_exact_at(cur.slice_mut(0, fill), base)?;
         }
-        STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        #[cfg(test)]
+        STARTED_HERE.with(|n| n.set(n.get() + 1));
         let (jobs, rx) = mpsc::sync_channel::<Job>(4);
         let (back_tx, back) = mpsc::channel::<Aligned>();
+        let delay = super::writer::test_sync_delay();
         let thread = std::thread::Builder::new()
             .name("dl-direct".into())
-            .spawn(move || io_loop(&direct, &rx, &back_tx, &link))?;
+            .spawn(move || io_loop(&direct, &rx, &back_tx, &link, delay))?;
         Ok(Some(Direct {
             cur,
             base,
@@ -122,7 +134,8 @@ impl Direct {
             back,
             thread: Some(thread),
             written: offset,
-            requested: offset,
+            // The next sync is due half a window after what is durable.
+            requested: durable,
             last_request: Instant::now(),
         }))
     }
@@ -137,7 +150,7 @@ impl Direct {
             data = rest;
             if self.fill == BUF {
                 self.hand_over(BUF)?;
-                if self.written - self.requested >= policy.bytes {
+                if self.written - self.requested >= policy.sync_every() {
                     self.checkpoint()?;
                 }
             }
@@ -277,6 +290,7 @@ fn io_loop(
     jobs: &mpsc::Receiver<Job>,
     back: &mpsc::Sender<Aligned>,
     link: &WorkerLink,
+    delay: std::time::Duration,
 ) -> io::Result<()> {
     for job in jobs {
         match job {
@@ -286,6 +300,7 @@ fn io_loop(
             }
             Job::Sync { upto } => {
                 rustix::fs::fdatasync(direct)?;
+                std::thread::sleep(delay);
                 tracing::debug!(task = link.task(), offset = upto, "synced");
                 super::writer::report_checkpoint(link, upto);
             }

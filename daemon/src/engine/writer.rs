@@ -34,10 +34,21 @@ pub struct WriterDone {
     pub sha256: Option<[u8; 32]>,
 }
 
+/// How much a crash may cost and how stale a checkpoint may get.
 #[derive(Debug)]
 pub struct CheckpointPolicy {
+    /// The most received data a crash may lose (the checkpoint window): a sync starts
+    /// each time half of it has arrived, so the next half can arrive while that sync is in
+    /// flight; a writer whose sync falls further behind waits for it.
     pub bytes: u64,
     pub interval: Duration,
+}
+
+impl CheckpointPolicy {
+    /// Data between the starts of two syncs.
+    pub fn sync_every(&self) -> u64 {
+        (self.bytes / 2).max(1)
+    }
 }
 
 /// The partial file, opened and trimmed to where the next attempt continues.
@@ -160,6 +171,8 @@ pub fn run(
     mut rx: mpsc::Receiver<WriterMsg>,
 ) -> std::io::Result<WriterDone> {
     let Prepared { file: mut out, offset, mut hasher } = prepared;
+    // Durable already: a fresh file is empty, a resumed one was cut to its committed offset.
+    let offset_at_start = offset;
     let mut offset = offset;
     // A fast download switches to direct writes once (see `direct`).
     let started = Instant::now();
@@ -181,13 +194,18 @@ pub fn run(
     loop {
         match rx.blocking_recv() {
             Some(WriterMsg::Data(chunks)) => {
-                if !direct_tried && offset - start_offset >= DIRECT_AFTER && is_fast(offset - start_offset, started) {
+                if !direct_tried
+                    && policy.bytes >= super::direct::MIN_WINDOW
+                    && offset - start_offset >= DIRECT_AFTER
+                    && is_fast(offset - start_offset, started)
+                {
                     direct_tried = true;
                     // The sync thread's last report must come before the direct thread's first.
                     if let Some(s) = syncer.take() {
                         s.finish()?;
                     }
-                    direct = super::direct::Direct::start(path, &out, offset, link.clone())?;
+                    // Every sync requested so far is done: `requested` is durable.
+                    direct = super::direct::Direct::start(path, &out, offset, requested, link.clone())?;
                     if direct.is_some() {
                         tracing::debug!(task = link.task(), offset, "fast download: writing directly");
                     }
@@ -210,12 +228,16 @@ pub fn run(
                     start_writeback(&out, kicked, offset - kicked);
                     kicked = offset;
                 }
-                if offset - requested >= policy.bytes || last_request.elapsed() >= policy.interval {
+                if offset - requested >= policy.sync_every() || last_request.elapsed() >= policy.interval {
                     let s = match syncer.as_mut() {
                         Some(s) => s,
-                        None => syncer.insert(Syncer::start(&out, link.clone())?),
+                        None => syncer.insert(Syncer::start(&out, offset_at_start, link.clone())?),
                     };
                     s.check()?;
+                    if s.is_busy() && offset - s.synced() >= policy.bytes {
+                        // The window is full: more data now would be more than a crash may cost.
+                        s.wait()?;
+                    }
                     if !s.is_busy() {
                         s.request(offset);
                         requested = offset;
@@ -319,35 +341,82 @@ pub(super) fn join(thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 
 const SYNC_THREAD: &str = "the checkpoint thread";
 
+#[cfg(test)]
+thread_local! {
+    /// Tests make the syncs started from their thread this much slower.
+    pub(super) static SYNC_DELAY: std::cell::Cell<Duration> = const { std::cell::Cell::new(Duration::ZERO) };
+}
+
+/// How long a sync thread started from this thread waits after each sync (tests only).
+pub(super) fn test_sync_delay() -> Duration {
+    #[cfg(test)]
+    return SYNC_DELAY.with(std::cell::Cell::get);
+    #[cfg(not(test))]
+    Duration::ZERO
+}
+
 /// The thread that makes checkpoints durable and reports them.
 struct Syncer {
     tx: std::sync::mpsc::Sender<u64>,
     busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The end of the last sync that finished.
+    synced: std::sync::Arc<std::sync::atomic::AtomicU64>,
     thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
 
 impl Syncer {
-    fn start(file: &File, link: WorkerLink) -> std::io::Result<Syncer> {
+    /// Starts the thread on the writer's thread (which it wakes after each sync);
+    /// `durable` is how much of the file is synced already.
+    fn start(file: &File, durable: u64, link: WorkerLink) -> std::io::Result<Syncer> {
         use std::sync::atomic::Ordering;
         let fd = file.try_clone()?;
         let busy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let synced = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(durable));
         let (tx, rx) = std::sync::mpsc::channel::<u64>();
-        let flag = busy.clone();
+        let (flag, done) = (busy.clone(), synced.clone());
+        let writer = std::thread::current();
+        let delay = test_sync_delay();
         let thread = std::thread::Builder::new().name("dl-sync".into()).spawn(move || {
-            for offset in rx {
-                let synced = rustix::fs::fdatasync(&fd);
-                flag.store(false, Ordering::Release);
-                synced?;
-                tracing::debug!(task = link.task(), offset, "synced");
-                report_checkpoint(&link, offset);
-            }
-            Ok(())
+            let result = (|| {
+                for offset in rx {
+                    let result = rustix::fs::fdatasync(&fd);
+                    std::thread::sleep(delay);
+                    if result.is_ok() {
+                        tracing::debug!(task = link.task(), offset, "synced");
+                        // Reported before the writer may go on: until the core has it,
+                        // the window still counts from the previous checkpoint.
+                        report_checkpoint(&link, offset);
+                        done.store(offset, Ordering::Release);
+                    }
+                    flag.store(false, Ordering::Release);
+                    writer.unpark();
+                    result?;
+                }
+                Ok(())
+            })();
+            // A writer waiting for this thread must see it gone.
+            writer.unpark();
+            result
         })?;
-        Ok(Syncer { tx, busy, thread: Some(thread) })
+        Ok(Syncer { tx, busy, synced, thread: Some(thread) })
     }
 
     fn is_busy(&self) -> bool {
         self.busy.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn synced(&self) -> u64 {
+        self.synced.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Waits for the sync in flight; an error if the thread stopped.
+    fn wait(&mut self) -> std::io::Result<()> {
+        while self.is_busy() {
+            self.check()?;
+            // Woken by the sync thread; the timeout only guards against a missed wake-up.
+            std::thread::park_timeout(Duration::from_millis(100));
+        }
+        self.check()
     }
 
     /// Hands `offset` (already written to the kernel) to the sync thread.
@@ -448,11 +517,11 @@ mod tests {
             }
             tx.blocking_send(if stop { WriterMsg::Stop } else { WriterMsg::Finish }).unwrap();
         });
-        let policy = CheckpointPolicy { bytes: 8 << 20, interval: Duration::from_secs(60) };
-        let before = super::super::direct::STARTED.load(std::sync::atomic::Ordering::Relaxed);
+        let policy = CheckpointPolicy { bytes: super::super::direct::MIN_WINDOW, interval: Duration::from_secs(60) };
+        let before = super::super::direct::STARTED_HERE.with(std::cell::Cell::get);
         let done = run(prepared, &part, policy, link, rx).unwrap();
         sender.join().unwrap();
-        let after = super::super::direct::STARTED.load(std::sync::atomic::Ordering::Relaxed);
+        let after = super::super::direct::STARTED_HERE.with(std::cell::Cell::get);
         assert!(after > before, "the download did not switch to direct writes");
         let checkpoints = checkpoints_sent(&mut core_rx);
         (done, checkpoints, std::fs::read(&part).unwrap())
@@ -471,6 +540,77 @@ mod tests {
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8).collect()
+    }
+
+    /// A fresh partial file and the channels around its writer.
+    struct Rig {
+        _dir: tempfile::TempDir,
+        part: std::path::PathBuf,
+        prepared: Prepared,
+        core_rx: tokio::sync::mpsc::UnboundedReceiver<crate::core::CoreMsg>,
+        link: WorkerLink,
+        tx: mpsc::Sender<WriterMsg>,
+        rx: mpsc::Receiver<WriterMsg>,
+    }
+
+    fn rig() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("s/1.part");
+        let prepared = prepare(&part, 0, false).unwrap();
+        let (core_tx, core_rx) = tokio::sync::mpsc::unbounded_channel();
+        let link = WorkerLink::new(core_tx, 1, 1);
+        let (tx, rx) = mpsc::channel(4);
+        Rig { _dir: dir, part, prepared, core_rx, link, tx, rx }
+    }
+
+    /// Writes `len` bytes, sent as fast as the writer takes them, with every sync held
+    /// `delay` longer; returns how far the data sent ever ran past the last checkpoint the
+    /// core had been told about, and whether the writer switched to direct writes.
+    fn largest_gap(len: usize, window: u64, delay: Duration) -> (u64, bool) {
+        let Rig { _dir, part, prepared, mut core_rx, link, tx, rx } = rig();
+        let body = pattern(len, 9);
+        let sender = std::thread::spawn(move || {
+            let (mut sent, mut durable, mut gap) = (0u64, 0u64, 0u64);
+            for c in body.chunks(256 << 10) {
+                durable = checkpoints_sent(&mut core_rx).last().copied().unwrap_or(durable);
+                sent += c.len() as u64;
+                gap = gap.max(sent - durable);
+                tx.blocking_send(WriterMsg::Data(vec![Bytes::copy_from_slice(c)])).unwrap();
+            }
+            tx.blocking_send(WriterMsg::Finish).unwrap();
+            gap
+        });
+        let before = super::super::direct::STARTED_HERE.with(std::cell::Cell::get);
+        SYNC_DELAY.with(|d| d.set(delay));
+        let policy = CheckpointPolicy { bytes: window, interval: Duration::from_secs(60) };
+        let done = run(prepared, &part, policy, link, rx);
+        SYNC_DELAY.with(|d| d.set(Duration::ZERO));
+        let gap = sender.join().unwrap();
+        assert_eq!(done.unwrap().offset, len as u64);
+        let after = super::super::direct::STARTED_HERE.with(std::cell::Cell::get);
+        (gap, after > before)
+    }
+
+    /// What the data sent may run ahead of the writer: the channel's four messages, the
+    /// one being sent and the one being written (256 KiB each).
+    const IN_FLIGHT: u64 = 6 * (256 << 10);
+
+    #[test]
+    fn slow_syncs_hold_a_buffered_download_within_its_checkpoint_window() {
+        let window = 4 << 20;
+        let (gap, direct) = largest_gap(24 << 20, window, Duration::from_millis(150));
+        assert!(!direct, "a 4 MiB window is too small for direct writes");
+        assert!(gap <= window + IN_FLIGHT, "{gap} bytes ran past the last checkpoint (window {window})");
+        assert!(gap > window / 2, "the syncs were not slow enough to test anything: {gap}");
+    }
+
+    #[test]
+    fn slow_syncs_hold_a_direct_download_within_its_checkpoint_window() {
+        let window = super::super::direct::MIN_WINDOW;
+        let (gap, direct) = largest_gap(80 << 20, window, Duration::from_millis(100));
+        assert!(direct, "the download did not switch to direct writes");
+        assert!(gap <= window + IN_FLIGHT, "{gap} bytes ran past the last checkpoint (window {window})");
+        assert!(gap > window / 2, "the syncs were not slow enough to test anything: {gap}");
     }
 
     #[test]
@@ -492,12 +632,7 @@ mod tests {
 
     #[test]
     fn a_download_that_slows_down_after_switching_still_checkpoints_on_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let part = dir.path().join("s/1.part");
-        let prepared = prepare(&part, 0, false).unwrap();
-        let (core_tx, mut core_rx) = tokio::sync::mpsc::unbounded_channel();
-        let link = WorkerLink::new(core_tx, 1, 1);
-        let (tx, rx) = mpsc::channel(4);
+        let Rig { _dir, part, prepared, mut core_rx, link, tx, rx } = rig();
         let fast = pattern(20 << 20, 5);
         let slow = pattern(10_000, 6);
         let sender = std::thread::spawn(move || {
