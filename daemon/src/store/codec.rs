@@ -293,10 +293,9 @@ pub fn insert_event(tx: &Transaction<'_>, e: &EventRecord) -> rusqlite::Result<(
         eh,
         e.created_at as i64
     ])?;
-    tx.execute(
-        "UPDATE sessions SET next_seq = max(next_seq, ?2) WHERE id = ?1",
-        params![e.session, e.seq.saturating_add(1) as i64],
-    )?;
+    // Cached: two events per finished download, and parsing this cost more than running it.
+    tx.prepare_cached("UPDATE sessions SET next_seq = max(next_seq, ?2) WHERE id = ?1")?
+        .execute(params![e.session, e.seq.saturating_add(1) as i64])?;
     Ok(())
 }
 

@@ -244,7 +244,8 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
         }
         Op::InsertTask(t) | Op::UpdateTask(t) => codec::save_task(tx, t),
         Op::Checkpoint { task, offset } => {
-            tx.execute("UPDATE tasks SET committed_offset = ?2 WHERE id = ?1", params![*task as i64, *offset as i64])?;
+            tx.prepare_cached("UPDATE tasks SET committed_offset = ?2 WHERE id = ?1")?
+                .execute(params![*task as i64, *offset as i64])?;
             Ok(())
         }
         Op::InsertEvent(e) => codec::insert_event(tx, e),
