@@ -245,7 +245,8 @@ pub trait SessionDelegate: Send + Sync + 'static {
         let _ = (session, task, bytes_written, total_bytes_written, total_bytes_expected);
     }
 
-    /// A transfer (re)started at `offset`; 0 means it had to start over.
+    /// A transfer (re)started at `offset`; 0 means it had to start over. Comes before any
+    /// `did_write_data` of the attempt it announces.
     fn did_resume_at_offset(&self, session: &Session, task: &DownloadTask, offset: u64, expected_total: Option<u64>) {
         let _ = (session, task, offset, expected_total);
     }

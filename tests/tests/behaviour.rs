@@ -310,6 +310,65 @@ async fn a_small_download_suspended_mid_body_keeps_what_arrived() {
     assert_eq!(resumed.range.as_deref(), Some(format!("bytes={}-", info.bytes_received).as_str()));
 }
 
+/// `did_resume_at_offset` comes before any progress of the attempt it announces, as with
+/// Apple's delegate. The event waits for its commit, which is made slow here: a second
+/// download checkpoints every 128 KiB and every commit holding a checkpoint pauses the
+/// database thread for 30 ms, while progress is sampled every 1 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumed_at_offset_comes_before_the_progress_of_its_attempt() {
+    let env = TestEnv::new();
+    env.set_config("progress_interval_ms", "1");
+    env.set_config("checkpoint_bytes", "131072");
+    let slow_commits = std::ffi::OsStr::new("checkpoint-after-commit:1+:sleep-ms=30");
+    let _d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", slow_commits)]);
+    let server = TestServer::start().await.unwrap();
+    let len = 8u64 << 20;
+    server.add("/r", Resource::generated(len, 45).throttle(4 << 20));
+    server.add("/noise", Resource::generated(256 << 20, 46).throttle(8 << 20));
+    let (session, mut events) = attach(&env, "t.order").await;
+    let noise = session.download_task(DownloadRequest::new(server.url("/noise"))).await.unwrap();
+    noise.resume().await.unwrap();
+    let t = session.download_tasks(vec![DownloadRequest::new(server.url("/r"))], true).await.unwrap().remove(0);
+    let mut reached = 0u64;
+    for round in 1..=4u64 {
+        let want = round * (1 << 20);
+        events
+            .wait(
+                "progress",
+                LONG,
+                |e| matches!(e, Seen::Progress { task, total } if *task == t.id() && *total >= want),
+            )
+            .await;
+        t.suspend().await.unwrap();
+        reached = t.info().await.unwrap().bytes_received;
+        t.resume().await.unwrap();
+        events.wait("resumed", LONG, |e| matches!(e, Seen::Resumed { task, .. } if *task == t.id())).await;
+    }
+    assert_eq!(events.completion(t.id(), LONG).await, None);
+    noise.cancel().await.unwrap();
+    assert!(reached >= 4 << 20);
+    // Between one resume and the next, progress never runs past the offset the next
+    // resume announces: the previous attempt stopped there, so anything beyond it came
+    // from the new attempt, ahead of its announcement.
+    let mut since_resume: Vec<u64> = Vec::new();
+    let mut resumes = 0;
+    for e in &events.seen {
+        match e {
+            Seen::Progress { task, total } if *task == t.id() => since_resume.push(*total),
+            Seen::Resumed { task, offset } if *task == t.id() => {
+                resumes += 1;
+                assert!(
+                    since_resume.iter().all(|&p| p <= *offset),
+                    "progress {since_resume:?} reached past {offset} before resumed_at_offset({offset})"
+                );
+                since_resume.clear();
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(resumes, 4);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suspend_resume_and_cancel() {
     let env = TestEnv::new();

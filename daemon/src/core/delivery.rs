@@ -338,8 +338,28 @@ impl Core {
         let delta = received.saturating_sub(t.sampled);
         t.sampled = received;
         self.bytes_downloaded += delta;
+        self.report_progress(id, delta);
+    }
+
+    /// Passes `delta` new bytes on, or keeps them while the attempt's progress is held.
+    pub(super) fn report_progress(&mut self, id: TaskId, delta: u64) {
+        let Some(run) = self.tasks.get_mut(&id).and_then(|t| t.run.as_mut()) else { return };
+        if run.progress_held {
+            run.held_bytes += delta;
+            return;
+        }
+        let delta = delta + std::mem::take(&mut run.held_bytes);
         if delta > 0 {
             self.push_progress(id, delta);
+        }
+    }
+
+    /// Lets attempt `generation`'s progress go out, with what was held meanwhile.
+    pub(super) fn release_progress(&mut self, id: TaskId, generation: u64) {
+        let Some(run) = self.tasks.get_mut(&id).and_then(|t| t.run.as_mut()) else { return };
+        if run.generation == generation {
+            run.progress_held = false;
+            self.report_progress(id, 0);
         }
     }
 

@@ -78,6 +78,11 @@ pub enum After {
     RemoveDir(PathBuf),
     /// Tell a waiting worker that its commit is durable.
     Signal(oneshot::Sender<()>),
+    /// The attempt's `resumed_at_offset` is out: its progress may follow.
+    ReleaseProgress {
+        task: TaskId,
+        generation: u64,
+    },
 }
 
 /// What a running task should do once its worker has stopped.
@@ -101,6 +106,11 @@ struct Run {
     holds_slot: bool,
     /// Bytes in the file when the attempt began (to tell progress from a stall).
     start_received: u64,
+    /// Progress waits while this attempt's `resumed_at_offset` is being committed, so a
+    /// client hears where the transfer restarted before it hears of new bytes.
+    progress_held: bool,
+    /// Progress that arrived meanwhile.
+    held_bytes: u64,
     _worker: tokio::task::JoinHandle<()>,
 }
 
@@ -500,6 +510,7 @@ impl Core {
                 After::Signal(tx) => {
                     let _ = tx.send(());
                 }
+                After::ReleaseProgress { task, generation } => self.release_progress(task, generation),
                 After::RemoveFiles(paths) => {
                     for p in paths {
                         remove_file_quietly(&p);
@@ -573,9 +584,7 @@ impl Core {
             t.speed = if t.speed == 0 { instant } else { (t.speed * 3 + instant * 7) / 10 };
             rate += t.speed;
             self.bytes_downloaded += delta;
-            if delta > 0 {
-                self.push_progress(id, delta);
-            }
+            self.report_progress(id, delta);
         }
         self.download_rate = rate;
     }

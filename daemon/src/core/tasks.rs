@@ -164,6 +164,8 @@ impl Core {
                 lane: lane.clone(),
                 holds_slot: true,
                 start_received: t.progress.received(),
+                progress_held: false,
+                held_bytes: 0,
                 _worker: worker,
             });
         }
@@ -289,6 +291,10 @@ impl Core {
             let event = DurableEvent::ResumedAtOffset { task: id, offset: meta.offset, expected_total };
             let seq = self.emit(key, event, &mut ops);
             after.push(After::Events { session: key, seq });
+            if let Some(run) = self.tasks.get_mut(&id).and_then(|t| t.run.as_mut()) {
+                run.progress_held = true;
+                after.push(After::ReleaseProgress { task: id, generation: run.generation });
+            }
         }
         if let Some(tx) = durable {
             after.push(After::Signal(tx));
