@@ -23,7 +23,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tracing::{Instrument, debug, info_span};
+use tracing::{Instrument, debug, debug_span};
 use url::Url;
 
 use crate::core::{CoreMsg, CoreTx};
@@ -195,7 +195,9 @@ impl Engine {
     /// Starts a worker for `job`.
     pub fn spawn(self: &Arc<Self>, job: Job) -> tokio::task::JoinHandle<()> {
         let engine = Arc::clone(self);
-        let span = info_span!("download", session = %job.session, task = job.link.task);
+        // Debug: at the default level an enabled span cost every poll of every download an
+        // enter and exit in the registry; what is logged at info names its task itself.
+        let span = debug_span!("download", session = %job.session, task = job.link.task);
         tokio::spawn(
             async move {
                 let link = job.link.clone();
