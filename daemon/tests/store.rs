@@ -76,6 +76,7 @@ async fn records_survive_a_reopen() {
         let (store, snap) = open(&db);
         assert!(snap.sessions.is_empty() && snap.tasks.is_empty());
         assert_eq!(snap.next_task_id, 1);
+        assert_eq!(snap.seq_floor, 1, "a new database numbers events from 1");
         let mut t2 = task(2);
         let t3 = task(3);
         store.write(
@@ -130,12 +131,15 @@ async fn records_survive_a_reopen() {
     let retired = store.load_task(1).await.unwrap().unwrap();
     assert!(retired.retired);
     assert_eq!(retired.committed_offset, 55);
-    store.write(vec![Op::DeleteEvents { session: 7, seqs: vec![1, 2] }, Op::DeleteSession(7)], None);
+    store
+        .write(vec![Op::DeleteEvents { session: 7, seqs: vec![1, 2] }, Op::DeleteSession(7), Op::SetSeqFloor(3)], None);
+    store.write(vec![Op::SetSeqFloor(2)], None);
     store.flush().await;
     drop(store);
     let (_, snap) = open(&db);
     assert!(snap.sessions.is_empty() && snap.tasks.is_empty() && snap.events.is_empty());
     assert_eq!(snap.next_task_id, 10, "task ids are never reused");
+    assert_eq!(snap.seq_floor, 3, "sequence numbers of a deleted session are never reused (nor lowered)");
 }
 
 fn digest(path: &Path) -> Vec<u8> {

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{LONG, Recorder, Seen};
-use dlsession::proto::{Request, Response, SessionInfo};
+use dlsession::proto::{Request, Response, SessionConfig, SessionInfo, TaskSpec};
 use dlsession::{Client, ClientOptions, DetachReason, DownloadRequest, ErrorCode, Session, SessionConfiguration};
 use dlsession_testkit::{Resource, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex, wait_for};
 
@@ -273,4 +273,52 @@ async fn wakes_back_off_while_the_app_stays_away() {
     let s = info(&env, "t.away").await.unwrap();
     assert_eq!(s.wake.attempts, 0);
     assert_eq!(s.wake.next_wake, None);
+}
+
+/// A session that reuses a deleted one's identifier numbers its events after the old
+/// one's (across a restart too), so an acknowledgement meant for the old one that arrives
+/// late cannot delete the new one's events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_acknowledgement_for_a_reused_identifier_deletes_nothing_new() {
+    let env = TestEnv::new();
+    let mut d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(10_000, 61));
+    server.add("/b", Resource::generated(10_000, 62));
+    // The first incarnation: one download, then invalidated (events 1 to 3).
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.late"), delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(server.url("/a"))], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    session.finish_tasks_and_invalidate().await.unwrap();
+    events.wait("detached", LONG, |e| *e == Seen::Detached(DetachReason::Invalidated)).await;
+    drop(session);
+    wait_for("session removed", LONG, || block(info(&env, "t.late")).is_none().then_some(()));
+    assert!(d.terminate().success());
+    d.restart();
+
+    // The second incarnation runs a download with nobody attached: its events wait.
+    let client =
+        Client::connect(ClientOptions { socket: Some(env.socket.clone()), ..ClientOptions::default() }).await.unwrap();
+    let open = Request::OpenSession { identifier: "t.late".into(), config: Some(SessionConfig::default()) };
+    client.request(open).await.unwrap();
+    let create = Request::CreateTasks {
+        identifier: "t.late".into(),
+        tasks: vec![TaskSpec::get(server.url("/b"))],
+        resume: true,
+    };
+    let id = match client.request(create).await.unwrap() {
+        Response::TasksCreated(ids) => ids[0],
+        other => panic!("unexpected {other:?}"),
+    };
+    wait_for("the new download's events", LONG, || {
+        block(info(&env, "t.late")).filter(|s| s.pending_events == 2).map(|_| ())
+    });
+    // A late acknowledgement of the first incarnation's events.
+    client.request(Request::AckEvents { identifier: "t.late".into(), seqs: (1..=3).collect() }).await.unwrap();
+    assert_eq!(info(&env, "t.late").await.unwrap().pending_events, 2, "the new incarnation's events were deleted");
+    let (delegate, mut events) = Recorder::new(&env.path().join("out2"));
+    let _session = Session::attach(config(&env, "t.late"), delegate).await.unwrap();
+    assert_eq!(events.completion(id, LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(id).unwrap()).unwrap(), to_hex(&pattern_sha256(62, 10_000)));
 }

@@ -158,6 +158,9 @@ impl Core {
             c.handle.event(Event::Detached { identifier: s.rec.identifier.clone(), reason: DetachReason::Invalidated });
         }
         ops.push(Op::DeleteSession(key));
+        // A later session with this identifier numbers its events after this one's.
+        self.seq_floor = self.seq_floor.max(s.rec.next_seq);
+        ops.push(Op::SetSeqFloor(self.seq_floor));
         after.push(After::RemoveDir(self.session_dir(key)));
         info!(session = %s.rec.identifier, "session invalidated and removed");
     }

@@ -188,6 +188,8 @@ pub struct Core {
     sessions: HashMap<SessionKey, Session>,
     by_identifier: HashMap<String, SessionKey>,
     next_session_key: SessionKey,
+    /// A new session's first event sequence number (see `store::Op::SetSeqFloor`).
+    seq_floor: u64,
     /// Boxed: filled in id order, a map's nodes stay half full, and tasks are large.
     tasks: BTreeMap<TaskId, Box<Task>>,
     next_task_id: TaskId,
@@ -258,6 +260,7 @@ impl Core {
             sessions: HashMap::new(),
             by_identifier: HashMap::new(),
             next_session_key: 1,
+            seq_floor: snapshot.seq_floor,
             tasks: BTreeMap::new(),
             next_task_id: snapshot.next_task_id,
             next_generation: 1,

@@ -240,7 +240,7 @@ impl Core {
             key,
             identifier: identifier.clone(),
             config,
-            next_seq: 1,
+            next_seq: self.seq_floor.max(1),
             invalidating: false,
             invalid: false,
             created_at: now_ms(),

@@ -331,6 +331,24 @@ pub fn load_events(conn: &Connection) -> rusqlite::Result<Vec<EventRecord>> {
     rows.collect()
 }
 
+/// Sets a counter in `meta` to `value` unless it is higher already.
+pub fn raise_meta(tx: &Transaction<'_>, key: &str, value: u64) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO meta(key, value) VALUES (?1, ?2)
+         ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
+    )?
+    .execute(params![key, i64::try_from(value).unwrap_or(i64::MAX)])?;
+    Ok(())
+}
+
+/// The first event sequence number of a new session: above every number a session that
+/// was deleted ever used, and at least 1.
+pub fn load_seq_floor(conn: &Connection) -> rusqlite::Result<u64> {
+    let stored: Option<i64> =
+        conn.query_row("SELECT value FROM meta WHERE key = 'seq_floor'", [], |r| r.get(0)).optional()?;
+    Ok(stored.unwrap_or(1).max(1) as u64)
+}
+
 pub fn load_next_task_id(conn: &Connection) -> rusqlite::Result<TaskId> {
     let stored: Option<i64> =
         conn.query_row("SELECT value FROM meta WHERE key = 'next_task_id'", [], |r| r.get(0)).optional()?;

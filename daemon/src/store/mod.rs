@@ -74,6 +74,10 @@ pub enum Op {
         before: u64,
     },
     SetNextTaskId(TaskId),
+    /// Event sequence numbers of any later session start here (never lowered): a session
+    /// that reuses a deleted one's identifier must not reuse its sequence numbers, or a
+    /// late acknowledgement meant for the old one would delete the new one's events.
+    SetSeqFloor(u64),
 }
 
 /// Runs after the batch's transaction committed (or failed).
@@ -93,6 +97,8 @@ pub struct Snapshot {
     /// Durable events not yet acknowledged, in (session, seq) order.
     pub events: Vec<EventRecord>,
     pub next_task_id: TaskId,
+    /// Where a new session's event sequence numbers start (see `Op::SetSeqFloor`).
+    pub seq_floor: u64,
 }
 
 /// Handle to the database thread. Cheap to clone.
@@ -154,6 +160,7 @@ fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreError> {
         tasks: codec::load_live_tasks(conn)?,
         events: codec::load_events(conn)?,
         next_task_id: codec::load_next_task_id(conn)?,
+        seq_floor: codec::load_seq_floor(conn)?,
     })
 }
 
@@ -271,14 +278,8 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
             )?;
             Ok(())
         }
-        Op::SetNextTaskId(id) => {
-            tx.execute(
-                "INSERT INTO meta(key, value) VALUES ('next_task_id', ?1)
-                 ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
-                params![*id as i64],
-            )?;
-            Ok(())
-        }
+        Op::SetNextTaskId(id) => codec::raise_meta(tx, "next_task_id", *id),
+        Op::SetSeqFloor(seq) => codec::raise_meta(tx, "seq_floor", *seq),
     }
 }
 
