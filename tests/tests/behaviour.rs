@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{LONG, Recorder, Seen};
-use dlsession::proto::WaitReason;
+use dlsession::proto::{Request, TaskAction, WaitReason};
 use dlsession::{DownloadRequest, ErrorCode, Session, SessionConfiguration, TaskState};
 use dlsession_testkit::{
     Fault, Hits, Resource, TestCa, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex,
@@ -367,6 +367,47 @@ async fn resumed_at_offset_comes_before_the_progress_of_its_attempt() {
         }
     }
     assert_eq!(resumes, 4);
+}
+
+/// An app that attaches while a resumed download runs gets the missed
+/// `did_resume_at_offset` before the progress that follows it (progress waits while the
+/// attach commits and replays).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attach_replays_a_resume_before_the_progress_after_it() {
+    let env = TestEnv::new();
+    env.set_config("progress_interval_ms", "1");
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let len = 8u64 << 20;
+    server.add("/r", Resource::generated(len, 47).throttle(2 << 20));
+    let (session, mut events) = attach(&env, "t.replay").await;
+    let t = session.download_tasks(vec![DownloadRequest::new(server.url("/r"))], true).await.unwrap().remove(0);
+    events
+        .wait("progress", LONG, |e| matches!(e, Seen::Progress { task, total } if *task == t.id() && *total >= 1 << 20))
+        .await;
+    drop(session); // the app goes away; the download goes on
+    let client = dlsession::Client::connect(dlsession::ClientOptions {
+        socket: Some(env.socket.clone()),
+        ..dlsession::ClientOptions::default()
+    })
+    .await
+    .unwrap();
+    for action in [TaskAction::Suspend, TaskAction::Resume] {
+        client.request(Request::ControlTask { task: t.id(), action }).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A changed configuration makes the attach commit before it replays, while progress
+    // is sampled every 1 ms.
+    let config = SessionConfiguration::background("t.replay").timeout_for_request(Duration::from_secs(77));
+    let (session, mut events) = attach_with(&env, config).await;
+    assert_eq!(events.completion(t.id(), LONG).await, None);
+    let resumed = events.seen.iter().position(|e| matches!(e, Seen::Resumed { task, .. } if *task == t.id()));
+    let progress = events.seen.iter().position(|e| matches!(e, Seen::Progress { task, .. } if *task == t.id()));
+    let (Some(resumed), Some(progress)) = (resumed, progress) else {
+        panic!("no resume or no progress replayed: {:?}", events.seen)
+    };
+    assert!(resumed < progress, "progress before the replayed resume: {:?}", &events.seen[..=resumed]);
+    drop(session);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

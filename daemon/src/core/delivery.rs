@@ -42,11 +42,13 @@ impl Core {
             return;
         }
         for (seq, ev) in s.events.range(from..=s.committed) {
-            if let Some(task) = ev.task() {
-                // Progress that is still coalescing goes out before the task's events.
-                if let Some(p) = c.handle.mailbox.take_progress(task) {
-                    c.handle.send(p);
-                }
+            // Progress that is still coalescing goes out before the task's events, except
+            // before a resume: what follows it is the progress of the attempt it announces.
+            if let Some(task) = ev.task()
+                && !matches!(ev.event, DurableEvent::ResumedAtOffset { .. })
+                && let Some(p) = c.handle.mailbox.take_progress(task)
+            {
+                c.handle.send(p);
             }
             c.handle.event(Event::Durable { identifier: s.rec.identifier.clone(), seq: *seq, event: ev.event.clone() });
         }
@@ -324,7 +326,9 @@ impl Core {
         let send = |conn: &super::Conn| {
             conn.handle.mailbox.add_progress(&s.rec.identifier, id, delta, total, expected);
         };
-        if let Some(c) = s.attached.and_then(|c| self.conns.get(&c)) {
+        // While an attach replays the events it missed, progress would overtake them (the
+        // totals are absolute: the next report after the replay says it all).
+        if let Some(c) = s.attached.filter(|_| !s.replaying).and_then(|c| self.conns.get(&c)) {
             send(c);
         }
         for c in self.conns.values() {

@@ -164,7 +164,8 @@ impl Core {
                 lane: lane.clone(),
                 holds_slot: true,
                 start_received: t.progress.received(),
-                progress_held: false,
+                // A resume announces its offset before its progress (see `on_started`).
+                progress_held: t.rec.committed_offset > 0,
                 held_bytes: 0,
                 _worker: worker,
             });
@@ -284,17 +285,25 @@ impl Core {
             self.notify_watchers(id);
             return;
         }
+        let announces = meta.offset > 0 || meta.restarted;
         let mut ops = vec![Op::UpdateTask(Box::new(rec.clone()))];
         t.unsaved = false;
         let mut after = Vec::new();
-        if meta.offset > 0 || meta.restarted {
+        if announces {
             let event = DurableEvent::ResumedAtOffset { task: id, offset: meta.offset, expected_total };
             let seq = self.emit(key, event, &mut ops);
             after.push(After::Events { session: key, seq });
-            if let Some(run) = self.tasks.get_mut(&id).and_then(|t| t.run.as_mut()) {
-                run.progress_held = true;
+        }
+        // Progress was held from the start of a resumed attempt (a tick may come before
+        // this message): until the event is out, or now when there is none.
+        if let Some(run) = self.tasks.get_mut(&id).and_then(|t| t.run.as_mut()) {
+            run.progress_held = announces;
+            if announces {
                 after.push(After::ReleaseProgress { task: id, generation: run.generation });
             }
+        }
+        if !announces {
+            self.report_progress(id, 0);
         }
         if let Some(tx) = durable {
             after.push(After::Signal(tx));
