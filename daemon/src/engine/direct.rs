@@ -125,7 +125,7 @@ impl Direct {
         let thread = std::thread::Builder::new()
             .name("dl-direct".into())
             .spawn(move || io_loop(&direct, &rx, &back_tx, &link, delay))?;
-        Ok(Some(Direct {
+        let mut d = Direct {
             cur,
             base,
             fill,
@@ -134,10 +134,16 @@ impl Direct {
             back,
             thread: Some(thread),
             written: offset,
-            // The next sync is due half a window after what is durable.
             requested: durable,
             last_request: Instant::now(),
-        }))
+        };
+        // What the ordinary descriptor wrote since its last sync is synced first (the
+        // same inode): otherwise up to half a window of it would come on top of the
+        // buffers' 12 MiB while the first direct sync runs.
+        if offset > durable {
+            d.checkpoint()?;
+        }
+        Ok(Some(d))
     }
 
     /// Appends body bytes; full buffers go to the I/O thread.
@@ -150,7 +156,9 @@ impl Direct {
             data = rest;
             if self.fill == BUF {
                 self.hand_over(BUF)?;
-                if self.written - self.requested >= policy.sync_every() {
+                // Before the next buffer could take the gap past half a window (the
+                // buffers' hold beyond a sync in flight fits in the other half).
+                if self.written + BUF as u64 - self.requested > policy.sync_every() {
                     self.checkpoint()?;
                 }
             }

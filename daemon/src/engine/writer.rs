@@ -171,15 +171,15 @@ pub fn run(
     mut rx: mpsc::Receiver<WriterMsg>,
 ) -> std::io::Result<WriterDone> {
     let Prepared { file: mut out, offset, mut hasher } = prepared;
-    // Durable already: a fresh file is empty, a resumed one was cut to its committed offset.
-    let offset_at_start = offset;
     let mut offset = offset;
     // A fast download switches to direct writes once (see `direct`).
     let started = Instant::now();
     let start_offset = offset;
     let mut direct: Option<super::direct::Direct> = None;
     let mut direct_tried = false;
-    // The last offset handed to a sync (reported once that sync is done).
+    // The last offset handed to a sync (reported once that sync is done). Durable at the
+    // start (a fresh file is empty, a resumed one was cut to its committed offset) and
+    // whenever no sync is in flight.
     let mut requested = offset;
     let mut last_request = Instant::now();
     // Started on the first checkpoint: small downloads never need it.
@@ -231,7 +231,7 @@ pub fn run(
                 if offset - requested >= policy.sync_every() || last_request.elapsed() >= policy.interval {
                     let s = match syncer.as_mut() {
                         Some(s) => s,
-                        None => syncer.insert(Syncer::start(&out, offset_at_start, link.clone())?),
+                        None => syncer.insert(Syncer::start(&out, requested, link.clone())?),
                     };
                     s.check()?;
                     if s.is_busy() && offset - s.synced() >= policy.bytes {
@@ -566,16 +566,27 @@ mod tests {
     /// Writes `len` bytes, sent as fast as the writer takes them, with every sync held
     /// `delay` longer; returns how far the data sent ever ran past the last checkpoint the
     /// core had been told about, and whether the writer switched to direct writes.
-    fn largest_gap(len: usize, window: u64, delay: Duration) -> (u64, bool) {
+    /// The first messages have the sizes in `lead`, the rest 256 KiB.
+    fn largest_gap(lead: &[usize], len: usize, window: u64, delay: Duration) -> (u64, bool) {
         let Rig { _dir, part, prepared, mut core_rx, link, tx, rx } = rig();
         let body = pattern(len, 9);
+        let mut messages = Vec::new();
+        let mut rest = &body[..];
+        for &n in lead.iter().chain(std::iter::repeat(&(256 << 10))) {
+            if rest.is_empty() {
+                break;
+            }
+            let (now, later) = rest.split_at(n.min(rest.len()));
+            messages.push(Bytes::copy_from_slice(now));
+            rest = later;
+        }
         let sender = std::thread::spawn(move || {
             let (mut sent, mut durable, mut gap) = (0u64, 0u64, 0u64);
-            for c in body.chunks(256 << 10) {
+            for c in messages {
                 durable = checkpoints_sent(&mut core_rx).last().copied().unwrap_or(durable);
                 sent += c.len() as u64;
                 gap = gap.max(sent - durable);
-                tx.blocking_send(WriterMsg::Data(vec![Bytes::copy_from_slice(c)])).unwrap();
+                tx.blocking_send(WriterMsg::Data(vec![c])).unwrap();
             }
             tx.blocking_send(WriterMsg::Finish).unwrap();
             gap
@@ -598,7 +609,7 @@ mod tests {
     #[test]
     fn slow_syncs_hold_a_buffered_download_within_its_checkpoint_window() {
         let window = 4 << 20;
-        let (gap, direct) = largest_gap(24 << 20, window, Duration::from_millis(150));
+        let (gap, direct) = largest_gap(&[], 24 << 20, window, Duration::from_millis(150));
         assert!(!direct, "a 4 MiB window is too small for direct writes");
         assert!(gap <= window + IN_FLIGHT, "{gap} bytes ran past the last checkpoint (window {window})");
         assert!(gap > window / 2, "the syncs were not slow enough to test anything: {gap}");
@@ -607,10 +618,20 @@ mod tests {
     #[test]
     fn slow_syncs_hold_a_direct_download_within_its_checkpoint_window() {
         let window = super::super::direct::MIN_WINDOW;
-        let (gap, direct) = largest_gap(80 << 20, window, Duration::from_millis(100));
+        let (gap, direct) = largest_gap(&[], 80 << 20, window, Duration::from_millis(100));
         assert!(direct, "the download did not switch to direct writes");
         assert!(gap <= window + IN_FLIGHT, "{gap} bytes ran past the last checkpoint (window {window})");
         assert!(gap > window / 2, "the syncs were not slow enough to test anything: {gap}");
+    }
+
+    #[test]
+    fn a_switch_to_direct_writes_with_unsynced_data_stays_within_the_window() {
+        // 12 MiB start a sync; 11.75 MiB more stay unsynced (under half a window) when
+        // the next message switches to direct writes, nearly half a window behind.
+        let window = super::super::direct::MIN_WINDOW;
+        let (gap, direct) = largest_gap(&[12 << 20, (47 << 20) / 4], 60 << 20, window, Duration::from_millis(300));
+        assert!(direct, "the download did not switch to direct writes");
+        assert!(gap <= window + IN_FLIGHT, "{gap} bytes ran past the last checkpoint (window {window})");
     }
 
     #[test]
