@@ -124,3 +124,34 @@ async fn tasks_queued_at_a_crash_run_after_the_restart() {
     }
     let _ = Duration::ZERO;
 }
+
+/// A small body is held in memory until it has arrived, but never longer than the
+/// checkpoint interval: a slow one is then written and synced like any other, so a crash
+/// halfway keeps what had arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_small_download_checkpoints_on_time() {
+    let env = TestEnv::new();
+    env.set_config("checkpoint_interval_ms", "200");
+    let mut daemon = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let len = 300_000u64;
+    server.add("/big.bin", Resource::generated(len, 72).throttle(60_000));
+    let (session, mut events, task) = start_download(&env, &server, "test.slow-small").await;
+    wait_for_bytes(&mut events, task.id(), 150_000).await;
+    // Two intervals more: the hold ended and a checkpoint was committed meanwhile.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(server.bytes_sent("/big.bin") < len, "the body was complete before the kill: nothing tested");
+    daemon.kill9();
+    drop(session);
+    daemon.restart();
+    let (delegate, mut events) = Recorder::new(&env.path().join("out2"));
+    let _session = Session::attach(SessionConfiguration::background("test.slow-small").socket(&env.socket), delegate)
+        .await
+        .unwrap();
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(72, len)));
+    let requests = server.requests_for("/big.bin");
+    let range = requests.get(1).and_then(|r| r.range.clone()).expect("the restart sends Range");
+    let offset: u64 = range.trim_start_matches("bytes=").trim_end_matches('-').parse().unwrap();
+    assert!(offset >= 100_000, "resumed at {offset}: what arrived before the crash was not kept");
+}

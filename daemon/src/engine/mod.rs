@@ -118,9 +118,10 @@ pub enum FinishPlan {
 const HANDOFF: usize = 256 << 10;
 /// Batches queued for the writer thread per download.
 const WRITER_QUEUE: usize = 4;
-/// A body announced at this size or less is gathered in memory and handed to the writer
-/// whole, once it has all arrived: one hand-off per file instead of one per batch plus
-/// the finish, which on 1,000 files of 100 KiB was a large share of the context switches.
+/// A body announced at this size or less (and within the checkpoint window) is gathered
+/// in memory and handed to the writer whole, once it has all arrived: one hand-off per file
+/// instead of one per batch plus the finish. A body still arriving after the checkpoint
+/// interval is handed over as it stands and the rest streams, so it checkpoints on time.
 const SMALL_BODY: u64 = 1 << 20;
 
 /// The worker's way back to the core.
@@ -310,20 +311,35 @@ impl Engine {
                 writer::run(prepared, &path, policy, link, rx).map_err(|e| (e, "writing the partial file"))
             })
         };
-        let small = body_len.is_some_and(|n| n <= SMALL_BODY);
-        let (ended, writer) = if small {
-            let ended = self.pump_body(&mut job, resp.into_body(), &tx, true).await;
-            (ended, start_writer())
-        } else {
-            let writer = start_writer();
-            (self.pump_body(&mut job, resp.into_body(), &tx, false).await, writer)
+        // A small body is held (never more than the checkpoint window, never longer than
+        // the checkpoint interval): past that the writer starts and the rest streams.
+        let mut hold = body_len
+            .filter(|&n| n <= SMALL_BODY.min(self.settings.checkpoint_bytes))
+            .map(|limit| Hold { until: Instant::now() + self.settings.checkpoint_interval, limit });
+        let mut start_writer = Some(start_writer);
+        let mut writer = None;
+        let mut body = resp.into_body();
+        let ended = loop {
+            if hold.is_none() && writer.is_none() {
+                writer = start_writer.take().map(|start| start());
+            }
+            match self.pump_body(&mut job, &mut body, &tx, hold.take()).await {
+                BodyEnd::Released => {}
+                end => break end,
+            }
+        };
+        if writer.is_none() {
+            writer = start_writer.take().map(|start| start());
+        }
+        let Some(writer) = writer else {
+            return Outcome::Failed(Failure::transient(ErrorCode::Internal, "the file writer was not started"));
         };
         if matches!(ended, BodyEnd::Complete) {
             job.link.send(WorkerEvent::BodyReceived);
         }
         let last = match ended {
             BodyEnd::Complete => WriterMsg::Finish,
-            BodyEnd::Stopped | BodyEnd::Failed(_) | BodyEnd::WriterGone => WriterMsg::Stop,
+            BodyEnd::Stopped | BodyEnd::Failed(_) | BodyEnd::WriterGone | BodyEnd::Released => WriterMsg::Stop,
         };
         let _ = tx.send(last).await;
         drop(tx);
@@ -336,7 +352,7 @@ impl Engine {
             BodyEnd::Complete => {}
             BodyEnd::Stopped => return Outcome::Stopped(done.offset),
             BodyEnd::Failed(f) => return Outcome::Failed(f),
-            BodyEnd::WriterGone => {
+            BodyEnd::WriterGone | BodyEnd::Released => {
                 return Outcome::Failed(Failure::transient(ErrorCode::Internal, "the file writer stopped"));
             }
         }
@@ -371,15 +387,23 @@ impl Engine {
     }
 
     /// Reads the body into `tx`. With `hold` (a small body, see SMALL_BODY) nothing is sent
-    /// until the body has ended, so the writer may start afterwards.
-    async fn pump_body(&self, job: &mut Job, mut body: Incoming, tx: &mpsc::Sender<WriterMsg>, hold: bool) -> BodyEnd {
+    /// until the body has ended or the hold expired (`Released`: what arrived is sent, the
+    /// caller starts the writer and pumps the rest), so the writer may start afterwards.
+    async fn pump_body(
+        &self,
+        job: &mut Job,
+        body: &mut Incoming,
+        tx: &mpsc::Sender<WriterMsg>,
+        hold: Option<Hold>,
+    ) -> BodyEnd {
+        let held = hold.is_some();
         // Frames go to the writer thread in batches of whatever has already arrived, up to
         // HANDOFF bytes: one wake-up per batch instead of one per frame (HTTP/2 DATA frames
         // are often 8-16 KiB) and no copying, while a slow body is never held back.
         let mut batch: Vec<Bytes> = Vec::new();
         let mut batched = 0usize;
         let end = loop {
-            let ready = if !hold && !batch.is_empty() && batched < HANDOFF {
+            let ready = if !held && !batch.is_empty() && batched < HANDOFF {
                 tokio::select! {
                     biased;
                     f = body.frame() => Some(Ok(f)),
@@ -391,7 +415,7 @@ impl Engine {
             let frame = match ready {
                 Some(f) => f,
                 None => {
-                    if !hold && !batch.is_empty() {
+                    if !held && !batch.is_empty() {
                         batched = 0;
                         if tx.send(WriterMsg::Data(std::mem::take(&mut batch))).await.is_err() {
                             return BodyEnd::WriterGone;
@@ -401,11 +425,12 @@ impl Engine {
                         biased;
                         _ = job.stop.wait_for(|s| *s) => break BodyEnd::Stopped,
                         _ = deadline(job.deadline) => break BodyEnd::Failed(resource_timeout()),
+                        _ = deadline(hold.map(|h| h.until)) => break BodyEnd::Released,
                         f = tokio::time::timeout(job.idle_timeout, body.frame()) => f,
                     }
                 }
             };
-            let data: Bytes = match frame {
+            let mut data: Bytes = match frame {
                 Err(_) => {
                     break BodyEnd::Failed(Failure::transient(
                         ErrorCode::TimedOut,
@@ -422,18 +447,23 @@ impl Engine {
             if data.is_empty() {
                 continue;
             }
+            // hyper holds a body to its Content-Length, but a 206 may announce its length
+            // only in Content-Range: a held body keeps no byte beyond what was announced.
+            let room = hold.map_or(u64::MAX, |h| h.limit.saturating_sub(batched as u64));
+            let overlong = data.len() as u64 > room;
+            if overlong {
+                data.truncate(usize::try_from(room).unwrap_or(0));
+            }
             if let Some(l) = &job.limiter {
                 l.acquire(data.len()).await;
             }
             job.progress.received.fetch_add(data.len() as u64, Ordering::Relaxed);
             batched += data.len();
             batch.push(data);
-            // hyper holds a body to its Content-Length; this only keeps memory bounded
-            // should that ever change (the writer is not running yet to take the excess).
-            if hold && batched as u64 > SMALL_BODY {
+            if overlong {
                 break BodyEnd::Failed(Failure::transient(
                     ErrorCode::Network,
-                    "the response body is longer than its Content-Length",
+                    "the response body is longer than announced",
                 ));
             }
         };
@@ -598,6 +628,17 @@ enum BodyEnd {
     Stopped,
     Failed(Failure),
     WriterGone,
+    /// A held body's hold expired (see `pump_body`).
+    Released,
+}
+
+/// Holding a small body in memory until it has all arrived.
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    /// Give up holding then (the checkpoint interval after the body started).
+    until: Instant,
+    /// The announced length: never more is kept.
+    limit: u64,
 }
 
 async fn deadline(at: Option<Instant>) {
