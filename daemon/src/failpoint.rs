@@ -11,6 +11,7 @@
 //! | `checkpoint-after-commit` | the store committed a batch holding a checkpoint |
 //! | `finish-before-move` | the finishing phase is committed, the file not moved yet |
 //! | `finish-after-move` | the file is moved and its directory synced, `completed` not committed yet |
+//! | `destination-check` | a task-creating request's destinations are about to be checked on disk (off the core thread) |
 //! | `restart-after-reset` | a resource that changed is starting over: its reset offset is committed, no new byte written (abort only: reached on the async runtime) |
 
 use std::sync::OnceLock;

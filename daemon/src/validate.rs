@@ -129,12 +129,13 @@ pub fn task(spec: &TaskSpec, limits: &Limits, cache_dir: &Path) -> Result<Url, E
         return Err(err(ErrorCode::InvalidRequest, format!("description exceeds {MAX_DESCRIPTION} bytes")));
     }
     if let Some(dest) = &spec.destination {
-        destination(dest, spec.overwrite, cache_dir)?;
+        destination(dest, cache_dir)?;
     }
     Ok(parsed)
 }
 
-fn destination(dest: &str, overwrite: bool, cache_dir: &Path) -> Result<(), ErrorInfo> {
+/// The shape of a destination path (no disk access; see `destination_on_disk`).
+fn destination(dest: &str, cache_dir: &Path) -> Result<(), ErrorInfo> {
     let path = Path::new(dest);
     if !path.is_absolute() {
         return Err(err(ErrorCode::InvalidRequest, format!("destination must be an absolute path, got {dest:?}")));
@@ -153,7 +154,15 @@ fn destination(dest: &str, overwrite: bool, cache_dir: &Path) -> Result<(), Erro
             ),
         ));
     }
-    match std::fs::symlink_metadata(path) {
+    Ok(())
+}
+
+/// What the filesystem says about a destination that passed `task`: not a directory, and
+/// not there yet unless `overwrite`. It can block (a hung network mount), so the core runs
+/// it on a blocking thread. The move itself refuses to replace a file either way (this
+/// only reports the problem at creation instead of after the download).
+pub fn destination_on_disk(dest: &str, overwrite: bool) -> Result<(), ErrorInfo> {
+    match std::fs::symlink_metadata(dest) {
         Ok(m) if m.is_dir() => {
             Err(err(ErrorCode::FileError, format!("destination {dest:?} is a directory; give a file path")))
         }
@@ -281,14 +290,16 @@ mod tests {
         let existing = dir.path().join("exists");
         std::fs::write(&existing, b"x").unwrap();
         let ok = dir.path().join("new");
-        assert!(destination(ok.to_str().unwrap(), false, &cache).is_ok());
-        assert_eq!(destination("relative/path", false, &cache).unwrap_err().code, ErrorCode::InvalidRequest);
-        assert_eq!(destination(existing.to_str().unwrap(), false, &cache).unwrap_err().code, ErrorCode::FileError);
-        assert!(destination(existing.to_str().unwrap(), true, &cache).is_ok());
-        assert_eq!(destination(dir.path().to_str().unwrap(), true, &cache).unwrap_err().code, ErrorCode::FileError);
+        assert!(destination(ok.to_str().unwrap(), &cache).is_ok());
+        assert!(destination_on_disk(ok.to_str().unwrap(), false).is_ok());
+        assert_eq!(destination("relative/path", &cache).unwrap_err().code, ErrorCode::InvalidRequest);
+        assert!(destination(existing.to_str().unwrap(), &cache).is_ok(), "no disk access here");
+        assert_eq!(destination_on_disk(existing.to_str().unwrap(), false).unwrap_err().code, ErrorCode::FileError);
+        assert!(destination_on_disk(existing.to_str().unwrap(), true).is_ok());
+        assert_eq!(destination_on_disk(dir.path().to_str().unwrap(), true).unwrap_err().code, ErrorCode::FileError);
         let inside = cache.join("downloads/s1/1.part");
-        assert_eq!(destination(inside.to_str().unwrap(), true, &cache).unwrap_err().code, ErrorCode::InvalidRequest);
-        assert_eq!(destination("/tmp/../etc/passwd", true, &cache).unwrap_err().code, ErrorCode::InvalidRequest);
+        assert_eq!(destination(inside.to_str().unwrap(), &cache).unwrap_err().code, ErrorCode::InvalidRequest);
+        assert_eq!(destination("/tmp/../etc/passwd", &cache).unwrap_err().code, ErrorCode::InvalidRequest);
     }
 
     #[test]

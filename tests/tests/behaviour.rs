@@ -187,6 +187,48 @@ async fn a_finishing_task_frees_its_download_slot() {
     }
 }
 
+/// A task's destination is checked on disk when it is created, off the core: while that
+/// check hangs (a stuck network mount, here a failpoint pause), other requests are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_destination_check_does_not_stall_the_daemon() {
+    let env = TestEnv::new();
+    let pause = std::ffi::OsStr::new("destination-check:1:sleep-ms=3000");
+    let d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", pause)]);
+    let server = TestServer::start().await.unwrap();
+    server.add("/h", Resource::generated(20_000, 8));
+    let (session, mut events) = attach(&env, "t.hung").await;
+    let dest = env.path().join("hung-dest.bin");
+    let request = DownloadRequest::new(server.url("/h")).destination(&dest);
+    let creating = tokio::spawn(async move {
+        let created = session.download_tasks(vec![request], true).await;
+        (session, created)
+    });
+    dlsession_testkit::wait_for("the check to pause", LONG, || {
+        d.log().contains("failpoint destination-check reached; pausing").then_some(())
+    });
+    let asked = std::time::Instant::now();
+    let client = dlsession::Client::connect(dlsession::ClientOptions {
+        socket: Some(env.socket.clone()),
+        ..dlsession::ClientOptions::default()
+    })
+    .await
+    .unwrap();
+    client.request(Request::Status).await.unwrap();
+    let took = asked.elapsed();
+    assert!(took < Duration::from_millis(1500), "connecting and asking for status took {took:?} behind the check");
+    assert!(!creating.is_finished(), "the creation waits for its check");
+    let (_session, created) = creating.await.unwrap();
+    let task = created.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    let finished = events.seen.iter().find_map(|e| match e {
+        Seen::Finished { task: t, location, moved_to } if *t == task.id() => Some((location.clone(), moved_to.clone())),
+        _ => None,
+    });
+    let (location, moved_to) = finished.expect("did_finish_downloading_to");
+    assert_eq!(location, dest, "the file landed at its destination");
+    assert_eq!(sha256_file(&moved_to).unwrap(), to_hex(&pattern_sha256(8, 20_000)));
+}
+
 /// Once the body is in, the task is syncing and moving its file: a suspend or cancel is
 /// answered at once (too late), never left hanging, and the download completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

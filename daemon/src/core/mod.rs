@@ -43,10 +43,31 @@ pub type CoreTx = mpsc::UnboundedSender<CoreMsg>;
 pub enum CoreMsg {
     Open(ConnHandle),
     Closed(ConnId),
-    Request { conn: ConnId, id: u64, request: Request },
-    Worker { task: TaskId, generation: u64, event: WorkerEvent },
-    Committed { result: Result<(), String>, after: Vec<After> },
-    LaunchFinished { session: SessionKey, result: Result<(), String> },
+    Request {
+        conn: ConnId,
+        id: u64,
+        request: Request,
+    },
+    /// A task-creating request's destinations were checked on disk (off this thread).
+    DestinationsChecked {
+        conn: ConnId,
+        id: u64,
+        request: Box<Request>,
+        result: Result<(), ErrorInfo>,
+    },
+    Worker {
+        task: TaskId,
+        generation: u64,
+        event: WorkerEvent,
+    },
+    Committed {
+        result: Result<(), String>,
+        after: Vec<After>,
+    },
+    LaunchFinished {
+        session: SessionKey,
+        result: Result<(), String>,
+    },
     StoreFailed(String),
     Shutdown,
 }
@@ -418,6 +439,10 @@ impl Core {
             CoreMsg::Open(handle) => self.on_open(handle),
             CoreMsg::Closed(id) => self.on_closed(id),
             CoreMsg::Request { conn, id, request } => self.on_request(conn, id, request),
+            CoreMsg::DestinationsChecked { conn, id, request, result } => match result {
+                Ok(()) => self.handle_request(conn, id, *request, requests::DiskCheck::Done),
+                Err(e) => self.reply(conn, id, Err(e)),
+            },
             CoreMsg::Worker { task, generation, event } => self.on_worker(task, generation, event),
             CoreMsg::Committed { result, after } => {
                 self.commits_in_flight = self.commits_in_flight.saturating_sub(1);

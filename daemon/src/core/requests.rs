@@ -51,9 +51,27 @@ pub(super) const RESUME_MAGIC: [u8; 4] = *b"DLRD";
 const MAX_PAGE: usize = 1000;
 const PAGE_BUDGET: usize = 512 << 10;
 
+/// Whether the destinations of a task-creating request were checked on disk yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum DiskCheck {
+    Pending,
+    Done,
+}
+
+/// Names the task of a batch an error is about.
+fn in_batch(i: usize, n: usize, e: ErrorInfo) -> ErrorInfo {
+    let prefix = if n > 1 { format!("task {} of the batch: ", i + 1) } else { String::new() };
+    ErrorInfo { message: format!("{prefix}{}", e.message), ..e }
+}
+
 impl Core {
     pub(super) fn on_request(&mut self, conn: super::ConnId, id: u64, request: Request) {
         debug!(conn, id, request = request_name(&request), "request");
+        self.handle_request(conn, id, request, DiskCheck::Pending);
+    }
+
+    /// Handles a request; `check` says whether its destinations were checked on disk.
+    pub(super) fn handle_request(&mut self, conn: super::ConnId, id: u64, request: Request, check: DiskCheck) {
         let mutating = !matches!(
             request,
             Request::Status
@@ -67,7 +85,7 @@ impl Core {
         let result = if mutating && self.shutting_down {
             Err(ErrorInfo::new(ErrorCode::Internal, "the daemon is shutting down; try again when it is back"))
         } else {
-            self.dispatch(conn, id, request)
+            self.dispatch(conn, id, request, check)
         };
         match result {
             Ok(Answer::Now(response)) => self.reply(conn, id, Ok(response)),
@@ -76,7 +94,7 @@ impl Core {
         }
     }
 
-    fn dispatch(&mut self, conn: super::ConnId, id: u64, request: Request) -> Handled {
+    fn dispatch(&mut self, conn: super::ConnId, id: u64, request: Request, check: DiskCheck) -> Handled {
         match request {
             Request::Status => Ok(Answer::Now(Response::Status(self.status()))),
             Request::Attach { identifier, config, takeover } => self.attach(conn, id, identifier, config, takeover),
@@ -93,10 +111,10 @@ impl Core {
                 Ok(Answer::Now(Response::Sessions(infos)))
             }
             Request::CreateTasks { identifier, tasks, resume } => {
-                self.create_tasks(conn, id, &identifier, tasks, resume)
+                self.create_tasks(conn, id, identifier, tasks, resume, check)
             }
             Request::CreateTaskFromResumeData { identifier, resume_data, resume } => {
-                self.create_from_resume_data(conn, id, &identifier, &resume_data, resume)
+                self.create_from_resume_data(conn, id, identifier, resume_data, resume, check)
             }
             Request::ControlTask { task, action } => self.control_task(conn, id, task, action),
             Request::GetTask { task } => self.get_task(conn, id, task),
@@ -295,15 +313,34 @@ impl Core {
         Ok(key)
     }
 
+    /// Checks `dests` (index in the batch, path, overwrite) on a blocking thread, then
+    /// handles `request` again with `DiskCheck::Done`: a destination on a hung network
+    /// mount must not stall the core.
+    fn check_destinations(&self, conn: super::ConnId, id: u64, request: Request, dests: Vec<(usize, String, bool)>) {
+        let n = match &request {
+            Request::CreateTasks { tasks, .. } => tasks.len(),
+            _ => 1,
+        };
+        let tx = self.tx.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::failpoint::hit("destination-check");
+            let result = dests.into_iter().try_for_each(|(i, dest, overwrite)| {
+                validate::destination_on_disk(&dest, overwrite).map_err(|e| in_batch(i, n, e))
+            });
+            let _ = tx.send(super::CoreMsg::DestinationsChecked { conn, id, request: Box::new(request), result });
+        });
+    }
+
     fn create_tasks(
         &mut self,
         conn: super::ConnId,
         id: u64,
-        identifier: &str,
+        identifier: String,
         specs: Vec<TaskSpec>,
         resume: bool,
+        check: DiskCheck,
     ) -> Handled {
-        let key = self.open_for_tasks(identifier)?;
+        let key = self.open_for_tasks(&identifier)?;
         let max = self.cfg.limits.max_tasks_per_batch as usize;
         if specs.len() > max {
             return Err(ErrorInfo::new(
@@ -314,10 +351,8 @@ impl Core {
         let mut hosts = Vec::with_capacity(specs.len());
         let mut destinations = HashSet::new();
         for (i, spec) in specs.iter().enumerate() {
-            let url = validate::task(spec, &self.cfg.limits, &self.cfg.cache_dir).map_err(|e| {
-                let prefix = if specs.len() > 1 { format!("task {} of the batch: ", i + 1) } else { String::new() };
-                ErrorInfo { message: format!("{prefix}{}", e.message), ..e }
-            })?;
+            let url =
+                validate::task(spec, &self.cfg.limits, &self.cfg.cache_dir).map_err(|e| in_batch(i, specs.len(), e))?;
             if let Some(d) = &spec.destination
                 && !destinations.insert(d.as_str())
             {
@@ -327,6 +362,17 @@ impl Core {
                 ));
             }
             hosts.push(host_key(&url));
+        }
+        if check == DiskCheck::Pending {
+            let dests: Vec<(usize, String, bool)> = specs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| s.destination.clone().map(|d| (i, d, s.overwrite)))
+                .collect();
+            if !dests.is_empty() {
+                self.check_destinations(conn, id, Request::CreateTasks { identifier, tasks: specs, resume }, dests);
+                return Ok(Answer::Later);
+            }
         }
         let now = now_ms();
         let mut ops = Vec::with_capacity(specs.len() + 1);
@@ -401,14 +447,15 @@ impl Core {
         &mut self,
         conn: super::ConnId,
         id: u64,
-        identifier: &str,
-        blob: &[u8],
+        identifier: String,
+        blob: Vec<u8>,
         resume: bool,
+        check: DiskCheck,
     ) -> Handled {
-        let key = self.open_for_tasks(identifier)?;
+        let key = self.open_for_tasks(&identifier)?;
         let bad =
             || ErrorInfo::new(ErrorCode::InvalidRequest, "the resume data is not valid (not produced by dlsessiond?)");
-        let data: ResumeData = dlsession_proto::codec::decode(blob).map_err(|_| bad())?;
+        let data: ResumeData = dlsession_proto::codec::decode(&blob).map_err(|_| bad())?;
         if data.magic != RESUME_MAGIC {
             return Err(bad());
         }
@@ -424,6 +471,13 @@ impl Core {
             expected_size: data.bytes_expected,
         };
         let url = validate::task(&spec, &self.cfg.limits, &self.cfg.cache_dir)?;
+        if check == DiskCheck::Pending
+            && let Some(dest) = spec.destination.clone()
+        {
+            let request = Request::CreateTaskFromResumeData { identifier, resume_data: blob, resume };
+            self.check_destinations(conn, id, request, vec![(0, dest, spec.overwrite)]);
+            return Ok(Answer::Later);
+        }
         let now = now_ms();
         let task_id = self.next_task_id;
         self.next_task_id += 1;
