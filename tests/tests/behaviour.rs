@@ -229,6 +229,33 @@ async fn a_hanging_destination_check_does_not_stall_the_daemon() {
     assert_eq!(sha256_file(&moved_to).unwrap(), to_hex(&pattern_sha256(8, 20_000)));
 }
 
+/// A move that hangs (a stuck network mount, here a 3 s failpoint pause on the first one)
+/// does not hold back the moves queued behind it: they are done elsewhere after 250 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_move_does_not_hold_back_the_ones_queued_behind_it() {
+    let env = TestEnv::new();
+    let pause = std::ffi::OsStr::new("finish-before-move:1:sleep-ms=3000");
+    let _d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", pause)]);
+    let server = TestServer::start().await.unwrap();
+    server.add("/m1", Resource::generated(20_000, 11));
+    server.add("/m2", Resource::generated(20_000, 12));
+    let (session, mut events) = attach(&env, "t.movers").await;
+    let started = std::time::Instant::now();
+    let reqs = vec![DownloadRequest::new(server.url("/m1")), DownloadRequest::new(server.url("/m2"))];
+    let tasks = session.download_tasks(reqs, true).await.unwrap();
+    let mut done = Vec::new();
+    for _ in 0..2 {
+        let e = events.wait("a completion", LONG, |e| matches!(e, Seen::Completed { .. })).await;
+        assert!(matches!(e, Seen::Completed { error: None, .. }), "{e:?}");
+        done.push(started.elapsed());
+    }
+    assert!(done[0] < Duration::from_millis(2000), "the queued move waited for the hung one: {done:?}");
+    assert!(done[1] >= Duration::from_millis(2500), "the first move did not pause: {done:?}");
+    for (t, seed) in tasks.iter().zip([11, 12]) {
+        assert_eq!(sha256_file(&events.moved_to(t.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(seed, 20_000)));
+    }
+}
+
 /// Once the body is in, the task is syncing and moving its file: a suspend or cancel is
 /// answered at once (too late), never left hanging, and the download completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

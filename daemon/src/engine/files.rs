@@ -73,6 +73,16 @@ struct MoveJob {
     to: PathBuf,
     overwrite: bool,
     reply: tokio::sync::oneshot::Sender<Result<(), MoveError>>,
+    /// Set by whoever moves the file: the mover, or the caller that stopped waiting for a
+    /// stuck mover. Exactly one of them does.
+    taken: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl MoveJob {
+    /// Claims the job; false if the other side already has.
+    fn take(&self) -> bool {
+        !self.taken.swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
 }
 
 /// The thread that moves finished downloads into place, in batches.
@@ -86,8 +96,9 @@ struct MoveJob {
 ///
 /// One slow move (a directory sync on a busy disk, a lookup on a hung network mount) must
 /// not hold every other download back: while a batch has been running for more than
-/// `STUCK`, new moves are done on blocking threads of their own, as before the mover. Only
-/// the moves queued in the first `STUCK` of such a batch wait for it.
+/// `STUCK`, new moves are done on blocking threads of their own, as before the mover, and
+/// a move that has waited `STUCK` in the queue is taken back by its caller and done the
+/// same way (unless the mover has started on it).
 #[derive(Debug)]
 pub struct Mover {
     tx: std::sync::mpsc::Sender<MoveJob>,
@@ -131,11 +142,22 @@ impl Mover {
             tracing::debug!(to = %to.display(), "the mover is busy; moving on a thread of its own");
             return move_on_own_thread(from, to, overwrite).await;
         }
-        let (reply, done) = tokio::sync::oneshot::channel();
-        if let Err(std::sync::mpsc::SendError(job)) = self.tx.send(MoveJob { from, to, overwrite, reply }) {
+        let (reply, mut done) = tokio::sync::oneshot::channel();
+        let taken = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let job = MoveJob { from: from.clone(), to: to.clone(), overwrite, reply, taken: taken.clone() };
+        if let Err(std::sync::mpsc::SendError(job)) = self.tx.send(job) {
             // The mover thread is gone (it cannot panic short of a bug): move without it.
-            tracing::warn!("the mover thread has stopped; moving on a thread of its own");
+            tracing::warn!(to = %job.to.display(), "the mover thread has stopped; moving on a thread of its own");
             return move_on_own_thread(job.from, job.to, job.overwrite).await;
+        }
+        tokio::select! {
+            moved = &mut done => return moved.map_err(|_| MoveError::MoverStopped)?,
+            () = tokio::time::sleep(STUCK) => {}
+        }
+        // Still queued behind a slow batch: move it here, unless the mover has started.
+        if !taken.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            tracing::debug!(to = %to.display(), "the mover is stuck; moving on a thread of its own");
+            return move_on_own_thread(from, to, overwrite).await;
         }
         done.await.map_err(|_| MoveError::MoverStopped)?
     }
@@ -195,6 +217,10 @@ fn move_batch(first: MoveJob, rx: &std::sync::mpsc::Receiver<MoveJob>) {
     }
     let mut renamed = Vec::with_capacity(batch.len());
     for job in batch {
+        if !job.take() {
+            // Its caller gave up waiting and moves it on a thread of its own.
+            continue;
+        }
         crate::failpoint::hit("finish-before-move");
         match rename_into_place(&job.from, &job.to, job.overwrite) {
             Ok(Renamed::Here) => renamed.push(job),
