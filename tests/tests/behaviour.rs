@@ -207,12 +207,7 @@ async fn a_hanging_destination_check_does_not_stall_the_daemon() {
         d.log().contains("failpoint destination-check reached; pausing").then_some(())
     });
     let asked = std::time::Instant::now();
-    let client = dlsession::Client::connect(dlsession::ClientOptions {
-        socket: Some(env.socket.clone()),
-        ..dlsession::ClientOptions::default()
-    })
-    .await
-    .unwrap();
+    let client = common::client(&env).await;
     client.request(Request::Status).await.unwrap();
     let took = asked.elapsed();
     assert!(took < Duration::from_millis(1500), "connecting and asking for status took {took:?} behind the check");
@@ -455,12 +450,7 @@ async fn an_attach_replays_a_resume_before_the_progress_after_it() {
         .wait("progress", LONG, |e| matches!(e, Seen::Progress { task, total } if *task == t.id() && *total >= 1 << 20))
         .await;
     drop(session); // the app goes away; the download goes on
-    let client = dlsession::Client::connect(dlsession::ClientOptions {
-        socket: Some(env.socket.clone()),
-        ..dlsession::ClientOptions::default()
-    })
-    .await
-    .unwrap();
+    let client = common::client(&env).await;
     for action in [TaskAction::Suspend, TaskAction::Resume] {
         client.request(Request::ControlTask { task: t.id(), action }).await.unwrap();
     }

@@ -15,9 +15,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{Recorder, Seen};
+use common::{Recorder, Seen, client};
 use dlsession::proto::{Request, Response, TaskQuery, TaskSpec, TaskState};
-use dlsession::{Client, ClientOptions, Session, SessionConfiguration};
+use dlsession::{Client, Session, SessionConfiguration};
 use dlsession_testkit::{
     Fault, Hits, Resource, TestCa, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex,
 };
@@ -53,12 +53,6 @@ struct Planned {
 
 const SESSIONS: [&str; 4] = ["crash.a", "crash.b", "crash.c", "crash.d"];
 const CHECKPOINT: u64 = 1 << 20;
-
-async fn client(env: &TestEnv) -> Client {
-    Client::connect(ClientOptions { socket: Some(env.socket.clone()), autostart: false, ..ClientOptions::default() })
-        .await
-        .unwrap()
-}
 
 async fn completed(client: &Client) -> usize {
     let mut n = 0;

@@ -395,12 +395,7 @@ async fn a_restart_from_zero_is_committed_before_new_bytes() {
         .await
         .unwrap()
         .remove(0);
-    let client = dlsession::Client::connect(dlsession::ClientOptions {
-        socket: Some(env.socket.clone()),
-        ..dlsession::ClientOptions::default()
-    })
-    .await
-    .unwrap();
+    let client = common::client(&env).await;
     let started = std::time::Instant::now();
     loop {
         let r = client.request(dlsession::proto::Request::GetTask { task: task.id() }).await.unwrap();

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{LONG, Recorder, Seen};
 use dlsession::proto::{Request, Response, SessionConfig, SessionInfo, TaskSpec};
-use dlsession::{Client, ClientOptions, DetachReason, DownloadRequest, ErrorCode, Session, SessionConfiguration};
+use dlsession::{DetachReason, DownloadRequest, ErrorCode, Session, SessionConfiguration};
 use dlsession_testkit::{Resource, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex, wait_for};
 
 fn config(env: &TestEnv, id: &str) -> SessionConfiguration {
@@ -17,8 +17,7 @@ fn config(env: &TestEnv, id: &str) -> SessionConfiguration {
 }
 
 async fn info(env: &TestEnv, id: &str) -> Option<SessionInfo> {
-    let client =
-        Client::connect(ClientOptions { socket: Some(env.socket.clone()), ..ClientOptions::default() }).await.unwrap();
+    let client = common::client(env).await;
     match client.request(Request::GetSession { identifier: id.into() }).await {
         Ok(Response::Session(s)) => Some(s),
         Ok(other) => panic!("unexpected {other:?}"),
@@ -150,8 +149,7 @@ async fn dropping_an_old_handle_leaves_a_new_attachment_alone() {
     let _d = TestDaemon::start(&env);
     let server = TestServer::start().await.unwrap();
     server.add("/a", Resource::generated(20_000, 8));
-    let client =
-        Client::connect(ClientOptions { socket: Some(env.socket.clone()), ..ClientOptions::default() }).await.unwrap();
+    let client = common::client(&env).await;
     let (d1, _e1) = Recorder::new(&env.path().join("out1"));
     let old = Session::attach_with(&client, config(&env, "t.twice"), std::sync::Arc::new(d1)).await.unwrap();
     old.detach().await.unwrap();
@@ -298,8 +296,7 @@ async fn a_late_acknowledgement_for_a_reused_identifier_deletes_nothing_new() {
     d.restart();
 
     // The second incarnation runs a download with nobody attached: its events wait.
-    let client =
-        Client::connect(ClientOptions { socket: Some(env.socket.clone()), ..ClientOptions::default() }).await.unwrap();
+    let client = common::client(&env).await;
     let open = Request::OpenSession { identifier: "t.late".into(), config: Some(SessionConfig::default()) };
     client.request(open).await.unwrap();
     let create = Request::CreateTasks {

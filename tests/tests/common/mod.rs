@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use dlsession::{DetachReason, DownloadTask, Session, SessionDelegate, TaskError, TaskId};
+use dlsession::{Client, ClientOptions, DetachReason, DownloadTask, Session, SessionDelegate, TaskError, TaskId};
 use tokio::sync::mpsc;
 
 /// What a delegate saw, in order.
@@ -147,4 +147,10 @@ pub async fn wait_until(mut f: impl FnMut() -> bool) {
 /// Runs a future to completion from synchronous code inside a multi-thread test runtime.
 pub fn block<F: std::future::Future>(f: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+/// A plain client of the test daemon (it never starts one).
+pub async fn client(env: &dlsession_testkit::TestEnv) -> Client {
+    let options = ClientOptions { socket: Some(env.socket.clone()), autostart: false, ..ClientOptions::default() };
+    Client::connect(options).await.unwrap()
 }
