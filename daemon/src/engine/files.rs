@@ -73,15 +73,18 @@ struct MoveJob {
     to: PathBuf,
     overwrite: bool,
     reply: tokio::sync::oneshot::Sender<Result<(), MoveError>>,
-    /// Set by whoever moves the file: the mover, or the caller that stopped waiting for a
-    /// stuck mover. Exactly one of them does.
-    taken: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    claim: Claim,
 }
 
-impl MoveJob {
-    /// Claims the job; false if the other side already has.
+/// Taken by whoever moves the file: the mover, or the caller that stopped waiting for a
+/// stuck mover. Exactly one of them gets it.
+#[derive(Debug, Clone, Default)]
+struct Claim(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Claim {
+    /// Takes the claim; false if the other side already has.
     fn take(&self) -> bool {
-        !self.taken.swap(true, std::sync::atomic::Ordering::AcqRel)
+        !self.0.swap(true, std::sync::atomic::Ordering::AcqRel)
     }
 }
 
@@ -143,8 +146,8 @@ impl Mover {
             return move_on_own_thread(from, to, overwrite).await;
         }
         let (reply, mut done) = tokio::sync::oneshot::channel();
-        let taken = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let job = MoveJob { from: from.clone(), to: to.clone(), overwrite, reply, taken: taken.clone() };
+        let claim = Claim::default();
+        let job = MoveJob { from: from.clone(), to: to.clone(), overwrite, reply, claim: claim.clone() };
         if let Err(std::sync::mpsc::SendError(job)) = self.tx.send(job) {
             // The mover thread is gone (it cannot panic short of a bug): move without it.
             tracing::warn!(to = %job.to.display(), "the mover thread has stopped; moving on a thread of its own");
@@ -155,7 +158,7 @@ impl Mover {
             () = tokio::time::sleep(STUCK) => {}
         }
         // Still queued behind a slow batch: move it here, unless the mover has started.
-        if !taken.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        if claim.take() {
             tracing::debug!(to = %to.display(), "the mover is stuck; moving on a thread of its own");
             return move_on_own_thread(from, to, overwrite).await;
         }
@@ -217,7 +220,7 @@ fn move_batch(first: MoveJob, rx: &std::sync::mpsc::Receiver<MoveJob>) {
     }
     let mut renamed = Vec::with_capacity(batch.len());
     for job in batch {
-        if !job.take() {
+        if !job.claim.take() {
             // Its caller gave up waiting and moves it on a thread of its own.
             continue;
         }
