@@ -21,7 +21,7 @@ if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
     exit 0
 fi
 mkdir -p fuzz/corpus/frames
-for hex in proto/tests/golden/*.hex; do
-    xxd -r -p "$hex" >"fuzz/corpus/frames/$(basename "$hex" .hex)"
+for hex in proto/tests/golden/v*/*.hex; do
+    xxd -r -p "$hex" >"fuzz/corpus/frames/$(basename "$(dirname "$hex")")-$(basename "$hex" .hex)"
 done
 (cd fuzz && cargo +nightly fuzz run frames -- -max_total_time="$fuzz_seconds" -max_len=4096 -print_final_stats=1)

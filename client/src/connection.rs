@@ -137,6 +137,7 @@ impl Client {
             client_name: options.client_name,
             client_version: env!("CARGO_PKG_VERSION").into(),
             app_id: options.app_id,
+            umask: process_umask(),
         };
         let mut opening = Preamble::ours(HandshakeStatus::Ok).to_bytes().to_vec();
         opening.extend_from_slice(&frame::encode_frame(&hello)?);
@@ -351,6 +352,15 @@ impl Inner {
         }
         None
     }
+}
+
+/// This process's file-creation mask, read without changing it (`umask(2)` can only set
+/// it, which would race with other threads creating files): the daemon gives the files
+/// it hands over the mode this process would give files it creates.
+fn process_umask() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+    u32::from_str_radix(line.trim(), 8).ok().filter(|m| *m <= 0o777)
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(rd: &mut R, inner: &std::sync::Weak<Inner>) -> Option<String> {

@@ -55,11 +55,11 @@ async fn welcome(s: &mut UnixStream) {
 #[tokio::test]
 async fn another_protocol_version_is_a_typed_error() {
     let (_d, path) = fake_daemon(|mut s| async move {
-        let _ = s.write_all(&Preamble { version: 2, status: HandshakeStatus::VersionMismatch }.to_bytes()).await;
+        let _ = s.write_all(&Preamble { version: 9, status: HandshakeStatus::VersionMismatch }.to_bytes()).await;
     })
     .await;
     let err = Client::connect(options(path)).await.unwrap_err();
-    assert!(matches!(err, Error::VersionMismatch { ours: 1, theirs: 2 }), "{err:?}");
+    assert!(matches!(err, Error::VersionMismatch { ours: dlsession::proto::PROTOCOL_VERSION, theirs: 9 }), "{err:?}");
     assert_eq!(err.code(), ErrorCode::ProtocolVersion);
 }
 

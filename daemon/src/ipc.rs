@@ -15,8 +15,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::core::{ConnHandle, CoreMsg, CoreTx, Mailbox};
 use dlsession_proto::handshake::{HandshakeStatus, Preamble};
-use dlsession_proto::io::{read_frame, read_preamble, write_frame};
-use dlsession_proto::{ClientHello, ErrorCode, ErrorInfo, ProtoError, RequestFrame, ServerMessage, Welcome};
+use dlsession_proto::io::{read_frame, read_preamble};
+use dlsession_proto::{ClientHello, ErrorCode, ErrorInfo, ProtoError, RequestFrame, ServerMessage, Welcome, frame, v1};
 
 /// Requests a connection may have in flight before the daemon stops reading from it.
 const MAX_IN_FLIGHT: usize = 256;
@@ -141,10 +141,10 @@ impl Connection {
             refuse_and_linger(&mut rd, &mut wr, HandshakeStatus::TooManyConnections).await;
             return;
         };
-        let hello = match tokio::time::timeout(self.settings.handshake_timeout, read_hello(&mut rd)).await {
+        let (version, hello) = match tokio::time::timeout(self.settings.handshake_timeout, read_hello(&mut rd)).await {
             Ok(Ok(hello)) => hello,
             Ok(Err(HelloError::Version(theirs))) => {
-                info!(theirs, "client speaks another protocol version");
+                info!(theirs, "client speaks a protocol version this daemon does not serve");
                 refuse_and_linger(&mut rd, &mut wr, HandshakeStatus::VersionMismatch).await;
                 return;
             }
@@ -164,15 +164,17 @@ impl Connection {
             pid: std::process::id(),
             connection_id: self.id,
         };
-        let mut opening = Preamble::ours(HandshakeStatus::Ok).to_bytes().to_vec();
-        match dlsession_proto::frame::encode_frame(&welcome) {
+        // Answered in the client's own version: it checks that the versions match.
+        let mut opening = Preamble { version, status: HandshakeStatus::Ok }.to_bytes().to_vec();
+        match frame::encode_frame(&welcome) {
             Ok(frame) => opening.extend_from_slice(&frame),
             Err(_) => return,
         }
         if wr.write_all(&opening).await.is_err() || wr.flush().await.is_err() {
             return;
         }
-        info!(client = %hello.client_name, app_id = ?hello.app_id, pid = ?pid, "client connected");
+        info!(client = %hello.client_name, app_id = ?hello.app_id, pid = ?pid, protocol = version, "client connected");
+        let file_mode = hello.file_mode();
 
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let mailbox = Arc::new(Mailbox::default());
@@ -181,6 +183,8 @@ impl Connection {
             client_name: hello.client_name,
             app_id: hello.app_id,
             pid,
+            protocol: version,
+            file_mode,
             out: out_tx.clone(),
             mailbox: mailbox.clone(),
         };
@@ -188,7 +192,7 @@ impl Connection {
             return;
         }
         let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-        let writer = tokio::spawn(write_loop(wr, out_rx, mailbox, in_flight.clone()));
+        let writer = tokio::spawn(write_loop(wr, version, out_rx, mailbox, in_flight.clone()));
         let end = self.read_loop(&mut rd, in_flight).await;
         if let Err(e) = end {
             // Tell the peer why before closing; id 0 marks a connection-level error.
@@ -225,14 +229,17 @@ enum HelloError {
     Bad(ProtoError),
 }
 
-async fn read_hello<R: AsyncRead + Unpin>(rd: &mut R) -> Result<ClientHello, HelloError> {
+/// Reads the client's preamble and hello: the protocol version to speak, and who it is.
+async fn read_hello<R: AsyncRead + Unpin>(rd: &mut R) -> Result<(u16, ClientHello), HelloError> {
     let preamble = read_preamble(rd).await.map_err(HelloError::Bad)?;
-    if preamble.check_version().is_err() {
-        return Err(HelloError::Version(preamble.version));
-    }
+    let version = preamble.negotiate().map_err(|_| HelloError::Version(preamble.version))?;
     let mut buf = Vec::new();
-    let hello: ClientHello =
-        read_frame(rd, &mut buf).await.map_err(HelloError::Bad)?.ok_or(HelloError::Bad(ProtoError::Truncated))?;
+    let truncated = || HelloError::Bad(ProtoError::Truncated);
+    let hello: ClientHello = if version == 1 {
+        read_frame::<_, v1::ClientHello>(rd, &mut buf).await.map_err(HelloError::Bad)?.ok_or_else(truncated)?.into()
+    } else {
+        read_frame(rd, &mut buf).await.map_err(HelloError::Bad)?.ok_or_else(truncated)?
+    };
     if hello.client_name.len() > 256 {
         return Err(HelloError::Bad(ProtoError::Decode("client name too long".into())));
     }
@@ -241,7 +248,7 @@ async fn read_hello<R: AsyncRead + Unpin>(rd: &mut R) -> Result<ClientHello, Hel
     {
         return Err(HelloError::Bad(ProtoError::Decode("invalid app_id".into())));
     }
-    Ok(hello)
+    Ok((version, hello))
 }
 
 async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, status: HandshakeStatus) {
@@ -271,8 +278,10 @@ where
     .await;
 }
 
+/// Writes what the core sends, in the shapes of the connection's protocol `version`.
 async fn write_loop<W: AsyncWrite + Unpin>(
     wr: W,
+    version: u16,
     mut rx: mpsc::UnboundedReceiver<ServerMessage>,
     mailbox: Arc<Mailbox>,
     in_flight: Arc<Semaphore>,
@@ -294,7 +303,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             _ = mailbox.notify.notified() => {
                 let mut ok = true;
                 for m in mailbox.take_all() {
-                    ok &= write_frame(&mut w, &m).await.is_ok();
+                    ok &= send(&mut w, version, m).await.is_ok();
                 }
                 if !ok || w.flush().await.is_err() {
                     return;
@@ -302,12 +311,12 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 continue;
             }
         };
-        if write_frame(&mut w, &write(first)).await.is_err() {
+        if send(&mut w, version, write(first)).await.is_err() {
             return;
         }
         for _ in 0..WRITE_BATCH {
             let Ok(m) = rx.try_recv() else { break };
-            if write_frame(&mut w, &write(m)).await.is_err() {
+            if send(&mut w, version, write(m)).await.is_err() {
                 return;
             }
         }
@@ -316,4 +325,27 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         }
     }
     let _ = w.flush().await;
+}
+
+/// Encodes and writes one message (without flushing). A response too large for a frame
+/// is answered with an error instead, so the request never goes unanswered; an event too
+/// large is dropped (none can be: every field that could grow is bounded).
+async fn send<W: AsyncWrite + Unpin>(w: &mut W, version: u16, msg: ServerMessage) -> std::io::Result<()> {
+    let id = match &msg {
+        ServerMessage::Response { id, .. } => Some(*id),
+        ServerMessage::Event(_) => None,
+    };
+    let bytes = match frame::encode_server_frame(version, msg) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            warn!(error = %e, "cannot send a message to a client");
+            let Some(id) = id else { return Ok(()) };
+            let error = ErrorInfo::new(ErrorCode::Internal, format!("the answer cannot be sent: {e}"));
+            match frame::encode_server_frame(version, ServerMessage::Response { id, result: Err(error) }) {
+                Ok(bytes) => bytes,
+                Err(_) => return Ok(()),
+            }
+        }
+    };
+    w.write_all(&bytes).await
 }

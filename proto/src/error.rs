@@ -30,11 +30,17 @@ pub enum ErrorCode {
     ProtocolVersion,
     PermissionDenied,
     Internal,
+    // Protocol 2.
+    /// The daemon's state directory refuses writes (full disk, I/O error): reads are
+    /// answered, changes are refused until it recovers by itself.
+    StorageFull,
+    /// A finished download could not be moved to its destination; the data is kept.
+    DestinationUnavailable,
 }
 
 impl ErrorCode {
     /// Every code, in wire order.
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 23] = [
         ErrorCode::InvalidUrl,
         ErrorCode::UnsupportedScheme,
         ErrorCode::InvalidIdentifier,
@@ -56,6 +62,8 @@ impl ErrorCode {
         ErrorCode::ProtocolVersion,
         ErrorCode::PermissionDenied,
         ErrorCode::Internal,
+        ErrorCode::StorageFull,
+        ErrorCode::DestinationUnavailable,
     ];
 
     /// The stable snake_case name, as used in JSON output and CLI messages.
@@ -82,6 +90,8 @@ impl ErrorCode {
             ErrorCode::ProtocolVersion => "protocol_version",
             ErrorCode::PermissionDenied => "permission_denied",
             ErrorCode::Internal => "internal",
+            ErrorCode::StorageFull => "storage_full",
+            ErrorCode::DestinationUnavailable => "destination_unavailable",
         }
     }
 

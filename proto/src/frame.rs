@@ -29,6 +29,12 @@ pub fn encode_frame<T: Serialize>(value: &T) -> Result<Vec<u8>, ProtoError> {
     Ok(out)
 }
 
+/// Encodes a daemon's message as one frame in the shapes of protocol `version` (the
+/// version negotiated with the client it goes to; see [`crate::v1`]).
+pub fn encode_server_frame(version: u16, msg: crate::ServerMessage) -> Result<Vec<u8>, ProtoError> {
+    if version <= 1 { encode_frame(&crate::v1::downgrade(msg)) } else { encode_frame(&msg) }
+}
+
 /// Splits the first complete frame off the front of `buf`.
 ///
 /// Returns `Ok(None)` if `buf` does not yet hold a whole frame, and otherwise the

@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{MAGIC, PROTOCOL_VERSION, ProtoError};
+use crate::{MAGIC, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, ProtoError};
 
 pub const PREAMBLE_LEN: usize = 8;
 
@@ -87,12 +87,24 @@ impl Preamble {
         })
     }
 
-    /// Errors with [`ProtoError::VersionMismatch`] unless the peer speaks our version.
+    /// Errors with [`ProtoError::VersionMismatch`] unless the peer speaks our version
+    /// (what a client checks in the daemon's answer: the daemon answers in the client's
+    /// own version when it supports it).
     pub fn check_version(self) -> Result<(), ProtoError> {
         if self.version != PROTOCOL_VERSION {
             return Err(ProtoError::VersionMismatch { ours: PROTOCOL_VERSION, theirs: self.version });
         }
         Ok(())
+    }
+
+    /// The version a daemon speaks with this client: the client's own, if this build
+    /// supports it ([`MIN_PROTOCOL_VERSION`]..=[`PROTOCOL_VERSION`]).
+    pub fn negotiate(self) -> Result<u16, ProtoError> {
+        if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&self.version) {
+            Ok(self.version)
+        } else {
+            Err(ProtoError::VersionMismatch { ours: PROTOCOL_VERSION, theirs: self.version })
+        }
     }
 }
 
@@ -106,6 +118,17 @@ pub struct ClientHello {
     /// The app this process speaks for: the daemon sends it `wake` messages for sessions
     /// registered with the same `app_id`.
     pub app_id: Option<String>,
+    /// The client's file-creation mask: files the daemon hands over (at a task's
+    /// destination) get mode `0o666 & !umask`, as if the app had created them. `None`:
+    /// 0o644. (Protocol 2.)
+    pub umask: Option<u32>,
+}
+
+impl ClientHello {
+    /// The mode of the files the daemon hands this client.
+    pub fn file_mode(&self) -> u32 {
+        0o666 & !self.umask.unwrap_or(0o022) & 0o777
+    }
 }
 
 /// The daemon's answer to a successful handshake.

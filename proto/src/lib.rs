@@ -21,6 +21,9 @@
 //!
 //! The preambles are fixed-size and never change, so two different protocol versions
 //! always understand each other well enough to report the mismatch (see [`handshake`]).
+//! A daemon serves every version from [`MIN_PROTOCOL_VERSION`] to [`PROTOCOL_VERSION`]: it
+//! answers in the client's version and sends it messages in that version's shapes
+//! ([`v1`] holds the frozen shapes of protocol 1 and the conversions).
 //!
 //! A frame is a big-endian `u32` payload length followed by that many bytes of bincode
 //! (standard config: varint integers, little endian). The length is checked against
@@ -34,6 +37,7 @@ pub mod handshake;
 pub mod io;
 pub mod message;
 pub mod paths;
+pub mod v1;
 pub mod validate;
 
 pub use error::{ErrorCode, ErrorInfo, ProtoError};
@@ -44,7 +48,10 @@ pub use message::*;
 pub const MAGIC: [u8; 4] = *b"DLSD";
 
 /// Bumped whenever a message type changes in a way an older peer cannot decode.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// The oldest protocol version a daemon of this build still serves (see [`v1`]).
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
 
 /// The largest frame payload either side will accept or send, in bytes.
 pub const MAX_FRAME: usize = 1 << 20;

@@ -1,8 +1,11 @@
 //! Requests, responses and events.
 //!
-//! Evolution rule: append only. New enum variants and new request kinds go at the end;
-//! nothing is reordered, removed or retyped without bumping [`crate::PROTOCOL_VERSION`].
-//! No serde attribute that bincode cannot honour (`flatten`, `untagged`, `tag`,
+//! These are the types of the current protocol version ([`crate::PROTOCOL_VERSION`]).
+//! Evolution rule: new enum variants and new request kinds go at the end; nothing is
+//! reordered or removed. A struct that gains a field, or an enum that gains a variant a
+//! daemon may send, needs a new protocol version, with the earlier shape frozen in its
+//! own module (see [`crate::v1`]) so the daemon keeps serving clients of every version it
+//! supports. No serde attribute that bincode cannot honour (`flatten`, `untagged`, `tag`,
 //! `skip_serializing_if`) is used here.
 
 use std::fmt;
@@ -76,6 +79,29 @@ pub enum Request {
     /// Acknowledge every durable event of these completed tasks (for tools that watched
     /// them finish without attaching). → [`Response::Ok`]
     AcknowledgeTasks { tasks: Vec<TaskId> },
+    // Protocol 2.
+    /// One page of sessions in identifier order. → [`Response::SessionsPage`]
+    ListSessionsPage(SessionQuery),
+    /// This connection rejoins sessions when it receives `Wake` (the client library sends
+    /// it when the app registers a wake handler). Without it, a connection that announced
+    /// an `app_id` still gets `Wake`, but the daemon relaunches the app if the session is
+    /// not attached soon after. → [`Response::Ok`]
+    HandleWakes,
+}
+
+/// A page of sessions: identifiers greater than `after`, at most `limit` of them (the
+/// daemon may return fewer to keep the frame small).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionQuery {
+    pub after: Option<String>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionPage {
+    pub sessions: Vec<SessionInfo>,
+    /// Pass as `after` to get the next page; `None` when this was the last.
+    pub next_after: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +142,8 @@ pub enum Response {
     Task(TaskDetail),
     Tasks(TaskPage),
     Wake(WakeOutcome),
+    // Protocol 2.
+    SessionsPage(SessionPage),
 }
 
 impl Response {
@@ -131,6 +159,7 @@ impl Response {
             Response::Task(_) => "task",
             Response::Tasks(_) => "tasks",
             Response::Wake(_) => "wake",
+            Response::SessionsPage(_) => "sessions_page",
         }
     }
 }
@@ -371,6 +400,13 @@ pub enum WaitReason {
     Backoff { until: UnixMillis, attempt: u32, last_error: ErrorInfo },
     /// Completed; its events wait for the app to collect them.
     EventsPending { next_wake: Option<UnixMillis> },
+    // Protocol 2.
+    /// Downloaded, but the file could not be moved to its destination (`error` says why).
+    /// The data is kept; the move is tried again at `next_try`, or at once on `resume`.
+    DestinationUnavailable { error: ErrorInfo, attempt: u32, next_try: Option<UnixMillis> },
+    /// Held at its last durable checkpoint while the daemon's state directory refuses
+    /// writes; it goes on by itself when the directory works again.
+    StorageFull { error: ErrorInfo },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -568,4 +604,7 @@ pub struct DaemonStatus {
     /// Bytes received since the daemon started.
     pub bytes_downloaded: u64,
     pub max_concurrent_downloads: u32,
+    /// Set while the state directory refuses writes (changes are refused with
+    /// `storage_full` until it works again).
+    pub storage: Option<ErrorInfo>,
 }

@@ -72,6 +72,8 @@ proptest! {
     fn server_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         let _ = codec::decode::<ServerMessage>(&bytes);
         let _ = codec::decode::<ClientHello>(&bytes);
+        let _ = codec::decode::<v1::ClientHello>(&bytes);
+        let _ = codec::decode::<v1::ServerMessage>(&bytes);
         let _ = frame::decode_frames::<ServerMessage>(&bytes);
     }
 

@@ -1,6 +1,8 @@
 //! Golden bytes: the encoding of one sample of every message variant is frozen in
-//! `tests/golden/*.hex`. A failure here means the wire format changed: either undo the
-//! change, or bump `PROTOCOL_VERSION` and re-bless with `DLSESSION_BLESS=1`.
+//! `tests/golden/v<N>/*.hex`, one directory per protocol version. A failure here means the
+//! wire format changed: undo the change, or bump `PROTOCOL_VERSION`, freeze the old shapes
+//! (as `v1` does) and bless the new version's directory with `DLSESSION_BLESS=2` (never an
+//! older one: those bytes are what installed apps speak).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
@@ -140,6 +142,7 @@ fn server_messages() -> Vec<(&'static str, ServerMessage)> {
         download_rate: 5,
         bytes_downloaded: 6,
         max_concurrent_downloads: 16,
+        storage: None,
     };
     vec![
         ("resp_ok", resp(Response::Ok)),
@@ -204,14 +207,51 @@ fn server_messages() -> Vec<(&'static str, ServerMessage)> {
     ]
 }
 
-fn golden_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+/// Messages that exist since protocol 2.
+fn requests_v2() -> Vec<(&'static str, Request)> {
+    vec![
+        ("req_list_sessions_page", Request::ListSessionsPage(SessionQuery { after: Some("a".into()), limit: 50 })),
+        ("req_handle_wakes", Request::HandleWakes),
+    ]
 }
 
-fn check(name: &str, bytes: &[u8]) {
-    let path = golden_dir().join(format!("{name}.hex"));
+fn server_messages_v2() -> Vec<(&'static str, ServerMessage)> {
+    let resp = |r: Response| ServerMessage::Response { id: 9, result: Ok(r) };
+    let mut waiting = sample_task_info();
+    waiting.wait = Some(WaitReason::DestinationUnavailable {
+        error: ErrorInfo::new(ErrorCode::DestinationUnavailable, "No space left on device (os error 28)"),
+        attempt: 3,
+        next_try: Some(1_700_000_009_000),
+    });
+    let mut held = sample_task_info();
+    held.wait =
+        Some(WaitReason::StorageFull { error: ErrorInfo::new(ErrorCode::StorageFull, "database or disk is full") });
+    vec![
+        (
+            "resp_sessions_page",
+            resp(Response::SessionsPage(SessionPage {
+                sessions: vec![sample_session()],
+                next_after: Some("z".into()),
+            })),
+        ),
+        ("ev_task_update_destination", ServerMessage::Event(Event::TaskUpdate(waiting))),
+        ("ev_task_update_storage", ServerMessage::Event(Event::TaskUpdate(held))),
+        (
+            "resp_err_storage",
+            ServerMessage::Response { id: 11, result: Err(ErrorInfo::new(ErrorCode::StorageFull, "full")) },
+        ),
+    ]
+}
+
+fn golden_dir(version: u16) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/golden/v{version}"))
+}
+
+fn check(version: u16, name: &str, bytes: &[u8]) {
+    let path = golden_dir(version).join(format!("{name}.hex"));
     let hex = validate::to_hex(bytes);
-    if std::env::var_os("DLSESSION_BLESS").is_some() {
+    if std::env::var("DLSESSION_BLESS").ok() == Some(version.to_string()) {
+        std::fs::create_dir_all(golden_dir(version)).unwrap();
         std::fs::write(&path, format!("{hex}\n")).unwrap();
         return;
     }
@@ -222,24 +262,47 @@ fn check(name: &str, bytes: &[u8]) {
 
 #[test]
 fn handshake_is_frozen() {
-    let hello = ClientHello {
+    let v1 = v1::ClientHello {
         client_name: "dlsessionctl".into(),
         client_version: "0.1.0".into(),
         app_id: Some("org.example.fetcher".into()),
     };
-    check("hello", &frame::encode_frame(&hello).unwrap());
+    check(1, "hello", &frame::encode_frame(&v1).unwrap());
+    let hello = ClientHello::from(v1);
+    check(2, "hello", &frame::encode_frame(&ClientHello { umask: Some(0o027), ..hello }).unwrap());
     let welcome = Welcome { daemon_version: "0.1.0".into(), pid: 4242, connection_id: 7 };
-    check("welcome", &frame::encode_frame(&welcome).unwrap());
-    assert_eq!(&Preamble::ours(HandshakeStatus::Ok).to_bytes(), b"DLSD\x00\x01\x00\x00");
+    check(1, "welcome", &frame::encode_frame(&welcome).unwrap());
+    check(2, "welcome", &frame::encode_frame(&welcome).unwrap());
+    assert_eq!(&Preamble::ours(HandshakeStatus::Ok).to_bytes(), b"DLSD\x00\x02\x00\x00");
     assert_eq!(&Preamble { version: 9, status: HandshakeStatus::VersionMismatch }.to_bytes(), b"DLSD\x00\x09\x00\x01");
 }
 
 #[test]
+fn daemons_serve_every_supported_version() {
+    let with = |version| Preamble { version, status: HandshakeStatus::Ok };
+    assert_eq!(with(1).negotiate().unwrap(), 1);
+    assert_eq!(with(PROTOCOL_VERSION).negotiate().unwrap(), PROTOCOL_VERSION);
+    assert!(with(0).negotiate().is_err());
+    assert!(with(PROTOCOL_VERSION + 1).negotiate().is_err());
+    // A client insists on its own version.
+    assert!(with(1).check_version().is_err());
+}
+
+#[test]
 fn requests_are_frozen_and_round_trip() {
+    // Protocol 2 only appended requests: protocol 1's bytes mean the same thing.
     for (name, request) in requests() {
         let frame = RequestFrame { id: 0x1234, request };
         let bytes = frame::encode_frame(&frame).unwrap();
-        check(name, &bytes);
+        check(1, name, &bytes);
+        check(2, name, &bytes);
+        let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
+        assert_eq!(back, vec![frame], "{name} does not round-trip");
+    }
+    for (name, request) in requests_v2() {
+        let frame = RequestFrame { id: 0x1234, request };
+        let bytes = frame::encode_frame(&frame).unwrap();
+        check(2, name, &bytes);
         let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![frame], "{name} does not round-trip");
     }
@@ -247,11 +310,56 @@ fn requests_are_frozen_and_round_trip() {
 
 #[test]
 fn server_messages_are_frozen_and_round_trip() {
-    for (name, msg) in server_messages() {
+    for (name, msg) in server_messages().into_iter().chain(server_messages_v2()) {
         let bytes = frame::encode_frame(&msg).unwrap();
-        check(name, &bytes);
+        check(2, name, &bytes);
         let back: Vec<ServerMessage> = frame::decode_frames(&bytes).unwrap();
-        assert_eq!(back, vec![msg], "{name} does not round-trip");
+        assert_eq!(back, vec![msg.clone()], "{name} does not round-trip");
+        assert_eq!(frame::encode_server_frame(2, msg).unwrap(), bytes);
+    }
+}
+
+/// What a protocol-1 client receives is byte for byte what protocol-1 daemons sent.
+#[test]
+fn protocol_1_clients_get_protocol_1_bytes() {
+    for (name, msg) in server_messages() {
+        let bytes = frame::encode_server_frame(1, msg.clone()).unwrap();
+        check(1, name, &bytes);
+        let back: Vec<v1::ServerMessage> = frame::decode_frames(&bytes).unwrap();
+        assert_eq!(back, vec![v1::downgrade(msg)], "{name} does not round-trip");
+    }
+    // What protocol 1 cannot say becomes the nearest thing it can, and still decodes.
+    for (name, msg) in server_messages_v2() {
+        let bytes = frame::encode_server_frame(1, msg).unwrap();
+        let back: Vec<v1::ServerMessage> = frame::decode_frames(&bytes).unwrap();
+        match (name, &back[0]) {
+            ("resp_sessions_page", v1::ServerMessage::Response { result: Ok(v1::Response::Sessions(s)), .. }) => {
+                assert_eq!(s.len(), 1)
+            }
+            (
+                "ev_task_update_destination",
+                v1::ServerMessage::Event(v1::Event::TaskUpdate(v1::TaskInfo {
+                    wait: Some(v1::WaitReason::Backoff { until, attempt: 3, last_error }),
+                    ..
+                })),
+            ) => {
+                assert_eq!(*until, 1_700_000_009_000);
+                assert_eq!(last_error.code, v1::ErrorCode::FileError);
+                assert!(last_error.message.starts_with("destination_unavailable: "), "{last_error:?}");
+            }
+            (
+                "ev_task_update_storage",
+                v1::ServerMessage::Event(v1::Event::TaskUpdate(v1::TaskInfo {
+                    wait: Some(v1::WaitReason::Backoff { last_error, .. }),
+                    ..
+                })),
+            ) => assert_eq!(last_error.code, v1::ErrorCode::Internal),
+            ("resp_err_storage", v1::ServerMessage::Response { result: Err(e), .. }) => {
+                assert_eq!(e.code, v1::ErrorCode::Internal);
+                assert_eq!(e.message, "storage_full: full");
+            }
+            (name, other) => panic!("{name}: {other:?}"),
+        }
     }
 }
 
@@ -282,6 +390,8 @@ fn error_codes_are_stable() {
             "protocol_version",
             "permission_denied",
             "internal",
+            "storage_full",
+            "destination_unavailable",
         ]
     );
     for (i, code) in ErrorCode::ALL.iter().enumerate() {

@@ -111,6 +111,9 @@ fn wait() -> impl Strategy<Value = WaitReason> {
             last_error
         }),
         of(any::<u64>()).prop_map(|next_wake| WaitReason::EventsPending { next_wake }),
+        (error(), any::<u32>(), of(any::<u64>()))
+            .prop_map(|(error, attempt, next_try)| { WaitReason::DestinationUnavailable { error, attempt, next_try } }),
+        error().prop_map(|error| WaitReason::StorageFull { error }),
     ]
 }
 
@@ -249,6 +252,7 @@ fn status() -> impl Strategy<Value = DaemonStatus> {
         (s(), s(), s(), s()),
         counts(),
         any::<(u64, u64, u64, u64, u32)>(),
+        of(error()),
     )
         .prop_map(
             |(
@@ -256,6 +260,7 @@ fn status() -> impl Strategy<Value = DaemonStatus> {
                 (socket, state_dir, cache_dir, database),
                 tasks,
                 (sessions, connections, download_rate, bytes_downloaded, max_concurrent_downloads),
+                storage,
             )| DaemonStatus {
                 daemon_version,
                 protocol_version,
@@ -272,6 +277,7 @@ fn status() -> impl Strategy<Value = DaemonStatus> {
                 download_rate,
                 bytes_downloaded,
                 max_concurrent_downloads,
+                storage,
             },
         )
 }
@@ -317,20 +323,24 @@ fn request() -> impl Strategy<Value = Request> {
         (of(s()), vec(any::<u64>(), 0..4)).prop_map(|(session, tasks)| Request::Watch(WatchFilter { session, tasks })),
         Just(Request::Unwatch),
         vec(any::<u64>(), 0..8).prop_map(|tasks| Request::AcknowledgeTasks { tasks }),
+        (of(s()), any::<u32>()).prop_map(|(after, limit)| Request::ListSessionsPage(SessionQuery { after, limit })),
+        Just(Request::HandleWakes),
     ]
 }
 
 fn response() -> impl Strategy<Value = Response> {
+    // Boxed arms: one nested type for every variant overflowed the test thread's stack.
     prop_oneof![
         Just(Response::Ok),
-        status().prop_map(Response::Status),
-        session_info().prop_map(Response::Session),
-        vec(session_info(), 0..3).prop_map(Response::Sessions),
+        status().prop_map(Response::Status).boxed(),
+        session_info().prop_map(Response::Session).boxed(),
+        vec(session_info(), 0..3).prop_map(Response::Sessions).boxed(),
         vec(any::<u64>(), 0..5).prop_map(Response::TasksCreated),
         vec(any::<u8>(), 0..64).prop_map(Response::ResumeData),
-        detail().prop_map(Response::Task),
+        detail().prop_map(Response::Task).boxed(),
         (vec(info(), 0..3), of(any::<u64>()))
-            .prop_map(|(tasks, next_after)| Response::Tasks(TaskPage { tasks, next_after })),
+            .prop_map(|(tasks, next_after)| Response::Tasks(TaskPage { tasks, next_after }))
+            .boxed(),
         prop_oneof![
             Just(WakeOutcome::Attached),
             any::<u32>().prop_map(|connections| WakeOutcome::Woken { connections }),
@@ -339,6 +349,9 @@ fn response() -> impl Strategy<Value = Response> {
             Just(WakeOutcome::NoTarget),
         ]
         .prop_map(Response::Wake),
+        (vec(session_info(), 0..3), of(s()))
+            .prop_map(|(sessions, next_after)| Response::SessionsPage(SessionPage { sessions, next_after }))
+            .boxed(),
     ]
 }
 
@@ -371,6 +384,13 @@ fn event() -> impl Strategy<Value = Event> {
     ]
 }
 
+/// Whatever the daemon sends a protocol-1 client decodes as protocol 1, as the downgrade says.
+fn reaches_protocol_1(msg: ServerMessage) -> bool {
+    let bytes = frame::encode_server_frame(1, msg.clone()).unwrap();
+    let back: Vec<v1::ServerMessage> = frame::decode_frames(&bytes).unwrap();
+    back.len() == 1 && same_encoding(&back[0], &v1::downgrade(msg))
+}
+
 /// NaN != NaN: compare floats by bits by comparing the encodings instead.
 fn same_encoding<T: serde::Serialize>(a: &T, b: &T) -> bool {
     codec::encode(a).unwrap() == codec::encode(b).unwrap()
@@ -398,6 +418,7 @@ proptest! {
         let msg = ServerMessage::Response { id, result };
         let back: ServerMessage = codec::decode(&codec::encode(&msg).unwrap()).unwrap();
         prop_assert!(same_encoding(&back, &msg));
+        prop_assert!(reaches_protocol_1(msg));
     }
 
     #[test]
@@ -405,11 +426,12 @@ proptest! {
         let msg = ServerMessage::Event(event);
         let back: ServerMessage = codec::decode(&codec::encode(&msg).unwrap()).unwrap();
         prop_assert!(same_encoding(&back, &msg));
+        prop_assert!(reaches_protocol_1(msg));
     }
 
     #[test]
-    fn hellos_round_trip(client_name in s(), client_version in s(), app_id in of(s()), pid in any::<u32>(), connection_id in any::<u64>()) {
-        let hello = ClientHello { client_name, client_version, app_id };
+    fn hellos_round_trip(client_name in s(), client_version in s(), app_id in of(s()), umask in of(any::<u32>()), pid in any::<u32>(), connection_id in any::<u64>()) {
+        let hello = ClientHello { client_name, client_version, app_id, umask };
         prop_assert_eq!(codec::decode::<ClientHello>(&codec::encode(&hello).unwrap()).unwrap(), hello);
         let welcome = Welcome { daemon_version: "v".into(), pid, connection_id };
         prop_assert_eq!(codec::decode::<Welcome>(&codec::encode(&welcome).unwrap()).unwrap(), welcome);

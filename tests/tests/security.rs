@@ -17,8 +17,13 @@ use dlsession_testkit::{TestDaemon, TestEnv};
 fn hello_bytes() -> Vec<u8> {
     let mut v = Preamble::ours(HandshakeStatus::Ok).to_bytes().to_vec();
     v.extend(
-        frame::encode_frame(&ClientHello { client_name: "raw".into(), client_version: "0".into(), app_id: None })
-            .unwrap(),
+        frame::encode_frame(&ClientHello {
+            client_name: "raw".into(),
+            client_version: "0".into(),
+            app_id: None,
+            umask: None,
+        })
+        .unwrap(),
     );
     v
 }

@@ -32,8 +32,13 @@ fn stuck_attach(socket: &std::path::Path, identifier: &str) -> UnixStream {
     let mut s = UnixStream::connect(socket).unwrap();
     let mut bytes = Preamble::ours(HandshakeStatus::Ok).to_bytes().to_vec();
     bytes.extend(
-        frame::encode_frame(&ClientHello { client_name: "stuck".into(), client_version: "0".into(), app_id: None })
-            .unwrap(),
+        frame::encode_frame(&ClientHello {
+            client_name: "stuck".into(),
+            client_version: "0".into(),
+            app_id: None,
+            umask: None,
+        })
+        .unwrap(),
     );
     bytes.extend(
         frame::encode_frame(&RequestFrame {

@@ -165,6 +165,8 @@ pub enum WaitJson {
     EarliestBegin { at: u64 },
     Backoff { until: u64, attempt: u32, last_error: ErrorJson },
     EventsPending { next_wake: Option<u64> },
+    DestinationUnavailable { error: ErrorJson, attempt: u32, next_try: Option<u64> },
+    StorageFull { error: ErrorJson },
 }
 
 impl From<&WaitReason> for WaitJson {
@@ -179,6 +181,12 @@ impl From<&WaitReason> for WaitJson {
                 WaitJson::Backoff { until: *until, attempt: *attempt, last_error: ErrorJson::from(last_error) }
             }
             WaitReason::EventsPending { next_wake } => WaitJson::EventsPending { next_wake: *next_wake },
+            WaitReason::DestinationUnavailable { error, attempt, next_try } => WaitJson::DestinationUnavailable {
+                error: ErrorJson::from(error),
+                attempt: *attempt,
+                next_try: *next_try,
+            },
+            WaitReason::StorageFull { error } => WaitJson::StorageFull { error: ErrorJson::from(error) },
         }
     }
 }

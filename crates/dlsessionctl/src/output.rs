@@ -140,6 +140,11 @@ pub fn wait_short(w: &WaitReason, now: u64) -> String {
             format!("backoff until {} (attempt {attempt}: {})", clock(*until, now), error(last_error))
         }
         WaitReason::EventsPending { .. } => "events pending".into(),
+        WaitReason::DestinationUnavailable { error: e, next_try, .. } => match next_try {
+            Some(at) => format!("cannot move to destination, retry at {} ({})", clock(*at, now), error(e)),
+            None => format!("cannot move to destination ({})", error(e)),
+        },
+        WaitReason::StorageFull { error: e } => format!("held: daemon storage unavailable ({})", error(e)),
     }
 }
 
@@ -172,6 +177,22 @@ pub fn wait_sentence(w: &WaitReason, task: u64, now: u64) -> String {
             };
             format!("completed; its events wait for the app to collect them ({wake})")
         }
+        WaitReason::DestinationUnavailable { error: e, attempt, next_try } => {
+            let next = match next_try {
+                Some(at) => format!("tried {attempt} time(s); next try {}", relative(*at, now)),
+                None => format!("tried {attempt} time(s)"),
+            };
+            format!(
+                "downloaded, but the file cannot be moved to its destination: {}; the data is kept ({next}; \
+                 `dlsessionctl resume {task}` tries now)",
+                error(e)
+            )
+        }
+        WaitReason::StorageFull { error: e } => format!(
+            "held at its last checkpoint: dlsessiond cannot write its database ({}); it goes on by itself when \
+             it can",
+            error(e)
+        ),
     }
 }
 

@@ -20,6 +20,10 @@ pub struct ConnHandle {
     pub client_name: String,
     pub app_id: Option<String>,
     pub pid: Option<u32>,
+    /// The protocol version spoken with this client.
+    pub protocol: u16,
+    /// The mode files handed to this client get (from its umask).
+    pub file_mode: u32,
     pub out: mpsc::UnboundedSender<ServerMessage>,
     pub mailbox: Arc<Mailbox>,
 }

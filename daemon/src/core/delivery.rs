@@ -372,11 +372,7 @@ impl Core {
 
     fn watches(&self, c: &super::Conn, key: SessionKey, id: TaskId) -> bool {
         let Some(w) = &c.watch else { return false };
-        let session_ok = match &w.session {
-            Some(name) => self.by_identifier.get(name) == Some(&key),
-            None => true,
-        };
-        session_ok && (w.tasks.is_empty() || w.tasks.contains(&id))
+        w.session.is_none_or(|s| s == key) && (w.tasks.is_empty() || w.tasks.contains(&id))
     }
 
     /// Tells watchers about a task's new state.

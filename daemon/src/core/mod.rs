@@ -32,7 +32,6 @@ use crate::model::{EventRecord, SessionKey, SessionRecord, TaskRecord, now_ms};
 use crate::store::{Op, Snapshot, Store};
 use dlsession_proto::{
     ErrorCode, ErrorInfo, Request, Response, ServerMessage, TaskCounts, TaskId, TaskState, UnixMillis, WakeStatus,
-    WatchFilter,
 };
 use sched::Lanes;
 
@@ -185,7 +184,17 @@ struct Session {
 struct Conn {
     handle: ConnHandle,
     attached: HashSet<SessionKey>,
-    watch: Option<WatchFilter>,
+    watch: Option<Watch>,
+    /// Asked for `Wake`s with a handler that rejoins (`Request::HandleWakes`).
+    handles_wakes: bool,
+}
+
+/// What a connection watches (`Request::Watch`), indexed.
+#[derive(Debug)]
+struct Watch {
+    session: Option<SessionKey>,
+    /// Empty: every task (of the session).
+    tasks: HashSet<TaskId>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -207,7 +216,8 @@ pub struct Core {
     tx: CoreTx,
     rx: mpsc::UnboundedReceiver<CoreMsg>,
     sessions: HashMap<SessionKey, Session>,
-    by_identifier: HashMap<String, SessionKey>,
+    /// Ordered: sessions are listed (and paged) by identifier.
+    by_identifier: BTreeMap<String, SessionKey>,
     next_session_key: SessionKey,
     /// A new session's first event sequence number (see `store::Op::SetSeqFloor`).
     seq_floor: u64,
@@ -279,7 +289,7 @@ impl Core {
             tx,
             rx,
             sessions: HashMap::new(),
-            by_identifier: HashMap::new(),
+            by_identifier: BTreeMap::new(),
             next_session_key: 1,
             seq_floor: snapshot.seq_floor,
             tasks: BTreeMap::new(),
@@ -463,7 +473,7 @@ impl Core {
 
     fn on_open(&mut self, handle: ConnHandle) {
         let app_id = handle.app_id.clone();
-        self.conns.insert(handle.id, Conn { handle, attached: HashSet::new(), watch: None });
+        self.conns.insert(handle.id, Conn { handle, attached: HashSet::new(), watch: None, handles_wakes: false });
         if let Some(app_id) = app_id {
             self.wake_for_new_app(&app_id);
         }

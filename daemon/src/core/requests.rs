@@ -1,6 +1,7 @@
 //! One handler per client request.
 
 use std::collections::HashSet;
+use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -14,8 +15,9 @@ use crate::model::{Phase, SessionKey, SessionRecord, TaskRecord, now_ms};
 use crate::store::Op;
 use crate::validate;
 use dlsession_proto::{
-    DaemonStatus, ErrorCode, ErrorInfo, Header, PROTOCOL_VERSION, Request, Response, SessionConfig, TaskAction,
-    TaskCounts, TaskId, TaskPage, TaskQuery, TaskSpec, TaskState, WakeReason, WakeStatus, WatchFilter,
+    DaemonStatus, ErrorCode, ErrorInfo, Header, PROTOCOL_VERSION, Request, Response, SessionConfig, SessionInfo,
+    SessionPage, SessionQuery, TaskAction, TaskCounts, TaskId, TaskPage, TaskQuery, TaskSpec, TaskState, WakeReason,
+    WakeStatus, WatchFilter,
 };
 
 /// How a handler answered: now, or later (after a commit or a worker stop).
@@ -105,10 +107,16 @@ impl Core {
                 Ok(Answer::Now(Response::Session(self.session_info(key)?)))
             }
             Request::ListSessions => {
-                let mut keys: Vec<(&String, &SessionKey)> = self.by_identifier.iter().collect();
-                keys.sort();
-                let infos = keys.into_iter().filter_map(|(_, k)| self.session_info(*k).ok()).collect();
+                // Protocol 1 has no pages: everything, or an error if it does not fit a frame.
+                let infos = self.by_identifier.values().filter_map(|k| self.session_info(*k).ok()).collect();
                 Ok(Answer::Now(Response::Sessions(infos)))
+            }
+            Request::ListSessionsPage(query) => Ok(Answer::Now(Response::SessionsPage(self.list_sessions(query)))),
+            Request::HandleWakes => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.handles_wakes = true;
+                }
+                Ok(Answer::Now(Response::Ok))
             }
             Request::CreateTasks { identifier, tasks, resume } => {
                 self.create_tasks(conn, id, identifier, tasks, resume, check)
@@ -161,6 +169,7 @@ impl Core {
             download_rate: self.download_rate,
             bytes_downloaded: self.bytes_downloaded,
             max_concurrent_downloads: self.cfg.limits.max_concurrent_downloads,
+            storage: None,
         }
     }
 
@@ -666,6 +675,32 @@ impl Core {
         Ok(Answer::Later)
     }
 
+    /// One page of sessions after `query.after`, in identifier order, within the byte budget.
+    fn list_sessions(&self, query: SessionQuery) -> SessionPage {
+        let limit = match query.limit as usize {
+            0 => MAX_PAGE,
+            n => n.min(MAX_PAGE),
+        };
+        let range = match &query.after {
+            Some(after) => self.by_identifier.range::<str, _>((Bound::Excluded(after.as_str()), Bound::Unbounded)),
+            None => self.by_identifier.range::<str, _>(..),
+        };
+        let mut sessions = Vec::new();
+        let mut budget = PAGE_BUDGET;
+        let mut next_after = None;
+        for key in range.map(|(_, key)| key) {
+            let Ok(info) = self.session_info(*key) else { continue };
+            let cost = session_cost(&info);
+            if sessions.len() == limit || cost > budget {
+                next_after = sessions.last().map(|i: &SessionInfo| i.identifier.clone());
+                break;
+            }
+            budget -= cost;
+            sessions.push(info);
+        }
+        SessionPage { sessions, next_after }
+    }
+
     fn list_tasks(&self, query: TaskQuery) -> Handled {
         let limit = match query.limit as usize {
             0 => MAX_PAGE,
@@ -793,7 +828,7 @@ impl Core {
             filter.tasks.iter().filter_map(|id| self.tasks.get(id)).map(|t| self.task_info(t)).collect()
         };
         let c = self.conns.get_mut(&conn).ok_or_else(|| ErrorInfo::new(ErrorCode::Internal, "connection gone"))?;
-        c.watch = Some(filter);
+        c.watch = Some(super::Watch { session, tasks: filter.tasks.into_iter().collect() });
         for info in infos {
             c.handle.mailbox.put_update(info);
         }
@@ -805,6 +840,19 @@ impl Core {
         let ops = self.tasks.get(&task).map(|t| vec![Op::UpdateTask(Box::new(t.rec.clone()))]).unwrap_or_default();
         self.commit(ops, after);
     }
+}
+
+/// About how many bytes a session takes in a frame (an upper estimate).
+fn session_cost(info: &SessionInfo) -> usize {
+    let c = &info.config;
+    let launch = match &c.launch {
+        Some(dlsession_proto::LaunchSpec::Command { argv }) => argv.iter().map(|a| a.len() + 4).sum(),
+        Some(dlsession_proto::LaunchSpec::SystemdUnit { unit }) => unit.len(),
+        None => 0,
+    };
+    let headers: usize = c.http_headers.iter().map(|h| h.name.len() + h.value.len() + 8).sum();
+    let error = info.wake.last_error.as_ref().map_or(0, |e| e.message.len());
+    256 + info.identifier.len() + c.app_id.as_ref().map_or(0, String::len) + launch + headers + error
 }
 
 /// A short name for logs (requests can be large, and carry header values).
@@ -828,6 +876,8 @@ fn request_name(r: &Request) -> &'static str {
         Request::Watch(_) => "watch",
         Request::Unwatch => "unwatch",
         Request::AcknowledgeTasks { .. } => "acknowledge_tasks",
+        Request::ListSessionsPage(_) => "list_sessions_page",
+        Request::HandleWakes => "handle_wakes",
     }
 }
 

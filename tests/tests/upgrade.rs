@@ -1,0 +1,200 @@
+//! Upgrades lose nothing: apps built against protocol 1 keep working with this daemon, and
+//! a state directory made by schema version 1 opens with every task, partial file and
+//! event intact.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use dlsession_proto::handshake::{HandshakeStatus, Preamble};
+use dlsession_proto::{
+    Request, RequestFrame, SessionConfig, TaskAction, TaskSpec, TaskState, Welcome, codec, frame, v1,
+};
+use dlsession_testkit::{Resource, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex};
+
+/// A client that speaks protocol 1 exactly as the client library of protocol 1 did: its
+/// preamble, its hello, and protocol 1's shapes for everything it reads.
+struct V1Client {
+    s: UnixStream,
+    next_id: u64,
+    /// Events read while waiting for a response.
+    events: Vec<v1::Event>,
+}
+
+impl V1Client {
+    fn connect(socket: &Path, app_id: Option<&str>) -> V1Client {
+        let mut s = UnixStream::connect(socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut opening = Preamble { version: 1, status: HandshakeStatus::Ok }.to_bytes().to_vec();
+        let hello = v1::ClientHello {
+            client_name: "v1-app".into(),
+            client_version: "0.1.0".into(),
+            app_id: app_id.map(Into::into),
+        };
+        opening.extend(frame::encode_frame(&hello).unwrap());
+        s.write_all(&opening).unwrap();
+        let mut pre = [0u8; 8];
+        s.read_exact(&mut pre).unwrap();
+        let pre = Preamble::parse(pre).unwrap();
+        assert_eq!(pre.status, HandshakeStatus::Ok);
+        // Protocol 1 clients refuse any daemon whose preamble says another version.
+        pre.check_version().unwrap_err();
+        assert_eq!(pre.version, 1, "the daemon answers in the client's version");
+        let welcome: Welcome = codec::decode(&read_payload(&mut s)).unwrap();
+        assert!(welcome.pid > 0);
+        V1Client { s, next_id: 1, events: Vec::new() }
+    }
+
+    fn read(&mut self) -> v1::ServerMessage {
+        // Every byte must decode as protocol 1: never garbage.
+        codec::decode(&read_payload(&mut self.s)).expect("a protocol-1 message")
+    }
+
+    fn request(&mut self, request: Request) -> Result<v1::Response, v1::ErrorInfo> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.s.write_all(&frame::encode_frame(&RequestFrame { id, request }).unwrap()).unwrap();
+        loop {
+            match self.read() {
+                v1::ServerMessage::Response { id: got, result } if got == id => return result,
+                v1::ServerMessage::Response { id: got, .. } => panic!("answer to {got}, waiting for {id}"),
+                v1::ServerMessage::Event(e) => self.events.push(e),
+            }
+        }
+    }
+
+    fn next_event(&mut self) -> v1::Event {
+        if !self.events.is_empty() {
+            return self.events.remove(0);
+        }
+        match self.read() {
+            v1::ServerMessage::Event(e) => e,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+fn read_payload(s: &mut UnixStream) -> Vec<u8> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let len = frame::payload_len(len).unwrap();
+    let mut buf = vec![0u8; len];
+    s.read_exact(&mut buf).unwrap();
+    buf
+}
+
+/// The whole background story, spoken in protocol 1 against this daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_1_clients_keep_working() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/a.bin", Resource::generated(300_000, 41));
+    server.add(
+        "/gone.bin",
+        Resource::generated(10, 42)
+            .fault(dlsession_testkit::Hits::All, dlsession_testkit::Fault::Status { code: 404, retry_after: None }),
+    );
+    let socket = env.socket.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut c = V1Client::connect(&socket, Some("org.example.v1"));
+        let status = match c.request(Request::Status).unwrap() {
+            v1::Response::Status(s) => s,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(status.protocol_version, dlsession_proto::PROTOCOL_VERSION);
+        let config = SessionConfig { app_id: Some("org.example.v1".into()), ..SessionConfig::default() };
+        let attach = Request::Attach { identifier: "org.example.v1.bg".into(), config, takeover: false };
+        assert!(matches!(c.request(attach).unwrap(), v1::Response::Session(_)));
+        assert!(matches!(c.next_event(), v1::Event::FinishedEvents { .. }));
+        let tasks = vec![TaskSpec::get(server.url("/a.bin")), TaskSpec::get(server.url("/gone.bin"))];
+        let ids = match c.request(Request::CreateTasks { identifier: "org.example.v1.bg".into(), tasks, resume: true })
+        {
+            Ok(v1::Response::TasksCreated(ids)) => ids,
+            other => panic!("{other:?}"),
+        };
+        // Collect the durable events of both tasks, acknowledging them as the library does.
+        let mut finished = None;
+        let mut failed = None;
+        let mut completed = 0;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while completed < 2 && Instant::now() < deadline {
+            if let v1::Event::Durable { seq, event, .. } = c.next_event() {
+                match event {
+                    v1::DurableEvent::FinishedDownloading { task, location } if task == ids[0] => {
+                        let copy = env.path().join("a.bin");
+                        std::fs::copy(&location, &copy).unwrap();
+                        finished = Some(copy);
+                    }
+                    v1::DurableEvent::Completed { task, error } => {
+                        completed += 1;
+                        if task == ids[1] {
+                            failed = error;
+                        }
+                    }
+                    _ => {}
+                }
+                let ack = Request::AckEvents { identifier: "org.example.v1.bg".into(), seqs: vec![seq] };
+                assert!(matches!(c.request(ack).unwrap(), v1::Response::Ok));
+            }
+        }
+        let file = finished.expect("finished_downloading");
+        assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(41, 300_000)));
+        let error = failed.expect("the 404 completes with an error");
+        assert_eq!(error.code, v1::ErrorCode::HttpStatus);
+        assert_eq!(error.http_status, Some(404));
+        // Listing and inspecting answer in protocol 1's shapes.
+        match c.request(Request::GetSession { identifier: "org.example.v1.bg".into() }).unwrap() {
+            v1::Response::Session(info) => assert_eq!(info.pending_events, 0),
+            other => panic!("{other:?}"),
+        }
+        // A task that waits for a reason protocol 1 lacks is shown with the nearest one.
+        let spec = TaskSpec::get(server.url("/a.bin"));
+        let id = match c.request(Request::CreateTasks {
+            identifier: "org.example.v1.bg".into(),
+            tasks: vec![spec],
+            resume: false,
+        }) {
+            Ok(v1::Response::TasksCreated(ids)) => ids[0],
+            other => panic!("{other:?}"),
+        };
+        match c.request(Request::GetTask { task: id }).unwrap() {
+            v1::Response::Task(d) => {
+                assert_eq!(d.info.state, TaskState::Suspended);
+                assert_eq!(d.info.wait, Some(v1::WaitReason::Suspended));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            c.request(Request::ControlTask { task: id, action: TaskAction::Cancel }).unwrap(),
+            v1::Response::Ok
+        ));
+        let err = c.request(Request::GetSession { identifier: "nope".into() }).unwrap_err();
+        assert_eq!(err.code, v1::ErrorCode::NoSuchSession);
+    })
+    .await
+    .unwrap();
+}
+
+/// A client of a protocol this daemon does not serve gets a clear refusal, never garbage.
+#[test]
+fn clients_of_unknown_protocols_are_refused_clearly() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    for version in [0, dlsession_proto::PROTOCOL_VERSION + 1] {
+        let mut s = UnixStream::connect(&env.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&Preamble { version, status: HandshakeStatus::Ok }.to_bytes()).unwrap();
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply).unwrap();
+        let pre = Preamble::parse(reply[..8].try_into().unwrap()).unwrap();
+        assert_eq!(pre.status, HandshakeStatus::VersionMismatch, "version {version}");
+        assert_eq!(pre.version, dlsession_proto::PROTOCOL_VERSION);
+        assert_eq!(reply.len(), 8, "nothing but the refusal");
+    }
+}
