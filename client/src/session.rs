@@ -295,6 +295,11 @@ impl Client {
     /// as this connection is open.
     pub fn handle_wakes(&self, handler: impl WakeHandler) {
         let mut events = self.events();
+        // The daemon wakes only connections that say they rejoin; the others' apps it
+        // relaunches instead.
+        if let Err(e) = self.send_request(Request::HandleWakes) {
+            warn!(error = %e, "cannot register for wakes");
+        }
         let client = self.clone();
         tokio::spawn(async move {
             let mut joined: HashMap<String, Session> = HashMap::new();

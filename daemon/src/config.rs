@@ -44,15 +44,27 @@ pub struct Timing {
     pub checkpoint_interval: Duration,
     pub retry_initial: Duration,
     pub retry_max: Duration,
+    /// A server's `Retry-After` is honoured up to this long.
+    pub retry_after_max: Duration,
     pub wake_initial: Duration,
     pub wake_max: Duration,
+    /// A running app sent `wake` has this long to rejoin the session before the daemon
+    /// relaunches it instead.
+    pub wake_answer: Duration,
+    /// A download that reports nothing (no byte, no step) for this long beyond its
+    /// session's `timeout_for_request` is stopped, and abandoned if it does not stop.
+    pub stall_timeout: Duration,
     /// How long SIGTERM waits for downloads to checkpoint.
     pub shutdown_grace: Duration,
     /// Under socket activation: exit after this long with nothing to do (no client, no
     /// download, no timer). `None`: never.
     pub idle_exit: Option<Duration>,
-    /// How long retired tasks stay in the database (for `dlsessionctl show`).
+    /// How long retired tasks stay in the database (for `dlsessionctl show`)…
     pub retired_history: Duration,
+    /// …and at most how many of them.
+    pub retired_history_max: u64,
+    /// Durable events nobody collected expire after this long (their files are deleted).
+    pub event_retention: Duration,
 }
 
 /// Command-line overrides (all optional).
@@ -98,11 +110,16 @@ struct FileConfig {
     checkpoint_interval_ms: Option<u64>,
     retry_initial_ms: Option<u64>,
     retry_max_ms: Option<u64>,
+    retry_after_max_ms: Option<u64>,
     wake_initial_ms: Option<u64>,
     wake_max_ms: Option<u64>,
+    wake_answer_ms: Option<u64>,
+    stall_timeout_ms: Option<u64>,
     shutdown_grace_ms: Option<u64>,
     idle_exit_ms: Option<u64>,
     retired_history_days: Option<u32>,
+    retired_history_max: Option<u64>,
+    event_retention_days: Option<u32>,
 }
 
 impl Config {
@@ -118,6 +135,7 @@ impl Config {
         let env_socket =
             std::env::var_os(dlsession_proto::paths::SOCKET_ENV).filter(|v| !v.is_empty()).map(PathBuf::from);
         let ms = |v: Option<u64>, default: u64| Duration::from_millis(v.unwrap_or(default));
+        let days = |d: u32| Duration::from_secs(u64::from(d) * 86_400);
         let config = Config {
             socket: overrides.socket.or(env_socket).or(file.socket).unwrap_or(defaults.socket),
             state_dir: overrides.state_dir.or(file.state_dir).unwrap_or(defaults.state_dir),
@@ -139,11 +157,16 @@ impl Config {
                 checkpoint_interval: ms(file.checkpoint_interval_ms, 2_000),
                 retry_initial: ms(file.retry_initial_ms, 1_000),
                 retry_max: ms(file.retry_max_ms, 600_000),
+                retry_after_max: ms(file.retry_after_max_ms, 24 * 3_600_000),
                 wake_initial: ms(file.wake_initial_ms, 30_000),
                 wake_max: ms(file.wake_max_ms, 3_600_000),
+                wake_answer: ms(file.wake_answer_ms, 10_000),
+                stall_timeout: ms(file.stall_timeout_ms, 60_000),
                 shutdown_grace: ms(file.shutdown_grace_ms, 10_000),
                 idle_exit: file.idle_exit_ms.filter(|&ms| ms > 0).map(Duration::from_millis),
-                retired_history: Duration::from_secs(u64::from(file.retired_history_days.unwrap_or(30)) * 86_400),
+                retired_history: days(file.retired_history_days.unwrap_or(30)),
+                retired_history_max: file.retired_history_max.unwrap_or(100_000),
+                event_retention: days(file.event_retention_days.unwrap_or(30)),
             },
         };
         config.validate()?;
@@ -166,10 +189,16 @@ impl Config {
         if self.timing.progress_interval.is_zero() {
             return Err(ConfigError::Invalid { key: "progress_interval_ms", message: "must be at least 1".into() });
         }
-        if self.timing.retry_initial.is_zero() || self.timing.wake_initial.is_zero() {
+        for (key, d) in [("retry_initial_ms", self.timing.retry_initial), ("wake_initial_ms", self.timing.wake_initial)]
+        {
+            if d.is_zero() {
+                return Err(ConfigError::Invalid { key, message: "backoffs must be at least 1 ms".into() });
+            }
+        }
+        if self.timing.event_retention.is_zero() {
             return Err(ConfigError::Invalid {
-                key: "retry_initial_ms",
-                message: "backoffs must be at least 1 ms".into(),
+                key: "event_retention_days",
+                message: "must be at least 1 (events must wait for the app at least a day)".into(),
             });
         }
         Ok(())

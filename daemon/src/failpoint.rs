@@ -1,7 +1,8 @@
 //! Failpoints for crash tests: `DLSESSIOND_FAILPOINT=NAME` (or `NAME:N` for the Nth time
 //! it is reached) makes the daemon abort at that point, as a power cut or `kill -9`
 //! would stop it; `NAME:N:sleep-ms=MS` pauses the thread there instead (to hold a step
-//! open), and `NAME:N+:sleep-ms=MS` pauses every hit from the Nth on. Failpoints are
+//! open), `NAME:N:panic` panics there (to prove a bug is contained), and `NAME:N+:…`
+//! does it at every hit from the Nth on. Failpoints are
 //! reached on blocking threads, except where the table says abort only.
 //! Unset, a failpoint costs one relaxed atomic load.
 //!
@@ -12,7 +13,8 @@
 //! | `finish-before-move` | the finishing phase is committed, the file not moved yet |
 //! | `finish-after-move` | the file is moved and its directory synced, `completed` not committed yet |
 //! | `destination-check` | a task-creating request's destinations are about to be checked on disk (off the core thread) |
-//! | `restart-after-reset` | a resource that changed is starting over: its reset offset is committed, no new byte written (abort only: reached on the async runtime) |
+//! | `restart-after-reset` | a resource that changed is starting over: its reset offset is committed, no new byte written (abort or panic only: reached on the async runtime) |
+//! | `worker-response` | a download worker accepted a response and is about to write (abort or panic only) |
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,9 +26,15 @@ struct Armed {
     nth: u64,
     /// Every hit from the Nth on, not only the Nth.
     onwards: bool,
-    /// Pause this long instead of aborting.
-    sleep: Option<std::time::Duration>,
+    action: Action,
     hits: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Action {
+    Abort,
+    Sleep(std::time::Duration),
+    Panic,
 }
 
 fn armed() -> Option<&'static Armed> {
@@ -39,10 +47,11 @@ fn armed() -> Option<&'static Armed> {
             let count = parts.next().unwrap_or_default();
             let onwards = count.ends_with('+');
             let nth = count.trim_end_matches('+').parse().unwrap_or(1);
-            let sleep = match parts.next() {
-                None => None,
+            let action = match parts.next() {
+                None => Action::Abort,
+                Some("panic") => Action::Panic,
                 Some(action) => match action.strip_prefix("sleep-ms=").and_then(|ms| ms.parse().ok()) {
-                    Some(ms) => Some(std::time::Duration::from_millis(ms)),
+                    Some(ms) => Action::Sleep(std::time::Duration::from_millis(ms)),
                     None => {
                         // A typo must not turn a pause into an abort.
                         eprintln!("dlsessiond: {ENV}={spec}: unknown action {action:?}; failpoint disarmed");
@@ -50,7 +59,7 @@ fn armed() -> Option<&'static Armed> {
                     }
                 },
             };
-            Some(Armed { name, nth, onwards, sleep, hits: AtomicU64::new(0) })
+            Some(Armed { name, nth, onwards, action, hits: AtomicU64::new(0) })
         })
         .as_ref()
 }
@@ -63,12 +72,21 @@ pub fn hit(name: &str) {
     }
     let n = a.hits.fetch_add(1, Ordering::Relaxed) + 1;
     if n == a.nth || (a.onwards && n > a.nth) {
-        if let Some(pause) = a.sleep {
-            eprintln!("dlsessiond: failpoint {name} reached; pausing for {pause:?}");
-            std::thread::sleep(pause);
-            return;
+        match a.action {
+            Action::Sleep(pause) => {
+                eprintln!("dlsessiond: failpoint {name} reached; pausing for {pause:?}");
+                std::thread::sleep(pause);
+            }
+            Action::Panic => {
+                eprintln!("dlsessiond: failpoint {name} reached; panicking");
+                // The one deliberate panic: tests prove a bug in a worker is contained.
+                #[allow(clippy::panic)]
+                std::panic::panic_any(format!("failpoint {name}"));
+            }
+            Action::Abort => {
+                eprintln!("dlsessiond: failpoint {name} reached; aborting");
+                std::process::abort();
+            }
         }
-        eprintln!("dlsessiond: failpoint {name} reached; aborting");
-        std::process::abort();
     }
 }

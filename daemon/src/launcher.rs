@@ -1,11 +1,11 @@
 //! Relaunching an app (SPEC §6): an argv run directly, detached, or a systemd user unit.
 
 use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::process::Stdio;
 
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use dlsession_proto::LaunchSpec;
 use dlsession_proto::paths::{RELAUNCH_IDENTIFIER_ENV, RELAUNCH_REASON_ENV, RELAUNCH_SOCKET_ENV};
@@ -16,6 +16,54 @@ pub struct Context<'a> {
     pub socket: &'a Path,
     pub log_dir: &'a Path,
     pub reason: &'a str,
+    pub scope: Scope,
+}
+
+/// Where a relaunched app runs, so that it outlives the daemon.
+///
+/// Under systemd the daemon's service owns a cgroup, and stopping or restarting the
+/// service kills everything in it: a relaunched app goes into a transient scope unit of
+/// its own instead (`systemd-run --user --scope`). Elsewhere it runs in a process group
+/// and session of its own, and nothing the daemon does on exit reaches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Direct,
+    SystemdScope,
+}
+
+impl Scope {
+    /// A systemd scope when the daemon runs as a systemd service and `systemd-run` exists.
+    pub fn detect() -> Scope {
+        let in_service = std::env::var_os("INVOCATION_ID").is_some()
+            && std::fs::read_to_string("/proc/self/cgroup")
+                .is_ok_and(|c| c.lines().any(|l| l.trim_end().ends_with(".service")));
+        if in_service && find_on_path("systemd-run").is_some() { Scope::SystemdScope } else { Scope::Direct }
+    }
+}
+
+fn find_on_path(program: &str) -> Option<std::path::PathBuf> {
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths).map(|d| d.join(program)).find(|p| p.is_file())
+}
+
+/// The argv that runs `argv` in `scope`.
+pub fn scoped_argv(argv: &[String], scope: Scope, identifier: &str) -> Vec<String> {
+    match scope {
+        Scope::Direct => argv.to_vec(),
+        Scope::SystemdScope => {
+            let mut wrapped = vec![
+                "systemd-run".to_owned(),
+                "--user".to_owned(),
+                "--scope".to_owned(),
+                "--quiet".to_owned(),
+                "--collect".to_owned(),
+                format!("--description=App relaunched by dlsessiond for session {}", file_safe(identifier)),
+                "--".to_owned(),
+            ];
+            wrapped.extend(argv.iter().cloned());
+            wrapped
+        }
+    }
 }
 
 /// Variables systemd gives the daemon that must not reach the apps it starts (an app
@@ -55,6 +103,10 @@ fn launch_command(
     ctx: &Context<'_>,
     on_exit: impl FnOnce(Result<(), String>) + Send + 'static,
 ) -> Result<Launched, String> {
+    if argv.is_empty() {
+        return Err("empty launch command".into());
+    }
+    let argv = scoped_argv(argv, ctx.scope, ctx.identifier);
     let (program, args) = argv.split_first().ok_or("empty launch command")?;
     let log = open_log(ctx);
     let (out, err) = match &log {
@@ -82,7 +134,7 @@ fn launch_command(
         .spawn()
         .map_err(|e| format!("cannot run {program:?}: {e}"))?;
     let pid = child.id().unwrap_or(0);
-    info!(pid, program = %program, "relaunched app");
+    debug!(pid, program = %program, "relaunched app");
     // Reap it when it exits so it never lingers as a zombie.
     tokio::spawn(async move {
         match child.wait().await {
@@ -127,7 +179,7 @@ fn start_unit(
         };
         on_exit(result);
     });
-    info!(unit = %unit, "starting app unit");
+    debug!(unit = %unit, "starting app unit");
     Ok(Launched::Unit(unit))
 }
 
@@ -153,10 +205,26 @@ pub fn systemd_escape(s: &str) -> String {
     out
 }
 
+/// A launch log grows to this size; then it becomes `NAME.log.1` (replacing the one
+/// before) and a new one starts, so two generations are kept.
+pub const LOG_CAP: u64 = 1 << 20;
+
 fn open_log(ctx: &Context<'_>) -> Option<std::fs::File> {
-    std::fs::create_dir_all(ctx.log_dir).ok()?;
-    let name = format!("{}.log", file_safe(ctx.identifier));
-    OpenOptions::new().create(true).append(true).mode(0o600).open(ctx.log_dir.join(name)).ok()
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(ctx.log_dir).ok()?;
+    let path = ctx.log_dir.join(format!("{}.log", file_safe(ctx.identifier)));
+    rotate_log(&path, LOG_CAP);
+    OpenOptions::new().create(true).append(true).mode(0o600).open(path).ok()
+}
+
+/// Moves `path` to `path.1` if it has grown to `cap` bytes.
+pub fn rotate_log(path: &Path, cap: u64) {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() >= cap) {
+        let mut old = path.as_os_str().to_owned();
+        old.push(".1");
+        if let Err(e) = std::fs::rename(path, &old) {
+            warn!(path = %path.display(), error = %e, "cannot rotate a launch log");
+        }
+    }
 }
 
 /// A file name for an identifier: a readable prefix plus a hash, never the raw string.
@@ -184,6 +252,30 @@ mod tests {
         assert_eq!(systemd_escape("ü"), "\\xc3\\xbc");
         assert_eq!(instantiate("fetch@.service", "org.ex/a"), "fetch@org.ex-a.service");
         assert_eq!(instantiate("fetch.service", "x"), "fetch.service");
+    }
+
+    #[test]
+    fn apps_run_in_a_scope_of_their_own_under_systemd() {
+        let argv = vec!["/usr/bin/app".to_owned(), "--bg".to_owned()];
+        assert_eq!(scoped_argv(&argv, Scope::Direct, "s"), argv);
+        let wrapped = scoped_argv(&argv, Scope::SystemdScope, "org.example/x");
+        assert_eq!(&wrapped[..3], ["systemd-run", "--user", "--scope"]);
+        let sep = wrapped.iter().position(|a| a == "--").unwrap();
+        assert_eq!(&wrapped[sep + 1..], &argv[..], "the app's argv is passed untouched");
+        assert!(!wrapped[..sep].iter().any(|a| a.contains('/')), "the identifier is made safe: {wrapped:?}");
+    }
+
+    #[test]
+    fn launch_logs_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("a.log");
+        std::fs::write(&log, vec![b'x'; 10]).unwrap();
+        rotate_log(&log, 100);
+        assert!(log.exists(), "under the cap: kept");
+        std::fs::write(&log, vec![b'y'; 100]).unwrap();
+        rotate_log(&log, 100);
+        assert!(!log.exists());
+        assert_eq!(std::fs::read(dir.path().join("a.log.1")).unwrap(), vec![b'y'; 100]);
     }
 
     #[test]

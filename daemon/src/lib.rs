@@ -63,11 +63,11 @@ pub async fn run(
 ) -> Result<(), DaemonError> {
     let cfg = Arc::new(cfg);
     let (core_tx, core_rx) = mpsc::unbounded_channel();
-    let fatal_tx = core_tx.clone();
+    let health_tx = core_tx.clone();
     let db = cfg.database_path();
     let (store, snapshot) = tokio::task::block_in_place(|| {
-        store::Store::open(&db, move |e| {
-            let _ = fatal_tx.send(CoreMsg::StoreFailed(e));
+        store::Store::open(&db, move |health| {
+            let _ = health_tx.send(CoreMsg::Storage(health));
         })
     })?;
     let proxies = engine::proxy::Proxies::from_env();

@@ -9,8 +9,11 @@ use dlsession_proto::{DurableEvent, ErrorInfo, Header, SessionConfig, TaskId, Ta
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> UnixMillis {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).unwrap_or(0)
 }
+
+/// The mode of handed-over files when the client did not say (protocol 1): 0o644.
+pub const DEFAULT_FILE_MODE: u32 = 0o644;
 
 /// The rowid of a session in the database.
 pub type SessionKey = i64;
@@ -52,6 +55,8 @@ pub struct TaskRecord {
     pub destination: Option<String>,
     pub overwrite: bool,
     pub expected_size: Option<u64>,
+    /// The mode the finished file is handed over with (from the creating client's umask).
+    pub file_mode: u32,
     pub created_at: UnixMillis,
     // Where it stands. `Running` is never stored: a running task is stored as `Queued`.
     pub state: TaskState,

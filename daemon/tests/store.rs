@@ -61,11 +61,12 @@ fn task(id: u64) -> TaskRecord {
         error: None,
         resume_secret: None,
         retired: false,
+        file_mode: 0o640,
     }
 }
 
 fn open(path: &Path) -> (Store, dlsessiond::store::Snapshot) {
-    Store::open(path, |e| panic!("store failed: {e}")).unwrap()
+    Store::open(path, |e| panic!("store failed: {e:?}")).unwrap()
 }
 
 #[tokio::test]
@@ -114,7 +115,7 @@ async fn records_survive_a_reopen() {
             ],
             None,
         );
-        store.flush().await;
+        assert!(store.flush(std::time::Duration::from_secs(30)).await);
     }
     let (store, snap) = open(&db);
     assert_eq!(snap.sessions, vec![SessionRecord { next_seq: 3, ..session() }]);
@@ -134,7 +135,7 @@ async fn records_survive_a_reopen() {
     store
         .write(vec![Op::DeleteEvents { session: 7, seqs: vec![1, 2] }, Op::DeleteSession(7), Op::SetSeqFloor(3)], None);
     store.write(vec![Op::SetSeqFloor(2)], None);
-    store.flush().await;
+    assert!(store.flush(std::time::Duration::from_secs(30)).await);
     drop(store);
     let (_, snap) = open(&db);
     assert!(snap.sessions.is_empty() && snap.tasks.is_empty() && snap.events.is_empty());
@@ -230,8 +231,8 @@ async fn pruning_deletes_only_retired_tasks_older_than_the_horizon() {
         ],
         None,
     );
-    store.write(vec![Op::PruneRetired { before: now - 30 * day }], None);
-    store.flush().await;
+    store.write(vec![Op::PruneRetired { before: now - 30 * day, keep: u64::MAX }], None);
+    assert!(store.flush(std::time::Duration::from_secs(30)).await);
     for (id, kept) in [(1, false), (2, true), (3, false), (4, true)] {
         assert_eq!(store.load_task(id).await.unwrap().is_some(), kept, "task {id}");
     }
@@ -251,7 +252,7 @@ fn the_daemon_prunes_old_history_when_it_starts() {
         retired: true,
         ..task(id)
     };
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let (store, _) = open(&db);
         store.write(
@@ -263,7 +264,7 @@ fn the_daemon_prunes_old_history_when_it_starts() {
             ],
             None,
         );
-        store.flush().await;
+        assert!(store.flush(std::time::Duration::from_secs(30)).await);
     });
     let daemon = dlsession_testkit::TestDaemon::start(&env);
     let shown = |id: u64| env.ctl(&["show", &id.to_string()]).status.code();
@@ -272,4 +273,66 @@ fn the_daemon_prunes_old_history_when_it_starts() {
     });
     assert_eq!(shown(2), Some(0), "a task retired yesterday stays");
     drop(daemon);
+}
+
+/// History is also capped by count, newest kept; live tasks are never pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_is_pruned_by_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(&dir.path().join("db"));
+    let now = dlsessiond::model::now_ms();
+    let mut ops = vec![Op::InsertSession(session())];
+    for id in 1..=10u64 {
+        let retired = id != 5;
+        ops.push(Op::InsertTask(Box::new(TaskRecord {
+            state: TaskState::Completed,
+            finished_at: Some(now),
+            retired,
+            ..task(id)
+        })));
+    }
+    store.write(ops, None);
+    store.write(vec![Op::PruneRetired { before: 0, keep: 3 }], None);
+    assert!(store.flush(std::time::Duration::from_secs(30)).await);
+    let mut kept = Vec::new();
+    for id in 1..=10 {
+        if store.load_task(id).await.unwrap().is_some() {
+            kept.push(id);
+        }
+    }
+    assert_eq!(kept, [5, 8, 9, 10], "the three newest retired tasks and the live one");
+}
+
+/// Values a client or server chose are stored saturated, never wrapped: a timeout of
+/// `u64::MAX` ms must not come back as 0 after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extreme_values_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let mut s = session();
+    s.config.timeout_for_request_ms = u64::MAX;
+    s.config.timeout_for_resource_ms = u64::MAX - 1;
+    s.config.bandwidth_limit = Some(u64::MAX);
+    let t = TaskRecord {
+        expected_size: Some(u64::MAX),
+        bytes_expected: Some(u64::MAX),
+        earliest_begin: Some(u64::MAX),
+        resource_deadline: Some(u64::MAX),
+        ..task(1)
+    };
+    {
+        let (store, _) = open(&path);
+        store.write(vec![Op::InsertSession(s), Op::InsertTask(Box::new(t))], None);
+        assert!(store.flush(std::time::Duration::from_secs(30)).await);
+    }
+    let (_, snap) = open(&path);
+    let c = &snap.sessions[0].config;
+    assert_eq!(c.timeout_for_request_ms, i64::MAX as u64);
+    assert_eq!(c.timeout_for_resource_ms, i64::MAX as u64);
+    assert_eq!(c.bandwidth_limit, Some(i64::MAX as u64));
+    let t = &snap.tasks[0];
+    assert_eq!(t.expected_size, Some(i64::MAX as u64));
+    assert_eq!(t.earliest_begin, Some(i64::MAX as u64));
+    assert_eq!(t.resource_deadline, Some(i64::MAX as u64));
+    assert_eq!(t.file_mode, 0o640);
 }

@@ -214,11 +214,14 @@ async fn a_full_cache_disk_pauses_the_task_and_it_resumes_when_space_is_free() {
     assert!(offset_of(last.range.as_deref()) > 0, "resumed from the kept partial data");
 }
 
+/// A finished download whose destination cannot be written is never destroyed: the task
+/// waits (`destination_unavailable`, naming the OS error), keeps its data, and `resume`
+/// puts it in place once the destination works, without downloading it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unwritable_destination_is_a_file_error() {
+async fn an_unwritable_destination_keeps_the_download_until_it_can_be_moved() {
     let env = TestEnv::new();
     let dir = env.path().join("readonly");
-    let _mount = if is_root() {
+    let mount = if is_root() {
         Some(Mount::tmpfs(&dir, "size=1m,ro"))
     } else {
         std::fs::create_dir_all(&dir).unwrap();
@@ -228,13 +231,37 @@ async fn an_unwritable_destination_is_a_file_error() {
     };
     let _d = TestDaemon::start(&env);
     let s = TestServer::start().await.unwrap();
-    s.add("/a", Resource::generated(1000, 1));
+    s.add("/a", Resource::generated(100_000, 1));
     let (session, mut events) = attach(&env, SessionConfiguration::background("t.ro")).await;
     let req = DownloadRequest::new(s.url("/a")).destination(dir.join("a.bin"));
     let task = session.download_tasks(vec![req], true).await.unwrap().remove(0);
-    let err = events.completion(task.id(), LONG).await.unwrap();
-    assert_eq!(err.code, ErrorCode::FileError, "{err}");
-    assert!(err.message.contains("a.bin"), "names the destination: {err}");
+    let info = dlsession_testkit::wait_for("destination_unavailable", LONG, || {
+        let info = common::block(task.info()).unwrap();
+        matches!(info.wait, Some(WaitReason::DestinationUnavailable { .. })).then_some(info)
+    });
+    assert_eq!(info.state, TaskState::Waiting);
+    let Some(WaitReason::DestinationUnavailable { error, .. }) = &info.wait else { unreachable!() };
+    assert_eq!(error.code, ErrorCode::DestinationUnavailable);
+    assert!(error.message.contains("a.bin") && error.message.contains("os error"), "{error}");
+    // `show` says what waits and what to do about it.
+    let show = env.ctl(&["show", &task.id().to_string()]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(text.contains("cannot be moved to its destination") && text.contains("dlsessionctl resume"), "{text}");
+    assert!(events.seen.iter().all(|e| !matches!(e, Seen::Completed { .. })), "{:?}", events.seen);
+    // The destination works again: resume puts the file there, from the kept data.
+    match &mount {
+        Some(m) => m.remount("rw"),
+        None => {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        }
+    }
+    let resumed = env.ctl(&["resume", &task.id().to_string()]);
+    assert!(resumed.status.success(), "{resumed:?}");
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(events.location(task.id()), Some(dir.join("a.bin")), "delivered at its destination");
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(1, 100_000)));
+    assert_eq!(s.hits("/a"), 1, "not downloaded again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,7 +372,8 @@ async fn a_crash_at_every_step_ends_in_exactly_one_correct_outcome() {
 }
 
 /// A file of the same size that appeared at the destination is not taken for the finished
-/// download when a crash interrupted the move: it is left alone and the task fails clearly.
+/// download when a crash interrupted the move: it is left alone, the task waits with a
+/// clear reason, and the download goes there once the file is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_before_the_move_never_adopts_a_foreign_file_of_the_same_size() {
     let env = TestEnv::new();
@@ -367,12 +395,24 @@ async fn a_crash_before_the_move_never_adopts_a_foreign_file_of_the_same_size() 
     drop(session);
     daemon.set_env(&[]);
     daemon.restart();
-    let (_session, mut events) = attach(&env, SessionConfiguration::background("t.foreign")).await;
-    let err = events.completion(task.id(), LONG).await.expect("the task fails");
-    assert_eq!(err.code, ErrorCode::FileError, "{err:?}");
-    assert!(err.message.contains("already exists"), "{}", err.message);
+    let (session, mut events) = attach(&env, SessionConfiguration::background("t.foreign")).await;
+    // The download is kept and waits for its destination; the foreign file is untouched.
+    let waiting = dlsession_testkit::wait_for("destination_unavailable", LONG, || {
+        let tasks = common::block(session.get_all_tasks()).unwrap();
+        tasks
+            .into_iter()
+            .find(|t| t.id == task.id() && matches!(t.wait, Some(WaitReason::DestinationUnavailable { .. })))
+    });
+    let Some(WaitReason::DestinationUnavailable { error, .. }) = &waiting.wait else { unreachable!() };
+    assert!(error.message.contains("already exists"), "{error}");
     assert_eq!(std::fs::read(&dest).unwrap(), foreign, "the foreign file is untouched");
     assert!(!events.seen.iter().any(|e| matches!(e, Seen::Finished { .. })), "{:?}", events.seen);
+    // Its owner moves it away: the next try puts the download there, without a new request.
+    std::fs::remove_file(&dest).unwrap();
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(events.location(task.id()), Some(dest.clone()), "delivered at its destination");
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(21, len)));
+    assert_eq!(s.hits("/f"), 1, "not downloaded again");
 }
 
 /// A resource that changed while the daemon was down starts over from zero; a crash right

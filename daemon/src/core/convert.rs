@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use super::{Core, Task};
-use crate::model::{SessionKey, TaskRecord, now_ms};
+use crate::model::{Phase, SessionKey, TaskRecord, now_ms};
 use dlsession_proto::{ErrorCode, ErrorInfo, SessionInfo, TaskDetail, TaskInfo, TaskState, WaitReason};
 
 impl Core {
@@ -25,20 +25,27 @@ impl Core {
         match t.state {
             TaskState::Running => None,
             TaskState::Suspended => Some(WaitReason::Suspended),
+            TaskState::Waiting if t.rec.phase == Phase::Finishing => Some(WaitReason::DestinationUnavailable {
+                error: t
+                    .rec
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| ErrorInfo::new(ErrorCode::DestinationUnavailable, "unknown")),
+                attempt: t.move_failures.max(1),
+                next_try: t.rec.retry_at,
+            }),
             TaskState::Waiting => Some(WaitReason::Backoff {
                 until: t.rec.retry_at.unwrap_or(0),
                 attempt: t.rec.attempts,
                 last_error: t.rec.last_error.clone().unwrap_or_else(|| ErrorInfo::new(ErrorCode::Internal, "unknown")),
             }),
-            // From the newest: a task that just completed has its events at the end, and
-            // watchers ask right then (a scan from the oldest made 1,000 completions cost
-            // 1,000 walks over up to 2,000 events).
             TaskState::Completed => s
-                .events
-                .values()
-                .rev()
-                .any(|e| e.task() == Some(t.rec.id))
+                .pending_by_task
+                .contains_key(&t.rec.id)
                 .then_some(WaitReason::EventsPending { next_wake: s.wake.next_wake }),
+            TaskState::Queued if self.storage.is_some() && t.rec.earliest_begin.is_none_or(|at| at <= now_ms()) => {
+                self.storage.clone().map(|error| WaitReason::StorageFull { error })
+            }
             TaskState::Queued => {
                 if let Some(at) = t.rec.earliest_begin.filter(|&at| at > now_ms()) {
                     return Some(WaitReason::EarliestBegin { at });

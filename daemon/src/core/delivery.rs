@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::{After, ConnId, Core, Timer};
+use super::backoff::Backoff;
+use super::timers::{Timer, wall_after};
+use super::{After, ConnId, Core};
 use crate::launcher;
 use crate::model::{EventRecord, SessionKey, now_ms};
 use crate::store::Op;
@@ -20,6 +22,9 @@ impl Core {
         let seq = s.rec.next_seq;
         s.rec.next_seq += 1;
         let rec = EventRecord { session: key, seq, event, created_at: now_ms() };
+        if let Some(task) = rec.task() {
+            *s.pending_by_task.entry(task).or_default() += 1;
+        }
         s.events.insert(seq, rec.clone());
         ops.push(Op::InsertEvent(rec));
         seq
@@ -96,6 +101,14 @@ impl Core {
             // Unknown seqs were acknowledged before. An event whose insert is still queued
             // may be acknowledged too: the store applies the delete after the insert.
             let Some(ev) = s.events.remove(&seq) else { continue };
+            if let Some(task) = ev.task()
+                && let Some(n) = s.pending_by_task.get_mut(&task)
+            {
+                *n -= 1;
+                if *n == 0 {
+                    s.pending_by_task.remove(&task);
+                }
+            }
             acked.push(seq);
             match ev.event {
                 DurableEvent::FinishedDownloading { location, .. } => {
@@ -131,12 +144,11 @@ impl Core {
         }
         after.push(After::RemoveFiles(files));
         if all_acked {
-            let timer = self.sessions.get_mut(&key).and_then(|s| {
-                let t = s.wake.next_wake;
+            // Everything collected: the app works; the next wake starts a fresh backoff.
+            self.cancel_wakes(key);
+            if let Some(s) = self.sessions.get_mut(&key) {
                 s.wake = WakeStatus::default();
-                t
-            });
-            self.clear_timer(timer, Timer::Wake(key));
+            }
         }
         if invalid && all_acked {
             self.delete_session(key, &mut ops, &mut after);
@@ -191,38 +203,81 @@ impl Core {
     fn can_wake(&self, key: SessionKey) -> bool {
         let Some(s) = self.sessions.get(&key) else { return false };
         s.rec.config.launch.is_some()
-            || s.rec.config.app_id.as_ref().is_some_and(|a| self.app_connections(a).next().is_some())
+            || s.rec.config.app_id.as_ref().is_some_and(|a| self.wake_targets(a).next().is_some())
     }
 
-    fn app_connections<'a>(&'a self, app_id: &'a str) -> impl Iterator<Item = ConnId> + 'a {
-        self.conns.values().filter(move |c| c.handle.app_id.as_deref() == Some(app_id)).map(|c| c.handle.id)
+    /// Connections that rejoin a session of `app_id` when told to: those that registered
+    /// a wake handler, and protocol-1 clients that announced the app (they cannot say).
+    fn wake_targets<'a>(&'a self, app_id: &'a str) -> impl Iterator<Item = ConnId> + 'a {
+        self.conns
+            .values()
+            .filter(move |c| c.handle.app_id.as_deref() == Some(app_id) && (c.handles_wakes || c.handle.protocol == 1))
+            .map(|c| c.handle.id)
     }
 
-    /// Schedules a wake `delay` from now if the session has finished events and none is due.
-    pub(super) fn check_wake(&mut self, key: SessionKey, delay: Duration) {
+    /// The wait before the next wake of a session woken `attempts` times without an
+    /// acknowledgement: nothing before the first, then `wake_initial` doubling up to
+    /// `wake_max`. Attaching does not reset it (an app that crashes on every relaunch is
+    /// relaunched less and less often); acknowledging every event does.
+    fn wake_backoff(&self, attempts: u32) -> Duration {
+        if attempts == 0 {
+            return Duration::ZERO;
+        }
+        Backoff { initial: self.cfg.timing.wake_initial, max: self.cfg.timing.wake_max }.base(attempts)
+    }
+
+    /// Schedules a wake if the session has finished events and none is due: at the
+    /// backoff, or `at_least` from now if that is later.
+    pub(super) fn check_wake(&mut self, key: SessionKey, at_least: Duration) {
         if !self.has_finished_events(key) {
-            let timer = self.sessions.get_mut(&key).and_then(|s| s.wake.next_wake.take());
-            self.clear_timer(timer, Timer::Wake(key));
+            self.cancel_wakes(key);
             return;
         }
-        if !self.can_wake(key) || self.sessions.get(&key).is_none_or(|s| s.wake.next_wake.is_some()) {
+        let Some(s) = self.sessions.get(&key) else { return };
+        if s.wake_timer.is_some() || !self.can_wake(key) {
             return;
         }
-        let at = now_ms() + delay.as_millis() as u64;
+        let delay = self.wake_backoff(s.wake.attempts).max(at_least);
+        let at = self.timers.after(delay);
         if let Some(s) = self.sessions.get_mut(&key) {
-            s.wake.next_wake = Some(at);
+            s.wake_timer = Some(at);
+            s.wake.next_wake = Some(wall_after(delay));
         }
         self.set_timer(at, Timer::Wake(key));
     }
 
+    /// Forgets the wakes due for a session (it is attached, or has nothing to deliver).
+    pub(super) fn cancel_wakes(&mut self, key: SessionKey) {
+        let Some(s) = self.sessions.get_mut(&key) else { return };
+        let (timer, unanswered) = (s.wake_timer.take(), s.wake_unanswered.take());
+        s.wake.next_wake = None;
+        self.clear_timer(timer, Timer::Wake(key));
+        self.clear_timer(unanswered, Timer::WakeUnanswered(key));
+    }
+
     pub(super) fn on_wake_timer(&mut self, key: SessionKey) {
         if let Some(s) = self.sessions.get_mut(&key) {
+            s.wake_timer = None;
             s.wake.next_wake = None;
         }
         if self.has_finished_events(key)
             && let Err(e) = self.wake_now(key, WakeReason::FinishedEvents)
         {
             warn!(session = %self.identifier(key), error = %e, "wake failed");
+        }
+    }
+
+    /// A running app was sent `wake` and has not rejoined the session: relaunch it.
+    pub(super) fn on_wake_unanswered(&mut self, key: SessionKey) {
+        let Some(s) = self.sessions.get_mut(&key) else { return };
+        s.wake_unanswered = None;
+        if !self.has_finished_events(key) {
+            return;
+        }
+        let answer = self.cfg.timing.wake_answer;
+        info!(session = %self.identifier(key), ?answer, "the running app did not rejoin after wake; relaunching it");
+        if let Err(e) = self.relaunch(key, WakeReason::FinishedEvents) {
+            warn!(session = %self.identifier(key), error = %e, "relaunch failed");
         }
     }
 
@@ -234,66 +289,86 @@ impl Core {
         }
         let identifier = s.rec.identifier.clone();
         let targets: Vec<ConnId> = match &s.rec.config.app_id {
-            Some(app) => self.app_connections(app).collect(),
+            Some(app) => self.wake_targets(app).collect(),
             None => Vec::new(),
         };
-        let launch = s.rec.config.launch.clone();
-        let outcome = if !targets.is_empty() {
-            for conn in &targets {
-                if let Some(c) = self.conns.get(conn) {
-                    c.handle.event(Event::Wake { identifier: identifier.clone(), reason });
-                }
+        if targets.is_empty() {
+            return self.relaunch(key, reason);
+        }
+        for conn in &targets {
+            if let Some(c) = self.conns.get(conn) {
+                c.handle.event(Event::Wake { identifier: identifier.clone(), reason });
             }
-            Ok(WakeOutcome::Woken { connections: targets.len() as u32 })
-        } else if let Some(spec) = launch {
-            let tx = self.tx.clone();
-            let ctx = launcher::Context {
-                identifier: &identifier,
-                socket: &self.cfg.socket,
-                log_dir: &self.cfg.launch_log_dir(),
-                reason: reason.as_str(),
-            };
-            let launched = launcher::launch(&spec, &ctx, move |result| {
-                let _ = tx.send(super::CoreMsg::LaunchFinished { session: key, result });
-            });
-            if launched.is_ok() {
-                self.launches_running += 1;
+        }
+        let outcome = WakeOutcome::Woken { connections: u32::try_from(targets.len()).unwrap_or(u32::MAX) };
+        // If nobody rejoins in time, the app's running process cannot or will not: relaunch.
+        if self.sessions.get(&key).is_some_and(|s| s.rec.config.launch.is_some() && s.wake_unanswered.is_none()) {
+            let at = self.timers.after(self.cfg.timing.wake_answer);
+            if let Some(s) = self.sessions.get_mut(&key) {
+                s.wake_unanswered = Some(at);
             }
-            launched
-                .map(|l| match l {
-                    launcher::Launched::Process(pid) => WakeOutcome::Launched { pid },
-                    launcher::Launched::Unit(unit) => WakeOutcome::UnitStarted { unit },
-                })
-                .map_err(|e| ErrorInfo::new(ErrorCode::Internal, format!("cannot relaunch the app: {e}")))
-        } else {
-            Ok(WakeOutcome::NoTarget)
+            self.set_timer(at, Timer::WakeUnanswered(key));
+        }
+        self.woke(key, &Ok(outcome.clone()));
+        Ok(outcome)
+    }
+
+    /// Relaunches the session's app (if it has a launch spec) and schedules the next try.
+    fn relaunch(&mut self, key: SessionKey, reason: WakeReason) -> Result<WakeOutcome, ErrorInfo> {
+        let s = self.sessions.get(&key).ok_or_else(|| ErrorInfo::new(ErrorCode::NoSuchSession, "no such session"))?;
+        let Some(spec) = s.rec.config.launch.clone() else {
+            return Ok(WakeOutcome::NoTarget);
         };
-        let now = now_ms();
-        let initial = self.cfg.timing.wake_initial.as_millis() as u64;
-        let max = self.cfg.timing.wake_max.as_millis() as u64;
-        let woke = outcome.is_ok() && outcome != Ok(WakeOutcome::NoTarget);
-        let failed = outcome.is_err();
-        let again = (woke || failed) && self.has_finished_events(key);
-        let Some(s) = self.sessions.get_mut(&key) else { return outcome };
-        if woke || failed {
-            s.wake.attempts += 1;
-            s.wake.last_wake = Some(now);
+        let identifier = s.rec.identifier.clone();
+        let tx = self.tx.clone();
+        let ctx = launcher::Context {
+            identifier: &identifier,
+            socket: &self.cfg.socket,
+            log_dir: &self.cfg.launch_log_dir(),
+            reason: reason.as_str(),
+            scope: self.launch_scope,
+        };
+        let launched = launcher::launch(&spec, &ctx, move |result| {
+            let _ = tx.send(super::CoreMsg::LaunchFinished { session: key, result });
+        });
+        if launched.is_ok() {
+            self.launches_running += 1;
         }
-        s.wake.last_error = outcome.as_ref().err().cloned();
-        info!(session = %identifier, ?outcome, attempt = s.wake.attempts, "wake");
-        // Backoff: initial, doubling, capped; repeated until the events are acknowledged.
-        if again {
-            let delay = initial.saturating_mul(1u64 << s.wake.attempts.saturating_sub(1).min(30)).min(max);
-            let at = now + delay;
-            let old = s.wake.next_wake.replace(at);
-            self.clear_timer(old, Timer::Wake(key));
-            self.set_timer(at, Timer::Wake(key));
-        }
+        let outcome = launched
+            .map(|l| match l {
+                launcher::Launched::Process(pid) => WakeOutcome::Launched { pid },
+                launcher::Launched::Unit(unit) => WakeOutcome::UnitStarted { unit },
+            })
+            .map_err(|e| ErrorInfo::new(ErrorCode::Internal, format!("cannot relaunch the app: {e}")));
+        self.woke(key, &outcome);
         outcome
     }
 
-    /// A process announced `app_id`: wake its sessions that wait for it.
-    pub(super) fn wake_for_new_app(&mut self, app_id: &str) {
+    /// Records a wake or relaunch (one log line) and schedules the next with backoff.
+    fn woke(&mut self, key: SessionKey, outcome: &Result<WakeOutcome, ErrorInfo>) {
+        let again = self.has_finished_events(key);
+        let Some(s) = self.sessions.get_mut(&key) else { return };
+        s.wake.attempts = s.wake.attempts.saturating_add(1);
+        s.wake.last_wake = Some(now_ms());
+        s.wake.last_error = outcome.as_ref().err().cloned();
+        let attempts = s.wake.attempts;
+        match outcome {
+            Ok(o) => info!(session = %s.rec.identifier, outcome = ?o, attempt = attempts, "wake"),
+            Err(e) => warn!(session = %s.rec.identifier, error = %e, attempt = attempts, "wake failed"),
+        }
+        let old = s.wake_timer.take();
+        s.wake.next_wake = None;
+        self.clear_timer(old, Timer::Wake(key));
+        if again {
+            self.check_wake(key, Duration::ZERO);
+        }
+    }
+
+    /// A process announced `app_id`: wake its sessions that wait for it, if it rejoins.
+    pub(super) fn wake_for_new_app(&mut self, app_id: &str, conn: ConnId) {
+        if !self.conns.get(&conn).is_some_and(|c| c.handles_wakes || c.handle.protocol == 1) {
+            return;
+        }
         let keys: Vec<SessionKey> = self
             .sessions
             .iter()
@@ -302,8 +377,6 @@ impl Core {
             .collect();
         for key in keys {
             if self.has_finished_events(key) {
-                let timer = self.sessions.get_mut(&key).and_then(|s| s.wake.next_wake.take());
-                self.clear_timer(timer, Timer::Wake(key));
                 let _ = self.wake_now(key, WakeReason::FinishedEvents);
             }
         }

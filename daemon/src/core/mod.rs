@@ -6,6 +6,7 @@
 //! in memory at once; anything observable outside the daemon that depends on it (a
 //! response, a durable event) is released only after its commit.
 
+mod backoff;
 mod conn;
 mod convert;
 mod delivery;
@@ -13,6 +14,7 @@ mod recovery;
 mod requests;
 mod sched;
 mod tasks;
+mod timers;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
@@ -20,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 pub use conn::{ConnHandle, ConnId, Mailbox};
 pub use sched::LaneKey;
@@ -34,6 +36,7 @@ use dlsession_proto::{
     ErrorCode, ErrorInfo, Request, Response, ServerMessage, TaskCounts, TaskId, TaskState, UnixMillis, WakeStatus,
 };
 use sched::Lanes;
+use timers::{Mono, Timer, Timers};
 
 pub type CoreTx = mpsc::UnboundedSender<CoreMsg>;
 
@@ -67,7 +70,8 @@ pub enum CoreMsg {
         session: SessionKey,
         result: Result<(), String>,
     },
-    StoreFailed(String),
+    /// The database stopped (or started again) taking writes.
+    Storage(crate::store::Health),
     Shutdown,
 }
 
@@ -131,6 +135,13 @@ struct Run {
     progress_held: bool,
     /// Progress that arrived meanwhile.
     held_bytes: u64,
+    /// When the worker last showed life (a report, or bytes arriving): one silent for
+    /// longer than the stall limit is abandoned (see `supervise`).
+    last_sign: Instant,
+    /// Bytes received at `last_sign`.
+    sign_received: u64,
+    /// The worker was told to stop because it went silent; when that happened.
+    abandoned_at: Option<Instant>,
     _worker: tokio::task::JoinHandle<()>,
 }
 
@@ -143,9 +154,11 @@ struct Task {
     progress: Arc<Progress>,
     run: Option<Run>,
     /// The deadline this task has in `Core::timers`, if any.
-    timer: Option<UnixMillis>,
+    timer: Option<Mono>,
     /// Consecutive failed attempts without progress (the backoff exponent).
     failures: u32,
+    /// Consecutive failed moves of the finished file to its destination.
+    move_failures: u32,
     /// The record changed (response metadata of a fresh transfer) without a commit of its
     /// own: the next checkpoint writes the whole record instead of just the offset.
     unsaved: bool,
@@ -173,10 +186,16 @@ struct Session {
     committed: u64,
     /// Unacknowledged durable events.
     events: BTreeMap<u64, EventRecord>,
+    /// How many of them each task has (so "has this task events pending?" costs nothing).
+    pending_by_task: HashMap<TaskId, u32>,
     tasks: BTreeSet<TaskId>,
     counts: TaskCounts,
     running: u32,
     wake: WakeStatus,
+    /// When the next wake is due (`wake.next_wake` is the same on the wall clock).
+    wake_timer: Option<Mono>,
+    /// A `wake` went to a running app: when it counts as unanswered (then: relaunch).
+    wake_unanswered: Option<Mono>,
     limiter: Option<Arc<RateLimiter>>,
 }
 
@@ -195,16 +214,6 @@ struct Watch {
     session: Option<SessionKey>,
     /// Empty: every task (of the session).
     tasks: HashSet<TaskId>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Timer {
-    Begin(TaskId),
-    Retry(TaskId),
-    Wake(SessionKey),
-    ShutdownDeadline,
-    /// A throttled `STATUS=` update to systemd.
-    Status,
 }
 
 /// The core actor. Build with [`Core::new`], drive with [`Core::run`].
@@ -231,7 +240,7 @@ pub struct Core {
     running: HashSet<TaskId>,
     /// How many of them still hold a download slot (`Run::holds_slot`).
     downloading: usize,
-    timers: BTreeSet<(UnixMillis, Timer)>,
+    timers: Timers,
     counts: TaskCounts,
     started_at: UnixMillis,
     last_tick: Instant,
@@ -239,7 +248,8 @@ pub struct Core {
     download_rate: u64,
     rng: u64,
     shutting_down: bool,
-    fatal: Option<String>,
+    /// Set while the database refuses writes: changes are refused, downloads held.
+    storage: Option<ErrorInfo>,
     /// Systemd status reporting: enabled when `NOTIFY_SOCKET` is set.
     status: Option<StatusReport>,
     idle_exit: Option<IdleExit>,
@@ -251,6 +261,8 @@ pub struct Core {
     launches_running: usize,
     /// When retired history was last pruned (see `prune_history`).
     last_prune: Option<Instant>,
+    /// How relaunched apps are started (in a scope of their own under systemd).
+    launch_scope: crate::launcher::Scope,
 }
 
 #[derive(Debug, Default)]
@@ -299,7 +311,7 @@ impl Core {
             lanes: Lanes::default(),
             running: HashSet::new(),
             downloading: 0,
-            timers: BTreeSet::new(),
+            timers: Timers::new(),
             counts: TaskCounts::default(),
             started_at: now_ms(),
             last_tick: Instant::now(),
@@ -307,12 +319,13 @@ impl Core {
             download_rate: 0,
             rng: seed(),
             shutting_down: false,
-            fatal: None,
+            storage: None,
             status: std::env::var_os("NOTIFY_SOCKET").map(|_| StatusReport::default()),
             idle_exit: None,
             commits_in_flight: 0,
             launches_running: 0,
             last_prune: None,
+            launch_scope: crate::launcher::Scope::detect(),
         };
         core.restore(snapshot);
         let mut ops = Vec::new();
@@ -332,8 +345,11 @@ impl Core {
             return;
         }
         self.last_prune = Some(Instant::now());
-        let history_ms = u64::try_from(history.as_millis()).unwrap_or(u64::MAX);
-        ops.push(Op::PruneRetired { before: now_ms().saturating_sub(history_ms) });
+        let history_ms = timers::millis(history);
+        ops.push(Op::PruneRetired {
+            before: now_ms().saturating_sub(history_ms),
+            keep: self.cfg.timing.retired_history_max,
+        });
     }
 
     /// Exit once nothing has happened for `idle.after` (see [`Core::has_nothing_to_do`]).
@@ -351,7 +367,7 @@ impl Core {
             && self.lanes.is_empty()
             && self.commits_in_flight == 0
             && self.launches_running == 0
-            && self.timers.iter().all(|(_, t)| matches!(t, Timer::Status))
+            && self.timers.only_status()
     }
 
     /// Asks the socket server to pause accepting if no connection is open (in any
@@ -364,7 +380,7 @@ impl Core {
         answer.await.unwrap_or(false).then_some(resume_tx)
     }
 
-    /// Runs until shutdown completes. Returns the fatal error, if the store failed.
+    /// Runs until shutdown completes.
     pub async fn run(mut self) -> Result<(), String> {
         self.schedule();
         let mut ticker: Option<tokio::time::Interval> = None;
@@ -400,13 +416,12 @@ impl Core {
                 ticker = None;
                 self.download_rate = 0;
             }
-            let next_timer = self.timers.first().map(|(at, _)| *at);
             tokio::select! {
                 msg = self.rx.recv() => match msg {
                     Some(msg) => self.handle(msg),
                     None => break,
                 },
-                _ = sleep_until_ms(next_timer) => self.fire_timers(),
+                _ = self.timers.sleep() => self.fire_timers(),
                 _ = tick(&mut ticker) => self.on_tick(),
                 _ = tick(&mut watchdog) => {
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
@@ -432,16 +447,14 @@ impl Core {
                 }
             }
             self.report_status();
-            if self.fatal.is_some() {
-                break;
-            }
         }
         self.notify_shutdown();
-        self.store.flush().await;
-        match self.fatal.take() {
-            Some(e) => Err(e),
-            None => Ok(()),
+        // While the disk refuses writes this cannot wait forever: what is not written is
+        // what was never acknowledged (the restart recovers from the last commit).
+        if !self.store.flush(self.cfg.timing.shutdown_grace).await {
+            warn!("the database still refuses writes; exiting with the last changes unwritten");
         }
+        Ok(())
     }
 
     fn handle(&mut self, msg: CoreMsg) {
@@ -463,19 +476,16 @@ impl Core {
                 }
             }
             CoreMsg::LaunchFinished { session, result } => self.on_launch_finished(session, result),
-            CoreMsg::StoreFailed(e) => {
-                error!(error = %e, "the database failed; shutting down to restart from a consistent state");
-                self.fatal = Some(format!("database write failed: {e}"));
-            }
+            CoreMsg::Storage(health) => self.on_storage(health),
             CoreMsg::Shutdown => self.begin_shutdown(),
         }
     }
 
     fn on_open(&mut self, handle: ConnHandle) {
-        let app_id = handle.app_id.clone();
-        self.conns.insert(handle.id, Conn { handle, attached: HashSet::new(), watch: None, handles_wakes: false });
+        let (id, app_id) = (handle.id, handle.app_id.clone());
+        self.conns.insert(id, Conn { handle, attached: HashSet::new(), watch: None, handles_wakes: false });
         if let Some(app_id) = app_id {
-            self.wake_for_new_app(&app_id);
+            self.wake_for_new_app(&app_id, id);
         }
     }
 
@@ -493,6 +503,36 @@ impl Core {
         }
     }
 
+    /// The database stopped taking writes (a full disk, an I/O error), or takes them
+    /// again. Meanwhile reads are answered, changes refused with `storage_full`, and
+    /// downloads held at their last checkpoint (each would soon need a commit).
+    fn on_storage(&mut self, health: crate::store::Health) {
+        match health {
+            crate::store::Health::Failing(e) => {
+                let dir = self.cfg.state_dir.display();
+                let error = ErrorInfo::new(
+                    ErrorCode::StorageFull,
+                    format!(
+                        "dlsessiond cannot write its database in {dir} ({e}); free space there, it retries by itself"
+                    ),
+                );
+                warn!(running = self.running.len(), "database refuses writes: holding downloads, refusing changes");
+                self.storage = Some(error);
+                let holding: Vec<TaskId> = self.running.iter().copied().collect();
+                for id in holding {
+                    if self.tasks.get(&id).and_then(|t| t.run.as_ref()).is_some_and(|r| r.holds_slot) {
+                        self.stop_worker(id, AfterStop::Requeue);
+                    }
+                }
+            }
+            crate::store::Health::Recovered => {
+                info!("database takes writes again: downloads go on");
+                self.storage = None;
+                self.schedule();
+            }
+        }
+    }
+
     fn begin_shutdown(&mut self) {
         if self.shutting_down {
             return;
@@ -503,8 +543,8 @@ impl Core {
         for id in running {
             self.stop_worker(id, AfterStop::Shutdown);
         }
-        let deadline = now_ms() + self.cfg.timing.shutdown_grace.as_millis() as u64;
-        self.timers.insert((deadline, Timer::ShutdownDeadline));
+        let deadline = self.timers.after(self.cfg.timing.shutdown_grace);
+        self.timers.set(deadline, Timer::ShutdownDeadline);
     }
 
     fn notify_shutdown(&mut self) {
@@ -572,15 +612,11 @@ impl Core {
     }
 
     fn fire_timers(&mut self) {
-        let now = now_ms();
-        while let Some(&(at, timer)) = self.timers.first() {
-            if at > now {
-                break;
-            }
-            self.timers.remove(&(at, timer));
+        while let Some(timer) = self.timers.pop_due() {
             match timer {
                 Timer::Begin(id) | Timer::Retry(id) => self.on_task_timer(id),
                 Timer::Wake(key) => self.on_wake_timer(key),
+                Timer::WakeUnanswered(key) => self.on_wake_unanswered(key),
                 Timer::Status => {
                     if let Some(r) = self.status.as_mut() {
                         r.pending = false;
@@ -598,14 +634,12 @@ impl Core {
         self.schedule();
     }
 
-    fn set_timer(&mut self, at: UnixMillis, timer: Timer) {
-        self.timers.insert((at, timer));
+    fn set_timer(&mut self, at: Mono, timer: Timer) {
+        self.timers.set(at, timer);
     }
 
-    fn clear_timer(&mut self, at: Option<UnixMillis>, timer: Timer) {
-        if let Some(at) = at {
-            self.timers.remove(&(at, timer));
-        }
+    fn clear_timer(&mut self, at: Option<Mono>, timer: Timer) {
+        self.timers.clear(at, timer);
     }
 
     fn on_tick(&mut self) {
@@ -625,6 +659,7 @@ impl Core {
             self.report_progress(id, delta);
         }
         self.download_rate = rate;
+        self.supervise();
     }
 
     /// Tells systemd what the daemon is doing (`systemctl --user status`), at most once a
@@ -649,8 +684,8 @@ impl Core {
         }
         match report.sent_at.map(|t| t.elapsed()) {
             Some(since) if since < STATUS_INTERVAL => {
-                let at = now_ms() + (STATUS_INTERVAL - since).as_millis() as u64;
-                self.timers.insert((at, Timer::Status));
+                let at = self.timers.after(STATUS_INTERVAL - since);
+                self.timers.set(at, Timer::Status);
                 if let Some(r) = self.status.as_mut() {
                     r.pending = true;
                 }
@@ -715,18 +750,6 @@ fn seed() -> u64 {
 /// A random 64-bit value from the kernel (for resume-data file names).
 fn secret() -> u64 {
     seed()
-}
-
-async fn sleep_until_ms(at: Option<UnixMillis>) {
-    match at {
-        Some(at) => {
-            let now = now_ms();
-            if at > now {
-                tokio::time::sleep(Duration::from_millis(at - now)).await;
-            }
-        }
-        None => std::future::pending().await,
-    }
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

@@ -7,8 +7,9 @@ use std::time::{Duration, SystemTime};
 use tracing::{info, warn};
 
 use super::requests::{host_key, new_session};
+use super::timers::millis;
 use super::{After, Core, Timer};
-use crate::engine::files::{MoveError, move_into_place, remove_stale_copies, sync_parent};
+use crate::engine::files::{CompleteError, complete_move};
 use crate::model::{Phase, now_ms};
 use crate::store::{Op, Snapshot};
 use dlsession_proto::{DurableEvent, ErrorCode, ErrorInfo, TaskId, TaskState};
@@ -26,24 +27,28 @@ impl Core {
         for ev in snapshot.events {
             if let Some(s) = self.sessions.get_mut(&ev.session) {
                 s.committed = s.committed.max(ev.seq);
+                if let Some(task) = ev.task() {
+                    *s.pending_by_task.entry(task).or_default() += 1;
+                }
                 s.events.insert(ev.seq, ev);
             }
         }
         let mut finishing = Vec::new();
-        let now = now_ms();
+        // A retry is never further away than the longest wait the daemon itself sets (the
+        // wall clock may have been set back while it was stopped).
+        let longest = self.cfg.timing.retry_max.max(self.cfg.timing.retry_after_max);
         for rec in snapshot.tasks {
             let id = rec.id;
             let host = url::Url::parse(&rec.url).map(|u| host_key(&u)).unwrap_or_default();
             let (state, phase, retry_at) = (rec.state, rec.phase, rec.retry_at);
             self.insert_task(rec, host);
-            if phase == Phase::Finishing && state != TaskState::Completed {
-                finishing.push(id);
-                continue;
-            }
             match state {
+                // Cut short between "data complete" and "finished committed".
+                TaskState::Queued | TaskState::Running if phase == Phase::Finishing => finishing.push(id),
                 TaskState::Queued | TaskState::Running => self.enqueue(id),
                 TaskState::Waiting => {
-                    let at = retry_at.unwrap_or(now).max(now);
+                    let wait = retry_at.map_or(0, |at| at.saturating_sub(now_ms())).min(millis(longest));
+                    let at = self.timers.after(std::time::Duration::from_millis(wait));
                     if let Some(t) = self.tasks.get_mut(&id) {
                         t.timer = Some(at);
                     }
@@ -72,37 +77,12 @@ impl Core {
             Some(d) => (PathBuf::from(d), t.rec.overwrite),
             None => (self.cache_location(&t.rec), true),
         };
-        let size = t.rec.committed_offset;
-        // A copy across filesystems cut short leaves a temporary file beside the target.
-        remove_stale_copies(&to);
-        let len = |p: &Path| std::fs::metadata(p).map(|m| m.len()).ok();
-        let outcome = match (len(&part), len(&to)) {
-            // Copied across filesystems and renamed, but the source not yet removed. Only
-            // the same bytes prove it: a file that was there before may have the same size.
-            // The destination's directory is synced first: the crash may have come between
-            // the rename (or copy) and its directory sync, and the cache copy is the only
-            // other one.
-            (Some(a), Some(b)) if a == size && b == size && !overwrite && same_contents(&part, &to) => {
-                sync_parent(&to).map_err(|e| sync_failed(&to, &e)).map(|()| {
-                    let _ = std::fs::remove_file(&part);
-                })
-            }
-            (Some(a), _) if a == size => move_into_place(&part, &to, overwrite).map_err(|e| match e {
-                MoveError::Exists(p) => format!("destination {} already exists", p.display()),
-                e => e.to_string(),
-            }),
-            // Renamed; whether the rename is durable is not known, so make it so before
-            // "completed" is committed.
-            (None, Some(b)) if b == size => sync_parent(&to).map_err(|e| sync_failed(&to, &e)),
-            // Nothing, or not the complete file: download again.
-            _ => Err(String::new()),
-        };
-        match outcome {
+        match complete_move(&part, &to, overwrite, t.rec.committed_offset) {
             Ok(()) => {
                 info!(task = id, "finished a download interrupted while moving into place");
                 self.mark_finished(id, to.to_string_lossy().into_owned());
             }
-            Err(e) if e.is_empty() => {
+            Err(CompleteError::Lost) => {
                 warn!(task = id, "finished file lost before it was committed; downloading again");
                 if let Some(t) = self.tasks.get_mut(&id) {
                     t.rec.phase = Phase::Transfer;
@@ -112,11 +92,10 @@ impl Core {
                 self.enqueue(id);
                 self.save_task(id, Vec::new());
             }
-            Err(e) => {
-                let mut ops = Vec::new();
-                let mut after = Vec::new();
-                self.complete(id, Some(ErrorInfo::new(ErrorCode::FileError, e)), &mut ops, &mut after);
-                self.commit(ops, after);
+            Err(CompleteError::Move(e)) => {
+                // The data is kept; the move is tried again with backoff.
+                let error = ErrorInfo::new(ErrorCode::DestinationUnavailable, format!("{e}; the download is kept"));
+                self.hold_for_move(id, error);
             }
         }
     }
@@ -210,39 +189,4 @@ impl Core {
         }
         removed
     }
-}
-
-/// Whether two files hold the same bytes (false on any read error).
-fn same_contents(a: &Path, b: &Path) -> bool {
-    let (Ok(mut fa), Ok(mut fb)) = (std::fs::File::open(a), std::fs::File::open(b)) else { return false };
-    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
-    loop {
-        let Ok(n) = read_full(&mut fa, &mut ba) else { return false };
-        let Ok(m) = read_full(&mut fb, &mut bb) else { return false };
-        if n != m || ba.get(..n) != bb.get(..m) {
-            return false;
-        }
-        if n == 0 {
-            return true;
-        }
-    }
-}
-
-/// Reads until `buf` is full or the file ends.
-fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    use std::io::Read;
-    let mut filled = 0;
-    while let Some(rest) = buf.get_mut(filled..).filter(|r| !r.is_empty()) {
-        match f.read(rest) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
-}
-
-fn sync_failed(to: &Path, e: &std::io::Error) -> String {
-    format!("cannot sync the directory of {}: {e}", to.display())
 }

@@ -11,7 +11,7 @@ use tracing::{debug, info};
 use super::{After, AfterStop, Core, Session, Task};
 use crate::engine::Progress;
 use crate::engine::limiter::RateLimiter;
-use crate::model::{Phase, SessionKey, SessionRecord, TaskRecord, now_ms};
+use crate::model::{DEFAULT_FILE_MODE, Phase, SessionKey, SessionRecord, TaskRecord, now_ms};
 use crate::store::Op;
 use crate::validate;
 use dlsession_proto::{
@@ -79,13 +79,27 @@ impl Core {
             Request::Status
                 | Request::GetSession { .. }
                 | Request::ListSessions
+                | Request::ListSessionsPage(_)
                 | Request::GetTask { .. }
                 | Request::ListTasks(_)
                 | Request::Watch(_)
                 | Request::Unwatch
         );
+        // Attaching writes only when it creates or reconfigures a session (it checks), and
+        // detaching, waking and watching write nothing: an app can still collect its events.
+        let writes = mutating
+            && !matches!(
+                request,
+                Request::Attach { .. }
+                    | Request::Detach { .. }
+                    | Request::Wake { .. }
+                    | Request::HandleWakes
+                    | Request::ListSessionsPage(_)
+            );
         let result = if mutating && self.shutting_down {
             Err(ErrorInfo::new(ErrorCode::Internal, "the daemon is shutting down; try again when it is back"))
+        } else if let Some(e) = self.storage.as_ref().filter(|_| writes) {
+            Err(e.clone())
         } else {
             self.dispatch(conn, id, request, check)
         };
@@ -113,8 +127,12 @@ impl Core {
             }
             Request::ListSessionsPage(query) => Ok(Answer::Now(Response::SessionsPage(self.list_sessions(query)))),
             Request::HandleWakes => {
-                if let Some(c) = self.conns.get_mut(&conn) {
+                let app_id = self.conns.get_mut(&conn).and_then(|c| {
                     c.handles_wakes = true;
+                    c.handle.app_id.clone()
+                });
+                if let Some(app_id) = app_id {
+                    self.wake_for_new_app(&app_id, conn);
                 }
                 Ok(Answer::Now(Response::Ok))
             }
@@ -169,7 +187,7 @@ impl Core {
             download_rate: self.download_rate,
             bytes_downloaded: self.bytes_downloaded,
             max_concurrent_downloads: self.cfg.limits.max_concurrent_downloads,
-            storage: None,
+            storage: self.storage.clone(),
         }
     }
 
@@ -183,6 +201,17 @@ impl Core {
     ) -> Handled {
         dlsession_proto::validate::identifier(&identifier)?;
         validate::session_config(&config, &self.cfg.limits)?;
+        if let Some(e) = &self.storage {
+            // Only an attach that writes nothing can be served while the disk refuses writes.
+            let writes = self
+                .by_identifier
+                .get(&identifier)
+                .and_then(|k| self.sessions.get(k))
+                .is_none_or(|s| !s.rec.invalid && s.rec.config != config);
+            if writes {
+                return Err(e.clone());
+            }
+        }
         let mut ops = Vec::new();
         let key = match self.by_identifier.get(&identifier).copied() {
             Some(key) => {
@@ -215,12 +244,12 @@ impl Core {
             }
             None => self.create_session(identifier, config, &mut ops),
         };
-        let wake_timer = self.sessions.get(&key).and_then(|s| s.wake.next_wake);
-        self.clear_timer(wake_timer, super::Timer::Wake(key));
+        // Attached: nothing to wake. The wake backoff stays until the events are
+        // acknowledged: an app that attaches and crashes is not relaunched any sooner.
+        self.cancel_wakes(key);
         if let Some(s) = self.sessions.get_mut(&key) {
             s.attached = Some(conn);
             s.replaying = true;
-            s.wake = WakeStatus::default();
         }
         if let Some(c) = self.conns.get_mut(&conn) {
             c.attached.insert(key);
@@ -384,12 +413,13 @@ impl Core {
             }
         }
         let now = now_ms();
+        let file_mode = self.conns.get(&conn).map_or(DEFAULT_FILE_MODE, |c| c.handle.file_mode);
         let mut ops = Vec::with_capacity(specs.len() + 1);
         let mut ids = Vec::with_capacity(specs.len());
         for (spec, host) in specs.into_iter().zip(hosts) {
             let id = self.next_task_id;
             self.next_task_id += 1;
-            let rec = new_record(id, key, spec, now);
+            let rec = new_record(id, key, spec, now, file_mode);
             self.insert_task(rec, host);
             if resume {
                 self.make_queued(id, now);
@@ -423,6 +453,7 @@ impl Core {
                 run: None,
                 timer: None,
                 failures: 0,
+                move_failures: 0,
                 unsaved: false,
                 speed: 0,
                 sampled,
@@ -490,7 +521,8 @@ impl Core {
         let now = now_ms();
         let task_id = self.next_task_id;
         self.next_task_id += 1;
-        let mut rec = new_record(task_id, key, spec, now);
+        let file_mode = self.conns.get(&conn).map_or(DEFAULT_FILE_MODE, |c| c.handle.file_mode);
+        let mut rec = new_record(task_id, key, spec, now, file_mode);
         // Adopt the kept partial file, if it is still there. It is linked, not moved: the
         // kept name goes only once the new task is durable, so a crash before that leaves
         // the resume data usable (start-up removes the unknown task's link).
@@ -567,6 +599,17 @@ impl Core {
                         run.after_stop = Some(AfterStop::Requeue);
                     }
                     Ok(Answer::Now(Response::Ok))
+                }
+                // Backing off (or waiting to move its file): try now. The backoff itself is
+                // kept: a resume is a nudge, not a promise that the problem is gone.
+                TaskState::Waiting => {
+                    info!(task, "resumed while waiting: retrying now");
+                    self.unqueue(task);
+                    self.set_state(task, TaskState::Queued);
+                    self.enqueue(task);
+                    self.save_task(task, vec![After::Reply { conn, id, response: Response::Ok }]);
+                    self.schedule();
+                    Ok(Answer::Later)
                 }
                 _ => Ok(Answer::Now(Response::Ok)),
             },
@@ -894,10 +937,13 @@ pub(super) fn new_session(rec: SessionRecord) -> Session {
         delivered: 0,
         committed: 0,
         events: Default::default(),
+        pending_by_task: Default::default(),
         tasks: Default::default(),
         counts: TaskCounts::default(),
         running: 0,
         wake: WakeStatus::default(),
+        wake_timer: None,
+        wake_unanswered: None,
         limiter,
     }
 }
@@ -914,10 +960,11 @@ pub(super) fn host_key(url: &url::Url) -> String {
     format!("{}:{}", url.host_str().unwrap_or(""), url.port_or_known_default().unwrap_or(0))
 }
 
-fn new_record(id: TaskId, session: SessionKey, spec: TaskSpec, now: u64) -> TaskRecord {
+fn new_record(id: TaskId, session: SessionKey, spec: TaskSpec, now: u64, file_mode: u32) -> TaskRecord {
     TaskRecord {
         id,
         session,
+        file_mode,
         url: spec.url,
         headers: spec.headers,
         description: spec.description,

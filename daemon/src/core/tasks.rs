@@ -5,7 +5,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
+use super::backoff::{Backoff, retry_delay};
 use super::requests::cancelled;
+use super::timers::wall_after;
 use super::{After, AfterStop, Core, Run, Timer};
 use crate::engine::{FinishPlan, Job, ResponseMeta, Retry, WorkerEvent, WorkerLink};
 use crate::model::{Phase, now_ms};
@@ -41,14 +43,21 @@ impl Core {
         self.notify_watchers(id);
     }
 
-    /// Puts a queued task where it waits: its lane, or a timer until `earliest_begin`.
+    /// Puts a queued task where it waits: its lane, or a timer until `earliest_begin`. A
+    /// task whose data is complete has only its move left: that starts now, off the lanes.
     pub(super) fn enqueue(&mut self, id: TaskId) {
         let now = now_ms();
         let Some(t) = self.tasks.get_mut(&id) else { return };
+        if t.rec.phase == Phase::Finishing {
+            return self.start_move(id);
+        }
         match t.rec.earliest_begin.filter(|&at| at > now) {
             Some(at) => {
+                // A date: when the timer fires, the wall clock is asked again (it may
+                // have been set back meanwhile).
+                let at = self.timers.at_wall(at);
                 t.timer = Some(at);
-                self.timers.insert((at, Timer::Begin(id)));
+                self.timers.set(at, Timer::Begin(id));
             }
             None => {
                 let lane = t.lane();
@@ -80,10 +89,7 @@ impl Core {
         let Some(t) = self.tasks.get_mut(&id) else { return };
         t.timer = None;
         match t.state {
-            TaskState::Queued => {
-                let (lane, prio) = (t.lane(), t.rec.priority);
-                self.lanes.push(&lane, prio, id);
-            }
+            TaskState::Queued => self.enqueue(id),
             TaskState::Waiting => {
                 // Stored state stays `waiting` with a past `retry_at`: after a restart it
                 // queues at once, which is the same thing.
@@ -132,8 +138,11 @@ impl Core {
             .cloned()
             .collect();
         headers.extend(t.rec.headers.iter().cloned());
-        let deadline =
-            t.rec.resource_deadline.map(|d| tokio::time::Instant::now() + Duration::from_millis(d.saturating_sub(now)));
+        // A deadline beyond what the clock can count is no deadline.
+        let deadline = t
+            .rec
+            .resource_deadline
+            .and_then(|d| tokio::time::Instant::now().checked_add(Duration::from_millis(d.saturating_sub(now))));
         let (stop_tx, stop_rx) = watch::channel(false);
         let job = Job {
             link: WorkerLink::new(self.tx.clone(), id, generation),
@@ -145,6 +154,7 @@ impl Core {
             last_modified: t.rec.last_modified.clone(),
             expected_sha256: t.rec.expected_sha256,
             part_path: self.part_path(&t.rec),
+            file_mode: t.rec.file_mode,
             idle_timeout: Duration::from_millis(s.rec.config.timeout_for_request_ms),
             deadline,
             progress: t.progress.clone(),
@@ -167,6 +177,9 @@ impl Core {
                 // A resume announces its offset before its progress (see `on_started`).
                 progress_held: t.rec.committed_offset > 0,
                 held_bytes: 0,
+                last_sign: std::time::Instant::now(),
+                sign_received: t.progress.received(),
+                abandoned_at: None,
                 _worker: worker,
             });
         }
@@ -228,8 +241,12 @@ impl Core {
             }
             return;
         }
+        if let Some(run) = self.tasks.get_mut(&id).and_then(|t| t.run.as_mut()) {
+            run.last_sign = std::time::Instant::now();
+        }
         match event {
             WorkerEvent::Started { meta, durable } => self.on_started(id, meta, durable),
+            WorkerEvent::MoveFailed { error } => self.on_move_failed(id, error),
             WorkerEvent::Checkpoint { offset } => {
                 let Some(t) = self.tasks.get_mut(&id) else { return };
                 t.rec.committed_offset = offset;
@@ -366,6 +383,134 @@ impl Core {
         self.mark_finished(id, location);
     }
 
+    /// Puts a task's complete file at its destination again (its earlier move failed, or a
+    /// restart cut it short). It takes no download slot: the network is done with it.
+    pub(super) fn start_move(&mut self, id: TaskId) {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let Some(t) = self.tasks.get(&id) else { return };
+        let part = self.part_path(&t.rec);
+        let (to, overwrite) = match &t.rec.destination {
+            Some(d) => (d.into(), t.rec.overwrite),
+            None => (self.cache_location(&t.rec), true),
+        };
+        let link = WorkerLink::new(self.tx.clone(), id, generation);
+        let worker = self.engine.spawn_move(link, part, to, overwrite, t.rec.committed_offset);
+        let key = t.rec.session;
+        let (stop, _) = watch::channel(false);
+        if let Some(t) = self.tasks.get_mut(&id) {
+            let received = t.progress.received();
+            t.run = Some(Run {
+                generation,
+                stop,
+                after_stop: None,
+                lane: t.lane(),
+                holds_slot: false,
+                start_received: received,
+                progress_held: false,
+                held_bytes: 0,
+                last_sign: std::time::Instant::now(),
+                sign_received: received,
+                abandoned_at: None,
+                _worker: worker,
+            });
+        }
+        if let Some(s) = self.sessions.get_mut(&key) {
+            s.running += 1;
+        }
+        self.running.insert(id);
+        self.set_state(id, TaskState::Running);
+    }
+
+    /// The data is complete but could not be put at its destination: keep it, wait, try
+    /// again (the resource timeout does not apply: the download is done, and giving up
+    /// would mean deleting it).
+    fn on_move_failed(&mut self, id: TaskId, error: ErrorInfo) {
+        self.release(id);
+        self.refuse_waiting_stops(id, "finished downloading");
+        self.hold_for_move(id, error);
+    }
+
+    /// Makes a task whose file could not be moved wait for the next try.
+    pub(super) fn hold_for_move(&mut self, id: TaskId, error: ErrorInfo) {
+        let session = self.tasks.get(&id).map(|t| self.identifier(t.rec.session).to_owned()).unwrap_or_default();
+        let random = self.random();
+        let Some(t) = self.tasks.get_mut(&id) else { return };
+        t.move_failures = t.move_failures.saturating_add(1);
+        let timing = &self.cfg.timing;
+        let delay =
+            Backoff { initial: timing.retry_initial, max: timing.retry_max }.with_jitter(t.move_failures, random);
+        warn!(
+            %session,
+            task = id,
+            error = %error,
+            attempt = t.move_failures,
+            retry_in = ?delay,
+            "cannot put the finished download in place; keeping it and trying again"
+        );
+        t.rec.phase = Phase::Finishing;
+        t.rec.last_error = Some(error);
+        t.rec.retry_at = Some(wall_after(delay));
+        let at = self.timers.after(delay);
+        t.timer = Some(at);
+        self.timers.set(at, Timer::Retry(id));
+        self.set_state(id, TaskState::Waiting);
+        self.save_task(id, Vec::new());
+    }
+
+    /// Abandons workers that have shown no sign of life for too long (a hung disk, a
+    /// bug): told to stop first, and if even that goes unanswered, the attempt fails with
+    /// `internal` and the task retries. Nothing stays `running` with nobody working on it.
+    pub(super) fn supervise(&mut self) {
+        let now = std::time::Instant::now();
+        let mut silent = Vec::new();
+        for &id in &self.running {
+            let Some(t) = self.tasks.get_mut(&id) else { continue };
+            let Some(run) = t.run.as_mut() else { continue };
+            let received = t.progress.received();
+            if received != run.sign_received {
+                run.sign_received = received;
+                run.last_sign = now;
+                continue;
+            }
+            // The worker's own idle timeout fails a silent network first; beyond it, silence
+            // means the worker itself is stuck.
+            let request = self.sessions.get(&t.rec.session).map_or(0, |s| s.rec.config.timeout_for_request_ms);
+            let limit = self.cfg.timing.stall_timeout.saturating_add(Duration::from_millis(request));
+            match run.abandoned_at {
+                None if now.duration_since(run.last_sign) > limit => silent.push((id, false, limit)),
+                Some(at) if now.duration_since(at) > self.cfg.timing.shutdown_grace => silent.push((id, true, limit)),
+                _ => {}
+            }
+        }
+        for (id, give_up, limit) in silent {
+            if !give_up {
+                warn!(task = id, ?limit, "download worker silent for too long; stopping it");
+                if let Some(run) = self.tasks.get_mut(&id).and_then(|t| t.run.as_mut()) {
+                    run.abandoned_at = Some(now);
+                }
+                self.stop_worker(id, AfterStop::Requeue);
+                continue;
+            }
+            warn!(task = id, "download worker did not stop; abandoning it and retrying the task");
+            if let Some(run) = self.tasks.get_mut(&id).and_then(|t| t.run.as_mut()) {
+                // Whatever it reports later carries a stale generation and is ignored.
+                run._worker.abort();
+                run.after_stop = None;
+            }
+            let failure = crate::engine::Failure::transient(
+                ErrorCode::Internal,
+                format!("the download worker stopped responding (nothing for over {} s)", limit.as_secs()),
+            );
+            let finishing = self.tasks.get(&id).is_some_and(|t| t.rec.phase == Phase::Finishing);
+            if finishing {
+                self.on_move_failed(id, ErrorInfo::new(ErrorCode::DestinationUnavailable, failure.error.message));
+            } else {
+                self.on_failed(id, failure);
+            }
+        }
+    }
+
     fn on_failed(&mut self, id: TaskId, failure: crate::engine::Failure) {
         let run = self.release(id);
         let session = self.tasks.get(&id).map(|t| self.identifier(t.rec.session).to_owned()).unwrap_or_default();
@@ -387,44 +532,47 @@ impl Core {
             let offset = t.rec.committed_offset;
             return self.apply_after_stop(id, how, offset);
         }
-        let now = now_ms();
+        let failures = t.failures;
         let delay = match failure.retry {
             Retry::Never => None,
             Retry::After(server) => {
-                let base = self.cfg.timing.retry_initial.as_millis() as u64;
-                let exp = base.saturating_mul(1u64 << (t.failures.saturating_sub(1)).min(20));
-                let capped = exp.min(self.cfg.timing.retry_max.as_millis() as u64);
-                let jitter = self.random() % (capped / 4 + 1);
-                let ours = capped - capped / 8 + jitter;
-                Some(ours.max(server.map_or(0, |d| d.as_millis() as u64)))
+                let random = self.random();
+                let timing = &self.cfg.timing;
+                let ours =
+                    Backoff { initial: timing.retry_initial, max: timing.retry_max }.with_jitter(failures, random);
+                Some(retry_delay(ours, server, timing.retry_after_max))
             }
         };
         let Some(t) = self.tasks.get_mut(&id) else { return };
         let mut ops = Vec::new();
         let mut after = Vec::new();
-        match delay {
-            None => self.complete(id, Some(failure.error), &mut ops, &mut after),
-            Some(delay) if t.rec.resource_deadline.is_some_and(|d| now + delay >= d) => {
-                let error = ErrorInfo {
-                    code: ErrorCode::TimedOut,
-                    message: format!(
-                        "gave up after {} attempts: timeout_for_resource ran out (last error: {})",
-                        t.rec.attempts, failure.error
-                    ),
-                    http_status: failure.error.http_status,
-                };
-                self.complete(id, Some(error), &mut ops, &mut after);
-            }
-            Some(delay) => {
-                let at = now + delay;
-                t.rec.retry_at = Some(at);
+        let retry_at = delay.map(wall_after);
+        match (delay, retry_at) {
+            (Some(delay), Some(retry_at)) if t.rec.resource_deadline.is_none_or(|d| retry_at < d) => {
+                let at = self.timers.after(delay);
+                t.rec.retry_at = Some(retry_at);
                 t.timer = Some(at);
-                self.timers.insert((at, Timer::Retry(id)));
+                self.timers.set(at, Timer::Retry(id));
                 self.set_state(id, TaskState::Waiting);
                 if let Some(t) = self.tasks.get(&id) {
                     ops.push(Op::UpdateTask(Box::new(t.rec.clone())));
                 }
             }
+            (Some(delay), _) => {
+                let error = ErrorInfo {
+                    code: ErrorCode::TimedOut,
+                    message: format!(
+                        "gave up after {} attempts: the next one ({} s from now) would come after \
+                         timeout_for_resource runs out (last error: {})",
+                        t.rec.attempts,
+                        delay.as_secs(),
+                        failure.error
+                    ),
+                    http_status: failure.error.http_status,
+                };
+                self.complete(id, Some(error), &mut ops, &mut after);
+            }
+            (None, _) => self.complete(id, Some(failure.error), &mut ops, &mut after),
         }
         self.commit(ops, after);
     }

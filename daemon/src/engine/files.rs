@@ -19,6 +19,71 @@ pub enum MoveError {
     MoverStopped,
 }
 
+/// Why a finish could not be completed (see [`complete_move`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CompleteError {
+    /// Neither the cache nor the destination holds the complete file: download again.
+    #[error("the finished file is gone")]
+    Lost,
+    #[error(transparent)]
+    Move(#[from] MoveError),
+}
+
+/// Finishes putting a complete file of `size` bytes from `from` at `to`, wherever an
+/// earlier try stopped (a crash, a failed move, a move still hanging on a dead mount when
+/// it was given up): the file is moved now, or found already moved (only the same bytes
+/// prove it: a file that was there before may have the same size), or found lost.
+/// Leftovers of an interrupted copy are removed first.
+pub fn complete_move(from: &Path, to: &Path, overwrite: bool, size: u64) -> Result<(), CompleteError> {
+    remove_stale_copies(to);
+    let len = |p: &Path| std::fs::metadata(p).map(|m| m.len()).ok();
+    let sync_err = |source: io::Error| MoveError::Io { path: to.to_path_buf(), source };
+    match (len(from), len(to)) {
+        // Copied across filesystems and renamed, but the source not yet removed. The
+        // destination's directory is synced first: the cache copy is the only other one.
+        (Some(a), Some(b)) if a == size && b == size && !overwrite && same_contents(from, to) => {
+            sync_parent(to).map_err(sync_err)?;
+            let _ = std::fs::remove_file(from);
+            Ok(())
+        }
+        (Some(a), _) if a == size => Ok(move_into_place(from, to, overwrite)?),
+        // Renamed; whether the rename is durable is not known, so make it so.
+        (None, Some(b)) if b == size => Ok(sync_parent(to).map_err(sync_err)?),
+        _ => Err(CompleteError::Lost),
+    }
+}
+
+/// Whether two files hold the same bytes (false on any read error).
+fn same_contents(a: &Path, b: &Path) -> bool {
+    let (Ok(mut fa), Ok(mut fb)) = (File::open(a), File::open(b)) else { return false };
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let Ok(n) = read_full(&mut fa, &mut ba) else { return false };
+        let Ok(m) = read_full(&mut fb, &mut bb) else { return false };
+        if n != m || ba.get(..n) != bb.get(..m) {
+            return false;
+        }
+        if n == 0 {
+            return true;
+        }
+    }
+}
+
+/// Reads until `buf` is full or the file ends.
+fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    use std::io::Read;
+    let mut filled = 0;
+    while let Some(rest) = buf.get_mut(filled..).filter(|r| !r.is_empty()) {
+        match f.read(rest) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
 /// Moves `from` (synced) to `to`, then syncs `to`'s directory.
 ///
 /// Without `overwrite` an existing `to` is never replaced (`RENAME_NOREPLACE`). Across
@@ -361,6 +426,8 @@ fn copy_then_rename(from: &Path, to: &Path, overwrite: bool) -> Result<(), MoveE
     let (tmp, mut dst) = create_copy_temp(to).map_err(io_err)?;
     let result = (|| {
         let mut src = File::open(from)?;
+        // The copy is handed over with the file's mode, not the daemon's umask.
+        dst.set_permissions(src.metadata()?.permissions())?;
         io::copy(&mut src, &mut dst)?;
         dst.sync_all()?;
         rename(&tmp, to, overwrite)
@@ -563,6 +630,34 @@ mod tests {
         std::fs::write(&src, b"new data").unwrap();
         copy_then_rename(&src, &to, false).unwrap();
         assert_eq!(std::fs::read(&to).unwrap(), b"new data", "not refused as if the destination existed");
+    }
+
+    #[test]
+    fn a_finish_completes_wherever_an_earlier_try_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("1.part");
+        let to = dir.path().join("out/f");
+        // Not moved yet.
+        std::fs::write(&from, b"12345").unwrap();
+        complete_move(&from, &to, false, 5).unwrap();
+        assert_eq!(std::fs::read(&to).unwrap(), b"12345");
+        assert!(!from.exists());
+        // Moved already (the source is gone): nothing to do but sync.
+        complete_move(&from, &to, false, 5).unwrap();
+        // Copied already, the source not yet removed: adopted only with the same bytes.
+        std::fs::write(&from, b"12345").unwrap();
+        complete_move(&from, &to, false, 5).unwrap();
+        assert!(!from.exists());
+        std::fs::write(&from, b"54321").unwrap();
+        assert!(matches!(complete_move(&from, &to, false, 5), Err(CompleteError::Move(MoveError::Exists(_)))));
+        assert_eq!(std::fs::read(&from).unwrap(), b"54321", "kept");
+        // Gone from both places: lost.
+        std::fs::remove_file(&from).unwrap();
+        std::fs::remove_file(&to).unwrap();
+        assert!(matches!(complete_move(&from, &to, false, 5), Err(CompleteError::Lost)));
+        // A short cache file is not a finished download.
+        std::fs::write(&from, b"123").unwrap();
+        assert!(matches!(complete_move(&from, &to, false, 5), Err(CompleteError::Lost)));
     }
 
     #[test]

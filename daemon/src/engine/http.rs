@@ -188,11 +188,14 @@ pub fn is_transient_status(status: u16) -> bool {
     matches!(status, 408 | 429 | 500 | 502 | 503 | 504)
 }
 
-/// Parses `Retry-After` as delta-seconds or an HTTP date.
+/// Parses `Retry-After` as delta-seconds or an HTTP date; anything else is `None`.
+///
+/// The value comes from the server and is not bounded here (delta-seconds beyond
+/// `u64::MAX` saturate): the core caps the wait (`retry_after_max_ms`).
 pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Duration::from_secs(value.parse::<u64>().unwrap_or(u64::MAX)));
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
@@ -248,6 +251,21 @@ mod tests {
         let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
         assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
+        assert_eq!(parse_retry_after("18446744073709551615", now), Some(Duration::from_secs(u64::MAX)));
+        assert_eq!(parse_retry_after("99999999999999999999999", now), Some(Duration::from_secs(u64::MAX)));
+    }
+
+    proptest::proptest! {
+        /// No header value panics or overflows, whatever it holds.
+        #[test]
+        fn any_retry_after_parses_without_panicking(value in ".{0,40}", digits in "[0-9]{1,40}", secs in proptest::prelude::any::<u64>()) {
+            let now = std::time::SystemTime::now();
+            let _ = parse_retry_after(&value, now);
+            proptest::prop_assert!(parse_retry_after(&digits, now).is_some());
+            let date = httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_secs(secs % 253_402_300_799));
+            let _ = parse_retry_after(&date, now);
+        }
     }
 
     #[test]

@@ -13,12 +13,14 @@ pub mod limiter;
 pub mod proxy;
 pub mod writer;
 
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -83,6 +85,11 @@ pub enum WorkerEvent {
     Moved {
         location: String,
     },
+    /// The file is complete (and synced) but could not be put at its destination; it
+    /// stays where it is.
+    MoveFailed {
+        error: dlsession_proto::ErrorInfo,
+    },
     Failed(Failure),
     /// Stopped on request; everything up to `offset` is synced.
     Stopped {
@@ -130,15 +137,24 @@ pub struct WorkerLink {
     tx: CoreTx,
     task: TaskId,
     generation: u64,
+    /// Set when the attempt's async half is gone (finished, or aborted by the core after it
+    /// stopped responding): its blocking threads must not write another byte, since a new
+    /// attempt may own the file by then.
+    abandoned: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl WorkerLink {
     pub fn new(tx: CoreTx, task: TaskId, generation: u64) -> WorkerLink {
-        WorkerLink { tx, task, generation }
+        WorkerLink { tx, task, generation, abandoned: Arc::default() }
     }
 
     pub fn task(&self) -> TaskId {
         self.task
+    }
+
+    /// The attempt was given up (see `abandoned`).
+    pub fn is_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Acquire)
     }
 
     pub fn send(&self, event: WorkerEvent) {
@@ -161,6 +177,8 @@ pub struct Job {
     pub last_modified: Option<String>,
     pub expected_sha256: Option<[u8; 32]>,
     pub part_path: PathBuf,
+    /// The mode the file is created with (and handed over with).
+    pub file_mode: u32,
     pub idle_timeout: Duration,
     /// `timeout_for_resource` runs out at this instant.
     pub deadline: Option<Instant>,
@@ -202,17 +220,51 @@ impl Engine {
         tokio::spawn(
             async move {
                 let link = job.link.clone();
-                let outcome = engine.download(job).await;
+                let _abandon = AbandonOnDrop(link.abandoned.clone());
+                // A bug that panics a worker fails its attempt; it never leaves the task
+                // "running" with nobody working on it.
+                let outcome = match AssertUnwindSafe(engine.download(job)).catch_unwind().await {
+                    Ok(outcome) => outcome,
+                    Err(panic) => Outcome::Failed(Failure::transient(
+                        ErrorCode::Internal,
+                        format!("the download worker failed: {}", panic_message(panic.as_ref())),
+                    )),
+                };
                 debug!(?outcome, "worker finished");
-                match outcome {
-                    Outcome::Moved(location) => link.send(WorkerEvent::Moved { location }),
-                    Outcome::Failed(f) => link.send(WorkerEvent::Failed(f)),
-                    Outcome::Stopped(offset) => link.send(WorkerEvent::Stopped { offset }),
-                    Outcome::Aborted => {}
-                }
+                outcome.report(&link);
             }
             .instrument(span),
         )
+    }
+
+    /// Puts a finished file (synced at `from`, `size` bytes) at `to` again, after an earlier
+    /// try failed or was cut short by a restart; reports `Moved`, `MoveFailed`, or a
+    /// failure that starts the download over if the data is gone.
+    pub fn spawn_move(
+        &self,
+        link: WorkerLink,
+        from: PathBuf,
+        to: PathBuf,
+        overwrite: bool,
+        size: u64,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let target = to.clone();
+            let done = tokio::task::spawn_blocking(move || files::complete_move(&from, &to, overwrite, size)).await;
+            let outcome = match done {
+                Ok(Ok(())) => Outcome::Moved(target.to_string_lossy().into_owned()),
+                Ok(Err(files::CompleteError::Lost)) => Outcome::Failed(Failure::restart(
+                    ErrorCode::FileError,
+                    "the finished file is gone from the cache and from its destination; downloading it again",
+                )),
+                Ok(Err(files::CompleteError::Move(e))) => Outcome::MoveFailed(move_error(&e)),
+                Err(e) => Outcome::MoveFailed(dlsession_proto::ErrorInfo::new(
+                    ErrorCode::DestinationUnavailable,
+                    format!("the move failed: {e}"),
+                )),
+            };
+            outcome.report(&link);
+        })
     }
 
     async fn download(&self, mut job: Job) -> Outcome {
@@ -226,7 +278,8 @@ impl Engine {
         let mut prepared = if want == 0 {
             None
         } else {
-            match tokio::task::spawn_blocking(move || writer::prepare(&path, want, hash)).await {
+            let mode = job.file_mode;
+            match tokio::task::spawn_blocking(move || writer::prepare(&path, want, hash, mode)).await {
                 Ok(Ok(p)) => Some(p),
                 Ok(Err(e)) => return Outcome::Failed(file_failure(&e, "preparing the partial file")),
                 Err(e) => return Outcome::Failed(Failure::transient(ErrorCode::Internal, format!("worker: {e}"))),
@@ -273,6 +326,7 @@ impl Engine {
             });
         }
         let meta = ResponseMeta { restarted: meta.restarted || lost_data, ..meta };
+        crate::failpoint::hit("worker-response");
         job.progress.received.store(meta.offset, Ordering::Relaxed);
         job.progress.expected.store(meta.total.unwrap_or(u64::MAX), Ordering::Relaxed);
         let total = meta.total;
@@ -302,11 +356,12 @@ impl Engine {
             CheckpointPolicy { bytes: self.settings.checkpoint_bytes, interval: self.settings.checkpoint_interval };
         let link = job.link.clone();
         let path = job.part_path.clone();
+        let mode = job.file_mode;
         let start_writer = move || {
             tokio::task::spawn_blocking(move || {
                 let prepared = match prepared {
                     Some(p) => p,
-                    None => writer::prepare(&path, 0, hash).map_err(|e| (e, "preparing the partial file"))?,
+                    None => writer::prepare(&path, 0, hash, mode).map_err(|e| (e, "preparing the partial file"))?,
                 };
                 writer::run(prepared, &path, policy, link, rx).map_err(|e| (e, "writing the partial file"))
             })
@@ -375,14 +430,8 @@ impl Engine {
         };
         match self.mover.move_into_place(job.part_path.clone(), to.clone(), overwrite).await {
             Ok(()) => Outcome::Moved(to.to_string_lossy().into_owned()),
-            Err(files::MoveError::Exists(p)) => Outcome::Failed(Failure::permanent(
-                ErrorCode::FileError,
-                format!("destination {} already exists; the download was not moved there", p.display()),
-            )),
-            Err(e @ files::MoveError::MoverStopped) => {
-                Outcome::Failed(Failure::transient(ErrorCode::Internal, e.to_string()))
-            }
-            Err(e) => Outcome::Failed(Failure::permanent(ErrorCode::FileError, e.to_string())),
+            // The data is complete and synced: it stays, and the core tries again later.
+            Err(e) => Outcome::MoveFailed(move_error(&e)),
         }
     }
 
@@ -618,9 +667,54 @@ impl Engine {
 #[derive(Debug)]
 enum Outcome {
     Moved(String),
+    MoveFailed(dlsession_proto::ErrorInfo),
     Failed(Failure),
     Stopped(u64),
     Aborted,
+}
+
+impl Outcome {
+    fn report(self, link: &WorkerLink) {
+        match self {
+            Outcome::Moved(location) => link.send(WorkerEvent::Moved { location }),
+            Outcome::MoveFailed(error) => link.send(WorkerEvent::MoveFailed { error }),
+            Outcome::Failed(f) => link.send(WorkerEvent::Failed(f)),
+            Outcome::Stopped(offset) => link.send(WorkerEvent::Stopped { offset }),
+            Outcome::Aborted => {}
+        }
+    }
+}
+
+/// Marks the attempt abandoned when the worker's future ends, however it ends (returning,
+/// or dropped when the core aborts it).
+struct AbandonOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Why a finished file could not be put in place, as the task's wait reason tells it.
+fn move_error(e: &files::MoveError) -> dlsession_proto::ErrorInfo {
+    let message = match e {
+        files::MoveError::Exists(p) => {
+            format!("{} already exists (remove it, or cancel the task); the download is kept", p.display())
+        }
+        e => format!("{e}; the download is kept"),
+    };
+    dlsession_proto::ErrorInfo::new(ErrorCode::DestinationUnavailable, message)
+}
+
+/// The text of a panic payload.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic".into()
+    }
 }
 
 enum BodyEnd {

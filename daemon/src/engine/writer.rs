@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io::{IoSlice, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -57,14 +57,19 @@ pub struct Prepared {
     pub file: File,
     pub offset: u64,
     pub hasher: Option<Sha256>,
+    /// The file was created (or emptied) now: its directory entry is made durable before
+    /// the first checkpoint refers to it.
+    pub fresh: bool,
 }
 
 /// Opens (creating) the partial file and trims it to `offset`. If the file is shorter
 /// than `offset` (deleted or truncated behind our back) the download restarts at zero.
+/// A new file gets `mode` (whatever the daemon's umask): the mode the finished file is
+/// handed over with; the session directory it lives in is private.
 ///
 /// Never writes through a symlink: a symlink planted where the partial file or its
 /// session directory should be is removed (or refused), not followed.
-pub fn prepare(path: &Path, offset: u64, hash: bool) -> std::io::Result<Prepared> {
+pub fn prepare(path: &Path, offset: u64, hash: bool, mode: u32) -> std::io::Result<Prepared> {
     if let Some(dir) = path.parent() {
         match std::fs::symlink_metadata(dir) {
             Ok(m) if m.file_type().is_symlink() => {
@@ -75,23 +80,26 @@ pub fn prepare(path: &Path, offset: u64, hash: bool) -> std::io::Result<Prepared
             }
             Ok(_) => {}
             // Created only when missing: one stat per download instead of a mkdir per level.
-            Err(_) => std::fs::create_dir_all(dir)?,
+            Err(_) => {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+            }
         }
     }
     if offset == 0 {
-        let file = open_fresh(path)?;
+        let file = open_fresh(path, mode)?;
         let hasher = hash.then(Sha256::new);
-        return Ok(Prepared { file, offset, hasher });
+        return Ok(Prepared { file, offset, hasher, fresh: true });
     }
-    let offset = match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_file() => offset,
+    let existed = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() => true,
         Ok(m) if m.file_type().is_symlink() => {
             // Planted: drop the link itself and start over.
             std::fs::remove_file(path)?;
-            0
+            false
         }
         Ok(_) => return Err(not_regular(path)),
-        Err(_) => 0,
+        Err(_) => false,
     };
     let mut file = std::fs::OpenOptions::new()
         .read(true)
@@ -100,8 +108,11 @@ pub fn prepare(path: &Path, offset: u64, hash: bool) -> std::io::Result<Prepared
         .truncate(false)
         .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(path)?;
+    if !existed {
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    }
     let len = file.metadata()?.len();
-    let offset = if len < offset { 0 } else { offset };
+    let offset = if !existed || len < offset { 0 } else { offset };
     if len != offset {
         file.set_len(offset)?;
     }
@@ -122,13 +133,13 @@ pub fn prepare(path: &Path, offset: u64, hash: bool) -> std::io::Result<Prepared
         None
     };
     file.seek(SeekFrom::Start(offset))?;
-    Ok(Prepared { file, offset, hasher })
+    Ok(Prepared { file, offset, hasher, fresh: !existed })
 }
 
 /// Opens the partial file of a download that starts at zero, emptied. No stat first: with
 /// 16 downloads creating files in one directory, every path lookup waits on the others'
 /// creates and renames, and a fresh download needs only the open.
-fn open_fresh(path: &Path) -> std::io::Result<File> {
+fn open_fresh(path: &Path, mode: u32) -> std::io::Result<File> {
     let open = || {
         std::fs::OpenOptions::new()
             .read(true)
@@ -150,6 +161,8 @@ fn open_fresh(path: &Path) -> std::io::Result<File> {
     if !file.metadata()?.is_file() {
         return Err(not_regular(path));
     }
+    // An explicit mode, not the daemon's umask (a systemd unit may set 0077).
+    file.set_permissions(std::fs::Permissions::from_mode(mode))?;
     Ok(file)
 }
 
@@ -170,8 +183,16 @@ pub fn run(
     link: WorkerLink,
     mut rx: mpsc::Receiver<WriterMsg>,
 ) -> std::io::Result<WriterDone> {
-    let Prepared { file: mut out, offset, mut hasher } = prepared;
+    let Prepared { file: mut out, offset, mut hasher, fresh } = prepared;
     let mut offset = offset;
+    // A checkpoint must not refer to a file whose directory entry a power cut could lose.
+    let mut entry_unsynced = fresh;
+    let sync_entry = |pending: &mut bool| -> std::io::Result<()> {
+        if std::mem::take(pending) {
+            super::files::sync_parent(path)?;
+        }
+        Ok(())
+    };
     // A fast download switches to direct writes once (see `direct`).
     let started = Instant::now();
     let start_offset = offset;
@@ -193,6 +214,7 @@ pub fn run(
     };
     loop {
         match rx.blocking_recv() {
+            Some(WriterMsg::Data(_)) if link.is_abandoned() => return Err(abandoned()),
             Some(WriterMsg::Data(chunks)) => {
                 if !direct_tried
                     && policy.bytes >= super::direct::MIN_WINDOW
@@ -205,6 +227,7 @@ pub fn run(
                         s.finish()?;
                     }
                     // Every sync requested so far is done: `requested` is durable.
+                    sync_entry(&mut entry_unsynced)?;
                     direct = super::direct::Direct::start(path, &out, offset, requested, link.clone())?;
                     if direct.is_some() {
                         tracing::debug!(task = link.task(), offset, "fast download: writing directly");
@@ -231,12 +254,15 @@ pub fn run(
                 if offset - requested >= policy.sync_every() || last_request.elapsed() >= policy.interval {
                     let s = match syncer.as_mut() {
                         Some(s) => s,
-                        None => syncer.insert(Syncer::start(&out, requested, link.clone())?),
+                        None => {
+                            sync_entry(&mut entry_unsynced)?;
+                            syncer.insert(Syncer::start(&out, requested, link.clone())?)
+                        }
                     };
                     s.check()?;
                     if s.is_busy() && offset - s.synced() >= policy.bytes {
                         // The window is full: more data now would be more than a crash may cost.
-                        s.wait()?;
+                        s.wait(&link)?;
                     }
                     if !s.is_busy() {
                         s.request(offset);
@@ -265,11 +291,16 @@ pub fn run(
                 }
                 // Everything written so far becomes the last checkpoint.
                 sync_inline(&mut out, offset)?;
+                sync_entry(&mut entry_unsynced)?;
                 report_checkpoint(&link, offset);
                 return Ok(WriterDone { offset, sha256: None });
             }
         }
     }
+}
+
+fn abandoned() -> std::io::Error {
+    std::io::Error::other("the attempt was abandoned")
 }
 
 /// A download switches to direct writes after this much data…
@@ -410,9 +441,12 @@ impl Syncer {
     }
 
     /// Waits for the sync in flight; an error if the thread stopped.
-    fn wait(&mut self) -> std::io::Result<()> {
+    fn wait(&mut self, link: &WorkerLink) -> std::io::Result<()> {
         while self.is_busy() {
             self.check()?;
+            if link.is_abandoned() {
+                return Err(abandoned());
+            }
             // Woken by the sync thread; the timeout only guards against a missed wake-up.
             std::thread::park_timeout(Duration::from_millis(100));
         }
@@ -457,14 +491,14 @@ mod tests {
         let part = dir.path().join("s1/7.part");
         std::fs::create_dir_all(part.parent().unwrap()).unwrap();
         std::os::unix::fs::symlink(&victim, &part).unwrap();
-        let p = prepare(&part, 5, false).unwrap();
+        let p = prepare(&part, 5, false, 0o644).unwrap();
         assert_eq!(p.offset, 0, "starts over");
         assert!(std::fs::symlink_metadata(&part).unwrap().file_type().is_file());
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious", "the link target is untouched");
         // The same for a download that starts at zero (no stat before the open).
         std::fs::remove_file(&part).unwrap();
         std::os::unix::fs::symlink(&victim, &part).unwrap();
-        let mut p = prepare(&part, 0, false).unwrap();
+        let mut p = prepare(&part, 0, false, 0o644).unwrap();
         p.file.write_all(b"new").unwrap();
         assert!(std::fs::symlink_metadata(&part).unwrap().file_type().is_file());
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious", "the link target is untouched");
@@ -478,14 +512,17 @@ mod tests {
             0,
         )
         .unwrap();
-        assert!(prepare(&fifo, 0, false).is_err(), "a FIFO is refused");
+        assert!(prepare(&fifo, 0, false, 0o644).is_err(), "a FIFO is refused");
         std::fs::create_dir(dir.path().join("s1/9.part")).unwrap();
-        assert!(prepare(&dir.path().join("s1/9.part"), 0, false).is_err(), "a directory is refused");
+        assert!(prepare(&dir.path().join("s1/9.part"), 0, false, 0o644).is_err(), "a directory is refused");
 
         let linked_dir = dir.path().join("s2");
         std::os::unix::fs::symlink(dir.path().join("elsewhere"), &linked_dir).unwrap();
         std::fs::create_dir_all(dir.path().join("elsewhere")).unwrap();
-        assert!(prepare(&linked_dir.join("1.part"), 0, false).is_err(), "a symlinked session directory is refused");
+        assert!(
+            prepare(&linked_dir.join("1.part"), 0, false, 0o644).is_err(),
+            "a symlinked session directory is refused"
+        );
     }
 
     /// Runs the writer over `body` sent in uneven chunks from another thread, continuing a
@@ -495,7 +532,7 @@ mod tests {
         let part = dir.path().join("s/1.part");
         std::fs::create_dir_all(part.parent().unwrap()).unwrap();
         std::fs::write(&part, head).unwrap();
-        let prepared = prepare(&part, head.len() as u64, true).unwrap();
+        let prepared = prepare(&part, head.len() as u64, true, 0o644).unwrap();
         let (core_tx, mut core_rx) = tokio::sync::mpsc::unbounded_channel();
         let link = WorkerLink::new(core_tx, 1, 1);
         let (tx, rx) = mpsc::channel(4);
@@ -556,7 +593,7 @@ mod tests {
     fn rig() -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let part = dir.path().join("s/1.part");
-        let prepared = prepare(&part, 0, false).unwrap();
+        let prepared = prepare(&part, 0, false, 0o644).unwrap();
         let (core_tx, core_rx) = tokio::sync::mpsc::unbounded_channel();
         let link = WorkerLink::new(core_tx, 1, 1);
         let (tx, rx) = mpsc::channel(4);
@@ -695,12 +732,12 @@ mod tests {
         let part = dir.path().join("s/1.part");
         std::fs::create_dir_all(part.parent().unwrap()).unwrap();
         std::fs::write(&part, b"left over from an attempt that never checkpointed").unwrap();
-        let p = prepare(&part, 0, true).unwrap();
+        let p = prepare(&part, 0, true, 0o644).unwrap();
         assert_eq!(p.offset, 0);
         assert_eq!(std::fs::metadata(&part).unwrap().len(), 0);
         assert!(p.hasher.is_some());
         // A missing session directory is created.
-        let p = prepare(&dir.path().join("new/2.part"), 0, false).unwrap();
+        let p = prepare(&dir.path().join("new/2.part"), 0, false, 0o644).unwrap();
         assert!(p.hasher.is_none());
     }
 
@@ -709,9 +746,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let part = dir.path().join("1.part");
         std::fs::write(&part, b"abc").unwrap();
-        assert_eq!(prepare(&part, 10, false).unwrap().offset, 0);
+        assert_eq!(prepare(&part, 10, false, 0o644).unwrap().offset, 0);
         std::fs::write(&part, b"abcdef").unwrap();
-        let p = prepare(&part, 4, true).unwrap();
+        let p = prepare(&part, 4, true, 0o644).unwrap();
         assert_eq!(p.offset, 4);
         assert_eq!(std::fs::metadata(&part).unwrap().len(), 4, "trimmed to the committed offset");
     }

@@ -2,7 +2,7 @@
 
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 
-use crate::model::{EventRecord, Phase, SessionRecord, TaskRecord};
+use crate::model::{DEFAULT_FILE_MODE, EventRecord, Phase, SessionRecord, TaskRecord};
 use dlsession_proto::{DurableEvent, ErrorCode, ErrorInfo, Header, LaunchSpec, SessionConfig, TaskId, TaskState};
 
 // Lists are stored as NUL-separated text: NUL cannot occur in a valid header, argv
@@ -72,7 +72,13 @@ fn u64_opt(v: Option<i64>) -> Option<u64> {
 }
 
 fn i64_opt(v: Option<u64>) -> Option<i64> {
-    v.map(|v| v.min(i64::MAX as u64) as i64)
+    v.map(sat)
+}
+
+/// A u64 as SQLite's integer, saturating: values a client or server chose (a timeout of
+/// `u64::MAX` ms, say) must not wrap to negative numbers and come back as zero.
+pub fn sat(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// Inserts or updates a session row (one statement for both, so the column lists cannot
@@ -98,15 +104,15 @@ pub fn save_session(tx: &Transaction<'_>, s: &SessionRecord) -> rusqlite::Result
         kind,
         value,
         join_headers(&s.config.http_headers),
-        s.config.timeout_for_request_ms as i64,
-        s.config.timeout_for_resource_ms as i64,
+        sat(s.config.timeout_for_request_ms),
+        sat(s.config.timeout_for_resource_ms),
         s.config.max_connections_per_host,
         s.config.max_concurrent_tasks,
         i64_opt(s.config.bandwidth_limit),
-        s.next_seq as i64,
+        sat(s.next_seq),
         s.invalidating,
         s.invalid,
-        s.created_at as i64,
+        sat(s.created_at),
     ])?;
     Ok(())
 }
@@ -145,13 +151,14 @@ const TASK_COLUMNS: &str = "id, session_id, url, headers, description, priority,
     destination, overwrite, expected_size, created_at, state, phase, committed_offset, bytes_expected, etag,
     last_modified, final_url, response_status, response_headers, attempts, last_error_code, last_error_msg,
     last_error_http, retry_at, started_at, finished_at, resource_deadline, location, error_code, error_msg,
-    error_http, resume_secret, retired";
+    error_http, resume_secret, retired, file_mode";
 
 /// Inserts or replaces a task row (one statement for both, so the column lists cannot drift).
 pub fn save_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare_cached(&format!(
         "INSERT INTO tasks ({TASK_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
-            ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35)
+            ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35,
+            ?36)
          ON CONFLICT(id) DO UPDATE SET priority = excluded.priority, state = excluded.state,
             phase = excluded.phase, committed_offset = excluded.committed_offset,
             bytes_expected = excluded.bytes_expected, etag = excluded.etag, last_modified = excluded.last_modified,
@@ -162,12 +169,12 @@ pub fn save_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
             started_at = excluded.started_at, finished_at = excluded.finished_at,
             resource_deadline = excluded.resource_deadline, location = excluded.location,
             error_code = excluded.error_code, error_msg = excluded.error_msg, error_http = excluded.error_http,
-            resume_secret = excluded.resume_secret, retired = excluded.retired"
+            resume_secret = excluded.resume_secret, retired = excluded.retired, file_mode = excluded.file_mode"
     ))?;
     let (lec, lem, leh) = error_columns(&t.last_error);
     let (ec, em, eh) = error_columns(&t.error);
     stmt.execute(params![
-        t.id as i64,
+        sat(t.id),
         t.session,
         t.url,
         join_headers(&t.headers),
@@ -178,10 +185,10 @@ pub fn save_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
         t.destination,
         t.overwrite,
         i64_opt(t.expected_size),
-        t.created_at as i64,
+        sat(t.created_at),
         state_name(t.state),
         phase_name(t.phase),
-        t.committed_offset as i64,
+        sat(t.committed_offset),
         i64_opt(t.bytes_expected),
         t.etag,
         t.last_modified,
@@ -202,6 +209,7 @@ pub fn save_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
         eh,
         t.resume_secret.map(|s| s as i64),
         t.retired,
+        t.file_mode,
     ])?;
     Ok(())
 }
@@ -249,6 +257,7 @@ fn task_from_row(r: &Row<'_>) -> rusqlite::Result<TaskRecord> {
         error: error_from(r.get(30)?, r.get(31)?, r.get(32)?),
         resume_secret: r.get::<_, Option<i64>>(33)?.map(|s| s as u64),
         retired: r.get(34)?,
+        file_mode: r.get::<_, Option<u32>>(35)?.filter(|m| *m <= 0o777).unwrap_or(DEFAULT_FILE_MODE),
     })
 }
 
@@ -260,7 +269,7 @@ pub fn load_live_tasks(conn: &Connection) -> rusqlite::Result<Vec<TaskRecord>> {
 
 pub fn load_task(conn: &Connection, id: TaskId) -> Result<Option<TaskRecord>, super::StoreError> {
     let mut stmt = conn.prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))?;
-    Ok(stmt.query_row(params![id as i64], task_from_row).optional()?)
+    Ok(stmt.query_row(params![sat(id)], task_from_row).optional()?)
 }
 
 pub fn insert_event(tx: &Transaction<'_>, e: &EventRecord) -> rusqlite::Result<()> {
@@ -282,7 +291,7 @@ pub fn insert_event(tx: &Transaction<'_>, e: &EventRecord) -> rusqlite::Result<(
     )?;
     stmt.execute(params![
         e.session,
-        e.seq as i64,
+        sat(e.seq),
         kind,
         i64_opt(task),
         i64_opt(offset),
@@ -291,11 +300,11 @@ pub fn insert_event(tx: &Transaction<'_>, e: &EventRecord) -> rusqlite::Result<(
         ec,
         em,
         eh,
-        e.created_at as i64
+        sat(e.created_at)
     ])?;
     // Cached: two events per finished download, and parsing this cost more than running it.
     tx.prepare_cached("UPDATE sessions SET next_seq = max(next_seq, ?2) WHERE id = ?1")?
-        .execute(params![e.session, e.seq.saturating_add(1) as i64])?;
+        .execute(params![e.session, sat(e.seq.saturating_add(1))])?;
     Ok(())
 }
 

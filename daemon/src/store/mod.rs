@@ -6,7 +6,13 @@
 //! each. A batch's `done` callback runs only after its transaction committed.
 //!
 //! Durability: WAL with `synchronous=FULL`, so a committed transaction survives power loss.
-//! The schema changes only by appending a migration to [`MIGRATIONS`].
+//! The schema changes only by appending a migration to `schema::MIGRATIONS`.
+//!
+//! A full disk or an I/O error is weather, not death: a batch that fails to commit is kept,
+//! with every batch queued after it, and tried again (every second, backing off to ten);
+//! nothing waiting on them runs until they commit, so nothing is acknowledged that is not
+//! on disk. The core hears [`Health::Failing`] once and [`Health::Recovered`] when the
+//! backlog is in.
 
 mod codec;
 mod schema;
@@ -16,8 +22,10 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior, params};
-use tracing::{debug, error};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
+use tracing::{debug, error, info, warn};
+
+use codec::sat;
 
 use crate::model::{EventRecord, SessionKey, SessionRecord, TaskRecord};
 use dlsession_proto::TaskId;
@@ -69,9 +77,11 @@ pub enum Op {
         seqs: Vec<u64>,
     },
     RetireTasks(Vec<TaskId>),
-    /// Deletes retired tasks that finished (or, never started, were created) at or before this.
+    /// Deletes retired tasks that finished (or, never started, were created) at or before
+    /// `before`, and all but the newest `keep` retired tasks.
     PruneRetired {
         before: u64,
+        keep: u64,
     },
     SetNextTaskId(TaskId),
     /// Event sequence numbers of any later session start here (never lowered): a session
@@ -80,8 +90,22 @@ pub enum Op {
     SetSeqFloor(u64),
 }
 
-/// Runs after the batch's transaction committed (or failed).
+/// Runs after the batch's transaction committed (or, the database thread gone, never will).
 pub type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// Whether the database takes writes (see the module documentation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// A commit failed; batches wait and are retried. The text says why.
+    Failing(String),
+    /// Everything that waited is committed.
+    Recovered,
+}
+
+/// The first retry of a failed commit comes after this; each next one waits twice as
+/// long, up to `RETRY_MAX`.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(10);
 
 enum Job {
     Write { ops: Vec<Op>, done: Option<Done> },
@@ -112,14 +136,16 @@ const MAX_GROUP: usize = 512;
 
 impl Store {
     /// Opens (or creates) the database, checks and migrates it, loads the snapshot and
-    /// starts the writer thread. `on_fatal` is called if a later commit fails.
-    pub fn open(path: &Path, on_fatal: impl Fn(String) + Send + 'static) -> Result<(Store, Snapshot), StoreError> {
+    /// starts the writer thread. `on_health` hears when commits start failing and when
+    /// they work again.
+    pub fn open(path: &Path, on_health: impl Fn(Health) + Send + 'static) -> Result<(Store, Snapshot), StoreError> {
         let mut conn = schema::open(path)?;
         let snapshot = load_snapshot(&mut conn)?;
         let (tx, rx) = mpsc::channel::<Job>();
+        let path = path.to_path_buf();
         thread::Builder::new()
             .name("db-writer".into())
-            .spawn(move || writer_loop(conn, rx, on_fatal))
+            .spawn(move || Writer { conn, path, on_health, backlog: Vec::new(), failing: None }.run(&rx))
             .map_err(|e| StoreError::Sql(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
         Ok((Store { tx }, snapshot))
     }
@@ -141,16 +167,17 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Waits until everything queued before this call is committed.
-    pub async fn flush(&self) {
+    /// Waits until everything queued before this call is committed, or `limit` passed
+    /// (while the disk refuses writes); says whether it all committed.
+    pub async fn flush(&self, limit: Duration) -> bool {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.write(
             Vec::new(),
-            Some(Box::new(move |_| {
-                let _ = tx.send(());
+            Some(Box::new(move |result| {
+                let _ = tx.send(result.is_ok());
             })),
         );
-        let _ = rx.await;
+        matches!(tokio::time::timeout(limit, rx).await, Ok(Ok(true)))
     }
 }
 
@@ -164,71 +191,134 @@ fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreError> {
     })
 }
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, on_fatal: impl Fn(String)) {
-    let mut failed: Option<String> = None;
-    while let Ok(first) = rx.recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(job) => group.push(job),
-                Err(_) => break,
-            }
-        }
-        let mut writes: Vec<(Vec<Op>, Option<Done>)> = Vec::new();
-        for job in group {
-            match job {
-                Job::Write { ops, done } => writes.push((ops, done)),
-                Job::Read(f) => {
-                    // Reads see everything queued before them.
-                    flush_writes(&mut conn, &mut writes, &mut failed, &on_fatal);
-                    f(&conn);
-                }
-            }
-        }
-        flush_writes(&mut conn, &mut writes, &mut failed, &on_fatal);
-    }
-    debug!("database thread exiting");
+/// The `db-writer` thread: the one connection and the batches not yet committed.
+struct Writer<H> {
+    conn: Connection,
+    path: PathBuf,
+    on_health: H,
+    /// Batches waiting to commit, in order (while commits fail).
+    backlog: Vec<(Vec<Op>, Option<Done>)>,
+    /// The last commit failed: why, when, and how long until the next try.
+    failing: Option<Failing>,
 }
 
-fn flush_writes(
-    conn: &mut Connection,
-    writes: &mut Vec<(Vec<Op>, Option<Done>)>,
-    failed: &mut Option<String>,
-    on_fatal: &impl Fn(String),
-) {
-    if writes.is_empty() {
-        return;
-    }
-    let batch = std::mem::take(writes);
-    // After one failed commit nothing more is written: the in-memory state may be ahead
-    // of the disk, and the daemon is shutting down to reload from a consistent file.
-    let result = match failed {
-        Some(msg) => Err(msg.clone()),
-        None => commit(conn, batch.iter().flat_map(|(ops, _)| ops.iter())).map_err(|e| e.to_string()),
-    };
-    if result.is_ok() {
-        let mut checkpoints = batch.iter().flat_map(|(ops, _)| ops.iter()).filter_map(|op| match op {
-            Op::Checkpoint { task, offset } => Some((*task, *offset)),
-            _ => None,
-        });
-        if let Some(first) = checkpoints.next() {
-            for (task, offset) in std::iter::once(first).chain(checkpoints) {
-                debug!(task, offset, "checkpoint committed");
+struct Failing {
+    error: String,
+    at: std::time::Instant,
+    wait: Duration,
+    /// Open the connection anew before the next try (after an I/O error).
+    reopen: bool,
+}
+
+impl<H: Fn(Health)> Writer<H> {
+    fn run(mut self, rx: &mpsc::Receiver<Job>) {
+        loop {
+            // While failing, wake up for the next retry even if nothing new comes.
+            let first = match &self.failing {
+                None => rx.recv().ok(),
+                Some(f) => match rx.recv_timeout(f.wait.saturating_sub(f.at.elapsed())) {
+                    Ok(job) => Some(job),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                },
+            };
+            let mut group: Vec<Job> = Vec::new();
+            match first {
+                Some(job) => group.push(job),
+                None if self.failing.is_none() => break,
+                None => {}
             }
-            crate::failpoint::hit("checkpoint-after-commit");
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(job) => group.push(job),
+                    Err(_) => break,
+                }
+            }
+            for job in group {
+                match job {
+                    Job::Write { ops, done } => self.backlog.push((ops, done)),
+                    Job::Read(f) => {
+                        // Reads see everything queued before them (when it can be written).
+                        self.flush();
+                        f(&self.conn);
+                    }
+                }
+            }
+            self.flush();
+        }
+        // The core is gone. Whatever could not be written is lost with the process, as after
+        // a crash; nothing that waited on it was acknowledged.
+        for (_, done) in self.backlog.drain(..) {
+            if let Some(done) = done {
+                done(Err("the database thread stopped before this could be written".into()));
+            }
+        }
+        debug!("database thread exiting");
+    }
+
+    /// Commits the backlog in one transaction, unless a failed commit's retry is not due.
+    fn flush(&mut self) {
+        if self.backlog.is_empty() || self.failing.as_ref().is_some_and(|f| f.at.elapsed() < f.wait) {
+            return;
+        }
+        if self.failing.as_ref().is_some_and(|f| f.reopen) {
+            match schema::reopen(&self.path) {
+                Ok(conn) => self.conn = conn,
+                Err(e) => return self.failed(e.to_string(), true),
+            }
+        }
+        match commit(&mut self.conn, self.backlog.iter().flat_map(|(ops, _)| ops.iter())) {
+            Ok(()) => {
+                let batch = std::mem::take(&mut self.backlog);
+                log_checkpoints(&batch);
+                if self.failing.take().is_some() {
+                    info!(
+                        batches = batch.len(),
+                        "the database takes writes again; everything that waited is committed"
+                    );
+                    (self.on_health)(Health::Recovered);
+                }
+                for (_, done) in batch {
+                    if let Some(done) = done {
+                        done(Ok(()));
+                    }
+                }
+            }
+            Err(e) => {
+                let reopen = matches!(&e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::SystemIoFailure);
+                self.failed(e.to_string(), reopen);
+            }
         }
     }
-    if let Err(msg) = &result
-        && failed.is_none()
-    {
-        error!(error = %msg, "database commit failed");
-        *failed = Some(msg.clone());
-        on_fatal(msg.clone());
+
+    fn failed(&mut self, error: String, reopen: bool) {
+        let wait = match &self.failing {
+            None => {
+                error!(error = %error, "database commit failed; holding changes and retrying until it works");
+                (self.on_health)(Health::Failing(error.clone()));
+                RETRY_MIN
+            }
+            Some(f) => {
+                if f.error != error {
+                    warn!(error = %error, "database commit still failing");
+                }
+                (f.wait * 2).min(RETRY_MAX)
+            }
+        };
+        self.failing = Some(Failing { error, at: std::time::Instant::now(), wait, reopen });
     }
-    for (_, done) in batch {
-        if let Some(done) = done {
-            done(result.clone());
+}
+
+fn log_checkpoints(batch: &[(Vec<Op>, Option<Done>)]) {
+    let mut checkpoints = batch.iter().flat_map(|(ops, _)| ops.iter()).filter_map(|op| match op {
+        Op::Checkpoint { task, offset } => Some((*task, *offset)),
+        _ => None,
+    });
+    if let Some(first) = checkpoints.next() {
+        for (task, offset) in std::iter::once(first).chain(checkpoints) {
+            debug!(task, offset, "checkpoint committed");
         }
+        crate::failpoint::hit("checkpoint-after-commit");
     }
 }
 
@@ -252,30 +342,40 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
         Op::InsertTask(t) | Op::UpdateTask(t) => codec::save_task(tx, t),
         Op::Checkpoint { task, offset } => {
             tx.prepare_cached("UPDATE tasks SET committed_offset = ?2 WHERE id = ?1")?
-                .execute(params![*task as i64, *offset as i64])?;
+                .execute(params![sat(*task), sat(*offset)])?;
             Ok(())
         }
         Op::InsertEvent(e) => codec::insert_event(tx, e),
         Op::DeleteEvents { session, seqs } => {
             let mut stmt = tx.prepare_cached("DELETE FROM events WHERE session_id = ?1 AND seq = ?2")?;
             for seq in seqs {
-                stmt.execute(params![session, *seq as i64])?;
+                stmt.execute(params![session, sat(*seq)])?;
             }
             Ok(())
         }
         Op::RetireTasks(ids) => {
             let mut stmt = tx.prepare_cached("UPDATE tasks SET retired = 1 WHERE id = ?1")?;
             for id in ids {
-                stmt.execute(params![*id as i64])?;
+                stmt.execute(params![sat(*id)])?;
             }
             Ok(())
         }
-        Op::PruneRetired { before } => {
-            let before = i64::try_from(*before).unwrap_or(i64::MAX);
+        Op::PruneRetired { before, keep } => {
+            // Both through indexes: by age on `tasks_retired_age`, by count on `tasks_live`.
             tx.execute(
                 "DELETE FROM tasks WHERE retired = 1 AND coalesce(finished_at, created_at) <= ?1",
-                params![before],
+                params![sat(*before)],
             )?;
+            let cutoff: Option<i64> = tx
+                .query_row(
+                    "SELECT id FROM tasks WHERE retired = 1 ORDER BY id DESC LIMIT 1 OFFSET ?1",
+                    params![sat(*keep)],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(cutoff) = cutoff {
+                tx.execute("DELETE FROM tasks WHERE retired = 1 AND id <= ?1", params![cutoff])?;
+            }
             Ok(())
         }
         Op::SetNextTaskId(id) => codec::raise_meta(tx, "next_task_id", *id),

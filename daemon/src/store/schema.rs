@@ -88,6 +88,10 @@ const MIGRATIONS: &[&str] = &[
         created_at     INTEGER NOT NULL,
         PRIMARY KEY (session_id, seq)
      ) WITHOUT ROWID;",
+    // 2: the mode finished files are handed over with (NULL: 0644, as before), and
+    // indexes that keep pruning history cheap however much of it there is.
+    "ALTER TABLE tasks ADD COLUMN file_mode INTEGER;
+     CREATE INDEX tasks_retired_age ON tasks(retired, coalesce(finished_at, created_at));",
 ];
 
 pub const LATEST_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -131,6 +135,17 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "synchronous", "FULL").map_err(open_err)?;
     conn.pragma_update(None, "foreign_keys", true).map_err(open_err)?;
     migrate(conn, version, path)
+}
+
+/// Opens the database again for writing (after an I/O error), with the settings of
+/// [`open`] and no checks or migrations: the same file was opened and migrated at start.
+pub fn reopen(path: &Path) -> Result<Connection, StoreError> {
+    let open_err = |source| StoreError::Open { path: path.to_path_buf(), source };
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE).map_err(open_err)?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(open_err)?;
+    conn.pragma_update(None, "synchronous", "FULL").map_err(open_err)?;
+    conn.pragma_update(None, "foreign_keys", true).map_err(open_err)?;
+    Ok(conn)
 }
 
 fn migrate(mut conn: Connection, from: i64, path: &Path) -> Result<Connection, StoreError> {

@@ -1,0 +1,202 @@
+//! Trust under real conditions: hostile `Retry-After` values, wall-clock jumps, workers
+//! that panic or hang, and `resume` of a task that is backing off.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{LONG, Recorder};
+use dlsession::proto::WaitReason;
+use dlsession::{DownloadRequest, ErrorCode, Session, SessionConfiguration, TaskState};
+use dlsession_testkit::{Fault, Hits, Resource, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex};
+
+async fn attach(env: &TestEnv, config: SessionConfiguration) -> (Session, common::Events) {
+    let dir = env.path().join(format!("out-{}", config.identifier()));
+    let (delegate, events) = Recorder::new(&dir);
+    (Session::attach(config.socket(&env.socket), delegate).await.unwrap(), events)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+fn unavailable(retry_after: &str) -> Resource {
+    Resource::generated(10, 1).fault(Hits::All, Fault::Status { code: 503, retry_after: Some(retry_after.into()) })
+}
+
+/// Whatever a server puts in `Retry-After` (delta-seconds past `u64::MAX`, dates years
+/// ahead, garbage) becomes a bounded wait: no request storm, no task parked for ever, and
+/// past the resource deadline the task times out at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_never_storms_and_never_parks_a_task() {
+    let env = TestEnv::new();
+    env.set_config("retry_after_max_ms", "1500");
+    let _d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    let years_ahead = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(50 * 365 * 86_400));
+    let cases = [
+        ("/max", "18446744073709551615".to_owned()),
+        ("/near-max", "18446744073709500".to_owned()),
+        ("/past-max", "99999999999999999999999999".to_owned()),
+        ("/date", years_ahead),
+        ("/garbage", "soon, maybe".to_owned()),
+        ("/negative", "-5".to_owned()),
+    ];
+    for (path, value) in &cases {
+        s.add(path, unavailable(value));
+    }
+    let (session, _events) = attach(&env, SessionConfiguration::background("t.retry-after")).await;
+    let reqs = cases.iter().map(|(p, _)| DownloadRequest::new(s.url(p))).collect();
+    let tasks = session.download_tasks(reqs, true).await.unwrap();
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    for ((path, value), task) in cases.iter().zip(&tasks) {
+        let hits = s.hits(path);
+        let info = task.info().await.unwrap();
+        assert_eq!(info.state, TaskState::Waiting, "{path}: {info:?}");
+        let Some(WaitReason::Backoff { until, last_error, .. }) = &info.wait else { panic!("{path}: {info:?}") };
+        assert_eq!(last_error.http_status, Some(503));
+        let now = now_ms();
+        assert!(*until <= now + 2_300, "{path}: waits until {until}, now {now}: beyond the cap");
+        // A huge value is capped at 1.5 s (about 3 requests in 4 s); garbage falls back to
+        // our own backoff from 100 ms, doubling (about 6). Never a storm.
+        assert!(hits >= 2, "{path} ({value}): retried {hits} times in {elapsed:.1} s: parked");
+        assert!(hits <= 8, "{path} ({value}): {hits} requests in {elapsed:.1} s: a storm");
+    }
+    // With the resource deadline closer than the server's wait: timed out at once.
+    let env2 = TestEnv::new();
+    let _d2 = TestDaemon::start(&env2);
+    s.add("/hour", unavailable("3600"));
+    let config = SessionConfiguration::background("t.deadline").timeout_for_resource(Duration::from_secs(20));
+    let (session, mut events) = attach(&env2, config).await;
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/hour"))], true).await.unwrap().remove(0);
+    let err = tokio::time::timeout(Duration::from_secs(10), events.completion(task.id(), LONG))
+        .await
+        .expect("timed out at once, not after the hour")
+        .unwrap();
+    assert_eq!(err.code, ErrorCode::TimedOut, "{err}");
+    assert_eq!(err.http_status, Some(503));
+    assert_eq!(s.hits("/hour"), 1);
+}
+
+/// The daemon with its wall clock under a file's control (libfaketime), its monotonic
+/// clock untouched.
+fn faked_clock_daemon(env: &TestEnv, offset_file: &Path) -> TestDaemon {
+    let lib = ["/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1", "/usr/lib/faketime/libfaketimeMT.so.1"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect("libfaketime is needed to move the daemon's wall clock: apt-get install faketime (CI does)");
+    std::fs::write(offset_file, "+0\n").unwrap();
+    TestDaemon::start_with_env(
+        env,
+        &[
+            ("LD_PRELOAD", lib.as_os_str()),
+            ("FAKETIME_TIMESTAMP_FILE", offset_file.as_os_str()),
+            ("FAKETIME_NO_CACHE", OsStr::new("1")),
+            ("DONT_FAKE_MONOTONIC", OsStr::new("1")),
+        ],
+    )
+}
+
+/// Setting the wall clock hours back or forward neither parks a backing-off task for hours
+/// nor makes every waiting task retry at once: delays run on the monotonic clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wall_clock_jumps_neither_storm_nor_hang() {
+    let env = TestEnv::new();
+    env.set_config("retry_initial_ms", "1500");
+    env.set_config("retry_max_ms", "1500");
+    let clock = env.path().join("faketime");
+    let _d = faked_clock_daemon(&env, &clock);
+    let s = TestServer::start().await.unwrap();
+    s.add(
+        "/flaky",
+        Resource::generated(50_000, 3).fault(Hits::First(2), Fault::Status { code: 500, retry_after: None }),
+    );
+    let (session, mut events) = attach(&env, SessionConfiguration::background("t.clock")).await;
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/flaky"))], true).await.unwrap().remove(0);
+    common::wait_until(|| s.hits("/flaky") == 1).await;
+    // Five hours back while the first retry is 1.5 s away.
+    std::fs::write(&clock, "-5h\n").unwrap();
+    let backward = Instant::now();
+    common::wait_until(|| s.hits("/flaky") == 2).await;
+    let waited = backward.elapsed();
+    assert!(waited < Duration::from_secs(5), "the retry waited {waited:?} after the clock went back");
+    // Then ten hours forward: the next retry still comes after its own 1.5 s, not at once.
+    std::fs::write(&clock, "+5h\n").unwrap();
+    let forward = Instant::now();
+    common::wait_until(|| s.hits("/flaky") == 3).await;
+    assert!(forward.elapsed() >= Duration::from_millis(1000), "retried {:?} after the jump", forward.elapsed());
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+}
+
+/// `resume` of a task that is backing off retries it now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_retries_a_backing_off_task_now() {
+    let env = TestEnv::new();
+    env.set_config("retry_initial_ms", "600000");
+    env.set_config("retry_max_ms", "600000");
+    let _d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    s.add("/once", Resource::generated(20_000, 4).fault(Hits::Nth(1), Fault::Status { code: 503, retry_after: None }));
+    let (session, mut events) = attach(&env, SessionConfiguration::background("t.nudge")).await;
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/once"))], true).await.unwrap().remove(0);
+    dlsession_testkit::wait_for("backoff", LONG, || {
+        let info = common::block(task.info()).unwrap();
+        matches!(info.wait, Some(WaitReason::Backoff { .. })).then_some(())
+    });
+    let out = env.ctl(&["resume", &task.id().to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    let done = tokio::time::timeout(Duration::from_secs(20), events.completion(task.id(), LONG)).await;
+    assert_eq!(done.expect("retried at once, not in 10 minutes"), None);
+    assert_eq!(s.hits("/once"), 2);
+}
+
+/// A worker that panics fails its attempt with `internal`; the task retries and finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_worker_fails_only_its_attempt() {
+    let env = TestEnv::new();
+    let mut d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", OsStr::new("worker-response:1:panic"))]);
+    let s = TestServer::start().await.unwrap();
+    s.add("/p", Resource::generated(200_000, 5));
+    let (session, mut events) = attach(&env, SessionConfiguration::background("t.panic")).await;
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/p"))], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(5, 200_000)));
+    assert_eq!(s.hits("/p"), 2, "the second attempt did it");
+    let log = d.log();
+    assert!(log.contains("the download worker failed: failpoint worker-response"), "{log}");
+    assert!(session.get_all_tasks().await.is_ok(), "the daemon is fine");
+    assert!(d.terminate().success());
+}
+
+/// A worker stuck on its disk (here: a checkpoint sync that takes 30 s) is stopped, then
+/// abandoned; the task retries, never stays `running` for ever, and ends byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_worker_is_abandoned_and_the_task_retried() {
+    let env = TestEnv::new();
+    env.set_config("checkpoint_bytes", "524288");
+    env.set_config("stall_timeout_ms", "500");
+    env.set_config("shutdown_grace_ms", "1000");
+    let d = TestDaemon::start_with_env(
+        &env,
+        &[("DLSESSIOND_FAILPOINT", OsStr::new("checkpoint-after-sync:1:sleep-ms=30000"))],
+    );
+    let s = TestServer::start().await.unwrap();
+    let len = 4u64 << 20;
+    s.add("/stuck", Resource::generated(len, 6).throttle(4 << 20));
+    let config = SessionConfiguration::background("t.stuck").timeout_for_request(Duration::from_secs(1));
+    let (session, mut events) = attach(&env, config).await;
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/stuck"))], true).await.unwrap().remove(0);
+    let done = tokio::time::timeout(Duration::from_secs(25), events.completion(task.id(), LONG)).await;
+    assert_eq!(done.expect("finished long before the stuck sync would have returned"), None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(6, len)));
+    assert!(s.hits("/stuck") >= 2);
+    let log = d.log();
+    assert!(log.contains("download worker silent for too long"), "{log}");
+}
