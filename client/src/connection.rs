@@ -1,23 +1,27 @@
-//! One connection to the daemon: handshake, request/response matching, event routing.
+//! The client: requests and answers, event routing, and riding out daemon restarts.
+//!
+//! A [`Client`] owns one [`Link`] at a time. When it breaks (the daemon restarted,
+//! crashed or was upgraded), requests waiting for an answer fail with
+//! [`Error::Disconnected`], every attached session hears `ConnectionLost`, and the client
+//! connects again with backoff (starting the daemon where autostart is allowed). It then
+//! registers again for wakes and watches, rejoins every attached session (whose undelivered
+//! events the daemon sends again: delivery is at least once) and tells each session
+//! `Reconnected`. Requests made while it is away wait for the new link, up to their timeout.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use interprocess::local_socket::tokio::{Stream, prelude::*};
-use interprocess::local_socket::{GenericFilePath, ToFsName};
-use tokio::io::{AsyncRead, AsyncWriteExt, BufWriter};
-use tokio::sync::{mpsc, oneshot};
-use tracing::debug;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
-use dlsession_proto::handshake::{HandshakeStatus, Preamble};
-use dlsession_proto::io::{read_frame, read_preamble};
+use crate::link::{Answer, Incoming, Link};
 use dlsession_proto::{
-    ClientHello, ErrorCode, ErrorInfo, Event, PROTOCOL_VERSION, Request, RequestFrame, Response, ServerMessage,
-    Welcome, frame,
+    ClientHello, Event, Request, Response, ServerMessage, SessionInfo, SessionQuery, TaskId, TaskSpec, WatchFilter,
+    Welcome,
 };
 
 /// How to connect.
@@ -31,8 +35,13 @@ pub struct ClientOptions {
     pub app_id: Option<String>,
     /// Deadline for connecting and the handshake.
     pub timeout: Duration,
+    /// Deadline for each request's answer ([`Error::TimedOut`] after it).
+    pub request_timeout: Duration,
     /// Start `dlsessiond` if nothing listens on the socket (unless `DLSESSION_NO_AUTOSTART=1`).
     pub autostart: bool,
+    /// Connect again when the connection breaks (see the module documentation). Without
+    /// it, a broken connection stays broken ([`Client::is_closed`]).
+    pub reconnect: bool,
 }
 
 impl Default for ClientOptions {
@@ -45,46 +54,91 @@ impl Default for ClientOptions {
                 .unwrap_or_else(|| "dlsession".into()),
             app_id: None,
             timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
             autostart: true,
+            reconnect: true,
         }
     }
 }
 
-type Pending = HashMap<u64, oneshot::Sender<std::result::Result<Response, ErrorInfo>>>;
+/// What a session's dispatcher receives.
+#[derive(Debug)]
+pub(crate) enum Routed {
+    Event(Event),
+    /// The connection broke (why); a new one is being made.
+    ConnectionLost(String),
+    /// Connected again; the session's events follow (again).
+    Reconnected,
+}
+
+/// Events for one attached session, in a bounded queue.
+#[derive(Debug)]
+struct Route {
+    token: u64,
+    tx: mpsc::Sender<Routed>,
+    /// How this session attached, to rejoin after a reconnect.
+    attach: Request,
+    /// The queue was full and events were dropped: the session must ask for them again.
+    overflowed: Arc<AtomicBool>,
+}
+
+/// A session's end of its route.
+#[derive(Debug)]
+pub(crate) struct RouteHandle {
+    pub token: u64,
+    pub events: mpsc::Receiver<Routed>,
+    pub overflowed: Arc<AtomicBool>,
+}
+
+/// Events queued per attached session. Durable events that do not fit are not lost: the
+/// daemon keeps them, and the session asks for them again once it has caught up.
+const ROUTE_QUEUE: usize = 4096;
 
 #[derive(Debug)]
-struct Inner {
-    out: mpsc::UnboundedSender<Vec<u8>>,
-    pending: Mutex<Option<Pending>>,
+enum LinkState {
+    Up(Arc<Link>),
+    /// Connecting again; why the last link broke.
+    Down(Option<String>),
+    /// Broken for good (reconnecting is off).
+    Closed(Option<String>),
+}
+
+#[derive(Debug)]
+struct Shared {
+    options: ClientOptions,
+    socket: PathBuf,
+    link: Mutex<LinkState>,
+    /// Signalled whenever `link` changes.
+    link_changed: Notify,
+    /// Generation of the current link: messages of an older one are ignored.
+    generation: AtomicU64,
+    incoming: mpsc::UnboundedSender<(u64, Incoming)>,
     next_id: AtomicU64,
-    /// Events of attached sessions, by identifier, with the token of the session that
-    /// owns the route (a later attachment of the same identifier gets a new one).
-    routes: Mutex<HashMap<String, (u64, mpsc::UnboundedSender<Event>)>>,
+    routes: Mutex<HashMap<String, Route>>,
     next_route: AtomicU64,
     /// Everything else (watch updates, progress of watched tasks, wakes).
     other: Mutex<Option<mpsc::UnboundedSender<Event>>>,
-    closed_reason: Mutex<Option<String>>,
-    welcome: Welcome,
-    socket: PathBuf,
+    /// Registrations repeated on every new link.
+    watch: Mutex<Option<WatchFilter>>,
+    handles_wakes: AtomicBool,
+    welcome: Mutex<Welcome>,
 }
 
 /// A connection to `dlsessiond`. Cheap to clone; closes when the last clone is dropped.
 #[derive(Debug, Clone)]
 pub struct Client {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
     _guard: Arc<DropGuard>,
 }
 
 #[derive(Debug)]
 struct DropGuard {
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    supervisor: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for DropGuard {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.supervisor.abort();
     }
 }
 
@@ -95,262 +149,428 @@ impl Client {
             Some(s) => s,
             None => dlsession_proto::paths::client_socket()?,
         };
-        let timeout = options.timeout;
-        let attempt = |options: ClientOptions| {
-            let socket = socket.clone();
-            async move {
-                tokio::time::timeout(timeout, Self::connect_inner(socket.clone(), options)).await.map_err(|_| {
-                    Error::NotRunning {
-                        path: socket,
-                        source: std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"),
-                    }
-                })?
-            }
-        };
-        match attempt(options.clone()).await {
-            // Nothing listens (no socket, or a stale one): start the daemon and try again.
-            Err(Error::NotRunning { source, .. })
-                if options.autostart
-                    && crate::autostart::enabled()
-                    && matches!(
-                        source.kind(),
-                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                    ) =>
-            {
-                crate::autostart::start(&socket, timeout).await?;
-                attempt(options).await
-            }
-            other => other,
-        }
-    }
-
-    async fn connect_inner(socket: PathBuf, options: ClientOptions) -> Result<Client> {
-        let name = socket
-            .as_path()
-            .to_fs_name::<GenericFilePath>()
-            .map_err(|source| Error::NotRunning { path: socket.clone(), source })?;
-        let stream =
-            Stream::connect(name).await.map_err(|source| Error::NotRunning { path: socket.clone(), source })?;
-        let (mut rd, wr) = tokio::io::split(stream);
-        let mut wr = BufWriter::new(wr);
-        let hello = ClientHello {
-            client_name: options.client_name,
-            client_version: env!("CARGO_PKG_VERSION").into(),
-            app_id: options.app_id,
-            umask: process_umask(),
-        };
-        let mut opening = Preamble::ours(HandshakeStatus::Ok).to_bytes().to_vec();
-        opening.extend_from_slice(&frame::encode_frame(&hello)?);
-        let sent = async {
-            wr.write_all(&opening).await?;
-            wr.flush().await
-        }
-        .await;
-        // Read the answer even if sending failed: a daemon that refuses us answers and
-        // closes without reading, so our write may break while its refusal is waiting.
-        let theirs = match (read_preamble(&mut rd).await, sent) {
-            (Ok(p), _) => p,
-            (Err(_), Err(source)) => return Err(Error::NotRunning { path: socket.clone(), source }),
-            (Err(e), Ok(())) => return Err(e.into()),
-        };
-        match theirs.status {
-            HandshakeStatus::Ok => theirs
-                .check_version()
-                .map_err(|_| Error::VersionMismatch { ours: PROTOCOL_VERSION, theirs: theirs.version })?,
-            HandshakeStatus::VersionMismatch => {
-                return Err(Error::VersionMismatch { ours: PROTOCOL_VERSION, theirs: theirs.version });
-            }
-            HandshakeStatus::PermissionDenied => {
-                return Err(Error::Refused {
-                    code: ErrorCode::PermissionDenied,
-                    reason: "this user may not use that daemon (its uid differs)".into(),
-                });
-            }
-            HandshakeStatus::TooManyConnections => {
-                return Err(Error::Refused {
-                    code: ErrorCode::Internal,
-                    reason: "too many connections; try again later".into(),
-                });
-            }
-            HandshakeStatus::BadHello | HandshakeStatus::Unknown(_) => {
-                return Err(Error::Refused { code: ErrorCode::Internal, reason: "handshake rejected".into() });
-            }
-        }
-        let mut buf = Vec::new();
-        let welcome: Welcome = read_frame(&mut rd, &mut buf).await?.ok_or(Error::Disconnected { reason: None })?;
-
-        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-        let inner = Arc::new(Inner {
-            out: out_tx,
-            pending: Mutex::new(Some(HashMap::new())),
+        let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
+        let link = open(&socket, &options, &incoming_tx, 1, true).await?;
+        let welcome = link.welcome.clone();
+        let shared = Arc::new(Shared {
+            options,
+            socket,
+            link: Mutex::new(LinkState::Up(link)),
+            link_changed: Notify::new(),
+            generation: AtomicU64::new(1),
+            incoming: incoming_tx,
             next_id: AtomicU64::new(1),
             routes: Mutex::new(HashMap::new()),
             next_route: AtomicU64::new(1),
             other: Mutex::new(None),
-            closed_reason: Mutex::new(None),
-            welcome,
-            socket,
+            watch: Mutex::new(None),
+            handles_wakes: AtomicBool::new(false),
+            welcome: Mutex::new(welcome),
         });
-        let writer = tokio::spawn(async move {
-            while let Some(bytes) = out_rx.recv().await {
-                if wr.write_all(&bytes).await.is_err() {
-                    break;
-                }
-                while let Ok(more) = out_rx.try_recv() {
-                    if wr.write_all(&more).await.is_err() {
-                        return;
-                    }
-                }
-                if wr.flush().await.is_err() {
-                    break;
-                }
-            }
-        });
-        let reader_inner = Arc::downgrade(&inner);
-        let reader = tokio::spawn(async move {
-            let reason = read_loop(&mut rd, &reader_inner).await;
-            if let Some(inner) = reader_inner.upgrade() {
-                inner.close(reason);
-            }
-        });
-        Ok(Client { inner, _guard: Arc::new(DropGuard { tasks: vec![writer, reader] }) })
+        let supervisor = tokio::spawn(supervise(shared.clone(), incoming_rx));
+        Ok(Client { shared, _guard: Arc::new(DropGuard { supervisor }) })
     }
 
-    /// Sends a request and waits for its response.
+    /// Sends a request and waits for its response (at most the request timeout). While
+    /// the client is connecting again, the request waits for the new connection.
     pub async fn request(&self, request: Request) -> Result<Response> {
-        let rx = self.send_request(request)?;
-        match rx.await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(Error::Daemon(e)),
-            Err(_) => Err(self.disconnected()),
+        let name = request_name(&request);
+        let after = self.shared.options.request_timeout;
+        let deadline = tokio::time::Instant::now() + after;
+        let link = tokio::time::timeout_at(deadline, self.live_link())
+            .await
+            .map_err(|_| Error::TimedOut { request: name, after })??;
+        let rx = self.send_on(&link, request)?;
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(Ok(response))) => Ok(response),
+            Ok(Ok(Err(e))) => Err(Error::Daemon(e)),
+            Ok(Err(_)) => Err(link.disconnected()),
+            Err(_) => Err(Error::TimedOut { request: name, after }),
         }
     }
 
-    /// Sends a request without waiting for the answer (used for acknowledgements).
-    pub fn send_request(
-        &self,
-        request: Request,
-    ) -> Result<oneshot::Receiver<std::result::Result<Response, ErrorInfo>>> {
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let bytes = frame::encode_frame(&RequestFrame { id, request })?;
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut pending = self.inner.pending.lock().map_err(|_| self.disconnected())?;
-            let Some(pending) = pending.as_mut() else { return Err(self.disconnected()) };
-            pending.insert(id, tx);
-        }
-        self.inner.out.send(bytes).map_err(|_| self.disconnected())?;
-        Ok(rx)
+    /// Sends a request without waiting for the answer (used for acknowledgements). Fails
+    /// with [`Error::Disconnected`] while there is no connection.
+    pub fn send_request(&self, request: Request) -> Result<oneshot::Receiver<Answer>> {
+        let link = match &*self.shared.link.lock().map_err(|_| Error::Disconnected { reason: None })? {
+            LinkState::Up(link) => link.clone(),
+            LinkState::Down(reason) | LinkState::Closed(reason) => {
+                return Err(Error::Disconnected { reason: reason.clone() });
+            }
+        };
+        self.send_on(&link, request)
     }
 
-    fn disconnected(&self) -> Error {
-        Error::Disconnected { reason: self.inner.closed_reason.lock().ok().and_then(|r| r.clone()) }
+    fn send_on(&self, link: &Link, request: Request) -> Result<oneshot::Receiver<Answer>> {
+        // Registrations are repeated on every new connection.
+        match &request {
+            Request::Watch(filter) => self.remember_watch(Some(filter.clone())),
+            Request::Unwatch => self.remember_watch(None),
+            Request::HandleWakes => self.shared.handles_wakes.store(true, Ordering::Release),
+            _ => {}
+        }
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        link.send(id, request)
+    }
+
+    fn remember_watch(&self, filter: Option<WatchFilter>) {
+        if let Ok(mut w) = self.shared.watch.lock() {
+            *w = filter;
+        }
+    }
+
+    /// The current link, waiting for one while the client connects again.
+    async fn live_link(&self) -> Result<Arc<Link>> {
+        loop {
+            let changed = self.shared.link_changed.notified();
+            match &*self.shared.link.lock().map_err(|_| Error::Disconnected { reason: None })? {
+                LinkState::Up(link) => return Ok(link.clone()),
+                LinkState::Closed(reason) => return Err(Error::Disconnected { reason: reason.clone() }),
+                LinkState::Down(_) => {}
+            }
+            changed.await;
+        }
+    }
+
+    /// Creates tasks in as many requests as it takes to keep each well under the frame
+    /// limit (each request is one transaction); returns the ids in order.
+    pub async fn create_tasks(&self, identifier: &str, specs: Vec<TaskSpec>, resume: bool) -> Result<Vec<TaskId>> {
+        let mut ids = Vec::with_capacity(specs.len());
+        let mut specs = specs.into_iter().peekable();
+        while specs.peek().is_some() {
+            let mut batch = Vec::new();
+            let mut bytes = 0;
+            while let Some(spec) = specs
+                .next_if(|s| batch.is_empty() || (batch.len() < BATCH_TASKS && bytes + spec_size(s) <= BATCH_BYTES))
+            {
+                bytes += spec_size(&spec);
+                batch.push(spec);
+            }
+            let want = batch.len();
+            match self.request(Request::CreateTasks { identifier: identifier.to_owned(), tasks: batch, resume }).await?
+            {
+                Response::TasksCreated(got) if got.len() == want => ids.extend(got),
+                other => return Err(Error::UnexpectedResponse { expected: "tasks_created", got: other.kind() }),
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Acknowledges every durable event of these completed tasks, in requests of a
+    /// bounded size.
+    pub async fn acknowledge_tasks(&self, tasks: &[TaskId]) -> Result<()> {
+        for chunk in tasks.chunks(BATCH_IDS) {
+            match self.request(Request::AcknowledgeTasks { tasks: chunk.to_vec() }).await? {
+                Response::Ok => {}
+                other => return Err(Error::UnexpectedResponse { expected: "ok", got: other.kind() }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Every session, in identifier order, fetched a page at a time.
+    pub async fn list_sessions(&self) -> Result<Vec<SessionInfo>> {
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let query = SessionQuery { after: after.clone(), limit: 1000 };
+            let page = match self.request(Request::ListSessionsPage(query)).await? {
+                Response::SessionsPage(page) => page,
+                other => return Err(Error::UnexpectedResponse { expected: "sessions_page", got: other.kind() }),
+            };
+            all.extend(page.sessions);
+            match page.next_after {
+                // A cursor that does not advance would loop for ever.
+                Some(next) if after.as_ref().is_none_or(|prev| next > *prev) => after = Some(next),
+                _ => return Ok(all),
+            }
+        }
     }
 
     /// Events not routed to an attached [`crate::Session`]: task updates and progress for
     /// `Watch`, and `Wake`. Only one receiver exists at a time; a new call replaces it.
     pub fn events(&self) -> mpsc::UnboundedReceiver<Event> {
         let (tx, rx) = mpsc::unbounded_channel();
-        if let Ok(mut other) = self.inner.other.lock() {
+        if let Ok(mut other) = self.shared.other.lock() {
             *other = Some(tx);
         }
         rx
     }
 
-    /// Routes the identifier's events to a new channel; the token proves ownership.
-    pub(crate) fn route(&self, identifier: &str) -> (u64, mpsc::UnboundedReceiver<Event>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let token = self.inner.next_route.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut routes) = self.inner.routes.lock() {
-            routes.insert(identifier.to_owned(), (token, tx));
+    /// Routes the identifier's events to a new queue; the token proves ownership. `attach`
+    /// is how to rejoin the session on a new connection.
+    pub(crate) fn route(&self, identifier: &str, attach: Request) -> RouteHandle {
+        let (tx, events) = mpsc::channel(ROUTE_QUEUE);
+        let token = self.shared.next_route.fetch_add(1, Ordering::Relaxed);
+        let overflowed = Arc::new(AtomicBool::new(false));
+        if let Ok(mut routes) = self.shared.routes.lock() {
+            routes.insert(identifier.to_owned(), Route { token, tx, attach, overflowed: overflowed.clone() });
         }
-        (token, rx)
+        RouteHandle { token, events, overflowed }
     }
 
     pub(crate) fn is_routed(&self, identifier: &str) -> bool {
-        self.inner.routes.lock().map(|r| r.contains_key(identifier)).unwrap_or(false)
+        self.shared.routes.lock().map(|r| r.contains_key(identifier)).unwrap_or(false)
     }
 
     /// Removes the route if `token` still owns it; says whether it did.
     pub(crate) fn unroute(&self, identifier: &str, token: u64) -> bool {
-        let Ok(mut routes) = self.inner.routes.lock() else { return false };
-        if routes.get(identifier).is_some_and(|(owner, _)| *owner == token) {
+        let Ok(mut routes) = self.shared.routes.lock() else { return false };
+        if routes.get(identifier).is_some_and(|r| r.token == token) {
             routes.remove(identifier);
             return true;
         }
         false
     }
 
-    /// What the daemon said about itself in the handshake.
-    pub fn welcome(&self) -> &Welcome {
-        &self.inner.welcome
+    /// How the session routed under `identifier` attached (to ask for its events again).
+    pub(crate) fn attach_request(&self, identifier: &str, token: u64) -> Option<Request> {
+        let routes = self.shared.routes.lock().ok()?;
+        routes.get(identifier).filter(|r| r.token == token).map(|r| r.attach.clone())
     }
 
-    /// The socket this client is connected to.
+    /// What the daemon said about itself in the last handshake.
+    pub fn welcome(&self) -> Welcome {
+        self.shared.welcome.lock().map(|w| w.clone()).unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// The socket this client connects to.
     pub fn socket(&self) -> &Path {
-        &self.inner.socket
+        &self.shared.socket
     }
 
-    /// True once the connection has closed.
+    /// True once the connection has closed for good (it broke and reconnecting is off).
     pub fn is_closed(&self) -> bool {
-        self.inner.pending.lock().map(|p| p.is_none()).unwrap_or(true)
+        matches!(&*self.shared.link.lock().unwrap_or_else(|e| e.into_inner()), LinkState::Closed(_))
+    }
+
+    /// True while connected (false while connecting again, and once closed).
+    pub fn is_connected(&self) -> bool {
+        matches!(&*self.shared.link.lock().unwrap_or_else(|e| e.into_inner()), LinkState::Up(l) if !l.is_closed())
     }
 }
 
-impl Inner {
-    fn close(&self, reason: Option<String>) {
-        if let Ok(mut r) = self.closed_reason.lock() {
-            *r = reason;
+/// Opens a link, starting the daemon on demand if nothing listens.
+async fn open(
+    socket: &Path,
+    options: &ClientOptions,
+    incoming: &mpsc::UnboundedSender<(u64, Incoming)>,
+    generation: u64,
+    start_daemon: bool,
+) -> Result<Arc<Link>> {
+    let timeout = options.timeout;
+    let attempt = || async {
+        let hello = ClientHello {
+            client_name: options.client_name.clone(),
+            client_version: env!("CARGO_PKG_VERSION").into(),
+            app_id: options.app_id.clone(),
+            umask: process_umask(),
+        };
+        tokio::time::timeout(timeout, Link::open(socket, hello, incoming.clone(), generation)).await.map_err(|_| {
+            Error::NotRunning {
+                path: socket.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"),
+            }
+        })?
+    };
+    match attempt().await {
+        // Nothing listens (no socket, or a stale one): start the daemon and try again.
+        Err(Error::NotRunning { source, .. })
+            if start_daemon
+                && options.autostart
+                && crate::autostart::enabled()
+                && matches!(source.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) =>
+        {
+            crate::autostart::start(socket, timeout).await?;
+            attempt().await
         }
-        // Dropping the senders fails every waiting request with `Disconnected`.
-        if let Ok(mut p) = self.pending.lock() {
-            *p = None;
+        other => other,
+    }
+}
+
+/// The first wait before connecting again, doubled per failed try up to `RECONNECT_MAX`.
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// Routes what the links receive, and connects again when one breaks.
+async fn supervise(shared: Arc<Shared>, mut incoming: mpsc::UnboundedReceiver<(u64, Incoming)>) {
+    while let Some((generation, item)) = incoming.recv().await {
+        if generation != shared.generation.load(Ordering::Acquire) {
+            continue;
         }
-        if let Ok(mut routes) = self.routes.lock() {
-            routes.clear();
-        }
-        if let Ok(mut other) = self.other.lock() {
-            *other = None;
+        match item {
+            Incoming::Message(msg) => dispatch(&shared, msg),
+            Incoming::Closed(reason) => {
+                let text = reason.clone().unwrap_or_else(|| "dlsessiond closed the connection".into());
+                notify_routes(&shared, |_| Routed::ConnectionLost(text.clone()));
+                if !shared.options.reconnect {
+                    set_link(&shared, LinkState::Closed(reason));
+                    continue;
+                }
+                warn!(reason = %text, "lost the connection to dlsessiond; connecting again");
+                set_link(&shared, LinkState::Down(reason));
+                reconnect(&shared).await;
+            }
         }
     }
+}
 
-    fn dispatch(&self, msg: ServerMessage) -> Option<String> {
-        match msg {
-            ServerMessage::Response { id: 0, result: Err(e) } => return Some(e.message),
-            ServerMessage::Response { id, result } => {
-                let waiter = self.pending.lock().ok().and_then(|mut p| p.as_mut().and_then(|p| p.remove(&id)));
-                match waiter {
-                    Some(tx) => {
-                        let _ = tx.send(result);
-                    }
-                    None => debug!(id, "response to an unknown request"),
-                }
-            }
-            ServerMessage::Event(event) => {
-                let identifier = match &event {
-                    Event::Durable { identifier, .. }
-                    | Event::FinishedEvents { identifier }
-                    | Event::Detached { identifier, .. } => Some(identifier.as_str()),
-                    Event::Progress { identifier, .. } => Some(identifier.as_str()),
-                    Event::Wake { .. } | Event::TaskUpdate(_) => None,
-                };
-                let routed = identifier.and_then(|id| {
-                    let routes = self.routes.lock().ok()?;
-                    routes.get(id).map(|(_, tx)| tx.clone())
-                });
-                match routed {
-                    Some(tx) => {
-                        let _ = tx.send(event);
-                    }
-                    None => {
-                        if let Some(tx) = self.other.lock().ok().and_then(|o| o.clone()) {
-                            let _ = tx.send(event);
-                        }
-                    }
-                }
+fn set_link(shared: &Shared, state: LinkState) {
+    if let Ok(mut link) = shared.link.lock() {
+        *link = state;
+    }
+    shared.link_changed.notify_waiters();
+}
+
+/// Connects again (with backoff, for as long as the client lives), then repeats every
+/// registration and rejoins every attached session.
+async fn reconnect(shared: &Arc<Shared>) {
+    let mut wait = RECONNECT_MIN;
+    let generation = shared.generation.load(Ordering::Acquire) + 1;
+    let link = loop {
+        tokio::time::sleep(wait).await;
+        match open(&shared.socket, &shared.options, &shared.incoming, generation, true).await {
+            Ok(link) => break link,
+            Err(e) => {
+                debug!(error = %e, "connecting to dlsessiond again failed");
+                wait = (wait * 2).min(RECONNECT_MAX);
             }
         }
-        None
+    };
+    info!("connected to dlsessiond again");
+    shared.generation.store(generation, Ordering::Release);
+    if let Ok(mut w) = shared.welcome.lock() {
+        *w = link.welcome.clone();
+    }
+    let mut again: Vec<Request> = Vec::new();
+    if shared.handles_wakes.load(Ordering::Acquire) {
+        again.push(Request::HandleWakes);
+    }
+    if let Some(filter) = shared.watch.lock().ok().and_then(|w| w.clone()) {
+        again.push(Request::Watch(filter));
+    }
+    // Sessions hear of the reconnect before the events their rejoin brings.
+    notify_routes(shared, |_| Routed::Reconnected);
+    let rejoins: Vec<(String, Request)> = shared
+        .routes
+        .lock()
+        .map(|r| r.iter().map(|(id, route)| (id.clone(), takeover(route.attach.clone()))).collect())
+        .unwrap_or_default();
+    let mut answers = Vec::new();
+    for request in again.into_iter().chain(rejoins.iter().map(|(_, r)| r.clone())) {
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        match link.send(id, request) {
+            Ok(rx) => answers.push(rx),
+            Err(e) => warn!(error = %e, "cannot register again with dlsessiond"),
+        }
+    }
+    set_link(shared, LinkState::Up(link));
+    // Answers come on the link's own reader; a rejoin that fails is told to its session.
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let skip = answers.len() - rejoins.len();
+        for (i, rx) in answers.into_iter().enumerate() {
+            let failed = match rx.await {
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "the connection broke again".into(),
+            };
+            match i.checked_sub(skip).and_then(|j| rejoins.get(j)) {
+                Some((identifier, _)) => {
+                    warn!(session = %identifier, error = %failed, "rejoining the session failed");
+                    if let Ok(routes) = shared.routes.lock()
+                        && let Some(route) = routes.get(identifier)
+                    {
+                        let _ = route.tx.try_send(Routed::ConnectionLost(format!("rejoining failed: {failed}")));
+                    }
+                }
+                None => warn!(error = %failed, "registering again with dlsessiond failed"),
+            }
+        }
+    });
+}
+
+/// The same attach, taking the session over from our own earlier connection (which the
+/// daemon may not have noticed is gone yet).
+fn takeover(attach: Request) -> Request {
+    match attach {
+        Request::Attach { identifier, config, .. } => Request::Attach { identifier, config, takeover: true },
+        other => other,
+    }
+}
+
+fn notify_routes(shared: &Shared, what: impl Fn(&str) -> Routed) {
+    let Ok(routes) = shared.routes.lock() else { return };
+    for (identifier, route) in routes.iter() {
+        if route.tx.try_send(what(identifier)).is_err() {
+            route.overflowed.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Hands an event to its session's queue, or to `events()`.
+fn dispatch(shared: &Shared, msg: ServerMessage) {
+    let ServerMessage::Event(event) = msg else { return };
+    let identifier = match &event {
+        Event::Durable { identifier, .. }
+        | Event::FinishedEvents { identifier }
+        | Event::Detached { identifier, .. }
+        | Event::Progress { identifier, .. } => Some(identifier.as_str()),
+        Event::Wake { .. } | Event::TaskUpdate(_) => None,
+    };
+    if let Some(identifier) = identifier
+        && let Ok(routes) = shared.routes.lock()
+        && let Some(route) = routes.get(identifier)
+    {
+        // Never blocks: the reader must go on reading answers. An event that does not fit
+        // is dropped; a durable one comes again when the session asks (see `Routed`).
+        let progress = matches!(event, Event::Progress { .. });
+        if route.overflowed.load(Ordering::Acquire) && !progress {
+            return;
+        }
+        if route.tx.try_send(Routed::Event(event)).is_err() && !progress {
+            route.overflowed.store(true, Ordering::Release);
+        }
+        return;
+    }
+    if let Some(tx) = shared.other.lock().ok().and_then(|o| o.clone()) {
+        let _ = tx.send(event);
+    }
+}
+
+/// Tasks per `CreateTasks` request, and the bytes of specs (well under the frame limit).
+const BATCH_TASKS: usize = 1000;
+const BATCH_BYTES: usize = 512 << 10;
+/// Task ids per acknowledgement request.
+const BATCH_IDS: usize = 10_000;
+
+/// About how many bytes a task spec takes on the wire (an upper estimate).
+fn spec_size(s: &TaskSpec) -> usize {
+    let headers: usize = s.headers.iter().map(|h| h.name.len() + h.value.len() + 4).sum();
+    64 + s.url.len()
+        + headers
+        + s.description.as_ref().map_or(0, String::len)
+        + s.destination.as_ref().map_or(0, String::len)
+}
+
+/// A request's name, for errors.
+fn request_name(r: &Request) -> &'static str {
+    match r {
+        Request::Status => "status",
+        Request::Attach { .. } => "attach",
+        Request::Detach { .. } => "detach",
+        Request::OpenSession { .. } => "open_session",
+        Request::GetSession { .. } => "get_session",
+        Request::ListSessions | Request::ListSessionsPage(_) => "list_sessions",
+        Request::CreateTasks { .. } | Request::CreateTaskFromResumeData { .. } => "create_tasks",
+        Request::ControlTask { .. } => "control_task",
+        Request::GetTask { .. } => "get_task",
+        Request::ListTasks(_) => "list_tasks",
+        Request::AckEvents { .. } | Request::AcknowledgeTasks { .. } => "acknowledge",
+        Request::FinishTasksAndInvalidate { .. } | Request::InvalidateAndCancel { .. } => "invalidate",
+        Request::Wake { .. } => "wake",
+        Request::Watch(_) | Request::Unwatch => "watch",
+        Request::HandleWakes => "handle_wakes",
     }
 }
 
@@ -361,19 +581,4 @@ fn process_umask() -> Option<u32> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
     u32::from_str_radix(line.trim(), 8).ok().filter(|m| *m <= 0o777)
-}
-
-async fn read_loop<R: AsyncRead + Unpin>(rd: &mut R, inner: &std::sync::Weak<Inner>) -> Option<String> {
-    let mut buf = Vec::new();
-    loop {
-        let msg = match read_frame::<_, ServerMessage>(rd, &mut buf).await {
-            Ok(Some(msg)) => msg,
-            Ok(None) => return None,
-            Err(e) => return Some(e.to_string()),
-        };
-        let inner = inner.upgrade()?;
-        if let Some(reason) = inner.dispatch(msg) {
-            return Some(reason);
-        }
-    }
 }

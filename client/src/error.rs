@@ -39,6 +39,10 @@ pub enum Error {
     /// Nothing listened, and starting the daemon on demand failed.
     #[error("dlsessiond is not running and could not be started: {reason}")]
     StartFailed { reason: String },
+    /// The daemon did not answer a request in time (`ClientOptions::request_timeout`). The
+    /// request may still take effect: the daemon answers only once its change is durable.
+    #[error("timed_out: dlsessiond did not answer {request} within {} s", .after.as_secs_f64())]
+    TimedOut { request: &'static str, after: std::time::Duration },
 }
 
 impl Error {
@@ -47,6 +51,7 @@ impl Error {
         match self {
             Error::Daemon(e) | Error::Invalid(e) => e.code,
             Error::VersionMismatch { .. } => ErrorCode::ProtocolVersion,
+            Error::TimedOut { .. } => ErrorCode::TimedOut,
             Error::Refused { code, .. } => *code,
             Error::NotRunning { .. }
             | Error::UnexpectedResponse { .. }

@@ -41,12 +41,13 @@
 pub mod autostart;
 mod connection;
 mod error;
+mod link;
 mod session;
 
 pub use connection::{Client, ClientOptions};
 pub use error::{Error, Result};
 pub use session::{
-    DownloadRequest, DownloadTask, Session, SessionConfiguration, SessionDelegate, TaskError, WakeHandler,
+    DownloadRequest, DownloadTask, Handled, Session, SessionConfiguration, SessionDelegate, TaskError, WakeHandler,
 };
 
 /// The wire types, for tools that talk to the daemon directly (like `dlsessionctl`).

@@ -1,14 +1,15 @@
 //! Sessions, tasks and the delegate.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::connection::{Client, ClientOptions};
+use crate::connection::{Client, ClientOptions, Routed};
 use crate::error::{Error, Result};
 use dlsession_proto::{
     DetachReason, DurableEvent, ErrorCode, ErrorInfo, Event, Header, LaunchSpec, Request, Response, SessionConfig,
@@ -277,6 +278,39 @@ pub trait SessionDelegate: Send + Sync + 'static {
     fn did_detach(&self, session: &Session, reason: DetachReason) {
         let _ = (session, reason);
     }
+
+    /// The connection to the daemon broke (`reason` says why: it restarted, crashed or was
+    /// upgraded). The library connects again by itself; requests made meanwhile wait for
+    /// it, up to their timeout. Nothing is lost: events not yet acknowledged come again.
+    fn did_lose_connection(&self, session: &Session, reason: &str) {
+        let _ = (session, reason);
+    }
+
+    /// Connected again and rejoined: the session's undelivered events follow (some may be
+    /// ones this process already saw, if their acknowledgement was lost with the
+    /// connection: handle events idempotently).
+    fn did_reconnect(&self, session: &Session) {
+        let _ = session;
+    }
+
+    /// Like [`SessionDelegate::did_finish_downloading_to`], but the app says whether it
+    /// handled the file: [`Handled::Later`] leaves the event (and the task's later events)
+    /// unacknowledged, so the file stays in the daemon's cache and the event comes again
+    /// on the next attach (say, when moving it failed). The default calls
+    /// `did_finish_downloading_to` and answers [`Handled::Done`].
+    fn finish_downloading(&self, session: &Session, task: &DownloadTask, location: &Path) -> Handled {
+        self.did_finish_downloading_to(session, task, location);
+        Handled::Done
+    }
+}
+
+/// What became of a delivered file (see [`SessionDelegate::finish_downloading`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// Taken care of: acknowledge it (the daemon deletes what is left in its cache).
+    Done,
+    /// Not yet: keep it, and deliver it again on the next attach.
+    Later,
 }
 
 /// What an app tells the library so it can rejoin sessions when the daemon wakes it.
@@ -383,8 +417,14 @@ impl Session {
                 ),
             )));
         }
+        let request = Request::Attach {
+            identifier: config.identifier.clone(),
+            config: config.config.clone(),
+            takeover: config.takeover,
+        };
         // Route first: the replay follows the attach response immediately.
-        let (route, events) = client.route(&config.identifier);
+        let handle = client.route(&config.identifier, request.clone());
+        let route = handle.token;
         let session = Session {
             shared: Arc::new(SessionShared {
                 client: client.clone(),
@@ -392,11 +432,6 @@ impl Session {
                 route,
                 tasks: Mutex::new(HashMap::new()),
             }),
-        };
-        let request = Request::Attach {
-            identifier: config.identifier.clone(),
-            config: config.config.clone(),
-            takeover: config.takeover,
         };
         match client.request(request).await {
             Ok(Response::Session(_)) => {}
@@ -416,7 +451,10 @@ impl Session {
             runtime: tokio::runtime::Handle::current(),
             pending_acks: Vec::new(),
             acks_in_flight: Vec::new(),
+            kept: HashSet::new(),
+            overflowed: handle.overflowed,
         };
+        let events = handle.events;
         std::thread::Builder::new()
             .name(format!("dlsession-{}", config.identifier.chars().take(20).collect::<String>()))
             .spawn(move || dispatcher.run(events))
@@ -441,7 +479,8 @@ impl Session {
         tasks.pop().ok_or(Error::UnexpectedResponse { expected: "one task id", got: "none" })
     }
 
-    /// Creates many tasks in one request (one transaction in the daemon); `resume` starts them.
+    /// Creates many tasks (in requests of up to 1,000 tasks, each one transaction in the
+    /// daemon); `resume` starts them.
     pub async fn download_tasks(&self, requests: Vec<DownloadRequest>, resume: bool) -> Result<Vec<DownloadTask>> {
         self.create(requests, resume).await
     }
@@ -450,14 +489,7 @@ impl Session {
         let specs: Vec<TaskSpec> = requests.into_iter().map(DownloadRequest::into_spec).collect();
         let metas: Vec<(String, Option<String>)> =
             specs.iter().map(|s| (s.url.clone(), s.description.clone())).collect();
-        let response = self
-            .shared
-            .client
-            .request(Request::CreateTasks { identifier: self.shared.identifier.clone(), tasks: specs, resume })
-            .await?;
-        let Response::TasksCreated(ids) = response else {
-            return Err(Error::UnexpectedResponse { expected: "tasks_created", got: response.kind() });
-        };
+        let ids = self.shared.client.create_tasks(&self.shared.identifier, specs, resume).await?;
         let tasks: Vec<DownloadTask> =
             ids.into_iter().zip(metas).map(|(id, (url, description))| self.task_handle(id, url, description)).collect();
         if let Ok(mut known) = self.shared.tasks.lock() {
@@ -645,25 +677,45 @@ struct Dispatcher {
     pending_acks: Vec<u64>,
     /// Answers to acknowledgements sent without waiting (sent in order, at once).
     acks_in_flight: Vec<tokio::sync::oneshot::Receiver<std::result::Result<Response, ErrorInfo>>>,
+    /// Tasks whose file the app kept for later (`Handled::Later`): none of their events is
+    /// acknowledged in this attachment.
+    kept: HashSet<TaskId>,
+    /// The queue overflowed and events were dropped: ask for them again once caught up.
+    overflowed: Arc<AtomicBool>,
 }
 
 /// Acknowledgements are sent in batches of at most this many.
 const ACK_BATCH: usize = 64;
 
 impl Dispatcher {
-    fn run(mut self, mut events: mpsc::UnboundedReceiver<Event>) {
+    fn run(mut self, mut events: mpsc::Receiver<Routed>) {
         loop {
-            let event = match events.try_recv() {
+            let routed = match events.try_recv() {
                 Ok(e) => e,
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    // Idle: acknowledge what has been handled, then wait.
+                    // Idle: acknowledge what has been handled, catch up on what did not fit
+                    // the queue, then wait.
                     self.flush_acks(false);
+                    if self.overflowed.load(Ordering::Acquire) {
+                        self.ask_again();
+                    }
                     match events.blocking_recv() {
                         Some(e) => e,
                         None => break,
                     }
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
+            };
+            let event = match routed {
+                Routed::Event(e) => e,
+                Routed::ConnectionLost(reason) => {
+                    self.connection_lost(&reason);
+                    continue;
+                }
+                Routed::Reconnected => {
+                    self.reconnected();
+                    continue;
+                }
             };
             // A panicking delegate must not leave the session attached but deaf: the
             // daemon would never wake the app again. Its event stays unacknowledged.
@@ -700,13 +752,18 @@ impl Dispatcher {
                     }
                     DurableEvent::FinishedDownloading { task, location } => {
                         let t = self.task(&session, *task);
-                        d.did_finish_downloading_to(&session, &t, Path::new(location));
+                        if d.finish_downloading(&session, &t, Path::new(location)) == Handled::Later {
+                            self.kept.insert(*task);
+                        }
                     }
                     DurableEvent::Completed { task, error } => {
                         let t = self.task(&session, *task);
                         d.did_complete_with_error(&session, &t, error.as_ref());
                     }
                     DurableEvent::DidBecomeInvalid { error } => d.did_become_invalid(&session, error.as_ref()),
+                }
+                if event.task().is_some_and(|t| self.kept.contains(&t)) {
+                    return true;
                 }
                 self.pending_acks.push(seq);
                 if self.pending_acks.len() >= ACK_BATCH {
@@ -732,6 +789,41 @@ impl Dispatcher {
             Event::Wake { .. } | Event::TaskUpdate(_) => {}
         }
         true
+    }
+
+    /// The connection broke: what was sent on it is lost (it comes again), the app hears.
+    fn connection_lost(&mut self, reason: &str) {
+        self.acks_in_flight.clear();
+        if let Some(shared) = self.session.upgrade() {
+            self.delegate.did_lose_connection(&Session { shared }, reason);
+        }
+    }
+
+    fn reconnected(&mut self) {
+        // The rejoin replays every unacknowledged event: a kept file comes again too.
+        self.kept.clear();
+        if let Some(shared) = self.session.upgrade() {
+            self.delegate.did_reconnect(&Session { shared });
+        }
+    }
+
+    /// Events were dropped because the queue was full: now that it is empty, attach again
+    /// so the daemon sends every unacknowledged event again (handled ones are acknowledged
+    /// first, so they do not come twice).
+    fn ask_again(&mut self) {
+        self.flush_acks(true);
+        self.overflowed.store(false, Ordering::Release);
+        let Some(shared) = self.session.upgrade() else { return };
+        let Some(request) = shared.client.attach_request(&shared.identifier, shared.route) else { return };
+        let request = match request {
+            Request::Attach { identifier, config, .. } => Request::Attach { identifier, config, takeover: true },
+            other => other,
+        };
+        debug!(session = %self.identifier, "the event queue overflowed; asking for the events again");
+        self.kept.clear();
+        if let Err(e) = self.runtime.block_on(shared.client.request(request)) {
+            warn!(session = %self.identifier, error = %e, "asking for the events again failed");
+        }
     }
 
     /// Sends the pending acknowledgements. With `wait`, returns only once every

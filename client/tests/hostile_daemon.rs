@@ -43,7 +43,7 @@ async fn read_frame(s: &mut UnixStream) -> Vec<u8> {
 }
 
 fn options(path: PathBuf) -> ClientOptions {
-    ClientOptions { socket: Some(path), autostart: false, ..ClientOptions::default() }
+    ClientOptions { socket: Some(path), autostart: false, reconnect: false, ..ClientOptions::default() }
 }
 
 async fn welcome(s: &mut UnixStream) {

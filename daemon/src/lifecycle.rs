@@ -2,7 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use interprocess::local_socket::tokio::Listener;
@@ -18,6 +18,11 @@ pub enum LifecycleError {
     Dir { path: PathBuf, source: std::io::Error },
     #[error("{path} is owned by uid {owner}, not by us (uid {us}); refusing to use it")]
     NotOurs { path: PathBuf, owner: u32, us: u32 },
+    #[error(
+        "{path} can be written by other users (mode {mode:o}); refusing to keep the daemon's files there \
+         (make it 0700, or choose another path)"
+    )]
+    Unsafe { path: PathBuf, mode: u32 },
     #[error("another dlsessiond is already running{pid} (lock {path} is held)")]
     AlreadyRunning { path: PathBuf, pid: String },
     #[error("cannot lock {path}: {source}")]
@@ -54,7 +59,11 @@ fn lock_path_for(socket: &Path) -> PathBuf {
     socket.with_file_name(name)
 }
 
-/// Creates `dir` (mode 0700) or checks that an existing one is ours, tightening its mode.
+/// Creates `dir` (and missing parents) with mode 0700, or checks that an existing one is
+/// ours and safe. The mode of a directory the daemon did not create is never changed (it
+/// may be shared on purpose): one that other users can write to without the sticky bit
+/// (so they could replace the daemon's files) is refused; one they can only read is used,
+/// since everything the daemon puts there is created private (0600 files, 0700 dirs).
 pub fn private_dir(dir: &Path) -> Result<(), LifecycleError> {
     let err = |source| LifecycleError::Dir { path: dir.to_path_buf(), source };
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)?;
@@ -63,16 +72,18 @@ pub fn private_dir(dir: &Path) -> Result<(), LifecycleError> {
     if meta.uid() != us {
         return Err(LifecycleError::NotOurs { path: dir.to_path_buf(), owner: meta.uid(), us });
     }
-    if meta.mode() & 0o077 != 0 {
-        warn!(dir = %dir.display(), mode = format!("{:o}", meta.mode() & 0o777), "tightening directory to 0700");
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    let mode = meta.mode() & 0o7777;
+    let sticky = mode & 0o1000 != 0;
+    if mode & 0o022 != 0 && !sticky {
+        return Err(LifecycleError::Unsafe { path: dir.to_path_buf(), mode: mode & 0o777 });
     }
     Ok(())
 }
 
 fn lock(path: &Path) -> Result<File, LifecycleError> {
     let err = |source| LifecycleError::Lock { path: path.to_path_buf(), source };
-    let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(err)?;
+    let mut file =
+        OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path).map_err(err)?;
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {

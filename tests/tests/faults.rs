@@ -7,15 +7,14 @@
 mod common;
 
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{LONG, Recorder, Seen};
 use dlsession::proto::WaitReason;
 use dlsession::{DownloadRequest, ErrorCode, Session, SessionConfiguration, TaskState};
 use dlsession_testkit::{
-    Fault, Hits, Nginx, ProxyFault, Resource, TestCa, TestDaemon, TestEnv, TestProxy, TestServer, pattern_sha256,
-    sha256_file, to_hex,
+    Fault, Hits, Mount, Nginx, ProxyFault, Resource, TestCa, TestDaemon, TestEnv, TestProxy, TestServer,
+    pattern_sha256, sha256_file, to_hex,
 };
 
 async fn attach(env: &TestEnv, config: SessionConfiguration) -> (Session, common::Events) {
@@ -150,40 +149,10 @@ async fn a_faulty_proxy_in_front_of_nginx() {
 
 // ---------------------------------------------------------------- disk faults
 
-/// A tmpfs mounted for the test, unmounted on drop.
-struct Mount(PathBuf);
-
-impl Mount {
-    fn tmpfs(at: &Path, options: &str) -> Mount {
-        std::fs::create_dir_all(at).unwrap();
-        let st =
-            std::process::Command::new("mount").args(["-t", "tmpfs", "-o", options, "tmpfs"]).arg(at).status().unwrap();
-        assert!(st.success(), "mount tmpfs at {}", at.display());
-        Mount(at.to_path_buf())
-    }
-
-    fn remount(&self, options: &str) {
-        let st = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,{options}")])
-            .arg(&self.0)
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
+#[cfg_attr(not(dlsession_root), ignore = "needs root to mount a small filesystem; CI runs it as root")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_cache_disk_pauses_the_task_and_it_resumes_when_space_is_free() {
-    if !is_root() {
-        eprintln!("not root: cannot mount a small filesystem; covered in CI (runs as root)");
-        return;
-    }
+    dlsession_testkit::require_root();
     let env = TestEnv::new();
     env.set_config("checkpoint_bytes", "524288");
     let mount = Mount::tmpfs(&env.cache_dir, "size=6m,mode=0700");
@@ -469,12 +438,10 @@ async fn a_restart_from_zero_is_committed_before_new_bytes() {
 
 // ---------------------------------------------------------------- database
 
+#[cfg_attr(not(dlsession_root), ignore = "needs root to make a read-only mount; CI runs it as root")]
 #[test]
 fn a_read_only_state_directory_is_refused_with_a_clear_message() {
-    if !is_root() {
-        eprintln!("not root: cannot make a read-only mount; covered in CI (runs as root)");
-        return;
-    }
+    dlsession_testkit::require_root();
     let env = TestEnv::new();
     {
         let mut d = TestDaemon::start(&env);
@@ -482,11 +449,7 @@ fn a_read_only_state_directory_is_refused_with_a_clear_message() {
     }
     let state = env.state_dir.join("dlsessiond");
     let db_before = std::fs::read(env.database()).unwrap();
-    let st = std::process::Command::new("mount").args(["--bind"]).arg(&state).arg(&state).status().unwrap();
-    assert!(st.success());
-    let _unmount = Mount(state.clone());
-    let st = std::process::Command::new("mount").args(["-o", "remount,bind,ro"]).arg(&state).status().unwrap();
-    assert!(st.success());
+    let _read_only = Mount::read_only_bind(&state);
     let out = env.command(dlsession_testkit::bin_path("dlsessiond")).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);

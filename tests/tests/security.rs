@@ -149,12 +149,10 @@ fn connect_as_nobody(socket: &Path) -> std::process::Output {
         .expect("setpriv (util-linux) is needed for this test")
 }
 
+#[cfg_attr(not(dlsession_root), ignore = "needs root to connect as another uid; CI runs it as root")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_user_is_refused_even_through_a_loosened_socket() {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("not root: cannot switch uid to test peer credentials; covered in CI (runs as root)");
-        return;
-    }
+    dlsession_testkit::require_root();
     let env = TestEnv::new();
     let daemon = TestDaemon::start(&env);
     // With the modes as the daemon made them, the kernel already stops another user.
@@ -187,4 +185,19 @@ async fn another_user_is_refused_even_through_a_loosened_socket() {
     );
     assert!(daemon.log().contains("refused a connection from another user"));
     healthy(&env).await;
+}
+
+/// A socket directory owned by another user is refused, never taken over.
+#[cfg_attr(not(dlsession_root), ignore = "needs root to make a directory owned by another uid; CI runs it as root")]
+#[test]
+fn a_socket_directory_owned_by_someone_else_is_refused() {
+    dlsession_testkit::require_root();
+    let env = TestEnv::new();
+    let dir = env.socket.parent().unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    std::os::unix::fs::chown(dir, Some(65534), Some(65534)).unwrap();
+    let out = env.command(dlsession_testkit::bin_path("dlsessiond")).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("owned by uid 65534"), "{stderr}");
 }

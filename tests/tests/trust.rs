@@ -200,3 +200,80 @@ async fn a_stuck_worker_is_abandoned_and_the_task_retried() {
     let log = d.log();
     assert!(log.contains("download worker silent for too long"), "{log}");
 }
+
+/// Fills `dir`'s filesystem; returns the filler file (remove it to free the space).
+fn fill(dir: &Path) -> PathBuf {
+    let filler = dir.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 64 << 10];
+    use std::io::Write;
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+    filler
+}
+
+/// The state directory's filesystem fills up: the daemon stays up, answers reads, refuses
+/// changes with `storage_full`, holds downloads at their checkpoint, and when space returns
+/// goes on by itself with nothing that was acknowledged lost.
+#[cfg_attr(not(dlsession_root), ignore = "needs root to mount a small filesystem; CI runs it as root")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_state_directory_is_weather_not_death() {
+    dlsession_testkit::require_root();
+    let env = TestEnv::new();
+    env.set_config("checkpoint_bytes", "262144");
+    let state = env.state_dir.join("dlsessiond");
+    let _mount = dlsession_testkit::Mount::tmpfs(&state, "size=3m,mode=0700");
+    let mut d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    let len = 12u64 << 20;
+    s.add("/big", Resource::generated(len, 7).throttle(2 << 20));
+    s.add("/small", Resource::generated(5_000, 8));
+    let (session, mut events) = attach(&env, SessionConfiguration::background("t.statefull")).await;
+    let big = session.download_tasks(vec![DownloadRequest::new(s.url("/big"))], true).await.unwrap().remove(0);
+    common::wait_until(|| common::block(big.info()).unwrap().bytes_received > 1 << 20).await;
+
+    let filler = fill(&state);
+    // The running download's next checkpoint cannot commit: the daemon notices and holds it.
+    let status = dlsession_testkit::wait_for("storage failing in status", LONG, || {
+        let out = env.ctl(&["--json", "status"]);
+        assert!(out.status.success(), "status answers: {out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (!v["storage"].is_null()).then_some(v)
+    });
+    assert_eq!(status["storage"]["code"], "storage_full", "{status}");
+    assert!(d.log().contains("holding changes and retrying"), "{}", d.log());
+    // Reads are answered; changes refused with a clear code.
+    let held = dlsession_testkit::wait_for("the download held", LONG, || {
+        let info = common::block(big.info()).unwrap();
+        matches!(info.wait, Some(WaitReason::StorageFull { .. })).then_some(info)
+    });
+    assert_eq!(held.state, TaskState::Queued);
+    let shown = env.ctl(&["show", &big.id().to_string()]);
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("cannot write its database"), "{shown:?}");
+    assert!(env.ctl(&["tasks"]).status.success());
+    let refused = session.download_tasks(vec![DownloadRequest::new(s.url("/small"))], true).await.unwrap_err();
+    assert_eq!(refused.code(), ErrorCode::StorageFull, "{refused}");
+    let out = env.ctl(&["get", &s.url("/small"), "-o", env.path().join("small").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("storage_full"), "{out:?}");
+    let bytes_then = common::block(big.info()).unwrap().bytes_received;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(common::block(big.info()).unwrap().bytes_received, bytes_then, "held, not downloading");
+
+    // Space returns: everything goes on by itself.
+    std::fs::remove_file(&filler).unwrap();
+    dlsession_testkit::wait_for("storage recovered", LONG, || {
+        let out = env.ctl(&["--json", "status"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["storage"].is_null().then_some(())
+    });
+    let small = session.download_tasks(vec![DownloadRequest::new(s.url("/small"))], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(big.id(), LONG).await, None);
+    assert_eq!(events.completion(small.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(big.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(7, len)));
+    // Nothing was lost: a restart finds everything the daemon acknowledged.
+    drop(session);
+    assert!(d.terminate().success(), "stopped cleanly");
+    d.restart();
+    assert!(d.log().contains("state restored"));
+}

@@ -183,6 +183,8 @@ impl Daemon {
             app_id: None,
             timeout: Duration::from_secs(10),
             autostart: false,
+            reconnect: false,
+            ..ClientOptions::default()
         };
         Client::connect(options).await.context("connecting to dlsessiond")
     }

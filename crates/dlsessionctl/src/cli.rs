@@ -254,6 +254,12 @@ pub struct AttachArgs {
     /// Announce this app id on the connection (as the app itself would)
     #[arg(long, value_name = "ID")]
     pub app_id: Option<String>,
+
+    /// Stay attached until the session has no unfinished task and every event was
+    /// delivered (riding out daemon restarts), instead of leaving after the events that
+    /// waited
+    #[arg(long)]
+    pub wait: bool,
 }
 
 #[derive(Debug, Args)]

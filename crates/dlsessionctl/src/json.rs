@@ -78,6 +78,8 @@ pub struct StatusJson {
     pub download_rate: u64,
     pub bytes_downloaded: u64,
     pub max_concurrent_downloads: u32,
+    /// `null`, or why the daemon cannot write its database (changes are refused until it can).
+    pub storage: Option<ErrorJson>,
 }
 
 impl From<&DaemonStatus> for StatusJson {
@@ -93,6 +95,7 @@ impl From<&DaemonStatus> for StatusJson {
             cache_dir: s.cache_dir.clone(),
             database: s.database.clone(),
             tasks: TaskCountsJson::from(&s.tasks),
+            storage: s.storage.as_ref().map(ErrorJson::from),
             sessions: s.sessions,
             connections: s.connections,
             download_rate: s.download_rate,

@@ -27,6 +27,7 @@ impl Core {
         }
         s.events.insert(seq, rec.clone());
         ops.push(Op::InsertEvent(rec));
+        self.ensure_housekeeping();
         seq
     }
 

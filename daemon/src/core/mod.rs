@@ -12,6 +12,7 @@ mod convert;
 mod delivery;
 mod recovery;
 mod requests;
+mod retention;
 mod sched;
 mod tasks;
 mod timers;
@@ -259,8 +260,12 @@ pub struct Core {
     /// Relaunched apps (or `systemctl --user start`) not yet exited: under systemd they
     /// live in the daemon's cgroup, so the daemon must not leave before them.
     launches_running: usize,
-    /// When retired history was last pruned (see `prune_history`).
+    /// When retired history was last pruned (see `retention`).
     last_prune: Option<Instant>,
+    /// When the housekeeping timer fires (see `retention`).
+    housekeeping: Option<Mono>,
+    /// The modification time of the oldest kept partial file of resume data.
+    oldest_resume_file: Option<UnixMillis>,
     /// How relaunched apps are started (in a scope of their own under systemd).
     launch_scope: crate::launcher::Scope,
 }
@@ -325,31 +330,16 @@ impl Core {
             commits_in_flight: 0,
             launches_running: 0,
             last_prune: None,
+            housekeeping: None,
+            oldest_resume_file: None,
             launch_scope: crate::launcher::Scope::detect(),
         };
         core.restore(snapshot);
         let mut ops = Vec::new();
         core.prune_history(&mut ops);
         core.commit(ops, Vec::new());
+        core.on_housekeeping();
         core
-    }
-
-    /// Deletes retired tasks older than `retired_history`: at start, then at most once
-    /// an hour (or a tenth of the history, if shorter) when tasks retire. History grows
-    /// only as tasks retire, so a daemon that runs for months stays bounded without a
-    /// timer of its own.
-    fn prune_history(&mut self, ops: &mut Vec<Op>) {
-        let history = self.cfg.timing.retired_history;
-        let every = (history / 10).min(Duration::from_secs(3600));
-        if self.last_prune.is_some_and(|at| at.elapsed() < every) {
-            return;
-        }
-        self.last_prune = Some(Instant::now());
-        let history_ms = timers::millis(history);
-        ops.push(Op::PruneRetired {
-            before: now_ms().saturating_sub(history_ms),
-            keep: self.cfg.timing.retired_history_max,
-        });
     }
 
     /// Exit once nothing has happened for `idle.after` (see [`Core::has_nothing_to_do`]).
@@ -367,7 +357,7 @@ impl Core {
             && self.lanes.is_empty()
             && self.commits_in_flight == 0
             && self.launches_running == 0
-            && self.timers.only_status()
+            && self.timers.only_idle()
     }
 
     /// Asks the socket server to pause accepting if no connection is open (in any
@@ -617,6 +607,10 @@ impl Core {
                 Timer::Begin(id) | Timer::Retry(id) => self.on_task_timer(id),
                 Timer::Wake(key) => self.on_wake_timer(key),
                 Timer::WakeUnanswered(key) => self.on_wake_unanswered(key),
+                Timer::Housekeeping => {
+                    self.housekeeping = None;
+                    self.on_housekeeping();
+                }
                 Timer::Status => {
                     if let Some(r) = self.status.as_mut() {
                         r.pending = false;

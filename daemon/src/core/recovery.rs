@@ -2,7 +2,7 @@
 //! interrupted; removing files nothing refers to.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tracing::{info, warn};
 
@@ -13,9 +13,6 @@ use crate::engine::files::{CompleteError, complete_move};
 use crate::model::{Phase, now_ms};
 use crate::store::{Op, Snapshot};
 use dlsession_proto::{DurableEvent, ErrorCode, ErrorInfo, TaskId, TaskState};
-
-/// Kept partial files from `cancel_producing_resume_data` live this long.
-const RESUME_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl Core {
     pub(super) fn restore(&mut self, snapshot: Snapshot) {
@@ -123,7 +120,7 @@ impl Core {
     }
 
     /// Removes files under the downloads directory that no live task refers to.
-    fn collect_garbage(&self) {
+    fn collect_garbage(&mut self) {
         let downloads = self.cfg.downloads_dir();
         let Ok(entries) = std::fs::read_dir(&downloads) else { return };
         let mut removed = 0usize;
@@ -131,7 +128,7 @@ impl Core {
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
             if name == "resume" {
-                removed += self.clean_resume_dir(&path);
+                removed += self.clean_resume_dir();
                 continue;
             }
             let key = name.strip_prefix('s').and_then(|k| k.parse::<i64>().ok());
@@ -166,24 +163,6 @@ impl Core {
                 _ => false,
             };
             if !keep && std::fs::remove_file(&path).is_ok() {
-                removed += 1;
-            }
-        }
-        removed
-    }
-
-    fn clean_resume_dir(&self, dir: &Path) -> usize {
-        let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
-        let mut removed = 0;
-        let now = SystemTime::now();
-        for entry in entries.flatten() {
-            let old = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| now.duration_since(t).ok())
-                .is_some_and(|age| age > RESUME_RETENTION);
-            if old && std::fs::remove_file(entry.path()).is_ok() {
                 removed += 1;
             }
         }

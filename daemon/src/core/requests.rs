@@ -689,6 +689,9 @@ impl Core {
             last_modified: rec.last_modified.clone(),
             file,
         };
+        if data.file.is_some() {
+            self.kept_resume_file();
+        }
         dlsession_proto::codec::encode(&data).unwrap_or_default()
     }
 

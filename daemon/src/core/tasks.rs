@@ -105,7 +105,9 @@ impl Core {
 
     /// Starts queued tasks while slots are free, best priority first.
     pub(super) fn schedule(&mut self) {
-        if self.shutting_down {
+        // While the database refuses writes, nothing starts: a download would soon need
+        // a checkpoint commit, and its durable events could not be written.
+        if self.shutting_down || self.storage.is_some() {
             return;
         }
         let max = self.cfg.limits.max_concurrent_downloads as usize;

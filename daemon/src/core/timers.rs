@@ -27,6 +27,8 @@ pub enum Timer {
     ShutdownDeadline,
     /// A throttled `STATUS=` update to systemd.
     Status,
+    /// Expiring what nobody collects (see `retention`); days away, and redone at start.
+    Housekeeping,
 }
 
 /// The longest the core sleeps at once: a timer further away is looked at again then.
@@ -79,9 +81,10 @@ impl Timers {
         Some(timer)
     }
 
-    /// Only the systemd status timer is set (it does not keep the daemon busy).
-    pub fn only_status(&self) -> bool {
-        self.set.iter().all(|(_, t)| matches!(t, Timer::Status))
+    /// Only timers that do not keep the daemon busy are set: the systemd status update,
+    /// and housekeeping (a restart does it anyway).
+    pub fn only_idle(&self) -> bool {
+        self.set.iter().all(|(_, t)| matches!(t, Timer::Status | Timer::Housekeeping))
     }
 
     /// Sleeps until the first timer is due (forever if there is none).

@@ -101,6 +101,9 @@ pub const LATEST_VERSION: i64 = MIGRATIONS.len() as i64;
 pub fn open(path: &Path) -> Result<Connection, StoreError> {
     let open_err = |source| StoreError::Open { path: path.to_path_buf(), source };
     let corrupt = |detail: String| StoreError::Corrupt { path: path.to_path_buf(), detail };
+    // Created private before SQLite sees it (its journal files take the same mode): the
+    // database holds request headers, credentials among them.
+    create_private(path).map_err(|e| open_err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE)
         .map_err(open_err)?;
     conn.busy_timeout(Duration::from_secs(5)).map_err(open_err)?;
@@ -135,6 +138,16 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "synchronous", "FULL").map_err(open_err)?;
     conn.pragma_update(None, "foreign_keys", true).map_err(open_err)?;
     migrate(conn, version, path)
+}
+
+/// Creates an empty file with mode 0600 unless one exists.
+fn create_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Opens the database again for writing (after an I/O error), with the settings of

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use dlsession::{DownloadTask, Session, SessionConfiguration, SessionDelegate, TaskError};
+use dlsession::{DownloadTask, Handled, Session, SessionConfiguration, SessionDelegate, TaskError};
 use dlsession_proto::{DetachReason, ErrorCode, LaunchSpec, Request, Response, SessionConfig};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -27,6 +27,10 @@ use crate::output;
 #[derive(Debug)]
 enum Note {
     FinishedEvents,
+    /// A task completed (with `--wait`: maybe the session is done now).
+    Completed,
+    /// Connected again after the daemon restarted.
+    Reconnected,
     Detached(DetachReason),
 }
 
@@ -62,9 +66,23 @@ pub async fn run(ctx: &Ctx, args: AttachArgs) -> Result<Exit> {
     }
     let interrupt = tokio::signal::ctrl_c();
     tokio::pin!(interrupt);
-    let note = tokio::select! {
-        note = rx.recv() => note,
-        _ = &mut interrupt => return Ok(Exit::Interrupted),
+    let note = loop {
+        let note = tokio::select! {
+            note = rx.recv() => note,
+            _ = &mut interrupt => return Ok(Exit::Interrupted),
+        };
+        match note {
+            // Left before the end only when a file could not be moved (it stays pending).
+            Some(Note::FinishedEvents | Note::Completed | Note::Reconnected)
+                if args.wait && !failed.load(Ordering::Relaxed) =>
+            {
+                if drained(&client, &args.session).await? {
+                    break Some(Note::FinishedEvents);
+                }
+            }
+            Some(Note::Completed | Note::Reconnected) => {}
+            other => break other,
+        }
     };
     let outcome = match note {
         Some(Note::FinishedEvents | Note::Detached(DetachReason::Invalidated)) => Ok(Exit::Success),
@@ -74,7 +92,9 @@ pub async fn run(ctx: &Ctx, args: AttachArgs) -> Result<Exit> {
         Some(Note::Detached(DetachReason::DaemonShutdown)) => {
             Err(CliError::Client(dlsession::Error::Disconnected { reason: Some("dlsessiond is shutting down".into()) }))
         }
-        None => Err(CliError::Client(dlsession::Error::Disconnected { reason: None })),
+        Some(Note::Completed | Note::Reconnected) | None => {
+            Err(CliError::Client(dlsession::Error::Disconnected { reason: None }))
+        }
     };
     if matches!(outcome, Ok(Exit::Success)) {
         // Tasks go on; this only ends the attachment politely.
@@ -84,6 +104,25 @@ pub async fn run(ctx: &Ctx, args: AttachArgs) -> Result<Exit> {
         Ok(Exit::Success) if failed.load(Ordering::Relaxed) => Ok(Exit::Failed),
         other => other,
     }
+}
+
+/// Whether the session has no unfinished task and every event was acknowledged. The last
+/// acknowledgements may still be on their way: asked again for a moment.
+async fn drained(client: &dlsession::Client, identifier: &str) -> Result<bool> {
+    for _ in 0..50 {
+        let info = match client.request(Request::GetSession { identifier: identifier.to_owned() }).await? {
+            Response::Session(info) => info,
+            other => return Err(CliError::unexpected("session", &other)),
+        };
+        if info.tasks.active() > 0 {
+            return Ok(false);
+        }
+        if info.pending_events == 0 {
+            return Ok(true);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(false)
 }
 
 /// Creates `dir` if needed and makes sure files can be created in it, before any
@@ -159,7 +198,7 @@ impl SessionDelegate for Printer {
         );
     }
 
-    fn did_finish_downloading_to(&self, _: &Session, task: &DownloadTask, location: &Path) {
+    fn finish_downloading(&self, _: &Session, task: &DownloadTask, location: &Path) -> Handled {
         let Some(dir) = &self.move_to else {
             if !self.json && !self.cache_note.swap(true, Ordering::Relaxed) {
                 eprintln!(
@@ -175,21 +214,24 @@ impl SessionDelegate for Printer {
                     move_error: None,
                 },
             );
-            return;
+            return Handled::Done;
         };
         let name = output::file_name_from_url(task.url())
             .or_else(|| location.file_name().map(|n| output::sanitize_file_name(&n.to_string_lossy())))
             .unwrap_or_else(|| output::FALLBACK_FILE_NAME.into());
         match move_into(location, dir, &name) {
-            Ok(to) => self.line(
-                &format!("finished_downloading task {}: {}", task.id(), to.display()),
-                &AttachEventJson::FinishedDownloading {
-                    task: task.id(),
-                    location: to.display().to_string(),
-                    moved_from: Some(location.display().to_string()),
-                    move_error: None,
-                },
-            ),
+            Ok(to) => {
+                self.line(
+                    &format!("finished_downloading task {}: {}", task.id(), to.display()),
+                    &AttachEventJson::FinishedDownloading {
+                        task: task.id(),
+                        location: to.display().to_string(),
+                        moved_from: Some(location.display().to_string()),
+                        move_error: None,
+                    },
+                );
+                Handled::Done
+            }
             Err(e) => {
                 self.failed.store(true, Ordering::Relaxed);
                 let error = CliError::file("cannot move the download to", dir, &e);
@@ -207,6 +249,10 @@ impl SessionDelegate for Printer {
                         move_error: info,
                     },
                 );
+                // Not acknowledged: the file stays in dlsessiond's cache and the event comes
+                // again on the next attach.
+                eprintln!("note: task {} stays in dlsessiond's cache until it is collected (attach again)", task.id());
+                Handled::Later
             }
         }
     }
@@ -217,6 +263,16 @@ impl SessionDelegate for Printer {
             Some(e) => format!("completed task {}: {}", task.id(), output::error(e)),
         };
         self.line(&human, &AttachEventJson::Completed { task: task.id(), error: json::error(error) });
+        let _ = self.notes.send(Note::Completed);
+    }
+
+    fn did_lose_connection(&self, _: &Session, reason: &str) {
+        eprintln!("note: lost the connection to dlsessiond ({reason}); connecting again");
+    }
+
+    fn did_reconnect(&self, _: &Session) {
+        eprintln!("note: connected to dlsessiond again");
+        let _ = self.notes.send(Note::Reconnected);
     }
 
     fn did_finish_events_for_background_session(&self, session: &Session) {

@@ -42,7 +42,7 @@ impl Action {
 }
 
 pub async fn run(ctx: &Ctx, task: TaskId, action: Action) -> Result<Exit> {
-    let client = ctx.connect(None).await?;
+    let client = ctx.connect().await?;
     request_ok(&client, Request::ControlTask { task, action: action.wire() }).await?;
     if ctx.json {
         json::print(&ControlJson { task, action: action.name(), ok: true })?;

@@ -71,11 +71,8 @@ pub async fn run(ctx: &Ctx, args: GetArgs) -> Result<Exit> {
             spec
         })
         .collect();
-    let request = Request::CreateTasks { identifier: args.session.clone(), tasks: specs, resume: true };
-    let ids = match client.request(request).await? {
-        Response::TasksCreated(ids) if ids.len() == plan.items.len() => ids,
-        other => return Err(CliError::unexpected("one task id per URL", &other)),
-    };
+    // In batches of at most 1,000 (each one transaction): any number of URLs fits.
+    let ids = client.create_tasks(&args.session, specs, true).await?;
     {
         let mut out = std::io::stdout().lock();
         for (id, item) in ids.iter().zip(&plan.items) {
@@ -324,7 +321,7 @@ async fn wait(ctx: &Ctx, client: &Client, session: &str, ids: &[TaskId]) -> Resu
 /// The daemon emits a task's durable events in the same step that tells watchers it
 /// completed, so one request after the last completion covers them all.
 async fn acknowledge(client: &Client, ids: &[TaskId]) -> Result<()> {
-    request_ok(client, Request::AcknowledgeTasks { tasks: ids.to_vec() }).await
+    Ok(client.acknowledge_tasks(ids).await?)
 }
 
 fn report_finished(ctx: &Ctx, progress: &Progress, session: &str, info: &TaskInfo) -> Result<()> {

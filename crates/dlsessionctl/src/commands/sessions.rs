@@ -3,20 +3,17 @@
 use std::io::{IsTerminal, Write};
 
 use comfy_table::{Cell, CellAlignment, Color, ContentArrangement, Table, presets};
-use dlsession_proto::{Request, Response, SessionInfo};
+use dlsession_proto::SessionInfo;
 
 use crate::commands::Ctx;
-use crate::error::{CliError, Exit, Result};
+use crate::error::{Exit, Result};
 use crate::json::{self, SessionJson};
 use crate::output;
 
 pub async fn run(ctx: &Ctx) -> Result<Exit> {
-    let client = ctx.connect(None).await?;
-    let mut sessions = match client.request(Request::ListSessions).await? {
-        Response::Sessions(s) => s,
-        other => return Err(CliError::unexpected("sessions", &other)),
-    };
-    sessions.sort_by(|a, b| a.identifier.cmp(&b.identifier));
+    let client = ctx.connect().await?;
+    // In identifier order, a page at a time.
+    let sessions = client.list_sessions().await?;
     if ctx.json {
         let list: Vec<SessionJson> = sessions.iter().map(SessionJson::from).collect();
         json::print(&list)?;

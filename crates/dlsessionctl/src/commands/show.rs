@@ -11,7 +11,7 @@ use crate::json::{self, TaskDetailJson};
 use crate::output;
 
 pub async fn run(ctx: &Ctx, args: ShowArgs) -> Result<Exit> {
-    let client = ctx.connect(None).await?;
+    let client = ctx.connect().await?;
     let detail = match client.request(Request::GetTask { task: args.task }).await? {
         Response::Task(d) => d,
         other => return Err(CliError::unexpected("task", &other)),

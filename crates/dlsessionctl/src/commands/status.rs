@@ -10,7 +10,7 @@ use crate::json::{self, StatusJson};
 use crate::output;
 
 pub async fn run(ctx: &Ctx) -> Result<Exit> {
-    let client = ctx.connect(None).await?;
+    let client = ctx.connect().await?;
     let status = match client.request(Request::Status).await? {
         Response::Status(s) => s,
         other => return Err(CliError::unexpected("status", &other)),
@@ -34,6 +34,9 @@ pub async fn run(ctx: &Ctx) -> Result<Exit> {
     writeln!(out, "state dir:    {}", status.state_dir)?;
     writeln!(out, "cache dir:    {}", status.cache_dir)?;
     writeln!(out, "database:     {}", status.database)?;
+    if let Some(e) = &status.storage {
+        writeln!(out, "storage:      FAILING: {} (downloads held, changes refused until it works)", output::error(e))?;
+    }
     writeln!(out, "tasks:        {} ({} total)", output::task_counts(t), t.total())?;
     writeln!(out, "sessions:     {}", status.sessions)?;
     writeln!(out, "connections:  {}", status.connections)?;

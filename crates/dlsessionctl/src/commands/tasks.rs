@@ -21,7 +21,7 @@ const URL_WIDTH: usize = 60;
 const HEADER: [&str; 8] = ["ID", "SESSION", "STATE", "PROGRESS", "SPEED", "ETA", "URL", "WHY"];
 
 pub async fn run(ctx: &Ctx, args: TasksArgs) -> Result<Exit> {
-    let client = ctx.connect(None).await?;
+    let client = ctx.connect().await?;
     let mut query = TaskQuery {
         session: args.session,
         states: args.state.map(TaskState::from).into_iter().collect(),

@@ -10,7 +10,7 @@ use crate::error::{CliError, Exit, Result};
 use crate::json::{self, WakeJson};
 
 pub async fn run(ctx: &Ctx, args: WakeArgs) -> Result<Exit> {
-    let client = ctx.connect(None).await?;
+    let client = ctx.connect().await?;
     let outcome = match client.request(Request::Wake { identifier: args.session.clone() }).await? {
         Response::Wake(o) => o,
         other => return Err(CliError::unexpected("wake", &other)),

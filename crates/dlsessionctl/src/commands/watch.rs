@@ -20,7 +20,7 @@ use crate::progress::{self, Progress};
 const INITIAL_BURST: Duration = Duration::from_millis(200);
 
 pub async fn run(ctx: &Ctx, args: WatchArgs) -> Result<Exit> {
-    let client = ctx.connect(None).await?;
+    let client = ctx.connect_lasting().await?;
     let mut events = client.events();
     request_ok(&client, Request::Watch(WatchFilter { session: args.session.clone(), tasks: Vec::new() })).await?;
     let bars = !ctx.json && progress::terminal();
