@@ -121,3 +121,36 @@ fn an_invalid_config_file_is_reported() {
     let out = run_expecting_failure(&env);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_setting"));
 }
+
+/// A socket directory the daemon did not create keeps its mode (it may be shared on
+/// purpose); one that other users can write to without the sticky bit is refused.
+#[test]
+fn an_existing_socket_directory_keeps_its_mode() {
+    let env = TestEnv::new();
+    let shared = env.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = shared.join("x.sock");
+    let mut child = env
+        .command(bin_path("dlsessiond"))
+        .arg("--socket")
+        .arg(&socket)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    dlsession_testkit::wait_for("the socket", Duration::from_secs(20), || socket.exists().then_some(()));
+    assert_eq!(mode(&shared), 0o755, "an existing directory is never chmodded");
+    assert_eq!(mode(&socket), 0o600);
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let open = env.path().join("open");
+    std::fs::create_dir_all(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = env.command(bin_path("dlsessiond")).arg("--socket").arg(open.join("x.sock")).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("can be written by other users (mode 777)"), "{stderr}");
+    assert_eq!(mode(&open), 0o777);
+}

@@ -277,3 +277,210 @@ async fn a_full_state_directory_is_weather_not_death() {
     d.restart();
     assert!(d.log().contains("state restored"));
 }
+
+/// A session whose events wait for its app `org.example.trust`, relaunched by a command that
+/// appends a line to `launches`.
+async fn session_with_waiting_events(env: &TestEnv, s: &TestServer, identifier: &str, launches: &Path) {
+    use dlsession::proto::{LaunchSpec, Request, SessionConfig, TaskSpec};
+    let c = common::client(env).await;
+    let config = SessionConfig {
+        app_id: Some("org.example.trust".into()),
+        launch: Some(LaunchSpec::Command {
+            argv: vec!["/bin/sh".into(), "-c".into(), format!("date +%s%N >> {}", launches.display())],
+        }),
+        ..SessionConfig::default()
+    };
+    c.request(Request::OpenSession { identifier: identifier.into(), config: Some(config) }).await.unwrap();
+    s.add("/w", Resource::generated(1000, 9));
+    c.request(Request::CreateTasks {
+        identifier: identifier.into(),
+        tasks: vec![TaskSpec::get(s.url("/w"))],
+        resume: true,
+    })
+    .await
+    .unwrap();
+}
+
+fn launch_count(launches: &Path) -> usize {
+    std::fs::read_to_string(launches).map(|t| t.lines().count()).unwrap_or(0)
+}
+
+/// A running process of the app that cannot rejoin (no wake handler) does not swallow the
+/// wake: the daemon relaunches the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_without_a_wake_handler_is_relaunched() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    let launches = env.path().join("launches");
+    // The app runs (announces its app id) but never registered a wake handler.
+    let _running = dlsession::Client::connect(dlsession::ClientOptions {
+        socket: Some(env.socket.clone()),
+        app_id: Some("org.example.trust".into()),
+        autostart: false,
+        ..dlsession::ClientOptions::default()
+    })
+    .await
+    .unwrap();
+    session_with_waiting_events(&env, &s, "t.nohandler", &launches).await;
+    dlsession_testkit::wait_for("a relaunch", LONG, || (launch_count(&launches) >= 1).then_some(()));
+}
+
+/// A protocol-1 app that is sent `wake` and does not rejoin within `wake_answer_ms` is
+/// relaunched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_wake_falls_back_to_relaunch() {
+    use std::io::{Read, Write};
+    let env = TestEnv::new();
+    env.set_config("wake_answer_ms", "500");
+    let d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    let launches = env.path().join("launches");
+    // A protocol-1 process of the app: it gets `wake` but never rejoins.
+    let mut old = std::os::unix::net::UnixStream::connect(&env.socket).unwrap();
+    let mut opening = dlsession_proto::handshake::Preamble { version: 1, status: dlsession_proto::HandshakeStatus::Ok }
+        .to_bytes()
+        .to_vec();
+    let hello = dlsession_proto::v1::ClientHello {
+        client_name: "old-app".into(),
+        client_version: "0.1.0".into(),
+        app_id: Some("org.example.trust".into()),
+    };
+    opening.extend(dlsession_proto::frame::encode_frame(&hello).unwrap());
+    old.write_all(&opening).unwrap();
+    let mut pre = [0u8; 8];
+    old.read_exact(&mut pre).unwrap();
+    session_with_waiting_events(&env, &s, "t.unanswered", &launches).await;
+    dlsession_testkit::wait_for("a relaunch after the unanswered wake", LONG, || {
+        (launch_count(&launches) >= 1).then_some(())
+    });
+    let log = d.log();
+    assert!(log.contains("did not rejoin after wake; relaunching"), "{log}");
+}
+
+/// An app that attaches and leaves (or crashes) without collecting is relaunched less and
+/// less often: attaching does not reset the wake backoff; only collecting does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attaching_does_not_reset_the_wake_backoff() {
+    struct Keep;
+    impl dlsession::SessionDelegate for Keep {
+        fn finish_downloading(&self, _: &Session, _: &dlsession::DownloadTask, _: &Path) -> dlsession::Handled {
+            dlsession::Handled::Later
+        }
+    }
+    let env = TestEnv::new();
+    env.set_config("wake_initial_ms", "400");
+    env.set_config("wake_max_ms", "60000");
+    let _d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    let launches = env.path().join("launches");
+    session_with_waiting_events(&env, &s, "t.crashy", &launches).await;
+    let mut gaps = Vec::new();
+    for n in 1..=4 {
+        dlsession_testkit::wait_for("a relaunch", LONG, || (launch_count(&launches) >= n).then_some(()));
+        // The "app" attaches (keeping its configuration), collects nothing, and goes.
+        let config = SessionConfiguration::background("t.crashy")
+            .socket(&env.socket)
+            .app_id("org.example.trust")
+            .launch_command(["/bin/sh".to_owned(), "-c".to_owned(), format!("date +%s%N >> {}", launches.display())]);
+        let session = Session::attach(config, Keep).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(session);
+        let left = Instant::now();
+        if n < 4 {
+            dlsession_testkit::wait_for("the next relaunch", LONG, || (launch_count(&launches) > n).then_some(()));
+            gaps.push(left.elapsed());
+        }
+    }
+    // 400 ms, 800 ms, 1.6 s after each departure (each at least the backoff).
+    assert!(gaps[1] >= gaps[0] + Duration::from_millis(250), "{gaps:?}");
+    assert!(gaps[2] >= Duration::from_millis(1400), "{gaps:?}");
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Files handed over get the mode the client itself would give a file (0666 minus its
+/// umask), whatever the daemon's own umask (a systemd unit sets 0077); the daemon's cache
+/// and state stay private.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handed_over_files_get_the_clients_mode() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start_with_umask(&env, 0o077);
+    let s = TestServer::start().await.unwrap();
+    s.add("/a", Resource::generated(3000, 10));
+    s.add("/b", Resource::generated(3000, 11));
+    let a = env.path().join("a.bin");
+    let out = env.ctl_with_umask(0o027, &["get", &s.url("/a"), "-o", a.to_str().unwrap(), "--wait"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(mode(&a), 0o640);
+    let b = env.path().join("b.bin");
+    let out = env.ctl_with_umask(0o002, &["get", &s.url("/b"), "-o", b.to_str().unwrap(), "--wait"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(mode(&b), 0o664);
+    assert_eq!(mode(&env.database()), 0o600, "the database is private");
+    assert_eq!(mode(&env.state_dir.join("dlsessiond")), 0o700);
+    assert_eq!(mode(&env.downloads_dir()), 0o700);
+}
+
+/// What nobody collects does not pile up: events of an app that never returns expire
+/// after `event_retention_days` (their file in the cache goes, the task retires, a log
+/// line says so), and kept partial files of resume data after 7 days. Here the daemon
+/// comes back nine days later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncollected_events_and_old_resume_files_expire() {
+    use dlsession::proto::{Request, Response, TaskAction, TaskSpec};
+    let env = TestEnv::new();
+    env.set_config("event_retention_days", "1");
+    let clock = env.path().join("faketime");
+    let mut d = faked_clock_daemon(&env, &clock);
+    let s = TestServer::start().await.unwrap();
+    s.add("/done", Resource::generated(5000, 12));
+    s.add("/slow", Resource::generated(8 << 20, 13).etag("\"e\"").throttle(1 << 20));
+    let c = common::client(&env).await;
+    c.request(Request::OpenSession { identifier: "t.expire".into(), config: None }).await.unwrap();
+    let ids = c
+        .create_tasks("t.expire", vec![TaskSpec::get(s.url("/done")), TaskSpec::get(s.url("/slow"))], true)
+        .await
+        .unwrap();
+    let detail = |id| {
+        let c = c.clone();
+        async move {
+            match c.request(Request::GetTask { task: id }).await.unwrap() {
+                Response::Task(d) => d,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    common::wait_until(|| common::block(detail(ids[0])).info.state == TaskState::Completed).await;
+    common::wait_until(|| common::block(detail(ids[1])).committed_offset > 0).await;
+    let blob =
+        c.request(Request::ControlTask { task: ids[1], action: TaskAction::CancelProducingResumeData }).await.unwrap();
+    assert!(matches!(blob, Response::ResumeData(_)));
+    let cached = PathBuf::from(detail(ids[0]).await.info.location.unwrap());
+    assert!(cached.exists());
+    let resume_dir = env.downloads_dir().join("resume");
+    assert_eq!(std::fs::read_dir(&resume_dir).unwrap().count(), 1);
+    drop(c);
+    assert!(d.terminate().success());
+
+    // Nine days later.
+    std::fs::write(&clock, "+9d\n").unwrap();
+    d.restart();
+    let log = d.log();
+    assert!(log.contains("expiring events nobody collected"), "{log}");
+    assert!(!cached.exists(), "the uncollected file went with its events");
+    assert_eq!(std::fs::read_dir(&resume_dir).unwrap().count(), 0, "the old kept partial went");
+    let c = common::client(&env).await;
+    let info = match c.request(Request::GetSession { identifier: "t.expire".into() }).await.unwrap() {
+        Response::Session(i) => i,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(info.pending_events, 0);
+    match c.request(Request::GetTask { task: ids[0] }).await.unwrap() {
+        Response::Task(d) => assert!(d.retired, "retired, still in history"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -198,3 +198,156 @@ fn clients_of_unknown_protocols_are_refused_clearly() {
         assert_eq!(reply.len(), 8, "nothing but the refusal");
     }
 }
+
+/// Copies a directory tree (files and directories only).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// The state a daemon of schema version 1 left behind (`tests/fixtures/schema-v1`) opens
+/// in this daemon, migrated, with every session, task, partial file and event intact:
+/// the partial downloads resume where they stopped, the resume data works, the events
+/// are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_1_state_directory_opens_with_everything_intact() {
+    use dlsession::proto::{Response as R, TaskState as S};
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/schema-v1");
+    // Paths in the database point here. Everything that ages is held still: the test must
+    // pass in 2030 too.
+    let config = format!(
+        "{}event_retention_days = 36500\nretired_history_days = 36500\nretry_after_max_ms = 1000\n",
+        dlsession_testkit::daemon::FAST_CONFIG
+    );
+    let env = TestEnv::at(Path::new("/tmp/dlsessiond-fixture-v1"), &config);
+    copy_tree(&fixture.join("state"), &env.state_dir.join("dlsessiond"));
+    copy_tree(&fixture.join("cache"), &env.cache_dir.join("dlsessiond"));
+    for entry in std::fs::read_dir(env.downloads_dir().join("resume")).unwrap() {
+        let f = std::fs::File::options().write(true).open(entry.unwrap().path()).unwrap();
+        f.set_modified(std::time::SystemTime::now()).unwrap();
+    }
+    let s = TestServer::start().await.unwrap();
+    s.add("/partial.bin", Resource::generated(8 << 20, 101).etag("\"fixture-partial\""));
+    s.add("/done.bin", Resource::generated(100 << 10, 102));
+    s.add("/fresh.bin", Resource::generated(1000, 108));
+    s.add("/busy.bin", Resource::generated(1000, 105));
+    s.add("/kept.bin", Resource::generated(8 << 20, 106).etag("\"fixture-kept\""));
+    let proxy = format!("http://127.0.0.1:{}", s.addr().port());
+    let d = TestDaemon::start_with_env(
+        &env,
+        &[("HTTP_PROXY", std::ffi::OsStr::new(&proxy)), ("NO_PROXY", std::ffi::OsStr::new(""))],
+    );
+    assert!(d.log().contains("database migrated version=2"), "{}", d.log());
+    assert!(d.log().contains("state restored sessions=2 tasks=8"), "{}", d.log());
+    let c = common::client(&env).await;
+
+    // Sessions and their configuration.
+    let sessions = c.list_sessions().await.unwrap();
+    assert_eq!(sessions.len(), 2);
+    let photos = sessions.iter().find(|s| s.identifier == "org.example.fixture.photos").unwrap();
+    assert_eq!(photos.config.app_id.as_deref(), Some("org.example.fixture"));
+    assert_eq!(
+        photos.config.launch,
+        Some(dlsession::proto::LaunchSpec::Command {
+            argv: vec!["/usr/bin/fixture-app".into(), "--background".into()]
+        })
+    );
+    assert!(photos.config.http_headers.iter().any(|h| h.name == "Authorization" && h.value == "Bearer fixture-secret"));
+    assert_eq!(photos.config.max_concurrent_tasks, Some(3));
+    assert_eq!(photos.config.bandwidth_limit, Some(4 << 20));
+    assert_eq!(photos.pending_events, 4);
+    let inv = sessions.iter().find(|s| s.identifier == "org.example.fixture.invalidating").unwrap();
+    assert!(inv.invalidating);
+
+    // Every task, as it was.
+    let detail = |id: u64| {
+        let c = c.clone();
+        async move {
+            match c.request(Request::GetTask { task: id }).await.unwrap() {
+                R::Task(d) => d,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let fresh = detail(1).await;
+    assert_eq!(fresh.info.state, S::Suspended);
+    assert_eq!(fresh.info.description.as_deref(), Some("never started"));
+    assert_eq!(fresh.info.priority, 0.9);
+    assert_eq!(fresh.expected_sha256, Some([0xab; 32]));
+    assert_eq!(fresh.destination.as_deref(), Some("/nonexistent/fixture/fresh.bin"));
+    assert!(fresh.request_headers.iter().any(|h| h.name == "X-Task"));
+    let partial = detail(2).await;
+    assert_eq!((partial.info.state, partial.committed_offset), (S::Suspended, 340_782));
+    assert_eq!(partial.etag.as_deref(), Some("\"fixture-partial\""));
+    let done = detail(3).await;
+    assert_eq!(done.info.state, S::Completed);
+    let location = done.info.location.clone().unwrap();
+    assert_eq!(sha256_file(Path::new(&location)).unwrap(), to_hex(&pattern_sha256(102, 100 << 10)));
+    let missing = detail(4).await;
+    assert_eq!(missing.info.error.as_ref().map(|e| e.http_status), Some(Some(404)));
+    let later = detail(5).await;
+    assert_eq!(later.info.state, S::Queued);
+    assert!(matches!(later.info.wait, Some(dlsession::proto::WaitReason::EarliestBegin { at: 4_102_444_800_000 })));
+    assert!(detail(8).await.retired, "history is kept");
+    assert_eq!(detail(9).await.info.state, S::Suspended);
+
+    // The task that waited on a 503 retries (the server works now) and finishes.
+    let busy_done = dlsession_testkit::wait_for("task 6 to finish", Duration::from_secs(60), || {
+        let d = tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(detail(6)));
+        (d.info.state == S::Completed).then_some(d)
+    });
+    assert_eq!(busy_done.info.error, None);
+
+    // The events wait for the app, in order, and are delivered on attach.
+    let (delegate, mut seen) = common::Recorder::new(&env.path().join("collected"));
+    let session = dlsession::Session::attach_with(
+        &c,
+        dlsession::SessionConfiguration::background("org.example.fixture.photos")
+            .app_id("org.example.fixture")
+            .launch_command(["/usr/bin/fixture-app", "--background"]),
+        std::sync::Arc::new(delegate),
+    )
+    .await
+    .unwrap();
+    assert_eq!(seen.completion(4, Duration::from_secs(30)).await.unwrap().http_status, Some(404));
+    assert_eq!(seen.completion(3, Duration::from_secs(30)).await, None);
+    assert_eq!(sha256_file(&seen.moved_to(3).unwrap()).unwrap(), to_hex(&pattern_sha256(102, 100 << 10)));
+    assert_eq!(seen.completion(7, Duration::from_secs(30)).await.unwrap().code, dlsession::ErrorCode::Cancelled);
+
+    // The partial download resumes where it stopped, byte-exact.
+    let resumed = c.request(Request::ControlTask { task: 2, action: TaskAction::Resume }).await.unwrap();
+    assert!(matches!(resumed, R::Ok));
+    assert_eq!(seen.completion(2, Duration::from_secs(60)).await, None);
+    assert_eq!(sha256_file(&seen.moved_to(2).unwrap()).unwrap(), to_hex(&pattern_sha256(101, 8 << 20)));
+    let asked = s.requests_for("/partial.bin");
+    assert_eq!(asked[0].range.as_deref(), Some("bytes=340782-"), "resumed, not restarted: {asked:?}");
+    assert_eq!(asked[0].if_range.as_deref(), Some("\"fixture-partial\""));
+
+    // The resume data handed out by the old daemon continues its download.
+    let blob = std::fs::read(fixture.join("resume-data.bin")).unwrap();
+    let kept = match c
+        .request(Request::CreateTaskFromResumeData {
+            identifier: "org.example.fixture.photos".into(),
+            resume_data: blob,
+            resume: true,
+        })
+        .await
+        .unwrap()
+    {
+        R::TasksCreated(ids) => ids[0],
+        other => panic!("{other:?}"),
+    };
+    assert!(kept >= 10, "task ids are never reused: {kept}");
+    assert_eq!(seen.completion(kept, Duration::from_secs(60)).await, None);
+    assert_eq!(sha256_file(&seen.moved_to(kept).unwrap()).unwrap(), to_hex(&pattern_sha256(106, 8 << 20)));
+    assert_eq!(s.requests_for("/kept.bin")[0].range.as_deref(), Some("bytes=340782-"));
+    drop(session);
+}

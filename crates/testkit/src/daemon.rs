@@ -45,7 +45,7 @@ shutdown_grace_ms = 5000
 /// A private home with XDG directories, a config file and a socket path.
 #[derive(Debug)]
 pub struct TestEnv {
-    dir: TempDir,
+    dir: Root,
     pub home: PathBuf,
     pub runtime_dir: PathBuf,
     pub state_dir: PathBuf,
@@ -66,6 +66,18 @@ impl TestEnv {
 
     pub fn with_config(config: &str) -> TestEnv {
         let dir = tempfile::Builder::new().prefix("dls").tempdir().expect("tempdir");
+        TestEnv::build(Root::Temp(dir), config)
+    }
+
+    /// An environment at a fixed path (emptied first, removed on drop), for state that
+    /// names its own paths, like a database made elsewhere.
+    pub fn at(root: &Path, config: &str) -> TestEnv {
+        let _ = std::fs::remove_dir_all(root);
+        std::fs::create_dir_all(root).expect("mkdir");
+        TestEnv::build(Root::Fixed(root.to_path_buf()), config)
+    }
+
+    fn build(dir: Root, config: &str) -> TestEnv {
         let home = dir.path().join("home");
         let runtime_dir = dir.path().join("run");
         let state_dir = home.join(".local/state");
@@ -142,6 +154,18 @@ impl TestEnv {
         self.command(bin_path("dlsessionctl")).args(args).stdin(Stdio::null()).output().expect("run dlsessionctl")
     }
 
+    /// Runs `dlsessionctl` with `args` and the file-creation mask `umask`.
+    pub fn ctl_with_umask(&self, umask: u32, args: &[&str]) -> Output {
+        self.command("/bin/sh")
+            .arg("-c")
+            .arg(format!("umask {umask:03o}; exec \"$0\" \"$@\""))
+            .arg(bin_path("dlsessionctl"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run dlsessionctl")
+    }
+
     /// Where the daemon keeps its database.
     pub fn database(&self) -> PathBuf {
         self.state_dir.join("dlsessiond/dlsessiond.db")
@@ -150,6 +174,30 @@ impl TestEnv {
     /// Where the daemon keeps partial and finished files.
     pub fn downloads_dir(&self) -> PathBuf {
         self.cache_dir.join("dlsessiond/downloads")
+    }
+}
+
+/// Where a [`TestEnv`] lives.
+#[derive(Debug)]
+enum Root {
+    Temp(TempDir),
+    Fixed(PathBuf),
+}
+
+impl Root {
+    fn path(&self) -> &Path {
+        match self {
+            Root::Temp(t) => t.path(),
+            Root::Fixed(p) => p,
+        }
+    }
+}
+
+impl Drop for Root {
+    fn drop(&mut self) {
+        if let Root::Fixed(p) = self {
+            let _ = std::fs::remove_dir_all(p);
+        }
     }
 }
 
@@ -167,6 +215,8 @@ pub struct TestDaemon {
     socket: PathBuf,
     command: Vec<(&'static str, OsString)>,
     extra_env: Vec<(String, OsString)>,
+    /// Run the daemon with this file-creation mask (as a systemd unit's `UMask=` would).
+    umask: Option<u32>,
     runs: u32,
 }
 
@@ -184,6 +234,22 @@ impl TestDaemon {
             socket: env.socket.clone(),
             command: env.vars(),
             extra_env: extra.iter().map(|(k, v)| (k.to_string(), v.to_os_string())).collect(),
+            umask: None,
+            runs: 0,
+        };
+        d.spawn();
+        d
+    }
+
+    /// Like [`TestDaemon::start`], with the daemon's umask set to `umask`.
+    pub fn start_with_umask(env: &TestEnv, umask: u32) -> TestDaemon {
+        let mut d = TestDaemon {
+            child: None,
+            log: env.path().join("daemon.log"),
+            socket: env.socket.clone(),
+            command: env.vars(),
+            extra_env: Vec::new(),
+            umask: Some(umask),
             runs: 0,
         };
         d.spawn();
@@ -193,7 +259,15 @@ impl TestDaemon {
     fn spawn(&mut self) {
         self.runs += 1;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("daemon log");
-        let mut cmd = Command::new(bin_path("dlsessiond"));
+        let mut cmd = match self.umask {
+            // `exec` keeps the pid: the child is the daemon itself.
+            Some(mask) => {
+                let mut c = Command::new("/bin/sh");
+                c.arg("-c").arg(format!("umask {mask:03o}; exec \"$0\" \"$@\"")).arg(bin_path("dlsessiond"));
+                c
+            }
+            None => Command::new(bin_path("dlsessiond")),
+        };
         for var in ["DLSESSIOND_SOCKET", "DLSESSION_SOCKET", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID"] {
             cmd.env_remove(var);
         }

@@ -18,6 +18,8 @@ pub enum Seen {
     FinishedEvents,
     Invalid,
     Detached(DetachReason),
+    ConnectionLost,
+    Reconnected,
 }
 
 /// A delegate that moves finished files into `dir/<task id>` and reports everything.
@@ -60,6 +62,12 @@ impl SessionDelegate for Recorder {
     }
     fn did_detach(&self, _: &Session, reason: DetachReason) {
         let _ = self.tx.send(Seen::Detached(reason));
+    }
+    fn did_lose_connection(&self, _: &Session, _: &str) {
+        let _ = self.tx.send(Seen::ConnectionLost);
+    }
+    fn did_reconnect(&self, _: &Session) {
+        let _ = self.tx.send(Seen::Reconnected);
     }
 }
 

@@ -1,0 +1,134 @@
+//! Clients survive daemon restarts: the library connects again by itself, rejoins its
+//! sessions and gets their events (again), requests in flight fail with a typed error, and
+//! `dlsessionctl attach --wait` rides it out.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{LONG, Recorder, Seen};
+use dlsession::{DownloadRequest, Error, Session, SessionConfiguration};
+use dlsession_testkit::{Resource, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex};
+
+fn signal(pid: u32, sig: rustix::process::Signal) {
+    rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap(), sig).unwrap();
+}
+
+/// The daemon is killed and started again while an app is attached and a download runs:
+/// the app is told, reconnects by itself, and receives the download's events, byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attached_app_reconnects_and_gets_its_events() {
+    let env = TestEnv::new();
+    let mut d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    let len = 6u64 << 20;
+    s.add("/big", Resource::generated(len, 51).throttle(3 << 20));
+    let dir = env.path().join("out");
+    let (delegate, mut events) = Recorder::new(&dir);
+    let config = SessionConfiguration::background("t.restart").socket(&env.socket);
+    let session = Session::attach(config, delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/big"))], true).await.unwrap().remove(0);
+    events.wait("progress", LONG, |e| matches!(e, Seen::Progress { total, .. } if *total > 1 << 20)).await;
+
+    // A request in flight when the daemon dies fails with a typed error, never hangs.
+    signal(d.pid(), rustix::process::Signal::STOP);
+    let in_flight = tokio::spawn({
+        let task = task.clone();
+        async move { task.info().await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    d.kill9();
+    let err = in_flight.await.unwrap().unwrap_err();
+    assert!(matches!(err, Error::Disconnected { .. }), "{err:?}");
+    events.wait("the app told of the lost connection", LONG, |e| *e == Seen::ConnectionLost).await;
+
+    // Requests made while the daemon is away wait for it (up to their timeout).
+    let waiting = tokio::spawn({
+        let session = session.clone();
+        async move { session.get_all_tasks().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    d.restart();
+    events.wait("the app told it is back", LONG, |e| *e == Seen::Reconnected).await;
+    assert_eq!(waiting.await.unwrap().unwrap().len(), 1, "answered once the daemon was back");
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    let file = events.moved_to(task.id()).unwrap();
+    assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(51, len)));
+    // The events were acknowledged on the new connection.
+    common::wait_until(|| {
+        common::block(session.info()).map(|i| i.pending_events == 0 && i.tasks.active() == 0).unwrap_or(false)
+    })
+    .await;
+}
+
+/// `dlsessionctl attach --wait` stays until the session is drained, across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_wait_rides_out_a_restart() {
+    let env = TestEnv::new();
+    let mut d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    let len = 4u64 << 20;
+    s.add("/w", Resource::generated(len, 52).throttle(2 << 20));
+    let out = env.path().join("collected");
+    let created =
+        env.ctl(&["get", &s.url("/w"), "-o", env.path().join("w.bin").to_str().unwrap(), "--session", "t.wait"]);
+    assert!(created.status.success(), "{created:?}");
+    let mut attach = env
+        .command(dlsession_testkit::bin_path("dlsessionctl"))
+        .args(["attach", "t.wait", "--wait", "--move-to", out.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(attach.try_wait().unwrap().is_none(), "still waiting for the download");
+    d.kill9();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    d.restart();
+    let status = dlsession_testkit::wait_for("attach --wait to finish", LONG, || attach.try_wait().unwrap());
+    let output = attach.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("connected to dlsessiond again"), "{stderr}");
+    assert_eq!(sha256_file(&out.join("w")).unwrap(), to_hex(&pattern_sha256(52, len)));
+}
+
+/// `attach --move-to` acknowledges nothing whose file it could not move: the file stays
+/// in the daemon's cache, and the next attach moves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_keeps_what_it_could_not_move() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    s.add("/m", Resource::generated(70_000, 53));
+    // Without --wait the events stay for whoever collects them: here `attach`.
+    let get = env.ctl(&["get", &s.url("/m"), "-d", env.path().join("d").to_str().unwrap(), "--session", "t.keep2"]);
+    assert!(get.status.success(), "{get:?}");
+    common::wait_until(|| {
+        let out = env.ctl(&["--json", "tasks", "--session", "t.keep2"]);
+        String::from_utf8_lossy(&out.stdout).contains("\"completed\"")
+    })
+    .await;
+    // A destination that cannot take the file: a directory where the file should go.
+    let dir = env.path().join("collect");
+    std::fs::create_dir_all(dir.join("m")).unwrap();
+    for n in 1..1000 {
+        std::fs::create_dir_all(dir.join(format!("m ({n})"))).unwrap();
+    }
+    let first = env.ctl(&["attach", "t.keep2", "--move-to", dir.to_str().unwrap()]);
+    assert_eq!(first.status.code(), Some(1), "{first:?}");
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(stderr.contains("stays in dlsessiond's cache"), "{stderr}");
+    let sessions = env.ctl(&["--json", "sessions"]);
+    let list: serde_json::Value = serde_json::from_slice(&sessions.stdout).unwrap();
+    let keep2 = list.as_array().unwrap().iter().find(|s| s["identifier"] == "t.keep2").unwrap();
+    assert_eq!(keep2["pending_events"], 2, "nothing acknowledged: {keep2}");
+    // The destination is fixed: the next attach moves it and acknowledges.
+    std::fs::remove_dir(dir.join("m")).unwrap();
+    let second = env.ctl(&["attach", "t.keep2", "--move-to", dir.to_str().unwrap()]);
+    assert!(second.status.success(), "{second:?}");
+    assert_eq!(sha256_file(&dir.join("m")).unwrap(), to_hex(&pattern_sha256(53, 70_000)));
+}
