@@ -25,16 +25,25 @@ use crate::nginx::Nginx;
 use crate::report::{Outcome, Row};
 
 /// Every workload, in the order they run.
-pub const WORKLOADS: [&str; 8] =
-    ["1gib-http", "1gib-https", "small-files", "many-tasks", "ipc", "event-latency", "crash-cost", "rss-per-download"];
+pub const WORKLOADS: [&str; 9] = [
+    "1gib-http",
+    "1gib-https",
+    "small-files",
+    "many-tasks",
+    "big-lists",
+    "ipc",
+    "event-latency",
+    "crash-cost",
+    "rss-per-download",
+];
 
 const USAGE: &str = "\
 usage: dlsession-bench [--runs N] [--quick] [--only NAME] [--idle-secs S] [--output PATH]
 
   --runs N        runs per contender (default 5; --quick: 3)
   --quick         smoke run: 3 runs and smaller sizes (256 MiB instead of 1 GiB, …)
-  --only NAME     run one workload: 1gib-http, 1gib-https, small-files, many-tasks, ipc,
-                  event-latency, crash-cost, rss-per-download (repeatable)
+  --only NAME     run one workload: 1gib-http, 1gib-https, small-files, many-tasks,
+                  big-lists, ipc, event-latency, crash-cost, rss-per-download (repeatable)
   --idle-secs S   idle period of many-tasks (default 60; --quick: 10)
   --output PATH   where to write the Markdown (default: BENCHMARKS.md at the repository root
                   for a full run, target/bench-results.md with --quick or --only)
@@ -50,6 +59,8 @@ pub struct Sizes {
     pub small_size: usize,
     /// Task counts of the many-tasks growth table; the last one is the headline.
     pub many_tasks: Vec<usize>,
+    /// URLs (and finished tasks) of big-lists.
+    pub big_lists: usize,
     pub ipc_requests: usize,
     pub event_downloads: usize,
     pub event_size: usize,
@@ -67,6 +78,7 @@ impl Sizes {
             small_count: 1000,
             small_size: 100 << 10,
             many_tasks: vec![1_000, 10_000, 100_000],
+            big_lists: 100_000,
             ipc_requests: 10_000,
             event_downloads: 200,
             event_size: 16 << 10,
@@ -82,6 +94,7 @@ impl Sizes {
             big: 256 << 20,
             small_count: 200,
             many_tasks: vec![1_000, 10_000],
+            big_lists: 10_000,
             ipc_requests: 2_000,
             event_downloads: 50,
             crash_size: 256 << 20,

@@ -257,6 +257,16 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// A Content-Range from a server never panics the parser, and what it accepts is
+        /// consistent: start <= end < total.
+        #[test]
+        fn any_content_range_parses_consistently(value in ".{0,60}", a in proptest::prelude::any::<u64>(), b in proptest::prelude::any::<u64>(), t in proptest::prelude::any::<u64>()) {
+            let _ = parse_content_range(&value);
+            if let Some((start, end, total)) = parse_content_range(&format!("bytes {a}-{b}/{t}")) {
+                proptest::prop_assert!(start <= end && total.is_none_or(|t| end < t));
+            }
+        }
+
         /// No header value panics or overflows, whatever it holds.
         #[test]
         fn any_retry_after_parses_without_panicking(value in ".{0,40}", digits in "[0-9]{1,40}", secs in proptest::prelude::any::<u64>()) {

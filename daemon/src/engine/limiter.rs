@@ -41,7 +41,11 @@ impl RateLimiter {
             b.tokens = (b.tokens + refill).min(self.burst());
             b.last = now;
             b.tokens -= n as f64;
-            if b.tokens >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-b.tokens / self.rate as f64) }
+            if b.tokens >= 0.0 {
+                Duration::ZERO
+            } else {
+                Duration::try_from_secs_f64(-b.tokens / self.rate as f64).unwrap_or(Duration::from_secs(1))
+            }
         };
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;

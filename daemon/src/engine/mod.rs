@@ -643,7 +643,15 @@ impl Engine {
             {
                 return Err(Failure::restart(ErrorCode::CannotResume, "server sent an incomplete range"));
             }
-            (offset, total.or(content_length.map(|l| offset + l)), false)
+            // A length past what a file can hold is a lie, not a size.
+            let announced = match content_length.map(|l| offset.checked_add(l)) {
+                Some(None) => {
+                    return Err(Failure::permanent(ErrorCode::Network, "the response announces an impossible length"));
+                }
+                Some(Some(end)) => Some(end),
+                None => None,
+            };
+            (offset, total.or(announced), false)
         } else {
             (0, content_length, offset > 0)
         };

@@ -1,5 +1,6 @@
 //! The workloads, and the test data they share (made once per invocation).
 
+mod big_lists;
 mod crash;
 mod download;
 mod events;
@@ -146,6 +147,7 @@ pub async fn run(name: &str, ctx: &Ctx, data: &mut Data) -> Result<Outcome> {
         "event-latency" => events::run(ctx).await,
         "crash-cost" => crash::run(ctx).await,
         "rss-per-download" => rss::run(ctx).await,
+        "big-lists" => big_lists::run(ctx).await,
         other => bail!("unknown workload {other}"),
     }
 }
