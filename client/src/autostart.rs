@@ -5,7 +5,7 @@
 //! the socket: the first starts the daemon, the others find it listening.
 
 use std::fs::{DirBuilder, File, OpenOptions};
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -66,7 +66,8 @@ fn start_blocking(socket: &Path, timeout: Duration) -> Result<(), Error> {
         if let Some(parent) = p.parent() {
             let _ = DirBuilder::new().recursive(true).mode(0o700).create(parent);
         }
-        OpenOptions::new().create(true).append(true).open(p).ok()
+        rotate(p);
+        OpenOptions::new().create(true).append(true).mode(0o600).open(p).ok()
     });
     let (out, err) = match &log {
         Some(f) => (stdio(f), stdio(f)),
@@ -98,6 +99,18 @@ fn start_blocking(socket: &Path, timeout: Duration) -> Result<(), Error> {
             return Err(fail(format!("{} did not start listening within {timeout:?}{see_log}", exe.display())));
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The log of an autostarted daemon grows to this size; then it becomes `NAME.1`
+/// (replacing the one before) and a new one starts.
+const LOG_CAP: u64 = 4 << 20;
+
+fn rotate(path: &Path) {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() >= LOG_CAP) {
+        let mut old = path.as_os_str().to_owned();
+        old.push(".1");
+        let _ = std::fs::rename(path, old);
     }
 }
 

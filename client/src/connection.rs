@@ -176,16 +176,27 @@ impl Client {
     pub async fn request(&self, request: Request) -> Result<Response> {
         let name = request_name(&request);
         let after = self.shared.options.request_timeout;
-        let deadline = tokio::time::Instant::now() + after;
-        let link = tokio::time::timeout_at(deadline, self.live_link())
-            .await
-            .map_err(|_| Error::TimedOut { request: name, after })??;
-        let rx = self.send_on(&link, request)?;
-        match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(Ok(response))) => Ok(response),
-            Ok(Ok(Err(e))) => Err(Error::Daemon(e)),
-            Ok(Err(_)) => Err(link.disconnected()),
-            Err(_) => Err(Error::TimedOut { request: name, after }),
+        // One timer for the whole request: waiting for a connection, then for the answer.
+        let answer = async {
+            let link = match self.current_link() {
+                Some(link) => link,
+                None => self.live_link().await?,
+            };
+            let rx = self.send_on(&link, request)?;
+            match rx.await {
+                Ok(Ok(response)) => Ok(response),
+                Ok(Err(e)) => Err(Error::Daemon(e)),
+                Err(_) => Err(link.disconnected()),
+            }
+        };
+        tokio::time::timeout(after, answer).await.map_err(|_| Error::TimedOut { request: name, after })?
+    }
+
+    /// The current link, if one is up.
+    fn current_link(&self) -> Option<Arc<Link>> {
+        match &*self.shared.link.lock().ok()? {
+            LinkState::Up(link) => Some(link.clone()),
+            _ => None,
         }
     }
 
