@@ -238,15 +238,20 @@ async fn a_schema_1_state_directory_opens_with_everything_intact() {
     s.add("/partial.bin", Resource::generated(8 << 20, 101).etag("\"fixture-partial\""));
     s.add("/done.bin", Resource::generated(100 << 10, 102));
     s.add("/fresh.bin", Resource::generated(1000, 108));
-    s.add("/busy.bin", Resource::generated(1000, 105));
     s.add("/kept.bin", Resource::generated(8 << 20, 106).etag("\"fixture-kept\""));
+    // Still unavailable for now: task 6 keeps waiting (its events would change the counts).
+    let unavailable = dlsession_testkit::Fault::Status { code: 503, retry_after: None };
+    s.add("/busy.bin", Resource::generated(1000, 105).fault(dlsession_testkit::Hits::All, unavailable));
     let proxy = format!("http://127.0.0.1:{}", s.addr().port());
     let d = TestDaemon::start_with_env(
         &env,
         &[("HTTP_PROXY", std::ffi::OsStr::new(&proxy)), ("NO_PROXY", std::ffi::OsStr::new(""))],
     );
+    // The socket accepts (into its backlog) before the database is opened: wait for it.
+    dlsession_testkit::wait_for("the database migrated", Duration::from_secs(20), || {
+        d.log().contains("state restored sessions=2 tasks=8").then_some(())
+    });
     assert!(d.log().contains("database migrated version=2"), "{}", d.log());
-    assert!(d.log().contains("state restored sessions=2 tasks=8"), "{}", d.log());
     let c = common::client(&env).await;
 
     // Sessions and their configuration.
@@ -299,7 +304,8 @@ async fn a_schema_1_state_directory_opens_with_everything_intact() {
     assert!(detail(8).await.retired, "history is kept");
     assert_eq!(detail(9).await.info.state, S::Suspended);
 
-    // The task that waited on a 503 retries (the server works now) and finishes.
+    // The task that waited on a 503 retries, and once the server works, finishes.
+    s.add("/busy.bin", Resource::generated(1000, 105));
     let busy_done = dlsession_testkit::wait_for("task 6 to finish", Duration::from_secs(60), || {
         let d = tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(detail(6)));
         (d.info.state == S::Completed).then_some(d)

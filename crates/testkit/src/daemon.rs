@@ -282,7 +282,12 @@ impl TestDaemon {
         self.wait_ready(Duration::from_secs(20));
     }
 
-    /// Waits until the socket accepts a connection (or the daemon exits: then panics with its log).
+    /// Waits until the daemon answers on its socket (or exits: then panics with its log).
+    ///
+    /// A connect alone is not enough: the socket is bound (and takes connections into its
+    /// backlog) before the database is opened and recovered. The daemon answers a preamble
+    /// only once it serves, so the probe sends one of a protocol version nobody speaks and
+    /// waits for the refusal: everything the daemon logs while starting is logged by then.
     pub fn wait_ready(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
@@ -291,7 +296,7 @@ impl TestDaemon {
             {
                 panic!("dlsessiond exited during start-up ({status}); log:\n{}", self.log());
             }
-            if UnixStream::connect(&self.socket).is_ok() {
+            if answers(&self.socket) {
                 return;
             }
             assert!(Instant::now() < deadline, "dlsessiond not ready after {timeout:?}; log:\n{}", self.log());
@@ -368,6 +373,19 @@ impl Drop for TestDaemon {
             eprintln!("---- dlsessiond log ----\n{}\n---- end of log ----", self.log());
         }
     }
+}
+
+/// Whether a daemon answers a preamble on `socket` (see [`TestDaemon::wait_ready`]).
+fn answers(socket: &Path) -> bool {
+    use std::io::Write;
+    let Ok(mut s) = UnixStream::connect(socket) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    // "DLSD", version 0xffff (never spoken), status 0.
+    if s.write_all(b"DLSD\xff\xff\x00\x00").is_err() {
+        return false;
+    }
+    let mut reply = [0u8; 8];
+    s.read_exact(&mut reply).is_ok() && reply.starts_with(b"DLSD")
 }
 
 /// Polls `f` every 20 ms until it returns `Some`, or panics after `timeout`.
