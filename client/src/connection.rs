@@ -18,10 +18,11 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
+use crate::events::{EventReceiver, Mailbox};
 use crate::link::{Answer, Incoming, Link};
 use dlsession_proto::{
-    ClientHello, Event, Request, Response, ServerMessage, SessionInfo, SessionQuery, TaskId, TaskSpec, WatchFilter,
-    Welcome,
+    ClientHello, DetachReason, ErrorCode, Event, Request, Response, ServerMessage, SessionInfo, SessionQuery, TaskId,
+    TaskSpec, WatchFilter, Welcome,
 };
 
 /// How to connect.
@@ -42,6 +43,9 @@ pub struct ClientOptions {
     /// Connect again when the connection breaks (see the module documentation). Without
     /// it, a broken connection stays broken ([`Client::is_closed`]).
     pub reconnect: bool,
+    /// Events queued per attached session (durable events that do not fit are not lost:
+    /// the daemon keeps them, and the session asks for them again once it caught up).
+    pub event_queue: usize,
 }
 
 impl Default for ClientOptions {
@@ -57,6 +61,7 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(60),
             autostart: true,
             reconnect: true,
+            event_queue: ROUTE_QUEUE,
         }
     }
 }
@@ -90,8 +95,7 @@ pub(crate) struct RouteHandle {
     pub overflowed: Arc<AtomicBool>,
 }
 
-/// Events queued per attached session. Durable events that do not fit are not lost: the
-/// daemon keeps them, and the session asks for them again once it has caught up.
+/// Events queued per attached session by default (see `ClientOptions::event_queue`).
 const ROUTE_QUEUE: usize = 4096;
 
 #[derive(Debug)]
@@ -117,7 +121,7 @@ struct Shared {
     routes: Mutex<HashMap<String, Route>>,
     next_route: AtomicU64,
     /// Everything else (watch updates, progress of watched tasks, wakes).
-    other: Mutex<Option<mpsc::UnboundedSender<Event>>>,
+    other: Arc<Mailbox>,
     /// Registrations repeated on every new link.
     watch: Mutex<Option<WatchFilter>>,
     handles_wakes: AtomicBool,
@@ -162,7 +166,7 @@ impl Client {
             next_id: AtomicU64::new(1),
             routes: Mutex::new(HashMap::new()),
             next_route: AtomicU64::new(1),
-            other: Mutex::new(None),
+            other: Arc::default(),
             watch: Mutex::new(None),
             handles_wakes: AtomicBool::new(false),
             welcome: Mutex::new(welcome),
@@ -299,19 +303,17 @@ impl Client {
     }
 
     /// Events not routed to an attached [`crate::Session`]: task updates and progress for
-    /// `Watch`, and `Wake`. Only one receiver exists at a time; a new call replaces it.
-    pub fn events(&self) -> mpsc::UnboundedReceiver<Event> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        if let Ok(mut other) = self.shared.other.lock() {
-            *other = Some(tx);
-        }
-        rx
+    /// `Watch`, and `Wake`, coalesced per task (a slow reader gets each task's latest state
+    /// and its progress summed up). Only one receiver exists at a time; a new call replaces
+    /// it.
+    pub fn events(&self) -> EventReceiver {
+        self.shared.other.receiver()
     }
 
     /// Routes the identifier's events to a new queue; the token proves ownership. `attach`
     /// is how to rejoin the session on a new connection.
     pub(crate) fn route(&self, identifier: &str, attach: Request) -> RouteHandle {
-        let (tx, events) = mpsc::channel(ROUTE_QUEUE);
+        let (tx, events) = mpsc::channel(self.shared.options.event_queue.max(1));
         let token = self.shared.next_route.fetch_add(1, Ordering::Relaxed);
         let overflowed = Arc::new(AtomicBool::new(false));
         if let Ok(mut routes) = self.shared.routes.lock() {
@@ -353,6 +355,11 @@ impl Client {
     /// True once the connection has closed for good (it broke and reconnecting is off).
     pub fn is_closed(&self) -> bool {
         matches!(&*self.shared.link.lock().unwrap_or_else(|e| e.into_inner()), LinkState::Closed(_))
+    }
+
+    /// How long a request waits for its answer.
+    pub fn request_timeout(&self) -> Duration {
+        self.shared.options.request_timeout
     }
 
     /// True while connected (false while connecting again, and once closed).
@@ -416,6 +423,7 @@ async fn supervise(shared: Arc<Shared>, mut incoming: mpsc::UnboundedReceiver<(u
                 notify_routes(&shared, |_| Routed::ConnectionLost(text.clone()));
                 if !shared.options.reconnect {
                     set_link(&shared, LinkState::Closed(reason));
+                    shared.other.close();
                     continue;
                 }
                 warn!(reason = %text, "lost the connection to dlsessiond; connecting again");
@@ -465,48 +473,89 @@ async fn reconnect(shared: &Arc<Shared>) {
     let rejoins: Vec<(String, Request)> = shared
         .routes
         .lock()
-        .map(|r| r.iter().map(|(id, route)| (id.clone(), takeover(route.attach.clone()))).collect())
+        .map(|r| r.iter().map(|(id, route)| (id.clone(), route.attach.clone())).collect())
         .unwrap_or_default();
-    let mut answers = Vec::new();
-    for request in again.into_iter().chain(rejoins.iter().map(|(_, r)| r.clone())) {
+    let mut registrations = Vec::new();
+    for request in again {
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         match link.send(id, request) {
-            Ok(rx) => answers.push(rx),
+            Ok(rx) => registrations.push(rx),
             Err(e) => warn!(error = %e, "cannot register again with dlsessiond"),
         }
     }
-    set_link(shared, LinkState::Up(link));
-    // Answers come on the link's own reader; a rejoin that fails is told to its session.
-    let shared = shared.clone();
+    set_link(shared, LinkState::Up(link.clone()));
+    // Answers come on the link's own reader. Each session rejoins on its own, so one that
+    // cannot rejoin yet does not hold up the others.
     tokio::spawn(async move {
-        let skip = answers.len() - rejoins.len();
-        for (i, rx) in answers.into_iter().enumerate() {
-            let failed = match rx.await {
-                Ok(Ok(_)) => continue,
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => "the connection broke again".into(),
-            };
-            match i.checked_sub(skip).and_then(|j| rejoins.get(j)) {
-                Some((identifier, _)) => {
-                    warn!(session = %identifier, error = %failed, "rejoining the session failed");
-                    if let Ok(routes) = shared.routes.lock()
-                        && let Some(route) = routes.get(identifier)
-                    {
-                        let _ = route.tx.try_send(Routed::ConnectionLost(format!("rejoining failed: {failed}")));
-                    }
-                }
-                None => warn!(error = %failed, "registering again with dlsessiond failed"),
+        for rx in registrations {
+            if let Ok(Err(e)) = rx.await {
+                warn!(error = %e, "registering again with dlsessiond failed");
             }
         }
     });
+    for (identifier, attach) in rejoins {
+        tokio::spawn(rejoin(shared.clone(), link.clone(), identifier, attach));
+    }
 }
 
-/// The same attach, taking the session over from our own earlier connection (which the
-/// daemon may not have noticed is gone yet).
-fn takeover(attach: Request) -> Request {
-    match attach {
-        Request::Attach { identifier, config, .. } => Request::Attach { identifier, config, takeover: true },
+/// Attaches a session again on a new link. Our own earlier attachment may not be gone
+/// from the daemon yet (it notices the old connection closing in its own time), so
+/// `session_in_use` is retried for a moment; after that another process has the session,
+/// and the session hears it was taken over. A session that no longer exists hears it was
+/// invalidated. Other errors are retried with backoff while the link lives.
+async fn rejoin(shared: Arc<Shared>, link: Arc<Link>, identifier: String, attach: Request) {
+    // Never a takeover: if another process has the session now, it keeps it.
+    let attach = match attach {
+        Request::Attach { identifier, config, .. } => Request::Attach { identifier, config, takeover: false },
         other => other,
+    };
+    let mut wait = RECONNECT_MIN;
+    let mut in_use_since: Option<tokio::time::Instant> = None;
+    loop {
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let answer = match link.send(id, attach.clone()) {
+            Ok(rx) => rx.await,
+            Err(_) => return,
+        };
+        let error = match answer {
+            Ok(Ok(_)) => return,
+            // The link broke again: the next reconnect rejoins.
+            Err(_) => return,
+            Ok(Err(e)) => e,
+        };
+        let ending = match error.code {
+            ErrorCode::SessionInUse
+                if in_use_since.get_or_insert_with(tokio::time::Instant::now).elapsed() > IN_USE_GRACE =>
+            {
+                Some(DetachReason::TakenOver)
+            }
+            ErrorCode::NoSuchSession | ErrorCode::SessionInvalidated => Some(DetachReason::Invalidated),
+            _ => None,
+        };
+        if let Some(reason) = ending {
+            warn!(session = %identifier, error = %error, "cannot rejoin the session");
+            deliver_to_route(&shared, &identifier, Event::Detached { identifier: identifier.clone(), reason });
+            return;
+        }
+        debug!(session = %identifier, error = %error, "rejoining the session failed; trying again");
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(RECONNECT_MAX);
+        if link.is_closed() {
+            return;
+        }
+    }
+}
+
+/// How long `session_in_use` is taken for our own attachment the daemon has not dropped yet.
+const IN_USE_GRACE: Duration = Duration::from_secs(3);
+
+/// Puts an event in a session's queue (a detach must not be lost: it ends the session).
+fn deliver_to_route(shared: &Shared, identifier: &str, event: Event) {
+    let Ok(routes) = shared.routes.lock() else { return };
+    if let Some(route) = routes.get(identifier)
+        && route.tx.try_send(Routed::Event(event)).is_err()
+    {
+        route.overflowed.store(true, Ordering::Release);
     }
 }
 
@@ -534,19 +583,31 @@ fn dispatch(shared: &Shared, msg: ServerMessage) {
         && let Some(route) = routes.get(identifier)
     {
         // Never blocks: the reader must go on reading answers. An event that does not fit
-        // is dropped; a durable one comes again when the session asks (see `Routed`).
+        // is dropped; a durable one comes again when the session asks (see `Routed`). A
+        // detach is never dropped: it ends the session (the asking again would take the
+        // session back from whoever took it over).
         let progress = matches!(event, Event::Progress { .. });
-        if route.overflowed.load(Ordering::Acquire) && !progress {
+        let detach = matches!(event, Event::Detached { .. });
+        if route.overflowed.load(Ordering::Acquire) && !progress && !detach {
             return;
         }
-        if route.tx.try_send(Routed::Event(event)).is_err() && !progress {
-            route.overflowed.store(true, Ordering::Release);
+        match route.tx.try_send(Routed::Event(event)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(Routed::Event(e))) if detach => {
+                // Full: make room by telling the session to ask again, and hand the detach
+                // over as soon as there is room (the dispatcher drains the queue).
+                route.overflowed.store(true, Ordering::Release);
+                let tx = route.tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(Routed::Event(e)).await;
+                });
+            }
+            Err(_) if !progress => route.overflowed.store(true, Ordering::Release),
+            Err(_) => {}
         }
         return;
     }
-    if let Some(tx) = shared.other.lock().ok().and_then(|o| o.clone()) {
-        let _ = tx.send(event);
-    }
+    shared.other.put(event);
 }
 
 /// Tasks per `CreateTasks` request, and the bytes of specs (well under the frame limit).

@@ -41,11 +41,13 @@
 pub mod autostart;
 mod connection;
 mod error;
+mod events;
 mod link;
 mod session;
 
 pub use connection::{Client, ClientOptions};
 pub use error::{Error, Result};
+pub use events::EventReceiver;
 pub use session::{
     DownloadRequest, DownloadTask, Handled, Session, SessionConfiguration, SessionDelegate, TaskError, WakeHandler,
 };

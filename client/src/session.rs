@@ -92,13 +92,13 @@ impl SessionConfiguration {
 
     /// Idle timeout: an attempt fails (and is retried) after this long without data.
     pub fn timeout_for_request(mut self, timeout: Duration) -> Self {
-        self.config.timeout_for_request_ms = timeout.as_millis() as u64;
+        self.config.timeout_for_request_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         self
     }
 
     /// The whole budget of a task, retries included.
     pub fn timeout_for_resource(mut self, timeout: Duration) -> Self {
-        self.config.timeout_for_resource_ms = timeout.as_millis() as u64;
+        self.config.timeout_for_resource_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         self
     }
 
@@ -185,7 +185,8 @@ impl DownloadRequest {
 
     /// Do not start before this time.
     pub fn earliest_begin(mut self, at: SystemTime) -> Self {
-        self.spec.earliest_begin = at.duration_since(UNIX_EPOCH).ok().map(|d| d.as_millis() as u64);
+        self.spec.earliest_begin =
+            at.duration_since(UNIX_EPOCH).ok().map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         self
     }
 
@@ -815,14 +816,23 @@ impl Dispatcher {
         self.overflowed.store(false, Ordering::Release);
         let Some(shared) = self.session.upgrade() else { return };
         let Some(request) = shared.client.attach_request(&shared.identifier, shared.route) else { return };
+        // Attached on this very connection: no takeover (that could take the session back
+        // from a process that took it over meanwhile).
         let request = match request {
-            Request::Attach { identifier, config, .. } => Request::Attach { identifier, config, takeover: true },
+            Request::Attach { identifier, config, .. } => Request::Attach { identifier, config, takeover: false },
             other => other,
         };
         debug!(session = %self.identifier, "the event queue overflowed; asking for the events again");
         self.kept.clear();
-        if let Err(e) = self.runtime.block_on(shared.client.request(request)) {
-            warn!(session = %self.identifier, error = %e, "asking for the events again failed");
+        match self.runtime.block_on(shared.client.request(request)) {
+            Ok(_) => {}
+            Err(e) if e.code() == ErrorCode::SessionInUse => {
+                // Someone else has it now: this attachment is over.
+                if shared.client.unroute(&shared.identifier, shared.route) {
+                    self.delegate.did_detach(&Session { shared: shared.clone() }, DetachReason::TakenOver);
+                }
+            }
+            Err(e) => warn!(session = %self.identifier, error = %e, "asking for the events again failed"),
         }
     }
 
@@ -851,11 +861,15 @@ impl Dispatcher {
             }
         }
         if wait {
+            // A daemon that stopped answering must not freeze the session: each answer is
+            // waited for at most the request timeout (unanswered ones come again).
+            let limit = self.session.upgrade().map_or(Duration::from_secs(60), |s| s.client.request_timeout());
             for rx in std::mem::take(&mut self.acks_in_flight) {
-                match self.runtime.block_on(rx) {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => warn!(error = %e, "acknowledging events failed; they will be delivered again"),
-                    Err(_) => warn!("the connection closed before an acknowledgement was answered"),
+                match self.runtime.block_on(async { tokio::time::timeout(limit, rx).await }) {
+                    Ok(Ok(Ok(_))) => {}
+                    Ok(Ok(Err(e))) => warn!(error = %e, "acknowledging events failed; they will be delivered again"),
+                    Ok(Err(_)) => warn!("the connection closed before an acknowledgement was answered"),
+                    Err(_) => warn!("dlsessiond did not answer an acknowledgement in time; the events come again"),
                 }
             }
         }

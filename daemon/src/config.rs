@@ -65,6 +65,8 @@ pub struct Timing {
     pub retired_history_max: u64,
     /// Durable events nobody collected expire after this long (their files are deleted).
     pub event_retention: Duration,
+    /// Partial files kept for resume data are deleted this long after the cancel.
+    pub resume_retention: Duration,
 }
 
 /// Command-line overrides (all optional).
@@ -119,7 +121,8 @@ struct FileConfig {
     idle_exit_ms: Option<u64>,
     retired_history_days: Option<u32>,
     retired_history_max: Option<u64>,
-    event_retention_days: Option<u32>,
+    event_retention_days: Option<f64>,
+    resume_retention_days: Option<f64>,
 }
 
 impl Config {
@@ -166,7 +169,8 @@ impl Config {
                 idle_exit: file.idle_exit_ms.filter(|&ms| ms > 0).map(Duration::from_millis),
                 retired_history: days(file.retired_history_days.unwrap_or(30)),
                 retired_history_max: file.retired_history_max.unwrap_or(100_000),
-                event_retention: days(file.event_retention_days.unwrap_or(30)),
+                event_retention: fractional_days("event_retention_days", file.event_retention_days, 30.0)?,
+                resume_retention: fractional_days("resume_retention_days", file.resume_retention_days, 7.0)?,
             },
         };
         config.validate()?;
@@ -195,12 +199,7 @@ impl Config {
                 return Err(ConfigError::Invalid { key, message: "backoffs must be at least 1 ms".into() });
             }
         }
-        if self.timing.event_retention.is_zero() {
-            return Err(ConfigError::Invalid {
-                key: "event_retention_days",
-                message: "must be at least 1 (events must wait for the app at least a day)".into(),
-            });
-        }
+
         Ok(())
     }
 
@@ -217,6 +216,16 @@ impl Config {
     pub fn launch_log_dir(&self) -> PathBuf {
         self.state_dir.join("launch-logs")
     }
+}
+
+/// A number of days (fractions allowed), positive.
+fn fractional_days(key: &'static str, value: Option<f64>, default: f64) -> Result<Duration, ConfigError> {
+    let days = value.unwrap_or(default);
+    let invalid = || ConfigError::Invalid { key, message: format!("must be a positive number of days, got {days}") };
+    if days.is_nan() || days <= 0.0 {
+        return Err(invalid());
+    }
+    Duration::try_from_secs_f64(days * 86_400.0).map_err(|_| invalid())
 }
 
 fn read_file(path: &Path, required: bool) -> Result<FileConfig, ConfigError> {

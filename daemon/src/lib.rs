@@ -63,13 +63,7 @@ pub async fn run(
 ) -> Result<(), DaemonError> {
     let cfg = Arc::new(cfg);
     let (core_tx, core_rx) = mpsc::unbounded_channel();
-    let health_tx = core_tx.clone();
-    let db = cfg.database_path();
-    let (store, snapshot) = tokio::task::block_in_place(|| {
-        store::Store::open(&db, move |health| {
-            let _ = health_tx.send(CoreMsg::Storage(health));
-        })
-    })?;
+    let (store, snapshot) = open_store(&cfg, &core_tx).await?;
     let proxies = engine::proxy::Proxies::from_env();
     let client = engine::http::build_client(cfg.extra_ca_file.as_deref(), cfg.timing.connect_timeout, &proxies)?;
     let engine = Arc::new(
@@ -121,6 +115,49 @@ pub async fn run(
         }
         Ok(Err(e)) => Err(DaemonError::Fatal(e)),
         Err(e) => Err(DaemonError::Fatal(format!("core task failed: {e}"))),
+    }
+}
+
+/// Opens the database. A state directory that refuses writes for now (full, an I/O error)
+/// is waited out, with a log line and a `STATUS=` for systemd, instead of exiting: under
+/// systemd an exit would become a restart loop until someone frees space.
+async fn open_store(
+    cfg: &Config,
+    core_tx: &mpsc::UnboundedSender<CoreMsg>,
+) -> Result<(store::Store, store::Snapshot), DaemonError> {
+    let db = cfg.database_path();
+    let mut wait = std::time::Duration::from_secs(1);
+    let mut told = false;
+    loop {
+        let health_tx = core_tx.clone();
+        let opened = tokio::task::block_in_place(|| {
+            store::Store::open(&db, move |health| {
+                let _ = health_tx.send(CoreMsg::Storage(health));
+            })
+        });
+        match opened {
+            Ok(opened) => {
+                if told {
+                    info!("the database opens again; starting");
+                }
+                return Ok(opened);
+            }
+            Err(e) if e.is_weather() => {
+                if !told {
+                    error!(error = %e, "cannot open the database: its file system refuses writes; waiting until it works");
+                    told = true;
+                }
+                let status = format!("waiting for the state directory to accept writes: {e}");
+                let extend = u32::try_from((wait * 3).as_micros()).unwrap_or(u32::MAX);
+                let _ = sd_notify::notify(&[
+                    sd_notify::NotifyState::Status(&status),
+                    sd_notify::NotifyState::ExtendTimeoutUsec(extend),
+                ]);
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

@@ -15,6 +15,14 @@ use dlsession_testkit::{Resource, TestDaemon, TestEnv, TestServer, pattern_sha25
 
 fn signal(pid: u32, sig: rustix::process::Signal) {
     rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap(), sig).unwrap();
+    if sig == rustix::process::Signal::STOP {
+        // Delivered asynchronously: wait until the process is really stopped.
+        dlsession_testkit::wait_for("the daemon stopped", LONG, || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let state = stat.rsplit_once(") ")?.1.chars().next()?;
+            (state == 'T').then_some(())
+        });
+    }
 }
 
 /// The daemon is killed and started again while an app is attached and a download runs:
@@ -131,4 +139,126 @@ async fn attach_keeps_what_it_could_not_move() {
     let second = env.ctl(&["attach", "t.keep2", "--move-to", dir.to_str().unwrap()]);
     assert!(second.status.success(), "{second:?}");
     assert_eq!(sha256_file(&dir.join("m")).unwrap(), to_hex(&pattern_sha256(53, 70_000)));
+}
+
+/// Every request has a deadline: a daemon that stops answering (here: stopped with
+/// SIGSTOP) makes it fail with `timed_out`, not hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_stops_answering_times_requests_out() {
+    let env = TestEnv::new();
+    let d = TestDaemon::start(&env);
+    let client = dlsession::Client::connect(dlsession::ClientOptions {
+        socket: Some(env.socket.clone()),
+        autostart: false,
+        request_timeout: Duration::from_millis(500),
+        ..dlsession::ClientOptions::default()
+    })
+    .await
+    .unwrap();
+    signal(d.pid(), rustix::process::Signal::STOP);
+    let started = std::time::Instant::now();
+    let err = client.request(dlsession::proto::Request::Status).await.unwrap_err();
+    signal(d.pid(), rustix::process::Signal::CONT);
+    assert!(matches!(err, Error::TimedOut { .. }), "{err:?}");
+    assert_eq!(err.code(), dlsession::ErrorCode::TimedOut);
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// A slow app with a small event queue: the events that did not fit are asked for again,
+/// and every one arrives (at least once); the session ends up drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_that_overflow_the_queue_come_again() {
+    struct Slow(tokio::sync::mpsc::UnboundedSender<u64>);
+    impl dlsession::SessionDelegate for Slow {
+        fn did_complete_with_error(
+            &self,
+            _: &Session,
+            task: &dlsession::DownloadTask,
+            _: Option<&dlsession::TaskError>,
+        ) {
+            std::thread::sleep(Duration::from_millis(20));
+            let _ = self.0.send(task.id());
+        }
+    }
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    let n = 40u64;
+    for i in 0..n {
+        s.add(&format!("/e{i}"), Resource::generated(1000, 200 + i));
+    }
+    let client = dlsession::Client::connect(dlsession::ClientOptions {
+        socket: Some(env.socket.clone()),
+        autostart: false,
+        event_queue: 4,
+        ..dlsession::ClientOptions::default()
+    })
+    .await
+    .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let config = SessionConfiguration::background("t.overflow");
+    let session = Session::attach_with(&client, config, std::sync::Arc::new(Slow(tx))).await.unwrap();
+    let reqs = (0..n).map(|i| DownloadRequest::new(s.url(&format!("/e{i}")))).collect();
+    let tasks = session.download_tasks(reqs, true).await.unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < tasks.len() {
+        let id = tokio::time::timeout(LONG, rx.recv()).await.expect("every completion arrives").unwrap();
+        seen.insert(id);
+    }
+    common::wait_until(|| common::block(session.info()).map(|i| i.pending_events == 0).unwrap_or(false)).await;
+}
+
+/// A session another process took while this one was away stays with it: the rejoin does
+/// not take it back, and this process hears that it was taken over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejoin_never_takes_a_session_from_another_process() {
+    let env = TestEnv::new();
+    let mut d = TestDaemon::start(&env);
+    let dir = env.path().join("a");
+    let (delegate, mut events) = Recorder::new(&dir);
+    let a =
+        Session::attach(SessionConfiguration::background("t.contested").socket(&env.socket), delegate).await.unwrap();
+    d.kill9();
+    // Long enough for the first process's reconnect backoff to grow past a second.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    d.restart();
+    let (delegate_b, _events_b) = Recorder::new(&env.path().join("b"));
+    let _b = Session::attach(SessionConfiguration::background("t.contested").socket(&env.socket), delegate_b)
+        .await
+        .expect("the other process attaches while the first is still away");
+    events
+        .wait("the first process told it was taken over", LONG, |e| {
+            *e == Seen::Detached(dlsession::DetachReason::TakenOver)
+        })
+        .await;
+    let info = a.info().await.unwrap();
+    assert!(info.attached, "still attached: by the other process");
+}
+
+/// An app the daemon relaunched keeps running when the daemon stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relaunched_app_outlives_the_daemon() {
+    use dlsession::proto::{LaunchSpec, Request, SessionConfig, TaskSpec};
+    let env = TestEnv::new();
+    let mut d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    s.add("/x", Resource::generated(1000, 60));
+    let pidfile = env.path().join("app.pid");
+    let c = common::client(&env).await;
+    let config = SessionConfig {
+        launch: Some(LaunchSpec::Command {
+            argv: vec!["/bin/sh".into(), "-c".into(), format!("echo $$ > {}; exec sleep 30", pidfile.display())],
+        }),
+        ..SessionConfig::default()
+    };
+    c.request(Request::OpenSession { identifier: "t.outlive".into(), config: Some(config) }).await.unwrap();
+    c.create_tasks("t.outlive", vec![TaskSpec::get(s.url("/x"))], true).await.unwrap();
+    let pid: i32 = dlsession_testkit::wait_for("the relaunched app", LONG, || {
+        std::fs::read_to_string(&pidfile).ok().and_then(|p| p.trim().parse().ok())
+    });
+    drop(c);
+    assert!(d.terminate().success());
+    let alive = rustix::process::test_kill_process(rustix::process::Pid::from_raw(pid).unwrap()).is_ok();
+    assert!(alive, "the app died with the daemon");
+    let _ = rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::KILL);
 }

@@ -484,3 +484,60 @@ async fn uncollected_events_and_old_resume_files_expire() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A daemon started while its state directory is full waits for space (saying so) instead
+/// of exiting (which under systemd would be a restart loop), and starts when space returns.
+#[cfg_attr(not(dlsession_root), ignore = "needs root to mount a small filesystem; CI runs it as root")]
+#[test]
+fn a_start_on_a_full_state_directory_waits_for_space() {
+    dlsession_testkit::require_root();
+    let env = TestEnv::new();
+    let state = env.state_dir.join("dlsessiond");
+    let _mount = dlsession_testkit::Mount::tmpfs(&state, "size=2m,mode=0700");
+    {
+        let mut d = TestDaemon::start(&env);
+        assert!(d.terminate().success());
+    }
+    let filler = fill(&state);
+    let log = env.path().join("daemon.log");
+    let freer = std::thread::spawn(move || {
+        let deadline = Instant::now() + LONG;
+        while !std::fs::read_to_string(&log).unwrap_or_default().contains("waiting until it works") {
+            assert!(Instant::now() < deadline, "the daemon never said it waits");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        std::fs::remove_file(&filler).unwrap();
+    });
+    // Ready only once space is back (TestDaemon fails if the process exits meanwhile).
+    let d = TestDaemon::start(&env);
+    freer.join().unwrap();
+    assert!(d.log().contains("the database opens again; starting"), "{}", d.log());
+}
+
+/// Kept partial files of resume data go when their retention ends, while the daemon runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_resume_files_expire_while_the_daemon_runs() {
+    use dlsession::proto::{Request, Response, TaskAction, TaskSpec};
+    let env = TestEnv::new();
+    env.set_config("resume_retention_days", "0.00003"); // about 2.6 s
+    let d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    s.add("/slow", Resource::generated(8 << 20, 14).etag("\"e\"").throttle(1 << 20));
+    let c = common::client(&env).await;
+    c.request(Request::OpenSession { identifier: "t.resume".into(), config: None }).await.unwrap();
+    let id = c.create_tasks("t.resume", vec![TaskSpec::get(s.url("/slow"))], true).await.unwrap()[0];
+    common::wait_until(|| match common::block(c.request(Request::GetTask { task: id })).unwrap() {
+        Response::Task(d) => d.committed_offset > 0,
+        _ => false,
+    })
+    .await;
+    let blob = c.request(Request::ControlTask { task: id, action: TaskAction::CancelProducingResumeData }).await;
+    assert!(matches!(blob, Ok(Response::ResumeData(_))));
+    let resume_dir = env.downloads_dir().join("resume");
+    assert_eq!(std::fs::read_dir(&resume_dir).unwrap().count(), 1);
+    dlsession_testkit::wait_for("the kept partial file to expire", LONG, || {
+        (std::fs::read_dir(&resume_dir).unwrap().count() == 0).then_some(())
+    });
+    assert!(d.log().contains("removed kept partial files of resume data past their retention"), "{}", d.log());
+}

@@ -139,8 +139,8 @@ struct Run {
     /// When the worker last showed life (a report, or bytes arriving): one silent for
     /// longer than the stall limit is abandoned (see `supervise`).
     last_sign: Instant,
-    /// Bytes received at `last_sign`.
-    sign_received: u64,
+    /// `Progress::signs` at `last_sign`.
+    signs_seen: u64,
     /// The worker was told to stop because it went silent; when that happened.
     abandoned_at: Option<Instant>,
     _worker: tokio::task::JoinHandle<()>,

@@ -1,7 +1,7 @@
 //! Rebuilding state at start: sessions, tasks, undelivered events; finishing what a crash
 //! interrupted; removing files nothing refers to.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use tracing::{info, warn};
@@ -9,7 +9,7 @@ use tracing::{info, warn};
 use super::requests::{host_key, new_session};
 use super::timers::millis;
 use super::{After, Core, Timer};
-use crate::engine::files::{CompleteError, complete_move};
+use crate::engine::files::{CompleteError, Leftovers, complete_move};
 use crate::model::{Phase, now_ms};
 use crate::store::{Op, Snapshot};
 use dlsession_proto::{DurableEvent, ErrorCode, ErrorInfo, TaskId, TaskState};
@@ -69,12 +69,10 @@ impl Core {
     /// A crash hit between "data complete" and "finished committed": finish it now.
     fn recover_finish(&mut self, id: TaskId) {
         let Some(t) = self.tasks.get(&id) else { return };
-        let part = self.part_path(&t.rec);
-        let (to, overwrite) = match &t.rec.destination {
-            Some(d) => (PathBuf::from(d), t.rec.overwrite),
-            None => (self.cache_location(&t.rec), true),
-        };
-        match complete_move(&part, &to, overwrite, t.rec.committed_offset) {
+        let finish = self.finish_of(t);
+        let to = finish.to.clone();
+        // Before this process moved anything: copies named by its pid are leftovers too.
+        match complete_move(&finish, Leftovers::Any) {
             Ok(()) => {
                 info!(task = id, "finished a download interrupted while moving into place");
                 self.mark_finished(id, to.to_string_lossy().into_owned());

@@ -530,7 +530,10 @@ impl Core {
         let mut adopted = None;
         if let Some(kept) = kept {
             let part = self.part_path(&rec);
-            let linked = part.parent().map(std::fs::create_dir_all).transpose().and_then(|_| {
+            let private = |d: &std::path::Path| {
+                std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700).create(d)
+            };
+            let linked = part.parent().map(private).transpose().and_then(|_| {
                 std::fs::hard_link(&kept, &part)
                     .map(|()| true)
                     .or_else(|_| std::fs::rename(&kept, &part).map(|()| false))
@@ -662,7 +665,8 @@ impl Core {
             // Durable before the blob is handed out (both directory entries), and dated now:
             // retention counts from the cancel, not from the last byte written. Rare enough
             // for these syncs to run here rather than on a blocking thread.
-            let kept = std::fs::create_dir_all(&dir)
+            let kept = std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+                .create(&dir)
                 .and_then(|_| std::fs::rename(&part, &kept_path))
                 .and_then(|_| {
                     std::fs::File::options().write(true).open(&kept_path)?.set_modified(std::time::SystemTime::now())
@@ -774,13 +778,14 @@ impl Core {
             if !query.states.is_empty() && !query.states.contains(&t.state) {
                 continue;
             }
-            let cost = 256 + t.rec.url.len() + t.rec.description.as_ref().map_or(0, String::len);
-            if tasks.len() == limit || cost > budget {
+            let info = self.task_info(t);
+            let cost = task_cost(&info);
+            if tasks.len() == limit || (cost > budget && !tasks.is_empty()) {
                 next_after = tasks.last().map(|i: &dlsession_proto::TaskInfo| i.id);
                 break;
             }
-            budget -= cost;
-            tasks.push(self.task_info(t));
+            budget = budget.saturating_sub(cost);
+            tasks.push(info);
         }
         Ok(Answer::Now(Response::Tasks(TaskPage { tasks, next_after })))
     }
@@ -886,6 +891,22 @@ impl Core {
         let ops = self.tasks.get(&task).map(|t| vec![Op::UpdateTask(Box::new(t.rec.clone()))]).unwrap_or_default();
         self.commit(ops, after);
     }
+}
+
+/// About how many bytes a task takes in a frame (an upper estimate: every string it
+/// carries, plus room for its numbers).
+fn task_cost(t: &dlsession_proto::TaskInfo) -> usize {
+    use dlsession_proto::WaitReason as W;
+    let len = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    let wait = match &t.wait {
+        Some(W::HostLimit { host, .. }) => host.len(),
+        Some(
+            W::Backoff { last_error: e, .. } | W::DestinationUnavailable { error: e, .. } | W::StorageFull { error: e },
+        ) => e.message.len(),
+        _ => 0,
+    };
+    let error = t.error.as_ref().map_or(0, |e| e.message.len());
+    160 + t.session.len() + t.url.len() + len(&t.description) + len(&t.location) + error + wait
 }
 
 /// About how many bytes a session takes in a frame (an upper estimate).

@@ -5,7 +5,7 @@
 //! - Durable events nobody collects (an app that never comes back) expire after
 //!   `event_retention_days`: they are dropped as if acknowledged (files left in the cache
 //!   go, completed tasks retire), with a log line per session.
-//! - Kept partial files of resume data expire after [`RESUME_RETENTION`].
+//! - Kept partial files of resume data expire after `resume_retention_days`.
 //!
 //! One timer, at the earliest expiry, does the last two while the daemon runs; a start
 //! does them too. It never keeps an idle daemon from exiting.
@@ -18,9 +18,6 @@ use super::Core;
 use super::timers::{Timer, millis};
 use crate::model::{SessionKey, now_ms};
 use crate::store::Op;
-
-/// Kept partial files from `cancel_producing_resume_data` live this long.
-pub const RESUME_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl Core {
     /// Deletes retired tasks older than `retired_history`, and all but the newest
@@ -43,10 +40,11 @@ impl Core {
     /// Expires what is due and sets the timer for the next expiry.
     pub(super) fn on_housekeeping(&mut self) {
         self.expire_events();
-        if self.oldest_resume_file.is_some_and(|t| t.saturating_add(millis(RESUME_RETENTION)) <= now_ms()) {
+        let keep = self.cfg.timing.resume_retention;
+        if self.oldest_resume_file.is_some_and(|t| t.saturating_add(millis(keep)) <= now_ms()) {
             let removed = self.clean_resume_dir();
             if removed > 0 {
-                info!(removed, "removed kept partial files of resume data older than 7 days");
+                info!(removed, ?keep, "removed kept partial files of resume data past their retention");
             }
         }
         self.arm_housekeeping();
@@ -65,7 +63,7 @@ impl Core {
         let oldest_event = self.sessions.values().filter_map(|s| s.events.values().next().map(|e| e.created_at)).min();
         let next = [
             oldest_event.map(|t| t.saturating_add(retention)),
-            self.oldest_resume_file.map(|t| t.saturating_add(millis(RESUME_RETENTION))),
+            self.oldest_resume_file.map(|t| t.saturating_add(millis(self.cfg.timing.resume_retention))),
         ]
         .into_iter()
         .flatten()
@@ -102,7 +100,7 @@ impl Core {
         }
     }
 
-    /// Removes kept partial files past [`RESUME_RETENTION`]; remembers the oldest left.
+    /// Removes kept partial files past their retention; remembers the oldest left.
     pub(super) fn clean_resume_dir(&mut self) -> usize {
         self.oldest_resume_file = None;
         let Ok(entries) = std::fs::read_dir(self.resume_dir()) else { return 0 };
@@ -112,7 +110,7 @@ impl Core {
         for entry in entries.flatten() {
             let Ok(modified) = entry.metadata().and_then(|m| m.modified()) else { continue };
             let age = now.duration_since(modified).unwrap_or(Duration::ZERO);
-            if age > RESUME_RETENTION {
+            if age > self.cfg.timing.resume_retention {
                 if std::fs::remove_file(entry.path()).is_ok() {
                     removed += 1;
                 }

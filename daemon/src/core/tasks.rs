@@ -180,7 +180,7 @@ impl Core {
                 progress_held: t.rec.committed_offset > 0,
                 held_bytes: 0,
                 last_sign: std::time::Instant::now(),
-                sign_received: t.progress.received(),
+                signs_seen: t.progress.signs(),
                 abandoned_at: None,
                 _worker: worker,
             });
@@ -391,13 +391,8 @@ impl Core {
         let generation = self.next_generation;
         self.next_generation += 1;
         let Some(t) = self.tasks.get(&id) else { return };
-        let part = self.part_path(&t.rec);
-        let (to, overwrite) = match &t.rec.destination {
-            Some(d) => (d.into(), t.rec.overwrite),
-            None => (self.cache_location(&t.rec), true),
-        };
         let link = WorkerLink::new(self.tx.clone(), id, generation);
-        let worker = self.engine.spawn_move(link, part, to, overwrite, t.rec.committed_offset);
+        let worker = self.engine.spawn_move(link, self.finish_of(t));
         let key = t.rec.session;
         let (stop, _) = watch::channel(false);
         if let Some(t) = self.tasks.get_mut(&id) {
@@ -412,7 +407,7 @@ impl Core {
                 progress_held: false,
                 held_bytes: 0,
                 last_sign: std::time::Instant::now(),
-                sign_received: received,
+                signs_seen: t.progress.signs(),
                 abandoned_at: None,
                 _worker: worker,
             });
@@ -431,6 +426,22 @@ impl Core {
         self.release(id);
         self.refuse_waiting_stops(id, "finished downloading");
         self.hold_for_move(id, error);
+    }
+
+    /// Where a task's finished file goes, and how.
+    pub(super) fn finish_of(&self, t: &super::Task) -> crate::engine::files::Finish {
+        let (to, overwrite) = match &t.rec.destination {
+            Some(d) => (d.into(), t.rec.overwrite),
+            None => (self.cache_location(&t.rec), true),
+        };
+        crate::engine::files::Finish {
+            from: self.part_path(&t.rec),
+            to,
+            overwrite,
+            size: t.rec.committed_offset,
+            mode: t.rec.file_mode,
+            progress: t.progress.clone(),
+        }
     }
 
     /// Makes a task whose file could not be moved wait for the next try.
@@ -469,9 +480,9 @@ impl Core {
         for &id in &self.running {
             let Some(t) = self.tasks.get_mut(&id) else { continue };
             let Some(run) = t.run.as_mut() else { continue };
-            let received = t.progress.received();
-            if received != run.sign_received {
-                run.sign_received = received;
+            let signs = t.progress.signs();
+            if signs != run.signs_seen {
+                run.signs_seen = signs;
                 run.last_sign = now;
                 continue;
             }
@@ -526,7 +537,12 @@ impl Core {
             t.rec.last_modified = None;
         }
         t.rec.last_error = Some(failure.error.clone());
-        // A failed finish (e.g. the move) downloads again: it is no longer finishing.
+        if t.rec.phase == Phase::Finishing && !failure.discard_partial {
+            // The data is complete and committed (a bug or a hang hit the finish): keep it
+            // and try the move again, never the download.
+            let error = ErrorInfo::new(ErrorCode::DestinationUnavailable, failure.error.message);
+            return self.hold_for_move(id, error);
+        }
         t.rec.phase = Phase::Transfer;
         let after_stop = run.and_then(|r| r.after_stop);
         // A stop was requested while the attempt was failing: honour the request.

@@ -6,7 +6,12 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+
 use rustix::fs::{CWD, RenameFlags};
+
+use super::progress::Progress;
 
 /// Why a finished file could not be put in place.
 #[derive(Debug, thiserror::Error)]
@@ -29,26 +34,61 @@ pub enum CompleteError {
     Move(#[from] MoveError),
 }
 
-/// Finishes putting a complete file of `size` bytes from `from` at `to`, wherever an
-/// earlier try stopped (a crash, a failed move, a move still hanging on a dead mount when
-/// it was given up): the file is moved now, or found already moved (only the same bytes
-/// prove it: a file that was there before may have the same size), or found lost.
-/// Leftovers of an interrupted copy are removed first.
-pub fn complete_move(from: &Path, to: &Path, overwrite: bool, size: u64) -> Result<(), CompleteError> {
-    remove_stale_copies(to);
-    let len = |p: &Path| std::fs::metadata(p).map(|m| m.len()).ok();
-    let sync_err = |source: io::Error| MoveError::Io { path: to.to_path_buf(), source };
-    match (len(from), len(to)) {
+/// A finished file to put in place: `size` synced bytes at `from`, handed over at `to`
+/// with `mode`.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub from: PathBuf,
+    pub to: PathBuf,
+    pub overwrite: bool,
+    pub size: u64,
+    pub mode: u32,
+    /// Where a long copy shows it is alive.
+    pub progress: Arc<Progress>,
+}
+
+/// Which half-written copies next to a destination are leftovers (see [`remove_stale_copies`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leftovers {
+    /// At start, before this process moved anything: a copy named by its own pid is one
+    /// too (pids repeat).
+    Any,
+    /// While running: only copies of processes that no longer exist (a copy of ours that
+    /// hung and was given up may still be writing).
+    OthersOnly,
+}
+
+/// Finishes putting a complete file in place, wherever an earlier try stopped (a crash, a
+/// failed move, a move still hanging on a dead mount when it was given up): the file is
+/// moved now, or found already moved (only the same bytes prove it: a file that was there
+/// before may have the same size), or found lost. Leftovers of an interrupted copy are
+/// removed first. A file that cannot even be looked at is an error, never "lost": lost
+/// means downloading again, and the data may well be there.
+pub fn complete_move(job: &Finish, leftovers: Leftovers) -> Result<(), CompleteError> {
+    let (from, to) = (job.from.as_path(), job.to.as_path());
+    remove_stale_copies(to, leftovers);
+    let io_err = |source: io::Error| MoveError::Io { path: to.to_path_buf(), source };
+    let size_of = |p: &Path| match std::fs::metadata(p) {
+        Ok(m) => Ok(Some(m.len())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(MoveError::Io { path: p.to_path_buf(), source: e }),
+    };
+    let size = job.size;
+    match (size_of(from)?, size_of(to)?) {
         // Copied across filesystems and renamed, but the source not yet removed. The
         // destination's directory is synced first: the cache copy is the only other one.
-        (Some(a), Some(b)) if a == size && b == size && !overwrite && same_contents(from, to) => {
-            sync_parent(to).map_err(sync_err)?;
+        (Some(a), Some(b)) if a == size && b == size && !job.overwrite && same_contents(from, to) => {
+            sync_parent(to).map_err(io_err)?;
             let _ = std::fs::remove_file(from);
             Ok(())
         }
-        (Some(a), _) if a == size => Ok(move_into_place(from, to, overwrite)?),
+        (Some(a), _) if a == size => {
+            // Its mode, in case a crash came before it was made durable.
+            std::fs::set_permissions(from, std::fs::Permissions::from_mode(job.mode)).map_err(io_err)?;
+            Ok(move_into_place(job)?)
+        }
         // Renamed; whether the rename is durable is not known, so make it so.
-        (None, Some(b)) if b == size => Ok(sync_parent(to).map_err(sync_err)?),
+        (None, Some(b)) if b == size => Ok(sync_parent(to).map_err(io_err)?),
         _ => Err(CompleteError::Lost),
     }
 }
@@ -87,13 +127,19 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
 /// Moves `from` (synced) to `to`, then syncs `to`'s directory.
 ///
 /// Without `overwrite` an existing `to` is never replaced (`RENAME_NOREPLACE`). Across
-/// filesystems the data is copied to a temporary file beside `to`, synced, and renamed.
-/// Idempotent for crash recovery: if `from` is gone and `to` exists, it was moved.
-pub fn move_into_place(from: &Path, to: &Path, overwrite: bool) -> Result<(), MoveError> {
-    match rename_into_place(from, to, overwrite)? {
-        Renamed::Here => sync_parent(to).map_err(|source| MoveError::Io { path: to.to_path_buf(), source }),
-        Renamed::OtherFilesystem => move_across(from, to, overwrite),
+/// filesystems the data is copied to a temporary file beside `to`, synced, and renamed
+/// (showing signs of life in `progress` as it goes).
+pub fn move_into_place(job: &Finish) -> Result<(), MoveError> {
+    match rename_into_place(&job.from, &job.to, job.overwrite, dir_mode(job.mode))? {
+        Renamed::Here => sync_parent(&job.to).map_err(|source| MoveError::Io { path: job.to.clone(), source }),
+        Renamed::OtherFilesystem => move_across(job),
     }
+}
+
+/// The mode of a directory made for a file of `mode`: searchable where readable (0644
+/// gives 0755, 0640 gives 0750), as the app's own umask would have made it.
+fn dir_mode(mode: u32) -> u32 {
+    (mode | ((mode & 0o444) >> 2)) & 0o777
 }
 
 /// What `rename_into_place` did.
@@ -104,14 +150,14 @@ enum Renamed {
     OtherFilesystem,
 }
 
-/// The rename step of `move_into_place`, creating `to`'s missing directories.
-fn rename_into_place(from: &Path, to: &Path, overwrite: bool) -> Result<Renamed, MoveError> {
+/// The rename step of `move_into_place`, creating `to`'s missing directories (`dir_mode`).
+fn rename_into_place(from: &Path, to: &Path, overwrite: bool, dir_mode: u32) -> Result<Renamed, MoveError> {
     let io_err = |source: io::Error| MoveError::Io { path: to.to_path_buf(), source };
     let mut renamed = rename(from, to, overwrite);
     if renamed.as_ref().is_err_and(|e| e.kind() == io::ErrorKind::NotFound) && from.exists() {
         // The destination's directory is missing: create it (only then) and try again.
         if let Some(dir) = to.parent() {
-            create_dirs_durably(dir).map_err(io_err)?;
+            create_dirs_durably(dir, dir_mode).map_err(io_err)?;
         }
         renamed = rename(from, to, overwrite);
     }
@@ -124,19 +170,17 @@ fn rename_into_place(from: &Path, to: &Path, overwrite: bool) -> Result<Renamed,
 }
 
 /// Copies `from` to `to` on another filesystem, then removes `from`.
-fn move_across(from: &Path, to: &Path, overwrite: bool) -> Result<(), MoveError> {
-    let io_err = |source: io::Error| MoveError::Io { path: to.to_path_buf(), source };
-    copy_then_rename(from, to, overwrite)?;
+fn move_across(job: &Finish) -> Result<(), MoveError> {
+    let io_err = |source: io::Error| MoveError::Io { path: job.to.clone(), source };
+    copy_then_rename(job)?;
     // The copy's name must be durable before the only other copy goes.
-    sync_parent(to).map_err(io_err)?;
-    std::fs::remove_file(from).map_err(io_err)
+    sync_parent(&job.to).map_err(io_err)?;
+    std::fs::remove_file(&job.from).map_err(io_err)
 }
 
 /// A finished download to put in place, and where to say how it went.
 struct MoveJob {
-    from: PathBuf,
-    to: PathBuf,
-    overwrite: bool,
+    finish: Finish,
     reply: tokio::sync::oneshot::Sender<Result<(), MoveError>>,
     claim: Claim,
 }
@@ -204,19 +248,19 @@ impl Mover {
 
     /// `move_into_place`, done on the mover thread (or, while it is stuck, on a thread of
     /// its own), with the failpoints of the finish protocol around it.
-    pub async fn move_into_place(&self, from: PathBuf, to: PathBuf, overwrite: bool) -> Result<(), MoveError> {
+    pub async fn move_into_place(&self, finish: Finish) -> Result<(), MoveError> {
         let since = self.clock.batch_since.load(std::sync::atomic::Ordering::Acquire);
         if since != 0 && u128::from(self.clock.now().saturating_sub(since)) > STUCK.as_micros() {
-            tracing::debug!(to = %to.display(), "the mover is busy; moving on a thread of its own");
-            return move_on_own_thread(from, to, overwrite).await;
+            tracing::debug!(to = %finish.to.display(), "the mover is busy; moving on a thread of its own");
+            return move_on_own_thread(finish).await;
         }
         let (reply, mut done) = tokio::sync::oneshot::channel();
         let claim = Claim::default();
-        let job = MoveJob { from: from.clone(), to: to.clone(), overwrite, reply, claim: claim.clone() };
+        let job = MoveJob { finish: finish.clone(), reply, claim: claim.clone() };
         if let Err(std::sync::mpsc::SendError(job)) = self.tx.send(job) {
             // The mover thread is gone (it cannot panic short of a bug): move without it.
-            tracing::warn!(to = %job.to.display(), "the mover thread has stopped; moving on a thread of its own");
-            return move_on_own_thread(job.from, job.to, job.overwrite).await;
+            tracing::warn!(to = %job.finish.to.display(), "the mover thread has stopped; moving on a thread of its own");
+            return move_on_own_thread(job.finish).await;
         }
         tokio::select! {
             moved = &mut done => return moved.map_err(|_| MoveError::MoverStopped)?,
@@ -224,18 +268,18 @@ impl Mover {
         }
         // Still queued behind a slow batch: move it here, unless the mover has started.
         if claim.take() {
-            tracing::debug!(to = %to.display(), "the mover is stuck; moving on a thread of its own");
-            return move_on_own_thread(from, to, overwrite).await;
+            tracing::debug!(to = %finish.to.display(), "the mover is stuck; moving on a thread of its own");
+            return move_on_own_thread(finish).await;
         }
         done.await.map_err(|_| MoveError::MoverStopped)?
     }
 }
 
 /// `move_into_place` on a blocking thread of its own, with the finish protocol's failpoints.
-async fn move_on_own_thread(from: PathBuf, to: PathBuf, overwrite: bool) -> Result<(), MoveError> {
+async fn move_on_own_thread(finish: Finish) -> Result<(), MoveError> {
     let moved = tokio::task::spawn_blocking(move || {
         crate::failpoint::hit("finish-before-move");
-        after_move(move_into_place(&from, &to, overwrite))
+        after_move(move_into_place(&finish))
     });
     moved.await.map_err(|_| MoveError::MoverStopped)?
 }
@@ -290,11 +334,12 @@ fn move_batch(first: MoveJob, rx: &std::sync::mpsc::Receiver<MoveJob>) {
             continue;
         }
         crate::failpoint::hit("finish-before-move");
-        match rename_into_place(&job.from, &job.to, job.overwrite) {
+        let f = &job.finish;
+        match rename_into_place(&f.from, &f.to, f.overwrite, dir_mode(f.mode)) {
             Ok(Renamed::Here) => renamed.push(job),
             Ok(Renamed::OtherFilesystem) => {
                 let copy = |job: MoveJob| {
-                    let _ = job.reply.send(after_move(move_across(&job.from, &job.to, job.overwrite)));
+                    let _ = job.reply.send(after_move(move_across(&job.finish)));
                 };
                 // The job comes back if the thread cannot start: then it is copied here.
                 let slot = std::sync::Arc::new(Mutex::new(Some(job)));
@@ -319,13 +364,13 @@ fn move_batch(first: MoveJob, rx: &std::sync::mpsc::Receiver<MoveJob>) {
     // One sync per destination directory covers every rename in it.
     let mut synced: HashMap<PathBuf, Option<(io::ErrorKind, String)>> = HashMap::new();
     for job in renamed {
-        let dir = parent_dir(&job.to).to_path_buf();
+        let dir = parent_dir(&job.finish.to).to_path_buf();
         let outcome =
             synced.entry(dir).or_insert_with_key(|dir| DIR_SYNCS.sync(dir).err().map(|e| (e.kind(), e.to_string())));
         let result = match outcome {
             None => Ok(()),
             Some((kind, msg)) => {
-                Err(MoveError::Io { path: job.to.clone(), source: io::Error::new(*kind, msg.clone()) })
+                Err(MoveError::Io { path: job.finish.to.clone(), source: io::Error::new(*kind, msg.clone()) })
             }
         };
         let _ = job.reply.send(after_move(result));
@@ -338,7 +383,7 @@ fn parent_dir(path: &Path) -> &Path {
 
 /// `create_dir_all`, with each new directory's entry synced into its parent: a finished
 /// file is only as durable as the directories leading to it.
-fn create_dirs_durably(dir: &Path) -> io::Result<()> {
+fn create_dirs_durably(dir: &Path, mode: u32) -> io::Result<()> {
     let mut missing = Vec::new();
     let mut cur = Some(dir);
     while let Some(d) = cur.filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
@@ -347,7 +392,12 @@ fn create_dirs_durably(dir: &Path) -> io::Result<()> {
     }
     for d in missing.into_iter().rev() {
         match std::fs::create_dir(d) {
-            Ok(()) => sync_parent(d)?,
+            // Set explicitly: the daemon's own umask (0077 under its systemd unit) would
+            // make the user's new directories private.
+            Ok(()) => {
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode))?;
+                sync_parent(d)?;
+            }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
@@ -391,7 +441,7 @@ fn create_copy_temp(to: &Path) -> io::Result<(PathBuf, File)> {
 /// before this process moves anything, so a copy named by this process's own pid is a
 /// leftover too (pids repeat, in containers every start); a copy by another live process
 /// (a second daemon of this user, copying right now) is left alone.
-pub fn remove_stale_copies(to: &Path) {
+pub fn remove_stale_copies(to: &Path, leftovers: Leftovers) {
     let (Some(dir), Some(name)) = (to.parent(), to.file_name()) else { return };
     let prefix = format!(".{}.dlsessiond-", name.to_string_lossy());
     let Ok(entries) = std::fs::read_dir(dir) else { return };
@@ -403,7 +453,8 @@ pub fn remove_stale_copies(to: &Path) {
         let (pid, seq) = tag.split_once('-').unwrap_or((tag, "0"));
         let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
         let Some(pid) = pid.parse::<i32>().ok().filter(|_| digits(pid) && digits(seq)) else { continue };
-        if pid != i32::try_from(std::process::id()).unwrap_or(-1) && is_running(pid) {
+        let ours = pid == i32::try_from(std::process::id()).unwrap_or(-1);
+        if (ours && leftovers == Leftovers::OthersOnly) || (!ours && is_running(pid)) {
             continue;
         }
         match std::fs::remove_file(entry.path()) {
@@ -421,14 +472,15 @@ fn is_running(pid: i32) -> bool {
     }
 }
 
-fn copy_then_rename(from: &Path, to: &Path, overwrite: bool) -> Result<(), MoveError> {
+fn copy_then_rename(job: &Finish) -> Result<(), MoveError> {
+    let (to, overwrite) = (job.to.as_path(), job.overwrite);
     let io_err = |source: io::Error| MoveError::Io { path: to.to_path_buf(), source };
     let (tmp, mut dst) = create_copy_temp(to).map_err(io_err)?;
     let result = (|| {
-        let mut src = File::open(from)?;
+        let mut src = File::open(&job.from)?;
         // The copy is handed over with the file's mode, not the daemon's umask.
-        dst.set_permissions(src.metadata()?.permissions())?;
-        io::copy(&mut src, &mut dst)?;
+        dst.set_permissions(std::fs::Permissions::from_mode(job.mode))?;
+        copy_beating(&mut src, &mut dst, &job.progress)?;
         dst.sync_all()?;
         rename(&tmp, to, overwrite)
     })();
@@ -442,6 +494,28 @@ fn copy_then_rename(from: &Path, to: &Path, overwrite: bool) -> Result<(), MoveE
         });
     }
     Ok(())
+}
+
+/// Copies `src` into `dst`, showing a sign of life every 8 MiB (a copy of a large file to
+/// a slow disk takes minutes and is no stall).
+fn copy_beating(src: &mut File, dst: &mut File, progress: &Progress) -> io::Result<()> {
+    use std::io::{Read, Write};
+    let mut buf = vec![0u8; 1 << 20];
+    let mut since_beat = 0usize;
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        dst.write_all(buf.get(..n).unwrap_or_default())?;
+        since_beat += n;
+        if since_beat >= 8 << 20 {
+            since_beat = 0;
+            progress.beat();
+        }
+    }
 }
 
 /// fsyncs the directory holding `path`, making a rename in it durable.
@@ -516,6 +590,17 @@ impl DirSyncs {
 mod tests {
     use super::*;
 
+    fn finish(from: &Path, to: &Path, overwrite: bool, size: u64) -> Finish {
+        Finish {
+            from: from.to_path_buf(),
+            to: to.to_path_buf(),
+            overwrite,
+            size,
+            mode: 0o644,
+            progress: Arc::new(Progress::default()),
+        }
+    }
+
     #[test]
     fn concurrent_directory_syncs_all_succeed() {
         let dir = tempfile::tempdir().unwrap();
@@ -563,7 +648,10 @@ mod tests {
                 std::fs::create_dir_all(to.parent().unwrap()).unwrap();
             }
             let mover = mover.clone();
-            moves.push(tokio::spawn(async move { (i, to.clone(), mover.move_into_place(from, to, false).await) }));
+            let size = std::fs::metadata(&from).unwrap().len();
+            moves.push(tokio::spawn(async move {
+                (i, to.clone(), mover.move_into_place(finish(&from, &to, false, size)).await)
+            }));
         }
         for m in moves {
             let (i, to, result) = m.await.unwrap();
@@ -607,14 +695,18 @@ mod tests {
         for p in keep.iter().chain(&stale) {
             std::fs::write(p, b"x").unwrap();
         }
-        remove_stale_copies(&to);
+        // While running, a copy under our own pid may still be in progress: kept.
+        remove_stale_copies(&to, Leftovers::OthersOnly);
+        assert!(stale[1].exists(), "our own copy is left alone while running");
+        assert!(!stale[0].exists() && !stale[2].exists(), "a dead process's copies go");
+        remove_stale_copies(&to, Leftovers::Any);
         for p in &stale {
             assert!(!p.exists(), "{} is a leftover and goes", p.display());
         }
         for p in &keep {
             assert!(p.exists(), "{} is not a leftover of ours and stays", p.display());
         }
-        remove_stale_copies(&dir.path().join("missing-dir/x"));
+        remove_stale_copies(&dir.path().join("missing-dir/x"), Leftovers::Any);
     }
 
     #[test]
@@ -628,7 +720,7 @@ mod tests {
         }
         let src = dir.path().join("src");
         std::fs::write(&src, b"new data").unwrap();
-        copy_then_rename(&src, &to, false).unwrap();
+        copy_then_rename(&finish(&src, &to, false, 8)).unwrap();
         assert_eq!(std::fs::read(&to).unwrap(), b"new data", "not refused as if the destination existed");
     }
 
@@ -639,25 +731,69 @@ mod tests {
         let to = dir.path().join("out/f");
         // Not moved yet.
         std::fs::write(&from, b"12345").unwrap();
-        complete_move(&from, &to, false, 5).unwrap();
+        complete_move(&finish(&from, &to, false, 5), Leftovers::OthersOnly).unwrap();
         assert_eq!(std::fs::read(&to).unwrap(), b"12345");
         assert!(!from.exists());
         // Moved already (the source is gone): nothing to do but sync.
-        complete_move(&from, &to, false, 5).unwrap();
+        complete_move(&finish(&from, &to, false, 5), Leftovers::OthersOnly).unwrap();
         // Copied already, the source not yet removed: adopted only with the same bytes.
         std::fs::write(&from, b"12345").unwrap();
-        complete_move(&from, &to, false, 5).unwrap();
+        complete_move(&finish(&from, &to, false, 5), Leftovers::OthersOnly).unwrap();
         assert!(!from.exists());
         std::fs::write(&from, b"54321").unwrap();
-        assert!(matches!(complete_move(&from, &to, false, 5), Err(CompleteError::Move(MoveError::Exists(_)))));
+        assert!(matches!(
+            complete_move(&finish(&from, &to, false, 5), Leftovers::OthersOnly),
+            Err(CompleteError::Move(MoveError::Exists(_)))
+        ));
         assert_eq!(std::fs::read(&from).unwrap(), b"54321", "kept");
         // Gone from both places: lost.
         std::fs::remove_file(&from).unwrap();
         std::fs::remove_file(&to).unwrap();
-        assert!(matches!(complete_move(&from, &to, false, 5), Err(CompleteError::Lost)));
+        assert!(matches!(
+            complete_move(&finish(&from, &to, false, 5), Leftovers::OthersOnly),
+            Err(CompleteError::Lost)
+        ));
         // A short cache file is not a finished download.
         std::fs::write(&from, b"123").unwrap();
-        assert!(matches!(complete_move(&from, &to, false, 5), Err(CompleteError::Lost)));
+        assert!(matches!(
+            complete_move(&finish(&from, &to, false, 5), Leftovers::OthersOnly),
+            Err(CompleteError::Lost)
+        ));
+        // A file that cannot be looked at is not lost: it may be complete.
+        let unreadable = dir.path().join("not-a-dir/x.part");
+        std::fs::write(dir.path().join("not-a-dir"), b"a file").unwrap();
+        let err = complete_move(&finish(&unreadable, &to, false, 5), Leftovers::OthersOnly).unwrap_err();
+        assert!(matches!(err, CompleteError::Move(MoveError::Io { .. })), "{err:?}");
+    }
+
+    /// A long copy shows signs of life, so the supervisor never takes it for a stall.
+    #[test]
+    fn a_long_copy_shows_signs_of_life() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("big");
+        std::fs::write(&from, vec![7u8; 40 << 20]).unwrap();
+        let job = finish(&from, &dir.path().join("copy"), false, 40 << 20);
+        copy_then_rename(&job).unwrap();
+        assert!(job.progress.signs() >= 5, "one sign per 8 MiB: {}", job.progress.signs());
+        assert_eq!(std::fs::metadata(dir.path().join("copy")).unwrap().len(), 40 << 20);
+    }
+
+    #[test]
+    fn handed_over_files_and_new_directories_get_the_clients_mode() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("1.part");
+        std::fs::write(&from, b"data").unwrap();
+        let to = dir.path().join("a/b/f");
+        let job = Finish { mode: 0o640, ..finish(&from, &to, false, 4) };
+        complete_move(&job, Leftovers::OthersOnly).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o777;
+        assert_eq!(mode(&to), 0o640);
+        assert_eq!(mode(&dir.path().join("a")), 0o750);
+        assert_eq!(mode(&dir.path().join("a/b")), 0o750);
+        assert_eq!(dir_mode(0o644), 0o755);
+        assert_eq!(dir_mode(0o600), 0o700);
+        assert_eq!(dir_mode(0o664), 0o775);
     }
 
     #[test]
@@ -666,18 +802,18 @@ mod tests {
         let a = dir.path().join("a");
         let b = dir.path().join("sub/b");
         std::fs::write(&a, b"new").unwrap();
-        move_into_place(&a, &b, false).unwrap();
+        move_into_place(&finish(&a, &b, false, 0)).unwrap();
         assert_eq!(std::fs::read(&b).unwrap(), b"new");
         assert!(!a.exists());
         std::fs::write(&a, b"newer").unwrap();
-        assert!(matches!(move_into_place(&a, &b, false), Err(MoveError::Exists(_))));
+        assert!(matches!(move_into_place(&finish(&a, &b, false, 0)), Err(MoveError::Exists(_))));
         assert_eq!(std::fs::read(&b).unwrap(), b"new", "existing file untouched");
-        move_into_place(&a, &b, true).unwrap();
+        move_into_place(&finish(&a, &b, true, 0)).unwrap();
         assert_eq!(std::fs::read(&b).unwrap(), b"newer");
         // Several missing levels are created (and synced) on the way.
         std::fs::write(&a, b"deep").unwrap();
         let deep = dir.path().join("x/y/z/f");
-        move_into_place(&a, &deep, false).unwrap();
+        move_into_place(&finish(&a, &deep, false, 0)).unwrap();
         assert_eq!(std::fs::read(&deep).unwrap(), b"deep");
     }
 }

@@ -10,13 +10,14 @@ pub mod direct;
 pub mod files;
 pub mod http;
 pub mod limiter;
+pub mod progress;
 pub mod proxy;
 pub mod writer;
 
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -33,30 +34,8 @@ use dlsession_proto::{ErrorCode, Header, TaskId, is_sensitive_header};
 pub use http::{Failure, Retry};
 use http::{HttpClient, classify, is_strong_etag, is_transient_status, parse_content_range, parse_retry_after};
 use limiter::RateLimiter;
+pub use progress::Progress;
 use writer::{CheckpointPolicy, WriterMsg};
-
-/// Live counters of a task, shared between its worker and the core.
-#[derive(Debug, Default)]
-pub struct Progress {
-    /// Bytes in the partial file, including those from earlier attempts.
-    pub received: AtomicU64,
-    /// `u64::MAX` when unknown.
-    pub expected: AtomicU64,
-}
-
-impl Progress {
-    pub fn new(received: u64, expected: Option<u64>) -> Progress {
-        Progress { received: AtomicU64::new(received), expected: AtomicU64::new(expected.unwrap_or(u64::MAX)) }
-    }
-
-    pub fn received(&self) -> u64 {
-        self.received.load(Ordering::Relaxed)
-    }
-
-    pub fn expected(&self) -> Option<u64> {
-        Some(self.expected.load(Ordering::Relaxed)).filter(|&e| e != u64::MAX)
-    }
-}
 
 /// What a worker reports. Tagged with the task and run generation by [`WorkerLink`].
 #[derive(Debug)]
@@ -109,6 +88,8 @@ pub struct ResponseMeta {
     pub offset: u64,
     /// Earlier data was discarded (resource changed, no validators, or no range support).
     pub restarted: bool,
+    /// The partial file already holds the whole resource: there is no body to write.
+    pub complete: bool,
 }
 
 #[derive(Debug)]
@@ -240,17 +221,11 @@ impl Engine {
     /// Puts a finished file (synced at `from`, `size` bytes) at `to` again, after an earlier
     /// try failed or was cut short by a restart; reports `Moved`, `MoveFailed`, or a
     /// failure that starts the download over if the data is gone.
-    pub fn spawn_move(
-        &self,
-        link: WorkerLink,
-        from: PathBuf,
-        to: PathBuf,
-        overwrite: bool,
-        size: u64,
-    ) -> tokio::task::JoinHandle<()> {
+    pub fn spawn_move(&self, link: WorkerLink, job: files::Finish) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
-            let target = to.clone();
-            let done = tokio::task::spawn_blocking(move || files::complete_move(&from, &to, overwrite, size)).await;
+            let target = job.to.clone();
+            let done =
+                tokio::task::spawn_blocking(move || files::complete_move(&job, files::Leftovers::OthersOnly)).await;
             let outcome = match done {
                 Ok(Ok(())) => Outcome::Moved(target.to_string_lossy().into_owned()),
                 Ok(Err(files::CompleteError::Lost)) => Outcome::Failed(Failure::restart(
@@ -279,7 +254,8 @@ impl Engine {
             None
         } else {
             let mode = job.file_mode;
-            match tokio::task::spawn_blocking(move || writer::prepare(&path, want, hash, mode)).await {
+            let progress = job.progress.clone();
+            match tokio::task::spawn_blocking(move || writer::prepare(&path, want, hash, mode, &progress)).await {
                 Ok(Ok(p)) => Some(p),
                 Ok(Err(e)) => return Outcome::Failed(file_failure(&e, "preparing the partial file")),
                 Err(e) => return Outcome::Failed(Failure::transient(ErrorCode::Internal, format!("worker: {e}"))),
@@ -326,6 +302,7 @@ impl Engine {
             });
         }
         let meta = ResponseMeta { restarted: meta.restarted || lost_data, ..meta };
+        let complete = meta.complete;
         crate::failpoint::hit("worker-response");
         job.progress.received.store(meta.offset, Ordering::Relaxed);
         job.progress.expected.store(meta.total.unwrap_or(u64::MAX), Ordering::Relaxed);
@@ -357,11 +334,13 @@ impl Engine {
         let link = job.link.clone();
         let path = job.part_path.clone();
         let mode = job.file_mode;
+        let progress = job.progress.clone();
         let start_writer = move || {
             tokio::task::spawn_blocking(move || {
                 let prepared = match prepared {
                     Some(p) => p,
-                    None => writer::prepare(&path, 0, hash, mode).map_err(|e| (e, "preparing the partial file"))?,
+                    None => writer::prepare(&path, 0, hash, mode, &progress)
+                        .map_err(|e| (e, "preparing the partial file"))?,
                 };
                 writer::run(prepared, &path, policy, link, rx).map_err(|e| (e, "writing the partial file"))
             })
@@ -375,6 +354,10 @@ impl Engine {
         let mut writer = None;
         let mut body = resp.into_body();
         let ended = loop {
+            if complete {
+                // The body of a 416 is an error page, never data.
+                break BodyEnd::Complete;
+            }
             if hold.is_none() && writer.is_none() {
                 writer = start_writer.take().map(|start| start());
             }
@@ -428,7 +411,15 @@ impl Engine {
         let Ok(FinishPlan::Move { to, overwrite }) = plan.await else {
             return Outcome::Aborted;
         };
-        match self.mover.move_into_place(job.part_path.clone(), to.clone(), overwrite).await {
+        let finish = files::Finish {
+            from: job.part_path.clone(),
+            to: to.clone(),
+            overwrite,
+            size: done.offset,
+            mode: job.file_mode,
+            progress: job.progress.clone(),
+        };
+        match self.mover.move_into_place(finish).await {
             Ok(()) => Outcome::Moved(to.to_string_lossy().into_owned()),
             // The data is complete and synced: it stays, and the core tries again later.
             Err(e) => Outcome::MoveFailed(move_error(&e)),
@@ -600,6 +591,28 @@ impl Engine {
             return Err(f);
         }
         if status == 416 && offset > 0 {
+            // `bytes */N` with N the offset asked for: the partial file already holds the
+            // whole resource (a stop came after the last byte, before the finish).
+            let complete = get(hyper::header::CONTENT_RANGE)
+                .and_then(|v| v.trim().strip_prefix("bytes */").and_then(|n| n.trim().parse::<u64>().ok()))
+                .is_some_and(|n| n == offset);
+            let unchanged = match (&job.etag, get(hyper::header::ETAG)) {
+                (Some(old), Some(new)) => *old == new,
+                _ => true,
+            };
+            if complete && unchanged {
+                return Ok(ResponseMeta {
+                    status,
+                    final_url: redact_url(&final_url),
+                    headers: Vec::new(),
+                    etag: job.etag.clone(),
+                    last_modified: job.last_modified.clone(),
+                    total: Some(offset),
+                    offset,
+                    restarted: false,
+                    complete: true,
+                });
+            }
             return Err(Failure::restart(
                 ErrorCode::CannotResume,
                 "server refused the range request (416); restarting",
@@ -668,6 +681,7 @@ impl Engine {
             total,
             offset: start,
             restarted,
+            complete: false,
         })
     }
 }

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use super::WorkerEvent;
 use super::WorkerLink;
+use super::progress::Progress;
 
 #[derive(Debug)]
 pub enum WriterMsg {
@@ -60,16 +61,18 @@ pub struct Prepared {
     /// The file was created (or emptied) now: its directory entry is made durable before
     /// the first checkpoint refers to it.
     pub fresh: bool,
+    /// The mode the finished file is handed over with (until then it is 0600).
+    pub final_mode: u32,
 }
 
 /// Opens (creating) the partial file and trims it to `offset`. If the file is shorter
 /// than `offset` (deleted or truncated behind our back) the download restarts at zero.
-/// A new file gets `mode` (whatever the daemon's umask): the mode the finished file is
-/// handed over with; the session directory it lives in is private.
+/// A new file is private (0600, whatever the daemon's umask); the finished file gets
+/// `mode` (see [`run`]). Re-hashing a resumed file shows as signs of life in `progress`.
 ///
 /// Never writes through a symlink: a symlink planted where the partial file or its
 /// session directory should be is removed (or refused), not followed.
-pub fn prepare(path: &Path, offset: u64, hash: bool, mode: u32) -> std::io::Result<Prepared> {
+pub fn prepare(path: &Path, offset: u64, hash: bool, mode: u32, progress: &Progress) -> std::io::Result<Prepared> {
     if let Some(dir) = path.parent() {
         match std::fs::symlink_metadata(dir) {
             Ok(m) if m.file_type().is_symlink() => {
@@ -83,13 +86,16 @@ pub fn prepare(path: &Path, offset: u64, hash: bool, mode: u32) -> std::io::Resu
             Err(_) => {
                 use std::os::unix::fs::DirBuilderExt;
                 std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+                // The new directory's own entry must be durable before a checkpoint refers
+                // to a file in it (rare: once per session).
+                super::files::sync_parent(dir)?;
             }
         }
     }
     if offset == 0 {
-        let file = open_fresh(path, mode)?;
+        let file = open_fresh(path)?;
         let hasher = hash.then(Sha256::new);
-        return Ok(Prepared { file, offset, hasher, fresh: true });
+        return Ok(Prepared { file, offset, hasher, fresh: true, final_mode: mode });
     }
     let existed = match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_file() => true,
@@ -109,7 +115,7 @@ pub fn prepare(path: &Path, offset: u64, hash: bool, mode: u32) -> std::io::Resu
         .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(path)?;
     if !existed {
-        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        file.set_permissions(std::fs::Permissions::from_mode(PARTIAL_MODE))?;
     }
     let len = file.metadata()?.len();
     let offset = if !existed || len < offset { 0 } else { offset };
@@ -127,19 +133,24 @@ pub fn prepare(path: &Path, offset: u64, hash: bool, mode: u32) -> std::io::Resu
             file.read_exact(chunk)?;
             h.update(&*chunk);
             left -= want as u64;
+            progress.beat();
         }
         Some(h)
     } else {
         None
     };
     file.seek(SeekFrom::Start(offset))?;
-    Ok(Prepared { file, offset, hasher, fresh: !existed })
+    Ok(Prepared { file, offset, hasher, fresh: !existed, final_mode: mode })
 }
+
+/// A partial file's mode: private until it is finished (and the daemon can always open it
+/// again, whatever mode it is handed over with).
+const PARTIAL_MODE: u32 = 0o600;
 
 /// Opens the partial file of a download that starts at zero, emptied. No stat first: with
 /// 16 downloads creating files in one directory, every path lookup waits on the others'
 /// creates and renames, and a fresh download needs only the open.
-fn open_fresh(path: &Path, mode: u32) -> std::io::Result<File> {
+fn open_fresh(path: &Path) -> std::io::Result<File> {
     let open = || {
         std::fs::OpenOptions::new()
             .read(true)
@@ -161,8 +172,8 @@ fn open_fresh(path: &Path, mode: u32) -> std::io::Result<File> {
     if !file.metadata()?.is_file() {
         return Err(not_regular(path));
     }
-    // An explicit mode, not the daemon's umask (a systemd unit may set 0077).
-    file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    // An explicit mode: the file may be left over from an attempt of another mode.
+    file.set_permissions(std::fs::Permissions::from_mode(PARTIAL_MODE))?;
     Ok(file)
 }
 
@@ -183,7 +194,7 @@ pub fn run(
     link: WorkerLink,
     mut rx: mpsc::Receiver<WriterMsg>,
 ) -> std::io::Result<WriterDone> {
-    let Prepared { file: mut out, offset, mut hasher, fresh } = prepared;
+    let Prepared { file: mut out, offset, mut hasher, fresh, final_mode } = prepared;
     let mut offset = offset;
     // A checkpoint must not refer to a file whose directory entry a power cut could lose.
     let mut entry_unsynced = fresh;
@@ -278,7 +289,11 @@ pub fn run(
                 if let Some(d) = direct.take() {
                     d.finish(&out)?;
                 }
-                sync_inline(&mut out, offset)?;
+                // The mode it is handed over with (set explicitly: the daemon's umask does
+                // not matter), made durable with the data: a full fsync, not fdatasync.
+                out.set_permissions(std::fs::Permissions::from_mode(final_mode))?;
+                out.sync_all()?;
+                tracing::debug!(task = link.task(), offset, "synced");
                 let sha256 = hasher.map(|h| h.finalize().into());
                 return Ok(WriterDone { offset, sha256 });
             }
@@ -491,14 +506,14 @@ mod tests {
         let part = dir.path().join("s1/7.part");
         std::fs::create_dir_all(part.parent().unwrap()).unwrap();
         std::os::unix::fs::symlink(&victim, &part).unwrap();
-        let p = prepare(&part, 5, false, 0o644).unwrap();
+        let p = prepare(&part, 5, false, 0o644, &Progress::default()).unwrap();
         assert_eq!(p.offset, 0, "starts over");
         assert!(std::fs::symlink_metadata(&part).unwrap().file_type().is_file());
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious", "the link target is untouched");
         // The same for a download that starts at zero (no stat before the open).
         std::fs::remove_file(&part).unwrap();
         std::os::unix::fs::symlink(&victim, &part).unwrap();
-        let mut p = prepare(&part, 0, false, 0o644).unwrap();
+        let mut p = prepare(&part, 0, false, 0o644, &Progress::default()).unwrap();
         p.file.write_all(b"new").unwrap();
         assert!(std::fs::symlink_metadata(&part).unwrap().file_type().is_file());
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious", "the link target is untouched");
@@ -512,15 +527,18 @@ mod tests {
             0,
         )
         .unwrap();
-        assert!(prepare(&fifo, 0, false, 0o644).is_err(), "a FIFO is refused");
+        assert!(prepare(&fifo, 0, false, 0o644, &Progress::default()).is_err(), "a FIFO is refused");
         std::fs::create_dir(dir.path().join("s1/9.part")).unwrap();
-        assert!(prepare(&dir.path().join("s1/9.part"), 0, false, 0o644).is_err(), "a directory is refused");
+        assert!(
+            prepare(&dir.path().join("s1/9.part"), 0, false, 0o644, &Progress::default()).is_err(),
+            "a directory is refused"
+        );
 
         let linked_dir = dir.path().join("s2");
         std::os::unix::fs::symlink(dir.path().join("elsewhere"), &linked_dir).unwrap();
         std::fs::create_dir_all(dir.path().join("elsewhere")).unwrap();
         assert!(
-            prepare(&linked_dir.join("1.part"), 0, false, 0o644).is_err(),
+            prepare(&linked_dir.join("1.part"), 0, false, 0o644, &Progress::default()).is_err(),
             "a symlinked session directory is refused"
         );
     }
@@ -532,7 +550,7 @@ mod tests {
         let part = dir.path().join("s/1.part");
         std::fs::create_dir_all(part.parent().unwrap()).unwrap();
         std::fs::write(&part, head).unwrap();
-        let prepared = prepare(&part, head.len() as u64, true, 0o644).unwrap();
+        let prepared = prepare(&part, head.len() as u64, true, 0o644, &Progress::default()).unwrap();
         let (core_tx, mut core_rx) = tokio::sync::mpsc::unbounded_channel();
         let link = WorkerLink::new(core_tx, 1, 1);
         let (tx, rx) = mpsc::channel(4);
@@ -593,7 +611,7 @@ mod tests {
     fn rig() -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let part = dir.path().join("s/1.part");
-        let prepared = prepare(&part, 0, false, 0o644).unwrap();
+        let prepared = prepare(&part, 0, false, 0o644, &Progress::default()).unwrap();
         let (core_tx, core_rx) = tokio::sync::mpsc::unbounded_channel();
         let link = WorkerLink::new(core_tx, 1, 1);
         let (tx, rx) = mpsc::channel(4);
@@ -732,13 +750,31 @@ mod tests {
         let part = dir.path().join("s/1.part");
         std::fs::create_dir_all(part.parent().unwrap()).unwrap();
         std::fs::write(&part, b"left over from an attempt that never checkpointed").unwrap();
-        let p = prepare(&part, 0, true, 0o644).unwrap();
+        let p = prepare(&part, 0, true, 0o644, &Progress::default()).unwrap();
         assert_eq!(p.offset, 0);
         assert_eq!(std::fs::metadata(&part).unwrap().len(), 0);
         assert!(p.hasher.is_some());
         // A missing session directory is created.
-        let p = prepare(&dir.path().join("new/2.part"), 0, false, 0o644).unwrap();
+        let p = prepare(&dir.path().join("new/2.part"), 0, false, 0o644, &Progress::default()).unwrap();
         assert!(p.hasher.is_none());
+    }
+
+    /// Hashing a resumed file again shows signs of life, and partial files are private
+    /// until they are finished.
+    #[test]
+    fn rehashing_shows_signs_of_life_and_partials_are_private() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("1.part");
+        std::fs::write(&part, vec![1u8; 8 << 20]).unwrap();
+        let progress = Progress::default();
+        let p = prepare(&part, 8 << 20, true, 0o644, &progress).unwrap();
+        assert!(progress.signs() >= 8, "one sign per MiB hashed: {}", progress.signs());
+        assert!(p.hasher.is_some());
+        let fresh = dir.path().join("2.part");
+        let p = prepare(&fresh, 0, false, 0o444, &progress).unwrap();
+        assert_eq!(std::fs::metadata(&fresh).unwrap().mode() & 0o777, 0o600, "private, and writable by us");
+        assert_eq!(p.final_mode, 0o444);
     }
 
     #[test]
@@ -746,9 +782,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let part = dir.path().join("1.part");
         std::fs::write(&part, b"abc").unwrap();
-        assert_eq!(prepare(&part, 10, false, 0o644).unwrap().offset, 0);
+        assert_eq!(prepare(&part, 10, false, 0o644, &Progress::default()).unwrap().offset, 0);
         std::fs::write(&part, b"abcdef").unwrap();
-        let p = prepare(&part, 4, true, 0o644).unwrap();
+        let p = prepare(&part, 4, true, 0o644, &Progress::default()).unwrap();
         assert_eq!(p.offset, 4);
         assert_eq!(std::fs::metadata(&part).unwrap().len(), 4, "trimmed to the committed offset");
     }

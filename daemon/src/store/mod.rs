@@ -54,6 +54,30 @@ pub enum StoreError {
     Closed,
 }
 
+impl StoreError {
+    /// The file system refuses writes for now (full, quota, I/O error): worth waiting out,
+    /// unlike a corrupt, foreign, newer or read-only database.
+    pub fn is_weather(&self) -> bool {
+        let sqlite = |e: &rusqlite::Error| match e {
+            rusqlite::Error::SqliteFailure(f, _) => {
+                matches!(f.code, rusqlite::ErrorCode::DiskFull | rusqlite::ErrorCode::SystemIoFailure)
+            }
+            rusqlite::Error::ToSqlConversionFailure(inner) => {
+                inner.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                    [rustix::io::Errno::NOSPC, rustix::io::Errno::DQUOT, rustix::io::Errno::IO]
+                        .iter()
+                        .any(|e| io.raw_os_error() == Some(e.raw_os_error()))
+                })
+            }
+            _ => false,
+        };
+        match self {
+            StoreError::Open { source, .. } | StoreError::Sql(source) => sqlite(source),
+            _ => false,
+        }
+    }
+}
+
 /// One change to persist. Ops of one batch commit together or not at all.
 #[derive(Debug)]
 pub enum Op {

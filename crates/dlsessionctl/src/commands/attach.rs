@@ -110,9 +110,12 @@ pub async fn run(ctx: &Ctx, args: AttachArgs) -> Result<Exit> {
 /// acknowledgements may still be on their way: asked again for a moment.
 async fn drained(client: &dlsession::Client, identifier: &str) -> Result<bool> {
     for _ in 0..50 {
-        let info = match client.request(Request::GetSession { identifier: identifier.to_owned() }).await? {
-            Response::Session(info) => info,
-            other => return Err(CliError::unexpected("session", &other)),
+        let info = match client.request(Request::GetSession { identifier: identifier.to_owned() }).await {
+            Ok(Response::Session(info)) => info,
+            Ok(other) => return Err(CliError::unexpected("session", &other)),
+            // The daemon went away: the reconnect tells again when it is back.
+            Err(dlsession::Error::Disconnected { .. }) => return Ok(false),
+            Err(e) => return Err(e.into()),
         };
         if info.tasks.active() > 0 {
             return Ok(false);

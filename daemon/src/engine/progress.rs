@@ -1,0 +1,44 @@
+//! What a running task shows of itself: bytes in its file, and signs of life.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Live counters of a task, shared between its worker (and its threads) and the core.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Bytes in the partial file, including those from earlier attempts.
+    pub received: AtomicU64,
+    /// `u64::MAX` when unknown.
+    pub expected: AtomicU64,
+    /// Bumped by long steps that move no bytes of the download (hashing a resumed file,
+    /// copying a finished one to another file system): the core's supervisor takes it as
+    /// a sign of life, so a healthy long step is never abandoned as stuck.
+    pub alive: AtomicU64,
+}
+
+impl Progress {
+    pub fn new(received: u64, expected: Option<u64>) -> Progress {
+        Progress {
+            received: AtomicU64::new(received),
+            expected: AtomicU64::new(expected.unwrap_or(u64::MAX)),
+            alive: AtomicU64::new(0),
+        }
+    }
+
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    pub fn expected(&self) -> Option<u64> {
+        Some(self.expected.load(Ordering::Relaxed)).filter(|&e| e != u64::MAX)
+    }
+
+    /// Signs of life so far (see `alive`).
+    pub fn signs(&self) -> u64 {
+        self.alive.load(Ordering::Relaxed).wrapping_add(self.received())
+    }
+
+    /// A long step made progress.
+    pub fn beat(&self) {
+        self.alive.fetch_add(1, Ordering::Relaxed);
+    }
+}
