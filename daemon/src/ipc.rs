@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use interprocess::local_socket::tokio::{Listener, Stream, prelude::*};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::core::{ConnHandle, CoreMsg, CoreTx, Mailbox};
+use crate::conn::{ConnEvent, ConnHandle, Mailbox, PauseCheck, ToCore};
 use dlsession_proto::handshake::{HandshakeStatus, Preamble};
 use dlsession_proto::io::{read_frame, read_preamble};
 use dlsession_proto::{ClientHello, ErrorCode, ErrorInfo, ProtoError, RequestFrame, ServerMessage, Welcome, frame, v1};
@@ -29,30 +29,20 @@ pub struct IpcSettings {
     pub max_connections: usize,
 }
 
-/// The core asks whether any connection is open. If none is, the server stops accepting
-/// (answered inside the accept loop, so no connection slips in between) and waits: `resume`
-/// firing means accept again, `resume` dropped means stop for good. The pause lets the
-/// core first handle what connections that just closed had sent.
-#[derive(Debug)]
-pub struct IdleCheck {
-    pub reply: oneshot::Sender<bool>,
-    pub resume: oneshot::Receiver<()>,
-}
-
 /// What woke the accept loop.
 enum Next {
     Accepted(std::io::Result<Stream>),
-    IdleCheck(IdleCheck),
+    PauseCheck(PauseCheck),
 }
 
 /// Accepts connections until `shutdown` turns true, or until the core lets an idle pause
-/// (see [`IdleCheck`]) end in a stop.
-pub async fn serve(
+/// (see [`PauseCheck`]) end in a stop.
+pub async fn serve<C: ToCore>(
     listener: Listener,
-    core: CoreTx,
+    core: C,
     settings: IpcSettings,
     mut shutdown: watch::Receiver<bool>,
-    mut idle_checks: mpsc::Receiver<IdleCheck>,
+    mut idle_checks: mpsc::Receiver<PauseCheck>,
 ) {
     let our_uid = rustix::process::geteuid().as_raw();
     let slots = Arc::new(Semaphore::new(settings.max_connections));
@@ -62,12 +52,12 @@ pub async fn serve(
     loop {
         let accepted = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => break,
-            Some(check) = idle_checks.recv() => Next::IdleCheck(check),
+            Some(check) = idle_checks.recv() => Next::PauseCheck(check),
             r = listener.accept() => Next::Accepted(r),
         };
         let accepted = match accepted {
             Next::Accepted(r) => r,
-            Next::IdleCheck(check) => {
+            Next::PauseCheck(check) => {
                 let idle = live.load(Ordering::Acquire) == 0;
                 let _ = check.reply.send(idle);
                 if idle {
@@ -116,14 +106,14 @@ impl Drop for LiveGuard {
     }
 }
 
-struct Connection {
+struct Connection<C> {
     id: u64,
-    core: CoreTx,
+    core: C,
     settings: IpcSettings,
     our_uid: u32,
 }
 
-impl Connection {
+impl<C: ToCore> Connection<C> {
     async fn run(self, stream: Stream, slots: Arc<Semaphore>) {
         let creds = stream.peer_creds();
         let (uid, pid) = match &creds {
@@ -188,7 +178,7 @@ impl Connection {
             out: out_tx.clone(),
             mailbox: mailbox.clone(),
         };
-        if self.core.send(CoreMsg::Open(handle)).is_err() {
+        if !self.core.send(ConnEvent::Open(handle)) {
             return;
         }
         let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
@@ -201,7 +191,7 @@ impl Connection {
             let _ = out_tx.send(ServerMessage::Response { id: 0, result: Err(error) });
         }
         drop(out_tx);
-        let _ = self.core.send(CoreMsg::Closed(self.id));
+        let _ = self.core.send(ConnEvent::Closed(self.id));
         let _ = writer.await;
         debug!("connection closed");
     }
@@ -213,8 +203,8 @@ impl Connection {
             let Ok(permit) = in_flight.acquire().await else { return Ok(()) };
             permit.forget();
             let Some(frame) = read_frame::<_, RequestFrame>(rd, &mut buf).await? else { return Ok(()) };
-            let msg = CoreMsg::Request { conn: self.id, id: frame.id, request: frame.request };
-            if self.core.send(msg).is_err() {
+            let msg = ConnEvent::Request { conn: self.id, id: frame.id, request: frame.request };
+            if !self.core.send(msg) {
                 return Ok(());
             }
             if buf.capacity() > 64 << 10 {

@@ -12,6 +12,7 @@
 //! [`run`] is the entry point that tests and `main` share.
 
 pub mod config;
+pub mod conn;
 mod core;
 pub mod engine;
 pub mod failpoint;

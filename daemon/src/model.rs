@@ -41,7 +41,9 @@ pub enum Phase {
     Finishing,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// `Debug` shows where the task stands, its URL redacted and without its headers or
+/// resume secret (it ends up in logs and panic messages).
+#[derive(Clone, PartialEq)]
 pub struct TaskRecord {
     pub id: TaskId,
     pub session: SessionKey,
@@ -84,6 +86,26 @@ pub struct TaskRecord {
     pub resume_secret: Option<u64>,
     /// The completed event was acknowledged: the task is history.
     pub retired: bool,
+}
+
+impl std::fmt::Debug for TaskRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskRecord")
+            .field("id", &self.id)
+            .field("session", &self.session)
+            .field("url", &dlsession_proto::redact::url(&self.url))
+            .field("state", &self.state)
+            .field("phase", &self.phase)
+            .field("committed_offset", &self.committed_offset)
+            .field("bytes_expected", &self.bytes_expected)
+            .field("attempts", &self.attempts)
+            .field("last_error", &self.last_error)
+            .field("retry_at", &self.retry_at)
+            .field("location", &self.location)
+            .field("error", &self.error)
+            .field("retired", &self.retired)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

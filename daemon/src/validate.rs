@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use dlsession_proto::redact;
 use dlsession_proto::{ErrorCode, ErrorInfo, Header, LaunchSpec, SessionConfig, TaskSpec};
 use url::Url;
 
@@ -52,27 +53,11 @@ pub fn url(raw: &str, limits: &Limits) -> Result<Url, ErrorInfo> {
             format!("only http and https URLs can be downloaded (got {s:?})"),
         ));
     }
-    let url = parsed.map_err(|e| err(ErrorCode::InvalidUrl, format!("invalid URL {:?}: {e}", redact(raw))))?;
+    let url = parsed.map_err(|e| err(ErrorCode::InvalidUrl, format!("invalid URL {:?}: {e}", redact::url(raw))))?;
     if url.host_str().is_none_or(str::is_empty) {
-        return Err(err(ErrorCode::InvalidUrl, format!("URL {:?} has no host", redact(raw))));
+        return Err(err(ErrorCode::InvalidUrl, format!("URL {:?} has no host", redact::url(raw))));
     }
     Ok(url)
-}
-
-/// A URL for messages: credentials removed even if it does not parse.
-fn redact(raw: &str) -> String {
-    if let Ok(u) = Url::parse(raw) {
-        return crate::engine::redact_url(&u);
-    }
-    let Some((scheme, rest)) = raw.split_once("://") else { return raw.to_owned() };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest.split_at_checked(authority_end) {
-        Some((authority, path)) => match authority.rsplit_once('@') {
-            Some((_, host)) => format!("{scheme}://{host}{path}"),
-            None => raw.to_owned(),
-        },
-        None => raw.to_owned(),
-    }
 }
 
 pub fn headers(headers: &[Header], limits: &Limits) -> Result<(), ErrorInfo> {

@@ -37,6 +37,7 @@ pub mod handshake;
 pub mod io;
 pub mod message;
 pub mod paths;
+pub mod redact;
 pub mod v1;
 pub mod validate;
 

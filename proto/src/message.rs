@@ -12,7 +12,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ErrorInfo;
+use crate::{ErrorInfo, redact};
 
 /// Task ids are unique across the daemon and never reused.
 pub type TaskId = u64;
@@ -286,18 +286,22 @@ impl Header {
 
     /// True for headers whose value is a secret and must never be logged or printed.
     pub fn is_sensitive(&self) -> bool {
-        is_sensitive_header(&self.name)
+        redact::is_sensitive_header(&self.name)
     }
 
-    /// The value, or `<redacted>` for sensitive headers.
+    /// The value, or `REDACTED` for credentials (see [`crate::redact`]).
     pub fn display_value(&self) -> &str {
-        if self.is_sensitive() { "<redacted>" } else { &self.value }
+        redact::header_value(&self.name, &self.value)
     }
 }
 
-/// Header names whose values are credentials.
-pub fn is_sensitive_header(name: &str) -> bool {
-    ["authorization", "proxy-authorization", "cookie", "set-cookie"].iter().any(|s| name.eq_ignore_ascii_case(s))
+/// A URL inside a `Debug` dump, shown the way [`redact::url`] shows it.
+struct ShownUrl<'a>(&'a str);
+
+impl fmt::Debug for ShownUrl<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&redact::url(self.0), f)
+    }
 }
 
 impl fmt::Debug for Header {
@@ -306,8 +310,8 @@ impl fmt::Debug for Header {
     }
 }
 
-/// How a download task is created.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// How a download task is created. `Debug` shows the URL redacted.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskSpec {
     /// `http` or `https` only.
     pub url: String,
@@ -341,6 +345,22 @@ impl TaskSpec {
             overwrite: false,
             expected_size: None,
         }
+    }
+}
+
+impl fmt::Debug for TaskSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskSpec")
+            .field("url", &ShownUrl(&self.url))
+            .field("headers", &self.headers)
+            .field("description", &self.description)
+            .field("priority", &self.priority)
+            .field("earliest_begin", &self.earliest_begin)
+            .field("expected_sha256", &self.expected_sha256)
+            .field("destination", &self.destination)
+            .field("overwrite", &self.overwrite)
+            .field("expected_size", &self.expected_size)
+            .finish()
     }
 }
 
@@ -409,7 +429,8 @@ pub enum WaitReason {
     StorageFull { error: ErrorInfo },
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `Debug` shows the URL redacted.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskInfo {
     pub id: TaskId,
     pub session: String,
@@ -429,8 +450,8 @@ pub struct TaskInfo {
     pub wait: Option<WaitReason>,
 }
 
-/// Everything about one task, for `dlsessionctl show`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Everything about one task, for `dlsessionctl show`. `Debug` shows URLs redacted.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskDetail {
     pub info: TaskInfo,
     pub request_headers: Vec<Header>,
@@ -456,6 +477,51 @@ pub struct TaskDetail {
     pub resource_deadline: Option<UnixMillis>,
     /// The task's completed event has been acknowledged; it is history.
     pub retired: bool,
+}
+
+impl fmt::Debug for TaskInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskInfo")
+            .field("id", &self.id)
+            .field("session", &self.session)
+            .field("state", &self.state)
+            .field("url", &ShownUrl(&self.url))
+            .field("description", &self.description)
+            .field("priority", &self.priority)
+            .field("bytes_received", &self.bytes_received)
+            .field("bytes_expected", &self.bytes_expected)
+            .field("speed", &self.speed)
+            .field("location", &self.location)
+            .field("error", &self.error)
+            .field("created_at", &self.created_at)
+            .field("wait", &self.wait)
+            .finish()
+    }
+}
+
+impl fmt::Debug for TaskDetail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskDetail")
+            .field("info", &self.info)
+            .field("request_headers", &self.request_headers)
+            .field("expected_sha256", &self.expected_sha256)
+            .field("destination", &self.destination)
+            .field("partial_path", &self.partial_path)
+            .field("final_url", &self.final_url.as_deref().map(ShownUrl))
+            .field("response_status", &self.response_status)
+            .field("response_headers", &self.response_headers)
+            .field("etag", &self.etag)
+            .field("last_modified", &self.last_modified)
+            .field("committed_offset", &self.committed_offset)
+            .field("resumable", &self.resumable)
+            .field("attempts", &self.attempts)
+            .field("last_error", &self.last_error)
+            .field("started_at", &self.started_at)
+            .field("finished_at", &self.finished_at)
+            .field("resource_deadline", &self.resource_deadline)
+            .field("retired", &self.retired)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -2,6 +2,7 @@
 //! `--json` (SPEC §11). Wire types are converted here, never serialized directly.
 //! Times are milliseconds since the Unix epoch; URLs are redacted.
 
+use dlsession_proto::redact;
 use std::io::Write;
 
 use serde::Serialize;
@@ -11,7 +12,6 @@ use dlsession_proto::{
 };
 
 use crate::error::Result;
-use crate::output::redact_url;
 
 /// Writes one JSON document followed by a newline.
 pub fn print<T: Serialize>(value: &T) -> Result<()> {
@@ -219,7 +219,7 @@ impl From<&TaskInfo> for TaskJson {
             id: t.id,
             session: t.session.clone(),
             state: t.state.as_str(),
-            url: redact_url(&t.url),
+            url: redact::url(&t.url),
             bytes_received: t.bytes_received,
             bytes_expected: t.bytes_expected,
             location: t.location.clone(),
@@ -272,7 +272,7 @@ impl From<&TaskDetail> for TaskDetailJson {
     fn from(d: &TaskDetail) -> TaskDetailJson {
         TaskDetailJson {
             task: TaskJson::from(&d.info),
-            final_url: d.final_url.as_deref().map(redact_url),
+            final_url: d.final_url.as_deref().map(redact::url),
             request_headers: headers(&d.request_headers),
             response_status: d.response_status,
             response_headers: headers(&d.response_headers),

@@ -1,4 +1,4 @@
-//! Human formatting: sizes, speeds, durations, times, redacted URLs, file names from
+//! Human formatting: sizes, speeds, durations, times, file names from
 //! URLs, and the short and long explanations of why a task is not running.
 
 use std::io::IsTerminal;
@@ -196,87 +196,6 @@ pub fn wait_sentence(w: &WaitReason, task: u64, now: u64) -> String {
     }
 }
 
-/// Query keys whose values are secrets (matched case-insensitively, as substrings of
-/// the key with punctuation removed).
-const SECRET_KEYS: &[&str] = &["token", "sig", "key", "password", "passwd", "secret", "auth", "credential"];
-
-fn is_secret_key(key: &str) -> bool {
-    let k: String = key.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>().to_ascii_lowercase();
-    SECRET_KEYS.iter().any(|s| k.contains(s))
-}
-
-/// Replaces the values of secret-looking `key=value` pairs in a query or fragment.
-fn redact_pairs(raw: &str) -> Option<String> {
-    let mut changed = false;
-    let parts: Vec<String> = raw
-        .split('&')
-        .map(|piece| {
-            let (key, _) = piece.split_once('=').unwrap_or((piece, ""));
-            let decoded = String::from_utf8_lossy(&percent_decode(&key.replace('+', " "))).into_owned();
-            if piece.contains('=') && is_secret_key(&decoded) {
-                changed = true;
-                format!("{key}=REDACTED")
-            } else {
-                piece.to_owned()
-            }
-        })
-        .collect();
-    changed.then(|| parts.join("&"))
-}
-
-/// A URL for display: user name and password dropped, values of secret-looking query
-/// parameters (`token`, `sig`, `X-Amz-Signature`, `api_key`…) shown as `REDACTED`.
-pub fn redact_url(raw: &str) -> String {
-    let Ok(mut url) = url::Url::parse(raw) else { return redact_unparsed(raw) };
-    if !url.username().is_empty() || url.password().is_some() {
-        let _ = url.set_password(None);
-        let _ = url.set_username("");
-    }
-    if let Some(q) = url.query().and_then(redact_pairs) {
-        url.set_query(Some(&q));
-    }
-    if let Some(f) = url.fragment().and_then(redact_pairs) {
-        url.set_fragment(Some(&f));
-    }
-    url.to_string()
-}
-
-/// Best effort for strings that are not URLs: drop anything before an `@` in the authority.
-fn redact_unparsed(raw: &str) -> String {
-    let Some((scheme, rest)) = raw.split_once("://") else { return raw.to_owned() };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest.split_at_checked(end) {
-        Some((authority, tail)) => match authority.rsplit_once('@') {
-            Some((_, host)) => format!("{scheme}://{host}{tail}"),
-            None => raw.to_owned(),
-        },
-        None => raw.to_owned(),
-    }
-}
-
-/// Decodes `%XX` escapes (invalid escapes are kept as they are).
-pub fn percent_decode(s: &str) -> Vec<u8> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        if b == b'%'
-            && let (Some(hi), Some(lo)) = (bytes.get(i + 1).and_then(hex), bytes.get(i + 2).and_then(hex))
-        {
-            out.push(hi * 16 + lo);
-            i += 3;
-        } else {
-            out.push(b);
-            i += 1;
-        }
-    }
-    out
-}
-
-fn hex(b: &u8) -> Option<u8> {
-    (*b as char).to_digit(16).map(|d| d as u8)
-}
-
 /// The name used when a URL gives none (`https://host/`, `…/..`).
 pub const FALLBACK_FILE_NAME: &str = "download";
 
@@ -302,7 +221,7 @@ pub fn sanitize_file_name(name: &str) -> String {
 pub fn file_name_from_url(raw: &str) -> Option<String> {
     let url = url::Url::parse(raw).ok()?;
     let last = url.path_segments().and_then(|mut s| s.next_back()).unwrap_or_default();
-    let decoded = String::from_utf8_lossy(&percent_decode(last)).into_owned();
+    let decoded = String::from_utf8_lossy(&dlsession_proto::redact::percent_decode(last)).into_owned();
     Some(sanitize_file_name(&decoded))
 }
 
@@ -407,20 +326,6 @@ mod tests {
     }
 
     #[test]
-    fn urls_are_redacted() {
-        assert_eq!(redact_url("https://user:pw@example.org/a.bin"), "https://example.org/a.bin");
-        assert_eq!(redact_url("https://tok@example.org/a"), "https://example.org/a");
-        assert_eq!(
-            redact_url("https://h/f?X-Amz-Signature=abc&x=1&access_token=s3cr3t&api_key=k"),
-            "https://h/f?X-Amz-Signature=REDACTED&x=1&access_token=REDACTED&api_key=REDACTED"
-        );
-        assert_eq!(redact_url("https://h/f?page=2&q=a%20b"), "https://h/f?page=2&q=a%20b");
-        assert_eq!(redact_url("https://h/cb#access_token=abc&state=1"), "https://h/cb#access_token=REDACTED&state=1");
-        assert_eq!(redact_url("http://u:p@bad host/x"), "http://bad host/x");
-        assert_eq!(redact_url("not a url"), "not a url");
-    }
-
-    #[test]
     fn file_names_from_urls() {
         assert_eq!(file_name_from_url("https://h/dir/a.bin").as_deref(), Some("a.bin"));
         assert_eq!(file_name_from_url("https://h/dir/my%20file.iso?x=1").as_deref(), Some("my file.iso"));
@@ -433,12 +338,6 @@ mod tests {
         assert!(file_name_from_url(&format!("https://h/{}", "é".repeat(300))).unwrap().len() <= 200);
         assert_eq!(sanitize_file_name("."), FALLBACK_FILE_NAME);
         assert_eq!(sanitize_file_name(""), FALLBACK_FILE_NAME);
-    }
-
-    #[test]
-    fn percent_decoding() {
-        assert_eq!(percent_decode("a%20b%zz%4"), b"a b%zz%4");
-        assert_eq!(percent_decode("%C3%A9"), "é".as_bytes());
     }
 
     #[test]

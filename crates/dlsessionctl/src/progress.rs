@@ -1,6 +1,7 @@
 //! Live progress for `get --wait` and `watch`: indicatif bars on stderr when it is a
 //! terminal; otherwise no escape codes at all, only plain lines.
 
+use dlsession_proto::redact;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io::{IsTerminal, Write};
@@ -103,7 +104,7 @@ impl Progress {
     pub fn update(&mut self, info: &TaskInfo) {
         self.names
             .entry(info.id)
-            .or_insert_with(|| output::file_name_from_url(&info.url).unwrap_or_else(|| output::redact_url(&info.url)));
+            .or_insert_with(|| output::file_name_from_url(&info.url).unwrap_or_else(|| redact::url(&info.url)));
         if self.multi.is_none() {
             return;
         }

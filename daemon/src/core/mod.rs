@@ -7,7 +7,6 @@
 //! response, a durable event) is released only after its commit.
 
 mod backoff;
-mod conn;
 mod convert;
 mod delivery;
 mod recovery;
@@ -25,7 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-pub use conn::{ConnHandle, ConnId, Mailbox};
+use crate::conn::{ConnEvent, ConnHandle, ConnId, PauseCheck};
 pub use sched::LaneKey;
 
 use crate::config::Config;
@@ -41,16 +40,28 @@ use timers::{Mono, Timer, Timers};
 
 pub type CoreTx = mpsc::UnboundedSender<CoreMsg>;
 
+/// The socket server's events, as messages on the core's channel.
+impl crate::conn::ToCore for CoreTx {
+    fn send(&self, event: ConnEvent) -> bool {
+        mpsc::UnboundedSender::send(self, CoreMsg::Conn(event)).is_ok()
+    }
+}
+
+/// The engine's reports, as messages on the core's channel.
+#[derive(Debug)]
+struct ToCore(CoreTx);
+
+impl crate::engine::Sink for ToCore {
+    fn report(&self, task: TaskId, generation: u64, event: WorkerEvent) {
+        let _ = self.0.send(CoreMsg::Worker { task, generation, event });
+    }
+}
+
 /// Everything the core reacts to.
 #[derive(Debug)]
 pub enum CoreMsg {
-    Open(ConnHandle),
-    Closed(ConnId),
-    Request {
-        conn: ConnId,
-        id: u64,
-        request: Request,
-    },
+    /// From the socket server.
+    Conn(ConnEvent),
     /// A task-creating request's destinations were checked on disk (off this thread).
     DestinationsChecked {
         conn: ConnId,
@@ -224,6 +235,8 @@ pub struct Core {
     store: Store,
     engine: Arc<Engine>,
     tx: CoreTx,
+    /// Where workers report (`tx`, seen by the engine).
+    sink: Arc<dyn crate::engine::Sink>,
     rx: mpsc::UnboundedReceiver<CoreMsg>,
     sessions: HashMap<SessionKey, Session>,
     /// Ordered: sessions are listed (and paged) by identifier.
@@ -285,7 +298,7 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct IdleExit {
     pub after: Duration,
-    pub ask: mpsc::Sender<crate::ipc::IdleCheck>,
+    pub ask: mpsc::Sender<PauseCheck>,
 }
 
 impl Core {
@@ -303,6 +316,7 @@ impl Core {
             cfg,
             store,
             engine,
+            sink: Arc::new(ToCore(tx.clone())),
             tx,
             rx,
             sessions: HashMap::new(),
@@ -366,7 +380,7 @@ impl Core {
         let idle = self.idle_exit.as_ref()?;
         let (reply, answer) = oneshot::channel();
         let (resume_tx, resume) = oneshot::channel();
-        idle.ask.send(crate::ipc::IdleCheck { reply, resume }).await.ok()?;
+        idle.ask.send(PauseCheck { reply, resume }).await.ok()?;
         answer.await.unwrap_or(false).then_some(resume_tx)
     }
 
@@ -449,9 +463,9 @@ impl Core {
 
     fn handle(&mut self, msg: CoreMsg) {
         match msg {
-            CoreMsg::Open(handle) => self.on_open(handle),
-            CoreMsg::Closed(id) => self.on_closed(id),
-            CoreMsg::Request { conn, id, request } => self.on_request(conn, id, request),
+            CoreMsg::Conn(ConnEvent::Open(handle)) => self.on_open(handle),
+            CoreMsg::Conn(ConnEvent::Closed(id)) => self.on_closed(id),
+            CoreMsg::Conn(ConnEvent::Request { conn, id, request }) => self.on_request(conn, id, request),
             CoreMsg::DestinationsChecked { conn, id, request, result } => match result {
                 Ok(()) => self.handle_request(conn, id, *request, requests::DiskCheck::Done),
                 Err(e) => self.reply(conn, id, Err(e)),

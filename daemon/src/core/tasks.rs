@@ -147,7 +147,7 @@ impl Core {
             .and_then(|d| tokio::time::Instant::now().checked_add(Duration::from_millis(d.saturating_sub(now))));
         let (stop_tx, stop_rx) = watch::channel(false);
         let job = Job {
-            link: WorkerLink::new(self.tx.clone(), id, generation),
+            link: WorkerLink::new(self.sink.clone(), id, generation),
             session: s.rec.identifier.clone(),
             url: t.rec.url.clone(),
             headers,
@@ -391,7 +391,7 @@ impl Core {
         let generation = self.next_generation;
         self.next_generation += 1;
         let Some(t) = self.tasks.get(&id) else { return };
-        let link = WorkerLink::new(self.tx.clone(), id, generation);
+        let link = WorkerLink::new(self.sink.clone(), id, generation);
         let worker = self.engine.spawn_move(link, self.finish_of(t));
         let key = t.rec.session;
         let (stop, _) = watch::channel(false);

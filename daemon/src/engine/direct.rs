@@ -23,7 +23,7 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use super::WorkerLink;
-use super::writer::CheckpointPolicy;
+use super::checkpoint::CheckpointPolicy;
 
 const DIRECT_THREAD: &str = "the direct-write thread";
 
@@ -121,7 +121,7 @@ impl Direct {
         STARTED_HERE.with(|n| n.set(n.get() + 1));
         let (jobs, rx) = mpsc::sync_channel::<Job>(4);
         let (back_tx, back) = mpsc::channel::<Aligned>();
-        let delay = super::writer::test_sync_delay();
+        let delay = super::checkpoint::test_sync_delay();
         let thread = std::thread::Builder::new()
             .name("dl-direct".into())
             .spawn(move || io_loop(&direct, &rx, &back_tx, &link, delay))?;
@@ -228,7 +228,7 @@ impl Direct {
     /// Closes the job queue and waits for the I/O thread; its error, if any.
     fn join(&mut self) -> io::Result<()> {
         self.jobs = None;
-        super::writer::join(self.thread.take(), DIRECT_THREAD)
+        super::checkpoint::join(self.thread.take(), DIRECT_THREAD)
     }
 
     /// Why the I/O thread is gone (it ends early only on an error).
@@ -310,7 +310,7 @@ fn io_loop(
                 rustix::fs::fdatasync(direct)?;
                 std::thread::sleep(delay);
                 tracing::debug!(task = link.task(), offset = upto, "synced");
-                super::writer::report_checkpoint(link, upto);
+                super::checkpoint::report_checkpoint(link, upto);
             }
         }
     }

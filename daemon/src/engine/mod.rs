@@ -6,6 +6,7 @@
 //! durable, the data is complete, a failure and whether it is transient) and the core
 //! decides.
 
+pub mod checkpoint;
 pub mod direct;
 pub mod files;
 pub mod http;
@@ -29,13 +30,14 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span};
 use url::Url;
 
-use crate::core::{CoreMsg, CoreTx};
-use dlsession_proto::{ErrorCode, Header, TaskId, is_sensitive_header};
+use checkpoint::CheckpointPolicy;
+use dlsession_proto::redact::{self, is_sensitive_header};
+use dlsession_proto::{ErrorCode, Header, TaskId};
 pub use http::{Failure, Retry};
 use http::{HttpClient, classify, is_strong_etag, is_transient_status, parse_content_range, parse_retry_after};
 use limiter::RateLimiter;
 pub use progress::Progress;
-use writer::{CheckpointPolicy, WriterMsg};
+use writer::WriterMsg;
 
 /// What a worker reports. Tagged with the task and run generation by [`WorkerLink`].
 #[derive(Debug)]
@@ -112,10 +114,16 @@ const WRITER_QUEUE: usize = 4;
 /// interval is handed over as it stands and the rest streams, so it checkpoints on time.
 const SMALL_BODY: u64 = 1 << 20;
 
-/// The worker's way back to the core.
+/// Where workers report. The engine defines it and knows nothing of who listens: the
+/// core implements it (one message on its channel per report); tests collect reports.
+pub trait Sink: Send + Sync + std::fmt::Debug {
+    fn report(&self, task: TaskId, generation: u64, event: WorkerEvent);
+}
+
+/// A worker's way back: its task, its attempt, and the sink.
 #[derive(Debug, Clone)]
 pub struct WorkerLink {
-    tx: CoreTx,
+    sink: Arc<dyn Sink>,
     task: TaskId,
     generation: u64,
     /// Set when the attempt's async half is gone (finished, or aborted by the core after it
@@ -125,8 +133,8 @@ pub struct WorkerLink {
 }
 
 impl WorkerLink {
-    pub fn new(tx: CoreTx, task: TaskId, generation: u64) -> WorkerLink {
-        WorkerLink { tx, task, generation, abandoned: Arc::default() }
+    pub fn new(sink: Arc<dyn Sink>, task: TaskId, generation: u64) -> WorkerLink {
+        WorkerLink { sink, task, generation, abandoned: Arc::default() }
     }
 
     pub fn task(&self) -> TaskId {
@@ -139,7 +147,7 @@ impl WorkerLink {
     }
 
     pub fn send(&self, event: WorkerEvent) {
-        let _ = self.tx.send(CoreMsg::Worker { task: self.task, generation: self.generation, event });
+        self.sink.report(self.task, self.generation, event);
     }
 }
 
@@ -603,7 +611,7 @@ impl Engine {
             if complete && unchanged {
                 return Ok(ResponseMeta {
                     status,
-                    final_url: redact_url(&final_url),
+                    final_url: redact::url(final_url.as_str()),
                     headers: Vec::new(),
                     etag: job.etag.clone(),
                     last_modified: job.last_modified.clone(),
@@ -674,7 +682,7 @@ impl Engine {
             .collect();
         Ok(ResponseMeta {
             status,
-            final_url: redact_url(&final_url),
+            final_url: redact::url(final_url.as_str()),
             headers,
             etag,
             last_modified,
@@ -793,17 +801,6 @@ fn host_of(url: &Url) -> String {
     }
 }
 
-/// The URL without credentials, for logs and display.
-pub fn redact_url(url: &Url) -> String {
-    if url.username().is_empty() && url.password().is_none() {
-        return url.to_string();
-    }
-    let mut u = url.clone();
-    let _ = u.set_username("");
-    let _ = u.set_password(None);
-    u.to_string()
-}
-
 fn build_request(
     url: &Url,
     job: &Job,
@@ -848,24 +845,9 @@ fn build_request(
         .map_err(|e| Failure::permanent(ErrorCode::InvalidRequest, format!("cannot build the request: {e}")))
 }
 
+/// A userinfo part as the user meant it (`p%40ss` is `p@ss`).
 fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        let hex = |j: usize| bytes.get(j).and_then(|c| (*c as char).to_digit(16));
-        match (b, hex(i + 1), hex(i + 2)) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            _ => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8_lossy(&redact::percent_decode(s)).into_owned()
 }
 
 fn base64(input: &[u8]) -> String {
@@ -903,9 +885,7 @@ mod tests {
     }
 
     #[test]
-    fn urls_are_redacted() {
-        let u = Url::parse("https://alice:secret@example.org/x?y=1").unwrap();
-        assert_eq!(redact_url(&u), "https://example.org/x?y=1");
+    fn userinfo_is_decoded() {
         assert_eq!(percent_decode("p%40ss"), "p@ss");
     }
 }

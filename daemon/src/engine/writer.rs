@@ -15,8 +15,8 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use super::WorkerEvent;
 use super::WorkerLink;
+use super::checkpoint::{CheckpointPolicy, SYNC_THREAD, join, report_checkpoint, test_sync_delay};
 use super::progress::Progress;
 
 #[derive(Debug)]
@@ -33,23 +33,6 @@ pub enum WriterMsg {
 pub struct WriterDone {
     pub offset: u64,
     pub sha256: Option<[u8; 32]>,
-}
-
-/// How much a crash may cost and how stale a checkpoint may get.
-#[derive(Debug)]
-pub struct CheckpointPolicy {
-    /// The most received data a crash may lose (the checkpoint window): a sync starts
-    /// each time half of it has arrived, so the next half can arrive while that sync is in
-    /// flight; a writer whose sync falls further behind waits for it.
-    pub bytes: u64,
-    pub interval: Duration,
-}
-
-impl CheckpointPolicy {
-    /// Data between the starts of two syncs.
-    pub fn sync_every(&self) -> u64 {
-        (self.bytes / 2).max(1)
-    }
 }
 
 /// The partial file, opened and trimmed to where the next attempt continues.
@@ -371,36 +354,6 @@ fn write_batch(out: &mut File, chunks: &[Bytes]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Reports `offset` to the core as a checkpoint; its bytes were just synced (SPEC §8).
-pub(super) fn report_checkpoint(link: &WorkerLink, offset: u64) {
-    crate::failpoint::hit("checkpoint-after-sync");
-    link.send(WorkerEvent::Checkpoint { offset });
-}
-
-/// Waits for a helper thread (`what` names it in the panic error) and returns its error.
-pub(super) fn join(thread: Option<std::thread::JoinHandle<std::io::Result<()>>>, what: &str) -> std::io::Result<()> {
-    match thread {
-        Some(t) => t.join().map_err(|_| std::io::Error::other(format!("{what} panicked")))?,
-        None => Ok(()),
-    }
-}
-
-const SYNC_THREAD: &str = "the checkpoint thread";
-
-#[cfg(test)]
-thread_local! {
-    /// Tests make the syncs started from their thread this much slower.
-    pub(super) static SYNC_DELAY: std::cell::Cell<Duration> = const { std::cell::Cell::new(Duration::ZERO) };
-}
-
-/// How long a sync thread started from this thread waits after each sync (tests only).
-pub(super) fn test_sync_delay() -> Duration {
-    #[cfg(test)]
-    return SYNC_DELAY.with(std::cell::Cell::get);
-    #[cfg(not(test))]
-    Duration::ZERO
-}
-
 /// The thread that makes checkpoints durable and reports them.
 struct Syncer {
     tx: std::sync::mpsc::Sender<u64>,
@@ -497,6 +450,8 @@ impl Syncer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::WorkerEvent;
+    use crate::engine::checkpoint::SYNC_DELAY;
 
     #[test]
     fn a_planted_symlink_is_never_followed() {
@@ -551,8 +506,8 @@ mod tests {
         std::fs::create_dir_all(part.parent().unwrap()).unwrap();
         std::fs::write(&part, head).unwrap();
         let prepared = prepare(&part, head.len() as u64, true, 0o644, &Progress::default()).unwrap();
-        let (core_tx, mut core_rx) = tokio::sync::mpsc::unbounded_channel();
-        let link = WorkerLink::new(core_tx, 1, 1);
+        let (sink, mut core_rx) = Collect::sink();
+        let link = WorkerLink::new(sink, 1, 1);
         let (tx, rx) = mpsc::channel(4);
         let chunks: Vec<Bytes> = {
             let mut v = Vec::new();
@@ -582,12 +537,27 @@ mod tests {
         (done, checkpoints, std::fs::read(&part).unwrap())
     }
 
-    /// The checkpoints a writer reported to the core, in order.
-    fn checkpoints_sent(core_rx: &mut tokio::sync::mpsc::UnboundedReceiver<crate::core::CoreMsg>) -> Vec<u64> {
+    /// A sink that hands every report to a channel, as the core's would.
+    #[derive(Debug)]
+    struct Collect(std::sync::Mutex<std::sync::mpsc::Sender<WorkerEvent>>);
+
+    impl Collect {
+        fn sink() -> (std::sync::Arc<dyn crate::engine::Sink>, std::sync::mpsc::Receiver<WorkerEvent>) {
+            let (tx, rx) = std::sync::mpsc::channel();
+            (std::sync::Arc::new(Collect(std::sync::Mutex::new(tx))), rx)
+        }
+    }
+
+    impl crate::engine::Sink for Collect {
+        fn report(&self, _: dlsession_proto::TaskId, _: u64, event: WorkerEvent) {
+            let _ = self.0.lock().unwrap().send(event);
+        }
+    }
+
+    /// The checkpoints a writer reported so far, in order.
+    fn checkpoints_sent(reports: &mut std::sync::mpsc::Receiver<WorkerEvent>) -> Vec<u64> {
         let mut checkpoints = Vec::new();
-        while let Ok(crate::core::CoreMsg::Worker { event: WorkerEvent::Checkpoint { offset }, .. }) =
-            core_rx.try_recv()
-        {
+        while let Ok(WorkerEvent::Checkpoint { offset }) = reports.try_recv() {
             checkpoints.push(offset);
         }
         checkpoints
@@ -602,7 +572,7 @@ mod tests {
         _dir: tempfile::TempDir,
         part: std::path::PathBuf,
         prepared: Prepared,
-        core_rx: tokio::sync::mpsc::UnboundedReceiver<crate::core::CoreMsg>,
+        core_rx: std::sync::mpsc::Receiver<WorkerEvent>,
         link: WorkerLink,
         tx: mpsc::Sender<WriterMsg>,
         rx: mpsc::Receiver<WriterMsg>,
@@ -612,8 +582,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let part = dir.path().join("s/1.part");
         let prepared = prepare(&part, 0, false, 0o644, &Progress::default()).unwrap();
-        let (core_tx, core_rx) = tokio::sync::mpsc::unbounded_channel();
-        let link = WorkerLink::new(core_tx, 1, 1);
+        let (sink, core_rx) = Collect::sink();
+        let link = WorkerLink::new(sink, 1, 1);
         let (tx, rx) = mpsc::channel(4);
         Rig { _dir: dir, part, prepared, core_rx, link, tx, rx }
     }

@@ -5,6 +5,7 @@
 //! error never leaves half a batch behind. The tasks are then created and started in
 //! one `CreateTasks` request.
 
+use dlsession_proto::redact;
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -81,13 +82,13 @@ pub async fn run(ctx: &Ctx, args: GetArgs) -> Result<Exit> {
                 let line = CreatedJson {
                     task: *id,
                     session: &args.session,
-                    url: output::redact_url(&item.url),
+                    url: redact::url(&item.url),
                     destination: &destination,
                 };
                 serde_json::to_writer(&mut out, &line).map_err(std::io::Error::from)?;
                 writeln!(out)?;
             } else {
-                writeln!(out, "task {id}: {} -> {destination}", output::redact_url(&item.url))?;
+                writeln!(out, "task {id}: {} -> {destination}", redact::url(&item.url))?;
             }
         }
         out.flush()?;
@@ -177,8 +178,8 @@ fn destinations(urls: Vec<String>, output: Option<&Path>, dir: Option<&Path>, cw
             if let Some(other) = taken.get(&destination) {
                 return Err(CliError::usage(format!(
                     "{} and {} would both be saved as {}; download them separately with -o",
-                    output::redact_url(other),
-                    output::redact_url(&url),
+                    redact::url(other),
+                    redact::url(&url),
                     destination.display()
                 )));
             }

@@ -1,5 +1,6 @@
 //! `dlsessionctl show TASK`
 
+use dlsession_proto::redact;
 use std::io::Write;
 
 use dlsession_proto::{Header, Request, Response, TaskDetail};
@@ -41,7 +42,7 @@ fn headers(h: &[Header]) -> String {
 /// The lines of `show`, as (label, value).
 fn describe(d: &TaskDetail, now: u64) -> Vec<(&'static str, String)> {
     let t = &d.info;
-    let url = output::redact_url(&t.url);
+    let url = redact::url(&t.url);
     let mut lines = vec![
         ("task", t.id.to_string()),
         ("session", t.session.clone()),
@@ -49,7 +50,7 @@ fn describe(d: &TaskDetail, now: u64) -> Vec<(&'static str, String)> {
         ("url", url.clone()),
     ];
     // A final URL differing only in what redaction hides says nothing new.
-    if let Some(f) = d.final_url.as_deref().map(output::redact_url).filter(|f| *f != url) {
+    if let Some(f) = d.final_url.as_deref().map(redact::url).filter(|f| *f != url) {
         lines.push(("final url", f));
     }
     lines.push(("description", or_dash(t.description.as_deref())));

@@ -3,6 +3,7 @@
 //! Pages through the daemon's task list and prints each page as it arrives, so a daemon
 //! with many tasks never needs one huge response or one huge table in memory.
 
+use dlsession_proto::redact;
 use std::io::Write;
 
 use dlsession_proto::{Request, Response, TaskInfo, TaskQuery, TaskState};
@@ -119,7 +120,7 @@ fn row(t: &TaskInfo, now: u64) -> Row {
             output::progress(t.bytes_received, t.bytes_expected),
             if running { output::speed(t.speed) } else { "-".into() },
             eta.unwrap_or_else(|| "-".into()),
-            output::truncate_middle(&output::redact_url(&t.url), URL_WIDTH),
+            output::truncate_middle(&redact::url(&t.url), URL_WIDTH),
             why,
         ],
         state: t.state,

@@ -4,6 +4,7 @@
 //! then an update on every change. This command follows them until none is queued,
 //! running or waiting.
 
+use dlsession_proto::redact;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -88,7 +89,7 @@ pub async fn run(ctx: &Ctx, args: WatchArgs) -> Result<Exit> {
 
 /// A line for a task's new state.
 fn describe(info: &TaskInfo) -> String {
-    let name = output::redact_url(&info.url);
+    let name = redact::url(&info.url);
     match (info.state, &info.error, &info.wait) {
         (TaskState::Completed, None, _) => format!(
             "task {} completed: {} ({})",

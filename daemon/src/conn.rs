@@ -1,4 +1,7 @@
-//! What the core knows about a client connection, and its outbound mailbox.
+//! Where the socket server (`ipc`) and the core meet: what a connection is (its handle
+//! and outbound mailbox), what the server tells the core (`ConnEvent`, through `ToCore`),
+//! and how the core asks the server to pause (`PauseCheck`). Both sides use this module;
+//! it uses neither, so neither imports the other.
 //!
 //! Responses and durable events go through an unbounded channel (they are bounded by
 //! the requests the client makes and by the events in the database). Progress and task
@@ -8,11 +11,41 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 
-use dlsession_proto::{Event, ServerMessage, TaskId, TaskInfo};
+use dlsession_proto::{Event, Request, ServerMessage, TaskId, TaskInfo};
 
 pub type ConnId = u64;
+
+/// What the socket server tells the core about its connections.
+#[derive(Debug)]
+pub enum ConnEvent {
+    /// A client finished its handshake.
+    Open(ConnHandle),
+    Closed(ConnId),
+    Request {
+        conn: ConnId,
+        id: u64,
+        request: Request,
+    },
+}
+
+/// Where the socket server's events go (the core implements it).
+pub trait ToCore: Clone + Send + Sync + 'static {
+    /// False once nobody listens any more (the core has stopped).
+    fn send(&self, event: ConnEvent) -> bool;
+}
+
+/// The core decides the daemon is idle and asks the server whether any connection is open.
+/// If none is, the server stops accepting (answered inside its accept loop, so no
+/// connection slips in between) and waits: `resume` firing means accept again, `resume`
+/// dropped means stop for good. The pause lets the core first handle what connections that
+/// just closed had sent.
+#[derive(Debug)]
+pub struct PauseCheck {
+    pub reply: oneshot::Sender<bool>,
+    pub resume: oneshot::Receiver<()>,
+}
 
 #[derive(Debug, Clone)]
 pub struct ConnHandle {
@@ -100,7 +133,7 @@ impl Mailbox {
     }
 
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    pub fn pending(&self) -> usize {
         self.inner.lock().map(|m| m.progress.len() + m.updates.len()).unwrap_or(0)
     }
 }
@@ -125,7 +158,7 @@ mod tests {
         for i in 1..=1000u64 {
             m.add_progress("s", i % 3, 10, i * 10, Some(100_000));
         }
-        assert_eq!(m.len(), 3, "one entry per task, however many updates");
+        assert_eq!(m.pending(), 3, "one entry per task, however many updates");
         let all = m.take_all();
         let written: u64 = all
             .iter()
@@ -135,6 +168,6 @@ mod tests {
             })
             .sum();
         assert_eq!(written, 10_000, "no bytes lost in coalescing");
-        assert_eq!(m.len(), 0);
+        assert_eq!(m.pending(), 0);
     }
 }

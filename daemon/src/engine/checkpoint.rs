@@ -1,0 +1,54 @@
+//! What the buffered writer (`writer`) and the direct writer (`direct`) share: the
+//! checkpoint policy, how a checkpoint is reported, and joining helper threads. Both use
+//! it; it uses neither.
+
+use std::time::Duration;
+
+use super::{WorkerEvent, WorkerLink};
+
+/// How much a crash may cost and how stale a checkpoint may get.
+#[derive(Debug)]
+pub struct CheckpointPolicy {
+    /// The most received data a crash may lose (the checkpoint window): a sync starts
+    /// each time half of it has arrived, so the next half can arrive while that sync is in
+    /// flight; a writer whose sync falls further behind waits for it.
+    pub bytes: u64,
+    pub interval: Duration,
+}
+
+impl CheckpointPolicy {
+    /// Data between the starts of two syncs.
+    pub fn sync_every(&self) -> u64 {
+        (self.bytes / 2).max(1)
+    }
+}
+
+/// Reports `offset` to the core as a checkpoint; its bytes were just synced (SPEC §8).
+pub fn report_checkpoint(link: &WorkerLink, offset: u64) {
+    crate::failpoint::hit("checkpoint-after-sync");
+    link.send(WorkerEvent::Checkpoint { offset });
+}
+
+/// Waits for a helper thread (`what` names it in the panic error) and returns its error.
+pub fn join(thread: Option<std::thread::JoinHandle<std::io::Result<()>>>, what: &str) -> std::io::Result<()> {
+    match thread {
+        Some(t) => t.join().map_err(|_| std::io::Error::other(format!("{what} panicked")))?,
+        None => Ok(()),
+    }
+}
+
+pub const SYNC_THREAD: &str = "the checkpoint thread";
+
+#[cfg(test)]
+thread_local! {
+    /// Tests make the syncs started from their thread this much slower.
+    pub static SYNC_DELAY: std::cell::Cell<Duration> = const { std::cell::Cell::new(Duration::ZERO) };
+}
+
+/// How long a sync thread started from this thread waits after each sync (tests only).
+pub fn test_sync_delay() -> Duration {
+    #[cfg(test)]
+    return SYNC_DELAY.with(std::cell::Cell::get);
+    #[cfg(not(test))]
+    Duration::ZERO
+}
