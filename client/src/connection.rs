@@ -178,7 +178,7 @@ impl Client {
     /// Sends a request and waits for its response (at most the request timeout). While
     /// the client is connecting again, the request waits for the new connection.
     pub async fn request(&self, request: Request) -> Result<Response> {
-        let name = request_name(&request);
+        let name = request.name();
         let after = self.shared.options.request_timeout;
         // One timer for the whole request: waiting for a connection, then for the answer.
         let answer = async {
@@ -623,27 +623,6 @@ fn spec_size(s: &TaskSpec) -> usize {
         + headers
         + s.description.as_ref().map_or(0, String::len)
         + s.destination.as_ref().map_or(0, String::len)
-}
-
-/// A request's name, for errors.
-fn request_name(r: &Request) -> &'static str {
-    match r {
-        Request::Status => "status",
-        Request::Attach { .. } => "attach",
-        Request::Detach { .. } => "detach",
-        Request::OpenSession { .. } => "open_session",
-        Request::GetSession { .. } => "get_session",
-        Request::ListSessions | Request::ListSessionsPage(_) => "list_sessions",
-        Request::CreateTasks { .. } | Request::CreateTaskFromResumeData { .. } => "create_tasks",
-        Request::ControlTask { .. } => "control_task",
-        Request::GetTask { .. } => "get_task",
-        Request::ListTasks(_) => "list_tasks",
-        Request::AckEvents { .. } | Request::AcknowledgeTasks { .. } => "acknowledge",
-        Request::FinishTasksAndInvalidate { .. } | Request::InvalidateAndCancel { .. } => "invalidate",
-        Request::Wake { .. } => "wake",
-        Request::Watch(_) | Request::Unwatch => "watch",
-        Request::HandleWakes => "handle_wakes",
-    }
 }
 
 /// This process's file-creation mask, read without changing it (`umask(2)` can only set

@@ -80,7 +80,7 @@ pub async fn run(
         .map_err(|e| DaemonError::Fatal(format!("cannot start the file mover thread: {e}")))?,
     );
     let mut core =
-        tokio::task::block_in_place(|| Core::new(cfg.clone(), store, snapshot, engine, core_tx.clone(), core_rx));
+        Core::new(cfg.clone(), store, snapshot, engine, core_tx.clone(), core_rx).map_err(DaemonError::Fatal)?;
     let (idle_tx, idle_rx) = mpsc::channel(1);
     match cfg.timing.idle_exit {
         Some(after) if activated => core.exit_when_idle(core::IdleExit { after, ask: idle_tx }),

@@ -5,7 +5,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use dlsession_proto::{DurableEvent, ErrorInfo, Header, SessionConfig, TaskId, TaskState, UnixMillis};
+use dlsession_proto::{DurableEvent, ErrorInfo, Header, SessionConfig, TaskId, TaskSpec, TaskState, UnixMillis};
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> UnixMillis {
@@ -86,6 +86,46 @@ pub struct TaskRecord {
     pub resume_secret: Option<u64>,
     /// The completed event was acknowledged: the task is history.
     pub retired: bool,
+}
+
+impl TaskRecord {
+    /// A new task, suspended, as `spec` asks for it.
+    pub fn new(id: TaskId, session: SessionKey, spec: TaskSpec, now: UnixMillis, file_mode: u32) -> TaskRecord {
+        TaskRecord {
+            id,
+            session,
+            file_mode,
+            url: spec.url,
+            headers: spec.headers,
+            description: spec.description,
+            priority: spec.priority,
+            earliest_begin: spec.earliest_begin,
+            expected_sha256: spec.expected_sha256,
+            destination: spec.destination,
+            overwrite: spec.overwrite,
+            expected_size: spec.expected_size,
+            created_at: now,
+            state: TaskState::Suspended,
+            phase: Phase::Transfer,
+            committed_offset: 0,
+            bytes_expected: spec.expected_size,
+            etag: None,
+            last_modified: None,
+            final_url: None,
+            response_status: None,
+            response_headers: Vec::new(),
+            attempts: 0,
+            last_error: None,
+            retry_at: None,
+            started_at: None,
+            finished_at: None,
+            resource_deadline: None,
+            location: None,
+            error: None,
+            resume_secret: None,
+            retired: false,
+        }
+    }
 }
 
 impl std::fmt::Debug for TaskRecord {

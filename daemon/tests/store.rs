@@ -5,8 +5,8 @@
 
 use std::path::Path;
 
-use dlsession_proto::{DurableEvent, ErrorCode, ErrorInfo, Header, LaunchSpec, SessionConfig, TaskState};
-use dlsessiond::model::{EventRecord, Phase, SessionRecord, TaskRecord};
+use dlsession_proto::{DurableEvent, ErrorCode, ErrorInfo, Header, LaunchSpec, SessionConfig, TaskSpec, TaskState};
+use dlsessiond::model::{EventRecord, SessionRecord, TaskRecord};
 use dlsessiond::store::{Op, Store, StoreError};
 
 fn session() -> SessionRecord {
@@ -29,9 +29,7 @@ fn session() -> SessionRecord {
 }
 
 fn task(id: u64) -> TaskRecord {
-    TaskRecord {
-        id,
-        session: 7,
+    let spec = TaskSpec {
         url: format!("https://example.org/{id}"),
         headers: vec![Header::new("Accept", "*/*")],
         description: Some("desc".into()),
@@ -41,28 +39,11 @@ fn task(id: u64) -> TaskRecord {
         destination: Some("/tmp/x".into()),
         overwrite: true,
         expected_size: Some(10),
-        created_at: dlsessiond::model::now_ms(),
-        state: TaskState::Running,
-        phase: Phase::Transfer,
-        committed_offset: 0,
-        bytes_expected: None,
-        etag: None,
-        last_modified: None,
-        final_url: None,
-        response_status: None,
-        response_headers: vec![],
-        attempts: 0,
-        last_error: None,
-        retry_at: None,
-        started_at: None,
-        finished_at: None,
-        resource_deadline: None,
-        location: None,
-        error: None,
-        resume_secret: None,
-        retired: false,
-        file_mode: 0o640,
-    }
+    };
+    let mut rec = TaskRecord::new(id, 7, spec, dlsessiond::model::now_ms(), 0o640);
+    rec.state = TaskState::Running;
+    rec.bytes_expected = None;
+    rec
 }
 
 fn open(path: &Path) -> (Store, dlsessiond::store::Snapshot) {

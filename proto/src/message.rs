@@ -89,6 +89,34 @@ pub enum Request {
     HandleWakes,
 }
 
+impl Request {
+    /// A short name for logs and errors (a request can be large, and carry header values).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::Attach { .. } => "attach",
+            Request::Detach { .. } => "detach",
+            Request::OpenSession { .. } => "open_session",
+            Request::GetSession { .. } => "get_session",
+            Request::ListSessions => "list_sessions",
+            Request::CreateTasks { .. } => "create_tasks",
+            Request::CreateTaskFromResumeData { .. } => "create_task_from_resume_data",
+            Request::ControlTask { .. } => "control_task",
+            Request::GetTask { .. } => "get_task",
+            Request::ListTasks(_) => "list_tasks",
+            Request::AckEvents { .. } => "ack_events",
+            Request::FinishTasksAndInvalidate { .. } => "finish_tasks_and_invalidate",
+            Request::InvalidateAndCancel { .. } => "invalidate_and_cancel",
+            Request::Wake { .. } => "wake",
+            Request::Watch(_) => "watch",
+            Request::Unwatch => "unwatch",
+            Request::AcknowledgeTasks { .. } => "acknowledge_tasks",
+            Request::ListSessionsPage(_) => "list_sessions_page",
+            Request::HandleWakes => "handle_wakes",
+        }
+    }
+}
+
 /// A page of sessions: identifiers greater than `after`, at most `limit` of them (the
 /// daemon may return fewer to keep the frame small).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

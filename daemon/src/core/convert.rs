@@ -1,8 +1,8 @@
 //! Domain → wire: the only place that builds `TaskInfo`, `TaskDetail` and `SessionInfo`.
 
-use std::path::Path;
-
-use super::{Core, Task};
+use super::Core;
+use super::admission::Refusal;
+use super::task::Task;
 use crate::model::{Phase, SessionKey, TaskRecord, now_ms};
 use dlsession_proto::{ErrorCode, ErrorInfo, SessionInfo, TaskDetail, TaskInfo, TaskState, WaitReason};
 
@@ -39,31 +39,23 @@ impl Core {
                 attempt: t.rec.attempts,
                 last_error: t.rec.last_error.clone().unwrap_or_else(|| ErrorInfo::new(ErrorCode::Internal, "unknown")),
             }),
-            TaskState::Completed => s
-                .pending_by_task
-                .contains_key(&t.rec.id)
-                .then_some(WaitReason::EventsPending { next_wake: s.wake.next_wake }),
-            TaskState::Queued if self.storage.is_some() && t.rec.earliest_begin.is_none_or(|at| at <= now_ms()) => {
-                self.storage.clone().map(|error| WaitReason::StorageFull { error })
+            TaskState::Completed => {
+                s.has_pending(t.rec.id).then_some(WaitReason::EventsPending { next_wake: s.wake.next_wake })
             }
             TaskState::Queued => {
                 if let Some(at) = t.rec.earliest_begin.filter(|&at| at > now_ms()) {
                     return Some(WaitReason::EarliestBegin { at });
                 }
-                let max = self.cfg.limits.max_concurrent_downloads;
-                if self.downloading >= max as usize
-                    || self.running.len() >= (max as usize).saturating_mul(super::tasks::FINISHING_FACTOR)
-                {
-                    return Some(WaitReason::GlobalLimit { limit: max });
-                }
-                if let Some(m) = s.rec.config.max_concurrent_tasks.filter(|&m| s.running >= m) {
-                    return Some(WaitReason::SessionLimit { limit: m });
-                }
-                let per_host = s.rec.config.max_connections_per_host;
-                if self.lanes.running(&t.lane()) >= per_host {
-                    return Some(WaitReason::HostLimit { host: t.host.clone(), limit: per_host });
-                }
-                None
+                // The scheduler's own answer (see `admission`).
+                let refusal = self.slots.admit(self.limits(), s, &t.lane()).err()?;
+                Some(match refusal {
+                    Refusal::StorageFull => WaitReason::StorageFull {
+                        error: self.life.storage.clone().unwrap_or_else(|| ErrorInfo::new(ErrorCode::StorageFull, "")),
+                    },
+                    Refusal::Daemon { limit } => WaitReason::GlobalLimit { limit },
+                    Refusal::Session { limit } => WaitReason::SessionLimit { limit },
+                    Refusal::Host { limit } => WaitReason::HostLimit { host: t.host.clone(), limit },
+                })
             }
         }
     }
@@ -125,7 +117,7 @@ fn detail_from(rec: &TaskRecord, info: TaskInfo, partial_path: Option<String>) -
         etag: rec.etag.clone(),
         last_modified: rec.last_modified.clone(),
         committed_offset: rec.committed_offset,
-        resumable: rec.etag.as_deref().is_some_and(crate::engine::http::is_strong_etag) || rec.last_modified.is_some(),
+        resumable: crate::engine::http::can_resume(rec.etag.as_deref(), rec.last_modified.as_deref()),
         attempts: rec.attempts,
         last_error: rec.last_error.clone(),
         started_at: rec.started_at,
@@ -136,7 +128,7 @@ fn detail_from(rec: &TaskRecord, info: TaskInfo, partial_path: Option<String>) -
 }
 
 /// A task that is no longer live (retired, or its session gone), read from the database.
-pub(super) fn history_detail(rec: TaskRecord, session: String, _downloads: &Path) -> TaskDetail {
+pub(super) fn history_detail(rec: TaskRecord, session: String) -> TaskDetail {
     let info = info_from(&rec, session, rec.state, rec.committed_offset, rec.bytes_expected, 0, None);
     detail_from(&rec, info, None)
 }

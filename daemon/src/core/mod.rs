@@ -6,36 +6,44 @@
 //! in memory at once; anything observable outside the daemon that depends on it (a
 //! response, a durable event) is released only after its commit.
 
+mod admission;
 mod backoff;
+mod conns;
 mod convert;
 mod delivery;
+mod disk;
+mod progress;
 mod recovery;
 mod requests;
+mod resume;
 mod retention;
 mod sched;
-mod tasks;
+mod sessions;
+mod status;
+mod task;
 mod timers;
+mod transitions;
+mod wake;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use crate::conn::{ConnEvent, ConnHandle, ConnId, PauseCheck};
-pub use sched::LaneKey;
-
 use crate::config::Config;
-use crate::engine::limiter::RateLimiter;
-use crate::engine::{Engine, FinishPlan, Progress, WorkerEvent};
-use crate::model::{EventRecord, SessionKey, SessionRecord, TaskRecord, now_ms};
+use crate::conn::{ConnEvent, ConnHandle, ConnId, PauseCheck};
+use crate::engine::{Engine, FinishPlan, WorkerEvent};
+use crate::model::{SessionKey, TaskRecord, now_ms};
 use crate::store::{Op, Snapshot, Store};
-use dlsession_proto::{
-    ErrorCode, ErrorInfo, Request, Response, ServerMessage, TaskCounts, TaskId, TaskState, UnixMillis, WakeStatus,
-};
-use sched::Lanes;
+use admission::Slots;
+use conns::Conns;
+use dlsession_proto::{ErrorCode, ErrorInfo, Request, Response, TaskId};
+use retention::Housekeeping;
+use sessions::Sessions;
+use status::{Stats, StatusReport};
+use task::{AfterStop, Tasks};
 use timers::{Mono, Timer, Timers};
 
 pub type CoreTx = mpsc::UnboundedSender<CoreMsg>;
@@ -62,13 +70,15 @@ impl crate::engine::Sink for ToCore {
 pub enum CoreMsg {
     /// From the socket server.
     Conn(ConnEvent),
-    /// A task-creating request's destinations were checked on disk (off this thread).
-    DestinationsChecked {
+    /// A task-creating request's disk phase is over (see `disk`).
+    DiskChecked {
         conn: ConnId,
         id: u64,
         request: Box<Request>,
-        result: Result<(), ErrorInfo>,
+        result: disk::Checked,
     },
+    /// The disk thread reports.
+    Disk(disk::DiskReport),
     Worker {
         task: TaskId,
         generation: u64,
@@ -110,6 +120,12 @@ pub enum After {
         reply: oneshot::Sender<FinishPlan>,
         plan: FinishPlan,
     },
+    /// Like `Reply`, once the disk thread has done what was queued before (a kept file).
+    ReplyAfterDisk {
+        conn: ConnId,
+        id: u64,
+        response: Response,
+    },
     RemoveFiles(Vec<PathBuf>),
     RemoveDir(PathBuf),
     /// Tell a waiting worker that its commit is durable.
@@ -121,114 +137,9 @@ pub enum After {
     },
 }
 
-/// What a running task should do once its worker has stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AfterStop {
-    Suspend,
-    Requeue,
-    Cancel,
-    CancelProducingResumeData,
-    Shutdown,
-}
-
-#[derive(Debug)]
-struct Run {
-    generation: u64,
-    stop: watch::Sender<bool>,
-    after_stop: Option<AfterStop>,
-    lane: LaneKey,
-    /// Counted against the global and per-host limits: true until the whole body has
-    /// arrived (the final sync and the move no longer use the network).
-    holds_slot: bool,
-    /// Bytes in the file when the attempt began (to tell progress from a stall).
-    start_received: u64,
-    /// Progress waits while this attempt's `resumed_at_offset` is being committed, so a
-    /// client hears where the transfer restarted before it hears of new bytes.
-    progress_held: bool,
-    /// Progress that arrived meanwhile.
-    held_bytes: u64,
-    /// When the worker last showed life (a report, or bytes arriving): one silent for
-    /// longer than the stall limit is abandoned (see `supervise`).
-    last_sign: Instant,
-    /// `Progress::signs` at `last_sign`.
-    signs_seen: u64,
-    /// The worker was told to stop because it went silent; when that happened.
-    abandoned_at: Option<Instant>,
-    _worker: tokio::task::JoinHandle<()>,
-}
-
-#[derive(Debug)]
-struct Task {
-    rec: TaskRecord,
-    /// The live state (including `Running`, which is never stored).
-    state: TaskState,
-    host: String,
-    progress: Arc<Progress>,
-    run: Option<Run>,
-    /// The deadline this task has in `Core::timers`, if any.
-    timer: Option<Mono>,
-    /// Consecutive failed attempts without progress (the backoff exponent).
-    failures: u32,
-    /// Consecutive failed moves of the finished file to its destination.
-    move_failures: u32,
-    /// The record changed (response metadata of a fresh transfer) without a commit of its
-    /// own: the next checkpoint writes the whole record instead of just the offset.
-    unsaved: bool,
-    speed: u64,
-    sampled: u64,
-    /// Requests answered once the worker has stopped.
-    waiting_replies: Vec<(ConnId, u64)>,
-}
-
-impl Task {
-    fn lane(&self) -> LaneKey {
-        (self.rec.session, self.host.clone())
-    }
-}
-
-#[derive(Debug)]
-struct Session {
-    rec: SessionRecord,
-    attached: Option<ConnId>,
-    /// Replaying undelivered events to a new attachment: live delivery waits.
-    replaying: bool,
-    /// Highest seq sent to the attached connection.
-    delivered: u64,
-    /// Highest seq known committed.
-    committed: u64,
-    /// Unacknowledged durable events.
-    events: BTreeMap<u64, EventRecord>,
-    /// How many of them each task has (so "has this task events pending?" costs nothing).
-    pending_by_task: HashMap<TaskId, u32>,
-    tasks: BTreeSet<TaskId>,
-    counts: TaskCounts,
-    running: u32,
-    wake: WakeStatus,
-    /// When the next wake is due (`wake.next_wake` is the same on the wall clock).
-    wake_timer: Option<Mono>,
-    /// A `wake` went to a running app: when it counts as unanswered (then: relaunch).
-    wake_unanswered: Option<Mono>,
-    limiter: Option<Arc<RateLimiter>>,
-}
-
-#[derive(Debug)]
-struct Conn {
-    handle: ConnHandle,
-    attached: HashSet<SessionKey>,
-    watch: Option<Watch>,
-    /// Asked for `Wake`s with a handler that rejoins (`Request::HandleWakes`).
-    handles_wakes: bool,
-}
-
-/// What a connection watches (`Request::Watch`), indexed.
-#[derive(Debug)]
-struct Watch {
-    session: Option<SessionKey>,
-    /// Empty: every task (of the session).
-    tasks: HashSet<TaskId>,
-}
-
-/// The core actor. Build with [`Core::new`], drive with [`Core::run`].
+/// The core actor. Build with [`Core::new`], drive with [`Core::run`]. It owns one part
+/// per kind of state, each with its own invariants (see the modules); the methods here
+/// and in the behaviour modules wire them together.
 #[derive(Debug)]
 pub struct Core {
     cfg: Arc<Config>,
@@ -238,34 +149,29 @@ pub struct Core {
     /// Where workers report (`tx`, seen by the engine).
     sink: Arc<dyn crate::engine::Sink>,
     rx: mpsc::UnboundedReceiver<CoreMsg>,
-    sessions: HashMap<SessionKey, Session>,
-    /// Ordered: sessions are listed (and paged) by identifier.
-    by_identifier: BTreeMap<String, SessionKey>,
-    next_session_key: SessionKey,
-    /// A new session's first event sequence number (see `store::Op::SetSeqFloor`).
-    seq_floor: u64,
-    /// Boxed: filled in id order, a map's nodes stay half full, and tasks are large.
-    tasks: BTreeMap<TaskId, Box<Task>>,
-    next_task_id: TaskId,
-    next_generation: u64,
-    conns: HashMap<ConnId, Conn>,
-    lanes: Lanes,
-    /// Every task with a worker: downloading, or syncing and moving its file.
-    running: HashSet<TaskId>,
-    /// How many of them still hold a download slot (`Run::holds_slot`).
-    downloading: usize,
+    /// Where file work goes (the cache directory's; never done on this thread).
+    disk: disk::Disk,
+    sessions: Sessions,
+    tasks: Tasks,
+    /// Run queues, running workers and the limits on them.
+    slots: Slots,
+    conns: Conns,
     timers: Timers,
-    counts: TaskCounts,
-    started_at: UnixMillis,
-    last_tick: Instant,
-    bytes_downloaded: u64,
-    download_rate: u64,
+    stats: Stats,
+    status: Option<StatusReport>,
+    life: Lifecycle,
+    housekeeping: Housekeeping,
     rng: u64,
+    /// How relaunched apps are started (in a scope of their own under systemd).
+    launch_scope: crate::launcher::Scope,
+}
+
+/// Where the daemon is in its life, and what keeps it from leaving.
+#[derive(Debug, Default)]
+struct Lifecycle {
     shutting_down: bool,
     /// Set while the database refuses writes: changes are refused, downloads held.
     storage: Option<ErrorInfo>,
-    /// Systemd status reporting: enabled when `NOTIFY_SOCKET` is set.
-    status: Option<StatusReport>,
     idle_exit: Option<IdleExit>,
     /// Store batches whose `Committed` has not come back yet (their follow-up actions,
     /// such as deleting acknowledged files, are still to run).
@@ -273,25 +179,7 @@ pub struct Core {
     /// Relaunched apps (or `systemctl --user start`) not yet exited: under systemd they
     /// live in the daemon's cgroup, so the daemon must not leave before them.
     launches_running: usize,
-    /// When retired history was last pruned (see `retention`).
-    last_prune: Option<Instant>,
-    /// When the housekeeping timer fires (see `retention`).
-    housekeeping: Option<Mono>,
-    /// The modification time of the oldest kept partial file of resume data.
-    oldest_resume_file: Option<UnixMillis>,
-    /// How relaunched apps are started (in a scope of their own under systemd).
-    launch_scope: crate::launcher::Scope,
 }
-
-#[derive(Debug, Default)]
-struct StatusReport {
-    last: String,
-    sent_at: Option<Instant>,
-    pending: bool,
-}
-
-/// At most one `STATUS=` line per second.
-const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Exiting when idle (under socket activation, where the next connection starts the
 /// daemon again): after how long, and how to ask the socket server to pause accepting.
@@ -311,7 +199,12 @@ impl Core {
         engine: Arc<Engine>,
         tx: CoreTx,
         rx: mpsc::UnboundedReceiver<CoreMsg>,
-    ) -> Core {
+    ) -> Result<Core, String> {
+        let report = tx.clone();
+        let disk = disk::Disk::start(move |r| {
+            let _ = report.send(CoreMsg::Disk(r));
+        })
+        .map_err(|e| format!("cannot start the disk thread: {e}"))?;
         let mut core = Core {
             cfg,
             store,
@@ -319,33 +212,17 @@ impl Core {
             sink: Arc::new(ToCore(tx.clone())),
             tx,
             rx,
-            sessions: HashMap::new(),
-            by_identifier: BTreeMap::new(),
-            next_session_key: 1,
-            seq_floor: snapshot.seq_floor,
-            tasks: BTreeMap::new(),
-            next_task_id: snapshot.next_task_id,
-            next_generation: 1,
-            conns: HashMap::new(),
-            lanes: Lanes::default(),
-            running: HashSet::new(),
-            downloading: 0,
+            disk,
+            sessions: Sessions::new(snapshot.seq_floor),
+            tasks: Tasks::new(snapshot.next_task_id),
+            slots: Slots::new(),
+            conns: Conns::default(),
             timers: Timers::new(),
-            counts: TaskCounts::default(),
-            started_at: now_ms(),
-            last_tick: Instant::now(),
-            bytes_downloaded: 0,
-            download_rate: 0,
+            stats: Stats::new(),
+            status: StatusReport::from_env(),
+            life: Lifecycle::default(),
+            housekeeping: Housekeeping::default(),
             rng: seed(),
-            shutting_down: false,
-            storage: None,
-            status: std::env::var_os("NOTIFY_SOCKET").map(|_| StatusReport::default()),
-            idle_exit: None,
-            commits_in_flight: 0,
-            launches_running: 0,
-            last_prune: None,
-            housekeeping: None,
-            oldest_resume_file: None,
             launch_scope: crate::launcher::Scope::detect(),
         };
         core.restore(snapshot);
@@ -353,31 +230,30 @@ impl Core {
         core.prune_history(&mut ops);
         core.commit(ops, Vec::new());
         core.on_housekeeping();
-        core
+        Ok(core)
     }
 
     /// Exit once nothing has happened for `idle.after` (see [`Core::has_nothing_to_do`]).
     pub fn exit_when_idle(&mut self, idle: IdleExit) {
-        self.idle_exit = Some(idle);
+        self.life.idle_exit = Some(idle);
     }
 
     /// No client, no download, nothing queued, no timer that must fire (a retry, a
     /// delayed begin, a wake): everything is durable and nothing would happen until a
     /// client comes, so the process may go.
     fn has_nothing_to_do(&self) -> bool {
-        !self.shutting_down
+        !self.life.shutting_down
+            && self.life.commits_in_flight == 0
+            && self.life.launches_running == 0
             && self.conns.is_empty()
-            && self.running.is_empty()
-            && self.lanes.is_empty()
-            && self.commits_in_flight == 0
-            && self.launches_running == 0
+            && self.slots.is_idle()
             && self.timers.only_idle()
     }
 
     /// Asks the socket server to pause accepting if no connection is open (in any
     /// state). Paused, it returns the handle that resumes it (send) or stops it (drop).
     async fn pause_accepting_if_idle(&self) -> Option<oneshot::Sender<()>> {
-        let idle = self.idle_exit.as_ref()?;
+        let idle = self.life.idle_exit.as_ref()?;
         let (reply, answer) = oneshot::channel();
         let (resume_tx, resume) = oneshot::channel();
         idle.ask.send(PauseCheck { reply, resume }).await.ok()?;
@@ -397,10 +273,10 @@ impl Core {
         // When the daemon last became idle; reset by anything that happens.
         let mut idle_since: Option<tokio::time::Instant> = None;
         loop {
-            if self.shutting_down && self.running.is_empty() {
+            if self.life.shutting_down && self.slots.running_count() == 0 {
                 break;
             }
-            let idle_at = match &self.idle_exit {
+            let idle_at = match &self.life.idle_exit {
                 Some(idle) if self.has_nothing_to_do() => {
                     Some(*idle_since.get_or_insert_with(tokio::time::Instant::now) + idle.after)
                 }
@@ -409,16 +285,16 @@ impl Core {
                     None
                 }
             };
-            let want_ticks = !self.running.is_empty();
+            let want_ticks = self.slots.running_count() > 0;
             if want_ticks && ticker.is_none() {
                 let mut t = tokio::time::interval(self.cfg.timing.progress_interval);
                 t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                self.last_tick = Instant::now();
+                self.stats.restart_ticks();
                 ticker = Some(t);
             } else if !want_ticks && ticker.is_some() {
                 // Nothing runs: no timer fires until something happens.
                 ticker = None;
-                self.download_rate = 0;
+                self.stats.download_rate = 0;
             }
             tokio::select! {
                 msg = self.rx.recv() => match msg {
@@ -440,7 +316,7 @@ impl Core {
                         }
                         if self.has_nothing_to_do() {
                             drop(resume);
-                            let after = self.idle_exit.as_ref().map(|i| i.after).unwrap_or_default();
+                            let after = self.life.idle_exit.as_ref().map(|i| i.after).unwrap_or_default();
                             info!(?after, "idle with nothing to do; exiting (the next connection starts the daemon again)");
                             let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
                             self.begin_shutdown();
@@ -458,6 +334,11 @@ impl Core {
         if !self.store.flush(self.cfg.timing.shutdown_grace).await {
             warn!("the database still refuses writes; exiting with the last changes unwritten");
         }
+        // Replies waiting for kept files, and removals of acknowledged files (left to the
+        // next start's clean-up if the disk hangs).
+        if !self.disk.drain(self.cfg.timing.shutdown_grace).await {
+            warn!("file work still queued at exit; the next start cleans up");
+        }
         Ok(())
     }
 
@@ -466,13 +347,11 @@ impl Core {
             CoreMsg::Conn(ConnEvent::Open(handle)) => self.on_open(handle),
             CoreMsg::Conn(ConnEvent::Closed(id)) => self.on_closed(id),
             CoreMsg::Conn(ConnEvent::Request { conn, id, request }) => self.on_request(conn, id, request),
-            CoreMsg::DestinationsChecked { conn, id, request, result } => match result {
-                Ok(()) => self.handle_request(conn, id, *request, requests::DiskCheck::Done),
-                Err(e) => self.reply(conn, id, Err(e)),
-            },
+            CoreMsg::DiskChecked { conn, id, request, result } => self.on_disk_checked(conn, id, *request, result),
+            CoreMsg::Disk(report) => self.on_disk_report(report),
             CoreMsg::Worker { task, generation, event } => self.on_worker(task, generation, event),
             CoreMsg::Committed { result, after } => {
-                self.commits_in_flight = self.commits_in_flight.saturating_sub(1);
+                self.life.commits_in_flight = self.life.commits_in_flight.saturating_sub(1);
                 match result {
                     Ok(()) => self.run_after(after),
                     // The store already reported the failure; nothing depending on it happens.
@@ -487,20 +366,17 @@ impl Core {
 
     fn on_open(&mut self, handle: ConnHandle) {
         let (id, app_id) = (handle.id, handle.app_id.clone());
-        self.conns.insert(id, Conn { handle, attached: HashSet::new(), watch: None, handles_wakes: false });
+        self.conns.open(handle);
         if let Some(app_id) = app_id {
             self.wake_for_new_app(&app_id, id);
         }
     }
 
     fn on_closed(&mut self, id: ConnId) {
-        let Some(conn) = self.conns.remove(&id) else { return };
+        let Some(conn) = self.conns.close(id) else { return };
         for key in conn.attached {
-            if let Some(s) = self.sessions.get_mut(&key)
-                && s.attached == Some(id)
-            {
-                s.attached = None;
-                s.replaying = false;
+            if let Some(s) = self.sessions.get_mut(&key) {
+                s.detach(id);
             }
             // The app left (or crashed) with events unacknowledged: wake it later, not at once.
             self.check_wake(key, self.cfg.timing.wake_initial);
@@ -520,10 +396,12 @@ impl Core {
                         "dlsessiond cannot write its database in {dir} ({e}); free space there, it retries by itself"
                     ),
                 );
-                warn!(running = self.running.len(), "database refuses writes: holding downloads, refusing changes");
-                self.storage = Some(error);
-                let holding: Vec<TaskId> = self.running.iter().copied().collect();
-                for id in holding {
+                warn!(
+                    running = self.slots.running_count(),
+                    "database refuses writes: holding downloads, refusing changes"
+                );
+                self.life.storage = Some(error);
+                for id in self.slots.running() {
                     if self.tasks.get(&id).and_then(|t| t.run.as_ref()).is_some_and(|r| r.holds_slot) {
                         self.stop_worker(id, AfterStop::Requeue);
                     }
@@ -531,20 +409,19 @@ impl Core {
             }
             crate::store::Health::Recovered => {
                 info!("database takes writes again: downloads go on");
-                self.storage = None;
+                self.life.storage = None;
                 self.schedule();
             }
         }
     }
 
     fn begin_shutdown(&mut self) {
-        if self.shutting_down {
+        if self.life.shutting_down {
             return;
         }
-        info!(running = self.running.len(), "shutting down: checkpointing running downloads");
-        self.shutting_down = true;
-        let running: Vec<TaskId> = self.running.iter().copied().collect();
-        for id in running {
+        info!(running = self.slots.running_count(), "shutting down: checkpointing running downloads");
+        self.life.shutting_down = true;
+        for id in self.slots.running() {
             self.stop_worker(id, AfterStop::Shutdown);
         }
         let deadline = self.timers.after(self.cfg.timing.shutdown_grace);
@@ -571,7 +448,7 @@ impl Core {
             return;
         }
         let tx = self.tx.clone();
-        self.commits_in_flight += 1;
+        self.life.commits_in_flight += 1;
         self.store.write(
             ops,
             Some(Box::new(move |result| {
@@ -593,26 +470,22 @@ impl Core {
                     let _ = tx.send(());
                 }
                 After::ReleaseProgress { task, generation } => self.release_progress(task, generation),
-                After::RemoveFiles(paths) => {
-                    for p in paths {
-                        remove_file_quietly(&p);
+                After::ReplyAfterDisk { conn, id, response } => {
+                    if let Some(c) = self.conns.get(&conn) {
+                        let out = c.handle.clone();
+                        self.disk.then(move || {
+                            out.send(dlsession_proto::ServerMessage::Response { id, result: Ok(response) })
+                        });
                     }
                 }
-                After::RemoveDir(dir) => {
-                    if let Err(e) = std::fs::remove_dir_all(&dir)
-                        && e.kind() != std::io::ErrorKind::NotFound
-                    {
-                        warn!(dir = %dir.display(), error = %e, "cannot remove session directory");
-                    }
-                }
+                After::RemoveFiles(paths) => self.disk.remove(paths),
+                After::RemoveDir(dir) => self.disk.remove_dir(dir),
             }
         }
     }
 
     fn reply(&self, conn: ConnId, id: u64, result: Result<Response, ErrorInfo>) {
-        if let Some(c) = self.conns.get(&conn) {
-            c.handle.send(ServerMessage::Response { id, result });
-        }
+        self.conns.reply(conn, id, result);
     }
 
     fn fire_timers(&mut self) {
@@ -622,20 +495,20 @@ impl Core {
                 Timer::Wake(key) => self.on_wake_timer(key),
                 Timer::WakeUnanswered(key) => self.on_wake_unanswered(key),
                 Timer::Housekeeping => {
-                    self.housekeeping = None;
+                    self.housekeeping.timer = None;
                     self.on_housekeeping();
                 }
                 Timer::Status => {
                     if let Some(r) = self.status.as_mut() {
-                        r.pending = false;
+                        r.timer_fired();
                     }
                 }
                 Timer::ShutdownDeadline => {
                     warn!(
-                        running = self.running.len(),
+                        running = self.slots.running_count(),
                         "shutdown grace period over; exiting without final checkpoints"
                     );
-                    self.running.clear();
+                    self.slots.abandon_all();
                 }
             }
         }
@@ -651,11 +524,9 @@ impl Core {
     }
 
     fn on_tick(&mut self) {
-        let elapsed = self.last_tick.elapsed().as_secs_f64().max(0.001);
-        self.last_tick = Instant::now();
+        let elapsed = self.stats.tick();
         let mut rate = 0u64;
-        let ids: Vec<TaskId> = self.running.iter().copied().collect();
-        for id in ids {
+        for id in self.slots.running() {
             let Some(t) = self.tasks.get_mut(&id) else { continue };
             let received = t.progress.received();
             let delta = received.saturating_sub(t.sampled);
@@ -663,48 +534,20 @@ impl Core {
             let instant = (delta as f64 / elapsed) as u64;
             t.speed = if t.speed == 0 { instant } else { (t.speed * 3 + instant * 7) / 10 };
             rate += t.speed;
-            self.bytes_downloaded += delta;
+            self.stats.bytes_downloaded += delta;
             self.report_progress(id, delta);
         }
-        self.download_rate = rate;
+        self.stats.download_rate = rate;
         self.supervise();
     }
 
-    /// Tells systemd what the daemon is doing (`systemctl --user status`), at most once a
-    /// second and only when it changed.
+    /// Tells systemd what the daemon is doing, at most once a second and only when it changed.
     fn report_status(&mut self) {
-        let Some(report) = self.status.as_ref() else { return };
-        let c = self.counts;
-        let line = if c.active() == 0 {
-            format!("idle; {} suspended, {} sessions, {} clients", c.suspended, self.sessions.len(), self.conns.len())
-        } else {
-            format!(
-                "{} running, {} queued, {} waiting; {} sessions, {} clients",
-                c.running,
-                c.queued,
-                c.waiting,
-                self.sessions.len(),
-                self.conns.len()
-            )
-        };
-        if line == report.last || report.pending {
-            return;
-        }
-        match report.sent_at.map(|t| t.elapsed()) {
-            Some(since) if since < STATUS_INTERVAL => {
-                let at = self.timers.after(STATUS_INTERVAL - since);
-                self.timers.set(at, Timer::Status);
-                if let Some(r) = self.status.as_mut() {
-                    r.pending = true;
-                }
-            }
-            _ => {
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&line)]);
-                if let Some(r) = self.status.as_mut() {
-                    r.last = line;
-                    r.sent_at = Some(Instant::now());
-                }
-            }
+        let Some(report) = self.status.as_mut() else { return };
+        let line = status::status_line(self.tasks.counts(), self.sessions.len(), self.conns.len());
+        if let Some(wait) = report.offer(line) {
+            let at = self.timers.after(wait);
+            self.timers.set(at, Timer::Status);
         }
     }
 
@@ -732,18 +575,6 @@ impl Core {
 
     fn resume_dir(&self) -> PathBuf {
         self.cfg.downloads_dir().join("resume")
-    }
-
-    /// The identifier of a session, for logs.
-    fn identifier(&self, key: SessionKey) -> &str {
-        self.sessions.get(&key).map_or("?", |s| s.rec.identifier.as_str())
-    }
-
-    fn session_by_identifier(&self, identifier: &str) -> Result<SessionKey, ErrorInfo> {
-        self.by_identifier
-            .get(identifier)
-            .copied()
-            .ok_or_else(|| ErrorInfo::new(ErrorCode::NoSuchSession, format!("no session named {identifier:?}")))
     }
 }
 
@@ -773,13 +604,5 @@ async fn tick(ticker: &mut Option<tokio::time::Interval>) {
             t.tick().await;
         }
         None => std::future::pending().await,
-    }
-}
-
-fn remove_file_quietly(path: &std::path::Path) {
-    if let Err(e) = std::fs::remove_file(path)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        warn!(path = %path.display(), error = %e, "cannot remove file");
     }
 }

@@ -10,14 +10,29 @@
 //! One timer, at the earliest expiry, does the last two while the daemon runs; a start
 //! does them too. It never keeps an idle daemon from exiting.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
 use super::Core;
-use super::timers::{Timer, millis};
+use super::disk::DiskReport;
+use super::timers::{Mono, Timer, millis};
 use crate::model::{SessionKey, now_ms};
 use crate::store::Op;
+use dlsession_proto::UnixMillis;
+
+/// When retention work was last done and is next due.
+#[derive(Debug, Default)]
+pub(super) struct Housekeeping {
+    /// When retired history was last pruned.
+    last_prune: Option<Instant>,
+    /// When the housekeeping timer fires.
+    pub timer: Option<Mono>,
+    /// The modification time of the oldest kept partial file of resume data.
+    oldest_resume_file: Option<UnixMillis>,
+    /// A clean of the resume directory is queued on the disk thread.
+    cleaning: bool,
+}
 
 impl Core {
     /// Deletes retired tasks older than `retired_history`, and all but the newest
@@ -27,10 +42,10 @@ impl Core {
     pub(super) fn prune_history(&mut self, ops: &mut Vec<Op>) {
         let history = self.cfg.timing.retired_history;
         let every = (history / 10).min(Duration::from_secs(3600));
-        if self.last_prune.is_some_and(|at| at.elapsed() < every) {
+        if self.housekeeping.last_prune.is_some_and(|at| at.elapsed() < every) {
             return;
         }
-        self.last_prune = Some(Instant::now());
+        self.housekeeping.last_prune = Some(Instant::now());
         ops.push(Op::PruneRetired {
             before: now_ms().saturating_sub(millis(history)),
             keep: self.cfg.timing.retired_history_max,
@@ -41,11 +56,9 @@ impl Core {
     pub(super) fn on_housekeeping(&mut self) {
         self.expire_events();
         let keep = self.cfg.timing.resume_retention;
-        if self.oldest_resume_file.is_some_and(|t| t.saturating_add(millis(keep)) <= now_ms()) {
-            let removed = self.clean_resume_dir();
-            if removed > 0 {
-                info!(removed, ?keep, "removed kept partial files of resume data past their retention");
-            }
+        let h = &self.housekeeping;
+        if !h.cleaning && h.oldest_resume_file.is_some_and(|t| t.saturating_add(millis(keep)) <= now_ms()) {
+            self.clean_resume_dir();
         }
         self.arm_housekeeping();
     }
@@ -53,7 +66,7 @@ impl Core {
     /// A durable event was written or a partial file kept: make sure a timer will see it
     /// expire (a timer already set fires earlier).
     pub(super) fn ensure_housekeeping(&mut self) {
-        if self.housekeeping.is_none() {
+        if self.housekeeping.timer.is_none() {
             self.arm_housekeeping();
         }
     }
@@ -63,16 +76,16 @@ impl Core {
         let oldest_event = self.sessions.values().filter_map(|s| s.events.values().next().map(|e| e.created_at)).min();
         let next = [
             oldest_event.map(|t| t.saturating_add(retention)),
-            self.oldest_resume_file.map(|t| t.saturating_add(millis(self.cfg.timing.resume_retention))),
+            self.housekeeping.oldest_resume_file.map(|t| t.saturating_add(millis(self.cfg.timing.resume_retention))),
         ]
         .into_iter()
         .flatten()
         .min();
-        let old = self.housekeeping.take();
+        let old = self.housekeeping.timer.take();
         self.clear_timer(old, Timer::Housekeeping);
         if let Some(at) = next {
             let at = self.timers.at_wall(at);
-            self.housekeeping = Some(at);
+            self.housekeeping.timer = Some(at);
             self.set_timer(at, Timer::Housekeeping);
         }
     }
@@ -91,7 +104,7 @@ impl Core {
         for (key, seqs) in expired {
             let days = self.cfg.timing.event_retention.as_secs() / 86_400;
             warn!(
-                session = %self.identifier(key),
+                session = %self.sessions.identifier(key),
                 events = seqs.len(),
                 days,
                 "expiring events nobody collected (files left in the cache are deleted, tasks retired)"
@@ -100,33 +113,35 @@ impl Core {
         }
     }
 
-    /// Removes kept partial files past their retention; remembers the oldest left.
-    pub(super) fn clean_resume_dir(&mut self) -> usize {
-        self.oldest_resume_file = None;
-        let Ok(entries) = std::fs::read_dir(self.resume_dir()) else { return 0 };
-        let mut removed = 0;
-        let now = SystemTime::now();
-        let mut oldest: Option<u64> = None;
-        for entry in entries.flatten() {
-            let Ok(modified) = entry.metadata().and_then(|m| m.modified()) else { continue };
-            let age = now.duration_since(modified).unwrap_or(Duration::ZERO);
-            if age > self.cfg.timing.resume_retention {
-                if std::fs::remove_file(entry.path()).is_ok() {
-                    removed += 1;
+    /// Queues the removal of kept partial files past their retention (on the disk
+    /// thread, which reports the oldest file left: `on_disk_report`).
+    pub(super) fn clean_resume_dir(&mut self) {
+        // Unknown until the report (so no timer fires for it meanwhile); files kept in
+        // between are counted from `kept_resume_file`.
+        self.housekeeping.oldest_resume_file = None;
+        self.housekeeping.cleaning = true;
+        self.disk.clean_resume_dir(self.resume_dir(), self.cfg.timing.resume_retention);
+    }
+
+    pub(super) fn on_disk_report(&mut self, report: DiskReport) {
+        match report {
+            DiskReport::ResumeDir { removed, oldest } => {
+                self.housekeeping.cleaning = false;
+                if removed > 0 {
+                    let keep = self.cfg.timing.resume_retention;
+                    info!(removed, ?keep, "removed kept partial files of resume data past their retention");
                 }
-                continue;
+                let h = &mut self.housekeeping;
+                h.oldest_resume_file = [oldest, h.oldest_resume_file].into_iter().flatten().min();
+                self.arm_housekeeping();
             }
-            let at = now_ms().saturating_sub(millis(age));
-            oldest = Some(oldest.map_or(at, |o| o.min(at)));
         }
-        self.oldest_resume_file = oldest;
-        removed
     }
 
     /// A partial file was kept for resume data now.
     pub(super) fn kept_resume_file(&mut self) {
         let now = now_ms();
-        self.oldest_resume_file = Some(self.oldest_resume_file.map_or(now, |o| o.min(now)));
+        self.housekeeping.oldest_resume_file = Some(self.housekeeping.oldest_resume_file.map_or(now, |o| o.min(now)));
         self.ensure_housekeeping();
     }
 }

@@ -12,6 +12,11 @@ use crate::model::SessionKey;
 
 pub type LaneKey = (SessionKey, String);
 
+/// The host part of a lane key: host and port of a URL.
+pub fn host_key(url: &url::Url) -> String {
+    format!("{}:{}", url.host_str().unwrap_or(""), url.port_or_known_default().unwrap_or(0))
+}
+
 /// Priority as an orderable integer (0.0..=1.0 → 0..=1_000_000).
 pub fn prio_key(priority: f32) -> u32 {
     (priority.clamp(0.0, 1.0) * 1_000_000.0) as u32

@@ -228,6 +228,12 @@ pub fn is_strong_etag(etag: &str) -> bool {
     etag.starts_with('"')
 }
 
+/// Data already received can be continued with a range request: a validator lets
+/// `If-Range` make sure the resource has not changed meanwhile.
+pub fn can_resume(etag: Option<&str>, last_modified: Option<&str>) -> bool {
+    etag.is_some_and(is_strong_etag) || last_modified.is_some()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,7 +34,9 @@ use checkpoint::CheckpointPolicy;
 use dlsession_proto::redact::{self, is_sensitive_header};
 use dlsession_proto::{ErrorCode, Header, TaskId};
 pub use http::{Failure, Retry};
-use http::{HttpClient, classify, is_strong_etag, is_transient_status, parse_content_range, parse_retry_after};
+use http::{
+    HttpClient, can_resume, classify, is_strong_etag, is_transient_status, parse_content_range, parse_retry_after,
+};
 use limiter::RateLimiter;
 pub use progress::Progress;
 use writer::WriterMsg;
@@ -229,11 +231,15 @@ impl Engine {
     /// Puts a finished file (synced at `from`, `size` bytes) at `to` again, after an earlier
     /// try failed or was cut short by a restart; reports `Moved`, `MoveFailed`, or a
     /// failure that starts the download over if the data is gone.
-    pub fn spawn_move(&self, link: WorkerLink, job: files::Finish) -> tokio::task::JoinHandle<()> {
+    pub fn spawn_move(
+        &self,
+        link: WorkerLink,
+        job: files::Finish,
+        leftovers: files::Leftovers,
+    ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let target = job.to.clone();
-            let done =
-                tokio::task::spawn_blocking(move || files::complete_move(&job, files::Leftovers::OthersOnly)).await;
+            let done = tokio::task::spawn_blocking(move || files::complete_move(&job, leftovers)).await;
             let outcome = match done {
                 Ok(Ok(())) => Outcome::Moved(target.to_string_lossy().into_owned()),
                 Ok(Err(files::CompleteError::Lost)) => Outcome::Failed(Failure::restart(
@@ -251,8 +257,7 @@ impl Engine {
     }
 
     async fn download(&self, mut job: Job) -> Outcome {
-        let resumable =
-            job.offset > 0 && (job.etag.as_deref().is_some_and(is_strong_etag) || job.last_modified.is_some());
+        let resumable = job.offset > 0 && can_resume(job.etag.as_deref(), job.last_modified.as_deref());
         let want = if resumable { job.offset } else { 0 };
         let hash = job.expected_sha256.is_some();
         let path = job.part_path.clone();

@@ -1,14 +1,17 @@
-//! Task state transitions: queueing, starting workers, reacting to what they report.
+//! Task state transitions: queueing, starting workers, reacting to what they report,
+//! completing. Admission (who may start) is `admission`'s; this module acts on it.
 
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tracing::{debug, warn};
 
+use super::admission::Limits;
 use super::backoff::{Backoff, retry_delay};
-use super::requests::cancelled;
+use super::sched::LaneKey;
+use super::task::{AfterStop, Run, Task};
 use super::timers::wall_after;
-use super::{After, AfterStop, Core, Run, Timer};
+use super::{After, Core, Timer};
+use crate::engine::files::Leftovers;
 use crate::engine::{FinishPlan, Job, ResponseMeta, Retry, WorkerEvent, WorkerLink};
 use crate::model::{Phase, now_ms};
 use crate::store::Op;
@@ -16,31 +19,49 @@ use dlsession_proto::{DurableEvent, ErrorCode, ErrorInfo, Header, TaskId, TaskSt
 
 /// Response headers kept per task (for `show`); more are dropped.
 const MAX_KEPT_HEADERS: usize = 64;
-/// Tasks past their body (syncing and moving files) may number this many times the
-/// download limit; beyond that new downloads wait, so a slow disk bounds open files.
-pub(super) const FINISHING_FACTOR: usize = 4;
 const MAX_KEPT_HEADER_LEN: usize = 1024;
 
 impl Core {
     /// Moves a task to `state`, keeping the counters and watchers in step.
     pub(super) fn set_state(&mut self, id: TaskId, state: TaskState) {
-        let Some(t) = self.tasks.get_mut(&id) else { return };
-        let old = t.state;
-        t.state = state;
-        if state != TaskState::Running {
-            t.rec.state = state;
-        }
-        if old == state {
-            return;
-        }
-        let key = t.rec.session;
-        self.counts.remove(old);
-        self.counts.add(state);
+        let Some((key, old)) = self.tasks.set_state(id, state) else { return };
         if let Some(s) = self.sessions.get_mut(&key) {
             s.counts.remove(old);
             s.counts.add(state);
         }
         self.notify_watchers(id);
+    }
+
+    /// Adds a task (in the state its record says) to the live tasks and its session.
+    pub(super) fn insert_task(&mut self, rec: crate::model::TaskRecord, host: String) {
+        let (id, key, state) = (rec.id, rec.session, rec.state);
+        self.tasks.insert(rec, host);
+        if let Some(s) = self.sessions.get_mut(&key) {
+            s.tasks.insert(id);
+            s.counts.add(state);
+        }
+    }
+
+    /// Suspended → queued: starts the resource clock on first resume.
+    pub(super) fn make_queued(&mut self, id: TaskId, now: u64) {
+        let budget = self
+            .tasks
+            .get(&id)
+            .and_then(|t| self.sessions.get(&t.rec.session))
+            .map(|s| s.rec.config.timeout_for_resource_ms)
+            .unwrap_or(dlsession_proto::SessionConfig::DEFAULT_TIMEOUT_FOR_RESOURCE_MS);
+        if let Some(t) = self.tasks.get_mut(&id) {
+            t.rec.resource_deadline.get_or_insert(now.saturating_add(budget));
+            t.rec.retry_at = None;
+        }
+        self.set_state(id, TaskState::Queued);
+        self.enqueue(id);
+    }
+
+    /// Persists a task's record; `after` runs once it is durable.
+    pub(super) fn save_task(&mut self, task: TaskId, after: Vec<After>) {
+        let ops = self.tasks.get(&task).map(|t| vec![Op::UpdateTask(Box::new(t.rec.clone()))]).unwrap_or_default();
+        self.commit(ops, after);
     }
 
     /// Puts a queued task where it waits: its lane, or a timer until `earliest_begin`. A
@@ -49,7 +70,7 @@ impl Core {
         let now = now_ms();
         let Some(t) = self.tasks.get_mut(&id) else { return };
         if t.rec.phase == Phase::Finishing {
-            return self.start_move(id);
+            return self.start_move(id, Leftovers::OthersOnly);
         }
         match t.rec.earliest_begin.filter(|&at| at > now) {
             Some(at) => {
@@ -62,7 +83,7 @@ impl Core {
             None => {
                 let lane = t.lane();
                 let prio = t.rec.priority;
-                self.lanes.push(&lane, prio, id);
+                self.slots.queue(&lane, prio, id);
             }
         }
     }
@@ -74,7 +95,7 @@ impl Core {
         let (lane, prio, state) = (t.lane(), t.rec.priority, t.state);
         match state {
             TaskState::Queued => {
-                self.lanes.remove(&lane, prio, id);
+                self.slots.unqueue(&lane, prio, id);
                 self.clear_timer(timer, Timer::Begin(id));
             }
             TaskState::Waiting => self.clear_timer(timer, Timer::Retry(id)),
@@ -107,26 +128,21 @@ impl Core {
     pub(super) fn schedule(&mut self) {
         // While the database refuses writes, nothing starts: a download would soon need
         // a checkpoint commit, and its durable events could not be written.
-        if self.shutting_down || self.storage.is_some() {
+        if self.life.shutting_down {
             return;
         }
-        let max = self.cfg.limits.max_concurrent_downloads as usize;
-        while self.downloading < max && self.running.len() < max.saturating_mul(FINISHING_FACTOR) {
-            let sessions = &self.sessions;
-            let picked = self.lanes.pop_best(|(key, _), lane_running| {
-                sessions.get(key).is_some_and(|s| {
-                    lane_running < s.rec.config.max_connections_per_host
-                        && s.rec.config.max_concurrent_tasks.is_none_or(|m| s.running < m)
-                })
-            });
-            let Some((lane, id)) = picked else { break };
+        while let Some((lane, id)) = self.slots.pop_next(self.limits(), &self.sessions) {
             self.start(id, lane);
         }
     }
 
-    fn start(&mut self, id: TaskId, lane: super::LaneKey) {
-        let generation = self.next_generation;
-        self.next_generation += 1;
+    /// What the daemon-wide half of admission depends on now.
+    pub(super) fn limits(&self) -> Limits {
+        Limits { max_downloads: self.cfg.limits.max_concurrent_downloads, storage_full: self.life.storage.is_some() }
+    }
+
+    fn start(&mut self, id: TaskId, lane: LaneKey) {
+        let generation = self.slots.generation();
         let Some(t) = self.tasks.get(&id) else { return };
         let Some(s) = self.sessions.get(&t.rec.session) else { return };
         let now = now_ms();
@@ -145,7 +161,7 @@ impl Core {
             .rec
             .resource_deadline
             .and_then(|d| tokio::time::Instant::now().checked_add(Duration::from_millis(d.saturating_sub(now))));
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let job = Job {
             link: WorkerLink::new(self.sink.clone(), id, generation),
             session: s.rec.identifier.clone(),
@@ -169,54 +185,31 @@ impl Core {
             t.rec.attempts += 1;
             t.rec.started_at.get_or_insert(now);
             t.sampled = t.progress.received();
-            t.run = Some(Run {
-                generation,
-                stop: stop_tx,
-                after_stop: None,
-                lane: lane.clone(),
-                holds_slot: true,
-                start_received: t.progress.received(),
-                // A resume announces its offset before its progress (see `on_started`).
-                progress_held: t.rec.committed_offset > 0,
-                held_bytes: 0,
-                last_sign: std::time::Instant::now(),
-                signs_seen: t.progress.signs(),
-                abandoned_at: None,
-                _worker: worker,
-            });
+            let mut run = Run::new(generation, lane.clone(), true, stop_tx, &t.progress, worker);
+            // A resume announces its offset before its progress (see `on_started`).
+            run.progress_held = t.rec.committed_offset > 0;
+            t.run = Some(run);
         }
-        self.lanes.started(&lane);
+        self.slots.occupy(id, Some(&lane));
         if let Some(s) = self.sessions.get_mut(&key) {
             s.running += 1;
         }
-        self.running.insert(id);
-        self.downloading += 1;
         self.set_state(id, TaskState::Running);
     }
 
     /// Asks a running worker to stop; `how` says what happens once it has.
     pub(super) fn stop_worker(&mut self, id: TaskId, how: AfterStop) {
-        let Some(run) = self.tasks.get_mut(&id).and_then(|t| t.run.as_mut()) else { return };
-        let rank = |a: AfterStop| match a {
-            AfterStop::Requeue => 0,
-            AfterStop::Shutdown => 1,
-            AfterStop::Suspend => 2,
-            AfterStop::Cancel => 3,
-            AfterStop::CancelProducingResumeData => 4,
-        };
-        if run.after_stop.is_none_or(|cur| rank(how) > rank(cur)) {
-            run.after_stop = Some(how);
+        if let Some(run) = self.tasks.run_mut(&id) {
+            run.stop(how);
         }
-        let _ = run.stop.send(true);
     }
 
     /// The body has arrived: the network slot goes to the next task while this one syncs
     /// and moves its file (the fsyncs of small files then overlap other downloads).
     fn free_slot(&mut self, id: TaskId) {
-        let Some(run) = self.tasks.get_mut(&id).and_then(|t| t.run.as_mut()) else { return };
+        let Some(run) = self.tasks.run_mut(&id) else { return };
         if std::mem::replace(&mut run.holds_slot, false) {
-            self.lanes.stopped(&run.lane);
-            self.downloading = self.downloading.saturating_sub(1);
+            self.slots.free_slot(&run.lane);
         }
     }
 
@@ -230,7 +223,7 @@ impl Core {
         if let Some(s) = self.sessions.get_mut(&key) {
             s.running = s.running.saturating_sub(1);
         }
-        self.running.remove(&id);
+        self.slots.vacate(id);
         Some(run)
     }
 
@@ -243,7 +236,7 @@ impl Core {
             }
             return;
         }
-        if let Some(run) = self.tasks.get_mut(&id).and_then(|t| t.run.as_mut()) {
+        if let Some(run) = self.tasks.run_mut(&id) {
             run.last_sign = std::time::Instant::now();
         }
         match event {
@@ -315,7 +308,7 @@ impl Core {
         }
         // Progress was held from the start of a resumed attempt (a tick may come before
         // this message): until the event is out, or now when there is none.
-        if let Some(run) = self.tasks.get_mut(&id).and_then(|t| t.run.as_mut()) {
+        if let Some(run) = self.tasks.run_mut(&id) {
             run.progress_held = announces;
             if announces {
                 after.push(After::ReleaseProgress { task: id, generation: run.generation });
@@ -378,7 +371,7 @@ impl Core {
     fn on_moved(&mut self, id: TaskId, location: String) {
         self.release(id);
         self.refuse_waiting_stops(id, "finished downloading");
-        let session = self.tasks.get(&id).map(|t| self.identifier(t.rec.session)).unwrap_or("?");
+        let session = self.tasks.get(&id).map_or("?", |t| self.sessions.identifier(t.rec.session));
         // Debug, not info: one line per file was ~4 % of the daemon's time on 1,000 small
         // files and floods the journal; failures, wakes and relaunches stay at info/warn.
         debug!(%session, task = id, "download finished");
@@ -387,35 +380,21 @@ impl Core {
 
     /// Puts a task's complete file at its destination again (its earlier move failed, or a
     /// restart cut it short). It takes no download slot: the network is done with it.
-    pub(super) fn start_move(&mut self, id: TaskId) {
-        let generation = self.next_generation;
-        self.next_generation += 1;
+    pub(super) fn start_move(&mut self, id: TaskId, leftovers: Leftovers) {
+        let generation = self.slots.generation();
         let Some(t) = self.tasks.get(&id) else { return };
         let link = WorkerLink::new(self.sink.clone(), id, generation);
-        let worker = self.engine.spawn_move(link, self.finish_of(t));
+        let worker = self.engine.spawn_move(link, self.finish_of(t), leftovers);
         let key = t.rec.session;
-        let (stop, _) = watch::channel(false);
         if let Some(t) = self.tasks.get_mut(&id) {
-            let received = t.progress.received();
-            t.run = Some(Run {
-                generation,
-                stop,
-                after_stop: None,
-                lane: t.lane(),
-                holds_slot: false,
-                start_received: received,
-                progress_held: false,
-                held_bytes: 0,
-                last_sign: std::time::Instant::now(),
-                signs_seen: t.progress.signs(),
-                abandoned_at: None,
-                _worker: worker,
-            });
+            // A move cannot be stopped: nobody holds the other end of its stop channel.
+            let (stop, _) = tokio::sync::watch::channel(false);
+            t.run = Some(Run::new(generation, t.lane(), false, stop, &t.progress, worker));
         }
+        self.slots.occupy(id, None);
         if let Some(s) = self.sessions.get_mut(&key) {
             s.running += 1;
         }
-        self.running.insert(id);
         self.set_state(id, TaskState::Running);
     }
 
@@ -429,7 +408,7 @@ impl Core {
     }
 
     /// Where a task's finished file goes, and how.
-    pub(super) fn finish_of(&self, t: &super::Task) -> crate::engine::files::Finish {
+    pub(super) fn finish_of(&self, t: &Task) -> crate::engine::files::Finish {
         let (to, overwrite) = match &t.rec.destination {
             Some(d) => (d.into(), t.rec.overwrite),
             None => (self.cache_location(&t.rec), true),
@@ -446,7 +425,8 @@ impl Core {
 
     /// Makes a task whose file could not be moved wait for the next try.
     pub(super) fn hold_for_move(&mut self, id: TaskId, error: ErrorInfo) {
-        let session = self.tasks.get(&id).map(|t| self.identifier(t.rec.session).to_owned()).unwrap_or_default();
+        let session =
+            self.tasks.get(&id).map(|t| self.sessions.identifier(t.rec.session).to_owned()).unwrap_or_default();
         let random = self.random();
         let Some(t) = self.tasks.get_mut(&id) else { return };
         t.move_failures = t.move_failures.saturating_add(1);
@@ -477,7 +457,7 @@ impl Core {
     pub(super) fn supervise(&mut self) {
         let now = std::time::Instant::now();
         let mut silent = Vec::new();
-        for &id in &self.running {
+        for id in self.slots.running() {
             let Some(t) = self.tasks.get_mut(&id) else { continue };
             let Some(run) = t.run.as_mut() else { continue };
             let signs = t.progress.signs();
@@ -499,16 +479,16 @@ impl Core {
         for (id, give_up, limit) in silent {
             if !give_up {
                 warn!(task = id, ?limit, "download worker silent for too long; stopping it");
-                if let Some(run) = self.tasks.get_mut(&id).and_then(|t| t.run.as_mut()) {
+                if let Some(run) = self.tasks.run_mut(&id) {
                     run.abandoned_at = Some(now);
                 }
                 self.stop_worker(id, AfterStop::Requeue);
                 continue;
             }
             warn!(task = id, "download worker did not stop; abandoning it and retrying the task");
-            if let Some(run) = self.tasks.get_mut(&id).and_then(|t| t.run.as_mut()) {
+            if let Some(run) = self.tasks.run_mut(&id) {
                 // Whatever it reports later carries a stale generation and is ignored.
-                run._worker.abort();
+                run.worker.abort();
                 run.after_stop = None;
             }
             let failure = crate::engine::Failure::transient(
@@ -526,7 +506,8 @@ impl Core {
 
     fn on_failed(&mut self, id: TaskId, failure: crate::engine::Failure) {
         let run = self.release(id);
-        let session = self.tasks.get(&id).map(|t| self.identifier(t.rec.session).to_owned()).unwrap_or_default();
+        let session =
+            self.tasks.get(&id).map(|t| self.sessions.identifier(t.rec.session).to_owned()).unwrap_or_default();
         let Some(t) = self.tasks.get_mut(&id) else { return };
         let made_progress = run.as_ref().is_some_and(|r| t.progress.received() > r.start_received);
         t.failures = if made_progress { 1 } else { t.failures + 1 };
@@ -618,6 +599,7 @@ impl Core {
         let mut ops = Vec::new();
         let mut after = Vec::new();
         let mut response = dlsession_proto::Response::Ok;
+        let mut after_disk = false;
         match how {
             AfterStop::Suspend => self.set_state(id, TaskState::Suspended),
             AfterStop::Requeue => {
@@ -631,6 +613,7 @@ impl Core {
             AfterStop::Cancel => self.complete(id, Some(cancelled()), &mut ops, &mut after),
             AfterStop::CancelProducingResumeData => {
                 response = dlsession_proto::Response::ResumeData(self.keep_for_resume(id));
+                after_disk = true;
                 self.complete(id, Some(cancelled()), &mut ops, &mut after);
             }
         }
@@ -640,7 +623,12 @@ impl Core {
             ops.push(Op::UpdateTask(Box::new(t.rec.clone())));
         }
         for (conn, req) in replies {
-            after.push(After::Reply { conn, id: req, response: response.clone() });
+            let response = response.clone();
+            after.push(if after_disk {
+                After::ReplyAfterDisk { conn, id: req, response }
+            } else {
+                After::Reply { conn, id: req, response }
+            });
         }
         self.commit(ops, after);
     }
@@ -668,4 +656,9 @@ impl Core {
         after.push(After::Events { session: key, seq });
         self.check_invalidation(key, ops, after);
     }
+}
+
+/// The completion error of a cancelled task.
+pub(super) fn cancelled() -> ErrorInfo {
+    ErrorInfo::new(ErrorCode::Cancelled, "cancelled")
 }

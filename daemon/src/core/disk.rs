@@ -1,0 +1,338 @@
+//! The core's disk work, done off its thread: the core never waits on a disk except
+//! through the store's thread and this module's.
+//!
+//! - One thread, first in first out, for the daemon's own cache directory: removing
+//!   files, keeping a cancelled task's partial file for its resume data, collecting
+//!   garbage at start, expiring kept files. In order, so a removal queued after a keep
+//!   never overtakes it, and a reply queued behind a keep (`Disk::then`) goes out only
+//!   once the kept file is in place.
+//! - A blocking thread per check of a client's destinations (`check_request`): a
+//!   destination on a hung network mount stalls that request only. Adopting the kept
+//!   file of resume data happens there too, once its destination is known to be fine.
+
+use std::collections::HashSet;
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, SystemTime};
+
+use dlsession_proto::{ErrorInfo, TaskId, UnixMillis};
+use tracing::{info, warn};
+
+use super::timers::millis;
+use crate::model::{SessionKey, now_ms};
+
+/// What the disk thread tells the core.
+#[derive(Debug)]
+pub enum DiskReport {
+    /// The resume directory was cleaned: how many files went, and the oldest kept file
+    /// left (its modification time).
+    ResumeDir { removed: usize, oldest: Option<UnixMillis> },
+}
+
+/// At start: what the cache directory may hold.
+#[derive(Debug)]
+pub(super) struct Garbage {
+    pub downloads: PathBuf,
+    pub sessions: HashSet<SessionKey>,
+    /// Files of live tasks (partial files, finished files in the cache).
+    pub keep: HashSet<PathBuf>,
+    /// Task ids from here on were handed out after the list was made: their files stay.
+    pub first_new_id: TaskId,
+}
+
+enum Job {
+    Remove(Vec<PathBuf>),
+    RemoveDir(PathBuf),
+    /// A cancelled task's partial file, moved aside for its resume data.
+    Keep {
+        part: PathBuf,
+        kept: PathBuf,
+    },
+    CollectGarbage(Garbage),
+    /// Removes kept partial files older than `retention` (reports `ResumeDir`).
+    CleanResumeDir {
+        dir: PathBuf,
+        retention: Duration,
+    },
+    /// Runs once everything queued before it is done.
+    Then(Box<dyn FnOnce() + Send>),
+}
+
+/// The handle to the disk thread. Dropping it lets the thread finish what is queued and end.
+#[derive(Debug)]
+pub(super) struct Disk {
+    jobs: std_mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Job::Remove(_) => "Remove",
+            Job::RemoveDir(_) => "RemoveDir",
+            Job::Keep { .. } => "Keep",
+            Job::CollectGarbage(_) => "CollectGarbage",
+            Job::CleanResumeDir { .. } => "CleanResumeDir",
+            Job::Then(_) => "Then",
+        })
+    }
+}
+
+impl Disk {
+    /// Starts the thread; `report` hands its reports to the core.
+    pub fn start(report: impl Fn(DiskReport) + Send + 'static) -> io::Result<Disk> {
+        let (jobs, rx) = std_mpsc::channel::<Job>();
+        std::thread::Builder::new().name("dlsessiond-disk".into()).spawn(move || {
+            for job in rx {
+                run(job, &report);
+            }
+        })?;
+        Ok(Disk { jobs })
+    }
+
+    fn send(&self, job: Job) {
+        if self.jobs.send(job).is_err() {
+            warn!("the disk thread has stopped; cache files are left for the next start to clean");
+        }
+    }
+
+    pub fn remove(&self, paths: Vec<PathBuf>) {
+        if !paths.is_empty() {
+            self.send(Job::Remove(paths));
+        }
+    }
+
+    pub fn remove_dir(&self, dir: PathBuf) {
+        self.send(Job::RemoveDir(dir));
+    }
+
+    pub fn keep(&self, part: PathBuf, kept: PathBuf) {
+        self.send(Job::Keep { part, kept });
+    }
+
+    pub fn collect_garbage(&self, garbage: Garbage) {
+        self.send(Job::CollectGarbage(garbage));
+    }
+
+    pub fn clean_resume_dir(&self, dir: PathBuf, retention: Duration) {
+        self.send(Job::CleanResumeDir { dir, retention });
+    }
+
+    /// Runs `f` on the disk thread once everything queued so far is done.
+    pub fn then(&self, f: impl FnOnce() + Send + 'static) {
+        self.send(Job::Then(Box::new(f)));
+    }
+
+    /// Waits (at most `grace`) until everything queued so far is done.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.then(move || {
+            let _ = tx.send(());
+        });
+        tokio::time::timeout(grace, rx).await.is_ok_and(|r| r.is_ok())
+    }
+}
+
+fn run(job: Job, report: &impl Fn(DiskReport)) {
+    match job {
+        Job::Remove(paths) => {
+            for p in paths {
+                remove_file_quietly(&p);
+            }
+        }
+        Job::RemoveDir(dir) => {
+            if let Err(e) = std::fs::remove_dir_all(&dir)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                warn!(dir = %dir.display(), error = %e, "cannot remove session directory");
+            }
+        }
+        Job::Keep { part, kept } => {
+            if let Err(e) = keep(&part, &kept) {
+                info!(error = %e, "cannot keep the partial file; its resume data will restart from zero");
+            }
+        }
+        Job::CollectGarbage(g) => {
+            let removed = collect_garbage(&g);
+            if removed > 0 {
+                info!(removed, "removed stray files from the cache directory");
+            }
+        }
+        Job::CleanResumeDir { dir, retention } => {
+            let (removed, oldest) = clean_resume_dir(&dir, retention);
+            report(DiskReport::ResumeDir { removed, oldest });
+        }
+        Job::Then(f) => f(),
+    }
+}
+
+fn remove_file_quietly(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        warn!(path = %path.display(), error = %e, "cannot remove file");
+    }
+}
+
+/// Creates a private directory (and its parents) if it is missing.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+/// Moves `part` to `kept`, dated now (retention counts from the cancel, not from the last
+/// byte written), and makes both directory entries durable.
+fn keep(part: &Path, kept: &Path) -> io::Result<()> {
+    if let Some(dir) = kept.parent() {
+        private_dir(dir)?;
+    }
+    std::fs::rename(part, kept)?;
+    std::fs::File::options().write(true).open(kept)?.set_modified(SystemTime::now())?;
+    crate::engine::files::sync_parent(kept)?;
+    crate::engine::files::sync_parent(part)
+}
+
+/// Removes what no live task refers to: directories of sessions that are gone, and
+/// files in a live session's directory that are not its tasks'.
+fn collect_garbage(g: &Garbage) -> usize {
+    let Ok(entries) = std::fs::read_dir(&g.downloads) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(key) = name.strip_prefix('s').and_then(|k| k.parse::<SessionKey>().ok()) else { continue };
+        let path = entry.path();
+        if !g.sessions.contains(&key) {
+            if std::fs::remove_dir_all(&path).is_ok() {
+                removed += 1;
+            }
+            continue;
+        }
+        let Ok(files) = std::fs::read_dir(&path) else { continue };
+        for file in files.flatten() {
+            let path = file.path();
+            let name = file.file_name().to_string_lossy().into_owned();
+            let new = name
+                .split_once('.')
+                .and_then(|(id, _)| id.parse::<TaskId>().ok())
+                .is_some_and(|id| id >= g.first_new_id);
+            if !new && !g.keep.contains(&path) && std::fs::remove_file(&path).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
+/// Removes kept partial files older than `retention`; returns how many went and the
+/// modification time of the oldest left.
+fn clean_resume_dir(dir: &Path, retention: Duration) -> (usize, Option<UnixMillis>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return (0, None) };
+    let now = SystemTime::now();
+    let (mut removed, mut oldest) = (0, None::<UnixMillis>);
+    for entry in entries.flatten() {
+        let Ok(modified) = entry.metadata().and_then(|m| m.modified()) else { continue };
+        let age = now.duration_since(modified).unwrap_or(Duration::ZERO);
+        if age > retention {
+            if std::fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+            continue;
+        }
+        let at = now_ms().saturating_sub(millis(age));
+        oldest = Some(oldest.map_or(at, |o| o.min(at)));
+    }
+    (removed, oldest)
+}
+
+/// What became of a kept partial file offered to a new task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Adoption {
+    /// No file to adopt, or it is gone: the task starts from zero.
+    None,
+    /// Linked as the new task's partial file; the kept name goes once the task is durable
+    /// (a crash before that leaves the resume data usable).
+    Linked { kept: PathBuf },
+    /// Moved (the file system cannot link).
+    Moved,
+}
+
+/// Gives task `part` the kept file `kept` (on a blocking thread).
+pub(super) fn adopt(kept: &Path, part: &Path) -> Adoption {
+    let linked = part.parent().map(private_dir).transpose().and_then(|_| {
+        std::fs::hard_link(kept, part).map(|()| true).or_else(|_| std::fs::rename(kept, part).map(|()| false))
+    });
+    match linked {
+        Ok(true) => Adoption::Linked { kept: kept.to_path_buf() },
+        Ok(false) => Adoption::Moved,
+        Err(e) => {
+            info!(error = %e, "resume data's partial file is gone; the new task starts from zero");
+            Adoption::None
+        }
+    }
+}
+
+/// The outcome of a request's disk phase.
+pub type Checked = Result<Prepared, ErrorInfo>;
+
+/// What a task-creating request's disk phase prepared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prepared {
+    /// For resume data: the id the new task gets, and its kept file.
+    pub resume: Option<(TaskId, Adoption)>,
+}
+
+/// Runs `check` on a blocking thread, then hands its outcome to `done`.
+pub(super) fn check_request(
+    check: impl FnOnce() -> Checked + Send + 'static,
+    done: impl FnOnce(Checked) + Send + 'static,
+) {
+    tokio::task::spawn_blocking(move || {
+        crate::failpoint::hit("destination-check");
+        done(check());
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn removals_never_overtake_a_keep_and_replies_wait_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("s1/7.part");
+        let kept = dir.path().join("resume/k.part");
+        std::fs::create_dir_all(part.parent().unwrap()).unwrap();
+        std::fs::write(&part, b"data").unwrap();
+        let disk = Disk::start(|_| {}).unwrap();
+        disk.keep(part.clone(), kept.clone());
+        disk.remove(vec![part.clone()]);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let seen = kept.clone();
+        disk.then(move || {
+            let _ = tx.send(seen.exists());
+        });
+        assert!(rx.await.unwrap(), "the reply went out before the file was kept");
+        assert_eq!(std::fs::read(&kept).unwrap(), b"data");
+        assert!(disk.drain(Duration::from_secs(5)).await);
+    }
+
+    #[test]
+    fn garbage_is_what_no_task_refers_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for f in ["s1/1.part", "s1/2.part", "s1/3.download", "s1/9.part", "s2/4.part"] {
+            std::fs::create_dir_all(d.join(f).parent().unwrap()).unwrap();
+            std::fs::write(d.join(f), b"x").unwrap();
+        }
+        let g = Garbage {
+            downloads: d.to_path_buf(),
+            sessions: HashSet::from([1]),
+            keep: HashSet::from([d.join("s1/1.part"), d.join("s1/3.download")]),
+            first_new_id: 9,
+        };
+        assert_eq!(collect_garbage(&g), 2, "s1/2.part and the directory of session 2");
+        assert!(d.join("s1/1.part").exists() && d.join("s1/3.download").exists());
+        assert!(d.join("s1/9.part").exists(), "a task created after the list was made keeps its file");
+        assert!(!d.join("s1/2.part").exists() && !d.join("s2").exists());
+    }
+}

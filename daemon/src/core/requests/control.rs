@@ -1,0 +1,133 @@
+//! Controlling tasks: resume, suspend, cancel (with or without resume data), and
+//! acknowledging completed ones.
+
+use std::collections::{BTreeMap, HashSet};
+
+use tracing::info;
+
+use super::{Answer, Handled, no_such_task};
+use crate::conn::ConnId;
+use crate::core::task::AfterStop;
+use crate::core::transitions::cancelled;
+use crate::core::{After, Core};
+use crate::model::{SessionKey, now_ms};
+use dlsession_proto::{ErrorCode, ErrorInfo, Response, TaskAction, TaskId, TaskState};
+
+impl Core {
+    pub(super) fn control_task(&mut self, conn: ConnId, id: u64, task: TaskId, action: TaskAction) -> Handled {
+        let t = self.tasks.get_mut(&task).ok_or_else(|| no_such_task(task))?;
+        let state = t.state;
+        if state == TaskState::Completed {
+            return Err(ErrorInfo::new(ErrorCode::InvalidRequest, format!("task {task} has already completed")));
+        }
+        let stopping_for = t.run.as_ref().and_then(|r| r.after_stop);
+        // The body is in and the file is being synced and moved: too late to stop it.
+        let finishing = t.run.as_ref().is_some_and(|r| !r.holds_slot);
+        if finishing && action != TaskAction::Resume {
+            return Err(ErrorInfo::new(
+                ErrorCode::InvalidRequest,
+                format!("task {task} has received all its data and is finishing; it can no longer be stopped"),
+            ));
+        }
+        let ok = || vec![After::Reply { conn, id, response: Response::Ok }];
+        match action {
+            TaskAction::Resume => match state {
+                TaskState::Suspended => {
+                    self.make_queued(task, now_ms());
+                    self.save_task(task, ok());
+                    self.schedule();
+                    Ok(Answer::Later)
+                }
+                TaskState::Running if stopping_for == Some(AfterStop::Suspend) => {
+                    if let Some(run) = t.run.as_mut() {
+                        run.after_stop = Some(AfterStop::Requeue);
+                    }
+                    Ok(Answer::Now(Response::Ok))
+                }
+                // Backing off (or waiting to move its file): try now. The backoff itself is
+                // kept: a resume is a nudge, not a promise that the problem is gone.
+                TaskState::Waiting => {
+                    info!(task, "resumed while waiting: retrying now");
+                    self.unqueue(task);
+                    self.set_state(task, TaskState::Queued);
+                    self.enqueue(task);
+                    self.save_task(task, ok());
+                    self.schedule();
+                    Ok(Answer::Later)
+                }
+                _ => Ok(Answer::Now(Response::Ok)),
+            },
+            TaskAction::Suspend => match state {
+                TaskState::Suspended => Ok(Answer::Now(Response::Ok)),
+                TaskState::Running => {
+                    t.waiting_replies.push((conn, id));
+                    self.stop_worker(task, AfterStop::Suspend);
+                    Ok(Answer::Later)
+                }
+                _ => {
+                    self.unqueue(task);
+                    self.set_state(task, TaskState::Suspended);
+                    self.save_task(task, ok());
+                    Ok(Answer::Later)
+                }
+            },
+            TaskAction::Cancel | TaskAction::CancelProducingResumeData => {
+                let with_data = action == TaskAction::CancelProducingResumeData;
+                if state == TaskState::Running {
+                    t.waiting_replies.push((conn, id));
+                    let how = if with_data { AfterStop::CancelProducingResumeData } else { AfterStop::Cancel };
+                    self.stop_worker(task, how);
+                    return Ok(Answer::Later);
+                }
+                self.unqueue(task);
+                let reply = if with_data {
+                    After::ReplyAfterDisk { conn, id, response: Response::ResumeData(self.keep_for_resume(task)) }
+                } else {
+                    After::Reply { conn, id, response: Response::Ok }
+                };
+                let mut ops = Vec::new();
+                let mut after = Vec::new();
+                self.complete(task, Some(cancelled()), &mut ops, &mut after);
+                after.push(reply);
+                self.commit(ops, after);
+                Ok(Answer::Later)
+            }
+        }
+    }
+
+    pub(super) fn acknowledge_tasks(&mut self, conn: ConnId, id: u64, tasks: Vec<TaskId>) -> Handled {
+        // The tasks per session first, then one pass over each session's events: a pass per
+        // task made acknowledging 1,000 tasks cost 1,000 passes over 2,000 events.
+        let mut wanted: BTreeMap<SessionKey, HashSet<TaskId>> = BTreeMap::new();
+        for task in tasks {
+            let t = self.tasks.get(&task).ok_or_else(|| no_such_task(task))?;
+            if t.state != TaskState::Completed {
+                return Err(ErrorInfo::new(ErrorCode::InvalidRequest, format!("task {task} has not completed")));
+            }
+            wanted.entry(t.rec.session).or_default().insert(task);
+        }
+        let mut by_session: BTreeMap<SessionKey, Vec<u64>> = BTreeMap::new();
+        for (key, ids) in wanted {
+            let Some(s) = self.sessions.get(&key) else { continue };
+            let seqs: Vec<u64> = s
+                .events
+                .iter()
+                .filter(|(_, e)| e.task().is_some_and(|t| ids.contains(&t)))
+                .map(|(seq, _)| *seq)
+                .collect();
+            by_session.insert(key, seqs);
+        }
+        let last = by_session.len();
+        if last == 0 {
+            return Ok(Answer::Now(Response::Ok));
+        }
+        for (i, (key, seqs)) in by_session.into_iter().enumerate() {
+            if i + 1 == last {
+                self.acknowledge(conn, id, key, seqs);
+            } else {
+                self.acknowledge_quietly(key, seqs);
+            }
+        }
+        Ok(Answer::Later)
+    }
+}

@@ -1,0 +1,142 @@
+//! Client requests: which may run now (shutdown and a full database refuse changes),
+//! and the handler of each, by family: `sessions` (attach, open, invalidate, wake),
+//! `tasks` (create, from resume data), `control` (resume, suspend, cancel, acknowledge),
+//! `queries` (status, get, list, watch). docs/protocol.md lists every request.
+
+mod control;
+mod queries;
+mod sessions;
+mod tasks;
+
+use tracing::debug;
+
+use super::Core;
+use super::disk::Checked;
+use crate::conn::ConnId;
+use dlsession_proto::{ErrorCode, ErrorInfo, Request, Response, TaskId, WakeReason};
+
+/// How a handler answered: now, or later (after a commit or a worker stop).
+pub(super) enum Answer {
+    Now(Response),
+    Later,
+}
+
+type Handled = Result<Answer, ErrorInfo>;
+
+/// Whether a task-creating request's disk phase (destinations, a kept file) ran yet.
+#[derive(Debug)]
+pub(super) enum DiskCheck {
+    Pending,
+    Done(super::disk::Prepared),
+}
+
+impl Core {
+    pub(super) fn on_request(&mut self, conn: ConnId, id: u64, request: Request) {
+        debug!(conn, id, request = request.name(), "request");
+        self.handle_request(conn, id, request, DiskCheck::Pending);
+    }
+
+    /// A request's disk phase is over: handle it again with what it found.
+    pub(super) fn on_disk_checked(&mut self, conn: ConnId, id: u64, request: Request, result: Checked) {
+        match result {
+            Ok(prepared) => self.handle_request(conn, id, request, DiskCheck::Done(prepared)),
+            Err(e) => self.reply(conn, id, Err(e)),
+        }
+    }
+
+    fn handle_request(&mut self, conn: ConnId, id: u64, request: Request, check: DiskCheck) {
+        let mutating = !matches!(
+            request,
+            Request::Status
+                | Request::GetSession { .. }
+                | Request::ListSessions
+                | Request::ListSessionsPage(_)
+                | Request::GetTask { .. }
+                | Request::ListTasks(_)
+                | Request::Watch(_)
+                | Request::Unwatch
+        );
+        // Attaching writes only when it creates or reconfigures a session (it checks), and
+        // detaching, waking and watching write nothing: an app can still collect its events.
+        let writes = mutating
+            && !matches!(
+                request,
+                Request::Attach { .. }
+                    | Request::Detach { .. }
+                    | Request::Wake { .. }
+                    | Request::HandleWakes
+                    | Request::ListSessionsPage(_)
+            );
+        let result = if mutating && self.life.shutting_down {
+            Err(ErrorInfo::new(ErrorCode::Internal, "the daemon is shutting down; try again when it is back"))
+        } else if let Some(e) = self.life.storage.as_ref().filter(|_| writes) {
+            Err(e.clone())
+        } else {
+            self.dispatch(conn, id, request, check)
+        };
+        match result {
+            Ok(Answer::Now(response)) => self.reply(conn, id, Ok(response)),
+            Ok(Answer::Later) => {}
+            Err(e) => self.reply(conn, id, Err(e)),
+        }
+    }
+
+    fn dispatch(&mut self, conn: ConnId, id: u64, request: Request, check: DiskCheck) -> Handled {
+        match request {
+            Request::Status => Ok(Answer::Now(Response::Status(self.status()))),
+            Request::Attach { identifier, config, takeover } => self.attach(conn, id, identifier, config, takeover),
+            Request::Detach { identifier } => self.detach(conn, &identifier),
+            Request::OpenSession { identifier, config } => self.open_session(conn, id, identifier, config),
+            Request::GetSession { identifier } => {
+                let key = self.sessions.key_of(&identifier)?;
+                Ok(Answer::Now(Response::Session(self.session_info(key)?)))
+            }
+            Request::ListSessions => Ok(Answer::Now(Response::Sessions(self.all_sessions()))),
+            Request::ListSessionsPage(query) => Ok(Answer::Now(Response::SessionsPage(self.list_sessions(query)))),
+            Request::HandleWakes => self.handle_wakes(conn),
+            Request::CreateTasks { identifier, tasks, resume } => {
+                self.create_tasks(conn, id, identifier, tasks, resume, check)
+            }
+            Request::CreateTaskFromResumeData { identifier, resume_data, resume } => {
+                self.create_from_resume_data(conn, id, identifier, resume_data, resume, check)
+            }
+            Request::ControlTask { task, action } => self.control_task(conn, id, task, action),
+            Request::GetTask { task } => self.get_task(conn, id, task),
+            Request::ListTasks(query) => self.list_tasks(query),
+            Request::AckEvents { identifier, seqs } => {
+                let key = self.sessions.key_of(&identifier)?;
+                self.acknowledge(conn, id, key, seqs);
+                Ok(Answer::Later)
+            }
+            Request::AcknowledgeTasks { tasks } => self.acknowledge_tasks(conn, id, tasks),
+            Request::FinishTasksAndInvalidate { identifier } => {
+                self.finish_and_invalidate(conn, id, &identifier, false)
+            }
+            Request::InvalidateAndCancel { identifier } => self.finish_and_invalidate(conn, id, &identifier, true),
+            Request::Wake { identifier } => {
+                let key = self.sessions.key_of(&identifier)?;
+                Ok(Answer::Now(Response::Wake(self.wake_now(key, WakeReason::Requested)?)))
+            }
+            Request::Watch(filter) => self.watch(conn, filter),
+            Request::Unwatch => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.watch = None;
+                }
+                Ok(Answer::Now(Response::Ok))
+            }
+        }
+    }
+}
+
+/// Names the task of a batch an error is about.
+fn in_batch(i: usize, n: usize, e: ErrorInfo) -> ErrorInfo {
+    let prefix = if n > 1 { format!("task {} of the batch: ", i + 1) } else { String::new() };
+    ErrorInfo { message: format!("{prefix}{}", e.message), ..e }
+}
+
+fn no_such_task(task: TaskId) -> ErrorInfo {
+    ErrorInfo::new(
+        ErrorCode::NoSuchTask,
+        format!("no live task {task} (it may have completed and been acknowledged, or never existed)"),
+    )
+}

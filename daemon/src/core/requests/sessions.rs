@@ -1,0 +1,198 @@
+//! Session requests: attach and detach, open, invalidate, wake handling.
+
+use tracing::info;
+
+use super::{Answer, Handled};
+use crate::conn::ConnId;
+use crate::core::task::AfterStop;
+use crate::core::transitions::cancelled;
+use crate::core::{After, Core};
+use crate::model::{SessionKey, now_ms};
+use crate::store::Op;
+use crate::validate;
+use dlsession_proto::{DetachReason, ErrorCode, ErrorInfo, Event, Response, SessionConfig, TaskId, TaskState};
+
+impl Core {
+    pub(super) fn attach(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        identifier: String,
+        config: SessionConfig,
+        takeover: bool,
+    ) -> Handled {
+        dlsession_proto::validate::identifier(&identifier)?;
+        validate::session_config(&config, &self.cfg.limits)?;
+        let existing = self.sessions.find(&identifier);
+        if let Some(e) = &self.life.storage {
+            // Only an attach that writes nothing can be served while the disk refuses writes.
+            let writes =
+                existing.and_then(|k| self.sessions.get(&k)).is_none_or(|s| !s.rec.invalid && s.rec.config != config);
+            if writes {
+                return Err(e.clone());
+            }
+        }
+        let mut ops = Vec::new();
+        let key = match existing {
+            Some(key) => {
+                let other = self.sessions.get(&key).and_then(|s| s.attached).filter(|&c| c != conn);
+                if let Some(other) = other {
+                    if !takeover {
+                        let who = self.conns.describe(other);
+                        return Err(ErrorInfo::new(
+                            ErrorCode::SessionInUse,
+                            format!("session {identifier:?} is attached by {who}; attach with takeover to replace it"),
+                        ));
+                    }
+                    self.detach_conn(other, key, DetachReason::TakenOver);
+                }
+                self.reconfigure(key, config, &mut ops);
+                key
+            }
+            None => self.create_session(identifier, config, &mut ops),
+        };
+        // Attached: nothing to wake. The wake backoff stays until the events are
+        // acknowledged: an app that attaches and crashes is not relaunched any sooner.
+        self.cancel_wakes(key);
+        if let Some(s) = self.sessions.get_mut(&key) {
+            s.attached = Some(conn);
+            s.replaying = true;
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.attached.insert(key);
+        }
+        info!(conn, session = %self.sessions.identifier(key), "attached");
+        self.commit(ops, vec![After::Replay { conn, id, session: key }]);
+        Ok(Answer::Later)
+    }
+
+    /// Detaches `conn` from `key`, telling it why.
+    fn detach_conn(&mut self, conn: ConnId, key: SessionKey, reason: DetachReason) {
+        let Some(s) = self.sessions.get_mut(&key) else { return };
+        s.detach(conn);
+        let identifier = s.rec.identifier.clone();
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.attached.remove(&key);
+            c.handle.event(Event::Detached { identifier, reason });
+        }
+    }
+
+    pub(super) fn detach(&mut self, conn: ConnId, identifier: &str) -> Handled {
+        let key = self.sessions.key_of(identifier)?;
+        if let Some(s) = self.sessions.get_mut(&key) {
+            s.detach(conn);
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.attached.remove(&key);
+        }
+        self.check_wake(key, self.cfg.timing.wake_initial);
+        Ok(Answer::Now(Response::Ok))
+    }
+
+    fn create_session(&mut self, identifier: String, config: SessionConfig, ops: &mut Vec<Op>) -> SessionKey {
+        info!(session = %identifier, "session created");
+        let rec = self.sessions.create(identifier, config, now_ms());
+        let key = rec.key;
+        ops.push(Op::InsertSession(rec));
+        key
+    }
+
+    /// Gives a session a new configuration (stored if it changed).
+    fn reconfigure(&mut self, key: SessionKey, config: SessionConfig, ops: &mut Vec<Op>) {
+        if let Some(s) = self.sessions.get_mut(&key)
+            && s.reconfigure(config)
+        {
+            ops.push(Op::UpdateSession(s.rec.clone()));
+        }
+    }
+
+    pub(super) fn open_session(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        identifier: String,
+        config: Option<SessionConfig>,
+    ) -> Handled {
+        dlsession_proto::validate::identifier(&identifier)?;
+        if let Some(c) = &config {
+            validate::session_config(c, &self.cfg.limits)?;
+        }
+        let mut ops = Vec::new();
+        let key = match self.sessions.find(&identifier) {
+            Some(key) => {
+                if let Some(config) = config {
+                    self.reconfigure(key, config, &mut ops);
+                }
+                key
+            }
+            None => self.create_session(identifier, config.unwrap_or_default(), &mut ops),
+        };
+        let info = self.session_info(key)?;
+        self.commit(ops, vec![After::Reply { conn, id, response: Response::Session(info) }]);
+        // A changed app_id or launch spec may make a pending wake possible.
+        self.check_wake(key, std::time::Duration::ZERO);
+        Ok(Answer::Later)
+    }
+
+    /// The session named `identifier`, if it still takes new tasks.
+    pub(super) fn open_for_tasks(&self, identifier: &str) -> Result<SessionKey, ErrorInfo> {
+        let key = self.sessions.key_of(identifier)?;
+        let s = self.sessions.get(&key).ok_or_else(|| ErrorInfo::new(ErrorCode::NoSuchSession, "no such session"))?;
+        if s.rec.invalidating || s.rec.invalid {
+            return Err(ErrorInfo::new(
+                ErrorCode::SessionInvalidated,
+                format!("session {identifier:?} is being invalidated and accepts no new tasks"),
+            ));
+        }
+        Ok(key)
+    }
+
+    pub(super) fn finish_and_invalidate(&mut self, conn: ConnId, id: u64, identifier: &str, cancel: bool) -> Handled {
+        let key = self.sessions.key_of(identifier)?;
+        let mut ops = Vec::new();
+        let mut after = Vec::new();
+        if let Some(s) = self.sessions.get_mut(&key) {
+            if s.rec.invalid {
+                return Err(ErrorInfo::new(
+                    ErrorCode::SessionInvalidated,
+                    format!("session {identifier:?} is already invalid"),
+                ));
+            }
+            if !s.rec.invalidating {
+                s.rec.invalidating = true;
+                ops.push(Op::UpdateSession(s.rec.clone()));
+            }
+        }
+        if cancel {
+            let ids: Vec<TaskId> =
+                self.sessions.get(&key).map(|s| s.tasks.iter().copied().collect()).unwrap_or_default();
+            for task in ids {
+                let Some(t) = self.tasks.get(&task) else { continue };
+                match t.state {
+                    TaskState::Completed => {}
+                    TaskState::Running => self.stop_worker(task, AfterStop::Cancel),
+                    _ => {
+                        self.unqueue(task);
+                        self.complete(task, Some(cancelled()), &mut ops, &mut after);
+                    }
+                }
+            }
+        }
+        after.push(After::Reply { conn, id, response: Response::Ok });
+        self.check_invalidation(key, &mut ops, &mut after);
+        self.commit(ops, after);
+        Ok(Answer::Later)
+    }
+
+    /// The connection handles `Wake`s: its app's sessions that wait for it are woken.
+    pub(super) fn handle_wakes(&mut self, conn: ConnId) -> Handled {
+        let app_id = self.conns.get_mut(&conn).and_then(|c| {
+            c.handles_wakes = true;
+            c.handle.app_id.clone()
+        });
+        if let Some(app_id) = app_id {
+            self.wake_for_new_app(&app_id, conn);
+        }
+        Ok(Answer::Now(Response::Ok))
+    }
+}

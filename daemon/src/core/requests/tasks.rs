@@ -1,0 +1,166 @@
+//! Creating tasks: from specs, and from resume data. Each request is checked first,
+//! then its destinations (and a kept file) on a blocking thread, then created in one commit.
+
+use std::collections::HashSet;
+
+use tracing::debug;
+
+use super::{Answer, DiskCheck, Handled, in_batch};
+use crate::conn::ConnId;
+use crate::core::disk::{self, Adoption, Prepared};
+use crate::core::resume::ResumeData;
+use crate::core::sched::host_key;
+use crate::core::{After, Core, CoreMsg};
+use crate::model::{TaskRecord, now_ms};
+use crate::store::Op;
+use crate::validate;
+use dlsession_proto::{ErrorCode, ErrorInfo, Request, Response, TaskSpec};
+
+impl Core {
+    pub(super) fn create_tasks(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        identifier: String,
+        specs: Vec<TaskSpec>,
+        resume: bool,
+        check: DiskCheck,
+    ) -> Handled {
+        let key = self.open_for_tasks(&identifier)?;
+        let max = self.cfg.limits.max_tasks_per_batch as usize;
+        if specs.len() > max {
+            return Err(ErrorInfo::new(
+                ErrorCode::InvalidRequest,
+                format!("{} tasks in one batch; the limit is {max}", specs.len()),
+            ));
+        }
+        let mut hosts = Vec::with_capacity(specs.len());
+        let mut destinations = HashSet::new();
+        for (i, spec) in specs.iter().enumerate() {
+            let url =
+                validate::task(spec, &self.cfg.limits, &self.cfg.cache_dir).map_err(|e| in_batch(i, specs.len(), e))?;
+            if let Some(d) = &spec.destination
+                && !destinations.insert(d.as_str())
+            {
+                return Err(ErrorInfo::new(
+                    ErrorCode::InvalidRequest,
+                    format!("destination {d:?} is given to more than one task of the batch"),
+                ));
+            }
+            hosts.push(host_key(&url));
+        }
+        if matches!(check, DiskCheck::Pending) {
+            let n = specs.len();
+            let dests: Vec<(usize, String, bool)> = specs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| s.destination.clone().map(|d| (i, d, s.overwrite)))
+                .collect();
+            if !dests.is_empty() {
+                let request = Request::CreateTasks { identifier, tasks: specs, resume };
+                self.check_on_disk(conn, id, request, move || {
+                    dests.into_iter().try_for_each(|(i, dest, overwrite)| {
+                        validate::destination_on_disk(&dest, overwrite).map_err(|e| in_batch(i, n, e))
+                    })?;
+                    Ok(Prepared { resume: None })
+                });
+                return Ok(Answer::Later);
+            }
+        }
+        let now = now_ms();
+        let file_mode = self.conns.file_mode(conn);
+        let mut ops = Vec::with_capacity(specs.len() + 1);
+        let mut ids = Vec::with_capacity(specs.len());
+        for (spec, host) in specs.into_iter().zip(hosts) {
+            let id = self.tasks.allocate();
+            self.insert_task(TaskRecord::new(id, key, spec, now, file_mode), host);
+            if resume {
+                self.make_queued(id, now);
+            }
+            if let Some(t) = self.tasks.get(&id) {
+                ops.push(Op::InsertTask(Box::new(t.rec.clone())));
+            }
+            ids.push(id);
+        }
+        ops.push(Op::SetNextTaskId(self.tasks.next_id()));
+        debug!(session = %self.sessions.identifier(key), count = ids.len(), "tasks created");
+        self.commit(ops, vec![After::Reply { conn, id, response: Response::TasksCreated(ids) }]);
+        self.schedule();
+        Ok(Answer::Later)
+    }
+
+    pub(super) fn create_from_resume_data(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        identifier: String,
+        blob: Vec<u8>,
+        resume: bool,
+        check: DiskCheck,
+    ) -> Handled {
+        let key = self.open_for_tasks(&identifier)?;
+        let data = ResumeData::decode(&blob)?;
+        let spec = data.spec();
+        let url = validate::task(&spec, &self.cfg.limits, &self.cfg.cache_dir)?;
+        let (task_id, adoption) = match check {
+            DiskCheck::Done(Prepared { resume: Some(prepared) }) => prepared,
+            DiskCheck::Pending if spec.destination.is_none() && data.kept_file().is_none() => {
+                (self.tasks.allocate(), Adoption::None)
+            }
+            DiskCheck::Done(Prepared { resume: None }) => (self.tasks.allocate(), Adoption::None),
+            DiskCheck::Pending => {
+                // The destination is checked, then the kept file linked to the new task's
+                // partial file, off this thread; the request comes back with the outcome.
+                let task_id = self.tasks.allocate();
+                let kept = data.kept_file().map(|f| self.resume_dir().join(f));
+                let part = self.session_dir(key).join(format!("{task_id}.part"));
+                let dest = spec.destination.clone().map(|d| (d, spec.overwrite));
+                let request = Request::CreateTaskFromResumeData { identifier, resume_data: blob, resume };
+                self.check_on_disk(conn, id, request, move || {
+                    if let Some((dest, overwrite)) = dest {
+                        validate::destination_on_disk(&dest, overwrite)?;
+                    }
+                    let adoption = kept.map_or(Adoption::None, |kept| disk::adopt(&kept, &part));
+                    Ok(Prepared { resume: Some((task_id, adoption)) })
+                });
+                return Ok(Answer::Later);
+            }
+        };
+        let now = now_ms();
+        let mut rec = TaskRecord::new(task_id, key, spec, now, self.conns.file_mode(conn));
+        if adoption != Adoption::None {
+            data.continue_in(&mut rec);
+        }
+        self.insert_task(rec, host_key(&url));
+        if resume {
+            self.make_queued(task_id, now);
+        }
+        let mut ops = Vec::new();
+        if let Some(t) = self.tasks.get(&task_id) {
+            ops.push(Op::InsertTask(Box::new(t.rec.clone())));
+        }
+        ops.push(Op::SetNextTaskId(self.tasks.next_id()));
+        let mut after = vec![After::Reply { conn, id, response: Response::TasksCreated(vec![task_id]) }];
+        if let Adoption::Linked { kept } = adoption {
+            after.push(After::RemoveFiles(vec![kept]));
+        }
+        self.commit(ops, after);
+        self.schedule();
+        Ok(Answer::Later)
+    }
+
+    /// Runs a request's disk phase on a blocking thread; the request comes back with
+    /// its outcome (`CoreMsg::DiskChecked`).
+    fn check_on_disk(
+        &self,
+        conn: ConnId,
+        id: u64,
+        request: Request,
+        check: impl FnOnce() -> Result<Prepared, ErrorInfo> + Send + 'static,
+    ) {
+        let tx = self.tx.clone();
+        disk::check_request(check, move |result| {
+            let _ = tx.send(CoreMsg::DiskChecked { conn, id, request: Box::new(request), result });
+        });
+    }
+}

@@ -1,0 +1,136 @@
+//! Resume data: the opaque blob `cancel_producing_resume_data` hands out, and the
+//! partial file it names, kept aside in the resume directory until a new task adopts it
+//! or its retention runs out (docs/behaviour.md, "Resume data").
+
+use serde::{Deserialize, Serialize};
+
+use super::Core;
+use crate::model::TaskRecord;
+use dlsession_proto::{ErrorCode, ErrorInfo, Header, TaskId, TaskSpec};
+
+const RESUME_MAGIC: [u8; 4] = *b"DLRD";
+
+/// What the blob holds. Its encoding is a contract with every blob handed out before:
+/// fields are only ever appended.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct ResumeData {
+    magic: [u8; 4],
+    url: String,
+    headers: Vec<Header>,
+    description: Option<String>,
+    priority: f32,
+    expected_sha256: Option<[u8; 32]>,
+    destination: Option<String>,
+    overwrite: bool,
+    offset: u64,
+    bytes_expected: Option<u64>,
+    etag: Option<String>,
+    last_modified: Option<String>,
+    /// The kept partial file, by name, in the resume directory.
+    file: Option<String>,
+}
+
+impl ResumeData {
+    pub fn decode(blob: &[u8]) -> Result<ResumeData, ErrorInfo> {
+        let bad =
+            || ErrorInfo::new(ErrorCode::InvalidRequest, "the resume data is not valid (not produced by dlsessiond?)");
+        let data: ResumeData = dlsession_proto::codec::decode(blob).map_err(|_| bad())?;
+        if data.magic != RESUME_MAGIC {
+            return Err(bad());
+        }
+        Ok(data)
+    }
+
+    /// The task it recreates.
+    pub fn spec(&self) -> TaskSpec {
+        TaskSpec {
+            url: self.url.clone(),
+            headers: self.headers.clone(),
+            description: self.description.clone(),
+            priority: self.priority,
+            earliest_begin: None,
+            expected_sha256: self.expected_sha256,
+            destination: self.destination.clone(),
+            overwrite: self.overwrite,
+            expected_size: self.bytes_expected,
+        }
+    }
+
+    /// The kept file's name, if it is a plain name (never a path: the blob comes from a client).
+    pub fn kept_file(&self) -> Option<&str> {
+        self.file.as_deref().filter(|f| !f.is_empty() && !f.contains('/') && !f.starts_with('.'))
+    }
+
+    /// A new task that adopted the kept file continues where the old one stopped.
+    pub fn continue_in(&self, rec: &mut TaskRecord) {
+        rec.committed_offset = self.offset;
+        rec.etag = self.etag.clone();
+        rec.last_modified = self.last_modified.clone();
+        rec.bytes_expected = self.bytes_expected;
+    }
+}
+
+impl Core {
+    /// The resume-data blob of a task being cancelled. Its partial file, if it can be
+    /// continued, is queued to be moved aside (on the disk thread, before anything else
+    /// queued later touches it); the reply carrying the blob must wait for that
+    /// (`After::ReplyAfterDisk`).
+    pub(super) fn keep_for_resume(&mut self, task: TaskId) -> Vec<u8> {
+        let Some(t) = self.tasks.get(&task) else { return Vec::new() };
+        let rec = &t.rec;
+        let resumable = rec.committed_offset > 0
+            && crate::engine::http::can_resume(rec.etag.as_deref(), rec.last_modified.as_deref());
+        let file = resumable.then(|| format!("{:016x}.part", super::secret()));
+        let data = ResumeData {
+            magic: RESUME_MAGIC,
+            url: rec.url.clone(),
+            headers: rec.headers.clone(),
+            description: rec.description.clone(),
+            priority: rec.priority,
+            expected_sha256: rec.expected_sha256,
+            destination: rec.destination.clone(),
+            overwrite: rec.overwrite,
+            offset: if file.is_some() { rec.committed_offset } else { 0 },
+            bytes_expected: rec.bytes_expected,
+            etag: rec.etag.clone(),
+            last_modified: rec.last_modified.clone(),
+            file,
+        };
+        if let Some(name) = &data.file {
+            self.disk.keep(self.part_path(rec), self.resume_dir().join(name));
+            self.kept_resume_file();
+        }
+        dlsession_proto::codec::encode(&data).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_blobs_of_ours_with_plain_file_names_are_taken() {
+        assert!(ResumeData::decode(b"not a blob").is_err());
+        let mut data = ResumeData {
+            magic: RESUME_MAGIC,
+            url: "http://h/f".into(),
+            headers: Vec::new(),
+            description: None,
+            priority: 0.5,
+            expected_sha256: None,
+            destination: None,
+            overwrite: false,
+            offset: 10,
+            bytes_expected: Some(20),
+            etag: Some("\"e\"".into()),
+            last_modified: None,
+            file: Some("../../etc/passwd".into()),
+        };
+        let blob = dlsession_proto::codec::encode(&data).unwrap();
+        let back = ResumeData::decode(&blob).unwrap();
+        assert_eq!(back.kept_file(), None, "a path is never followed");
+        assert_eq!(back.spec().url, "http://h/f");
+        data.magic = *b"XXXX";
+        assert!(ResumeData::decode(&dlsession_proto::codec::encode(&data).unwrap()).is_err());
+    }
+}

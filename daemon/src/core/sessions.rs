@@ -1,0 +1,253 @@
+//! The sessions: their records, who is attached, their undelivered durable events.
+//!
+//! Invariants kept here and nowhere else:
+//! - every session is reachable by key and by identifier, and the two maps agree;
+//! - a session's `pending_by_task` counts exactly its unacknowledged events per task;
+//! - sequence numbers only grow, across invalidation too: a session created later under
+//!   an old identifier numbers its events after the old one's (`seq_floor`).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
+use std::sync::Arc;
+
+use dlsession_proto::{ErrorCode, ErrorInfo, SessionConfig, TaskCounts, TaskId, WakeStatus};
+
+use super::timers::Mono;
+use crate::conn::ConnId;
+use crate::engine::limiter::RateLimiter;
+use crate::model::{EventRecord, SessionKey, SessionRecord};
+
+#[derive(Debug)]
+pub(super) struct Session {
+    pub rec: SessionRecord,
+    pub attached: Option<ConnId>,
+    /// Replaying undelivered events to a new attachment: live delivery waits.
+    pub replaying: bool,
+    /// Highest seq sent to the attached connection.
+    pub delivered: u64,
+    /// Highest seq known committed.
+    pub committed: u64,
+    /// Unacknowledged durable events (change them through `push_event` / `take_event`).
+    pub events: BTreeMap<u64, EventRecord>,
+    /// How many of them each task has (so "has this task events pending?" costs nothing).
+    pending_by_task: HashMap<TaskId, u32>,
+    pub tasks: BTreeSet<TaskId>,
+    pub counts: TaskCounts,
+    /// Its tasks with a worker.
+    pub running: u32,
+    pub wake: WakeStatus,
+    /// When the next wake is due (`wake.next_wake` is the same on the wall clock).
+    pub wake_timer: Option<Mono>,
+    /// A `wake` went to a running app: when it counts as unanswered (then: relaunch).
+    pub wake_unanswered: Option<Mono>,
+    pub limiter: Option<Arc<RateLimiter>>,
+}
+
+impl Session {
+    fn new(rec: SessionRecord) -> Session {
+        let limiter = rec.config.bandwidth_limit.map(|r| Arc::new(RateLimiter::new(r)));
+        Session {
+            rec,
+            attached: None,
+            replaying: false,
+            delivered: 0,
+            committed: 0,
+            events: BTreeMap::new(),
+            pending_by_task: HashMap::new(),
+            tasks: BTreeSet::new(),
+            counts: TaskCounts::default(),
+            running: 0,
+            wake: WakeStatus::default(),
+            wake_timer: None,
+            wake_unanswered: None,
+            limiter,
+        }
+    }
+
+    /// Takes a new configuration; true if it changed (and must be stored). An invalid
+    /// session keeps the one it had.
+    pub fn reconfigure(&mut self, config: SessionConfig) -> bool {
+        if self.rec.invalid || self.rec.config == config {
+            return false;
+        }
+        if self.rec.config.bandwidth_limit != config.bandwidth_limit {
+            self.limiter = config.bandwidth_limit.map(|r| Arc::new(RateLimiter::new(r)));
+        }
+        self.rec.config = config;
+        true
+    }
+
+    /// Forgets `conn` as the attached connection, if it is.
+    pub fn detach(&mut self, conn: ConnId) {
+        if self.attached == Some(conn) {
+            self.attached = None;
+            self.replaying = false;
+        }
+    }
+
+    /// The next sequence number, taken.
+    pub fn next_seq(&mut self) -> u64 {
+        let seq = self.rec.next_seq;
+        self.rec.next_seq += 1;
+        seq
+    }
+
+    /// Adds an unacknowledged event.
+    pub fn push_event(&mut self, rec: EventRecord) {
+        if let Some(task) = rec.task() {
+            *self.pending_by_task.entry(task).or_default() += 1;
+        }
+        self.events.insert(rec.seq, rec);
+    }
+
+    /// Removes an acknowledged event (`None` if it was acknowledged before).
+    pub fn take_event(&mut self, seq: u64) -> Option<EventRecord> {
+        let ev = self.events.remove(&seq)?;
+        if let Some(task) = ev.task()
+            && let Some(n) = self.pending_by_task.get_mut(&task)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.pending_by_task.remove(&task);
+            }
+        }
+        Some(ev)
+    }
+
+    /// The task has events nobody acknowledged yet.
+    pub fn has_pending(&self, task: TaskId) -> bool {
+        self.pending_by_task.contains_key(&task)
+    }
+
+    /// Undelivered events, nothing active, nobody attached: the app should come back
+    /// (docs/behaviour.md, "Waking the app").
+    pub fn has_finished_events(&self) -> bool {
+        self.attached.is_none() && self.events.range(..=self.committed).next().is_some() && self.counts.active() == 0
+    }
+}
+
+/// Every session, by key and by identifier.
+#[derive(Debug)]
+pub(super) struct Sessions {
+    by_key: HashMap<SessionKey, Session>,
+    /// Ordered: sessions are listed (and paged) by identifier.
+    by_identifier: BTreeMap<String, SessionKey>,
+    next_key: SessionKey,
+    /// A new session's first event sequence number (see `store::Op::SetSeqFloor`).
+    seq_floor: u64,
+}
+
+impl Sessions {
+    pub fn new(seq_floor: u64) -> Sessions {
+        Sessions { by_key: HashMap::new(), by_identifier: BTreeMap::new(), next_key: 1, seq_floor }
+    }
+
+    /// Puts back a session read from the database.
+    pub fn restore(&mut self, rec: SessionRecord) {
+        self.next_key = self.next_key.max(rec.key + 1);
+        self.by_identifier.insert(rec.identifier.clone(), rec.key);
+        self.by_key.insert(rec.key, Session::new(rec));
+    }
+
+    /// Creates a session; the record returned is what the store must insert.
+    pub fn create(&mut self, identifier: String, config: SessionConfig, now: u64) -> SessionRecord {
+        let key = self.next_key;
+        self.next_key += 1;
+        let rec = SessionRecord {
+            key,
+            identifier: identifier.clone(),
+            config,
+            next_seq: self.seq_floor.max(1),
+            invalidating: false,
+            invalid: false,
+            created_at: now,
+        };
+        self.by_key.insert(key, Session::new(rec.clone()));
+        self.by_identifier.insert(identifier, key);
+        rec
+    }
+
+    /// Removes a session; returns it and the new sequence floor (to be stored).
+    pub fn remove(&mut self, key: SessionKey) -> Option<(Session, u64)> {
+        let s = self.by_key.remove(&key)?;
+        self.by_identifier.remove(&s.rec.identifier);
+        self.seq_floor = self.seq_floor.max(s.rec.next_seq);
+        Some((s, self.seq_floor))
+    }
+
+    pub fn get(&self, key: &SessionKey) -> Option<&Session> {
+        self.by_key.get(key)
+    }
+
+    pub fn get_mut(&mut self, key: &SessionKey) -> Option<&mut Session> {
+        self.by_key.get_mut(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&SessionKey, &Session)> {
+        self.by_key.iter()
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Session> {
+        self.by_key.values()
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = SessionKey> + '_ {
+        self.by_key.keys().copied()
+    }
+
+    /// The session named `identifier`, if there is one.
+    pub fn find(&self, identifier: &str) -> Option<SessionKey> {
+        self.by_identifier.get(identifier).copied()
+    }
+
+    /// The session named `identifier`, or `no_such_session`.
+    pub fn key_of(&self, identifier: &str) -> Result<SessionKey, ErrorInfo> {
+        self.find(identifier)
+            .ok_or_else(|| ErrorInfo::new(ErrorCode::NoSuchSession, format!("no session named {identifier:?}")))
+    }
+
+    /// The identifier of a session, for logs.
+    pub fn identifier(&self, key: SessionKey) -> &str {
+        self.by_key.get(&key).map_or("?", |s| s.rec.identifier.as_str())
+    }
+
+    /// Sessions in identifier order, from just after `after`.
+    pub fn keys_after<'a>(&'a self, after: Option<&'a str>) -> impl Iterator<Item = SessionKey> + 'a {
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.by_identifier.range::<str, _>((from, Bound::Unbounded)).map(|(_, key)| *key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dlsession_proto::DurableEvent;
+
+    #[test]
+    fn identifiers_and_sequence_numbers_stay_consistent() {
+        let mut s = Sessions::new(0);
+        let a = s.create("a".into(), SessionConfig::default(), 0);
+        assert_eq!(s.key_of("a"), Ok(a.key));
+        let session = s.get_mut(&a.key).unwrap();
+        let seq = session.next_seq();
+        session.push_event(EventRecord {
+            session: a.key,
+            seq,
+            event: DurableEvent::Completed { task: 7, error: None },
+            created_at: 0,
+        });
+        assert!(session.has_pending(7));
+        assert!(session.take_event(seq).is_some());
+        assert!(!session.has_pending(7));
+        assert!(session.take_event(seq).is_none(), "acknowledged twice");
+        let (_, floor) = s.remove(a.key).unwrap();
+        assert!(s.key_of("a").is_err());
+        let again = s.create("a".into(), SessionConfig::default(), 0);
+        assert_ne!(again.key, a.key);
+        assert!(again.next_seq >= floor && floor > seq, "a new session never reuses the old one's numbers");
+    }
+}

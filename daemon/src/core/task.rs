@@ -1,0 +1,233 @@
+//! The live tasks: each task's record, its in-memory state and its running attempt.
+//!
+//! Invariants kept here: the daemon-wide counts per state always match the tasks held
+//! (change a state only through `Tasks::set_state`), and task ids are never reused.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use dlsession_proto::{TaskCounts, TaskId, TaskState};
+use tokio::sync::watch;
+
+use super::sched::LaneKey;
+use super::timers::Mono;
+use crate::conn::ConnId;
+use crate::engine::Progress;
+use crate::model::{SessionKey, TaskRecord};
+
+/// What a running task should do once its worker has stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum AfterStop {
+    Suspend,
+    Requeue,
+    Cancel,
+    CancelProducingResumeData,
+    Shutdown,
+}
+
+impl AfterStop {
+    /// When several stops are asked for, the strongest wins (a cancel beats a suspend).
+    fn rank(self) -> u8 {
+        match self {
+            AfterStop::Requeue => 0,
+            AfterStop::Shutdown => 1,
+            AfterStop::Suspend => 2,
+            AfterStop::Cancel => 3,
+            AfterStop::CancelProducingResumeData => 4,
+        }
+    }
+}
+
+/// A worker at work on a task: downloading, or syncing and moving the finished file.
+#[derive(Debug)]
+pub(super) struct Run {
+    pub generation: u64,
+    pub stop: watch::Sender<bool>,
+    pub after_stop: Option<AfterStop>,
+    pub lane: LaneKey,
+    /// Counted against the global and per-host limits: true until the whole body has
+    /// arrived (the final sync and the move no longer use the network).
+    pub holds_slot: bool,
+    /// Bytes in the file when the attempt began (to tell progress from a stall).
+    pub start_received: u64,
+    /// Progress waits while this attempt's `resumed_at_offset` is being committed, so a
+    /// client hears where the transfer restarted before it hears of new bytes.
+    pub progress_held: bool,
+    /// Progress that arrived meanwhile.
+    pub held_bytes: u64,
+    /// When the worker last showed life (a report, or bytes arriving): one silent for
+    /// longer than the stall limit is abandoned (see `transitions::supervise`).
+    pub last_sign: Instant,
+    /// `Progress::signs` at `last_sign`.
+    pub signs_seen: u64,
+    /// The worker was told to stop because it went silent; when that happened.
+    pub abandoned_at: Option<Instant>,
+    pub worker: tokio::task::JoinHandle<()>,
+}
+
+impl Run {
+    /// `stop` is the sending end of the worker's stop channel.
+    pub fn new(
+        generation: u64,
+        lane: LaneKey,
+        holds_slot: bool,
+        stop: watch::Sender<bool>,
+        progress: &Progress,
+        worker: tokio::task::JoinHandle<()>,
+    ) -> Run {
+        Run {
+            generation,
+            stop,
+            after_stop: None,
+            lane,
+            holds_slot,
+            start_received: progress.received(),
+            progress_held: false,
+            held_bytes: 0,
+            last_sign: Instant::now(),
+            signs_seen: progress.signs(),
+            abandoned_at: None,
+            worker,
+        }
+    }
+
+    /// Asks the worker to stop; `how` says what happens once it has.
+    pub fn stop(&mut self, how: AfterStop) {
+        if self.after_stop.is_none_or(|cur| how.rank() > cur.rank()) {
+            self.after_stop = Some(how);
+        }
+        let _ = self.stop.send(true);
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Task {
+    pub rec: TaskRecord,
+    /// The live state (including `Running`, which is never stored). Read freely; change
+    /// it through `Tasks::set_state`.
+    pub state: TaskState,
+    pub host: String,
+    pub progress: Arc<Progress>,
+    pub run: Option<Run>,
+    /// The deadline this task has in the core's timers, if any.
+    pub timer: Option<Mono>,
+    /// Consecutive failed attempts without progress (the backoff exponent).
+    pub failures: u32,
+    /// Consecutive failed moves of the finished file to its destination.
+    pub move_failures: u32,
+    /// The record changed (response metadata of a fresh transfer) without a commit of its
+    /// own: the next checkpoint writes the whole record instead of just the offset.
+    pub unsaved: bool,
+    pub speed: u64,
+    pub sampled: u64,
+    /// Requests answered once the worker has stopped.
+    pub waiting_replies: Vec<(ConnId, u64)>,
+}
+
+impl Task {
+    pub fn lane(&self) -> LaneKey {
+        (self.rec.session, self.host.clone())
+    }
+}
+
+/// Every live task (history lives only in the database).
+#[derive(Debug)]
+pub(super) struct Tasks {
+    /// Boxed: filled in id order, a map's nodes stay half full, and tasks are large.
+    by_id: BTreeMap<TaskId, Box<Task>>,
+    next_id: TaskId,
+    counts: TaskCounts,
+}
+
+impl Tasks {
+    pub fn new(next_id: TaskId) -> Tasks {
+        Tasks { by_id: BTreeMap::new(), next_id, counts: TaskCounts::default() }
+    }
+
+    /// A fresh id (stored with `Op::SetNextTaskId(self.next_id())`).
+    pub fn allocate(&mut self) -> TaskId {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    pub fn next_id(&self) -> TaskId {
+        self.next_id
+    }
+
+    /// Adds a task in the state its record says.
+    pub fn insert(&mut self, rec: TaskRecord, host: String) {
+        let progress = Arc::new(Progress::new(rec.committed_offset, rec.bytes_expected.or(rec.expected_size)));
+        let (id, state, sampled) = (rec.id, rec.state, rec.committed_offset);
+        let task = Task {
+            rec,
+            state,
+            host,
+            progress,
+            run: None,
+            timer: None,
+            failures: 0,
+            move_failures: 0,
+            unsaved: false,
+            speed: 0,
+            sampled,
+            waiting_replies: Vec::new(),
+        };
+        self.counts.add(state);
+        if let Some(old) = self.by_id.insert(id, Box::new(task)) {
+            self.counts.remove(old.state);
+        }
+    }
+
+    pub fn remove(&mut self, id: TaskId) -> Option<Box<Task>> {
+        let t = self.by_id.remove(&id)?;
+        self.counts.remove(t.state);
+        Some(t)
+    }
+
+    /// Moves a task to `state`; returns its session and old state if that changed.
+    pub fn set_state(&mut self, id: TaskId, state: TaskState) -> Option<(SessionKey, TaskState)> {
+        let t = self.by_id.get_mut(&id)?;
+        let old = std::mem::replace(&mut t.state, state);
+        if state != TaskState::Running {
+            t.rec.state = state;
+        }
+        if old == state {
+            return None;
+        }
+        self.counts.remove(old);
+        self.counts.add(state);
+        Some((t.rec.session, old))
+    }
+
+    pub fn get(&self, id: &TaskId) -> Option<&Task> {
+        self.by_id.get(id).map(|t| &**t)
+    }
+
+    pub fn get_mut(&mut self, id: &TaskId) -> Option<&mut Task> {
+        self.by_id.get_mut(id).map(|t| &mut **t)
+    }
+
+    /// The running attempt of a task, if it has one.
+    pub fn run_mut(&mut self, id: &TaskId) -> Option<&mut Run> {
+        self.get_mut(id).and_then(|t| t.run.as_mut())
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Task> {
+        self.by_id.values().map(|t| &**t)
+    }
+
+    /// Tasks from id `from` on, in id order.
+    pub fn ids_from(&self, from: TaskId) -> impl Iterator<Item = TaskId> + '_ {
+        self.by_id.range(from..).map(|(id, _)| *id)
+    }
+
+    pub fn counts(&self) -> TaskCounts {
+        self.counts
+    }
+}

@@ -1,0 +1,201 @@
+//! Bringing the app back when its session has finished events: a `wake` to its running
+//! process if one handles wakes, else a relaunch; with backoff, and a relaunch when a
+//! woken process does not rejoin in time (docs/behaviour.md, "Waking the app").
+
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::backoff::Backoff;
+use super::timers::{Timer, wall_after};
+use super::{ConnId, Core};
+use crate::launcher;
+use crate::model::{SessionKey, now_ms};
+use dlsession_proto::{ErrorCode, ErrorInfo, Event, WakeOutcome, WakeReason};
+
+impl Core {
+    fn has_finished_events(&self, key: SessionKey) -> bool {
+        self.sessions.get(&key).is_some_and(|s| s.has_finished_events())
+    }
+
+    fn can_wake(&self, key: SessionKey) -> bool {
+        let Some(s) = self.sessions.get(&key) else { return false };
+        s.rec.config.launch.is_some()
+            || s.rec.config.app_id.as_ref().is_some_and(|a| self.conns.wake_targets(a).next().is_some())
+    }
+
+    /// The wait before the next wake of a session woken `attempts` times without an
+    /// acknowledgement: nothing before the first, then `wake_initial` doubling up to
+    /// `wake_max`. Attaching does not reset it (an app that crashes on every relaunch is
+    /// relaunched less and less often); acknowledging every event does.
+    fn wake_backoff(&self, attempts: u32) -> Duration {
+        if attempts == 0 {
+            return Duration::ZERO;
+        }
+        Backoff { initial: self.cfg.timing.wake_initial, max: self.cfg.timing.wake_max }.base(attempts)
+    }
+
+    /// Schedules a wake if the session has finished events and none is due: at the
+    /// backoff, or `at_least` from now if that is later.
+    pub(super) fn check_wake(&mut self, key: SessionKey, at_least: Duration) {
+        if !self.has_finished_events(key) {
+            self.cancel_wakes(key);
+            return;
+        }
+        let Some(s) = self.sessions.get(&key) else { return };
+        if s.wake_timer.is_some() || !self.can_wake(key) {
+            return;
+        }
+        let delay = self.wake_backoff(s.wake.attempts).max(at_least);
+        let at = self.timers.after(delay);
+        if let Some(s) = self.sessions.get_mut(&key) {
+            s.wake_timer = Some(at);
+            s.wake.next_wake = Some(wall_after(delay));
+        }
+        self.set_timer(at, Timer::Wake(key));
+    }
+
+    /// Forgets the wakes due for a session (it is attached, or has nothing to deliver).
+    pub(super) fn cancel_wakes(&mut self, key: SessionKey) {
+        let Some(s) = self.sessions.get_mut(&key) else { return };
+        let (timer, unanswered) = (s.wake_timer.take(), s.wake_unanswered.take());
+        s.wake.next_wake = None;
+        self.clear_timer(timer, Timer::Wake(key));
+        self.clear_timer(unanswered, Timer::WakeUnanswered(key));
+    }
+
+    pub(super) fn on_wake_timer(&mut self, key: SessionKey) {
+        if let Some(s) = self.sessions.get_mut(&key) {
+            s.wake_timer = None;
+            s.wake.next_wake = None;
+        }
+        if self.has_finished_events(key)
+            && let Err(e) = self.wake_now(key, WakeReason::FinishedEvents)
+        {
+            warn!(session = %self.sessions.identifier(key), error = %e, "wake failed");
+        }
+    }
+
+    /// A running app was sent `wake` and has not rejoined the session: relaunch it.
+    pub(super) fn on_wake_unanswered(&mut self, key: SessionKey) {
+        let Some(s) = self.sessions.get_mut(&key) else { return };
+        s.wake_unanswered = None;
+        if !self.has_finished_events(key) {
+            return;
+        }
+        let answer = self.cfg.timing.wake_answer;
+        info!(session = %self.sessions.identifier(key), ?answer, "the running app did not rejoin after wake; relaunching it");
+        if let Err(e) = self.relaunch(key, WakeReason::FinishedEvents) {
+            warn!(session = %self.sessions.identifier(key), error = %e, "relaunch failed");
+        }
+    }
+
+    /// Wakes or relaunches the session's app now and schedules the next try with backoff.
+    pub(super) fn wake_now(&mut self, key: SessionKey, reason: WakeReason) -> Result<WakeOutcome, ErrorInfo> {
+        let s = self.sessions.get(&key).ok_or_else(|| ErrorInfo::new(ErrorCode::NoSuchSession, "no such session"))?;
+        if s.attached.is_some() {
+            return Ok(WakeOutcome::Attached);
+        }
+        let identifier = s.rec.identifier.clone();
+        let targets: Vec<ConnId> = match &s.rec.config.app_id {
+            Some(app) => self.conns.wake_targets(app).collect(),
+            None => Vec::new(),
+        };
+        if targets.is_empty() {
+            return self.relaunch(key, reason);
+        }
+        for conn in &targets {
+            if let Some(c) = self.conns.get(conn) {
+                c.handle.event(Event::Wake { identifier: identifier.clone(), reason });
+            }
+        }
+        let outcome = WakeOutcome::Woken { connections: u32::try_from(targets.len()).unwrap_or(u32::MAX) };
+        // If nobody rejoins in time, the app's running process cannot or will not: relaunch.
+        if self.sessions.get(&key).is_some_and(|s| s.rec.config.launch.is_some() && s.wake_unanswered.is_none()) {
+            let at = self.timers.after(self.cfg.timing.wake_answer);
+            if let Some(s) = self.sessions.get_mut(&key) {
+                s.wake_unanswered = Some(at);
+            }
+            self.set_timer(at, Timer::WakeUnanswered(key));
+        }
+        self.woke(key, &Ok(outcome.clone()));
+        Ok(outcome)
+    }
+
+    /// Relaunches the session's app (if it has a launch spec) and schedules the next try.
+    fn relaunch(&mut self, key: SessionKey, reason: WakeReason) -> Result<WakeOutcome, ErrorInfo> {
+        let s = self.sessions.get(&key).ok_or_else(|| ErrorInfo::new(ErrorCode::NoSuchSession, "no such session"))?;
+        let Some(spec) = s.rec.config.launch.clone() else {
+            return Ok(WakeOutcome::NoTarget);
+        };
+        let identifier = s.rec.identifier.clone();
+        let tx = self.tx.clone();
+        let ctx = launcher::Context {
+            identifier: &identifier,
+            socket: &self.cfg.socket,
+            log_dir: &self.cfg.launch_log_dir(),
+            reason: reason.as_str(),
+            scope: self.launch_scope,
+        };
+        let launched = launcher::launch(&spec, &ctx, move |result| {
+            let _ = tx.send(super::CoreMsg::LaunchFinished { session: key, result });
+        });
+        if launched.is_ok() {
+            self.life.launches_running += 1;
+        }
+        let outcome = launched
+            .map(|l| match l {
+                launcher::Launched::Process(pid) => WakeOutcome::Launched { pid },
+                launcher::Launched::Unit(unit) => WakeOutcome::UnitStarted { unit },
+            })
+            .map_err(|e| ErrorInfo::new(ErrorCode::Internal, format!("cannot relaunch the app: {e}")));
+        self.woke(key, &outcome);
+        outcome
+    }
+
+    /// Records a wake or relaunch (one log line) and schedules the next with backoff.
+    fn woke(&mut self, key: SessionKey, outcome: &Result<WakeOutcome, ErrorInfo>) {
+        let again = self.has_finished_events(key);
+        let Some(s) = self.sessions.get_mut(&key) else { return };
+        s.wake.attempts = s.wake.attempts.saturating_add(1);
+        s.wake.last_wake = Some(now_ms());
+        s.wake.last_error = outcome.as_ref().err().cloned();
+        let attempts = s.wake.attempts;
+        match outcome {
+            Ok(o) => info!(session = %s.rec.identifier, outcome = ?o, attempt = attempts, "wake"),
+            Err(e) => warn!(session = %s.rec.identifier, error = %e, attempt = attempts, "wake failed"),
+        }
+        let old = s.wake_timer.take();
+        s.wake.next_wake = None;
+        self.clear_timer(old, Timer::Wake(key));
+        if again {
+            self.check_wake(key, Duration::ZERO);
+        }
+    }
+
+    /// A process announced `app_id`: wake its sessions that wait for it, if it rejoins.
+    pub(super) fn wake_for_new_app(&mut self, app_id: &str, conn: ConnId) {
+        if !self.conns.get(&conn).is_some_and(|c| c.rejoins_on_wake()) {
+            return;
+        }
+        let keys: Vec<SessionKey> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.rec.config.app_id.as_deref() == Some(app_id))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            if self.has_finished_events(key) {
+                let _ = self.wake_now(key, WakeReason::FinishedEvents);
+            }
+        }
+    }
+
+    pub(super) fn on_launch_finished(&mut self, key: SessionKey, result: Result<(), String>) {
+        self.life.launches_running = self.life.launches_running.saturating_sub(1);
+        if let (Err(e), Some(s)) = (result, self.sessions.get_mut(&key)) {
+            warn!(session = %s.rec.identifier, error = %e, "relaunch failed; will retry with backoff");
+            s.wake.last_error = Some(ErrorInfo::new(ErrorCode::Internal, format!("relaunch failed: {e}")));
+        }
+    }
+}
