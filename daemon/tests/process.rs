@@ -7,11 +7,8 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::process::Output;
 use std::time::Duration;
 
+use dlsession_testkit::host::mode;
 use dlsession_testkit::{TestDaemon, TestEnv, bin_path};
-
-fn mode(path: &std::path::Path) -> u32 {
-    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
-}
 
 /// Runs the daemon expecting it to refuse to start.
 fn run_expecting_failure(env: &TestEnv) -> Output {

@@ -3,25 +3,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::{LONG, Recorder, Seen};
 use dlsession::proto::{Request, TaskAction, WaitReason};
 use dlsession::{DownloadRequest, ErrorCode, Session, SessionConfiguration, TaskState};
+use dlsession_testkit::app::attach as attach_with;
+use dlsession_testkit::host::now_ms;
 use dlsession_testkit::{
     Fault, Hits, Resource, TestCa, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex,
 };
+use dlsession_testkit::{LONG, Seen, block};
 
-async fn attach(env: &TestEnv, id: &str) -> (Session, common::Events) {
+async fn attach(env: &TestEnv, id: &str) -> (Session, dlsession_testkit::Events) {
     attach_with(env, SessionConfiguration::background(id)).await
-}
-
-async fn attach_with(env: &TestEnv, config: SessionConfiguration) -> (Session, common::Events) {
-    let (delegate, events) = Recorder::new(&env.path().join(format!("out-{}", config.identifier())));
-    let session = Session::attach(config.socket(&env.socket), delegate).await.unwrap();
-    (session, events)
 }
 
 fn code(e: dlsession::Error) -> ErrorCode {
@@ -132,7 +126,7 @@ async fn waiting_tasks_say_why_and_until_when() {
     let (session, _events) = attach(&env, "t.why").await;
     let task = session.download_tasks(vec![DownloadRequest::new(server.url("/busy"))], true).await.unwrap().remove(0);
     let info = dlsession_testkit::wait_for("backoff", LONG, || {
-        let info = futures_block(task.info()).unwrap();
+        let info = block(task.info()).unwrap();
         (info.state == TaskState::Waiting).then_some(info)
     });
     match info.wait {
@@ -140,18 +134,10 @@ async fn waiting_tasks_say_why_and_until_when() {
             assert_eq!(attempt, 1);
             assert_eq!(last_error.code, ErrorCode::HttpStatus);
             assert_eq!(last_error.http_status, Some(503));
-            assert!(until > dlsessiond_now() + 10_000, "backs off ~30 s");
+            assert!(until > now_ms() + 10_000, "backs off ~30 s");
         }
         other => panic!("expected a backoff reason, got {other:?}"),
     }
-}
-
-fn dlsessiond_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
-}
-
-fn futures_block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
 
 /// A task whose body has arrived gives its download slot to the next task while it syncs
@@ -207,7 +193,7 @@ async fn a_hanging_destination_check_does_not_stall_the_daemon() {
         d.log().contains("failpoint destination-check reached; pausing").then_some(())
     });
     let asked = std::time::Instant::now();
-    let client = common::client(&env).await;
+    let client = dlsession_testkit::app::client(&env).await;
     client.request(Request::Status).await.unwrap();
     let took = asked.elapsed();
     assert!(took < Duration::from_millis(1500), "connecting and asking for status took {took:?} behind the check");
@@ -327,7 +313,7 @@ async fn per_host_limit_and_priority_order() {
         .collect();
     let tasks = session.download_tasks(reqs, true).await.unwrap();
     let snapshot = dlsession_testkit::wait_for("one running", LONG, || {
-        let all = futures_block(session.get_all_tasks()).unwrap();
+        let all = block(session.get_all_tasks()).unwrap();
         (all.iter().filter(|t| t.state == TaskState::Running).count() == 1).then_some(all)
     });
     let queued: Vec<_> = snapshot.iter().filter(|t| t.state == TaskState::Queued).collect();
@@ -450,7 +436,7 @@ async fn an_attach_replays_a_resume_before_the_progress_after_it() {
         .wait("progress", LONG, |e| matches!(e, Seen::Progress { task, total } if *task == t.id() && *total >= 1 << 20))
         .await;
     drop(session); // the app goes away; the download goes on
-    let client = common::client(&env).await;
+    let client = dlsession_testkit::app::client(&env).await;
     for action in [TaskAction::Suspend, TaskAction::Resume] {
         client.request(Request::ControlTask { task: t.id(), action }).await.unwrap();
     }
@@ -554,7 +540,7 @@ async fn destinations_and_bad_requests() {
     assert_eq!(refused(DownloadRequest::new(server.url("/a")).priority(2.0)).await, ErrorCode::InvalidRequest);
     let bad_id = Session::attach(
         SessionConfiguration::background("").socket(&env.socket),
-        common::Recorder::new(&env.path().join("x")).0,
+        dlsession_testkit::Recorder::new(&env.path().join("x")).0,
     )
     .await;
     assert_eq!(code(bad_id.unwrap_err()), ErrorCode::InvalidIdentifier);
@@ -580,6 +566,6 @@ async fn an_app_that_leaves_finds_its_results_when_it_rejoins() {
     events.wait("finished events", LONG, |e| *e == Seen::FinishedEvents).await;
     // Acknowledged: the task is history now.
     dlsession_testkit::wait_for("task retired", LONG, || {
-        futures_block(session.get_all_tasks()).unwrap().is_empty().then_some(())
+        block(session.get_all_tasks()).unwrap().is_empty().then_some(())
     });
 }

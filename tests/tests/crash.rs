@@ -3,12 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::{LONG, Recorder, Seen};
 use dlsession::{DownloadRequest, Session, SessionConfiguration};
+use dlsession_testkit::{LONG, Recorder, Seen};
 use dlsession_testkit::{Resource, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex};
 
 const LEN: u64 = 48 << 20;
@@ -18,7 +16,7 @@ async fn start_download(
     env: &TestEnv,
     server: &TestServer,
     id: &str,
-) -> (Session, common::Events, dlsession::DownloadTask) {
+) -> (Session, dlsession_testkit::Events, dlsession::DownloadTask) {
     let (delegate, events) = Recorder::new(&env.path().join("out"));
     let session = Session::attach(SessionConfiguration::background(id).socket(&env.socket), delegate).await.unwrap();
     let task = session.download_task(DownloadRequest::new(server.url("/big.bin"))).await.unwrap();
@@ -27,7 +25,7 @@ async fn start_download(
 }
 
 /// Waits until the task has at least `bytes` on the daemon's side.
-async fn wait_for_bytes(events: &mut common::Events, task: u64, bytes: u64) {
+async fn wait_for_bytes(events: &mut dlsession_testkit::Events, task: u64, bytes: u64) {
     events
         .wait("progress", LONG, |e| matches!(e, Seen::Progress { task: t, total } if *t == task && *total >= bytes))
         .await;

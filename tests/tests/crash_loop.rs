@@ -10,17 +10,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{Recorder, Seen, client};
 use dlsession::proto::{Request, Response, TaskQuery, TaskSpec, TaskState};
 use dlsession::{Client, Session, SessionConfiguration};
+use dlsession_testkit::app::client;
 use dlsession_testkit::{
     Fault, Hits, Resource, TestCa, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex,
 };
+use dlsession_testkit::{Recorder, Seen};
 
 struct Rng(u64);
 
@@ -190,8 +189,8 @@ async fn killed_twenty_times_and_nothing_is_lost() {
             })
             .collect();
         assert!(unknown.is_empty(), "events for tasks nobody created: {unknown:?}");
-        common::wait_until(|| {
-            let info = common::block(session.info()).unwrap();
+        dlsession_testkit::wait_until(|| {
+            let info = dlsession_testkit::block(session.info()).unwrap();
             info.pending_events == 0 && info.tasks.total() == 0
         })
         .await;

@@ -2,13 +2,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-mod common;
-
-use common::{LONG, Recorder, Seen};
 use dlsession::{DownloadRequest, ErrorCode, Session, SessionConfiguration};
 use dlsession_testkit::{
     Fault, Hits, Resource, TestCa, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex,
 };
+use dlsession_testkit::{LONG, Recorder, Seen};
 
 fn config(env: &TestEnv, id: &str) -> SessionConfiguration {
     SessionConfiguration::background(id).socket(&env.socket)

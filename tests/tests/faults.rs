@@ -4,31 +4,21 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-mod common;
-
 use std::ffi::OsStr;
 use std::time::Duration;
 
-use common::{LONG, Recorder, Seen};
 use dlsession::proto::WaitReason;
-use dlsession::{DownloadRequest, ErrorCode, Session, SessionConfiguration, TaskState};
+use dlsession::{DownloadRequest, ErrorCode, SessionConfiguration, TaskState};
+use dlsession_testkit::app::attach;
+use dlsession_testkit::host::is_root;
 use dlsession_testkit::{
     Fault, Hits, Mount, Nginx, ProxyFault, Resource, TestCa, TestDaemon, TestEnv, TestProxy, TestServer,
     pattern_sha256, sha256_file, to_hex,
 };
-
-async fn attach(env: &TestEnv, config: SessionConfiguration) -> (Session, common::Events) {
-    let dir = env.path().join(format!("out-{}", config.identifier()));
-    let (delegate, events) = Recorder::new(&dir);
-    (Session::attach(config.socket(&env.socket), delegate).await.unwrap(), events)
-}
+use dlsession_testkit::{LONG, Seen};
 
 fn offset_of(range: Option<&str>) -> u64 {
     range.map_or(0, |r| r.trim_start_matches("bytes=").trim_end_matches('-').parse().unwrap())
-}
-
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
 }
 
 // ---------------------------------------------------------------- hostile servers
@@ -101,7 +91,7 @@ async fn a_changed_resource_is_never_spliced() {
     let (session, mut events) = attach(&env, SessionConfiguration::background("t.changed")).await;
     let task = session.download_tasks(vec![DownloadRequest::new(s.url("/doc"))], true).await.unwrap().remove(0);
     // Between the attempts the document changes (new content, new ETag).
-    common::wait_until(|| s.hits("/doc") >= 1).await;
+    dlsession_testkit::wait_until(|| s.hits("/doc") >= 1).await;
     s.add("/doc", Resource::generated(len, 11).etag("\"v2\"").throttle(8 << 20));
     assert_eq!(events.completion(task.id(), LONG).await, None);
     let file = events.moved_to(task.id()).unwrap();
@@ -164,7 +154,7 @@ async fn a_full_cache_disk_pauses_the_task_and_it_resumes_when_space_is_free() {
     let task = session.download_tasks(vec![DownloadRequest::new(s.url("/big"))], true).await.unwrap().remove(0);
     // The disk fills: the task waits with insufficient_space, keeping its partial data.
     let info = dlsession_testkit::wait_for("insufficient_space", LONG, || {
-        let info = common::block(task.info()).unwrap();
+        let info = dlsession_testkit::block(task.info()).unwrap();
         match &info.wait {
             Some(WaitReason::Backoff { last_error, .. }) if last_error.code == ErrorCode::InsufficientSpace => {
                 Some(info)
@@ -205,7 +195,7 @@ async fn an_unwritable_destination_keeps_the_download_until_it_can_be_moved() {
     let req = DownloadRequest::new(s.url("/a")).destination(dir.join("a.bin"));
     let task = session.download_tasks(vec![req], true).await.unwrap().remove(0);
     let info = dlsession_testkit::wait_for("destination_unavailable", LONG, || {
-        let info = common::block(task.info()).unwrap();
+        let info = dlsession_testkit::block(task.info()).unwrap();
         matches!(info.wait, Some(WaitReason::DestinationUnavailable { .. })).then_some(info)
     });
     assert_eq!(info.state, TaskState::Waiting);
@@ -367,7 +357,7 @@ async fn a_crash_before_the_move_never_adopts_a_foreign_file_of_the_same_size() 
     let (session, mut events) = attach(&env, SessionConfiguration::background("t.foreign")).await;
     // The download is kept and waits for its destination; the foreign file is untouched.
     let waiting = dlsession_testkit::wait_for("destination_unavailable", LONG, || {
-        let tasks = common::block(session.get_all_tasks()).unwrap();
+        let tasks = dlsession_testkit::block(session.get_all_tasks()).unwrap();
         tasks
             .into_iter()
             .find(|t| t.id == task.id() && matches!(t.wait, Some(WaitReason::DestinationUnavailable { .. })))
@@ -404,7 +394,7 @@ async fn a_restart_from_zero_is_committed_before_new_bytes() {
         .await
         .unwrap()
         .remove(0);
-    let client = common::client(&env).await;
+    let client = dlsession_testkit::app::client(&env).await;
     let started = std::time::Instant::now();
     loop {
         let r = client.request(dlsession::proto::Request::GetTask { task: task.id() }).await.unwrap();

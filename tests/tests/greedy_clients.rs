@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use dlsession::proto::handshake::{HandshakeStatus, Preamble};
 use dlsession::proto::{ClientHello, Request, Response, frame};
 use dlsession::{Client, ClientOptions};
+use dlsession_testkit::host::{open_fds, rss_kib};
 use dlsession_testkit::{TestDaemon, TestEnv};
 
 fn hello() -> Vec<u8> {
@@ -35,15 +36,6 @@ fn handshake(socket: &std::path::Path) -> (UnixStream, HandshakeStatus) {
     let mut pre = [0u8; 8];
     s.read_exact(&mut pre).unwrap();
     (s, Preamble::parse(pre).unwrap().status)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches("kB").trim().parse().unwrap()
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
 }
 
 async fn status_latency(client: &Client) -> Duration {

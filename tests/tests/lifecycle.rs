@@ -5,8 +5,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,6 +12,7 @@ use std::time::Duration;
 
 use dlsession::proto::{Request, Response, SessionInfo};
 use dlsession::{Client, ClientOptions};
+use dlsession_testkit::host::walk;
 use dlsession_testkit::{
     Resource, TestDaemon, TestEnv, TestServer, bin_path, pattern_sha256, sha256_file, to_hex, wait_for,
 };
@@ -123,15 +122,6 @@ async fn assert_drained(env: &TestEnv) {
     assert_eq!(info.tasks.total(), 0, "all tasks acknowledged and retired: {info:?}");
     let leftovers: Vec<_> = walk(&env.downloads_dir());
     assert!(leftovers.is_empty(), "files left in the cache: {leftovers:?}");
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
-    }
-    out
 }
 
 fn kill(pid: u32) {
@@ -275,7 +265,7 @@ async fn a_systemd_unit_is_started_with_the_escaped_identifier() {
     let server = TestServer::start().await.unwrap();
     let urls = files(&server, 1);
 
-    let (delegate, _events) = common::Recorder::new(&env.path().join("unused"));
+    let (delegate, _events) = dlsession_testkit::Recorder::new(&env.path().join("unused"));
     let config = dlsession::SessionConfiguration::background("t.unit")
         .app_id("org.example.unit")
         .systemd_unit("fetch@.service")

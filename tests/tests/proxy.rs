@@ -3,12 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-mod common;
-
 use std::ffi::OsStr;
 
-use common::{LONG, Recorder};
 use dlsession::{DownloadRequest, Session, SessionConfiguration};
+use dlsession_testkit::{LONG, Recorder};
 use dlsession_testkit::{
     Resource, TestCa, TestDaemon, TestEnv, TestProxy, TestServer, pattern_sha256, sha256_file, to_hex,
 };

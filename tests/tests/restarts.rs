@@ -4,13 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-mod common;
-
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{LONG, Recorder, Seen};
 use dlsession::{DownloadRequest, Error, Session, SessionConfiguration};
+use dlsession_testkit::{LONG, Recorder, Seen};
 use dlsession_testkit::{Resource, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex};
 
 fn signal(pid: u32, sig: rustix::process::Signal) {
@@ -66,8 +64,10 @@ async fn an_attached_app_reconnects_and_gets_its_events() {
     let file = events.moved_to(task.id()).unwrap();
     assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(51, len)));
     // The events were acknowledged on the new connection.
-    common::wait_until(|| {
-        common::block(session.info()).map(|i| i.pending_events == 0 && i.tasks.active() == 0).unwrap_or(false)
+    dlsession_testkit::wait_until(|| {
+        dlsession_testkit::block(session.info())
+            .map(|i| i.pending_events == 0 && i.tasks.active() == 0)
+            .unwrap_or(false)
     })
     .await;
 }
@@ -115,7 +115,7 @@ async fn attach_keeps_what_it_could_not_move() {
     // Without --wait the events stay for whoever collects them: here `attach`.
     let get = env.ctl(&["get", &s.url("/m"), "-d", env.path().join("d").to_str().unwrap(), "--session", "t.keep2"]);
     assert!(get.status.success(), "{get:?}");
-    common::wait_until(|| {
+    dlsession_testkit::wait_until(|| {
         let out = env.ctl(&["--json", "tasks", "--session", "t.keep2"]);
         String::from_utf8_lossy(&out.stdout).contains("\"completed\"")
     })
@@ -205,7 +205,10 @@ async fn events_that_overflow_the_queue_come_again() {
         let id = tokio::time::timeout(LONG, rx.recv()).await.expect("every completion arrives").unwrap();
         seen.insert(id);
     }
-    common::wait_until(|| common::block(session.info()).map(|i| i.pending_events == 0).unwrap_or(false)).await;
+    dlsession_testkit::wait_until(|| {
+        dlsession_testkit::block(session.info()).map(|i| i.pending_events == 0).unwrap_or(false)
+    })
+    .await;
 }
 
 /// A session another process took while this one was away stays with it: the rejoin does
@@ -244,7 +247,7 @@ async fn a_relaunched_app_outlives_the_daemon() {
     let s = TestServer::start().await.unwrap();
     s.add("/x", Resource::generated(1000, 60));
     let pidfile = env.path().join("app.pid");
-    let c = common::client(&env).await;
+    let c = dlsession_testkit::app::client(&env).await;
     let config = SessionConfig {
         launch: Some(LaunchSpec::Command {
             argv: vec!["/bin/sh".into(), "-c".into(), format!("echo $$ > {}; exec sleep 30", pidfile.display())],

@@ -3,11 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-mod common;
-
-use common::{LONG, Recorder};
 use dlsession::{DownloadRequest, Session, SessionConfiguration};
 use dlsession_testkit::{Fault, Hits, Resource, TestDaemon, TestEnv, TestServer};
+use dlsession_testkit::{LONG, Recorder};
 
 const SECRETS: [&str; 5] =
     ["SESSION-BEARER-9f3a", "TASK-BEARER-71c2", "COOKIE-VALUE-55e1", "PROXY-AUTH-a0b9", "URL-PASSWORD-3d7e"];

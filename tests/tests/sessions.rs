@@ -3,13 +3,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::{LONG, Recorder, Seen};
 use dlsession::proto::{Request, Response, SessionConfig, SessionInfo, TaskSpec};
 use dlsession::{DetachReason, DownloadRequest, ErrorCode, Session, SessionConfiguration};
+use dlsession_testkit::{LONG, Recorder, Seen, block};
 use dlsession_testkit::{Resource, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex, wait_for};
 
 fn config(env: &TestEnv, id: &str) -> SessionConfiguration {
@@ -17,17 +15,13 @@ fn config(env: &TestEnv, id: &str) -> SessionConfiguration {
 }
 
 async fn info(env: &TestEnv, id: &str) -> Option<SessionInfo> {
-    let client = common::client(env).await;
+    let client = dlsession_testkit::app::client(env).await;
     match client.request(Request::GetSession { identifier: id.into() }).await {
         Ok(Response::Session(s)) => Some(s),
         Ok(other) => panic!("unexpected {other:?}"),
         Err(e) if e.code() == ErrorCode::NoSuchSession => None,
         Err(e) => panic!("{e}"),
     }
-}
-
-fn block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,7 +143,7 @@ async fn dropping_an_old_handle_leaves_a_new_attachment_alone() {
     let _d = TestDaemon::start(&env);
     let server = TestServer::start().await.unwrap();
     server.add("/a", Resource::generated(20_000, 8));
-    let client = common::client(&env).await;
+    let client = dlsession_testkit::app::client(&env).await;
     let (d1, _e1) = Recorder::new(&env.path().join("out1"));
     let old = Session::attach_with(&client, config(&env, "t.twice"), std::sync::Arc::new(d1)).await.unwrap();
     old.detach().await.unwrap();
@@ -296,7 +290,7 @@ async fn a_late_acknowledgement_for_a_reused_identifier_deletes_nothing_new() {
     d.restart();
 
     // The second incarnation runs a download with nobody attached: its events wait.
-    let client = common::client(&env).await;
+    let client = dlsession_testkit::app::client(&env).await;
     let open = Request::OpenSession { identifier: "t.late".into(), config: Some(SessionConfig::default()) };
     client.request(open).await.unwrap();
     let create = Request::CreateTasks {

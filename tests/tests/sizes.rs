@@ -3,8 +3,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-mod common;
-
 use std::time::Duration;
 
 use dlsession::proto::{LaunchSpec, Request, Response, SessionConfig};
@@ -43,7 +41,7 @@ async fn twenty_thousand_urls_in_one_get() {
 async fn an_answer_too_large_for_a_frame_is_an_error_not_a_hang() {
     let env = TestEnv::new();
     let _d = TestDaemon::start(&env);
-    let c = common::client(&env).await;
+    let c = dlsession_testkit::app::client(&env).await;
     for i in 0..20 {
         let argv: Vec<String> =
             std::iter::once("/bin/app".to_owned()).chain((0..250).map(|_| "a".repeat(250))).collect();

@@ -12,16 +12,12 @@ use dlsession::proto::{
     ClientHello, Request, RequestFrame, Response, SessionConfig, TaskQuery, TaskSpec, TaskState, frame,
 };
 use dlsession::{Client, ClientOptions};
+use dlsession_testkit::host::rss_kib;
 use dlsession_testkit::{Resource, TestDaemon, TestEnv, TestServer};
 
 const TASKS: usize = 100;
 const SIZE: u64 = 2 << 20;
 const RATE: u64 = 256 << 10;
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches("kB").trim().parse().unwrap()
-}
 
 fn session_config() -> SessionConfig {
     SessionConfig { max_connections_per_host: TASKS as u32, ..SessionConfig::default() }

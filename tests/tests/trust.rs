@@ -3,26 +3,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-mod common;
-
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{LONG, Recorder};
 use dlsession::proto::WaitReason;
 use dlsession::{DownloadRequest, ErrorCode, Session, SessionConfiguration, TaskState};
+use dlsession_testkit::LONG;
+use dlsession_testkit::app::attach;
+use dlsession_testkit::host::{mode, now_ms};
 use dlsession_testkit::{Fault, Hits, Resource, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex};
-
-async fn attach(env: &TestEnv, config: SessionConfiguration) -> (Session, common::Events) {
-    let dir = env.path().join(format!("out-{}", config.identifier()));
-    let (delegate, events) = Recorder::new(&dir);
-    (Session::attach(config.socket(&env.socket), delegate).await.unwrap(), events)
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
-}
 
 fn unavailable(retry_after: &str) -> Resource {
     Resource::generated(10, 1).fault(Hits::All, Fault::Status { code: 503, retry_after: Some(retry_after.into()) })
@@ -120,17 +110,17 @@ async fn wall_clock_jumps_neither_storm_nor_hang() {
     );
     let (session, mut events) = attach(&env, SessionConfiguration::background("t.clock")).await;
     let task = session.download_tasks(vec![DownloadRequest::new(s.url("/flaky"))], true).await.unwrap().remove(0);
-    common::wait_until(|| s.hits("/flaky") == 1).await;
+    dlsession_testkit::wait_until(|| s.hits("/flaky") == 1).await;
     // Five hours back while the first retry is 1.5 s away.
     std::fs::write(&clock, "-5h\n").unwrap();
     let backward = Instant::now();
-    common::wait_until(|| s.hits("/flaky") == 2).await;
+    dlsession_testkit::wait_until(|| s.hits("/flaky") == 2).await;
     let waited = backward.elapsed();
     assert!(waited < Duration::from_secs(5), "the retry waited {waited:?} after the clock went back");
     // Then ten hours forward: the next retry still comes after its own 1.5 s, not at once.
     std::fs::write(&clock, "+5h\n").unwrap();
     let forward = Instant::now();
-    common::wait_until(|| s.hits("/flaky") == 3).await;
+    dlsession_testkit::wait_until(|| s.hits("/flaky") == 3).await;
     assert!(forward.elapsed() >= Duration::from_millis(1000), "retried {:?} after the jump", forward.elapsed());
     assert_eq!(events.completion(task.id(), LONG).await, None);
 }
@@ -147,7 +137,7 @@ async fn resume_retries_a_backing_off_task_now() {
     let (session, mut events) = attach(&env, SessionConfiguration::background("t.nudge")).await;
     let task = session.download_tasks(vec![DownloadRequest::new(s.url("/once"))], true).await.unwrap().remove(0);
     dlsession_testkit::wait_for("backoff", LONG, || {
-        let info = common::block(task.info()).unwrap();
+        let info = dlsession_testkit::block(task.info()).unwrap();
         matches!(info.wait, Some(WaitReason::Backoff { .. })).then_some(())
     });
     let out = env.ctl(&["resume", &task.id().to_string()]);
@@ -230,7 +220,7 @@ async fn a_full_state_directory_is_weather_not_death() {
     s.add("/small", Resource::generated(5_000, 8));
     let (session, mut events) = attach(&env, SessionConfiguration::background("t.statefull")).await;
     let big = session.download_tasks(vec![DownloadRequest::new(s.url("/big"))], true).await.unwrap().remove(0);
-    common::wait_until(|| common::block(big.info()).unwrap().bytes_received > 1 << 20).await;
+    dlsession_testkit::wait_until(|| dlsession_testkit::block(big.info()).unwrap().bytes_received > 1 << 20).await;
 
     let filler = fill(&state);
     // The running download's next checkpoint cannot commit: the daemon notices and holds it.
@@ -244,7 +234,7 @@ async fn a_full_state_directory_is_weather_not_death() {
     assert!(d.log().contains("holding changes and retrying"), "{}", d.log());
     // Reads are answered; changes refused with a clear code.
     let held = dlsession_testkit::wait_for("the download held", LONG, || {
-        let info = common::block(big.info()).unwrap();
+        let info = dlsession_testkit::block(big.info()).unwrap();
         matches!(info.wait, Some(WaitReason::StorageFull { .. })).then_some(info)
     });
     assert_eq!(held.state, TaskState::Queued);
@@ -256,9 +246,9 @@ async fn a_full_state_directory_is_weather_not_death() {
     let out = env.ctl(&["get", &s.url("/small"), "-o", env.path().join("small").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("storage_full"), "{out:?}");
-    let bytes_then = common::block(big.info()).unwrap().bytes_received;
+    let bytes_then = dlsession_testkit::block(big.info()).unwrap().bytes_received;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(common::block(big.info()).unwrap().bytes_received, bytes_then, "held, not downloading");
+    assert_eq!(dlsession_testkit::block(big.info()).unwrap().bytes_received, bytes_then, "held, not downloading");
 
     // Space returns: everything goes on by itself.
     std::fs::remove_file(&filler).unwrap();
@@ -282,7 +272,7 @@ async fn a_full_state_directory_is_weather_not_death() {
 /// appends a line to `launches`.
 async fn session_with_waiting_events(env: &TestEnv, s: &TestServer, identifier: &str, launches: &Path) {
     use dlsession::proto::{LaunchSpec, Request, SessionConfig, TaskSpec};
-    let c = common::client(env).await;
+    let c = dlsession_testkit::app::client(env).await;
     let config = SessionConfig {
         app_id: Some("org.example.trust".into()),
         launch: Some(LaunchSpec::Command {
@@ -397,11 +387,6 @@ async fn attaching_does_not_reset_the_wake_backoff() {
     assert!(gaps[2] >= Duration::from_millis(1400), "{gaps:?}");
 }
 
-fn mode(path: &Path) -> u32 {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
-}
-
 /// Files handed over get the mode the client itself would give a file (0666 minus its
 /// umask), whatever the daemon's own umask (a systemd unit sets 0077); the daemon's cache
 /// and state stay private.
@@ -439,7 +424,7 @@ async fn uncollected_events_and_old_resume_files_expire() {
     let s = TestServer::start().await.unwrap();
     s.add("/done", Resource::generated(5000, 12));
     s.add("/slow", Resource::generated(8 << 20, 13).etag("\"e\"").throttle(1 << 20));
-    let c = common::client(&env).await;
+    let c = dlsession_testkit::app::client(&env).await;
     c.request(Request::OpenSession { identifier: "t.expire".into(), config: None }).await.unwrap();
     let ids = c
         .create_tasks("t.expire", vec![TaskSpec::get(s.url("/done")), TaskSpec::get(s.url("/slow"))], true)
@@ -454,8 +439,8 @@ async fn uncollected_events_and_old_resume_files_expire() {
             }
         }
     };
-    common::wait_until(|| common::block(detail(ids[0])).info.state == TaskState::Completed).await;
-    common::wait_until(|| common::block(detail(ids[1])).committed_offset > 0).await;
+    dlsession_testkit::wait_until(|| dlsession_testkit::block(detail(ids[0])).info.state == TaskState::Completed).await;
+    dlsession_testkit::wait_until(|| dlsession_testkit::block(detail(ids[1])).committed_offset > 0).await;
     let blob =
         c.request(Request::ControlTask { task: ids[1], action: TaskAction::CancelProducingResumeData }).await.unwrap();
     assert!(matches!(blob, Response::ResumeData(_)));
@@ -473,7 +458,7 @@ async fn uncollected_events_and_old_resume_files_expire() {
     assert!(log.contains("expiring events nobody collected"), "{log}");
     assert!(!cached.exists(), "the uncollected file went with its events");
     assert_eq!(std::fs::read_dir(&resume_dir).unwrap().count(), 0, "the old kept partial went");
-    let c = common::client(&env).await;
+    let c = dlsession_testkit::app::client(&env).await;
     let info = match c.request(Request::GetSession { identifier: "t.expire".into() }).await.unwrap() {
         Response::Session(i) => i,
         other => panic!("{other:?}"),
@@ -524,12 +509,14 @@ async fn kept_resume_files_expire_while_the_daemon_runs() {
     let d = TestDaemon::start(&env);
     let s = TestServer::start().await.unwrap();
     s.add("/slow", Resource::generated(8 << 20, 14).etag("\"e\"").throttle(1 << 20));
-    let c = common::client(&env).await;
+    let c = dlsession_testkit::app::client(&env).await;
     c.request(Request::OpenSession { identifier: "t.resume".into(), config: None }).await.unwrap();
     let id = c.create_tasks("t.resume", vec![TaskSpec::get(s.url("/slow"))], true).await.unwrap()[0];
-    common::wait_until(|| match common::block(c.request(Request::GetTask { task: id })).unwrap() {
-        Response::Task(d) => d.committed_offset > 0,
-        _ => false,
+    dlsession_testkit::wait_until(|| {
+        match dlsession_testkit::block(c.request(Request::GetTask { task: id })).unwrap() {
+            Response::Task(d) => d.committed_offset > 0,
+            _ => false,
+        }
     })
     .await;
     let blob = c.request(Request::ControlTask { task: id, action: TaskAction::CancelProducingResumeData }).await;

@@ -4,8 +4,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -252,7 +250,7 @@ async fn a_schema_1_state_directory_opens_with_everything_intact() {
         d.log().contains("state restored sessions=2 tasks=8").then_some(())
     });
     assert!(d.log().contains("database migrated version=2"), "{}", d.log());
-    let c = common::client(&env).await;
+    let c = dlsession_testkit::app::client(&env).await;
 
     // Sessions and their configuration.
     let sessions = c.list_sessions().await.unwrap();
@@ -313,7 +311,7 @@ async fn a_schema_1_state_directory_opens_with_everything_intact() {
     assert_eq!(busy_done.info.error, None);
 
     // The events wait for the app, in order, and are delivered on attach.
-    let (delegate, mut seen) = common::Recorder::new(&env.path().join("collected"));
+    let (delegate, mut seen) = dlsession_testkit::Recorder::new(&env.path().join("collected"));
     let session = dlsession::Session::attach_with(
         &c,
         dlsession::SessionConfiguration::background("org.example.fixture.photos")

@@ -11,8 +11,13 @@ use std::process::{Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dlsession::{Client, ClientOptions};
+use dlsession::Client;
 use dlsession_proto::{Request, Response, TaskSpec};
+use dlsession_testkit::app::client;
+use dlsession_testkit::cli::{
+    assert_exit, assert_keys, ctl, ctl_pty, json, json_lines, sh_quote, show_field, stderr, stdout, table_cells,
+    task_row,
+};
 use dlsession_testkit::{Fault, Hits, Resource, TestDaemon, TestEnv, TestServer, bin_path, sha256_file};
 use serde_json::Value;
 
@@ -34,45 +39,6 @@ async fn fixture_with(setup: impl FnOnce(&TestEnv)) -> Fixture {
     let env = Arc::new(env);
     let daemon = tokio::task::block_in_place(|| TestDaemon::start(&env));
     Fixture { env, daemon, server }
-}
-
-async fn ctl(env: &Arc<TestEnv>, args: &[&str]) -> Output {
-    let env = Arc::clone(env);
-    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-    tokio::task::spawn_blocking(move || {
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        env.ctl(&refs)
-    })
-    .await
-    .expect("dlsessionctl run")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-#[track_caller]
-fn assert_exit(o: &Output, code: i32) {
-    assert_eq!(o.status.code(), Some(code), "stdout:\n{}\nstderr:\n{}", stdout(o), stderr(o));
-}
-
-fn json(o: &Output) -> Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(o)))
-}
-
-fn json_lines(o: &Output) -> Vec<Value> {
-    stdout(o).lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()
-}
-
-#[track_caller]
-fn assert_keys(v: &Value, keys: &[&str]) {
-    for k in keys {
-        assert!(v.get(k).is_some(), "missing {k:?} in {v}");
-    }
 }
 
 /// Polls `show --json` until the task is completed; returns its JSON.
@@ -490,12 +456,6 @@ fn help_is_there_for_every_command() {
 // Completions, human output, why tasks wait, paging, and progress on terminals and pipes
 // ---------------------------------------------------------------------------------------------
 
-async fn connect(env: &TestEnv) -> Client {
-    Client::connect(ClientOptions { socket: Some(env.socket.clone()), autostart: false, ..ClientOptions::default() })
-        .await
-        .expect("connect to the test daemon")
-}
-
 /// Creates suspended tasks in `session` (never resumed, so their URLs are never fetched).
 async fn create_suspended(client: &Client, session: &str, urls: impl IntoIterator<Item = String>) -> Vec<u64> {
     client.request(Request::OpenSession { identifier: session.into(), config: None }).await.expect("open session");
@@ -505,75 +465,6 @@ async fn create_suspended(client: &Client, session: &str, urls: impl IntoIterato
         Response::TasksCreated(ids) => ids,
         other => panic!("expected task ids, got {other:?}"),
     }
-}
-
-fn sh_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-/// Runs `dlsessionctl args` under a pseudo-terminal of 120 columns, with util-linux
-/// `script`. The returned stdout is everything drawn on the terminal (the command's stdout
-/// and stderr merged, with `\r\n` line ends); the exit status is the command's.
-async fn ctl_pty(env: &Arc<TestEnv>, args: &[&str]) -> Output {
-    ctl_pty_with(env, args, &[]).await
-}
-
-/// [`ctl_pty`] with extra environment variables.
-async fn ctl_pty_with(env: &Arc<TestEnv>, args: &[&str], vars: &[(&str, &str)]) -> Output {
-    let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-    let mut line = String::from("stty cols 120 rows 40 2>/dev/null; exec");
-    let exe = bin_path("dlsessionctl");
-    for arg in std::iter::once(exe.to_str().unwrap()).chain(args.iter().copied()) {
-        line.push(' ');
-        line.push_str(&sh_quote(arg));
-    }
-    let env = Arc::clone(env);
-    tokio::task::spawn_blocking(move || {
-        env.command("script")
-            .args(["-qfec", &line, "/dev/null"])
-            .env("SHELL", "/bin/sh")
-            .env("TERM", "xterm-256color")
-            .env_remove("NO_COLOR")
-            .envs(vars)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run `script` ({e}): the pseudo-terminal tests need util-linux's `script` \
-                     (Debian/Ubuntu: apt-get install bsdutils; Fedora: dnf install util-linux-script)"
-                )
-            })
-    })
-    .await
-    .expect("script run")
-}
-
-/// The line of a `tasks` table whose first column is `id`.
-#[track_caller]
-fn task_row(table: &str, id: u64) -> String {
-    table
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(id.to_string().as_str()))
-        .unwrap_or_else(|| panic!("no row for task {id} in:\n{table}"))
-        .to_owned()
-}
-
-/// The value of a `show` line (`label:   value`).
-#[track_caller]
-fn show_field(text: &str, label: &str) -> String {
-    let prefix = format!("{label}:");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no {label:?} line in:\n{text}"))
-        .trim()
-        .to_owned()
-}
-
-/// The cells of a comfy-table row containing `needle`.
-#[track_caller]
-fn table_cells(table: &str, needle: &str) -> Vec<String> {
-    let line = table.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle:?} in:\n{table}"));
-    line.split(['│', '┆', '|']).map(str::trim).filter(|c| !c.is_empty()).map(str::to_owned).collect()
 }
 
 /// Polls `show --json` until `ready` accepts the task's JSON.
@@ -796,7 +687,7 @@ async fn show_and_tasks_say_why_a_task_waits() {
         "/busy.bin",
         Resource::generated(10_000, 4).fault(Hits::All, Fault::Status { code: 503, retry_after: None }),
     );
-    let client = connect(&f.env).await;
+    let client = client(&f.env).await;
     let suspended =
         create_suspended(&client, "t.why", ["http://user:s3cret@127.0.0.1:9/never.bin".to_owned()]).await[0];
 
@@ -863,7 +754,7 @@ async fn show_and_tasks_say_why_a_task_waits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_pages_through_thousands_of_tasks_in_order() {
     let f = fixture().await;
-    let client = connect(&f.env).await;
+    let client = client(&f.env).await;
     let mut ids = Vec::new();
     for batch in 0..5 {
         let urls = (0..500).map(|i| format!("http://127.0.0.1:9/many/{}.bin", batch * 500 + i));
@@ -928,7 +819,7 @@ async fn get_wait_draws_bars_on_a_terminal_and_plain_lines_on_a_pipe() {
     f.server.add("/pipe.bin", resource.clone());
 
     let dest = f.env.path().join("tty.bin");
-    let o = ctl_pty(&f.env, &["get", &f.server.url("/tty.bin"), "-o", dest.to_str().unwrap(), "--wait"]).await;
+    let o = ctl_pty(&f.env, &["get", &f.server.url("/tty.bin"), "-o", dest.to_str().unwrap(), "--wait"], &[]).await;
     assert_exit(&o, 0);
     assert_bars(&o);
     let text = stdout(&o);
@@ -965,7 +856,7 @@ async fn watch_draws_bars_on_a_terminal_and_plain_lines_on_a_pipe() {
     };
 
     let id = start("/w-tty.bin").await;
-    let o = ctl_pty(&f.env, &["watch"]).await;
+    let o = ctl_pty(&f.env, &["watch"], &[]).await;
     assert_exit(&o, 0);
     assert_bars(&o);
     let text = stdout(&o);
@@ -995,22 +886,22 @@ async fn watch_draws_bars_on_a_terminal_and_plain_lines_on_a_pipe() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn colour_only_on_a_terminal_and_never_with_no_color() {
     let f = fixture().await;
-    let client = connect(&f.env).await;
+    let client = client(&f.env).await;
     let id = create_suspended(&client, "t.colour", ["http://127.0.0.1:9/c.bin".to_owned()]).await[0];
 
-    let o = ctl_pty(&f.env, &["tasks"]).await;
+    let o = ctl_pty(&f.env, &["tasks"], &[]).await;
     assert_exit(&o, 0);
     let text = stdout(&o);
     assert!(text.contains("\x1b[2msuspended"), "the state is coloured on a terminal: {text:?}");
     assert!(text.contains(&format!("{id}  t.colour")), "{text:?}");
 
     for no_color in ["1", "yes"] {
-        let o = ctl_pty_with(&f.env, &["tasks"], &[("NO_COLOR", no_color)]).await;
+        let o = ctl_pty(&f.env, &["tasks"], &[("NO_COLOR", no_color)]).await;
         assert_exit(&o, 0);
         assert!(!o.stdout.contains(&0x1b), "NO_COLOR={no_color}: {:?}", stdout(&o));
         assert!(stdout(&o).contains("suspended"));
     }
-    let o = ctl_pty_with(&f.env, &["tasks"], &[("TERM", "dumb")]).await;
+    let o = ctl_pty(&f.env, &["tasks"], &[("TERM", "dumb")]).await;
     assert!(!o.stdout.contains(&0x1b), "TERM=dumb: {:?}", stdout(&o));
 
     let o = ctl(&f.env, &["tasks"]).await;

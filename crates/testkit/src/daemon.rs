@@ -388,18 +388,6 @@ fn answers(socket: &Path) -> bool {
     s.read_exact(&mut reply).is_ok() && reply.starts_with(b"DLSD")
 }
 
-/// Polls `f` every 20 ms until it returns `Some`, or panics after `timeout`.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Reads a whole file, for comparisons in tests.
 pub fn read(path: &Path) -> Vec<u8> {
     let mut v = Vec::new();

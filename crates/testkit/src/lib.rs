@@ -1,20 +1,29 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
-//! Test fixtures for dlsessiond: a scripted HTTP/HTTPS server with fault injection
-//! ([`server`]), a throw-away certificate authority ([`tls`]) and deterministic, never
-//! materialised content with hashes ([`content`]).
+//! The one home of test helpers, used by every test crate: a scripted HTTP/HTTPS server
+//! with fault injection ([`server`]), a faulty proxy ([`proxy`]), nginx ([`nginx`]), a
+//! throw-away certificate authority ([`tls`]), deterministic content with hashes
+//! ([`content`]), an isolated daemon ([`daemon`]), an app that records what it is told
+//! ([`app`]), the CLI on pipes and terminals ([`cli`]), tmpfs mounts ([`mount`]), waiting
+//! ([`wait`]) and what the system says about files and processes ([`host`]).
 
+pub mod app;
+pub mod cli;
 pub mod content;
 pub mod daemon;
+pub mod host;
 pub mod mount;
 pub mod nginx;
 pub mod proxy;
 pub mod server;
 pub mod tls;
+pub mod wait;
 
+pub use app::{Events, Recorder, Seen};
 pub use content::{fill_pattern, pattern_byte, pattern_sha256, sha256_file, sha256_hex, to_hex};
-pub use daemon::{TestDaemon, TestEnv, bin_path, wait_for};
+pub use daemon::{TestDaemon, TestEnv, bin_path};
 pub use mount::{Mount, require_root};
 pub use nginx::Nginx;
 pub use proxy::{ProxyFault, ProxyRecord, TestProxy};
 pub use server::{Fault, Hits, RequestRecord, Resource, TestServer};
 pub use tls::TestCa;
+pub use wait::{LONG, block, wait_for, wait_until};

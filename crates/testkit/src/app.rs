@@ -1,12 +1,17 @@
-//! Shared pieces of the end-to-end tests.
-
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+//! An app for tests: a client library delegate that records what it is told
+//! ([`Recorder`], [`Events`]) and moves finished files aside, and plain clients of a test
+//! daemon.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use dlsession::{Client, ClientOptions, DetachReason, DownloadTask, Session, SessionDelegate, TaskError, TaskId};
+use dlsession::{
+    Client, ClientOptions, DetachReason, DownloadTask, Session, SessionConfiguration, SessionDelegate, TaskError,
+    TaskId,
+};
 use tokio::sync::mpsc;
+
+use crate::TestEnv;
 
 /// What a delegate saw, in order.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,6 +28,7 @@ pub enum Seen {
 }
 
 /// A delegate that moves finished files into `dir/<task id>` and reports everything.
+#[derive(Debug)]
 pub struct Recorder {
     dir: PathBuf,
     tx: mpsc::UnboundedSender<Seen>,
@@ -71,6 +77,7 @@ impl SessionDelegate for Recorder {
     }
 }
 
+#[derive(Debug)]
 pub struct Events {
     rx: mpsc::UnboundedReceiver<Seen>,
     /// Everything received so far.
@@ -141,24 +148,16 @@ impl Events {
     }
 }
 
-pub const LONG: Duration = Duration::from_secs(60);
-
-/// Polls `f` every 20 ms until it is true (at most [`LONG`]).
-pub async fn wait_until(mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + LONG;
-    while !f() {
-        assert!(tokio::time::Instant::now() < deadline, "condition not reached within {LONG:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Runs a future to completion from synchronous code inside a multi-thread test runtime.
-pub fn block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
-}
-
 /// A plain client of the test daemon (it never starts one).
-pub async fn client(env: &dlsession_testkit::TestEnv) -> Client {
+pub async fn client(env: &TestEnv) -> Client {
     let options = ClientOptions { socket: Some(env.socket.clone()), autostart: false, ..ClientOptions::default() };
-    Client::connect(options).await.unwrap()
+    Client::connect(options).await.expect("connect to the test daemon")
+}
+
+/// Attaches to a session of the test daemon with a [`Recorder`] that moves finished files
+/// into `out-<identifier>` under the environment's directory.
+pub async fn attach(env: &TestEnv, config: SessionConfiguration) -> (Session, Events) {
+    let (delegate, events) = Recorder::new(&env.path().join(format!("out-{}", config.identifier())));
+    let session = Session::attach(config.socket(&env.socket), delegate).await.expect("attach to the test daemon");
+    (session, events)
 }
