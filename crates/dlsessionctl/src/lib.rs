@@ -9,10 +9,8 @@ pub mod cli;
 pub mod commands;
 pub mod error;
 pub mod json;
-pub mod localtime;
 pub mod output;
 pub mod progress;
-pub mod shell_words;
 
 use std::process::ExitCode;
 

@@ -7,8 +7,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytesize::ByteSize;
 use dlsession_proto::{ErrorInfo, TaskCounts, TaskState, WaitReason};
 
-use crate::localtime;
-
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -64,33 +62,29 @@ pub fn progress(received: u64, expected: Option<u64>) -> String {
     }
 }
 
-fn local_civil(ms: u64) -> (localtime::Civil, String) {
-    let secs = i64::try_from(ms / 1000).unwrap_or(i64::MAX / 2);
-    let zone = localtime::local().zone_at(secs);
-    (localtime::civil(secs + zone.offset_secs), zone.abbreviation)
+/// An instant in local time: `$TZ` or `/etc/localtime`, through the system's zoneinfo
+/// (UTC when neither can be read).
+fn local(ms: u64) -> jiff::ZonedDateTime {
+    static ZONE: std::sync::OnceLock<jiff::tz::TimeZone> = std::sync::OnceLock::new();
+    let zone = ZONE.get_or_init(jiff::tz::TimeZone::system);
+    let at = i64::try_from(ms).ok().and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok());
+    at.unwrap_or(jiff::Timestamp::MAX).to_zoned_datetime(zone.clone())
 }
 
 /// `2026-11-25 18:27:46` in local time.
 pub fn timestamp(ms: u64) -> String {
-    let (c, _) = local_civil(ms);
-    format!("{:04}-{:02}-{:02} {:02}:{:02}:{:02}", c.year, c.month, c.day, c.hour, c.minute, c.second)
+    local(ms).strftime("%Y-%m-%d %H:%M:%S").to_string()
 }
 
 /// `2026-11-25 18:27:46 CET`: local time with the zone's abbreviation.
 pub fn timestamp_zoned(ms: u64) -> String {
-    let (_, abbr) = local_civil(ms);
-    if abbr.is_empty() { timestamp(ms) } else { format!("{} {abbr}", timestamp(ms)) }
+    local(ms).strftime("%Y-%m-%d %H:%M:%S %Z").to_string().trim_end().to_owned()
 }
 
 /// `18:27:46` when `ms` is today (local time), else the full timestamp.
 pub fn clock(ms: u64, now: u64) -> String {
-    let (c, _) = local_civil(ms);
-    let (today, _) = local_civil(now);
-    if (c.year, c.month, c.day) == (today.year, today.month, today.day) {
-        format!("{:02}:{:02}:{:02}", c.hour, c.minute, c.second)
-    } else {
-        timestamp(ms)
-    }
+    let at = local(ms);
+    if at.date() == local(now).date() { at.strftime("%H:%M:%S").to_string() } else { timestamp(ms) }
 }
 
 /// `in 12 s`, `3 min ago`, `now`.

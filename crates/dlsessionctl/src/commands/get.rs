@@ -22,7 +22,6 @@ use crate::error::{CliError, Exit, Result};
 use crate::json::{self, CreatedJson, FinishedJson};
 use crate::output;
 use crate::progress::{self, Progress};
-use crate::shell_words;
 
 /// One download to create.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -401,6 +400,28 @@ mod tests {
         ] {
             let e = plan_of(argv).unwrap_err();
             assert_eq!(e.exit(), Exit::Usage, "{argv:?}: {e}");
+        }
+    }
+
+    /// `--launch-cmd` is split as a POSIX shell would, without expansions.
+    #[test]
+    fn launch_commands_split_like_a_shell() {
+        let launch = |cmd: &str| plan_of(&["http://h/a", "--launch-cmd", cmd]).map(|p| p.launch.unwrap_or_default());
+        for (cmd, want) in [
+            ("  /usr/bin/app   --background\t-v ", &["/usr/bin/app", "--background", "-v"][..]),
+            ("app 'a b' \"c d\"", &["app", "a b", "c d"]),
+            ("a'b'\"c\"d", &["abcd"]),
+            ("x '' \"\"", &["x", "", ""]),
+            (r#"'it'\''s'"#, &["it's"]),
+            (r"'\n$HOME'", &[r"\n$HOME"]),
+            (r"a\ b c", &["a b", "c"]),
+            (r#""a\"b\\c\$d\e""#, &[r#"a"b\c$d\e"#]),
+            ("a\\\nb", &["ab"]),
+        ] {
+            assert_eq!(launch(cmd).unwrap(), want, "{cmd:?}");
+        }
+        for bad in ["app 'oops", "app \"oops", "app \"oops\\"] {
+            assert!(launch(bad).is_err(), "{bad:?}");
         }
     }
 
