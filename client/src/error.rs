@@ -4,7 +4,7 @@ use dlsession_proto::{ErrorCode, ErrorInfo, ProtoError};
 
 /// Everything that can go wrong talking to the daemon.
 ///
-/// Errors the daemon reports carry their stable SPEC code; see [`Error::code`].
+/// Errors the daemon reports carry their stable code (docs/protocol.md, "Error codes"); see [`Error::code`].
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Nothing listens on the socket.
@@ -46,7 +46,7 @@ pub enum Error {
 }
 
 impl Error {
-    /// The SPEC §10 code for this error.
+    /// The stable code of this error (docs/protocol.md, "Error codes").
     pub fn code(&self) -> ErrorCode {
         match self {
             Error::Daemon(e) | Error::Invalid(e) => e.code,

@@ -39,18 +39,20 @@
 //! ```
 
 pub mod autostart;
+mod config;
 mod connection;
+mod delegate;
 mod error;
 mod events;
 mod link;
 mod session;
 
+pub use config::{DownloadRequest, SessionConfiguration};
 pub use connection::{Client, ClientOptions};
+pub use delegate::{Handled, SessionDelegate, WakeHandler};
 pub use error::{Error, Result};
 pub use events::EventReceiver;
-pub use session::{
-    DownloadRequest, DownloadTask, Handled, Session, SessionConfiguration, SessionDelegate, TaskError, WakeHandler,
-};
+pub use session::{DownloadTask, Session, TaskError};
 
 /// The wire types, for tools that talk to the daemon directly (like `dlsessionctl`).
 pub use dlsession_proto as proto;

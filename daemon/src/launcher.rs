@@ -1,4 +1,4 @@
-//! Relaunching an app (SPEC §6): an argv run directly, detached, or a systemd user unit.
+//! Relaunching an app (docs/behaviour.md, "Waking the app"): an argv run directly, detached, or a systemd user unit.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};

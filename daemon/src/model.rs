@@ -32,7 +32,7 @@ pub struct SessionRecord {
     pub created_at: UnixMillis,
 }
 
-/// Where a task stands in the finish protocol (SPEC §8).
+/// Where a task stands in the finish protocol (docs/behaviour.md, "Durability").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     /// Downloading into the partial file.

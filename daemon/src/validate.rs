@@ -1,5 +1,5 @@
-//! Validation of everything a client asks for (SPEC §9). Each refusal carries its
-//! SPEC §10 code and a message a developer can act on.
+//! Validation of everything a client asks for (docs/behaviour.md, "Security and bad
+//! input"). Each refusal carries its error code and a message a developer can act on.
 
 use std::path::Path;
 

@@ -1,4 +1,4 @@
-//! Stable error codes (SPEC §10) and the errors of the wire layer itself.
+//! Stable error codes (docs/protocol.md, "Error codes") and the errors of the wire layer itself.
 
 use std::fmt;
 

@@ -38,12 +38,16 @@ pub mod io;
 pub mod message;
 pub mod paths;
 pub mod redact;
+pub mod session;
+pub mod task;
 pub mod v1;
 pub mod validate;
 
 pub use error::{ErrorCode, ErrorInfo, ProtoError};
 pub use handshake::{ClientHello, HandshakeStatus, Preamble, Welcome};
 pub use message::*;
+pub use session::*;
+pub use task::*;
 
 /// The first four bytes of every preamble.
 pub const MAGIC: [u8; 4] = *b"DLSD";

@@ -1,4 +1,4 @@
-//! Where the daemon and its clients meet (SPEC §2).
+//! Where the daemon and its clients meet (docs/behaviour.md, "Paths").
 //!
 //! Resolved from the environment when called, so a test isolates itself by pointing
 //! `HOME` and every `XDG_*` variable at a temporary directory.

@@ -1,7 +1,7 @@
 //! `dlsession-bench durable-copy SRC OUT THREADS`: what per-file durability alone costs on
 //! this machine, with no network, no database and no IPC.
 //!
-//! Copies every file of SRC into OUT the way SPEC §8 asks a finished download to land:
+//! Copies every file of SRC into OUT the way a finished download lands (docs/behaviour.md, "Durability"):
 //! write it to a partial file (in `OUT/.partial`, the same filesystem), `fdatasync`, rename
 //! into place, `fsync` the directory. THREADS workers take files from a shared counter. No
 //! step is shared between files (dlsessiond shares concurrent directory syncs), so this is

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use dlsession_proto::{ErrorCode, ErrorInfo};
 
-/// Exit statuses (SPEC §11).
+/// Exit statuses (docs/cli.md, "Exit status").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
     /// Everything worked.
@@ -67,7 +67,7 @@ impl CliError {
         CliError::Client(dlsession::Error::UnexpectedResponse { expected, got: got.kind() })
     }
 
-    /// The SPEC §10 code, where there is one.
+    /// The error code (docs/protocol.md, "Error codes"), where there is one.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             CliError::Usage(_) => None,

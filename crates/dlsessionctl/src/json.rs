@@ -1,5 +1,5 @@
 //! JSON output: dedicated structs whose field names are the stable contract of
-//! `--json` (SPEC §11). Wire types are converted here, never serialized directly.
+//! `--json` (docs/cli.md, "JSON output"). Wire types are converted here, never serialized directly.
 //! Times are milliseconds since the Unix epoch; URLs are redacted.
 
 use dlsession_proto::redact;

@@ -1,4 +1,4 @@
-//! `dlsessionctl`, the command-line tool of dlsessiond (SPEC §11).
+//! `dlsessionctl`, the command-line tool of dlsessiond (docs/cli.md).
 //!
 //! `main` parses the command line ([`cli`]), runs one command from [`commands`] on a
 //! current-thread tokio runtime and maps its outcome to the exit status: 0 success, 1 the

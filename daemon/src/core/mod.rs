@@ -1,10 +1,21 @@
 //! The core: the single owner of all session, task and connection state.
 //!
 //! Everything else talks to it through [`CoreMsg`] on one channel, and it never awaits
-//! inside a handler: store writes are queued (FIFO) and report back with
-//! `CoreMsg::Committed`, workers report with `CoreMsg::Worker`. A state change is applied
-//! in memory at once; anything observable outside the daemon that depends on it (a
-//! response, a durable event) is released only after its commit.
+//! inside a handler nor touches a disk: store writes are queued (FIFO) and report back
+//! with `CoreMsg::Committed`, file work goes to the disk thread (`disk`), workers report
+//! with `CoreMsg::Worker`. A state change is applied in memory at once; anything
+//! observable outside the daemon that depends on it (a response, a durable event) is
+//! released only after its commit.
+//!
+//! State, one part per kind, each keeping its own invariants: `sessions` (records,
+//! attachments, undelivered events), `task` (live tasks and their running attempts),
+//! `admission` (run queues, running workers, the limits: who may start and why not),
+//! `conns` (connections), `timers`, `status` (statistics, systemd status), `life` (idle
+//! exit, storage health, shutdown), `retention` (housekeeping). Behaviour, as methods of
+//! [`Core`] that wire the parts together: `requests` (one handler per request),
+//! `transitions` (queueing, workers' reports, completion), `finish` (putting files in
+//! place), `delivery` (durable events), `progress`, `wake`, `resume`, `recovery` (start),
+//! `convert` (domain to wire types).
 
 mod admission;
 mod backoff;
@@ -12,6 +23,8 @@ mod conns;
 mod convert;
 mod delivery;
 mod disk;
+mod finish;
+mod life;
 mod progress;
 mod recovery;
 mod requests;
@@ -27,23 +40,24 @@ mod wake;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::conn::{ConnEvent, ConnHandle, ConnId, PauseCheck};
+use crate::conn::{ConnEvent, ConnHandle, ConnId};
 use crate::engine::{Engine, FinishPlan, WorkerEvent};
 use crate::model::{SessionKey, TaskRecord, now_ms};
 use crate::store::{Op, Snapshot, Store};
 use admission::Slots;
 use conns::Conns;
-use dlsession_proto::{ErrorCode, ErrorInfo, Request, Response, TaskId};
+use dlsession_proto::{ErrorInfo, Request, Response, TaskId};
+pub use life::IdleExit;
+use life::Lifecycle;
 use retention::Housekeeping;
 use sessions::Sessions;
 use status::{Stats, StatusReport};
-use task::{AfterStop, Tasks};
+use task::Tasks;
 use timers::{Mono, Timer, Timers};
 
 pub type CoreTx = mpsc::UnboundedSender<CoreMsg>;
@@ -166,29 +180,6 @@ pub struct Core {
     launch_scope: crate::launcher::Scope,
 }
 
-/// Where the daemon is in its life, and what keeps it from leaving.
-#[derive(Debug, Default)]
-struct Lifecycle {
-    shutting_down: bool,
-    /// Set while the database refuses writes: changes are refused, downloads held.
-    storage: Option<ErrorInfo>,
-    idle_exit: Option<IdleExit>,
-    /// Store batches whose `Committed` has not come back yet (their follow-up actions,
-    /// such as deleting acknowledged files, are still to run).
-    commits_in_flight: usize,
-    /// Relaunched apps (or `systemctl --user start`) not yet exited: under systemd they
-    /// live in the daemon's cgroup, so the daemon must not leave before them.
-    launches_running: usize,
-}
-
-/// Exiting when idle (under socket activation, where the next connection starts the
-/// daemon again): after how long, and how to ask the socket server to pause accepting.
-#[derive(Debug)]
-pub struct IdleExit {
-    pub after: Duration,
-    pub ask: mpsc::Sender<PauseCheck>,
-}
-
 impl Core {
     /// Builds the core from the store's snapshot, recovering interrupted finishes and
     /// cleaning stray files (see `recovery`).
@@ -231,33 +222,6 @@ impl Core {
         core.commit(ops, Vec::new());
         core.on_housekeeping();
         Ok(core)
-    }
-
-    /// Exit once nothing has happened for `idle.after` (see [`Core::has_nothing_to_do`]).
-    pub fn exit_when_idle(&mut self, idle: IdleExit) {
-        self.life.idle_exit = Some(idle);
-    }
-
-    /// No client, no download, nothing queued, no timer that must fire (a retry, a
-    /// delayed begin, a wake): everything is durable and nothing would happen until a
-    /// client comes, so the process may go.
-    fn has_nothing_to_do(&self) -> bool {
-        !self.life.shutting_down
-            && self.life.commits_in_flight == 0
-            && self.life.launches_running == 0
-            && self.conns.is_empty()
-            && self.slots.is_idle()
-            && self.timers.only_idle()
-    }
-
-    /// Asks the socket server to pause accepting if no connection is open (in any
-    /// state). Paused, it returns the handle that resumes it (send) or stops it (drop).
-    async fn pause_accepting_if_idle(&self) -> Option<oneshot::Sender<()>> {
-        let idle = self.life.idle_exit.as_ref()?;
-        let (reply, answer) = oneshot::channel();
-        let (resume_tx, resume) = oneshot::channel();
-        idle.ask.send(PauseCheck { reply, resume }).await.ok()?;
-        answer.await.unwrap_or(false).then_some(resume_tx)
     }
 
     /// Runs until shutdown completes.
@@ -380,64 +344,6 @@ impl Core {
             }
             // The app left (or crashed) with events unacknowledged: wake it later, not at once.
             self.check_wake(key, self.cfg.timing.wake_initial);
-        }
-    }
-
-    /// The database stopped taking writes (a full disk, an I/O error), or takes them
-    /// again. Meanwhile reads are answered, changes refused with `storage_full`, and
-    /// downloads held at their last checkpoint (each would soon need a commit).
-    fn on_storage(&mut self, health: crate::store::Health) {
-        match health {
-            crate::store::Health::Failing(e) => {
-                let dir = self.cfg.state_dir.display();
-                let error = ErrorInfo::new(
-                    ErrorCode::StorageFull,
-                    format!(
-                        "dlsessiond cannot write its database in {dir} ({e}); free space there, it retries by itself"
-                    ),
-                );
-                warn!(
-                    running = self.slots.running_count(),
-                    "database refuses writes: holding downloads, refusing changes"
-                );
-                self.life.storage = Some(error);
-                for id in self.slots.running() {
-                    if self.tasks.get(&id).and_then(|t| t.run.as_ref()).is_some_and(|r| r.holds_slot) {
-                        self.stop_worker(id, AfterStop::Requeue);
-                    }
-                }
-            }
-            crate::store::Health::Recovered => {
-                info!("database takes writes again: downloads go on");
-                self.life.storage = None;
-                self.schedule();
-            }
-        }
-    }
-
-    fn begin_shutdown(&mut self) {
-        if self.life.shutting_down {
-            return;
-        }
-        info!(running = self.slots.running_count(), "shutting down: checkpointing running downloads");
-        self.life.shutting_down = true;
-        for id in self.slots.running() {
-            self.stop_worker(id, AfterStop::Shutdown);
-        }
-        let deadline = self.timers.after(self.cfg.timing.shutdown_grace);
-        self.timers.set(deadline, Timer::ShutdownDeadline);
-    }
-
-    fn notify_shutdown(&mut self) {
-        for conn in self.conns.values() {
-            for key in &conn.attached {
-                if let Some(s) = self.sessions.get(key) {
-                    conn.handle.event(dlsession_proto::Event::Detached {
-                        identifier: s.rec.identifier.clone(),
-                        reason: dlsession_proto::DetachReason::DaemonShutdown,
-                    });
-                }
-            }
         }
     }
 

@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::admission::Limits;
 use super::backoff::{Backoff, retry_delay};
 use super::sched::LaneKey;
-use super::task::{AfterStop, Run, Task};
+use super::task::{AfterStop, Run};
 use super::timers::wall_after;
 use super::{After, Core, Timer};
 use crate::engine::files::Leftovers;
@@ -214,7 +214,7 @@ impl Core {
     }
 
     /// The worker is gone: give back its slot.
-    fn release(&mut self, id: TaskId) -> Option<Run> {
+    pub(super) fn release(&mut self, id: TaskId) -> Option<Run> {
         self.free_slot(id);
         let t = self.tasks.get_mut(&id)?;
         let run = t.run.take()?;
@@ -322,133 +322,6 @@ impl Core {
         }
         self.commit(ops, after);
         self.notify_watchers(id);
-    }
-
-    fn on_data_complete(
-        &mut self,
-        id: TaskId,
-        size: u64,
-        sha256: Option<[u8; 32]>,
-        reply: tokio::sync::oneshot::Sender<FinishPlan>,
-    ) {
-        self.flush_progress(id);
-        let cache_location = match self.tasks.get(&id) {
-            Some(t) => self.cache_location(&t.rec),
-            None => return,
-        };
-        let Some(t) = self.tasks.get_mut(&id) else { return };
-        if let Some(expected) = t.rec.expected_sha256
-            && sha256 != Some(expected)
-        {
-            let _ = reply.send(FinishPlan::Abort);
-            let got = sha256.map(|d| dlsession_proto::validate::to_hex(&d)).unwrap_or_default();
-            let error = ErrorInfo::new(
-                ErrorCode::ChecksumMismatch,
-                format!(
-                    "SHA-256 of the downloaded {size} bytes is {got}, expected {}",
-                    dlsession_proto::validate::to_hex(&expected)
-                ),
-            );
-            self.release(id);
-            self.refuse_waiting_stops(id, "completed (its checksum did not match)");
-            let mut ops = Vec::new();
-            let mut after = Vec::new();
-            self.complete(id, Some(error), &mut ops, &mut after);
-            self.commit(ops, after);
-            return;
-        }
-        t.rec.phase = Phase::Finishing;
-        t.rec.committed_offset = size;
-        t.rec.bytes_expected = Some(size);
-        let (to, overwrite) = match &t.rec.destination {
-            Some(dest) => (dest.into(), t.rec.overwrite),
-            None => (cache_location, true),
-        };
-        let ops = vec![Op::UpdateTask(Box::new(t.rec.clone()))];
-        self.commit(ops, vec![After::Plan { reply, plan: FinishPlan::Move { to, overwrite } }]);
-    }
-
-    fn on_moved(&mut self, id: TaskId, location: String) {
-        self.release(id);
-        self.refuse_waiting_stops(id, "finished downloading");
-        let session = self.tasks.get(&id).map_or("?", |t| self.sessions.identifier(t.rec.session));
-        // Debug, not info: one line per file was ~4 % of the daemon's time on 1,000 small
-        // files and floods the journal; failures, wakes and relaunches stay at info/warn.
-        debug!(%session, task = id, "download finished");
-        self.mark_finished(id, location);
-    }
-
-    /// Puts a task's complete file at its destination again (its earlier move failed, or a
-    /// restart cut it short). It takes no download slot: the network is done with it.
-    pub(super) fn start_move(&mut self, id: TaskId, leftovers: Leftovers) {
-        let generation = self.slots.generation();
-        let Some(t) = self.tasks.get(&id) else { return };
-        let link = WorkerLink::new(self.sink.clone(), id, generation);
-        let worker = self.engine.spawn_move(link, self.finish_of(t), leftovers);
-        let key = t.rec.session;
-        if let Some(t) = self.tasks.get_mut(&id) {
-            // A move cannot be stopped: nobody holds the other end of its stop channel.
-            let (stop, _) = tokio::sync::watch::channel(false);
-            t.run = Some(Run::new(generation, t.lane(), false, stop, &t.progress, worker));
-        }
-        self.slots.occupy(id, None);
-        if let Some(s) = self.sessions.get_mut(&key) {
-            s.running += 1;
-        }
-        self.set_state(id, TaskState::Running);
-    }
-
-    /// The data is complete but could not be put at its destination: keep it, wait, try
-    /// again (the resource timeout does not apply: the download is done, and giving up
-    /// would mean deleting it).
-    fn on_move_failed(&mut self, id: TaskId, error: ErrorInfo) {
-        self.release(id);
-        self.refuse_waiting_stops(id, "finished downloading");
-        self.hold_for_move(id, error);
-    }
-
-    /// Where a task's finished file goes, and how.
-    pub(super) fn finish_of(&self, t: &Task) -> crate::engine::files::Finish {
-        let (to, overwrite) = match &t.rec.destination {
-            Some(d) => (d.into(), t.rec.overwrite),
-            None => (self.cache_location(&t.rec), true),
-        };
-        crate::engine::files::Finish {
-            from: self.part_path(&t.rec),
-            to,
-            overwrite,
-            size: t.rec.committed_offset,
-            mode: t.rec.file_mode,
-            progress: t.progress.clone(),
-        }
-    }
-
-    /// Makes a task whose file could not be moved wait for the next try.
-    pub(super) fn hold_for_move(&mut self, id: TaskId, error: ErrorInfo) {
-        let session =
-            self.tasks.get(&id).map(|t| self.sessions.identifier(t.rec.session).to_owned()).unwrap_or_default();
-        let random = self.random();
-        let Some(t) = self.tasks.get_mut(&id) else { return };
-        t.move_failures = t.move_failures.saturating_add(1);
-        let timing = &self.cfg.timing;
-        let delay =
-            Backoff { initial: timing.retry_initial, max: timing.retry_max }.with_jitter(t.move_failures, random);
-        warn!(
-            %session,
-            task = id,
-            error = %error,
-            attempt = t.move_failures,
-            retry_in = ?delay,
-            "cannot put the finished download in place; keeping it and trying again"
-        );
-        t.rec.phase = Phase::Finishing;
-        t.rec.last_error = Some(error);
-        t.rec.retry_at = Some(wall_after(delay));
-        let at = self.timers.after(delay);
-        t.timer = Some(at);
-        self.timers.set(at, Timer::Retry(id));
-        self.set_state(id, TaskState::Waiting);
-        self.save_task(id, Vec::new());
     }
 
     /// Abandons workers that have shown no sign of life for too long (a hung disk, a
@@ -578,7 +451,7 @@ impl Core {
 
     /// A suspend or cancel asked for while the body was still arriving, but the body
     /// completed first: the task was not stopped, and its requester hears so.
-    fn refuse_waiting_stops(&mut self, id: TaskId, what: &str) {
+    pub(super) fn refuse_waiting_stops(&mut self, id: TaskId, what: &str) {
         let Some(t) = self.tasks.get_mut(&id) else { return };
         for (conn, req) in std::mem::take(&mut t.waiting_replies) {
             let error =

@@ -23,7 +23,7 @@ impl CheckpointPolicy {
     }
 }
 
-/// Reports `offset` to the core as a checkpoint; its bytes were just synced (SPEC §8).
+/// Reports `offset` to the core as a checkpoint; its bytes were just synced (docs/behaviour.md, "Durability").
 pub fn report_checkpoint(link: &WorkerLink, offset: u64) {
     crate::failpoint::hit("checkpoint-after-sync");
     link.send(WorkerEvent::Checkpoint { offset });

@@ -1,4 +1,4 @@
-//! Moving a finished file into place, crash-safely (SPEC §8).
+//! Moving a finished file into place, crash-safely (docs/behaviour.md, "Durability").
 
 use std::collections::HashMap;
 use std::fs::File;

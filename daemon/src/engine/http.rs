@@ -183,7 +183,7 @@ fn error_chain(err: &(dyn StdError + 'static)) -> String {
     parts.join(": ")
 }
 
-/// Statuses that are worth retrying (SPEC §7).
+/// Statuses that are worth retrying (docs/behaviour.md, "Retries and resume").
 pub fn is_transient_status(status: u16) -> bool {
     matches!(status, 408 | 429 | 500 | 502 | 503 | 504)
 }

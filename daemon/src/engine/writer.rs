@@ -1,7 +1,7 @@
 //! The blocking half of a download: writes body chunks to the partial file on a blocking
 //! thread, so network reads and disk writes overlap, and makes checkpoints durable.
 //!
-//! Checkpoint order (SPEC §8): write (there is no user-space buffer), `fdatasync`, and
+//! Checkpoint order (docs/behaviour.md, "Durability"): write (there is no user-space buffer), `fdatasync`, and
 //! only then report the offset for the core to commit. A committed offset therefore never
 //! exceeds the synced bytes.
 

@@ -175,7 +175,7 @@ pub async fn run(ctx: &Ctx, data: &mut Data) -> Result<Outcome> {
          before the reply; default limits: 16 downloads at once; the session `dlsessionctl get` creates allows 16 connections per host). curl: \
          `curl -Z --parallel-max 50 --remote-name-all --output-dir DIR -K CONFIG` (CONFIG lists the URLs). \
          aria2c: `aria2c -q -j16 -i LIST -d DIR`. The reference run `{FLOOR}` is `dlsession-bench durable-copy`: \
-         no HTTP, no database, no IPC, just the same bytes copied from nginx's directory the way SPEC §8 lands \
+         no HTTP, no database, no IPC, just the same bytes copied from nginx's directory the way the daemon lands \
          a finished file (write a partial file, `fdatasync`, rename into place, `fsync` the directory), 16 \
          files at a time; it is what per-file durability alone costs on this machine. Every file's SHA-256 is checked after each run and `sync` runs \
          between runs; the contenders' order changes every run. Each run writes into a new directory and all outputs are deleted only at the end: on \

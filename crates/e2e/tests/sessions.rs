@@ -1,4 +1,4 @@
-//! Sessions (SPEC §3, §6): exclusive attach and takeover, invalidation and reuse of the
+//! Sessions (docs/behaviour.md, "Sessions", "Waking the app"): exclusive attach and takeover, invalidation and reuse of the
 //! identifier, resume data, and wakes that back off while the app stays away.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]

@@ -1,4 +1,4 @@
-//! Slow and greedy clients (SPEC §9): a connection limit with a clear refusal, a client
+//! Slow and greedy clients (docs/behaviour.md, "Security and bad input"): a connection limit with a clear refusal, a client
 //! that stops in the middle of a frame, and hundreds of clients connecting and leaving
 //! while a well-behaved client keeps getting fast answers and memory stays flat.
 

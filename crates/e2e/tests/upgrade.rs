@@ -211,7 +211,7 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
-/// The state a daemon of schema version 1 left behind (`tests/fixtures/schema-v1`) opens
+/// The state a daemon of schema version 1 left behind (`crates/e2e/fixtures/schema-v1`) opens
 /// in this daemon, migrated, with every session, task, partial file and event intact:
 /// the partial downloads resume where they stopped, the resume data works, the events
 /// are delivered.

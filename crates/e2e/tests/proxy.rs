@@ -1,4 +1,4 @@
-//! Proxies from the environment (SPEC §7, curl semantics): https through a CONNECT
+//! Proxies from the environment (docs/behaviour.md, "HTTP"; curl semantics): https through a CONNECT
 //! tunnel, http in absolute form with Proxy-Authorization, NO_PROXY bypassing.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]

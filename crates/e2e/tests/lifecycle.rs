@@ -1,4 +1,5 @@
-//! The background lifecycle with real processes (SPEC §3, §5, §6): the app leaves, the
+//! The background lifecycle with real processes (docs/behaviour.md, "Sessions",
+//! "Events and delivery", "Waking the app"): the app leaves, the
 //! daemon finishes, wakes or relaunches the app, and the app rejoins and collects.
 //!
 //! The app is `client/examples/fetcher.rs`, run as a separate process.

@@ -1,4 +1,4 @@
-//! Breaking things on purpose (SPEC §7, §8): hostile servers, a faulty proxy in front of
+//! Breaking things on purpose (docs/behaviour.md, "Retries and resume", "Durability"): hostile servers, a faulty proxy in front of
 //! nginx, disk faults, and crashes between the durability steps. Every case ends in a
 //! byte-exact file or a clear error, never a spliced file or a lost task.
 

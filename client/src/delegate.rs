@@ -1,0 +1,105 @@
+//! What an app implements to hear about its downloads: the session delegate, and the
+//! wake handler that rejoins sessions when the daemon wakes the app.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::config::SessionConfiguration;
+use crate::session::{DownloadTask, Session, TaskError};
+use dlsession_proto::DetachReason;
+
+/// What an app learns about its downloads. Every method has a default that does nothing.
+///
+/// Callbacks run one at a time, in event order, on a thread owned by the session; they
+/// may block (moving a large file is fine). A durable event is acknowledged only after
+/// its callback returns, so an app that crashes mid-callback gets it again on its next
+/// attach: handle events idempotently (the pair task id + callback identifies each one).
+pub trait SessionDelegate: Send + Sync + 'static {
+    /// Progress, coalesced (at most one per task per progress interval, plus one at the end).
+    fn did_write_data(
+        &self,
+        session: &Session,
+        task: &DownloadTask,
+        bytes_written: u64,
+        total_bytes_written: u64,
+        total_bytes_expected: Option<u64>,
+    ) {
+        let _ = (session, task, bytes_written, total_bytes_written, total_bytes_expected);
+    }
+
+    /// A transfer (re)started at `offset`; 0 means it had to start over. Comes before any
+    /// `did_write_data` of the attempt it announces.
+    fn did_resume_at_offset(&self, session: &Session, task: &DownloadTask, offset: u64, expected_total: Option<u64>) {
+        let _ = (session, task, offset, expected_total);
+    }
+
+    /// The file is complete at `location`. Move it before returning; whatever is left in
+    /// dlsessiond's cache afterwards is deleted.
+    fn did_finish_downloading_to(&self, session: &Session, task: &DownloadTask, location: &Path) {
+        let _ = (session, task, location);
+    }
+
+    /// Always the last callback of a task: `None` on success.
+    fn did_complete_with_error(&self, session: &Session, task: &DownloadTask, error: Option<&TaskError>) {
+        let _ = (session, task, error);
+    }
+
+    /// Every event queued while the app was away has been delivered and acknowledged.
+    fn did_finish_events_for_background_session(&self, session: &Session) {
+        let _ = session;
+    }
+
+    /// The session was invalidated; its identifier may be reused.
+    fn did_become_invalid(&self, session: &Session, error: Option<&TaskError>) {
+        let _ = (session, error);
+    }
+
+    /// This process is no longer attached (taken over by another, invalidated, or the
+    /// daemon shut down).
+    fn did_detach(&self, session: &Session, reason: DetachReason) {
+        let _ = (session, reason);
+    }
+
+    /// The connection to the daemon broke (`reason` says why: it restarted, crashed or was
+    /// upgraded). The library connects again by itself; requests made meanwhile wait for
+    /// it, up to their timeout. Nothing is lost: events not yet acknowledged come again.
+    fn did_lose_connection(&self, session: &Session, reason: &str) {
+        let _ = (session, reason);
+    }
+
+    /// Connected again and rejoined: the session's undelivered events follow (some may be
+    /// ones this process already saw, if their acknowledgement was lost with the
+    /// connection: handle events idempotently).
+    fn did_reconnect(&self, session: &Session) {
+        let _ = session;
+    }
+
+    /// Like [`SessionDelegate::did_finish_downloading_to`], but the app says whether it
+    /// handled the file: [`Handled::Later`] leaves the event (and the task's later events)
+    /// unacknowledged, so the file stays in the daemon's cache and the event comes again
+    /// on the next attach (say, when moving it failed). The default calls
+    /// `did_finish_downloading_to` and answers [`Handled::Done`].
+    fn finish_downloading(&self, session: &Session, task: &DownloadTask, location: &Path) -> Handled {
+        self.did_finish_downloading_to(session, task, location);
+        Handled::Done
+    }
+}
+
+/// What became of a delivered file (see [`SessionDelegate::finish_downloading`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// Taken care of: acknowledge it (the daemon deletes what is left in its cache).
+    Done,
+    /// Not yet: keep it, and deliver it again on the next attach.
+    Later,
+}
+
+/// What an app tells the library so it can rejoin sessions when the daemon wakes it.
+///
+/// Register with [`Client::handle_wakes`] on a connection that announced the app's
+/// `app_id` ([`ClientOptions::app_id`]).
+pub trait WakeHandler: Send + Sync + 'static {
+    /// The daemon has events for session `identifier`: return its configuration and
+    /// delegate to rejoin it, or `None` to ignore the wake.
+    fn rejoin(&self, identifier: &str) -> Option<(SessionConfiguration, Arc<dyn SessionDelegate>)>;
+}

@@ -1,0 +1,124 @@
+//! The daemon's life as the core sees it: exiting when idle (under socket activation),
+//! holding downloads while the database refuses writes, shutting down with checkpoints
+//! (docs/behaviour.md, "The daemon's life", "Full disks and unavailable destinations").
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use super::Core;
+use super::task::AfterStop;
+use super::timers::Timer;
+use crate::conn::PauseCheck;
+use dlsession_proto::{DetachReason, ErrorCode, ErrorInfo, Event};
+
+/// Where the daemon is in its life, and what keeps it from leaving.
+#[derive(Debug, Default)]
+pub(super) struct Lifecycle {
+    pub shutting_down: bool,
+    /// Set while the database refuses writes: changes are refused, downloads held.
+    pub storage: Option<ErrorInfo>,
+    pub idle_exit: Option<IdleExit>,
+    /// Store batches whose `Committed` has not come back yet (their follow-up actions,
+    /// such as deleting acknowledged files, are still to run).
+    pub commits_in_flight: usize,
+    /// Relaunched apps (or `systemctl --user start`) not yet exited: under systemd they
+    /// live in the daemon's cgroup, so the daemon must not leave before them.
+    pub launches_running: usize,
+}
+
+/// Exiting when idle (under socket activation, where the next connection starts the
+/// daemon again): after how long, and how to ask the socket server to pause accepting.
+#[derive(Debug)]
+pub struct IdleExit {
+    pub after: Duration,
+    pub ask: mpsc::Sender<PauseCheck>,
+}
+
+impl Core {
+    /// Exit once nothing has happened for `idle.after` (see [`Core::has_nothing_to_do`]).
+    pub fn exit_when_idle(&mut self, idle: IdleExit) {
+        self.life.idle_exit = Some(idle);
+    }
+
+    /// No client, no download, nothing queued, no timer that must fire (a retry, a
+    /// delayed begin, a wake): everything is durable and nothing would happen until a
+    /// client comes, so the process may go.
+    pub(super) fn has_nothing_to_do(&self) -> bool {
+        !self.life.shutting_down
+            && self.life.commits_in_flight == 0
+            && self.life.launches_running == 0
+            && self.conns.is_empty()
+            && self.slots.is_idle()
+            && self.timers.only_idle()
+    }
+
+    /// Asks the socket server to pause accepting if no connection is open (in any
+    /// state). Paused, it returns the handle that resumes it (send) or stops it (drop).
+    pub(super) async fn pause_accepting_if_idle(&self) -> Option<oneshot::Sender<()>> {
+        let idle = self.life.idle_exit.as_ref()?;
+        let (reply, answer) = oneshot::channel();
+        let (resume_tx, resume) = oneshot::channel();
+        idle.ask.send(PauseCheck { reply, resume }).await.ok()?;
+        answer.await.unwrap_or(false).then_some(resume_tx)
+    }
+
+    /// The database stopped taking writes (a full disk, an I/O error), or takes them
+    /// again. Meanwhile reads are answered, changes refused with `storage_full`, and
+    /// downloads held at their last checkpoint (each would soon need a commit).
+    pub(super) fn on_storage(&mut self, health: crate::store::Health) {
+        match health {
+            crate::store::Health::Failing(e) => {
+                let dir = self.cfg.state_dir.display();
+                let error = ErrorInfo::new(
+                    ErrorCode::StorageFull,
+                    format!(
+                        "dlsessiond cannot write its database in {dir} ({e}); free space there, it retries by itself"
+                    ),
+                );
+                warn!(
+                    running = self.slots.running_count(),
+                    "database refuses writes: holding downloads, refusing changes"
+                );
+                self.life.storage = Some(error);
+                for id in self.slots.running() {
+                    if self.tasks.get(&id).and_then(|t| t.run.as_ref()).is_some_and(|r| r.holds_slot) {
+                        self.stop_worker(id, AfterStop::Requeue);
+                    }
+                }
+            }
+            crate::store::Health::Recovered => {
+                info!("database takes writes again: downloads go on");
+                self.life.storage = None;
+                self.schedule();
+            }
+        }
+    }
+
+    pub(super) fn begin_shutdown(&mut self) {
+        if self.life.shutting_down {
+            return;
+        }
+        info!(running = self.slots.running_count(), "shutting down: checkpointing running downloads");
+        self.life.shutting_down = true;
+        for id in self.slots.running() {
+            self.stop_worker(id, AfterStop::Shutdown);
+        }
+        let deadline = self.timers.after(self.cfg.timing.shutdown_grace);
+        self.timers.set(deadline, Timer::ShutdownDeadline);
+    }
+
+    pub(super) fn notify_shutdown(&mut self) {
+        for conn in self.conns.values() {
+            for key in &conn.attached {
+                if let Some(s) = self.sessions.get(key) {
+                    conn.handle.event(Event::Detached {
+                        identifier: s.rec.identifier.clone(),
+                        reason: DetachReason::DaemonShutdown,
+                    });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! One HTTP exchange of an attempt: the request (headers, range and validators, basic
+//! authentication from the URL), redirects within their limits, and the decision whether
+//! the response can be written to the partial file and from which offset
+//! (docs/behaviour.md, "HTTP", "Retries and resume").
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use url::Url;
+
+use super::http::{
+    Failure, Retry, classify, is_strong_etag, is_transient_status, parse_content_range, parse_retry_after,
+};
+use super::{Engine, Job, ResponseMeta, USER_AGENT};
+use dlsession_proto::redact::{self, is_sensitive_header};
+use dlsession_proto::{ErrorCode, Header};
+
+impl Engine {
+    pub(super) async fn send_following_redirects(
+        &self,
+        job: &Job,
+        offset: u64,
+    ) -> Result<(hyper::Response<Incoming>, Url), Failure> {
+        let mut url =
+            Url::parse(&job.url).map_err(|e| Failure::permanent(ErrorCode::InvalidUrl, format!("invalid URL: {e}")))?;
+        let origin = url.origin();
+        let mut hops = 0;
+        loop {
+            let same_origin = url.origin() == origin;
+            let mut req = build_request(&url, job, offset, same_origin)?;
+            if let Some(auth) = self.proxies.http_auth(&url) {
+                req.headers_mut().insert(hyper::header::PROXY_AUTHORIZATION, auth);
+            }
+            let resp = match tokio::time::timeout(job.idle_timeout, self.client.request(req)).await {
+                Err(_) => {
+                    return Err(Failure::transient(
+                        ErrorCode::TimedOut,
+                        format!("no response from {} within {} s", host_of(&url), job.idle_timeout.as_secs_f64()),
+                    ));
+                }
+                Ok(Err(e)) => return Err(classify(&e, &format!("requesting {}", host_of(&url)))),
+                Ok(Ok(r)) => r,
+            };
+            let status = resp.status().as_u16();
+            if !matches!(status, 301 | 302 | 303 | 307 | 308) {
+                return Ok((resp, url));
+            }
+            let Some(location) = resp.headers().get(hyper::header::LOCATION).and_then(|v| v.to_str().ok()) else {
+                return Ok((resp, url));
+            };
+            let next = url.join(location).map_err(|e| {
+                Failure::permanent(ErrorCode::InvalidUrl, format!("redirect to an invalid location {location:?}: {e}"))
+            })?;
+            if !matches!(next.scheme(), "http" | "https") {
+                return Err(Failure::permanent(
+                    ErrorCode::UnsupportedScheme,
+                    format!("redirect to unsupported scheme {:?}", next.scheme()),
+                ));
+            }
+            if url.scheme() == "https" && next.scheme() == "http" {
+                return Err(Failure::permanent(
+                    ErrorCode::UnsupportedScheme,
+                    format!("refusing redirect from https to insecure http ({})", host_of(&next)),
+                ));
+            }
+            hops += 1;
+            if hops > self.settings.max_redirects {
+                return Err(Failure::permanent(
+                    ErrorCode::TooManyRedirects,
+                    format!("more than {} redirects", self.settings.max_redirects),
+                ));
+            }
+            url = next;
+        }
+    }
+
+    /// Decides whether the response can be written to the file, and from where.
+    pub(super) fn accept_response(
+        &self,
+        job: &Job,
+        resp: &hyper::Response<Incoming>,
+        final_url: Url,
+        offset: u64,
+    ) -> Result<ResponseMeta, Failure> {
+        let status = resp.status().as_u16();
+        let headers = resp.headers();
+        let get = |name: hyper::header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        if is_transient_status(status) {
+            let retry_after = get(hyper::header::RETRY_AFTER).and_then(|v| parse_retry_after(&v, SystemTime::now()));
+            let mut f = Failure::transient(ErrorCode::HttpStatus, format!("server answered {}", status_text(status)));
+            f.error.http_status = Some(status);
+            f.retry = Retry::After(retry_after);
+            return Err(f);
+        }
+        if status == 416 && offset > 0 {
+            // `bytes */N` with N the offset asked for: the partial file already holds the
+            // whole resource (a stop came after the last byte, before the finish).
+            let complete = get(hyper::header::CONTENT_RANGE)
+                .and_then(|v| v.trim().strip_prefix("bytes */").and_then(|n| n.trim().parse::<u64>().ok()))
+                .is_some_and(|n| n == offset);
+            let unchanged = match (&job.etag, get(hyper::header::ETAG)) {
+                (Some(old), Some(new)) => *old == new,
+                _ => true,
+            };
+            if complete && unchanged {
+                return Ok(ResponseMeta {
+                    status,
+                    final_url: redact::url(final_url.as_str()),
+                    headers: Vec::new(),
+                    etag: job.etag.clone(),
+                    last_modified: job.last_modified.clone(),
+                    total: Some(offset),
+                    offset,
+                    restarted: false,
+                    complete: true,
+                });
+            }
+            return Err(Failure::restart(
+                ErrorCode::CannotResume,
+                "server refused the range request (416); restarting",
+            ));
+        }
+        if !(200..300).contains(&status) {
+            let mut f = Failure::permanent(ErrorCode::HttpStatus, format!("server answered {}", status_text(status)));
+            f.error.http_status = Some(status);
+            return Err(f);
+        }
+        let etag = get(hyper::header::ETAG);
+        let last_modified = get(hyper::header::LAST_MODIFIED);
+        let content_length = get(hyper::header::CONTENT_LENGTH).and_then(|v| v.trim().parse::<u64>().ok());
+        let (start, total, restarted) = if status == 206 {
+            let range = get(hyper::header::CONTENT_RANGE).and_then(|v| parse_content_range(&v));
+            let Some((start, end, total)) = range else {
+                return Err(Failure::restart(ErrorCode::CannotResume, "206 response without a valid Content-Range"));
+            };
+            if start != offset {
+                return Err(Failure::restart(
+                    ErrorCode::CannotResume,
+                    format!("asked for bytes from {offset}, server sent a range starting at {start}"),
+                ));
+            }
+            // The validators must still be the ones the partial data came from.
+            let changed = match (&job.etag, &etag) {
+                (Some(old), Some(new)) => old != new,
+                _ => match (&job.last_modified, &last_modified) {
+                    (Some(old), Some(new)) => old != new,
+                    _ => false,
+                },
+            };
+            if changed {
+                return Err(Failure::restart(
+                    ErrorCode::CannotResume,
+                    "the resource changed since the partial data was downloaded",
+                ));
+            }
+            if let Some(t) = total
+                && end + 1 != t
+            {
+                return Err(Failure::restart(ErrorCode::CannotResume, "server sent an incomplete range"));
+            }
+            // A length past what a file can hold is a lie, not a size.
+            let announced = match content_length.map(|l| offset.checked_add(l)) {
+                Some(None) => {
+                    return Err(Failure::permanent(ErrorCode::Network, "the response announces an impossible length"));
+                }
+                Some(Some(end)) => Some(end),
+                None => None,
+            };
+            (offset, total.or(announced), false)
+        } else {
+            (0, content_length, offset > 0)
+        };
+        let headers = headers
+            .iter()
+            .map(|(k, v)| Header::new(k.as_str(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect();
+        Ok(ResponseMeta {
+            status,
+            final_url: redact::url(final_url.as_str()),
+            headers,
+            etag,
+            last_modified,
+            total,
+            offset: start,
+            restarted,
+            complete: false,
+        })
+    }
+}
+
+fn status_text(status: u16) -> String {
+    match hyper::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()) {
+        Some(reason) => format!("{status} {reason}"),
+        None => status.to_string(),
+    }
+}
+
+fn host_of(url: &Url) -> String {
+    match (url.host_str(), url.port()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_owned(),
+        _ => "(no host)".into(),
+    }
+}
+
+fn build_request(
+    url: &Url,
+    job: &Job,
+    offset: u64,
+    same_origin: bool,
+) -> Result<hyper::Request<Empty<Bytes>>, Failure> {
+    let mut target = url.clone();
+    let _ = target.set_username("");
+    let _ = target.set_password(None);
+    target.set_fragment(None);
+    let mut b = hyper::Request::get(target.as_str());
+    let has = |name: &str| job.headers.iter().any(|h| h.name.eq_ignore_ascii_case(name));
+    let (has_ua, has_ae, has_auth) = (has("user-agent"), has("accept-encoding"), has("authorization"));
+    for h in &job.headers {
+        // Credentials never travel to another origin after a redirect.
+        if !same_origin && is_sensitive_header(&h.name) {
+            continue;
+        }
+        b = b.header(h.name.as_str(), h.value.as_str());
+    }
+    if !has_ua {
+        b = b.header(hyper::header::USER_AGENT, USER_AGENT);
+    }
+    if !has_ae {
+        // Ranges and sizes refer to the bytes on the wire: ask for them unencoded.
+        b = b.header(hyper::header::ACCEPT_ENCODING, "identity");
+    }
+    if same_origin && !has_auth && !url.username().is_empty() {
+        let user = percent_decode(url.username());
+        let pass = url.password().map(percent_decode).unwrap_or_default();
+        b = b.header(hyper::header::AUTHORIZATION, format!("Basic {}", STANDARD.encode(format!("{user}:{pass}"))));
+    }
+    if offset > 0 {
+        b = b.header(hyper::header::RANGE, format!("bytes={offset}-"));
+        match (&job.etag, &job.last_modified) {
+            (Some(etag), _) if is_strong_etag(etag) => b = b.header(hyper::header::IF_RANGE, etag.as_str()),
+            (_, Some(lm)) => b = b.header(hyper::header::IF_RANGE, lm.as_str()),
+            _ => {}
+        }
+    }
+    b.body(Empty::new())
+        .map_err(|e| Failure::permanent(ErrorCode::InvalidRequest, format!("cannot build the request: {e}")))
+}
+
+/// A userinfo part as the user meant it (`p%40ss` is `p@ss`).
+fn percent_decode(s: &str) -> String {
+    String::from_utf8_lossy(&redact::percent_decode(s)).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn userinfo_is_decoded_for_basic_authentication() {
+        assert_eq!(percent_decode("p%40ss"), "p@ss");
+        assert_eq!(STANDARD.encode("user:p@ss"), "dXNlcjpwQHNz");
+    }
+}
