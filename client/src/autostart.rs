@@ -49,6 +49,7 @@ fn start_blocking(socket: &Path, timeout: Duration) -> Result<(), Error> {
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
         .open(&lock_path)
         .map_err(|e| fail(format!("cannot open {}: {e}", lock_path.display())))?;
     lock.lock().map_err(|e| fail(format!("cannot lock {}: {e}", lock_path.display())))?;

@@ -21,8 +21,8 @@ use crate::error::{Error, Result};
 use crate::events::{EventReceiver, Mailbox};
 use crate::link::{Answer, Incoming, Link};
 use dlsession_proto::{
-    ClientHello, DetachReason, ErrorCode, Event, Request, Response, ServerMessage, SessionInfo, SessionQuery, TaskId,
-    TaskSpec, WatchFilter, Welcome,
+    ClientHello, DetachReason, ErrorCode, Event, Request, Response, ServerMessage, SessionInfo, SessionQuery,
+    TaskAction, TaskId, TaskSpec, WatchFilter, Welcome,
 };
 
 /// How to connect.
@@ -248,9 +248,33 @@ impl Client {
     }
 
     /// Creates tasks in as many requests as it takes to keep each well under the frame
-    /// limit (each request is one transaction); returns the ids in order.
+    /// limit (each request is one transaction); returns the ids in order. All or nothing:
+    /// if a later request is refused, the tasks the earlier ones created are cancelled
+    /// and retired again before the error is returned.
     pub async fn create_tasks(&self, identifier: &str, specs: Vec<TaskSpec>, resume: bool) -> Result<Vec<TaskId>> {
         let mut ids = Vec::with_capacity(specs.len());
+        match self.create_in_batches(identifier, specs, resume, &mut ids).await {
+            Ok(()) => Ok(ids),
+            Err(e) => {
+                if !ids.is_empty() {
+                    warn!(created = ids.len(), error = %e, "a batch was refused; cancelling the tasks created before it");
+                    for &task in &ids {
+                        let _ = self.request(Request::ControlTask { task, action: TaskAction::Cancel }).await;
+                    }
+                    let _ = self.acknowledge_tasks(&ids).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_in_batches(
+        &self,
+        identifier: &str,
+        specs: Vec<TaskSpec>,
+        resume: bool,
+        ids: &mut Vec<TaskId>,
+    ) -> Result<()> {
         let mut specs = specs.into_iter().peekable();
         while specs.peek().is_some() {
             let mut batch = Vec::new();
@@ -268,7 +292,7 @@ impl Client {
                 other => return Err(Error::UnexpectedResponse { expected: "tasks_created", got: other.kind() }),
             }
         }
-        Ok(ids)
+        Ok(())
     }
 
     /// Acknowledges every durable event of these completed tasks, in requests of a
@@ -578,6 +602,12 @@ fn dispatch(shared: &Shared, msg: ServerMessage) {
         | Event::Progress { identifier, .. } => Some(identifier.as_str()),
         Event::Wake { .. } | Event::TaskUpdate(_) => None,
     };
+    // The daemon is stopping (a restart, an upgrade): the connection closes next, and a
+    // client that reconnects rejoins its sessions then. The session is not over.
+    if shared.options.reconnect && matches!(event, Event::Detached { reason: DetachReason::DaemonShutdown, .. }) {
+        debug!("dlsessiond is shutting down; its sessions are rejoined once it is back");
+        return;
+    }
     if let Some(identifier) = identifier
         && let Ok(routes) = shared.routes.lock()
         && let Some(route) = routes.get(identifier)

@@ -187,11 +187,31 @@ impl Config {
                 return Err(ConfigError::NotUtf8 { what, path: path.clone() });
             }
         }
-        if self.limits.max_concurrent_downloads == 0 {
-            return Err(ConfigError::Invalid { key: "max_concurrent_downloads", message: "must be at least 1".into() });
+        if let Some(ca) = &self.extra_ca_file
+            && !ca.is_absolute()
+        {
+            return Err(ConfigError::Relative { what: "extra_ca_file", path: ca.clone() });
         }
-        if self.timing.progress_interval.is_zero() {
-            return Err(ConfigError::Invalid { key: "progress_interval_ms", message: "must be at least 1".into() });
+        // Zero would refuse every client, every batch, or time out at once.
+        for (key, n) in [
+            ("max_concurrent_downloads", u64::from(self.limits.max_concurrent_downloads)),
+            ("max_connections", u64::from(self.limits.max_connections)),
+            ("max_tasks_per_batch", u64::from(self.limits.max_tasks_per_batch)),
+            ("checkpoint_bytes", self.timing.checkpoint_bytes),
+        ] {
+            if n == 0 {
+                return Err(ConfigError::Invalid { key, message: "must be at least 1".into() });
+            }
+        }
+        for (key, d) in [
+            ("progress_interval_ms", self.timing.progress_interval),
+            ("handshake_timeout_ms", self.timing.handshake_timeout),
+            ("connect_timeout_ms", self.timing.connect_timeout),
+            ("checkpoint_interval_ms", self.timing.checkpoint_interval),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Invalid { key, message: "must be at least 1".into() });
+            }
         }
         for (key, d) in [("retry_initial_ms", self.timing.retry_initial), ("wake_initial_ms", self.timing.wake_initial)]
         {

@@ -304,21 +304,32 @@ fn init_logging() {
     use tracing_subscriber::EnvFilter;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let filter = std::env::var("DLSESSIOND_LOG")
-        .ok()
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+    // `DLSESSIOND_LOG`, else `RUST_LOG` (empty counts as unset); one that does not parse
+    // is said once logging works, and `info` is used.
+    let asked = ["DLSESSIOND_LOG", "RUST_LOG"]
+        .into_iter()
+        .find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()).map(|v| (var, v)));
+    let mut refused = None;
+    let filter = match asked {
+        Some((var, spec)) => EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+            refused = Some(format!("{var}={spec:?} is not a valid log filter ({e}); logging at info"));
+            EnvFilter::new("info")
+        }),
+        None => EnvFilter::new("info"),
+    };
     if std::env::var_os("JOURNAL_STREAM").is_some()
         && let Ok(journal) = tracing_journald::layer()
     {
         let journal = journal.with_field_prefix(None).with_syslog_identifier("dlsessiond".into());
         let _ = tracing_subscriber::registry().with(filter).with(journal).try_init();
-        return;
+    } else {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init();
     }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+    if let Some(message) = refused {
+        tracing::warn!("{message}");
+    }
 }

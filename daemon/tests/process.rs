@@ -117,6 +117,28 @@ fn an_invalid_config_file_is_reported() {
     let env = TestEnv::with_config("no_such_setting = 1\n");
     let out = run_expecting_failure(&env);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_setting"));
+    // Values that would refuse every client or time out at once are refused by name.
+    for line in
+        ["max_connections = 0", "max_tasks_per_batch = 0", "handshake_timeout_ms = 0", "extra_ca_file = \"ca.pem\""]
+    {
+        let env = TestEnv::with_config(&format!("{line}\n"));
+        let out = run_expecting_failure(&env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let key = line.split(' ').next().unwrap();
+        assert!(stderr.contains(key), "{line}: {stderr}");
+    }
+}
+
+/// A log filter that does not parse is said, not silently replaced.
+#[test]
+fn an_invalid_log_filter_is_reported() {
+    let env = TestEnv::new();
+    let mut daemon =
+        TestDaemon::start_with_env(&env, &[("DLSESSIOND_LOG", std::ffi::OsStr::new("dlsessiond=nonsense[["))]);
+    dlsession_testkit::wait_for("the warning", Duration::from_secs(10), || {
+        daemon.log().contains("is not a valid log filter").then_some(())
+    });
+    daemon.terminate();
 }
 
 /// A socket directory the daemon did not create keeps its mode (it may be shared on

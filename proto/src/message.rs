@@ -81,9 +81,9 @@ pub enum Request {
     /// One page of sessions in identifier order. → [`Response::SessionsPage`]
     ListSessionsPage(SessionQuery),
     /// This connection rejoins sessions when it receives `Wake` (the client library sends
-    /// it when the app registers a wake handler). Without it, a connection that announced
-    /// an `app_id` still gets `Wake`, but the daemon relaunches the app if the session is
-    /// not attached soon after. → [`Response::Ok`]
+    /// it when the app registers a wake handler). Only such connections (and protocol-1
+    /// clients that announced an `app_id`, which cannot say) are sent `Wake`; if none
+    /// rejoins the session within `wake_answer_ms`, the app is relaunched. → [`Response::Ok`]
     HandleWakes,
 }
 
@@ -195,18 +195,20 @@ impl Response {
 pub enum WakeOutcome {
     /// The session is attached: events are delivered live, nothing to wake.
     Attached,
-    /// A `wake` message went to this many connections that announced the session's `app_id`.
+    /// A `wake` message went to this many connections of the session's `app_id` that
+    /// handle wakes.
     Woken { connections: u32 },
     /// The relaunch command was started.
     Launched { pid: u32 },
     /// `systemctl --user start UNIT` was run.
     UnitStarted { unit: String },
-    /// No connection has the session's `app_id` and the session has no launch spec.
+    /// No connection of the session's `app_id` handles wakes and the session has no
+    /// launch spec.
     NoTarget,
 }
 
-/// Events arrive on a connection that attached a session, watches tasks, or announced an
-/// `app_id` (for `Wake`).
+/// Events arrive on a connection that attached a session, watches tasks, or handles wakes
+/// for its `app_id` (`Request::HandleWakes`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Event {
     /// A durable event: delivered in `seq` order, at least once, until acknowledged.

@@ -256,7 +256,7 @@ fn check(version: u16, name: &str, bytes: &[u8]) {
         return;
     }
     let want = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (bless with DLSESSION_BLESS=1)", path.display()));
+        .unwrap_or_else(|e| panic!("{}: {e} (only the current version's directory may be blessed: DLSESSION_BLESS=<that version>; an older one is frozen)", path.display()));
     assert_eq!(hex, want.trim(), "wire encoding of {name} changed");
 }
 

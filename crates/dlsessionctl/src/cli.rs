@@ -18,8 +18,9 @@ use dlsession_proto::{TaskId, TaskState};
 #[derive(Debug, Parser)]
 #[command(name = "dlsessionctl", version, max_term_width = 100, after_long_help = EXAMPLES)]
 pub struct Cli {
-    /// The daemon's socket [default: $XDG_RUNTIME_DIR/dlsessiond/dlsessiond.sock]
-    #[arg(long, global = true, value_name = "PATH", env = "DLSESSIOND_SOCKET")]
+    /// The daemon's socket [default: $DLSESSION_SOCKET, else $DLSESSIOND_SOCKET, else
+    /// $XDG_RUNTIME_DIR/dlsessiond/dlsessiond.sock; empty variables count as unset]
+    #[arg(long, global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
 
     /// Machine-readable output on stdout: one JSON document, or JSON lines for streams

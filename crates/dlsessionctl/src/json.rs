@@ -236,7 +236,7 @@ impl From<&TaskInfo> for TaskJson {
 #[derive(Debug, Serialize)]
 pub struct HeaderJson {
     pub name: String,
-    /// `<redacted>` for credentials (`Authorization`, `Cookie`…).
+    /// `REDACTED` for credentials (`Authorization`, `Cookie`…).
     pub value: String,
 }
 

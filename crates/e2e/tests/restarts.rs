@@ -72,6 +72,35 @@ async fn an_attached_app_reconnects_and_gets_its_events() {
     .await;
 }
 
+/// A clean restart (SIGTERM, as systemd and upgrades do it) does not end an attached
+/// app's session either: the app hears the connection went, rejoins, and gets its events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_restart_keeps_the_app_attached() {
+    let env = TestEnv::new();
+    let mut d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    let len = 4u64 << 20;
+    s.add("/big", Resource::generated(len, 54).etag("\"r\"").throttle(2 << 20));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let config = SessionConfiguration::background("t.clean").socket(&env.socket);
+    let session = Session::attach(config, delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/big"))], true).await.unwrap().remove(0);
+    events.wait("progress", LONG, |e| matches!(e, Seen::Progress { total, .. } if *total > 1 << 20)).await;
+    let status = tokio::task::block_in_place(|| d.terminate());
+    assert!(status.success(), "{status:?}");
+    events.wait("the app told of the lost connection", LONG, |e| *e == Seen::ConnectionLost).await;
+    d.restart();
+    events.wait("the app told it is back", LONG, |e| *e == Seen::Reconnected).await;
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    let file = events.moved_to(task.id()).unwrap();
+    assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(54, len)));
+    assert!(
+        !events.seen.iter().any(|e| matches!(e, Seen::Detached(_))),
+        "a restart is not a detach: {:?}",
+        events.seen
+    );
+}
+
 /// `dlsessionctl attach --wait` stays until the session is drained, across a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attach_wait_rides_out_a_restart() {

@@ -35,6 +35,50 @@ async fn twenty_thousand_urls_in_one_get() {
     assert_eq!(tasks.as_array().unwrap().len(), n);
 }
 
+/// A batch that takes several requests is all or nothing: when a later request is
+/// refused, the tasks the earlier ones created are cancelled and retired again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_refused_halfway_leaves_nothing_behind() {
+    use dlsession::proto::{TaskQuery, TaskSpec};
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let client = dlsession_testkit::app::client(&env).await;
+    client.request(Request::OpenSession { identifier: "t.half".into(), config: None }).await.unwrap();
+    let mut specs: Vec<TaskSpec> = (0..3000).map(|i| TaskSpec::get(format!("http://127.0.0.1:9/{i}"))).collect();
+    specs[2500] = TaskSpec::get("ftp://127.0.0.1/not-http");
+    let err = client.create_tasks("t.half", specs, false).await.unwrap_err();
+    assert_eq!(err.code(), dlsession::ErrorCode::UnsupportedScheme, "{err}");
+    let page = client
+        .request(Request::ListTasks(TaskQuery {
+            session: Some("t.half".into()),
+            states: vec![],
+            after: None,
+            limit: 0,
+        }))
+        .await
+        .unwrap();
+    match page {
+        Response::Tasks(page) => assert!(page.tasks.is_empty(), "left behind: {} tasks", page.tasks.len()),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A session larger than a page's byte budget (64 headers of 8 KB) still gets listed,
+/// and so do the sessions after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_larger_than_a_page_is_listed() {
+    use dlsession::proto::Header;
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let client = dlsession_testkit::app::client(&env).await;
+    let headers = (0..64).map(|i| Header::new(format!("X-Big-{i}"), "v".repeat(8000))).collect();
+    let big = SessionConfig { http_headers: headers, ..SessionConfig::default() };
+    client.request(Request::OpenSession { identifier: "a.big".into(), config: Some(big) }).await.unwrap();
+    client.request(Request::OpenSession { identifier: "b.small".into(), config: None }).await.unwrap();
+    let names: Vec<String> = client.list_sessions().await.unwrap().into_iter().map(|s| s.identifier).collect();
+    assert_eq!(names, ["a.big", "b.small"]);
+}
+
 /// A protocol-1 listing too large for a frame is answered with an error, at once; the
 /// paged listing of protocol 2 (and `dlsessionctl sessions`) shows every session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

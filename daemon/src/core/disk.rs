@@ -249,21 +249,23 @@ fn clean_resume_dir(dir: &Path, retention: Duration) -> (usize, Option<UnixMilli
 pub enum Adoption {
     /// No file to adopt, or it is gone: the task starts from zero.
     None,
-    /// Linked as the new task's partial file; the kept name goes once the task is durable
-    /// (a crash before that leaves the resume data usable).
-    Linked { kept: PathBuf },
-    /// Moved (the file system cannot link).
-    Moved,
+    /// Linked (or, where the file system cannot link, copied) as the new task's partial
+    /// file. The kept name goes only once the task is durable: until then, whatever
+    /// happens to the request, the resume data stays usable.
+    Adopted { kept: PathBuf },
 }
 
-/// Gives task `part` the kept file `kept` (on a blocking thread).
+/// Gives task `part` the kept file `kept` (on a blocking thread). Never moves it: the
+/// request may still be refused after this (the session invalidated meanwhile).
 pub(super) fn adopt(kept: &Path, part: &Path) -> Adoption {
-    let linked = part.parent().map(private_dir).transpose().and_then(|_| {
-        std::fs::hard_link(kept, part).map(|()| true).or_else(|_| std::fs::rename(kept, part).map(|()| false))
+    let adopted = part.parent().map(private_dir).transpose().and_then(|_| {
+        std::fs::hard_link(kept, part).or_else(|_| {
+            std::fs::copy(kept, part)?;
+            std::fs::File::open(part)?.sync_all()
+        })
     });
-    match linked {
-        Ok(true) => Adoption::Linked { kept: kept.to_path_buf() },
-        Ok(false) => Adoption::Moved,
+    match adopted {
+        Ok(()) => Adoption::Adopted { kept: kept.to_path_buf() },
         Err(e) => {
             info!(error = %e, "resume data's partial file is gone; the new task starts from zero");
             Adoption::None

@@ -2,7 +2,6 @@
 //! interrupted; removing files nothing refers to.
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 use tracing::info;
 
@@ -57,9 +56,12 @@ impl Core {
             self.start_move(id, Leftovers::Any);
         }
         self.collect_garbage();
+        // The first wake after a start waits `wake_initial`: the app may come back by
+        // itself, and a daemon restarting in a loop must not relaunch it every time (the
+        // wake backoff lives in memory).
         let keys: Vec<_> = self.sessions.keys().collect();
         for key in keys {
-            self.check_wake(key, Duration::ZERO);
+            self.check_wake(key, self.cfg.timing.wake_initial);
         }
         info!(sessions = self.sessions.len(), tasks = live, "state restored");
     }

@@ -79,11 +79,13 @@ impl Core {
         for key in self.sessions.keys_after(query.after.as_deref()) {
             let Ok(info) = self.session_info(key) else { continue };
             let cost = session_cost(&info);
-            if sessions.len() == limit || cost > budget {
+            // A page holds at least one session, however large: else a session bigger than
+            // the budget would end every listing before it.
+            if sessions.len() == limit || (cost > budget && !sessions.is_empty()) {
                 next_after = sessions.last().map(|i: &SessionInfo| i.identifier.clone());
                 break;
             }
-            budget -= cost;
+            budget = budget.saturating_sub(cost);
             sessions.push(info);
         }
         SessionPage { sessions, next_after }

@@ -141,7 +141,7 @@ impl Core {
         }
         ops.push(Op::SetNextTaskId(self.tasks.next_id()));
         let mut after = vec![After::Reply { conn, id, response: Response::TasksCreated(vec![task_id]) }];
-        if let Adoption::Linked { kept } = adoption {
+        if let Adoption::Adopted { kept } = adoption {
             after.push(After::RemoveFiles(vec![kept]));
         }
         self.commit(ops, after);
