@@ -1,3 +1,6 @@
+//! What can go wrong for a client of the daemon: one error type, each daemon-reported
+//! error carrying its stable code.
+
 use std::path::PathBuf;
 
 use dlsession_proto::{ErrorCode, ErrorInfo, ProtoError};

@@ -42,6 +42,7 @@ pub mod autostart;
 mod config;
 mod connection;
 mod delegate;
+mod dispatch;
 mod error;
 mod events;
 mod link;

@@ -10,13 +10,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{DaemonStatus, ErrorInfo, SessionConfig, SessionInfo, TaskDetail, TaskInfo, TaskPage, TaskSpec, TaskState};
-
-/// Task ids are unique across the daemon and never reused.
-pub type TaskId = u64;
-
-/// Milliseconds since the Unix epoch.
-pub type UnixMillis = u64;
+use crate::{
+    DaemonStatus, ErrorInfo, SessionConfig, SessionInfo, TaskDetail, TaskId, TaskInfo, TaskPage, TaskSpec, TaskState,
+};
 
 /// One request from a client, tagged with an id the response echoes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -7,7 +7,13 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ErrorInfo, TaskId, UnixMillis, redact};
+use crate::{ErrorInfo, redact};
+
+/// Task ids are unique across the daemon and never reused.
+pub type TaskId = u64;
+
+/// Milliseconds since the Unix epoch.
+pub type UnixMillis = u64;
 
 /// A header name and value. `Debug` hides the values of credential-carrying headers.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -116,6 +116,8 @@ async fn attach_wait_rides_out_a_restart() {
     let mut attach = env
         .command(dlsession_testkit::bin_path("dlsessionctl"))
         .args(["attach", "t.wait", "--wait", "--move-to", out.to_str().unwrap()])
+        // The test restarts the daemon itself: the client must not start one first.
+        .env("DLSESSION_NO_AUTOSTART", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

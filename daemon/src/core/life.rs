@@ -2,39 +2,14 @@
 //! holding downloads while the database refuses writes, shutting down with checkpoints
 //! (docs/behaviour.md, "The daemon's life", "Full disks and unavailable destinations").
 
-use std::time::Duration;
-
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use super::Core;
 use super::task::AfterStop;
 use super::timers::Timer;
+use super::{Core, IdleExit};
 use crate::conn::PauseCheck;
 use dlsession_proto::{DetachReason, ErrorCode, ErrorInfo, Event};
-
-/// Where the daemon is in its life, and what keeps it from leaving.
-#[derive(Debug, Default)]
-pub(super) struct Lifecycle {
-    pub shutting_down: bool,
-    /// Set while the database refuses writes: changes are refused, downloads held.
-    pub storage: Option<ErrorInfo>,
-    pub idle_exit: Option<IdleExit>,
-    /// Store batches whose `Committed` has not come back yet (their follow-up actions,
-    /// such as deleting acknowledged files, are still to run).
-    pub commits_in_flight: usize,
-    /// Relaunched apps (or `systemctl --user start`) not yet exited: under systemd they
-    /// live in the daemon's cgroup, so the daemon must not leave before them.
-    pub launches_running: usize,
-}
-
-/// Exiting when idle (under socket activation, where the next connection starts the
-/// daemon again): after how long, and how to ask the socket server to pause accepting.
-#[derive(Debug)]
-pub struct IdleExit {
-    pub after: Duration,
-    pub ask: mpsc::Sender<PauseCheck>,
-}
 
 impl Core {
     /// Exit once nothing has happened for `idle.after` (see [`Core::has_nothing_to_do`]).

@@ -52,9 +52,6 @@ use crate::store::{Op, Snapshot, Store};
 use admission::Slots;
 use conns::Conns;
 use dlsession_proto::{ErrorInfo, Request, Response, TaskId};
-pub use life::IdleExit;
-use life::Lifecycle;
-use retention::Housekeeping;
 use sessions::Sessions;
 use status::{Stats, StatusReport};
 use task::Tasks;
@@ -178,6 +175,42 @@ pub struct Core {
     rng: u64,
     /// How relaunched apps are started (in a scope of their own under systemd).
     launch_scope: crate::launcher::Scope,
+}
+
+/// Where the daemon is in its life, and what keeps it from leaving.
+#[derive(Debug, Default)]
+struct Lifecycle {
+    pub shutting_down: bool,
+    /// Set while the database refuses writes: changes are refused, downloads held.
+    pub storage: Option<ErrorInfo>,
+    pub idle_exit: Option<IdleExit>,
+    /// Store batches whose `Committed` has not come back yet (their follow-up actions,
+    /// such as deleting acknowledged files, are still to run).
+    pub commits_in_flight: usize,
+    /// Relaunched apps (or `systemctl --user start`) not yet exited: under systemd they
+    /// live in the daemon's cgroup, so the daemon must not leave before them.
+    pub launches_running: usize,
+}
+
+/// Exiting when idle (under socket activation, where the next connection starts the
+/// daemon again): after how long, and how to ask the socket server to pause accepting.
+#[derive(Debug)]
+pub struct IdleExit {
+    pub after: std::time::Duration,
+    pub ask: mpsc::Sender<crate::conn::PauseCheck>,
+}
+
+/// When retention work was last done and is next due.
+#[derive(Debug, Default)]
+struct Housekeeping {
+    /// When retired history was last pruned.
+    last_prune: Option<std::time::Instant>,
+    /// When the housekeeping timer fires.
+    pub timer: Option<Mono>,
+    /// The modification time of the oldest kept partial file of resume data.
+    oldest_resume_file: Option<dlsession_proto::UnixMillis>,
+    /// A clean of the resume directory is queued on the disk thread.
+    cleaning: bool,
 }
 
 impl Core {

@@ -16,23 +16,9 @@ use tracing::{info, warn};
 
 use super::Core;
 use super::disk::DiskReport;
-use super::timers::{Mono, Timer, millis};
+use super::timers::{Timer, millis};
 use crate::model::{SessionKey, now_ms};
 use crate::store::Op;
-use dlsession_proto::UnixMillis;
-
-/// When retention work was last done and is next due.
-#[derive(Debug, Default)]
-pub(super) struct Housekeeping {
-    /// When retired history was last pruned.
-    last_prune: Option<Instant>,
-    /// When the housekeeping timer fires.
-    pub timer: Option<Mono>,
-    /// The modification time of the oldest kept partial file of resume data.
-    oldest_resume_file: Option<UnixMillis>,
-    /// A clean of the resume directory is queued on the disk thread.
-    cleaning: bool,
-}
 
 impl Core {
     /// Deletes retired tasks older than `retired_history`, and all but the newest

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::{WorkerEvent, WorkerLink};
+use super::report::{WorkerEvent, WorkerLink};
 
 /// How much a crash may cost and how stale a checkpoint may get.
 #[derive(Debug)]

@@ -22,8 +22,8 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::Instant;
 
-use super::WorkerLink;
 use super::checkpoint::CheckpointPolicy;
+use super::report::WorkerLink;
 
 const DIRECT_THREAD: &str = "the direct-write thread";
 

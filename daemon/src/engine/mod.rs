@@ -14,6 +14,7 @@ pub mod http;
 pub mod limiter;
 pub mod progress;
 pub mod proxy;
+mod report;
 pub mod writer;
 
 use std::panic::AssertUnwindSafe;
@@ -31,77 +32,13 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span};
 
 use checkpoint::CheckpointPolicy;
-use dlsession_proto::{ErrorCode, Header, TaskId};
+use dlsession_proto::{ErrorCode, Header};
 pub use http::{Failure, Retry};
 use http::{HttpClient, can_resume, classify};
 use limiter::RateLimiter;
 pub use progress::Progress;
+pub use report::{FinishPlan, ResponseMeta, Sink, WorkerEvent, WorkerLink};
 use writer::WriterMsg;
-
-/// What a worker reports. Tagged with the task and run generation by [`WorkerLink`].
-#[derive(Debug)]
-pub enum WorkerEvent {
-    /// A response was accepted; the body transfer starts at `meta.offset`. With `durable`,
-    /// the worker writes nothing until the core answers that the new metadata (and the
-    /// offset reset to zero) is committed.
-    Started {
-        meta: ResponseMeta,
-        durable: Option<oneshot::Sender<()>>,
-    },
-    /// Bytes up to `offset` are synced to disk: commit it.
-    Checkpoint {
-        offset: u64,
-    },
-    /// The whole body has arrived (the connection is free); the file is still being synced.
-    BodyReceived,
-    /// Every byte is written and synced. The core commits the finishing phase and
-    /// answers with where to move the file.
-    DataComplete {
-        size: u64,
-        sha256: Option<[u8; 32]>,
-        reply: oneshot::Sender<FinishPlan>,
-    },
-    /// The file is in its final place.
-    Moved {
-        location: String,
-    },
-    /// The file is complete (and synced) but could not be put at its destination; it
-    /// stays where it is.
-    MoveFailed {
-        error: dlsession_proto::ErrorInfo,
-    },
-    Failed(Failure),
-    /// Stopped on request; everything up to `offset` is synced.
-    Stopped {
-        offset: u64,
-    },
-}
-
-#[derive(Debug, Clone)]
-pub struct ResponseMeta {
-    pub status: u16,
-    pub final_url: String,
-    pub headers: Vec<Header>,
-    pub etag: Option<String>,
-    pub last_modified: Option<String>,
-    pub total: Option<u64>,
-    /// Where this transfer starts in the file.
-    pub offset: u64,
-    /// Earlier data was discarded (resource changed, no validators, or no range support).
-    pub restarted: bool,
-    /// The partial file already holds the whole resource: there is no body to write.
-    pub complete: bool,
-}
-
-#[derive(Debug)]
-pub enum FinishPlan {
-    Move {
-        to: PathBuf,
-        overwrite: bool,
-    },
-    /// The core failed the task (e.g. checksum mismatch); do nothing more.
-    Abort,
-}
 
 /// Body frames are handed to the writer thread in batches of about this many bytes.
 const HANDOFF: usize = 256 << 10;
@@ -112,43 +49,6 @@ const WRITER_QUEUE: usize = 4;
 /// instead of one per batch plus the finish. A body still arriving after the checkpoint
 /// interval is handed over as it stands and the rest streams, so it checkpoints on time.
 const SMALL_BODY: u64 = 1 << 20;
-
-/// Where workers report. The engine defines it and knows nothing of who listens: the
-/// core implements it (one message on its channel per report); tests collect reports.
-pub trait Sink: Send + Sync + std::fmt::Debug {
-    fn report(&self, task: TaskId, generation: u64, event: WorkerEvent);
-}
-
-/// A worker's way back: its task, its attempt, and the sink.
-#[derive(Debug, Clone)]
-pub struct WorkerLink {
-    sink: Arc<dyn Sink>,
-    task: TaskId,
-    generation: u64,
-    /// Set when the attempt's async half is gone (finished, or aborted by the core after it
-    /// stopped responding): its blocking threads must not write another byte, since a new
-    /// attempt may own the file by then.
-    abandoned: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl WorkerLink {
-    pub fn new(sink: Arc<dyn Sink>, task: TaskId, generation: u64) -> WorkerLink {
-        WorkerLink { sink, task, generation, abandoned: Arc::default() }
-    }
-
-    pub fn task(&self) -> TaskId {
-        self.task
-    }
-
-    /// The attempt was given up (see `abandoned`).
-    pub fn is_abandoned(&self) -> bool {
-        self.abandoned.load(Ordering::Acquire)
-    }
-
-    pub fn send(&self, event: WorkerEvent) {
-        self.sink.report(self.task, self.generation, event);
-    }
-}
 
 /// Everything a worker needs for one attempt.
 #[derive(Debug)]
@@ -204,7 +104,7 @@ impl Engine {
         let engine = Arc::clone(self);
         // Debug: at the default level an enabled span cost every poll of every download an
         // enter and exit in the registry; what is logged at info names its task itself.
-        let span = debug_span!("download", session = %job.session, task = job.link.task);
+        let span = debug_span!("download", session = %job.session, task = job.link.task());
         tokio::spawn(
             async move {
                 let link = job.link.clone();

@@ -15,9 +15,9 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use super::WorkerLink;
 use super::checkpoint::{CheckpointPolicy, SYNC_THREAD, join, report_checkpoint, test_sync_delay};
 use super::progress::Progress;
+use super::report::WorkerLink;
 
 #[derive(Debug)]
 pub enum WriterMsg {

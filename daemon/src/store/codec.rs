@@ -267,7 +267,7 @@ pub fn load_live_tasks(conn: &Connection) -> rusqlite::Result<Vec<TaskRecord>> {
     rows.collect()
 }
 
-pub fn load_task(conn: &Connection, id: TaskId) -> Result<Option<TaskRecord>, super::StoreError> {
+pub fn load_task(conn: &Connection, id: TaskId) -> Result<Option<TaskRecord>, super::error::StoreError> {
     let mut stmt = conn.prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))?;
     Ok(stmt.query_row(params![sat(id)], task_from_row).optional()?)
 }

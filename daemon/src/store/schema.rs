@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
-use super::StoreError;
+use super::error::StoreError;
 
 /// `PRAGMA application_id`: "DLSD".
 pub const APPLICATION_ID: i64 = 0x444c_5344;

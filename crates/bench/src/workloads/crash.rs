@@ -9,7 +9,7 @@ use dlsession::Client;
 use dlsession_proto::{Request, Response, SessionConfig, TaskDetail, TaskId, TaskSpec, TaskState};
 use dlsession_testkit::{Resource, TestServer};
 
-use super::{out_dir, remove, verify};
+use super::data::{out_dir, remove, verify};
 use crate::Ctx;
 use crate::env::{BenchEnv, Daemon};
 use crate::report::{Outcome, Row};

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 
-use super::{Data, Served, out_dir, remove, verify};
+use super::data::{Data, Served, out_dir, remove, verify};
 use crate::Ctx;
 use crate::env::{BenchEnv, Daemon};
 use crate::report::{Outcome, Row};
@@ -217,7 +217,7 @@ async fn one_proto(
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); contenders.len()];
     let timeout = Duration::from_secs(600);
     for r in 0..ctx.runs {
-        for i in super::rotation(contenders.len(), r) {
+        for i in super::data::rotation(contenders.len(), r) {
             let Some(c) = contenders.get(i) else { continue };
             let out = dir.join(format!("big-{i}.bin"));
             remove(&out)?;

@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result, bail};
 use dlsession::{DownloadRequest, DownloadTask, Session, SessionConfiguration, SessionDelegate, TaskError, TaskId};
 use tokio::sync::mpsc;
 
-use super::{out_dir, remove, verify};
+use super::data::{out_dir, remove, verify};
 use crate::Ctx;
 use crate::env::{BenchEnv, Daemon};
 use crate::report::{Outcome, Row};

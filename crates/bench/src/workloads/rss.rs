@@ -8,7 +8,7 @@ use dlsession::Client;
 use dlsession_proto::{Request, Response, SessionConfig, TaskSpec};
 use dlsession_testkit::{Resource, TestServer};
 
-use super::out_dir;
+use super::data::out_dir;
 use crate::Ctx;
 use crate::env::{BenchEnv, Daemon};
 use crate::report::{Outcome, Row};
@@ -86,7 +86,7 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome> {
         daemon.kill9();
         drop(env);
         drop(server);
-        super::remove(&out)?;
+        super::data::remove(&out)?;
         std::fs::create_dir_all(&out)?;
     }
     let s = |v: &[f64]| Summary::of(v).context("no runs");

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 
+use super::data::{Data, Served, out_dir, remove, verify};
 use super::download::{Sample, measure};
-use super::{Data, Served, out_dir, remove, verify};
 use crate::Ctx;
 use crate::env::{BenchEnv, Daemon};
 use crate::report::{Outcome, Row};
@@ -101,7 +101,7 @@ pub async fn run(ctx: &Ctx, data: &mut Data) -> Result<Outcome> {
 
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); contenders.len()];
     for r in 0..ctx.runs {
-        for i in super::rotation(contenders.len(), r) {
+        for i in super::data::rotation(contenders.len(), r) {
             let Some((name, make, is_daemon)) = contenders.get(i) else { continue };
             // A fresh directory per run, all removed only when the workload ends: ext4 skips
             // recently deleted inodes when it allocates new ones, so deleting 1,000 files

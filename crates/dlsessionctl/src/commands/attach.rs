@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::cli::AttachArgs;
-use crate::commands::Ctx;
+use crate::commands::ctx::Ctx;
 use crate::error::{CliError, Exit, Result};
 use crate::json::{self, AttachEventJson, ErrorJson};
 use crate::output;

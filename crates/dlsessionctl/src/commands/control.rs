@@ -4,7 +4,7 @@ use std::io::Write;
 
 use dlsession_proto::{Request, TaskAction, TaskId};
 
-use crate::commands::{Ctx, request_ok};
+use crate::commands::ctx::{Ctx, request_ok};
 use crate::error::{Exit, Result};
 use crate::json::{self, ControlJson};
 

@@ -17,7 +17,7 @@ use dlsession_proto::{
 };
 
 use crate::cli::GetArgs;
-use crate::commands::{Ctx, request_ok};
+use crate::commands::ctx::{Ctx, request_ok};
 use crate::error::{CliError, Exit, Result};
 use crate::json::{self, CreatedJson, FinishedJson};
 use crate::output;

@@ -5,7 +5,7 @@ use std::io::{IsTerminal, Write};
 use comfy_table::{Cell, CellAlignment, Color, ContentArrangement, Table, presets};
 use dlsession_proto::SessionInfo;
 
-use crate::commands::Ctx;
+use crate::commands::ctx::Ctx;
 use crate::error::{Exit, Result};
 use crate::json::{self, SessionJson};
 use crate::output;

@@ -6,7 +6,7 @@ use std::io::Write;
 use dlsession_proto::{Header, Request, Response, TaskDetail};
 
 use crate::cli::ShowArgs;
-use crate::commands::Ctx;
+use crate::commands::ctx::Ctx;
 use crate::error::{CliError, Exit, Result};
 use crate::json::{self, TaskDetailJson};
 use crate::output;

@@ -4,7 +4,7 @@ use std::io::Write;
 
 use dlsession_proto::{Request, Response};
 
-use crate::commands::Ctx;
+use crate::commands::ctx::Ctx;
 use crate::error::{CliError, Exit, Result};
 use crate::json::{self, StatusJson};
 use crate::output;

@@ -9,7 +9,7 @@ use std::io::Write;
 use dlsession_proto::{Request, Response, TaskInfo, TaskQuery, TaskState};
 
 use crate::cli::TasksArgs;
-use crate::commands::Ctx;
+use crate::commands::ctx::Ctx;
 use crate::error::{CliError, Exit, Result};
 use crate::json::TaskJson;
 use crate::output;

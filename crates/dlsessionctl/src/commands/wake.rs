@@ -5,7 +5,7 @@ use std::io::Write;
 use dlsession_proto::{Request, Response, WakeOutcome};
 
 use crate::cli::WakeArgs;
-use crate::commands::Ctx;
+use crate::commands::ctx::Ctx;
 use crate::error::{CliError, Exit, Result};
 use crate::json::{self, WakeJson};
 

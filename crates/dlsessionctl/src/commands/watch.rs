@@ -11,7 +11,7 @@ use std::time::Duration;
 use dlsession_proto::{Event, Request, TaskId, TaskInfo, TaskState, WatchFilter};
 
 use crate::cli::WatchArgs;
-use crate::commands::{Ctx, request_ok};
+use crate::commands::ctx::{Ctx, request_ok};
 use crate::error::{CliError, Exit, Result};
 use crate::json::{TaskJson, WatchJson};
 use crate::output;

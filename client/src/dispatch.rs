@@ -1,0 +1,359 @@
+//! Running the app's delegate: attaching a session starts a thread that hands each event
+//! to the delegate in order and acknowledges it once handled; rejoining sessions when the
+//! daemon wakes the app.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::config::SessionConfiguration;
+use crate::connection::{Client, ClientOptions, Routed};
+use crate::delegate::{Handled, SessionDelegate, WakeHandler};
+use crate::error::{Error, Result};
+use crate::session::{DownloadTask, Session, SessionShared};
+use dlsession_proto::{DetachReason, DurableEvent, ErrorCode, ErrorInfo, Event, Request, Response, TaskId};
+
+impl Client {
+    /// Rejoins sessions whenever the daemon sends `wake`, using `handler` for each
+    /// session's configuration and delegate. Rejoined sessions stay attached for as long
+    /// as this connection is open.
+    pub fn handle_wakes(&self, handler: impl WakeHandler) {
+        let mut events = self.events();
+        // The daemon wakes only connections that say they rejoin; the others' apps it
+        // relaunches instead.
+        if let Err(e) = self.send_request(Request::HandleWakes) {
+            warn!(error = %e, "cannot register for wakes");
+        }
+        let client = self.clone();
+        tokio::spawn(async move {
+            let mut joined: HashMap<String, Session> = HashMap::new();
+            while let Some(event) = events.recv().await {
+                let Event::Wake { identifier, .. } = event else { continue };
+                // A session whose connection still routes to us is attached already.
+                if joined.contains_key(&identifier) && client.is_routed(&identifier) {
+                    continue;
+                }
+                let Some((config, delegate)) = handler.rejoin(&identifier) else {
+                    debug!(%identifier, "wake ignored by the app");
+                    continue;
+                };
+                // An earlier, detached attachment goes first, so that dropping it later
+                // cannot detach the new one.
+                joined.remove(&identifier);
+                match Session::attach_with(&client, config, delegate).await {
+                    Ok(session) => {
+                        joined.insert(identifier, session);
+                    }
+                    Err(e) => warn!(%identifier, error = %e, "rejoining after a wake failed"),
+                }
+            }
+        });
+    }
+}
+
+impl Session {
+    /// Connects to the daemon and attaches to (creating or rejoining) the session.
+    pub async fn attach(config: SessionConfiguration, delegate: impl SessionDelegate) -> Result<Session> {
+        let options = ClientOptions {
+            socket: config.socket.clone(),
+            app_id: config.config.app_id.clone(),
+            client_name: config.client_name.clone().unwrap_or_else(|| ClientOptions::default().client_name),
+            ..ClientOptions::default()
+        };
+        let client = Client::connect(options).await?;
+        Session::attach_with(&client, config, Arc::new(delegate)).await
+    }
+
+    /// Attaches over an existing connection (several sessions may share one).
+    pub async fn attach_with(
+        client: &Client,
+        config: SessionConfiguration,
+        delegate: Arc<dyn SessionDelegate>,
+    ) -> Result<Session> {
+        dlsession_proto::validate::identifier(&config.identifier).map_err(Error::Invalid)?;
+        if client.is_routed(&config.identifier) {
+            return Err(Error::Invalid(ErrorInfo::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "session {} is already attached on this connection; drop that Session first",
+                    config.identifier
+                ),
+            )));
+        }
+        let request = Request::Attach {
+            identifier: config.identifier.clone(),
+            config: config.config.clone(),
+            takeover: config.takeover,
+        };
+        // Route first: the replay follows the attach response immediately.
+        let handle = client.route(&config.identifier, request.clone());
+        let route = handle.token;
+        let session = Session {
+            shared: Arc::new(SessionShared {
+                client: client.clone(),
+                identifier: config.identifier.clone(),
+                route,
+                tasks: Mutex::new(HashMap::new()),
+            }),
+        };
+        match client.request(request).await {
+            Ok(Response::Session(_)) => {}
+            Ok(other) => {
+                client.unroute(&config.identifier, route);
+                return Err(Error::UnexpectedResponse { expected: "session", got: other.kind() });
+            }
+            Err(e) => {
+                client.unroute(&config.identifier, route);
+                return Err(e);
+            }
+        }
+        let dispatcher = Dispatcher {
+            session: Arc::downgrade(&session.shared),
+            identifier: config.identifier.clone(),
+            delegate,
+            runtime: tokio::runtime::Handle::current(),
+            pending_acks: Vec::new(),
+            acks_in_flight: Vec::new(),
+            kept: HashSet::new(),
+            overflowed: handle.overflowed,
+        };
+        let events = handle.events;
+        std::thread::Builder::new()
+            .name(format!("dlsession-{}", config.identifier.chars().take(20).collect::<String>()))
+            .spawn(move || dispatcher.run(events))
+            .map_err(|e| {
+                Error::Invalid(ErrorInfo::new(ErrorCode::Internal, format!("cannot start delegate thread: {e}")))
+            })?;
+        Ok(session)
+    }
+}
+
+/// Runs the delegate on its own thread, in event order, acknowledging after each call.
+///
+/// It holds the session weakly: when the app drops its last handle, the session detaches
+/// and this thread ends.
+struct Dispatcher {
+    session: std::sync::Weak<SessionShared>,
+    identifier: String,
+    delegate: Arc<dyn SessionDelegate>,
+    runtime: tokio::runtime::Handle,
+    pending_acks: Vec<u64>,
+    /// Answers to acknowledgements sent without waiting (sent in order, at once).
+    acks_in_flight: Vec<tokio::sync::oneshot::Receiver<std::result::Result<Response, ErrorInfo>>>,
+    /// Tasks whose file the app kept for later (`Handled::Later`): none of their events is
+    /// acknowledged in this attachment.
+    kept: HashSet<TaskId>,
+    /// The queue overflowed and events were dropped: ask for them again once caught up.
+    overflowed: Arc<AtomicBool>,
+}
+
+/// Acknowledgements are sent in batches of at most this many.
+const ACK_BATCH: usize = 64;
+
+impl Dispatcher {
+    fn run(mut self, mut events: mpsc::Receiver<Routed>) {
+        loop {
+            let routed = match events.try_recv() {
+                Ok(e) => e,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    // Idle: acknowledge what has been handled, catch up on what did not fit
+                    // the queue, then wait.
+                    self.flush_acks(false);
+                    if self.overflowed.load(Ordering::Acquire) {
+                        self.ask_again();
+                    }
+                    match events.blocking_recv() {
+                        Some(e) => e,
+                        None => break,
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            };
+            let event = match routed {
+                Routed::Event(e) => e,
+                Routed::ConnectionLost(reason) => {
+                    self.connection_lost(&reason);
+                    continue;
+                }
+                Routed::Reconnected => {
+                    self.reconnected();
+                    continue;
+                }
+            };
+            // A panicking delegate must not leave the session attached but deaf: the
+            // daemon would never wake the app again. Its event stays unacknowledged.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(event))) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(_) => {
+                    tracing::error!(session = %self.identifier, "the session delegate panicked; detaching (the events come again)");
+                    self.flush_acks(false);
+                    if let Some(shared) = self.session.upgrade()
+                        && shared.client.unroute(&shared.identifier, shared.route)
+                    {
+                        let _ = shared.client.send_request(Request::Detach { identifier: shared.identifier.clone() });
+                    }
+                    return;
+                }
+            }
+        }
+        self.flush_acks(false);
+        debug!(session = %self.identifier, "delegate thread exiting");
+    }
+
+    /// Returns false when the session is over for this process.
+    fn handle(&mut self, event: Event) -> bool {
+        let Some(shared) = self.session.upgrade() else { return false };
+        let session = Session { shared };
+        let d = self.delegate.clone();
+        match event {
+            Event::Durable { seq, event, .. } => {
+                match &event {
+                    DurableEvent::ResumedAtOffset { task, offset, expected_total } => {
+                        let t = self.task(&session, *task);
+                        d.did_resume_at_offset(&session, &t, *offset, *expected_total);
+                    }
+                    DurableEvent::FinishedDownloading { task, location } => {
+                        let t = self.task(&session, *task);
+                        if d.finish_downloading(&session, &t, Path::new(location)) == Handled::Later {
+                            self.kept.insert(*task);
+                        }
+                    }
+                    DurableEvent::Completed { task, error } => {
+                        let t = self.task(&session, *task);
+                        d.did_complete_with_error(&session, &t, error.as_ref());
+                    }
+                    DurableEvent::DidBecomeInvalid { error } => d.did_become_invalid(&session, error.as_ref()),
+                }
+                if event.task().is_some_and(|t| self.kept.contains(&t)) {
+                    return true;
+                }
+                self.pending_acks.push(seq);
+                if self.pending_acks.len() >= ACK_BATCH {
+                    self.flush_acks(false);
+                }
+            }
+            Event::Progress { task, bytes_written, total_bytes_written, total_bytes_expected, .. } => {
+                let t = self.task(&session, task);
+                d.did_write_data(&session, &t, bytes_written, total_bytes_written, total_bytes_expected);
+            }
+            Event::FinishedEvents { .. } => {
+                // Everything is acknowledged (and durable) before the app is told it is done.
+                self.flush_acks(true);
+                d.did_finish_events_for_background_session(&session);
+            }
+            Event::Detached { reason, .. } => {
+                self.flush_acks(false);
+                // Unrouted first, so the delegate may attach again from the callback.
+                session.shared.client.unroute(session.identifier(), session.shared.route);
+                d.did_detach(&session, reason);
+                return false;
+            }
+            Event::Wake { .. } | Event::TaskUpdate(_) => {}
+        }
+        true
+    }
+
+    /// The connection broke: what was sent on it is lost (it comes again), the app hears.
+    fn connection_lost(&mut self, reason: &str) {
+        self.acks_in_flight.clear();
+        if let Some(shared) = self.session.upgrade() {
+            self.delegate.did_lose_connection(&Session { shared }, reason);
+        }
+    }
+
+    fn reconnected(&mut self) {
+        // The rejoin replays every unacknowledged event: a kept file comes again too.
+        self.kept.clear();
+        if let Some(shared) = self.session.upgrade() {
+            self.delegate.did_reconnect(&Session { shared });
+        }
+    }
+
+    /// Events were dropped because the queue was full: now that it is empty, attach again
+    /// so the daemon sends every unacknowledged event again (handled ones are acknowledged
+    /// first, so they do not come twice).
+    fn ask_again(&mut self) {
+        self.flush_acks(true);
+        self.overflowed.store(false, Ordering::Release);
+        let Some(shared) = self.session.upgrade() else { return };
+        let Some(request) = shared.client.attach_request(&shared.identifier, shared.route) else { return };
+        // Attached on this very connection: no takeover (that could take the session back
+        // from a process that took it over meanwhile).
+        let request = match request {
+            Request::Attach { identifier, config, .. } => Request::Attach { identifier, config, takeover: false },
+            other => other,
+        };
+        debug!(session = %self.identifier, "the event queue overflowed; asking for the events again");
+        self.kept.clear();
+        match self.runtime.block_on(shared.client.request(request)) {
+            Ok(_) => {}
+            Err(e) if e.code() == ErrorCode::SessionInUse => {
+                // Someone else has it now: this attachment is over.
+                if shared.client.unroute(&shared.identifier, shared.route) {
+                    self.delegate.did_detach(&Session { shared: shared.clone() }, DetachReason::TakenOver);
+                }
+            }
+            Err(e) => warn!(session = %self.identifier, error = %e, "asking for the events again failed"),
+        }
+    }
+
+    /// Sends the pending acknowledgements. With `wait`, returns only once every
+    /// acknowledgement sent so far is durable (answered), including earlier batches.
+    fn flush_acks(&mut self, wait: bool) {
+        // Forget answers already in (a failed one is logged).
+        self.acks_in_flight.retain_mut(|rx| match rx.try_recv() {
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => true,
+            Ok(Err(e)) => {
+                warn!(error = %e, "acknowledging events failed; they will be delivered again");
+                false
+            }
+            _ => false,
+        });
+        if !self.pending_acks.is_empty() {
+            let seqs = std::mem::take(&mut self.pending_acks);
+            // The app dropped the session: the events stay unacknowledged and come again.
+            let Some(shared) = self.session.upgrade() else { return };
+            let client = shared.client.clone();
+            drop(shared);
+            let request = Request::AckEvents { identifier: self.identifier.clone(), seqs };
+            match client.send_request(request) {
+                Ok(rx) => self.acks_in_flight.push(rx),
+                Err(e) => warn!(error = %e, "acknowledging events failed; they will be delivered again"),
+            }
+        }
+        if wait {
+            // A daemon that stopped answering must not freeze the session: each answer is
+            // waited for at most the request timeout (unanswered ones come again).
+            let limit = self.session.upgrade().map_or(Duration::from_secs(60), |s| s.client.request_timeout());
+            for rx in std::mem::take(&mut self.acks_in_flight) {
+                match self.runtime.block_on(async { tokio::time::timeout(limit, rx).await }) {
+                    Ok(Ok(Ok(_))) => {}
+                    Ok(Ok(Err(e))) => warn!(error = %e, "acknowledging events failed; they will be delivered again"),
+                    Ok(Err(_)) => warn!("the connection closed before an acknowledgement was answered"),
+                    Err(_) => warn!("dlsessiond did not answer an acknowledgement in time; the events come again"),
+                }
+            }
+        }
+    }
+
+    /// The task handle for an event, fetching its details once if this process has not
+    /// seen the task (created by another process, or before a relaunch).
+    fn task(&self, session: &Session, id: TaskId) -> DownloadTask {
+        if let Some(t) = session.known_task(id) {
+            return t;
+        }
+        let fetched = self.runtime.block_on(session.task_info(id)).ok();
+        let (url, description) = fetched.map(|i| (i.url, i.description)).unwrap_or_default();
+        let task = session.task_handle(id, url, description);
+        if let Ok(mut known) = session.shared.tasks.lock() {
+            known.insert(id, task.clone());
+        }
+        task
+    }
+}

@@ -1,0 +1,113 @@
+//! What workers report, and through what: the engine's whole outward interface. The
+//! engine defines it and knows nothing of who listens (the core implements [`Sink`]).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use dlsession_proto::{Header, TaskId};
+use tokio::sync::oneshot;
+
+use super::http::Failure;
+
+/// What a worker reports. Tagged with the task and run generation by [`WorkerLink`].
+#[derive(Debug)]
+pub enum WorkerEvent {
+    /// A response was accepted; the body transfer starts at `meta.offset`. With `durable`,
+    /// the worker writes nothing until the core answers that the new metadata (and the
+    /// offset reset to zero) is committed.
+    Started {
+        meta: ResponseMeta,
+        durable: Option<oneshot::Sender<()>>,
+    },
+    /// Bytes up to `offset` are synced to disk: commit it.
+    Checkpoint {
+        offset: u64,
+    },
+    /// The whole body has arrived (the connection is free); the file is still being synced.
+    BodyReceived,
+    /// Every byte is written and synced. The core commits the finishing phase and
+    /// answers with where to move the file.
+    DataComplete {
+        size: u64,
+        sha256: Option<[u8; 32]>,
+        reply: oneshot::Sender<FinishPlan>,
+    },
+    /// The file is in its final place.
+    Moved {
+        location: String,
+    },
+    /// The file is complete (and synced) but could not be put at its destination; it
+    /// stays where it is.
+    MoveFailed {
+        error: dlsession_proto::ErrorInfo,
+    },
+    Failed(Failure),
+    /// Stopped on request; everything up to `offset` is synced.
+    Stopped {
+        offset: u64,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct ResponseMeta {
+    pub status: u16,
+    pub final_url: String,
+    pub headers: Vec<Header>,
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+    pub total: Option<u64>,
+    /// Where this transfer starts in the file.
+    pub offset: u64,
+    /// Earlier data was discarded (resource changed, no validators, or no range support).
+    pub restarted: bool,
+    /// The partial file already holds the whole resource: there is no body to write.
+    pub complete: bool,
+}
+
+#[derive(Debug)]
+pub enum FinishPlan {
+    Move {
+        to: PathBuf,
+        overwrite: bool,
+    },
+    /// The core failed the task (e.g. checksum mismatch); do nothing more.
+    Abort,
+}
+
+/// Where workers report. The engine defines it and knows nothing of who listens: the
+/// core implements it (one message on its channel per report); tests collect reports.
+pub trait Sink: Send + Sync + std::fmt::Debug {
+    fn report(&self, task: TaskId, generation: u64, event: WorkerEvent);
+}
+
+/// A worker's way back: its task, its attempt, and the sink.
+#[derive(Debug, Clone)]
+pub struct WorkerLink {
+    sink: Arc<dyn Sink>,
+    task: TaskId,
+    generation: u64,
+    /// Set when the attempt's async half is gone (finished, or aborted by the core after it
+    /// stopped responding): its blocking threads must not write another byte, since a new
+    /// attempt may own the file by then.
+    pub(super) abandoned: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl WorkerLink {
+    pub fn new(sink: Arc<dyn Sink>, task: TaskId, generation: u64) -> WorkerLink {
+        WorkerLink { sink, task, generation, abandoned: Arc::default() }
+    }
+
+    pub fn task(&self) -> TaskId {
+        self.task
+    }
+
+    /// The attempt was given up (see `abandoned`).
+    pub fn is_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Acquire)
+    }
+
+    pub fn send(&self, event: WorkerEvent) {
+        self.sink.report(self.task, self.generation, event);
+    }
+}
