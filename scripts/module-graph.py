@@ -52,7 +52,7 @@ def graph(root, crate_prefix):
         i=src.find('#[cfg(test)]\nmod tests'); 
         if i>=0: src=src[:i]
         deps=set()
-        is_modrs=f.endswith('/mod.rs') or f.endswith('lib.rs')
+        is_modrs=f.endswith('/mod.rs') or f.endswith('lib.rs') or f.endswith('main.rs')
         # `super` is the parent module, for a `mod.rs` as for any other file.
         base = m.rsplit('::',1)[0] if '::' in m else ''
         for u in re.findall(r'^\s*(?:pub(?:\([^)]*\))?\s+)?use\s+([^;]+);',src,re.M):

@@ -185,13 +185,23 @@ impl Session {
     }
 }
 
-/// A download task of a session.
-#[derive(Debug, Clone)]
+/// A task of an attached session. `Debug` shows its URL redacted.
+#[derive(Clone)]
 pub struct DownloadTask {
     id: TaskId,
     url: String,
     description: Option<String>,
     client: Client,
+}
+
+impl std::fmt::Debug for DownloadTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DownloadTask")
+            .field("id", &self.id)
+            .field("url", &dlsession_proto::redact::Shown(&self.url))
+            .field("description", &self.description)
+            .finish_non_exhaustive()
+    }
 }
 
 impl DownloadTask {

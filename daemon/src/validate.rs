@@ -142,22 +142,6 @@ fn destination(dest: &str, cache_dir: &Path) -> Result<(), ErrorInfo> {
     Ok(())
 }
 
-/// What the filesystem says about a destination that passed `task`: not a directory, and
-/// not there yet unless `overwrite`. It can block (a hung network mount), so the core runs
-/// it on a blocking thread. The move itself refuses to replace a file either way (this
-/// only reports the problem at creation instead of after the download).
-pub fn destination_on_disk(dest: &str, overwrite: bool) -> Result<(), ErrorInfo> {
-    match std::fs::symlink_metadata(dest) {
-        Ok(m) if m.is_dir() => {
-            Err(err(ErrorCode::FileError, format!("destination {dest:?} is a directory; give a file path")))
-        }
-        Ok(_) if !overwrite => {
-            Err(err(ErrorCode::FileError, format!("destination {dest:?} already exists (set overwrite to replace it)")))
-        }
-        _ => Ok(()),
-    }
-}
-
 pub fn session_config(c: &SessionConfig, limits: &Limits) -> Result<(), ErrorInfo> {
     let bad = |m: String| Err(err(ErrorCode::InvalidRequest, m));
     if let Some(app_id) = &c.app_id
@@ -276,12 +260,8 @@ mod tests {
         std::fs::write(&existing, b"x").unwrap();
         let ok = dir.path().join("new");
         assert!(destination(ok.to_str().unwrap(), &cache).is_ok());
-        assert!(destination_on_disk(ok.to_str().unwrap(), false).is_ok());
         assert_eq!(destination("relative/path", &cache).unwrap_err().code, ErrorCode::InvalidRequest);
         assert!(destination(existing.to_str().unwrap(), &cache).is_ok(), "no disk access here");
-        assert_eq!(destination_on_disk(existing.to_str().unwrap(), false).unwrap_err().code, ErrorCode::FileError);
-        assert!(destination_on_disk(existing.to_str().unwrap(), true).is_ok());
-        assert_eq!(destination_on_disk(dir.path().to_str().unwrap(), true).unwrap_err().code, ErrorCode::FileError);
         let inside = cache.join("downloads/s1/1.part");
         assert_eq!(destination(inside.to_str().unwrap(), &cache).unwrap_err().code, ErrorCode::InvalidRequest);
         assert_eq!(destination("/tmp/../etc/passwd", &cache).unwrap_err().code, ErrorCode::InvalidRequest);

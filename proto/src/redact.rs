@@ -20,6 +20,22 @@ pub fn is_sensitive_header(name: &str) -> bool {
         .any(|s| name.eq_ignore_ascii_case(s))
 }
 
+/// A URL that shows itself redacted, in `Debug` (quoted) and `Display`: for `Debug`
+/// impls and log fields of types that carry a URL.
+pub struct Shown<'a>(pub &'a str);
+
+impl std::fmt::Debug for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&url(self.0), f)
+    }
+}
+
+impl std::fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&url(self.0))
+    }
+}
+
 /// A header's value fit to show.
 pub fn header_value<'a>(name: &str, value: &'a str) -> &'a str {
     if is_sensitive_header(name) { REDACTED } else { value }
@@ -91,24 +107,7 @@ fn push_pairs(out: &mut String, pairs: &str) {
 
 /// Decodes `%XX` escapes; invalid escapes are kept as they are.
 pub fn percent_decode(s: &str) -> Vec<u8> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        let hex = |j: usize| bytes.get(j).and_then(|&c| (c as char).to_digit(16));
-        match (b, hex(i + 1), hex(i + 2)) {
-            (b'%', Some(h), Some(l)) => {
-                // Two hex digits are at most 0xff.
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            _ => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    out
+    percent_encoding::percent_decode_str(s).collect()
 }
 
 #[cfg(test)]

@@ -38,15 +38,6 @@ impl Header {
     }
 }
 
-/// A URL inside a `Debug` dump, shown the way [`redact::url`] shows it.
-struct ShownUrl<'a>(&'a str);
-
-impl fmt::Debug for ShownUrl<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&redact::url(self.0), f)
-    }
-}
-
 impl fmt::Debug for Header {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.name, self.display_value())
@@ -94,7 +85,7 @@ impl TaskSpec {
 impl fmt::Debug for TaskSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TaskSpec")
-            .field("url", &ShownUrl(&self.url))
+            .field("url", &redact::Shown(&self.url))
             .field("headers", &self.headers)
             .field("description", &self.description)
             .field("priority", &self.priority)
@@ -228,7 +219,7 @@ impl fmt::Debug for TaskInfo {
             .field("id", &self.id)
             .field("session", &self.session)
             .field("state", &self.state)
-            .field("url", &ShownUrl(&self.url))
+            .field("url", &redact::Shown(&self.url))
             .field("description", &self.description)
             .field("priority", &self.priority)
             .field("bytes_received", &self.bytes_received)
@@ -250,7 +241,7 @@ impl fmt::Debug for TaskDetail {
             .field("expected_sha256", &self.expected_sha256)
             .field("destination", &self.destination)
             .field("partial_path", &self.partial_path)
-            .field("final_url", &self.final_url.as_deref().map(ShownUrl))
+            .field("final_url", &self.final_url.as_deref().map(redact::Shown))
             .field("response_status", &self.response_status)
             .field("response_headers", &self.response_headers)
             .field("etag", &self.etag)

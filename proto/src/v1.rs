@@ -133,7 +133,8 @@ pub enum WaitReason {
     EventsPending { next_wake: Option<UnixMillis> },
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `Debug` shows the URL redacted.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskInfo {
     pub id: TaskId,
     pub session: String,
@@ -150,7 +151,8 @@ pub struct TaskInfo {
     pub wait: Option<WaitReason>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `Debug` shows URLs redacted.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskDetail {
     pub info: TaskInfo,
     pub request_headers: Vec<Header>,
@@ -170,6 +172,35 @@ pub struct TaskDetail {
     pub finished_at: Option<UnixMillis>,
     pub resource_deadline: Option<UnixMillis>,
     pub retired: bool,
+}
+
+impl std::fmt::Debug for TaskInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskInfo")
+            .field("id", &self.id)
+            .field("session", &self.session)
+            .field("state", &self.state)
+            .field("url", &crate::redact::Shown(&self.url))
+            .field("bytes_received", &self.bytes_received)
+            .field("bytes_expected", &self.bytes_expected)
+            .field("error", &self.error)
+            .field("wait", &self.wait)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for TaskDetail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskDetail")
+            .field("info", &self.info)
+            .field("request_headers", &self.request_headers)
+            .field("final_url", &self.final_url.as_deref().map(crate::redact::Shown))
+            .field("response_status", &self.response_status)
+            .field("committed_offset", &self.committed_offset)
+            .field("attempts", &self.attempts)
+            .field("last_error", &self.last_error)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -5,6 +5,7 @@
 //! with dlsessiond and with the peer tools (curl, wget2, aria2c), alternating runs, verifies
 //! every download's SHA-256, and writes a Markdown report.
 
+mod ctx;
 mod env;
 mod floor;
 mod nginx;
@@ -21,6 +22,7 @@ use std::time::Instant;
 use anyhow::{Context as _, Result, bail};
 use dlsession_testkit::TestCa;
 
+use crate::ctx::{Ctx, Sizes};
 use crate::nginx::Nginx;
 use crate::report::{Outcome, Row};
 
@@ -50,26 +52,6 @@ usage: dlsession-bench [--runs N] [--quick] [--only NAME] [--idle-secs S] [--out
   --bin-dir DIR   where dlsessiond and dlsessionctl are (default: next to this binary)
 
 Temporary files go to $TMPDIR (default /tmp). Run it through scripts/bench.sh.";
-
-/// Sizes of every workload (the full run's, or `--quick`'s).
-#[derive(Debug, Clone)]
-pub struct Sizes {
-    pub big: u64,
-    pub small_count: usize,
-    pub small_size: usize,
-    /// Task counts of the many-tasks growth table; the last one is the headline.
-    pub many_tasks: Vec<usize>,
-    /// URLs (and finished tasks) of big-lists.
-    pub big_lists: usize,
-    pub ipc_requests: usize,
-    pub event_downloads: usize,
-    pub event_size: usize,
-    pub crash_size: u64,
-    /// Throttle of the crash-cost download, bytes per second.
-    pub crash_rate: u64,
-    pub rss_downloads: usize,
-    pub idle_secs: u64,
-}
 
 impl Sizes {
     fn full() -> Sizes {
@@ -146,36 +128,6 @@ fn parse_args() -> Result<Option<Opts>> {
         opts.runs = if opts.quick { 3 } else { 5 };
     }
     Ok(Some(opts))
-}
-
-/// Everything the workloads share.
-#[derive(Debug)]
-pub struct Ctx {
-    pub runs: usize,
-    pub quick: bool,
-    pub sizes: Sizes,
-    pub daemon_bin: PathBuf,
-    pub ctl_bin: PathBuf,
-    pub time_bin: PathBuf,
-    pub curl: Option<PathBuf>,
-    pub wget2: Option<PathBuf>,
-    pub aria2c: Option<PathBuf>,
-    /// The scratch directory (removed at the end).
-    pub work: PathBuf,
-    /// What nginx serves.
-    pub www: PathBuf,
-    /// `HOME` of the peer tools (so no user configuration applies).
-    pub peer_home: PathBuf,
-    pub clk_tck: f64,
-    pub ca: TestCa,
-    pub nginx: Nginx,
-}
-
-impl Ctx {
-    /// Environment of the peer tools.
-    pub fn peer_env(&self) -> Vec<(String, PathBuf)> {
-        vec![("HOME".into(), self.peer_home.clone())]
-    }
 }
 
 /// Removes the scratch directory on exit.

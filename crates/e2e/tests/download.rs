@@ -2,15 +2,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-use dlsession::{DownloadRequest, ErrorCode, Session, SessionConfiguration};
+use dlsession::{DownloadRequest, ErrorCode, Session};
+use dlsession_testkit::app::config;
 use dlsession_testkit::{
     Fault, Hits, Resource, TestCa, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex,
 };
 use dlsession_testkit::{LONG, Recorder, Seen};
-
-fn config(env: &TestEnv, id: &str) -> SessionConfiguration {
-    SessionConfiguration::background(id).socket(&env.socket)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_download_is_byte_exact() {

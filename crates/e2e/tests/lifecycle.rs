@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use dlsession::proto::{Request, Response, SessionInfo};
 use dlsession::{Client, ClientOptions};
-use dlsession_testkit::host::walk;
+use dlsession_testkit::host::{kill, walk};
 use dlsession_testkit::{
     Resource, TestDaemon, TestEnv, TestServer, bin_path, pattern_sha256, sha256_file, to_hex, wait_for,
 };
@@ -123,12 +123,6 @@ async fn assert_drained(env: &TestEnv) {
     assert_eq!(info.tasks.total(), 0, "all tasks acknowledged and retired: {info:?}");
     let leftovers: Vec<_> = walk(&env.downloads_dir());
     assert!(leftovers.is_empty(), "files left in the cache: {leftovers:?}");
-}
-
-fn kill(pid: u32) {
-    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,20 +8,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use dlsession::{DownloadRequest, Error, Session, SessionConfiguration};
+use dlsession_testkit::host::signal;
 use dlsession_testkit::{LONG, Recorder, Seen};
 use dlsession_testkit::{Resource, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex};
-
-fn signal(pid: u32, sig: rustix::process::Signal) {
-    rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap(), sig).unwrap();
-    if sig == rustix::process::Signal::STOP {
-        // Delivered asynchronously: wait until the process is really stopped.
-        dlsession_testkit::wait_for("the daemon stopped", LONG, || {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let state = stat.rsplit_once(") ")?.1.chars().next()?;
-            (state == 'T').then_some(())
-        });
-    }
-}
 
 /// The daemon is killed and started again while an app is attached and a download runs:
 /// the app is told, reconnects by itself, and receives the download's events, byte-exact.

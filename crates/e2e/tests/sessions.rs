@@ -7,12 +7,9 @@ use std::time::Duration;
 
 use dlsession::proto::{Request, Response, SessionConfig, SessionInfo, TaskSpec};
 use dlsession::{DetachReason, DownloadRequest, ErrorCode, Session, SessionConfiguration};
+use dlsession_testkit::app::config;
 use dlsession_testkit::{LONG, Recorder, Seen, block};
 use dlsession_testkit::{Resource, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex, wait_for};
-
-fn config(env: &TestEnv, id: &str) -> SessionConfiguration {
-    SessionConfiguration::background(id).socket(&env.socket)
-}
 
 async fn info(env: &TestEnv, id: &str) -> Option<SessionInfo> {
     let client = dlsession_testkit::app::client(env).await;

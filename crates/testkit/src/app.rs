@@ -154,6 +154,11 @@ pub async fn client(env: &TestEnv) -> Client {
     Client::connect(options).await.expect("connect to the test daemon")
 }
 
+/// A background session configuration that talks to the test daemon.
+pub fn config(env: &TestEnv, identifier: &str) -> SessionConfiguration {
+    SessionConfiguration::background(identifier).socket(&env.socket)
+}
+
 /// Attaches to a session of the test daemon with a [`Recorder`] that moves finished files
 /// into `out-<identifier>` under the environment's directory.
 pub async fn attach(env: &TestEnv, config: SessionConfiguration) -> (Session, Events) {

@@ -48,3 +48,24 @@ pub fn now_ms() -> u64 {
     let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
 }
+
+/// Sends `sig` to process `pid`; for `STOP`, waits until the process is really stopped
+/// (signals are delivered asynchronously).
+pub fn signal(pid: u32, sig: rustix::process::Signal) {
+    let target = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw).expect("a process id");
+    rustix::process::kill_process(target, sig).expect("signal the process");
+    if sig == rustix::process::Signal::STOP {
+        crate::wait_for("the process stopped", crate::LONG, || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let state = stat.rsplit_once(") ")?.1.chars().next()?;
+            (state == 'T').then_some(())
+        });
+    }
+}
+
+/// SIGKILL to process `pid`, if it still exists.
+pub fn kill(pid: u32) {
+    if let Some(target) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) {
+        let _ = rustix::process::kill_process(target, rustix::process::Signal::KILL);
+    }
+}

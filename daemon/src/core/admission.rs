@@ -23,6 +23,8 @@ const FINISHING_FACTOR: usize = 4;
 /// Why a queued task may not start now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Refusal {
+    /// The daemon is shutting down: nothing starts any more.
+    ShuttingDown,
     /// The database refuses writes: nothing starts until it takes them again.
     StorageFull,
     /// The daemon's `max_concurrent_downloads` (or the bound on finishing tasks).
@@ -37,6 +39,7 @@ pub(super) enum Refusal {
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Limits {
     pub max_downloads: u32,
+    pub shutting_down: bool,
     pub storage_full: bool,
 }
 
@@ -63,6 +66,9 @@ impl Slots {
     }
 
     fn admit_daemon(&self, limits: Limits) -> Result<(), Refusal> {
+        if limits.shutting_down {
+            return Err(Refusal::ShuttingDown);
+        }
         if limits.storage_full {
             return Err(Refusal::StorageFull);
         }
@@ -163,7 +169,7 @@ mod tests {
         slots.queue(&a, 0.5, 1);
         slots.queue(&a, 0.5, 2);
         slots.queue(&b, 0.5, 3);
-        let limits = Limits { max_downloads: 2, storage_full: false };
+        let limits = Limits { max_downloads: 2, shutting_down: false, storage_full: false };
         let mut started = Vec::new();
         while let Some((lane, id)) = slots.pop_next(limits, &sessions) {
             let s = sessions.get(&key).unwrap();

@@ -3,7 +3,7 @@
 use super::Core;
 use super::admission::Refusal;
 use super::task::Task;
-use crate::model::{Phase, SessionKey, TaskRecord, now_ms};
+use crate::model::{Phase, SessionKey, TaskRecord};
 use dlsession_proto::{ErrorCode, ErrorInfo, SessionInfo, TaskDetail, TaskInfo, TaskState, WaitReason};
 
 impl Core {
@@ -43,12 +43,15 @@ impl Core {
                 s.has_pending(t.rec.id).then_some(WaitReason::EventsPending { next_wake: s.wake.next_wake })
             }
             TaskState::Queued => {
-                if let Some(at) = t.rec.earliest_begin.filter(|&at| at > now_ms()) {
+                // On its `Begin` timer (not in a lane yet): waiting for `earliest_begin`.
+                if let Some(at) = t.rec.earliest_begin.filter(|_| t.timer.is_some()) {
                     return Some(WaitReason::EarliestBegin { at });
                 }
                 // The scheduler's own answer (see `admission`).
                 let refusal = self.slots.admit(self.limits(), s, &t.lane()).err()?;
                 Some(match refusal {
+                    // Stopping: nothing to explain, the daemon is going away.
+                    Refusal::ShuttingDown => return None,
                     Refusal::StorageFull => WaitReason::StorageFull {
                         error: self.life.storage.clone().unwrap_or_else(|| ErrorInfo::new(ErrorCode::StorageFull, "")),
                     },

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, SystemTime};
 
-use dlsession_proto::{ErrorInfo, TaskId, UnixMillis};
+use dlsession_proto::{ErrorCode, ErrorInfo, TaskId, UnixMillis};
 use tracing::{info, warn};
 
 use super::timers::millis;
@@ -36,6 +36,8 @@ pub enum DiskReport {
 pub(super) struct Garbage {
     pub downloads: PathBuf,
     pub sessions: HashSet<SessionKey>,
+    /// Sessions from here on were created after the list was made: their directories stay.
+    pub first_new_session: SessionKey,
     /// Files of live tasks (partial files, finished files in the cache).
     pub keep: HashSet<PathBuf>,
     /// Task ids from here on were handed out after the list was made: their files stay.
@@ -47,6 +49,11 @@ enum Job {
     RemoveDir(PathBuf),
     /// A cancelled task's partial file, moved aside for its resume data.
     Keep {
+        part: PathBuf,
+        kept: PathBuf,
+    },
+    /// An adopted kept file whose task was refused after all, put back.
+    Unadopt {
         part: PathBuf,
         kept: PathBuf,
     },
@@ -72,6 +79,7 @@ impl std::fmt::Debug for Job {
             Job::Remove(_) => "Remove",
             Job::RemoveDir(_) => "RemoveDir",
             Job::Keep { .. } => "Keep",
+            Job::Unadopt { .. } => "Unadopt",
             Job::CollectGarbage(_) => "CollectGarbage",
             Job::CleanResumeDir { .. } => "CleanResumeDir",
             Job::Then(_) => "Then",
@@ -109,6 +117,10 @@ impl Disk {
 
     pub fn keep(&self, part: PathBuf, kept: PathBuf) {
         self.send(Job::Keep { part, kept });
+    }
+
+    pub fn unadopt(&self, part: PathBuf, kept: PathBuf) {
+        self.send(Job::Unadopt { part, kept });
     }
 
     pub fn collect_garbage(&self, garbage: Garbage) {
@@ -151,6 +163,11 @@ fn run(job: Job, report: &impl Fn(DiskReport)) {
         Job::Keep { part, kept } => {
             if let Err(e) = keep(&part, &kept) {
                 info!(error = %e, "cannot keep the partial file; its resume data will restart from zero");
+            }
+        }
+        Job::Unadopt { part, kept } => {
+            if let Err(e) = std::fs::rename(&part, &kept) {
+                warn!(error = %e, "cannot put back the partial file of resume data; its task starts from zero");
             }
         }
         Job::CollectGarbage(g) => {
@@ -202,7 +219,7 @@ fn collect_garbage(g: &Garbage) -> usize {
         let Some(key) = name.strip_prefix('s').and_then(|k| k.parse::<SessionKey>().ok()) else { continue };
         let path = entry.path();
         if !g.sessions.contains(&key) {
-            if std::fs::remove_dir_all(&path).is_ok() {
+            if key < g.first_new_session && std::fs::remove_dir_all(&path).is_ok() {
                 removed += 1;
             }
             continue;
@@ -247,29 +264,41 @@ fn clean_resume_dir(dir: &Path, retention: Duration) -> (usize, Option<UnixMilli
 /// What became of a kept partial file offered to a new task.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Adoption {
-    /// No file to adopt, or it is gone: the task starts from zero.
+    /// No file to adopt, or it is gone (taken by another task, expired): the task starts
+    /// from zero.
     None,
-    /// Linked (or, where the file system cannot link, copied) as the new task's partial
-    /// file. The kept name goes only once the task is durable: until then, whatever
-    /// happens to the request, the resume data stays usable.
-    Adopted { kept: PathBuf },
+    /// Moved to be the new task's partial file. Moved, not linked: two tasks made from
+    /// one blob must never share a file. If the request is refused after this, the file
+    /// is moved back (see `Core::on_disk_checked`).
+    Adopted { kept: PathBuf, part: PathBuf },
 }
 
-/// Gives task `part` the kept file `kept` (on a blocking thread). Never moves it: the
-/// request may still be refused after this (the session invalidated meanwhile).
+/// Gives task `part` the kept file `kept` (on a blocking thread).
 pub(super) fn adopt(kept: &Path, part: &Path) -> Adoption {
-    let adopted = part.parent().map(private_dir).transpose().and_then(|_| {
-        std::fs::hard_link(kept, part).or_else(|_| {
-            std::fs::copy(kept, part)?;
-            std::fs::File::open(part)?.sync_all()
-        })
-    });
-    match adopted {
-        Ok(()) => Adoption::Adopted { kept: kept.to_path_buf() },
+    let moved = part.parent().map(private_dir).transpose().and_then(|_| std::fs::rename(kept, part));
+    match moved {
+        Ok(()) => Adoption::Adopted { kept: kept.to_path_buf(), part: part.to_path_buf() },
         Err(e) => {
             info!(error = %e, "resume data's partial file is gone; the new task starts from zero");
             Adoption::None
         }
+    }
+}
+
+/// What the filesystem says about a destination that passed `task`: not a directory, and
+/// not there yet unless `overwrite`. It can block (a hung network mount), so the core runs
+/// it on a blocking thread. The move itself refuses to replace a file either way (this
+/// only reports the problem at creation instead of after the download).
+pub(super) fn destination_on_disk(dest: &str, overwrite: bool) -> Result<(), ErrorInfo> {
+    match std::fs::symlink_metadata(dest) {
+        Ok(m) if m.is_dir() => {
+            Err(ErrorInfo::new(ErrorCode::FileError, format!("destination {dest:?} is a directory; give a file path")))
+        }
+        Ok(_) if !overwrite => Err(ErrorInfo::new(
+            ErrorCode::FileError,
+            format!("destination {dest:?} already exists (set overwrite to replace it)"),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -319,6 +348,18 @@ mod tests {
     }
 
     #[test]
+    fn destinations_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let existing = dir.path().join("exists");
+        std::fs::write(&existing, b"x").unwrap();
+        let new = dir.path().join("new");
+        assert!(destination_on_disk(new.to_str().unwrap(), false).is_ok());
+        assert_eq!(destination_on_disk(existing.to_str().unwrap(), false).unwrap_err().code, ErrorCode::FileError);
+        assert!(destination_on_disk(existing.to_str().unwrap(), true).is_ok());
+        assert_eq!(destination_on_disk(dir.path().to_str().unwrap(), true).unwrap_err().code, ErrorCode::FileError);
+    }
+
+    #[test]
     fn garbage_is_what_no_task_refers_to() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
@@ -326,9 +367,12 @@ mod tests {
             std::fs::create_dir_all(d.join(f).parent().unwrap()).unwrap();
             std::fs::write(d.join(f), b"x").unwrap();
         }
+        std::fs::create_dir_all(d.join("s5")).unwrap();
+        std::fs::write(d.join("s5/1.part"), b"x").unwrap();
         let g = Garbage {
             downloads: d.to_path_buf(),
             sessions: HashSet::from([1]),
+            first_new_session: 5,
             keep: HashSet::from([d.join("s1/1.part"), d.join("s1/3.download")]),
             first_new_id: 9,
         };
@@ -336,5 +380,6 @@ mod tests {
         assert!(d.join("s1/1.part").exists() && d.join("s1/3.download").exists());
         assert!(d.join("s1/9.part").exists(), "a task created after the list was made keeps its file");
         assert!(!d.join("s1/2.part").exists() && !d.join("s2").exists());
+        assert!(d.join("s5/1.part").exists(), "a session created after the list was made keeps its files");
     }
 }

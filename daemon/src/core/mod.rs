@@ -7,14 +7,15 @@
 //! observable outside the daemon that depends on it (a response, a durable event) is
 //! released only after its commit.
 //!
-//! State, one part per kind, each keeping its own invariants: `sessions` (records,
-//! attachments, undelivered events), `task` (live tasks and their running attempts),
-//! `admission` (run queues, running workers, the limits: who may start and why not),
-//! `conns` (connections), `timers`, `status` (statistics, systemd status), `life` (idle
-//! exit, storage health, shutdown), `retention` (housekeeping). Behaviour, as methods of
-//! [`Core`] that wire the parts together: `requests` (one handler per request),
-//! `transitions` (queueing, workers' reports, completion), `finish` (putting files in
-//! place), `delivery` (durable events), `progress`, `wake`, `resume`, `recovery` (start),
+//! State, one part per kind, each keeping its own invariants and importing nothing of the
+//! core: `sessions` (records, attachments, undelivered events), `task` (live tasks and
+//! their running attempts), `admission` (run queues, running workers, the limits: who may
+//! start and why not), `conns` (connections), `timers`, `status` (statistics, systemd
+//! status), `disk` (the disk thread); and, here, `Lifecycle` and `Housekeeping`.
+//! Behaviour, as methods of [`Core`] that wire the parts together: `requests` (one
+//! handler per request), `transitions` (queueing, workers' reports, completion), `finish`
+//! (putting files in place), `delivery` (durable events), `progress`, `wake`, `resume`,
+//! `retention`, `life` (idle exit, storage health, shutdown), `recovery` (start),
 //! `convert` (domain to wire types).
 
 mod admission;
@@ -98,6 +99,11 @@ pub enum CoreMsg {
     Committed {
         result: Result<(), String>,
         after: Vec<After>,
+    },
+    /// A relaunch was started (or could not be), off the core's thread.
+    Launched {
+        session: SessionKey,
+        launched: Result<crate::launcher::Launched, String>,
     },
     LaunchFinished {
         session: SessionKey,
@@ -355,6 +361,7 @@ impl Core {
                     Err(e) => warn!(error = %e, "dropping actions of a failed commit"),
                 }
             }
+            CoreMsg::Launched { session, launched } => self.on_launched(session, launched),
             CoreMsg::LaunchFinished { session, result } => self.on_launch_finished(session, result),
             CoreMsg::Storage(health) => self.on_storage(health),
             CoreMsg::Shutdown => self.begin_shutdown(),

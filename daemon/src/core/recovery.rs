@@ -91,13 +91,13 @@ impl Core {
     /// Queues the removal of files in the cache directory that no live task refers to,
     /// and the expiry of kept partial files (both on the disk thread).
     fn collect_garbage(&mut self) {
+        // The collection runs while tasks go on: an unfinished task may write its partial
+        // file or finish into the cache at any moment, so both its names are kept. Only a
+        // completed task is settled: just its delivered file stays.
         let mut keep = HashSet::new();
         for t in self.tasks.values() {
             if t.state != TaskState::Completed {
                 keep.insert(self.part_path(&t.rec));
-            }
-            if t.rec.phase == Phase::Finishing {
-                // The move may have happened just before the stop.
                 keep.insert(self.cache_location(&t.rec));
             }
             if let Some(location) = &t.rec.location {
@@ -107,6 +107,7 @@ impl Core {
         self.disk.collect_garbage(Garbage {
             downloads: self.cfg.downloads_dir(),
             sessions: self.sessions.keys().collect(),
+            first_new_session: self.sessions.next_key(),
             keep,
             first_new_id: self.tasks.next_id(),
         });

@@ -12,7 +12,7 @@ const RESUME_MAGIC: [u8; 4] = *b"DLRD";
 
 /// What the blob holds. Its encoding is a contract with every blob handed out before:
 /// fields are only ever appended.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Serialize, Deserialize)]
 pub(super) struct ResumeData {
     magic: [u8; 4],
     url: String,

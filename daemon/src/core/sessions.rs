@@ -41,6 +41,10 @@ pub(super) struct Session {
     /// A `wake` went to a running app: when it counts as unanswered (then: relaunch).
     pub wake_unanswered: Option<Mono>,
     pub limiter: Option<Arc<RateLimiter>>,
+    /// A relaunch is being started (off the core's thread).
+    pub launching: bool,
+    /// `Wake` requests answered once it has started.
+    pub launch_replies: Vec<(ConnId, u64)>,
 }
 
 impl Session {
@@ -61,6 +65,8 @@ impl Session {
             wake_timer: None,
             wake_unanswered: None,
             limiter,
+            launching: false,
+            launch_replies: Vec::new(),
         }
     }
 
@@ -173,6 +179,11 @@ impl Sessions {
         self.by_identifier.remove(&s.rec.identifier);
         self.seq_floor = self.seq_floor.max(s.rec.next_seq);
         Some((s, self.seq_floor))
+    }
+
+    /// The key the next session gets (keys are never reused).
+    pub fn next_key(&self) -> SessionKey {
+        self.next_key
     }
 
     pub fn get(&self, key: &SessionKey) -> Option<&Session> {

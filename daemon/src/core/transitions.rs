@@ -124,13 +124,10 @@ impl Core {
         }
     }
 
-    /// Starts queued tasks while slots are free, best priority first.
+    /// Starts queued tasks while `admission` lets them, best priority first. (While the
+    /// database refuses writes nothing starts: a download would soon need a checkpoint
+    /// commit, and its durable events could not be written.)
     pub(super) fn schedule(&mut self) {
-        // While the database refuses writes, nothing starts: a download would soon need
-        // a checkpoint commit, and its durable events could not be written.
-        if self.life.shutting_down {
-            return;
-        }
         while let Some((lane, id)) = self.slots.pop_next(self.limits(), &self.sessions) {
             self.start(id, lane);
         }
@@ -138,7 +135,11 @@ impl Core {
 
     /// What the daemon-wide half of admission depends on now.
     pub(super) fn limits(&self) -> Limits {
-        Limits { max_downloads: self.cfg.limits.max_concurrent_downloads, storage_full: self.life.storage.is_some() }
+        Limits {
+            max_downloads: self.cfg.limits.max_concurrent_downloads,
+            shutting_down: self.life.shutting_down,
+            storage_full: self.life.storage.is_some(),
+        }
     }
 
     fn start(&mut self, id: TaskId, lane: LaneKey) {
@@ -397,12 +398,22 @@ impl Core {
             let error = ErrorInfo::new(ErrorCode::DestinationUnavailable, failure.error.message);
             return self.hold_for_move(id, error);
         }
+        let file_lost = t.rec.phase == Phase::Finishing;
         t.rec.phase = Phase::Transfer;
         let after_stop = run.and_then(|r| r.after_stop);
         // A stop was requested while the attempt was failing: honour the request.
         if let Some(how) = after_stop {
             let offset = t.rec.committed_offset;
             return self.apply_after_stop(id, how, offset);
+        }
+        if file_lost {
+            // The finished file is gone from the cache and from its destination (found by
+            // the move after a crash): download it again now. Nothing failed that a
+            // backoff would help, and the resource budget is not the download's fault.
+            t.failures = 0;
+            self.set_state(id, TaskState::Queued);
+            self.enqueue(id);
+            return self.save_task(id, Vec::new());
         }
         let failures = t.failures;
         let delay = match failure.retry {

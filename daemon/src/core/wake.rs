@@ -70,7 +70,7 @@ impl Core {
             s.wake.next_wake = None;
         }
         if self.has_finished_events(key)
-            && let Err(e) = self.wake_now(key, WakeReason::FinishedEvents)
+            && let Err(e) = self.wake_now(key, WakeReason::FinishedEvents, None)
         {
             warn!(session = %self.sessions.identifier(key), error = %e, "wake failed");
         }
@@ -85,16 +85,23 @@ impl Core {
         }
         let answer = self.cfg.timing.wake_answer;
         info!(session = %self.sessions.identifier(key), ?answer, "the running app did not rejoin after wake; relaunching it");
-        if let Err(e) = self.relaunch(key, WakeReason::FinishedEvents) {
+        if let Err(e) = self.relaunch(key, WakeReason::FinishedEvents, None) {
             warn!(session = %self.sessions.identifier(key), error = %e, "relaunch failed");
         }
     }
 
     /// Wakes or relaunches the session's app now and schedules the next try with backoff.
-    pub(super) fn wake_now(&mut self, key: SessionKey, reason: WakeReason) -> Result<WakeOutcome, ErrorInfo> {
+    /// A relaunch starts off this thread: its outcome comes later (`None`), and is sent to
+    /// `reply` then, if given.
+    pub(super) fn wake_now(
+        &mut self,
+        key: SessionKey,
+        reason: WakeReason,
+        reply: Option<(ConnId, u64)>,
+    ) -> Result<Option<WakeOutcome>, ErrorInfo> {
         let s = self.sessions.get(&key).ok_or_else(|| ErrorInfo::new(ErrorCode::NoSuchSession, "no such session"))?;
         if s.attached.is_some() {
-            return Ok(WakeOutcome::Attached);
+            return Ok(Some(WakeOutcome::Attached));
         }
         let identifier = s.rec.identifier.clone();
         let targets: Vec<ConnId> = match &s.rec.config.app_id {
@@ -102,7 +109,7 @@ impl Core {
             None => Vec::new(),
         };
         if targets.is_empty() {
-            return self.relaunch(key, reason);
+            return self.relaunch(key, reason, reply);
         }
         for conn in &targets {
             if let Some(c) = self.conns.get(conn) {
@@ -119,27 +126,49 @@ impl Core {
             self.set_timer(at, Timer::WakeUnanswered(key));
         }
         self.woke(key, &Ok(outcome.clone()));
-        Ok(outcome)
+        Ok(Some(outcome))
     }
 
-    /// Relaunches the session's app (if it has a launch spec) and schedules the next try.
-    fn relaunch(&mut self, key: SessionKey, reason: WakeReason) -> Result<WakeOutcome, ErrorInfo> {
-        let s = self.sessions.get(&key).ok_or_else(|| ErrorInfo::new(ErrorCode::NoSuchSession, "no such session"))?;
+    /// Relaunches the session's app (if it has a launch spec) on a blocking thread (it
+    /// prepares a log file and forks); `on_launched` records the outcome and schedules the
+    /// next try. A relaunch already under way is not started twice: `reply` waits for it.
+    fn relaunch(
+        &mut self,
+        key: SessionKey,
+        reason: WakeReason,
+        reply: Option<(ConnId, u64)>,
+    ) -> Result<Option<WakeOutcome>, ErrorInfo> {
+        let s =
+            self.sessions.get_mut(&key).ok_or_else(|| ErrorInfo::new(ErrorCode::NoSuchSession, "no such session"))?;
         let Some(spec) = s.rec.config.launch.clone() else {
-            return Ok(WakeOutcome::NoTarget);
+            return Ok(Some(WakeOutcome::NoTarget));
         };
+        s.launch_replies.extend(reply);
+        if std::mem::replace(&mut s.launching, true) {
+            return Ok(None);
+        }
         let identifier = s.rec.identifier.clone();
+        let (socket, log_dir, scope) = (self.cfg.socket.clone(), self.cfg.launch_log_dir(), self.launch_scope);
         let tx = self.tx.clone();
-        let ctx = launcher::Context {
-            identifier: &identifier,
-            socket: &self.cfg.socket,
-            log_dir: &self.cfg.launch_log_dir(),
-            reason: reason.as_str(),
-            scope: self.launch_scope,
-        };
-        let launched = launcher::launch(&spec, &ctx, move |result| {
-            let _ = tx.send(super::CoreMsg::LaunchFinished { session: key, result });
+        tokio::task::spawn_blocking(move || {
+            let ctx = launcher::Context {
+                identifier: &identifier,
+                socket: &socket,
+                log_dir: &log_dir,
+                reason: reason.as_str(),
+                scope,
+            };
+            let exited = tx.clone();
+            let launched = launcher::launch(&spec, &ctx, move |result| {
+                let _ = exited.send(super::CoreMsg::LaunchFinished { session: key, result });
+            });
+            let _ = tx.send(super::CoreMsg::Launched { session: key, launched });
         });
+        Ok(None)
+    }
+
+    /// A relaunch was started (or could not be): record it, answer who asked.
+    pub(super) fn on_launched(&mut self, key: SessionKey, launched: Result<launcher::Launched, String>) {
         if launched.is_ok() {
             self.life.launches_running += 1;
         }
@@ -149,8 +178,17 @@ impl Core {
                 launcher::Launched::Unit(unit) => WakeOutcome::UnitStarted { unit },
             })
             .map_err(|e| ErrorInfo::new(ErrorCode::Internal, format!("cannot relaunch the app: {e}")));
+        let replies = match self.sessions.get_mut(&key) {
+            Some(s) => {
+                s.launching = false;
+                std::mem::take(&mut s.launch_replies)
+            }
+            None => Vec::new(),
+        };
         self.woke(key, &outcome);
-        outcome
+        for (conn, id) in replies {
+            self.reply(conn, id, outcome.clone().map(dlsession_proto::Response::Wake));
+        }
     }
 
     /// Records a wake or relaunch (one log line) and schedules the next with backoff.
@@ -186,7 +224,7 @@ impl Core {
             .collect();
         for key in keys {
             if self.has_finished_events(key) {
-                let _ = self.wake_now(key, WakeReason::FinishedEvents);
+                let _ = self.wake_now(key, WakeReason::FinishedEvents, None);
             }
         }
     }

@@ -54,6 +54,7 @@ impl Engine {
                 return Ok((resp, url));
             };
             let next = url.join(location).map_err(|e| {
+                let location = redact::url(location);
                 Failure::permanent(ErrorCode::InvalidUrl, format!("redirect to an invalid location {location:?}: {e}"))
             })?;
             if !matches!(next.scheme(), "http" | "https") {

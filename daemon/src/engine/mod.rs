@@ -1,7 +1,8 @@
 //! The download engine: one tokio task per running download.
 //!
 //! A worker is handed a [`Job`] by the core and reports back only through
-//! [`WorkerEvent`]s on the core's channel; it knows nothing about IPC or SQL. It never
+//! [`WorkerEvent`]s to a [`Sink`] (`report`); it knows nothing about IPC, SQL or who
+//! listens. It never
 //! decides a task's fate: it reports what happened (a response started, a checkpoint is
 //! durable, the data is complete, a failure and whether it is transient) and the core
 //! decides.
@@ -50,8 +51,8 @@ const WRITER_QUEUE: usize = 4;
 /// interval is handed over as it stands and the rest streams, so it checkpoints on time.
 const SMALL_BODY: u64 = 1 << 20;
 
-/// Everything a worker needs for one attempt.
-#[derive(Debug)]
+/// Everything a worker needs for one attempt. `Debug` shows the URL redacted and no
+/// header values.
 pub struct Job {
     pub link: WorkerLink,
     /// The session's identifier, for logs.
@@ -73,6 +74,18 @@ pub struct Job {
     pub progress: Arc<Progress>,
     pub limiter: Option<Arc<RateLimiter>>,
     pub stop: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("task", &self.link.task())
+            .field("session", &self.session)
+            .field("url", &dlsession_proto::redact::Shown(&self.url))
+            .field("offset", &self.offset)
+            .field("part_path", &self.part_path)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone)]

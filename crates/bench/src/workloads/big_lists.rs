@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use dlsession_proto::{Request, Response};
 
-use crate::Ctx;
+use crate::ctx::Ctx;
 use crate::env::{BenchEnv, Daemon};
 use crate::report::{Outcome, Row};
 use crate::run;

@@ -10,7 +10,7 @@ use dlsession_proto::{Request, Response, SessionConfig, TaskDetail, TaskId, Task
 use dlsession_testkit::{Resource, TestServer};
 
 use super::data::{out_dir, remove, verify};
-use crate::Ctx;
+use crate::ctx::Ctx;
 use crate::env::{BenchEnv, Daemon};
 use crate::report::{Outcome, Row};
 use crate::stats::{Summary, mib, size};

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::Ctx;
+use crate::ctx::Ctx;
 
 /// A file nginx serves, with its SHA-256.
 #[derive(Debug, Clone)]

@@ -9,7 +9,7 @@ use dlsession::{DownloadRequest, DownloadTask, Session, SessionConfiguration, Se
 use tokio::sync::mpsc;
 
 use super::data::{out_dir, remove, verify};
-use crate::Ctx;
+use crate::ctx::Ctx;
 use crate::env::{BenchEnv, Daemon};
 use crate::report::{Outcome, Row};
 use crate::responder::Responder;

@@ -10,7 +10,7 @@ use dlsession::Client;
 use dlsession_proto::{ErrorInfo, Request, Response, TaskSpec};
 use tokio::sync::oneshot;
 
-use crate::Ctx;
+use crate::ctx::Ctx;
 use crate::env::{BenchEnv, Daemon};
 use crate::report::{Outcome, Row};
 use crate::run;

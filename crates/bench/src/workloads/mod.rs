@@ -12,7 +12,7 @@ mod small_files;
 
 use anyhow::{Result, bail};
 
-use crate::Ctx;
+use crate::ctx::Ctx;
 use crate::report::Outcome;
 pub use data::Data;
 

@@ -9,7 +9,7 @@ use dlsession_proto::{Request, Response, SessionConfig, TaskSpec};
 use dlsession_testkit::{Resource, TestServer};
 
 use super::data::out_dir;
-use crate::Ctx;
+use crate::ctx::Ctx;
 use crate::env::{BenchEnv, Daemon};
 use crate::report::{Outcome, Row};
 use crate::stats::Summary;

@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result};
 
 use super::data::{Data, Served, out_dir, remove, verify};
 use super::download::{Sample, measure};
-use crate::Ctx;
+use crate::ctx::Ctx;
 use crate::env::{BenchEnv, Daemon};
 use crate::report::{Outcome, Row};
 use crate::run::{self, Cmd};

@@ -89,6 +89,7 @@ pub async fn run(ctx: &Ctx, args: AttachArgs) -> Result<Exit> {
         Some(Note::Detached(DetachReason::TakenOver)) => {
             Err(CliError::local(ErrorCode::SessionInUse, format!("another process took session {} over", args.session)))
         }
+        // Only a client that does not reconnect hears this; `attach` reconnects.
         Some(Note::Detached(DetachReason::DaemonShutdown)) => {
             Err(CliError::Client(dlsession::Error::Disconnected { reason: Some("dlsessiond is shutting down".into()) }))
         }

@@ -11,7 +11,7 @@ mod tasks;
 use tracing::debug;
 
 use super::Core;
-use super::disk::Checked;
+use super::disk::{Adoption, Checked};
 use crate::conn::ConnId;
 use dlsession_proto::{ErrorCode, ErrorInfo, Request, Response, TaskId, WakeReason};
 
@@ -39,12 +39,25 @@ impl Core {
     /// A request's disk phase is over: handle it again with what it found.
     pub(super) fn on_disk_checked(&mut self, conn: ConnId, id: u64, request: Request, result: Checked) {
         match result {
-            Ok(prepared) => self.handle_request(conn, id, request, DiskCheck::Done(prepared)),
+            Ok(prepared) => {
+                let adopted = match &prepared.resume {
+                    Some((_, Adoption::Adopted { kept, part })) => Some((part.clone(), kept.clone())),
+                    _ => None,
+                };
+                // Refused after all (the session went, the daemon is stopping): the kept
+                // file goes back where the resume data says it is.
+                if !self.handle_request(conn, id, request, DiskCheck::Done(prepared))
+                    && let Some((part, kept)) = adopted
+                {
+                    self.disk.unadopt(part, kept);
+                }
+            }
             Err(e) => self.reply(conn, id, Err(e)),
         }
     }
 
-    fn handle_request(&mut self, conn: ConnId, id: u64, request: Request, check: DiskCheck) {
+    /// Handles a request; false if it was refused.
+    fn handle_request(&mut self, conn: ConnId, id: u64, request: Request, check: DiskCheck) -> bool {
         let mutating = !matches!(
             request,
             Request::Status
@@ -61,11 +74,7 @@ impl Core {
         let writes = mutating
             && !matches!(
                 request,
-                Request::Attach { .. }
-                    | Request::Detach { .. }
-                    | Request::Wake { .. }
-                    | Request::HandleWakes
-                    | Request::ListSessionsPage(_)
+                Request::Attach { .. } | Request::Detach { .. } | Request::Wake { .. } | Request::HandleWakes
             );
         let result = if mutating && self.life.shutting_down {
             Err(ErrorInfo::new(ErrorCode::Internal, "the daemon is shutting down; try again when it is back"))
@@ -77,8 +86,12 @@ impl Core {
         match result {
             Ok(Answer::Now(response)) => self.reply(conn, id, Ok(response)),
             Ok(Answer::Later) => {}
-            Err(e) => self.reply(conn, id, Err(e)),
+            Err(e) => {
+                self.reply(conn, id, Err(e));
+                return false;
+            }
         }
+        true
     }
 
     fn dispatch(&mut self, conn: ConnId, id: u64, request: Request, check: DiskCheck) -> Handled {
@@ -115,7 +128,10 @@ impl Core {
             Request::InvalidateAndCancel { identifier } => self.finish_and_invalidate(conn, id, &identifier, true),
             Request::Wake { identifier } => {
                 let key = self.sessions.key_of(&identifier)?;
-                Ok(Answer::Now(Response::Wake(self.wake_now(key, WakeReason::Requested)?)))
+                Ok(match self.wake_now(key, WakeReason::Requested, Some((conn, id)))? {
+                    Some(outcome) => Answer::Now(Response::Wake(outcome)),
+                    None => Answer::Later,
+                })
             }
             Request::Watch(filter) => self.watch(conn, filter),
             Request::Unwatch => {

@@ -60,7 +60,7 @@ impl Core {
                 let request = Request::CreateTasks { identifier, tasks: specs, resume };
                 self.check_on_disk(conn, id, request, move || {
                     dests.into_iter().try_for_each(|(i, dest, overwrite)| {
-                        validate::destination_on_disk(&dest, overwrite).map_err(|e| in_batch(i, n, e))
+                        disk::destination_on_disk(&dest, overwrite).map_err(|e| in_batch(i, n, e))
                     })?;
                     Ok(Prepared { resume: None })
                 });
@@ -118,7 +118,7 @@ impl Core {
                 let request = Request::CreateTaskFromResumeData { identifier, resume_data: blob, resume };
                 self.check_on_disk(conn, id, request, move || {
                     if let Some((dest, overwrite)) = dest {
-                        validate::destination_on_disk(&dest, overwrite)?;
+                        disk::destination_on_disk(&dest, overwrite)?;
                     }
                     let adoption = kept.map_or(Adoption::None, |kept| disk::adopt(&kept, &part));
                     Ok(Prepared { resume: Some((task_id, adoption)) })
@@ -140,10 +140,7 @@ impl Core {
             ops.push(Op::InsertTask(Box::new(t.rec.clone())));
         }
         ops.push(Op::SetNextTaskId(self.tasks.next_id()));
-        let mut after = vec![After::Reply { conn, id, response: Response::TasksCreated(vec![task_id]) }];
-        if let Adoption::Adopted { kept } = adoption {
-            after.push(After::RemoveFiles(vec![kept]));
-        }
+        let after = vec![After::Reply { conn, id, response: Response::TasksCreated(vec![task_id]) }];
         self.commit(ops, after);
         self.schedule();
         Ok(Answer::Later)
