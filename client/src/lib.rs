@@ -39,6 +39,7 @@
 //! ```
 
 pub mod autostart;
+mod batches;
 mod config;
 mod connection;
 mod delegate;
