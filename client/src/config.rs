@@ -28,9 +28,25 @@ use dlsession_proto::{Header, LaunchSpec, SessionConfig, TaskSpec};
 pub struct SessionConfiguration {
     pub(crate) identifier: String,
     pub(crate) config: SessionConfig,
+    /// Which parts of `config` the app set (or cleared): only those replace what the
+    /// session has stored.
+    set: Fields,
     pub(crate) socket: Option<PathBuf>,
     pub(crate) takeover: bool,
     pub(crate) client_name: Option<String>,
+}
+
+/// The parts of a session's configuration an app may set, each on its own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Fields {
+    app_id: bool,
+    launch: bool,
+    headers: bool,
+    timeout_for_request: bool,
+    timeout_for_resource: bool,
+    max_connections_per_host: bool,
+    max_concurrent_tasks: bool,
+    bandwidth_limit: bool,
 }
 
 impl SessionConfiguration {
@@ -40,12 +56,14 @@ impl SessionConfiguration {
         SessionConfiguration {
             identifier: identifier.into(),
             config: SessionConfig::default(),
+            set: Fields::default(),
             socket: None,
             takeover: false,
             client_name: None,
         }
     }
 
+    /// The session's identifier.
     pub fn identifier(&self) -> &str {
         &self.identifier
     }
@@ -53,6 +71,14 @@ impl SessionConfiguration {
     /// The app the daemon wakes when this session has finished events.
     pub fn app_id(mut self, app_id: impl Into<String>) -> Self {
         self.config.app_id = Some(app_id.into());
+        self.set.app_id = true;
+        self
+    }
+
+    /// No app to wake (clears a stored `app_id`).
+    pub fn no_app_id(mut self) -> Self {
+        self.config.app_id = None;
+        self.set.app_id = true;
         self
     }
 
@@ -63,46 +89,78 @@ impl SessionConfiguration {
         S: Into<String>,
     {
         self.config.launch = Some(LaunchSpec::Command { argv: argv.into_iter().map(Into::into).collect() });
+        self.set.launch = true;
         self
     }
 
     /// Relaunch the app with `systemctl --user start UNIT` (a template gets the identifier).
     pub fn systemd_unit(mut self, unit: impl Into<String>) -> Self {
         self.config.launch = Some(LaunchSpec::SystemdUnit { unit: unit.into() });
+        self.set.launch = true;
         self
     }
 
-    /// A header added to every request of the session.
+    /// Never relaunch the app (clears a stored launch command or unit).
+    pub fn no_launch(mut self) -> Self {
+        self.config.launch = None;
+        self.set.launch = true;
+        self
+    }
+
+    /// A header added to every request of the session. The headers given replace the
+    /// stored ones as a whole.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.config.http_headers.push(Header::new(name, value));
+        self.set.headers = true;
+        self
+    }
+
+    /// No session headers (clears the stored ones).
+    pub fn no_headers(mut self) -> Self {
+        self.config.http_headers.clear();
+        self.set.headers = true;
         self
     }
 
     /// Idle timeout: an attempt fails (and is retried) after this long without data.
     pub fn timeout_for_request(mut self, timeout: Duration) -> Self {
         self.config.timeout_for_request_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self.set.timeout_for_request = true;
         self
     }
 
     /// The whole budget of a task, retries included.
     pub fn timeout_for_resource(mut self, timeout: Duration) -> Self {
         self.config.timeout_for_resource_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self.set.timeout_for_resource = true;
         self
     }
 
+    /// Connections to one host (and port) at once, across the session's tasks (1–256).
     pub fn max_connections_per_host(mut self, n: u32) -> Self {
         self.config.max_connections_per_host = n;
+        self.set.max_connections_per_host = true;
         self
     }
 
+    /// Tasks of the session running at once (unlimited by default).
     pub fn max_concurrent_tasks(mut self, n: u32) -> Self {
         self.config.max_concurrent_tasks = Some(n);
+        self.set.max_concurrent_tasks = true;
         self
     }
 
     /// Bytes per second for the whole session.
     pub fn bandwidth_limit(mut self, bytes_per_second: u64) -> Self {
         self.config.bandwidth_limit = Some(bytes_per_second);
+        self.set.bandwidth_limit = true;
+        self
+    }
+
+    /// No bandwidth limit (clears a stored one).
+    pub fn no_bandwidth_limit(mut self) -> Self {
+        self.config.bandwidth_limit = None;
+        self.set.bandwidth_limit = true;
         self
     }
 
@@ -124,9 +182,55 @@ impl SessionConfiguration {
         self
     }
 
-    /// The wire form of the stored configuration.
+    /// The wire form of this configuration (parts not set have their defaults).
     pub fn config(&self) -> &SessionConfig {
         &self.config
+    }
+
+    /// Whether every part was set (then nothing stored needs to be read to attach).
+    pub(crate) fn sets_everything(&self) -> bool {
+        let f = self.set;
+        f.app_id
+            && f.launch
+            && f.headers
+            && f.timeout_for_request
+            && f.timeout_for_resource
+            && f.max_connections_per_host
+            && f.max_concurrent_tasks
+            && f.bandwidth_limit
+    }
+
+    /// The configuration an attach stores: what the app set, and for the rest what
+    /// `stored` (the session's configuration so far) has. An app that attaches without
+    /// naming its launch command keeps the one it registered earlier.
+    pub fn merged_with(&self, stored: &SessionConfig) -> SessionConfig {
+        let (f, mine) = (self.set, &self.config);
+        SessionConfig {
+            app_id: if f.app_id { mine.app_id.clone() } else { stored.app_id.clone() },
+            launch: if f.launch { mine.launch.clone() } else { stored.launch.clone() },
+            http_headers: if f.headers { mine.http_headers.clone() } else { stored.http_headers.clone() },
+            timeout_for_request_ms: if f.timeout_for_request {
+                mine.timeout_for_request_ms
+            } else {
+                stored.timeout_for_request_ms
+            },
+            timeout_for_resource_ms: if f.timeout_for_resource {
+                mine.timeout_for_resource_ms
+            } else {
+                stored.timeout_for_resource_ms
+            },
+            max_connections_per_host: if f.max_connections_per_host {
+                mine.max_connections_per_host
+            } else {
+                stored.max_connections_per_host
+            },
+            max_concurrent_tasks: if f.max_concurrent_tasks {
+                mine.max_concurrent_tasks
+            } else {
+                stored.max_concurrent_tasks
+            },
+            bandwidth_limit: if f.bandwidth_limit { mine.bandwidth_limit } else { stored.bandwidth_limit },
+        }
     }
 }
 

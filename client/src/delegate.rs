@@ -44,7 +44,10 @@ pub trait SessionDelegate: Send + Sync + 'static {
         let _ = (session, task, error);
     }
 
-    /// Every event queued while the app was away has been delivered and acknowledged.
+    /// Events were delivered in this attachment and every one is now acknowledged: after
+    /// rejoining, once the events queued while the app was away are handled; while
+    /// attached, once the session's last active task has completed. Not called for an
+    /// attach with nothing to deliver. The app may rest (or exit) when it hears this.
     fn did_finish_events_for_background_session(&self, session: &Session) {
         let _ = session;
     }

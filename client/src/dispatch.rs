@@ -85,9 +85,20 @@ impl Session {
                 ),
             )));
         }
+        // What the app did not set keeps its stored value (its launch command, say).
+        let stored = if config.sets_everything() {
+            None
+        } else {
+            match client.request(Request::GetSession { identifier: config.identifier.clone() }).await {
+                Ok(Response::Session(info)) => Some(info.config),
+                Ok(_) => None,
+                Err(e) if e.code() == ErrorCode::NoSuchSession => None,
+                Err(e) => return Err(e),
+            }
+        };
         let request = Request::Attach {
             identifier: config.identifier.clone(),
-            config: config.config.clone(),
+            config: stored.map_or_else(|| config.config.clone(), |stored| config.merged_with(&stored)),
             takeover: config.takeover,
         };
         // Route first: the replay follows the attach response immediately.
@@ -121,6 +132,7 @@ impl Session {
             acks_in_flight: Vec::new(),
             kept: HashSet::new(),
             overflowed: handle.overflowed,
+            delivered: false,
         };
         let events = handle.events;
         std::thread::Builder::new()
@@ -150,6 +162,9 @@ struct Dispatcher {
     kept: HashSet<TaskId>,
     /// The queue overflowed and events were dropped: ask for them again once caught up.
     overflowed: Arc<AtomicBool>,
+    /// Durable events were handed to the delegate since it last heard "finished events":
+    /// only then does it hear it again (an attach with nothing to deliver says nothing).
+    delivered: bool,
 }
 
 /// Acknowledgements are sent in batches of at most this many.
@@ -213,6 +228,7 @@ impl Dispatcher {
         let d = self.delegate.clone();
         match event {
             Event::Durable { seq, event, .. } => {
+                self.delivered = true;
                 match &event {
                     DurableEvent::ResumedAtOffset { task, offset, expected_total } => {
                         let t = self.task(&session, *task);
@@ -245,7 +261,9 @@ impl Dispatcher {
             Event::FinishedEvents { .. } => {
                 // Everything is acknowledged (and durable) before the app is told it is done.
                 self.flush_acks(true);
-                d.did_finish_events_for_background_session(&session);
+                if std::mem::take(&mut self.delivered) {
+                    d.did_finish_events_for_background_session(&session);
+                }
             }
             Event::Detached { reason, .. } => {
                 self.flush_acks(false);

@@ -310,3 +310,80 @@ async fn a_late_acknowledgement_for_a_reused_identifier_deletes_nothing_new() {
     assert_eq!(events.completion(id, LONG).await, None);
     assert_eq!(sha256_file(&events.moved_to(id).unwrap()).unwrap(), to_hex(&pattern_sha256(62, 10_000)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_keeps_what_the_app_leaves_unset_and_clears_what_it_says() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let registered = config(&env, "t.merge")
+        .app_id("org.example.merge")
+        .launch_command(["/usr/bin/true", "--collect"])
+        .header("X-App", "1")
+        .bandwidth_limit(1 << 20);
+    let (first, _) = Recorder::new(&env.path().join("a"));
+    drop(Session::attach(registered, first).await.unwrap());
+    let stored = || async { info(&env, "t.merge").await.unwrap().config };
+    wait_for("detached", LONG, || (!block(info(&env, "t.merge")).unwrap().attached).then_some(()));
+
+    // An attach that names nothing keeps everything.
+    let (second, _) = Recorder::new(&env.path().join("b"));
+    drop(Session::attach(config(&env, "t.merge"), second).await.unwrap());
+    let kept = stored().await;
+    assert_eq!(kept.app_id.as_deref(), Some("org.example.merge"));
+    assert!(
+        matches!(&kept.launch, Some(dlsession::proto::LaunchSpec::Command { argv }) if argv == &["/usr/bin/true", "--collect"]),
+        "launch command kept: {:?}",
+        kept.launch
+    );
+    assert_eq!(kept.http_headers.len(), 1, "headers kept");
+    assert_eq!(kept.bandwidth_limit, Some(1 << 20));
+    wait_for("detached", LONG, || (!block(info(&env, "t.merge")).unwrap().attached).then_some(()));
+
+    // What it sets replaces, what it clears is cleared, the rest stays.
+    let (third, _) = Recorder::new(&env.path().join("c"));
+    let changed = config(&env, "t.merge").no_launch().max_concurrent_tasks(3).no_bandwidth_limit();
+    let _s = Session::attach(changed, third).await.unwrap();
+    let now = stored().await;
+    assert_eq!(now.launch, None, "no_launch() clears the stored command");
+    assert_eq!(now.bandwidth_limit, None, "no_bandwidth_limit() clears the stored limit");
+    assert_eq!(now.max_concurrent_tasks, Some(3));
+    assert_eq!(now.app_id.as_deref(), Some("org.example.merge"), "app_id still kept");
+    assert_eq!(now.http_headers.len(), 1, "headers still kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_events_only_after_events_were_delivered() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(300_000, 2).throttle(1 << 20));
+    // An attach with nothing to deliver says nothing.
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.fin"), delegate).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    events.drain();
+    assert!(!events.seen.contains(&Seen::FinishedEvents), "empty attach: {:?}", events.seen);
+
+    // While attached: once the last task has completed and its events are acknowledged.
+    let tasks = session
+        .download_tasks(vec![DownloadRequest::new(server.url("/a")), DownloadRequest::new(server.url("/a"))], true)
+        .await
+        .unwrap();
+    events.wait("did_finish_events", LONG, |e| *e == Seen::FinishedEvents).await;
+    for t in &tasks {
+        let done = events.seen.iter().position(|e| matches!(e, Seen::Completed { task, .. } if *task == t.id()));
+        assert!(done.is_some(), "task {} completed before finished-events: {:?}", t.id(), events.seen);
+    }
+    assert_eq!(events.seen.iter().filter(|e| **e == Seen::FinishedEvents).count(), 1);
+    let now = session.info().await.unwrap();
+    assert_eq!(now.pending_events, 0, "everything acknowledged when the app hears it");
+
+    // Rejoining with nothing new: silent again.
+    drop(session);
+    wait_for("detached", LONG, || (!block(info(&env, "t.fin")).unwrap().attached).then_some(()));
+    let (again, mut later) = Recorder::new(&env.path().join("out2"));
+    let _s = Session::attach(config(&env, "t.fin"), again).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    later.drain();
+    assert!(later.seen.is_empty(), "nothing to deliver, nothing said: {:?}", later.seen);
+}

@@ -201,6 +201,22 @@ impl Drop for Root {
     }
 }
 
+impl Drop for TestEnv {
+    /// A daemon a client started in this environment (autostart) goes with it: it would
+    /// outlive the test, holding a deleted directory.
+    fn drop(&mut self) {
+        let lock = self.state_dir.join("dlsessiond/dlsessiond.lock");
+        let Ok(text) = std::fs::read_to_string(&lock) else { return };
+        let Some(pid) = text.trim().parse::<u32>().ok() else { return };
+        // Only a daemon of this environment (a pid of a dead one may have been reused).
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains("dlsessiond") && cmdline.contains(&*self.socket.to_string_lossy()) {
+            crate::host::kill(pid);
+        }
+    }
+}
+
 impl Default for TestEnv {
     fn default() -> TestEnv {
         TestEnv::new()

@@ -50,6 +50,11 @@ impl Core {
             c.handle.event(Event::Durable { identifier: s.rec.identifier.clone(), seq: *seq, event: ev.event.clone() });
         }
         s.delivered = s.committed;
+        // The session's last task is done and every event it emitted is committed and out:
+        // the attached app hears it may rest, as after a replay.
+        if s.counts.active() == 0 && s.committed.saturating_add(1) >= s.rec.next_seq {
+            c.handle.event(Event::FinishedEvents { identifier: s.rec.identifier.clone() });
+        }
     }
 
     /// Completes an attach once its changes are durable: reply, replay, `finished_events`.

@@ -59,11 +59,19 @@ pub async fn run(ctx: &Ctx, args: AttachArgs) -> Result<Exit> {
         cache_note: AtomicBool::new(false),
     };
     let failed = printer.failed.clone();
-    // The delegate is dropped when the session's dispatcher ends, closing `rx`.
-    let session = Session::attach_with(&client, configuration, Arc::new(printer)).await?;
+    let printer = Arc::new(printer);
+    let session = Session::attach_with(&client, configuration, printer.clone()).await?;
     if !existed {
         eprintln!("note: session {} did not exist; it was created (with no tasks)", args.session);
     }
+    // Nothing to deliver (and, with --wait, nothing running): the library says nothing of
+    // an attach without events, so the command says it is done itself.
+    let info = session.info().await?;
+    if info.pending_events == 0 && (!args.wait || info.tasks.active() == 0) {
+        printer.did_finish_events_for_background_session(&session);
+    }
+    // The dispatcher holds the other handle; `rx` closes when both are gone.
+    drop(printer);
     let interrupt = tokio::signal::ctrl_c();
     tokio::pin!(interrupt);
     let note = loop {
