@@ -13,8 +13,9 @@
 //! create it and abort while handling the first finished file, before acknowledging) and
 //! `--hold FILE` (collect: wait until FILE exists before rejoining).
 //!
-//! Try it with a daemon running: `cargo run -p dlsession --example fetcher -- start --dir
-//! /tmp/got https://static.crates.io/crates/serde/serde-1.0.229.crate`.
+//! Try it against a local server: `cargo run -p dlsession-testkit --bin dlsession-serve`
+//! prints a URL on 127.0.0.1; then `cargo run -p dlsession --example fetcher -- start --dir
+//! /tmp/got URL`.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 

@@ -254,10 +254,12 @@ pub struct DownloadRequest {
 }
 
 impl DownloadRequest {
+    /// A GET of `url` (http or https).
     pub fn new(url: impl Into<String>) -> DownloadRequest {
         DownloadRequest { spec: TaskSpec::get(url) }
     }
 
+    /// A header added to this task's requests (after the session's headers).
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.spec.headers.push(Header::new(name, value));
         self
@@ -306,15 +308,18 @@ impl DownloadRequest {
         self
     }
 
+    /// A hint of the file's size: shown as `bytes_expected` until the server says.
     pub fn expected_size(mut self, bytes: u64) -> Self {
         self.spec.expected_size = Some(bytes);
         self
     }
 
+    /// The wire form of the request.
     pub fn spec(&self) -> &TaskSpec {
         &self.spec
     }
 
+    /// The wire form of the request, taken.
     pub fn into_spec(self) -> TaskSpec {
         self.spec
     }

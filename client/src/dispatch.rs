@@ -15,7 +15,8 @@ use crate::config::SessionConfiguration;
 use crate::connection::{Client, ClientOptions, Routed};
 use crate::delegate::{Handled, SessionDelegate, WakeHandler};
 use crate::error::{Error, Result};
-use crate::session::{DownloadTask, Session, SessionShared};
+use crate::session::{DownloadTask, Session, SessionShared, Signals};
+use crate::stream::SessionEvent;
 use dlsession_proto::{DetachReason, DurableEvent, ErrorCode, ErrorInfo, Event, Request, Response, TaskId};
 
 impl Client {
@@ -91,7 +92,7 @@ impl Session {
         } else {
             match client.request(Request::GetSession { identifier: config.identifier.clone() }).await {
                 Ok(Response::Session(info)) => Some(info.config),
-                Ok(_) => None,
+                Ok(other) => return Err(Error::UnexpectedResponse { expected: "session", got: other.kind() }),
                 Err(e) if e.code() == ErrorCode::NoSuchSession => None,
                 Err(e) => return Err(e),
             }
@@ -110,6 +111,7 @@ impl Session {
                 identifier: config.identifier.clone(),
                 route,
                 tasks: Mutex::new(HashMap::new()),
+                signals: Signals::default(),
             }),
         };
         match client.request(request).await {
@@ -218,6 +220,10 @@ impl Dispatcher {
             }
         }
         self.flush_acks(false);
+        if let Some(shared) = self.session.upgrade() {
+            shared.signals.streams.close();
+            shared.signals.poke();
+        }
         debug!(session = %self.identifier, "delegate thread exiting");
     }
 
@@ -229,24 +235,34 @@ impl Dispatcher {
         match event {
             Event::Durable { seq, event, .. } => {
                 self.delivered = true;
-                match &event {
+                let seen = match &event {
                     DurableEvent::ResumedAtOffset { task, offset, expected_total } => {
                         let t = self.task(&session, *task);
                         d.did_resume_at_offset(&session, &t, *offset, *expected_total);
+                        SessionEvent::ResumedAtOffset { task: *task, offset: *offset, expected_total: *expected_total }
                     }
                     DurableEvent::FinishedDownloading { task, location } => {
                         let t = self.task(&session, *task);
-                        if d.finish_downloading(&session, &t, Path::new(location)) == Handled::Later {
+                        let handled = d.finish_downloading(&session, &t, Path::new(location));
+                        if handled == Handled::Later {
                             self.kept.insert(*task);
                         }
+                        let kept = handled == Handled::Later;
+                        SessionEvent::FinishedDownloading { task: *task, location: location.into(), kept }
                     }
                     DurableEvent::Completed { task, error } => {
                         let t = self.task(&session, *task);
                         d.did_complete_with_error(&session, &t, error.as_ref());
+                        SessionEvent::Completed { task: *task, error: error.clone() }
                     }
-                    DurableEvent::DidBecomeInvalid { error } => d.did_become_invalid(&session, error.as_ref()),
-                }
+                    DurableEvent::DidBecomeInvalid { error } => {
+                        d.did_become_invalid(&session, error.as_ref());
+                        SessionEvent::BecameInvalid { error: error.clone() }
+                    }
+                };
+                session.shared.signals.streams.offer(&seen);
                 if event.task().is_some_and(|t| self.kept.contains(&t)) {
+                    session.shared.signals.kept_events.fetch_add(1, Ordering::AcqRel);
                     return true;
                 }
                 self.pending_acks.push(seq);
@@ -257,19 +273,27 @@ impl Dispatcher {
             Event::Progress { task, bytes_written, total_bytes_written, total_bytes_expected, .. } => {
                 let t = self.task(&session, task);
                 d.did_write_data(&session, &t, bytes_written, total_bytes_written, total_bytes_expected);
+                let seen = SessionEvent::Progress { task, bytes_written, total_bytes_written, total_bytes_expected };
+                session.shared.signals.streams.offer(&seen);
             }
             Event::FinishedEvents { .. } => {
                 // Everything is acknowledged (and durable) before the app is told it is done.
                 self.flush_acks(true);
                 if std::mem::take(&mut self.delivered) {
                     d.did_finish_events_for_background_session(&session);
+                    session.shared.signals.streams.offer(&SessionEvent::FinishedEvents);
                 }
+                session.shared.signals.poke();
             }
             Event::Detached { reason, .. } => {
                 self.flush_acks(false);
                 // Unrouted first, so the delegate may attach again from the callback.
                 session.shared.client.unroute(session.identifier(), session.shared.route);
+                if let Ok(mut detached) = session.shared.signals.detached.lock() {
+                    *detached = Some(reason);
+                }
                 d.did_detach(&session, reason);
+                session.shared.signals.streams.offer(&SessionEvent::Detached(reason));
                 return false;
             }
             Event::Wake { .. } | Event::TaskUpdate(_) => {}
@@ -281,7 +305,8 @@ impl Dispatcher {
     fn connection_lost(&mut self, reason: &str) {
         self.acks_in_flight.clear();
         if let Some(shared) = self.session.upgrade() {
-            self.delegate.did_lose_connection(&Session { shared }, reason);
+            self.delegate.did_lose_connection(&Session { shared: shared.clone() }, reason);
+            shared.signals.streams.offer(&SessionEvent::ConnectionLost { reason: reason.to_owned() });
         }
     }
 
@@ -289,7 +314,9 @@ impl Dispatcher {
         // The rejoin replays every unacknowledged event: a kept file comes again too.
         self.kept.clear();
         if let Some(shared) = self.session.upgrade() {
-            self.delegate.did_reconnect(&Session { shared });
+            shared.signals.kept_events.store(0, Ordering::Release);
+            self.delegate.did_reconnect(&Session { shared: shared.clone() });
+            shared.signals.streams.offer(&SessionEvent::Reconnected);
         }
     }
 
@@ -309,6 +336,7 @@ impl Dispatcher {
         };
         debug!(session = %self.identifier, "the event queue overflowed; asking for the events again");
         self.kept.clear();
+        shared.signals.kept_events.store(0, Ordering::Release);
         match self.runtime.block_on(shared.client.request(request)) {
             Ok(_) => {}
             Err(e) if e.code() == ErrorCode::SessionInUse => {

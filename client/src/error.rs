@@ -15,37 +15,75 @@ pub enum Error {
         "dlsessiond is not running (cannot connect to {path}: {source}); start it with `dlsessiond &` \
          or `systemctl --user start dlsessiond`"
     )]
-    NotRunning { path: PathBuf, source: std::io::Error },
+    NotRunning {
+        /// The socket tried.
+        path: PathBuf,
+        /// What connecting said.
+        source: std::io::Error,
+    },
     /// The daemon speaks another protocol version.
     #[error("protocol_version: this client speaks protocol {ours}, dlsessiond speaks {theirs}; upgrade the older one")]
-    VersionMismatch { ours: u16, theirs: u16 },
+    VersionMismatch {
+        /// This library's protocol version.
+        ours: u16,
+        /// The daemon's.
+        theirs: u16,
+    },
     /// The daemon refused the connection during the handshake.
     #[error("{}: dlsessiond refused the connection: {reason}", code.as_str())]
-    Refused { code: ErrorCode, reason: String },
+    Refused {
+        /// Why, as a stable code.
+        code: ErrorCode,
+        /// Why, in words.
+        reason: String,
+    },
     /// The daemon answered the request with an error.
     #[error("{0}")]
     Daemon(ErrorInfo),
     /// The daemon answered with a response of the wrong kind.
     #[error("internal: unexpected response from dlsessiond (expected {expected}, got {got})")]
-    UnexpectedResponse { expected: &'static str, got: &'static str },
+    UnexpectedResponse {
+        /// The kind of response the request calls for.
+        expected: &'static str,
+        /// The kind that came.
+        got: &'static str,
+    },
     /// The connection closed.
     #[error("internal: the connection to dlsessiond was lost{}", .reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
-    Disconnected { reason: Option<String> },
+    Disconnected {
+        /// Why, when known.
+        reason: Option<String>,
+    },
     /// A frame from the daemon could not be read.
     #[error("internal: protocol error talking to dlsessiond: {0}")]
     Protocol(#[from] ProtoError),
     /// A value given to this library is invalid (checked before it is sent).
     #[error("{0}")]
     Invalid(ErrorInfo),
+    /// This attachment of the session ended: another process took it over.
+    #[error("session_in_use: this session was {reason} (attach again with takeover to take it back)", reason = .reason.as_str().replace('_', " "))]
+    Detached {
+        /// How the attachment ended.
+        reason: dlsession_proto::DetachReason,
+    },
+    /// Where the daemon's socket is could not be determined.
     #[error("internal: cannot determine where dlsessiond's socket is: {0}")]
     NoSocketPath(#[from] dlsession_proto::paths::NoHomeDir),
     /// Nothing listened, and starting the daemon on demand failed.
     #[error("dlsessiond is not running and could not be started: {reason}")]
-    StartFailed { reason: String },
+    StartFailed {
+        /// What went wrong starting it.
+        reason: String,
+    },
     /// The daemon did not answer a request in time (`ClientOptions::request_timeout`). The
     /// request may still take effect: the daemon answers only once its change is durable.
     #[error("timed_out: dlsessiond did not answer {request} within {} s", .after.as_secs_f64())]
-    TimedOut { request: &'static str, after: std::time::Duration },
+    TimedOut {
+        /// The kind of request.
+        request: &'static str,
+        /// How long it waited.
+        after: std::time::Duration,
+    },
 }
 
 impl Error {
@@ -56,6 +94,7 @@ impl Error {
             Error::VersionMismatch { .. } => ErrorCode::ProtocolVersion,
             Error::TimedOut { .. } => ErrorCode::TimedOut,
             Error::Refused { code, .. } => *code,
+            Error::Detached { .. } => ErrorCode::SessionInUse,
             Error::NotRunning { .. }
             | Error::UnexpectedResponse { .. }
             | Error::Disconnected { .. }
@@ -79,4 +118,5 @@ impl Error {
     }
 }
 
+/// The result of the library's calls.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

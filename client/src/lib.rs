@@ -38,8 +38,16 @@
 //! # }
 //! ```
 
+#![deny(missing_docs)]
+
+/// The README's examples compile.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeExamples;
+
 pub mod autostart;
 mod batches;
+pub mod blocking;
 mod config;
 mod connection;
 mod delegate;
@@ -48,6 +56,7 @@ mod error;
 mod events;
 mod link;
 mod session;
+mod stream;
 
 pub use config::{DownloadRequest, SessionConfiguration};
 pub use connection::{Client, ClientOptions};
@@ -55,7 +64,11 @@ pub use delegate::{Handled, SessionDelegate, WakeHandler};
 pub use error::{Error, Result};
 pub use events::EventReceiver;
 pub use session::{DownloadTask, Session, TaskError};
+pub use stream::{SessionEvent, SessionEvents};
 
 /// The wire types, for tools that talk to the daemon directly (like `dlsessionctl`).
 pub use dlsession_proto as proto;
-pub use dlsession_proto::{DetachReason, ErrorCode, ErrorInfo, TaskId, TaskInfo, TaskState};
+pub use dlsession_proto::{
+    DetachReason, ErrorCode, ErrorInfo, Header, LaunchSpec, SessionConfig, SessionInfo, TaskCounts, TaskId, TaskInfo,
+    TaskState, WaitReason, WakeReason, WakeStatus,
+};

@@ -2,12 +2,18 @@
 //! tasks, invalidating, detaching (attaching and the delegate are `dispatch`'s).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::config::DownloadRequest;
 use crate::connection::Client;
 use crate::error::{Error, Result};
-use dlsession_proto::{ErrorInfo, Request, Response, SessionInfo, TaskAction, TaskId, TaskInfo, TaskQuery, TaskSpec};
+use crate::stream::{SessionEvents, Subscribers};
+use dlsession_proto::{
+    DetachReason, ErrorCode, ErrorInfo, Request, Response, SessionInfo, TaskAction, TaskId, TaskInfo, TaskQuery,
+    TaskSpec,
+};
 
 /// An error a task completed with (its [`ErrorInfo::code`] is one of the codes in docs/protocol.md).
 pub type TaskError = ErrorInfo;
@@ -19,6 +25,28 @@ pub(crate) struct SessionShared {
     /// Ownership of the client's route for `identifier`.
     pub(crate) route: u64,
     pub(crate) tasks: Mutex<HashMap<TaskId, DownloadTask>>,
+    /// What the dispatcher tells the app's other threads (idle waiters, event streams).
+    pub(crate) signals: Signals,
+}
+
+/// Set by the session's dispatcher, read by [`Session::wait_idle`] and event streams.
+#[derive(Debug, Default)]
+pub(crate) struct Signals {
+    /// Bumped each time the dispatcher has handled `finished_events` (or the attachment
+    /// changed): idle waiters look again.
+    pub(crate) idle: tokio::sync::watch::Sender<u64>,
+    /// Events delivered in this attachment that the app kept unacknowledged
+    /// ([`crate::Handled::Later`]): they count as handled for [`Session::wait_idle`].
+    pub(crate) kept_events: AtomicU64,
+    /// Why this attachment ended, once it has.
+    pub(crate) detached: Mutex<Option<DetachReason>>,
+    pub(crate) streams: Subscribers,
+}
+
+impl Signals {
+    pub(crate) fn poke(&self) {
+        self.idle.send_modify(|n| *n = n.wrapping_add(1));
+    }
 }
 
 impl Drop for SessionShared {
@@ -39,7 +67,12 @@ pub struct Session {
     pub(crate) shared: Arc<SessionShared>,
 }
 
+/// How often [`Session::wait_idle`] looks again without being told (acknowledgements
+/// answered after the last `finished_events` are not announced).
+const IDLE_RECHECK: Duration = Duration::from_secs(1);
+
 impl Session {
+    /// The session's identifier.
     pub fn identifier(&self) -> &str {
         &self.shared.identifier
     }
@@ -135,6 +168,60 @@ impl Session {
         Ok(all)
     }
 
+    /// Every task of the session not yet acknowledged as completed (the same as
+    /// [`Session::get_all_tasks`], the name `URLSession` uses).
+    pub async fn tasks(&self) -> Result<Vec<TaskInfo>> {
+        self.get_all_tasks().await
+    }
+
+    /// Waits until the session is idle: no task queued, running or waiting (suspended
+    /// tasks do not count: they wait for the app), and every event delivered to the
+    /// delegate and acknowledged (or kept with [`crate::Handled::Later`]). Returns at
+    /// once if it is idle already, and `Ok` too once the session was invalidated and is
+    /// gone. Fails if another process took the session over.
+    ///
+    /// ```no_run
+    /// # async fn run(session: dlsession::Session) -> dlsession::Result<()> {
+    /// session.wait_idle().await?;
+    /// // Every file was handed to the delegate: the app may exit.
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn wait_idle(&self) -> Result<()> {
+        let signals = &self.shared.signals;
+        let mut changes = signals.idle.subscribe();
+        loop {
+            changes.borrow_and_update();
+            let detached = signals.detached.lock().ok().and_then(|d| *d);
+            match detached {
+                Some(DetachReason::Invalidated) => return Ok(()),
+                Some(reason @ DetachReason::TakenOver) => return Err(Error::Detached { reason }),
+                _ => {}
+            }
+            let info = match self.info().await {
+                Ok(info) => info,
+                Err(e) if e.code() == ErrorCode::NoSuchSession => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let kept = signals.kept_events.load(Ordering::Acquire);
+            if info.tasks.active() == 0 && info.pending_events <= kept {
+                return Ok(());
+            }
+            let _ = tokio::time::timeout(IDLE_RECHECK, changes.changed()).await;
+        }
+    }
+
+    /// The session's events as a [`futures_core::Stream`], beside the delegate: each
+    /// event is sent after the delegate's callback for it has returned (a finished file
+    /// has been handled by then). Progress is coalesced as for the delegate. A stream
+    /// not read fast enough loses events and gets [`SessionEvent::Lagged`] in their
+    /// place; the delegate never does. The stream ends when the attachment does.
+    ///
+    /// [`SessionEvent::Lagged`]: crate::SessionEvent::Lagged
+    pub fn events(&self) -> SessionEvents {
+        self.shared.signals.streams.subscribe()
+    }
+
     /// The session as the daemon sees it (configuration, counts, pending events).
     pub async fn info(&self) -> Result<SessionInfo> {
         let response =
@@ -210,22 +297,28 @@ impl DownloadTask {
         self.id
     }
 
+    /// The URL it downloads.
     pub fn url(&self) -> &str {
         &self.url
     }
 
+    /// The description given at creation, if any.
     pub fn description(&self) -> Option<&str> {
         self.description.as_deref()
     }
 
+    /// Starts the task, or continues it after `suspend` (from where it was, when the
+    /// server allows ranges).
     pub async fn resume(&self) -> Result<()> {
         self.control(TaskAction::Resume).await.map(|_| ())
     }
 
+    /// Pauses it, keeping the data: it stays `suspended` until resumed.
     pub async fn suspend(&self) -> Result<()> {
         self.control(TaskAction::Suspend).await.map(|_| ())
     }
 
+    /// Cancels it: it completes with `cancelled` and its data is deleted.
     pub async fn cancel(&self) -> Result<()> {
         self.control(TaskAction::Cancel).await.map(|_| ())
     }

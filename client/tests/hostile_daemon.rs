@@ -117,7 +117,8 @@ async fn an_oversized_frame_is_refused_before_allocation() {
 async fn the_wrong_response_is_an_unexpected_response_error() {
     let (_d, path) = fake_daemon(|mut s| async move {
         welcome(&mut s).await;
-        // Read the attach request's frame and answer it with `Ok` instead of `Session`.
+        // Read the first request's frame (attaching reads the stored configuration first)
+        // and answer it with `Ok` instead of `Session`.
         let body = read_frame(&mut s).await;
         let req: dlsession::proto::RequestFrame = dlsession::proto::codec::decode(&body).unwrap();
         let reply = ServerMessage::Response { id: req.id, result: Ok(Response::Ok) };

@@ -136,13 +136,16 @@ fn launch_command(
     let pid = child.id().unwrap_or(0);
     debug!(pid, program = %program, "relaunched app");
     // Reap it when it exits so it never lingers as a zombie.
+    // The core logs the outcome (one line per wake) and records a failure in the session's
+    // wake status, where `dlsessionctl show` finds it.
+    let name = program.clone();
     tokio::spawn(async move {
-        match child.wait().await {
-            Ok(status) if !status.success() => warn!(pid, %status, "relaunched app exited with failure"),
-            Ok(_) => {}
-            Err(e) => warn!(pid, error = %e, "cannot wait for relaunched app"),
-        }
-        on_exit(Ok(()));
+        let result = match child.wait().await {
+            Ok(status) if !status.success() => Err(format!("{name} (pid {pid}) exited with {status}")),
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("cannot wait for {name} (pid {pid}): {e}")),
+        };
+        on_exit(result);
     });
     Ok(Launched::Process(pid))
 }

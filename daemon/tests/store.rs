@@ -110,7 +110,7 @@ async fn records_survive_a_reopen() {
     assert_eq!(snap.tasks[1].state, TaskState::Queued, "running is stored as queued");
     assert_eq!(snap.tasks[1].expected_sha256, Some([9; 32]));
     assert_eq!(snap.events.len(), 2);
-    let retired = store.load_task(1).await.unwrap().unwrap();
+    let (retired, _) = store.load_task(1).await.unwrap().unwrap();
     assert!(retired.retired);
     assert_eq!(retired.committed_offset, 55);
     store
@@ -118,10 +118,24 @@ async fn records_survive_a_reopen() {
     store.write(vec![Op::SetSeqFloor(2)], None);
     assert!(store.flush(std::time::Duration::from_secs(30)).await);
     drop(store);
-    let (_, snap) = open(&db);
+    let (store, snap) = open(&db);
     assert!(snap.sessions.is_empty() && snap.tasks.is_empty() && snap.events.is_empty());
     assert_eq!(snap.next_task_id, 10, "task ids are never reused");
     assert_eq!(snap.seq_floor, 3, "sequence numbers of a deleted session are never reused (nor lowered)");
+    // The deleted session's tasks stay in the history under its name; its key stays taken
+    // and its identifier is free.
+    let (kept, name) = store.load_task(1).await.unwrap().unwrap();
+    assert_eq!((kept.id, name.as_str()), (1, "org.example.store (invalidated)"));
+    assert_eq!(snap.next_session_key, 8, "the tombstone's key is not reused");
+    store.write(vec![Op::InsertSession(SessionRecord { key: 8, ..session() })], None);
+    // Pruning the history removes the tombstone with its last task.
+    store.write(vec![Op::PruneRetired { before: u64::MAX, keep: 0 }], None);
+    assert!(store.flush(std::time::Duration::from_secs(30)).await);
+    assert!(store.load_task(1).await.unwrap().is_none());
+    drop(store);
+    let (_, snap) = open(&db);
+    assert_eq!(snap.sessions.iter().map(|s| s.key).collect::<Vec<_>>(), [8], "the new session under the old name");
+    assert_eq!(snap.next_session_key, 9);
 }
 
 fn digest(path: &Path) -> Vec<u8> {
@@ -181,7 +195,7 @@ async fn a_burst_of_batches_commits_in_groups() {
     for _ in 0..500 {
         assert_eq!(rx.recv().await.unwrap(), Ok(()));
     }
-    let task = store.load_task(500).await.unwrap().unwrap();
+    let (task, _) = store.load_task(500).await.unwrap().unwrap();
     assert_eq!(task.url, "https://example.org/500");
 }
 

@@ -359,6 +359,8 @@ async fn pause_resume_cancel() {
     assert_eq!(stdout(&o).trim(), format!("task {id} cancelled"));
     let done = wait_completed(&f.env, id.parse().unwrap()).await;
     assert_eq!(done["error"]["code"], "cancelled", "{done}");
+    let said = done["error"]["message"].as_str().unwrap();
+    assert!(said.starts_with(&format!("cancelled by dlsessionctl cancel {id} (pid ")), "says who and how: {said}");
 
     // Nothing is active any more: watch returns at once.
     let started = Instant::now();
@@ -906,4 +908,41 @@ async fn colour_only_on_a_terminal_and_never_with_no_color() {
 
     let o = ctl(&f.env, &["tasks"]).await;
     assert!(!o.stdout.contains(&0x1b), "a pipe: {:?}", stdout(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_without_wait_says_how_results_are_collected_and_the_next_get_collects_them() {
+    let f = fixture().await;
+    f.server.add("/ok.bin", Resource::generated(50_000, 1).throttle(100_000));
+    let (ok, missing) = (f.env.path().join("ok.bin"), f.env.path().join("missing.bin"));
+    let o = ctl(&f.env, &["get", &f.server.url("/ok.bin"), "-o", ok.to_str().unwrap()]).await;
+    assert_exit(&o, 0);
+    assert!(stderr(&o).contains("the next `dlsessionctl get` collects their results"), "{}", stderr(&o));
+    let first = task_id(&stdout(&o));
+    let o = ctl(&f.env, &["get", &f.server.url("/nothing-here"), "-o", missing.to_str().unwrap()]).await;
+    assert_exit(&o, 0);
+    let failed = task_id(&stdout(&o));
+    wait_completed(&f.env, first).await;
+    wait_completed(&f.env, failed).await;
+
+    // The next get collects both; the failure is named, not dropped silently.
+    f.server.add("/third.bin", Resource::generated(1_000, 2));
+    let third = f.env.path().join("third.bin");
+    let o = ctl(&f.env, &["get", &f.server.url("/third.bin"), "-o", third.to_str().unwrap()]).await;
+    assert_exit(&o, 0);
+    let said = stderr(&o);
+    assert!(said.contains("collected 2 earlier download(s); 1 failed"), "{said}");
+    assert!(said.contains(&format!("task {failed}")), "{said}");
+    for id in [first, failed] {
+        let shown = json(&ctl(&f.env, &["--json", "show", &id.to_string()]).await);
+        assert_eq!(shown["retired"], true, "collected, and still in the history: {shown}");
+    }
+    let o = ctl(&f.env, &["--json", "sessions"]).await;
+    let pending = json(&o).as_array().unwrap().iter().find(|s| s["identifier"] == "dlsessionctl").unwrap().clone();
+    assert!(pending["pending_events"].as_u64().unwrap() <= 2, "only the newest get's events wait: {pending}");
+}
+
+/// The id in `task N: URL -> PATH`.
+fn task_id(line: &str) -> u64 {
+    line.trim().strip_prefix("task ").and_then(|r| r.split(':').next()).and_then(|n| n.parse().ok()).unwrap()
 }

@@ -273,3 +273,50 @@ async fn a_systemd_unit_is_started_with_the_escaped_identifier() {
     assert_eq!(recorded.lines().next(), Some("--user start fetch@t.unit.service"), "{recorded}");
     check_collected(&app.out, 1);
 }
+
+/// `client/examples/quickstart.rs`, the short version of the story: the app hands off the
+/// downloads and exits; relaunched, it moves the files where it was first run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quickstart_example_hands_off_exits_and_collects_when_relaunched() {
+    let source =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../client/examples/quickstart.rs"))
+            .unwrap();
+    let logic = source
+        .lines()
+        .skip_while(|l| !l.starts_with("struct Collect"))
+        .filter(|l| {
+            let t = l.trim();
+            !t.is_empty() && !t.starts_with("//") && !t.chars().all(|c| matches!(c, '}' | ')' | ';'))
+        })
+        .count();
+    assert!(logic <= 30, "the quickstart's app logic stays within 30 lines: {logic}");
+
+    let env = TestEnv::new();
+    let daemon = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let urls = files(&server, 2);
+    let cwd = env.path().join("where-i-ran-it");
+    std::fs::create_dir_all(&cwd).unwrap();
+    let out = env.command(bin_path("examples/quickstart")).args(&urls).current_dir(&cwd).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("dlsessiond has 2 download(s)"), "{stdout}");
+
+    // The daemon finishes, relaunches it with `--collect DIR`, and it moves the files.
+    for (i, id) in (1..=2u64).enumerate() {
+        let file = cwd.join(format!("download-{id}"));
+        wait_for("the relaunched quickstart to collect", LONG, || file.exists().then_some(()));
+        let seed = 100 + u64::try_from(i).unwrap();
+        let ok = |f: &Path| sha256_file(f).is_ok_and(|h| h == to_hex(&pattern_sha256(seed, 1 << 20)));
+        assert!(ok(&file) || ok(&cwd.join(format!("download-{}", 3 - id))), "download-{id} is one of the files");
+    }
+    wait_for("events acknowledged", LONG, || {
+        let info = dlsession_testkit::block(session_info(&env, "org.example.quickstart"))?;
+        (info.pending_events == 0 && info.tasks.total() == 0).then_some(())
+    });
+    // One relaunch, one log line for it.
+    let log = daemon.log();
+    let wakes: Vec<&str> =
+        log.lines().filter(|l| l.contains("session=org.example.quickstart") && l.contains("wake")).collect();
+    assert_eq!(wakes.len(), 1, "{wakes:#?}");
+}

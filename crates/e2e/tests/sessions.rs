@@ -41,7 +41,7 @@ async fn one_attachment_at_a_time_and_explicit_takeover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finish_tasks_and_invalidate_then_the_identifier_is_reused() {
     let env = TestEnv::new();
-    let _d = TestDaemon::start(&env);
+    let mut d = TestDaemon::start(&env);
     let server = TestServer::start().await.unwrap();
     server.add("/a", Resource::generated(500_000, 1).throttle(1 << 20));
     let (delegate, mut events) = Recorder::new(&env.path().join("out"));
@@ -57,12 +57,35 @@ async fn finish_tasks_and_invalidate_then_the_identifier_is_reused() {
     wait_for("session removed", LONG, || block(info(&env, "t.inv")).is_none().then_some(()));
     assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(1, 500_000)));
 
+    // Its task stays in the history, under its session's name.
+    let shown = env.ctl(&["--json", "show", &task.id().to_string()]);
+    assert!(shown.status.success(), "{}", String::from_utf8_lossy(&shown.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["session"], "t.inv (invalidated)", "{shown}");
+    assert_eq!(shown["state"], "completed", "{shown}");
+
     // The identifier can be used again: a fresh, empty session.
     let (delegate, _) = Recorder::new(&env.path().join("out2"));
     let again = Session::attach(config(&env, "t.inv"), delegate).await.unwrap();
     assert!(again.get_all_tasks().await.unwrap().is_empty());
     let t2 = again.download_task(DownloadRequest::new(server.url("/a"))).await.unwrap();
     assert!(t2.id() > task.id(), "task ids are never reused");
+
+    // After a restart: the history still has the old task, the new session is intact.
+    drop(again);
+    d.terminate();
+    d.restart();
+    d.wait_ready(LONG);
+    let shown = env.ctl(&["--json", "show", &task.id().to_string()]);
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["session"], "t.inv (invalidated)", "{shown}");
+    let sessions: Vec<String> = block(info(&env, "t.inv")).into_iter().map(|s| s.identifier).collect();
+    assert_eq!(sessions, ["t.inv"], "one live session of that name");
+    let (delegate, _) = Recorder::new(&env.path().join("out3"));
+    let third = Session::attach(config(&env, "t.inv").takeover(true), delegate).await.unwrap();
+    assert_eq!(third.get_all_tasks().await.unwrap().iter().map(|t| t.id).collect::<Vec<_>>(), [t2.id()]);
+    let other = Session::attach(config(&env, "t.other"), Recorder::new(&env.path().join("o")).0).await.unwrap();
+    assert!(other.info().await.unwrap().identifier == "t.other", "a new session gets a fresh key");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,6 +16,7 @@ use dlsession_proto::{DurableEvent, TaskId, TaskState};
 
 impl Core {
     pub(super) fn restore(&mut self, snapshot: Snapshot) {
+        self.sessions.keys_from(snapshot.next_session_key);
         for rec in snapshot.sessions {
             self.sessions.restore(rec);
         }

@@ -148,6 +148,11 @@ impl Sessions {
         Sessions { by_key: HashMap::new(), by_identifier: BTreeMap::new(), next_key: 1, seq_floor }
     }
 
+    /// New keys start at `next` or above (ended sessions' rows keep theirs in the history).
+    pub fn keys_from(&mut self, next: SessionKey) {
+        self.next_key = self.next_key.max(next);
+    }
+
     /// Puts back a session read from the database.
     pub fn restore(&mut self, rec: SessionRecord) {
         self.next_key = self.next_key.max(rec.key + 1);

@@ -123,6 +123,8 @@ pub(super) struct Task {
     pub sampled: u64,
     /// Requests answered once the worker has stopped.
     pub waiting_replies: Vec<(ConnId, u64)>,
+    /// Who asked for a cancel under way: the completion error says so.
+    pub cancelled_by: Option<String>,
 }
 
 impl Task {
@@ -173,6 +175,7 @@ impl Tasks {
             speed: 0,
             sampled,
             waiting_replies: Vec::new(),
+            cancelled_by: None,
         };
         self.counts.add(state);
         if let Some(old) = self.by_id.insert(id, Box::new(task)) {

@@ -480,6 +480,7 @@ impl Core {
         let Some(t) = self.tasks.get_mut(&id) else { return };
         t.rec.committed_offset = offset;
         let replies = std::mem::take(&mut t.waiting_replies);
+        let by = t.cancelled_by.take().unwrap_or_else(|| "a client".into());
         let mut ops = Vec::new();
         let mut after = Vec::new();
         let mut response = dlsession_proto::Response::Ok;
@@ -494,11 +495,11 @@ impl Core {
                 // Stays queued in the store; the restart picks it up from `offset`.
                 self.set_state(id, TaskState::Queued);
             }
-            AfterStop::Cancel => self.complete(id, Some(cancelled()), &mut ops, &mut after),
+            AfterStop::Cancel => self.complete(id, Some(cancelled(&by)), &mut ops, &mut after),
             AfterStop::CancelProducingResumeData => {
                 response = dlsession_proto::Response::ResumeData(self.keep_for_resume(id));
                 after_disk = true;
-                self.complete(id, Some(cancelled()), &mut ops, &mut after);
+                self.complete(id, Some(cancelled(&by)), &mut ops, &mut after);
             }
         }
         if let Some(t) = self.tasks.get(&id)
@@ -542,7 +543,7 @@ impl Core {
     }
 }
 
-/// The completion error of a cancelled task.
-pub(super) fn cancelled() -> ErrorInfo {
-    ErrorInfo::new(ErrorCode::Cancelled, "cancelled")
+/// The completion error of a task cancelled at the request of `by` (who, and how).
+pub(super) fn cancelled(by: &str) -> ErrorInfo {
+    ErrorInfo::new(ErrorCode::Cancelled, format!("cancelled by {by}"))
 }

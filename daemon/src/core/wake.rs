@@ -232,7 +232,7 @@ impl Core {
     pub(super) fn on_launch_finished(&mut self, key: SessionKey, result: Result<(), String>) {
         self.life.launches_running = self.life.launches_running.saturating_sub(1);
         if let (Err(e), Some(s)) = (result, self.sessions.get_mut(&key)) {
-            warn!(session = %s.rec.identifier, error = %e, "relaunch failed; will retry with backoff");
+            warn!(session = %s.rec.identifier, error = %e, "the relaunched app failed; it is relaunched again with backoff while events wait");
             s.wake.last_error = Some(ErrorInfo::new(ErrorCode::Internal, format!("relaunch failed: {e}")));
         }
     }

@@ -122,7 +122,7 @@ pub fn load_sessions(conn: &Connection) -> rusqlite::Result<Vec<SessionRecord>> 
         "SELECT id, identifier, app_id, launch_kind, launch_value, http_headers, timeout_request_ms,
             timeout_resource_ms, max_conn_per_host, max_concurrent_tasks, bandwidth_limit, next_seq,
             invalidating, invalid, created_at
-         FROM sessions ORDER BY id",
+         FROM sessions WHERE substr(identifier, 1, 1) <> char(1) ORDER BY id",
     )?;
     let rows = stmt.query_map([], |r| {
         Ok(SessionRecord {
@@ -267,9 +267,33 @@ pub fn load_live_tasks(conn: &Connection) -> rusqlite::Result<Vec<TaskRecord>> {
     rows.collect()
 }
 
-pub fn load_task(conn: &Connection, id: TaskId) -> Result<Option<TaskRecord>, super::error::StoreError> {
+pub fn load_task(conn: &Connection, id: TaskId) -> Result<Option<(TaskRecord, String)>, super::error::StoreError> {
     let mut stmt = conn.prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))?;
-    Ok(stmt.query_row(params![sat(id)], task_from_row).optional()?)
+    let Some(rec) = stmt.query_row(params![sat(id)], task_from_row).optional()? else { return Ok(None) };
+    let stored: Option<String> = conn
+        .prepare_cached("SELECT identifier FROM sessions WHERE id = ?1")?
+        .query_row(params![rec.session], |r| r.get(0))
+        .optional()?;
+    let session = match stored {
+        // "\u{1}KEY\u{1}IDENTIFIER": see `TOMBSTONE`.
+        Some(t) if t.starts_with(TOMBSTONE) => match t.splitn(3, TOMBSTONE).nth(2) {
+            Some(name) => format!("{name} (invalidated)"),
+            None => "(invalidated session)".into(),
+        },
+        Some(name) => name,
+        None => "(invalidated session)".into(),
+    };
+    Ok(Some((rec, session)))
+}
+
+/// Marks the row of an ended session kept for its tasks' history: its identifier becomes
+/// `TOMBSTONE KEY TOMBSTONE IDENTIFIER`, which no live identifier can be (control
+/// characters are refused), so the name is free for a new session.
+pub const TOMBSTONE: &str = "\u{1}";
+
+/// Above the key of every session row, tombstones included (keys are never reused).
+pub fn load_next_session_key(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("SELECT coalesce(max(id), 0) + 1 FROM sessions", [], |r| r.get(0))
 }
 
 pub fn insert_event(tx: &Transaction<'_>, e: &EventRecord) -> rusqlite::Result<()> {

@@ -101,6 +101,8 @@ pub struct Snapshot {
     /// Durable events not yet acknowledged, in (session, seq) order.
     pub events: Vec<EventRecord>,
     pub next_task_id: TaskId,
+    /// Above every session row's key, ended sessions kept for the history included.
+    pub next_session_key: i64,
     /// Where a new session's event sequence numbers start (see `Op::SetSeqFloor`).
     pub seq_floor: u64,
 }
@@ -137,8 +139,9 @@ impl Store {
         }
     }
 
-    /// Loads one task, retired or not (for `show`).
-    pub async fn load_task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
+    /// Loads one task, retired or not (for `show`), with the identifier of its session
+    /// (marked "(invalidated)" if the session has ended).
+    pub async fn load_task(&self, id: TaskId) -> Result<Option<(TaskRecord, String)>, StoreError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job = Job::Read(Box::new(move |conn: &Connection| {
             let _ = tx.send(codec::load_task(conn, id));
@@ -167,6 +170,7 @@ fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreError> {
         tasks: codec::load_live_tasks(conn)?,
         events: codec::load_events(conn)?,
         next_task_id: codec::load_next_task_id(conn)?,
+        next_session_key: codec::load_next_session_key(conn)?,
         seq_floor: codec::load_seq_floor(conn)?,
     })
 }
@@ -315,8 +319,20 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
         Op::InsertSession(s) | Op::UpdateSession(s) => codec::save_session(tx, s),
         Op::DeleteSession(key) => {
             tx.execute("DELETE FROM events WHERE session_id = ?1", params![key])?;
-            tx.execute("DELETE FROM tasks WHERE session_id = ?1", params![key])?;
-            tx.execute("DELETE FROM sessions WHERE id = ?1", params![key])?;
+            // A session is deleted once all its tasks are retired; any other would be orphaned.
+            tx.execute("DELETE FROM tasks WHERE session_id = ?1 AND retired = 0", params![key])?;
+            // Its retired tasks stay in the history (`show` finds them) under a tombstone row whose
+            // identifier no session can have; the row goes when the history has pruned them.
+            let has_tasks: bool =
+                tx.query_row("SELECT EXISTS(SELECT 1 FROM tasks WHERE session_id = ?1)", params![key], |r| r.get(0))?;
+            if has_tasks {
+                tx.execute(
+                    "UPDATE sessions SET identifier = ?2 || id || ?2 || identifier, invalid = 1 WHERE id = ?1",
+                    params![key, codec::TOMBSTONE],
+                )?;
+            } else {
+                tx.execute("DELETE FROM sessions WHERE id = ?1", params![key])?;
+            }
             Ok(())
         }
         Op::InsertTask(t) | Op::UpdateTask(t) => codec::save_task(tx, t),
@@ -356,6 +372,11 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
             if let Some(cutoff) = cutoff {
                 tx.execute("DELETE FROM tasks WHERE retired = 1 AND id <= ?1", params![cutoff])?;
             }
+            tx.execute(
+                "DELETE FROM sessions WHERE substr(identifier, 1, 1) = ?1
+                    AND NOT EXISTS (SELECT 1 FROM tasks WHERE tasks.session_id = sessions.id)",
+                params![codec::TOMBSTONE],
+            )?;
             Ok(())
         }
         Op::SetNextTaskId(id) => codec::raise_meta(tx, "next_task_id", *id),

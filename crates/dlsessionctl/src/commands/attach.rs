@@ -47,8 +47,9 @@ pub async fn run(ctx: &Ctx, args: AttachArgs) -> Result<Exit> {
         Err(e) => return Err(e.into()),
     };
     let existed = existing.is_some();
-    let configuration =
-        configuration(&args.session, existing.unwrap_or_default()).takeover(args.takeover).client_name("dlsessionctl");
+    let configuration = configuration(&args.session, existing.unwrap_or_default())
+        .takeover(args.takeover)
+        .client_name(ctx.client_name.clone());
 
     let (tx, mut rx) = mpsc::unbounded_channel();
     let printer = Printer {

@@ -12,6 +12,8 @@ use crate::error::{CliError, Result};
 pub struct Ctx {
     pub json: bool,
     pub socket: Option<PathBuf>,
+    /// What the daemon calls this connection in messages to others.
+    pub client_name: String,
 }
 
 impl Ctx {
@@ -37,7 +39,7 @@ impl Ctx {
     async fn connect_with(&self, app_id: Option<String>, autostart: bool, reconnect: bool) -> Result<Client> {
         let options = ClientOptions {
             socket: self.socket.clone(),
-            client_name: "dlsessionctl".into(),
+            client_name: self.client_name.clone(),
             app_id,
             autostart,
             reconnect,

@@ -58,6 +58,9 @@ pub async fn run(ctx: &Ctx, args: GetArgs) -> Result<Exit> {
 
     let client = ctx.connect_or_start(None).await?;
     open_session(&client, &args.session, args.app_id.clone(), plan.launch.clone(), args.per_host).await?;
+    if args.session == DEFAULT_SESSION {
+        collect_earlier(&client, &args.session).await;
+    }
     let specs: Vec<TaskSpec> = plan
         .items
         .iter()
@@ -93,9 +96,67 @@ pub async fn run(ctx: &Ctx, args: GetArgs) -> Result<Exit> {
         out.flush()?;
     }
     if !args.wait {
+        if !ctx.json {
+            let collect = if args.session == DEFAULT_SESSION {
+                "the next `dlsessionctl get` collects their results".to_owned()
+            } else {
+                format!("their results wait in session {} for `dlsessionctl attach {0}` or its app", args.session)
+            };
+            eprintln!(
+                "downloading in the background (dlsessiond goes on after this command): follow with \
+                 `dlsessionctl watch`, see one with `dlsessionctl show ID`; {collect}; --wait waits here instead"
+            );
+        }
         return Ok(Exit::Success);
     }
     wait(ctx, &client, &args.session, &ids).await
+}
+
+/// The session `get` uses unless told otherwise: the command line's own.
+const DEFAULT_SESSION: &str = "dlsessionctl";
+
+/// Acknowledges the tasks of the command line's own session that completed since an
+/// earlier `get` without `--wait`: their files are at their destinations, and without
+/// this their events would pile up with no app to collect them. Each result stays in the
+/// history (`show ID`); failures are named on stderr so none passes silently.
+async fn collect_earlier(client: &Client, session: &str) {
+    let mut done: Vec<TaskInfo> = Vec::new();
+    let mut query = dlsession_proto::TaskQuery {
+        session: Some(session.to_owned()),
+        states: vec![TaskState::Completed],
+        after: None,
+        limit: 1000,
+    };
+    loop {
+        let page = match client.request(Request::ListTasks(query.clone())).await {
+            Ok(Response::Tasks(page)) => page,
+            _ => return,
+        };
+        done.extend(page.tasks);
+        match page.next_after {
+            Some(next) if query.after.is_none_or(|prev| next > prev) => query.after = Some(next),
+            _ => break,
+        }
+    }
+    if done.is_empty() {
+        return;
+    }
+    let ids: Vec<TaskId> = done.iter().map(|t| t.id).collect();
+    if let Err(e) = acknowledge(client, &ids).await {
+        eprintln!("warning: could not collect the results of earlier downloads: {e}");
+        return;
+    }
+    let failed: Vec<String> = done.iter().filter(|t| t.error.is_some()).map(|t| t.id.to_string()).collect();
+    if failed.is_empty() {
+        eprintln!("collected {} earlier download(s), all succeeded", done.len());
+    } else {
+        eprintln!(
+            "collected {} earlier download(s); {} failed: see `dlsessionctl show ID` for task {}",
+            done.len(),
+            failed.len(),
+            failed.join(", ")
+        );
+    }
 }
 
 /// Reads URLs, one per line; blank lines and `#` comments are skipped. `-` is stdin.

@@ -18,7 +18,7 @@ use ctx::Ctx;
 
 /// Runs the command and returns the exit status.
 pub async fn run(cli: Cli) -> Result<Exit> {
-    let ctx = Ctx { json: cli.json, socket: cli.socket };
+    let ctx = Ctx { json: cli.json, socket: cli.socket, client_name: client_name(std::env::args().skip(1)) };
     match cli.command {
         Command::Status => status::run(&ctx).await,
         Command::Sessions => sessions::run(&ctx).await,
@@ -32,5 +32,24 @@ pub async fn run(cli: Cli) -> Result<Exit> {
         Command::Attach(args) => attach::run(&ctx, args).await,
         Command::Wake(args) => wake::run(&ctx, args).await,
         Command::Completions(args) => completions::run(&args),
+    }
+}
+
+/// How the daemon names this invocation to others ("cancelled by dlsessionctl cancel 12"):
+/// the subcommand and its first plain words, never a URL, path or option value.
+fn client_name(args: impl Iterator<Item = String>) -> String {
+    let words: Vec<String> =
+        args.filter(|a| !a.starts_with('-') && !a.contains('/') && !a.contains(':') && a.len() <= 40).take(3).collect();
+    std::iter::once("dlsessionctl".to_owned()).chain(words).collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_client_name_says_the_command_without_urls_or_paths() {
+        let args = ["--socket", "/run/x.sock", "cancel", "12"].map(String::from);
+        assert_eq!(super::client_name(args.into_iter()), "dlsessionctl cancel 12");
+        let args = ["get", "https://h/x?token=s", "-o", "/tmp/out"].map(String::from);
+        assert_eq!(super::client_name(args.into_iter()), "dlsessionctl get");
     }
 }

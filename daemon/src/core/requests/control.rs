@@ -73,8 +73,10 @@ impl Core {
             },
             TaskAction::Cancel | TaskAction::CancelProducingResumeData => {
                 let with_data = action == TaskAction::CancelProducingResumeData;
+                let by = self.conns.describe(conn);
                 if state == TaskState::Running {
                     t.waiting_replies.push((conn, id));
+                    t.cancelled_by = Some(by);
                     let how = if with_data { AfterStop::CancelProducingResumeData } else { AfterStop::Cancel };
                     self.stop_worker(task, how);
                     return Ok(Answer::Later);
@@ -87,7 +89,7 @@ impl Core {
                 };
                 let mut ops = Vec::new();
                 let mut after = Vec::new();
-                self.complete(task, Some(cancelled()), &mut ops, &mut after);
+                self.complete(task, Some(cancelled(&by)), &mut ops, &mut after);
                 after.push(reply);
                 self.commit(ops, after);
                 Ok(Answer::Later)

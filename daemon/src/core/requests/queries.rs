@@ -51,8 +51,8 @@ impl Core {
             self.sessions.iter().map(|(k, s)| (*k, s.rec.identifier.clone())).collect();
         tokio::spawn(async move {
             let result = match store.load_task(task).await {
-                Ok(Some(rec)) => {
-                    let name = names.get(&rec.session).cloned().unwrap_or_else(|| "(invalidated session)".into());
+                Ok(Some((rec, stored))) => {
+                    let name = names.get(&rec.session).cloned().unwrap_or(stored);
                     Ok(Response::Task(crate::core::convert::history_detail(rec, name)))
                 }
                 Ok(None) => Err(no_such_task(task)),

@@ -164,16 +164,20 @@ impl Core {
             }
         }
         if cancel {
+            let by = format!("{} (invalidate_and_cancel)", self.conns.describe(conn));
             let ids: Vec<TaskId> =
                 self.sessions.get(&key).map(|s| s.tasks.iter().copied().collect()).unwrap_or_default();
             for task in ids {
-                let Some(t) = self.tasks.get(&task) else { continue };
+                let Some(t) = self.tasks.get_mut(&task) else { continue };
                 match t.state {
                     TaskState::Completed => {}
-                    TaskState::Running => self.stop_worker(task, AfterStop::Cancel),
+                    TaskState::Running => {
+                        t.cancelled_by = Some(by.clone());
+                        self.stop_worker(task, AfterStop::Cancel);
+                    }
                     _ => {
                         self.unqueue(task);
-                        self.complete(task, Some(cancelled()), &mut ops, &mut after);
+                        self.complete(task, Some(cancelled(&by)), &mut ops, &mut after);
                     }
                 }
             }

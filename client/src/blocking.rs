@@ -1,0 +1,191 @@
+//! The library for programs without an async runtime: the same sessions and tasks, with
+//! methods that block until the daemon has answered.
+//!
+//! A [`Session`] here owns a small runtime (one I/O thread) that keeps the connection to
+//! the daemon; the delegate runs on the session's own thread as with the async API. Do
+//! not call these methods from inside an async runtime (use [`crate::Session`] there).
+//!
+//! ```no_run
+//! use dlsession::blocking::Session;
+//! use dlsession::{DownloadRequest, SessionConfiguration, SessionDelegate};
+//!
+//! struct Quiet;
+//! impl SessionDelegate for Quiet {}
+//!
+//! fn main() -> dlsession::Result<()> {
+//!     let session = Session::attach(SessionConfiguration::background("org.example.tool"), Quiet)?;
+//!     let request = DownloadRequest::new("http://127.0.0.1:8080/file.iso").destination("/tmp/file.iso");
+//!     session.download_tasks(vec![request], true)?;
+//!     session.wait_idle()?;
+//!     Ok(())
+//! }
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{DownloadRequest, SessionConfiguration};
+use crate::delegate::SessionDelegate;
+use crate::error::{Error, Result};
+use crate::stream::SessionEvent;
+use dlsession_proto::{ErrorCode, ErrorInfo, SessionInfo, TaskId, TaskInfo};
+
+/// An attached background session, with blocking methods (see the [module](self)).
+///
+/// Dropping it detaches; the daemon goes on with the tasks.
+#[derive(Debug)]
+pub struct Session {
+    // Declared before the runtime: dropped (and detached) while the runtime still runs.
+    inner: crate::Session,
+    runtime: Arc<tokio::runtime::Runtime>,
+}
+
+/// A task of a blocking [`Session`].
+#[derive(Debug, Clone)]
+pub struct DownloadTask {
+    inner: crate::DownloadTask,
+    runtime: Arc<tokio::runtime::Runtime>,
+}
+
+impl Session {
+    /// Connects to the daemon (starting it if allowed) and attaches to the session, as
+    /// [`crate::Session::attach`].
+    pub fn attach(config: SessionConfiguration, delegate: impl SessionDelegate) -> Result<Session> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("dlsession-io")
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                Error::Invalid(ErrorInfo::new(
+                    ErrorCode::Internal,
+                    format!("cannot start the library's I/O thread: {e}"),
+                ))
+            })?;
+        let inner = runtime.block_on(crate::Session::attach(config, delegate))?;
+        Ok(Session { inner, runtime: Arc::new(runtime) })
+    }
+
+    /// The async session underneath (for the few calls this facade does not wrap).
+    pub fn as_async(&self) -> &crate::Session {
+        &self.inner
+    }
+
+    /// The session's identifier.
+    pub fn identifier(&self) -> &str {
+        self.inner.identifier()
+    }
+
+    /// Creates a suspended task ([`DownloadTask::resume`] starts it).
+    pub fn download_task(&self, request: DownloadRequest) -> Result<DownloadTask> {
+        let inner = self.runtime.block_on(self.inner.download_task(request))?;
+        Ok(self.wrap(inner))
+    }
+
+    /// Creates many tasks, started at once if `resume`.
+    pub fn download_tasks(&self, requests: Vec<DownloadRequest>, resume: bool) -> Result<Vec<DownloadTask>> {
+        let tasks = self.runtime.block_on(self.inner.download_tasks(requests, resume))?;
+        Ok(tasks.into_iter().map(|t| self.wrap(t)).collect())
+    }
+
+    /// Creates a task continuing from resume data.
+    pub fn download_task_with_resume_data(&self, resume_data: &[u8]) -> Result<DownloadTask> {
+        let inner = self.runtime.block_on(self.inner.download_task_with_resume_data(resume_data))?;
+        Ok(self.wrap(inner))
+    }
+
+    /// Every task of the session not yet acknowledged as completed.
+    pub fn tasks(&self) -> Result<Vec<TaskInfo>> {
+        self.runtime.block_on(self.inner.tasks())
+    }
+
+    /// The session as the daemon sees it.
+    pub fn info(&self) -> Result<SessionInfo> {
+        self.runtime.block_on(self.inner.info())
+    }
+
+    /// Blocks until the session is idle ([`crate::Session::wait_idle`]).
+    pub fn wait_idle(&self) -> Result<()> {
+        self.runtime.block_on(self.inner.wait_idle())
+    }
+
+    /// Like [`Session::wait_idle`], for at most `timeout`: `Ok(false)` if it was not idle
+    /// by then.
+    pub fn wait_idle_for(&self, timeout: Duration) -> Result<bool> {
+        match self.runtime.block_on(async { tokio::time::timeout(timeout, self.inner.wait_idle()).await }) {
+            Ok(r) => r.map(|()| true),
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// The session's events, one at a time ([`crate::Session::events`]); the iterator
+    /// ends with the attachment.
+    pub fn events(&self) -> impl Iterator<Item = SessionEvent> + use<> {
+        let mut events = self.inner.events();
+        let runtime = self.runtime.clone();
+        std::iter::from_fn(move || runtime.block_on(events.recv()))
+    }
+
+    /// No new tasks; the session ends when its last task completes.
+    pub fn finish_tasks_and_invalidate(&self) -> Result<()> {
+        self.runtime.block_on(self.inner.finish_tasks_and_invalidate())
+    }
+
+    /// Cancels every task and ends the session.
+    pub fn invalidate_and_cancel(&self) -> Result<()> {
+        self.runtime.block_on(self.inner.invalidate_and_cancel())
+    }
+
+    /// Stops receiving events; the tasks go on.
+    pub fn detach(&self) -> Result<()> {
+        self.runtime.block_on(self.inner.detach())
+    }
+
+    /// A handle for a task of this session, from its id (say, from [`Session::tasks`] or
+    /// a delegate callback).
+    pub fn task(&self, id: TaskId) -> Result<DownloadTask> {
+        let info = self.runtime.block_on(self.inner.task_info(id))?;
+        Ok(self.wrap(self.inner.task_handle(id, info.url, info.description)))
+    }
+
+    fn wrap(&self, inner: crate::DownloadTask) -> DownloadTask {
+        DownloadTask { inner, runtime: self.runtime.clone() }
+    }
+}
+
+impl DownloadTask {
+    /// Unique across the daemon, never reused.
+    pub fn id(&self) -> TaskId {
+        self.inner.id()
+    }
+
+    /// The URL the task downloads.
+    pub fn url(&self) -> &str {
+        self.inner.url()
+    }
+
+    /// Starts (or continues) the task.
+    pub fn resume(&self) -> Result<()> {
+        self.runtime.block_on(self.inner.resume())
+    }
+
+    /// Pauses the task, keeping its data.
+    pub fn suspend(&self) -> Result<()> {
+        self.runtime.block_on(self.inner.suspend())
+    }
+
+    /// Cancels the task (it completes with `cancelled`).
+    pub fn cancel(&self) -> Result<()> {
+        self.runtime.block_on(self.inner.cancel())
+    }
+
+    /// Cancels and returns resume data for [`Session::download_task_with_resume_data`].
+    pub fn cancel_producing_resume_data(&self) -> Result<Vec<u8>> {
+        self.runtime.block_on(self.inner.cancel_producing_resume_data())
+    }
+
+    /// State and counters, now.
+    pub fn info(&self) -> Result<TaskInfo> {
+        self.runtime.block_on(self.inner.info())
+    }
+}

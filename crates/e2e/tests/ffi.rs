@@ -1,0 +1,254 @@
+//! The C API from C: ffi/examples/c/download.c, compiled with the system's C compiler
+//! against ffi/include/dlsession.h and the static library cargo built (dlsession-ffi is a
+//! dev-dependency of this crate, so `cargo test` builds it), downloads from a real daemon.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+// One test calls the C ABI from Rust, raw pointers and all, as a C program would.
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, CString, c_int, c_void};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use dlsession_ffi::{dls_code, dls_event, dls_event_kind, dls_session};
+use dlsession_testkit::{Resource, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex};
+
+/// What the static library needs from the system (`cargo rustc -p dlsession-ffi
+/// --crate-type staticlib -- --print native-static-libs`, less the implicit `-lc`).
+const NATIVE_LIBS: [&str; 6] = ["-lgcc_s", "-lutil", "-lrt", "-lpthread", "-lm", "-ldl"];
+
+/// `target/<profile>`: test executables run from `target/<profile>/deps/`.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf()
+}
+
+/// The newest `libdlsession_ffi.a`: in `deps/` when dlsession-ffi was built as a dependency,
+/// also one level up when it was built as a package of its own.
+fn static_library(profile: &Path) -> PathBuf {
+    let candidates = [profile.join("deps/libdlsession_ffi.a"), profile.join("libdlsession_ffi.a")];
+    candidates
+        .into_iter()
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .max()
+        .map(|(_, p)| p)
+        .unwrap_or_else(|| {
+            panic!(
+                "libdlsession_ffi.a is not in {0}/deps or {0}: it is built with this test as a dev-dependency \
+                 (`cargo test -p dlsession-e2e --test ffi`) or by `cargo build -p dlsession-ffi`",
+                profile.display()
+            )
+        })
+}
+
+/// The C compiler: `$CC`, else `cc`. Missing is a failure, not a skip: CI has gcc.
+fn c_compiler() -> String {
+    let cc = std::env::var("CC").ok().filter(|c| !c.is_empty()).unwrap_or_else(|| "cc".into());
+    match Command::new(&cc).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status() {
+        Ok(s) if s.success() => cc,
+        other => panic!(
+            "no C compiler: `{cc} --version` gave {other:?}. This test compiles ffi/examples/c/download.c: \
+             install one (`apt-get install gcc`) or point CC at it"
+        ),
+    }
+}
+
+/// ffi/examples/c/download.c, compiled once per test run into `target/<profile>/ffi-c/`.
+fn c_program() -> &'static Path {
+    static PROGRAM: OnceLock<PathBuf> = OnceLock::new();
+    PROGRAM.get_or_init(|| {
+        let ffi = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../ffi");
+        let profile = profile_dir();
+        let library = static_library(&profile);
+        let out_dir = profile.join("ffi-c");
+        std::fs::create_dir_all(&out_dir).unwrap();
+        let program = out_dir.join("download");
+        let output = Command::new(c_compiler())
+            .args(["-std=c11", "-Wall", "-Wextra", "-I"])
+            .arg(ffi.join("include"))
+            .arg("-o")
+            .arg(&program)
+            .arg(ffi.join("examples/c/download.c"))
+            .arg(&library)
+            .args(NATIVE_LIBS)
+            .output()
+            .expect("run the C compiler");
+        assert!(
+            output.status.success(),
+            "compiling download.c against {} failed:\n{}",
+            library.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        program
+    })
+}
+
+/// Runs the C program in `env` (it never starts a daemon itself) with a deadline.
+async fn run_download(env: &TestEnv, url: &str, dest: &Path) -> Output {
+    let mut command = env.command(c_program());
+    command.env("DLSESSION_NO_AUTOSTART", "1").arg(&env.socket).arg(url).arg(dest).stdin(Stdio::null());
+    let mut command = tokio::process::Command::from(command);
+    command.kill_on_drop(true);
+    // The program gives up after 60 s of waiting itself; this only catches a hang.
+    tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .expect("download.c finished within 120 s")
+        .expect("run download.c")
+}
+
+fn show(output: &Output) -> String {
+    format!(
+        "status: {}\n--- stdout\n{}--- stderr\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_program_downloads_a_file() {
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let len = (3 << 20) + 12_345;
+    server.add("/file.bin", Resource::generated(len, 41));
+    let dest = env.path().join("file.bin");
+
+    let output = run_download(&env, &server.url("/file.bin"), &dest).await;
+
+    assert!(output.status.success(), "download.c failed:\n{}", show(&output));
+    assert_eq!(sha256_file(&dest).unwrap(), to_hex(&pattern_sha256(41, len)), "byte-exact file at DEST");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let completed: Vec<&str> = stdout.lines().filter(|l| l.starts_with("completed task=")).collect();
+    assert_eq!(completed.len(), 1, "one completed event:\n{}", show(&output));
+    assert!(completed[0].contains("code=0 (ok)"), "completed without error:\n{}", show(&output));
+    let finished = format!("location={}", dest.display());
+    assert!(
+        stdout.lines().any(|l| l.starts_with("finished task=") && l.ends_with(&finished)),
+        "finished_downloading names DEST:\n{}",
+        show(&output)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_program_reports_the_daemons_error_code() {
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let dest = env.path().join("never.bin");
+
+    let output = run_download(&env, &server.url("/missing"), &dest).await;
+
+    assert_eq!(output.status.code(), Some(1), "a failed task exits 1:\n{}", show(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.lines().any(|l| l.starts_with("completed task=")
+            && l.contains("code=9 (http_status)")
+            && l.contains("http_status=404")),
+        "the completed event carries http_status (DLS_HTTP_STATUS = 9) and 404:\n{}",
+        show(&output)
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("failed: code=9 (http_status)"), "{}", show(&output));
+    assert!(!dest.exists(), "no file for a 404");
+}
+
+/// What the Rust-side callback below saw.
+#[derive(Default)]
+struct Probe {
+    /// (kind, task, error code) of every event.
+    events: Mutex<Vec<(dls_event_kind, u64, c_int)>>,
+    /// The session, for calls made from inside the callback.
+    session: AtomicPtr<dls_session>,
+    /// What `dls_session_wait_idle` answered when the callback called it.
+    wait_from_callback: Mutex<Option<dls_code>>,
+}
+
+unsafe extern "C" fn probe(event: *const dls_event, user_data: *mut c_void) {
+    // SAFETY: the library passes a live event, and the test's `Probe` as user_data.
+    let (event, probe) = unsafe { (&*event, &*(user_data as *const Probe)) };
+    if let Ok(mut events) = probe.events.lock() {
+        events.push((event.kind, event.task_id, event.error_code));
+    }
+    if event.kind == dls_event_kind::DLS_EVENT_COMPLETED {
+        let mut idle = false;
+        // SAFETY: the session outlives its callbacks; `idle` is writable.
+        let code = unsafe {
+            dlsession_ffi::dls_session_wait_idle(
+                probe.session.load(Ordering::Acquire),
+                1000,
+                &mut idle,
+                ptr::null_mut(),
+            )
+        };
+        if let Ok(mut answer) = probe.wait_from_callback.lock() {
+            *answer = Some(code);
+        }
+    }
+}
+
+/// The task functions, called from Rust through the C ABI: suspend, resume, cancel, an
+/// unknown task, and what the callback may not do.
+#[test]
+fn the_c_api_controls_tasks() {
+    use dlsession_ffi::*;
+
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    // The test server needs a runtime; the library under test brings its own.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt.block_on(TestServer::start()).unwrap();
+    server.add("/slow.bin", Resource::generated(8 << 20, 45).throttle(1 << 20));
+    let url = CString::new(server.url("/slow.bin")).unwrap();
+    let socket = CString::new(env.socket.as_os_str().as_bytes()).unwrap();
+    let probe_data = Probe::default();
+
+    // SAFETY: every pointer is live or NULL where the API allows NULL; `probe_data`
+    // outlives the session.
+    let task = unsafe {
+        let config = dls_config_new(c"org.example.ffi-control".as_ptr(), ptr::null_mut());
+        assert!(!config.is_null());
+        assert_eq!(dls_config_set_socket(config, socket.as_ptr(), ptr::null_mut()), dls_code::DLS_OK);
+        let mut err = ptr::null_mut();
+        let user_data = &probe_data as *const Probe as *mut c_void;
+        let session = dls_session_attach(config, Some(probe), user_data, &mut err);
+        dls_config_free(config);
+        assert!(!session.is_null(), "attach: {:?}", CStr::from_ptr(dls_error_message(err)));
+        probe_data.session.store(session, Ordering::Release);
+
+        let mut task = 0;
+        assert_eq!(dls_download(session, url.as_ptr(), ptr::null(), &mut task, ptr::null_mut()), dls_code::DLS_OK);
+        assert_ne!(task, 0);
+        assert_eq!(dls_task_suspend(session, task, ptr::null_mut()), dls_code::DLS_OK);
+        let mut idle = false;
+        assert_eq!(dls_session_wait_idle(session, 30_000, &mut idle, ptr::null_mut()), dls_code::DLS_OK);
+        assert!(idle, "a suspended task leaves the session idle");
+        assert_eq!(dls_task_resume(session, task, ptr::null_mut()), dls_code::DLS_OK);
+        assert_eq!(dls_task_cancel(session, task, ptr::null_mut()), dls_code::DLS_OK);
+        idle = false;
+        assert_eq!(dls_session_wait_idle(session, 60_000, &mut idle, ptr::null_mut()), dls_code::DLS_OK);
+        assert!(idle, "idle once the cancellation is delivered");
+
+        let mut err = ptr::null_mut();
+        assert_eq!(dls_task_resume(session, 999_999, &mut err), dls_code::DLS_NO_SUCH_TASK);
+        assert_eq!(dls_error_code(err), dls_code::DLS_NO_SUCH_TASK as c_int);
+        dls_error_free(err);
+        dls_session_free(session);
+        task
+    };
+
+    // After dls_session_free no callback runs: the probe is ours to read.
+    let events = probe_data.events.into_inner().unwrap();
+    let cancelled = (dls_event_kind::DLS_EVENT_COMPLETED, task, dls_code::DLS_CANCELLED as c_int);
+    assert!(events.contains(&cancelled), "completed with DLS_CANCELLED: {events:?}");
+    assert_eq!(
+        probe_data.wait_from_callback.into_inner().unwrap(),
+        Some(dls_code::DLS_INVALID_ARGUMENT),
+        "waiting for idle from the session's own callback is refused, not a deadlock"
+    );
+}

@@ -1,0 +1,62 @@
+//! Reading arguments from C: every pointer may be NULL and every string may not be UTF-8,
+//! and both are the caller's mistake to report, never a crash.
+
+use std::ffi::{CStr, c_char};
+
+use crate::error::Failure;
+
+/// The string at `p`, which must not be NULL.
+///
+/// # Safety
+///
+/// `p` is NULL or points to a NUL-terminated string that stays unchanged for `'a`.
+pub(crate) unsafe fn string<'a>(p: *const c_char, what: &str) -> Result<&'a str, Failure> {
+    // SAFETY: passed on from the caller.
+    unsafe { optional_string(p, what) }?.ok_or_else(|| Failure::invalid(format!("{what} is NULL")))
+}
+
+/// The string at `p`, or `None` if `p` is NULL.
+///
+/// # Safety
+///
+/// As [`string`].
+pub(crate) unsafe fn optional_string<'a>(p: *const c_char, what: &str) -> Result<Option<&'a str>, Failure> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: not NULL, and the caller promises a NUL-terminated string living for `'a`.
+    let s = unsafe { CStr::from_ptr(p) };
+    s.to_str().map(Some).map_err(|_| Failure::invalid(format!("{what} is not valid UTF-8")))
+}
+
+/// The object at `p`, which must not be NULL.
+///
+/// # Safety
+///
+/// `p` is NULL or points to a live `T` that nothing mutates for `'a`.
+pub(crate) unsafe fn object<'a, T>(p: *const T, what: &str) -> Result<&'a T, Failure> {
+    // SAFETY: passed on from the caller.
+    unsafe { p.as_ref() }.ok_or_else(|| Failure::invalid(format!("{what} is NULL")))
+}
+
+/// The object at `p` for changing, which must not be NULL.
+///
+/// # Safety
+///
+/// `p` is NULL or points to a live `T` that nothing else uses for `'a`.
+pub(crate) unsafe fn object_mut<'a, T>(p: *mut T, what: &str) -> Result<&'a mut T, Failure> {
+    // SAFETY: passed on from the caller.
+    unsafe { p.as_mut() }.ok_or_else(|| Failure::invalid(format!("{what} is NULL")))
+}
+
+/// Writes `value` to `out` unless it is NULL (out-parameters are optional).
+///
+/// # Safety
+///
+/// `out` is NULL or valid for writing a `T`.
+pub(crate) unsafe fn put<T>(out: *mut T, value: T) {
+    if !out.is_null() {
+        // SAFETY: not NULL, and the caller promises it is writable.
+        unsafe { out.write(value) };
+    }
+}

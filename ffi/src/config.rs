@@ -1,0 +1,214 @@
+//! `dls_config`: a session's configuration ([`SessionConfiguration`]) built from C.
+
+use std::ffi::c_char;
+
+use dlsession::SessionConfiguration;
+
+use crate::args;
+use crate::error::{Failure, call, call_new, dls_code, dls_error, guard};
+
+/// How to attach to a background session: its identifier, the daemon's socket, the app to
+/// wake and the command to relaunch it with. Create with `dls_config_new`, free with
+/// `dls_config_free` (attaching copies it: it may be freed right after).
+#[derive(Debug)]
+pub struct dls_config {
+    pub(crate) inner: SessionConfiguration,
+}
+
+/// A configuration for the background session `identifier` (reverse-DNS recommended, e.g.
+/// "org.example.photos.background"; 1 to 255 bytes of UTF-8 without control characters).
+/// NULL on failure (`*err` says why: `DLS_INVALID_ARGUMENT`, `DLS_INVALID_IDENTIFIER`).
+///
+/// # Safety
+///
+/// `identifier` is NULL or a NUL-terminated string; `err` is NULL or points to a
+/// `dls_error*` to set on failure.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dls_config_new(identifier: *const c_char, err: *mut *mut dls_error) -> *mut dls_config {
+    call_new(err, || {
+        // SAFETY: the caller's contract above.
+        let identifier = unsafe { args::string(identifier, "identifier") }?;
+        dlsession::proto::validate::identifier(identifier)
+            .map_err(|e| Failure { code: dls_code::from_error_code(e.code), message: e.to_string() })?;
+        Ok(Box::new(dls_config { inner: SessionConfiguration::background(identifier) }))
+    })
+}
+
+/// Connect to the daemon's socket at `path` instead of the default (`DLSESSION_SOCKET`,
+/// else `DLSESSIOND_SOCKET`, else `$XDG_RUNTIME_DIR/dlsessiond/dlsessiond.sock`).
+///
+/// # Safety
+///
+/// `config` is NULL or a live configuration not used by another thread during the call;
+/// `path` is NULL or a NUL-terminated string; `err` as for `dls_config_new`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dls_config_set_socket(
+    config: *mut dls_config,
+    path: *const c_char,
+    err: *mut *mut dls_error,
+) -> dls_code {
+    call(err, || {
+        // SAFETY: the caller's contract above.
+        let (config, path) = unsafe { (args::object_mut(config, "config")?, args::string(path, "path")?) };
+        config.inner = config.inner.clone().socket(path);
+        Ok(())
+    })
+}
+
+/// The app the daemon wakes when the session has finished events (its `app_id`); NULL
+/// clears a stored one.
+///
+/// # Safety
+///
+/// As `dls_config_set_socket`, with `app_id` for `path`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dls_config_set_app_id(
+    config: *mut dls_config,
+    app_id: *const c_char,
+    err: *mut *mut dls_error,
+) -> dls_code {
+    call(err, || {
+        // SAFETY: the caller's contract above.
+        let (config, app_id) =
+            unsafe { (args::object_mut(config, "config")?, args::optional_string(app_id, "app_id")?) };
+        let current = config.inner.clone();
+        config.inner = match app_id {
+            Some(app_id) => current.app_id(app_id),
+            None => current.no_app_id(),
+        };
+        Ok(())
+    })
+}
+
+/// Relaunch the app with this command (`argc` strings, run directly without a shell) when
+/// the session has finished events and the app is not running. `argc` 0 means never
+/// relaunch (clears a stored command). The strings are copied.
+///
+/// # Safety
+///
+/// `config` as for `dls_config_set_socket`; `argv` is NULL (only with `argc` 0) or points
+/// to `argc` pointers, each NULL or a NUL-terminated string; `err` as for `dls_config_new`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dls_config_set_launch_command(
+    config: *mut dls_config,
+    argv: *const *const c_char,
+    argc: usize,
+    err: *mut *mut dls_error,
+) -> dls_code {
+    call(err, || {
+        // SAFETY: the caller's contract above.
+        let config = unsafe { args::object_mut(config, "config") }?;
+        if argc == 0 {
+            config.inner = config.inner.clone().no_launch();
+            return Ok(());
+        }
+        if argv.is_null() {
+            return Err(Failure::invalid(format!("argv is NULL but argc is {argc}")));
+        }
+        // SAFETY: not NULL, and the caller promises `argc` readable pointers there.
+        let pointers = unsafe { std::slice::from_raw_parts(argv, argc) };
+        let mut command = Vec::with_capacity(argc);
+        for (i, arg) in pointers.iter().enumerate() {
+            // SAFETY: each pointer is NULL or a NUL-terminated string (the contract).
+            command.push(unsafe { args::string(*arg, &format!("argv[{i}]")) }?.to_owned());
+        }
+        config.inner = config.inner.clone().launch_command(command);
+        Ok(())
+    })
+}
+
+/// Frees a configuration (NULL is fine).
+///
+/// # Safety
+///
+/// `config` is NULL or a configuration from `dls_config_new`, freed only once.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dls_config_free(config: *mut dls_config) {
+    if config.is_null() {
+        return;
+    }
+    guard((), || {
+        // SAFETY: a pointer from `Box::into_raw` in `dls_config_new`, given back once.
+        drop(unsafe { Box::from_raw(config) });
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{dls_error_code, dls_error_free, dls_error_message};
+    use dlsession::LaunchSpec;
+    use std::ffi::{CStr, c_int};
+    use std::ptr;
+
+    /// The code and message of `err`, which is then freed.
+    fn take(err: *mut dls_error) -> (c_int, String) {
+        assert!(!err.is_null(), "an error was reported");
+        // SAFETY: a live error from this library, freed once here.
+        unsafe {
+            let out = (dls_error_code(err), CStr::from_ptr(dls_error_message(err)).to_string_lossy().into_owned());
+            dls_error_free(err);
+            out
+        }
+    }
+
+    #[test]
+    fn bad_input_is_invalid_argument() {
+        let mut err = ptr::null_mut();
+        // SAFETY: NULL and NUL-terminated strings, as the contract allows.
+        unsafe {
+            assert!(dls_config_new(ptr::null(), &mut err).is_null());
+            assert_eq!(take(err), (dls_code::DLS_INVALID_ARGUMENT as c_int, "identifier is NULL".into()));
+            err = ptr::null_mut();
+            assert!(dls_config_new(c"bad\xff".as_ptr(), &mut err).is_null());
+            assert_eq!(take(err), (dls_code::DLS_INVALID_ARGUMENT as c_int, "identifier is not valid UTF-8".into()));
+            err = ptr::null_mut();
+            assert!(dls_config_new(c"".as_ptr(), &mut err).is_null());
+            assert_eq!(take(err).0, dls_code::DLS_INVALID_IDENTIFIER as c_int);
+            // No `err`: still no crash, just NULL.
+            assert!(dls_config_new(ptr::null(), ptr::null_mut()).is_null());
+
+            let code = dls_config_set_socket(ptr::null_mut(), c"/tmp/x".as_ptr(), ptr::null_mut());
+            assert_eq!(code, dls_code::DLS_INVALID_ARGUMENT);
+            let config = dls_config_new(c"org.example.test".as_ptr(), ptr::null_mut());
+            assert!(!config.is_null());
+            assert_eq!(dls_config_set_socket(config, ptr::null(), ptr::null_mut()), dls_code::DLS_INVALID_ARGUMENT);
+            err = ptr::null_mut();
+            assert_eq!(dls_config_set_launch_command(config, ptr::null(), 2, &mut err), dls_code::DLS_INVALID_ARGUMENT);
+            assert_eq!(take(err).1, "argv is NULL but argc is 2");
+            let argv = [c"/bin/app".as_ptr(), ptr::null()];
+            err = ptr::null_mut();
+            assert_eq!(
+                dls_config_set_launch_command(config, argv.as_ptr(), 2, &mut err),
+                dls_code::DLS_INVALID_ARGUMENT
+            );
+            assert_eq!(take(err).1, "argv[1] is NULL");
+            dls_config_free(config);
+            dls_config_free(ptr::null_mut());
+        }
+    }
+
+    #[test]
+    fn setters_reach_the_configuration() {
+        // SAFETY: live configuration, NUL-terminated strings.
+        unsafe {
+            let config = dls_config_new(c"org.example.test".as_ptr(), ptr::null_mut());
+            let argv = [c"/bin/app".as_ptr(), c"--background".as_ptr()];
+            assert_eq!(dls_config_set_launch_command(config, argv.as_ptr(), 2, ptr::null_mut()), dls_code::DLS_OK);
+            assert_eq!(dls_config_set_app_id(config, c"org.example".as_ptr(), ptr::null_mut()), dls_code::DLS_OK);
+            assert_eq!(dls_config_set_socket(config, c"/run/x.sock".as_ptr(), ptr::null_mut()), dls_code::DLS_OK);
+            let inner = &(*config).inner;
+            assert_eq!(inner.identifier(), "org.example.test");
+            assert_eq!(inner.config().app_id.as_deref(), Some("org.example"));
+            let argv = vec!["/bin/app".to_owned(), "--background".to_owned()];
+            assert_eq!(inner.config().launch, Some(LaunchSpec::Command { argv }));
+            assert_eq!(dls_config_set_launch_command(config, ptr::null(), 0, ptr::null_mut()), dls_code::DLS_OK);
+            assert_eq!(dls_config_set_app_id(config, ptr::null(), ptr::null_mut()), dls_code::DLS_OK);
+            assert_eq!(
+                ((*config).inner.config().launch.as_ref(), (*config).inner.config().app_id.as_ref()),
+                (None, None)
+            );
+            dls_config_free(config);
+        }
+    }
+}

@@ -1,0 +1,381 @@
+//! Events for C: the `dls_event` struct, the callback type, and the [`SessionDelegate`]
+//! that turns each delegate call into one callback.
+
+use std::cell::Cell;
+use std::ffi::{CString, c_char, c_int, c_void};
+use std::path::Path;
+use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use dlsession::{DetachReason, DownloadTask, Handled, Session, SessionDelegate, TaskError};
+
+use crate::error::{c_string, dls_code};
+
+/// What a `dls_event` reports.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum dls_event_kind {
+    /// Bytes arrived: `bytes_written` since the last progress event of the task,
+    /// `total_bytes_written` so far, `total_bytes_expected` (-1 if unknown). Coalesced: at
+    /// most one per task per progress interval, plus one at the end.
+    DLS_EVENT_PROGRESS = 1,
+    /// A transfer (re)started at `offset` (0: it had to start over); `total_bytes_expected`
+    /// is the file's size (-1 if unknown).
+    DLS_EVENT_RESUMED = 2,
+    /// The file is complete at `location`. Move it before the callback returns if the task
+    /// had no destination: afterwards the daemon deletes what is left in its cache.
+    DLS_EVENT_FINISHED_DOWNLOADING = 3,
+    /// The task's last event: `error_code` is `DLS_OK` on success, else why it failed (with
+    /// `error_message`, and `http_status` for `DLS_HTTP_STATUS`).
+    DLS_EVENT_COMPLETED = 4,
+    /// Every event delivered in this attachment is handled and acknowledged (after
+    /// rejoining, or when the session's last task completed): the app may rest or exit.
+    DLS_EVENT_FINISHED_EVENTS = 5,
+    /// The session was invalidated (`error_code`/`error_message` say why, if it was not the
+    /// app's own request).
+    DLS_EVENT_BECAME_INVALID = 6,
+    /// This process is no longer attached: `error_message` is the reason ("taken_over",
+    /// with `error_code` `DLS_SESSION_IN_USE`; "invalidated"; "daemon_shutdown").
+    DLS_EVENT_DETACHED = 7,
+    /// The connection to the daemon broke (`error_message` says why); the library connects
+    /// again by itself and events not yet acknowledged come again.
+    DLS_EVENT_CONNECTION_LOST = 8,
+    /// Connected again and rejoined.
+    DLS_EVENT_RECONNECTED = 9,
+}
+
+/// One event of a session, as the callback receives it. Fields that do not apply to the
+/// kind are 0 (the byte counts and `task_id`), -1 (`total_bytes_expected`) or NULL.
+///
+/// Every pointer in it, and the struct itself, is valid only during the callback: copy
+/// what you keep.
+#[repr(C)]
+#[derive(Debug)]
+pub struct dls_event {
+    /// What happened.
+    pub kind: dls_event_kind,
+    /// The task (0 for session events: FINISHED_EVENTS, BECAME_INVALID, DETACHED,
+    /// CONNECTION_LOST, RECONNECTED).
+    pub task_id: u64,
+    /// PROGRESS: bytes since the task's last progress event.
+    pub bytes_written: i64,
+    /// PROGRESS: bytes of the file so far.
+    pub total_bytes_written: i64,
+    /// PROGRESS, RESUMED: the file's size; -1 if unknown.
+    pub total_bytes_expected: i64,
+    /// RESUMED: where the transfer continues.
+    pub offset: i64,
+    /// FINISHED_DOWNLOADING: the finished file (its destination, if the task had one);
+    /// else NULL.
+    pub location: *const c_char,
+    /// A `dls_code`: `DLS_OK`, or the error of COMPLETED, BECAME_INVALID, DETACHED.
+    pub error_code: c_int,
+    /// The HTTP status when `error_code` is `DLS_HTTP_STATUS`, else 0.
+    pub http_status: c_int,
+    /// The error's message, or the reason of DETACHED and CONNECTION_LOST; NULL if none.
+    pub error_message: *const c_char,
+    /// The session's identifier.
+    pub session_identifier: *const c_char,
+}
+
+/// The event callback given to `dls_session_attach`.
+///
+/// - Callbacks run one at a time, in event order, on the session's own thread (never the
+///   thread that called into the library). They may block (moving a large file is fine),
+///   but the session's later events wait meanwhile.
+/// - `event` and every string in it are valid only during the call: copy what you keep.
+/// - FINISHED_DOWNLOADING: move the file before returning (if the task had no
+///   destination); afterwards the daemon deletes it.
+/// - An event is acknowledged to the daemon after its callback returns; a process that
+///   dies first gets it again on its next attach, so handle events idempotently.
+/// - The callback may call `dls_download` and the `dls_task_*` functions, but must not
+///   call `dls_session_free` on its own session. `dls_session_wait_idle` on its own
+///   session fails with `DLS_INVALID_ARGUMENT` there (it cannot become idle while its
+///   callback waits).
+/// - `user_data` is passed back untouched; it must stay valid until `dls_session_free`
+///   returns.
+pub type dls_event_fn = Option<unsafe extern "C" fn(event: *const dls_event, user_data: *mut c_void)>;
+
+/// The app's callback and its `user_data`.
+#[derive(Debug)]
+struct Callback {
+    f: unsafe extern "C" fn(*const dls_event, *mut c_void),
+    user_data: *mut c_void,
+}
+
+// SAFETY: the pointer is only handed back to the app's callback, which the app wrote to
+// run on the session's thread (documented at `dls_event_fn`); Rust never dereferences it.
+unsafe impl Send for Callback {}
+// SAFETY: as above; the callback is only ever called under `Gate::running`, one at a time.
+unsafe impl Sync for Callback {}
+
+/// Lets callbacks through until the session is freed; freeing waits for a running one.
+#[derive(Debug)]
+pub(crate) struct Gate {
+    callback: Option<Callback>,
+    closed: AtomicBool,
+    /// Held while a callback runs.
+    running: Mutex<()>,
+}
+
+thread_local! {
+    /// The gate whose callback this thread is running, if any: `close` from inside it must
+    /// not wait for itself.
+    static INSIDE: Cell<*const Gate> = const { Cell::new(ptr::null()) };
+}
+
+impl Gate {
+    pub(crate) fn new(f: dls_event_fn, user_data: *mut c_void) -> Gate {
+        Gate { callback: f.map(|f| Callback { f, user_data }), closed: AtomicBool::new(false), running: Mutex::new(()) }
+    }
+
+    /// Calls the callback with `event`; false if the gate is closed (nothing was called).
+    fn deliver(&self, event: &Event) -> bool {
+        // A poisoned lock only means an earlier event's Rust code panicked: still usable.
+        let _running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        let Some(callback) = &self.callback else { return true };
+        let raw = event.raw();
+        INSIDE.with(|inside| inside.set(self));
+        // SAFETY: `f` is the app's callback with the signature it declared; `raw` and the
+        // strings it points to live until after the call; `user_data` is the app's own.
+        unsafe { (callback.f)(&raw, callback.user_data) };
+        INSIDE.with(|inside| inside.set(ptr::null()));
+        true
+    }
+
+    /// Whether this thread is running this gate's callback right now.
+    pub(crate) fn is_inside(&self) -> bool {
+        INSIDE.with(|inside| ptr::eq(inside.get(), self))
+    }
+
+    /// Closes the gate and runs `then` (freeing the session) while no callback runs: one
+    /// that is running is waited for first, one that would start waits and then finds the
+    /// gate closed. A callback closing its own gate is not waited for (it would wait for
+    /// itself).
+    pub(crate) fn close_and(&self, then: impl FnOnce()) {
+        let _running = (!self.is_inside()).then(|| self.running.lock().unwrap_or_else(PoisonError::into_inner));
+        self.closed.store(true, Ordering::Release);
+        then();
+    }
+}
+
+/// An event being built, owning its strings.
+#[derive(Debug)]
+struct Event {
+    kind: dls_event_kind,
+    task_id: u64,
+    bytes_written: i64,
+    total_bytes_written: i64,
+    total_bytes_expected: i64,
+    offset: i64,
+    location: Option<CString>,
+    error_code: dls_code,
+    http_status: c_int,
+    error_message: Option<CString>,
+    session_identifier: CString,
+}
+
+/// Byte counts for C: `i64`, saturating (no file is 8 EiB).
+fn count(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn expected(n: Option<u64>) -> i64 {
+    n.map_or(-1, count)
+}
+
+impl Event {
+    fn new(kind: dls_event_kind, session: &Session, task: Option<&DownloadTask>) -> Event {
+        Event {
+            kind,
+            task_id: task.map_or(0, DownloadTask::id),
+            bytes_written: 0,
+            total_bytes_written: 0,
+            total_bytes_expected: -1,
+            offset: 0,
+            location: None,
+            error_code: dls_code::DLS_OK,
+            http_status: 0,
+            error_message: None,
+            session_identifier: c_string(session.identifier()),
+        }
+    }
+
+    fn error(mut self, error: Option<&TaskError>) -> Event {
+        if let Some(e) = error {
+            self.error_code = dls_code::from_error_code(e.code);
+            self.http_status = e.http_status.map_or(0, c_int::from);
+            self.error_message = Some(c_string(&e.message));
+        }
+        self
+    }
+
+    fn raw(&self) -> dls_event {
+        let ptr = |s: &Option<CString>| s.as_ref().map_or(ptr::null(), |s| s.as_ptr());
+        dls_event {
+            kind: self.kind,
+            task_id: self.task_id,
+            bytes_written: self.bytes_written,
+            total_bytes_written: self.total_bytes_written,
+            total_bytes_expected: self.total_bytes_expected,
+            offset: self.offset,
+            location: ptr(&self.location),
+            error_code: self.error_code as c_int,
+            http_status: self.http_status,
+            error_message: ptr(&self.error_message),
+            session_identifier: self.session_identifier.as_ptr(),
+        }
+    }
+}
+
+/// The session delegate of a C app: every call becomes one `dls_event`.
+#[derive(Debug)]
+pub(crate) struct Delegate {
+    pub(crate) gate: std::sync::Arc<Gate>,
+}
+
+impl SessionDelegate for Delegate {
+    fn did_write_data(
+        &self,
+        session: &Session,
+        task: &DownloadTask,
+        bytes_written: u64,
+        total_bytes_written: u64,
+        total_bytes_expected: Option<u64>,
+    ) {
+        let mut e = Event::new(dls_event_kind::DLS_EVENT_PROGRESS, session, Some(task));
+        e.bytes_written = count(bytes_written);
+        e.total_bytes_written = count(total_bytes_written);
+        e.total_bytes_expected = expected(total_bytes_expected);
+        self.gate.deliver(&e);
+    }
+
+    fn did_resume_at_offset(&self, session: &Session, task: &DownloadTask, offset: u64, expected_total: Option<u64>) {
+        let mut e = Event::new(dls_event_kind::DLS_EVENT_RESUMED, session, Some(task));
+        e.offset = count(offset);
+        e.total_bytes_expected = expected(expected_total);
+        self.gate.deliver(&e);
+    }
+
+    fn finish_downloading(&self, session: &Session, task: &DownloadTask, location: &Path) -> Handled {
+        let mut e = Event::new(dls_event_kind::DLS_EVENT_FINISHED_DOWNLOADING, session, Some(task));
+        e.location = Some(c_string(&location.to_string_lossy()));
+        // Not shown to the app (the session is being freed): keep the file for the next
+        // attach instead of letting the daemon delete it.
+        if self.gate.deliver(&e) { Handled::Done } else { Handled::Later }
+    }
+
+    fn did_complete_with_error(&self, session: &Session, task: &DownloadTask, error: Option<&TaskError>) {
+        let e = Event::new(dls_event_kind::DLS_EVENT_COMPLETED, session, Some(task)).error(error);
+        self.gate.deliver(&e);
+    }
+
+    fn did_finish_events_for_background_session(&self, session: &Session) {
+        self.gate.deliver(&Event::new(dls_event_kind::DLS_EVENT_FINISHED_EVENTS, session, None));
+    }
+
+    fn did_become_invalid(&self, session: &Session, error: Option<&TaskError>) {
+        self.gate.deliver(&Event::new(dls_event_kind::DLS_EVENT_BECAME_INVALID, session, None).error(error));
+    }
+
+    fn did_detach(&self, session: &Session, reason: DetachReason) {
+        let mut e = Event::new(dls_event_kind::DLS_EVENT_DETACHED, session, None);
+        if reason == DetachReason::TakenOver {
+            e.error_code = dls_code::DLS_SESSION_IN_USE;
+        }
+        e.error_message = Some(c_string(reason.as_str()));
+        self.gate.deliver(&e);
+    }
+
+    fn did_lose_connection(&self, session: &Session, reason: &str) {
+        let mut e = Event::new(dls_event_kind::DLS_EVENT_CONNECTION_LOST, session, None);
+        e.error_message = Some(c_string(reason));
+        self.gate.deliver(&e);
+    }
+
+    fn did_reconnect(&self, session: &Session) {
+        self.gate.deliver(&Event::new(dls_event_kind::DLS_EVENT_RECONNECTED, session, None));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CStr;
+
+    /// What the test callback saw: (kind, task, message).
+    type Seen = Mutex<Vec<(dls_event_kind, u64, Option<String>, String)>>;
+
+    unsafe extern "C" fn record(event: *const dls_event, user_data: *mut c_void) {
+        // SAFETY: the gate passes a live event and the `Seen` the test gave as user_data.
+        let (event, seen) = unsafe { (&*event, &*(user_data as *const Seen)) };
+        // SAFETY: strings in the event are NULL or NUL-terminated for the call.
+        let message = unsafe { event.error_message.as_ref().map(|m| CStr::from_ptr(m).to_string_lossy().into_owned()) };
+        // SAFETY: as above, never NULL.
+        let identifier = unsafe { CStr::from_ptr(event.session_identifier) }.to_string_lossy().into_owned();
+        seen.lock().unwrap().push((event.kind, event.task_id, message, identifier));
+    }
+
+    fn event(kind: dls_event_kind, task_id: u64, message: Option<&str>) -> Event {
+        Event {
+            kind,
+            task_id,
+            bytes_written: 0,
+            total_bytes_written: 0,
+            total_bytes_expected: -1,
+            offset: 0,
+            location: None,
+            error_code: dls_code::DLS_OK,
+            http_status: 0,
+            error_message: message.map(c_string),
+            session_identifier: c_string("org.example.test"),
+        }
+    }
+
+    #[test]
+    fn callbacks_stop_once_the_gate_is_closed() {
+        let seen: Seen = Mutex::default();
+        let gate = Gate::new(Some(record), &seen as *const Seen as *mut c_void);
+        assert!(gate.deliver(&event(dls_event_kind::DLS_EVENT_COMPLETED, 7, Some("http_status"))));
+        gate.close_and(|| ());
+        assert!(!gate.deliver(&event(dls_event_kind::DLS_EVENT_PROGRESS, 8, None)), "closed: nothing is called");
+        let seen = seen.into_inner().unwrap();
+        assert_eq!(
+            seen,
+            vec![(dls_event_kind::DLS_EVENT_COMPLETED, 7, Some("http_status".into()), "org.example.test".into())]
+        );
+    }
+
+    #[test]
+    fn no_callback_is_fine() {
+        let gate = Gate::new(None, ptr::null_mut());
+        assert!(gate.deliver(&event(dls_event_kind::DLS_EVENT_RECONNECTED, 0, None)));
+        gate.close_and(|| ());
+    }
+
+    #[test]
+    fn closing_from_inside_the_callback_does_not_wait_for_itself() {
+        unsafe extern "C" fn close_own(_: *const dls_event, user_data: *mut c_void) {
+            // SAFETY: the test passes its gate as user_data.
+            unsafe { &*(user_data as *const Gate) }.close_and(|| ());
+        }
+        let mut gate = Box::new(Gate::new(None, ptr::null_mut()));
+        // The callback gets its own gate as user_data (the box does not move).
+        let this = &*gate as *const Gate as *mut c_void;
+        gate.callback = Some(Callback { f: close_own, user_data: this });
+        // Would deadlock if `close` waited for the callback it is called from.
+        assert!(gate.deliver(&event(dls_event_kind::DLS_EVENT_COMPLETED, 1, None)));
+        assert!(!gate.deliver(&event(dls_event_kind::DLS_EVENT_COMPLETED, 2, None)), "closed from inside");
+    }
+
+    #[test]
+    fn counts_saturate_and_unknown_is_minus_one() {
+        assert_eq!(count(u64::MAX), i64::MAX);
+        assert_eq!(expected(None), -1);
+        assert_eq!(expected(Some(5)), 5);
+    }
+}

@@ -1,0 +1,272 @@
+//! `dls_session`: attaching, downloading, controlling tasks, waiting, detaching — each a
+//! blocking call on [`dlsession::blocking::Session`].
+
+use std::ffi::{CStr, c_char, c_void};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dlsession::DownloadRequest;
+use dlsession::blocking::{DownloadTask, Session};
+
+use crate::args;
+use crate::config::dls_config;
+use crate::error::{Failure, call, call_new, dls_code, dls_error, guard};
+use crate::event::{Delegate, Gate, dls_event_fn};
+
+/// An attached background session. Its functions may be called from any thread, also at
+/// the same time (except `dls_session_free`); each blocks until the daemon has answered.
+#[derive(Debug)]
+pub struct dls_session {
+    session: Session,
+    gate: Arc<Gate>,
+}
+
+/// Connects to the daemon (starting it if nothing listens and `DLSESSION_NO_AUTOSTART` is
+/// not set) and attaches to the session of `config`, creating it or rejoining it. Events
+/// queued while the app was away are delivered right after, maybe before this returns.
+/// `config` is copied: free it when you like.
+///
+/// `on_event` may be NULL (no events; then give each download a destination, since a file
+/// without one is deleted once finished). `user_data` is passed to every `on_event` call
+/// and must stay valid until `dls_session_free` returns (see `dls_event_fn`).
+///
+/// Returns NULL on failure (`*err` says why: `DLS_INTERNAL` with "dlsessiond is not
+/// running ..." when it cannot be reached, `DLS_SESSION_IN_USE` when another process is
+/// attached, ...).
+///
+/// # Safety
+///
+/// `config` is NULL or a live configuration; `on_event` and `user_data` keep the rules of
+/// `dls_event_fn`; `err` is NULL or points to a `dls_error*` to set on failure.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dls_session_attach(
+    config: *const dls_config,
+    on_event: dls_event_fn,
+    user_data: *mut c_void,
+    err: *mut *mut dls_error,
+) -> *mut dls_session {
+    call_new(err, || {
+        // SAFETY: the caller's contract above.
+        let config = unsafe { args::object(config, "config") }?;
+        let gate = Arc::new(Gate::new(on_event, user_data));
+        let session = Session::attach(config.inner.clone(), Delegate { gate: gate.clone() })?;
+        Ok(Box::new(dls_session { session, gate }))
+    })
+}
+
+/// Detaches and frees the session (NULL is fine). The daemon goes on with its tasks and
+/// keeps the events not yet delivered for the next attach. Waits for a callback that is
+/// running; no callback runs after this returns.
+///
+/// # Safety
+///
+/// `session` is NULL or a session from `dls_session_attach`, freed only once, not in use
+/// by another thread, and not freed from its own callback.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dls_session_free(session: *mut dls_session) {
+    if session.is_null() {
+        return;
+    }
+    guard((), || {
+        // SAFETY: a pointer from `Box::into_raw` in `dls_session_attach`, given back once.
+        let dls_session { session, gate } = *unsafe { Box::from_raw(session) };
+        // With no callback running, so none can be using the session as it goes; events
+        // that were about to be delivered stay unacknowledged and come again.
+        gate.close_and(|| drop(session));
+    });
+}
+
+/// Creates a download of `url` and starts it. `destination` (may be NULL) is where the
+/// finished file goes; a relative path is taken from the current directory. Without one,
+/// the file is handed to the FINISHED_DOWNLOADING event to move. The new task's id goes to
+/// `*task_id_out` (may be NULL).
+///
+/// # Safety
+///
+/// `session` is NULL or a live session; `url` and `destination` are NULL or NUL-terminated
+/// strings; `task_id_out` is NULL or writable; `err` as for `dls_session_attach`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dls_download(
+    session: *mut dls_session,
+    url: *const c_char,
+    destination: *const c_char,
+    task_id_out: *mut u64,
+    err: *mut *mut dls_error,
+) -> dls_code {
+    call(err, || {
+        // SAFETY: the caller's contract above.
+        let (session, url, destination) = unsafe {
+            (
+                args::object(session, "session")?,
+                args::string(url, "url")?,
+                args::optional_string(destination, "destination")?,
+            )
+        };
+        let mut request = DownloadRequest::new(url);
+        if let Some(destination) = destination {
+            // The daemon runs elsewhere: a relative path means nothing to it.
+            let absolute = std::path::absolute(destination)
+                .map_err(|e| Failure::invalid(format!("destination {destination:?}: {e}")))?;
+            request = request.destination(absolute);
+        }
+        let tasks = session.session.download_tasks(vec![request], true)?;
+        let id = tasks.first().map(DownloadTask::id).ok_or_else(|| Failure::internal("the daemon created no task"))?;
+        // SAFETY: the caller's contract above.
+        unsafe { args::put(task_id_out, id) };
+        Ok(())
+    })
+}
+
+/// Runs `action` on task `task_id` of `session`.
+///
+/// # Safety
+///
+/// As `dls_task_resume`.
+unsafe fn control(
+    session: *mut dls_session,
+    task_id: u64,
+    err: *mut *mut dls_error,
+    action: impl FnOnce(&DownloadTask) -> dlsession::Result<()>,
+) -> dls_code {
+    call(err, || {
+        // SAFETY: the caller's contract.
+        let session = unsafe { args::object(session, "session") }?;
+        action(&session.session.task(task_id)?)?;
+        Ok(())
+    })
+}
+
+/// Starts (or continues) a suspended task.
+///
+/// # Safety
+///
+/// `session` is NULL or a live session; `err` as for `dls_session_attach`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dls_task_resume(
+    session: *mut dls_session,
+    task_id: u64,
+    err: *mut *mut dls_error,
+) -> dls_code {
+    // SAFETY: the same contract.
+    unsafe { control(session, task_id, err, DownloadTask::resume) }
+}
+
+/// Pauses a task, keeping its data.
+///
+/// # Safety
+///
+/// As `dls_task_resume`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dls_task_suspend(
+    session: *mut dls_session,
+    task_id: u64,
+    err: *mut *mut dls_error,
+) -> dls_code {
+    // SAFETY: the same contract.
+    unsafe { control(session, task_id, err, DownloadTask::suspend) }
+}
+
+/// Cancels a task: it completes with `DLS_CANCELLED`.
+///
+/// # Safety
+///
+/// As `dls_task_resume`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dls_task_cancel(
+    session: *mut dls_session,
+    task_id: u64,
+    err: *mut *mut dls_error,
+) -> dls_code {
+    // SAFETY: the same contract.
+    unsafe { control(session, task_id, err, DownloadTask::cancel) }
+}
+
+/// Waits until the session is idle: no task queued, running or waiting to retry
+/// (suspended ones do not count), and every event delivered to the callback and
+/// acknowledged. `timeout_ms` < 0 waits for as long as it takes. `*idle_out` (may be NULL)
+/// is true if it became idle, false if the time ran out (which is not an error).
+///
+/// # Safety
+///
+/// `session` is NULL or a live session; `idle_out` is NULL or writable; `err` as for
+/// `dls_session_attach`. From the session's own callback it fails with
+/// `DLS_INVALID_ARGUMENT` (it would wait for itself).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dls_session_wait_idle(
+    session: *mut dls_session,
+    timeout_ms: i64,
+    idle_out: *mut bool,
+    err: *mut *mut dls_error,
+) -> dls_code {
+    call(err, || {
+        // SAFETY: the caller's contract above.
+        let session = unsafe { args::object(session, "session") }?;
+        if session.gate.is_inside() {
+            // The session cannot become idle while its callback waits for it to.
+            return Err(Failure::invalid("dls_session_wait_idle called from the session's own callback"));
+        }
+        let idle = match u64::try_from(timeout_ms) {
+            Ok(ms) => session.session.wait_idle_for(Duration::from_millis(ms))?,
+            Err(_) => session.session.wait_idle().map(|()| true)?,
+        };
+        // SAFETY: the caller's contract above.
+        unsafe { args::put(idle_out, idle) };
+        Ok(())
+    })
+}
+
+const VERSION: &CStr = match CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
+    Ok(version) => version,
+    Err(_) => c"unknown",
+};
+
+/// This library's version, e.g. "0.1.0" (a static string: never free it).
+#[unsafe(no_mangle)]
+pub extern "C" fn dls_version() -> *const c_char {
+    guard(c"unknown", || VERSION).as_ptr()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{dls_error_code, dls_error_free, dls_error_message};
+    use std::ffi::c_int;
+    use std::ptr;
+
+    #[test]
+    fn null_arguments_are_reported_not_crashed_on() {
+        // SAFETY: every pointer is NULL or valid, as the contracts allow.
+        unsafe {
+            let mut err = ptr::null_mut();
+            assert!(dls_session_attach(ptr::null(), None, ptr::null_mut(), &mut err).is_null());
+            assert_eq!(dls_error_code(err), dls_code::DLS_INVALID_ARGUMENT as c_int);
+            assert_eq!(CStr::from_ptr(dls_error_message(err)).to_str().unwrap(), "config is NULL");
+            dls_error_free(err);
+
+            let mut id = 42;
+            let mut err = ptr::null_mut();
+            let code = dls_download(ptr::null_mut(), c"http://127.0.0.1/".as_ptr(), ptr::null(), &mut id, &mut err);
+            assert_eq!(code, dls_code::DLS_INVALID_ARGUMENT);
+            assert_eq!(CStr::from_ptr(dls_error_message(err)).to_str().unwrap(), "session is NULL");
+            assert_eq!(id, 42, "nothing written on failure");
+            dls_error_free(err);
+
+            for code in [
+                dls_task_resume(ptr::null_mut(), 1, ptr::null_mut()),
+                dls_task_suspend(ptr::null_mut(), 1, ptr::null_mut()),
+                dls_task_cancel(ptr::null_mut(), 1, ptr::null_mut()),
+                dls_session_wait_idle(ptr::null_mut(), 0, ptr::null_mut(), ptr::null_mut()),
+            ] {
+                assert_eq!(code, dls_code::DLS_INVALID_ARGUMENT);
+            }
+            dls_session_free(ptr::null_mut());
+        }
+    }
+
+    #[test]
+    fn version_is_the_crate_version() {
+        // SAFETY: a static NUL-terminated string.
+        let version = unsafe { CStr::from_ptr(dls_version()) };
+        assert_eq!(version.to_str().unwrap(), env!("CARGO_PKG_VERSION"));
+    }
+}
