@@ -13,7 +13,15 @@ here=$PWD
 cd "$(dirname "$0")/.."
 
 profile=${DLSESSION_PROFILE:-release}
-cargo build --profile "$profile" --locked -p dlsessiond -p dlsessionctl -p dlsession-testkit --bin dlsession-serve
+# Two builds: `--bin` would limit every package named with it to that binary.
+cargo build --profile "$profile" --locked -p dlsessiond -p dlsessionctl
+cargo build --profile "$profile" --locked -p dlsession-testkit --bin dlsession-serve
+for b in dlsessiond dlsessionctl dlsession-serve; do
+    [ -x "${CARGO_TARGET_DIR:-$PWD/target}/$([ "$profile" = dev ] && echo debug || echo "$profile")/$b" ] || {
+        echo "quickstart: $b was not built" >&2
+        exit 1
+    }
+done
 [ "$profile" = dev ] && dir=debug || dir=$profile
 bin=${CARGO_TARGET_DIR:-$PWD/target}/$dir
 

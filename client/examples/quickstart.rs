@@ -19,9 +19,9 @@ struct Collect(PathBuf);
 impl SessionDelegate for Collect {
     fn did_finish_downloading_to(&self, _: &dlsession::Session, task: &DownloadTask, location: &Path) {
         let to = self.0.join(format!("download-{}", task.id()));
-        match std::fs::rename(location, &to) {
-            Ok(()) => println!("saved {}", to.display()),
-            Err(e) => eprintln!("cannot move task {}'s file to {}: {e}", task.id(), to.display()),
+        // The cache may be on another filesystem: then copy (the daemon deletes the original).
+        if let Err(e) = std::fs::rename(location, &to).or_else(|_| std::fs::copy(location, &to).map(drop)) {
+            eprintln!("cannot move task {}'s file to {}: {e}", task.id(), to.display());
         }
     }
 
@@ -37,12 +37,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Relaunched by the daemon as `quickstart --collect DIR`.
     let collect_into = args.first().filter(|a| *a == "--collect").and(args.get(1)).map(PathBuf::from);
     let dir = collect_into.clone().map_or_else(std::env::current_dir, Ok)?;
-    let exe = std::env::current_exe()?.to_string_lossy().into_owned();
-    let config = SessionConfiguration::background("org.example.quickstart").launch_command([
-        exe,
-        "--collect".into(),
-        dir.to_string_lossy().into_owned(),
-    ]);
+    let relaunch = [std::env::current_exe()?, "--collect".into(), dir.clone()].map(|p| p.display().to_string());
+    let config = SessionConfiguration::background("org.example.quickstart").launch_command(relaunch);
     let session = Session::attach(config, Collect(dir))?;
     if collect_into.is_some() {
         // The delegate hears what finished while this program was away.

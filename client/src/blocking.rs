@@ -5,6 +5,11 @@
 //! the daemon; the delegate runs on the session's own thread as with the async API. Do
 //! not call these methods from inside an async runtime (use [`crate::Session`] there).
 //!
+//! The delegate is the same [`crate::SessionDelegate`]: its callbacks are handed the async
+//! [`crate::Session`] and [`crate::DownloadTask`] (write their full paths when this module's
+//! `Session` is imported). Inside a callback, read what the event says and move files; do
+//! not call back into the session and wait (the callback would wait for itself).
+//!
 //! ```no_run
 //! use dlsession::blocking::Session;
 //! use dlsession::{DownloadRequest, SessionConfiguration, SessionDelegate};
@@ -32,12 +37,27 @@ use dlsession_proto::{ErrorCode, ErrorInfo, SessionInfo, TaskId, TaskInfo};
 
 /// An attached background session, with blocking methods (see the [module](self)).
 ///
-/// Dropping it detaches; the daemon goes on with the tasks.
+/// Dropping it detaches; the daemon goes on with the tasks. The drop waits (up to five
+/// seconds) for a delegate callback that is running to return.
 #[derive(Debug)]
 pub struct Session {
-    // Declared before the runtime: dropped (and detached) while the runtime still runs.
-    inner: crate::Session,
+    inner: Option<crate::Session>,
     runtime: Arc<tokio::runtime::Runtime>,
+}
+
+/// How long dropping a session waits for its delegate's thread to end.
+const DISPATCHER_END: Duration = Duration::from_secs(5);
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let Some(inner) = self.inner.take() else { return };
+        let done = inner.shared.signals.dispatcher_done.lock().ok().and_then(|mut d| d.take());
+        // Detaching ends the delegate's thread; the runtime it uses must outlive it.
+        drop(inner);
+        if let Some(done) = done {
+            let _ = done.recv_timeout(DISPATCHER_END);
+        }
+    }
 }
 
 /// A task of a blocking [`Session`].
@@ -63,56 +83,64 @@ impl Session {
                 ))
             })?;
         let inner = runtime.block_on(crate::Session::attach(config, delegate))?;
-        Ok(Session { inner, runtime: Arc::new(runtime) })
+        Ok(Session { inner: Some(inner), runtime: Arc::new(runtime) })
     }
 
     /// The async session underneath (for the few calls this facade does not wrap).
     pub fn as_async(&self) -> &crate::Session {
-        &self.inner
+        self.inner()
+    }
+
+    fn inner(&self) -> &crate::Session {
+        // Taken only by `drop`.
+        match &self.inner {
+            Some(inner) => inner,
+            None => unreachable!("a blocking::Session is used after drop"),
+        }
     }
 
     /// The session's identifier.
     pub fn identifier(&self) -> &str {
-        self.inner.identifier()
+        self.inner().identifier()
     }
 
     /// Creates a suspended task ([`DownloadTask::resume`] starts it).
     pub fn download_task(&self, request: DownloadRequest) -> Result<DownloadTask> {
-        let inner = self.runtime.block_on(self.inner.download_task(request))?;
+        let inner = self.runtime.block_on(self.inner().download_task(request))?;
         Ok(self.wrap(inner))
     }
 
     /// Creates many tasks, started at once if `resume`.
     pub fn download_tasks(&self, requests: Vec<DownloadRequest>, resume: bool) -> Result<Vec<DownloadTask>> {
-        let tasks = self.runtime.block_on(self.inner.download_tasks(requests, resume))?;
+        let tasks = self.runtime.block_on(self.inner().download_tasks(requests, resume))?;
         Ok(tasks.into_iter().map(|t| self.wrap(t)).collect())
     }
 
     /// Creates a task continuing from resume data.
     pub fn download_task_with_resume_data(&self, resume_data: &[u8]) -> Result<DownloadTask> {
-        let inner = self.runtime.block_on(self.inner.download_task_with_resume_data(resume_data))?;
+        let inner = self.runtime.block_on(self.inner().download_task_with_resume_data(resume_data))?;
         Ok(self.wrap(inner))
     }
 
     /// Every task of the session not yet acknowledged as completed.
     pub fn tasks(&self) -> Result<Vec<TaskInfo>> {
-        self.runtime.block_on(self.inner.tasks())
+        self.runtime.block_on(self.inner().tasks())
     }
 
     /// The session as the daemon sees it.
     pub fn info(&self) -> Result<SessionInfo> {
-        self.runtime.block_on(self.inner.info())
+        self.runtime.block_on(self.inner().info())
     }
 
     /// Blocks until the session is idle ([`crate::Session::wait_idle`]).
     pub fn wait_idle(&self) -> Result<()> {
-        self.runtime.block_on(self.inner.wait_idle())
+        self.runtime.block_on(self.inner().wait_idle())
     }
 
     /// Like [`Session::wait_idle`], for at most `timeout`: `Ok(false)` if it was not idle
     /// by then.
     pub fn wait_idle_for(&self, timeout: Duration) -> Result<bool> {
-        match self.runtime.block_on(async { tokio::time::timeout(timeout, self.inner.wait_idle()).await }) {
+        match self.runtime.block_on(async { tokio::time::timeout(timeout, self.inner().wait_idle()).await }) {
             Ok(r) => r.map(|()| true),
             Err(_) => Ok(false),
         }
@@ -121,31 +149,31 @@ impl Session {
     /// The session's events, one at a time ([`crate::Session::events`]); the iterator
     /// ends with the attachment.
     pub fn events(&self) -> impl Iterator<Item = SessionEvent> + use<> {
-        let mut events = self.inner.events();
+        let mut events = self.inner().events();
         let runtime = self.runtime.clone();
         std::iter::from_fn(move || runtime.block_on(events.recv()))
     }
 
     /// No new tasks; the session ends when its last task completes.
     pub fn finish_tasks_and_invalidate(&self) -> Result<()> {
-        self.runtime.block_on(self.inner.finish_tasks_and_invalidate())
+        self.runtime.block_on(self.inner().finish_tasks_and_invalidate())
     }
 
     /// Cancels every task and ends the session.
     pub fn invalidate_and_cancel(&self) -> Result<()> {
-        self.runtime.block_on(self.inner.invalidate_and_cancel())
+        self.runtime.block_on(self.inner().invalidate_and_cancel())
     }
 
     /// Stops receiving events; the tasks go on.
     pub fn detach(&self) -> Result<()> {
-        self.runtime.block_on(self.inner.detach())
+        self.runtime.block_on(self.inner().detach())
     }
 
     /// A handle for a task of this session, from its id (say, from [`Session::tasks`] or
     /// a delegate callback).
     pub fn task(&self, id: TaskId) -> Result<DownloadTask> {
-        let info = self.runtime.block_on(self.inner.task_info(id))?;
-        Ok(self.wrap(self.inner.task_handle(id, info.url, info.description)))
+        let info = self.runtime.block_on(self.inner().task_info(id))?;
+        Ok(self.wrap(self.inner().task_handle(id, info.url, info.description)))
     }
 
     fn wrap(&self, inner: crate::DownloadTask) -> DownloadTask {

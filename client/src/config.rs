@@ -7,8 +7,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::error::{Error, Result};
 use dlsession_proto::{Header, LaunchSpec, SessionConfig, TaskSpec};
 
-/// How a background session is set up. The configuration is stored with the session
-/// and replaced each time an app attaches with a new one.
+/// How a background session is set up. The configuration is stored with the session.
+/// Attaching again changes only what the app sets on it: a part left unset keeps its
+/// stored value (an app relaunched to collect may attach with just the identifier and keep
+/// its launch command), and the `no_…` setters clear one.
+///
+/// A launch command (or systemd unit) is all a relaunch needs; `app_id` matters only for
+/// waking an app that is already running ([`crate::Client::handle_wakes`]).
 ///
 /// ```
 /// use std::time::Duration;

@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+use crate::config::SessionConfiguration;
 use crate::error::{Error, Result};
 use crate::events::{EventReceiver, Mailbox};
 use crate::link::{Answer, Incoming, Link};
@@ -82,6 +83,9 @@ struct Route {
     tx: mpsc::Sender<Routed>,
     /// How this session attached, to rejoin after a reconnect.
     attach: Request,
+    /// What the app set, merged anew with the stored configuration on each rejoin (a
+    /// change made meanwhile by another client is kept).
+    config: Option<SessionConfiguration>,
     /// The queue was full and events were dropped: the session must ask for them again.
     overflowed: Arc<AtomicBool>,
 }
@@ -256,12 +260,12 @@ impl Client {
 
     /// Routes the identifier's events to a new queue; the token proves ownership. `attach`
     /// is how to rejoin the session on a new connection.
-    pub(crate) fn route(&self, identifier: &str, attach: Request) -> RouteHandle {
+    pub(crate) fn route(&self, identifier: &str, attach: Request, config: Option<SessionConfiguration>) -> RouteHandle {
         let (tx, events) = mpsc::channel(self.shared.options.event_queue.max(1));
         let token = self.shared.next_route.fetch_add(1, Ordering::Relaxed);
         let overflowed = Arc::new(AtomicBool::new(false));
         if let Ok(mut routes) = self.shared.routes.lock() {
-            routes.insert(identifier.to_owned(), Route { token, tx, attach, overflowed: overflowed.clone() });
+            routes.insert(identifier.to_owned(), Route { token, tx, attach, config, overflowed: overflowed.clone() });
         }
         RouteHandle { token, events, overflowed }
     }
@@ -284,6 +288,12 @@ impl Client {
     pub(crate) fn attach_request(&self, identifier: &str, token: u64) -> Option<Request> {
         let routes = self.shared.routes.lock().ok()?;
         routes.get(identifier).filter(|r| r.token == token).map(|r| r.attach.clone())
+    }
+
+    /// The configuration the session attached with, if the app left parts unset.
+    pub(crate) fn attach_config(&self, identifier: &str, token: u64) -> Option<SessionConfiguration> {
+        let routes = self.shared.routes.lock().ok()?;
+        routes.get(identifier).filter(|r| r.token == token).and_then(|r| r.config.clone())
     }
 
     /// What the daemon said about itself in the last handshake.
@@ -414,10 +424,10 @@ async fn reconnect(shared: &Arc<Shared>) {
     }
     // Sessions hear of the reconnect before the events their rejoin brings.
     notify_routes(shared, |_| Routed::Reconnected);
-    let rejoins: Vec<(String, Request)> = shared
+    let rejoins: Vec<(String, Request, Option<SessionConfiguration>)> = shared
         .routes
         .lock()
-        .map(|r| r.iter().map(|(id, route)| (id.clone(), route.attach.clone())).collect())
+        .map(|r| r.iter().map(|(id, route)| (id.clone(), route.attach.clone(), route.config.clone())).collect())
         .unwrap_or_default();
     let mut registrations = Vec::new();
     for request in again {
@@ -437,8 +447,8 @@ async fn reconnect(shared: &Arc<Shared>) {
             }
         }
     });
-    for (identifier, attach) in rejoins {
-        tokio::spawn(rejoin(shared.clone(), link.clone(), identifier, attach));
+    for (identifier, attach, config) in rejoins {
+        tokio::spawn(rejoin(shared.clone(), link.clone(), identifier, attach, config));
     }
 }
 
@@ -447,10 +457,36 @@ async fn reconnect(shared: &Arc<Shared>) {
 /// `session_in_use` is retried for a moment; after that another process has the session,
 /// and the session hears it was taken over. A session that no longer exists hears it was
 /// invalidated. Other errors are retried with backoff while the link lives.
-async fn rejoin(shared: Arc<Shared>, link: Arc<Link>, identifier: String, attach: Request) {
-    // Never a takeover: if another process has the session now, it keeps it.
+async fn rejoin(
+    shared: Arc<Shared>,
+    link: Arc<Link>,
+    identifier: String,
+    attach: Request,
+    config: Option<SessionConfiguration>,
+) {
+    // Never a takeover: if another process has the session now, it keeps it. What the app
+    // left unset takes the stored value as it is now, not as it was at the first attach.
     let attach = match attach {
-        Request::Attach { identifier, config, .. } => Request::Attach { identifier, config, takeover: false },
+        Request::Attach { identifier, config: sent, .. } => {
+            let stored = match &config {
+                Some(_) => {
+                    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+                    match link.send(id, Request::GetSession { identifier: identifier.clone() }) {
+                        Ok(rx) => match rx.await {
+                            Ok(Ok(Response::Session(info))) => Some(info.config),
+                            _ => None,
+                        },
+                        Err(_) => None,
+                    }
+                }
+                None => None,
+            };
+            let config = match (config, stored) {
+                (Some(mine), Some(stored)) => mine.merged_with(&stored),
+                _ => sent,
+            };
+            Request::Attach { identifier, config, takeover: false }
+        }
         other => other,
     };
     let mut wait = RECONNECT_MIN;

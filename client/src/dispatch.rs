@@ -15,7 +15,7 @@ use crate::config::SessionConfiguration;
 use crate::connection::{Client, ClientOptions, Routed};
 use crate::delegate::{Handled, SessionDelegate, WakeHandler};
 use crate::error::{Error, Result};
-use crate::session::{DownloadTask, Session, SessionShared, Signals};
+use crate::session::{DownloadTask, Ended, Session, SessionShared, Signals};
 use crate::stream::SessionEvent;
 use dlsession_proto::{DetachReason, DurableEvent, ErrorCode, ErrorInfo, Event, Request, Response, TaskId};
 
@@ -103,7 +103,8 @@ impl Session {
             takeover: config.takeover,
         };
         // Route first: the replay follows the attach response immediately.
-        let handle = client.route(&config.identifier, request.clone());
+        let merge = (!config.sets_everything()).then(|| config.clone());
+        let handle = client.route(&config.identifier, request.clone(), merge);
         let route = handle.token;
         let session = Session {
             shared: Arc::new(SessionShared {
@@ -125,11 +126,14 @@ impl Session {
                 return Err(e);
             }
         }
+        let (runtime_alive, watching) = watch_runtime();
         let dispatcher = Dispatcher {
             session: Arc::downgrade(&session.shared),
             identifier: config.identifier.clone(),
             delegate,
             runtime: tokio::runtime::Handle::current(),
+            runtime_alive,
+            _watching: watching,
             pending_acks: Vec::new(),
             acks_in_flight: Vec::new(),
             kept: HashSet::new(),
@@ -137,9 +141,17 @@ impl Session {
             delivered: false,
         };
         let events = handle.events;
+        let (done, done_rx) = std::sync::mpsc::channel::<()>();
+        if let Ok(mut slot) = session.shared.signals.dispatcher_done.lock() {
+            *slot = Some(done_rx);
+        }
         std::thread::Builder::new()
             .name(format!("dlsession-{}", config.identifier.chars().take(20).collect::<String>()))
-            .spawn(move || dispatcher.run(events))
+            .spawn(move || {
+                // Dropped when the thread ends: `blocking::Session` waits for that.
+                let _done = done;
+                dispatcher.run(events)
+            })
             .map_err(|e| {
                 Error::Invalid(ErrorInfo::new(ErrorCode::Internal, format!("cannot start delegate thread: {e}")))
             })?;
@@ -156,6 +168,11 @@ struct Dispatcher {
     identifier: String,
     delegate: Arc<dyn SessionDelegate>,
     runtime: tokio::runtime::Handle,
+    /// Cleared when the app's runtime shuts down (the process is exiting): then nothing
+    /// is run on it any more (its timers would panic).
+    runtime_alive: Arc<AtomicBool>,
+    /// Dropped with the dispatcher: ends the task that watches the runtime.
+    _watching: tokio::sync::oneshot::Sender<()>,
     pending_acks: Vec<u64>,
     /// Answers to acknowledgements sent without waiting (sent in order, at once).
     acks_in_flight: Vec<tokio::sync::oneshot::Receiver<std::result::Result<Response, ErrorInfo>>>,
@@ -167,6 +184,25 @@ struct Dispatcher {
     /// Durable events were handed to the delegate since it last heard "finished events":
     /// only then does it hear it again (an attach with nothing to deliver says nothing).
     delivered: bool,
+}
+
+/// A flag cleared when the current runtime shuts down (its tasks are dropped then), and
+/// the sender whose drop ends the watching task earlier.
+fn watch_runtime() -> (Arc<AtomicBool>, tokio::sync::oneshot::Sender<()>) {
+    struct Clear(Arc<AtomicBool>);
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Release);
+        }
+    }
+    let alive = Arc::new(AtomicBool::new(true));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let clear = Clear(alive.clone());
+    tokio::spawn(async move {
+        let _clear = clear;
+        let _ = rx.await;
+    });
+    (alive, tx)
 }
 
 /// Acknowledgements are sent in batches of at most this many.
@@ -210,10 +246,12 @@ impl Dispatcher {
                 Err(_) => {
                     tracing::error!(session = %self.identifier, "the session delegate panicked; detaching (the events come again)");
                     self.flush_acks(false);
-                    if let Some(shared) = self.session.upgrade()
-                        && shared.client.unroute(&shared.identifier, shared.route)
-                    {
-                        let _ = shared.client.send_request(Request::Detach { identifier: shared.identifier.clone() });
+                    if let Some(shared) = self.session.upgrade() {
+                        if shared.client.unroute(&shared.identifier, shared.route) {
+                            let _ =
+                                shared.client.send_request(Request::Detach { identifier: shared.identifier.clone() });
+                        }
+                        shared.signals.end(Ended::Here("the session delegate panicked"));
                     }
                     return;
                 }
@@ -221,8 +259,8 @@ impl Dispatcher {
         }
         self.flush_acks(false);
         if let Some(shared) = self.session.upgrade() {
-            shared.signals.streams.close();
-            shared.signals.poke();
+            // A `Detached` from the daemon was recorded first; else this process detached.
+            shared.signals.end(Ended::Here("this process detached it"));
         }
         debug!(session = %self.identifier, "delegate thread exiting");
     }
@@ -235,6 +273,7 @@ impl Dispatcher {
         match event {
             Event::Durable { seq, event, .. } => {
                 self.delivered = true;
+                session.shared.signals.unsettled.store(true, Ordering::Release);
                 let seen = match &event {
                     DurableEvent::ResumedAtOffset { task, offset, expected_total } => {
                         let t = self.task(&session, *task);
@@ -283,17 +322,16 @@ impl Dispatcher {
                     d.did_finish_events_for_background_session(&session);
                     session.shared.signals.streams.offer(&SessionEvent::FinishedEvents);
                 }
+                session.shared.signals.unsettled.store(false, Ordering::Release);
                 session.shared.signals.poke();
             }
             Event::Detached { reason, .. } => {
                 self.flush_acks(false);
                 // Unrouted first, so the delegate may attach again from the callback.
                 session.shared.client.unroute(session.identifier(), session.shared.route);
-                if let Ok(mut detached) = session.shared.signals.detached.lock() {
-                    *detached = Some(reason);
-                }
                 d.did_detach(&session, reason);
                 session.shared.signals.streams.offer(&SessionEvent::Detached(reason));
+                session.shared.signals.end(Ended::Daemon(reason));
                 return false;
             }
             Event::Wake { .. } | Event::TaskUpdate(_) => {}
@@ -314,6 +352,8 @@ impl Dispatcher {
         // The rejoin replays every unacknowledged event: a kept file comes again too.
         self.kept.clear();
         if let Some(shared) = self.session.upgrade() {
+            // The rejoin replays everything, kept events too, and ends with `finished_events`.
+            shared.signals.unsettled.store(true, Ordering::Release);
             shared.signals.kept_events.store(0, Ordering::Release);
             self.delegate.did_reconnect(&Session { shared: shared.clone() });
             shared.signals.streams.offer(&SessionEvent::Reconnected);
@@ -329,20 +369,39 @@ impl Dispatcher {
         let Some(shared) = self.session.upgrade() else { return };
         let Some(request) = shared.client.attach_request(&shared.identifier, shared.route) else { return };
         // Attached on this very connection: no takeover (that could take the session back
-        // from a process that took it over meanwhile).
+        // from a process that took it over meanwhile). What the app left unset takes the
+        // stored value as it is now.
+        let merge = shared.client.attach_config(&shared.identifier, shared.route);
         let request = match request {
-            Request::Attach { identifier, config, .. } => Request::Attach { identifier, config, takeover: false },
+            Request::Attach { identifier, config, .. } => {
+                let stored = merge.as_ref().and_then(|_| {
+                    let get = shared.client.request(Request::GetSession { identifier: identifier.clone() });
+                    match self.block_on(get) {
+                        Some(Ok(Response::Session(info))) => Some(info.config),
+                        _ => None,
+                    }
+                });
+                let config = match (merge, stored) {
+                    (Some(mine), Some(stored)) => mine.merged_with(&stored),
+                    _ => config,
+                };
+                Request::Attach { identifier, config, takeover: false }
+            }
             other => other,
         };
         debug!(session = %self.identifier, "the event queue overflowed; asking for the events again");
         self.kept.clear();
+        shared.signals.unsettled.store(true, Ordering::Release);
         shared.signals.kept_events.store(0, Ordering::Release);
-        match self.runtime.block_on(shared.client.request(request)) {
+        let Some(answer) = self.block_on(shared.client.request(request)) else { return };
+        match answer {
             Ok(_) => {}
             Err(e) if e.code() == ErrorCode::SessionInUse => {
                 // Someone else has it now: this attachment is over.
                 if shared.client.unroute(&shared.identifier, shared.route) {
                     self.delegate.did_detach(&Session { shared: shared.clone() }, DetachReason::TakenOver);
+                    shared.signals.streams.offer(&SessionEvent::Detached(DetachReason::TakenOver));
+                    shared.signals.end(Ended::Daemon(DetachReason::TakenOver));
                 }
             }
             Err(e) => warn!(session = %self.identifier, error = %e, "asking for the events again failed"),
@@ -378,7 +437,9 @@ impl Dispatcher {
             // waited for at most the request timeout (unanswered ones come again).
             let limit = self.session.upgrade().map_or(Duration::from_secs(60), |s| s.client.request_timeout());
             for rx in std::mem::take(&mut self.acks_in_flight) {
-                match self.runtime.block_on(async { tokio::time::timeout(limit, rx).await }) {
+                // The app's runtime is gone (it is exiting): the events come again.
+                let Some(answer) = self.block_on(async { tokio::time::timeout(limit, rx).await }) else { return };
+                match answer {
                     Ok(Ok(Ok(_))) => {}
                     Ok(Ok(Err(e))) => warn!(error = %e, "acknowledging events failed; they will be delivered again"),
                     Ok(Err(_)) => warn!("the connection closed before an acknowledgement was answered"),
@@ -388,13 +449,18 @@ impl Dispatcher {
         }
     }
 
+    /// Runs `f` on the app's runtime, unless that is shutting down (`None`).
+    fn block_on<F: std::future::Future>(&self, f: F) -> Option<F::Output> {
+        self.runtime_alive.load(Ordering::Acquire).then(|| self.runtime.block_on(f))
+    }
+
     /// The task handle for an event, fetching its details once if this process has not
     /// seen the task (created by another process, or before a relaunch).
     fn task(&self, session: &Session, id: TaskId) -> DownloadTask {
         if let Some(t) = session.known_task(id) {
             return t;
         }
-        let fetched = self.runtime.block_on(session.task_info(id)).ok();
+        let fetched = self.block_on(session.task_info(id)).and_then(Result::ok);
         let (url, description) = fetched.map(|i| (i.url, i.description)).unwrap_or_default();
         let task = session.task_handle(id, url, description);
         if let Ok(mut known) = session.shared.tasks.lock() {

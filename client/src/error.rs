@@ -66,6 +66,13 @@ pub enum Error {
         /// How the attachment ended.
         reason: dlsession_proto::DetachReason,
     },
+    /// This `Session` is no longer attached: this process detached it (or its delegate
+    /// panicked, which detaches).
+    #[error("invalid_request: this session is no longer attached ({why}); attach again")]
+    NotAttached {
+        /// What ended the attachment.
+        why: &'static str,
+    },
     /// Where the daemon's socket is could not be determined.
     #[error("internal: cannot determine where dlsessiond's socket is: {0}")]
     NoSocketPath(#[from] dlsession_proto::paths::NoHomeDir),
@@ -95,6 +102,7 @@ impl Error {
             Error::TimedOut { .. } => ErrorCode::TimedOut,
             Error::Refused { code, .. } => *code,
             Error::Detached { .. } => ErrorCode::SessionInUse,
+            Error::NotAttached { .. } => ErrorCode::InvalidRequest,
             Error::NotRunning { .. }
             | Error::UnexpectedResponse { .. }
             | Error::Disconnected { .. }

@@ -2,7 +2,7 @@
 //! tasks, invalidating, detaching (attaching and the delegate are `dispatch`'s).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,17 +35,40 @@ pub(crate) struct Signals {
     /// Bumped each time the dispatcher has handled `finished_events` (or the attachment
     /// changed): idle waiters look again.
     pub(crate) idle: tokio::sync::watch::Sender<u64>,
-    /// Events delivered in this attachment that the app kept unacknowledged
-    /// ([`crate::Handled::Later`]): they count as handled for [`Session::wait_idle`].
+    /// Events were handed to the delegate since the last `finished_events` (or a replay
+    /// is on its way): not at rest yet.
+    pub(crate) unsettled: AtomicBool,
+    /// Events of this attachment the delegate kept unacknowledged ([`crate::Handled::Later`]):
+    /// at rest, that many may stay pending.
     pub(crate) kept_events: AtomicU64,
     /// Why this attachment ended, once it has.
-    pub(crate) detached: Mutex<Option<DetachReason>>,
+    pub(crate) ended: Mutex<Option<Ended>>,
     pub(crate) streams: Subscribers,
+    /// Disconnected when the dispatcher's thread ends (see `blocking::Session`'s drop).
+    pub(crate) dispatcher_done: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+}
+
+/// How an attachment ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// The daemon detached it.
+    Daemon(DetachReason),
+    /// This process did (`detach`, dropping the session, or a panicking delegate).
+    Here(&'static str),
 }
 
 impl Signals {
     pub(crate) fn poke(&self) {
         self.idle.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Records the end (the first one counts), ends the streams, wakes idle waiters.
+    pub(crate) fn end(&self, how: Ended) {
+        if let Ok(mut ended) = self.ended.lock() {
+            ended.get_or_insert(how);
+        }
+        self.streams.close();
+        self.poke();
     }
 }
 
@@ -178,7 +201,10 @@ impl Session {
     /// tasks do not count: they wait for the app), and every event delivered to the
     /// delegate and acknowledged (or kept with [`crate::Handled::Later`]). Returns at
     /// once if it is idle already, and `Ok` too once the session was invalidated and is
-    /// gone. Fails if another process took the session over.
+    /// gone. Fails ([`Error::Detached`], [`Error::NotAttached`]) once this attachment has
+    /// ended: another process took the session over, or this one detached (or its
+    /// delegate panicked). Do not call it from a delegate callback: the callback would
+    /// wait for itself.
     ///
     /// ```no_run
     /// # async fn run(session: dlsession::Session) -> dlsession::Result<()> {
@@ -190,22 +216,34 @@ impl Session {
     pub async fn wait_idle(&self) -> Result<()> {
         let signals = &self.shared.signals;
         let mut changes = signals.idle.subscribe();
+        // Everything acknowledged but `finished_events` not handled yet: it comes at once
+        // unless nothing asks for it (a task suspended last); give it one look.
+        let mut quiet_once = false;
         loop {
             changes.borrow_and_update();
-            let detached = signals.detached.lock().ok().and_then(|d| *d);
-            match detached {
-                Some(DetachReason::Invalidated) => return Ok(()),
-                Some(reason @ DetachReason::TakenOver) => return Err(Error::Detached { reason }),
-                _ => {}
+            let ended = signals.ended.lock().ok().and_then(|d| *d);
+            match ended {
+                Some(Ended::Daemon(DetachReason::Invalidated)) => return Ok(()),
+                Some(Ended::Daemon(reason)) => return Err(Error::Detached { reason }),
+                Some(Ended::Here(why)) => return Err(Error::NotAttached { why }),
+                None => {}
             }
             let info = match self.info().await {
                 Ok(info) => info,
                 Err(e) if e.code() == ErrorCode::NoSuchSession => return Ok(()),
                 Err(e) => return Err(e),
             };
+            let at_rest = !signals.unsettled.load(Ordering::Acquire);
             let kept = signals.kept_events.load(Ordering::Acquire);
-            if info.tasks.active() == 0 && info.pending_events <= kept {
-                return Ok(());
+            if info.tasks.active() == 0 {
+                if at_rest && info.pending_events <= kept {
+                    return Ok(());
+                }
+                if info.pending_events == 0 && std::mem::replace(&mut quiet_once, true) {
+                    return Ok(());
+                }
+            } else {
+                quiet_once = false;
             }
             let _ = tokio::time::timeout(IDLE_RECHECK, changes.changed()).await;
         }

@@ -105,7 +105,14 @@ impl Stream for SessionEvents {
 /// The open streams of one session.
 #[derive(Debug, Default)]
 pub(crate) struct Subscribers {
-    open: Mutex<Vec<Subscriber>>,
+    open: Mutex<Open>,
+}
+
+#[derive(Debug, Default)]
+struct Open {
+    streams: Vec<Subscriber>,
+    /// The attachment is over: new streams end at once.
+    closed: bool,
 }
 
 #[derive(Debug)]
@@ -118,8 +125,10 @@ struct Subscriber {
 impl Subscribers {
     pub(crate) fn subscribe(&self) -> SessionEvents {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-        if let Ok(mut open) = self.open.lock() {
-            open.push(Subscriber { tx, missed: 0 });
+        if let Ok(mut open) = self.open.lock()
+            && !open.closed
+        {
+            open.streams.push(Subscriber { tx, missed: 0 });
         }
         SessionEvents { rx }
     }
@@ -128,7 +137,7 @@ impl Subscribers {
     /// forgotten.
     pub(crate) fn offer(&self, event: &SessionEvent) {
         let Ok(mut open) = self.open.lock() else { return };
-        open.retain_mut(|s| {
+        open.streams.retain_mut(|s| {
             if s.missed > 0 {
                 match s.tx.try_send(SessionEvent::Lagged { missed: s.missed }) {
                     Ok(()) => s.missed = 0,
@@ -153,7 +162,8 @@ impl Subscribers {
     /// The attachment is over: streams end once read to the end.
     pub(crate) fn close(&self) {
         if let Ok(mut open) = self.open.lock() {
-            open.clear();
+            open.closed = true;
+            open.streams.clear();
         }
     }
 }
@@ -182,5 +192,6 @@ mod tests {
         assert_eq!(events.recv().await, Some(SessionEvent::FinishedEvents));
         subs.close();
         assert_eq!(events.recv().await, None, "the stream ends with the attachment");
+        assert_eq!(subs.subscribe().recv().await, None, "a stream asked for later ends at once");
     }
 }

@@ -20,6 +20,7 @@ pub mod ipc;
 pub mod launcher;
 pub mod lifecycle;
 pub mod model;
+pub mod net;
 pub mod store;
 pub mod units;
 pub mod validate;
@@ -92,6 +93,16 @@ pub async fn run(
         handshake_timeout: cfg.timing.handshake_timeout,
         max_connections: cfg.limits.max_connections as usize,
     };
+    // Following the network: without the watcher, every peer counts as reachable.
+    let net_tx = core_tx.clone();
+    match net::watch(move || {
+        let _ = net_tx.send(CoreMsg::NetworkChanged);
+    }) {
+        Ok(()) => {
+            let _ = core_tx.send(CoreMsg::NetworkWatched);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot follow the network (rtnetlink); servers are assumed reachable"),
+    }
     let server = tokio::spawn(ipc::serve(listener, core_tx.clone(), settings, stop_rx, idle_rx));
     let mut core_task = tokio::spawn(core.run());
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);

@@ -23,6 +23,12 @@
 #include <stdint.h>
 
 /**
+ * With `dls_download`: replace a file that already exists at the destination (without
+ * it, such a download completes with `DLS_FILE_ERROR`).
+ */
+#define DLS_DOWNLOAD_OVERWRITE 1
+
+/**
  * What a call returns: `DLS_OK` (0) or why it failed.
  *
  * The numbers are stable. 1 to 99 are the daemon's error codes (docs/protocol.md,
@@ -417,8 +423,9 @@ void dls_session_free(struct dls_session *session);
 /**
  * Creates a download of `url` and starts it. `destination` (may be NULL) is where the
  * finished file goes; a relative path is taken from the current directory. Without one,
- * the file is handed to the FINISHED_DOWNLOADING event to move. The new task's id goes to
- * `*task_id_out` (may be NULL).
+ * the file is handed to the FINISHED_DOWNLOADING event to move. `flags`: 0, or
+ * `DLS_DOWNLOAD_OVERWRITE`; other bits are `DLS_INVALID_ARGUMENT`. The new task's id goes
+ * to `*task_id_out` (may be NULL).
  *
  * # Safety
  *
@@ -428,6 +435,7 @@ void dls_session_free(struct dls_session *session);
 enum dls_code dls_download(struct dls_session *session,
                            const char *url,
                            const char *destination,
+                           uint32_t flags,
                            uint64_t *task_id_out,
                            struct dls_error **err);
 

@@ -238,6 +238,18 @@ pub(crate) struct Delegate {
     pub(crate) gate: std::sync::Arc<Gate>,
 }
 
+impl Delegate {
+    /// Delivers a durable event. Once the session is being freed the app cannot see it,
+    /// so it must not be acknowledged: unwinding out of the callback makes the library
+    /// leave it (and what follows) for the next attach, and detach. `resume_unwind` runs
+    /// no panic hook: nothing is printed.
+    fn durable(&self, e: &Event) {
+        if !self.gate.deliver(e) {
+            std::panic::resume_unwind(Box::new("the session is being freed"));
+        }
+    }
+}
+
 impl SessionDelegate for Delegate {
     fn did_write_data(
         &self,
@@ -258,20 +270,21 @@ impl SessionDelegate for Delegate {
         let mut e = Event::new(dls_event_kind::DLS_EVENT_RESUMED, session, Some(task));
         e.offset = count(offset);
         e.total_bytes_expected = expected(expected_total);
-        self.gate.deliver(&e);
+        self.durable(&e);
     }
 
     fn finish_downloading(&self, session: &Session, task: &DownloadTask, location: &Path) -> Handled {
         let mut e = Event::new(dls_event_kind::DLS_EVENT_FINISHED_DOWNLOADING, session, Some(task));
         e.location = Some(c_string(&location.to_string_lossy()));
-        // Not shown to the app (the session is being freed): keep the file for the next
-        // attach instead of letting the daemon delete it.
-        if self.gate.deliver(&e) { Handled::Done } else { Handled::Later }
+        // Not shown to the app (the session is being freed): the event and its file stay
+        // for the next attach.
+        self.durable(&e);
+        Handled::Done
     }
 
     fn did_complete_with_error(&self, session: &Session, task: &DownloadTask, error: Option<&TaskError>) {
         let e = Event::new(dls_event_kind::DLS_EVENT_COMPLETED, session, Some(task)).error(error);
-        self.gate.deliver(&e);
+        self.durable(&e);
     }
 
     fn did_finish_events_for_background_session(&self, session: &Session) {
@@ -279,7 +292,7 @@ impl SessionDelegate for Delegate {
     }
 
     fn did_become_invalid(&self, session: &Session, error: Option<&TaskError>) {
-        self.gate.deliver(&Event::new(dls_event_kind::DLS_EVENT_BECAME_INVALID, session, None).error(error));
+        self.durable(&Event::new(dls_event_kind::DLS_EVENT_BECAME_INVALID, session, None).error(error));
     }
 
     fn did_detach(&self, session: &Session, reason: DetachReason) {

@@ -76,10 +76,15 @@ pub unsafe extern "C" fn dls_session_free(session: *mut dls_session) {
     });
 }
 
+/// With `dls_download`: replace a file that already exists at the destination (without
+/// it, such a download completes with `DLS_FILE_ERROR`).
+pub const DLS_DOWNLOAD_OVERWRITE: u32 = 1;
+
 /// Creates a download of `url` and starts it. `destination` (may be NULL) is where the
 /// finished file goes; a relative path is taken from the current directory. Without one,
-/// the file is handed to the FINISHED_DOWNLOADING event to move. The new task's id goes to
-/// `*task_id_out` (may be NULL).
+/// the file is handed to the FINISHED_DOWNLOADING event to move. `flags`: 0, or
+/// `DLS_DOWNLOAD_OVERWRITE`; other bits are `DLS_INVALID_ARGUMENT`. The new task's id goes
+/// to `*task_id_out` (may be NULL).
 ///
 /// # Safety
 ///
@@ -90,10 +95,14 @@ pub unsafe extern "C" fn dls_download(
     session: *mut dls_session,
     url: *const c_char,
     destination: *const c_char,
+    flags: u32,
     task_id_out: *mut u64,
     err: *mut *mut dls_error,
 ) -> dls_code {
     call(err, || {
+        if flags & !DLS_DOWNLOAD_OVERWRITE != 0 {
+            return Err(Failure::invalid(format!("flags {flags:#x}: only DLS_DOWNLOAD_OVERWRITE (1) is known")));
+        }
         // SAFETY: the caller's contract above.
         let (session, url, destination) = unsafe {
             (
@@ -107,7 +116,7 @@ pub unsafe extern "C" fn dls_download(
             // The daemon runs elsewhere: a relative path means nothing to it.
             let absolute = std::path::absolute(destination)
                 .map_err(|e| Failure::invalid(format!("destination {destination:?}: {e}")))?;
-            request = request.destination(absolute);
+            request = request.destination(absolute).overwrite(flags & DLS_DOWNLOAD_OVERWRITE != 0);
         }
         let tasks = session.session.download_tasks(vec![request], true)?;
         let id = tasks.first().map(DownloadTask::id).ok_or_else(|| Failure::internal("the daemon created no task"))?;
@@ -245,7 +254,7 @@ mod tests {
 
             let mut id = 42;
             let mut err = ptr::null_mut();
-            let code = dls_download(ptr::null_mut(), c"http://127.0.0.1/".as_ptr(), ptr::null(), &mut id, &mut err);
+            let code = dls_download(ptr::null_mut(), c"http://127.0.0.1/".as_ptr(), ptr::null(), 0, &mut id, &mut err);
             assert_eq!(code, dls_code::DLS_INVALID_ARGUMENT);
             assert_eq!(CStr::from_ptr(dls_error_message(err)).to_str().unwrap(), "session is NULL");
             assert_eq!(id, 42, "nothing written on failure");

@@ -161,6 +161,9 @@ pub enum WaitReason {
     /// Held at its last durable checkpoint while the daemon's state directory refuses
     /// writes; it goes on by itself when the directory works again.
     StorageFull { error: ErrorInfo },
+    /// No route to the server since `since`: it goes on as soon as one appears, without
+    /// spending attempts meanwhile.
+    NoNetwork { since: UnixMillis },
 }
 
 /// `Debug` shows the URL redacted.

@@ -358,6 +358,12 @@ fn wait(w: crate::WaitReason) -> WaitReason {
             WaitReason::Backoff { until: next_try.unwrap_or(0), attempt, last_error: error(e) }
         }
         W::StorageFull { error: e } => WaitReason::Backoff { until: 0, attempt: 0, last_error: error(e) },
+        // Protocol 1 knows no such wait: it reads as a backoff with no end, after a network error.
+        W::NoNetwork { .. } => WaitReason::Backoff {
+            until: 0,
+            attempt: 0,
+            last_error: error(crate::ErrorInfo::new(crate::ErrorCode::Network, "no route to the server")),
+        },
     }
 }
 

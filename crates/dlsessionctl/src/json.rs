@@ -170,6 +170,7 @@ pub enum WaitJson {
     EventsPending { next_wake: Option<u64> },
     DestinationUnavailable { error: ErrorJson, attempt: u32, next_try: Option<u64> },
     StorageFull { error: ErrorJson },
+    NoNetwork { since: u64 },
 }
 
 impl From<&WaitReason> for WaitJson {
@@ -190,6 +191,7 @@ impl From<&WaitReason> for WaitJson {
                 next_try: *next_try,
             },
             WaitReason::StorageFull { error } => WaitJson::StorageFull { error: ErrorJson::from(error) },
+            WaitReason::NoNetwork { since } => WaitJson::NoNetwork { since: *since },
         }
     }
 }

@@ -139,6 +139,7 @@ pub fn wait_short(w: &WaitReason, now: u64) -> String {
             None => format!("cannot move to destination ({})", error(e)),
         },
         WaitReason::StorageFull { error: e } => format!("held: daemon storage unavailable ({})", error(e)),
+        WaitReason::NoNetwork { since } => format!("no network since {}", clock(*since, now)),
     }
 }
 
@@ -186,6 +187,12 @@ pub fn wait_sentence(w: &WaitReason, task: u64, now: u64) -> String {
             "held at its last checkpoint: dlsessiond cannot write its database ({}); it goes on by itself when \
              it can",
             error(e)
+        ),
+        WaitReason::NoNetwork { since } => format!(
+            "no route to the server since {} ({}); it goes on as soon as the network is back, spending no \
+             attempts meanwhile",
+            clock(*since, now),
+            relative(*since, now)
         ),
     }
 }

@@ -222,7 +222,7 @@ fn the_c_api_controls_tasks() {
         probe_data.session.store(session, Ordering::Release);
 
         let mut task = 0;
-        assert_eq!(dls_download(session, url.as_ptr(), ptr::null(), &mut task, ptr::null_mut()), dls_code::DLS_OK);
+        assert_eq!(dls_download(session, url.as_ptr(), ptr::null(), 0, &mut task, ptr::null_mut()), dls_code::DLS_OK);
         assert_ne!(task, 0);
         assert_eq!(dls_task_suspend(session, task, ptr::null_mut()), dls_code::DLS_OK);
         let mut idle = false;

@@ -135,3 +135,26 @@ fn the_blocking_facade_downloads_without_a_runtime() {
     let missing = session.task(999_999).unwrap_err();
     assert_eq!(missing.code(), ErrorCode::NoSuchTask, "{missing}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_idle_and_the_stream_end_when_this_process_detaches() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/slow", Resource::generated(4 << 20, 1).throttle(64 << 10));
+    let (delegate, _events) = Recorder::new(&env.path().join("a"));
+    let session = Session::attach(config(&env, "t.gone"), delegate).await.unwrap();
+    session.download_tasks(vec![DownloadRequest::new(server.url("/slow"))], true).await.unwrap();
+    let mut stream = session.events();
+    let waiting = tokio::spawn({
+        let session = session.clone();
+        async move { session.wait_idle().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    session.detach().await.unwrap();
+    let err = tokio::time::timeout(LONG, waiting).await.expect("wait_idle ends").unwrap().unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidRequest, "{err}");
+    assert!(matches!(err, dlsession::Error::NotAttached { .. }), "{err:?}");
+    while tokio::time::timeout(LONG, stream.recv()).await.expect("the stream ends").is_some() {}
+    assert!(session.events().recv().await.is_none(), "a stream asked for afterwards ends at once");
+}

@@ -410,3 +410,69 @@ async fn finished_events_only_after_events_were_delivered() {
     later.drain();
     assert!(later.seen.is_empty(), "nothing to deliver, nothing said: {:?}", later.seen);
 }
+
+/// The wire itself (not the library, which would hide a duplicate): each attach gets one
+/// `finished_events` after its replay, and one more when the session's last task completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_events_once_per_replay_and_once_per_quiet_down() {
+    use dlsession::proto::handshake::{HandshakeStatus, Preamble};
+    use dlsession::proto::{ClientHello, Event, RequestFrame, ServerMessage, codec, frame};
+    use std::io::{Read, Write};
+
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(100_000, 4));
+    let url = server.url("/a");
+    let socket = env.socket.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut opening =
+            Preamble { version: dlsession::proto::PROTOCOL_VERSION, status: HandshakeStatus::Ok }.to_bytes().to_vec();
+        let hello = ClientHello { client_name: "raw".into(), client_version: "0".into(), app_id: None, umask: None };
+        opening.extend(frame::encode_frame(&hello).unwrap());
+        s.write_all(&opening).unwrap();
+        let mut pre = [0u8; 8];
+        s.read_exact(&mut pre).unwrap();
+        let read = |s: &mut std::os::unix::net::UnixStream| -> Option<ServerMessage> {
+            let mut len = [0u8; 4];
+            s.read_exact(&mut len).ok()?;
+            let mut buf = vec![0u8; frame::payload_len(len).unwrap()];
+            s.read_exact(&mut buf).unwrap();
+            Some(codec::decode(&buf).unwrap())
+        };
+        let mut welcome = [0u8; 4];
+        s.read_exact(&mut welcome).unwrap();
+        let mut rest = vec![0u8; frame::payload_len(welcome).unwrap()];
+        s.read_exact(&mut rest).unwrap();
+        let send = |s: &mut std::os::unix::net::UnixStream, id: u64, request: Request| {
+            s.write_all(&frame::encode_frame(&RequestFrame { id, request }).unwrap()).unwrap();
+        };
+        // Until the stream is quiet for 2 s: how many `finished_events`, and the durable seqs.
+        let drain = |s: &mut std::os::unix::net::UnixStream| {
+            let (mut finished, mut seqs) = (0, Vec::new());
+            while let Some(m) = read(s) {
+                match m {
+                    ServerMessage::Event(Event::FinishedEvents { .. }) => finished += 1,
+                    ServerMessage::Event(Event::Durable { seq, .. }) => seqs.push(seq),
+                    _ => {}
+                }
+            }
+            (finished, seqs)
+        };
+        let attach = Request::Attach { identifier: "t.raw".into(), config: SessionConfig::default(), takeover: false };
+        send(&mut s, 1, attach.clone());
+        assert_eq!(drain(&mut s).0, 1, "a first attach: one finished_events");
+        let spec = TaskSpec::get(url);
+        send(&mut s, 2, Request::CreateTasks { identifier: "t.raw".into(), tasks: vec![spec], resume: true });
+        let (finished, seqs) = drain(&mut s);
+        assert_eq!((finished, seqs.len()), (1, 2), "the task's two events, then one finished_events");
+        // Attaching again replays the unacknowledged events: one finished_events after them.
+        send(&mut s, 3, attach);
+        let (finished, again) = drain(&mut s);
+        assert_eq!((finished, again), (1, seqs), "a replay: the same events, one finished_events");
+    })
+    .await
+    .unwrap();
+}

@@ -12,6 +12,7 @@ pub mod content;
 pub mod daemon;
 pub mod host;
 pub mod mount;
+pub mod netns;
 pub mod nginx;
 pub mod proxy;
 pub mod server;

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -344,18 +344,24 @@ impl Drop for TestServer {
 impl TestServer {
     /// Plain HTTP/1.1 on `127.0.0.1:<ephemeral>`.
     pub async fn start() -> anyhow::Result<TestServer> {
-        Self::start_inner(None).await
+        Self::start_inner(None, IpAddr::V4(Ipv4Addr::LOCALHOST)).await
+    }
+
+    /// Plain HTTP/1.1 on `ip:<ephemeral>` (say, an address inside a network namespace).
+    pub async fn start_on(ip: IpAddr) -> anyhow::Result<TestServer> {
+        Self::start_inner(None, ip).await
     }
 
     /// HTTPS on `127.0.0.1:<ephemeral>` (and, best effort, the same port on `[::1]`, since
     /// `localhost` may resolve there first) presenting `ca`'s leaf certificate. Serves HTTP/2
     /// when ALPN negotiates `h2`, else HTTP/1.1.
     pub async fn start_tls(ca: &TestCa) -> anyhow::Result<TestServer> {
-        Self::start_inner(Some(tokio_rustls::TlsAcceptor::from(ca.server_config()))).await
+        Self::start_inner(Some(tokio_rustls::TlsAcceptor::from(ca.server_config())), IpAddr::V4(Ipv4Addr::LOCALHOST))
+            .await
     }
 
-    async fn start_inner(tls: Option<tokio_rustls::TlsAcceptor>) -> anyhow::Result<TestServer> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    async fn start_inner(tls: Option<tokio_rustls::TlsAcceptor>, ip: IpAddr) -> anyhow::Result<TestServer> {
+        let listener = TcpListener::bind((ip, 0)).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::default());
         let (tx, rx) = watch::channel(());
@@ -371,7 +377,7 @@ impl TestServer {
         Ok(TestServer { addr, tls: tls.is_some(), shared, accept_tasks, _shutdown: tx })
     }
 
-    /// The listening address (always 127.0.0.1).
+    /// The listening address (127.0.0.1 unless started with [`TestServer::start_on`]).
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -383,11 +389,7 @@ impl TestServer {
 
     /// `http://127.0.0.1:PORT` or `https://localhost:PORT`.
     pub fn base_url(&self) -> String {
-        if self.tls {
-            format!("https://localhost:{}", self.addr.port())
-        } else {
-            format!("http://127.0.0.1:{}", self.addr.port())
-        }
+        if self.tls { format!("https://localhost:{}", self.addr.port()) } else { format!("http://{}", self.addr) }
     }
 
     /// `base_url() + path` (`path` starts with `/`).

@@ -34,6 +34,9 @@ impl Core {
                 attempt: t.move_failures.max(1),
                 next_try: t.rec.retry_at,
             }),
+            TaskState::Waiting if t.no_network_since.is_some() => {
+                Some(WaitReason::NoNetwork { since: t.no_network_since.unwrap_or(0) })
+            }
             TaskState::Waiting => Some(WaitReason::Backoff {
                 until: t.rec.retry_at.unwrap_or(0),
                 attempt: t.rec.attempts,

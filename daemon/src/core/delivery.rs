@@ -29,14 +29,15 @@ impl Core {
         self.check_wake(key, Duration::ZERO);
     }
 
-    /// Sends the attached connection every committed event it has not had yet.
-    fn deliver(&mut self, key: SessionKey) {
-        let Some(s) = self.sessions.get_mut(&key) else { return };
-        let (Some(conn), false) = (s.attached, s.replaying) else { return };
-        let Some(c) = self.conns.get(&conn) else { return };
+    /// Sends the attached connection every committed event it has not had yet; says
+    /// whether `finished_events` went with them.
+    fn deliver(&mut self, key: SessionKey) -> bool {
+        let Some(s) = self.sessions.get_mut(&key) else { return false };
+        let (Some(conn), false) = (s.attached, s.replaying) else { return false };
+        let Some(c) = self.conns.get(&conn) else { return false };
         let from = s.delivered.saturating_add(1);
         if from > s.committed {
-            return;
+            return false;
         }
         for (seq, ev) in s.events.range(from..=s.committed) {
             // Progress that is still coalescing goes out before the task's events, except
@@ -51,10 +52,13 @@ impl Core {
         }
         s.delivered = s.committed;
         // The session's last task is done and every event it emitted is committed and out:
-        // the attached app hears it may rest, as after a replay.
-        if s.counts.active() == 0 && s.committed.saturating_add(1) >= s.rec.next_seq {
+        // the attached app hears it may rest, as after a replay. (Protocol 1 promised
+        // `finished_events` only after a replay.)
+        if s.counts.active() == 0 && s.committed.saturating_add(1) >= s.rec.next_seq && c.handle.protocol >= 2 {
             c.handle.event(Event::FinishedEvents { identifier: s.rec.identifier.clone() });
+            return true;
         }
+        false
     }
 
     /// Completes an attach once its changes are durable: reply, replay, `finished_events`.
@@ -68,8 +72,10 @@ impl Core {
         s.replaying = false;
         s.delivered = 0;
         let identifier = s.rec.identifier.clone();
-        self.deliver(key);
-        if let Some(c) = self.conns.get(&conn) {
+        // Once per replay, whether or not the delivery itself ended with it.
+        if !self.deliver(key)
+            && let Some(c) = self.conns.get(&conn)
+        {
             c.handle.event(Event::FinishedEvents { identifier });
         }
     }

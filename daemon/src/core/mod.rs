@@ -26,6 +26,7 @@ mod delivery;
 mod disk;
 mod finish;
 mod life;
+mod network;
 mod progress;
 mod recovery;
 mod requests;
@@ -111,6 +112,10 @@ pub enum CoreMsg {
     },
     /// The database stopped (or started again) taking writes.
     Storage(crate::store::Health),
+    /// The network watcher (`crate::net`) runs.
+    NetworkWatched,
+    /// Links, addresses or routes changed.
+    NetworkChanged,
     Shutdown,
 }
 
@@ -196,6 +201,10 @@ struct Lifecycle {
     /// Relaunched apps (or `systemctl --user start`) not yet exited: under systemd they
     /// live in the daemon's cgroup, so the daemon must not leave before them.
     pub launches_running: usize,
+    /// The network watcher runs: tasks may wait for the network (`core::network`).
+    pub network_watched: bool,
+    /// A route beyond the local networks exists (as of the last change).
+    pub online: bool,
 }
 
 /// Exiting when idle (under socket activation, where the next connection starts the
@@ -364,6 +373,8 @@ impl Core {
             CoreMsg::Launched { session, launched } => self.on_launched(session, launched),
             CoreMsg::LaunchFinished { session, result } => self.on_launch_finished(session, result),
             CoreMsg::Storage(health) => self.on_storage(health),
+            CoreMsg::NetworkWatched => self.on_network_watched(),
+            CoreMsg::NetworkChanged => self.on_network_changed(),
             CoreMsg::Shutdown => self.begin_shutdown(),
         }
     }

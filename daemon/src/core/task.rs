@@ -24,6 +24,8 @@ pub(super) enum AfterStop {
     Cancel,
     CancelProducingResumeData,
     Shutdown,
+    /// The route to the peer is gone: wait for the network (`no_network`).
+    NoNetwork,
 }
 
 impl AfterStop {
@@ -31,10 +33,11 @@ impl AfterStop {
     fn rank(self) -> u8 {
         match self {
             AfterStop::Requeue => 0,
-            AfterStop::Shutdown => 1,
-            AfterStop::Suspend => 2,
-            AfterStop::Cancel => 3,
-            AfterStop::CancelProducingResumeData => 4,
+            AfterStop::NoNetwork => 1,
+            AfterStop::Shutdown => 2,
+            AfterStop::Suspend => 3,
+            AfterStop::Cancel => 4,
+            AfterStop::CancelProducingResumeData => 5,
         }
     }
 }
@@ -125,6 +128,10 @@ pub(super) struct Task {
     pub waiting_replies: Vec<(ConnId, u64)>,
     /// Who asked for a cancel under way: the completion error says so.
     pub cancelled_by: Option<String>,
+    /// The address its last response came from (not stored: learnt again after a restart).
+    pub peer: Option<std::net::IpAddr>,
+    /// Waiting for a route to its peer since then (state `Waiting`, no timer).
+    pub no_network_since: Option<dlsession_proto::UnixMillis>,
 }
 
 impl Task {
@@ -176,6 +183,8 @@ impl Tasks {
             sampled,
             waiting_replies: Vec::new(),
             cancelled_by: None,
+            peer: None,
+            no_network_since: None,
         };
         self.counts.add(state);
         if let Some(old) = self.by_id.insert(id, Box::new(task)) {
@@ -193,6 +202,9 @@ impl Tasks {
     pub fn set_state(&mut self, id: TaskId, state: TaskState) -> Option<(SessionKey, TaskState)> {
         let t = self.by_id.get_mut(&id)?;
         let old = std::mem::replace(&mut t.state, state);
+        if state != TaskState::Waiting {
+            t.no_network_since = None;
+        }
         if state != TaskState::Running {
             t.rec.state = state;
         }

@@ -266,6 +266,7 @@ impl Core {
     fn on_started(&mut self, id: TaskId, meta: ResponseMeta, durable: Option<tokio::sync::oneshot::Sender<()>>) {
         let Some(t) = self.tasks.get_mut(&id) else { return };
         let had_data = t.rec.committed_offset > 0;
+        t.peer = meta.peer.or(t.peer);
         let rec = &mut t.rec;
         rec.response_status = Some(meta.status);
         rec.final_url = Some(meta.final_url);
@@ -382,9 +383,15 @@ impl Core {
         let run = self.release(id);
         let session =
             self.tasks.get(&id).map(|t| self.sessions.identifier(t.rec.session).to_owned()).unwrap_or_default();
+        // No route to the server: the network is gone, not the download failing.
+        let offline = self.offline_for(id, &failure);
         let Some(t) = self.tasks.get_mut(&id) else { return };
         let made_progress = run.as_ref().is_some_and(|r| t.progress.received() > r.start_received);
-        t.failures = if made_progress { 1 } else { t.failures + 1 };
+        t.failures = match (made_progress, offline) {
+            (true, _) => 1,
+            (false, true) => t.failures,
+            (false, false) => t.failures + 1,
+        };
         warn!(%session, task = id, error = %failure.error, attempt = t.rec.attempts, "download attempt failed");
         if failure.discard_partial {
             t.rec.committed_offset = 0;
@@ -413,6 +420,10 @@ impl Core {
             t.failures = 0;
             self.set_state(id, TaskState::Queued);
             self.enqueue(id);
+            return self.save_task(id, Vec::new());
+        }
+        if offline && !matches!(failure.retry, Retry::Never) {
+            self.wait_for_network(id);
             return self.save_task(id, Vec::new());
         }
         let failures = t.failures;
@@ -487,6 +498,7 @@ impl Core {
         let mut after_disk = false;
         match how {
             AfterStop::Suspend => self.set_state(id, TaskState::Suspended),
+            AfterStop::NoNetwork => self.wait_for_network(id),
             AfterStop::Requeue => {
                 self.set_state(id, TaskState::Queued);
                 self.enqueue(id);

@@ -84,7 +84,8 @@ impl Core {
             return;
         }
         let answer = self.cfg.timing.wake_answer;
-        info!(session = %self.sessions.identifier(key), ?answer, "the running app did not rejoin after wake; relaunching it");
+        // The relaunch is logged once, by `woke`.
+        tracing::debug!(session = %self.sessions.identifier(key), ?answer, "the running app did not rejoin after wake; relaunching it");
         if let Err(e) = self.relaunch(key, WakeReason::FinishedEvents, None) {
             warn!(session = %self.sessions.identifier(key), error = %e, "relaunch failed");
         }
@@ -231,7 +232,14 @@ impl Core {
 
     pub(super) fn on_launch_finished(&mut self, key: SessionKey, result: Result<(), String>) {
         self.life.launches_running = self.life.launches_running.saturating_sub(1);
-        if let (Err(e), Some(s)) = (result, self.sessions.get_mut(&key)) {
+        let Err(e) = result else { return };
+        // An app that collected everything and then exited with an error is not a failed
+        // wake: nothing waits for it any more.
+        if !self.has_finished_events(key) {
+            tracing::debug!(session = %self.sessions.identifier(key), error = %e, "the relaunched app exited with an error after collecting its events");
+            return;
+        }
+        if let Some(s) = self.sessions.get_mut(&key) {
             warn!(session = %s.rec.identifier, error = %e, "the relaunched app failed; it is relaunched again with backoff while events wait");
             s.wake.last_error = Some(ErrorInfo::new(ErrorCode::Internal, format!("relaunch failed: {e}")));
         }

@@ -89,6 +89,8 @@ impl Engine {
         offset: u64,
     ) -> Result<ResponseMeta, Failure> {
         let status = resp.status().as_u16();
+        let peer =
+            resp.extensions().get::<hyper_util::client::legacy::connect::HttpInfo>().map(|i| i.remote_addr().ip());
         let headers = resp.headers();
         let get = |name: hyper::header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
         if is_transient_status(status) {
@@ -119,6 +121,7 @@ impl Engine {
                     offset,
                     restarted: false,
                     complete: true,
+                    peer,
                 });
             }
             return Err(Failure::restart(
@@ -190,6 +193,7 @@ impl Engine {
             offset: start,
             restarted,
             complete: false,
+            peer,
         })
     }
 }

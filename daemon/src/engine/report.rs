@@ -63,6 +63,9 @@ pub struct ResponseMeta {
     pub restarted: bool,
     /// The partial file already holds the whole resource: there is no body to write.
     pub complete: bool,
+    /// The address the response came from (the proxy's, through a proxy): the core checks
+    /// its route when the network changes.
+    pub peer: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug)]

@@ -92,6 +92,10 @@ const MIGRATIONS: &[&str] = &[
     // indexes that keep pruning history cheap however much of it there is.
     "ALTER TABLE tasks ADD COLUMN file_mode INTEGER;
      CREATE INDEX tasks_retired_age ON tasks(retired, coalesce(finished_at, created_at));",
+    // 3: a deleted session whose tasks stay in the history keeps its row as a tombstone
+    // (identifier "\u{1}KEY\u{1}NAME", `codec::TOMBSTONE`). Nothing changes in the tables;
+    // the version keeps an older daemon, which would list tombstones as sessions, out.
+    "CREATE INDEX sessions_tombstones ON sessions(substr(identifier, 1, 1));",
 ];
 
 pub const LATEST_VERSION: i64 = MIGRATIONS.len() as i64;

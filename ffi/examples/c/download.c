@@ -97,7 +97,7 @@ int main(int argc, char **argv) {
         return fail("dls_session_attach", err);
 
     uint64_t task = 0;
-    if (dls_download(session, argv[2], argv[3], &task, &err) != DLS_OK) {
+    if (dls_download(session, argv[2], argv[3], 0, &task, &err) != DLS_OK) {
         dls_session_free(session);
         return fail("dls_download", err);
     }

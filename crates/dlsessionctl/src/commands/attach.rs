@@ -58,6 +58,7 @@ pub async fn run(ctx: &Ctx, args: AttachArgs) -> Result<Exit> {
         notes: tx,
         failed: Arc::new(AtomicBool::new(false)),
         cache_note: AtomicBool::new(false),
+        finished_said: AtomicBool::new(false),
     };
     let failed = printer.failed.clone();
     let printer = Arc::new(printer);
@@ -188,10 +189,17 @@ struct Printer {
     failed: Arc<AtomicBool>,
     /// The note about the cache was printed.
     cache_note: AtomicBool,
+    /// The last line printed was `finished_events` (it is said once, whether the library
+    /// or the command noticed first).
+    finished_said: AtomicBool,
 }
 
 impl Printer {
     fn line(&self, human: &str, json: &AttachEventJson) {
+        let finished = matches!(json, AttachEventJson::FinishedEvents { .. });
+        if self.finished_said.swap(finished, Ordering::AcqRel) && finished {
+            return;
+        }
         let mut out = io::stdout().lock();
         let _ = if self.json { write_json(&mut out, json) } else { writeln!(out, "{human}") };
         let _ = out.flush();

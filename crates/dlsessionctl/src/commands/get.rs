@@ -71,6 +71,9 @@ pub async fn run(ctx: &Ctx, args: GetArgs) -> Result<Exit> {
             spec.expected_sha256 = plan.sha256;
             spec.destination = item.destination.to_str().map(str::to_owned);
             spec.overwrite = args.overwrite;
+            if !args.wait && args.session == DEFAULT_SESSION {
+                spec.description = Some(COLLECTED_LATER.to_owned());
+            }
             spec
         })
         .collect();
@@ -115,8 +118,12 @@ pub async fn run(ctx: &Ctx, args: GetArgs) -> Result<Exit> {
 /// The session `get` uses unless told otherwise: the command line's own.
 const DEFAULT_SESSION: &str = "dlsessionctl";
 
-/// Acknowledges the tasks of the command line's own session that completed since an
-/// earlier `get` without `--wait`: their files are at their destinations, and without
+/// The description of a task a `get` without `--wait` leaves behind: the next `get`
+/// collects exactly these (never the tasks of a `get --wait` still running elsewhere).
+const COLLECTED_LATER: &str = "dlsessionctl get (its result is collected by the next get)";
+
+/// Acknowledges the tasks of the command line's own session that an earlier `get`
+/// without `--wait` created and that have completed: their files are at their destinations, and without
 /// this their events would pile up with no app to collect them. Each result stays in the
 /// history (`show ID`); failures are named on stderr so none passes silently.
 async fn collect_earlier(client: &Client, session: &str) {
@@ -132,7 +139,7 @@ async fn collect_earlier(client: &Client, session: &str) {
             Ok(Response::Tasks(page)) => page,
             _ => return,
         };
-        done.extend(page.tasks);
+        done.extend(page.tasks.into_iter().filter(|t| t.description.as_deref() == Some(COLLECTED_LATER)));
         match page.next_after {
             Some(next) if query.after.is_none_or(|prev| next > prev) => query.after = Some(next),
             _ => break,

@@ -1,0 +1,135 @@
+//! Following the network (docs/behaviour.md, "The network"): the server sits in its own
+//! network namespace behind a veth link; the tests take the link down and bring it back.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::io::BufRead;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use dlsession::{DownloadRequest, Session, TaskState, WaitReason};
+use dlsession_testkit::app::config;
+use dlsession_testkit::mount::require_root;
+use dlsession_testkit::netns::NetNs;
+use dlsession_testkit::{LONG, Recorder, TestDaemon, TestEnv, bin_path, sha256_file};
+
+/// `dlsession-serve` inside the namespace: its URL and the content's SHA-256.
+struct Server {
+    child: Child,
+    url: String,
+    sha256: String,
+}
+
+impl Server {
+    fn start(ns: &NetNs, mib: u64, rate: u64) -> Server {
+        let mut child = ns.spawn(
+            &bin_path("dlsession-serve"),
+            &["--bind", &ns.ns_ip.to_string(), &mib.to_string(), &rate.to_string()],
+        );
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let url = lines.next().unwrap().unwrap();
+        let sha256 = lines.next().unwrap().unwrap();
+        Server { child, url, sha256 }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The task's `attempts`, as `dlsessionctl show` reports them.
+fn attempts(env: &TestEnv, task: u64) -> u64 {
+    let out = env.ctl(&["--json", "show", &task.to_string()]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["attempts"].as_u64().unwrap()
+}
+
+async fn poll<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(dlsession_root), ignore = "needs root to make a network namespace; CI runs it as root")]
+async fn a_download_waits_for_the_network_and_goes_on_the_moment_it_returns() {
+    require_root();
+    let ns = NetNs::new(71);
+    let server = Server::start(&ns, 12, 2 << 20);
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.net"), delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(&server.url)], true).await.unwrap().remove(0);
+    poll("the download to get going", LONG, async || {
+        (task.info().await.unwrap().bytes_received > 1 << 20).then_some(())
+    })
+    .await;
+
+    // The route goes: the task stops at once (not after the 60 s stall timeout) and waits.
+    ns.link_down();
+    let gone = Instant::now();
+    let held = poll("no_network", Duration::from_secs(10), async || {
+        let info = task.info().await.unwrap();
+        matches!(info.wait, Some(WaitReason::NoNetwork { .. })).then_some(info)
+    })
+    .await;
+    let noticed = gone.elapsed();
+    assert_eq!(held.state, TaskState::Waiting);
+    let spent = attempts(&env, task.id());
+    // A long outage spends nothing: no attempt, no backoff.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let still = task.info().await.unwrap();
+    assert!(matches!(still.wait, Some(WaitReason::NoNetwork { .. })), "{still:?}");
+    assert_eq!(attempts(&env, task.id()), spent, "no attempt while there is no route");
+
+    // The route comes back: the download goes on from where it was.
+    ns.link_up();
+    let back = Instant::now();
+    let before = still.bytes_received;
+    poll("bytes after the network came back", Duration::from_secs(10), async || {
+        (task.info().await.unwrap().bytes_received > before).then_some(())
+    })
+    .await;
+    let resumed = back.elapsed();
+    eprintln!("route gone noticed in {noticed:?}; moving again {resumed:?} after the link came back");
+    assert!(resumed < Duration::from_secs(5), "resumed {resumed:?} after the link came back");
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    let file = events.moved_to(task.id()).unwrap();
+    assert_eq!(sha256_file(&file).unwrap(), server.sha256);
+    assert_eq!(attempts(&env, task.id()), spent + 1, "one attempt after the outage, from the offset kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(dlsession_root), ignore = "needs root to make a network namespace; CI runs it as root")]
+async fn a_task_started_without_a_route_waits_instead_of_backing_off() {
+    require_root();
+    let ns = NetNs::new(72);
+    let server = Server::start(&ns, 1, 0);
+    ns.link_down();
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.net2"), delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(&server.url)], true).await.unwrap().remove(0);
+    poll("no_network", Duration::from_secs(10), async || {
+        matches!(task.info().await.unwrap().wait, Some(WaitReason::NoNetwork { .. })).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(attempts(&env, task.id()), 1, "the one attempt that found no route, no retries");
+    let shown = env.ctl(&["show", &task.id().to_string()]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(text.contains("no route to the server since"), "{text}");
+    ns.link_up();
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), server.sha256);
+}

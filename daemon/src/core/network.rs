@@ -1,0 +1,113 @@
+//! Following the network (docs/behaviour.md, "The network"): a task whose peer has no
+//! route waits with `no_network` and spends no attempts; a running one whose route goes
+//! away stops at once (its data kept); when routes come back, those tasks, and tasks backing
+//! off after network errors, go again at once with their backoff reset.
+
+use std::net::IpAddr;
+
+use tracing::info;
+
+use super::Core;
+use super::task::{AfterStop, Task};
+use crate::engine::Failure;
+use crate::model::now_ms;
+use crate::net;
+use dlsession_proto::{ErrorCode, TaskId, TaskState};
+
+/// Whether `failure` may mean the network is gone (rather than the server refusing).
+fn network_class(failure: &Failure) -> bool {
+    matches!(failure.error.code, ErrorCode::Network | ErrorCode::TimedOut) && !failure.discard_partial
+}
+
+/// An IP address written into the URL (no name to resolve).
+fn literal_peer(url: &str) -> Option<IpAddr> {
+    let host = url::Url::parse(url).ok()?.host_str()?.trim_start_matches('[').trim_end_matches(']').to_owned();
+    host.parse().ok()
+}
+
+impl Core {
+    /// The network watcher runs: from now on tasks may wait for the network (without it,
+    /// nothing would tell them it came back).
+    pub(super) fn on_network_watched(&mut self) {
+        self.life.network_watched = true;
+        self.life.online = net::default_route();
+        info!(online = self.life.online, "following the network (rtnetlink)");
+    }
+
+    /// Whether `t`'s peer can be reached: its last peer's route, the URL's address, or
+    /// (a name never resolved) whether any route leads beyond the local networks.
+    fn reachable(t: &Task) -> bool {
+        match t.peer.or_else(|| literal_peer(&t.rec.url)) {
+            Some(ip) => net::route_to(ip),
+            None => net::default_route(),
+        }
+    }
+
+    /// Called for a failed attempt: true if the task should wait for the network instead
+    /// of backing off (its peer has no route).
+    pub(super) fn offline_for(&self, id: TaskId, failure: &Failure) -> bool {
+        if !self.life.network_watched || !network_class(failure) {
+            return false;
+        }
+        self.tasks.get(&id).is_some_and(|t| !Self::reachable(t))
+    }
+
+    /// Puts the task in `waiting` with `no_network`: no timer, no attempt, until a route
+    /// to its peer appears.
+    pub(super) fn wait_for_network(&mut self, id: TaskId) {
+        self.set_state(id, TaskState::Waiting);
+        if let Some(t) = self.tasks.get_mut(&id) {
+            t.no_network_since.get_or_insert_with(now_ms);
+            t.rec.retry_at = None;
+            info!(task = id, "no route to the server: waiting for the network");
+        }
+    }
+
+    /// Links, addresses or routes changed.
+    pub(super) fn on_network_changed(&mut self) {
+        if !self.life.network_watched {
+            return;
+        }
+        let was_online = self.life.online;
+        self.life.online = net::default_route();
+        let came_back = self.life.online && !was_online;
+        let mut stop = Vec::new();
+        let mut go = Vec::new();
+        for t in self.tasks.values() {
+            let id = &t.rec.id;
+            match t.state {
+                // A connection whose route is gone would otherwise sit until the stall
+                // timeout.
+                TaskState::Running if t.peer.is_some_and(|ip| !net::route_to(ip)) => stop.push(*id),
+                TaskState::Waiting if t.no_network_since.is_some() && Self::reachable(t) => go.push(*id),
+                TaskState::Waiting
+                    if came_back
+                        && t.rec.phase == crate::model::Phase::Transfer
+                        && t.rec
+                            .last_error
+                            .as_ref()
+                            .is_some_and(|e| matches!(e.code, ErrorCode::Network | ErrorCode::TimedOut)) =>
+                {
+                    go.push(*id)
+                }
+                _ => {}
+            }
+        }
+        if !stop.is_empty() || !go.is_empty() {
+            info!(online = self.life.online, stopped = stop.len(), retried = go.len(), "the network changed");
+        }
+        for id in stop {
+            self.stop_worker(id, AfterStop::NoNetwork);
+        }
+        for id in go {
+            self.unqueue(id);
+            if let Some(t) = self.tasks.get_mut(&id) {
+                t.failures = 0;
+            }
+            self.set_state(id, TaskState::Queued);
+            self.enqueue(id);
+            self.save_task(id, Vec::new());
+        }
+        self.schedule();
+    }
+}

@@ -1,0 +1,91 @@
+//! What the daemon knows of the network: whether a route to an address exists, and a
+//! watcher that says when the kernel's links, addresses or routes change.
+//!
+//! A route check is a UDP `connect`: the kernel looks the route up and sends nothing. No
+//! route (`ENETUNREACH`, `EHOSTUNREACH`, no source address) means the network is gone for
+//! that peer; any other answer counts as reachable, so a doubtful check never holds a task.
+//! The watcher is an rtnetlink socket subscribed to link, address and route changes, read
+//! on its own thread; bursts are coalesced into one report.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::time::Duration;
+
+// `None` as the protocol is NETLINK_ROUTE.
+use rustix::net::netlink::SocketAddrNetlink;
+use rustix::net::{AddressFamily, RecvFlags, SocketType};
+
+/// Changes arriving within this long of each other are reported once.
+const COALESCE: Duration = Duration::from_millis(50);
+
+// rtnetlink multicast groups (linux/rtnetlink.h): link, IPv4/IPv6 addresses and routes.
+const RTMGRP_LINK: u32 = 0x1;
+const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+const RTMGRP_IPV6_IFADDR: u32 = 0x100;
+const RTMGRP_IPV6_ROUTE: u32 = 0x400;
+
+/// Whether the kernel has a route to `ip` (see the module documentation).
+pub fn route_to(ip: IpAddr) -> bool {
+    let local = match ip {
+        IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    };
+    let Ok(socket) = UdpSocket::bind(local) else { return true };
+    match socket.connect(SocketAddr::new(ip, 9)) {
+        Ok(()) => true,
+        Err(e) => !no_route(&e),
+    }
+}
+
+/// Whether there is a route to the internet at large (a default route, IPv4 or IPv6):
+/// what a peer not yet resolved needs.
+pub fn default_route() -> bool {
+    // Public anycast resolvers, as any address beyond the local networks; nothing is sent.
+    route_to(IpAddr::V4(Ipv4Addr::new(1, 1, 1, 1)))
+        || route_to(IpAddr::V6(Ipv6Addr::new(0x2606, 0x4700, 0x4700, 0, 0, 0, 0, 0x1111)))
+}
+
+fn no_route(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EADDRNOTAVAIL))
+}
+
+/// Starts the watcher: `changed` runs (on the watcher's thread) once per burst of link,
+/// address or route changes. Fails if netlink cannot be opened (then the daemon assumes
+/// every peer reachable, as before it knew better).
+pub fn watch(changed: impl Fn() + Send + 'static) -> io::Result<()> {
+    let fd = rustix::net::socket(AddressFamily::NETLINK, SocketType::RAW, None)?;
+    let groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE;
+    rustix::net::bind(&fd, &SocketAddrNetlink::new(0, groups))?;
+    std::thread::Builder::new().name("netlink".into()).spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // Wait for a change, however long; then drain what follows closely.
+            let _ = rustix::net::sockopt::set_socket_timeout(&fd, rustix::net::sockopt::Timeout::Recv, None);
+            match rustix::net::recv(&fd, &mut buf[..], RecvFlags::empty()) {
+                Ok(_) => {}
+                // The socket's buffer overflowed: changes were lost, which is a change too.
+                Err(rustix::io::Errno::NOBUFS) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the network watcher stopped; peers are assumed reachable");
+                    return;
+                }
+            }
+            let _ = rustix::net::sockopt::set_socket_timeout(&fd, rustix::net::sockopt::Timeout::Recv, Some(COALESCE));
+            while rustix::net::recv(&fd, &mut buf[..], RecvFlags::empty()).is_ok() {}
+            changed();
+        }
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_always_has_a_route() {
+        assert!(route_to(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    }
+}
