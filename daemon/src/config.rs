@@ -29,6 +29,9 @@ pub struct Limits {
     pub max_url_len: usize,
     /// Redirects followed per attempt.
     pub max_redirects: u32,
+    /// Bytes per second for all downloads together, until `dlsessionctl limit --global`
+    /// sets another (which is stored and wins from then on).
+    pub bandwidth_limit: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -103,6 +106,7 @@ struct FileConfig {
     cache_dir: Option<PathBuf>,
     extra_ca_file: Option<PathBuf>,
     max_concurrent_downloads: Option<u32>,
+    bandwidth_limit: Option<u64>,
     max_connections: Option<u32>,
     max_tasks_per_batch: Option<u32>,
     handshake_timeout_ms: Option<u64>,
@@ -151,6 +155,7 @@ impl Config {
                 max_headers_per_task: 64,
                 max_url_len: 8192,
                 max_redirects: 10,
+                bandwidth_limit: file.bandwidth_limit,
             },
             timing: Timing {
                 handshake_timeout: ms(file.handshake_timeout_ms, 5_000),
@@ -191,6 +196,17 @@ impl Config {
             && !ca.is_absolute()
         {
             return Err(ConfigError::Relative { what: "extra_ca_file", path: ca.clone() });
+        }
+        if let Some(rate) = self.limits.bandwidth_limit
+            && rate < dlsession_proto::validate::MIN_BANDWIDTH_LIMIT
+        {
+            return Err(ConfigError::Invalid {
+                key: "bandwidth_limit",
+                message: format!(
+                    "must be at least {} bytes per second",
+                    dlsession_proto::validate::MIN_BANDWIDTH_LIMIT
+                ),
+            });
         }
         // Zero would refuse every client, every batch, or time out at once.
         for (key, n) in [

@@ -86,6 +86,8 @@ pub struct TaskRecord {
     pub resume_secret: Option<u64>,
     /// The completed event was acknowledged: the task is history.
     pub retired: bool,
+    /// This task's own bandwidth limit (bytes per second), set by `dlsessionctl limit --task`.
+    pub bandwidth_limit: Option<u64>,
 }
 
 impl TaskRecord {
@@ -124,6 +126,7 @@ impl TaskRecord {
             error: None,
             resume_secret: None,
             retired: false,
+            bandwidth_limit: None,
         }
     }
 }

@@ -183,7 +183,7 @@ pub fn session_config(c: &SessionConfig, limits: &Limits) -> Result<(), ErrorInf
     if c.max_concurrent_tasks == Some(0) {
         return bad("max_concurrent_tasks must be at least 1 (or unset)".into());
     }
-    if c.bandwidth_limit.is_some_and(|b| b < 1024) {
+    if c.bandwidth_limit.is_some_and(|b| b < dlsession_proto::validate::MIN_BANDWIDTH_LIMIT) {
         return bad("bandwidth_limit must be at least 1024 bytes per second (or unset)".into());
     }
     Ok(())
@@ -201,6 +201,7 @@ mod tests {
             max_headers_per_task: 4,
             max_url_len: 100,
             max_redirects: 10,
+            bandwidth_limit: None,
         }
     }
 

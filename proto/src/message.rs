@@ -81,6 +81,33 @@ pub enum Request {
     /// clients that announced an `app_id`, which cannot say) are sent `Wake`; if none
     /// rejoins the session within `wake_answer_ms`, the app is relaunched. → [`Response::Ok`]
     HandleWakes,
+    /// Sets (or with `None` lifts) a bandwidth limit, in bytes per second: daemon-wide, of a
+    /// session, or of one task. Takes effect on running downloads at once and is stored.
+    /// → [`Response::Ok`]
+    SetBandwidthLimit { target: LimitTarget, bytes_per_second: Option<u64> },
+    /// → [`Response::BandwidthLimits`]
+    GetBandwidthLimits,
+}
+
+/// Which bandwidth limit [`Request::SetBandwidthLimit`] changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LimitTarget {
+    /// Every download of the daemon together.
+    Global,
+    /// The downloads of one session together (its `bandwidth_limit`).
+    Session { identifier: String },
+    /// One task.
+    Task { task: TaskId },
+}
+
+/// The bandwidth limits in force, in bytes per second (absent: none).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct BandwidthLimits {
+    pub global: Option<u64>,
+    /// Sessions with a limit, by identifier.
+    pub sessions: Vec<(String, u64)>,
+    /// Live tasks with a limit of their own.
+    pub tasks: Vec<(TaskId, u64)>,
 }
 
 impl Request {
@@ -107,6 +134,8 @@ impl Request {
             Request::AcknowledgeTasks { .. } => "acknowledge_tasks",
             Request::ListSessionsPage(_) => "list_sessions_page",
             Request::HandleWakes => "handle_wakes",
+            Request::SetBandwidthLimit { .. } => "set_bandwidth_limit",
+            Request::GetBandwidthLimits => "get_bandwidth_limits",
         }
     }
 }
@@ -166,6 +195,7 @@ pub enum Response {
     Wake(WakeOutcome),
     // Protocol 2.
     SessionsPage(SessionPage),
+    BandwidthLimits(BandwidthLimits),
 }
 
 impl Response {
@@ -182,6 +212,7 @@ impl Response {
             Response::Tasks(_) => "tasks",
             Response::Wake(_) => "wake",
             Response::SessionsPage(_) => "sessions_page",
+            Response::BandwidthLimits(_) => "bandwidth_limits",
         }
     }
 }

@@ -5,6 +5,21 @@ use crate::{ErrorCode, ErrorInfo};
 /// Longest session identifier, in bytes.
 pub const MAX_IDENTIFIER_LEN: usize = 255;
 
+/// The lowest bandwidth limit, in bytes per second (below it a download would crawl
+/// without making sense of a limit at all).
+pub const MIN_BANDWIDTH_LIMIT: u64 = 1024;
+
+/// A bandwidth limit as given: at least [`MIN_BANDWIDTH_LIMIT`] (`None` lifts it).
+pub fn bandwidth_limit(rate: Option<u64>) -> Result<(), ErrorInfo> {
+    match rate {
+        Some(r) if r < MIN_BANDWIDTH_LIMIT => Err(ErrorInfo::new(
+            ErrorCode::InvalidRequest,
+            format!("a bandwidth limit must be at least {MIN_BANDWIDTH_LIMIT} bytes per second, got {r}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Checks a session identifier: 1–255 bytes of UTF-8 without control characters.
 pub fn identifier(id: &str) -> Result<(), ErrorInfo> {
     if id.is_empty() {

@@ -27,7 +27,7 @@ use crate::nginx::Nginx;
 use crate::report::{Outcome, Row};
 
 /// Every workload, in the order they run.
-pub const WORKLOADS: [&str; 9] = [
+pub const WORKLOADS: [&str; 10] = [
     "1gib-http",
     "1gib-https",
     "small-files",
@@ -37,6 +37,7 @@ pub const WORKLOADS: [&str; 9] = [
     "event-latency",
     "crash-cost",
     "rss-per-download",
+    "bandwidth-limit",
 ];
 
 const USAGE: &str = "\
@@ -45,7 +46,8 @@ usage: dlsession-bench [--runs N] [--quick] [--only NAME] [--idle-secs S] [--out
   --runs N        runs per contender (default 5; --quick: 3)
   --quick         smoke run: 3 runs and smaller sizes (256 MiB instead of 1 GiB, …)
   --only NAME     run one workload: 1gib-http, 1gib-https, small-files, many-tasks,
-                  big-lists, ipc, event-latency, crash-cost, rss-per-download (repeatable)
+                  big-lists, ipc, event-latency, crash-cost, rss-per-download,
+                  bandwidth-limit (repeatable)
   --idle-secs S   idle period of many-tasks (default 60; --quick: 10)
   --output PATH   where to write the Markdown (default: BENCHMARKS.md at the repository root
                   for a full run, target/bench-results.md with --quick or --only)

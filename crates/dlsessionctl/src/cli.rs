@@ -40,6 +40,7 @@ Examples:
   dlsessionctl show 12                                              everything about task 12
   dlsessionctl watch                                                live progress of active tasks
   dlsessionctl attach org.example.app --move-to ~/Downloads         collect a session's events
+  dlsessionctl limit --global 2MiB                                  cap all downloads, live
   dlsessionctl completions bash > ~/.local/share/bash-completion/completions/dlsessionctl
 
 Each command has its own --help, e.g. `dlsessionctl get --help`.";
@@ -97,6 +98,11 @@ pub enum Command {
 
     /// Ask the daemon to wake or relaunch a session's app now
     Wake(WakeArgs),
+
+    /// Show bandwidth limits, or set one: daemon-wide (--global), of a session (--session
+    /// ID) or of a task (--task ID). A new limit applies to running downloads at once and
+    /// is kept across restarts; `off` lifts it.
+    Limit(LimitArgs),
 
     /// Print a shell completion script (bash, zsh, fish, elvish or powershell) on stdout
     ///
@@ -261,6 +267,26 @@ pub struct AttachArgs {
     /// waited
     #[arg(long)]
     pub wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    /// The daemon-wide limit (all downloads together)
+    #[arg(long, conflicts_with_all = ["session", "task"])]
+    pub global: bool,
+
+    /// The limit of this session (its downloads together)
+    #[arg(long, value_name = "ID", conflicts_with = "task")]
+    pub session: Option<String>,
+
+    /// The limit of this task
+    #[arg(long, value_name = "TASK")]
+    pub task: Option<dlsession_proto::TaskId>,
+
+    /// Bytes per second, with an optional unit (500k, 2MiB, 1.5MB), or `off`; without it,
+    /// the limits in force are shown
+    #[arg(value_name = "RATE")]
+    pub rate: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -252,3 +252,37 @@ fn the_c_api_controls_tasks() {
         "waiting for idle from the session's own callback is refused, not a deadlock"
     );
 }
+
+/// The ctypes snippet of ffi/README.md, run as written (with this build's library, a
+/// local URL and a destination of the test's own) by the system's Python.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_snippet_in_the_ffi_readme_downloads_a_file() {
+    let python = Path::new("/usr/bin/python3");
+    assert!(python.exists(), "/usr/bin/python3 is needed (apt-get install python3)");
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../ffi/README.md")).unwrap();
+    let snippet = readme
+        .split("```python\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a ```python block in ffi/README.md");
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/py.bin", Resource::generated(1 << 20, 43));
+    let dest = env.path().join("py.bin");
+    let library = profile_dir().join("deps/libdlsession_ffi.so");
+    assert!(library.exists(), "{} is built with this test (a dev-dependency)", library.display());
+    let script = snippet
+        .replace("target/release/libdlsession_ffi.so", &library.display().to_string())
+        .replace("https://example.org/f.iso", &server.url("/py.bin"))
+        .replace("/tmp/f.iso", &dest.display().to_string());
+    assert_ne!(script, snippet, "the snippet names the library, a URL and a destination");
+    let mut cmd = env.command(python);
+    cmd.arg("-c").arg(&script);
+    let output = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "python failed:\n{}", show(&output));
+    assert_eq!(sha256_file(&dest).unwrap(), to_hex(&pattern_sha256(43, 1 << 20)), "byte-exact file");
+    // kind 4 is DLS_EVENT_COMPLETED; error_code 0 is DLS_OK.
+    assert!(stdout.lines().any(|l| l.starts_with("4 ") && l.contains(" 0 None")), "a completed event:\n{stdout}");
+}

@@ -186,6 +186,8 @@ pub struct Core {
     rng: u64,
     /// How relaunched apps are started (in a scope of their own under systemd).
     launch_scope: crate::launcher::Scope,
+    /// The daemon-wide bandwidth limit (rate 0 when none), held by every running download.
+    bandwidth: Arc<crate::engine::limiter::RateLimiter>,
 }
 
 /// Where the daemon is in its life, and what keeps it from leaving.
@@ -244,6 +246,8 @@ impl Core {
             let _ = report.send(CoreMsg::Disk(r));
         })
         .map_err(|e| format!("cannot start the disk thread: {e}"))?;
+        // Set at run time (stored) wins over the config file's.
+        let global_limit = snapshot.global_limit.unwrap_or(cfg.limits.bandwidth_limit);
         let mut core = Core {
             cfg,
             store,
@@ -263,6 +267,7 @@ impl Core {
             housekeeping: Housekeeping::default(),
             rng: seed(),
             launch_scope: crate::launcher::Scope::detect(),
+            bandwidth: Arc::new(crate::engine::limiter::RateLimiter::new(global_limit)),
         };
         core.restore(snapshot);
         let mut ops = Vec::new();

@@ -40,7 +40,8 @@ pub(super) struct Session {
     pub wake_timer: Option<Mono>,
     /// A `wake` went to a running app: when it counts as unanswered (then: relaunch).
     pub wake_unanswered: Option<Mono>,
-    pub limiter: Option<Arc<RateLimiter>>,
+    /// The session's bandwidth limit (rate 0 when it has none), shared by its downloads.
+    pub limiter: Arc<RateLimiter>,
     /// A relaunch is being started (off the core's thread).
     pub launching: bool,
     /// `Wake` requests answered once it has started.
@@ -49,7 +50,7 @@ pub(super) struct Session {
 
 impl Session {
     fn new(rec: SessionRecord) -> Session {
-        let limiter = rec.config.bandwidth_limit.map(|r| Arc::new(RateLimiter::new(r)));
+        let limiter = Arc::new(RateLimiter::new(rec.config.bandwidth_limit));
         Session {
             rec,
             attached: None,
@@ -76,9 +77,8 @@ impl Session {
         if self.rec.invalid || self.rec.config == config {
             return false;
         }
-        if self.rec.config.bandwidth_limit != config.bandwidth_limit {
-            self.limiter = config.bandwidth_limit.map(|r| Arc::new(RateLimiter::new(r)));
-        }
+        // Running downloads hold the same bucket: the new rate applies to them at once.
+        self.limiter.set_rate(config.bandwidth_limit);
         self.rec.config = config;
         true
     }

@@ -132,6 +132,9 @@ pub(super) struct Task {
     pub peer: Option<std::net::IpAddr>,
     /// Waiting for a route to its peer since then (state `Waiting`, no timer).
     pub no_network_since: Option<dlsession_proto::UnixMillis>,
+    /// The task's own bandwidth limit (`rec.bandwidth_limit`; rate 0 when none), held by its
+    /// running download.
+    pub limiter: Arc<crate::engine::limiter::RateLimiter>,
 }
 
 impl Task {
@@ -168,7 +171,7 @@ impl Tasks {
     /// Adds a task in the state its record says.
     pub fn insert(&mut self, rec: TaskRecord, host: String) {
         let progress = Arc::new(Progress::new(rec.committed_offset, rec.bytes_expected.or(rec.expected_size)));
-        let (id, state, sampled) = (rec.id, rec.state, rec.committed_offset);
+        let (id, state, sampled, bandwidth_limit) = (rec.id, rec.state, rec.committed_offset, rec.bandwidth_limit);
         let task = Task {
             rec,
             state,
@@ -185,6 +188,7 @@ impl Tasks {
             cancelled_by: None,
             peer: None,
             no_network_since: None,
+            limiter: Arc::new(crate::engine::limiter::RateLimiter::new(bandwidth_limit)),
         };
         self.counts.add(state);
         if let Some(old) = self.by_id.insert(id, Box::new(task)) {

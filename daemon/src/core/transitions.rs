@@ -177,7 +177,7 @@ impl Core {
             idle_timeout: Duration::from_millis(s.rec.config.timeout_for_request_ms),
             deadline,
             progress: t.progress.clone(),
-            limiter: s.limiter.clone(),
+            limiters: vec![t.limiter.clone(), s.limiter.clone(), self.bandwidth.clone()],
             stop: stop_rx,
         };
         let worker = self.engine.spawn(job);

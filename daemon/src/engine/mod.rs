@@ -72,7 +72,8 @@ pub struct Job {
     /// `timeout_for_resource` runs out at this instant.
     pub deadline: Option<Instant>,
     pub progress: Arc<Progress>,
-    pub limiter: Option<Arc<RateLimiter>>,
+    /// The bandwidth limits the download is under (its own, its session's, the daemon's).
+    pub limiters: Vec<Arc<RateLimiter>>,
     pub stop: watch::Receiver<bool>,
 }
 
@@ -417,12 +418,39 @@ impl Engine {
             if overlong {
                 data.truncate(usize::try_from(room).unwrap_or(0));
             }
-            if let Some(l) = &job.limiter {
-                l.acquire(data.len()).await;
+            if job.limiters.iter().any(|l| l.rate().is_some()) {
+                // Paced in slices: a limited download moves smoothly, downloads under one
+                // limit take turns, and a stop is heard while waiting (a slice not yet
+                // paced for is dropped: it is downloaded again from the committed offset).
+                let limiters = job.limiters.clone();
+                let mut stopped = false;
+                while !data.is_empty() {
+                    let piece = data.split_to(data.len().min(PACED_SLICE));
+                    let paced = async {
+                        for l in &limiters {
+                            l.acquire(piece.len()).await;
+                        }
+                    };
+                    tokio::select! {
+                        biased;
+                        _ = job.stop.wait_for(|s| *s) => {
+                            stopped = true;
+                            break;
+                        }
+                        () = paced => {}
+                    }
+                    job.progress.received.fetch_add(piece.len() as u64, Ordering::Relaxed);
+                    batched += piece.len();
+                    batch.push(piece);
+                }
+                if stopped {
+                    break BodyEnd::Stopped;
+                }
+            } else {
+                job.progress.received.fetch_add(data.len() as u64, Ordering::Relaxed);
+                batched += data.len();
+                batch.push(data);
             }
-            job.progress.received.fetch_add(data.len() as u64, Ordering::Relaxed);
-            batched += data.len();
-            batch.push(data);
             if overlong {
                 break BodyEnd::Failed(Failure::transient(
                     ErrorCode::Network,
@@ -437,6 +465,9 @@ impl Engine {
         end
     }
 }
+
+/// A limited download is paced (and can stop) this many bytes at a time.
+const PACED_SLICE: usize = 16 << 10;
 
 #[derive(Debug)]
 enum Outcome {

@@ -151,14 +151,14 @@ const TASK_COLUMNS: &str = "id, session_id, url, headers, description, priority,
     destination, overwrite, expected_size, created_at, state, phase, committed_offset, bytes_expected, etag,
     last_modified, final_url, response_status, response_headers, attempts, last_error_code, last_error_msg,
     last_error_http, retry_at, started_at, finished_at, resource_deadline, location, error_code, error_msg,
-    error_http, resume_secret, retired, file_mode";
+    error_http, resume_secret, retired, file_mode, bandwidth_limit";
 
 /// Inserts or replaces a task row (one statement for both, so the column lists cannot drift).
 pub fn save_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare_cached(&format!(
         "INSERT INTO tasks ({TASK_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
             ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35,
-            ?36)
+            ?36, ?37)
          ON CONFLICT(id) DO UPDATE SET priority = excluded.priority, state = excluded.state,
             phase = excluded.phase, committed_offset = excluded.committed_offset,
             bytes_expected = excluded.bytes_expected, etag = excluded.etag, last_modified = excluded.last_modified,
@@ -169,7 +169,8 @@ pub fn save_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
             started_at = excluded.started_at, finished_at = excluded.finished_at,
             resource_deadline = excluded.resource_deadline, location = excluded.location,
             error_code = excluded.error_code, error_msg = excluded.error_msg, error_http = excluded.error_http,
-            resume_secret = excluded.resume_secret, retired = excluded.retired, file_mode = excluded.file_mode"
+            resume_secret = excluded.resume_secret, retired = excluded.retired, file_mode = excluded.file_mode,
+            bandwidth_limit = excluded.bandwidth_limit"
     ))?;
     let (lec, lem, leh) = error_columns(&t.last_error);
     let (ec, em, eh) = error_columns(&t.error);
@@ -210,6 +211,7 @@ pub fn save_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
         t.resume_secret.map(|s| s as i64),
         t.retired,
         t.file_mode,
+        i64_opt(t.bandwidth_limit),
     ])?;
     Ok(())
 }
@@ -258,6 +260,7 @@ fn task_from_row(r: &Row<'_>) -> rusqlite::Result<TaskRecord> {
         resume_secret: r.get::<_, Option<i64>>(33)?.map(|s| s as u64),
         retired: r.get(34)?,
         file_mode: r.get::<_, Option<u32>>(35)?.filter(|m| *m <= 0o777).unwrap_or(DEFAULT_FILE_MODE),
+        bandwidth_limit: r.get::<_, Option<i64>>(36)?.and_then(|v| u64::try_from(v).ok()).filter(|v| *v > 0),
     })
 }
 
@@ -380,6 +383,24 @@ pub fn load_seq_floor(conn: &Connection) -> rusqlite::Result<u64> {
     let stored: Option<i64> =
         conn.query_row("SELECT value FROM meta WHERE key = 'seq_floor'", [], |r| r.get(0)).optional()?;
     Ok(stored.unwrap_or(1).max(1) as u64)
+}
+
+/// The daemon-wide bandwidth limit last set at run time: `None` if never (the config's
+/// applies), `Some(None)` if lifted.
+pub fn load_global_limit(conn: &Connection) -> rusqlite::Result<Option<Option<u64>>> {
+    let stored: Option<i64> =
+        conn.query_row("SELECT value FROM meta WHERE key = 'global_bandwidth_limit'", [], |r| r.get(0)).optional()?;
+    Ok(stored.map(|v| u64::try_from(v).ok().filter(|v| *v > 0)))
+}
+
+/// Stores the daemon-wide bandwidth limit set at run time (0: lifted).
+pub fn set_global_limit(tx: &Transaction<'_>, rate: Option<u64>) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO meta(key, value) VALUES ('global_bandwidth_limit', ?1)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute(params![i64::try_from(rate.unwrap_or(0)).unwrap_or(i64::MAX)])?;
+    Ok(())
 }
 
 pub fn load_next_task_id(conn: &Connection) -> rusqlite::Result<TaskId> {

@@ -68,6 +68,8 @@ pub enum Op {
     /// that reuses a deleted one's identifier must not reuse its sequence numbers, or a
     /// late acknowledgement meant for the old one would delete the new one's events.
     SetSeqFloor(u64),
+    /// The daemon-wide bandwidth limit set at run time (`None`: lifted).
+    SetGlobalLimit(Option<u64>),
 }
 
 /// Runs after the batch's transaction committed (or, the database thread gone, never will).
@@ -103,6 +105,8 @@ pub struct Snapshot {
     pub next_task_id: TaskId,
     /// Above every session row's key, ended sessions kept for the history included.
     pub next_session_key: i64,
+    /// The daemon-wide bandwidth limit set at run time (`None`: never; see `Op::SetGlobalLimit`).
+    pub global_limit: Option<Option<u64>>,
     /// Where a new session's event sequence numbers start (see `Op::SetSeqFloor`).
     pub seq_floor: u64,
 }
@@ -171,6 +175,7 @@ fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreError> {
         events: codec::load_events(conn)?,
         next_task_id: codec::load_next_task_id(conn)?,
         next_session_key: codec::load_next_session_key(conn)?,
+        global_limit: codec::load_global_limit(conn)?,
         seq_floor: codec::load_seq_floor(conn)?,
     })
 }
@@ -381,6 +386,7 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
         }
         Op::SetNextTaskId(id) => codec::raise_meta(tx, "next_task_id", *id),
         Op::SetSeqFloor(seq) => codec::raise_meta(tx, "seq_floor", *seq),
+        Op::SetGlobalLimit(rate) => codec::set_global_limit(tx, *rate),
     }
 }
 

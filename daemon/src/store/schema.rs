@@ -96,6 +96,8 @@ const MIGRATIONS: &[&str] = &[
     // (identifier "\u{1}KEY\u{1}NAME", `codec::TOMBSTONE`). Nothing changes in the tables;
     // the version keeps an older daemon, which would list tombstones as sessions, out.
     "CREATE INDEX sessions_tombstones ON sessions(substr(identifier, 1, 1));",
+    // 4: a task's own bandwidth limit (NULL: none).
+    "ALTER TABLE tasks ADD COLUMN bandwidth_limit INTEGER;",
 ];
 
 pub const LATEST_VERSION: i64 = MIGRATIONS.len() as i64;

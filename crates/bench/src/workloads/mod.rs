@@ -6,6 +6,7 @@ mod data;
 mod download;
 mod events;
 mod ipc;
+mod limits;
 mod many_tasks;
 mod rss;
 mod small_files;
@@ -27,6 +28,7 @@ pub async fn run(name: &str, ctx: &Ctx, data: &mut Data) -> Result<Outcome> {
         "crash-cost" => crash::run(ctx).await,
         "rss-per-download" => rss::run(ctx).await,
         "big-lists" => big_lists::run(ctx).await,
+        "bandwidth-limit" => limits::run(ctx).await,
         other => bail!("unknown workload {other}"),
     }
 }

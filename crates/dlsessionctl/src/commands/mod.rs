@@ -5,6 +5,7 @@ mod completions;
 mod control;
 mod ctx;
 mod get;
+mod limit;
 mod sessions;
 mod show;
 mod status;
@@ -31,6 +32,7 @@ pub async fn run(cli: Cli) -> Result<Exit> {
         Command::Cancel(t) => control::run(&ctx, t.task, control::Action::Cancel).await,
         Command::Attach(args) => attach::run(&ctx, args).await,
         Command::Wake(args) => wake::run(&ctx, args).await,
+        Command::Limit(args) => limit::run(&ctx, args).await,
         Command::Completions(args) => completions::run(&args),
     }
 }

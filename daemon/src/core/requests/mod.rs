@@ -4,6 +4,7 @@
 //! `queries` (status, get, list, watch). docs/protocol.md lists every request.
 
 mod control;
+mod limits;
 mod queries;
 mod sessions;
 mod tasks;
@@ -68,6 +69,7 @@ impl Core {
                 | Request::ListTasks(_)
                 | Request::Watch(_)
                 | Request::Unwatch
+                | Request::GetBandwidthLimits
         );
         // Attaching writes only when it creates or reconfigures a session (it checks), and
         // detaching, waking and watching write nothing: an app can still collect its events.
@@ -134,6 +136,10 @@ impl Core {
                 })
             }
             Request::Watch(filter) => self.watch(conn, filter),
+            Request::SetBandwidthLimit { target, bytes_per_second } => {
+                self.set_bandwidth_limit(conn, id, target, bytes_per_second)
+            }
+            Request::GetBandwidthLimits => Ok(Answer::Now(Response::BandwidthLimits(self.bandwidth_limits()))),
             Request::Unwatch => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.watch = None;

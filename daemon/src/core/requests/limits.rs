@@ -1,0 +1,75 @@
+//! Bandwidth limits at every level, changed while downloads run (docs/behaviour.md,
+//! "Bandwidth limits"): the daemon's, a session's, a task's. Each is one token bucket that
+//! running downloads hold, so a new rate applies to them at once; each is stored.
+
+use tracing::info;
+
+use super::{Answer, Handled};
+use crate::conn::ConnId;
+use crate::core::{After, Core};
+use crate::store::Op;
+use dlsession_proto::{BandwidthLimits, ErrorCode, ErrorInfo, LimitTarget, Response, TaskState};
+
+impl Core {
+    pub(super) fn set_bandwidth_limit(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        target: LimitTarget,
+        rate: Option<u64>,
+    ) -> Handled {
+        dlsession_proto::validate::bandwidth_limit(rate)?;
+        let shown = rate.map_or_else(|| "none".to_owned(), |r| format!("{r} B/s"));
+        let op = match target {
+            LimitTarget::Global => {
+                self.bandwidth.set_rate(rate);
+                info!(limit = %shown, "daemon-wide bandwidth limit set");
+                Op::SetGlobalLimit(rate)
+            }
+            LimitTarget::Session { identifier } => {
+                let key = self.sessions.key_of(&identifier)?;
+                let Some(s) = self.sessions.get_mut(&key) else {
+                    return Err(ErrorInfo::new(ErrorCode::NoSuchSession, format!("no session {identifier:?}")));
+                };
+                let config = dlsession_proto::SessionConfig { bandwidth_limit: rate, ..s.rec.config.clone() };
+                if !s.reconfigure(config) && s.rec.config.bandwidth_limit != rate {
+                    return Err(ErrorInfo::new(
+                        ErrorCode::SessionInvalidated,
+                        format!("session {identifier:?} is invalid: its limit no longer matters"),
+                    ));
+                }
+                info!(session = %identifier, limit = %shown, "session bandwidth limit set");
+                Op::UpdateSession(s.rec.clone())
+            }
+            LimitTarget::Task { task } => {
+                let Some(t) = self.tasks.get_mut(&task) else {
+                    return Err(ErrorInfo::new(ErrorCode::NoSuchTask, format!("no live task {task}")));
+                };
+                if t.state == TaskState::Completed {
+                    return Err(ErrorInfo::new(
+                        ErrorCode::InvalidRequest,
+                        format!("task {task} is completed: a limit no longer matters"),
+                    ));
+                }
+                t.rec.bandwidth_limit = rate;
+                t.limiter.set_rate(rate);
+                info!(task, limit = %shown, "task bandwidth limit set");
+                Op::UpdateTask(Box::new(t.rec.clone()))
+            }
+        };
+        self.commit(vec![op], vec![After::Reply { conn, id, response: Response::Ok }]);
+        Ok(Answer::Later)
+    }
+
+    pub(super) fn bandwidth_limits(&self) -> BandwidthLimits {
+        BandwidthLimits {
+            global: self.bandwidth.rate(),
+            sessions: self
+                .sessions
+                .iter()
+                .filter_map(|(_, s)| Some((s.rec.identifier.clone(), s.rec.config.bandwidth_limit?)))
+                .collect(),
+            tasks: self.tasks.values().filter_map(|t| Some((t.rec.id, t.rec.bandwidth_limit?))).collect(),
+        }
+    }
+}
