@@ -946,3 +946,28 @@ async fn get_without_wait_says_how_results_are_collected_and_the_next_get_collec
 fn task_id(line: &str) -> u64 {
     line.trim().strip_prefix("task ").and_then(|r| r.split(':').next()).and_then(|n| n.parse().ok()).unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_get_never_collects_what_a_get_wait_is_waiting_for() {
+    let f = fixture().await;
+    f.server.add("/slow.bin", Resource::generated(300_000, 5).throttle(200_000));
+    f.server.add("/quick.bin", Resource::generated(1_000, 6));
+    let slow = f.env.path().join("slow.bin");
+    let waiting = {
+        let env = f.env.clone();
+        let args =
+            ["get".to_owned(), f.server.url("/slow.bin"), "-o".into(), slow.display().to_string(), "--wait".into()];
+        tokio::task::spawn_blocking(move || env.ctl(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+    };
+    // Gets without --wait run meanwhile; each collects what the earlier ones left.
+    for i in 0..3 {
+        let dest = f.env.path().join(format!("quick-{i}.bin"));
+        let o = ctl(&f.env, &["get", &f.server.url("/quick.bin"), "-o", dest.to_str().unwrap()]).await;
+        assert_exit(&o, 0);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let o = waiting.await.unwrap();
+    assert_exit(&o, 0);
+    assert!(!stderr(&o).contains("warning"), "the waiting get acknowledged its own task: {}", stderr(&o));
+    assert_eq!(std::fs::metadata(&slow).unwrap().len(), 300_000);
+}
