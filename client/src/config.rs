@@ -36,6 +36,10 @@ pub struct SessionConfiguration {
     /// Which parts of `config` the app set (or cleared): only those replace what the
     /// session has stored.
     set: Fields,
+    /// Policy parts the app set (`None`: keep the stored one).
+    pub(crate) allows_metered: Option<bool>,
+    pub(crate) allows_battery: Option<bool>,
+    pub(crate) discretionary: Option<bool>,
     pub(crate) socket: Option<PathBuf>,
     pub(crate) takeover: bool,
     pub(crate) client_name: Option<String>,
@@ -62,6 +66,9 @@ impl SessionConfiguration {
             identifier: identifier.into(),
             config: SessionConfig::default(),
             set: Fields::default(),
+            allows_metered: None,
+            allows_battery: None,
+            discretionary: None,
             socket: None,
             takeover: false,
             client_name: None,
@@ -160,6 +167,41 @@ impl SessionConfiguration {
         self.config.bandwidth_limit = Some(bytes_per_second);
         self.set.bandwidth_limit = true;
         self
+    }
+
+    /// Whether the session's tasks may download over a metered network (default: yes).
+    /// With `false` they wait (`metered_network`) while NetworkManager says the network is
+    /// metered, like `URLSession`'s `allowsExpensiveNetworkAccess`.
+    pub fn allows_metered(mut self, allowed: bool) -> Self {
+        self.allows_metered = Some(allowed);
+        self
+    }
+
+    /// Whether the session's tasks may download on battery power (default: yes). With
+    /// `false` they wait (`on_battery`) while UPower says the machine runs on battery.
+    pub fn allows_battery(mut self, allowed: bool) -> Self {
+        self.allows_battery = Some(allowed);
+        self
+    }
+
+    /// Only in good conditions (default: no): an unmetered network, and AC power or a
+    /// battery at 50 % or more; like `URLSession`'s `isDiscretionary`.
+    pub fn discretionary(mut self, discretionary: bool) -> Self {
+        self.discretionary = Some(discretionary);
+        self
+    }
+
+    /// The policy with what this configuration sets applied to `stored`; `None` if it sets
+    /// nothing (the stored policy stays).
+    pub(crate) fn policy_over(&self, stored: dlsession_proto::SessionPolicy) -> Option<dlsession_proto::SessionPolicy> {
+        if self.allows_metered.is_none() && self.allows_battery.is_none() && self.discretionary.is_none() {
+            return None;
+        }
+        Some(dlsession_proto::SessionPolicy {
+            allows_metered: self.allows_metered.unwrap_or(stored.allows_metered),
+            allows_battery: self.allows_battery.unwrap_or(stored.allows_battery),
+            discretionary: self.discretionary.unwrap_or(stored.discretionary),
+        })
     }
 
     /// No bandwidth limit (clears a stored one).

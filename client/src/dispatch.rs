@@ -116,7 +116,12 @@ impl Session {
             }),
         };
         match client.request(request).await {
-            Ok(Response::Session(_)) => {}
+            Ok(Response::Session(_)) => {
+                if let Err(e) = apply_policy(client, &config).await {
+                    client.unroute(&config.identifier, route);
+                    return Err(e);
+                }
+            }
             Ok(other) => {
                 client.unroute(&config.identifier, route);
                 return Err(Error::UnexpectedResponse { expected: "session", got: other.kind() });
@@ -156,6 +161,23 @@ impl Session {
                 Error::Invalid(ErrorInfo::new(ErrorCode::Internal, format!("cannot start delegate thread: {e}")))
             })?;
         Ok(session)
+    }
+}
+
+/// Stores the policy parts the app set (the rest keep their stored values).
+async fn apply_policy(client: &Client, config: &SessionConfiguration) -> Result<()> {
+    if config.policy_over(dlsession_proto::SessionPolicy::default()).is_none() {
+        return Ok(());
+    }
+    let identifier = config.identifier.clone();
+    let stored = match client.request(Request::GetSessionPolicy { identifier: identifier.clone() }).await? {
+        Response::SessionPolicy(p) => p,
+        other => return Err(Error::UnexpectedResponse { expected: "session_policy", got: other.kind() }),
+    };
+    let Some(policy) = config.policy_over(stored).filter(|p| *p != stored) else { return Ok(()) };
+    match client.request(Request::SetSessionPolicy { identifier, policy }).await? {
+        Response::Ok => Ok(()),
+        other => Err(Error::UnexpectedResponse { expected: "ok", got: other.kind() }),
     }
 }
 

@@ -14,6 +14,7 @@
 pub mod config;
 pub mod conn;
 mod core;
+pub mod desktop;
 pub mod engine;
 pub mod failpoint;
 pub mod ipc;
@@ -93,6 +94,11 @@ pub async fn run(
         handshake_timeout: cfg.timing.handshake_timeout,
         max_connections: cfg.limits.max_connections as usize,
     };
+    // NetworkManager and UPower, on a task of their own.
+    let desktop_tx = core_tx.clone();
+    tokio::spawn(desktop::watch(move |facts| {
+        let _ = desktop_tx.send(CoreMsg::Desktop(facts));
+    }));
     // Following the network: without the watcher, every peer counts as reachable.
     let net_tx = core_tx.clone();
     match net::watch(move || {

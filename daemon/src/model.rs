@@ -30,6 +30,8 @@ pub struct SessionRecord {
     /// `did_become_invalid` was emitted: only its pending events remain.
     pub invalid: bool,
     pub created_at: UnixMillis,
+    /// When its tasks may run (metered network, battery, discretionary).
+    pub policy: dlsession_proto::SessionPolicy,
 }
 
 /// Where a task stands in the finish protocol (docs/behaviour.md, "Durability").

@@ -25,6 +25,7 @@ fn session() -> SessionRecord {
         invalidating: false,
         invalid: false,
         created_at: 1000,
+        policy: dlsession_proto::SessionPolicy { allows_metered: false, ..Default::default() },
     }
 }
 

@@ -87,6 +87,53 @@ pub enum Request {
     SetBandwidthLimit { target: LimitTarget, bytes_per_second: Option<u64> },
     /// → [`Response::BandwidthLimits`]
     GetBandwidthLimits,
+    /// The network and power as the daemon sees them. → [`Response::Conditions`]
+    GetConditions,
+    /// When the session's tasks may run: on a metered network, on battery, only in good
+    /// conditions. Stored with the session; running tasks follow at once. → [`Response::Ok`]
+    SetSessionPolicy { identifier: String, policy: SessionPolicy },
+    /// → [`Response::SessionPolicy`]
+    GetSessionPolicy { identifier: String },
+}
+
+/// When a session's tasks may run (like `URLSession`'s `allowsExpensiveNetworkAccess`,
+/// `allowsConstrainedNetworkAccess` and `isDiscretionary`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionPolicy {
+    /// May download over a metered network (NetworkManager's `Metered` yes or guess-yes).
+    pub allows_metered: bool,
+    /// May download while the machine runs on battery.
+    pub allows_battery: bool,
+    /// Only in good conditions: an unmetered network, and AC power or a battery at
+    /// [`DISCRETIONARY_BATTERY_PERCENT`] or above.
+    pub discretionary: bool,
+}
+
+/// The battery level above which a discretionary session may run on battery.
+pub const DISCRETIONARY_BATTERY_PERCENT: u8 = 50;
+
+impl Default for SessionPolicy {
+    fn default() -> SessionPolicy {
+        SessionPolicy { allows_metered: true, allows_battery: true, discretionary: false }
+    }
+}
+
+/// The machine's network and power, as the daemon last saw them.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Conditions {
+    /// A route beyond the local networks exists (rtnetlink), and NetworkManager, when it
+    /// runs, does not say it is offline.
+    pub online: bool,
+    /// NetworkManager says the primary connection is metered (yes or guess-yes).
+    pub metered: bool,
+    pub on_battery: bool,
+    /// The display device's charge, when UPower knows one.
+    pub battery_percent: Option<u8>,
+    /// Where the network facts come from: `rtnetlink`, `rtnetlink+NetworkManager`, or why
+    /// NetworkManager could not be asked.
+    pub network_source: String,
+    /// `UPower`, or why it could not be asked (then: on AC is assumed).
+    pub power_source: String,
 }
 
 /// Which bandwidth limit [`Request::SetBandwidthLimit`] changes.
@@ -136,6 +183,9 @@ impl Request {
             Request::HandleWakes => "handle_wakes",
             Request::SetBandwidthLimit { .. } => "set_bandwidth_limit",
             Request::GetBandwidthLimits => "get_bandwidth_limits",
+            Request::GetConditions => "get_conditions",
+            Request::SetSessionPolicy { .. } => "set_session_policy",
+            Request::GetSessionPolicy { .. } => "get_session_policy",
         }
     }
 }
@@ -196,6 +246,8 @@ pub enum Response {
     // Protocol 2.
     SessionsPage(SessionPage),
     BandwidthLimits(BandwidthLimits),
+    Conditions(Conditions),
+    SessionPolicy(SessionPolicy),
 }
 
 impl Response {
@@ -213,6 +265,8 @@ impl Response {
             Response::Wake(_) => "wake",
             Response::SessionsPage(_) => "sessions_page",
             Response::BandwidthLimits(_) => "bandwidth_limits",
+            Response::Conditions(_) => "conditions",
+            Response::SessionPolicy(_) => "session_policy",
         }
     }
 }

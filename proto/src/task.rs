@@ -164,6 +164,13 @@ pub enum WaitReason {
     /// No route to the server since `since`: it goes on as soon as one appears, without
     /// spending attempts meanwhile.
     NoNetwork { since: UnixMillis },
+    /// Queued: the network is metered and the session does not allow it.
+    MeteredNetwork,
+    /// Queued: the machine runs on battery and the session does not allow it.
+    OnBattery,
+    /// Queued: the session is discretionary and conditions are not good enough (metered, or
+    /// on battery below the documented level).
+    Discretionary,
 }
 
 /// `Debug` shows the URL redacted.

@@ -313,7 +313,7 @@ fn response(r: crate::Response) -> Response {
         R::Wake(w) => Response::Wake(w),
         // Only sent in answer to a protocol-2 request.
         R::SessionsPage(p) => Response::Sessions(p.sessions.into_iter().map(session).collect()),
-        R::BandwidthLimits(_) => Response::Ok,
+        R::BandwidthLimits(_) | R::Conditions(_) | R::SessionPolicy(_) => Response::Ok,
     }
 }
 
@@ -360,6 +360,7 @@ fn wait(w: crate::WaitReason) -> WaitReason {
         }
         W::StorageFull { error: e } => WaitReason::Backoff { until: 0, attempt: 0, last_error: error(e) },
         // Protocol 1 knows no such wait: it reads as a backoff with no end, after a network error.
+        W::MeteredNetwork | W::OnBattery | W::Discretionary => WaitReason::GlobalLimit { limit: 0 },
         W::NoNetwork { .. } => WaitReason::Backoff {
             until: 0,
             attempt: 0,

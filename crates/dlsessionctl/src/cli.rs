@@ -104,6 +104,10 @@ pub enum Command {
     /// is kept across restarts; `off` lifts it.
     Limit(LimitArgs),
 
+    /// Show or set when a session's tasks may run: on metered networks, on battery, only in
+    /// good conditions (discretionary). Running tasks follow at once.
+    Policy(PolicyArgs),
+
     /// Print a shell completion script (bash, zsh, fish, elvish or powershell) on stdout
     ///
     /// Install it where your shell looks for completions, for example:
@@ -267,6 +271,25 @@ pub struct AttachArgs {
     /// waited
     #[arg(long)]
     pub wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PolicyArgs {
+    /// The session identifier
+    #[arg(value_name = "SESSION")]
+    pub session: String,
+
+    /// Download over metered networks (NetworkManager's Metered: yes or guess-yes)
+    #[arg(long, value_name = "allow|deny", value_parser = ["allow", "deny"])]
+    pub metered: Option<String>,
+
+    /// Download while the machine runs on battery
+    #[arg(long, value_name = "allow|deny", value_parser = ["allow", "deny"])]
+    pub battery: Option<String>,
+
+    /// Only in good conditions: an unmetered network, and AC power or a battery at 50 % or more
+    #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
+    pub discretionary: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -80,11 +80,35 @@ pub struct StatusJson {
     pub max_concurrent_downloads: u32,
     /// `null`, or why the daemon cannot write its database (changes are refused until it can).
     pub storage: Option<ErrorJson>,
+    pub network: NetworkJson,
+    pub power: PowerJson,
 }
 
-impl From<&DaemonStatus> for StatusJson {
-    fn from(s: &DaemonStatus) -> StatusJson {
+#[derive(Debug, Serialize)]
+pub struct NetworkJson {
+    pub online: bool,
+    pub metered: bool,
+    /// Where the facts come from (`rtnetlink+NetworkManager`, …).
+    pub source: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PowerJson {
+    pub on_battery: bool,
+    pub battery_percent: Option<u8>,
+    /// `UPower`, or why it could not be asked.
+    pub source: String,
+}
+
+impl StatusJson {
+    pub fn new(s: &DaemonStatus, c: &dlsession_proto::Conditions) -> StatusJson {
         StatusJson {
+            network: NetworkJson { online: c.online, metered: c.metered, source: c.network_source.clone() },
+            power: PowerJson {
+                on_battery: c.on_battery,
+                battery_percent: c.battery_percent,
+                source: c.power_source.clone(),
+            },
             daemon_version: s.daemon_version.clone(),
             protocol_version: s.protocol_version,
             pid: s.pid,
@@ -171,6 +195,9 @@ pub enum WaitJson {
     DestinationUnavailable { error: ErrorJson, attempt: u32, next_try: Option<u64> },
     StorageFull { error: ErrorJson },
     NoNetwork { since: u64 },
+    MeteredNetwork,
+    OnBattery,
+    Discretionary,
 }
 
 impl From<&WaitReason> for WaitJson {
@@ -192,6 +219,9 @@ impl From<&WaitReason> for WaitJson {
             },
             WaitReason::StorageFull { error } => WaitJson::StorageFull { error: ErrorJson::from(error) },
             WaitReason::NoNetwork { since } => WaitJson::NoNetwork { since: *since },
+            WaitReason::MeteredNetwork => WaitJson::MeteredNetwork,
+            WaitReason::OnBattery => WaitJson::OnBattery,
+            WaitReason::Discretionary => WaitJson::Discretionary,
         }
     }
 }

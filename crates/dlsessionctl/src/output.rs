@@ -140,6 +140,9 @@ pub fn wait_short(w: &WaitReason, now: u64) -> String {
         },
         WaitReason::StorageFull { error: e } => format!("held: daemon storage unavailable ({})", error(e)),
         WaitReason::NoNetwork { since } => format!("no network since {}", clock(*since, now)),
+        WaitReason::MeteredNetwork => "metered network".into(),
+        WaitReason::OnBattery => "on battery".into(),
+        WaitReason::Discretionary => "discretionary: waits for better conditions".into(),
     }
 }
 
@@ -193,6 +196,17 @@ pub fn wait_sentence(w: &WaitReason, task: u64, now: u64) -> String {
              attempts meanwhile",
             clock(*since, now),
             relative(*since, now)
+        ),
+        WaitReason::MeteredNetwork => {
+            "queued: the network is metered and the session does not allow it (it goes on on an unmetered one)".into()
+        }
+        WaitReason::OnBattery => {
+            "queued: the machine runs on battery and the session does not allow it (it goes on on AC power)".into()
+        }
+        WaitReason::Discretionary => format!(
+            "queued: the session is discretionary: it waits for an unmetered network and AC power or a battery \
+             at {} % or more",
+            dlsession_proto::DISCRETIONARY_BATTERY_PERCENT
         ),
     }
 }

@@ -10,6 +10,7 @@ pub mod app;
 pub mod cli;
 pub mod content;
 pub mod daemon;
+pub mod dbus;
 pub mod host;
 pub mod mount;
 pub mod netns;

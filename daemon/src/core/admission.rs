@@ -33,14 +33,24 @@ pub(super) enum Refusal {
     Session { limit: u32 },
     /// The session's `max_connections_per_host`.
     Host { limit: u32 },
+    /// The network is metered and the session's policy refuses that.
+    Metered,
+    /// The machine runs on battery and the session's policy refuses that.
+    OnBattery,
+    /// The session is discretionary and conditions are not good enough.
+    Discretionary,
 }
 
-/// What the daemon-wide half of admission depends on besides the slots.
+/// What admission depends on besides the slots: the daemon's state and the machine's
+/// conditions (which sessions' policies weigh).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Limits {
     pub max_downloads: u32,
     pub shutting_down: bool,
     pub storage_full: bool,
+    pub metered: bool,
+    pub on_battery: bool,
+    pub battery_percent: Option<u8>,
 }
 
 #[derive(Debug)]
@@ -62,7 +72,7 @@ impl Slots {
     /// session's, then the host's.
     pub fn admit(&self, limits: Limits, session: &Session, lane: &LaneKey) -> Result<(), Refusal> {
         self.admit_daemon(limits)?;
-        admit_in_session(session, self.lanes.running(lane))
+        admit_in_session(session, self.lanes.running(lane), limits)
     }
 
     fn admit_daemon(&self, limits: Limits) -> Result<(), Refusal> {
@@ -83,7 +93,7 @@ impl Slots {
     pub fn pop_next(&mut self, limits: Limits, sessions: &Sessions) -> Option<(LaneKey, TaskId)> {
         self.admit_daemon(limits).ok()?;
         self.lanes.pop_best(|(key, _), lane_running| {
-            sessions.get(key).is_some_and(|s| admit_in_session(s, lane_running).is_ok())
+            sessions.get(key).is_some_and(|s| admit_in_session(s, lane_running, limits).is_ok())
         })
     }
 
@@ -142,7 +152,24 @@ impl Slots {
 }
 
 /// The session's and host's half of admission, for a lane with `lane_running` workers.
-fn admit_in_session(s: &Session, lane_running: u32) -> Result<(), Refusal> {
+/// Whether the session's policy lets its tasks run in these conditions.
+pub(super) fn admit_policy(policy: dlsession_proto::SessionPolicy, l: Limits) -> Result<(), Refusal> {
+    if l.metered && !policy.allows_metered {
+        return Err(Refusal::Metered);
+    }
+    if l.on_battery && !policy.allows_battery {
+        return Err(Refusal::OnBattery);
+    }
+    let low_battery =
+        l.on_battery && l.battery_percent.is_none_or(|p| p < dlsession_proto::DISCRETIONARY_BATTERY_PERCENT);
+    if policy.discretionary && (l.metered || low_battery) {
+        return Err(Refusal::Discretionary);
+    }
+    Ok(())
+}
+
+fn admit_in_session(s: &Session, lane_running: u32, limits: Limits) -> Result<(), Refusal> {
+    admit_policy(s.rec.policy, limits)?;
     if let Some(limit) = s.rec.config.max_concurrent_tasks.filter(|&m| s.running >= m) {
         return Err(Refusal::Session { limit });
     }
@@ -169,7 +196,14 @@ mod tests {
         slots.queue(&a, 0.5, 1);
         slots.queue(&a, 0.5, 2);
         slots.queue(&b, 0.5, 3);
-        let limits = Limits { max_downloads: 2, shutting_down: false, storage_full: false };
+        let limits = Limits {
+            max_downloads: 2,
+            shutting_down: false,
+            storage_full: false,
+            metered: false,
+            on_battery: false,
+            battery_percent: None,
+        };
         let mut started = Vec::new();
         while let Some((lane, id)) = slots.pop_next(limits, &sessions) {
             let s = sessions.get(&key).unwrap();
@@ -189,5 +223,28 @@ mod tests {
         assert_eq!(slots.pop_next(limits, &sessions), None, "task 2 waits for its host");
         let full = Limits { storage_full: true, ..limits };
         assert_eq!(slots.admit(full, s, &b), Err(Refusal::StorageFull));
+    }
+
+    #[test]
+    fn policies_weigh_the_conditions() {
+        use dlsession_proto::SessionPolicy;
+        let good = Limits {
+            max_downloads: 1,
+            shutting_down: false,
+            storage_full: false,
+            metered: false,
+            on_battery: false,
+            battery_percent: None,
+        };
+        let strict = SessionPolicy { allows_metered: false, allows_battery: false, discretionary: false };
+        let discretionary = SessionPolicy { discretionary: true, ..SessionPolicy::default() };
+        assert_eq!(admit_policy(strict, good), Ok(()));
+        assert_eq!(admit_policy(strict, Limits { metered: true, ..good }), Err(Refusal::Metered));
+        assert_eq!(admit_policy(strict, Limits { on_battery: true, ..good }), Err(Refusal::OnBattery));
+        assert_eq!(admit_policy(SessionPolicy::default(), Limits { metered: true, on_battery: true, ..good }), Ok(()));
+        assert_eq!(admit_policy(discretionary, Limits { metered: true, ..good }), Err(Refusal::Discretionary));
+        let low = Limits { on_battery: true, battery_percent: Some(30), ..good };
+        assert_eq!(admit_policy(discretionary, low), Err(Refusal::Discretionary));
+        assert_eq!(admit_policy(discretionary, Limits { battery_percent: Some(80), ..low }), Ok(()));
     }
 }

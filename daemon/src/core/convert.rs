@@ -61,6 +61,9 @@ impl Core {
                     Refusal::Daemon { limit } => WaitReason::GlobalLimit { limit },
                     Refusal::Session { limit } => WaitReason::SessionLimit { limit },
                     Refusal::Host { limit } => WaitReason::HostLimit { host: t.host.clone(), limit },
+                    Refusal::Metered => WaitReason::MeteredNetwork,
+                    Refusal::OnBattery => WaitReason::OnBattery,
+                    Refusal::Discretionary => WaitReason::Discretionary,
                 })
             }
         }

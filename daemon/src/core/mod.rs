@@ -116,6 +116,8 @@ pub enum CoreMsg {
     NetworkWatched,
     /// Links, addresses or routes changed.
     NetworkChanged,
+    /// NetworkManager or UPower said something new.
+    Desktop(crate::desktop::Desktop),
     Shutdown,
 }
 
@@ -207,6 +209,8 @@ struct Lifecycle {
     pub network_watched: bool,
     /// A route beyond the local networks exists (as of the last change).
     pub online: bool,
+    /// What NetworkManager and UPower say (`crate::desktop`).
+    pub desktop: crate::desktop::Desktop,
 }
 
 /// Exiting when idle (under socket activation, where the next connection starts the
@@ -380,6 +384,7 @@ impl Core {
             CoreMsg::Storage(health) => self.on_storage(health),
             CoreMsg::NetworkWatched => self.on_network_watched(),
             CoreMsg::NetworkChanged => self.on_network_changed(),
+            CoreMsg::Desktop(facts) => self.on_desktop(facts),
             CoreMsg::Shutdown => self.begin_shutdown(),
         }
     }

@@ -1,18 +1,21 @@
-//! Following the network (docs/behaviour.md, "The network"): a task whose peer has no
-//! route waits with `no_network` and spends no attempts; a running one whose route goes
-//! away stops at once (its data kept); when routes come back, those tasks, and tasks backing
-//! off after network errors, go again at once with their backoff reset.
+//! Following the network and the power (docs/behaviour.md, "The network", "Metered
+//! networks and battery"): a task whose peer has no route waits with `no_network` and
+//! spends no attempts; a running one whose route goes away stops at once (its data kept);
+//! when routes come back, those tasks, and tasks backing off after network errors, go again
+//! at once with their backoff reset. Sessions whose policy refuses the metered network or
+//! the battery stop and wait; they go on when conditions allow.
 
 use std::net::IpAddr;
 
 use tracing::info;
 
 use super::Core;
+use super::admission::admit_policy;
 use super::task::{AfterStop, Task};
 use crate::engine::Failure;
 use crate::model::now_ms;
 use crate::net;
-use dlsession_proto::{ErrorCode, TaskId, TaskState};
+use dlsession_proto::{Conditions, ErrorCode, TaskId, TaskState};
 
 /// Whether `failure` may mean the network is gone (rather than the server refusing).
 fn network_class(failure: &Failure) -> bool {
@@ -109,5 +112,61 @@ impl Core {
             self.save_task(id, Vec::new());
         }
         self.schedule();
+    }
+
+    /// NetworkManager or UPower said something new.
+    pub(super) fn on_desktop(&mut self, facts: crate::desktop::Desktop) {
+        let reconnected = facts.nm_connected == Some(true) && self.life.desktop.nm_connected == Some(false);
+        info!(
+            connected = ?facts.nm_connected,
+            metered = ?facts.metered,
+            on_battery = ?facts.on_battery,
+            battery_percent = ?facts.battery_percent,
+            "network and power"
+        );
+        self.life.desktop = facts;
+        // NetworkManager connecting again is news about routes too.
+        if reconnected {
+            self.on_network_changed();
+        }
+        self.enforce_policies();
+    }
+
+    /// Stops the running tasks whose session's policy refuses the conditions now (they
+    /// wait, queued, with the reason), and starts what the conditions allow.
+    pub(super) fn enforce_policies(&mut self) {
+        let limits = self.limits();
+        let refused: Vec<TaskId> = self
+            .tasks
+            .values()
+            .filter(|t| t.state == TaskState::Running && t.rec.phase == crate::model::Phase::Transfer)
+            .filter(|t| self.sessions.get(&t.rec.session).is_some_and(|s| admit_policy(s.rec.policy, limits).is_err()))
+            .map(|t| t.rec.id)
+            .collect();
+        if !refused.is_empty() {
+            info!(stopped = refused.len(), "conditions changed: tasks wait for their sessions' policies");
+        }
+        for id in refused {
+            self.stop_worker(id, AfterStop::Requeue);
+        }
+        self.schedule();
+    }
+
+    /// The network and power as the daemon sees them.
+    pub(super) fn conditions(&self) -> Conditions {
+        let d = &self.life.desktop;
+        let network_source = match (self.life.network_watched, d.nm_connected.is_some()) {
+            (true, true) => "rtnetlink+NetworkManager".to_owned(),
+            (true, false) => format!("rtnetlink; {}", d.network_source),
+            (false, _) => format!("no rtnetlink; {}", d.network_source),
+        };
+        Conditions {
+            online: (!self.life.network_watched || self.life.online) && d.nm_connected != Some(false),
+            metered: d.metered.unwrap_or(false),
+            on_battery: d.on_battery.unwrap_or(false),
+            battery_percent: d.battery_percent,
+            network_source,
+            power_source: if d.power_source.is_empty() { "not asked yet".into() } else { d.power_source.clone() },
+        }
     }
 }

@@ -172,6 +172,7 @@ impl Sessions {
             invalidating: false,
             invalid: false,
             created_at: now,
+            policy: dlsession_proto::SessionPolicy::default(),
         };
         self.by_key.insert(key, Session::new(rec.clone()));
         self.by_identifier.insert(identifier, key);

@@ -139,6 +139,9 @@ impl Core {
             max_downloads: self.cfg.limits.max_concurrent_downloads,
             shutting_down: self.life.shutting_down,
             storage_full: self.life.storage.is_some(),
+            metered: self.life.desktop.metered.unwrap_or(false),
+            on_battery: self.life.desktop.on_battery.unwrap_or(false),
+            battery_percent: self.life.desktop.battery_percent,
         }
     }
 

@@ -88,14 +88,17 @@ pub fn save_session(tx: &Transaction<'_>, s: &SessionRecord) -> rusqlite::Result
     let mut stmt = tx.prepare_cached(
         "INSERT INTO sessions (id, identifier, app_id, launch_kind, launch_value, http_headers,
             timeout_request_ms, timeout_resource_ms, max_conn_per_host, max_concurrent_tasks,
-            bandwidth_limit, next_seq, invalidating, invalid, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+            bandwidth_limit, next_seq, invalidating, invalid, created_at, allows_metered, allows_battery,
+            discretionary)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
          ON CONFLICT(id) DO UPDATE SET app_id = excluded.app_id, launch_kind = excluded.launch_kind,
             launch_value = excluded.launch_value, http_headers = excluded.http_headers,
             timeout_request_ms = excluded.timeout_request_ms, timeout_resource_ms = excluded.timeout_resource_ms,
             max_conn_per_host = excluded.max_conn_per_host, max_concurrent_tasks = excluded.max_concurrent_tasks,
             bandwidth_limit = excluded.bandwidth_limit, next_seq = max(next_seq, excluded.next_seq),
-            invalidating = excluded.invalidating, invalid = excluded.invalid",
+            invalidating = excluded.invalidating, invalid = excluded.invalid,
+            allows_metered = excluded.allows_metered, allows_battery = excluded.allows_battery,
+            discretionary = excluded.discretionary",
     )?;
     stmt.execute(params![
         s.key,
@@ -113,6 +116,9 @@ pub fn save_session(tx: &Transaction<'_>, s: &SessionRecord) -> rusqlite::Result
         s.invalidating,
         s.invalid,
         sat(s.created_at),
+        s.policy.allows_metered,
+        s.policy.allows_battery,
+        s.policy.discretionary,
     ])?;
     Ok(())
 }
@@ -121,7 +127,7 @@ pub fn load_sessions(conn: &Connection) -> rusqlite::Result<Vec<SessionRecord>> 
     let mut stmt = conn.prepare(
         "SELECT id, identifier, app_id, launch_kind, launch_value, http_headers, timeout_request_ms,
             timeout_resource_ms, max_conn_per_host, max_concurrent_tasks, bandwidth_limit, next_seq,
-            invalidating, invalid, created_at
+            invalidating, invalid, created_at, allows_metered, allows_battery, discretionary
          FROM sessions WHERE substr(identifier, 1, 1) <> char(1) ORDER BY id",
     )?;
     let rows = stmt.query_map([], |r| {
@@ -142,6 +148,11 @@ pub fn load_sessions(conn: &Connection) -> rusqlite::Result<Vec<SessionRecord>> 
             invalidating: r.get(12)?,
             invalid: r.get(13)?,
             created_at: r.get::<_, i64>(14)?.max(0) as u64,
+            policy: dlsession_proto::SessionPolicy {
+                allows_metered: r.get(15)?,
+                allows_battery: r.get(16)?,
+                discretionary: r.get(17)?,
+            },
         })
     })?;
     rows.collect()

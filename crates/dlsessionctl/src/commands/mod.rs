@@ -6,6 +6,7 @@ mod control;
 mod ctx;
 mod get;
 mod limit;
+mod policy;
 mod sessions;
 mod show;
 mod status;
@@ -33,6 +34,7 @@ pub async fn run(cli: Cli) -> Result<Exit> {
         Command::Attach(args) => attach::run(&ctx, args).await,
         Command::Wake(args) => wake::run(&ctx, args).await,
         Command::Limit(args) => limit::run(&ctx, args).await,
+        Command::Policy(args) => policy::run(&ctx, args).await,
         Command::Completions(args) => completions::run(&args),
     }
 }

@@ -15,8 +15,12 @@ pub async fn run(ctx: &Ctx) -> Result<Exit> {
         Response::Status(s) => s,
         other => return Err(CliError::unexpected("status", &other)),
     };
+    let conditions = match client.request(Request::GetConditions).await? {
+        Response::Conditions(c) => c,
+        other => return Err(CliError::unexpected("conditions", &other)),
+    };
     if ctx.json {
-        json::print(&StatusJson::from(&status))?;
+        json::print(&StatusJson::new(&status, &conditions))?;
         return Ok(Exit::Success);
     }
     let t = &status.tasks;
@@ -40,6 +44,17 @@ pub async fn run(ctx: &Ctx) -> Result<Exit> {
     writeln!(out, "tasks:        {} ({} total)", output::task_counts(t), t.total())?;
     writeln!(out, "sessions:     {}", status.sessions)?;
     writeln!(out, "connections:  {}", status.connections)?;
+    let c = &conditions;
+    writeln!(
+        out,
+        "network:      {}{} ({})",
+        if c.online { "online" } else { "OFFLINE" },
+        if c.metered { ", metered" } else { "" },
+        c.network_source
+    )?;
+    let battery = c.battery_percent.map(|p| format!(" ({p} %)")).unwrap_or_default();
+    let power = if c.on_battery { format!("on battery{battery}") } else { format!("on AC{battery}") };
+    writeln!(out, "power:        {power} ({})", c.power_source)?;
     writeln!(
         out,
         "download:     {} now, {} since start (at most {} downloads at once)",

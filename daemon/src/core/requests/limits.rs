@@ -61,6 +61,27 @@ impl Core {
         Ok(Answer::Later)
     }
 
+    /// Stores the session's policy; its running tasks that the policy now refuses stop,
+    /// and waiting ones it now allows start.
+    pub(super) fn set_session_policy(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        identifier: &str,
+        policy: dlsession_proto::SessionPolicy,
+    ) -> Handled {
+        let key = self.sessions.key_of(identifier)?;
+        let Some(s) = self.sessions.get_mut(&key) else {
+            return Err(ErrorInfo::new(ErrorCode::NoSuchSession, format!("no session {identifier:?}")));
+        };
+        s.rec.policy = policy;
+        let op = Op::UpdateSession(s.rec.clone());
+        info!(session = %identifier, ?policy, "session policy set");
+        self.commit(vec![op], vec![After::Reply { conn, id, response: Response::Ok }]);
+        self.enforce_policies();
+        Ok(Answer::Later)
+    }
+
     pub(super) fn bandwidth_limits(&self) -> BandwidthLimits {
         BandwidthLimits {
             global: self.bandwidth.rate(),

@@ -70,6 +70,8 @@ impl Core {
                 | Request::Watch(_)
                 | Request::Unwatch
                 | Request::GetBandwidthLimits
+                | Request::GetConditions
+                | Request::GetSessionPolicy { .. }
         );
         // Attaching writes only when it creates or reconfigures a session (it checks), and
         // detaching, waking and watching write nothing: an app can still collect its events.
@@ -140,6 +142,13 @@ impl Core {
                 self.set_bandwidth_limit(conn, id, target, bytes_per_second)
             }
             Request::GetBandwidthLimits => Ok(Answer::Now(Response::BandwidthLimits(self.bandwidth_limits()))),
+            Request::GetConditions => Ok(Answer::Now(Response::Conditions(self.conditions()))),
+            Request::SetSessionPolicy { identifier, policy } => self.set_session_policy(conn, id, &identifier, policy),
+            Request::GetSessionPolicy { identifier } => {
+                let key = self.sessions.key_of(&identifier)?;
+                let policy = self.sessions.get(&key).map(|s| s.rec.policy).unwrap_or_default();
+                Ok(Answer::Now(Response::SessionPolicy(policy)))
+            }
             Request::Unwatch => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.watch = None;

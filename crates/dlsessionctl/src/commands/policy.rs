@@ -1,0 +1,62 @@
+//! `dlsessionctl policy SESSION [--metered allow|deny] [--battery allow|deny] [--discretionary on|off]`
+
+use std::io::Write;
+
+use dlsession_proto::{Request, Response, SessionPolicy};
+use serde::Serialize;
+
+use crate::cli::PolicyArgs;
+use crate::commands::ctx::{Ctx, request_ok};
+use crate::error::{CliError, Exit, Result};
+use crate::json;
+
+pub async fn run(ctx: &Ctx, args: PolicyArgs) -> Result<Exit> {
+    let client = ctx.connect().await?;
+    let mut policy = match client.request(Request::GetSessionPolicy { identifier: args.session.clone() }).await? {
+        Response::SessionPolicy(p) => p,
+        other => return Err(CliError::unexpected("session_policy", &other)),
+    };
+    let before = policy;
+    if let Some(m) = &args.metered {
+        policy.allows_metered = m == "allow";
+    }
+    if let Some(b) = &args.battery {
+        policy.allows_battery = b == "allow";
+    }
+    if let Some(d) = &args.discretionary {
+        policy.discretionary = d == "on";
+    }
+    if policy != before {
+        let request = Request::SetSessionPolicy { identifier: args.session.clone(), policy };
+        request_ok(&client, request).await?;
+    }
+    if ctx.json {
+        json::print(&PolicyJson {
+            session: &args.session,
+            allows_metered: policy.allows_metered,
+            allows_battery: policy.allows_battery,
+            discretionary: policy.discretionary,
+        })?;
+    } else {
+        writeln!(std::io::stdout().lock(), "{}: {}", args.session, describe(policy))?;
+    }
+    Ok(Exit::Success)
+}
+
+fn describe(p: SessionPolicy) -> String {
+    let allowed = |yes: bool| if yes { "allowed" } else { "not allowed" };
+    format!(
+        "metered networks {}, battery {}, {}",
+        allowed(p.allows_metered),
+        allowed(p.allows_battery),
+        if p.discretionary { "discretionary (waits for good conditions)" } else { "not discretionary" }
+    )
+}
+
+#[derive(Serialize)]
+struct PolicyJson<'a> {
+    session: &'a str,
+    allows_metered: bool,
+    allows_battery: bool,
+    discretionary: bool,
+}

@@ -1,0 +1,147 @@
+//! The desktop's word on the machine (docs/behaviour.md, "Metered networks and battery"):
+//! NetworkManager and UPower on a private bus standing in for the system bus, played by
+//! python3-dbusmock, switched while downloads run.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::time::{Duration, Instant};
+
+use dlsession::{DownloadRequest, Session, TaskState, WaitReason};
+use dlsession_testkit::app::config;
+use dlsession_testkit::dbus::PrivateBus;
+use dlsession_testkit::{
+    LONG, Recorder, Resource, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex,
+};
+
+const NM: (&str, &str, &str) =
+    ("org.freedesktop.NetworkManager", "/org/freedesktop/NetworkManager", "org.freedesktop.NetworkManager");
+const UPOWER: (&str, &str, &str) = ("org.freedesktop.UPower", "/org/freedesktop/UPower", "org.freedesktop.UPower");
+const DISPLAY: (&str, &str, &str) =
+    ("org.freedesktop.UPower", "/org/freedesktop/UPower/devices/DisplayDevice", "org.freedesktop.UPower.Device");
+
+fn set(bus: &PrivateBus, (dest, path, iface): (&str, &str, &str), name: &str, value: &str) {
+    bus.set_property(dest, path, iface, name, value);
+}
+
+fn desktop() -> (TestEnv, PrivateBus) {
+    let env = TestEnv::new();
+    let mut bus = PrivateBus::start(env.path());
+    bus.mock("networkmanager", NM.0);
+    // The template has no `Metered`: NetworkManager's "guess no" to start with.
+    set(&bus, NM, "Metered", "dbus.UInt32(4)");
+    bus.mock("upower", UPOWER.0);
+    (env, bus)
+}
+
+fn start(env: &TestEnv, bus: &PrivateBus) -> TestDaemon {
+    TestDaemon::start_with_env(env, &[("DBUS_SYSTEM_BUS_ADDRESS", std::ffi::OsStr::new(&bus.address))])
+}
+
+fn status(env: &TestEnv) -> serde_json::Value {
+    let out = env.ctl(&["--json", "status"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn wait_status(env: &TestEnv, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = status(env);
+        if pred(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn status_shows_the_network_and_power_the_desktop_reports() {
+    let (env, bus) = desktop();
+    let _d = start(&env, &bus);
+    let s = wait_status(&env, "UPower read", |s| s["power"]["source"] == "UPower");
+    assert_eq!(s["network"]["metered"], false, "{s}");
+    assert_eq!(s["network"]["online"], true, "{s}");
+    assert_eq!(s["power"]["on_battery"], false, "{s}");
+    assert!(s["network"]["source"].as_str().unwrap().contains("NetworkManager"), "{s}");
+
+    set(&bus, NM, "Metered", "dbus.UInt32(3)");
+    set(&bus, DISPLAY, "Percentage", "dbus.Double(42.4)");
+    set(&bus, UPOWER, "OnBattery", "dbus.Boolean(True)");
+    let s = wait_status(&env, "metered, on battery", |s| {
+        s["network"]["metered"] == true && s["power"]["on_battery"] == true
+    });
+    assert_eq!(s["power"]["battery_percent"], 42, "{s}");
+    let human = String::from_utf8_lossy(&env.ctl(&["status"]).stdout).into_owned();
+    assert!(
+        human.contains("network:      online, metered") && human.contains("power:        on battery (42 %)"),
+        "{human}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_refuses_metered_networks_waits_and_goes_on() {
+    let (env, bus) = desktop();
+    let _d = start(&env, &bus);
+    let server = TestServer::start().await.unwrap();
+    let len = 3 << 20;
+    server.add("/m", Resource::generated(len, 12).throttle(1 << 20));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session =
+        Session::attach(config(&env, "t.metered").allows_metered(false).allows_battery(false), delegate).await.unwrap();
+    let policy = String::from_utf8_lossy(&env.ctl(&["policy", "t.metered"]).stdout).into_owned();
+    assert!(policy.contains("metered networks not allowed, battery not allowed"), "{policy}");
+    let task = session.download_tasks(vec![DownloadRequest::new(server.url("/m"))], true).await.unwrap().remove(0);
+    let poll = async |what: &str, pred: &dyn Fn(&dlsession::TaskInfo) -> bool| {
+        let deadline = Instant::now() + LONG;
+        loop {
+            let info = task.info().await.unwrap();
+            if pred(&info) {
+                return info;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}: {info:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    poll("bytes", &|i| i.bytes_received > 0).await;
+
+    // The network becomes metered: the task stops and waits, its data kept.
+    set(&bus, NM, "Metered", "dbus.UInt32(1)");
+    let held = poll("metered_network", &|i| i.wait == Some(WaitReason::MeteredNetwork)).await;
+    assert_eq!(held.state, TaskState::Queued);
+    let shown = String::from_utf8_lossy(&env.ctl(&["show", &task.id().to_string()]).stdout).into_owned();
+    assert!(shown.contains("the network is metered and the session does not allow it"), "{shown}");
+
+    // Unmetered but on battery: it waits for that instead.
+    set(&bus, UPOWER, "OnBattery", "dbus.Boolean(True)");
+    set(&bus, NM, "Metered", "dbus.UInt32(2)");
+    poll("on_battery", &|i| i.wait == Some(WaitReason::OnBattery)).await;
+
+    // The policy changed from the command line: the task goes on, from where it was.
+    let out = env.ctl(&["policy", "t.metered", "--battery", "allow"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(12, len)));
+    let detail = env.ctl(&["--json", "show", &task.id().to_string()]);
+    let detail: serde_json::Value = serde_json::from_slice(&detail.stdout).unwrap();
+    assert_eq!(detail["attempts"], 2, "stopped once, resumed once: {detail}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_desktop_services_the_daemon_assumes_online_unmetered_on_ac() {
+    let env = TestEnv::new();
+    let bus = PrivateBus::start(env.path());
+    let d = start(&env, &bus);
+    let s = wait_status(&env, "the services found missing", |s| s["power"]["source"] != "not asked yet");
+    assert_eq!((s["network"]["online"].clone(), s["network"]["metered"].clone()), (true.into(), false.into()), "{s}");
+    assert_eq!(s["power"]["on_battery"], false, "{s}");
+    assert!(s["power"]["source"].as_str().unwrap().contains("UPower not available"), "{s}");
+    let server = TestServer::start().await.unwrap();
+    server.add("/x", Resource::generated(100_000, 2));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session =
+        Session::attach(config(&env, "t.none").allows_metered(false).discretionary(true), delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(server.url("/x"))], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None, "nothing says metered or on battery");
+    assert_eq!(d.log().matches("assuming online, unmetered and on AC power").count(), 1, "said once");
+}

@@ -1,0 +1,118 @@
+//! A private D-Bus standing in for the system bus, with desktop services played by
+//! python3-dbusmock (NetworkManager, UPower), each stopped on drop. The daemon under test
+//! finds the bus through `DBUS_SYSTEM_BUS_ADDRESS`.
+//!
+//! Needs `dbus-daemon`, `dbus-send` and Debian's python3-dbusmock (loaded by
+//! `/usr/bin/python3`): `apt-get install dbus-daemon dbus-bin python3-dbusmock`.
+
+use std::io::BufRead;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `dbus-daemon` of its own.
+#[derive(Debug)]
+pub struct PrivateBus {
+    child: Child,
+    /// Its address (`unix:path=…`).
+    pub address: String,
+    services: Vec<Child>,
+}
+
+fn need(program: &str, package: &str) {
+    assert!(
+        Command::new("sh").args(["-c", &format!("command -v {program}")]).output().is_ok_and(|o| o.status.success()),
+        "{program} is needed for this test: apt-get install {package}"
+    );
+}
+
+impl PrivateBus {
+    /// Starts the bus (its socket under `dir`).
+    pub fn start(dir: &std::path::Path) -> PrivateBus {
+        need("dbus-daemon", "dbus-daemon");
+        need("dbus-send", "dbus-bin");
+        let status = Command::new("/usr/bin/python3").args(["-c", "import dbusmock"]).status();
+        assert!(
+            status.is_ok_and(|s| s.success()),
+            "python3-dbusmock is needed for this test (in /usr/bin/python3): apt-get install python3-dbusmock"
+        );
+        let socket = dir.join("system_bus_socket");
+        let mut child = Command::new("dbus-daemon")
+            .args(["--session", "--nofork", "--print-address=1"])
+            .arg(format!("--address=unix:path={}", socket.display()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start dbus-daemon");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("dbus-daemon stdout");
+        std::io::BufReader::new(stdout).read_line(&mut line).expect("dbus-daemon address");
+        let address = line.trim().to_owned();
+        assert!(address.starts_with("unix:"), "dbus-daemon printed {address:?}");
+        PrivateBus { child, address, services: Vec::new() }
+    }
+
+    /// Starts a dbusmock template (`networkmanager`, `upower`, …) on this bus as if it
+    /// were the system bus, and waits until it owns `name`.
+    pub fn mock(&mut self, template: &str, name: &str) {
+        let child = Command::new("/usr/bin/python3")
+            .args(["-m", "dbusmock", "--template", template])
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start python3 -m dbusmock");
+        self.services.push(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.has_owner(name) {
+            assert!(Instant::now() < deadline, "{template} did not take {name} on the private bus");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn has_owner(&self, name: &str) -> bool {
+        let out = self.send(&[
+            "--print-reply",
+            "--dest=org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus.NameHasOwner",
+            &format!("string:{name}"),
+        ]);
+        out.contains("boolean true")
+    }
+
+    /// Sets a property of a mocked object and emits `PropertiesChanged` (dbusmock's
+    /// `UpdateProperties`; a property the template lacks is added). `value` is a
+    /// dbus-python expression, e.g. `dbus.Boolean(True)`, `dbus.UInt32(1)`.
+    pub fn set_property(&self, dest: &str, path: &str, iface: &str, name: &str, value: &str) {
+        let script = format!(
+            "import dbus\n\
+             o = dbus.bus.BusConnection({address:?}).get_object({dest:?}, {path:?})\n\
+             m = dbus.Interface(o, 'org.freedesktop.DBus.Mock')\n\
+             try:\n    m.UpdateProperties({iface:?}, {{{name:?}: {value}}})\n\
+             except dbus.exceptions.DBusException:\n    m.AddProperty({iface:?}, {name:?}, {value})\n",
+            address = self.address,
+        );
+        let out = Command::new("/usr/bin/python3").args(["-c", &script]).output().expect("run /usr/bin/python3");
+        assert!(out.status.success(), "setting {name} on {dest}{path}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn send(&self, args: &[&str]) -> String {
+        let out = Command::new("dbus-send")
+            .arg(format!("--bus={}", self.address))
+            .args(args)
+            .output()
+            .expect("run dbus-send");
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    }
+}
+
+impl Drop for PrivateBus {
+    fn drop(&mut self) {
+        for s in &mut self.services {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

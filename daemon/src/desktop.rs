@@ -1,0 +1,144 @@
+//! What the desktop says about the machine, over the system D-Bus (`zbus` on tokio; never
+//! on the core's thread): NetworkManager's `State` and `Metered`, UPower's `OnBattery` and
+//! the display device's `Percentage`. Each change is reported to the core whole. A service
+//! that is not on the bus (or no bus at all) leaves its facts unknown: the daemon then
+//! assumes online, unmetered and on AC, and says so once in the log.
+//!
+//! The bus is the one `DBUS_SYSTEM_BUS_ADDRESS` names, else the system's.
+
+use futures_util::StreamExt;
+use tracing::{debug, info};
+use zbus::proxy::CacheProperties;
+use zbus::{Connection, Proxy};
+
+const NM: (&str, &str, &str) =
+    ("org.freedesktop.NetworkManager", "/org/freedesktop/NetworkManager", "org.freedesktop.NetworkManager");
+const UPOWER: (&str, &str, &str) = ("org.freedesktop.UPower", "/org/freedesktop/UPower", "org.freedesktop.UPower");
+const DISPLAY: (&str, &str, &str) =
+    ("org.freedesktop.UPower", "/org/freedesktop/UPower/devices/DisplayDevice", "org.freedesktop.UPower.Device");
+
+// NetworkManager's NMState: below "connected (local)" there is no network to speak of.
+const NM_STATE_CONNECTED_LOCAL: u32 = 50;
+// NMMetered: yes and guess-yes count as metered.
+const NM_METERED_YES: u32 = 1;
+const NM_METERED_GUESS_YES: u32 = 3;
+
+/// What NetworkManager and UPower said last (`None`: they did not say).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desktop {
+    /// NetworkManager thinks the machine is connected (to something).
+    pub nm_connected: Option<bool>,
+    pub metered: Option<bool>,
+    pub on_battery: Option<bool>,
+    pub battery_percent: Option<u8>,
+    /// `NetworkManager`, or why it could not be asked.
+    pub network_source: String,
+    /// `UPower`, or why it could not be asked.
+    pub power_source: String,
+}
+
+/// Follows the desktop services until the process ends, reporting each change.
+pub async fn watch(report: impl Fn(Desktop) + Send + 'static) {
+    let conn = match Connection::system().await {
+        Ok(c) => c,
+        Err(e) => {
+            let why = format!("no system bus ({e})");
+            info!("{why}: assuming online, unmetered and on AC power");
+            report(Desktop { network_source: why.clone(), power_source: why, ..Desktop::default() });
+            return;
+        }
+    };
+    let mut last: Option<Desktop> = None;
+    let mut said_missing = false;
+    loop {
+        let now = read(&conn).await;
+        if (now.nm_connected.is_none() || now.on_battery.is_none()) && !said_missing {
+            info!(
+                network = %now.network_source,
+                power = %now.power_source,
+                "a desktop service is not on the system bus: assuming online, unmetered and on AC power where it is silent"
+            );
+            said_missing = true;
+        }
+        if last.as_ref() != Some(&now) {
+            debug!(?now, "desktop conditions");
+            report(now.clone());
+            last = Some(now);
+        }
+        // Wait for any property change of the three objects.
+        let mut changes = Vec::new();
+        for (dest, path, _) in [NM, UPOWER, DISPLAY] {
+            let builder = zbus::fdo::PropertiesProxy::builder(&conn)
+                .destination(dest)
+                .and_then(|b| b.path(path))
+                .map(|b| b.cache_properties(CacheProperties::No));
+            if let Ok(builder) = builder
+                && let Ok(p) = builder.build().await
+                && let Ok(s) = p.receive_properties_changed().await
+            {
+                changes.push(s.map(|_| ()).boxed());
+            }
+        }
+        // A service that starts (or stops) later is heard of by its name's owner changing.
+        if let Ok(bus) = zbus::fdo::DBusProxy::new(&conn).await {
+            for name in [NM.0, UPOWER.0] {
+                if let Ok(s) = bus.receive_name_owner_changed_with_args(&[(0, name)]).await {
+                    changes.push(s.map(|_| ()).boxed());
+                }
+            }
+        }
+        let mut any = futures_util::stream::select_all(changes);
+        if any.next().await.is_none() {
+            info!("the system bus went away: keeping the last network and power facts");
+            return;
+        }
+    }
+}
+
+async fn proxy<'a>(conn: &Connection, (dest, path, iface): (&'a str, &'a str, &'a str)) -> zbus::Result<Proxy<'a>> {
+    zbus::proxy::Builder::new(conn)
+        .destination(dest)?
+        .path(path)?
+        .interface(iface)?
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await
+}
+
+/// Reads every fact now.
+async fn read(conn: &Connection) -> Desktop {
+    let mut d = Desktop::default();
+    match proxy(conn, NM).await {
+        Ok(nm) => match nm.get_property::<u32>("State").await {
+            Ok(state) => {
+                d.nm_connected = Some(state >= NM_STATE_CONNECTED_LOCAL);
+                // An older NetworkManager may lack `Metered`: then unknown.
+                d.metered = nm
+                    .get_property::<u32>("Metered")
+                    .await
+                    .ok()
+                    .map(|m| m == NM_METERED_YES || m == NM_METERED_GUESS_YES);
+                d.network_source = "NetworkManager".into();
+            }
+            Err(e) => d.network_source = format!("NetworkManager not available ({e})"),
+        },
+        Err(e) => d.network_source = format!("NetworkManager not available ({e})"),
+    }
+    match proxy(conn, UPOWER).await {
+        Ok(up) => match up.get_property::<bool>("OnBattery").await {
+            Ok(on_battery) => {
+                d.on_battery = Some(on_battery);
+                d.power_source = "UPower".into();
+                if let Ok(display) = proxy(conn, DISPLAY).await
+                    && let Ok(p) = display.get_property::<f64>("Percentage").await
+                    && p > 0.0
+                {
+                    d.battery_percent = Some(p.clamp(0.0, 100.0).round() as u8);
+                }
+            }
+            Err(e) => d.power_source = format!("UPower not available ({e})"),
+        },
+        Err(e) => d.power_source = format!("UPower not available ({e})"),
+    }
+    d
+}
