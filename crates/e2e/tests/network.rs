@@ -85,8 +85,10 @@ async fn a_download_waits_for_the_network_and_goes_on_the_moment_it_returns() {
     let noticed = gone.elapsed();
     assert_eq!(held.state, TaskState::Waiting);
     let spent = attempts(&env, task.id());
-    // A long outage spends nothing: no attempt, no backoff.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A long outage spends nothing: no attempt, no backoff. (`DLSESSION_OUTAGE_SECS` makes
+    // it longer, to measure by hand: 90 s, 600 s.)
+    let outage = std::env::var("DLSESSION_OUTAGE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    tokio::time::sleep(Duration::from_secs(outage)).await;
     let still = task.info().await.unwrap();
     assert!(matches!(still.wait, Some(WaitReason::NoNetwork { .. })), "{still:?}");
     assert_eq!(attempts(&env, task.id()), spent, "no attempt while there is no route");
@@ -100,7 +102,9 @@ async fn a_download_waits_for_the_network_and_goes_on_the_moment_it_returns() {
     })
     .await;
     let resumed = back.elapsed();
-    eprintln!("route gone noticed in {noticed:?}; moving again {resumed:?} after the link came back");
+    eprintln!(
+        "route gone noticed in {noticed:?}; after {outage} s without it, moving again {resumed:?} after the link came back"
+    );
     assert!(resumed < Duration::from_secs(5), "resumed {resumed:?} after the link came back");
     assert_eq!(events.completion(task.id(), LONG).await, None);
     let file = events.moved_to(task.id()).unwrap();
