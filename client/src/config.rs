@@ -40,6 +40,7 @@ pub struct SessionConfiguration {
     pub(crate) allows_metered: Option<bool>,
     pub(crate) allows_battery: Option<bool>,
     pub(crate) discretionary: Option<bool>,
+    pub(crate) waits_for_connectivity: Option<bool>,
     pub(crate) socket: Option<PathBuf>,
     pub(crate) takeover: bool,
     pub(crate) client_name: Option<String>,
@@ -69,6 +70,7 @@ impl SessionConfiguration {
             allows_metered: None,
             allows_battery: None,
             discretionary: None,
+            waits_for_connectivity: None,
             socket: None,
             takeover: false,
             client_name: None,
@@ -191,16 +193,29 @@ impl SessionConfiguration {
         self
     }
 
+    /// Whether a task with no route to its server waits for one (default: yes, with
+    /// `no_network`, spending no attempts). With `false` it completes with `not_connected`
+    /// instead, like `URLSession` with `waitsForConnectivity` off.
+    pub fn waits_for_connectivity(mut self, waits: bool) -> Self {
+        self.waits_for_connectivity = Some(waits);
+        self
+    }
+
     /// The policy with what this configuration sets applied to `stored`; `None` if it sets
     /// nothing (the stored policy stays).
     pub(crate) fn policy_over(&self, stored: dlsession_proto::SessionPolicy) -> Option<dlsession_proto::SessionPolicy> {
-        if self.allows_metered.is_none() && self.allows_battery.is_none() && self.discretionary.is_none() {
+        if self.allows_metered.is_none()
+            && self.allows_battery.is_none()
+            && self.discretionary.is_none()
+            && self.waits_for_connectivity.is_none()
+        {
             return None;
         }
         Some(dlsession_proto::SessionPolicy {
             allows_metered: self.allows_metered.unwrap_or(stored.allows_metered),
             allows_battery: self.allows_battery.unwrap_or(stored.allows_battery),
             discretionary: self.discretionary.unwrap_or(stored.discretionary),
+            waits_for_connectivity: self.waits_for_connectivity.unwrap_or(stored.waits_for_connectivity),
         })
     }
 

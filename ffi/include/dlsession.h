@@ -133,6 +133,10 @@ typedef enum dls_code {
      */
     DLS_DESTINATION_UNAVAILABLE = 23,
     /**
+     * not_connected: no route to the server, and the session does not wait for one.
+     */
+    DLS_NOT_CONNECTED = 24,
+    /**
      * A bad argument from the caller: NULL where a value is needed, a string that is
      * not UTF-8. Nothing was sent to the daemon.
      */

@@ -63,6 +63,8 @@ pub enum dls_code {
     DLS_STORAGE_FULL = 22,
     /// destination_unavailable: the finished file could not be moved; the data is kept.
     DLS_DESTINATION_UNAVAILABLE = 23,
+    /// not_connected: no route to the server, and the session does not wait for one.
+    DLS_NOT_CONNECTED = 24,
     /// A bad argument from the caller: NULL where a value is needed, a string that is
     /// not UTF-8. Nothing was sent to the daemon.
     DLS_INVALID_ARGUMENT = 100,
@@ -70,7 +72,7 @@ pub enum dls_code {
 
 impl dls_code {
     /// Every code, `DLS_OK` first.
-    pub(crate) const ALL: [dls_code; 25] = [
+    pub(crate) const ALL: [dls_code; 26] = [
         dls_code::DLS_OK,
         dls_code::DLS_INVALID_URL,
         dls_code::DLS_UNSUPPORTED_SCHEME,
@@ -95,6 +97,7 @@ impl dls_code {
         dls_code::DLS_INTERNAL,
         dls_code::DLS_STORAGE_FULL,
         dls_code::DLS_DESTINATION_UNAVAILABLE,
+        dls_code::DLS_NOT_CONNECTED,
         dls_code::DLS_INVALID_ARGUMENT,
     ];
 
@@ -124,6 +127,7 @@ impl dls_code {
             ErrorCode::Internal => dls_code::DLS_INTERNAL,
             ErrorCode::StorageFull => dls_code::DLS_STORAGE_FULL,
             ErrorCode::DestinationUnavailable => dls_code::DLS_DESTINATION_UNAVAILABLE,
+            ErrorCode::NotConnected => dls_code::DLS_NOT_CONNECTED,
         }
     }
 
@@ -154,6 +158,7 @@ impl dls_code {
             dls_code::DLS_INTERNAL => c"internal",
             dls_code::DLS_STORAGE_FULL => c"storage_full",
             dls_code::DLS_DESTINATION_UNAVAILABLE => c"destination_unavailable",
+            dls_code::DLS_NOT_CONNECTED => c"not_connected",
             dls_code::DLS_INVALID_ARGUMENT => c"invalid_argument",
         }
     }

@@ -36,11 +36,13 @@ pub enum ErrorCode {
     StorageFull,
     /// A finished download could not be moved to its destination; the data is kept.
     DestinationUnavailable,
+    /// No route to the server, and the session does not wait for connectivity.
+    NotConnected,
 }
 
 impl ErrorCode {
     /// Every code, in wire order.
-    pub const ALL: [ErrorCode; 23] = [
+    pub const ALL: [ErrorCode; 24] = [
         ErrorCode::InvalidUrl,
         ErrorCode::UnsupportedScheme,
         ErrorCode::InvalidIdentifier,
@@ -64,6 +66,7 @@ impl ErrorCode {
         ErrorCode::Internal,
         ErrorCode::StorageFull,
         ErrorCode::DestinationUnavailable,
+        ErrorCode::NotConnected,
     ];
 
     /// The stable snake_case name, as used in JSON output and CLI messages.
@@ -92,6 +95,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::StorageFull => "storage_full",
             ErrorCode::DestinationUnavailable => "destination_unavailable",
+            ErrorCode::NotConnected => "not_connected",
         }
     }
 

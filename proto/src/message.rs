@@ -107,6 +107,9 @@ pub struct SessionPolicy {
     /// Only in good conditions: an unmetered network, and AC power or a battery at
     /// [`DISCRETIONARY_BATTERY_PERCENT`] or above.
     pub discretionary: bool,
+    /// Wait for a route to the server when there is none (`no_network`); `false` completes
+    /// the task with `not_connected` instead (`URLSession`'s `waitsForConnectivity`).
+    pub waits_for_connectivity: bool,
 }
 
 /// The battery level above which a discretionary session may run on battery.
@@ -114,7 +117,7 @@ pub const DISCRETIONARY_BATTERY_PERCENT: u8 = 50;
 
 impl Default for SessionPolicy {
     fn default() -> SessionPolicy {
-        SessionPolicy { allows_metered: true, allows_battery: true, discretionary: false }
+        SessionPolicy { allows_metered: true, allows_battery: true, discretionary: false, waits_for_connectivity: true }
     }
 }
 

@@ -283,13 +283,14 @@ fn code(c: crate::ErrorCode) -> ErrorCode {
         C::PermissionDenied => ErrorCode::PermissionDenied,
         C::Internal | C::StorageFull => ErrorCode::Internal,
         C::DestinationUnavailable => ErrorCode::FileError,
+        C::NotConnected => ErrorCode::Network,
     }
 }
 
 /// An error in protocol 1: a code it lacks keeps its name in the message.
 pub fn error(e: crate::ErrorInfo) -> ErrorInfo {
     let message = match e.code {
-        crate::ErrorCode::StorageFull | crate::ErrorCode::DestinationUnavailable => {
+        crate::ErrorCode::StorageFull | crate::ErrorCode::DestinationUnavailable | crate::ErrorCode::NotConnected => {
             format!("{}: {}", e.code.as_str(), e.message)
         }
         _ => e.message,

@@ -290,6 +290,10 @@ pub struct PolicyArgs {
     /// Only in good conditions: an unmetered network, and AC power or a battery at 50 % or more
     #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
     pub discretionary: Option<String>,
+
+    /// With no route to the server, wait for one (on), or fail the task with not_connected (off)
+    #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
+    pub wait_for_network: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -137,3 +137,24 @@ async fn a_task_started_without_a_route_waits_instead_of_backing_off() {
     assert_eq!(events.completion(task.id(), LONG).await, None);
     assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), server.sha256);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(dlsession_root), ignore = "needs root to make a network namespace; CI runs it as root")]
+async fn a_session_that_does_not_wait_for_connectivity_fails_fast() {
+    require_root();
+    let ns = NetNs::new(73);
+    let server = Server::start(&ns, 1, 0);
+    ns.link_down();
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.fast").waits_for_connectivity(false), delegate).await.unwrap();
+    let started = Instant::now();
+    let task = session.download_tasks(vec![DownloadRequest::new(&server.url)], true).await.unwrap().remove(0);
+    let error = events.completion(task.id(), LONG).await.expect("completes with an error");
+    assert_eq!(error.code, dlsession::ErrorCode::NotConnected, "{error}");
+    assert!(started.elapsed() < Duration::from_secs(10), "at once, not after retries: {:?}", started.elapsed());
+    assert_eq!(attempts(&env, task.id()), 1);
+    let policy = String::from_utf8_lossy(&env.ctl(&["policy", "t.fast"]).stdout).into_owned();
+    assert!(policy.contains("fails at once without a network"), "{policy}");
+}

@@ -236,7 +236,7 @@ mod tests {
             on_battery: false,
             battery_percent: None,
         };
-        let strict = SessionPolicy { allows_metered: false, allows_battery: false, discretionary: false };
+        let strict = SessionPolicy { allows_metered: false, allows_battery: false, ..SessionPolicy::default() };
         let discretionary = SessionPolicy { discretionary: true, ..SessionPolicy::default() };
         assert_eq!(admit_policy(strict, good), Ok(()));
         assert_eq!(admit_policy(strict, Limits { metered: true, ..good }), Err(Refusal::Metered));

@@ -55,6 +55,15 @@ impl Core {
         self.tasks.get(&id).is_some_and(|t| !Self::reachable(t))
     }
 
+    /// Whether the task's session waits for connectivity (else its task completes with
+    /// `not_connected` when there is no route).
+    pub(super) fn waits_for_network(&self, id: TaskId) -> bool {
+        self.tasks
+            .get(&id)
+            .and_then(|t| self.sessions.get(&t.rec.session))
+            .is_none_or(|s| s.rec.policy.waits_for_connectivity)
+    }
+
     /// Puts the task in `waiting` with `no_network`: no timer, no attempt, until a route
     /// to its peer appears.
     pub(super) fn wait_for_network(&mut self, id: TaskId) {
@@ -169,4 +178,13 @@ impl Core {
             power_source: if d.power_source.is_empty() { "not asked yet".into() } else { d.power_source.clone() },
         }
     }
+}
+
+/// The completion error of a task with no route to its server, in a session that does not
+/// wait for connectivity.
+pub(super) fn not_connected() -> dlsession_proto::ErrorInfo {
+    dlsession_proto::ErrorInfo::new(
+        ErrorCode::NotConnected,
+        "no route to the server, and the session does not wait for connectivity (waits_for_connectivity is off)",
+    )
 }

@@ -426,8 +426,13 @@ impl Core {
             return self.save_task(id, Vec::new());
         }
         if offline && !matches!(failure.retry, Retry::Never) {
-            self.wait_for_network(id);
-            return self.save_task(id, Vec::new());
+            if self.waits_for_network(id) {
+                self.wait_for_network(id);
+                return self.save_task(id, Vec::new());
+            }
+            let (mut ops, mut after) = (Vec::new(), Vec::new());
+            self.complete(id, Some(super::network::not_connected()), &mut ops, &mut after);
+            return self.commit(ops, after);
         }
         let failures = t.failures;
         let delay = match failure.retry {
@@ -501,7 +506,8 @@ impl Core {
         let mut after_disk = false;
         match how {
             AfterStop::Suspend => self.set_state(id, TaskState::Suspended),
-            AfterStop::NoNetwork => self.wait_for_network(id),
+            AfterStop::NoNetwork if self.waits_for_network(id) => self.wait_for_network(id),
+            AfterStop::NoNetwork => self.complete(id, Some(super::network::not_connected()), &mut ops, &mut after),
             AfterStop::Requeue => {
                 self.set_state(id, TaskState::Queued);
                 self.enqueue(id);

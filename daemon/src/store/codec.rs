@@ -89,8 +89,8 @@ pub fn save_session(tx: &Transaction<'_>, s: &SessionRecord) -> rusqlite::Result
         "INSERT INTO sessions (id, identifier, app_id, launch_kind, launch_value, http_headers,
             timeout_request_ms, timeout_resource_ms, max_conn_per_host, max_concurrent_tasks,
             bandwidth_limit, next_seq, invalidating, invalid, created_at, allows_metered, allows_battery,
-            discretionary)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
+            discretionary, waits_for_connectivity)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)
          ON CONFLICT(id) DO UPDATE SET app_id = excluded.app_id, launch_kind = excluded.launch_kind,
             launch_value = excluded.launch_value, http_headers = excluded.http_headers,
             timeout_request_ms = excluded.timeout_request_ms, timeout_resource_ms = excluded.timeout_resource_ms,
@@ -98,7 +98,7 @@ pub fn save_session(tx: &Transaction<'_>, s: &SessionRecord) -> rusqlite::Result
             bandwidth_limit = excluded.bandwidth_limit, next_seq = max(next_seq, excluded.next_seq),
             invalidating = excluded.invalidating, invalid = excluded.invalid,
             allows_metered = excluded.allows_metered, allows_battery = excluded.allows_battery,
-            discretionary = excluded.discretionary",
+            discretionary = excluded.discretionary, waits_for_connectivity = excluded.waits_for_connectivity",
     )?;
     stmt.execute(params![
         s.key,
@@ -119,6 +119,7 @@ pub fn save_session(tx: &Transaction<'_>, s: &SessionRecord) -> rusqlite::Result
         s.policy.allows_metered,
         s.policy.allows_battery,
         s.policy.discretionary,
+        s.policy.waits_for_connectivity,
     ])?;
     Ok(())
 }
@@ -127,7 +128,8 @@ pub fn load_sessions(conn: &Connection) -> rusqlite::Result<Vec<SessionRecord>> 
     let mut stmt = conn.prepare(
         "SELECT id, identifier, app_id, launch_kind, launch_value, http_headers, timeout_request_ms,
             timeout_resource_ms, max_conn_per_host, max_concurrent_tasks, bandwidth_limit, next_seq,
-            invalidating, invalid, created_at, allows_metered, allows_battery, discretionary
+            invalidating, invalid, created_at, allows_metered, allows_battery, discretionary,
+            waits_for_connectivity
          FROM sessions WHERE substr(identifier, 1, 1) <> char(1) ORDER BY id",
     )?;
     let rows = stmt.query_map([], |r| {
@@ -152,6 +154,7 @@ pub fn load_sessions(conn: &Connection) -> rusqlite::Result<Vec<SessionRecord>> 
                 allows_metered: r.get(15)?,
                 allows_battery: r.get(16)?,
                 discretionary: r.get(17)?,
+                waits_for_connectivity: r.get(18)?,
             },
         })
     })?;

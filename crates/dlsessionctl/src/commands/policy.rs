@@ -26,6 +26,9 @@ pub async fn run(ctx: &Ctx, args: PolicyArgs) -> Result<Exit> {
     if let Some(d) = &args.discretionary {
         policy.discretionary = d == "on";
     }
+    if let Some(w) = &args.wait_for_network {
+        policy.waits_for_connectivity = w == "on";
+    }
     if policy != before {
         let request = Request::SetSessionPolicy { identifier: args.session.clone(), policy };
         request_ok(&client, request).await?;
@@ -36,6 +39,7 @@ pub async fn run(ctx: &Ctx, args: PolicyArgs) -> Result<Exit> {
             allows_metered: policy.allows_metered,
             allows_battery: policy.allows_battery,
             discretionary: policy.discretionary,
+            waits_for_connectivity: policy.waits_for_connectivity,
         })?;
     } else {
         writeln!(std::io::stdout().lock(), "{}: {}", args.session, describe(policy))?;
@@ -46,10 +50,11 @@ pub async fn run(ctx: &Ctx, args: PolicyArgs) -> Result<Exit> {
 fn describe(p: SessionPolicy) -> String {
     let allowed = |yes: bool| if yes { "allowed" } else { "not allowed" };
     format!(
-        "metered networks {}, battery {}, {}",
+        "metered networks {}, battery {}, {}, {}",
         allowed(p.allows_metered),
         allowed(p.allows_battery),
-        if p.discretionary { "discretionary (waits for good conditions)" } else { "not discretionary" }
+        if p.discretionary { "discretionary (waits for good conditions)" } else { "not discretionary" },
+        if p.waits_for_connectivity { "waits for the network" } else { "fails at once without a network" }
     )
 }
 
@@ -59,4 +64,5 @@ struct PolicyJson<'a> {
     allows_metered: bool,
     allows_battery: bool,
     discretionary: bool,
+    waits_for_connectivity: bool,
 }
