@@ -41,6 +41,7 @@ pub struct SessionConfiguration {
     pub(crate) allows_battery: Option<bool>,
     pub(crate) discretionary: Option<bool>,
     pub(crate) waits_for_connectivity: Option<bool>,
+    pub(crate) notify: Option<bool>,
     pub(crate) socket: Option<PathBuf>,
     pub(crate) takeover: bool,
     pub(crate) client_name: Option<String>,
@@ -71,6 +72,7 @@ impl SessionConfiguration {
             allows_battery: None,
             discretionary: None,
             waits_for_connectivity: None,
+            notify: None,
             socket: None,
             takeover: false,
             client_name: None,
@@ -110,6 +112,17 @@ impl SessionConfiguration {
     /// Relaunch the app with `systemctl --user start UNIT` (a template gets the identifier).
     pub fn systemd_unit(mut self, unit: impl Into<String>) -> Self {
         self.config.launch = Some(LaunchSpec::SystemdUnit { unit: unit.into() });
+        self.set.launch = true;
+        self
+    }
+
+    /// Relaunch the app as a desktop application: `ActivateAction("dlsession-events",
+    /// [identifier])` of `org.freedesktop.Application` on the session bus, which D-Bus
+    /// activation starts from its `.desktop` file (`DBusActivatable=true`), else the file's
+    /// `Exec` line. `app_id` is the application id (`org.example.App`). The app tells the
+    /// action from others with [`crate::session_of_action`].
+    pub fn desktop_app(mut self, app_id: impl Into<String>) -> Self {
+        self.config.launch = Some(LaunchSpec::DesktopApp { app_id: app_id.into() });
         self.set.launch = true;
         self
     }
@@ -201,6 +214,14 @@ impl SessionConfiguration {
         self
     }
 
+    /// Show a desktop notification when the session's downloads are done and the app is
+    /// not running (default: no); its action relaunches the app. Bursts update one
+    /// notification per session; nothing is shown without a notification server.
+    pub fn notify(mut self, notify: bool) -> Self {
+        self.notify = Some(notify);
+        self
+    }
+
     /// The policy with what this configuration sets applied to `stored`; `None` if it sets
     /// nothing (the stored policy stays).
     pub(crate) fn policy_over(&self, stored: dlsession_proto::SessionPolicy) -> Option<dlsession_proto::SessionPolicy> {
@@ -208,6 +229,7 @@ impl SessionConfiguration {
             && self.allows_battery.is_none()
             && self.discretionary.is_none()
             && self.waits_for_connectivity.is_none()
+            && self.notify.is_none()
         {
             return None;
         }
@@ -216,6 +238,7 @@ impl SessionConfiguration {
             allows_battery: self.allows_battery.unwrap_or(stored.allows_battery),
             discretionary: self.discretionary.unwrap_or(stored.discretionary),
             waits_for_connectivity: self.waits_for_connectivity.unwrap_or(stored.waits_for_connectivity),
+            notify: self.notify.unwrap_or(stored.notify),
         })
     }
 

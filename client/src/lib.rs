@@ -66,6 +66,19 @@ pub use events::EventReceiver;
 pub use session::{DownloadTask, Session, TaskError};
 pub use stream::{SessionEvent, SessionEvents};
 
+/// The session identifier a desktop application is activated for, if `action` is the one
+/// dlsessiond sends (`dlsession-events`, see [`SessionConfiguration::desktop_app`]): call it
+/// from the app's `org.freedesktop.Application` `ActivateAction` handler, then attach to
+/// that session.
+///
+/// ```
+/// assert_eq!(dlsession::session_of_action("dlsession-events", Some("org.example.photos")), Some("org.example.photos"));
+/// assert_eq!(dlsession::session_of_action("quit", None), None);
+/// ```
+pub fn session_of_action<'a>(action: &str, parameter: Option<&'a str>) -> Option<&'a str> {
+    (action == dlsession_proto::DESKTOP_ACTION).then_some(parameter).flatten()
+}
+
 /// The wire types, for tools that talk to the daemon directly (like `dlsessionctl`).
 pub use dlsession_proto as proto;
 pub use dlsession_proto::{

@@ -83,6 +83,8 @@ const SYSTEMD_VARIABLES: &[&str] = &[
 pub enum Launched {
     Process(u32),
     Unit(String),
+    /// A desktop application activated over D-Bus.
+    Activated(String),
 }
 
 /// Starts the app. `on_exit` is told later whether the launch really worked (the exit
@@ -95,6 +97,28 @@ pub fn launch(
     match spec {
         LaunchSpec::Command { argv } => launch_command(argv, ctx, on_exit),
         LaunchSpec::SystemdUnit { unit } => start_unit(unit, ctx, on_exit),
+        LaunchSpec::DesktopApp { app_id } => launch_app(app_id, ctx, on_exit),
+    }
+}
+
+/// `ActivateAction` over D-Bus (blocking this thread: `launch` runs on a blocking one),
+/// else the `.desktop` file's `Exec` line as a command.
+fn launch_app(
+    app_id: &str,
+    ctx: &Context<'_>,
+    on_exit: impl FnOnce(Result<(), String>) + Send + 'static,
+) -> Result<Launched, String> {
+    let runtime = tokio::runtime::Handle::try_current().map_err(|e| format!("no runtime to activate {app_id}: {e}"))?;
+    match runtime.block_on(crate::activation::activate(app_id, ctx.identifier)) {
+        Ok(()) => {
+            on_exit(Ok(()));
+            Ok(Launched::Activated(app_id.to_owned()))
+        }
+        Err(why) => {
+            let argv = crate::activation::desktop_exec(app_id).map_err(|e| format!("{why}; {e}"))?;
+            tracing::info!(app = app_id, reason = %why, "D-Bus activation failed; running the Exec line of its .desktop file");
+            launch_command(&argv, ctx, on_exit)
+        }
     }
 }
 

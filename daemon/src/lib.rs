@@ -11,6 +11,7 @@
 //!
 //! [`run`] is the entry point that tests and `main` share.
 
+pub mod activation;
 pub mod config;
 pub mod conn;
 mod core;
@@ -22,6 +23,7 @@ pub mod launcher;
 pub mod lifecycle;
 pub mod model;
 pub mod net;
+pub mod notify;
 pub mod store;
 pub mod units;
 pub mod validate;

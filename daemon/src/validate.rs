@@ -169,6 +169,13 @@ pub fn session_config(c: &SessionConfig, limits: &Limits) -> Result<(), ErrorInf
                 return bad(format!("invalid systemd unit name {unit:?}"));
             }
         }
+        Some(LaunchSpec::DesktopApp { app_id }) if !crate::activation::is_application_id(app_id) => {
+            return bad(format!(
+                "invalid desktop application id {app_id:?}: a D-Bus name like org.example.App \
+                 (two or more elements of letters, digits, '_' and '-', none starting with a digit)"
+            ));
+        }
+        Some(LaunchSpec::DesktopApp { .. }) => {}
     }
     headers(&c.http_headers, limits)?;
     if c.timeout_for_request_ms < 100 {

@@ -110,6 +110,10 @@ pub struct SessionPolicy {
     /// Wait for a route to the server when there is none (`no_network`); `false` completes
     /// the task with `not_connected` instead (`URLSession`'s `waitsForConnectivity`).
     pub waits_for_connectivity: bool,
+    /// When the session's downloads are done and its app is not running, show a desktop
+    /// notification (one per session, updated rather than repeated) whose action relaunches
+    /// the app.
+    pub notify: bool,
 }
 
 /// The battery level above which a discretionary session may run on battery.
@@ -117,7 +121,13 @@ pub const DISCRETIONARY_BATTERY_PERCENT: u8 = 50;
 
 impl Default for SessionPolicy {
     fn default() -> SessionPolicy {
-        SessionPolicy { allows_metered: true, allows_battery: true, discretionary: false, waits_for_connectivity: true }
+        SessionPolicy {
+            allows_metered: true,
+            allows_battery: true,
+            discretionary: false,
+            waits_for_connectivity: true,
+            notify: false,
+        }
     }
 }
 
@@ -289,6 +299,10 @@ pub enum WakeOutcome {
     /// No connection of the session's `app_id` handles wakes and the session has no
     /// launch spec.
     NoTarget,
+    // Protocol 2.
+    /// The desktop application was activated over D-Bus (or its `.desktop` `Exec` line run:
+    /// then `Launched`). (Protocol 2.)
+    Activated { app_id: String },
 }
 
 /// Events arrive on a connection that attached a session, watches tasks, or handles wakes

@@ -13,7 +13,16 @@ pub enum LaunchSpec {
     Command { argv: Vec<String> },
     /// `systemctl --user start UNIT`; a template (`app@.service`) gets the escaped identifier.
     SystemdUnit { unit: String },
+    /// A desktop application (protocol 2): its `org.freedesktop.Application`
+    /// `ActivateAction("dlsession-events", [identifier])` on the session bus, which
+    /// D-Bus-activates it from its `.desktop` file (`DBusActivatable=true`); else the
+    /// `.desktop` file's `Exec` line.
+    DesktopApp { app_id: String },
 }
+
+/// The action a desktop application is activated with when its session has events; its
+/// parameter is the session identifier.
+pub const DESKTOP_ACTION: &str = "dlsession-events";
 
 /// A session's stored configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

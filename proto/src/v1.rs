@@ -311,6 +311,10 @@ fn response(r: crate::Response) -> Response {
         R::Tasks(p) => {
             Response::Tasks(TaskPage { tasks: p.tasks.into_iter().map(task).collect(), next_after: p.next_after })
         }
+        // Protocol 1 has no `Activated`: the app was started, as a unit would be.
+        R::Wake(crate::WakeOutcome::Activated { app_id }) => {
+            Response::Wake(crate::WakeOutcome::UnitStarted { unit: app_id })
+        }
         R::Wake(w) => Response::Wake(w),
         // Only sent in answer to a protocol-2 request.
         R::SessionsPage(p) => Response::Sessions(p.sessions.into_iter().map(session).collect()),
@@ -414,7 +418,11 @@ fn detail(d: crate::TaskDetail) -> TaskDetail {
 fn session(s: crate::SessionInfo) -> SessionInfo {
     SessionInfo {
         identifier: s.identifier,
-        config: s.config,
+        // Protocol 1 knows commands and units only.
+        config: crate::SessionConfig {
+            launch: s.config.launch.filter(|l| !matches!(l, crate::LaunchSpec::DesktopApp { .. })),
+            ..s.config
+        },
         attached: s.attached,
         tasks: s.tasks,
         pending_events: s.pending_events,

@@ -294,6 +294,10 @@ pub struct PolicyArgs {
     /// With no route to the server, wait for one (on), or fail the task with not_connected (off)
     #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
     pub wait_for_network: Option<String>,
+
+    /// A desktop notification when the downloads are done and the app is not running
+    #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
+    pub notify: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -134,6 +134,7 @@ impl StatusJson {
 pub enum LaunchJson {
     Command { argv: Vec<String> },
     SystemdUnit { unit: String },
+    DesktopApp { app_id: String },
 }
 
 impl From<&LaunchSpec> for LaunchJson {
@@ -141,6 +142,7 @@ impl From<&LaunchSpec> for LaunchJson {
         match l {
             LaunchSpec::Command { argv } => LaunchJson::Command { argv: argv.clone() },
             LaunchSpec::SystemdUnit { unit } => LaunchJson::SystemdUnit { unit: unit.clone() },
+            LaunchSpec::DesktopApp { app_id } => LaunchJson::DesktopApp { app_id: app_id.clone() },
         }
     }
 }
@@ -364,6 +366,8 @@ pub struct WakeJson<'a> {
     pub connections: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unit: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_id: Option<String>,
 }
 
 /// `watch --json`: JSON lines of task updates and progress.

@@ -145,3 +145,155 @@ async fn without_desktop_services_the_daemon_assumes_online_unmetered_on_ac() {
     assert_eq!(events.completion(task.id(), LONG).await, None, "nothing says metered or on battery");
     assert_eq!(d.log().matches("assuming online, unmetered and on AC power").count(), 1, "said once");
 }
+
+/// A session that names a desktop application: when its events wait and no app is attached,
+/// the daemon calls the app's `ActivateAction("dlsession-events", [identifier])`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_desktop_application_is_relaunched_by_activate_action() {
+    let env = TestEnv::new();
+    let mut bus = PrivateBus::start(env.path());
+    let log = env.path().join("app-calls.log");
+    let app = ("org.example.App", "/org/example/App", "org.freedesktop.Application");
+    bus.mock_object(app.0, app.1, app.2, &log);
+    bus.add_method(app.0, app.1, app.2, "ActivateAction", "sava{sv}");
+    let _d = TestDaemon::start_with_env(&env, &[("DBUS_SESSION_BUS_ADDRESS", std::ffi::OsStr::new(&bus.address))]);
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(10_000, 1));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.app").desktop_app("org.example.App"), delegate).await.unwrap();
+    session.detach().await.unwrap();
+    drop(session);
+    let c = dlsession_testkit::app::client(&env).await;
+    let created = c
+        .request(dlsession::proto::Request::CreateTasks {
+            identifier: "t.app".into(),
+            tasks: vec![dlsession::proto::TaskSpec::get(server.url("/a"))],
+            resume: true,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(created, dlsession::proto::Response::TasksCreated(_)), "{created:?}");
+    let deadline = Instant::now() + LONG;
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("ActivateAction") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "the app was never activated; its calls: {text:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(text.contains("dlsession-events") && text.contains("t.app"), "the action and the session: {text}");
+    let out = env.ctl(&["wake", "t.app"]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("activated desktop application org.example.App over D-Bus"), "{said}");
+    events.drain();
+}
+
+/// No such service on the bus: the `.desktop` file's `Exec` line runs instead, with the
+/// `DLSESSION_*` environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_service_the_desktop_files_exec_line_runs() {
+    let env = TestEnv::new();
+    let bus = PrivateBus::start(env.path());
+    let marker = env.path().join("ran");
+    let apps = env.data_dir.join("applications");
+    std::fs::create_dir_all(&apps).unwrap();
+    std::fs::write(
+        apps.join("org.example.Fallback.desktop"),
+        format!(
+            "[Desktop Entry]\nType=Application\nName=Fallback\nDBusActivatable=true\n\
+             Exec=/bin/sh -c \"echo $DLSESSION_IDENTIFIER $DLSESSION_WAKE_REASON >> {}\" %U\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    let _d = TestDaemon::start_with_env(&env, &[("DBUS_SESSION_BUS_ADDRESS", std::ffi::OsStr::new(&bus.address))]);
+    let c = dlsession_testkit::app::client(&env).await;
+    let config = dlsession::proto::SessionConfig {
+        launch: Some(dlsession::proto::LaunchSpec::DesktopApp { app_id: "org.example.Fallback".into() }),
+        ..Default::default()
+    };
+    c.request(dlsession::proto::Request::OpenSession { identifier: "t.fallback".into(), config: Some(config) })
+        .await
+        .unwrap();
+    let out = env.ctl(&["wake", "t.fallback"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let deadline = Instant::now() + LONG;
+    while !std::fs::read_to_string(&marker).is_ok_and(|t| t.contains("t.fallback requested")) {
+        assert!(Instant::now() < deadline, "the Exec line never ran: {:?}", std::fs::read_to_string(&marker));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let bad = c
+        .request(dlsession::proto::Request::OpenSession {
+            identifier: "t.bad".into(),
+            config: Some(dlsession::proto::SessionConfig {
+                launch: Some(dlsession::proto::LaunchSpec::DesktopApp { app_id: "not an id".into() }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), dlsession::ErrorCode::InvalidRequest, "{bad}");
+}
+
+/// A session that asks for it gets one desktop notification when its downloads are done and
+/// its app is not running; clicking it relaunches the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_tells_the_user_and_its_action_relaunches_the_app() {
+    let env = TestEnv::new();
+    let mut bus = PrivateBus::start(env.path());
+    let log = env.path().join("notifications.log");
+    bus.mock_session_template("notification_daemon", "org.freedesktop.Notifications", &log);
+    let _d = TestDaemon::start_with_env(&env, &[("DBUS_SESSION_BUS_ADDRESS", std::ffi::OsStr::new(&bus.address))]);
+    let server = TestServer::start().await.unwrap();
+    server.add("/ok", Resource::generated(10_000, 1));
+    let marker = env.path().join("relaunched");
+    let script = env.path().join("app.sh");
+    std::fs::write(&script, format!("#!/bin/sh\necho \"$DLSESSION_WAKE_REASON\" >> {}\n", marker.display())).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (delegate, _events) = Recorder::new(&env.path().join("out"));
+    let config = config(&env, "t.notify").notify(true).launch_command([script.display().to_string()]);
+    let session = Session::attach(config, delegate).await.unwrap();
+    session.detach().await.unwrap();
+    drop(session);
+    let c = dlsession_testkit::app::client(&env).await;
+    c.request(dlsession::proto::Request::CreateTasks {
+        identifier: "t.notify".into(),
+        tasks: vec![dlsession::proto::TaskSpec::get(server.url("/ok"))],
+        resume: true,
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + LONG;
+    let shown = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("Notify") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no notification; the log: {text:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(shown.contains("1 download finished") && shown.contains("t.notify"), "{shown}");
+    let read = || std::fs::read_to_string(&marker).unwrap_or_default();
+    let deadline = Instant::now() + LONG;
+    while !read().contains("finished_events") {
+        assert!(Instant::now() < deadline, "the app was not relaunched: {:?}", read());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The user clicks it: the app comes again, now (the wake backoff would wait 30 s).
+    bus.emit_signal(
+        "org.freedesktop.Notifications",
+        "/org/freedesktop/Notifications",
+        "org.freedesktop.Notifications",
+        "ActionInvoked",
+        "us",
+        "[dbus.UInt32(1), 'default']",
+    );
+    let deadline = Instant::now() + LONG;
+    while !read().contains("requested") {
+        assert!(Instant::now() < deadline, "the click did not relaunch the app: {:?}", read());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let policy = String::from_utf8_lossy(&env.ctl(&["policy", "t.notify"]).stdout).into_owned();
+    assert!(policy.contains("notifies when done"), "{policy}");
+}

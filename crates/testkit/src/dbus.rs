@@ -69,6 +69,70 @@ impl PrivateBus {
         }
     }
 
+    /// Starts a mock object `name` `path` `iface` on this bus (as a session-bus service),
+    /// logging every method call to `log`, and waits until it owns `name`.
+    pub fn mock_object(&mut self, name: &str, path: &str, iface: &str, log: &std::path::Path) {
+        let child = Command::new("/usr/bin/python3")
+            .args(["-m", "dbusmock", "--session", "-l"])
+            .arg(log)
+            .args([name, path, iface])
+            .env("DBUS_SESSION_BUS_ADDRESS", &self.address)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start python3 -m dbusmock");
+        self.services.push(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.has_owner(name) {
+            assert!(Instant::now() < deadline, "the mock did not take {name} on the private bus");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts a dbusmock template as a session-bus service on this bus, logging every
+    /// method call to `log`, and waits until it owns `name`.
+    pub fn mock_session_template(&mut self, template: &str, name: &str, log: &std::path::Path) {
+        let child = Command::new("/usr/bin/python3")
+            .args(["-m", "dbusmock", "--session", "-l"])
+            .arg(log)
+            .args(["--template", template])
+            .env("DBUS_SESSION_BUS_ADDRESS", &self.address)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start python3 -m dbusmock");
+        self.services.push(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.has_owner(name) {
+            assert!(Instant::now() < deadline, "{template} did not take {name} on the private bus");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Emits a signal from a mock object; `args` is a dbus-python list expression.
+    pub fn emit_signal(&self, dest: &str, path: &str, iface: &str, name: &str, signature: &str, args: &str) {
+        let script = format!(
+            "import dbus\n\
+             o = dbus.bus.BusConnection({address:?}).get_object({dest:?}, {path:?})\n\
+             dbus.Interface(o, 'org.freedesktop.DBus.Mock').EmitSignal({iface:?}, {name:?}, {signature:?}, {args})\n",
+            address = self.address,
+        );
+        let out = Command::new("/usr/bin/python3").args(["-c", &script]).output().expect("run /usr/bin/python3");
+        assert!(out.status.success(), "emitting {name} from {dest}{path}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Gives a mock object a method that accepts `in_signature` and returns nothing.
+    pub fn add_method(&self, dest: &str, path: &str, iface: &str, method: &str, in_signature: &str) {
+        let script = format!(
+            "import dbus\n\
+             o = dbus.bus.BusConnection({address:?}).get_object({dest:?}, {path:?})\n\
+             dbus.Interface(o, 'org.freedesktop.DBus.Mock').AddMethod({iface:?}, {method:?}, {in_signature:?}, '', '')\n",
+            address = self.address,
+        );
+        let out = Command::new("/usr/bin/python3").args(["-c", &script]).output().expect("run /usr/bin/python3");
+        assert!(out.status.success(), "adding {method} to {dest}{path}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     fn has_owner(&self, name: &str) -> bool {
         let out = self.send(&[
             "--print-reply",

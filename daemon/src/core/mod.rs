@@ -118,6 +118,10 @@ pub enum CoreMsg {
     NetworkChanged,
     /// NetworkManager or UPower said something new.
     Desktop(crate::desktop::Desktop),
+    /// The user clicked a session's notification.
+    NotificationClicked {
+        identifier: String,
+    },
     Shutdown,
 }
 
@@ -190,6 +194,8 @@ pub struct Core {
     launch_scope: crate::launcher::Scope,
     /// The daemon-wide bandwidth limit (rate 0 when none), held by every running download.
     bandwidth: Arc<crate::engine::limiter::RateLimiter>,
+    /// Desktop notifications of sessions that ask for them.
+    notifier: crate::notify::Notifier,
 }
 
 /// Where the daemon is in its life, and what keeps it from leaving.
@@ -250,6 +256,10 @@ impl Core {
             let _ = report.send(CoreMsg::Disk(r));
         })
         .map_err(|e| format!("cannot start the disk thread: {e}"))?;
+        let clicked = tx.clone();
+        let notifier = crate::notify::Notifier::start(move |identifier| {
+            let _ = clicked.send(CoreMsg::NotificationClicked { identifier });
+        });
         // Set at run time (stored) wins over the config file's.
         let global_limit = snapshot.global_limit.unwrap_or(cfg.limits.bandwidth_limit);
         let mut core = Core {
@@ -272,6 +282,7 @@ impl Core {
             rng: seed(),
             launch_scope: crate::launcher::Scope::detect(),
             bandwidth: Arc::new(crate::engine::limiter::RateLimiter::new(global_limit)),
+            notifier,
         };
         core.restore(snapshot);
         let mut ops = Vec::new();
@@ -385,6 +396,7 @@ impl Core {
             CoreMsg::NetworkWatched => self.on_network_watched(),
             CoreMsg::NetworkChanged => self.on_network_changed(),
             CoreMsg::Desktop(facts) => self.on_desktop(facts),
+            CoreMsg::NotificationClicked { identifier } => self.on_notification_clicked(&identifier),
             CoreMsg::Shutdown => self.begin_shutdown(),
         }
     }

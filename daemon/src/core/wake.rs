@@ -110,6 +110,8 @@ impl Core {
             None => Vec::new(),
         };
         if targets.is_empty() {
+            // The app is not running: a session that asks for it tells the user too.
+            self.notify(key);
             return self.relaunch(key, reason, reply);
         }
         for conn in &targets {
@@ -177,6 +179,7 @@ impl Core {
             .map(|l| match l {
                 launcher::Launched::Process(pid) => WakeOutcome::Launched { pid },
                 launcher::Launched::Unit(unit) => WakeOutcome::UnitStarted { unit },
+                launcher::Launched::Activated(app_id) => WakeOutcome::Activated { app_id },
             })
             .map_err(|e| ErrorInfo::new(ErrorCode::Internal, format!("cannot relaunch the app: {e}")));
         let replies = match self.sessions.get_mut(&key) {
@@ -209,6 +212,40 @@ impl Core {
         self.clear_timer(old, Timer::Wake(key));
         if again {
             self.check_wake(key, Duration::ZERO);
+        }
+    }
+
+    /// Shows (or updates) the session's notification, if its policy asks for one.
+    fn notify(&self, key: SessionKey) {
+        let Some(s) = self.sessions.get(&key).filter(|s| s.rec.policy.notify) else { return };
+        let (mut done, mut failed) = (0u64, 0u64);
+        for ev in s.events.values() {
+            if let dlsession_proto::DurableEvent::Completed { error, .. } = &ev.event {
+                match error {
+                    None => done += 1,
+                    Some(_) => failed += 1,
+                }
+            }
+        }
+        if done + failed == 0 {
+            return;
+        }
+        let plural = |n: u64| if n == 1 { "" } else { "s" };
+        let summary = match (done, failed) {
+            (d, 0) => format!("{d} download{} finished", plural(d)),
+            (0, f) => format!("{f} download{} failed", plural(f)),
+            (d, f) => format!("{d} download{} finished, {f} failed", plural(d)),
+        };
+        let body = format!("{}: open the app to collect them", s.rec.identifier);
+        self.notifier.show(crate::notify::Notice { identifier: s.rec.identifier.clone(), summary, body });
+    }
+
+    /// The user clicked the session's notification: bring the app now.
+    pub(super) fn on_notification_clicked(&mut self, identifier: &str) {
+        let Some(key) = self.sessions.find(identifier) else { return };
+        info!(session = %identifier, "notification clicked");
+        if let Err(e) = self.wake_now(key, WakeReason::Requested, None) {
+            warn!(session = %identifier, error = %e, "wake failed");
         }
     }
 

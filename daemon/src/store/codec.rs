@@ -32,6 +32,7 @@ fn launch_columns(launch: &Option<LaunchSpec>) -> (Option<&'static str>, Option<
         None => (None, None),
         Some(LaunchSpec::Command { argv }) => (Some("command"), Some(argv.join("\0"))),
         Some(LaunchSpec::SystemdUnit { unit }) => (Some("systemd_unit"), Some(unit.clone())),
+        Some(LaunchSpec::DesktopApp { app_id }) => (Some("desktop_app"), Some(app_id.clone())),
     }
 }
 
@@ -39,6 +40,7 @@ fn launch_from(kind: Option<String>, value: Option<String>) -> Option<LaunchSpec
     match (kind.as_deref(), value) {
         (Some("command"), Some(v)) => Some(LaunchSpec::Command { argv: v.split('\0').map(str::to_owned).collect() }),
         (Some("systemd_unit"), Some(v)) => Some(LaunchSpec::SystemdUnit { unit: v }),
+        (Some("desktop_app"), Some(v)) => Some(LaunchSpec::DesktopApp { app_id: v }),
         _ => None,
     }
 }
@@ -89,8 +91,8 @@ pub fn save_session(tx: &Transaction<'_>, s: &SessionRecord) -> rusqlite::Result
         "INSERT INTO sessions (id, identifier, app_id, launch_kind, launch_value, http_headers,
             timeout_request_ms, timeout_resource_ms, max_conn_per_host, max_concurrent_tasks,
             bandwidth_limit, next_seq, invalidating, invalid, created_at, allows_metered, allows_battery,
-            discretionary, waits_for_connectivity)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)
+            discretionary, waits_for_connectivity, notify)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)
          ON CONFLICT(id) DO UPDATE SET app_id = excluded.app_id, launch_kind = excluded.launch_kind,
             launch_value = excluded.launch_value, http_headers = excluded.http_headers,
             timeout_request_ms = excluded.timeout_request_ms, timeout_resource_ms = excluded.timeout_resource_ms,
@@ -98,7 +100,8 @@ pub fn save_session(tx: &Transaction<'_>, s: &SessionRecord) -> rusqlite::Result
             bandwidth_limit = excluded.bandwidth_limit, next_seq = max(next_seq, excluded.next_seq),
             invalidating = excluded.invalidating, invalid = excluded.invalid,
             allows_metered = excluded.allows_metered, allows_battery = excluded.allows_battery,
-            discretionary = excluded.discretionary, waits_for_connectivity = excluded.waits_for_connectivity",
+            discretionary = excluded.discretionary, waits_for_connectivity = excluded.waits_for_connectivity,
+            notify = excluded.notify",
     )?;
     stmt.execute(params![
         s.key,
@@ -120,6 +123,7 @@ pub fn save_session(tx: &Transaction<'_>, s: &SessionRecord) -> rusqlite::Result
         s.policy.allows_battery,
         s.policy.discretionary,
         s.policy.waits_for_connectivity,
+        s.policy.notify,
     ])?;
     Ok(())
 }
@@ -129,7 +133,7 @@ pub fn load_sessions(conn: &Connection) -> rusqlite::Result<Vec<SessionRecord>> 
         "SELECT id, identifier, app_id, launch_kind, launch_value, http_headers, timeout_request_ms,
             timeout_resource_ms, max_conn_per_host, max_concurrent_tasks, bandwidth_limit, next_seq,
             invalidating, invalid, created_at, allows_metered, allows_battery, discretionary,
-            waits_for_connectivity
+            waits_for_connectivity, notify
          FROM sessions WHERE substr(identifier, 1, 1) <> char(1) ORDER BY id",
     )?;
     let rows = stmt.query_map([], |r| {
@@ -155,6 +159,7 @@ pub fn load_sessions(conn: &Connection) -> rusqlite::Result<Vec<SessionRecord>> 
                 allows_battery: r.get(16)?,
                 discretionary: r.get(17)?,
                 waits_for_connectivity: r.get(18)?,
+                notify: r.get(19)?,
             },
         })
     })?;

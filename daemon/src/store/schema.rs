@@ -98,11 +98,13 @@ const MIGRATIONS: &[&str] = &[
     "CREATE INDEX sessions_tombstones ON sessions(substr(identifier, 1, 1));",
     // 4: a task's own bandwidth limit (NULL: none).
     "ALTER TABLE tasks ADD COLUMN bandwidth_limit INTEGER;",
-    // 5: a session's policy: metered networks, battery, discretionary, waiting for a route.
+    // 5: a session's policy: metered networks, battery, discretionary, waiting for a route,
+    // notifications.
     "ALTER TABLE sessions ADD COLUMN allows_metered INTEGER NOT NULL DEFAULT 1;
      ALTER TABLE sessions ADD COLUMN allows_battery INTEGER NOT NULL DEFAULT 1;
      ALTER TABLE sessions ADD COLUMN discretionary INTEGER NOT NULL DEFAULT 0;
-     ALTER TABLE sessions ADD COLUMN waits_for_connectivity INTEGER NOT NULL DEFAULT 1;",
+     ALTER TABLE sessions ADD COLUMN waits_for_connectivity INTEGER NOT NULL DEFAULT 1;
+     ALTER TABLE sessions ADD COLUMN notify INTEGER NOT NULL DEFAULT 0;",
 ];
 
 pub const LATEST_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -166,6 +166,7 @@ fn configuration(identifier: &str, c: SessionConfig) -> SessionConfiguration {
     match c.launch {
         Some(LaunchSpec::Command { argv }) => s = s.launch_command(argv),
         Some(LaunchSpec::SystemdUnit { unit }) => s = s.systemd_unit(unit),
+        Some(LaunchSpec::DesktopApp { app_id }) => s = s.desktop_app(app_id),
         None => {}
     }
     for h in c.http_headers {

@@ -29,6 +29,9 @@ pub async fn run(ctx: &Ctx, args: PolicyArgs) -> Result<Exit> {
     if let Some(w) = &args.wait_for_network {
         policy.waits_for_connectivity = w == "on";
     }
+    if let Some(n) = &args.notify {
+        policy.notify = n == "on";
+    }
     if policy != before {
         let request = Request::SetSessionPolicy { identifier: args.session.clone(), policy };
         request_ok(&client, request).await?;
@@ -40,6 +43,7 @@ pub async fn run(ctx: &Ctx, args: PolicyArgs) -> Result<Exit> {
             allows_battery: policy.allows_battery,
             discretionary: policy.discretionary,
             waits_for_connectivity: policy.waits_for_connectivity,
+            notify: policy.notify,
         })?;
     } else {
         writeln!(std::io::stdout().lock(), "{}: {}", args.session, describe(policy))?;
@@ -50,11 +54,12 @@ pub async fn run(ctx: &Ctx, args: PolicyArgs) -> Result<Exit> {
 fn describe(p: SessionPolicy) -> String {
     let allowed = |yes: bool| if yes { "allowed" } else { "not allowed" };
     format!(
-        "metered networks {}, battery {}, {}, {}",
+        "metered networks {}, battery {}, {}, {}, {}",
         allowed(p.allows_metered),
         allowed(p.allows_battery),
         if p.discretionary { "discretionary (waits for good conditions)" } else { "not discretionary" },
-        if p.waits_for_connectivity { "waits for the network" } else { "fails at once without a network" }
+        if p.waits_for_connectivity { "waits for the network" } else { "fails at once without a network" },
+        if p.notify { "notifies when done" } else { "no notification" }
     )
 }
 
@@ -65,4 +70,5 @@ struct PolicyJson<'a> {
     allows_battery: bool,
     discretionary: bool,
     waits_for_connectivity: bool,
+    notify: bool,
 }

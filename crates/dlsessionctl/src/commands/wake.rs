@@ -16,7 +16,8 @@ pub async fn run(ctx: &Ctx, args: WakeArgs) -> Result<Exit> {
         other => return Err(CliError::unexpected("wake", &other)),
     };
     if ctx.json {
-        let mut j = WakeJson { session: &args.session, outcome: "", pid: None, connections: None, unit: None };
+        let mut j =
+            WakeJson { session: &args.session, outcome: "", pid: None, connections: None, unit: None, app_id: None };
         match &outcome {
             WakeOutcome::Attached => j.outcome = "attached",
             WakeOutcome::Woken { connections } => {
@@ -32,6 +33,10 @@ pub async fn run(ctx: &Ctx, args: WakeArgs) -> Result<Exit> {
                 j.unit = Some(unit.clone());
             }
             WakeOutcome::NoTarget => j.outcome = "no_target",
+            WakeOutcome::Activated { app_id } => {
+                j.outcome = "activated";
+                j.app_id = Some(app_id.clone());
+            }
         }
         json::print(&j)?;
         return Ok(Exit::Success);
@@ -42,6 +47,7 @@ pub async fn run(ctx: &Ctx, args: WakeArgs) -> Result<Exit> {
         WakeOutcome::Woken { connections } => format!("woke {connections} connections"),
         WakeOutcome::Launched { pid } => format!("relaunched the app (pid {pid})"),
         WakeOutcome::UnitStarted { unit } => format!("started unit {unit}"),
+        WakeOutcome::Activated { app_id } => format!("activated desktop application {app_id} over D-Bus"),
         WakeOutcome::NoTarget => {
             "nothing to wake: no process announced the session's app_id and it has no launch command".to_owned()
         }

@@ -180,6 +180,7 @@ fn session_cost(info: &SessionInfo) -> usize {
     let launch = match &c.launch {
         Some(LaunchSpec::Command { argv }) => argv.iter().map(|a| a.len() + 4).sum(),
         Some(LaunchSpec::SystemdUnit { unit }) => unit.len(),
+        Some(LaunchSpec::DesktopApp { app_id }) => app_id.len(),
         None => 0,
     };
     let headers: usize = c.http_headers.iter().map(|h| h.name.len() + h.value.len() + 8).sum();
