@@ -50,8 +50,39 @@ pub async fn watch(report: impl Fn(Desktop) + Send + 'static) {
     };
     let mut last: Option<Desktop> = None;
     let mut said_missing = false;
+    // Subscribed once, before the first read: no change slips between a read and the
+    // subscription.
+    let mut changes = Vec::new();
+    for (dest, path, _) in [NM, UPOWER, DISPLAY] {
+        let builder = zbus::fdo::PropertiesProxy::builder(&conn)
+            .destination(dest)
+            .and_then(|b| b.path(path))
+            .map(|b| b.cache_properties(CacheProperties::No));
+        if let Ok(builder) = builder
+            && let Ok(p) = builder.build().await
+            && let Ok(s) = p.receive_properties_changed().await
+        {
+            changes.push(s.map(|_| ()).boxed());
+        }
+    }
+    // A service that starts (or stops) later is heard of by its name's owner changing.
+    if let Ok(bus) = zbus::fdo::DBusProxy::new(&conn).await {
+        for name in [NM.0, UPOWER.0] {
+            if let Ok(s) = bus.receive_name_owner_changed_with_args(&[(0, name)]).await {
+                changes.push(s.map(|_| ()).boxed());
+            }
+        }
+    }
+    let mut any = futures_util::stream::select_all(changes);
     loop {
-        let now = read(&conn).await;
+        // A service that hangs must not hang the watcher.
+        let now = match tokio::time::timeout(READ_TIMEOUT, read(&conn)).await {
+            Ok(d) => d,
+            Err(_) => {
+                let why = format!("no answer within {} s", READ_TIMEOUT.as_secs());
+                Desktop { network_source: why.clone(), power_source: why, ..Desktop::default() }
+            }
+        };
         if (now.nm_connected.is_none() || now.on_battery.is_none()) && !said_missing {
             info!(
                 network = %now.network_source,
@@ -65,35 +96,19 @@ pub async fn watch(report: impl Fn(Desktop) + Send + 'static) {
             report(now.clone());
             last = Some(now);
         }
-        // Wait for any property change of the three objects.
-        let mut changes = Vec::new();
-        for (dest, path, _) in [NM, UPOWER, DISPLAY] {
-            let builder = zbus::fdo::PropertiesProxy::builder(&conn)
-                .destination(dest)
-                .and_then(|b| b.path(path))
-                .map(|b| b.cache_properties(CacheProperties::No));
-            if let Ok(builder) = builder
-                && let Ok(p) = builder.build().await
-                && let Ok(s) = p.receive_properties_changed().await
-            {
-                changes.push(s.map(|_| ()).boxed());
-            }
-        }
-        // A service that starts (or stops) later is heard of by its name's owner changing.
-        if let Ok(bus) = zbus::fdo::DBusProxy::new(&conn).await {
-            for name in [NM.0, UPOWER.0] {
-                if let Ok(s) = bus.receive_name_owner_changed_with_args(&[(0, name)]).await {
-                    changes.push(s.map(|_| ()).boxed());
-                }
-            }
-        }
-        let mut any = futures_util::stream::select_all(changes);
         if any.next().await.is_none() {
-            info!("the system bus went away: keeping the last network and power facts");
+            // Facts nobody can update any more are dropped rather than kept forever (a
+            // stale "on battery" would hold sessions back).
+            let why = "the system bus went away".to_owned();
+            info!("{why}: assuming online, unmetered and on AC power");
+            report(Desktop { network_source: why.clone(), power_source: why, ..Desktop::default() });
             return;
         }
     }
 }
+
+/// How long reading the services' properties may take.
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn proxy<'a>(conn: &Connection, (dest, path, iface): (&'a str, &'a str, &'a str)) -> zbus::Result<Proxy<'a>> {
     zbus::proxy::Builder::new(conn)

@@ -103,8 +103,11 @@ pub async fn run(
     }));
     // Following the network: without the watcher, every peer counts as reachable.
     let net_tx = core_tx.clone();
-    match net::watch(move || {
-        let _ = net_tx.send(CoreMsg::NetworkChanged);
+    match net::watch(move |w| {
+        let _ = net_tx.send(match w {
+            net::Watch::Changed => CoreMsg::NetworkChanged,
+            net::Watch::Stopped => CoreMsg::NetworkUnwatched,
+        });
     }) {
         Ok(()) => {
             let _ = core_tx.send(CoreMsg::NetworkWatched);

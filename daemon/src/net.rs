@@ -50,10 +50,22 @@ fn no_route(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EADDRNOTAVAIL))
 }
 
-/// Starts the watcher: `changed` runs (on the watcher's thread) once per burst of link,
-/// address or route changes. Fails if netlink cannot be opened (then the daemon assumes
-/// every peer reachable, as before it knew better).
-pub fn watch(changed: impl Fn() + Send + 'static) -> io::Result<()> {
+/// What the watcher reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watch {
+    /// Links, addresses or routes changed (a burst of them).
+    Changed,
+    /// The watcher stopped for good: from now on nothing says when the network returns.
+    Stopped,
+}
+
+/// A burst is reported after at most this long, however long it goes on.
+const LONGEST_BURST: Duration = Duration::from_secs(1);
+
+/// Starts the watcher: `report` runs (on the watcher's thread) once per burst of link,
+/// address or route changes, and once if the watcher stops. Fails if netlink cannot be
+/// opened (then the daemon assumes every peer reachable, as before it knew better).
+pub fn watch(report: impl Fn(Watch) + Send + 'static) -> io::Result<()> {
     let fd = rustix::net::socket(AddressFamily::NETLINK, SocketType::RAW, None)?;
     let groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE;
     rustix::net::bind(&fd, &SocketAddrNetlink::new(0, groups))?;
@@ -69,12 +81,14 @@ pub fn watch(changed: impl Fn() + Send + 'static) -> io::Result<()> {
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => {
                     tracing::warn!(error = %e, "the network watcher stopped; peers are assumed reachable");
+                    report(Watch::Stopped);
                     return;
                 }
             }
             let _ = rustix::net::sockopt::set_socket_timeout(&fd, rustix::net::sockopt::Timeout::Recv, Some(COALESCE));
-            while rustix::net::recv(&fd, &mut buf[..], RecvFlags::empty()).is_ok() {}
-            changed();
+            let burst = std::time::Instant::now();
+            while burst.elapsed() < LONGEST_BURST && rustix::net::recv(&fd, &mut buf[..], RecvFlags::empty()).is_ok() {}
+            report(Watch::Changed);
         }
     })?;
     Ok(())

@@ -365,6 +365,7 @@ fn wait(w: crate::WaitReason) -> WaitReason {
         }
         W::StorageFull { error: e } => WaitReason::Backoff { until: 0, attempt: 0, last_error: error(e) },
         // Protocol 1 knows no such wait: it reads as a backoff with no end, after a network error.
+        // Protocol 1 knows no policy waits: they read as a queue behind a limit.
         W::MeteredNetwork | W::OnBattery | W::Discretionary => WaitReason::GlobalLimit { limit: 0 },
         W::NoNetwork { .. } => WaitReason::Backoff {
             until: 0,

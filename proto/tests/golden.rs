@@ -392,6 +392,7 @@ fn error_codes_are_stable() {
             "internal",
             "storage_full",
             "destination_unavailable",
+            "not_connected",
         ]
     );
     for (i, code) in ErrorCode::ALL.iter().enumerate() {

@@ -54,49 +54,29 @@ impl PrivateBus {
     /// Starts a dbusmock template (`networkmanager`, `upower`, …) on this bus as if it
     /// were the system bus, and waits until it owns `name`.
     pub fn mock(&mut self, template: &str, name: &str) {
-        let child = Command::new("/usr/bin/python3")
-            .args(["-m", "dbusmock", "--template", template])
-            .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start python3 -m dbusmock");
-        self.services.push(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.has_owner(name) {
-            assert!(Instant::now() < deadline, "{template} did not take {name} on the private bus");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.spawn_mock("DBUS_SYSTEM_BUS_ADDRESS", &["--template", template], name);
     }
 
     /// Starts a mock object `name` `path` `iface` on this bus (as a session-bus service),
     /// logging every method call to `log`, and waits until it owns `name`.
     pub fn mock_object(&mut self, name: &str, path: &str, iface: &str, log: &std::path::Path) {
-        let child = Command::new("/usr/bin/python3")
-            .args(["-m", "dbusmock", "--session", "-l"])
-            .arg(log)
-            .args([name, path, iface])
-            .env("DBUS_SESSION_BUS_ADDRESS", &self.address)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start python3 -m dbusmock");
-        self.services.push(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.has_owner(name) {
-            assert!(Instant::now() < deadline, "the mock did not take {name} on the private bus");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let log = log.display().to_string();
+        self.spawn_mock("DBUS_SESSION_BUS_ADDRESS", &["--session", "-l", &log, name, path, iface], name);
     }
 
     /// Starts a dbusmock template as a session-bus service on this bus, logging every
     /// method call to `log`, and waits until it owns `name`.
     pub fn mock_session_template(&mut self, template: &str, name: &str, log: &std::path::Path) {
+        let log = log.display().to_string();
+        self.spawn_mock("DBUS_SESSION_BUS_ADDRESS", &["--session", "-l", &log, "--template", template], name);
+    }
+
+    /// `python3 -m dbusmock ARGS` with this bus as `bus_variable`, until it owns `name`.
+    fn spawn_mock(&mut self, bus_variable: &str, args: &[&str], name: &str) {
         let child = Command::new("/usr/bin/python3")
-            .args(["-m", "dbusmock", "--session", "-l"])
-            .arg(log)
-            .args(["--template", template])
-            .env("DBUS_SESSION_BUS_ADDRESS", &self.address)
+            .args(["-m", "dbusmock"])
+            .args(args)
+            .env(bus_variable, &self.address)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -104,7 +84,7 @@ impl PrivateBus {
         self.services.push(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.has_owner(name) {
-            assert!(Instant::now() < deadline, "{template} did not take {name} on the private bus");
+            assert!(Instant::now() < deadline, "dbusmock {args:?} did not take {name} on the private bus");
             std::thread::sleep(Duration::from_millis(50));
         }
     }

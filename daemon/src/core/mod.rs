@@ -116,6 +116,8 @@ pub enum CoreMsg {
     NetworkWatched,
     /// Links, addresses or routes changed.
     NetworkChanged,
+    /// The network watcher stopped.
+    NetworkUnwatched,
     /// NetworkManager or UPower said something new.
     Desktop(crate::desktop::Desktop),
     /// The user clicked a session's notification.
@@ -395,6 +397,7 @@ impl Core {
             CoreMsg::Storage(health) => self.on_storage(health),
             CoreMsg::NetworkWatched => self.on_network_watched(),
             CoreMsg::NetworkChanged => self.on_network_changed(),
+            CoreMsg::NetworkUnwatched => self.on_network_unwatched(),
             CoreMsg::Desktop(facts) => self.on_desktop(facts),
             CoreMsg::NotificationClicked { identifier } => self.on_notification_clicked(&identifier),
             CoreMsg::Shutdown => self.begin_shutdown(),

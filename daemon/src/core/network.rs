@@ -5,6 +5,7 @@
 //! at once with their backoff reset. Sessions whose policy refuses the metered network or
 //! the battery stop and wait; they go on when conditions allow.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use tracing::info;
@@ -37,12 +38,16 @@ impl Core {
         info!(online = self.life.online, "following the network (rtnetlink)");
     }
 
-    /// Whether `t`'s peer can be reached: its last peer's route, the URL's address, or
-    /// (a name never resolved) whether any route leads beyond the local networks.
-    fn reachable(t: &Task) -> bool {
-        match t.peer.or_else(|| literal_peer(&t.rec.url)) {
-            Some(ip) => net::route_to(ip),
-            None => net::default_route(),
+    /// Whether `t`'s peer can be reached: the route of its last peer or of the URL's
+    /// address; a name never resolved counts as reachable when a default route exists, and
+    /// a known peer too when one does (it may have moved to another address). `routes`
+    /// memoises checks within one pass.
+    fn reachable(t: &Task, default_route: bool, routes: &mut HashMap<IpAddr, bool>) -> bool {
+        let mut route = |ip: IpAddr| *routes.entry(ip).or_insert_with(|| net::route_to(ip));
+        match (t.peer, literal_peer(&t.rec.url)) {
+            (_, Some(ip)) => route(ip),
+            (Some(ip), None) => route(ip) || default_route,
+            (None, None) => default_route,
         }
     }
 
@@ -52,7 +57,7 @@ impl Core {
         if !self.life.network_watched || !network_class(failure) {
             return false;
         }
-        self.tasks.get(&id).is_some_and(|t| !Self::reachable(t))
+        self.tasks.get(&id).is_some_and(|t| !Self::reachable(t, net::default_route(), &mut HashMap::new()))
     }
 
     /// Whether the task's session waits for connectivity (else its task completes with
@@ -67,12 +72,34 @@ impl Core {
     /// Puts the task in `waiting` with `no_network`: no timer, no attempt, until a route
     /// to its peer appears.
     pub(super) fn wait_for_network(&mut self, id: TaskId) {
-        self.set_state(id, TaskState::Waiting);
+        // The route may be back already (it came back while the worker was stopping).
+        if self.tasks.get(&id).is_some_and(|t| Self::reachable(t, net::default_route(), &mut HashMap::new())) {
+            self.set_state(id, TaskState::Queued);
+            self.enqueue(id);
+            return;
+        }
+        // Set before the state change, which tells watchers: they see the reason.
         if let Some(t) = self.tasks.get_mut(&id) {
             t.no_network_since.get_or_insert_with(now_ms);
             t.rec.retry_at = None;
             info!(task = id, "no route to the server: waiting for the network");
         }
+        self.set_state(id, TaskState::Waiting);
+    }
+
+    /// The watcher stopped: nothing will say when the network returns, so tasks waiting
+    /// for it go now, and none waits for it again.
+    pub(super) fn on_network_unwatched(&mut self) {
+        self.life.network_watched = false;
+        let waiting: Vec<TaskId> =
+            self.tasks.values().filter(|t| t.no_network_since.is_some()).map(|t| t.rec.id).collect();
+        for id in waiting {
+            self.unqueue(id);
+            self.set_state(id, TaskState::Queued);
+            self.enqueue(id);
+            self.save_task(id, Vec::new());
+        }
+        self.schedule();
     }
 
     /// Links, addresses or routes changed.
@@ -82,19 +109,31 @@ impl Core {
         }
         let was_online = self.life.online;
         self.life.online = net::default_route();
-        let came_back = self.life.online && !was_online;
+        let (online, came_back) = (self.life.online, self.life.online && !was_online);
+        // One check per address per pass: thousands of tasks share few servers.
+        let mut routes: HashMap<IpAddr, bool> = HashMap::new();
         let mut stop = Vec::new();
         let mut go = Vec::new();
         for t in self.tasks.values() {
             let id = &t.rec.id;
+            let transfer = t.rec.phase == crate::model::Phase::Transfer;
             match t.state {
                 // A connection whose route is gone would otherwise sit until the stall
-                // timeout.
-                TaskState::Running if t.peer.is_some_and(|ip| !net::route_to(ip)) => stop.push(*id),
-                TaskState::Waiting if t.no_network_since.is_some() && Self::reachable(t) => go.push(*id),
+                // timeout. A task finishing its file is never stopped.
+                TaskState::Running
+                    if transfer
+                        && t.run.as_ref().is_some_and(|r| r.holds_slot)
+                        && t.peer.is_some_and(|ip| !*routes.entry(ip).or_insert_with(|| net::route_to(ip))) =>
+                {
+                    stop.push(*id)
+                }
+                TaskState::Waiting if t.no_network_since.is_some() && Self::reachable(t, online, &mut routes) => {
+                    go.push(*id)
+                }
                 TaskState::Waiting
                     if came_back
-                        && t.rec.phase == crate::model::Phase::Transfer
+                        && t.no_network_since.is_none()
+                        && transfer
                         && t.rec
                             .last_error
                             .as_ref()
@@ -157,6 +196,22 @@ impl Core {
         }
         for id in refused {
             self.stop_worker(id, AfterStop::Requeue);
+        }
+        // Tasks waiting for a route in sessions that no longer wait for one give up now.
+        let given_up: Vec<TaskId> = self
+            .tasks
+            .values()
+            .filter(|t| t.state == TaskState::Waiting && t.no_network_since.is_some())
+            .filter(|t| self.sessions.get(&t.rec.session).is_some_and(|s| !s.rec.policy.waits_for_connectivity))
+            .map(|t| t.rec.id)
+            .collect();
+        if !given_up.is_empty() {
+            let (mut ops, mut after) = (Vec::new(), Vec::new());
+            for id in given_up {
+                self.unqueue(id);
+                self.complete(id, Some(not_connected()), &mut ops, &mut after);
+            }
+            self.commit(ops, after);
         }
         self.schedule();
     }

@@ -77,8 +77,11 @@ impl Session {
         if self.rec.invalid || self.rec.config == config {
             return false;
         }
-        // Running downloads hold the same bucket: the new rate applies to them at once.
-        self.limiter.set_rate(config.bandwidth_limit);
+        // Running downloads hold the same bucket: the new rate applies to them at once
+        // (set only when it changed: setting it starts its schedule over).
+        if self.limiter.rate() != config.bandwidth_limit {
+            self.limiter.set_rate(config.bandwidth_limit);
+        }
         self.rec.config = config;
         true
     }

@@ -187,6 +187,8 @@ impl Core {
         let key = t.rec.session;
         if let Some(t) = self.tasks.get_mut(&id) {
             t.rec.attempts += 1;
+            // Learnt again from this attempt's response (the network may have changed).
+            t.peer = None;
             t.rec.started_at.get_or_insert(now);
             t.sampled = t.progress.received();
             let mut run = Run::new(generation, lane.clone(), true, stop_tx, &t.progress, worker);

@@ -423,9 +423,16 @@ impl Engine {
                 // limit take turns, and a stop is heard while waiting (a slice not yet
                 // paced for is dropped: it is downloaded again from the committed offset).
                 let limiters = job.limiters.clone();
+                // A quarter second of the lowest rate, at most 16 KiB: a slice never waits
+                // long, even with many downloads under one low limit.
+                let slice = limiters
+                    .iter()
+                    .filter_map(|l| l.rate())
+                    .min()
+                    .map_or(PACED_SLICE, |r| usize::try_from(r / 4).unwrap_or(PACED_SLICE).clamp(256, PACED_SLICE));
                 let mut stopped = false;
                 while !data.is_empty() {
-                    let piece = data.split_to(data.len().min(PACED_SLICE));
+                    let piece = data.split_to(data.len().min(slice));
                     let paced = async {
                         for l in &limiters {
                             l.acquire(piece.len()).await;
@@ -439,6 +446,8 @@ impl Engine {
                         }
                         () = paced => {}
                     }
+                    // Waiting for its turn is a sign of life, not a stall.
+                    job.progress.beat();
                     job.progress.received.fetch_add(piece.len() as u64, Ordering::Relaxed);
                     batched += piece.len();
                     batch.push(piece);

@@ -98,12 +98,12 @@ const MIGRATIONS: &[&str] = &[
     "CREATE INDEX sessions_tombstones ON sessions(substr(identifier, 1, 1));",
     // 4: a task's own bandwidth limit (NULL: none).
     "ALTER TABLE tasks ADD COLUMN bandwidth_limit INTEGER;",
-    // 5: a session's policy: metered networks, battery, discretionary, waiting for a route,
-    // notifications.
+    // 5: a session's policy: metered networks, battery, discretionary.
     "ALTER TABLE sessions ADD COLUMN allows_metered INTEGER NOT NULL DEFAULT 1;
      ALTER TABLE sessions ADD COLUMN allows_battery INTEGER NOT NULL DEFAULT 1;
-     ALTER TABLE sessions ADD COLUMN discretionary INTEGER NOT NULL DEFAULT 0;
-     ALTER TABLE sessions ADD COLUMN waits_for_connectivity INTEGER NOT NULL DEFAULT 1;
+     ALTER TABLE sessions ADD COLUMN discretionary INTEGER NOT NULL DEFAULT 0;",
+    // 6: more of it: waiting for a route, notifications.
+    "ALTER TABLE sessions ADD COLUMN waits_for_connectivity INTEGER NOT NULL DEFAULT 1;
      ALTER TABLE sessions ADD COLUMN notify INTEGER NOT NULL DEFAULT 0;",
 ];
 

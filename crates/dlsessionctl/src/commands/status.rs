@@ -15,9 +15,15 @@ pub async fn run(ctx: &Ctx) -> Result<Exit> {
         Response::Status(s) => s,
         other => return Err(CliError::unexpected("status", &other)),
     };
-    let conditions = match client.request(Request::GetConditions).await? {
-        Response::Conditions(c) => c,
-        other => return Err(CliError::unexpected("conditions", &other)),
+    // An older daemon cannot say: then the network and power are unknown, not an error.
+    let conditions = match client.request(Request::GetConditions).await {
+        Ok(Response::Conditions(c)) => c,
+        _ => dlsession_proto::Conditions {
+            online: true,
+            network_source: "unknown (the daemon does not say)".into(),
+            power_source: "unknown (the daemon does not say)".into(),
+            ..Default::default()
+        },
     };
     if ctx.json {
         json::print(&StatusJson::new(&status, &conditions))?;
