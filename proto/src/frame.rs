@@ -32,7 +32,11 @@ pub fn encode_frame<T: Serialize>(value: &T) -> Result<Vec<u8>, ProtoError> {
 /// Encodes a daemon's message as one frame in the shapes of protocol `version` (the
 /// version negotiated with the client it goes to; see [`crate::v1`]).
 pub fn encode_server_frame(version: u16, msg: crate::ServerMessage) -> Result<Vec<u8>, ProtoError> {
-    if version <= 1 { encode_frame(&crate::v1::downgrade(msg)) } else { encode_frame(&msg) }
+    match version {
+        ..=1 => encode_frame(&crate::v1::downgrade(msg)),
+        2 => encode_frame(&crate::v2::downgrade(msg)),
+        _ => encode_frame(&msg),
+    }
 }
 
 /// Splits the first complete frame off the front of `buf`.

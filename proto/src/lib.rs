@@ -23,7 +23,8 @@
 //! always understand each other well enough to report the mismatch (see [`handshake`]).
 //! A daemon serves every version from [`MIN_PROTOCOL_VERSION`] to [`PROTOCOL_VERSION`]: it
 //! answers in the client's version and sends it messages in that version's shapes
-//! ([`v1`] holds the frozen shapes of protocol 1 and the conversions).
+//! ([`v1`] holds the frozen shapes of protocol 1 and the conversions; [`v2`] maps what
+//! protocol 3 appended onto protocol 2's variants).
 //!
 //! A frame is a big-endian `u32` payload length followed by that many bytes of bincode
 //! (standard config: varint integers, little endian). The length is checked against
@@ -41,6 +42,7 @@ pub mod redact;
 pub mod session;
 pub mod task;
 pub mod v1;
+pub mod v2;
 pub mod validate;
 
 pub use error::{ErrorCode, ErrorInfo, ProtoError};
@@ -53,7 +55,7 @@ pub use task::*;
 pub const MAGIC: [u8; 4] = *b"DLSD";
 
 /// Bumped whenever a message type changes in a way an older peer cannot decode.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The oldest protocol version a daemon of this build still serves (see [`v1`]).
 pub const MIN_PROTOCOL_VERSION: u16 = 1;

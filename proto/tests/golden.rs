@@ -243,6 +243,73 @@ fn server_messages_v2() -> Vec<(&'static str, ServerMessage)> {
     ]
 }
 
+/// Messages that exist since protocol 3.
+fn requests_v3() -> Vec<(&'static str, Request)> {
+    vec![
+        (
+            "req_set_bandwidth_limit",
+            Request::SetBandwidthLimit { target: LimitTarget::Task { task: 7 }, bytes_per_second: Some(65536) },
+        ),
+        ("req_get_bandwidth_limits", Request::GetBandwidthLimits),
+        ("req_get_conditions", Request::GetConditions),
+        (
+            "req_set_session_policy",
+            Request::SetSessionPolicy { identifier: "s".into(), policy: SessionPolicy::default() },
+        ),
+        ("req_get_session_policy", Request::GetSessionPolicy { identifier: "s".into() }),
+    ]
+}
+
+fn server_messages_v3() -> Vec<(&'static str, ServerMessage)> {
+    let resp = |r: Response| ServerMessage::Response { id: 9, result: Ok(r) };
+    let with_wait = |w: WaitReason| {
+        let mut t = sample_task_info();
+        t.wait = Some(w);
+        ServerMessage::Event(Event::TaskUpdate(t))
+    };
+    let mut desktop = sample_session();
+    desktop.config.launch = Some(LaunchSpec::DesktopApp { app_id: "org.example.App".into() });
+    vec![
+        ("ev_task_update_no_network", with_wait(WaitReason::NoNetwork { since: 1_700_000_001_000 })),
+        ("ev_task_update_metered", with_wait(WaitReason::MeteredNetwork)),
+        ("ev_task_update_on_battery", with_wait(WaitReason::OnBattery)),
+        ("ev_task_update_discretionary", with_wait(WaitReason::Discretionary)),
+        (
+            "ev_completed_not_connected",
+            ServerMessage::Event(Event::Durable {
+                identifier: "s".into(),
+                seq: 3,
+                event: DurableEvent::Completed {
+                    task: 42,
+                    error: Some(ErrorInfo::new(ErrorCode::NotConnected, "no route")),
+                },
+            }),
+        ),
+        ("resp_session_desktop_app", resp(Response::Session(desktop))),
+        ("resp_wake_activated", resp(Response::Wake(WakeOutcome::Activated { app_id: "org.example.App".into() }))),
+        (
+            "resp_bandwidth_limits",
+            resp(Response::BandwidthLimits(BandwidthLimits {
+                global: Some(1 << 20),
+                sessions: vec![("s".into(), 65536)],
+                tasks: vec![(7, 4096)],
+            })),
+        ),
+        (
+            "resp_conditions",
+            resp(Response::Conditions(Conditions {
+                online: true,
+                metered: true,
+                on_battery: false,
+                battery_percent: Some(80),
+                network_source: "rtnetlink+NetworkManager".into(),
+                power_source: "UPower".into(),
+            })),
+        ),
+        ("resp_session_policy", resp(Response::SessionPolicy(SessionPolicy::default()))),
+    ]
+}
+
 fn golden_dir(version: u16) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/golden/v{version}"))
 }
@@ -269,11 +336,14 @@ fn handshake_is_frozen() {
     };
     check(1, "hello", &frame::encode_frame(&v1).unwrap());
     let hello = ClientHello::from(v1);
-    check(2, "hello", &frame::encode_frame(&ClientHello { umask: Some(0o027), ..hello }).unwrap());
+    let hello = frame::encode_frame(&ClientHello { umask: Some(0o027), ..hello }).unwrap();
+    check(2, "hello", &hello);
+    check(3, "hello", &hello);
     let welcome = Welcome { daemon_version: "0.1.0".into(), pid: 4242, connection_id: 7 };
-    check(1, "welcome", &frame::encode_frame(&welcome).unwrap());
-    check(2, "welcome", &frame::encode_frame(&welcome).unwrap());
-    assert_eq!(&Preamble::ours(HandshakeStatus::Ok).to_bytes(), b"DLSD\x00\x02\x00\x00");
+    for version in 1..=3 {
+        check(version, "welcome", &frame::encode_frame(&welcome).unwrap());
+    }
+    assert_eq!(&Preamble::ours(HandshakeStatus::Ok).to_bytes(), b"DLSD\x00\x03\x00\x00");
     assert_eq!(&Preamble { version: 9, status: HandshakeStatus::VersionMismatch }.to_bytes(), b"DLSD\x00\x09\x00\x01");
 }
 
@@ -281,6 +351,7 @@ fn handshake_is_frozen() {
 fn daemons_serve_every_supported_version() {
     let with = |version| Preamble { version, status: HandshakeStatus::Ok };
     assert_eq!(with(1).negotiate().unwrap(), 1);
+    assert_eq!(with(2).negotiate().unwrap(), 2);
     assert_eq!(with(PROTOCOL_VERSION).negotiate().unwrap(), PROTOCOL_VERSION);
     assert!(with(0).negotiate().is_err());
     assert!(with(PROTOCOL_VERSION + 1).negotiate().is_err());
@@ -296,6 +367,7 @@ fn requests_are_frozen_and_round_trip() {
         let bytes = frame::encode_frame(&frame).unwrap();
         check(1, name, &bytes);
         check(2, name, &bytes);
+        check(3, name, &bytes);
         let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![frame], "{name} does not round-trip");
     }
@@ -303,6 +375,14 @@ fn requests_are_frozen_and_round_trip() {
         let frame = RequestFrame { id: 0x1234, request };
         let bytes = frame::encode_frame(&frame).unwrap();
         check(2, name, &bytes);
+        check(3, name, &bytes);
+        let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
+        assert_eq!(back, vec![frame], "{name} does not round-trip");
+    }
+    for (name, request) in requests_v3() {
+        let frame = RequestFrame { id: 0x1234, request };
+        let bytes = frame::encode_frame(&frame).unwrap();
+        check(3, name, &bytes);
         let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![frame], "{name} does not round-trip");
     }
@@ -313,9 +393,53 @@ fn server_messages_are_frozen_and_round_trip() {
     for (name, msg) in server_messages().into_iter().chain(server_messages_v2()) {
         let bytes = frame::encode_frame(&msg).unwrap();
         check(2, name, &bytes);
+        check(3, name, &bytes);
         let back: Vec<ServerMessage> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![msg.clone()], "{name} does not round-trip");
-        assert_eq!(frame::encode_server_frame(2, msg).unwrap(), bytes);
+        // Nothing protocol 3 added is in them: protocol 2 gets the same bytes.
+        assert_eq!(frame::encode_server_frame(2, msg.clone()).unwrap(), bytes);
+        assert_eq!(frame::encode_server_frame(3, msg).unwrap(), bytes);
+    }
+    for (name, msg) in server_messages_v3() {
+        let bytes = frame::encode_frame(&msg).unwrap();
+        check(3, name, &bytes);
+        let back: Vec<ServerMessage> = frame::decode_frames(&bytes).unwrap();
+        assert_eq!(back, vec![msg], "{name} does not round-trip");
+    }
+}
+
+/// What protocol 3 added reaches a protocol-2 client as variants protocol 2 has.
+#[test]
+fn protocol_2_clients_get_only_protocol_2_variants() {
+    for (name, msg) in server_messages_v3() {
+        let down = v2::downgrade(msg);
+        let known_wait = |w: &Option<WaitReason>| {
+            !matches!(
+                w,
+                Some(
+                    WaitReason::NoNetwork { .. }
+                        | WaitReason::MeteredNetwork
+                        | WaitReason::OnBattery
+                        | WaitReason::Discretionary
+                )
+            )
+        };
+        match &down {
+            ServerMessage::Event(Event::TaskUpdate(t)) => assert!(known_wait(&t.wait), "{name}: {t:?}"),
+            ServerMessage::Event(Event::Durable { event: DurableEvent::Completed { error: Some(e), .. }, .. }) => {
+                assert_eq!(e.code, ErrorCode::Network, "{name}");
+                assert!(e.message.starts_with("not_connected: "), "{name}: {e:?}");
+            }
+            ServerMessage::Response { result: Ok(Response::Session(s)), .. } => {
+                assert_eq!(s.config.launch, None, "{name}")
+            }
+            ServerMessage::Response { result: Ok(Response::Wake(w)), .. } => {
+                assert_eq!(*w, WakeOutcome::UnitStarted { unit: "org.example.App".into() }, "{name}")
+            }
+            ServerMessage::Response { result: Ok(Response::Ok), .. } => {}
+            other => panic!("{name}: {other:?}"),
+        }
+        assert_eq!(frame::encode_server_frame(2, down.clone()).unwrap(), frame::encode_frame(&down).unwrap());
     }
 }
 
