@@ -28,6 +28,9 @@ const NM_METERED_GUESS_YES: u32 = 3;
 pub struct Desktop {
     /// NetworkManager thinks the machine is connected (to something).
     pub nm_connected: Option<bool>,
+    /// NetworkManager's `Connectivity`: full (true), or none, behind a portal or limited
+    /// (false); unknown: `None`.
+    pub nm_internet: Option<bool>,
     pub metered: Option<bool>,
     pub on_battery: Option<bool>,
     pub battery_percent: Option<u8>,
@@ -127,6 +130,12 @@ async fn read(conn: &Connection) -> Desktop {
         Ok(nm) => match nm.get_property::<u32>("State").await {
             Ok(state) => {
                 d.nm_connected = Some(state >= NM_STATE_CONNECTED_LOCAL);
+                // NMConnectivityState: 1 none, 2 portal, 3 limited, 4 full (0: unknown).
+                d.nm_internet = match nm.get_property::<u32>("Connectivity").await {
+                    Ok(4) => Some(true),
+                    Ok(1..=3) => Some(false),
+                    _ => None,
+                };
                 // An older NetworkManager may lack `Metered`: then unknown.
                 d.metered = nm
                     .get_property::<u32>("Metered")

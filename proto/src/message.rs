@@ -135,7 +135,8 @@ impl Default for SessionPolicy {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Conditions {
     /// A route beyond the local networks exists (rtnetlink), and NetworkManager, when it
-    /// runs, does not say it is offline.
+    /// runs, says neither that it is disconnected nor that connectivity is none, behind a
+    /// portal or limited.
     pub online: bool,
     /// NetworkManager says the primary connection is metered (yes or guess-yes).
     pub metered: bool,

@@ -65,6 +65,11 @@ fn status_shows_the_network_and_power_the_desktop_reports() {
     assert_eq!(s["power"]["on_battery"], false, "{s}");
     assert!(s["network"]["source"].as_str().unwrap().contains("NetworkManager"), "{s}");
 
+    // Behind a captive portal NetworkManager says so: not online, whatever the routes.
+    set(&bus, NM, "Connectivity", "dbus.UInt32(2)");
+    wait_status(&env, "portal: offline", |s| s["network"]["online"] == false);
+    set(&bus, NM, "Connectivity", "dbus.UInt32(4)");
+    wait_status(&env, "full connectivity: online", |s| s["network"]["online"] == true);
     set(&bus, NM, "Metered", "dbus.UInt32(3)");
     set(&bus, DISPLAY, "Percentage", "dbus.Double(42.4)");
     set(&bus, UPOWER, "OnBattery", "dbus.Boolean(True)");

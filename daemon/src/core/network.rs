@@ -104,12 +104,18 @@ impl Core {
 
     /// Links, addresses or routes changed.
     pub(super) fn on_network_changed(&mut self) {
+        self.network_changed(false);
+    }
+
+    /// Looks at every task again; `internet_back`: NetworkManager says the internet is
+    /// reachable again (as when a default route returns).
+    fn network_changed(&mut self, internet_back: bool) {
         if !self.life.network_watched {
             return;
         }
         let was_online = self.life.online;
         self.life.online = net::default_route();
-        let (online, came_back) = (self.life.online, self.life.online && !was_online);
+        let (online, came_back) = (self.life.online, (self.life.online && !was_online) || internet_back);
         // One check per address per pass: thousands of tasks share few servers.
         let mut routes: HashMap<IpAddr, bool> = HashMap::new();
         let mut stop = Vec::new();
@@ -165,8 +171,12 @@ impl Core {
     /// NetworkManager or UPower said something new.
     pub(super) fn on_desktop(&mut self, facts: crate::desktop::Desktop) {
         let reconnected = facts.nm_connected == Some(true) && self.life.desktop.nm_connected == Some(false);
+        // Out of a captive portal (or limited connectivity) to the internet: the network is
+        // back even if no route changed.
+        let internet_back = facts.nm_internet == Some(true) && self.life.desktop.nm_internet == Some(false);
         info!(
             connected = ?facts.nm_connected,
+            internet = ?facts.nm_internet,
             metered = ?facts.metered,
             on_battery = ?facts.on_battery,
             battery_percent = ?facts.battery_percent,
@@ -174,8 +184,8 @@ impl Core {
         );
         self.life.desktop = facts;
         // NetworkManager connecting again is news about routes too.
-        if reconnected {
-            self.on_network_changed();
+        if reconnected || internet_back {
+            self.network_changed(internet_back);
         }
         self.enforce_policies();
     }
@@ -225,7 +235,9 @@ impl Core {
             (false, _) => format!("no rtnetlink; {}", d.network_source),
         };
         Conditions {
-            online: (!self.life.network_watched || self.life.online) && d.nm_connected != Some(false),
+            online: (!self.life.network_watched || self.life.online)
+                && d.nm_connected != Some(false)
+                && d.nm_internet != Some(false),
             metered: d.metered.unwrap_or(false),
             on_battery: d.on_battery.unwrap_or(false),
             battery_percent: d.battery_percent,
