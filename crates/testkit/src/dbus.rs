@@ -91,26 +91,27 @@ impl PrivateBus {
 
     /// Emits a signal from a mock object; `args` is a dbus-python list expression.
     pub fn emit_signal(&self, dest: &str, path: &str, iface: &str, name: &str, signature: &str, args: &str) {
-        let script = format!(
-            "import dbus\n\
-             o = dbus.bus.BusConnection({address:?}).get_object({dest:?}, {path:?})\n\
-             dbus.Interface(o, 'org.freedesktop.DBus.Mock').EmitSignal({iface:?}, {name:?}, {signature:?}, {args})\n",
-            address = self.address,
-        );
-        let out = Command::new("/usr/bin/python3").args(["-c", &script]).output().expect("run /usr/bin/python3");
-        assert!(out.status.success(), "emitting {name} from {dest}{path}: {}", String::from_utf8_lossy(&out.stderr));
+        let call = format!("m.EmitSignal({iface:?}, {name:?}, {signature:?}, {args})\n");
+        self.mock_call(dest, path, &call, &format!("emitting {name}"));
     }
 
     /// Gives a mock object a method that accepts `in_signature` and returns nothing.
     pub fn add_method(&self, dest: &str, path: &str, iface: &str, method: &str, in_signature: &str) {
+        let call = format!("m.AddMethod({iface:?}, {method:?}, {in_signature:?}, '', '')\n");
+        self.mock_call(dest, path, &call, &format!("adding {method}"));
+    }
+
+    /// Runs `call` (Python, with `m` the object's `org.freedesktop.DBus.Mock` interface)
+    /// against a mock object, through dbus-python; fails the test with `what` if it fails.
+    fn mock_call(&self, dest: &str, path: &str, call: &str, what: &str) {
         let script = format!(
             "import dbus\n\
              o = dbus.bus.BusConnection({address:?}).get_object({dest:?}, {path:?})\n\
-             dbus.Interface(o, 'org.freedesktop.DBus.Mock').AddMethod({iface:?}, {method:?}, {in_signature:?}, '', '')\n",
+             m = dbus.Interface(o, 'org.freedesktop.DBus.Mock')\n{call}",
             address = self.address,
         );
         let out = Command::new("/usr/bin/python3").args(["-c", &script]).output().expect("run /usr/bin/python3");
-        assert!(out.status.success(), "adding {method} to {dest}{path}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{what} on {dest}{path}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     fn has_owner(&self, name: &str) -> bool {
@@ -128,16 +129,11 @@ impl PrivateBus {
     /// `UpdateProperties`; a property the template lacks is added). `value` is a
     /// dbus-python expression, e.g. `dbus.Boolean(True)`, `dbus.UInt32(1)`.
     pub fn set_property(&self, dest: &str, path: &str, iface: &str, name: &str, value: &str) {
-        let script = format!(
-            "import dbus\n\
-             o = dbus.bus.BusConnection({address:?}).get_object({dest:?}, {path:?})\n\
-             m = dbus.Interface(o, 'org.freedesktop.DBus.Mock')\n\
-             try:\n    m.UpdateProperties({iface:?}, {{{name:?}: {value}}})\n\
-             except dbus.exceptions.DBusException:\n    m.AddProperty({iface:?}, {name:?}, {value})\n",
-            address = self.address,
+        let call = format!(
+            "try:\n    m.UpdateProperties({iface:?}, {{{name:?}: {value}}})\n\
+             except dbus.exceptions.DBusException:\n    m.AddProperty({iface:?}, {name:?}, {value})\n"
         );
-        let out = Command::new("/usr/bin/python3").args(["-c", &script]).output().expect("run /usr/bin/python3");
-        assert!(out.status.success(), "setting {name} on {dest}{path}: {}", String::from_utf8_lossy(&out.stderr));
+        self.mock_call(dest, path, &call, &format!("setting {name}"));
     }
 
     fn send(&self, args: &[&str]) -> String {

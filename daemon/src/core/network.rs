@@ -94,10 +94,7 @@ impl Core {
         let waiting: Vec<TaskId> =
             self.tasks.values().filter(|t| t.no_network_since.is_some()).map(|t| t.rec.id).collect();
         for id in waiting {
-            self.unqueue(id);
-            self.set_state(id, TaskState::Queued);
-            self.enqueue(id);
-            self.save_task(id, Vec::new());
+            self.retry_now(id, false, Vec::new());
         }
         self.schedule();
     }
@@ -157,13 +154,7 @@ impl Core {
             self.stop_worker(id, AfterStop::NoNetwork);
         }
         for id in go {
-            self.unqueue(id);
-            if let Some(t) = self.tasks.get_mut(&id) {
-                t.failures = 0;
-            }
-            self.set_state(id, TaskState::Queued);
-            self.enqueue(id);
-            self.save_task(id, Vec::new());
+            self.retry_now(id, true, Vec::new());
         }
         self.schedule();
     }

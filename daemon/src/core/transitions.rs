@@ -66,6 +66,18 @@ impl Core {
 
     /// Puts a queued task where it waits: its lane, or a timer until `earliest_begin`. A
     /// task whose data is complete has only its move left: that starts now, off the lanes.
+    /// A waiting (or queued) task goes again now: out of its timers, queued, stored; with
+    /// `reset_backoff` its next failure backs off from the start.
+    pub(super) fn retry_now(&mut self, id: TaskId, reset_backoff: bool, after: Vec<After>) {
+        self.unqueue(id);
+        if reset_backoff && let Some(t) = self.tasks.get_mut(&id) {
+            t.failures = 0;
+        }
+        self.set_state(id, TaskState::Queued);
+        self.enqueue(id);
+        self.save_task(id, after);
+    }
+
     pub(super) fn enqueue(&mut self, id: TaskId) {
         let now = now_ms();
         let Some(t) = self.tasks.get_mut(&id) else { return };

@@ -48,10 +48,7 @@ impl Core {
                 // kept: a resume is a nudge, not a promise that the problem is gone.
                 TaskState::Waiting => {
                     info!(task, "resumed while waiting: retrying now");
-                    self.unqueue(task);
-                    self.set_state(task, TaskState::Queued);
-                    self.enqueue(task);
-                    self.save_task(task, ok());
+                    self.retry_now(task, false, ok());
                     self.schedule();
                     Ok(Answer::Later)
                 }
