@@ -1,7 +1,7 @@
 //! Requests of any size: task batches, acknowledgements and listings split into requests
 //! that each stay well under the frame limit.
 
-use dlsession_proto::{Request, Response, SessionInfo, SessionQuery, TaskAction, TaskId, TaskSpec};
+use dlsession_proto::{Request, Response, SessionInfo, SessionQuery, TaskAction, TaskId, TaskPolicy, TaskSpec};
 use tracing::warn;
 
 use crate::connection::Client;
@@ -61,6 +61,18 @@ impl Client {
     pub async fn acknowledge_tasks(&self, tasks: &[TaskId]) -> Result<()> {
         for chunk in tasks.chunks(BATCH_IDS) {
             match self.request(Request::AcknowledgeTasks { tasks: chunk.to_vec() }).await? {
+                Response::Ok => {}
+                other => return Err(Error::UnexpectedResponse { expected: "ok", got: other.kind() }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives these tasks their own policy (each field set overrides their session's), in
+    /// requests of a bounded size. Each request is all or nothing.
+    pub async fn set_task_policy(&self, tasks: &[TaskId], policy: TaskPolicy) -> Result<()> {
+        for chunk in tasks.chunks(BATCH_IDS) {
+            match self.request(Request::SetTaskPolicy { tasks: chunk.to_vec(), policy }).await? {
                 Response::Ok => {}
                 other => return Err(Error::UnexpectedResponse { expected: "ok", got: other.kind() }),
             }

@@ -33,7 +33,7 @@ use crate::config::{DownloadRequest, SessionConfiguration};
 use crate::delegate::SessionDelegate;
 use crate::error::{Error, Result};
 use crate::stream::SessionEvent;
-use dlsession_proto::{ErrorCode, ErrorInfo, SessionInfo, TaskId, TaskInfo};
+use dlsession_proto::{ErrorCode, ErrorInfo, SessionInfo, TaskId, TaskInfo, TaskPolicy, TaskPolicyInfo};
 
 /// An attached background session, with blocking methods (see the [module](self)).
 ///
@@ -215,5 +215,15 @@ impl DownloadTask {
     /// State and counters, now.
     pub fn info(&self) -> Result<TaskInfo> {
         self.runtime.block_on(self.inner.info())
+    }
+
+    /// Gives the task its own policy (see [`crate::DownloadTask::set_policy`]).
+    pub fn set_policy(&self, policy: TaskPolicy) -> Result<()> {
+        self.runtime.block_on(self.inner.set_policy(policy))
+    }
+
+    /// The task's own policy, and the one it runs under.
+    pub fn policy(&self) -> Result<TaskPolicyInfo> {
+        self.runtime.block_on(self.inner.policy())
     }
 }

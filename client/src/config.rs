@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
-use dlsession_proto::{Header, LaunchSpec, SessionConfig, TaskSpec};
+use dlsession_proto::{Header, LaunchSpec, SessionConfig, TaskPolicy, TaskSpec};
 
 /// How a background session is set up. The configuration is stored with the session.
 /// Attaching again changes only what the app sets on it: a part left unset keeps its
@@ -336,12 +336,13 @@ impl SessionConfiguration {
 #[derive(Debug, Clone)]
 pub struct DownloadRequest {
     pub(crate) spec: TaskSpec,
+    pub(crate) policy: TaskPolicy,
 }
 
 impl DownloadRequest {
     /// A GET of `url` (http or https).
     pub fn new(url: impl Into<String>) -> DownloadRequest {
-        DownloadRequest { spec: TaskSpec::get(url) }
+        DownloadRequest { spec: TaskSpec::get(url), policy: TaskPolicy::default() }
     }
 
     /// A header added to this task's requests (after the session's headers).
@@ -397,6 +398,38 @@ impl DownloadRequest {
     pub fn expected_size(mut self, bytes: u64) -> Self {
         self.spec.expected_size = Some(bytes);
         self
+    }
+
+    /// Whether this task may download over a metered network, whatever its session says
+    /// (like `URLRequest`'s `allowsExpensiveNetworkAccess`). Unset, it follows the session.
+    pub fn allows_metered(mut self, allowed: bool) -> Self {
+        self.policy.allows_metered = Some(allowed);
+        self
+    }
+
+    /// Whether this task may download on battery power, whatever its session says.
+    pub fn allows_battery(mut self, allowed: bool) -> Self {
+        self.policy.allows_battery = Some(allowed);
+        self
+    }
+
+    /// Whether this task waits for good conditions (an unmetered network, and AC power or
+    /// a battery at 50 % or more), whatever its session says.
+    pub fn discretionary(mut self, discretionary: bool) -> Self {
+        self.policy.discretionary = Some(discretionary);
+        self
+    }
+
+    /// Whether this task waits for a route to its server (`no_network`) or completes with
+    /// `not_connected`, whatever its session says.
+    pub fn waits_for_connectivity(mut self, waits: bool) -> Self {
+        self.policy.waits_for_connectivity = Some(waits);
+        self
+    }
+
+    /// The task's own policy (fields left unset follow the session's).
+    pub fn policy(&self) -> TaskPolicy {
+        self.policy
     }
 
     /// The wire form of the request.

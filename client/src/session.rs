@@ -11,8 +11,8 @@ use crate::connection::Client;
 use crate::error::{Error, Result};
 use crate::stream::{SessionEvents, Subscribers};
 use dlsession_proto::{
-    DetachReason, ErrorCode, ErrorInfo, Request, Response, SessionInfo, TaskAction, TaskId, TaskInfo, TaskQuery,
-    TaskSpec,
+    DetachReason, ErrorCode, ErrorInfo, Request, Response, SessionInfo, TaskAction, TaskId, TaskInfo, TaskPolicy,
+    TaskPolicyInfo, TaskQuery, TaskSpec,
 };
 
 /// An error a task completed with (its [`ErrorInfo::code`] is one of the codes in docs/protocol.md).
@@ -118,10 +118,22 @@ impl Session {
     }
 
     async fn create(&self, requests: Vec<DownloadRequest>, resume: bool) -> Result<Vec<DownloadTask>> {
+        let policies: Vec<TaskPolicy> = requests.iter().map(DownloadRequest::policy).collect();
+        let with_policy = policies.iter().any(|p| !p.is_empty());
         let specs: Vec<TaskSpec> = requests.into_iter().map(DownloadRequest::into_spec).collect();
         let metas: Vec<(String, Option<String>)> =
             specs.iter().map(|s| (s.url.clone(), s.description.clone())).collect();
-        let ids = self.shared.client.create_tasks(&self.shared.identifier, specs, resume).await?;
+        let client = &self.shared.client;
+        // Tasks with their own policy are created suspended, given it, and only then
+        // resumed: none starts under the session's policy first.
+        let ids = client.create_tasks(&self.shared.identifier, specs, resume && !with_policy).await?;
+        if with_policy && let Err(e) = self.apply_policies(&ids, &policies, resume).await {
+            for &task in &ids {
+                let _ = client.request(Request::ControlTask { task, action: TaskAction::Cancel }).await;
+            }
+            let _ = client.acknowledge_tasks(&ids).await;
+            return Err(e);
+        }
         let tasks: Vec<DownloadTask> =
             ids.into_iter().zip(metas).map(|(id, (url, description))| self.task_handle(id, url, description)).collect();
         if let Ok(mut known) = self.shared.tasks.lock() {
@@ -130,6 +142,25 @@ impl Session {
             }
         }
         Ok(tasks)
+    }
+
+    async fn apply_policies(&self, ids: &[TaskId], policies: &[TaskPolicy], resume: bool) -> Result<()> {
+        let mut groups: Vec<(TaskPolicy, Vec<TaskId>)> = Vec::new();
+        for (&id, &policy) in ids.iter().zip(policies).filter(|(_, p)| !p.is_empty()) {
+            match groups.iter_mut().find(|(p, _)| *p == policy) {
+                Some((_, group)) => group.push(id),
+                None => groups.push((policy, vec![id])),
+            }
+        }
+        for (policy, group) in &groups {
+            self.shared.client.set_task_policy(group, *policy).await?;
+        }
+        if resume {
+            for &task in ids {
+                self.shared.client.request(Request::ControlTask { task, action: TaskAction::Resume }).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Creates a task continuing a download cancelled with
@@ -366,6 +397,21 @@ impl DownloadTask {
         match self.control(TaskAction::CancelProducingResumeData).await? {
             Response::ResumeData(data) => Ok(data),
             other => Err(Error::UnexpectedResponse { expected: "resume_data", got: other.kind() }),
+        }
+    }
+
+    /// Gives the task its own policy: each field set overrides its session's, the others
+    /// follow it. A running task that the policy refuses in today's conditions stops and
+    /// waits (keeping its data); fails for a completed task.
+    pub async fn set_policy(&self, policy: TaskPolicy) -> Result<()> {
+        self.client.set_task_policy(&[self.id], policy).await
+    }
+
+    /// The task's own policy, and the one it runs under with its session's.
+    pub async fn policy(&self) -> Result<TaskPolicyInfo> {
+        match self.client.request(Request::GetTaskPolicy { task: self.id }).await? {
+            Response::TaskPolicy(info) => Ok(info),
+            other => Err(Error::UnexpectedResponse { expected: "task_policy", got: other.kind() }),
         }
     }
 

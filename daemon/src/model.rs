@@ -90,6 +90,8 @@ pub struct TaskRecord {
     pub retired: bool,
     /// This task's own bandwidth limit (bytes per second), set by `dlsessionctl limit --task`.
     pub bandwidth_limit: Option<u64>,
+    /// This task's own policy, over its session's (`SetTaskPolicy`).
+    pub policy: dlsession_proto::TaskPolicy,
 }
 
 impl TaskRecord {
@@ -129,6 +131,7 @@ impl TaskRecord {
             resume_secret: None,
             retired: false,
             bandwidth_limit: None,
+            policy: dlsession_proto::TaskPolicy::default(),
         }
     }
 }

@@ -94,6 +94,12 @@ pub enum Request {
     SetSessionPolicy { identifier: String, policy: SessionPolicy },
     /// → [`Response::SessionPolicy`]
     GetSessionPolicy { identifier: String },
+    /// Gives tasks their own policy: each field that is set overrides the session's (all
+    /// or none of the tasks: an unknown or completed one refuses the whole request). Stored
+    /// with the tasks; running ones follow at once. → [`Response::Ok`]
+    SetTaskPolicy { tasks: Vec<TaskId>, policy: TaskPolicy },
+    /// → [`Response::TaskPolicy`]
+    GetTaskPolicy { task: TaskId },
 }
 
 /// When a session's tasks may run (like `URLSession`'s `allowsExpensiveNetworkAccess`,
@@ -129,6 +135,42 @@ impl Default for SessionPolicy {
             notify: false,
         }
     }
+}
+
+/// A task's own policy (like `URLRequest`'s `allowsExpensiveNetworkAccess`): each field
+/// that is set overrides its session's [`SessionPolicy`]; an unset one follows the session,
+/// also when the session's policy changes later. Notifications stay the session's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, Serialize, Deserialize)]
+pub struct TaskPolicy {
+    pub allows_metered: Option<bool>,
+    pub allows_battery: Option<bool>,
+    pub discretionary: Option<bool>,
+    pub waits_for_connectivity: Option<bool>,
+}
+
+impl TaskPolicy {
+    /// The policy a task of a session with `session`'s policy runs under.
+    pub fn over(self, session: SessionPolicy) -> SessionPolicy {
+        SessionPolicy {
+            allows_metered: self.allows_metered.unwrap_or(session.allows_metered),
+            allows_battery: self.allows_battery.unwrap_or(session.allows_battery),
+            discretionary: self.discretionary.unwrap_or(session.discretionary),
+            waits_for_connectivity: self.waits_for_connectivity.unwrap_or(session.waits_for_connectivity),
+            notify: session.notify,
+        }
+    }
+
+    /// Nothing overridden: the task follows its session.
+    pub fn is_empty(&self) -> bool {
+        *self == TaskPolicy::default()
+    }
+}
+
+/// A task's policy: its own overrides and what it runs under with its session's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskPolicyInfo {
+    pub own: TaskPolicy,
+    pub effective: SessionPolicy,
 }
 
 /// The machine's network and power, as the daemon last saw them.
@@ -200,6 +242,8 @@ impl Request {
             Request::GetConditions => "get_conditions",
             Request::SetSessionPolicy { .. } => "set_session_policy",
             Request::GetSessionPolicy { .. } => "get_session_policy",
+            Request::SetTaskPolicy { .. } => "set_task_policy",
+            Request::GetTaskPolicy { .. } => "get_task_policy",
         }
     }
 }
@@ -262,6 +306,7 @@ pub enum Response {
     BandwidthLimits(BandwidthLimits),
     Conditions(Conditions),
     SessionPolicy(SessionPolicy),
+    TaskPolicy(TaskPolicyInfo),
 }
 
 impl Response {
@@ -281,6 +326,7 @@ impl Response {
             Response::BandwidthLimits(_) => "bandwidth_limits",
             Response::Conditions(_) => "conditions",
             Response::SessionPolicy(_) => "session_policy",
+            Response::TaskPolicy(_) => "task_policy",
         }
     }
 }

@@ -83,7 +83,10 @@ fn response(r: Response) -> Response {
             Response::Status(s)
         }
         Response::Wake(WakeOutcome::Activated { app_id }) => Response::Wake(WakeOutcome::UnitStarted { unit: app_id }),
-        Response::BandwidthLimits(_) | Response::Conditions(_) | Response::SessionPolicy(_) => Response::Ok,
+        Response::BandwidthLimits(_)
+        | Response::Conditions(_)
+        | Response::SessionPolicy(_)
+        | Response::TaskPolicy(_) => Response::Ok,
         other => other,
     }
 }

@@ -257,6 +257,14 @@ fn requests_v3() -> Vec<(&'static str, Request)> {
             Request::SetSessionPolicy { identifier: "s".into(), policy: SessionPolicy::default() },
         ),
         ("req_get_session_policy", Request::GetSessionPolicy { identifier: "s".into() }),
+        (
+            "req_set_task_policy",
+            Request::SetTaskPolicy {
+                tasks: vec![7, 8],
+                policy: TaskPolicy { allows_metered: Some(false), discretionary: Some(true), ..TaskPolicy::default() },
+            },
+        ),
+        ("req_get_task_policy", Request::GetTaskPolicy { task: 7 }),
     ]
 }
 
@@ -307,6 +315,13 @@ fn server_messages_v3() -> Vec<(&'static str, ServerMessage)> {
             })),
         ),
         ("resp_session_policy", resp(Response::SessionPolicy(SessionPolicy::default()))),
+        (
+            "resp_task_policy",
+            resp(Response::TaskPolicy(TaskPolicyInfo {
+                own: TaskPolicy { allows_battery: Some(false), ..TaskPolicy::default() },
+                effective: SessionPolicy { allows_battery: false, ..SessionPolicy::default() },
+            })),
+        ),
     ]
 }
 

@@ -276,27 +276,33 @@ pub struct AttachArgs {
 #[derive(Debug, Args)]
 pub struct PolicyArgs {
     /// The session identifier
-    #[arg(value_name = "SESSION")]
-    pub session: String,
+    #[arg(value_name = "SESSION", required_unless_present = "task", conflicts_with = "task")]
+    pub session: Option<String>,
+
+    /// One task's own policy instead: what it sets overrides the session's, `inherit`
+    /// follows the session again
+    #[arg(long, value_name = "ID")]
+    pub task: Option<u64>,
 
     /// Download over metered networks (NetworkManager's Metered: yes or guess-yes)
-    #[arg(long, value_name = "allow|deny", value_parser = ["allow", "deny"])]
+    #[arg(long, value_name = "allow|deny", value_parser = ["allow", "deny", "inherit"])]
     pub metered: Option<String>,
 
     /// Download while the machine runs on battery
-    #[arg(long, value_name = "allow|deny", value_parser = ["allow", "deny"])]
+    #[arg(long, value_name = "allow|deny", value_parser = ["allow", "deny", "inherit"])]
     pub battery: Option<String>,
 
     /// Only in good conditions: an unmetered network, and AC power or a battery at 50 % or more
-    #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
+    #[arg(long, value_name = "on|off", value_parser = ["on", "off", "inherit"])]
     pub discretionary: Option<String>,
 
     /// With no route to the server, wait for one (on), or fail the task with not_connected (off)
-    #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
+    #[arg(long, value_name = "on|off", value_parser = ["on", "off", "inherit"])]
     pub wait_for_network: Option<String>,
 
     /// A desktop notification when the downloads are done and the app is not running
-    #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
+    /// (sessions only)
+    #[arg(long, value_name = "on|off", value_parser = ["on", "off"], conflicts_with = "task")]
     pub notify: Option<String>,
 }
 

@@ -300,6 +300,31 @@ pub struct TaskDetailJson {
     pub finished_at: Option<u64>,
     pub resource_deadline: Option<u64>,
     pub retired: bool,
+    /// The task's own bandwidth limit in bytes per second (live tasks).
+    pub bandwidth_limit: Option<u64>,
+    /// What the task sets itself over its session's policy (live tasks; `null` fields
+    /// follow the session).
+    pub own_policy: Option<TaskPolicyJson>,
+}
+
+/// A task's own policy: `null` follows its session.
+#[derive(Debug, Serialize)]
+pub struct TaskPolicyJson {
+    pub allows_metered: Option<bool>,
+    pub allows_battery: Option<bool>,
+    pub discretionary: Option<bool>,
+    pub waits_for_connectivity: Option<bool>,
+}
+
+impl From<dlsession_proto::TaskPolicy> for TaskPolicyJson {
+    fn from(p: dlsession_proto::TaskPolicy) -> TaskPolicyJson {
+        TaskPolicyJson {
+            allows_metered: p.allows_metered,
+            allows_battery: p.allows_battery,
+            discretionary: p.discretionary,
+            waits_for_connectivity: p.waits_for_connectivity,
+        }
+    }
 }
 
 impl From<&TaskDetail> for TaskDetailJson {
@@ -323,6 +348,8 @@ impl From<&TaskDetail> for TaskDetailJson {
             finished_at: d.finished_at,
             resource_deadline: d.resource_deadline,
             retired: d.retired,
+            bandwidth_limit: None,
+            own_policy: None,
         }
     }
 }

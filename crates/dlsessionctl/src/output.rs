@@ -198,13 +198,17 @@ pub fn wait_sentence(w: &WaitReason, task: u64, now: u64) -> String {
             relative(*since, now)
         ),
         WaitReason::MeteredNetwork => {
-            "queued: the network is metered and the session does not allow it (it goes on on an unmetered one)".into()
+            "queued: the network is metered and its policy does not allow it (it goes on on an unmetered one; \
+             see `dlsessionctl policy`)"
+                .into()
         }
         WaitReason::OnBattery => {
-            "queued: the machine runs on battery and the session does not allow it (it goes on on AC power)".into()
+            "queued: the machine runs on battery and its policy does not allow it (it goes on on AC power; see \
+             `dlsessionctl policy`)"
+                .into()
         }
         WaitReason::Discretionary => format!(
-            "queued: the session is discretionary: it waits for an unmetered network and AC power or a battery \
+            "queued: discretionary (its policy): it waits for an unmetered network and AC power or a battery \
              at {} % or more",
             dlsession_proto::DISCRETIONARY_BATTERY_PERCENT
         ),

@@ -55,6 +55,23 @@ fn wait_status(env: &TestEnv, what: &str, pred: impl Fn(&serde_json::Value) -> b
     }
 }
 
+/// Polls the task until `pred` holds (or fails after [`LONG`]).
+async fn poll(
+    task: &dlsession::DownloadTask,
+    what: &str,
+    pred: &dyn Fn(&dlsession::TaskInfo) -> bool,
+) -> dlsession::TaskInfo {
+    let deadline = Instant::now() + LONG;
+    loop {
+        let info = task.info().await.unwrap();
+        if pred(&info) {
+            return info;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}: {info:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[test]
 fn status_shows_the_network_and_power_the_desktop_reports() {
     let (env, bus) = desktop();
@@ -97,17 +114,7 @@ async fn a_session_that_refuses_metered_networks_waits_and_goes_on() {
     let policy = String::from_utf8_lossy(&env.ctl(&["policy", "t.metered"]).stdout).into_owned();
     assert!(policy.contains("metered networks not allowed, battery not allowed"), "{policy}");
     let task = session.download_tasks(vec![DownloadRequest::new(server.url("/m"))], true).await.unwrap().remove(0);
-    let poll = async |what: &str, pred: &dyn Fn(&dlsession::TaskInfo) -> bool| {
-        let deadline = Instant::now() + LONG;
-        loop {
-            let info = task.info().await.unwrap();
-            if pred(&info) {
-                return info;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}: {info:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
+    let poll = async |what: &str, pred: &dyn Fn(&dlsession::TaskInfo) -> bool| poll(&task, what, pred).await;
     poll("bytes", &|i| i.bytes_received > 0).await;
 
     // The network becomes metered: the task stops and waits, its data kept.
@@ -115,7 +122,7 @@ async fn a_session_that_refuses_metered_networks_waits_and_goes_on() {
     let held = poll("metered_network", &|i| i.wait == Some(WaitReason::MeteredNetwork)).await;
     assert_eq!(held.state, TaskState::Queued);
     let shown = String::from_utf8_lossy(&env.ctl(&["show", &task.id().to_string()]).stdout).into_owned();
-    assert!(shown.contains("the network is metered and the session does not allow it"), "{shown}");
+    assert!(shown.contains("the network is metered and its policy does not allow it"), "{shown}");
 
     // Unmetered but on battery: it waits for that instead.
     set(&bus, UPOWER, "OnBattery", "dbus.Boolean(True)");
@@ -301,4 +308,84 @@ async fn a_notification_tells_the_user_and_its_action_relaunches_the_app() {
     }
     let policy = String::from_utf8_lossy(&env.ctl(&["policy", "t.notify"]).stdout).into_owned();
     assert!(policy.contains("notifies when done"), "{policy}");
+}
+
+/// A task's own policy overrides its session's either way, is followed live (a running
+/// task stops for it and goes on when it is lifted), and is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tasks_own_policy_overrides_its_sessions() {
+    let (env, bus) = desktop();
+    let mut daemon = start(&env, &bus);
+    let server = TestServer::start().await.unwrap();
+    let len = 2 << 20;
+    for (path, seed) in [("/a", 31), ("/b", 32), ("/e", 33)] {
+        server.add(path, Resource::generated(len, seed).throttle(1 << 20));
+    }
+    set(&bus, NM, "Metered", "dbus.UInt32(1)");
+    wait_status(&env, "metered", |s| s["network"]["metered"] == true);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.own").allows_metered(false), delegate).await.unwrap();
+    let check = |events: &dlsession_testkit::app::Events, task: &dlsession::DownloadTask, seed: u64| {
+        let file = events.moved_to(task.id()).unwrap();
+        assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(seed, len)), "task {}", task.id());
+    };
+
+    // The session refuses the metered network; the task that allows it goes anyway.
+    let requests =
+        vec![DownloadRequest::new(server.url("/a")), DownloadRequest::new(server.url("/b")).allows_metered(true)];
+    let mut tasks = session.download_tasks(requests, true).await.unwrap();
+    let (b, a) = (tasks.pop().unwrap(), tasks.pop().unwrap());
+    assert_eq!(events.completion(b.id(), LONG).await, None);
+    check(&events, &b, 32);
+    let waiting = poll(&a, "a waits", &|i| i.wait == Some(WaitReason::MeteredNetwork)).await;
+    assert_eq!((waiting.state, waiting.bytes_received), (TaskState::Queued, 0), "a never started: {waiting:?}");
+    let shown = String::from_utf8_lossy(&env.ctl(&["show", &a.id().to_string()]).stdout).into_owned();
+    assert!(shown.contains("its own policy:    nothing (all as its session says)"), "{shown}");
+
+    // A task that refuses the battery in a session that allows it stops when the
+    // machine goes on battery, and goes on from where it was when its policy is lifted.
+    let e = session.download_task(DownloadRequest::new(server.url("/e")).allows_battery(false)).await.unwrap();
+    assert_eq!(e.policy().await.unwrap().own.allows_battery, Some(false));
+    let out = env.ctl(&["policy", "--task", &e.id().to_string(), "--metered", "allow"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let human = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(human.contains("its own: --metered allow, --battery deny"), "{human}");
+    e.resume().await.unwrap();
+    poll(&e, "e downloads", &|i| i.bytes_received > 0).await;
+    set(&bus, UPOWER, "OnBattery", "dbus.Boolean(True)");
+    let held = poll(&e, "e waits for AC", &|i| i.wait == Some(WaitReason::OnBattery)).await;
+    assert!(held.bytes_received > 0 && held.bytes_received < len, "{held:?}");
+    let out = env.ctl(&["--json", "policy", "--task", &e.id().to_string(), "--battery", "inherit"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (json["allows_battery"].clone(), json["own"]["allows_battery"].clone()),
+        (true.into(), serde_json::Value::Null),
+        "{json}"
+    );
+    assert_eq!(events.completion(e.id(), LONG).await, None);
+    check(&events, &e, 33);
+    let detail: serde_json::Value =
+        serde_json::from_slice(&env.ctl(&["--json", "show", &e.id().to_string()]).stdout).unwrap();
+    assert_eq!(detail["attempts"], 2, "stopped once, resumed once: {detail}");
+
+    // Given its own leave while it waits, the first task goes too.
+    let out = env.ctl(&["policy", "--task", &a.id().to_string(), "--metered", "allow"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(events.completion(a.id(), LONG).await, None);
+    check(&events, &a, 31);
+
+    // Stored: a suspended task's policy survives a crash of the daemon.
+    let f = session.download_task(DownloadRequest::new(server.url("/a")).discretionary(true)).await.unwrap();
+    daemon.kill9();
+    daemon.restart();
+    let out = env.ctl(&["--json", "policy", "--task", &f.id().to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["own"]["discretionary"], true, "{json}");
+    assert_eq!(json["allows_metered"], false, "the session's, inherited: {json}");
+    // Bad input: an unknown task, and `inherit` for a session.
+    let out = env.ctl(&["policy", "--task", "999999", "--metered", "deny"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no live task 999999"));
+    let out = env.ctl(&["policy", "t.own", "--metered", "inherit"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -1,17 +1,22 @@
 //! Who may start, and why the others wait: the daemon-wide, per-session and per-host
-//! limits, and the run queues they guard.
+//! limits, the policies, and the run queues they guard.
 //!
 //! One function, [`Slots::admit`], answers both "may this task start now?" and "why
-//! not?": the scheduler (`Slots::pop_next`) is built from its two halves and `tasks` /
-//! `show` report its refusal, so the two can never disagree about why a task waits.
+//! not?": the scheduler (`Slots::pop_next`) is built from its parts and `tasks` / `show`
+//! report its refusal, so the two can never disagree about why a task waits.
+//!
+//! Policies (a task's own over its session's) are weighed per task, not per lane: a
+//! queued task its policy refuses in today's conditions is *held* off the lanes, so the
+//! scheduler never looks at it, and `Core::enforce_policies` moves tasks between the lanes
+//! and the held set whenever conditions or policies change.
 //!
 //! Invariants kept here: `running` holds exactly the tasks with a worker, `downloading`
-//! counts those of them that still hold a download slot, and every generation number is
-//! used once.
+//! counts those of them that still hold a download slot, a queued task is in at most one
+//! of its lane and `held`, and every generation number is used once.
 
 use std::collections::HashSet;
 
-use dlsession_proto::TaskId;
+use dlsession_proto::{SessionPolicy, TaskId};
 
 use super::sched::{LaneKey, Lanes};
 use super::sessions::{Session, Sessions};
@@ -58,6 +63,8 @@ pub(super) struct Slots {
     lanes: Lanes,
     /// Every task with a worker: downloading, or syncing and moving its file.
     running: HashSet<TaskId>,
+    /// Queued tasks that their policy keeps waiting in today's conditions (off the lanes).
+    held: HashSet<TaskId>,
     /// How many of them still hold a download slot (`Run::holds_slot`).
     downloading: usize,
     next_generation: u64,
@@ -65,23 +72,33 @@ pub(super) struct Slots {
 
 impl Slots {
     pub fn new() -> Slots {
-        Slots { lanes: Lanes::default(), running: HashSet::new(), downloading: 0, next_generation: 1 }
+        Slots {
+            lanes: Lanes::default(),
+            running: HashSet::new(),
+            held: HashSet::new(),
+            downloading: 0,
+            next_generation: 1,
+        }
     }
 
-    /// May a task of `session` on `lane` start now? Daemon-wide limits first, then the
-    /// session's, then the host's.
-    pub fn admit(&self, limits: Limits, session: &Session, lane: &LaneKey) -> Result<(), Refusal> {
+    /// May a task of `session` on `lane`, running under `policy`, start now? The daemon's
+    /// state first, then the policy (which holds the task whatever the slots), then the
+    /// daemon's, the session's and the host's limits.
+    pub fn admit(
+        &self,
+        limits: Limits,
+        session: &Session,
+        lane: &LaneKey,
+        policy: SessionPolicy,
+    ) -> Result<(), Refusal> {
+        admit_state(limits)?;
+        admit_policy(policy, limits)?;
         self.admit_daemon(limits)?;
-        admit_in_session(session, self.lanes.running(lane), limits)
+        admit_in_session(session, self.lanes.running(lane))
     }
 
     fn admit_daemon(&self, limits: Limits) -> Result<(), Refusal> {
-        if limits.shutting_down {
-            return Err(Refusal::ShuttingDown);
-        }
-        if limits.storage_full {
-            return Err(Refusal::StorageFull);
-        }
+        admit_state(limits)?;
         let max = limits.max_downloads as usize;
         if self.downloading >= max || self.running.len() >= max.saturating_mul(FINISHING_FACTOR) {
             return Err(Refusal::Daemon { limit: limits.max_downloads });
@@ -89,11 +106,12 @@ impl Slots {
         Ok(())
     }
 
-    /// Takes the best queued task that `admit` lets start (priority, then age), if any.
+    /// Takes the best queued task that `admit` lets start (priority, then age), if any;
+    /// the lanes hold only tasks their policy lets run (see the module's comment).
     pub fn pop_next(&mut self, limits: Limits, sessions: &Sessions) -> Option<(LaneKey, TaskId)> {
         self.admit_daemon(limits).ok()?;
         self.lanes.pop_best(|(key, _), lane_running| {
-            sessions.get(key).is_some_and(|s| admit_in_session(s, lane_running, limits).is_ok())
+            sessions.get(key).is_some_and(|s| admit_in_session(s, lane_running).is_ok())
         })
     }
 
@@ -102,7 +120,27 @@ impl Slots {
     }
 
     pub fn unqueue(&mut self, lane: &LaneKey, priority: f32, id: TaskId) {
+        if !self.held.remove(&id) {
+            self.lanes.remove(lane, priority, id);
+        }
+    }
+
+    /// A queued task that its policy refuses now waits off the lanes (taken out of its
+    /// lane if it was there).
+    pub fn hold(&mut self, lane: &LaneKey, priority: f32, id: TaskId) {
         self.lanes.remove(lane, priority, id);
+        self.held.insert(id);
+    }
+
+    /// A held task that its policy allows again goes back to its lane.
+    pub fn release(&mut self, lane: &LaneKey, priority: f32, id: TaskId) {
+        if self.held.remove(&id) {
+            self.lanes.push(lane, priority, id);
+        }
+    }
+
+    pub fn is_held(&self, id: TaskId) -> bool {
+        self.held.contains(&id)
     }
 
     /// A number for a new worker (its reports carry it; stale ones are told apart).
@@ -145,15 +183,25 @@ impl Slots {
         self.running.len()
     }
 
-    /// Nothing queued and nothing running.
+    /// Nothing queued (held or not) and nothing running.
     pub fn is_idle(&self) -> bool {
-        self.running.is_empty() && self.lanes.is_empty()
+        self.running.is_empty() && self.lanes.is_empty() && self.held.is_empty()
     }
 }
 
-/// The session's and host's half of admission, for a lane with `lane_running` workers.
-/// Whether the session's policy lets its tasks run in these conditions.
-pub(super) fn admit_policy(policy: dlsession_proto::SessionPolicy, l: Limits) -> Result<(), Refusal> {
+/// Nothing starts while the daemon stops or its database refuses writes.
+fn admit_state(limits: Limits) -> Result<(), Refusal> {
+    if limits.shutting_down {
+        return Err(Refusal::ShuttingDown);
+    }
+    if limits.storage_full {
+        return Err(Refusal::StorageFull);
+    }
+    Ok(())
+}
+
+/// Whether a task under `policy` (its own over its session's) may run in these conditions.
+pub(super) fn admit_policy(policy: SessionPolicy, l: Limits) -> Result<(), Refusal> {
     if l.metered && !policy.allows_metered {
         return Err(Refusal::Metered);
     }
@@ -168,8 +216,8 @@ pub(super) fn admit_policy(policy: dlsession_proto::SessionPolicy, l: Limits) ->
     Ok(())
 }
 
-fn admit_in_session(s: &Session, lane_running: u32, limits: Limits) -> Result<(), Refusal> {
-    admit_policy(s.rec.policy, limits)?;
+/// The session's and host's part of admission, for a lane with `lane_running` workers.
+fn admit_in_session(s: &Session, lane_running: u32) -> Result<(), Refusal> {
     if let Some(limit) = s.rec.config.max_concurrent_tasks.filter(|&m| s.running >= m) {
         return Err(Refusal::Session { limit });
     }
@@ -207,27 +255,27 @@ mod tests {
         let mut started = Vec::new();
         while let Some((lane, id)) = slots.pop_next(limits, &sessions) {
             let s = sessions.get(&key).unwrap();
-            assert_eq!(slots.admit(limits, s, &lane), Ok(()), "started {id} although admit refuses it");
+            let p = SessionPolicy::default();
+            assert_eq!(slots.admit(limits, s, &lane, p), Ok(()), "started {id} although admit refuses it");
             slots.occupy(id, Some(&lane));
             sessions.get_mut(&key).unwrap().running += 1;
             started.push(id);
         }
         assert_eq!(started, vec![1, 3]);
         let s = sessions.get(&key).unwrap();
-        assert_eq!(slots.admit(limits, s, &a), Err(Refusal::Daemon { limit: 2 }));
+        assert_eq!(slots.admit(limits, s, &a, SessionPolicy::default()), Err(Refusal::Daemon { limit: 2 }));
         slots.free_slot(&b);
         slots.vacate(3);
         sessions.get_mut(&key).unwrap().running -= 1;
         let s = sessions.get(&key).unwrap();
-        assert_eq!(slots.admit(limits, s, &a), Err(Refusal::Host { limit: 1 }));
+        assert_eq!(slots.admit(limits, s, &a, SessionPolicy::default()), Err(Refusal::Host { limit: 1 }));
         assert_eq!(slots.pop_next(limits, &sessions), None, "task 2 waits for its host");
         let full = Limits { storage_full: true, ..limits };
-        assert_eq!(slots.admit(full, s, &b), Err(Refusal::StorageFull));
+        assert_eq!(slots.admit(full, s, &b, SessionPolicy::default()), Err(Refusal::StorageFull));
     }
 
     #[test]
     fn policies_weigh_the_conditions() {
-        use dlsession_proto::SessionPolicy;
         let good = Limits {
             max_downloads: 1,
             shutting_down: false,
@@ -246,5 +294,46 @@ mod tests {
         let low = Limits { on_battery: true, battery_percent: Some(30), ..good };
         assert_eq!(admit_policy(discretionary, low), Err(Refusal::Discretionary));
         assert_eq!(admit_policy(discretionary, Limits { battery_percent: Some(80), ..low }), Ok(()));
+    }
+
+    /// A held task is never started, is released into its lane, and leaves on unqueue.
+    #[test]
+    fn held_tasks_stay_off_the_lanes() {
+        let mut sessions = Sessions::new(0);
+        let key = sessions.create("s".into(), SessionConfig::default(), 0).key;
+        let mut slots = Slots::new();
+        let lane = (key, "a:80".to_owned());
+        let limits = Limits {
+            max_downloads: 4,
+            shutting_down: false,
+            storage_full: false,
+            metered: true,
+            on_battery: false,
+            battery_percent: None,
+        };
+        slots.queue(&lane, 0.9, 1);
+        slots.queue(&lane, 0.1, 2);
+        slots.hold(&lane, 0.9, 1);
+        assert!(slots.is_held(1) && !slots.is_idle());
+        assert_eq!(slots.pop_next(limits, &sessions), Some((lane.clone(), 2)), "the held task is skipped");
+        assert_eq!(slots.pop_next(limits, &sessions), None);
+        slots.release(&lane, 0.9, 1);
+        slots.release(&lane, 0.9, 1);
+        assert!(!slots.is_held(1));
+        assert_eq!(slots.pop_next(limits, &sessions), Some((lane.clone(), 1)));
+        assert_eq!(slots.pop_next(limits, &sessions), None, "released once");
+        slots.queue(&lane, 0.5, 3);
+        slots.hold(&lane, 0.5, 3);
+        slots.unqueue(&lane, 0.5, 3);
+        assert!(!slots.is_held(3));
+        let s = sessions.get(&key).unwrap();
+        let strict = SessionPolicy { allows_metered: false, ..SessionPolicy::default() };
+        assert_eq!(slots.admit(limits, s, &lane, strict), Err(Refusal::Metered));
+        let full = Limits { max_downloads: 0, ..limits };
+        assert_eq!(
+            slots.admit(full, s, &lane, strict),
+            Err(Refusal::Metered),
+            "the policy is the reason, not the slots"
+        );
     }
 }

@@ -51,7 +51,7 @@ impl Core {
                     return Some(WaitReason::EarliestBegin { at });
                 }
                 // The scheduler's own answer (see `admission`).
-                let refusal = self.slots.admit(self.limits(), s, &t.lane()).err()?;
+                let refusal = self.slots.admit(self.limits(), s, &t.lane(), self.policy_of(t)).err()?;
                 Some(match refusal {
                     // Stopping: nothing to explain, the daemon is going away.
                     Refusal::ShuttingDown => return None,

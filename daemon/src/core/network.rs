@@ -2,8 +2,9 @@
 //! networks and battery"): a task whose peer has no route waits with `no_network` and
 //! spends no attempts; a running one whose route goes away stops at once (its data kept);
 //! when routes come back, those tasks, and tasks backing off after network errors, go again
-//! at once with their backoff reset. Sessions whose policy refuses the metered network or
-//! the battery stop and wait; they go on when conditions allow.
+//! at once with their backoff reset. Tasks whose policy (their own over their session's)
+//! refuses the metered network or the battery stop and wait; they go on when conditions
+//! allow.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -16,7 +17,7 @@ use super::task::{AfterStop, Task};
 use crate::engine::Failure;
 use crate::model::now_ms;
 use crate::net;
-use dlsession_proto::{Conditions, ErrorCode, TaskId, TaskState};
+use dlsession_proto::{Conditions, ErrorCode, SessionPolicy, TaskId, TaskState};
 
 /// Whether `failure` may mean the network is gone (rather than the server refusing).
 fn network_class(failure: &Failure) -> bool {
@@ -60,13 +61,20 @@ impl Core {
         self.tasks.get(&id).is_some_and(|t| !Self::reachable(t, net::default_route(), &mut HashMap::new()))
     }
 
-    /// Whether the task's session waits for connectivity (else its task completes with
-    /// `not_connected` when there is no route).
+    /// Whether the task waits for connectivity (else it completes with `not_connected` when
+    /// there is no route).
     pub(super) fn waits_for_network(&self, id: TaskId) -> bool {
-        self.tasks
-            .get(&id)
-            .and_then(|t| self.sessions.get(&t.rec.session))
-            .is_none_or(|s| s.rec.policy.waits_for_connectivity)
+        self.tasks.get(&id).is_none_or(|t| self.policy_of(t).waits_for_connectivity)
+    }
+
+    /// The policy `t` runs under: its own over its session's.
+    pub(super) fn policy_of(&self, t: &Task) -> SessionPolicy {
+        t.rec.policy.over(self.sessions.get(&t.rec.session).map(|s| s.rec.policy).unwrap_or_default())
+    }
+
+    /// Whether `t`'s policy keeps it from running in today's conditions.
+    pub(super) fn policy_refuses(&self, t: &Task) -> bool {
+        admit_policy(self.policy_of(t), self.limits()).is_err()
     }
 
     /// Puts the task in `waiting` with `no_network`: no timer, no attempt, until a route
@@ -181,19 +189,46 @@ impl Core {
         self.enforce_policies();
     }
 
-    /// Stops the running tasks whose session's policy refuses the conditions now (they
-    /// wait, queued, with the reason), and starts what the conditions allow.
+    /// Makes every task follow its policy (its own over its session's) in today's
+    /// conditions: running tasks it refuses stop and wait, queued ones it refuses are held
+    /// off the lanes, held ones it allows again go back to them, and what may start starts.
     pub(super) fn enforce_policies(&mut self) {
         let limits = self.limits();
-        let refused: Vec<TaskId> = self
-            .tasks
-            .values()
-            .filter(|t| t.state == TaskState::Running && t.rec.phase == crate::model::Phase::Transfer)
-            .filter(|t| self.sessions.get(&t.rec.session).is_some_and(|s| admit_policy(s.rec.policy, limits).is_err()))
-            .map(|t| t.rec.id)
-            .collect();
-        if !refused.is_empty() {
-            info!(stopped = refused.len(), "conditions changed: tasks wait for their sessions' policies");
+        let (mut refused, mut hold, mut release) = (Vec::new(), Vec::new(), Vec::new());
+        for t in self.tasks.values() {
+            if t.rec.phase != crate::model::Phase::Transfer {
+                continue;
+            }
+            let allowed = admit_policy(self.policy_of(t), limits).is_ok();
+            let id = t.rec.id;
+            match t.state {
+                TaskState::Running if !allowed => refused.push(id),
+                // On a timer (`earliest_begin`) a task is in no lane: `enqueue` weighs its
+                // policy when the timer fires.
+                TaskState::Queued if t.timer.is_none() => {
+                    let held = self.slots.is_held(id);
+                    if held && allowed {
+                        release.push((t.lane(), t.rec.priority, id));
+                    } else if !held && !allowed {
+                        hold.push((t.lane(), t.rec.priority, id));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !refused.is_empty() || !hold.is_empty() || !release.is_empty() {
+            info!(
+                stopped = refused.len(),
+                held = hold.len(),
+                released = release.len(),
+                "conditions or policies changed: tasks follow their policies"
+            );
+        }
+        for (lane, prio, id) in hold {
+            self.slots.hold(&lane, prio, id);
+        }
+        for (lane, prio, id) in release {
+            self.slots.release(&lane, prio, id);
         }
         for id in refused {
             self.stop_worker(id, AfterStop::Requeue);
@@ -203,7 +238,7 @@ impl Core {
             .tasks
             .values()
             .filter(|t| t.state == TaskState::Waiting && t.no_network_since.is_some())
-            .filter(|t| self.sessions.get(&t.rec.session).is_some_and(|s| !s.rec.policy.waits_for_connectivity))
+            .filter(|t| !self.policy_of(t).waits_for_connectivity)
             .map(|t| t.rec.id)
             .collect();
         if !given_up.is_empty() {

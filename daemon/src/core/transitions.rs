@@ -93,9 +93,13 @@ impl Core {
                 self.timers.set(at, Timer::Begin(id));
             }
             None => {
-                let lane = t.lane();
-                let prio = t.rec.priority;
-                self.slots.queue(&lane, prio, id);
+                let (lane, prio) = (t.lane(), t.rec.priority);
+                let refused = self.tasks.get(&id).is_some_and(|t| self.policy_refuses(t));
+                if refused {
+                    self.slots.hold(&lane, prio, id);
+                } else {
+                    self.slots.queue(&lane, prio, id);
+                }
             }
         }
     }

@@ -170,14 +170,15 @@ const TASK_COLUMNS: &str = "id, session_id, url, headers, description, priority,
     destination, overwrite, expected_size, created_at, state, phase, committed_offset, bytes_expected, etag,
     last_modified, final_url, response_status, response_headers, attempts, last_error_code, last_error_msg,
     last_error_http, retry_at, started_at, finished_at, resource_deadline, location, error_code, error_msg,
-    error_http, resume_secret, retired, file_mode, bandwidth_limit";
+    error_http, resume_secret, retired, file_mode, bandwidth_limit, allows_metered, allows_battery, discretionary,
+    waits_for_connectivity";
 
 /// Inserts or replaces a task row (one statement for both, so the column lists cannot drift).
 pub fn save_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare_cached(&format!(
         "INSERT INTO tasks ({TASK_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
             ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35,
-            ?36, ?37)
+            ?36, ?37, ?38, ?39, ?40, ?41)
          ON CONFLICT(id) DO UPDATE SET priority = excluded.priority, state = excluded.state,
             phase = excluded.phase, committed_offset = excluded.committed_offset,
             bytes_expected = excluded.bytes_expected, etag = excluded.etag, last_modified = excluded.last_modified,
@@ -189,7 +190,9 @@ pub fn save_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
             resource_deadline = excluded.resource_deadline, location = excluded.location,
             error_code = excluded.error_code, error_msg = excluded.error_msg, error_http = excluded.error_http,
             resume_secret = excluded.resume_secret, retired = excluded.retired, file_mode = excluded.file_mode,
-            bandwidth_limit = excluded.bandwidth_limit"
+            bandwidth_limit = excluded.bandwidth_limit, allows_metered = excluded.allows_metered,
+            allows_battery = excluded.allows_battery, discretionary = excluded.discretionary,
+            waits_for_connectivity = excluded.waits_for_connectivity"
     ))?;
     let (lec, lem, leh) = error_columns(&t.last_error);
     let (ec, em, eh) = error_columns(&t.error);
@@ -231,6 +234,10 @@ pub fn save_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
         t.retired,
         t.file_mode,
         i64_opt(t.bandwidth_limit),
+        t.policy.allows_metered,
+        t.policy.allows_battery,
+        t.policy.discretionary,
+        t.policy.waits_for_connectivity,
     ])?;
     Ok(())
 }
@@ -280,6 +287,12 @@ fn task_from_row(r: &Row<'_>) -> rusqlite::Result<TaskRecord> {
         retired: r.get(34)?,
         file_mode: r.get::<_, Option<u32>>(35)?.filter(|m| *m <= 0o777).unwrap_or(DEFAULT_FILE_MODE),
         bandwidth_limit: r.get::<_, Option<i64>>(36)?.and_then(|v| u64::try_from(v).ok()).filter(|v| *v > 0),
+        policy: dlsession_proto::TaskPolicy {
+            allows_metered: r.get(37)?,
+            allows_battery: r.get(38)?,
+            discretionary: r.get(39)?,
+            waits_for_connectivity: r.get(40)?,
+        },
     })
 }
 

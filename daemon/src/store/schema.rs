@@ -105,6 +105,11 @@ const MIGRATIONS: &[&str] = &[
     // 6: more of it: waiting for a route, notifications.
     "ALTER TABLE sessions ADD COLUMN waits_for_connectivity INTEGER NOT NULL DEFAULT 1;
      ALTER TABLE sessions ADD COLUMN notify INTEGER NOT NULL DEFAULT 0;",
+    // 7: a task's own policy over its session's (NULL: as the session says).
+    "ALTER TABLE tasks ADD COLUMN allows_metered INTEGER;
+     ALTER TABLE tasks ADD COLUMN allows_battery INTEGER;
+     ALTER TABLE tasks ADD COLUMN discretionary INTEGER;
+     ALTER TABLE tasks ADD COLUMN waits_for_connectivity INTEGER;",
 ];
 
 pub const LATEST_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -1,57 +1,89 @@
-//! `dlsessionctl policy SESSION [--metered allow|deny] [--battery allow|deny] [--discretionary on|off]`
+//! `dlsessionctl policy SESSION [--metered allow|deny] [--battery allow|deny] [--discretionary on|off] …`
+//! and `dlsessionctl policy --task ID […|inherit]`: shows a policy, after changing what
+//! the flags name.
 
 use std::io::Write;
 
-use dlsession_proto::{Request, Response, SessionPolicy};
+use dlsession_proto::{Request, Response, SessionPolicy, TaskPolicy, TaskPolicyInfo};
 use serde::Serialize;
 
 use crate::cli::PolicyArgs;
 use crate::commands::ctx::{Ctx, request_ok};
 use crate::error::{CliError, Exit, Result};
-use crate::json;
+use crate::json::{self, TaskPolicyJson};
 
 pub async fn run(ctx: &Ctx, args: PolicyArgs) -> Result<Exit> {
+    match (args.task, args.session.clone()) {
+        (Some(task), _) => run_task(ctx, task, &args).await,
+        (None, Some(session)) => run_session(ctx, &session, &args).await,
+        (None, None) => Err(CliError::usage("name a SESSION or a --task")),
+    }
+}
+
+async fn run_session(ctx: &Ctx, session: &str, args: &PolicyArgs) -> Result<Exit> {
+    let inherit = [&args.metered, &args.battery, &args.discretionary, &args.wait_for_network];
+    if inherit.iter().any(|v| v.as_deref() == Some("inherit")) {
+        return Err(CliError::usage("`inherit` is for a task's policy (--task ID): a session has nothing to inherit"));
+    }
     let client = ctx.connect().await?;
-    let mut policy = match client.request(Request::GetSessionPolicy { identifier: args.session.clone() }).await? {
+    let mut policy = match client.request(Request::GetSessionPolicy { identifier: session.to_owned() }).await? {
         Response::SessionPolicy(p) => p,
         other => return Err(CliError::unexpected("session_policy", &other)),
     };
     let before = policy;
-    if let Some(m) = &args.metered {
-        policy.allows_metered = m == "allow";
-    }
-    if let Some(b) = &args.battery {
-        policy.allows_battery = b == "allow";
-    }
-    if let Some(d) = &args.discretionary {
-        policy.discretionary = d == "on";
-    }
-    if let Some(w) = &args.wait_for_network {
-        policy.waits_for_connectivity = w == "on";
-    }
-    if let Some(n) = &args.notify {
-        policy.notify = n == "on";
-    }
+    let on = |v: &Option<String>, yes: &str, current: bool| v.as_deref().map_or(current, |v| v == yes);
+    policy.allows_metered = on(&args.metered, "allow", policy.allows_metered);
+    policy.allows_battery = on(&args.battery, "allow", policy.allows_battery);
+    policy.discretionary = on(&args.discretionary, "on", policy.discretionary);
+    policy.waits_for_connectivity = on(&args.wait_for_network, "on", policy.waits_for_connectivity);
+    policy.notify = on(&args.notify, "on", policy.notify);
     if policy != before {
-        let request = Request::SetSessionPolicy { identifier: args.session.clone(), policy };
+        let request = Request::SetSessionPolicy { identifier: session.to_owned(), policy };
         request_ok(&client, request).await?;
     }
     if ctx.json {
-        json::print(&PolicyJson {
-            session: &args.session,
-            allows_metered: policy.allows_metered,
-            allows_battery: policy.allows_battery,
-            discretionary: policy.discretionary,
-            waits_for_connectivity: policy.waits_for_connectivity,
-            notify: policy.notify,
-        })?;
+        json::print(&PolicyJson::of(policy, Some(session), None, None))?;
     } else {
-        writeln!(std::io::stdout().lock(), "{}: {}", args.session, describe(policy))?;
+        writeln!(std::io::stdout().lock(), "{session}: {}", describe(policy))?;
     }
     Ok(Exit::Success)
 }
 
-fn describe(p: SessionPolicy) -> String {
+async fn run_task(ctx: &Ctx, task: u64, args: &PolicyArgs) -> Result<Exit> {
+    let client = ctx.connect().await?;
+    let get = || async {
+        match client.request(Request::GetTaskPolicy { task }).await? {
+            Response::TaskPolicy(p) => Ok::<TaskPolicyInfo, CliError>(p),
+            other => Err(CliError::unexpected("task_policy", &other)),
+        }
+    };
+    let mut info = get().await?;
+    let mut own = info.own;
+    // allow/on → Some(true), deny/off → Some(false), inherit → None, absent → unchanged.
+    let set = |v: &Option<String>, yes: &str, current: Option<bool>| match v.as_deref() {
+        None => current,
+        Some("inherit") => None,
+        Some(v) => Some(v == yes),
+    };
+    own.allows_metered = set(&args.metered, "allow", own.allows_metered);
+    own.allows_battery = set(&args.battery, "allow", own.allows_battery);
+    own.discretionary = set(&args.discretionary, "on", own.discretionary);
+    own.waits_for_connectivity = set(&args.wait_for_network, "on", own.waits_for_connectivity);
+    if own != info.own {
+        request_ok(&client, Request::SetTaskPolicy { tasks: vec![task], policy: own }).await?;
+        info = get().await?;
+    }
+    if ctx.json {
+        json::print(&PolicyJson::of(info.effective, None, Some(task), Some(info.own)))?;
+    } else {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "task {task}: {}", describe(info.effective))?;
+        writeln!(out, "  its own: {}", describe_own(info.own))?;
+    }
+    Ok(Exit::Success)
+}
+
+pub(crate) fn describe(p: SessionPolicy) -> String {
     let allowed = |yes: bool| if yes { "allowed" } else { "not allowed" };
     format!(
         "metered networks {}, battery {}, {}, {}, {}",
@@ -63,12 +95,48 @@ fn describe(p: SessionPolicy) -> String {
     )
 }
 
+/// What a task sets itself, in the flags' words.
+pub(crate) fn describe_own(p: TaskPolicy) -> String {
+    let mut parts = Vec::new();
+    let mut name = |flag: &str, v: Option<bool>, yes: &str, no: &str| {
+        if let Some(v) = v {
+            parts.push(format!("--{flag} {}", if v { yes } else { no }));
+        }
+    };
+    name("metered", p.allows_metered, "allow", "deny");
+    name("battery", p.allows_battery, "allow", "deny");
+    name("discretionary", p.discretionary, "on", "off");
+    name("wait-for-network", p.waits_for_connectivity, "on", "off");
+    if parts.is_empty() { "nothing (all as its session says)".to_owned() } else { parts.join(", ") }
+}
+
 #[derive(Serialize)]
 struct PolicyJson<'a> {
-    session: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    task: Option<u64>,
     allows_metered: bool,
     allows_battery: bool,
     discretionary: bool,
     waits_for_connectivity: bool,
     notify: bool,
+    /// A task's own settings (`null`: as its session says).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    own: Option<TaskPolicyJson>,
+}
+
+impl<'a> PolicyJson<'a> {
+    fn of(p: SessionPolicy, session: Option<&'a str>, task: Option<u64>, own: Option<TaskPolicy>) -> PolicyJson<'a> {
+        PolicyJson {
+            session,
+            task,
+            allows_metered: p.allows_metered,
+            allows_battery: p.allows_battery,
+            discretionary: p.discretionary,
+            waits_for_connectivity: p.waits_for_connectivity,
+            notify: p.notify,
+            own: own.map(TaskPolicyJson::from),
+        }
+    }
 }

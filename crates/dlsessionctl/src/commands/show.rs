@@ -3,7 +3,7 @@
 use dlsession_proto::redact;
 use std::io::Write;
 
-use dlsession_proto::{Header, Request, Response, TaskDetail};
+use dlsession_proto::{ErrorCode, Header, Request, Response, TaskDetail, TaskPolicyInfo, TaskState};
 
 use crate::cli::ShowArgs;
 use crate::commands::ctx::Ctx;
@@ -17,15 +17,44 @@ pub async fn run(ctx: &Ctx, args: ShowArgs) -> Result<Exit> {
         Response::Task(d) => d,
         other => return Err(CliError::unexpected("task", &other)),
     };
+    // A live task's own settings: its policy and bandwidth limit.
+    let live = if detail.info.state == TaskState::Completed { None } else { live_settings(&client, args.task).await? };
     if ctx.json {
-        json::print(&TaskDetailJson::from(&detail))?;
+        let mut json = TaskDetailJson::from(&detail);
+        if let Some((policy, limit)) = live {
+            json.own_policy = Some(policy.own.into());
+            json.bandwidth_limit = limit;
+        }
+        json::print(&json)?;
     } else {
         let mut out = std::io::stdout().lock();
-        for (key, value) in describe(&detail, output::now_ms()) {
+        let mut lines = describe(&detail, output::now_ms());
+        if let Some((policy, limit)) = live {
+            lines.push(("policy", super::policy::describe(policy.effective)));
+            lines.push(("its own policy", super::policy::describe_own(policy.own)));
+            lines.push(("bandwidth limit", limit.map_or_else(|| "-".into(), output::speed)));
+        }
+        for (key, value) in lines {
             writeln!(out, "{:<18} {value}", format!("{key}:"))?;
         }
     }
     Ok(Exit::Success)
+}
+
+/// The task's policy and own bandwidth limit; `None` once it is no longer live (it may
+/// complete between the two requests).
+async fn live_settings(client: &dlsession::Client, task: u64) -> Result<Option<(TaskPolicyInfo, Option<u64>)>> {
+    let policy = match client.request(Request::GetTaskPolicy { task }).await {
+        Ok(Response::TaskPolicy(p)) => p,
+        Ok(other) => return Err(CliError::unexpected("task_policy", &other)),
+        Err(e) if e.code() == ErrorCode::NoSuchTask => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let limit = match client.request(Request::GetBandwidthLimits).await? {
+        Response::BandwidthLimits(l) => l.tasks.iter().find(|(id, _)| *id == task).map(|(_, rate)| *rate),
+        other => return Err(CliError::unexpected("bandwidth_limits", &other)),
+    };
+    Ok(Some((policy, limit)))
 }
 
 fn or_dash(v: Option<impl ToString>) -> String {

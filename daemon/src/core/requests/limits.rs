@@ -1,6 +1,8 @@
 //! Bandwidth limits at every level, changed while downloads run (docs/behaviour.md,
 //! "Bandwidth limits"): the daemon's, a session's, a task's. Each is one token bucket that
-//! running downloads hold, so a new rate applies to them at once; each is stored.
+//! running downloads hold, so a new rate applies to them at once; each is stored. And the
+//! policies of sessions and tasks ("Metered networks and battery"), which running tasks
+//! follow at once too.
 
 use tracing::info;
 
@@ -8,7 +10,9 @@ use super::{Answer, Handled};
 use crate::conn::ConnId;
 use crate::core::{After, Core};
 use crate::store::Op;
-use dlsession_proto::{BandwidthLimits, ErrorCode, ErrorInfo, LimitTarget, Response, TaskState};
+use dlsession_proto::{
+    BandwidthLimits, ErrorCode, ErrorInfo, LimitTarget, Response, TaskId, TaskPolicy, TaskPolicyInfo, TaskState,
+};
 
 impl Core {
     pub(super) fn set_bandwidth_limit(
@@ -80,6 +84,43 @@ impl Core {
         self.commit(vec![op], vec![After::Reply { conn, id, response: Response::Ok }]);
         self.enforce_policies();
         Ok(Answer::Later)
+    }
+
+    /// Gives tasks their own policy, all or none: an unknown or completed task refuses the
+    /// request. Running tasks the policy now refuses stop; held ones it allows start.
+    pub(super) fn set_task_policy(&mut self, conn: ConnId, id: u64, tasks: &[TaskId], policy: TaskPolicy) -> Handled {
+        for task in tasks {
+            match self.tasks.get(task) {
+                None => return Err(ErrorInfo::new(ErrorCode::NoSuchTask, format!("no live task {task}"))),
+                Some(t) if t.state == TaskState::Completed => {
+                    return Err(ErrorInfo::new(
+                        ErrorCode::InvalidRequest,
+                        format!("task {task} is completed: a policy no longer matters"),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        let mut ops = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            if let Some(t) = self.tasks.get_mut(task) {
+                t.rec.policy = policy;
+                ops.push(Op::UpdateTask(Box::new(t.rec.clone())));
+            }
+        }
+        info!(tasks = tasks.len(), ?policy, "task policy set");
+        self.commit(ops, vec![After::Reply { conn, id, response: Response::Ok }]);
+        self.enforce_policies();
+        Ok(Answer::Later)
+    }
+
+    /// A live task's own policy and the one it runs under.
+    pub(super) fn task_policy(&self, task: TaskId) -> Result<TaskPolicyInfo, ErrorInfo> {
+        let t = self
+            .tasks
+            .get(&task)
+            .ok_or_else(|| ErrorInfo::new(ErrorCode::NoSuchTask, format!("no live task {task}")))?;
+        Ok(TaskPolicyInfo { own: t.rec.policy, effective: self.policy_of(t) })
     }
 
     pub(super) fn bandwidth_limits(&self) -> BandwidthLimits {

@@ -149,6 +149,8 @@ impl Core {
                 let policy = self.sessions.get(&key).map(|s| s.rec.policy).unwrap_or_default();
                 Ok(Answer::Now(Response::SessionPolicy(policy)))
             }
+            Request::SetTaskPolicy { tasks, policy } => self.set_task_policy(conn, id, &tasks, policy),
+            Request::GetTaskPolicy { task } => Ok(Answer::Now(Response::TaskPolicy(self.task_policy(task)?))),
             Request::Unwatch => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.watch = None;
