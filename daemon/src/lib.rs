@@ -68,7 +68,11 @@ pub async fn run(
 ) -> Result<(), DaemonError> {
     let cfg = Arc::new(cfg);
     let (core_tx, core_rx) = mpsc::unbounded_channel();
+    let started = std::time::Instant::now();
     let (store, snapshot) = open_store(&cfg, &core_tx).await?;
+    // Start-up time matters under socket activation: the first client waits for it.
+    let opened = started.elapsed();
+    let (sessions, tasks) = (snapshot.sessions.len(), snapshot.tasks.len());
     let proxies = engine::proxy::Proxies::from_env();
     let client = engine::http::build_client(cfg.extra_ca_file.as_deref(), cfg.timing.connect_timeout, &proxies)?;
     let engine = Arc::new(
@@ -85,6 +89,13 @@ pub async fn run(
     );
     let mut core =
         Core::new(cfg.clone(), store, snapshot, engine, core_tx.clone(), core_rx).map_err(DaemonError::Fatal)?;
+    info!(
+        sessions,
+        live_tasks = tasks,
+        database_ms = opened.as_millis() as u64,
+        total_ms = started.elapsed().as_millis() as u64,
+        "state loaded"
+    );
     let (idle_tx, idle_rx) = mpsc::channel(1);
     match cfg.timing.idle_exit {
         Some(after) if activated => core.exit_when_idle(core::IdleExit { after, ask: idle_tx }),
@@ -183,6 +194,12 @@ async fn open_store(
         }
     }
 }
+
+/// How long an unused blocking thread is kept parked before it ends.
+const BLOCKING_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// Threads for blocking file work (preparing partial files, moves, destination checks);
+/// more such work waits for one (the disk is the bottleneck then anyway).
+const MAX_BLOCKING_THREADS: usize = 64;
 
 /// Command-line arguments of `dlsessiond`.
 #[derive(Debug, clap::Parser)]
@@ -293,6 +310,11 @@ fn start(args: Args) -> Result<(), DaemonError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("dlsessiond")
+        // An idle daemon is never woken (BENCHMARKS.md, "many-tasks"): a blocking thread
+        // that retires after tokio's default 10 s is a timer firing after every burst of
+        // file work. Parked threads cost no CPU and a few pages each; at most this many.
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .build()
         .map_err(DaemonError::Runtime)?;
     runtime.block_on(async {

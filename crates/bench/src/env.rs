@@ -167,6 +167,29 @@ impl Daemon {
         }
     }
 
+    /// SIGTERM, and waits for the exit (a clean stop: checkpoints, the database closed).
+    pub async fn terminate(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else { return Ok(()) };
+        let status = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status()?;
+        if !status.success() {
+            bail!("kill -TERM failed: {status}");
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                if !status.success() {
+                    bail!("dlsessiond exited with {status} after SIGTERM; log:\n{}", self.log_tail());
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("dlsessiond still running 30 s after SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Starts the daemon again after [`Daemon::kill9`].
     pub async fn restart(&mut self) -> Result<()> {
         if self.child.is_some() {

@@ -27,7 +27,7 @@ use crate::nginx::Nginx;
 use crate::report::{Outcome, Row};
 
 /// Every workload, in the order they run.
-pub const WORKLOADS: [&str; 10] = [
+pub const WORKLOADS: [&str; 11] = [
     "1gib-http",
     "1gib-https",
     "small-files",
@@ -38,6 +38,7 @@ pub const WORKLOADS: [&str; 10] = [
     "crash-cost",
     "rss-per-download",
     "bandwidth-limit",
+    "activation",
 ];
 
 const USAGE: &str = "\
@@ -47,7 +48,7 @@ usage: dlsession-bench [--runs N] [--quick] [--only NAME] [--idle-secs S] [--out
   --quick         smoke run: 3 runs and smaller sizes (256 MiB instead of 1 GiB, …)
   --only NAME     run one workload: 1gib-http, 1gib-https, small-files, many-tasks,
                   big-lists, ipc, event-latency, crash-cost, rss-per-download,
-                  bandwidth-limit (repeatable)
+                  bandwidth-limit, activation (repeatable)
   --idle-secs S   idle period of many-tasks (default 60; --quick: 10)
   --output PATH   where to write the Markdown (default: BENCHMARKS.md at the repository root
                   for a full run, target/bench-results.md with --quick or --only)

@@ -194,6 +194,49 @@ pub fn status_kib(pid: u32, key: &str) -> Result<u64> {
     bail!("no {key} in /proc/{pid}/status")
 }
 
+/// Context switches of each thread of `pid` (voluntary + involuntary, from
+/// `/proc/PID/task/TID/status`), with its name: a thread that sleeps and is woken counts
+/// one.
+pub fn thread_switches(pid: u32) -> Result<std::collections::BTreeMap<u32, (u64, String)>> {
+    let mut all = std::collections::BTreeMap::new();
+    let dir = format!("/proc/{pid}/task");
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let Ok(tid) = entry?.file_name().to_string_lossy().parse::<u32>() else { continue };
+        // A thread may end between the listing and the read: it is simply not counted.
+        let Ok(status) = std::fs::read_to_string(format!("{dir}/{tid}/status")) else { continue };
+        let field = |key: &str| status.lines().find_map(|l| l.strip_prefix(key)).map(str::trim).unwrap_or("");
+        let count = |key: &str| field(key).parse::<u64>().unwrap_or(0);
+        let switches = count("voluntary_ctxt_switches:") + count("nonvoluntary_ctxt_switches:");
+        all.insert(tid, (switches, field("Name:").to_owned()));
+    }
+    Ok(all)
+}
+
+/// How often the threads of a process ran between two [`thread_switches`] samples: the
+/// switches of the threads in both, all of those of new threads, and one for each thread
+/// that ended (ending is a wakeup too); with the names of the threads that ran.
+pub fn wakeups_between(
+    before: &std::collections::BTreeMap<u32, (u64, String)>,
+    after: &std::collections::BTreeMap<u32, (u64, String)>,
+) -> (u64, Vec<String>) {
+    let mut total = 0;
+    let mut who = Vec::new();
+    for (tid, (n, name)) in after {
+        let delta = n.saturating_sub(before.get(tid).map_or(0, |b| b.0));
+        if delta > 0 {
+            total += delta;
+            who.push(format!("{name} ran {delta}×"));
+        }
+    }
+    for (tid, (_, name)) in before {
+        if !after.contains_key(tid) {
+            total += 1;
+            who.push(format!("{name} ended"));
+        }
+    }
+    (total, who)
+}
+
 /// Resident memory of `pid`, KiB.
 pub fn rss_kib(pid: u32) -> Result<u64> {
     status_kib(pid, "VmRSS")

@@ -10,7 +10,7 @@
 //!   destination on a hung network mount stalls that request only. Adopting the kept
 //!   file of resume data happens there too, once its destination is known to be fine.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -31,6 +31,11 @@ pub enum DiskReport {
     ResumeDir { removed: usize, oldest: Option<UnixMillis> },
 }
 
+/// The extension of a task's partial file (`ID.part` in its session's directory).
+pub(super) const PART_EXT: &str = "part";
+/// The extension of a finished file left in the cache (`ID.download`).
+pub(super) const CACHE_EXT: &str = "download";
+
 /// At start: what the cache directory may hold.
 #[derive(Debug)]
 pub(super) struct Garbage {
@@ -38,8 +43,12 @@ pub(super) struct Garbage {
     pub sessions: HashSet<SessionKey>,
     /// Sessions from here on were created after the list was made: their directories stay.
     pub first_new_session: SessionKey,
-    /// Files of live tasks (partial files, finished files in the cache).
-    pub keep: HashSet<PathBuf>,
+    /// Unfinished tasks and their sessions: each may have its `ID.part` and `ID.download`
+    /// in its session's directory (an id, not a path, per task: building 200,000 paths
+    /// at start-up cost more than the whole rest of the restore).
+    pub unfinished: HashMap<TaskId, SessionKey>,
+    /// Finished files of completed tasks that are still in the cache.
+    pub locations: HashSet<PathBuf>,
     /// Task ids from here on were handed out after the list was made: their files stay.
     pub first_new_id: TaskId,
 }
@@ -228,11 +237,11 @@ fn collect_garbage(g: &Garbage) -> usize {
         for file in files.flatten() {
             let path = file.path();
             let name = file.file_name().to_string_lossy().into_owned();
-            let new = name
-                .split_once('.')
-                .and_then(|(id, _)| id.parse::<TaskId>().ok())
-                .is_some_and(|id| id >= g.first_new_id);
-            if !new && !g.keep.contains(&path) && std::fs::remove_file(&path).is_ok() {
+            let task_file = name.split_once('.').and_then(|(id, ext)| Some((id.parse::<TaskId>().ok()?, ext)));
+            let new = task_file.is_some_and(|(id, _)| id >= g.first_new_id);
+            let live = task_file
+                .is_some_and(|(id, ext)| (ext == PART_EXT || ext == CACHE_EXT) && g.unfinished.get(&id) == Some(&key));
+            if !new && !live && !g.locations.contains(&path) && std::fs::remove_file(&path).is_ok() {
                 removed += 1;
             }
         }
@@ -363,7 +372,7 @@ mod tests {
     fn garbage_is_what_no_task_refers_to() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        for f in ["s1/1.part", "s1/2.part", "s1/3.download", "s1/9.part", "s2/4.part"] {
+        for f in ["s1/1.part", "s1/1.tmp", "s1/2.part", "s1/3.download", "s1/6.part", "s1/9.part", "s2/4.part"] {
             std::fs::create_dir_all(d.join(f).parent().unwrap()).unwrap();
             std::fs::write(d.join(f), b"x").unwrap();
         }
@@ -373,11 +382,14 @@ mod tests {
             downloads: d.to_path_buf(),
             sessions: HashSet::from([1]),
             first_new_session: 5,
-            keep: HashSet::from([d.join("s1/1.part"), d.join("s1/3.download")]),
+            // Task 6 is of session 3: a file of that name in session 1's directory is no one's.
+            unfinished: HashMap::from([(1, 1), (6, 3)]),
+            locations: HashSet::from([d.join("s1/3.download")]),
             first_new_id: 9,
         };
-        assert_eq!(collect_garbage(&g), 2, "s1/2.part and the directory of session 2");
+        assert_eq!(collect_garbage(&g), 4, "s1/1.tmp, s1/2.part, s1/6.part and the directory of session 2");
         assert!(d.join("s1/1.part").exists() && d.join("s1/3.download").exists());
+        assert!(!d.join("s1/1.tmp").exists() && !d.join("s1/6.part").exists());
         assert!(d.join("s1/9.part").exists(), "a task created after the list was made keeps its file");
         assert!(!d.join("s1/2.part").exists() && !d.join("s2").exists());
         assert!(d.join("s5/1.part").exists(), "a session created after the list was made keeps its files");

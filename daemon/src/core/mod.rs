@@ -548,11 +548,11 @@ impl Core {
     }
 
     fn part_path(&self, rec: &TaskRecord) -> PathBuf {
-        self.session_dir(rec.session).join(format!("{}.part", rec.id))
+        self.session_dir(rec.session).join(format!("{}.{}", rec.id, disk::PART_EXT))
     }
 
     fn cache_location(&self, rec: &TaskRecord) -> PathBuf {
-        self.session_dir(rec.session).join(format!("{}.download", rec.id))
+        self.session_dir(rec.session).join(format!("{}.{}", rec.id, disk::CACHE_EXT))
     }
 
     fn resume_dir(&self) -> PathBuf {

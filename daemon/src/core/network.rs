@@ -196,16 +196,22 @@ impl Core {
         let limits = self.limits();
         let (mut refused, mut hold, mut release) = (Vec::new(), Vec::new(), Vec::new());
         for t in self.tasks.values() {
-            if t.rec.phase != crate::model::Phase::Transfer {
+            // Only running tasks and queued ones in a lane (or held) are weighed: on a timer
+            // (`earliest_begin`) a task is in no lane, and `enqueue` weighs its policy when
+            // the timer fires. Suspended ones (most, with many tasks) cost nothing here.
+            let weighed = match t.state {
+                TaskState::Running => true,
+                TaskState::Queued => t.timer.is_none(),
+                _ => false,
+            };
+            if !weighed || t.rec.phase != crate::model::Phase::Transfer {
                 continue;
             }
             let allowed = admit_policy(self.policy_of(t), limits).is_ok();
             let id = t.rec.id;
             match t.state {
                 TaskState::Running if !allowed => refused.push(id),
-                // On a timer (`earliest_begin`) a task is in no lane: `enqueue` weighs its
-                // policy when the timer fires.
-                TaskState::Queued if t.timer.is_none() => {
+                TaskState::Queued => {
                     let held = self.slots.is_held(id);
                     if held && allowed {
                         release.push((t.lane(), t.rec.priority, id));

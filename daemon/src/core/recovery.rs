@@ -1,7 +1,7 @@
 //! Rebuilding state at start: sessions, tasks, undelivered events; finishing what a crash
 //! interrupted; removing files nothing refers to.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use tracing::info;
 
@@ -95,21 +95,21 @@ impl Core {
         // The collection runs while tasks go on: an unfinished task may write its partial
         // file or finish into the cache at any moment, so both its names are kept. Only a
         // completed task is settled: just its delivered file stays.
-        let mut keep = HashSet::new();
+        let (mut unfinished, mut locations) = (HashMap::new(), HashSet::new());
         for t in self.tasks.values() {
             if t.state != TaskState::Completed {
-                keep.insert(self.part_path(&t.rec));
-                keep.insert(self.cache_location(&t.rec));
+                unfinished.insert(t.rec.id, t.rec.session);
             }
             if let Some(location) = &t.rec.location {
-                keep.insert(location.into());
+                locations.insert(location.into());
             }
         }
         self.disk.collect_garbage(Garbage {
             downloads: self.cfg.downloads_dir(),
             sessions: self.sessions.keys().collect(),
             first_new_session: self.sessions.next_key(),
-            keep,
+            unfinished,
+            locations,
             first_new_id: self.tasks.next_id(),
         });
         self.clean_resume_dir();

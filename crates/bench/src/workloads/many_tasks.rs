@@ -50,7 +50,7 @@ async fn pipelined(client: &Client, requests: Vec<(Request, Option<usize>)>, win
 }
 
 /// Opens `n / 100` sessions and creates 100 suspended tasks in each; returns the wall time.
-async fn enqueue(client: &Client, n: usize, window: usize) -> Result<f64> {
+pub(super) async fn enqueue(client: &Client, n: usize, window: usize) -> Result<f64> {
     let sessions = n / PER_SESSION;
     let opens: Vec<(Request, Option<usize>)> = (0..sessions)
         .map(|s| (Request::OpenSession { identifier: format!("bench.s{s}"), config: None }, None))
@@ -88,7 +88,7 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome> {
     let sizes = ctx.sizes.many_tasks.clone();
     let headline = *sizes.last().context("no sizes")?;
     let mut per_size: Vec<SizeSamples> = vec![SizeSamples::default(); sizes.len()];
-    let mut idle: Option<(u64, f64)> = None;
+    let mut idle: Option<(u64, f64, u64, String)> = None;
     for r in 0..ctx.runs {
         for (si, &n) in sizes.iter().enumerate() {
             let slot = per_size.get_mut(si).context("slot")?;
@@ -147,11 +147,19 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome> {
                     thousands(n as u64)
                 );
                 let t0 = daemon.cpu_ticks()?;
+                let s0 = run::thread_switches(daemon.pid()?)?;
                 tokio::time::sleep(Duration::from_secs(ctx.sizes.idle_secs)).await;
                 daemon.check_alive()?;
+                let s1 = run::thread_switches(daemon.pid()?)?;
                 let ticks = daemon.cpu_ticks()?.saturating_sub(t0);
-                println!("[{NAME}] idle: {ticks} ticks = {:.2} s", ticks as f64 / ctx.clk_tck);
-                idle = Some((ticks, ticks as f64 / ctx.clk_tck));
+                let (wakeups, who) = run::wakeups_between(&s0, &s1);
+                println!(
+                    "[{NAME}] idle: {ticks} ticks = {:.2} s; {wakeups} wakeups of {} threads ({})",
+                    ticks as f64 / ctx.clk_tck,
+                    s0.len(),
+                    who.join(", ")
+                );
+                idle = Some((ticks, ticks as f64 / ctx.clk_tck, wakeups, who.join(", ")));
             }
             drop(client);
             daemon.kill9();
@@ -205,13 +213,26 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome> {
             .ours(format!("{:.3}", list.median))
             .target("≤ 2 s", list.median <= 2.0),
     );
-    if let Some((ticks, secs)) = idle {
+    if let Some((ticks, secs, wakeups, who)) = idle {
         // "≈ 0": at most 0.1 % of one core.
         let limit = ctx.sizes.idle_secs as f64 * 0.001;
         outcome.rows.push(
             Row::new(NAME, format!("daemon CPU while idle for {} s with {big} suspended tasks", ctx.sizes.idle_secs))
                 .ours(format!("{ticks} ticks = {secs:.2} s"))
                 .target(format!("≈ 0 (≤ 0.1 % of a core = {limit:.2} s)"), secs <= limit),
+        );
+        let ran = if who.is_empty() { String::new() } else { format!(" ({who})") };
+        outcome.rows.push(
+            Row::new(
+                NAME,
+                format!(
+                    "daemon thread wakeups while idle for {} s with {big} suspended tasks in {} sessions",
+                    ctx.sizes.idle_secs,
+                    thousands((headline / PER_SESSION) as u64)
+                ),
+            )
+            .ours(format!("{wakeups}{ran}"))
+            .target("0", wakeups == 0),
         );
     }
 
@@ -226,7 +247,9 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome> {
          daemon. RSS is VmRSS from `/proc/PID/status` right after enqueueing; the listing is \
          `dlsessionctl tasks --json` with stdout on `/dev/null` (its output was parsed and counted once per \
          size). Idle CPU is utime+stime from `/proc/PID/stat` over {} s after the last listing (clock ticks of \
-         1/{:.0} s).\n",
+         1/{:.0} s). Wakeups over the same window are the context switches (voluntary and involuntary) of every \
+         thread, from `/proc/PID/task/TID/status`, plus one per thread that ended: a thread that is never woken \
+         adds nothing.\n",
         ctx.sizes.idle_secs, ctx.clk_tck
     );
     let _ = writeln!(

@@ -1,5 +1,6 @@
 //! The workloads, by name ([`run`]); the test data they share is `data`'s.
 
+mod activation;
 mod big_lists;
 mod crash;
 mod data;
@@ -29,6 +30,7 @@ pub async fn run(name: &str, ctx: &Ctx, data: &mut Data) -> Result<Outcome> {
         "rss-per-download" => rss::run(ctx).await,
         "big-lists" => big_lists::run(ctx).await,
         "bandwidth-limit" => limits::run(ctx).await,
+        "activation" => activation::run(ctx).await,
         other => bail!("unknown workload {other}"),
     }
 }

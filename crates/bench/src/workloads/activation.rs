@@ -1,0 +1,163 @@
+//! `activation`: under socket activation with `idle_exit_ms`, how long the first answer
+//! takes when the daemon is not running (the connection starts it), and how soon after
+//! the last client leaves it exits; with an empty database and with 100,000 suspended
+//! tasks in 1,000 sessions.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use dlsession::{Client, ClientOptions};
+use dlsession_proto::{Request, Response};
+
+use super::many_tasks;
+use crate::ctx::Ctx;
+use crate::env::{BenchEnv, Daemon};
+use crate::report::{Outcome, Row};
+use crate::stats::{Summary, thousands};
+
+const NAME: &str = "activation";
+const IDLE_EXIT_MS: u64 = 300;
+/// The target of issue 20: back on the next connection within this.
+const TARGET_MS: f64 = 50.0;
+
+/// The service manager's part, as `systemd-socket-activate` plays it: it binds the socket
+/// and execs the daemon with it (`LISTEN_FDS`), as systemd does on a connection.
+fn socket_activator() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join("systemd-socket-activate")).find(|p| p.is_file())
+}
+
+pub async fn run(ctx: &Ctx) -> Result<Outcome> {
+    let mut outcome = Outcome::default();
+    let Some(activator) = socket_activator() else {
+        outcome.rows.push(
+            Row::new(NAME, "activation → first answer, ms")
+                .ours("not measured: systemd-socket-activate is not installed (Debian: systemd)"),
+        );
+        return Ok(outcome);
+    };
+    let big = *ctx.sizes.many_tasks.last().context("no sizes")?;
+    let mut table = String::new();
+    for tasks in [0, big] {
+        let env = BenchEnv::new(&ctx.work, NAME, &format!("idle_exit_ms = {IDLE_EXIT_MS}\n"))?;
+        if tasks > 0 {
+            let mut daemon = Daemon::start(&ctx.daemon_bin, &env).await?;
+            let client = daemon.client().await?;
+            many_tasks::enqueue(&client, tasks, 10).await?;
+            drop(client);
+            daemon.terminate().await?;
+        }
+        let (mut first, mut exit) = (Vec::new(), Vec::new());
+        // One activation first, not counted: it creates the directories and warms the caches.
+        for r in 0..=ctx.runs {
+            let (answer, gone) = activate_once(&activator, &ctx.daemon_bin, &env).await?;
+            if r > 0 {
+                println!(
+                    "[{NAME}] {} tasks, run {r}/{}: first answer {answer:.1} ms, exit {gone:.0} ms after the client left",
+                    thousands(tasks as u64),
+                    ctx.runs
+                );
+                first.push(answer);
+                exit.push(gone);
+            }
+        }
+        // Where the start-up time went, in the daemon's words (its last start).
+        let log = std::fs::read_to_string(env.path().join("activated.log")).unwrap_or_default();
+        for l in log.lines().rev().take(60).filter(|l| l.contains("TIMING")) {
+            println!("{l}");
+        }
+        if let Some(line) = log.lines().rev().find(|l| l.contains("state loaded")) {
+            println!("[{NAME}] {} tasks: {}", thousands(tasks as u64), line.trim());
+        }
+        let first = Summary::of(&first).context("no runs")?;
+        let exit = Summary::of(&exit).context("no runs")?;
+        let db = if tasks == 0 {
+            "empty database".to_owned()
+        } else {
+            format!("{} suspended tasks", thousands(tasks as u64))
+        };
+        outcome.rows.push(
+            Row::new(NAME, format!("connection to a stopped daemon → first answer ({db}), ms"))
+                .ours(format!("{:.1}", first.median))
+                .target(format!("≤ {TARGET_MS:.0} ms"), first.median <= TARGET_MS),
+        );
+        let _ = writeln!(table, "| {db} | {} | {} |", first.fmt(1), exit.fmt(0));
+    }
+    let _ = writeln!(
+        outcome.details,
+        "`idle_exit_ms = {IDLE_EXIT_MS}`. Each run starts `systemd-socket-activate -l SOCKET dlsessiond` (which \
+         binds the socket and execs the daemon with it, as systemd does when a connection arrives) and at the \
+         same instant starts connecting; the time is from the start to the answer of the first \
+         `Request::Status`, so it includes the exec, opening and checking the database, loading every task and \
+         the round trip. Then the client disconnects and the time until the process has exited is taken (it \
+         includes the {IDLE_EXIT_MS} ms of `idle_exit_ms`). {} runs after one that is not counted; medians \
+         (min–max):\n\n| database | first answer ms | exit after the client left ms |\n|---|---|---|\n{table}",
+        ctx.runs
+    );
+    Ok(outcome)
+}
+
+/// One activation: (ms to the first answer, ms from the client leaving to the exit).
+async fn activate_once(activator: &Path, daemon: &Path, env: &BenchEnv) -> Result<(f64, f64)> {
+    let _ = std::fs::remove_file(&env.socket);
+    if let Some(dir) = env.socket.parent() {
+        std::fs::create_dir_all(dir)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let mut cmd = Command::new(activator);
+    cmd.arg("-l").arg(&env.socket);
+    for (k, v) in env.vars() {
+        cmd.arg("-E").arg(format!("{}={}", k.to_string_lossy(), v.to_string_lossy()));
+    }
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(env.path().join("activated.log"))?;
+    cmd.arg(daemon).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    let t0 = Instant::now();
+    let mut child = cmd.spawn().with_context(|| format!("starting {}", activator.display()))?;
+    let result = talk(&env.socket, t0, &mut child).await;
+    if result.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    result
+}
+
+async fn talk(socket: &Path, t0: Instant, child: &mut Child) -> Result<(f64, f64)> {
+    let options = ClientOptions {
+        socket: Some(socket.to_owned()),
+        client_name: "dlsession-bench".into(),
+        timeout: Duration::from_secs(10),
+        autostart: false,
+        reconnect: false,
+        ..ClientOptions::default()
+    };
+    let client = loop {
+        match Client::connect(options.clone()).await {
+            Ok(c) => break c,
+            Err(e) if t0.elapsed() > Duration::from_secs(10) => bail!("no answer 10 s after activation: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_micros(200)).await,
+        }
+    };
+    match client.request(Request::Status).await? {
+        Response::Status(_) => {}
+        other => bail!("unexpected response {}", other.kind()),
+    }
+    let answer = t0.elapsed().as_secs_f64() * 1e3;
+    drop(client);
+    let left = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            if !status.success() {
+                bail!("the daemon exited with {status}");
+            }
+            return Ok((answer, left.elapsed().as_secs_f64() * 1e3));
+        }
+        if left.elapsed() > Duration::from_secs(10) {
+            bail!("the daemon did not exit within 10 s of the last client leaving (idle_exit_ms = {IDLE_EXIT_MS})");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
