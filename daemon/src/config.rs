@@ -29,6 +29,9 @@ pub struct Limits {
     pub max_url_len: usize,
     /// Redirects followed per attempt.
     pub max_redirects: u32,
+    /// Apps being relaunched at once (started and not yet attached, exited or 10 s old);
+    /// more relaunches wait their turn, so a burst of finished sessions is no fork storm.
+    pub max_concurrent_launches: u32,
     /// Bytes per second for all downloads together, until `dlsessionctl limit --global`
     /// sets another (which is stored and wins from then on).
     pub bandwidth_limit: Option<u64>,
@@ -106,6 +109,7 @@ struct FileConfig {
     cache_dir: Option<PathBuf>,
     extra_ca_file: Option<PathBuf>,
     max_concurrent_downloads: Option<u32>,
+    max_concurrent_launches: Option<u32>,
     bandwidth_limit: Option<u64>,
     max_connections: Option<u32>,
     max_tasks_per_batch: Option<u32>,
@@ -150,6 +154,7 @@ impl Config {
             extra_ca_file: file.extra_ca_file,
             limits: Limits {
                 max_concurrent_downloads: file.max_concurrent_downloads.unwrap_or(16),
+                max_concurrent_launches: file.max_concurrent_launches.unwrap_or(8),
                 max_connections: file.max_connections.unwrap_or(512),
                 max_tasks_per_batch: file.max_tasks_per_batch.unwrap_or(10_000),
                 max_headers_per_task: 64,
@@ -211,6 +216,7 @@ impl Config {
         // Zero would refuse every client, every batch, or time out at once.
         for (key, n) in [
             ("max_concurrent_downloads", u64::from(self.limits.max_concurrent_downloads)),
+            ("max_concurrent_launches", u64::from(self.limits.max_concurrent_launches)),
             ("max_connections", u64::from(self.limits.max_connections)),
             ("max_tasks_per_batch", u64::from(self.limits.max_tasks_per_batch)),
             ("checkpoint_bytes", self.timing.checkpoint_bytes),

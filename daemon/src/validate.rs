@@ -203,6 +203,7 @@ mod tests {
     fn limits() -> Limits {
         Limits {
             max_concurrent_downloads: 4,
+            max_concurrent_launches: 2,
             max_connections: 8,
             max_tasks_per_batch: 10,
             max_headers_per_task: 4,

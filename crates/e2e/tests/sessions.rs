@@ -476,3 +476,66 @@ async fn finished_events_once_per_replay_and_once_per_quiet_down() {
     .await
     .unwrap();
 }
+
+/// Many sessions finishing at once relaunch their apps at most `max_concurrent_launches`
+/// at a time, in turn: each launch holds a slot until its app attaches; everything is
+/// collected in the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relaunches_wait_their_turn_beyond_max_concurrent_launches() {
+    let env = TestEnv::new();
+    env.set_config("max_concurrent_launches", "2");
+    let d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(1000, 71));
+    // The app: notes when it started, takes a while to come up, then attaches (which
+    // collects and acknowledges everything) as the session's app.
+    let log = env.path().join("launches.log");
+    let app = env.path().join("app.sh");
+    let ctl = dlsession_testkit::bin_path("dlsessionctl");
+    std::fs::write(
+        &app,
+        format!(
+            "#!/bin/sh\necho \"start $1 $(date +%s%N)\" >> {log}\nsleep 0.4\necho \"up $1 $(date +%s%N)\" >> {log}\n\
+             exec {ctl} --socket {socket} attach \"$1\"\n",
+            log = log.display(),
+            ctl = ctl.display(),
+            socket = env.socket.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&app, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let client = dlsession_testkit::app::client(&env).await;
+    let ids: Vec<String> = (0..5).map(|i| format!("t.turn{i}")).collect();
+    for id in &ids {
+        let launch = dlsession::LaunchSpec::Command { argv: vec![app.to_string_lossy().into_owned(), id.clone()] };
+        let config = SessionConfig { launch: Some(launch), ..SessionConfig::default() };
+        client.request(Request::OpenSession { identifier: id.clone(), config: Some(config) }).await.unwrap();
+    }
+    for id in &ids {
+        let create =
+            Request::CreateTasks { identifier: id.clone(), tasks: vec![TaskSpec::get(server.url("/a"))], resume: true };
+        client.request(create).await.unwrap();
+    }
+    for id in &ids {
+        wait_for("every app relaunched and done", LONG, || block(info(&env, id)).filter(|s| s.pending_events == 0));
+    }
+    // Between its start and coming up, each app holds a slot: never more than two at once.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut edges: Vec<(u128, i32)> = text
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[2].parse().unwrap(), if f[0] == "start" { 1 } else { -1 })
+        })
+        .collect();
+    edges.sort();
+    let (mut now, mut most) = (0, 0);
+    for (_, step) in &edges {
+        now += step;
+        most = most.max(now);
+    }
+    assert_eq!(edges.iter().filter(|e| e.1 == 1).count(), 5, "one launch per session: {text}");
+    assert_eq!(most, 2, "at most max_concurrent_launches apps coming up at once: {text}");
+    assert!(d.log().contains("relaunch waits for a launch slot"), "{}", d.log());
+}

@@ -153,6 +153,9 @@ impl Core {
     /// Removes an invalidated session whose every event was acknowledged.
     fn delete_session(&mut self, key: SessionKey, ops: &mut Vec<Op>, after: &mut Vec<After>) {
         let Some((s, seq_floor)) = self.sessions.remove(key) else { return };
+        self.clear_timer(s.launch_slot_timer, super::Timer::LaunchSlot(key));
+        self.launches.forget(key);
+        self.start_waiting_launches();
         for task in &s.tasks {
             self.tasks.remove(*task);
         }

@@ -25,6 +25,7 @@ mod convert;
 mod delivery;
 mod disk;
 mod finish;
+mod launches;
 mod life;
 mod network;
 mod progress;
@@ -198,6 +199,8 @@ pub struct Core {
     bandwidth: Arc<crate::engine::limiter::RateLimiter>,
     /// Desktop notifications of sessions that ask for them.
     notifier: crate::notify::Notifier,
+    /// Relaunch slots (`max_concurrent_launches`) and the sessions waiting for one.
+    launches: launches::Launches,
 }
 
 /// Where the daemon is in its life, and what keeps it from leaving.
@@ -264,6 +267,7 @@ impl Core {
         });
         // Set at run time (stored) wins over the config file's.
         let global_limit = snapshot.global_limit.unwrap_or(cfg.limits.bandwidth_limit);
+        let cfg_launches = cfg.limits.max_concurrent_launches;
         let mut core = Core {
             cfg,
             store,
@@ -285,6 +289,7 @@ impl Core {
             launch_scope: crate::launcher::Scope::detect(),
             bandwidth: Arc::new(crate::engine::limiter::RateLimiter::new(global_limit)),
             notifier,
+            launches: launches::Launches::new(cfg_launches),
         };
         core.restore(snapshot);
         let mut ops = Vec::new();
@@ -476,6 +481,7 @@ impl Core {
                 Timer::Begin(id) | Timer::Retry(id) => self.on_task_timer(id),
                 Timer::Wake(key) => self.on_wake_timer(key),
                 Timer::WakeUnanswered(key) => self.on_wake_unanswered(key),
+                Timer::LaunchSlot(key) => self.on_launch_slot_timer(key),
                 Timer::Housekeeping => {
                     self.housekeeping.timer = None;
                     self.on_housekeeping();

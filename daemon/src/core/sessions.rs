@@ -42,8 +42,10 @@ pub(super) struct Session {
     pub wake_unanswered: Option<Mono>,
     /// The session's bandwidth limit (rate 0 when it has none), shared by its downloads.
     pub limiter: Arc<RateLimiter>,
-    /// A relaunch is being started (off the core's thread).
+    /// A relaunch is being started (off the core's thread), or waits for a launch slot.
     pub launching: bool,
+    /// While the session holds a launch slot: when the slot is given up anyway.
+    pub launch_slot_timer: Option<Mono>,
     /// `Wake` requests answered once it has started.
     pub launch_replies: Vec<(ConnId, u64)>,
 }
@@ -67,6 +69,7 @@ impl Session {
             wake_unanswered: None,
             limiter,
             launching: false,
+            launch_slot_timer: None,
             launch_replies: Vec::new(),
         }
     }

@@ -24,6 +24,9 @@ pub enum Timer {
     Wake(SessionKey),
     /// A `wake` went to a running app that has not rejoined the session since: relaunch.
     WakeUnanswered(SessionKey),
+    /// A relaunched app has neither attached nor exited in `wake_answer`: its launch slot
+    /// goes to the next session in line.
+    LaunchSlot(SessionKey),
     ShutdownDeadline,
     /// A throttled `STATUS=` update to systemd.
     Status,

@@ -69,6 +69,12 @@ impl Core {
             s.wake_timer = None;
             s.wake.next_wake = None;
         }
+        // Its app is being relaunched (started, not yet attached or exited): a second one
+        // is not started; the next wake is scheduled when that launch is over.
+        if self.launches.holds(key) {
+            tracing::debug!(session = %self.sessions.identifier(key), "a relaunch is under way; the wake waits for it");
+            return;
+        }
         if self.has_finished_events(key)
             && let Err(e) = self.wake_now(key, WakeReason::FinishedEvents, None)
         {
@@ -150,6 +156,27 @@ impl Core {
         if std::mem::replace(&mut s.launching, true) {
             return Ok(None);
         }
+        if !self.launches.take_or_wait(key, reason) {
+            info!(
+                session = %self.sessions.identifier(key),
+                waiting = self.launches.waiting(),
+                max = self.cfg.limits.max_concurrent_launches,
+                "relaunch waits for a launch slot (max_concurrent_launches)"
+            );
+            return Ok(None);
+        }
+        self.start_launch(key, spec, reason);
+        Ok(None)
+    }
+
+    /// Starts the relaunch of a session that holds a launch slot, on a blocking thread.
+    fn start_launch(&mut self, key: SessionKey, spec: dlsession_proto::LaunchSpec, reason: WakeReason) {
+        let at = self.timers.after(self.cfg.timing.wake_answer);
+        let Some(s) = self.sessions.get_mut(&key) else { return };
+        let old = s.launch_slot_timer.replace(at);
+        self.clear_timer(old, Timer::LaunchSlot(key));
+        self.set_timer(at, Timer::LaunchSlot(key));
+        let Some(s) = self.sessions.get(&key) else { return };
         let identifier = s.rec.identifier.clone();
         let (socket, log_dir, scope) = (self.cfg.socket.clone(), self.cfg.launch_log_dir(), self.launch_scope);
         let tx = self.tx.clone();
@@ -161,13 +188,87 @@ impl Core {
                 reason: reason.as_str(),
                 scope,
             };
-            let exited = tx.clone();
+            // `LaunchFinished` must reach the core after `Launched`, which counts the launch
+            // (a D-Bus activation finishes before `launch` returns): an early finish waits
+            // here until `Launched` is sent.
+            let gate = std::sync::Arc::new(std::sync::Mutex::new((false, None)));
+            let (exited, on_exit_gate) = (tx.clone(), gate.clone());
             let launched = launcher::launch(&spec, &ctx, move |result| {
-                let _ = exited.send(super::CoreMsg::LaunchFinished { session: key, result });
+                let mut g = on_exit_gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if g.0 {
+                    let _ = exited.send(super::CoreMsg::LaunchFinished { session: key, result });
+                } else {
+                    g.1 = Some(result);
+                }
             });
+            let mut g = gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let _ = tx.send(super::CoreMsg::Launched { session: key, launched });
+            g.0 = true;
+            if let Some(result) = g.1.take() {
+                let _ = tx.send(super::CoreMsg::LaunchFinished { session: key, result });
+            }
         });
-        Ok(None)
+    }
+
+    /// The session's launch is over (its app attached or exited, the launch failed, or
+    /// `wake_answer` passed): its slot, if it held one, goes to the next in line.
+    pub(super) fn release_launch_slot(&mut self, key: SessionKey) {
+        if !self.launches.release(key) {
+            return;
+        }
+        if let Some(s) = self.sessions.get_mut(&key) {
+            let timer = s.launch_slot_timer.take();
+            self.clear_timer(timer, Timer::LaunchSlot(key));
+        }
+        // A wake that came due meanwhile was held back: schedule it (if events still wait
+        // and nobody is attached to collect them).
+        if self.sessions.get(&key).is_some_and(|s| s.attached.is_none()) {
+            self.check_wake(key, Duration::ZERO);
+        }
+        self.start_waiting_launches();
+    }
+
+    pub(super) fn on_launch_slot_timer(&mut self, key: SessionKey) {
+        if let Some(s) = self.sessions.get_mut(&key) {
+            s.launch_slot_timer = None;
+        }
+        if self.launches.holds(key) {
+            tracing::debug!(session = %self.sessions.identifier(key), "the relaunched app has not attached yet; its launch slot goes to the next");
+        }
+        self.release_launch_slot(key);
+    }
+
+    /// Starts the relaunches waiting in line while slots are free. One that is no longer
+    /// needed (its app attached meanwhile, or its events were collected) gives its slot on.
+    pub(super) fn start_waiting_launches(&mut self) {
+        while let Some((key, reason)) = self.launches.next() {
+            let spec = self
+                .sessions
+                .get(&key)
+                .filter(|s| s.attached.is_none())
+                .and_then(|s| s.rec.config.launch.clone())
+                .filter(|_| self.has_finished_events(key));
+            match spec {
+                Some(spec) => self.start_launch(key, spec, reason),
+                None => {
+                    self.launches.release(key);
+                    let outcome = match self.sessions.get(&key) {
+                        Some(s) if s.attached.is_some() => WakeOutcome::Attached,
+                        _ => WakeOutcome::NoTarget,
+                    };
+                    let replies = match self.sessions.get_mut(&key) {
+                        Some(s) => {
+                            s.launching = false;
+                            std::mem::take(&mut s.launch_replies)
+                        }
+                        None => Vec::new(),
+                    };
+                    for (conn, id) in replies {
+                        self.reply(conn, id, Ok(dlsession_proto::Response::Wake(outcome.clone())));
+                    }
+                }
+            }
+        }
     }
 
     /// A relaunch was started (or could not be): record it, answer who asked.
@@ -192,6 +293,9 @@ impl Core {
         self.woke(key, &outcome);
         for (conn, id) in replies {
             self.reply(conn, id, outcome.clone().map(dlsession_proto::Response::Wake));
+        }
+        if outcome.is_err() {
+            self.release_launch_slot(key);
         }
     }
 
@@ -269,6 +373,7 @@ impl Core {
 
     pub(super) fn on_launch_finished(&mut self, key: SessionKey, result: Result<(), String>) {
         self.life.launches_running = self.life.launches_running.saturating_sub(1);
+        self.release_launch_slot(key);
         let Err(e) = result else { return };
         // An app that collected everything and then exited with an error is not a failed
         // wake: nothing waits for it any more.

@@ -61,6 +61,8 @@ impl Core {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.attached.insert(key);
         }
+        // A relaunched app that attached is launched: its slot goes to the next in line.
+        self.release_launch_slot(key);
         info!(conn, session = %self.sessions.identifier(key), "attached");
         self.commit(ops, vec![After::Replay { conn, id, session: key }]);
         Ok(Answer::Later)
