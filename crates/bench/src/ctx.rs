@@ -24,6 +24,8 @@ pub struct Sizes {
     pub crash_rate: u64,
     pub rss_downloads: usize,
     pub idle_secs: u64,
+    /// Sessions of relaunch-storm, each relaunching its app.
+    pub storm_sessions: usize,
 }
 
 /// Everything the workloads share.

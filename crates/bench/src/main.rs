@@ -27,7 +27,7 @@ use crate::nginx::Nginx;
 use crate::report::{Outcome, Row};
 
 /// Every workload, in the order they run.
-pub const WORKLOADS: [&str; 11] = [
+pub const WORKLOADS: [&str; 12] = [
     "1gib-http",
     "1gib-https",
     "small-files",
@@ -39,6 +39,7 @@ pub const WORKLOADS: [&str; 11] = [
     "rss-per-download",
     "bandwidth-limit",
     "activation",
+    "relaunch-storm",
 ];
 
 const USAGE: &str = "\
@@ -48,7 +49,7 @@ usage: dlsession-bench [--runs N] [--quick] [--only NAME] [--idle-secs S] [--out
   --quick         smoke run: 3 runs and smaller sizes (256 MiB instead of 1 GiB, …)
   --only NAME     run one workload: 1gib-http, 1gib-https, small-files, many-tasks,
                   big-lists, ipc, event-latency, crash-cost, rss-per-download,
-                  bandwidth-limit, activation (repeatable)
+                  bandwidth-limit, activation, relaunch-storm (repeatable)
   --idle-secs S   idle period of many-tasks (default 60; --quick: 10)
   --output PATH   where to write the Markdown (default: BENCHMARKS.md at the repository root
                   for a full run, target/bench-results.md with --quick or --only)
@@ -71,6 +72,7 @@ impl Sizes {
             crash_rate: 100 << 20,
             rss_downloads: 50,
             idle_secs: 60,
+            storm_sessions: 1_000,
         }
     }
 
@@ -84,6 +86,7 @@ impl Sizes {
             event_downloads: 50,
             crash_size: 256 << 20,
             idle_secs: 10,
+            storm_sessions: 200,
             ..Sizes::full()
         }
     }

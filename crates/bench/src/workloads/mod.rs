@@ -11,6 +11,7 @@ mod limits;
 mod many_tasks;
 mod rss;
 mod small_files;
+mod storm;
 
 use anyhow::{Result, bail};
 
@@ -31,6 +32,7 @@ pub async fn run(name: &str, ctx: &Ctx, data: &mut Data) -> Result<Outcome> {
         "big-lists" => big_lists::run(ctx).await,
         "bandwidth-limit" => limits::run(ctx).await,
         "activation" => activation::run(ctx).await,
+        "relaunch-storm" => storm::run(ctx).await,
         other => bail!("unknown workload {other}"),
     }
 }
