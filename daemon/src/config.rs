@@ -100,6 +100,43 @@ pub enum ConfigError {
     Invalid { key: &'static str, message: String },
 }
 
+/// Threads for blocking file work (preparing partial files, syncs and moves of finished
+/// ones, destination checks); more such work waits for one (the disk is the bottleneck
+/// then anyway).
+pub const MAX_BLOCKING_THREADS: usize = 64;
+/// Descriptors kept for everything but downloads and clients: the database and its
+/// journal, the listening socket, the netlink and D-Bus sockets, launch logs, standard
+/// streams (64), and two for each blocking thread (a move across file systems opens both
+/// ends).
+const RESERVED_DESCRIPTORS: u64 = 64 + 2 * MAX_BLOCKING_THREADS as u64;
+/// Descriptors one running download may hold at once: its connection, its partial file,
+/// the file's duplicate for the sync thread, and the `O_DIRECT` one for large bodies.
+pub const DESCRIPTORS_PER_DOWNLOAD: u64 = 4;
+
+impl Limits {
+    /// Lowers `max_connections` and `max_concurrent_downloads` so that, together, they
+    /// cannot use more than `available` descriptors (a full load must never meet
+    /// `EMFILE`). Returns what it changed, for the log.
+    pub fn fit_descriptors(&mut self, available: u64) -> Option<String> {
+        let usable = available.saturating_sub(RESERVED_DESCRIPTORS);
+        let connections = u64::from(self.max_connections).min(usable / 2).max(1);
+        let downloads =
+            u64::from(self.max_concurrent_downloads).min(usable.saturating_sub(connections) / DESCRIPTORS_PER_DOWNLOAD);
+        let downloads = downloads.max(1);
+        let (c, d) = (u32::try_from(connections).unwrap_or(u32::MAX), u32::try_from(downloads).unwrap_or(u32::MAX));
+        if (c, d) == (self.max_connections, self.max_concurrent_downloads) {
+            return None;
+        }
+        let message = format!(
+            "{available} descriptors allowed (RLIMIT_NOFILE): max_connections {} → {c}, \
+             max_concurrent_downloads {} → {d}",
+            self.max_connections, self.max_concurrent_downloads
+        );
+        (self.max_connections, self.max_concurrent_downloads) = (c, d);
+        Some(message)
+    }
+}
+
 /// The TOML file: every key optional, unknown keys refused.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -277,4 +314,44 @@ fn read_file(path: &Path, required: bool) -> Result<FileConfig, ConfigError> {
         Err(source) => return Err(ConfigError::Read { path: path.to_path_buf(), source }),
     };
     toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })
+}
+
+#[cfg(test)]
+impl Limits {
+    /// Limits for tests: these two as given, small values for the rest.
+    pub fn for_tests(downloads: u32, connections: u32) -> Limits {
+        Limits {
+            max_concurrent_downloads: downloads,
+            max_concurrent_launches: 2,
+            max_connections: connections,
+            max_tasks_per_batch: 10,
+            max_headers_per_task: 4,
+            max_url_len: 100,
+            max_redirects: 10,
+            bandwidth_limit: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Downloads and clients together never need more descriptors than there are.
+    #[test]
+    fn limits_fit_the_descriptors() {
+        let mut l = Limits::for_tests(16, 512);
+        assert_eq!(l.fit_descriptors(524_288), None, "the defaults fit a usual hard limit");
+        let mut l2 = Limits::for_tests(10_000, 512);
+        let said = l2.fit_descriptors(1024).unwrap();
+        assert_eq!((l2.max_connections, l2.max_concurrent_downloads), (416, 104), "{said}");
+        let used = RESERVED_DESCRIPTORS
+            + u64::from(l2.max_connections)
+            + u64::from(l2.max_concurrent_downloads) * DESCRIPTORS_PER_DOWNLOAD;
+        assert!(used <= 1024, "{used}");
+        assert!(said.contains("max_concurrent_downloads 10000 → 104"), "{said}");
+        // Absurdly few: one of each still, rather than nothing at all.
+        l.fit_descriptors(10);
+        assert_eq!((l.max_connections, l.max_concurrent_downloads), (1, 1));
+    }
 }

@@ -197,9 +197,6 @@ async fn open_store(
 
 /// How long an unused blocking thread is kept parked before it ends.
 const BLOCKING_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
-/// Threads for blocking file work (preparing partial files, moves, destination checks);
-/// more such work waits for one (the disk is the bottleneck then anyway).
-const MAX_BLOCKING_THREADS: usize = 64;
 
 /// Command-line arguments of `dlsessiond`.
 #[derive(Debug, clap::Parser)]
@@ -300,12 +297,19 @@ fn start(args: Args) -> Result<(), DaemonError> {
     let absolute = |p: Option<std::path::PathBuf>| {
         p.map(|p| if p.is_absolute() { p } else { std::env::current_dir().unwrap_or_default().join(p) })
     };
-    let cfg = Config::load(Overrides {
+    let mut cfg = Config::load(Overrides {
         socket: absolute(args.socket),
         state_dir: absolute(args.state_dir),
         cache_dir: absolute(args.cache_dir),
         config_file: absolute(args.config),
     })?;
+    // A full load must never meet EMFILE: limits beyond what the descriptors allow are
+    // lowered, and the log says so.
+    let descriptors = lifecycle::raise_descriptor_limit();
+    match cfg.limits.fit_descriptors(descriptors) {
+        Some(lowered) => tracing::warn!("{lowered}"),
+        None => tracing::debug!(descriptors, "open-file limit"),
+    }
     let _instance = lifecycle::prepare(&cfg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -314,7 +318,7 @@ fn start(args: Args) -> Result<(), DaemonError> {
         // that retires after tokio's default 10 s is a timer firing after every burst of
         // file work. Parked threads cost no CPU and a few pages each; at most this many.
         .thread_keep_alive(BLOCKING_KEEP_ALIVE)
-        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .max_blocking_threads(config::MAX_BLOCKING_THREADS)
         .build()
         .map_err(DaemonError::Runtime)?;
     runtime.block_on(async {

@@ -118,6 +118,25 @@ pub fn bind(socket: &Path) -> Result<Listener, LifecycleError> {
     ListenerOptions::new().name(name).mode(0o600).reclaim_name(true).create_tokio().map_err(bind_err)
 }
 
+/// Raises the soft limit on open descriptors to the hard one (systemd starts services,
+/// and desktops start programs, at 1,024 soft with a far higher hard limit: a program
+/// that needs more is expected to raise it, and never to use `select`). Returns the
+/// limit in force afterwards.
+pub fn raise_descriptor_limit() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    // "Unlimited" is not a number the kernel takes for descriptors; its own ceiling is
+    // `fs.nr_open`, 1,048,576 by default.
+    const CEILING: u64 = 1 << 20;
+    let limit = getrlimit(Resource::Nofile);
+    let target = limit.maximum.unwrap_or(CEILING).min(CEILING);
+    if limit.current.is_some_and(|c| c < target)
+        && let Err(e) = setrlimit(Resource::Nofile, Rlimit { current: Some(target), maximum: limit.maximum })
+    {
+        warn!(error = %e, "cannot raise the open-file limit");
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(CEILING)
+}
+
 /// The listening socket systemd passed (`LISTEN_FDS`/`LISTEN_PID`), if any.
 ///
 /// Must run inside the tokio runtime (the socket is registered with it). Children the

@@ -201,16 +201,7 @@ mod tests {
     use super::*;
 
     fn limits() -> Limits {
-        Limits {
-            max_concurrent_downloads: 4,
-            max_concurrent_launches: 2,
-            max_connections: 8,
-            max_tasks_per_batch: 10,
-            max_headers_per_task: 4,
-            max_url_len: 100,
-            max_redirects: 10,
-            bandwidth_limit: None,
-        }
+        Limits::for_tests(4, 8)
     }
 
     #[test]

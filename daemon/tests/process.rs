@@ -173,3 +173,46 @@ fn an_existing_socket_directory_keeps_its_mode() {
     assert!(stderr.contains("can be written by other users (mode 777)"), "{stderr}");
     assert_eq!(mode(&open), 0o777);
 }
+
+/// Under a low open-file limit the daemon lowers its download and connection limits to
+/// what the descriptors allow, says so, and `status` shows the limit in force; under a
+/// low soft limit it raises the soft limit to the hard one instead.
+#[test]
+fn limits_follow_the_descriptors_there_are() {
+    // A hard limit above the soft one, within what this process may set.
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum.unwrap_or(8192).min(8192);
+    let raised = (hard - 192 - 512.min((hard - 192) / 2)) / 4;
+    assert!(raised > 104, "the hard limit {hard} is too low for this test");
+    let second = format!("1024:{hard}");
+    for (nofile, expected) in [("1024:1024", 104), (second.as_str(), raised)] {
+        let env = TestEnv::new();
+        env.set_config("max_concurrent_downloads", "10000");
+        let mut child = env
+            .command("prlimit")
+            .arg(format!("--nofile={nofile}"))
+            .arg("--")
+            .arg(bin_path("dlsessiond"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(env.path().join("daemon.log")).unwrap())
+            .spawn()
+            .expect("prlimit (util-linux)");
+        for _ in 0..500 {
+            if std::os::unix::net::UnixStream::connect(&env.socket).is_ok() {
+                break;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                let log = std::fs::read_to_string(env.path().join("daemon.log")).unwrap_or_default();
+                panic!("dlsessiond exited ({status}): {log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = env.ctl(&["--json", "status"]);
+        let _ = child.kill();
+        let _ = child.wait();
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(status["max_concurrent_downloads"], expected, "nofile {nofile}: {status}");
+        let log = std::fs::read_to_string(env.path().join("daemon.log")).unwrap();
+        let said = log.contains("1024 descriptors allowed (RLIMIT_NOFILE): max_connections 512 → 416");
+        assert_eq!(said, expected == 104, "nofile {nofile}: {log}");
+    }
+}

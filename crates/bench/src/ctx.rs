@@ -26,6 +26,8 @@ pub struct Sizes {
     pub idle_secs: u64,
     /// Sessions of relaunch-storm, each relaunching its app.
     pub storm_sessions: usize,
+    /// Tasks of crowd, started at once.
+    pub crowd_tasks: usize,
 }
 
 /// Everything the workloads share.

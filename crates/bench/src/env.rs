@@ -84,6 +84,8 @@ impl Drop for BenchEnv {
 #[derive(Debug)]
 pub struct Daemon {
     bin: PathBuf,
+    /// A command the daemon runs under (e.g. `prlimit --nofile=…`), which execs it.
+    wrapper: Vec<OsString>,
     vars: Vec<(OsString, OsString)>,
     socket: PathBuf,
     log: PathBuf,
@@ -93,7 +95,14 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `bin` in `env` and waits until its socket accepts connections.
     pub async fn start(bin: &Path, env: &BenchEnv) -> Result<Daemon> {
+        Daemon::start_wrapped(bin, env, &[]).await
+    }
+
+    /// Starts `bin` under `wrapper` (a command that execs it, so the pid stays the
+    /// daemon's), e.g. `["prlimit", "--nofile=1024:1024", "--"]`.
+    pub async fn start_wrapped(bin: &Path, env: &BenchEnv, wrapper: &[&str]) -> Result<Daemon> {
         let mut d = Daemon {
+            wrapper: wrapper.iter().map(OsString::from).collect(),
             bin: bin.to_owned(),
             vars: env.vars(),
             socket: env.socket.clone(),
@@ -106,7 +115,14 @@ impl Daemon {
 
     async fn spawn(&mut self) -> Result<()> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).context("daemon log")?;
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
         for var in
             ["DLSESSIOND_SOCKET", "DLSESSION_SOCKET", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "JOURNAL_STREAM"]
         {

@@ -27,7 +27,7 @@ use crate::nginx::Nginx;
 use crate::report::{Outcome, Row};
 
 /// Every workload, in the order they run.
-pub const WORKLOADS: [&str; 12] = [
+pub const WORKLOADS: [&str; 13] = [
     "1gib-http",
     "1gib-https",
     "small-files",
@@ -40,6 +40,7 @@ pub const WORKLOADS: [&str; 12] = [
     "bandwidth-limit",
     "activation",
     "relaunch-storm",
+    "crowd",
 ];
 
 const USAGE: &str = "\
@@ -49,7 +50,7 @@ usage: dlsession-bench [--runs N] [--quick] [--only NAME] [--idle-secs S] [--out
   --quick         smoke run: 3 runs and smaller sizes (256 MiB instead of 1 GiB, …)
   --only NAME     run one workload: 1gib-http, 1gib-https, small-files, many-tasks,
                   big-lists, ipc, event-latency, crash-cost, rss-per-download,
-                  bandwidth-limit, activation, relaunch-storm (repeatable)
+                  bandwidth-limit, activation, relaunch-storm, crowd (repeatable)
   --idle-secs S   idle period of many-tasks (default 60; --quick: 10)
   --output PATH   where to write the Markdown (default: BENCHMARKS.md at the repository root
                   for a full run, target/bench-results.md with --quick or --only)
@@ -73,6 +74,7 @@ impl Sizes {
             rss_downloads: 50,
             idle_secs: 60,
             storm_sessions: 1_000,
+            crowd_tasks: 10_000,
         }
     }
 
@@ -87,6 +89,7 @@ impl Sizes {
             crash_size: 256 << 20,
             idle_secs: 10,
             storm_sessions: 200,
+            crowd_tasks: 2_000,
             ..Sizes::full()
         }
     }

@@ -106,12 +106,13 @@ impl Slots {
         Ok(())
     }
 
-    /// Takes the best queued task that `admit` lets start (priority, then age), if any;
+    /// Takes the best queued task that `admit` lets start (priority, then the session with
+    /// the fewest running tasks, then age), if any;
     /// the lanes hold only tasks their policy lets run (see the module's comment).
     pub fn pop_next(&mut self, limits: Limits, sessions: &Sessions) -> Option<(LaneKey, TaskId)> {
         self.admit_daemon(limits).ok()?;
         self.lanes.pop_best(|(key, _), lane_running| {
-            sessions.get(key).is_some_and(|s| admit_in_session(s, lane_running).is_ok())
+            sessions.get(key).filter(|s| admit_in_session(s, lane_running).is_ok()).map(|s| s.running)
         })
     }
 

@@ -23,6 +23,8 @@ pub fn prio_key(priority: f32) -> u32 {
 }
 
 type Entry = (Reverse<u32>, TaskId);
+/// How a lane's head compares with the others': priority, its owner's load, age.
+type Rank = (Reverse<u32>, u32, TaskId);
 
 #[derive(Debug, Default)]
 struct Lane {
@@ -73,24 +75,30 @@ impl Lanes {
         }
     }
 
-    /// Removes and returns the best queued task among lanes that `may_start` allows
-    /// (given the lane key and how many of its tasks run).
-    pub fn pop_best(&mut self, mut may_start: impl FnMut(&LaneKey, u32) -> bool) -> Option<(LaneKey, TaskId)> {
-        let mut best: Option<(&LaneKey, Entry)> = None;
+    /// Removes and returns the best queued task among lanes that `may_start` allows: it
+    /// is given the lane key and how many of the lane's tasks run, and answers `None`
+    /// (refused) or the load of the lane's owner (its session's running tasks). Best is
+    /// the highest priority, then the least loaded owner (so sessions share the slots
+    /// rather than the oldest backlog taking them all), then the oldest task.
+    pub fn pop_best(&mut self, mut may_start: impl FnMut(&LaneKey, u32) -> Option<u32>) -> Option<(LaneKey, TaskId)> {
+        let mut best: Option<(&LaneKey, Rank)> = None;
         for (key, lane) in &self.lanes {
-            let Some(head) = lane.queue.first() else { continue };
-            if best.as_ref().is_some_and(|(_, b)| b <= head) {
+            let Some(&(prio, id)) = lane.queue.first() else { continue };
+            // No owner can beat the best one found with a lower priority.
+            if best.as_ref().is_some_and(|(_, (p, _, _))| *p < prio) {
                 continue;
             }
-            if may_start(key, lane.running) {
-                best = Some((key, *head));
+            let Some(load) = may_start(key, lane.running) else { continue };
+            let rank = (prio, load, id);
+            if best.as_ref().is_none_or(|(_, b)| rank < *b) {
+                best = Some((key, rank));
             }
         }
-        let (key, entry) = best.map(|(k, e)| (k.clone(), e))?;
+        let (key, (prio, _, id)) = best.map(|(k, r)| (k.clone(), r))?;
         if let Some(lane) = self.lanes.get_mut(&key) {
-            lane.queue.remove(&entry);
+            lane.queue.remove(&(prio, id));
         }
-        Some((key, entry.1))
+        Some((key, id))
     }
 }
 
@@ -109,7 +117,7 @@ mod tests {
         l.push(&key(1, "a"), 0.5, 11);
         l.push(&key(1, "b"), 0.9, 12);
         l.push(&key(2, "a"), 0.5, 9);
-        let order: Vec<TaskId> = std::iter::from_fn(|| l.pop_best(|_, _| true).map(|(_, t)| t)).collect();
+        let order: Vec<TaskId> = std::iter::from_fn(|| l.pop_best(|_, _| Some(0)).map(|(_, t)| t)).collect();
         assert_eq!(order, vec![12, 9, 10, 11]);
     }
 
@@ -119,11 +127,11 @@ mod tests {
         l.push(&key(1, "a"), 1.0, 1);
         l.push(&key(1, "b"), 0.1, 2);
         l.started(&key(1, "a"));
-        let got = l.pop_best(|k, running| !(k.1 == "a" && running >= 1));
+        let got = l.pop_best(|k, running| (!(k.1 == "a" && running >= 1)).then_some(0));
         assert_eq!(got, Some((key(1, "b"), 2)));
-        assert_eq!(l.pop_best(|k, running| !(k.1 == "a" && running >= 1)), None);
+        assert_eq!(l.pop_best(|k, running| (!(k.1 == "a" && running >= 1)).then_some(0)), None);
         l.stopped(&key(1, "a"));
-        assert_eq!(l.pop_best(|_, _| true), Some((key(1, "a"), 1)));
+        assert_eq!(l.pop_best(|_, _| Some(0)), Some((key(1, "a"), 1)));
     }
 
     #[test]
@@ -132,6 +140,27 @@ mod tests {
         l.push(&key(1, "a"), 0.3, 1);
         assert!(l.remove(&key(1, "a"), 0.3, 1));
         assert!(!l.remove(&key(1, "a"), 0.3, 1));
-        assert_eq!(l.pop_best(|_, _| true), None);
+        assert_eq!(l.pop_best(|_, _| Some(0)), None);
+    }
+
+    /// At one priority the least loaded owner goes first, whatever the age; priority
+    /// still beats load.
+    #[test]
+    fn owners_share_before_age_decides() {
+        let mut l = Lanes::default();
+        for t in 1..=3 {
+            l.push(&key(1, "a"), 0.5, t);
+        }
+        l.push(&key(2, "a"), 0.5, 10);
+        l.push(&key(3, "a"), 0.9, 20);
+        let mut running: HashMap<i64, u32> = HashMap::from([(1, 0), (2, 0), (3, 5)]);
+        let mut order = Vec::new();
+        while let Some((k, t)) = l.pop_best(|k, _| running.get(&k.0).copied()) {
+            *running.entry(k.0).or_default() += 1;
+            order.push(t);
+        }
+        // 20 first (priority, though its owner is the busiest); then 1 (owners tie at 0,
+        // the older task); then 10 (its owner runs none), then 1's session's others.
+        assert_eq!(order, vec![20, 1, 10, 2, 3]);
     }
 }

@@ -3,6 +3,7 @@
 mod activation;
 mod big_lists;
 mod crash;
+mod crowd;
 mod data;
 mod download;
 mod events;
@@ -33,6 +34,7 @@ pub async fn run(name: &str, ctx: &Ctx, data: &mut Data) -> Result<Outcome> {
         "bandwidth-limit" => limits::run(ctx).await,
         "activation" => activation::run(ctx).await,
         "relaunch-storm" => storm::run(ctx).await,
+        "crowd" => crowd::run(ctx).await,
         other => bail!("unknown workload {other}"),
     }
 }
