@@ -59,27 +59,8 @@ impl Core {
 
     /// Handles a request; false if it was refused.
     fn handle_request(&mut self, conn: ConnId, id: u64, request: Request, check: DiskCheck) -> bool {
-        let mutating = !matches!(
-            request,
-            Request::Status
-                | Request::GetSession { .. }
-                | Request::ListSessions
-                | Request::ListSessionsPage(_)
-                | Request::GetTask { .. }
-                | Request::ListTasks(_)
-                | Request::Watch(_)
-                | Request::Unwatch
-                | Request::GetBandwidthLimits
-                | Request::GetConditions
-                | Request::GetSessionPolicy { .. }
-        );
-        // Attaching writes only when it creates or reconfigures a session (it checks), and
-        // detaching, waking and watching write nothing: an app can still collect its events.
-        let writes = mutating
-            && !matches!(
-                request,
-                Request::Attach { .. } | Request::Detach { .. } | Request::Wake { .. } | Request::HandleWakes
-            );
+        let access = access(&request);
+        let (mutating, writes) = (access != Access::Read, access == Access::Write);
         let result = if mutating && self.life.shutting_down {
             Err(ErrorInfo::new(ErrorCode::Internal, "the daemon is shutting down; try again when it is back"))
         } else if let Some(e) = self.life.storage.as_ref().filter(|_| writes) {
@@ -172,4 +153,47 @@ fn no_such_task(task: TaskId) -> ErrorInfo {
         ErrorCode::NoSuchTask,
         format!("no live task {task} (it may have completed and been acknowledged, or never existed)"),
     )
+}
+
+/// What a request may do, which decides whether it is served while the daemon shuts
+/// down or its database refuses writes. Every request is named: a new one must be placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Reads only: always served.
+    Read,
+    /// Changes live state but writes nothing itself (attaching checks for itself when it
+    /// creates or reconfigures a session): an app can still collect its events while the
+    /// database refuses writes.
+    Live,
+    /// Writes the database.
+    Write,
+}
+
+fn access(request: &Request) -> Access {
+    match request {
+        Request::Status
+        | Request::GetSession { .. }
+        | Request::ListSessions
+        | Request::ListSessionsPage(_)
+        | Request::GetTask { .. }
+        | Request::ListTasks(_)
+        | Request::Watch(_)
+        | Request::Unwatch
+        | Request::GetBandwidthLimits
+        | Request::GetConditions
+        | Request::GetSessionPolicy { .. }
+        | Request::GetTaskPolicy { .. } => Access::Read,
+        Request::Attach { .. } | Request::Detach { .. } | Request::Wake { .. } | Request::HandleWakes => Access::Live,
+        Request::OpenSession { .. }
+        | Request::CreateTasks { .. }
+        | Request::CreateTaskFromResumeData { .. }
+        | Request::ControlTask { .. }
+        | Request::AckEvents { .. }
+        | Request::FinishTasksAndInvalidate { .. }
+        | Request::InvalidateAndCancel { .. }
+        | Request::AcknowledgeTasks { .. }
+        | Request::SetBandwidthLimit { .. }
+        | Request::SetSessionPolicy { .. }
+        | Request::SetTaskPolicy { .. } => Access::Write,
+    }
 }
