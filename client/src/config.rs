@@ -42,6 +42,8 @@ pub struct SessionConfiguration {
     pub(crate) discretionary: Option<bool>,
     pub(crate) waits_for_connectivity: Option<bool>,
     pub(crate) notify: Option<bool>,
+    /// Whether the session keeps cookies (`None`: as stored).
+    pub(crate) cookies: Option<bool>,
     pub(crate) socket: Option<PathBuf>,
     pub(crate) takeover: bool,
     pub(crate) client_name: Option<String>,
@@ -73,6 +75,7 @@ impl SessionConfiguration {
             discretionary: None,
             waits_for_connectivity: None,
             notify: None,
+            cookies: None,
             socket: None,
             takeover: false,
             client_name: None,
@@ -219,6 +222,15 @@ impl SessionConfiguration {
     /// notification per session; nothing is shown without a notification server.
     pub fn notify(mut self, notify: bool) -> Self {
         self.notify = Some(notify);
+        self
+    }
+
+    /// Whether the session keeps the cookies servers set and sends them back, per RFC
+    /// 6265, across redirects, retries and daemon restarts (default: yes, like
+    /// `httpShouldSetCookies`). `false` deletes the ones it kept. The cookies are
+    /// stored in the daemon's database (0600) and never shown or logged.
+    pub fn cookies(mut self, keep: bool) -> Self {
+        self.cookies = Some(keep);
         self
     }
 

@@ -164,8 +164,16 @@ impl Session {
     }
 }
 
-/// Stores the policy parts the app set (the rest keep their stored values).
+/// Stores the policy parts the app set (the rest keep their stored values), and whether
+/// the session keeps cookies if the app said.
 async fn apply_policy(client: &Client, config: &SessionConfiguration) -> Result<()> {
+    if let Some(enabled) = config.cookies {
+        let identifier = config.identifier.clone();
+        match client.request(Request::SetSessionCookies { identifier, enabled }).await? {
+            Response::Ok => {}
+            other => return Err(Error::UnexpectedResponse { expected: "ok", got: other.kind() }),
+        }
+    }
     if config.policy_over(dlsession_proto::SessionPolicy::default()).is_none() {
         return Ok(());
     }

@@ -365,6 +365,12 @@ fn init_logging() {
         }),
         None => EnvFilter::new("info"),
     };
+    // cookie_store logs cookie values at debug level: credentials never reach a log,
+    // whatever level was asked for.
+    let filter = match "cookie_store=warn".parse() {
+        Ok(quiet) => filter.add_directive(quiet),
+        Err(_) => filter,
+    };
     if std::env::var_os("JOURNAL_STREAM").is_some()
         && let Ok(journal) = tracing_journald::layer()
     {

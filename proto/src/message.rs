@@ -100,6 +100,11 @@ pub enum Request {
     SetTaskPolicy { tasks: Vec<TaskId>, policy: TaskPolicy },
     /// → [`Response::TaskPolicy`]
     GetTaskPolicy { task: TaskId },
+    /// Whether the session keeps cookies (it does by default): off, it sends and keeps
+    /// none, and the ones it held are deleted. → [`Response::Ok`]
+    SetSessionCookies { identifier: String, enabled: bool },
+    /// → [`Response::SessionCookies`] (never the cookies themselves: they are credentials).
+    GetSessionCookies { identifier: String },
 }
 
 /// When a session's tasks may run (like `URLSession`'s `allowsExpensiveNetworkAccess`,
@@ -173,6 +178,14 @@ pub struct TaskPolicyInfo {
     pub effective: SessionPolicy,
 }
 
+/// A session's cookie jar, as far as it may be shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionCookies {
+    pub enabled: bool,
+    /// Cookies held that have not expired.
+    pub stored: u32,
+}
+
 /// The machine's network and power, as the daemon last saw them.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Conditions {
@@ -244,6 +257,8 @@ impl Request {
             Request::GetSessionPolicy { .. } => "get_session_policy",
             Request::SetTaskPolicy { .. } => "set_task_policy",
             Request::GetTaskPolicy { .. } => "get_task_policy",
+            Request::SetSessionCookies { .. } => "set_session_cookies",
+            Request::GetSessionCookies { .. } => "get_session_cookies",
         }
     }
 }
@@ -307,6 +322,7 @@ pub enum Response {
     Conditions(Conditions),
     SessionPolicy(SessionPolicy),
     TaskPolicy(TaskPolicyInfo),
+    SessionCookies(SessionCookies),
 }
 
 impl Response {
@@ -327,6 +343,7 @@ impl Response {
             Response::Conditions(_) => "conditions",
             Response::SessionPolicy(_) => "session_policy",
             Response::TaskPolicy(_) => "task_policy",
+            Response::SessionCookies(_) => "session_cookies",
         }
     }
 }

@@ -86,7 +86,8 @@ fn response(r: Response) -> Response {
         Response::BandwidthLimits(_)
         | Response::Conditions(_)
         | Response::SessionPolicy(_)
-        | Response::TaskPolicy(_) => Response::Ok,
+        | Response::TaskPolicy(_)
+        | Response::SessionCookies(_) => Response::Ok,
         other => other,
     }
 }

@@ -265,6 +265,8 @@ fn requests_v3() -> Vec<(&'static str, Request)> {
             },
         ),
         ("req_get_task_policy", Request::GetTaskPolicy { task: 7 }),
+        ("req_set_session_cookies", Request::SetSessionCookies { identifier: "s".into(), enabled: false }),
+        ("req_get_session_cookies", Request::GetSessionCookies { identifier: "s".into() }),
     ]
 }
 
@@ -315,6 +317,7 @@ fn server_messages_v3() -> Vec<(&'static str, ServerMessage)> {
             })),
         ),
         ("resp_session_policy", resp(Response::SessionPolicy(SessionPolicy::default()))),
+        ("resp_session_cookies", resp(Response::SessionCookies(SessionCookies { enabled: true, stored: 3 }))),
         (
             "resp_task_policy",
             resp(Response::TaskPolicy(TaskPolicyInfo {

@@ -304,6 +304,11 @@ pub struct PolicyArgs {
     /// (sessions only)
     #[arg(long, value_name = "on|off", value_parser = ["on", "off"], conflicts_with = "task")]
     pub notify: Option<String>,
+
+    /// Keep cookies the servers set and send them back (sessions only; off deletes the
+    /// ones kept)
+    #[arg(long, value_name = "on|off", value_parser = ["on", "off"], conflicts_with = "task")]
+    pub cookies: Option<String>,
 }
 
 #[derive(Debug, Args)]

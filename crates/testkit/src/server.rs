@@ -132,6 +132,10 @@ pub struct Resource {
     content_length: bool,
     throttle: Option<u64>,
     faults: Vec<(Hits, Fault)>,
+    /// `Set-Cookie` values sent with every response of this path (redirects and errors too).
+    set_cookies: Vec<String>,
+    /// A `name=value` the request's `Cookie` header must hold, else 403.
+    required_cookie: Option<String>,
     sha: Arc<OnceLock<String>>,
 }
 
@@ -168,6 +172,8 @@ impl Resource {
             content_length: true,
             throttle: None,
             faults: Vec::new(),
+            set_cookies: Vec::new(),
+            required_cookie: None,
             sha: Arc::new(cell),
         }
     }
@@ -260,6 +266,18 @@ impl Resource {
     }
 
     /// Pace the body at about `bytes_per_sec` (0 = unthrottled).
+    /// Sends `Set-Cookie: value` with every response of this path (redirects included).
+    pub fn set_cookie(mut self, value: &str) -> Self {
+        self.set_cookies.push(value.to_owned());
+        self
+    }
+
+    /// Answers 403 unless the request's `Cookie` header holds `pair` (`name=value`).
+    pub fn require_cookie(mut self, pair: &str) -> Self {
+        self.required_cookie = Some(pair.to_owned());
+        self
+    }
+
     pub fn throttle(mut self, bytes_per_sec: u64) -> Self {
         self.throttle = (bytes_per_sec > 0).then_some(bytes_per_sec);
         self
@@ -628,6 +646,18 @@ fn empty_body() -> RespBody {
 
 async fn handle(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) -> Result<Response<RespBody>, io::Error> {
     let path = req.uri().path().to_owned();
+    let mut resp = respond(shared, ctl, req).await?;
+    let cookies = shared.lock().resources.get(&path).map(|r| r.set_cookies.clone()).unwrap_or_default();
+    for c in cookies {
+        if let Ok(v) = HeaderValue::from_str(&c) {
+            resp.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    Ok(resp)
+}
+
+async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) -> Result<Response<RespBody>, io::Error> {
+    let path = req.uri().path().to_owned();
     let mut headers: Vec<(String, String)> = req
         .headers()
         .iter()
@@ -671,6 +701,12 @@ async fn handle(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) -> 
     let Some(res) = resource else {
         return Ok(small_response(StatusCode::NOT_FOUND, "text/html", "<html>404 not found</html>".to_owned()));
     };
+    if let Some(want) = &res.required_cookie {
+        let sent = header_str(&req, header::COOKIE).unwrap_or_default();
+        if !sent.split(';').any(|c| c.trim() == want) {
+            return Ok(small_response(StatusCode::FORBIDDEN, "text/html", "<html>403 log in first</html>".into()));
+        }
+    }
     let is_head = req.method() == Method::HEAD;
     if !is_head && req.method() != Method::GET {
         let mut resp =

@@ -22,6 +22,7 @@ mod admission;
 mod backoff;
 mod conns;
 mod convert;
+mod cookies;
 mod delivery;
 mod disk;
 mod finish;
@@ -125,6 +126,8 @@ pub enum CoreMsg {
     NotificationClicked {
         identifier: String,
     },
+    /// A session's cookie jar changed: store it.
+    CookiesChanged(SessionKey),
     Shutdown,
 }
 
@@ -405,6 +408,7 @@ impl Core {
             CoreMsg::NetworkUnwatched => self.on_network_unwatched(),
             CoreMsg::Desktop(facts) => self.on_desktop(facts),
             CoreMsg::NotificationClicked { identifier } => self.on_notification_clicked(&identifier),
+            CoreMsg::CookiesChanged(key) => self.on_cookies_changed(key),
             CoreMsg::Shutdown => self.begin_shutdown(),
         }
     }

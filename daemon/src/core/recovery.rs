@@ -20,6 +20,7 @@ impl Core {
         for rec in snapshot.sessions {
             self.sessions.restore(rec);
         }
+        self.restore_cookies(snapshot.cookie_jars);
         for ev in snapshot.events {
             if let Some(s) = self.sessions.get_mut(&ev.session) {
                 s.committed = s.committed.max(ev.seq);

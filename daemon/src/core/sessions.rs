@@ -48,6 +48,9 @@ pub(super) struct Session {
     pub launch_slot_timer: Option<Mono>,
     /// `Wake` requests answered once it has started.
     pub launch_replies: Vec<(ConnId, u64)>,
+    /// Its cookies, shared with its running downloads; `None`: it keeps none. Set by the
+    /// core (the jar tells the core when it changed).
+    pub cookies: Option<Arc<crate::engine::cookies::CookieJar>>,
 }
 
 impl Session {
@@ -71,6 +74,7 @@ impl Session {
             launching: false,
             launch_slot_timer: None,
             launch_replies: Vec::new(),
+            cookies: None,
         }
     }
 

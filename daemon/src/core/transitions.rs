@@ -197,6 +197,7 @@ impl Core {
             deadline,
             progress: t.progress.clone(),
             limiters: vec![t.limiter.clone(), s.limiter.clone(), self.bandwidth.clone()],
+            cookies: s.cookies.clone(),
             stop: stop_rx,
         };
         let worker = self.engine.spawn(job);

@@ -46,6 +46,11 @@ impl Engine {
                 Ok(Err(e)) => return Err(classify(&e, &format!("requesting {}", host_of(&url)))),
                 Ok(Ok(r)) => r,
             };
+            // Every response's cookies count, a redirect's too (a login that sets one and
+            // sends on to the file).
+            if let Some(jar) = &job.cookies {
+                jar.take_from(&url, resp.headers());
+            }
             let status = resp.status().as_u16();
             if !matches!(status, 301 | 302 | 303 | 307 | 308) {
                 return Ok((resp, url));
@@ -226,12 +231,26 @@ fn build_request(
     let mut b = hyper::Request::get(target.as_str());
     let has = |name: &str| job.headers.iter().any(|h| h.name.eq_ignore_ascii_case(name));
     let (has_ua, has_ae, has_auth) = (has("user-agent"), has("accept-encoding"), has("authorization"));
+    let mut cookie: Option<String> = None;
     for h in &job.headers {
         // Credentials never travel to another origin after a redirect.
         if !same_origin && is_sensitive_header(&h.name) {
             continue;
         }
+        // The app's own cookies go first, in the one `Cookie` header (below).
+        if h.name.eq_ignore_ascii_case("cookie") {
+            cookie = Some(cookie.map_or_else(|| h.value.clone(), |c| format!("{c}; {}", h.value)));
+            continue;
+        }
         b = b.header(h.name.as_str(), h.value.as_str());
+    }
+    // Then the session's, for this URL (each cookie to the hosts it was set for, so a
+    // redirect to another origin carries only that origin's).
+    if let Some(stored) = job.cookies.as_ref().and_then(|jar| jar.header_for(url)) {
+        cookie = Some(cookie.map_or_else(|| stored.clone(), |c| format!("{c}; {stored}")));
+    }
+    if let Some(cookie) = cookie {
+        b = b.header(hyper::header::COOKIE, cookie);
     }
     if !has_ua {
         b = b.header(hyper::header::USER_AGENT, USER_AGENT);

@@ -9,6 +9,7 @@
 
 mod attempt;
 pub mod checkpoint;
+pub mod cookies;
 pub mod direct;
 pub mod files;
 pub mod http;
@@ -74,6 +75,8 @@ pub struct Job {
     pub progress: Arc<Progress>,
     /// The bandwidth limits the download is under (its own, its session's, the daemon's).
     pub limiters: Vec<Arc<RateLimiter>>,
+    /// The session's cookies, unless it keeps none.
+    pub cookies: Option<Arc<cookies::CookieJar>>,
     pub stop: watch::Receiver<bool>,
 }
 

@@ -2,7 +2,7 @@
 
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 
-use crate::model::{DEFAULT_FILE_MODE, EventRecord, Phase, SessionRecord, TaskRecord};
+use crate::model::{DEFAULT_FILE_MODE, EventRecord, Phase, SessionKey, SessionRecord, TaskRecord};
 use dlsession_proto::{DurableEvent, ErrorCode, ErrorInfo, Header, LaunchSpec, SessionConfig, TaskId, TaskState};
 
 // Lists are stored as NUL-separated text: NUL cannot occur in a valid header, argv
@@ -432,6 +432,21 @@ pub fn set_global_limit(tx: &Transaction<'_>, rate: Option<u64>) -> rusqlite::Re
          ON CONFLICT(key) DO UPDATE SET value = excluded.value",
     )?
     .execute(params![i64::try_from(rate.unwrap_or(0)).unwrap_or(i64::MAX)])?;
+    Ok(())
+}
+
+pub fn load_cookie_jars(conn: &Connection) -> rusqlite::Result<Vec<(SessionKey, bool, String)>> {
+    let mut stmt = conn.prepare("SELECT session_id, enabled, jar FROM cookie_jars")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    rows.collect()
+}
+
+pub fn save_cookie_jar(tx: &Transaction<'_>, session: SessionKey, enabled: bool, jar: &str) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO cookie_jars(session_id, enabled, jar) VALUES (?1, ?2, ?3)
+         ON CONFLICT(session_id) DO UPDATE SET enabled = excluded.enabled, jar = excluded.jar",
+    )?
+    .execute(params![session, enabled, jar])?;
     Ok(())
 }
 

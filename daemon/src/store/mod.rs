@@ -70,6 +70,12 @@ pub enum Op {
     SetSeqFloor(u64),
     /// The daemon-wide bandwidth limit set at run time (`None`: lifted).
     SetGlobalLimit(Option<u64>),
+    /// A session's cookie jar (JSON), or that it keeps none.
+    SaveCookies {
+        session: SessionKey,
+        enabled: bool,
+        jar: String,
+    },
 }
 
 /// Runs after the batch's transaction committed (or, the database thread gone, never will).
@@ -109,6 +115,9 @@ pub struct Snapshot {
     pub global_limit: Option<Option<u64>>,
     /// Where a new session's event sequence numbers start (see `Op::SetSeqFloor`).
     pub seq_floor: u64,
+    /// Sessions' cookie jars: (session, enabled, JSON); a session without one keeps
+    /// cookies and has none yet.
+    pub cookie_jars: Vec<(SessionKey, bool, String)>,
 }
 
 /// Handle to the database thread. Cheap to clone.
@@ -177,6 +186,7 @@ fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreError> {
         next_session_key: codec::load_next_session_key(conn)?,
         global_limit: codec::load_global_limit(conn)?,
         seq_floor: codec::load_seq_floor(conn)?,
+        cookie_jars: codec::load_cookie_jars(conn)?,
     })
 }
 
@@ -324,6 +334,7 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
         Op::InsertSession(s) | Op::UpdateSession(s) => codec::save_session(tx, s),
         Op::DeleteSession(key) => {
             tx.execute("DELETE FROM events WHERE session_id = ?1", params![key])?;
+            tx.execute("DELETE FROM cookie_jars WHERE session_id = ?1", params![key])?;
             // A session is deleted once all its tasks are retired; any other would be orphaned.
             tx.execute("DELETE FROM tasks WHERE session_id = ?1 AND retired = 0", params![key])?;
             // Its retired tasks stay in the history (`show` finds them) under a tombstone row whose
@@ -387,6 +398,7 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
         Op::SetNextTaskId(id) => codec::raise_meta(tx, "next_task_id", *id),
         Op::SetSeqFloor(seq) => codec::raise_meta(tx, "seq_floor", *seq),
         Op::SetGlobalLimit(rate) => codec::set_global_limit(tx, *rate),
+        Op::SaveCookies { session, enabled, jar } => codec::save_cookie_jar(tx, *session, *enabled, jar),
     }
 }
 

@@ -110,6 +110,12 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE tasks ADD COLUMN allows_battery INTEGER;
      ALTER TABLE tasks ADD COLUMN discretionary INTEGER;
      ALTER TABLE tasks ADD COLUMN waits_for_connectivity INTEGER;",
+    // 8: a session's cookies (no row: kept, none yet). The jar is cookie_store's JSON.
+    "CREATE TABLE cookie_jars (
+        session_id INTEGER PRIMARY KEY,
+        enabled    INTEGER NOT NULL,
+        jar        TEXT NOT NULL
+     );",
 ];
 
 pub const LATEST_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -1,6 +1,6 @@
 //! `dlsessionctl policy SESSION [--metered allow|deny] [--battery allow|deny] [--discretionary on|off] …`
 //! and `dlsessionctl policy --task ID […|inherit]`: shows a policy, after changing what
-//! the flags name.
+//! the flags name. A session's also says whether it keeps cookies (`--cookies on|off`).
 
 use std::io::Write;
 
@@ -41,10 +41,23 @@ async fn run_session(ctx: &Ctx, session: &str, args: &PolicyArgs) -> Result<Exit
         let request = Request::SetSessionPolicy { identifier: session.to_owned(), policy };
         request_ok(&client, request).await?;
     }
+    if let Some(c) = &args.cookies {
+        let request = Request::SetSessionCookies { identifier: session.to_owned(), enabled: c == "on" };
+        request_ok(&client, request).await?;
+    }
+    let cookies = match client.request(Request::GetSessionCookies { identifier: session.to_owned() }).await? {
+        Response::SessionCookies(c) => c,
+        other => return Err(CliError::unexpected("session_cookies", &other)),
+    };
     if ctx.json {
-        json::print(&PolicyJson::of(policy, Some(session), None, None))?;
+        let mut json = PolicyJson::of(policy, Some(session), None, None);
+        json.cookies = Some(cookies.enabled);
+        json.cookies_stored = Some(cookies.stored);
+        json::print(&json)?;
     } else {
-        writeln!(std::io::stdout().lock(), "{session}: {}", describe(policy))?;
+        let kept =
+            if cookies.enabled { format!("keeps cookies ({} stored)", cookies.stored) } else { "no cookies".into() };
+        writeln!(std::io::stdout().lock(), "{session}: {}, {kept}", describe(policy))?;
     }
     Ok(Exit::Success)
 }
@@ -124,6 +137,11 @@ struct PolicyJson<'a> {
     /// A task's own settings (`null`: as its session says).
     #[serde(skip_serializing_if = "Option::is_none")]
     own: Option<TaskPolicyJson>,
+    /// A session's: whether it keeps cookies, and how many it holds (never their values).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cookies: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cookies_stored: Option<u32>,
 }
 
 impl<'a> PolicyJson<'a> {
@@ -137,6 +155,8 @@ impl<'a> PolicyJson<'a> {
             waits_for_connectivity: p.waits_for_connectivity,
             notify: p.notify,
             own: own.map(TaskPolicyJson::from),
+            cookies: None,
+            cookies_stored: None,
         }
     }
 }

@@ -22,7 +22,7 @@ pub(super) enum Answer {
     Later,
 }
 
-type Handled = Result<Answer, ErrorInfo>;
+pub(super) type Handled = Result<Answer, ErrorInfo>;
 
 /// Whether a task-creating request's disk phase (destinations, a kept file) ran yet.
 #[derive(Debug)]
@@ -132,6 +132,12 @@ impl Core {
             }
             Request::SetTaskPolicy { tasks, policy } => self.set_task_policy(conn, id, &tasks, policy),
             Request::GetTaskPolicy { task } => Ok(Answer::Now(Response::TaskPolicy(self.task_policy(task)?))),
+            Request::SetSessionCookies { identifier, enabled } => {
+                self.set_session_cookies(conn, id, &identifier, enabled)
+            }
+            Request::GetSessionCookies { identifier } => {
+                Ok(Answer::Now(Response::SessionCookies(self.session_cookies(&identifier)?)))
+            }
             Request::Unwatch => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.watch = None;
@@ -182,7 +188,8 @@ fn access(request: &Request) -> Access {
         | Request::GetBandwidthLimits
         | Request::GetConditions
         | Request::GetSessionPolicy { .. }
-        | Request::GetTaskPolicy { .. } => Access::Read,
+        | Request::GetTaskPolicy { .. }
+        | Request::GetSessionCookies { .. } => Access::Read,
         Request::Attach { .. } | Request::Detach { .. } | Request::Wake { .. } | Request::HandleWakes => Access::Live,
         Request::OpenSession { .. }
         | Request::CreateTasks { .. }
@@ -194,6 +201,7 @@ fn access(request: &Request) -> Access {
         | Request::AcknowledgeTasks { .. }
         | Request::SetBandwidthLimit { .. }
         | Request::SetSessionPolicy { .. }
-        | Request::SetTaskPolicy { .. } => Access::Write,
+        | Request::SetTaskPolicy { .. }
+        | Request::SetSessionCookies { .. } => Access::Write,
     }
 }

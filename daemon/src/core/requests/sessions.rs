@@ -96,6 +96,7 @@ impl Core {
         let rec = self.sessions.create(identifier, config, now_ms());
         let key = rec.key;
         ops.push(Op::InsertSession(rec));
+        self.give_jar(key);
         key
     }
 
