@@ -69,3 +69,81 @@ async fn no_proxy_hosts_are_reached_directly() {
     assert_eq!(events.completion(t.id(), LONG).await, None);
     assert!(proxy.records().is_empty(), "bypassed: {:?}", proxy.records());
 }
+
+/// Through a SOCKS5 proxy with a password: `socks5h` hands the proxy the name (no DNS
+/// lookup here), TLS runs end to end inside the tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_go_through_a_socks5_proxy_with_remote_dns() {
+    let env = TestEnv::new();
+    let ca = TestCa::new().unwrap();
+    env.add_config(&format!("extra_ca_file = {:?}", ca.ca_pem_path()));
+    let socks = dlsession_testkit::TestSocks::start_with_auth("alice", "s3cret").await.unwrap();
+    let url = socks.url("socks5h", Some(("alice", "s3cret")));
+    let _d = TestDaemon::start_with_env(&env, &[("ALL_PROXY", OsStr::new(&url)), ("NO_PROXY", OsStr::new(""))]);
+    let plain = TestServer::start().await.unwrap();
+    plain.add("/p", Resource::generated(300_000, 5));
+    let tls = TestServer::start_tls(&ca).await.unwrap();
+    tls.add("/t", Resource::generated(300_000, 6));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session =
+        Session::attach(SessionConfiguration::background("t.socks").socket(&env.socket), delegate).await.unwrap();
+    let requests = vec![DownloadRequest::new(plain.url("/p")), DownloadRequest::new(tls.url("/t"))];
+    let tasks = session.download_tasks(requests, true).await.unwrap();
+    for (t, seed) in tasks.iter().zip([5, 6]) {
+        assert_eq!(events.completion(t.id(), LONG).await, None);
+        assert_eq!(sha256_file(&events.moved_to(t.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(seed, 300_000)));
+    }
+    let records = socks.records();
+    let named = records.iter().find(|r| r.target == format!("localhost:{}", tls.addr().port()));
+    let named = named.unwrap_or_else(|| panic!("the https download went through the proxy: {records:?}"));
+    assert!(named.by_name, "the proxy resolved the name: {named:?}");
+    assert_eq!(named.user.as_deref(), Some("alice"));
+    assert!(records.iter().any(|r| r.target == format!("127.0.0.1:{}", plain.addr().port())), "{records:?}");
+    // A plain-http download through SOCKS is a tunnel, not an http proxy: origin-form.
+    assert_eq!(plain.requests_for("/p")[0].method, "GET");
+}
+
+/// `NO_PROXY` entries with a port (and a CIDR block) bypass the proxy for that port only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_proxy_entries_with_a_port_bypass_only_that_port() {
+    let env = TestEnv::new();
+    let socks = dlsession_testkit::TestSocks::start().await.unwrap();
+    let direct = TestServer::start().await.unwrap();
+    direct.add("/d", Resource::generated(10_000, 7));
+    let proxied = TestServer::start().await.unwrap();
+    proxied.add("/x", Resource::generated(10_000, 8));
+    let no_proxy = format!("example.invalid, 127.0.0.0/8:{}", direct.addr().port());
+    let _d = TestDaemon::start_with_env(
+        &env,
+        &[("ALL_PROXY", OsStr::new(&socks.url("socks5", None))), ("NO_PROXY", OsStr::new(&no_proxy))],
+    );
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session =
+        Session::attach(SessionConfiguration::background("t.noport").socket(&env.socket), delegate).await.unwrap();
+    let requests = vec![DownloadRequest::new(direct.url("/d")), DownloadRequest::new(proxied.url("/x"))];
+    let tasks = session.download_tasks(requests, true).await.unwrap();
+    for t in &tasks {
+        assert_eq!(events.completion(t.id(), LONG).await, None);
+    }
+    let targets: Vec<String> = socks.records().into_iter().map(|r| r.target).collect();
+    assert_eq!(targets, vec![format!("127.0.0.1:{}", proxied.addr().port())], "only the other port went through");
+}
+
+/// An `https://` proxy is refused at once with the reason, not retried for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_proxy_fails_clearly() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start_with_env(
+        &env,
+        &[("HTTP_PROXY", OsStr::new("https://127.0.0.1:9")), ("NO_PROXY", OsStr::new(""))],
+    );
+    let plain = TestServer::start().await.unwrap();
+    plain.add("/p", Resource::generated(1000, 9));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session =
+        Session::attach(SessionConfiguration::background("t.httpsproxy").socket(&env.socket), delegate).await.unwrap();
+    let t = session.download_tasks(vec![DownloadRequest::new(plain.url("/p"))], true).await.unwrap().remove(0);
+    let error = events.completion(t.id(), LONG).await.expect("refused");
+    assert!(error.message.contains("https:// proxy"), "{error:?}");
+    assert_eq!(t.info().await.unwrap().bytes_received, 0);
+}

@@ -17,6 +17,7 @@ pub mod netns;
 pub mod nginx;
 pub mod proxy;
 pub mod server;
+pub mod socks;
 pub mod tls;
 pub mod wait;
 
@@ -27,5 +28,6 @@ pub use mount::{Mount, require_root};
 pub use nginx::Nginx;
 pub use proxy::{ProxyFault, ProxyRecord, TestProxy};
 pub use server::{Fault, Hits, RequestRecord, Resource, TestServer};
+pub use socks::{SocksRecord, TestSocks};
 pub use tls::TestCa;
 pub use wait::{LONG, block, wait_for, wait_until};

@@ -140,6 +140,9 @@ pub fn classify(err: &(dyn StdError + 'static), what: &str) -> Failure {
             Failure::transient(ErrorCode::Tls, message)
         };
     }
+    if let Some(proxy) = find::<super::proxy::UnsupportedProxy>(err) {
+        return Failure::permanent(ErrorCode::Network, format!("{what}: {proxy}"));
+    }
     if let Some(io) = find::<std::io::Error>(err)
         && io.kind() == std::io::ErrorKind::TimedOut
     {

@@ -1,21 +1,28 @@
-//! Proxies from `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and `NO_PROXY` (curl semantics).
+//! Proxies from `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and `NO_PROXY` (curl semantics),
+//! docs/behaviour.md, "Proxies".
 //!
-//! The connector below sits under the TLS connector: for an https destination behind a
-//! proxy it opens a `CONNECT` tunnel (TLS then runs end to end inside it); for http
-//! behind a proxy it connects to the proxy and marks the connection as proxied, so the
-//! client sends absolute-form requests. Everything else connects directly.
+//! The connector below sits under the TLS connector: for an https destination behind an
+//! http proxy it opens a `CONNECT` tunnel (TLS then runs end to end inside it); for http
+//! behind an http proxy it connects to the proxy and marks the connection as proxied, so
+//! the client sends absolute-form requests; behind a SOCKS proxy (`socks5h://`: the proxy
+//! resolves names, `socks5://`: the daemon does; `socks4a://`, `socks4://` alike) both
+//! go through a SOCKS tunnel. Everything else connects directly.
+//!
+//! `NO_PROXY` takes names (a name matches itself and its subdomains), addresses, CIDR
+//! blocks, `*`, and any of these with a `:port`, which then bypass only that port.
 
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::client::legacy::connect::proxy::{SocksV4, SocksV5, Tunnel};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::client::proxy::matcher::Matcher;
+use hyper_util::client::proxy::matcher::{Intercept, Matcher};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower_service::Service;
@@ -26,28 +33,54 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug, Clone)]
 pub struct Proxies {
     matcher: Arc<Matcher>,
+    /// `NO_PROXY` entries with a port: (host, CIDR or address; port).
+    bypass_ports: Arc<Vec<(String, u16)>>,
 }
 
 impl Proxies {
     pub fn from_env() -> Proxies {
-        Proxies { matcher: Arc::new(Matcher::from_env()) }
+        let var = |names: [&str; 2]| names.iter().find_map(|n| std::env::var(n).ok()).unwrap_or_default();
+        Proxies::new(
+            &var(["ALL_PROXY", "all_proxy"]),
+            &var(["HTTP_PROXY", "http_proxy"]),
+            &var(["HTTPS_PROXY", "https_proxy"]),
+            &var(["NO_PROXY", "no_proxy"]),
+        )
+    }
+
+    /// Proxies from values in the environment variables' format (empty: none).
+    pub fn new(all: &str, http: &str, https: &str, no: &str) -> Proxies {
+        let (bypass_ports, rest) = split_no_proxy(no);
+        let matcher =
+            Matcher::builder().all(all.to_owned()).http(http.to_owned()).https(https.to_owned()).no(rest).build();
+        Proxies { matcher: Arc::new(matcher), bypass_ports: Arc::new(bypass_ports) }
+    }
+
+    /// The proxy for `dst`, if it goes through one.
+    fn intercept(&self, dst: &Uri) -> Option<Intercept> {
+        let host = dst.host()?;
+        let port = dst.port_u16().unwrap_or(if dst.scheme_str() == Some("https") { 443 } else { 80 });
+        if self.bypass_ports.iter().any(|(h, p)| *p == port && host_matches(h, host)) {
+            return None;
+        }
+        self.matcher.intercept(dst)
     }
 
     /// The `Proxy-Authorization` value to send with a plain-http request to `url`, if
-    /// it goes through a proxy with credentials.
+    /// it goes through an http proxy with credentials.
     pub fn http_auth(&self, url: &url::Url) -> Option<http::HeaderValue> {
         if url.scheme() != "http" {
             return None;
         }
         let uri: Uri = url.as_str().parse().ok()?;
-        self.matcher.intercept(&uri)?.basic_auth().cloned()
+        self.intercept(&uri)?.basic_auth().cloned()
     }
 
     /// A description for the logs (credentials are not included).
     pub fn describe(&self) -> String {
         let probe = |u: &str| -> Option<String> {
             let uri: Uri = u.parse().ok()?;
-            let i = self.matcher.intercept(&uri)?;
+            let i = self.intercept(&uri)?;
             Some(format!(
                 "{}://{}",
                 i.uri().scheme_str().unwrap_or("http"),
@@ -59,6 +92,51 @@ impl Proxies {
             probe("http://example.invalid/").unwrap_or_else(|| "direct".into()),
             probe("https://example.invalid/").unwrap_or_else(|| "direct".into())
         )
+    }
+}
+
+/// A proxy the daemon cannot use however often it tries (the download fails at once).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UnsupportedProxy(&'static str);
+
+/// Splits `NO_PROXY` into the entries with a port (`host:port`, `[v6]:port`) and the
+/// rest (comma-separated, for hyper-util's matcher: names, addresses, CIDR blocks, `*`).
+fn split_no_proxy(no: &str) -> (Vec<(String, u16)>, String) {
+    let (mut ported, mut rest) = (Vec::new(), Vec::new());
+    for entry in no.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let split = match entry.strip_prefix('[') {
+            Some(v6) => v6.split_once("]:"),
+            // One colon only: a bare IPv6 address has several.
+            None if entry.matches(':').count() == 1 => entry.split_once(':'),
+            None => None,
+        };
+        match split.and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?))) {
+            Some((host, port)) if !host.is_empty() => ported.push((host.to_owned(), port)),
+            _ => rest.push(entry),
+        }
+    }
+    (ported, rest.join(","))
+}
+
+/// Whether `host` (from a URL) is what a `NO_PROXY` entry names: the same address, an
+/// address in its block, or the name itself or one of its subdomains; `*` is every host.
+fn host_matches(entry: &str, host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if entry == "*" {
+        return true;
+    }
+    match (host.parse::<IpAddr>(), entry.parse::<ipnet::IpNet>(), entry.parse::<IpAddr>()) {
+        (Ok(ip), Ok(net), _) => net.contains(&ip),
+        (Ok(ip), _, Ok(addr)) => ip == addr,
+        (Ok(_), _, _) => false,
+        (Err(_), _, _) => {
+            let name = entry.trim_start_matches('.');
+            host.eq_ignore_ascii_case(name)
+                || host.len() > name.len()
+                    && host.get(host.len() - name.len()..).is_some_and(|tail| tail.eq_ignore_ascii_case(name))
+                    && host.as_bytes().get(host.len() - name.len() - 1) == Some(&b'.')
+        }
     }
 }
 
@@ -131,20 +209,69 @@ impl Service<Uri> for ProxyConnector {
     }
 
     fn call(&mut self, dst: Uri) -> Self::Future {
-        let intercept = self.proxies.matcher.intercept(&dst);
+        let intercept = self.proxies.intercept(&dst);
         let mut direct = self.direct.clone();
         Box::pin(async move {
-            match intercept {
-                None => Ok(ProxyStream { io: direct.call(dst).await?, proxied: false }),
-                Some(proxy) if dst.scheme_str() == Some("https") => {
+            let scheme = intercept.as_ref().and_then(|p| p.uri().scheme_str().map(str::to_owned));
+            match (intercept, scheme.as_deref()) {
+                (None, _) => Ok(ProxyStream { io: direct.call(dst).await?, proxied: false }),
+                // `socks5h`/`socks4a`: the proxy resolves the name (no DNS leak).
+                (Some(proxy), Some(s @ ("socks5" | "socks5h"))) => {
+                    let mut socks = SocksV5::new(proxy.uri().clone(), direct).local_dns(s == "socks5");
+                    if let Some((user, pass)) = proxy.raw_auth() {
+                        socks = socks.with_auth(user.to_owned(), pass.to_owned());
+                    }
+                    Ok(ProxyStream { io: socks.call(dst).await?, proxied: false })
+                }
+                (Some(proxy), Some(s @ ("socks4" | "socks4a"))) => {
+                    let mut socks = SocksV4::new(proxy.uri().clone(), direct).local_dns(s == "socks4");
+                    Ok(ProxyStream { io: socks.call(dst).await?, proxied: false })
+                }
+                (Some(_), Some("https")) => Err(BoxError::from(UnsupportedProxy(
+                    "an https:// proxy (TLS to the proxy itself) is not supported; name it http:// (https \
+                     destinations are still tunnelled with TLS end to end) or use socks5h://",
+                ))),
+                (Some(proxy), _) if dst.scheme_str() == Some("https") => {
                     let mut tunnel = Tunnel::new(proxy.uri().clone(), direct);
                     if let Some(auth) = proxy.basic_auth() {
                         tunnel = tunnel.with_auth(auth.clone());
                     }
                     Ok(ProxyStream { io: tunnel.call(dst).await?, proxied: false })
                 }
-                Some(proxy) => Ok(ProxyStream { io: direct.call(proxy.uri().clone()).await?, proxied: true }),
+                (Some(proxy), _) => Ok(ProxyStream { io: direct.call(proxy.uri().clone()).await?, proxied: true }),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn via(p: &Proxies, url: &str) -> Option<String> {
+        p.intercept(&url.parse().unwrap()).map(|i| i.uri().to_string())
+    }
+
+    #[test]
+    fn no_proxy_takes_names_blocks_and_ports() {
+        let p = Proxies::new(
+            "socks5h://u:p@127.0.0.1:1080",
+            "",
+            "",
+            "internal.example, 10.0.0.0/8, 127.0.0.1:8080, [::1]:9000, files.test:443",
+        );
+        assert_eq!(via(&p, "http://internal.example/a"), None);
+        assert_eq!(via(&p, "https://cdn.internal.example/a"), None, "a subdomain");
+        assert!(via(&p, "https://notinternal.example/a").is_some());
+        assert_eq!(via(&p, "http://10.1.2.3/a"), None, "in the block");
+        assert!(via(&p, "http://11.1.2.3/a").is_some());
+        assert_eq!(via(&p, "http://127.0.0.1:8080/a"), None, "that port");
+        assert!(via(&p, "http://127.0.0.1:8081/a").is_some(), "another port");
+        assert_eq!(via(&p, "http://[::1]:9000/a"), None);
+        assert_eq!(via(&p, "https://files.test/a"), None, "443 by default for https");
+        assert!(via(&p, "http://files.test/a").is_some(), "80 is not 443");
+        assert_eq!(via(&p, "http://elsewhere.test/").as_deref(), Some("socks5h://127.0.0.1:1080/"));
+        let everything = Proxies::new("http://127.0.0.1:3128", "", "", "*");
+        assert_eq!(via(&everything, "http://a.test/"), None);
     }
 }
