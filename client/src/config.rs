@@ -44,6 +44,8 @@ pub struct SessionConfiguration {
     pub(crate) notify: Option<bool>,
     /// Whether the session keeps cookies (`None`: as stored).
     pub(crate) cookies: Option<bool>,
+    /// The session's own proxy (`None`: as stored; `Some(None)`: the environment's).
+    pub(crate) proxy: Option<Option<dlsession_proto::SessionProxy>>,
     pub(crate) socket: Option<PathBuf>,
     pub(crate) takeover: bool,
     pub(crate) client_name: Option<String>,
@@ -76,6 +78,7 @@ impl SessionConfiguration {
             waits_for_connectivity: None,
             notify: None,
             cookies: None,
+            proxy: None,
             socket: None,
             takeover: false,
             client_name: None,
@@ -231,6 +234,19 @@ impl SessionConfiguration {
     /// stored in the daemon's database (0600) and never shown or logged.
     pub fn cookies(mut self, keep: bool) -> Self {
         self.cookies = Some(keep);
+        self
+    }
+
+    /// The session's own proxy, replacing the daemon's environment for its downloads
+    /// (stored; `url: None` means direct). See [`SessionProxy`](dlsession_proto::SessionProxy).
+    pub fn proxy(mut self, proxy: dlsession_proto::SessionProxy) -> Self {
+        self.proxy = Some(Some(proxy));
+        self
+    }
+
+    /// The session's downloads follow the daemon's environment (`HTTP_PROXY`, …) again.
+    pub fn environment_proxy(mut self) -> Self {
+        self.proxy = Some(None);
         self
     }
 

@@ -165,11 +165,18 @@ impl Session {
 }
 
 /// Stores the policy parts the app set (the rest keep their stored values), and whether
-/// the session keeps cookies if the app said.
+/// the session keeps cookies and its proxy if the app said.
 async fn apply_policy(client: &Client, config: &SessionConfiguration) -> Result<()> {
     if let Some(enabled) = config.cookies {
         let identifier = config.identifier.clone();
         match client.request(Request::SetSessionCookies { identifier, enabled }).await? {
+            Response::Ok => {}
+            other => return Err(Error::UnexpectedResponse { expected: "ok", got: other.kind() }),
+        }
+    }
+    if let Some(proxy) = &config.proxy {
+        let request = Request::SetSessionProxy { identifier: config.identifier.clone(), proxy: proxy.clone() };
+        match client.request(request).await? {
             Response::Ok => {}
             other => return Err(Error::UnexpectedResponse { expected: "ok", got: other.kind() }),
         }

@@ -74,10 +74,10 @@ pub async fn run(
     let opened = started.elapsed();
     let (sessions, tasks) = (snapshot.sessions.len(), snapshot.tasks.len());
     let proxies = engine::proxy::Proxies::from_env();
-    let client = engine::http::build_client(cfg.extra_ca_file.as_deref(), cfg.timing.connect_timeout, &proxies)?;
+    let factory = engine::http::ClientFactory::new(cfg.extra_ca_file.as_deref(), cfg.timing.connect_timeout)?;
     let engine = Arc::new(
         engine::Engine::new(
-            client,
+            factory,
             proxies,
             engine::EngineSettings {
                 max_redirects: cfg.limits.max_redirects,

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use dlsession_proto::redact;
-use dlsession_proto::{ErrorCode, ErrorInfo, Header, LaunchSpec, SessionConfig, TaskSpec};
+use dlsession_proto::{ErrorCode, ErrorInfo, Header, LaunchSpec, SessionConfig, SessionProxy, TaskSpec};
 use url::Url;
 
 use crate::config::Limits;
@@ -31,6 +31,39 @@ const RESERVED_HEADERS: &[&str] = &[
 
 const MAX_HEADER_VALUE: usize = 8192;
 const MAX_DESCRIPTION: usize = 4096;
+
+/// Checks a session's own proxy: a URL the daemon can use, a `NO_PROXY` list of sane size.
+pub fn session_proxy(p: &SessionProxy) -> Result<(), ErrorInfo> {
+    const MAX: usize = 4096;
+    let invalid = |m: String| err(ErrorCode::InvalidRequest, m);
+    if p.no_proxy.len() > MAX || p.no_proxy.chars().any(char::is_control) {
+        return Err(invalid(format!("no_proxy must be at most {MAX} bytes without control characters")));
+    }
+    let Some(raw) = &p.url else { return Ok(()) };
+    if raw.len() > MAX {
+        return Err(invalid(format!("the proxy URL is {} bytes long; the limit is {MAX}", raw.len())));
+    }
+    let url = Url::parse(raw).map_err(|e| invalid(format!("invalid proxy URL {:?}: {e}", redact::url(raw))))?;
+    match url.scheme() {
+        "http" | "socks5h" | "socks5" | "socks4a" | "socks4" => {}
+        "https" => {
+            return Err(invalid(
+                "an https:// proxy (TLS to the proxy itself) is not supported; name it http:// (https downloads \
+                 are still tunnelled with TLS end to end) or use socks5h://"
+                    .into(),
+            ));
+        }
+        other => {
+            return Err(invalid(format!(
+                "unsupported proxy scheme {other:?} (http, socks5h, socks5, socks4a, socks4)"
+            )));
+        }
+    }
+    if url.host_str().is_none_or(str::is_empty) || url.port_or_known_default().is_none() {
+        return Err(invalid(format!("the proxy URL {:?} needs a host and a port", redact::url(raw))));
+    }
+    Ok(())
+}
 
 /// Parses and checks a download URL; returns the parsed form.
 pub fn url(raw: &str, limits: &Limits) -> Result<Url, ErrorInfo> {

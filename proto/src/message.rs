@@ -105,6 +105,12 @@ pub enum Request {
     SetSessionCookies { identifier: String, enabled: bool },
     /// → [`Response::SessionCookies`] (never the cookies themselves: they are credentials).
     GetSessionCookies { identifier: String },
+    /// Gives the session its own proxy, replacing the daemon's environment for its
+    /// downloads (`None`: the environment's again). Stored; applies to attempts that start
+    /// from now on. → [`Response::Ok`]
+    SetSessionProxy { identifier: String, proxy: Option<SessionProxy> },
+    /// → [`Response::SessionProxy`] (a password in the URL redacted).
+    GetSessionProxy { identifier: String },
 }
 
 /// When a session's tasks may run (like `URLSession`'s `allowsExpensiveNetworkAccess`,
@@ -176,6 +182,26 @@ impl TaskPolicy {
 pub struct TaskPolicyInfo {
     pub own: TaskPolicy,
     pub effective: SessionPolicy,
+}
+
+/// A session's own proxy. `Debug` shows the URL redacted.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SessionProxy {
+    /// Every download through this proxy (`http://`, `socks5h://`, `socks5://`,
+    /// `socks4a://`, `socks4://`, credentials as `user:password@`), or `None`: direct.
+    pub url: Option<String>,
+    /// Hosts reached directly, as in `NO_PROXY` (names, addresses, CIDR blocks, `*`, any
+    /// of them with `:port`).
+    pub no_proxy: String,
+}
+
+impl std::fmt::Debug for SessionProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionProxy")
+            .field("url", &self.url.as_deref().map(crate::redact::url))
+            .field("no_proxy", &self.no_proxy)
+            .finish()
+    }
 }
 
 /// A session's cookie jar, as far as it may be shown.
@@ -259,6 +285,8 @@ impl Request {
             Request::GetTaskPolicy { .. } => "get_task_policy",
             Request::SetSessionCookies { .. } => "set_session_cookies",
             Request::GetSessionCookies { .. } => "get_session_cookies",
+            Request::SetSessionProxy { .. } => "set_session_proxy",
+            Request::GetSessionProxy { .. } => "get_session_proxy",
         }
     }
 }
@@ -323,6 +351,8 @@ pub enum Response {
     SessionPolicy(SessionPolicy),
     TaskPolicy(TaskPolicyInfo),
     SessionCookies(SessionCookies),
+    /// `None`: the daemon's environment.
+    SessionProxy(Option<SessionProxy>),
 }
 
 impl Response {
@@ -344,6 +374,7 @@ impl Response {
             Response::SessionPolicy(_) => "session_policy",
             Response::TaskPolicy(_) => "task_policy",
             Response::SessionCookies(_) => "session_cookies",
+            Response::SessionProxy(_) => "session_proxy",
         }
     }
 }

@@ -318,9 +318,12 @@ fn response(r: crate::Response) -> Response {
         R::Wake(w) => Response::Wake(w),
         // Only sent in answer to a protocol-2 request.
         R::SessionsPage(p) => Response::Sessions(p.sessions.into_iter().map(session).collect()),
-        R::BandwidthLimits(_) | R::Conditions(_) | R::SessionPolicy(_) | R::TaskPolicy(_) | R::SessionCookies(_) => {
-            Response::Ok
-        }
+        R::BandwidthLimits(_)
+        | R::Conditions(_)
+        | R::SessionPolicy(_)
+        | R::TaskPolicy(_)
+        | R::SessionCookies(_)
+        | R::SessionProxy(_) => Response::Ok,
     }
 }
 

@@ -87,7 +87,8 @@ fn response(r: Response) -> Response {
         | Response::Conditions(_)
         | Response::SessionPolicy(_)
         | Response::TaskPolicy(_)
-        | Response::SessionCookies(_) => Response::Ok,
+        | Response::SessionCookies(_)
+        | Response::SessionProxy(_) => Response::Ok,
         other => other,
     }
 }

@@ -267,6 +267,17 @@ fn requests_v3() -> Vec<(&'static str, Request)> {
         ("req_get_task_policy", Request::GetTaskPolicy { task: 7 }),
         ("req_set_session_cookies", Request::SetSessionCookies { identifier: "s".into(), enabled: false }),
         ("req_get_session_cookies", Request::GetSessionCookies { identifier: "s".into() }),
+        (
+            "req_set_session_proxy",
+            Request::SetSessionProxy {
+                identifier: "s".into(),
+                proxy: Some(SessionProxy {
+                    url: Some("socks5h://127.0.0.1:1080".into()),
+                    no_proxy: "10.0.0.0/8".into(),
+                }),
+            },
+        ),
+        ("req_get_session_proxy", Request::GetSessionProxy { identifier: "s".into() }),
     ]
 }
 
@@ -317,6 +328,7 @@ fn server_messages_v3() -> Vec<(&'static str, ServerMessage)> {
             })),
         ),
         ("resp_session_policy", resp(Response::SessionPolicy(SessionPolicy::default()))),
+        ("resp_session_proxy", resp(Response::SessionProxy(Some(SessionProxy { url: None, no_proxy: String::new() })))),
         ("resp_session_cookies", resp(Response::SessionCookies(SessionCookies { enabled: true, stored: 3 }))),
         (
             "resp_task_policy",

@@ -108,6 +108,11 @@ pub enum Command {
     /// good conditions (discretionary). Running tasks follow at once.
     Policy(PolicyArgs),
 
+    /// Show or set a session's own proxy, which replaces the daemon's environment for its
+    /// downloads: a URL (http://, socks5h://, socks5://, socks4a://, socks4://), `direct`,
+    /// or `env` (back to the environment). Passwords in the URL are never shown.
+    Proxy(ProxyArgs),
+
     /// Print a shell completion script (bash, zsh, fish, elvish or powershell) on stdout
     ///
     /// Install it where your shell looks for completions, for example:
@@ -309,6 +314,22 @@ pub struct PolicyArgs {
     /// ones kept)
     #[arg(long, value_name = "on|off", value_parser = ["on", "off"], conflicts_with = "task")]
     pub cookies: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// The session identifier
+    #[arg(value_name = "SESSION")]
+    pub session: String,
+
+    /// A proxy URL, `direct`, or `env`
+    #[arg(value_name = "URL|direct|env")]
+    pub proxy: Option<String>,
+
+    /// Hosts reached directly, as in NO_PROXY (names, addresses, CIDR blocks, `*`, with
+    /// `:port` for one port only)
+    #[arg(long, value_name = "LIST")]
+    pub no_proxy: Option<String>,
 }
 
 #[derive(Debug, Args)]

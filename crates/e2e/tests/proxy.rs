@@ -147,3 +147,59 @@ async fn an_https_proxy_fails_clearly() {
     assert!(error.message.contains("https:// proxy"), "{error:?}");
     assert_eq!(t.info().await.unwrap().bytes_received, 0);
 }
+
+/// A session's own proxy replaces the environment's for its downloads, is stored, and is
+/// shown without its password; `direct` bypasses every proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_may_have_its_own_proxy() {
+    let env = TestEnv::new();
+    let http_proxy = TestProxy::start().await.unwrap();
+    let socks = dlsession_testkit::TestSocks::start_with_auth("alice", "s3cret").await.unwrap();
+    let mut d = TestDaemon::start_with_env(
+        &env,
+        &[("HTTP_PROXY", OsStr::new(&http_proxy.url())), ("NO_PROXY", OsStr::new(""))],
+    );
+    let server = TestServer::start().await.unwrap();
+    for (path, seed) in [("/env", 11), ("/socks", 12), ("/direct", 13)] {
+        server.add(path, Resource::generated(20_000, seed));
+    }
+    let socks_url = socks.url("socks5h", Some(("alice", "s3cret")));
+    let own = |id: &str, url: Option<&str>| {
+        let proxy = dlsession::SessionProxy { url: url.map(str::to_owned), no_proxy: String::new() };
+        SessionConfiguration::background(id).socket(&env.socket).proxy(proxy)
+    };
+    let configs = [
+        ("/env", SessionConfiguration::background("t.envproxy").socket(&env.socket)),
+        ("/socks", own("t.ownproxy", Some(&socks_url))),
+        ("/direct", own("t.direct", None)),
+    ];
+    for (path, config) in configs {
+        let (delegate, mut events) = Recorder::new(&env.path().join(&path[1..]));
+        let session = Session::attach(config, delegate).await.unwrap();
+        let t = session.download_tasks(vec![DownloadRequest::new(server.url(path))], true).await.unwrap().remove(0);
+        assert_eq!(events.completion(t.id(), LONG).await, None, "{path}");
+    }
+    let via_http: Vec<String> = http_proxy.records().into_iter().map(|r| r.target).collect();
+    assert_eq!(via_http, vec![server.url("/env")], "only the session without its own proxy used the environment's");
+    let via_socks: Vec<String> = socks.records().into_iter().map(|r| r.target).collect();
+    assert_eq!(via_socks, vec![format!("127.0.0.1:{}", server.addr().port())]);
+
+    // Stored, and shown without the password.
+    d.kill9();
+    d.restart();
+    let out = env.ctl(&["proxy", "t.ownproxy"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("through socks5h://") && !text.contains("s3cret"), "{text}");
+    let out = env.ctl(&["--json", "proxy", "t.direct"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["proxy"]["url"], serde_json::Value::Null, "{json}");
+    let out = env.ctl(&["proxy", "t.direct", "env"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("the daemon's environment"), "{out:?}");
+    // Bad input is refused with the reason.
+    for (bad, why) in [("https://127.0.0.1:3128", "not supported"), ("ftp://127.0.0.1:21", "unsupported proxy scheme")]
+    {
+        let out = env.ctl(&["proxy", "t.direct", bad]);
+        assert_eq!(out.status.code(), Some(1), "{bad}: {out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(why), "{bad}: {out:?}");
+    }
+}

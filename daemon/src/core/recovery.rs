@@ -21,6 +21,11 @@ impl Core {
             self.sessions.restore(rec);
         }
         self.restore_cookies(snapshot.cookie_jars);
+        for (key, proxy) in snapshot.session_proxies {
+            if let Some(s) = self.sessions.get_mut(&key) {
+                s.proxy = Some(proxy);
+            }
+        }
         for ev in snapshot.events {
             if let Some(s) = self.sessions.get_mut(&ev.session) {
                 s.committed = s.committed.max(ev.seq);

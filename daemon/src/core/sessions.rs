@@ -51,6 +51,8 @@ pub(super) struct Session {
     /// Its cookies, shared with its running downloads; `None`: it keeps none. Set by the
     /// core (the jar tells the core when it changed).
     pub cookies: Option<Arc<crate::engine::cookies::CookieJar>>,
+    /// Its own proxy (`None`: the daemon's environment).
+    pub proxy: Option<dlsession_proto::SessionProxy>,
 }
 
 impl Session {
@@ -75,6 +77,7 @@ impl Session {
             launch_slot_timer: None,
             launch_replies: Vec::new(),
             cookies: None,
+            proxy: None,
         }
     }
 

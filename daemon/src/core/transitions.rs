@@ -198,6 +198,7 @@ impl Core {
             progress: t.progress.clone(),
             limiters: vec![t.limiter.clone(), s.limiter.clone(), self.bandwidth.clone()],
             cookies: s.cookies.clone(),
+            proxy: s.proxy.clone(),
             stop: stop_rx,
         };
         let worker = self.engine.spawn(job);

@@ -29,14 +29,15 @@ impl Engine {
         let mut url =
             Url::parse(&job.url).map_err(|e| Failure::permanent(ErrorCode::InvalidUrl, format!("invalid URL: {e}")))?;
         let origin = url.origin();
+        let (client, proxies) = self.route(job.proxy.as_ref());
         let mut hops = 0;
         loop {
             let same_origin = url.origin() == origin;
             let mut req = build_request(&url, job, offset, same_origin)?;
-            if let Some(auth) = self.proxies.http_auth(&url) {
+            if let Some(auth) = proxies.http_auth(&url) {
                 req.headers_mut().insert(hyper::header::PROXY_AUTHORIZATION, auth);
             }
-            let resp = match tokio::time::timeout(job.idle_timeout, self.client.request(req)).await {
+            let resp = match tokio::time::timeout(job.idle_timeout, client.request(req)).await {
                 Err(_) => {
                     return Err(Failure::transient(
                         ErrorCode::TimedOut,

@@ -30,64 +30,78 @@ pub enum TlsSetupError {
     Rustls(#[from] rustls::Error),
 }
 
-/// Builds the client: system roots (honouring `SSL_CERT_FILE`/`SSL_CERT_DIR`) plus an
-/// optional extra CA file, ALPN h2 and http/1.1, proxies, pooled connections.
-pub fn build_client(
-    extra_ca: Option<&Path>,
+/// Makes HTTP clients that share one TLS setup: system roots (honouring
+/// `SSL_CERT_FILE`/`SSL_CERT_DIR`) plus an optional extra CA file, ALPN h2 and http/1.1.
+/// One client per proxy setting (the daemon's environment, and each session's own).
+#[derive(Clone)]
+pub struct ClientFactory {
+    tls: rustls::ClientConfig,
     connect_timeout: Duration,
-    proxies: &Proxies,
-) -> Result<HttpClient, TlsSetupError> {
-    let mut roots = RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for e in &native.errors {
-        warn!(error = %e, "problem loading system CA certificates");
-    }
-    let (added, ignored) = roots.add_parsable_certificates(native.certs);
-    if let Some(path) = extra_ca {
-        let err = |message: String| TlsSetupError::ExtraCa { path: path.display().to_string(), message };
-        let mut count = 0;
-        for cert in CertificateDer::pem_file_iter(path).map_err(|e| err(e.to_string()))? {
-            roots.add(cert.map_err(|e| err(e.to_string()))?).map_err(|e| err(e.to_string()))?;
-            count += 1;
-        }
-        if count == 0 {
-            return Err(err("no certificates found".into()));
-        }
-        info!(count, path = %path.display(), "loaded extra CA certificates");
-    }
-    info!(roots = added, ignored, "trust roots loaded");
-    if roots.is_empty() {
-        warn!("no trusted CA certificates: every https download will fail with a tls error");
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+}
 
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    http.set_nodelay(true);
-    info!(proxies = %proxies.describe(), "proxy settings from the environment");
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(ProxyConnector::new(proxies.clone(), http));
-    Ok(Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(16)
-        // Fixed, generous HTTP/2 windows: the adaptive window carried its estimate from
-        // one download to the next and made throughput vary by 50 % between runs.
-        .http2_initial_stream_window_size(8u32 << 20)
-        .http2_initial_connection_window_size(16u32 << 20)
-        .http1_max_buf_size(1 << 20)
-        .build(https))
+impl std::fmt::Debug for ClientFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientFactory").field("connect_timeout", &self.connect_timeout).finish_non_exhaustive()
+    }
+}
+
+impl ClientFactory {
+    pub fn new(extra_ca: Option<&Path>, connect_timeout: Duration) -> Result<ClientFactory, TlsSetupError> {
+        let mut roots = RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        for e in &native.errors {
+            warn!(error = %e, "problem loading system CA certificates");
+        }
+        let (added, ignored) = roots.add_parsable_certificates(native.certs);
+        if let Some(path) = extra_ca {
+            let err = |message: String| TlsSetupError::ExtraCa { path: path.display().to_string(), message };
+            let mut count = 0;
+            for cert in CertificateDer::pem_file_iter(path).map_err(|e| err(e.to_string()))? {
+                roots.add(cert.map_err(|e| err(e.to_string()))?).map_err(|e| err(e.to_string()))?;
+                count += 1;
+            }
+            if count == 0 {
+                return Err(err("no certificates found".into()));
+            }
+            info!(count, path = %path.display(), "loaded extra CA certificates");
+        }
+        info!(roots = added, ignored, "trust roots loaded");
+        if roots.is_empty() {
+            warn!("no trusted CA certificates: every https download will fail with a tls error");
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(ClientFactory { tls, connect_timeout })
+    }
+
+    /// A client whose connections go as `proxies` say; pooled connections.
+    pub fn client(&self, proxies: &Proxies) -> HttpClient {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(self.connect_timeout));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(self.tls.clone())
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(ProxyConnector::new(proxies.clone(), http));
+        Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(16)
+            // Fixed, generous HTTP/2 windows: the adaptive window carried its estimate from
+            // one download to the next and made throughput vary by 50 % between runs.
+            .http2_initial_stream_window_size(8u32 << 20)
+            .http2_initial_connection_window_size(16u32 << 20)
+            .http1_max_buf_size(1 << 20)
+            .build(https)
+    }
 }
 
 /// Whether a failed attempt may be retried.
@@ -313,7 +327,8 @@ mod tests {
             head.extend(b"\r\nContent-Length: 0\r\n\r\n");
             let _ = s.write_all(&head).await;
         });
-        let client = build_client(None, Duration::from_secs(5), &super::super::proxy::Proxies::from_env()).unwrap();
+        let client =
+            ClientFactory::new(None, Duration::from_secs(5)).unwrap().client(&super::super::proxy::Proxies::from_env());
         let req = hyper::Request::get(format!("http://{addr}/")).body(Empty::<Bytes>::new()).unwrap();
         let err = client.request(req).await.unwrap_err();
         let f = classify(&err, "requesting");

@@ -34,7 +34,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span};
 
 use checkpoint::CheckpointPolicy;
-use dlsession_proto::{ErrorCode, Header};
+use dlsession_proto::{ErrorCode, Header, SessionProxy};
 pub use http::{Failure, Retry};
 use http::{HttpClient, can_resume, classify};
 use limiter::RateLimiter;
@@ -77,6 +77,8 @@ pub struct Job {
     pub limiters: Vec<Arc<RateLimiter>>,
     /// The session's cookies, unless it keeps none.
     pub cookies: Option<Arc<cookies::CookieJar>>,
+    /// The session's own proxy (`None`: the daemon's environment).
+    pub proxy: Option<SessionProxy>,
     pub stop: watch::Receiver<bool>,
 }
 
@@ -99,11 +101,16 @@ pub struct EngineSettings {
     pub checkpoint_interval: Duration,
 }
 
-/// The shared HTTP client and settings. Cheap to share behind an `Arc`.
+/// The shared HTTP clients and settings. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Engine {
+    factory: http::ClientFactory,
+    /// The client going as the daemon's environment says.
     client: HttpClient,
     proxies: proxy::Proxies,
+    /// One client per session proxy in use (made when first needed; its connections are
+    /// pooled apart from the others').
+    by_proxy: std::sync::Mutex<std::collections::HashMap<SessionProxy, (HttpClient, proxy::Proxies)>>,
     settings: EngineSettings,
     mover: files::Mover,
 }
@@ -112,8 +119,35 @@ const USER_AGENT: &str = concat!("dlsessiond/", env!("CARGO_PKG_VERSION"));
 
 impl Engine {
     /// Fails only if the thread that moves finished files cannot be started.
-    pub fn new(client: HttpClient, proxies: proxy::Proxies, settings: EngineSettings) -> std::io::Result<Engine> {
-        Ok(Engine { client, proxies, settings, mover: files::Mover::start()? })
+    pub fn new(
+        factory: http::ClientFactory,
+        proxies: proxy::Proxies,
+        settings: EngineSettings,
+    ) -> std::io::Result<Engine> {
+        tracing::info!(proxies = %proxies.describe(), "proxy settings from the environment");
+        let client = factory.client(&proxies);
+        Ok(Engine {
+            factory,
+            client,
+            proxies,
+            by_proxy: std::sync::Mutex::default(),
+            settings,
+            mover: files::Mover::start()?,
+        })
+    }
+
+    /// The client (and proxy rules) for a download: its session's proxy, else the
+    /// environment's.
+    fn route(&self, proxy: Option<&SessionProxy>) -> (HttpClient, proxy::Proxies) {
+        let Some(p) = proxy else { return (self.client.clone(), self.proxies.clone()) };
+        let mut clients = self.by_proxy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        clients
+            .entry(p.clone())
+            .or_insert_with(|| {
+                let proxies = proxy::Proxies::new(p.url.as_deref().unwrap_or(""), "", "", &p.no_proxy);
+                (self.factory.client(&proxies), proxies)
+            })
+            .clone()
     }
 
     /// Starts a worker for `job`.

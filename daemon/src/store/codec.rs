@@ -450,6 +450,33 @@ pub fn save_cookie_jar(tx: &Transaction<'_>, session: SessionKey, enabled: bool,
     Ok(())
 }
 
+pub fn load_session_proxies(conn: &Connection) -> rusqlite::Result<Vec<(SessionKey, dlsession_proto::SessionProxy)>> {
+    let mut stmt = conn.prepare("SELECT session_id, url, no_proxy FROM session_proxies")?;
+    let rows =
+        stmt.query_map([], |r| Ok((r.get(0)?, dlsession_proto::SessionProxy { url: r.get(1)?, no_proxy: r.get(2)? })))?;
+    rows.collect()
+}
+
+pub fn save_session_proxy(
+    tx: &Transaction<'_>,
+    session: SessionKey,
+    proxy: Option<&dlsession_proto::SessionProxy>,
+) -> rusqlite::Result<()> {
+    match proxy {
+        None => {
+            tx.prepare_cached("DELETE FROM session_proxies WHERE session_id = ?1")?.execute(params![session])?;
+        }
+        Some(p) => {
+            tx.prepare_cached(
+                "INSERT INTO session_proxies(session_id, url, no_proxy) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(session_id) DO UPDATE SET url = excluded.url, no_proxy = excluded.no_proxy",
+            )?
+            .execute(params![session, p.url, p.no_proxy])?;
+        }
+    }
+    Ok(())
+}
+
 pub fn load_next_task_id(conn: &Connection) -> rusqlite::Result<TaskId> {
     let stored: Option<i64> =
         conn.query_row("SELECT value FROM meta WHERE key = 'next_task_id'", [], |r| r.get(0)).optional()?;

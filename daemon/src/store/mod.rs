@@ -76,6 +76,11 @@ pub enum Op {
         enabled: bool,
         jar: String,
     },
+    /// A session's own proxy (`None`: the environment's).
+    SaveProxy {
+        session: SessionKey,
+        proxy: Option<dlsession_proto::SessionProxy>,
+    },
 }
 
 /// Runs after the batch's transaction committed (or, the database thread gone, never will).
@@ -118,6 +123,8 @@ pub struct Snapshot {
     /// Sessions' cookie jars: (session, enabled, JSON); a session without one keeps
     /// cookies and has none yet.
     pub cookie_jars: Vec<(SessionKey, bool, String)>,
+    /// Sessions' own proxies.
+    pub session_proxies: Vec<(SessionKey, dlsession_proto::SessionProxy)>,
 }
 
 /// Handle to the database thread. Cheap to clone.
@@ -187,6 +194,7 @@ fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreError> {
         global_limit: codec::load_global_limit(conn)?,
         seq_floor: codec::load_seq_floor(conn)?,
         cookie_jars: codec::load_cookie_jars(conn)?,
+        session_proxies: codec::load_session_proxies(conn)?,
     })
 }
 
@@ -335,6 +343,7 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
         Op::DeleteSession(key) => {
             tx.execute("DELETE FROM events WHERE session_id = ?1", params![key])?;
             tx.execute("DELETE FROM cookie_jars WHERE session_id = ?1", params![key])?;
+            tx.execute("DELETE FROM session_proxies WHERE session_id = ?1", params![key])?;
             // A session is deleted once all its tasks are retired; any other would be orphaned.
             tx.execute("DELETE FROM tasks WHERE session_id = ?1 AND retired = 0", params![key])?;
             // Its retired tasks stay in the history (`show` finds them) under a tombstone row whose
@@ -399,6 +408,7 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
         Op::SetSeqFloor(seq) => codec::raise_meta(tx, "seq_floor", *seq),
         Op::SetGlobalLimit(rate) => codec::set_global_limit(tx, *rate),
         Op::SaveCookies { session, enabled, jar } => codec::save_cookie_jar(tx, *session, *enabled, jar),
+        Op::SaveProxy { session, proxy } => codec::save_session_proxy(tx, *session, proxy.as_ref()),
     }
 }
 

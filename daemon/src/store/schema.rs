@@ -116,6 +116,12 @@ const MIGRATIONS: &[&str] = &[
         enabled    INTEGER NOT NULL,
         jar        TEXT NOT NULL
      );",
+    // 9: a session's own proxy (no row: the daemon's environment; url NULL: direct).
+    "CREATE TABLE session_proxies (
+        session_id INTEGER PRIMARY KEY,
+        url        TEXT,
+        no_proxy   TEXT NOT NULL
+     );",
 ];
 
 pub const LATEST_VERSION: i64 = MIGRATIONS.len() as i64;

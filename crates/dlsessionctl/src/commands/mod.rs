@@ -7,6 +7,7 @@ mod ctx;
 mod get;
 mod limit;
 mod policy;
+mod proxy;
 mod sessions;
 mod show;
 mod status;
@@ -35,6 +36,7 @@ pub async fn run(cli: Cli) -> Result<Exit> {
         Command::Wake(args) => wake::run(&ctx, args).await,
         Command::Limit(args) => limit::run(&ctx, args).await,
         Command::Policy(args) => policy::run(&ctx, args).await,
+        Command::Proxy(args) => proxy::run(&ctx, args).await,
         Command::Completions(args) => completions::run(&args),
     }
 }

@@ -114,6 +114,31 @@ impl Core {
         Ok(Answer::Later)
     }
 
+    /// Stores the session's own proxy (or drops it: the environment's again); attempts
+    /// that start from now on use it.
+    pub(super) fn set_session_proxy(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        identifier: &str,
+        proxy: Option<dlsession_proto::SessionProxy>,
+    ) -> Handled {
+        if let Some(p) = &proxy {
+            crate::validate::session_proxy(p)?;
+        }
+        let key = self.sessions.key_of(identifier)?;
+        let Some(s) = self.sessions.get_mut(&key) else {
+            return Err(ErrorInfo::new(ErrorCode::NoSuchSession, format!("no session {identifier:?}")));
+        };
+        info!(session = %identifier, proxy = ?proxy, "session proxy set");
+        s.proxy = proxy.clone();
+        self.commit(
+            vec![Op::SaveProxy { session: key, proxy }],
+            vec![After::Reply { conn, id, response: Response::Ok }],
+        );
+        Ok(Answer::Later)
+    }
+
     /// A live task's own policy and the one it runs under.
     pub(super) fn task_policy(&self, task: TaskId) -> Result<TaskPolicyInfo, ErrorInfo> {
         let t = self

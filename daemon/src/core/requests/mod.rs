@@ -135,6 +135,14 @@ impl Core {
             Request::SetSessionCookies { identifier, enabled } => {
                 self.set_session_cookies(conn, id, &identifier, enabled)
             }
+            Request::SetSessionProxy { identifier, proxy } => self.set_session_proxy(conn, id, &identifier, proxy),
+            Request::GetSessionProxy { identifier } => {
+                let key = self.sessions.key_of(&identifier)?;
+                let proxy = self.sessions.get(&key).and_then(|s| s.proxy.clone()).map(|p| {
+                    dlsession_proto::SessionProxy { url: p.url.as_deref().map(dlsession_proto::redact::url), ..p }
+                });
+                Ok(Answer::Now(Response::SessionProxy(proxy)))
+            }
             Request::GetSessionCookies { identifier } => {
                 Ok(Answer::Now(Response::SessionCookies(self.session_cookies(&identifier)?)))
             }
@@ -189,7 +197,8 @@ fn access(request: &Request) -> Access {
         | Request::GetConditions
         | Request::GetSessionPolicy { .. }
         | Request::GetTaskPolicy { .. }
-        | Request::GetSessionCookies { .. } => Access::Read,
+        | Request::GetSessionCookies { .. }
+        | Request::GetSessionProxy { .. } => Access::Read,
         Request::Attach { .. } | Request::Detach { .. } | Request::Wake { .. } | Request::HandleWakes => Access::Live,
         Request::OpenSession { .. }
         | Request::CreateTasks { .. }
@@ -202,6 +211,7 @@ fn access(request: &Request) -> Access {
         | Request::SetBandwidthLimit { .. }
         | Request::SetSessionPolicy { .. }
         | Request::SetTaskPolicy { .. }
-        | Request::SetSessionCookies { .. } => Access::Write,
+        | Request::SetSessionCookies { .. }
+        | Request::SetSessionProxy { .. } => Access::Write,
     }
 }
