@@ -100,15 +100,24 @@ pub enum ConfigError {
     Invalid { key: &'static str, message: String },
 }
 
-/// Threads for blocking file work (preparing partial files, syncs and moves of finished
-/// ones, destination checks); more such work waits for one (the disk is the bottleneck
-/// then anyway).
-pub const MAX_BLOCKING_THREADS: usize = 64;
+/// Threads for short blocking file work (preparing partial files, moves of finished ones,
+/// destination checks), beyond the one each running download's writer holds for its
+/// whole transfer; more such work waits for one (the disk is the bottleneck then anyway).
+pub const FILE_WORK_THREADS: usize = 64;
+
+impl Limits {
+    /// The blocking threads the runtime may have: every download's writer at once, plus
+    /// [`FILE_WORK_THREADS`]. (Fewer, and a download past the cap would not be written
+    /// until another ended.)
+    pub fn blocking_threads(&self) -> usize {
+        (self.max_concurrent_downloads as usize).saturating_add(FILE_WORK_THREADS)
+    }
+}
 /// Descriptors kept for everything but downloads and clients: the database and its
 /// journal, the listening socket, the netlink and D-Bus sockets, launch logs, standard
-/// streams (64), and two for each blocking thread (a move across file systems opens both
-/// ends).
-const RESERVED_DESCRIPTORS: u64 = 64 + 2 * MAX_BLOCKING_THREADS as u64;
+/// streams (64), and two for each thread of file work (a move across file systems opens
+/// both ends).
+const RESERVED_DESCRIPTORS: u64 = 64 + 2 * FILE_WORK_THREADS as u64;
 /// Descriptors one running download may hold at once: its connection, its partial file,
 /// the file's duplicate for the sync thread, and the `O_DIRECT` one for large bodies.
 pub const DESCRIPTORS_PER_DOWNLOAD: u64 = 4;

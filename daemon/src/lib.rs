@@ -316,9 +316,10 @@ fn start(args: Args) -> Result<(), DaemonError> {
         .thread_name("dlsessiond")
         // An idle daemon is never woken (BENCHMARKS.md, "many-tasks"): a blocking thread
         // that retires after tokio's default 10 s is a timer firing after every burst of
-        // file work. Parked threads cost no CPU and a few pages each; at most this many.
+        // file work. Parked threads cost no CPU and a few pages each; at most one per
+        // download plus a few for file work.
         .thread_keep_alive(BLOCKING_KEEP_ALIVE)
-        .max_blocking_threads(config::MAX_BLOCKING_THREADS)
+        .max_blocking_threads(cfg.limits.blocking_threads())
         .build()
         .map_err(DaemonError::Runtime)?;
     runtime.block_on(async {
