@@ -150,8 +150,17 @@ impl Drop for Scratch {
 }
 
 fn main() -> ExitCode {
-    // A helper the small-files workload runs as one of its contenders.
+    // Helpers the small-files and 1gib-http workloads run as one of their contenders.
     let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().is_some_and(|a| a == "durable-write") {
+        return match floor::durable_write(argv.get(1..).unwrap_or_default()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("dlsession-bench durable-write: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if argv.first().is_some_and(|a| a == "durable-copy") {
         return match floor::main(argv.get(1..).unwrap_or_default()) {
             Ok(()) => ExitCode::SUCCESS,

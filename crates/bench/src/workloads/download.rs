@@ -37,6 +37,8 @@ impl Proto {
 #[derive(Debug, Clone)]
 enum Tool {
     Daemon,
+    /// `dlsession-bench durable-write`: the same bytes landed durably from memory, no network.
+    Floor(PathBuf),
     Curl(PathBuf),
     Wget2(PathBuf),
     Aria2c(PathBuf),
@@ -71,8 +73,16 @@ fn contenders(ctx: &Ctx, proto: Proto) -> Vec<Contender> {
     {
         v.push(Contender { name: "aria2c -x1 -s1".into(), tool: Tool::Aria2c(aria2c.clone()) });
     }
+    if proto == Proto::Http
+        && let Ok(exe) = std::env::current_exe()
+    {
+        v.push(Contender { name: FLOOR.into(), tool: Tool::Floor(exe) });
+    }
     v
 }
+
+/// The no-network reference of 1gib-http.
+const FLOOR: &str = "durable write from memory, no network";
 
 /// The command that downloads `url` to `out`.
 fn command(ctx: &Ctx, env: &BenchEnv, c: &Contender, url: &str, out: &Path, proto: Proto) -> Result<Cmd> {
@@ -80,6 +90,10 @@ fn command(ctx: &Ctx, env: &BenchEnv, c: &Contender, url: &str, out: &Path, prot
     let https = proto != Proto::Http;
     Ok(match &c.tool {
         Tool::Daemon => env.ctl(&ctx.ctl_bin).arg("get").arg(url).arg("-o").arg(out).arg("--wait"),
+        Tool::Floor(exe) => {
+            let src = ctx.www.join(url.rsplit('/').next().unwrap_or_default());
+            Cmd::new(exe).arg("durable-write").arg(src).arg(out)
+        }
         Tool::Curl(bin) => {
             let mut cmd = Cmd::new(bin).args(["-q", "-s", "-S", "--fail"]).envs(ctx.peer_env());
             match proto {
@@ -268,8 +282,10 @@ fn summarize(
         .iter()
         .enumerate()
         .skip(1)
+        .filter(|(_, c)| !matches!(c.tool, Tool::Floor(_)))
         .filter_map(|(i, c)| Some((c.name.clone(), stat(i, &|s| s.wall)?, stat(i, &|s| s.cpu() / gib)?)))
         .collect();
+    let floor = contenders.iter().position(|c| matches!(c.tool, Tool::Floor(_))).and_then(|i| stat(i, &|s| s.wall));
 
     let label = proto.label();
     let mut wall_row = Row::new(workload, format!("{label}: wall time, s")).ours(format!("{:.3}", ours_wall.median));
@@ -281,6 +297,43 @@ fn summarize(
             .target(format!("≤ 1.0 × fastest peer ({fastest})"), ratio <= 1.0);
     }
     outcome.rows.push(wall_row);
+    if let Some(floor) = floor {
+        let ratio = ours_wall.median / floor.median;
+        outcome.rows.push(
+            Row::new(workload, format!("{label}: wall time vs durably writing the same bytes, no network, s"))
+                .ours(format!("{:.3}", ours_wall.median))
+                .peers(format!("{FLOOR} {:.3}", floor.median))
+                .ratio(ratio)
+                .target("≤ 1.15 × the floor", ratio <= 1.15),
+        );
+    }
+    // In every run, not only in the median: each run's dlsessiond time against the fastest
+    // peer of that same run (the contenders of a run follow one another).
+    let peer_runs: Vec<&Vec<Sample>> = contenders
+        .iter()
+        .zip(samples)
+        .skip(1)
+        .filter(|(c, _)| !matches!(c.tool, Tool::Floor(_)))
+        .map(|(_, v)| v)
+        .collect();
+    let worst = samples
+        .first()
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(r, ours)| {
+            let best = peer_runs.iter().filter_map(|v| v.get(r)).map(|s| s.wall).min_by(f64::total_cmp)?;
+            Some(ours.wall / best)
+        })
+        .max_by(f64::total_cmp);
+    if let Some(worst) = worst {
+        outcome.rows.push(
+            Row::new(workload, format!("{label}: worst run, dlsessiond vs the fastest peer of the same run"))
+                .ours(format!("{worst:.2}"))
+                .ratio(worst)
+                .target("≤ 1.0 in every run", worst <= 1.0),
+        );
+    }
 
     let mut cpu_row = Row::new(workload, format!("{label}: CPU s per GiB (daemon + dlsessionctl)"))
         .ours(format!("{:.2}", ours_cpu.median));
