@@ -152,20 +152,16 @@ impl Drop for Scratch {
 fn main() -> ExitCode {
     // Helpers the small-files and 1gib-http workloads run as one of their contenders.
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    if argv.first().is_some_and(|a| a == "durable-write") {
-        return match floor::durable_write(argv.get(1..).unwrap_or_default()) {
+    let helper: Option<fn(&[String]) -> anyhow::Result<()>> = match argv.first().map(String::as_str) {
+        Some("durable-copy") => Some(floor::main),
+        Some("durable-write") => Some(floor::durable_write),
+        _ => None,
+    };
+    if let (Some(helper), Some(name)) = (helper, argv.first()) {
+        return match helper(argv.get(1..).unwrap_or_default()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("dlsession-bench durable-write: {e:#}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-    if argv.first().is_some_and(|a| a == "durable-copy") {
-        return match floor::main(argv.get(1..).unwrap_or_default()) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("dlsession-bench durable-copy: {e:#}");
+                eprintln!("dlsession-bench {name}: {e:#}");
                 ExitCode::FAILURE
             }
         };
