@@ -152,7 +152,8 @@ impl Drop for Scratch {
 fn main() -> ExitCode {
     // Helpers the small-files and 1gib-http workloads run as one of their contenders.
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    let helper: Option<fn(&[String]) -> anyhow::Result<()>> = match argv.first().map(String::as_str) {
+    type Helper = fn(&[String]) -> anyhow::Result<()>;
+    let helper: Option<Helper> = match argv.first().map(String::as_str) {
         Some("durable-copy") => Some(floor::main),
         Some("durable-write") => Some(floor::durable_write),
         _ => None,
