@@ -94,7 +94,8 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome> {
     let mut outcome = Outcome::default();
     outcome.rows.push(
         Row::new(NAME, format!("daemon RSS per running download ({n} at once), KiB"))
-            .ours(format!("{:.0}", per.median)),
+            .ours(format!("{:.0}", per.median))
+            .target("≤ 128 KiB", per.median <= 128.0),
     );
     let _ = writeln!(
         outcome.details,
