@@ -23,6 +23,7 @@ pub struct Served {
 pub struct Data {
     big: Option<Served>,
     small: Option<Vec<Served>>,
+    tiny: Option<Vec<Served>>,
 }
 
 impl Data {
@@ -49,27 +50,40 @@ impl Data {
 
     /// The small random files (1,000 × 100 KiB; 200 with `--quick`) under `/small/`.
     pub fn small(&mut self, ctx: &Ctx) -> Result<Vec<Served>> {
-        if let Some(s) = &self.small {
-            return Ok(s.clone());
+        if self.small.is_none() {
+            self.small = Some(random_files(ctx, "small", ctx.sizes.small_count, ctx.sizes.small_size)?);
         }
-        let dir = ctx.www.join("small");
-        std::fs::create_dir_all(&dir)?;
-        let mut urandom = std::fs::File::open("/dev/urandom").context("opening /dev/urandom")?;
-        let mut buf = vec![0u8; ctx.sizes.small_size];
-        let mut files = Vec::with_capacity(ctx.sizes.small_count);
-        for i in 0..ctx.sizes.small_count {
-            urandom.read_exact(&mut buf)?;
-            let name = format!("f{i:05}.bin");
-            std::fs::write(dir.join(&name), &buf)?;
-            files.push(Served {
-                url_path: format!("/small/{name}"),
-                size: buf.len() as u64,
-                sha256: dlsession_testkit::sha256_hex(&buf),
-            });
-        }
-        self.small = Some(files.clone());
-        Ok(files)
+        self.small.clone().context("small files")
     }
+
+    /// The tiny random files (10,000 × 10 KiB; 2,000 with `--quick`) under `/tiny/`.
+    pub fn tiny(&mut self, ctx: &Ctx) -> Result<Vec<Served>> {
+        if self.tiny.is_none() {
+            let count = if ctx.quick { 2_000 } else { 10_000 };
+            self.tiny = Some(random_files(ctx, "tiny", count, 10 << 10)?);
+        }
+        self.tiny.clone().context("tiny files")
+    }
+}
+
+/// `count` files of `size` random bytes under nginx's `/SUBDIR/`.
+fn random_files(ctx: &Ctx, subdir: &str, count: usize, size: usize) -> Result<Vec<Served>> {
+    let dir = ctx.www.join(subdir);
+    std::fs::create_dir_all(&dir)?;
+    let mut urandom = std::fs::File::open("/dev/urandom").context("opening /dev/urandom")?;
+    let mut buf = vec![0u8; size];
+    let mut files = Vec::with_capacity(count);
+    for i in 0..count {
+        urandom.read_exact(&mut buf)?;
+        let name = format!("f{i:05}.bin");
+        std::fs::write(dir.join(&name), &buf)?;
+        files.push(Served {
+            url_path: format!("/{subdir}/{name}"),
+            size: buf.len() as u64,
+            sha256: dlsession_testkit::sha256_hex(&buf),
+        });
+    }
+    Ok(files)
 }
 
 fn write_random(path: &Path, size: u64) -> Result<()> {
