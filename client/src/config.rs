@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
-use dlsession_proto::{Header, LaunchSpec, SessionConfig, TaskPolicy, TaskSpec};
+use dlsession_proto::{Header, LaunchSpec, Request, SessionConfig, TaskPolicy, TaskSpec};
 
 /// How a background session is set up. The configuration is stored with the session.
 /// Attaching again changes only what the app sets on it: a part left unset keeps its
@@ -311,6 +311,27 @@ impl SessionConfiguration {
             && f.max_connections_per_host
             && f.max_concurrent_tasks
             && f.bandwidth_limit
+    }
+
+    /// An attach sent again (after a reconnect, or to replay an overflowed queue): never a
+    /// takeover (another process that took the session meanwhile keeps it), and what `mine`
+    /// left unset takes `stored`, the session's configuration as it is now, when it could be
+    /// read; else the configuration sent the first time.
+    pub(crate) fn reattach(
+        request: Request,
+        mine: Option<&SessionConfiguration>,
+        stored: Option<SessionConfig>,
+    ) -> Request {
+        match request {
+            Request::Attach { identifier, config: sent, .. } => {
+                let config = match (mine, stored) {
+                    (Some(mine), Some(stored)) => mine.merged_with(&stored),
+                    _ => sent,
+                };
+                Request::Attach { identifier, config, takeover: false }
+            }
+            other => other,
+        }
     }
 
     /// The configuration an attach stores: what the app set, and for the rest what

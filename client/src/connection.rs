@@ -464,31 +464,21 @@ async fn rejoin(
     attach: Request,
     config: Option<SessionConfiguration>,
 ) {
-    // Never a takeover: if another process has the session now, it keeps it. What the app
-    // left unset takes the stored value as it is now, not as it was at the first attach.
-    let attach = match attach {
-        Request::Attach { identifier, config: sent, .. } => {
-            let stored = match &config {
-                Some(_) => {
-                    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-                    match link.send(id, Request::GetSession { identifier: identifier.clone() }) {
-                        Ok(rx) => match rx.await {
-                            Ok(Ok(Response::Session(info))) => Some(info.config),
-                            _ => None,
-                        },
-                        Err(_) => None,
-                    }
-                }
-                None => None,
-            };
-            let config = match (config, stored) {
-                (Some(mine), Some(stored)) => mine.merged_with(&stored),
-                _ => sent,
-            };
-            Request::Attach { identifier, config, takeover: false }
+    // The stored configuration as it is now, not as it was at the first attach.
+    let stored = match (&attach, &config) {
+        (Request::Attach { identifier, .. }, Some(_)) => {
+            let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+            match link.send(id, Request::GetSession { identifier: identifier.clone() }) {
+                Ok(rx) => match rx.await {
+                    Ok(Ok(Response::Session(info))) => Some(info.config),
+                    _ => None,
+                },
+                Err(_) => None,
+            }
         }
-        other => other,
+        _ => None,
     };
+    let attach = SessionConfiguration::reattach(attach, config.as_ref(), stored);
     let mut wait = RECONNECT_MIN;
     let mut in_use_since: Option<tokio::time::Instant> = None;
     loop {

@@ -409,23 +409,17 @@ impl Dispatcher {
         // from a process that took it over meanwhile). What the app left unset takes the
         // stored value as it is now.
         let merge = shared.client.attach_config(&shared.identifier, shared.route);
-        let request = match request {
-            Request::Attach { identifier, config, .. } => {
-                let stored = merge.as_ref().and_then(|_| {
-                    let get = shared.client.request(Request::GetSession { identifier: identifier.clone() });
-                    match self.block_on(get) {
-                        Some(Ok(Response::Session(info))) => Some(info.config),
-                        _ => None,
-                    }
-                });
-                let config = match (merge, stored) {
-                    (Some(mine), Some(stored)) => mine.merged_with(&stored),
-                    _ => config,
-                };
-                Request::Attach { identifier, config, takeover: false }
+        let stored = match (&request, &merge) {
+            (Request::Attach { identifier, .. }, Some(_)) => {
+                let get = shared.client.request(Request::GetSession { identifier: identifier.clone() });
+                match self.block_on(get) {
+                    Some(Ok(Response::Session(info))) => Some(info.config),
+                    _ => None,
+                }
             }
-            other => other,
+            _ => None,
         };
+        let request = SessionConfiguration::reattach(request, merge.as_ref(), stored);
         debug!(session = %self.identifier, "the event queue overflowed; asking for the events again");
         self.kept.clear();
         shared.signals.unsettled.store(true, Ordering::Release);
