@@ -32,8 +32,25 @@ const RESERVED_HEADERS: &[&str] = &[
 const MAX_HEADER_VALUE: usize = 8192;
 const MAX_DESCRIPTION: usize = 4096;
 
-/// Checks a session's own proxy: a URL the daemon can use, a `NO_PROXY` list of sane size.
-pub fn session_proxy(p: &SessionProxy) -> Result<(), ErrorInfo> {
+/// Checks a session's own proxy (a URL the daemon can use, a `NO_PROXY` list of sane size)
+/// and returns it normalised: the URL as the `url` crate writes it (scheme in lower case,
+/// credentials percent-encoded), which the proxy matcher then takes as it is.
+pub fn session_proxy(p: &SessionProxy) -> Result<SessionProxy, ErrorInfo> {
+    check_session_proxy(p)?;
+    let url = p.url.as_deref().and_then(|raw| Url::parse(raw).ok()).map(|u| u.as_str().to_owned());
+    let normal = SessionProxy { url, no_proxy: p.no_proxy.clone() };
+    // What the matcher cannot read it would drop without a word, and downloads would go
+    // direct: refused here instead.
+    if normal.url.as_deref().is_some_and(|u| !crate::engine::proxy::Proxies::new(u, "", "", "").proxies_all()) {
+        return Err(err(
+            ErrorCode::InvalidRequest,
+            format!("the proxy URL {:?} cannot be used", p.url.as_deref().map(redact::url).unwrap_or_default()),
+        ));
+    }
+    Ok(normal)
+}
+
+fn check_session_proxy(p: &SessionProxy) -> Result<(), ErrorInfo> {
     const MAX: usize = 4096;
     let invalid = |m: String| err(ErrorCode::InvalidRequest, m);
     if p.no_proxy.len() > MAX || p.no_proxy.chars().any(char::is_control) {
@@ -43,7 +60,9 @@ pub fn session_proxy(p: &SessionProxy) -> Result<(), ErrorInfo> {
     if raw.len() > MAX {
         return Err(invalid(format!("the proxy URL is {} bytes long; the limit is {MAX}", raw.len())));
     }
-    let url = Url::parse(raw).map_err(|e| invalid(format!("invalid proxy URL {:?}: {e}", redact::url(raw))))?;
+    // The URL may hold a password: never echoed, not even redacted (a `#` or `/` in it would
+    // make redaction miss).
+    let url = Url::parse(raw).map_err(|e| invalid(format!("invalid proxy URL: {e}")))?;
     match url.scheme() {
         "http" | "socks5h" | "socks5" | "socks4a" | "socks4" => {}
         "https" => {
@@ -60,7 +79,7 @@ pub fn session_proxy(p: &SessionProxy) -> Result<(), ErrorInfo> {
         }
     }
     if url.host_str().is_none_or(str::is_empty) || url.port_or_known_default().is_none() {
-        return Err(invalid(format!("the proxy URL {:?} needs a host and a port", redact::url(raw))));
+        return Err(invalid("the proxy URL needs a host and a port".into()));
     }
     Ok(())
 }

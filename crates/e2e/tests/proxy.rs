@@ -170,7 +170,8 @@ async fn a_session_may_have_its_own_proxy() {
     };
     let configs = [
         ("/env", SessionConfiguration::background("t.envproxy").socket(&env.socket)),
-        ("/socks", own("t.ownproxy", Some(&socks_url))),
+        // An upper-case scheme is taken as it is meant (the matcher below reads lower case).
+        ("/socks", own("t.ownproxy", Some(&socks_url.replace("socks5h", "SOCKS5H")))),
         ("/direct", own("t.direct", None)),
     ];
     for (path, config) in configs {

@@ -67,8 +67,12 @@ impl Core {
             return Err(ErrorInfo::new(ErrorCode::NoSuchSession, format!("no session {identifier:?}")));
         };
         let ops = match (enabled, s.cookies.is_some()) {
-            // Already so: nothing to store (and the cookies it holds stay).
-            (true, true) | (false, false) => Vec::new(),
+            // Already so: nothing to store (and the cookies it holds stay), so it is answered
+            // even while the database refuses writes (an app attaching as before).
+            (true, true) | (false, false) => return Ok(Answer::Now(Response::Ok)),
+            _ if self.life.storage.is_some() => {
+                return Err(self.life.storage.clone().unwrap_or_else(|| ErrorInfo::new(ErrorCode::StorageFull, "")));
+            }
             _ => {
                 s.cookies = jar;
                 info!(session = %identifier, enabled, "session cookies switched");

@@ -242,12 +242,15 @@ impl Core {
     /// needed (its app attached meanwhile, or its events were collected) gives its slot on.
     pub(super) fn start_waiting_launches(&mut self) {
         while let Some((key, reason)) = self.launches.next() {
+            // Still wanted: events wait, or a `wake` request waits for this launch.
+            let wanted =
+                self.has_finished_events(key) || self.sessions.get(&key).is_some_and(|s| !s.launch_replies.is_empty());
             let spec = self
                 .sessions
                 .get(&key)
                 .filter(|s| s.attached.is_none())
                 .and_then(|s| s.rec.config.launch.clone())
-                .filter(|_| self.has_finished_events(key));
+                .filter(|_| wanted);
             match spec {
                 Some(spec) => self.start_launch(key, spec, reason),
                 None => {

@@ -56,6 +56,14 @@ impl Proxies {
         Proxies { matcher: Arc::new(matcher), bypass_ports: Arc::new(bypass_ports) }
     }
 
+    /// Whether a destination that `NO_PROXY` does not name goes through a proxy (for
+    /// checking a session's proxy URL: one the matcher cannot read would mean direct).
+    pub fn proxies_all(&self) -> bool {
+        ["http://example.invalid/", "https://example.invalid/"]
+            .iter()
+            .all(|u| u.parse::<Uri>().ok().is_some_and(|uri| self.matcher.intercept(&uri).is_some()))
+    }
+
     /// The proxy for `dst`, if it goes through one.
     fn intercept(&self, dst: &Uri) -> Option<Intercept> {
         let host = dst.host()?;

@@ -123,13 +123,19 @@ impl Core {
         identifier: &str,
         proxy: Option<dlsession_proto::SessionProxy>,
     ) -> Handled {
-        if let Some(p) = &proxy {
-            crate::validate::session_proxy(p)?;
-        }
+        let proxy = proxy.as_ref().map(crate::validate::session_proxy).transpose()?;
         let key = self.sessions.key_of(identifier)?;
         let Some(s) = self.sessions.get_mut(&key) else {
             return Err(ErrorInfo::new(ErrorCode::NoSuchSession, format!("no session {identifier:?}")));
         };
+        // Unchanged (an app attaching with the proxy it set before): nothing to write, so
+        // it is answered even while the database refuses writes.
+        if s.proxy == proxy {
+            return Ok(Answer::Now(Response::Ok));
+        }
+        if let Some(e) = &self.life.storage {
+            return Err(e.clone());
+        }
         info!(session = %identifier, proxy = ?proxy, "session proxy set");
         s.proxy = proxy.clone();
         self.commit(

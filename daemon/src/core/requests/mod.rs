@@ -199,7 +199,13 @@ fn access(request: &Request) -> Access {
         | Request::GetTaskPolicy { .. }
         | Request::GetSessionCookies { .. }
         | Request::GetSessionProxy { .. } => Access::Read,
-        Request::Attach { .. } | Request::Detach { .. } | Request::Wake { .. } | Request::HandleWakes => Access::Live,
+        // These check for themselves: they write only when something changes.
+        Request::Attach { .. }
+        | Request::Detach { .. }
+        | Request::Wake { .. }
+        | Request::HandleWakes
+        | Request::SetSessionCookies { .. }
+        | Request::SetSessionProxy { .. } => Access::Live,
         Request::OpenSession { .. }
         | Request::CreateTasks { .. }
         | Request::CreateTaskFromResumeData { .. }
@@ -210,8 +216,6 @@ fn access(request: &Request) -> Access {
         | Request::AcknowledgeTasks { .. }
         | Request::SetBandwidthLimit { .. }
         | Request::SetSessionPolicy { .. }
-        | Request::SetTaskPolicy { .. }
-        | Request::SetSessionCookies { .. }
-        | Request::SetSessionProxy { .. } => Access::Write,
+        | Request::SetTaskPolicy { .. } => Access::Write,
     }
 }
