@@ -55,6 +55,19 @@ fn wait_status(env: &TestEnv, what: &str, pred: impl Fn(&serde_json::Value) -> b
     }
 }
 
+/// Waits until the file at `path` holds `needle` (or fails after [`LONG`]); its text then.
+async fn file_with(path: &std::path::Path, needle: &str, what: &str) -> String {
+    let deadline = Instant::now() + LONG;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}: {text:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Polls the task until `pred` holds (or fails after [`LONG`]).
 async fn poll(
     task: &dlsession::DownloadTask,
@@ -185,15 +198,7 @@ async fn a_desktop_application_is_relaunched_by_activate_action() {
         .await
         .unwrap();
     assert!(matches!(created, dlsession::proto::Response::TasksCreated(_)), "{created:?}");
-    let deadline = Instant::now() + LONG;
-    let text = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("ActivateAction") {
-            break text;
-        }
-        assert!(Instant::now() < deadline, "the app was never activated; its calls: {text:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let text = file_with(&log, "ActivateAction", "the app's activation (its calls)").await;
     assert!(text.contains("dlsession-events") && text.contains("t.app"), "the action and the session: {text}");
     let out = env.ctl(&["wake", "t.app"]);
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -230,11 +235,7 @@ async fn without_the_service_the_desktop_files_exec_line_runs() {
         .unwrap();
     let out = env.ctl(&["wake", "t.fallback"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let deadline = Instant::now() + LONG;
-    while !std::fs::read_to_string(&marker).is_ok_and(|t| t.contains("t.fallback requested")) {
-        assert!(Instant::now() < deadline, "the Exec line never ran: {:?}", std::fs::read_to_string(&marker));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    file_with(&marker, "t.fallback requested", "the Exec line to run").await;
     let bad = c
         .request(dlsession::proto::Request::OpenSession {
             identifier: "t.bad".into(),
@@ -276,22 +277,9 @@ async fn a_notification_tells_the_user_and_its_action_relaunches_the_app() {
     })
     .await
     .unwrap();
-    let deadline = Instant::now() + LONG;
-    let shown = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("Notify") {
-            break text;
-        }
-        assert!(Instant::now() < deadline, "no notification; the log: {text:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let shown = file_with(&log, "Notify", "a notification (the log)").await;
     assert!(shown.contains("1 download finished") && shown.contains("t.notify"), "{shown}");
-    let read = || std::fs::read_to_string(&marker).unwrap_or_default();
-    let deadline = Instant::now() + LONG;
-    while !read().contains("finished_events") {
-        assert!(Instant::now() < deadline, "the app was not relaunched: {:?}", read());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    file_with(&marker, "finished_events", "the app's relaunch").await;
     // The user clicks it: the app comes again, now (the wake backoff would wait 30 s).
     bus.emit_signal(
         "org.freedesktop.Notifications",
@@ -301,11 +289,7 @@ async fn a_notification_tells_the_user_and_its_action_relaunches_the_app() {
         "us",
         "[dbus.UInt32(1), 'default']",
     );
-    let deadline = Instant::now() + LONG;
-    while !read().contains("requested") {
-        assert!(Instant::now() < deadline, "the click did not relaunch the app: {:?}", read());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    file_with(&marker, "requested", "the click to relaunch the app").await;
     let policy = String::from_utf8_lossy(&env.ctl(&["policy", "t.notify"]).stdout).into_owned();
     assert!(policy.contains("notifies when done"), "{policy}");
 }

@@ -62,24 +62,24 @@ impl Core {
 
     pub(super) fn set_session_cookies(&mut self, conn: ConnId, id: u64, identifier: &str, enabled: bool) -> Handled {
         let key = self.sessions.key_of(identifier)?;
-        let jar = enabled.then(|| self.new_jar(key, None));
-        let Some(s) = self.sessions.get_mut(&key) else {
+        let Some(keeps) = self.sessions.get(&key).map(|s| s.cookies.is_some()) else {
             return Err(ErrorInfo::new(ErrorCode::NoSuchSession, format!("no session {identifier:?}")));
         };
-        let ops = match (enabled, s.cookies.is_some()) {
-            // Already so: nothing to store (and the cookies it holds stay), so it is answered
-            // even while the database refuses writes (an app attaching as before).
-            (true, true) | (false, false) => return Ok(Answer::Now(Response::Ok)),
-            _ if self.life.storage.is_some() => {
-                return Err(self.life.storage.clone().unwrap_or_else(|| ErrorInfo::new(ErrorCode::StorageFull, "")));
-            }
-            _ => {
-                s.cookies = jar;
-                info!(session = %identifier, enabled, "session cookies switched");
-                vec![Op::SaveCookies { session: key, enabled, jar: "[]".into() }]
-            }
-        };
-        self.commit(ops, vec![After::Reply { conn, id, response: Response::Ok }]);
+        // Already so: nothing to store (and the cookies it holds stay), so it is answered even
+        // while the database refuses writes (an app attaching as before).
+        if keeps == enabled {
+            return Ok(Answer::Now(Response::Ok));
+        }
+        if let Some(e) = &self.life.storage {
+            return Err(e.clone());
+        }
+        let jar = enabled.then(|| self.new_jar(key, None));
+        if let Some(s) = self.sessions.get_mut(&key) {
+            s.cookies = jar;
+        }
+        info!(session = %identifier, enabled, "session cookies switched");
+        let op = Op::SaveCookies { session: key, enabled, jar: "[]".into() };
+        self.commit(vec![op], vec![After::Reply { conn, id, response: Response::Ok }]);
         Ok(Answer::Later)
     }
 
