@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
-use dlsession_proto::{Header, LaunchSpec, Request, SessionConfig, TaskPolicy, TaskSpec};
+use dlsession_proto::{Header, LaunchSpec, Request, SessionConfig, TaskPolicy, TaskSpec, UploadMethod, UploadSpec};
 
 /// How a background session is set up. The configuration is stored with the session.
 /// Attaching again changes only what the app sets on it: a part left unset keeps its
@@ -489,5 +489,79 @@ impl DownloadRequest {
     /// The wire form of the request, taken.
     pub fn into_spec(self) -> TaskSpec {
         self.spec
+    }
+}
+
+/// An upload of a file (like `URLSession`'s `uploadTask(with:fromFile:)`): a PUT by
+/// default. The daemon records the file's size and modification time when the task is
+/// created; a file changed afterwards fails the upload instead of sending a mix. The
+/// server's response reaches [`crate::SessionDelegate::did_receive_upload_response`].
+#[derive(Debug, Clone)]
+pub struct UploadRequest {
+    pub(crate) spec: UploadSpec,
+}
+
+impl UploadRequest {
+    /// A PUT of `file` to `url` (http or https). A relative path is taken from the current
+    /// directory.
+    pub fn new(url: impl Into<String>, file: impl AsRef<Path>) -> UploadRequest {
+        let file = std::path::absolute(file.as_ref()).unwrap_or_else(|_| file.as_ref().to_path_buf());
+        UploadRequest {
+            spec: UploadSpec {
+                request: TaskSpec::get(url),
+                method: UploadMethod::Put,
+                file: file.to_string_lossy().into_owned(),
+                idempotent: false,
+            },
+        }
+    }
+
+    /// PUT (the default) or POST. A POST is sent again after a failure only when
+    /// [`UploadRequest::idempotent`] says it may be, when the server offered to resume it,
+    /// or when its body had not gone out whole.
+    pub fn method(mut self, method: UploadMethod) -> Self {
+        self.spec.method = method;
+        self
+    }
+
+    /// The server treats this POST as one however often it arrives: retry it like a PUT.
+    pub fn idempotent(mut self, idempotent: bool) -> Self {
+        self.spec.idempotent = idempotent;
+        self
+    }
+
+    /// A header added to this task's requests (after the session's headers).
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.spec.request.headers.push(Header::new(name, value));
+        self
+    }
+
+    /// The body's `Content-Type`.
+    pub fn content_type(self, value: impl Into<String>) -> Self {
+        self.header("Content-Type", value)
+    }
+
+    /// Free text kept with the task: a key to find it again.
+    pub fn description(mut self, text: impl Into<String>) -> Self {
+        self.spec.request.description = Some(text.into());
+        self
+    }
+
+    /// 0.0 (lowest) to 1.0 (highest).
+    pub fn priority(mut self, priority: f32) -> Self {
+        self.spec.request.priority = priority;
+        self
+    }
+
+    /// Do not start before this time.
+    pub fn earliest_begin(mut self, at: SystemTime) -> Self {
+        self.spec.request.earliest_begin =
+            at.duration_since(UNIX_EPOCH).ok().map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+
+    /// The wire form of the request.
+    pub fn spec(&self) -> &UploadSpec {
+        &self.spec
     }
 }

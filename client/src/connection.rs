@@ -545,7 +545,8 @@ fn dispatch(shared: &Shared, msg: ServerMessage) {
         Event::Durable { identifier, .. }
         | Event::FinishedEvents { identifier }
         | Event::Detached { identifier, .. }
-        | Event::Progress { identifier, .. } => Some(identifier.as_str()),
+        | Event::Progress { identifier, .. }
+        | Event::SendProgress { identifier, .. } => Some(identifier.as_str()),
         Event::Wake { .. } | Event::TaskUpdate(_) => None,
     };
     // The daemon is stopping (a restart, an upgrade): the connection closes next, and a

@@ -1,12 +1,12 @@
 //! What an app implements to hear about its downloads: the session delegate, and the
 //! wake handler that rejoins sessions when the daemon wakes the app.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::SessionConfiguration;
 use crate::session::{DownloadTask, Session, TaskError};
-use dlsession_proto::DetachReason;
+use dlsession_proto::{DetachReason, Header};
 
 /// What an app learns about its downloads. Every method has a default that does nothing.
 ///
@@ -37,6 +37,26 @@ pub trait SessionDelegate: Send + Sync + 'static {
     /// dlsessiond's cache afterwards is deleted.
     fn did_finish_downloading_to(&self, session: &Session, task: &DownloadTask, location: &Path) {
         let _ = (session, task, location);
+    }
+
+    /// An upload's body went out (coalesced, like `did_write_data`; `URLSession`'s
+    /// `didSendBodyData`). A resumed upload starts from the bytes the server already had.
+    fn did_send_body_data(
+        &self,
+        session: &Session,
+        task: &DownloadTask,
+        bytes_sent: u64,
+        total_bytes_sent: u64,
+        total_bytes_expected_to_send: u64,
+    ) {
+        let _ = (session, task, bytes_sent, total_bytes_sent, total_bytes_expected_to_send);
+    }
+
+    /// An upload's final response, before `did_complete_with_error` (which carries an
+    /// `http_status` error when the status is not a success). Read or move the body file
+    /// before returning; whatever is left in dlsessiond's cache afterwards is deleted.
+    fn did_receive_upload_response(&self, session: &Session, task: &DownloadTask, response: &UploadResponse) {
+        let _ = (session, task, response);
     }
 
     /// Always the last callback of a task: `None` on success.
@@ -85,6 +105,27 @@ pub trait SessionDelegate: Send + Sync + 'static {
     fn finish_downloading(&self, session: &Session, task: &DownloadTask, location: &Path) -> Handled {
         self.did_finish_downloading_to(session, task, location);
         Handled::Done
+    }
+}
+
+/// An upload's final response (see [`SessionDelegate::did_receive_upload_response`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadResponse {
+    /// The final status (a redirect's target's, when the upload was redirected).
+    pub status: u16,
+    /// The response's headers (at most 64 of them, each value cut at 1 KiB).
+    pub headers: Vec<Header>,
+    /// The response body, in dlsessiond's cache (at most
+    /// [`dlsession_proto::UPLOAD_RESPONSE_BODY_LIMIT`] bytes of it).
+    pub body: PathBuf,
+    /// The body was longer: the file holds its start.
+    pub body_truncated: bool,
+}
+
+impl UploadResponse {
+    /// The first header of this name, in any case.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value.as_str())
     }
 }
 

@@ -335,6 +335,17 @@ impl Dispatcher {
                         d.did_become_invalid(&session, error.as_ref());
                         SessionEvent::BecameInvalid { error: error.clone() }
                     }
+                    DurableEvent::UploadResponse { task, status, headers, body, body_truncated } => {
+                        let t = self.task(&session, *task);
+                        let response = crate::UploadResponse {
+                            status: *status,
+                            headers: headers.clone(),
+                            body: body.into(),
+                            body_truncated: *body_truncated,
+                        };
+                        d.did_receive_upload_response(&session, &t, &response);
+                        SessionEvent::UploadResponse { task: *task, response }
+                    }
                 };
                 session.shared.signals.streams.offer(&seen);
                 if event.task().is_some_and(|t| self.kept.contains(&t)) {
@@ -350,6 +361,13 @@ impl Dispatcher {
                 let t = self.task(&session, task);
                 d.did_write_data(&session, &t, bytes_written, total_bytes_written, total_bytes_expected);
                 let seen = SessionEvent::Progress { task, bytes_written, total_bytes_written, total_bytes_expected };
+                session.shared.signals.streams.offer(&seen);
+            }
+            Event::SendProgress { task, bytes_sent, total_bytes_sent, total_bytes_expected_to_send, .. } => {
+                let t = self.task(&session, task);
+                d.did_send_body_data(&session, &t, bytes_sent, total_bytes_sent, total_bytes_expected_to_send);
+                let seen =
+                    SessionEvent::SendProgress { task, bytes_sent, total_bytes_sent, total_bytes_expected_to_send };
                 session.shared.signals.streams.offer(&seen);
             }
             Event::FinishedEvents { .. } => {

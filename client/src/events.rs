@@ -145,6 +145,7 @@ mod tests {
             error: None,
             created_at: 0,
             wait: None,
+            upload: None,
         }
     }
 

@@ -58,9 +58,9 @@ mod link;
 mod session;
 mod stream;
 
-pub use config::{DownloadRequest, SessionConfiguration};
+pub use config::{DownloadRequest, SessionConfiguration, UploadRequest};
 pub use connection::{Client, ClientOptions};
-pub use delegate::{Handled, SessionDelegate, WakeHandler};
+pub use delegate::{Handled, SessionDelegate, UploadResponse, WakeHandler};
 pub use error::{Error, Result};
 pub use events::EventReceiver;
 pub use session::{DownloadTask, Session, TaskError};
@@ -83,5 +83,6 @@ pub fn session_of_action<'a>(action: &str, parameter: Option<&'a str>) -> Option
 pub use dlsession_proto as proto;
 pub use dlsession_proto::{
     DetachReason, ErrorCode, ErrorInfo, Header, LaunchSpec, SessionConfig, SessionInfo, SessionPolicy, SessionProxy,
-    TaskCounts, TaskId, TaskInfo, TaskPolicy, TaskPolicyInfo, TaskState, WaitReason, WakeReason, WakeStatus,
+    TaskCounts, TaskId, TaskInfo, TaskPolicy, TaskPolicyInfo, TaskState, UploadInfo, UploadMethod, WaitReason,
+    WakeReason, WakeStatus,
 };

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::config::DownloadRequest;
+use crate::config::{DownloadRequest, UploadRequest};
 use crate::connection::Client;
 use crate::error::{Error, Result};
 use crate::stream::{SessionEvents, Subscribers};
@@ -111,6 +111,39 @@ impl Session {
         tasks.pop().ok_or(Error::UnexpectedResponse { expected: "one task id", got: "none" })
     }
 
+    /// Creates an upload task (suspended: call [`DownloadTask::resume`]). The daemon checks
+    /// the file first: a missing, unreadable or directory path is refused here.
+    pub async fn upload_task(&self, request: UploadRequest) -> Result<DownloadTask> {
+        let mut tasks = self.upload_tasks(vec![request], false).await?;
+        tasks.pop().ok_or(Error::UnexpectedResponse { expected: "one task id", got: "none" })
+    }
+
+    /// Creates upload tasks in one request (all or none; the daemon's `max_tasks_per_batch`
+    /// bounds it); `resume` starts them.
+    pub async fn upload_tasks(&self, requests: Vec<UploadRequest>, resume: bool) -> Result<Vec<DownloadTask>> {
+        let metas: Vec<(String, Option<String>)> =
+            requests.iter().map(|r| (r.spec.request.url.clone(), r.spec.request.description.clone())).collect();
+        let uploads = requests.into_iter().map(|r| r.spec).collect();
+        let request = Request::CreateUploads { identifier: self.shared.identifier.clone(), uploads, resume };
+        let ids = match self.shared.client.request(request).await? {
+            Response::TasksCreated(ids) => ids,
+            other => return Err(Error::UnexpectedResponse { expected: "tasks_created", got: other.kind() }),
+        };
+        Ok(self.remember(ids, metas))
+    }
+
+    /// Handles for new tasks, known to the session from now on (events name them).
+    fn remember(&self, ids: Vec<TaskId>, metas: Vec<(String, Option<String>)>) -> Vec<DownloadTask> {
+        let tasks: Vec<DownloadTask> =
+            ids.into_iter().zip(metas).map(|(id, (url, description))| self.task_handle(id, url, description)).collect();
+        if let Ok(mut known) = self.shared.tasks.lock() {
+            for t in &tasks {
+                known.insert(t.id, t.clone());
+            }
+        }
+        tasks
+    }
+
     /// Creates many tasks (in requests of up to 1,000 tasks, each one transaction in the
     /// daemon); `resume` starts them.
     pub async fn download_tasks(&self, requests: Vec<DownloadRequest>, resume: bool) -> Result<Vec<DownloadTask>> {
@@ -134,14 +167,7 @@ impl Session {
             let _ = client.acknowledge_tasks(&ids).await;
             return Err(e);
         }
-        let tasks: Vec<DownloadTask> =
-            ids.into_iter().zip(metas).map(|(id, (url, description))| self.task_handle(id, url, description)).collect();
-        if let Ok(mut known) = self.shared.tasks.lock() {
-            for t in &tasks {
-                known.insert(t.id, t.clone());
-            }
-        }
-        Ok(tasks)
+        Ok(self.remember(ids, metas))
     }
 
     async fn apply_policies(&self, ids: &[TaskId], policies: &[TaskPolicy], resume: bool) -> Result<()> {

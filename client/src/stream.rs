@@ -30,6 +30,25 @@ pub enum SessionEvent {
         /// The file's size, when the server said.
         total_bytes_expected: Option<u64>,
     },
+    /// An upload's body went out (coalesced).
+    SendProgress {
+        /// The task.
+        task: TaskId,
+        /// Bytes since the last send progress event of this task.
+        bytes_sent: u64,
+        /// Bytes of the body sent so far.
+        total_bytes_sent: u64,
+        /// The body's length.
+        total_bytes_expected_to_send: u64,
+    },
+    /// An upload's final response; the delegate was handed it first, and the body file is
+    /// deleted once it returned.
+    UploadResponse {
+        /// The task.
+        task: TaskId,
+        /// The response.
+        response: crate::UploadResponse,
+    },
     /// A transfer (re)started at `offset` (0: it had to start over).
     ResumedAtOffset {
         /// The task.

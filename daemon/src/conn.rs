@@ -89,17 +89,33 @@ struct PendingProgress {
     written: u64,
     total: u64,
     expected: Option<u64>,
+    /// An upload's body going out (`SendProgress`), not a download's coming in.
+    sending: bool,
+}
+
+/// Which way a task's bytes go, for its progress events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Receiving,
+    Sending,
 }
 
 impl Mailbox {
     /// Adds `written` bytes of progress for `task`, merging with what is not yet sent.
-    pub fn add_progress(&self, identifier: &str, task: TaskId, written: u64, total: u64, expected: Option<u64>) {
+    pub fn add_progress(
+        &self,
+        identifier: &str,
+        task: TaskId,
+        (written, total, expected): (u64, u64, Option<u64>),
+        direction: Direction,
+    ) {
         if let Ok(mut m) = self.inner.lock() {
             let p = m.progress.entry(task).or_insert_with(|| PendingProgress {
                 identifier: identifier.to_owned(),
                 written: 0,
                 total,
                 expected,
+                sending: direction == Direction::Sending,
             });
             p.written += written;
             p.total = total;
@@ -139,6 +155,15 @@ impl Mailbox {
 }
 
 fn progress_message(task: TaskId, p: PendingProgress) -> ServerMessage {
+    if p.sending {
+        return ServerMessage::Event(Event::SendProgress {
+            identifier: p.identifier,
+            task,
+            bytes_sent: p.written,
+            total_bytes_sent: p.total,
+            total_bytes_expected_to_send: p.expected.unwrap_or(p.total),
+        });
+    }
     ServerMessage::Event(Event::Progress {
         identifier: p.identifier,
         task,
@@ -156,7 +181,7 @@ mod tests {
     fn progress_coalesces_per_task() {
         let m = Mailbox::default();
         for i in 1..=1000u64 {
-            m.add_progress("s", i % 3, 10, i * 10, Some(100_000));
+            m.add_progress("s", i % 3, (10, i * 10, Some(100_000)), Direction::Receiving);
         }
         assert_eq!(m.pending(), 3, "one entry per task, however many updates");
         let all = m.take_all();

@@ -5,7 +5,9 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use dlsession_proto::{DurableEvent, ErrorInfo, Header, SessionConfig, TaskId, TaskSpec, TaskState, UnixMillis};
+use dlsession_proto::{
+    DurableEvent, ErrorInfo, Header, SessionConfig, TaskId, TaskSpec, TaskState, UnixMillis, UploadMethod,
+};
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> UnixMillis {
@@ -92,6 +94,51 @@ pub struct TaskRecord {
     pub bandwidth_limit: Option<u64>,
     /// This task's own policy, over its session's (`SetTaskPolicy`).
     pub policy: dlsession_proto::TaskPolicy,
+    /// Set for an upload: what it sends. Its response body is what it "downloads"
+    /// (`location`, `committed_offset`, `response_*`).
+    pub upload: Option<Upload>,
+}
+
+/// What an upload task sends, as recorded when it was submitted. `Debug` never shows
+/// the upload resource's URL (whoever holds it can write to the upload).
+#[derive(Clone, PartialEq)]
+pub struct Upload {
+    pub method: UploadMethod,
+    pub file: String,
+    /// The file's size and modification time at submission: the body is the file as it
+    /// was then, and a file changed since fails the upload instead of sending a mix.
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub idempotent: bool,
+    /// The upload resource the server offered (a `104` with `Location`, the resumable
+    /// uploads draft): a retry asks it for its offset and sends only the rest.
+    pub resume_url: Option<String>,
+    /// The response body was longer than `UPLOAD_RESPONSE_BODY_LIMIT`; the file holds its start.
+    pub truncated: bool,
+    /// An attempt that must not be repeated (`!retry_safe`) was under way: committed before
+    /// its first byte goes out, cleared when it ends without having sent the whole body.
+    /// Found set at start, the daemon stopped mid-attempt, and the request is not sent again.
+    pub in_flight: bool,
+}
+
+impl Upload {
+    /// Sending it again cannot do harm: a PUT, an idempotent POST, or one the server lets
+    /// us resume.
+    pub fn retry_safe(&self) -> bool {
+        self.method == UploadMethod::Put || self.idempotent || self.resume_url.is_some()
+    }
+}
+
+impl std::fmt::Debug for Upload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upload")
+            .field("method", &self.method)
+            .field("file", &self.file)
+            .field("size", &self.size)
+            .field("idempotent", &self.idempotent)
+            .field("resumable", &self.resume_url.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl TaskRecord {
@@ -132,6 +179,7 @@ impl TaskRecord {
             retired: false,
             bandwidth_limit: None,
             policy: dlsession_proto::TaskPolicy::default(),
+            upload: None,
         }
     }
 }
@@ -152,6 +200,7 @@ impl std::fmt::Debug for TaskRecord {
             .field("location", &self.location)
             .field("error", &self.error)
             .field("retired", &self.retired)
+            .field("upload", &self.upload)
             .finish_non_exhaustive()
     }
 }

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use dlsession_proto::redact;
-use dlsession_proto::{ErrorCode, ErrorInfo, Header, LaunchSpec, SessionConfig, SessionProxy, TaskSpec};
+use dlsession_proto::{ErrorCode, ErrorInfo, Header, LaunchSpec, SessionConfig, SessionProxy, TaskSpec, UploadSpec};
 use url::Url;
 
 use crate::config::Limits;
@@ -167,6 +167,40 @@ pub fn task(spec: &TaskSpec, limits: &Limits, cache_dir: &Path) -> Result<Url, E
     }
     if let Some(dest) = &spec.destination {
         destination(dest, cache_dir)?;
+    }
+    Ok(parsed)
+}
+
+/// An upload's request and the shape of its file's path (the file itself is checked on a
+/// blocking thread: `disk::upload_file`).
+pub fn upload(spec: &UploadSpec, limits: &Limits, cache_dir: &Path) -> Result<Url, ErrorInfo> {
+    let parsed = task(&spec.request, limits, cache_dir)?;
+    let r = &spec.request;
+    let download_only = [
+        ("expected_sha256", r.expected_sha256.is_some()),
+        ("destination", r.destination.is_some()),
+        ("overwrite", r.overwrite),
+        ("expected_size", r.expected_size.is_some()),
+    ];
+    if let Some((name, _)) = download_only.iter().find(|(_, set)| *set) {
+        return Err(err(ErrorCode::InvalidRequest, format!("{name} is for downloads; an upload cannot have it")));
+    }
+    let path = Path::new(&spec.file);
+    if !path.is_absolute() || spec.file.contains('\0') {
+        return Err(err(
+            ErrorCode::InvalidRequest,
+            format!("the file to upload must be an absolute path, got {:?}", spec.file),
+        ));
+    }
+    if let Some(h) = r.headers.iter().find(|h| {
+        ["content-length", "transfer-encoding", "upload-offset", "upload-complete", "upload-draft-interop-version"]
+            .iter()
+            .any(|n| h.name.eq_ignore_ascii_case(n))
+    }) {
+        return Err(err(
+            ErrorCode::InvalidRequest,
+            format!("header {:?} is the daemon's to set for an upload (it frames the body)", h.name),
+        ));
     }
     Ok(parsed)
 }

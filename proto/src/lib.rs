@@ -24,7 +24,8 @@
 //! A daemon serves every version from [`MIN_PROTOCOL_VERSION`] to [`PROTOCOL_VERSION`]: it
 //! answers in the client's version and sends it messages in that version's shapes
 //! ([`v1`] holds the frozen shapes of protocol 1 and the conversions; [`v2`] maps what
-//! protocol 3 appended onto protocol 2's variants).
+//! protocol 3 appended onto protocol 2's variants; [`v3`] holds protocol 3's shapes of what
+//! protocol 4 changed).
 //!
 //! A frame is a big-endian `u32` payload length followed by that many bytes of bincode
 //! (standard config: varint integers, little endian). The length is checked against
@@ -43,6 +44,7 @@ pub mod session;
 pub mod task;
 pub mod v1;
 pub mod v2;
+pub mod v3;
 pub mod validate;
 
 pub use error::{ErrorCode, ErrorInfo, ProtoError};
@@ -55,7 +57,7 @@ pub use task::*;
 pub const MAGIC: [u8; 4] = *b"DLSD";
 
 /// Bumped whenever a message type changes in a way an older peer cannot decode.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The oldest protocol version a daemon of this build still serves (see [`v1`]).
 pub const MIN_PROTOCOL_VERSION: u16 = 1;

@@ -11,7 +11,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    DaemonStatus, ErrorInfo, SessionConfig, SessionInfo, TaskDetail, TaskId, TaskInfo, TaskPage, TaskSpec, TaskState,
+    DaemonStatus, ErrorInfo, Header, SessionConfig, SessionInfo, TaskDetail, TaskId, TaskInfo, TaskPage, TaskSpec,
+    TaskState, UploadSpec,
 };
 
 /// One request from a client, tagged with an id the response echoes.
@@ -111,6 +112,10 @@ pub enum Request {
     SetSessionProxy { identifier: String, proxy: Option<SessionProxy> },
     /// → [`Response::SessionProxy`] (a password in the URL redacted).
     GetSessionProxy { identifier: String },
+    // Protocol 4.
+    /// Create upload tasks in one batch, like `CreateTasks` (each file is checked, and its
+    /// size and modification time recorded, before any task exists). → [`Response::TasksCreated`]
+    CreateUploads { identifier: String, uploads: Vec<UploadSpec>, resume: bool },
 }
 
 /// When a session's tasks may run (like `URLSession`'s `allowsExpensiveNetworkAccess`,
@@ -287,6 +292,7 @@ impl Request {
             Request::GetSessionCookies { .. } => "get_session_cookies",
             Request::SetSessionProxy { .. } => "set_session_proxy",
             Request::GetSessionProxy { .. } => "get_session_proxy",
+            Request::CreateUploads { .. } => "create_uploads",
         }
     }
 }
@@ -423,6 +429,15 @@ pub enum Event {
     Wake { identifier: String, reason: WakeReason },
     /// A watched task changed state (or progress, for watchers).
     TaskUpdate(TaskInfo),
+    // Protocol 4.
+    /// Coalesced progress of an upload's body (`URLSession`'s `didSendBodyData`).
+    SendProgress {
+        identifier: String,
+        task: TaskId,
+        bytes_sent: u64,
+        total_bytes_sent: u64,
+        total_bytes_expected_to_send: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -435,6 +450,11 @@ pub enum DurableEvent {
     Completed { task: TaskId, error: Option<ErrorInfo> },
     /// The session ended; its identifier may be reused.
     DidBecomeInvalid { error: Option<ErrorInfo> },
+    // Protocol 4.
+    /// An upload's final response: its status, headers, and body in a file at `body` (at
+    /// most [`crate::UPLOAD_RESPONSE_BODY_LIMIT`] bytes of it; `body_truncated` when there
+    /// was more). Comes before `Completed`, also when the status makes the task fail.
+    UploadResponse { task: TaskId, status: u16, headers: Vec<Header>, body: String, body_truncated: bool },
 }
 
 impl DurableEvent {
@@ -442,7 +462,8 @@ impl DurableEvent {
         match self {
             DurableEvent::ResumedAtOffset { task, .. }
             | DurableEvent::FinishedDownloading { task, .. }
-            | DurableEvent::Completed { task, .. } => Some(*task),
+            | DurableEvent::Completed { task, .. }
+            | DurableEvent::UploadResponse { task, .. } => Some(*task),
             DurableEvent::DidBecomeInvalid { .. } => None,
         }
     }
@@ -454,6 +475,7 @@ impl DurableEvent {
             DurableEvent::FinishedDownloading { .. } => "finished_downloading",
             DurableEvent::Completed { .. } => "completed",
             DurableEvent::DidBecomeInvalid { .. } => "did_become_invalid",
+            DurableEvent::UploadResponse { .. } => "upload_response",
         }
     }
 }

@@ -98,6 +98,66 @@ impl fmt::Debug for TaskSpec {
     }
 }
 
+/// How an upload sends its file (protocol 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum UploadMethod {
+    /// Retried after transient failures: sending the same body again is the same request.
+    Put,
+    /// Retried only when marked idempotent, when the server offered to resume it, or when it
+    /// failed before a byte of its body went out.
+    Post,
+}
+
+impl UploadMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UploadMethod::Put => "PUT",
+            UploadMethod::Post => "POST",
+        }
+    }
+
+    /// `PUT` or `POST`, in any case.
+    pub fn from_name(name: &str) -> Option<UploadMethod> {
+        [UploadMethod::Put, UploadMethod::Post].into_iter().find(|m| m.as_str().eq_ignore_ascii_case(name))
+    }
+}
+
+/// How an upload task is created (protocol 4). `Debug` shows the URL redacted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UploadSpec {
+    /// URL, headers (`Content-Type` among them), description, priority and earliest begin.
+    /// Its download-only fields (`expected_sha256`, `destination`, `overwrite`,
+    /// `expected_size`) must be unset.
+    pub request: TaskSpec,
+    pub method: UploadMethod,
+    /// Absolute path of the regular file whose bytes are the body. Its size and
+    /// modification time are recorded at submission: a file changed afterwards fails the
+    /// upload (`file_error`, saying so) instead of sending a mix.
+    pub file: String,
+    /// A POST the server treats as one however often it arrives: retried like a PUT.
+    pub idempotent: bool,
+}
+
+/// What a task sends, when it is an upload (protocol 4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadInfo {
+    pub method: UploadMethod,
+    pub file: String,
+    /// The file's size: the body's length.
+    pub bytes_total: u64,
+    /// Bytes of the body handed to the connection in the current attempt, or known to be
+    /// at the server (a resumed upload starts from the server's offset).
+    pub bytes_sent: u64,
+    pub idempotent: bool,
+    /// The server offered resumption (the resumable uploads draft): a retry asks it for its
+    /// offset and sends only the rest.
+    pub resumable: bool,
+}
+
+/// The response bodies of uploads are kept up to this many bytes; the rest is read and
+/// dropped, and the event says so (`body_truncated`).
+pub const UPLOAD_RESPONSE_BODY_LIMIT: u64 = 1 << 20;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum TaskState {
     Suspended,
@@ -192,6 +252,9 @@ pub struct TaskInfo {
     pub error: Option<ErrorInfo>,
     pub created_at: UnixMillis,
     pub wait: Option<WaitReason>,
+    // Protocol 4.
+    /// Set for an upload task: `bytes_received`/`bytes_expected` then count its response.
+    pub upload: Option<UploadInfo>,
 }
 
 /// Everything about one task, for `dlsessionctl show`. `Debug` shows URLs redacted.
@@ -239,6 +302,7 @@ impl fmt::Debug for TaskInfo {
             .field("error", &self.error)
             .field("created_at", &self.created_at)
             .field("wait", &self.wait)
+            .field("upload", &self.upload)
             .finish()
     }
 }

@@ -338,6 +338,16 @@ fn event(e: crate::Event) -> Event {
         E::Detached { identifier, reason } => Event::Detached { identifier, reason },
         E::Wake { identifier, reason } => Event::Wake { identifier, reason },
         E::TaskUpdate(info) => Event::TaskUpdate(task(info)),
+        // Bytes sent read as bytes written, as protocol 3 has them.
+        E::SendProgress { identifier, task, bytes_sent, total_bytes_sent, total_bytes_expected_to_send } => {
+            Event::Progress {
+                identifier,
+                task,
+                bytes_written: bytes_sent,
+                total_bytes_written: total_bytes_sent,
+                total_bytes_expected: Some(total_bytes_expected_to_send),
+            }
+        }
     }
 }
 
@@ -350,6 +360,7 @@ fn durable(e: crate::DurableEvent) -> DurableEvent {
         D::FinishedDownloading { task, location } => DurableEvent::FinishedDownloading { task, location },
         D::Completed { task, error: e } => DurableEvent::Completed { task, error: e.map(error) },
         D::DidBecomeInvalid { error: e } => DurableEvent::DidBecomeInvalid { error: e.map(error) },
+        D::UploadResponse { task, body, .. } => DurableEvent::FinishedDownloading { task, location: body },
     }
 }
 

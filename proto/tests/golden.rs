@@ -34,6 +34,7 @@ fn sample_task_info() -> TaskInfo {
             attempt: 2,
             last_error: ErrorInfo::new(ErrorCode::Network, "connection reset"),
         }),
+        upload: None,
     }
 }
 
@@ -340,6 +341,64 @@ fn server_messages_v3() -> Vec<(&'static str, ServerMessage)> {
     ]
 }
 
+/// Messages that exist since protocol 4.
+fn requests_v4() -> Vec<(&'static str, Request)> {
+    let mut request = TaskSpec::get("https://example.org/upload");
+    request.headers.push(Header::new("Content-Type", "image/jpeg"));
+    vec![(
+        "req_create_uploads",
+        Request::CreateUploads {
+            identifier: "s".into(),
+            uploads: vec![UploadSpec {
+                request,
+                method: UploadMethod::Post,
+                file: "/home/u/photo.jpg".into(),
+                idempotent: true,
+            }],
+            resume: true,
+        },
+    )]
+}
+
+fn server_messages_v4() -> Vec<(&'static str, ServerMessage)> {
+    let mut upload = sample_task_info();
+    upload.upload = Some(UploadInfo {
+        method: UploadMethod::Put,
+        file: "/home/u/photo.jpg".into(),
+        bytes_total: 30,
+        bytes_sent: 20,
+        idempotent: false,
+        resumable: true,
+    });
+    vec![
+        ("ev_task_update_upload", ServerMessage::Event(Event::TaskUpdate(upload))),
+        (
+            "ev_send_progress",
+            ServerMessage::Event(Event::SendProgress {
+                identifier: "s".into(),
+                task: 4,
+                bytes_sent: 10,
+                total_bytes_sent: 20,
+                total_bytes_expected_to_send: 30,
+            }),
+        ),
+        (
+            "ev_upload_response",
+            ServerMessage::Event(Event::Durable {
+                identifier: "s".into(),
+                seq: 5,
+                event: DurableEvent::UploadResponse {
+                    task: 4,
+                    status: 201,
+                    headers: vec![Header::new("Location", "/photos/9")],
+                    body: "/c/4.response".into(),
+                    body_truncated: false,
+                },
+            }),
+        ),
+    ]
+}
+
 fn golden_dir(version: u16) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/golden/v{version}"))
 }
@@ -369,11 +428,12 @@ fn handshake_is_frozen() {
     let hello = frame::encode_frame(&ClientHello { umask: Some(0o027), ..hello }).unwrap();
     check(2, "hello", &hello);
     check(3, "hello", &hello);
+    check(4, "hello", &hello);
     let welcome = Welcome { daemon_version: "0.1.0".into(), pid: 4242, connection_id: 7 };
-    for version in 1..=3 {
+    for version in 1..=4 {
         check(version, "welcome", &frame::encode_frame(&welcome).unwrap());
     }
-    assert_eq!(&Preamble::ours(HandshakeStatus::Ok).to_bytes(), b"DLSD\x00\x03\x00\x00");
+    assert_eq!(&Preamble::ours(HandshakeStatus::Ok).to_bytes(), b"DLSD\x00\x04\x00\x00");
     assert_eq!(&Preamble { version: 9, status: HandshakeStatus::VersionMismatch }.to_bytes(), b"DLSD\x00\x09\x00\x01");
 }
 
@@ -382,6 +442,7 @@ fn daemons_serve_every_supported_version() {
     let with = |version| Preamble { version, status: HandshakeStatus::Ok };
     assert_eq!(with(1).negotiate().unwrap(), 1);
     assert_eq!(with(2).negotiate().unwrap(), 2);
+    assert_eq!(with(3).negotiate().unwrap(), 3);
     assert_eq!(with(PROTOCOL_VERSION).negotiate().unwrap(), PROTOCOL_VERSION);
     assert!(with(0).negotiate().is_err());
     assert!(with(PROTOCOL_VERSION + 1).negotiate().is_err());
@@ -398,6 +459,7 @@ fn requests_are_frozen_and_round_trip() {
         check(1, name, &bytes);
         check(2, name, &bytes);
         check(3, name, &bytes);
+        check(4, name, &bytes);
         let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![frame], "{name} does not round-trip");
     }
@@ -406,6 +468,7 @@ fn requests_are_frozen_and_round_trip() {
         let bytes = frame::encode_frame(&frame).unwrap();
         check(2, name, &bytes);
         check(3, name, &bytes);
+        check(4, name, &bytes);
         let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![frame], "{name} does not round-trip");
     }
@@ -413,6 +476,14 @@ fn requests_are_frozen_and_round_trip() {
         let frame = RequestFrame { id: 0x1234, request };
         let bytes = frame::encode_frame(&frame).unwrap();
         check(3, name, &bytes);
+        check(4, name, &bytes);
+        let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
+        assert_eq!(back, vec![frame], "{name} does not round-trip");
+    }
+    for (name, request) in requests_v4() {
+        let frame = RequestFrame { id: 0x1234, request };
+        let bytes = frame::encode_frame(&frame).unwrap();
+        check(4, name, &bytes);
         let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![frame], "{name} does not round-trip");
     }
@@ -422,19 +493,67 @@ fn requests_are_frozen_and_round_trip() {
 fn server_messages_are_frozen_and_round_trip() {
     for (name, msg) in server_messages().into_iter().chain(server_messages_v2()) {
         let bytes = frame::encode_frame(&msg).unwrap();
-        check(2, name, &bytes);
-        check(3, name, &bytes);
+        check(4, name, &bytes);
         let back: Vec<ServerMessage> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![msg.clone()], "{name} does not round-trip");
-        // Nothing protocol 3 added is in them: protocol 2 gets the same bytes.
-        assert_eq!(frame::encode_server_frame(2, msg.clone()).unwrap(), bytes);
-        assert_eq!(frame::encode_server_frame(3, msg).unwrap(), bytes);
+        // Protocols 2 and 3 get the bytes they always got.
+        let old = frame::encode_server_frame(3, msg.clone()).unwrap();
+        check(2, name, &old);
+        check(3, name, &old);
+        assert_eq!(frame::encode_server_frame(2, msg).unwrap(), old);
+        let back: Vec<v3::ServerMessage> = frame::decode_frames(&old).unwrap();
+        assert_eq!(back.len(), 1, "{name}");
     }
     for (name, msg) in server_messages_v3() {
         let bytes = frame::encode_frame(&msg).unwrap();
-        check(3, name, &bytes);
+        check(4, name, &bytes);
+        let back: Vec<ServerMessage> = frame::decode_frames(&bytes).unwrap();
+        assert_eq!(back, vec![msg.clone()], "{name} does not round-trip");
+        check(3, name, &frame::encode_server_frame(3, msg).unwrap());
+    }
+    for (name, msg) in server_messages_v4() {
+        let bytes = frame::encode_frame(&msg).unwrap();
+        check(4, name, &bytes);
         let back: Vec<ServerMessage> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![msg], "{name} does not round-trip");
+    }
+}
+
+/// What protocol 4 added reaches protocol-3 (and 2, and 1) clients as what they know.
+#[test]
+fn older_clients_get_uploads_as_downloads() {
+    for (name, msg) in server_messages_v4() {
+        for version in 1..=3 {
+            let bytes = frame::encode_server_frame(version, msg.clone()).unwrap();
+            if version == 1 {
+                let back: Vec<v1::ServerMessage> = frame::decode_frames(&bytes).unwrap();
+                assert_eq!(back.len(), 1, "{name}");
+                continue;
+            }
+            let back: Vec<v3::ServerMessage> = frame::decode_frames(&bytes).unwrap();
+            match (name, &back[0]) {
+                ("ev_task_update_upload", v3::ServerMessage::Event(v3::Event::TaskUpdate(t))) => {
+                    assert_eq!(t.id, 42)
+                }
+                (
+                    "ev_send_progress",
+                    v3::ServerMessage::Event(v3::Event::Progress {
+                        bytes_written: 10,
+                        total_bytes_written: 20,
+                        total_bytes_expected: Some(30),
+                        ..
+                    }),
+                ) => {}
+                (
+                    "ev_upload_response",
+                    v3::ServerMessage::Event(v3::Event::Durable {
+                        event: DurableEvent::FinishedDownloading { task: 4, location },
+                        ..
+                    }),
+                ) => assert_eq!(location, "/c/4.response"),
+                (name, other) => panic!("{name} (protocol {version}): {other:?}"),
+            }
+        }
     }
 }
 
@@ -469,7 +588,7 @@ fn protocol_2_clients_get_only_protocol_2_variants() {
             ServerMessage::Response { result: Ok(Response::Ok), .. } => {}
             other => panic!("{name}: {other:?}"),
         }
-        assert_eq!(frame::encode_server_frame(2, down.clone()).unwrap(), frame::encode_frame(&down).unwrap());
+        assert_eq!(frame::encode_server_frame(2, down.clone()).unwrap(), frame::encode_server_frame(3, down).unwrap());
     }
 }
 

@@ -160,8 +160,23 @@ fn info() -> impl Strategy<Value = TaskInfo> {
                 error,
                 created_at,
                 wait,
+                upload: None,
             },
         )
+        .prop_flat_map(|t| of(upload()).prop_map(move |upload| TaskInfo { upload, ..t.clone() }))
+}
+
+fn upload() -> impl Strategy<Value = UploadInfo> {
+    (any::<bool>(), s(), any::<(u64, u64)>(), any::<(bool, bool)>()).prop_map(
+        |(put, file, (bytes_total, bytes_sent), (idempotent, resumable))| UploadInfo {
+            method: if put { UploadMethod::Put } else { UploadMethod::Post },
+            file,
+            bytes_total,
+            bytes_sent,
+            idempotent,
+            resumable,
+        },
+    )
 }
 
 fn detail() -> impl Strategy<Value = TaskDetail> {

@@ -76,6 +76,17 @@ pub enum Command {
     /// turns that off.
     Get(GetArgs),
 
+    /// Upload a file through the daemon (like curl -T, but the daemon does the work)
+    ///
+    /// Creates and starts an upload task (a PUT unless --method POST), prints its id and
+    /// exits; the upload goes on in dlsessiond, resuming where the server allows. With
+    /// --wait, shows progress until it is done, prints the server's response body to
+    /// stdout, and exits 0 only if the server answered with a success.
+    ///
+    /// The file's size and modification time are recorded now: a file changed before the
+    /// upload is done fails it instead of sending a mix.
+    Upload(UploadArgs),
+
     /// Show live progress of active tasks until none is active
     Watch(WatchArgs),
 
@@ -241,6 +252,47 @@ pub struct GetArgs {
     pub per_host: Option<u32>,
 
     /// Show progress and wait until every task is done; exit 1 if any failed
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UploadArgs {
+    /// The file to send
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+
+    /// Where to send it (http or https)
+    #[arg(value_name = "URL")]
+    pub url: String,
+
+    /// PUT (retried after transient failures) or POST (retried only with --idempotent,
+    /// when the server offers to resume it, or when its body did not go out whole)
+    #[arg(short = 'X', long, value_name = "METHOD", default_value = "PUT", value_parser = ["PUT", "POST", "put", "post"])]
+    pub method: String,
+
+    /// The server treats a repeated POST as one: retry it like a PUT
+    #[arg(long)]
+    pub idempotent: bool,
+
+    /// The body's Content-Type
+    #[arg(long, value_name = "TYPE")]
+    pub content_type: Option<String>,
+
+    /// Add a request header, e.g. --header 'Authorization: Bearer …' (repeatable)
+    #[arg(short = 'H', long = "header", value_name = "NAME: VALUE")]
+    pub headers: Vec<String>,
+
+    /// The session the task belongs to
+    #[arg(long, value_name = "ID", default_value = "dlsessionctl")]
+    pub session: String,
+
+    /// Scheduling priority, from 0 (lowest) to 1 (highest)
+    #[arg(long, value_name = "P", default_value_t = 0.5, value_parser = parse_priority)]
+    pub priority: f32,
+
+    /// Show progress and wait until the upload is done; print the response body; exit 1
+    /// if it failed
     #[arg(long)]
     pub wait: bool,
 }

@@ -8,7 +8,7 @@ use std::io::Write;
 use serde::Serialize;
 
 use dlsession_proto::{
-    DaemonStatus, ErrorInfo, Header, LaunchSpec, SessionInfo, TaskCounts, TaskDetail, TaskInfo, WaitReason,
+    DaemonStatus, ErrorInfo, Header, LaunchSpec, SessionInfo, TaskCounts, TaskDetail, TaskInfo, UploadInfo, WaitReason,
 };
 
 use crate::error::Result;
@@ -245,6 +245,33 @@ pub struct TaskJson {
     pub speed: u64,
     pub created_at: u64,
     pub wait: Option<WaitJson>,
+    /// Set for an upload (its `bytes_received` count the response body).
+    pub upload: Option<UploadJson>,
+}
+
+/// What an upload sends.
+#[derive(Debug, Serialize)]
+pub struct UploadJson {
+    pub method: &'static str,
+    pub file: String,
+    pub bytes_sent: u64,
+    pub bytes_total: u64,
+    pub idempotent: bool,
+    /// The server offered to resume it.
+    pub resumable: bool,
+}
+
+impl From<&UploadInfo> for UploadJson {
+    fn from(u: &UploadInfo) -> UploadJson {
+        UploadJson {
+            method: u.method.as_str(),
+            file: u.file.clone(),
+            bytes_sent: u.bytes_sent,
+            bytes_total: u.bytes_total,
+            idempotent: u.idempotent,
+            resumable: u.resumable,
+        }
+    }
 }
 
 impl From<&TaskInfo> for TaskJson {
@@ -263,6 +290,7 @@ impl From<&TaskInfo> for TaskJson {
             speed: t.speed,
             created_at: t.created_at,
             wait: t.wait.as_ref().map(WaitJson::from),
+            upload: t.upload.as_ref().map(UploadJson::from),
         }
     }
 }
@@ -409,6 +437,14 @@ pub enum WatchJson<'a> {
         total_bytes_written: u64,
         total_bytes_expected: Option<u64>,
     },
+    /// An upload's body going out.
+    SendProgress {
+        task: u64,
+        session: &'a str,
+        bytes_sent: u64,
+        total_bytes_sent: u64,
+        total_bytes_expected_to_send: u64,
+    },
 }
 
 /// `attach --json`: one line per delivered event.
@@ -427,6 +463,15 @@ pub enum AttachEventJson {
         /// Where dlsessiond put it, when it was moved.
         #[serde(skip_serializing_if = "Option::is_none")]
         moved_from: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        move_error: Option<ErrorJson>,
+    },
+    /// An upload's final response; `body` is where its body file is now.
+    UploadResponse {
+        task: u64,
+        status: u16,
+        body: String,
+        body_truncated: bool,
         #[serde(skip_serializing_if = "Option::is_none")]
         move_error: Option<ErrorJson>,
     },
@@ -465,6 +510,7 @@ mod tests {
             location: None,
             error: None,
             created_at: 5,
+            upload: None,
             wait: Some(WaitReason::Backoff {
                 until: 9,
                 attempt: 3,

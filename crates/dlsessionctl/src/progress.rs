@@ -198,6 +198,19 @@ impl Progress {
         self.print(line, false)
     }
 
+    /// Writes bytes as they are on stdout (an upload's response body), above the bars.
+    pub fn out_bytes(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let write = || {
+            let mut out = std::io::stdout().lock();
+            out.write_all(bytes)?;
+            out.flush()
+        };
+        match &self.multi {
+            Some(multi) => multi.suspend(write),
+            None => write(),
+        }
+    }
+
     /// Prints a line on stderr (above the bars).
     pub fn err(&self, line: &str) {
         let _ = self.print(line, true);

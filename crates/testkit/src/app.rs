@@ -16,10 +16,36 @@ use crate::TestEnv;
 /// What a delegate saw, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Seen {
-    Progress { task: TaskId, total: u64 },
-    Resumed { task: TaskId, offset: u64 },
-    Finished { task: TaskId, location: PathBuf, moved_to: PathBuf },
-    Completed { task: TaskId, error: Option<TaskError> },
+    Progress {
+        task: TaskId,
+        total: u64,
+    },
+    /// An upload's body going out.
+    Sent {
+        task: TaskId,
+        total: u64,
+        expected: u64,
+    },
+    /// An upload's response, its body read during the callback.
+    Response {
+        task: TaskId,
+        status: u16,
+        body: Vec<u8>,
+        truncated: bool,
+    },
+    Resumed {
+        task: TaskId,
+        offset: u64,
+    },
+    Finished {
+        task: TaskId,
+        location: PathBuf,
+        moved_to: PathBuf,
+    },
+    Completed {
+        task: TaskId,
+        error: Option<TaskError>,
+    },
     FinishedEvents,
     Invalid,
     Detached(DetachReason),
@@ -45,6 +71,14 @@ impl Recorder {
 impl SessionDelegate for Recorder {
     fn did_write_data(&self, _: &Session, task: &DownloadTask, _: u64, total: u64, _: Option<u64>) {
         let _ = self.tx.send(Seen::Progress { task: task.id(), total });
+    }
+    fn did_send_body_data(&self, _: &Session, task: &DownloadTask, _: u64, total: u64, expected: u64) {
+        let _ = self.tx.send(Seen::Sent { task: task.id(), total, expected });
+    }
+    fn did_receive_upload_response(&self, _: &Session, task: &DownloadTask, r: &dlsession::UploadResponse) {
+        let body = std::fs::read(&r.body).unwrap_or_else(|e| panic!("read {}: {e}", r.body.display()));
+        let seen = Seen::Response { task: task.id(), status: r.status, body, truncated: r.body_truncated };
+        let _ = self.tx.send(seen);
     }
     fn did_resume_at_offset(&self, _: &Session, task: &DownloadTask, offset: u64, _: Option<u64>) {
         let _ = self.tx.send(Seen::Resumed { task: task.id(), offset });
@@ -136,6 +170,16 @@ impl Events {
     pub fn location(&self, task: TaskId) -> Option<PathBuf> {
         self.seen.iter().find_map(|e| match e {
             Seen::Finished { task: t, location, .. } if *t == task => Some(location.clone()),
+            _ => None,
+        })
+    }
+
+    /// The response of upload `task` (must have been seen already): status, body, truncated.
+    pub fn response(&self, task: TaskId) -> Option<(u16, Vec<u8>, bool)> {
+        self.seen.iter().find_map(|e| match e {
+            Seen::Response { task: t, status, body, truncated } if *t == task => {
+                Some((*status, body.clone(), *truncated))
+            }
             _ => None,
         })
     }

@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 //! The one home of test helpers, used by every test crate: a scripted HTTP/HTTPS server
-//! with fault injection ([`server`]), a faulty proxy ([`proxy`]), nginx ([`nginx`]), a
+//! with fault injection ([`server`]), a faulty proxy ([`proxy`]), an upload server that
+//! speaks the resumable uploads draft ([`upload`]), nginx ([`nginx`]), a
 //! throw-away certificate authority ([`tls`]), deterministic content with hashes
 //! ([`content`]), an isolated daemon ([`daemon`]), an app that records what it is told
 //! ([`app`]), the CLI on pipes and terminals ([`cli`]), tmpfs mounts ([`mount`]), waiting
@@ -19,6 +20,7 @@ pub mod proxy;
 pub mod server;
 pub mod socks;
 pub mod tls;
+pub mod upload;
 pub mod wait;
 
 pub use app::{Events, Recorder, Seen};
@@ -30,4 +32,5 @@ pub use proxy::{ProxyFault, ProxyRecord, TestProxy};
 pub use server::{Fault, Hits, RequestRecord, Resource, TestServer};
 pub use socks::{SocksRecord, TestSocks};
 pub use tls::TestCa;
+pub use upload::{UploadFaults, UploadRecord, UploadServer};
 pub use wait::{LONG, block, wait_for, wait_until};

@@ -4,11 +4,19 @@ use super::Core;
 use super::admission::Refusal;
 use super::task::Task;
 use crate::model::{Phase, SessionKey, TaskRecord};
-use dlsession_proto::{ErrorCode, ErrorInfo, SessionInfo, TaskDetail, TaskInfo, TaskState, WaitReason};
+use dlsession_proto::{ErrorCode, ErrorInfo, SessionInfo, TaskDetail, TaskInfo, TaskState, UploadInfo, WaitReason};
 
 impl Core {
     pub(super) fn task_info(&self, t: &Task) -> TaskInfo {
         let identifier = self.sessions.get(&t.rec.session).map(|s| s.rec.identifier.clone()).unwrap_or_default();
+        if t.rec.upload.is_some() {
+            // An upload's live counter is the body going out; what it received is its response.
+            let sent = (t.state == TaskState::Running).then(|| t.progress.received());
+            let mut info =
+                info_from(&t.rec, identifier, t.state, t.rec.committed_offset, None, t.speed, self.wait_reason(t));
+            info.upload = upload_info(&t.rec, sent);
+            return info;
+        }
         let received = if t.state == TaskState::Running { t.progress.received() } else { t.rec.committed_offset };
         info_from(&t.rec, identifier, t.state, received, t.progress.expected(), t.speed, self.wait_reason(t))
     }
@@ -110,7 +118,23 @@ fn info_from(
         error: rec.error.clone(),
         created_at: rec.created_at,
         wait,
+        upload: upload_info(rec, None),
     }
+}
+
+/// An upload's facts on the wire; `sent` while it runs, else what is known: all of it once
+/// a response came, nothing before.
+fn upload_info(rec: &TaskRecord, sent: Option<u64>) -> Option<UploadInfo> {
+    let u = rec.upload.as_ref()?;
+    let done = rec.response_status.is_some() && rec.state == TaskState::Completed && rec.error.is_none();
+    Some(UploadInfo {
+        method: u.method,
+        file: u.file.clone(),
+        bytes_total: u.size,
+        bytes_sent: sent.unwrap_or(if done { u.size } else { 0 }),
+        idempotent: u.idempotent,
+        resumable: u.resume_url.is_some(),
+    })
 }
 
 fn detail_from(rec: &TaskRecord, info: TaskInfo, partial_path: Option<String>) -> TaskDetail {

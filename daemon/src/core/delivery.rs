@@ -106,7 +106,8 @@ impl Core {
             let Some(ev) = s.take_event(seq) else { continue };
             acked.push(seq);
             match ev.event {
-                DurableEvent::FinishedDownloading { location, .. } => {
+                DurableEvent::FinishedDownloading { location, .. }
+                | DurableEvent::UploadResponse { body: location, .. } => {
                     // Whatever the app left in our cache goes; a destination is the app's.
                     let path = std::path::PathBuf::from(location);
                     if path.starts_with(&downloads) {

@@ -319,6 +319,31 @@ pub type Checked = Result<Prepared, ErrorInfo>;
 pub struct Prepared {
     /// For resume data: the id the new task gets, and its kept file.
     pub resume: Option<(TaskId, Adoption)>,
+    /// For uploads: each file as it was when checked, in request order.
+    pub uploads: Vec<FileSnapshot>,
+}
+
+/// An upload's file when it was submitted: the body is this, or the upload fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileSnapshot {
+    pub size: u64,
+    pub mtime_ns: i64,
+}
+
+/// Checks that `path` is a regular file this daemon can read, and notes its size and
+/// modification time.
+pub fn upload_file(path: &str) -> Result<FileSnapshot, ErrorInfo> {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |what: String| ErrorInfo::new(ErrorCode::FileError, format!("cannot upload {path:?}: {what}"));
+    let file = std::fs::File::open(path).map_err(|e| refuse(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| refuse(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(refuse(if meta.is_dir() { "it is a directory".into() } else { "it is not a regular file".into() }));
+    }
+    Ok(FileSnapshot {
+        size: meta.len(),
+        mtime_ns: meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec()),
+    })
 }
 
 /// Runs `check` on a blocking thread, then hands its outcome to `done`.

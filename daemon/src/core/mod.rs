@@ -40,6 +40,7 @@ mod status;
 mod task;
 mod timers;
 mod transitions;
+mod uploads;
 mod wake;
 
 use std::path::PathBuf;

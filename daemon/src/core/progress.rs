@@ -3,6 +3,7 @@
 
 use super::Core;
 use super::conns::Conn;
+use crate::conn::Direction;
 use dlsession_proto::TaskId;
 
 impl Core {
@@ -12,8 +13,9 @@ impl Core {
         let Some(s) = self.sessions.get(&t.rec.session) else { return };
         let total = t.progress.received();
         let expected = t.progress.expected();
+        let direction = if t.rec.upload.is_some() { Direction::Sending } else { Direction::Receiving };
         let send = |conn: &Conn| {
-            conn.handle.mailbox.add_progress(&s.rec.identifier, id, delta, total, expected);
+            conn.handle.mailbox.add_progress(&s.rec.identifier, id, (delta, total, expected), direction);
         };
         // While an attach replays the events it missed, progress would overtake them (the
         // totals are absolute: the next report after the replay says it all).

@@ -162,7 +162,11 @@ impl Core {
     }
 
     fn start(&mut self, id: TaskId, lane: LaneKey) {
+        if self.upload_interrupted(id) {
+            return;
+        }
         let generation = self.slots.generation();
+        let upload = self.upload_job(id);
         let Some(t) = self.tasks.get(&id) else { return };
         let Some(s) = self.sessions.get(&t.rec.session) else { return };
         let now = now_ms();
@@ -200,6 +204,7 @@ impl Core {
             cookies: s.cookies.clone(),
             proxy: s.proxy.clone(),
             stop: stop_rx,
+            upload,
         };
         let worker = self.engine.spawn(job);
         let key = t.rec.session;
@@ -242,6 +247,12 @@ impl Core {
         self.free_slot(id);
         let t = self.tasks.get_mut(&id)?;
         let run = t.run.take()?;
+        // An attempt that did not get its whole body out cannot have been taken whole by
+        // the server: it may go again (stored with the task's next save).
+        let sent_whole = t.progress.sent_whole.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(up) = t.rec.upload.as_mut().filter(|_| !sent_whole) {
+            up.in_flight = false;
+        }
         t.speed = 0;
         let key = t.rec.session;
         if let Some(s) = self.sessions.get_mut(&key) {
@@ -282,6 +293,8 @@ impl Core {
             WorkerEvent::Moved { location } => self.on_moved(id, location),
             WorkerEvent::Failed(failure) => self.on_failed(id, failure),
             WorkerEvent::Stopped { offset } => self.on_stopped(id, offset),
+            WorkerEvent::ResumeUrl { url } => self.on_resume_url(id, url),
+            WorkerEvent::UploadDone { response } => self.on_upload_done(id, response),
         }
         self.schedule();
     }
@@ -293,15 +306,7 @@ impl Core {
         let rec = &mut t.rec;
         rec.response_status = Some(meta.status);
         rec.final_url = Some(meta.final_url);
-        rec.response_headers = meta
-            .headers
-            .into_iter()
-            .take(MAX_KEPT_HEADERS)
-            .map(|mut h| {
-                h.value.truncate(h.value.floor_char_boundary(MAX_KEPT_HEADER_LEN));
-                h
-            })
-            .collect();
+        rec.response_headers = kept_headers(meta.headers);
         rec.etag = meta.etag;
         rec.last_modified = meta.last_modified;
         rec.bytes_expected = meta.total.or(rec.expected_size);
@@ -582,6 +587,18 @@ impl Core {
         after.push(After::Events { session: key, seq });
         self.check_invalidation(key, ops, after);
     }
+}
+
+/// Response headers as a task keeps them (bounded).
+pub(super) fn kept_headers(headers: Vec<Header>) -> Vec<Header> {
+    headers
+        .into_iter()
+        .take(MAX_KEPT_HEADERS)
+        .map(|mut h| {
+            h.value.truncate(h.value.floor_char_boundary(MAX_KEPT_HEADER_LEN));
+            h
+        })
+        .collect()
 }
 
 /// The completion error of a task cancelled at the request of `by` (who, and how).

@@ -8,13 +8,12 @@ use base64::engine::general_purpose::STANDARD;
 
 use std::time::SystemTime;
 
-use bytes::Bytes;
-use http_body_util::Empty;
 use hyper::body::Incoming;
 use url::Url;
 
 use super::http::{
-    Failure, Retry, classify, is_strong_etag, is_transient_status, parse_content_range, parse_retry_after,
+    Failure, ReqBody, Retry, classify, empty_body, is_strong_etag, is_transient_status, parse_content_range,
+    parse_retry_after,
 };
 use super::{Engine, Job, ResponseMeta, USER_AGENT};
 use dlsession_proto::redact::{self, is_sensitive_header};
@@ -33,7 +32,7 @@ impl Engine {
         let mut hops = 0;
         loop {
             let same_origin = url.origin() == origin;
-            let mut req = build_request(&url, job, offset, same_origin)?;
+            let mut req = build_request(&url, job, offset, same_origin, hyper::Method::GET, empty_body())?;
             if let Some(auth) = proxies.http_auth(&url) {
                 req.headers_mut().insert(hyper::header::PROXY_AUTHORIZATION, auth);
             }
@@ -204,14 +203,14 @@ impl Engine {
     }
 }
 
-fn status_text(status: u16) -> String {
+pub(super) fn status_text(status: u16) -> String {
     match hyper::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()) {
         Some(reason) => format!("{status} {reason}"),
         None => status.to_string(),
     }
 }
 
-fn host_of(url: &Url) -> String {
+pub(super) fn host_of(url: &Url) -> String {
     match (url.host_str(), url.port()) {
         (Some(h), Some(p)) => format!("{h}:{p}"),
         (Some(h), None) => h.to_owned(),
@@ -219,17 +218,21 @@ fn host_of(url: &Url) -> String {
     }
 }
 
-fn build_request(
+/// A request to `url` with the task's headers, the session's cookies for it, and basic
+/// authentication from the URL; `offset` asks a GET for the rest of a partial file.
+pub(super) fn build_request(
     url: &Url,
     job: &Job,
     offset: u64,
     same_origin: bool,
-) -> Result<hyper::Request<Empty<Bytes>>, Failure> {
+    method: hyper::Method,
+    body: ReqBody,
+) -> Result<hyper::Request<ReqBody>, Failure> {
     let mut target = url.clone();
     let _ = target.set_username("");
     let _ = target.set_password(None);
     target.set_fragment(None);
-    let mut b = hyper::Request::get(target.as_str());
+    let mut b = hyper::Request::builder().method(method).uri(target.as_str());
     let has = |name: &str| job.headers.iter().any(|h| h.name.eq_ignore_ascii_case(name));
     let (has_ua, has_ae, has_auth) = (has("user-agent"), has("accept-encoding"), has("authorization"));
     let mut cookie: Option<String> = None;
@@ -273,8 +276,7 @@ fn build_request(
             _ => {}
         }
     }
-    b.body(Empty::new())
-        .map_err(|e| Failure::permanent(ErrorCode::InvalidRequest, format!("cannot build the request: {e}")))
+    b.body(body).map_err(|e| Failure::permanent(ErrorCode::InvalidRequest, format!("cannot build the request: {e}")))
 }
 
 /// A userinfo part as the user meant it (`p%40ss` is `p@ss`).

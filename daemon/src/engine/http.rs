@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Empty;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -20,7 +21,15 @@ use super::proxy::{Proxies, ProxyConnector};
 
 use dlsession_proto::{ErrorCode, ErrorInfo};
 
-pub type HttpClient = Client<HttpsConnector<ProxyConnector>, Empty<Bytes>>;
+/// A request's body: empty for a download, a file for an upload.
+pub type ReqBody = UnsyncBoxBody<Bytes, Box<dyn StdError + Send + Sync>>;
+
+pub type HttpClient = Client<HttpsConnector<ProxyConnector>, ReqBody>;
+
+/// The body of a request that sends none.
+pub fn empty_body() -> ReqBody {
+    Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
@@ -329,7 +338,7 @@ mod tests {
         });
         let client =
             ClientFactory::new(None, Duration::from_secs(5)).unwrap().client(&super::super::proxy::Proxies::from_env());
-        let req = hyper::Request::get(format!("http://{addr}/")).body(Empty::<Bytes>::new()).unwrap();
+        let req = hyper::Request::get(format!("http://{addr}/")).body(empty_body()).unwrap();
         let err = client.request(req).await.unwrap_err();
         let f = classify(&err, "requesting");
         assert_eq!(f.retry, Retry::Never, "{f:?}");

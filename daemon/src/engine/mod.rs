@@ -17,6 +17,7 @@ pub mod limiter;
 pub mod progress;
 pub mod proxy;
 mod report;
+pub mod upload;
 pub mod writer;
 
 use std::panic::AssertUnwindSafe;
@@ -34,12 +35,12 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span};
 
 use checkpoint::CheckpointPolicy;
-use dlsession_proto::{ErrorCode, Header, SessionProxy};
+use dlsession_proto::{ErrorCode, Header, SessionProxy, UploadMethod};
 pub use http::{Failure, Retry};
 use http::{HttpClient, can_resume, classify};
 use limiter::RateLimiter;
 pub use progress::Progress;
-pub use report::{FinishPlan, ResponseMeta, Sink, WorkerEvent, WorkerLink};
+pub use report::{FinishPlan, ResponseMeta, Sink, UploadResponse, WorkerEvent, WorkerLink};
 use writer::WriterMsg;
 
 /// Body frames are handed to the writer thread in batches of about this many bytes.
@@ -80,6 +81,37 @@ pub struct Job {
     /// The session's own proxy (`None`: the daemon's environment).
     pub proxy: Option<SessionProxy>,
     pub stop: watch::Receiver<bool>,
+    /// Set for an upload: what it sends (its response body is what it receives).
+    pub upload: Option<UploadJob>,
+}
+
+/// What an upload attempt sends. `Debug` never shows the upload resource's URL.
+pub struct UploadJob {
+    pub method: UploadMethod,
+    pub file: PathBuf,
+    /// The file as it was submitted: anything else is not sent.
+    pub size: u64,
+    pub mtime_ns: i64,
+    /// A failure may be retried even after the whole body went out.
+    pub retry_safe: bool,
+    /// The upload resource the server offered earlier: continue there.
+    pub resume_url: Option<String>,
+    /// Where the response body is put for the app.
+    pub body_to: PathBuf,
+    /// Nothing is sent before this fires: the attempt is recorded durably first (a request
+    /// that must not go twice).
+    pub go: Option<oneshot::Receiver<()>>,
+}
+
+impl std::fmt::Debug for UploadJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UploadJob")
+            .field("method", &self.method)
+            .field("file", &self.file)
+            .field("size", &self.size)
+            .field("resumable", &self.resume_url.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Job {
@@ -162,7 +194,11 @@ impl Engine {
                 let _abandon = AbandonOnDrop(link.abandoned.clone());
                 // A bug that panics a worker fails its attempt; it never leaves the task
                 // "running" with nobody working on it.
-                let outcome = match AssertUnwindSafe(engine.download(job)).catch_unwind().await {
+                let work = async move {
+                    let mut job = job;
+                    if job.upload.is_some() { engine.upload(&mut job).await } else { engine.download(job).await }
+                };
+                let outcome = match AssertUnwindSafe(work).catch_unwind().await {
                     Ok(outcome) => outcome,
                     Err(panic) => Outcome::Failed(Failure::transient(
                         ErrorCode::Internal,
@@ -517,6 +553,7 @@ const PACED_SLICE: usize = 16 << 10;
 
 #[derive(Debug)]
 enum Outcome {
+    Uploaded(UploadResponse),
     Moved(String),
     MoveFailed(dlsession_proto::ErrorInfo),
     Failed(Failure),
@@ -527,6 +564,7 @@ enum Outcome {
 impl Outcome {
     fn report(self, link: &WorkerLink) {
         match self {
+            Outcome::Uploaded(response) => link.send(WorkerEvent::UploadDone { response }),
             Outcome::Moved(location) => link.send(WorkerEvent::Moved { location }),
             Outcome::MoveFailed(error) => link.send(WorkerEvent::MoveFailed { error }),
             Outcome::Failed(f) => link.send(WorkerEvent::Failed(f)),

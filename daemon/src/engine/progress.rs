@@ -1,6 +1,6 @@
 //! What a running task shows of itself: bytes in its file, and signs of life.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Live counters of a task, shared between its worker (and its threads) and the core.
 #[derive(Debug, Default)]
@@ -13,6 +13,9 @@ pub struct Progress {
     /// copying a finished one to another file system): the core's supervisor takes it as
     /// a sign of life, so a healthy long step is never abandoned as stuck.
     pub alive: AtomicU64,
+    /// An upload's attempt has handed its whole body to the connection (`received` then
+    /// counts bytes sent): from here on the server may have all of it.
+    pub sent_whole: AtomicBool,
 }
 
 impl Progress {
@@ -21,6 +24,7 @@ impl Progress {
             received: AtomicU64::new(received),
             expected: AtomicU64::new(expected.unwrap_or(u64::MAX)),
             alive: AtomicU64::new(0),
+            sent_whole: AtomicBool::new(false),
         }
     }
 

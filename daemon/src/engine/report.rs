@@ -47,6 +47,31 @@ pub enum WorkerEvent {
     Stopped {
         offset: u64,
     },
+    /// An upload's server offered to resume it at `url` (`None`: the offer is gone, the
+    /// server no longer knows the upload). Stored, so a retry after a crash continues there.
+    ResumeUrl {
+        url: Option<String>,
+    },
+    /// An upload got its final response; its body is synced at `response.location`.
+    UploadDone {
+        response: UploadResponse,
+    },
+}
+
+/// An upload's final response as the worker kept it.
+#[derive(Debug, Clone)]
+pub struct UploadResponse {
+    pub status: u16,
+    pub final_url: String,
+    pub headers: Vec<Header>,
+    /// The response body's file (synced) and its length.
+    pub location: String,
+    pub size: u64,
+    /// The body was longer than `UPLOAD_RESPONSE_BODY_LIMIT`: only its start was kept.
+    pub truncated: bool,
+    /// Why the task fails with this response (a status that is not a success); the
+    /// response is reported all the same.
+    pub error: Option<dlsession_proto::ErrorInfo>,
 }
 
 #[derive(Debug, Clone)]

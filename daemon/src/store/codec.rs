@@ -2,8 +2,10 @@
 
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 
-use crate::model::{DEFAULT_FILE_MODE, EventRecord, Phase, SessionKey, SessionRecord, TaskRecord};
-use dlsession_proto::{DurableEvent, ErrorCode, ErrorInfo, Header, LaunchSpec, SessionConfig, TaskId, TaskState};
+use crate::model::{DEFAULT_FILE_MODE, EventRecord, Phase, SessionKey, SessionRecord, TaskRecord, Upload};
+use dlsession_proto::{
+    DurableEvent, ErrorCode, ErrorInfo, Header, LaunchSpec, SessionConfig, TaskId, TaskState, UploadMethod,
+};
 
 // Lists are stored as NUL-separated text: NUL cannot occur in a valid header, argv
 // element or URL, and validation refuses it before anything reaches the store.
@@ -171,14 +173,15 @@ const TASK_COLUMNS: &str = "id, session_id, url, headers, description, priority,
     last_modified, final_url, response_status, response_headers, attempts, last_error_code, last_error_msg,
     last_error_http, retry_at, started_at, finished_at, resource_deadline, location, error_code, error_msg,
     error_http, resume_secret, retired, file_mode, bandwidth_limit, allows_metered, allows_battery, discretionary,
-    waits_for_connectivity";
+    waits_for_connectivity, upload_method, upload_file, upload_size, upload_mtime_ns, upload_idempotent,
+    upload_resume_url, upload_truncated, upload_in_flight";
 
 /// Inserts or replaces a task row (one statement for both, so the column lists cannot drift).
 pub fn save_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare_cached(&format!(
         "INSERT INTO tasks ({TASK_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
             ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35,
-            ?36, ?37, ?38, ?39, ?40, ?41)
+            ?36, ?37, ?38, ?39, ?40, ?41, ?42, ?43, ?44, ?45, ?46, ?47, ?48, ?49)
          ON CONFLICT(id) DO UPDATE SET priority = excluded.priority, state = excluded.state,
             phase = excluded.phase, committed_offset = excluded.committed_offset,
             bytes_expected = excluded.bytes_expected, etag = excluded.etag, last_modified = excluded.last_modified,
@@ -192,8 +195,11 @@ pub fn save_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
             resume_secret = excluded.resume_secret, retired = excluded.retired, file_mode = excluded.file_mode,
             bandwidth_limit = excluded.bandwidth_limit, allows_metered = excluded.allows_metered,
             allows_battery = excluded.allows_battery, discretionary = excluded.discretionary,
-            waits_for_connectivity = excluded.waits_for_connectivity"
+            waits_for_connectivity = excluded.waits_for_connectivity,
+            upload_resume_url = excluded.upload_resume_url, upload_truncated = excluded.upload_truncated,
+            upload_in_flight = excluded.upload_in_flight"
     ))?;
+    let up = t.upload.as_ref();
     let (lec, lem, leh) = error_columns(&t.last_error);
     let (ec, em, eh) = error_columns(&t.error);
     stmt.execute(params![
@@ -238,8 +244,32 @@ pub fn save_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
         t.policy.allows_battery,
         t.policy.discretionary,
         t.policy.waits_for_connectivity,
+        up.map(|u| u.method.as_str()),
+        up.map(|u| u.file.as_str()),
+        up.map(|u| sat(u.size)),
+        up.map(|u| u.mtime_ns),
+        up.map(|u| u.idempotent),
+        up.and_then(|u| u.resume_url.as_deref()),
+        up.map(|u| u.truncated),
+        up.map(|u| u.in_flight),
     ])?;
     Ok(())
+}
+
+fn upload_from(r: &Row<'_>) -> rusqlite::Result<Option<Upload>> {
+    let Some(method) = r.get::<_, Option<String>>(41)?.as_deref().and_then(UploadMethod::from_name) else {
+        return Ok(None);
+    };
+    Ok(Some(Upload {
+        method,
+        file: r.get::<_, Option<String>>(42)?.unwrap_or_default(),
+        size: u64_opt(r.get(43)?).unwrap_or(0),
+        mtime_ns: r.get::<_, Option<i64>>(44)?.unwrap_or(0),
+        idempotent: r.get::<_, Option<bool>>(45)?.unwrap_or(false),
+        resume_url: r.get(46)?,
+        truncated: r.get::<_, Option<bool>>(47)?.unwrap_or(false),
+        in_flight: r.get::<_, Option<bool>>(48)?.unwrap_or(false),
+    }))
 }
 
 fn phase_name(p: Phase) -> &'static str {
@@ -293,6 +323,7 @@ fn task_from_row(r: &Row<'_>) -> rusqlite::Result<TaskRecord> {
             discretionary: r.get(39)?,
             waits_for_connectivity: r.get(40)?,
         },
+        upload: upload_from(r)?,
     })
 }
 
@@ -341,12 +372,21 @@ pub fn insert_event(tx: &Transaction<'_>, e: &EventRecord) -> rusqlite::Result<(
         }
         DurableEvent::Completed { task, error } => ("completed", Some(*task), None, None, None, error),
         DurableEvent::DidBecomeInvalid { error } => ("did_become_invalid", None, None, None, None, error),
+        DurableEvent::UploadResponse { task, body, .. } => {
+            ("upload_response", Some(*task), None, None, Some(body.as_str()), &None)
+        }
+    };
+    let (status, headers, truncated) = match &e.event {
+        DurableEvent::UploadResponse { status, headers, body_truncated, .. } => {
+            (Some(*status), Some(join_headers(headers)), Some(*body_truncated))
+        }
+        _ => (None, None, None),
     };
     let (ec, em, eh) = error_columns(err);
     let mut stmt = tx.prepare_cached(
         "INSERT INTO events (session_id, seq, kind, task_id, byte_offset, expected_total, location, error_code,
-            error_msg, error_http, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            error_msg, error_http, created_at, http_status, headers, body_truncated)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?;
     stmt.execute(params![
         e.session,
@@ -359,7 +399,10 @@ pub fn insert_event(tx: &Transaction<'_>, e: &EventRecord) -> rusqlite::Result<(
         ec,
         em,
         eh,
-        sat(e.created_at)
+        sat(e.created_at),
+        status,
+        headers,
+        truncated
     ])?;
     // Cached: two events per finished download, and parsing this cost more than running it.
     tx.prepare_cached("UPDATE sessions SET next_seq = max(next_seq, ?2) WHERE id = ?1")?
@@ -370,7 +413,7 @@ pub fn insert_event(tx: &Transaction<'_>, e: &EventRecord) -> rusqlite::Result<(
 pub fn load_events(conn: &Connection) -> rusqlite::Result<Vec<EventRecord>> {
     let mut stmt = conn.prepare(
         "SELECT session_id, seq, kind, task_id, byte_offset, expected_total, location, error_code, error_msg,
-            error_http, created_at
+            error_http, created_at, http_status, headers, body_truncated
          FROM events ORDER BY session_id, seq",
     )?;
     let rows = stmt.query_map([], |r| {
@@ -387,6 +430,13 @@ pub fn load_events(conn: &Connection) -> rusqlite::Result<Vec<EventRecord>> {
                 DurableEvent::FinishedDownloading { task, location: r.get::<_, Option<String>>(6)?.unwrap_or_default() }
             }
             "completed" => DurableEvent::Completed { task, error },
+            "upload_response" => DurableEvent::UploadResponse {
+                task,
+                status: r.get::<_, Option<u16>>(11)?.unwrap_or(0),
+                headers: split_headers(&r.get::<_, Option<String>>(12)?.unwrap_or_default()),
+                body: r.get::<_, Option<String>>(6)?.unwrap_or_default(),
+                body_truncated: r.get::<_, Option<bool>>(13)?.unwrap_or(false),
+            },
             _ => DurableEvent::DidBecomeInvalid { error },
         };
         Ok(EventRecord {

@@ -122,6 +122,19 @@ const MIGRATIONS: &[&str] = &[
         url        TEXT,
         no_proxy   TEXT NOT NULL
      );",
+    // 10: upload tasks (upload_method NULL: a download), and the response an upload's
+    // event carries.
+    "ALTER TABLE tasks ADD COLUMN upload_method TEXT;
+     ALTER TABLE tasks ADD COLUMN upload_file TEXT;
+     ALTER TABLE tasks ADD COLUMN upload_size INTEGER;
+     ALTER TABLE tasks ADD COLUMN upload_mtime_ns INTEGER;
+     ALTER TABLE tasks ADD COLUMN upload_idempotent INTEGER;
+     ALTER TABLE tasks ADD COLUMN upload_resume_url TEXT;
+     ALTER TABLE tasks ADD COLUMN upload_truncated INTEGER;
+     ALTER TABLE tasks ADD COLUMN upload_in_flight INTEGER;
+     ALTER TABLE events ADD COLUMN http_status INTEGER;
+     ALTER TABLE events ADD COLUMN headers TEXT;
+     ALTER TABLE events ADD COLUMN body_truncated INTEGER;",
 ];
 
 pub const LATEST_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -279,6 +279,37 @@ impl SessionDelegate for Printer {
         }
     }
 
+    fn did_receive_upload_response(&self, _: &Session, task: &DownloadTask, response: &dlsession::UploadResponse) {
+        // The body is deleted once acknowledged: with --move-to it is kept there.
+        let (body, move_error) = match &self.move_to {
+            None => (response.body.clone(), None),
+            Some(dir) => match move_into(&response.body, dir, &format!("upload-{}-response", task.id())) {
+                Ok(to) => (to, None),
+                Err(e) => {
+                    self.failed.store(true, Ordering::Relaxed);
+                    let error = CliError::file("cannot move the upload's response to", dir, &e);
+                    eprintln!("error: task {}: {error}", task.id());
+                    let info = match &error {
+                        CliError::Local(info) => Some(ErrorJson::from(info)),
+                        _ => None,
+                    };
+                    (response.body.clone(), info)
+                }
+            },
+        };
+        let truncated = if response.body_truncated { ", truncated" } else { "" };
+        self.line(
+            &format!("upload_response task {}: {} (body{truncated}: {})", task.id(), response.status, body.display()),
+            &AttachEventJson::UploadResponse {
+                task: task.id(),
+                status: response.status,
+                body: body.display().to_string(),
+                body_truncated: response.body_truncated,
+                move_error,
+            },
+        );
+    }
+
     fn did_complete_with_error(&self, _: &Session, task: &DownloadTask, error: Option<&TaskError>) {
         let human = match error {
             None => format!("completed task {}", task.id()),

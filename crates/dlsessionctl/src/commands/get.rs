@@ -116,17 +116,17 @@ pub async fn run(ctx: &Ctx, args: GetArgs) -> Result<Exit> {
 }
 
 /// The session `get` uses unless told otherwise: the command line's own.
-const DEFAULT_SESSION: &str = "dlsessionctl";
+pub(super) const DEFAULT_SESSION: &str = "dlsessionctl";
 
 /// The description of a task a `get` without `--wait` leaves behind: the next `get`
 /// collects exactly these (never the tasks of a `get --wait` still running elsewhere).
-const COLLECTED_LATER: &str = "dlsessionctl get (its result is collected by the next get)";
+pub(super) const COLLECTED_LATER: &str = "dlsessionctl get (its result is collected by the next get)";
 
 /// Acknowledges the tasks of the command line's own session that an earlier `get`
 /// without `--wait` created and that have completed: their files are at their destinations, and without
 /// this their events would pile up with no app to collect them. Each result stays in the
 /// history (`show ID`); failures are named on stderr so none passes silently.
-async fn collect_earlier(client: &Client, session: &str) {
+pub(super) async fn collect_earlier(client: &Client, session: &str) {
     let mut done: Vec<TaskInfo> = Vec::new();
     let mut query = dlsession_proto::TaskQuery {
         session: Some(session.to_owned()),
@@ -288,7 +288,7 @@ fn prepare_files(plan: &Plan, overwrite: bool) -> Result<()> {
 /// default, 6. Measured on 1,000 files of 100 KiB: 0.41 s with 16, 0.57 s with 6.
 const NEW_SESSION_PER_HOST: u32 = 16;
 
-async fn open_session(
+pub(super) async fn open_session(
     client: &Client,
     identifier: &str,
     app_id: Option<String>,
@@ -322,7 +322,7 @@ async fn open_session(
 }
 
 /// Follows the tasks until all are completed, then acknowledges their events.
-async fn wait(ctx: &Ctx, client: &Client, session: &str, ids: &[TaskId]) -> Result<Exit> {
+pub(super) async fn wait(ctx: &Ctx, client: &Client, session: &str, ids: &[TaskId]) -> Result<Exit> {
     // Subscribe before asking, so nothing sent right after the Watch answer is lost.
     let mut events = client.events();
     request_ok(client, Request::Watch(WatchFilter { session: None, tasks: ids.to_vec() })).await?;
@@ -373,6 +373,11 @@ async fn wait(ctx: &Ctx, client: &Client, session: &str, ids: &[TaskId]) -> Resu
             {
                 progress.progress(task, total_bytes_written, total_bytes_expected);
             }
+            Some(Event::SendProgress { task, total_bytes_sent, total_bytes_expected_to_send, .. })
+                if pending.contains(&task) =>
+            {
+                progress.progress(task, total_bytes_sent, Some(total_bytes_expected_to_send));
+            }
             Some(_) => {}
         }
     }
@@ -403,6 +408,21 @@ fn report_finished(ctx: &Ctx, progress: &Progress, session: &str, info: &TaskInf
             error: json::error(info.error.as_ref()),
         };
         progress.out(&serde_json::to_string(&line).map_err(std::io::Error::from)?)?;
+        return Ok(());
+    }
+    if let Some(up) = &info.upload {
+        // The server's answer, like curl prints it: the body to stdout, a line to stderr.
+        let body = info.location.as_deref().map(std::fs::read).transpose();
+        match (&info.error, body) {
+            (None, Ok(body)) => {
+                progress.err(&format!("task {} uploaded {} ({})", info.id, up.file, output::size(up.bytes_total)));
+                progress.out_bytes(&body.unwrap_or_default())?;
+            }
+            (Some(e), _) => progress.err(&format!("task {} failed: {}", info.id, output::error(e))),
+            (None, Err(e)) => {
+                progress.err(&format!("task {} uploaded {}; its response body is unreadable: {e}", info.id, up.file))
+            }
+        }
         return Ok(());
     }
     match &info.error {

@@ -12,6 +12,7 @@ mod sessions;
 mod show;
 mod status;
 mod tasks;
+mod upload;
 mod wake;
 mod watch;
 
@@ -28,6 +29,7 @@ pub async fn run(cli: Cli) -> Result<Exit> {
         Command::Tasks(args) => tasks::run(&ctx, args).await,
         Command::Show(args) => show::run(&ctx, args).await,
         Command::Get(args) => get::run(&ctx, args).await,
+        Command::Upload(args) => upload::run(&ctx, args).await,
         Command::Watch(args) => watch::run(&ctx, args).await,
         Command::Pause(t) => control::run(&ctx, t.task, control::Action::Pause).await,
         Command::Resume(t) => control::run(&ctx, t.task, control::Action::Resume).await,

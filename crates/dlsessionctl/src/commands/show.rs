@@ -84,7 +84,16 @@ fn describe(d: &TaskDetail, now: u64) -> Vec<(&'static str, String)> {
     }
     lines.push(("description", or_dash(t.description.as_deref())));
     lines.push(("priority", t.priority.to_string()));
-    lines.push(("bytes", output::progress(t.bytes_received, t.bytes_expected)));
+    if let Some(u) = &t.upload {
+        let idempotent = if u.idempotent { ", idempotent" } else { "" };
+        lines.push(("upload", format!("{} of {}{idempotent}", u.method.as_str(), u.file)));
+        lines.push(("sent", output::progress(u.bytes_sent, Some(u.bytes_total))));
+        let resumable = if u.resumable { "yes (the server offered it)" } else { "no (the server offered none)" };
+        lines.push(("resumable upload", resumable.into()));
+        lines.push(("response body", output::size(t.bytes_received)));
+    } else {
+        lines.push(("bytes", output::progress(t.bytes_received, t.bytes_expected)));
+    }
     lines.push((
         "committed",
         format!("{} ({} bytes on disk, synced)", output::size(d.committed_offset), d.committed_offset),
@@ -106,7 +115,9 @@ fn describe(d: &TaskDetail, now: u64) -> Vec<(&'static str, String)> {
     lines.push(("request headers", headers(&d.request_headers)));
     lines.push(("etag", or_dash(d.etag.as_deref())));
     lines.push(("last-modified", or_dash(d.last_modified.as_deref())));
-    lines.push(("resumable", if d.resumable { "yes".into() } else { "no (no validators yet)".into() }));
+    if t.upload.is_none() {
+        lines.push(("resumable", if d.resumable { "yes".into() } else { "no (no validators yet)".into() }));
+    }
     if let Some(h) = d.expected_sha256 {
         lines.push(("expected sha256", dlsession_proto::validate::to_hex(&h)));
     }

@@ -106,7 +106,12 @@ impl TableSink {
 
 fn row(t: &TaskInfo, now: u64) -> Row {
     let running = t.state == TaskState::Running;
-    let eta = if running { output::eta(t.bytes_received, t.bytes_expected, t.speed) } else { None };
+    // An upload shows its body going out (marked "up"), a download its file coming in.
+    let (done, total, mark) = match &t.upload {
+        Some(u) => (u.bytes_sent, Some(u.bytes_total), "up "),
+        None => (t.bytes_received, t.bytes_expected, ""),
+    };
+    let eta = if running { output::eta(done, total, t.speed) } else { None };
     let why = match (&t.wait, &t.error) {
         (_, Some(e)) => output::error(e),
         (Some(w), None) if !running => output::wait_short(w, now),
@@ -117,7 +122,7 @@ fn row(t: &TaskInfo, now: u64) -> Row {
             t.id.to_string(),
             t.session.clone(),
             t.state.as_str().to_owned(),
-            output::progress(t.bytes_received, t.bytes_expected),
+            format!("{mark}{}", output::progress(done, total)),
             if running { output::speed(t.speed) } else { "-".into() },
             eta.unwrap_or_else(|| "-".into()),
             output::truncate_middle(&redact::url(&t.url), URL_WIDTH),
@@ -201,6 +206,7 @@ mod tests {
             error: None,
             created_at: 0,
             wait: None,
+            upload: None,
         }
     }
 
@@ -213,6 +219,17 @@ mod tests {
         assert_eq!(r.cells[5], "1 min 28 s");
         assert_eq!(r.cells[6], "https://example.org/files/a.bin?sig=REDACTED");
         assert_eq!(r.cells[7], "");
+
+        let mut up = task(10, TaskState::Running);
+        up.upload = Some(dlsession_proto::UploadInfo {
+            method: dlsession_proto::UploadMethod::Put,
+            file: "/home/u/a.bin".into(),
+            bytes_total: 100 << 20,
+            bytes_sent: 50 << 20,
+            idempotent: false,
+            resumable: true,
+        });
+        assert_eq!(row(&up, 0).cells[3], "up 50% 50.0 MiB / 100.0 MiB");
 
         let mut w = task(8, TaskState::Queued);
         w.wait = Some(WaitReason::GlobalLimit { limit: 16 });

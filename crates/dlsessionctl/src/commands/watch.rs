@@ -80,6 +80,26 @@ pub async fn run(ctx: &Ctx, args: WatchArgs) -> Result<Exit> {
                     progress.progress(task, total_bytes_written, total_bytes_expected);
                 }
             }
+            Some(Event::SendProgress {
+                identifier,
+                task,
+                bytes_sent,
+                total_bytes_sent,
+                total_bytes_expected_to_send,
+            }) => {
+                if ctx.json {
+                    let line = WatchJson::SendProgress {
+                        task,
+                        session: &identifier,
+                        bytes_sent,
+                        total_bytes_sent,
+                        total_bytes_expected_to_send,
+                    };
+                    progress.out(&serde_json::to_string(&line).map_err(std::io::Error::from)?)?;
+                } else if states.get(&task).is_some_and(|s| s.is_active()) {
+                    progress.progress(task, total_bytes_sent, Some(total_bytes_expected_to_send));
+                }
+            }
             Some(_) => {}
         }
     }

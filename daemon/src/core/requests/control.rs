@@ -70,6 +70,12 @@ impl Core {
             },
             TaskAction::Cancel | TaskAction::CancelProducingResumeData => {
                 let with_data = action == TaskAction::CancelProducingResumeData;
+                if with_data && t.rec.upload.is_some() {
+                    return Err(ErrorInfo::new(
+                        ErrorCode::InvalidRequest,
+                        format!("task {task} is an upload: resume data is for downloads (cancel it instead)"),
+                    ));
+                }
                 let by = self.conns.describe(conn);
                 if state == TaskState::Running {
                     t.waiting_replies.push((conn, id));

@@ -95,6 +95,9 @@ impl Core {
             Request::CreateTasks { identifier, tasks, resume } => {
                 self.create_tasks(conn, id, identifier, tasks, resume, check)
             }
+            Request::CreateUploads { identifier, uploads, resume } => {
+                self.create_uploads(conn, id, identifier, uploads, resume, check)
+            }
             Request::CreateTaskFromResumeData { identifier, resume_data, resume } => {
                 self.create_from_resume_data(conn, id, identifier, resume_data, resume, check)
             }
@@ -208,6 +211,7 @@ fn access(request: &Request) -> Access {
         | Request::SetSessionProxy { .. } => Access::Live,
         Request::OpenSession { .. }
         | Request::CreateTasks { .. }
+        | Request::CreateUploads { .. }
         | Request::CreateTaskFromResumeData { .. }
         | Request::ControlTask { .. }
         | Request::AckEvents { .. }

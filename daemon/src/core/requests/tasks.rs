@@ -11,10 +11,10 @@ use crate::core::disk::{self, Adoption, Prepared};
 use crate::core::resume::ResumeData;
 use crate::core::sched::host_key;
 use crate::core::{After, Core, CoreMsg};
-use crate::model::{TaskRecord, now_ms};
+use crate::model::{SessionKey, TaskRecord, Upload, now_ms};
 use crate::store::Op;
 use crate::validate;
-use dlsession_proto::{ErrorCode, ErrorInfo, Request, Response, TaskSpec};
+use dlsession_proto::{ErrorCode, ErrorInfo, Request, Response, TaskId, TaskSpec, UploadSpec};
 
 impl Core {
     pub(super) fn create_tasks(
@@ -62,18 +62,38 @@ impl Core {
                     dests.into_iter().try_for_each(|(i, dest, overwrite)| {
                         disk::destination_on_disk(&dest, overwrite).map_err(|e| in_batch(i, n, e))
                     })?;
-                    Ok(Prepared { resume: None })
+                    Ok(Prepared { resume: None, uploads: Vec::new() })
                 });
                 return Ok(Answer::Later);
             }
         }
         let now = now_ms();
         let file_mode = self.conns.file_mode(conn);
-        let mut ops = Vec::with_capacity(specs.len() + 1);
-        let mut ids = Vec::with_capacity(specs.len());
-        for (spec, host) in specs.into_iter().zip(hosts) {
+        let made = specs
+            .into_iter()
+            .zip(hosts)
+            .map(|(spec, host)| move |id| (TaskRecord::new(id, key, spec, now, file_mode), host));
+        self.insert_created(conn, id, key, made, resume, now);
+        Ok(Answer::Later)
+    }
+
+    /// Adds tasks made by `made` (each given its new id) in one commit, queued when
+    /// `resume`; the request is answered with their ids once they are durable.
+    fn insert_created<F: FnOnce(TaskId) -> (TaskRecord, String)>(
+        &mut self,
+        conn: ConnId,
+        request: u64,
+        key: SessionKey,
+        made: impl ExactSizeIterator<Item = F>,
+        resume: bool,
+        now: u64,
+    ) {
+        let mut ops = Vec::with_capacity(made.len() + 1);
+        let mut ids = Vec::with_capacity(made.len());
+        for make in made {
             let id = self.tasks.allocate();
-            self.insert_task(TaskRecord::new(id, key, spec, now, file_mode), host);
+            let (rec, host) = make(id);
+            self.insert_task(rec, host);
             if resume {
                 self.make_queued(id, now);
             }
@@ -84,9 +104,8 @@ impl Core {
         }
         ops.push(Op::SetNextTaskId(self.tasks.next_id()));
         debug!(session = %self.sessions.identifier(key), count = ids.len(), "tasks created");
-        self.commit(ops, vec![After::Reply { conn, id, response: Response::TasksCreated(ids) }]);
+        self.commit(ops, vec![After::Reply { conn, id: request, response: Response::TasksCreated(ids) }]);
         self.schedule();
-        Ok(Answer::Later)
     }
 
     pub(super) fn create_from_resume_data(
@@ -103,11 +122,11 @@ impl Core {
         let spec = data.spec();
         let url = validate::task(&spec, &self.cfg.limits, &self.cfg.cache_dir)?;
         let (task_id, adoption) = match check {
-            DiskCheck::Done(Prepared { resume: Some(prepared) }) => prepared,
+            DiskCheck::Done(Prepared { resume: Some(prepared), .. }) => prepared,
             DiskCheck::Pending if spec.destination.is_none() && data.kept_file().is_none() => {
                 (self.tasks.allocate(), Adoption::None)
             }
-            DiskCheck::Done(Prepared { resume: None }) => (self.tasks.allocate(), Adoption::None),
+            DiskCheck::Done(Prepared { resume: None, .. }) => (self.tasks.allocate(), Adoption::None),
             DiskCheck::Pending => {
                 // The destination is checked, then the kept file linked to the new task's
                 // partial file, off this thread; the request comes back with the outcome.
@@ -121,7 +140,7 @@ impl Core {
                         disk::destination_on_disk(&dest, overwrite)?;
                     }
                     let adoption = kept.map_or(Adoption::None, |kept| disk::adopt(&kept, &part));
-                    Ok(Prepared { resume: Some((task_id, adoption)) })
+                    Ok(Prepared { resume: Some((task_id, adoption)), uploads: Vec::new() })
                 });
                 return Ok(Answer::Later);
             }
@@ -143,6 +162,70 @@ impl Core {
         let after = vec![After::Reply { conn, id, response: Response::TasksCreated(vec![task_id]) }];
         self.commit(ops, after);
         self.schedule();
+        Ok(Answer::Later)
+    }
+
+    /// Creates upload tasks: each request checked, then each file (a regular file we can
+    /// read, its size and modification time noted) on a blocking thread, then all in one
+    /// commit.
+    pub(super) fn create_uploads(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        identifier: String,
+        uploads: Vec<UploadSpec>,
+        resume: bool,
+        check: DiskCheck,
+    ) -> Handled {
+        let key = self.open_for_tasks(&identifier)?;
+        let max = self.cfg.limits.max_tasks_per_batch as usize;
+        if uploads.len() > max {
+            return Err(ErrorInfo::new(
+                ErrorCode::InvalidRequest,
+                format!("{} uploads in one batch; the limit is {max}", uploads.len()),
+            ));
+        }
+        let n = uploads.len();
+        let mut hosts = Vec::with_capacity(n);
+        for (i, spec) in uploads.iter().enumerate() {
+            let url = validate::upload(spec, &self.cfg.limits, &self.cfg.cache_dir).map_err(|e| in_batch(i, n, e))?;
+            hosts.push(host_key(&url));
+        }
+        let snapshots = match check {
+            DiskCheck::Done(Prepared { uploads: snapshots, .. }) if snapshots.len() == n => snapshots,
+            _ => {
+                let files: Vec<String> = uploads.iter().map(|u| u.file.clone()).collect();
+                let request = Request::CreateUploads { identifier, uploads, resume };
+                self.check_on_disk(conn, id, request, move || {
+                    let uploads = files
+                        .iter()
+                        .enumerate()
+                        .map(|(i, f)| disk::upload_file(f).map_err(|e| in_batch(i, n, e)))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok(Prepared { resume: None, uploads })
+                });
+                return Ok(Answer::Later);
+            }
+        };
+        let now = now_ms();
+        let file_mode = self.conns.file_mode(conn);
+        let made = uploads.into_iter().zip(hosts).zip(snapshots).map(|((spec, host), snap)| {
+            move |id| {
+                let mut rec = TaskRecord::new(id, key, spec.request, now, file_mode);
+                rec.upload = Some(Upload {
+                    method: spec.method,
+                    file: spec.file,
+                    size: snap.size,
+                    mtime_ns: snap.mtime_ns,
+                    idempotent: spec.idempotent,
+                    resume_url: None,
+                    truncated: false,
+                    in_flight: false,
+                });
+                (rec, host)
+            }
+        });
+        self.insert_created(conn, id, key, made, resume, now);
         Ok(Answer::Later)
     }
 

@@ -1,0 +1,79 @@
+//! `dlsessionctl upload FILE URL [-X PUT|POST] [--idempotent] [-H …] [--wait]`
+//!
+//! The file is checked here first (so a typo fails before the daemon is asked), then by
+//! the daemon, which records its size and modification time; one `CreateUploads` request
+//! creates and starts the task.
+
+use std::io::Write;
+
+use dlsession_proto::{Header, Request, Response, TaskSpec, UploadMethod, UploadSpec, redact};
+
+use super::get::{COLLECTED_LATER, DEFAULT_SESSION, collect_earlier, open_session, wait};
+use crate::cli::UploadArgs;
+use crate::commands::ctx::Ctx;
+use crate::error::{CliError, Exit, Result};
+use crate::output;
+
+pub async fn run(ctx: &Ctx, args: UploadArgs) -> Result<Exit> {
+    let method = UploadMethod::from_name(&args.method)
+        .ok_or_else(|| CliError::usage(format!("--method must be PUT or POST, not {:?}", args.method)))?;
+    let file = std::path::absolute(&args.file).map_err(|e| CliError::file("cannot find", &args.file, &e))?;
+    let meta = std::fs::metadata(&file).map_err(|e| CliError::file("cannot upload", &file, &e))?;
+    if !meta.is_file() {
+        return Err(CliError::usage(format!("cannot upload {}: it is not a regular file", file.display())));
+    }
+    let file =
+        file.to_str().ok_or_else(|| CliError::usage(format!("{} is not valid UTF-8", file.display())))?.to_owned();
+    let mut request = TaskSpec::get(args.url.clone());
+    request.priority = args.priority;
+    request.headers = args
+        .headers
+        .iter()
+        .map(|h| output::parse_header(h).map(|(n, v)| Header::new(n, v)).map_err(CliError::usage))
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(t) = &args.content_type {
+        request.headers.push(Header::new("Content-Type", t.clone()));
+    }
+    if !args.wait && args.session == DEFAULT_SESSION {
+        request.description = Some(COLLECTED_LATER.to_owned());
+    }
+
+    let client = ctx.connect_or_start(None).await?;
+    open_session(&client, &args.session, None, None, None).await?;
+    if args.session == DEFAULT_SESSION {
+        collect_earlier(&client, &args.session).await;
+    }
+    let upload = UploadSpec { request, method, file: file.clone(), idempotent: args.idempotent };
+    let create = Request::CreateUploads { identifier: args.session.clone(), uploads: vec![upload], resume: true };
+    let ids = match client.request(create).await? {
+        Response::TasksCreated(ids) => ids,
+        other => return Err(CliError::unexpected("tasks_created", &other)),
+    };
+    {
+        let mut out = std::io::stdout().lock();
+        for id in &ids {
+            if ctx.json {
+                let line = serde_json::json!({
+                    "task": id, "session": args.session, "url": redact::url(&args.url), "file": file,
+                    "method": method.as_str(),
+                });
+                writeln!(out, "{line}")?;
+            } else if args.wait {
+                eprintln!("task {id}: {} {file} -> {}", method.as_str(), redact::url(&args.url));
+            } else {
+                writeln!(out, "task {id}: {} {file} -> {}", method.as_str(), redact::url(&args.url))?;
+            }
+        }
+        out.flush()?;
+    }
+    if !args.wait {
+        if !ctx.json {
+            eprintln!(
+                "uploading in the background (dlsessiond goes on after this command): follow with \
+                 `dlsessionctl watch`, see it with `dlsessionctl show ID`; --wait waits here instead"
+            );
+        }
+        return Ok(Exit::Success);
+    }
+    wait(ctx, &client, &args.session, &ids).await
+}

@@ -1,0 +1,214 @@
+//! Uploads (docs/behaviour.md, "Uploads"): a file streamed as a PUT or POST body, its
+//! response handed to the app; retried only when that cannot repeat a request; a file
+//! changed under it fails it; a server speaking the resumable uploads draft lets it go on
+//! from the server's offset after a cut connection and after SIGKILL of the daemon.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::path::{Path, PathBuf};
+
+use dlsession::{ErrorCode, Session, UploadMethod, UploadRequest};
+use dlsession_testkit::app::config;
+use dlsession_testkit::cli::{show_field, stdout};
+use dlsession_testkit::{
+    LONG, Recorder, Seen, TestDaemon, TestEnv, UploadFaults, UploadServer, fill_pattern, sha256_hex, wait_until,
+};
+
+fn make_file(dir: &Path, name: &str, len: usize, seed: u64) -> (PathBuf, Vec<u8>) {
+    let mut data = vec![0u8; len];
+    fill_pattern(seed, 0, &mut data);
+    let path = dir.join(name);
+    std::fs::write(&path, &data).unwrap();
+    (path, data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_streams_the_file_and_the_app_gets_the_response() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = UploadServer::start(false).await.unwrap();
+    let (file, data) = make_file(env.path(), "photo.bin", 3 << 20, 7);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.upload"), delegate).await.unwrap();
+    let request = UploadRequest::new(server.url("/files/photo.bin"), &file).content_type("image/jpeg");
+    let task = session.upload_tasks(vec![request], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(server.file("photo.bin").as_deref(), Some(&data[..]), "the server has the file byte for byte");
+
+    // The response came before the completion, its body readable in the callback.
+    let (status, body, truncated) = events.response(task.id()).expect("a response event");
+    assert_eq!((status, truncated), (201, false));
+    let body = String::from_utf8(body).unwrap();
+    assert!(body.contains(&sha256_hex(&data)), "{body}");
+    let sent: Vec<(u64, u64)> = events
+        .seen
+        .iter()
+        .filter_map(|e| match e {
+            Seen::Sent { task: t, total, expected } if *t == task.id() => Some((*total, *expected)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sent.last(), Some(&(3 << 20, 3 << 20)), "send progress ends at the whole body: {sent:?}");
+    let records = server.records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!((records[0].method.as_str(), records[0].body_bytes), ("PUT", 3 << 20));
+    assert_eq!(records[0].header("content-type"), Some("image/jpeg"));
+    assert_eq!(records[0].header("upload-draft-interop-version"), Some("6"));
+    assert_eq!(records[0].header("upload-complete"), Some("?1"));
+
+    // `show` tells what it sent and what came back.
+    let text = stdout(&env.ctl(&["show", &task.id().to_string()]));
+    assert_eq!(show_field(&text, "upload"), format!("PUT of {}", file.display()));
+    assert_eq!(show_field(&text, "response status"), "201");
+    assert!(show_field(&text, "sent").contains("3.0 MiB / 3.0 MiB"), "{text}");
+
+    // The CLI: the response body goes to stdout, like curl's.
+    let (file2, data2) = make_file(env.path(), "notes.txt", 1000, 8);
+    let out =
+        env.ctl(&["upload", file2.to_str().unwrap(), &server.url("/files/notes.txt"), "--method", "POST", "--wait"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains(&sha256_hex(&data2)), "{out:?}");
+    assert_eq!(server.file("notes.txt").as_deref(), Some(&data2[..]));
+    assert_eq!(server.records().last().unwrap().method, "POST");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_uploads_are_refused_at_submit_and_a_changed_file_fails_clearly() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = UploadServer::start(false).await.unwrap();
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.bad"), delegate).await.unwrap();
+    let url = server.url("/files/x");
+    let refused = |r: dlsession::Result<dlsession::DownloadTask>| match r {
+        Err(dlsession::Error::Daemon(e)) => e,
+        other => panic!("not refused: {other:?}"),
+    };
+    let e = refused(session.upload_task(UploadRequest::new(&url, env.path().join("missing"))).await);
+    assert_eq!(e.code, ErrorCode::FileError);
+    assert!(e.message.contains("No such file"), "{e:?}");
+    let e = refused(session.upload_task(UploadRequest::new(&url, env.path())).await);
+    assert!(e.message.contains("it is a directory"), "{e:?}");
+    let (file, _) = make_file(env.path(), "a.bin", 100_000, 9);
+    let e = refused(session.upload_task(UploadRequest::new(&url, &file).header("Content-Length", "5")).await);
+    assert_eq!(e.code, ErrorCode::InvalidRequest, "{e:?}");
+    let e = refused(session.upload_task(UploadRequest::new("ftp://h/x", &file)).await);
+    assert_eq!(e.code, ErrorCode::UnsupportedScheme, "{e:?}");
+    assert!(session.tasks().await.unwrap().is_empty(), "nothing was created");
+    let out = env.ctl(&["upload", env.path().join("missing").to_str().unwrap(), &url]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("missing"), "{out:?}");
+
+    // Submitted, then changed before it starts: it fails saying so, and sends nothing.
+    let task = session.upload_task(UploadRequest::new(&url, &file)).await.unwrap();
+    std::fs::write(&file, b"something else entirely").unwrap();
+    task.resume().await.unwrap();
+    let error = events.completion(task.id(), LONG).await.expect("a changed file fails the upload");
+    assert_eq!(error.code, ErrorCode::FileError);
+    assert!(error.message.contains("changed since the upload was submitted"), "{error:?}");
+    assert_eq!(server.received(), 0);
+    assert!(server.file("x").is_none());
+}
+
+/// A PUT is retried after a 503; a plain POST is not (its whole body went out), an
+/// idempotent one is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_is_never_sent_twice_unless_it_may_be() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.retry"), delegate).await.unwrap();
+    let (file, data) = make_file(env.path(), "f.bin", 200_000, 10);
+    let cases =
+        [(UploadMethod::Put, false, true), (UploadMethod::Post, false, false), (UploadMethod::Post, true, true)];
+    for (method, idempotent, retried) in cases {
+        let server = UploadServer::start(false).await.unwrap();
+        server.set_faults(UploadFaults { statuses: vec![(1, 503)], ..UploadFaults::default() });
+        let request = UploadRequest::new(server.url("/files/f"), &file).method(method).idempotent(idempotent);
+        let task = session.upload_tasks(vec![request], true).await.unwrap().remove(0);
+        let error = events.completion(task.id(), LONG).await;
+        let records = server.records();
+        let case = format!("{method:?} idempotent={idempotent}: {records:?}");
+        if retried {
+            assert_eq!(error, None, "{case}");
+            assert_eq!(records.len(), 2, "{case}");
+            assert_eq!(server.file("f").as_deref(), Some(&data[..]), "{case}");
+        } else {
+            let error = error.expect("the 503 ends it");
+            assert_eq!((error.code, error.http_status), (ErrorCode::HttpStatus, Some(503)), "{case}");
+            assert_eq!(records.len(), 1, "sent once: {case}");
+            // The app still gets the server's answer.
+            assert_eq!(events.response(task.id()).map(|r| r.0), Some(503), "{case}");
+        }
+    }
+}
+
+/// A POST under way when the daemon is killed is not sent again after the restart: it
+/// completes with an error that says why (the server may have it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_cut_short_by_a_crash_is_not_repeated() {
+    let env = TestEnv::new();
+    let mut d = TestDaemon::start(&env);
+    let server = UploadServer::start(false).await.unwrap();
+    server.set_faults(UploadFaults { rate: Some(512 << 10), ..UploadFaults::default() });
+    let (file, _) = make_file(env.path(), "form.bin", 2 << 20, 12);
+    let (delegate, _events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.post"), delegate).await.unwrap();
+    let request = UploadRequest::new(server.url("/files/form"), &file).method(UploadMethod::Post);
+    let task = session.upload_tasks(vec![request], true).await.unwrap().remove(0);
+    wait_until(|| server.received() >= 256 << 10).await;
+    drop(session);
+    d.kill9();
+    d.restart();
+    let (delegate, mut events) = Recorder::new(&env.path().join("out2"));
+    let _session = Session::attach(config(&env, "t.post"), delegate).await.unwrap();
+    let error = events.completion(task.id(), LONG).await.expect("not sent again");
+    assert!(error.message.contains("may have reached the server"), "{error:?}");
+    let posts = server.records().iter().filter(|r| r.method == "POST").count();
+    assert_eq!(posts, 1, "{:?}", server.records());
+}
+
+/// The server offers resumption: a cut connection and then a SIGKILL of the daemon each
+/// cost a HEAD and a PATCH from the server's offset, never the bytes it already has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumable_upload_goes_on_from_the_servers_offset_after_a_cut_and_a_crash() {
+    const SIZE: usize = 6 << 20;
+    let env = TestEnv::new();
+    let mut d = TestDaemon::start(&env);
+    let server = UploadServer::start(true).await.unwrap();
+    server.set_faults(UploadFaults { cut_after: Some(1 << 20), rate: Some(3 << 20), ..UploadFaults::default() });
+    let (file, data) = make_file(env.path(), "video.bin", SIZE, 11);
+    let (delegate, _events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.resumable"), delegate).await.unwrap();
+    // A POST: only the server's offer makes retrying it safe.
+    let request = UploadRequest::new(server.url("/files/video.bin"), &file).method(UploadMethod::Post);
+    let task = session.upload_tasks(vec![request], true).await.unwrap().remove(0);
+
+    // Cut after 1 MiB, resumed with a PATCH; killed once the server holds 3 MiB.
+    wait_until(|| server.records().iter().any(|r| r.method == "PATCH")).await;
+    wait_until(|| server.partial() >= 3 << 20).await;
+    drop(session);
+    d.kill9();
+    let held = server.partial();
+    assert!(held < SIZE as u64, "killed before the end ({held} bytes held)");
+    d.restart();
+    let (delegate, mut events) = Recorder::new(&env.path().join("out2"));
+    let session = Session::attach(config(&env, "t.resumable"), delegate).await.unwrap();
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    let got = server.file("video.bin").expect("the server has the file");
+    let differs = got.iter().zip(&data).position(|(a, b)| a != b);
+    assert_eq!((got.len(), differs), (SIZE, None), "byte-exact on the server: {:?}", server.records());
+    let (status, _, _) = events.response(task.id()).expect("the final response");
+    assert_eq!(status, 201);
+
+    let records = server.records();
+    let methods: Vec<&str> = records.iter().map(|r| r.method.as_str()).collect();
+    assert_eq!(methods.first(), Some(&"POST"), "{methods:?}");
+    assert!(methods.iter().filter(|m| **m == "HEAD").count() >= 2, "{methods:?}");
+    let patches: Vec<_> = records.iter().filter(|r| r.method == "PATCH").collect();
+    assert!(patches.len() >= 2, "{methods:?}");
+    assert!(patches.iter().all(|p| p.header("upload-offset").is_some_and(|o| o != "0")), "{patches:?}");
+    assert!(patches.iter().all(|p| p.header("content-type") == Some("application/partial-upload")), "{patches:?}");
+    // Nothing the server had was sent again.
+    assert_eq!(server.received(), SIZE as u64, "{records:?}");
+    drop(session);
+}

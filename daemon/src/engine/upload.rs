@@ -1,0 +1,537 @@
+//! One upload attempt (docs/behaviour.md, "Uploads"): the file streamed as the body of a PUT
+//! or POST; or, when the server offered resumption (the resumable uploads draft at interop
+//! version 6, the one `URLSession` sends), a `HEAD` for the server's offset and a `PATCH`
+//! with the rest. Then the final response: status and headers, and the body kept (up to
+//! `UPLOAD_RESPONSE_BODY_LIMIT`) in a synced file for the app.
+
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{CONTENT_TYPE, HeaderValue, LOCATION};
+use tokio::sync::mpsc;
+use url::Url;
+
+use super::attempt::{build_request, host_of, status_text};
+use super::http::{Failure, ReqBody, Retry, classify, empty_body, is_transient_status, parse_retry_after};
+use super::progress::Progress;
+use super::report::UploadResponse;
+use super::{Engine, Job, Outcome, UploadJob, WorkerEvent, deadline, resource_timeout};
+use dlsession_proto::{ErrorCode, ErrorInfo, Header, UPLOAD_RESPONSE_BODY_LIMIT, UploadMethod, redact};
+
+/// The draft's interop version spoken here (`Upload-Draft-Interop-Version`).
+pub const INTEROP_VERSION: &str = "6";
+const INTEROP: &str = "upload-draft-interop-version";
+const UPLOAD_COMPLETE: &str = "upload-complete";
+const UPLOAD_OFFSET: &str = "upload-offset";
+/// The file is read and handed to the connection this many bytes at a time.
+const CHUNK: usize = 256 << 10;
+/// Reads queued ahead of the connection.
+const READ_AHEAD: usize = 4;
+
+/// Where the server stands on an upload it offered to resume.
+enum ServerOffset {
+    /// It holds this many bytes.
+    At(u64),
+    /// It holds all it will take (`offset` bytes): the final response was lost with the
+    /// last attempt.
+    Complete { offset: u64, status: u16, headers: Vec<Header> },
+    /// It no longer knows the upload.
+    Gone,
+}
+
+impl Engine {
+    pub(super) async fn upload(&self, job: &mut Job) -> Outcome {
+        let Some(mut up) = job.upload.take() else {
+            return Outcome::Failed(Failure::permanent(ErrorCode::Internal, "an upload worker without an upload"));
+        };
+        if let Some(go) = up.go.take()
+            && go.await.is_err()
+        {
+            return Outcome::Aborted;
+        }
+        job.progress.sent_whole.store(false, Ordering::Relaxed);
+        job.progress.expected.store(up.size, Ordering::Relaxed);
+        let mut stop = job.stop.clone();
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => Outcome::Stopped(0),
+            _ = deadline(job.deadline) => Outcome::Failed(resource_timeout()),
+            o = self.upload_attempt(job, &up) => o,
+        }
+    }
+
+    async fn upload_attempt(&self, job: &Job, up: &UploadJob) -> Outcome {
+        let (file, size, mtime_ns) = (up.file.clone(), up.size, up.mtime_ns);
+        match tokio::task::spawn_blocking(move || unchanged(&file, size, mtime_ns)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(f)) => return Outcome::Failed(f),
+            Err(e) => return Outcome::Failed(Failure::transient(ErrorCode::Internal, format!("worker: {e}"))),
+        }
+        let origin = match Url::parse(&job.url) {
+            Ok(u) => u,
+            Err(e) => return Outcome::Failed(Failure::permanent(ErrorCode::InvalidUrl, format!("invalid URL: {e}"))),
+        };
+        // Continue at the server's offset when it offered resumption.
+        let mut append = None;
+        if let Some(resume) = up.resume_url.as_deref() {
+            let Ok(resume) = Url::parse(resume) else {
+                job.link.send(WorkerEvent::ResumeUrl { url: None });
+                return Outcome::Failed(Failure::transient(
+                    ErrorCode::CannotResume,
+                    "the stored upload URL is invalid",
+                ));
+            };
+            match self.server_offset(job, &origin, &resume).await {
+                Ok(ServerOffset::At(offset)) if offset <= up.size => append = Some((resume, offset)),
+                Ok(ServerOffset::At(offset)) => {
+                    return Outcome::Failed(Failure::permanent(
+                        ErrorCode::CannotResume,
+                        format!("the server says it holds {offset} bytes of a {}-byte upload", up.size),
+                    ));
+                }
+                Ok(ServerOffset::Complete { offset, .. }) if offset != up.size => {
+                    return Outcome::Failed(Failure::permanent(
+                        ErrorCode::CannotResume,
+                        format!("the server closed the upload at {offset} of {} bytes", up.size),
+                    ));
+                }
+                Ok(ServerOffset::Complete { status, headers, .. }) => {
+                    job.progress.received.store(up.size, Ordering::Relaxed);
+                    job.progress.sent_whole.store(true, Ordering::Relaxed);
+                    let response = Received { status, final_url: resume, headers, body: Vec::new(), truncated: false };
+                    return self.keep_response(job, up, response).await;
+                }
+                Ok(ServerOffset::Gone) => {
+                    job.link.send(WorkerEvent::ResumeUrl { url: None });
+                    if !up.retry_safe {
+                        return Outcome::Failed(Failure::permanent(
+                            ErrorCode::CannotResume,
+                            "the server no longer knows this upload, and sending it again from the start could \
+                             repeat it (mark it idempotent to allow that)",
+                        ));
+                    }
+                    return Outcome::Failed(Failure::transient(
+                        ErrorCode::CannotResume,
+                        "the server no longer knows this upload; starting it over",
+                    ));
+                }
+                Err(f) => return Outcome::Failed(f),
+            }
+        }
+        match self.send(job, up, &origin, append).await {
+            Ok(response) => self.keep_response(job, up, response).await,
+            Err(mut f) => {
+                // A request that must not go twice may be retried only while the server
+                // cannot have had all of it.
+                if !up.retry_safe && job.progress.sent_whole.load(Ordering::Relaxed) && f.retry != Retry::Never {
+                    f.retry = Retry::Never;
+                    f.error.message = format!(
+                        "{}; the whole {} body had gone out, so it may have reached the server and is not sent \
+                         again (mark it idempotent to allow that)",
+                        f.error.message,
+                        up.method.as_str()
+                    );
+                }
+                Outcome::Failed(f)
+            }
+        }
+    }
+
+    /// Asks the upload resource how much it holds (`HEAD`).
+    async fn server_offset(&self, job: &Job, origin: &Url, resume: &Url) -> Result<ServerOffset, Failure> {
+        let (client, proxies) = self.route(job.proxy.as_ref());
+        let same_origin = resume.origin() == origin.origin();
+        let mut req = build_request(resume, job, 0, same_origin, hyper::Method::HEAD, empty_body())?;
+        req.headers_mut().insert(INTEROP, HeaderValue::from_static(INTEROP_VERSION));
+        if let Some(auth) = proxies.http_auth(resume) {
+            req.headers_mut().insert(hyper::header::PROXY_AUTHORIZATION, auth);
+        }
+        let resp = match tokio::time::timeout(job.idle_timeout, client.request(req)).await {
+            Err(_) => return Err(no_response(resume, job)),
+            Ok(Err(e)) => return Err(classify(&e, &format!("asking {} for the upload's offset", host_of(resume)))),
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status().as_u16();
+        let get = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+        if matches!(status, 404 | 410) {
+            return Ok(ServerOffset::Gone);
+        }
+        if is_transient_status(status) {
+            return Err(status_failure(status, resp.headers()));
+        }
+        if !(200..300).contains(&status) {
+            return Ok(ServerOffset::Gone);
+        }
+        let Some(offset) = get(UPLOAD_OFFSET).and_then(|v| v.parse::<u64>().ok()) else {
+            return Err(Failure::transient(
+                ErrorCode::CannotResume,
+                format!("the server answered {} without a valid Upload-Offset", status_text(status)),
+            ));
+        };
+        if get(UPLOAD_COMPLETE) == Some("?1") {
+            return Ok(ServerOffset::Complete { offset, status, headers: kept_headers(resp.headers()) });
+        }
+        Ok(ServerOffset::At(offset))
+    }
+
+    /// Sends the body (all of it, or from `append`'s offset to its upload resource),
+    /// following redirects of the first request, and reads the final response.
+    async fn send(
+        &self,
+        job: &Job,
+        up: &UploadJob,
+        origin: &Url,
+        append: Option<(Url, u64)>,
+    ) -> Result<Received, Failure> {
+        let (client, proxies) = self.route(job.proxy.as_ref());
+        let appending = append.is_some();
+        let (mut url, from) = append.unwrap_or_else(|| (origin.clone(), 0));
+        let mut method = if appending {
+            hyper::Method::PATCH
+        } else {
+            match up.method {
+                UploadMethod::Put => hyper::Method::PUT,
+                UploadMethod::Post => hyper::Method::POST,
+            }
+        };
+        let mut with_body = true;
+        let mut hops = 0;
+        loop {
+            let body = if with_body { file_body(up, from, job.progress.clone()) } else { empty_body() };
+            let same_origin = url.origin() == origin.origin();
+            let mut req = build_request(&url, job, 0, same_origin, method.clone(), body)?;
+            let headers = req.headers_mut();
+            headers.insert(INTEROP, HeaderValue::from_static(INTEROP_VERSION));
+            if with_body {
+                headers.insert(UPLOAD_COMPLETE, HeaderValue::from_static("?1"));
+            }
+            if appending {
+                headers.insert(UPLOAD_OFFSET, HeaderValue::from(from));
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/partial-upload"));
+            }
+            if let Some(auth) = proxies.http_auth(&url) {
+                req.headers_mut().insert(hyper::header::PROXY_AUTHORIZATION, auth);
+            }
+            // The server offers resumption in an informational response while the body goes.
+            let (offers_tx, mut offers) = mpsc::unbounded_channel::<String>();
+            if with_body && !appending {
+                hyper::ext::on_informational(&mut req, move |res| {
+                    let offered = res.status().as_u16() == 104
+                        && res.headers().get(INTEROP).and_then(|v| v.to_str().ok()) == Some(INTEROP_VERSION);
+                    if let Some(location) = res.headers().get(LOCATION).and_then(|v| v.to_str().ok())
+                        && offered
+                    {
+                        let _ = offers_tx.send(location.to_owned());
+                    }
+                });
+            }
+            let mut request = std::pin::pin!(client.request(req));
+            // The idle timeout counts from the last byte sent: a long body keeps it alive.
+            let tick = job.idle_timeout.min(std::time::Duration::from_secs(1));
+            let (mut seen, mut quiet_since) = (job.progress.received(), tokio::time::Instant::now());
+            let resp = loop {
+                tokio::select! {
+                    Some(location) = offers.recv() => {
+                        // Relative to the request's URL; only http(s) there.
+                        if let Ok(u) = url.join(&location) && matches!(u.scheme(), "http" | "https") {
+                            job.link.send(WorkerEvent::ResumeUrl { url: Some(u.to_string()) });
+                        }
+                    }
+                    r = &mut request => break Some(r),
+                    () = tokio::time::sleep(tick) => {
+                        let sent = job.progress.received();
+                        if sent != seen {
+                            (seen, quiet_since) = (sent, tokio::time::Instant::now());
+                        } else if quiet_since.elapsed() >= job.idle_timeout {
+                            break None;
+                        }
+                    }
+                }
+            };
+            let resp = match resp {
+                None => return Err(no_response(&url, job)),
+                Some(Err(e)) => {
+                    if let Some(f) = changed_failure(&e) {
+                        return Err(f);
+                    }
+                    return Err(classify(&e, &format!("sending to {}", host_of(&url))));
+                }
+                Some(Ok(r)) => r,
+            };
+            if let Some(jar) = &job.cookies {
+                jar.take_from(&url, resp.headers());
+            }
+            let status = resp.status().as_u16();
+            if matches!(status, 301 | 302 | 303 | 307 | 308)
+                && !appending
+                && let Some(next) =
+                    resp.headers().get(LOCATION).and_then(|v| v.to_str().ok()).and_then(|l| url.join(l).ok())
+            {
+                if !matches!(next.scheme(), "http" | "https") || (url.scheme() == "https" && next.scheme() == "http") {
+                    return Err(Failure::permanent(
+                        ErrorCode::UnsupportedScheme,
+                        format!("refusing a redirect of the upload to {}", redact::url(next.as_str())),
+                    ));
+                }
+                hops += 1;
+                if hops > self.settings.max_redirects {
+                    return Err(Failure::permanent(
+                        ErrorCode::TooManyRedirects,
+                        format!("more than {} redirects", self.settings.max_redirects),
+                    ));
+                }
+                // 307 and 308 repeat the request; 303 (and 301/302 after a POST) fetch the
+                // result with a GET, as browsers do.
+                if status == 303 || (matches!(status, 301 | 302) && method == hyper::Method::POST) {
+                    method = hyper::Method::GET;
+                    with_body = false;
+                }
+                url = next;
+                job.progress.received.store(0, Ordering::Relaxed);
+                continue;
+            }
+            if appending && status == 409 {
+                // Our offset is not the server's: the next attempt asks again.
+                return Err(Failure::transient(
+                    ErrorCode::CannotResume,
+                    "the server holds a different offset than it said; asking it again",
+                ));
+            }
+            if is_transient_status(status) {
+                let f = status_failure(status, resp.headers());
+                if up.retry_safe || appending || !job.progress.sent_whole.load(Ordering::Relaxed) {
+                    return Err(f);
+                }
+            }
+            return read_response(job, url, resp).await;
+        }
+    }
+
+    /// Puts the response body in its file (synced) and reports the response.
+    async fn keep_response(&self, job: &Job, up: &UploadJob, response: Received) -> Outcome {
+        let part = job.part_path.clone();
+        let to = up.body_to.clone();
+        let mode = job.file_mode;
+        let Received { status, final_url, headers, body, truncated } = response;
+        let size = body.len() as u64;
+        let written = tokio::task::spawn_blocking(move || write_synced(&part, &to, &body, mode)).await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Outcome::Failed(Failure::transient(
+                    ErrorCode::FileError,
+                    format!("keeping the upload's response body: {e}"),
+                ));
+            }
+            Err(e) => return Outcome::Failed(Failure::transient(ErrorCode::Internal, format!("worker: {e}"))),
+        }
+        let error = (!(200..300).contains(&status)).then(|| {
+            let mut e = ErrorInfo::new(ErrorCode::HttpStatus, format!("server answered {}", status_text(status)));
+            e.http_status = Some(status);
+            e
+        });
+        Outcome::Uploaded(UploadResponse {
+            status,
+            final_url: redact::url(final_url.as_str()),
+            headers,
+            location: up.body_to.to_string_lossy().into_owned(),
+            size,
+            truncated,
+            error,
+        })
+    }
+}
+
+/// A final response as read.
+struct Received {
+    status: u16,
+    final_url: Url,
+    headers: Vec<Header>,
+    body: Vec<u8>,
+    truncated: bool,
+}
+
+async fn read_response(job: &Job, url: Url, resp: hyper::Response<Incoming>) -> Result<Received, Failure> {
+    let status = resp.status().as_u16();
+    let headers = kept_headers(resp.headers());
+    let limit = usize::try_from(UPLOAD_RESPONSE_BODY_LIMIT).unwrap_or(usize::MAX);
+    let mut body = Vec::new();
+    let mut truncated = false;
+    let mut incoming = resp.into_body();
+    loop {
+        let frame = match tokio::time::timeout(job.idle_timeout, incoming.frame()).await {
+            Err(_) => return Err(no_response(&url, job)),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(classify(&e, "reading the upload's response")),
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        let room = limit.saturating_sub(body.len());
+        if data.len() > room {
+            truncated = true;
+        }
+        body.extend_from_slice(data.get(..data.len().min(room)).unwrap_or_default());
+    }
+    Ok(Received { status, final_url: url, headers, body, truncated })
+}
+
+fn kept_headers(map: &hyper::HeaderMap) -> Vec<Header> {
+    map.iter().map(|(k, v)| Header::new(k.as_str(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect()
+}
+
+fn status_failure(status: u16, headers: &hyper::HeaderMap) -> Failure {
+    let retry_after = headers
+        .get(hyper::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, SystemTime::now()));
+    let mut f = Failure::transient(ErrorCode::HttpStatus, format!("server answered {}", status_text(status)));
+    f.error.http_status = Some(status);
+    f.retry = Retry::After(retry_after);
+    f
+}
+
+fn no_response(url: &Url, job: &Job) -> Failure {
+    Failure::transient(
+        ErrorCode::TimedOut,
+        format!("no response from {} within {} s", host_of(url), job.idle_timeout.as_secs_f64()),
+    )
+}
+
+/// The file is still what was submitted.
+fn unchanged(path: &Path, size: u64, mtime_ns: i64) -> Result<(), Failure> {
+    let meta = std::fs::metadata(path).map_err(|e| {
+        Failure::permanent(ErrorCode::FileError, format!("cannot read the file to upload {}: {e}", path.display()))
+    })?;
+    let now_ns = meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec());
+    if meta.len() != size || now_ns != mtime_ns {
+        return Err(Failure::permanent(ErrorCode::FileError, changed_message(path, size, meta.len())));
+    }
+    Ok(())
+}
+
+fn changed_message(path: &Path, was: u64, now: u64) -> String {
+    let sizes = if was == now { format!("{now} bytes, modified") } else { format!("{was} bytes then, {now} now") };
+    format!("{} changed since the upload was submitted ({sizes}); nothing more of it is sent", path.display())
+}
+
+/// The error a body stream ends with when the file changed under it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct FileChanged(String);
+
+/// A send that failed because the file changed (or could not be read) is the file's
+/// fault, not the network's: it fails for good.
+fn changed_failure(e: &(dyn std::error::Error + 'static)) -> Option<Failure> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(c) = err.downcast_ref::<FileChanged>() {
+            return Some(Failure::permanent(ErrorCode::FileError, c.0.clone()));
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// The body: the file from `from` to its recorded size, read on a blocking thread.
+fn file_body(up: &UploadJob, from: u64, progress: Arc<Progress>) -> ReqBody {
+    let (tx, rx) = mpsc::channel(READ_AHEAD);
+    let (path, size, mtime_ns) = (up.file.clone(), up.size, up.mtime_ns);
+    progress.received.store(from, Ordering::Relaxed);
+    tokio::task::spawn_blocking(move || read_file(&path, from, size, mtime_ns, &tx));
+    FileBody { rx, remaining: size.saturating_sub(from), progress }.boxed_unsync()
+}
+
+fn read_file(path: &Path, mut at: u64, size: u64, mtime_ns: i64, tx: &mpsc::Sender<Result<Bytes, FileChanged>>) {
+    let fail = |message: String| {
+        let _ = tx.blocking_send(Err(FileChanged(message)));
+    };
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) => return fail(format!("cannot read the file to upload {}: {e}", path.display())),
+    };
+    while at < size {
+        let want = usize::try_from((size - at).min(CHUNK as u64)).unwrap_or(CHUNK);
+        let mut buf = vec![0; want];
+        let n = match file.read_at(&mut buf, at) {
+            Ok(0) => return fail(changed_message(path, size, at)),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return fail(format!("reading the file to upload {}: {e}", path.display())),
+        };
+        buf.truncate(n);
+        at += n as u64;
+        // The last bytes go only if the file is still the one submitted: a file rewritten
+        // while it was read fails instead of arriving whole as a mix.
+        if at == size
+            && let Err(f) = unchanged(path, size, mtime_ns)
+        {
+            return fail(f.error.message);
+        }
+        if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+            // The request is gone (failed, stopped): nobody reads on.
+            return;
+        }
+    }
+}
+
+struct FileBody {
+    rx: mpsc::Receiver<Result<Bytes, FileChanged>>,
+    remaining: u64,
+    progress: Arc<Progress>,
+}
+
+impl Body for FileBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(data))) => {
+                let n = data.len() as u64;
+                self.remaining = self.remaining.saturating_sub(n);
+                self.progress.received.fetch_add(n, Ordering::Relaxed);
+                if self.remaining == 0 {
+                    self.progress.sent_whole.store(true, Ordering::Relaxed);
+                }
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0 && self.rx.is_closed() && self.rx.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// Writes `data` to `part`, syncs it, and renames it to `to` (synced directory): the app
+/// finds the whole response body or none.
+fn write_synced(part: &Path, to: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = part.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(part)?;
+    f.write_all(data)?;
+    f.sync_data()?;
+    std::fs::rename(part, to)?;
+    if let Some(dir) = to.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
