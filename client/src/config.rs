@@ -44,6 +44,8 @@ pub struct SessionConfiguration {
     pub(crate) notify: Option<bool>,
     /// Whether the session keeps cookies (`None`: as stored).
     pub(crate) cookies: Option<bool>,
+    /// Whether the session asks the app about challenges (`None`: as stored).
+    pub(crate) challenges: Option<bool>,
     /// The session's own proxy (`None`: as stored; `Some(None)`: the environment's).
     pub(crate) proxy: Option<Option<dlsession_proto::SessionProxy>>,
     pub(crate) socket: Option<PathBuf>,
@@ -78,6 +80,7 @@ impl SessionConfiguration {
             waits_for_connectivity: None,
             notify: None,
             cookies: None,
+            challenges: None,
             proxy: None,
             socket: None,
             takeover: false,
@@ -234,6 +237,16 @@ impl SessionConfiguration {
     /// stored in the daemon's database (0600) and never shown or logged.
     pub fn cookies(mut self, keep: bool) -> Self {
         self.cookies = Some(keep);
+        self
+    }
+
+    /// Whether a server's request for credentials (a 401 with `WWW-Authenticate`, a 407
+    /// with `Proxy-Authenticate`) stops the task and asks the app
+    /// ([`crate::SessionDelegate::did_receive_challenge`], waking or relaunching it), instead of
+    /// failing the task with the 401 (the default). `false` also forgets the credentials the
+    /// session holds.
+    pub fn answers_challenges(mut self, answers: bool) -> Self {
+        self.challenges = Some(answers);
         self
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::config::SessionConfiguration;
 use crate::session::{DownloadTask, Session, TaskError};
-use dlsession_proto::{DetachReason, Header};
+use dlsession_proto::{Challenge, ChallengeAnswer, DetachReason, Header};
 
 /// What an app learns about its downloads. Every method has a default that does nothing.
 ///
@@ -57,6 +57,23 @@ pub trait SessionDelegate: Send + Sync + 'static {
     /// before returning; whatever is left in dlsessiond's cache afterwards is deleted.
     fn did_receive_upload_response(&self, session: &Session, task: &DownloadTask, response: &UploadResponse) {
         let _ = (session, task, response);
+    }
+
+    /// The server asked for credentials (in a session that
+    /// [answers challenges](crate::SessionConfiguration::answers_challenges)); the task
+    /// waits for the answer returned here (`URLSession`'s challenge completion handler).
+    /// `None` leaves it unanswered for now: the event (and the task's later ones) stays
+    /// unacknowledged and comes again on the next attach; answer meanwhile with
+    /// [`DownloadTask::answer_challenge`]. The default answers `Fail`: the task completes
+    /// with the server's 401.
+    fn did_receive_challenge(
+        &self,
+        session: &Session,
+        task: &DownloadTask,
+        challenge: &Challenge,
+    ) -> Option<ChallengeAnswer> {
+        let _ = (session, task, challenge);
+        Some(ChallengeAnswer::Fail)
     }
 
     /// Always the last callback of a task: `None` on success.

@@ -174,6 +174,13 @@ async fn apply_policy(client: &Client, config: &SessionConfiguration) -> Result<
             other => return Err(Error::UnexpectedResponse { expected: "ok", got: other.kind() }),
         }
     }
+    if let Some(answers) = config.challenges {
+        let identifier = config.identifier.clone();
+        match client.request(Request::SetSessionChallenges { identifier, answers }).await? {
+            Response::Ok => {}
+            other => return Err(Error::UnexpectedResponse { expected: "ok", got: other.kind() }),
+        }
+    }
     if let Some(proxy) = &config.proxy {
         let request = Request::SetSessionProxy { identifier: config.identifier.clone(), proxy: proxy.clone() };
         match client.request(request).await? {
@@ -334,6 +341,19 @@ impl Dispatcher {
                     DurableEvent::DidBecomeInvalid { error } => {
                         d.did_become_invalid(&session, error.as_ref());
                         SessionEvent::BecameInvalid { error: error.clone() }
+                    }
+                    DurableEvent::Challenge { task, challenge } => {
+                        let t = self.task(&session, *task);
+                        let answer = d.did_receive_challenge(&session, &t, challenge);
+                        let answered = answer.is_some();
+                        match answer {
+                            Some(answer) => self.answer(&session, *task, answer),
+                            // Left for later: unacknowledged, it comes again on the next attach.
+                            None => {
+                                self.kept.insert(*task);
+                            }
+                        }
+                        SessionEvent::Challenge { task: *task, challenge: challenge.clone(), answered }
                     }
                     DurableEvent::UploadResponse { task, status, headers, body, body_truncated } => {
                         let t = self.task(&session, *task);
@@ -505,6 +525,20 @@ impl Dispatcher {
 
     /// The task handle for an event, fetching its details once if this process has not
     /// seen the task (created by another process, or before a relaunch).
+    /// Sends the delegate's answer to a challenge before the event is acknowledged (an
+    /// acknowledged challenge without an answer fails its task).
+    fn answer(&self, session: &Session, task: TaskId, answer: dlsession_proto::ChallengeAnswer) {
+        let limit = session.shared.client.request_timeout();
+        let request = Request::AnswerChallenge { task, answer };
+        let sent = self.block_on(async { tokio::time::timeout(limit, session.shared.client.request(request)).await });
+        match sent {
+            Some(Ok(Ok(_))) => {}
+            Some(Ok(Err(e))) => warn!(task, error = %e, "answering the challenge failed"),
+            Some(Err(_)) => warn!(task, "answering the challenge timed out"),
+            None => warn!(task, "answering the challenge: the runtime is gone"),
+        }
+    }
+
     fn task(&self, session: &Session, id: TaskId) -> DownloadTask {
         if let Some(t) = session.known_task(id) {
             return t;

@@ -82,7 +82,7 @@ pub fn session_of_action<'a>(action: &str, parameter: Option<&'a str>) -> Option
 /// The wire types, for tools that talk to the daemon directly (like `dlsessionctl`).
 pub use dlsession_proto as proto;
 pub use dlsession_proto::{
-    DetachReason, ErrorCode, ErrorInfo, Header, LaunchSpec, SessionConfig, SessionInfo, SessionPolicy, SessionProxy,
-    TaskCounts, TaskId, TaskInfo, TaskPolicy, TaskPolicyInfo, TaskState, UploadInfo, UploadMethod, WaitReason,
-    WakeReason, WakeStatus,
+    Challenge, ChallengeAnswer, Credential, CredentialScope, DetachReason, ErrorCode, ErrorInfo, Header, LaunchSpec,
+    SessionConfig, SessionInfo, SessionPolicy, SessionProxy, TaskCounts, TaskId, TaskInfo, TaskPolicy, TaskPolicyInfo,
+    TaskState, UploadInfo, UploadMethod, WaitReason, WakeReason, WakeStatus,
 };

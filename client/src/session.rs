@@ -441,6 +441,15 @@ impl DownloadTask {
         }
     }
 
+    /// Answers the challenge the task waits on (see
+    /// [`crate::SessionDelegate::did_receive_challenge`]), from anywhere, at any time.
+    pub async fn answer_challenge(&self, answer: dlsession_proto::ChallengeAnswer) -> Result<()> {
+        match self.client.request(Request::AnswerChallenge { task: self.id, answer }).await? {
+            Response::Ok => Ok(()),
+            other => Err(Error::UnexpectedResponse { expected: "ok", got: other.kind() }),
+        }
+    }
+
     /// State and counters, now.
     pub async fn info(&self) -> Result<TaskInfo> {
         match self.client.request(Request::GetTask { task: self.id }).await? {

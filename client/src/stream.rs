@@ -49,6 +49,16 @@ pub enum SessionEvent {
         /// The response.
         response: crate::UploadResponse,
     },
+    /// The server asked for credentials; the delegate answered (`answered`) or left it
+    /// for later.
+    Challenge {
+        /// The task.
+        task: TaskId,
+        /// What was asked (never a credential).
+        challenge: dlsession_proto::Challenge,
+        /// The delegate gave an answer.
+        answered: bool,
+    },
     /// A transfer (re)started at `offset` (0: it had to start over).
     ResumedAtOffset {
         /// The task.

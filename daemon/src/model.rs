@@ -97,6 +97,35 @@ pub struct TaskRecord {
     /// Set for an upload: what it sends. Its response body is what it "downloads"
     /// (`location`, `committed_offset`, `response_*`).
     pub upload: Option<Upload>,
+    /// The challenge the task waits on for its app's answer (state `Waiting`, no timer).
+    pub challenge: Option<dlsession_proto::Challenge>,
+}
+
+/// A credential the daemon holds: for a session's protection space (`task: None`) or one
+/// task. `Debug` never shows the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HeldCredential {
+    pub task: Option<TaskId>,
+    /// Where it goes: `scheme://host:port` (the proxy's, for a proxy credential).
+    pub origin: String,
+    pub proxy: bool,
+    /// The header it is sent as (`Authorization`, `Proxy-Authorization`, or the app's own).
+    pub name: String,
+    pub value: String,
+    /// Stored in the database (else in memory only).
+    pub kept: bool,
+}
+
+impl std::fmt::Debug for HeldCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldCredential")
+            .field("task", &self.task)
+            .field("origin", &self.origin)
+            .field("proxy", &self.proxy)
+            .field("name", &self.name)
+            .field("kept", &self.kept)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What an upload task sends, as recorded when it was submitted. `Debug` never shows
@@ -180,6 +209,7 @@ impl TaskRecord {
             bandwidth_limit: None,
             policy: dlsession_proto::TaskPolicy::default(),
             upload: None,
+            challenge: None,
         }
     }
 }

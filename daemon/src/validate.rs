@@ -193,9 +193,8 @@ pub fn upload(spec: &UploadSpec, limits: &Limits, cache_dir: &Path) -> Result<Ur
         ));
     }
     if let Some(h) = r.headers.iter().find(|h| {
-        ["content-length", "transfer-encoding", "upload-offset", "upload-complete", "upload-draft-interop-version"]
-            .iter()
-            .any(|n| h.name.eq_ignore_ascii_case(n))
+        let name = h.name.to_ascii_lowercase();
+        name == "content-length" || name == "transfer-encoding" || name.starts_with("upload-")
     }) {
         return Err(err(
             ErrorCode::InvalidRequest,

@@ -11,8 +11,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    DaemonStatus, ErrorInfo, Header, SessionConfig, SessionInfo, TaskDetail, TaskId, TaskInfo, TaskPage, TaskSpec,
-    TaskState, UploadSpec,
+    Challenge, ChallengeAnswer, DaemonStatus, ErrorInfo, Header, SessionConfig, SessionInfo, TaskDetail, TaskId,
+    TaskInfo, TaskPage, TaskSpec, TaskState, UploadSpec,
 };
 
 /// One request from a client, tagged with an id the response echoes.
@@ -116,6 +116,14 @@ pub enum Request {
     /// Create upload tasks in one batch, like `CreateTasks` (each file is checked, and its
     /// size and modification time recorded, before any task exists). → [`Response::TasksCreated`]
     CreateUploads { identifier: String, uploads: Vec<UploadSpec>, resume: bool },
+    /// Whether the session's tasks stop at a server's request for credentials and ask the
+    /// app (a `Challenge` event), instead of failing with the 401 (the default). Off, the
+    /// credentials it held are forgotten. → [`Response::Ok`]
+    SetSessionChallenges { identifier: String, answers: bool },
+    /// → [`Response::SessionChallenges`] (never a credential).
+    GetSessionChallenges { identifier: String },
+    /// Answers the challenge a task waits on (`WaitReason::AuthRequired`). → [`Response::Ok`]
+    AnswerChallenge { task: TaskId, answer: ChallengeAnswer },
 }
 
 /// When a session's tasks may run (like `URLSession`'s `allowsExpensiveNetworkAccess`,
@@ -293,6 +301,9 @@ impl Request {
             Request::SetSessionProxy { .. } => "set_session_proxy",
             Request::GetSessionProxy { .. } => "get_session_proxy",
             Request::CreateUploads { .. } => "create_uploads",
+            Request::SetSessionChallenges { .. } => "set_session_challenges",
+            Request::GetSessionChallenges { .. } => "get_session_challenges",
+            Request::AnswerChallenge { .. } => "answer_challenge",
         }
     }
 }
@@ -359,6 +370,18 @@ pub enum Response {
     SessionCookies(SessionCookies),
     /// `None`: the daemon's environment.
     SessionProxy(Option<SessionProxy>),
+    // Protocol 4.
+    SessionChallenges(SessionChallenges),
+}
+
+/// Whether a session answers challenges, and how many credentials it holds (never which).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionChallenges {
+    pub answers: bool,
+    /// Credentials held for its protection spaces (kept or in memory) and for its tasks.
+    pub credentials: u32,
+    /// Of those, the ones stored in the database.
+    pub kept: u32,
 }
 
 impl Response {
@@ -381,6 +404,7 @@ impl Response {
             Response::TaskPolicy(_) => "task_policy",
             Response::SessionCookies(_) => "session_cookies",
             Response::SessionProxy(_) => "session_proxy",
+            Response::SessionChallenges(_) => "session_challenges",
         }
     }
 }
@@ -455,6 +479,9 @@ pub enum DurableEvent {
     /// most [`crate::UPLOAD_RESPONSE_BODY_LIMIT`] bytes of it; `body_truncated` when there
     /// was more). Comes before `Completed`, also when the status makes the task fail.
     UploadResponse { task: TaskId, status: u16, headers: Vec<Header>, body: String, body_truncated: bool },
+    /// The server asked for credentials; the task waits (`AuthRequired`) for the app's
+    /// `AnswerChallenge`. Acknowledged without an answer, it fails the task as `Fail` would.
+    Challenge { task: TaskId, challenge: Challenge },
 }
 
 impl DurableEvent {
@@ -463,7 +490,8 @@ impl DurableEvent {
             DurableEvent::ResumedAtOffset { task, .. }
             | DurableEvent::FinishedDownloading { task, .. }
             | DurableEvent::Completed { task, .. }
-            | DurableEvent::UploadResponse { task, .. } => Some(*task),
+            | DurableEvent::UploadResponse { task, .. }
+            | DurableEvent::Challenge { task, .. } => Some(*task),
             DurableEvent::DidBecomeInvalid { .. } => None,
         }
     }
@@ -476,6 +504,7 @@ impl DurableEvent {
             DurableEvent::Completed { .. } => "completed",
             DurableEvent::DidBecomeInvalid { .. } => "did_become_invalid",
             DurableEvent::UploadResponse { .. } => "upload_response",
+            DurableEvent::Challenge { .. } => "challenge",
         }
     }
 }

@@ -231,6 +231,74 @@ pub enum WaitReason {
     /// Queued: the session is discretionary and conditions are not good enough (metered, or
     /// on battery below the documented level).
     Discretionary,
+    // Protocol 4.
+    /// The server (or proxy) asked for credentials; the session answers challenges, and the
+    /// task waits for the app's answer (`AnswerChallenge`).
+    AuthRequired { challenge: Challenge },
+}
+
+/// A server's request for credentials (`WWW-Authenticate` with a 401, or
+/// `Proxy-Authenticate` with a 407), as the app is told of it: never a credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Challenge {
+    /// The scheme the server named first (`Basic`, `Bearer`, `Digest`…).
+    pub scheme: String,
+    /// Its `realm` parameter, if it gave one.
+    pub realm: Option<String>,
+    /// Who asks: `scheme://host:port` of the response (a proxy's for a 407).
+    pub origin: String,
+    /// A proxy asked (407), not the server.
+    pub proxy: bool,
+    /// 1 for the task's first challenge; each rejected answer adds one (the daemon gives up
+    /// after [`MAX_AUTH_ROUNDS`] answers).
+    pub round: u32,
+}
+
+/// Answers a task may give to challenges before it fails with the server's 401 (or 407).
+pub const MAX_AUTH_ROUNDS: u32 = 3;
+
+/// A credential an app answers a challenge with. `Debug` never shows the secret.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Credential {
+    /// `Authorization: Basic` (`Proxy-Authorization` for a proxy).
+    Basic { user: String, password: String },
+    /// `Authorization: Bearer`.
+    Bearer { token: String },
+    /// Any header (say `X-Api-Key`).
+    Header { name: String, value: String },
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credential::Basic { user, .. } => write!(f, "Basic({user}, {})", redact::REDACTED),
+            Credential::Bearer { .. } => write!(f, "Bearer({})", redact::REDACTED),
+            Credential::Header { name, .. } => write!(f, "Header({name}: {})", redact::REDACTED),
+        }
+    }
+}
+
+/// Which requests a credential goes with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CredentialScope {
+    /// This task's requests to the challenge's origin.
+    Task,
+    /// Every task of the session, to the challenge's origin (its protection space), from
+    /// their first request on.
+    ProtectionSpace,
+}
+
+/// How an app answers a challenge (`URLSession`'s challenge dispositions).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChallengeAnswer {
+    /// Try again with this credential. `keep`: stored in the daemon's database (else in its
+    /// memory only, gone with a restart).
+    Use { credential: Credential, scope: CredentialScope, keep: bool },
+    /// Cancel the task (`cancelled`).
+    Cancel,
+    /// No credential: the task completes with the server's status (`http_status`), as if the
+    /// session did not answer challenges.
+    Fail,
 }
 
 /// `Debug` shows the URL redacted.

@@ -323,7 +323,8 @@ fn response(r: crate::Response) -> Response {
         | R::SessionPolicy(_)
         | R::TaskPolicy(_)
         | R::SessionCookies(_)
-        | R::SessionProxy(_) => Response::Ok,
+        | R::SessionProxy(_)
+        | R::SessionChallenges(_) => Response::Ok,
     }
 }
 
@@ -361,6 +362,8 @@ fn durable(e: crate::DurableEvent) -> DurableEvent {
         D::Completed { task, error: e } => DurableEvent::Completed { task, error: e.map(error) },
         D::DidBecomeInvalid { error: e } => DurableEvent::DidBecomeInvalid { error: e.map(error) },
         D::UploadResponse { task, body, .. } => DurableEvent::FinishedDownloading { task, location: body },
+        // As protocol 3 gets it (`v3::durable`).
+        D::Challenge { task, .. } => DurableEvent::ResumedAtOffset { task, offset: 0, expected_total: None },
     }
 }
 
@@ -383,6 +386,8 @@ fn wait(w: crate::WaitReason) -> WaitReason {
         // Protocol 1 knows no such wait: it reads as a backoff with no end, after a network error.
         // Protocol 1 knows no policy waits: they read as a queue behind a limit.
         W::MeteredNetwork | W::OnBattery | W::Discretionary => WaitReason::GlobalLimit { limit: 0 },
+        // Waiting for someone to act, as a suspended task does.
+        W::AuthRequired { .. } => WaitReason::Suspended,
         W::NoNetwork { .. } => WaitReason::Backoff {
             until: 0,
             attempt: 0,

@@ -5,7 +5,10 @@
 //!
 //! - a task's `upload` is dropped (its response still counts in `bytes_received`);
 //! - `SendProgress` → `Progress` with the bytes sent;
-//! - `UploadResponse` → `FinishedDownloading` with the response body's file.
+//! - `UploadResponse` → `FinishedDownloading` with the response body's file;
+//! - `Challenge` → `ResumedAtOffset { offset: 0 }` (acknowledging it fails the task with the
+//!   server's 401, as before), the wait `AuthRequired` → `Suspended`;
+//! - the answer to `GetSessionChallenges` (which such a client cannot send) → `Ok`.
 //!
 //! Nothing here may change: `tests/golden/v3` holds the bytes these types must produce.
 
@@ -162,6 +165,8 @@ fn response(r: crate::Response) -> Response {
         R::TaskPolicy(p) => Response::TaskPolicy(p),
         R::SessionCookies(c) => Response::SessionCookies(c),
         R::SessionProxy(p) => Response::SessionProxy(p),
+        // Only sent in answer to a protocol-4 request.
+        R::SessionChallenges(_) => Response::Ok,
     }
 }
 
@@ -193,6 +198,9 @@ pub fn durable(e: DurableEvent) -> DurableEvent {
     match e {
         // The response body is a file the app takes, as a download's is.
         DurableEvent::UploadResponse { task, body, .. } => DurableEvent::FinishedDownloading { task, location: body },
+        // An app that cannot answer acknowledges it, which fails the task with the server's
+        // 401 as before protocol 4; meanwhile the event is harmless news of an attempt.
+        DurableEvent::Challenge { task, .. } => DurableEvent::ResumedAtOffset { task, offset: 0, expected_total: None },
         other => other,
     }
 }
@@ -211,7 +219,10 @@ fn task(t: crate::TaskInfo) -> TaskInfo {
         location: t.location,
         error: t.error,
         created_at: t.created_at,
-        wait: t.wait,
+        wait: t.wait.map(|w| match w {
+            WaitReason::AuthRequired { .. } => WaitReason::Suspended,
+            other => other,
+        }),
     }
 }
 

@@ -345,19 +345,45 @@ fn server_messages_v3() -> Vec<(&'static str, ServerMessage)> {
 fn requests_v4() -> Vec<(&'static str, Request)> {
     let mut request = TaskSpec::get("https://example.org/upload");
     request.headers.push(Header::new("Content-Type", "image/jpeg"));
-    vec![(
-        "req_create_uploads",
-        Request::CreateUploads {
-            identifier: "s".into(),
-            uploads: vec![UploadSpec {
-                request,
-                method: UploadMethod::Post,
-                file: "/home/u/photo.jpg".into(),
-                idempotent: true,
-            }],
-            resume: true,
-        },
-    )]
+    vec![
+        (
+            "req_create_uploads",
+            Request::CreateUploads {
+                identifier: "s".into(),
+                uploads: vec![UploadSpec {
+                    request,
+                    method: UploadMethod::Post,
+                    file: "/home/u/photo.jpg".into(),
+                    idempotent: true,
+                }],
+                resume: true,
+            },
+        ),
+        ("req_set_session_challenges", Request::SetSessionChallenges { identifier: "s".into(), answers: true }),
+        ("req_get_session_challenges", Request::GetSessionChallenges { identifier: "s".into() }),
+        (
+            "req_answer_challenge",
+            Request::AnswerChallenge {
+                task: 7,
+                answer: ChallengeAnswer::Use {
+                    credential: Credential::Basic { user: "u".into(), password: "p".into() },
+                    scope: CredentialScope::ProtectionSpace,
+                    keep: true,
+                },
+            },
+        ),
+        ("req_answer_challenge_cancel", Request::AnswerChallenge { task: 7, answer: ChallengeAnswer::Cancel }),
+    ]
+}
+
+fn sample_challenge() -> Challenge {
+    Challenge {
+        scheme: "Basic".into(),
+        realm: Some("files".into()),
+        origin: "https://example.org:443".into(),
+        proxy: false,
+        round: 1,
+    }
 }
 
 fn server_messages_v4() -> Vec<(&'static str, ServerMessage)> {
@@ -370,7 +396,23 @@ fn server_messages_v4() -> Vec<(&'static str, ServerMessage)> {
         idempotent: false,
         resumable: true,
     });
+    let mut waiting = sample_task_info();
+    waiting.wait = Some(WaitReason::AuthRequired { challenge: sample_challenge() });
+    let resp = |r: Response| ServerMessage::Response { id: 9, result: Ok(r) };
     vec![
+        ("ev_task_update_auth_required", ServerMessage::Event(Event::TaskUpdate(waiting))),
+        (
+            "ev_challenge",
+            ServerMessage::Event(Event::Durable {
+                identifier: "s".into(),
+                seq: 6,
+                event: DurableEvent::Challenge { task: 4, challenge: sample_challenge() },
+            }),
+        ),
+        (
+            "resp_session_challenges",
+            resp(Response::SessionChallenges(SessionChallenges { answers: true, credentials: 2, kept: 1 })),
+        ),
         ("ev_task_update_upload", ServerMessage::Event(Event::TaskUpdate(upload))),
         (
             "ev_send_progress",
@@ -535,6 +577,17 @@ fn older_clients_get_uploads_as_downloads() {
                 ("ev_task_update_upload", v3::ServerMessage::Event(v3::Event::TaskUpdate(t))) => {
                     assert_eq!(t.id, 42)
                 }
+                ("ev_task_update_auth_required", v3::ServerMessage::Event(v3::Event::TaskUpdate(t))) => {
+                    assert_eq!(t.wait, Some(WaitReason::Suspended))
+                }
+                (
+                    "ev_challenge",
+                    v3::ServerMessage::Event(v3::Event::Durable {
+                        event: DurableEvent::ResumedAtOffset { task: 4, offset: 0, expected_total: None },
+                        ..
+                    }),
+                ) => {}
+                ("resp_session_challenges", v3::ServerMessage::Response { result: Ok(v3::Response::Ok), .. }) => {}
                 (
                     "ev_send_progress",
                     v3::ServerMessage::Event(v3::Event::Progress {

@@ -76,6 +76,12 @@ pub enum Command {
     /// turns that off.
     Get(GetArgs),
 
+    /// Answer a task's request for credentials (a 401 in a session that asks its app)
+    ///
+    /// The secret (password, token or header value) is read from stdin, one line, so it
+    /// never shows in the process list: `printf %s "$TOKEN" | dlsessionctl auth 12 --bearer`.
+    Auth(AuthArgs),
+
     /// Upload a file through the daemon (like curl -T, but the daemon does the work)
     ///
     /// Creates and starts an upload task (a PUT unless --method POST), prints its id and
@@ -366,6 +372,49 @@ pub struct PolicyArgs {
     /// ones kept)
     #[arg(long, value_name = "on|off", value_parser = ["on", "off"], conflicts_with = "task")]
     pub cookies: Option<String>,
+
+    /// At a server's request for credentials, ask the app and wait (ask), or fail the task
+    /// with the 401 (fail; forgets the credentials held) (sessions only)
+    #[arg(long, value_name = "ask|fail", value_parser = ["ask", "fail"], conflicts_with = "task")]
+    pub challenges: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("answer").required(true).args(["basic", "bearer", "header", "cancel", "fail"])))]
+pub struct AuthArgs {
+    /// The task waiting for credentials (`dlsessionctl tasks` says "credentials wanted")
+    #[arg(value_name = "TASK")]
+    pub task: TaskId,
+
+    /// Answer with HTTP Basic credentials for USER; the password is read from stdin (one
+    /// line), never from the command line
+    #[arg(long, value_name = "USER")]
+    pub basic: Option<String>,
+
+    /// Answer with a bearer token, read from stdin (one line)
+    #[arg(long)]
+    pub bearer: bool,
+
+    /// Answer with this header, its value read from stdin (one line), e.g. --header X-Api-Key
+    #[arg(long, value_name = "NAME")]
+    pub header: Option<String>,
+
+    /// Give the credential to every task of the session for the same origin (its
+    /// protection space), not this task only
+    #[arg(long)]
+    pub space: bool,
+
+    /// Keep the credential in the daemon's database (else in its memory only)
+    #[arg(long)]
+    pub keep: bool,
+
+    /// Cancel the task instead
+    #[arg(long)]
+    pub cancel: bool,
+
+    /// Give no credentials: the task completes with the server's 401
+    #[arg(long)]
+    pub fail: bool,
 }
 
 #[derive(Debug, Args)]

@@ -200,6 +200,7 @@ pub enum WaitJson {
     MeteredNetwork,
     OnBattery,
     Discretionary,
+    AuthRequired { scheme: String, realm: Option<String>, origin: String, proxy: bool, round: u32 },
 }
 
 impl From<&WaitReason> for WaitJson {
@@ -224,6 +225,13 @@ impl From<&WaitReason> for WaitJson {
             WaitReason::MeteredNetwork => WaitJson::MeteredNetwork,
             WaitReason::OnBattery => WaitJson::OnBattery,
             WaitReason::Discretionary => WaitJson::Discretionary,
+            WaitReason::AuthRequired { challenge: c } => WaitJson::AuthRequired {
+                scheme: c.scheme.clone(),
+                realm: c.realm.clone(),
+                origin: c.origin.clone(),
+                proxy: c.proxy,
+                round: c.round,
+            },
         }
     }
 }
@@ -400,6 +408,10 @@ pub struct FinishedJson<'a> {
     pub location: Option<&'a str>,
     pub bytes_received: u64,
     pub error: Option<ErrorJson>,
+    /// An upload's response body (UTF-8, invalid sequences replaced): its file goes once
+    /// the command acknowledges the task.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_body: Option<String>,
 }
 
 /// `pause`, `resume`, `cancel`.

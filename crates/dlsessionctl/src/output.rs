@@ -143,6 +143,7 @@ pub fn wait_short(w: &WaitReason, now: u64) -> String {
         WaitReason::MeteredNetwork => "metered network".into(),
         WaitReason::OnBattery => "on battery".into(),
         WaitReason::Discretionary => "discretionary: waits for better conditions".into(),
+        WaitReason::AuthRequired { challenge: c } => format!("credentials wanted ({} at {})", c.scheme, c.origin),
     }
 }
 
@@ -212,6 +213,15 @@ pub fn wait_sentence(w: &WaitReason, task: u64, now: u64) -> String {
              at {} % or more",
             dlsession_proto::DISCRETIONARY_BATTERY_PERCENT
         ),
+        WaitReason::AuthRequired { challenge: c } => {
+            let realm = c.realm.as_deref().map(|r| format!(" realm {r:?}")).unwrap_or_default();
+            let who = if c.proxy { "the proxy" } else { "the server" };
+            format!(
+                "waiting for credentials: {who} {} asked ({}{realm}, round {}); its app answers, or \
+                 `dlsessionctl auth {task} …`",
+                c.origin, c.scheme, c.round
+            )
+        }
     }
 }
 

@@ -212,3 +212,34 @@ async fn a_resumable_upload_goes_on_from_the_servers_offset_after_a_cut_and_a_cr
     assert_eq!(server.received(), SIZE as u64, "{records:?}");
     drop(session);
 }
+
+/// A POST the server offered to resume goes on after a 503 to its whole body (the server
+/// said it holds it), and is given up, never sent whole again, when the server forgets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumable_post_goes_on_after_a_503_and_is_not_repeated_when_forgotten() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let (file, data) = make_file(env.path(), "doc.bin", 300_000, 13);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.offer"), delegate).await.unwrap();
+
+    let server = UploadServer::start(true).await.unwrap();
+    server.set_faults(UploadFaults { statuses: vec![(1, 503)], ..UploadFaults::default() });
+    let request = UploadRequest::new(server.url("/files/doc"), &file).method(UploadMethod::Post);
+    let task = session.upload_tasks(vec![request], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None, "{:?}", server.records());
+    assert_eq!(server.file("doc").as_deref(), Some(&data[..]));
+    let methods: Vec<String> = server.records().into_iter().map(|r| r.method).collect();
+    assert_eq!(methods, ["POST", "HEAD", "PATCH"], "the body went once");
+    assert_eq!(server.received(), data.len() as u64);
+
+    // Cut, then the server no longer knows the upload: a plain POST is not sent again.
+    let server = UploadServer::start(true).await.unwrap();
+    server.set_faults(UploadFaults { statuses: vec![(2, 404)], cut_after: Some(100_000), ..UploadFaults::default() });
+    let request = UploadRequest::new(server.url("/files/doc"), &file).method(UploadMethod::Post);
+    let task = session.upload_tasks(vec![request], true).await.unwrap().remove(0);
+    let error = events.completion(task.id(), LONG).await.expect("given up");
+    assert_eq!(error.code, ErrorCode::CannotResume, "{error:?}");
+    let methods: Vec<String> = server.records().into_iter().map(|r| r.method).collect();
+    assert_eq!(methods, ["POST", "HEAD"], "never sent whole again");
+}

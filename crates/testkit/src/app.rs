@@ -26,6 +26,11 @@ pub enum Seen {
         total: u64,
         expected: u64,
     },
+    /// A challenge the delegate was asked about.
+    Challenge {
+        task: TaskId,
+        challenge: dlsession::Challenge,
+    },
     /// An upload's response, its body read during the callback.
     Response {
         task: TaskId,
@@ -58,13 +63,21 @@ pub enum Seen {
 pub struct Recorder {
     dir: PathBuf,
     tx: mpsc::UnboundedSender<Seen>,
+    /// What it answers challenges with (else `Fail`).
+    answer: Option<dlsession::ChallengeAnswer>,
 }
 
 impl Recorder {
     pub fn new(dir: &Path) -> (Recorder, Events) {
         std::fs::create_dir_all(dir).unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
-        (Recorder { dir: dir.to_path_buf(), tx }, Events { rx, seen: Vec::new() })
+        (Recorder { dir: dir.to_path_buf(), tx, answer: None }, Events { rx, seen: Vec::new() })
+    }
+
+    /// One that answers every challenge with `answer`.
+    pub fn answering(dir: &Path, answer: dlsession::ChallengeAnswer) -> (Recorder, Events) {
+        let (r, events) = Recorder::new(dir);
+        (Recorder { answer: Some(answer), ..r }, events)
     }
 }
 
@@ -79,6 +92,15 @@ impl SessionDelegate for Recorder {
         let body = std::fs::read(&r.body).unwrap_or_else(|e| panic!("read {}: {e}", r.body.display()));
         let seen = Seen::Response { task: task.id(), status: r.status, body, truncated: r.body_truncated };
         let _ = self.tx.send(seen);
+    }
+    fn did_receive_challenge(
+        &self,
+        _: &Session,
+        task: &DownloadTask,
+        challenge: &dlsession::Challenge,
+    ) -> Option<dlsession::ChallengeAnswer> {
+        let _ = self.tx.send(Seen::Challenge { task: task.id(), challenge: challenge.clone() });
+        Some(self.answer.clone().unwrap_or(dlsession::ChallengeAnswer::Fail))
     }
     fn did_resume_at_offset(&self, _: &Session, task: &DownloadTask, offset: u64, _: Option<u64>) {
         let _ = self.tx.send(Seen::Resumed { task: task.id(), offset });

@@ -136,6 +136,8 @@ pub struct Resource {
     set_cookies: Vec<String>,
     /// A `name=value` the request's `Cookie` header must hold, else 403.
     required_cookie: Option<String>,
+    /// (`Authorization` value wanted, `WWW-Authenticate` sent without it).
+    required_auth: Option<(String, String)>,
     sha: Arc<OnceLock<String>>,
 }
 
@@ -174,6 +176,7 @@ impl Resource {
             faults: Vec::new(),
             set_cookies: Vec::new(),
             required_cookie: None,
+            required_auth: None,
             sha: Arc::new(cell),
         }
     }
@@ -275,6 +278,13 @@ impl Resource {
     /// Answers 403 unless the request's `Cookie` header holds `pair` (`name=value`).
     pub fn require_cookie(mut self, pair: &str) -> Self {
         self.required_cookie = Some(pair.to_owned());
+        self
+    }
+
+    /// Answers 401 with `WWW-Authenticate: challenge` unless the request's
+    /// `Authorization` is exactly `authorization`.
+    pub fn require_auth(mut self, authorization: &str, challenge: &str) -> Self {
+        self.required_auth = Some((authorization.to_owned(), challenge.to_owned()));
         self
     }
 
@@ -706,6 +716,15 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
         if !sent.split(';').any(|c| c.trim() == want) {
             return Ok(small_response(StatusCode::FORBIDDEN, "text/html", "<html>403 log in first</html>".into()));
         }
+    }
+    if let Some((want, challenge)) = &res.required_auth
+        && header_str(&req, header::AUTHORIZATION).as_deref() != Some(want.as_str())
+    {
+        let mut resp = small_response(StatusCode::UNAUTHORIZED, "text/html", "<html>401 who are you</html>".into());
+        if let Ok(v) = HeaderValue::from_str(challenge) {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        return Ok(resp);
     }
     let is_head = req.method() == Method::HEAD;
     if !is_head && req.method() != Method::GET {

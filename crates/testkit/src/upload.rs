@@ -226,7 +226,12 @@ async fn handle(
     state: &Arc<Mutex<State>>,
 ) -> anyhow::Result<u16> {
     let interop = head.header("upload-draft-interop-version") == Some("6");
-    let length = head.header("content-length").and_then(|v| v.trim().parse::<u64>().ok());
+    // No length and no chunking: no body (RFC 9112, 6.3); chunked bodies are not spoken here.
+    let length = match (head.header("content-length"), head.header("transfer-encoding")) {
+        (Some(v), _) => v.trim().parse::<u64>().ok(),
+        (None, None) => Some(0),
+        (None, Some(_)) => None,
+    };
     let forced = state.lock().unwrap().faults.statuses.iter().find(|(n, _)| *n == number).map(|(_, s)| *s);
     let upload_id = head.path.strip_prefix("/uploads/").and_then(|id| id.parse::<u64>().ok());
     match (head.method.as_str(), head.path.strip_prefix("/files/"), upload_id) {
@@ -257,6 +262,10 @@ async fn handle(
         }
         ("HEAD", _, Some(id)) => {
             *state.lock().unwrap().generations.entry(id).or_default() += 1;
+            if let Some(status) = forced {
+                respond(stream, status, &[], b"").await?;
+                return Ok(status);
+            }
             let held = state.lock().unwrap().uploads.get(&id).map(|(_, d, done)| (d.len(), *done));
             let Some((offset, done)) = held else {
                 respond(stream, 404, &[], b"").await?;

@@ -42,6 +42,9 @@ impl Core {
                 attempt: t.move_failures.max(1),
                 next_try: t.rec.retry_at,
             }),
+            TaskState::Waiting if t.rec.challenge.is_some() => {
+                t.rec.challenge.clone().map(|challenge| WaitReason::AuthRequired { challenge })
+            }
             TaskState::Waiting if t.no_network_since.is_some() => {
                 Some(WaitReason::NoNetwork { since: t.no_network_since.unwrap_or(0) })
             }
@@ -126,7 +129,8 @@ fn info_from(
 /// a response came, nothing before.
 fn upload_info(rec: &TaskRecord, sent: Option<u64>) -> Option<UploadInfo> {
     let u = rec.upload.as_ref()?;
-    let done = rec.response_status.is_some() && rec.state == TaskState::Completed && rec.error.is_none();
+    // A final response came: the whole body had gone out.
+    let done = rec.response_status.is_some() && rec.state == TaskState::Completed;
     Some(UploadInfo {
         method: u.method,
         file: u.file.clone(),

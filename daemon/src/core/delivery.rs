@@ -100,6 +100,7 @@ impl Core {
         let mut acked = Vec::new();
         let mut files = Vec::new();
         let mut retire = Vec::new();
+        let mut challenges = Vec::new();
         for seq in seqs {
             // Unknown seqs were acknowledged before. An event whose insert is still queued
             // may be acknowledged too: the store applies the delete after the insert.
@@ -115,6 +116,7 @@ impl Core {
                     }
                 }
                 DurableEvent::Completed { task, .. } => retire.push(task),
+                DurableEvent::Challenge { task, challenge } => challenges.push((task, challenge.round)),
                 DurableEvent::ResumedAtOffset { .. } | DurableEvent::DidBecomeInvalid { .. } => {}
             }
         }
@@ -122,8 +124,11 @@ impl Core {
             return (ops, after);
         }
         ops.push(Op::DeleteEvents { session: key, seqs: acked });
-        let all_acked = s.events.is_empty();
         let invalid = s.rec.invalid;
+        for (task, round) in challenges {
+            self.challenge_acknowledged(task, round, &mut ops, &mut after);
+        }
+        let all_acked = self.sessions.get(&key).is_some_and(|s| s.events.is_empty());
         if !retire.is_empty() {
             ops.push(Op::RetireTasks(retire.clone()));
             self.prune_history(&mut ops);
@@ -156,6 +161,7 @@ impl Core {
         let Some((s, seq_floor)) = self.sessions.remove(key) else { return };
         self.clear_timer(s.launch_slot_timer, super::Timer::LaunchSlot(key));
         self.launches.forget(key);
+        self.forget_session_auth(key);
         self.start_waiting_launches();
         for task in &s.tasks {
             self.tasks.remove(*task);

@@ -335,10 +335,15 @@ pub struct FileSnapshot {
 pub fn upload_file(path: &str) -> Result<FileSnapshot, ErrorInfo> {
     use std::os::unix::fs::MetadataExt;
     let refuse = |what: String| ErrorInfo::new(ErrorCode::FileError, format!("cannot upload {path:?}: {what}"));
+    // The kind first: opening a FIFO would block until someone writes to it.
+    let kind = std::fs::metadata(path).map_err(|e| refuse(e.to_string()))?;
+    if !kind.is_file() {
+        return Err(refuse(if kind.is_dir() { "it is a directory".into() } else { "it is not a regular file".into() }));
+    }
     let file = std::fs::File::open(path).map_err(|e| refuse(e.to_string()))?;
     let meta = file.metadata().map_err(|e| refuse(e.to_string()))?;
     if !meta.is_file() {
-        return Err(refuse(if meta.is_dir() { "it is a directory".into() } else { "it is not a regular file".into() }));
+        return Err(refuse("it is not a regular file".into()));
     }
     Ok(FileSnapshot {
         size: meta.len(),

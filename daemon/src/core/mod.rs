@@ -19,10 +19,12 @@
 //! `convert` (domain to wire types).
 
 mod admission;
+mod auth;
 mod backoff;
 mod conns;
 mod convert;
 mod cookies;
+mod credentials;
 mod delivery;
 mod disk;
 mod finish;
@@ -205,6 +207,8 @@ pub struct Core {
     notifier: crate::notify::Notifier,
     /// Relaunch slots (`max_concurrent_launches`) and the sessions waiting for one.
     launches: launches::Launches,
+    /// Which sessions answer challenges, and the credentials held.
+    auth: credentials::Auth,
 }
 
 /// Where the daemon is in its life, and what keeps it from leaving.
@@ -294,6 +298,7 @@ impl Core {
             bandwidth: Arc::new(crate::engine::limiter::RateLimiter::new(global_limit)),
             notifier,
             launches: launches::Launches::new(cfg_launches),
+            auth: credentials::Auth::default(),
         };
         core.restore(snapshot);
         let mut ops = Vec::new();

@@ -21,6 +21,7 @@ impl Core {
             self.sessions.restore(rec);
         }
         self.restore_cookies(snapshot.cookie_jars);
+        self.restore_auth(snapshot.session_challenges, snapshot.credentials);
         for (key, proxy) in snapshot.session_proxies {
             if let Some(s) = self.sessions.get_mut(&key) {
                 s.proxy = Some(proxy);
@@ -40,12 +41,15 @@ impl Core {
             let id = rec.id;
             let host = url::Url::parse(&rec.url).map(|u| host_key(&u)).unwrap_or_default();
             let (state, phase, retry_at) = (rec.state, rec.phase, rec.retry_at);
+            let challenged = rec.challenge.is_some();
             self.insert_task(rec, host);
             match state {
                 // Cut short between "data complete" and "finished committed": the move is
                 // finished (or found done, or found lost) by a worker, like any other.
                 TaskState::Queued | TaskState::Running if phase == Phase::Finishing => finishing.push(id),
                 TaskState::Queued | TaskState::Running => self.enqueue(id),
+                // Waits for its app's answer, not for a time.
+                TaskState::Waiting if challenged => {}
                 TaskState::Waiting => {
                     let wait = retry_at.map_or(0, |at| at.saturating_sub(now_ms())).min(millis(longest));
                     let at = self.timers.after(std::time::Duration::from_millis(wait));
@@ -85,6 +89,7 @@ impl Core {
         let key = t.rec.session;
         self.set_state(id, TaskState::Completed);
         let mut ops = Vec::new();
+        self.forget_task_auth(id, key, &mut ops);
         self.emit(key, DurableEvent::FinishedDownloading { task: id, location }, &mut ops);
         let seq = self.emit(key, DurableEvent::Completed { task: id, error: None }, &mut ops);
         if let Some(t) = self.tasks.get(&id) {

@@ -31,6 +31,8 @@ pub(super) struct Session {
     pub events: BTreeMap<u64, EventRecord>,
     /// How many of them each task has (so "has this task events pending?" costs nothing).
     pending_by_task: HashMap<TaskId, u32>,
+    /// How many of them are challenges (they wake the app even while other tasks run).
+    pending_challenges: u32,
     pub tasks: BTreeSet<TaskId>,
     pub counts: TaskCounts,
     /// Its tasks with a worker.
@@ -66,6 +68,7 @@ impl Session {
             committed: 0,
             events: BTreeMap::new(),
             pending_by_task: HashMap::new(),
+            pending_challenges: 0,
             tasks: BTreeSet::new(),
             counts: TaskCounts::default(),
             running: 0,
@@ -116,12 +119,18 @@ impl Session {
         if let Some(task) = rec.task() {
             *self.pending_by_task.entry(task).or_default() += 1;
         }
+        if matches!(rec.event, dlsession_proto::DurableEvent::Challenge { .. }) {
+            self.pending_challenges += 1;
+        }
         self.events.insert(rec.seq, rec);
     }
 
     /// Removes an acknowledged event (`None` if it was acknowledged before).
     pub fn take_event(&mut self, seq: u64) -> Option<EventRecord> {
         let ev = self.events.remove(&seq)?;
+        if matches!(ev.event, dlsession_proto::DurableEvent::Challenge { .. }) {
+            self.pending_challenges = self.pending_challenges.saturating_sub(1);
+        }
         if let Some(task) = ev.task()
             && let Some(n) = self.pending_by_task.get_mut(&task)
         {
@@ -138,10 +147,12 @@ impl Session {
         self.pending_by_task.contains_key(&task)
     }
 
-    /// Undelivered events, nothing active, nobody attached: the app should come back
-    /// (docs/behaviour.md, "Waking the app").
+    /// Undelivered events, nothing active (or a challenge to answer), nobody attached: the
+    /// app should come back (docs/behaviour.md, "Waking the app").
     pub fn has_finished_events(&self) -> bool {
-        self.attached.is_none() && self.events.range(..=self.committed).next().is_some() && self.counts.active() == 0
+        self.attached.is_none()
+            && self.events.range(..=self.committed).next().is_some()
+            && (self.counts.active() == 0 || self.pending_challenges > 0)
     }
 }
 

@@ -53,6 +53,7 @@ impl Core {
         if let Some(t) = self.tasks.get_mut(&id) {
             t.rec.resource_deadline.get_or_insert(now.saturating_add(budget));
             t.rec.retry_at = None;
+            t.rec.challenge = None;
         }
         self.set_state(id, TaskState::Queued);
         self.enqueue(id);
@@ -70,8 +71,13 @@ impl Core {
     /// `reset_backoff` its next failure backs off from the start.
     pub(super) fn retry_now(&mut self, id: TaskId, reset_backoff: bool, after: Vec<After>) {
         self.unqueue(id);
-        if reset_backoff && let Some(t) = self.tasks.get_mut(&id) {
-            t.failures = 0;
+        if let Some(t) = self.tasks.get_mut(&id) {
+            // Asked again without an answer: the request goes as before, and may bring the
+            // challenge back.
+            t.rec.challenge = None;
+            if reset_backoff {
+                t.failures = 0;
+            }
         }
         self.set_state(id, TaskState::Queued);
         self.enqueue(id);
@@ -205,6 +211,8 @@ impl Core {
             proxy: s.proxy.clone(),
             stop: stop_rx,
             upload,
+            auth: self.auth_headers(id, t.rec.session),
+            answers_challenges: self.answers_challenges(t.rec.session),
         };
         let worker = self.engine.spawn(job);
         let key = t.rec.session;
@@ -441,6 +449,12 @@ impl Core {
             let offset = t.rec.committed_offset;
             return self.apply_after_stop(id, how, offset);
         }
+        if let Some(challenge) = failure.challenge.clone()
+            && self.on_challenge(id, *challenge, failure.error.clone())
+        {
+            return;
+        }
+        let Some(t) = self.tasks.get_mut(&id) else { return };
         if file_lost {
             // The finished file is gone from the cache and from its destination (found by
             // the move after a crash): download it again now. Nothing failed that a
@@ -577,7 +591,9 @@ impl Core {
         t.rec.finished_at = Some(now);
         t.rec.retry_at = None;
         t.rec.phase = Phase::Transfer;
+        t.rec.challenge = None;
         let key = t.rec.session;
+        self.forget_task_auth(id, key, ops);
         self.set_state(id, TaskState::Completed);
         let seq = self.emit(key, DurableEvent::Completed { task: id, error }, ops);
         if let Some(t) = self.tasks.get(&id) {

@@ -16,7 +16,11 @@ impl Core {
     /// before that is durable.
     pub(super) fn upload_job(&mut self, id: TaskId) -> Option<UploadJob> {
         let body_to = self.tasks.get(&id).map(|t| self.cache_location(&t.rec))?;
-        let up = self.tasks.get_mut(&id)?.rec.upload.as_mut()?;
+        let t = self.tasks.get_mut(&id)?;
+        // A fresh attempt: its bytes sent count from where it starts.
+        t.progress.received.store(0, std::sync::atomic::Ordering::Relaxed);
+        t.progress.sent_whole.store(false, std::sync::atomic::Ordering::Relaxed);
+        let up = t.rec.upload.as_mut()?;
         let retry_safe = up.retry_safe();
         let job = UploadJob {
             method: up.method,
@@ -24,6 +28,7 @@ impl Core {
             size: up.size,
             mtime_ns: up.mtime_ns,
             retry_safe,
+            safe_alone: up.method == dlsession_proto::UploadMethod::Put || up.idempotent,
             resume_url: up.resume_url.clone(),
             body_to,
             go: None,

@@ -15,7 +15,7 @@ use super::http::{
     Failure, ReqBody, Retry, classify, empty_body, is_strong_etag, is_transient_status, parse_content_range,
     parse_retry_after,
 };
-use super::{Engine, Job, ResponseMeta, USER_AGENT};
+use super::{Engine, Job, ResponseMeta, USER_AGENT, auth};
 use dlsession_proto::redact::{self, is_sensitive_header};
 use dlsession_proto::{ErrorCode, Header};
 
@@ -36,6 +36,7 @@ impl Engine {
             if let Some(auth) = proxies.http_auth(&url) {
                 req.headers_mut().insert(hyper::header::PROXY_AUTHORIZATION, auth);
             }
+            auth::apply(&mut req, &url, &job.auth, &proxies);
             let resp = match tokio::time::timeout(job.idle_timeout, client.request(req)).await {
                 Err(_) => {
                     return Err(Failure::transient(
@@ -52,6 +53,9 @@ impl Engine {
                 jar.take_from(&url, resp.headers());
             }
             let status = resp.status().as_u16();
+            if let Some(challenge) = auth::challenge(status, resp.headers(), &url, &proxies) {
+                return Err(auth::failure(status, &status_text(status), challenge));
+            }
             if !matches!(status, 301 | 302 | 303 | 307 | 308) {
                 return Ok((resp, url));
             }

@@ -128,19 +128,31 @@ pub struct Failure {
     pub retry: Retry,
     /// The partial data cannot be trusted or continued: the next attempt starts at zero.
     pub discard_partial: bool,
+    /// A 401 or 407 that asked for credentials: the core may ask the app instead of failing.
+    pub challenge: Option<Box<dlsession_proto::Challenge>>,
 }
 
 impl Failure {
     pub fn transient(code: ErrorCode, message: impl Into<String>) -> Failure {
-        Failure { error: ErrorInfo::new(code, message), retry: Retry::After(None), discard_partial: false }
+        Failure {
+            error: ErrorInfo::new(code, message),
+            retry: Retry::After(None),
+            discard_partial: false,
+            challenge: None,
+        }
     }
 
     pub fn permanent(code: ErrorCode, message: impl Into<String>) -> Failure {
-        Failure { error: ErrorInfo::new(code, message), retry: Retry::Never, discard_partial: false }
+        Failure { error: ErrorInfo::new(code, message), retry: Retry::Never, discard_partial: false, challenge: None }
     }
 
     pub fn restart(code: ErrorCode, message: impl Into<String>) -> Failure {
-        Failure { error: ErrorInfo::new(code, message), retry: Retry::After(None), discard_partial: true }
+        Failure {
+            error: ErrorInfo::new(code, message),
+            retry: Retry::After(None),
+            discard_partial: true,
+            challenge: None,
+        }
     }
 }
 

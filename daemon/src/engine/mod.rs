@@ -8,6 +8,7 @@
 //! decides.
 
 mod attempt;
+pub mod auth;
 pub mod checkpoint;
 pub mod cookies;
 pub mod direct;
@@ -83,6 +84,11 @@ pub struct Job {
     pub stop: watch::Receiver<bool>,
     /// Set for an upload: what it sends (its response body is what it receives).
     pub upload: Option<UploadJob>,
+    /// Credentials the app gave, each for the requests to its origin.
+    pub auth: Vec<auth::AuthHeader>,
+    /// The session asks its app about challenges: an upload reports a 401 as a challenge
+    /// instead of as its final response.
+    pub answers_challenges: bool,
 }
 
 /// What an upload attempt sends. `Debug` never shows the upload resource's URL.
@@ -94,6 +100,8 @@ pub struct UploadJob {
     pub mtime_ns: i64,
     /// A failure may be retried even after the whole body went out.
     pub retry_safe: bool,
+    /// Safe without the server's resumption too: a PUT or an idempotent POST.
+    pub safe_alone: bool,
     /// The upload resource the server offered earlier: continue there.
     pub resume_url: Option<String>,
     /// Where the response body is put for the app.

@@ -84,6 +84,21 @@ impl Proxies {
         self.intercept(&uri)?.basic_auth().cloned()
     }
 
+    /// The origin (`http://host:port`) of the HTTP proxy a plain-`http` request to `url`
+    /// goes through, if any (a 407 comes from it; its answer goes to it).
+    pub fn http_proxy_origin(&self, url: &url::Url) -> Option<String> {
+        if url.scheme() != "http" {
+            return None;
+        }
+        let uri: Uri = url.as_str().parse().ok()?;
+        let proxy = self.intercept(&uri)?;
+        if proxy.uri().scheme_str() != Some("http") {
+            return None;
+        }
+        let authority = proxy.uri().authority()?;
+        Some(format!("http://{}:{}", authority.host(), authority.port_u16().unwrap_or(80)))
+    }
+
     /// A description for the logs (credentials are not included).
     pub fn describe(&self) -> String {
         let probe = |u: &str| -> Option<String> {

@@ -24,7 +24,7 @@ use super::attempt::{build_request, host_of, status_text};
 use super::http::{Failure, ReqBody, Retry, classify, empty_body, is_transient_status, parse_retry_after};
 use super::progress::Progress;
 use super::report::UploadResponse;
-use super::{Engine, Job, Outcome, UploadJob, WorkerEvent, deadline, resource_timeout};
+use super::{Engine, Job, Outcome, UploadJob, WorkerEvent, auth, deadline, resource_timeout};
 use dlsession_proto::{ErrorCode, ErrorInfo, Header, UPLOAD_RESPONSE_BODY_LIMIT, UploadMethod, redact};
 
 /// The draft's interop version spoken here (`Upload-Draft-Interop-Version`).
@@ -36,6 +36,8 @@ const UPLOAD_OFFSET: &str = "upload-offset";
 const CHUNK: usize = 256 << 10;
 /// Reads queued ahead of the connection.
 const READ_AHEAD: usize = 4;
+/// A response body longer than this is not read to its end (what is kept is far less).
+const DRAIN_LIMIT: u64 = 64 << 20;
 
 /// Where the server stands on an upload it offered to resume.
 enum ServerOffset {
@@ -53,97 +55,80 @@ impl Engine {
         let Some(mut up) = job.upload.take() else {
             return Outcome::Failed(Failure::permanent(ErrorCode::Internal, "an upload worker without an upload"));
         };
-        if let Some(go) = up.go.take()
-            && go.await.is_err()
-        {
-            return Outcome::Aborted;
-        }
-        job.progress.sent_whole.store(false, Ordering::Relaxed);
-        job.progress.expected.store(up.size, Ordering::Relaxed);
         let mut stop = job.stop.clone();
-        tokio::select! {
+        if let Some(go) = up.go.take() {
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => return Outcome::Stopped(0),
+                recorded = go => if recorded.is_err() {
+                    return Outcome::Failed(Failure::transient(
+                        ErrorCode::Internal,
+                        "the attempt could not be recorded before sending",
+                    ));
+                },
+            }
+        }
+        job.progress.expected.store(up.size, Ordering::Relaxed);
+        let mut offered = false;
+        let reached = tokio::select! {
             biased;
-            _ = stop.wait_for(|s| *s) => Outcome::Stopped(0),
-            _ = deadline(job.deadline) => Outcome::Failed(resource_timeout()),
-            o = self.upload_attempt(job, &up) => o,
+            _ = stop.wait_for(|s| *s) => return Outcome::Stopped(0),
+            _ = deadline(job.deadline) => return Outcome::Failed(resource_timeout()),
+            r = self.reach(job, &up, &mut offered) => r,
+        };
+        // The server answered: its answer is read and kept whatever a stop says now (a
+        // POST's answer must not be lost to a pause).
+        let received = match reached {
+            Ok(Reached::Known(r)) => Ok(r),
+            Ok(Reached::Response { resp, final_url }) => read_response(job, final_url, resp).await,
+            Err(f) => Err(f),
+        };
+        match received {
+            Ok(r) => self.keep_response(job, &up, r).await,
+            Err(f) => Outcome::Failed(once_only(f, &up, offered, job)),
         }
     }
 
-    async fn upload_attempt(&self, job: &Job, up: &UploadJob) -> Outcome {
+    /// Sends the body (all of it, or the rest after asking the server for its offset) up
+    /// to the final response's head. `offered`: the server offered resumption meanwhile.
+    async fn reach(&self, job: &Job, up: &UploadJob, offered: &mut bool) -> Result<Reached, Failure> {
         let (file, size, mtime_ns) = (up.file.clone(), up.size, up.mtime_ns);
         match tokio::task::spawn_blocking(move || unchanged(&file, size, mtime_ns)).await {
             Ok(Ok(())) => {}
-            Ok(Err(f)) => return Outcome::Failed(f),
-            Err(e) => return Outcome::Failed(Failure::transient(ErrorCode::Internal, format!("worker: {e}"))),
+            Ok(Err(f)) => return Err(f),
+            Err(e) => return Err(Failure::transient(ErrorCode::Internal, format!("worker: {e}"))),
         }
-        let origin = match Url::parse(&job.url) {
-            Ok(u) => u,
-            Err(e) => return Outcome::Failed(Failure::permanent(ErrorCode::InvalidUrl, format!("invalid URL: {e}"))),
-        };
+        let origin =
+            Url::parse(&job.url).map_err(|e| Failure::permanent(ErrorCode::InvalidUrl, format!("invalid URL: {e}")))?;
         // Continue at the server's offset when it offered resumption.
         let mut append = None;
         if let Some(resume) = up.resume_url.as_deref() {
-            let Ok(resume) = Url::parse(resume) else {
-                job.link.send(WorkerEvent::ResumeUrl { url: None });
-                return Outcome::Failed(Failure::transient(
-                    ErrorCode::CannotResume,
-                    "the stored upload URL is invalid",
-                ));
-            };
-            match self.server_offset(job, &origin, &resume).await {
-                Ok(ServerOffset::At(offset)) if offset <= up.size => append = Some((resume, offset)),
-                Ok(ServerOffset::At(offset)) => {
-                    return Outcome::Failed(Failure::permanent(
+            let Ok(resume) = Url::parse(resume) else { return Err(gone(job, up)) };
+            match self.server_offset(job, &origin, &resume).await? {
+                ServerOffset::At(offset) if offset <= up.size => append = Some((resume, offset)),
+                ServerOffset::At(offset) => {
+                    return Err(Failure::permanent(
                         ErrorCode::CannotResume,
                         format!("the server says it holds {offset} bytes of a {}-byte upload", up.size),
                     ));
                 }
-                Ok(ServerOffset::Complete { offset, .. }) if offset != up.size => {
-                    return Outcome::Failed(Failure::permanent(
+                ServerOffset::Complete { offset, .. } if offset != up.size => {
+                    return Err(Failure::permanent(
                         ErrorCode::CannotResume,
                         format!("the server closed the upload at {offset} of {} bytes", up.size),
                     ));
                 }
-                Ok(ServerOffset::Complete { status, headers, .. }) => {
+                ServerOffset::Complete { status, headers, .. } => {
                     job.progress.received.store(up.size, Ordering::Relaxed);
                     job.progress.sent_whole.store(true, Ordering::Relaxed);
-                    let response = Received { status, final_url: resume, headers, body: Vec::new(), truncated: false };
-                    return self.keep_response(job, up, response).await;
+                    // The resource's URL is a capability: the response names the task's.
+                    let r = Received { status, final_url: origin, headers, body: Vec::new(), truncated: false };
+                    return Ok(Reached::Known(r));
                 }
-                Ok(ServerOffset::Gone) => {
-                    job.link.send(WorkerEvent::ResumeUrl { url: None });
-                    if !up.retry_safe {
-                        return Outcome::Failed(Failure::permanent(
-                            ErrorCode::CannotResume,
-                            "the server no longer knows this upload, and sending it again from the start could \
-                             repeat it (mark it idempotent to allow that)",
-                        ));
-                    }
-                    return Outcome::Failed(Failure::transient(
-                        ErrorCode::CannotResume,
-                        "the server no longer knows this upload; starting it over",
-                    ));
-                }
-                Err(f) => return Outcome::Failed(f),
+                ServerOffset::Gone => return Err(gone(job, up)),
             }
         }
-        match self.send(job, up, &origin, append).await {
-            Ok(response) => self.keep_response(job, up, response).await,
-            Err(mut f) => {
-                // A request that must not go twice may be retried only while the server
-                // cannot have had all of it.
-                if !up.retry_safe && job.progress.sent_whole.load(Ordering::Relaxed) && f.retry != Retry::Never {
-                    f.retry = Retry::Never;
-                    f.error.message = format!(
-                        "{}; the whole {} body had gone out, so it may have reached the server and is not sent \
-                         again (mark it idempotent to allow that)",
-                        f.error.message,
-                        up.method.as_str()
-                    );
-                }
-                Outcome::Failed(f)
-            }
-        }
+        self.send(job, up, &origin, append, offered).await
     }
 
     /// Asks the upload resource how much it holds (`HEAD`).
@@ -155,6 +140,7 @@ impl Engine {
         if let Some(auth) = proxies.http_auth(resume) {
             req.headers_mut().insert(hyper::header::PROXY_AUTHORIZATION, auth);
         }
+        auth::apply(&mut req, resume, &job.auth, &proxies);
         let resp = match tokio::time::timeout(job.idle_timeout, client.request(req)).await {
             Err(_) => return Err(no_response(resume, job)),
             Ok(Err(e)) => return Err(classify(&e, &format!("asking {} for the upload's offset", host_of(resume)))),
@@ -191,7 +177,8 @@ impl Engine {
         up: &UploadJob,
         origin: &Url,
         append: Option<(Url, u64)>,
-    ) -> Result<Received, Failure> {
+        offered: &mut bool,
+    ) -> Result<Reached, Failure> {
         let (client, proxies) = self.route(job.proxy.as_ref());
         let appending = append.is_some();
         let (mut url, from) = append.unwrap_or_else(|| (origin.clone(), 0));
@@ -214,6 +201,10 @@ impl Engine {
             if with_body {
                 headers.insert(UPLOAD_COMPLETE, HeaderValue::from_static("?1"));
             }
+            if with_body && from >= up.size {
+                // hyper leaves out the length of an empty body; an upload says it.
+                headers.insert(hyper::header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+            }
             if appending {
                 headers.insert(UPLOAD_OFFSET, HeaderValue::from(from));
                 headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/partial-upload"));
@@ -221,6 +212,7 @@ impl Engine {
             if let Some(auth) = proxies.http_auth(&url) {
                 req.headers_mut().insert(hyper::header::PROXY_AUTHORIZATION, auth);
             }
+            auth::apply(&mut req, &url, &job.auth, &proxies);
             // The server offers resumption in an informational response while the body goes.
             let (offers_tx, mut offers) = mpsc::unbounded_channel::<String>();
             if with_body && !appending {
@@ -236,18 +228,24 @@ impl Engine {
             }
             let mut request = std::pin::pin!(client.request(req));
             // The idle timeout counts from the last byte sent: a long body keeps it alive.
-            let tick = job.idle_timeout.min(std::time::Duration::from_secs(1));
+            let mut tick = tokio::time::interval(job.idle_timeout.min(std::time::Duration::from_secs(1)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let (mut seen, mut quiet_since) = (job.progress.received(), tokio::time::Instant::now());
             let resp = loop {
                 tokio::select! {
                     Some(location) = offers.recv() => {
-                        // Relative to the request's URL; only http(s) there.
-                        if let Ok(u) = url.join(&location) && matches!(u.scheme(), "http" | "https") {
+                        // Only the first offer counts, and only for the origin that made it
+                        // (never another host, never from https to http).
+                        if let Ok(u) = url.join(&location)
+                            && u.origin() == url.origin()
+                            && !*offered
+                        {
+                            *offered = true;
                             job.link.send(WorkerEvent::ResumeUrl { url: Some(u.to_string()) });
                         }
                     }
                     r = &mut request => break Some(r),
-                    () = tokio::time::sleep(tick) => {
+                    _ = tick.tick() => {
                         let sent = job.progress.received();
                         if sent != seen {
                             (seen, quiet_since) = (sent, tokio::time::Instant::now());
@@ -271,6 +269,13 @@ impl Engine {
                 jar.take_from(&url, resp.headers());
             }
             let status = resp.status().as_u16();
+            // Asked for credentials: the app answers, and the request goes again with them
+            // (a 401 is no sign the request was taken, so even a POST may).
+            if job.answers_challenges
+                && let Some(challenge) = auth::challenge(status, resp.headers(), &url, &proxies)
+            {
+                return Err(auth::failure(status, &status_text(status), challenge));
+            }
             if matches!(status, 301 | 302 | 303 | 307 | 308)
                 && !appending
                 && let Some(next) =
@@ -299,6 +304,9 @@ impl Engine {
                 job.progress.received.store(0, Ordering::Relaxed);
                 continue;
             }
+            if appending && matches!(status, 404 | 410) {
+                return Err(gone(job, up));
+            }
             if appending && status == 409 {
                 // Our offset is not the server's: the next attempt asks again.
                 return Err(Failure::transient(
@@ -308,11 +316,13 @@ impl Engine {
             }
             if is_transient_status(status) {
                 let f = status_failure(status, resp.headers());
-                if up.retry_safe || appending || !job.progress.sent_whole.load(Ordering::Relaxed) {
+                if up.retry_safe || *offered || appending || !job.progress.sent_whole.load(Ordering::Relaxed) {
                     return Err(f);
                 }
             }
-            return read_response(job, url, resp).await;
+            // The resource's URL is a capability: the response names the task's own.
+            let final_url = if appending { origin.clone() } else { url };
+            return Ok(Reached::Response { resp, final_url });
         }
     }
 
@@ -351,6 +361,43 @@ impl Engine {
     }
 }
 
+/// How far an attempt got.
+enum Reached {
+    /// The final response's head; its body is still to read.
+    Response { resp: hyper::Response<Incoming>, final_url: Url },
+    /// The answer is known without one (the server had it all).
+    Known(Received),
+}
+
+/// The server no longer knows the upload resource: forgotten, and the upload starts over
+/// if that cannot repeat a request, else fails.
+fn gone(job: &Job, up: &UploadJob) -> Failure {
+    job.link.send(WorkerEvent::ResumeUrl { url: None });
+    if !up.safe_alone {
+        return Failure::permanent(
+            ErrorCode::CannotResume,
+            "the server no longer knows this upload, and sending it again from the start could repeat it \
+             (mark it idempotent to allow that)",
+        );
+    }
+    Failure::transient(ErrorCode::CannotResume, "the server no longer knows this upload; starting it over")
+}
+
+/// A failure of a request that must not go twice is final once the server may have had
+/// all of it (its whole body went out, and it offered no resumption).
+fn once_only(mut f: Failure, up: &UploadJob, offered: bool, job: &Job) -> Failure {
+    if !up.retry_safe && !offered && job.progress.sent_whole.load(Ordering::Relaxed) && f.retry != Retry::Never {
+        f.retry = Retry::Never;
+        f.error.message = format!(
+            "{}; the whole {} body had gone out, so it may have reached the server and is not sent again (mark \
+             it idempotent to allow that)",
+            f.error.message,
+            up.method.as_str()
+        );
+    }
+    f
+}
+
 /// A final response as read.
 struct Received {
     status: u16,
@@ -366,6 +413,7 @@ async fn read_response(job: &Job, url: Url, resp: hyper::Response<Incoming>) -> 
     let limit = usize::try_from(UPLOAD_RESPONSE_BODY_LIMIT).unwrap_or(usize::MAX);
     let mut body = Vec::new();
     let mut truncated = false;
+    let mut drained = 0u64;
     let mut incoming = resp.into_body();
     loop {
         let frame = match tokio::time::timeout(job.idle_timeout, incoming.frame()).await {
@@ -375,9 +423,17 @@ async fn read_response(job: &Job, url: Url, resp: hyper::Response<Incoming>) -> 
             Ok(Some(Ok(f))) => f,
         };
         let Ok(data) = frame.into_data() else { continue };
+        // Reading the answer is a sign of life for the supervisor.
+        job.progress.beat();
+        drained = drained.saturating_add(data.len() as u64);
         let room = limit.saturating_sub(body.len());
         if data.len() > room {
             truncated = true;
+        }
+        if drained > DRAIN_LIMIT {
+            // Past this the rest is not waited for: the connection goes with it.
+            truncated = true;
+            break;
         }
         body.extend_from_slice(data.get(..data.len().min(room)).unwrap_or_default());
     }
@@ -446,6 +502,8 @@ fn file_body(up: &UploadJob, from: u64, progress: Arc<Progress>) -> ReqBody {
     let (tx, rx) = mpsc::channel(READ_AHEAD);
     let (path, size, mtime_ns) = (up.file.clone(), up.size, up.mtime_ns);
     progress.received.store(from, Ordering::Relaxed);
+    // An empty body is whole as soon as the request goes.
+    progress.sent_whole.store(from >= size, Ordering::Relaxed);
     tokio::task::spawn_blocking(move || read_file(&path, from, size, mtime_ns, &tx));
     FileBody { rx, remaining: size.saturating_sub(from), progress }.boxed_unsync()
 }

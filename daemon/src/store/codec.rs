@@ -2,9 +2,11 @@
 
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 
-use crate::model::{DEFAULT_FILE_MODE, EventRecord, Phase, SessionKey, SessionRecord, TaskRecord, Upload};
+use crate::model::{
+    DEFAULT_FILE_MODE, EventRecord, HeldCredential, Phase, SessionKey, SessionRecord, TaskRecord, Upload,
+};
 use dlsession_proto::{
-    DurableEvent, ErrorCode, ErrorInfo, Header, LaunchSpec, SessionConfig, TaskId, TaskState, UploadMethod,
+    Challenge, DurableEvent, ErrorCode, ErrorInfo, Header, LaunchSpec, SessionConfig, TaskId, TaskState, UploadMethod,
 };
 
 // Lists are stored as NUL-separated text: NUL cannot occur in a valid header, argv
@@ -174,14 +176,15 @@ const TASK_COLUMNS: &str = "id, session_id, url, headers, description, priority,
     last_error_http, retry_at, started_at, finished_at, resource_deadline, location, error_code, error_msg,
     error_http, resume_secret, retired, file_mode, bandwidth_limit, allows_metered, allows_battery, discretionary,
     waits_for_connectivity, upload_method, upload_file, upload_size, upload_mtime_ns, upload_idempotent,
-    upload_resume_url, upload_truncated, upload_in_flight";
+    upload_resume_url, upload_truncated, upload_in_flight, challenge_scheme, challenge_realm, challenge_origin,
+    challenge_proxy, challenge_round";
 
 /// Inserts or replaces a task row (one statement for both, so the column lists cannot drift).
 pub fn save_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare_cached(&format!(
         "INSERT INTO tasks ({TASK_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
             ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35,
-            ?36, ?37, ?38, ?39, ?40, ?41, ?42, ?43, ?44, ?45, ?46, ?47, ?48, ?49)
+            ?36, ?37, ?38, ?39, ?40, ?41, ?42, ?43, ?44, ?45, ?46, ?47, ?48, ?49, ?50, ?51, ?52, ?53, ?54)
          ON CONFLICT(id) DO UPDATE SET priority = excluded.priority, state = excluded.state,
             phase = excluded.phase, committed_offset = excluded.committed_offset,
             bytes_expected = excluded.bytes_expected, etag = excluded.etag, last_modified = excluded.last_modified,
@@ -197,9 +200,12 @@ pub fn save_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
             allows_battery = excluded.allows_battery, discretionary = excluded.discretionary,
             waits_for_connectivity = excluded.waits_for_connectivity,
             upload_resume_url = excluded.upload_resume_url, upload_truncated = excluded.upload_truncated,
-            upload_in_flight = excluded.upload_in_flight"
+            upload_in_flight = excluded.upload_in_flight, challenge_scheme = excluded.challenge_scheme,
+            challenge_realm = excluded.challenge_realm, challenge_origin = excluded.challenge_origin,
+            challenge_proxy = excluded.challenge_proxy, challenge_round = excluded.challenge_round"
     ))?;
     let up = t.upload.as_ref();
+    let ch = t.challenge.as_ref();
     let (lec, lem, leh) = error_columns(&t.last_error);
     let (ec, em, eh) = error_columns(&t.error);
     stmt.execute(params![
@@ -252,6 +258,11 @@ pub fn save_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
         up.and_then(|u| u.resume_url.as_deref()),
         up.map(|u| u.truncated),
         up.map(|u| u.in_flight),
+        ch.map(|c| c.scheme.as_str()),
+        ch.and_then(|c| c.realm.as_deref()),
+        ch.map(|c| c.origin.as_str()),
+        ch.map(|c| c.proxy),
+        ch.map(|c| c.round),
     ])?;
     Ok(())
 }
@@ -324,6 +335,16 @@ fn task_from_row(r: &Row<'_>) -> rusqlite::Result<TaskRecord> {
             waits_for_connectivity: r.get(40)?,
         },
         upload: upload_from(r)?,
+        challenge: match r.get::<_, Option<String>>(49)? {
+            Some(scheme) => Some(Challenge {
+                scheme,
+                realm: r.get(50)?,
+                origin: r.get::<_, Option<String>>(51)?.unwrap_or_default(),
+                proxy: r.get::<_, Option<bool>>(52)?.unwrap_or(false),
+                round: r.get::<_, Option<u32>>(53)?.unwrap_or(1),
+            }),
+            None => None,
+        },
     })
 }
 
@@ -375,6 +396,14 @@ pub fn insert_event(tx: &Transaction<'_>, e: &EventRecord) -> rusqlite::Result<(
         DurableEvent::UploadResponse { task, body, .. } => {
             ("upload_response", Some(*task), None, None, Some(body.as_str()), &None)
         }
+        // The origin goes in `location`.
+        DurableEvent::Challenge { task, challenge } => {
+            ("challenge", Some(*task), None, None, Some(challenge.origin.as_str()), &None)
+        }
+    };
+    let ch = match &e.event {
+        DurableEvent::Challenge { challenge, .. } => Some(challenge),
+        _ => None,
     };
     let (status, headers, truncated) = match &e.event {
         DurableEvent::UploadResponse { status, headers, body_truncated, .. } => {
@@ -385,8 +414,9 @@ pub fn insert_event(tx: &Transaction<'_>, e: &EventRecord) -> rusqlite::Result<(
     let (ec, em, eh) = error_columns(err);
     let mut stmt = tx.prepare_cached(
         "INSERT INTO events (session_id, seq, kind, task_id, byte_offset, expected_total, location, error_code,
-            error_msg, error_http, created_at, http_status, headers, body_truncated)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            error_msg, error_http, created_at, http_status, headers, body_truncated, challenge_scheme,
+            challenge_realm, challenge_proxy, challenge_round)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
     )?;
     stmt.execute(params![
         e.session,
@@ -402,7 +432,11 @@ pub fn insert_event(tx: &Transaction<'_>, e: &EventRecord) -> rusqlite::Result<(
         sat(e.created_at),
         status,
         headers,
-        truncated
+        truncated,
+        ch.map(|c| c.scheme.as_str()),
+        ch.and_then(|c| c.realm.as_deref()),
+        ch.map(|c| c.proxy),
+        ch.map(|c| c.round),
     ])?;
     // Cached: two events per finished download, and parsing this cost more than running it.
     tx.prepare_cached("UPDATE sessions SET next_seq = max(next_seq, ?2) WHERE id = ?1")?
@@ -413,7 +447,8 @@ pub fn insert_event(tx: &Transaction<'_>, e: &EventRecord) -> rusqlite::Result<(
 pub fn load_events(conn: &Connection) -> rusqlite::Result<Vec<EventRecord>> {
     let mut stmt = conn.prepare(
         "SELECT session_id, seq, kind, task_id, byte_offset, expected_total, location, error_code, error_msg,
-            error_http, created_at, http_status, headers, body_truncated
+            error_http, created_at, http_status, headers, body_truncated, challenge_scheme, challenge_realm,
+            challenge_proxy, challenge_round
          FROM events ORDER BY session_id, seq",
     )?;
     let rows = stmt.query_map([], |r| {
@@ -436,6 +471,16 @@ pub fn load_events(conn: &Connection) -> rusqlite::Result<Vec<EventRecord>> {
                 headers: split_headers(&r.get::<_, Option<String>>(12)?.unwrap_or_default()),
                 body: r.get::<_, Option<String>>(6)?.unwrap_or_default(),
                 body_truncated: r.get::<_, Option<bool>>(13)?.unwrap_or(false),
+            },
+            "challenge" => DurableEvent::Challenge {
+                task,
+                challenge: Challenge {
+                    scheme: r.get::<_, Option<String>>(14)?.unwrap_or_default(),
+                    realm: r.get(15)?,
+                    origin: r.get::<_, Option<String>>(6)?.unwrap_or_default(),
+                    proxy: r.get::<_, Option<bool>>(16)?.unwrap_or(false),
+                    round: r.get::<_, Option<u32>>(17)?.unwrap_or(1),
+                },
             },
             _ => DurableEvent::DidBecomeInvalid { error },
         };
@@ -532,4 +577,40 @@ pub fn load_next_task_id(conn: &Connection) -> rusqlite::Result<TaskId> {
         conn.query_row("SELECT value FROM meta WHERE key = 'next_task_id'", [], |r| r.get(0)).optional()?;
     let max_id: Option<i64> = conn.query_row("SELECT max(id) FROM tasks", [], |r| r.get(0))?;
     Ok((stored.unwrap_or(1).max(max_id.unwrap_or(0) + 1)).max(1) as u64)
+}
+
+/// Sessions that answer challenges (a session without a row does not).
+pub fn load_session_challenges(conn: &Connection) -> rusqlite::Result<Vec<(SessionKey, bool)>> {
+    let mut stmt = conn.prepare("SELECT session_id, answers FROM session_challenges")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+/// Credentials kept (task 0: the session's protection space).
+pub fn load_credentials(conn: &Connection) -> rusqlite::Result<Vec<(SessionKey, HeldCredential)>> {
+    let mut stmt = conn.prepare("SELECT session_id, task_id, origin, proxy, name, value FROM credentials")?;
+    let rows = stmt.query_map([], |r| {
+        let task = r.get::<_, i64>(1)?;
+        Ok((
+            r.get(0)?,
+            HeldCredential {
+                task: (task > 0).then_some(task as u64),
+                origin: r.get(2)?,
+                proxy: r.get(3)?,
+                name: r.get(4)?,
+                value: r.get(5)?,
+                kept: true,
+            },
+        ))
+    })?;
+    rows.collect()
+}
+
+pub fn save_credential(tx: &Transaction<'_>, session: SessionKey, c: &HeldCredential) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO credentials (session_id, task_id, origin, proxy, name, value)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![session, c.task.map_or(0, sat), c.origin, c.proxy, c.name, c.value])?;
+    Ok(())
 }

@@ -81,6 +81,21 @@ pub enum Op {
         session: SessionKey,
         proxy: Option<dlsession_proto::SessionProxy>,
     },
+    /// Whether a session answers challenges.
+    SaveChallenges {
+        session: SessionKey,
+        answers: bool,
+    },
+    /// A credential to keep (replacing one for the same task or space, origin and kind).
+    SaveCredential {
+        session: SessionKey,
+        credential: crate::model::HeldCredential,
+    },
+    /// A task's kept credentials, or (`task: None`) every one of the session.
+    DeleteCredentials {
+        session: SessionKey,
+        task: Option<TaskId>,
+    },
 }
 
 /// Runs after the batch's transaction committed (or, the database thread gone, never will).
@@ -125,6 +140,10 @@ pub struct Snapshot {
     pub cookie_jars: Vec<(SessionKey, bool, String)>,
     /// Sessions' own proxies.
     pub session_proxies: Vec<(SessionKey, dlsession_proto::SessionProxy)>,
+    /// Sessions that answer challenges.
+    pub session_challenges: Vec<(SessionKey, bool)>,
+    /// Credentials kept, by session.
+    pub credentials: Vec<(SessionKey, crate::model::HeldCredential)>,
 }
 
 /// Handle to the database thread. Cheap to clone.
@@ -195,6 +214,8 @@ fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreError> {
         seq_floor: codec::load_seq_floor(conn)?,
         cookie_jars: codec::load_cookie_jars(conn)?,
         session_proxies: codec::load_session_proxies(conn)?,
+        session_challenges: codec::load_session_challenges(conn)?,
+        credentials: codec::load_credentials(conn)?,
     })
 }
 
@@ -344,6 +365,8 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
             tx.execute("DELETE FROM events WHERE session_id = ?1", params![key])?;
             tx.execute("DELETE FROM cookie_jars WHERE session_id = ?1", params![key])?;
             tx.execute("DELETE FROM session_proxies WHERE session_id = ?1", params![key])?;
+            tx.execute("DELETE FROM session_challenges WHERE session_id = ?1", params![key])?;
+            tx.execute("DELETE FROM credentials WHERE session_id = ?1", params![key])?;
             // A session is deleted once all its tasks are retired; any other would be orphaned.
             tx.execute("DELETE FROM tasks WHERE session_id = ?1 AND retired = 0", params![key])?;
             // Its retired tasks stay in the history (`show` finds them) under a tombstone row whose
@@ -409,6 +432,22 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
         Op::SetGlobalLimit(rate) => codec::set_global_limit(tx, *rate),
         Op::SaveCookies { session, enabled, jar } => codec::save_cookie_jar(tx, *session, *enabled, jar),
         Op::SaveProxy { session, proxy } => codec::save_session_proxy(tx, *session, proxy.as_ref()),
+        Op::SaveChallenges { session, answers } => {
+            tx.execute(
+                "INSERT OR REPLACE INTO session_challenges (session_id, answers) VALUES (?1, ?2)",
+                params![session, answers],
+            )?;
+            Ok(())
+        }
+        Op::SaveCredential { session, credential } => codec::save_credential(tx, *session, credential),
+        Op::DeleteCredentials { session, task: Some(task) } => {
+            tx.execute("DELETE FROM credentials WHERE session_id = ?1 AND task_id = ?2", params![session, sat(*task)])?;
+            Ok(())
+        }
+        Op::DeleteCredentials { session, task: None } => {
+            tx.execute("DELETE FROM credentials WHERE session_id = ?1", params![session])?;
+            Ok(())
+        }
     }
 }
 

@@ -123,7 +123,8 @@ const MIGRATIONS: &[&str] = &[
         no_proxy   TEXT NOT NULL
      );",
     // 10: upload tasks (upload_method NULL: a download), and the response an upload's
-    // event carries.
+    // event carries; authentication challenges (a task's, an event's), whether a session
+    // answers them, and the credentials kept (task_id 0: the session's protection space).
     "ALTER TABLE tasks ADD COLUMN upload_method TEXT;
      ALTER TABLE tasks ADD COLUMN upload_file TEXT;
      ALTER TABLE tasks ADD COLUMN upload_size INTEGER;
@@ -134,7 +135,29 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE tasks ADD COLUMN upload_in_flight INTEGER;
      ALTER TABLE events ADD COLUMN http_status INTEGER;
      ALTER TABLE events ADD COLUMN headers TEXT;
-     ALTER TABLE events ADD COLUMN body_truncated INTEGER;",
+     ALTER TABLE events ADD COLUMN body_truncated INTEGER;
+     ALTER TABLE events ADD COLUMN challenge_scheme TEXT;
+     ALTER TABLE events ADD COLUMN challenge_realm TEXT;
+     ALTER TABLE events ADD COLUMN challenge_proxy INTEGER;
+     ALTER TABLE events ADD COLUMN challenge_round INTEGER;
+     ALTER TABLE tasks ADD COLUMN challenge_scheme TEXT;
+     ALTER TABLE tasks ADD COLUMN challenge_realm TEXT;
+     ALTER TABLE tasks ADD COLUMN challenge_origin TEXT;
+     ALTER TABLE tasks ADD COLUMN challenge_proxy INTEGER;
+     ALTER TABLE tasks ADD COLUMN challenge_round INTEGER;
+     CREATE TABLE session_challenges (
+        session_id INTEGER PRIMARY KEY,
+        answers    INTEGER NOT NULL
+     );
+     CREATE TABLE credentials (
+        session_id INTEGER NOT NULL,
+        task_id    INTEGER NOT NULL,
+        origin     TEXT NOT NULL,
+        proxy      INTEGER NOT NULL,
+        name       TEXT NOT NULL,
+        value      TEXT NOT NULL,
+        PRIMARY KEY (session_id, task_id, origin, proxy)
+     );",
 ];
 
 pub const LATEST_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -310,6 +310,25 @@ impl SessionDelegate for Printer {
         );
     }
 
+    fn did_receive_challenge(
+        &self,
+        _: &Session,
+        task: &DownloadTask,
+        c: &dlsession::Challenge,
+    ) -> Option<dlsession::ChallengeAnswer> {
+        // A stand-in never guesses credentials: the challenge stays for the app, or for
+        // `dlsessionctl auth`.
+        eprintln!(
+            "note: task {} waits for credentials ({} at {}); answer with `dlsessionctl auth {} --basic USER` \
+             (or --bearer, --header NAME, --fail, --cancel)",
+            task.id(),
+            c.scheme,
+            c.origin,
+            task.id()
+        );
+        None
+    }
+
     fn did_complete_with_error(&self, _: &Session, task: &DownloadTask, error: Option<&TaskError>) {
         let human = match error {
             None => format!("completed task {}", task.id()),

@@ -359,6 +359,15 @@ pub(super) async fn wait(ctx: &Ctx, client: &Client, session: &str, ids: &[TaskI
                     }
                     report_finished(ctx, &progress, session, &info)?;
                 } else {
+                    if let Some(dlsession_proto::WaitReason::AuthRequired { challenge: c }) = &info.wait
+                        && paused_noted.insert(info.id)
+                    {
+                        progress.err(&format!(
+                            "task {} waits for credentials ({} at {}); answer with `dlsessionctl auth {} --basic \
+                             USER` (or --bearer, --header NAME, --fail)",
+                            info.id, c.scheme, c.origin, info.id
+                        ));
+                    }
                     if info.state == TaskState::Suspended && paused_noted.insert(info.id) {
                         progress.err(&format!(
                             "task {} is paused; waiting until it is resumed (`dlsessionctl resume {}`)",
@@ -406,6 +415,12 @@ fn report_finished(ctx: &Ctx, progress: &Progress, session: &str, info: &TaskInf
             location: info.location.as_deref(),
             bytes_received: info.bytes_received,
             error: json::error(info.error.as_ref()),
+            response_body: info
+                .upload
+                .as_ref()
+                .and(info.location.as_deref())
+                .and_then(|at| std::fs::read(at).ok())
+                .map(|b| String::from_utf8_lossy(&b).into_owned()),
         };
         progress.out(&serde_json::to_string(&line).map_err(std::io::Error::from)?)?;
         return Ok(());

@@ -1,6 +1,7 @@
 //! One module per subcommand; [`run`] dispatches.
 
 mod attach;
+mod auth;
 mod completions;
 mod control;
 mod ctx;
@@ -30,6 +31,7 @@ pub async fn run(cli: Cli) -> Result<Exit> {
         Command::Show(args) => show::run(&ctx, args).await,
         Command::Get(args) => get::run(&ctx, args).await,
         Command::Upload(args) => upload::run(&ctx, args).await,
+        Command::Auth(args) => auth::run(&ctx, args).await,
         Command::Watch(args) => watch::run(&ctx, args).await,
         Command::Pause(t) => control::run(&ctx, t.task, control::Action::Pause).await,
         Command::Resume(t) => control::run(&ctx, t.task, control::Action::Resume).await,

@@ -49,15 +49,31 @@ async fn run_session(ctx: &Ctx, session: &str, args: &PolicyArgs) -> Result<Exit
         Response::SessionCookies(c) => c,
         other => return Err(CliError::unexpected("session_cookies", &other)),
     };
+    if let Some(c) = &args.challenges {
+        let request = Request::SetSessionChallenges { identifier: session.to_owned(), answers: c == "ask" };
+        request_ok(&client, request).await?;
+    }
+    let challenges = match client.request(Request::GetSessionChallenges { identifier: session.to_owned() }).await? {
+        Response::SessionChallenges(c) => c,
+        other => return Err(CliError::unexpected("session_challenges", &other)),
+    };
     if ctx.json {
         let mut json = PolicyJson::of(policy, Some(session), None, None);
         json.cookies = Some(cookies.enabled);
         json.cookies_stored = Some(cookies.stored);
+        json.challenges = Some(if challenges.answers { "ask" } else { "fail" });
+        json.credentials = Some(challenges.credentials);
+        json.credentials_kept = Some(challenges.kept);
         json::print(&json)?;
     } else {
         let kept =
             if cookies.enabled { format!("keeps cookies ({} stored)", cookies.stored) } else { "no cookies".into() };
-        writeln!(std::io::stdout().lock(), "{session}: {}, {kept}", describe(policy))?;
+        let asks = if challenges.answers {
+            format!("asks its app for credentials ({} held, {} kept)", challenges.credentials, challenges.kept)
+        } else {
+            "fails tasks a server asks credentials of".into()
+        };
+        writeln!(std::io::stdout().lock(), "{session}: {}, {kept}, {asks}", describe(policy))?;
     }
     Ok(Exit::Success)
 }
@@ -142,6 +158,13 @@ struct PolicyJson<'a> {
     cookies: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     cookies_stored: Option<u32>,
+    /// A session's: `ask` or `fail`, and how many credentials it holds and keeps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    challenges: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credentials: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credentials_kept: Option<u32>,
 }
 
 impl<'a> PolicyJson<'a> {
@@ -157,6 +180,9 @@ impl<'a> PolicyJson<'a> {
             own: own.map(TaskPolicyJson::from),
             cookies: None,
             cookies_stored: None,
+            challenges: None,
+            credentials: None,
+            credentials_kept: None,
         }
     }
 }

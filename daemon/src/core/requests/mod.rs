@@ -98,6 +98,13 @@ impl Core {
             Request::CreateUploads { identifier, uploads, resume } => {
                 self.create_uploads(conn, id, identifier, uploads, resume, check)
             }
+            Request::SetSessionChallenges { identifier, answers } => {
+                self.set_session_challenges(conn, id, &identifier, answers)
+            }
+            Request::GetSessionChallenges { identifier } => {
+                Ok(Answer::Now(Response::SessionChallenges(self.session_challenges(&identifier)?)))
+            }
+            Request::AnswerChallenge { task, answer } => self.answer_challenge(conn, id, task, answer),
             Request::CreateTaskFromResumeData { identifier, resume_data, resume } => {
                 self.create_from_resume_data(conn, id, identifier, resume_data, resume, check)
             }
@@ -165,7 +172,7 @@ fn in_batch(i: usize, n: usize, e: ErrorInfo) -> ErrorInfo {
     ErrorInfo { message: format!("{prefix}{}", e.message), ..e }
 }
 
-fn no_such_task(task: TaskId) -> ErrorInfo {
+pub(super) fn no_such_task(task: TaskId) -> ErrorInfo {
     ErrorInfo::new(
         ErrorCode::NoSuchTask,
         format!("no live task {task} (it may have completed and been acknowledged, or never existed)"),
@@ -201,17 +208,20 @@ fn access(request: &Request) -> Access {
         | Request::GetSessionPolicy { .. }
         | Request::GetTaskPolicy { .. }
         | Request::GetSessionCookies { .. }
-        | Request::GetSessionProxy { .. } => Access::Read,
+        | Request::GetSessionProxy { .. }
+        | Request::GetSessionChallenges { .. } => Access::Read,
         // These check for themselves: they write only when something changes.
         Request::Attach { .. }
         | Request::Detach { .. }
         | Request::Wake { .. }
         | Request::HandleWakes
         | Request::SetSessionCookies { .. }
-        | Request::SetSessionProxy { .. } => Access::Live,
+        | Request::SetSessionProxy { .. }
+        | Request::SetSessionChallenges { .. } => Access::Live,
         Request::OpenSession { .. }
         | Request::CreateTasks { .. }
         | Request::CreateUploads { .. }
+        | Request::AnswerChallenge { .. }
         | Request::CreateTaskFromResumeData { .. }
         | Request::ControlTask { .. }
         | Request::AckEvents { .. }

@@ -1,0 +1,185 @@
+//! Authentication challenges (docs/behaviour.md, "Authentication"): in a session that
+//! answers them, a 401 stops the task and asks the app (waking or relaunching it); the
+//! answer's credential goes to that origin only, kept in memory or, asked to, on disk;
+//! `dlsessionctl auth` can answer instead; an endless 401 gives up; no secret is logged.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::io::Write;
+use std::process::Stdio;
+
+use dlsession::{ChallengeAnswer, Credential, CredentialScope, DownloadRequest, ErrorCode, Session};
+use dlsession_testkit::app::config;
+use dlsession_testkit::cli::{show_field, stdout};
+use dlsession_testkit::{
+    LONG, Recorder, Resource, Seen, TestDaemon, TestEnv, TestServer, bin_path, pattern_sha256, sha256_file, to_hex,
+    wait_until,
+};
+
+const PASSWORD: &str = "s3cret-pw";
+/// `Basic` of `u:s3cret-pw`.
+const GOOD: &str = "Basic dTpzM2NyZXQtcHc=";
+
+async fn server() -> TestServer {
+    let s = TestServer::start().await.unwrap();
+    s.add("/private", Resource::generated(200_000, 51).require_auth(GOOD, "Basic realm=\"files\""));
+    s.add("/other", Resource::generated(100_000, 52).require_auth(GOOD, "Basic realm=\"files\""));
+    s
+}
+
+fn basic(scope: CredentialScope, keep: bool) -> ChallengeAnswer {
+    let credential = Credential::Basic { user: "u".into(), password: PASSWORD.into() };
+    ChallengeAnswer::Use { credential, scope, keep }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_answers_and_its_credential_serves_the_protection_space_across_a_restart() {
+    let env = TestEnv::new();
+    let mut d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_LOG", std::ffi::OsStr::new("trace"))]);
+    let s = server().await;
+    let (delegate, mut events) =
+        Recorder::answering(&env.path().join("out"), basic(CredentialScope::ProtectionSpace, true));
+    let session = Session::attach(config(&env, "t.auth").answers_challenges(true), delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/private"))], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(51, 200_000)));
+    let asked: Vec<_> = events.seen.iter().filter(|e| matches!(e, Seen::Challenge { .. })).cloned().collect();
+    match asked.as_slice() {
+        [Seen::Challenge { challenge, .. }] => {
+            assert_eq!((challenge.scheme.as_str(), challenge.realm.as_deref()), ("Basic", Some("files")));
+            assert_eq!(challenge.origin, format!("http://{}", s.addr()));
+            assert_eq!(challenge.round, 1);
+        }
+        other => panic!("one challenge expected: {other:?}"),
+    }
+    let private = s.requests_for("/private");
+    assert_eq!(private.len(), 2, "{private:?}");
+    assert_eq!((private[0].header("authorization"), private[1].header("authorization")), (None, Some(GOOD)));
+
+    // Kept: after SIGKILL the session's next task to that origin carries it from its first request.
+    session.wait_idle().await.unwrap();
+    drop(session);
+    d.kill9();
+    d.restart();
+    let text = stdout(&env.ctl(&["policy", "t.auth"]));
+    assert!(text.contains("asks its app for credentials (1 held, 1 kept)"), "{text}");
+    let (delegate, mut events) = Recorder::new(&env.path().join("out2"));
+    let session = Session::attach(config(&env, "t.auth"), delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/other"))], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    let other = s.requests_for("/other");
+    assert_eq!(other.len(), 1, "no 401 round trip: {other:?}");
+    assert_eq!(other[0].header("authorization"), Some(GOOD));
+    let log = d.log();
+    assert!(!log.contains(PASSWORD) && !log.contains("dTpzM2NyZXQtcHc="), "a credential reached the log");
+}
+
+/// No app attached: the challenge relaunches the session's app at once (its other task
+/// still running), `tasks` and `show` say what it waits for, and `dlsessionctl auth`
+/// answers with a password read from stdin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_challenge_relaunches_the_app_and_dlsessionctl_can_answer() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let s = server().await;
+    s.add("/slow", Resource::generated(2_000_000, 53).throttle(200_000));
+    let marker = env.path().join("launched");
+    let launch = format!("touch {}", marker.display());
+    let out = env.ctl(&["policy", "t.ctl", "--challenges", "ask"]);
+    assert!(!out.status.success(), "no such session yet: {out:?}");
+    let dir = env.path().join("files");
+    let get = |url: String| {
+        let dir = dir.to_str().unwrap().to_owned();
+        env.ctl(&["get", "--session", "t.ctl", "--app-id", "org.example.T", "--launch-cmd", &launch, "-d", &dir, &url])
+    };
+    assert!(get(s.url("/slow")).status.success());
+    let out = env.ctl(&["policy", "t.ctl", "--challenges", "ask"]);
+    assert!(stdout(&out).contains("asks its app for credentials (0 held, 0 kept)"), "{out:?}");
+    assert!(get(s.url("/private")).status.success());
+    wait_until(|| stdout(&env.ctl(&["tasks", "--session", "t.ctl"])).contains("credentials wanted (Basic at http://"))
+        .await;
+    // Relaunched while the slow download still runs.
+    wait_until(|| marker.exists()).await;
+    let json: serde_json::Value =
+        serde_json::from_slice(&env.ctl(&["--json", "tasks", "--session", "t.ctl"]).stdout).unwrap();
+    let waiting = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["wait"]["reason"] == "auth_required")
+        .unwrap_or_else(|| panic!("{json}"))
+        .clone();
+    assert_eq!(waiting["wait"]["realm"], "files");
+    let task = waiting["id"].as_u64().unwrap().to_string();
+    let text = stdout(&env.ctl(&["show", &task]));
+    assert!(show_field(&text, "why").starts_with("waiting for credentials: the server http://"), "{text}");
+
+    // No secret on the command line: an empty stdin is refused.
+    let out = env.ctl(&["auth", &task, "--basic", "u"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("stdin"), "{out:?}");
+    let mut child = env
+        .command(bin_path("dlsessionctl"))
+        .args(["auth", &task, "--basic", "u"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(format!("{PASSWORD}\n").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let file = dir.join("private");
+    wait_until(|| file.exists()).await;
+    assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(51, 200_000)));
+    assert_eq!(s.requests_for("/private").last().unwrap().header("authorization"), Some(GOOD));
+    // Answering a task that waits for nothing is refused.
+    let mut child = env
+        .command(bin_path("dlsessionctl"))
+        .args(["auth", &task, "--bearer"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"token\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not waiting for credentials"), "{out:?}");
+}
+
+/// Wrong credentials, answered again and again: the task gives up after three answers
+/// with the server's 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_401_gives_up_after_three_answers() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let s = server().await;
+    let wrong = ChallengeAnswer::Use {
+        credential: Credential::Bearer { token: "nope".into() },
+        scope: CredentialScope::Task,
+        keep: false,
+    };
+    let (delegate, mut events) = Recorder::answering(&env.path().join("out"), wrong);
+    let session = Session::attach(config(&env, "t.loop").answers_challenges(true), delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/private"))], true).await.unwrap().remove(0);
+    let error = events.completion(task.id(), LONG).await.expect("gave up");
+    assert_eq!((error.code, error.http_status), (ErrorCode::HttpStatus, Some(401)), "{error:?}");
+    assert!(error.message.contains("refused 3 times"), "{error:?}");
+    let rounds: Vec<u32> = events
+        .seen
+        .iter()
+        .filter_map(|e| match e {
+            Seen::Challenge { challenge, .. } => Some(challenge.round),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rounds, [1, 2, 3]);
+    let sent = s.requests_for("/private");
+    assert_eq!(sent.len(), 4, "{sent:?}");
+    assert!(sent[1..].iter().all(|r| r.header("authorization") == Some("Bearer nope")), "{sent:?}");
+
+    // A session that does not answer fails at the first 401, as before.
+    let (delegate, mut events) = Recorder::new(&env.path().join("out2"));
+    let session = Session::attach(config(&env, "t.plain"), delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/other"))], true).await.unwrap().remove(0);
+    let error = events.completion(task.id(), LONG).await.expect("401");
+    assert_eq!(error.http_status, Some(401));
+    assert!(!events.seen.iter().any(|e| matches!(e, Seen::Challenge { .. })));
+}

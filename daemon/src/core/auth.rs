@@ -1,0 +1,248 @@
+//! Authentication challenges in the core (docs/behaviour.md, "Authentication"): which
+//! sessions ask their app, the credentials held for protection spaces and for tasks, a task
+//! waiting for its app's answer, and the answer.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use tracing::info;
+
+use super::requests::{Answer, Handled};
+use super::{After, Core};
+use crate::conn::ConnId;
+use crate::engine::auth::AuthHeader;
+use crate::model::{HeldCredential, SessionKey};
+use crate::store::Op;
+use dlsession_proto::{
+    Challenge, ChallengeAnswer, Credential, CredentialScope, DurableEvent, ErrorCode, ErrorInfo, Header,
+    MAX_AUTH_ROUNDS, Response, SessionChallenges, TaskId, TaskState,
+};
+
+impl Core {
+    pub(super) fn restore_auth(&mut self, answering: Vec<(SessionKey, bool)>, kept: Vec<(SessionKey, HeldCredential)>) {
+        self.auth.answering = answering.into_iter().filter(|(_, a)| *a).map(|(k, _)| k).collect();
+        for (key, credential) in kept {
+            match credential.task {
+                Some(task) => {
+                    self.auth.tasks.insert(task, credential);
+                }
+                None => self.auth.spaces.entry(key).or_default().push(credential),
+            }
+        }
+    }
+
+    /// The credential headers a task's requests carry: its own, and its session's for
+    /// other origins.
+    pub(super) fn auth_headers(&self, id: TaskId, key: SessionKey) -> Vec<AuthHeader> {
+        let own = self.auth.tasks.get(&id);
+        let spaces = self.auth.spaces.get(&key).into_iter().flatten();
+        let mut held: Vec<&HeldCredential> = own.into_iter().collect();
+        held.extend(spaces.filter(|c| own.is_none_or(|o| o.origin != c.origin || o.proxy != c.proxy)));
+        held.into_iter()
+            .filter_map(|c| {
+                Some(AuthHeader {
+                    origin: c.origin.clone(),
+                    proxy: c.proxy,
+                    name: c.name.parse().ok()?,
+                    value: c.value.parse().ok()?,
+                })
+            })
+            .collect()
+    }
+
+    pub(super) fn answers_challenges(&self, key: SessionKey) -> bool {
+        self.auth.answering.contains(&key)
+    }
+
+    pub(super) fn set_session_challenges(&mut self, conn: ConnId, id: u64, identifier: &str, answers: bool) -> Handled {
+        let key = self.sessions.key_of(identifier)?;
+        // Already so: nothing to store, answered even while the database refuses writes.
+        if self.answers_challenges(key) == answers {
+            return Ok(Answer::Now(Response::Ok));
+        }
+        if let Some(e) = &self.life.storage {
+            return Err(e.clone());
+        }
+        let mut ops = vec![Op::SaveChallenges { session: key, answers }];
+        let mut after = Vec::new();
+        if answers {
+            self.auth.answering.insert(key);
+        } else {
+            self.auth.answering.remove(&key);
+            self.auth.spaces.remove(&key);
+            let tasks: Vec<TaskId> =
+                self.sessions.get(&key).map(|s| s.tasks.iter().copied().collect()).unwrap_or_default();
+            for task in tasks {
+                self.auth.tasks.remove(&task);
+                // Nobody will answer what it waits on.
+                if self.tasks.get(&task).is_some_and(|t| t.rec.challenge.is_some()) {
+                    let error = unanswered(self.tasks.get(&task).and_then(|t| t.rec.challenge.as_ref()));
+                    self.complete(task, Some(error), &mut ops, &mut after);
+                }
+            }
+            ops.push(Op::DeleteCredentials { session: key, task: None });
+        }
+        info!(session = %identifier, answers, "session challenges switched");
+        after.push(After::Reply { conn, id, response: Response::Ok });
+        self.commit(ops, after);
+        Ok(Answer::Later)
+    }
+
+    pub(super) fn session_challenges(&self, identifier: &str) -> Result<SessionChallenges, ErrorInfo> {
+        let key = self.sessions.key_of(identifier)?;
+        let tasks: Vec<&HeldCredential> = self
+            .sessions
+            .get(&key)
+            .map(|s| s.tasks.iter().filter_map(|t| self.auth.tasks.get(t)).collect())
+            .unwrap_or_default();
+        let held: Vec<&HeldCredential> = self.auth.spaces.get(&key).into_iter().flatten().chain(tasks).collect();
+        Ok(SessionChallenges {
+            answers: self.answers_challenges(key),
+            credentials: u32::try_from(held.len()).unwrap_or(u32::MAX),
+            kept: u32::try_from(held.iter().filter(|c| c.kept).count()).unwrap_or(u32::MAX),
+        })
+    }
+
+    /// An attempt ended with a challenge. In a session that answers them the task now
+    /// waits for its app (a `challenge` event), or fails after `MAX_AUTH_ROUNDS` answers;
+    /// false: the session does not answer, the failure goes on as any other.
+    pub(super) fn on_challenge(&mut self, id: TaskId, challenge: Challenge, error: ErrorInfo) -> bool {
+        let Some(key) = self.tasks.get(&id).map(|t| t.rec.session) else { return false };
+        if !self.answers_challenges(key) {
+            return false;
+        }
+        let round = {
+            let n = self.auth.rounds.entry(id).or_default();
+            *n += 1;
+            *n
+        };
+        let (mut ops, mut after) = (Vec::new(), Vec::new());
+        if round > MAX_AUTH_ROUNDS {
+            let error = ErrorInfo {
+                message: format!("{}; the credentials were refused {MAX_AUTH_ROUNDS} times, giving up", error.message),
+                ..error
+            };
+            self.complete(id, Some(error), &mut ops, &mut after);
+            self.commit(ops, after);
+            return true;
+        }
+        let challenge = Challenge { round, ..challenge };
+        let Some(t) = self.tasks.get_mut(&id) else { return true };
+        t.rec.challenge = Some(challenge.clone());
+        t.rec.retry_at = None;
+        if let Some(up) = t.rec.upload.as_mut() {
+            // A 401 is no request taken: sending it again with credentials repeats nothing.
+            up.in_flight = false;
+        }
+        self.set_state(id, TaskState::Waiting);
+        info!(session = %self.sessions.identifier(key), task = id, scheme = %challenge.scheme, round, "waiting for the app's credentials");
+        let seq = self.emit(key, DurableEvent::Challenge { task: id, challenge }, &mut ops);
+        if let Some(t) = self.tasks.get(&id) {
+            ops.push(Op::UpdateTask(Box::new(t.rec.clone())));
+        }
+        after.push(After::Events { session: key, seq });
+        self.commit(ops, after);
+        true
+    }
+
+    pub(super) fn answer_challenge(&mut self, conn: ConnId, id: u64, task: TaskId, answer: ChallengeAnswer) -> Handled {
+        let Some(t) = self.tasks.get(&task) else { return Err(super::requests::no_such_task(task)) };
+        let Some(challenge) = t.rec.challenge.clone().filter(|_| t.state == TaskState::Waiting) else {
+            return Err(ErrorInfo::new(
+                ErrorCode::InvalidRequest,
+                format!("task {task} is not waiting for credentials (it is {})", t.state),
+            ));
+        };
+        let key = t.rec.session;
+        let (mut ops, mut after) = (Vec::new(), vec![After::Reply { conn, id, response: Response::Ok }]);
+        match answer {
+            ChallengeAnswer::Cancel => {
+                let by = self.conns.describe(conn);
+                self.complete(task, Some(super::transitions::cancelled(&by)), &mut ops, &mut after);
+            }
+            ChallengeAnswer::Fail => self.complete(task, Some(unanswered(Some(&challenge))), &mut ops, &mut after),
+            ChallengeAnswer::Use { credential, scope, keep } => {
+                let (name, value) = header_of(&credential, challenge.proxy);
+                crate::validate::headers(&[Header::new(name.clone(), value.clone())], &self.cfg.limits)?;
+                let held = HeldCredential {
+                    task: (scope == CredentialScope::Task).then_some(task),
+                    origin: challenge.origin.clone(),
+                    proxy: challenge.proxy,
+                    name,
+                    value,
+                    kept: keep,
+                };
+                if keep {
+                    ops.push(Op::SaveCredential { session: key, credential: held.clone() });
+                }
+                match scope {
+                    CredentialScope::Task => {
+                        self.auth.tasks.insert(task, held);
+                    }
+                    CredentialScope::ProtectionSpace => {
+                        let spaces = self.auth.spaces.entry(key).or_default();
+                        spaces.retain(|c| c.origin != held.origin || c.proxy != held.proxy);
+                        spaces.push(held);
+                    }
+                }
+                self.commit(ops, Vec::new());
+                if let Some(t) = self.tasks.get_mut(&task) {
+                    t.rec.challenge = None;
+                }
+                self.retry_now(task, true, after);
+                self.schedule();
+                return Ok(Answer::Later);
+            }
+        }
+        self.commit(ops, after);
+        Ok(Answer::Later)
+    }
+
+    /// A challenge event was acknowledged: if its task still waits on that very challenge,
+    /// nobody answered it, and it fails as `Fail` would.
+    pub(super) fn challenge_acknowledged(
+        &mut self,
+        task: TaskId,
+        round: u32,
+        ops: &mut Vec<Op>,
+        after: &mut Vec<After>,
+    ) {
+        let waits = self.tasks.get(&task).and_then(|t| t.rec.challenge.as_ref()).filter(|c| c.round == round).cloned();
+        if let Some(challenge) = waits {
+            self.complete(task, Some(unanswered(Some(&challenge))), ops, after);
+        }
+    }
+
+    /// A session is gone (its rows go with `DeleteSession`).
+    pub(super) fn forget_session_auth(&mut self, key: SessionKey) {
+        self.auth.answering.remove(&key);
+        self.auth.spaces.remove(&key);
+    }
+
+    /// A task is done: its own credential and rounds go.
+    pub(super) fn forget_task_auth(&mut self, task: TaskId, key: SessionKey, ops: &mut Vec<Op>) {
+        self.auth.rounds.remove(&task);
+        if self.auth.tasks.remove(&task).is_some_and(|c| c.kept) {
+            ops.push(Op::DeleteCredentials { session: key, task: Some(task) });
+        }
+    }
+}
+
+/// The header a credential is sent as.
+fn header_of(credential: &Credential, proxy: bool) -> (String, String) {
+    let authorization = if proxy { "Proxy-Authorization" } else { "Authorization" };
+    match credential {
+        Credential::Basic { user, password } => {
+            (authorization.into(), format!("Basic {}", STANDARD.encode(format!("{user}:{password}"))))
+        }
+        Credential::Bearer { token } => (authorization.into(), format!("Bearer {token}")),
+        Credential::Header { name, value } => (name.clone(), value.clone()),
+    }
+}
+
+/// How a task fails when its challenge goes unanswered: with the server's status.
+fn unanswered(challenge: Option<&Challenge>) -> ErrorInfo {
+    let proxy = challenge.is_some_and(|c| c.proxy);
+    let (status, text) = if proxy { (407, "407 Proxy Authentication Required") } else { (401, "401 Unauthorized") };
+    let scheme = challenge.map_or_else(String::new, |c| format!(" ({} at {})", c.scheme, c.origin));
+    ErrorInfo::http(status, format!("server answered {text}{scheme}; no credentials were given"))
+}

@@ -1,0 +1,117 @@
+//! Authentication challenges on the wire (docs/behaviour.md, "Authentication"): reading a
+//! 401's `WWW-Authenticate` (a 407's `Proxy-Authenticate`) into a [`Challenge`], and
+//! putting the credentials the app gave on the requests they belong to.
+
+use hyper::HeaderMap;
+use hyper::header::{HeaderName, HeaderValue, PROXY_AUTHENTICATE, WWW_AUTHENTICATE};
+use url::Url;
+
+use super::http::{Failure, ReqBody};
+use super::proxy::Proxies;
+use dlsession_proto::{Challenge, ErrorCode};
+
+/// A credential header for the requests to one origin (a proxy's, for `proxy`). `Debug`
+/// never shows the value.
+#[derive(Clone)]
+pub struct AuthHeader {
+    pub origin: String,
+    pub proxy: bool,
+    pub name: HeaderName,
+    pub value: HeaderValue,
+}
+
+impl std::fmt::Debug for AuthHeader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} for {}{}", self.name, self.origin, if self.proxy { " (proxy)" } else { "" })
+    }
+}
+
+/// `scheme://host:port`, the port always written.
+pub fn origin_of(url: &Url) -> String {
+    format!("{}://{}:{}", url.scheme(), url.host_str().unwrap_or(""), url.port_or_known_default().unwrap_or(0))
+}
+
+/// The challenge a 401 or 407 carries (none without its header): the first scheme and
+/// its `realm`.
+pub fn challenge(status: u16, headers: &HeaderMap, url: &Url, proxies: &Proxies) -> Option<Challenge> {
+    let (header, proxy) = match status {
+        401 => (WWW_AUTHENTICATE, false),
+        407 => (PROXY_AUTHENTICATE, true),
+        _ => return None,
+    };
+    let value = headers.get(header)?.to_str().ok()?.trim();
+    let (scheme, params) = value.split_once(char::is_whitespace).unwrap_or((value, ""));
+    let scheme = scheme.trim_end_matches(',');
+    if scheme.is_empty() || !scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~+".contains(&b)) {
+        return None;
+    }
+    let origin = if proxy { proxies.http_proxy_origin(url)? } else { origin_of(url) };
+    Some(Challenge { scheme: scheme.to_owned(), realm: realm(params), origin, proxy, round: 1 })
+}
+
+/// The `realm` parameter of the first challenge (quoted or a token), cut at 256 bytes.
+fn realm(params: &str) -> Option<String> {
+    let at = params.to_ascii_lowercase().find("realm=")?;
+    let rest = params.get(at + "realm=".len()..)?;
+    let value = match rest.strip_prefix('"') {
+        Some(quoted) => quoted.split('"').next()?,
+        None => rest.split([',', ' ']).next()?,
+    };
+    let mut value = value.to_owned();
+    value.truncate(value.floor_char_boundary(256));
+    Some(value)
+}
+
+/// The failure a challenge ends an attempt with: the server's status, which completes the
+/// task unless the core asks the app.
+pub fn failure(status: u16, status_text: &str, challenge: Challenge) -> Failure {
+    let mut f = Failure::permanent(ErrorCode::HttpStatus, format!("server answered {status_text}"));
+    f.error.http_status = Some(status);
+    f.challenge = Some(Box::new(challenge));
+    f
+}
+
+/// Puts on `req` (going to `url`) the credentials that belong to its origin, or to the
+/// HTTP proxy it goes through; they replace the app's own header of the same name.
+pub fn apply(req: &mut hyper::Request<ReqBody>, url: &Url, auth: &[AuthHeader], proxies: &Proxies) {
+    if auth.is_empty() {
+        return;
+    }
+    let origin = origin_of(url);
+    let proxy = proxies.http_proxy_origin(url);
+    for a in auth {
+        let matches = if a.proxy { proxy.as_deref() == Some(a.origin.as_str()) } else { a.origin == origin };
+        if matches {
+            req.headers_mut().insert(a.name.clone(), a.value.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges_are_read_from_their_header() {
+        let url = Url::parse("https://files.example.org/a").unwrap_or_else(|_| unreachable!());
+        let none = Proxies::new("", "", "", "");
+        let mut h = HeaderMap::new();
+        h.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"Files, Inc\", charset=\"UTF-8\""));
+        let c = challenge(401, &h, &url, &none).unwrap_or_else(|| unreachable!());
+        assert_eq!((c.scheme.as_str(), c.realm.as_deref()), ("Basic", Some("Files, Inc")));
+        assert_eq!((c.origin.as_str(), c.proxy), ("https://files.example.org:443", false));
+        h.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=api, error=\"invalid_token\""));
+        assert_eq!(challenge(401, &h, &url, &none).and_then(|c| c.realm), Some("api".into()));
+        h.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Negotiate"));
+        assert_eq!(challenge(401, &h, &url, &none).map(|c| (c.scheme, c.realm)), Some(("Negotiate".into(), None)));
+        assert!(challenge(403, &h, &url, &none).is_none(), "only 401 and 407");
+        assert!(challenge(401, &HeaderMap::new(), &url, &none).is_none(), "a 401 without a challenge");
+        // A 407 names the proxy; through none, there is nothing to answer.
+        h.insert(PROXY_AUTHENTICATE, HeaderValue::from_static("Basic realm=proxy"));
+        assert!(challenge(407, &h, &url, &none).is_none());
+        let plain = Url::parse("http://files.example.org/a").unwrap_or_else(|_| unreachable!());
+        let through = Proxies::new("http://proxy.lan:3128", "", "", "");
+        let c = challenge(407, &h, &plain, &through).unwrap_or_else(|| unreachable!());
+        assert_eq!((c.origin.as_str(), c.proxy), ("http://proxy.lan:3128", true));
+    }
+}
