@@ -46,6 +46,8 @@ pub struct SessionConfiguration {
     pub(crate) cookies: Option<bool>,
     /// Whether the session asks the app about challenges (`None`: as stored).
     pub(crate) challenges: Option<bool>,
+    /// The session's client certificate (`None`: as stored; `Some(None)`: none).
+    pub(crate) client_cert: Option<Option<dlsession_proto::ClientCertificate>>,
     /// The session's own proxy (`None`: as stored; `Some(None)`: the environment's).
     pub(crate) proxy: Option<Option<dlsession_proto::SessionProxy>>,
     pub(crate) socket: Option<PathBuf>,
@@ -81,6 +83,7 @@ impl SessionConfiguration {
             notify: None,
             cookies: None,
             challenges: None,
+            client_cert: None,
             proxy: None,
             socket: None,
             takeover: false,
@@ -247,6 +250,26 @@ impl SessionConfiguration {
     /// session holds.
     pub fn answers_challenges(mut self, answers: bool) -> Self {
         self.challenges = Some(answers);
+        self
+    }
+
+    /// The client certificate (PEM: the certificate followed by any intermediates) and
+    /// private key files the session's downloads present to servers that ask for one
+    /// (mutual TLS). The daemon reads them when the session attaches (a file it cannot read
+    /// or a key that does not match refuses the attach) and again at each start.
+    pub fn client_certificate(mut self, cert_file: impl AsRef<Path>, key_file: impl AsRef<Path>) -> Self {
+        let absolute =
+            |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()).to_string_lossy().into_owned();
+        self.client_cert = Some(Some(dlsession_proto::ClientCertificate {
+            cert_file: absolute(cert_file.as_ref()),
+            key_file: absolute(key_file.as_ref()),
+        }));
+        self
+    }
+
+    /// No client certificate (the one stored is forgotten).
+    pub fn no_client_certificate(mut self) -> Self {
+        self.client_cert = Some(None);
         self
     }
 

@@ -181,6 +181,13 @@ async fn apply_policy(client: &Client, config: &SessionConfiguration) -> Result<
             other => return Err(Error::UnexpectedResponse { expected: "ok", got: other.kind() }),
         }
     }
+    if let Some(cert) = &config.client_cert {
+        let request = Request::SetSessionClientCert { identifier: config.identifier.clone(), cert: cert.clone() };
+        match client.request(request).await? {
+            Response::Ok => {}
+            other => return Err(Error::UnexpectedResponse { expected: "ok", got: other.kind() }),
+        }
+    }
     if let Some(proxy) = &config.proxy {
         let request = Request::SetSessionProxy { identifier: config.identifier.clone(), proxy: proxy.clone() };
         match client.request(request).await? {

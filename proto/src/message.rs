@@ -124,6 +124,20 @@ pub enum Request {
     GetSessionChallenges { identifier: String },
     /// Answers the challenge a task waits on (`WaitReason::AuthRequired`). → [`Response::Ok`]
     AnswerChallenge { task: TaskId, answer: ChallengeAnswer },
+    /// The client certificate the session's downloads present to servers that ask for one
+    /// (mutual TLS), read from files now (`None`: none). Stored; attempts that start from
+    /// now on use it. → [`Response::Ok`]
+    SetSessionClientCert { identifier: String, cert: Option<ClientCertificate> },
+    /// → [`Response::SessionClientCert`] (the files, never the key).
+    GetSessionClientCert { identifier: String },
+}
+
+/// A session's client certificate: PEM files the daemon reads (the certificate, followed by
+/// any intermediates, and the private key: PKCS#8, PKCS#1 or SEC1).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ClientCertificate {
+    pub cert_file: String,
+    pub key_file: String,
 }
 
 /// When a session's tasks may run (like `URLSession`'s `allowsExpensiveNetworkAccess`,
@@ -304,6 +318,8 @@ impl Request {
             Request::SetSessionChallenges { .. } => "set_session_challenges",
             Request::GetSessionChallenges { .. } => "get_session_challenges",
             Request::AnswerChallenge { .. } => "answer_challenge",
+            Request::SetSessionClientCert { .. } => "set_session_client_cert",
+            Request::GetSessionClientCert { .. } => "get_session_client_cert",
         }
     }
 }
@@ -372,6 +388,7 @@ pub enum Response {
     SessionProxy(Option<SessionProxy>),
     // Protocol 4.
     SessionChallenges(SessionChallenges),
+    SessionClientCert(Option<ClientCertificate>),
 }
 
 /// Whether a session answers challenges, and how many credentials it holds (never which).
@@ -405,6 +422,7 @@ impl Response {
             Response::SessionCookies(_) => "session_cookies",
             Response::SessionProxy(_) => "session_proxy",
             Response::SessionChallenges(_) => "session_challenges",
+            Response::SessionClientCert(_) => "session_client_cert",
         }
     }
 }

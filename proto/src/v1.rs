@@ -324,7 +324,8 @@ fn response(r: crate::Response) -> Response {
         | R::TaskPolicy(_)
         | R::SessionCookies(_)
         | R::SessionProxy(_)
-        | R::SessionChallenges(_) => Response::Ok,
+        | R::SessionChallenges(_)
+        | R::SessionClientCert(_) => Response::Ok,
     }
 }
 

@@ -166,7 +166,7 @@ fn response(r: crate::Response) -> Response {
         R::SessionCookies(c) => Response::SessionCookies(c),
         R::SessionProxy(p) => Response::SessionProxy(p),
         // Only sent in answer to a protocol-4 request.
-        R::SessionChallenges(_) => Response::Ok,
+        R::SessionChallenges(_) | R::SessionClientCert(_) => Response::Ok,
     }
 }
 

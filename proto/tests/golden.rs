@@ -373,6 +373,14 @@ fn requests_v4() -> Vec<(&'static str, Request)> {
             },
         ),
         ("req_answer_challenge_cancel", Request::AnswerChallenge { task: 7, answer: ChallengeAnswer::Cancel }),
+        (
+            "req_set_session_client_cert",
+            Request::SetSessionClientCert {
+                identifier: "s".into(),
+                cert: Some(ClientCertificate { cert_file: "/c/me.pem".into(), key_file: "/c/me.key".into() }),
+            },
+        ),
+        ("req_get_session_client_cert", Request::GetSessionClientCert { identifier: "s".into() }),
     ]
 }
 
@@ -412,6 +420,13 @@ fn server_messages_v4() -> Vec<(&'static str, ServerMessage)> {
         (
             "resp_session_challenges",
             resp(Response::SessionChallenges(SessionChallenges { answers: true, credentials: 2, kept: 1 })),
+        ),
+        (
+            "resp_session_client_cert",
+            resp(Response::SessionClientCert(Some(ClientCertificate {
+                cert_file: "/c/me.pem".into(),
+                key_file: "/c/me.key".into(),
+            }))),
         ),
         ("ev_task_update_upload", ServerMessage::Event(Event::TaskUpdate(upload))),
         (
@@ -587,7 +602,10 @@ fn older_clients_get_uploads_as_downloads() {
                         ..
                     }),
                 ) => {}
-                ("resp_session_challenges", v3::ServerMessage::Response { result: Ok(v3::Response::Ok), .. }) => {}
+                (
+                    "resp_session_challenges" | "resp_session_client_cert",
+                    v3::ServerMessage::Response { result: Ok(v3::Response::Ok), .. },
+                ) => {}
                 (
                     "ev_send_progress",
                     v3::ServerMessage::Event(v3::Event::Progress {

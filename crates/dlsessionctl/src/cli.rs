@@ -377,6 +377,19 @@ pub struct PolicyArgs {
     /// with the 401 (fail; forgets the credentials held) (sessions only)
     #[arg(long, value_name = "ask|fail", value_parser = ["ask", "fail"], conflicts_with = "task")]
     pub challenges: Option<String>,
+
+    /// Present this client certificate (PEM) to servers that ask for one; needs
+    /// --client-key (sessions only)
+    #[arg(long, value_name = "FILE", requires = "client_key", conflicts_with_all = ["task", "no_client_cert"])]
+    pub client_cert: Option<std::path::PathBuf>,
+
+    /// The client certificate's private key (PEM)
+    #[arg(long, value_name = "FILE", requires = "client_cert")]
+    pub client_key: Option<std::path::PathBuf>,
+
+    /// Present no client certificate (forgets the one set)
+    #[arg(long, conflicts_with = "task")]
+    pub no_client_cert: bool,
 }
 
 #[derive(Debug, Args)]

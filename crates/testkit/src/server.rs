@@ -388,6 +388,12 @@ impl TestServer {
             .await
     }
 
+    /// HTTPS that wants a client certificate `ca` issued (see `TestCa::client_identity`).
+    pub async fn start_mutual_tls(ca: &TestCa) -> anyhow::Result<TestServer> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(ca.mutual_server_config());
+        Self::start_inner(Some(acceptor), IpAddr::V4(Ipv4Addr::LOCALHOST)).await
+    }
+
     async fn start_inner(tls: Option<tokio_rustls::TlsAcceptor>, ip: IpAddr) -> anyhow::Result<TestServer> {
         let listener = TcpListener::bind((ip, 0)).await?;
         let addr = listener.local_addr()?;

@@ -25,6 +25,11 @@ pub struct TestCa {
     leaf_key_der: Vec<u8>,
     leaf_key_pem: String,
     server_config: Arc<rustls::ServerConfig>,
+    /// The same, asking every client for a certificate this CA issued.
+    mutual_config: Arc<rustls::ServerConfig>,
+    /// A client certificate this CA issued, and its key (PEM files in `_dir`).
+    client_cert_path: PathBuf,
+    client_key_path: PathBuf,
     ca_pem_path: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -96,7 +101,39 @@ impl TestCa {
             .context("server certificate")?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
 
+        // --- a client certificate, and a server that wants one ---
+        let client_key = KeyPair::generate().context("generating client key")?;
+        let mut client_params = CertificateParams::new(Vec::<String>::new()).context("client params")?;
+        client_params.distinguished_name = rcgen::DistinguishedName::new();
+        client_params.distinguished_name.push(DnType::CommonName, "dlsession test client");
+        client_params.is_ca = IsCa::ExplicitNoCa;
+        client_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        client_params.use_authority_key_identifier_extension = true;
+        client_params.not_before = date_time_ymd(2015, 1, 1);
+        client_params.not_after = date_time_ymd(2099, 12, 31);
+        let client_cert = client_params.signed_by(&client_key, &issuer).context("signing client certificate")?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca_cert.der().clone()).context("client CA")?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .context("client verifier")?;
+        let mut mutual = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .context("TLS protocol versions")?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![leaf_cert.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key_der.clone())),
+            )
+            .context("server certificate")?;
+        mutual.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+
         let dir = tempfile::Builder::new().prefix("dlsession-testca-").tempdir().context("tempdir")?;
+        let client_cert_path = dir.path().join("client.pem");
+        let client_key_path = dir.path().join("client-key.pem");
+        std::fs::write(&client_cert_path, client_cert.pem()).context("writing client.pem")?;
+        std::fs::write(&client_key_path, client_key.serialize_pem()).context("writing client-key.pem")?;
         let ca_pem_path = dir.path().join("ca.pem");
         let ca_cert_pem = ca_cert.pem();
         std::fs::write(&ca_pem_path, &ca_cert_pem).context("writing ca.pem")?;
@@ -110,6 +147,9 @@ impl TestCa {
             leaf_key_pem: leaf_key.serialize_pem(),
             leaf_key_der,
             server_config: Arc::new(config),
+            mutual_config: Arc::new(mutual),
+            client_cert_path,
+            client_key_path,
             ca_pem_path,
             _dir: dir,
         })
@@ -158,6 +198,16 @@ impl TestCa {
     /// A rustls server configuration presenting the leaf certificate, ALPN `h2` then `http/1.1`.
     pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
         Arc::clone(&self.server_config)
+    }
+
+    /// A server configuration that also wants a client certificate this CA issued.
+    pub fn mutual_server_config(&self) -> Arc<rustls::ServerConfig> {
+        Arc::clone(&self.mutual_config)
+    }
+
+    /// PEM files of a client certificate this CA issued and of its key.
+    pub fn client_identity(&self) -> (&Path, &Path) {
+        (&self.client_cert_path, &self.client_key_path)
     }
 
     /// A rustls client configuration trusting only this CA, ALPN `h2` then `http/1.1`.

@@ -321,6 +321,8 @@ pub struct Prepared {
     pub resume: Option<(TaskId, Adoption)>,
     /// For uploads: each file as it was when checked, in request order.
     pub uploads: Vec<FileSnapshot>,
+    /// For a session's client certificate: read and checked.
+    pub client_cert: Option<std::sync::Arc<crate::engine::http::ClientIdentity>>,
 }
 
 /// An upload's file when it was submitted: the body is this, or the upload fails.

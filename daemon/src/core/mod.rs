@@ -21,6 +21,7 @@
 mod admission;
 mod auth;
 mod backoff;
+mod client_cert;
 mod conns;
 mod convert;
 mod cookies;

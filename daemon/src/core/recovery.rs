@@ -22,6 +22,7 @@ impl Core {
         }
         self.restore_cookies(snapshot.cookie_jars);
         self.restore_auth(snapshot.session_challenges, snapshot.credentials);
+        self.restore_client_certs(snapshot.client_certs);
         for (key, proxy) in snapshot.session_proxies {
             if let Some(s) = self.sessions.get_mut(&key) {
                 s.proxy = Some(proxy);

@@ -55,6 +55,15 @@ pub(super) struct Session {
     pub cookies: Option<Arc<crate::engine::cookies::CookieJar>>,
     /// Its own proxy (`None`: the daemon's environment).
     pub proxy: Option<dlsession_proto::SessionProxy>,
+    /// Its client certificate: the files, and what was read from them (or why not).
+    pub client_cert: Option<ClientCert>,
+}
+
+/// A session's client certificate as the core holds it.
+#[derive(Debug, Clone)]
+pub(super) struct ClientCert {
+    pub files: dlsession_proto::ClientCertificate,
+    pub identity: Result<Arc<crate::engine::http::ClientIdentity>, String>,
 }
 
 impl Session {
@@ -81,6 +90,7 @@ impl Session {
             launch_replies: Vec::new(),
             cookies: None,
             proxy: None,
+            client_cert: None,
         }
     }
 

@@ -213,6 +213,7 @@ impl Core {
             upload,
             auth: self.auth_headers(id, t.rec.session),
             answers_challenges: self.answers_challenges(t.rec.session),
+            client_cert: self.client_identity(t.rec.session),
         };
         let worker = self.engine.spawn(job);
         let key = t.rec.session;

@@ -28,7 +28,7 @@ impl Engine {
         let mut url =
             Url::parse(&job.url).map_err(|e| Failure::permanent(ErrorCode::InvalidUrl, format!("invalid URL: {e}")))?;
         let origin = url.origin();
-        let (client, proxies) = self.route(job.proxy.as_ref());
+        let (client, proxies) = self.route(job)?;
         let mut hops = 0;
         loop {
             let same_origin = url.origin() == origin;

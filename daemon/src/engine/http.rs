@@ -45,7 +45,74 @@ pub enum TlsSetupError {
 #[derive(Clone)]
 pub struct ClientFactory {
     tls: rustls::ClientConfig,
+    /// What `tls` was built from, for configurations that add a client certificate.
+    roots: Arc<RootCertStore>,
     connect_timeout: Duration,
+}
+
+/// A client certificate chain and its key, read from the files a session named. `Debug`
+/// shows only where they came from.
+pub struct ClientIdentity {
+    /// Distinguishes identities in the engine's client map.
+    pub id: u64,
+    pub cert_file: String,
+    chain: Vec<CertificateDer<'static>>,
+    key: rustls_pki_types::PrivateKeyDer<'static>,
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("id", &self.id)
+            .field("cert_file", &self.cert_file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for ClientIdentity {
+    fn eq(&self, other: &ClientIdentity) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for ClientIdentity {}
+
+impl ClientIdentity {
+    /// Reads a PEM certificate chain and its private key; the error says what is wrong
+    /// (blocking: call it off the core and the runtime).
+    pub fn load(cert_file: &str, key_file: &str) -> Result<ClientIdentity, ClientCertError> {
+        use rustls_pki_types::PrivateKeyDer;
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let read = |path: &str| std::fs::read(path).map_err(|e| ClientCertError::Read(format!("{path}: {e}")));
+        let chain = CertificateDer::pem_slice_iter(&read(cert_file)?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ClientCertError::Invalid(format!("{cert_file}: {e}")))?;
+        if chain.is_empty() {
+            return Err(ClientCertError::Invalid(format!("{cert_file}: no PEM certificate in it")));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&read(key_file)?)
+            .map_err(|e| ClientCertError::Invalid(format!("{key_file}: no usable PEM private key ({e})")))?;
+        // The key must be one rustls can sign with, and belong to the certificate.
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let signer = provider
+            .key_provider
+            .load_private_key(key.clone_key())
+            .map_err(|e| ClientCertError::Invalid(format!("{key_file}: {e}")))?;
+        rustls::sign::CertifiedKey::new(chain.clone(), signer)
+            .keys_match()
+            .map_err(|e| ClientCertError::Invalid(format!("{cert_file} and {key_file} do not belong together: {e}")))?;
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(ClientIdentity { id, cert_file: cert_file.to_owned(), chain, key })
+    }
+}
+
+/// Why a client certificate cannot be used.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientCertError {
+    #[error("cannot read {0}")]
+    Read(String),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl std::fmt::Debug for ClientFactory {
@@ -79,22 +146,37 @@ impl ClientFactory {
             warn!("no trusted CA certificates: every https download will fail with a tls error");
         }
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let roots = Arc::new(roots);
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
+            .with_root_certificates(roots.clone())
             .with_no_client_auth();
-        Ok(ClientFactory { tls, connect_timeout })
+        Ok(ClientFactory { tls, roots, connect_timeout })
     }
 
-    /// A client whose connections go as `proxies` say; pooled connections.
-    pub fn client(&self, proxies: &Proxies) -> HttpClient {
+    /// A client whose connections go as `proxies` say, presenting `identity` to servers that
+    /// ask for a client certificate; pooled connections.
+    pub fn client(&self, proxies: &Proxies, identity: Option<&ClientIdentity>) -> Result<HttpClient, rustls::Error> {
+        let tls = match identity {
+            None => self.tls.clone(),
+            Some(id) => {
+                rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+                    .with_safe_default_protocol_versions()?
+                    .with_root_certificates(self.roots.clone())
+                    .with_client_auth_cert(id.chain.clone(), id.key.clone_key())?
+            }
+        };
+        Ok(self.client_with(proxies, tls))
+    }
+
+    fn client_with(&self, proxies: &Proxies, tls: rustls::ClientConfig) -> HttpClient {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(self.connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
         http.set_nodelay(true);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(self.tls.clone())
+            .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
             .enable_http2()
@@ -161,19 +243,62 @@ pub fn classify(err: &(dyn StdError + 'static), what: &str) -> Failure {
     let chain = error_chain(err);
     // A certificate problem is not transient: retrying for a week would only hide it.
     if let Some(tls) = find::<rustls::Error>(err) {
-        let permanent = matches!(
+        use rustls::AlertDescription as A;
+        // The server wants a client certificate, or refused ours: set (or fix) the
+        // session's, retrying changes nothing.
+        let refused_ours = matches!(
             tls,
-            rustls::Error::InvalidCertificate(_)
-                | rustls::Error::NoCertificatesPresented
-                | rustls::Error::UnsupportedNameType
-                | rustls::Error::PeerIncompatible(_)
+            rustls::Error::AlertReceived(
+                A::CertificateRequired
+                    | A::BadCertificate
+                    | A::UnsupportedCertificate
+                    | A::CertificateRevoked
+                    | A::CertificateExpired
+                    | A::CertificateUnknown
+                    | A::UnknownCA
+            )
         );
-        let message = format!("{what}: TLS error: {tls}");
+        let permanent = refused_ours
+            || matches!(
+                tls,
+                rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::NoCertificatesPresented
+                    | rustls::Error::UnsupportedNameType
+                    | rustls::Error::PeerIncompatible(_)
+            );
+        let hint = if refused_ours {
+            " (the server wants a client certificate it accepts: see `dlsessionctl policy SESSION --client-cert`)"
+        } else {
+            ""
+        };
+        let message = format!("{what}: TLS error: {tls}{hint}");
         return if permanent {
             Failure::permanent(ErrorCode::Tls, message)
         } else {
             Failure::transient(ErrorCode::Tls, message)
         };
+    }
+    // A TLS alert that reaches us inside the connection's own error (hyper keeps only its
+    // text): the server wants a client certificate, or refused ours.
+    const REFUSED: [&str; 7] = [
+        "CertificateRequired",
+        "BadCertificate",
+        "UnsupportedCertificate",
+        "CertificateRevoked",
+        "CertificateExpired",
+        "CertificateUnknown",
+        "UnknownCA",
+    ];
+    if let Some(alert) = chain.split("received fatal alert: ").nth(1)
+        && REFUSED.iter().any(|name| alert.starts_with(name))
+    {
+        return Failure::permanent(
+            ErrorCode::Tls,
+            format!(
+                "{what}: TLS error: {chain} (the server wants a client certificate it accepts: see `dlsessionctl \
+                 policy SESSION --client-cert`)"
+            ),
+        );
     }
     if let Some(proxy) = find::<super::proxy::UnsupportedProxy>(err) {
         return Failure::permanent(ErrorCode::Network, format!("{what}: {proxy}"));
@@ -348,8 +473,10 @@ mod tests {
             head.extend(b"\r\nContent-Length: 0\r\n\r\n");
             let _ = s.write_all(&head).await;
         });
-        let client =
-            ClientFactory::new(None, Duration::from_secs(5)).unwrap().client(&super::super::proxy::Proxies::from_env());
+        let client = ClientFactory::new(None, Duration::from_secs(5))
+            .unwrap()
+            .client(&super::super::proxy::Proxies::from_env(), None)
+            .unwrap();
         let req = hyper::Request::get(format!("http://{addr}/")).body(empty_body()).unwrap();
         let err = client.request(req).await.unwrap_err();
         let f = classify(&err, "requesting");

@@ -89,6 +89,8 @@ pub struct Job {
     /// The session asks its app about challenges: an upload reports a 401 as a challenge
     /// instead of as its final response.
     pub answers_challenges: bool,
+    /// The session's client certificate (or why it cannot be read).
+    pub client_cert: Option<Result<Arc<http::ClientIdentity>, String>>,
 }
 
 /// What an upload attempt sends. `Debug` never shows the upload resource's URL.
@@ -148,9 +150,11 @@ pub struct Engine {
     /// The client going as the daemon's environment says.
     client: HttpClient,
     proxies: proxy::Proxies,
-    /// One client per session proxy in use (made when first needed; its connections are
-    /// pooled apart from the others').
-    by_proxy: std::sync::Mutex<std::collections::HashMap<SessionProxy, (HttpClient, proxy::Proxies)>>,
+    /// One client per session proxy and client certificate in use (made when first needed;
+    /// its connections are pooled apart from the others').
+    #[allow(clippy::type_complexity)]
+    by_route:
+        std::sync::Mutex<std::collections::HashMap<(Option<SessionProxy>, Option<u64>), (HttpClient, proxy::Proxies)>>,
     settings: EngineSettings,
     mover: files::Mover,
 }
@@ -165,29 +169,47 @@ impl Engine {
         settings: EngineSettings,
     ) -> std::io::Result<Engine> {
         tracing::info!(proxies = %proxies.describe(), "proxy settings from the environment");
-        let client = factory.client(&proxies);
+        let client = factory.client(&proxies, None).map_err(std::io::Error::other)?;
         Ok(Engine {
             factory,
             client,
             proxies,
-            by_proxy: std::sync::Mutex::default(),
+            by_route: std::sync::Mutex::default(),
             settings,
             mover: files::Mover::start()?,
         })
     }
 
-    /// The client (and proxy rules) for a download: its session's proxy, else the
-    /// environment's.
-    fn route(&self, proxy: Option<&SessionProxy>) -> (HttpClient, proxy::Proxies) {
-        let Some(p) = proxy else { return (self.client.clone(), self.proxies.clone()) };
-        let mut clients = self.by_proxy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        clients
-            .entry(p.clone())
-            .or_insert_with(|| {
-                let proxies = proxy::Proxies::new(p.url.as_deref().unwrap_or(""), "", "", &p.no_proxy);
-                (self.factory.client(&proxies), proxies)
-            })
-            .clone()
+    /// The client (and proxy rules) for a job: its session's proxy, else the environment's,
+    /// presenting its session's client certificate if it has one.
+    fn route(&self, job: &Job) -> Result<(HttpClient, proxy::Proxies), Failure> {
+        let identity = match &job.client_cert {
+            None => None,
+            Some(Ok(id)) => Some(id.as_ref()),
+            Some(Err(e)) => {
+                return Err(Failure::permanent(
+                    ErrorCode::Tls,
+                    format!("the session's client certificate cannot be used: {e}"),
+                ));
+            }
+        };
+        if job.proxy.is_none() && identity.is_none() {
+            return Ok((self.client.clone(), self.proxies.clone()));
+        }
+        let key = (job.proxy.clone(), identity.map(|i| i.id));
+        let mut clients = self.by_route.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(found) = clients.get(&key) {
+            return Ok(found.clone());
+        }
+        let proxies = match &job.proxy {
+            Some(p) => proxy::Proxies::new(p.url.as_deref().unwrap_or(""), "", "", &p.no_proxy),
+            None => self.proxies.clone(),
+        };
+        let client = self.factory.client(&proxies, identity).map_err(|e| {
+            Failure::permanent(ErrorCode::Tls, format!("the session's client certificate cannot be used: {e}"))
+        })?;
+        clients.insert(key, (client.clone(), proxies.clone()));
+        Ok((client, proxies))
     }
 
     /// Starts a worker for `job`.

@@ -614,3 +614,11 @@ pub fn save_credential(tx: &Transaction<'_>, session: SessionKey, c: &HeldCreden
     .execute(params![session, c.task.map_or(0, sat), c.origin, c.proxy, c.name, c.value])?;
     Ok(())
 }
+
+pub fn load_client_certs(conn: &Connection) -> rusqlite::Result<Vec<(SessionKey, dlsession_proto::ClientCertificate)>> {
+    let mut stmt = conn.prepare("SELECT session_id, cert_file, key_file FROM session_client_certs")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get(0)?, dlsession_proto::ClientCertificate { cert_file: r.get(1)?, key_file: r.get(2)? }))
+    })?;
+    rows.collect()
+}

@@ -96,6 +96,11 @@ pub enum Op {
         session: SessionKey,
         task: Option<TaskId>,
     },
+    /// A session's client certificate files (`None`: none).
+    SaveClientCert {
+        session: SessionKey,
+        cert: Option<dlsession_proto::ClientCertificate>,
+    },
 }
 
 /// Runs after the batch's transaction committed (or, the database thread gone, never will).
@@ -144,6 +149,8 @@ pub struct Snapshot {
     pub session_challenges: Vec<(SessionKey, bool)>,
     /// Credentials kept, by session.
     pub credentials: Vec<(SessionKey, crate::model::HeldCredential)>,
+    /// Sessions' client certificates.
+    pub client_certs: Vec<(SessionKey, dlsession_proto::ClientCertificate)>,
 }
 
 /// Handle to the database thread. Cheap to clone.
@@ -216,6 +223,7 @@ fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreError> {
         session_proxies: codec::load_session_proxies(conn)?,
         session_challenges: codec::load_session_challenges(conn)?,
         credentials: codec::load_credentials(conn)?,
+        client_certs: codec::load_client_certs(conn)?,
     })
 }
 
@@ -367,6 +375,7 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
             tx.execute("DELETE FROM session_proxies WHERE session_id = ?1", params![key])?;
             tx.execute("DELETE FROM session_challenges WHERE session_id = ?1", params![key])?;
             tx.execute("DELETE FROM credentials WHERE session_id = ?1", params![key])?;
+            tx.execute("DELETE FROM session_client_certs WHERE session_id = ?1", params![key])?;
             // A session is deleted once all its tasks are retired; any other would be orphaned.
             tx.execute("DELETE FROM tasks WHERE session_id = ?1 AND retired = 0", params![key])?;
             // Its retired tasks stay in the history (`show` finds them) under a tombstone row whose
@@ -440,6 +449,17 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
             Ok(())
         }
         Op::SaveCredential { session, credential } => codec::save_credential(tx, *session, credential),
+        Op::SaveClientCert { session, cert: Some(c) } => {
+            tx.execute(
+                "INSERT OR REPLACE INTO session_client_certs (session_id, cert_file, key_file) VALUES (?1, ?2, ?3)",
+                params![session, c.cert_file, c.key_file],
+            )?;
+            Ok(())
+        }
+        Op::SaveClientCert { session, cert: None } => {
+            tx.execute("DELETE FROM session_client_certs WHERE session_id = ?1", params![session])?;
+            Ok(())
+        }
         Op::DeleteCredentials { session, task: Some(task) } => {
             tx.execute("DELETE FROM credentials WHERE session_id = ?1 AND task_id = ?2", params![session, sat(*task)])?;
             Ok(())

@@ -124,7 +124,8 @@ const MIGRATIONS: &[&str] = &[
      );",
     // 10: upload tasks (upload_method NULL: a download), and the response an upload's
     // event carries; authentication challenges (a task's, an event's), whether a session
-    // answers them, and the credentials kept (task_id 0: the session's protection space).
+    // answers them, and the credentials kept (task_id 0: the session's protection space);
+    // sessions' client certificates (the files, never the key itself).
     "ALTER TABLE tasks ADD COLUMN upload_method TEXT;
      ALTER TABLE tasks ADD COLUMN upload_file TEXT;
      ALTER TABLE tasks ADD COLUMN upload_size INTEGER;
@@ -157,6 +158,11 @@ const MIGRATIONS: &[&str] = &[
         name       TEXT NOT NULL,
         value      TEXT NOT NULL,
         PRIMARY KEY (session_id, task_id, origin, proxy)
+     );
+     CREATE TABLE session_client_certs (
+        session_id INTEGER PRIMARY KEY,
+        cert_file  TEXT NOT NULL,
+        key_file   TEXT NOT NULL
      );",
 ];
 

@@ -53,6 +53,25 @@ async fn run_session(ctx: &Ctx, session: &str, args: &PolicyArgs) -> Result<Exit
         let request = Request::SetSessionChallenges { identifier: session.to_owned(), answers: c == "ask" };
         request_ok(&client, request).await?;
     }
+    let cert = match (&args.client_cert, &args.client_key, args.no_client_cert) {
+        (_, _, true) => Some(None),
+        (Some(c), Some(k), false) => {
+            let abs = |p: &std::path::Path| {
+                std::path::absolute(p)
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .map_err(|e| CliError::file("cannot find", p, &e))
+            };
+            Some(Some(dlsession_proto::ClientCertificate { cert_file: abs(c)?, key_file: abs(k)? }))
+        }
+        _ => None,
+    };
+    if let Some(cert) = cert {
+        request_ok(&client, Request::SetSessionClientCert { identifier: session.to_owned(), cert }).await?;
+    }
+    let cert = match client.request(Request::GetSessionClientCert { identifier: session.to_owned() }).await? {
+        Response::SessionClientCert(c) => c,
+        other => return Err(CliError::unexpected("session_client_cert", &other)),
+    };
     let challenges = match client.request(Request::GetSessionChallenges { identifier: session.to_owned() }).await? {
         Response::SessionChallenges(c) => c,
         other => return Err(CliError::unexpected("session_challenges", &other)),
@@ -64,6 +83,7 @@ async fn run_session(ctx: &Ctx, session: &str, args: &PolicyArgs) -> Result<Exit
         json.challenges = Some(if challenges.answers { "ask" } else { "fail" });
         json.credentials = Some(challenges.credentials);
         json.credentials_kept = Some(challenges.kept);
+        json.client_cert = cert.as_ref().map(|c| c.cert_file.as_str());
         json::print(&json)?;
     } else {
         let kept =
@@ -73,7 +93,8 @@ async fn run_session(ctx: &Ctx, session: &str, args: &PolicyArgs) -> Result<Exit
         } else {
             "fails tasks a server asks credentials of".into()
         };
-        writeln!(std::io::stdout().lock(), "{session}: {}, {kept}, {asks}", describe(policy))?;
+        let cert = cert.map(|c| format!(", client certificate {}", c.cert_file)).unwrap_or_default();
+        writeln!(std::io::stdout().lock(), "{session}: {}, {kept}, {asks}{cert}", describe(policy))?;
     }
     Ok(Exit::Success)
 }
@@ -165,6 +186,9 @@ struct PolicyJson<'a> {
     credentials: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     credentials_kept: Option<u32>,
+    /// A session's client certificate file, if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_cert: Option<&'a str>,
 }
 
 impl<'a> PolicyJson<'a> {
@@ -183,6 +207,7 @@ impl<'a> PolicyJson<'a> {
             challenges: None,
             credentials: None,
             credentials_kept: None,
+            client_cert: None,
         }
     }
 }

@@ -105,6 +105,12 @@ impl Core {
                 Ok(Answer::Now(Response::SessionChallenges(self.session_challenges(&identifier)?)))
             }
             Request::AnswerChallenge { task, answer } => self.answer_challenge(conn, id, task, answer),
+            Request::SetSessionClientCert { identifier, cert } => {
+                self.set_session_client_cert(conn, id, identifier, cert, check)
+            }
+            Request::GetSessionClientCert { identifier } => {
+                Ok(Answer::Now(Response::SessionClientCert(self.session_client_cert(&identifier)?)))
+            }
             Request::CreateTaskFromResumeData { identifier, resume_data, resume } => {
                 self.create_from_resume_data(conn, id, identifier, resume_data, resume, check)
             }
@@ -209,7 +215,8 @@ fn access(request: &Request) -> Access {
         | Request::GetTaskPolicy { .. }
         | Request::GetSessionCookies { .. }
         | Request::GetSessionProxy { .. }
-        | Request::GetSessionChallenges { .. } => Access::Read,
+        | Request::GetSessionChallenges { .. }
+        | Request::GetSessionClientCert { .. } => Access::Read,
         // These check for themselves: they write only when something changes.
         Request::Attach { .. }
         | Request::Detach { .. }
@@ -217,7 +224,8 @@ fn access(request: &Request) -> Access {
         | Request::HandleWakes
         | Request::SetSessionCookies { .. }
         | Request::SetSessionProxy { .. }
-        | Request::SetSessionChallenges { .. } => Access::Live,
+        | Request::SetSessionChallenges { .. }
+        | Request::SetSessionClientCert { .. } => Access::Live,
         Request::OpenSession { .. }
         | Request::CreateTasks { .. }
         | Request::CreateUploads { .. }

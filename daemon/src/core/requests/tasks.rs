@@ -62,7 +62,7 @@ impl Core {
                     dests.into_iter().try_for_each(|(i, dest, overwrite)| {
                         disk::destination_on_disk(&dest, overwrite).map_err(|e| in_batch(i, n, e))
                     })?;
-                    Ok(Prepared { resume: None, uploads: Vec::new() })
+                    Ok(Prepared { resume: None, uploads: Vec::new(), client_cert: None })
                 });
                 return Ok(Answer::Later);
             }
@@ -140,7 +140,7 @@ impl Core {
                         disk::destination_on_disk(&dest, overwrite)?;
                     }
                     let adoption = kept.map_or(Adoption::None, |kept| disk::adopt(&kept, &part));
-                    Ok(Prepared { resume: Some((task_id, adoption)), uploads: Vec::new() })
+                    Ok(Prepared { resume: Some((task_id, adoption)), uploads: Vec::new(), client_cert: None })
                 });
                 return Ok(Answer::Later);
             }
@@ -202,7 +202,7 @@ impl Core {
                         .enumerate()
                         .map(|(i, f)| disk::upload_file(f).map_err(|e| in_batch(i, n, e)))
                         .collect::<Result<Vec<_>, _>>()?;
-                    Ok(Prepared { resume: None, uploads })
+                    Ok(Prepared { resume: None, uploads, client_cert: None })
                 });
                 return Ok(Answer::Later);
             }
@@ -231,7 +231,7 @@ impl Core {
 
     /// Runs a request's disk phase on a blocking thread; the request comes back with
     /// its outcome (`CoreMsg::DiskChecked`).
-    fn check_on_disk(
+    pub(in crate::core) fn check_on_disk(
         &self,
         conn: ConnId,
         id: u64,

@@ -1,0 +1,79 @@
+//! Client certificates (docs/behaviour.md, "HTTP"): a session presents the certificate it
+//! was given to servers that ask for one (mutual TLS), from its first attach and again after
+//! a restart; files that cannot be used are refused when set, with the reason.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use dlsession::{DownloadRequest, ErrorCode, Session};
+use dlsession_testkit::app::config;
+use dlsession_testkit::cli::stdout;
+use dlsession_testkit::{
+    LONG, Recorder, Resource, TestCa, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_presents_its_client_certificate_across_a_restart() {
+    let ca = TestCa::new().unwrap();
+    let env = TestEnv::new();
+    env.add_config(&format!("extra_ca_file = {:?}", ca.ca_pem_path()));
+    let mut d = TestDaemon::start(&env);
+    let s = TestServer::start_mutual_tls(&ca).await.unwrap();
+    s.add("/doc", Resource::generated(300_000, 61));
+    let (cert, key) = ca.client_identity();
+
+    // Without one, the server refuses the handshake: a tls error.
+    let (delegate, mut events) = Recorder::new(&env.path().join("out0"));
+    let plain = Session::attach(config(&env, "t.nocert"), delegate).await.unwrap();
+    let task = plain.download_tasks(vec![DownloadRequest::new(s.url("/doc"))], true).await.unwrap().remove(0);
+    let error = events.completion(task.id(), LONG).await.expect("no certificate, no download");
+    assert_eq!(error.code, ErrorCode::Tls, "{error:?}");
+    assert!(error.message.contains("wants a client certificate"), "{error:?}");
+
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.cert").client_certificate(cert, key), delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/doc"))], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(61, 300_000)));
+    let text = stdout(&env.ctl(&["policy", "t.cert"]));
+    assert!(text.contains(&format!("client certificate {}", cert.display())), "{text}");
+    assert!(!text.contains("PRIVATE KEY"), "{text}");
+
+    // Stored: after SIGKILL, read again and presented.
+    session.wait_idle().await.unwrap();
+    drop(session);
+    d.kill9();
+    d.restart();
+    let (delegate, mut events) = Recorder::new(&env.path().join("out2"));
+    let session = Session::attach(config(&env, "t.cert"), delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/doc"))], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+
+    // Bad files are refused when set, saying why; the one set stays.
+    let missing = env.path().join("missing.pem");
+    let out = env.ctl(&[
+        "policy",
+        "t.cert",
+        "--client-cert",
+        missing.to_str().unwrap(),
+        "--client-key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("file_error: cannot read"), "{out:?}");
+    let out =
+        env.ctl(&["policy", "t.cert", "--client-cert", key.to_str().unwrap(), "--client-key", key.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no PEM certificate"), "{out:?}");
+    let (ca_cert, _) = (ca.ca_pem_path(), ());
+    let out = env.ctl(&[
+        "policy",
+        "t.cert",
+        "--client-cert",
+        ca_cert.to_str().unwrap(),
+        "--client-key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("do not belong together"), "{out:?}");
+    assert!(stdout(&env.ctl(&["policy", "t.cert"])).contains("client certificate"));
+    let out = env.ctl(&["policy", "t.cert", "--no-client-cert"]);
+    assert!(out.status.success() && !stdout(&out).contains("client certificate"), "{out:?}");
+}

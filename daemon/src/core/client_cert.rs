@@ -1,0 +1,99 @@
+//! Sessions' client certificates (docs/behaviour.md, "HTTP"): read and checked off the
+//! core's thread when set, stored as file names, read again at start; their downloads
+//! present them to servers that ask (mutual TLS).
+
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use super::requests::{Answer, DiskCheck, Handled};
+use super::sessions::ClientCert;
+use super::{After, Core};
+use crate::conn::ConnId;
+use crate::core::disk::Prepared;
+use crate::engine::http::{ClientCertError, ClientIdentity};
+use crate::model::SessionKey;
+use crate::store::Op;
+use dlsession_proto::{ClientCertificate, ErrorCode, ErrorInfo, Request, Response};
+
+impl Core {
+    /// At start: each stored certificate is read again; one that cannot be is kept with
+    /// the reason, which its session's downloads then fail with.
+    pub(super) fn restore_client_certs(&mut self, stored: Vec<(SessionKey, ClientCertificate)>) {
+        for (key, files) in stored {
+            let identity = ClientIdentity::load(&files.cert_file, &files.key_file).map(Arc::new).map_err(|e| {
+                warn!(session = %self.sessions.identifier(key), error = %e, "the session's client certificate cannot be read");
+                e.to_string()
+            });
+            if let Some(s) = self.sessions.get_mut(&key) {
+                s.client_cert = Some(ClientCert { files, identity });
+            }
+        }
+    }
+
+    pub(super) fn set_session_client_cert(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        identifier: String,
+        cert: Option<ClientCertificate>,
+        check: DiskCheck,
+    ) -> Handled {
+        let key = self.sessions.key_of(&identifier)?;
+        let current = self.sessions.get(&key).and_then(|s| s.client_cert.as_ref()).map(|c| c.files.clone());
+        if let Some(c) = &cert {
+            for path in [&c.cert_file, &c.key_file] {
+                if !std::path::Path::new(path).is_absolute() || path.contains('\0') {
+                    return Err(ErrorInfo::new(
+                        ErrorCode::InvalidRequest,
+                        format!("a client certificate file must be an absolute path, got {path:?}"),
+                    ));
+                }
+            }
+        }
+        // Already so (and readable): nothing to store.
+        let readable = self.sessions.get(&key).and_then(|s| s.client_cert.as_ref()).is_some_and(|c| c.identity.is_ok());
+        if current == cert && (cert.is_none() || readable) {
+            return Ok(Answer::Now(Response::Ok));
+        }
+        if let Some(e) = &self.life.storage {
+            return Err(e.clone());
+        }
+        let identity = match (&cert, check) {
+            (None, _) => None,
+            (Some(_), DiskCheck::Done(Prepared { client_cert: Some(identity), .. })) => Some(identity),
+            (Some(c), _) => {
+                let (cert_file, key_file) = (c.cert_file.clone(), c.key_file.clone());
+                let request = Request::SetSessionClientCert { identifier, cert };
+                self.check_on_disk(conn, id, request, move || {
+                    let identity = ClientIdentity::load(&cert_file, &key_file).map_err(|e| match e {
+                        ClientCertError::Read(m) => ErrorInfo::new(ErrorCode::FileError, format!("cannot read {m}")),
+                        ClientCertError::Invalid(m) => ErrorInfo::new(ErrorCode::InvalidRequest, m),
+                    })?;
+                    Ok(Prepared { resume: None, uploads: Vec::new(), client_cert: Some(Arc::new(identity)) })
+                });
+                return Ok(Answer::Later);
+            }
+        };
+        if let Some(s) = self.sessions.get_mut(&key) {
+            s.client_cert =
+                cert.clone().zip(identity).map(|(files, identity)| ClientCert { files, identity: Ok(identity) });
+        }
+        info!(session = %identifier, set = cert.is_some(), "session client certificate changed");
+        self.commit(
+            vec![Op::SaveClientCert { session: key, cert }],
+            vec![After::Reply { conn, id, response: Response::Ok }],
+        );
+        Ok(Answer::Later)
+    }
+
+    pub(super) fn session_client_cert(&self, identifier: &str) -> Result<Option<ClientCertificate>, ErrorInfo> {
+        let key = self.sessions.key_of(identifier)?;
+        Ok(self.sessions.get(&key).and_then(|s| s.client_cert.as_ref()).map(|c| c.files.clone()))
+    }
+
+    /// What a job of session `key` presents to servers that ask for a certificate.
+    pub(super) fn client_identity(&self, key: SessionKey) -> Option<Result<Arc<ClientIdentity>, String>> {
+        self.sessions.get(&key).and_then(|s| s.client_cert.as_ref()).map(|c| c.identity.clone())
+    }
+}
