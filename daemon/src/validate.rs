@@ -64,17 +64,10 @@ fn check_session_proxy(p: &SessionProxy) -> Result<(), ErrorInfo> {
     // make redaction miss).
     let url = Url::parse(raw).map_err(|e| invalid(format!("invalid proxy URL: {e}")))?;
     match url.scheme() {
-        "http" | "socks5h" | "socks5" | "socks4a" | "socks4" => {}
-        "https" => {
-            return Err(invalid(
-                "an https:// proxy (TLS to the proxy itself) is not supported; name it http:// (https downloads \
-                 are still tunnelled with TLS end to end) or use socks5h://"
-                    .into(),
-            ));
-        }
+        "http" | "https" | "socks5h" | "socks5" | "socks4a" | "socks4" => {}
         other => {
             return Err(invalid(format!(
-                "unsupported proxy scheme {other:?} (http, socks5h, socks5, socks4a, socks4)"
+                "unsupported proxy scheme {other:?} (http, https, socks5h, socks5, socks4a, socks4)"
             )));
         }
     }

@@ -214,7 +214,7 @@ pub struct TaskPolicyInfo {
 /// A session's own proxy. `Debug` shows the URL redacted.
 #[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct SessionProxy {
-    /// Every download through this proxy (`http://`, `socks5h://`, `socks5://`,
+    /// Every download through this proxy (`http://`, `https://` (TLS to the proxy), `socks5h://`, `socks5://`,
     /// `socks4a://`, `socks4://`, credentials as `user:password@`), or `None`: direct.
     pub url: Option<String>,
     /// Hosts reached directly, as in `NO_PROXY` (names, addresses, CIDR blocks, `*`, any

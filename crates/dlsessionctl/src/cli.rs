@@ -126,7 +126,7 @@ pub enum Command {
     Policy(PolicyArgs),
 
     /// Show or set a session's own proxy, which replaces the daemon's environment for its
-    /// downloads: a URL (http://, socks5h://, socks5://, socks4a://, socks4://), `direct`,
+    /// downloads: a URL (http://, https://, socks5h://, socks5://, socks4a://, socks4://), `direct`,
     /// or `env` (back to the environment). Passwords in the URL are never shown.
     Proxy(ProxyArgs),
 

@@ -129,23 +129,49 @@ async fn no_proxy_entries_with_a_port_bypass_only_that_port() {
     assert_eq!(targets, vec![format!("127.0.0.1:{}", proxied.addr().port())], "only the other port went through");
 }
 
-/// An `https://` proxy is refused at once with the reason, not retried for ever.
+/// An `https://` proxy: TLS to the proxy itself (verified with the extra CA), plain-http
+/// downloads in absolute form and https ones through a `CONNECT` tunnel inside it, with
+/// the proxy's credentials; one it cannot verify fails with `tls`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_https_proxy_fails_clearly() {
+async fn an_https_proxy_carries_http_and_https() {
+    let ca = TestCa::new().unwrap();
     let env = TestEnv::new();
+    env.add_config(&format!("extra_ca_file = {:?}", ca.ca_pem_path()));
+    let proxy = TestProxy::start_tls(&ca).await.unwrap();
+    let url = proxy.url_with_auth("bob", "pw");
     let _d = TestDaemon::start_with_env(
         &env,
-        &[("HTTP_PROXY", OsStr::new("https://127.0.0.1:9")), ("NO_PROXY", OsStr::new(""))],
+        &[("HTTP_PROXY", OsStr::new(&url)), ("HTTPS_PROXY", OsStr::new(&url)), ("NO_PROXY", OsStr::new(""))],
     );
     let plain = TestServer::start().await.unwrap();
-    plain.add("/p", Resource::generated(1000, 9));
+    plain.add("/p", Resource::generated(100_000, 9));
+    let tls = TestServer::start_tls(&ca).await.unwrap();
+    tls.add("/s", Resource::generated(200_000, 10));
     let (delegate, mut events) = Recorder::new(&env.path().join("out"));
     let session =
         Session::attach(SessionConfiguration::background("t.httpsproxy").socket(&env.socket), delegate).await.unwrap();
+    let requests = vec![DownloadRequest::new(plain.url("/p")), DownloadRequest::new(tls.url("/s"))];
+    let tasks = session.download_tasks(requests, true).await.unwrap();
+    for t in &tasks {
+        assert_eq!(events.completion(t.id(), LONG).await, None);
+    }
+    assert_eq!(sha256_file(&events.moved_to(tasks[1].id()).unwrap()).unwrap(), to_hex(&pattern_sha256(10, 200_000)));
+    let records = proxy.records();
+    let basic = format!("Basic {}", "Ym9iOnB3");
+    assert!(records.iter().any(|r| r.method == "GET" && r.target == plain.url("/p")), "{records:?}");
+    assert!(records.iter().any(|r| r.method == "CONNECT"), "{records:?}");
+    assert!(records.iter().all(|r| r.proxy_authorization.as_deref() == Some(basic.as_str())), "{records:?}");
+
+    // A proxy whose certificate is not trusted: tls, at once.
+    let other = TestCa::new().unwrap();
+    let untrusted = TestProxy::start_tls(&other).await.unwrap();
+    let proxy = dlsession::SessionProxy { url: Some(untrusted.url()), no_proxy: String::new() };
+    let (delegate, mut events) = Recorder::new(&env.path().join("out2"));
+    let config = SessionConfiguration::background("t.untrusted").socket(&env.socket).proxy(proxy);
+    let session = Session::attach(config, delegate).await.unwrap();
     let t = session.download_tasks(vec![DownloadRequest::new(plain.url("/p"))], true).await.unwrap().remove(0);
-    let error = events.completion(t.id(), LONG).await.expect("refused");
-    assert!(error.message.contains("https:// proxy"), "{error:?}");
-    assert_eq!(t.info().await.unwrap().bytes_received, 0);
+    let error = events.completion(t.id(), LONG).await.expect("untrusted proxy");
+    assert_eq!(error.code, dlsession::ErrorCode::Tls, "{error:?}");
 }
 
 /// A session's own proxy replaces the environment's for its downloads, is stored, and is
@@ -197,8 +223,7 @@ async fn a_session_may_have_its_own_proxy() {
     let out = env.ctl(&["proxy", "t.direct", "env"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("the daemon's environment"), "{out:?}");
     // Bad input is refused with the reason.
-    for (bad, why) in [("https://127.0.0.1:3128", "not supported"), ("ftp://127.0.0.1:21", "unsupported proxy scheme")]
-    {
+    for (bad, why) in [("ftp://127.0.0.1:21", "unsupported proxy scheme"), ("http://", "invalid proxy URL")] {
         let out = env.ctl(&["proxy", "t.direct", bad]);
         assert_eq!(out.status.code(), Some(1), "{bad}: {out:?}");
         assert!(String::from_utf8_lossy(&out.stderr).contains(why), "{bad}: {out:?}");

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
@@ -34,11 +34,35 @@ pub struct TestProxy {
     addr: SocketAddr,
     records: Arc<Mutex<Vec<ProxyRecord>>>,
     tasks: Arc<Mutex<JoinSet<()>>>,
+    /// Clients speak TLS to the proxy itself (an `https://` proxy).
+    tls: bool,
 }
 
 impl TestProxy {
     pub async fn start() -> anyhow::Result<TestProxy> {
         TestProxy::start_faulty(ProxyFault::None).await
+    }
+
+    /// A proxy clients reach over TLS (`https://127.0.0.1:PORT`), with `ca`'s server
+    /// certificate.
+    pub async fn start_tls(ca: &crate::TestCa) -> anyhow::Result<TestProxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let tasks = Arc::new(Mutex::new(JoinSet::new()));
+        let (r, t) = (records.clone(), tasks.clone());
+        let acceptor = tokio_rustls::TlsAcceptor::from(ca.server_config());
+        tasks.lock().unwrap().spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (r, acceptor) = (r.clone(), acceptor.clone());
+                t.lock().unwrap().spawn(async move {
+                    if let Ok(tls) = acceptor.accept(stream).await {
+                        let _ = serve(tls, r, ProxyFault::None).await;
+                    }
+                });
+            }
+        });
+        Ok(TestProxy { addr, records, tasks, tls: true })
     }
 
     /// A proxy that injects `fault` into its first connections.
@@ -64,17 +88,21 @@ impl TestProxy {
                 });
             }
         });
-        Ok(TestProxy { addr, records, tasks })
+        Ok(TestProxy { addr, records, tasks, tls: false })
     }
 
-    /// `http://127.0.0.1:PORT`
+    fn scheme(&self) -> &'static str {
+        if self.tls { "https" } else { "http" }
+    }
+
+    /// `http://127.0.0.1:PORT` (`https://` for a TLS proxy)
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme(), self.addr)
     }
 
-    /// `http://USER:PASS@127.0.0.1:PORT`
+    /// `http://USER:PASS@127.0.0.1:PORT` (`https://` for a TLS proxy)
     pub fn url_with_auth(&self, user: &str, pass: &str) -> String {
-        format!("http://{user}:{pass}@{}", self.addr)
+        format!("{}://{user}:{pass}@{}", self.scheme(), self.addr)
     }
 
     pub fn records(&self) -> Vec<ProxyRecord> {
@@ -90,7 +118,11 @@ impl Drop for TestProxy {
     }
 }
 
-async fn serve(mut client: TcpStream, records: Arc<Mutex<Vec<ProxyRecord>>>, fault: ProxyFault) -> anyhow::Result<()> {
+async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    mut client: S,
+    records: Arc<Mutex<Vec<ProxyRecord>>>,
+    fault: ProxyFault,
+) -> anyhow::Result<()> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -124,13 +156,17 @@ async fn serve(mut client: TcpStream, records: Arc<Mutex<Vec<ProxyRecord>>>, fau
 }
 
 /// Copies both ways; the server-to-client direction counts bytes for the fault.
-async fn relay(client: TcpStream, upstream: TcpStream, fault: ProxyFault) -> anyhow::Result<()> {
+async fn relay<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    client: S,
+    upstream: TcpStream,
+    fault: ProxyFault,
+) -> anyhow::Result<()> {
     if fault == ProxyFault::None {
         let (mut c, mut u) = (client, upstream);
         tokio::io::copy_bidirectional(&mut c, &mut u).await?;
         return Ok(());
     }
-    let (mut c_rd, mut c_wr) = client.into_split();
+    let (mut c_rd, mut c_wr) = tokio::io::split(client);
     let (mut u_rd, mut u_wr) = upstream.into_split();
     let up = tokio::spawn(async move { tokio::io::copy(&mut c_rd, &mut u_wr).await });
     let limit = match fault {

@@ -180,7 +180,7 @@ impl ClientFactory {
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(ProxyConnector::new(proxies.clone(), http));
+            .wrap_connector(ProxyConnector::new(proxies.clone(), http, Arc::new(self.tls.clone())));
         Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
@@ -299,9 +299,6 @@ pub fn classify(err: &(dyn StdError + 'static), what: &str) -> Failure {
                  policy SESSION --client-cert`)"
             ),
         );
-    }
-    if let Some(proxy) = find::<super::proxy::UnsupportedProxy>(err) {
-        return Failure::permanent(ErrorCode::Network, format!("{what}: {proxy}"));
     }
     if let Some(io) = find::<std::io::Error>(err)
         && io.kind() == std::io::ErrorKind::TimedOut

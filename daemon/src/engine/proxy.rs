@@ -118,11 +118,6 @@ impl Proxies {
     }
 }
 
-/// A proxy the daemon cannot use however often it tries (the download fails at once).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UnsupportedProxy(&'static str);
-
 /// Splits `NO_PROXY` into the entries with a port (`host:port`, `[v6]:port`) and the
 /// rest (comma-separated, for hyper-util's matcher: names, addresses, CIDR blocks, `*`).
 fn split_no_proxy(no: &str) -> (Vec<(String, u16)>, String) {
@@ -163,41 +158,67 @@ fn host_matches(entry: &str, host: &str) -> bool {
     }
 }
 
-/// A TCP connection, directly or through a proxy.
+/// A TCP connection, directly or through a proxy (over TLS to an https:// proxy).
 #[derive(Debug)]
 pub struct ProxyStream {
-    io: TokioIo<TcpStream>,
-    /// Connected to an http proxy for a plain-http destination.
+    io: Io,
+    /// Connected to an http(s) proxy for a plain-http destination.
     proxied: bool,
+}
+
+#[derive(Debug)]
+enum Io {
+    Plain(TokioIo<TcpStream>),
+    /// To an https:// proxy (and, for an https destination, through its tunnel).
+    Tls(Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>),
+}
+
+/// One expression for both kinds of stream.
+macro_rules! io {
+    ($self:ident, $io:ident => $e:expr) => {
+        match &mut $self.io {
+            Io::Plain($io) => $e,
+            Io::Tls(boxed) => {
+                let $io = &mut **boxed;
+                $e
+            }
+        }
+    };
 }
 
 impl Connection for ProxyStream {
     fn connected(&self) -> Connected {
-        self.io.connected().proxy(self.proxied)
+        match &self.io {
+            Io::Plain(io) => io.connected().proxy(self.proxied),
+            Io::Tls(io) => io.inner().get_ref().0.connected().proxy(self.proxied),
+        }
     }
 }
 
 impl Read for ProxyStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        io!(self, io => Pin::new(io).poll_read(cx, buf))
     }
 }
 
 impl Write for ProxyStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        io!(self, io => Pin::new(io).poll_write(cx, buf))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        io!(self, io => Pin::new(io).poll_flush(cx))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        io!(self, io => Pin::new(io).poll_shutdown(cx))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        match &self.io {
+            Io::Plain(io) => io.is_write_vectored(),
+            Io::Tls(io) => io.is_write_vectored(),
+        }
     }
 
     fn poll_write_vectored(
@@ -205,20 +226,71 @@ impl Write for ProxyStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        io!(self, io => Pin::new(io).poll_write_vectored(cx, bufs))
     }
 }
 
-/// Connects directly, through a `CONNECT` tunnel, or to an http proxy.
-#[derive(Debug, Clone)]
+/// Opens TLS to an https:// proxy (verified like any server: the system's roots and the
+/// extra CA file).
+async fn tls_to_proxy(
+    mut direct: HttpConnector,
+    proxy: &Uri,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, BoxError> {
+    let host = proxy.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']').to_owned();
+    let name = rustls_pki_types::ServerName::try_from(host)?;
+    let tcp = direct.call(proxy.clone()).await?.into_inner();
+    Ok(tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?)
+}
+
+/// Asks the proxy on `stream` for a tunnel to `dst` (`CONNECT`), and reads its answer.
+async fn connect_through<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    dst: &Uri,
+    auth: Option<&http::HeaderValue>,
+) -> Result<(), BoxError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = dst.host().unwrap_or("");
+    let port = dst.port_u16().unwrap_or(if dst.scheme_str() == Some("https") { 443 } else { 80 });
+    let mut head = format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n");
+    if let Some(auth) = auth.and_then(|a| a.to_str().ok()) {
+        head.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !answer.ends_with(b"\r\n\r\n") {
+        if answer.len() > 16 << 10 || stream.read(&mut byte).await? == 0 {
+            return Err("the proxy closed the connection or sent an overlong answer to CONNECT".into());
+        }
+        answer.extend_from_slice(&byte);
+    }
+    let status = String::from_utf8_lossy(&answer).split(' ').nth(1).unwrap_or("").to_owned();
+    if status != "200" {
+        return Err(format!("the proxy refused the tunnel (status {status})").into());
+    }
+    Ok(())
+}
+
+/// Connects directly, through a `CONNECT` tunnel, or to an http(s) proxy.
+#[derive(Clone)]
 pub struct ProxyConnector {
     proxies: Proxies,
     direct: HttpConnector,
+    /// For https:// proxies: TLS to the proxy itself.
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for ProxyConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyConnector").field("proxies", &self.proxies).finish_non_exhaustive()
+    }
 }
 
 impl ProxyConnector {
-    pub fn new(proxies: Proxies, direct: HttpConnector) -> ProxyConnector {
-        ProxyConnector { proxies, direct }
+    pub fn new(proxies: Proxies, direct: HttpConnector, tls: Arc<rustls::ClientConfig>) -> ProxyConnector {
+        ProxyConnector { proxies, direct, tls }
     }
 }
 
@@ -234,34 +306,42 @@ impl Service<Uri> for ProxyConnector {
     fn call(&mut self, dst: Uri) -> Self::Future {
         let intercept = self.proxies.intercept(&dst);
         let mut direct = self.direct.clone();
+        let tls = self.tls.clone();
         Box::pin(async move {
             let scheme = intercept.as_ref().and_then(|p| p.uri().scheme_str().map(str::to_owned));
             match (intercept, scheme.as_deref()) {
-                (None, _) => Ok(ProxyStream { io: direct.call(dst).await?, proxied: false }),
+                (None, _) => Ok(ProxyStream { io: Io::Plain(direct.call(dst).await?), proxied: false }),
                 // `socks5h`/`socks4a`: the proxy resolves the name (no DNS leak).
                 (Some(proxy), Some(s @ ("socks5" | "socks5h"))) => {
                     let mut socks = SocksV5::new(proxy.uri().clone(), direct).local_dns(s == "socks5");
                     if let Some((user, pass)) = proxy.raw_auth() {
                         socks = socks.with_auth(user.to_owned(), pass.to_owned());
                     }
-                    Ok(ProxyStream { io: socks.call(dst).await?, proxied: false })
+                    Ok(ProxyStream { io: Io::Plain(socks.call(dst).await?), proxied: false })
                 }
                 (Some(proxy), Some(s @ ("socks4" | "socks4a"))) => {
                     let mut socks = SocksV4::new(proxy.uri().clone(), direct).local_dns(s == "socks4");
-                    Ok(ProxyStream { io: socks.call(dst).await?, proxied: false })
+                    Ok(ProxyStream { io: Io::Plain(socks.call(dst).await?), proxied: false })
                 }
-                (Some(_), Some("https")) => Err(BoxError::from(UnsupportedProxy(
-                    "an https:// proxy (TLS to the proxy itself) is not supported; name it http:// (https \
-                     destinations are still tunnelled with TLS end to end) or use socks5h://",
-                ))),
+                // TLS to the proxy; an https destination's own TLS then runs inside it.
+                (Some(proxy), Some("https")) => {
+                    let mut stream = tls_to_proxy(direct, proxy.uri(), tls).await?;
+                    let tunnel = dst.scheme_str() == Some("https");
+                    if tunnel {
+                        connect_through(&mut stream, &dst, proxy.basic_auth()).await?;
+                    }
+                    Ok(ProxyStream { io: Io::Tls(Box::new(TokioIo::new(stream))), proxied: !tunnel })
+                }
                 (Some(proxy), _) if dst.scheme_str() == Some("https") => {
                     let mut tunnel = Tunnel::new(proxy.uri().clone(), direct);
                     if let Some(auth) = proxy.basic_auth() {
                         tunnel = tunnel.with_auth(auth.clone());
                     }
-                    Ok(ProxyStream { io: tunnel.call(dst).await?, proxied: false })
+                    Ok(ProxyStream { io: Io::Plain(tunnel.call(dst).await?), proxied: false })
                 }
-                (Some(proxy), _) => Ok(ProxyStream { io: direct.call(proxy.uri().clone()).await?, proxied: true }),
+                (Some(proxy), _) => {
+                    Ok(ProxyStream { io: Io::Plain(direct.call(proxy.uri().clone()).await?), proxied: true })
+                }
             }
         })
     }

@@ -231,19 +231,21 @@ impl Engine {
             let mut tick = tokio::time::interval(job.idle_timeout.min(std::time::Duration::from_secs(1)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let (mut seen, mut quiet_since) = (job.progress.received(), tokio::time::Instant::now());
+            // Only the first offer counts, and only for the origin that made it (never
+            // another host, never from https to http).
+            let take_offer = |location: String, offered: &mut bool| {
+                if let Ok(u) = url.join(&location)
+                    && u.origin() == url.origin()
+                    && !*offered
+                {
+                    *offered = true;
+                    job.link.send(WorkerEvent::ResumeUrl { url: Some(u.to_string()) });
+                }
+            };
             let resp = loop {
                 tokio::select! {
-                    Some(location) = offers.recv() => {
-                        // Only the first offer counts, and only for the origin that made it
-                        // (never another host, never from https to http).
-                        if let Ok(u) = url.join(&location)
-                            && u.origin() == url.origin()
-                            && !*offered
-                        {
-                            *offered = true;
-                            job.link.send(WorkerEvent::ResumeUrl { url: Some(u.to_string()) });
-                        }
-                    }
+                    biased;
+                    Some(location) = offers.recv() => take_offer(location, offered),
                     r = &mut request => break Some(r),
                     _ = tick.tick() => {
                         let sent = job.progress.received();
@@ -255,6 +257,10 @@ impl Engine {
                     }
                 }
             };
+            // An offer that came just before the answer still counts.
+            while let Ok(location) = offers.try_recv() {
+                take_offer(location, offered);
+            }
             let resp = match resp {
                 None => return Err(no_response(&url, job)),
                 Some(Err(e)) => {
