@@ -243,3 +243,30 @@ async fn a_resumable_post_goes_on_after_a_503_and_is_not_repeated_when_forgotten
     let methods: Vec<String> = server.records().into_iter().map(|r| r.method).collect();
     assert_eq!(methods, ["POST", "HEAD"], "never sent whole again");
 }
+
+/// The app may exit: the daemon finishes the upload and relaunches it, which collects the
+/// server's response then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_finishes_without_its_app_and_relaunches_it() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = UploadServer::start(false).await.unwrap();
+    server.set_faults(UploadFaults { rate: Some(1 << 20), ..UploadFaults::default() });
+    let (file, data) = make_file(env.path(), "big.bin", 2 << 20, 14);
+    let marker = env.path().join("relaunched");
+    let launch = ["/bin/sh".to_owned(), "-c".to_owned(), format!("touch {}", marker.display())];
+    let config = config(&env, "t.away").app_id("org.example.Away").launch_command(launch);
+    let (delegate, _events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config.clone(), delegate).await.unwrap();
+    let task =
+        session.upload_tasks(vec![UploadRequest::new(server.url("/files/big"), &file)], true).await.unwrap().remove(0);
+    session.detach().await.unwrap();
+    drop(session);
+    wait_until(|| marker.exists()).await;
+    assert_eq!(server.file("big").as_deref(), Some(&data[..]), "finished while the app was away");
+    // The relaunched app (here: this test) attaches and gets the response.
+    let (delegate, mut events) = Recorder::new(&env.path().join("out2"));
+    let _session = Session::attach(config, delegate).await.unwrap();
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(events.response(task.id()).map(|r| r.0), Some(201));
+}
