@@ -354,7 +354,7 @@ impl Dispatcher {
                         let answer = d.did_receive_challenge(&session, &t, challenge);
                         let answered = answer.is_some();
                         match answer {
-                            Some(answer) => self.answer(&session, *task, answer),
+                            Some(answer) => self.answer(&session, *task, challenge.round, answer),
                             // Left for later: unacknowledged, it comes again on the next attach.
                             None => {
                                 self.kept.insert(*task);
@@ -534,9 +534,9 @@ impl Dispatcher {
     /// seen the task (created by another process, or before a relaunch).
     /// Sends the delegate's answer to a challenge before the event is acknowledged (an
     /// acknowledged challenge without an answer fails its task).
-    fn answer(&self, session: &Session, task: TaskId, answer: dlsession_proto::ChallengeAnswer) {
+    fn answer(&self, session: &Session, task: TaskId, round: u32, answer: dlsession_proto::ChallengeAnswer) {
         let limit = session.shared.client.request_timeout();
-        let request = Request::AnswerChallenge { task, answer };
+        let request = Request::AnswerChallenge { task, round: Some(round), answer };
         let sent = self.block_on(async { tokio::time::timeout(limit, session.shared.client.request(request)).await });
         match sent {
             Some(Ok(Ok(_))) => {}

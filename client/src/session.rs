@@ -441,10 +441,16 @@ impl DownloadTask {
         }
     }
 
-    /// Answers the challenge the task waits on (see
-    /// [`crate::SessionDelegate::did_receive_challenge`]), from anywhere, at any time.
-    pub async fn answer_challenge(&self, answer: dlsession_proto::ChallengeAnswer) -> Result<()> {
-        match self.client.request(Request::AnswerChallenge { task: self.id, answer }).await? {
+    /// Answers `challenge`, which the task waits on (see
+    /// [`crate::SessionDelegate::did_receive_challenge`]), from anywhere, at any time. An
+    /// answer to a challenge the task no longer waits on is refused (`invalid_request`).
+    pub async fn answer_challenge(
+        &self,
+        challenge: &dlsession_proto::Challenge,
+        answer: dlsession_proto::ChallengeAnswer,
+    ) -> Result<()> {
+        let request = Request::AnswerChallenge { task: self.id, round: Some(challenge.round), answer };
+        match self.client.request(request).await? {
             Response::Ok => Ok(()),
             other => Err(Error::UnexpectedResponse { expected: "ok", got: other.kind() }),
         }

@@ -122,8 +122,11 @@ pub enum Request {
     SetSessionChallenges { identifier: String, answers: bool },
     /// → [`Response::SessionChallenges`] (never a credential).
     GetSessionChallenges { identifier: String },
-    /// Answers the challenge a task waits on (`WaitReason::AuthRequired`). → [`Response::Ok`]
-    AnswerChallenge { task: TaskId, answer: ChallengeAnswer },
+    /// Answers the challenge a task waits on (`WaitReason::AuthRequired`): the one of this
+    /// `round` (an answer to an earlier challenge of the task, which may have come from
+    /// another origin, is refused), or `None`: whichever it waits on now (a person at
+    /// `dlsessionctl`). → [`Response::Ok`]
+    AnswerChallenge { task: TaskId, round: Option<u32>, answer: ChallengeAnswer },
     /// The client certificate the session's downloads present to servers that ask for one
     /// (mutual TLS), read from files now (`None`: none). Stored; attempts that start from
     /// now on use it. → [`Response::Ok`]

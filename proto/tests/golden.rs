@@ -365,6 +365,7 @@ fn requests_v4() -> Vec<(&'static str, Request)> {
             "req_answer_challenge",
             Request::AnswerChallenge {
                 task: 7,
+                round: Some(1),
                 answer: ChallengeAnswer::Use {
                     credential: Credential::Basic { user: "u".into(), password: "p".into() },
                     scope: CredentialScope::ProtectionSpace,
@@ -372,7 +373,10 @@ fn requests_v4() -> Vec<(&'static str, Request)> {
                 },
             },
         ),
-        ("req_answer_challenge_cancel", Request::AnswerChallenge { task: 7, answer: ChallengeAnswer::Cancel }),
+        (
+            "req_answer_challenge_cancel",
+            Request::AnswerChallenge { task: 7, round: None, answer: ChallengeAnswer::Cancel },
+        ),
         (
             "req_set_session_client_cert",
             Request::SetSessionClientCert {

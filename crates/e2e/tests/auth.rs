@@ -114,6 +114,17 @@ async fn a_waiting_challenge_relaunches_the_app_and_dlsessionctl_can_answer() {
     let text = stdout(&env.ctl(&["show", &task]));
     assert!(show_field(&text, "why").starts_with("waiting for credentials: the server http://"), "{text}");
 
+    // An answer to another challenge than the one it waits on is refused (its credential
+    // could belong to another origin).
+    let client = dlsession_testkit::app::client(&env).await;
+    let stale = dlsession::proto::Request::AnswerChallenge {
+        task: task.parse().unwrap(),
+        round: Some(2),
+        answer: ChallengeAnswer::Fail,
+    };
+    let error = client.request(stale).await.expect_err("a stale answer");
+    assert!(error.to_string().contains("now waits on challenge 1"), "{error}");
+
     // No secret on the command line: an empty stdin is refused.
     let out = env.ctl(&["auth", &task, "--basic", "u"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("stdin"), "{out:?}");

@@ -22,9 +22,7 @@ impl Core {
         self.auth.answering = answering.into_iter().filter(|(_, a)| *a).map(|(k, _)| k).collect();
         for (key, credential) in kept {
             match credential.task {
-                Some(task) => {
-                    self.auth.tasks.insert(task, credential);
-                }
+                Some(task) => self.auth.tasks.entry(task).or_default().push(credential),
                 None => self.auth.spaces.entry(key).or_default().push(credential),
             }
         }
@@ -33,10 +31,10 @@ impl Core {
     /// The credential headers a task's requests carry: its own, and its session's for
     /// other origins.
     pub(super) fn auth_headers(&self, id: TaskId, key: SessionKey) -> Vec<AuthHeader> {
-        let own = self.auth.tasks.get(&id);
+        let own: &[HeldCredential] = self.auth.tasks.get(&id).map_or(&[], Vec::as_slice);
         let spaces = self.auth.spaces.get(&key).into_iter().flatten();
-        let mut held: Vec<&HeldCredential> = own.into_iter().collect();
-        held.extend(spaces.filter(|c| own.is_none_or(|o| o.origin != c.origin || o.proxy != c.proxy)));
+        let mut held: Vec<&HeldCredential> = own.iter().collect();
+        held.extend(spaces.filter(|c| !own.iter().any(|o| o.origin == c.origin && o.proxy == c.proxy)));
         held.into_iter()
             .filter_map(|c| {
                 Some(AuthHeader {
@@ -74,7 +72,7 @@ impl Core {
             for task in tasks {
                 self.auth.tasks.remove(&task);
                 // Nobody will answer what it waits on.
-                if self.tasks.get(&task).is_some_and(|t| t.rec.challenge.is_some()) {
+                if self.tasks.get(&task).is_some_and(|t| t.rec.challenge.is_some() && t.state == TaskState::Waiting) {
                     let error = unanswered(self.tasks.get(&task).and_then(|t| t.rec.challenge.as_ref()));
                     self.complete(task, Some(error), &mut ops, &mut after);
                 }
@@ -92,7 +90,7 @@ impl Core {
         let tasks: Vec<&HeldCredential> = self
             .sessions
             .get(&key)
-            .map(|s| s.tasks.iter().filter_map(|t| self.auth.tasks.get(t)).collect())
+            .map(|s| s.tasks.iter().filter_map(|t| self.auth.tasks.get(t)).flatten().collect())
             .unwrap_or_default();
         let held: Vec<&HeldCredential> = self.auth.spaces.get(&key).into_iter().flatten().chain(tasks).collect();
         Ok(SessionChallenges {
@@ -144,7 +142,14 @@ impl Core {
         true
     }
 
-    pub(super) fn answer_challenge(&mut self, conn: ConnId, id: u64, task: TaskId, answer: ChallengeAnswer) -> Handled {
+    pub(super) fn answer_challenge(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        task: TaskId,
+        round: Option<u32>,
+        answer: ChallengeAnswer,
+    ) -> Handled {
         let Some(t) = self.tasks.get(&task) else { return Err(super::requests::no_such_task(task)) };
         let Some(challenge) = t.rec.challenge.clone().filter(|_| t.state == TaskState::Waiting) else {
             return Err(ErrorInfo::new(
@@ -152,6 +157,22 @@ impl Core {
                 format!("task {task} is not waiting for credentials (it is {})", t.state),
             ));
         };
+        // An answer meant for an earlier challenge (perhaps from another origin) would send
+        // its credential where it does not belong.
+        if let Some(round) = round.filter(|r| *r != challenge.round) {
+            return Err(ErrorInfo::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "the answer is to challenge {round} of task {task}, which now waits on challenge {} ({} at {})",
+                    challenge.round, challenge.scheme, challenge.origin
+                ),
+            ));
+        }
+        if let ChallengeAnswer::Use { credential: Credential::Basic { user, .. }, .. } = &answer
+            && user.contains(':')
+        {
+            return Err(ErrorInfo::new(ErrorCode::InvalidRequest, "a Basic user name cannot contain ':' (RFC 7617)"));
+        }
         let key = t.rec.session;
         let (mut ops, mut after) = (Vec::new(), vec![After::Reply { conn, id, response: Response::Ok }]);
         match answer {
@@ -171,19 +192,30 @@ impl Core {
                     value,
                     kept: keep,
                 };
+                let same = |c: &HeldCredential| c.origin == held.origin && c.proxy == held.proxy;
+                let slot = match scope {
+                    CredentialScope::Task => self.auth.tasks.entry(task).or_default(),
+                    CredentialScope::ProtectionSpace => {
+                        // The space's credential is the one to send now, not an older one of
+                        // the task's own.
+                        if let Some(own) = self.auth.tasks.get_mut(&task) {
+                            if own.iter().any(|c| same(c) && c.kept) {
+                                ops.push(forget(key, Some(task), &held));
+                            }
+                            own.retain(|c| !same(c));
+                        }
+                        self.auth.spaces.entry(key).or_default()
+                    }
+                };
+                // Replacing a kept one: the stored one goes too, even if this one is not kept.
+                if slot.iter().any(|c| same(c) && c.kept) && !keep {
+                    ops.push(forget(key, held.task, &held));
+                }
+                slot.retain(|c| !same(c));
                 if keep {
                     ops.push(Op::SaveCredential { session: key, credential: held.clone() });
                 }
-                match scope {
-                    CredentialScope::Task => {
-                        self.auth.tasks.insert(task, held);
-                    }
-                    CredentialScope::ProtectionSpace => {
-                        let spaces = self.auth.spaces.entry(key).or_default();
-                        spaces.retain(|c| c.origin != held.origin || c.proxy != held.proxy);
-                        spaces.push(held);
-                    }
-                }
+                slot.push(held);
                 self.commit(ops, Vec::new());
                 if let Some(t) = self.tasks.get_mut(&task) {
                     t.rec.challenge = None;
@@ -206,10 +238,21 @@ impl Core {
         ops: &mut Vec<Op>,
         after: &mut Vec<After>,
     ) {
-        let waits = self.tasks.get(&task).and_then(|t| t.rec.challenge.as_ref()).filter(|c| c.round == round).cloned();
+        let waits = self
+            .tasks
+            .get(&task)
+            .filter(|t| t.state == TaskState::Waiting)
+            .and_then(|t| t.rec.challenge.as_ref())
+            .filter(|c| c.round == round)
+            .cloned();
         if let Some(challenge) = waits {
             self.complete(task, Some(unanswered(Some(&challenge))), ops, after);
         }
+    }
+
+    /// A task restored waiting on challenge `round`.
+    pub(super) fn seed_auth_rounds(&mut self, task: TaskId, round: u32) {
+        self.auth.rounds.insert(task, round);
     }
 
     /// A session is gone (its rows go with `DeleteSession`).
@@ -221,10 +264,15 @@ impl Core {
     /// A task is done: its own credential and rounds go.
     pub(super) fn forget_task_auth(&mut self, task: TaskId, key: SessionKey, ops: &mut Vec<Op>) {
         self.auth.rounds.remove(&task);
-        if self.auth.tasks.remove(&task).is_some_and(|c| c.kept) {
+        if self.auth.tasks.remove(&task).is_some_and(|own| own.iter().any(|c| c.kept)) {
             ops.push(Op::DeleteCredentials { session: key, task: Some(task) });
         }
     }
+}
+
+/// The store op that forgets the kept credential of `task` (or the space) for `held`'s slot.
+fn forget(session: SessionKey, task: Option<TaskId>, held: &HeldCredential) -> Op {
+    Op::ForgetCredential { session, task, origin: held.origin.clone(), proxy: held.proxy }
 }
 
 /// The header a credential is sent as.

@@ -51,17 +51,12 @@ impl Core {
                 }
             }
         }
-        // Already so (and readable): nothing to store.
-        let readable = self.sessions.get(&key).and_then(|s| s.client_cert.as_ref()).is_some_and(|c| c.identity.is_ok());
-        if current == cert && (cert.is_none() || readable) {
-            return Ok(Answer::Now(Response::Ok));
-        }
-        if let Some(e) = &self.life.storage {
-            return Err(e.clone());
-        }
         let identity = match (&cert, check) {
+            (None, _) if current.is_none() => return Ok(Answer::Now(Response::Ok)),
             (None, _) => None,
             (Some(_), DiskCheck::Done(Prepared { client_cert: Some(identity), .. })) => Some(identity),
+            // Read (again, also when the files are the same: a renewed certificate at the
+            // same path) off the core's thread; the request comes back with it.
             (Some(c), _) => {
                 let (cert_file, key_file) = (c.cert_file.clone(), c.key_file.clone());
                 let request = Request::SetSessionClientCert { identifier, cert };
@@ -75,9 +70,18 @@ impl Core {
                 return Ok(Answer::Later);
             }
         };
+        let changed = current != cert;
+        // The same files read again: nothing to store, so it is answered even while the
+        // database refuses writes.
+        if changed && let Some(e) = &self.life.storage {
+            return Err(e.clone());
+        }
         if let Some(s) = self.sessions.get_mut(&key) {
             s.client_cert =
                 cert.clone().zip(identity).map(|(files, identity)| ClientCert { files, identity: Ok(identity) });
+        }
+        if !changed {
+            return Ok(Answer::Now(Response::Ok));
         }
         info!(session = %identifier, set = cert.is_some(), "session client certificate changed");
         self.commit(

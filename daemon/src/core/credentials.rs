@@ -14,7 +14,7 @@ pub(super) struct Auth {
     /// Sessions' protection-space credentials.
     pub spaces: HashMap<SessionKey, Vec<HeldCredential>>,
     /// Tasks' own credentials.
-    pub tasks: HashMap<TaskId, HeldCredential>,
+    pub tasks: HashMap<TaskId, Vec<HeldCredential>>,
     /// Challenges each task had (while the daemon runs).
     pub rounds: HashMap<TaskId, u32>,
 }

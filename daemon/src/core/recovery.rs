@@ -43,6 +43,10 @@ impl Core {
             let host = url::Url::parse(&rec.url).map(|u| host_key(&u)).unwrap_or_default();
             let (state, phase, retry_at) = (rec.state, rec.phase, rec.retry_at);
             let challenged = rec.challenge.is_some();
+            if let Some(c) = &rec.challenge {
+                // Its rounds go on where they were (and its replayed event still matches).
+                self.seed_auth_rounds(id, c.round);
+            }
             self.insert_task(rec, host);
             match state {
                 // Cut short between "data complete" and "finished committed": the move is

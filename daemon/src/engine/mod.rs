@@ -136,6 +136,18 @@ impl std::fmt::Debug for Job {
     }
 }
 
+/// A session proxy, and the id of a client certificate.
+type RouteKey = (Option<SessionProxy>, Option<u64>);
+
+/// A client made for a session proxy or client certificate.
+#[derive(Debug)]
+struct Route {
+    client: HttpClient,
+    proxies: proxy::Proxies,
+    /// The certificate it presents: while someone holds it, the client is kept.
+    identity: Option<std::sync::Weak<http::ClientIdentity>>,
+}
+
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
     pub max_redirects: u32,
@@ -152,9 +164,7 @@ pub struct Engine {
     proxies: proxy::Proxies,
     /// One client per session proxy and client certificate in use (made when first needed;
     /// its connections are pooled apart from the others').
-    #[allow(clippy::type_complexity)]
-    by_route:
-        std::sync::Mutex<std::collections::HashMap<(Option<SessionProxy>, Option<u64>), (HttpClient, proxy::Proxies)>>,
+    by_route: std::sync::Mutex<std::collections::HashMap<RouteKey, Route>>,
     settings: EngineSettings,
     mover: files::Mover,
 }
@@ -199,8 +209,10 @@ impl Engine {
         let key = (job.proxy.clone(), identity.map(|i| i.id));
         let mut clients = self.by_route.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(found) = clients.get(&key) {
-            return Ok(found.clone());
+            return Ok((found.client.clone(), found.proxies.clone()));
         }
+        // A certificate no session holds any more (replaced, dropped): its client and key go.
+        clients.retain(|_, r| r.identity.as_ref().is_none_or(|w| w.strong_count() > 0));
         let proxies = match &job.proxy {
             Some(p) => proxy::Proxies::new(p.url.as_deref().unwrap_or(""), "", "", &p.no_proxy),
             None => self.proxies.clone(),
@@ -208,7 +220,11 @@ impl Engine {
         let client = self.factory.client(&proxies, identity).map_err(|e| {
             Failure::permanent(ErrorCode::Tls, format!("the session's client certificate cannot be used: {e}"))
         })?;
-        clients.insert(key, (client.clone(), proxies.clone()));
+        let identity = match &job.client_cert {
+            Some(Ok(id)) => Some(Arc::downgrade(id)),
+            _ => None,
+        };
+        clients.insert(key, Route { client: client.clone(), proxies: proxies.clone(), identity });
         Ok((client, proxies))
     }
 

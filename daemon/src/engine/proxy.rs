@@ -84,19 +84,19 @@ impl Proxies {
         self.intercept(&uri)?.basic_auth().cloned()
     }
 
-    /// The origin (`http://host:port`) of the HTTP proxy a plain-`http` request to `url`
-    /// goes through, if any (a 407 comes from it; its answer goes to it).
+    /// The origin (`http://host:port`, `https://…` for a TLS proxy) of the HTTP proxy a
+    /// plain-`http` request to `url` goes through, if any (a 407 comes from it; its answer
+    /// goes to it).
     pub fn http_proxy_origin(&self, url: &url::Url) -> Option<String> {
         if url.scheme() != "http" {
             return None;
         }
         let uri: Uri = url.as_str().parse().ok()?;
         let proxy = self.intercept(&uri)?;
-        if proxy.uri().scheme_str() != Some("http") {
-            return None;
-        }
+        let scheme = proxy.uri().scheme_str().filter(|s| matches!(*s, "http" | "https"))?;
         let authority = proxy.uri().authority()?;
-        Some(format!("http://{}:{}", authority.host(), authority.port_u16().unwrap_or(80)))
+        let port = authority.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
+        Some(format!("{scheme}://{}:{port}", authority.host()))
     }
 
     /// A description for the logs (credentials are not included).
@@ -266,9 +266,10 @@ async fn connect_through<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin
         }
         answer.extend_from_slice(&byte);
     }
-    let status = String::from_utf8_lossy(&answer).split(' ').nth(1).unwrap_or("").to_owned();
-    if status != "200" {
-        return Err(format!("the proxy refused the tunnel (status {status})").into());
+    let answer = String::from_utf8_lossy(&answer);
+    let status = answer.lines().next().and_then(|l| l.split_whitespace().nth(1)).unwrap_or("").to_owned();
+    if !(status.len() == 3 && status.starts_with('2')) {
+        return Err(format!("the proxy refused the tunnel (status {status:?})").into());
     }
     Ok(())
 }

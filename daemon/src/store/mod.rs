@@ -91,6 +91,13 @@ pub enum Op {
         session: SessionKey,
         credential: crate::model::HeldCredential,
     },
+    /// One kept credential: a task's (or the space's) for an origin.
+    ForgetCredential {
+        session: SessionKey,
+        task: Option<TaskId>,
+        origin: String,
+        proxy: bool,
+    },
     /// A task's kept credentials, or (`task: None`) every one of the session.
     DeleteCredentials {
         session: SessionKey,
@@ -458,6 +465,13 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
         }
         Op::SaveClientCert { session, cert: None } => {
             tx.execute("DELETE FROM session_client_certs WHERE session_id = ?1", params![session])?;
+            Ok(())
+        }
+        Op::ForgetCredential { session, task, origin, proxy } => {
+            tx.execute(
+                "DELETE FROM credentials WHERE session_id = ?1 AND task_id = ?2 AND origin = ?3 AND proxy = ?4",
+                params![session, task.map_or(0, sat), origin, proxy],
+            )?;
             Ok(())
         }
         Op::DeleteCredentials { session, task: Some(task) } => {

@@ -31,7 +31,7 @@ pub async fn run(ctx: &Ctx, args: AuthArgs) -> Result<Exit> {
         ChallengeAnswer::Fail => "answered without credentials; it completes with the server's status",
     };
     let client = ctx.connect().await?;
-    request_ok(&client, Request::AnswerChallenge { task: args.task, answer }).await?;
+    request_ok(&client, Request::AnswerChallenge { task: args.task, round: None, answer }).await?;
     if ctx.json {
         writeln!(std::io::stdout().lock(), "{}", serde_json::json!({ "task": args.task, "answered": true }))?;
     } else {

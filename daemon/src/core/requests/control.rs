@@ -63,6 +63,10 @@ impl Core {
                 }
                 _ => {
                     self.unqueue(task);
+                    // A challenge it waited on is no longer waited on: resumed, it asks again.
+                    if let Some(t) = self.tasks.get_mut(&task) {
+                        t.rec.challenge = None;
+                    }
                     self.set_state(task, TaskState::Suspended);
                     self.save_task(task, ok());
                     Ok(Answer::Later)

@@ -104,7 +104,7 @@ impl Core {
             Request::GetSessionChallenges { identifier } => {
                 Ok(Answer::Now(Response::SessionChallenges(self.session_challenges(&identifier)?)))
             }
-            Request::AnswerChallenge { task, answer } => self.answer_challenge(conn, id, task, answer),
+            Request::AnswerChallenge { task, round, answer } => self.answer_challenge(conn, id, task, round, answer),
             Request::SetSessionClientCert { identifier, cert } => {
                 self.set_session_client_cert(conn, id, identifier, cert, check)
             }
