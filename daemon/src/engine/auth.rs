@@ -41,12 +41,41 @@ pub fn challenge(status: u16, headers: &HeaderMap, url: &Url, proxies: &Proxies)
     };
     let value = headers.get(header)?.to_str().ok()?.trim();
     let (scheme, params) = value.split_once(char::is_whitespace).unwrap_or((value, ""));
+    // `Negotiate, Basic realm="x"`: the first challenge has no parameters.
+    let params = if scheme.ends_with(',') { "" } else { first_challenge(params) };
     let scheme = scheme.trim_end_matches(',');
     if scheme.is_empty() || !scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~+".contains(&b)) {
         return None;
     }
     let origin = if proxy { proxies.http_proxy_origin(url)? } else { origin_of(url) };
     Some(Challenge { scheme: scheme.to_owned(), realm: realm(params), origin, proxy, round: 1 })
+}
+
+/// The parameters of the first challenge: up to an unquoted comma that starts another
+/// challenge (`, Scheme param=…`), quoted commas and parameter lists kept.
+fn first_challenge(params: &str) -> &str {
+    let mut quoted = false;
+    let mut escaped = false;
+    for (i, c) in params.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                let next = params.get(i + 1..).unwrap_or("").trim_start();
+                let token_end = next.find(|c: char| !(c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)));
+                // A token followed by a space, not by `=`: a new scheme.
+                if let Some(end) = token_end
+                    && end > 0
+                    && next.get(end..).is_some_and(|r| r.starts_with(' ') && !r.trim_start().starts_with('='))
+                {
+                    return params.get(..i).unwrap_or(params);
+                }
+            }
+            _ => {}
+        }
+    }
+    params
 }
 
 /// The `realm` parameter of the first challenge (quoted or a token), cut at 256 bytes.
@@ -102,6 +131,10 @@ mod tests {
         assert_eq!((c.origin.as_str(), c.proxy), ("https://files.example.org:443", false));
         h.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=api, error=\"invalid_token\""));
         assert_eq!(challenge(401, &h, &url, &none).and_then(|c| c.realm), Some("api".into()));
+        h.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Negotiate, Basic realm=\"x\""));
+        assert_eq!(challenge(401, &h, &url, &none).map(|c| (c.scheme, c.realm)), Some(("Negotiate".into(), None)));
+        h.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Digest nonce=\"a,b\", qop=auth, Basic realm=\"y\""));
+        assert_eq!(challenge(401, &h, &url, &none).map(|c| (c.scheme, c.realm)), Some(("Digest".into(), None)));
         h.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Negotiate"));
         assert_eq!(challenge(401, &h, &url, &none).map(|c| (c.scheme, c.realm)), Some(("Negotiate".into(), None)));
         assert!(challenge(403, &h, &url, &none).is_none(), "only 401 and 407");
