@@ -179,6 +179,76 @@ async fn protocol_1_clients_keep_working() {
     .unwrap();
 }
 
+/// What protocol 4 added reaches a protocol-1 app as what it knows: a challenge in a
+/// session opted in by someone else reads as `resumed_at_offset 0`, and acknowledging it
+/// unanswered fails the task with the 401, as before; an upload another client put in the
+/// session reads as `finished_downloading` of its response body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_1_apps_see_challenges_and_uploads_as_they_always_did() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/private", Resource::generated(1000, 43).require_auth("Basic eDp5", "Basic realm=\"r\""));
+    let uploads = dlsession_testkit::UploadServer::start(false).await.unwrap();
+    let file = env.path().join("up.bin");
+    std::fs::write(&file, b"hello, server").unwrap();
+    let socket = env.socket.clone();
+    let session = "org.example.v1.auth";
+    let (url, up_url) = (server.url("/private"), uploads.url("/files/up"));
+    let file_arg = file.to_str().unwrap().to_owned();
+    let ctl = move |args: &[&str]| {
+        let out = std::process::Command::new(dlsession_testkit::bin_path("dlsessionctl"))
+            .args(["--socket", socket.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    };
+    let socket = env.socket.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut c = V1Client::connect(&socket, Some("org.example.v1"));
+        let config = SessionConfig { app_id: Some("org.example.v1".into()), ..SessionConfig::default() };
+        let attach = Request::Attach { identifier: session.into(), config, takeover: false };
+        assert!(matches!(c.request(attach).unwrap(), v1::Response::Session(_)));
+        assert!(matches!(c.next_event(), v1::Event::FinishedEvents { .. }));
+        ctl(&["policy", session, "--challenges", "ask"]);
+        let tasks = vec![TaskSpec::get(url)];
+        let id = match c.request(Request::CreateTasks { identifier: session.into(), tasks, resume: true }) {
+            Ok(v1::Response::TasksCreated(ids)) => ids[0],
+            other => panic!("{other:?}"),
+        };
+        ctl(&["upload", &file_arg, &up_url, "--session", session]);
+        let (mut resumed, mut failed, mut body, mut completed) = (false, None, None, 0);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while completed < 2 && Instant::now() < deadline {
+            if let v1::Event::Durable { seq, event, .. } = c.next_event() {
+                match event {
+                    v1::DurableEvent::ResumedAtOffset { task, offset: 0, .. } if task == id => resumed = true,
+                    v1::DurableEvent::FinishedDownloading { location, .. } => {
+                        body = Some(std::fs::read(&location).unwrap());
+                    }
+                    v1::DurableEvent::Completed { task, error } => {
+                        completed += 1;
+                        if task == id {
+                            failed = error;
+                        }
+                    }
+                    _ => {}
+                }
+                let ack = Request::AckEvents { identifier: session.into(), seqs: vec![seq] };
+                assert!(matches!(c.request(ack).unwrap(), v1::Response::Ok));
+            }
+        }
+        assert!(resumed, "the challenge reads as resumed_at_offset 0");
+        let error = failed.expect("acknowledged unanswered: the 401");
+        assert_eq!((error.code, error.http_status), (v1::ErrorCode::HttpStatus, Some(401)), "{error:?}");
+        let body = String::from_utf8(body.expect("the upload's response as a finished download")).unwrap();
+        assert!(body.contains("\"size\":13"), "{body}");
+    })
+    .await
+    .unwrap();
+}
+
 /// A client of a protocol this daemon does not serve gets a clear refusal, never garbage.
 #[test]
 fn clients_of_unknown_protocols_are_refused_clearly() {
