@@ -563,7 +563,7 @@ fn dispatch(shared: &Shared, msg: ServerMessage) {
         // is dropped; a durable one comes again when the session asks (see `Routed`). A
         // detach is never dropped: it ends the session (the asking again would take the
         // session back from whoever took it over).
-        let progress = matches!(event, Event::Progress { .. });
+        let progress = matches!(event, Event::Progress { .. } | Event::SendProgress { .. });
         let detach = matches!(event, Event::Detached { .. });
         if route.overflowed.load(Ordering::Acquire) && !progress && !detach {
             return;

@@ -54,6 +54,23 @@ impl Mailbox {
                     },
                 );
             }
+            // An upload's body going out, coalesced the same way (one per task).
+            Event::SendProgress { identifier, task, bytes_sent, total_bytes_sent, total_bytes_expected_to_send } => {
+                let sent = match st.progress.get(&task) {
+                    Some(Event::SendProgress { bytes_sent: before, .. }) => before.saturating_add(bytes_sent),
+                    _ => bytes_sent,
+                };
+                st.progress.insert(
+                    task,
+                    Event::SendProgress {
+                        identifier,
+                        task,
+                        bytes_sent: sent,
+                        total_bytes_sent,
+                        total_bytes_expected_to_send,
+                    },
+                );
+            }
             wake @ Event::Wake { .. } => {
                 let same = |e: &Event| matches!((e, &wake), (Event::Wake { identifier: a, .. }, Event::Wake { identifier: b, .. }) if a == b);
                 if !st.wakes.iter().any(same) {

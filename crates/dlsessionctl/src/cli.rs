@@ -76,7 +76,8 @@ pub enum Command {
     /// turns that off.
     Get(GetArgs),
 
-    /// Answer a task's request for credentials (a 401 in a session that asks its app)
+    /// Answer a task's request for credentials (a 401, or a proxy's 407, in a session that
+    /// asks its app)
     ///
     /// The secret (password, token or header value) is read from stdin, one line, so it
     /// never shows in the process list: `printf %s "$TOKEN" | dlsessionctl auth 12 --bearer`.
@@ -121,8 +122,10 @@ pub enum Command {
     /// is kept across restarts; `off` lifts it.
     Limit(LimitArgs),
 
-    /// Show or set when a session's tasks may run: on metered networks, on battery, only in
-    /// good conditions (discretionary). Running tasks follow at once.
+    /// Show or set a session's policy (or a task's own): when its tasks may run (metered
+    /// networks, battery, discretionary, without a network), notifications, and for a
+    /// session its cookies, whether it asks its app for credentials, and its client
+    /// certificate. Running tasks follow at once.
     Policy(PolicyArgs),
 
     /// Show or set a session's own proxy, which replaces the daemon's environment for its
@@ -168,9 +171,10 @@ pub enum StateArg {
     Suspended,
     /// Waiting for a download slot or its start time
     Queued,
-    /// Downloading
+    /// Transferring (downloading, or sending an upload's body)
     Running,
-    /// Backing off after a transient failure
+    /// Backing off after a transient failure, or waiting (for the network, a destination,
+    /// the app's credentials)
     Waiting,
     /// Finished: succeeded, failed or cancelled
     Completed,
@@ -285,7 +289,8 @@ pub struct UploadArgs {
     #[arg(long, value_name = "TYPE")]
     pub content_type: Option<String>,
 
-    /// Add a request header, e.g. --header 'Authorization: Bearer …' (repeatable)
+    /// Add a request header, e.g. --header 'Authorization: Bearer …' (repeatable);
+    /// Content-Length, Transfer-Encoding and Upload-* are the daemon's to set (refused)
     #[arg(short = 'H', long = "header", value_name = "NAME: VALUE")]
     pub headers: Vec<String>,
 

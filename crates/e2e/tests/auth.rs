@@ -153,6 +153,10 @@ async fn a_waiting_challenge_relaunches_the_app_and_dlsessionctl_can_answer() {
     child.stdin.take().unwrap().write_all(b"token\n").unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("not waiting for credentials"), "{out:?}");
+    // The answered challenge was withdrawn: collecting the session's events asks nothing.
+    let out = env.ctl(&["attach", "t.ctl"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("waits for credentials"), "{out:?}");
 }
 
 /// Wrong credentials, answered again and again: the task gives up after three answers

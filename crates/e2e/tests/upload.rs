@@ -270,3 +270,25 @@ async fn an_upload_finishes_without_its_app_and_relaunches_it() {
     assert_eq!(events.completion(task.id(), LONG).await, None);
     assert_eq!(events.response(task.id()).map(|r| r.0), Some(201));
 }
+
+/// `dlsessionctl watch` shows an upload's body going out (the client library forwards
+/// send progress of sessions it is not attached to).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_shows_an_uploads_progress() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = UploadServer::start(false).await.unwrap();
+    server.set_faults(UploadFaults { rate: Some(1 << 20), ..UploadFaults::default() });
+    let (file, _) = make_file(env.path(), "w.bin", 2 << 20, 15);
+    let out = env.ctl(&["upload", file.to_str().unwrap(), &server.url("/files/w"), "--session", "t.watch"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = env.ctl(&["--json", "watch", "--session", "t.watch"]);
+    let lines: Vec<serde_json::Value> = stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let sent: Vec<u64> = lines
+        .iter()
+        .filter(|l| l["event"] == "send_progress")
+        .map(|l| l["total_bytes_sent"].as_u64().unwrap())
+        .collect();
+    assert!(!sent.is_empty(), "{lines:?}");
+    assert!(sent.iter().all(|&n| n <= 2 << 20), "{sent:?}");
+}

@@ -216,10 +216,11 @@ impl Core {
                     ops.push(Op::SaveCredential { session: key, credential: held.clone() });
                 }
                 slot.push(held);
-                self.commit(ops, Vec::new());
                 if let Some(t) = self.tasks.get_mut(&task) {
                     t.rec.challenge = None;
                 }
+                self.withdraw_challenges(task, &mut ops);
+                self.commit(ops, Vec::new());
                 self.retry_now(task, true, after);
                 self.schedule();
                 return Ok(Answer::Later);
@@ -248,6 +249,30 @@ impl Core {
         if let Some(challenge) = waits {
             self.complete(task, Some(unanswered(Some(&challenge))), ops, after);
         }
+    }
+
+    /// The task no longer waits on a challenge (answered, requeued, suspended, completed):
+    /// its unacknowledged challenge events are withdrawn, as if acknowledged, so an app (or
+    /// `dlsessionctl attach`) is not asked again about a question nobody waits on.
+    pub(super) fn withdraw_challenges(&mut self, task: TaskId, ops: &mut Vec<Op>) {
+        if !self.auth.rounds.contains_key(&task) {
+            return;
+        }
+        let Some(key) = self.tasks.get(&task).map(|t| t.rec.session) else { return };
+        let Some(s) = self.sessions.get_mut(&key) else { return };
+        let seqs: Vec<u64> = s
+            .events
+            .iter()
+            .filter(|(_, e)| matches!(e.event, DurableEvent::Challenge { task: t, .. } if t == task))
+            .map(|(seq, _)| *seq)
+            .collect();
+        if seqs.is_empty() {
+            return;
+        }
+        for seq in &seqs {
+            s.take_event(*seq);
+        }
+        ops.push(Op::DeleteEvents { session: key, seqs });
     }
 
     /// A task restored waiting on challenge `round`.

@@ -71,13 +71,21 @@ impl Core {
     /// `reset_backoff` its next failure backs off from the start.
     pub(super) fn retry_now(&mut self, id: TaskId, reset_backoff: bool, after: Vec<After>) {
         self.unqueue(id);
+        let mut withdrawn = Vec::new();
         if let Some(t) = self.tasks.get_mut(&id) {
             // Asked again without an answer: the request goes as before, and may bring the
             // challenge back.
-            t.rec.challenge = None;
-            if reset_backoff {
+            if t.rec.challenge.take().is_some() {
+                self.withdraw_challenges(id, &mut withdrawn);
+            }
+            if let Some(t) = self.tasks.get_mut(&id)
+                && reset_backoff
+            {
                 t.failures = 0;
             }
+        }
+        if !withdrawn.is_empty() {
+            self.commit(withdrawn, Vec::new());
         }
         self.set_state(id, TaskState::Queued);
         self.enqueue(id);
@@ -594,6 +602,7 @@ impl Core {
         t.rec.phase = Phase::Transfer;
         t.rec.challenge = None;
         let key = t.rec.session;
+        self.withdraw_challenges(id, ops);
         self.forget_task_auth(id, key, ops);
         self.set_state(id, TaskState::Completed);
         let seq = self.emit(key, DurableEvent::Completed { task: id, error }, ops);

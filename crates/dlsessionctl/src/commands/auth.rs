@@ -16,7 +16,7 @@ pub async fn run(ctx: &Ctx, args: AuthArgs) -> Result<Exit> {
     } else if args.fail {
         ChallengeAnswer::Fail
     } else {
-        let secret = read_secret()?;
+        let secret = read_secret(args.basic.is_some())?;
         let credential = match (&args.basic, &args.header) {
             (Some(user), _) => Credential::Basic { user: user.clone(), password: secret },
             (None, Some(name)) => Credential::Header { name: name.clone(), value: secret },
@@ -40,15 +40,16 @@ pub async fn run(ctx: &Ctx, args: AuthArgs) -> Result<Exit> {
     Ok(Exit::Success)
 }
 
-/// One line of stdin, without its line end; an empty secret is refused.
-fn read_secret() -> Result<String> {
+/// One line of stdin, without its line end. Nothing at all is refused; an empty line is an
+/// empty secret, which only a Basic password may be.
+fn read_secret(empty_ok: bool) -> Result<String> {
     let mut line = String::new();
-    std::io::stdin()
+    let n = std::io::stdin()
         .lock()
         .read_line(&mut line)
         .map_err(|e| CliError::usage(format!("cannot read the secret from stdin: {e}")))?;
     let secret = line.trim_end_matches(['\n', '\r']).to_owned();
-    if secret.is_empty() {
+    if n == 0 || (secret.is_empty() && !empty_ok) {
         return Err(CliError::usage("no secret on stdin (pipe it in: printf %s \"$SECRET\" | dlsessionctl auth …)"));
     }
     Ok(secret)

@@ -433,7 +433,11 @@ fn report_finished(ctx: &Ctx, progress: &Progress, session: &str, info: &TaskInf
                 progress.err(&format!("task {} uploaded {} ({})", info.id, up.file, output::size(up.bytes_total)));
                 progress.out_bytes(&body.unwrap_or_default())?;
             }
-            (Some(e), _) => progress.err(&format!("task {} failed: {}", info.id, output::error(e))),
+            // The server's own explanation goes to stdout too, as curl shows it.
+            (Some(e), body) => {
+                progress.err(&format!("task {} failed: {}", info.id, output::error(e)));
+                progress.out_bytes(&body.ok().flatten().unwrap_or_default())?;
+            }
             (None, Err(e)) => {
                 progress.err(&format!("task {} uploaded {}; its response body is unreadable: {e}", info.id, up.file))
             }

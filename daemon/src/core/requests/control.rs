@@ -64,8 +64,10 @@ impl Core {
                 _ => {
                     self.unqueue(task);
                     // A challenge it waited on is no longer waited on: resumed, it asks again.
-                    if let Some(t) = self.tasks.get_mut(&task) {
-                        t.rec.challenge = None;
+                    if self.tasks.get_mut(&task).and_then(|t| t.rec.challenge.take()).is_some() {
+                        let mut withdrawn = Vec::new();
+                        self.withdraw_challenges(task, &mut withdrawn);
+                        self.commit(withdrawn, Vec::new());
                     }
                     self.set_state(task, TaskState::Suspended);
                     self.save_task(task, ok());
