@@ -93,10 +93,7 @@ pub fn url(raw: &str, limits: &Limits) -> Result<Url, ErrorInfo> {
         && s != "https"
         && s.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
     {
-        return Err(err(
-            ErrorCode::UnsupportedScheme,
-            format!("only http and https URLs can be downloaded (got {s:?})"),
-        ));
+        return Err(err(ErrorCode::UnsupportedScheme, format!("only http and https URLs are supported (got {s:?})")));
     }
     let url = parsed.map_err(|e| err(ErrorCode::InvalidUrl, format!("invalid URL {:?}: {e}", redact::url(raw))))?;
     if url.host_str().is_none_or(str::is_empty) {
@@ -303,7 +300,7 @@ mod tests {
         let msg = url("http://user:hunter2@[bad/x", &l).unwrap_err().message;
         assert!(!msg.contains("hunter2"), "{msg}");
         let msg = url("file:///x", &l).unwrap_err().message;
-        assert!(msg.contains("only http and https URLs can be downloaded (got \"file\")"), "{msg}");
+        assert!(msg.contains("only http and https URLs are supported (got \"file\")"), "{msg}");
     }
 
     #[test]

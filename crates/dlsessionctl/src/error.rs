@@ -154,13 +154,10 @@ mod tests {
         assert!(e.lines()[1].starts_with("hint: start it with"));
         let d = CliError::from(dlsession::Error::Daemon(ErrorInfo::new(
             ErrorCode::UnsupportedScheme,
-            "only http and https URLs can be downloaded (got \"file\")",
+            "only http and https URLs are supported (got \"file\")",
         )));
         assert_eq!(d.exit(), Exit::Failed);
-        assert_eq!(
-            d.lines()[0],
-            "error: unsupported_scheme: only http and https URLs can be downloaded (got \"file\")"
-        );
+        assert_eq!(d.lines()[0], "error: unsupported_scheme: only http and https URLs are supported (got \"file\")");
         assert_eq!(CliError::Output(io::Error::from(io::ErrorKind::BrokenPipe)).exit(), Exit::Success);
     }
 }

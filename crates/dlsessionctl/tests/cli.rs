@@ -931,7 +931,7 @@ async fn get_without_wait_says_how_results_are_collected_and_the_next_get_collec
     let o = ctl(&f.env, &["get", &f.server.url("/third.bin"), "-o", third.to_str().unwrap()]).await;
     assert_exit(&o, 0);
     let said = stderr(&o);
-    assert!(said.contains("collected 2 earlier download(s); 1 failed"), "{said}");
+    assert!(said.contains("collected 2 earlier task(s); 1 failed"), "{said}");
     assert!(said.contains(&format!("task {failed}")), "{said}");
     for id in [first, failed] {
         let shown = json(&ctl(&f.env, &["--json", "show", &id.to_string()]).await);

@@ -150,15 +150,15 @@ pub(super) async fn collect_earlier(client: &Client, session: &str) {
     }
     let ids: Vec<TaskId> = done.iter().map(|t| t.id).collect();
     if let Err(e) = acknowledge(client, &ids).await {
-        eprintln!("warning: could not collect the results of earlier downloads: {e}");
+        eprintln!("warning: could not collect the results of earlier tasks: {e}");
         return;
     }
     let failed: Vec<String> = done.iter().filter(|t| t.error.is_some()).map(|t| t.id.to_string()).collect();
     if failed.is_empty() {
-        eprintln!("collected {} earlier download(s), all succeeded", done.len());
+        eprintln!("collected {} earlier task(s), all succeeded", done.len());
     } else {
         eprintln!(
-            "collected {} earlier download(s); {} failed: see `dlsessionctl show ID` for task {}",
+            "collected {} earlier task(s); {} failed: see `dlsessionctl show ID` for task {}",
             done.len(),
             failed.len(),
             failed.join(", ")

@@ -34,6 +34,16 @@ pub async fn run(ctx: &Ctx, args: UploadArgs) -> Result<Exit> {
     if let Some(t) = &args.content_type {
         request.headers.push(Header::new("Content-Type", t.clone()));
     }
+    // Refused by the daemon too; said here before a session is made for nothing.
+    if let Some(h) = request.headers.iter().find(|h| {
+        let name = h.name.to_ascii_lowercase();
+        name == "content-length" || name == "transfer-encoding" || name.starts_with("upload-")
+    }) {
+        return Err(CliError::usage(format!(
+            "-H {}: the daemon sets that header for an upload (it frames the body)",
+            h.name
+        )));
+    }
     if !args.wait && args.session == DEFAULT_SESSION {
         request.description = Some(COLLECTED_LATER.to_owned());
     }
