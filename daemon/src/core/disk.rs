@@ -335,7 +335,6 @@ pub struct FileSnapshot {
 /// Checks that `path` is a regular file this daemon can read, and notes its size and
 /// modification time.
 pub fn upload_file(path: &str) -> Result<FileSnapshot, ErrorInfo> {
-    use std::os::unix::fs::MetadataExt;
     let refuse = |what: String| ErrorInfo::new(ErrorCode::FileError, format!("cannot upload {path:?}: {what}"));
     // The kind first: opening a FIFO would block until someone writes to it.
     let kind = std::fs::metadata(path).map_err(|e| refuse(e.to_string()))?;
@@ -347,10 +346,7 @@ pub fn upload_file(path: &str) -> Result<FileSnapshot, ErrorInfo> {
     if !meta.is_file() {
         return Err(refuse("it is not a regular file".into()));
     }
-    Ok(FileSnapshot {
-        size: meta.len(),
-        mtime_ns: meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec()),
-    })
+    Ok(FileSnapshot { size: meta.len(), mtime_ns: crate::engine::upload::mtime_ns_of(&meta) })
 }
 
 /// Runs `check` on a blocking thread, then hands its outcome to `done`.

@@ -38,12 +38,7 @@ impl Engine {
             }
             auth::apply(&mut req, &url, &job.auth, &proxies);
             let resp = match tokio::time::timeout(job.idle_timeout, client.request(req)).await {
-                Err(_) => {
-                    return Err(Failure::transient(
-                        ErrorCode::TimedOut,
-                        format!("no response from {} within {} s", host_of(&url), job.idle_timeout.as_secs_f64()),
-                    ));
-                }
+                Err(_) => return Err(no_response(&url, job)),
                 Ok(Err(e)) => return Err(classify(&e, &format!("requesting {}", host_of(&url)))),
                 Ok(Ok(r)) => r,
             };
@@ -66,27 +61,34 @@ impl Engine {
                 let location = redact::url(location);
                 Failure::permanent(ErrorCode::InvalidUrl, format!("redirect to an invalid location {location:?}: {e}"))
             })?;
-            if !matches!(next.scheme(), "http" | "https") {
-                return Err(Failure::permanent(
-                    ErrorCode::UnsupportedScheme,
-                    format!("redirect to unsupported scheme {:?}", next.scheme()),
-                ));
-            }
-            if url.scheme() == "https" && next.scheme() == "http" {
-                return Err(Failure::permanent(
-                    ErrorCode::UnsupportedScheme,
-                    format!("refusing redirect from https to insecure http ({})", host_of(&next)),
-                ));
-            }
             hops += 1;
-            if hops > self.settings.max_redirects {
-                return Err(Failure::permanent(
-                    ErrorCode::TooManyRedirects,
-                    format!("more than {} redirects", self.settings.max_redirects),
-                ));
-            }
+            self.may_redirect(&url, &next, hops)?;
             url = next;
         }
+    }
+
+    /// A redirect from `url` to `next`, the `hops`-th, may be followed (downloads and
+    /// uploads alike): http(s) only, never from https to http, within the limit.
+    pub(super) fn may_redirect(&self, url: &Url, next: &Url, hops: u32) -> Result<(), Failure> {
+        if !matches!(next.scheme(), "http" | "https") {
+            return Err(Failure::permanent(
+                ErrorCode::UnsupportedScheme,
+                format!("redirect to unsupported scheme {:?}", next.scheme()),
+            ));
+        }
+        if url.scheme() == "https" && next.scheme() == "http" {
+            return Err(Failure::permanent(
+                ErrorCode::UnsupportedScheme,
+                format!("refusing redirect from https to insecure http ({})", host_of(next)),
+            ));
+        }
+        if hops > self.settings.max_redirects {
+            return Err(Failure::permanent(
+                ErrorCode::TooManyRedirects,
+                format!("more than {} redirects", self.settings.max_redirects),
+            ));
+        }
+        Ok(())
     }
 
     /// Decides whether the response can be written to the file, and from where.
@@ -103,11 +105,7 @@ impl Engine {
         let headers = resp.headers();
         let get = |name: hyper::header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
         if is_transient_status(status) {
-            let retry_after = get(hyper::header::RETRY_AFTER).and_then(|v| parse_retry_after(&v, SystemTime::now()));
-            let mut f = Failure::transient(ErrorCode::HttpStatus, format!("server answered {}", status_text(status)));
-            f.error.http_status = Some(status);
-            f.retry = Retry::After(retry_after);
-            return Err(f);
+            return Err(status_failure(status, headers));
         }
         if status == 416 && offset > 0 {
             // `bytes */N` with N the offset asked for: the partial file already holds the
@@ -188,10 +186,7 @@ impl Engine {
         } else {
             (0, content_length, offset > 0)
         };
-        let headers = headers
-            .iter()
-            .map(|(k, v)| Header::new(k.as_str(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
-            .collect();
+        let headers = response_headers(headers);
         Ok(ResponseMeta {
             status,
             final_url: redact::url(final_url.as_str()),
@@ -205,6 +200,31 @@ impl Engine {
             peer,
         })
     }
+}
+
+/// A response's headers as a task keeps them.
+pub(super) fn response_headers(map: &hyper::HeaderMap) -> Vec<Header> {
+    map.iter().map(|(k, v)| Header::new(k.as_str(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect()
+}
+
+/// A transient status (408, 429, 5xx): retried, not before its `Retry-After`.
+pub(super) fn status_failure(status: u16, headers: &hyper::HeaderMap) -> Failure {
+    let retry_after = headers
+        .get(hyper::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, SystemTime::now()));
+    let mut f = Failure::transient(ErrorCode::HttpStatus, format!("server answered {}", status_text(status)));
+    f.error.http_status = Some(status);
+    f.retry = Retry::After(retry_after);
+    f
+}
+
+/// Nothing came back from `url` within the idle timeout.
+pub(super) fn no_response(url: &Url, job: &Job) -> Failure {
+    Failure::transient(
+        ErrorCode::TimedOut,
+        format!("no response from {} within {} s", host_of(url), job.idle_timeout.as_secs_f64()),
+    )
 }
 
 pub(super) fn status_text(status: u16) -> String {

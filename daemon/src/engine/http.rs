@@ -238,26 +238,27 @@ impl Failure {
     }
 }
 
+/// TLS alerts by which a server says it wants a client certificate, or refuses ours: set (or
+/// fix) the session's; retrying changes nothing.
+const REFUSED_CERTIFICATE: [&str; 7] = [
+    "CertificateRequired",
+    "BadCertificate",
+    "UnsupportedCertificate",
+    "CertificateRevoked",
+    "CertificateExpired",
+    "CertificateUnknown",
+    "UnknownCA",
+];
+const REFUSED_HINT: &str =
+    " (the server wants a client certificate it accepts: see `dlsessionctl policy SESSION --client-cert`)";
+
 /// Classifies an error from sending a request or reading a body.
 pub fn classify(err: &(dyn StdError + 'static), what: &str) -> Failure {
     let chain = error_chain(err);
     // A certificate problem is not transient: retrying for a week would only hide it.
     if let Some(tls) = find::<rustls::Error>(err) {
-        use rustls::AlertDescription as A;
-        // The server wants a client certificate, or refused ours: set (or fix) the
-        // session's, retrying changes nothing.
-        let refused_ours = matches!(
-            tls,
-            rustls::Error::AlertReceived(
-                A::CertificateRequired
-                    | A::BadCertificate
-                    | A::UnsupportedCertificate
-                    | A::CertificateRevoked
-                    | A::CertificateExpired
-                    | A::CertificateUnknown
-                    | A::UnknownCA
-            )
-        );
+        let refused_ours = matches!(tls, rustls::Error::AlertReceived(a)
+            if REFUSED_CERTIFICATE.contains(&format!("{a:?}").as_str()));
         let permanent = refused_ours
             || matches!(
                 tls,
@@ -266,11 +267,7 @@ pub fn classify(err: &(dyn StdError + 'static), what: &str) -> Failure {
                     | rustls::Error::UnsupportedNameType
                     | rustls::Error::PeerIncompatible(_)
             );
-        let hint = if refused_ours {
-            " (the server wants a client certificate it accepts: see `dlsessionctl policy SESSION --client-cert`)"
-        } else {
-            ""
-        };
+        let hint = if refused_ours { REFUSED_HINT } else { "" };
         let message = format!("{what}: TLS error: {tls}{hint}");
         return if permanent {
             Failure::permanent(ErrorCode::Tls, message)
@@ -278,27 +275,11 @@ pub fn classify(err: &(dyn StdError + 'static), what: &str) -> Failure {
             Failure::transient(ErrorCode::Tls, message)
         };
     }
-    // A TLS alert that reaches us inside the connection's own error (hyper keeps only its
-    // text): the server wants a client certificate, or refused ours.
-    const REFUSED: [&str; 7] = [
-        "CertificateRequired",
-        "BadCertificate",
-        "UnsupportedCertificate",
-        "CertificateRevoked",
-        "CertificateExpired",
-        "CertificateUnknown",
-        "UnknownCA",
-    ];
+    // The same alert inside the connection's own error, of which hyper keeps only the text.
     if let Some(alert) = chain.split("received fatal alert: ").nth(1)
-        && REFUSED.iter().any(|name| alert.starts_with(name))
+        && REFUSED_CERTIFICATE.iter().any(|name| alert.starts_with(name))
     {
-        return Failure::permanent(
-            ErrorCode::Tls,
-            format!(
-                "{what}: TLS error: {chain} (the server wants a client certificate it accepts: see `dlsessionctl \
-                 policy SESSION --client-cert`)"
-            ),
-        );
+        return Failure::permanent(ErrorCode::Tls, format!("{what}: TLS error: {chain}{REFUSED_HINT}"));
     }
     if let Some(io) = find::<std::io::Error>(err)
         && io.kind() == std::io::ErrorKind::TimedOut

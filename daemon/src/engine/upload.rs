@@ -11,7 +11,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::SystemTime;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -20,8 +19,8 @@ use hyper::header::{CONTENT_TYPE, HeaderValue, LOCATION};
 use tokio::sync::mpsc;
 use url::Url;
 
-use super::attempt::{build_request, host_of, status_text};
-use super::http::{Failure, ReqBody, Retry, classify, empty_body, is_transient_status, parse_retry_after};
+use super::attempt::{build_request, host_of, no_response, response_headers, status_failure, status_text};
+use super::http::{Failure, ReqBody, Retry, classify, empty_body, is_transient_status};
 use super::progress::Progress;
 use super::report::UploadResponse;
 use super::{Engine, Job, Outcome, UploadJob, WorkerEvent, auth, deadline, resource_timeout};
@@ -164,7 +163,7 @@ impl Engine {
             ));
         };
         if get(UPLOAD_COMPLETE) == Some("?1") {
-            return Ok(ServerOffset::Complete { offset, status, headers: kept_headers(resp.headers()) });
+            return Ok(ServerOffset::Complete { offset, status, headers: response_headers(resp.headers()) });
         }
         Ok(ServerOffset::At(offset))
     }
@@ -287,19 +286,8 @@ impl Engine {
                 && let Some(next) =
                     resp.headers().get(LOCATION).and_then(|v| v.to_str().ok()).and_then(|l| url.join(l).ok())
             {
-                if !matches!(next.scheme(), "http" | "https") || (url.scheme() == "https" && next.scheme() == "http") {
-                    return Err(Failure::permanent(
-                        ErrorCode::UnsupportedScheme,
-                        format!("refusing a redirect of the upload to {}", redact::url(next.as_str())),
-                    ));
-                }
                 hops += 1;
-                if hops > self.settings.max_redirects {
-                    return Err(Failure::permanent(
-                        ErrorCode::TooManyRedirects,
-                        format!("more than {} redirects", self.settings.max_redirects),
-                    ));
-                }
+                self.may_redirect(&url, &next, hops)?;
                 // 307 and 308 repeat the request; 303 (and 301/302 after a POST) fetch the
                 // result with a GET, as browsers do.
                 if status == 303 || (matches!(status, 301 | 302) && method == hyper::Method::POST) {
@@ -415,7 +403,7 @@ struct Received {
 
 async fn read_response(job: &Job, url: Url, resp: hyper::Response<Incoming>) -> Result<Received, Failure> {
     let status = resp.status().as_u16();
-    let headers = kept_headers(resp.headers());
+    let headers = response_headers(resp.headers());
     let limit = usize::try_from(UPLOAD_RESPONSE_BODY_LIMIT).unwrap_or(usize::MAX);
     let mut body = Vec::new();
     let mut truncated = false;
@@ -446,26 +434,10 @@ async fn read_response(job: &Job, url: Url, resp: hyper::Response<Incoming>) -> 
     Ok(Received { status, final_url: url, headers, body, truncated })
 }
 
-fn kept_headers(map: &hyper::HeaderMap) -> Vec<Header> {
-    map.iter().map(|(k, v)| Header::new(k.as_str(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect()
-}
-
-fn status_failure(status: u16, headers: &hyper::HeaderMap) -> Failure {
-    let retry_after = headers
-        .get(hyper::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| parse_retry_after(v, SystemTime::now()));
-    let mut f = Failure::transient(ErrorCode::HttpStatus, format!("server answered {}", status_text(status)));
-    f.error.http_status = Some(status);
-    f.retry = Retry::After(retry_after);
-    f
-}
-
-fn no_response(url: &Url, job: &Job) -> Failure {
-    Failure::transient(
-        ErrorCode::TimedOut,
-        format!("no response from {} within {} s", host_of(url), job.idle_timeout.as_secs_f64()),
-    )
+/// A file's modification time in nanoseconds since the epoch: what an upload's snapshot
+/// records and checks.
+pub fn mtime_ns_of(meta: &std::fs::Metadata) -> i64 {
+    meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec())
 }
 
 /// The file is still what was submitted.
@@ -473,8 +445,7 @@ fn unchanged(path: &Path, size: u64, mtime_ns: i64) -> Result<(), Failure> {
     let meta = std::fs::metadata(path).map_err(|e| {
         Failure::permanent(ErrorCode::FileError, format!("cannot read the file to upload {}: {e}", path.display()))
     })?;
-    let now_ns = meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec());
-    if meta.len() != size || now_ns != mtime_ns {
+    if meta.len() != size || mtime_ns_of(&meta) != mtime_ns {
         return Err(Failure::permanent(ErrorCode::FileError, changed_message(path, size, meta.len())));
     }
     Ok(())
