@@ -216,10 +216,7 @@ impl Core {
                     ops.push(Op::SaveCredential { session: key, credential: held.clone() });
                 }
                 slot.push(held);
-                if let Some(t) = self.tasks.get_mut(&task) {
-                    t.rec.challenge = None;
-                }
-                self.withdraw_challenges(task, &mut ops);
+                ops.extend(self.drop_challenge(task));
                 self.commit(ops, Vec::new());
                 self.retry_now(task, true, after);
                 self.schedule();
@@ -251,13 +248,20 @@ impl Core {
         }
     }
 
-    /// The task no longer waits on a challenge (answered, requeued, suspended, completed):
-    /// its unacknowledged challenge events are withdrawn, as if acknowledged, so an app (or
-    /// `dlsessionctl attach`) is not asked again about a question nobody waits on.
-    pub(super) fn withdraw_challenges(&mut self, task: TaskId, ops: &mut Vec<Op>) {
-        if !self.auth.rounds.contains_key(&task) {
-            return;
+    /// The task no longer waits on its challenge (answered, requeued, suspended,
+    /// completed): it is forgotten, and its unacknowledged challenge events are withdrawn (the
+    /// ops returned), as if acknowledged, so an app (or `dlsessionctl attach`) is not asked
+    /// again about a question nobody waits on.
+    pub(super) fn drop_challenge(&mut self, task: TaskId) -> Vec<Op> {
+        let mut ops = Vec::new();
+        if self.tasks.get_mut(&task).and_then(|t| t.rec.challenge.take()).is_none() {
+            return ops;
         }
+        self.withdraw_challenges(task, &mut ops);
+        ops
+    }
+
+    fn withdraw_challenges(&mut self, task: TaskId, ops: &mut Vec<Op>) {
         let Some(key) = self.tasks.get(&task).map(|t| t.rec.session) else { return };
         let Some(s) = self.sessions.get_mut(&key) else { return };
         let seqs: Vec<u64> = s

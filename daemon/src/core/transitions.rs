@@ -53,7 +53,6 @@ impl Core {
         if let Some(t) = self.tasks.get_mut(&id) {
             t.rec.resource_deadline.get_or_insert(now.saturating_add(budget));
             t.rec.retry_at = None;
-            t.rec.challenge = None;
         }
         self.set_state(id, TaskState::Queued);
         self.enqueue(id);
@@ -71,19 +70,12 @@ impl Core {
     /// `reset_backoff` its next failure backs off from the start.
     pub(super) fn retry_now(&mut self, id: TaskId, reset_backoff: bool, after: Vec<After>) {
         self.unqueue(id);
-        let mut withdrawn = Vec::new();
-        if let Some(t) = self.tasks.get_mut(&id) {
-            // Asked again without an answer: the request goes as before, and may bring the
-            // challenge back.
-            if t.rec.challenge.take().is_some() {
-                self.withdraw_challenges(id, &mut withdrawn);
-            }
-            if let Some(t) = self.tasks.get_mut(&id)
-                && reset_backoff
-            {
-                t.failures = 0;
-            }
+        if reset_backoff && let Some(t) = self.tasks.get_mut(&id) {
+            t.failures = 0;
         }
+        // Asked again without an answer: the request goes as before, and may bring the
+        // challenge back.
+        let withdrawn = self.drop_challenge(id);
         if !withdrawn.is_empty() {
             self.commit(withdrawn, Vec::new());
         }
@@ -600,9 +592,8 @@ impl Core {
         t.rec.finished_at = Some(now);
         t.rec.retry_at = None;
         t.rec.phase = Phase::Transfer;
-        t.rec.challenge = None;
         let key = t.rec.session;
-        self.withdraw_challenges(id, ops);
+        ops.extend(self.drop_challenge(id));
         self.forget_task_auth(id, key, ops);
         self.set_state(id, TaskState::Completed);
         let seq = self.emit(key, DurableEvent::Completed { task: id, error }, ops);

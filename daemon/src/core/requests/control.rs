@@ -64,9 +64,8 @@ impl Core {
                 _ => {
                     self.unqueue(task);
                     // A challenge it waited on is no longer waited on: resumed, it asks again.
-                    if self.tasks.get_mut(&task).and_then(|t| t.rec.challenge.take()).is_some() {
-                        let mut withdrawn = Vec::new();
-                        self.withdraw_challenges(task, &mut withdrawn);
+                    let withdrawn = self.drop_challenge(task);
+                    if !withdrawn.is_empty() {
                         self.commit(withdrawn, Vec::new());
                     }
                     self.set_state(task, TaskState::Suspended);

@@ -27,13 +27,7 @@ impl Core {
         check: DiskCheck,
     ) -> Handled {
         let key = self.open_for_tasks(&identifier)?;
-        let max = self.cfg.limits.max_tasks_per_batch as usize;
-        if specs.len() > max {
-            return Err(ErrorInfo::new(
-                ErrorCode::InvalidRequest,
-                format!("{} tasks in one batch; the limit is {max}", specs.len()),
-            ));
-        }
+        self.within_batch_limit(specs.len(), "tasks")?;
         let mut hosts = Vec::with_capacity(specs.len());
         let mut destinations = HashSet::new();
         for (i, spec) in specs.iter().enumerate() {
@@ -178,13 +172,7 @@ impl Core {
         check: DiskCheck,
     ) -> Handled {
         let key = self.open_for_tasks(&identifier)?;
-        let max = self.cfg.limits.max_tasks_per_batch as usize;
-        if uploads.len() > max {
-            return Err(ErrorInfo::new(
-                ErrorCode::InvalidRequest,
-                format!("{} uploads in one batch; the limit is {max}", uploads.len()),
-            ));
-        }
+        self.within_batch_limit(uploads.len(), "uploads")?;
         let n = uploads.len();
         let mut hosts = Vec::with_capacity(n);
         for (i, spec) in uploads.iter().enumerate() {
@@ -227,6 +215,18 @@ impl Core {
         });
         self.insert_created(conn, id, key, made, resume, now);
         Ok(Answer::Later)
+    }
+
+    /// At most `max_tasks_per_batch` of them in one request.
+    fn within_batch_limit(&self, n: usize, what: &str) -> Result<(), ErrorInfo> {
+        let max = self.cfg.limits.max_tasks_per_batch as usize;
+        if n > max {
+            return Err(ErrorInfo::new(
+                ErrorCode::InvalidRequest,
+                format!("{n} {what} in one batch; the limit is {max}"),
+            ));
+        }
+        Ok(())
     }
 
     /// Runs a request's disk phase on a blocking thread; the request comes back with
