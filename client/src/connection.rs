@@ -178,6 +178,14 @@ impl Client {
         Ok(Client { shared, _guard: Arc::new(DropGuard { supervisor }) })
     }
 
+    /// Sends a request that is answered `Ok`, and waits for that.
+    pub(crate) async fn request_ok(&self, request: Request) -> Result<()> {
+        match self.request(request).await? {
+            Response::Ok => Ok(()),
+            other => Err(Error::UnexpectedResponse { expected: "ok", got: other.kind() }),
+        }
+    }
+
     /// Sends a request and waits for its response (at most the request timeout). While
     /// the client is connecting again, the request waits for the new connection.
     pub async fn request(&self, request: Request) -> Result<Response> {

@@ -167,33 +167,18 @@ impl Session {
 /// Stores the policy parts the app set (the rest keep their stored values), and whether
 /// the session keeps cookies and its proxy if the app said.
 async fn apply_policy(client: &Client, config: &SessionConfiguration) -> Result<()> {
+    let identifier = || config.identifier.clone();
     if let Some(enabled) = config.cookies {
-        let identifier = config.identifier.clone();
-        match client.request(Request::SetSessionCookies { identifier, enabled }).await? {
-            Response::Ok => {}
-            other => return Err(Error::UnexpectedResponse { expected: "ok", got: other.kind() }),
-        }
+        client.request_ok(Request::SetSessionCookies { identifier: identifier(), enabled }).await?;
     }
     if let Some(answers) = config.challenges {
-        let identifier = config.identifier.clone();
-        match client.request(Request::SetSessionChallenges { identifier, answers }).await? {
-            Response::Ok => {}
-            other => return Err(Error::UnexpectedResponse { expected: "ok", got: other.kind() }),
-        }
+        client.request_ok(Request::SetSessionChallenges { identifier: identifier(), answers }).await?;
     }
     if let Some(cert) = &config.client_cert {
-        let request = Request::SetSessionClientCert { identifier: config.identifier.clone(), cert: cert.clone() };
-        match client.request(request).await? {
-            Response::Ok => {}
-            other => return Err(Error::UnexpectedResponse { expected: "ok", got: other.kind() }),
-        }
+        client.request_ok(Request::SetSessionClientCert { identifier: identifier(), cert: cert.clone() }).await?;
     }
     if let Some(proxy) = &config.proxy {
-        let request = Request::SetSessionProxy { identifier: config.identifier.clone(), proxy: proxy.clone() };
-        match client.request(request).await? {
-            Response::Ok => {}
-            other => return Err(Error::UnexpectedResponse { expected: "ok", got: other.kind() }),
-        }
+        client.request_ok(Request::SetSessionProxy { identifier: identifier(), proxy: proxy.clone() }).await?;
     }
     if config.policy_over(dlsession_proto::SessionPolicy::default()).is_none() {
         return Ok(());
@@ -204,10 +189,7 @@ async fn apply_policy(client: &Client, config: &SessionConfiguration) -> Result<
         other => return Err(Error::UnexpectedResponse { expected: "session_policy", got: other.kind() }),
     };
     let Some(policy) = config.policy_over(stored).filter(|p| *p != stored) else { return Ok(()) };
-    match client.request(Request::SetSessionPolicy { identifier, policy }).await? {
-        Response::Ok => Ok(()),
-        other => Err(Error::UnexpectedResponse { expected: "ok", got: other.kind() }),
-    }
+    client.request_ok(Request::SetSessionPolicy { identifier, policy }).await
 }
 
 /// Runs the delegate on its own thread, in event order, acknowledging after each call.

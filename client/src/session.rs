@@ -345,10 +345,7 @@ impl Session {
     }
 
     async fn ok(&self, request: Request) -> Result<()> {
-        match self.shared.client.request(request).await? {
-            Response::Ok => Ok(()),
-            other => Err(Error::UnexpectedResponse { expected: "ok", got: other.kind() }),
-        }
+        self.shared.client.request_ok(request).await
     }
 
     pub(crate) async fn task_info(&self, id: TaskId) -> Result<TaskInfo> {
@@ -449,11 +446,7 @@ impl DownloadTask {
         challenge: &dlsession_proto::Challenge,
         answer: dlsession_proto::ChallengeAnswer,
     ) -> Result<()> {
-        let request = Request::AnswerChallenge { task: self.id, round: Some(challenge.round), answer };
-        match self.client.request(request).await? {
-            Response::Ok => Ok(()),
-            other => Err(Error::UnexpectedResponse { expected: "ok", got: other.kind() }),
-        }
+        self.client.request_ok(Request::AnswerChallenge { task: self.id, round: Some(challenge.round), answer }).await
     }
 
     /// State and counters, now.

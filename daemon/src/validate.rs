@@ -182,10 +182,7 @@ pub fn upload(spec: &UploadSpec, limits: &Limits, cache_dir: &Path) -> Result<Ur
             format!("the file to upload must be an absolute path, got {:?}", spec.file),
         ));
     }
-    if let Some(h) = r.headers.iter().find(|h| {
-        let name = h.name.to_ascii_lowercase();
-        name == "content-length" || name == "transfer-encoding" || name.starts_with("upload-")
-    }) {
+    if let Some(h) = r.headers.iter().find(|h| dlsession_proto::validate::is_upload_framing_header(&h.name)) {
         return Err(err(
             ErrorCode::InvalidRequest,
             format!("header {:?} is the daemon's to set for an upload (it frames the body)", h.name),

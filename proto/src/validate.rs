@@ -9,6 +9,13 @@ pub const MAX_IDENTIFIER_LEN: usize = 255;
 /// without making sense of a limit at all).
 pub const MIN_BANDWIDTH_LIMIT: u64 = 1024;
 
+/// A header that frames an upload's body (`Content-Length`, `Transfer-Encoding`, any
+/// `Upload-*` of the resumable uploads draft): the daemon sets it; an upload may not.
+pub fn is_upload_framing_header(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    name == "content-length" || name == "transfer-encoding" || name.starts_with("upload-")
+}
+
 /// A bandwidth limit as given: at least [`MIN_BANDWIDTH_LIMIT`] (`None` lifts it).
 pub fn bandwidth_limit(rate: Option<u64>) -> Result<(), ErrorInfo> {
     match rate {

@@ -35,10 +35,7 @@ pub async fn run(ctx: &Ctx, args: UploadArgs) -> Result<Exit> {
         request.headers.push(Header::new("Content-Type", t.clone()));
     }
     // Refused by the daemon too; said here before a session is made for nothing.
-    if let Some(h) = request.headers.iter().find(|h| {
-        let name = h.name.to_ascii_lowercase();
-        name == "content-length" || name == "transfer-encoding" || name.starts_with("upload-")
-    }) {
+    if let Some(h) = request.headers.iter().find(|h| dlsession_proto::validate::is_upload_framing_header(&h.name)) {
         return Err(CliError::usage(format!(
             "-H {}: the daemon sets that header for an upload (it frames the body)",
             h.name
