@@ -110,10 +110,12 @@ pub enum CoreMsg {
     /// A relaunch was started (or could not be), off the core's thread.
     Launched {
         session: SessionKey,
+        launch: launches::LaunchNo,
         launched: Result<crate::launcher::Launched, String>,
     },
     LaunchFinished {
         session: SessionKey,
+        launch: launches::LaunchNo,
         result: Result<(), String>,
     },
     /// The database stopped (or started again) taking writes.
@@ -407,8 +409,8 @@ impl Core {
                     Err(e) => warn!(error = %e, "dropping actions of a failed commit"),
                 }
             }
-            CoreMsg::Launched { session, launched } => self.on_launched(session, launched),
-            CoreMsg::LaunchFinished { session, result } => self.on_launch_finished(session, result),
+            CoreMsg::Launched { session, launch, launched } => self.on_launched(session, launch, launched),
+            CoreMsg::LaunchFinished { session, launch, result } => self.on_launch_finished(session, launch, result),
             CoreMsg::Storage(health) => self.on_storage(health),
             CoreMsg::NetworkWatched => self.on_network_watched(),
             CoreMsg::NetworkChanged => self.on_network_changed(),

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::backoff::Backoff;
+use super::launches::LaunchNo;
 use super::timers::{Timer, wall_after};
 use super::{ConnId, Core};
 use crate::launcher;
@@ -156,7 +157,7 @@ impl Core {
         if std::mem::replace(&mut s.launching, true) {
             return Ok(None);
         }
-        if !self.launches.take_or_wait(key, reason) {
+        let Some(launch) = self.launches.take_or_wait(key, reason) else {
             info!(
                 session = %self.sessions.identifier(key),
                 waiting = self.launches.waiting(),
@@ -164,13 +165,19 @@ impl Core {
                 "relaunch waits for a launch slot (max_concurrent_launches)"
             );
             return Ok(None);
-        }
-        self.start_launch(key, spec, reason);
+        };
+        self.start_launch(key, spec, reason, launch);
         Ok(None)
     }
 
     /// Starts the relaunch of a session that holds a launch slot, on a blocking thread.
-    fn start_launch(&mut self, key: SessionKey, spec: dlsession_proto::LaunchSpec, reason: WakeReason) {
+    fn start_launch(
+        &mut self,
+        key: SessionKey,
+        spec: dlsession_proto::LaunchSpec,
+        reason: WakeReason,
+        launch: LaunchNo,
+    ) {
         let at = self.timers.after(self.cfg.timing.wake_answer);
         let Some(s) = self.sessions.get_mut(&key) else { return };
         let old = s.launch_slot_timer.replace(at);
@@ -196,24 +203,25 @@ impl Core {
             let launched = launcher::launch(&spec, &ctx, move |result| {
                 let mut g = on_exit_gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 if g.0 {
-                    let _ = exited.send(super::CoreMsg::LaunchFinished { session: key, result });
+                    let _ = exited.send(super::CoreMsg::LaunchFinished { session: key, launch, result });
                 } else {
                     g.1 = Some(result);
                 }
             });
             let mut g = gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let _ = tx.send(super::CoreMsg::Launched { session: key, launched });
+            let _ = tx.send(super::CoreMsg::Launched { session: key, launch, launched });
             g.0 = true;
             if let Some(result) = g.1.take() {
-                let _ = tx.send(super::CoreMsg::LaunchFinished { session: key, result });
+                let _ = tx.send(super::CoreMsg::LaunchFinished { session: key, launch, result });
             }
         });
     }
 
-    /// The session's launch is over (its app attached or exited, the launch failed, or
-    /// `wake_answer` passed): its slot, if it held one, goes to the next in line.
-    pub(super) fn release_launch_slot(&mut self, key: SessionKey) {
-        if !self.launches.release(key) {
+    /// The session's launch is over (its app attached, or `wake_answer` passed: `launch` is
+    /// `None`; or launch number `launch` exited or failed): its slot, if that launch held
+    /// it, goes to the next in line.
+    pub(super) fn release_launch_slot(&mut self, key: SessionKey, launch: Option<LaunchNo>) {
+        if !self.launches.release(key, launch) {
             return;
         }
         if let Some(s) = self.sessions.get_mut(&key) {
@@ -235,13 +243,13 @@ impl Core {
         if self.launches.holds(key) {
             tracing::debug!(session = %self.sessions.identifier(key), "the relaunched app has not attached yet; its launch slot goes to the next");
         }
-        self.release_launch_slot(key);
+        self.release_launch_slot(key, None);
     }
 
     /// Starts the relaunches waiting in line while slots are free. One that is no longer
     /// needed (its app attached meanwhile, or its events were collected) gives its slot on.
     pub(super) fn start_waiting_launches(&mut self) {
-        while let Some((key, reason)) = self.launches.next() {
+        while let Some((key, reason, launch)) = self.launches.next() {
             // Still wanted: events wait, or a `wake` request waits for this launch.
             let wanted =
                 self.has_finished_events(key) || self.sessions.get(&key).is_some_and(|s| !s.launch_replies.is_empty());
@@ -252,9 +260,9 @@ impl Core {
                 .and_then(|s| s.rec.config.launch.clone())
                 .filter(|_| wanted);
             match spec {
-                Some(spec) => self.start_launch(key, spec, reason),
+                Some(spec) => self.start_launch(key, spec, reason, launch),
                 None => {
-                    self.launches.release(key);
+                    self.launches.release(key, Some(launch));
                     let outcome = match self.sessions.get(&key) {
                         Some(s) if s.attached.is_some() => WakeOutcome::Attached,
                         _ => WakeOutcome::NoTarget,
@@ -275,7 +283,12 @@ impl Core {
     }
 
     /// A relaunch was started (or could not be): record it, answer who asked.
-    pub(super) fn on_launched(&mut self, key: SessionKey, launched: Result<launcher::Launched, String>) {
+    pub(super) fn on_launched(
+        &mut self,
+        key: SessionKey,
+        launch: LaunchNo,
+        launched: Result<launcher::Launched, String>,
+    ) {
         if launched.is_ok() {
             self.life.launches_running += 1;
         }
@@ -298,7 +311,7 @@ impl Core {
             self.reply(conn, id, outcome.clone().map(dlsession_proto::Response::Wake));
         }
         if outcome.is_err() {
-            self.release_launch_slot(key);
+            self.release_launch_slot(key, Some(launch));
         }
     }
 
@@ -374,9 +387,9 @@ impl Core {
         }
     }
 
-    pub(super) fn on_launch_finished(&mut self, key: SessionKey, result: Result<(), String>) {
+    pub(super) fn on_launch_finished(&mut self, key: SessionKey, launch: LaunchNo, result: Result<(), String>) {
         self.life.launches_running = self.life.launches_running.saturating_sub(1);
-        self.release_launch_slot(key);
+        self.release_launch_slot(key, Some(launch));
         let Err(e) = result else { return };
         // An app that collected everything and then exited with an error is not a failed
         // wake: nothing waits for it any more.

@@ -62,7 +62,7 @@ impl Core {
             c.attached.insert(key);
         }
         // A relaunched app that attached is launched: its slot goes to the next in line.
-        self.release_launch_slot(key);
+        self.release_launch_slot(key, None);
         info!(conn, session = %self.sessions.identifier(key), "attached");
         self.commit(ops, vec![After::Replay { conn, id, session: key }]);
         Ok(Answer::Later)
