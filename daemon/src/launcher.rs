@@ -144,6 +144,9 @@ fn launch_command(
     for var in SYSTEMD_VARIABLES {
         command.env_remove(var);
     }
+    if let Some(soft) = crate::lifecycle::started_descriptor_limit() {
+        restore_descriptor_limit(&mut command, soft);
+    }
     let mut child = command
         .args(args)
         .env(RELAUNCH_IDENTIFIER_ENV, ctx.identifier)
@@ -172,6 +175,24 @@ fn launch_command(
         on_exit(result);
     });
     Ok(Launched::Process(pid))
+}
+
+/// Gives the app the soft descriptor limit the daemon was started with, not the one the
+/// daemon raised for itself (see `lifecycle::raise_descriptor_limit`).
+#[allow(unsafe_code)]
+fn restore_descriptor_limit(command: &mut tokio::process::Command, soft: u64) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let hard = getrlimit(Resource::Nofile).maximum;
+    // SAFETY: the closure runs in the forked child before exec; it only makes one
+    // system call (no allocation, no lock), which is async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            // Lowering a soft limit cannot fail for want of rights; if it did, the app
+            // would merely keep the daemon's limit.
+            let _ = setrlimit(Resource::Nofile, Rlimit { current: Some(soft), maximum: hard });
+            Ok(())
+        });
+    }
 }
 
 fn start_unit(

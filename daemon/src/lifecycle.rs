@@ -128,6 +128,7 @@ pub fn raise_descriptor_limit() -> u64 {
     // `fs.nr_open`, 1,048,576 by default.
     const CEILING: u64 = 1 << 20;
     let limit = getrlimit(Resource::Nofile);
+    let _ = STARTED_WITH.set(limit.current);
     let target = limit.maximum.unwrap_or(CEILING).min(CEILING);
     if limit.current.is_some_and(|c| c < target)
         && let Err(e) = setrlimit(Resource::Nofile, Rlimit { current: Some(target), maximum: limit.maximum })
@@ -135,6 +136,19 @@ pub fn raise_descriptor_limit() -> u64 {
         warn!(error = %e, "cannot raise the open-file limit");
     }
     getrlimit(Resource::Nofile).current.unwrap_or(CEILING)
+}
+
+/// The soft descriptor limit the daemon was started with (`None`: unlimited), before
+/// `raise_descriptor_limit`.
+static STARTED_WITH: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+
+/// The soft descriptor limit the daemon was started with, if it raised its own: what the
+/// apps it relaunches get back (an app started from a desktop or a shell would have it,
+/// and one that uses `select` breaks on descriptors above 1,024).
+pub fn started_descriptor_limit() -> Option<u64> {
+    let started = (*STARTED_WITH.get()?)?;
+    let now = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+    (now != Some(started)).then_some(started)
 }
 
 /// The listening socket systemd passed (`LISTEN_FDS`/`LISTEN_PID`), if any.

@@ -539,3 +539,37 @@ async fn relaunches_wait_their_turn_beyond_max_concurrent_launches() {
     assert_eq!(most, 2, "at most max_concurrent_launches apps coming up at once: {text}");
     assert!(d.log().contains("relaunch waits for a launch slot"), "{}", d.log());
 }
+
+/// The daemon raises its own descriptor limit; an app it relaunches gets the limit the
+/// daemon was started with, as if started from the desktop (a program that uses `select`
+/// breaks on descriptors above 1,024).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relaunched_app_gets_the_descriptor_limit_the_daemon_was_started_with() {
+    let env = TestEnv::new();
+    let hard = std::process::Command::new("/bin/sh").args(["-c", "ulimit -Hn"]).output().unwrap();
+    let hard = String::from_utf8_lossy(&hard.stdout).trim().to_owned();
+    if hard != "unlimited" && hard.parse::<u64>().unwrap() <= 256 {
+        eprintln!("SKIPPED: the hard descriptor limit here ({hard}) leaves nothing for the daemon to raise");
+        return;
+    }
+    let d = TestDaemon::start_after(&env, "ulimit -Sn 256");
+    let raised = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();
+    let soft = raised.lines().find(|l| l.starts_with("Max open files")).unwrap().split_whitespace().nth(3).unwrap();
+    assert_ne!(soft, "256", "the daemon raised its own limit: {raised}");
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(1000, 72));
+    let seen = env.path().join("limit.txt");
+    let argv = vec!["/bin/sh".to_owned(), "-c".to_owned(), format!("ulimit -Sn > {}", seen.display())];
+    let config = SessionConfig { launch: Some(dlsession::LaunchSpec::Command { argv }), ..SessionConfig::default() };
+    let client = dlsession_testkit::app::client(&env).await;
+    client.request(Request::OpenSession { identifier: "t.limit".into(), config: Some(config) }).await.unwrap();
+    let create = Request::CreateTasks {
+        identifier: "t.limit".into(),
+        tasks: vec![TaskSpec::get(server.url("/a"))],
+        resume: true,
+    };
+    client.request(create).await.unwrap();
+    let written =
+        wait_for("the app relaunched", LONG, || std::fs::read_to_string(&seen).ok().filter(|s| s.ends_with('\n')));
+    assert_eq!(written.trim(), "256", "the app's soft limit");
+}

@@ -232,7 +232,8 @@ pub struct TestDaemon {
     command: Vec<(&'static str, OsString)>,
     extra_env: Vec<(String, OsString)>,
     /// Run the daemon with this file-creation mask (as a systemd unit's `UMask=` would).
-    umask: Option<u32>,
+    /// Shell commands run before the daemon is exec'd (its umask, its limits).
+    prelude: Option<String>,
     runs: u32,
 }
 
@@ -250,7 +251,7 @@ impl TestDaemon {
             socket: env.socket.clone(),
             command: env.vars(),
             extra_env: extra.iter().map(|(k, v)| (k.to_string(), v.to_os_string())).collect(),
-            umask: None,
+            prelude: None,
             runs: 0,
         };
         d.spawn();
@@ -259,13 +260,19 @@ impl TestDaemon {
 
     /// Like [`TestDaemon::start`], with the daemon's umask set to `umask`.
     pub fn start_with_umask(env: &TestEnv, umask: u32) -> TestDaemon {
+        TestDaemon::start_after(env, &format!("umask {umask:03o}"))
+    }
+
+    /// Like [`TestDaemon::start`], the daemon started by `/bin/sh` after `prelude` (e.g.
+    /// `ulimit -Sn 256`), which sets what the daemon inherits.
+    pub fn start_after(env: &TestEnv, prelude: &str) -> TestDaemon {
         let mut d = TestDaemon {
             child: None,
             log: env.path().join("daemon.log"),
             socket: env.socket.clone(),
             command: env.vars(),
             extra_env: Vec::new(),
-            umask: Some(umask),
+            prelude: Some(prelude.to_owned()),
             runs: 0,
         };
         d.spawn();
@@ -275,11 +282,11 @@ impl TestDaemon {
     fn spawn(&mut self) {
         self.runs += 1;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("daemon log");
-        let mut cmd = match self.umask {
+        let mut cmd = match &self.prelude {
             // `exec` keeps the pid: the child is the daemon itself.
-            Some(mask) => {
+            Some(prelude) => {
                 let mut c = Command::new("/bin/sh");
-                c.arg("-c").arg(format!("umask {mask:03o}; exec \"$0\" \"$@\"")).arg(bin_path("dlsessiond"));
+                c.arg("-c").arg(format!("{prelude}; exec \"$0\" \"$@\"")).arg(bin_path("dlsessiond"));
                 c
             }
             None => Command::new(bin_path("dlsessiond")),
