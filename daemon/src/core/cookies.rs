@@ -11,7 +11,7 @@ use super::{After, Core, CoreMsg};
 use crate::conn::ConnId;
 use crate::engine::cookies::CookieJar;
 use crate::model::SessionKey;
-use crate::store::Op;
+use crate::store::{JarJson, Op};
 use dlsession_proto::{ErrorCode, ErrorInfo, Response, SessionCookies};
 
 impl Core {
@@ -30,9 +30,9 @@ impl Core {
 
     /// Gives every restored session its jar: the stored one, none if it keeps no cookies,
     /// an empty one if it never had any.
-    pub(super) fn restore_cookies(&mut self, jars: Vec<(SessionKey, bool, String)>) {
+    pub(super) fn restore_cookies(&mut self, jars: Vec<(SessionKey, bool, JarJson)>) {
         let mut stored: std::collections::HashMap<SessionKey, (bool, String)> =
-            jars.into_iter().map(|(k, enabled, jar)| (k, (enabled, jar))).collect();
+            jars.into_iter().map(|(k, enabled, jar)| (k, (enabled, jar.0))).collect();
         let keys: Vec<SessionKey> = self.sessions.keys().collect();
         for key in keys {
             let jar = match stored.remove(&key) {
@@ -57,7 +57,7 @@ impl Core {
     pub(super) fn on_cookies_changed(&mut self, key: SessionKey) {
         // A jar switched off meanwhile is not stored again.
         let Some(jar) = self.sessions.get(&key).and_then(|s| s.cookies.clone()) else { return };
-        self.commit(vec![Op::SaveCookies { session: key, enabled: true, jar: jar.to_json() }], Vec::new());
+        self.commit(vec![Op::SaveCookies { session: key, enabled: true, jar: JarJson(jar.to_json()) }], Vec::new());
     }
 
     pub(super) fn set_session_cookies(&mut self, conn: ConnId, id: u64, identifier: &str, enabled: bool) -> Handled {
@@ -78,7 +78,7 @@ impl Core {
             s.cookies = jar;
         }
         info!(session = %identifier, enabled, "session cookies switched");
-        let op = Op::SaveCookies { session: key, enabled, jar: "[]".into() };
+        let op = Op::SaveCookies { session: key, enabled, jar: JarJson("[]".into()) };
         self.commit(vec![op], vec![After::Reply { conn, id, response: Response::Ok }]);
         Ok(Answer::Later)
     }

@@ -530,9 +530,9 @@ pub fn set_global_limit(tx: &Transaction<'_>, rate: Option<u64>) -> rusqlite::Re
     Ok(())
 }
 
-pub fn load_cookie_jars(conn: &Connection) -> rusqlite::Result<Vec<(SessionKey, bool, String)>> {
+pub fn load_cookie_jars(conn: &Connection) -> rusqlite::Result<Vec<(SessionKey, bool, super::JarJson)>> {
     let mut stmt = conn.prepare("SELECT session_id, enabled, jar FROM cookie_jars")?;
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, super::JarJson(r.get(2)?))))?;
     rows.collect()
 }
 

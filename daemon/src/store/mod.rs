@@ -70,11 +70,11 @@ pub enum Op {
     SetSeqFloor(u64),
     /// The daemon-wide bandwidth limit set at run time (`None`: lifted).
     SetGlobalLimit(Option<u64>),
-    /// A session's cookie jar (JSON), or that it keeps none.
+    /// A session's cookie jar, or that it keeps none.
     SaveCookies {
         session: SessionKey,
         enabled: bool,
-        jar: String,
+        jar: JarJson,
     },
     /// A session's own proxy (`None`: the environment's).
     SaveProxy {
@@ -108,6 +108,17 @@ pub enum Op {
         session: SessionKey,
         cert: Option<dlsession_proto::ClientCertificate>,
     },
+}
+
+/// A cookie jar as stored (JSON). `Debug` shows its size only: cookies are credentials,
+/// and an `Op` or a `Snapshot` may be logged.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct JarJson(pub String);
+
+impl std::fmt::Debug for JarJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "JarJson(<{} bytes>)", self.0.len())
+    }
 }
 
 /// Runs after the batch's transaction committed (or, the database thread gone, never will).
@@ -149,7 +160,7 @@ pub struct Snapshot {
     pub seq_floor: u64,
     /// Sessions' cookie jars: (session, enabled, JSON); a session without one keeps
     /// cookies and has none yet.
-    pub cookie_jars: Vec<(SessionKey, bool, String)>,
+    pub cookie_jars: Vec<(SessionKey, bool, JarJson)>,
     /// Sessions' own proxies.
     pub session_proxies: Vec<(SessionKey, dlsession_proto::SessionProxy)>,
     /// Sessions that answer challenges.
@@ -446,7 +457,7 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
         Op::SetNextTaskId(id) => codec::raise_meta(tx, "next_task_id", *id),
         Op::SetSeqFloor(seq) => codec::raise_meta(tx, "seq_floor", *seq),
         Op::SetGlobalLimit(rate) => codec::set_global_limit(tx, *rate),
-        Op::SaveCookies { session, enabled, jar } => codec::save_cookie_jar(tx, *session, *enabled, jar),
+        Op::SaveCookies { session, enabled, jar } => codec::save_cookie_jar(tx, *session, *enabled, &jar.0),
         Op::SaveProxy { session, proxy } => codec::save_session_proxy(tx, *session, proxy.as_ref()),
         Op::SaveChallenges { session, answers } => {
             tx.execute(
@@ -491,4 +502,20 @@ pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
         .map_err(|source| StoreError::Open { path: path.to_path_buf(), source })?;
     conn.busy_timeout(Duration::from_secs(5))?;
     Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_logged_op_or_snapshot_shows_no_cookie() {
+        let jar = JarJson(r#"[{"name":"sid","value":"s3cr3t-cookie"}]"#.into());
+        let op = Op::SaveCookies { session: 1, enabled: true, jar: jar.clone() };
+        let snapshot = Snapshot { cookie_jars: vec![(1, true, jar)], ..Snapshot::default() };
+        for text in [format!("{op:?}"), format!("{snapshot:?}")] {
+            assert!(!text.contains("s3cr3t"), "{text}");
+            assert!(text.contains("bytes"), "{text}");
+        }
+    }
 }
