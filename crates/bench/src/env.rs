@@ -175,6 +175,11 @@ impl Daemon {
         run::rss_kib(self.pid()?)
     }
 
+    /// A KiB line of `/proc/PID/status` (`RssAnon`, `VmHWM`, …).
+    pub fn status_kib(&self, field: &str) -> Result<u64> {
+        run::status_kib(self.pid()?, field)
+    }
+
     /// SIGKILL: no chance to checkpoint.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
