@@ -233,6 +233,11 @@ impl Daemon {
         Client::connect(options).await.context("connecting to dlsessiond")
     }
 
+    /// The daemon's whole log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The last lines of the daemon's log.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();

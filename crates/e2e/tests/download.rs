@@ -127,3 +127,46 @@ async fn ssl_cert_file_adds_trust_roots() {
     let task = session.download_tasks(vec![DownloadRequest::new(server.url("/c.bin"))], true).await.unwrap().remove(0);
     assert_eq!(events.completion(task.id(), LONG).await, None, "the CA from SSL_CERT_FILE is trusted");
 }
+
+/// A large download says in one log line (at info) where its time went; a small one says
+/// it only at debug.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_download_logs_where_its_time_went() {
+    let env = TestEnv::new();
+    let d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_LOG", std::ffi::OsStr::new("info"))]);
+    let server = TestServer::start().await.unwrap();
+    let (big, small) = (64u64 << 20, 1u64 << 20);
+    server.add("/big.bin", Resource::generated(big, 23));
+    server.add("/small.bin", Resource::generated(small, 24));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "test.timing"), delegate).await.unwrap();
+    let tasks = session
+        .download_tasks(
+            vec![DownloadRequest::new(server.url("/big.bin")), DownloadRequest::new(server.url("/small.bin"))],
+            true,
+        )
+        .await
+        .unwrap();
+    for t in &tasks {
+        assert_eq!(events.completion(t.id(), LONG).await, None);
+    }
+    let log = d.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("download timing")).collect();
+    assert_eq!(lines.len(), 1, "one line, for the large download only: {log}");
+    let line = lines[0];
+    assert!(line.contains(&format!("task={}", tasks[0].id())) && line.contains(&format!("bytes={big}")), "{line}");
+    let field = |name: &str| -> f64 {
+        let value = line.split_whitespace().find_map(|kv| kv.strip_prefix(&format!("{name}="))).unwrap_or_else(|| {
+            panic!("no {name} in {line}");
+        });
+        value.parse().unwrap()
+    };
+    for name in ["network_wait_ms", "writer_wait_ms", "write_ms", "disk_ms", "sync_ms", "drain_ms", "finishing_ms"] {
+        assert!(field(name) >= 0.0);
+    }
+    // The body took time; the reader's waits happened within it.
+    let body = field("body_ms");
+    assert!(body > 0.0, "{line}");
+    assert!(field("network_wait_ms") + field("writer_wait_ms") <= body + 1.0, "{line}");
+    assert!(field("write_ms") > 0.0 && field("move_ms") > 0.0, "64 MiB was written and moved: {line}");
+}

@@ -23,7 +23,7 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use super::checkpoint::CheckpointPolicy;
-use super::report::WorkerLink;
+use super::report::{Timing, WorkerLink};
 
 const DIRECT_THREAD: &str = "the direct-write thread";
 
@@ -303,11 +303,15 @@ fn io_loop(
     for job in jobs {
         match job {
             Job::Write { buf, len, pos } => {
+                let began = Instant::now();
                 write_blocks(direct, buf.slice(len), pos)?;
+                Timing::add(&link.timing().disk, began);
                 let _ = back.send(buf);
             }
             Job::Sync { upto } => {
+                let began = Instant::now();
                 rustix::fs::fdatasync(direct)?;
+                Timing::add(&link.timing().sync, began);
                 std::thread::sleep(delay);
                 tracing::debug!(task = link.task(), offset = upto, "synced");
                 super::checkpoint::report_checkpoint(link, upto);

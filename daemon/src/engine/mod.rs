@@ -41,6 +41,7 @@ pub use http::{Failure, Retry};
 use http::{HttpClient, can_resume, classify};
 use limiter::RateLimiter;
 pub use progress::Progress;
+use report::Timing;
 pub use report::{FinishPlan, ResponseMeta, Sink, UploadResponse, WorkerEvent, WorkerLink};
 use writer::WriterMsg;
 
@@ -345,11 +346,13 @@ impl Engine {
             });
         }
         let meta = ResponseMeta { restarted: meta.restarted || lost_data, ..meta };
+        let body_began = std::time::Instant::now();
         let complete = meta.complete;
         crate::failpoint::hit("worker-response");
         job.progress.received.store(meta.offset, Ordering::Relaxed);
         job.progress.expected.store(meta.total.unwrap_or(u64::MAX), Ordering::Relaxed);
         let total = meta.total;
+        let meta_offset = meta.offset;
         let body_len = total.map(|t| t.saturating_sub(meta.offset));
         // Starting over while the store still holds an offset into the old data: that
         // offset must be gone before new bytes land, or a crash could leave the new
@@ -422,6 +425,7 @@ impl Engine {
             BodyEnd::Complete => WriterMsg::Finish,
             BodyEnd::Stopped | BodyEnd::Failed(_) | BodyEnd::WriterGone | BodyEnd::Released => WriterMsg::Stop,
         };
+        let body_ended = std::time::Instant::now();
         let _ = tx.send(last).await;
         drop(tx);
         let done = match writer.await {
@@ -445,15 +449,17 @@ impl Engine {
                 format!("the response ended after {} of {total} bytes", done.offset),
             ));
         }
-        self.finish(&job, done).await
+        let phases = Phases { body_began, body_ended, written: std::time::Instant::now(), first_byte: meta_offset };
+        self.finish(&job, done, phases).await
     }
 
-    async fn finish(&self, job: &Job, done: writer::WriterDone) -> Outcome {
+    async fn finish(&self, job: &Job, done: writer::WriterDone, phases: Phases) -> Outcome {
         let (reply, plan) = oneshot::channel();
         job.link.send(WorkerEvent::DataComplete { size: done.offset, sha256: done.sha256, reply });
         let Ok(FinishPlan::Move { to, overwrite }) = plan.await else {
             return Outcome::Aborted;
         };
+        let planned = std::time::Instant::now();
         let finish = files::Finish {
             from: job.part_path.clone(),
             to: to.clone(),
@@ -462,7 +468,9 @@ impl Engine {
             mode: job.file_mode,
             progress: job.progress.clone(),
         };
-        match self.mover.move_into_place(finish).await {
+        let moved = self.mover.move_into_place(finish).await;
+        phases.log(job, done.offset, planned);
+        match moved {
             Ok(()) => Outcome::Moved(to.to_string_lossy().into_owned()),
             // The data is complete and synced: it stays, and the core tries again later.
             Err(e) => Outcome::MoveFailed(move_error(&e)),
@@ -500,17 +508,22 @@ impl Engine {
                 None => {
                     if !held && !batch.is_empty() {
                         batched = 0;
+                        let began = std::time::Instant::now();
                         if tx.send(WriterMsg::Data(std::mem::take(&mut batch))).await.is_err() {
                             return BodyEnd::WriterGone;
                         }
+                        Timing::add(&job.link.timing().writer_wait, began);
                     }
-                    tokio::select! {
+                    let began = std::time::Instant::now();
+                    let frame = tokio::select! {
                         biased;
                         _ = job.stop.wait_for(|s| *s) => break BodyEnd::Stopped,
                         _ = deadline(job.deadline) => break BodyEnd::Failed(resource_timeout()),
                         _ = deadline(hold.map(|h| h.until)) => break BodyEnd::Released,
                         f = tokio::time::timeout(job.idle_timeout, body.frame()) => f,
-                    }
+                    };
+                    Timing::add(&job.link.timing().network_wait, began);
+                    frame
                 }
             };
             let mut data: Bytes = match frame {
@@ -591,6 +604,56 @@ impl Engine {
             return BodyEnd::WriterGone;
         }
         end
+    }
+}
+
+/// When a download's phases ended, for the one line that says where its time went.
+struct Phases {
+    /// The response's head was accepted.
+    body_began: std::time::Instant,
+    /// The body's last byte was handed on (or the body ended otherwise).
+    body_ended: std::time::Instant,
+    /// The writer had written and synced everything.
+    written: std::time::Instant,
+    /// Where this attempt's body started in the file.
+    first_byte: u64,
+}
+
+/// Downloads of at least this many bytes in one attempt log where their time went (at
+/// info; smaller ones at debug): one line per large file tells a user what limits it.
+const TIMING_AT_INFO: u64 = 64 << 20;
+
+impl Phases {
+    /// Logs the attempt's phases, in order (`body`, `drain`: the writer's last writes and
+    /// the file's sync, `finishing`: the core recording it, `move`: the rename and the
+    /// directory's sync), and what the threads did meanwhile.
+    fn log(&self, job: &Job, size: u64, planned: std::time::Instant) {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let t = job.link.timing();
+        let bytes = size.saturating_sub(self.first_byte);
+        macro_rules! timing {
+            ($level:ident) => {
+                tracing::$level!(
+                    task = job.link.task(),
+                    bytes,
+                    body_ms = format_args!("{:.1}", ms(self.body_ended - self.body_began)),
+                    network_wait_ms = format_args!("{:.1}", Timing::ms(&t.network_wait)),
+                    writer_wait_ms = format_args!("{:.1}", Timing::ms(&t.writer_wait)),
+                    write_ms = format_args!("{:.1}", Timing::ms(&t.write)),
+                    disk_ms = format_args!("{:.1}", Timing::ms(&t.disk)),
+                    sync_ms = format_args!("{:.1}", Timing::ms(&t.sync)),
+                    drain_ms = format_args!("{:.1}", ms(self.written - self.body_ended)),
+                    finishing_ms = format_args!("{:.1}", ms(planned - self.written)),
+                    move_ms = format_args!("{:.1}", ms(planned.elapsed())),
+                    "download timing"
+                )
+            };
+        }
+        if bytes >= TIMING_AT_INFO {
+            timing!(info);
+        } else {
+            timing!(debug);
+        }
     }
 }
 

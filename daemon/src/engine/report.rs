@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use dlsession_proto::{Header, TaskId};
 use tokio::sync::oneshot;
@@ -119,11 +119,47 @@ pub struct WorkerLink {
     /// stopped responding): its blocking threads must not write another byte, since a new
     /// attempt may own the file by then.
     pub(super) abandoned: Arc<std::sync::atomic::AtomicBool>,
+    /// Where the attempt's threads spent their time (see `Timing`).
+    pub(super) timing: Arc<Timing>,
+}
+
+/// Where one attempt's time went, summed by the threads that spent it (microseconds).
+/// The writer's, the direct-write thread's and the sync threads' times overlap the body's
+/// arrival and one another: they are logged beside it, not as parts of it.
+#[derive(Debug, Default)]
+pub struct Timing {
+    /// The body's reader waiting for the network.
+    pub network_wait: AtomicU64,
+    /// The body's reader waiting for the writer (its queue full: the disk is behind).
+    pub writer_wait: AtomicU64,
+    /// The writer writing: into the page cache, or copying into direct-write buffers (and
+    /// waiting for one to come back from the disk).
+    pub write: AtomicU64,
+    /// Direct writes to the disk (`pwrite` with `O_DIRECT`).
+    pub disk: AtomicU64,
+    /// Checkpoint syncs (`fdatasync`) while the body arrived.
+    pub sync: AtomicU64,
+}
+
+impl Timing {
+    /// Adds the time since `since` to `counter`.
+    pub fn add(counter: &AtomicU64, since: std::time::Instant) {
+        let us = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
+        counter.fetch_add(us, Ordering::Relaxed);
+    }
+
+    pub fn ms(counter: &AtomicU64) -> f64 {
+        counter.load(Ordering::Relaxed) as f64 / 1000.0
+    }
 }
 
 impl WorkerLink {
     pub fn new(sink: Arc<dyn Sink>, task: TaskId, generation: u64) -> WorkerLink {
-        WorkerLink { sink, task, generation, abandoned: Arc::default() }
+        WorkerLink { sink, task, generation, abandoned: Arc::default(), timing: Arc::default() }
+    }
+
+    pub fn timing(&self) -> &Timing {
+        &self.timing
     }
 
     pub fn task(&self) -> TaskId {

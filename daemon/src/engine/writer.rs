@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use super::checkpoint::{CheckpointPolicy, SYNC_THREAD, join, report_checkpoint, test_sync_delay};
 use super::progress::Progress;
-use super::report::WorkerLink;
+use super::report::{Timing, WorkerLink};
 
 #[derive(Debug)]
 pub enum WriterMsg {
@@ -227,10 +227,12 @@ pub fn run(
                         tracing::debug!(task = link.task(), offset, "fast download: writing directly");
                     }
                 }
+                let began = Instant::now();
                 match direct.as_mut() {
                     Some(d) => chunks.iter().try_for_each(|bytes| d.write(bytes, &policy))?,
                     None => write_batch(&mut out, &chunks)?,
                 }
+                Timing::add(&link.timing().write, began);
                 for bytes in &chunks {
                     if let Some(h) = hasher.as_mut() {
                         h.update(bytes);
@@ -378,7 +380,9 @@ impl Syncer {
         let thread = std::thread::Builder::new().name("dl-sync".into()).spawn(move || {
             let result = (|| {
                 for offset in rx {
+                    let began = Instant::now();
                     let result = rustix::fs::fdatasync(&fd);
+                    Timing::add(&link.timing().sync, began);
                     std::thread::sleep(delay);
                     if result.is_ok() {
                         tracing::debug!(task = link.task(), offset, "synced");

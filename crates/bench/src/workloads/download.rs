@@ -229,6 +229,8 @@ async fn one_proto(
     let dir = out_dir(ctx, workload)?;
     let contenders = contenders(ctx, proto);
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); contenders.len()];
+    // The daemon's own account of each of its runs (its "download timing" log line).
+    let mut phases: Vec<Phases> = Vec::new();
     let timeout = Duration::from_secs(600);
     for r in 0..ctx.runs {
         for i in super::data::rotation(contenders.len(), r) {
@@ -256,12 +258,76 @@ async fn one_proto(
                     String::new()
                 }
             );
+            if d.is_some()
+                && let Some(fields) = daemon.log_text().lines().rev().find_map(timing_fields)
+            {
+                phases.push((s.wall, fields));
+            }
             if let Some(v) = samples.get_mut(i) {
                 v.push(s);
             }
         }
     }
-    summarize(workload, proto, big.size, &contenders, &samples, outcome)
+    summarize(workload, proto, big.size, &contenders, &samples, outcome)?;
+    where_the_time_went(proto, &phases, outcome);
+    Ok(())
+}
+
+/// One dlsessiond run: its wall time (s) and the `*_ms` fields of its "download timing"
+/// log line (without `_ms`).
+type Phases = (f64, Vec<(String, f64)>);
+
+/// The `*_ms` fields of a "download timing" log line.
+fn timing_fields(line: &str) -> Option<Vec<(String, f64)>> {
+    let (_, rest) = line.split_once("download timing")?;
+    let fields: Vec<(String, f64)> = rest
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, _)| k.ends_with("_ms"))
+        .filter_map(|(k, v)| Some((k.trim_end_matches("_ms").to_owned(), v.parse().ok()?)))
+        .collect();
+    (!fields.is_empty()).then_some(fields)
+}
+
+/// Where dlsessiond's wall time went, from its own log, medians over the runs.
+fn where_the_time_went(proto: Proto, phases: &[Phases], outcome: &mut Outcome) {
+    let Some((_, first)) = phases.first() else { return };
+    let median = |f: &dyn Fn(&Phases) -> Option<f64>| {
+        Summary::of(&phases.iter().filter_map(f).collect::<Vec<_>>()).map(|s| s.fmt(0))
+    };
+    let field = |name: &str| {
+        let name = name.to_owned();
+        move |p: &Phases| p.1.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
+    };
+    let in_order = ["body", "drain", "finishing", "move"];
+    let rest = |p: &Phases| Some(p.0 * 1000.0 - in_order.iter().filter_map(|k| field(k)(p)).sum::<f64>());
+    let _ = writeln!(
+        outcome.details,
+        "Where dlsessiond's time went ({}, from its `download timing` log line, ms, medians over {} runs; \
+         min–max in parentheses). In order: `body` (response head accepted → last byte handed on), `drain` (the \
+         writer's last writes and the file's `fdatasync`), `finishing` (the core records the finished data), \
+         `move` (rename into place and the directory's `fsync`), and the rest of the wall time (`dlsessionctl` \
+         starting, the request and response head, the completion committed and its event delivered). Beside \
+         the body, and overlapping it: the reader waiting for the network and for the writer, the writer's \
+         writes (page cache, or copies into direct-write buffers), direct writes to the disk, and checkpoint \
+         syncs.\n",
+        proto.label(),
+        phases.len()
+    );
+    let mut head = String::from("| wall |");
+    let mut cells = format!("| {} |", median(&|p| Some(p.0 * 1000.0)).unwrap_or_default());
+    for k in in_order
+        .iter()
+        .copied()
+        .chain(["rest"])
+        .chain(first.iter().map(|(k, _)| k.as_str()).filter(|k| !in_order.contains(k)))
+    {
+        head.push_str(&format!(" {k} |"));
+        let v = if k == "rest" { median(&rest) } else { median(&field(k)) };
+        cells.push_str(&format!(" {} |", v.unwrap_or_default()));
+    }
+    let sep = "|---".repeat(head.matches('|').count() - 1) + "|";
+    let _ = writeln!(outcome.details, "{head}\n{sep}\n{cells}\n");
 }
 
 fn summarize(
