@@ -292,3 +292,30 @@ async fn watch_shows_an_uploads_progress() {
     assert!(!sent.is_empty(), "{lines:?}");
     assert!(sent.iter().all(|&n| n <= 2 << 20), "{sent:?}");
 }
+
+/// Bandwidth limits pace uploads as they pace downloads: 2 MiB under a session limit of
+/// 512 KiB/s takes about 4 s (a quarter second's burst less), not the moment it takes
+/// on loopback, and arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bandwidth_limit_paces_an_upload() {
+    use dlsession::proto::{LimitTarget, Request, Response};
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = UploadServer::start(false).await.unwrap();
+    let (file, data) = make_file(env.path(), "paced.bin", 2 << 20, 12);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.paced"), delegate).await.unwrap();
+    let client = dlsession_testkit::app::client(&env).await;
+    let limit = Request::SetBandwidthLimit {
+        target: LimitTarget::Session { identifier: "t.paced".into() },
+        bytes_per_second: Some(512 << 10),
+    };
+    assert!(matches!(client.request(limit).await.unwrap(), Response::Ok));
+    let task = session.upload_task(UploadRequest::new(server.url("/files/paced.bin"), &file)).await.unwrap();
+    let began = std::time::Instant::now();
+    task.resume().await.unwrap();
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    let took = began.elapsed();
+    assert!(took >= std::time::Duration::from_millis(3400), "2 MiB at 512 KiB/s went in {took:?}");
+    assert_eq!(server.file("paced.bin").as_deref(), Some(&data[..]), "byte for byte");
+}

@@ -550,18 +550,11 @@ impl Engine {
             if overlong {
                 data.truncate(usize::try_from(room).unwrap_or(0));
             }
-            if job.limiters.iter().any(|l| l.rate().is_some()) {
+            if let Some(slice) = paced_slice(&job.limiters) {
                 // Paced in slices: a limited download moves smoothly, downloads under one
                 // limit take turns, and a stop is heard while waiting (a slice not yet
                 // paced for is dropped: it is downloaded again from the committed offset).
                 let limiters = job.limiters.clone();
-                // A quarter second of the lowest rate, at most 16 KiB: a slice never waits
-                // long, even with many downloads under one low limit.
-                let slice = limiters
-                    .iter()
-                    .filter_map(|l| l.rate())
-                    .min()
-                    .map_or(PACED_SLICE, |r| usize::try_from(r / 4).unwrap_or(PACED_SLICE).clamp(256, PACED_SLICE));
                 let mut stopped = false;
                 while !data.is_empty() {
                     let piece = data.split_to(data.len().min(slice));
@@ -659,6 +652,14 @@ impl Phases {
 
 /// A limited download is paced (and can stop) this many bytes at a time.
 const PACED_SLICE: usize = 16 << 10;
+
+/// The slice a transfer under `limiters` is paced in (`None`: none limits it): a quarter
+/// second of the lowest rate, at most `PACED_SLICE`, so a slice never waits long, even with
+/// many transfers under one low limit.
+fn paced_slice(limiters: &[Arc<RateLimiter>]) -> Option<usize> {
+    let lowest = limiters.iter().filter_map(|l| l.rate()).min()?;
+    Some(usize::try_from(lowest / 4).unwrap_or(PACED_SLICE).clamp(256, PACED_SLICE))
+}
 
 #[derive(Debug)]
 enum Outcome {

@@ -4,6 +4,7 @@
 //! with the rest. Then the final response: status and headers, and the body kept (up to
 //! `UPLOAD_RESPONSE_BODY_LIMIT`) in a synced file for the app.
 
+use std::future::Future;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
@@ -21,6 +22,7 @@ use url::Url;
 
 use super::attempt::{build_request, host_of, no_response, response_headers, status_failure, status_text};
 use super::http::{Failure, ReqBody, Retry, classify, empty_body, is_transient_status};
+use super::limiter::RateLimiter;
 use super::progress::Progress;
 use super::report::UploadResponse;
 use super::{Engine, Job, Outcome, UploadJob, WorkerEvent, auth, deadline, resource_timeout};
@@ -192,7 +194,7 @@ impl Engine {
         let mut with_body = true;
         let mut hops = 0;
         loop {
-            let body = if with_body { file_body(up, from, job.progress.clone()) } else { empty_body() };
+            let body = if with_body { file_body(up, from, job) } else { empty_body() };
             let same_origin = url.origin() == origin.origin();
             let mut req = build_request(&url, job, 0, same_origin, method.clone(), body)?;
             let headers = req.headers_mut();
@@ -474,15 +476,19 @@ fn changed_failure(e: &(dyn std::error::Error + 'static)) -> Option<Failure> {
     None
 }
 
-/// The body: the file from `from` to its recorded size, read on a blocking thread.
-fn file_body(up: &UploadJob, from: u64, progress: Arc<Progress>) -> ReqBody {
+/// The body: the file from `from` to its recorded size, read on a blocking thread and
+/// paced by the task's bandwidth limits (its own, its session's, the daemon's).
+fn file_body(up: &UploadJob, from: u64, job: &Job) -> ReqBody {
     let (tx, rx) = mpsc::channel(READ_AHEAD);
     let (path, size, mtime_ns) = (up.file.clone(), up.size, up.mtime_ns);
+    let progress = job.progress.clone();
     progress.received.store(from, Ordering::Relaxed);
     // An empty body is whole as soon as the request goes.
     progress.sent_whole.store(from >= size, Ordering::Relaxed);
     tokio::task::spawn_blocking(move || read_file(&path, from, size, mtime_ns, &tx));
-    FileBody { rx, remaining: size.saturating_sub(from), progress }.boxed_unsync()
+    let limiters = job.limiters.clone();
+    FileBody { rx, remaining: size.saturating_sub(from), progress, limiters, unpaced: Bytes::new(), paced: None }
+        .boxed_unsync()
 }
 
 fn read_file(path: &Path, mut at: u64, size: u64, mtime_ns: i64, tx: &mpsc::Sender<Result<Bytes, FileChanged>>) {
@@ -522,26 +528,70 @@ struct FileBody {
     rx: mpsc::Receiver<Result<Bytes, FileChanged>>,
     remaining: u64,
     progress: Arc<Progress>,
+    limiters: Vec<Arc<RateLimiter>>,
+    /// What is left of the chunk being paced.
+    unpaced: Bytes,
+    /// A slice waiting for its turn under the limits, and the wait.
+    paced: Option<(Bytes, Turn)>,
 }
+
+/// Waiting for a slice's turn under the bandwidth limits.
+type Turn = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl FileBody {
+    /// `data` goes out now: counted as sent.
+    fn sent(&mut self, data: Bytes) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let n = data.len() as u64;
+        self.remaining = self.remaining.saturating_sub(n);
+        self.progress.received.fetch_add(n, Ordering::Relaxed);
+        if self.remaining == 0 {
+            self.progress.sent_whole.store(true, Ordering::Relaxed);
+        }
+        Poll::Ready(Some(Ok(Frame::data(data))))
+    }
+}
+
+type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Body for FileBody {
     type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Error = BodyError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match self.rx.poll_recv(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(data))) => {
-                let n = data.len() as u64;
-                self.remaining = self.remaining.saturating_sub(n);
-                self.progress.received.fetch_add(n, Ordering::Relaxed);
-                if self.remaining == 0 {
-                    self.progress.sent_whole.store(true, Ordering::Relaxed);
+        loop {
+            if let Some((_, wait)) = self.paced.as_mut() {
+                if wait.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
                 }
-                Poll::Ready(Some(Ok(Frame::data(data))))
+                if let Some((slice, _)) = self.paced.take() {
+                    return self.sent(slice);
+                }
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
+            let data = if self.unpaced.is_empty() {
+                match self.rx.poll_recv(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(Ok(data))) => data,
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(Box::new(e)))),
+                    Poll::Ready(None) => return Poll::Ready(None),
+                }
+            } else {
+                std::mem::take(&mut self.unpaced)
+            };
+            // Paced like a download's body (see `Engine::pump_body`), each slice taken from
+            // every bucket.
+            let Some(size) = super::paced_slice(&self.limiters) else {
+                return self.sent(data);
+            };
+            let mut data = data;
+            let slice = data.split_to(data.len().min(size));
+            self.unpaced = data;
+            let (limiters, n) = (self.limiters.clone(), slice.len());
+            let wait = Box::pin(async move {
+                for l in &limiters {
+                    l.acquire(n).await;
+                }
+            });
+            self.paced = Some((slice, wait));
         }
     }
 
