@@ -48,11 +48,16 @@ async fn a_session_presents_its_client_certificate_across_a_restart() {
     let task = session.download_tasks(vec![DownloadRequest::new(s.url("/doc"))], true).await.unwrap().remove(0);
     assert_eq!(events.completion(task.id(), LONG).await, None);
 
-    // Bad files are refused when set, saying why; the one set stays.
+    // Bad files are refused when set, saying why; the one set stays, and so does every other
+    // setting the same command named.
     let missing = env.path().join("missing.pem");
     let out = env.ctl(&[
         "policy",
         "t.cert",
+        "--metered",
+        "deny",
+        "--cookies",
+        "off",
         "--client-cert",
         missing.to_str().unwrap(),
         "--client-key",
@@ -60,6 +65,8 @@ async fn a_session_presents_its_client_certificate_across_a_restart() {
     ]);
     assert!(!out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("file_error: cannot read"), "{out:?}");
+    let text = stdout(&env.ctl(&["policy", "t.cert"]));
+    assert!(text.contains("metered networks allowed") && text.contains("keeps cookies"), "nothing changed: {text}");
     let out =
         env.ctl(&["policy", "t.cert", "--client-cert", key.to_str().unwrap(), "--client-key", key.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no PEM certificate"), "{out:?}");

@@ -30,6 +30,23 @@ async fn run_session(ctx: &Ctx, session: &str, args: &PolicyArgs) -> Result<Exit
         Response::SessionPolicy(p) => p,
         other => return Err(CliError::unexpected("session_policy", &other)),
     };
+    // The certificate first: it is the change the daemon may refuse (files it cannot read,
+    // a key that does not match), and a refusal must leave everything else as it was.
+    let cert = match (&args.client_cert, &args.client_key, args.no_client_cert) {
+        (_, _, true) => Some(None),
+        (Some(c), Some(k), false) => {
+            let abs = |p: &std::path::Path| {
+                std::path::absolute(p)
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .map_err(|e| CliError::file("cannot find", p, &e))
+            };
+            Some(Some(dlsession_proto::ClientCertificate { cert_file: abs(c)?, key_file: abs(k)? }))
+        }
+        _ => None,
+    };
+    if let Some(cert) = cert {
+        request_ok(&client, Request::SetSessionClientCert { identifier: session.to_owned(), cert }).await?;
+    }
     let before = policy;
     let on = |v: &Option<String>, yes: &str, current: bool| v.as_deref().map_or(current, |v| v == yes);
     policy.allows_metered = on(&args.metered, "allow", policy.allows_metered);
@@ -52,21 +69,6 @@ async fn run_session(ctx: &Ctx, session: &str, args: &PolicyArgs) -> Result<Exit
     if let Some(c) = &args.challenges {
         let request = Request::SetSessionChallenges { identifier: session.to_owned(), answers: c == "ask" };
         request_ok(&client, request).await?;
-    }
-    let cert = match (&args.client_cert, &args.client_key, args.no_client_cert) {
-        (_, _, true) => Some(None),
-        (Some(c), Some(k), false) => {
-            let abs = |p: &std::path::Path| {
-                std::path::absolute(p)
-                    .map(|p| p.to_string_lossy().into_owned())
-                    .map_err(|e| CliError::file("cannot find", p, &e))
-            };
-            Some(Some(dlsession_proto::ClientCertificate { cert_file: abs(c)?, key_file: abs(k)? }))
-        }
-        _ => None,
-    };
-    if let Some(cert) = cert {
-        request_ok(&client, Request::SetSessionClientCert { identifier: session.to_owned(), cert }).await?;
     }
     let cert = match client.request(Request::GetSessionClientCert { identifier: session.to_owned() }).await? {
         Response::SessionClientCert(c) => c,
