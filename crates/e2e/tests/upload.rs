@@ -97,6 +97,18 @@ async fn bad_uploads_are_refused_at_submit_and_a_changed_file_fails_clearly() {
     assert!(session.tasks().await.unwrap().is_empty(), "nothing was created");
     let out = env.ctl(&["upload", env.path().join("missing").to_str().unwrap(), &url]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("missing"), "{out:?}");
+    // Refused by the daemon: the session the command made for it goes too; an existing one stays.
+    let dir = env.path().join("got");
+    for (session, stays) in [("t.made", false), ("t.bad", true), ("t.got", false)] {
+        let out = if session == "t.got" {
+            env.ctl(&["get", "ftp://h/y", "-d", dir.to_str().unwrap(), "--session", session])
+        } else {
+            env.ctl(&["upload", file.to_str().unwrap(), "ftp://h/x", "--session", session])
+        };
+        assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unsupported"), "{out:?}");
+        let listed = stdout(&env.ctl(&["sessions"]));
+        assert_eq!(listed.contains(session), stays, "{session} in {listed}");
+    }
 
     // Submitted, then changed before it starts: it fails saying so, and sends nothing.
     let task = session.upload_task(UploadRequest::new(&url, &file)).await.unwrap();

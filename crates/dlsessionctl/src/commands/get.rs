@@ -57,7 +57,7 @@ pub async fn run(ctx: &Ctx, args: GetArgs) -> Result<Exit> {
     prepare_files(&plan, args.overwrite)?;
 
     let client = ctx.connect_or_start(None).await?;
-    open_session(&client, &args.session, args.app_id.clone(), plan.launch.clone(), args.per_host).await?;
+    let made = open_session(&client, &args.session, args.app_id.clone(), plan.launch.clone(), args.per_host).await?;
     if args.session == DEFAULT_SESSION {
         collect_earlier(&client, &args.session).await;
     }
@@ -78,7 +78,15 @@ pub async fn run(ctx: &Ctx, args: GetArgs) -> Result<Exit> {
         })
         .collect();
     // In batches of at most 1,000 (each one transaction): any number of URLs fits.
-    let ids = client.create_tasks(&args.session, specs, true).await?;
+    let ids = match client.create_tasks(&args.session, specs, true).await {
+        Ok(ids) => ids,
+        Err(e) => {
+            if made {
+                drop_new_session(&client, &args.session).await;
+            }
+            return Err(e.into());
+        }
+    };
     {
         let mut out = std::io::stdout().lock();
         for (id, item) in ids.iter().zip(&plan.items) {
@@ -282,7 +290,7 @@ fn prepare_files(plan: &Plan, overwrite: bool) -> Result<()> {
 }
 
 /// Creates the session if needed; sets its app id and relaunch command if asked to,
-/// keeping the rest of an existing configuration.
+/// keeping the rest of an existing configuration. True if it made the session.
 /// Connections per host of a session `get` creates: a bulk download tool fetches many
 /// files from one server at once (like aria2c's `-j16`); app sessions keep the
 /// default, 6. Measured on 1,000 files of 100 KiB: 0.41 s with 16, 0.57 s with 6.
@@ -294,7 +302,7 @@ pub(super) async fn open_session(
     app_id: Option<String>,
     launch: Option<Vec<String>>,
     per_host: Option<u32>,
-) -> Result<()> {
+) -> Result<bool> {
     let (mut config, exists) = match client.request(Request::GetSession { identifier: identifier.to_owned() }).await {
         Ok(Response::Session(info)) => (info.config, true),
         Ok(other) => return Err(CliError::unexpected("session", &other)),
@@ -316,9 +324,37 @@ pub(super) async fn open_session(
     // An existing session keeps its configuration unless asked to change it.
     let config = (changed || !exists).then_some(config);
     match client.request(Request::OpenSession { identifier: identifier.to_owned(), config }).await? {
-        Response::Session(_) => Ok(()),
+        Response::Session(_) => Ok(!exists),
         other => Err(CliError::unexpected("session", &other)),
     }
+}
+
+/// Removes a session this command made when what it was made for was refused: a failed
+/// command leaves no session behind (whatever part of a batch it created goes too).
+/// Invalidating leaves a `did_become_invalid` event for the session's app: attached as
+/// that app, the command collects it, and the session is gone.
+pub(super) async fn drop_new_session(client: &Client, identifier: &str) {
+    struct Gone(tokio::sync::Notify);
+    impl dlsession::SessionDelegate for Gone {
+        fn did_become_invalid(&self, _: &dlsession::Session, _: Option<&dlsession::TaskError>) {
+            self.0.notify_one();
+        }
+    }
+    let gone = std::sync::Arc::new(Gone(tokio::sync::Notify::new()));
+    let configuration = dlsession::SessionConfiguration::background(identifier);
+    let Ok(session) = dlsession::Session::attach_with(client, configuration, gone.clone()).await else { return };
+    if session.invalidate_and_cancel().await.is_err() {
+        return;
+    }
+    let patience = std::time::Duration::from_secs(5);
+    let _ = tokio::time::timeout(patience, async {
+        gone.0.notified().await;
+        // The event is acknowledged after the callback returns: wait until the session is gone.
+        while client.request(Request::GetSession { identifier: identifier.to_owned() }).await.is_ok() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
 }
 
 /// Follows the tasks until all are completed, then acknowledges their events.

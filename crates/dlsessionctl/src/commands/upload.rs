@@ -8,7 +8,7 @@ use std::io::Write;
 
 use dlsession_proto::{Header, Request, Response, TaskSpec, UploadMethod, UploadSpec, redact};
 
-use super::get::{COLLECTED_LATER, DEFAULT_SESSION, collect_earlier, open_session, wait};
+use super::get::{COLLECTED_LATER, DEFAULT_SESSION, collect_earlier, drop_new_session, open_session, wait};
 use crate::cli::UploadArgs;
 use crate::commands::ctx::Ctx;
 use crate::error::{CliError, Exit, Result};
@@ -46,15 +46,21 @@ pub async fn run(ctx: &Ctx, args: UploadArgs) -> Result<Exit> {
     }
 
     let client = ctx.connect_or_start(None).await?;
-    open_session(&client, &args.session, None, None, None).await?;
+    let made = open_session(&client, &args.session, None, None, None).await?;
     if args.session == DEFAULT_SESSION {
         collect_earlier(&client, &args.session).await;
     }
     let upload = UploadSpec { request, method, file: file.clone(), idempotent: args.idempotent };
     let create = Request::CreateUploads { identifier: args.session.clone(), uploads: vec![upload], resume: true };
-    let ids = match client.request(create).await? {
-        Response::TasksCreated(ids) => ids,
-        other => return Err(CliError::unexpected("tasks_created", &other)),
+    let ids = match client.request(create).await {
+        Ok(Response::TasksCreated(ids)) => ids,
+        Ok(other) => return Err(CliError::unexpected("tasks_created", &other)),
+        Err(e) => {
+            if made {
+                drop_new_session(&client, &args.session).await;
+            }
+            return Err(e.into());
+        }
     };
     {
         let mut out = std::io::stdout().lock();
