@@ -331,3 +331,31 @@ async fn a_bandwidth_limit_paces_an_upload() {
     assert!(took >= std::time::Duration::from_millis(3400), "2 MiB at 512 KiB/s went in {took:?}");
     assert_eq!(server.file("paced.bin").as_deref(), Some(&data[..]), "byte for byte");
 }
+
+/// Waiting for its turn under a bandwidth limit is not idleness: an upload paced in slices
+/// a quarter second apart (past the bucket's 16 KiB burst) goes through with a 100 ms
+/// request timeout, in one request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paced_upload_is_not_timed_out_while_it_waits_its_turn() {
+    use dlsession::proto::{LimitTarget, Request, Response};
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = UploadServer::start(false).await.unwrap();
+    let (file, data) = make_file(env.path(), "slow.bin", 20 << 10, 13);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let configuration = config(&env, "t.slow").timeout_for_request(std::time::Duration::from_millis(100));
+    let session = Session::attach(configuration, delegate).await.unwrap();
+    let client = dlsession_testkit::app::client(&env).await;
+    let limit = Request::SetBandwidthLimit {
+        target: LimitTarget::Session { identifier: "t.slow".into() },
+        bytes_per_second: Some(4096),
+    };
+    assert!(matches!(client.request(limit).await.unwrap(), Response::Ok));
+    let task = session.upload_task(UploadRequest::new(server.url("/files/slow.bin"), &file)).await.unwrap();
+    let began = std::time::Instant::now();
+    task.resume().await.unwrap();
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert!(began.elapsed() >= std::time::Duration::from_millis(700), "paced: {:?}", began.elapsed());
+    assert_eq!(server.file("slow.bin").as_deref(), Some(&data[..]));
+    assert_eq!(server.records().len(), 1, "one request, never timed out: {:?}", server.records());
+}

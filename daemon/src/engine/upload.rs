@@ -250,7 +250,9 @@ impl Engine {
                     r = &mut request => break Some(r),
                     _ = tick.tick() => {
                         let sent = job.progress.received();
-                        if sent != seen {
+                        // Waiting for its turn under a bandwidth limit is not silence: a
+                        // paced download's idle timeout does not count that wait either.
+                        if sent != seen || job.progress.paced.load(Ordering::Relaxed) {
                             (seen, quiet_since) = (sent, tokio::time::Instant::now());
                         } else if quiet_since.elapsed() >= job.idle_timeout {
                             break None;
@@ -541,6 +543,7 @@ type Turn = Pin<Box<dyn Future<Output = ()> + Send>>;
 impl FileBody {
     /// `data` goes out now: counted as sent.
     fn sent(&mut self, data: Bytes) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.progress.paced.store(false, Ordering::Relaxed);
         let n = data.len() as u64;
         self.remaining = self.remaining.saturating_sub(n);
         self.progress.received.fetch_add(n, Ordering::Relaxed);
@@ -548,6 +551,13 @@ impl FileBody {
             self.progress.sent_whole.store(true, Ordering::Relaxed);
         }
         Poll::Ready(Some(Ok(Frame::data(data))))
+    }
+}
+
+impl Drop for FileBody {
+    fn drop(&mut self) {
+        // A body given up while waiting its turn leaves no wait behind for the next attempt.
+        self.progress.paced.store(false, Ordering::Relaxed);
     }
 }
 
@@ -591,6 +601,7 @@ impl Body for FileBody {
                     l.acquire(n).await;
                 }
             });
+            self.progress.paced.store(true, Ordering::Relaxed);
             self.paced = Some((slice, wait));
         }
     }

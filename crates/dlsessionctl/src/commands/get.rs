@@ -329,16 +329,23 @@ pub(super) async fn open_session(
     }
 }
 
-/// Removes a session this command made when what it was made for was refused: a failed
-/// command leaves no session behind (whatever part of a batch it created goes too).
-/// Invalidating leaves a `did_become_invalid` event for the session's app: attached as
-/// that app, the command collects it, and the session is gone.
+/// Removes a session this command made when the daemon refused what it was made for, so a
+/// failed command leaves no empty session behind. Only a session nobody else uses goes:
+/// none attached (the attach below does not take over) and no task in it (another command
+/// may have put some there meanwhile, or an earlier batch of this one did). Invalidating
+/// leaves a `did_become_invalid` event for the session's app: attached as that app, the
+/// command collects it, and the session is gone.
 pub(super) async fn drop_new_session(client: &Client, identifier: &str) {
     struct Gone(tokio::sync::Notify);
     impl dlsession::SessionDelegate for Gone {
         fn did_become_invalid(&self, _: &dlsession::Session, _: Option<&dlsession::TaskError>) {
             self.0.notify_one();
         }
+    }
+    // Looked at before attaching: attaching sets the session's configuration.
+    match client.request(Request::GetSession { identifier: identifier.to_owned() }).await {
+        Ok(Response::Session(i)) if i.tasks.total() == 0 && i.pending_events == 0 => {}
+        _ => return,
     }
     let gone = std::sync::Arc::new(Gone(tokio::sync::Notify::new()));
     let configuration = dlsession::SessionConfiguration::background(identifier);
