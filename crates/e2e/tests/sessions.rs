@@ -573,3 +573,39 @@ async fn a_relaunched_app_gets_the_descriptor_limit_the_daemon_was_started_with(
         wait_for("the app relaunched", LONG, || std::fs::read_to_string(&seen).ok().filter(|s| s.ends_with('\n')));
     assert_eq!(written.trim(), "256", "the app's soft limit");
 }
+
+/// A `wake` request waiting in line for a launch slot is answered when its session is
+/// removed meanwhile (it used to wait for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_waiting_for_a_slot_is_answered_when_its_session_goes() {
+    let env = TestEnv::new();
+    env.set_config("max_concurrent_launches", "1");
+    env.set_config("wake_answer_ms", "60000");
+    let _d = TestDaemon::start(&env);
+    // An app that comes up slowly and never attaches: it holds the one slot.
+    let slow = vec!["/bin/sh".to_owned(), "-c".to_owned(), "sleep 10".to_owned()];
+    let client = dlsession_testkit::app::client(&env).await;
+    for (id, argv) in [("t.holder", slow.clone()), ("t.gone", slow)] {
+        let config =
+            SessionConfig { launch: Some(dlsession::LaunchSpec::Command { argv }), ..SessionConfig::default() };
+        client.request(Request::OpenSession { identifier: id.into(), config: Some(config) }).await.unwrap();
+    }
+    let holder = client.request(Request::Wake { identifier: "t.holder".into() }).await.unwrap();
+    assert!(matches!(holder, Response::Wake(dlsession::proto::WakeOutcome::Launched { .. })), "{holder:?}");
+    let waiting = {
+        let client = dlsession_testkit::app::client(&env).await;
+        tokio::spawn(async move { client.request(Request::Wake { identifier: "t.gone".into() }).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "the second wake waits for the slot");
+    // Its app attaches by itself, invalidates the session and collects that: it is removed.
+    let (delegate, _events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.gone"), delegate).await.unwrap();
+    session.invalidate_and_cancel().await.unwrap();
+    wait_for("the session removed", LONG, || block(info(&env, "t.gone")).is_none().then_some(()));
+    let answer = tokio::time::timeout(LONG, waiting).await.expect("the waiting wake is answered").unwrap();
+    match answer {
+        Err(dlsession::Error::Daemon(e)) => assert_eq!(e.code, ErrorCode::NoSuchSession, "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -8,7 +8,7 @@ use tracing::info;
 use super::{After, ConnId, Core};
 use crate::model::{EventRecord, SessionKey, now_ms};
 use crate::store::Op;
-use dlsession_proto::{DetachReason, DurableEvent, Event, Response, TaskState, WakeStatus};
+use dlsession_proto::{DetachReason, DurableEvent, ErrorCode, ErrorInfo, Event, Response, TaskState, WakeStatus};
 
 impl Core {
     /// Appends a durable event (committed with `ops`) and returns its sequence number.
@@ -162,6 +162,12 @@ impl Core {
         self.clear_timer(s.launch_slot_timer, super::Timer::LaunchSlot(key));
         self.launches.forget(key);
         self.forget_session_auth(key);
+        // A `wake` request waiting for this session's relaunch gets its answer now.
+        for (conn, id) in s.launch_replies.iter().copied() {
+            let gone =
+                ErrorInfo::new(ErrorCode::NoSuchSession, "the session was removed before its app was relaunched");
+            self.reply(conn, id, Err(gone));
+        }
         self.start_waiting_launches();
         for task in &s.tasks {
             self.tasks.remove(*task);
