@@ -84,3 +84,52 @@ async fn a_session_presents_its_client_certificate_across_a_restart() {
     let out = env.ctl(&["policy", "t.cert", "--no-client-cert"]);
     assert!(out.status.success() && !stdout(&out).contains("client certificate"), "{out:?}");
 }
+
+/// A certificate file that is a FIFO is refused (it used to hang the request for ever), and
+/// stored files that cannot be read in time at start do not keep the daemon from starting:
+/// the session's downloads fail with the reason instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_certificate_files_never_hang_a_request_or_the_start() {
+    let ca = TestCa::new().unwrap();
+    let env = TestEnv::new();
+    env.add_config(&format!("extra_ca_file = {:?}", ca.ca_pem_path()));
+    let mut d = TestDaemon::start(&env);
+    let s = TestServer::start_mutual_tls(&ca).await.unwrap();
+    s.add("/doc", Resource::generated(1000, 62));
+    let (cert, key) = ca.client_identity();
+    let fifo = env.path().join("cert.fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let (delegate, _events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.slowcert"), delegate).await.unwrap();
+    let out = env.ctl(&[
+        "policy",
+        "t.slowcert",
+        "--client-cert",
+        fifo.to_str().unwrap(),
+        "--client-key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a regular file"), "{out:?}");
+    let out = env.ctl(&[
+        "policy",
+        "t.slowcert",
+        "--client-cert",
+        cert.to_str().unwrap(),
+        "--client-key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    drop(session);
+
+    // At start the files take 30 s to read: the daemon starts anyway (TestDaemon waits 20 s).
+    d.kill9();
+    d.set_env(&[("DLSESSIOND_FAILPOINT", std::ffi::OsStr::new("client-cert-read:1:sleep-ms=30000"))]);
+    let began = std::time::Instant::now();
+    d.restart();
+    assert!(began.elapsed() < std::time::Duration::from_secs(15), "started in {:?}", began.elapsed());
+    let (delegate, mut events) = Recorder::new(&env.path().join("out3"));
+    let session = Session::attach(config(&env, "t.slowcert"), delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/doc"))], true).await.unwrap().remove(0);
+    let error = events.completion(task.id(), LONG).await.expect("the certificate was not read");
+    assert!(error.message.contains("not read within 5 s at start"), "{error:?}");
+}

@@ -16,17 +16,47 @@ use crate::model::SessionKey;
 use crate::store::Op;
 use dlsession_proto::{ClientCertificate, ErrorCode, ErrorInfo, Request, Response};
 
+/// How long the start waits for stored client certificates to be read.
+const CERT_READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Core {
-    /// At start: each stored certificate is read again; one that cannot be is kept with
-    /// the reason, which its session's downloads then fail with.
+    /// At start: each stored certificate is read again, each on a thread of its own, for at
+    /// most `CERT_READ_LIMIT` in all (a hung file system must not stop the daemon from
+    /// starting). One that cannot be read, or not in time, is kept with the reason, which
+    /// its session's downloads then fail with; setting the files again reads them again.
     pub(super) fn restore_client_certs(&mut self, stored: Vec<(SessionKey, ClientCertificate)>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut pending = std::collections::HashMap::new();
         for (key, files) in stored {
-            let identity = ClientIdentity::load(&files.cert_file, &files.key_file).map(Arc::new).map_err(|e| {
-                warn!(session = %self.sessions.identifier(key), error = %e, "the session's client certificate cannot be read");
-                e.to_string()
+            let (tx, cert, private) = (tx.clone(), files.cert_file.clone(), files.key_file.clone());
+            let spawned = std::thread::Builder::new().name("dl-cert-read".into()).spawn(move || {
+                let _ = tx.send((key, ClientIdentity::load(&cert, &private).map(Arc::new).map_err(|e| e.to_string())));
             });
+            let identity = match spawned {
+                Ok(_) => Err(format!("not read within {} s at start", CERT_READ_LIMIT.as_secs())),
+                Err(e) => Err(format!("cannot start a thread to read it: {e}")),
+            };
+            pending.insert(key, ClientCert { files, identity });
+        }
+        drop(tx);
+        let deadline = std::time::Instant::now() + CERT_READ_LIMIT;
+        let mut left = pending.len();
+        while left > 0 {
+            let Ok((key, identity)) = rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            else {
+                break;
+            };
+            left -= 1;
+            if let Some(c) = pending.get_mut(&key) {
+                c.identity = identity;
+            }
+        }
+        for (key, cert) in pending {
+            if let Err(e) = &cert.identity {
+                warn!(session = %self.sessions.identifier(key), error = %e, "the session's client certificate cannot be read");
+            }
             if let Some(s) = self.sessions.get_mut(&key) {
-                s.client_cert = Some(ClientCert { files, identity });
+                s.client_cert = Some(cert);
             }
         }
     }

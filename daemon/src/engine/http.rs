@@ -60,6 +60,27 @@ pub struct ClientIdentity {
     key: rustls_pki_types::PrivateKeyDer<'static>,
 }
 
+/// The most a certificate or key file may hold: PEM files are a few KiB.
+const PEM_FILE_LIMIT: u64 = 1 << 20;
+
+/// Reads a certificate or key file: a regular file only (a FIFO would block the reader
+/// for ever, a device never end), and at most `PEM_FILE_LIMIT` bytes.
+fn read_pem_file(path: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if meta.len() > PEM_FILE_LIMIT {
+        return Err(std::io::Error::other(format!("{} bytes: too large for a PEM file", meta.len())));
+    }
+    let mut data = Vec::new();
+    file.take(PEM_FILE_LIMIT).read_to_end(&mut data)?;
+    Ok(data)
+}
+
 impl std::fmt::Debug for ClientIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientIdentity")
@@ -83,7 +104,8 @@ impl ClientIdentity {
     pub fn load(cert_file: &str, key_file: &str) -> Result<ClientIdentity, ClientCertError> {
         use rustls_pki_types::PrivateKeyDer;
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let read = |path: &str| std::fs::read(path).map_err(|e| ClientCertError::Read(format!("{path}: {e}")));
+        crate::failpoint::hit("client-cert-read");
+        let read = |path: &str| read_pem_file(path).map_err(|e| ClientCertError::Read(format!("{path}: {e}")));
         let chain = CertificateDer::pem_slice_iter(&read(cert_file)?)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ClientCertError::Invalid(format!("{cert_file}: {e}")))?;
