@@ -18,25 +18,45 @@ use dlsession_proto::{ClientCertificate, ErrorCode, ErrorInfo, Request, Response
 
 /// How long the start waits for stored client certificates to be read.
 const CERT_READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Threads reading them at start.
+const CERT_READERS: usize = 4;
 
 impl Core {
-    /// At start: each stored certificate is read again, each on a thread of its own, for at
-    /// most `CERT_READ_LIMIT` in all (a hung file system must not stop the daemon from
+    /// At start: each stored certificate is read again, off this thread (`CERT_READERS`
+    /// threads share the list), for at most `CERT_READ_LIMIT` in all (a hung file system must not stop the daemon from
     /// starting). One that cannot be read, or not in time, is kept with the reason, which
     /// its session's downloads then fail with; setting the files again reads them again.
     pub(super) fn restore_client_certs(&mut self, stored: Vec<(SessionKey, ClientCertificate)>) {
         let (tx, rx) = std::sync::mpsc::channel();
         let mut pending = std::collections::HashMap::new();
-        for (key, files) in stored {
-            let (tx, cert, private) = (tx.clone(), files.cert_file.clone(), files.key_file.clone());
+        let queue: std::collections::VecDeque<(SessionKey, ClientCertificate)> = stored.into_iter().collect();
+        for (key, files) in &queue {
+            let late = Err(format!("not read within {} s at start", CERT_READ_LIMIT.as_secs()));
+            pending.insert(*key, ClientCert { files: files.clone(), identity: late });
+        }
+        // A few readers share the list: one stuck on a hung file system holds up only the
+        // certificates behind it on its thread.
+        let readers = queue.len().min(CERT_READERS);
+        let queue = Arc::new(std::sync::Mutex::new(queue));
+        let mut started = 0;
+        for _ in 0..readers {
+            let (tx, queue) = (tx.clone(), queue.clone());
             let spawned = std::thread::Builder::new().name("dl-cert-read".into()).spawn(move || {
-                let _ = tx.send((key, ClientIdentity::load(&cert, &private).map(Arc::new).map_err(|e| e.to_string())));
+                loop {
+                    let next = queue.lock().ok().and_then(|mut q| q.pop_front());
+                    let Some((key, files)) = next else { return };
+                    let identity = ClientIdentity::load(&files.cert_file, &files.key_file).map(Arc::new);
+                    if tx.send((key, identity.map_err(|e| e.to_string()))).is_err() {
+                        return;
+                    }
+                }
             });
-            let identity = match spawned {
-                Ok(_) => Err(format!("not read within {} s at start", CERT_READ_LIMIT.as_secs())),
-                Err(e) => Err(format!("cannot start a thread to read it: {e}")),
-            };
-            pending.insert(key, ClientCert { files, identity });
+            started += usize::from(spawned.is_ok());
+        }
+        if started == 0 && readers > 0 {
+            for cert in pending.values_mut() {
+                cert.identity = Err("cannot start a thread to read it".into());
+            }
         }
         drop(tx);
         let deadline = std::time::Instant::now() + CERT_READ_LIMIT;

@@ -164,8 +164,10 @@ impl Core {
         self.forget_session_auth(key);
         // A `wake` request waiting for this session's relaunch gets its answer now.
         for (conn, id) in s.launch_replies.iter().copied() {
-            let gone =
-                ErrorInfo::new(ErrorCode::NoSuchSession, "the session was removed before its app was relaunched");
+            let gone = ErrorInfo::new(
+                ErrorCode::NoSuchSession,
+                "the session was removed while this wake waited for its relaunch",
+            );
             self.reply(conn, id, Err(gone));
         }
         self.start_waiting_launches();

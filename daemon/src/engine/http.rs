@@ -76,6 +76,10 @@ fn read_pem_file(path: &str) -> std::io::Result<Vec<u8>> {
     if meta.len() > PEM_FILE_LIMIT {
         return Err(std::io::Error::other(format!("{} bytes: too large for a PEM file", meta.len())));
     }
+    // Only the open had to be non-blocking; a file system that honoured it would make the
+    // read fail with `EAGAIN`.
+    let flags = rustix::fs::fcntl_getfl(&file)?;
+    rustix::fs::fcntl_setfl(&file, flags - rustix::fs::OFlags::NONBLOCK)?;
     let mut data = Vec::new();
     file.take(PEM_FILE_LIMIT).read_to_end(&mut data)?;
     Ok(data)

@@ -16,8 +16,9 @@ pub struct Progress {
     /// An upload's attempt has handed its whole body to the connection (`received` then
     /// counts bytes sent): from here on the server may have all of it.
     pub sent_whole: AtomicBool,
-    /// An upload's body waits for its turn under a bandwidth limit: quiet, but not idle.
-    pub paced: AtomicBool,
+    /// How many of an upload's bodies wait for their turn under a bandwidth limit (one,
+    /// but a body of an earlier request may still be draining): quiet, but not idle.
+    pub paced: AtomicU64,
 }
 
 impl Progress {
@@ -27,7 +28,7 @@ impl Progress {
             expected: AtomicU64::new(expected.unwrap_or(u64::MAX)),
             alive: AtomicU64::new(0),
             sent_whole: AtomicBool::new(false),
-            paced: AtomicBool::new(false),
+            paced: AtomicU64::new(0),
         }
     }
 

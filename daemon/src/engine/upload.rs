@@ -252,7 +252,7 @@ impl Engine {
                         let sent = job.progress.received();
                         // Waiting for its turn under a bandwidth limit is not silence: a
                         // paced download's idle timeout does not count that wait either.
-                        if sent != seen || job.progress.paced.load(Ordering::Relaxed) {
+                        if sent != seen || job.progress.paced.load(Ordering::Relaxed) > 0 {
                             (seen, quiet_since) = (sent, tokio::time::Instant::now());
                         } else if quiet_since.elapsed() >= job.idle_timeout {
                             break None;
@@ -489,8 +489,16 @@ fn file_body(up: &UploadJob, from: u64, job: &Job) -> ReqBody {
     progress.sent_whole.store(from >= size, Ordering::Relaxed);
     tokio::task::spawn_blocking(move || read_file(&path, from, size, mtime_ns, &tx));
     let limiters = job.limiters.clone();
-    FileBody { rx, remaining: size.saturating_sub(from), progress, limiters, unpaced: Bytes::new(), paced: None }
-        .boxed_unsync()
+    FileBody {
+        rx,
+        remaining: size.saturating_sub(from),
+        progress,
+        limiters,
+        unpaced: Bytes::new(),
+        paced: None,
+        waiting: false,
+    }
+    .boxed_unsync()
 }
 
 fn read_file(path: &Path, mut at: u64, size: u64, mtime_ns: i64, tx: &mpsc::Sender<Result<Bytes, FileChanged>>) {
@@ -535,6 +543,8 @@ struct FileBody {
     unpaced: Bytes,
     /// A slice waiting for its turn under the limits, and the wait.
     paced: Option<(Bytes, Turn)>,
+    /// Counted in `Progress::paced`.
+    waiting: bool,
 }
 
 /// Waiting for a slice's turn under the bandwidth limits.
@@ -542,8 +552,19 @@ type Turn = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl FileBody {
     /// `data` goes out now: counted as sent.
+    /// This body waits (or no longer waits) for its turn: counted in `Progress::paced`.
+    fn set_waiting(&mut self, waiting: bool) {
+        if std::mem::replace(&mut self.waiting, waiting) != waiting {
+            if waiting {
+                self.progress.paced.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.progress.paced.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     fn sent(&mut self, data: Bytes) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        self.progress.paced.store(false, Ordering::Relaxed);
+        self.set_waiting(false);
         let n = data.len() as u64;
         self.remaining = self.remaining.saturating_sub(n);
         self.progress.received.fetch_add(n, Ordering::Relaxed);
@@ -557,7 +578,7 @@ impl FileBody {
 impl Drop for FileBody {
     fn drop(&mut self) {
         // A body given up while waiting its turn leaves no wait behind for the next attempt.
-        self.progress.paced.store(false, Ordering::Relaxed);
+        self.set_waiting(false);
     }
 }
 
@@ -601,7 +622,7 @@ impl Body for FileBody {
                     l.acquire(n).await;
                 }
             });
-            self.progress.paced.store(true, Ordering::Relaxed);
+            self.set_waiting(true);
             self.paced = Some((slice, wait));
         }
     }
