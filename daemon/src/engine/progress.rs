@@ -19,6 +19,9 @@ pub struct Progress {
     /// How many of an upload's bodies wait for their turn under a bandwidth limit (one,
     /// but a body of an earlier request may still be draining): quiet, but not idle.
     pub paced: AtomicU64,
+    /// Numbers an upload's request bodies: only the newest one counts its bytes (one of an
+    /// earlier request may still be draining after a redirect or an early answer).
+    pub body: AtomicU64,
 }
 
 impl Progress {
@@ -29,6 +32,7 @@ impl Progress {
             alive: AtomicU64::new(0),
             sent_whole: AtomicBool::new(false),
             paced: AtomicU64::new(0),
+            body: AtomicU64::new(0),
         }
     }
 

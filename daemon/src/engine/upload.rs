@@ -484,6 +484,7 @@ fn file_body(up: &UploadJob, from: u64, job: &Job) -> ReqBody {
     let (tx, rx) = mpsc::channel(READ_AHEAD);
     let (path, size, mtime_ns) = (up.file.clone(), up.size, up.mtime_ns);
     let progress = job.progress.clone();
+    let body = progress.body.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
     progress.received.store(from, Ordering::Relaxed);
     // An empty body is whole as soon as the request goes.
     progress.sent_whole.store(from >= size, Ordering::Relaxed);
@@ -497,6 +498,7 @@ fn file_body(up: &UploadJob, from: u64, job: &Job) -> ReqBody {
         unpaced: Bytes::new(),
         paced: None,
         waiting: false,
+        body,
     }
     .boxed_unsync()
 }
@@ -545,6 +547,8 @@ struct FileBody {
     paced: Option<(Bytes, Turn)>,
     /// Counted in `Progress::paced`.
     waiting: bool,
+    /// Its number (see `Progress::body`).
+    body: u64,
 }
 
 /// Waiting for a slice's turn under the bandwidth limits.
@@ -567,9 +571,12 @@ impl FileBody {
         self.set_waiting(false);
         let n = data.len() as u64;
         self.remaining = self.remaining.saturating_sub(n);
-        self.progress.received.fetch_add(n, Ordering::Relaxed);
-        if self.remaining == 0 {
-            self.progress.sent_whole.store(true, Ordering::Relaxed);
+        // A newer request's body counts for the task now.
+        if self.progress.body.load(Ordering::Relaxed) == self.body {
+            self.progress.received.fetch_add(n, Ordering::Relaxed);
+            if self.remaining == 0 {
+                self.progress.sent_whole.store(true, Ordering::Relaxed);
+            }
         }
         Poll::Ready(Some(Ok(Frame::data(data))))
     }
@@ -651,4 +658,47 @@ fn write_synced(part: &Path, to: &Path, data: &[u8], mode: u32) -> io::Result<()
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body as `file_body` makes it, fed from `rx` instead of a file.
+    fn body(progress: &Arc<Progress>, rx: mpsc::Receiver<Result<Bytes, FileChanged>>, size: u64) -> FileBody {
+        let body = progress.body.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        progress.received.store(0, Ordering::Relaxed);
+        progress.sent_whole.store(false, Ordering::Relaxed);
+        FileBody {
+            rx,
+            remaining: size,
+            progress: progress.clone(),
+            limiters: Vec::new(),
+            unpaced: Bytes::new(),
+            paced: None,
+            waiting: false,
+            body,
+        }
+    }
+
+    #[tokio::test]
+    async fn only_the_newest_request_body_counts_what_it_sends() {
+        let progress = Arc::new(Progress::new(0, None));
+        let (old_tx, old_rx) = mpsc::channel(4);
+        let mut old = body(&progress, old_rx, 8);
+        let (new_tx, new_rx) = mpsc::channel(4);
+        let mut new = body(&progress, new_rx, 8);
+        // The earlier request's body drains its rest after the newer one started.
+        old_tx.send(Ok(Bytes::from_static(b"12345678"))).await.unwrap();
+        assert!(old.frame().await.unwrap().unwrap().is_data());
+        assert_eq!(progress.received(), 0, "the old body's bytes are not the new request's");
+        assert!(!progress.sent_whole.load(Ordering::Relaxed), "nor is its end");
+        new_tx.send(Ok(Bytes::from_static(b"abcd"))).await.unwrap();
+        assert!(new.frame().await.unwrap().unwrap().is_data());
+        assert_eq!(progress.received(), 4);
+        new_tx.send(Ok(Bytes::from_static(b"efgh"))).await.unwrap();
+        assert!(new.frame().await.unwrap().unwrap().is_data());
+        assert_eq!(progress.received(), 8);
+        assert!(progress.sent_whole.load(Ordering::Relaxed));
+    }
 }
