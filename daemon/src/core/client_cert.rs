@@ -71,6 +71,19 @@ impl Core {
                 c.identity = identity;
             }
         }
+        // What is still being read reaches the core when it is (see `on_late_client_cert`).
+        if left > 0 {
+            let core = self.tx.clone();
+            let late: std::collections::HashMap<SessionKey, ClientCertificate> =
+                pending.iter().map(|(k, c)| (*k, c.files.clone())).collect();
+            let _ = std::thread::Builder::new().name("dl-cert-late".into()).spawn(move || {
+                for (session, identity) in rx {
+                    if let Some(files) = late.get(&session).cloned() {
+                        let _ = core.send(super::CoreMsg::LateClientCert { session, files, identity });
+                    }
+                }
+            });
+        }
         for (key, cert) in pending {
             if let Err(e) = &cert.identity {
                 warn!(session = %self.sessions.identifier(key), error = %e, "the session's client certificate cannot be read");
@@ -79,6 +92,28 @@ impl Core {
                 s.client_cert = Some(cert);
             }
         }
+    }
+
+    /// A stored certificate read at start after `CERT_READ_LIMIT`: the session takes it if it
+    /// still names the same files and has nothing better (setting files meanwhile wins).
+    pub(super) fn on_late_client_cert(
+        &mut self,
+        key: SessionKey,
+        files: ClientCertificate,
+        identity: Result<Arc<ClientIdentity>, String>,
+    ) {
+        let Some(s) = self.sessions.get_mut(&key) else { return };
+        let Some(cert) = s.client_cert.as_mut() else { return };
+        if cert.files != files || cert.identity.is_ok() {
+            return;
+        }
+        match &identity {
+            Ok(_) => {
+                info!(session = %s.rec.identifier, "the session's client certificate was read after all; its downloads present it from now on")
+            }
+            Err(e) => warn!(session = %s.rec.identifier, error = %e, "the session's client certificate cannot be read"),
+        }
+        cert.identity = identity;
     }
 
     pub(super) fn set_session_client_cert(

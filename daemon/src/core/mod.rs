@@ -120,6 +120,12 @@ pub enum CoreMsg {
     },
     /// The database stopped (or started again) taking writes.
     Storage(crate::store::Health),
+    /// A stored client certificate read at start after its time was up.
+    LateClientCert {
+        session: SessionKey,
+        files: dlsession_proto::ClientCertificate,
+        identity: Result<Arc<crate::engine::http::ClientIdentity>, String>,
+    },
     /// The network watcher (`crate::net`) runs.
     NetworkWatched,
     /// Links, addresses or routes changed.
@@ -412,6 +418,7 @@ impl Core {
             CoreMsg::Launched { session, launch, launched } => self.on_launched(session, launch, launched),
             CoreMsg::LaunchFinished { session, launch, result } => self.on_launch_finished(session, launch, result),
             CoreMsg::Storage(health) => self.on_storage(health),
+            CoreMsg::LateClientCert { session, files, identity } => self.on_late_client_cert(session, files, identity),
             CoreMsg::NetworkWatched => self.on_network_watched(),
             CoreMsg::NetworkChanged => self.on_network_changed(),
             CoreMsg::NetworkUnwatched => self.on_network_unwatched(),
