@@ -490,17 +490,8 @@ fn file_body(up: &UploadJob, from: u64, job: &Job) -> ReqBody {
     progress.sent_whole.store(from >= size, Ordering::Relaxed);
     tokio::task::spawn_blocking(move || read_file(&path, from, size, mtime_ns, &tx));
     let limiters = job.limiters.clone();
-    FileBody {
-        rx,
-        remaining: size.saturating_sub(from),
-        progress,
-        limiters,
-        unpaced: Bytes::new(),
-        paced: None,
-        waiting: false,
-        body,
-    }
-    .boxed_unsync()
+    FileBody { rx, remaining: size.saturating_sub(from), progress, limiters, unpaced: Bytes::new(), paced: None, body }
+        .boxed_unsync()
 }
 
 fn read_file(path: &Path, mut at: u64, size: u64, mtime_ns: i64, tx: &mpsc::Sender<Result<Bytes, FileChanged>>) {
@@ -543,10 +534,9 @@ struct FileBody {
     limiters: Vec<Arc<RateLimiter>>,
     /// What is left of the chunk being paced.
     unpaced: Bytes,
-    /// A slice waiting for its turn under the limits, and the wait.
+    /// A slice waiting for its turn under the limits, and the wait (counted in
+    /// `Progress::paced` while it is here: see `wait_turn` and `take_turn`).
     paced: Option<(Bytes, Turn)>,
-    /// Counted in `Progress::paced`.
-    waiting: bool,
     /// Its number (see `Progress::body`).
     body: u64,
 }
@@ -555,20 +545,22 @@ struct FileBody {
 type Turn = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl FileBody {
-    /// `data` goes out now: counted as sent.
-    /// This body waits (or no longer waits) for its turn: counted in `Progress::paced`.
-    fn set_waiting(&mut self, waiting: bool) {
-        if std::mem::replace(&mut self.waiting, waiting) != waiting {
-            if waiting {
-                self.progress.paced.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.progress.paced.fetch_sub(1, Ordering::Relaxed);
-            }
+    /// `slice` waits for its turn under the limits.
+    fn wait_turn(&mut self, slice: Bytes, wait: Turn) {
+        if self.paced.replace((slice, wait)).is_none() {
+            self.progress.paced.fetch_add(1, Ordering::Relaxed);
         }
     }
 
+    /// The slice that waited, no longer waiting.
+    fn take_turn(&mut self) -> Option<Bytes> {
+        let (slice, _) = self.paced.take()?;
+        self.progress.paced.fetch_sub(1, Ordering::Relaxed);
+        Some(slice)
+    }
+
+    /// `data` goes out now: counted as sent.
     fn sent(&mut self, data: Bytes) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        self.set_waiting(false);
         let n = data.len() as u64;
         self.remaining = self.remaining.saturating_sub(n);
         // A newer request's body counts for the task now.
@@ -585,7 +577,7 @@ impl FileBody {
 impl Drop for FileBody {
     fn drop(&mut self) {
         // A body given up while waiting its turn leaves no wait behind for the next attempt.
-        self.set_waiting(false);
+        self.take_turn();
     }
 }
 
@@ -601,7 +593,7 @@ impl Body for FileBody {
                 if wait.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
-                if let Some((slice, _)) = self.paced.take() {
+                if let Some(slice) = self.take_turn() {
                     return self.sent(slice);
                 }
             }
@@ -629,8 +621,7 @@ impl Body for FileBody {
                     l.acquire(n).await;
                 }
             });
-            self.set_waiting(true);
-            self.paced = Some((slice, wait));
+            self.wait_turn(slice, wait);
         }
     }
 
@@ -676,7 +667,6 @@ mod tests {
             limiters: Vec::new(),
             unpaced: Bytes::new(),
             paced: None,
-            waiting: false,
             body,
         }
     }
