@@ -23,9 +23,10 @@ const CERT_READERS: usize = 4;
 
 impl Core {
     /// At start: each stored certificate is read again, off this thread (`CERT_READERS`
-    /// threads share the list), for at most `CERT_READ_LIMIT` in all (a hung file system must not stop the daemon from
-    /// starting). One that cannot be read, or not in time, is kept with the reason, which
-    /// its session's downloads then fail with; setting the files again reads them again.
+    /// threads share the list), for at most `CERT_READ_LIMIT` in all: a hung file system
+    /// must not stop the daemon from starting. One that cannot be read, or not in time, is
+    /// kept with the reason, which its session's downloads then fail with; one read later
+    /// comes to `on_late_client_cert`, and setting the files again reads them again.
     pub(super) fn restore_client_certs(&mut self, stored: Vec<(SessionKey, ClientCertificate)>) {
         let (tx, rx) = std::sync::mpsc::channel();
         let mut pending = std::collections::HashMap::new();
@@ -46,7 +47,7 @@ impl Core {
                     let next = queue.lock().ok().and_then(|mut q| q.pop_front());
                     let Some((key, files)) = next else { return };
                     let identity = ClientIdentity::load(&files.cert_file, &files.key_file).map(Arc::new);
-                    if tx.send((key, identity.map_err(|e| e.to_string()))).is_err() {
+                    if tx.send((key, files, identity.map_err(|e| e.to_string()))).is_err() {
                         return;
                     }
                 }
@@ -62,7 +63,7 @@ impl Core {
         let deadline = std::time::Instant::now() + CERT_READ_LIMIT;
         let mut left = pending.len();
         while left > 0 {
-            let Ok((key, identity)) = rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            let Ok((key, _, identity)) = rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
             else {
                 break;
             };
@@ -74,13 +75,9 @@ impl Core {
         // What is still being read reaches the core when it is (see `on_late_client_cert`).
         if left > 0 {
             let core = self.tx.clone();
-            let late: std::collections::HashMap<SessionKey, ClientCertificate> =
-                pending.iter().map(|(k, c)| (*k, c.files.clone())).collect();
             let _ = std::thread::Builder::new().name("dl-cert-late".into()).spawn(move || {
-                for (session, identity) in rx {
-                    if let Some(files) = late.get(&session).cloned() {
-                        let _ = core.send(super::CoreMsg::LateClientCert { session, files, identity });
-                    }
+                for (session, files, identity) in rx {
+                    let _ = core.send(super::CoreMsg::LateClientCert { session, files, identity });
                 }
             });
         }
