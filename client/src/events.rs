@@ -38,38 +38,10 @@ impl Mailbox {
             Event::TaskUpdate(info) => {
                 st.updates.insert(info.id, info);
             }
-            Event::Progress { identifier, task, bytes_written, total_bytes_written, total_bytes_expected } => {
-                let written = match st.progress.get(&task) {
-                    Some(Event::Progress { bytes_written: before, .. }) => before.saturating_add(bytes_written),
-                    _ => bytes_written,
-                };
-                st.progress.insert(
-                    task,
-                    Event::Progress {
-                        identifier,
-                        task,
-                        bytes_written: written,
-                        total_bytes_written,
-                        total_bytes_expected,
-                    },
-                );
-            }
-            // An upload's body going out, coalesced the same way (one per task).
-            Event::SendProgress { identifier, task, bytes_sent, total_bytes_sent, total_bytes_expected_to_send } => {
-                let sent = match st.progress.get(&task) {
-                    Some(Event::SendProgress { bytes_sent: before, .. }) => before.saturating_add(bytes_sent),
-                    _ => bytes_sent,
-                };
-                st.progress.insert(
-                    task,
-                    Event::SendProgress {
-                        identifier,
-                        task,
-                        bytes_sent: sent,
-                        total_bytes_sent,
-                        total_bytes_expected_to_send,
-                    },
-                );
+            // A download's bytes arriving or an upload's going out: one per task.
+            mut event @ (Event::Progress { task, .. } | Event::SendProgress { task, .. }) => {
+                add_earlier_delta(st.progress.get(&task), &mut event);
+                st.progress.insert(task, event);
             }
             wake @ Event::Wake { .. } => {
                 let same = |e: &Event| matches!((e, &wake), (Event::Wake { identifier: a, .. }, Event::Wake { identifier: b, .. }) if a == b);
@@ -113,6 +85,20 @@ impl Mailbox {
 
     fn is_closed(&self) -> bool {
         self.state.lock().map(|st| st.closed).unwrap_or(true)
+    }
+}
+
+/// Adds the bytes of `earlier`, a progress event of the same kind not yet taken, to the one
+/// that replaces it.
+fn add_earlier_delta(earlier: Option<&Event>, event: &mut Event) {
+    match (earlier, event) {
+        (Some(Event::Progress { bytes_written: before, .. }), Event::Progress { bytes_written, .. }) => {
+            *bytes_written = bytes_written.saturating_add(*before);
+        }
+        (Some(Event::SendProgress { bytes_sent: before, .. }), Event::SendProgress { bytes_sent, .. }) => {
+            *bytes_sent = bytes_sent.saturating_add(*before);
+        }
+        _ => {}
     }
 }
 
@@ -203,6 +189,30 @@ mod tests {
             })
             .sum();
         assert_eq!(written, 30_000, "no progress lost in coalescing");
+    }
+
+    #[tokio::test]
+    async fn an_uploads_send_progress_adds_up_too() {
+        let m = std::sync::Arc::new(Mailbox::default());
+        let mut rx = m.receiver();
+        for round in 1..=100u64 {
+            m.put(Event::SendProgress {
+                identifier: "s".into(),
+                task: 7,
+                bytes_sent: 10,
+                total_bytes_sent: round * 10,
+                total_bytes_expected_to_send: 1000,
+            });
+        }
+        m.close();
+        let mut got = Vec::new();
+        while let Some(e) = rx.recv().await {
+            got.push(e);
+        }
+        match got.as_slice() {
+            [Event::SendProgress { bytes_sent: 1000, total_bytes_sent: 1000, .. }] => {}
+            other => panic!("one entry with every byte: {other:?}"),
+        }
     }
 
     #[tokio::test]
