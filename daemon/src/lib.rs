@@ -73,6 +73,7 @@ pub async fn run(
     // Start-up time matters under socket activation: the first client waits for it.
     let opened = started.elapsed();
     let (sessions, tasks) = (snapshot.sessions.len(), snapshot.tasks.len());
+    let dormant: u64 = snapshot.dormant.iter().map(|(_, n)| n).sum();
     let proxies = engine::proxy::Proxies::from_env();
     let factory = engine::http::ClientFactory::new(cfg.extra_ca_file.as_deref(), cfg.timing.connect_timeout)?;
     let engine = Arc::new(
@@ -92,6 +93,7 @@ pub async fn run(
     info!(
         sessions,
         live_tasks = tasks,
+        dormant,
         database_ms = opened.as_millis() as u64,
         total_ms = started.elapsed().as_millis() as u64,
         "state loaded"

@@ -332,3 +332,179 @@ async fn extreme_values_survive_a_restart() {
     assert_eq!(t.resource_deadline, Some(i64::MAX as u64));
     assert_eq!(t.file_mode, 0o640);
 }
+
+/// Suspended tasks are not in the snapshot: it counts them per session, and they are read
+/// by session, by task or all at once.
+#[tokio::test]
+async fn suspended_tasks_stay_on_disk_until_read() {
+    use dlsessiond::store::Dormant;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("d.db");
+    {
+        let (store, _) = open(&db);
+        let other = SessionRecord { key: 8, identifier: "org.example.other".into(), ..session() };
+        let mut ops = vec![Op::InsertSession(session()), Op::InsertSession(other)];
+        for id in 1..=5 {
+            let mut t = task(id);
+            t.session = if id <= 3 { 7 } else { 8 };
+            t.state = if id == 2 { TaskState::Queued } else { TaskState::Suspended };
+            ops.push(Op::InsertTask(Box::new(t)));
+        }
+        let mut retired = task(6);
+        retired.state = TaskState::Suspended;
+        ops.push(Op::InsertTask(Box::new(retired)));
+        ops.push(Op::RetireTasks(vec![6]));
+        store.write(ops, None);
+        assert!(store.flush(std::time::Duration::from_secs(30)).await);
+    }
+    let (store, snap) = open(&db);
+    let ids: Vec<u64> = snap.tasks.iter().map(|t| t.id).collect();
+    assert_eq!(ids, vec![2], "only the task that is not suspended is read at start");
+    let mut dormant = snap.dormant.clone();
+    dormant.sort();
+    assert_eq!(dormant, vec![(7, 2), (8, 2)], "the retired one is not counted");
+
+    let read = |which: Dormant| {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        store.load_dormant(which, move |r| {
+            let _ = tx.send(r);
+        });
+        rx
+    };
+    let woken = read(Dormant::Sessions(vec![8])).await.unwrap().unwrap();
+    assert_eq!(woken.sessions, Some(vec![8]));
+    assert_eq!(woken.tasks.iter().map(|t| t.id).collect::<Vec<_>>(), vec![4, 5]);
+    assert!(woken.tasks.iter().all(|t| t.state == TaskState::Suspended && t.url.ends_with(&t.id.to_string())));
+    // By task: the task's session, all of its suspended tasks; a task that is not dormant
+    // (queued, retired, unknown) names none.
+    let woken = read(Dormant::OfTasks(vec![3, 2, 6, 99])).await.unwrap().unwrap();
+    assert_eq!(woken.sessions, Some(vec![7]));
+    assert_eq!(woken.tasks.iter().map(|t| t.id).collect::<Vec<_>>(), vec![1, 3]);
+    let woken = read(Dormant::OfTasks(vec![2, 6, 99])).await.unwrap().unwrap();
+    assert_eq!(woken.sessions, Some(vec![]));
+    assert!(woken.tasks.is_empty());
+    let woken = read(Dormant::All).await.unwrap().unwrap();
+    assert_eq!(woken.sessions, None);
+    let mut all: Vec<u64> = woken.tasks.iter().map(|t| t.id).collect();
+    all.sort();
+    assert_eq!(all, vec![1, 3, 4, 5]);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    store.dormant_ids(move |r| {
+        let _ = tx.send(r);
+    });
+    let mut ids = rx.await.unwrap().unwrap();
+    ids.sort();
+    assert_eq!(ids, vec![(1, 7), (3, 7), (4, 8), (5, 8)]);
+}
+
+/// Damage `quick_check` finds but the start's reads do not touch: the store opens, then
+/// its check fails before anything is written: the file stays as it was.
+#[tokio::test]
+async fn a_file_failing_the_check_after_opening_is_never_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("d.db");
+    {
+        let (store, _) = open(&db);
+        let mut ops = vec![Op::InsertSession(session())];
+        for id in 1..=400 {
+            let mut t = task(id);
+            t.state = TaskState::Completed;
+            t.finished_at = Some(id);
+            ops.push(Op::InsertTask(Box::new(t)));
+        }
+        store.write(ops, None);
+        assert!(store.flush(std::time::Duration::from_secs(30)).await);
+    }
+    corrupt_index(&db, "tasks_retired_age");
+    let before = digest(&db);
+    let (health_tx, health_rx) = std::sync::mpsc::channel();
+    let (store, snap) = Store::open(&db, move |h| {
+        let _ = health_tx.send(h);
+    })
+    .unwrap();
+    assert_eq!(snap.tasks.len(), 400, "the start's reads do not touch the damaged index");
+    store.write(vec![Op::RetireTasks(vec![1])], None);
+    let health = health_rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap();
+    let dlsessiond::store::Health::Corrupt(message) = health else { panic!("{health:?}") };
+    assert!(message.contains("corrupt") && message.contains("refusing to start"), "{message}");
+    assert!(!store.flush(std::time::Duration::from_secs(5)).await, "nothing is written after a failed check");
+    drop(store);
+    assert_eq!(digest(&db), before);
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Overwrites the b-tree header of `index`'s root page, as a bad sector would.
+fn corrupt_index(db: &Path, index: &str) {
+    let (page, size): (i64, i64) = {
+        let c = rusqlite::Connection::open(db).unwrap();
+        let page = c.query_row("SELECT rootpage FROM sqlite_schema WHERE name = ?1", [index], |r| r.get(0)).unwrap();
+        let size = c.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
+        (page, size)
+    };
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new().write(true).open(db).unwrap();
+    f.seek(SeekFrom::Start(((page - 1) * size) as u64)).unwrap();
+    f.write_all(&[0x42; 16]).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// The daemon on a file whose damage only `quick_check` finds: it exits with the refusal,
+/// the file untouched, and the queued task it read never started.
+#[test]
+fn the_daemon_refuses_a_file_failing_the_check_without_touching_anything() {
+    let env = dlsession_testkit::TestEnv::new();
+    let db = env.database();
+    std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    server.set_nonblocking(true).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (store, _) = open(&db);
+        let mut ops = vec![Op::InsertSession(session())];
+        for id in 1..=400 {
+            ops.push(Op::InsertTask(Box::new(TaskRecord {
+                state: TaskState::Completed,
+                finished_at: Some(id),
+                ..task(id)
+            })));
+        }
+        let mut queued = task(401);
+        queued.state = TaskState::Queued;
+        queued.url = format!("http://{}/never", server.local_addr().unwrap());
+        queued.destination = None;
+        queued.expected_sha256 = None;
+        ops.push(Op::InsertTask(Box::new(queued)));
+        ops.push(Op::SetNextTaskId(402));
+        store.write(ops, None);
+        assert!(store.flush(std::time::Duration::from_secs(30)).await);
+    });
+    corrupt_index(&db, "tasks_retired_age");
+    let before = digest(&db);
+    // A file, not a pipe nobody reads while it runs (a full pipe would block the logging).
+    let log = env.path().join("refused.log");
+    // The check takes a second: time enough for the queued task to start, were it not held.
+    let mut child = env
+        .command(dlsession_testkit::bin_path("dlsessiond"))
+        .env("DLSESSIOND_FAILPOINT", "database-check:1:sleep-ms=1000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("dlsessiond kept running on a file that fails quick_check:\n{}", read(&log));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!child.wait().unwrap().success());
+    let stderr = read(&log);
+    assert!(stderr.contains("stopping: the database failed its check"), "refused after the start: {stderr}");
+    assert!(stderr.contains("corrupt") && stderr.contains("refusing to start"), "{stderr}");
+    assert_eq!(digest(&db), before, "not written");
+    assert!(server.accept().is_err(), "the queued task never started");
+}

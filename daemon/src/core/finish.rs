@@ -73,6 +73,11 @@ impl Core {
     /// Puts a task's complete file at its destination again (its earlier move failed, or a
     /// restart cut it short). It takes no download slot: the network is done with it.
     pub(super) fn start_move(&mut self, id: TaskId, leftovers: Leftovers) {
+        // Nothing moves before the database passed its start check.
+        if let Some(start) = self.life.start.as_mut() {
+            start.finishing.push((id, leftovers));
+            return;
+        }
         let generation = self.slots.generation();
         let Some(t) = self.tasks.get(&id) else { return };
         let link = WorkerLink::new(self.sink.clone(), id, generation);

@@ -22,6 +22,7 @@ impl Core {
     /// client comes, so the process may go.
     pub(super) fn has_nothing_to_do(&self) -> bool {
         !self.life.shutting_down
+            && self.life.checked
             && self.life.commits_in_flight == 0
             && self.life.launches_running == 0
             && self.conns.is_empty()
@@ -68,6 +69,13 @@ impl Core {
                 self.life.storage = None;
                 self.schedule();
             }
+            // Nothing was written, moved, deleted or started yet (all of it waits for the
+            // check): the daemon stops with the refusal, the file untouched.
+            crate::store::Health::Corrupt(e) => {
+                tracing::error!(error = %e, "stopping: the database failed its check");
+                self.life.fatal = Some(e);
+                self.begin_shutdown();
+            }
         }
     }
 
@@ -77,6 +85,7 @@ impl Core {
         }
         info!(running = self.slots.running_count(), "shutting down: checkpointing running downloads");
         self.life.shutting_down = true;
+        self.refuse_held();
         for id in self.slots.running() {
             self.stop_worker(id, AfterStop::Shutdown);
         }

@@ -16,7 +16,8 @@
 //! handler per request), `transitions` (queueing, workers' reports, completion), `finish`
 //! (putting files in place), `delivery` (durable events), `progress`, `wake`, `resume`,
 //! `retention`, `life` (idle exit, storage health, shutdown), `recovery` (start),
-//! `convert` (domain to wire types).
+//! `dormant` (suspended tasks read from disk when first touched), `convert` (domain to
+//! wire types).
 
 mod admission;
 mod auth;
@@ -28,6 +29,7 @@ mod cookies;
 mod credentials;
 mod delivery;
 mod disk;
+mod dormant;
 mod finish;
 mod launches;
 mod life;
@@ -140,6 +142,13 @@ pub enum CoreMsg {
     },
     /// A session's cookie jar changed: store it.
     CookiesChanged(SessionKey),
+    /// The database passed its start check; every dormant task's id and session.
+    Checked(Result<Vec<(TaskId, SessionKey)>, String>),
+    /// Dormant tasks read for the requests holding `ticket` (see `dormant`).
+    Woken {
+        ticket: u64,
+        result: Result<crate::store::Woken, String>,
+    },
     Shutdown,
 }
 
@@ -218,6 +227,8 @@ pub struct Core {
     launches: launches::Launches,
     /// Which sessions answer challenges, and the credentials held.
     auth: credentials::Auth,
+    /// Requests waiting for dormant tasks to be read.
+    held: dormant::Held,
 }
 
 /// Where the daemon is in its life, and what keeps it from leaving.
@@ -239,6 +250,12 @@ struct Lifecycle {
     pub online: bool,
     /// What NetworkManager and UPower say (`crate::desktop`).
     pub desktop: crate::desktop::Desktop,
+    /// The database passed its start check: work may start (`recovery::on_checked`).
+    pub checked: bool,
+    /// The start's work, until then.
+    pub start: Option<recovery::StartWork>,
+    /// Why the daemon must stop with an error (a database that failed its check).
+    pub fatal: Option<String>,
 }
 
 /// Exiting when idle (under socket activation, where the next connection starts the
@@ -308,6 +325,7 @@ impl Core {
             notifier,
             launches: launches::Launches::new(cfg_launches),
             auth: credentials::Auth::default(),
+            held: dormant::Held::default(),
         };
         core.restore(snapshot);
         let mut ops = Vec::new();
@@ -386,6 +404,9 @@ impl Core {
             self.report_status();
         }
         self.notify_shutdown();
+        if let Some(fatal) = self.life.fatal.take() {
+            return Err(fatal);
+        }
         // While the disk refuses writes this cannot wait forever: what is not written is
         // what was never acknowledged (the restart recovers from the last commit).
         if !self.store.flush(self.cfg.timing.shutdown_grace).await {
@@ -425,6 +446,8 @@ impl Core {
             CoreMsg::Desktop(facts) => self.on_desktop(facts),
             CoreMsg::NotificationClicked { identifier } => self.on_notification_clicked(&identifier),
             CoreMsg::CookiesChanged(key) => self.on_cookies_changed(key),
+            CoreMsg::Checked(ids) => self.on_checked(ids),
+            CoreMsg::Woken { ticket, result } => self.on_woken(ticket, result),
             CoreMsg::Shutdown => self.begin_shutdown(),
         }
     }
@@ -432,12 +455,16 @@ impl Core {
     fn on_open(&mut self, handle: ConnHandle) {
         let (id, app_id) = (handle.id, handle.app_id.clone());
         self.conns.open(handle);
-        if let Some(app_id) = app_id {
-            self.wake_for_new_app(&app_id, id);
+        match (app_id, self.life.start.as_mut()) {
+            // Wakes wait for the start's database check (`recovery::on_checked`).
+            (Some(app_id), Some(start)) => start.new_apps.push((id, app_id)),
+            (Some(app_id), None) => self.wake_for_new_app(&app_id, id),
+            (None, _) => {}
         }
     }
 
     fn on_closed(&mut self, id: ConnId) {
+        self.forget_held(id);
         let Some(conn) = self.conns.close(id) else { return };
         for key in conn.attached {
             if let Some(s) = self.sessions.get_mut(&key) {

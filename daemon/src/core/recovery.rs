@@ -34,20 +34,22 @@ impl Core {
                 s.push_event(ev);
             }
         }
+        // Suspended tasks stay on disk, counted, until something touches their session.
+        for (key, n) in snapshot.dormant {
+            if let Some(s) = self.sessions.get_mut(&key) {
+                s.dormant = n;
+                s.counts.suspended += n;
+                self.tasks.add_dormant(n);
+            }
+        }
         let mut finishing = Vec::new();
         // A retry is never further away than the longest wait the daemon itself sets (the
         // wall clock may have been set back while it was stopped).
         let longest = self.cfg.timing.retry_max.max(self.cfg.timing.retry_after_max);
         for rec in snapshot.tasks {
-            let id = rec.id;
-            let host = url::Url::parse(&rec.url).map(|u| host_key(&u)).unwrap_or_default();
-            let (state, phase, retry_at) = (rec.state, rec.phase, rec.retry_at);
+            let (id, state, phase, retry_at) = (rec.id, rec.state, rec.phase, rec.retry_at);
             let challenged = rec.challenge.is_some();
-            if let Some(c) = &rec.challenge {
-                // Its rounds go on where they were (and its replayed event still matches).
-                self.seed_auth_rounds(id, c.round);
-            }
-            self.insert_task(rec, host);
+            self.restore_task(rec);
             match state {
                 // Cut short between "data complete" and "finished committed": the move is
                 // finished (or found done, or found lost) by a worker, like any other.
@@ -66,12 +68,50 @@ impl Core {
                 TaskState::Suspended | TaskState::Completed => {}
             }
         }
-        let live = self.tasks.len();
-        // Before this process moved anything: copies named by its pid are leftovers too.
-        for id in finishing {
-            self.start_move(id, Leftovers::Any);
+        info!(
+            sessions = self.sessions.len(),
+            tasks = self.tasks.len(),
+            dormant = self.tasks.dormant(),
+            "state restored"
+        );
+        // Nothing is moved, deleted, downloaded or launched before the database passed
+        // its check: reads queue behind it, so this answer comes after it.
+        let finishing = finishing.into_iter().map(|id| (id, Leftovers::Any)).collect();
+        self.life.start = Some(StartWork { finishing, garbage: self.garbage(), new_apps: Vec::new() });
+        let tx = self.tx.clone();
+        self.store.dormant_ids(move |ids| {
+            let _ = tx.send(super::CoreMsg::Checked(ids.map_err(|e| e.to_string())));
+        });
+    }
+
+    /// Adds a task read from the database (at start, or dormant until now).
+    pub(super) fn restore_task(&mut self, rec: crate::model::TaskRecord) {
+        let host = url::Url::parse(&rec.url).map(|u| host_key(&u)).unwrap_or_default();
+        if let Some(c) = &rec.challenge {
+            // Its rounds go on where they were (and its replayed event still matches).
+            self.seed_auth_rounds(rec.id, c.round);
         }
-        self.collect_garbage();
+        self.insert_task(rec, host);
+    }
+
+    /// The database passed its check (`ids`: every dormant task, for the sweep): the
+    /// start's work may begin.
+    pub(super) fn on_checked(&mut self, ids: Result<Vec<(TaskId, crate::model::SessionKey)>, String>) {
+        self.life.checked = true;
+        let Some(start) = self.life.start.take() else { return };
+        for (id, leftovers) in start.finishing {
+            self.start_move(id, leftovers);
+        }
+        match ids {
+            Ok(ids) => {
+                let mut garbage = start.garbage;
+                garbage.unfinished.extend(ids);
+                self.disk.collect_garbage(garbage);
+            }
+            // Nothing is swept rather than something live.
+            Err(e) => tracing::error!(error = %e, "cannot list suspended tasks; the cache is not swept this time"),
+        }
+        self.clean_resume_dir();
         // The first wake after a start waits `wake_initial`: the app may come back by
         // itself, and a daemon restarting in a loop must not relaunch it every time (the
         // wake backoff lives in memory).
@@ -79,7 +119,11 @@ impl Core {
         for key in keys {
             self.check_wake(key, self.cfg.timing.wake_initial);
         }
-        info!(sessions = self.sessions.len(), tasks = live, "state restored");
+        for (conn, app_id) in start.new_apps {
+            self.wake_for_new_app(&app_id, conn);
+        }
+        self.schedule();
+        self.release_checked();
     }
 
     /// The file is in place: commit `finished_downloading` and `completed`.
@@ -105,9 +149,9 @@ impl Core {
         self.commit(ops, after);
     }
 
-    /// Queues the removal of files in the cache directory that no live task refers to,
-    /// and the expiry of kept partial files (both on the disk thread).
-    fn collect_garbage(&mut self) {
+    /// What the sweep of the cache directory keeps, as of the start (dormant tasks are
+    /// added when they are listed): files that no live task refers to are removed.
+    fn garbage(&self) -> Garbage {
         // The collection runs while tasks go on: an unfinished task may write its partial
         // file or finish into the cache at any moment, so both its names are kept. Only a
         // completed task is settled: just its delivered file stays.
@@ -120,14 +164,24 @@ impl Core {
                 locations.insert(location.into());
             }
         }
-        self.disk.collect_garbage(Garbage {
+        Garbage {
             downloads: self.cfg.downloads_dir(),
             sessions: self.sessions.keys().collect(),
             first_new_session: self.sessions.next_key(),
             unfinished,
             locations,
             first_new_id: self.tasks.next_id(),
-        });
-        self.clean_resume_dir();
+        }
     }
+}
+
+/// What the start does once the database passed its check.
+#[derive(Debug)]
+pub(super) struct StartWork {
+    /// Tasks cut short while finishing (and moves due meanwhile): their moves run again.
+    /// Before this process moved anything, copies named by its own pid are leftovers too.
+    pub finishing: Vec<(TaskId, Leftovers)>,
+    garbage: Garbage,
+    /// Apps that connected meanwhile: their sessions' wakes (after the start's own).
+    pub new_apps: Vec<(crate::conn::ConnId, String)>,
 }

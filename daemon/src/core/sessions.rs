@@ -33,8 +33,12 @@ pub(super) struct Session {
     pending_by_task: HashMap<TaskId, u32>,
     /// How many of them are challenges (they wake the app even while other tasks run).
     pending_challenges: u32,
+    /// Its tasks held in memory (not its dormant ones).
     pub tasks: BTreeSet<TaskId>,
+    /// Its tasks' states, dormant ones included (as suspended).
     pub counts: TaskCounts,
+    /// Its suspended tasks still on disk since the start (`core::dormant`).
+    pub dormant: u64,
     /// Its tasks with a worker.
     pub running: u32,
     pub wake: WakeStatus,
@@ -80,6 +84,7 @@ impl Session {
             pending_challenges: 0,
             tasks: BTreeSet::new(),
             counts: TaskCounts::default(),
+            dormant: 0,
             running: 0,
             wake: WakeStatus::default(),
             wake_timer: None,

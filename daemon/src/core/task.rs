@@ -143,18 +143,36 @@ impl Task {
     }
 }
 
-/// Every live task (history lives only in the database).
+/// Every live task (history lives only in the database), but for suspended tasks still
+/// on disk since the start ("dormant", see `core::dormant`), which are only counted.
 #[derive(Debug)]
 pub(super) struct Tasks {
     /// Boxed: filled in id order, a map's nodes stay half full, and tasks are large.
     by_id: BTreeMap<TaskId, Box<Task>>,
     next_id: TaskId,
+    /// Of the tasks held.
     counts: TaskCounts,
+    /// Suspended tasks not held yet.
+    dormant: u64,
 }
 
 impl Tasks {
     pub fn new(next_id: TaskId) -> Tasks {
-        Tasks { by_id: BTreeMap::new(), next_id, counts: TaskCounts::default() }
+        Tasks { by_id: BTreeMap::new(), next_id, counts: TaskCounts::default(), dormant: 0 }
+    }
+
+    /// `n` more suspended tasks stay on disk.
+    pub fn add_dormant(&mut self, n: u64) {
+        self.dormant += n;
+    }
+
+    /// `n` dormant tasks are about to be inserted (or were found gone).
+    pub fn take_dormant(&mut self, n: u64) {
+        self.dormant = self.dormant.saturating_sub(n);
+    }
+
+    pub fn dormant(&self) -> u64 {
+        self.dormant
     }
 
     /// A fresh id (stored with `Op::SetNextTaskId(self.next_id())`).
@@ -246,7 +264,8 @@ impl Tasks {
         self.by_id.range(from..).map(|(id, _)| *id)
     }
 
+    /// Every live task's state, dormant ones included (as suspended).
     pub fn counts(&self) -> TaskCounts {
-        self.counts
+        TaskCounts { suspended: self.counts.suspended + self.dormant, ..self.counts }
     }
 }

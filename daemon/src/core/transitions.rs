@@ -150,6 +150,10 @@ impl Core {
     /// database refuses writes nothing starts: a download would soon need a checkpoint
     /// commit, and its durable events could not be written.)
     pub(super) fn schedule(&mut self) {
+        // Until the database passed its start check nothing starts (`recovery::on_checked`).
+        if !self.life.checked {
+            return;
+        }
         while let Some((lane, id)) = self.slots.pop_next(self.limits(), &self.sessions) {
             self.start(id, lane);
         }

@@ -39,6 +39,11 @@ impl Core {
     /// Schedules a wake if the session has finished events and none is due: at the
     /// backoff, or `at_least` from now if that is later.
     pub(super) fn check_wake(&mut self, key: SessionKey, at_least: Duration) {
+        // Before the database passed its start check, no wake is planned: the start plans
+        // every session's then (`recovery::on_checked`), waiting `wake_initial`.
+        if !self.life.checked {
+            return;
+        }
         if !self.has_finished_events(key) {
             self.cancel_wakes(key);
             return;

@@ -348,9 +348,68 @@ fn task_from_row(r: &Row<'_>) -> rusqlite::Result<TaskRecord> {
     })
 }
 
-pub fn load_live_tasks(conn: &Connection) -> rusqlite::Result<Vec<TaskRecord>> {
-    let mut stmt = conn.prepare(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE retired = 0 ORDER BY id"))?;
+/// Live tasks that are not suspended (the ones the daemon works on or holds events for).
+pub fn load_awake_tasks(conn: &Connection) -> rusqlite::Result<Vec<TaskRecord>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {TASK_COLUMNS} FROM tasks INDEXED BY tasks_awake WHERE retired = 0 AND state <> 'suspended' ORDER BY id"
+    ))?;
     let rows = stmt.query_map([], task_from_row)?;
+    rows.collect()
+}
+
+/// How many suspended live tasks each session has (read from an index only).
+pub fn load_dormant_counts(conn: &Connection) -> rusqlite::Result<Vec<(SessionKey, u64)>> {
+    let mut stmt = conn.prepare(
+        "SELECT session_id, count(*) FROM tasks INDEXED BY tasks_dormant
+         WHERE retired = 0 AND state = 'suspended' GROUP BY session_id",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)?.max(0) as u64)))?;
+    rows.collect()
+}
+
+/// The suspended live tasks of `sessions` (all sessions' when `None`).
+pub fn load_dormant(conn: &Connection, sessions: Option<&[SessionKey]>) -> rusqlite::Result<Vec<TaskRecord>> {
+    let Some(sessions) = sessions else {
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks INDEXED BY tasks_dormant WHERE retired = 0 AND state = 'suspended'"
+        ))?;
+        let rows = stmt.query_map([], task_from_row)?;
+        return rows.collect();
+    };
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {TASK_COLUMNS} FROM tasks INDEXED BY tasks_dormant
+         WHERE session_id = ?1 AND retired = 0 AND state = 'suspended' ORDER BY id"
+    ))?;
+    let mut out = Vec::new();
+    for key in sessions {
+        for rec in stmt.query_map(params![key], task_from_row)? {
+            out.push(rec?);
+        }
+    }
+    Ok(out)
+}
+
+/// The sessions that hold any of `tasks` as a suspended live task.
+pub fn sessions_of_dormant(conn: &Connection, tasks: &[TaskId]) -> rusqlite::Result<Vec<SessionKey>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT session_id FROM tasks WHERE id = ?1 AND retired = 0 AND state = 'suspended'")?;
+    let mut out = Vec::new();
+    for id in tasks {
+        if let Some(key) = stmt.query_row(params![sat(*id)], |r| r.get::<_, SessionKey>(0)).optional()?
+            && !out.contains(&key)
+        {
+            out.push(key);
+        }
+    }
+    Ok(out)
+}
+
+/// Every suspended live task's id and session (for the start's sweep of the cache).
+pub fn load_dormant_ids(conn: &Connection) -> rusqlite::Result<Vec<(TaskId, SessionKey)>> {
+    let mut stmt = conn.prepare(
+        "SELECT id, session_id FROM tasks INDEXED BY tasks_dormant WHERE retired = 0 AND state = 'suspended'",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?.max(0) as u64, r.get(1)?)))?;
     rows.collect()
 }
 

@@ -6,7 +6,10 @@
 //! each. A batch's `done` callback runs only after its transaction committed.
 //!
 //! Durability: WAL with `synchronous=FULL`, so a committed transaction survives power loss.
-//! The schema changes only by appending a migration to `schema::MIGRATIONS`.
+//! The schema changes only by appending a migration to `schema::MIGRATIONS`. The start's
+//! `PRAGMA quick_check` runs on a read-only connection on a thread of its own (`db-check`),
+//! beside the first reads; nothing is committed before it passed, and a file that fails it
+//! is never written ([`Health::Corrupt`]).
 //!
 //! A full disk or an I/O error is weather, not death: a batch that fails to commit is kept,
 //! with every batch queued after it, and tried again (every second, backing off to ten);
@@ -131,6 +134,9 @@ pub enum Health {
     Failing(String),
     /// Everything that waited is committed.
     Recovered,
+    /// The file failed `PRAGMA quick_check` after the start: nothing was or will be
+    /// written; the daemon must stop. The text is the refusal to show.
+    Corrupt(String),
 }
 
 /// The first retry of a failed commit comes after this; each next one waits twice as
@@ -138,17 +144,30 @@ pub enum Health {
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 
+/// A read, run on the database thread.
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
 enum Job {
-    Write { ops: Vec<Op>, done: Option<Done> },
-    Read(Box<dyn FnOnce(&Connection) + Send>),
+    Write {
+        ops: Vec<Op>,
+        done: Option<Done>,
+    },
+    Read(ReadJob),
+    /// A read that runs once the start's check passed (the answer also says it passed).
+    ReadAfterCheck(ReadJob),
+    /// The start's `quick_check` ended (on a thread and connection of its own).
+    Checked(Result<(), StoreError>),
 }
 
 /// Everything the daemon needs to rebuild its state at start.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub sessions: Vec<SessionRecord>,
-    /// Tasks not yet retired.
+    /// Tasks not yet retired, but for suspended ones (see `dormant`).
     pub tasks: Vec<TaskRecord>,
+    /// Per session, how many suspended live tasks it has: they stay on disk until
+    /// [`Store::load_dormant`] brings them.
+    pub dormant: Vec<(SessionKey, u64)>,
     /// Durable events not yet acknowledged, in (session, seq) order.
     pub events: Vec<EventRecord>,
     pub next_task_id: TaskId,
@@ -185,13 +204,33 @@ impl Store {
     /// starts the writer thread. `on_health` hears when commits start failing and when
     /// they work again.
     pub fn open(path: &Path, on_health: impl Fn(Health) + Send + 'static) -> Result<(Store, Snapshot), StoreError> {
-        let mut conn = schema::open(path)?;
-        let snapshot = load_snapshot(&mut conn)?;
+        let (mut conn, check) = schema::open(path)?;
+        let snapshot = match load_snapshot(&mut conn) {
+            Ok(snapshot) => snapshot,
+            // A file that cannot be read through is more likely corrupt than anything else:
+            // say so if the check agrees.
+            Err(e) => {
+                if check == schema::Check::Due {
+                    schema::quick_check(&conn, path)?;
+                }
+                return Err(e);
+            }
+        };
         let (tx, rx) = mpsc::channel::<Job>();
+        let checked = check == schema::Check::Passed || !start_check(path, tx.clone());
+        if !checked {
+            debug!("database check started beside the first answers");
+        } else if check == schema::Check::Due {
+            // No second connection or thread for it: checked here, before anything else.
+            schema::quick_check(&conn, path)?;
+        }
         let path = path.to_path_buf();
         thread::Builder::new()
             .name("db-writer".into())
-            .spawn(move || Writer { conn, path, on_health, backlog: Vec::new(), failing: None }.run(&rx))
+            .spawn(move || {
+                Writer { conn, path, on_health, backlog: Vec::new(), failing: None, checked, after_check: Vec::new() }
+                    .run(&rx)
+            })
             .map_err(|e| StoreError::Sql(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
         Ok((Store { tx }, snapshot))
     }
@@ -214,6 +253,31 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Loads suspended tasks that stayed on disk; `then` gets them on the database thread.
+    pub fn load_dormant(&self, which: Dormant, then: impl FnOnce(Result<Woken, StoreError>) + Send + 'static) {
+        let _ = self.tx.send(Job::Read(Box::new(move |conn: &Connection| {
+            let woken = match which {
+                Dormant::All => codec::load_dormant(conn, None).map(|tasks| Woken { sessions: None, tasks }),
+                Dormant::Sessions(keys) => {
+                    codec::load_dormant(conn, Some(&keys)).map(|tasks| Woken { sessions: Some(keys), tasks })
+                }
+                Dormant::OfTasks(ids) => codec::sessions_of_dormant(conn, &ids).and_then(|keys| {
+                    codec::load_dormant(conn, Some(&keys)).map(|tasks| Woken { sessions: Some(keys), tasks })
+                }),
+            };
+            then(woken.map_err(StoreError::from));
+        })));
+    }
+
+    /// Every suspended task's id and session, for the start's sweep of the cache, once the
+    /// start's `quick_check` passed: the answer also says the file passed it (there is none
+    /// if it failed).
+    pub fn dormant_ids(&self, then: impl FnOnce(Result<Vec<(TaskId, SessionKey)>, StoreError>) + Send + 'static) {
+        let _ = self.tx.send(Job::ReadAfterCheck(Box::new(move |conn: &Connection| {
+            then(codec::load_dormant_ids(conn).map_err(StoreError::from));
+        })));
+    }
+
     /// Waits until everything queued before this call is committed, or `limit` passed
     /// (while the disk refuses writes); says whether it all committed.
     pub async fn flush(&self, limit: Duration) -> bool {
@@ -231,7 +295,8 @@ impl Store {
 fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreError> {
     Ok(Snapshot {
         sessions: codec::load_sessions(conn)?,
-        tasks: codec::load_live_tasks(conn)?,
+        tasks: codec::load_awake_tasks(conn)?,
+        dormant: codec::load_dormant_counts(conn)?,
         events: codec::load_events(conn)?,
         next_task_id: codec::load_next_task_id(conn)?,
         next_session_key: codec::load_next_session_key(conn)?,
@@ -245,6 +310,23 @@ fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreError> {
     })
 }
 
+/// Runs the start's `quick_check` on a read-only connection and thread of its own, so
+/// reads go on meanwhile; the result comes back as a job. False if it cannot be started.
+fn start_check(path: &Path, jobs: mpsc::Sender<Job>) -> bool {
+    let Ok(conn) = open_read_only(path) else { return false };
+    let path = path.to_path_buf();
+    thread::Builder::new()
+        .name("db-check".into())
+        .spawn(move || {
+            let started = std::time::Instant::now();
+            crate::failpoint::hit("database-check");
+            let result = schema::quick_check(&conn, &path);
+            debug!(ms = started.elapsed().as_millis() as u64, ok = result.is_ok(), "database check done");
+            let _ = jobs.send(Job::Checked(result));
+        })
+        .is_ok()
+}
+
 /// The `db-writer` thread: the one connection and the batches not yet committed.
 struct Writer<H> {
     conn: Connection,
@@ -254,6 +336,10 @@ struct Writer<H> {
     backlog: Vec<(Vec<Op>, Option<Done>)>,
     /// The last commit failed: why, when, and how long until the next try.
     failing: Option<Failing>,
+    /// The start's `quick_check` passed (or was not due): commits may happen.
+    checked: bool,
+    /// Reads waiting for it.
+    after_check: Vec<ReadJob>,
 }
 
 struct Failing {
@@ -262,6 +348,23 @@ struct Failing {
     wait: Duration,
     /// Open the connection anew before the next try (after an I/O error).
     reopen: bool,
+}
+
+/// Which suspended tasks [`Store::load_dormant`] brings.
+#[derive(Debug, Clone)]
+pub enum Dormant {
+    All,
+    Sessions(Vec<SessionKey>),
+    /// The sessions holding any of these tasks (all of each session's suspended tasks).
+    OfTasks(Vec<TaskId>),
+}
+
+/// What [`Store::load_dormant`] brought: every suspended task of `sessions` (of every
+/// session when `None`).
+#[derive(Debug)]
+pub struct Woken {
+    pub sessions: Option<Vec<SessionKey>>,
+    pub tasks: Vec<TaskRecord>,
 }
 
 impl<H: Fn(Health)> Writer<H> {
@@ -296,6 +399,24 @@ impl<H: Fn(Health)> Writer<H> {
                         self.flush();
                         f(&self.conn);
                     }
+                    Job::ReadAfterCheck(f) if self.checked => {
+                        self.flush();
+                        f(&self.conn);
+                    }
+                    Job::ReadAfterCheck(f) => self.after_check.push(f),
+                    Job::Checked(Ok(())) => {
+                        self.checked = true;
+                        self.flush();
+                        for f in std::mem::take(&mut self.after_check) {
+                            f(&self.conn);
+                        }
+                    }
+                    Job::Checked(Err(e)) => {
+                        // Nothing was written: the file stays as it was, the core stops.
+                        error!(error = %e, "the database failed its check; nothing will be written");
+                        (self.on_health)(Health::Corrupt(e.to_string()));
+                        return;
+                    }
                 }
             }
             self.flush();
@@ -312,7 +433,7 @@ impl<H: Fn(Health)> Writer<H> {
 
     /// Commits the backlog in one transaction, unless a failed commit's retry is not due.
     fn flush(&mut self) {
-        if self.backlog.is_empty() || self.failing.as_ref().is_some_and(|f| f.at.elapsed() < f.wait) {
+        if !self.checked || self.backlog.is_empty() || self.failing.as_ref().is_some_and(|f| f.at.elapsed() < f.wait) {
             return;
         }
         if self.failing.as_ref().is_some_and(|f| f.reopen) {

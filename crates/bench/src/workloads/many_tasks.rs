@@ -17,7 +17,7 @@ use crate::run;
 use crate::stats::{Summary, thousands};
 
 const NAME: &str = "many-tasks";
-const PER_SESSION: usize = 100;
+pub(super) const PER_SESSION: usize = 100;
 /// Requests in flight at once on the connection: 10 × 100 tasks = 1,000 tasks per wave.
 const WINDOW: usize = 10;
 

@@ -34,7 +34,7 @@ pub(super) enum DiskCheck {
 impl Core {
     pub(super) fn on_request(&mut self, conn: ConnId, id: u64, request: Request) {
         debug!(conn, id, request = request.name(), "request");
-        self.handle_request(conn, id, request, DiskCheck::Pending);
+        self.admit_request(conn, id, request);
     }
 
     /// A request's disk phase is over: handle it again with what it found.
@@ -58,7 +58,7 @@ impl Core {
     }
 
     /// Handles a request; false if it was refused.
-    fn handle_request(&mut self, conn: ConnId, id: u64, request: Request, check: DiskCheck) -> bool {
+    pub(super) fn handle_request(&mut self, conn: ConnId, id: u64, request: Request, check: DiskCheck) -> bool {
         let access = access(&request);
         let (mutating, writes) = (access != Access::Read, access == Access::Write);
         let result = if mutating && self.life.shutting_down {
@@ -197,6 +197,11 @@ enum Access {
     Live,
     /// Writes the database.
     Write,
+}
+
+/// The request only reads (served even while shutting down or refusing writes).
+pub(super) fn reads_only(request: &Request) -> bool {
+    access(request) == Access::Read
 }
 
 fn access(request: &Request) -> Access {
