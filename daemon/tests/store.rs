@@ -440,6 +440,15 @@ fn read(path: &Path) -> String {
 fn corrupt_index(db: &Path, index: &str) {
     let (page, size): (i64, i64) = {
         let c = rusqlite::Connection::open(db).unwrap();
+        // Everything into the main file first: a page left in the WAL would hide the damage,
+        // and the store that wrote it may still be closing (and checkpointing) on its thread.
+        for _ in 0..100 {
+            let busy: i64 = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0)).unwrap();
+            if busy == 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let page = c.query_row("SELECT rootpage FROM sqlite_schema WHERE name = ?1", [index], |r| r.get(0)).unwrap();
         let size = c.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
         (page, size)
