@@ -18,13 +18,14 @@ use rustls_pki_types::pem::PemObject;
 use tracing::{info, warn};
 
 use super::proxy::{Proxies, ProxyConnector};
+use super::reads::SpeedSizedReads;
 
 use dlsession_proto::{ErrorCode, ErrorInfo};
 
 /// A request's body: empty for a download, a file for an upload.
 pub type ReqBody = UnsyncBoxBody<Bytes, Box<dyn StdError + Send + Sync>>;
 
-pub type HttpClient = Client<HttpsConnector<ProxyConnector>, ReqBody>;
+pub type HttpClient = Client<SpeedSizedReads<HttpsConnector<ProxyConnector>>, ReqBody>;
 
 /// The body of a request that sends none.
 pub fn empty_body() -> ReqBody {
@@ -217,7 +218,7 @@ impl ClientFactory {
             .http2_initial_stream_window_size(8u32 << 20)
             .http2_initial_connection_window_size(16u32 << 20)
             .http1_max_buf_size(1 << 20)
-            .build(https)
+            .build(SpeedSizedReads(https))
     }
 }
 

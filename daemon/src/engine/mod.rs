@@ -17,6 +17,7 @@ pub mod http;
 pub mod limiter;
 pub mod progress;
 pub mod proxy;
+pub mod reads;
 mod report;
 pub mod upload;
 pub mod writer;

@@ -1,0 +1,213 @@
+//! Read sizes that follow a connection's speed.
+//!
+//! hyper reads a response into buffers that grow with what each read brings, and a frame
+//! it hands on keeps its buffer alive until the writer thread has written it. A slow
+//! download that receives bursts (a server pacing it, a congested link) thus holds two
+//! buffers of the burst's size, and with fifty of them the daemon's memory per download was
+//! 180 KiB. Reading a slow connection in small pieces leaves the bytes waiting in the
+//! kernel's socket buffer instead, and hyper's buffers stay small; a fast connection reads
+//! as much as is there, which is what keeps a 1 GiB download cheap (16 KiB reads for
+//! every connection cost it three times the CPU).
+//!
+//! Speed is measured here, per connection: a slow connection (each read brings at most
+//! [`SLOW_READ`] bytes) that brought [`FAST`] per second over [`WINDOW`] is fast (no limit),
+//! and a fast one that brought less over [`SLOW_WINDOW`] is slow again. A new connection
+//! starts slow; a fast one is known as such within its first window.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::Uri;
+use hyper::rt::{Read, ReadBuf, ReadBufCursor, Write};
+use hyper_util::client::legacy::connect::{Connected, Connection};
+
+/// Bytes per second from which a connection counts as fast.
+const FAST: u64 = 32 << 20;
+/// Most bytes one read of a slow connection brings.
+const SLOW_READ: usize = 4 << 10;
+/// How long a measurement runs before a slow connection may count as fast.
+const WINDOW: Duration = Duration::from_millis(100);
+/// How long a fast connection must stay under [`FAST`] to count as slow again: a fast
+/// download pauses while its writer catches up with the disk, and must not turn slow then.
+const SLOW_WINDOW: Duration = Duration::from_secs(2);
+
+/// Wraps a connector: its connections read in pieces that follow their speed.
+#[derive(Debug, Clone)]
+pub struct SpeedSizedReads<C>(pub C);
+
+impl<C> tower_service::Service<Uri> for SpeedSizedReads<C>
+where
+    C: tower_service::Service<Uri>,
+    C::Future: Send + 'static,
+{
+    type Response = SpeedSized<C::Response>;
+    type Error = C::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let connecting = self.0.call(dst);
+        Box::pin(async move { connecting.await.map(SpeedSized::new) })
+    }
+}
+
+/// A connection whose reads follow its speed (see the module).
+#[derive(Debug)]
+pub struct SpeedSized<T> {
+    inner: T,
+    speed: Speed,
+}
+
+impl<T> SpeedSized<T> {
+    fn new(inner: T) -> SpeedSized<T> {
+        SpeedSized { inner, speed: Speed::new(Instant::now()) }
+    }
+}
+
+/// The speed measurement of one connection.
+#[derive(Debug, Clone, Copy)]
+struct Speed {
+    window_start: Instant,
+    bytes: u64,
+    slow: bool,
+}
+
+impl Speed {
+    fn new(now: Instant) -> Speed {
+        Speed { window_start: now, bytes: 0, slow: true }
+    }
+
+    /// The most one read may bring now (`None`: no limit).
+    fn read_limit(&self) -> Option<usize> {
+        self.slow.then_some(SLOW_READ)
+    }
+
+    /// A read brought `n` bytes at `now`.
+    fn record(&mut self, n: usize, now: Instant) {
+        self.bytes = self.bytes.saturating_add(n as u64);
+        let elapsed = now.saturating_duration_since(self.window_start);
+        if elapsed < if self.slow { WINDOW } else { SLOW_WINDOW } {
+            return;
+        }
+        let rate = self.bytes.saturating_mul(1000) / (elapsed.as_millis().max(1) as u64);
+        let slow = rate < FAST;
+        if slow != self.slow {
+            tracing::trace!(slow, rate, "read size follows the connection's speed");
+        }
+        self.slow = slow;
+        self.window_start = now;
+        self.bytes = 0;
+    }
+}
+
+impl<T: Read + Unpin> Read for SpeedSized<T> {
+    // hyper's cursor cannot be lent for part of its room and then told how much was filled
+    // but through its unsafe pair `as_mut`/`advance`, which hyper itself uses this way.
+    #[allow(unsafe_code)]
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, mut buf: ReadBufCursor<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let room = buf.remaining().min(this.speed.read_limit().unwrap_or(usize::MAX));
+        // SAFETY: nothing here uninitializes a byte: `ReadBuf` only lets the inner read
+        // write into the slice.
+        let unfilled = unsafe { buf.as_mut() };
+        let mut piece = ReadBuf::uninit(unfilled.get_mut(..room).unwrap_or_default());
+        let polled = Pin::new(&mut this.inner).poll_read(cx, piece.unfilled());
+        if let Poll::Ready(Ok(())) = &polled {
+            let n = piece.filled().len();
+            // SAFETY: `filled` counts bytes the inner read wrote (initialized) at the start
+            // of the cursor's room, in order.
+            unsafe { buf.advance(n) };
+            this.speed.record(n, Instant::now());
+        }
+        polled
+    }
+}
+
+impl<T: Write + Unpin> Write for SpeedSized<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+}
+
+impl<T: Connection> Connection for SpeedSized<T> {
+    fn connected(&self) -> Connected {
+        self.inner.connected()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[test]
+    fn a_connection_turns_fast_in_one_window_and_slow_only_after_a_long_one() {
+        let t0 = Instant::now();
+        let mut s = Speed::new(t0);
+        assert_eq!(s.read_limit(), Some(SLOW_READ), "a new connection starts slow");
+        // 8 MiB in 100 ms: 80 MiB/s.
+        s.record(8 << 20, t0 + WINDOW);
+        assert_eq!(s.read_limit(), None);
+        // A pause while the writer catches up (nothing for 1.5 s) does not make it slow ...
+        s.record(0, t0 + WINDOW + Duration::from_millis(1500));
+        assert_eq!(s.read_limit(), None);
+        // ... a whole slow window does.
+        s.record(1 << 20, t0 + WINDOW + SLOW_WINDOW);
+        assert_eq!(s.read_limit(), Some(SLOW_READ));
+        // Slow: a window under the rate stays slow.
+        let t1 = t0 + WINDOW + SLOW_WINDOW;
+        s.record(1 << 20, t1 + WINDOW);
+        assert_eq!(s.read_limit(), Some(SLOW_READ));
+    }
+
+    async fn read_once<T: Read + Unpin>(io: &mut T, room: usize) -> usize {
+        let mut storage = vec![0u8; room];
+        let mut buf = ReadBuf::new(&mut storage);
+        std::future::poll_fn(|cx| Pin::new(&mut *io).poll_read(cx, buf.unfilled())).await.unwrap();
+        buf.filled().len()
+    }
+
+    #[tokio::test]
+    async fn a_slow_connection_reads_in_small_pieces_and_a_fast_one_does_not() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let mut io = SpeedSized::new(hyper_util::rt::TokioIo::new(client));
+        server.write_all(&[7u8; 64 << 10]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let n = read_once(&mut io, 64 << 10).await;
+        assert!(n > 0 && n <= SLOW_READ, "{n}");
+        // Known fast: one read takes all that is there.
+        io.speed.slow = false;
+        let n = read_once(&mut io, 64 << 10).await;
+        assert_eq!(n, (64 << 10) - SLOW_READ);
+    }
+}
