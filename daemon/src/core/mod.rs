@@ -143,7 +143,7 @@ pub enum CoreMsg {
     /// A session's cookie jar changed: store it.
     CookiesChanged(SessionKey),
     /// The database passed its start check; every dormant task's id and session.
-    Checked(Result<Vec<(TaskId, SessionKey)>, String>),
+    Checked(Result<Vec<(TaskId, SessionKey)>, crate::store::StoreError>),
     /// Dormant tasks read for the requests holding `ticket` (see `dormant`).
     Woken {
         ticket: u64,

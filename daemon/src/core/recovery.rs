@@ -11,7 +11,7 @@ use super::timers::millis;
 use super::{After, Core, Timer};
 use crate::engine::files::Leftovers;
 use crate::model::{Phase, now_ms};
-use crate::store::{Op, Snapshot};
+use crate::store::{Op, Snapshot, StoreError};
 use dlsession_proto::{DurableEvent, TaskId, TaskState};
 
 impl Core {
@@ -80,7 +80,7 @@ impl Core {
         self.life.start = Some(StartWork { finishing, garbage: self.garbage(), new_apps: Vec::new() });
         let tx = self.tx.clone();
         self.store.dormant_ids(move |ids| {
-            let _ = tx.send(super::CoreMsg::Checked(ids.map_err(|e| e.to_string())));
+            let _ = tx.send(super::CoreMsg::Checked(ids));
         });
     }
 
@@ -96,7 +96,18 @@ impl Core {
 
     /// The database passed its check (`ids`: every dormant task, for the sweep): the
     /// start's work may begin.
-    pub(super) fn on_checked(&mut self, ids: Result<Vec<(TaskId, crate::model::SessionKey)>, String>) {
+    pub(super) fn on_checked(&mut self, ids: Result<Vec<(TaskId, crate::model::SessionKey)>, StoreError>) {
+        // A daemon that is stopping (a failed check stops it) starts nothing.
+        if self.life.shutting_down {
+            return;
+        }
+        if let Err(StoreError::Closed) = ids {
+            let e = "the database thread stopped before the start's check answered; refusing to go on".to_owned();
+            tracing::error!("{e}");
+            self.life.fatal = Some(e);
+            self.begin_shutdown();
+            return;
+        }
         self.life.checked = true;
         let Some(start) = self.life.start.take() else { return };
         for (id, leftovers) in start.finishing {

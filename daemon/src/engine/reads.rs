@@ -9,10 +9,14 @@
 //! as much as is there, which is what keeps a 1 GiB download cheap (16 KiB reads for
 //! every connection cost it three times the CPU).
 //!
-//! Speed is measured here, per connection: a slow connection (each read brings at most
-//! [`SLOW_READ`] bytes) that brought [`FAST`] per second over [`WINDOW`] is fast (no limit),
-//! and a fast one that brought less over [`SLOW_WINDOW`] is slow again. A new connection
-//! starts slow; a fast one is known as such within its first window.
+//! Speed is measured here, per connection, over windows: a slow connection's read brings
+//! at most what arrived in a millisecond at its last measured rate (at least [`SLOW_READ`]),
+//! so it reads about a thousand times a second whatever its speed; a fast one reads without
+//! limit. A new connection, or one whose last window brought nothing (idle in the pool),
+//! counts as fast until its first window of [`WINDOW`] says otherwise: small files, which
+//! end within it, read whole. A slow connection that brought [`FAST`] per second over
+//! [`WINDOW`] is fast; a fast one turns slow only after a window of [`SLOW_WINDOW`] or more
+//! under that rate (a fast download pauses while its writer catches up with the disk).
 
 use std::future::Future;
 use std::io;
@@ -26,12 +30,11 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 
 /// Bytes per second from which a connection counts as fast.
 const FAST: u64 = 32 << 20;
-/// Most bytes one read of a slow connection brings.
+/// Least a read of a slow connection may bring.
 const SLOW_READ: usize = 4 << 10;
 /// How long a measurement runs before a slow connection may count as fast.
 const WINDOW: Duration = Duration::from_millis(100);
-/// How long a fast connection must stay under [`FAST`] to count as slow again: a fast
-/// download pauses while its writer catches up with the disk, and must not turn slow then.
+/// How long a fast connection must stay under [`FAST`] to count as slow again.
 const SLOW_WINDOW: Duration = Duration::from_secs(2);
 
 /// Wraps a connector: its connections read in pieces that follow their speed.
@@ -75,34 +78,43 @@ impl<T> SpeedSized<T> {
 struct Speed {
     window_start: Instant,
     bytes: u64,
-    slow: bool,
+    /// The most one read may bring (`None`: fast, no limit).
+    limit: Option<usize>,
+    /// A window closed since the connection was new (or idle).
+    settled: bool,
 }
 
 impl Speed {
     fn new(now: Instant) -> Speed {
-        Speed { window_start: now, bytes: 0, slow: true }
+        Speed { window_start: now, bytes: 0, limit: None, settled: false }
     }
 
-    /// The most one read may bring now (`None`: no limit).
-    fn read_limit(&self) -> Option<usize> {
-        self.slow.then_some(SLOW_READ)
+    /// The most one read may bring at `now` (`None`: no limit). A window that ran out
+    /// while nothing was read is closed first.
+    fn read_limit(&mut self, now: Instant) -> Option<usize> {
+        self.record(0, now);
+        self.limit
     }
 
     /// A read brought `n` bytes at `now`.
     fn record(&mut self, n: usize, now: Instant) {
         self.bytes = self.bytes.saturating_add(n as u64);
         let elapsed = now.saturating_duration_since(self.window_start);
-        if elapsed < if self.slow { WINDOW } else { SLOW_WINDOW } {
+        let window = if self.limit.is_none() && self.settled { SLOW_WINDOW } else { WINDOW };
+        if elapsed < window {
+            return;
+        }
+        if self.bytes == 0 {
+            // Idle (in the pool): what comes next is a new transfer of unknown speed.
+            *self = Speed::new(now);
             return;
         }
         let rate = self.bytes.saturating_mul(1000) / (elapsed.as_millis().max(1) as u64);
-        let slow = rate < FAST;
-        if slow != self.slow {
-            tracing::trace!(slow, rate, "read size follows the connection's speed");
+        let limit = (rate < FAST).then(|| usize::try_from(rate / 1000).unwrap_or(usize::MAX).max(SLOW_READ));
+        if limit.is_some() != self.limit.is_some() {
+            tracing::trace!(rate, ?limit, "read size follows the connection's speed");
         }
-        self.slow = slow;
-        self.window_start = now;
-        self.bytes = 0;
+        *self = Speed { window_start: now, bytes: 0, limit, settled: true };
     }
 }
 
@@ -112,7 +124,7 @@ impl<T: Read + Unpin> Read for SpeedSized<T> {
     #[allow(unsafe_code)]
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, mut buf: ReadBufCursor<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        let room = buf.remaining().min(this.speed.read_limit().unwrap_or(usize::MAX));
+        let room = buf.remaining().min(this.speed.read_limit(Instant::now()).unwrap_or(usize::MAX));
         // SAFETY: nothing here uninitializes a byte: `ReadBuf` only lets the inner read
         // write into the slice.
         let unfilled = unsafe { buf.as_mut() };
@@ -169,23 +181,40 @@ mod tests {
     use tokio::io::AsyncWriteExt;
 
     #[test]
-    fn a_connection_turns_fast_in_one_window_and_slow_only_after_a_long_one() {
+    fn a_new_connection_is_fast_until_its_first_window_says_otherwise() {
         let t0 = Instant::now();
         let mut s = Speed::new(t0);
-        assert_eq!(s.read_limit(), Some(SLOW_READ), "a new connection starts slow");
+        assert_eq!(s.read_limit(t0), None, "a small file reads whole");
+        // 64 KiB in 100 ms: 640 KiB/s, slow: the least piece.
+        s.record(64 << 10, t0 + WINDOW);
+        assert_eq!(s.read_limit(t0 + WINDOW), Some(SLOW_READ));
+    }
+
+    #[test]
+    fn a_slow_connection_turns_fast_in_one_window_and_back_only_after_a_long_one() {
+        let t0 = Instant::now();
+        let mut s = Speed::new(t0);
+        s.record(64 << 10, t0 + WINDOW);
         // 8 MiB in 100 ms: 80 MiB/s.
-        s.record(8 << 20, t0 + WINDOW);
-        assert_eq!(s.read_limit(), None);
-        // A pause while the writer catches up (nothing for 1.5 s) does not make it slow ...
-        s.record(0, t0 + WINDOW + Duration::from_millis(1500));
-        assert_eq!(s.read_limit(), None);
-        // ... a whole slow window does.
-        s.record(1 << 20, t0 + WINDOW + SLOW_WINDOW);
-        assert_eq!(s.read_limit(), Some(SLOW_READ));
-        // Slow: a window under the rate stays slow.
-        let t1 = t0 + WINDOW + SLOW_WINDOW;
-        s.record(1 << 20, t1 + WINDOW);
-        assert_eq!(s.read_limit(), Some(SLOW_READ));
+        let t1 = t0 + WINDOW;
+        s.record(8 << 20, t1 + WINDOW);
+        assert_eq!(s.read_limit(t1 + WINDOW), None);
+        // A pause while the writer catches up (1.5 s with a few bytes) does not make it slow ...
+        let t2 = t1 + WINDOW;
+        s.record(4096, t2 + Duration::from_millis(1500));
+        assert_eq!(s.read_limit(t2 + Duration::from_millis(1500)), None);
+        // ... a whole slow window does: 10 MiB/s reads 10 KiB at a time (a millisecond's worth).
+        s.record(20 << 20, t2 + SLOW_WINDOW);
+        assert_eq!(s.read_limit(t2 + SLOW_WINDOW), Some(((20 << 20) + 4096) / 2 / 1000));
+    }
+
+    #[test]
+    fn a_connection_idle_in_the_pool_is_new_again() {
+        let t0 = Instant::now();
+        let mut s = Speed::new(t0);
+        s.record(64 << 10, t0 + WINDOW);
+        assert_eq!(s.read_limit(t0 + WINDOW), Some(SLOW_READ));
+        assert_eq!(s.read_limit(t0 + WINDOW + Duration::from_secs(30)), None);
     }
 
     async fn read_once<T: Read + Unpin>(io: &mut T, room: usize) -> usize {
@@ -203,11 +232,13 @@ mod tests {
         let mut io = SpeedSized::new(hyper_util::rt::TokioIo::new(client));
         server.write_all(&[7u8; 64 << 10]).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let n = read_once(&mut io, 64 << 10).await;
-        assert!(n > 0 && n <= SLOW_READ, "{n}");
+        // Known slow: a small piece.
+        io.speed = Speed { limit: Some(SLOW_READ), settled: true, ..Speed::new(Instant::now()) };
+        let first = read_once(&mut io, 64 << 10).await;
+        assert!(first > 0 && first <= SLOW_READ, "{first}");
         // Known fast: one read takes all that is there.
-        io.speed.slow = false;
+        io.speed = Speed { limit: None, settled: true, ..Speed::new(Instant::now()) };
         let n = read_once(&mut io, 64 << 10).await;
-        assert_eq!(n, (64 << 10) - SLOW_READ);
+        assert_eq!(n, (64 << 10) - first);
     }
 }

@@ -18,6 +18,8 @@ pub enum StoreError {
          or restore a backup"
     )]
     Corrupt { path: PathBuf, detail: String },
+    #[error("cannot check the database {path} ({detail}); refusing to start rather than write to it unchecked")]
+    Unchecked { path: PathBuf, detail: String },
     #[error("database error: {0}")]
     Sql(#[from] rusqlite::Error),
     #[error("the database thread has stopped")]

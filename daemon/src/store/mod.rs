@@ -134,8 +134,8 @@ pub enum Health {
     Failing(String),
     /// Everything that waited is committed.
     Recovered,
-    /// The file failed `PRAGMA quick_check` after the start: nothing was or will be
-    /// written; the daemon must stop. The text is the refusal to show.
+    /// The file failed `PRAGMA quick_check` after the start (or the check could not finish):
+    /// nothing was or will be written; the daemon must stop. The text is the refusal to show.
     Corrupt(String),
 }
 
@@ -255,6 +255,7 @@ impl Store {
 
     /// Loads suspended tasks that stayed on disk; `then` gets them on the database thread.
     pub fn load_dormant(&self, which: Dormant, then: impl FnOnce(Result<Woken, StoreError>) + Send + 'static) {
+        let reply = Reply::new(then);
         let _ = self.tx.send(Job::Read(Box::new(move |conn: &Connection| {
             let woken = match which {
                 Dormant::All => codec::load_dormant(conn, None).map(|tasks| Woken { sessions: None, tasks }),
@@ -265,7 +266,7 @@ impl Store {
                     codec::load_dormant(conn, Some(&keys)).map(|tasks| Woken { sessions: Some(keys), tasks })
                 }),
             };
-            then(woken.map_err(StoreError::from));
+            reply.send(woken.map_err(StoreError::from));
         })));
     }
 
@@ -273,8 +274,9 @@ impl Store {
     /// start's `quick_check` passed: the answer also says the file passed it (there is none
     /// if it failed).
     pub fn dormant_ids(&self, then: impl FnOnce(Result<Vec<(TaskId, SessionKey)>, StoreError>) + Send + 'static) {
+        let reply = Reply::new(then);
         let _ = self.tx.send(Job::ReadAfterCheck(Box::new(move |conn: &Connection| {
-            then(codec::load_dormant_ids(conn).map_err(StoreError::from));
+            reply.send(codec::load_dormant_ids(conn).map_err(StoreError::from));
         })));
     }
 
@@ -314,17 +316,68 @@ fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreError> {
 /// reads go on meanwhile; the result comes back as a job. False if it cannot be started.
 fn start_check(path: &Path, jobs: mpsc::Sender<Job>) -> bool {
     let Ok(conn) = open_read_only(path) else { return false };
-    let path = path.to_path_buf();
+    let answer = CheckAnswer { jobs: Some(jobs), path: path.to_path_buf() };
     thread::Builder::new()
         .name("db-check".into())
         .spawn(move || {
             let started = std::time::Instant::now();
             crate::failpoint::hit("database-check");
-            let result = schema::quick_check(&conn, &path);
+            let result = schema::quick_check(&conn, &answer.path);
             debug!(ms = started.elapsed().as_millis() as u64, ok = result.is_ok(), "database check done");
-            let _ = jobs.send(Job::Checked(result));
+            answer.send(result);
         })
         .is_ok()
+}
+
+/// The check's answer to the database thread, sent once; a check that ends without one (a
+/// panic) answers that it could not finish, so nothing waits for ever.
+struct CheckAnswer {
+    jobs: Option<mpsc::Sender<Job>>,
+    path: PathBuf,
+}
+
+impl CheckAnswer {
+    fn send(mut self, result: Result<(), StoreError>) {
+        if let Some(jobs) = self.jobs.take() {
+            let _ = jobs.send(Job::Checked(result));
+        }
+    }
+}
+
+impl Drop for CheckAnswer {
+    fn drop(&mut self) {
+        if let Some(jobs) = self.jobs.take() {
+            let detail = "the check ended without an answer".to_owned();
+            let _ = jobs.send(Job::Checked(Err(StoreError::Unchecked { path: self.path.clone(), detail })));
+        }
+    }
+}
+
+/// A read's answer, given once; a read that never runs (the database thread stopped first)
+/// answers `StoreError::Closed`, so nothing waits for ever.
+struct Reply<T>(Option<Then<T>>);
+
+/// Where a read's answer goes.
+type Then<T> = Box<dyn FnOnce(Result<T, StoreError>) + Send>;
+
+impl<T> Reply<T> {
+    fn new(then: impl FnOnce(Result<T, StoreError>) + Send + 'static) -> Reply<T> {
+        Reply(Some(Box::new(then)))
+    }
+
+    fn send(mut self, result: Result<T, StoreError>) {
+        if let Some(then) = self.0.take() {
+            then(result);
+        }
+    }
+}
+
+impl<T> Drop for Reply<T> {
+    fn drop(&mut self) {
+        if let Some(then) = self.0.take() {
+            then(Err(StoreError::Closed));
+        }
+    }
 }
 
 /// The `db-writer` thread: the one connection and the batches not yet committed.
@@ -369,7 +422,7 @@ pub struct Woken {
 
 impl<H: Fn(Health)> Writer<H> {
     fn run(mut self, rx: &mpsc::Receiver<Job>) {
-        loop {
+        'jobs: loop {
             // While failing, wake up for the next retry even if nothing new comes.
             let first = match &self.failing {
                 None => rx.recv().ok(),
@@ -415,7 +468,7 @@ impl<H: Fn(Health)> Writer<H> {
                         // Nothing was written: the file stays as it was, the core stops.
                         error!(error = %e, "the database failed its check; nothing will be written");
                         (self.on_health)(Health::Corrupt(e.to_string()));
-                        return;
+                        break 'jobs;
                     }
                 }
             }

@@ -199,8 +199,8 @@ pub fn open(path: &Path) -> Result<(Connection, Check), StoreError> {
         return Err(StoreError::TooNew { path: path.to_path_buf(), found: version, known: LATEST_VERSION });
     }
     // A migration writes: a file about to be migrated is checked first, so a corrupt one
-    // stays untouched. Otherwise the check is the writer thread's first job (`check`),
-    // which keeps it off the time to the first answer.
+    // stays untouched. Otherwise the check runs on a thread of its own beside the first
+    // answers, and nothing is committed before it passed (`store::start_check`).
     let check = if version > 0 && version < LATEST_VERSION {
         quick_check(&conn, path)?;
         Check::Passed
