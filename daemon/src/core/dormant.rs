@@ -13,19 +13,17 @@
 //! Invariant: a session's `counts` and the daemon's include its dormant tasks (as
 //! suspended), `Session::dormant` and `Tasks::dormant` say how many are still on disk.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 
 use tracing::{debug, error};
 
 use super::Core;
+use super::held::{CHECK, HeldRequest};
 use super::requests::DiskCheck;
 use crate::conn::ConnId;
 use crate::model::SessionKey;
 use crate::store::{Dormant, Woken};
 use dlsession_proto::{ErrorCode, ErrorInfo, LimitTarget, Request, TaskId, TaskState};
-
-/// The ticket of requests waiting for the start's database check.
-const CHECK: u64 = u64::MAX;
 
 /// Before the start's database check passed, only requests that change nothing on disk or
 /// elsewhere run: reads, and attaching or detaching (an app coming back gets its events at
@@ -38,42 +36,19 @@ fn shutting_down() -> ErrorInfo {
     ErrorInfo::new(ErrorCode::Internal, "the daemon is shutting down; try again when it is back")
 }
 
-/// Requests waiting for dormant tasks, per connection in the order they came.
-#[derive(Debug, Default)]
-pub(super) struct Held {
-    by_conn: HashMap<ConnId, VecDeque<HeldRequest>>,
-    next_ticket: u64,
-}
-
-impl Held {
-    /// The connections whose first held request waits for `ticket`.
-    fn waiting_for(&self, ticket: u64) -> Vec<ConnId> {
-        let first_waits = |q: &VecDeque<HeldRequest>| q.front().is_some_and(|h| h.ticket == Some(ticket));
-        self.by_conn.iter().filter(|(_, q)| first_waits(q)).map(|(conn, _)| *conn).collect()
-    }
-}
-
-#[derive(Debug)]
-struct HeldRequest {
-    id: u64,
-    request: Request,
-    /// The read it waits for; `None`: it waits behind an earlier request of its connection.
-    ticket: Option<u64>,
-}
-
 impl Core {
     /// A request from a client: handled now, or held until the dormant tasks it may touch
     /// are read.
     pub(super) fn admit_request(&mut self, conn: ConnId, id: u64, request: Request) {
-        if let Some(queue) = self.held.by_conn.get_mut(&conn) {
-            queue.push_back(HeldRequest { id, request, ticket: None });
+        if self.held.holds(conn) {
+            self.held.push_back(conn, HeldRequest { id, request, ticket: None });
             return;
         }
         match self.hold_for(&request) {
             // Nothing that is held would be answered once the core stops.
             Some(_) if self.life.shutting_down => self.reply(conn, id, Err(shutting_down())),
             Some(ticket) => {
-                self.held.by_conn.entry(conn).or_default().push_back(HeldRequest { id, request, ticket: Some(ticket) });
+                self.held.push_back(conn, HeldRequest { id, request, ticket: Some(ticket) });
             }
             None => {
                 self.handle_request(conn, id, request, DiskCheck::Pending);
@@ -173,8 +148,7 @@ impl Core {
 
     /// Asks the database thread for dormant tasks; returns the ticket its answer carries.
     fn read_dormant(&mut self, which: Dormant) -> u64 {
-        let ticket = self.held.next_ticket;
-        self.held.next_ticket += 1;
+        let ticket = self.held.ticket();
         debug!(ticket, ?which, "reading dormant tasks");
         let tx = self.tx.clone();
         self.store.load_dormant(which, move |result| {
@@ -201,7 +175,7 @@ impl Core {
         for conn in self.held.waiting_for(ticket) {
             // The request whose read this was goes on with what was found (a task that
             // was not dormant after all gets its ordinary answer).
-            if let Some(first) = self.held.by_conn.get_mut(&conn).and_then(|q| q.pop_front()) {
+            if let Some(first) = self.held.pop_front(conn) {
                 match &failed {
                     Some(e) => self.reply(conn, first.id, Err(e.clone())),
                     None => {
@@ -215,16 +189,9 @@ impl Core {
 
     /// Handles a connection's held requests in order until one must wait again.
     fn release_held(&mut self, conn: ConnId) {
-        loop {
-            let Some(queue) = self.held.by_conn.get_mut(&conn) else { return };
-            let Some(next) = queue.pop_front() else {
-                self.held.by_conn.remove(&conn);
-                return;
-            };
+        while let Some(next) = self.held.pop_front(conn) {
             if let Some(ticket) = self.hold_for(&next.request) {
-                if let Some(queue) = self.held.by_conn.get_mut(&conn) {
-                    queue.push_front(HeldRequest { ticket: Some(ticket), ..next });
-                }
+                self.held.push_front(conn, HeldRequest { ticket: Some(ticket), ..next });
                 return;
             }
             self.handle_request(conn, next.id, next.request, DiskCheck::Pending);
@@ -261,15 +228,13 @@ impl Core {
 
     /// The daemon is stopping: held requests get its refusal.
     pub(super) fn refuse_held(&mut self) {
-        for (conn, queue) in std::mem::take(&mut self.held.by_conn) {
-            for held in queue {
-                self.reply(conn, held.id, Err(shutting_down()));
-            }
+        for (conn, held) in self.held.take_all() {
+            self.reply(conn, held.id, Err(shutting_down()));
         }
     }
 
     /// A connection closed: its held requests go with it.
     pub(super) fn forget_held(&mut self, conn: ConnId) {
-        self.held.by_conn.remove(&conn);
+        self.held.forget(conn);
     }
 }

@@ -11,7 +11,8 @@
 //! core: `sessions` (records, attachments, undelivered events), `task` (live tasks and
 //! their running attempts), `admission` (run queues, running workers, the limits: who may
 //! start and why not), `conns` (connections), `timers`, `status` (statistics, systemd
-//! status), `disk` (the disk thread); and, here, `Lifecycle` and `Housekeeping`.
+//! status), `disk` (the disk thread), `held` (requests held back), `start` (the start's
+//! work waiting for the database's check); and, here, `Lifecycle` and `Housekeeping`.
 //! Behaviour, as methods of [`Core`] that wire the parts together: `requests` (one
 //! handler per request), `transitions` (queueing, workers' reports, completion), `finish`
 //! (putting files in place), `delivery` (durable events), `progress`, `wake`, `resume`,
@@ -31,6 +32,7 @@ mod delivery;
 mod disk;
 mod dormant;
 mod finish;
+mod held;
 mod launches;
 mod life;
 mod network;
@@ -41,6 +43,7 @@ mod resume;
 mod retention;
 mod sched;
 mod sessions;
+mod start;
 mod status;
 mod task;
 mod timers;
@@ -228,7 +231,7 @@ pub struct Core {
     /// Which sessions answer challenges, and the credentials held.
     auth: credentials::Auth,
     /// Requests waiting for dormant tasks to be read.
-    held: dormant::Held,
+    held: held::Held,
 }
 
 /// Where the daemon is in its life, and what keeps it from leaving.
@@ -253,7 +256,7 @@ struct Lifecycle {
     /// The database passed its start check: work may start (`recovery::on_checked`).
     pub checked: bool,
     /// The start's work, until then.
-    pub start: Option<recovery::StartWork>,
+    pub start: Option<start::StartWork>,
     /// Why the daemon must stop with an error (a database that failed its check).
     pub fatal: Option<String>,
 }
@@ -325,7 +328,7 @@ impl Core {
             notifier,
             launches: launches::Launches::new(cfg_launches),
             auth: credentials::Auth::default(),
-            held: dormant::Held::default(),
+            held: held::Held::default(),
         };
         core.restore(snapshot);
         let mut ops = Vec::new();

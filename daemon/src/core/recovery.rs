@@ -77,7 +77,7 @@ impl Core {
         // Nothing is moved, deleted, downloaded or launched before the database passed
         // its check: reads queue behind it, so this answer comes after it.
         let finishing = finishing.into_iter().map(|id| (id, Leftovers::Any)).collect();
-        self.life.start = Some(StartWork { finishing, garbage: self.garbage(), new_apps: Vec::new() });
+        self.life.start = Some(super::start::StartWork { finishing, garbage: self.garbage(), new_apps: Vec::new() });
         let tx = self.tx.clone();
         self.store.dormant_ids(move |ids| {
             let _ = tx.send(super::CoreMsg::Checked(ids));
@@ -184,15 +184,4 @@ impl Core {
             first_new_id: self.tasks.next_id(),
         }
     }
-}
-
-/// What the start does once the database passed its check.
-#[derive(Debug)]
-pub(super) struct StartWork {
-    /// Tasks cut short while finishing (and moves due meanwhile): their moves run again.
-    /// Before this process moved anything, copies named by its own pid are leftovers too.
-    pub finishing: Vec<(TaskId, Leftovers)>,
-    garbage: Garbage,
-    /// Apps that connected meanwhile: their sessions' wakes (after the start's own).
-    pub new_apps: Vec<(crate::conn::ConnId, String)>,
 }

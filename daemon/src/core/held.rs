@@ -1,0 +1,76 @@
+//! Requests held back, per connection in the order they came: while dormant tasks they may
+//! touch are read, or until the start's database check passed (see `core::dormant`).
+//!
+//! Invariant kept here: a connection has an entry only while it holds a request, so "does
+//! this connection hold anything?" is whether it has one.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::conn::ConnId;
+use dlsession_proto::Request;
+
+/// The ticket of requests waiting for the start's database check.
+pub(super) const CHECK: u64 = u64::MAX;
+
+#[derive(Debug, Default)]
+pub(super) struct Held {
+    by_conn: HashMap<ConnId, VecDeque<HeldRequest>>,
+    next_ticket: u64,
+}
+
+#[derive(Debug)]
+pub(super) struct HeldRequest {
+    pub id: u64,
+    pub request: Request,
+    /// The read it waits for; `None`: it waits behind an earlier request of its connection.
+    pub ticket: Option<u64>,
+}
+
+impl Held {
+    /// A fresh ticket for a read (never [`CHECK`]).
+    pub fn ticket(&mut self) -> u64 {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        ticket
+    }
+
+    pub fn holds(&self, conn: ConnId) -> bool {
+        self.by_conn.contains_key(&conn)
+    }
+
+    pub fn push_back(&mut self, conn: ConnId, held: HeldRequest) {
+        self.by_conn.entry(conn).or_default().push_back(held);
+    }
+
+    pub fn push_front(&mut self, conn: ConnId, held: HeldRequest) {
+        self.by_conn.entry(conn).or_default().push_front(held);
+    }
+
+    /// The connection's first held request, if any.
+    pub fn pop_front(&mut self, conn: ConnId) -> Option<HeldRequest> {
+        let queue = self.by_conn.get_mut(&conn)?;
+        let first = queue.pop_front();
+        if queue.is_empty() {
+            self.by_conn.remove(&conn);
+        }
+        first
+    }
+
+    /// The connections whose first held request waits for `ticket`.
+    pub fn waiting_for(&self, ticket: u64) -> Vec<ConnId> {
+        let first_waits = |q: &VecDeque<HeldRequest>| q.front().is_some_and(|h| h.ticket == Some(ticket));
+        self.by_conn.iter().filter(|(_, q)| first_waits(q)).map(|(conn, _)| *conn).collect()
+    }
+
+    /// Every held request, gone from here.
+    pub fn take_all(&mut self) -> Vec<(ConnId, HeldRequest)> {
+        std::mem::take(&mut self.by_conn)
+            .into_iter()
+            .flat_map(|(conn, q)| q.into_iter().map(move |h| (conn, h)))
+            .collect()
+    }
+
+    pub fn forget(&mut self, conn: ConnId) {
+        self.by_conn.remove(&conn);
+    }
+}
