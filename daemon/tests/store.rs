@@ -517,3 +517,37 @@ fn the_daemon_refuses_a_file_failing_the_check_without_touching_anything() {
     assert_eq!(digest(&db), before, "not written");
     assert!(server.accept().is_err(), "the queued task never started");
 }
+
+/// A check that ends without an answer (here its thread panics at a failpoint) stops the
+/// daemon with a refusal: it never goes on to write to a file it could not check.
+#[test]
+fn the_daemon_refuses_to_go_on_when_the_check_cannot_finish() {
+    let env = dlsession_testkit::TestEnv::new();
+    let db = env.database();
+    std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (store, _) = open(&db);
+        store.write(vec![Op::InsertSession(session())], None);
+        assert!(store.flush(std::time::Duration::from_secs(30)).await);
+    });
+    let log = env.path().join("unchecked.log");
+    let mut child = env
+        .command(dlsession_testkit::bin_path("dlsessiond"))
+        .env("DLSESSIOND_FAILPOINT", "database-check:1:panic")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("dlsessiond kept running after its check ended without an answer:\n{}", read(&log));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!child.wait().unwrap().success());
+    let stderr = read(&log);
+    assert!(stderr.contains("the check ended without an answer") && stderr.contains("refusing to start"), "{stderr}");
+}

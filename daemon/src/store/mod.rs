@@ -316,57 +316,49 @@ fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreError> {
 /// reads go on meanwhile; the result comes back as a job. False if it cannot be started.
 fn start_check(path: &Path, jobs: mpsc::Sender<Job>) -> bool {
     let Ok(conn) = open_read_only(path) else { return false };
-    let answer = CheckAnswer { jobs: Some(jobs), path: path.to_path_buf() };
+    let path = path.to_path_buf();
     thread::Builder::new()
         .name("db-check".into())
         .spawn(move || {
+            // Made on the thread: a thread that never started sends nothing (the caller
+            // checks then); one that ends without an answer (a panic) says it could not.
+            let detail = "the check ended without an answer".to_owned();
+            let unanswered = StoreError::Unchecked { path: path.clone(), detail };
+            let answer = Reply::or(unanswered, move |result| {
+                let _ = jobs.send(Job::Checked(result));
+            });
             let started = std::time::Instant::now();
             crate::failpoint::hit("database-check");
-            let result = schema::quick_check(&conn, &answer.path);
+            let result = schema::quick_check(&conn, &path);
             debug!(ms = started.elapsed().as_millis() as u64, ok = result.is_ok(), "database check done");
             answer.send(result);
         })
         .is_ok()
 }
 
-/// The check's answer to the database thread, sent once; a check that ends without one (a
-/// panic) answers that it could not finish, so nothing waits for ever.
-struct CheckAnswer {
-    jobs: Option<mpsc::Sender<Job>>,
-    path: PathBuf,
+/// An answer given once; if it is never given (the database thread stopped before the
+/// read ran, a thread ended early), dropping it gives its error instead, so nothing waits
+/// for ever.
+struct Reply<T> {
+    then: Option<Then<T>>,
+    unanswered: Option<StoreError>,
 }
 
-impl CheckAnswer {
-    fn send(mut self, result: Result<(), StoreError>) {
-        if let Some(jobs) = self.jobs.take() {
-            let _ = jobs.send(Job::Checked(result));
-        }
-    }
-}
-
-impl Drop for CheckAnswer {
-    fn drop(&mut self) {
-        if let Some(jobs) = self.jobs.take() {
-            let detail = "the check ended without an answer".to_owned();
-            let _ = jobs.send(Job::Checked(Err(StoreError::Unchecked { path: self.path.clone(), detail })));
-        }
-    }
-}
-
-/// A read's answer, given once; a read that never runs (the database thread stopped first)
-/// answers `StoreError::Closed`, so nothing waits for ever.
-struct Reply<T>(Option<Then<T>>);
-
-/// Where a read's answer goes.
+/// Where an answer goes.
 type Then<T> = Box<dyn FnOnce(Result<T, StoreError>) + Send>;
 
 impl<T> Reply<T> {
+    /// A read's answer: `StoreError::Closed` if it never runs.
     fn new(then: impl FnOnce(Result<T, StoreError>) + Send + 'static) -> Reply<T> {
-        Reply(Some(Box::new(then)))
+        Reply::or(StoreError::Closed, then)
+    }
+
+    fn or(unanswered: StoreError, then: impl FnOnce(Result<T, StoreError>) + Send + 'static) -> Reply<T> {
+        Reply { then: Some(Box::new(then)), unanswered: Some(unanswered) }
     }
 
     fn send(mut self, result: Result<T, StoreError>) {
-        if let Some(then) = self.0.take() {
+        if let Some(then) = self.then.take() {
             then(result);
         }
     }
@@ -374,8 +366,8 @@ impl<T> Reply<T> {
 
 impl<T> Drop for Reply<T> {
     fn drop(&mut self) {
-        if let Some(then) = self.0.take() {
-            then(Err(StoreError::Closed));
+        if let (Some(then), Some(e)) = (self.then.take(), self.unanswered.take()) {
+            then(Err(e));
         }
     }
 }
@@ -447,16 +439,12 @@ impl<H: Fn(Health)> Writer<H> {
             for job in group {
                 match job {
                     Job::Write { ops, done } => self.backlog.push((ops, done)),
-                    Job::Read(f) => {
+                    Job::ReadAfterCheck(f) if !self.checked => self.after_check.push(f),
+                    Job::Read(f) | Job::ReadAfterCheck(f) => {
                         // Reads see everything queued before them (when it can be written).
                         self.flush();
                         f(&self.conn);
                     }
-                    Job::ReadAfterCheck(f) if self.checked => {
-                        self.flush();
-                        f(&self.conn);
-                    }
-                    Job::ReadAfterCheck(f) => self.after_check.push(f),
                     Job::Checked(Ok(())) => {
                         self.checked = true;
                         self.flush();
