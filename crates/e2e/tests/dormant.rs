@@ -7,13 +7,10 @@
 
 use std::time::Duration;
 
-use dlsession::{Client, ClientOptions};
+use dlsession::Client;
 use dlsession_proto::{Request, Response, TaskAction, TaskId, TaskInfo, TaskQuery, TaskSpec, TaskState};
+use dlsession_testkit::app::client as connect;
 use dlsession_testkit::{Resource, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex, wait_until};
-
-async fn connect(env: &TestEnv) -> Client {
-    Client::connect(ClientOptions { socket: Some(env.socket.clone()), ..ClientOptions::default() }).await.unwrap()
-}
 
 async fn ask(client: &Client, request: Request) -> Response {
     let name = request.name();

@@ -53,7 +53,10 @@ impl Core {
             match state {
                 // Cut short between "data complete" and "finished committed": the move is
                 // finished (or found done, or found lost) by a worker, like any other.
-                TaskState::Queued | TaskState::Running if phase == Phase::Finishing => finishing.push(id),
+                // Before this process moved anything, copies named by its pid are leftovers too.
+                TaskState::Queued | TaskState::Running if phase == Phase::Finishing => {
+                    finishing.push((id, Leftovers::Any))
+                }
                 TaskState::Queued | TaskState::Running => self.enqueue(id),
                 // Waits for its app's answer, not for a time.
                 TaskState::Waiting if challenged => {}
@@ -75,8 +78,7 @@ impl Core {
             "state restored"
         );
         // Nothing is moved, deleted, downloaded or launched before the database passed
-        // its check: reads queue behind it, so this answer comes after it.
-        let finishing = finishing.into_iter().map(|id| (id, Leftovers::Any)).collect();
+        // its check: this read runs only after it, so its answer says it passed.
         self.life.start = Some(super::start::StartWork { finishing, garbage: self.garbage(), new_apps: Vec::new() });
         let tx = self.tx.clone();
         self.store.dormant_ids(move |ids| {

@@ -124,7 +124,9 @@ impl<T: Read + Unpin> Read for SpeedSized<T> {
     #[allow(unsafe_code)]
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, mut buf: ReadBufCursor<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        let room = buf.remaining().min(this.speed.read_limit(Instant::now()).unwrap_or(usize::MAX));
+        // One clock read per call: the inner read does not block.
+        let now = Instant::now();
+        let room = buf.remaining().min(this.speed.read_limit(now).unwrap_or(usize::MAX));
         // SAFETY: nothing here uninitializes a byte: `ReadBuf` only lets the inner read
         // write into the slice.
         let unfilled = unsafe { buf.as_mut() };
@@ -135,7 +137,7 @@ impl<T: Read + Unpin> Read for SpeedSized<T> {
             // SAFETY: `filled` counts bytes the inner read wrote (initialized) at the start
             // of the cursor's room, in order.
             unsafe { buf.advance(n) };
-            this.speed.record(n, Instant::now());
+            this.speed.record(n, now);
         }
         polled
     }
