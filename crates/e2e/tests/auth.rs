@@ -12,8 +12,8 @@ use dlsession::{ChallengeAnswer, Credential, CredentialScope, DownloadRequest, E
 use dlsession_testkit::app::config;
 use dlsession_testkit::cli::{show_field, stdout};
 use dlsession_testkit::{
-    LONG, Recorder, Resource, Seen, TestDaemon, TestEnv, TestServer, bin_path, pattern_sha256, sha256_file, to_hex,
-    wait_until,
+    LONG, Recorder, Resource, Seen, TestCa, TestDaemon, TestEnv, TestProxy, TestServer, bin_path, pattern_sha256,
+    sha256_file, to_hex, wait_until,
 };
 
 const PASSWORD: &str = "s3cret-pw";
@@ -197,4 +197,68 @@ async fn an_endless_401_gives_up_after_three_answers() {
     let error = events.completion(task.id(), LONG).await.expect("401");
     assert_eq!(error.http_status, Some(401));
     assert!(!events.seen.iter().any(|e| matches!(e, Seen::Challenge { .. })));
+}
+
+/// A proxy that wants credentials: its 407 to the `CONNECT` of an https download, like its
+/// 407 to a plain-http request, is a challenge the app answers; the credential goes to the
+/// proxy only (on the `CONNECT`, never inside the tunnel to the server). A session that
+/// does not answer fails the task with the proxy's 407 at once, not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_asking_for_credentials_is_answered_on_its_tunnel() {
+    let env = TestEnv::new();
+    let ca = TestCa::new().unwrap();
+    env.add_config(&format!("extra_ca_file = {:?}", ca.ca_pem_path()));
+    let proxy = TestProxy::start().await.unwrap();
+    proxy.require_auth(GOOD, "Basic realm=\"corp\"");
+    let proxy_url = proxy.url();
+    let via = std::ffi::OsStr::new(&proxy_url);
+    let _d = TestDaemon::start_with_env(
+        &env,
+        &[("HTTP_PROXY", via), ("HTTPS_PROXY", via), ("NO_PROXY", std::ffi::OsStr::new(""))],
+    );
+    let plain = TestServer::start().await.unwrap();
+    plain.add("/p", Resource::generated(300_000, 61));
+    let tls = TestServer::start_tls(&ca).await.unwrap();
+    tls.add("/t", Resource::generated(300_000, 62));
+
+    let (delegate, mut events) = Recorder::answering(&env.path().join("out"), basic(CredentialScope::Task, false));
+    let session = Session::attach(config(&env, "t.proxyauth").answers_challenges(true), delegate).await.unwrap();
+    let requests = vec![DownloadRequest::new(tls.url("/t")), DownloadRequest::new(plain.url("/p"))];
+    let tasks = session.download_tasks(requests, true).await.unwrap();
+    for (t, seed) in tasks.iter().zip([62, 61]) {
+        assert_eq!(events.completion(t.id(), LONG).await, None);
+        assert_eq!(sha256_file(&events.moved_to(t.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(seed, 300_000)));
+    }
+    let asked: Vec<_> = events
+        .seen
+        .iter()
+        .filter_map(|e| match e {
+            Seen::Challenge { task, challenge } => Some((*task, challenge.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(asked.len(), 2, "one challenge per task: {asked:?}");
+    for (_, c) in &asked {
+        assert_eq!((c.scheme.as_str(), c.realm.as_deref(), c.proxy), ("Basic", Some("corp"), true), "{c:?}");
+        assert_eq!(c.origin, proxy_url, "the proxy asks, not the server");
+    }
+    let records = proxy.records();
+    let connects: Vec<_> = records.iter().filter(|r| r.method == "CONNECT").collect();
+    assert_eq!(connects.first().and_then(|r| r.proxy_authorization.as_deref()), None, "{records:?}");
+    assert_eq!(connects.last().and_then(|r| r.proxy_authorization.as_deref()), Some(GOOD), "{records:?}");
+    let gets: Vec<_> = records.iter().filter(|r| r.method == "GET").collect();
+    assert_eq!(gets.first().and_then(|r| r.proxy_authorization.as_deref()), None, "{records:?}");
+    assert_eq!(gets.last().and_then(|r| r.proxy_authorization.as_deref()), Some(GOOD), "{records:?}");
+    let inside = tls.requests_for("/t");
+    assert!(inside.iter().all(|r| r.header("proxy-authorization").is_none()), "through the tunnel: {inside:?}");
+
+    // Not answered: the proxy's 407 is the task's error, at the first refusal.
+    let (delegate, mut events) = Recorder::new(&env.path().join("out2"));
+    let session = Session::attach(config(&env, "t.proxyplain"), delegate).await.unwrap();
+    let before = proxy.records().len();
+    let task = session.download_tasks(vec![DownloadRequest::new(tls.url("/t"))], true).await.unwrap().remove(0);
+    let error = events.completion(task.id(), LONG).await.expect("407");
+    assert_eq!((error.code, error.http_status), (ErrorCode::HttpStatus, Some(407)), "{error:?}");
+    assert!(error.message.contains("proxy answered 407"), "{error:?}");
+    assert_eq!(proxy.records().len(), before + 1, "not retried");
 }

@@ -1,6 +1,7 @@
 //! A forwarding HTTP proxy for tests: `CONNECT host:port` tunnels, and absolute-form
 //! requests (`GET http://host:port/path`) are relayed to their origin. It records the
-//! first request of every connection.
+//! first request of every connection. Asked to, it wants a `Proxy-Authorization` and
+//! answers `407` with `Proxy-Authenticate` to requests without it.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -36,7 +37,11 @@ pub struct TestProxy {
     tasks: Arc<Mutex<JoinSet<()>>>,
     /// Clients speak TLS to the proxy itself (an `https://` proxy).
     tls: bool,
+    /// The `Proxy-Authorization` wanted, and the `Proxy-Authenticate` of the 407 otherwise.
+    wanted: Wanted,
 }
+
+type Wanted = Arc<Mutex<Option<(String, String)>>>;
 
 impl TestProxy {
     pub async fn start() -> anyhow::Result<TestProxy> {
@@ -50,19 +55,20 @@ impl TestProxy {
         let addr = listener.local_addr()?;
         let records = Arc::new(Mutex::new(Vec::new()));
         let tasks = Arc::new(Mutex::new(JoinSet::new()));
-        let (r, t) = (records.clone(), tasks.clone());
+        let wanted = Wanted::default();
+        let (r, t, w) = (records.clone(), tasks.clone(), wanted.clone());
         let acceptor = tokio_rustls::TlsAcceptor::from(ca.server_config());
         tasks.lock().unwrap().spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let (r, acceptor) = (r.clone(), acceptor.clone());
+                let (r, w, acceptor) = (r.clone(), w.clone(), acceptor.clone());
                 t.lock().unwrap().spawn(async move {
                     if let Ok(tls) = acceptor.accept(stream).await {
-                        let _ = serve(tls, r, ProxyFault::None).await;
+                        let _ = serve(tls, r, w, ProxyFault::None).await;
                     }
                 });
             }
         });
-        Ok(TestProxy { addr, records, tasks, tls: true })
+        Ok(TestProxy { addr, records, tasks, tls: true, wanted })
     }
 
     /// A proxy that injects `fault` into its first connections.
@@ -71,11 +77,12 @@ impl TestProxy {
         let addr = listener.local_addr()?;
         let records = Arc::new(Mutex::new(Vec::new()));
         let tasks = Arc::new(Mutex::new(JoinSet::new()));
-        let (r, t) = (records.clone(), tasks.clone());
+        let wanted = Wanted::default();
+        let (r, t, w) = (records.clone(), tasks.clone(), wanted.clone());
         tasks.lock().unwrap().spawn(async move {
             let mut n = 0usize;
             while let Ok((stream, _)) = listener.accept().await {
-                let r = r.clone();
+                let (r, w) = (r.clone(), w.clone());
                 let f = match fault {
                     ProxyFault::CutAfter { times, .. } | ProxyFault::StallAfter { times, .. } if n >= times => {
                         ProxyFault::None
@@ -84,11 +91,11 @@ impl TestProxy {
                 };
                 n += 1;
                 t.lock().unwrap().spawn(async move {
-                    let _ = serve(stream, r, f).await;
+                    let _ = serve(stream, r, w, f).await;
                 });
             }
         });
-        Ok(TestProxy { addr, records, tasks, tls: false })
+        Ok(TestProxy { addr, records, tasks, tls: false, wanted })
     }
 
     fn scheme(&self) -> &'static str {
@@ -103,6 +110,12 @@ impl TestProxy {
     /// `http://USER:PASS@127.0.0.1:PORT` (`https://` for a TLS proxy)
     pub fn url_with_auth(&self, user: &str, pass: &str) -> String {
         format!("{}://{user}:{pass}@{}", self.scheme(), self.addr)
+    }
+
+    /// From now on, requests whose `Proxy-Authorization` is not `value` get `407 Proxy
+    /// Authentication Required` with `Proxy-Authenticate: challenge` (and are recorded).
+    pub fn require_auth(&self, value: &str, challenge: &str) {
+        *self.wanted.lock().unwrap() = Some((value.to_owned(), challenge.to_owned()));
     }
 
     pub fn records(&self) -> Vec<ProxyRecord> {
@@ -121,6 +134,7 @@ impl Drop for TestProxy {
 async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     mut client: S,
     records: Arc<Mutex<Vec<ProxyRecord>>>,
+    wanted: Wanted,
     fault: ProxyFault,
 ) -> anyhow::Result<()> {
     let mut head = Vec::new();
@@ -140,7 +154,21 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         let (k, v) = l.split_once(':')?;
         k.eq_ignore_ascii_case("proxy-authorization").then(|| v.trim().to_owned())
     });
+    let refused = match &*wanted.lock().unwrap() {
+        Some((value, challenge)) if proxy_authorization.as_deref() != Some(value) => Some(challenge.clone()),
+        _ => None,
+    };
     records.lock().unwrap().push(ProxyRecord { method: method.clone(), target: target.clone(), proxy_authorization });
+    if let Some(challenge) = refused {
+        let body = "credentials wanted";
+        let answer = format!(
+            "HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: {challenge}\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        client.write_all(answer.as_bytes()).await?;
+        return Ok(());
+    }
     if method == "CONNECT" {
         let upstream = TcpStream::connect(resolve(&target)).await?;
         client.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").await?;

@@ -12,9 +12,10 @@ use hyper::body::Incoming;
 use url::Url;
 
 use super::http::{
-    Failure, ReqBody, Retry, classify, empty_body, is_strong_etag, is_transient_status, parse_content_range,
+    Failure, ReqBody, Retry, classify, empty_body, find, is_strong_etag, is_transient_status, parse_content_range,
     parse_retry_after,
 };
+use super::proxy::{Proxies, TunnelRefused};
 use super::{Engine, Job, ResponseMeta, USER_AGENT, auth};
 use dlsession_proto::redact::{self, is_sensitive_header};
 use dlsession_proto::{ErrorCode, Header};
@@ -39,7 +40,9 @@ impl Engine {
             auth::apply(&mut req, &url, &job.auth, &proxies);
             let resp = match tokio::time::timeout(job.idle_timeout, client.request(req)).await {
                 Err(_) => return Err(no_response(&url, job)),
-                Ok(Err(e)) => return Err(classify(&e, &format!("requesting {}", host_of(&url)))),
+                Ok(Err(e)) => {
+                    return Err(request_failure(&e, &url, &proxies, &format!("requesting {}", host_of(&url))));
+                }
                 Ok(Ok(r)) => r,
             };
             // Every response's cookies count, a redirect's too (a login that sets one and
@@ -216,6 +219,31 @@ pub(super) fn status_failure(status: u16, headers: &hyper::HeaderMap) -> Failure
     let mut f = Failure::transient(ErrorCode::HttpStatus, format!("server answered {}", status_text(status)));
     f.error.http_status = Some(status);
     f.retry = Retry::After(retry_after);
+    f
+}
+
+/// A request to `url` that got no response: a proxy that refused its tunnel is answered
+/// as a response of that status would be (a 407 with `Proxy-Authenticate` is a challenge
+/// the app may answer), anything else is a connection error.
+pub(super) fn request_failure(
+    err: &(dyn std::error::Error + 'static),
+    url: &Url,
+    proxies: &Proxies,
+    what: &str,
+) -> Failure {
+    let Some(refused) = find::<TunnelRefused>(err) else { return classify(err, what) };
+    let status = refused.status;
+    let message = format!("the proxy answered {} to CONNECT {}", status_text(status), host_of(url));
+    let mut f = match auth::tunnel_challenge(status, &refused.headers, url, proxies) {
+        Some(challenge) => auth::failure(status, &status_text(status), challenge),
+        None if is_transient_status(status) => status_failure(status, &refused.headers),
+        None => {
+            let mut f = Failure::permanent(ErrorCode::HttpStatus, String::new());
+            f.error.http_status = Some(status);
+            f
+        }
+    };
+    f.error.message = message;
     f
 }
 

@@ -31,14 +31,26 @@ pub fn origin_of(url: &Url) -> String {
     format!("{}://{}:{}", url.scheme(), url.host_str().unwrap_or(""), url.port_or_known_default().unwrap_or(0))
 }
 
-/// The challenge a 401 or 407 carries (none without its header): the first scheme and
-/// its `realm`.
+/// The challenge a 401 or 407 response carries (none without its header): the first
+/// scheme and its `realm`. A 407 response comes from the proxy a plain-`http` request
+/// goes through.
 pub fn challenge(status: u16, headers: &HeaderMap, url: &Url, proxies: &Proxies) -> Option<Challenge> {
-    let (header, proxy) = match status {
-        401 => (WWW_AUTHENTICATE, false),
-        407 => (PROXY_AUTHENTICATE, true),
-        _ => return None,
-    };
+    match status {
+        401 => read(headers, WWW_AUTHENTICATE, origin_of(url), false),
+        407 => read(headers, PROXY_AUTHENTICATE, proxies.http_proxy_origin(url)?, true),
+        _ => None,
+    }
+}
+
+/// The challenge of a 407 a proxy answered a `CONNECT` for `url` with.
+pub fn tunnel_challenge(status: u16, headers: &HeaderMap, url: &Url, proxies: &Proxies) -> Option<Challenge> {
+    if status != 407 {
+        return None;
+    }
+    read(headers, PROXY_AUTHENTICATE, proxies.proxy_origin(url)?, true)
+}
+
+fn read(headers: &HeaderMap, header: HeaderName, origin: String, proxy: bool) -> Option<Challenge> {
     let value = headers.get(header)?.to_str().ok()?.trim();
     let (scheme, params) = value.split_once(char::is_whitespace).unwrap_or((value, ""));
     // `Negotiate, Basic realm="x"`: the first challenge has no parameters.
@@ -47,7 +59,6 @@ pub fn challenge(status: u16, headers: &HeaderMap, url: &Url, proxies: &Proxies)
     if scheme.is_empty() || !scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~+".contains(&b)) {
         return None;
     }
-    let origin = if proxy { proxies.http_proxy_origin(url)? } else { origin_of(url) };
     Some(Challenge { scheme: scheme.to_owned(), realm: realm(params), origin, proxy, round: 1 })
 }
 
@@ -146,5 +157,14 @@ mod tests {
         let through = Proxies::new("http://proxy.lan:3128", "", "", "");
         let c = challenge(407, &h, &plain, &through).unwrap_or_else(|| unreachable!());
         assert_eq!((c.origin.as_str(), c.proxy), ("http://proxy.lan:3128", true));
+        // An https request's 407 comes from its tunnel's proxy, to the `CONNECT`; a 407
+        // response inside the tunnel is the server's and names no proxy.
+        assert!(challenge(407, &h, &url, &through).is_none());
+        let c = tunnel_challenge(407, &h, &url, &through).unwrap_or_else(|| unreachable!());
+        assert_eq!((c.origin.as_str(), c.proxy, c.realm.as_deref()), ("http://proxy.lan:3128", true, Some("proxy")));
+        assert!(tunnel_challenge(407, &h, &url, &none).is_none(), "no proxy, no tunnel");
+        assert!(tunnel_challenge(403, &h, &url, &through).is_none());
+        let socks = Proxies::new("socks5h://127.0.0.1:1080", "", "", "");
+        assert!(tunnel_challenge(407, &h, &url, &socks).is_none(), "SOCKS asks no HTTP question");
     }
 }

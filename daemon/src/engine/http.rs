@@ -17,7 +17,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tracing::{info, warn};
 
-use super::proxy::{Proxies, ProxyConnector};
+use super::proxy::{Proxies, ProxyConnector, TunnelAuth};
 use super::reads::SpeedSizedReads;
 
 use dlsession_proto::{ErrorCode, ErrorInfo};
@@ -181,9 +181,15 @@ impl ClientFactory {
         Ok(ClientFactory { tls, roots, connect_timeout })
     }
 
-    /// A client whose connections go as `proxies` say, presenting `identity` to servers that
-    /// ask for a client certificate; pooled connections.
-    pub fn client(&self, proxies: &Proxies, identity: Option<&ClientIdentity>) -> Result<HttpClient, rustls::Error> {
+    /// A client whose connections go as `proxies` say (with `tunnel_auth` on `CONNECT`s),
+    /// presenting `identity` to servers that ask for a client certificate; pooled
+    /// connections.
+    pub fn client(
+        &self,
+        proxies: &Proxies,
+        identity: Option<&ClientIdentity>,
+        tunnel_auth: TunnelAuth,
+    ) -> Result<HttpClient, rustls::Error> {
         let tls = match identity {
             None => self.tls.clone(),
             Some(id) => {
@@ -193,10 +199,10 @@ impl ClientFactory {
                     .with_client_auth_cert(id.chain.clone(), id.key.clone_key())?
             }
         };
-        Ok(self.client_with(proxies, tls))
+        Ok(self.client_with(proxies, tls, tunnel_auth))
     }
 
-    fn client_with(&self, proxies: &Proxies, tls: rustls::ClientConfig) -> HttpClient {
+    fn client_with(&self, proxies: &Proxies, tls: rustls::ClientConfig, tunnel_auth: TunnelAuth) -> HttpClient {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(self.connect_timeout));
@@ -207,7 +213,7 @@ impl ClientFactory {
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(ProxyConnector::new(proxies.clone(), http, Arc::new(self.tls.clone())));
+            .wrap_connector(ProxyConnector::new(proxies.clone(), http, Arc::new(self.tls.clone()), tunnel_auth));
         Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
@@ -323,7 +329,7 @@ pub fn classify(err: &(dyn StdError + 'static), what: &str) -> Failure {
     Failure::transient(ErrorCode::Network, format!("{what}: {chain}"))
 }
 
-fn find<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a T> {
+pub(super) fn find<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a T> {
     if let Some(t) = err.downcast_ref::<T>() {
         return Some(t);
     }
@@ -480,7 +486,7 @@ mod tests {
         });
         let client = ClientFactory::new(None, Duration::from_secs(5))
             .unwrap()
-            .client(&super::super::proxy::Proxies::from_env(), None)
+            .client(&super::super::proxy::Proxies::from_env(), None, Arc::from([]))
             .unwrap();
         let req = hyper::Request::get(format!("http://{addr}/")).body(empty_body()).unwrap();
         let err = client.request(req).await.unwrap_err();

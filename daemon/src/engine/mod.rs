@@ -32,6 +32,7 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span};
@@ -138,8 +139,13 @@ impl std::fmt::Debug for Job {
     }
 }
 
-/// A session proxy, and the id of a client certificate.
-type RouteKey = (Option<SessionProxy>, Option<u64>);
+/// A session proxy, the id of a client certificate, and the app's credentials for
+/// proxies (`origin`, header) that go on `CONNECT`s.
+type RouteKey = (Option<SessionProxy>, Option<u64>, Vec<(String, HeaderName, HeaderValue)>);
+
+/// Clients made for proxy credentials beyond this many are dropped (their connections
+/// live on while in use); a credential that changes makes a new one.
+const MAX_CREDENTIAL_ROUTES: usize = 32;
 
 /// A client made for a session proxy or client certificate.
 #[derive(Debug)]
@@ -164,8 +170,9 @@ pub struct Engine {
     /// The client going as the daemon's environment says.
     client: HttpClient,
     proxies: proxy::Proxies,
-    /// One client per session proxy and client certificate in use (made when first needed;
-    /// its connections are pooled apart from the others').
+    /// One client per session proxy, client certificate and proxy credential in use (made
+    /// when first needed; its connections are pooled apart from the others', so a tunnel
+    /// one credential opened never serves another).
     by_route: std::sync::Mutex<std::collections::HashMap<RouteKey, Route>>,
     settings: EngineSettings,
     mover: files::Mover,
@@ -181,7 +188,7 @@ impl Engine {
         settings: EngineSettings,
     ) -> std::io::Result<Engine> {
         tracing::info!(proxies = %proxies.describe(), "proxy settings from the environment");
-        let client = factory.client(&proxies, None).map_err(std::io::Error::other)?;
+        let client = factory.client(&proxies, None, Arc::from([])).map_err(std::io::Error::other)?;
         Ok(Engine {
             factory,
             client,
@@ -193,7 +200,8 @@ impl Engine {
     }
 
     /// The client (and proxy rules) for a job: its session's proxy, else the environment's,
-    /// presenting its session's client certificate if it has one.
+    /// presenting its session's client certificate if it has one, and the app's proxy
+    /// credentials on `CONNECT`s.
     fn route(&self, job: &Job) -> Result<(HttpClient, proxy::Proxies), Failure> {
         let identity = match &job.client_cert {
             None => None,
@@ -205,21 +213,26 @@ impl Engine {
                 ));
             }
         };
-        if job.proxy.is_none() && identity.is_none() {
+        let tunnel_auth: Vec<_> =
+            job.auth.iter().filter(|a| a.proxy).map(|a| (a.origin.clone(), a.name.clone(), a.value.clone())).collect();
+        if job.proxy.is_none() && identity.is_none() && tunnel_auth.is_empty() {
             return Ok((self.client.clone(), self.proxies.clone()));
         }
-        let key = (job.proxy.clone(), identity.map(|i| i.id));
+        let key = (job.proxy.clone(), identity.map(|i| i.id), tunnel_auth);
         let mut clients = self.by_route.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(found) = clients.get(&key) {
             return Ok((found.client.clone(), found.proxies.clone()));
         }
         // A certificate no session holds any more (replaced, dropped): its client and key go.
         clients.retain(|_, r| r.identity.as_ref().is_none_or(|w| w.strong_count() > 0));
+        if clients.keys().filter(|k| !k.2.is_empty()).count() >= MAX_CREDENTIAL_ROUTES {
+            clients.retain(|k, _| k.2.is_empty());
+        }
         let proxies = match &job.proxy {
             Some(p) => proxy::Proxies::new(p.url.as_deref().unwrap_or(""), "", "", &p.no_proxy),
             None => self.proxies.clone(),
         };
-        let client = self.factory.client(&proxies, identity).map_err(|e| {
+        let client = self.factory.client(&proxies, identity, Arc::from(key.2.clone())).map_err(|e| {
             Failure::permanent(ErrorCode::Tls, format!("the session's client certificate cannot be used: {e}"))
         })?;
         let identity = match &job.client_cert {

@@ -18,9 +18,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::Uri;
+use http::header::{HeaderName, HeaderValue, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, RETRY_AFTER};
+use http::{HeaderMap, Uri};
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::connect::proxy::{SocksV4, SocksV5, Tunnel};
+use hyper_util::client::legacy::connect::proxy::{SocksV4, SocksV5};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::proxy::matcher::{Intercept, Matcher};
 use hyper_util::rt::TokioIo;
@@ -86,17 +87,20 @@ impl Proxies {
 
     /// The origin (`http://host:port`, `https://…` for a TLS proxy) of the HTTP proxy a
     /// plain-`http` request to `url` goes through, if any (a 407 comes from it; its answer
-    /// goes to it).
+    /// goes to it, on the request itself).
     pub fn http_proxy_origin(&self, url: &url::Url) -> Option<String> {
         if url.scheme() != "http" {
             return None;
         }
+        self.proxy_origin(url)
+    }
+
+    /// The origin of the HTTP(S) proxy a request to `url` goes through, if any: for an
+    /// `https` URL the proxy of its `CONNECT` tunnel (a 407 to the `CONNECT` comes from
+    /// it). None for SOCKS proxies, which ask no HTTP questions.
+    pub fn proxy_origin(&self, url: &url::Url) -> Option<String> {
         let uri: Uri = url.as_str().parse().ok()?;
-        let proxy = self.intercept(&uri)?;
-        let scheme = proxy.uri().scheme_str().filter(|s| matches!(*s, "http" | "https"))?;
-        let authority = proxy.uri().authority()?;
-        let port = authority.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
-        Some(format!("{scheme}://{}:{port}", authority.host()))
+        origin_of_proxy(self.intercept(&uri)?.uri())
     }
 
     /// A description for the logs (credentials are not included).
@@ -116,6 +120,14 @@ impl Proxies {
             probe("https://example.invalid/").unwrap_or_else(|| "direct".into())
         )
     }
+}
+
+/// `scheme://host:port` of an http(s) proxy (none for other schemes).
+fn origin_of_proxy(proxy: &Uri) -> Option<String> {
+    let scheme = proxy.scheme_str().filter(|s| matches!(*s, "http" | "https"))?;
+    let authority = proxy.authority()?;
+    let port = authority.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
+    Some(format!("{scheme}://{}:{port}", authority.host()))
 }
 
 /// Splits `NO_PROXY` into the entries with a port (`host:port`, `[v6]:port`) and the
@@ -243,35 +255,100 @@ async fn tls_to_proxy(
     Ok(tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?)
 }
 
-/// Asks the proxy on `stream` for a tunnel to `dst` (`CONNECT`), and reads its answer.
+/// Credentials the app gave for HTTP(S) proxies (`origin`, header): they go on the
+/// `CONNECT` to that proxy, replacing a header of the same name from the proxy's URL.
+pub type TunnelAuth = Arc<[(String, HeaderName, HeaderValue)]>;
+
+/// A proxy answered `CONNECT` with something other than 2xx: a 407 with
+/// `Proxy-Authenticate` is a challenge the app may answer (docs/behaviour.md,
+/// "Authentication"); the status is the task's error otherwise.
+#[derive(Debug)]
+pub struct TunnelRefused {
+    pub status: u16,
+    /// The answer's `Proxy-Authenticate` and `Retry-After`, if any.
+    pub headers: HeaderMap,
+}
+
+impl std::fmt::Display for TunnelRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the proxy refused the tunnel with status {}", self.status)
+    }
+}
+
+impl std::error::Error for TunnelRefused {}
+
+/// The longest `CONNECT` answer head read.
+const MAX_CONNECT_ANSWER: usize = 16 << 10;
+
+/// Asks the proxy on `stream` for a tunnel to `dst` (`CONNECT`) with `auth`'s headers, and
+/// reads its answer's head.
 async fn connect_through<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     stream: &mut S,
     dst: &Uri,
-    auth: Option<&http::HeaderValue>,
+    auth: &[(HeaderName, HeaderValue)],
 ) -> Result<(), BoxError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let host = dst.host().unwrap_or("");
     let port = dst.port_u16().unwrap_or(if dst.scheme_str() == Some("https") { 443 } else { 80 });
-    let mut head = format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n");
-    if let Some(auth) = auth.and_then(|a| a.to_str().ok()) {
-        head.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
+    let mut head = format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n").into_bytes();
+    for (name, value) in auth {
+        // A `HeaderValue` holds no CR or LF: nothing can be smuggled into the head.
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
     }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).await?;
+    head.extend_from_slice(b"\r\n");
+    stream.write_all(&head).await?;
+    // Byte by byte: what follows the head is the tunnel's, not ours to read.
     let mut answer = Vec::new();
     let mut byte = [0u8; 1];
     while !answer.ends_with(b"\r\n\r\n") {
-        if answer.len() > 16 << 10 || stream.read(&mut byte).await? == 0 {
+        if answer.len() > MAX_CONNECT_ANSWER || stream.read(&mut byte).await? == 0 {
             return Err("the proxy closed the connection or sent an overlong answer to CONNECT".into());
         }
         answer.extend_from_slice(&byte);
     }
-    let answer = String::from_utf8_lossy(&answer);
-    let status = answer.lines().next().and_then(|l| l.split_whitespace().nth(1)).unwrap_or("").to_owned();
-    if !(status.len() == 3 && status.starts_with('2')) {
-        return Err(format!("the proxy refused the tunnel (status {status:?})").into());
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Response::new(&mut headers);
+    let status = match parsed.parse(&answer) {
+        Ok(httparse::Status::Complete(_)) => parsed.code.unwrap_or(0),
+        _ => return Err("the proxy's answer to CONNECT is not HTTP".into()),
+    };
+    if (200..300).contains(&status) {
+        return Ok(());
     }
-    Ok(())
+    let mut kept = HeaderMap::new();
+    for h in parsed.headers.iter() {
+        let name = if h.name.eq_ignore_ascii_case("proxy-authenticate") {
+            PROXY_AUTHENTICATE
+        } else if h.name.eq_ignore_ascii_case("retry-after") {
+            RETRY_AFTER
+        } else {
+            continue;
+        };
+        if let Ok(value) = HeaderValue::from_bytes(h.value) {
+            kept.append(name, value);
+        }
+    }
+    Err(Box::new(TunnelRefused { status, headers: kept }))
+}
+
+/// The headers for a `CONNECT` to `proxy`: the app's credentials for it, else the proxy
+/// URL's own.
+fn tunnel_headers(proxy: &Intercept, auth: &TunnelAuth) -> Vec<(HeaderName, HeaderValue)> {
+    let origin = origin_of_proxy(proxy.uri());
+    let mut headers: Vec<(HeaderName, HeaderValue)> = auth
+        .iter()
+        .filter(|(o, _, _)| Some(o) == origin.as_ref())
+        .map(|(_, name, value)| (name.clone(), value.clone()))
+        .collect();
+    if let Some(url_auth) = proxy.basic_auth()
+        && !headers.iter().any(|(name, _)| name == PROXY_AUTHORIZATION)
+    {
+        headers.push((PROXY_AUTHORIZATION, url_auth.clone()));
+    }
+    headers
 }
 
 /// Connects directly, through a `CONNECT` tunnel, or to an http(s) proxy.
@@ -281,6 +358,8 @@ pub struct ProxyConnector {
     direct: HttpConnector,
     /// For https:// proxies: TLS to the proxy itself.
     tls: Arc<rustls::ClientConfig>,
+    /// The app's credentials for proxies, sent with `CONNECT`.
+    tunnel_auth: TunnelAuth,
 }
 
 impl std::fmt::Debug for ProxyConnector {
@@ -290,8 +369,13 @@ impl std::fmt::Debug for ProxyConnector {
 }
 
 impl ProxyConnector {
-    pub fn new(proxies: Proxies, direct: HttpConnector, tls: Arc<rustls::ClientConfig>) -> ProxyConnector {
-        ProxyConnector { proxies, direct, tls }
+    pub fn new(
+        proxies: Proxies,
+        direct: HttpConnector,
+        tls: Arc<rustls::ClientConfig>,
+        tunnel_auth: TunnelAuth,
+    ) -> ProxyConnector {
+        ProxyConnector { proxies, direct, tls, tunnel_auth }
     }
 }
 
@@ -308,6 +392,7 @@ impl Service<Uri> for ProxyConnector {
         let intercept = self.proxies.intercept(&dst);
         let mut direct = self.direct.clone();
         let tls = self.tls.clone();
+        let tunnel_auth = self.tunnel_auth.clone();
         Box::pin(async move {
             let scheme = intercept.as_ref().and_then(|p| p.uri().scheme_str().map(str::to_owned));
             match (intercept, scheme.as_deref()) {
@@ -329,16 +414,14 @@ impl Service<Uri> for ProxyConnector {
                     let mut stream = tls_to_proxy(direct, proxy.uri(), tls).await?;
                     let tunnel = dst.scheme_str() == Some("https");
                     if tunnel {
-                        connect_through(&mut stream, &dst, proxy.basic_auth()).await?;
+                        connect_through(&mut stream, &dst, &tunnel_headers(&proxy, &tunnel_auth)).await?;
                     }
                     Ok(ProxyStream { io: Io::Tls(Box::new(TokioIo::new(stream))), proxied: !tunnel })
                 }
                 (Some(proxy), _) if dst.scheme_str() == Some("https") => {
-                    let mut tunnel = Tunnel::new(proxy.uri().clone(), direct);
-                    if let Some(auth) = proxy.basic_auth() {
-                        tunnel = tunnel.with_auth(auth.clone());
-                    }
-                    Ok(ProxyStream { io: Io::Plain(tunnel.call(dst).await?), proxied: false })
+                    let mut tcp = direct.call(proxy.uri().clone()).await?.into_inner();
+                    connect_through(&mut tcp, &dst, &tunnel_headers(&proxy, &tunnel_auth)).await?;
+                    Ok(ProxyStream { io: Io::Plain(TokioIo::new(tcp)), proxied: false })
                 }
                 (Some(proxy), _) => {
                     Ok(ProxyStream { io: Io::Plain(direct.call(proxy.uri().clone()).await?), proxied: true })

@@ -20,7 +20,9 @@ use hyper::header::{CONTENT_TYPE, HeaderValue, LOCATION};
 use tokio::sync::mpsc;
 use url::Url;
 
-use super::attempt::{build_request, host_of, no_response, response_headers, status_failure, status_text};
+use super::attempt::{
+    build_request, host_of, no_response, request_failure, response_headers, status_failure, status_text,
+};
 use super::http::{Failure, ReqBody, Retry, classify, empty_body, is_transient_status};
 use super::limiter::RateLimiter;
 use super::progress::Progress;
@@ -144,7 +146,14 @@ impl Engine {
         auth::apply(&mut req, resume, &job.auth, &proxies);
         let resp = match tokio::time::timeout(job.idle_timeout, client.request(req)).await {
             Err(_) => return Err(no_response(resume, job)),
-            Ok(Err(e)) => return Err(classify(&e, &format!("asking {} for the upload's offset", host_of(resume)))),
+            Ok(Err(e)) => {
+                return Err(request_failure(
+                    &e,
+                    resume,
+                    &proxies,
+                    &format!("asking {} for the upload's offset", host_of(resume)),
+                ));
+            }
             Ok(Ok(r)) => r,
         };
         let status = resp.status().as_u16();
@@ -270,7 +279,7 @@ impl Engine {
                     if let Some(f) = changed_failure(&e) {
                         return Err(f);
                     }
-                    return Err(classify(&e, &format!("sending to {}", host_of(&url))));
+                    return Err(request_failure(&e, &url, &proxies, &format!("sending to {}", host_of(&url))));
                 }
                 Some(Ok(r)) => r,
             };
