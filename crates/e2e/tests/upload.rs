@@ -11,7 +11,7 @@ use dlsession::{ErrorCode, Session, UploadMethod, UploadRequest};
 use dlsession_testkit::app::config;
 use dlsession_testkit::cli::{show_field, stdout};
 use dlsession_testkit::{
-    LONG, Recorder, Seen, TestDaemon, TestEnv, UploadFaults, UploadServer, fill_pattern, sha256_hex, wait_until,
+    LONG, Recorder, Seen, TestCa, TestDaemon, TestEnv, UploadFaults, UploadServer, fill_pattern, sha256_hex, wait_until,
 };
 
 fn make_file(dir: &Path, name: &str, len: usize, seed: u64) -> (PathBuf, Vec<u8>) {
@@ -223,6 +223,34 @@ async fn a_resumable_upload_goes_on_from_the_servers_offset_after_a_cut_and_a_cr
     // Nothing the server had was sent again.
     assert_eq!(server.received(), SIZE as u64, "{records:?}");
     drop(session);
+}
+
+/// Over HTTPS, to a server that also speaks HTTP/2 (as real ones do): uploads go over
+/// HTTP/1.1, where a `104` can arrive, so the server's offer is taken and a POST cut
+/// mid-body goes on from the server's offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumable_upload_over_https_goes_on_after_a_cut() {
+    const SIZE: usize = 3 << 20;
+    let env = TestEnv::new();
+    let ca = TestCa::new().unwrap();
+    env.add_config(&format!("extra_ca_file = {:?}", ca.ca_pem_path()));
+    let _d = TestDaemon::start(&env);
+    let server = UploadServer::start_tls(true, &ca).await.unwrap();
+    server.set_faults(UploadFaults { cut_after: Some(1 << 20), ..UploadFaults::default() });
+    let (file, data) = make_file(env.path(), "over-tls.bin", SIZE, 17);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.tlsupload"), delegate).await.unwrap();
+    let request = UploadRequest::new(server.url("/files/over-tls.bin"), &file).method(UploadMethod::Post);
+    let task = session.upload_tasks(vec![request], true).await.unwrap().remove(0);
+    let done = events.completion(task.id(), LONG).await;
+    assert_eq!(done, None, "{:?} {:?}", server.protocols(), server.records());
+    assert_eq!(server.file("over-tls.bin").as_deref(), Some(&data[..]), "byte-exact");
+    let methods: Vec<String> = server.records().into_iter().map(|r| r.method).collect();
+    assert_eq!(methods, ["POST", "HEAD", "PATCH"]);
+    assert_eq!(server.received(), SIZE as u64, "nothing sent twice");
+    let protocols = server.protocols();
+    // HTTP/1.1 offers no ALPN at all ("").
+    assert!(!protocols.is_empty() && protocols.iter().all(|p| p.is_empty()), "{protocols:?}");
 }
 
 /// A POST the server offered to resume goes on after a 503 to its whole body (the server

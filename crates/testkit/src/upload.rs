@@ -1,5 +1,6 @@
-//! An upload server for tests: plain HTTP/1.1 on loopback, written on raw TCP so it can
-//! send the informational `104 Upload Resumption Supported` that the resumable uploads
+//! An upload server for tests: HTTP/1.1 on loopback (plain, or over TLS offering `h2` and
+//! `http/1.1` as real servers do, and speaking only the latter), written on raw TCP so it
+//! can send the informational `104 Upload Resumption Supported` that the resumable uploads
 //! draft (interop version 6) announces an upload resource with.
 //!
 //! - `PUT`/`POST /files/NAME`: the body becomes file `NAME`; answered `201` with a small JSON
@@ -19,8 +20,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 use crate::content::sha256_hex;
@@ -71,11 +72,19 @@ struct State {
     next_id: u64,
     /// Body bytes read, over all requests.
     received: u64,
+    /// Over TLS: the protocol each connection negotiated (ALPN; empty for none).
+    protocols: Vec<String>,
 }
+
+/// A connection, plain or TLS.
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
+type Stream = Box<dyn Conn>;
 
 #[derive(Debug)]
 pub struct UploadServer {
     addr: SocketAddr,
+    tls: bool,
     state: Arc<Mutex<State>>,
     _tasks: JoinSet<()>,
 }
@@ -83,24 +92,56 @@ pub struct UploadServer {
 impl UploadServer {
     /// A server that offers resumption (`104`) when `resumable`.
     pub async fn start(resumable: bool) -> anyhow::Result<UploadServer> {
+        UploadServer::start_with(resumable, None).await
+    }
+
+    /// The same over TLS with `ca`'s server certificate (`https://localhost:PORT`). A
+    /// connection that negotiates `h2` is recorded and closed: this server speaks HTTP/1.1.
+    pub async fn start_tls(resumable: bool, ca: &crate::TestCa) -> anyhow::Result<UploadServer> {
+        UploadServer::start_with(resumable, Some(tokio_rustls::TlsAcceptor::from(ca.server_config()))).await
+    }
+
+    async fn start_with(resumable: bool, tls: Option<tokio_rustls::TlsAcceptor>) -> anyhow::Result<UploadServer> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State { resumable, next_id: 1, ..State::default() }));
         let mut tasks = JoinSet::new();
-        let s = state.clone();
+        let (s, secure) = (state.clone(), tls.is_some());
         tasks.spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let s = s.clone();
+                let (s, tls) = (s.clone(), tls.clone());
                 tokio::spawn(async move {
+                    let stream: Stream = match tls {
+                        None => Box::new(stream),
+                        Some(acceptor) => {
+                            let Ok(tls) = acceptor.accept(stream).await else { return };
+                            let protocol = tls.get_ref().1.alpn_protocol().unwrap_or_default();
+                            let protocol = String::from_utf8_lossy(protocol).into_owned();
+                            s.lock().unwrap().protocols.push(protocol.clone());
+                            if protocol == "h2" {
+                                return;
+                            }
+                            Box::new(tls)
+                        }
+                    };
                     let _ = serve(stream, s).await;
                 });
             }
         });
-        Ok(UploadServer { addr, state, _tasks: tasks })
+        Ok(UploadServer { addr, tls: secure, state, _tasks: tasks })
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        if self.tls {
+            format!("https://localhost:{}{path}", self.addr.port())
+        } else {
+            format!("http://{}{path}", self.addr)
+        }
+    }
+
+    /// Over TLS: the protocol each connection negotiated, in order.
+    pub fn protocols(&self) -> Vec<String> {
+        self.state.lock().unwrap().protocols.clone()
     }
 
     pub fn set_faults(&self, faults: UploadFaults) {
@@ -140,7 +181,7 @@ impl Head {
     }
 }
 
-async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<Option<Head>> {
+async fn read_head(stream: &mut Stream, buf: &mut Vec<u8>) -> anyhow::Result<Option<Head>> {
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
@@ -166,7 +207,7 @@ async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<
     }
 }
 
-async fn respond(stream: &mut TcpStream, status: u16, headers: &[(&str, String)], body: &[u8]) -> anyhow::Result<()> {
+async fn respond(stream: &mut Stream, status: u16, headers: &[(&str, String)], body: &[u8]) -> anyhow::Result<()> {
     let mut out = format!("HTTP/1.1 {status} {}\r\n", reason(status));
     for (n, v) in headers {
         out.push_str(&format!("{n}: {v}\r\n"));
@@ -194,7 +235,7 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-async fn serve(mut stream: TcpStream, state: Arc<Mutex<State>>) -> anyhow::Result<()> {
+async fn serve(mut stream: Stream, state: Arc<Mutex<State>>) -> anyhow::Result<()> {
     let mut buf = Vec::new();
     while let Some(head) = read_head(&mut stream, &mut buf).await? {
         let number = {
@@ -219,7 +260,7 @@ async fn serve(mut stream: TcpStream, state: Arc<Mutex<State>>) -> anyhow::Resul
 
 /// Serves one request; the status answered, or 0 when the connection was cut on purpose.
 async fn handle(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut Vec<u8>,
     head: &Head,
     number: usize,
@@ -318,7 +359,7 @@ async fn handle(
 /// Reads `length` body bytes (into the upload resource `id` as they come, if any). `None`
 /// when the connection broke, or was cut on purpose.
 async fn read_body(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut Vec<u8>,
     length: u64,
     number: usize,
@@ -375,7 +416,7 @@ async fn read_body(
 /// The whole body arrived: the file is stored (for an upload resource, all of its bytes),
 /// and the answer goes out.
 async fn finish(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     name: &str,
     id: Option<u64>,
     body: Vec<u8>,

@@ -29,7 +29,7 @@ impl Engine {
         let mut url =
             Url::parse(&job.url).map_err(|e| Failure::permanent(ErrorCode::InvalidUrl, format!("invalid URL: {e}")))?;
         let origin = url.origin();
-        let (client, proxies) = self.route(job)?;
+        let (client, proxies) = self.route(job, super::http::Versions::Http1And2)?;
         let mut hops = 0;
         loop {
             let same_origin = url.origin() == origin;

@@ -182,13 +182,14 @@ impl ClientFactory {
     }
 
     /// A client whose connections go as `proxies` say (with `tunnel_auth` on `CONNECT`s),
-    /// presenting `identity` to servers that ask for a client certificate; pooled
-    /// connections.
+    /// presenting `identity` to servers that ask for a client certificate, offering
+    /// `versions` over TLS; pooled connections.
     pub fn client(
         &self,
         proxies: &Proxies,
         identity: Option<&ClientIdentity>,
         tunnel_auth: TunnelAuth,
+        versions: Versions,
     ) -> Result<HttpClient, rustls::Error> {
         let tls = match identity {
             None => self.tls.clone(),
@@ -199,21 +200,27 @@ impl ClientFactory {
                     .with_client_auth_cert(id.chain.clone(), id.key.clone_key())?
             }
         };
-        Ok(self.client_with(proxies, tls, tunnel_auth))
+        Ok(self.client_with(proxies, tls, tunnel_auth, versions))
     }
 
-    fn client_with(&self, proxies: &Proxies, tls: rustls::ClientConfig, tunnel_auth: TunnelAuth) -> HttpClient {
+    fn client_with(
+        &self,
+        proxies: &Proxies,
+        tls: rustls::ClientConfig,
+        tunnel_auth: TunnelAuth,
+        versions: Versions,
+    ) -> HttpClient {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(self.connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
         http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(ProxyConnector::new(proxies.clone(), http, Arc::new(self.tls.clone()), tunnel_auth));
+        let connector = ProxyConnector::new(proxies.clone(), http, Arc::new(self.tls.clone()), tunnel_auth);
+        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1();
+        let https = match versions {
+            Versions::Http1And2 => builder.enable_http2().wrap_connector(connector),
+            Versions::Http1 => builder.wrap_connector(connector),
+        };
         Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
@@ -226,6 +233,15 @@ impl ClientFactory {
             .http1_max_buf_size(1 << 20)
             .build(SpeedSizedReads(https))
     }
+}
+
+/// The HTTP versions a client offers a TLS server (ALPN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Versions {
+    Http1And2,
+    /// For uploads: hyper receives informational responses only over HTTP/1.1, and a
+    /// server offers a resumable upload in a `104` (docs/behaviour.md, "Uploads").
+    Http1,
 }
 
 /// Whether a failed attempt may be retried.
@@ -486,7 +502,7 @@ mod tests {
         });
         let client = ClientFactory::new(None, Duration::from_secs(5))
             .unwrap()
-            .client(&super::super::proxy::Proxies::from_env(), None, Arc::from([]))
+            .client(&super::super::proxy::Proxies::from_env(), None, Arc::from([]), Versions::Http1And2)
             .unwrap();
         let req = hyper::Request::get(format!("http://{addr}/")).body(empty_body()).unwrap();
         let err = client.request(req).await.unwrap_err();

@@ -139,9 +139,9 @@ impl std::fmt::Debug for Job {
     }
 }
 
-/// A session proxy, the id of a client certificate, and the app's credentials for
-/// proxies (`origin`, header) that go on `CONNECT`s.
-type RouteKey = (Option<SessionProxy>, Option<u64>, Vec<(String, HeaderName, HeaderValue)>);
+/// A session proxy, the id of a client certificate, the app's credentials for proxies
+/// (`origin`, header) that go on `CONNECT`s, and the HTTP versions offered.
+type RouteKey = (Option<SessionProxy>, Option<u64>, Vec<(String, HeaderName, HeaderValue)>, http::Versions);
 
 /// Clients made for proxy credentials beyond this many are dropped (their connections
 /// live on while in use); a credential that changes makes a new one.
@@ -169,6 +169,8 @@ pub struct Engine {
     factory: http::ClientFactory,
     /// The client going as the daemon's environment says.
     client: HttpClient,
+    /// The same for uploads (HTTP/1.1 only, see `http::Versions`).
+    upload_client: HttpClient,
     proxies: proxy::Proxies,
     /// One client per session proxy, client certificate and proxy credential in use (made
     /// when first needed; its connections are pooled apart from the others', so a tunnel
@@ -188,10 +190,12 @@ impl Engine {
         settings: EngineSettings,
     ) -> std::io::Result<Engine> {
         tracing::info!(proxies = %proxies.describe(), "proxy settings from the environment");
-        let client = factory.client(&proxies, None, Arc::from([])).map_err(std::io::Error::other)?;
+        let client = factory.client(&proxies, None, Arc::from([]), http::Versions::Http1And2);
+        let upload_client = factory.client(&proxies, None, Arc::from([]), http::Versions::Http1);
         Ok(Engine {
+            client: client.map_err(std::io::Error::other)?,
+            upload_client: upload_client.map_err(std::io::Error::other)?,
             factory,
-            client,
             proxies,
             by_route: std::sync::Mutex::default(),
             settings,
@@ -201,8 +205,8 @@ impl Engine {
 
     /// The client (and proxy rules) for a job: its session's proxy, else the environment's,
     /// presenting its session's client certificate if it has one, and the app's proxy
-    /// credentials on `CONNECT`s.
-    fn route(&self, job: &Job) -> Result<(HttpClient, proxy::Proxies), Failure> {
+    /// credentials on `CONNECT`s, offering `versions` (uploads: HTTP/1.1 only).
+    fn route(&self, job: &Job, versions: http::Versions) -> Result<(HttpClient, proxy::Proxies), Failure> {
         let identity = match &job.client_cert {
             None => None,
             Some(Ok(id)) => Some(id.as_ref()),
@@ -216,9 +220,13 @@ impl Engine {
         let tunnel_auth: Vec<_> =
             job.auth.iter().filter(|a| a.proxy).map(|a| (a.origin.clone(), a.name.clone(), a.value.clone())).collect();
         if job.proxy.is_none() && identity.is_none() && tunnel_auth.is_empty() {
-            return Ok((self.client.clone(), self.proxies.clone()));
+            let client = match versions {
+                http::Versions::Http1And2 => &self.client,
+                http::Versions::Http1 => &self.upload_client,
+            };
+            return Ok((client.clone(), self.proxies.clone()));
         }
-        let key = (job.proxy.clone(), identity.map(|i| i.id), tunnel_auth);
+        let key = (job.proxy.clone(), identity.map(|i| i.id), tunnel_auth, versions);
         let mut clients = self.by_route.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(found) = clients.get(&key) {
             return Ok((found.client.clone(), found.proxies.clone()));
@@ -232,7 +240,7 @@ impl Engine {
             Some(p) => proxy::Proxies::new(p.url.as_deref().unwrap_or(""), "", "", &p.no_proxy),
             None => self.proxies.clone(),
         };
-        let client = self.factory.client(&proxies, identity, Arc::from(key.2.clone())).map_err(|e| {
+        let client = self.factory.client(&proxies, identity, Arc::from(key.2.clone()), versions).map_err(|e| {
             Failure::permanent(ErrorCode::Tls, format!("the session's client certificate cannot be used: {e}"))
         })?;
         let identity = match &job.client_cert {

@@ -136,7 +136,7 @@ impl Engine {
 
     /// Asks the upload resource how much it holds (`HEAD`).
     async fn server_offset(&self, job: &Job, origin: &Url, resume: &Url) -> Result<ServerOffset, Failure> {
-        let (client, proxies) = self.route(job)?;
+        let (client, proxies) = self.route(job, super::http::Versions::Http1)?;
         let same_origin = resume.origin() == origin.origin();
         let mut req = build_request(resume, job, 0, same_origin, hyper::Method::HEAD, empty_body())?;
         req.headers_mut().insert(INTEROP, HeaderValue::from_static(INTEROP_VERSION));
@@ -189,7 +189,7 @@ impl Engine {
         append: Option<(Url, u64)>,
         offered: &mut bool,
     ) -> Result<Reached, Failure> {
-        let (client, proxies) = self.route(job)?;
+        let (client, proxies) = self.route(job, super::http::Versions::Http1)?;
         let appending = append.is_some();
         let (mut url, from) = append.unwrap_or_else(|| (origin.clone(), 0));
         let mut method = if appending {
