@@ -8,12 +8,14 @@
 use std::io::Write;
 use std::process::Stdio;
 
-use dlsession::{ChallengeAnswer, Credential, CredentialScope, DownloadRequest, ErrorCode, Session};
+use dlsession::{
+    ChallengeAnswer, Credential, CredentialScope, DownloadRequest, ErrorCode, Session, UploadMethod, UploadRequest,
+};
 use dlsession_testkit::app::config;
 use dlsession_testkit::cli::{show_field, stdout};
 use dlsession_testkit::{
-    LONG, Recorder, Resource, Seen, TestCa, TestDaemon, TestEnv, TestProxy, TestServer, bin_path, pattern_sha256,
-    sha256_file, to_hex, wait_until,
+    LONG, Recorder, Resource, Seen, TestCa, TestDaemon, TestEnv, TestProxy, TestServer, UploadFaults, UploadServer,
+    bin_path, pattern_sha256, sha256_file, to_hex, wait_until,
 };
 
 const PASSWORD: &str = "s3cret-pw";
@@ -261,4 +263,55 @@ async fn a_proxy_asking_for_credentials_is_answered_on_its_tunnel() {
     assert_eq!((error.code, error.http_status), (ErrorCode::HttpStatus, Some(407)), "{error:?}");
     assert!(error.message.contains("proxy answered 407"), "{error:?}");
     assert_eq!(proxy.records().len(), before + 1, "not retried");
+}
+
+/// An upload answered 401 in a session that answers: the app's `Header` credential goes
+/// with the POST sent again whole (a 401 takes no request). Held in memory only, it is gone
+/// after a restart, so the next upload is asked again; answered `Cancel`, that one
+/// completes `cancelled`, sends nothing more, and the app's file is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_asked_for_credentials_goes_again_with_the_apps_header() {
+    let env = TestEnv::new();
+    let mut d = TestDaemon::start(&env);
+    let server = UploadServer::start(false).await.unwrap();
+    let wants = ("x-api-key".to_owned(), "k-123".to_owned(), "ApiKey realm=\"uploads\"".to_owned());
+    server.set_faults(UploadFaults { wants: Some(wants), ..UploadFaults::default() });
+    let file = env.path().join("doc.bin");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&file, &data).unwrap();
+    let header = ChallengeAnswer::Use {
+        credential: Credential::Header { name: "X-Api-Key".into(), value: "k-123".into() },
+        scope: CredentialScope::ProtectionSpace,
+        keep: false,
+    };
+    let (delegate, mut events) = Recorder::answering(&env.path().join("out"), header);
+    let session = Session::attach(config(&env, "t.upauth").answers_challenges(true), delegate).await.unwrap();
+    let post = |name: &str| UploadRequest::new(server.url(&format!("/files/{name}")), &file).method(UploadMethod::Post);
+    let task = session.upload_tasks(vec![post("doc")], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None, "{:?}", server.records());
+    assert_eq!(server.file("doc").as_deref(), Some(&data[..]), "byte-exact");
+    let sent: Vec<_> =
+        server.records().into_iter().map(|r| (r.status, r.header("x-api-key").map(str::to_owned))).collect();
+    assert_eq!(sent, [(401, None), (201, Some("k-123".to_owned()))]);
+    match events.seen.iter().find(|e| matches!(e, Seen::Challenge { .. })) {
+        Some(Seen::Challenge { challenge, .. }) => {
+            assert_eq!((challenge.scheme.as_str(), challenge.realm.as_deref()), ("ApiKey", Some("uploads")));
+        }
+        other => panic!("a challenge expected: {other:?}"),
+    }
+
+    session.wait_idle().await.unwrap();
+    drop(session);
+    d.kill9();
+    d.restart();
+    let (delegate, mut events) = Recorder::answering(&env.path().join("out2"), ChallengeAnswer::Cancel);
+    let session = Session::attach(config(&env, "t.upauth").answers_challenges(true), delegate).await.unwrap();
+    let task = session.upload_tasks(vec![post("doc2")], true).await.unwrap().remove(0);
+    let error = events.completion(task.id(), LONG).await.expect("cancelled");
+    assert_eq!(error.code, ErrorCode::Cancelled, "{error:?}");
+    let to_doc2: Vec<_> = server.records().into_iter().filter(|r| r.path == "/files/doc2").collect();
+    assert_eq!(to_doc2.len(), 1, "asked again, then nothing more: {to_doc2:?}");
+    assert_eq!((to_doc2[0].status, to_doc2[0].header("x-api-key")), (401, None), "the credential was forgotten");
+    assert!(server.file("doc2").is_none());
+    assert_eq!(std::fs::read(&file).unwrap(), data, "the app's file is untouched");
 }

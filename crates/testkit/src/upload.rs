@@ -55,6 +55,10 @@ pub struct UploadFaults {
     pub cut_after: Option<u64>,
     /// Read bodies at about this many bytes per second.
     pub rate: Option<u64>,
+    /// Uploads must carry this header (name, value): others are answered `401` with
+    /// `WWW-Authenticate` set to the third, before their body is read, and the connection
+    /// is closed.
+    pub wants: Option<(String, String, String)>,
 }
 
 #[derive(Debug, Default)]
@@ -225,6 +229,7 @@ fn reason(status: u16) -> &'static str {
         201 => "Created",
         204 => "No Content",
         400 => "Bad Request",
+        401 => "Unauthorized",
         404 => "Not Found",
         409 => "Conflict",
         411 => "Length Required",
@@ -251,7 +256,8 @@ async fn serve(mut stream: Stream, state: Arc<Mutex<State>>) -> anyhow::Result<(
         };
         let status = handle(&mut stream, &mut buf, &head, number, &state).await?;
         state.lock().unwrap().records[number - 1].status = status;
-        if status == 0 {
+        // Cut on purpose, or refused before its body was read.
+        if status == 0 || status == 401 {
             return Ok(());
         }
     }
@@ -277,6 +283,13 @@ async fn handle(
     let upload_id = head.path.strip_prefix("/uploads/").and_then(|id| id.parse::<u64>().ok());
     match (head.method.as_str(), head.path.strip_prefix("/files/"), upload_id) {
         ("PUT" | "POST", Some(name), _) => {
+            let wants = state.lock().unwrap().faults.wants.clone();
+            if let Some((header, value, challenge)) = wants
+                && head.header(&header) != Some(value.as_str())
+            {
+                respond(stream, 401, &[("WWW-Authenticate", challenge), ("Connection", "close".into())], b"").await?;
+                return Ok(401);
+            }
             let Some(length) = length else {
                 respond(stream, 411, &[], b"").await?;
                 return Ok(411);
