@@ -315,3 +315,36 @@ async fn an_upload_asked_for_credentials_goes_again_with_the_apps_header() {
     assert!(server.file("doc2").is_none());
     assert_eq!(std::fs::read(&file).unwrap(), data, "the app's file is untouched");
 }
+
+/// A task waiting for credentials keeps waiting across SIGKILL (the same challenge, the
+/// same round), and `--challenges fail` then fails it with the server's 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_challenge_survives_a_crash_and_fails_when_the_session_stops_asking() {
+    let env = TestEnv::new();
+    let mut d = TestDaemon::start(&env);
+    let s = server().await;
+    s.add("/public", Resource::generated(1_000, 54));
+    let dir = env.path().join("files");
+    let get = |url: String| env.ctl(&["get", "--session", "t.crash", "-d", dir.to_str().unwrap(), &url]);
+    assert!(get(s.url("/public")).status.success());
+    assert!(env.ctl(&["policy", "t.crash", "--challenges", "ask"]).status.success());
+    assert!(get(s.url("/private")).status.success());
+    let waiting = || {
+        let json: serde_json::Value =
+            serde_json::from_slice(&env.ctl(&["--json", "tasks", "--session", "t.crash"]).stdout).unwrap();
+        json.as_array().unwrap().iter().find(|t| t["wait"]["reason"] == "auth_required").cloned()
+    };
+    wait_until(|| waiting().is_some()).await;
+    let before = waiting().unwrap();
+    d.kill9();
+    d.restart();
+    let after = waiting().unwrap_or_else(|| panic!("still waiting after the crash"));
+    assert_eq!((&after["id"], &after["wait"]), (&before["id"], &before["wait"]), "the same challenge");
+    assert_eq!(s.requests_for("/private").len(), 1, "not sent again by the restart");
+
+    assert!(env.ctl(&["policy", "t.crash", "--challenges", "fail"]).status.success());
+    let task = after["id"].as_u64().unwrap().to_string();
+    wait_until(|| show_field(&stdout(&env.ctl(&["show", &task])), "state") == "completed").await;
+    let text = stdout(&env.ctl(&["show", &task]));
+    assert!(show_field(&text, "error").starts_with("http_status: server answered 401"), "{text}");
+}
