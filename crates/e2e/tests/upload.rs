@@ -121,6 +121,71 @@ async fn bad_uploads_are_refused_at_submit_and_a_changed_file_fails_clearly() {
     assert!(server.file("x").is_none());
 }
 
+/// Changes that keep the size are caught by the modification time: before the upload
+/// starts, and while it is sent (checked again before the last bytes go), so the server
+/// never gets a whole body mixing old and new bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_changed_in_place_fails_the_upload_before_its_end() {
+    // More than loopback's socket buffers take at once, so the end is still to be sent.
+    const SIZE: usize = 24 << 20;
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = UploadServer::start(false).await.unwrap();
+    server.set_faults(UploadFaults { rate: Some(8 << 20), ..UploadFaults::default() });
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.changed"), delegate).await.unwrap();
+    let rewrite = |path: &Path| {
+        let mut other = vec![0u8; SIZE];
+        fill_pattern(99, 0, &mut other);
+        std::fs::write(path, &other).unwrap();
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+        std::fs::File::options().write(true).open(path).unwrap().set_modified(later).unwrap();
+    };
+
+    let (before, _) = make_file(env.path(), "before.bin", SIZE, 20);
+    let task = session.upload_task(UploadRequest::new(server.url("/files/before"), &before)).await.unwrap();
+    rewrite(&before);
+    task.resume().await.unwrap();
+    let error = events.completion(task.id(), LONG).await.expect("changed before the start");
+    assert!(error.message.contains("changed since the upload was submitted"), "{error:?}");
+    assert_eq!(server.received(), 0, "nothing sent");
+
+    let (during, _) = make_file(env.path(), "during.bin", SIZE, 21);
+    let task = session.upload_task(UploadRequest::new(server.url("/files/during"), &during)).await.unwrap();
+    task.resume().await.unwrap();
+    wait_until(|| server.received() >= 1 << 20).await;
+    rewrite(&during);
+    let error = events.completion(task.id(), LONG).await.expect("changed while sent");
+    assert_eq!(error.code, ErrorCode::FileError, "{error:?}");
+    assert!(error.message.contains("changed since the upload was submitted"), "{error:?}");
+    assert!(server.file("during").is_none(), "the server never got a whole body");
+    assert!(server.received() < SIZE as u64, "{}", server.received());
+}
+
+/// A response body longer than the limit reaches the app cut at 1 MiB and marked so;
+/// the response's headers reach it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_upload_response_is_cut_at_the_limit_and_its_headers_reach_the_app() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = UploadServer::start(false).await.unwrap();
+    server.set_faults(UploadFaults { response_size: Some(3 << 20), ..UploadFaults::default() });
+    let (file, data) = make_file(env.path(), "long.bin", 50_000, 22);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.long"), delegate).await.unwrap();
+    let task = session.upload_task(UploadRequest::new(server.url("/files/long"), &file)).await.unwrap();
+    task.resume().await.unwrap();
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    let (status, body, truncated) = events.response(task.id()).expect("a response");
+    assert_eq!((status, truncated, body.len() as u64), (201, true, dlsession::proto::UPLOAD_RESPONSE_BODY_LIMIT));
+    assert!(
+        String::from_utf8_lossy(&body)
+            .starts_with(&format!(r#"{{"name":"long","size":50000,"sha256":"{}"#, sha256_hex(&data)))
+    );
+    assert_eq!(events.response_header(task.id(), "location").as_deref(), Some("/files/long"));
+    assert_eq!(events.response_header(task.id(), "content-type").as_deref(), Some("application/json"));
+}
+
 /// A PUT is retried after a 503; a plain POST is not (its whole body went out), an
 /// idempotent one is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,6 +37,8 @@ pub enum Seen {
         status: u16,
         body: Vec<u8>,
         truncated: bool,
+        /// Its headers (name, value).
+        headers: Vec<(String, String)>,
     },
     Resumed {
         task: TaskId,
@@ -90,7 +92,8 @@ impl SessionDelegate for Recorder {
     }
     fn did_receive_upload_response(&self, _: &Session, task: &DownloadTask, r: &dlsession::UploadResponse) {
         let body = std::fs::read(&r.body).unwrap_or_else(|e| panic!("read {}: {e}", r.body.display()));
-        let seen = Seen::Response { task: task.id(), status: r.status, body, truncated: r.body_truncated };
+        let headers = r.headers.iter().map(|h| (h.name.clone(), h.value.clone())).collect();
+        let seen = Seen::Response { task: task.id(), status: r.status, body, truncated: r.body_truncated, headers };
         let _ = self.tx.send(seen);
     }
     fn did_receive_challenge(
@@ -199,8 +202,18 @@ impl Events {
     /// The response of upload `task` (must have been seen already): status, body, truncated.
     pub fn response(&self, task: TaskId) -> Option<(u16, Vec<u8>, bool)> {
         self.seen.iter().find_map(|e| match e {
-            Seen::Response { task: t, status, body, truncated } if *t == task => {
+            Seen::Response { task: t, status, body, truncated, .. } if *t == task => {
                 Some((*status, body.clone(), *truncated))
+            }
+            _ => None,
+        })
+    }
+
+    /// The first header `name` (any case) of upload `task`'s response.
+    pub fn response_header(&self, task: TaskId, name: &str) -> Option<String> {
+        self.seen.iter().find_map(|e| match e {
+            Seen::Response { task: t, headers, .. } if *t == task => {
+                headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone())
             }
             _ => None,
         })

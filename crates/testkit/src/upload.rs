@@ -59,6 +59,8 @@ pub struct UploadFaults {
     /// `WWW-Authenticate` set to the third, before their body is read, and the connection
     /// is closed.
     pub wants: Option<(String, String, String)>,
+    /// Pad the `201`'s JSON body with spaces to this many bytes.
+    pub response_size: Option<usize>,
 }
 
 #[derive(Debug, Default)]
@@ -452,7 +454,10 @@ async fn finish(
         s.files.insert(name.to_owned(), data.clone());
         data
     };
-    let json = format!(r#"{{"name":"{name}","size":{},"sha256":"{}"}}"#, data.len(), sha256_hex(&data));
+    let mut json = format!(r#"{{"name":"{name}","size":{},"sha256":"{}"}}"#, data.len(), sha256_hex(&data));
+    if let Some(size) = state.lock().unwrap().faults.response_size {
+        json.extend(std::iter::repeat_n(' ', size.saturating_sub(json.len())));
+    }
     let headers = [
         ("Content-Type", "application/json".to_owned()),
         ("Upload-Complete", "?1".to_owned()),
