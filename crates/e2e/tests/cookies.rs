@@ -6,8 +6,10 @@
 
 use dlsession::{DownloadRequest, Session};
 use dlsession_testkit::app::config;
+use dlsession_testkit::cli::stdout;
 use dlsession_testkit::{
-    Fault, Hits, LONG, Recorder, Resource, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex,
+    Fault, Hits, LONG, Recorder, Resource, Seen, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex,
+    wait_until,
 };
 
 const SECRET: &str = "sid=s3cr3t-v4lue";
@@ -90,4 +92,38 @@ async fn a_session_may_keep_no_cookies() {
     let json: serde_json::Value =
         serde_json::from_slice(&env.ctl(&["--json", "policy", "t.nocookies"]).stdout).unwrap();
     assert_eq!((json["cookies"].clone(), json["cookies_stored"].clone()), (false.into(), 0.into()), "{json}");
+}
+
+/// A session's cookies go with it, from the database too: a new session of the same
+/// identifier, after a restart, has none and sends none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookies_go_with_their_session() {
+    let env = TestEnv::new();
+    let mut d = TestDaemon::start(&env);
+    let s = server().await;
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.gone"), delegate).await.unwrap();
+    let login = session.download_tasks(vec![DownloadRequest::new(s.url("/login"))], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(login.id(), LONG).await, None);
+    assert!(stdout(&env.ctl(&["policy", "t.gone"])).contains("keeps cookies (1 stored)"));
+    session.invalidate_and_cancel().await.unwrap();
+    events.wait("did_become_invalid", LONG, |e| *e == Seen::Invalid).await;
+    // Gone once the app has acknowledged that.
+    wait_until(|| !stdout(&env.ctl(&["sessions"])).contains("t.gone")).await;
+    drop(session);
+    d.kill9();
+    d.restart();
+
+    let (delegate, mut events) = Recorder::new(&env.path().join("out2"));
+    let session = Session::attach(config(&env, "t.gone"), delegate).await.unwrap();
+    let file = session.download_tasks(vec![DownloadRequest::new(s.url("/file"))], true).await.unwrap().remove(0);
+    let error = events.completion(file.id(), LONG).await.expect("refused without the cookie");
+    let out = env.ctl(&["policy", "t.gone"]);
+    assert!(stdout(&out).contains("keeps cookies (0 stored)"), "{out:?}");
+    // Nothing of the old jar is left on disk either.
+    let db = rusqlite::Connection::open_with_flags(env.database(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let jars: i64 = db.query_row("SELECT count(*) FROM cookie_jars", [], |r| r.get(0)).unwrap();
+    assert_eq!(jars, 0, "the invalidated session's jar was deleted");
+    assert_eq!(error.http_status, Some(403), "{error:?}");
+    assert!(s.requests_for("/file").last().unwrap().header("cookie").is_none());
 }
