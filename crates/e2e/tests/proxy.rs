@@ -205,6 +205,8 @@ async fn a_session_may_have_its_own_proxy() {
         let session = Session::attach(config, delegate).await.unwrap();
         let t = session.download_tasks(vec![DownloadRequest::new(server.url(path))], true).await.unwrap().remove(0);
         assert_eq!(events.completion(t.id(), LONG).await, None, "{path}");
+        // Acknowledged, so that the attach below gets nothing again.
+        session.wait_idle().await.unwrap();
     }
     let via_http: Vec<String> = http_proxy.records().into_iter().map(|r| r.target).collect();
     assert_eq!(via_http, vec![server.url("/env")], "only the session without its own proxy used the environment's");
@@ -222,6 +224,25 @@ async fn a_session_may_have_its_own_proxy() {
     assert_eq!(json["proxy"]["url"], serde_json::Value::Null, "{json}");
     let out = env.ctl(&["proxy", "t.direct", "env"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("the daemon's environment"), "{out:?}");
+    // The session's own NO_PROXY: that server's port goes direct, another server still
+    // through the session's SOCKS proxy.
+    let other = TestServer::start().await.unwrap();
+    other.add("/o", Resource::generated(20_000, 14));
+    server.add("/bypass", Resource::generated(20_000, 15));
+    let bypass = format!("127.0.0.1:{}", server.addr().port());
+    let out = env.ctl(&["proxy", "t.ownproxy", &socks_url, "--no-proxy", &bypass]);
+    assert!(out.status.success(), "{out:?}");
+    let (delegate, mut events) = Recorder::new(&env.path().join("bypass"));
+    let session =
+        Session::attach(SessionConfiguration::background("t.ownproxy").socket(&env.socket), delegate).await.unwrap();
+    let requests = vec![DownloadRequest::new(server.url("/bypass")), DownloadRequest::new(other.url("/o"))];
+    for t in session.download_tasks(requests, true).await.unwrap() {
+        assert_eq!(events.completion(t.id(), LONG).await, None);
+    }
+    let via_socks: Vec<String> = socks.records().into_iter().map(|r| r.target).collect();
+    assert_eq!(via_socks[1..], [format!("127.0.0.1:{}", other.addr().port())], "{via_socks:?}");
+    assert_eq!(server.requests_for("/bypass").len(), 1, "reached directly");
+
     // Bad input is refused with the reason.
     for (bad, why) in [("ftp://127.0.0.1:21", "unsupported proxy scheme"), ("http://", "invalid proxy URL")] {
         let out = env.ctl(&["proxy", "t.direct", bad]);

@@ -64,12 +64,25 @@ async fn a_put_streams_the_file_and_the_app_gets_the_response() {
 
     // The CLI: the response body goes to stdout, like curl's.
     let (file2, data2) = make_file(env.path(), "notes.txt", 1000, 8);
-    let out =
-        env.ctl(&["upload", file2.to_str().unwrap(), &server.url("/files/notes.txt"), "--method", "POST", "--wait"]);
+    let url = server.url("/files/notes.txt");
+    let out = env.ctl(&[
+        "upload",
+        file2.to_str().unwrap(),
+        &url,
+        "--method",
+        "POST",
+        "-H",
+        "X-Album: Holidays 2026",
+        "--content-type",
+        "text/plain",
+        "--wait",
+    ]);
     assert!(out.status.success(), "{out:?}");
     assert!(stdout(&out).contains(&sha256_hex(&data2)), "{out:?}");
     assert_eq!(server.file("notes.txt").as_deref(), Some(&data2[..]));
-    assert_eq!(server.records().last().unwrap().method, "POST");
+    let last = server.records().last().unwrap().clone();
+    assert_eq!(last.method, "POST");
+    assert_eq!((last.header("x-album"), last.header("content-type")), (Some("Holidays 2026"), Some("text/plain")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
