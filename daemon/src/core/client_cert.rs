@@ -11,10 +11,10 @@ use super::sessions::ClientCert;
 use super::{After, Core};
 use crate::conn::ConnId;
 use crate::core::disk::Prepared;
-use crate::engine::http::{ClientCertError, ClientIdentity};
+use crate::engine::http::{CertState, ClientCertError, ClientIdentity};
 use crate::model::SessionKey;
 use crate::store::Op;
-use dlsession_proto::{ClientCertificate, ErrorCode, ErrorInfo, Request, Response};
+use dlsession_proto::{ClientCertificate, ErrorCode, ErrorInfo, Request, Response, TaskState};
 
 /// How long the start waits for stored client certificates to be read.
 const CERT_READ_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -24,16 +24,16 @@ const CERT_READERS: usize = 4;
 impl Core {
     /// At start: each stored certificate is read again, off this thread (`CERT_READERS`
     /// threads share the list), for at most `CERT_READ_LIMIT` in all: a hung file system
-    /// must not stop the daemon from starting. One that cannot be read, or not in time, is
-    /// kept with the reason, which its session's downloads then fail with; one read later
-    /// comes to `on_late_client_cert`, and setting the files again reads them again.
+    /// must not stop the daemon from starting. One that cannot be read is kept with the
+    /// reason, which its session's downloads then fail with; one not read in time is
+    /// `Reading` (its downloads are retried) until it comes to `on_late_client_cert`;
+    /// setting the files again reads them again.
     pub(super) fn restore_client_certs(&mut self, stored: Vec<(SessionKey, ClientCertificate)>) {
         let (tx, rx) = std::sync::mpsc::channel();
         let mut pending = std::collections::HashMap::new();
         let queue: std::collections::VecDeque<(SessionKey, ClientCertificate)> = stored.into_iter().collect();
         for (key, files) in &queue {
-            let late = Err(format!("not read within {} s at start", CERT_READ_LIMIT.as_secs()));
-            pending.insert(*key, ClientCert { files: files.clone(), identity: late });
+            pending.insert(*key, ClientCert { files: files.clone(), identity: CertState::Reading });
         }
         // A few readers share the list: one stuck on a hung file system holds up only the
         // certificates behind it on its thread.
@@ -56,7 +56,7 @@ impl Core {
         }
         if started == 0 && readers > 0 {
             for cert in pending.values_mut() {
-                cert.identity = Err("cannot start a thread to read it".into());
+                cert.identity = CertState::Unusable("cannot start a thread to read it".into());
             }
         }
         drop(tx);
@@ -69,7 +69,7 @@ impl Core {
             };
             left -= 1;
             if let Some(c) = pending.get_mut(&key) {
-                c.identity = identity;
+                c.identity = identity.into();
             }
         }
         // What is still being read reaches the core when it is (see `on_late_client_cert`).
@@ -82,8 +82,15 @@ impl Core {
             });
         }
         for (key, cert) in pending {
-            if let Err(e) = &cert.identity {
-                warn!(session = %self.sessions.identifier(key), error = %e, "the session's client certificate cannot be read");
+            let session = self.sessions.identifier(key);
+            match &cert.identity {
+                CertState::Ready(_) => {}
+                CertState::Reading => {
+                    warn!(%session, limit_s = CERT_READ_LIMIT.as_secs(), "the session's client certificate is still being read; its downloads wait for it")
+                }
+                CertState::Unusable(e) => {
+                    warn!(%session, error = %e, "the session's client certificate cannot be read")
+                }
             }
             if let Some(s) = self.sessions.get_mut(&key) {
                 s.client_cert = Some(cert);
@@ -101,7 +108,7 @@ impl Core {
     ) {
         let Some(s) = self.sessions.get_mut(&key) else { return };
         let Some(cert) = s.client_cert.as_mut() else { return };
-        if cert.files != files || cert.identity.is_ok() {
+        if cert.files != files || !matches!(cert.identity, CertState::Reading) {
             return;
         }
         match &identity {
@@ -110,7 +117,27 @@ impl Core {
             }
             Err(e) => warn!(session = %s.rec.identifier, error = %e, "the session's client certificate cannot be read"),
         }
-        cert.identity = identity;
+        let ready = identity.is_ok();
+        cert.identity = identity.into();
+        if !ready {
+            return;
+        }
+        // Its downloads that back off, waiting for it, go now.
+        let waiting: Vec<_> = self
+            .tasks
+            .values()
+            .filter(|t| {
+                t.rec.session == key
+                    && t.state == TaskState::Waiting
+                    && t.rec.retry_at.is_some()
+                    && t.rec.last_error.as_ref().is_some_and(|e| e.code == ErrorCode::Tls)
+            })
+            .map(|t| t.rec.id)
+            .collect();
+        for id in waiting {
+            self.retry_now(id, true, Vec::new());
+        }
+        self.schedule();
     }
 
     pub(super) fn set_session_client_cert(
@@ -159,8 +186,10 @@ impl Core {
             return Err(e.clone());
         }
         if let Some(s) = self.sessions.get_mut(&key) {
-            s.client_cert =
-                cert.clone().zip(identity).map(|(files, identity)| ClientCert { files, identity: Ok(identity) });
+            s.client_cert = cert
+                .clone()
+                .zip(identity)
+                .map(|(files, identity)| ClientCert { files, identity: CertState::Ready(identity) });
         }
         if !changed {
             return Ok(Answer::Now(Response::Ok));
@@ -179,7 +208,7 @@ impl Core {
     }
 
     /// What a job of session `key` presents to servers that ask for a certificate.
-    pub(super) fn client_identity(&self, key: SessionKey) -> Option<Result<Arc<ClientIdentity>, String>> {
+    pub(super) fn client_identity(&self, key: SessionKey) -> Option<CertState> {
         self.sessions.get(&key).and_then(|s| s.client_cert.as_ref()).map(|c| c.identity.clone())
     }
 }

@@ -67,7 +67,7 @@ pub(super) struct Session {
 #[derive(Debug, Clone)]
 pub(super) struct ClientCert {
     pub files: dlsession_proto::ClientCertificate,
-    pub identity: Result<Arc<crate::engine::http::ClientIdentity>, String>,
+    pub identity: crate::engine::http::CertState,
 }
 
 impl Session {

@@ -51,6 +51,26 @@ pub struct ClientFactory {
     connect_timeout: Duration,
 }
 
+/// A session's client certificate as its downloads see it.
+#[derive(Debug, Clone)]
+pub enum CertState {
+    Ready(Arc<ClientIdentity>),
+    /// Its files are still being read (at start, on a slow file system): downloads wait,
+    /// retried with backoff.
+    Reading,
+    /// It cannot be used, and why: downloads fail.
+    Unusable(String),
+}
+
+impl From<Result<Arc<ClientIdentity>, String>> for CertState {
+    fn from(read: Result<Arc<ClientIdentity>, String>) -> CertState {
+        match read {
+            Ok(identity) => CertState::Ready(identity),
+            Err(why) => CertState::Unusable(why),
+        }
+    }
+}
+
 /// A client certificate chain and its key, read from the files a session named. `Debug`
 /// shows only where they came from.
 pub struct ClientIdentity {

@@ -93,7 +93,7 @@ pub struct Job {
     /// instead of as its final response.
     pub answers_challenges: bool,
     /// The session's client certificate (or why it cannot be read).
-    pub client_cert: Option<Result<Arc<http::ClientIdentity>, String>>,
+    pub client_cert: Option<http::CertState>,
 }
 
 /// What an upload attempt sends. `Debug` never shows the upload resource's URL.
@@ -209,8 +209,14 @@ impl Engine {
     fn route(&self, job: &Job, versions: http::Versions) -> Result<(HttpClient, proxy::Proxies), Failure> {
         let identity = match &job.client_cert {
             None => None,
-            Some(Ok(id)) => Some(id.as_ref()),
-            Some(Err(e)) => {
+            Some(http::CertState::Ready(id)) => Some(id.as_ref()),
+            Some(http::CertState::Reading) => {
+                return Err(Failure::transient(
+                    ErrorCode::Tls,
+                    "the session's client certificate is still being read (its files did not answer at start)",
+                ));
+            }
+            Some(http::CertState::Unusable(e)) => {
                 return Err(Failure::permanent(
                     ErrorCode::Tls,
                     format!("the session's client certificate cannot be used: {e}"),
@@ -244,7 +250,7 @@ impl Engine {
             Failure::permanent(ErrorCode::Tls, format!("the session's client certificate cannot be used: {e}"))
         })?;
         let identity = match &job.client_cert {
-            Some(Ok(id)) => Some(Arc::downgrade(id)),
+            Some(http::CertState::Ready(id)) => Some(Arc::downgrade(id)),
             _ => None,
         };
         clients.insert(key, Route { client: client.clone(), proxies: proxies.clone(), identity });
