@@ -263,6 +263,44 @@ async fn a_proxy_asking_for_credentials_is_answered_on_its_tunnel() {
     assert_eq!((error.code, error.http_status), (ErrorCode::HttpStatus, Some(407)), "{error:?}");
     assert!(error.message.contains("proxy answered 407"), "{error:?}");
     assert_eq!(proxy.records().len(), before + 1, "not retried");
+
+    // Answered from dlsessionctl: a plain header is refused for a proxy (the proxy would
+    // pass it on to servers), Basic goes.
+    let dir = env.path().join("ctl");
+    let get = || env.ctl(&["get", "--session", "t.ctlproxy", "-d", dir.to_str().unwrap(), &tls.url("/t")]);
+    assert!(get().status.success());
+    assert!(env.ctl(&["policy", "t.ctlproxy", "--challenges", "ask"]).status.success());
+    assert!(get().status.success());
+    let waiting = || {
+        let json: serde_json::Value =
+            serde_json::from_slice(&env.ctl(&["--json", "tasks", "--session", "t.ctlproxy"]).stdout).unwrap();
+        json.as_array().unwrap().iter().find(|t| t["wait"]["reason"] == "auth_required").cloned()
+    };
+    wait_until(|| waiting().is_some()).await;
+    let task = waiting().unwrap()["id"].as_u64().unwrap();
+    let client = dlsession_testkit::app::client(&env).await;
+    let header = ChallengeAnswer::Use {
+        credential: Credential::Header { name: "X-Api-Key".into(), value: "k".into() },
+        scope: CredentialScope::Task,
+        keep: false,
+    };
+    let error = client
+        .request(dlsession::proto::Request::AnswerChallenge { task, round: None, answer: header })
+        .await
+        .expect_err("a plain header for a proxy");
+    assert!(error.to_string().contains("Proxy-* header"), "{error}");
+    let mut child = env
+        .command(bin_path("dlsessionctl"))
+        .args(["auth", &task.to_string(), "--basic", "u"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(format!("{PASSWORD}\n").as_bytes()).unwrap();
+    assert!(child.wait_with_output().unwrap().status.success());
+    let file = dir.join("t");
+    wait_until(|| file.exists()).await;
+    assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(62, 300_000)));
 }
 
 /// An upload answered 401 in a session that answers: the app's `Header` credential goes

@@ -11,7 +11,8 @@ use dlsession::{ErrorCode, Session, UploadMethod, UploadRequest};
 use dlsession_testkit::app::config;
 use dlsession_testkit::cli::{show_field, stdout};
 use dlsession_testkit::{
-    LONG, Recorder, Seen, TestCa, TestDaemon, TestEnv, UploadFaults, UploadServer, fill_pattern, sha256_hex, wait_until,
+    LONG, Recorder, Seen, TestCa, TestDaemon, TestEnv, TestProxy, UploadFaults, UploadServer, fill_pattern, sha256_hex,
+    wait_until,
 };
 
 fn make_file(dir: &Path, name: &str, len: usize, seed: u64) -> (PathBuf, Vec<u8>) {
@@ -329,6 +330,33 @@ async fn a_resumable_upload_over_https_goes_on_after_a_cut() {
     let protocols = server.protocols();
     // HTTP/1.1 offers no ALPN at all ("").
     assert!(!protocols.is_empty() && protocols.iter().all(|p| p.is_empty()), "{protocols:?}");
+}
+
+/// A proxy that refuses an https upload's tunnel (503) stopped it before the server: even
+/// a plain POST with an empty body, which counts as sent once it goes, is sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_refused_at_the_proxy_is_sent_again() {
+    let env = TestEnv::new();
+    let ca = TestCa::new().unwrap();
+    env.add_config(&format!("extra_ca_file = {:?}", ca.ca_pem_path()));
+    let proxy = TestProxy::start().await.unwrap();
+    proxy.refuse_next(&[503]);
+    let via = proxy.url();
+    let _d = TestDaemon::start_with_env(
+        &env,
+        &[("HTTPS_PROXY", std::ffi::OsStr::new(&via)), ("NO_PROXY", std::ffi::OsStr::new(""))],
+    );
+    let server = UploadServer::start_tls(false, &ca).await.unwrap();
+    let (file, _) = make_file(env.path(), "empty.bin", 0, 23);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.proxied"), delegate).await.unwrap();
+    let request = UploadRequest::new(server.url("/files/empty"), &file).method(UploadMethod::Post);
+    let task = session.upload_tasks(vec![request], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None, "{:?}", proxy.records());
+    assert_eq!(server.file("empty").as_deref(), Some(&[][..]));
+    let connects = proxy.records().iter().filter(|r| r.method == "CONNECT").count();
+    assert_eq!(connects, 2, "refused once, then through");
+    assert_eq!(server.records().len(), 1, "the server saw it once");
 }
 
 /// A POST the server offered to resume goes on after a 503 to its whole body (the server

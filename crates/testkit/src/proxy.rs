@@ -37,11 +37,18 @@ pub struct TestProxy {
     tasks: Arc<Mutex<JoinSet<()>>>,
     /// Clients speak TLS to the proxy itself (an `https://` proxy).
     tls: bool,
-    /// The `Proxy-Authorization` wanted, and the `Proxy-Authenticate` of the 407 otherwise.
+    /// The `Proxy-Authorization` wanted, and the `Proxy-Authenticate` of the 407 otherwise;
+    /// statuses to answer the next requests with instead of serving them.
     wanted: Wanted,
 }
 
-type Wanted = Arc<Mutex<Option<(String, String)>>>;
+#[derive(Debug, Default)]
+struct Asks {
+    auth: Option<(String, String)>,
+    refusals: std::collections::VecDeque<u16>,
+}
+
+type Wanted = Arc<Mutex<Asks>>;
 
 impl TestProxy {
     pub async fn start() -> anyhow::Result<TestProxy> {
@@ -115,7 +122,13 @@ impl TestProxy {
     /// From now on, requests whose `Proxy-Authorization` is not `value` get `407 Proxy
     /// Authentication Required` with `Proxy-Authenticate: challenge` (and are recorded).
     pub fn require_auth(&self, value: &str, challenge: &str) {
-        *self.wanted.lock().unwrap() = Some((value.to_owned(), challenge.to_owned()));
+        self.wanted.lock().unwrap().auth = Some((value.to_owned(), challenge.to_owned()));
+    }
+
+    /// The next requests (one per status) are answered with these statuses (and
+    /// `Retry-After: 0`), and recorded.
+    pub fn refuse_next(&self, statuses: &[u16]) {
+        self.wanted.lock().unwrap().refusals.extend(statuses);
     }
 
     pub fn records(&self) -> Vec<ProxyRecord> {
@@ -154,11 +167,21 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         let (k, v) = l.split_once(':')?;
         k.eq_ignore_ascii_case("proxy-authorization").then(|| v.trim().to_owned())
     });
-    let refused = match &*wanted.lock().unwrap() {
-        Some((value, challenge)) if proxy_authorization.as_deref() != Some(value) => Some(challenge.clone()),
-        _ => None,
+    let (refused, refusal) = {
+        let mut asks = wanted.lock().unwrap();
+        let refused = match &asks.auth {
+            Some((value, challenge)) if proxy_authorization.as_deref() != Some(value) => Some(challenge.clone()),
+            _ => None,
+        };
+        (refused, asks.refusals.pop_front())
     };
     records.lock().unwrap().push(ProxyRecord { method: method.clone(), target: target.clone(), proxy_authorization });
+    if let Some(status) = refusal {
+        let answer =
+            format!("HTTP/1.1 {status} Refused\r\nRetry-After: 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        client.write_all(answer.as_bytes()).await?;
+        return Ok(());
+    }
     if let Some(challenge) = refused {
         let body = "credentials wanted";
         let answer = format!(

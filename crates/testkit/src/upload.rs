@@ -56,8 +56,8 @@ pub struct UploadFaults {
     /// Read bodies at about this many bytes per second.
     pub rate: Option<u64>,
     /// Uploads must carry this header (name, value): others are answered `401` with
-    /// `WWW-Authenticate` set to the third, before their body is read, and the connection
-    /// is closed.
+    /// `WWW-Authenticate` set to the third, after their body is read and dropped, and the
+    /// connection is closed.
     pub wants: Option<(String, String, String)>,
     /// Pad the `201`'s JSON body with spaces to this many bytes.
     pub response_size: Option<usize>,
@@ -266,6 +266,19 @@ async fn serve(mut stream: Stream, state: Arc<Mutex<State>>) -> anyhow::Result<(
     Ok(())
 }
 
+/// Reads and drops a body of `length` bytes (`buf` holds its start).
+async fn discard(stream: &mut Stream, buf: &mut Vec<u8>, length: u64) -> anyhow::Result<()> {
+    let mut left = length.saturating_sub(buf.len() as u64);
+    buf.drain(..usize::try_from(length).unwrap_or(usize::MAX).min(buf.len()));
+    let mut chunk = vec![0u8; 64 << 10];
+    while left > 0 {
+        let n = stream.read(&mut chunk).await?;
+        anyhow::ensure!(n > 0, "the client closed before its body was read");
+        left = left.saturating_sub(n as u64);
+    }
+    Ok(())
+}
+
 /// Serves one request; the status answered, or 0 when the connection was cut on purpose.
 async fn handle(
     stream: &mut Stream,
@@ -285,17 +298,20 @@ async fn handle(
     let upload_id = head.path.strip_prefix("/uploads/").and_then(|id| id.parse::<u64>().ok());
     match (head.method.as_str(), head.path.strip_prefix("/files/"), upload_id) {
         ("PUT" | "POST", Some(name), _) => {
-            let wants = state.lock().unwrap().faults.wants.clone();
-            if let Some((header, value, challenge)) = wants
-                && head.header(&header) != Some(value.as_str())
-            {
-                respond(stream, 401, &[("WWW-Authenticate", challenge), ("Connection", "close".into())], b"").await?;
-                return Ok(401);
-            }
             let Some(length) = length else {
                 respond(stream, 411, &[], b"").await?;
                 return Ok(411);
             };
+            let wants = state.lock().unwrap().faults.wants.clone();
+            if let Some((header, value, challenge)) = wants
+                && head.header(&header) != Some(value.as_str())
+            {
+                // Read first: closing with unread bytes would reset the connection, and
+                // the reset could overtake the answer.
+                discard(stream, buf, length).await?;
+                respond(stream, 401, &[("WWW-Authenticate", challenge), ("Connection", "close".into())], b"").await?;
+                return Ok(401);
+            }
             let resumable = state.lock().unwrap().resumable && interop;
             let id = if resumable {
                 let id = {

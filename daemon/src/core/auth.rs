@@ -173,6 +173,19 @@ impl Core {
         {
             return Err(ErrorInfo::new(ErrorCode::InvalidRequest, "a Basic user name cannot contain ':' (RFC 7617)"));
         }
+        // A proxy forwards other headers to the servers behind it: its credential would go
+        // with them.
+        if let ChallengeAnswer::Use { credential: Credential::Header { name, .. }, .. } = &answer
+            && challenge.proxy
+            && !name.to_ascii_lowercase().starts_with("proxy-")
+        {
+            return Err(ErrorInfo::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "a proxy's credential goes in a Proxy-* header, not {name:?}, which the proxy would pass on to servers"
+                ),
+            ));
+        }
         let key = t.rec.session;
         let (mut ops, mut after) = (Vec::new(), vec![After::Reply { conn, id, response: Response::Ok }]);
         match answer {
@@ -319,7 +332,11 @@ fn header_of(credential: &Credential, proxy: bool) -> (String, String) {
 /// How a task fails when its challenge goes unanswered: with the server's status.
 fn unanswered(challenge: Option<&Challenge>) -> ErrorInfo {
     let proxy = challenge.is_some_and(|c| c.proxy);
-    let (status, text) = if proxy { (407, "407 Proxy Authentication Required") } else { (401, "401 Unauthorized") };
+    let (status, who, text) = if proxy {
+        (407, "the proxy", "407 Proxy Authentication Required")
+    } else {
+        (401, "server", "401 Unauthorized")
+    };
     let scheme = challenge.map_or_else(String::new, |c| format!(" ({} at {})", c.scheme, c.origin));
-    ErrorInfo::http(status, format!("server answered {text}{scheme}; no credentials were given"))
+    ErrorInfo::http(status, format!("{who} answered {text}{scheme}; no credentials were given"))
 }

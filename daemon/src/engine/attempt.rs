@@ -15,7 +15,7 @@ use super::http::{
     Failure, ReqBody, Retry, classify, empty_body, find, is_strong_etag, is_transient_status, parse_content_range,
     parse_retry_after,
 };
-use super::proxy::{Proxies, TunnelRefused};
+use super::proxy::{Proxies, TunnelGarbled, TunnelRefused};
 use super::{Engine, Job, ResponseMeta, USER_AGENT, auth};
 use dlsession_proto::redact::{self, is_sensitive_header};
 use dlsession_proto::{ErrorCode, Header};
@@ -224,13 +224,17 @@ pub(super) fn status_failure(status: u16, headers: &hyper::HeaderMap) -> Failure
 
 /// A request to `url` that got no response: a proxy that refused its tunnel is answered
 /// as a response of that status would be (a 407 with `Proxy-Authenticate` is a challenge
-/// the app may answer), anything else is a connection error.
+/// the app may answer), one whose answer is not HTTP fails for good, anything else is a
+/// connection error.
 pub(super) fn request_failure(
     err: &(dyn std::error::Error + 'static),
     url: &Url,
     proxies: &Proxies,
     what: &str,
 ) -> Failure {
+    if let Some(garbled) = find::<TunnelGarbled>(err) {
+        return Failure::permanent(ErrorCode::Network, format!("{what}: {garbled}"));
+    }
     let Some(refused) = find::<TunnelRefused>(err) else { return classify(err, what) };
     let status = refused.status;
     let message = format!("the proxy answered {} to CONNECT {}", status_text(status), host_of(url));
@@ -245,6 +249,12 @@ pub(super) fn request_failure(
     };
     f.error.message = message;
     f
+}
+
+/// The request failed at the proxy, which refused or garbled its tunnel: the server never
+/// saw it.
+pub(super) fn stopped_at_proxy(err: &(dyn std::error::Error + 'static)) -> bool {
+    find::<TunnelRefused>(err).is_some() || find::<TunnelGarbled>(err).is_some()
 }
 
 /// Nothing came back from `url` within the idle timeout.

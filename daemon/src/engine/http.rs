@@ -235,7 +235,8 @@ impl ClientFactory {
         http.set_connect_timeout(Some(self.connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
         http.set_nodelay(true);
-        let connector = ProxyConnector::new(proxies.clone(), http, Arc::new(self.tls.clone()), tunnel_auth);
+        let connector =
+            ProxyConnector::new(proxies.clone(), http, Arc::new(self.tls.clone()), tunnel_auth, self.connect_timeout);
         let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1();
         let https = match versions {
             Versions::Http1And2 => builder.enable_http2().wrap_connector(connector),

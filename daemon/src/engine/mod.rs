@@ -223,8 +223,10 @@ impl Engine {
                 ));
             }
         };
-        let tunnel_auth: Vec<_> =
+        let mut tunnel_auth: Vec<_> =
             job.auth.iter().filter(|a| a.proxy).map(|a| (a.origin.clone(), a.name.clone(), a.value.clone())).collect();
+        // One key for one set, whatever the order it was gathered in.
+        tunnel_auth.sort_by(|a, b| (&a.0, a.1.as_str(), a.2.as_bytes()).cmp(&(&b.0, b.1.as_str(), b.2.as_bytes())));
         if job.proxy.is_none() && identity.is_none() && tunnel_auth.is_empty() {
             let client = match versions {
                 http::Versions::Http1And2 => &self.client,

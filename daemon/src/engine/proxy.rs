@@ -277,12 +277,41 @@ impl std::fmt::Display for TunnelRefused {
 
 impl std::error::Error for TunnelRefused {}
 
+/// A proxy's answer to `CONNECT` is not HTTP (or is overlong): retrying will not change it.
+#[derive(Debug)]
+pub struct TunnelGarbled(&'static str);
+
+impl std::fmt::Display for TunnelGarbled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for TunnelGarbled {}
+
 /// The longest `CONNECT` answer head read.
 const MAX_CONNECT_ANSWER: usize = 16 << 10;
+/// The most header lines read in it.
+const MAX_CONNECT_HEADERS: usize = 100;
 
 /// Asks the proxy on `stream` for a tunnel to `dst` (`CONNECT`) with `auth`'s headers, and
-/// reads its answer's head.
+/// reads its answer's head, all within `limit`.
 async fn connect_through<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    dst: &Uri,
+    auth: &[(HeaderName, HeaderValue)],
+    limit: std::time::Duration,
+) -> Result<(), BoxError> {
+    match tokio::time::timeout(limit, exchange(stream, dst, auth)).await {
+        Ok(done) => done,
+        Err(_) => Err(Box::new(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the proxy did not answer CONNECT within {} s", limit.as_secs_f64()),
+        ))),
+    }
+}
+
+async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     stream: &mut S,
     dst: &Uri,
     auth: &[(HeaderName, HeaderValue)],
@@ -300,20 +329,24 @@ async fn connect_through<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin
     }
     head.extend_from_slice(b"\r\n");
     stream.write_all(&head).await?;
-    // Byte by byte: what follows the head is the tunnel's, not ours to read.
+    // Byte by byte: what follows the head is the tunnel's, not ours to read. Lines may end
+    // in a bare LF.
     let mut answer = Vec::new();
     let mut byte = [0u8; 1];
-    while !answer.ends_with(b"\r\n\r\n") {
-        if answer.len() > MAX_CONNECT_ANSWER || stream.read(&mut byte).await? == 0 {
-            return Err("the proxy closed the connection or sent an overlong answer to CONNECT".into());
+    while !(answer.ends_with(b"\n\n") || answer.ends_with(b"\n\r\n")) {
+        if answer.len() > MAX_CONNECT_ANSWER {
+            return Err(Box::new(TunnelGarbled("the proxy's answer to CONNECT is over 16 KiB")));
+        }
+        if stream.read(&mut byte).await? == 0 {
+            return Err("the proxy closed the connection before answering CONNECT".into());
         }
         answer.extend_from_slice(&byte);
     }
-    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut headers = [httparse::EMPTY_HEADER; MAX_CONNECT_HEADERS];
     let mut parsed = httparse::Response::new(&mut headers);
     let status = match parsed.parse(&answer) {
         Ok(httparse::Status::Complete(_)) => parsed.code.unwrap_or(0),
-        _ => return Err("the proxy's answer to CONNECT is not HTTP".into()),
+        _ => return Err(Box::new(TunnelGarbled("the proxy's answer to CONNECT is not HTTP"))),
     };
     if (200..300).contains(&status) {
         return Ok(());
@@ -360,6 +393,8 @@ pub struct ProxyConnector {
     tls: Arc<rustls::ClientConfig>,
     /// The app's credentials for proxies, sent with `CONNECT`.
     tunnel_auth: TunnelAuth,
+    /// How long a proxy may take to answer `CONNECT`.
+    answer_limit: std::time::Duration,
 }
 
 impl std::fmt::Debug for ProxyConnector {
@@ -374,8 +409,9 @@ impl ProxyConnector {
         direct: HttpConnector,
         tls: Arc<rustls::ClientConfig>,
         tunnel_auth: TunnelAuth,
+        answer_limit: std::time::Duration,
     ) -> ProxyConnector {
-        ProxyConnector { proxies, direct, tls, tunnel_auth }
+        ProxyConnector { proxies, direct, tls, tunnel_auth, answer_limit }
     }
 }
 
@@ -392,7 +428,7 @@ impl Service<Uri> for ProxyConnector {
         let intercept = self.proxies.intercept(&dst);
         let mut direct = self.direct.clone();
         let tls = self.tls.clone();
-        let tunnel_auth = self.tunnel_auth.clone();
+        let (tunnel_auth, limit) = (self.tunnel_auth.clone(), self.answer_limit);
         Box::pin(async move {
             let scheme = intercept.as_ref().and_then(|p| p.uri().scheme_str().map(str::to_owned));
             match (intercept, scheme.as_deref()) {
@@ -414,13 +450,13 @@ impl Service<Uri> for ProxyConnector {
                     let mut stream = tls_to_proxy(direct, proxy.uri(), tls).await?;
                     let tunnel = dst.scheme_str() == Some("https");
                     if tunnel {
-                        connect_through(&mut stream, &dst, &tunnel_headers(&proxy, &tunnel_auth)).await?;
+                        connect_through(&mut stream, &dst, &tunnel_headers(&proxy, &tunnel_auth), limit).await?;
                     }
                     Ok(ProxyStream { io: Io::Tls(Box::new(TokioIo::new(stream))), proxied: !tunnel })
                 }
                 (Some(proxy), _) if dst.scheme_str() == Some("https") => {
                     let mut tcp = direct.call(proxy.uri().clone()).await?.into_inner();
-                    connect_through(&mut tcp, &dst, &tunnel_headers(&proxy, &tunnel_auth)).await?;
+                    connect_through(&mut tcp, &dst, &tunnel_headers(&proxy, &tunnel_auth), limit).await?;
                     Ok(ProxyStream { io: Io::Plain(TokioIo::new(tcp)), proxied: false })
                 }
                 (Some(proxy), _) => {
@@ -434,6 +470,76 @@ impl Service<Uri> for ProxyConnector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Runs `connect_through` against a proxy that answers `answer` (then `after`), and
+    /// returns its result and what the tunnel then reads.
+    async fn through(answer: &'static [u8], after: &'static [u8]) -> (Result<(), BoxError>, Vec<u8>) {
+        let (mut ours, mut proxy) = tokio::io::duplex(64 << 10);
+        let proxy = tokio::spawn(async move {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && proxy.read(&mut byte).await.unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            proxy.write_all(answer).await.unwrap_or_else(|_| unreachable!());
+            proxy.write_all(after).await.unwrap_or_else(|_| unreachable!());
+            // Kept open: a proxy that says nothing more.
+            std::future::pending::<()>().await;
+            drop(proxy);
+        });
+        let auth = [(PROXY_AUTHORIZATION, HeaderValue::from_static("Basic YTpi"))];
+        let dst: Uri = "https://files.example:8443/a".parse().unwrap_or_else(|_| unreachable!());
+        let done = connect_through(&mut ours, &dst, &auth, std::time::Duration::from_millis(300)).await;
+        let mut rest = vec![0u8; after.len()];
+        if done.is_ok() {
+            ours.read_exact(&mut rest).await.unwrap_or_else(|_| unreachable!());
+        }
+        proxy.abort();
+        (done, rest)
+    }
+
+    #[tokio::test]
+    async fn connect_answers_are_read_to_their_end_and_classified() {
+        // A 2xx with bare LFs, HTTP/1.0: the tunnel's first bytes stay for the tunnel.
+        let (done, rest) = through(b"HTTP/1.0 200 Connection established\n\n", b"\x16\x03\x01").await;
+        assert!(done.is_ok(), "{done:?}");
+        assert_eq!(rest, b"\x16\x03\x01");
+        // A 407 carries its challenge.
+        let (done, _) =
+            through(b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"corp\"\r\nContent-Length: 0\r\n\r\n", b"").await;
+        let err = done.err().unwrap_or_else(|| unreachable!());
+        let refused = err.downcast_ref::<TunnelRefused>().unwrap_or_else(|| unreachable!());
+        assert_eq!(refused.status, 407);
+        assert_eq!(refused.headers.get(PROXY_AUTHENTICATE).and_then(|v| v.to_str().ok()), Some("Basic realm=\"corp\""));
+        // Not HTTP: garbled, for good.
+        let (done, _) = through(b"SSH-2.0-OpenSSH\r\n\r\n", b"").await;
+        assert!(done.err().is_some_and(|e| e.downcast_ref::<TunnelGarbled>().is_some()));
+        // A proxy that never finishes its answer: timed out, not waited on for ever.
+        let (done, _) = through(b"HTTP/1.1 200 OK\r\n", b"").await;
+        let err = done.err().unwrap_or_else(|| unreachable!());
+        assert_eq!(err.downcast_ref::<io::Error>().map(io::Error::kind), Some(io::ErrorKind::TimedOut), "{err}");
+    }
+
+    #[tokio::test]
+    async fn connect_sends_the_credentials_it_is_given() {
+        let (mut ours, mut proxy) = tokio::io::duplex(64 << 10);
+        let dst: Uri = "https://files.example/a".parse().unwrap_or_else(|_| unreachable!());
+        let auth = [(PROXY_AUTHORIZATION, HeaderValue::from_static("Basic YTpi"))];
+        let answer = tokio::spawn(async move {
+            let mut head = vec![0u8; 4096];
+            let n = proxy.read(&mut head).await.unwrap_or(0);
+            proxy.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap_or_else(|_| unreachable!());
+            String::from_utf8_lossy(&head[..n]).into_owned()
+        });
+        let done = connect_through(&mut ours, &dst, &auth, std::time::Duration::from_secs(5)).await;
+        assert!(done.is_ok(), "{done:?}");
+        let head = answer.await.unwrap_or_default();
+        assert_eq!(
+            head,
+            "CONNECT files.example:443 HTTP/1.1\r\nHost: files.example:443\r\nproxy-authorization: Basic YTpi\r\n\r\n"
+        );
+    }
 
     fn via(p: &Proxies, url: &str) -> Option<String> {
         p.intercept(&url.parse().unwrap()).map(|i| i.uri().to_string())

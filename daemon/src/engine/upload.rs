@@ -22,6 +22,7 @@ use url::Url;
 
 use super::attempt::{
     build_request, host_of, no_response, request_failure, response_headers, status_failure, status_text,
+    stopped_at_proxy,
 };
 use super::http::{Failure, ReqBody, Retry, classify, empty_body, is_transient_status};
 use super::limiter::RateLimiter;
@@ -278,6 +279,11 @@ impl Engine {
                 Some(Err(e)) => {
                     if let Some(f) = changed_failure(&e) {
                         return Err(f);
+                    }
+                    // Stopped at the proxy: nothing of it reached the server (an empty body
+                    // counts as out once the request goes).
+                    if stopped_at_proxy(&e) {
+                        job.progress.sent_whole.store(false, Ordering::Relaxed);
                     }
                     return Err(request_failure(&e, &url, &proxies, &format!("sending to {}", host_of(&url))));
                 }
