@@ -103,6 +103,14 @@ impl Nginx {
         Ok(nginx)
     }
 
+    /// utime+stime (clock ticks) of nginx's worker process (there is one): the server's
+    /// own CPU, which no download can finish faster than when it is the bottleneck (TLS).
+    pub fn worker_cpu_ticks(&self) -> Option<u64> {
+        let master = self.child.id();
+        let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children")).ok()?;
+        children.split_whitespace().filter_map(|p| p.parse::<u32>().ok()).filter_map(|p| run::cpu_ticks(p).ok()).max()
+    }
+
     pub fn http_url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.http_port)
     }
