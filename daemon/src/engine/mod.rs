@@ -143,8 +143,9 @@ impl std::fmt::Debug for Job {
 /// (`origin`, header) that go on `CONNECT`s, and the HTTP versions offered.
 type RouteKey = (Option<SessionProxy>, Option<u64>, Vec<(String, HeaderName, HeaderValue)>, http::Versions);
 
-/// Clients made for proxy credentials beyond this many are dropped (their connections
-/// live on while in use); a credential that changes makes a new one.
+/// Clients made for proxy credentials beyond this many: the one used longest ago is
+/// dropped (its connections live on while in use); a credential that changes makes a new
+/// one.
 const MAX_CREDENTIAL_ROUTES: usize = 32;
 
 /// A client made for a session proxy or client certificate.
@@ -154,6 +155,8 @@ struct Route {
     proxies: proxy::Proxies,
     /// The certificate it presents: while someone holds it, the client is kept.
     identity: Option<std::sync::Weak<http::ClientIdentity>>,
+    /// When a job last took it.
+    used: std::time::Instant,
 }
 
 #[derive(Debug, Clone)]
@@ -236,13 +239,18 @@ impl Engine {
         }
         let key = (job.proxy.clone(), identity.map(|i| i.id), tunnel_auth, versions);
         let mut clients = self.by_route.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(found) = clients.get(&key) {
+        if let Some(found) = clients.get_mut(&key) {
+            found.used = std::time::Instant::now();
             return Ok((found.client.clone(), found.proxies.clone()));
         }
         // A certificate no session holds any more (replaced, dropped): its client and key go.
         clients.retain(|_, r| r.identity.as_ref().is_none_or(|w| w.strong_count() > 0));
         if clients.keys().filter(|k| !k.2.is_empty()).count() >= MAX_CREDENTIAL_ROUTES {
-            clients.retain(|k, _| k.2.is_empty());
+            let oldest =
+                clients.iter().filter(|(k, _)| !k.2.is_empty()).min_by_key(|(_, r)| r.used).map(|(k, _)| k.clone());
+            if let Some(oldest) = oldest {
+                clients.remove(&oldest);
+            }
         }
         let proxies = match &job.proxy {
             Some(p) => proxy::Proxies::new(p.url.as_deref().unwrap_or(""), "", "", &p.no_proxy),
@@ -255,7 +263,8 @@ impl Engine {
             Some(http::CertState::Ready(id)) => Some(Arc::downgrade(id)),
             _ => None,
         };
-        clients.insert(key, Route { client: client.clone(), proxies: proxies.clone(), identity });
+        let used = std::time::Instant::now();
+        clients.insert(key, Route { client: client.clone(), proxies: proxies.clone(), identity, used });
         Ok((client, proxies))
     }
 
