@@ -424,10 +424,24 @@ async fn a_file_failing_the_check_after_opening_is_never_written() {
     .unwrap();
     assert_eq!(snap.tasks.len(), 400, "the start's reads do not touch the damaged index");
     store.write(vec![Op::RetireTasks(vec![1])], None);
+    // A read that waits for the check: answered "closed" when the check fails, not never.
+    let (answers_tx, answers) = std::sync::mpsc::channel();
+    let tx = answers_tx.clone();
+    store.dormant_ids(move |r| {
+        let _ = tx.send(matches!(r, Err(dlsessiond::store::StoreError::Closed)));
+    });
     let health = health_rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap();
     let dlsessiond::store::Health::Corrupt(message) = health else { panic!("{health:?}") };
     assert!(message.contains("corrupt") && message.contains("refusing to start"), "{message}");
     assert!(!store.flush(std::time::Duration::from_secs(5)).await, "nothing is written after a failed check");
+    // A read sent after the database thread stopped: the same.
+    store.load_dormant(dlsessiond::store::Dormant::All, move |r| {
+        let _ = answers_tx.send(matches!(r, Err(dlsessiond::store::StoreError::Closed)));
+    });
+    for which in ["the read waiting for the check", "the read after the thread stopped"] {
+        let closed = answers.recv_timeout(std::time::Duration::from_secs(5));
+        assert_eq!(closed, Ok(true), "{which} is answered Closed");
+    }
     drop(store);
     assert_eq!(digest(&db), before);
 }
