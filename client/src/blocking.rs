@@ -29,7 +29,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{DownloadRequest, SessionConfiguration};
+use crate::config::{DownloadRequest, SessionConfiguration, UploadRequest};
 use crate::delegate::SessionDelegate;
 use crate::error::{Error, Result};
 use crate::stream::SessionEvent;
@@ -113,6 +113,12 @@ impl Session {
     /// Creates many tasks, started at once if `resume`.
     pub fn download_tasks(&self, requests: Vec<DownloadRequest>, resume: bool) -> Result<Vec<DownloadTask>> {
         let tasks = self.runtime.block_on(self.inner().download_tasks(requests, resume))?;
+        Ok(tasks.into_iter().map(|t| self.wrap(t)).collect())
+    }
+
+    /// Creates upload tasks, started at once if `resume` ([`crate::Session::upload_tasks`]).
+    pub fn upload_tasks(&self, requests: Vec<UploadRequest>, resume: bool) -> Result<Vec<DownloadTask>> {
+        let tasks = self.runtime.block_on(self.inner().upload_tasks(requests, resume))?;
         Ok(tasks.into_iter().map(|t| self.wrap(t)).collect())
     }
 

@@ -29,6 +29,12 @@
 #define DLS_DOWNLOAD_OVERWRITE 1
 
 /**
+ * `flags` of `dls_upload`: the server takes a repeated POST as one, so a POST whose whole
+ * body went out may be sent again after a failure (a PUT always may).
+ */
+#define DLS_UPLOAD_IDEMPOTENT 1
+
+/**
  * What a call returns: `DLS_OK` (0) or why it failed.
  *
  * The numbers are stable. 1 to 99 are the daemon's error codes (docs/protocol.md,
@@ -192,6 +198,19 @@ typedef enum dls_event_kind {
      * Connected again and rejoined.
      */
     DLS_EVENT_RECONNECTED = 9,
+    /**
+     * An upload's body is going out: `bytes_written` sent since the task's last SENT
+     * event, `total_bytes_written` so far, `total_bytes_expected` the file's size.
+     * Coalesced like PROGRESS.
+     */
+    DLS_EVENT_SENT = 10,
+    /**
+     * An upload's final response: `http_status` its status, `response_headers` its headers,
+     * `location` a file holding its body (at most 1 MiB of it; `body_truncated` 1 if the
+     * body was longer). Read the file before the callback returns: afterwards the daemon
+     * deletes it. COMPLETED follows (with `DLS_HTTP_STATUS` unless the status was 2xx).
+     */
+    DLS_EVENT_UPLOAD_RESPONSE = 11,
 } dls_event_kind;
 
 /**
@@ -267,6 +286,15 @@ typedef struct dls_event {
      * The session's identifier.
      */
     const char *session_identifier;
+    /**
+     * UPLOAD_RESPONSE: 1 if the body was longer than its file holds, else 0.
+     */
+    int body_truncated;
+    /**
+     * UPLOAD_RESPONSE: the response's headers, one `Name: value` per line (`\n`); else
+     * NULL.
+     */
+    const char *response_headers;
 } dls_event;
 
 /**
@@ -442,6 +470,31 @@ enum dls_code dls_download(struct dls_session *session,
                            uint32_t flags,
                            uint64_t *task_id_out,
                            struct dls_error **err);
+
+/**
+ * Creates an upload of the file at `path` to `url` and starts it: the file is the body of
+ * a `PUT` (`method` NULL or "PUT") or a `POST` ("POST"), with `content_type` (may be NULL)
+ * as its `Content-Type`. The daemon records the file's size and modification time now: a
+ * missing, unreadable or directory path is `DLS_FILE_ERROR` here, and a file changed
+ * before it is sent fails the task. A relative path is taken from the current directory.
+ * `flags`: 0, or `DLS_UPLOAD_IDEMPOTENT`; other bits are `DLS_INVALID_ARGUMENT`. Events:
+ * SENT while the body goes, UPLOAD_RESPONSE with the server's answer, then COMPLETED. The
+ * new task's id goes to `*task_id_out` (may be NULL).
+ *
+ * # Safety
+ *
+ * `session` is NULL or a live session; `url`, `path`, `method` and `content_type` are NULL
+ * or NUL-terminated strings; `task_id_out` is NULL or writable; `err` as for
+ * `dls_session_attach`.
+ */
+enum dls_code dls_upload(struct dls_session *session,
+                         const char *url,
+                         const char *path,
+                         const char *method,
+                         const char *content_type,
+                         uint32_t flags,
+                         uint64_t *task_id_out,
+                         struct dls_error **err);
 
 /**
  * Starts (or continues) a suspended task.

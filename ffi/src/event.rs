@@ -8,7 +8,7 @@ use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use dlsession::{DetachReason, DownloadTask, Handled, Session, SessionDelegate, TaskError};
+use dlsession::{DetachReason, DownloadTask, Handled, Session, SessionDelegate, TaskError, UploadResponse};
 
 use crate::error::{c_string, dls_code};
 
@@ -43,6 +43,15 @@ pub enum dls_event_kind {
     DLS_EVENT_CONNECTION_LOST = 8,
     /// Connected again and rejoined.
     DLS_EVENT_RECONNECTED = 9,
+    /// An upload's body is going out: `bytes_written` sent since the task's last SENT
+    /// event, `total_bytes_written` so far, `total_bytes_expected` the file's size.
+    /// Coalesced like PROGRESS.
+    DLS_EVENT_SENT = 10,
+    /// An upload's final response: `http_status` its status, `response_headers` its headers,
+    /// `location` a file holding its body (at most 1 MiB of it; `body_truncated` 1 if the
+    /// body was longer). Read the file before the callback returns: afterwards the daemon
+    /// deletes it. COMPLETED follows (with `DLS_HTTP_STATUS` unless the status was 2xx).
+    DLS_EVENT_UPLOAD_RESPONSE = 11,
 }
 
 /// One event of a session, as the callback receives it. Fields that do not apply to the
@@ -77,6 +86,11 @@ pub struct dls_event {
     pub error_message: *const c_char,
     /// The session's identifier.
     pub session_identifier: *const c_char,
+    /// UPLOAD_RESPONSE: 1 if the body was longer than its file holds, else 0.
+    pub body_truncated: c_int,
+    /// UPLOAD_RESPONSE: the response's headers, one `Name: value` per line (`\n`); else
+    /// NULL.
+    pub response_headers: *const c_char,
 }
 
 /// The event callback given to `dls_session_attach`.
@@ -177,6 +191,8 @@ struct Event {
     http_status: c_int,
     error_message: Option<CString>,
     session_identifier: CString,
+    body_truncated: bool,
+    response_headers: Option<CString>,
 }
 
 /// Byte counts for C: `i64`, saturating (no file is 8 EiB).
@@ -202,6 +218,8 @@ impl Event {
             http_status: 0,
             error_message: None,
             session_identifier: c_string(session.identifier()),
+            body_truncated: false,
+            response_headers: None,
         }
     }
 
@@ -228,6 +246,8 @@ impl Event {
             http_status: self.http_status,
             error_message: ptr(&self.error_message),
             session_identifier: self.session_identifier.as_ptr(),
+            body_truncated: c_int::from(self.body_truncated),
+            response_headers: ptr(&self.response_headers),
         }
     }
 }
@@ -264,6 +284,31 @@ impl SessionDelegate for Delegate {
         e.total_bytes_written = count(total_bytes_written);
         e.total_bytes_expected = expected(total_bytes_expected);
         self.gate.deliver(&e);
+    }
+
+    fn did_send_body_data(
+        &self,
+        session: &Session,
+        task: &DownloadTask,
+        bytes_sent: u64,
+        total_bytes_sent: u64,
+        total_bytes_expected_to_send: u64,
+    ) {
+        let mut e = Event::new(dls_event_kind::DLS_EVENT_SENT, session, Some(task));
+        e.bytes_written = count(bytes_sent);
+        e.total_bytes_written = count(total_bytes_sent);
+        e.total_bytes_expected = count(total_bytes_expected_to_send);
+        self.gate.deliver(&e);
+    }
+
+    fn did_receive_upload_response(&self, session: &Session, task: &DownloadTask, response: &UploadResponse) {
+        let mut e = Event::new(dls_event_kind::DLS_EVENT_UPLOAD_RESPONSE, session, Some(task));
+        e.http_status = c_int::from(response.status);
+        e.location = Some(c_string(&response.body.to_string_lossy()));
+        e.body_truncated = response.body_truncated;
+        let headers: Vec<String> = response.headers.iter().map(|h| format!("{}: {}", h.name, h.value)).collect();
+        e.response_headers = Some(c_string(&headers.join("\n")));
+        self.durable(&e);
     }
 
     fn did_resume_at_offset(&self, session: &Session, task: &DownloadTask, offset: u64, expected_total: Option<u64>) {
@@ -346,6 +391,8 @@ mod tests {
             http_status: 0,
             error_message: message.map(c_string),
             session_identifier: c_string("org.example.test"),
+            body_truncated: false,
+            response_headers: None,
         }
     }
 

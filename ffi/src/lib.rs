@@ -34,6 +34,6 @@ pub use config::{
 pub use error::{dls_code, dls_code_name, dls_error, dls_error_code, dls_error_free, dls_error_message};
 pub use event::{dls_event, dls_event_fn, dls_event_kind};
 pub use session::{
-    DLS_DOWNLOAD_OVERWRITE, dls_download, dls_session, dls_session_attach, dls_session_free, dls_session_wait_idle,
-    dls_task_cancel, dls_task_resume, dls_task_suspend, dls_version,
+    DLS_DOWNLOAD_OVERWRITE, DLS_UPLOAD_IDEMPOTENT, dls_download, dls_session, dls_session_attach, dls_session_free,
+    dls_session_wait_idle, dls_task_cancel, dls_task_resume, dls_task_suspend, dls_upload, dls_version,
 };

@@ -5,8 +5,8 @@ use std::ffi::{CStr, c_char, c_void};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dlsession::DownloadRequest;
 use dlsession::blocking::{DownloadTask, Session};
+use dlsession::{DownloadRequest, UploadMethod, UploadRequest};
 
 use crate::args;
 use crate::config::dls_config;
@@ -119,6 +119,68 @@ pub unsafe extern "C" fn dls_download(
             request = request.destination(absolute).overwrite(flags & DLS_DOWNLOAD_OVERWRITE != 0);
         }
         let tasks = session.session.download_tasks(vec![request], true)?;
+        let id = tasks.first().map(DownloadTask::id).ok_or_else(|| Failure::internal("the daemon created no task"))?;
+        // SAFETY: the caller's contract above.
+        unsafe { args::put(task_id_out, id) };
+        Ok(())
+    })
+}
+
+/// `flags` of `dls_upload`: the server takes a repeated POST as one, so a POST whose whole
+/// body went out may be sent again after a failure (a PUT always may).
+pub const DLS_UPLOAD_IDEMPOTENT: u32 = 1;
+
+/// Creates an upload of the file at `path` to `url` and starts it: the file is the body of
+/// a `PUT` (`method` NULL or "PUT") or a `POST` ("POST"), with `content_type` (may be NULL)
+/// as its `Content-Type`. The daemon records the file's size and modification time now: a
+/// missing, unreadable or directory path is `DLS_FILE_ERROR` here, and a file changed
+/// before it is sent fails the task. A relative path is taken from the current directory.
+/// `flags`: 0, or `DLS_UPLOAD_IDEMPOTENT`; other bits are `DLS_INVALID_ARGUMENT`. Events:
+/// SENT while the body goes, UPLOAD_RESPONSE with the server's answer, then COMPLETED. The
+/// new task's id goes to `*task_id_out` (may be NULL).
+///
+/// # Safety
+///
+/// `session` is NULL or a live session; `url`, `path`, `method` and `content_type` are NULL
+/// or NUL-terminated strings; `task_id_out` is NULL or writable; `err` as for
+/// `dls_session_attach`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dls_upload(
+    session: *mut dls_session,
+    url: *const c_char,
+    path: *const c_char,
+    method: *const c_char,
+    content_type: *const c_char,
+    flags: u32,
+    task_id_out: *mut u64,
+    err: *mut *mut dls_error,
+) -> dls_code {
+    call(err, || {
+        if flags & !DLS_UPLOAD_IDEMPOTENT != 0 {
+            return Err(Failure::invalid(format!("flags {flags:#x}: only DLS_UPLOAD_IDEMPOTENT (1) is known")));
+        }
+        // SAFETY: the caller's contract above.
+        let (session, url, path, method, content_type) = unsafe {
+            (
+                args::object(session, "session")?,
+                args::string(url, "url")?,
+                args::string(path, "path")?,
+                args::optional_string(method, "method")?,
+                args::optional_string(content_type, "content_type")?,
+            )
+        };
+        let method = match method.map(str::to_ascii_uppercase).as_deref() {
+            None | Some("PUT") => UploadMethod::Put,
+            Some("POST") => UploadMethod::Post,
+            Some(other) => return Err(Failure::invalid(format!("method {other:?}: PUT or POST"))),
+        };
+        // The daemon runs elsewhere: a relative path means nothing to it.
+        let file = std::path::absolute(path).map_err(|e| Failure::invalid(format!("path {path:?}: {e}")))?;
+        let mut request = UploadRequest::new(url, file).method(method).idempotent(flags & DLS_UPLOAD_IDEMPOTENT != 0);
+        if let Some(content_type) = content_type {
+            request = request.content_type(content_type);
+        }
+        let tasks = session.session.upload_tasks(vec![request], true)?;
         let id = tasks.first().map(DownloadTask::id).ok_or_else(|| Failure::internal("the daemon created no task"))?;
         // SAFETY: the caller's contract above.
         unsafe { args::put(task_id_out, id) };

@@ -253,6 +253,126 @@ fn the_c_api_controls_tasks() {
     );
 }
 
+/// An upload's response as the callback saw it: status, body read in the callback,
+/// headers, truncated.
+type SeenResponse = (c_int, Vec<u8>, String, c_int);
+
+/// What the upload callback saw: every (kind, task, code, total bytes), and the response.
+#[derive(Default)]
+struct UploadProbe {
+    events: Mutex<Vec<(dls_event_kind, u64, c_int, i64)>>,
+    response: Mutex<Option<SeenResponse>>,
+}
+
+unsafe extern "C" fn upload_probe(event: *const dls_event, user_data: *mut c_void) {
+    // SAFETY: the library passes a live event, and the test's `UploadProbe` as user_data.
+    let (event, probe) = unsafe { (&*event, &*(user_data as *const UploadProbe)) };
+    if let Ok(mut events) = probe.events.lock() {
+        events.push((event.kind, event.task_id, event.error_code, event.total_bytes_written));
+    }
+    if event.kind == dls_event_kind::DLS_EVENT_UPLOAD_RESPONSE {
+        // SAFETY: the strings of an UPLOAD_RESPONSE are NUL-terminated during the call.
+        let (body, headers) = unsafe {
+            (
+                CStr::from_ptr(event.location).to_str().ok().and_then(|p| std::fs::read(p).ok()).unwrap_or_default(),
+                CStr::from_ptr(event.response_headers).to_string_lossy().into_owned(),
+            )
+        };
+        if let Ok(mut response) = probe.response.lock() {
+            *response = Some((event.http_status, body, headers, event.body_truncated));
+        }
+    }
+}
+
+/// `dls_upload` from Rust through the C ABI: a POST of a file, its SENT progress, the
+/// server's response read in the callback, and bad arguments refused.
+#[test]
+fn the_c_api_uploads_a_file() {
+    use dlsession_ffi::*;
+
+    const SIZE: usize = 3 << 20;
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt.block_on(dlsession_testkit::UploadServer::start(false)).unwrap();
+    let mut data = vec![0u8; SIZE];
+    dlsession_testkit::fill_pattern(46, 0, &mut data);
+    let file = env.path().join("photo.jpg");
+    std::fs::write(&file, &data).unwrap();
+    let path = CString::new(file.as_os_str().as_bytes()).unwrap();
+    let url = CString::new(server.url("/files/photo.jpg")).unwrap();
+    let socket = CString::new(env.socket.as_os_str().as_bytes()).unwrap();
+    let probe_data = UploadProbe::default();
+
+    // SAFETY: every pointer is live or NULL where the API allows NULL; `probe_data`
+    // outlives the session.
+    let task = unsafe {
+        let config = dls_config_new(c"org.example.ffi-upload".as_ptr(), ptr::null_mut());
+        assert_eq!(dls_config_set_socket(config, socket.as_ptr(), ptr::null_mut()), dls_code::DLS_OK);
+        let user_data = &probe_data as *const UploadProbe as *mut c_void;
+        let session = dls_session_attach(config, Some(upload_probe), user_data, ptr::null_mut());
+        dls_config_free(config);
+        assert!(!session.is_null());
+
+        let refused = |method: &CStr, path: &CStr, flags: u32| {
+            let mut err = ptr::null_mut();
+            let code = dls_upload(
+                session,
+                url.as_ptr(),
+                path.as_ptr(),
+                method.as_ptr(),
+                ptr::null(),
+                flags,
+                ptr::null_mut(),
+                &mut err,
+            );
+            let message = CStr::from_ptr(dls_error_message(err)).to_string_lossy().into_owned();
+            dls_error_free(err);
+            (code, message)
+        };
+        let (code, message) = refused(c"GET", &path, 0);
+        assert_eq!(code, dls_code::DLS_INVALID_ARGUMENT, "{message}");
+        assert!(message.contains("PUT or POST"), "{message}");
+        assert_eq!(refused(c"POST", &path, 2).0, dls_code::DLS_INVALID_ARGUMENT);
+        assert_eq!(refused(c"POST", c"/nonexistent/file", 0).0, dls_code::DLS_FILE_ERROR);
+
+        let mut task = 0;
+        let code = dls_upload(
+            session,
+            url.as_ptr(),
+            path.as_ptr(),
+            c"post".as_ptr(),
+            c"image/jpeg".as_ptr(),
+            0,
+            &mut task,
+            ptr::null_mut(),
+        );
+        assert_eq!(code, dls_code::DLS_OK);
+        let mut idle = false;
+        assert_eq!(dls_session_wait_idle(session, 60_000, &mut idle, ptr::null_mut()), dls_code::DLS_OK);
+        assert!(idle);
+        dls_session_free(session);
+        task
+    };
+
+    assert_eq!(server.file("photo.jpg").as_deref(), Some(&data[..]), "byte-exact on the server");
+    let record = server.records().into_iter().last().unwrap();
+    assert_eq!((record.method.as_str(), record.header("content-type")), ("POST", Some("image/jpeg")));
+    let events = probe_data.events.into_inner().unwrap();
+    let sent: Vec<i64> =
+        events.iter().filter(|e| e.0 == dls_event_kind::DLS_EVENT_SENT && e.1 == task).map(|e| e.3).collect();
+    assert_eq!(sent.last(), Some(&(SIZE as i64)), "SENT ends at the whole file: {events:?}");
+    let kinds: Vec<dls_event_kind> = events.iter().filter(|e| e.1 == task).map(|e| e.0).collect();
+    let response_at = kinds.iter().position(|k| *k == dls_event_kind::DLS_EVENT_UPLOAD_RESPONSE);
+    let completed_at = kinds.iter().position(|k| *k == dls_event_kind::DLS_EVENT_COMPLETED);
+    assert!(response_at.is_some() && response_at < completed_at, "the response, then COMPLETED: {kinds:?}");
+    assert!(events.contains(&(dls_event_kind::DLS_EVENT_COMPLETED, task, dls_code::DLS_OK as c_int, 0)));
+    let (status, body, headers, truncated) = probe_data.response.into_inner().unwrap().expect("a response");
+    assert_eq!((status, truncated), (201, 0));
+    assert!(String::from_utf8_lossy(&body).contains(&dlsession_testkit::sha256_hex(&data)), "read in the callback");
+    assert!(headers.lines().any(|l| l == "location: /files/photo.jpg"), "{headers}");
+}
+
 /// The ctypes snippet of ffi/README.md, run as written (with this build's library, a
 /// local URL and a destination of the test's own) by the system's Python.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
