@@ -33,7 +33,9 @@ use crate::config::{DownloadRequest, SessionConfiguration, UploadRequest};
 use crate::delegate::SessionDelegate;
 use crate::error::{Error, Result};
 use crate::stream::SessionEvent;
-use dlsession_proto::{ErrorCode, ErrorInfo, SessionInfo, TaskId, TaskInfo, TaskPolicy, TaskPolicyInfo};
+use dlsession_proto::{
+    Challenge, ChallengeAnswer, ErrorCode, ErrorInfo, SessionInfo, TaskId, TaskInfo, TaskPolicy, TaskPolicyInfo,
+};
 
 /// An attached background session, with blocking methods (see the [module](self)).
 ///
@@ -231,5 +233,10 @@ impl DownloadTask {
     /// The task's own policy, and the one it runs under.
     pub fn policy(&self) -> Result<TaskPolicyInfo> {
         self.runtime.block_on(self.inner.policy())
+    }
+
+    /// Answers `challenge`, which the task waits on ([`crate::DownloadTask::answer_challenge`]).
+    pub fn answer_challenge(&self, challenge: &Challenge, answer: ChallengeAnswer) -> Result<()> {
+        self.runtime.block_on(self.inner.answer_challenge(challenge, answer))
     }
 }

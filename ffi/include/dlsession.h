@@ -35,6 +35,45 @@
 #define DLS_UPLOAD_IDEMPOTENT 1
 
 /**
+ * `answer` of `dls_task_answer_challenge`: Basic credentials (`first` the user, `second`
+ * the password).
+ */
+#define DLS_ANSWER_BASIC 1
+
+/**
+ * A bearer token (`first`).
+ */
+#define DLS_ANSWER_BEARER 2
+
+/**
+ * Any header (`first` its name, `second` its value; a `Proxy-*` header for a proxy).
+ */
+#define DLS_ANSWER_HEADER 3
+
+/**
+ * Cancel the task (it completes with `DLS_CANCELLED`).
+ */
+#define DLS_ANSWER_CANCEL 4
+
+/**
+ * No credentials: the task completes with the server's status (`DLS_HTTP_STATUS`).
+ */
+#define DLS_ANSWER_FAIL 5
+
+/**
+ * `flags` of `dls_task_answer_challenge`: the credential serves every task of the session
+ * asking that origin (its protection space), from their first request on; without it,
+ * this task only.
+ */
+#define DLS_ANSWER_PROTECTION_SPACE 1
+
+/**
+ * `flags`: the daemon keeps the credential in its database (else in memory only, gone
+ * with a restart).
+ */
+#define DLS_ANSWER_KEEP 2
+
+/**
  * What a call returns: `DLS_OK` (0) or why it failed.
  *
  * The numbers are stable. 1 to 99 are the daemon's error codes (docs/protocol.md,
@@ -211,6 +250,14 @@ typedef enum dls_event_kind {
      * deletes it. COMPLETED follows (with `DLS_HTTP_STATUS` unless the status was 2xx).
      */
     DLS_EVENT_UPLOAD_RESPONSE = 11,
+    /**
+     * A server (or proxy) asks for credentials, in a session that answers challenges
+     * (`dls_config_set_answers_challenges`): `challenge_scheme`, `challenge_realm` (may be
+     * NULL), `challenge_origin` (`scheme://host:port` of who asks), `challenge_proxy`,
+     * `challenge_round`. The task waits: answer with `dls_task_answer_challenge`, in the
+     * callback or later. Unanswered, the event comes again at the next attach.
+     */
+    DLS_EVENT_CHALLENGE = 12,
 } dls_event_kind;
 
 /**
@@ -295,6 +342,26 @@ typedef struct dls_event {
      * NULL.
      */
     const char *response_headers;
+    /**
+     * CHALLENGE: the scheme asked for (`Basic`, `Bearer`, …); else NULL.
+     */
+    const char *challenge_scheme;
+    /**
+     * CHALLENGE: its realm; NULL if none.
+     */
+    const char *challenge_realm;
+    /**
+     * CHALLENGE: who asks, `scheme://host:port`; else NULL.
+     */
+    const char *challenge_origin;
+    /**
+     * CHALLENGE: 1 if a proxy asks (407), 0 if the server (401).
+     */
+    int challenge_proxy;
+    /**
+     * CHALLENGE: 1 for the task's first; name it when answering.
+     */
+    uint32_t challenge_round;
 } dls_event;
 
 /**
@@ -372,6 +439,36 @@ enum dls_code dls_config_set_launch_command(struct dls_config *config,
                                             const char *const *argv,
                                             size_t argc,
                                             struct dls_error **err);
+
+/**
+ * Whether the session asks its app for credentials when a server (or proxy) answers 401
+ * (407) with a challenge: nonzero, the task waits and the callback gets
+ * `DLS_EVENT_CHALLENGE`, answered with `dls_task_answer_challenge`; 0 (the default for new
+ * sessions), such a task fails with the status.
+ *
+ * # Safety
+ *
+ * `config` as for `dls_config_set_socket`; `err` as for `dls_config_new`.
+ */
+enum dls_code dls_config_set_answers_challenges(struct dls_config *config,
+                                                int answers,
+                                                struct dls_error **err);
+
+/**
+ * The client certificate (PEM: the certificate, then any intermediates) and private key
+ * files the session's tasks present to servers that ask (mutual TLS); relative paths are
+ * taken from the current directory. The daemon reads and checks them at attach (a bad
+ * pair fails `dls_session_attach`). Both NULL: the session presents none.
+ *
+ * # Safety
+ *
+ * `config` as for `dls_config_set_socket`; `cert_file` and `key_file` are NULL or
+ * NUL-terminated strings; `err` as for `dls_config_new`.
+ */
+enum dls_code dls_config_set_client_certificate(struct dls_config *config,
+                                                const char *cert_file,
+                                                const char *key_file,
+                                                struct dls_error **err);
 
 /**
  * Frees a configuration (NULL is fine).
@@ -495,6 +592,28 @@ enum dls_code dls_upload(struct dls_session *session,
                          uint32_t flags,
                          uint64_t *task_id_out,
                          struct dls_error **err);
+
+/**
+ * Answers the challenge `round` (from its `DLS_EVENT_CHALLENGE`) that task `task_id`
+ * waits on, with `answer` (a `DLS_ANSWER_*`); `first` and `second` as each answer says
+ * (NULL where it takes none), `flags` `DLS_ANSWER_PROTECTION_SPACE` and
+ * `DLS_ANSWER_KEEP` for credentials (0 otherwise). May be called from the callback. An
+ * answer to another round than the task's current one is `DLS_INVALID_REQUEST`; the
+ * strings are copied, and the daemon never shows or logs them.
+ *
+ * # Safety
+ *
+ * `session` is NULL or a live session; `first` and `second` are NULL or NUL-terminated
+ * strings; `err` as for `dls_session_attach`.
+ */
+enum dls_code dls_task_answer_challenge(struct dls_session *session,
+                                        uint64_t task_id,
+                                        uint32_t round,
+                                        int answer,
+                                        const char *first,
+                                        const char *second,
+                                        uint32_t flags,
+                                        struct dls_error **err);
 
 /**
  * Starts (or continues) a suspended task.

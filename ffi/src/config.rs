@@ -1,6 +1,6 @@
 //! `dls_config`: a session's configuration ([`SessionConfiguration`]) built from C.
 
-use std::ffi::c_char;
+use std::ffi::{c_char, c_int};
 
 use dlsession::SessionConfiguration;
 
@@ -113,6 +113,62 @@ pub unsafe extern "C" fn dls_config_set_launch_command(
             command.push(unsafe { args::string(*arg, &format!("argv[{i}]")) }?.to_owned());
         }
         config.inner = config.inner.clone().launch_command(command);
+        Ok(())
+    })
+}
+
+/// Whether the session asks its app for credentials when a server (or proxy) answers 401
+/// (407) with a challenge: nonzero, the task waits and the callback gets
+/// `DLS_EVENT_CHALLENGE`, answered with `dls_task_answer_challenge`; 0 (the default for new
+/// sessions), such a task fails with the status.
+///
+/// # Safety
+///
+/// `config` as for `dls_config_set_socket`; `err` as for `dls_config_new`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dls_config_set_answers_challenges(
+    config: *mut dls_config,
+    answers: c_int,
+    err: *mut *mut dls_error,
+) -> dls_code {
+    call(err, || {
+        // SAFETY: the caller's contract above.
+        let config = unsafe { args::object_mut(config, "config") }?;
+        config.inner = config.inner.clone().answers_challenges(answers != 0);
+        Ok(())
+    })
+}
+
+/// The client certificate (PEM: the certificate, then any intermediates) and private key
+/// files the session's tasks present to servers that ask (mutual TLS); relative paths are
+/// taken from the current directory. The daemon reads and checks them at attach (a bad
+/// pair fails `dls_session_attach`). Both NULL: the session presents none.
+///
+/// # Safety
+///
+/// `config` as for `dls_config_set_socket`; `cert_file` and `key_file` are NULL or
+/// NUL-terminated strings; `err` as for `dls_config_new`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dls_config_set_client_certificate(
+    config: *mut dls_config,
+    cert_file: *const c_char,
+    key_file: *const c_char,
+    err: *mut *mut dls_error,
+) -> dls_code {
+    call(err, || {
+        // SAFETY: the caller's contract above.
+        let (config, cert, key) = unsafe {
+            (
+                args::object_mut(config, "config")?,
+                args::optional_string(cert_file, "cert_file")?,
+                args::optional_string(key_file, "key_file")?,
+            )
+        };
+        config.inner = match (cert, key) {
+            (Some(cert), Some(key)) => config.inner.clone().client_certificate(cert, key),
+            (None, None) => config.inner.clone().no_client_certificate(),
+            _ => return Err(Failure::invalid("cert_file and key_file go together: both or neither")),
+        };
         Ok(())
     })
 }

@@ -8,7 +8,10 @@ use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use dlsession::{DetachReason, DownloadTask, Handled, Session, SessionDelegate, TaskError, UploadResponse};
+use dlsession::{
+    Challenge, ChallengeAnswer, DetachReason, DownloadTask, Handled, Session, SessionDelegate, TaskError,
+    UploadResponse,
+};
 
 use crate::error::{c_string, dls_code};
 
@@ -52,6 +55,12 @@ pub enum dls_event_kind {
     /// body was longer). Read the file before the callback returns: afterwards the daemon
     /// deletes it. COMPLETED follows (with `DLS_HTTP_STATUS` unless the status was 2xx).
     DLS_EVENT_UPLOAD_RESPONSE = 11,
+    /// A server (or proxy) asks for credentials, in a session that answers challenges
+    /// (`dls_config_set_answers_challenges`): `challenge_scheme`, `challenge_realm` (may be
+    /// NULL), `challenge_origin` (`scheme://host:port` of who asks), `challenge_proxy`,
+    /// `challenge_round`. The task waits: answer with `dls_task_answer_challenge`, in the
+    /// callback or later. Unanswered, the event comes again at the next attach.
+    DLS_EVENT_CHALLENGE = 12,
 }
 
 /// One event of a session, as the callback receives it. Fields that do not apply to the
@@ -91,6 +100,16 @@ pub struct dls_event {
     /// UPLOAD_RESPONSE: the response's headers, one `Name: value` per line (`\n`); else
     /// NULL.
     pub response_headers: *const c_char,
+    /// CHALLENGE: the scheme asked for (`Basic`, `Bearer`, …); else NULL.
+    pub challenge_scheme: *const c_char,
+    /// CHALLENGE: its realm; NULL if none.
+    pub challenge_realm: *const c_char,
+    /// CHALLENGE: who asks, `scheme://host:port`; else NULL.
+    pub challenge_origin: *const c_char,
+    /// CHALLENGE: 1 if a proxy asks (407), 0 if the server (401).
+    pub challenge_proxy: c_int,
+    /// CHALLENGE: 1 for the task's first; name it when answering.
+    pub challenge_round: u32,
 }
 
 /// The event callback given to `dls_session_attach`.
@@ -193,6 +212,17 @@ struct Event {
     session_identifier: CString,
     body_truncated: bool,
     response_headers: Option<CString>,
+    challenge: Option<ChallengeText>,
+}
+
+/// A challenge's strings for C.
+#[derive(Debug)]
+struct ChallengeText {
+    scheme: CString,
+    realm: Option<CString>,
+    origin: CString,
+    proxy: bool,
+    round: u32,
 }
 
 /// Byte counts for C: `i64`, saturating (no file is 8 EiB).
@@ -220,6 +250,7 @@ impl Event {
             session_identifier: c_string(session.identifier()),
             body_truncated: false,
             response_headers: None,
+            challenge: None,
         }
     }
 
@@ -248,6 +279,11 @@ impl Event {
             session_identifier: self.session_identifier.as_ptr(),
             body_truncated: c_int::from(self.body_truncated),
             response_headers: ptr(&self.response_headers),
+            challenge_scheme: self.challenge.as_ref().map_or(ptr::null(), |c| c.scheme.as_ptr()),
+            challenge_realm: self.challenge.as_ref().map_or(ptr::null(), |c| ptr(&c.realm)),
+            challenge_origin: self.challenge.as_ref().map_or(ptr::null(), |c| c.origin.as_ptr()),
+            challenge_proxy: self.challenge.as_ref().map_or(0, |c| c_int::from(c.proxy)),
+            challenge_round: self.challenge.as_ref().map_or(0, |c| c.round),
         }
     }
 }
@@ -327,6 +363,26 @@ impl SessionDelegate for Delegate {
         Handled::Done
     }
 
+    /// The app answers with `dls_task_answer_challenge` (in the callback or later): the
+    /// library sends nothing here, and an answer withdraws the event.
+    fn did_receive_challenge(
+        &self,
+        session: &Session,
+        task: &DownloadTask,
+        challenge: &Challenge,
+    ) -> Option<ChallengeAnswer> {
+        let mut e = Event::new(dls_event_kind::DLS_EVENT_CHALLENGE, session, Some(task));
+        e.challenge = Some(ChallengeText {
+            scheme: c_string(&challenge.scheme),
+            realm: challenge.realm.as_deref().map(c_string),
+            origin: c_string(&challenge.origin),
+            proxy: challenge.proxy,
+            round: challenge.round,
+        });
+        self.gate.deliver(&e);
+        None
+    }
+
     fn did_complete_with_error(&self, session: &Session, task: &DownloadTask, error: Option<&TaskError>) {
         let e = Event::new(dls_event_kind::DLS_EVENT_COMPLETED, session, Some(task)).error(error);
         self.durable(&e);
@@ -393,6 +449,7 @@ mod tests {
             session_identifier: c_string("org.example.test"),
             body_truncated: false,
             response_headers: None,
+            challenge: None,
         }
     }
 

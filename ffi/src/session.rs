@@ -1,12 +1,14 @@
 //! `dls_session`: attaching, downloading, controlling tasks, waiting, detaching — each a
 //! blocking call on [`dlsession::blocking::Session`].
 
-use std::ffi::{CStr, c_char, c_void};
+use std::ffi::{CStr, c_char, c_int, c_void};
 use std::sync::Arc;
 use std::time::Duration;
 
 use dlsession::blocking::{DownloadTask, Session};
-use dlsession::{DownloadRequest, UploadMethod, UploadRequest};
+use dlsession::{
+    Challenge, ChallengeAnswer, Credential, CredentialScope, DownloadRequest, UploadMethod, UploadRequest,
+};
 
 use crate::args;
 use crate::config::dls_config;
@@ -184,6 +186,96 @@ pub unsafe extern "C" fn dls_upload(
         let id = tasks.first().map(DownloadTask::id).ok_or_else(|| Failure::internal("the daemon created no task"))?;
         // SAFETY: the caller's contract above.
         unsafe { args::put(task_id_out, id) };
+        Ok(())
+    })
+}
+
+/// `answer` of `dls_task_answer_challenge`: Basic credentials (`first` the user, `second`
+/// the password).
+pub const DLS_ANSWER_BASIC: c_int = 1;
+/// A bearer token (`first`).
+pub const DLS_ANSWER_BEARER: c_int = 2;
+/// Any header (`first` its name, `second` its value; a `Proxy-*` header for a proxy).
+pub const DLS_ANSWER_HEADER: c_int = 3;
+/// Cancel the task (it completes with `DLS_CANCELLED`).
+pub const DLS_ANSWER_CANCEL: c_int = 4;
+/// No credentials: the task completes with the server's status (`DLS_HTTP_STATUS`).
+pub const DLS_ANSWER_FAIL: c_int = 5;
+/// `flags` of `dls_task_answer_challenge`: the credential serves every task of the session
+/// asking that origin (its protection space), from their first request on; without it,
+/// this task only.
+pub const DLS_ANSWER_PROTECTION_SPACE: u32 = 1;
+/// `flags`: the daemon keeps the credential in its database (else in memory only, gone
+/// with a restart).
+pub const DLS_ANSWER_KEEP: u32 = 2;
+
+/// Answers the challenge `round` (from its `DLS_EVENT_CHALLENGE`) that task `task_id`
+/// waits on, with `answer` (a `DLS_ANSWER_*`); `first` and `second` as each answer says
+/// (NULL where it takes none), `flags` `DLS_ANSWER_PROTECTION_SPACE` and
+/// `DLS_ANSWER_KEEP` for credentials (0 otherwise). May be called from the callback. An
+/// answer to another round than the task's current one is `DLS_INVALID_REQUEST`; the
+/// strings are copied, and the daemon never shows or logs them.
+///
+/// # Safety
+///
+/// `session` is NULL or a live session; `first` and `second` are NULL or NUL-terminated
+/// strings; `err` as for `dls_session_attach`.
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn dls_task_answer_challenge(
+    session: *mut dls_session,
+    task_id: u64,
+    round: u32,
+    answer: c_int,
+    first: *const c_char,
+    second: *const c_char,
+    flags: u32,
+    err: *mut *mut dls_error,
+) -> dls_code {
+    call(err, || {
+        if flags & !(DLS_ANSWER_PROTECTION_SPACE | DLS_ANSWER_KEEP) != 0 {
+            return Err(Failure::invalid(format!(
+                "flags {flags:#x}: only DLS_ANSWER_PROTECTION_SPACE (1) and DLS_ANSWER_KEEP (2) are known"
+            )));
+        }
+        // SAFETY: the caller's contract above.
+        let (session, first, second) = unsafe {
+            (
+                args::object(session, "session")?,
+                args::optional_string(first, "first")?,
+                args::optional_string(second, "second")?,
+            )
+        };
+        let need = |s: Option<&str>, what: &str| {
+            s.map(str::to_owned).ok_or_else(|| Failure::invalid(format!("{what} is NULL")))
+        };
+        let credential = match answer {
+            DLS_ANSWER_BASIC => {
+                Some(Credential::Basic { user: need(first, "the user")?, password: need(second, "the password")? })
+            }
+            DLS_ANSWER_BEARER => Some(Credential::Bearer { token: need(first, "the token")? }),
+            DLS_ANSWER_HEADER => Some(Credential::Header {
+                name: need(first, "the header's name")?,
+                value: need(second, "the header's value")?,
+            }),
+            DLS_ANSWER_CANCEL | DLS_ANSWER_FAIL => None,
+            other => return Err(Failure::invalid(format!("answer {other}: not a DLS_ANSWER_* (1 to 5)"))),
+        };
+        let answer = match (credential, answer) {
+            (Some(credential), _) => {
+                let scope = if flags & DLS_ANSWER_PROTECTION_SPACE != 0 {
+                    CredentialScope::ProtectionSpace
+                } else {
+                    CredentialScope::Task
+                };
+                ChallengeAnswer::Use { credential, scope, keep: flags & DLS_ANSWER_KEEP != 0 }
+            }
+            (None, DLS_ANSWER_CANCEL) => ChallengeAnswer::Cancel,
+            (None, _) => ChallengeAnswer::Fail,
+        };
+        // Only the round counts: the daemon checks it against the challenge the task waits on.
+        let challenge = Challenge { scheme: String::new(), realm: None, origin: String::new(), proxy: false, round };
+        session.session.task(task_id)?.answer_challenge(&challenge, answer)?;
         Ok(())
     })
 }

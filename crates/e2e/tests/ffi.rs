@@ -373,6 +373,219 @@ fn the_c_api_uploads_a_file() {
     assert!(headers.lines().any(|l| l == "location: /files/photo.jpg"), "{headers}");
 }
 
+/// A challenge as the callback saw it: task, scheme, realm, origin, proxy, round.
+type SeenChallenge = (u64, String, Option<String>, String, c_int, u32);
+
+/// What the challenge callback saw.
+#[derive(Default)]
+struct ChallengeProbe {
+    session: AtomicPtr<dls_session>,
+    /// Answer challenges from the callback itself (while true).
+    answer_inside: std::sync::atomic::AtomicBool,
+    challenges: Mutex<Vec<SeenChallenge>>,
+    /// (task, code) of every completion, and what answering from the callback gave.
+    completed: Mutex<Vec<(u64, c_int)>>,
+    answered_inside: Mutex<Option<dls_code>>,
+}
+
+unsafe extern "C" fn challenge_probe(event: *const dls_event, user_data: *mut c_void) {
+    // SAFETY: the library passes a live event, and the test's `ChallengeProbe` as user_data.
+    let (event, probe) = unsafe { (&*event, &*(user_data as *const ChallengeProbe)) };
+    match event.kind {
+        dls_event_kind::DLS_EVENT_CHALLENGE => {
+            // SAFETY: a CHALLENGE's strings are NUL-terminated during the call, the realm NULL or so.
+            let text = |p: *const std::ffi::c_char| unsafe {
+                p.as_ref().map(|p| CStr::from_ptr(p).to_string_lossy().into_owned())
+            };
+            let seen = (
+                event.task_id,
+                text(event.challenge_scheme).unwrap_or_default(),
+                text(event.challenge_realm),
+                text(event.challenge_origin).unwrap_or_default(),
+                event.challenge_proxy,
+                event.challenge_round,
+            );
+            probe.challenges.lock().unwrap().push(seen);
+            if probe.answer_inside.load(Ordering::Acquire) {
+                // SAFETY: the session outlives its callbacks; the strings are literals.
+                let code = unsafe {
+                    dlsession_ffi::dls_task_answer_challenge(
+                        probe.session.load(Ordering::Acquire),
+                        event.task_id,
+                        event.challenge_round,
+                        dlsession_ffi::DLS_ANSWER_BASIC,
+                        c"u".as_ptr(),
+                        c"s3cret-pw".as_ptr(),
+                        0,
+                        ptr::null_mut(),
+                    )
+                };
+                *probe.answered_inside.lock().unwrap() = Some(code);
+            }
+        }
+        dls_event_kind::DLS_EVENT_COMPLETED => probe.completed.lock().unwrap().push((event.task_id, event.error_code)),
+        _ => {}
+    }
+}
+
+/// Challenges through the C ABI: a session that answers them gets DLS_EVENT_CHALLENGE;
+/// answered Basic from the callback, the download goes on with the credential; left
+/// unanswered, the task waits until `dls_task_answer_challenge` from elsewhere (here FAIL:
+/// the server's 401); bad answers are refused.
+#[test]
+fn the_c_api_answers_challenges() {
+    use dlsession_ffi::*;
+
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt.block_on(TestServer::start()).unwrap();
+    let good = "Basic dTpzM2NyZXQtcHc="; // u:s3cret-pw
+    server.add("/private", Resource::generated(100_000, 47).require_auth(good, "Basic realm=\"files\""));
+    server.add("/other", Resource::generated(1_000, 48).require_auth(good, "Basic realm=\"files\""));
+    let (private, other) = (CString::new(server.url("/private")).unwrap(), CString::new(server.url("/other")).unwrap());
+    let socket = CString::new(env.socket.as_os_str().as_bytes()).unwrap();
+    let probe_data = ChallengeProbe::default();
+
+    // SAFETY: every pointer is live or NULL where the API allows NULL; `probe_data`
+    // outlives the session.
+    let (first, second) = unsafe {
+        let config = dls_config_new(c"org.example.ffi-auth".as_ptr(), ptr::null_mut());
+        assert_eq!(dls_config_set_socket(config, socket.as_ptr(), ptr::null_mut()), dls_code::DLS_OK);
+        assert_eq!(dls_config_set_answers_challenges(config, 1, ptr::null_mut()), dls_code::DLS_OK);
+        let user_data = &probe_data as *const ChallengeProbe as *mut c_void;
+        let session = dls_session_attach(config, Some(challenge_probe), user_data, ptr::null_mut());
+        dls_config_free(config);
+        assert!(!session.is_null());
+        probe_data.session.store(session, Ordering::Release);
+
+        probe_data.answer_inside.store(true, Ordering::Release);
+        let mut first = 0;
+        assert_eq!(
+            dls_download(session, private.as_ptr(), ptr::null(), 0, &mut first, ptr::null_mut()),
+            dls_code::DLS_OK
+        );
+        let mut idle = false;
+        assert_eq!(dls_session_wait_idle(session, 60_000, &mut idle, ptr::null_mut()), dls_code::DLS_OK);
+        probe_data.answer_inside.store(false, Ordering::Release);
+
+        let mut second = 0;
+        assert_eq!(
+            dls_download(session, other.as_ptr(), ptr::null(), 0, &mut second, ptr::null_mut()),
+            dls_code::DLS_OK
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !probe_data.challenges.lock().unwrap().iter().any(|c| c.0 == second) {
+            assert!(std::time::Instant::now() < deadline, "no challenge for the second task");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut err = ptr::null_mut();
+        assert_eq!(
+            dls_task_answer_challenge(session, second, 1, 9, ptr::null(), ptr::null(), 0, &mut err),
+            dls_code::DLS_INVALID_ARGUMENT
+        );
+        dls_error_free(err);
+        let mut err = ptr::null_mut();
+        let code =
+            dls_task_answer_challenge(session, second, 1, DLS_ANSWER_BASIC, c"u".as_ptr(), ptr::null(), 0, &mut err);
+        assert_eq!(code, dls_code::DLS_INVALID_ARGUMENT, "Basic without a password");
+        dls_error_free(err);
+        let mut err = ptr::null_mut();
+        let code =
+            dls_task_answer_challenge(session, second, 2, DLS_ANSWER_FAIL, ptr::null(), ptr::null(), 0, &mut err);
+        assert_eq!(code, dls_code::DLS_INVALID_REQUEST, "another round than the task's");
+        dls_error_free(err);
+        let code = dls_task_answer_challenge(
+            session,
+            second,
+            1,
+            DLS_ANSWER_FAIL,
+            ptr::null(),
+            ptr::null(),
+            0,
+            ptr::null_mut(),
+        );
+        assert_eq!(code, dls_code::DLS_OK);
+        idle = false;
+        assert_eq!(dls_session_wait_idle(session, 60_000, &mut idle, ptr::null_mut()), dls_code::DLS_OK);
+        dls_session_free(session);
+        (first, second)
+    };
+
+    assert_eq!(*probe_data.answered_inside.lock().unwrap(), Some(dls_code::DLS_OK), "answered from the callback");
+    let challenges = probe_data.challenges.into_inner().unwrap();
+    let origin = format!("http://{}", server.addr());
+    assert_eq!(
+        challenges,
+        vec![
+            (first, "Basic".into(), Some("files".into()), origin.clone(), 0, 1),
+            (second, "Basic".into(), Some("files".into()), origin, 0, 1)
+        ]
+    );
+    let completed = probe_data.completed.into_inner().unwrap();
+    assert!(completed.contains(&(first, dls_code::DLS_OK as c_int)), "{completed:?}");
+    assert!(completed.contains(&(second, dls_code::DLS_HTTP_STATUS as c_int)), "{completed:?}");
+    let sent = server.requests_for("/private");
+    assert_eq!(sent.last().and_then(|r| r.header("authorization")), Some(good));
+}
+
+/// A client certificate set through the C ABI is presented to a server that wants one;
+/// half a pair is refused.
+#[test]
+fn the_c_api_presents_a_client_certificate() {
+    use dlsession_ffi::*;
+
+    let ca = dlsession_testkit::TestCa::new().unwrap();
+    let env = TestEnv::new();
+    env.add_config(&format!("extra_ca_file = {:?}", ca.ca_pem_path()));
+    let _daemon = TestDaemon::start(&env);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt.block_on(TestServer::start_mutual_tls(&ca)).unwrap();
+    server.add("/doc", Resource::generated(10_000, 49));
+    let url = CString::new(server.url("/doc")).unwrap();
+    let (cert, key) = ca.client_identity();
+    let (cert, key) =
+        (CString::new(cert.as_os_str().as_bytes()).unwrap(), CString::new(key.as_os_str().as_bytes()).unwrap());
+    let dest = env.path().join("doc");
+    let dest_c = CString::new(dest.as_os_str().as_bytes()).unwrap();
+    let socket = CString::new(env.socket.as_os_str().as_bytes()).unwrap();
+    let probe_data = Probe::default();
+
+    // SAFETY: every pointer is live or NULL where the API allows NULL; `probe_data`
+    // outlives the session.
+    let task = unsafe {
+        let config = dls_config_new(c"org.example.ffi-cert".as_ptr(), ptr::null_mut());
+        assert_eq!(dls_config_set_socket(config, socket.as_ptr(), ptr::null_mut()), dls_code::DLS_OK);
+        let mut err = ptr::null_mut();
+        assert_eq!(
+            dls_config_set_client_certificate(config, cert.as_ptr(), ptr::null(), &mut err),
+            dls_code::DLS_INVALID_ARGUMENT
+        );
+        dls_error_free(err);
+        assert_eq!(
+            dls_config_set_client_certificate(config, cert.as_ptr(), key.as_ptr(), ptr::null_mut()),
+            dls_code::DLS_OK
+        );
+        let user_data = &probe_data as *const Probe as *mut c_void;
+        let session = dls_session_attach(config, Some(probe), user_data, ptr::null_mut());
+        dls_config_free(config);
+        assert!(!session.is_null());
+        probe_data.session.store(session, Ordering::Release);
+        let mut task = 0;
+        assert_eq!(
+            dls_download(session, url.as_ptr(), dest_c.as_ptr(), 0, &mut task, ptr::null_mut()),
+            dls_code::DLS_OK
+        );
+        let mut idle = false;
+        assert_eq!(dls_session_wait_idle(session, 60_000, &mut idle, ptr::null_mut()), dls_code::DLS_OK);
+        dls_session_free(session);
+        task
+    };
+    let events = probe_data.events.into_inner().unwrap();
+    assert!(events.contains(&(dls_event_kind::DLS_EVENT_COMPLETED, task, dls_code::DLS_OK as c_int)), "{events:?}");
+    assert_eq!(sha256_file(&dest).unwrap(), to_hex(&pattern_sha256(49, 10_000)));
+}
+
 /// The ctypes snippet of ffi/README.md, run as written (with this build's library, a
 /// local URL and a destination of the test's own) by the system's Python.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
