@@ -239,4 +239,9 @@ impl DownloadTask {
     pub fn answer_challenge(&self, challenge: &Challenge, answer: ChallengeAnswer) -> Result<()> {
         self.runtime.block_on(self.inner.answer_challenge(challenge, answer))
     }
+
+    /// Answers the task's challenge of `round` ([`crate::DownloadTask::answer_challenge_round`]).
+    pub fn answer_challenge_round(&self, round: u32, answer: ChallengeAnswer) -> Result<()> {
+        self.runtime.block_on(self.inner.answer_challenge_round(round, answer))
+    }
 }

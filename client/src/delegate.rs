@@ -62,9 +62,9 @@ pub trait SessionDelegate: Send + Sync + 'static {
     /// The server asked for credentials (in a session that
     /// [answers challenges](crate::SessionConfiguration::answers_challenges)); the task
     /// waits for the answer returned here (`URLSession`'s challenge completion handler).
-    /// `None` leaves it unanswered for now: the event (and the task's later ones) stays
-    /// unacknowledged and comes again on the next attach; answer meanwhile with
-    /// [`DownloadTask::answer_challenge`]. The default answers `Fail`: the task completes
+    /// `None` leaves it unanswered for now: the event stays unacknowledged and comes again on
+    /// the next attach, unless answered meanwhile with [`DownloadTask::answer_challenge`]
+    /// (which withdraws it; the task's later events are acknowledged as usual). The default answers `Fail`: the task completes
     /// with the server's 401.
     fn did_receive_challenge(
         &self,

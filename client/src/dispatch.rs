@@ -142,6 +142,7 @@ impl Session {
             pending_acks: Vec::new(),
             acks_in_flight: Vec::new(),
             kept: HashSet::new(),
+            kept_challenges: HashSet::new(),
             overflowed: handle.overflowed,
             delivered: false,
         };
@@ -212,6 +213,11 @@ struct Dispatcher {
     /// Tasks whose file the app kept for later (`Handled::Later`): none of their events is
     /// acknowledged in this attachment.
     kept: HashSet<TaskId>,
+    /// Tasks whose challenge the app left for later: that one event is not acknowledged
+    /// (counted in `kept_events`). The task's next event means an answer (or a stop) came
+    /// and the daemon withdrew the challenge: it no longer counts, and later events are
+    /// acknowledged as usual.
+    kept_challenges: HashSet<TaskId>,
     /// The queue overflowed and events were dropped: ask for them again once caught up.
     overflowed: Arc<AtomicBool>,
     /// Durable events were handed to the delegate since it last heard "finished events":
@@ -307,6 +313,10 @@ impl Dispatcher {
             Event::Durable { seq, event, .. } => {
                 self.delivered = true;
                 session.shared.signals.unsettled.store(true, Ordering::Release);
+                if event.task().is_some_and(|t| self.kept_challenges.remove(&t)) {
+                    session.shared.signals.kept_events.fetch_sub(1, Ordering::AcqRel);
+                }
+                let mut keep_this = false;
                 let seen = match &event {
                     DurableEvent::ResumedAtOffset { task, offset, expected_total } => {
                         let t = self.task(&session, *task);
@@ -337,9 +347,11 @@ impl Dispatcher {
                         let answered = answer.is_some();
                         match answer {
                             Some(answer) => self.answer(&session, *task, challenge.round, answer),
-                            // Left for later: unacknowledged, it comes again on the next attach.
+                            // Left for later: unacknowledged, it comes again on the next attach
+                            // unless answered meanwhile (an answer withdraws it).
                             None => {
-                                self.kept.insert(*task);
+                                self.kept_challenges.insert(*task);
+                                keep_this = true;
                             }
                         }
                         SessionEvent::Challenge { task: *task, challenge: challenge.clone(), answered }
@@ -357,7 +369,7 @@ impl Dispatcher {
                     }
                 };
                 session.shared.signals.streams.offer(&seen);
-                if event.task().is_some_and(|t| self.kept.contains(&t)) {
+                if keep_this || event.task().is_some_and(|t| self.kept.contains(&t)) {
                     session.shared.signals.kept_events.fetch_add(1, Ordering::AcqRel);
                     return true;
                 }
@@ -415,6 +427,7 @@ impl Dispatcher {
     fn reconnected(&mut self) {
         // The rejoin replays every unacknowledged event: a kept file comes again too.
         self.kept.clear();
+        self.kept_challenges.clear();
         if let Some(shared) = self.session.upgrade() {
             // The rejoin replays everything, kept events too, and ends with `finished_events`.
             shared.signals.unsettled.store(true, Ordering::Release);
@@ -449,6 +462,7 @@ impl Dispatcher {
         let request = SessionConfiguration::reattach(request, merge.as_ref(), stored);
         debug!(session = %self.identifier, "the event queue overflowed; asking for the events again");
         self.kept.clear();
+        self.kept_challenges.clear();
         shared.signals.unsettled.store(true, Ordering::Release);
         shared.signals.kept_events.store(0, Ordering::Release);
         let Some(answer) = self.block_on(shared.client.request(request)) else { return };

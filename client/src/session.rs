@@ -446,7 +446,13 @@ impl DownloadTask {
         challenge: &dlsession_proto::Challenge,
         answer: dlsession_proto::ChallengeAnswer,
     ) -> Result<()> {
-        self.client.request_ok(Request::AnswerChallenge { task: self.id, round: Some(challenge.round), answer }).await
+        self.answer_challenge_round(challenge.round, answer).await
+    }
+
+    /// Answers the task's challenge of `round` ([`dlsession_proto::Challenge::round`]): what
+    /// [`DownloadTask::answer_challenge`] does, for an app that kept only the round.
+    pub async fn answer_challenge_round(&self, round: u32, answer: dlsession_proto::ChallengeAnswer) -> Result<()> {
+        self.client.request_ok(Request::AnswerChallenge { task: self.id, round: Some(round), answer }).await
     }
 
     /// State and counters, now.

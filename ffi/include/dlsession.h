@@ -297,15 +297,16 @@ typedef struct dls_event {
      */
     uint64_t task_id;
     /**
-     * PROGRESS: bytes since the task's last progress event.
+     * PROGRESS: bytes since the task's last progress event; SENT: bytes sent since its
+     * last SENT event.
      */
     int64_t bytes_written;
     /**
-     * PROGRESS: bytes of the file so far.
+     * PROGRESS: bytes of the file so far; SENT: bytes of the upload's body sent so far.
      */
     int64_t total_bytes_written;
     /**
-     * PROGRESS, RESUMED: the file's size; -1 if unknown.
+     * PROGRESS, RESUMED: the file's size (-1 if unknown); SENT: the upload's size.
      */
     int64_t total_bytes_expected;
     /**
@@ -314,7 +315,7 @@ typedef struct dls_event {
     int64_t offset;
     /**
      * FINISHED_DOWNLOADING: the finished file (its destination, if the task had one);
-     * else NULL.
+     * UPLOAD_RESPONSE: the file holding the response's body; else NULL.
      */
     const char *location;
     /**
@@ -322,7 +323,8 @@ typedef struct dls_event {
      */
     int error_code;
     /**
-     * The HTTP status when `error_code` is `DLS_HTTP_STATUS`, else 0.
+     * The HTTP status when `error_code` is `DLS_HTTP_STATUS`; UPLOAD_RESPONSE: the
+     * response's status; else 0.
      */
     int http_status;
     /**
@@ -338,8 +340,8 @@ typedef struct dls_event {
      */
     int body_truncated;
     /**
-     * UPLOAD_RESPONSE: the response's headers, one `Name: value` per line (`\n`); else
-     * NULL.
+     * UPLOAD_RESPONSE: the response's headers, one `name: value` per line (`\n`; names
+     * lower-case); else NULL.
      */
     const char *response_headers;
     /**
@@ -375,7 +377,8 @@ typedef struct dls_event {
  *   destination); afterwards the daemon deletes it.
  * - An event is acknowledged to the daemon after its callback returns; a process that
  *   dies first gets it again on its next attach, so handle events idempotently.
- * - The callback may call `dls_download` and the `dls_task_*` functions, but must not
+ * - The callback may call `dls_download`, `dls_upload` and the `dls_task_*` functions
+ *   (`dls_task_answer_challenge` too), but must not
  *   call `dls_session_free` on its own session. `dls_session_wait_idle` on its own
  *   session fails with `DLS_INVALID_ARGUMENT` there (it cannot become idle while its
  *   callback waits).
@@ -443,8 +446,11 @@ enum dls_code dls_config_set_launch_command(struct dls_config *config,
 /**
  * Whether the session asks its app for credentials when a server (or proxy) answers 401
  * (407) with a challenge: nonzero, the task waits and the callback gets
- * `DLS_EVENT_CHALLENGE`, answered with `dls_task_answer_challenge`; 0 (the default for new
- * sessions), such a task fails with the status.
+ * `DLS_EVENT_CHALLENGE`, answered with `dls_task_answer_challenge`; 0 turns asking off
+ * (tasks waiting for an answer then fail with the status, and held credentials are
+ * forgotten). Not called: the session keeps its stored setting (new sessions do not ask),
+ * and this app's callback never sees a challenge: the library answers `DLS_ANSWER_FAIL`
+ * for it.
  *
  * # Safety
  *
@@ -458,7 +464,8 @@ enum dls_code dls_config_set_answers_challenges(struct dls_config *config,
  * The client certificate (PEM: the certificate, then any intermediates) and private key
  * files the session's tasks present to servers that ask (mutual TLS); relative paths are
  * taken from the current directory. The daemon reads and checks them at attach (a bad
- * pair fails `dls_session_attach`). Both NULL: the session presents none.
+ * pair fails `dls_session_attach`). Both NULL: the session presents none (a stored one is
+ * dropped). Not called: the session keeps what it has.
  *
  * # Safety
  *
@@ -570,7 +577,7 @@ enum dls_code dls_download(struct dls_session *session,
 
 /**
  * Creates an upload of the file at `path` to `url` and starts it: the file is the body of
- * a `PUT` (`method` NULL or "PUT") or a `POST` ("POST"), with `content_type` (may be NULL)
+ * a `PUT` (`method` NULL or "PUT") or a `POST` ("POST"; either in any case), with `content_type` (may be NULL)
  * as its `Content-Type`. The daemon records the file's size and modification time now: a
  * missing, unreadable or directory path is `DLS_FILE_ERROR` here, and a file changed
  * before it is sent fails the task. A relative path is taken from the current directory.
@@ -649,9 +656,9 @@ enum dls_code dls_task_cancel(struct dls_session *session,
                               struct dls_error **err);
 
 /**
- * Waits until the session is idle: no task queued, running or waiting to retry
- * (suspended ones do not count), and every event delivered to the callback and
- * acknowledged. `timeout_ms` < 0 waits for as long as it takes. `*idle_out` (may be NULL)
+ * Waits until the session is idle: no task queued, running or waiting to retry or for an
+ * answer to its challenge (suspended ones do not count), and every event delivered to the
+ * callback and acknowledged. A challenge left unanswered keeps it from becoming idle. `timeout_ms` < 0 waits for as long as it takes. `*idle_out` (may be NULL)
  * is true if it became idle, false if the time ran out (which is not an error).
  *
  * # Safety

@@ -13,6 +13,9 @@ use crate::error::{Failure, call, call_new, dls_code, dls_error, guard};
 #[derive(Debug)]
 pub struct dls_config {
     pub(crate) inner: SessionConfiguration,
+    /// The app said it answers challenges (`dls_config_set_answers_challenges`, nonzero):
+    /// only then does its callback see them (an older app would leave its tasks waiting).
+    pub(crate) hears_challenges: bool,
 }
 
 /// A configuration for the background session `identifier` (reverse-DNS recommended, e.g.
@@ -30,7 +33,7 @@ pub unsafe extern "C" fn dls_config_new(identifier: *const c_char, err: *mut *mu
         let identifier = unsafe { args::string(identifier, "identifier") }?;
         dlsession::proto::validate::identifier(identifier)
             .map_err(|e| Failure { code: dls_code::from_error_code(e.code), message: e.to_string() })?;
-        Ok(Box::new(dls_config { inner: SessionConfiguration::background(identifier) }))
+        Ok(Box::new(dls_config { inner: SessionConfiguration::background(identifier), hears_challenges: false }))
     })
 }
 
@@ -119,8 +122,11 @@ pub unsafe extern "C" fn dls_config_set_launch_command(
 
 /// Whether the session asks its app for credentials when a server (or proxy) answers 401
 /// (407) with a challenge: nonzero, the task waits and the callback gets
-/// `DLS_EVENT_CHALLENGE`, answered with `dls_task_answer_challenge`; 0 (the default for new
-/// sessions), such a task fails with the status.
+/// `DLS_EVENT_CHALLENGE`, answered with `dls_task_answer_challenge`; 0 turns asking off
+/// (tasks waiting for an answer then fail with the status, and held credentials are
+/// forgotten). Not called: the session keeps its stored setting (new sessions do not ask),
+/// and this app's callback never sees a challenge: the library answers `DLS_ANSWER_FAIL`
+/// for it.
 ///
 /// # Safety
 ///
@@ -135,6 +141,7 @@ pub unsafe extern "C" fn dls_config_set_answers_challenges(
         // SAFETY: the caller's contract above.
         let config = unsafe { args::object_mut(config, "config") }?;
         config.inner = config.inner.clone().answers_challenges(answers != 0);
+        config.hears_challenges = answers != 0;
         Ok(())
     })
 }
@@ -142,7 +149,8 @@ pub unsafe extern "C" fn dls_config_set_answers_challenges(
 /// The client certificate (PEM: the certificate, then any intermediates) and private key
 /// files the session's tasks present to servers that ask (mutual TLS); relative paths are
 /// taken from the current directory. The daemon reads and checks them at attach (a bad
-/// pair fails `dls_session_attach`). Both NULL: the session presents none.
+/// pair fails `dls_session_attach`). Both NULL: the session presents none (a stored one is
+/// dropped). Not called: the session keeps what it has.
 ///
 /// # Safety
 ///

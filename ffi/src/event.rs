@@ -76,20 +76,22 @@ pub struct dls_event {
     /// The task (0 for session events: FINISHED_EVENTS, BECAME_INVALID, DETACHED,
     /// CONNECTION_LOST, RECONNECTED).
     pub task_id: u64,
-    /// PROGRESS: bytes since the task's last progress event.
+    /// PROGRESS: bytes since the task's last progress event; SENT: bytes sent since its
+    /// last SENT event.
     pub bytes_written: i64,
-    /// PROGRESS: bytes of the file so far.
+    /// PROGRESS: bytes of the file so far; SENT: bytes of the upload's body sent so far.
     pub total_bytes_written: i64,
-    /// PROGRESS, RESUMED: the file's size; -1 if unknown.
+    /// PROGRESS, RESUMED: the file's size (-1 if unknown); SENT: the upload's size.
     pub total_bytes_expected: i64,
     /// RESUMED: where the transfer continues.
     pub offset: i64,
     /// FINISHED_DOWNLOADING: the finished file (its destination, if the task had one);
-    /// else NULL.
+    /// UPLOAD_RESPONSE: the file holding the response's body; else NULL.
     pub location: *const c_char,
     /// A `dls_code`: `DLS_OK`, or the error of COMPLETED, BECAME_INVALID, DETACHED.
     pub error_code: c_int,
-    /// The HTTP status when `error_code` is `DLS_HTTP_STATUS`, else 0.
+    /// The HTTP status when `error_code` is `DLS_HTTP_STATUS`; UPLOAD_RESPONSE: the
+    /// response's status; else 0.
     pub http_status: c_int,
     /// The error's message, or the reason of DETACHED and CONNECTION_LOST; NULL if none.
     pub error_message: *const c_char,
@@ -97,8 +99,8 @@ pub struct dls_event {
     pub session_identifier: *const c_char,
     /// UPLOAD_RESPONSE: 1 if the body was longer than its file holds, else 0.
     pub body_truncated: c_int,
-    /// UPLOAD_RESPONSE: the response's headers, one `Name: value` per line (`\n`); else
-    /// NULL.
+    /// UPLOAD_RESPONSE: the response's headers, one `name: value` per line (`\n`; names
+    /// lower-case); else NULL.
     pub response_headers: *const c_char,
     /// CHALLENGE: the scheme asked for (`Basic`, `Bearer`, …); else NULL.
     pub challenge_scheme: *const c_char,
@@ -122,7 +124,8 @@ pub struct dls_event {
 ///   destination); afterwards the daemon deletes it.
 /// - An event is acknowledged to the daemon after its callback returns; a process that
 ///   dies first gets it again on its next attach, so handle events idempotently.
-/// - The callback may call `dls_download` and the `dls_task_*` functions, but must not
+/// - The callback may call `dls_download`, `dls_upload` and the `dls_task_*` functions
+///   (`dls_task_answer_challenge` too), but must not
 ///   call `dls_session_free` on its own session. `dls_session_wait_idle` on its own
 ///   session fails with `DLS_INVALID_ARGUMENT` there (it cannot become idle while its
 ///   callback waits).
@@ -292,6 +295,9 @@ impl Event {
 #[derive(Debug)]
 pub(crate) struct Delegate {
     pub(crate) gate: std::sync::Arc<Gate>,
+    /// The app said it answers challenges (and has a callback): else they are answered
+    /// `Fail` here, unseen.
+    pub(crate) hears_challenges: bool,
 }
 
 impl Delegate {
@@ -364,13 +370,17 @@ impl SessionDelegate for Delegate {
     }
 
     /// The app answers with `dls_task_answer_challenge` (in the callback or later): the
-    /// library sends nothing here, and an answer withdraws the event.
+    /// library sends nothing here, and an answer withdraws the event. An app that did not
+    /// say it answers challenges never sees one: `Fail`, as before it could.
     fn did_receive_challenge(
         &self,
         session: &Session,
         task: &DownloadTask,
         challenge: &Challenge,
     ) -> Option<ChallengeAnswer> {
+        if !self.hears_challenges {
+            return Some(ChallengeAnswer::Fail);
+        }
         let mut e = Event::new(dls_event_kind::DLS_EVENT_CHALLENGE, session, Some(task));
         e.challenge = Some(ChallengeText {
             scheme: c_string(&challenge.scheme),

@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dlsession::blocking::{DownloadTask, Session};
-use dlsession::{
-    Challenge, ChallengeAnswer, Credential, CredentialScope, DownloadRequest, UploadMethod, UploadRequest,
-};
+use dlsession::{ChallengeAnswer, Credential, CredentialScope, DownloadRequest, UploadMethod, UploadRequest};
 
 use crate::args;
 use crate::config::dls_config;
@@ -50,8 +48,9 @@ pub unsafe extern "C" fn dls_session_attach(
     call_new(err, || {
         // SAFETY: the caller's contract above.
         let config = unsafe { args::object(config, "config") }?;
+        let hears_challenges = config.hears_challenges && on_event.is_some();
         let gate = Arc::new(Gate::new(on_event, user_data));
-        let session = Session::attach(config.inner.clone(), Delegate { gate: gate.clone() })?;
+        let session = Session::attach(config.inner.clone(), Delegate { gate: gate.clone(), hears_challenges })?;
         Ok(Box::new(dls_session { session, gate }))
     })
 }
@@ -133,7 +132,7 @@ pub unsafe extern "C" fn dls_download(
 pub const DLS_UPLOAD_IDEMPOTENT: u32 = 1;
 
 /// Creates an upload of the file at `path` to `url` and starts it: the file is the body of
-/// a `PUT` (`method` NULL or "PUT") or a `POST` ("POST"), with `content_type` (may be NULL)
+/// a `PUT` (`method` NULL or "PUT") or a `POST` ("POST"; either in any case), with `content_type` (may be NULL)
 /// as its `Content-Type`. The daemon records the file's size and modification time now: a
 /// missing, unreadable or directory path is `DLS_FILE_ERROR` here, and a file changed
 /// before it is sent fails the task. A relative path is taken from the current directory.
@@ -270,12 +269,13 @@ pub unsafe extern "C" fn dls_task_answer_challenge(
                 };
                 ChallengeAnswer::Use { credential, scope, keep: flags & DLS_ANSWER_KEEP != 0 }
             }
+            (None, _) if flags != 0 => {
+                return Err(Failure::invalid(format!("flags {flags:#x}: only credentials take flags")));
+            }
             (None, DLS_ANSWER_CANCEL) => ChallengeAnswer::Cancel,
             (None, _) => ChallengeAnswer::Fail,
         };
-        // Only the round counts: the daemon checks it against the challenge the task waits on.
-        let challenge = Challenge { scheme: String::new(), realm: None, origin: String::new(), proxy: false, round };
-        session.session.task(task_id)?.answer_challenge(&challenge, answer)?;
+        session.session.task(task_id)?.answer_challenge_round(round, answer)?;
         Ok(())
     })
 }
@@ -344,9 +344,9 @@ pub unsafe extern "C" fn dls_task_cancel(
     unsafe { control(session, task_id, err, DownloadTask::cancel) }
 }
 
-/// Waits until the session is idle: no task queued, running or waiting to retry
-/// (suspended ones do not count), and every event delivered to the callback and
-/// acknowledged. `timeout_ms` < 0 waits for as long as it takes. `*idle_out` (may be NULL)
+/// Waits until the session is idle: no task queued, running or waiting to retry or for an
+/// answer to its challenge (suspended ones do not count), and every event delivered to the
+/// callback and acknowledged. A challenge left unanswered keeps it from becoming idle. `timeout_ms` < 0 waits for as long as it takes. `*idle_out` (may be NULL)
 /// is true if it became idle, false if the time ran out (which is not an error).
 ///
 /// # Safety

@@ -254,8 +254,8 @@ fn the_c_api_controls_tasks() {
 }
 
 /// An upload's response as the callback saw it: status, body read in the callback,
-/// headers, truncated.
-type SeenResponse = (c_int, Vec<u8>, String, c_int);
+/// headers, truncated, the body file's path.
+type SeenResponse = (c_int, Vec<u8>, String, c_int, PathBuf);
 
 /// What the upload callback saw: every (kind, task, code, total bytes), and the response.
 #[derive(Default)]
@@ -272,14 +272,15 @@ unsafe extern "C" fn upload_probe(event: *const dls_event, user_data: *mut c_voi
     }
     if event.kind == dls_event_kind::DLS_EVENT_UPLOAD_RESPONSE {
         // SAFETY: the strings of an UPLOAD_RESPONSE are NUL-terminated during the call.
-        let (body, headers) = unsafe {
+        let (path, headers) = unsafe {
             (
-                CStr::from_ptr(event.location).to_str().ok().and_then(|p| std::fs::read(p).ok()).unwrap_or_default(),
+                PathBuf::from(CStr::from_ptr(event.location).to_string_lossy().into_owned()),
                 CStr::from_ptr(event.response_headers).to_string_lossy().into_owned(),
             )
         };
+        let body = std::fs::read(&path).unwrap_or_default();
         if let Ok(mut response) = probe.response.lock() {
-            *response = Some((event.http_status, body, headers, event.body_truncated));
+            *response = Some((event.http_status, body, headers, event.body_truncated, path));
         }
     }
 }
@@ -367,7 +368,8 @@ fn the_c_api_uploads_a_file() {
     let completed_at = kinds.iter().position(|k| *k == dls_event_kind::DLS_EVENT_COMPLETED);
     assert!(response_at.is_some() && response_at < completed_at, "the response, then COMPLETED: {kinds:?}");
     assert!(events.contains(&(dls_event_kind::DLS_EVENT_COMPLETED, task, dls_code::DLS_OK as c_int, 0)));
-    let (status, body, headers, truncated) = probe_data.response.into_inner().unwrap().expect("a response");
+    let (status, body, headers, truncated, path) = probe_data.response.into_inner().unwrap().expect("a response");
+    assert!(!path.exists(), "the body's file is deleted once its event is acknowledged: {}", path.display());
     assert_eq!((status, truncated), (201, 0));
     assert!(String::from_utf8_lossy(&body).contains(&dlsession_testkit::sha256_hex(&data)), "read in the callback");
     assert!(headers.lines().any(|l| l == "location: /files/photo.jpg"), "{headers}");
@@ -467,6 +469,7 @@ fn the_c_api_answers_challenges() {
         );
         let mut idle = false;
         assert_eq!(dls_session_wait_idle(session, 60_000, &mut idle, ptr::null_mut()), dls_code::DLS_OK);
+        assert!(idle, "idle once the answered download completed");
         probe_data.answer_inside.store(false, Ordering::Release);
 
         let mut second = 0;
@@ -508,9 +511,37 @@ fn the_c_api_answers_challenges() {
         assert_eq!(code, dls_code::DLS_OK);
         idle = false;
         assert_eq!(dls_session_wait_idle(session, 60_000, &mut idle, ptr::null_mut()), dls_code::DLS_OK);
+        assert!(idle);
         dls_session_free(session);
         (first, second)
     };
+
+    // Everything was acknowledged, the answered tasks' later events too: attaching again
+    // (as an app that does not hear challenges) brings nothing back. And a challenge in
+    // the session, which still asks, is answered FAIL for such an app, unseen.
+    let again = ChallengeProbe::default();
+    // SAFETY: as above, `again` outlives the session.
+    let third = unsafe {
+        let config = dls_config_new(c"org.example.ffi-auth".as_ptr(), ptr::null_mut());
+        assert_eq!(dls_config_set_socket(config, socket.as_ptr(), ptr::null_mut()), dls_code::DLS_OK);
+        let user_data = &again as *const ChallengeProbe as *mut c_void;
+        let session = dls_session_attach(config, Some(challenge_probe), user_data, ptr::null_mut());
+        dls_config_free(config);
+        assert!(!session.is_null());
+        let mut idle = false;
+        assert_eq!(dls_session_wait_idle(session, 60_000, &mut idle, ptr::null_mut()), dls_code::DLS_OK);
+        assert!(again.completed.lock().unwrap().is_empty(), "nothing comes again");
+        let mut third = 0;
+        assert_eq!(
+            dls_download(session, other.as_ptr(), ptr::null(), 0, &mut third, ptr::null_mut()),
+            dls_code::DLS_OK
+        );
+        assert_eq!(dls_session_wait_idle(session, 60_000, &mut idle, ptr::null_mut()), dls_code::DLS_OK);
+        dls_session_free(session);
+        third
+    };
+    assert!(again.challenges.lock().unwrap().is_empty(), "an app that does not hear challenges sees none");
+    assert_eq!(*again.completed.lock().unwrap(), vec![(third, dls_code::DLS_HTTP_STATUS as c_int)]);
 
     assert_eq!(*probe_data.answered_inside.lock().unwrap(), Some(dls_code::DLS_OK), "answered from the callback");
     let challenges = probe_data.challenges.into_inner().unwrap();
