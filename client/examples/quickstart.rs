@@ -3,8 +3,9 @@
 //! `quickstart URL...` hands the downloads to dlsessiond and exits at once. When they are
 //! done, the daemon relaunches it as `quickstart --collect DIR`; it rejoins the session,
 //! moves each file into DIR (the directory the first run was started in) as `download-ID` and exits once
-//! every event is handled. Try it with `scripts/quickstart.sh`, or by hand with a daemon
-//! running: `cargo run -p dlsession --example quickstart -- http://127.0.0.1:8080/file`.
+//! every event is handled. With a daemon running (`scripts/quickstart.sh` shows one at work
+//! on a transfer of its own): `cargo run -p dlsession --example quickstart --
+//! http://127.0.0.1:8080/file`.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 

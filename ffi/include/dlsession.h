@@ -23,8 +23,10 @@
 #include <stdint.h>
 
 /**
- * With `dls_download`: replace a file that already exists at the destination (without
- * it, such a download completes with `DLS_FILE_ERROR`).
+ * With `dls_download`: replace a file that already exists at the destination. Without
+ * it, a file there already is `DLS_FILE_ERROR` at once, and one that appears while the task
+ * runs keeps the finished download waiting (`destination_unavailable`, retried) rather
+ * than being replaced.
  */
 #define DLS_DOWNLOAD_OVERWRITE 1
 

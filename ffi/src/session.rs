@@ -77,8 +77,10 @@ pub unsafe extern "C" fn dls_session_free(session: *mut dls_session) {
     });
 }
 
-/// With `dls_download`: replace a file that already exists at the destination (without
-/// it, such a download completes with `DLS_FILE_ERROR`).
+/// With `dls_download`: replace a file that already exists at the destination. Without
+/// it, a file there already is `DLS_FILE_ERROR` at once, and one that appears while the task
+/// runs keeps the finished download waiting (`destination_unavailable`, retried) rather
+/// than being replaced.
 pub const DLS_DOWNLOAD_OVERWRITE: u32 = 1;
 
 /// Creates a download of `url` and starts it. `destination` (may be NULL) is where the
