@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use interprocess::local_socket::tokio::{Listener, Stream, prelude::*};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -133,6 +133,11 @@ impl<C: ToCore> Connection<C> {
         };
         let (version, hello) = match tokio::time::timeout(self.settings.handshake_timeout, read_hello(&mut rd)).await {
             Ok(Ok(hello)) => hello,
+            Ok(Err(HelloError::Closed)) => {
+                // A probe (is anyone listening?), as autostart makes: nothing to refuse.
+                debug!("connection closed before its handshake");
+                return;
+            }
             Ok(Err(HelloError::Version(theirs))) => {
                 info!(theirs, "client speaks a protocol version this daemon does not serve");
                 refuse_and_linger(&mut rd, &mut wr, HandshakeStatus::VersionMismatch).await;
@@ -215,12 +220,19 @@ impl<C: ToCore> Connection<C> {
 }
 
 enum HelloError {
+    /// Closed before sending a byte.
+    Closed,
     Version(u16),
     Bad(ProtoError),
 }
 
 /// Reads the client's preamble and hello: the protocol version to speak, and who it is.
 async fn read_hello<R: AsyncRead + Unpin>(rd: &mut R) -> Result<(u16, ClientHello), HelloError> {
+    let mut first = [0u8; 1];
+    if rd.read(&mut first).await.map_err(|e| HelloError::Bad(ProtoError::Io(e)))? == 0 {
+        return Err(HelloError::Closed);
+    }
+    let rd = &mut (&first[..]).chain(rd);
     let preamble = read_preamble(rd).await.map_err(HelloError::Bad)?;
     let version = preamble.negotiate().map_err(|_| HelloError::Version(preamble.version))?;
     let mut buf = Vec::new();

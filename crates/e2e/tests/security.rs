@@ -64,6 +64,14 @@ async fn malformed_frames_close_only_their_connection() {
     let bystander =
         Client::connect(ClientOptions { socket: Some(env.socket.clone()), ..ClientOptions::default() }).await.unwrap();
 
+    // A probe that connects and says nothing (autostart's "is anyone there?") is not a bad
+    // handshake: nothing to log above debug.
+    drop(UnixStream::connect(&env.socket).unwrap());
+    dlsession_testkit::wait_for("the probe's close", Duration::from_secs(10), || {
+        daemon.log().contains("connection closed before its handshake").then_some(())
+    });
+    assert!(!daemon.log().contains("bad handshake"), "a probe is not a bad handshake");
+
     // Garbage after the handshake.
     let mut s = raw_connected(&env.socket);
     s.write_all(&[0, 0, 0, 5, 0xff, 0xfe, 0xfd, 0xfc, 0xfb]).unwrap();
@@ -110,6 +118,7 @@ async fn malformed_frames_close_only_their_connection() {
     assert!(matches!(bystander.request(Request::Status).await.unwrap(), Response::Status(_)));
     healthy(&env).await;
     assert!(daemon.log().contains("closing connection after a bad frame"));
+    assert!(daemon.log().contains("bad handshake"), "the HTTP request is one");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
