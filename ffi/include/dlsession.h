@@ -579,8 +579,8 @@ enum dls_code dls_download(struct dls_session *session,
 
 /**
  * Creates an upload of the file at `path` to `url` and starts it: the file is the body of
- * a `PUT` (`method` NULL or "PUT") or a `POST` ("POST"; either in any case), with `content_type` (may be NULL)
- * as its `Content-Type`. The daemon records the file's size and modification time now: a
+ * a `PUT` (`method` NULL or "PUT") or a `POST` ("POST"; either in any case), with
+ * `content_type` (may be NULL) as its `Content-Type`. The daemon records the file's size and modification time now: a
  * missing, unreadable or directory path is `DLS_FILE_ERROR` here, and a file changed
  * before it is sent fails the task. A relative path is taken from the current directory.
  * `flags`: 0, or `DLS_UPLOAD_IDEMPOTENT`; other bits are `DLS_INVALID_ARGUMENT`. Events:

@@ -49,6 +49,11 @@ pub(crate) unsafe fn object_mut<'a, T>(p: *mut T, what: &str) -> Result<&'a mut 
     unsafe { p.as_mut() }.ok_or_else(|| Failure::invalid(format!("{what} is NULL")))
 }
 
+/// `path` made absolute: the daemon runs elsewhere, where a relative path means nothing.
+pub(crate) fn absolute(path: &str, what: &str) -> Result<std::path::PathBuf, Failure> {
+    std::path::absolute(path).map_err(|e| Failure::invalid(format!("{what} {path:?}: {e}")))
+}
+
 /// Writes `value` to `out` unless it is NULL (out-parameters are optional).
 ///
 /// # Safety

@@ -116,17 +116,19 @@ pub unsafe extern "C" fn dls_download(
         };
         let mut request = DownloadRequest::new(url);
         if let Some(destination) = destination {
-            // The daemon runs elsewhere: a relative path means nothing to it.
-            let absolute = std::path::absolute(destination)
-                .map_err(|e| Failure::invalid(format!("destination {destination:?}: {e}")))?;
+            let absolute = args::absolute(destination, "destination")?;
             request = request.destination(absolute).overwrite(flags & DLS_DOWNLOAD_OVERWRITE != 0);
         }
-        let tasks = session.session.download_tasks(vec![request], true)?;
-        let id = tasks.first().map(DownloadTask::id).ok_or_else(|| Failure::internal("the daemon created no task"))?;
+        let id = only_id(&session.session.download_tasks(vec![request], true)?)?;
         // SAFETY: the caller's contract above.
         unsafe { args::put(task_id_out, id) };
         Ok(())
     })
+}
+
+/// The id of the one task a request of one created.
+fn only_id(tasks: &[DownloadTask]) -> Result<u64, Failure> {
+    tasks.first().map(DownloadTask::id).ok_or_else(|| Failure::internal("the daemon created no task"))
 }
 
 /// `flags` of `dls_upload`: the server takes a repeated POST as one, so a POST whose whole
@@ -134,8 +136,8 @@ pub unsafe extern "C" fn dls_download(
 pub const DLS_UPLOAD_IDEMPOTENT: u32 = 1;
 
 /// Creates an upload of the file at `path` to `url` and starts it: the file is the body of
-/// a `PUT` (`method` NULL or "PUT") or a `POST` ("POST"; either in any case), with `content_type` (may be NULL)
-/// as its `Content-Type`. The daemon records the file's size and modification time now: a
+/// a `PUT` (`method` NULL or "PUT") or a `POST` ("POST"; either in any case), with
+/// `content_type` (may be NULL) as its `Content-Type`. The daemon records the file's size and modification time now: a
 /// missing, unreadable or directory path is `DLS_FILE_ERROR` here, and a file changed
 /// before it is sent fails the task. A relative path is taken from the current directory.
 /// `flags`: 0, or `DLS_UPLOAD_IDEMPOTENT`; other bits are `DLS_INVALID_ARGUMENT`. Events:
@@ -177,14 +179,12 @@ pub unsafe extern "C" fn dls_upload(
             Some("POST") => UploadMethod::Post,
             Some(other) => return Err(Failure::invalid(format!("method {other:?}: PUT or POST"))),
         };
-        // The daemon runs elsewhere: a relative path means nothing to it.
-        let file = std::path::absolute(path).map_err(|e| Failure::invalid(format!("path {path:?}: {e}")))?;
+        let file = args::absolute(path, "path")?;
         let mut request = UploadRequest::new(url, file).method(method).idempotent(flags & DLS_UPLOAD_IDEMPOTENT != 0);
         if let Some(content_type) = content_type {
             request = request.content_type(content_type);
         }
-        let tasks = session.session.upload_tasks(vec![request], true)?;
-        let id = tasks.first().map(DownloadTask::id).ok_or_else(|| Failure::internal("the daemon created no task"))?;
+        let id = only_id(&session.session.upload_tasks(vec![request], true)?)?;
         // SAFETY: the caller's contract above.
         unsafe { args::put(task_id_out, id) };
         Ok(())
