@@ -474,6 +474,30 @@ fn corrupt_index(db: &Path, index: &str) {
     f.sync_all().unwrap();
 }
 
+/// Runs dlsessiond in `env` with `failpoint` and waits (20 s at most) for it to exit
+/// unsuccessfully; its stderr. `why` says what it would have kept running despite.
+fn refused(env: &dlsession_testkit::TestEnv, failpoint: &str, why: &str) -> String {
+    // A file, not a pipe nobody reads while it runs (a full pipe would block the logging).
+    let log = env.path().join("refused.log");
+    let mut child = env
+        .command(dlsession_testkit::bin_path("dlsessiond"))
+        .env("DLSESSIOND_FAILPOINT", failpoint)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("dlsessiond kept running {why}:\n{}", read(&log));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!child.wait().unwrap().success());
+    read(&log)
+}
+
 /// The daemon on a file whose damage only `quick_check` finds: it exits with the refusal,
 /// the file untouched, and the queued task it read never started.
 #[test]
@@ -506,26 +530,8 @@ fn the_daemon_refuses_a_file_failing_the_check_without_touching_anything() {
     });
     corrupt_index(&db, "tasks_retired_age");
     let before = digest(&db);
-    // A file, not a pipe nobody reads while it runs (a full pipe would block the logging).
-    let log = env.path().join("refused.log");
     // The check takes a second: time enough for the queued task to start, were it not held.
-    let mut child = env
-        .command(dlsession_testkit::bin_path("dlsessiond"))
-        .env("DLSESSIOND_FAILPOINT", "database-check:1:sleep-ms=1000")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("dlsessiond kept running on a file that fails quick_check:\n{}", read(&log));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert!(!child.wait().unwrap().success());
-    let stderr = read(&log);
+    let stderr = refused(&env, "database-check:1:sleep-ms=1000", "on a file that fails quick_check");
     assert!(stderr.contains("stopping: the database failed its check"), "refused after the start: {stderr}");
     assert!(stderr.contains("corrupt") && stderr.contains("refusing to start"), "{stderr}");
     assert_eq!(digest(&db), before, "not written");
@@ -545,23 +551,6 @@ fn the_daemon_refuses_to_go_on_when_the_check_cannot_finish() {
         store.write(vec![Op::InsertSession(session())], None);
         assert!(store.flush(std::time::Duration::from_secs(30)).await);
     });
-    let log = env.path().join("unchecked.log");
-    let mut child = env
-        .command(dlsession_testkit::bin_path("dlsessiond"))
-        .env("DLSESSIOND_FAILPOINT", "database-check:1:panic")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("dlsessiond kept running after its check ended without an answer:\n{}", read(&log));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert!(!child.wait().unwrap().success());
-    let stderr = read(&log);
+    let stderr = refused(&env, "database-check:1:panic", "after its check ended without an answer");
     assert!(stderr.contains("the check ended without an answer") && stderr.contains("refusing to start"), "{stderr}");
 }
