@@ -158,6 +158,37 @@ async fn c_program_reports_the_daemons_error_code() {
     assert!(!dest.exists(), "no file for a 404");
 }
 
+/// Attaches to session `identifier` of `env`'s daemon through the C ABI, with `callback`
+/// and the `T` it gets as user data, after `configure` has had the configuration (its
+/// socket already set).
+///
+/// # Safety
+///
+/// `user_data` must outlive the session.
+unsafe fn attach<T>(
+    env: &TestEnv,
+    identifier: &CStr,
+    callback: unsafe extern "C" fn(*const dls_event, *mut c_void),
+    user_data: &T,
+    configure: impl FnOnce(*mut dlsession_ffi::dls_config),
+) -> *mut dls_session {
+    use dlsession_ffi::*;
+    let socket = CString::new(env.socket.as_os_str().as_bytes()).unwrap();
+    // SAFETY: live strings and a live configuration; `user_data` outlives the session (the
+    // caller's promise).
+    unsafe {
+        let config = dls_config_new(identifier.as_ptr(), ptr::null_mut());
+        assert!(!config.is_null());
+        assert_eq!(dls_config_set_socket(config, socket.as_ptr(), ptr::null_mut()), dls_code::DLS_OK);
+        configure(config);
+        let mut err = ptr::null_mut();
+        let session = dls_session_attach(config, Some(callback), user_data as *const T as *mut c_void, &mut err);
+        dls_config_free(config);
+        assert!(!session.is_null(), "attach: {:?}", CStr::from_ptr(dls_error_message(err)));
+        session
+    }
+}
+
 /// What the Rust-side callback below saw.
 #[derive(Default)]
 struct Probe {
@@ -205,20 +236,12 @@ fn the_c_api_controls_tasks() {
     let server = rt.block_on(TestServer::start()).unwrap();
     server.add("/slow.bin", Resource::generated(8 << 20, 45).throttle(1 << 20));
     let url = CString::new(server.url("/slow.bin")).unwrap();
-    let socket = CString::new(env.socket.as_os_str().as_bytes()).unwrap();
     let probe_data = Probe::default();
 
     // SAFETY: every pointer is live or NULL where the API allows NULL; `probe_data`
     // outlives the session.
     let task = unsafe {
-        let config = dls_config_new(c"org.example.ffi-control".as_ptr(), ptr::null_mut());
-        assert!(!config.is_null());
-        assert_eq!(dls_config_set_socket(config, socket.as_ptr(), ptr::null_mut()), dls_code::DLS_OK);
-        let mut err = ptr::null_mut();
-        let user_data = &probe_data as *const Probe as *mut c_void;
-        let session = dls_session_attach(config, Some(probe), user_data, &mut err);
-        dls_config_free(config);
-        assert!(!session.is_null(), "attach: {:?}", CStr::from_ptr(dls_error_message(err)));
+        let session = attach(&env, c"org.example.ffi-control", probe, &probe_data, |_| {});
         probe_data.session.store(session, Ordering::Release);
 
         let mut task = 0;
@@ -302,18 +325,12 @@ fn the_c_api_uploads_a_file() {
     std::fs::write(&file, &data).unwrap();
     let path = CString::new(file.as_os_str().as_bytes()).unwrap();
     let url = CString::new(server.url("/files/photo.jpg")).unwrap();
-    let socket = CString::new(env.socket.as_os_str().as_bytes()).unwrap();
     let probe_data = UploadProbe::default();
 
     // SAFETY: every pointer is live or NULL where the API allows NULL; `probe_data`
     // outlives the session.
     let task = unsafe {
-        let config = dls_config_new(c"org.example.ffi-upload".as_ptr(), ptr::null_mut());
-        assert_eq!(dls_config_set_socket(config, socket.as_ptr(), ptr::null_mut()), dls_code::DLS_OK);
-        let user_data = &probe_data as *const UploadProbe as *mut c_void;
-        let session = dls_session_attach(config, Some(upload_probe), user_data, ptr::null_mut());
-        dls_config_free(config);
-        assert!(!session.is_null());
+        let session = attach(&env, c"org.example.ffi-upload", upload_probe, &probe_data, |_| {});
 
         let refused = |method: &CStr, path: &CStr, flags: u32| {
             let mut err = ptr::null_mut();
@@ -446,19 +463,14 @@ fn the_c_api_answers_challenges() {
     server.add("/private", Resource::generated(100_000, 47).require_auth(good, "Basic realm=\"files\""));
     server.add("/other", Resource::generated(1_000, 48).require_auth(good, "Basic realm=\"files\""));
     let (private, other) = (CString::new(server.url("/private")).unwrap(), CString::new(server.url("/other")).unwrap());
-    let socket = CString::new(env.socket.as_os_str().as_bytes()).unwrap();
     let probe_data = ChallengeProbe::default();
 
     // SAFETY: every pointer is live or NULL where the API allows NULL; `probe_data`
     // outlives the session.
     let (first, second) = unsafe {
-        let config = dls_config_new(c"org.example.ffi-auth".as_ptr(), ptr::null_mut());
-        assert_eq!(dls_config_set_socket(config, socket.as_ptr(), ptr::null_mut()), dls_code::DLS_OK);
-        assert_eq!(dls_config_set_answers_challenges(config, 1, ptr::null_mut()), dls_code::DLS_OK);
-        let user_data = &probe_data as *const ChallengeProbe as *mut c_void;
-        let session = dls_session_attach(config, Some(challenge_probe), user_data, ptr::null_mut());
-        dls_config_free(config);
-        assert!(!session.is_null());
+        let session = attach(&env, c"org.example.ffi-auth", challenge_probe, &probe_data, |config| {
+            assert_eq!(dls_config_set_answers_challenges(config, 1, ptr::null_mut()), dls_code::DLS_OK);
+        });
         probe_data.session.store(session, Ordering::Release);
 
         probe_data.answer_inside.store(true, Ordering::Release);
@@ -522,12 +534,7 @@ fn the_c_api_answers_challenges() {
     let again = ChallengeProbe::default();
     // SAFETY: as above, `again` outlives the session.
     let third = unsafe {
-        let config = dls_config_new(c"org.example.ffi-auth".as_ptr(), ptr::null_mut());
-        assert_eq!(dls_config_set_socket(config, socket.as_ptr(), ptr::null_mut()), dls_code::DLS_OK);
-        let user_data = &again as *const ChallengeProbe as *mut c_void;
-        let session = dls_session_attach(config, Some(challenge_probe), user_data, ptr::null_mut());
-        dls_config_free(config);
-        assert!(!session.is_null());
+        let session = attach(&env, c"org.example.ffi-auth", challenge_probe, &again, |_| {});
         let mut idle = false;
         assert_eq!(dls_session_wait_idle(session, 60_000, &mut idle, ptr::null_mut()), dls_code::DLS_OK);
         assert!(again.completed.lock().unwrap().is_empty(), "nothing comes again");
@@ -579,28 +586,23 @@ fn the_c_api_presents_a_client_certificate() {
         (CString::new(cert.as_os_str().as_bytes()).unwrap(), CString::new(key.as_os_str().as_bytes()).unwrap());
     let dest = env.path().join("doc");
     let dest_c = CString::new(dest.as_os_str().as_bytes()).unwrap();
-    let socket = CString::new(env.socket.as_os_str().as_bytes()).unwrap();
     let probe_data = Probe::default();
 
     // SAFETY: every pointer is live or NULL where the API allows NULL; `probe_data`
     // outlives the session.
     let task = unsafe {
-        let config = dls_config_new(c"org.example.ffi-cert".as_ptr(), ptr::null_mut());
-        assert_eq!(dls_config_set_socket(config, socket.as_ptr(), ptr::null_mut()), dls_code::DLS_OK);
-        let mut err = ptr::null_mut();
-        assert_eq!(
-            dls_config_set_client_certificate(config, cert.as_ptr(), ptr::null(), &mut err),
-            dls_code::DLS_INVALID_ARGUMENT
-        );
-        dls_error_free(err);
-        assert_eq!(
-            dls_config_set_client_certificate(config, cert.as_ptr(), key.as_ptr(), ptr::null_mut()),
-            dls_code::DLS_OK
-        );
-        let user_data = &probe_data as *const Probe as *mut c_void;
-        let session = dls_session_attach(config, Some(probe), user_data, ptr::null_mut());
-        dls_config_free(config);
-        assert!(!session.is_null());
+        let session = attach(&env, c"org.example.ffi-cert", probe, &probe_data, |config| {
+            let mut err = ptr::null_mut();
+            assert_eq!(
+                dls_config_set_client_certificate(config, cert.as_ptr(), ptr::null(), &mut err),
+                dls_code::DLS_INVALID_ARGUMENT
+            );
+            dls_error_free(err);
+            assert_eq!(
+                dls_config_set_client_certificate(config, cert.as_ptr(), key.as_ptr(), ptr::null_mut()),
+                dls_code::DLS_OK
+            );
+        });
         probe_data.session.store(session, Ordering::Release);
         let mut task = 0;
         assert_eq!(
