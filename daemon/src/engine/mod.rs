@@ -435,6 +435,9 @@ impl Engine {
         let mut hold = body_len
             .filter(|&n| n <= SMALL_BODY.min(self.settings.checkpoint_bytes))
             .map(|limit| Hold { until: Instant::now() + self.settings.checkpoint_interval, limit });
+        if let (Some(hold), Some(allowance)) = (&hold, resp.extensions().get::<reads::ReadAllowance>()) {
+            allowance.grant(hold.limit);
+        }
         let mut start_writer = Some(start_writer);
         let mut writer = None;
         let mut body = resp.into_body();
