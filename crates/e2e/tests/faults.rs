@@ -306,6 +306,7 @@ async fn a_crash_at_every_step_ends_in_exactly_one_correct_outcome() {
         let status = daemon.wait_exit(LONG);
         assert!(!status.success(), "{failpoint}: the daemon stopped at the failpoint");
         assert!(daemon.log().contains(&format!("failpoint {}", failpoint.split(':').next().unwrap())));
+        let requests = s.hits("/f");
         drop(session);
         daemon.set_env(&[]);
         daemon.restart();
@@ -323,6 +324,11 @@ async fn a_crash_at_every_step_ends_in_exactly_one_correct_outcome() {
         assert_eq!((finished, completed), (1, 1), "{failpoint}: {:?}", events.seen);
         let file = events.moved_to(task.id()).unwrap();
         assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(16, len)), "{failpoint}");
+        assert!(marked(&file), "{failpoint}: the delivered file carries its task's mark");
+        if failpoint == "finish-after-move" {
+            // Moved, and only the completion's commit missing: found in place by its mark.
+            assert_eq!(s.hits("/f"), requests, "{failpoint}: downloaded again");
+        }
         let leftovers: Vec<_> = std::fs::read_dir(env.downloads_dir().join("s1"))
             .map(|d| d.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
@@ -331,10 +337,34 @@ async fn a_crash_at_every_step_ends_in_exactly_one_correct_outcome() {
 }
 
 /// A file of the same size that appeared at the destination is not taken for the finished
-/// download when a crash interrupted the move: it is left alone, the task waits with a
-/// clear reason, and the download goes there once the file is gone.
+/// download when a crash interrupted the move, even with the task's mark on it: it is left
+/// alone, the task waits with a clear reason, and the download goes there once the file is
+/// gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_before_the_move_never_adopts_a_foreign_file_of_the_same_size() {
+    // The partial file is still there: the rename never happened, whatever the mark says.
+    crash_before_the_move_beside_a_planted_file(Planted::MarkedBesideThePartialFile).await;
+}
+
+/// Another user's file with the task's mark (which is guessable) is never taken for the
+/// download, even with the partial file gone.
+#[cfg_attr(not(dlsession_root), ignore = "needs root to give a file to another user; CI runs it as root")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_users_file_with_the_tasks_mark_is_never_adopted() {
+    dlsession_testkit::require_root();
+    crash_before_the_move_beside_a_planted_file(Planted::MarkedByAnotherUser).await;
+}
+
+/// What the planted file at the destination is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Planted {
+    /// Ours, with the task's mark, while the partial file is still in the cache.
+    MarkedBesideThePartialFile,
+    /// Another user's, with the task's mark; the partial file is removed.
+    MarkedByAnotherUser,
+}
+
+async fn crash_before_the_move_beside_a_planted_file(planted: Planted) {
     let env = TestEnv::new();
     let mut daemon = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", OsStr::new("finish-before-move"))]);
     let s = TestServer::start().await.unwrap();
@@ -352,6 +382,15 @@ async fn a_crash_before_the_move_never_adopts_a_foreign_file_of_the_same_size() 
     std::fs::write(&dest, &foreign).unwrap();
     assert!(!daemon.wait_exit(LONG).success(), "stopped at the failpoint");
     drop(session);
+    // The finished partial file carries the task's mark: the planted file gets it too.
+    let part = env.downloads_dir().join("s1").join(format!("{}.part", task.id()));
+    let mut mark = [0u8; 128];
+    let n = rustix::fs::lgetxattr(&part, "user.dlsessiond.task", &mut mark[..]).expect("the partial file's mark");
+    rustix::fs::lsetxattr(&dest, "user.dlsessiond.task", &mark[..n], rustix::fs::XattrFlags::empty()).unwrap();
+    if planted == Planted::MarkedByAnotherUser {
+        std::fs::remove_file(&part).unwrap();
+        std::os::unix::fs::chown(&dest, Some(65534), Some(65534)).unwrap();
+    }
     daemon.set_env(&[]);
     daemon.restart();
     let (session, mut events) = attach(&env, SessionConfiguration::background("t.foreign")).await;
@@ -363,15 +402,77 @@ async fn a_crash_before_the_move_never_adopts_a_foreign_file_of_the_same_size() 
             .find(|t| t.id == task.id() && matches!(t.wait, Some(WaitReason::DestinationUnavailable { .. })))
     });
     let Some(WaitReason::DestinationUnavailable { error, .. }) = &waiting.wait else { unreachable!() };
-    assert!(error.message.contains("already exists"), "{error}");
-    assert_eq!(std::fs::read(&dest).unwrap(), foreign, "the foreign file is untouched");
+    assert!(error.message.contains("already exists"), "{planted:?}: {error}");
+    assert_eq!(std::fs::read(&dest).unwrap(), foreign, "{planted:?}: the foreign file is untouched");
     assert!(!events.seen.iter().any(|e| matches!(e, Seen::Finished { .. })), "{:?}", events.seen);
     // Its owner moves it away: the next try puts the download there, without a new request.
     std::fs::remove_file(&dest).unwrap();
     assert_eq!(events.completion(task.id(), LONG).await, None);
     assert_eq!(events.location(task.id()), Some(dest.clone()), "delivered at its destination");
     assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(21, len)));
-    assert_eq!(s.hits("/f"), 1, "not downloaded again");
+    // The finish was not committed before the move (the file's mark proves a move, and
+    // the crash came before it): the download resumed from its last checkpoint, here zero.
+    assert_eq!(s.hits("/f"), 2, "{planted:?}: downloaded again once, then only moved");
+}
+
+/// Whether `path` carries a task's mark (docs/behaviour.md, "Durability").
+fn marked(path: &std::path::Path) -> bool {
+    let mut buf = [0u8; 128];
+    rustix::fs::lgetxattr(path, "user.dlsessiond.task", &mut buf[..]).is_ok_and(|n| n > 0)
+}
+
+/// Downloads 1 MiB to `dest` with the daemon stopping (abort) right after the move, then
+/// restarts it: the task completes at `dest` without a second request. Returns the file.
+async fn crash_right_after_the_move(env: &TestEnv, dest: &std::path::Path, seed: u64) -> std::path::PathBuf {
+    let mut daemon = TestDaemon::start_with_env(env, &[("DLSESSIOND_FAILPOINT", OsStr::new("finish-after-move"))]);
+    let s = TestServer::start().await.unwrap();
+    let len = 1u64 << 20;
+    s.add("/f", Resource::generated(len, seed));
+    let (session, _events) = attach(env, SessionConfiguration::background("t.moved")).await;
+    let task = session
+        .download_tasks(vec![DownloadRequest::new(s.url("/f")).destination(dest)], true)
+        .await
+        .unwrap()
+        .remove(0);
+    assert!(!daemon.wait_exit(LONG).success(), "stopped at the failpoint");
+    drop(session);
+    assert_eq!(s.hits("/f"), 1);
+    daemon.set_env(&[]);
+    daemon.restart();
+    let (_session, mut events) = attach(env, SessionConfiguration::background("t.moved")).await;
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(events.location(task.id()).as_deref(), Some(dest));
+    // The app took the file (renamed it) in its callback.
+    let file = events.moved_to(task.id()).unwrap();
+    assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(seed, len)));
+    assert_eq!(s.hits("/f"), 1, "not downloaded again:\n{}", daemon.log());
+    file
+}
+
+/// Where a partial file cannot carry a mark (ramfs keeps no user extended attributes), the
+/// finish is committed before the move: a crash right after the move ends in the
+/// completion, without downloading again.
+#[cfg_attr(not(dlsession_root), ignore = "needs root to mount a ramfs; CI runs it as root")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_mark_the_finish_is_committed_before_the_move() {
+    dlsession_testkit::require_root();
+    let env = TestEnv::new();
+    let _mount = Mount::ramfs(&env.cache_dir);
+    let file = crash_right_after_the_move(&env, &env.cache_dir.join("f.bin"), 41).await;
+    assert!(!marked(&file));
+}
+
+/// A destination on another filesystem than the cache gets a copy, which would not carry
+/// the mark: the finish is committed before the copy, so a crash right after it ends in
+/// the completion, without downloading again.
+#[cfg_attr(not(dlsession_root), ignore = "needs root to mount a tmpfs; CI runs it as root")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_to_another_filesystem_is_committed_before_it_starts() {
+    dlsession_testkit::require_root();
+    let env = TestEnv::new();
+    let _mount = Mount::tmpfs(&env.cache_dir, "size=64m,mode=0700");
+    let file = crash_right_after_the_move(&env, &env.path().join("f.bin"), 42).await;
+    assert!(!marked(&file), "a copy carries no mark");
 }
 
 /// A resource that changed while the daemon was down starts over from zero; a crash right

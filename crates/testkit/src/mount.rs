@@ -30,6 +30,16 @@ impl Mount {
         Mount(at.to_path_buf())
     }
 
+    /// A ramfs at `at` (created if missing): a filesystem that keeps no user extended
+    /// attributes.
+    pub fn ramfs(at: &Path) -> Mount {
+        std::fs::create_dir_all(at).expect("mount point");
+        let st =
+            Command::new("mount").args(["-t", "ramfs", "-o", "mode=0700", "ramfs"]).arg(at).status().expect("mount");
+        assert!(st.success(), "mount ramfs at {}", at.display());
+        Mount(at.to_path_buf())
+    }
+
     /// `dir` bound onto itself (so its mount options can change), read-only.
     pub fn read_only_bind(dir: &Path) -> Mount {
         let st = Command::new("mount").arg("--bind").arg(dir).arg(dir).status().expect("mount");

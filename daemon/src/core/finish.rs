@@ -21,6 +21,7 @@ impl Core {
         id: TaskId,
         size: u64,
         sha256: Option<[u8; 32]>,
+        marked: bool,
         reply: tokio::sync::oneshot::Sender<FinishPlan>,
     ) {
         self.flush_progress(id);
@@ -56,8 +57,26 @@ impl Core {
             Some(dest) => (dest.into(), t.rec.overwrite),
             None => (cache_location, true),
         };
+        if marked {
+            // Its mark at the destination proves the move after a crash: the finish is
+            // recorded with the completion (one commit and its sync fewer per download).
+            let _ = reply.send(FinishPlan::Move { to, overwrite, recorded: false });
+            return;
+        }
         let ops = vec![Op::UpdateTask(Box::new(t.rec.clone()))];
-        self.commit(ops, vec![After::Plan { reply, plan: FinishPlan::Move { to, overwrite } }]);
+        self.commit(ops, vec![After::Plan { reply, plan: FinishPlan::Move { to, overwrite, recorded: true } }]);
+    }
+
+    /// The first attempt after a restart found the task's file in place, marked: it was
+    /// moved before the crash, only its completion was not committed.
+    pub(super) fn on_found_in_place(&mut self, id: TaskId, location: String, size: u64) {
+        let Some(t) = self.tasks.get_mut(&id) else { return };
+        t.restored = false;
+        t.rec.committed_offset = size;
+        t.rec.bytes_expected = Some(size);
+        t.progress.received.store(size, std::sync::atomic::Ordering::Relaxed);
+        debug!(task = id, %location, "the finished file was found in place after a restart");
+        self.on_moved(id, location);
     }
 
     pub(super) fn on_moved(&mut self, id: TaskId, location: String) {
@@ -117,6 +136,8 @@ impl Core {
             size: t.rec.committed_offset,
             mode: t.rec.file_mode,
             progress: t.progress.clone(),
+            // Moves from here follow a committed finishing phase.
+            recorded: true,
         }
     }
 
@@ -147,4 +168,10 @@ impl Core {
         self.set_state(id, TaskState::Waiting);
         self.save_task(id, Vec::new());
     }
+}
+
+/// A task's mark on its finished file (see `engine::files::MARK`): unique to the task, even
+/// across databases (the creation time in ms goes with the id).
+pub(super) fn task_mark(rec: &crate::model::TaskRecord) -> String {
+    format!("{}.{}.{}", rec.session, rec.id, rec.created_at)
 }

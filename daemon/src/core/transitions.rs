@@ -218,6 +218,8 @@ impl Core {
             auth: self.auth_headers(id, t.rec.session),
             answers_challenges: self.answers_challenges(t.rec.session),
             client_cert: self.client_identity(t.rec.session),
+            mark: super::finish::task_mark(&t.rec),
+            look_in_place: t.restored.then(|| self.finish_of(t).to),
         };
         let worker = self.engine.spawn(job);
         let key = t.rec.session;
@@ -302,8 +304,11 @@ impl Core {
                 self.commit(vec![op], Vec::new());
             }
             WorkerEvent::BodyReceived => self.free_slot(id),
-            WorkerEvent::DataComplete { size, sha256, reply } => self.on_data_complete(id, size, sha256, reply),
+            WorkerEvent::DataComplete { size, sha256, marked, reply } => {
+                self.on_data_complete(id, size, sha256, marked, reply)
+            }
             WorkerEvent::Moved { location } => self.on_moved(id, location),
+            WorkerEvent::FoundInPlace { location, size } => self.on_found_in_place(id, location, size),
             WorkerEvent::Failed(failure) => self.on_failed(id, failure),
             WorkerEvent::Stopped { offset } => self.on_stopped(id, offset),
             WorkerEvent::ResumeUrl { url } => self.on_resume_url(id, url),
@@ -314,6 +319,8 @@ impl Core {
 
     fn on_started(&mut self, id: TaskId, meta: ResponseMeta, durable: Option<tokio::sync::oneshot::Sender<()>>) {
         let Some(t) = self.tasks.get_mut(&id) else { return };
+        // Looked at its destination and downloads: nothing of it was moved.
+        t.restored = false;
         let had_data = t.rec.committed_offset > 0;
         t.peer = meta.peer.or(t.peer);
         let rec = &mut t.rec;

@@ -22,6 +22,45 @@ pub enum MoveError {
     Io { path: PathBuf, source: io::Error },
     #[error("the thread that moves finished files has stopped")]
     MoverStopped,
+    /// The destination is on another filesystem, and a copy does not carry the file's
+    /// mark: the finishing phase must be committed first (nothing was done).
+    #[error("{0} is on another filesystem; the finish must be recorded before the copy")]
+    Unrecorded(PathBuf),
+}
+
+/// The extended attribute a finished file carries: its task's mark ([`mark`]), set before
+/// the file's last `fsync` and so durable with its data. Renamed into place, the file
+/// keeps it; after a crash between the move and the commit that records it, the mark at
+/// the destination proves the file there is the task's own, complete (docs/behaviour.md,
+/// "Durability"). It stays on the delivered file (it names the task that wrote it).
+pub const MARK: &str = "user.dlsessiond.task";
+
+/// Sets the task's mark on a finished file (see [`MARK`]). Fails where the filesystem
+/// keeps no user extended attributes.
+pub fn mark(file: &File, mark: &str) -> io::Result<()> {
+    rustix::fs::fsetxattr(file, MARK, mark.as_bytes(), rustix::fs::XattrFlags::empty()).map_err(io::Error::from)
+}
+
+/// The size of the file at `to` if it carries `mark` and is this user's (`None`: it does
+/// not, it is missing, or its filesystem keeps no such attributes). A symlink is never
+/// followed. Another user can write any mark on a file of their own in a shared directory,
+/// but never make it ours.
+pub fn marked_size(to: &Path, mark: &str) -> io::Result<Option<u64>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut buf = [0u8; 128];
+    let n = match rustix::fs::lgetxattr(to, MARK, &mut buf[..]) {
+        Ok(n) => n,
+        Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOENT | rustix::io::Errno::NOTSUP) => return Ok(None),
+        // A longer value than any mark is not a mark.
+        Err(rustix::io::Errno::RANGE) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    if buf.get(..n) != Some(mark.as_bytes()) {
+        return Ok(None);
+    }
+    let meta = std::fs::symlink_metadata(to)?;
+    let ours = meta.uid() == rustix::process::geteuid().as_raw();
+    Ok((meta.is_file() && ours).then_some(meta.len()))
 }
 
 /// Why a finish could not be completed (see [`complete_move`]).
@@ -45,6 +84,9 @@ pub struct Finish {
     pub mode: u32,
     /// Where a long copy shows it is alive.
     pub progress: Arc<Progress>,
+    /// The finishing phase is committed. When it is not, the file carries its mark and
+    /// may only be renamed: a move across filesystems fails with [`MoveError::Unrecorded`].
+    pub recorded: bool,
 }
 
 /// Which half-written copies next to a destination are leftovers (see [`remove_stale_copies`]).
@@ -132,6 +174,7 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
 pub fn move_into_place(job: &Finish) -> Result<(), MoveError> {
     match rename_into_place(&job.from, &job.to, job.overwrite, dir_mode(job.mode))? {
         Renamed::Here => sync_parent(&job.to).map_err(|source| MoveError::Io { path: job.to.clone(), source }),
+        Renamed::OtherFilesystem if !job.recorded => Err(MoveError::Unrecorded(job.to.clone())),
         Renamed::OtherFilesystem => move_across(job),
     }
 }
@@ -337,6 +380,9 @@ fn move_batch(first: MoveJob, rx: &std::sync::mpsc::Receiver<MoveJob>) {
         let f = &job.finish;
         match rename_into_place(&f.from, &f.to, f.overwrite, dir_mode(f.mode)) {
             Ok(Renamed::Here) => renamed.push(job),
+            Ok(Renamed::OtherFilesystem) if !f.recorded => {
+                let _ = job.reply.send(Err(MoveError::Unrecorded(f.to.clone())));
+            }
             Ok(Renamed::OtherFilesystem) => {
                 let copy = |job: MoveJob| {
                     let _ = job.reply.send(after_move(move_across(&job.finish)));
@@ -592,6 +638,7 @@ mod tests {
 
     fn finish(from: &Path, to: &Path, overwrite: bool, size: u64) -> Finish {
         Finish {
+            recorded: true,
             from: from.to_path_buf(),
             to: to.to_path_buf(),
             overwrite,
@@ -599,6 +646,25 @@ mod tests {
             mode: 0o644,
             progress: Arc::new(Progress::default()),
         }
+    }
+
+    #[test]
+    fn a_marked_file_is_known_by_its_mark_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (part, to) = (dir.path().join("1.part"), dir.path().join("f.bin"));
+        std::fs::write(&part, b"abcd").unwrap();
+        mark(&File::open(&part).unwrap(), "1.2.3").unwrap();
+        std::fs::rename(&part, &to).unwrap();
+        assert_eq!(marked_size(&to, "1.2.3").unwrap(), Some(4), "the mark goes with the file");
+        assert_eq!(marked_size(&to, "1.2.4").unwrap(), None, "another task's mark");
+        assert_eq!(marked_size(&to, "1.2.").unwrap(), None, "a prefix is not the mark");
+        assert_eq!(marked_size(&dir.path().join("missing"), "1.2.3").unwrap(), None);
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"abcd").unwrap();
+        assert_eq!(marked_size(&plain, "1.2.3").unwrap(), None, "an unmarked file");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&to, &link).unwrap();
+        assert_eq!(marked_size(&link, "1.2.3").unwrap(), None, "a symlink is not followed");
     }
 
     #[test]

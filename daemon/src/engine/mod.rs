@@ -94,6 +94,11 @@ pub struct Job {
     pub answers_challenges: bool,
     /// The session's client certificate (or why it cannot be read).
     pub client_cert: Option<http::CertState>,
+    /// The task's mark, set on its finished file (see `files::MARK`).
+    pub mark: String,
+    /// The first attempt after a restart: where the finished file would be, to look for it
+    /// (with its mark) before downloading again.
+    pub look_in_place: Option<PathBuf>,
 }
 
 /// What an upload attempt sends. `Debug` never shows the upload resource's URL.
@@ -327,6 +332,11 @@ impl Engine {
     }
 
     async fn download(&self, mut job: Job) -> Outcome {
+        if let Some(to) = job.look_in_place.clone()
+            && let Some(found) = self.found_in_place(&job, to).await
+        {
+            return found;
+        }
         let resumable = job.offset > 0 && can_resume(job.etag.as_deref(), job.last_modified.as_deref());
         let want = if resumable { job.offset } else { 0 };
         let hash = job.expected_sha256.is_some();
@@ -420,6 +430,7 @@ impl Engine {
         let path = job.part_path.clone();
         let mode = job.file_mode;
         let progress = job.progress.clone();
+        let mark = job.mark.clone();
         let start_writer = move || {
             tokio::task::spawn_blocking(move || {
                 let prepared = match prepared {
@@ -427,7 +438,7 @@ impl Engine {
                     None => writer::prepare(&path, 0, hash, mode, &progress)
                         .map_err(|e| (e, "preparing the partial file"))?,
                 };
-                writer::run(prepared, &path, policy, link, rx).map_err(|e| (e, "writing the partial file"))
+                writer::run(prepared, &path, policy, link, rx, Some(&mark)).map_err(|e| (e, "writing the partial file"))
             })
         };
         // A small body is held (never more than the checkpoint window, never longer than
@@ -496,26 +507,65 @@ impl Engine {
     }
 
     async fn finish(&self, job: &Job, done: writer::WriterDone, phases: Phases) -> Outcome {
-        let (reply, plan) = oneshot::channel();
-        job.link.send(WorkerEvent::DataComplete { size: done.offset, sha256: done.sha256, reply });
-        let Ok(FinishPlan::Move { to, overwrite }) = plan.await else {
-            return Outcome::Aborted;
-        };
-        let planned = std::time::Instant::now();
-        let finish = files::Finish {
-            from: job.part_path.clone(),
-            to: to.clone(),
-            overwrite,
-            size: done.offset,
-            mode: job.file_mode,
-            progress: job.progress.clone(),
-        };
-        let moved = self.mover.move_into_place(finish).await;
-        phases.log(job, done.offset, planned);
-        match moved {
-            Ok(()) => Outcome::Moved(to.to_string_lossy().into_owned()),
-            // The data is complete and synced: it stays, and the core tries again later.
-            Err(e) => Outcome::MoveFailed(move_error(&e)),
+        let mut marked = done.marked;
+        loop {
+            let (reply, plan) = oneshot::channel();
+            job.link.send(WorkerEvent::DataComplete { size: done.offset, sha256: done.sha256, marked, reply });
+            let Ok(FinishPlan::Move { to, overwrite, recorded }) = plan.await else {
+                return Outcome::Aborted;
+            };
+            let planned = std::time::Instant::now();
+            let finish = files::Finish {
+                from: job.part_path.clone(),
+                to: to.clone(),
+                overwrite,
+                size: done.offset,
+                mode: job.file_mode,
+                progress: job.progress.clone(),
+                recorded,
+            };
+            let moved = self.mover.move_into_place(finish).await;
+            if let Err(files::MoveError::Unrecorded(_)) = moved
+                && marked
+            {
+                // Nothing was moved: the core records the finish, then the file is copied.
+                marked = false;
+                continue;
+            }
+            phases.log(job, done.offset, planned);
+            return match moved {
+                Ok(()) => Outcome::Moved(to.to_string_lossy().into_owned()),
+                // The data is complete and synced: it stays, and the core tries again later.
+                Err(e) => Outcome::MoveFailed(move_error(&e)),
+            };
+        }
+    }
+
+    /// Before the first attempt after a restart: the task's file at `to` with its mark was
+    /// moved before the crash (see `files::MARK`), if its partial file is gone (the rename
+    /// took its name). Its directory is synced before it counts.
+    async fn found_in_place(&self, job: &Job, to: PathBuf) -> Option<Outcome> {
+        let (mark, part) = (job.mark.clone(), job.part_path.clone());
+        let found = tokio::task::spawn_blocking(move || -> std::io::Result<Option<(PathBuf, u64)>> {
+            match std::fs::symlink_metadata(&part) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+                Ok(_) => return Ok(None),
+            }
+            let Some(size) = files::marked_size(&to, &mark)? else { return Ok(None) };
+            files::sync_parent(&to)?;
+            Ok(Some((to, size)))
+        })
+        .await;
+        match found {
+            Ok(Ok(Some((to, size)))) => {
+                Some(Outcome::FoundInPlace { location: to.to_string_lossy().into_owned(), size })
+            }
+            Ok(Ok(None)) => None,
+            // Looked at again on the next attempt: downloading again could only end in
+            // "destination exists".
+            Ok(Err(e)) => Some(Outcome::Failed(file_failure(&e, "looking at the destination after a restart"))),
+            Err(e) => Some(Outcome::Failed(Failure::transient(ErrorCode::Internal, format!("worker: {e}")))),
         }
     }
 
@@ -707,6 +757,7 @@ fn paced_slice(limiters: &[Arc<RateLimiter>]) -> Option<usize> {
 enum Outcome {
     Uploaded(UploadResponse),
     Moved(String),
+    FoundInPlace { location: String, size: u64 },
     MoveFailed(dlsession_proto::ErrorInfo),
     Failed(Failure),
     Stopped(u64),
@@ -718,6 +769,7 @@ impl Outcome {
         match self {
             Outcome::Uploaded(response) => link.send(WorkerEvent::UploadDone { response }),
             Outcome::Moved(location) => link.send(WorkerEvent::Moved { location }),
+            Outcome::FoundInPlace { location, size } => link.send(WorkerEvent::FoundInPlace { location, size }),
             Outcome::MoveFailed(error) => link.send(WorkerEvent::MoveFailed { error }),
             Outcome::Failed(f) => link.send(WorkerEvent::Failed(f)),
             Outcome::Stopped(offset) => link.send(WorkerEvent::Stopped { offset }),

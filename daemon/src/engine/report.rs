@@ -26,16 +26,25 @@ pub enum WorkerEvent {
     },
     /// The whole body has arrived (the connection is free); the file is still being synced.
     BodyReceived,
-    /// Every byte is written and synced. The core commits the finishing phase and
-    /// answers with where to move the file.
+    /// Every byte is written and synced. The core answers with where to move the file,
+    /// after committing the finishing phase unless the file is `marked` (its mark at the
+    /// destination proves the move after a crash; see `files::MARK`).
     DataComplete {
         size: u64,
         sha256: Option<[u8; 32]>,
+        marked: bool,
         reply: oneshot::Sender<FinishPlan>,
     },
     /// The file is in its final place.
     Moved {
         location: String,
+    },
+    /// Before its first attempt after a restart, the task's file was found at its
+    /// destination with its mark: it was moved before the crash, and only the commit is
+    /// missing. `size` bytes; the directory is synced.
+    FoundInPlace {
+        location: String,
+        size: u64,
     },
     /// The file is complete (and synced) but could not be put at its destination; it
     /// stays where it is.
@@ -98,6 +107,8 @@ pub enum FinishPlan {
     Move {
         to: PathBuf,
         overwrite: bool,
+        /// The finishing phase is committed (see `files::Finish::recorded`).
+        recorded: bool,
     },
     /// The core failed the task (e.g. checksum mismatch); do nothing more.
     Abort,

@@ -33,6 +33,8 @@ pub enum WriterMsg {
 pub struct WriterDone {
     pub offset: u64,
     pub sha256: Option<[u8; 32]>,
+    /// The finished file carries its task's mark (see `files::MARK`), synced with its data.
+    pub marked: bool,
 }
 
 /// The partial file, opened and trimmed to where the next attempt continues.
@@ -176,6 +178,7 @@ pub fn run(
     policy: CheckpointPolicy,
     link: WorkerLink,
     mut rx: mpsc::Receiver<WriterMsg>,
+    mark: Option<&str>,
 ) -> std::io::Result<WriterDone> {
     let Prepared { file: mut out, offset, mut hasher, fresh, final_mode } = prepared;
     let mut offset = offset;
@@ -274,13 +277,20 @@ pub fn run(
                 if let Some(d) = direct.take() {
                     d.finish(&out)?;
                 }
-                // The mode it is handed over with (set explicitly: the daemon's umask does
-                // not matter), made durable with the data: a full fsync, not fdatasync.
+                // The mark and the mode it is handed over with (set explicitly: the daemon's
+                // umask does not matter), made durable with the data: a full fsync.
+                let marked = mark.is_some_and(|m| match super::files::mark(&out, m) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::debug!(task = link.task(), error = %e, "cannot mark the finished file");
+                        false
+                    }
+                });
                 out.set_permissions(std::fs::Permissions::from_mode(final_mode))?;
                 out.sync_all()?;
-                tracing::debug!(task = link.task(), offset, "synced");
+                tracing::debug!(task = link.task(), offset, marked, "synced");
                 let sha256 = hasher.map(|h| h.finalize().into());
-                return Ok(WriterDone { offset, sha256 });
+                return Ok(WriterDone { offset, sha256, marked });
             }
             Some(WriterMsg::Stop) | None => {
                 if let Some(s) = syncer.take() {
@@ -293,7 +303,7 @@ pub fn run(
                 sync_inline(&mut out, offset)?;
                 sync_entry(&mut entry_unsynced)?;
                 report_checkpoint(&link, offset);
-                return Ok(WriterDone { offset, sha256: None });
+                return Ok(WriterDone { offset, sha256: None, marked: false });
             }
         }
     }
@@ -533,7 +543,7 @@ mod tests {
         });
         let policy = CheckpointPolicy { bytes: super::super::direct::MIN_WINDOW, interval: Duration::from_secs(60) };
         let before = super::super::direct::STARTED_HERE.with(std::cell::Cell::get);
-        let done = run(prepared, &part, policy, link, rx).unwrap();
+        let done = run(prepared, &part, policy, link, rx, None).unwrap();
         sender.join().unwrap();
         let after = super::super::direct::STARTED_HERE.with(std::cell::Cell::get);
         assert!(after > before, "the download did not switch to direct writes");
@@ -623,7 +633,7 @@ mod tests {
         let before = super::super::direct::STARTED_HERE.with(std::cell::Cell::get);
         SYNC_DELAY.with(|d| d.set(delay));
         let policy = CheckpointPolicy { bytes: window, interval: Duration::from_secs(60) };
-        let done = run(prepared, &part, policy, link, rx);
+        let done = run(prepared, &part, policy, link, rx, None);
         SYNC_DELAY.with(|d| d.set(Duration::ZERO));
         let gap = sender.join().unwrap();
         assert_eq!(done.unwrap().offset, len as u64);
@@ -698,7 +708,7 @@ mod tests {
             tx.blocking_send(WriterMsg::Finish).unwrap();
         });
         let policy = CheckpointPolicy { bytes: 64 << 20, interval: Duration::from_millis(50) };
-        let done = run(prepared, &part, policy, link, rx).unwrap();
+        let done = run(prepared, &part, policy, link, rx, None).unwrap();
         sender.join().unwrap();
         let total = (20 << 20) + 10_000u64;
         assert_eq!(done.offset, total);
