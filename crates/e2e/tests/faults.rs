@@ -449,6 +449,38 @@ async fn crash_right_after_the_move(env: &TestEnv, dest: &std::path::Path, seed:
     file
 }
 
+/// A small file (held whole, never checkpointed) moved into place just before a crash is
+/// found there by its mark when the task runs again: the new response is dropped, and the
+/// task completes with the file it had moved. (Downloading again could not deliver it: the
+/// resource changed meanwhile, and the old file at the destination would block the move.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_file_moved_before_a_crash_is_found_in_place() {
+    let env = TestEnv::new();
+    let mut daemon = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", OsStr::new("finish-after-move"))]);
+    let s = TestServer::start().await.unwrap();
+    let len = 64u64 << 10;
+    s.add("/f", Resource::generated(len, 43));
+    let dest = env.path().join("f.bin");
+    let (session, _events) = attach(&env, SessionConfiguration::background("t.found")).await;
+    let task = session
+        .download_tasks(vec![DownloadRequest::new(s.url("/f")).destination(&dest)], true)
+        .await
+        .unwrap()
+        .remove(0);
+    assert!(!daemon.wait_exit(LONG).success(), "stopped at the failpoint");
+    drop(session);
+    assert!(marked(&dest), "moved, with its mark");
+    s.add("/f", Resource::generated(len, 44));
+    daemon.set_env(&[]);
+    daemon.restart();
+    let (_session, mut events) = attach(&env, SessionConfiguration::background("t.found")).await;
+    assert_eq!(events.completion(task.id(), LONG).await, None, "{}", daemon.log());
+    assert_eq!(events.location(task.id()).as_deref(), Some(dest.as_path()));
+    let file = events.moved_to(task.id()).unwrap();
+    assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(43, len)), "the file it had moved");
+    assert_eq!(s.hits("/f"), 2, "asked once more before it looked at the destination");
+}
+
 /// Where a partial file cannot carry a mark (ramfs keeps no user extended attributes), the
 /// finish is committed before the move: a crash right after the move ends in the
 /// completion, without downloading again.

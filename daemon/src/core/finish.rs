@@ -57,6 +57,8 @@ impl Core {
             Some(dest) => (dest.into(), t.rec.overwrite),
             None => (cache_location, true),
         };
+        // The phase is `finishing` in memory from here (no stop, no stall check, no network
+        // handling touches the task); a commit of it is the unmarked protocol's.
         if marked {
             // Its mark at the destination proves the move after a crash: the finish is
             // recorded with the completion (one commit and its sync fewer per download).
@@ -67,16 +69,21 @@ impl Core {
         self.commit(ops, vec![After::Plan { reply, plan: FinishPlan::Move { to, overwrite, recorded: true } }]);
     }
 
-    /// The first attempt after a restart found the task's file in place, marked: it was
-    /// moved before the crash, only its completion was not committed.
-    pub(super) fn on_found_in_place(&mut self, id: TaskId, location: String, size: u64) {
+    /// An attempt found the task's file in place, marked (see `engine::files::MARK`): it was
+    /// moved before a crash, only its completion was not committed. `error`: its directory
+    /// could not be synced; the move is then retried like any failed move.
+    pub(super) fn on_found_in_place(&mut self, id: TaskId, location: String, size: u64, error: Option<ErrorInfo>) {
         let Some(t) = self.tasks.get_mut(&id) else { return };
-        t.restored = false;
         t.rec.committed_offset = size;
         t.rec.bytes_expected = Some(size);
         t.progress.received.store(size, std::sync::atomic::Ordering::Relaxed);
-        debug!(task = id, %location, "the finished file was found in place after a restart");
-        self.on_moved(id, location);
+        match error {
+            None => {
+                debug!(task = id, %location, "the finished file was found in place");
+                self.on_moved(id, location);
+            }
+            Some(error) => self.on_move_failed(id, error),
+        }
     }
 
     pub(super) fn on_moved(&mut self, id: TaskId, location: String) {

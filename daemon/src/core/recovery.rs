@@ -49,15 +49,7 @@ impl Core {
         for rec in snapshot.tasks {
             let (id, state, phase, retry_at) = (rec.id, rec.state, rec.phase, rec.retry_at);
             let challenged = rec.challenge.is_some();
-            // A download may have put its file in place, marked, just before the crash
-            // (a running task's state in the database is the one it started from).
-            let unfinished = matches!(state, TaskState::Queued | TaskState::Running | TaskState::Waiting)
-                && phase != Phase::Finishing
-                && rec.upload.is_none();
             self.restore_task(rec);
-            if let Some(t) = self.tasks.get_mut(&id) {
-                t.restored = unfinished;
-            }
             match state {
                 // Cut short between "data complete" and "finished committed": the move is
                 // finished (or found done, or found lost) by a worker, like any other.

@@ -132,10 +132,6 @@ pub(super) struct Task {
     pub peer: Option<std::net::IpAddr>,
     /// Waiting for a route to its peer since then (state `Waiting`, no timer).
     pub no_network_since: Option<dlsession_proto::UnixMillis>,
-    /// Found unfinished at start: its file may have been moved into place (marked) before
-    /// the crash, so its next attempt looks there first. Cleared once an attempt got a
-    /// response.
-    pub restored: bool,
     /// The task's own bandwidth limit (`rec.bandwidth_limit`; rate 0 when none), held by its
     /// running download.
     pub limiter: Arc<crate::engine::limiter::RateLimiter>,
@@ -210,7 +206,6 @@ impl Tasks {
             cancelled_by: None,
             peer: None,
             no_network_since: None,
-            restored: false,
             limiter: Arc::new(crate::engine::limiter::RateLimiter::new(bandwidth_limit)),
         };
         self.counts.add(state);

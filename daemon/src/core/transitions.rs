@@ -219,7 +219,7 @@ impl Core {
             answers_challenges: self.answers_challenges(t.rec.session),
             client_cert: self.client_identity(t.rec.session),
             mark: super::finish::task_mark(&t.rec),
-            look_in_place: t.restored.then(|| self.finish_of(t).to),
+            target: self.finish_of(t).to,
         };
         let worker = self.engine.spawn(job);
         let key = t.rec.session;
@@ -308,7 +308,7 @@ impl Core {
                 self.on_data_complete(id, size, sha256, marked, reply)
             }
             WorkerEvent::Moved { location } => self.on_moved(id, location),
-            WorkerEvent::FoundInPlace { location, size } => self.on_found_in_place(id, location, size),
+            WorkerEvent::FoundInPlace { location, size, error } => self.on_found_in_place(id, location, size, error),
             WorkerEvent::Failed(failure) => self.on_failed(id, failure),
             WorkerEvent::Stopped { offset } => self.on_stopped(id, offset),
             WorkerEvent::ResumeUrl { url } => self.on_resume_url(id, url),
@@ -319,8 +319,6 @@ impl Core {
 
     fn on_started(&mut self, id: TaskId, meta: ResponseMeta, durable: Option<tokio::sync::oneshot::Sender<()>>) {
         let Some(t) = self.tasks.get_mut(&id) else { return };
-        // Looked at its destination and downloads: nothing of it was moved.
-        t.restored = false;
         let had_data = t.rec.committed_offset > 0;
         t.peer = meta.peer.or(t.peer);
         let rec = &mut t.rec;

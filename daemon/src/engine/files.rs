@@ -41,26 +41,59 @@ pub fn mark(file: &File, mark: &str) -> io::Result<()> {
     rustix::fs::fsetxattr(file, MARK, mark.as_bytes(), rustix::fs::XattrFlags::empty()).map_err(io::Error::from)
 }
 
-/// The size of the file at `to` if it carries `mark` and is this user's (`None`: it does
-/// not, it is missing, or its filesystem keeps no such attributes). A symlink is never
-/// followed. Another user can write any mark on a file of their own in a shared directory,
-/// but never make it ours.
-pub fn marked_size(to: &Path, mark: &str) -> io::Result<Option<u64>> {
-    use std::os::unix::fs::MetadataExt;
-    let mut buf = [0u8; 128];
-    let n = match rustix::fs::lgetxattr(to, MARK, &mut buf[..]) {
-        Ok(n) => n,
-        Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOENT | rustix::io::Errno::NOTSUP) => return Ok(None),
-        // A longer value than any mark is not a mark.
-        Err(rustix::io::Errno::RANGE) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    if buf.get(..n) != Some(mark.as_bytes()) {
-        return Ok(None);
+/// A task's finished file found at its destination, marked (see [`found_in_place`]).
+#[derive(Debug)]
+pub struct Found {
+    pub size: u64,
+    /// Syncing the destination's directory, which makes the move durable.
+    pub synced: io::Result<()>,
+}
+
+/// Looks for the task's finished file at `to` when its partial file `part` is gone: a file
+/// there that carries `mark` was renamed into place before a crash cut the finish short.
+/// It counts only as a regular file of this user that nobody else may write and that has
+/// no other name (another user can write any mark on a file of their own, or on one of
+/// ours they may write), with the expected SHA-256 when the task has one. Its directory is
+/// synced before it counts. Anything that cannot be examined is not found: the download
+/// goes on, and its move deals with the destination.
+pub fn found_in_place(part: &Path, to: &Path, mark: &str, sha256: Option<[u8; 32]>) -> Option<Found> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    match std::fs::symlink_metadata(part) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        // Still there (or unknown): not renamed.
+        _ => return None,
     }
-    let meta = std::fs::symlink_metadata(to)?;
+    // One descriptor for every check: the name cannot be swapped between them.
+    let file =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(to).ok()?;
+    let meta = file.metadata().ok()?;
     let ours = meta.uid() == rustix::process::geteuid().as_raw();
-    Ok((meta.is_file() && ours).then_some(meta.len()))
+    if !meta.is_file() || !ours || meta.mode() & 0o022 != 0 || meta.nlink() != 1 {
+        return None;
+    }
+    let mut buf = [0u8; 128];
+    let n = rustix::fs::fgetxattr(&file, MARK, &mut buf[..]).ok()?;
+    if buf.get(..n) != Some(mark.as_bytes()) {
+        return None;
+    }
+    if let Some(expected) = sha256 {
+        use sha2::Digest as _;
+        use std::io::Read as _;
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match (&file).read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => hasher.update(buf.get(..n)?),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return None,
+            }
+        }
+        if <[u8; 32]>::from(hasher.finalize()) != expected {
+            return None;
+        }
+    }
+    Some(Found { size: meta.len(), synced: sync_parent(to) })
 }
 
 /// Why a finish could not be completed (see [`complete_move`]).
@@ -649,22 +682,38 @@ mod tests {
     }
 
     #[test]
-    fn a_marked_file_is_known_by_its_mark_only() {
+    fn a_moved_file_is_known_by_its_mark_and_nothing_else() {
+        use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         let (part, to) = (dir.path().join("1.part"), dir.path().join("f.bin"));
         std::fs::write(&part, b"abcd").unwrap();
+        std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o644)).unwrap();
         mark(&File::open(&part).unwrap(), "1.2.3").unwrap();
+        assert!(found_in_place(&part, &to, "1.2.3", None).is_none(), "not moved: the partial file is there");
         std::fs::rename(&part, &to).unwrap();
-        assert_eq!(marked_size(&to, "1.2.3").unwrap(), Some(4), "the mark goes with the file");
-        assert_eq!(marked_size(&to, "1.2.4").unwrap(), None, "another task's mark");
-        assert_eq!(marked_size(&to, "1.2.").unwrap(), None, "a prefix is not the mark");
-        assert_eq!(marked_size(&dir.path().join("missing"), "1.2.3").unwrap(), None);
+        let found = found_in_place(&part, &to, "1.2.3", None).expect("the mark goes with the file");
+        assert_eq!(found.size, 4);
+        assert!(found.synced.is_ok());
+        let sha = |b: &[u8]| -> [u8; 32] { <sha2::Sha256 as sha2::Digest>::digest(b).into() };
+        assert!(found_in_place(&part, &to, "1.2.3", Some(sha(b"abcd"))).is_some(), "the expected SHA-256");
+        assert!(found_in_place(&part, &to, "1.2.3", Some(sha(b"abce"))).is_none(), "another SHA-256");
+        assert!(found_in_place(&part, &to, "1.2.4", None).is_none(), "another task's mark");
+        assert!(found_in_place(&part, &to, "1.2.", None).is_none(), "a prefix is not the mark");
+        assert!(found_in_place(&part, &dir.path().join("missing"), "1.2.3", None).is_none());
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o664)).unwrap();
+        assert!(found_in_place(&part, &to, "1.2.3", None).is_none(), "others may write it");
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let second = dir.path().join("second-name");
+        std::fs::hard_link(&to, &second).unwrap();
+        assert!(found_in_place(&part, &to, "1.2.3", None).is_none(), "it has another name");
+        std::fs::remove_file(&second).unwrap();
         let plain = dir.path().join("plain");
         std::fs::write(&plain, b"abcd").unwrap();
-        assert_eq!(marked_size(&plain, "1.2.3").unwrap(), None, "an unmarked file");
+        assert!(found_in_place(&part, &plain, "1.2.3", None).is_none(), "an unmarked file");
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&to, &link).unwrap();
-        assert_eq!(marked_size(&link, "1.2.3").unwrap(), None, "a symlink is not followed");
+        assert!(found_in_place(&part, &link, "1.2.3", None).is_none(), "a symlink is not followed");
+        assert!(found_in_place(&part, &to, "1.2.3", None).is_some(), "and the file itself still is");
     }
 
     #[test]

@@ -96,9 +96,9 @@ pub struct Job {
     pub client_cert: Option<http::CertState>,
     /// The task's mark, set on its finished file (see `files::MARK`).
     pub mark: String,
-    /// The first attempt after a restart: where the finished file would be, to look for it
-    /// (with its mark) before downloading again.
-    pub look_in_place: Option<PathBuf>,
+    /// Where the finished file goes: an attempt without a partial file looks there first
+    /// for the task's marked file (`files::found_in_place`).
+    pub target: PathBuf,
 }
 
 /// What an upload attempt sends. `Debug` never shows the upload resource's URL.
@@ -332,11 +332,6 @@ impl Engine {
     }
 
     async fn download(&self, mut job: Job) -> Outcome {
-        if let Some(to) = job.look_in_place.clone()
-            && let Some(found) = self.found_in_place(&job, to).await
-        {
-            return found;
-        }
         let resumable = job.offset > 0 && can_resume(job.etag.as_deref(), job.last_modified.as_deref());
         let want = if resumable { job.offset } else { 0 };
         let hash = job.expected_sha256.is_some();
@@ -348,8 +343,16 @@ impl Engine {
         } else {
             let mode = job.file_mode;
             let progress = job.progress.clone();
-            match tokio::task::spawn_blocking(move || writer::prepare(&path, want, hash, mode, &progress)).await {
-                Ok(Ok(p)) => Some(p),
+            let (target, mark, sha256) = (job.target.clone(), job.mark.clone(), job.expected_sha256);
+            let prepared =
+                tokio::task::spawn_blocking(move || match files::found_in_place(&path, &target, &mark, sha256) {
+                    Some(found) => Ok(Written::Found(found)),
+                    None => writer::prepare(&path, want, hash, mode, &progress).map(Written::Prepared),
+                });
+            match prepared.await {
+                Ok(Ok(Written::Found(found))) => return found_outcome(&job.target, found),
+                Ok(Ok(Written::Prepared(p))) => Some(p),
+                Ok(Ok(Written::Done(_))) => None,
                 Ok(Err(e)) => return Outcome::Failed(file_failure(&e, "preparing the partial file")),
                 Err(e) => return Outcome::Failed(Failure::transient(ErrorCode::Internal, format!("worker: {e}"))),
             }
@@ -430,15 +433,22 @@ impl Engine {
         let path = job.part_path.clone();
         let mode = job.file_mode;
         let progress = job.progress.clone();
-        let mark = job.mark.clone();
+        let (mark, target, sha256) = (job.mark.clone(), job.target.clone(), job.expected_sha256);
         let start_writer = move || {
             tokio::task::spawn_blocking(move || {
                 let prepared = match prepared {
                     Some(p) => p,
-                    None => writer::prepare(&path, 0, hash, mode, &progress)
-                        .map_err(|e| (e, "preparing the partial file"))?,
+                    None => {
+                        if let Some(found) = files::found_in_place(&path, &target, &mark, sha256) {
+                            return Ok(Written::Found(found));
+                        }
+                        writer::prepare(&path, 0, hash, mode, &progress)
+                            .map_err(|e| (e, "preparing the partial file"))?
+                    }
                 };
-                writer::run(prepared, &path, policy, link, rx, Some(&mark)).map_err(|e| (e, "writing the partial file"))
+                writer::run(prepared, &path, policy, link, rx, Some(&mark))
+                    .map(Written::Done)
+                    .map_err(|e| (e, "writing the partial file"))
             })
         };
         // A small body is held (never more than the checkpoint window, never longer than
@@ -482,7 +492,12 @@ impl Engine {
         let _ = tx.send(last).await;
         drop(tx);
         let done = match writer.await {
-            Ok(Ok(done)) => done,
+            Ok(Ok(Written::Done(done))) => done,
+            // Moved before a crash: the response is not needed.
+            Ok(Ok(Written::Found(found))) => return found_outcome(&job.target, found),
+            Ok(Ok(Written::Prepared(_))) => {
+                return Outcome::Failed(Failure::transient(ErrorCode::Internal, "the file writer stopped early"));
+            }
             Ok(Err((e, what))) => return Outcome::Failed(file_failure(&e, what)),
             Err(e) => return Outcome::Failed(Failure::transient(ErrorCode::Internal, format!("writer: {e}"))),
         };
@@ -526,7 +541,7 @@ impl Engine {
             };
             let moved = self.mover.move_into_place(finish).await;
             if let Err(files::MoveError::Unrecorded(_)) = moved
-                && marked
+                && !recorded
             {
                 // Nothing was moved: the core records the finish, then the file is copied.
                 marked = false;
@@ -538,34 +553,6 @@ impl Engine {
                 // The data is complete and synced: it stays, and the core tries again later.
                 Err(e) => Outcome::MoveFailed(move_error(&e)),
             };
-        }
-    }
-
-    /// Before the first attempt after a restart: the task's file at `to` with its mark was
-    /// moved before the crash (see `files::MARK`), if its partial file is gone (the rename
-    /// took its name). Its directory is synced before it counts.
-    async fn found_in_place(&self, job: &Job, to: PathBuf) -> Option<Outcome> {
-        let (mark, part) = (job.mark.clone(), job.part_path.clone());
-        let found = tokio::task::spawn_blocking(move || -> std::io::Result<Option<(PathBuf, u64)>> {
-            match std::fs::symlink_metadata(&part) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-                Ok(_) => return Ok(None),
-            }
-            let Some(size) = files::marked_size(&to, &mark)? else { return Ok(None) };
-            files::sync_parent(&to)?;
-            Ok(Some((to, size)))
-        })
-        .await;
-        match found {
-            Ok(Ok(Some((to, size)))) => {
-                Some(Outcome::FoundInPlace { location: to.to_string_lossy().into_owned(), size })
-            }
-            Ok(Ok(None)) => None,
-            // Looked at again on the next attempt: downloading again could only end in
-            // "destination exists".
-            Ok(Err(e)) => Some(Outcome::Failed(file_failure(&e, "looking at the destination after a restart"))),
-            Err(e) => Some(Outcome::Failed(Failure::transient(ErrorCode::Internal, format!("worker: {e}")))),
         }
     }
 
@@ -753,11 +740,32 @@ fn paced_slice(limiters: &[Arc<RateLimiter>]) -> Option<usize> {
     Some(usize::try_from(lowest / 4).unwrap_or(PACED_SLICE).clamp(256, PACED_SLICE))
 }
 
+/// What a writer's blocking thread ended with.
+#[derive(Debug)]
+enum Written {
+    /// The partial file, ready (a resumed download prepares it before its request).
+    Prepared(writer::Prepared),
+    Done(writer::WriterDone),
+    /// No partial file, and the task's marked file at its target: moved before a crash.
+    Found(files::Found),
+}
+
+/// The outcome of finding the task's file moved into place at `target`.
+fn found_outcome(target: &std::path::Path, found: files::Found) -> Outcome {
+    let error = found.synced.err().map(|e| {
+        dlsession_proto::ErrorInfo::new(
+            ErrorCode::DestinationUnavailable,
+            format!("cannot sync the directory of {}: {e}; the download is kept", target.display()),
+        )
+    });
+    Outcome::FoundInPlace { location: target.to_string_lossy().into_owned(), size: found.size, error }
+}
+
 #[derive(Debug)]
 enum Outcome {
     Uploaded(UploadResponse),
     Moved(String),
-    FoundInPlace { location: String, size: u64 },
+    FoundInPlace { location: String, size: u64, error: Option<dlsession_proto::ErrorInfo> },
     MoveFailed(dlsession_proto::ErrorInfo),
     Failed(Failure),
     Stopped(u64),
@@ -769,7 +777,9 @@ impl Outcome {
         match self {
             Outcome::Uploaded(response) => link.send(WorkerEvent::UploadDone { response }),
             Outcome::Moved(location) => link.send(WorkerEvent::Moved { location }),
-            Outcome::FoundInPlace { location, size } => link.send(WorkerEvent::FoundInPlace { location, size }),
+            Outcome::FoundInPlace { location, size, error } => {
+                link.send(WorkerEvent::FoundInPlace { location, size, error })
+            }
             Outcome::MoveFailed(error) => link.send(WorkerEvent::MoveFailed { error }),
             Outcome::Failed(f) => link.send(WorkerEvent::Failed(f)),
             Outcome::Stopped(offset) => link.send(WorkerEvent::Stopped { offset }),

@@ -39,12 +39,13 @@ pub enum WorkerEvent {
     Moved {
         location: String,
     },
-    /// Before its first attempt after a restart, the task's file was found at its
-    /// destination with its mark: it was moved before the crash, and only the commit is
-    /// missing. `size` bytes; the directory is synced.
+    /// An attempt that found no partial file found the task's file at its destination
+    /// with its mark: it was moved before a crash, and only the commit is missing. `size`
+    /// bytes; the directory is synced unless `error` says why not.
     FoundInPlace {
         location: String,
         size: u64,
+        error: Option<dlsession_proto::ErrorInfo>,
     },
     /// The file is complete (and synced) but could not be put at its destination; it
     /// stays where it is.
