@@ -88,9 +88,10 @@ impl<T> SpeedSized<T> {
 pub struct ReadAllowance(Arc<AtomicU64>);
 
 impl ReadAllowance {
-    /// The next `bytes` read on the connection are a body held whole: read them whole.
+    /// `bytes` more read on the connection are a body held whole: read them whole. Grants
+    /// add up: HTTP/2 streams share their connection's reads.
     pub fn grant(&self, bytes: u64) {
-        self.0.store(bytes, Ordering::Relaxed);
+        let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| Some(left.saturating_add(bytes)));
     }
 
     /// Whether bytes are granted now.
