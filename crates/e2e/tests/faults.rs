@@ -450,9 +450,9 @@ async fn crash_right_after_the_move(env: &TestEnv, dest: &std::path::Path, seed:
 }
 
 /// A small file (held whole, never checkpointed) moved into place just before a crash is
-/// found there by its mark when the task runs again: the new response is dropped, and the
-/// task completes with the file it had moved. (Downloading again could not deliver it: the
-/// resource changed meanwhile, and the old file at the destination would block the move.)
+/// found there by its mark before the task asks the server again, and the task completes
+/// with the file it had moved. (Downloading again could not deliver it: the resource changed
+/// meanwhile, and the old file at the destination would block the move.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_file_moved_before_a_crash_is_found_in_place() {
     let env = TestEnv::new();
@@ -478,7 +478,38 @@ async fn a_small_file_moved_before_a_crash_is_found_in_place() {
     assert_eq!(events.location(task.id()).as_deref(), Some(dest.as_path()));
     let file = events.moved_to(task.id()).unwrap();
     assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(43, len)), "the file it had moved");
-    assert_eq!(s.hits("/f"), 2, "asked once more before it looked at the destination");
+    assert_eq!(s.hits("/f"), 1, "found before asking again");
+}
+
+/// A file others may write (0664 here: an app with umask 002, the default for users on many
+/// systems) carries no mark, since whoever may write it could mark it: its finish is
+/// committed before its move, and a crash right after the move still ends in the
+/// completion without asking the server again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_others_may_write_is_finished_the_committed_way() {
+    let env = TestEnv::new();
+    let mut daemon = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", OsStr::new("finish-after-move"))]);
+    let s = TestServer::start().await.unwrap();
+    let len = 64u64 << 10;
+    s.add("/f", Resource::generated(len, 45));
+    let dest = env.path().join("f.bin");
+    let args = ["get", &s.url("/f"), "-o", dest.to_str().unwrap(), "--session", "t.mode"];
+    let out = env.ctl_with_umask(0o002, &args);
+    assert!(out.status.success(), "{out:?}");
+    // "task ID: URL -> PATH"
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let id: u64 = stdout.split_whitespace().find_map(|w| w.trim_end_matches(':').parse().ok()).expect(&stdout);
+    assert!(!daemon.wait_exit(LONG).success(), "stopped at the failpoint");
+    assert_eq!(dlsession_testkit::host::mode(&dest), 0o664);
+    assert!(!marked(&dest), "no mark on a file others may write");
+    s.add("/f", Resource::generated(len, 46));
+    daemon.set_env(&[]);
+    daemon.restart();
+    let (_session, mut events) = attach(&env, SessionConfiguration::background("t.mode")).await;
+    assert_eq!(events.completion(id, LONG).await, None, "{}", daemon.log());
+    assert_eq!(events.location(id).as_deref(), Some(dest.as_path()));
+    assert_eq!(sha256_file(&events.moved_to(id).unwrap()).unwrap(), to_hex(&pattern_sha256(45, len)));
+    assert_eq!(s.hits("/f"), 1, "not downloaded again");
 }
 
 /// Where a partial file cannot carry a mark (ramfs keeps no user extended attributes), the
@@ -503,6 +534,12 @@ async fn a_copy_to_another_filesystem_is_committed_before_it_starts() {
     dlsession_testkit::require_root();
     let env = TestEnv::new();
     let _mount = Mount::tmpfs(&env.cache_dir, "size=64m,mode=0700");
+    // The partial file must be markable, or this would test the unmarked way instead.
+    let probe = env.cache_dir.join("probe");
+    std::fs::write(&probe, b"").unwrap();
+    rustix::fs::lsetxattr(&probe, "user.probe", b"1", rustix::fs::XattrFlags::empty())
+        .expect("a tmpfs that keeps user extended attributes (Linux 6.6 or later)");
+    std::fs::remove_file(&probe).unwrap();
     let file = crash_right_after_the_move(&env, &env.path().join("f.bin"), 42).await;
     assert!(!marked(&file), "a copy carries no mark");
 }

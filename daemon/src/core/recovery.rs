@@ -93,7 +93,12 @@ impl Core {
             // Its rounds go on where they were (and its replayed event still matches).
             self.seed_auth_rounds(rec.id, c.round);
         }
+        let unfinished = rec.state != TaskState::Completed && rec.upload.is_none();
+        let id = rec.id;
         self.insert_task(rec, host);
+        if let Some(t) = self.tasks.get_mut(&id) {
+            t.restored = unfinished;
+        }
     }
 
     /// The database passed its check (`ids`: every dormant task, for the sweep): the

@@ -132,6 +132,10 @@ pub(super) struct Task {
     pub peer: Option<std::net::IpAddr>,
     /// Waiting for a route to its peer since then (state `Waiting`, no timer).
     pub no_network_since: Option<dlsession_proto::UnixMillis>,
+    /// Read from the database (at start, or dormant until now) and not yet looked at: a
+    /// crash may have cut its finish short after its file was moved, marked, into place;
+    /// its next attempt looks there before anything else (see `engine::files::found_in_place`).
+    pub restored: bool,
     /// The task's own bandwidth limit (`rec.bandwidth_limit`; rate 0 when none), held by its
     /// running download.
     pub limiter: Arc<crate::engine::limiter::RateLimiter>,
@@ -206,6 +210,7 @@ impl Tasks {
             cancelled_by: None,
             peer: None,
             no_network_since: None,
+            restored: false,
             limiter: Arc::new(crate::engine::limiter::RateLimiter::new(bandwidth_limit)),
         };
         self.counts.add(state);

@@ -196,6 +196,9 @@ impl Core {
             .resource_deadline
             .and_then(|d| tokio::time::Instant::now().checked_add(Duration::from_millis(d.saturating_sub(now))));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // A file others may write could carry a mark anyone wrote: such a task's finish is
+        // committed before its move instead (docs/behaviour.md, "Durability").
+        let mark = (t.rec.file_mode & 0o022 == 0).then(|| super::finish::task_mark(&t.rec));
         let job = Job {
             link: WorkerLink::new(self.sink.clone(), id, generation),
             session: s.rec.identifier.clone(),
@@ -218,12 +221,14 @@ impl Core {
             auth: self.auth_headers(id, t.rec.session),
             answers_challenges: self.answers_challenges(t.rec.session),
             client_cert: self.client_identity(t.rec.session),
-            mark: super::finish::task_mark(&t.rec),
-            target: self.finish_of(t).to,
+            look_in_place: (t.restored && mark.is_some()).then(|| self.finish_of(t).to),
+            mark,
         };
         let worker = self.engine.spawn(job);
         let key = t.rec.session;
         if let Some(t) = self.tasks.get_mut(&id) {
+            // The attempt looks first thing.
+            t.restored = false;
             t.rec.attempts += 1;
             // Learnt again from this attempt's response (the network may have changed).
             t.peer = None;

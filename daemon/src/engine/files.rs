@@ -63,6 +63,11 @@ pub fn found_in_place(part: &Path, to: &Path, mark: &str, sha256: Option<[u8; 32
         // Still there (or unknown): not renamed.
         _ => return None,
     }
+    // Never opened unless it looks like a candidate (a device or FIFO is not opened at all).
+    let looked = std::fs::symlink_metadata(to).ok()?;
+    if !looked.is_file() || looked.uid() != rustix::process::geteuid().as_raw() {
+        return None;
+    }
     // One descriptor for every check: the name cannot be swapped between them.
     let file =
         std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(to).ok()?;

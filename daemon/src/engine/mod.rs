@@ -94,11 +94,12 @@ pub struct Job {
     pub answers_challenges: bool,
     /// The session's client certificate (or why it cannot be read).
     pub client_cert: Option<http::CertState>,
-    /// The task's mark, set on its finished file (see `files::MARK`).
-    pub mark: String,
-    /// Where the finished file goes: an attempt without a partial file looks there first
-    /// for the task's marked file (`files::found_in_place`).
-    pub target: PathBuf,
+    /// The task's mark, set on its finished file (see `files::MARK`); `None`: the file's
+    /// mode lets others write it, so its finish is committed before its move.
+    pub mark: Option<String>,
+    /// The first attempt of a task read from the database: where its finished file goes,
+    /// to look for it there (moved before a crash) before anything else.
+    pub look_in_place: Option<PathBuf>,
 }
 
 /// What an upload attempt sends. `Debug` never shows the upload resource's URL.
@@ -332,6 +333,11 @@ impl Engine {
     }
 
     async fn download(&self, mut job: Job) -> Outcome {
+        if let Some(to) = job.look_in_place.take()
+            && let Some(found) = self.look_in_place(&job, &to).await
+        {
+            return found_outcome(&to, found);
+        }
         let resumable = job.offset > 0 && can_resume(job.etag.as_deref(), job.last_modified.as_deref());
         let want = if resumable { job.offset } else { 0 };
         let hash = job.expected_sha256.is_some();
@@ -343,16 +349,8 @@ impl Engine {
         } else {
             let mode = job.file_mode;
             let progress = job.progress.clone();
-            let (target, mark, sha256) = (job.target.clone(), job.mark.clone(), job.expected_sha256);
-            let prepared =
-                tokio::task::spawn_blocking(move || match files::found_in_place(&path, &target, &mark, sha256) {
-                    Some(found) => Ok(Written::Found(found)),
-                    None => writer::prepare(&path, want, hash, mode, &progress).map(Written::Prepared),
-                });
-            match prepared.await {
-                Ok(Ok(Written::Found(found))) => return found_outcome(&job.target, found),
-                Ok(Ok(Written::Prepared(p))) => Some(p),
-                Ok(Ok(Written::Done(_))) => None,
+            match tokio::task::spawn_blocking(move || writer::prepare(&path, want, hash, mode, &progress)).await {
+                Ok(Ok(p)) => Some(p),
                 Ok(Err(e)) => return Outcome::Failed(file_failure(&e, "preparing the partial file")),
                 Err(e) => return Outcome::Failed(Failure::transient(ErrorCode::Internal, format!("worker: {e}"))),
             }
@@ -433,21 +431,15 @@ impl Engine {
         let path = job.part_path.clone();
         let mode = job.file_mode;
         let progress = job.progress.clone();
-        let (mark, target, sha256) = (job.mark.clone(), job.target.clone(), job.expected_sha256);
+        let mark = job.mark.clone();
         let start_writer = move || {
             tokio::task::spawn_blocking(move || {
                 let prepared = match prepared {
                     Some(p) => p,
-                    None => {
-                        if let Some(found) = files::found_in_place(&path, &target, &mark, sha256) {
-                            return Ok(Written::Found(found));
-                        }
-                        writer::prepare(&path, 0, hash, mode, &progress)
-                            .map_err(|e| (e, "preparing the partial file"))?
-                    }
+                    None => writer::prepare(&path, 0, hash, mode, &progress)
+                        .map_err(|e| (e, "preparing the partial file"))?,
                 };
-                writer::run(prepared, &path, policy, link, rx, Some(&mark))
-                    .map(Written::Done)
+                writer::run(prepared, &path, policy, link, rx, mark.as_deref())
                     .map_err(|e| (e, "writing the partial file"))
             })
         };
@@ -492,12 +484,7 @@ impl Engine {
         let _ = tx.send(last).await;
         drop(tx);
         let done = match writer.await {
-            Ok(Ok(Written::Done(done))) => done,
-            // Moved before a crash: the response is not needed.
-            Ok(Ok(Written::Found(found))) => return found_outcome(&job.target, found),
-            Ok(Ok(Written::Prepared(_))) => {
-                return Outcome::Failed(Failure::transient(ErrorCode::Internal, "the file writer stopped early"));
-            }
+            Ok(Ok(done)) => done,
             Ok(Err((e, what))) => return Outcome::Failed(file_failure(&e, what)),
             Err(e) => return Outcome::Failed(Failure::transient(ErrorCode::Internal, format!("writer: {e}"))),
         };
@@ -554,6 +541,15 @@ impl Engine {
                 Err(e) => Outcome::MoveFailed(move_error(&e)),
             };
         }
+    }
+
+    /// Before the first attempt of a task read from the database: its file moved into
+    /// place before a crash cut its finish short (`files::found_in_place`). Not stopped by
+    /// a stop request: it is short, and its answer is needed whatever comes next.
+    async fn look_in_place(&self, job: &Job, to: &std::path::Path) -> Option<files::Found> {
+        let mark = job.mark.clone()?;
+        let (part, to, sha256) = (job.part_path.clone(), to.to_path_buf(), job.expected_sha256);
+        tokio::task::spawn_blocking(move || files::found_in_place(&part, &to, &mark, sha256)).await.ok().flatten()
     }
 
     /// Reads the body into `tx`. With `hold` (a small body, see SMALL_BODY) nothing is sent
@@ -738,16 +734,6 @@ const PACED_SLICE: usize = 16 << 10;
 fn paced_slice(limiters: &[Arc<RateLimiter>]) -> Option<usize> {
     let lowest = limiters.iter().filter_map(|l| l.rate()).min()?;
     Some(usize::try_from(lowest / 4).unwrap_or(PACED_SLICE).clamp(256, PACED_SLICE))
-}
-
-/// What a writer's blocking thread ended with.
-#[derive(Debug)]
-enum Written {
-    /// The partial file, ready (a resumed download prepares it before its request).
-    Prepared(writer::Prepared),
-    Done(writer::WriterDone),
-    /// No partial file, and the task's marked file at its target: moved before a crash.
-    Found(files::Found),
 }
 
 /// The outcome of finding the task's file moved into place at `target`.
