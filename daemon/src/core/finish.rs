@@ -25,8 +25,8 @@ impl Core {
         reply: tokio::sync::oneshot::Sender<FinishPlan>,
     ) {
         self.flush_progress(id);
-        let cache_location = match self.tasks.get(&id) {
-            Some(t) => self.cache_location(&t.rec),
+        let (to, overwrite) = match self.tasks.get(&id) {
+            Some(t) => self.target_of(&t.rec),
             None => return,
         };
         let Some(t) = self.tasks.get_mut(&id) else { return };
@@ -53,10 +53,6 @@ impl Core {
         t.rec.phase = Phase::Finishing;
         t.rec.committed_offset = size;
         t.rec.bytes_expected = Some(size);
-        let (to, overwrite) = match &t.rec.destination {
-            Some(dest) => (dest.into(), t.rec.overwrite),
-            None => (cache_location, true),
-        };
         // The phase is `finishing` in memory from here (no stop, no stall check, no network
         // handling touches the task); a commit of it is the unmarked protocol's.
         if marked {
@@ -130,12 +126,18 @@ impl Core {
         self.hold_for_move(id, error);
     }
 
+    /// Where a task's finished file goes (its destination, else its cache file), and
+    /// whether it may replace a file there.
+    pub(super) fn target_of(&self, rec: &crate::model::TaskRecord) -> (std::path::PathBuf, bool) {
+        match &rec.destination {
+            Some(d) => (d.into(), rec.overwrite),
+            None => (self.cache_location(rec), true),
+        }
+    }
+
     /// Where a task's finished file goes, and how.
     pub(super) fn finish_of(&self, t: &Task) -> crate::engine::files::Finish {
-        let (to, overwrite) = match &t.rec.destination {
-            Some(d) => (d.into(), t.rec.overwrite),
-            None => (self.cache_location(&t.rec), true),
-        };
+        let (to, overwrite) = self.target_of(&t.rec);
         crate::engine::files::Finish {
             from: self.part_path(&t.rec),
             to,

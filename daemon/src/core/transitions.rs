@@ -221,7 +221,7 @@ impl Core {
             auth: self.auth_headers(id, t.rec.session),
             answers_challenges: self.answers_challenges(t.rec.session),
             client_cert: self.client_identity(t.rec.session),
-            look_in_place: (t.restored && mark.is_some()).then(|| self.finish_of(t).to),
+            look_in_place: (t.restored && mark.is_some()).then(|| self.target_of(&t.rec).0),
             mark,
         };
         let worker = self.engine.spawn(job);

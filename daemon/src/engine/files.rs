@@ -63,17 +63,17 @@ pub fn found_in_place(part: &Path, to: &Path, mark: &str, sha256: Option<[u8; 32
         // Still there (or unknown): not renamed.
         _ => return None,
     }
+    let euid = rustix::process::geteuid().as_raw();
     // Never opened unless it looks like a candidate (a device or FIFO is not opened at all).
     let looked = std::fs::symlink_metadata(to).ok()?;
-    if !looked.is_file() || looked.uid() != rustix::process::geteuid().as_raw() {
+    if !looked.is_file() || looked.uid() != euid {
         return None;
     }
     // One descriptor for every check: the name cannot be swapped between them.
-    let file =
+    let mut file =
         std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(to).ok()?;
     let meta = file.metadata().ok()?;
-    let ours = meta.uid() == rustix::process::geteuid().as_raw();
-    if !meta.is_file() || !ours || meta.mode() & 0o022 != 0 || meta.nlink() != 1 {
+    if !meta.is_file() || meta.uid() != euid || meta.mode() & 0o022 != 0 || meta.nlink() != 1 {
         return None;
     }
     let mut buf = [0u8; 128];
@@ -83,15 +83,12 @@ pub fn found_in_place(part: &Path, to: &Path, mark: &str, sha256: Option<[u8; 32
     }
     if let Some(expected) = sha256 {
         use sha2::Digest as _;
-        use std::io::Read as _;
         let mut hasher = sha2::Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            match (&file).read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => hasher.update(buf.get(..n)?),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return None,
+            match read_full(&mut file, &mut buf).ok()? {
+                0 => break,
+                n => hasher.update(buf.get(..n)?),
             }
         }
         if <[u8; 32]>::from(hasher.finalize()) != expected {
@@ -210,9 +207,8 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
 /// filesystems the data is copied to a temporary file beside `to`, synced, and renamed
 /// (showing signs of life in `progress` as it goes).
 pub fn move_into_place(job: &Finish) -> Result<(), MoveError> {
-    match rename_into_place(&job.from, &job.to, job.overwrite, dir_mode(job.mode))? {
+    match rename_into_place(job)? {
         Renamed::Here => sync_parent(&job.to).map_err(|source| MoveError::Io { path: job.to.clone(), source }),
-        Renamed::OtherFilesystem if !job.recorded => Err(MoveError::Unrecorded(job.to.clone())),
         Renamed::OtherFilesystem => move_across(job),
     }
 }
@@ -227,23 +223,29 @@ fn dir_mode(mode: u32) -> u32 {
 enum Renamed {
     /// `to` names the file now; its directory is not synced yet.
     Here,
-    /// `to` is on another filesystem: nothing was done (see `move_across`).
+    /// `to` is on another filesystem: nothing was done (see `move_across`). Only for a
+    /// recorded finish: an unrecorded one gets [`MoveError::Unrecorded`].
     OtherFilesystem,
 }
 
 /// The rename step of `move_into_place`, creating `to`'s missing directories (`dir_mode`).
-fn rename_into_place(from: &Path, to: &Path, overwrite: bool, dir_mode: u32) -> Result<Renamed, MoveError> {
+fn rename_into_place(job: &Finish) -> Result<Renamed, MoveError> {
+    let (from, to, overwrite) = (job.from.as_path(), job.to.as_path(), job.overwrite);
     let io_err = |source: io::Error| MoveError::Io { path: to.to_path_buf(), source };
     let mut renamed = rename(from, to, overwrite);
     if renamed.as_ref().is_err_and(|e| e.kind() == io::ErrorKind::NotFound) && from.exists() {
         // The destination's directory is missing: create it (only then) and try again.
         if let Some(dir) = to.parent() {
-            create_dirs_durably(dir, dir_mode).map_err(io_err)?;
+            create_dirs_durably(dir, dir_mode(job.mode)).map_err(io_err)?;
         }
         renamed = rename(from, to, overwrite);
     }
     match renamed {
         Ok(()) => Ok(Renamed::Here),
+        // A copy would not carry the mark that proves an unrecorded finish.
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error()) && !job.recorded => {
+            Err(MoveError::Unrecorded(to.to_path_buf()))
+        }
         Err(e) if e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error()) => Ok(Renamed::OtherFilesystem),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(MoveError::Exists(to.to_path_buf())),
         Err(e) => Err(io_err(e)),
@@ -415,12 +417,8 @@ fn move_batch(first: MoveJob, rx: &std::sync::mpsc::Receiver<MoveJob>) {
             continue;
         }
         crate::failpoint::hit("finish-before-move");
-        let f = &job.finish;
-        match rename_into_place(&f.from, &f.to, f.overwrite, dir_mode(f.mode)) {
+        match rename_into_place(&job.finish) {
             Ok(Renamed::Here) => renamed.push(job),
-            Ok(Renamed::OtherFilesystem) if !f.recorded => {
-                let _ = job.reply.send(Err(MoveError::Unrecorded(f.to.clone())));
-            }
             Ok(Renamed::OtherFilesystem) => {
                 let copy = |job: MoveJob| {
                     let _ = job.reply.send(after_move(move_across(&job.finish)));
