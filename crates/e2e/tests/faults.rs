@@ -421,32 +421,60 @@ fn marked(path: &std::path::Path) -> bool {
     rustix::fs::lgetxattr(path, "user.dlsessiond.task", &mut buf[..]).is_ok_and(|n| n > 0)
 }
 
+/// Starts a daemon that stops (aborts) at `failpoint`, has it download `resource` (served at
+/// `/f`) to `dest` in session `session`, and waits until it has stopped. Returns the
+/// stopped daemon, the server and the task's id.
+async fn download_until_the_failpoint(
+    env: &TestEnv,
+    failpoint: &str,
+    resource: Resource,
+    session: &str,
+    dest: &std::path::Path,
+) -> (TestDaemon, TestServer, u64) {
+    let mut daemon = TestDaemon::start_with_env(env, &[("DLSESSIOND_FAILPOINT", OsStr::new(failpoint))]);
+    let s = TestServer::start().await.unwrap();
+    s.add("/f", resource);
+    let (app, _events) = attach(env, SessionConfiguration::background(session)).await;
+    let task =
+        app.download_tasks(vec![DownloadRequest::new(s.url("/f")).destination(dest)], true).await.unwrap().remove(0);
+    assert!(!daemon.wait_exit(LONG).success(), "stopped at the failpoint");
+    (daemon, s, task.id())
+}
+
+/// Restarts `daemon` (stopped right after a move) without its failpoint: `task` of
+/// `session` completes at `dest` with the file of `seed` (`len` bytes) it had moved,
+/// without asking the server again. Returns the file the app took.
+#[allow(clippy::too_many_arguments)]
+async fn restart_and_expect_the_moved_file(
+    env: &TestEnv,
+    daemon: &mut TestDaemon,
+    s: &TestServer,
+    session: &str,
+    task: u64,
+    dest: &std::path::Path,
+    seed: u64,
+    len: u64,
+) -> std::path::PathBuf {
+    daemon.set_env(&[]);
+    daemon.restart();
+    let (_session, mut events) = attach(env, SessionConfiguration::background(session)).await;
+    assert_eq!(events.completion(task, LONG).await, None, "{}", daemon.log());
+    assert_eq!(events.location(task).as_deref(), Some(dest));
+    // The app took the file (renamed it) in its callback.
+    let file = events.moved_to(task).unwrap();
+    assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(seed, len)), "the file it had moved");
+    assert_eq!(s.hits("/f"), 1, "not downloaded again:\n{}", daemon.log());
+    file
+}
+
 /// Downloads 1 MiB to `dest` with the daemon stopping (abort) right after the move, then
 /// restarts it: the task completes at `dest` without a second request. Returns the file.
 async fn crash_right_after_the_move(env: &TestEnv, dest: &std::path::Path, seed: u64) -> std::path::PathBuf {
-    let mut daemon = TestDaemon::start_with_env(env, &[("DLSESSIOND_FAILPOINT", OsStr::new("finish-after-move"))]);
-    let s = TestServer::start().await.unwrap();
     let len = 1u64 << 20;
-    s.add("/f", Resource::generated(len, seed));
-    let (session, _events) = attach(env, SessionConfiguration::background("t.moved")).await;
-    let task = session
-        .download_tasks(vec![DownloadRequest::new(s.url("/f")).destination(dest)], true)
-        .await
-        .unwrap()
-        .remove(0);
-    assert!(!daemon.wait_exit(LONG).success(), "stopped at the failpoint");
-    drop(session);
+    let resource = Resource::generated(len, seed);
+    let (mut daemon, s, task) = download_until_the_failpoint(env, "finish-after-move", resource, "t.moved", dest).await;
     assert_eq!(s.hits("/f"), 1);
-    daemon.set_env(&[]);
-    daemon.restart();
-    let (_session, mut events) = attach(env, SessionConfiguration::background("t.moved")).await;
-    assert_eq!(events.completion(task.id(), LONG).await, None);
-    assert_eq!(events.location(task.id()).as_deref(), Some(dest));
-    // The app took the file (renamed it) in its callback.
-    let file = events.moved_to(task.id()).unwrap();
-    assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(seed, len)));
-    assert_eq!(s.hits("/f"), 1, "not downloaded again:\n{}", daemon.log());
-    file
+    restart_and_expect_the_moved_file(env, &mut daemon, &s, "t.moved", task, dest, seed, len).await
 }
 
 /// A small file (held whole, never checkpointed) moved into place just before a crash is
@@ -456,29 +484,14 @@ async fn crash_right_after_the_move(env: &TestEnv, dest: &std::path::Path, seed:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_file_moved_before_a_crash_is_found_in_place() {
     let env = TestEnv::new();
-    let mut daemon = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", OsStr::new("finish-after-move"))]);
-    let s = TestServer::start().await.unwrap();
     let len = 64u64 << 10;
-    s.add("/f", Resource::generated(len, 43));
     let dest = env.path().join("f.bin");
-    let (session, _events) = attach(&env, SessionConfiguration::background("t.found")).await;
-    let task = session
-        .download_tasks(vec![DownloadRequest::new(s.url("/f")).destination(&dest)], true)
-        .await
-        .unwrap()
-        .remove(0);
-    assert!(!daemon.wait_exit(LONG).success(), "stopped at the failpoint");
-    drop(session);
+    let resource = Resource::generated(len, 43);
+    let (mut daemon, s, task) =
+        download_until_the_failpoint(&env, "finish-after-move", resource, "t.found", &dest).await;
     assert!(marked(&dest), "moved, with its mark");
     s.add("/f", Resource::generated(len, 44));
-    daemon.set_env(&[]);
-    daemon.restart();
-    let (_session, mut events) = attach(&env, SessionConfiguration::background("t.found")).await;
-    assert_eq!(events.completion(task.id(), LONG).await, None, "{}", daemon.log());
-    assert_eq!(events.location(task.id()).as_deref(), Some(dest.as_path()));
-    let file = events.moved_to(task.id()).unwrap();
-    assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(43, len)), "the file it had moved");
-    assert_eq!(s.hits("/f"), 1, "found before asking again");
+    restart_and_expect_the_moved_file(&env, &mut daemon, &s, "t.found", task, &dest, 43, len).await;
 }
 
 /// A file others may write (0664 here: an app with umask 002, the default for users on many
@@ -503,13 +516,7 @@ async fn a_file_others_may_write_is_finished_the_committed_way() {
     assert_eq!(dlsession_testkit::host::mode(&dest), 0o664);
     assert!(!marked(&dest), "no mark on a file others may write");
     s.add("/f", Resource::generated(len, 46));
-    daemon.set_env(&[]);
-    daemon.restart();
-    let (_session, mut events) = attach(&env, SessionConfiguration::background("t.mode")).await;
-    assert_eq!(events.completion(id, LONG).await, None, "{}", daemon.log());
-    assert_eq!(events.location(id).as_deref(), Some(dest.as_path()));
-    assert_eq!(sha256_file(&events.moved_to(id).unwrap()).unwrap(), to_hex(&pattern_sha256(45, len)));
-    assert_eq!(s.hits("/f"), 1, "not downloaded again");
+    restart_and_expect_the_moved_file(&env, &mut daemon, &s, "t.mode", id, &dest, 45, len).await;
 }
 
 /// Where a partial file cannot carry a mark (ramfs keeps no user extended attributes), the
