@@ -136,6 +136,27 @@ const PARTIAL_MODE: u32 = 0o600;
 /// 16 downloads creating files in one directory, every path lookup waits on the others'
 /// creates and renames, and a fresh download needs only the open.
 fn open_fresh(path: &Path) -> std::io::Result<File> {
+    // The usual case, a name nothing holds: created here (`O_EXCL` neither follows nor
+    // reuses anything), so it is a regular file of mode 0600 with no stat or chmod to
+    // check it: two system calls fewer per file of a small-files batch.
+    if umask_keeps(PARTIAL_MODE) {
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(PARTIAL_MODE)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(path)
+        {
+            Ok(file) => {
+                #[cfg(test)]
+                CREATED_HERE.with(|n| n.set(n.get() + 1));
+                return Ok(file);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
     let open = || {
         std::fs::OpenOptions::new()
             .read(true)
@@ -160,6 +181,25 @@ fn open_fresh(path: &Path) -> std::io::Result<File> {
     // An explicit mode: the file may be left over from an attempt of another mode.
     file.set_permissions(std::fs::Permissions::from_mode(PARTIAL_MODE))?;
     Ok(file)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Partial files `open_fresh` created with one `open` on this thread.
+    static CREATED_HERE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether the process umask leaves `mode` whole, so a file created with it has it. The
+/// daemon never changes its umask (0077 under its systemd unit), so it is read once, from
+/// /proc; unknown counts as no (every new file is then set explicitly).
+fn umask_keeps(mode: u32) -> bool {
+    static UMASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    let umask = UMASK.get_or_init(|| {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let value = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+        u32::from_str_radix(value.trim(), 8).ok()
+    });
+    umask.is_some_and(|u| u & mode == 0)
 }
 
 fn not_regular(path: &Path) -> std::io::Error {
@@ -734,13 +774,18 @@ mod tests {
         let part = dir.path().join("s/1.part");
         std::fs::create_dir_all(part.parent().unwrap()).unwrap();
         std::fs::write(&part, b"left over from an attempt that never checkpointed").unwrap();
+        let created = CREATED_HERE.with(std::cell::Cell::get);
         let p = prepare(&part, 0, true, 0o644, &Progress::default()).unwrap();
         assert_eq!(p.offset, 0);
         assert_eq!(std::fs::metadata(&part).unwrap().len(), 0);
         assert!(p.hasher.is_some());
-        // A missing session directory is created.
+        assert_eq!(CREATED_HERE.with(std::cell::Cell::get), created, "an existing file takes the checked way");
+        // A missing session directory is created; a new file takes one open (the test's
+        // umask, like the daemon's, leaves 0600 alone).
+        assert!(umask_keeps(0o600));
         let p = prepare(&dir.path().join("new/2.part"), 0, false, 0o644, &Progress::default()).unwrap();
         assert!(p.hasher.is_none());
+        assert_eq!(CREATED_HERE.with(std::cell::Cell::get), created + 1, "created with one open");
     }
 
     /// Hashing a resumed file again shows signs of life, and partial files are private
