@@ -3,7 +3,7 @@
 //! per second against curl and the copy.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
@@ -35,16 +35,21 @@ fn check_all(dir: &Path, files: &[Served]) -> Result<()> {
 pub async fn run(ctx: &Ctx, data: &mut Data) -> Result<Outcome> {
     let mut outcome = Outcome::default();
     let small = data.small(ctx)?;
-    one_set(ctx, &small, "small", true, &mut outcome).await?;
+    let small_out = one_set(ctx, &small, "small", true, &mut outcome).await?;
     // Issue 20: the tiny files reported beside them, against curl -Z and the floor.
     let tiny = data.tiny(ctx)?;
-    one_set(ctx, &tiny, "tiny", false, &mut outcome).await?;
+    let tiny_out = one_set(ctx, &tiny, "tiny", false, &mut outcome).await?;
+    // Only now: deleting the first set's files before the second set ran made its first
+    // runs pay for them (see `one_set`).
+    remove(&small_out)?;
+    remove(&tiny_out)?;
     Ok(outcome)
 }
 
 /// Runs the contenders on one set of files (under nginx's `/SUBDIR/`); `full`: with aria2c
-/// and the targets, else files per second only.
-async fn one_set(ctx: &Ctx, files: &[Served], subdir: &str, full: bool, outcome: &mut Outcome) -> Result<()> {
+/// and the targets, else files per second only. Returns the directory of every run's
+/// files, for the caller to remove once no run follows.
+async fn one_set(ctx: &Ctx, files: &[Served], subdir: &str, full: bool, outcome: &mut Outcome) -> Result<PathBuf> {
     let n = files.len();
     let env = BenchEnv::new(&ctx.work, NAME, "")?;
     let daemon = Daemon::start(&ctx.daemon_bin, &env).await?;
@@ -115,9 +120,10 @@ async fn one_set(ctx: &Ctx, files: &[Served], subdir: &str, full: bool, outcome:
     for r in 0..ctx.runs {
         for i in super::data::rotation(contenders.len(), r) {
             let Some((name, make, is_daemon)) = contenders.get(i) else { continue };
-            // A fresh directory per run, all removed only when the workload ends: ext4 skips
-            // recently deleted inodes when it allocates new ones, so deleting 1,000 files
-            // between runs would make every later run slower than the one before.
+            // A fresh directory per run, all removed only when the workload ends: ext4
+            // without a journal (`/tmp` here) skips inodes freed in the last minute (several
+            // while their inode table block is unwritten) when it allocates new ones, so
+            // deleting 1,000 files between runs would make every later run slower.
             let dir = out.join(format!("c{i}-r{r}"));
             std::fs::create_dir_all(&dir)?;
             let cmd = make(&dir);
@@ -140,7 +146,6 @@ async fn one_set(ctx: &Ctx, files: &[Served], subdir: &str, full: bool, outcome:
         }
     }
 
-    remove(&out)?;
     let stat = |i: usize, f: &dyn Fn(&Sample) -> f64| -> Option<Summary> {
         Summary::of(&samples.get(i)?.iter().map(f).collect::<Vec<_>>())
     };
@@ -191,9 +196,10 @@ async fn one_set(ctx: &Ctx, files: &[Served], subdir: &str, full: bool, outcome:
          no HTTP, no database, no IPC, just the same bytes copied from nginx's directory the way the daemon lands \
          a finished file (write a partial file, `fdatasync`, rename into place, `fsync` the directory), 16 \
          files at a time; it is what per-file durability alone costs on this machine. Every file's SHA-256 is checked after each run and `sync` runs \
-         between runs; the contenders' order changes every run. Each run writes into a new directory and all outputs are deleted only at the end: on \
-         ext4, deleting 1,000 files between runs made every following run of every tool slower (new inodes \
-         skip recently deleted ones: `recently_deleted`/`find_inode_bit` dominated a kernel profile).{}\n",
+         between runs; the contenders' order changes every run. Each run writes into a new directory, and the outputs of both sets are deleted only after the last \
+         run of the second: on ext4 without a journal, deleting 1,000 files made every following run of every tool slower \
+         (new inodes skip those freed in the last minute, several while their inode table block is unwritten: \
+         `recently_deleted`/`find_inode_bit` dominated a kernel profile).{}\n",
         if full { "" } else { " For this set, files per second only, and no aria2c (it takes ten times as long)." }
     );
     let _ = writeln!(
@@ -216,5 +222,5 @@ async fn one_set(ctx: &Ctx, files: &[Served], subdir: &str, full: bool, outcome:
         );
     }
     let _ = writeln!(outcome.details);
-    Ok(())
+    Ok(out)
 }
