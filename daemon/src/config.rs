@@ -100,24 +100,29 @@ pub enum ConfigError {
     Invalid { key: &'static str, message: String },
 }
 
-/// Threads for short blocking file work (preparing partial files, moves of finished ones,
-/// destination checks), beyond the one each running download's writer holds for its
-/// whole transfer; more such work waits for one (the disk is the bottleneck then anyway).
+/// The runtime's blocking threads, for short file work (preparing resumed partial files,
+/// moves of finished ones, destination checks); more such work waits for one (the disk is
+/// the bottleneck then anyway). Download writers have threads of their own
+/// (`writer_threads`).
 pub const FILE_WORK_THREADS: usize = 64;
 
+/// Writer threads beyond one per running download: a download's slot goes to the next task
+/// once its body is in, while its writer still makes its last writes and syncs.
+pub const FINISHING_WRITERS: usize = 32;
+
 impl Limits {
-    /// The blocking threads the runtime may have: every download's writer at once, plus
-    /// [`FILE_WORK_THREADS`]. (Fewer, and a download past the cap would not be written
-    /// until another ended.)
-    pub fn blocking_threads(&self) -> usize {
-        (self.max_concurrent_downloads as usize).saturating_add(FILE_WORK_THREADS)
+    /// The writer threads the engine may have: every running download's writer at once,
+    /// plus [`FINISHING_WRITERS`]. (Fewer, and a download past the cap would not be written
+    /// until another ended; past it, a writer waits for the first one done.)
+    pub fn writer_threads(&self) -> usize {
+        (self.max_concurrent_downloads as usize).saturating_add(FINISHING_WRITERS)
     }
 }
-/// Descriptors kept for everything but downloads and clients: the database and its
-/// journal, the listening socket, the netlink and D-Bus sockets, launch logs, standard
-/// streams (64), and two for each thread of file work (a move across file systems opens
-/// both ends).
-const RESERVED_DESCRIPTORS: u64 = 64 + 2 * FILE_WORK_THREADS as u64;
+/// Descriptors kept for everything but running downloads and clients: the database and
+/// its journal, the listening socket, the netlink and D-Bus sockets, launch logs, standard
+/// streams (64); two for each thread of file work (a move across file systems opens both
+/// ends); and a finishing writer's three (as a running download's, less its connection).
+const RESERVED_DESCRIPTORS: u64 = 64 + 2 * FILE_WORK_THREADS as u64 + 3 * FINISHING_WRITERS as u64;
 /// Descriptors one running download may hold at once: its connection, its partial file,
 /// the file's duplicate for the sync thread, and the `O_DIRECT` one for large bodies.
 pub const DESCRIPTORS_PER_DOWNLOAD: u64 = 4;
@@ -353,12 +358,12 @@ mod tests {
         assert_eq!(l.fit_descriptors(524_288), None, "the defaults fit a usual hard limit");
         let mut l2 = Limits::for_tests(10_000, 512);
         let said = l2.fit_descriptors(1024).unwrap();
-        assert_eq!((l2.max_connections, l2.max_concurrent_downloads), (416, 104), "{said}");
+        assert_eq!((l2.max_connections, l2.max_concurrent_downloads), (368, 92), "{said}");
         let used = RESERVED_DESCRIPTORS
             + u64::from(l2.max_connections)
             + u64::from(l2.max_concurrent_downloads) * DESCRIPTORS_PER_DOWNLOAD;
         assert!(used <= 1024, "{used}");
-        assert!(said.contains("max_concurrent_downloads 10000 → 104"), "{said}");
+        assert!(said.contains("max_concurrent_downloads 10000 → 92"), "{said}");
         // Absurdly few: one of each still, rather than nothing at all.
         l.fit_descriptors(10);
         assert_eq!((l.max_connections, l.max_concurrent_downloads), (1, 1));

@@ -84,6 +84,7 @@ pub async fn run(
                 max_redirects: cfg.limits.max_redirects,
                 checkpoint_bytes: cfg.timing.checkpoint_bytes,
                 checkpoint_interval: cfg.timing.checkpoint_interval,
+                writer_threads: cfg.limits.writer_threads(),
             },
         )
         .map_err(|e| DaemonError::Fatal(format!("cannot start the file mover thread: {e}")))?,
@@ -318,10 +319,10 @@ fn start(args: Args) -> Result<(), DaemonError> {
         .thread_name("dlsessiond")
         // An idle daemon is never woken (BENCHMARKS.md, "many-tasks"): a blocking thread
         // that retires after tokio's default 10 s is a timer firing after every burst of
-        // file work. Parked threads cost no CPU and a few pages each; at most one per
-        // download plus a few for file work.
+        // file work. Parked threads cost no CPU and a few pages each. Download writers run
+        // on the engine's own threads (`engine::threads`), not here.
         .thread_keep_alive(BLOCKING_KEEP_ALIVE)
-        .max_blocking_threads(cfg.limits.blocking_threads())
+        .max_blocking_threads(config::FILE_WORK_THREADS)
         .build()
         .map_err(DaemonError::Runtime)?;
     runtime.block_on(async {

@@ -181,10 +181,11 @@ fn an_existing_socket_directory_keeps_its_mode() {
 fn limits_follow_the_descriptors_there_are() {
     // A hard limit above the soft one, within what this process may set.
     let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum.unwrap_or(8192).min(8192);
-    let raised = (hard - 192 - 512.min((hard - 192) / 2)) / 4;
-    assert!(raised > 104, "the hard limit {hard} is too low for this test");
+    // 288 kept for the database, sockets, file work and finishing writers.
+    let raised = (hard - 288 - 512.min((hard - 288) / 2)) / 4;
+    assert!(raised > 92, "the hard limit {hard} is too low for this test");
     let second = format!("1024:{hard}");
-    for (nofile, expected) in [("1024:1024", 104), (second.as_str(), raised)] {
+    for (nofile, expected) in [("1024:1024", 92), (second.as_str(), raised)] {
         let env = TestEnv::new();
         env.set_config("max_concurrent_downloads", "10000");
         let mut child = env
@@ -212,7 +213,7 @@ fn limits_follow_the_descriptors_there_are() {
         let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(status["max_concurrent_downloads"], expected, "nofile {nofile}: {status}");
         let log = std::fs::read_to_string(env.path().join("daemon.log")).unwrap();
-        let said = log.contains("1024 descriptors allowed (RLIMIT_NOFILE): max_connections 512 → 416");
-        assert_eq!(said, expected == 104, "nofile {nofile}: {log}");
+        let said = log.contains("1024 descriptors allowed (RLIMIT_NOFILE): max_connections 512 → 368");
+        assert_eq!(said, expected == 92, "nofile {nofile}: {log}");
     }
 }

@@ -19,6 +19,7 @@ pub mod progress;
 pub mod proxy;
 pub mod reads;
 mod report;
+mod threads;
 pub mod upload;
 pub mod writer;
 
@@ -170,6 +171,8 @@ pub struct EngineSettings {
     pub max_redirects: u32,
     pub checkpoint_bytes: u64,
     pub checkpoint_interval: Duration,
+    /// Most download writers running at once (see `threads`).
+    pub writer_threads: usize,
 }
 
 /// The shared HTTP clients and settings. Cheap to share behind an `Arc`.
@@ -187,6 +190,7 @@ pub struct Engine {
     by_route: std::sync::Mutex<std::collections::HashMap<RouteKey, Route>>,
     settings: EngineSettings,
     mover: files::Mover,
+    writers: threads::WriterThreads,
 }
 
 const USER_AGENT: &str = concat!("dlsessiond/", env!("CARGO_PKG_VERSION"));
@@ -207,6 +211,7 @@ impl Engine {
             factory,
             proxies,
             by_route: std::sync::Mutex::default(),
+            writers: threads::WriterThreads::new(settings.writer_threads),
             settings,
             mover: files::Mover::start()?,
         })
@@ -294,7 +299,7 @@ impl Engine {
                     Ok(outcome) => outcome,
                     Err(panic) => Outcome::Failed(Failure::transient(
                         ErrorCode::Internal,
-                        format!("the download worker failed: {}", panic_message(panic.as_ref())),
+                        format!("the download worker failed: {}", threads::panic_message(panic.as_ref())),
                     )),
                 };
                 debug!(?outcome, "worker finished");
@@ -433,7 +438,12 @@ impl Engine {
         let progress = job.progress.clone();
         let mark = job.mark.clone();
         let start_writer = move || {
-            tokio::task::spawn_blocking(move || {
+            self.writers.run(move || {
+                // A writer that waited for a thread may start after its attempt was given
+                // up: it must not empty a partial file a newer attempt is writing.
+                if link.is_abandoned() {
+                    return Err((writer::abandoned(), "starting the writer"));
+                }
                 let prepared = match prepared {
                     Some(p) => p,
                     None => writer::prepare(&path, 0, hash, mode, &progress)
@@ -486,7 +496,7 @@ impl Engine {
         let done = match writer.await {
             Ok(Ok(done)) => done,
             Ok(Err((e, what))) => return Outcome::Failed(file_failure(&e, what)),
-            Err(e) => return Outcome::Failed(Failure::transient(ErrorCode::Internal, format!("writer: {e}"))),
+            Err(e) => return Outcome::Failed(Failure::transient(ErrorCode::Internal, e)),
         };
         match ended {
             BodyEnd::Complete => {}
@@ -793,17 +803,6 @@ fn move_error(e: &files::MoveError) -> dlsession_proto::ErrorInfo {
         e => format!("{e}; the download is kept"),
     };
     dlsession_proto::ErrorInfo::new(ErrorCode::DestinationUnavailable, message)
-}
-
-/// The text of a panic payload.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "a panic".into()
-    }
 }
 
 enum BodyEnd {

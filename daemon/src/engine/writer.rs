@@ -349,7 +349,7 @@ pub fn run(
     }
 }
 
-fn abandoned() -> std::io::Error {
+pub(super) fn abandoned() -> std::io::Error {
     std::io::Error::other("the attempt was abandoned")
 }
 
