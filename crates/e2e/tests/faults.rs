@@ -385,8 +385,8 @@ async fn crash_before_the_move_beside_a_planted_file(planted: Planted) {
     // The finished partial file carries the task's mark: the planted file gets it too.
     let part = env.downloads_dir().join("s1").join(format!("{}.part", task.id()));
     let mut mark = [0u8; 128];
-    let n = rustix::fs::lgetxattr(&part, "user.dlsessiond.task", &mut mark[..]).expect("the partial file's mark");
-    rustix::fs::lsetxattr(&dest, "user.dlsessiond.task", &mark[..n], rustix::fs::XattrFlags::empty()).unwrap();
+    let n = rustix::fs::lgetxattr(&part, MARK, &mut mark[..]).expect("the partial file's mark");
+    rustix::fs::lsetxattr(&dest, MARK, &mark[..n], rustix::fs::XattrFlags::empty()).unwrap();
     if planted == Planted::MarkedByAnotherUser {
         std::fs::remove_file(&part).unwrap();
         std::os::unix::fs::chown(&dest, Some(65534), Some(65534)).unwrap();
@@ -415,10 +415,13 @@ async fn crash_before_the_move_beside_a_planted_file(planted: Planted) {
     assert_eq!(s.hits("/f"), 2, "{planted:?}: downloaded again once, then only moved");
 }
 
-/// Whether `path` carries a task's mark (docs/behaviour.md, "Durability").
+/// The extended attribute a finished file carries (docs/behaviour.md, "Durability").
+const MARK: &str = "user.dlsessiond.task";
+
+/// Whether `path` carries a task's mark.
 fn marked(path: &std::path::Path) -> bool {
     let mut buf = [0u8; 128];
-    rustix::fs::lgetxattr(path, "user.dlsessiond.task", &mut buf[..]).is_ok_and(|n| n > 0)
+    rustix::fs::lgetxattr(path, MARK, &mut buf[..]).is_ok_and(|n| n > 0)
 }
 
 /// Starts a daemon that stops (aborts) at `failpoint`, has it download `resource` (served at

@@ -24,19 +24,20 @@ pub struct Mount(PathBuf);
 impl Mount {
     /// A tmpfs at `at` (created if missing) with mount `options`, e.g. `size=2m`.
     pub fn tmpfs(at: &Path, options: &str) -> Mount {
-        std::fs::create_dir_all(at).expect("mount point");
-        let st = Command::new("mount").args(["-t", "tmpfs", "-o", options, "tmpfs"]).arg(at).status().expect("mount");
-        assert!(st.success(), "mount tmpfs at {}", at.display());
-        Mount(at.to_path_buf())
+        Mount::in_memory("tmpfs", at, options)
     }
 
     /// A ramfs at `at` (created if missing): a filesystem that keeps no user extended
     /// attributes.
     pub fn ramfs(at: &Path) -> Mount {
+        Mount::in_memory("ramfs", at, "mode=0700")
+    }
+
+    /// A memory filesystem of `kind` at `at` (created if missing) with mount `options`.
+    fn in_memory(kind: &str, at: &Path, options: &str) -> Mount {
         std::fs::create_dir_all(at).expect("mount point");
-        let st =
-            Command::new("mount").args(["-t", "ramfs", "-o", "mode=0700", "ramfs"]).arg(at).status().expect("mount");
-        assert!(st.success(), "mount ramfs at {}", at.display());
+        let st = Command::new("mount").args(["-t", kind, "-o", options, kind]).arg(at).status().expect("mount");
+        assert!(st.success(), "mount {kind} at {}", at.display());
         Mount(at.to_path_buf())
     }
 

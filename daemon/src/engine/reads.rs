@@ -264,12 +264,17 @@ mod tests {
         buf.filled().len()
     }
 
-    #[tokio::test]
-    async fn a_slow_connection_reads_in_small_pieces_and_a_fast_one_does_not() {
+    /// A loopback connection read through `SpeedSized`, and its server end.
+    async fn connected() -> (SpeedSized<hyper_util::rt::TokioIo<tokio::net::TcpStream>>, tokio::net::TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let (mut server, _) = listener.accept().await.unwrap();
-        let mut io = SpeedSized::new(hyper_util::rt::TokioIo::new(client));
+        let (server, _) = listener.accept().await.unwrap();
+        (SpeedSized::new(hyper_util::rt::TokioIo::new(client)), server)
+    }
+
+    #[tokio::test]
+    async fn a_slow_connection_reads_in_small_pieces_and_a_fast_one_does_not() {
+        let (mut io, mut server) = connected().await;
         server.write_all(&[7u8; 64 << 10]).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         // Known slow: a small piece.
@@ -284,10 +289,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_granted_body_reads_whole_on_a_slow_connection() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let (mut server, _) = listener.accept().await.unwrap();
-        let mut io = SpeedSized::new(hyper_util::rt::TokioIo::new(client));
+        let (mut io, mut server) = connected().await;
         io.speed = Speed { limit: Some(SLOW_READ), settled: true, ..Speed::new(Instant::now()) };
         // The engine finds the allowance in a response's extensions.
         let mut extensions = http::Extensions::new();

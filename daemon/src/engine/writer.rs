@@ -92,13 +92,7 @@ pub fn prepare(path: &Path, offset: u64, hash: bool, mode: u32, progress: &Progr
         Ok(_) => return Err(not_regular(path)),
         Err(_) => false,
     };
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(path)?;
+    let mut file = partial_file().create(true).truncate(false).open(path)?;
     if !existed {
         file.set_permissions(std::fs::Permissions::from_mode(PARTIAL_MODE))?;
     }
@@ -140,14 +134,7 @@ fn open_fresh(path: &Path) -> std::io::Result<File> {
     // reuses anything), so it is a regular file of mode 0600 with no stat or chmod to
     // check it: two system calls fewer per file of a small-files batch.
     if umask_keeps(PARTIAL_MODE) {
-        match std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(PARTIAL_MODE)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-            .open(path)
-        {
+        match partial_file().create_new(true).mode(PARTIAL_MODE).open(path) {
             Ok(file) => {
                 #[cfg(test)]
                 CREATED_HERE.with(|n| n.set(n.get() + 1));
@@ -157,15 +144,7 @@ fn open_fresh(path: &Path) -> std::io::Result<File> {
             Err(e) => return Err(e),
         }
     }
-    let open = || {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-            .open(path)
-    };
+    let open = || partial_file().create(true).truncate(true).open(path);
     let file = match open() {
         // Planted symlink: drop the link itself and create the file.
         Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
@@ -200,6 +179,13 @@ fn umask_keeps(mode: u32) -> bool {
         u32::from_str_radix(value.trim(), 8).ok()
     });
     umask.is_some_and(|u| u & mode == 0)
+}
+
+/// How a partial file is opened: read and written, never through a symlink at its name.
+fn partial_file() -> std::fs::OpenOptions {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32);
+    options
 }
 
 fn not_regular(path: &Path) -> std::io::Error {
