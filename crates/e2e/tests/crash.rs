@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use dlsession::{DownloadRequest, Session, SessionConfiguration};
+use dlsession_testkit::{Fault, Hits, Resource, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex};
 use dlsession_testkit::{LONG, Recorder, Seen};
-use dlsession_testkit::{Resource, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex};
 
 const LEN: u64 = 48 << 20;
 const RATE: u64 = 12 << 20;
@@ -152,4 +152,23 @@ async fn a_slow_small_download_checkpoints_on_time() {
     let range = requests.get(1).and_then(|r| r.range.clone()).expect("the restart sends Range");
     let offset: u64 = range.trim_start_matches("bytes=").trim_end_matches('-').parse().unwrap();
     assert!(offset >= 100_000, "resumed at {offset}: what arrived before the crash was not kept");
+}
+
+/// Body frames are gathered for the writer a few milliseconds at most: what arrived before
+/// the server fell silent is in the partial file at once, not held in memory until more
+/// comes (or the idle timeout ends the attempt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_arrived_before_a_stall_is_written_at_once() {
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    // Larger than a small body (held whole), smaller than where direct writes begin.
+    let sent = 1_500_000u64;
+    server.add("/big.bin", Resource::generated(4 << 20, 73).fault(Hits::All, Fault::StallAfter(sent)));
+    let (_session, mut events, task) = start_download(&env, &server, "test.stall-write").await;
+    wait_for_bytes(&mut events, task.id(), sent).await;
+    let part = env.downloads_dir().join("s1").join(format!("{}.part", task.id()));
+    dlsession_testkit::wait_for("the bytes before the stall in the partial file", Duration::from_secs(2), || {
+        (std::fs::metadata(&part).ok()?.len() >= sent).then_some(())
+    });
 }

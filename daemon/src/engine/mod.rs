@@ -50,6 +50,12 @@ use writer::WriterMsg;
 
 /// Body frames are handed to the writer thread in batches of about this many bytes.
 const HANDOFF: usize = 256 << 10;
+/// A batch that has not reached HANDOFF is handed over at the latest this long after its
+/// first frame arrived. Without it a download that outruns its server (the reader empties the
+/// socket, then waits) sent a batch per wait: 16-64 KiB each over HTTPS, so four to five times
+/// as many writer wake-ups per GiB. A crash can cost these few milliseconds of data in memory
+/// at most; a stop or the body's end hands over at once.
+const GATHER: Duration = Duration::from_millis(4);
 /// Batches queued for the writer thread per download.
 const WRITER_QUEUE: usize = 4;
 /// A body announced at this size or less (and within the checkpoint window) is gathered
@@ -573,11 +579,14 @@ impl Engine {
         hold: Option<Hold>,
     ) -> BodyEnd {
         let held = hold.is_some();
-        // Frames go to the writer thread in batches of whatever has already arrived, up to
-        // HANDOFF bytes: one wake-up per batch instead of one per frame (HTTP/2 DATA frames
-        // are often 8-16 KiB) and no copying, while a slow body is never held back.
+        // Frames go to the writer thread in batches of up to HANDOFF bytes, gathered for at
+        // most GATHER: one wake-up per batch instead of one per frame (HTTP/2 DATA frames are
+        // often 8-16 KiB, TLS records 16 KiB) and no copying, while a slow body is held back
+        // no longer than GATHER.
         let mut batch: Vec<Bytes> = Vec::new();
         let mut batched = 0usize;
+        // When the batch's first frame arrived (meaningful while the batch is not empty).
+        let mut gathering = Instant::now();
         let end = loop {
             let ready = if !held && !batch.is_empty() && batched < HANDOFF {
                 tokio::select! {
@@ -591,7 +600,8 @@ impl Engine {
             let frame = match ready {
                 Some(f) => f,
                 None => {
-                    if !held && !batch.is_empty() {
+                    let gather_until = gathering + GATHER;
+                    if !held && !batch.is_empty() && (batched >= HANDOFF || Instant::now() >= gather_until) {
                         batched = 0;
                         let began = std::time::Instant::now();
                         if tx.send(WriterMsg::Data(std::mem::take(&mut batch))).await.is_err() {
@@ -599,16 +609,26 @@ impl Engine {
                         }
                         Timing::add(&job.link.timing().writer_wait, began);
                     }
+                    // A batch still gathering is handed over when its time is up, if no frame
+                    // came first.
+                    let flush_at = (!held && !batch.is_empty()).then_some(gather_until);
                     let began = std::time::Instant::now();
                     let frame = tokio::select! {
                         biased;
                         _ = job.stop.wait_for(|s| *s) => break BodyEnd::Stopped,
                         _ = deadline(job.deadline) => break BodyEnd::Failed(resource_timeout()),
                         _ = deadline(hold.map(|h| h.until)) => break BodyEnd::Released,
-                        f = tokio::time::timeout(job.idle_timeout, body.frame()) => f,
+                        _ = deadline(flush_at) => None,
+                        f = tokio::time::timeout(job.idle_timeout, body.frame()) => Some(f),
                     };
                     Timing::add(&job.link.timing().network_wait, began);
-                    frame
+                    match frame {
+                        Some(frame) => frame,
+                        None => {
+                            // Its time is up: the loop's next turn hands it over.
+                            continue;
+                        }
+                    }
                 }
             };
             let mut data: Bytes = match frame {
@@ -659,6 +679,9 @@ impl Engine {
                     // Waiting for its turn is a sign of life, not a stall.
                     job.progress.beat();
                     job.progress.received.fetch_add(piece.len() as u64, Ordering::Relaxed);
+                    if batch.is_empty() {
+                        gathering = Instant::now();
+                    }
                     batched += piece.len();
                     batch.push(piece);
                 }
@@ -667,6 +690,9 @@ impl Engine {
                 }
             } else {
                 job.progress.received.fetch_add(data.len() as u64, Ordering::Relaxed);
+                if batch.is_empty() {
+                    gathering = Instant::now();
+                }
                 batched += data.len();
                 batch.push(data);
             }
