@@ -10,6 +10,10 @@
 //! stretch of the host 0.75-0.96 s and 0.55-0.69 CPU s, against 0.67-2.06 s and 0.77-2.38 s
 //! buffered; in a calm one about level (medians 0.87 against 1.01 s).
 //!
+//! The buffers sit on transparent huge pages (`MADV_HUGEPAGE`): each write pins its buffer
+//! for the device, two pages instead of 1,024, and the copies into them miss the TLB less.
+//! 1 GiB over HTTP, 6 alternating rounds: wall median 0.86 -> 0.67 s, CPU 0.75 -> 0.63 s.
+//!
 //! Durability is unchanged: a checkpoint is reported only after an `fdatasync` that
 //! follows the writes it covers, on the same thread. The bytes after the last whole block
 //! (under 4 KiB) are written through the ordinary descriptor when the download ends or
@@ -51,10 +55,18 @@ struct Aligned {
     at: usize,
 }
 
+/// Buffers start on a huge page's boundary and ask for transparent huge pages.
+const HUGE: usize = 2 << 20;
+
 impl Aligned {
     fn new() -> Aligned {
-        let mem = vec![0u8; BUF + BLOCK];
-        let at = (BLOCK - mem.as_ptr() as usize % BLOCK) % BLOCK;
+        // Untouched until written (a fresh mapping: 4 MiB and more come from `mmap`, see
+        // `tune_malloc`), so the advice applies from the first write.
+        let mem = vec![0u8; BUF + HUGE];
+        let at = (HUGE - mem.as_ptr() as usize % HUGE) % HUGE;
+        if let Some(usable) = mem.get(at..at + BUF) {
+            advise_huge_pages(usable);
+        }
         Aligned { mem, at }
     }
 
@@ -64,6 +76,20 @@ impl Aligned {
 
     fn slice_mut(&mut self, from: usize, to: usize) -> &mut [u8] {
         self.mem.get_mut(self.at + from..self.at + to).unwrap_or_default()
+    }
+}
+
+/// Asks for transparent huge pages under `region` (`MADV_HUGEPAGE`; the system's default
+/// is often `madvise`, huge pages only where asked for). Each direct write pins its buffer's
+/// pages for the device: 1,024 small pages per 4 MiB buffer, two huge ones. Refused advice
+/// (no THP in this kernel) changes nothing but the cost.
+#[allow(unsafe_code)]
+fn advise_huge_pages(region: &[u8]) {
+    // SAFETY: the advice changes only how the kernel backs pages of memory `region` owns
+    // (page-aligned: it starts on a huge page's boundary); their contents stay as they are.
+    let rc = unsafe { libc::madvise(region.as_ptr().cast_mut().cast(), region.len(), libc::MADV_HUGEPAGE) };
+    if rc != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "no huge pages for direct-write buffers");
     }
 }
 
@@ -319,4 +345,20 @@ fn io_loop(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_start_on_a_huge_page_and_hold_a_whole_buffer() {
+        for _ in 0..3 {
+            let mut b = Aligned::new();
+            assert_eq!(b.slice(BUF).as_ptr() as usize % HUGE, 0, "the usable part starts on a huge page");
+            assert_eq!(b.slice(BUF).len(), BUF);
+            b.slice_mut(BUF - 1, BUF).copy_from_slice(&[7]);
+            assert_eq!(b.slice(BUF).last(), Some(&7));
+        }
+    }
 }
