@@ -172,3 +172,23 @@ async fn what_arrived_before_a_stall_is_written_at_once() {
         (std::fs::metadata(&part).ok()?.len() >= sent).then_some(())
     });
 }
+
+/// A fast connection waits in the kernel until a worthwhile read has arrived (a low-water
+/// mark, see `engine::reads`); a server that falls silent under the mark must not strand
+/// what it sent: the mark is lifted and every byte sent reaches the daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_download_whose_server_falls_silent_gets_every_byte_sent() {
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    // Fast enough for the largest mark; the stall leaves a piece smaller than it.
+    let sent = (40 << 20) + 100_000;
+    server.add(
+        "/big.bin",
+        Resource::generated(96 << 20, 74).throttle(200 << 20).fault(Hits::All, Fault::StallAfter(sent)),
+    );
+    let (_session, mut events, task) = start_download(&env, &server, "test.stall-mark").await;
+    tokio::time::timeout(Duration::from_secs(20), wait_for_bytes(&mut events, task.id(), sent))
+        .await
+        .expect("the bytes sent before the server fell silent reached the daemon");
+}

@@ -18,7 +18,7 @@ use rustls_pki_types::pem::PemObject;
 use tracing::{info, warn};
 
 use super::proxy::{Proxies, ProxyConnector, TunnelAuth};
-use super::reads::SpeedSizedReads;
+use super::reads::{InFlight, SpeedSizedReads};
 
 use dlsession_proto::{ErrorCode, ErrorInfo};
 
@@ -249,12 +249,24 @@ impl ClientFactory {
             .pool_max_idle_per_host(16)
             // Fixed, generous HTTP/2 windows: the adaptive window carried its estimate from
             // one download to the next and made throughput vary by 50 % between runs.
-            .http2_initial_stream_window_size(8u32 << 20)
+            .http2_initial_stream_window_size(H2_STREAM_WINDOW)
             .http2_initial_connection_window_size(16u32 << 20)
-            .http1_max_buf_size(1 << 20)
-            .build(SpeedSizedReads(https))
+            .http1_max_buf_size(H1_MAX_BUF)
+            .build(SpeedSizedReads { connector: https, in_flight: IN_FLIGHT })
     }
 }
+
+/// hyper's read buffer for an HTTP/1.1 connection, at most.
+const H1_MAX_BUF: usize = 1 << 20;
+/// What an HTTP/2 server may send on one stream before the engine has taken it.
+const H2_STREAM_WINDOW: u32 = 8 << 20;
+/// What may sit above a connection's socket, read but not yet counted by the engine: hyper's
+/// buffer and the frame it handed on (HTTP/1.1) or a stream's window (HTTP/2), and TLS's
+/// records (two of at most 16 KiB + 256 bytes; 64 KiB is plenty).
+const IN_FLIGHT: InFlight = InFlight {
+    http1: 2 * H1_MAX_BUF as u64 + (64 << 10),
+    http2: H2_STREAM_WINDOW as u64 + H1_MAX_BUF as u64 + (64 << 10),
+};
 
 /// The HTTP versions a client offers a TLS server (ALPN).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

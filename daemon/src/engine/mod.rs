@@ -467,6 +467,8 @@ impl Engine {
         if let (Some(hold), Some(allowance)) = (&hold, resp.extensions().get::<reads::ReadAllowance>()) {
             allowance.grant(hold.limit);
         }
+        // The connection may wait for bytes that are sure to come (see `reads`).
+        let ahead = total.and_then(|end| resp.extensions().get::<reads::BodyAhead>().map(|a| a.track(end)));
         let mut start_writer = Some(start_writer);
         let mut writer = None;
         let mut body = resp.into_body();
@@ -478,11 +480,12 @@ impl Engine {
             if hold.is_none() && writer.is_none() {
                 writer = start_writer.take().map(|start| start());
             }
-            match self.pump_body(&mut job, &mut body, &tx, hold.take()).await {
+            match self.pump_body(&mut job, &mut body, &tx, hold.take(), ahead.as_ref()).await {
                 BodyEnd::Released => {}
                 end => break end,
             }
         };
+        drop(ahead);
         if writer.is_none() {
             writer = start_writer.take().map(|start| start());
         }
@@ -577,6 +580,7 @@ impl Engine {
         body: &mut Incoming,
         tx: &mpsc::Sender<WriterMsg>,
         hold: Option<Hold>,
+        ahead: Option<&reads::AheadGuard>,
     ) -> BodyEnd {
         let held = hold.is_some();
         // Frames go to the writer thread in batches of up to HANDOFF bytes, gathered for at
@@ -695,6 +699,9 @@ impl Engine {
                 }
                 batched += data.len();
                 batch.push(data);
+            }
+            if let Some(ahead) = ahead {
+                ahead.at(job.progress.received.load(Ordering::Relaxed));
             }
             if overlong {
                 break BodyEnd::Failed(Failure::transient(

@@ -207,6 +207,16 @@ impl Connection for ProxyStream {
     }
 }
 
+impl super::reads::TcpSocket for ProxyStream {
+    fn tcp_socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        Some(match &self.io {
+            Io::Plain(io) => io.inner().as_fd(),
+            Io::Tls(io) => io.inner().get_ref().0.as_fd(),
+        })
+    }
+}
+
 impl Read for ProxyStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<io::Result<()>> {
         io!(self, io => Pin::new(io).poll_read(cx, buf))

@@ -23,9 +23,22 @@
 //! and those bytes read without limit. A connection busy with one small file after another
 //! measures slow (it idles between them), and 4 KiB reads cost a 100 KiB file 25 reads
 //! instead of two.
+//!
+//! A fast connection whose server is the slower side (on two cores, nginx encrypting TLS)
+//! woke its reader for every burst the server sent, 16-90 KiB: over 1 GiB of HTTPS about
+//! 12,000 wake-ups, each read making the kernel send a window update, which on loopback
+//! also runs the sender's side of it. Such a connection asks the kernel (`SO_RCVLOWAT`) to
+//! wake it only once about 2 ms' worth (at most [`LOW_WATER_MAX`]) is waiting. That is safe
+//! only while so much is sure to come: the engine tells the connection how much of its body
+//! is still to come ([`BodyAhead`]), and the mark stays below that minus what the layers
+//! above the socket may already hold ([`InFlight`]). A server that falls silent under the
+//! mark, or a length that lied, costs at most [`LOW_WATER_WAIT`]: the mark is then lifted and
+//! rests until the speed is measured again. 1 GiB over HTTPS: the daemon's CPU about a third
+//! lower (BENCHMARKS.md).
 
 use std::future::Future;
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,14 +57,34 @@ const SLOW_READ: usize = 4 << 10;
 const WINDOW: Duration = Duration::from_millis(100);
 /// How long a fast connection must stay under [`FAST`] to count as slow again.
 const SLOW_WINDOW: Duration = Duration::from_secs(2);
+/// The most a fast connection's low-water mark asks the kernel to gather before a wake-up.
+const LOW_WATER_MAX: u64 = 256 << 10;
+/// Marks are multiples of this; a smaller one is not worth a system call (the kernel's
+/// default, one byte, stays).
+const LOW_WATER_STEP: u64 = 32 << 10;
+/// A read that waited this long under a mark lifts it.
+const LOW_WATER_WAIT: Duration = Duration::from_millis(10);
 
 /// Wraps a connector: its connections read in pieces that follow their speed.
 #[derive(Debug, Clone)]
-pub struct SpeedSizedReads<C>(pub C);
+pub struct SpeedSizedReads<C> {
+    pub connector: C,
+    pub in_flight: InFlight,
+}
+
+/// The most of a body's bytes the layers above a connection's socket may hold (hyper's
+/// read buffer and the frame on its way, or an HTTP/2 stream's receive window; TLS's
+/// records): bytes read from the socket that the engine has not counted yet.
+#[derive(Debug, Clone, Copy)]
+pub struct InFlight {
+    pub http1: u64,
+    pub http2: u64,
+}
 
 impl<C> tower_service::Service<Uri> for SpeedSizedReads<C>
 where
     C: tower_service::Service<Uri>,
+    C::Response: Connection,
     C::Future: Send + 'static,
 {
     type Response = SpeedSized<C::Response>;
@@ -59,12 +92,18 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
+        self.connector.poll_ready(cx)
     }
 
     fn call(&mut self, dst: Uri) -> Self::Future {
-        let connecting = self.0.call(dst);
-        Box::pin(async move { connecting.await.map(SpeedSized::new) })
+        let connecting = self.connector.call(dst);
+        let in_flight = self.in_flight;
+        Box::pin(async move {
+            connecting.await.map(|io| {
+                let held = if io.connected().is_negotiated_h2() { in_flight.http2 } else { in_flight.http1 };
+                SpeedSized::new(io, held)
+            })
+        })
     }
 }
 
@@ -74,12 +113,159 @@ pub struct SpeedSized<T> {
     inner: T,
     speed: Speed,
     allowance: ReadAllowance,
+    ahead: BodyAhead,
+    low: LowWater,
 }
 
 impl<T> SpeedSized<T> {
-    fn new(inner: T) -> SpeedSized<T> {
-        SpeedSized { inner, speed: Speed::new(Instant::now()), allowance: ReadAllowance::default() }
+    fn new(inner: T, in_flight: u64) -> SpeedSized<T> {
+        SpeedSized {
+            inner,
+            speed: Speed::new(Instant::now()),
+            allowance: ReadAllowance::default(),
+            ahead: BodyAhead::default(),
+            low: LowWater { set: 1, in_flight, ..LowWater::default() },
+        }
     }
+}
+
+/// The TCP socket under a connection, for its low-water mark.
+pub trait TcpSocket {
+    fn tcp_socket(&self) -> Option<BorrowedFd<'_>>;
+}
+
+impl<T: TcpSocket> TcpSocket for hyper_rustls::MaybeHttpsStream<T> {
+    fn tcp_socket(&self) -> Option<BorrowedFd<'_>> {
+        match self {
+            hyper_rustls::MaybeHttpsStream::Http(io) => io.tcp_socket(),
+            hyper_rustls::MaybeHttpsStream::Https(tls) => tls.inner().get_ref().0.inner().tcp_socket(),
+        }
+    }
+}
+
+impl TcpSocket for hyper_util::rt::TokioIo<tokio::net::TcpStream> {
+    fn tcp_socket(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.inner().as_fd())
+    }
+}
+
+/// Bytes of the current body the engine still expects over a connection (0: none known).
+/// Every response of the connection carries a clone in its extensions.
+#[derive(Debug, Clone, Default)]
+pub struct BodyAhead(Arc<AtomicU64>);
+
+impl BodyAhead {
+    /// A body that ends at offset `end` is read; the guard is told how far it got and
+    /// clears the count when dropped.
+    pub fn track(&self, end: u64) -> AheadGuard {
+        AheadGuard { ahead: self.clone(), end }
+    }
+
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Keeps a connection's [`BodyAhead`] while one body is read.
+#[derive(Debug)]
+pub struct AheadGuard {
+    ahead: BodyAhead,
+    end: u64,
+}
+
+impl AheadGuard {
+    /// The engine has the body up to `offset`.
+    pub fn at(&self, offset: u64) {
+        self.ahead.0.store(self.end.saturating_sub(offset), Ordering::Relaxed);
+    }
+}
+
+impl Drop for AheadGuard {
+    fn drop(&mut self) {
+        self.ahead.0.store(0, Ordering::Relaxed);
+    }
+}
+
+/// A connection's low-water mark (see the module).
+#[derive(Debug, Default)]
+struct LowWater {
+    /// The mark on the socket (1: the kernel's default).
+    set: u64,
+    /// See [`InFlight`].
+    in_flight: u64,
+    /// Lifts a mark a read waited under too long; armed while such a read waits.
+    wait: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+    /// After a lifted mark, none before this (the next speed measurement).
+    rest_until: Option<Instant>,
+    /// The socket refused a mark: none again.
+    refused: bool,
+}
+
+impl LowWater {
+    /// The mark a read may wait for now: about 2 ms' worth at the connection's last measured
+    /// speed, no more than is sure to come, at most [`LOW_WATER_MAX`] (1: none).
+    fn wanted(&self, speed: &Speed, ahead: u64, granted: bool, now: Instant) -> u64 {
+        let resting = self.rest_until.is_some_and(|t| now < t);
+        if self.refused || granted || resting || speed.limit.is_some() {
+            return 1;
+        }
+        let sure = ahead.saturating_sub(self.in_flight);
+        let mark = (speed.rate / 500).min(sure).min(LOW_WATER_MAX) / LOW_WATER_STEP * LOW_WATER_STEP;
+        mark.max(1)
+    }
+
+    /// Whether a read has waited [`LOW_WATER_WAIT`] under the mark (the timer wakes it).
+    fn waited_too_long(&mut self, cx: &mut Context<'_>) -> bool {
+        let wait = self.wait.get_or_insert_with(|| Box::pin(tokio::time::sleep(LOW_WATER_WAIT)));
+        if !self.armed {
+            wait.as_mut().reset(tokio::time::Instant::now() + LOW_WATER_WAIT);
+            self.armed = true;
+        }
+        if wait.as_mut().poll(cx).is_ready() {
+            self.armed = false;
+            return true;
+        }
+        false
+    }
+
+    /// Sets the socket's mark to `mark`.
+    fn apply(&mut self, socket: Option<BorrowedFd<'_>>, mark: u64) {
+        if mark == self.set || self.refused {
+            return;
+        }
+        let Some(socket) = socket else {
+            self.refused = true;
+            return;
+        };
+        match set_receive_low_water(socket, mark) {
+            Ok(()) => self.set = mark,
+            Err(e) => {
+                tracing::debug!(error = %e, "the socket takes no low-water mark");
+                self.refused = true;
+            }
+        }
+    }
+}
+
+/// `SO_RCVLOWAT`: the socket counts as readable once this many bytes wait (or it ended).
+/// Lowering it signals the socket readable at once when enough waits.
+#[allow(unsafe_code)]
+fn set_receive_low_water(socket: BorrowedFd<'_>, bytes: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the option value is a c_int that lives through the call, its size passed
+    // with it; `socket` is a descriptor the connection keeps open.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 /// Bytes a connection may read without its speed's limit. Every response of the connection
@@ -117,11 +303,14 @@ struct Speed {
     limit: Option<usize>,
     /// A window closed since the connection was new (or idle).
     settled: bool,
+    /// Bytes per second over the last closed window (0: none closed yet, so a new
+    /// connection sets no low-water mark).
+    rate: u64,
 }
 
 impl Speed {
     fn new(now: Instant) -> Speed {
-        Speed { window_start: now, bytes: 0, limit: None, settled: false }
+        Speed { window_start: now, bytes: 0, limit: None, settled: false, rate: 0 }
     }
 
     /// The most one read may bring at `now` (`None`: no limit). A window that ran out
@@ -149,11 +338,11 @@ impl Speed {
         if limit.is_some() != self.limit.is_some() {
             tracing::trace!(rate, ?limit, "read size follows the connection's speed");
         }
-        *self = Speed { window_start: now, bytes: 0, limit, settled: true };
+        *self = Speed { window_start: now, bytes: 0, limit, settled: true, rate };
     }
 }
 
-impl<T: Read + Unpin> Read for SpeedSized<T> {
+impl<T: Read + TcpSocket + Unpin> Read for SpeedSized<T> {
     // hyper's cursor cannot be lent for part of its room and then told how much was filled
     // but through its unsafe pair `as_mut`/`advance`, which hyper itself uses this way.
     #[allow(unsafe_code)]
@@ -161,7 +350,10 @@ impl<T: Read + Unpin> Read for SpeedSized<T> {
         let this = &mut *self;
         // One clock read per call: the inner read does not block.
         let now = Instant::now();
-        let limit = this.speed.read_limit(now).filter(|_| !this.allowance.granted());
+        let granted = this.allowance.granted();
+        let limit = this.speed.read_limit(now).filter(|_| !granted);
+        let mark = this.low.wanted(&this.speed, this.ahead.get(), granted, now);
+        this.low.apply(this.inner.tcp_socket(), mark);
         let room = buf.remaining().min(limit.unwrap_or(usize::MAX));
         // SAFETY: nothing here uninitializes a byte: `ReadBuf` only lets the inner read
         // write into the slice.
@@ -175,6 +367,14 @@ impl<T: Read + Unpin> Read for SpeedSized<T> {
             unsafe { buf.advance(n) };
             this.speed.record(n, now);
             this.allowance.spend(n);
+            this.low.armed = false;
+        } else if polled.is_pending() && this.low.set > 1 && this.low.waited_too_long(cx) {
+            // The server fell silent under the mark (or the body is shorter than announced):
+            // lifted, what waits is read now (lowering the mark signals it), and no mark is
+            // set again before the speed is measured again.
+            this.low.rest_until = Some(now + WINDOW);
+            this.low.apply(this.inner.tcp_socket(), 1);
+            cx.waker().wake_by_ref();
         }
         polled
     }
@@ -209,7 +409,7 @@ impl<T: Write + Unpin> Write for SpeedSized<T> {
 impl<T: Connection> Connection for SpeedSized<T> {
     fn connected(&self) -> Connected {
         // hyper-util copies a connection's extras into each of its responses.
-        self.inner.connected().extra(self.allowance.clone())
+        self.inner.connected().extra(self.allowance.clone()).extra(self.ahead.clone())
     }
 }
 
@@ -269,7 +469,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        (SpeedSized::new(hyper_util::rt::TokioIo::new(client)), server)
+        (SpeedSized::new(hyper_util::rt::TokioIo::new(client), 0), server)
     }
 
     #[tokio::test]
@@ -285,6 +485,109 @@ mod tests {
         io.speed = Speed { limit: None, settled: true, ..Speed::new(Instant::now()) };
         let n = read_once(&mut io, 64 << 10).await;
         assert_eq!(n, (64 << 10) - first);
+    }
+
+    /// The socket's `SO_RCVLOWAT`.
+    #[allow(unsafe_code)]
+    fn low_water_of<T: TcpSocket>(io: &SpeedSized<T>) -> u64 {
+        use std::os::fd::AsRawFd;
+        let fd = io.inner.tcp_socket().unwrap().as_raw_fd();
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: value and len live through the call; len is value's size.
+        let rc = unsafe {
+            libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, std::ptr::from_mut(&mut value).cast(), &mut len)
+        };
+        assert_eq!(rc, 0);
+        u64::try_from(value).unwrap()
+    }
+
+    /// Known fast (600 MB/s: 2 ms' worth is past the cap).
+    fn fast() -> Speed {
+        Speed { limit: None, settled: true, rate: 600_000_000, ..Speed::new(Instant::now()) }
+    }
+
+    /// Polls one read and says whether it brought anything (`None`: it waits).
+    async fn poll_once<T: Read + TcpSocket + Unpin>(io: &mut SpeedSized<T>) -> Option<usize> {
+        let mut storage = vec![0u8; 1 << 20];
+        let mut buf = ReadBuf::new(&mut storage);
+        let polled = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *io).poll_read(cx, buf.unfilled()))).await;
+        match polled {
+            Poll::Ready(r) => {
+                r.unwrap();
+                Some(buf.filled().len())
+            }
+            Poll::Pending => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fast_connection_waits_for_a_worthwhile_read_while_enough_is_sure_to_come() {
+        let (mut io, _server) = connected().await;
+        io.low.in_flight = 1 << 20;
+        io.speed = fast();
+        let end = 100u64 << 20;
+        let body = io.ahead.track(end);
+        body.at(0);
+        assert_eq!(poll_once(&mut io).await, None);
+        assert_eq!(low_water_of(&io), LOW_WATER_MAX, "the mark is set");
+        // Near the end less is sure to come: a smaller mark (in steps), then none.
+        body.at(end - (1 << 20) - 100_000);
+        assert_eq!(poll_once(&mut io).await, None);
+        assert_eq!(low_water_of(&io), 96 << 10);
+        body.at(end - (1 << 20) - 1000);
+        assert_eq!(poll_once(&mut io).await, None);
+        assert_eq!(low_water_of(&io), 1);
+        // The body's end clears what is ahead: the connection's next answer reads at once.
+        body.at(0);
+        assert_eq!(poll_once(&mut io).await, None);
+        assert_eq!(low_water_of(&io), LOW_WATER_MAX);
+        drop(body);
+        assert_eq!(poll_once(&mut io).await, None);
+        assert_eq!(low_water_of(&io), 1, "nothing ahead, no mark");
+    }
+
+    #[tokio::test]
+    async fn a_read_waiting_under_the_mark_too_long_lifts_it_and_reads_what_is_there() {
+        let (mut io, mut server) = connected().await;
+        io.speed = fast();
+        let _body = io.ahead.track(100 << 20);
+        _body.at(0);
+        // Less than the mark, then the server falls silent.
+        server.write_all(&[7u8; 1000]).await.unwrap();
+        let began = Instant::now();
+        let n = tokio::time::timeout(Duration::from_secs(5), read_once(&mut io, 1 << 20)).await;
+        assert_eq!(n.expect("a silent server under the mark stalls the read"), 1000);
+        assert!(began.elapsed() >= LOW_WATER_WAIT, "read at once: no mark was set ({:?})", began.elapsed());
+        assert_eq!(low_water_of(&io), 1, "lifted");
+        // It rests until the speed is measured again: the next short burst reads at once.
+        server.write_all(&[7u8; 1000]).await.unwrap();
+        let began = Instant::now();
+        assert_eq!(read_once(&mut io, 1 << 20).await, 1000);
+        assert!(began.elapsed() < LOW_WATER_WAIT, "{:?}", began.elapsed());
+    }
+
+    #[tokio::test]
+    async fn slow_new_and_granted_connections_set_no_mark() {
+        let (mut io, _server) = connected().await;
+        let _body = io.ahead.track(100 << 20);
+        _body.at(0);
+        // New: its speed is not known yet.
+        assert_eq!(poll_once(&mut io).await, None);
+        assert_eq!(low_water_of(&io), 1);
+        // Slow.
+        io.speed = Speed { limit: Some(SLOW_READ), settled: true, rate: 16 << 20, ..Speed::new(Instant::now()) };
+        assert_eq!(poll_once(&mut io).await, None);
+        assert_eq!(low_water_of(&io), 1);
+        // A body held whole.
+        io.speed = fast();
+        io.allowance.grant(1000);
+        assert_eq!(poll_once(&mut io).await, None);
+        assert_eq!(low_water_of(&io), 1);
+        // Fast, nothing granted: the mark (so the cases above were not refused by the socket).
+        io.allowance.spend(1000);
+        assert_eq!(poll_once(&mut io).await, None);
+        assert_eq!(low_water_of(&io), LOW_WATER_MAX);
     }
 
     #[tokio::test]
