@@ -146,3 +146,23 @@ async fn limits_are_set_and_shown_by_dlsessionctl_and_kept_across_a_restart() {
         .unwrap_err();
     assert_eq!(err.code(), ErrorCode::InvalidRequest, "{err}");
 }
+
+/// A paced body reaches the partial file as it is paced, not once a whole batch for the
+/// writer has gathered (256 KiB: four seconds at this limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paced_download_is_written_as_it_goes() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/big", Resource::generated(4 << 20, 9));
+    let (delegate, _events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.paced-write"), delegate).await.unwrap();
+    let task = session.download_task(DownloadRequest::new(server.url("/big"))).await.unwrap();
+    set(&env, LimitTarget::Task { task: task.id() }, Some(64 << 10)).await;
+    task.resume().await.unwrap();
+    let part = env.downloads_dir().join("s1").join(format!("{}.part", task.id()));
+    dlsession_testkit::wait_for("paced bytes in the partial file", Duration::from_secs(2), || {
+        (std::fs::metadata(&part).ok()?.len() >= 32 << 10).then_some(())
+    });
+    assert!(received(&task).await < 256 << 10, "paced: not a whole batch yet");
+}

@@ -592,7 +592,7 @@ impl Engine {
         // When the batch's first frame arrived (meaningful while the batch is not empty).
         let mut gathering = Instant::now();
         let end = loop {
-            let ready = if !held && !batch.is_empty() && batched < HANDOFF {
+            let ready = if !held && !batch.is_empty() && batched < HANDOFF && Instant::now() < gathering + GATHER {
                 tokio::select! {
                     biased;
                     f = body.frame() => Some(Ok(f)),
@@ -659,7 +659,8 @@ impl Engine {
             if overlong {
                 data.truncate(usize::try_from(room).unwrap_or(0));
             }
-            if let Some(slice) = paced_slice(&job.limiters) {
+            let paced = paced_slice(&job.limiters);
+            if let Some(slice) = paced {
                 // Paced in slices: a limited download moves smoothly, downloads under one
                 // limit take turns, and a stop is heard while waiting (a slice not yet
                 // paced for is dropped: it is downloaded again from the committed offset).
@@ -700,8 +701,10 @@ impl Engine {
                 batched += data.len();
                 batch.push(data);
             }
-            if let Some(ahead) = ahead {
-                ahead.at(job.progress.received.load(Ordering::Relaxed));
+            match (ahead, paced) {
+                (Some(ahead), None) => ahead.at(job.progress.received.load(Ordering::Relaxed)),
+                (Some(ahead), Some(_)) => ahead.unsure(),
+                (None, _) => {}
             }
             if overlong {
                 break BodyEnd::Failed(Failure::transient(

@@ -33,7 +33,7 @@
 //! is still to come ([`BodyAhead`]), and the mark stays below that minus what the layers
 //! above the socket may already hold ([`InFlight`]). A server that falls silent under the
 //! mark, or a length that lied, costs at most [`LOW_WATER_WAIT`]: the mark is then lifted and
-//! rests until the speed is measured again. 1 GiB over HTTPS: the daemon's CPU about a third
+//! rests for a [`WINDOW`]. 1 GiB over HTTPS: the daemon's CPU about a third
 //! lower (BENCHMARKS.md).
 
 use std::future::Future;
@@ -41,7 +41,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -124,7 +124,7 @@ impl<T> SpeedSized<T> {
             speed: Speed::new(Instant::now()),
             allowance: ReadAllowance::default(),
             ahead: BodyAhead::default(),
-            low: LowWater { set: 1, in_flight, ..LowWater::default() },
+            low: LowWater { set: 1, asked: 1, in_flight, ..LowWater::default() },
         }
     }
 }
@@ -152,17 +152,26 @@ impl TcpSocket for hyper_util::rt::TokioIo<tokio::net::TcpStream> {
 /// Bytes of the current body the engine still expects over a connection (0: none known).
 /// Every response of the connection carries a clone in its extensions.
 #[derive(Debug, Clone, Default)]
-pub struct BodyAhead(Arc<AtomicU64>);
+pub struct BodyAhead(Arc<AheadCount>);
+
+#[derive(Debug, Default)]
+struct AheadCount {
+    bytes: AtomicU64,
+    /// Bodies being read on the connection (HTTP/2 streams share it): with more than one,
+    /// none of them says what the socket will bring, so nothing counts as sure.
+    bodies: AtomicU32,
+}
 
 impl BodyAhead {
     /// A body that ends at offset `end` is read; the guard is told how far it got and
     /// clears the count when dropped.
     pub fn track(&self, end: u64) -> AheadGuard {
+        self.0.bodies.fetch_add(1, Ordering::Relaxed);
         AheadGuard { ahead: self.clone(), end }
     }
 
     fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.bytes.load(Ordering::Relaxed)
     }
 }
 
@@ -176,14 +185,46 @@ pub struct AheadGuard {
 impl AheadGuard {
     /// The engine has the body up to `offset`.
     pub fn at(&self, offset: u64) {
-        self.ahead.0.store(self.end.saturating_sub(offset), Ordering::Relaxed);
+        let count = &self.ahead.0;
+        let alone = count.bodies.load(Ordering::Relaxed) == 1;
+        count.bytes.store(if alone { self.end.saturating_sub(offset) } else { 0 }, Ordering::Relaxed);
+    }
+
+    /// Nothing is sure to come at the socket's pace (the body is paced by a bandwidth limit:
+    /// a frame waits above the socket, uncounted, while it is paced).
+    pub fn unsure(&self) {
+        self.ahead.0.bytes.store(0, Ordering::Relaxed);
     }
 }
 
 impl Drop for AheadGuard {
     fn drop(&mut self) {
-        self.ahead.0.store(0, Ordering::Relaxed);
+        self.ahead.0.bodies.fetch_sub(1, Ordering::Relaxed);
+        self.ahead.0.bytes.store(0, Ordering::Relaxed);
     }
+}
+
+/// Whether this kernel signals a socket readable when its low-water mark is lowered
+/// under what waits (Linux 4.18 and later, `tcp_set_rcvlowat`). Without that, lifting a
+/// mark would not wake the read (tokio's readiness is edge-triggered): no marks at all.
+fn marks_can_be_lifted() -> bool {
+    static LIFTABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *LIFTABLE.get_or_init(|| {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let liftable = kernel_at_least(&release, (4, 18));
+        if !liftable {
+            tracing::debug!(release = release.trim(), "no low-water marks: the kernel cannot lift them");
+        }
+        liftable
+    })
+}
+
+/// Whether a kernel release string (`6.18.44-fc`) is `min` or later; false when unreadable.
+fn kernel_at_least(release: &str, min: (u64, u64)) -> bool {
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let major = parts.next().and_then(|p| p.parse::<u64>().ok());
+    let minor = parts.next().and_then(|p| p.parse::<u64>().ok());
+    matches!((major, minor), (Some(major), Some(minor)) if (major, minor) >= min)
 }
 
 /// A connection's low-water mark (see the module).
@@ -191,12 +232,14 @@ impl Drop for AheadGuard {
 struct LowWater {
     /// The mark on the socket (1: the kernel's default).
     set: u64,
+    /// The mark last asked for (the receive buffer may have made `set` smaller).
+    asked: u64,
     /// See [`InFlight`].
     in_flight: u64,
     /// Lifts a mark a read waited under too long; armed while such a read waits.
     wait: Option<Pin<Box<tokio::time::Sleep>>>,
     armed: bool,
-    /// After a lifted mark, none before this (the next speed measurement).
+    /// After a lifted mark, none before this.
     rest_until: Option<Instant>,
     /// The socket refused a mark: none again.
     refused: bool,
@@ -207,7 +250,7 @@ impl LowWater {
     /// speed, no more than is sure to come, at most [`LOW_WATER_MAX`] (1: none).
     fn wanted(&self, speed: &Speed, ahead: u64, granted: bool, now: Instant) -> u64 {
         let resting = self.rest_until.is_some_and(|t| now < t);
-        if self.refused || granted || resting || speed.limit.is_some() {
+        if self.refused || granted || resting || speed.limit.is_some() || !marks_can_be_lifted() {
             return 1;
         }
         let sure = ahead.saturating_sub(self.in_flight);
@@ -229,20 +272,40 @@ impl LowWater {
         false
     }
 
-    /// Sets the socket's mark to `mark`.
-    fn apply(&mut self, socket: Option<BorrowedFd<'_>>, mark: u64) {
-        if mark == self.set || self.refused {
-            return;
+    /// Sets the socket's mark to `mark`. A raised mark that cannot be lowered again would
+    /// hold back what waits under it: that is an error (the attempt fails and is retried on
+    /// another connection); a mark that cannot be raised only means none.
+    fn apply(&mut self, socket: Option<BorrowedFd<'_>>, mark: u64) -> io::Result<()> {
+        if mark == self.asked {
+            return Ok(());
         }
-        let Some(socket) = socket else {
-            self.refused = true;
-            return;
+        self.asked = mark;
+        let result = match socket {
+            None => Err(io::Error::other("no socket")),
+            // Not past a quarter of the receive buffer: a larger mark would make the kernel
+            // clamp the connection's window to it.
+            Some(socket) if mark > 1 => {
+                rustix::net::sockopt::socket_recv_buffer_size(socket).map_err(io::Error::from).and_then(|buffer| {
+                    let mark = mark.min(buffer as u64 / 4 / LOW_WATER_STEP * LOW_WATER_STEP).max(1);
+                    set_receive_low_water(socket, mark).map(|()| mark)
+                })
+            }
+            Some(socket) => set_receive_low_water(socket, 1).map(|()| 1),
         };
-        match set_receive_low_water(socket, mark) {
-            Ok(()) => self.set = mark,
+        match result {
+            Ok(applied) => {
+                self.set = applied;
+                self.armed = false;
+                Ok(())
+            }
+            Err(e) if self.set > 1 => {
+                self.refused = true;
+                Err(io::Error::other(format!("the socket's low-water mark cannot be lowered: {e}")))
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "the socket takes no low-water mark");
                 self.refused = true;
+                Ok(())
             }
         }
     }
@@ -353,7 +416,9 @@ impl<T: Read + TcpSocket + Unpin> Read for SpeedSized<T> {
         let granted = this.allowance.granted();
         let limit = this.speed.read_limit(now).filter(|_| !granted);
         let mark = this.low.wanted(&this.speed, this.ahead.get(), granted, now);
-        this.low.apply(this.inner.tcp_socket(), mark);
+        if let Err(e) = this.low.apply(this.inner.tcp_socket(), mark) {
+            return Poll::Ready(Err(e));
+        }
         let room = buf.remaining().min(limit.unwrap_or(usize::MAX));
         // SAFETY: nothing here uninitializes a byte: `ReadBuf` only lets the inner read
         // write into the slice.
@@ -371,9 +436,11 @@ impl<T: Read + TcpSocket + Unpin> Read for SpeedSized<T> {
         } else if polled.is_pending() && this.low.set > 1 && this.low.waited_too_long(cx) {
             // The server fell silent under the mark (or the body is shorter than announced):
             // lifted, what waits is read now (lowering the mark signals it), and no mark is
-            // set again before the speed is measured again.
+            // set again for a while.
             this.low.rest_until = Some(now + WINDOW);
-            this.low.apply(this.inner.tcp_socket(), 1);
+            if let Err(e) = this.low.apply(this.inner.tcp_socket(), 1) {
+                return Poll::Ready(Err(e));
+            }
             cx.waker().wake_by_ref();
         }
         polled
@@ -502,6 +569,14 @@ mod tests {
         u64::try_from(value).unwrap()
     }
 
+    /// The largest mark the socket's receive buffer allows (a quarter of it, in steps).
+    fn buffer_cap<T: TcpSocket>(io: &SpeedSized<T>) -> u64 {
+        let buffer = rustix::net::sockopt::socket_recv_buffer_size(io.inner.tcp_socket().unwrap()).unwrap() as u64;
+        let cap = buffer / 4 / LOW_WATER_STEP * LOW_WATER_STEP;
+        assert!(cap >= LOW_WATER_STEP, "a receive buffer of {buffer} allows no mark");
+        cap
+    }
+
     /// Known fast (600 MB/s: 2 ms' worth is past the cap).
     fn fast() -> Speed {
         Speed { limit: None, settled: true, rate: 600_000_000, ..Speed::new(Instant::now()) }
@@ -529,19 +604,27 @@ mod tests {
         let end = 100u64 << 20;
         let body = io.ahead.track(end);
         body.at(0);
+        let full = LOW_WATER_MAX.min(buffer_cap(&io));
         assert_eq!(poll_once(&mut io).await, None);
-        assert_eq!(low_water_of(&io), LOW_WATER_MAX, "the mark is set");
+        assert_eq!(low_water_of(&io), full, "the mark is set");
         // Near the end less is sure to come: a smaller mark (in steps), then none.
-        body.at(end - (1 << 20) - 100_000);
+        body.at(end - (1 << 20) - 40_000);
         assert_eq!(poll_once(&mut io).await, None);
-        assert_eq!(low_water_of(&io), 96 << 10);
+        assert_eq!(low_water_of(&io), LOW_WATER_STEP);
         body.at(end - (1 << 20) - 1000);
         assert_eq!(poll_once(&mut io).await, None);
         assert_eq!(low_water_of(&io), 1);
+        // Two bodies at once on the connection (HTTP/2 streams): neither says what is sure.
+        body.at(0);
+        let other = io.ahead.track(end);
+        other.at(0);
+        assert_eq!(poll_once(&mut io).await, None);
+        assert_eq!(low_water_of(&io), 1, "two bodies, no mark");
+        drop(other);
         // The body's end clears what is ahead: the connection's next answer reads at once.
         body.at(0);
         assert_eq!(poll_once(&mut io).await, None);
-        assert_eq!(low_water_of(&io), LOW_WATER_MAX);
+        assert_eq!(low_water_of(&io), full);
         drop(body);
         assert_eq!(poll_once(&mut io).await, None);
         assert_eq!(low_water_of(&io), 1, "nothing ahead, no mark");
@@ -587,7 +670,27 @@ mod tests {
         // Fast, nothing granted: the mark (so the cases above were not refused by the socket).
         io.allowance.spend(1000);
         assert_eq!(poll_once(&mut io).await, None);
-        assert_eq!(low_water_of(&io), LOW_WATER_MAX);
+        assert_eq!(low_water_of(&io), LOW_WATER_MAX.min(buffer_cap(&io)));
+    }
+
+    #[test]
+    fn a_mark_that_cannot_be_lowered_is_an_error_and_one_that_cannot_be_raised_is_none() {
+        let mut low = LowWater { set: 1, asked: 1, ..LowWater::default() };
+        assert!(low.apply(None, LOW_WATER_MAX).is_ok(), "no mark holds nothing back");
+        assert!(low.refused && low.set == 1);
+        let mut low = LowWater { set: LOW_WATER_MAX, asked: LOW_WATER_MAX, ..LowWater::default() };
+        assert!(low.apply(None, 1).is_err(), "a mark left in place would hold back what waits under it");
+    }
+
+    #[test]
+    fn marks_need_a_kernel_that_can_lift_them() {
+        assert!(kernel_at_least("6.18.44-fc-v1272\n", (4, 18)));
+        assert!(kernel_at_least("4.18.0-553.el8_10.x86_64", (4, 18)));
+        assert!(kernel_at_least("5.4.0", (4, 18)));
+        assert!(!kernel_at_least("4.15.0-213-generic", (4, 18)));
+        assert!(!kernel_at_least("3.10.0-1160.el7.x86_64", (4, 18)));
+        assert!(!kernel_at_least("", (4, 18)));
+        assert!(!kernel_at_least("garbage", (4, 18)));
     }
 
     #[tokio::test]
