@@ -210,3 +210,17 @@ fn a_socket_directory_owned_by_someone_else_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("owned by uid 65534"), "{stderr}");
 }
+
+/// TLS randomness comes from the kernel (with the CPU's RDRAND mixed in), as with ring and
+/// BoringSSL: aws-lc's CPU-jitter source is not built (`.cargo/config.toml`), since collecting
+/// jitter cost every daemon process 40 ms of CPU before its first handshake (SECURITY.md).
+#[test]
+fn the_daemon_is_built_without_cpu_jitter_entropy() {
+    let daemon = std::fs::read(dlsession_testkit::bin_path("dlsessiond")).unwrap();
+    let marker: &[u8] = b"jent_entropy_collector_alloc";
+    let built_in = daemon.windows(marker.len()).any(|w| w == marker);
+    assert!(
+        !built_in,
+        "aws-lc's jitter entropy is built in: is AWS_LC_SYS_NO_JITTER_ENTROPY set (.cargo/config.toml)?"
+    );
+}
