@@ -154,9 +154,9 @@ async fn a_slow_small_download_checkpoints_on_time() {
     assert!(offset >= 100_000, "resumed at {offset}: what arrived before the crash was not kept");
 }
 
-/// Body frames are gathered for the writer a few milliseconds at most: what arrived before
-/// the server fell silent is in the partial file at once, not held in memory until more
-/// comes (or the idle timeout ends the attempt).
+/// Body frames go to the writer as they arrive (batched only with what is already there):
+/// what arrived before the server fell silent is in the partial file at once, not held in
+/// memory until more comes (or the idle timeout ends the attempt).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_arrived_before_a_stall_is_written_at_once() {
     let env = TestEnv::new();

@@ -148,7 +148,8 @@ async fn limits_are_set_and_shown_by_dlsessionctl_and_kept_across_a_restart() {
 }
 
 /// A paced body reaches the partial file as it is paced, not once a whole batch for the
-/// writer has gathered (256 KiB: four seconds at this limit).
+/// writer has gathered (256 KiB: four seconds at this limit; hyper reads ahead of the pace,
+/// so the next frame is always there).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paced_download_is_written_as_it_goes() {
     let env = TestEnv::new();
