@@ -168,7 +168,7 @@ async fn what_arrived_before_a_stall_is_written_at_once() {
     let (_session, mut events, task) = start_download(&env, &server, "test.stall-write").await;
     wait_for_bytes(&mut events, task.id(), sent).await;
     let part = env.downloads_dir().join("s1").join(format!("{}.part", task.id()));
-    dlsession_testkit::wait_for("the bytes before the stall in the partial file", Duration::from_secs(2), || {
+    dlsession_testkit::wait_for("the bytes before the stall in the partial file", Duration::from_secs(10), || {
         (std::fs::metadata(&part).ok()?.len() >= sent).then_some(())
     });
 }

@@ -162,7 +162,7 @@ async fn a_paced_download_is_written_as_it_goes() {
     set(&env, LimitTarget::Task { task: task.id() }, Some(64 << 10)).await;
     task.resume().await.unwrap();
     let part = env.downloads_dir().join("s1").join(format!("{}.part", task.id()));
-    dlsession_testkit::wait_for("paced bytes in the partial file", Duration::from_secs(2), || {
+    dlsession_testkit::wait_for("paced bytes in the partial file", Duration::from_secs(3), || {
         (std::fs::metadata(&part).ok()?.len() >= 32 << 10).then_some(())
     });
     assert!(received(&task).await < 256 << 10, "paced: not a whole batch yet");

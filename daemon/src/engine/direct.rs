@@ -61,7 +61,8 @@ const HUGE: usize = 2 << 20;
 impl Aligned {
     fn new() -> Aligned {
         // Untouched until written (a fresh mapping: 4 MiB and more come from `mmap`, see
-        // `tune_malloc`), so the advice applies from the first write.
+        // `tune_malloc`, unless the user tuned malloc), so the advice applies from the first
+        // write.
         let mem = vec![0u8; BUF + HUGE];
         let at = (HUGE - mem.as_ptr() as usize % HUGE) % HUGE;
         if let Some(usable) = mem.get(at..at + BUF) {
@@ -359,6 +360,25 @@ mod tests {
             assert_eq!(b.slice(BUF).len(), BUF);
             b.slice_mut(BUF - 1, BUF).copy_from_slice(&[7]);
             assert_eq!(b.slice(BUF).last(), Some(&7));
+            let flags = vm_flags_at(b.slice(BUF).as_ptr() as usize).expect("the buffer is in a mapping");
+            assert!(flags.split_whitespace().any(|f| f == "hg"), "no huge-page advice: {flags}");
         }
+    }
+
+    /// The `VmFlags` of this process's mapping that holds `addr` (`/proc/self/smaps`).
+    fn vm_flags_at(addr: usize) -> Option<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut inside = false;
+        for line in smaps.lines() {
+            let range = line.split_whitespace().next().and_then(|r| r.split_once('-'));
+            if let Some((lo, hi)) = range
+                && let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+            {
+                inside = (lo..hi).contains(&addr);
+            } else if inside && let Some(flags) = line.strip_prefix("VmFlags:") {
+                return Some(flags.to_owned());
+            }
+        }
+        None
     }
 }

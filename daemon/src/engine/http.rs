@@ -261,8 +261,8 @@ const H1_MAX_BUF: usize = 1 << 20;
 /// What an HTTP/2 server may send on one stream before the engine has taken it.
 const H2_STREAM_WINDOW: u32 = 8 << 20;
 /// What may sit above a connection's socket, read but not yet counted by the engine. TLS:
-/// rustls's records, at most two of 16 KiB + 256 bytes per layer (two layers through an
-/// HTTPS proxy): 128 KiB. HTTP/1.1: hyper reads into its buffer's whole spare room, which
+/// rustls's records, at most two of 16 KiB + 256 bytes per layer, two layers through an
+/// HTTPS proxy: about 65 KiB, counted twice. HTTP/1.1: hyper reads into its buffer's whole spare room, which
 /// reserving may double past `H1_MAX_BUF`, and the frame it handed on may be as large. HTTP/2:
 /// the stream's window and h2's frame buffer.
 const IN_FLIGHT: InFlight = InFlight {

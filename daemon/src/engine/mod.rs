@@ -48,11 +48,12 @@ use report::Timing;
 pub use report::{FinishPlan, ResponseMeta, Sink, UploadResponse, WorkerEvent, WorkerLink};
 use writer::WriterMsg;
 
-/// Body frames are handed to the writer thread in batches of about this many bytes.
+/// Body frames are handed to the writer thread in batches of at most about this many bytes.
 const HANDOFF: usize = 256 << 10;
-/// A batch takes frames that are already there for at most this long after its first one:
-/// a body paced by a bandwidth limit always has its next frame there (hyper read ahead of the
-/// pace) and gathered a whole HANDOFF, four seconds at 64 KiB/s. Waiting for frames not yet
+/// A batch takes frames (or a paced frame's slices) that are already there for at most this
+/// long after its first one: a body paced by a bandwidth limit always has its next frame there
+/// (hyper read ahead of the pace) and gathered a whole HANDOFF, four seconds at 64 KiB/s; a
+/// frame paced in slices was held until its last slice. Waiting for frames not yet
 /// there was tried and dropped: frames held while more arrive keep hyper's read buffers alive,
 /// and 50 slow downloads took 216 KiB each instead of 106 (rss-per-download).
 const GATHER: Duration = Duration::from_millis(4);
@@ -605,13 +606,8 @@ impl Engine {
             let frame = match ready {
                 Some(f) => f,
                 None => {
-                    if !held && !batch.is_empty() {
-                        batched = 0;
-                        let began = std::time::Instant::now();
-                        if tx.send(WriterMsg::Data(std::mem::take(&mut batch))).await.is_err() {
-                            return BodyEnd::WriterGone;
-                        }
-                        Timing::add(&job.link.timing().writer_wait, began);
+                    if !held && !batch.is_empty() && !hand_over(tx, &mut batch, &mut batched, &job.link).await {
+                        return BodyEnd::WriterGone;
                     }
                     let began = std::time::Instant::now();
                     let frame = tokio::select! {
@@ -679,6 +675,13 @@ impl Engine {
                     }
                     batched += piece.len();
                     batch.push(piece);
+                    // A slow pace must not hold a frame's first slices until its last.
+                    if !held
+                        && Instant::now() >= gathering + GATHER
+                        && !hand_over(tx, &mut batch, &mut batched, &job.link).await
+                    {
+                        return BodyEnd::WriterGone;
+                    }
                 }
                 if stopped {
                     break BodyEnd::Stopped;
@@ -847,6 +850,20 @@ struct Hold {
     until: Instant,
     /// The announced length: never more is kept.
     limit: u64,
+}
+
+/// Hands a batch of body frames to the writer thread; false when the writer is gone.
+async fn hand_over(
+    tx: &mpsc::Sender<WriterMsg>,
+    batch: &mut Vec<Bytes>,
+    batched: &mut usize,
+    link: &WorkerLink,
+) -> bool {
+    *batched = 0;
+    let began = std::time::Instant::now();
+    let sent = tx.send(WriterMsg::Data(std::mem::take(batch))).await.is_ok();
+    Timing::add(&link.timing().writer_wait, began);
+    sent
 }
 
 async fn deadline(at: Option<Instant>) {

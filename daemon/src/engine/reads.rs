@@ -186,8 +186,14 @@ impl AheadGuard {
     /// The engine has the body up to `offset`.
     pub fn at(&self, offset: u64) {
         let count = &self.ahead.0;
-        let alone = count.bodies.load(Ordering::Relaxed) == 1;
-        count.bytes.store(if alone { self.end.saturating_sub(offset) } else { 0 }, Ordering::Relaxed);
+        if count.bodies.load(Ordering::Relaxed) == 1 {
+            count.bytes.store(self.end.saturating_sub(offset), Ordering::Relaxed);
+            // Another body may have started in between: then nothing is sure.
+            if count.bodies.load(Ordering::Relaxed) == 1 {
+                return;
+            }
+        }
+        count.bytes.store(0, Ordering::Relaxed);
     }
 
     /// Nothing is sure to come at the socket's pace (the body is paced by a bandwidth limit:
@@ -238,7 +244,10 @@ struct LowWater {
     in_flight: u64,
     /// Lifts a mark a read waited under too long; armed while such a read waits.
     wait: Option<Pin<Box<tokio::time::Sleep>>>,
-    armed: bool,
+    /// When the timer was armed for the read now waiting.
+    armed: Option<Instant>,
+    /// A mark the receive buffer made smaller is asked for again from then on.
+    retry_at: Option<Instant>,
     /// After a lifted mark, none before this.
     rest_until: Option<Instant>,
     /// The socket refused a mark: none again.
@@ -259,14 +268,16 @@ impl LowWater {
     }
 
     /// Whether a read has waited [`LOW_WATER_WAIT`] under the mark (the timer wakes it).
-    fn waited_too_long(&mut self, cx: &mut Context<'_>) -> bool {
+    fn waited_too_long(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
         let wait = self.wait.get_or_insert_with(|| Box::pin(tokio::time::sleep(LOW_WATER_WAIT)));
-        if !self.armed {
+        // Armed long before (hyper stopped reading while its writer caught up, and the timer
+        // ran out unseen): this wait starts now.
+        if self.armed.is_none_or(|at| now.saturating_duration_since(at) > 2 * LOW_WATER_WAIT) {
             wait.as_mut().reset(tokio::time::Instant::now() + LOW_WATER_WAIT);
-            self.armed = true;
+            self.armed = Some(now);
         }
         if wait.as_mut().poll(cx).is_ready() {
-            self.armed = false;
+            self.armed = None;
             return true;
         }
         false
@@ -275,11 +286,12 @@ impl LowWater {
     /// Sets the socket's mark to `mark`. A raised mark that cannot be lowered again would
     /// hold back what waits under it: that is an error (the attempt fails and is retried on
     /// another connection); a mark that cannot be raised only means none.
-    fn apply(&mut self, socket: Option<BorrowedFd<'_>>, mark: u64) -> io::Result<()> {
-        if mark == self.asked {
+    fn apply(&mut self, socket: Option<BorrowedFd<'_>>, mark: u64, now: Instant) -> io::Result<()> {
+        if mark == self.asked && self.retry_at.is_none_or(|at| now < at) {
             return Ok(());
         }
         self.asked = mark;
+        self.retry_at = None;
         let result = match socket {
             None => Err(io::Error::other("no socket")),
             // Not past a quarter of the receive buffer: a larger mark would make the kernel
@@ -295,7 +307,11 @@ impl LowWater {
         match result {
             Ok(applied) => {
                 self.set = applied;
-                self.armed = false;
+                self.armed = None;
+                // The buffer grows as the connection runs (the kernel tunes it).
+                if applied < mark {
+                    self.retry_at = Some(now + WINDOW);
+                }
                 Ok(())
             }
             Err(e) if self.set > 1 => {
@@ -416,7 +432,7 @@ impl<T: Read + TcpSocket + Unpin> Read for SpeedSized<T> {
         let granted = this.allowance.granted();
         let limit = this.speed.read_limit(now).filter(|_| !granted);
         let mark = this.low.wanted(&this.speed, this.ahead.get(), granted, now);
-        if let Err(e) = this.low.apply(this.inner.tcp_socket(), mark) {
+        if let Err(e) = this.low.apply(this.inner.tcp_socket(), mark, now) {
             return Poll::Ready(Err(e));
         }
         let room = buf.remaining().min(limit.unwrap_or(usize::MAX));
@@ -432,13 +448,13 @@ impl<T: Read + TcpSocket + Unpin> Read for SpeedSized<T> {
             unsafe { buf.advance(n) };
             this.speed.record(n, now);
             this.allowance.spend(n);
-            this.low.armed = false;
-        } else if polled.is_pending() && this.low.set > 1 && this.low.waited_too_long(cx) {
+            this.low.armed = None;
+        } else if polled.is_pending() && this.low.set > 1 && this.low.waited_too_long(cx, now) {
             // The server fell silent under the mark (or the body is shorter than announced):
             // lifted, what waits is read now (lowering the mark signals it), and no mark is
             // set again for a while.
             this.low.rest_until = Some(now + WINDOW);
-            if let Err(e) = this.low.apply(this.inner.tcp_socket(), 1) {
+            if let Err(e) = this.low.apply(this.inner.tcp_socket(), 1, now) {
                 return Poll::Ready(Err(e));
             }
             cx.waker().wake_by_ref();
@@ -536,6 +552,8 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
+        // A receive buffer that allows marks on any kernel (older ones start at 85 KiB).
+        rustix::net::sockopt::set_socket_recv_buffer_size(&client, 1 << 20).unwrap();
         (SpeedSized::new(hyper_util::rt::TokioIo::new(client), 0), server)
     }
 
@@ -643,11 +661,11 @@ mod tests {
         assert_eq!(n.expect("a silent server under the mark stalls the read"), 1000);
         assert!(began.elapsed() >= LOW_WATER_WAIT, "read at once: no mark was set ({:?})", began.elapsed());
         assert_eq!(low_water_of(&io), 1, "lifted");
-        // It rests until the speed is measured again: the next short burst reads at once.
-        server.write_all(&[7u8; 1000]).await.unwrap();
-        let began = Instant::now();
-        assert_eq!(read_once(&mut io, 1 << 20).await, 1000);
-        assert!(began.elapsed() < LOW_WATER_WAIT, "{:?}", began.elapsed());
+        // It rests a while: no mark is set again before then.
+        let rest = io.low.rest_until.expect("a lifted mark rests");
+        assert!(rest > began && rest <= Instant::now() + WINDOW);
+        assert_eq!(io.low.wanted(&io.speed, io.ahead.get(), false, rest - Duration::from_millis(1)), 1);
+        assert!(io.low.wanted(&io.speed, io.ahead.get(), false, rest) > 1, "after the rest, marks again");
     }
 
     #[tokio::test]
@@ -676,10 +694,31 @@ mod tests {
     #[test]
     fn a_mark_that_cannot_be_lowered_is_an_error_and_one_that_cannot_be_raised_is_none() {
         let mut low = LowWater { set: 1, asked: 1, ..LowWater::default() };
-        assert!(low.apply(None, LOW_WATER_MAX).is_ok(), "no mark holds nothing back");
+        assert!(low.apply(None, LOW_WATER_MAX, Instant::now()).is_ok(), "no mark holds nothing back");
         assert!(low.refused && low.set == 1);
         let mut low = LowWater { set: LOW_WATER_MAX, asked: LOW_WATER_MAX, ..LowWater::default() };
-        assert!(low.apply(None, 1).is_err(), "a mark left in place would hold back what waits under it");
+        assert!(
+            low.apply(None, 1, Instant::now()).is_err(),
+            "a mark left in place would hold back what waits under it"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_mark_the_receive_buffer_made_smaller_is_asked_for_again_later() {
+        let (io, _server) = connected().await;
+        let socket = io.inner.tcp_socket().unwrap();
+        rustix::net::sockopt::set_socket_recv_buffer_size(socket, 64 << 10).unwrap();
+        let small = buffer_cap(&io);
+        assert!(small < LOW_WATER_MAX, "a buffer of 64 KiB allows {small}");
+        let mut low = LowWater { set: 1, asked: 1, ..LowWater::default() };
+        let t0 = Instant::now();
+        low.apply(Some(socket), LOW_WATER_MAX, t0).unwrap();
+        assert_eq!((low.set, low_water_of(&io)), (small, small));
+        rustix::net::sockopt::set_socket_recv_buffer_size(socket, 1 << 20).unwrap();
+        low.apply(Some(socket), LOW_WATER_MAX, t0 + WINDOW / 2).unwrap();
+        assert_eq!(low.set, small, "not asked again at once");
+        low.apply(Some(socket), LOW_WATER_MAX, t0 + WINDOW).unwrap();
+        assert_eq!((low.set, low_water_of(&io)), (LOW_WATER_MAX, LOW_WATER_MAX), "asked again: the buffer grew");
     }
 
     #[test]
