@@ -100,6 +100,11 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome> {
         }
         let _ = writeln!(table, "| {db} | {} | {} | {} |", first.fmt(1), rejoin.fmt(1), exit.fmt(0));
     }
+    let https = Summary::of(&first_https(ctx, &activator).await?).context("no runs")?;
+    outcome.rows.push(
+        Row::new(NAME, "connection to a stopped daemon → its first HTTPS download (64 KiB) done, ms")
+            .ours(format!("{:.1}", https.median)),
+    );
     let _ = writeln!(
         outcome.details,
         "`idle_exit_ms = {IDLE_EXIT_MS}`. Each run starts `systemd-socket-activate -l SOCKET dlsessiond` (which \
@@ -114,8 +119,12 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome> {
          disconnects and the time until the process has exited is taken (it includes the {IDLE_EXIT_MS} ms of \
          `idle_exit_ms`). {} runs after one that is not counted; medians (min–max):\n\n\
          | database | first answer ms | an app's session attached, its tasks listed ms | exit after the client \
-         left ms |\n|---|---|---|---|\n{table}",
-        ctx.runs
+         left ms |\n|---|---|---|---|\n{table}\n\
+         The first HTTPS download: `dlsessionctl get https://… -o FILE --wait` (64 KiB from nginx over \
+         TLS 1.3, HTTP/1.1, trusted through `extra_ca_file`) against a stopped daemon, which its connection \
+         starts; from launching the command until it exits, the file checked: {} ms.\n",
+        ctx.runs,
+        https.fmt(1)
     );
     Ok(outcome)
 }
@@ -129,13 +138,7 @@ async fn activate_once(activator: &Path, daemon: &Path, env: &BenchEnv, tasks: u
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
-    let mut cmd = Command::new(activator);
-    cmd.arg("-l").arg(&env.socket);
-    for (k, v) in env.vars() {
-        cmd.arg("-E").arg(format!("{}={}", k.to_string_lossy(), v.to_string_lossy()));
-    }
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(env.path().join("activated.log"))?;
-    cmd.arg(daemon).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    let mut cmd = activator_command(activator, daemon, env)?;
     let t0 = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("starting {}", activator.display()))?;
     let result = talk(&env.socket, t0, &mut child, tasks).await;
@@ -144,6 +147,88 @@ async fn activate_once(activator: &Path, daemon: &Path, env: &BenchEnv, tasks: u
         let _ = child.wait();
     }
     result
+}
+
+/// `systemd-socket-activate -l SOCKET -E … DAEMON`, logging to the environment's
+/// `activated.log`.
+fn activator_command(activator: &Path, daemon: &Path, env: &BenchEnv) -> Result<Command> {
+    let mut cmd = Command::new(activator);
+    cmd.arg("-l").arg(&env.socket);
+    for (k, v) in env.vars() {
+        cmd.arg("-E").arg(format!("{}={}", k.to_string_lossy(), v.to_string_lossy()));
+    }
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(env.path().join("activated.log"))?;
+    cmd.arg(daemon).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    Ok(cmd)
+}
+
+/// Runs of: a connection to a stopped daemon (`dlsessionctl get https://… --wait`, which
+/// starts it) → that first HTTPS download done (64 KiB from nginx), ms. A new process's
+/// first TLS handshake pays whatever its TLS library does once (aws-lc's jitter entropy
+/// cost about 40 ms before it was left out of the build).
+async fn first_https(ctx: &Ctx, activator: &Path) -> Result<Vec<f64>> {
+    const FILE: &str = "activation-https.bin";
+    let body: Vec<u8> = (0..64u32 << 10).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    std::fs::write(ctx.www.join(FILE), &body).context("writing the HTTPS activation file")?;
+    let config = format!("idle_exit_ms = {IDLE_EXIT_MS}\nextra_ca_file = \"{}\"\n", ctx.ca.ca_pem_path().display());
+    let env = BenchEnv::new(&ctx.work, "activation-https", &config)?;
+    let out = env.path().join("out.bin");
+    let mut times = Vec::new();
+    // One activation first, not counted, as for the first answer.
+    for r in 0..=ctx.runs {
+        let _ = std::fs::remove_file(&env.socket);
+        if let Some(dir) = env.socket.parent() {
+            std::fs::create_dir_all(dir)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        let mut child = activator_command(activator, &ctx.daemon_bin, &env)?
+            .spawn()
+            .with_context(|| format!("starting {}", activator.display()))?;
+        // The service manager's socket is there before any client comes (and a client that
+        // found none would start a daemon of its own).
+        let bound = Instant::now();
+        while !env.socket.exists() {
+            if bound.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("{} did not bind {}", activator.display(), env.socket.display());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let mut get = Command::new(&ctx.ctl_bin);
+        get.envs(env.vars()).env("DLSESSION_NO_AUTOSTART", "1").arg("--socket").arg(&env.socket);
+        get.arg("get").arg(ctx.nginx.h1_url(&format!("/{FILE}"))).arg("-o").arg(&out).arg("--wait");
+        get.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let t0 = Instant::now();
+        let done = tokio::task::spawn_blocking(move || get.output()).await?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let checked = match done {
+            Ok(o) if o.status.success() && std::fs::read(&out).is_ok_and(|got| got == body) => Ok(()),
+            Ok(o) => Err(anyhow::anyhow!(
+                "the first HTTPS download failed or differs: {} {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => Err(anyhow::anyhow!("running dlsessionctl: {e}")),
+        };
+        let _ = std::fs::remove_file(&out);
+        let waited = Instant::now();
+        while child.try_wait()?.is_none() {
+            if waited.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the daemon did not exit within 10 s of its first HTTPS download");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        checked?;
+        if r > 0 {
+            println!("[{NAME}] first HTTPS download, run {r}/{}: {ms:.1} ms", ctx.runs);
+            times.push(ms);
+        }
+    }
+    Ok(times)
 }
 
 async fn talk(socket: &Path, t0: Instant, child: &mut Child, tasks: u64) -> Result<(f64, f64, f64)> {
