@@ -589,12 +589,9 @@ impl Engine {
         // DATA frames are often 8-16 KiB) and no copying, while a slow body is never held
         // back. A fast connection waits in the kernel for a worthwhile read (`reads`), so
         // what has arrived is then a large batch.
-        let mut batch: Vec<Bytes> = Vec::new();
-        let mut batched = 0usize;
-        // When the batch's first frame arrived (meaningful while the batch is not empty).
-        let mut gathering = Instant::now();
+        let mut batch = Batch::default();
         let end = loop {
-            let ready = if !held && !batch.is_empty() && batched < HANDOFF && Instant::now() < gathering + GATHER {
+            let ready = if !held && !batch.is_empty() && batch.takes_more() {
                 tokio::select! {
                     biased;
                     f = body.frame() => Some(Ok(f)),
@@ -606,7 +603,7 @@ impl Engine {
             let frame = match ready {
                 Some(f) => f,
                 None => {
-                    if !held && !batch.is_empty() && !hand_over(tx, &mut batch, &mut batched, &job.link).await {
+                    if !held && !batch.is_empty() && !batch.hand_over(tx, &job.link).await {
                         return BodyEnd::WriterGone;
                     }
                     let began = std::time::Instant::now();
@@ -640,7 +637,7 @@ impl Engine {
             }
             // hyper holds a body to its Content-Length, but a 206 may announce its length
             // only in Content-Range: a held body keeps no byte beyond what was announced.
-            let room = hold.map_or(u64::MAX, |h| h.limit.saturating_sub(batched as u64));
+            let room = hold.map_or(u64::MAX, |h| h.limit.saturating_sub(batch.bytes as u64));
             let overlong = data.len() as u64 > room;
             if overlong {
                 data.truncate(usize::try_from(room).unwrap_or(0));
@@ -670,16 +667,9 @@ impl Engine {
                     // Waiting for its turn is a sign of life, not a stall.
                     job.progress.beat();
                     job.progress.received.fetch_add(piece.len() as u64, Ordering::Relaxed);
-                    if batch.is_empty() {
-                        gathering = Instant::now();
-                    }
-                    batched += piece.len();
                     batch.push(piece);
                     // A slow pace must not hold a frame's first slices until its last.
-                    if !held
-                        && Instant::now() >= gathering + GATHER
-                        && !hand_over(tx, &mut batch, &mut batched, &job.link).await
-                    {
+                    if !held && batch.overdue() && !batch.hand_over(tx, &job.link).await {
                         return BodyEnd::WriterGone;
                     }
                 }
@@ -688,10 +678,6 @@ impl Engine {
                 }
             } else {
                 job.progress.received.fetch_add(data.len() as u64, Ordering::Relaxed);
-                if batch.is_empty() {
-                    gathering = Instant::now();
-                }
-                batched += data.len();
                 batch.push(data);
             }
             match (ahead, paced) {
@@ -707,7 +693,7 @@ impl Engine {
             }
         };
         // Whatever arrived is written (and synced) whatever happens next.
-        if !batch.is_empty() && tx.send(WriterMsg::Data(batch)).await.is_err() {
+        if !batch.is_empty() && tx.send(WriterMsg::Data(batch.frames)).await.is_err() {
             return BodyEnd::WriterGone;
         }
         end
@@ -852,18 +838,45 @@ struct Hold {
     limit: u64,
 }
 
-/// Hands a batch of body frames to the writer thread; false when the writer is gone.
-async fn hand_over(
-    tx: &mpsc::Sender<WriterMsg>,
-    batch: &mut Vec<Bytes>,
-    batched: &mut usize,
-    link: &WorkerLink,
-) -> bool {
-    *batched = 0;
-    let began = std::time::Instant::now();
-    let sent = tx.send(WriterMsg::Data(std::mem::take(batch))).await.is_ok();
-    Timing::add(&link.timing().writer_wait, began);
-    sent
+/// Body frames gathered for the writer thread (see HANDOFF and GATHER).
+#[derive(Default)]
+struct Batch {
+    frames: Vec<Bytes>,
+    bytes: usize,
+    /// When its first frame came.
+    since: Option<Instant>,
+}
+
+impl Batch {
+    fn push(&mut self, data: Bytes) {
+        self.since.get_or_insert_with(Instant::now);
+        self.bytes += data.len();
+        self.frames.push(data);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Whether it may still take frames that are already there: under HANDOFF bytes, and
+    /// GATHER has not passed since its first.
+    fn takes_more(&self) -> bool {
+        self.bytes < HANDOFF && !self.overdue()
+    }
+
+    /// Whether GATHER has passed since its first frame.
+    fn overdue(&self) -> bool {
+        self.since.is_some_and(|at| Instant::now() >= at + GATHER)
+    }
+
+    /// Hands it to the writer thread and starts an empty one; false when the writer is gone.
+    async fn hand_over(&mut self, tx: &mpsc::Sender<WriterMsg>, link: &WorkerLink) -> bool {
+        let frames = std::mem::take(self).frames;
+        let began = std::time::Instant::now();
+        let sent = tx.send(WriterMsg::Data(frames)).await.is_ok();
+        Timing::add(&link.timing().writer_wait, began);
+        sent
+    }
 }
 
 async fn deadline(at: Option<Instant>) {

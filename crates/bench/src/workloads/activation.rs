@@ -132,12 +132,6 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome> {
 /// One activation: ms to the first answer, to an app's session listed, and from the client
 /// leaving to the exit.
 async fn activate_once(activator: &Path, daemon: &Path, env: &BenchEnv, tasks: u64) -> Result<(f64, f64, f64)> {
-    let _ = std::fs::remove_file(&env.socket);
-    if let Some(dir) = env.socket.parent() {
-        std::fs::create_dir_all(dir)?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    }
     let mut cmd = activator_command(activator, daemon, env)?;
     let t0 = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("starting {}", activator.display()))?;
@@ -150,8 +144,14 @@ async fn activate_once(activator: &Path, daemon: &Path, env: &BenchEnv, tasks: u
 }
 
 /// `systemd-socket-activate -l SOCKET -E … DAEMON`, logging to the environment's
-/// `activated.log`.
+/// `activated.log`, with the last run's socket gone and its private directory there.
 fn activator_command(activator: &Path, daemon: &Path, env: &BenchEnv) -> Result<Command> {
+    let _ = std::fs::remove_file(&env.socket);
+    if let Some(dir) = env.socket.parent() {
+        std::fs::create_dir_all(dir)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
     let mut cmd = Command::new(activator);
     cmd.arg("-l").arg(&env.socket);
     for (k, v) in env.vars() {
@@ -176,12 +176,6 @@ async fn first_https(ctx: &Ctx, activator: &Path) -> Result<Vec<f64>> {
     let mut times = Vec::new();
     // One activation first, not counted, as for the first answer.
     for r in 0..=ctx.runs {
-        let _ = std::fs::remove_file(&env.socket);
-        if let Some(dir) = env.socket.parent() {
-            std::fs::create_dir_all(dir)?;
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-        }
         let mut child = activator_command(activator, &ctx.daemon_bin, &env)?
             .spawn()
             .with_context(|| format!("starting {}", activator.display()))?;
