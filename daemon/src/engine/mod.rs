@@ -469,7 +469,10 @@ impl Engine {
             allowance.grant(hold.limit);
         }
         // The connection may wait for bytes that are sure to come (see `reads`).
-        let ahead = total.and_then(|end| resp.extensions().get::<reads::BodyAhead>().map(|a| a.track(end)));
+        let ahead = resp.extensions().get::<reads::BodyAhead>().map(|a| match total {
+            Some(end) => a.track(end),
+            None => a.track_unsized(),
+        });
         let mut start_writer = Some(start_writer);
         let mut writer = None;
         let mut body = resp.into_body();

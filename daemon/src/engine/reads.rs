@@ -167,7 +167,16 @@ impl BodyAhead {
     /// clears the count when dropped.
     pub fn track(&self, end: u64) -> AheadGuard {
         self.0.bodies.fetch_add(1, Ordering::Relaxed);
-        AheadGuard { ahead: self.clone(), end }
+        AheadGuard { ahead: self.clone(), end: Some(end) }
+    }
+
+    /// A body of unknown length (chunked, or an upload's answer) is read: while it lasts,
+    /// nothing on the connection is sure to come, so another body beside it on an HTTP/2
+    /// connection sets no mark that would hold this one's bytes back.
+    pub fn track_unsized(&self) -> AheadGuard {
+        self.0.bodies.fetch_add(1, Ordering::Relaxed);
+        self.0.bytes.store(0, Ordering::Relaxed);
+        AheadGuard { ahead: self.clone(), end: None }
     }
 
     fn get(&self) -> u64 {
@@ -179,15 +188,18 @@ impl BodyAhead {
 #[derive(Debug)]
 pub struct AheadGuard {
     ahead: BodyAhead,
-    end: u64,
+    /// Where the body ends (`None`: unknown).
+    end: Option<u64>,
 }
 
 impl AheadGuard {
     /// The engine has the body up to `offset`.
     pub fn at(&self, offset: u64) {
         let count = &self.ahead.0;
-        if count.bodies.load(Ordering::Relaxed) == 1 {
-            count.bytes.store(self.end.saturating_sub(offset), Ordering::Relaxed);
+        if let Some(end) = self.end
+            && count.bodies.load(Ordering::Relaxed) == 1
+        {
+            count.bytes.store(end.saturating_sub(offset), Ordering::Relaxed);
             // Another body may have started in between: then nothing is sure.
             if count.bodies.load(Ordering::Relaxed) == 1 {
                 return;
@@ -639,6 +651,17 @@ mod tests {
         assert_eq!(poll_once(&mut io).await, None);
         assert_eq!(low_water_of(&io), 1, "two bodies, no mark");
         drop(other);
+        // A body of unknown length beside it (a chunked HTTP/2 stream) is not held back either.
+        body.at(0);
+        let unsized_body = io.ahead.track_unsized();
+        body.at(0);
+        assert_eq!(poll_once(&mut io).await, None);
+        assert_eq!(low_water_of(&io), 1, "a body of unknown length beside it, no mark");
+        unsized_body.at(5000);
+        body.at(0);
+        assert_eq!(poll_once(&mut io).await, None);
+        assert_eq!(low_water_of(&io), 1, "still no mark");
+        drop(unsized_body);
         // The body's end clears what is ahead: the connection's next answer reads at once.
         body.at(0);
         assert_eq!(poll_once(&mut io).await, None);

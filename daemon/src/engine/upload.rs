@@ -427,6 +427,8 @@ async fn read_response(job: &Job, url: Url, resp: hyper::Response<Incoming>) -> 
     let mut body = Vec::new();
     let mut truncated = false;
     let mut drained = 0u64;
+    // Its bytes are never held back by a download's low-water mark on a shared connection.
+    let _reading = resp.extensions().get::<super::reads::BodyAhead>().map(super::reads::BodyAhead::track_unsized);
     let mut incoming = resp.into_body();
     loop {
         let frame = match tokio::time::timeout(job.idle_timeout, incoming.frame()).await {
