@@ -79,11 +79,20 @@ fn socket_activate(env: &TestEnv, notify: &Path, extra: &[&str]) -> (Child, Path
     (child, log)
 }
 
-/// A client of the daemon in `env` that never starts one itself.
+/// A client of the daemon in `env` that never starts one itself. The activation socket's
+/// file appears at `bind`, a moment before `listen`: a connection in between is refused.
 async fn connect(env: &TestEnv) -> Client {
-    Client::connect(ClientOptions { socket: Some(env.socket.clone()), autostart: false, ..ClientOptions::default() })
-        .await
-        .unwrap()
+    let began = Instant::now();
+    loop {
+        let options = ClientOptions { socket: Some(env.socket.clone()), autostart: false, ..ClientOptions::default() };
+        match Client::connect(options).await {
+            Ok(client) => return client,
+            Err(dlsession::Error::NotRunning { .. }) if began.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("connecting to {}: {e}", env.socket.display()),
+        }
+    }
 }
 
 fn stop(mut child: Child) {

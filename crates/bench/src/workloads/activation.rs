@@ -143,6 +143,19 @@ async fn activate_once(activator: &Path, daemon: &Path, env: &BenchEnv, tasks: u
     result
 }
 
+/// Whether a Unix socket listens at `path`, without connecting to it (a connection would
+/// start the daemon): its row in `/proc/net/unix` has the `__SO_ACCEPTCON` flag. Where that
+/// table cannot be read, the socket's file is taken for it.
+fn listening(path: &Path) -> bool {
+    const ACCEPTING: u32 = 0x0001_0000;
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else { return path.exists() };
+    table.lines().skip(1).any(|row| {
+        let fields: Vec<&str> = row.split_whitespace().collect();
+        let flags = fields.get(3).and_then(|f| u32::from_str_radix(f, 16).ok());
+        fields.get(7).is_some_and(|p| Path::new(p) == path) && flags.is_some_and(|f| f & ACCEPTING != 0)
+    })
+}
+
 /// `systemd-socket-activate -l SOCKET -E … DAEMON`, logging to the environment's
 /// `activated.log`, with the last run's socket gone and its private directory there.
 fn activator_command(activator: &Path, daemon: &Path, env: &BenchEnv) -> Result<Command> {
@@ -179,10 +192,11 @@ async fn first_https(ctx: &Ctx, activator: &Path) -> Result<Vec<f64>> {
         let mut child = activator_command(activator, &ctx.daemon_bin, &env)?
             .spawn()
             .with_context(|| format!("starting {}", activator.display()))?;
-        // The service manager's socket is there before any client comes (and a client that
-        // found none would start a daemon of its own).
+        // The service manager's socket listens before any client comes (a client that
+        // found none would start a daemon of its own, and one that came between `bind` and
+        // `listen` would be refused).
         let bound = Instant::now();
-        while !env.socket.exists() {
+        while !listening(&env.socket) {
             if bound.elapsed() > Duration::from_secs(10) {
                 let _ = child.kill();
                 let _ = child.wait();
