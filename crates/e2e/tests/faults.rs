@@ -415,6 +415,93 @@ async fn crash_before_the_move_beside_a_planted_file(planted: Planted) {
     assert_eq!(s.hits("/f"), 2, "{planted:?}: downloaded again once, then only moved");
 }
 
+/// NFS and FUSE filesystems without rename flags refuse `RENAME_NOREPLACE` (`EINVAL`):
+/// the move then links the file into place (a link never replaces) and removes the old
+/// name, after committing the finish (a crash in between leaves two names, which only a
+/// recorded finish resolves). Here the cache is on that filesystem too (a rename there);
+/// an existing file is still never replaced.
+#[cfg_attr(not(dlsession_root), ignore = "needs root to mount a FUSE filesystem; CI runs it as root")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filesystem_without_rename_flags_gets_its_files_and_keeps_existing_ones() {
+    dlsession_testkit::require_root();
+    let env = TestEnv::new();
+    // The cache and the destinations on FUSE filesystems.
+    let fuse = env.path().join("fuse");
+    let _cache = Mount::bindfs(&env.path().join("fuse-cache-src"), &env.cache_dir);
+    let _dest = Mount::bindfs(&env.path().join("fuse-src"), &fuse);
+    let probe = fuse.join("probe");
+    std::fs::write(&probe, b"").unwrap();
+    let refused = rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        &probe,
+        rustix::fs::CWD,
+        fuse.join("probe2"),
+        rustix::fs::RenameFlags::NOREPLACE,
+    );
+    assert_eq!(refused, Err(rustix::io::Errno::INVAL), "bindfs refuses rename flags, as NFS does");
+    std::fs::remove_file(&probe).unwrap();
+    let _daemon = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    let len = 3u64 << 20;
+    s.add("/f", Resource::generated(len, 51).throttle(4 << 20));
+    let existing = fuse.join("existing.bin");
+    let (session, mut events) = attach(&env, SessionConfiguration::background("t.noreplace")).await;
+    let same_fs = fuse.join("renamed.bin");
+    let tasks = session
+        .download_tasks(
+            vec![
+                DownloadRequest::new(s.url("/f")).destination(&same_fs),
+                DownloadRequest::new(s.url("/f")).destination(&existing),
+            ],
+            true,
+        )
+        .await
+        .unwrap();
+    // Someone writes a file there while the download runs.
+    std::fs::write(&existing, b"the user's own file").unwrap();
+    assert_eq!(events.completion(tasks[0].id(), LONG).await, None);
+    assert_eq!(events.location(tasks[0].id()), Some(same_fs), "delivered at its destination");
+    assert_eq!(sha256_file(&events.moved_to(tasks[0].id()).unwrap()).unwrap(), to_hex(&pattern_sha256(51, len)));
+    // The second waits for its destination, which keeps the user's bytes.
+    let waiting = dlsession_testkit::wait_for("destination_unavailable", LONG, || {
+        let tasks = dlsession_testkit::block(session.get_all_tasks()).unwrap();
+        tasks.into_iter().find(|t| matches!(t.wait, Some(WaitReason::DestinationUnavailable { .. })))
+    });
+    let Some(WaitReason::DestinationUnavailable { error, .. }) = &waiting.wait else { unreachable!() };
+    assert!(error.message.contains("already exists"), "{error}");
+    assert_eq!(std::fs::read(&existing).unwrap(), b"the user's own file");
+    // Moved, not copied: no partial file left in the cache.
+    let part = env.downloads_dir().join("s1").join(format!("{}.part", tasks[0].id()));
+    assert!(!part.exists(), "{} is gone", part.display());
+}
+
+/// A copy from a cache on an ordinary filesystem to a destination without rename flags.
+#[cfg_attr(not(dlsession_root), ignore = "needs root to mount a FUSE filesystem; CI runs it as root")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_onto_a_filesystem_without_rename_flags_lands() {
+    dlsession_testkit::require_root();
+    let env = TestEnv::new();
+    let fuse = env.path().join("fuse");
+    let _dest = Mount::bindfs(&env.path().join("fuse-src"), &fuse);
+    let _daemon = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    let len = 2u64 << 20;
+    s.add("/f", Resource::generated(len, 52));
+    let (session, mut events) = attach(&env, SessionConfiguration::background("t.copy-noreplace")).await;
+    let dest = fuse.join("copied.bin");
+    let task = session
+        .download_tasks(vec![DownloadRequest::new(s.url("/f")).destination(&dest)], true)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(events.location(task.id()), Some(dest), "delivered at its destination");
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(52, len)));
+    // The app took the file away: no temporary copy was left beside it.
+    let names: Vec<_> = std::fs::read_dir(&fuse).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(names.is_empty(), "{names:?}");
+}
+
 /// The extended attribute a finished file carries (docs/behaviour.md, "Durability").
 const MARK: &str = "user.dlsessiond.task";
 

@@ -41,6 +41,17 @@ impl Mount {
         Mount(at.to_path_buf())
     }
 
+    /// `src` shown at `at` (created if missing) through `bindfs`, a FUSE filesystem that,
+    /// like NFS, refuses rename flags (`RENAME_NOREPLACE` fails with `EINVAL`) but keeps
+    /// hard links and user extended attributes. Needs the `bindfs` program and `/dev/fuse`.
+    pub fn bindfs(src: &Path, at: &Path) -> Mount {
+        std::fs::create_dir_all(src).expect("bindfs source");
+        std::fs::create_dir_all(at).expect("mount point");
+        let st = Command::new("bindfs").arg(src).arg(at).status().expect("bindfs (Debian: apt-get install bindfs)");
+        assert!(st.success(), "bindfs {} at {}", src.display(), at.display());
+        Mount(at.to_path_buf())
+    }
+
     /// `dir` bound onto itself (so its mount options can change), read-only.
     pub fn read_only_bind(dir: &Path) -> Mount {
         let st = Command::new("mount").arg("--bind").arg(dir).arg(dir).status().expect("mount");

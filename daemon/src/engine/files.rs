@@ -23,8 +23,10 @@ pub enum MoveError {
     #[error("the thread that moves finished files has stopped")]
     MoverStopped,
     /// The destination is on another filesystem, and a copy does not carry the file's
-    /// mark: the finishing phase must be committed first (nothing was done).
-    #[error("{0} is on another filesystem; the finish must be recorded before the copy")]
+    /// mark; or its filesystem cannot rename without replacing, and the link that does it
+    /// there leaves two names after a crash: the finishing phase must be committed first
+    /// (nothing was done).
+    #[error("{0} cannot take the file by a plain rename; the finish must be recorded first")]
     Unrecorded(PathBuf),
 }
 
@@ -232,16 +234,18 @@ enum Renamed {
 fn rename_into_place(job: &Finish) -> Result<Renamed, MoveError> {
     let (from, to, overwrite) = (job.from.as_path(), job.to.as_path(), job.overwrite);
     let io_err = |source: io::Error| MoveError::Io { path: to.to_path_buf(), source };
-    let mut renamed = rename(from, to, overwrite);
+    let fallback = if job.recorded { NoReplace::Link } else { NoReplace::Refuse };
+    let mut renamed = rename(from, to, overwrite, fallback);
     if renamed.as_ref().is_err_and(|e| e.kind() == io::ErrorKind::NotFound) && from.exists() {
         // The destination's directory is missing: create it (only then) and try again.
         if let Some(dir) = to.parent() {
             create_dirs_durably(dir, dir_mode(job.mode)).map_err(io_err)?;
         }
-        renamed = rename(from, to, overwrite);
+        renamed = rename(from, to, overwrite, fallback);
     }
     match renamed {
         Ok(()) => Ok(Renamed::Here),
+        Err(e) if e.kind() == io::ErrorKind::Unsupported => Err(MoveError::Unrecorded(to.to_path_buf())),
         // A copy would not carry the mark that proves an unrecorded finish.
         Err(e) if e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error()) && !job.recorded => {
             Err(MoveError::Unrecorded(to.to_path_buf()))
@@ -487,11 +491,56 @@ fn create_dirs_durably(dir: &Path, mode: u32) -> io::Result<()> {
     Ok(())
 }
 
-fn rename(from: &Path, to: &Path, overwrite: bool) -> io::Result<()> {
+/// What a rename that must not replace does where the filesystem has no
+/// `RENAME_NOREPLACE` (NFS, FUSE filesystems without rename flags: `EINVAL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoReplace {
+    /// A hard link, then the old name removed (see [`link_then_unlink`]).
+    Link,
+    /// An `Unsupported` error, nothing done: a crash between the link and the removal
+    /// would leave two names, which only a recorded finish resolves (`complete_move`).
+    Refuse,
+}
+
+/// Renames `from` to `to`. Without `overwrite` an existing `to` is never replaced
+/// (`AlreadyExists`).
+fn rename(from: &Path, to: &Path, overwrite: bool, fallback: NoReplace) -> io::Result<()> {
     if overwrite {
-        std::fs::rename(from, to)
-    } else {
-        rustix::fs::renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE).map_err(io::Error::from)
+        return std::fs::rename(from, to);
+    }
+    match rustix::fs::renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => match fallback {
+            NoReplace::Link => link_then_unlink(from, to),
+            NoReplace::Refuse => {
+                Err(io::Error::new(io::ErrorKind::Unsupported, "this filesystem cannot rename without replacing"))
+            }
+        },
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A rename that never replaces, where the filesystem cannot do one: a hard link (which
+/// never replaces), then the old name removed. A crash in between leaves both names with
+/// the same bytes, which `complete_move` resolves by removing the cache copy. Where there
+/// are no hard links either, `to` is looked at, then renamed over: a file made there in
+/// that instant would be replaced.
+fn link_then_unlink(from: &Path, to: &Path) -> io::Result<()> {
+    use rustix::io::Errno;
+    match std::fs::hard_link(from, to) {
+        Ok(()) => std::fs::remove_file(from),
+        Err(e)
+            if [Errno::PERM, Errno::OPNOTSUPP, Errno::NOSYS, Errno::MLINK]
+                .iter()
+                .any(|n| e.raw_os_error() == Some(n.raw_os_error())) =>
+        {
+            match std::fs::symlink_metadata(to) {
+                Ok(_) => Err(io::Error::from(io::ErrorKind::AlreadyExists)),
+                Err(missing) if missing.kind() == io::ErrorKind::NotFound => std::fs::rename(from, to),
+                Err(other) => Err(other),
+            }
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -564,7 +613,8 @@ fn copy_then_rename(job: &Finish) -> Result<(), MoveError> {
         dst.set_permissions(std::fs::Permissions::from_mode(job.mode))?;
         copy_beating(&mut src, &mut dst, &job.progress)?;
         dst.sync_all()?;
-        rename(&tmp, to, overwrite)
+        // The copy is a temporary name of ours, removed as a leftover after a crash.
+        rename(&tmp, to, overwrite, NoReplace::Link)
     })();
     if let Err(e) = result {
         // The temporary file is ours: created above.
