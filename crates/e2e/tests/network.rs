@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::io::BufRead;
-use std::process::Child;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use dlsession::{DownloadRequest, Session, TaskState, WaitReason};
@@ -157,4 +157,54 @@ async fn a_session_that_does_not_wait_for_connectivity_fails_fast() {
     assert_eq!(attempts(&env, task.id()), 1);
     let policy = String::from_utf8_lossy(&env.ctl(&["policy", "t.fast"]).stdout).into_owned();
     assert!(policy.contains("fails at once without a network"), "{policy}");
+}
+
+/// With `idle_exit_ms` a socket-activated daemon exits when it has nothing to do; a task
+/// waiting for the network is something to do (no connection would start the daemon
+/// again when the route returns): it stays, and the download ends when the link is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(dlsession_root), ignore = "needs root to make a network namespace; CI runs it as root")]
+async fn a_task_waiting_for_the_network_keeps_an_idle_daemon_up() {
+    require_root();
+    let ns = NetNs::new(73);
+    let server = Server::start(&ns, 1, 0);
+    ns.link_down();
+    let env = TestEnv::new();
+    env.set_config("idle_exit_ms", "300");
+    let log = env.path().join("activated.log");
+    let log_file = std::fs::File::create(&log).unwrap();
+    let mut cmd = env.command("systemd-socket-activate");
+    cmd.arg("-l").arg(&env.socket);
+    for (k, v) in env.vars() {
+        cmd.arg("-E").arg(format!("{k}={}", v.to_string_lossy()));
+    }
+    cmd.arg("-E").arg("DLSESSIOND_LOG=info,dlsessiond=debug").arg(bin_path("dlsessiond"));
+    let mut child = cmd.stdin(Stdio::null()).stdout(log_file.try_clone().unwrap()).stderr(log_file).spawn().unwrap();
+    // Listening a moment after the socket's file appears.
+    poll("the activation socket", Duration::from_secs(10), async || env.socket.exists().then_some(())).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let dest = env.path().join("later.bin");
+    {
+        let (delegate, _events) = Recorder::new(&env.path().join("out"));
+        let session = Session::attach(config(&env, "t.net-idle"), delegate).await.unwrap();
+        let task = session
+            .download_tasks(vec![DownloadRequest::new(&server.url).destination(&dest)], true)
+            .await
+            .unwrap()
+            .remove(0);
+        poll("no_network", Duration::from_secs(10), async || {
+            matches!(task.info().await.unwrap().wait, Some(WaitReason::NoNetwork { .. })).then_some(())
+        })
+        .await;
+    }
+    // No client, nothing running, no timer: only the task waiting for its route.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(child.try_wait().unwrap().is_none(), "the daemon left while a task waited for the network: {text}");
+    ns.link_up();
+    poll("the download, with nobody connected", Duration::from_secs(20), async || dest.exists().then_some(())).await;
+    assert_eq!(sha256_file(&dest).unwrap(), server.sha256);
+    // Then it has nothing left to do, and goes.
+    let status = poll("the idle exit", Duration::from_secs(20), async || child.try_wait().unwrap()).await;
+    assert!(status.success(), "{status}");
 }

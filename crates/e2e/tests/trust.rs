@@ -165,21 +165,32 @@ async fn a_panicking_worker_fails_only_its_attempt() {
     assert!(d.terminate().success());
 }
 
-/// A worker stuck on its disk (here: a checkpoint sync that takes 30 s) is stopped, then
-/// abandoned; the task retries, never stays `running` for ever, and ends byte-exact.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stuck_worker_is_abandoned_and_the_task_retried() {
+/// A daemon whose first checkpoint sync sticks for a minute (on a 4 MiB download at
+/// 4 MiB/s, `/stuck` on the returned server, a pattern of `seed`), told to stop a worker
+/// silent for 0.5 s and to abandon it 1 s later; `config` adds settings.
+async fn stuck_worker(config: &[(&str, &str)], seed: u64) -> (TestEnv, TestDaemon, TestServer) {
     let env = TestEnv::new();
     env.set_config("checkpoint_bytes", "524288");
     env.set_config("stall_timeout_ms", "500");
     env.set_config("shutdown_grace_ms", "1000");
+    for (key, value) in config {
+        env.set_config(key, value);
+    }
     let d = TestDaemon::start_with_env(
         &env,
-        &[("DLSESSIOND_FAILPOINT", OsStr::new("checkpoint-after-sync:1:sleep-ms=30000"))],
+        &[("DLSESSIOND_FAILPOINT", OsStr::new("checkpoint-after-sync:1:sleep-ms=60000"))],
     );
     let s = TestServer::start().await.unwrap();
+    s.add("/stuck", Resource::generated(4 << 20, seed).throttle(4 << 20));
+    (env, d, s)
+}
+
+/// A worker stuck on its disk (here: a checkpoint sync that takes a minute) is stopped, then
+/// abandoned; the task retries, never stays `running` for ever, and ends byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_worker_is_abandoned_and_the_task_retried() {
+    let (env, d, s) = stuck_worker(&[], 6).await;
     let len = 4u64 << 20;
-    s.add("/stuck", Resource::generated(len, 6).throttle(4 << 20));
     let config = SessionConfiguration::background("t.stuck").timeout_for_request(Duration::from_secs(1));
     let (session, mut events) = attach(&env, config).await;
     let task = session.download_tasks(vec![DownloadRequest::new(s.url("/stuck"))], true).await.unwrap().remove(0);
@@ -189,6 +200,51 @@ async fn a_stuck_worker_is_abandoned_and_the_task_retried() {
     assert!(s.hits("/stuck") >= 2);
     let log = d.log();
     assert!(log.contains("download worker silent for too long"), "{log}");
+}
+
+/// The slot a stuck worker held goes to the next queued task as soon as the worker is
+/// abandoned, not when the stuck task's retry timer happens to wake the scheduler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_workers_slot_goes_to_the_next_task_at_once() {
+    // One download at a time; the abandoned task waits a minute before its retry.
+    let settings = [("max_concurrent_downloads", "1"), ("retry_initial_ms", "60000"), ("retry_max_ms", "120000")];
+    let (env, _d, s) = stuck_worker(&settings, 7).await;
+    s.add("/next", Resource::generated(100_000, 8));
+    let config = SessionConfiguration::background("t.slot").timeout_for_request(Duration::from_secs(1));
+    let (session, mut events) = attach(&env, config).await;
+    let tasks = session
+        .download_tasks(vec![DownloadRequest::new(s.url("/stuck")), DownloadRequest::new(s.url("/next"))], true)
+        .await
+        .unwrap();
+    let began = Instant::now();
+    let done = tokio::time::timeout(Duration::from_secs(20), events.completion(tasks[1].id(), LONG)).await;
+    assert_eq!(done.expect("the queued task ran once the stuck one was abandoned"), None);
+    assert!(began.elapsed() < Duration::from_secs(20));
+    let stuck = session.get_all_tasks().await.unwrap().into_iter().find(|t| t.id == tasks[0].id()).unwrap();
+    assert!(matches!(stuck.wait, Some(WaitReason::Backoff { .. })), "the stuck one waits for its retry: {stuck:?}");
+}
+
+/// A cancel asked of a stuck worker is kept when the worker is abandoned: the task
+/// completes `cancelled` and the request is answered, instead of the task being retried
+/// and the request left waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_of_a_stuck_worker_survives_its_abandonment() {
+    let (env, _d, s) = stuck_worker(&[], 9).await;
+    let config = SessionConfiguration::background("t.cancel-stuck").timeout_for_request(Duration::from_secs(1));
+    let (session, mut events) = attach(&env, config).await;
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/stuck"))], true).await.unwrap().remove(0);
+    // Stuck once the first checkpoint's sync holds (the download window fills behind it).
+    dlsession_testkit::wait_for("the first checkpoint to stick", LONG, || {
+        let t = dlsession_testkit::block(session.get_all_tasks()).unwrap().remove(0);
+        (t.bytes_received >= 512 << 10).then_some(())
+    });
+    let cancelled = tokio::time::timeout(Duration::from_secs(20), task.cancel()).await;
+    cancelled.expect("the cancel is answered").unwrap();
+    let error = tokio::time::timeout(Duration::from_secs(20), events.completion(task.id(), LONG))
+        .await
+        .expect("the task completes")
+        .expect("with an error");
+    assert_eq!(error.code, ErrorCode::Cancelled, "{error:?}");
 }
 
 /// Fills `dir`'s filesystem; returns the filler file (remove it to free the space).

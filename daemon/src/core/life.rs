@@ -18,8 +18,8 @@ impl Core {
     }
 
     /// No client, no download, nothing queued, no timer that must fire (a retry, a
-    /// delayed begin, a wake): everything is durable and nothing would happen until a
-    /// client comes, so the process may go.
+    /// delayed begin, a wake), no task waiting for the network: everything is durable and
+    /// nothing would happen until a client comes, so the process may go.
     pub(super) fn has_nothing_to_do(&self) -> bool {
         !self.life.shutting_down
             && self.life.checked
@@ -28,6 +28,9 @@ impl Core {
             && self.conns.is_empty()
             && self.slots.is_idle()
             && self.timers.only_idle()
+            // Nothing else would start the daemon again when the route returns (looked at
+            // last: by then nothing runs and no client is connected).
+            && !self.tasks.values().any(|t| t.no_network_since.is_some())
     }
 
     /// Asks the socket server to pause accepting if no connection is open (in any

@@ -402,6 +402,7 @@ impl Core {
                 _ => {}
             }
         }
+        let gave_up = silent.iter().any(|(_, give_up, _)| *give_up);
         for (id, give_up, limit) in silent {
             if !give_up {
                 warn!(task = id, ?limit, "download worker silent for too long; stopping it");
@@ -415,7 +416,11 @@ impl Core {
             if let Some(run) = self.tasks.run_mut(&id) {
                 // Whatever it reports later carries a stale generation and is ignored.
                 run.worker.abort();
-                run.after_stop = None;
+                // Our own stop (a requeue) gives way to the failure and its backoff; a stop
+                // someone asked for (a suspend, a cancel, a shutdown) is still carried out.
+                if run.after_stop == Some(AfterStop::Requeue) {
+                    run.after_stop = None;
+                }
             }
             let failure = crate::engine::Failure::transient(
                 ErrorCode::Internal,
@@ -427,6 +432,11 @@ impl Core {
             } else {
                 self.on_failed(id, failure);
             }
+        }
+        // The slots they held go to the tasks queued behind them now, as when a worker
+        // reports its end (nothing else may come to wake the scheduler for a while).
+        if gave_up {
+            self.schedule();
         }
     }
 
