@@ -330,6 +330,10 @@ fn io_loop(
     for job in jobs {
         match job {
             Job::Write { buf, len, pos } => {
+                // A newer attempt may own the file (see `WorkerLink::abandoned`).
+                if link.is_abandoned() {
+                    return Err(super::writer::abandoned());
+                }
                 let began = Instant::now();
                 write_blocks(direct, buf.slice(len), pos)?;
                 Timing::add(&link.timing().disk, began);

@@ -83,7 +83,16 @@ pub fn prepare(path: &Path, offset: u64, hash: bool, mode: u32, progress: &Progr
         return Ok(Prepared { file, offset, hasher, fresh: true, final_mode: mode });
     }
     let existed = match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_file() => true,
+        Ok(m) if m.file_type().is_file() => {
+            // A finished file gets its final mode before its move (0444 with a umask of
+            // 0222): if the attempt failed after that (a short body, a crash before the
+            // move), the file is resumed private and writable again. It is a regular file
+            // of ours in our private directory, so the mode is set by name.
+            if m.permissions().mode() & 0o7777 != PARTIAL_MODE {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(PARTIAL_MODE))?;
+            }
+            true
+        }
         Ok(m) if m.file_type().is_symlink() => {
             // Planted: drop the link itself and start over.
             std::fs::remove_file(path)?;
@@ -146,8 +155,13 @@ fn open_fresh(path: &Path) -> std::io::Result<File> {
     }
     let open = || partial_file().create(true).truncate(true).open(path);
     let file = match open() {
-        // Planted symlink: drop the link itself and create the file.
-        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+        // Planted symlink: drop the link itself and create the file. A file left with a
+        // finished file's mode (0444, see `prepare`) that we may not open for writing:
+        // its bytes are not wanted, so the same.
+        Err(e)
+            if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error())
+                || e.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
             std::fs::remove_file(path)?;
             open()?
         }
@@ -318,7 +332,12 @@ pub fn run(
                 let sha256 = hasher.map(|h| h.finalize().into());
                 return Ok(WriterDone { offset, sha256, marked });
             }
-            Some(WriterMsg::Stop) | None => {
+            // The attempt's async half is gone without a word (aborted by the core after it
+            // stopped responding, or a panic): a newer attempt may own the file by the time
+            // this thread runs on, so nothing more is written, and its checkpoint would be
+            // stale anyway.
+            None => return Err(abandoned()),
+            Some(WriterMsg::Stop) => {
                 if let Some(s) = syncer.take() {
                     s.finish()?;
                 }
@@ -790,6 +809,63 @@ mod tests {
         let p = prepare(&fresh, 0, false, 0o444, &progress).unwrap();
         assert_eq!(std::fs::metadata(&fresh).unwrap().mode() & 0o777, 0o600, "private, and writable by us");
         assert_eq!(p.final_mode, 0o444);
+    }
+
+    /// A finished file whose attempt then failed (a short body, a crash before its move)
+    /// carries its final mode and mark: resumed, or started over, it is private again.
+    #[test]
+    fn a_file_finished_by_a_failed_attempt_is_private_again() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        for (want, mode) in [(6u64, 0o444), (6, 0o644), (0, 0o444)] {
+            let part = dir.path().join(format!("{want}-{mode:o}.part"));
+            std::fs::write(&part, b"abcdef").unwrap();
+            std::fs::set_permissions(&part, std::fs::Permissions::from_mode(mode)).unwrap();
+            let p = prepare(&part, want, false, mode, &Progress::default()).unwrap();
+            assert_eq!(p.offset, want);
+            assert_eq!(std::fs::metadata(&part).unwrap().mode() & 0o7777, 0o600, "{want} {mode:o}");
+        }
+    }
+
+    /// A writer whose attempt was given up while it was busy (its sender dropped without
+    /// a stop) writes nothing more: the bytes still in its direct-write buffer stay out of
+    /// the file a newer attempt may own.
+    #[test]
+    fn an_abandoned_writer_leaves_the_file_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("1.part");
+        let prepared = prepare(&part, 0, false, 0o644, &Progress::default()).unwrap();
+        let (sink, _core_rx) = Collect::sink();
+        let link = WorkerLink::new(sink, 1, 1);
+        let (tx, rx) = mpsc::channel(4);
+        let policy = CheckpointPolicy { bytes: super::super::direct::MIN_WINDOW, interval: Duration::from_secs(60) };
+        // Past the switch to direct writes, and 1 MiB into a direct-write buffer (made
+        // first: the switch needs the bytes to come fast).
+        let sent = DIRECT_AFTER + (1 << 20);
+        let body = pattern(usize::try_from(sent).unwrap(), 3);
+        let (writer_link, writer_part) = (link.clone(), part.clone());
+        let writer = std::thread::spawn(move || {
+            let done = run(prepared, &writer_part, policy, writer_link, rx, None);
+            (done, super::super::direct::STARTED_HERE.with(std::cell::Cell::get))
+        });
+        for chunk in body.chunks(256 << 10) {
+            tx.blocking_send(WriterMsg::Data(vec![Bytes::copy_from_slice(chunk)])).unwrap();
+        }
+        let taken = Instant::now();
+        while tx.capacity() < tx.max_capacity() {
+            assert!(taken.elapsed() < Duration::from_secs(10), "the writer took nothing");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        // Given up: the flag, and the sender dropped (the core aborted the attempt).
+        link.abandoned.store(true, std::sync::atomic::Ordering::Release);
+        drop(tx);
+        let (done, direct) = writer.join().unwrap();
+        assert_eq!(direct, 1, "the writer switched to direct writes");
+        assert!(done.is_err(), "an abandoned writer ends with an error");
+        std::thread::sleep(Duration::from_millis(200));
+        let len = std::fs::metadata(&part).unwrap().len();
+        assert!(len < sent, "{len} bytes in the file: the buffered MiB was written after the attempt was given up");
     }
 
     #[test]
