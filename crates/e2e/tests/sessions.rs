@@ -111,6 +111,38 @@ async fn invalidate_and_cancel_cancels_everything() {
     wait_for("session removed", LONG, || block(info(&env, "t.cancel")).is_none().then_some(()));
 }
 
+/// A task moving its finished file when `invalidate_and_cancel` comes, whose move then
+/// fails, completes `cancelled` (as one already waiting to move again does) instead of
+/// waiting to move again: the session ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_and_cancel_ends_a_task_whose_move_fails_meanwhile() {
+    let env = TestEnv::new();
+    // The move waits 2 s before its rename: the invalidation comes then.
+    let d = TestDaemon::start_with_env(
+        &env,
+        &[("DLSESSIOND_FAILPOINT", std::ffi::OsStr::new("finish-before-move:1:sleep-ms=2000"))],
+    );
+    let server = TestServer::start().await.unwrap();
+    server.add("/f", Resource::generated(1 << 20, 4).throttle(2 << 20));
+    let dir = env.path().join("d");
+    std::fs::create_dir(&dir).unwrap();
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.cancel-move"), delegate).await.unwrap();
+    let request = DownloadRequest::new(server.url("/f")).destination(dir.join("f.bin"));
+    let task = session.download_tasks(vec![request], true).await.unwrap().remove(0);
+    // The destination's directory becomes a file: the move will fail.
+    std::fs::remove_dir(&dir).unwrap();
+    std::fs::write(&dir, b"not a directory").unwrap();
+    wait_for("the move to begin", LONG, || d.log().contains("failpoint finish-before-move reached").then_some(()));
+    session.invalidate_and_cancel().await.unwrap();
+    let error = tokio::time::timeout(Duration::from_secs(20), events.completion(task.id(), LONG))
+        .await
+        .expect("the task completes")
+        .expect("with an error");
+    assert_eq!(error.code, ErrorCode::Cancelled, "{error:?}");
+    events.wait("did_become_invalid", LONG, |e| *e == Seen::Invalid).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_data_continues_at_the_offset() {
     let env = TestEnv::new();

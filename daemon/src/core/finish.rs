@@ -6,7 +6,7 @@
 use tracing::{debug, warn};
 
 use super::backoff::Backoff;
-use super::task::{Run, Task};
+use super::task::{AfterStop, Run, Task};
 use super::timers::wall_after;
 use super::{After, Core, Timer};
 use crate::engine::files::Leftovers;
@@ -121,7 +121,16 @@ impl Core {
     /// again (the resource timeout does not apply: the download is done, and giving up
     /// would mean deleting it).
     pub(super) fn on_move_failed(&mut self, id: TaskId, error: ErrorInfo) {
-        self.release(id);
+        let run = self.release(id);
+        // `invalidate_and_cancel` reached it while it moved (its session is ending): it
+        // completes `cancelled`, as a task already waiting to move again does, instead of
+        // waiting to move again and keeping the session from ending.
+        let ending =
+            self.tasks.get(&id).is_some_and(|t| self.sessions.get(&t.rec.session).is_some_and(|s| s.rec.invalidating));
+        if ending && run.is_some_and(|r| r.after_stop == Some(AfterStop::Cancel)) {
+            let offset = self.tasks.get(&id).map_or(0, |t| t.rec.committed_offset);
+            return self.apply_after_stop(id, AfterStop::Cancel, offset);
+        }
         self.refuse_waiting_stops(id, "finished downloading");
         self.hold_for_move(id, error);
     }

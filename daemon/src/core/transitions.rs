@@ -559,7 +559,7 @@ impl Core {
         self.apply_after_stop(id, how, offset);
     }
 
-    fn apply_after_stop(&mut self, id: TaskId, how: AfterStop, offset: u64) {
+    pub(super) fn apply_after_stop(&mut self, id: TaskId, how: AfterStop, offset: u64) {
         let Some(t) = self.tasks.get_mut(&id) else { return };
         t.rec.committed_offset = offset;
         let replies = std::mem::take(&mut t.waiting_replies);
