@@ -478,9 +478,13 @@ impl Core {
         }
     }
 
-    /// Queues `ops`; `after` runs once they are durable (at once if there is nothing to write).
+    /// Queues `ops`; `after` runs once they are durable. With nothing to write, it runs at
+    /// once, unless earlier commits are still on their way: then after them (an empty
+    /// batch keeps its place in the store's queue), so that a reply that repeats an earlier
+    /// change (a second acknowledgement of the same events) never goes out before that change
+    /// is durable.
     fn commit(&mut self, ops: Vec<Op>, after: Vec<After>) {
-        if ops.is_empty() {
+        if ops.is_empty() && (after.is_empty() || self.life.commits_in_flight == 0) {
             self.run_after(after);
             return;
         }

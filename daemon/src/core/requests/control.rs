@@ -55,7 +55,12 @@ impl Core {
                 _ => Ok(Answer::Now(Response::Ok)),
             },
             TaskAction::Suspend => match state {
-                TaskState::Suspended => Ok(Answer::Now(Response::Ok)),
+                // Suspended already, maybe by a request whose commit is still on its way:
+                // answered once that is durable.
+                TaskState::Suspended => {
+                    self.commit(Vec::new(), vec![After::Reply { conn, id, response: Response::Ok }]);
+                    Ok(Answer::Later)
+                }
                 TaskState::Running => {
                     t.waiting_replies.push((conn, id));
                     self.stop_worker(task, AfterStop::Suspend);
