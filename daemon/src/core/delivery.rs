@@ -84,7 +84,9 @@ impl Core {
     pub(super) fn acknowledge(&mut self, conn: ConnId, id: u64, key: SessionKey, seqs: Vec<u64>) {
         let (ops, mut after) = self.ack_ops(key, seqs);
         after.push(After::Reply { conn, id, response: Response::Ok });
-        self.commit(ops, after);
+        // Events acknowledged already (by a request whose commit is on its way): answered
+        // once that is durable.
+        self.commit_after_pending(ops, after);
     }
 
     pub(super) fn acknowledge_quietly(&mut self, key: SessionKey, seqs: Vec<u64>) {

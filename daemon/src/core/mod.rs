@@ -478,16 +478,30 @@ impl Core {
         }
     }
 
-    /// Queues `ops`; `after` runs once they are durable. With nothing to write, it runs at
-    /// once, unless earlier commits are still on their way: then after them (an empty
-    /// batch keeps its place in the store's queue), so that a reply that repeats an earlier
-    /// change (a second acknowledgement of the same events) never goes out before that change
-    /// is durable.
+    /// Queues `ops`; `after` runs once they are durable (at once if there is nothing to write).
     fn commit(&mut self, ops: Vec<Op>, after: Vec<After>) {
-        if ops.is_empty() && (after.is_empty() || self.life.commits_in_flight == 0) {
+        if ops.is_empty() {
             self.run_after(after);
             return;
         }
+        self.queue_commit(ops, after);
+    }
+
+    /// As [`Core::commit`], but with nothing to write `after` still waits for the commits
+    /// on their way (an empty batch keeps its place in the store's queue): for a reply
+    /// that repeats a change another request made (a second suspend of a task just
+    /// suspended, a second acknowledgement of the same events), which must not go out
+    /// before that change is durable. Replies that change nothing (reads, an attach) do
+    /// not wait so.
+    fn commit_after_pending(&mut self, ops: Vec<Op>, after: Vec<After>) {
+        if ops.is_empty() && self.life.commits_in_flight == 0 {
+            self.run_after(after);
+            return;
+        }
+        self.queue_commit(ops, after);
+    }
+
+    fn queue_commit(&mut self, ops: Vec<Op>, after: Vec<After>) {
         let tx = self.tx.clone();
         self.life.commits_in_flight += 1;
         self.store.write(
