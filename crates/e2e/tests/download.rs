@@ -115,6 +115,35 @@ async fn transient_faults_still_give_a_byte_exact_file() {
     assert!(events.seen.iter().any(|e| matches!(e, Seen::Resumed { task, offset: 0 } if *task == tasks[1].id())));
 }
 
+/// A resource that changed while its download was paused, on a server that honours
+/// `If-Range` by its `Last-Modified` only and sends the new version's range without an
+/// `ETag`: the 206 lacks the validator `If-Range` carried, so the download starts over
+/// instead of splicing the new bytes onto the old.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_without_the_validator_it_was_asked_with_is_not_spliced() {
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let len = 4u64 << 20;
+    // The first version has an ETag and no Last-Modified.
+    let old_etag = "\"v1\"";
+    let v1 = Resource::generated(len, 25).no_validators().etag(old_etag).throttle(2 << 20);
+    server.add("/v.bin", v1);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.splice"), delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(server.url("/v.bin"))], true).await.unwrap().remove(0);
+    events.wait("1 MiB", LONG, |e| matches!(e, Seen::Progress { total, .. } if *total >= 1 << 20)).await;
+    task.suspend().await.unwrap();
+    // A new version, no ETag, a Last-Modified that happens to equal the old ETag: the test
+    // server takes `If-Range: <old ETag>` as matching it and answers with a range.
+    server.add("/v.bin", Resource::generated(len, 26).no_validators().last_modified(old_etag));
+    task.resume().await.unwrap();
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(26, len)));
+    let resumed = server.requests_for("/v.bin");
+    assert!(resumed.iter().any(|r| r.range.is_some()), "the resume asked for a range: {resumed:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssl_cert_file_adds_trust_roots() {
     let env = TestEnv::new();

@@ -158,14 +158,22 @@ impl Engine {
                     format!("asked for bytes from {offset}, server sent a range starting at {start}"),
                 ));
             }
-            // The validators must still be the ones the partial data came from.
-            let changed = match (&job.etag, &etag) {
+            // The validators must still be the ones the partial data came from, and the one
+            // `If-Range` carried must come back (a 206 must carry the validators a 200 would):
+            // without it, a server that ignored `If-Range` for a changed resource would have
+            // its new bytes spliced onto the old ones.
+            let differs = match (&job.etag, &etag) {
                 (Some(old), Some(new)) => old != new,
                 _ => match (&job.last_modified, &last_modified) {
                     (Some(old), Some(new)) => old != new,
                     _ => false,
                 },
             };
+            let missing = match job.etag.as_deref().filter(|e| is_strong_etag(e)) {
+                Some(_) => etag.is_none(),
+                None => job.last_modified.is_some() && last_modified.is_none(),
+            };
+            let changed = differs || missing;
             if changed {
                 return Err(Failure::restart(
                     ErrorCode::CannotResume,
