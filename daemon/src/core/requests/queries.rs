@@ -168,10 +168,12 @@ fn task_cost(t: &TaskInfo) -> usize {
             | WaitReason::DestinationUnavailable { error: e, .. }
             | WaitReason::StorageFull { error: e },
         ) => e.message.len(),
+        Some(WaitReason::AuthRequired { challenge: c }) => c.scheme.len() + len(&c.realm) + c.origin.len() + 32,
         _ => 0,
     };
     let error = t.error.as_ref().map_or(0, |e| e.message.len());
-    160 + t.session.len() + t.url.len() + len(&t.description) + len(&t.location) + error + wait
+    let upload = t.upload.as_ref().map_or(0, |u| u.file.len() + 48);
+    160 + t.session.len() + t.url.len() + len(&t.description) + len(&t.location) + error + wait + upload
 }
 
 /// About how many bytes a session takes in a frame (an upper estimate).
@@ -186,4 +188,60 @@ fn session_cost(info: &SessionInfo) -> usize {
     let headers: usize = c.http_headers.iter().map(|h| h.name.len() + h.value.len() + 8).sum();
     let error = info.wake.last_error.as_ref().map_or(0, |e| e.message.len());
     256 + info.identifier.len() + c.app_id.as_ref().map_or(0, String::len) + launch + headers + error
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dlsession_proto::{Challenge, TaskState, UploadInfo, UploadMethod};
+
+    /// The estimate that sizes a page is never below what a task really takes in a frame,
+    /// whatever long strings it carries (an upload's file path, a server's challenge).
+    #[test]
+    fn a_tasks_cost_covers_its_encoded_size() {
+        let long = "x".repeat(4000);
+        let base = TaskInfo {
+            id: 1,
+            session: "s".into(),
+            state: TaskState::Waiting,
+            url: "http://h/f".into(),
+            description: None,
+            priority: 0.5,
+            bytes_received: u64::MAX,
+            bytes_expected: Some(u64::MAX),
+            speed: u64::MAX,
+            location: None,
+            error: None,
+            created_at: u64::MAX,
+            wait: None,
+            upload: None,
+        };
+        let upload = TaskInfo {
+            upload: Some(UploadInfo {
+                method: UploadMethod::Put,
+                file: long.clone(),
+                bytes_total: u64::MAX,
+                bytes_sent: u64::MAX,
+                idempotent: true,
+                resumable: true,
+            }),
+            ..base.clone()
+        };
+        let challenged = TaskInfo {
+            wait: Some(WaitReason::AuthRequired {
+                challenge: Challenge {
+                    scheme: long.clone(),
+                    realm: Some(long.clone()),
+                    origin: long.clone(),
+                    proxy: true,
+                    round: u32::MAX,
+                },
+            }),
+            ..base.clone()
+        };
+        for (what, t) in [("plain", base), ("upload", upload), ("challenge", challenged)] {
+            let encoded = dlsession_proto::frame::encode_frame(&t).unwrap().len();
+            assert!(task_cost(&t) >= encoded, "{what}: estimated {} for {encoded} bytes", task_cost(&t));
+        }
+    }
 }
