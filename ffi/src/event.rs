@@ -188,13 +188,17 @@ impl Gate {
         INSIDE.with(|inside| ptr::eq(inside.get(), self))
     }
 
-    /// Closes the gate and runs `then` (freeing the session) while no callback runs: one
-    /// that is running is waited for first, one that would start waits and then finds the
-    /// gate closed. A callback closing its own gate is not waited for (it would wait for
-    /// itself).
+    /// Closes the gate, then runs `then` (freeing the session): a callback that is running
+    /// is waited for first, and none starts afterwards (one about to start finds the gate
+    /// closed). `then` runs outside the lock: freeing a session waits for the thread that
+    /// delivers its events, which may be waiting for the lock to find the gate closed (held,
+    /// that wait lasted the session's 5 s shutdown timeout). A callback closing its own gate
+    /// is not waited for (it would wait for itself).
     pub(crate) fn close_and(&self, then: impl FnOnce()) {
-        let _running = (!self.is_inside()).then(|| self.running.lock().unwrap_or_else(PoisonError::into_inner));
-        self.closed.store(true, Ordering::Release);
+        {
+            let _running = (!self.is_inside()).then(|| self.running.lock().unwrap_or_else(PoisonError::into_inner));
+            self.closed.store(true, Ordering::Release);
+        }
         then();
     }
 }
@@ -475,6 +479,31 @@ mod tests {
             seen,
             vec![(dls_event_kind::DLS_EVENT_COMPLETED, 7, Some("http_status".into()), "org.example.test".into())]
         );
+    }
+
+    /// Freeing waits for the delivering thread to end, and that thread, between two
+    /// events, waits for the gate: closing must not hold the gate while it frees.
+    #[test]
+    fn freeing_does_not_hold_the_gate_the_delivering_thread_waits_for() {
+        unsafe extern "C" fn slow(_: *const dls_event, _: *mut c_void) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let gate = std::sync::Arc::new(Gate::new(Some(slow), ptr::null_mut()));
+        let (ended_tx, ended) = std::sync::mpsc::channel();
+        let theirs = gate.clone();
+        // The session's delivering thread: events until the gate is closed.
+        let thread = std::thread::spawn(move || {
+            while theirs.deliver(&event(dls_event_kind::DLS_EVENT_PROGRESS, 1, None)) {}
+            let _ = ended_tx.send(());
+        });
+        std::thread::sleep(std::time::Duration::from_millis(120));
+        let began = std::time::Instant::now();
+        // Freeing the session waits (up to 5 s) for that thread to end.
+        gate.close_and(|| {
+            ended.recv_timeout(std::time::Duration::from_secs(5)).expect("the delivering thread ended");
+        });
+        assert!(began.elapsed() < std::time::Duration::from_secs(1), "freeing took {:?}", began.elapsed());
+        thread.join().unwrap();
     }
 
     #[test]
