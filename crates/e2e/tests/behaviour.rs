@@ -210,6 +210,49 @@ async fn a_hanging_destination_check_does_not_stall_the_daemon() {
     assert_eq!(sha256_file(&moved_to).unwrap(), to_hex(&pattern_sha256(8, 20_000)));
 }
 
+/// Many destination checks hanging at once (a stuck mount, here a pause on every check
+/// after the first) keep to threads of their own: the daemon's other file work goes on, so
+/// a resumed download, whose partial file is prepared off the runtime, still finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_hanging_destination_checks_leave_other_file_work_alone() {
+    let env = TestEnv::new();
+    env.set_config("checkpoint_bytes", "262144");
+    let pause = std::ffi::OsStr::new("destination-check:2+:sleep-ms=60000");
+    let d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", pause)]);
+    let server = TestServer::start().await.unwrap();
+    let len = 2u64 << 20;
+    server.add("/r", Resource::generated(len, 15).throttle(1 << 20));
+    let (session, mut events) = attach(&env, "t.many-hung").await;
+    let dest = env.path().join("resumed.bin");
+    let task =
+        session.download_tasks(vec![DownloadRequest::new(server.url("/r")).destination(&dest)], true).await.unwrap();
+    let task = &task[0];
+    let client = dlsession_testkit::app::client(&env).await;
+    dlsession_testkit::wait_for("a checkpoint", LONG, || {
+        let r = block(client.request(Request::GetTask { task: task.id() })).unwrap();
+        let dlsession::proto::Response::Task(t) = r else { panic!("{r:?}") };
+        (t.committed_offset >= 256 << 10).then_some(())
+    });
+    task.suspend().await.unwrap();
+    // More creations than the runtime's blocking pool has threads, each check hanging.
+    let mut hung = Vec::new();
+    for i in 0..100 {
+        let mut spec = dlsession::proto::TaskSpec::get(server.url("/r"));
+        spec.destination = Some(env.path().join(format!("hung-{i}.bin")).to_string_lossy().into_owned());
+        let request = Request::CreateTasks { identifier: "t.many-hung".into(), tasks: vec![spec], resume: false };
+        hung.push(client.send_request(request).unwrap());
+    }
+    dlsession_testkit::wait_for("checks to hang", LONG, || {
+        (d.log().matches("failpoint destination-check reached").count() >= 16).then_some(())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    task.resume().await.unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(20), events.completion(task.id(), LONG)).await;
+    assert_eq!(done.expect("the resumed download finished beside the hanging checks"), None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(15, len)));
+    drop(hung);
+}
+
 /// A move that hangs (a stuck network mount, here a 3 s failpoint pause on the first one)
 /// does not hold back the moves queued behind it: they are done elsewhere after 250 ms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

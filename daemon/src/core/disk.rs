@@ -6,9 +6,10 @@
 //!   garbage at start, expiring kept files. In order, so a removal queued after a keep
 //!   never overtakes it, and a reply queued behind a keep (`Disk::then`) goes out only
 //!   once the kept file is in place.
-//! - A blocking thread per check of a client's destinations (`check_request`): a
-//!   destination on a hung network mount stalls that request only. Adopting the kept
-//!   file of resume data happens there too, once its destination is known to be fine.
+//! - Threads of their own for the checks of a client's destinations (`check_request`, at
+//!   most 16 at once): a destination on a hung network mount stalls those requests only,
+//!   never the daemon's other file work. Adopting the kept file of resume data happens
+//!   there too, once its destination is known to be fine.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -349,16 +350,26 @@ pub fn upload_file(path: &str) -> Result<FileSnapshot, ErrorInfo> {
     Ok(FileSnapshot { size: meta.len(), mtime_ns: crate::engine::upload::mtime_ns_of(&meta) })
 }
 
-/// Runs `check` on a blocking thread, then hands its outcome to `done`.
+/// Runs `check` on a thread of the checks' own, then hands its outcome to `done`.
+///
+/// Not on the runtime's blocking pool: checks on a hung mount would hold its threads, and
+/// with them every resumed download's preparation, every move on a thread of its own and
+/// every relaunch. At most `CHECK_THREADS` run at once; more wait their turn, in order.
 pub(super) fn check_request(
     check: impl FnOnce() -> Checked + Send + 'static,
     done: impl FnOnce(Checked) + Send + 'static,
 ) {
-    tokio::task::spawn_blocking(move || {
+    static CHECKS: std::sync::OnceLock<crate::engine::threads::WriterThreads> = std::sync::OnceLock::new();
+    let threads = CHECKS.get_or_init(|| crate::engine::threads::WriterThreads::named("dest-check", CHECK_THREADS));
+    // The job starts now; its answer goes to `done`, not to the returned future.
+    drop(threads.run(move || {
         crate::failpoint::hit("destination-check");
         done(check());
-    });
+    }));
 }
+
+/// Destination checks at once, at most (see `check_request`).
+const CHECK_THREADS: usize = 16;
 
 #[cfg(test)]
 mod tests {

@@ -332,7 +332,7 @@ fn io_loop(
             Job::Write { buf, len, pos } => {
                 // A newer attempt may own the file (see `WorkerLink::abandoned`).
                 if link.is_abandoned() {
-                    return Err(super::writer::abandoned());
+                    return Err(super::report::abandoned());
                 }
                 let began = Instant::now();
                 write_blocks(direct, buf.slice(len), pos)?;

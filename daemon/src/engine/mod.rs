@@ -19,7 +19,7 @@ pub mod progress;
 pub mod proxy;
 pub mod reads;
 mod report;
-mod threads;
+pub(crate) mod threads;
 pub mod upload;
 pub mod writer;
 

@@ -187,3 +187,8 @@ impl WorkerLink {
         self.sink.report(self.task, self.generation, event);
     }
 }
+
+/// The error of a thread whose attempt was given up (see `WorkerLink::abandoned`).
+pub(super) fn abandoned() -> std::io::Error {
+    std::io::Error::other("the attempt was abandoned")
+}

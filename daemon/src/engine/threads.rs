@@ -23,6 +23,8 @@ type Job = Box<dyn FnOnce() + Send>;
 pub struct WriterThreads {
     state: Arc<Mutex<State>>,
     cap: usize,
+    /// The threads' name (`dl-writer` for download writers).
+    name: &'static str,
 }
 
 #[derive(Default)]
@@ -59,7 +61,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl WriterThreads {
     /// No thread starts before the first job; at most `cap` (at least one) ever run.
     pub fn new(cap: usize) -> WriterThreads {
-        WriterThreads { state: Arc::default(), cap: cap.max(1) }
+        WriterThreads::named("dl-writer", cap)
+    }
+
+    /// The same for other blocking jobs, on threads called `name`.
+    pub fn named(name: &'static str, cap: usize) -> WriterThreads {
+        WriterThreads { state: Arc::default(), cap: cap.max(1), name }
     }
 
     /// Runs `f` on a writer thread. The answer is its result, or what its panic said.
@@ -96,7 +103,7 @@ impl WriterThreads {
         let first = Arc::new(Mutex::new(Some(job)));
         let theirs = first.clone();
         let shared = self.state.clone();
-        let spawned = std::thread::Builder::new().name("dl-writer".into()).spawn(move || {
+        let spawned = std::thread::Builder::new().name(self.name.into()).spawn(move || {
             if let Some(job) = lock(&theirs).take() {
                 work(&shared, job);
             }

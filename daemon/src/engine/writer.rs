@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use super::checkpoint::{CheckpointPolicy, SYNC_THREAD, join, report_checkpoint, test_sync_delay};
 use super::progress::Progress;
+pub(super) use super::report::abandoned;
 use super::report::{Timing, WorkerLink};
 
 #[derive(Debug)]
@@ -352,10 +353,6 @@ pub fn run(
             }
         }
     }
-}
-
-pub(super) fn abandoned() -> std::io::Error {
-    std::io::Error::other("the attempt was abandoned")
 }
 
 /// A download switches to direct writes after this much data…
