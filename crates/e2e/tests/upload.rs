@@ -200,6 +200,35 @@ async fn a_long_upload_response_is_cut_at_the_limit_and_its_headers_reach_the_ap
     assert_eq!(events.response_header(task.id(), "content-type").as_deref(), Some("application/json"));
 }
 
+/// A server that trickles its answer (a byte every 300 ms) cannot hold a cancel off: the
+/// answer is read for a few seconds more, then kept as far as it came, and the task ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_upload_answer_does_not_hold_a_cancel_off() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = UploadServer::start(false).await.unwrap();
+    // About 400 bytes of answer: two minutes at this pace.
+    let trickle = Some(std::time::Duration::from_millis(300));
+    server.set_faults(UploadFaults { response_size: Some(400), response_trickle: trickle, ..UploadFaults::default() });
+    let (file, _data) = make_file(env.path(), "slow-answer.bin", 50_000, 23);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.trickle"), delegate).await.unwrap();
+    let task = session.upload_task(UploadRequest::new(server.url("/files/slow-answer"), &file)).await.unwrap();
+    task.resume().await.unwrap();
+    // The server has the file and is sending its answer.
+    wait_until(|| server.file("slow-answer").is_some()).await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let asked = std::time::Instant::now();
+    let _ =
+        tokio::time::timeout(std::time::Duration::from_secs(15), task.cancel()).await.expect("the cancel is answered");
+    let done = tokio::time::timeout(std::time::Duration::from_secs(15), events.completion(task.id(), LONG)).await;
+    done.expect("the task ended long before the answer would have");
+    assert!(asked.elapsed() < std::time::Duration::from_secs(15));
+    let (status, body, truncated) = events.response(task.id()).expect("the answer, as far as it came");
+    assert_eq!((status, truncated), (201, true));
+    assert!(body.len() < 400, "{} bytes", body.len());
+}
+
 /// A PUT is retried after a 503; a plain POST is not (its whole body went out), an
 /// idempotent one is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

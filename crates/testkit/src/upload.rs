@@ -61,6 +61,8 @@ pub struct UploadFaults {
     pub wants: Option<(String, String, String)>,
     /// Pad the `201`'s JSON body with spaces to this many bytes.
     pub response_size: Option<usize>,
+    /// Send the `201`'s body one byte at a time, this long apart.
+    pub response_trickle: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Default)]
@@ -480,6 +482,33 @@ async fn finish(
         ("Upload-Offset", data.len().to_string()),
         ("Location", format!("/files/{name}")),
     ];
-    respond(stream, 201, &headers, json.as_bytes()).await?;
+    let trickle = state.lock().unwrap().faults.response_trickle;
+    match trickle {
+        Some(every) => respond_trickling(stream, 201, &headers, json.as_bytes(), every).await?,
+        None => respond(stream, 201, &headers, json.as_bytes()).await?,
+    }
     Ok(201)
+}
+
+/// `respond`, with the body sent one byte at a time, `every` apart.
+async fn respond_trickling(
+    stream: &mut Stream,
+    status: u16,
+    headers: &[(&str, String)],
+    body: &[u8],
+    every: std::time::Duration,
+) -> anyhow::Result<()> {
+    let mut out = format!("HTTP/1.1 {status} {}\r\n", reason(status));
+    for (n, v) in headers {
+        out.push_str(&format!("{n}: {v}\r\n"));
+    }
+    out.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    stream.write_all(out.as_bytes()).await?;
+    stream.flush().await?;
+    for byte in body {
+        tokio::time::sleep(every).await;
+        stream.write_all(std::slice::from_ref(byte)).await?;
+        stream.flush().await?;
+    }
+    Ok(())
 }

@@ -420,6 +420,9 @@ struct Received {
     truncated: bool,
 }
 
+/// How long an upload's answer is still read after a stop or the resource deadline.
+const ANSWER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn read_response(job: &Job, url: Url, resp: hyper::Response<Incoming>) -> Result<Received, Failure> {
     let status = resp.status().as_u16();
     let headers = response_headers(resp.headers());
@@ -430,8 +433,28 @@ async fn read_response(job: &Job, url: Url, resp: hyper::Response<Incoming>) -> 
     // Its bytes are never held back by a download's low-water mark on a shared connection.
     let _reading = resp.extensions().get::<super::reads::BodyAhead>().map(super::reads::BodyAhead::track_unsized);
     let mut incoming = resp.into_body();
+    // The answer is read whatever a stop says, but not for ever: a server trickling it
+    // would otherwise hold a cancel, a suspend or the resource deadline off indefinitely.
+    // Once one of them comes, the rest gets ANSWER_GRACE; then the answer is kept cut.
+    let mut stop = job.stop.clone();
+    let cut = async {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => {}
+            () = deadline(job.deadline) => {}
+        }
+        tokio::time::sleep(ANSWER_GRACE).await;
+    };
+    tokio::pin!(cut);
     loop {
-        let frame = match tokio::time::timeout(job.idle_timeout, incoming.frame()).await {
+        let next = tokio::select! {
+            biased;
+            () = &mut cut => {
+                truncated = true;
+                break;
+            }
+            next = tokio::time::timeout(job.idle_timeout, incoming.frame()) => next,
+        };
+        let frame = match next {
             Err(_) => return Err(no_response(&url, job)),
             Ok(None) => break,
             Ok(Some(Err(e))) => return Err(classify(&e, "reading the upload's response")),
