@@ -144,6 +144,30 @@ async fn a_range_without_the_validator_it_was_asked_with_is_not_spliced() {
     assert!(resumed.iter().any(|r| r.range.is_some()), "the resume asked for a range: {resumed:?}");
 }
 
+/// A resumed range of unknown total (`bytes N-M/*`) whose `Content-Length` is shorter than
+/// the range would make the file end early: it is refused, and the download starts over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_whose_length_disagrees_with_it_is_not_taken() {
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let len = 4u64 << 20;
+    server.add(
+        "/short.bin",
+        Resource::generated(len, 27)
+            .fault(Hits::Nth(1), Fault::ResetAfter(1 << 20))
+            .fault(Hits::Nth(2), Fault::ShortRangeOfUnknownTotal(100_000)),
+    );
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.short-range"), delegate).await.unwrap();
+    let task =
+        session.download_tasks(vec![DownloadRequest::new(server.url("/short.bin"))], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(27, len)));
+    let requests = server.requests_for("/short.bin");
+    assert!(requests.get(1).is_some_and(|r| r.range.is_some()), "the second request resumed: {requests:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssl_cert_file_adds_trust_roots() {
     let env = TestEnv::new();

@@ -91,6 +91,9 @@ pub enum Fault {
     /// On a range request answer 206, but with a `Content-Range` whose start is one too high, and
     /// the body taken from that wrong offset.
     WrongContentRange,
+    /// On a range request answer 206 with an unknown total (`bytes N-M/*`), and a
+    /// `Content-Length` and body this many bytes shorter than that range, ending cleanly.
+    ShortRangeOfUnknownTotal(u64),
     /// Serve the same body but with this `ETag` (also used for the `If-Range` comparison).
     ChangeEtag(String),
     /// Declare the correct `Content-Length` but stop after this many body bytes: HTTP/1.x closes
@@ -744,6 +747,7 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
     let mut etag = res.etag.clone();
     let mut honour_range = res.ranges;
     let mut wrong_content_range = false;
+    let mut short_unknown: Option<u64> = None;
     let mut padding: Option<usize> = None;
     let mut body_fault: Option<Fault> = None;
     match fault {
@@ -777,6 +781,7 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
         Some(Fault::ChangeEtag(e)) => etag = Some(e),
         Some(Fault::IgnoreRange) => honour_range = false,
         Some(Fault::WrongContentRange) => wrong_content_range = true,
+        Some(Fault::ShortRangeOfUnknownTotal(k)) => short_unknown = Some(k),
         Some(f @ (Fault::ResetAfter(_) | Fault::StallAfter(_) | Fault::ShortBody(_) | Fault::LongContentLength(_))) => {
             body_fault = Some(f)
         }
@@ -823,7 +828,8 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
         }
         RangeReq::Range(first, last) => {
             let first = if wrong_content_range { first + 1 } else { first };
-            builder = builder.header(header::CONTENT_RANGE, format!("bytes {first}-{last}/{total}"));
+            let of = if short_unknown.is_some() { "*".to_owned() } else { total.to_string() };
+            builder = builder.header(header::CONTENT_RANGE, format!("bytes {first}-{last}/{of}"));
             (StatusCode::PARTIAL_CONTENT, first.min(last + 1), last + 1)
         }
     };
@@ -837,7 +843,10 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
         Some(Fault::StallAfter(n)) if n < body_len => (n, Tail::Stall, body_len),
         Some(Fault::ShortBody(n)) if n < body_len => (n, Tail::Fail { reset: false }, body_len),
         Some(Fault::LongContentLength(k)) if k > 0 => (body_len, Tail::Fail { reset: false }, body_len + k),
-        _ => (body_len, Tail::End, body_len),
+        _ => match short_unknown.filter(|_| status == StatusCode::PARTIAL_CONTENT) {
+            Some(k) => (body_len.saturating_sub(k), Tail::End, body_len.saturating_sub(k)),
+            None => (body_len, Tail::End, body_len),
+        },
     };
     if res.content_length || matches!(body_fault, Some(Fault::LongContentLength(_))) {
         builder = builder.header(header::CONTENT_LENGTH, declared_len);

@@ -185,6 +185,16 @@ impl Engine {
             {
                 return Err(Failure::restart(ErrorCode::CannotResume, "server sent an incomplete range"));
             }
+            // The range and the length must describe the same bytes (with an unknown total
+            // the length would otherwise set where the file ends).
+            if let Some(len) = content_length
+                && end - start + 1 != len
+            {
+                return Err(Failure::restart(
+                    ErrorCode::CannotResume,
+                    format!("Content-Length ({len}) disagrees with Content-Range ({start}-{end})"),
+                ));
+            }
             // A length past what a file can hold is a lie, not a size.
             let announced = match content_length.map(|l| offset.checked_add(l)) {
                 Some(None) => {
