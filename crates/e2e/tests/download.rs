@@ -144,6 +144,30 @@ async fn a_range_without_the_validator_it_was_asked_with_is_not_spliced() {
     assert!(resumed.iter().any(|r| r.range.is_some()), "the resume asked for a range: {resumed:?}");
 }
 
+/// A resource known by its `Last-Modified` alone resumes even when the 206 leaves that
+/// header out (RFC 9110 asks a 206 for its `ETag`, not its `Last-Modified`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_without_last_modified_still_resumes_a_resource_known_by_its_date() {
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let len = 4u64 << 20;
+    let dated = Resource::generated(len, 29).no_validators().last_modified("Tue, 01 Dec 2026 10:00:00 GMT");
+    server.add(
+        "/dated.bin",
+        dated.fault(Hits::Nth(1), Fault::ResetAfter(1 << 20)).fault(Hits::Nth(2), Fault::NoLastModified),
+    );
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.dated"), delegate).await.unwrap();
+    let task =
+        session.download_tasks(vec![DownloadRequest::new(server.url("/dated.bin"))], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(29, len)));
+    let requests = server.requests_for("/dated.bin");
+    assert_eq!(requests.len(), 2, "one resume, not a restart: {requests:?}");
+    assert!(requests[1].range.as_deref().is_some_and(|r| r != "bytes=0-"), "{requests:?}");
+}
+
 /// A resumed range of unknown total (`bytes N-M/*`) whose `Content-Length` is shorter than
 /// the range would make the file end early: it is refused, and the download starts over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,6 +190,18 @@ async fn a_range_whose_length_disagrees_with_it_is_not_taken() {
     assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(27, len)));
     let requests = server.requests_for("/short.bin");
     assert!(requests.get(1).is_some_and(|r| r.range.is_some()), "the second request resumed: {requests:?}");
+    // Without a Content-Length (chunked), the range's end says where the answer ends.
+    server.add(
+        "/chunked.bin",
+        Resource::generated(len, 28)
+            .no_content_length()
+            .fault(Hits::Nth(1), Fault::ResetAfter(1 << 20))
+            .fault(Hits::Nth(2), Fault::ShortRangeOfUnknownTotal(100_000)),
+    );
+    let task =
+        session.download_tasks(vec![DownloadRequest::new(server.url("/chunked.bin"))], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(28, len)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -91,6 +91,9 @@ pub enum Fault {
     /// On a range request answer 206, but with a `Content-Range` whose start is one too high, and
     /// the body taken from that wrong offset.
     WrongContentRange,
+    /// Leave `Last-Modified` out of this response (it still decides `If-Range`), as a
+    /// server may in a 206 (RFC 9110 15.3.7 asks only for the `ETag` there).
+    NoLastModified,
     /// On a range request answer 206 with an unknown total (`bytes N-M/*`), and a
     /// `Content-Length` and body this many bytes shorter than that range, ending cleanly.
     ShortRangeOfUnknownTotal(u64),
@@ -748,6 +751,7 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
     let mut honour_range = res.ranges;
     let mut wrong_content_range = false;
     let mut short_unknown: Option<u64> = None;
+    let mut hide_last_modified = false;
     let mut padding: Option<usize> = None;
     let mut body_fault: Option<Fault> = None;
     match fault {
@@ -782,6 +786,7 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
         Some(Fault::IgnoreRange) => honour_range = false,
         Some(Fault::WrongContentRange) => wrong_content_range = true,
         Some(Fault::ShortRangeOfUnknownTotal(k)) => short_unknown = Some(k),
+        Some(Fault::NoLastModified) => hide_last_modified = true,
         Some(f @ (Fault::ResetAfter(_) | Fault::StallAfter(_) | Fault::ShortBody(_) | Fault::LongContentLength(_))) => {
             body_fault = Some(f)
         }
@@ -808,7 +813,7 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
     if let Some(e) = &etag {
         builder = builder.header(header::ETAG, e.as_str());
     }
-    if let Some(lm) = &res.last_modified {
+    if let Some(lm) = res.last_modified.as_ref().filter(|_| !hide_last_modified) {
         builder = builder.header(header::LAST_MODIFIED, lm.as_str());
     }
     if let Some(n) = padding {

@@ -7,7 +7,7 @@
 //!   never overtakes it, and a reply queued behind a keep (`Disk::then`) goes out only
 //!   once the kept file is in place.
 //! - Threads of their own for the checks of a client's destinations (`check_request`, at
-//!   most 16 at once): a destination on a hung network mount stalls those requests only,
+//!   most 64 at once, as many as the blocking pool they used to share): a destination on a hung network mount stalls those requests only,
 //!   never the daemon's other file work. Adopting the kept file of resume data happens
 //!   there too, once its destination is known to be fine.
 
@@ -369,7 +369,7 @@ pub(super) fn check_request(
 }
 
 /// Destination checks at once, at most (see `check_request`).
-const CHECK_THREADS: usize = 16;
+const CHECK_THREADS: usize = 64;
 
 #[cfg(test)]
 mod tests {

@@ -158,10 +158,10 @@ impl Engine {
                     format!("asked for bytes from {offset}, server sent a range starting at {start}"),
                 ));
             }
-            // The validators must still be the ones the partial data came from, and the one
-            // `If-Range` carried must come back (a 206 must carry the validators a 200 would):
-            // without it, a server that ignored `If-Range` for a changed resource would have
-            // its new bytes spliced onto the old ones.
+            // The validators must still be the ones the partial data came from, and a strong
+            // `ETag` that `If-Range` carried must come back (a 206 must carry the `ETag` a 200
+            // would, RFC 9110 15.3.7; not `Last-Modified`): without it, a server that ignored
+            // `If-Range` for a changed resource would have its new bytes spliced onto the old.
             let differs = match (&job.etag, &etag) {
                 (Some(old), Some(new)) => old != new,
                 _ => match (&job.last_modified, &last_modified) {
@@ -169,10 +169,7 @@ impl Engine {
                     _ => false,
                 },
             };
-            let missing = match job.etag.as_deref().filter(|e| is_strong_etag(e)) {
-                Some(_) => etag.is_none(),
-                None => job.last_modified.is_some() && last_modified.is_none(),
-            };
+            let missing = job.etag.as_deref().is_some_and(is_strong_etag) && etag.is_none();
             let changed = differs || missing;
             if changed {
                 return Err(Failure::restart(
@@ -203,7 +200,9 @@ impl Engine {
                 Some(Some(end)) => Some(end),
                 None => None,
             };
-            (offset, total.or(announced), false)
+            // With an unknown total the range's own end is where this answer ends: a body
+            // that stops before it is short, never the end of the file.
+            (offset, total.or(announced).or(Some(end + 1)), false)
         } else {
             (0, content_length, offset > 0)
         };
