@@ -247,22 +247,22 @@ async fn a_cancel_of_a_stuck_worker_survives_its_abandonment() {
     assert_eq!(error.code, ErrorCode::Cancelled, "{error:?}");
 }
 
-/// A request that repeats a change whose commit is still on its way (a second suspend of
-/// a task just suspended) is answered only once that change is durable, never before the
-/// request that made it.
+/// A request that repeats a change whose commit is still on its way (a second suspend,
+/// resume or cancel of a task just suspended, resumed or cancelled) is answered only once
+/// that change is durable, never before the request that made it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_repeated_suspend_is_answered_after_the_first_is_durable() {
+async fn repeated_requests_are_answered_after_the_first_is_durable() {
     let env = TestEnv::new();
     env.set_config("checkpoint_bytes", "524288");
     env.set_config("max_concurrent_downloads", "1");
-    // The database thread pauses a second after committing the first checkpoint, before
-    // it answers anything: commits queue behind it meanwhile.
+    // The database thread pauses after each commit holding a checkpoint, before it answers
+    // anything: while the first download runs, commits queue behind it.
     let d = TestDaemon::start_with_env(
         &env,
-        &[("DLSESSIOND_FAILPOINT", OsStr::new("checkpoint-after-commit:1:sleep-ms=1500"))],
+        &[("DLSESSIOND_FAILPOINT", OsStr::new("checkpoint-after-commit:1+:sleep-ms=700"))],
     );
     let s = TestServer::start().await.unwrap();
-    s.add("/running", Resource::generated(4 << 20, 10).throttle(4 << 20));
+    s.add("/running", Resource::generated(64 << 20, 10).throttle(4 << 20));
     s.add("/queued", Resource::generated(100_000, 11));
     let (session, _events) = attach(&env, SessionConfiguration::background("t.repeat")).await;
     let tasks = session
@@ -273,19 +273,31 @@ async fn a_repeated_suspend_is_answered_after_the_first_is_durable() {
         d.log().contains("failpoint checkpoint-after-commit reached").then_some(())
     });
     let queued = &tasks[1];
-    let began = Instant::now();
-    let first = async {
-        queued.suspend().await.unwrap();
-        began.elapsed()
-    };
-    let second = async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        queued.suspend().await.unwrap();
-        began.elapsed()
-    };
-    let (first, second) = tokio::join!(first, second);
-    assert!(first > Duration::from_millis(500), "the first waited for its commit: {first:?}");
-    assert!(second >= first, "the second suspend was answered at {second:?}, before the first ({first:?}) was durable");
+    for what in ["suspend", "resume", "cancel"] {
+        let act = || async {
+            match what {
+                "suspend" => queued.suspend().await.map(|_| ()),
+                "resume" => queued.resume().await.map(|_| ()),
+                _ => queued.cancel().await.map(|_| ()),
+            }
+        };
+        let began = Instant::now();
+        let first = async {
+            act().await.unwrap();
+            began.elapsed()
+        };
+        let second = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            // The second cancel is refused (completed already): either way, not before.
+            let _ = act().await;
+            began.elapsed()
+        };
+        let (first, second) = tokio::join!(first, second);
+        assert!(
+            second >= first,
+            "the second {what} was answered at {second:?}, before the first ({first:?}) was durable"
+        );
+    }
 }
 
 /// Fills `dir`'s filesystem; returns the filler file (remove it to free the space).

@@ -178,6 +178,12 @@ pub enum After {
         reply: oneshot::Sender<FinishPlan>,
         plan: FinishPlan,
     },
+    /// An error answer (see `Core::commit_after_pending`).
+    Refuse {
+        conn: ConnId,
+        id: u64,
+        error: ErrorInfo,
+    },
     /// Like `Reply`, once the disk thread has done what was queued before (a kept file).
     ReplyAfterDisk {
         conn: ConnId,
@@ -516,6 +522,7 @@ impl Core {
         for a in after {
             match a {
                 After::Reply { conn, id, response } => self.reply(conn, id, Ok(response)),
+                After::Refuse { conn, id, error } => self.reply(conn, id, Err(error)),
                 After::Events { session, seq } => self.on_events_committed(session, seq),
                 After::Replay { conn, id, session } => self.replay(conn, id, session),
                 After::Plan { reply, plan } => {

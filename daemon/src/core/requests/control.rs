@@ -18,7 +18,10 @@ impl Core {
         let t = self.tasks.get_mut(&task).ok_or_else(|| no_such_task(task))?;
         let state = t.state;
         if state == TaskState::Completed {
-            return Err(ErrorInfo::new(ErrorCode::InvalidRequest, format!("task {task} has already completed")));
+            // Maybe by a request whose commit is still on its way: refused once it is durable.
+            let error = ErrorInfo::new(ErrorCode::InvalidRequest, format!("task {task} has already completed"));
+            self.commit_after_pending(Vec::new(), vec![After::Refuse { conn, id, error }]);
+            return Ok(Answer::Later);
         }
         let stopping_for = t.run.as_ref().and_then(|r| r.after_stop);
         // The body is in and the file is being synced and moved: too late to stop it.
@@ -52,7 +55,12 @@ impl Core {
                     self.schedule();
                     Ok(Answer::Later)
                 }
-                _ => Ok(Answer::Now(Response::Ok)),
+                // Queued or running already, maybe by a request whose commit is still on its
+                // way: answered once that is durable.
+                _ => {
+                    self.commit_after_pending(Vec::new(), ok());
+                    Ok(Answer::Later)
+                }
             },
             TaskAction::Suspend => match state {
                 // Suspended already, maybe by a request whose commit is still on its way:
