@@ -210,7 +210,9 @@ impl Client {
     /// The current link, if one is up.
     fn current_link(&self) -> Option<Arc<Link>> {
         match &*self.shared.link.lock().ok()? {
-            LinkState::Up(link) => Some(link.clone()),
+            // A link that broke is still `Up` until the supervisor has seen it break: a
+            // request sent on it would fail instead of waiting for the next one.
+            LinkState::Up(link) if !link.is_closed() => Some(link.clone()),
             _ => None,
         }
     }
@@ -250,9 +252,10 @@ impl Client {
         loop {
             let changed = self.shared.link_changed.notified();
             match &*self.shared.link.lock().map_err(|_| Error::Disconnected { reason: None })? {
-                LinkState::Up(link) => return Ok(link.clone()),
+                LinkState::Up(link) if !link.is_closed() => return Ok(link.clone()),
                 LinkState::Closed(reason) => return Err(Error::Disconnected { reason: reason.clone() }),
-                LinkState::Down(_) => {}
+                // Broken, not yet marked down (see `current_link`), or down: the next one.
+                LinkState::Up(_) | LinkState::Down(_) => {}
             }
             changed.await;
         }
@@ -382,14 +385,17 @@ async fn supervise(shared: Arc<Shared>, mut incoming: mpsc::UnboundedReceiver<(u
             Incoming::Message(msg) => dispatch(&shared, msg),
             Incoming::Closed(reason) => {
                 let text = reason.clone().unwrap_or_else(|| "dlsessiond closed the connection".into());
-                notify_routes(&shared, |_| Routed::ConnectionLost(text.clone()));
+                // The link's state first: an app that hears of the loss and asks something
+                // right away waits for the next connection instead of using the broken one.
                 if !shared.options.reconnect {
                     set_link(&shared, LinkState::Closed(reason));
+                    notify_routes(&shared, |_| Routed::ConnectionLost(text.clone()));
                     shared.other.close();
                     continue;
                 }
-                warn!(reason = %text, "lost the connection to dlsessiond; connecting again");
                 set_link(&shared, LinkState::Down(reason));
+                notify_routes(&shared, |_| Routed::ConnectionLost(text.clone()));
+                warn!(reason = %text, "lost the connection to dlsessiond; connecting again");
                 reconnect(&shared).await;
             }
         }
