@@ -7,9 +7,10 @@
 //!   never overtakes it, and a reply queued behind a keep (`Disk::then`) goes out only
 //!   once the kept file is in place.
 //! - Threads of their own for the checks of a client's destinations (`check_request`, at
-//!   most 64 at once, as many as the blocking pool they used to share): a destination on a hung network mount stalls those requests only,
-//!   never the daemon's other file work. Adopting the kept file of resume data happens
-//!   there too, once its destination is known to be fine.
+//!   most 64 at once, as many as the blocking pool they used to share): a destination on
+//!   a hung network mount stalls those requests only, never the daemon's other file work.
+//!   Adopting the kept file of resume data happens there too, once its destination is
+//!   known to be fine.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -359,8 +360,8 @@ pub(super) fn check_request(
     check: impl FnOnce() -> Checked + Send + 'static,
     done: impl FnOnce(Checked) + Send + 'static,
 ) {
-    static CHECKS: std::sync::OnceLock<crate::engine::threads::WriterThreads> = std::sync::OnceLock::new();
-    let threads = CHECKS.get_or_init(|| crate::engine::threads::WriterThreads::named("dest-check", CHECK_THREADS));
+    static CHECKS: std::sync::OnceLock<crate::engine::threads::JobThreads> = std::sync::OnceLock::new();
+    let threads = CHECKS.get_or_init(|| crate::engine::threads::JobThreads::named("dest-check", CHECK_THREADS));
     // The job starts now; its answer goes to `done`, not to the returned future.
     drop(threads.run(move || {
         crate::failpoint::hit("destination-check");

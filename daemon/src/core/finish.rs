@@ -125,10 +125,14 @@ impl Core {
         // `invalidate_and_cancel` reached it while it moved (its session is ending): it
         // completes `cancelled`, as a task already waiting to move again does, instead of
         // waiting to move again and keeping the session from ending.
-        let ending =
-            self.tasks.get(&id).is_some_and(|t| self.sessions.get(&t.rec.session).is_some_and(|s| s.rec.invalidating));
-        if ending && run.is_some_and(|r| r.after_stop == Some(AfterStop::Cancel)) {
-            let offset = self.tasks.get(&id).map_or(0, |t| t.rec.committed_offset);
+        let ending = self
+            .tasks
+            .get(&id)
+            .filter(|t| self.sessions.get(&t.rec.session).is_some_and(|s| s.rec.invalidating))
+            .map(|t| t.rec.committed_offset);
+        if let Some(offset) = ending
+            && run.is_some_and(|r| r.after_stop == Some(AfterStop::Cancel))
+        {
             return self.apply_after_stop(id, AfterStop::Cancel, offset);
         }
         self.refuse_waiting_stops(id, "finished downloading");

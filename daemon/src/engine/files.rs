@@ -523,9 +523,8 @@ fn rename(from: &Path, to: &Path, overwrite: bool, fallback: NoReplace) -> io::R
 /// A rename that never replaces, where the filesystem cannot do one: a hard link (which
 /// never replaces), its directory synced, then the old name removed. A crash in between
 /// leaves both names with the same bytes, which `complete_move` resolves by removing the
-/// cache copy. Where there
-/// are no hard links either, `to` is looked at, then renamed over: a file made there in
-/// that instant would be replaced.
+/// cache copy. Where there are no hard links either, `to` is looked at, then renamed over:
+/// a file made there in that instant would be replaced.
 fn link_then_unlink(from: &Path, to: &Path) -> io::Result<()> {
     use rustix::io::Errno;
     match std::fs::hard_link(from, to) {

@@ -262,9 +262,9 @@ const H1_MAX_BUF: usize = 1 << 20;
 const H2_STREAM_WINDOW: u32 = 8 << 20;
 /// What may sit above a connection's socket, read but not yet counted by the engine. TLS:
 /// rustls's records, at most two of 16 KiB + 256 bytes per layer, two layers through an
-/// HTTPS proxy: about 65 KiB, counted twice. HTTP/1.1: hyper reads into its buffer's whole spare room, which
-/// reserving may double past `H1_MAX_BUF`, and the frame it handed on may be as large. HTTP/2:
-/// the stream's window and h2's frame buffer.
+/// HTTPS proxy: about 65 KiB, counted twice. HTTP/1.1: hyper reads into its buffer's whole
+/// spare room, which reserving may double past `H1_MAX_BUF`, and the frame it handed on may
+/// be as large. HTTP/2: the stream's window and h2's frame buffer.
 const IN_FLIGHT: InFlight = InFlight {
     http1: 4 * H1_MAX_BUF as u64 + (128 << 10),
     http2: H2_STREAM_WINDOW as u64 + H1_MAX_BUF as u64 + (128 << 10),

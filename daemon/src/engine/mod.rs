@@ -197,7 +197,7 @@ pub struct Engine {
     by_route: std::sync::Mutex<std::collections::HashMap<RouteKey, Route>>,
     settings: EngineSettings,
     mover: files::Mover,
-    writers: threads::WriterThreads,
+    writers: threads::JobThreads,
 }
 
 const USER_AGENT: &str = concat!("dlsessiond/", env!("CARGO_PKG_VERSION"));
@@ -218,7 +218,7 @@ impl Engine {
             factory,
             proxies,
             by_route: std::sync::Mutex::default(),
-            writers: threads::WriterThreads::new(settings.writer_threads),
+            writers: threads::JobThreads::new(settings.writer_threads),
             settings,
             mover: files::Mover::start()?,
         })

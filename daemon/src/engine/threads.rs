@@ -1,4 +1,4 @@
-//! The threads download writers run on.
+//! The threads download writers run on (and, named apart, `core::disk`'s destination checks).
 //!
 //! A download's writer is a blocking job for as long as its body lasts (see `writer`). On
 //! tokio's blocking pool, starting one signals a condvar under the pool's mutex, which the
@@ -18,9 +18,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// The writer threads (see the module). Cheap to share behind the engine's `Arc`.
+/// A pool of parked threads for blocking jobs (see the module): the download writers',
+/// or another named one. Cheap to share behind the engine's `Arc`.
 #[derive(Debug)]
-pub struct WriterThreads {
+pub struct JobThreads {
     state: Arc<Mutex<State>>,
     cap: usize,
     /// The threads' name (`dl-writer` for download writers).
@@ -58,15 +59,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-impl WriterThreads {
+impl JobThreads {
     /// No thread starts before the first job; at most `cap` (at least one) ever run.
-    pub fn new(cap: usize) -> WriterThreads {
-        WriterThreads::named("dl-writer", cap)
+    pub fn new(cap: usize) -> JobThreads {
+        JobThreads::named("dl-writer", cap)
     }
 
     /// The same for other blocking jobs, on threads called `name`.
-    pub fn named(name: &'static str, cap: usize) -> WriterThreads {
-        WriterThreads { state: Arc::default(), cap: cap.max(1), name }
+    pub fn named(name: &'static str, cap: usize) -> JobThreads {
+        JobThreads { state: Arc::default(), cap: cap.max(1), name }
     }
 
     /// Runs `f` on a writer thread. The answer is its result, or what its panic said.
@@ -179,7 +180,7 @@ mod tests {
     }
 
     /// Waits until every thread is parked (a job answers just before its thread parks).
-    fn settle(threads: &WriterThreads) {
+    fn settle(threads: &JobThreads) {
         for _ in 0..1000 {
             let state = lock(&threads.state);
             if state.idle.len() == state.threads {
@@ -193,7 +194,7 @@ mod tests {
 
     #[tokio::test]
     async fn jobs_run_on_parked_threads_and_answer() {
-        let threads = WriterThreads::new(4);
+        let threads = JobThreads::new(4);
         assert_eq!(answer(threads.run(|| 6 * 7)).await, Ok(42));
         settle(&threads);
         let name = answer(threads.run(|| std::thread::current().name().map(str::to_owned))).await.unwrap();
@@ -209,7 +210,7 @@ mod tests {
 
     #[tokio::test]
     async fn no_more_than_cap_threads_run_and_queued_jobs_wait_their_turn() {
-        let threads = WriterThreads::new(2);
+        let threads = JobThreads::new(2);
         let (started_tx, started) = std::sync::mpsc::channel();
         let mut release = Vec::new();
         let mut jobs = Vec::new();
@@ -247,7 +248,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_jobs_at_once_all_answer() {
-        let threads = std::sync::Arc::new(WriterThreads::new(3));
+        let threads = std::sync::Arc::new(JobThreads::new(3));
         let mut started = Vec::new();
         for _ in 0..4 {
             let threads = threads.clone();
@@ -268,7 +269,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_job_answers_with_its_message_and_the_thread_goes_on() {
-        let threads = WriterThreads::new(1);
+        let threads = JobThreads::new(1);
         let said = answer(threads.run(|| -> u32 { panic!("disk on fire") })).await;
         assert_eq!(said, Err("the writer failed: disk on fire".to_owned()));
         assert_eq!(answer(threads.run(|| 1)).await, Ok(1), "the one thread still works");

@@ -829,12 +829,7 @@ mod tests {
     /// the file a newer attempt may own.
     #[test]
     fn an_abandoned_writer_leaves_the_file_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let part = dir.path().join("1.part");
-        let prepared = prepare(&part, 0, false, 0o644, &Progress::default()).unwrap();
-        let (sink, _core_rx) = Collect::sink();
-        let link = WorkerLink::new(sink, 1, 1);
-        let (tx, rx) = mpsc::channel(4);
+        let Rig { _dir, part, prepared, core_rx: _core_rx, link, tx, rx } = rig();
         let policy = CheckpointPolicy { bytes: super::super::direct::MIN_WINDOW, interval: Duration::from_secs(60) };
         // Past the switch to direct writes, and 1 MiB into a direct-write buffer (made
         // first: the switch needs the bytes to come fast).

@@ -66,7 +66,7 @@ impl Core {
                 // Suspended already, maybe by a request whose commit is still on its way:
                 // answered once that is durable.
                 TaskState::Suspended => {
-                    self.commit_after_pending(Vec::new(), vec![After::Reply { conn, id, response: Response::Ok }]);
+                    self.commit_after_pending(Vec::new(), ok());
                     Ok(Answer::Later)
                 }
                 TaskState::Running => {
