@@ -3,12 +3,16 @@
 //! and how the core asks the server to pause (`PauseCheck`). Both sides use this module;
 //! it uses neither, so neither imports the other.
 //!
-//! Responses and durable events go through an unbounded channel (they are bounded by
-//! the requests the client makes and by the events in the database). Progress and task
-//! updates are coalesced in a [`Mailbox`] keyed by task, so a client that never reads
-//! costs at most one entry per task and never slows a download.
+//! Responses and durable events go through a channel whose length is counted
+//! ([`Outbox`]): responses are bounded by the requests in flight, and the core sends
+//! durable events only while fewer than [`BACKLOG_WINDOW`] messages wait, so a client that
+//! never reads costs a bounded window however many events its sessions hold or however
+//! often it attaches. Progress and task updates are coalesced in a [`Mailbox`] keyed by
+//! task, so such a client costs at most one entry per task there and never slows a
+//! download.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -23,6 +27,8 @@ pub enum ConnEvent {
     /// A client finished its handshake.
     Open(ConnHandle),
     Closed(ConnId),
+    /// The connection's outgoing queue drained after the core held events back.
+    Drained(ConnId),
     Request {
         conn: ConnId,
         id: u64,
@@ -57,17 +63,91 @@ pub struct ConnHandle {
     pub protocol: u16,
     /// The mode files handed to this client get (from its umask).
     pub file_mode: u32,
-    pub out: mpsc::UnboundedSender<ServerMessage>,
+    pub out: Outbox,
     pub mailbox: Arc<Mailbox>,
 }
 
 impl ConnHandle {
     pub fn send(&self, msg: ServerMessage) {
-        let _ = self.out.send(msg);
+        self.out.send(msg);
     }
 
     pub fn event(&self, event: Event) {
         self.send(ServerMessage::Event(event));
+    }
+}
+
+/// The core holds durable events back while this many messages wait to be written.
+pub const BACKLOG_WINDOW: usize = 4096;
+/// ... and sends more once no more than this many wait.
+pub const BACKLOG_LOW: usize = 1024;
+
+/// A connection's outgoing messages, counted while they wait for its writer.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    tx: mpsc::UnboundedSender<ServerMessage>,
+    backlog: Arc<Backlog>,
+}
+
+/// The writer's side of an [`Outbox`].
+#[derive(Debug)]
+pub struct OutboxReader {
+    rx: mpsc::UnboundedReceiver<ServerMessage>,
+    backlog: Arc<Backlog>,
+}
+
+#[derive(Debug, Default)]
+struct Backlog {
+    queued: AtomicUsize,
+    /// The core held events back and waits to hear that the queue drained.
+    held: AtomicBool,
+}
+
+pub fn outbox() -> (Outbox, OutboxReader) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let backlog = Arc::new(Backlog::default());
+    (Outbox { tx, backlog: backlog.clone() }, OutboxReader { rx, backlog })
+}
+
+impl Outbox {
+    pub fn send(&self, msg: ServerMessage) {
+        // Counted first: the writer may take it the moment it is in the channel.
+        self.backlog.queued.fetch_add(1, SeqCst);
+        if self.tx.send(msg).is_err() {
+            self.backlog.queued.fetch_sub(1, SeqCst);
+        }
+    }
+
+    /// How many more messages the core may queue before holding events back.
+    pub fn room(&self) -> usize {
+        BACKLOG_WINDOW.saturating_sub(self.backlog.queued.load(SeqCst))
+    }
+
+    /// The core holds events back: the writer sends [`ConnEvent::Drained`] once the queue
+    /// is down to [`BACKLOG_LOW`]. True if it is already (the core goes on at once).
+    pub fn hold(&self) -> bool {
+        // With `took`, a Dekker pair: either the writer sees `held` after its decrement,
+        // or this sees the decrement, so a drain is never missed.
+        self.backlog.held.store(true, SeqCst);
+        self.backlog.queued.load(SeqCst) <= BACKLOG_LOW && self.backlog.held.swap(false, SeqCst)
+    }
+}
+
+impl OutboxReader {
+    /// The next message, and whether the core must now hear that the queue drained.
+    pub async fn recv(&mut self) -> Option<(ServerMessage, bool)> {
+        let msg = self.rx.recv().await?;
+        Some((msg, self.took()))
+    }
+
+    pub fn try_recv(&mut self) -> Option<(ServerMessage, bool)> {
+        let msg = self.rx.try_recv().ok()?;
+        Some((msg, self.took()))
+    }
+
+    fn took(&self) -> bool {
+        let left = self.backlog.queued.fetch_sub(1, SeqCst).saturating_sub(1);
+        left <= BACKLOG_LOW && self.backlog.held.load(SeqCst) && self.backlog.held.swap(false, SeqCst)
     }
 }
 
@@ -194,5 +274,37 @@ mod tests {
             .sum();
         assert_eq!(written, 10_000, "no bytes lost in coalescing");
         assert_eq!(m.pending(), 0);
+    }
+
+    fn event() -> ServerMessage {
+        ServerMessage::Event(Event::FinishedEvents { identifier: "s".into() })
+    }
+
+    #[tokio::test]
+    async fn a_held_outbox_says_once_when_it_drained() {
+        let (out, mut reader) = outbox();
+        for _ in 0..BACKLOG_WINDOW {
+            out.send(event());
+        }
+        assert_eq!(out.room(), 0);
+        assert!(!out.hold(), "a full queue holds");
+        let mut told = 0;
+        for taken in 1..=BACKLOG_WINDOW {
+            let (_, drained) = reader.recv().await.expect("queued");
+            if drained {
+                told += 1;
+                assert_eq!(BACKLOG_WINDOW - taken, BACKLOG_LOW, "told as soon as it is down to the low mark");
+            }
+        }
+        assert_eq!(told, 1, "told once per hold");
+        assert_eq!(out.room(), BACKLOG_WINDOW);
+    }
+
+    #[test]
+    fn a_hold_on_a_drained_outbox_goes_on_at_once() {
+        let (out, mut reader) = outbox();
+        out.send(event());
+        assert!(out.hold(), "nothing much waits: go on");
+        assert!(!reader.try_recv().expect("queued").1, "the hold was taken back: the writer says nothing");
     }
 }

@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::conn::{ConnEvent, ConnHandle, Mailbox, PauseCheck, ToCore};
+use crate::conn::{self, ConnEvent, ConnHandle, Mailbox, OutboxReader, PauseCheck, ToCore};
 use dlsession_proto::handshake::{HandshakeStatus, Preamble};
 use dlsession_proto::io::{read_frame, read_preamble};
 use dlsession_proto::{ClientHello, ErrorCode, ErrorInfo, ProtoError, RequestFrame, ServerMessage, Welcome, frame, v1};
@@ -171,7 +171,7 @@ impl<C: ToCore> Connection<C> {
         info!(client = %hello.client_name, app_id = ?hello.app_id, pid = ?pid, protocol = version, "client connected");
         let file_mode = hello.file_mode();
 
-        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let (out_tx, out_rx) = conn::outbox();
         let mailbox = Arc::new(Mailbox::default());
         let handle = ConnHandle {
             id: self.id,
@@ -187,13 +187,19 @@ impl<C: ToCore> Connection<C> {
             return;
         }
         let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-        let writer = tokio::spawn(write_loop(wr, version, out_rx, mailbox, in_flight.clone()));
+        let drained = {
+            let (core, id) = (self.core.clone(), self.id);
+            move || {
+                core.send(ConnEvent::Drained(id));
+            }
+        };
+        let writer = tokio::spawn(write_loop(wr, version, out_rx, mailbox, in_flight.clone(), drained));
         let end = self.read_loop(&mut rd, in_flight).await;
         if let Err(e) = end {
             // Tell the peer why before closing; id 0 marks a connection-level error.
             info!(error = %e, "closing connection after a bad frame");
             let error = ErrorInfo::new(ErrorCode::InvalidRequest, format!("malformed request, closing: {e}"));
-            let _ = out_tx.send(ServerMessage::Response { id: 0, result: Err(error) });
+            out_tx.send(ServerMessage::Response { id: 0, result: Err(error) });
         }
         drop(out_tx);
         let _ = self.core.send(ConnEvent::Closed(self.id));
@@ -284,14 +290,18 @@ where
 async fn write_loop<W: AsyncWrite + Unpin>(
     wr: W,
     version: u16,
-    mut rx: mpsc::UnboundedReceiver<ServerMessage>,
+    mut rx: OutboxReader,
     mailbox: Arc<Mailbox>,
     in_flight: Arc<Semaphore>,
+    drained: impl Fn(),
 ) {
     let mut w = BufWriter::with_capacity(64 << 10, wr);
-    let write = |msg: ServerMessage| {
+    let write = |(msg, now_drained): (ServerMessage, bool)| {
         if matches!(msg, ServerMessage::Response { .. }) {
             in_flight.add_permits(1);
+        }
+        if now_drained {
+            drained();
         }
         msg
     };
@@ -317,7 +327,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             return;
         }
         for _ in 0..WRITE_BATCH {
-            let Ok(m) = rx.try_recv() else { break };
+            let Some(m) = rx.try_recv() else { break };
             if send(&mut w, version, write(m)).await.is_err() {
                 return;
             }

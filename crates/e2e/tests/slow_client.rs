@@ -1,5 +1,6 @@
 //! A client that attaches and never reads its socket costs the daemon bounded memory and
-//! never slows the downloads: progress is coalesced per task, not queued.
+//! never slows the downloads: progress is coalesced per task, not queued, and durable
+//! events wait in their session while a window of messages waits to be written.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
@@ -9,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use dlsession::proto::handshake::{HandshakeStatus, Preamble};
 use dlsession::proto::{
-    ClientHello, Request, RequestFrame, Response, SessionConfig, TaskQuery, TaskSpec, TaskState, frame,
+    ClientHello, DurableEvent, Event, Request, RequestFrame, Response, ServerMessage, SessionConfig, TaskAction,
+    TaskQuery, TaskSpec, TaskState, frame,
 };
 use dlsession::{Client, ClientOptions};
 use dlsession_testkit::host::rss_kib;
@@ -25,27 +27,9 @@ fn session_config() -> SessionConfig {
 
 /// Attaches `identifier` over a raw connection that will never be read again.
 fn stuck_attach(socket: &std::path::Path, identifier: &str) -> UnixStream {
-    let mut s = UnixStream::connect(socket).unwrap();
-    let mut bytes = Preamble::ours(HandshakeStatus::Ok).to_bytes().to_vec();
-    bytes.extend(
-        frame::encode_frame(&ClientHello {
-            client_name: "stuck".into(),
-            client_version: "0".into(),
-            app_id: None,
-            umask: None,
-        })
-        .unwrap(),
-    );
-    bytes.extend(
-        frame::encode_frame(&RequestFrame {
-            id: 1,
-            request: Request::Attach { identifier: identifier.into(), config: session_config(), takeover: false },
-        })
-        .unwrap(),
-    );
-    s.write_all(&bytes).unwrap();
-    let mut pre = [0u8; 8];
-    s.read_exact(&mut pre).unwrap();
+    let mut s = stuck_connection(socket);
+    let request = Request::Attach { identifier: identifier.into(), config: session_config(), takeover: false };
+    s.write_all(&frame::encode_frame(&RequestFrame { id: 1, request }).unwrap()).unwrap();
     s
 }
 
@@ -122,4 +106,125 @@ async fn a_client_that_never_reads_costs_bounded_memory_and_no_speed() {
     let t = Instant::now();
     assert!(matches!(client.request(Request::Status).await.unwrap(), Response::Status(_)));
     assert!(t.elapsed() < Duration::from_secs(1));
+}
+
+/// Reads one whole frame (header and payload) from a blocking stream.
+fn read_frame_bytes(s: &mut UnixStream) -> Vec<u8> {
+    let mut header = [0u8; frame::HEADER_LEN];
+    s.read_exact(&mut header).unwrap();
+    let mut bytes = header.to_vec();
+    bytes.resize(frame::HEADER_LEN + frame::payload_len(header).unwrap(), 0);
+    s.read_exact(&mut bytes[frame::HEADER_LEN..]).unwrap();
+    bytes
+}
+
+fn read_message(s: &mut UnixStream) -> ServerMessage {
+    frame::decode_frames::<ServerMessage>(&read_frame_bytes(s)).unwrap().pop().unwrap()
+}
+
+/// A session with many unacknowledged events, attached again and again by a client that
+/// does not read: each attach replays every event, but the daemon queues a bounded window
+/// of them, and the client gets them all, in order, once it reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_attaches_by_a_client_that_does_not_read_cost_a_bounded_window() {
+    const EVENTS: usize = 10_000;
+    const ATTACHES: u64 = 64;
+    let env = TestEnv::new();
+    let daemon = TestDaemon::start(&env);
+    let client =
+        Client::connect(ClientOptions { socket: Some(env.socket.clone()), ..ClientOptions::default() }).await.unwrap();
+    let identifier = "t.many";
+    let r = client.request(Request::OpenSession { identifier: identifier.into(), config: None }).await;
+    assert!(r.is_ok());
+    // Suspended tasks, each cancelled: one `completed` event apiece, no network.
+    let specs: Vec<TaskSpec> = (0..EVENTS).map(|i| TaskSpec::get(format!("http://127.0.0.1:9/never/{i}"))).collect();
+    let r = client.request(Request::CreateTasks { identifier: identifier.into(), tasks: specs, resume: false }).await;
+    let Ok(Response::TasksCreated(ids)) = r else { panic!("{r:?}") };
+    let mut cancels = tokio::task::JoinSet::new();
+    for chunk in ids.chunks(EVENTS / 8) {
+        let (client, chunk) = (client.clone(), chunk.to_vec());
+        cancels.spawn(async move {
+            for task in chunk {
+                let r = client.request(Request::ControlTask { task, action: TaskAction::Cancel }).await;
+                assert!(matches!(r, Ok(Response::Ok)), "{r:?}");
+            }
+        });
+    }
+    while let Some(r) = cancels.join_next().await {
+        r.unwrap();
+    }
+    let rss_before = rss_kib(daemon.pid());
+
+    let mut stuck = stuck_connection(&env.socket);
+    let mut attaches = Vec::new();
+    for id in 1..=ATTACHES {
+        let request =
+            Request::Attach { identifier: identifier.into(), config: SessionConfig::default(), takeover: false };
+        attaches.extend(frame::encode_frame(&RequestFrame { id, request }).unwrap());
+    }
+    stuck.write_all(&attaches).unwrap();
+    // Without a window, every attach queues all the events again (~100 MB here): wait until
+    // the daemon's memory stops growing for a while, or grows too far.
+    let limit = 24 * 1024;
+    let mut last = rss_before;
+    let mut still = 0;
+    let waited = Instant::now();
+    while still < 5 && waited.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(matches!(client.request(Request::Status).await.unwrap(), Response::Status(_)));
+        let rss = rss_kib(daemon.pid());
+        assert!(
+            rss < rss_before + limit,
+            "{ATTACHES} attaches of {EVENTS} events by a client that does not read grew the daemon by {} KiB",
+            rss - rss_before
+        );
+        still = if rss <= last { still + 1 } else { 0 };
+        last = last.max(rss);
+    }
+    eprintln!("daemon RSS {rss_before} KiB before the attaches, {last} KiB at most after");
+
+    // Now it reads: every attach is answered, and after the last one comes every event, in
+    // order, then `finished_events`.
+    stuck.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut answered = 0;
+    let mut seqs = Vec::new();
+    loop {
+        match read_message(&mut stuck) {
+            ServerMessage::Response { id, result } => {
+                assert!(matches!(result, Ok(Response::Session(_))), "{result:?}");
+                answered += 1;
+                assert_eq!(id, answered, "answers in order");
+                seqs.clear();
+            }
+            ServerMessage::Event(Event::Durable { seq, event, .. }) => {
+                assert!(matches!(event, DurableEvent::Completed { .. }), "{event:?}");
+                assert!(seqs.last().is_none_or(|&l| l < seq), "seq {seq} after {seqs:?}");
+                seqs.push(seq);
+            }
+            ServerMessage::Event(Event::FinishedEvents { .. }) if answered == ATTACHES => break,
+            ServerMessage::Event(Event::FinishedEvents { .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seqs.len(), EVENTS, "the last replay brought every event before finished_events");
+}
+
+/// Connects and completes the handshake (preamble and welcome read).
+fn stuck_connection(socket: &std::path::Path) -> UnixStream {
+    let mut s = UnixStream::connect(socket).unwrap();
+    let mut bytes = Preamble::ours(HandshakeStatus::Ok).to_bytes().to_vec();
+    bytes.extend(
+        frame::encode_frame(&ClientHello {
+            client_name: "stuck".into(),
+            client_version: "0".into(),
+            app_id: None,
+            umask: None,
+        })
+        .unwrap(),
+    );
+    s.write_all(&bytes).unwrap();
+    let mut pre = [0u8; 8];
+    s.read_exact(&mut pre).unwrap();
+    read_frame_bytes(&mut s);
+    s
 }

@@ -29,36 +29,58 @@ impl Core {
         self.check_wake(key, Duration::ZERO);
     }
 
-    /// Sends the attached connection every committed event it has not had yet; says
-    /// whether `finished_events` went with them.
-    fn deliver(&mut self, key: SessionKey) -> bool {
-        let Some(s) = self.sessions.get_mut(&key) else { return false };
-        let (Some(conn), false) = (s.attached, s.replaying) else { return false };
-        let Some(c) = self.conns.get(&conn) else { return false };
-        let from = s.delivered.saturating_add(1);
-        if from > s.committed {
-            return false;
-        }
-        for (seq, ev) in s.events.range(from..=s.committed) {
-            // Progress that is still coalescing goes out before the task's events, except
-            // before a resume: what follows it is the progress of the attempt it announces.
-            if let Some(task) = ev.task()
-                && !matches!(ev.event, DurableEvent::ResumedAtOffset { .. })
-                && let Some(p) = c.handle.mailbox.take_progress(task)
-            {
-                c.handle.send(p);
+    /// Sends the attached connection the committed events it has not had yet, as many as
+    /// its outgoing queue has room for (the rest when it drains: `on_drained`).
+    fn deliver(&mut self, key: SessionKey) {
+        let Some(s) = self.sessions.get_mut(&key) else { return };
+        let (Some(conn), false) = (s.attached, s.replaying) else { return };
+        let Some(c) = self.conns.get(&conn) else { return };
+        loop {
+            let mut room = c.handle.out.room();
+            let mut sent = None;
+            for (seq, ev) in s.undelivered() {
+                if room < 2 {
+                    break;
+                }
+                // Progress that is still coalescing goes out before the task's events, except
+                // before a resume: what follows it is the progress of the attempt it announces.
+                if let Some(task) = ev.task()
+                    && !matches!(ev.event, DurableEvent::ResumedAtOffset { .. })
+                    && let Some(p) = c.handle.mailbox.take_progress(task)
+                {
+                    c.handle.send(p);
+                    room -= 1;
+                }
+                let identifier = s.rec.identifier.clone();
+                c.handle.event(Event::Durable { identifier, seq: *seq, event: ev.event.clone() });
+                room -= 1;
+                sent = Some(*seq);
             }
-            c.handle.event(Event::Durable { identifier: s.rec.identifier.clone(), seq: *seq, event: ev.event.clone() });
+            s.delivered = sent.unwrap_or(s.delivered);
+            if s.undelivered().next().is_none() {
+                break;
+            }
+            if !c.handle.out.hold() {
+                return;
+            }
         }
-        s.delivered = s.committed;
-        // The session's last task is done and every event it emitted is committed and out:
-        // the attached app hears it may rest, as after a replay. (Protocol 1 promised
-        // `finished_events` only after a replay.)
-        if s.counts.active() == 0 && s.committed.saturating_add(1) >= s.rec.next_seq && c.handle.protocol >= 2 {
+        s.delivered = s.delivered.max(s.committed);
+        // A replay ends with `finished_events`. So does a delivery after which the session's
+        // last task is done and every event it emitted is committed and out: the attached app
+        // hears it may rest. (Protocol 1 promised `finished_events` only after a replay.)
+        let replayed = std::mem::take(&mut s.replay_tail);
+        let resting = s.counts.active() == 0 && s.committed.saturating_add(1) >= s.rec.next_seq;
+        if replayed || (resting && c.handle.protocol >= 2) {
             c.handle.event(Event::FinishedEvents { identifier: s.rec.identifier.clone() });
-            return true;
         }
-        false
+    }
+
+    /// A connection's outgoing queue drained: the events held back go on.
+    pub(super) fn on_drained(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        for key in c.attached.iter().copied().collect::<Vec<_>>() {
+            self.deliver(key);
+        }
     }
 
     /// Completes an attach once its changes are durable: reply, replay, `finished_events`.
@@ -71,13 +93,8 @@ impl Core {
         }
         s.replaying = false;
         s.delivered = 0;
-        let identifier = s.rec.identifier.clone();
-        // Once per replay, whether or not the delivery itself ended with it.
-        if !self.deliver(key)
-            && let Some(c) = self.conns.get(&conn)
-        {
-            c.handle.event(Event::FinishedEvents { identifier });
-        }
+        s.replay_tail = true;
+        self.deliver(key);
     }
 
     /// Acknowledges events and replies `Ok` to (`conn`, `id`) once that is durable.

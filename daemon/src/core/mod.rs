@@ -433,6 +433,7 @@ impl Core {
         match msg {
             CoreMsg::Conn(ConnEvent::Open(handle)) => self.on_open(handle),
             CoreMsg::Conn(ConnEvent::Closed(id)) => self.on_closed(id),
+            CoreMsg::Conn(ConnEvent::Drained(id)) => self.on_drained(id),
             CoreMsg::Conn(ConnEvent::Request { conn, id, request }) => self.on_request(conn, id, request),
             CoreMsg::DiskChecked { conn, id, request, result } => self.on_disk_checked(conn, id, *request, result),
             CoreMsg::Disk(report) => self.on_disk_report(report),

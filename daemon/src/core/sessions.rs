@@ -25,6 +25,9 @@ pub(super) struct Session {
     pub replaying: bool,
     /// Highest seq sent to the attached connection.
     pub delivered: u64,
+    /// A replay's `finished_events` is owed, once every event is out (a slow reader gets
+    /// them a window at a time).
+    pub replay_tail: bool,
     /// Highest seq known committed.
     pub committed: u64,
     /// Unacknowledged durable events (change them through `push_event` / `take_event`).
@@ -78,6 +81,7 @@ impl Session {
             attached: None,
             replaying: false,
             delivered: 0,
+            replay_tail: false,
             committed: 0,
             events: BTreeMap::new(),
             pending_by_task: HashMap::new(),
@@ -114,11 +118,20 @@ impl Session {
         true
     }
 
+    /// Committed events not yet sent to the attached connection.
+    pub fn undelivered(&self) -> impl Iterator<Item = (&u64, &EventRecord)> {
+        // (A `BTreeMap` range whose start is past its end panics.)
+        let from = self.delivered.saturating_add(1);
+        let range = (from <= self.committed).then(|| self.events.range(from..=self.committed));
+        range.into_iter().flatten()
+    }
+
     /// Forgets `conn` as the attached connection, if it is.
     pub fn detach(&mut self, conn: ConnId) {
         if self.attached == Some(conn) {
             self.attached = None;
             self.replaying = false;
+            self.replay_tail = false;
         }
     }
 
