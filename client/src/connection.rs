@@ -438,10 +438,19 @@ async fn reconnect(shared: &Arc<Shared>) {
     }
     // Sessions hear of the reconnect before the events their rejoin brings.
     notify_routes(shared, |_| Routed::Reconnected);
-    let rejoins: Vec<(String, Request, Option<SessionConfiguration>)> = shared
+    let rejoins: Vec<Rejoin> = shared
         .routes
         .lock()
-        .map(|r| r.iter().map(|(id, route)| (id.clone(), route.attach.clone(), route.config.clone())).collect())
+        .map(|r| {
+            r.iter()
+                .map(|(id, route)| Rejoin {
+                    identifier: id.clone(),
+                    token: route.token,
+                    attach: route.attach.clone(),
+                    config: route.config.clone(),
+                })
+                .collect()
+        })
         .unwrap_or_default();
     let mut registrations = Vec::new();
     for request in again {
@@ -461,23 +470,41 @@ async fn reconnect(shared: &Arc<Shared>) {
             }
         }
     });
-    for (identifier, attach, config) in rejoins {
-        tokio::spawn(rejoin(shared.clone(), link.clone(), identifier, attach, config));
+    for r in rejoins {
+        tokio::spawn(rejoin(shared.clone(), link.clone(), r));
     }
+}
+
+/// A session to attach again on a new link, as its route was when the link came up.
+struct Rejoin {
+    identifier: String,
+    /// The route's owner then: a session dropped since is not attached again.
+    token: u64,
+    attach: Request,
+    config: Option<SessionConfiguration>,
+}
+
+/// Holds every rejoin this long before it starts, for tests of what happens meanwhile
+/// (`test_hooks::pause_rejoins`). Zero: no pause.
+static REJOIN_PAUSE_MS: AtomicU64 = AtomicU64::new(0);
+
+pub(crate) fn pause_rejoins(pause: Duration) {
+    REJOIN_PAUSE_MS.store(u64::try_from(pause.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
 }
 
 /// Attaches a session again on a new link. Our own earlier attachment may not be gone
 /// from the daemon yet (it notices the old connection closing in its own time), so
 /// `session_in_use` is retried for a moment; after that another process has the session,
 /// and the session hears it was taken over. A session that no longer exists hears it was
-/// invalidated. Other errors are retried with backoff while the link lives.
-async fn rejoin(
-    shared: Arc<Shared>,
-    link: Arc<Link>,
-    identifier: String,
-    attach: Request,
-    config: Option<SessionConfiguration>,
-) {
+/// invalidated. Other errors are retried with backoff while the link lives. A session the
+/// app dropped meanwhile is not attached again (nobody would get its events, and its app
+/// could not attach it elsewhere).
+async fn rejoin(shared: Arc<Shared>, link: Arc<Link>, r: Rejoin) {
+    let Rejoin { identifier, token, attach, config } = r;
+    let pause = REJOIN_PAUSE_MS.load(Ordering::Relaxed);
+    if pause > 0 {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
     // The stored configuration as it is now, not as it was at the first attach.
     let stored = match (&attach, &config) {
         (Request::Attach { identifier, .. }, Some(_)) => {
@@ -497,7 +524,17 @@ async fn rejoin(
     let mut in_use_since: Option<tokio::time::Instant> = None;
     loop {
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let answer = match link.send(id, attach.clone()) {
+        // Sent while the routes are held: a session dropped before this is not attached,
+        // and one dropped after sends its detach behind this attach, on the same link.
+        let sent = {
+            let Ok(routes) = shared.routes.lock() else { return };
+            if routes.get(&identifier).is_none_or(|route| route.token != token) {
+                debug!(session = %identifier, "the session was dropped; not rejoining it");
+                return;
+            }
+            link.send(id, attach.clone())
+        };
+        let answer = match sent {
             Ok(rx) => rx.await,
             Err(_) => return,
         };

@@ -81,6 +81,15 @@ pub fn session_of_action<'a>(action: &str, parameter: Option<&'a str>) -> Option
 
 /// The wire types, for tools that talk to the daemon directly (like `dlsessionctl`).
 pub use dlsession_proto as proto;
+
+/// Hooks for the project's own tests: not part of the API.
+#[doc(hidden)]
+pub mod test_hooks {
+    /// Holds every rejoin after a reconnect for `pause` before it starts (process-wide).
+    pub fn pause_rejoins(pause: std::time::Duration) {
+        crate::connection::pause_rejoins(pause);
+    }
+}
 pub use dlsession_proto::{
     Challenge, ChallengeAnswer, Credential, CredentialScope, DetachReason, ErrorCode, ErrorInfo, Header, LaunchSpec,
     SessionConfig, SessionInfo, SessionPolicy, SessionProxy, TaskCounts, TaskId, TaskInfo, TaskPolicy, TaskPolicyInfo,
