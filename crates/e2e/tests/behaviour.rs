@@ -35,16 +35,22 @@ async fn redirects_are_followed_within_limits() {
     );
     server
         .add("/loop", Resource::bytes("").fault(Hits::All, Fault::Redirect { status: 302, location: "/loop".into() }));
+    // A `Location` in raw UTF-8 (not percent-encoded) is followed as browsers follow it.
+    server.add("/caf%C3%A9/n%C3%BC", Resource::generated(1000, 4));
+    server.add(
+        "/utf8",
+        Resource::bytes("").fault(Hits::All, Fault::Redirect { status: 302, location: "/café/nü".into() }),
+    );
     let (session, mut events) = attach(&env, "t.redirect").await;
-    let tasks = session
-        .download_tasks(vec![DownloadRequest::new(server.url("/r1")), DownloadRequest::new(server.url("/loop"))], true)
-        .await
-        .unwrap();
+    let requests = ["/r1", "/loop", "/utf8"].map(|p| DownloadRequest::new(server.url(p)));
+    let tasks = session.download_tasks(requests.to_vec(), true).await.unwrap();
     assert_eq!(events.completion(tasks[0].id(), LONG).await, None);
     assert_eq!(sha256_file(&events.moved_to(tasks[0].id()).unwrap()).unwrap(), to_hex(&pattern_sha256(3, 100_000)));
     let err = events.completion(tasks[1].id(), LONG).await.unwrap();
     assert_eq!(err.code, ErrorCode::TooManyRedirects);
     assert_eq!(server.hits("/loop"), 11, "the first request and ten redirects");
+    assert_eq!(events.completion(tasks[2].id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(tasks[2].id()).unwrap()).unwrap(), to_hex(&pattern_sha256(4, 1000)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -105,7 +105,8 @@ pub enum Fault {
     /// Declare a `Content-Length` this many bytes larger than the body, send the body, then close
     /// the connection (HTTP/2: reset the stream).
     LongContentLength(u64),
-    /// Answer with this redirect status and `Location` (used verbatim: absolute or relative).
+    /// Answer with this redirect status and `Location` (used verbatim, byte for byte:
+    /// absolute or relative, raw UTF-8 included).
     Redirect { status: u16, location: String },
     /// Wait this long before sending the response head (then respond normally).
     SlowHeaders(Duration),
@@ -767,7 +768,8 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
         Some(Fault::Redirect { status, location }) => {
             let code = StatusCode::from_u16(status).unwrap_or(StatusCode::FOUND);
             let mut resp = small_response(code, "text/html", format!("<html>redirect to {location}</html>"));
-            match HeaderValue::from_str(&location) {
+            // As bytes: a location with raw UTF-8 goes out as it is, as some servers send it.
+            match HeaderValue::from_bytes(location.as_bytes()) {
                 Ok(v) => {
                     resp.headers_mut().insert(header::LOCATION, v);
                 }

@@ -57,11 +57,11 @@ impl Engine {
             if !matches!(status, 301 | 302 | 303 | 307 | 308) {
                 return Ok((resp, url));
             }
-            let Some(location) = resp.headers().get(hyper::header::LOCATION).and_then(|v| v.to_str().ok()) else {
+            let Some(location) = super::http::location(resp.headers()) else {
                 return Ok((resp, url));
             };
-            let next = url.join(location).map_err(|e| {
-                let location = redact::url(location);
+            let next = url.join(&location).map_err(|e| {
+                let location = redact::url(&location);
                 Failure::permanent(ErrorCode::InvalidUrl, format!("redirect to an invalid location {location:?}: {e}"))
             })?;
             hops += 1;

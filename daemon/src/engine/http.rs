@@ -409,6 +409,14 @@ fn error_chain(err: &(dyn StdError + 'static)) -> String {
 }
 
 /// Statuses that are worth retrying (docs/behaviour.md, "Retries and resume").
+/// A response's `Location`, as text `Url::join` takes. Bytes outside ASCII (raw UTF-8, which
+/// some servers send) and controls are percent-encoded, as browsers do, instead of the
+/// redirect being ignored.
+pub fn location(headers: &hyper::HeaderMap) -> Option<String> {
+    let raw = headers.get(hyper::header::LOCATION)?.as_bytes();
+    Some(percent_encoding::percent_encode(raw, percent_encoding::CONTROLS).to_string())
+}
+
 pub fn is_transient_status(status: u16) -> bool {
     matches!(status, 408 | 429 | 500 | 502 | 503 | 504)
 }
@@ -496,6 +504,19 @@ mod tests {
             if let Some((start, end, total)) = parse_content_range(&format!("bytes {a}-{b}/{t}")) {
                 proptest::prop_assert!(start <= end && total.is_none_or(|t| end < t));
             }
+        }
+
+        /// Any `Location` a header can hold becomes ASCII text (what `Url::join` takes).
+        #[test]
+        fn location_is_ascii(raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let Ok(value) = hyper::header::HeaderValue::from_bytes(&raw) else { return Ok(()) };
+            let mut headers = hyper::HeaderMap::new();
+            headers.insert(hyper::header::LOCATION, value);
+            let text = location(&headers).unwrap();
+            proptest::prop_assert!(text.is_ascii());
+            // (A `%` it held already is left as it is, escaping what follows it.)
+            proptest::prop_assume!(!raw.contains(&b'%'));
+            proptest::prop_assert_eq!(percent_encoding::percent_decode_str(&text).collect::<Vec<u8>>(), raw);
         }
 
         /// No header value panics or overflows, whatever it holds.

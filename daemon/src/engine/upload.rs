@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::header::{CONTENT_TYPE, HeaderValue, LOCATION};
+use hyper::header::{CONTENT_TYPE, HeaderValue};
 use tokio::sync::mpsc;
 use url::Url;
 
@@ -24,7 +24,7 @@ use super::attempt::{
     build_request, host_of, no_response, request_failure, response_headers, status_failure, status_text,
     stopped_at_proxy,
 };
-use super::http::{Failure, ReqBody, Retry, classify, empty_body, is_transient_status};
+use super::http::{Failure, ReqBody, Retry, classify, empty_body, is_transient_status, location};
 use super::limiter::RateLimiter;
 use super::progress::Progress;
 use super::report::UploadResponse;
@@ -230,10 +230,10 @@ impl Engine {
                 hyper::ext::on_informational(&mut req, move |res| {
                     let offered = res.status().as_u16() == 104
                         && res.headers().get(INTEROP).and_then(|v| v.to_str().ok()) == Some(INTEROP_VERSION);
-                    if let Some(location) = res.headers().get(LOCATION).and_then(|v| v.to_str().ok())
+                    if let Some(location) = location(res.headers())
                         && offered
                     {
-                        let _ = offers_tx.send(location.to_owned());
+                        let _ = offers_tx.send(location);
                     }
                 });
             }
@@ -302,8 +302,7 @@ impl Engine {
             }
             if matches!(status, 301 | 302 | 303 | 307 | 308)
                 && !appending
-                && let Some(next) =
-                    resp.headers().get(LOCATION).and_then(|v| v.to_str().ok()).and_then(|l| url.join(l).ok())
+                && let Some(next) = location(resp.headers()).and_then(|l| url.join(&l).ok())
             {
                 hops += 1;
                 self.may_redirect(&url, &next, hops)?;
