@@ -69,11 +69,15 @@ pub unsafe extern "C" fn dls_session_free(session: *mut dls_session) {
         return;
     }
     guard((), || {
-        // SAFETY: a pointer from `Box::into_raw` in `dls_session_attach`, given back once.
-        let dls_session { session, gate } = *unsafe { Box::from_raw(session) };
-        // With no callback running, so none can be using the session as it goes; events
+        // SAFETY: a live session from `dls_session_attach` (the caller's contract). Only its
+        // gate is read while a callback may still be calling functions with the session.
+        let gate = unsafe { (*session).gate.clone() };
+        // Freed once no callback runs, so none can be using the session as it goes; events
         // that were about to be delivered stay unacknowledged and come again.
-        gate.close_and(|| drop(session));
+        gate.close_and(|| {
+            // SAFETY: a pointer from `Box::into_raw` in `dls_session_attach`, given back once.
+            drop(unsafe { Box::from_raw(session) });
+        });
     });
 }
 

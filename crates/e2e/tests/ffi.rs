@@ -276,6 +276,66 @@ fn the_c_api_controls_tasks() {
     );
 }
 
+/// A callback that is still using its session when the app frees it, from another thread.
+#[derive(Default)]
+struct FreeProbe {
+    session: AtomicPtr<dls_session>,
+    /// Set once the callback runs (it then waits for the free to begin).
+    inside: std::sync::atomic::AtomicBool,
+    /// What the session answered the callback after that.
+    code: Mutex<Option<dls_code>>,
+}
+
+unsafe extern "C" fn free_probe(event: *const dls_event, user_data: *mut c_void) {
+    // SAFETY: the library passes a live event, and the test's `FreeProbe` as user_data.
+    let (event, probe) = unsafe { (&*event, &*(user_data as *const FreeProbe)) };
+    if event.kind != dls_event_kind::DLS_EVENT_COMPLETED || probe.inside.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    // The app's main thread calls dls_session_free meanwhile; it must wait for this call.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut err = ptr::null_mut();
+    // SAFETY: the session lives until its running callback returns (the header's promise).
+    let code = unsafe { dlsession_ffi::dls_task_suspend(probe.session.load(Ordering::Acquire), 999_999, &mut err) };
+    // SAFETY: an error the call stored, freed once.
+    unsafe { dlsession_ffi::dls_error_free(err) };
+    if let Ok(mut seen) = probe.code.lock() {
+        *seen = Some(code);
+    }
+}
+
+/// `dls_session_free` while the session's callback runs and calls it: the free waits, and
+/// the session is whole until the callback returns (it was freed first, then waited for).
+#[test]
+fn a_session_freed_while_its_callback_uses_it_stays_whole_until_the_callback_returns() {
+    use dlsession_ffi::*;
+
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt.block_on(TestServer::start()).unwrap();
+    server.add("/small.bin", Resource::generated(1000, 46));
+    let url = CString::new(server.url("/small.bin")).unwrap();
+    let probe = FreeProbe::default();
+    // SAFETY: every pointer is live or NULL where the API allows NULL; `probe` outlives
+    // the session.
+    unsafe {
+        let session = attach(&env, c"org.example.ffi-free", free_probe, &probe, |_| {});
+        probe.session.store(session, Ordering::Release);
+        let mut task = 0;
+        assert_eq!(dls_download(session, url.as_ptr(), ptr::null(), 0, &mut task, ptr::null_mut()), dls_code::DLS_OK);
+        dlsession_testkit::wait_for("the callback", Duration::from_secs(30), || {
+            probe.inside.load(Ordering::Acquire).then_some(())
+        });
+        dls_session_free(session);
+    }
+    assert_eq!(
+        probe.code.into_inner().unwrap(),
+        Some(dls_code::DLS_NO_SUCH_TASK),
+        "the callback's call on its session, made while the session was being freed"
+    );
+}
+
 /// An upload's response as the callback saw it: status, body read in the callback,
 /// headers, truncated, the body file's path.
 type SeenResponse = (c_int, Vec<u8>, String, c_int, PathBuf);
