@@ -13,7 +13,7 @@ use std::time::Duration;
 
 // `None` as the protocol is NETLINK_ROUTE.
 use rustix::net::netlink::SocketAddrNetlink;
-use rustix::net::{AddressFamily, RecvFlags, SocketType};
+use rustix::net::{AddressFamily, RecvFlags, SocketFlags, SocketType};
 
 /// Changes arriving within this long of each other are reported once.
 const COALESCE: Duration = Duration::from_millis(50);
@@ -66,7 +66,8 @@ const LONGEST_BURST: Duration = Duration::from_secs(1);
 /// address or route changes, and once if the watcher stops. Fails if netlink cannot be
 /// opened (then the daemon assumes every peer reachable, as before it knew better).
 pub fn watch(report: impl Fn(Watch) + Send + 'static) -> io::Result<()> {
-    let fd = rustix::net::socket(AddressFamily::NETLINK, SocketType::RAW, None)?;
+    // Close-on-exec: apps the daemon launches must not inherit it.
+    let fd = rustix::net::socket_with(AddressFamily::NETLINK, SocketType::RAW, SocketFlags::CLOEXEC, None)?;
     let groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE;
     rustix::net::bind(&fd, &SocketAddrNetlink::new(0, groups))?;
     std::thread::Builder::new().name("netlink".into()).spawn(move || {

@@ -606,6 +606,31 @@ async fn a_relaunched_app_gets_the_descriptor_limit_the_daemon_was_started_with(
     assert_eq!(written.trim(), "256", "the app's soft limit");
 }
 
+/// A relaunched app inherits none of the daemon's sockets (its netlink socket leaked into
+/// every app it started).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relaunched_app_inherits_no_socket_of_the_daemon() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(1000, 73));
+    let seen = env.path().join("fds.txt");
+    let list = format!(
+        "for f in /proc/$$/fd/*; do echo \"$f $(readlink $f)\"; done > {0}.tmp; mv {0}.tmp {0}",
+        seen.display()
+    );
+    let argv = vec!["/bin/sh".to_owned(), "-c".to_owned(), list];
+    let config = SessionConfig { launch: Some(dlsession::LaunchSpec::Command { argv }), ..SessionConfig::default() };
+    let client = dlsession_testkit::app::client(&env).await;
+    client.request(Request::OpenSession { identifier: "t.fds".into(), config: Some(config) }).await.unwrap();
+    let create =
+        Request::CreateTasks { identifier: "t.fds".into(), tasks: vec![TaskSpec::get(server.url("/a"))], resume: true };
+    client.request(create).await.unwrap();
+    let fds = wait_for("the app relaunched", LONG, || std::fs::read_to_string(&seen).ok());
+    assert!(fds.lines().count() >= 3, "{fds}");
+    assert!(!fds.contains("socket:"), "the app's descriptors:\n{fds}");
+}
+
 /// A `wake` request waiting in line for a launch slot is answered when its session is
 /// removed meanwhile (it used to wait for ever).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
