@@ -14,8 +14,8 @@ use dlsession::{
 use dlsession_testkit::app::config;
 use dlsession_testkit::cli::{show_field, stdout};
 use dlsession_testkit::{
-    LONG, Recorder, Resource, Seen, TestCa, TestDaemon, TestEnv, TestProxy, TestServer, UploadFaults, UploadServer,
-    bin_path, pattern_sha256, sha256_file, to_hex, wait_until,
+    Fault, Hits, LONG, Recorder, Resource, Seen, TestCa, TestDaemon, TestEnv, TestProxy, TestServer, UploadFaults,
+    UploadServer, bin_path, pattern_sha256, sha256_file, to_hex, wait_until,
 };
 
 const PASSWORD: &str = "s3cret-pw";
@@ -352,6 +352,30 @@ async fn an_upload_asked_for_credentials_goes_again_with_the_apps_header() {
     assert_eq!((to_doc2[0].status, to_doc2[0].header("x-api-key")), (401, None), "the credential was forgotten");
     assert!(server.file("doc2").is_none());
     assert_eq!(std::fs::read(&file).unwrap(), data, "the app's file is untouched");
+}
+
+/// A POST answered `303 See Other` was taken by the server: a 401 on the GET that follows
+/// is its answer, and the app is not asked (its answer would send the POST again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_challenge_after_a_posts_303_does_not_send_the_post_again() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let s = server().await;
+    s.add(
+        "/submit",
+        Resource::bytes("").fault(Hits::All, Fault::Redirect { status: 303, location: "/private".into() }),
+    );
+    let file = env.path().join("form.bin");
+    std::fs::write(&file, b"name=value").unwrap();
+    let (delegate, mut events) = Recorder::answering(&env.path().join("out"), basic(CredentialScope::Task, false));
+    let session = Session::attach(config(&env, "t.see-other").answers_challenges(true), delegate).await.unwrap();
+    let post = UploadRequest::new(s.url("/submit"), &file).method(UploadMethod::Post);
+    let task = session.upload_tasks(vec![post], true).await.unwrap().remove(0);
+    let error = events.completion(task.id(), LONG).await.expect("the 401 is the answer");
+    assert_eq!((error.code, error.http_status), (ErrorCode::HttpStatus, Some(401)), "{error:?}");
+    let posts: Vec<_> = s.requests_for("/submit").into_iter().map(|r| r.method).collect();
+    assert_eq!(posts, ["POST"], "the POST went once");
+    assert!(!events.seen.iter().any(|e| matches!(e, Seen::Challenge { .. })), "the app was not asked");
 }
 
 /// A task waiting for credentials keeps waiting across SIGKILL (the same challenge, the

@@ -11,8 +11,8 @@ use dlsession::{ErrorCode, Session, UploadMethod, UploadRequest};
 use dlsession_testkit::app::config;
 use dlsession_testkit::cli::{show_field, stdout};
 use dlsession_testkit::{
-    LONG, Recorder, Seen, TestCa, TestDaemon, TestEnv, TestProxy, UploadFaults, UploadServer, fill_pattern, sha256_hex,
-    wait_until,
+    Fault, Hits, LONG, Recorder, Resource, Seen, TestCa, TestDaemon, TestEnv, TestProxy, TestServer, UploadFaults,
+    UploadServer, fill_pattern, sha256_hex, wait_until,
 };
 
 fn make_file(dir: &Path, name: &str, len: usize, seed: u64) -> (PathBuf, Vec<u8>) {
@@ -386,6 +386,40 @@ async fn a_post_refused_at_the_proxy_is_sent_again() {
     let connects = proxy.records().iter().filter(|r| r.method == "CONNECT").count();
     assert_eq!(connects, 2, "refused once, then through");
     assert_eq!(server.records().len(), 1, "the server saw it once");
+}
+
+/// A POST answered `303 See Other` was taken by the server: a proxy refusing the tunnel
+/// to where the 303 points does not make it count as unsent, and it is not sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_is_not_sent_again_when_the_proxy_refuses_where_its_303_points() {
+    let env = TestEnv::new();
+    env.set_config("retry_initial_ms", "50");
+    let ca = TestCa::new().unwrap();
+    env.add_config(&format!("extra_ca_file = {:?}", ca.ca_pem_path()));
+    let proxy = TestProxy::start().await.unwrap();
+    let via = proxy.url();
+    let _d = TestDaemon::start_with_env(
+        &env,
+        &[("HTTPS_PROXY", std::ffi::OsStr::new(&via)), ("NO_PROXY", std::ffi::OsStr::new(""))],
+    );
+    let form = TestServer::start_tls(&ca).await.unwrap();
+    let results = TestServer::start_tls(&ca).await.unwrap();
+    results.add("/result", Resource::generated(100, 24));
+    let location = results.url("/result");
+    form.add(
+        "/submit",
+        Resource::bytes("").fault(Hits::All, Fault::Redirect { status: 303, location: location.clone() }),
+    );
+    let target = location.trim_start_matches("https://").trim_end_matches("/result").to_owned();
+    proxy.refuse_target(&target, 503);
+    let (file, _) = make_file(env.path(), "form.bin", 100, 25);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.proxied-303"), delegate).await.unwrap();
+    let request = UploadRequest::new(form.url("/submit"), &file).method(UploadMethod::Post);
+    let task = session.upload_tasks(vec![request], true).await.unwrap().remove(0);
+    let error = events.completion(task.id(), LONG).await.expect("failed: the result is out of reach");
+    assert!(error.message.contains("not sent again"), "{error:?}");
+    assert_eq!(form.requests_for("/submit").len(), 1, "the POST went once: {:?}", proxy.records());
 }
 
 /// A POST the server offered to resume goes on after a 503 to its whole body (the server

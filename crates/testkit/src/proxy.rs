@@ -46,6 +46,8 @@ pub struct TestProxy {
 struct Asks {
     auth: Option<(String, String)>,
     refusals: std::collections::VecDeque<u16>,
+    /// Every request for one of these targets (`host:port` of a CONNECT) gets its status.
+    refused_targets: std::collections::HashMap<String, u16>,
 }
 
 type Wanted = Arc<Mutex<Asks>>;
@@ -131,6 +133,11 @@ impl TestProxy {
         self.wanted.lock().unwrap().refusals.extend(statuses);
     }
 
+    /// Every request for `target` (a CONNECT's `host:port`) is answered with `status`.
+    pub fn refuse_target(&self, target: &str, status: u16) {
+        self.wanted.lock().unwrap().refused_targets.insert(target.to_owned(), status);
+    }
+
     pub fn records(&self) -> Vec<ProxyRecord> {
         self.records.lock().unwrap().clone()
     }
@@ -173,7 +180,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             Some((value, challenge)) if proxy_authorization.as_deref() != Some(value) => Some(challenge.clone()),
             _ => None,
         };
-        (refused, asks.refusals.pop_front())
+        let refusal = asks.refusals.pop_front().or_else(|| asks.refused_targets.get(&target).copied());
+        (refused, refusal)
     };
     records.lock().unwrap().push(ProxyRecord { method: method.clone(), target: target.clone(), proxy_authorization });
     if let Some(status) = refusal {

@@ -740,14 +740,16 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
         return Ok(resp);
     }
     let is_head = req.method() == Method::HEAD;
-    if !is_head && req.method() != Method::GET {
+    let fault = res.faults.iter().find(|(on, _)| on.matches(hit)).map(|(_, f)| f.clone());
+    // A redirect answers any method (an upload's POST answered `303 See Other`).
+    let redirect = matches!(fault, Some(Fault::Redirect { .. }));
+    if !is_head && req.method() != Method::GET && !redirect {
         let mut resp =
             small_response(StatusCode::METHOD_NOT_ALLOWED, "text/html", "<html>405 method not allowed</html>".into());
         resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return Ok(resp);
     }
 
-    let fault = res.faults.iter().find(|(on, _)| on.matches(hit)).map(|(_, f)| f.clone());
     let mut etag = res.etag.clone();
     let mut honour_range = res.ranges;
     let mut wrong_content_range = false;

@@ -281,8 +281,9 @@ impl Engine {
                         return Err(f);
                     }
                     // Stopped at the proxy: nothing of it reached the server (an empty body
-                    // counts as out once the request goes).
-                    if stopped_at_proxy(&e) {
+                    // counts as out once the request goes). Not so for a GET after a 303: the
+                    // server took the body before it sent us there.
+                    if stopped_at_proxy(&e) && with_body {
                         job.progress.sent_whole.store(false, Ordering::Relaxed);
                     }
                     return Err(request_failure(&e, &url, &proxies, &format!("sending to {}", host_of(&url))));
@@ -294,8 +295,11 @@ impl Engine {
             }
             let status = resp.status().as_u16();
             // Asked for credentials: the app answers, and the request goes again with them
-            // (a 401 is no sign the request was taken, so even a POST may).
+            // (a 401 is no sign the request was taken, so even a POST may). Not a GET after a
+            // 303 (or a 301/302 after a POST): the server took the body before it sent us
+            // there, and asking would send it again; that 401 is the answer.
             if job.answers_challenges
+                && (with_body || up.retry_safe)
                 && let Some(challenge) = auth::challenge(status, resp.headers(), &url, &proxies)
             {
                 return Err(auth::failure(status, &status_text(status), challenge));
