@@ -319,6 +319,92 @@ async fn wakes_back_off_while_the_app_stays_away() {
     assert_eq!(s.wake.next_wake, None);
 }
 
+/// Launches in 5 s of an app whose every process registers for wakes, hears the wake and
+/// ignores it, then exits (or, with `stay`, stays connected).
+async fn launches_of_an_app_that_ignores_wakes(stay: bool) -> usize {
+    struct Ignore(tokio::sync::mpsc::UnboundedSender<String>);
+    impl dlsession::WakeHandler for Ignore {
+        fn rejoin(
+            &self,
+            identifier: &str,
+        ) -> Option<(SessionConfiguration, std::sync::Arc<dyn dlsession::SessionDelegate>)> {
+            let _ = self.0.send(identifier.to_owned());
+            None
+        }
+    }
+    let env = TestEnv::new();
+    env.set_config("wake_initial_ms", "1500");
+    env.set_config("wake_answer_ms", "200");
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    // Done once the app has gone: its events wait for it.
+    server.add("/a", Resource::generated(1000, 74).throttle(4000));
+    let launches = env.path().join("launches.txt");
+    let argv = ["/bin/sh".to_owned(), "-c".to_owned(), format!("echo launched >> {}", launches.display())];
+    let app = "org.example.flaky";
+    let config = config(&env, "t.flaky").app_id(app).launch_command(argv);
+    let (delegate, _) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config, delegate).await.unwrap();
+    session.download_tasks(vec![DownloadRequest::new(server.url("/a"))], true).await.unwrap();
+    session.detach().await.unwrap();
+    drop(session);
+    // Plays the process each launch starts.
+    let count = || std::fs::read_to_string(&launches).map(|s| s.lines().count()).unwrap_or(0);
+    let (mut played, mut staying) = (0, Vec::new());
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        if count() > played {
+            played = count();
+            let options = dlsession::ClientOptions {
+                socket: Some(env.socket.clone()),
+                app_id: Some(app.into()),
+                autostart: false,
+                ..dlsession::ClientOptions::default()
+            };
+            // On a runtime of its own: the process's exit is that runtime's end, which
+            // closes its connection.
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let heard = std::thread::spawn(move || {
+                let heard = runtime.block_on(async {
+                    let client = dlsession::Client::connect(options).await.unwrap();
+                    let (tx, mut woken) = tokio::sync::mpsc::unbounded_channel();
+                    client.handle_wakes(Ignore(tx));
+                    tokio::time::timeout(Duration::from_secs(2), woken.recv()).await.ok().flatten()
+                });
+                (heard, stay.then_some(runtime))
+            })
+            .join()
+            .unwrap();
+            assert_eq!(heard.0.as_deref(), Some("t.flaky"), "the new process is woken");
+            staying.extend(heard.1);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = info(&env, "t.flaky").await.unwrap();
+    eprintln!("{} launches in 5 s; {:?}", count(), s.wake);
+    // (Runtimes are not dropped inside another's context.)
+    std::thread::spawn(move || drop(staying)).join().unwrap();
+    count()
+}
+
+/// A relaunched app that registers for wakes and exits before rejoining is relaunched at
+/// the wake backoff, not every `wake_answer_ms` (the woken process was gone, yet the
+/// unanswered wake relaunched it, and each new process was woken again: 23 launches in 5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_exits_after_its_wake_is_relaunched_at_the_backoff() {
+    // Wakes at 1.5 s, then 1.5 s and 3 s later.
+    let launches = launches_of_an_app_that_ignores_wakes(false).await;
+    assert!((1..=3).contains(&launches), "{launches} launches in 5 s");
+}
+
+/// The same with processes that stay without rejoining: a new one is woken at once, but
+/// only a wake at the backoff that goes unanswered relaunches the app again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_ignores_its_wakes_is_relaunched_at_the_backoff() {
+    let launches = launches_of_an_app_that_ignores_wakes(true).await;
+    assert!((1..=4).contains(&launches), "{launches} launches in 5 s");
+}
+
 /// A session that reuses a deleted one's identifier numbers its events after the old
 /// one's (across a restart too), so an acknowledgement meant for the old one that arrives
 /// late cannot delete the new one's events.

@@ -112,6 +112,16 @@ impl Core {
         reason: WakeReason,
         reply: Option<(ConnId, u64)>,
     ) -> Result<Option<WakeOutcome>, ErrorInfo> {
+        self.wake_with(key, reason, reply, Unanswered::Relaunch)
+    }
+
+    fn wake_with(
+        &mut self,
+        key: SessionKey,
+        reason: WakeReason,
+        reply: Option<(ConnId, u64)>,
+        unanswered: Unanswered,
+    ) -> Result<Option<WakeOutcome>, ErrorInfo> {
         let s = self.sessions.get(&key).ok_or_else(|| ErrorInfo::new(ErrorCode::NoSuchSession, "no such session"))?;
         if s.attached.is_some() {
             return Ok(Some(WakeOutcome::Attached));
@@ -133,7 +143,9 @@ impl Core {
         }
         let outcome = WakeOutcome::Woken { connections: u32::try_from(targets.len()).unwrap_or(u32::MAX) };
         // If nobody rejoins in time, the app's running process cannot or will not: relaunch.
-        if self.sessions.get(&key).is_some_and(|s| s.rec.config.launch.is_some() && s.wake_unanswered.is_none()) {
+        if unanswered == Unanswered::Relaunch
+            && self.sessions.get(&key).is_some_and(|s| s.rec.config.launch.is_some() && s.wake_unanswered.is_none())
+        {
             let at = self.timers.after(self.cfg.timing.wake_answer);
             if let Some(s) = self.sessions.get_mut(&key) {
                 s.wake_unanswered = Some(at);
@@ -387,7 +399,10 @@ impl Core {
             .collect();
         for key in keys {
             if self.has_finished_events(key) {
-                let _ = self.wake_now(key, WakeReason::FinishedEvents, None);
+                // Told at once, out of its backoff, since it just came up; if it does not
+                // rejoin, the next try is the backoff's, not a relaunch `wake_answer_ms`
+                // later (an app that exits before rejoining would be relaunched in a loop).
+                let _ = self.wake_with(key, WakeReason::FinishedEvents, None, Unanswered::Wait);
             }
         }
     }
@@ -407,4 +422,13 @@ impl Core {
             s.wake.last_error = Some(ErrorInfo::new(ErrorCode::Internal, format!("relaunch failed: {e}")));
         }
     }
+}
+
+/// What a wake sent to running processes leads to if none rejoins in `wake_answer_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unanswered {
+    /// A relaunch (the session has a launch spec).
+    Relaunch,
+    /// Nothing until the next wake at its backoff.
+    Wait,
 }
