@@ -405,6 +405,40 @@ async fn an_app_that_ignores_its_wakes_is_relaunched_at_the_backoff() {
     assert!((1..=4).contains(&launches), "{launches} launches in 5 s");
 }
 
+/// Pausing the last task still running in a session whose app is away, with events
+/// waiting, brings the app (nothing planned a wake before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pausing_the_last_running_task_wakes_the_app_for_its_events() {
+    let env = TestEnv::new();
+    env.set_config("wake_initial_ms", "100");
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/small", Resource::generated(1000, 75));
+    server.add("/slow", Resource::generated(10 << 20, 76).throttle(64 << 10));
+    let launched = env.path().join("launched.txt");
+    let argv = ["/bin/sh".to_owned(), "-c".to_owned(), format!("echo launched >> {}", launched.display())];
+    let config = config(&env, "t.paused").launch_command(argv);
+    let (delegate, _) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config, delegate).await.unwrap();
+    let tasks = session
+        .download_tasks(
+            vec![DownloadRequest::new(server.url("/slow")), DownloadRequest::new(server.url("/small"))],
+            true,
+        )
+        .await
+        .unwrap();
+    session.detach().await.unwrap();
+    drop(session);
+    // The small one's events wait; the slow one keeps the session from resting.
+    wait_for("the small one done", LONG, || block(info(&env, "t.paused")).filter(|s| s.pending_events >= 2));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!launched.exists(), "no wake while a task runs");
+    let client = dlsession_testkit::app::client(&env).await;
+    let pause = Request::ControlTask { task: tasks[0].id(), action: dlsession::proto::TaskAction::Suspend };
+    client.request(pause).await.unwrap();
+    wait_for("the app relaunched", LONG, || launched.exists().then_some(()));
+}
+
 /// A session that reuses a deleted one's identifier numbers its events after the old
 /// one's (across a restart too), so an acknowledgement meant for the old one that arrives
 /// late cannot delete the new one's events.

@@ -25,11 +25,19 @@ impl Core {
     /// Moves a task to `state`, keeping the counters and watchers in step.
     pub(super) fn set_state(&mut self, id: TaskId, state: TaskState) {
         let Some((key, old)) = self.tasks.set_state(id, state) else { return };
+        let mut rests = false;
         if let Some(s) = self.sessions.get_mut(&key) {
+            let active = s.counts.active();
             s.counts.remove(old);
             s.counts.add(state);
+            rests = active > 0 && s.counts.active() == 0;
         }
         self.notify_watchers(id);
+        // Its last active task paused: the events it has wait for the app, which may be away
+        // (a completion's own commit already plans the wake).
+        if rests && state == TaskState::Suspended {
+            self.check_wake(key, std::time::Duration::ZERO);
+        }
     }
 
     /// Adds a task (in the state its record says) to the live tasks and its session.
