@@ -227,10 +227,19 @@ pub enum Check {
     Passed,
 }
 
-/// `PRAGMA quick_check`: `Corrupt` unless it says "ok".
+/// `PRAGMA quick_check`: `Corrupt` unless it says "ok", or SQLite finds the file damaged
+/// while checking. A check that cannot run (an I/O error, a lock held too long, no memory)
+/// is `Unchecked`: the file may be sound, and nobody should be told to move it away.
 pub fn quick_check(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     let corrupt = |detail: String| StoreError::Corrupt { path: path.to_path_buf(), detail };
-    let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(|e| corrupt(e.to_string()))?;
+    let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(|e| match &e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) =>
+        {
+            corrupt(e.to_string())
+        }
+        _ => StoreError::Unchecked { path: path.to_path_buf(), detail: e.to_string() },
+    })?;
     if check == "ok" { Ok(()) } else { Err(corrupt(check)) }
 }
 
@@ -267,4 +276,29 @@ fn migrate(mut conn: Connection, from: i64, path: &Path) -> Result<Connection, S
         tracing::info!(version, "database migrated");
     }
     Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A check kept off by another connection's lock says it could not check, not that the
+    /// file is corrupt (which told the user to move a sound database away).
+    #[test]
+    fn a_check_that_cannot_run_is_not_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let holder = Connection::open(&path).unwrap();
+        holder.execute_batch("CREATE TABLE t (x); PRAGMA locking_mode = EXCLUSIVE; BEGIN EXCLUSIVE;").unwrap();
+        holder.execute("INSERT INTO t VALUES (1)", []).unwrap();
+        let checker = Connection::open(&path).unwrap();
+        checker.busy_timeout(Duration::from_millis(100)).unwrap();
+        match quick_check(&checker, &path) {
+            Err(StoreError::Unchecked { detail, .. }) => assert!(detail.contains("locked"), "{detail}"),
+            other => panic!("expected Unchecked, got {other:?}"),
+        }
+        holder.execute_batch("COMMIT").unwrap();
+        drop(holder);
+        quick_check(&checker, &path).unwrap();
+    }
 }
