@@ -11,7 +11,7 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use cookie_store::{CookieStore, RawCookie};
+use cookie_store::{Cookie, CookieStore, RawCookie};
 use hyper::header::{HeaderMap, SET_COOKIE};
 use url::Url;
 
@@ -53,7 +53,9 @@ impl CookieJar {
         (!pairs.is_empty()).then(|| pairs.join("; "))
     }
 
-    /// Takes the `Set-Cookie` headers of a response from `url`.
+    /// Takes the `Set-Cookie` headers of a response from `url`, under the rules browsers
+    /// add to RFC 6265 (a hostile server must not grow the jar without bound, nor a plain
+    /// http answer replace what an https one set).
     pub fn take_from(&self, url: &Url, headers: &HeaderMap) {
         let cookies: Vec<RawCookie<'static>> = headers
             .get_all(SET_COOKIE)
@@ -61,15 +63,32 @@ impl CookieJar {
             .filter_map(|v| v.to_str().ok())
             .filter_map(|v| RawCookie::parse(v.to_owned()).ok())
             .filter(|c| c.domain().is_none_or(|d| d.trim_start_matches('.').contains('.')))
+            .filter(|c| c.name().len() + c.value().len() <= MAX_COOKIE_BYTES && prefix_allows(c, url))
             .collect();
         if cookies.is_empty() {
             return;
         }
-        self.store
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .store_response_cookies(cookies.into_iter(), url);
-        if !self.dirty.swap(true, Ordering::AcqRel) {
+        let mut store = self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let secure_origin = url.scheme() == "https";
+        let mut changed = false;
+        for raw in cookies {
+            let Ok(cookie) = Cookie::try_from_raw_cookie(&raw, url) else { continue };
+            let Some(domain) = cookie.domain.as_cow().map(std::borrow::Cow::into_owned) else { continue };
+            let path = String::from(&cookie.path);
+            let existing = store.get_any(&domain, &path, cookie.name());
+            // "Leave Secure cookies alone": only an https answer sets or replaces one.
+            if !secure_origin && (cookie.secure() == Some(true) || existing.is_some_and(|c| c.secure() == Some(true))) {
+                continue;
+            }
+            // Full: a new name waits until expiries or deletions make room.
+            if existing.is_none() && !cookie.is_expired() && !room_for(&store, &domain) {
+                continue;
+            }
+            changed |= store.insert(cookie.into_owned(), url).is_ok();
+        }
+        prune_expired(&mut store);
+        drop(store);
+        if changed && !self.dirty.swap(true, Ordering::AcqRel) {
             (self.on_change)();
         }
     }
@@ -78,7 +97,9 @@ impl CookieJar {
     /// which outlives a daemon restart), as JSON; marks it stored.
     pub fn to_json(&self) -> String {
         self.dirty.store(false, Ordering::Release);
-        let store = self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut store = self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // What expired since is not stored.
+        prune_expired(&mut store);
         let mut out = Vec::new();
         // Writing to a Vec cannot fail; an empty jar is the fallback all the same.
         if cookie_store::serde::json::save_incl_expired_and_nonpersistent(&store, &mut out).is_err() {
@@ -91,6 +112,47 @@ impl CookieJar {
     pub fn unexpired(&self) -> usize {
         self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter_unexpired().count()
     }
+}
+
+/// A cookie's name and value at most (as browsers: larger ones are ignored).
+const MAX_COOKIE_BYTES: usize = 4096;
+/// Cookies per domain at most, and in one jar.
+const MAX_PER_DOMAIN: usize = 180;
+const MAX_PER_JAR: usize = 3000;
+
+/// Whether a new cookie for `domain` fits.
+fn room_for(store: &CookieStore, domain: &str) -> bool {
+    let mut total = 0;
+    let mut here = 0;
+    for c in store.iter_any() {
+        total += 1;
+        if c.domain.as_cow().is_some_and(|d| d == domain) {
+            here += 1;
+        }
+    }
+    total < MAX_PER_JAR && here < MAX_PER_DOMAIN
+}
+
+/// Drops expired cookies (the store only marks them).
+fn prune_expired(store: &mut CookieStore) {
+    let expired: Vec<(String, String, String)> = store
+        .iter_any()
+        .filter(|c| c.is_expired())
+        .filter_map(|c| Some((c.domain.as_cow()?.into_owned(), String::from(&c.path), c.name().to_owned())))
+        .collect();
+    for (domain, path, name) in expired {
+        store.remove(&domain, &path, &name);
+    }
+}
+
+/// The `__Secure-` and `__Host-` name prefixes: such a cookie is set only by an https
+/// answer, with `Secure`; a `__Host-` one also without `Domain` and with `Path=/`.
+fn prefix_allows(c: &RawCookie<'_>, url: &Url) -> bool {
+    let secure = url.scheme() == "https" && c.secure() == Some(true);
+    if c.name().starts_with("__Host-") {
+        return secure && c.domain().is_none() && c.path() == Some("/");
+    }
+    !c.name().starts_with("__Secure-") || secure
 }
 
 #[cfg(test)]
@@ -147,5 +209,57 @@ mod tests {
         assert_eq!(again.unexpired(), jar.unexpired());
         let (empty, error) = CookieJar::load(Some("not json"), || {});
         assert!(error.is_some() && empty.unexpired() == 0);
+    }
+
+    /// A server that sets new cookies on every answer fills its domain's share and no
+    /// more; what expires goes; deletions free room.
+    #[test]
+    fn a_greedy_server_cannot_grow_the_jar_without_bound() {
+        let (jar, _) = CookieJar::load(None, || {});
+        let url = Url::parse("https://greedy.example.org/").unwrap();
+        let big = "v".repeat(3000);
+        for round in 0..20 {
+            let values: Vec<String> = (0..100).map(|i| format!("c{round}x{i}={big}; Path=/")).collect();
+            let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+            jar.take_from(&url, &set_cookies(&refs));
+        }
+        assert_eq!(jar.unexpired(), MAX_PER_DOMAIN);
+        assert!(jar.to_json().len() < MAX_PER_DOMAIN * 4 * 1024, "stored size bounded");
+        let huge = format!("huge={}", "x".repeat(5000));
+        jar.take_from(&url, &set_cookies(&[huge.as_str()]));
+        assert!(!jar.header_for(&url).unwrap().contains("huge="), "larger than 4 KiB: ignored");
+        // A deletion frees room for a new name.
+        jar.take_from(&url, &set_cookies(&["c0x0=; Max-Age=0; Path=/"]));
+        jar.take_from(&url, &set_cookies(&["fresh=1; Path=/"]));
+        assert!(jar.header_for(&url).unwrap().contains("fresh=1"));
+        assert_eq!(jar.unexpired(), MAX_PER_DOMAIN);
+        assert!(!jar.to_json().contains("\"c0x0\""), "an expired cookie is not stored");
+    }
+
+    /// A plain http answer neither sets nor replaces a `Secure` cookie; the name prefixes
+    /// hold.
+    #[test]
+    fn secure_cookies_are_left_alone_by_plain_http() {
+        let (jar, _) = CookieJar::load(None, || {});
+        let https = Url::parse("https://shop.example.org/").unwrap();
+        let http = Url::parse("http://shop.example.org/").unwrap();
+        jar.take_from(&https, &set_cookies(&["sid=good; Secure; Path=/"]));
+        jar.take_from(&http, &set_cookies(&["sid=attacker; Path=/", "other=1; Secure; Path=/"]));
+        assert_eq!(jar.header_for(&https).as_deref(), Some("sid=good"));
+        jar.take_from(
+            &https,
+            &set_cookies(&[
+                "__Host-a=1; Secure; Path=/",
+                "__Host-b=1; Secure; Path=/x",
+                "__Host-c=1; Secure; Path=/; Domain=example.org",
+                "__Secure-d=1; Secure",
+                "__Secure-e=1",
+            ]),
+        );
+        jar.take_from(&http, &set_cookies(&["__Secure-f=1; Secure", "__Host-g=1; Path=/"]));
+        let header = jar.header_for(&https).unwrap();
+        let mut names: Vec<&str> = header.split("; ").filter_map(|c| c.split('=').next()).collect();
+        names.sort();
+        assert_eq!(names, ["__Host-a", "__Secure-d", "sid"]);
     }
 }
