@@ -7,7 +7,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use dlsession::proto::WaitReason;
+use dlsession::proto::{Request, SessionProxy, WaitReason};
 use dlsession::{DownloadRequest, ErrorCode, Session, SessionConfiguration, TaskState};
 use dlsession_testkit::LONG;
 use dlsession_testkit::app::attach;
@@ -297,6 +297,32 @@ async fn repeated_requests_are_answered_after_the_first_is_durable() {
             second >= first,
             "the second {what} was answered at {second:?}, before the first ({first:?}) was durable"
         );
+    }
+    // The same for session settings asked twice: the second finds memory already so.
+    let client = dlsession_testkit::app::client(&env).await;
+    let id = || "t.repeat".to_owned();
+    let settings = [
+        Request::SetSessionCookies { identifier: id(), enabled: false },
+        Request::SetSessionChallenges { identifier: id(), answers: true },
+        Request::SetSessionProxy {
+            identifier: id(),
+            proxy: Some(SessionProxy { url: Some("http://127.0.0.1:9".into()), no_proxy: String::new() }),
+        },
+    ];
+    for request in settings {
+        let what = request.name();
+        let began = Instant::now();
+        let first = async {
+            client.request(request.clone()).await.unwrap();
+            began.elapsed()
+        };
+        let second = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            client.request(request.clone()).await.unwrap();
+            began.elapsed()
+        };
+        let (first, second) = tokio::join!(first, second);
+        assert!(second >= first, "the second {what} was answered at {second:?}, before the first ({first:?})");
     }
 }
 

@@ -161,7 +161,7 @@ impl Core {
             }
         }
         let identity = match (&cert, check) {
-            (None, _) if current.is_none() => return Ok(Answer::Now(Response::Ok)),
+            (None, _) if current.is_none() => return self.ok_unchanged(conn, id),
             (None, _) => None,
             (Some(_), DiskCheck::Done(Prepared { client_cert: Some(identity), .. })) => Some(identity),
             // Read (again, also when the files are the same: a renewed certificate at the
@@ -192,7 +192,7 @@ impl Core {
                 .map(|(files, identity)| ClientCert { files, identity: CertState::Ready(identity) });
         }
         if !changed {
-            return Ok(Answer::Now(Response::Ok));
+            return self.ok_unchanged(conn, id);
         }
         info!(session = %identifier, set = cert.is_some(), "session client certificate changed");
         self.commit(

@@ -68,7 +68,7 @@ impl Core {
         // Already so: nothing to store (and the cookies it holds stay), so it is answered even
         // while the database refuses writes (an app attaching as before).
         if keeps == enabled {
-            return Ok(Answer::Now(Response::Ok));
+            return self.ok_unchanged(conn, id);
         }
         if let Some(e) = &self.life.storage {
             return Err(e.clone());

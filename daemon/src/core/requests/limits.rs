@@ -131,7 +131,7 @@ impl Core {
         // Unchanged (an app attaching with the proxy it set before): nothing to write, so
         // it is answered even while the database refuses writes.
         if s.proxy == proxy {
-            return Ok(Answer::Now(Response::Ok));
+            return self.ok_unchanged(conn, id);
         }
         if let Some(e) = &self.life.storage {
             return Err(e.clone());

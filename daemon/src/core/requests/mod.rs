@@ -37,6 +37,18 @@ impl Core {
         self.admit_request(conn, id, request);
     }
 
+    /// `Ok` to a request asking for what memory holds already. That may be there only
+    /// because another request's change is on its way to the database: answered once what
+    /// is on its way is durable (at once when nothing is). While the database refuses
+    /// writes, at once: an app attaching as before must not wait for the disk.
+    pub(super) fn ok_unchanged(&mut self, conn: ConnId, id: u64) -> Handled {
+        if self.life.commits_in_flight == 0 || self.life.storage.is_some() {
+            return Ok(Answer::Now(Response::Ok));
+        }
+        self.commit_after_pending(Vec::new(), vec![super::After::Reply { conn, id, response: Response::Ok }]);
+        Ok(Answer::Later)
+    }
+
     /// A request's disk phase is over: handle it again with what it found.
     pub(super) fn on_disk_checked(&mut self, conn: ConnId, id: u64, request: Request, result: Checked) {
         match result {
