@@ -4,17 +4,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use dlsession::proto::handshake::{HandshakeStatus, Preamble};
 use dlsession::proto::{
-    ClientHello, DurableEvent, Event, Request, RequestFrame, Response, ServerMessage, SessionConfig, TaskAction,
-    TaskQuery, TaskSpec, TaskState, frame,
+    DurableEvent, Event, Request, Response, ServerMessage, SessionConfig, TaskAction, TaskQuery, TaskSpec, TaskState,
 };
 use dlsession::{Client, ClientOptions};
 use dlsession_testkit::host::rss_kib;
+use dlsession_testkit::raw::RawClient;
 use dlsession_testkit::{Resource, TestDaemon, TestEnv, TestServer};
 
 const TASKS: usize = 100;
@@ -26,11 +23,11 @@ fn session_config() -> SessionConfig {
 }
 
 /// Attaches `identifier` over a raw connection that will never be read again.
-fn stuck_attach(socket: &std::path::Path, identifier: &str) -> UnixStream {
-    let mut s = stuck_connection(socket);
+fn stuck_attach(socket: &std::path::Path, identifier: &str) -> RawClient {
+    let mut client = RawClient::connect(socket);
     let request = Request::Attach { identifier: identifier.into(), config: session_config(), takeover: false };
-    s.write_all(&frame::encode_frame(&RequestFrame { id: 1, request }).unwrap()).unwrap();
-    s
+    client.send([(1, request)]);
+    client
 }
 
 /// Creates the tasks from another connection and times them until all are completed.
@@ -108,20 +105,6 @@ async fn a_client_that_never_reads_costs_bounded_memory_and_no_speed() {
     assert!(t.elapsed() < Duration::from_secs(1));
 }
 
-/// Reads one whole frame (header and payload) from a blocking stream.
-fn read_frame_bytes(s: &mut UnixStream) -> Vec<u8> {
-    let mut header = [0u8; frame::HEADER_LEN];
-    s.read_exact(&mut header).unwrap();
-    let mut bytes = header.to_vec();
-    bytes.resize(frame::HEADER_LEN + frame::payload_len(header).unwrap(), 0);
-    s.read_exact(&mut bytes[frame::HEADER_LEN..]).unwrap();
-    bytes
-}
-
-fn read_message(s: &mut UnixStream) -> ServerMessage {
-    frame::decode_frames::<ServerMessage>(&read_frame_bytes(s)).unwrap().pop().unwrap()
-}
-
 /// A session with many unacknowledged events, attached again and again by a client that
 /// does not read: each attach replays every event, but the daemon queues a bounded window
 /// of them, and the client gets them all, in order, once it reads.
@@ -155,14 +138,10 @@ async fn repeated_attaches_by_a_client_that_does_not_read_cost_a_bounded_window(
     }
     let rss_before = rss_kib(daemon.pid());
 
-    let mut stuck = stuck_connection(&env.socket);
-    let mut attaches = Vec::new();
-    for id in 1..=ATTACHES {
-        let request =
-            Request::Attach { identifier: identifier.into(), config: SessionConfig::default(), takeover: false };
-        attaches.extend(frame::encode_frame(&RequestFrame { id, request }).unwrap());
-    }
-    stuck.write_all(&attaches).unwrap();
+    let mut stuck = RawClient::connect(&env.socket);
+    let attach =
+        || Request::Attach { identifier: identifier.into(), config: SessionConfig::default(), takeover: false };
+    stuck.send((1..=ATTACHES).map(|id| (id, attach())));
     // Without a window, every attach queues all the events again (~100 MB here): wait until
     // the daemon's memory stops growing for a while, or grows too far.
     let limit = 24 * 1024;
@@ -185,11 +164,11 @@ async fn repeated_attaches_by_a_client_that_does_not_read_cost_a_bounded_window(
 
     // Now it reads: every attach is answered, and after the last one comes every event, in
     // order, then `finished_events`.
-    stuck.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stuck.stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut answered = 0;
     let mut seqs = Vec::new();
     loop {
-        match read_message(&mut stuck) {
+        match stuck.recv() {
             ServerMessage::Response { id, result } => {
                 assert!(matches!(result, Ok(Response::Session(_))), "{result:?}");
                 answered += 1;
@@ -207,24 +186,4 @@ async fn repeated_attaches_by_a_client_that_does_not_read_cost_a_bounded_window(
         }
     }
     assert_eq!(seqs.len(), EVENTS, "the last replay brought every event before finished_events");
-}
-
-/// Connects and completes the handshake (preamble and welcome read).
-fn stuck_connection(socket: &std::path::Path) -> UnixStream {
-    let mut s = UnixStream::connect(socket).unwrap();
-    let mut bytes = Preamble::ours(HandshakeStatus::Ok).to_bytes().to_vec();
-    bytes.extend(
-        frame::encode_frame(&ClientHello {
-            client_name: "stuck".into(),
-            client_version: "0".into(),
-            app_id: None,
-            umask: None,
-        })
-        .unwrap(),
-    );
-    s.write_all(&bytes).unwrap();
-    let mut pre = [0u8; 8];
-    s.read_exact(&mut pre).unwrap();
-    read_frame_bytes(&mut s);
-    s
 }

@@ -7,7 +7,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use dlsession::proto::{Request, SessionProxy, WaitReason};
+use dlsession::proto::{Event, Request, Response, ServerMessage, SessionProxy, WaitReason};
 use dlsession::{DownloadRequest, ErrorCode, Session, SessionConfiguration, TaskState};
 use dlsession_testkit::LONG;
 use dlsession_testkit::app::attach;
@@ -324,6 +324,52 @@ async fn repeated_requests_are_answered_after_the_first_is_durable() {
         let (first, second) = tokio::join!(first, second);
         assert!(second >= first, "the second {what} was answered at {second:?}, before the first ({first:?})");
     }
+}
+
+/// Acknowledging an invalid session's last events removes it: the attached connection
+/// hears it was invalidated only once the removal is durable (it heard it at once before,
+/// so an app could exit and find the session and its events back after a crash).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_session_detaches_its_app_once_the_removal_is_durable() {
+    let env = TestEnv::new();
+    env.set_config("checkpoint_bytes", "524288");
+    // Commits queue behind a running download's, each of which pauses the database.
+    let d = TestDaemon::start_with_env(
+        &env,
+        &[("DLSESSIOND_FAILPOINT", OsStr::new("checkpoint-after-commit:1+:sleep-ms=700"))],
+    );
+    let s = TestServer::start().await.unwrap();
+    s.add("/running", Resource::generated(64 << 20, 12).throttle(4 << 20));
+    let (background, _events) = attach(&env, SessionConfiguration::background("t.busy")).await;
+    background.download_tasks(vec![DownloadRequest::new(s.url("/running"))], true).await.unwrap();
+    dlsession_testkit::wait_for("the database to pause", LONG, || {
+        d.log().contains("failpoint checkpoint-after-commit reached").then_some(())
+    });
+    let client = dlsession_testkit::app::client(&env).await;
+    let id = || "t.removed".to_owned();
+    let ok = |r: Result<Response, dlsession::Error>| assert!(r.is_ok(), "{r:?}");
+    ok(client.request(Request::OpenSession { identifier: id(), config: None }).await);
+    ok(client.request(Request::FinishTasksAndInvalidate { identifier: id() }).await);
+    // The app attaches, hears `did_become_invalid` and acknowledges it: the session goes.
+    let mut app = dlsession_testkit::raw::RawClient::connect(&env.socket);
+    app.send([(1, Request::Attach { identifier: id(), config: Default::default(), takeover: false })]);
+    let seq = loop {
+        if let ServerMessage::Event(Event::Durable { seq, .. }) = app.recv() {
+            break seq;
+        }
+    };
+    app.send([(2, Request::AckEvents { identifier: id(), seqs: vec![seq] })]);
+    loop {
+        match app.recv() {
+            ServerMessage::Event(Event::Detached { .. }) => break,
+            ServerMessage::Response { id: 2, .. } => panic!("the acknowledgement answered before the detach"),
+            _ => {}
+        }
+    }
+    let db = rusqlite::Connection::open_with_flags(env.database(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let left: i64 =
+        db.query_row("SELECT count(*) FROM sessions WHERE identifier = 't.removed'", [], |r| r.get(0)).unwrap();
+    assert_eq!(left, 0, "the app heard the session was removed before the removal was durable");
 }
 
 /// Fills `dir`'s filesystem; returns the filler file (remove it to free the space).

@@ -17,6 +17,7 @@ pub mod mount;
 pub mod netns;
 pub mod nginx;
 pub mod proxy;
+pub mod raw;
 pub mod server;
 pub mod socks;
 pub mod tls;

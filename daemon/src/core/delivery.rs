@@ -181,13 +181,14 @@ impl Core {
         self.clear_timer(s.launch_slot_timer, super::Timer::LaunchSlot(key));
         self.launches.forget(key);
         self.forget_session_auth(key);
-        // A `wake` request waiting for this session's relaunch gets its answer now.
+        // A `wake` request waiting for this session's relaunch gets its answer, once the
+        // removal is durable (so does the attached connection's detach, below).
         for (conn, id) in s.launch_replies.iter().copied() {
-            let gone = ErrorInfo::new(
+            let error = ErrorInfo::new(
                 ErrorCode::NoSuchSession,
                 "the session was removed while this wake waited for its relaunch",
             );
-            self.reply(conn, id, Err(gone));
+            after.push(After::Refuse { conn, id, error });
         }
         self.start_waiting_launches();
         for task in &s.tasks {
@@ -197,7 +198,8 @@ impl Core {
             && let Some(c) = self.conns.get_mut(&conn)
         {
             c.attached.remove(&key);
-            c.handle.event(Event::Detached { identifier: s.rec.identifier.clone(), reason: DetachReason::Invalidated });
+            let event = Event::Detached { identifier: s.rec.identifier.clone(), reason: DetachReason::Invalidated };
+            after.push(After::Tell { conn, event });
         }
         ops.push(Op::DeleteSession(key));
         // A later session with this identifier numbers its events after this one's.

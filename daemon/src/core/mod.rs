@@ -184,6 +184,11 @@ pub enum After {
         id: u64,
         error: ErrorInfo,
     },
+    /// An event to a connection (if it is still open) about a change now durable.
+    Tell {
+        conn: ConnId,
+        event: dlsession_proto::Event,
+    },
     /// Like `Reply`, once the disk thread has done what was queued before (a kept file).
     ReplyAfterDisk {
         conn: ConnId,
@@ -524,6 +529,11 @@ impl Core {
             match a {
                 After::Reply { conn, id, response } => self.reply(conn, id, Ok(response)),
                 After::Refuse { conn, id, error } => self.reply(conn, id, Err(error)),
+                After::Tell { conn, event } => {
+                    if let Some(c) = self.conns.get(&conn) {
+                        c.handle.event(event);
+                    }
+                }
                 After::Events { session, seq } => self.on_events_committed(session, seq),
                 After::Replay { conn, id, session } => self.replay(conn, id, session),
                 After::Plan { reply, plan } => {
