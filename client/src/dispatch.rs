@@ -144,6 +144,7 @@ impl Session {
             kept: HashSet::new(),
             kept_challenges: HashSet::new(),
             overflowed: handle.overflowed,
+            ask_again_at: None,
             delivered: false,
         };
         let events = handle.events;
@@ -220,6 +221,8 @@ struct Dispatcher {
     kept_challenges: HashSet<TaskId>,
     /// The queue overflowed and events were dropped: ask for them again once caught up.
     overflowed: Arc<AtomicBool>,
+    /// Asking again failed: not before then (it is tried until it works).
+    ask_again_at: Option<std::time::Instant>,
     /// Durable events were handed to the delegate since it last heard "finished events":
     /// only then does it hear it again (an attach with nothing to deliver says nothing).
     delivered: bool,
@@ -244,6 +247,9 @@ fn watch_runtime() -> (Arc<AtomicBool>, tokio::sync::oneshot::Sender<()>) {
     (alive, tx)
 }
 
+/// How long after a failed attempt the dropped events are asked for again.
+const ASK_AGAIN_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Acknowledgements are sent in batches of at most this many.
 const ACK_BATCH: usize = 64;
 
@@ -256,10 +262,23 @@ impl Dispatcher {
                     // Idle: acknowledge what has been handled, catch up on what did not fit
                     // the queue, then wait.
                     self.flush_acks(false);
-                    if self.overflowed.load(Ordering::Acquire) {
+                    let due = self.ask_again_at.is_none_or(|at| at <= std::time::Instant::now());
+                    if self.overflowed.load(Ordering::Acquire) && due {
                         self.ask_again();
                     }
-                    match events.blocking_recv() {
+                    let next = match self.ask_again_at {
+                        // Asking again waits: for an event, or until it is due.
+                        Some(at) if self.overflowed.load(Ordering::Acquire) => {
+                            let wait = at.saturating_duration_since(std::time::Instant::now());
+                            match self.block_on(tokio::time::timeout(wait, events.recv())) {
+                                Some(Ok(e)) => e,
+                                Some(Err(_)) => continue,
+                                None => events.blocking_recv(),
+                            }
+                        }
+                        _ => events.blocking_recv(),
+                    };
+                    match next {
                         Some(e) => e,
                         None => break,
                     }
@@ -467,7 +486,7 @@ impl Dispatcher {
         shared.signals.kept_events.store(0, Ordering::Release);
         let Some(answer) = self.block_on(shared.client.request(request)) else { return };
         match answer {
-            Ok(_) => {}
+            Ok(_) => self.ask_again_at = None,
             Err(e) if e.code() == ErrorCode::SessionInUse => {
                 // Someone else has it now: this attachment is over.
                 if shared.client.unroute(&shared.identifier, shared.route) {
@@ -476,7 +495,12 @@ impl Dispatcher {
                     shared.signals.end(Ended::Daemon(DetachReason::TakenOver));
                 }
             }
-            Err(e) => warn!(session = %self.identifier, error = %e, "asking for the events again failed"),
+            Err(e) => {
+                // The dropped events are still to fetch: asked for again, later.
+                warn!(session = %self.identifier, error = %e, "asking for the events again failed; trying again in 1 s");
+                self.overflowed.store(true, Ordering::Release);
+                self.ask_again_at = Some(std::time::Instant::now() + ASK_AGAIN_RETRY);
+            }
         }
     }
 
