@@ -90,6 +90,18 @@ async fn a_clean_restart_keeps_the_app_attached() {
     );
 }
 
+/// Starts `dlsessionctl ARGS`, its output piped. The test restarts the daemon itself: the
+/// command must not start one first.
+fn spawn_ctl(env: &TestEnv, args: &[&str]) -> std::process::Child {
+    env.command(dlsession_testkit::bin_path("dlsessionctl"))
+        .args(args)
+        .env("DLSESSION_NO_AUTOSTART", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// `dlsessionctl attach --wait` stays until the session is drained, across a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attach_wait_rides_out_a_restart() {
@@ -102,15 +114,7 @@ async fn attach_wait_rides_out_a_restart() {
     let created =
         env.ctl(&["get", &s.url("/w"), "-o", env.path().join("w.bin").to_str().unwrap(), "--session", "t.wait"]);
     assert!(created.status.success(), "{created:?}");
-    let mut attach = env
-        .command(dlsession_testkit::bin_path("dlsessionctl"))
-        .args(["attach", "t.wait", "--wait", "--move-to", out.to_str().unwrap()])
-        // The test restarts the daemon itself: the client must not start one first.
-        .env("DLSESSION_NO_AUTOSTART", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut attach = spawn_ctl(&env, &["attach", "t.wait", "--wait", "--move-to", out.to_str().unwrap()]);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(attach.try_wait().unwrap().is_none(), "still waiting for the download");
     d.kill9();
@@ -122,6 +126,34 @@ async fn attach_wait_rides_out_a_restart() {
     assert!(status.success(), "{stderr}");
     assert!(stderr.contains("connected to dlsessiond again"), "{stderr}");
     assert_eq!(sha256_file(&out.join("w")).unwrap(), to_hex(&pattern_sha256(52, len)));
+}
+
+/// `dlsessionctl watch` across a restart: a task that completed while it was away (the
+/// daemon sends only tasks not completed on the new connection) still ends the watch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_sees_a_task_completed_while_it_reconnected() {
+    let env = TestEnv::new();
+    let mut d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    s.add("/v", Resource::generated(8 << 20, 54).throttle(1 << 20));
+    let out = env.path().join("v.bin");
+    let created = env.ctl(&["--json", "get", &s.url("/v"), "-o", out.to_str().unwrap(), "--session", "t.watch"]);
+    assert!(created.status.success(), "{created:?}");
+    let task: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
+    let id = task["task"].as_u64().unwrap().to_string();
+    let mut watch = spawn_ctl(&env, &["watch", "--session", "t.watch"]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    d.kill9();
+    // Its tries to connect again are 1.6 s apart by then, and the next 3.2 s.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    d.restart();
+    let cancel = env.ctl(&["cancel", &id]);
+    assert!(cancel.status.success(), "{cancel:?}");
+    let status = dlsession_testkit::wait_for("watch to finish", Duration::from_secs(20), || watch.try_wait().unwrap());
+    let output = watch.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("cancelled"), "{stdout}");
 }
 
 /// `attach --move-to` acknowledges nothing whose file it could not move: the file stays

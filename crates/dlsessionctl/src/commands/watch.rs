@@ -32,12 +32,41 @@ pub async fn run(ctx: &Ctx, args: WatchArgs) -> Result<Exit> {
     let mut settled = false;
     let interrupt = tokio::signal::ctrl_c();
     tokio::pin!(interrupt);
+    // After a reconnect the daemon sends only tasks not completed: one that completed while
+    // this was away is asked for, else the watch would wait for it for ever.
+    // (A restarted daemon numbers its connections from 1 again: its pid tells them apart.)
+    let which = || {
+        let w = client.welcome();
+        (w.pid, w.connection_id)
+    };
+    let mut connection = which();
+    let mut look = tokio::time::interval(Duration::from_millis(500));
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut queued: std::collections::VecDeque<Event> = std::collections::VecDeque::new();
     loop {
         if settled && !states.values().any(|s| s.is_active()) {
             break;
         }
         let event = tokio::select! {
+            Some(event) = async { queued.pop_front() } => Some(event),
             event = events.recv() => event,
+            _ = look.tick() => {
+                let now = which();
+                if now != connection && client.is_connected() {
+                    connection = now;
+                    let active: Vec<TaskId> = states.iter().filter(|(_, s)| s.is_active()).map(|(id, _)| *id).collect();
+                    for task in active {
+                        match client.request(Request::GetTask { task }).await {
+                            Ok(dlsession_proto::Response::Task(detail)) => queued.push_back(Event::TaskUpdate(detail.info)),
+                            Err(e) if e.code() == dlsession_proto::ErrorCode::NoSuchTask => {
+                                states.remove(&task);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                continue;
+            }
             _ = &mut initial, if !settled => {
                 settled = true;
                 if !states.values().any(|s| s.is_active()) && !ctx.json {
