@@ -252,6 +252,31 @@ async fn unreachable_daemon_exits_3() {
         assert!(stderr(o).contains("dlsessiond is not running"), "{}", stderr(o));
     }
     assert!(!env.socket.exists(), "no daemon was started");
+
+    // Usage errors are usage errors (exit 2) whether a daemon runs or not.
+    for args in [
+        &["limit", "2MiB"][..],
+        &["proxy", "org.example", "--no-proxy", "localhost"],
+        &["proxy", "org.example", "env", "--no-proxy", "localhost"],
+    ] {
+        let o = ctl(&env, args).await;
+        assert_exit(&o, 2);
+        assert!(!stderr(&o).contains("not running"), "{args:?}: {}", stderr(&o));
+    }
+    // `auth` reads its secret from stdin: at a terminal it would echo it (and seem to hang).
+    let ctl_path = bin_path("dlsessionctl");
+    let env2 = Arc::clone(&env);
+    let o = tokio::task::spawn_blocking(move || {
+        env2.command("timeout")
+            .args(["10", "script", "-qec", &format!("{} auth 1 --bearer", ctl_path.display()), "/dev/null"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_exit(&o, 2);
+    assert!(stdout(&o).contains("stdin, which is a terminal"), "{}", stdout(&o));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,6 +43,13 @@ pub async fn run(ctx: &Ctx, args: AuthArgs) -> Result<Exit> {
 /// One line of stdin, without its line end. Nothing at all is refused; an empty line is an
 /// empty secret, which only a Basic password may be.
 fn read_secret(empty_ok: bool) -> Result<String> {
+    use std::io::IsTerminal;
+    // Typed at a terminal, a secret would be echoed (and the command would just wait).
+    if std::io::stdin().is_terminal() {
+        return Err(CliError::usage(
+            "the secret is read from stdin, which is a terminal here: pipe it in (printf %s \"$SECRET\" | dlsessionctl auth …)",
+        ));
+    }
     let mut line = String::new();
     let n = std::io::stdin()
         .lock()

@@ -21,11 +21,12 @@ pub async fn run(ctx: &Ctx, args: LimitArgs) -> Result<Exit> {
         _ => None,
     };
     let rate = args.rate.as_deref().map(parse_rate).transpose()?;
+    // A usage error whether the daemon runs or not.
+    if target.is_none() && rate.is_some() {
+        return Err(CliError::usage("say which limit to set: --global, --session ID or --task ID"));
+    }
     let client = ctx.connect().await?;
     let (Some(target), Some(rate)) = (target.clone(), rate) else {
-        if rate.is_some() {
-            return Err(CliError::usage("say which limit to set: --global, --session ID or --task ID"));
-        }
         let limits = match client.request(Request::GetBandwidthLimits).await? {
             Response::BandwidthLimits(l) => l,
             other => return Err(CliError::unexpected("bandwidth_limits", &other)),

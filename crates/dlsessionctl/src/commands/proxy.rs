@@ -11,6 +11,19 @@ use crate::error::{CliError, Exit, Result};
 use crate::json;
 
 pub async fn run(ctx: &Ctx, args: ProxyArgs) -> Result<Exit> {
+    // Usage errors whether the daemon runs or not.
+    match (args.proxy.as_deref(), &args.no_proxy) {
+        // The stored URL comes back redacted: it cannot be sent back as it is.
+        (None, Some(_)) => {
+            return Err(CliError::usage("--no-proxy goes with the proxy: give its URL again, or `direct`"));
+        }
+        (Some("env"), Some(_)) => {
+            return Err(CliError::usage(
+                "`env` uses the environment's NO_PROXY; --no-proxy goes with a URL or `direct`",
+            ));
+        }
+        _ => {}
+    }
     let client = ctx.connect().await?;
     let get = async || match client.request(Request::GetSessionProxy { identifier: args.session.clone() }).await? {
         Response::SessionProxy(p) => Ok::<Option<SessionProxy>, CliError>(p),
@@ -20,14 +33,7 @@ pub async fn run(ctx: &Ctx, args: ProxyArgs) -> Result<Exit> {
     let no_proxy =
         || args.no_proxy.clone().or_else(|| current.as_ref().map(|p| p.no_proxy.clone())).unwrap_or_default();
     let wanted = match args.proxy.as_deref() {
-        None if args.no_proxy.is_none() => None,
-        // The stored URL comes back redacted: it cannot be sent back as it is.
-        None => return Err(CliError::usage("--no-proxy goes with the proxy: give its URL again, or `direct`")),
-        Some("env") if args.no_proxy.is_some() => {
-            return Err(CliError::usage(
-                "`env` uses the environment's NO_PROXY; --no-proxy goes with a URL or `direct`",
-            ));
-        }
+        None => None,
         Some("env") => Some(None),
         Some("direct") => Some(Some(SessionProxy { url: None, no_proxy: no_proxy() })),
         Some(url) => Some(Some(SessionProxy { url: Some(url.to_owned()), no_proxy: no_proxy() })),
