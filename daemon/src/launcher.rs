@@ -147,8 +147,12 @@ fn launch_command(
     if let Some(soft) = crate::lifecycle::started_descriptor_limit() {
         restore_descriptor_limit(&mut command, soft);
     }
+    // In the user's home, as a desktop starts apps, whatever directory the daemon was
+    // started from (the autostarting client's, which may be gone).
+    let home = std::env::var_os("HOME").filter(|h| Path::new(h).is_absolute()).unwrap_or_else(|| "/".into());
     let mut child = command
         .args(args)
+        .current_dir(home)
         .env(RELAUNCH_IDENTIFIER_ENV, ctx.identifier)
         .env(RELAUNCH_SOCKET_ENV, ctx.socket)
         .env(RELAUNCH_REASON_ENV, ctx.reason)

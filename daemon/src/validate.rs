@@ -228,6 +228,13 @@ pub fn session_config(c: &SessionConfig, limits: &Limits) -> Result<(), ErrorInf
             if program.is_empty() {
                 return bad("launch command has an empty program name".into());
             }
+            // The app starts in the user's home: a path relative to wherever it was given
+            // would name another file, or none.
+            if program.contains('/') && !program.starts_with('/') {
+                return bad(format!(
+                    "launch command's program {program:?} is a relative path: give an absolute one (or a bare name, looked up in PATH)"
+                ));
+            }
             if argv.len() > 256 || argv.iter().map(String::len).sum::<usize>() > 65536 {
                 return bad("launch command is too long (256 arguments, 64 KiB at most)".into());
             }

@@ -751,6 +751,42 @@ async fn a_relaunched_app_inherits_no_socket_of_the_daemon() {
     assert!(!fds.contains("socket:"), "the app's descriptors:\n{fds}");
 }
 
+/// A relaunched app starts in the user's home, whatever directory the daemon started in;
+/// `get --launch-cmd ./app` means the app in the directory `get` ran in; the daemon refuses
+/// a relative program path, which would name another file from the home directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relaunched_app_starts_in_the_home_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(1000, 77));
+    let project = env.path().join("project");
+    std::fs::create_dir_all(&project).unwrap();
+    let seen = env.path().join("pwd.txt");
+    let app = project.join("app.sh");
+    std::fs::write(&app, format!("#!/bin/sh\npwd > {0}.tmp && mv {0}.tmp {0}\n", seen.display())).unwrap();
+    std::fs::set_permissions(&app, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = env.path().join("a.bin");
+    let get = env
+        .command(dlsession_testkit::bin_path("dlsessionctl"))
+        .args(["get", &server.url("/a"), "-o", out.to_str().unwrap(), "--session", "t.cwd", "--launch-cmd", "./app.sh"])
+        .current_dir(&project)
+        .output()
+        .unwrap();
+    assert!(get.status.success(), "{get:?}");
+    let pwd = wait_for("the app relaunched", LONG, || std::fs::read_to_string(&seen).ok());
+    assert_eq!(std::path::Path::new(pwd.trim()), env.home);
+
+    let client = dlsession_testkit::app::client(&env).await;
+    let argv = vec!["./app.sh".to_owned()];
+    let config = SessionConfig { launch: Some(dlsession::LaunchSpec::Command { argv }), ..SessionConfig::default() };
+    let err = client.request(Request::OpenSession { identifier: "t.relative".into(), config: Some(config) }).await;
+    let err = err.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidRequest);
+    assert!(err.to_string().contains("relative path"), "{err}");
+}
+
 /// A `wake` request waiting in line for a launch slot is answered when its session is
 /// removed meanwhile (it used to wait for ever).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

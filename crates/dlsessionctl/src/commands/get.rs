@@ -218,9 +218,16 @@ fn plan(args: &GetArgs, urls: Vec<String>, cwd: &Path) -> Result<Plan> {
         .collect::<Result<Vec<_>>>()?;
     let launch = match &args.launch_cmd {
         Some(cmd) => {
-            let argv = shell_words::split(cmd).map_err(|e| CliError::usage(format!("--launch-cmd: {e}")))?;
+            let mut argv = shell_words::split(cmd).map_err(|e| CliError::usage(format!("--launch-cmd: {e}")))?;
             if argv.is_empty() {
                 return Err(CliError::usage("--launch-cmd is empty"));
+            }
+            // `./myapp` means this directory's: the daemon starts apps in the home directory.
+            if let Some(program) = argv.first_mut()
+                && program.contains('/')
+                && !program.starts_with('/')
+            {
+                *program = cwd.join(&*program).to_string_lossy().into_owned();
             }
             Some(argv)
         }
