@@ -378,6 +378,41 @@ async fn a_challenge_after_a_posts_303_does_not_send_the_post_again() {
     assert!(!events.seen.iter().any(|e| matches!(e, Seen::Challenge { .. })), "the app was not asked");
 }
 
+/// A task waiting for credentials nobody gives completes `timed_out` (with the server's
+/// 401) when its `timeout_for_resource` runs out, as a retry would: it waited for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_for_credentials_ends_with_the_resource_deadline() {
+    use dlsession::proto::{Request, Response, SessionConfig, TaskSpec};
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let s = server().await;
+    let client = dlsession_testkit::app::client(&env).await;
+    let id = || "t.deadline".to_owned();
+    let config = SessionConfig { timeout_for_resource_ms: 1500, ..SessionConfig::default() };
+    client.request(Request::OpenSession { identifier: id(), config: Some(config) }).await.unwrap();
+    client.request(Request::SetSessionChallenges { identifier: id(), answers: true }).await.unwrap();
+    let create = Request::CreateTasks { identifier: id(), tasks: vec![TaskSpec::get(s.url("/private"))], resume: true };
+    let Response::TasksCreated(ids) = client.request(create).await.unwrap() else { panic!() };
+    let info = || async {
+        match client.request(Request::GetTask { task: ids[0] }).await.unwrap() {
+            Response::Task(detail) => detail.info,
+            other => panic!("{other:?}"),
+        }
+    };
+    let started = std::time::Instant::now();
+    loop {
+        let t = info().await;
+        if t.state == dlsession::TaskState::Completed {
+            let error = t.error.expect("an error");
+            assert_eq!((error.code, error.http_status), (ErrorCode::TimedOut, Some(401)), "{error:?}");
+            assert!(error.message.contains("waiting for the app's credentials"), "{error:?}");
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(15), "still {:?} after 15 s", t.state);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// A task waiting for credentials keeps waiting across SIGKILL (the same challenge, the
 /// same round), and `--challenges fail` then fails it with the server's 401.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -132,6 +132,7 @@ impl Core {
             up.in_flight = false;
         }
         self.set_state(id, TaskState::Waiting);
+        self.arm_challenge_deadline(id);
         info!(session = %self.sessions.identifier(key), task = id, scheme = %challenge.scheme, round, "waiting for the app's credentials");
         let seq = self.emit(key, DurableEvent::Challenge { task: id, challenge }, &mut ops);
         if let Some(t) = self.tasks.get(&id) {
@@ -140,6 +141,16 @@ impl Core {
         after.push(After::Events { session: key, seq });
         self.commit(ops, after);
         true
+    }
+
+    /// A task waiting for its app's credentials still has its resource deadline: a timer
+    /// then completes it (`on_task_timer`), as a retry that would come after it does.
+    pub(super) fn arm_challenge_deadline(&mut self, id: TaskId) {
+        let Some(t) = self.tasks.get_mut(&id) else { return };
+        let Some(deadline) = t.rec.resource_deadline else { return };
+        let at = self.timers.at_wall(deadline);
+        t.timer = Some(at);
+        self.timers.set(at, super::Timer::Retry(id));
     }
 
     pub(super) fn answer_challenge(
@@ -330,6 +341,19 @@ fn header_of(credential: &Credential, proxy: bool) -> (String, String) {
 }
 
 /// How a task fails when its challenge goes unanswered: with the server's status.
+/// A wait for credentials that outlived the task's `timeout_for_resource`.
+pub(super) fn out_of_time(challenge: Option<&Challenge>) -> ErrorInfo {
+    let unanswered = unanswered(challenge);
+    ErrorInfo {
+        code: ErrorCode::TimedOut,
+        message: format!(
+            "timeout_for_resource ran out while waiting for the app's credentials: {}",
+            unanswered.message
+        ),
+        ..unanswered
+    }
+}
+
 fn unanswered(challenge: Option<&Challenge>) -> ErrorInfo {
     let proxy = challenge.is_some_and(|c| c.proxy);
     let (status, who, text) = if proxy {

@@ -58,8 +58,8 @@ impl Core {
                     finishing.push((id, Leftovers::Any))
                 }
                 TaskState::Queued | TaskState::Running => self.enqueue(id),
-                // Waits for its app's answer, not for a time.
-                TaskState::Waiting if challenged => {}
+                // Waits for its app's answer, until its resource deadline.
+                TaskState::Waiting if challenged => self.arm_challenge_deadline(id),
                 TaskState::Waiting => {
                     let wait = retry_at.map_or(0, |at| at.saturating_sub(now_ms())).min(millis(longest));
                     let at = self.timers.after(std::time::Duration::from_millis(wait));

@@ -141,6 +141,13 @@ impl Core {
         t.timer = None;
         match t.state {
             TaskState::Queued => self.enqueue(id),
+            // Its wait for credentials outlived `timeout_for_resource`.
+            TaskState::Waiting if t.rec.challenge.is_some() => {
+                let error = super::auth::out_of_time(t.rec.challenge.as_ref());
+                let (mut ops, mut after) = (Vec::new(), Vec::new());
+                self.complete(id, Some(error), &mut ops, &mut after);
+                self.commit(ops, after);
+            }
             TaskState::Waiting => {
                 // Stored state stays `waiting` with a past `retry_at`: after a restart it
                 // queues at once, which is the same thing.
@@ -619,6 +626,12 @@ impl Core {
             Some(t) => self.part_path(&t.rec),
             None => return,
         };
+        let Some(t) = self.tasks.get_mut(&id) else { return };
+        // A waiting task's timer (a retry, or the deadline of a wait for credentials) goes.
+        if t.state == TaskState::Waiting {
+            let timer = t.timer.take();
+            self.timers.clear(timer, Timer::Retry(id));
+        }
         let Some(t) = self.tasks.get_mut(&id) else { return };
         t.rec.error = error.clone();
         t.rec.finished_at = Some(now);
