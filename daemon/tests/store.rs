@@ -333,6 +333,45 @@ async fn extreme_values_survive_a_restart() {
     assert_eq!(t.file_mode, 0o640);
 }
 
+/// A row holding a value this daemon does not know (an event kind, a task state, an upload
+/// method, a negative id) stops the start with an error naming it: before, an unknown event
+/// became `did_become_invalid` (telling the app its session ended), an unknown state
+/// `suspended`, an unknown method a download.
+#[tokio::test]
+async fn a_row_with_an_unknown_value_is_refused_not_guessed() {
+    let cases = [
+        "UPDATE events SET kind = 'from_the_future'",
+        "UPDATE tasks SET state = 'sleeping'",
+        "UPDATE tasks SET upload_method = 'PATCH'",
+        "UPDATE tasks SET id = -5",
+    ];
+    for change in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let (store, _) = open(&path);
+            let event = EventRecord {
+                session: 7,
+                seq: 1,
+                event: DurableEvent::Completed { task: 1, error: None },
+                created_at: 1,
+            };
+            store.write(
+                vec![Op::InsertSession(session()), Op::InsertTask(Box::new(task(1))), Op::InsertEvent(event)],
+                None,
+            );
+            assert!(store.flush(std::time::Duration::from_secs(30)).await);
+        }
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(&format!("PRAGMA foreign_keys = OFF; {change};")).unwrap();
+        drop(conn);
+        match Store::open(&path, |_| {}) {
+            Err(e) => assert!(e.to_string().contains("unknown"), "{change}: {e}"),
+            Ok((_, snap)) => panic!("{change}: read as {:?} / {:?}", snap.tasks, snap.events),
+        }
+    }
+}
+
 /// Suspended tasks are not in the snapshot: it counts them per session, and they are read
 /// by session, by task or all at once.
 #[tokio::test]

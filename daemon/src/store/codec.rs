@@ -268,9 +268,9 @@ pub fn save_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
 }
 
 fn upload_from(r: &Row<'_>) -> rusqlite::Result<Option<Upload>> {
-    let Some(method) = r.get::<_, Option<String>>(41)?.as_deref().and_then(UploadMethod::from_name) else {
-        return Ok(None);
-    };
+    let Some(name) = r.get::<_, Option<String>>(41)? else { return Ok(None) };
+    // An unknown method must not turn an upload into a download.
+    let method = UploadMethod::from_name(&name).ok_or_else(|| unknown(41, "upload method", &name))?;
     Ok(Some(Upload {
         method,
         file: r.get::<_, Option<String>>(42)?.unwrap_or_default(),
@@ -294,8 +294,9 @@ fn task_from_row(r: &Row<'_>) -> rusqlite::Result<TaskRecord> {
     let sha: Option<Vec<u8>> = r.get(7)?;
     let state: String = r.get(12)?;
     let phase: String = r.get(13)?;
+    let id = r.get::<_, i64>(0)?;
     Ok(TaskRecord {
-        id: r.get::<_, i64>(0)? as u64,
+        id: u64::try_from(id).map_err(|_| unknown(0, "task id", &id.to_string()))?,
         session: r.get(1)?,
         url: r.get(2)?,
         headers: split_headers(&r.get::<_, String>(3)?),
@@ -307,7 +308,7 @@ fn task_from_row(r: &Row<'_>) -> rusqlite::Result<TaskRecord> {
         overwrite: r.get(9)?,
         expected_size: u64_opt(r.get(10)?),
         created_at: r.get::<_, i64>(11)?.max(0) as u64,
-        state: TaskState::from_name(&state).unwrap_or(TaskState::Suspended),
+        state: TaskState::from_name(&state).ok_or_else(|| unknown(12, "task state", &state))?,
         phase: if phase == "finishing" { Phase::Finishing } else { Phase::Transfer },
         committed_offset: r.get::<_, i64>(14)?.max(0) as u64,
         bytes_expected: u64_opt(r.get(15)?),
@@ -503,6 +504,12 @@ pub fn insert_event(tx: &Transaction<'_>, e: &EventRecord) -> rusqlite::Result<(
     Ok(())
 }
 
+/// A stored value this daemon cannot read: an error naming it, never a guess.
+fn unknown(column: usize, what: &str, value: &str) -> rusqlite::Error {
+    let message = format!("unknown {what} {value:?} in the database");
+    rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, message.into())
+}
+
 pub fn load_events(conn: &Connection) -> rusqlite::Result<Vec<EventRecord>> {
     let mut stmt = conn.prepare(
         "SELECT session_id, seq, kind, task_id, byte_offset, expected_total, location, error_code, error_msg,
@@ -541,7 +548,9 @@ pub fn load_events(conn: &Connection) -> rusqlite::Result<Vec<EventRecord>> {
                     round: r.get::<_, Option<u32>>(17)?.unwrap_or(1),
                 },
             },
-            _ => DurableEvent::DidBecomeInvalid { error },
+            "did_become_invalid" => DurableEvent::DidBecomeInvalid { error },
+            // Never taken for another kind (this one would tell the app its session ended).
+            other => return Err(unknown(2, "event kind", other)),
         };
         Ok(EventRecord {
             session: r.get(0)?,
@@ -635,7 +644,10 @@ pub fn load_next_task_id(conn: &Connection) -> rusqlite::Result<TaskId> {
     let stored: Option<i64> =
         conn.query_row("SELECT value FROM meta WHERE key = 'next_task_id'", [], |r| r.get(0)).optional()?;
     let max_id: Option<i64> = conn.query_row("SELECT max(id) FROM tasks", [], |r| r.get(0))?;
-    Ok((stored.unwrap_or(1).max(max_id.unwrap_or(0) + 1)).max(1) as u64)
+    // The last id SQLite can hold has no next: new ids would collide with stored ones.
+    let after_max =
+        max_id.unwrap_or(0).checked_add(1).ok_or_else(|| unknown(0, "task id", "9223372036854775807 (the last)"))?;
+    Ok((stored.unwrap_or(1).max(after_max)).max(1) as u64)
 }
 
 /// Sessions that answer challenges (a session without a row does not).
