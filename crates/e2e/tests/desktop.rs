@@ -290,6 +290,10 @@ async fn a_notification_tells_the_user_and_its_action_relaunches_the_app() {
         "[dbus.UInt32(1), 'default']",
     );
     file_with(&marker, "requested", "the click to relaunch the app").await;
+    // The click's relaunch does not show the notification again.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let calls = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(calls.lines().filter(|l| l.contains(" Notify ")).count(), 1, "{calls}");
     let policy = String::from_utf8_lossy(&env.ctl(&["policy", "t.notify"]).stdout).into_owned();
     assert!(policy.contains("notifies when done"), "{policy}");
 }

@@ -132,8 +132,11 @@ impl Core {
             None => Vec::new(),
         };
         if targets.is_empty() {
-            // The app is not running: a session that asks for it tells the user too.
-            self.notify(key);
+            // The app is not running: a session that asks for it tells the user too, unless
+            // the user asked for the app (a click on that notification, `dlsessionctl wake`).
+            if reason != WakeReason::Requested {
+                self.notify(key);
+            }
             return self.relaunch(key, reason, reply);
         }
         for conn in &targets {
