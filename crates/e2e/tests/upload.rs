@@ -229,6 +229,27 @@ async fn a_trickled_upload_answer_does_not_hold_a_cancel_off() {
     assert!(body.len() < 400, "{} bytes", body.len());
 }
 
+/// The server's answer breaks off in its body: the upload completes with the status the
+/// server gave and the body as far as it came (the PUT was sent again before, and a POST
+/// failed as "may have reached the server" although its answer was known).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_cut_in_its_body_keeps_its_status() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = UploadServer::start(false).await.unwrap();
+    server.set_faults(UploadFaults { response_cut_after: Some(10), ..UploadFaults::default() });
+    let (file, data) = make_file(env.path(), "cut-answer.bin", 50_000, 26);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.cut"), delegate).await.unwrap();
+    let task = session.upload_task(UploadRequest::new(server.url("/files/cut-answer"), &file)).await.unwrap();
+    task.resume().await.unwrap();
+    assert_eq!(events.completion(task.id(), LONG).await, None, "{:?}", server.records());
+    let (status, body, truncated) = events.response(task.id()).expect("the answer, as far as it came");
+    assert_eq!((status, truncated, body.len()), (201, true, 10));
+    assert_eq!(server.file("cut-answer").as_deref(), Some(&data[..]));
+    assert_eq!(server.records().len(), 1, "sent once");
+}
+
 /// A PUT is retried after a 503; a plain POST is not (its whole body went out), an
 /// idempotent one is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -63,6 +63,8 @@ pub struct UploadFaults {
     pub response_size: Option<usize>,
     /// Send the `201`'s body one byte at a time, this long apart.
     pub response_trickle: Option<std::time::Duration>,
+    /// Send the `201`'s head and this many bytes of its body, then close the connection.
+    pub response_cut_after: Option<usize>,
 }
 
 #[derive(Debug, Default)]
@@ -482,7 +484,21 @@ async fn finish(
         ("Upload-Offset", data.len().to_string()),
         ("Location", format!("/files/{name}")),
     ];
-    let trickle = state.lock().unwrap().faults.response_trickle;
+    let (trickle, cut) = {
+        let f = &state.lock().unwrap().faults;
+        (f.response_trickle, f.response_cut_after)
+    };
+    if let Some(cut) = cut {
+        let mut out = format!("HTTP/1.1 201 {}\r\n", reason(201));
+        for (n, v) in &headers {
+            out.push_str(&format!("{n}: {v}\r\n"));
+        }
+        out.push_str(&format!("Content-Length: {}\r\n\r\n", json.len()));
+        stream.write_all(out.as_bytes()).await?;
+        stream.write_all(json.as_bytes().get(..cut).unwrap_or(json.as_bytes())).await?;
+        stream.flush().await?;
+        anyhow::bail!("testkit fault: the answer's body cut after {cut} bytes");
+    }
     match trickle {
         Some(every) => respond_trickling(stream, 201, &headers, json.as_bytes(), every).await?,
         None => respond(stream, 201, &headers, json.as_bytes()).await?,

@@ -24,7 +24,7 @@ use super::attempt::{
     build_request, host_of, no_response, request_failure, response_headers, status_failure, status_text,
     stopped_at_proxy,
 };
-use super::http::{Failure, ReqBody, Retry, classify, empty_body, is_transient_status, location};
+use super::http::{Failure, ReqBody, Retry, empty_body, is_transient_status, location};
 use super::limiter::RateLimiter;
 use super::progress::Progress;
 use super::report::UploadResponse;
@@ -457,10 +457,21 @@ async fn read_response(job: &Job, url: Url, resp: hyper::Response<Incoming>) -> 
             }
             next = tokio::time::timeout(job.idle_timeout, incoming.frame()) => next,
         };
+        // The final head is in: the server has answered, and says how (a PUT sent again now
+        // would repeat what it took; a POST would be reported as "may have reached the
+        // server"). A body that stops or breaks off is kept as far as it came, cut.
         let frame = match next {
-            Err(_) => return Err(no_response(&url, job)),
+            Err(_) => {
+                tracing::info!(status, "the upload's answer went quiet; keeping it as far as it came");
+                truncated = true;
+                break;
+            }
             Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(classify(&e, "reading the upload's response")),
+            Ok(Some(Err(e))) => {
+                tracing::info!(status, error = %e, "the upload's answer broke off; keeping it as far as it came");
+                truncated = true;
+                break;
+            }
             Ok(Some(Ok(f))) => f,
         };
         let Ok(data) = frame.into_data() else { continue };
