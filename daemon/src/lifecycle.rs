@@ -29,6 +29,11 @@ pub enum LifecycleError {
     Lock { path: PathBuf, source: std::io::Error },
     #[error("{path} exists and is not a socket; refusing to replace it")]
     NotASocket { path: PathBuf },
+    #[error(
+        "something listens on {path} (systemd's dlsessiond.socket, or a daemon of another lock directory); \
+         refusing to take it over (stop it first: systemctl --user stop dlsessiond.socket, or pass --socket)"
+    )]
+    Listened { path: PathBuf },
     #[error("cannot listen on {path}: {source}")]
     Bind { path: PathBuf, source: std::io::Error },
     #[error("cannot use the socket passed by systemd: {0}")]
@@ -102,9 +107,14 @@ fn lock(path: &Path) -> Result<File, LifecycleError> {
 }
 
 /// Binds the socket (mode 0600, set before `bind`: no umask race). A socket file left by
-/// a crashed daemon is removed: we hold the lock, so nothing live can be listening on it.
+/// a crashed daemon is removed: we hold the lock, so no daemon is listening on it. One that
+/// something listens on is left alone: systemd's activation socket holds it while the
+/// service is stopped (its locks free), and replacing it would break activation.
 pub fn bind(socket: &Path) -> Result<Listener, LifecycleError> {
     match std::fs::symlink_metadata(socket) {
+        Ok(m) if m.file_type().is_socket() && listened_on(socket) => {
+            return Err(LifecycleError::Listened { path: socket.to_path_buf() });
+        }
         Ok(m) if m.file_type().is_socket() => {
             info!(path = %socket.display(), "removing stale socket");
             std::fs::remove_file(socket)
@@ -116,6 +126,21 @@ pub fn bind(socket: &Path) -> Result<Listener, LifecycleError> {
     let bind_err = |source| LifecycleError::Bind { path: socket.to_path_buf(), source };
     let name = socket.to_fs_name::<GenericFilePath>().map_err(bind_err)?;
     ListenerOptions::new().name(name).mode(0o600).reclaim_name(true).create_tokio().map_err(bind_err)
+}
+
+/// Whether a listening socket is bound to `path`, read from `/proc/net/unix` (flag
+/// `__SO_ACCEPTCON`) rather than by connecting: a connection to systemd's activation
+/// socket would start a daemon.
+fn listened_on(path: &Path) -> bool {
+    const ACCEPTING: &str = "00010000";
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else { return false };
+    table.lines().skip(1).any(|line| {
+        // Num RefCount Protocol Flags Type St Inode Path (the path may hold spaces).
+        let mut fields = line.splitn(8, ' ').filter(|f| !f.is_empty());
+        let flags = fields.nth(3);
+        let bound = fields.nth(3).map(str::trim);
+        flags == Some(ACCEPTING) && bound.is_some_and(|b| Path::new(b) == path)
+    })
 }
 
 /// Raises the soft limit on open descriptors to the hard one (systemd starts services,

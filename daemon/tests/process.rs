@@ -63,6 +63,25 @@ fn a_stale_socket_is_reclaimed() {
     assert!(std::os::unix::net::UnixStream::connect(&env.socket).is_ok());
 }
 
+/// A socket something listens on (systemd's activation socket while the service is
+/// stopped: the locks are free) is left alone: replacing it broke activation until the
+/// socket unit was restarted.
+#[test]
+fn a_socket_something_listens_on_is_left_alone() {
+    use std::os::unix::fs::MetadataExt;
+    let env = TestEnv::new();
+    std::fs::create_dir_all(env.socket.parent().unwrap()).unwrap();
+    std::fs::set_permissions(env.socket.parent().unwrap(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(&env.socket).unwrap();
+    let inode = std::fs::metadata(&env.socket).unwrap().ino();
+    let out = run_expecting_failure(&env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("something listens on"), "{stderr}");
+    assert_eq!(std::fs::metadata(&env.socket).unwrap().ino(), inode, "the socket is the listener's still");
+    let _ = std::os::unix::net::UnixStream::connect(&env.socket).unwrap();
+    assert!(listener.accept().is_ok(), "and it still gets the connections");
+}
+
 #[test]
 fn a_non_socket_at_the_socket_path_is_left_alone() {
     let env = TestEnv::new();
