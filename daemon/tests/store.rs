@@ -333,6 +333,25 @@ async fn extreme_values_survive_a_restart() {
     assert_eq!(t.file_mode, 0o640);
 }
 
+/// Session keys are never reused: deleting the session with the highest key does not free
+/// it for the next one (whose directory could be the old one's, had its removal been cut
+/// short by a crash).
+#[tokio::test]
+async fn a_deleted_sessions_key_is_not_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    {
+        let (store, snap) = open(&path);
+        assert_eq!(snap.next_session_key, 1);
+        store.write(vec![Op::InsertSession(session())], None);
+        store.write(vec![Op::DeleteSession(7)], None);
+        assert!(store.flush(std::time::Duration::from_secs(30)).await);
+    }
+    let (_, snap) = open(&path);
+    assert!(snap.sessions.is_empty());
+    assert_eq!(snap.next_session_key, 8, "after the deleted session's key");
+}
+
 /// A row holding a value this daemon does not know (an event kind, a task state, an upload
 /// method, a negative id) stops the start with an error naming it: before, an unknown event
 /// became `did_become_invalid` (telling the app its session ended), an unknown state

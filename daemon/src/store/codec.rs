@@ -440,7 +440,13 @@ pub const TOMBSTONE: &str = "\u{1}";
 
 /// Above the key of every session row, tombstones included (keys are never reused).
 pub fn load_next_session_key(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("SELECT coalesce(max(id), 0) + 1 FROM sessions", [], |r| r.get(0))
+    // Above every row, and above every deleted session's key (`next_session_key`).
+    conn.query_row(
+        "SELECT max(coalesce((SELECT max(id) FROM sessions), 0) + 1,
+                    coalesce((SELECT value FROM meta WHERE key = 'next_session_key'), 1))",
+        [],
+        |r| r.get(0),
+    )
 }
 
 pub fn insert_event(tx: &Transaction<'_>, e: &EventRecord) -> rusqlite::Result<()> {

@@ -550,6 +550,9 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
     match op {
         Op::InsertSession(s) | Op::UpdateSession(s) => codec::save_session(tx, s),
         Op::DeleteSession(key) => {
+            // Its key stays used: a new session must not take it (and its directory, if its
+            // removal was cut short).
+            codec::raise_meta(tx, "next_session_key", u64::try_from(*key).unwrap_or(0).saturating_add(1))?;
             tx.execute("DELETE FROM events WHERE session_id = ?1", params![key])?;
             tx.execute("DELETE FROM cookie_jars WHERE session_id = ?1", params![key])?;
             tx.execute("DELETE FROM session_proxies WHERE session_id = ?1", params![key])?;
