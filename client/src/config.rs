@@ -110,7 +110,10 @@ impl SessionConfiguration {
         self
     }
 
-    /// Relaunch the app with this argv (run directly, no shell) when it is not running.
+    /// Relaunch the app with this argv (run directly, no shell, in the user's home
+    /// directory) when it is not running. The program is an absolute path or a bare name
+    /// looked up in `PATH`; a relative path (`./app`) is refused when attaching
+    /// (`invalid_request`).
     pub fn launch_command<I, S>(mut self, argv: I) -> Self
     where
         I: IntoIterator<Item = S>,

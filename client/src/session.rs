@@ -339,9 +339,10 @@ impl Session {
 
     /// Stops receiving events; tasks go on.
     pub async fn detach(&self) -> Result<()> {
-        let r = self.ok(Request::Detach { identifier: self.shared.identifier.clone() }).await;
+        // The route goes first: a rejoin under way then skips the session instead of
+        // attaching it again after this detach.
         self.shared.client.unroute(&self.shared.identifier, self.shared.route);
-        r
+        self.ok(Request::Detach { identifier: self.shared.identifier.clone() }).await
     }
 
     async fn ok(&self, request: Request) -> Result<()> {

@@ -378,6 +378,39 @@ async fn a_challenge_after_a_posts_303_does_not_send_the_post_again() {
     assert!(!events.seen.iter().any(|e| matches!(e, Seen::Challenge { .. })), "the app was not asked");
 }
 
+/// The same when the GET after a POST's 303 goes through a proxy that asks for credentials
+/// on its tunnel: the 407 is the answer, the app is not asked, the POST goes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_challenge_after_a_posts_303_does_not_send_the_post_again() {
+    let env = TestEnv::new();
+    let ca = TestCa::new().unwrap();
+    env.add_config(&format!("extra_ca_file = {:?}", ca.ca_pem_path()));
+    let form = TestServer::start_tls(&ca).await.unwrap();
+    let results = TestServer::start_tls(&ca).await.unwrap();
+    results.add("/result", Resource::generated(100, 63));
+    let location = results.url("/result");
+    form.add("/submit", Resource::bytes("").fault(Hits::All, Fault::Redirect { status: 303, location }));
+    let proxy = TestProxy::start().await.unwrap();
+    proxy.require_auth(GOOD, "Basic realm=\"corp\"");
+    let proxy_url = proxy.url();
+    // The form's server is reached directly, where its 303 points only through the proxy.
+    let direct = form.url("/").trim_start_matches("https://").trim_end_matches('/').to_owned();
+    let _d = TestDaemon::start_with_env(
+        &env,
+        &[("HTTPS_PROXY", std::ffi::OsStr::new(&proxy_url)), ("NO_PROXY", std::ffi::OsStr::new(&direct))],
+    );
+    let file = env.path().join("form.bin");
+    std::fs::write(&file, b"name=value").unwrap();
+    let (delegate, mut events) = Recorder::answering(&env.path().join("out"), basic(CredentialScope::Task, false));
+    let session = Session::attach(config(&env, "t.see-other-proxy").answers_challenges(true), delegate).await.unwrap();
+    let post = UploadRequest::new(form.url("/submit"), &file).method(UploadMethod::Post);
+    let task = session.upload_tasks(vec![post], true).await.unwrap().remove(0);
+    let error = events.completion(task.id(), LONG).await.expect("the 407 is the answer");
+    assert_eq!(error.http_status, Some(407), "{error:?}");
+    assert_eq!(form.requests_for("/submit").len(), 1, "the POST went once: {:?}", proxy.records());
+    assert!(!events.seen.iter().any(|e| matches!(e, Seen::Challenge { .. })), "the app was not asked");
+}
+
 /// A task waiting for credentials nobody gives completes `timed_out` (with the server's
 /// 401) when its `timeout_for_resource` runs out, as a retry would: it waited for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,16 +10,17 @@ use dlsession::proto::{Request, Response};
 use dlsession::{Client, ClientOptions, Session, SessionConfiguration};
 use dlsession_testkit::{LONG, Recorder, Seen, TestDaemon, TestEnv};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_dropped_during_its_rejoin_stays_detached() {
-    // Every rejoin waits 2 s after the reconnect: the window the app drops its session in.
+/// Whether session `identifier` is attached after its app let it go (dropped, or detached
+/// with `detach()`) while the library was rejoining it.
+async fn attached_after_letting_go_during_the_rejoin(identifier: &str, detach: bool) -> bool {
+    // Every rejoin waits 2 s after the reconnect: the window the app lets the session go in.
     dlsession::test_hooks::pause_rejoins(Duration::from_secs(2));
     let env = TestEnv::new();
     let mut d = TestDaemon::start(&env);
     let (delegate, mut events) = Recorder::new(&env.path().join("out"));
-    let config = SessionConfiguration::background("t.dropped").socket(&env.socket);
+    let config = SessionConfiguration::background(identifier).socket(&env.socket);
     let session = Session::attach(config, delegate).await.unwrap();
-    // The app keeps its connection (for other work) after it drops the session.
+    // The app keeps its connection (for other work) after it lets the session go.
     let _connection = session.client().clone();
 
     d.kill9();
@@ -28,14 +29,36 @@ async fn a_session_dropped_during_its_rejoin_stays_detached() {
     events.wait("the app told it is back", LONG, |e| *e == Seen::Reconnected).await;
     // Past the moment the library listed the sessions to rejoin, before their rejoin starts.
     tokio::time::sleep(Duration::from_millis(200)).await;
+    if detach {
+        // The detach stays on its way (the daemon stopped) while the rejoin's time comes.
+        dlsession_testkit::host::signal(d.pid(), rustix::process::Signal::STOP);
+        let detaching = tokio::spawn({
+            let session = session.clone();
+            async move { session.detach().await }
+        });
+        tokio::time::sleep(Duration::from_millis(2200)).await;
+        dlsession_testkit::host::signal(d.pid(), rustix::process::Signal::CONT);
+        detaching.await.unwrap().unwrap();
+    }
     drop(session);
     // The rejoin's time comes and goes.
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let other =
         Client::connect(ClientOptions { socket: Some(env.socket.clone()), ..ClientOptions::default() }).await.unwrap();
-    let r = other.request(Request::GetSession { identifier: "t.dropped".into() }).await.unwrap();
+    let r = other.request(Request::GetSession { identifier: identifier.into() }).await.unwrap();
     let Response::Session(info) = r else { panic!("{r:?}") };
+    info.attached
+}
 
-    assert!(!info.attached, "a session the app dropped was attached again by its rejoin");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_dropped_during_its_rejoin_stays_detached() {
+    let attached = attached_after_letting_go_during_the_rejoin("t.dropped", false).await;
+    assert!(!attached, "a session the app dropped was attached again by its rejoin");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_detached_during_its_rejoin_stays_detached() {
+    let attached = attached_after_letting_go_during_the_rejoin("t.detached", true).await;
+    assert!(!attached, "a session the app detached was attached again by its rejoin");
 }

@@ -186,4 +186,9 @@ async fn repeated_attaches_by_a_client_that_does_not_read_cost_a_bounded_window(
         }
     }
     assert_eq!(seqs.len(), EVENTS, "the last replay brought every event before finished_events");
+    // And nothing after it: the queue draining says nothing new to a session at rest.
+    stuck.stream.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let mut byte = [0u8; 1];
+    let more = std::io::Read::read(&mut stuck.stream, &mut byte);
+    assert!(more.is_err(), "a message after the replay's finished_events: {more:?}");
 }

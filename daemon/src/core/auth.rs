@@ -340,7 +340,6 @@ fn header_of(credential: &Credential, proxy: bool) -> (String, String) {
     }
 }
 
-/// How a task fails when its challenge goes unanswered: with the server's status.
 /// A wait for credentials that outlived the task's `timeout_for_resource`.
 pub(super) fn out_of_time(challenge: Option<&Challenge>) -> ErrorInfo {
     let unanswered = unanswered(challenge);
@@ -354,6 +353,7 @@ pub(super) fn out_of_time(challenge: Option<&Challenge>) -> ErrorInfo {
     }
 }
 
+/// How a task fails when its challenge goes unanswered: with the server's status.
 fn unanswered(challenge: Option<&Challenge>) -> ErrorInfo {
     let proxy = challenge.is_some_and(|c| c.proxy);
     let (status, who, text) = if proxy {

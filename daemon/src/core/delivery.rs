@@ -35,6 +35,11 @@ impl Core {
         let Some(s) = self.sessions.get_mut(&key) else { return };
         let (Some(conn), false) = (s.attached, s.replaying) else { return };
         let Some(c) = self.conns.get(&conn) else { return };
+        // Nothing committed since the last delivery, and no replay to end: nothing to say
+        // (a drain notice or a repeated commit notice must not bring a `finished_events`).
+        if s.delivered >= s.committed && !s.replay_tail {
+            return;
+        }
         loop {
             let mut room = c.handle.out.room();
             let mut sent = None;

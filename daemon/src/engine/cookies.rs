@@ -69,6 +69,8 @@ impl CookieJar {
             return;
         }
         let mut store = self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // What expired since makes room first.
+        prune_expired(&mut store);
         let secure_origin = url.scheme() == "https";
         let mut changed = false;
         for raw in cookies {

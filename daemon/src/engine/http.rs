@@ -408,7 +408,6 @@ fn error_chain(err: &(dyn StdError + 'static)) -> String {
     parts.join(": ")
 }
 
-/// Statuses that are worth retrying (docs/behaviour.md, "Retries and resume").
 /// A response's `Location`, as text `Url::join` takes. Bytes outside ASCII (raw UTF-8, which
 /// some servers send) and controls are percent-encoded, as browsers do, instead of the
 /// redirect being ignored.
@@ -417,6 +416,7 @@ pub fn location(headers: &hyper::HeaderMap) -> Option<String> {
     Some(percent_encoding::percent_encode(raw, percent_encoding::CONTROLS).to_string())
 }
 
+/// Statuses that are worth retrying (docs/behaviour.md, "Retries and resume").
 pub fn is_transient_status(status: u16) -> bool {
     matches!(status, 408 | 429 | 500 | 502 | 503 | 504)
 }

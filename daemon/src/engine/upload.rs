@@ -286,7 +286,13 @@ impl Engine {
                     if stopped_at_proxy(&e) && with_body {
                         job.progress.sent_whole.store(false, Ordering::Relaxed);
                     }
-                    return Err(request_failure(&e, &url, &proxies, &format!("sending to {}", host_of(&url))));
+                    let mut f = request_failure(&e, &url, &proxies, &format!("sending to {}", host_of(&url)));
+                    // A proxy asking for credentials for the GET after a 303: as a 401 to it,
+                    // the answer (the app's credentials would send the POST again).
+                    if !with_body && !up.retry_safe {
+                        f.challenge = None;
+                    }
+                    return Err(f);
                 }
                 Some(Ok(r)) => r,
             };

@@ -48,6 +48,7 @@ pub async fn run(ctx: &Ctx, args: WatchArgs) -> Result<Exit> {
             break;
         }
         let event = tokio::select! {
+            biased;
             Some(event) = async { queued.pop_front() } => Some(event),
             event = events.recv() => event,
             _ = look.tick() => {
@@ -84,6 +85,10 @@ pub async fn run(ctx: &Ctx, args: WatchArgs) -> Result<Exit> {
                 progress.clear();
                 return Err(CliError::Client(dlsession::Error::Disconnected { reason: None }));
             }
+            // An update older than the completion already seen (the answer to a look after
+            // a reconnect and the live updates come by different ways): completed stays.
+            Some(Event::TaskUpdate(info))
+                if info.state != TaskState::Completed && states.get(&info.id) == Some(&TaskState::Completed) => {}
             Some(Event::TaskUpdate(info)) => {
                 let before = states.insert(info.id, info.state);
                 if ctx.json {
