@@ -153,6 +153,14 @@ impl Core {
         self.timers.set(at, super::Timer::Retry(id));
     }
 
+    /// A wait for credentials outlived the task's resource deadline: it completes.
+    pub(super) fn on_challenge_deadline(&mut self, id: TaskId) {
+        let error = out_of_time(self.tasks.get(&id).and_then(|t| t.rec.challenge.as_ref()));
+        let (mut ops, mut after) = (Vec::new(), Vec::new());
+        self.complete(id, Some(error), &mut ops, &mut after);
+        self.commit(ops, after);
+    }
+
     pub(super) fn answer_challenge(
         &mut self,
         conn: ConnId,
@@ -341,7 +349,7 @@ fn header_of(credential: &Credential, proxy: bool) -> (String, String) {
 }
 
 /// A wait for credentials that outlived the task's `timeout_for_resource`.
-pub(super) fn out_of_time(challenge: Option<&Challenge>) -> ErrorInfo {
+fn out_of_time(challenge: Option<&Challenge>) -> ErrorInfo {
     let unanswered = unanswered(challenge);
     ErrorInfo {
         code: ErrorCode::TimedOut,

@@ -142,12 +142,7 @@ impl Core {
         match t.state {
             TaskState::Queued => self.enqueue(id),
             // Its wait for credentials outlived `timeout_for_resource`.
-            TaskState::Waiting if t.rec.challenge.is_some() => {
-                let error = super::auth::out_of_time(t.rec.challenge.as_ref());
-                let (mut ops, mut after) = (Vec::new(), Vec::new());
-                self.complete(id, Some(error), &mut ops, &mut after);
-                self.commit(ops, after);
-            }
+            TaskState::Waiting if t.rec.challenge.is_some() => self.on_challenge_deadline(id),
             TaskState::Waiting => {
                 // Stored state stays `waiting` with a past `retry_at`: after a restart it
                 // queues at once, which is the same thing.
