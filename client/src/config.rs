@@ -353,21 +353,14 @@ impl SessionConfiguration {
     }
 
     /// An attach sent again (after a reconnect, or to replay an overflowed queue): never a
-    /// takeover (another process that took the session meanwhile keeps it), and what `mine`
-    /// left unset takes `stored`, the session's configuration as it is now, when it could be
-    /// read; else the configuration sent the first time.
-    pub(crate) fn reattach(
-        request: Request,
-        mine: Option<&SessionConfiguration>,
-        stored: Option<SessionConfig>,
-    ) -> Request {
+    /// takeover (another process that took the session meanwhile keeps it), and with
+    /// `stored`, the session's configuration as it is now, when it could be read: a change
+    /// another client made meanwhile (`dlsessionctl limit`) stays; only the app's own attach
+    /// applies what it set. Else the configuration sent the first time.
+    pub(crate) fn reattach(request: Request, stored: Option<SessionConfig>) -> Request {
         match request {
             Request::Attach { identifier, config: sent, .. } => {
-                let config = match (mine, stored) {
-                    (Some(mine), Some(stored)) => mine.merged_with(&stored),
-                    _ => sent,
-                };
-                Request::Attach { identifier, config, takeover: false }
+                Request::Attach { identifier, config: stored.unwrap_or(sent), takeover: false }
             }
             other => other,
         }

@@ -83,9 +83,6 @@ struct Route {
     tx: mpsc::Sender<Routed>,
     /// How this session attached, to rejoin after a reconnect.
     attach: Request,
-    /// What the app set, merged anew with the stored configuration on each rejoin (a
-    /// change made meanwhile by another client is kept).
-    config: Option<SessionConfiguration>,
     /// The queue was full and events were dropped: the session must ask for them again.
     overflowed: Arc<AtomicBool>,
 }
@@ -271,12 +268,12 @@ impl Client {
 
     /// Routes the identifier's events to a new queue; the token proves ownership. `attach`
     /// is how to rejoin the session on a new connection.
-    pub(crate) fn route(&self, identifier: &str, attach: Request, config: Option<SessionConfiguration>) -> RouteHandle {
+    pub(crate) fn route(&self, identifier: &str, attach: Request) -> RouteHandle {
         let (tx, events) = mpsc::channel(self.shared.options.event_queue.max(1));
         let token = self.shared.next_route.fetch_add(1, Ordering::Relaxed);
         let overflowed = Arc::new(AtomicBool::new(false));
         if let Ok(mut routes) = self.shared.routes.lock() {
-            routes.insert(identifier.to_owned(), Route { token, tx, attach, config, overflowed: overflowed.clone() });
+            routes.insert(identifier.to_owned(), Route { token, tx, attach, overflowed: overflowed.clone() });
         }
         RouteHandle { token, events, overflowed }
     }
@@ -299,12 +296,6 @@ impl Client {
     pub(crate) fn attach_request(&self, identifier: &str, token: u64) -> Option<Request> {
         let routes = self.shared.routes.lock().ok()?;
         routes.get(identifier).filter(|r| r.token == token).map(|r| r.attach.clone())
-    }
-
-    /// The configuration the session attached with, if the app left parts unset.
-    pub(crate) fn attach_config(&self, identifier: &str, token: u64) -> Option<SessionConfiguration> {
-        let routes = self.shared.routes.lock().ok()?;
-        routes.get(identifier).filter(|r| r.token == token).and_then(|r| r.config.clone())
     }
 
     /// What the daemon said about itself in the last handshake.
@@ -443,12 +434,7 @@ async fn reconnect(shared: &Arc<Shared>) {
         .lock()
         .map(|r| {
             r.iter()
-                .map(|(id, route)| Rejoin {
-                    identifier: id.clone(),
-                    token: route.token,
-                    attach: route.attach.clone(),
-                    config: route.config.clone(),
-                })
+                .map(|(id, route)| Rejoin { identifier: id.clone(), token: route.token, attach: route.attach.clone() })
                 .collect()
         })
         .unwrap_or_default();
@@ -481,7 +467,6 @@ struct Rejoin {
     /// The route's owner then: a session dropped since is not attached again.
     token: u64,
     attach: Request,
-    config: Option<SessionConfiguration>,
 }
 
 /// Holds every rejoin this long before it starts, for tests of what happens meanwhile
@@ -500,26 +485,29 @@ pub(crate) fn pause_rejoins(pause: Duration) {
 /// app dropped meanwhile is not attached again (nobody would get its events, and its app
 /// could not attach it elsewhere).
 async fn rejoin(shared: Arc<Shared>, link: Arc<Link>, r: Rejoin) {
-    let Rejoin { identifier, token, attach, config } = r;
+    let Rejoin { identifier, token, attach } = r;
     let pause = REJOIN_PAUSE_MS.load(Ordering::Relaxed);
     if pause > 0 {
         tokio::time::sleep(Duration::from_millis(pause)).await;
     }
-    // The stored configuration as it is now, not as it was at the first attach.
-    let stored = match (&attach, &config) {
-        (Request::Attach { identifier, .. }, Some(_)) => {
-            let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-            match link.send(id, Request::GetSession { identifier: identifier.clone() }) {
-                Ok(rx) => match rx.await {
-                    Ok(Ok(Response::Session(info))) => Some(info.config),
-                    _ => None,
-                },
-                Err(_) => None,
+    // The stored configuration as it is now, not as it was at the first attach. A session
+    // that is gone (invalidated and removed while the app was away) is over: an attach would
+    // make a new, empty one behind the app's back.
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let stored = match link.send(id, Request::GetSession { identifier: identifier.clone() }) {
+        Ok(rx) => match rx.await {
+            Ok(Ok(Response::Session(info))) => Some(info.config),
+            Ok(Err(e)) if e.code == ErrorCode::NoSuchSession => {
+                warn!(session = %identifier, "the session was removed while the connection was down");
+                let reason = DetachReason::Invalidated;
+                deliver_to_route(&shared, &identifier, Event::Detached { identifier: identifier.clone(), reason });
+                return;
             }
-        }
-        _ => None,
+            _ => None,
+        },
+        Err(_) => None,
     };
-    let attach = SessionConfiguration::reattach(attach, config.as_ref(), stored);
+    let attach = SessionConfiguration::reattach(attach, stored);
     let mut wait = RECONNECT_MIN;
     let mut in_use_since: Option<tokio::time::Instant> = None;
     loop {

@@ -103,8 +103,7 @@ impl Session {
             takeover: config.takeover,
         };
         // Route first: the replay follows the attach response immediately.
-        let merge = (!config.sets_everything()).then(|| config.clone());
-        let handle = client.route(&config.identifier, request.clone(), merge);
+        let handle = client.route(&config.identifier, request.clone());
         let route = handle.token;
         let session = Session {
             shared: Arc::new(SessionShared {
@@ -467,18 +466,12 @@ impl Dispatcher {
         // Attached on this very connection: no takeover (that could take the session back
         // from a process that took it over meanwhile). What the app left unset takes the
         // stored value as it is now.
-        let merge = shared.client.attach_config(&shared.identifier, shared.route);
-        let stored = match (&request, &merge) {
-            (Request::Attach { identifier, .. }, Some(_)) => {
-                let get = shared.client.request(Request::GetSession { identifier: identifier.clone() });
-                match self.block_on(get) {
-                    Some(Ok(Response::Session(info))) => Some(info.config),
-                    _ => None,
-                }
-            }
+        let get = shared.client.request(Request::GetSession { identifier: shared.identifier.clone() });
+        let stored = match self.block_on(get) {
+            Some(Ok(Response::Session(info))) => Some(info.config),
             _ => None,
         };
-        let request = SessionConfiguration::reattach(request, merge.as_ref(), stored);
+        let request = SessionConfiguration::reattach(request, stored);
         debug!(session = %self.identifier, "the event queue overflowed; asking for the events again");
         self.kept.clear();
         self.kept_challenges.clear();

@@ -263,6 +263,34 @@ async fn events_that_overflow_the_queue_come_again() {
     .await;
 }
 
+/// A change another client made to an attached app's session (here `dlsessionctl limit`)
+/// survives the app's rejoin after a restart: the rejoin sends the stored configuration,
+/// not what the app set when it attached (which undid the change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejoin_keeps_what_another_client_changed() {
+    use dlsession::proto::{LimitTarget, Request, Response};
+    let env = TestEnv::new();
+    let mut d = TestDaemon::start(&env);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let config = SessionConfiguration::background("t.limited").socket(&env.socket).bandwidth_limit(1 << 20);
+    let _session = Session::attach(config, delegate).await.unwrap();
+    let user = dlsession_testkit::app::client(&env).await;
+    let target = LimitTarget::Session { identifier: "t.limited".into() };
+    user.request(Request::SetBandwidthLimit { target, bytes_per_second: Some(100 << 10) }).await.unwrap();
+    d.kill9();
+    events.wait("the app told of the lost connection", LONG, |e| *e == Seen::ConnectionLost).await;
+    d.restart();
+    events.wait("the app told it is back", LONG, |e| *e == Seen::Reconnected).await;
+    let user = dlsession_testkit::app::client(&env).await;
+    let info = dlsession_testkit::wait_for("the rejoin", LONG, || {
+        match dlsession_testkit::block(user.request(Request::GetSession { identifier: "t.limited".into() })) {
+            Ok(Response::Session(info)) if info.attached => Some(info),
+            _ => None,
+        }
+    });
+    assert_eq!(info.config.bandwidth_limit, Some(100 << 10), "the user's limit, not the app's first one");
+}
+
 /// A session another process took while this one was away stays with it: the rejoin does
 /// not take it back, and this process hears that it was taken over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
