@@ -191,14 +191,31 @@ pub fn upload(spec: &UploadSpec, limits: &Limits, cache_dir: &Path) -> Result<Ur
     Ok(parsed)
 }
 
+/// Linux's limits on a path and on one of its names, in bytes.
+const PATH_MAX: usize = 4096;
+const NAME_MAX: usize = 255;
+
+/// The same file however its path is spelled (`//`, `/./`): how destinations are compared.
+pub fn same_file_key(dest: &str) -> std::path::PathBuf {
+    Path::new(dest).components().collect()
+}
+
 /// The shape of a destination path (no disk access; see `destination_on_disk`).
 fn destination(dest: &str, cache_dir: &Path) -> Result<(), ErrorInfo> {
     let path = Path::new(dest);
     if !path.is_absolute() {
         return Err(err(ErrorCode::InvalidRequest, format!("destination must be an absolute path, got {dest:?}")));
     }
-    if dest.contains('\0') || path.file_name().is_none() {
+    // (`file_name` forgives a trailing `/` or `/.`, which the move would not.)
+    if dest.contains('\0') || path.file_name().is_none() || dest.ends_with('/') || dest.ends_with("/.") {
         return Err(err(ErrorCode::InvalidRequest, format!("destination {dest:?} does not name a file")));
+    }
+    // What no filesystem here takes fails at the move, after the whole download.
+    if dest.len() >= PATH_MAX || path.components().any(|c| c.as_os_str().len() > NAME_MAX) {
+        return Err(err(
+            ErrorCode::InvalidRequest,
+            format!("destination {dest:?} is too long ({PATH_MAX} bytes, {NAME_MAX} per name at most)"),
+        ));
     }
     if path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
         return Err(err(ErrorCode::InvalidRequest, format!("destination {dest:?} must not contain '..'")));

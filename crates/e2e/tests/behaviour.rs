@@ -587,6 +587,22 @@ async fn destinations_and_bad_requests() {
         ErrorCode::InvalidRequest
     );
     assert_eq!(refused(DownloadRequest::new(server.url("/a")).priority(2.0)).await, ErrorCode::InvalidRequest);
+    // Destinations no move could reach are refused up front, not after the whole download.
+    let with_slash = format!("{}/", env.path().join("saved/b.bin").display());
+    let under_a_file = dest.join("inner.bin");
+    let too_long = env.path().join("x".repeat(300));
+    for (bad, why, expected) in [
+        (std::path::PathBuf::from(&with_slash), "a trailing slash", ErrorCode::InvalidRequest),
+        (under_a_file, "under a file", ErrorCode::FileError),
+        (too_long, "a name over 255 bytes", ErrorCode::InvalidRequest),
+    ] {
+        assert_eq!(refused(DownloadRequest::new(server.url("/a")).destination(&bad)).await, expected, "{why}");
+    }
+    // One file however its path is spelled: twice in one batch is refused.
+    let twice = [env.path().join("saved/c.bin"), env.path().join("saved/./c.bin")]
+        .map(|d| DownloadRequest::new(server.url("/a")).destination(d));
+    let err = session.download_tasks(twice.to_vec(), true).await.unwrap_err();
+    assert_eq!(code(err), ErrorCode::InvalidRequest);
     let bad_id = Session::attach(
         SessionConfiguration::background("").socket(&env.socket),
         dlsession_testkit::Recorder::new(&env.path().join("x")).0,

@@ -309,7 +309,11 @@ pub(super) fn destination_on_disk(dest: &str, overwrite: bool) -> Result<(), Err
             ErrorCode::FileError,
             format!("destination {dest:?} already exists (set overwrite to replace it)"),
         )),
-        _ => Ok(()),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        // A parent that is a file, a name too long, a directory we may not search: the move
+        // would fail the same way after the whole download.
+        Err(e) => Err(ErrorInfo::new(ErrorCode::FileError, format!("destination {dest:?} cannot be used: {e}"))),
     }
 }
 

@@ -34,7 +34,7 @@ impl Core {
             let url =
                 validate::task(spec, &self.cfg.limits, &self.cfg.cache_dir).map_err(|e| in_batch(i, specs.len(), e))?;
             if let Some(d) = &spec.destination
-                && !destinations.insert(d.as_str())
+                && !destinations.insert(validate::same_file_key(d))
             {
                 return Err(ErrorInfo::new(
                     ErrorCode::InvalidRequest,
