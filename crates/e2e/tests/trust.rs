@@ -692,6 +692,15 @@ async fn kept_resume_files_expire_while_the_daemon_runs() {
     s.add("/slow", Resource::generated(8 << 20, 14).etag("\"e\"").throttle(1 << 20));
     let c = dlsession_testkit::app::client(&env).await;
     c.request(Request::OpenSession { identifier: "t.resume".into(), config: None }).await.unwrap();
+    // An event nobody collects sets the housekeeping timer first, for its own expiry in 30
+    // days: the kept file's earlier expiry must still be seen to.
+    s.add("/small", Resource::generated(1000, 15));
+    let small = c.create_tasks("t.resume", vec![TaskSpec::get(s.url("/small"))], true).await.unwrap()[0];
+    dlsession_testkit::wait_until(|| match dlsession_testkit::block(c.request(Request::GetTask { task: small })) {
+        Ok(Response::Task(d)) => d.info.state == dlsession::TaskState::Completed,
+        _ => false,
+    })
+    .await;
     let id = c.create_tasks("t.resume", vec![TaskSpec::get(s.url("/slow"))], true).await.unwrap()[0];
     dlsession_testkit::wait_until(|| {
         match dlsession_testkit::block(c.request(Request::GetTask { task: id })).unwrap() {

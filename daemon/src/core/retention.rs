@@ -49,8 +49,8 @@ impl Core {
         self.arm_housekeeping();
     }
 
-    /// A durable event was written or a partial file kept: make sure a timer will see it
-    /// expire (a timer already set fires earlier).
+    /// A durable event was written: make sure a timer will see it expire (a timer already
+    /// set fires earlier: events expire in the order they were written).
     pub(super) fn ensure_housekeeping(&mut self) {
         if self.housekeeping.timer.is_none() {
             self.arm_housekeeping();
@@ -128,6 +128,7 @@ impl Core {
     pub(super) fn kept_resume_file(&mut self) {
         let now = now_ms();
         self.housekeeping.oldest_resume_file = Some(self.housekeeping.oldest_resume_file.map_or(now, |o| o.min(now)));
-        self.ensure_housekeeping();
+        // Its expiry may come before that of the event the timer waits for.
+        self.arm_housekeeping();
     }
 }
