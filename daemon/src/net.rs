@@ -25,25 +25,44 @@ const RTMGRP_IPV4_ROUTE: u32 = 0x40;
 const RTMGRP_IPV6_IFADDR: u32 = 0x100;
 const RTMGRP_IPV6_ROUTE: u32 = 0x400;
 
-/// Whether the kernel has a route to `ip` (see the module documentation).
+/// Whether the kernel has a route to `ip` (see the module documentation). In doubt (no
+/// socket of that family to ask with), yes: a peer is never held back on a guess.
 pub fn route_to(ip: IpAddr) -> bool {
+    route_in_family(ip).unwrap_or(true)
+}
+
+/// Whether the kernel has a route to `ip`; `None` if it cannot be asked (no socket of that
+/// family: IPv6 turned off at boot, a sandbox).
+fn route_in_family(ip: IpAddr) -> Option<bool> {
     let local = match ip {
         IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
         IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
     };
-    let Ok(socket) = UdpSocket::bind(local) else { return true };
-    match socket.connect(SocketAddr::new(ip, 9)) {
+    let socket = UdpSocket::bind(local).ok()?;
+    Some(match socket.connect(SocketAddr::new(ip, 9)) {
         Ok(()) => true,
         Err(e) => !no_route(&e),
-    }
+    })
 }
 
 /// Whether there is a route to the internet at large (a default route, IPv4 or IPv6):
 /// what a peer not yet resolved needs.
 pub fn default_route() -> bool {
     // Public anycast resolvers, as any address beyond the local networks; nothing is sent.
-    route_to(IpAddr::V4(Ipv4Addr::new(1, 1, 1, 1)))
-        || route_to(IpAddr::V6(Ipv6Addr::new(0x2606, 0x4700, 0x4700, 0, 0, 0, 0, 0x1111)))
+    either_route(
+        route_in_family(IpAddr::V4(Ipv4Addr::new(1, 1, 1, 1))),
+        route_in_family(IpAddr::V6(Ipv6Addr::new(0x2606, 0x4700, 0x4700, 0, 0, 0, 0, 0x1111))),
+    )
+}
+
+/// A family that cannot be asked does not count: with IPv6 off, the IPv4 route decides
+/// (counting the missing family as a route made the daemon online for ever). Only when
+/// neither can be asked is the answer "yes", in doubt.
+fn either_route(v4: Option<bool>, v6: Option<bool>) -> bool {
+    match (v4, v6) {
+        (None, None) => true,
+        (a, b) => a.unwrap_or(false) || b.unwrap_or(false),
+    }
 }
 
 fn no_route(e: &io::Error) -> bool {
@@ -102,5 +121,17 @@ mod tests {
     #[test]
     fn loopback_always_has_a_route() {
         assert!(route_to(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    }
+
+    #[test]
+    fn a_family_that_cannot_be_asked_is_no_route() {
+        // IPv6 off at boot: IPv4 decides either way.
+        assert!(!either_route(Some(false), None));
+        assert!(either_route(Some(true), None));
+        assert!(!either_route(None, Some(false)));
+        assert!(!either_route(Some(false), Some(false)));
+        assert!(either_route(Some(false), Some(true)));
+        // Nothing to ask with at all: in doubt, online.
+        assert!(either_route(None, None));
     }
 }

@@ -98,6 +98,10 @@ impl Lanes {
         if let Some(lane) = self.lanes.get_mut(&key) {
             lane.queue.remove(&(prio, id));
         }
+        // Usually `started` follows at once; a task that completes before it starts (an
+        // upload that cannot be sent again) must not leave an empty lane behind, which
+        // would keep the daemon from ever being idle.
+        self.tidy(&key);
         Some((key, id))
     }
 }
@@ -132,6 +136,14 @@ mod tests {
         assert_eq!(l.pop_best(|k, running| (!(k.1 == "a" && running >= 1)).then_some(0)), None);
         l.stopped(&key(1, "a"));
         assert_eq!(l.pop_best(|_, _| Some(0)), Some((key(1, "a"), 1)));
+    }
+
+    #[test]
+    fn a_task_taken_and_never_started_leaves_no_lane() {
+        let mut l = Lanes::default();
+        l.push(&key(1, "a"), 0.5, 1);
+        assert_eq!(l.pop_best(|_, _| Some(0)), Some((key(1, "a"), 1)));
+        assert!(l.is_empty(), "an empty lane with nothing running is gone");
     }
 
     #[test]
