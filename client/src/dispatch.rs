@@ -333,6 +333,7 @@ impl Dispatcher {
                 session.shared.signals.unsettled.store(true, Ordering::Release);
                 if event.task().is_some_and(|t| self.kept_challenges.remove(&t)) {
                     session.shared.signals.kept_events.fetch_sub(1, Ordering::AcqRel);
+                    session.shared.signals.kept_challenges.fetch_sub(1, Ordering::AcqRel);
                 }
                 let mut keep_this = false;
                 let seen = match &event {
@@ -368,7 +369,9 @@ impl Dispatcher {
                             // Left for later: unacknowledged, it comes again on the next attach
                             // unless answered meanwhile (an answer withdraws it).
                             None => {
-                                self.kept_challenges.insert(*task);
+                                if self.kept_challenges.insert(*task) {
+                                    session.shared.signals.kept_challenges.fetch_add(1, Ordering::AcqRel);
+                                }
                                 keep_this = true;
                             }
                         }
@@ -447,6 +450,9 @@ impl Dispatcher {
         self.kept.clear();
         self.kept_challenges.clear();
         if let Some(shared) = self.session.upgrade() {
+            shared.signals.kept_challenges.store(0, Ordering::Release);
+        }
+        if let Some(shared) = self.session.upgrade() {
             // The rejoin replays everything, kept events too, and ends with `finished_events`.
             shared.signals.unsettled.store(true, Ordering::Release);
             shared.signals.kept_events.store(0, Ordering::Release);
@@ -475,6 +481,9 @@ impl Dispatcher {
         debug!(session = %self.identifier, "the event queue overflowed; asking for the events again");
         self.kept.clear();
         self.kept_challenges.clear();
+        if let Some(shared) = self.session.upgrade() {
+            shared.signals.kept_challenges.store(0, Ordering::Release);
+        }
         shared.signals.unsettled.store(true, Ordering::Release);
         shared.signals.kept_events.store(0, Ordering::Release);
         let Some(answer) = self.block_on(shared.client.request(request)) else { return };

@@ -41,6 +41,9 @@ pub(crate) struct Signals {
     /// Events of this attachment the delegate kept unacknowledged ([`crate::Handled::Later`]):
     /// at rest, that many may stay pending.
     pub(crate) kept_events: AtomicU64,
+    /// Of those, challenges the delegate left for later: their tasks wait for the app, and
+    /// nothing more happens to them while it is away.
+    pub(crate) kept_challenges: AtomicU64,
     /// Why this attachment ended, once it has.
     pub(crate) ended: Mutex<Option<Ended>>,
     pub(crate) streams: Subscribers,
@@ -255,7 +258,8 @@ impl Session {
     }
 
     /// Waits until the session is idle: no task queued, running or waiting (suspended
-    /// tasks do not count: they wait for the app), and every event delivered to the
+    /// tasks do not count: they wait for the app, and so do tasks waiting for credentials
+    /// the delegate left for later), and every event delivered to the
     /// delegate and acknowledged (or kept with [`crate::Handled::Later`]). Returns at
     /// once if it is idle already, and `Ok` too once the session was invalidated and is
     /// gone. Fails ([`Error::Detached`], [`Error::NotAttached`]) once this attachment has
@@ -292,6 +296,7 @@ impl Session {
             };
             let at_rest = !signals.unsettled.load(Ordering::Acquire);
             let kept = signals.kept_events.load(Ordering::Acquire);
+            let deferred = signals.kept_challenges.load(Ordering::Acquire);
             if info.tasks.active() == 0 {
                 if at_rest && info.pending_events <= kept {
                     return Ok(());
@@ -299,7 +304,14 @@ impl Session {
                 if info.pending_events == 0 && std::mem::replace(&mut quiet_once, true) {
                     return Ok(());
                 }
-            } else {
+            } else if info.tasks.active() <= deferred
+                && info.pending_events <= kept
+                && std::mem::replace(&mut quiet_once, true)
+            {
+                // Only tasks waiting for credentials the app left for later remain: they wait
+                // for the app, not for time (the daemon says no `finished_events` for them).
+                return Ok(());
+            } else if info.tasks.active() > deferred {
                 quiet_once = false;
             }
             let _ = tokio::time::timeout(IDLE_RECHECK, changes.changed()).await;

@@ -411,6 +411,35 @@ async fn a_proxy_challenge_after_a_posts_303_does_not_send_the_post_again() {
     assert!(!events.seen.iter().any(|e| matches!(e, Seen::Challenge { .. })), "the app was not asked");
 }
 
+/// An app whose delegate leaves a challenge for later can still wait for its session to be
+/// idle: the task waits for the app, not for time (it waited until the resource deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_idle_returns_when_only_deferred_challenges_remain() {
+    struct Defer;
+    impl dlsession::SessionDelegate for Defer {
+        fn did_receive_challenge(
+            &self,
+            _: &Session,
+            _: &dlsession::DownloadTask,
+            _: &dlsession::Challenge,
+        ) -> Option<ChallengeAnswer> {
+            None
+        }
+    }
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let s = server().await;
+    s.add("/open", Resource::generated(1000, 64));
+    let config = config(&env, "t.later").answers_challenges(true);
+    let session = Session::attach(config, Defer).await.unwrap();
+    let requests = vec![DownloadRequest::new(s.url("/private")), DownloadRequest::new(s.url("/open"))];
+    session.download_tasks(requests, true).await.unwrap();
+    let idle = tokio::time::timeout(std::time::Duration::from_secs(20), session.wait_idle()).await;
+    idle.expect("idle with only a deferred challenge left").unwrap();
+    let info = session.info().await.unwrap();
+    assert_eq!(info.tasks.active(), 1, "the challenged task still waits for the app: {info:?}");
+}
+
 /// A task waiting for credentials nobody gives completes `timed_out` (with the server's
 /// 401) when its `timeout_for_resource` runs out, as a retry would: it waited for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
