@@ -261,9 +261,15 @@ pub fn systemd_escape(s: &str) -> String {
 /// before) and a new one starts, so two generations are kept.
 pub const LOG_CAP: u64 = 1 << 20;
 
+/// A session's launch log and the generation before it.
+pub fn log_paths(log_dir: &Path, identifier: &str) -> [std::path::PathBuf; 2] {
+    let name = file_safe(identifier);
+    [log_dir.join(format!("{name}.log")), log_dir.join(format!("{name}.log.1"))]
+}
+
 fn open_log(ctx: &Context<'_>) -> Option<std::fs::File> {
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(ctx.log_dir).ok()?;
-    let path = ctx.log_dir.join(format!("{}.log", file_safe(ctx.identifier)));
+    let [path, _] = log_paths(ctx.log_dir, ctx.identifier);
     rotate_log(&path, LOG_CAP);
     OpenOptions::new().create(true).append(true).mode(0o600).open(path).ok()
 }

@@ -726,6 +726,53 @@ async fn a_relaunched_app_gets_the_descriptor_limit_the_daemon_was_started_with(
     assert_eq!(written.trim(), "256", "the app's soft limit");
 }
 
+/// A removed session's launch logs go with it (they piled up, a pair per identifier).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_sessions_launch_logs_go_with_it() {
+    use dlsession::proto::{Event, ServerMessage};
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(1000, 78));
+    let argv = vec!["/bin/sh".to_owned(), "-c".to_owned(), "echo the app ran".to_owned()];
+    let config = SessionConfig { launch: Some(dlsession::LaunchSpec::Command { argv }), ..SessionConfig::default() };
+    let client = dlsession_testkit::app::client(&env).await;
+    client.request(Request::OpenSession { identifier: "t.logs".into(), config: Some(config) }).await.unwrap();
+    let create = Request::CreateTasks {
+        identifier: "t.logs".into(),
+        tasks: vec![TaskSpec::get(server.url("/a"))],
+        resume: true,
+    };
+    client.request(create).await.unwrap();
+    let logs = env.state_dir.join("dlsessiond/launch-logs");
+    let log = wait_for("the app relaunched and logged", LONG, || {
+        std::fs::read_dir(&logs)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains("the app ran")))
+    });
+    // The session ends: invalidated, every event acknowledged.
+    client.request(Request::FinishTasksAndInvalidate { identifier: "t.logs".into() }).await.unwrap();
+    let mut app = dlsession_testkit::raw::RawClient::connect(&env.socket);
+    app.send([(1, Request::Attach { identifier: "t.logs".into(), config: Default::default(), takeover: false })]);
+    let mut seqs = Vec::new();
+    loop {
+        match app.recv() {
+            ServerMessage::Event(Event::Durable { seq, .. }) => seqs.push(seq),
+            ServerMessage::Event(Event::FinishedEvents { .. }) => break,
+            _ => {}
+        }
+    }
+    app.send([(2, Request::AckEvents { identifier: "t.logs".into(), seqs })]);
+    loop {
+        if let ServerMessage::Event(Event::Detached { .. }) = app.recv() {
+            break;
+        }
+    }
+    wait_for("the launch log removed", LONG, || (!log.exists()).then_some(()));
+}
+
 /// A relaunched app inherits none of the daemon's sockets (its netlink socket leaked into
 /// every app it started).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -210,6 +210,9 @@ impl Core {
         // A later session with this identifier numbers its events after this one's.
         ops.push(Op::SetSeqFloor(seq_floor));
         after.push(After::RemoveDir(self.session_dir(key)));
+        // Its app's launch logs go with it (they would pile up, one pair per identifier).
+        let logs = crate::launcher::log_paths(&self.cfg.launch_log_dir(), &s.rec.identifier);
+        after.push(After::RemoveFiles(logs.to_vec()));
         info!(session = %s.rec.identifier, "session invalidated and removed");
     }
 
