@@ -238,6 +238,11 @@ impl Client {
         link.send(id, request)
     }
 
+    /// Every new connection registers for wakes (`Client::handle_wakes`).
+    pub(crate) fn remember_wake_handler(&self) {
+        self.shared.handles_wakes.store(true, Ordering::Release);
+    }
+
     fn remember_watch(&self, filter: Option<WatchFilter>) {
         if let Ok(mut w) = self.shared.watch.lock() {
             *w = filter;

@@ -22,13 +22,18 @@ use dlsession_proto::{DetachReason, DurableEvent, ErrorCode, ErrorInfo, Event, R
 impl Client {
     /// Rejoins sessions whenever the daemon sends `wake`, using `handler` for each
     /// session's configuration and delegate. Rejoined sessions stay attached for as long
-    /// as this connection is open.
+    /// as this connection is open. Registered at once if the daemon is away (every new
+    /// connection registers again). It reads this client's [`Client::events`]: a later
+    /// `events()` on the same client takes them over and the wakes go unheard (watch tasks
+    /// with another client).
     pub fn handle_wakes(&self, handler: impl WakeHandler) {
         let mut events = self.events();
         // The daemon wakes only connections that say they rejoin; the others' apps it
-        // relaunches instead.
+        // relaunches instead. Remembered first: with the connection down now, the next
+        // one registers it (each new connection registers again).
+        self.remember_wake_handler();
         if let Err(e) = self.send_request(Request::HandleWakes) {
-            warn!(error = %e, "cannot register for wakes");
+            warn!(error = %e, "cannot register for wakes now; the next connection will");
         }
         let client = self.clone();
         tokio::spawn(async move {

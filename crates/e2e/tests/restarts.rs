@@ -291,6 +291,52 @@ async fn a_rejoin_keeps_what_another_client_changed() {
     assert_eq!(info.config.bandwidth_limit, Some(100 << 10), "the user's limit, not the app's first one");
 }
 
+/// An app that registers for wakes while the daemon is away is woken once it is back: the
+/// registration is kept for the next connection (it was lost, and the app relaunched
+/// instead of woken).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_handler_registered_while_the_daemon_is_away_works_once_it_is_back() {
+    use dlsession::proto::{Request, Response, SessionConfig, WakeOutcome};
+    struct Told(tokio::sync::mpsc::UnboundedSender<String>);
+    impl dlsession::WakeHandler for Told {
+        fn rejoin(
+            &self,
+            identifier: &str,
+        ) -> Option<(SessionConfiguration, std::sync::Arc<dyn dlsession::SessionDelegate>)> {
+            let _ = self.0.send(identifier.to_owned());
+            None
+        }
+    }
+    let env = TestEnv::new();
+    let mut d = TestDaemon::start(&env);
+    let app = dlsession::Client::connect(dlsession::ClientOptions {
+        socket: Some(env.socket.clone()),
+        app_id: Some("org.example.woken".into()),
+        autostart: false,
+        ..dlsession::ClientOptions::default()
+    })
+    .await
+    .unwrap();
+    d.kill9();
+    dlsession_testkit::wait_until(|| !app.is_connected()).await;
+    let (tx, mut told) = tokio::sync::mpsc::unbounded_channel();
+    app.handle_wakes(Told(tx));
+    d.restart();
+    dlsession_testkit::wait_until(|| app.is_connected()).await;
+    let user = dlsession_testkit::app::client(&env).await;
+    let config = SessionConfig { app_id: Some("org.example.woken".into()), ..SessionConfig::default() };
+    user.request(Request::OpenSession { identifier: "t.woken".into(), config: Some(config) }).await.unwrap();
+    let outcome = dlsession_testkit::wait_for("the app's connection to handle wakes", LONG, || {
+        match dlsession_testkit::block(user.request(Request::Wake { identifier: "t.woken".into() })) {
+            Ok(Response::Wake(WakeOutcome::Woken { connections })) => Some(connections),
+            _ => None,
+        }
+    });
+    assert_eq!(outcome, 1);
+    let heard = tokio::time::timeout(LONG, told.recv()).await.unwrap();
+    assert_eq!(heard.as_deref(), Some("t.woken"));
+}
+
 /// A session another process took while this one was away stays with it: the rejoin does
 /// not take it back, and this process hears that it was taken over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
