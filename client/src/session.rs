@@ -322,7 +322,8 @@ impl Session {
     /// event is sent after the delegate's callback for it has returned (a finished file
     /// has been handled by then). Progress is coalesced as for the delegate. A stream
     /// not read fast enough loses events and gets [`SessionEvent::Lagged`] in their
-    /// place; the delegate never does. The stream ends when the attachment does.
+    /// place (at the latest once it is read to the end, also when nothing follows); the
+    /// delegate never does. The stream ends when the attachment does.
     ///
     /// [`SessionEvent::Lagged`]: crate::SessionEvent::Lagged
     pub fn events(&self) -> SessionEvents {

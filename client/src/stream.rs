@@ -4,7 +4,8 @@
 
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use futures_core::Stream;
@@ -114,12 +115,14 @@ pub enum SessionEvent {
 #[derive(Debug)]
 pub struct SessionEvents {
     rx: mpsc::Receiver<SessionEvent>,
+    /// Dropped since the last event that got through, shared with the sending side.
+    missed: Arc<AtomicU64>,
 }
 
 impl SessionEvents {
     /// The next event, or `None` once the attachment is over (same as the `Stream`).
     pub async fn recv(&mut self) -> Option<SessionEvent> {
-        self.rx.recv().await
+        std::future::poll_fn(|cx| Pin::new(&mut *self).poll_next(cx)).await
     }
 }
 
@@ -127,7 +130,17 @@ impl Stream for SessionEvents {
     type Item = SessionEvent;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<SessionEvent>> {
-        self.rx.poll_recv(cx)
+        // Read to the end with events dropped after the last one queued (the last of a
+        // burst, then quiet; or the end): said now, not only at a next event that may never
+        // come. (`try_recv` tells an empty queue from a task out of its polling budget.)
+        match self.rx.try_recv() {
+            Ok(event) => return Poll::Ready(Some(event)),
+            Err(mpsc::error::TryRecvError::Empty | mpsc::error::TryRecvError::Disconnected) => {}
+        }
+        match self.missed.swap(0, Ordering::AcqRel) {
+            0 => self.rx.poll_recv(cx),
+            missed => Poll::Ready(Some(SessionEvent::Lagged { missed })),
+        }
     }
 }
 
@@ -147,19 +160,20 @@ struct Open {
 #[derive(Debug)]
 struct Subscriber {
     tx: mpsc::Sender<SessionEvent>,
-    /// Dropped since the last event that got through.
-    missed: u64,
+    /// Dropped since the last event that got through (the stream reads it too).
+    missed: Arc<AtomicU64>,
 }
 
 impl Subscribers {
     pub(crate) fn subscribe(&self) -> SessionEvents {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let missed = Arc::new(AtomicU64::new(0));
         if let Ok(mut open) = self.open.lock()
             && !open.closed
         {
-            open.streams.push(Subscriber { tx, missed: 0 });
+            open.streams.push(Subscriber { tx, missed: missed.clone() });
         }
-        SessionEvents { rx }
+        SessionEvents { rx, missed }
     }
 
     /// Offers `event` to every stream without waiting; streams whose receiver is gone are
@@ -167,11 +181,13 @@ impl Subscribers {
     pub(crate) fn offer(&self, event: &SessionEvent) {
         let Ok(mut open) = self.open.lock() else { return };
         open.streams.retain_mut(|s| {
-            if s.missed > 0 {
-                match s.tx.try_send(SessionEvent::Lagged { missed: s.missed }) {
-                    Ok(()) => s.missed = 0,
+            let missed = s.missed.swap(0, Ordering::AcqRel);
+            if missed > 0 {
+                match s.tx.try_send(SessionEvent::Lagged { missed }) {
+                    Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {
-                        s.missed = s.missed.saturating_add(1);
+                        // Still no room: this event is missed too.
+                        s.missed.fetch_add(missed.saturating_add(1), Ordering::AcqRel);
                         return true;
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => return false,
@@ -180,7 +196,7 @@ impl Subscribers {
             match s.tx.try_send(event.clone()) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    s.missed = s.missed.saturating_add(1);
+                    s.missed.fetch_add(1, Ordering::AcqRel);
                     true
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -222,5 +238,28 @@ mod tests {
         subs.close();
         assert_eq!(events.recv().await, None, "the stream ends with the attachment");
         assert_eq!(subs.subscribe().recv().await, None, "a stream asked for later ends at once");
+    }
+
+    /// The last events of a burst dropped, then nothing more: the stream still says so once
+    /// it is read to the end (it waited for ever for an event to carry the notice).
+    #[tokio::test]
+    async fn a_lag_at_the_end_of_a_burst_is_told_without_another_event() {
+        let subs = Subscribers::default();
+        let mut events = subs.subscribe();
+        for n in 0..STREAM_QUEUE as u64 {
+            subs.offer(&SessionEvent::ResumedAtOffset { task: 1, offset: n, expected_total: None });
+        }
+        subs.offer(&SessionEvent::FinishedEvents);
+        for _ in 0..STREAM_QUEUE {
+            assert!(matches!(events.recv().await, Some(SessionEvent::ResumedAtOffset { .. })));
+        }
+        let next = tokio::time::timeout(std::time::Duration::from_secs(1), events.recv()).await;
+        assert_eq!(next.expect("not a wait"), Some(SessionEvent::Lagged { missed: 1 }));
+        // And at the end of the stream too.
+        subs.offer(&SessionEvent::FinishedEvents);
+        subs.close();
+        subs.offer(&SessionEvent::FinishedEvents);
+        assert_eq!(events.recv().await, Some(SessionEvent::FinishedEvents));
+        assert_eq!(events.recv().await, None);
     }
 }
