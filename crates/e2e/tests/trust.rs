@@ -94,6 +94,32 @@ fn faked_clock_daemon(env: &TestEnv, offset_file: &Path) -> TestDaemon {
     )
 }
 
+/// A begin date comes nearer when the wall clock moves forward without the monotonic clock
+/// (a machine that slept, a clock set forward): the task starts soon after its date, not
+/// when the monotonic time it was given runs out (two hours later here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_begin_date_is_kept_when_the_wall_clock_moves_forward() {
+    use dlsession::proto::{Request, TaskSpec};
+    let env = TestEnv::new();
+    let clock = env.path().join("faketime");
+    let _d = faked_clock_daemon(&env, &clock);
+    let s = TestServer::start().await.unwrap();
+    s.add("/later", Resource::generated(1000, 16));
+    let c = dlsession_testkit::app::client(&env).await;
+    c.request(Request::OpenSession { identifier: "t.begin".into(), config: None }).await.unwrap();
+    let spec = TaskSpec { earliest_begin: Some(now_ms() + 2 * 3600 * 1000), ..TaskSpec::get(s.url("/later")) };
+    c.create_tasks("t.begin", vec![spec], true).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(s.hits("/later"), 0, "not before its date");
+    // The machine "sleeps" two hours: the wall clock jumps, the monotonic one does not.
+    std::fs::write(&clock, "+2h\n").unwrap();
+    let moved = Instant::now();
+    dlsession_testkit::wait_for("the task to start at its date", Duration::from_secs(40), || {
+        (s.hits("/later") > 0).then_some(())
+    });
+    assert!(moved.elapsed() < Duration::from_secs(30), "started {:?} after the date came", moved.elapsed());
+}
+
 /// Setting the wall clock hours back or forward neither parks a backing-off task for hours
 /// nor makes every waiting task retry at once: delays run on the monotonic clock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

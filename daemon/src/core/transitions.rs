@@ -101,8 +101,10 @@ impl Core {
         match t.rec.earliest_begin.filter(|&at| at > now) {
             Some(at) => {
                 // A date: when the timer fires, the wall clock is asked again (it may
-                // have been set back meanwhile).
-                let at = self.timers.at_wall(at);
+                // have been set back meanwhile). It is asked at least every
+                // `BEGIN_RECHECK` too: the monotonic clock stops while the machine sleeps,
+                // and a wall clock set forward brings the date nearer.
+                let at = self.timers.at_wall(at).min(self.timers.after(BEGIN_RECHECK));
                 t.timer = Some(at);
                 self.timers.set(at, Timer::Begin(id));
             }
@@ -645,6 +647,9 @@ impl Core {
         self.check_invalidation(key, ops, after);
     }
 }
+
+/// How long a task waiting for its begin date goes without asking the wall clock again.
+const BEGIN_RECHECK: Duration = Duration::from_secs(15);
 
 /// Response headers as a task keeps them (bounded).
 pub(super) fn kept_headers(headers: Vec<Header>) -> Vec<Header> {
