@@ -78,14 +78,7 @@ pub async fn watch(report: impl Fn(Desktop) + Send + 'static) {
     }
     let mut any = futures_util::stream::select_all(changes);
     loop {
-        // A service that hangs must not hang the watcher.
-        let now = match tokio::time::timeout(READ_TIMEOUT, read(&conn)).await {
-            Ok(d) => d,
-            Err(_) => {
-                let why = format!("no answer within {} s", READ_TIMEOUT.as_secs());
-                Desktop { network_source: why.clone(), power_source: why, ..Desktop::default() }
-            }
-        };
+        let now = read(&conn).await;
         if (now.nm_connected.is_none() || now.on_battery.is_none()) && !said_missing {
             info!(
                 network = %now.network_source,
@@ -123,8 +116,30 @@ async fn proxy<'a>(conn: &Connection, (dest, path, iface): (&'a str, &'a str, &'
         .await
 }
 
-/// Reads every fact now.
+/// Reads every fact now, each service on its own time: one that hangs counts as absent
+/// for this read, and the other's facts are kept (a hung UPower must not lose
+/// NetworkManager's "metered").
 async fn read(conn: &Connection) -> Desktop {
+    let why = || format!("no answer within {} s", READ_TIMEOUT.as_secs());
+    let (network, power) = tokio::join!(
+        tokio::time::timeout(READ_TIMEOUT, read_network(conn)),
+        tokio::time::timeout(READ_TIMEOUT, read_power(conn)),
+    );
+    let network = network.unwrap_or_else(|_| Desktop { network_source: why(), ..Desktop::default() });
+    let power = power.unwrap_or_else(|_| Desktop { power_source: why(), ..Desktop::default() });
+    Desktop {
+        nm_connected: network.nm_connected,
+        nm_internet: network.nm_internet,
+        metered: network.metered,
+        network_source: network.network_source,
+        on_battery: power.on_battery,
+        battery_percent: power.battery_percent,
+        power_source: power.power_source,
+    }
+}
+
+/// NetworkManager's facts (the network fields of a `Desktop`).
+async fn read_network(conn: &Connection) -> Desktop {
     let mut d = Desktop::default();
     match proxy(conn, NM).await {
         Ok(nm) => match nm.get_property::<u32>("State").await {
@@ -148,6 +163,12 @@ async fn read(conn: &Connection) -> Desktop {
         },
         Err(e) => d.network_source = format!("NetworkManager not available ({e})"),
     }
+    d
+}
+
+/// UPower's facts (the power fields of a `Desktop`).
+async fn read_power(conn: &Connection) -> Desktop {
+    let mut d = Desktop::default();
     match proxy(conn, UPOWER).await {
         Ok(up) => match up.get_property::<bool>("OnBattery").await {
             Ok(on_battery) => {

@@ -298,6 +298,20 @@ async fn a_notification_tells_the_user_and_its_action_relaunches_the_app() {
     assert!(policy.contains("notifies when done"), "{policy}");
 }
 
+/// A system service that hangs counts as absent for that read only: the other service's
+/// facts are kept (a hung UPower lost NetworkManager's "metered" too).
+#[test]
+fn a_hung_upower_does_not_hide_a_metered_network() {
+    let env = TestEnv::new();
+    let mut bus = PrivateBus::start(env.path());
+    bus.mock("networkmanager", NM.0);
+    set(&bus, NM, "Metered", "dbus.UInt32(1)");
+    bus.hang(UPOWER.0);
+    let _d = start(&env, &bus);
+    let s = wait_status(&env, "metered, with UPower silent", |s| s["network"]["metered"] == true);
+    assert!(s["power"]["source"].as_str().unwrap_or_default().contains("no answer"), "{s}");
+}
+
 /// A task's own policy overrides its session's either way, is followed live (a running
 /// task stops for it and goes on when it is lifted), and is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -71,6 +71,32 @@ impl PrivateBus {
         self.spawn_mock("DBUS_SESSION_BUS_ADDRESS", &["--session", "-l", &log, "--template", template], name);
     }
 
+    /// A service that owns `name` on this bus and never answers a call (it reads nothing):
+    /// a hung system service.
+    pub fn hang(&mut self, name: &str) {
+        let script = format!(
+            "import dbus, time\nbus = dbus.bus.BusConnection({:?})\nbus.request_name({name:?})\ntime.sleep(3600)\n",
+            self.address
+        );
+        let child = Command::new("/usr/bin/python3")
+            .args(["-c", &script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start python3");
+        self.services.push(child);
+        self.wait_for_owner(name, "the hung service");
+    }
+
+    /// Waits until `name` has an owner on this bus (`who` is to take it).
+    fn wait_for_owner(&self, name: &str, who: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.has_owner(name) {
+            assert!(Instant::now() < deadline, "{who} did not take {name} on the private bus");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// `python3 -m dbusmock ARGS` with this bus as `bus_variable`, until it owns `name`.
     fn spawn_mock(&mut self, bus_variable: &str, args: &[&str], name: &str) {
         let child = Command::new("/usr/bin/python3")
@@ -82,11 +108,7 @@ impl PrivateBus {
             .spawn()
             .expect("start python3 -m dbusmock");
         self.services.push(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.has_owner(name) {
-            assert!(Instant::now() < deadline, "dbusmock {args:?} did not take {name} on the private bus");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_for_owner(name, &format!("dbusmock {args:?}"));
     }
 
     /// Emits a signal from a mock object; `args` is a dbus-python list expression.
