@@ -452,18 +452,25 @@ impl Dispatcher {
 
     fn reconnected(&mut self) {
         // The rejoin replays every unacknowledged event: a kept file comes again too.
+        let Some(shared) = self.session.upgrade() else {
+            self.kept.clear();
+            self.kept_challenges.clear();
+            return;
+        };
+        self.replay_coming(&shared);
+        self.delegate.did_reconnect(&Session { shared: shared.clone() });
+        shared.signals.streams.offer(&SessionEvent::Reconnected);
+    }
+
+    /// A replay of every unacknowledged event is on its way, kept ones too: nothing counts
+    /// as kept until it comes again, and the session is not at rest before its
+    /// `finished_events`.
+    fn replay_coming(&mut self, shared: &SessionShared) {
         self.kept.clear();
         self.kept_challenges.clear();
-        if let Some(shared) = self.session.upgrade() {
-            shared.signals.kept_challenges.store(0, Ordering::Release);
-        }
-        if let Some(shared) = self.session.upgrade() {
-            // The rejoin replays everything, kept events too, and ends with `finished_events`.
-            shared.signals.unsettled.store(true, Ordering::Release);
-            shared.signals.kept_events.store(0, Ordering::Release);
-            self.delegate.did_reconnect(&Session { shared: shared.clone() });
-            shared.signals.streams.offer(&SessionEvent::Reconnected);
-        }
+        shared.signals.unsettled.store(true, Ordering::Release);
+        shared.signals.kept_events.store(0, Ordering::Release);
+        shared.signals.kept_challenges.store(0, Ordering::Release);
     }
 
     /// Events were dropped because the queue was full: now that it is empty, attach again
@@ -475,8 +482,7 @@ impl Dispatcher {
         let Some(shared) = self.session.upgrade() else { return };
         let Some(request) = shared.client.attach_request(&shared.identifier, shared.route) else { return };
         // Attached on this very connection: no takeover (that could take the session back
-        // from a process that took it over meanwhile). What the app left unset takes the
-        // stored value as it is now.
+        // from a process that took it over meanwhile), with the configuration stored now.
         let get = shared.client.request(Request::GetSession { identifier: shared.identifier.clone() });
         let stored = match self.block_on(get) {
             Some(Ok(Response::Session(info))) => Some(info.config),
@@ -484,13 +490,7 @@ impl Dispatcher {
         };
         let request = SessionConfiguration::reattach(request, stored);
         debug!(session = %self.identifier, "the event queue overflowed; asking for the events again");
-        self.kept.clear();
-        self.kept_challenges.clear();
-        if let Some(shared) = self.session.upgrade() {
-            shared.signals.kept_challenges.store(0, Ordering::Release);
-        }
-        shared.signals.unsettled.store(true, Ordering::Release);
-        shared.signals.kept_events.store(0, Ordering::Release);
+        self.replay_coming(&shared);
         let Some(answer) = self.block_on(shared.client.request(request)) else { return };
         match answer {
             Ok(_) => self.ask_again_at = None,
