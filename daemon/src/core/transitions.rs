@@ -626,10 +626,8 @@ impl Core {
         let Some(t) = self.tasks.get_mut(&id) else { return };
         // A waiting task's timer (a retry, or the deadline of a wait for credentials) goes.
         if t.state == TaskState::Waiting {
-            let timer = t.timer.take();
-            self.timers.clear(timer, Timer::Retry(id));
+            self.timers.clear(t.timer.take(), Timer::Retry(id));
         }
-        let Some(t) = self.tasks.get_mut(&id) else { return };
         t.rec.error = error.clone();
         t.rec.finished_at = Some(now);
         t.rec.retry_at = None;

@@ -204,6 +204,9 @@ impl Engine {
         let mut with_body = true;
         let mut hops = 0;
         loop {
+            // Credentials may be asked for only while the answer sends nothing the server
+            // has taken already: the body still goes with this request, or it may repeat.
+            let may_ask = with_body || up.retry_safe;
             let body = if with_body { file_body(up, from, job) } else { empty_body() };
             let same_origin = url.origin() == origin.origin();
             let mut req = build_request(&url, job, 0, same_origin, method.clone(), body)?;
@@ -289,7 +292,7 @@ impl Engine {
                     let mut f = request_failure(&e, &url, &proxies, &format!("sending to {}", host_of(&url)));
                     // A proxy asking for credentials for the GET after a 303: as a 401 to it,
                     // the answer (the app's credentials would send the POST again).
-                    if !with_body && !up.retry_safe {
+                    if !may_ask {
                         f.challenge = None;
                     }
                     return Err(f);
@@ -305,7 +308,7 @@ impl Engine {
             // 303 (or a 301/302 after a POST): the server took the body before it sent us
             // there, and asking would send it again; that 401 is the answer.
             if job.answers_challenges
-                && (with_body || up.retry_safe)
+                && may_ask
                 && let Some(challenge) = auth::challenge(status, resp.headers(), &url, &proxies)
             {
                 return Err(auth::failure(status, &status_text(status), challenge));
