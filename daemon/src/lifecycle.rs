@@ -112,7 +112,8 @@ fn lock(path: &Path) -> Result<File, LifecycleError> {
 /// service is stopped (its locks free), and replacing it would break activation.
 pub fn bind(socket: &Path) -> Result<Listener, LifecycleError> {
     match std::fs::symlink_metadata(socket) {
-        Ok(m) if m.file_type().is_socket() && listened_on(socket) => {
+        // (Where the table cannot be read, the lock alone decides.)
+        Ok(m) if m.file_type().is_socket() && listening(socket) == Some(true) => {
             return Err(LifecycleError::Listened { path: socket.to_path_buf() });
         }
         Ok(m) if m.file_type().is_socket() => {
@@ -128,19 +129,19 @@ pub fn bind(socket: &Path) -> Result<Listener, LifecycleError> {
     ListenerOptions::new().name(name).mode(0o600).reclaim_name(true).create_tokio().map_err(bind_err)
 }
 
-/// Whether a listening socket is bound to `path`, read from `/proc/net/unix` (flag
-/// `__SO_ACCEPTCON`) rather than by connecting: a connection to systemd's activation
-/// socket would start a daemon.
-fn listened_on(path: &Path) -> bool {
-    const ACCEPTING: &str = "00010000";
-    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else { return false };
-    table.lines().skip(1).any(|line| {
+/// Whether a Unix socket listens at `path`, without connecting to it (a connection to
+/// systemd's activation socket would start a daemon): its row in `/proc/net/unix` has the
+/// `__SO_ACCEPTCON` flag. `None` if that table cannot be read.
+pub fn listening(path: &Path) -> Option<bool> {
+    const ACCEPTING: u32 = 0x0001_0000;
+    let table = std::fs::read_to_string("/proc/net/unix").ok()?;
+    Some(table.lines().skip(1).any(|row| {
         // Num RefCount Protocol Flags Type St Inode Path (the path may hold spaces).
-        let mut fields = line.splitn(8, ' ').filter(|f| !f.is_empty());
-        let flags = fields.nth(3);
+        let mut fields = row.splitn(8, ' ').filter(|f| !f.is_empty());
+        let flags = fields.nth(3).and_then(|f| u32::from_str_radix(f, 16).ok());
         let bound = fields.nth(3).map(str::trim);
-        flags == Some(ACCEPTING) && bound.is_some_and(|b| Path::new(b) == path)
-    })
+        flags.is_some_and(|f| f & ACCEPTING != 0) && bound.is_some_and(|b| Path::new(b) == path)
+    }))
 }
 
 /// Raises the soft limit on open descriptors to the hard one (systemd starts services,

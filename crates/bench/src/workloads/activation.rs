@@ -144,16 +144,10 @@ async fn activate_once(activator: &Path, daemon: &Path, env: &BenchEnv, tasks: u
 }
 
 /// Whether a Unix socket listens at `path`, without connecting to it (a connection would
-/// start the daemon): its row in `/proc/net/unix` has the `__SO_ACCEPTCON` flag. Where that
-/// table cannot be read, the socket's file is taken for it.
+/// start the daemon). Where `/proc/net/unix` cannot be read, the socket's file is taken for
+/// it.
 fn listening(path: &Path) -> bool {
-    const ACCEPTING: u32 = 0x0001_0000;
-    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else { return path.exists() };
-    table.lines().skip(1).any(|row| {
-        let fields: Vec<&str> = row.split_whitespace().collect();
-        let flags = fields.get(3).and_then(|f| u32::from_str_radix(f, 16).ok());
-        fields.get(7).is_some_and(|p| Path::new(p) == path) && flags.is_some_and(|f| f & ACCEPTING != 0)
-    })
+    dlsessiond::lifecycle::listening(path).unwrap_or_else(|| path.exists())
 }
 
 /// `systemd-socket-activate -l SOCKET -E … DAEMON`, logging to the environment's
