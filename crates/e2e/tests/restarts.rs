@@ -297,16 +297,6 @@ async fn a_rejoin_keeps_what_another_client_changed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wake_handler_registered_while_the_daemon_is_away_works_once_it_is_back() {
     use dlsession::proto::{Request, Response, SessionConfig, WakeOutcome};
-    struct Told(tokio::sync::mpsc::UnboundedSender<String>);
-    impl dlsession::WakeHandler for Told {
-        fn rejoin(
-            &self,
-            identifier: &str,
-        ) -> Option<(SessionConfiguration, std::sync::Arc<dyn dlsession::SessionDelegate>)> {
-            let _ = self.0.send(identifier.to_owned());
-            None
-        }
-    }
     let env = TestEnv::new();
     let mut d = TestDaemon::start(&env);
     let app = dlsession::Client::connect(dlsession::ClientOptions {
@@ -319,8 +309,8 @@ async fn a_wake_handler_registered_while_the_daemon_is_away_works_once_it_is_bac
     .unwrap();
     d.kill9();
     dlsession_testkit::wait_until(|| !app.is_connected()).await;
-    let (tx, mut told) = tokio::sync::mpsc::unbounded_channel();
-    app.handle_wakes(Told(tx));
+    let (handler, mut told) = dlsession_testkit::app::IgnoredWakes::new();
+    app.handle_wakes(handler);
     d.restart();
     dlsession_testkit::wait_until(|| app.is_connected()).await;
     let user = dlsession_testkit::app::client(&env).await;

@@ -322,16 +322,6 @@ async fn wakes_back_off_while_the_app_stays_away() {
 /// Launches in 5 s of an app whose every process registers for wakes, hears the wake and
 /// ignores it, then exits (or, with `stay`, stays connected).
 async fn launches_of_an_app_that_ignores_wakes(stay: bool) -> usize {
-    struct Ignore(tokio::sync::mpsc::UnboundedSender<String>);
-    impl dlsession::WakeHandler for Ignore {
-        fn rejoin(
-            &self,
-            identifier: &str,
-        ) -> Option<(SessionConfiguration, std::sync::Arc<dyn dlsession::SessionDelegate>)> {
-            let _ = self.0.send(identifier.to_owned());
-            None
-        }
-    }
     let env = TestEnv::new();
     env.set_config("wake_initial_ms", "1500");
     env.set_config("wake_answer_ms", "200");
@@ -367,8 +357,8 @@ async fn launches_of_an_app_that_ignores_wakes(stay: bool) -> usize {
             let heard = std::thread::spawn(move || {
                 let heard = runtime.block_on(async {
                     let client = dlsession::Client::connect(options).await.unwrap();
-                    let (tx, mut woken) = tokio::sync::mpsc::unbounded_channel();
-                    client.handle_wakes(Ignore(tx));
+                    let (handler, mut woken) = dlsession_testkit::app::IgnoredWakes::new();
+                    client.handle_wakes(handler);
                     tokio::time::timeout(Duration::from_secs(2), woken.recv()).await.ok().flatten()
                 });
                 (heard, stay.then_some(runtime))
@@ -692,6 +682,19 @@ async fn relaunches_wait_their_turn_beyond_max_concurrent_launches() {
     assert!(d.log().contains("relaunch waits for a launch slot"), "{}", d.log());
 }
 
+/// Opens session `identifier`, relaunched by `sh -c script`, and gives it a download of
+/// `url` with nobody attached: once it is done, the app is relaunched to collect it.
+/// Returns the client that asked.
+async fn relaunched_by_shell(env: &TestEnv, identifier: &str, script: String, url: String) -> dlsession::Client {
+    let argv = vec!["/bin/sh".to_owned(), "-c".to_owned(), script];
+    let config = SessionConfig { launch: Some(dlsession::LaunchSpec::Command { argv }), ..SessionConfig::default() };
+    let client = dlsession_testkit::app::client(env).await;
+    client.request(Request::OpenSession { identifier: identifier.into(), config: Some(config) }).await.unwrap();
+    let create = Request::CreateTasks { identifier: identifier.into(), tasks: vec![TaskSpec::get(url)], resume: true };
+    client.request(create).await.unwrap();
+    client
+}
+
 /// The daemon raises its own descriptor limit; an app it relaunches gets the limit the
 /// daemon was started with, as if started from the desktop (a program that uses `select`
 /// breaks on descriptors above 1,024).
@@ -711,16 +714,7 @@ async fn a_relaunched_app_gets_the_descriptor_limit_the_daemon_was_started_with(
     let server = TestServer::start().await.unwrap();
     server.add("/a", Resource::generated(1000, 72));
     let seen = env.path().join("limit.txt");
-    let argv = vec!["/bin/sh".to_owned(), "-c".to_owned(), format!("ulimit -Sn > {}", seen.display())];
-    let config = SessionConfig { launch: Some(dlsession::LaunchSpec::Command { argv }), ..SessionConfig::default() };
-    let client = dlsession_testkit::app::client(&env).await;
-    client.request(Request::OpenSession { identifier: "t.limit".into(), config: Some(config) }).await.unwrap();
-    let create = Request::CreateTasks {
-        identifier: "t.limit".into(),
-        tasks: vec![TaskSpec::get(server.url("/a"))],
-        resume: true,
-    };
-    client.request(create).await.unwrap();
+    relaunched_by_shell(&env, "t.limit", format!("ulimit -Sn > {}", seen.display()), server.url("/a")).await;
     let written =
         wait_for("the app relaunched", LONG, || std::fs::read_to_string(&seen).ok().filter(|s| s.ends_with('\n')));
     assert_eq!(written.trim(), "256", "the app's soft limit");
@@ -734,16 +728,7 @@ async fn a_removed_sessions_launch_logs_go_with_it() {
     let _d = TestDaemon::start(&env);
     let server = TestServer::start().await.unwrap();
     server.add("/a", Resource::generated(1000, 78));
-    let argv = vec!["/bin/sh".to_owned(), "-c".to_owned(), "echo the app ran".to_owned()];
-    let config = SessionConfig { launch: Some(dlsession::LaunchSpec::Command { argv }), ..SessionConfig::default() };
-    let client = dlsession_testkit::app::client(&env).await;
-    client.request(Request::OpenSession { identifier: "t.logs".into(), config: Some(config) }).await.unwrap();
-    let create = Request::CreateTasks {
-        identifier: "t.logs".into(),
-        tasks: vec![TaskSpec::get(server.url("/a"))],
-        resume: true,
-    };
-    client.request(create).await.unwrap();
+    let client = relaunched_by_shell(&env, "t.logs", "echo the app ran".into(), server.url("/a")).await;
     let logs = env.state_dir.join("dlsessiond/launch-logs");
     let log = wait_for("the app relaunched and logged", LONG, || {
         std::fs::read_dir(&logs)
@@ -786,13 +771,7 @@ async fn a_relaunched_app_inherits_no_socket_of_the_daemon() {
         "for f in /proc/$$/fd/*; do echo \"$f $(readlink $f)\"; done > {0}.tmp; mv {0}.tmp {0}",
         seen.display()
     );
-    let argv = vec!["/bin/sh".to_owned(), "-c".to_owned(), list];
-    let config = SessionConfig { launch: Some(dlsession::LaunchSpec::Command { argv }), ..SessionConfig::default() };
-    let client = dlsession_testkit::app::client(&env).await;
-    client.request(Request::OpenSession { identifier: "t.fds".into(), config: Some(config) }).await.unwrap();
-    let create =
-        Request::CreateTasks { identifier: "t.fds".into(), tasks: vec![TaskSpec::get(server.url("/a"))], resume: true };
-    client.request(create).await.unwrap();
+    relaunched_by_shell(&env, "t.fds", list, server.url("/a")).await;
     let fds = wait_for("the app relaunched", LONG, || std::fs::read_to_string(&seen).ok());
     assert!(fds.lines().count() >= 3, "{fds}");
     assert!(!fds.contains("socket:"), "the app's descriptors:\n{fds}");

@@ -60,6 +60,26 @@ pub enum Seen {
     Reconnected,
 }
 
+/// A wake handler that tells which sessions it was woken for, and rejoins none (an app
+/// that ignores its wakes).
+#[derive(Debug)]
+pub struct IgnoredWakes(mpsc::UnboundedSender<String>);
+
+impl IgnoredWakes {
+    /// The handler, and where the identifiers it was woken for come.
+    pub fn new() -> (IgnoredWakes, mpsc::UnboundedReceiver<String>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (IgnoredWakes(tx), rx)
+    }
+}
+
+impl dlsession::WakeHandler for IgnoredWakes {
+    fn rejoin(&self, identifier: &str) -> Option<(SessionConfiguration, std::sync::Arc<dyn SessionDelegate>)> {
+        let _ = self.0.send(identifier.to_owned());
+        None
+    }
+}
+
 /// A delegate that moves finished files into `dir/<task id>` and reports everything.
 #[derive(Debug)]
 pub struct Recorder {
