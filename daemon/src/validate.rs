@@ -192,8 +192,8 @@ pub fn upload(spec: &UploadSpec, limits: &Limits, cache_dir: &Path) -> Result<Ur
 }
 
 /// Linux's limits on a path and on one of its names, in bytes.
-const PATH_MAX: usize = 4096;
-const NAME_MAX: usize = 255;
+const PATH_MAX: usize = libc::PATH_MAX as usize;
+const NAME_MAX: usize = libc::NAME_MAX as usize;
 
 /// The same file however its path is spelled (`//`, `/./`): how destinations are compared.
 pub fn same_file_key(dest: &str) -> std::path::PathBuf {
