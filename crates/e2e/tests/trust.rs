@@ -318,7 +318,9 @@ async fn repeated_requests_are_answered_after_the_first_is_durable() {
             let _ = act().await;
             began.elapsed()
         };
-        let (first, second) = tokio::join!(first, second);
+        // In order: when both answers are in at one wake-up, `join!` would otherwise poll
+        // the second first now and then, and time it before the first.
+        let (first, second) = tokio::join!(biased; first, second);
         assert!(
             second >= first,
             "the second {what} was answered at {second:?}, before the first ({first:?}) was durable"
@@ -347,7 +349,9 @@ async fn repeated_requests_are_answered_after_the_first_is_durable() {
             client.request(request.clone()).await.unwrap();
             began.elapsed()
         };
-        let (first, second) = tokio::join!(first, second);
+        // In order: when both answers are in at one wake-up, `join!` would otherwise poll
+        // the second first now and then, and time it before the first.
+        let (first, second) = tokio::join!(biased; first, second);
         assert!(second >= first, "the second {what} was answered at {second:?}, before the first ({first:?})");
     }
 }
