@@ -1,7 +1,9 @@
 //! Requests of any size: task batches, acknowledgements and listings split into requests
 //! that each stay well under the frame limit.
 
-use dlsession_proto::{Request, Response, SessionInfo, SessionQuery, TaskAction, TaskId, TaskPolicy, TaskSpec};
+use dlsession_proto::{
+    Request, Response, SessionInfo, SessionQuery, TaskAction, TaskId, TaskPolicy, TaskSpec, UploadSpec, validate,
+};
 use tracing::warn;
 
 use crate::connection::Client;
@@ -10,50 +12,114 @@ use crate::error::{Error, Result};
 impl Client {
     /// Creates tasks in as many requests as it takes to keep each well under the frame
     /// limit (each request is one transaction); returns the ids in order. All or nothing:
-    /// if a later request is refused, the tasks the earlier ones created are cancelled
-    /// and retired again before the error is returned.
+    /// a batch split into several requests is created suspended and resumed (when
+    /// `resume`) only once every part exists, and if a part is refused, the tasks of the
+    /// parts before it are cancelled and retired again, their events never seen by the
+    /// app, before the error is returned.
     pub async fn create_tasks(&self, identifier: &str, specs: Vec<TaskSpec>, resume: bool) -> Result<Vec<TaskId>> {
-        let mut ids = Vec::with_capacity(specs.len());
-        match self.create_in_batches(identifier, specs, resume, &mut ids).await {
+        // Each request is checked by the daemon; across requests only the whole can be.
+        if specs.len() > BATCH_TASKS {
+            validate::distinct_destinations(specs.iter().filter_map(|s| s.destination.as_deref()))
+                .map_err(Error::Invalid)?;
+        }
+        let batches = split(specs, spec_size);
+        self.create_batches(batches, resume, |tasks, resume| Request::CreateTasks {
+            identifier: identifier.to_owned(),
+            tasks,
+            resume,
+        })
+        .await
+    }
+
+    /// Creates upload tasks like [`Client::create_tasks`]: split into requests well under
+    /// the frame limit, all or nothing.
+    pub async fn create_uploads(
+        &self,
+        identifier: &str,
+        uploads: Vec<UploadSpec>,
+        resume: bool,
+    ) -> Result<Vec<TaskId>> {
+        let batches = split(uploads, |u| spec_size(&u.request) + u.file.len());
+        self.create_batches(batches, resume, |uploads, resume| Request::CreateUploads {
+            identifier: identifier.to_owned(),
+            uploads,
+            resume,
+        })
+        .await
+    }
+
+    async fn create_batches<T>(
+        &self,
+        batches: Vec<Vec<T>>,
+        resume: bool,
+        request: impl Fn(Vec<T>, bool) -> Request,
+    ) -> Result<Vec<TaskId>> {
+        let mut ids = Vec::with_capacity(batches.iter().map(Vec::len).sum());
+        // One request is one transaction; several are resumed only once all succeeded.
+        let at_once = batches.len() <= 1;
+        let mut created = async {
+            for batch in batches {
+                let want = batch.len();
+                match self.request(request(batch, resume && at_once)).await? {
+                    Response::TasksCreated(got) if got.len() == want => ids.extend(got),
+                    other => return Err(Error::UnexpectedResponse { expected: "tasks_created", got: other.kind() }),
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if created.is_ok() && resume && !at_once {
+            created = self.control_tasks(&ids, TaskAction::Resume).await;
+        }
+        match created {
             Ok(()) => Ok(ids),
             Err(e) => {
                 if !ids.is_empty() {
                     warn!(created = ids.len(), error = %e, "a batch was refused; cancelling the tasks created before it");
-                    for &task in &ids {
-                        let _ = self.request(Request::ControlTask { task, action: TaskAction::Cancel }).await;
-                    }
-                    let _ = self.acknowledge_tasks(&ids).await;
+                    self.withdraw(&ids).await;
                 }
                 Err(e)
             }
         }
     }
 
-    async fn create_in_batches(
-        &self,
-        identifier: &str,
-        specs: Vec<TaskSpec>,
-        resume: bool,
-        ids: &mut Vec<TaskId>,
-    ) -> Result<()> {
-        let mut specs = specs.into_iter().peekable();
-        while specs.peek().is_some() {
-            let mut batch = Vec::new();
-            let mut bytes = 0;
-            while let Some(spec) = specs
-                .next_if(|s| batch.is_empty() || (batch.len() < BATCH_TASKS && bytes + spec_size(s) <= BATCH_BYTES))
-            {
-                bytes += spec_size(&spec);
-                batch.push(spec);
+    /// Takes back tasks the app never got: cancels and retires them, their events
+    /// acknowledged unseen by any session of this client.
+    pub(crate) async fn withdraw(&self, tasks: &[TaskId]) {
+        self.mark_withdrawn(tasks);
+        if let Err(e) = self.control_tasks(tasks, TaskAction::Cancel).await {
+            warn!(error = %e, "cancelling the tasks of a refused batch failed; some may remain, suspended");
+        }
+        if let Err(e) = self.acknowledge_tasks(tasks).await {
+            warn!(error = %e, "retiring the tasks of a refused batch failed");
+        }
+    }
+
+    /// Applies `action` to each task, with up to [`PIPELINE`] requests on their way at
+    /// once (the daemon commits what arrives together in one transaction). The first
+    /// error is returned once every request sent has been answered.
+    pub(crate) async fn control_tasks(&self, tasks: &[TaskId], action: TaskAction) -> Result<()> {
+        let mut first_error = None;
+        for window in tasks.chunks(PIPELINE) {
+            let mut answers = Vec::with_capacity(window.len());
+            for &task in window {
+                answers.push(self.send_request(Request::ControlTask { task, action })?);
             }
-            let want = batch.len();
-            match self.request(Request::CreateTasks { identifier: identifier.to_owned(), tasks: batch, resume }).await?
-            {
-                Response::TasksCreated(got) if got.len() == want => ids.extend(got),
-                other => return Err(Error::UnexpectedResponse { expected: "tasks_created", got: other.kind() }),
+            let limit = self.request_timeout();
+            for rx in answers {
+                let error = match tokio::time::timeout(limit, rx).await {
+                    Ok(Ok(Ok(_))) => continue,
+                    Ok(Ok(Err(e))) => Error::Daemon(e),
+                    Ok(Err(_)) => Error::Disconnected { reason: None },
+                    Err(_) => Error::TimedOut { request: "control_task", after: limit },
+                };
+                first_error.get_or_insert(error);
+            }
+            if first_error.is_some() {
+                break;
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Acknowledges every durable event of these completed tasks, in requests of a
@@ -100,6 +166,27 @@ impl Client {
     }
 }
 
+/// Specs in requests of at most [`BATCH_TASKS`] and about [`BATCH_BYTES`] each (a spec
+/// larger than that goes alone; the daemon refuses it).
+fn split<T>(specs: Vec<T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let mut batches = Vec::new();
+    let mut specs = specs.into_iter().peekable();
+    while specs.peek().is_some() {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while let Some(spec) =
+            specs.next_if(|s| batch.is_empty() || (batch.len() < BATCH_TASKS && bytes + size(s) <= BATCH_BYTES))
+        {
+            bytes += size(&spec);
+            batch.push(spec);
+        }
+        batches.push(batch);
+    }
+    batches
+}
+
+/// Task control requests on their way at once.
+const PIPELINE: usize = 256;
 /// Tasks per `CreateTasks` request, and the bytes of specs (well under the frame limit).
 const BATCH_TASKS: usize = 1000;
 const BATCH_BYTES: usize = 512 << 10;

@@ -8,7 +8,7 @@
 //! events the daemon sends again: delivery is at least once) and tells each session
 //! `Reconnected`. Requests made while it is away wait for the new link, up to their timeout.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::events::{EventReceiver, Mailbox};
 use crate::link::{Answer, Incoming, Link};
 use dlsession_proto::{
-    ClientHello, DetachReason, ErrorCode, Event, Request, Response, ServerMessage, WatchFilter, Welcome,
+    ClientHello, DetachReason, ErrorCode, Event, Request, Response, ServerMessage, TaskId, WatchFilter, Welcome,
 };
 
 /// How to connect.
@@ -126,6 +126,9 @@ struct Shared {
     watch: Mutex<Option<WatchFilter>>,
     handles_wakes: AtomicBool,
     welcome: Mutex<Welcome>,
+    /// Tasks a batch created and took back because a later part of it was refused: the
+    /// app never had them, so their events are acknowledged unseen. Ids are never reused.
+    withdrawn: Mutex<HashSet<TaskId>>,
 }
 
 /// A connection to `dlsessiond`. Cheap to clone; closes when the last clone is dropped.
@@ -170,6 +173,7 @@ impl Client {
             watch: Mutex::new(None),
             handles_wakes: AtomicBool::new(false),
             welcome: Mutex::new(welcome),
+            withdrawn: Mutex::default(),
         });
         let supervisor = tokio::spawn(supervise(shared.clone(), incoming_rx));
         Ok(Client { shared, _guard: Arc::new(DropGuard { supervisor }) })
@@ -236,6 +240,18 @@ impl Client {
         }
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         link.send(id, request)
+    }
+
+    /// Marks tasks as taken back (see `Shared::withdrawn`) before they are cancelled.
+    pub(crate) fn mark_withdrawn(&self, tasks: &[TaskId]) {
+        if let Ok(mut w) = self.shared.withdrawn.lock() {
+            w.extend(tasks);
+        }
+    }
+
+    /// Whether a batch took this task back: its events are not the app's.
+    pub(crate) fn was_withdrawn(&self, task: TaskId) -> bool {
+        self.shared.withdrawn.lock().is_ok_and(|w| w.contains(&task))
     }
 
     /// Every new connection registers for wakes (`Client::handle_wakes`).

@@ -333,6 +333,12 @@ impl Dispatcher {
         let session = Session { shared };
         let d = self.delegate.clone();
         match event {
+            Event::Durable { seq, event, .. }
+                if event.task().is_some_and(|t| session.shared.client.was_withdrawn(t)) =>
+            {
+                // A task of a batch that was refused: never the app's.
+                self.pending_acks.push(seq);
+            }
             Event::Durable { seq, event, .. } => {
                 self.delivered = true;
                 session.shared.signals.unsettled.store(true, Ordering::Release);

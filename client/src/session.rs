@@ -121,17 +121,13 @@ impl Session {
         tasks.pop().ok_or(Error::UnexpectedResponse { expected: "one task id", got: "none" })
     }
 
-    /// Creates upload tasks in one request (all or none; the daemon's `max_tasks_per_batch`
-    /// bounds it); `resume` starts them.
+    /// Creates upload tasks, all or none (in requests of up to 1,000, like
+    /// [`Session::download_tasks`]); `resume` starts them.
     pub async fn upload_tasks(&self, requests: Vec<UploadRequest>, resume: bool) -> Result<Vec<DownloadTask>> {
         let metas: Vec<(String, Option<String>)> =
             requests.iter().map(|r| (r.spec.request.url.clone(), r.spec.request.description.clone())).collect();
         let uploads = requests.into_iter().map(|r| r.spec).collect();
-        let request = Request::CreateUploads { identifier: self.shared.identifier.clone(), uploads, resume };
-        let ids = match self.shared.client.request(request).await? {
-            Response::TasksCreated(ids) => ids,
-            other => return Err(Error::UnexpectedResponse { expected: "tasks_created", got: other.kind() }),
-        };
+        let ids = self.shared.client.create_uploads(&self.shared.identifier, uploads, resume).await?;
         Ok(self.remember(ids, metas))
     }
 
@@ -147,8 +143,10 @@ impl Session {
         tasks
     }
 
-    /// Creates many tasks (in requests of up to 1,000 tasks, each one transaction in the
-    /// daemon); `resume` starts them.
+    /// Creates many tasks, all or none; `resume` starts them. Up to 1,000 go in one request,
+    /// one transaction in the daemon. A larger batch takes several requests: its tasks are
+    /// created suspended and started only once all exist, and if one request is refused,
+    /// the tasks of the others are withdrawn unseen before the error is returned.
     pub async fn download_tasks(&self, requests: Vec<DownloadRequest>, resume: bool) -> Result<Vec<DownloadTask>> {
         self.create(requests, resume).await
     }
@@ -164,10 +162,7 @@ impl Session {
         // resumed: none starts under the session's policy first.
         let ids = client.create_tasks(&self.shared.identifier, specs, resume && !with_policy).await?;
         if with_policy && let Err(e) = self.apply_policies(&ids, &policies, resume).await {
-            for &task in &ids {
-                let _ = client.request(Request::ControlTask { task, action: TaskAction::Cancel }).await;
-            }
-            let _ = client.acknowledge_tasks(&ids).await;
+            client.withdraw(&ids).await;
             return Err(e);
         }
         Ok(self.remember(ids, metas))
@@ -185,9 +180,7 @@ impl Session {
             self.shared.client.set_task_policy(group, *policy).await?;
         }
         if resume {
-            for &task in ids {
-                self.shared.client.request(Request::ControlTask { task, action: TaskAction::Resume }).await?;
-            }
+            self.shared.client.control_tasks(ids, TaskAction::Resume).await?;
         }
         Ok(())
     }

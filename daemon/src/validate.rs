@@ -195,11 +195,6 @@ pub fn upload(spec: &UploadSpec, limits: &Limits, cache_dir: &Path) -> Result<Ur
 const PATH_MAX: usize = libc::PATH_MAX as usize;
 const NAME_MAX: usize = libc::NAME_MAX as usize;
 
-/// The same file however its path is spelled (`//`, `/./`): how destinations are compared.
-pub fn same_file_key(dest: &str) -> std::path::PathBuf {
-    Path::new(dest).components().collect()
-}
-
 /// The shape of a destination path (no disk access; see `destination_on_disk`).
 fn destination(dest: &str, cache_dir: &Path) -> Result<(), ErrorInfo> {
     let path = Path::new(dest);

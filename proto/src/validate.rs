@@ -16,6 +16,23 @@ pub fn is_upload_framing_header(name: &str) -> bool {
     name == "content-length" || name == "transfer-encoding" || name.starts_with("upload-")
 }
 
+/// No two of a batch's destinations name the same file, however each is spelled (`//`,
+/// `/./`): the second could never be moved into place. The daemon checks each request;
+/// the client library checks a batch it splits into several requests as a whole.
+pub fn distinct_destinations<'a>(destinations: impl IntoIterator<Item = &'a str>) -> Result<(), ErrorInfo> {
+    let mut seen = std::collections::HashSet::new();
+    for d in destinations {
+        let key: std::path::PathBuf = std::path::Path::new(d).components().collect();
+        if !seen.insert(key) {
+            return Err(ErrorInfo::new(
+                ErrorCode::InvalidRequest,
+                format!("destination {d:?} is given to more than one task of the batch"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A bandwidth limit as given: at least [`MIN_BANDWIDTH_LIMIT`] (`None` lifts it).
 pub fn bandwidth_limit(rate: Option<u64>) -> Result<(), ErrorInfo> {
     match rate {

@@ -63,6 +63,77 @@ async fn a_batch_refused_halfway_leaves_nothing_behind() {
     }
 }
 
+/// A batch the library splits into several requests starts nothing until every part
+/// exists: when a later part is refused, no task of the earlier parts has reached the
+/// server, and the app's delegate hears nothing of the tasks taken back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_started_batch_refused_halfway_ran_nothing_and_tells_nothing() {
+    use dlsession::DownloadRequest;
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    let (session, mut events) =
+        dlsession_testkit::app::attach(&env, dlsession_testkit::app::config(&env, "t.run")).await;
+    let mut requests: Vec<DownloadRequest> = (0..3000).map(|i| DownloadRequest::new(s.url(&format!("/{i}")))).collect();
+    requests[2500] = DownloadRequest::new("ftp://127.0.0.1/not-http");
+    let err = session.download_tasks(requests, true).await.unwrap_err();
+    assert_eq!(err.code(), dlsession::ErrorCode::UnsupportedScheme, "{err}");
+    // Anything that ran would have reached the server and completed by now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(s.requests().len(), 0, "tasks of the refused batch ran");
+    events.drain();
+    assert!(events.seen.is_empty(), "the delegate heard of tasks it never had: {} events", events.seen.len());
+    assert!(session.get_all_tasks().await.unwrap().is_empty());
+    // The session works on: a task created now runs and is heard of.
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/after"))], true).await.unwrap().remove(0);
+    let error = events.completion(task.id(), Duration::from_secs(20)).await;
+    assert!(error.is_some(), "a missing resource completes with its 404");
+}
+
+/// Two destinations naming one file are refused across a batch split into several
+/// requests as within one: before anything is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_destination_twice_across_a_split_batch_is_refused() {
+    use dlsession::proto::TaskSpec;
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let client = dlsession_testkit::app::client(&env).await;
+    client.request(Request::OpenSession { identifier: "t.dup".into(), config: None }).await.unwrap();
+    let dir = env.path().join("dup");
+    let dest = |name: &str| Some(format!("{}/{name}", dir.display()));
+    let mut specs: Vec<TaskSpec> = (0..1500)
+        .map(|i| TaskSpec { destination: dest(&i.to_string()), ..TaskSpec::get(format!("http://127.0.0.1:9/{i}")) })
+        .collect();
+    specs[1200].destination = dest(".//3");
+    let err = client.create_tasks("t.dup", specs, false).await.unwrap_err();
+    assert_eq!(err.code(), dlsession::ErrorCode::InvalidRequest, "{err}");
+    assert!(err.to_string().contains("more than one task"), "{err}");
+    let out = env.ctl(&["--json", "tasks"]);
+    let tasks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(tasks.as_array().unwrap().len(), 0, "created before the refusal");
+}
+
+/// Uploads whose specs together exceed a frame are sent in several requests, like
+/// downloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_batch_larger_than_a_frame_is_created() {
+    use dlsession::UploadRequest;
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    // A file whose path alone takes about 1 KB: 1,200 uploads of it are over a megabyte.
+    let deep = (0..5).fold(env.path().to_path_buf(), |p, i| p.join(format!("{i}{}", "d".repeat(200))));
+    std::fs::create_dir_all(&deep).unwrap();
+    let file = deep.join("body.bin");
+    std::fs::write(&file, b"payload").unwrap();
+    let (session, _events) = dlsession_testkit::app::attach(&env, dlsession_testkit::app::config(&env, "t.up")).await;
+    let n = 1200;
+    let requests: Vec<UploadRequest> =
+        (0..n).map(|i| UploadRequest::new(format!("http://127.0.0.1:9/{i}"), &file)).collect();
+    let tasks = session.upload_tasks(requests, false).await.unwrap();
+    assert_eq!(tasks.len(), n);
+    assert_eq!(session.get_all_tasks().await.unwrap().len(), n);
+}
+
 /// A session larger than a page's byte budget (64 headers of 8 KB) still gets listed,
 /// and so do the sessions after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,6 @@
 //! Creating tasks: from specs, and from resume data. Each request is checked first,
 //! then its destinations (and a kept file) on a blocking thread, then created in one commit.
 
-use std::collections::HashSet;
-
 use tracing::debug;
 
 use super::{Answer, DiskCheck, Handled, in_batch};
@@ -29,20 +27,12 @@ impl Core {
         let key = self.open_for_tasks(&identifier)?;
         self.within_batch_limit(specs.len(), "tasks")?;
         let mut hosts = Vec::with_capacity(specs.len());
-        let mut destinations = HashSet::new();
         for (i, spec) in specs.iter().enumerate() {
             let url =
                 validate::task(spec, &self.cfg.limits, &self.cfg.cache_dir).map_err(|e| in_batch(i, specs.len(), e))?;
-            if let Some(d) = &spec.destination
-                && !destinations.insert(validate::same_file_key(d))
-            {
-                return Err(ErrorInfo::new(
-                    ErrorCode::InvalidRequest,
-                    format!("destination {d:?} is given to more than one task of the batch"),
-                ));
-            }
             hosts.push(host_key(&url));
         }
+        dlsession_proto::validate::distinct_destinations(specs.iter().filter_map(|s| s.destination.as_deref()))?;
         if matches!(check, DiskCheck::Pending) {
             let n = specs.len();
             let dests: Vec<(usize, String, bool)> = specs
