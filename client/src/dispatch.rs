@@ -121,10 +121,9 @@ impl Session {
         };
         match client.request(request).await {
             Ok(Response::Session(_)) => {
-                if let Err(e) = apply_policy(client, &config).await {
-                    client.unroute(&config.identifier, route);
-                    return Err(e);
-                }
+                // Attached: dropping `session` unroutes it and detaches it in the daemon too
+                // (else the daemon would go on sending this connection its events).
+                apply_policy(client, &config).await?;
             }
             Ok(other) => {
                 client.unroute(&config.identifier, route);
@@ -171,20 +170,22 @@ impl Session {
 }
 
 /// Stores the policy parts the app set (the rest keep their stored values), and whether
-/// the session keeps cookies and its proxy if the app said.
+/// the session keeps cookies and its proxy if the app said. What the app's input can make
+/// fail goes first (certificate files read by the daemon, then the proxy's URL), so a
+/// refusal leaves the other settings as they were.
 async fn apply_policy(client: &Client, config: &SessionConfiguration) -> Result<()> {
     let identifier = || config.identifier.clone();
-    if let Some(enabled) = config.cookies {
-        client.request_ok(Request::SetSessionCookies { identifier: identifier(), enabled }).await?;
-    }
-    if let Some(answers) = config.challenges {
-        client.request_ok(Request::SetSessionChallenges { identifier: identifier(), answers }).await?;
-    }
     if let Some(cert) = &config.client_cert {
         client.request_ok(Request::SetSessionClientCert { identifier: identifier(), cert: cert.clone() }).await?;
     }
     if let Some(proxy) = &config.proxy {
         client.request_ok(Request::SetSessionProxy { identifier: identifier(), proxy: proxy.clone() }).await?;
+    }
+    if let Some(enabled) = config.cookies {
+        client.request_ok(Request::SetSessionCookies { identifier: identifier(), enabled }).await?;
+    }
+    if let Some(answers) = config.challenges {
+        client.request_ok(Request::SetSessionChallenges { identifier: identifier(), answers }).await?;
     }
     if config.policy_over(dlsession_proto::SessionPolicy::default()).is_none() {
         return Ok(());

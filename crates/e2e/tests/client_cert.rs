@@ -145,3 +145,34 @@ async fn unreadable_certificate_files_never_hang_a_request_or_the_start() {
     assert_eq!(events.completion(task.id(), LONG).await, None);
     assert!(read.elapsed() < std::time::Duration::from_secs(2), "went {:?} after the read", read.elapsed());
 }
+
+/// An attach whose certificate is refused leaves the session as it found it: not attached
+/// to the refused connection (another app attaches at once, without taking over), and the
+/// app's other settings not half applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attach_refused_for_its_certificate_leaves_the_session_free_and_unchanged() {
+    use dlsession::proto::{Request, Response};
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let client = dlsession_testkit::app::client(&env).await;
+    client.request(Request::OpenSession { identifier: "t.refused".into(), config: None }).await.unwrap();
+    let missing = env.path().join("missing.pem");
+    let refused = config(&env, "t.refused").cookies(false).client_certificate(&missing, &missing);
+    let (delegate, _events) = Recorder::new(&env.path().join("out"));
+    let err = Session::attach_with(&client, refused, std::sync::Arc::new(delegate)).await.unwrap_err();
+    assert!(err.to_string().contains("missing.pem"), "{err}");
+    match client.request(Request::GetSessionCookies { identifier: "t.refused".into() }).await.unwrap() {
+        Response::SessionCookies(c) => assert!(c.enabled, "cookies were turned off by a refused attach"),
+        other => panic!("{other:?}"),
+    }
+    // `client` stays connected: the daemon must not count it as attached.
+    let (delegate, _events) = Recorder::new(&env.path().join("out2"));
+    let other = dlsession_testkit::app::client(&env).await;
+    let attached = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        Session::attach_with(&other, config(&env, "t.refused"), std::sync::Arc::new(delegate)),
+    )
+    .await
+    .expect("attach answered");
+    assert!(attached.is_ok(), "{:?}", attached.err());
+}
