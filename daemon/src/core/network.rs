@@ -80,8 +80,11 @@ impl Core {
     /// Puts the task in `waiting` with `no_network`: no timer, no attempt, until a route
     /// to its peer appears.
     pub(super) fn wait_for_network(&mut self, id: TaskId) {
-        // The route may be back already (it came back while the worker was stopping).
-        if self.tasks.get(&id).is_some_and(|t| Self::reachable(t, net::default_route(), &mut HashMap::new())) {
+        // The route may be back already (it came back while the worker was stopping), or
+        // the watcher may have stopped meanwhile: then nothing would say it came back.
+        if !self.life.network_watched
+            || self.tasks.get(&id).is_some_and(|t| Self::reachable(t, net::default_route(), &mut HashMap::new()))
+        {
             self.set_state(id, TaskState::Queued);
             self.enqueue(id);
             return;
