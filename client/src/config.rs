@@ -192,6 +192,13 @@ impl SessionConfiguration {
         self
     }
 
+    /// No limit on the session's tasks running at once (clears the stored one).
+    pub fn no_max_concurrent_tasks(mut self) -> Self {
+        self.config.max_concurrent_tasks = None;
+        self.set.max_concurrent_tasks = true;
+        self
+    }
+
     /// Bytes per second for the whole session.
     pub fn bandwidth_limit(mut self, bytes_per_second: u64) -> Self {
         self.config.bandwidth_limit = Some(bytes_per_second);

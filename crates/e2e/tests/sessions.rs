@@ -514,6 +514,11 @@ async fn attach_keeps_what_the_app_leaves_unset_and_clears_what_it_says() {
     assert_eq!(now.max_concurrent_tasks, Some(3));
     assert_eq!(now.app_id.as_deref(), Some("org.example.merge"), "app_id still kept");
     assert_eq!(now.http_headers.len(), 1, "headers still kept");
+    drop(_s);
+    wait_for("detached", LONG, || (!block(info(&env, "t.merge")).unwrap().attached).then_some(()));
+    let (fourth, _) = Recorder::new(&env.path().join("d"));
+    let _s = Session::attach(config(&env, "t.merge").no_max_concurrent_tasks(), fourth).await.unwrap();
+    assert_eq!(stored().await.max_concurrent_tasks, None, "no_max_concurrent_tasks() clears the stored limit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
