@@ -52,7 +52,30 @@ fn start_blocking(socket: &Path, timeout: Duration) -> Result<(), Error> {
         .mode(0o600)
         .open(&lock_path)
         .map_err(|e| fail(format!("cannot open {}: {e}", lock_path.display())))?;
-    lock.lock().map_err(|e| fail(format!("cannot lock {}: {e}", lock_path.display())))?;
+    // Whoever holds the lock is starting a daemon: wait for it, but not for ever (a
+    // starter stopped in a debugger or by SIGSTOP holds it as long as it likes).
+    let deadline = Instant::now() + timeout;
+    loop {
+        match lock.try_lock() {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) => {}
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(fail(format!("cannot lock {}: {e}", lock_path.display())));
+            }
+        }
+        // It may have started one already, lock still held.
+        if UnixStream::connect(socket).is_ok() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(fail(format!(
+                "another client has held {} for {timeout:?} without a daemon starting; \
+                 is a stopped dlsession client holding it?",
+                lock_path.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     // Whoever held the lock before us may have started it already.
     if UnixStream::connect(socket).is_ok() {
         return Ok(());

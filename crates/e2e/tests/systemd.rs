@@ -362,6 +362,37 @@ async fn get_starts_the_daemon_when_none_runs() {
     assert_eq!(o.status.code(), Some(0));
 }
 
+/// A starter that holds the start-up lock and never starts a daemon (stopped, say) does
+/// not hang every other client: each gives up after its connect timeout, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_up_lock_held_for_ever_is_an_error_not_a_hang() {
+    let env = Arc::new(TestEnv::new());
+    let _stop = StopAutostarted(env.clone());
+    let dir = env.socket.parent().unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let lock = std::fs::File::create(dir.join("dlsessiond.startup.lock")).unwrap();
+    lock.lock().unwrap();
+    let began = std::time::Instant::now();
+    let o = tokio::task::spawn_blocking({
+        let env = env.clone();
+        move || {
+            // `timeout` ends a client that hangs, so a regression fails instead of hanging.
+            let mut cmd = env.command("timeout");
+            cmd.env_remove("DLSESSION_NO_AUTOSTART");
+            cmd.args(["60", bin_path("dlsessionctl").to_str().unwrap(), "get", "http://127.0.0.1:9/x", "-o"]);
+            cmd.arg(env.path().join("x.bin")).stdin(Stdio::null()).output().unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_ne!(o.status.code(), Some(124), "the client hung on the lock for 60 s");
+    assert_ne!(o.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("startup.lock") && stderr.contains("without a daemon starting"), "{stderr}");
+    assert!(began.elapsed() < Duration::from_secs(30), "gave up after {:?}", began.elapsed());
+    assert!(daemon_pid(&env).is_none(), "no daemon was started behind the lock");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_clients_racing_start_exactly_one_daemon() {
     let env = Arc::new(TestEnv::new());
