@@ -216,6 +216,39 @@ async fn a_hanging_destination_check_does_not_stall_the_daemon() {
     assert_eq!(sha256_file(&moved_to).unwrap(), to_hex(&pattern_sha256(8, 20_000)));
 }
 
+/// Requests act in the order sent, a destination check included: a listing sent right
+/// behind a creation whose check is under way waits for it, and lists its task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_behind_a_destination_check_waits_for_it() {
+    use dlsession::proto::{Response, ServerMessage, TaskQuery, TaskSpec};
+    let env = TestEnv::new();
+    let pause = std::ffi::OsStr::new("destination-check:1:sleep-ms=1500");
+    let _d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", pause)]);
+    let mut raw = dlsession_testkit::raw::RawClient::connect(&env.socket);
+    let identifier = "t.order".to_owned();
+    raw.send([(1, Request::OpenSession { identifier: identifier.clone(), config: None })]);
+    let mut spec = TaskSpec::get("http://127.0.0.1:9/x");
+    spec.destination = Some(env.path().join("ordered.bin").to_string_lossy().into_owned());
+    let list = TaskQuery { session: Some(identifier.clone()), states: vec![], after: None, limit: 0 };
+    raw.send([
+        (2, Request::CreateTasks { identifier, tasks: vec![spec], resume: false }),
+        (3, Request::ListTasks(list)),
+    ]);
+    let mut answers = Vec::new();
+    while answers.len() < 3 {
+        if let ServerMessage::Response { id, result } = raw.recv() {
+            answers.push((id, result.unwrap()));
+        }
+    }
+    // (Answers may come in another order: the creation's waits for its commit.)
+    answers.sort_by_key(|(id, _)| *id);
+    assert!(matches!(answers[1].1, Response::TasksCreated(_)), "{:?}", answers[1].1);
+    match &answers[2].1 {
+        Response::Tasks(page) => assert_eq!(page.tasks.len(), 1, "the listing saw the task created before it"),
+        other => panic!("{other:?}"),
+    }
+}
+
 /// Many destination checks hanging at once (a stuck mount, here a pause on every check
 /// after the first) keep to threads of their own: the daemon's other file work goes on, so
 /// a resumed download, whose partial file is prepared off the runtime, still finishes.
@@ -241,12 +274,15 @@ async fn many_hanging_destination_checks_leave_other_file_work_alone() {
     });
     task.suspend().await.unwrap();
     // More creations than the runtime's blocking pool has threads, each check hanging.
+    // (Each on a connection of its own: a connection's later requests wait for its check.)
     let mut hung = Vec::new();
     for i in 0..100 {
         let mut spec = dlsession::proto::TaskSpec::get(server.url("/r"));
         spec.destination = Some(env.path().join(format!("hung-{i}.bin")).to_string_lossy().into_owned());
         let request = Request::CreateTasks { identifier: "t.many-hung".into(), tasks: vec![spec], resume: false };
-        hung.push(client.send_request(request).unwrap());
+        let mut raw = dlsession_testkit::raw::RawClient::connect(&env.socket);
+        raw.send([(1, request)]);
+        hung.push(raw);
     }
     dlsession_testkit::wait_for("checks to hang", LONG, || {
         (d.log().matches("failpoint destination-check reached").count() >= 16).then_some(())

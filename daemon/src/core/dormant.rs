@@ -187,9 +187,12 @@ impl Core {
         }
     }
 
-    /// Handles a connection's held requests in order until one must wait again.
-    fn release_held(&mut self, conn: ConnId) {
-        while let Some(next) = self.held.pop_front(conn) {
+    /// Handles a connection's held requests in order until one must wait again (for a
+    /// read, or in its disk phase).
+    pub(super) fn release_held(&mut self, conn: ConnId) {
+        while !self.held.on_disk(conn)
+            && let Some(next) = self.held.pop_front(conn)
+        {
             if let Some(ticket) = self.hold_for(&next.request) {
                 self.held.push_front(conn, HeldRequest { ticket: Some(ticket), ..next });
                 return;

@@ -1,10 +1,12 @@
 //! Requests held back, per connection in the order they came: while dormant tasks they may
-//! touch are read, or until the start's database check passed (see `core::dormant`).
+//! touch are read, until the start's database check passed (see `core::dormant`), or while
+//! an earlier request of the connection is in its disk phase (`core::requests`), so that
+//! requests act in the order sent.
 //!
 //! Invariant kept here: a connection has an entry only while it holds a request, so "does
-//! this connection hold anything?" is whether it has one.
+//! this connection hold anything?" is whether it has one, or a request on the disk.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::conn::ConnId;
 use dlsession_proto::Request;
@@ -15,6 +17,9 @@ pub(super) const CHECK: u64 = u64::MAX;
 #[derive(Debug, Default)]
 pub(super) struct Held {
     by_conn: HashMap<ConnId, VecDeque<HeldRequest>>,
+    /// Connections with a request in its disk phase (at most one each): their later
+    /// requests wait in `by_conn` until it comes back.
+    on_disk: HashSet<ConnId>,
     next_ticket: u64,
 }
 
@@ -34,8 +39,24 @@ impl Held {
         ticket
     }
 
+    /// Whether a request of the connection waits (so a new one must wait behind it).
     pub fn holds(&self, conn: ConnId) -> bool {
-        self.by_conn.contains_key(&conn)
+        self.by_conn.contains_key(&conn) || self.on_disk.contains(&conn)
+    }
+
+    /// A request of the connection went to its disk phase.
+    pub fn went_to_disk(&mut self, conn: ConnId) {
+        self.on_disk.insert(conn);
+    }
+
+    /// The connection's request came back from its disk phase.
+    pub fn back_from_disk(&mut self, conn: ConnId) {
+        self.on_disk.remove(&conn);
+    }
+
+    /// Whether the connection's request is in its disk phase.
+    pub fn on_disk(&self, conn: ConnId) -> bool {
+        self.on_disk.contains(&conn)
     }
 
     pub fn push_back(&mut self, conn: ConnId, held: HeldRequest) {
@@ -72,5 +93,6 @@ impl Held {
 
     pub fn forget(&mut self, conn: ConnId) {
         self.by_conn.remove(&conn);
+        self.on_disk.remove(&conn);
     }
 }

@@ -51,6 +51,13 @@ impl Core {
 
     /// A request's disk phase is over: handle it again with what it found.
     pub(super) fn on_disk_checked(&mut self, conn: ConnId, id: u64, request: Request, result: Checked) {
+        self.held.back_from_disk(conn);
+        self.finish_disk_phase(conn, id, request, result);
+        // What the connection sent meanwhile goes on.
+        self.release_held(conn);
+    }
+
+    fn finish_disk_phase(&mut self, conn: ConnId, id: u64, request: Request, result: Checked) {
         match result {
             Ok(prepared) => {
                 let adopted = match &prepared.resume {

@@ -220,14 +220,15 @@ impl Core {
     }
 
     /// Runs a request's disk phase on a blocking thread; the request comes back with
-    /// its outcome (`CoreMsg::DiskChecked`).
+    /// its outcome (`CoreMsg::DiskChecked`). The connection's later requests wait for it.
     pub(in crate::core) fn check_on_disk(
-        &self,
+        &mut self,
         conn: ConnId,
         id: u64,
         request: Request,
         check: impl FnOnce() -> Result<Prepared, ErrorInfo> + Send + 'static,
     ) {
+        self.held.went_to_disk(conn);
         let tx = self.tx.clone();
         disk::check_request(check, move |result| {
             let _ = tx.send(CoreMsg::DiskChecked { conn, id, request: Box::new(request), result });
