@@ -42,9 +42,16 @@ pub struct Desktop {
 
 /// Follows the desktop services until the process ends, reporting each change.
 pub async fn watch(report: impl Fn(Desktop) + Send + 'static) {
-    let conn = match Connection::system().await {
-        Ok(c) => c,
-        Err(e) => {
+    // A bus that never answers counts as none: tasks whose policy cares wait for this.
+    let conn = match tokio::time::timeout(READ_TIMEOUT, Connection::system()).await {
+        Ok(Ok(c)) => c,
+        Err(_) => {
+            let why = format!("no answer from the system bus within {} s", READ_TIMEOUT.as_secs());
+            info!("{why}: assuming online, unmetered and on AC power");
+            report(Desktop { network_source: why.clone(), power_source: why, ..Desktop::default() });
+            return;
+        }
+        Ok(Err(e)) => {
             let why = format!("no system bus ({e})");
             info!("{why}: assuming online, unmetered and on AC power");
             report(Desktop { network_source: why.clone(), power_source: why, ..Desktop::default() });

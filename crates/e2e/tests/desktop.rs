@@ -312,6 +312,32 @@ fn a_hung_upower_does_not_hide_a_metered_network() {
     assert!(s["power"]["source"].as_str().unwrap_or_default().contains("no answer"), "{s}");
 }
 
+/// Before the desktop services first answer, a session that refuses metered networks does
+/// not download: its task waits until NetworkManager's word is in (here "metered", and
+/// UPower's silence makes that take 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_refused_on_a_metered_link_starts_before_the_desktop_answers() {
+    let env = TestEnv::new();
+    let mut bus = PrivateBus::start(env.path());
+    bus.mock("networkmanager", NM.0);
+    set(&bus, NM, "Metered", "dbus.UInt32(1)");
+    bus.hang(UPOWER.0);
+    let _d = start(&env, &bus);
+    let server = TestServer::start().await.unwrap();
+    server.add("/m", Resource::generated(100_000, 13));
+    let (delegate, _events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.early").allows_metered(false), delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(server.url("/m"))], true).await.unwrap().remove(0);
+    let info = poll(&task, "held by its policy", &|i| i.wait == Some(WaitReason::MeteredNetwork)).await;
+    assert_eq!(info.state, TaskState::Queued);
+    assert_eq!(status(&env)["power"]["source"], "not asked yet", "created before the desktop answered");
+    // The answer comes (metered): the task goes on waiting, and never reached the server.
+    wait_status(&env, "the desktop's answer", |s| s["network"]["metered"] == true);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(task.info().await.unwrap().wait, Some(WaitReason::MeteredNetwork));
+    assert_eq!(server.requests().len(), 0, "the task downloaded before the desktop answered");
+}
+
 /// A task's own policy overrides its session's either way, is followed live (a running
 /// task stops for it and goes on when it is lifted), and is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -264,6 +264,9 @@ struct Lifecycle {
     pub online: bool,
     /// What NetworkManager and UPower say (`crate::desktop`).
     pub desktop: crate::desktop::Desktop,
+    /// The desktop watcher has reported once (until then nothing is known, not even that
+    /// the services are absent).
+    pub desktop_heard: bool,
     /// The database passed its start check: work may start (`recovery::on_checked`).
     pub checked: bool,
     /// The start's work, until then.

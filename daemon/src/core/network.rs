@@ -185,6 +185,7 @@ impl Core {
             "network and power"
         );
         self.life.desktop = facts;
+        self.life.desktop_heard = true;
         // NetworkManager connecting again is news about routes too.
         if reconnected || internet_back {
             self.network_changed(internet_back);

@@ -177,8 +177,10 @@ impl Core {
             max_downloads: self.cfg.limits.max_concurrent_downloads,
             shutting_down: self.life.shutting_down,
             storage_full: self.life.storage.is_some(),
-            metered: self.life.desktop.metered.unwrap_or(false),
-            on_battery: self.life.desktop.on_battery.unwrap_or(false),
+            // Before the desktop's first word, a policy that cares waits rather than
+            // spending a metered link or the battery; silence afterwards means "no".
+            metered: self.life.desktop.metered.unwrap_or(!self.life.desktop_heard),
+            on_battery: self.life.desktop.on_battery.unwrap_or(!self.life.desktop_heard),
             battery_percent: self.life.desktop.battery_percent,
         }
     }
