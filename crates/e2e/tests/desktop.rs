@@ -33,6 +33,16 @@ fn desktop() -> (TestEnv, PrivateBus) {
     (env, bus)
 }
 
+/// NetworkManager says "metered"; UPower owns its name and never answers.
+fn metered_with_upower_hung() -> (TestEnv, PrivateBus) {
+    let env = TestEnv::new();
+    let mut bus = PrivateBus::start(env.path());
+    bus.mock("networkmanager", NM.0);
+    set(&bus, NM, "Metered", "dbus.UInt32(1)");
+    bus.hang(UPOWER.0);
+    (env, bus)
+}
+
 fn start(env: &TestEnv, bus: &PrivateBus) -> TestDaemon {
     TestDaemon::start_with_env(env, &[("DBUS_SYSTEM_BUS_ADDRESS", std::ffi::OsStr::new(&bus.address))])
 }
@@ -302,11 +312,7 @@ async fn a_notification_tells_the_user_and_its_action_relaunches_the_app() {
 /// facts are kept (a hung UPower lost NetworkManager's "metered" too).
 #[test]
 fn a_hung_upower_does_not_hide_a_metered_network() {
-    let env = TestEnv::new();
-    let mut bus = PrivateBus::start(env.path());
-    bus.mock("networkmanager", NM.0);
-    set(&bus, NM, "Metered", "dbus.UInt32(1)");
-    bus.hang(UPOWER.0);
+    let (env, bus) = metered_with_upower_hung();
     let _d = start(&env, &bus);
     let s = wait_status(&env, "metered, with UPower silent", |s| s["network"]["metered"] == true);
     assert!(s["power"]["source"].as_str().unwrap_or_default().contains("no answer"), "{s}");
@@ -317,11 +323,7 @@ fn a_hung_upower_does_not_hide_a_metered_network() {
 /// UPower's silence makes that take 10 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_refused_on_a_metered_link_starts_before_the_desktop_answers() {
-    let env = TestEnv::new();
-    let mut bus = PrivateBus::start(env.path());
-    bus.mock("networkmanager", NM.0);
-    set(&bus, NM, "Metered", "dbus.UInt32(1)");
-    bus.hang(UPOWER.0);
+    let (env, bus) = metered_with_upower_hung();
     let _d = start(&env, &bus);
     let server = TestServer::start().await.unwrap();
     server.add("/m", Resource::generated(100_000, 13));
