@@ -173,6 +173,43 @@ async fn a_full_cache_disk_pauses_the_task_and_it_resumes_when_space_is_free() {
     assert!(offset_of(last.range.as_deref()) > 0, "resumed from the kept partial data");
 }
 
+/// A task still waiting to move its file when the daemon restarts: its first move in the new
+/// process removes a half-written copy named by the new process's own pid (pids repeat, in
+/// containers at every start), as the start's own moves do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_move_removes_a_copy_named_by_a_repeated_pid() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root (a read-only tmpfs as the destination)");
+        return;
+    }
+    let env = TestEnv::new();
+    let dir = env.path().join("readonly");
+    let mount = Mount::tmpfs(&dir, "size=1m,ro");
+    let mut d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    s.add("/a", Resource::generated(100_000, 3));
+    let (session, _events) = attach(&env, SessionConfiguration::background("t.pid")).await;
+    let req = DownloadRequest::new(s.url("/a")).destination(dir.join("a.bin"));
+    let task = session.download_tasks(vec![req], true).await.unwrap().remove(0);
+    dlsession_testkit::wait_for("destination_unavailable", LONG, || {
+        let info = dlsession_testkit::block(task.info()).unwrap();
+        matches!(info.wait, Some(WaitReason::DestinationUnavailable { .. })).then_some(())
+    });
+    drop(session);
+    d.terminate();
+    d.restart();
+    // What a crashed earlier daemon with this pid left mid-copy.
+    mount.remount("rw");
+    let leftover = dir.join(format!(".a.bin.dlsessiond-{}-9.tmp", d.pid()));
+    std::fs::write(&leftover, b"half a copy").unwrap();
+    let (_session, mut events) = attach(&env, SessionConfiguration::background("t.pid")).await;
+    let resumed = env.ctl(&["resume", &task.id().to_string()]);
+    assert!(resumed.status.success(), "{resumed:?}");
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(3, 100_000)));
+    assert!(!leftover.exists(), "the leftover copy is still there");
+}
+
 /// A finished download whose destination cannot be written is never destroyed: the task
 /// waits (`destination_unavailable`, naming the OS error), keeps its data, and `resume`
 /// puts it in place once the destination works, without downloading it again.

@@ -101,6 +101,11 @@ impl Core {
             return;
         }
         let generation = self.slots.generation();
+        // Its first move since it was read from the database (one waiting to move again
+        // at start): no copy of it by this process exists, so one named by this pid is a
+        // leftover of an earlier process (pids repeat, in containers every start).
+        let Some(restored) = self.tasks.get_mut(&id).map(|t| std::mem::take(&mut t.restored)) else { return };
+        let leftovers = if restored { Leftovers::Any } else { leftovers };
         let Some(t) = self.tasks.get(&id) else { return };
         let link = WorkerLink::new(self.sink.clone(), id, generation);
         let worker = self.engine.spawn_move(link, self.finish_of(t), leftovers);
