@@ -106,6 +106,63 @@ impl Drop for LiveGuard {
     }
 }
 
+/// The connection's socket, shared by its reader and its writer (a stream is read and
+/// written through shared references at once; no lock between the two).
+#[derive(Clone)]
+struct Socket(Arc<Stream>);
+
+impl Socket {
+    /// Whether the peer has closed its end (or the socket failed), without reading: a
+    /// reader that stopped reading (back-pressure) would otherwise never see it go.
+    fn peer_gone(&self) -> bool {
+        use rustix::event::{PollFd, PollFlags, poll};
+        let Stream::UdSocket(stream) = &*self.0;
+        let mut fds = [PollFd::new(stream, PollFlags::RDHUP)];
+        let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+        match poll(&mut fds, Some(&zero)) {
+            Ok(_) => fds[0].revents().intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR),
+            Err(_) => false,
+        }
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut &*self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut &*self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut &*self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut &*self.0).poll_shutdown(cx)
+    }
+}
+
+/// How often a reader held back by [`MAX_IN_FLIGHT`] looks whether its peer went away.
+const GONE_CHECK: Duration = Duration::from_secs(1);
+
 struct Connection<C> {
     id: u64,
     core: C,
@@ -120,7 +177,8 @@ impl<C: ToCore> Connection<C> {
             Ok(c) => (c.euid(), c.pid().and_then(|p| u32::try_from(p).ok())),
             Err(_) => (None, None),
         };
-        let (mut rd, mut wr) = tokio::io::split(stream);
+        let socket = Socket(Arc::new(stream));
+        let (mut rd, mut wr) = (socket.clone(), socket);
         if uid != Some(self.our_uid) {
             warn!(peer_uid = ?uid, peer_pid = ?pid, "refused a connection from another user");
             refuse_and_linger(&mut rd, &mut wr, HandshakeStatus::PermissionDenied).await;
@@ -195,6 +253,7 @@ impl<C: ToCore> Connection<C> {
         };
         let writer = tokio::spawn(write_loop(wr, version, out_rx, mailbox, in_flight.clone(), drained));
         let end = self.read_loop(&mut rd, in_flight).await;
+        drop(rd);
         if let Err(e) = end {
             // Tell the peer why before closing; id 0 marks a connection-level error.
             info!(error = %e, "closing connection after a bad frame");
@@ -207,11 +266,27 @@ impl<C: ToCore> Connection<C> {
         debug!("connection closed");
     }
 
-    async fn read_loop<R: AsyncRead + Unpin>(&self, rd: &mut R, in_flight: Arc<Semaphore>) -> Result<(), ProtoError> {
+    async fn read_loop(&self, rd: &mut Socket, in_flight: Arc<Semaphore>) -> Result<(), ProtoError> {
         let mut buf = Vec::new();
         loop {
             // Back-pressure: a client that does not read its responses stops being read.
-            let Ok(permit) = in_flight.acquire().await else { return Ok(()) };
+            // Meanwhile it may go away (its requests held, or its answers unwritable): then
+            // the connection ends, and the sessions it held are free again.
+            let permit = match in_flight.try_acquire() {
+                Err(tokio::sync::TryAcquireError::NoPermits) => loop {
+                    tokio::select! {
+                        permit = in_flight.acquire() => break permit,
+                        () = tokio::time::sleep(GONE_CHECK) => if rd.peer_gone() {
+                            debug!("the client went away while its requests waited");
+                            return Ok(());
+                        },
+                    }
+                },
+                Err(tokio::sync::TryAcquireError::Closed) => return Ok(()),
+                Ok(permit) => Ok(permit),
+            };
+            // Closed by the writer when it stops (the peer cannot be written to).
+            let Ok(permit) = permit else { return Ok(()) };
             permit.forget();
             let Some(frame) = read_frame::<_, RequestFrame>(rd, &mut buf).await? else { return Ok(()) };
             let msg = ConnEvent::Request { conn: self.id, id: frame.id, request: frame.request };
@@ -295,6 +370,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     in_flight: Arc<Semaphore>,
     drained: impl Fn(),
 ) {
+    // However the writer stops, the reader waiting for permits stops too.
+    struct CloseOnExit(Arc<Semaphore>);
+    impl Drop for CloseOnExit {
+        fn drop(&mut self) {
+            self.0.close();
+        }
+    }
+    let _close = CloseOnExit(in_flight.clone());
     let mut w = BufWriter::with_capacity(64 << 10, wr);
     let write = |(msg, now_drained): (ServerMessage, bool)| {
         if matches!(msg, ServerMessage::Response { .. }) {

@@ -189,3 +189,41 @@ async fn oversized_batches_are_refused_whole() {
     };
     assert_eq!(s.tasks.total(), 0, "nothing of a refused batch was created");
 }
+
+/// A client that leaves while the daemon has stopped reading it (its requests wait behind
+/// a destination check that hangs, more than the in-flight limit of them) does not keep
+/// its session attached: the daemon sees it go, and the app's next attach, without
+/// taking over, gets the session.
+#[test]
+fn a_client_gone_while_its_requests_wait_frees_its_session() {
+    use dlsession::proto::{ServerMessage, SessionConfig, TaskSpec};
+    use dlsession_testkit::raw::RawClient;
+    let env = TestEnv::new();
+    let pause = std::ffi::OsStr::new("destination-check:1:sleep-ms=60000");
+    let _d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", pause)]);
+    let attach = |id: u64| {
+        (id, Request::Attach { identifier: "t.gone".into(), config: SessionConfig::default(), takeover: false })
+    };
+    let mut first = RawClient::connect(&env.socket);
+    first.send([attach(1)]);
+    assert!(matches!(first.recv(), ServerMessage::Response { id: 1, result: Ok(Response::Session(_)) }));
+    let mut spec = TaskSpec::get("http://127.0.0.1:9/x");
+    spec.destination = Some(env.path().join("hung.bin").to_string_lossy().into_owned());
+    let create = Request::CreateTasks { identifier: "t.gone".into(), tasks: vec![spec], resume: false };
+    first.send(std::iter::once((2, create)).chain((3..400).map(|id| (id, Request::Status))));
+    std::thread::sleep(Duration::from_millis(500));
+    drop(first);
+    let began = Instant::now();
+    loop {
+        let mut next = RawClient::connect(&env.socket);
+        next.send([attach(1)]);
+        match next.recv() {
+            ServerMessage::Response { result: Ok(Response::Session(_)), .. } => break,
+            ServerMessage::Response { result: Err(e), .. } if e.code == dlsession::ErrorCode::SessionInUse => {
+                assert!(began.elapsed() < Duration::from_secs(10), "still attached to the client that left: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
