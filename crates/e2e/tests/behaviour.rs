@@ -249,6 +249,31 @@ async fn a_request_behind_a_destination_check_waits_for_it() {
     }
 }
 
+/// A creation whose client leaves during its destination check is dropped, as requests
+/// of a closed connection are: no task appears that nobody was told of (and whose files
+/// would not get the creator's file mode).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creation_whose_client_left_during_its_check_is_dropped() {
+    use dlsession::proto::{Response, ServerMessage, TaskSpec};
+    let env = TestEnv::new();
+    let pause = std::ffi::OsStr::new("destination-check:1:sleep-ms=1500");
+    let d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", pause)]);
+    let mut raw = dlsession_testkit::raw::RawClient::connect(&env.socket);
+    raw.send([(1, Request::OpenSession { identifier: "t.left".into(), config: None })]);
+    assert!(matches!(raw.recv(), ServerMessage::Response { id: 1, result: Ok(Response::Session(_)) }));
+    let mut spec = TaskSpec::get("http://127.0.0.1:9/x");
+    spec.destination = Some(env.path().join("left.bin").to_string_lossy().into_owned());
+    raw.send([(2, Request::CreateTasks { identifier: "t.left".into(), tasks: vec![spec], resume: false })]);
+    dlsession_testkit::wait_for("the check to pause", LONG, || {
+        d.log().contains("failpoint destination-check reached; pausing").then_some(())
+    });
+    drop(raw);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let listed = env.ctl(&["--json", "tasks"]);
+    let tasks: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(tasks.as_array().unwrap().len(), 0, "created for a client that left: {tasks}");
+}
+
 /// Many destination checks hanging at once (a stuck mount, here a pause on every check
 /// after the first) keep to threads of their own: the daemon's other file work goes on, so
 /// a resumed download, whose partial file is prepared off the runtime, still finishes.

@@ -64,9 +64,15 @@ impl Core {
                     Some((_, Adoption::Adopted { kept, part })) => Some((part.clone(), kept.clone())),
                     _ => None,
                 };
-                // Refused after all (the session went, the daemon is stopping): the kept
-                // file goes back where the resume data says it is.
-                if !self.handle_request(conn, id, request, DiskCheck::Done(prepared))
+                // Its connection closed meanwhile: it goes, as the requests held behind it
+                // did (nothing would be answered, and its files would lose the creator's
+                // file mode). Refused after all (the session went, the daemon is
+                // stopping): the same. The kept file goes back where the resume data says.
+                let gone = self.conns.get(&conn).is_none();
+                if gone {
+                    debug!(conn, id, request = request.name(), "its connection closed during its disk phase; dropped");
+                }
+                if (gone || !self.handle_request(conn, id, request, DiskCheck::Done(prepared)))
                     && let Some((part, kept)) = adopted
                 {
                     self.disk.unadopt(part, kept);
