@@ -329,24 +329,32 @@ async fn repeated_requests_are_answered_after_the_first_is_durable() {
     // The same for session settings asked twice: the second finds memory already so.
     let client = dlsession_testkit::app::client(&env).await;
     let id = || "t.repeat".to_owned();
-    let settings = [
-        Request::SetSessionCookies { identifier: id(), enabled: false },
-        Request::SetSessionChallenges { identifier: id(), answers: true },
-        Request::SetSessionProxy {
+    let twice = |r: Request| (r.clone(), r);
+    let pairs = [
+        twice(Request::SetSessionCookies { identifier: id(), enabled: false }),
+        twice(Request::SetSessionChallenges { identifier: id(), answers: true }),
+        twice(Request::SetSessionProxy {
             identifier: id(),
             proxy: Some(SessionProxy { url: Some("http://127.0.0.1:9".into()), no_proxy: String::new() }),
-        },
+        }),
+        // A session another request is creating: the second is told it exists.
+        (
+            Request::OpenSession { identifier: "t.made".into(), config: Some(Default::default()) },
+            Request::OpenSession { identifier: "t.made".into(), config: None },
+        ),
+        // Its running download keeps the session invalidating, not yet invalid.
+        twice(Request::FinishTasksAndInvalidate { identifier: id() }),
     ];
-    for request in settings {
+    for (request, again) in pairs {
         let what = request.name();
         let began = Instant::now();
         let first = async {
-            client.request(request.clone()).await.unwrap();
+            client.request(request).await.unwrap();
             began.elapsed()
         };
         let second = async {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            client.request(request.clone()).await.unwrap();
+            client.request(again).await.unwrap();
             began.elapsed()
         };
         // In order: when both answers are in at one wake-up, `join!` would otherwise poll

@@ -131,7 +131,9 @@ impl Core {
             None => self.create_session(identifier, config.unwrap_or_default(), &mut ops),
         };
         let info = self.session_info(key)?;
-        self.commit(ops, vec![After::Reply { conn, id, response: Response::Session(info) }]);
+        // The session may exist only in memory yet (another request made it): the answer
+        // says it exists, so it waits until that is durable.
+        self.commit_after_pending(ops, vec![After::Reply { conn, id, response: Response::Session(info) }]);
         // A changed app_id or launch spec may make a pending wake possible.
         self.check_wake(key, std::time::Duration::ZERO);
         Ok(Answer::Later)
@@ -156,10 +158,11 @@ impl Core {
         let mut after = Vec::new();
         if let Some(s) = self.sessions.get_mut(&key) {
             if s.rec.invalid {
-                return Err(ErrorInfo::new(
-                    ErrorCode::SessionInvalidated,
-                    format!("session {identifier:?} is already invalid"),
-                ));
+                // Maybe by a request whose commit is still on its way: refused once durable.
+                let error =
+                    ErrorInfo::new(ErrorCode::SessionInvalidated, format!("session {identifier:?} is already invalid"));
+                self.commit_after_pending(Vec::new(), vec![After::Refuse { conn, id, error }]);
+                return Ok(Answer::Later);
             }
             if !s.rec.invalidating {
                 s.rec.invalidating = true;
@@ -187,7 +190,8 @@ impl Core {
         }
         after.push(After::Reply { conn, id, response: Response::Ok });
         self.check_invalidation(key, &mut ops, &mut after);
-        self.commit(ops, after);
+        // A second invalidation repeats the first: answered once that is durable.
+        self.commit_after_pending(ops, after);
         Ok(Answer::Later)
     }
 
