@@ -69,7 +69,7 @@ impl Client {
         }
         .await;
         if created.is_ok() && resume && !at_once {
-            created = self.control_tasks(&ids, TaskAction::Resume).await;
+            created = self.resume_tasks(&ids).await;
         }
         match created {
             Ok(()) => Ok(ids),
@@ -93,6 +93,14 @@ impl Client {
         if let Err(e) = self.acknowledge_tasks(tasks).await {
             warn!(error = %e, "retiring the tasks of a refused batch failed");
         }
+    }
+
+    /// Resumes these tasks, in requests of [`BATCH_TASKS`] (each one transaction).
+    pub(crate) async fn resume_tasks(&self, tasks: &[TaskId]) -> Result<()> {
+        for chunk in tasks.chunks(BATCH_TASKS) {
+            self.request_ok(Request::ResumeTasks { tasks: chunk.to_vec() }).await?;
+        }
+        Ok(())
     }
 
     /// Applies `action` to each task, with up to [`PIPELINE`] requests on their way at

@@ -180,7 +180,7 @@ impl Session {
             self.shared.client.set_task_policy(group, *policy).await?;
         }
         if resume {
-            self.shared.client.control_tasks(ids, TaskAction::Resume).await?;
+            self.shared.client.resume_tasks(ids).await?;
         }
         Ok(())
     }

@@ -133,6 +133,12 @@ pub enum Request {
     SetSessionClientCert { identifier: String, cert: Option<ClientCertificate> },
     /// → [`Response::SessionClientCert`] (the files, never the key).
     GetSessionClientCert { identifier: String },
+    // Protocol 5.
+    /// Resumes many tasks in one transaction, each as `ControlTask { Resume }` would (a
+    /// suspended task is queued, a waiting one retried now; a queued or running one is left
+    /// as it is). All or nothing: an unknown or completed task refuses the whole request.
+    /// → [`Response::Ok`]
+    ResumeTasks { tasks: Vec<TaskId> },
 }
 
 /// A session's client certificate: PEM files the daemon reads (the certificate, followed by
@@ -323,6 +329,7 @@ impl Request {
             Request::AnswerChallenge { .. } => "answer_challenge",
             Request::SetSessionClientCert { .. } => "set_session_client_cert",
             Request::GetSessionClientCert { .. } => "get_session_client_cert",
+            Request::ResumeTasks { .. } => "resume_tasks",
         }
     }
 }

@@ -490,11 +490,12 @@ fn handshake_is_frozen() {
     check(2, "hello", &hello);
     check(3, "hello", &hello);
     check(4, "hello", &hello);
+    check(5, "hello", &hello);
     let welcome = Welcome { daemon_version: "0.1.0".into(), pid: 4242, connection_id: 7 };
-    for version in 1..=4 {
+    for version in 1..=5 {
         check(version, "welcome", &frame::encode_frame(&welcome).unwrap());
     }
-    assert_eq!(&Preamble::ours(HandshakeStatus::Ok).to_bytes(), b"DLSD\x00\x04\x00\x00");
+    assert_eq!(&Preamble::ours(HandshakeStatus::Ok).to_bytes(), b"DLSD\x00\x05\x00\x00");
     assert_eq!(&Preamble { version: 9, status: HandshakeStatus::VersionMismatch }.to_bytes(), b"DLSD\x00\x09\x00\x01");
 }
 
@@ -504,6 +505,7 @@ fn daemons_serve_every_supported_version() {
     assert_eq!(with(1).negotiate().unwrap(), 1);
     assert_eq!(with(2).negotiate().unwrap(), 2);
     assert_eq!(with(3).negotiate().unwrap(), 3);
+    assert_eq!(with(4).negotiate().unwrap(), 4);
     assert_eq!(with(PROTOCOL_VERSION).negotiate().unwrap(), PROTOCOL_VERSION);
     assert!(with(0).negotiate().is_err());
     assert!(with(PROTOCOL_VERSION + 1).negotiate().is_err());
@@ -521,6 +523,7 @@ fn requests_are_frozen_and_round_trip() {
         check(2, name, &bytes);
         check(3, name, &bytes);
         check(4, name, &bytes);
+        check(5, name, &bytes);
         let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![frame], "{name} does not round-trip");
     }
@@ -530,6 +533,7 @@ fn requests_are_frozen_and_round_trip() {
         check(2, name, &bytes);
         check(3, name, &bytes);
         check(4, name, &bytes);
+        check(5, name, &bytes);
         let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![frame], "{name} does not round-trip");
     }
@@ -538,6 +542,7 @@ fn requests_are_frozen_and_round_trip() {
         let bytes = frame::encode_frame(&frame).unwrap();
         check(3, name, &bytes);
         check(4, name, &bytes);
+        check(5, name, &bytes);
         let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![frame], "{name} does not round-trip");
     }
@@ -545,9 +550,16 @@ fn requests_are_frozen_and_round_trip() {
         let frame = RequestFrame { id: 0x1234, request };
         let bytes = frame::encode_frame(&frame).unwrap();
         check(4, name, &bytes);
+        check(5, name, &bytes);
         let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![frame], "{name} does not round-trip");
     }
+    // Protocol 5 only appended a request: protocol 4's messages are unchanged.
+    let frame = RequestFrame { id: 0x1234, request: Request::ResumeTasks { tasks: vec![7, 8, 1 << 40] } };
+    let bytes = frame::encode_frame(&frame).unwrap();
+    check(5, "req_resume_tasks", &bytes);
+    let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
+    assert_eq!(back, vec![frame], "req_resume_tasks does not round-trip");
 }
 
 #[test]
@@ -555,6 +567,7 @@ fn server_messages_are_frozen_and_round_trip() {
     for (name, msg) in server_messages().into_iter().chain(server_messages_v2()) {
         let bytes = frame::encode_frame(&msg).unwrap();
         check(4, name, &bytes);
+        check(5, name, &bytes);
         let back: Vec<ServerMessage> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![msg.clone()], "{name} does not round-trip");
         // Protocols 2 and 3 get the bytes they always got.
@@ -568,6 +581,7 @@ fn server_messages_are_frozen_and_round_trip() {
     for (name, msg) in server_messages_v3() {
         let bytes = frame::encode_frame(&msg).unwrap();
         check(4, name, &bytes);
+        check(5, name, &bytes);
         let back: Vec<ServerMessage> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![msg.clone()], "{name} does not round-trip");
         check(3, name, &frame::encode_server_frame(3, msg).unwrap());
@@ -575,6 +589,7 @@ fn server_messages_are_frozen_and_round_trip() {
     for (name, msg) in server_messages_v4() {
         let bytes = frame::encode_frame(&msg).unwrap();
         check(4, name, &bytes);
+        check(5, name, &bytes);
         let back: Vec<ServerMessage> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![msg], "{name} does not round-trip");
     }

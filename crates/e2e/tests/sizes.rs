@@ -90,6 +90,48 @@ async fn a_started_batch_refused_halfway_ran_nothing_and_tells_nothing() {
     assert!(error.is_some(), "a missing resource completes with its 404");
 }
 
+/// A started batch split into several requests is started whole once every part exists
+/// (`ResumeTasks`), and `ResumeTasks` itself is all or nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_batch_starts_whole_and_resume_tasks_is_all_or_nothing() {
+    use dlsession::proto::TaskSpec;
+    use dlsession::{DownloadRequest, TaskState};
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    // Never answered: the tasks stay queued or running while we look.
+    s.add("/slow", Resource::generated(10, 1).fault(Hits::All, Fault::SlowHeaders(Duration::from_secs(3600))));
+    let (session, _events) = dlsession_testkit::app::attach(&env, dlsession_testkit::app::config(&env, "t.whole")).await;
+    let requests: Vec<DownloadRequest> = (0..1500).map(|_| DownloadRequest::new(s.url("/slow"))).collect();
+    let tasks = session.download_tasks(requests, true).await.unwrap();
+    assert_eq!(tasks.len(), 1500);
+    let suspended = session.get_all_tasks().await.unwrap().iter().filter(|t| t.state == TaskState::Suspended).count();
+    assert_eq!(suspended, 0, "tasks of a started batch left suspended");
+
+    let client = dlsession_testkit::app::client(&env).await;
+    let specs = (0..3).map(|_| TaskSpec::get(s.url("/slow"))).collect();
+    let ids = client.create_tasks("t.whole", specs, false).await.unwrap();
+    let with_unknown = ids.iter().copied().chain([1 << 40]).collect();
+    let err = client.request(Request::ResumeTasks { tasks: with_unknown }).await.unwrap_err();
+    assert_eq!(err.code(), dlsession::ErrorCode::NoSuchTask, "{err}");
+    let state = |id| {
+        let client = client.clone();
+        async move {
+            match client.request(Request::GetTask { task: id }).await.unwrap() {
+                Response::Task(t) => t.info.state,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    for &id in &ids {
+        assert_eq!(state(id).await, TaskState::Suspended, "resumed by a refused request");
+    }
+    client.request(Request::ResumeTasks { tasks: ids.clone() }).await.unwrap();
+    for &id in &ids {
+        assert_ne!(state(id).await, TaskState::Suspended);
+    }
+}
+
 /// Two destinations naming one file are refused across a batch split into several
 /// requests as within one: before anything is created.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -126,7 +126,9 @@ impl Core {
             | Request::AnswerChallenge { task, .. }
             | Request::SetBandwidthLimit { target: LimitTarget::Task { task }, .. } => tasks(&[*task]),
             Request::SetBandwidthLimit { .. } => None,
-            Request::AcknowledgeTasks { tasks: ids } | Request::SetTaskPolicy { tasks: ids, .. } => tasks(ids),
+            Request::AcknowledgeTasks { tasks: ids }
+            | Request::SetTaskPolicy { tasks: ids, .. }
+            | Request::ResumeTasks { tasks: ids } => tasks(ids),
             Request::GetBandwidthLimits => Some(Dormant::All),
             Request::ListTasks(query) => {
                 if !query.states.is_empty() && !query.states.contains(&TaskState::Suspended) {

@@ -11,9 +11,48 @@ use crate::core::task::AfterStop;
 use crate::core::transitions::cancelled;
 use crate::core::{After, Core};
 use crate::model::{SessionKey, now_ms};
+use crate::store::Op;
 use dlsession_proto::{ErrorCode, ErrorInfo, Response, TaskAction, TaskId, TaskState};
 
 impl Core {
+    /// Resumes many tasks in one commit (`ResumeTasks`), each as `control_task` resumes
+    /// one; all or nothing.
+    pub(super) fn resume_tasks(&mut self, conn: ConnId, id: u64, tasks: &[TaskId]) -> Handled {
+        self.within_batch_limit(tasks.len(), "tasks")?;
+        for &task in tasks {
+            let t = self.tasks.get(&task).ok_or_else(|| no_such_task(task))?;
+            if t.state == TaskState::Completed {
+                return Err(ErrorInfo::new(ErrorCode::InvalidRequest, format!("task {task} has already completed")));
+            }
+        }
+        let now = now_ms();
+        let mut ops = Vec::new();
+        for &task in tasks {
+            let Some(t) = self.tasks.get_mut(&task) else { continue };
+            let pending_suspend = t.run.as_ref().is_some_and(|r| r.after_stop == Some(AfterStop::Suspend));
+            match t.state {
+                TaskState::Suspended => {
+                    self.make_queued(task, now);
+                    if let Some(t) = self.tasks.get(&task) {
+                        ops.push(Op::UpdateTask(Box::new(t.rec.clone())));
+                    }
+                }
+                TaskState::Running if pending_suspend => {
+                    if let Some(run) = t.run.as_mut() {
+                        run.after_stop = Some(AfterStop::Requeue);
+                    }
+                }
+                TaskState::Waiting => self.retry_now(task, false, Vec::new()),
+                _ => {}
+            }
+        }
+        info!(tasks = tasks.len(), "tasks resumed");
+        // After whatever is on its way: a task resumed by an earlier request counts.
+        self.commit_after_pending(ops, vec![After::Reply { conn, id, response: Response::Ok }]);
+        self.schedule();
+        Ok(Answer::Later)
+    }
+
     pub(super) fn control_task(&mut self, conn: ConnId, id: u64, task: TaskId, action: TaskAction) -> Handled {
         let t = self.tasks.get_mut(&task).ok_or_else(|| no_such_task(task))?;
         let state = t.state;

@@ -140,6 +140,7 @@ impl Core {
                 self.create_from_resume_data(conn, id, identifier, resume_data, resume, check)
             }
             Request::ControlTask { task, action } => self.control_task(conn, id, task, action),
+            Request::ResumeTasks { tasks } => self.resume_tasks(conn, id, &tasks),
             Request::GetTask { task } => self.get_task(conn, id, task),
             Request::ListTasks(query) => self.list_tasks(query),
             Request::AckEvents { identifier, seqs } => {
@@ -262,6 +263,7 @@ fn access(request: &Request) -> Access {
         | Request::AnswerChallenge { .. }
         | Request::CreateTaskFromResumeData { .. }
         | Request::ControlTask { .. }
+        | Request::ResumeTasks { .. }
         | Request::AckEvents { .. }
         | Request::FinishTasksAndInvalidate { .. }
         | Request::InvalidateAndCancel { .. }

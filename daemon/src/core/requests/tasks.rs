@@ -208,7 +208,7 @@ impl Core {
     }
 
     /// At most `max_tasks_per_batch` of them in one request.
-    fn within_batch_limit(&self, n: usize, what: &str) -> Result<(), ErrorInfo> {
+    pub(super) fn within_batch_limit(&self, n: usize, what: &str) -> Result<(), ErrorInfo> {
         let max = self.cfg.limits.max_tasks_per_batch as usize;
         if n > max {
             return Err(ErrorInfo::new(
