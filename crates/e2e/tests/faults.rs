@@ -210,6 +210,47 @@ async fn a_restored_move_removes_a_copy_named_by_a_repeated_pid() {
     assert!(!leftover.exists(), "the leftover copy is still there");
 }
 
+/// A file that was at the destination before (so the move failed) is never taken for the
+/// download, even of the same size, once the cache copy is gone: the task downloads again
+/// (and waits again for its destination), instead of completing with someone else's file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_was_there_is_not_taken_for_the_download() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    s.add("/a", Resource::generated(4096, 5).throttle(4096));
+    let dest = env.path().join("taken.bin");
+    let (session, mut events) = attach(&env, SessionConfiguration::background("t.taken")).await;
+    let task = session
+        .download_tasks(vec![DownloadRequest::new(s.url("/a")).destination(&dest)], true)
+        .await
+        .unwrap()
+        .remove(0);
+    // Someone puts a file of the same size there while it downloads.
+    std::fs::write(&dest, vec![b'u'; 4096]).unwrap();
+    let waiting = || {
+        dlsession_testkit::wait_for("destination_unavailable", LONG, || {
+            let info = dlsession_testkit::block(task.info()).unwrap();
+            matches!(info.wait, Some(WaitReason::DestinationUnavailable { .. })).then_some(())
+        })
+    };
+    waiting();
+    // The cache copy is cleaned away behind the daemon's back.
+    let cached: Vec<_> = dlsession_testkit::host::walk(&env.downloads_dir())
+        .into_iter()
+        .filter(|p| p.metadata().unwrap().len() == 4096)
+        .collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    std::fs::remove_file(&cached[0]).unwrap();
+    let resumed = env.ctl(&["resume", &task.id().to_string()]);
+    assert!(resumed.status.success(), "{resumed:?}");
+    dlsession_testkit::wait_for("a second download", LONG, || (s.hits("/a") == 2).then_some(()));
+    waiting();
+    events.drain();
+    assert!(events.seen.iter().all(|e| !matches!(e, Seen::Completed { .. })), "{:?}", events.seen);
+    assert_eq!(std::fs::read(&dest).unwrap(), vec![b'u'; 4096], "the file that was there is untouched");
+}
+
 /// A finished download whose destination cannot be written is never destroyed: the task
 /// waits (`destination_unavailable`, naming the OS error), keeps its data, and `resume`
 /// puts it in place once the destination works, without downloading it again.
@@ -659,9 +700,10 @@ async fn without_a_mark_the_finish_is_committed_before_the_move() {
     assert!(!marked(&file));
 }
 
-/// A destination on another filesystem than the cache gets a copy, which would not carry
-/// the mark: the finish is committed before the copy, so a crash right after it ends in
-/// the completion, without downloading again.
+/// A destination on another filesystem than the cache gets a copy: the finish is committed
+/// before the copy, so a crash right after it ends in the completion, without downloading
+/// again. The copy carries the task's mark too (which proves it the task's file once the
+/// cache copy is gone).
 #[cfg_attr(not(dlsession_root), ignore = "needs root to mount a tmpfs; CI runs it as root")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_to_another_filesystem_is_committed_before_it_starts() {
@@ -675,7 +717,7 @@ async fn a_copy_to_another_filesystem_is_committed_before_it_starts() {
         .expect("a tmpfs that keeps user extended attributes (Linux 6.6 or later)");
     std::fs::remove_file(&probe).unwrap();
     let file = crash_right_after_the_move(&env, &env.path().join("f.bin"), 42).await;
-    assert!(!marked(&file), "a copy carries no mark");
+    assert!(marked(&file), "the copy carries the mark");
 }
 
 /// A resource that changed while the daemon was down starts over from zero; a crash right

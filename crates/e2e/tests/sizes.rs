@@ -101,7 +101,8 @@ async fn a_split_batch_starts_whole_and_resume_tasks_is_all_or_nothing() {
     let s = TestServer::start().await.unwrap();
     // Never answered: the tasks stay queued or running while we look.
     s.add("/slow", Resource::generated(10, 1).fault(Hits::All, Fault::SlowHeaders(Duration::from_secs(3600))));
-    let (session, _events) = dlsession_testkit::app::attach(&env, dlsession_testkit::app::config(&env, "t.whole")).await;
+    let (session, _events) =
+        dlsession_testkit::app::attach(&env, dlsession_testkit::app::config(&env, "t.whole")).await;
     let requests: Vec<DownloadRequest> = (0..1500).map(|_| DownloadRequest::new(s.url("/slow"))).collect();
     let tasks = session.download_tasks(requests, true).await.unwrap();
     assert_eq!(tasks.len(), 1500);

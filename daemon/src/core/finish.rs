@@ -165,6 +165,8 @@ impl Core {
             progress: t.progress.clone(),
             // Moves from here follow a committed finishing phase.
             recorded: true,
+            mark: marks(&t.rec).then(|| task_mark(&t.rec)),
+            sha256: t.rec.expected_sha256,
         }
     }
 
@@ -195,6 +197,12 @@ impl Core {
         self.set_state(id, TaskState::Waiting);
         self.save_task(id, Vec::new());
     }
+}
+
+/// Whether the task's files carry its mark: not when others may write them (anyone could
+/// then write the mark).
+pub(super) fn marks(rec: &crate::model::TaskRecord) -> bool {
+    rec.file_mode & 0o022 == 0
 }
 
 /// A task's mark on its finished file (see `engine::files::MARK`): unique to the task, even

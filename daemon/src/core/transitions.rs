@@ -212,7 +212,7 @@ impl Core {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         // A file others may write could carry a mark anyone wrote: such a task's finish is
         // committed before its move instead (docs/behaviour.md, "Durability").
-        let mark = (t.rec.file_mode & 0o022 == 0).then(|| super::finish::task_mark(&t.rec));
+        let mark = super::finish::marks(&t.rec).then(|| super::finish::task_mark(&t.rec));
         let job = Job {
             link: WorkerLink::new(self.sink.clone(), id, generation),
             session: s.rec.identifier.clone(),

@@ -59,12 +59,20 @@ pub struct Found {
 /// synced before it counts. Anything that cannot be examined is not found: the download
 /// goes on, and its move deals with the destination.
 pub fn found_in_place(part: &Path, to: &Path, mark: &str, sha256: Option<[u8; 32]>) -> Option<Found> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     match std::fs::symlink_metadata(part) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         // Still there (or unknown): not renamed.
         _ => return None,
     }
+    let size = marked_size(to, mark, sha256)?;
+    Some(Found { size, synced: sync_parent(to) })
+}
+
+/// The size of the file at `to` if it is the task's (see [`found_in_place`]): a regular
+/// file of this user, written by nobody else, with no other name, carrying `mark`, with
+/// the SHA-256 `sha256` when given.
+fn marked_size(to: &Path, mark: &str, sha256: Option<[u8; 32]>) -> Option<u64> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let euid = rustix::process::geteuid().as_raw();
     // Never opened unless it looks like a candidate (a device or FIFO is not opened at all).
     let looked = std::fs::symlink_metadata(to).ok()?;
@@ -83,21 +91,46 @@ pub fn found_in_place(part: &Path, to: &Path, mark: &str, sha256: Option<[u8; 32
     if buf.get(..n) != Some(mark.as_bytes()) {
         return None;
     }
-    if let Some(expected) = sha256 {
-        use sha2::Digest as _;
-        let mut hasher = sha2::Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            match read_full(&mut file, &mut buf).ok()? {
-                0 => break,
-                n => hasher.update(buf.get(..n)?),
-            }
-        }
-        if <[u8; 32]>::from(hasher.finalize()) != expected {
-            return None;
+    if sha256.is_some_and(|expected| sha256_of(&mut file) != Some(expected)) {
+        return None;
+    }
+    Some(meta.len())
+}
+
+/// The SHA-256 of what is left to read of `file` (`None` on a read error).
+fn sha256_of(file: &mut File) -> Option<[u8; 32]> {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match read_full(file, &mut buf).ok()? {
+            0 => return Some(hasher.finalize().into()),
+            n => hasher.update(buf.get(..n)?),
         }
     }
-    Some(Found { size: meta.len(), synced: sync_parent(to) })
+}
+
+/// Whether the file of the task's size at `to`, its cache copy gone, is the task's own
+/// (moved before a crash cut the finish short) rather than one that was there before (the
+/// reason an earlier move failed) while the cache copy was cleaned away. Its mark proves
+/// it; without one it counts only where the filesystem keeps no marks (so the task's file
+/// could not carry one either), or when the task's file was never marked (others may
+/// write it). The expected SHA-256, when the task has one, must match either way.
+fn proven_ours(to: &Path, job: &Finish) -> bool {
+    if let Some(mark) = job.mark.as_deref() {
+        if marked_size(to, mark, job.sha256) == Some(job.size) {
+            return true;
+        }
+        // A mark of another task, or none where one could be kept: not ours.
+        let kept_none = matches!(rustix::fs::lgetxattr(to, MARK, &mut [0u8; 0][..]), Err(rustix::io::Errno::NOTSUP));
+        if !kept_none {
+            return false;
+        }
+    }
+    match job.sha256 {
+        Some(expected) => File::open(to).ok().and_then(|mut f| sha256_of(&mut f)) == Some(expected),
+        None => true,
+    }
 }
 
 /// Why a finish could not be completed (see [`complete_move`]).
@@ -124,6 +157,12 @@ pub struct Finish {
     /// The finishing phase is committed. When it is not, the file carries its mark and
     /// may only be renamed: a move across filesystems fails with [`MoveError::Unrecorded`].
     pub recorded: bool,
+    /// The task's mark (see [`MARK`]), when the file's mode lets nobody else write it: a
+    /// copy across filesystems gets it too, and only a destination carrying it counts as
+    /// the task's file once the cache copy is gone.
+    pub mark: Option<String>,
+    /// The SHA-256 the task expects, checked as well when the file is found that way.
+    pub sha256: Option<[u8; 32]>,
 }
 
 /// Which half-written copies next to a destination are leftovers (see [`remove_stale_copies`]).
@@ -166,8 +205,10 @@ pub fn complete_move(job: &Finish, leftovers: Leftovers) -> Result<(), CompleteE
             std::fs::set_permissions(from, std::fs::Permissions::from_mode(job.mode)).map_err(io_err)?;
             Ok(move_into_place(job)?)
         }
-        // Renamed; whether the rename is durable is not known, so make it so.
-        (None, Some(b)) if b == size => Ok(sync_parent(to).map_err(io_err)?),
+        // Renamed; whether the rename is durable is not known, so make it so. Only if it is
+        // ours: a file of the same size may have been there all along (the reason the move
+        // failed) while the cache copy was cleaned away.
+        (None, Some(b)) if b == size && proven_ours(to, job) => Ok(sync_parent(to).map_err(io_err)?),
         _ => Err(CompleteError::Lost),
     }
 }
@@ -617,6 +658,13 @@ fn copy_then_rename(job: &Finish) -> Result<(), MoveError> {
         // The copy is handed over with the file's mode, not the daemon's umask.
         dst.set_permissions(std::fs::Permissions::from_mode(job.mode))?;
         copy_beating(&mut src, &mut dst, &job.progress)?;
+        // The copy carries the mark too, where the filesystem keeps one: it is what
+        // proves the file ours if the cache copy is gone before the task is completed.
+        if let Some(m) = &job.mark
+            && let Err(e) = mark(&dst, m)
+        {
+            tracing::debug!(error = %e, path = %to.display(), "the destination's filesystem keeps no mark");
+        }
         dst.sync_all()?;
         // The copy is a temporary name of ours, removed as a leftover after a crash.
         rename(&tmp, to, overwrite, NoReplace::Link)
@@ -736,6 +784,8 @@ mod tests {
             size,
             mode: 0o644,
             progress: Arc::new(Progress::default()),
+            mark: None,
+            sha256: None,
         }
     }
 
@@ -902,13 +952,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let from = dir.path().join("1.part");
         let to = dir.path().join("out/f");
+        let marked = |f: &Path| Finish { mark: Some("1.2.3".into()), ..finish(f, &to, false, 5) };
         // Not moved yet.
         std::fs::write(&from, b"12345").unwrap();
-        complete_move(&finish(&from, &to, false, 5), Leftovers::OthersOnly).unwrap();
+        mark(&File::open(&from).unwrap(), "1.2.3").unwrap();
+        complete_move(&marked(&from), Leftovers::OthersOnly).unwrap();
         assert_eq!(std::fs::read(&to).unwrap(), b"12345");
         assert!(!from.exists());
         // Moved already (the source is gone): nothing to do but sync.
-        complete_move(&finish(&from, &to, false, 5), Leftovers::OthersOnly).unwrap();
+        complete_move(&marked(&from), Leftovers::OthersOnly).unwrap();
+        // Unless what is there is not the task's file: a file of the same size that was
+        // there before (the reason the move failed), the cache copy since cleaned away.
+        let other = Finish { mark: Some("1.2.4".into()), ..finish(&from, &to, false, 5) };
+        assert!(matches!(complete_move(&other, Leftovers::OthersOnly), Err(CompleteError::Lost)), "another task's");
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"54321").unwrap();
+        let unmarked = Finish { to: plain.clone(), ..marked(&from) };
+        assert!(
+            matches!(complete_move(&unmarked, Leftovers::OthersOnly), Err(CompleteError::Lost)),
+            "unmarked where a mark is kept"
+        );
+        let sha = |b: &[u8]| -> [u8; 32] { <sha2::Sha256 as sha2::Digest>::digest(b).into() };
+        let never_marked = Finish { to: plain.clone(), sha256: Some(sha(b"12345")), ..finish(&from, &plain, false, 5) };
+        assert!(matches!(complete_move(&never_marked, Leftovers::OthersOnly), Err(CompleteError::Lost)), "other bytes");
+        let never_marked = Finish { sha256: Some(sha(b"54321")), ..never_marked };
+        complete_move(&never_marked, Leftovers::OthersOnly).unwrap();
         // Copied already, the source not yet removed: adopted only with the same bytes.
         std::fs::write(&from, b"12345").unwrap();
         complete_move(&finish(&from, &to, false, 5), Leftovers::OthersOnly).unwrap();

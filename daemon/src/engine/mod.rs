@@ -548,6 +548,8 @@ impl Engine {
                 mode: job.file_mode,
                 progress: job.progress.clone(),
                 recorded,
+                mark: job.mark.clone(),
+                sha256: job.expected_sha256,
             };
             let moved = self.mover.move_into_place(finish).await;
             if let Err(files::MoveError::Unrecorded(_)) = moved
