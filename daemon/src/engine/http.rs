@@ -441,7 +441,8 @@ pub fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
     let (start, end) = range.split_once('-')?;
     let start: u64 = start.trim().parse().ok()?;
     let end: u64 = end.trim().parse().ok()?;
-    if end < start {
+    // (No file holds 2^64 bytes: an end there could not be counted past.)
+    if end < start || end == u64::MAX {
         return None;
     }
     let total = match total.trim() {
@@ -479,6 +480,7 @@ mod tests {
         assert_eq!(parse_content_range("bytes 0-100/100"), None);
         assert_eq!(parse_content_range("items 0-1/2"), None);
         assert_eq!(parse_content_range("bytes */100"), None);
+        assert_eq!(parse_content_range("bytes 0-18446744073709551615/*"), None, "an end no length can follow");
     }
 
     #[test]
