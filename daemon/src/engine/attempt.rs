@@ -144,8 +144,7 @@ impl Engine {
             f.error.http_status = Some(status);
             return Err(f);
         }
-        let etag = get(hyper::header::ETAG);
-        let last_modified = get(hyper::header::LAST_MODIFIED);
+        let (mut etag, mut last_modified) = (get(hyper::header::ETAG), get(hyper::header::LAST_MODIFIED));
         let content_length = get(hyper::header::CONTENT_LENGTH).and_then(|v| v.trim().parse::<u64>().ok());
         let (start, total, restarted) = if status == 206 {
             let range = get(hyper::header::CONTENT_RANGE).and_then(|v| parse_content_range(&v));
@@ -177,6 +176,10 @@ impl Engine {
                     "the resource changed since the partial data was downloaded",
                 ));
             }
+            // A validator the 206 leaves out (it need not repeat `Last-Modified`) still
+            // describes the data: kept, or the next interruption could not resume.
+            etag = etag.or_else(|| job.etag.clone());
+            last_modified = last_modified.or_else(|| job.last_modified.clone());
             if let Some(t) = total
                 && end + 1 != t
             {
