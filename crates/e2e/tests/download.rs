@@ -168,6 +168,70 @@ async fn a_range_without_last_modified_still_resumes_a_resource_known_by_its_dat
     assert!(requests[1].range.as_deref().is_some_and(|r| r != "bytes=0-"), "{requests:?}");
 }
 
+/// ... and the date a 206 left out is kept: a second interruption resumes again instead of
+/// starting over (the 206's missing header used to erase the stored date).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_date_a_range_left_out_still_resumes_the_next_time() {
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let len = 4u64 << 20;
+    let dated = Resource::generated(len, 30)
+        .no_validators()
+        .last_modified("Tue, 01 Dec 2026 10:00:00 GMT")
+        .throttle(2 << 20)
+        .fault(Hits::Nth(1), Fault::ResetAfter(1 << 20))
+        .fault(Hits::Nth(2), Fault::NoLastModified);
+    server.add("/dated.bin", dated);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.dated2"), delegate).await.unwrap();
+    let task =
+        session.download_tasks(vec![DownloadRequest::new(server.url("/dated.bin"))], true).await.unwrap().remove(0);
+    // Into the second answer (the resumed one, without the date), then stopped.
+    let deadline = std::time::Instant::now() + LONG;
+    while task.info().await.unwrap().bytes_received < (5 << 19) || server.requests_for("/dated.bin").len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "the second answer never got going");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    task.suspend().await.unwrap();
+    task.resume().await.unwrap();
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(30, len)));
+    let requests = server.requests_for("/dated.bin");
+    assert_eq!(requests.len(), 3, "{requests:?}");
+    assert!(requests[2].range.as_deref().is_some_and(|r| r != "bytes=0-"), "resumed again: {requests:?}");
+}
+
+/// A resumed range whose body runs past the end its `Content-Range` announced (chunked, so
+/// no `Content-Length` bounds it) is cut at that end: nothing past it is written, and the
+/// next attempt resumes exactly there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_body_longer_than_its_range_is_cut_at_the_announced_end() {
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let len = 4u64 << 20;
+    server.add(
+        "/long.bin",
+        Resource::generated(len, 31)
+            .fault(Hits::Nth(1), Fault::ResetAfter(1 << 20))
+            .fault(Hits::Nth(2), Fault::LongRangeOfUnknownTotal(1 << 20)),
+    );
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.long-range"), delegate).await.unwrap();
+    let task =
+        session.download_tasks(vec![DownloadRequest::new(server.url("/long.bin"))], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(31, len)));
+    let requests = server.requests_for("/long.bin");
+    let announced_end = len - (1 << 20);
+    assert_eq!(
+        requests.get(2).and_then(|r| r.range.clone()),
+        Some(format!("bytes={announced_end}-")),
+        "the third request resumes at the end the second announced: {requests:?}"
+    );
+}
+
 /// A resumed range of unknown total (`bytes N-M/*`) whose `Content-Length` is shorter than
 /// the range would make the file end early: it is refused, and the download starts over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

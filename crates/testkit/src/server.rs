@@ -97,6 +97,10 @@ pub enum Fault {
     /// On a range request answer 206 with an unknown total (`bytes N-M/*`), and a
     /// `Content-Length` and body this many bytes shorter than that range, ending cleanly.
     ShortRangeOfUnknownTotal(u64),
+    /// On a range request answer 206 with an unknown total and a `Content-Range` that ends
+    /// this many bytes before the resource does, no `Content-Length`, and the body to the
+    /// resource's end: more than the range announced.
+    LongRangeOfUnknownTotal(u64),
     /// Serve the same body but with this `ETag` (also used for the `If-Range` comparison).
     ChangeEtag(String),
     /// Declare the correct `Content-Length` but stop after this many body bytes: HTTP/1.x closes
@@ -754,6 +758,7 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
     let mut honour_range = res.ranges;
     let mut wrong_content_range = false;
     let mut short_unknown: Option<u64> = None;
+    let mut long_unknown: Option<u64> = None;
     let mut hide_last_modified = false;
     let mut padding: Option<usize> = None;
     let mut body_fault: Option<Fault> = None;
@@ -790,6 +795,7 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
         Some(Fault::IgnoreRange) => honour_range = false,
         Some(Fault::WrongContentRange) => wrong_content_range = true,
         Some(Fault::ShortRangeOfUnknownTotal(k)) => short_unknown = Some(k),
+        Some(Fault::LongRangeOfUnknownTotal(k)) => long_unknown = Some(k),
         Some(Fault::NoLastModified) => hide_last_modified = true,
         Some(f @ (Fault::ResetAfter(_) | Fault::StallAfter(_) | Fault::ShortBody(_) | Fault::LongContentLength(_))) => {
             body_fault = Some(f)
@@ -837,8 +843,9 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
         }
         RangeReq::Range(first, last) => {
             let first = if wrong_content_range { first + 1 } else { first };
-            let of = if short_unknown.is_some() { "*".to_owned() } else { total.to_string() };
-            builder = builder.header(header::CONTENT_RANGE, format!("bytes {first}-{last}/{of}"));
+            let of = if short_unknown.is_some() || long_unknown.is_some() { "*".to_owned() } else { total.to_string() };
+            let announced = last.saturating_sub(long_unknown.unwrap_or(0)).max(first);
+            builder = builder.header(header::CONTENT_RANGE, format!("bytes {first}-{announced}/{of}"));
             (StatusCode::PARTIAL_CONTENT, first.min(last + 1), last + 1)
         }
     };
@@ -857,7 +864,8 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
             None => (body_len, Tail::End, body_len),
         },
     };
-    if res.content_length || matches!(body_fault, Some(Fault::LongContentLength(_))) {
+    let chunked = long_unknown.is_some() && status == StatusCode::PARTIAL_CONTENT;
+    if (res.content_length && !chunked) || matches!(body_fault, Some(Fault::LongContentLength(_))) {
         builder = builder.header(header::CONTENT_LENGTH, declared_len);
     }
 

@@ -641,8 +641,14 @@ impl Engine {
                 continue;
             }
             // hyper holds a body to its Content-Length, but a 206 may announce its length
-            // only in Content-Range: a held body keeps no byte beyond what was announced.
-            let room = hold.map_or(u64::MAX, |h| h.limit.saturating_sub(batch.bytes as u64));
+            // only in Content-Range (a chunked or HTTP/2 body): no byte beyond the announced
+            // end is kept, held or streamed (it would be written, and checkpointed, past it).
+            let to_end = job
+                .progress
+                .expected
+                .load(Ordering::Relaxed)
+                .saturating_sub(job.progress.received.load(Ordering::Relaxed));
+            let room = hold.map_or(u64::MAX, |h| h.limit.saturating_sub(batch.bytes as u64)).min(to_end);
             let overlong = data.len() as u64 > room;
             if overlong {
                 data.truncate(usize::try_from(room).unwrap_or(0));
