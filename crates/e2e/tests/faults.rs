@@ -77,6 +77,12 @@ async fn hostile_servers_end_in_exact_files_or_clear_errors() {
     assert_eq!(bad.len(), 3, "{bad:?}");
     assert!(offset_of(bad[1].range.as_deref()) > 0);
     assert_eq!(offset_of(bad[2].range.as_deref()), 0);
+    // ... and the app was told its data was discarded (resumed at offset 0).
+    assert!(
+        events.seen.iter().any(|e| matches!(e, Seen::Resumed { task, offset: 0 } if *task == by("/bad-range"))),
+        "{:?}",
+        events.seen
+    );
     // The 200-instead-of-206 restart is reported as resumed at offset 0.
     assert!(events.seen.iter().any(|e| matches!(e, Seen::Resumed { task, offset: 0 } if *task == by("/no-206"))));
 }

@@ -136,6 +136,10 @@ pub(super) struct Task {
     /// crash may have cut its finish short after its file was moved, marked, into place;
     /// its next attempt looks there before anything else (see `engine::files::found_in_place`).
     pub restored: bool,
+    /// Its data was thrown away (the resource changed, or the finished file was lost): the
+    /// next attempt announces that it starts at 0 (`resumed_at_offset`), though it is not
+    /// resuming anything (not stored: after a restart the event is not sent).
+    pub discarded: bool,
     /// The task's own bandwidth limit (`rec.bandwidth_limit`; rate 0 when none), held by its
     /// running download.
     pub limiter: Arc<crate::engine::limiter::RateLimiter>,
@@ -211,6 +215,7 @@ impl Tasks {
             peer: None,
             no_network_since: None,
             restored: false,
+            discarded: false,
             limiter: Arc::new(crate::engine::limiter::RateLimiter::new(bandwidth_limit)),
         };
         self.counts.add(state);

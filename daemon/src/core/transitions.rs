@@ -338,7 +338,8 @@ impl Core {
 
     fn on_started(&mut self, id: TaskId, meta: ResponseMeta, durable: Option<tokio::sync::oneshot::Sender<()>>) {
         let Some(t) = self.tasks.get_mut(&id) else { return };
-        let had_data = t.rec.committed_offset > 0;
+        let discarded = std::mem::take(&mut t.discarded);
+        let had_data = t.rec.committed_offset > 0 || discarded;
         t.peer = meta.peer.or(t.peer);
         let rec = &mut t.rec;
         rec.response_status = Some(meta.status);
@@ -364,7 +365,7 @@ impl Core {
             self.notify_watchers(id);
             return;
         }
-        let announces = meta.offset > 0 || meta.restarted;
+        let announces = meta.offset > 0 || meta.restarted || discarded;
         let mut ops = vec![Op::UpdateTask(Box::new(rec.clone()))];
         t.unsaved = false;
         let mut after = Vec::new();
@@ -469,6 +470,7 @@ impl Core {
         };
         warn!(%session, task = id, error = %failure.error, attempt = t.rec.attempts, "download attempt failed");
         if failure.discard_partial {
+            t.discarded |= t.rec.committed_offset > 0 || t.rec.phase == Phase::Finishing;
             t.rec.committed_offset = 0;
             t.rec.etag = None;
             t.rec.last_modified = None;
