@@ -427,7 +427,14 @@ impl Engine {
         };
         job.link.send(WorkerEvent::Started { meta, durable });
         if let Some(committed) = committed {
-            if committed.await.is_err() {
+            // A stop is heard meanwhile (the commit may wait long: the database refusing
+            // writes, a shutdown): nothing new was written, and the reset is on its way.
+            let landed = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => return Outcome::Stopped(0),
+                r = committed => r,
+            };
+            if landed.is_err() {
                 return Outcome::Aborted;
             }
             // Abort only (never a pause): this runs on the async runtime.
