@@ -40,6 +40,9 @@ pub struct Limits {
 #[derive(Debug, Clone)]
 pub struct Timing {
     pub handshake_timeout: Duration,
+    /// A request's disk phase (destinations, a kept file, certificate files) that takes
+    /// longer (a hung mount) is answered with `file_error`, and its connection goes on.
+    pub disk_check_timeout: Duration,
     pub connect_timeout: Duration,
     /// Progress events: at most one per task per interval.
     pub progress_interval: Duration,
@@ -165,6 +168,7 @@ struct FileConfig {
     max_connections: Option<u32>,
     max_tasks_per_batch: Option<u32>,
     handshake_timeout_ms: Option<u64>,
+    disk_check_timeout_ms: Option<u64>,
     connect_timeout_ms: Option<u64>,
     progress_interval_ms: Option<u64>,
     checkpoint_bytes: Option<u64>,
@@ -215,6 +219,7 @@ impl Config {
             },
             timing: Timing {
                 handshake_timeout: ms(file.handshake_timeout_ms, 5_000),
+                disk_check_timeout: ms(file.disk_check_timeout_ms, 30_000),
                 connect_timeout: ms(file.connect_timeout_ms, 30_000),
                 progress_interval: ms(file.progress_interval_ms, 250),
                 checkpoint_bytes: file.checkpoint_bytes.unwrap_or(64 << 20),
@@ -279,6 +284,7 @@ impl Config {
         for (key, d) in [
             ("progress_interval_ms", self.timing.progress_interval),
             ("handshake_timeout_ms", self.timing.handshake_timeout),
+            ("disk_check_timeout_ms", self.timing.disk_check_timeout),
             ("connect_timeout_ms", self.timing.connect_timeout),
             ("checkpoint_interval_ms", self.timing.checkpoint_interval),
         ] {

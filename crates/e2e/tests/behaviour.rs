@@ -274,6 +274,51 @@ async fn a_creation_whose_client_left_during_its_check_is_dropped() {
     assert_eq!(tasks.as_array().unwrap().len(), 0, "created for a client that left: {tasks}");
 }
 
+/// A destination check that hangs longer than `disk_check_timeout_ms` fails its request
+/// with `file_error`, and the connection's later requests go on; what the check finds
+/// afterwards is dropped. A check that panics (a bug) fails its request at once the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_check_that_hangs_or_panics_fails_and_the_connection_goes_on() {
+    use dlsession::proto::{Response, ServerMessage, TaskSpec};
+    for (failpoint, code) in [
+        ("destination-check:1:sleep-ms=4000", dlsession::ErrorCode::FileError),
+        ("destination-check:1:panic", dlsession::ErrorCode::Internal),
+    ] {
+        let env = TestEnv::new();
+        env.set_config("disk_check_timeout_ms", "1000");
+        let _d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", std::ffi::OsStr::new(failpoint))]);
+        let mut raw = dlsession_testkit::raw::RawClient::connect(&env.socket);
+        raw.send([(1, Request::OpenSession { identifier: "t.hung".into(), config: None })]);
+        assert!(matches!(raw.recv(), ServerMessage::Response { id: 1, result: Ok(Response::Session(_)) }));
+        let mut spec = TaskSpec::get("http://127.0.0.1:9/x");
+        spec.destination = Some(env.path().join("hung.bin").to_string_lossy().into_owned());
+        let began = std::time::Instant::now();
+        raw.send([
+            (2, Request::CreateTasks { identifier: "t.hung".into(), tasks: vec![spec], resume: false }),
+            (3, Request::Status),
+        ]);
+        let mut answers = Vec::new();
+        while answers.len() < 2 {
+            if let ServerMessage::Response { id, result } = raw.recv() {
+                answers.push((id, result));
+            }
+        }
+        let took = began.elapsed();
+        answers.sort_by_key(|(id, _)| *id);
+        match &answers[0].1 {
+            Err(e) => assert_eq!(e.code, code, "{failpoint}: {e}"),
+            Ok(other) => panic!("{failpoint}: {other:?}"),
+        }
+        assert!(matches!(answers[1].1, Ok(Response::Status(_))), "{failpoint}: {:?}", answers[1]);
+        assert!(took < Duration::from_secs(3), "{failpoint}: answered after {took:?}");
+        // The check ends later: its finding is dropped, no task appears.
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        let listed = env.ctl(&["--json", "tasks"]);
+        let tasks: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+        assert_eq!(tasks.as_array().unwrap().len(), 0, "{failpoint}: {tasks}");
+    }
+}
+
 /// Many destination checks hanging at once (a stuck mount, here a pause on every check
 /// after the first) keep to threads of their own: the daemon's other file work goes on, so
 /// a resumed download, whose partial file is prepared off the runtime, still finishes.

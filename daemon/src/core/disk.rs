@@ -368,8 +368,18 @@ pub(super) fn check_request(
     let threads = CHECKS.get_or_init(|| crate::engine::threads::JobThreads::named("dest-check", CHECK_THREADS));
     // The job starts now; its answer goes to `done`, not to the returned future.
     drop(threads.run(move || {
-        crate::failpoint::hit("destination-check");
-        done(check());
+        // A panic (a bug) still answers: the request fails, its connection goes on.
+        let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            crate::failpoint::hit("destination-check");
+            check()
+        }))
+        .unwrap_or_else(|_| {
+            Err(ErrorInfo::new(
+                ErrorCode::Internal,
+                "checking the files on disk failed unexpectedly (a bug; see the log)",
+            ))
+        });
+        done(checked);
     }));
 }
 

@@ -6,7 +6,7 @@
 //! Invariant kept here: a connection has an entry only while it holds a request, so "does
 //! this connection hold anything?" is whether it has one, or a request on the disk.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use crate::conn::ConnId;
 use dlsession_proto::Request;
@@ -17,9 +17,9 @@ pub(super) const CHECK: u64 = u64::MAX;
 #[derive(Debug, Default)]
 pub(super) struct Held {
     by_conn: HashMap<ConnId, VecDeque<HeldRequest>>,
-    /// Connections with a request in its disk phase (at most one each): their later
-    /// requests wait in `by_conn` until it comes back.
-    on_disk: HashSet<ConnId>,
+    /// Connections with a request in its disk phase (at most one each), and its id: their
+    /// later requests wait in `by_conn` until it comes back or times out.
+    on_disk: HashMap<ConnId, u64>,
     next_ticket: u64,
 }
 
@@ -41,22 +41,27 @@ impl Held {
 
     /// Whether a request of the connection waits (so a new one must wait behind it).
     pub fn holds(&self, conn: ConnId) -> bool {
-        self.by_conn.contains_key(&conn) || self.on_disk.contains(&conn)
+        self.by_conn.contains_key(&conn) || self.on_disk.contains_key(&conn)
     }
 
-    /// A request of the connection went to its disk phase.
-    pub fn went_to_disk(&mut self, conn: ConnId) {
-        self.on_disk.insert(conn);
+    /// Request `id` of the connection went to its disk phase.
+    pub fn went_to_disk(&mut self, conn: ConnId, id: u64) {
+        self.on_disk.insert(conn, id);
     }
 
-    /// The connection's request came back from its disk phase.
-    pub fn back_from_disk(&mut self, conn: ConnId) {
-        self.on_disk.remove(&conn);
+    /// Request `id` came back from its disk phase (or timed out there): true if it was still
+    /// awaited, false if it was given up already (timed out, or its connection closed).
+    pub fn back_from_disk(&mut self, conn: ConnId, id: u64) -> bool {
+        let awaited = self.on_disk.get(&conn) == Some(&id);
+        if awaited {
+            self.on_disk.remove(&conn);
+        }
+        awaited
     }
 
     /// Whether the connection's request is in its disk phase.
     pub fn on_disk(&self, conn: ConnId) -> bool {
-        self.on_disk.contains(&conn)
+        self.on_disk.contains_key(&conn)
     }
 
     pub fn push_back(&mut self, conn: ConnId, held: HeldRequest) {

@@ -101,6 +101,11 @@ pub enum CoreMsg {
         request: Box<Request>,
         result: disk::Checked,
     },
+    /// A disk phase took longer than `disk_check_timeout` (see `requests::tasks`).
+    DiskCheckTimedOut {
+        conn: ConnId,
+        id: u64,
+    },
     /// The disk thread reports.
     Disk(disk::DiskReport),
     Worker {
@@ -444,6 +449,7 @@ impl Core {
             CoreMsg::Conn(ConnEvent::Drained(id)) => self.on_drained(id),
             CoreMsg::Conn(ConnEvent::Request { conn, id, request }) => self.on_request(conn, id, request),
             CoreMsg::DiskChecked { conn, id, request, result } => self.on_disk_checked(conn, id, *request, result),
+            CoreMsg::DiskCheckTimedOut { conn, id } => self.on_disk_check_timed_out(conn, id),
             CoreMsg::Disk(report) => self.on_disk_report(report),
             CoreMsg::Worker { task, generation, event } => self.on_worker(task, generation, event),
             CoreMsg::Committed { result, after } => {

@@ -9,7 +9,7 @@ mod queries;
 mod sessions;
 mod tasks;
 
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::Core;
 use super::disk::{Adoption, Checked};
@@ -51,35 +51,53 @@ impl Core {
 
     /// A request's disk phase is over: handle it again with what it found.
     pub(super) fn on_disk_checked(&mut self, conn: ConnId, id: u64, request: Request, result: Checked) {
-        self.held.back_from_disk(conn);
-        self.finish_disk_phase(conn, id, request, result);
-        // What the connection sent meanwhile goes on.
-        self.release_held(conn);
-    }
-
-    fn finish_disk_phase(&mut self, conn: ConnId, id: u64, request: Request, result: Checked) {
+        // Given up already (it timed out, or its connection closed, as the requests held
+        // behind it did: nothing would be answered, and its files would lose the creator's
+        // file mode): it goes.
+        let awaited = self.held.back_from_disk(conn, id);
+        if !awaited {
+            debug!(conn, id, request = request.name(), "a disk phase given up came back; dropped");
+        }
         match result {
             Ok(prepared) => {
                 let adopted = match &prepared.resume {
                     Some((_, Adoption::Adopted { kept, part })) => Some((part.clone(), kept.clone())),
                     _ => None,
                 };
-                // Its connection closed meanwhile: it goes, as the requests held behind it
-                // did (nothing would be answered, and its files would lose the creator's
-                // file mode). Refused after all (the session went, the daemon is
-                // stopping): the same. The kept file goes back where the resume data says.
-                let gone = self.conns.get(&conn).is_none();
-                if gone {
-                    debug!(conn, id, request = request.name(), "its connection closed during its disk phase; dropped");
-                }
-                if (gone || !self.handle_request(conn, id, request, DiskCheck::Done(prepared)))
+                // Dropped, or refused after all (the session went, the daemon is stopping):
+                // the kept file goes back where the resume data says it is.
+                if (!awaited || !self.handle_request(conn, id, request, DiskCheck::Done(prepared)))
                     && let Some((part, kept)) = adopted
                 {
                     self.disk.unadopt(part, kept);
                 }
             }
-            Err(e) => self.reply(conn, id, Err(e)),
+            Err(e) if awaited => self.reply(conn, id, Err(e)),
+            Err(_) => {}
         }
+        if awaited {
+            // What the connection sent meanwhile goes on.
+            self.release_held(conn);
+        }
+    }
+
+    /// A disk phase took too long (a hung mount): its request is answered with
+    /// `file_error` and its connection goes on; what the check finds later is dropped.
+    pub(super) fn on_disk_check_timed_out(&mut self, conn: ConnId, id: u64) {
+        if !self.held.back_from_disk(conn, id) {
+            return;
+        }
+        let after = self.cfg.timing.disk_check_timeout;
+        warn!(conn, id, ?after, "a disk check did not finish in time (a hung mount?); its request fails");
+        let error = ErrorInfo::new(
+            ErrorCode::FileError,
+            format!(
+                "checking the files on disk took longer than {} s (a hung or very slow mount?); nothing was changed",
+                after.as_secs_f64()
+            ),
+        );
+        self.reply(conn, id, Err(error));
+        self.release_held(conn);
     }
 
     /// Handles a request; false if it was refused.

@@ -228,10 +228,15 @@ impl Core {
         request: Request,
         check: impl FnOnce() -> Result<Prepared, ErrorInfo> + Send + 'static,
     ) {
-        self.held.went_to_disk(conn);
+        self.held.went_to_disk(conn, id);
         let tx = self.tx.clone();
         disk::check_request(check, move |result| {
             let _ = tx.send(CoreMsg::DiskChecked { conn, id, request: Box::new(request), result });
+        });
+        let (tx, after) = (self.tx.clone(), self.cfg.timing.disk_check_timeout);
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = tx.send(CoreMsg::DiskCheckTimedOut { conn, id });
         });
     }
 }
