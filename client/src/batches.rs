@@ -17,12 +17,12 @@ impl Client {
     /// parts before it are cancelled and retired again, their events never seen by the
     /// app, before the error is returned.
     pub async fn create_tasks(&self, identifier: &str, specs: Vec<TaskSpec>, resume: bool) -> Result<Vec<TaskId>> {
+        let batches = split(specs, spec_size);
         // Each request is checked by the daemon; across requests only the whole can be.
-        if specs.len() > BATCH_TASKS {
-            validate::distinct_destinations(specs.iter().filter_map(|s| s.destination.as_deref()))
+        if batches.len() > 1 {
+            validate::distinct_destinations(batches.iter().flatten().filter_map(|s| s.destination.as_deref()))
                 .map_err(Error::Invalid)?;
         }
-        let batches = split(specs, spec_size);
         self.create_batches(batches, resume, |tasks, resume| Request::CreateTasks {
             identifier: identifier.to_owned(),
             tasks,
@@ -83,14 +83,32 @@ impl Client {
         }
     }
 
-    /// Takes back tasks the app never got: cancels and retires them, their events
+    /// Takes back tasks the app never got: cancels every one (one that completed already
+    /// counts as taken back) and retires those that are completed now, their events
     /// acknowledged unseen by any session of this client.
     pub(crate) async fn withdraw(&self, tasks: &[TaskId]) {
         self.mark_withdrawn(tasks);
-        if let Err(e) = self.control_tasks(tasks, TaskAction::Cancel).await {
-            warn!(error = %e, "cancelling the tasks of a refused batch failed; some may remain, suspended");
+        let mut completed = Vec::with_capacity(tasks.len());
+        let limit = self.request_timeout();
+        for window in tasks.chunks(PIPELINE) {
+            let mut answers = Vec::with_capacity(window.len());
+            for &task in window {
+                match self.send_request(Request::ControlTask { task, action: TaskAction::Cancel }) {
+                    Ok(rx) => answers.push((task, rx)),
+                    Err(e) => warn!(task, error = %e, "cannot cancel a task of a refused batch; it stays"),
+                }
+            }
+            for (task, rx) in answers {
+                match tokio::time::timeout(limit, rx).await {
+                    Ok(Ok(Ok(_))) => completed.push(task),
+                    // Completed meanwhile (a quick download): retired with the others.
+                    Ok(Ok(Err(e))) if e.code == dlsession_proto::ErrorCode::InvalidRequest => completed.push(task),
+                    Ok(Ok(Err(e))) => warn!(task, error = %e, "cancelling a task of a refused batch failed; it stays"),
+                    Ok(Err(_)) | Err(_) => warn!(task, "no answer to cancelling a task of a refused batch; it stays"),
+                }
+            }
         }
-        if let Err(e) = self.acknowledge_tasks(tasks).await {
+        if let Err(e) = self.acknowledge_tasks(&completed).await {
             warn!(error = %e, "retiring the tasks of a refused batch failed");
         }
     }
@@ -101,33 +119,6 @@ impl Client {
             self.request_ok(Request::ResumeTasks { tasks: chunk.to_vec() }).await?;
         }
         Ok(())
-    }
-
-    /// Applies `action` to each task, with up to [`PIPELINE`] requests on their way at
-    /// once (the daemon commits what arrives together in one transaction). The first
-    /// error is returned once every request sent has been answered.
-    pub(crate) async fn control_tasks(&self, tasks: &[TaskId], action: TaskAction) -> Result<()> {
-        let mut first_error = None;
-        for window in tasks.chunks(PIPELINE) {
-            let mut answers = Vec::with_capacity(window.len());
-            for &task in window {
-                answers.push(self.send_request(Request::ControlTask { task, action })?);
-            }
-            let limit = self.request_timeout();
-            for rx in answers {
-                let error = match tokio::time::timeout(limit, rx).await {
-                    Ok(Ok(Ok(_))) => continue,
-                    Ok(Ok(Err(e))) => Error::Daemon(e),
-                    Ok(Err(_)) => Error::Disconnected { reason: None },
-                    Err(_) => Error::TimedOut { request: "control_task", after: limit },
-                };
-                first_error.get_or_insert(error);
-            }
-            if first_error.is_some() {
-                break;
-            }
-        }
-        first_error.map_or(Ok(()), Err)
     }
 
     /// Acknowledges every durable event of these completed tasks, in requests of a
@@ -193,7 +184,7 @@ fn split<T>(specs: Vec<T>, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
     batches
 }
 
-/// Task control requests on their way at once.
+/// Cancels on their way at once when a refused batch is taken back.
 const PIPELINE: usize = 256;
 /// Tasks per `CreateTasks` request, and the bytes of specs (well under the frame limit).
 const BATCH_TASKS: usize = 1000;

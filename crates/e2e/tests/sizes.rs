@@ -151,6 +151,18 @@ async fn one_destination_twice_across_a_split_batch_is_refused() {
     let err = client.create_tasks("t.dup", specs, false).await.unwrap_err();
     assert_eq!(err.code(), dlsession::ErrorCode::InvalidRequest, "{err}");
     assert!(err.to_string().contains("more than one task"), "{err}");
+    // Split by size rather than by count (600 specs of about 1 KB each): the same.
+    let pad = dlsession::proto::Header::new("X-Pad", "p".repeat(1000));
+    let mut specs: Vec<TaskSpec> = (0..600)
+        .map(|i| TaskSpec {
+            destination: dest(&format!("s{i}")),
+            headers: vec![pad.clone()],
+            ..TaskSpec::get(format!("http://127.0.0.1:9/{i}"))
+        })
+        .collect();
+    specs[550].destination = dest(".//s5");
+    let err = client.create_tasks("t.dup", specs, false).await.unwrap_err();
+    assert_eq!(err.code(), dlsession::ErrorCode::InvalidRequest, "{err}");
     let out = env.ctl(&["--json", "tasks"]);
     let tasks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(tasks.as_array().unwrap().len(), 0, "created before the refusal");
