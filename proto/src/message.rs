@@ -134,9 +134,10 @@ pub enum Request {
     /// → [`Response::SessionClientCert`] (the files, never the key).
     GetSessionClientCert { identifier: String },
     // Protocol 5.
-    /// Resumes many tasks in one transaction, each as `ControlTask { Resume }` would (a
-    /// suspended task is queued, a waiting one retried now; a queued or running one is left
-    /// as it is). All or nothing: an unknown or completed task refuses the whole request.
+    /// Resumes many tasks, each as `ControlTask { Resume }` would (a suspended task is
+    /// queued, all in one commit; a waiting one retried now; a queued or running one is
+    /// left as it is). All or nothing: an unknown or completed task refuses the whole
+    /// request.
     /// → [`Response::Ok`]
     ResumeTasks { tasks: Vec<TaskId> },
 }

@@ -41,6 +41,10 @@ impl Core {
     /// are read.
     pub(super) fn admit_request(&mut self, conn: ConnId, id: u64, request: Request) {
         if self.held.holds(conn) {
+            // Nothing that is held would be answered once the core stops.
+            if self.life.shutting_down {
+                return self.reply(conn, id, Err(shutting_down()));
+            }
             self.held.push_back(conn, HeldRequest { id, request, ticket: None });
             return;
         }

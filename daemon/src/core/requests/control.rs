@@ -22,7 +22,10 @@ impl Core {
         for &task in tasks {
             let t = self.tasks.get(&task).ok_or_else(|| no_such_task(task))?;
             if t.state == TaskState::Completed {
-                return Err(ErrorInfo::new(ErrorCode::InvalidRequest, format!("task {task} has already completed")));
+                // Maybe by a request whose commit is still on its way: refused once durable.
+                let error = ErrorInfo::new(ErrorCode::InvalidRequest, format!("task {task} has already completed"));
+                self.commit_after_pending(Vec::new(), vec![After::Refuse { conn, id, error }]);
+                return Ok(Answer::Later);
             }
         }
         let now = now_ms();
