@@ -62,27 +62,15 @@ pub async fn watch(report: impl Fn(Desktop) + Send + 'static) {
     let mut said_missing = false;
     // Subscribed once, before the first read: no change slips between a read and the
     // subscription.
-    let mut changes = Vec::new();
-    for (dest, path, _) in [NM, UPOWER, DISPLAY] {
-        let builder = zbus::fdo::PropertiesProxy::builder(&conn)
-            .destination(dest)
-            .and_then(|b| b.path(path))
-            .map(|b| b.cache_properties(CacheProperties::No));
-        if let Ok(builder) = builder
-            && let Ok(p) = builder.build().await
-            && let Ok(s) = p.receive_properties_changed().await
-        {
-            changes.push(s.map(|_| ()).boxed());
+    // Bounded like the reads: a bus that stalls here must not keep the first word back
+    // (tasks whose policy cares wait for it); without its subscriptions, changes are missed.
+    let changes = match tokio::time::timeout(READ_TIMEOUT, subscribe(&conn)).await {
+        Ok(changes) => changes,
+        Err(_) => {
+            info!("the system bus did not take the subscriptions in time; changes will not be heard");
+            Vec::new()
         }
-    }
-    // A service that starts (or stops) later is heard of by its name's owner changing.
-    if let Ok(bus) = zbus::fdo::DBusProxy::new(&conn).await {
-        for name in [NM.0, UPOWER.0] {
-            if let Ok(s) = bus.receive_name_owner_changed_with_args(&[(0, name)]).await {
-                changes.push(s.map(|_| ()).boxed());
-            }
-        }
-    }
+    };
     let mut any = futures_util::stream::select_all(changes);
     loop {
         let now = read(&conn).await;
@@ -108,6 +96,33 @@ pub async fn watch(report: impl Fn(Desktop) + Send + 'static) {
             return;
         }
     }
+}
+
+/// Subscribes to what says the desktop's facts changed: the services' properties, and
+/// their names appearing or going.
+async fn subscribe(conn: &Connection) -> Vec<futures_util::stream::BoxStream<'static, ()>> {
+    let mut changes = Vec::new();
+    for (dest, path, _) in [NM, UPOWER, DISPLAY] {
+        let builder = zbus::fdo::PropertiesProxy::builder(conn)
+            .destination(dest)
+            .and_then(|b| b.path(path))
+            .map(|b| b.cache_properties(CacheProperties::No));
+        if let Ok(builder) = builder
+            && let Ok(p) = builder.build().await
+            && let Ok(s) = p.receive_properties_changed().await
+        {
+            changes.push(s.map(|_| ()).boxed());
+        }
+    }
+    // A service that starts (or stops) later is heard of by its name's owner changing.
+    if let Ok(bus) = zbus::fdo::DBusProxy::new(conn).await {
+        for name in [NM.0, UPOWER.0] {
+            if let Ok(s) = bus.receive_name_owner_changed_with_args(&[(0, name)]).await {
+                changes.push(s.map(|_| ()).boxed());
+            }
+        }
+    }
+    changes
 }
 
 /// How long reading the services' properties may take.

@@ -182,12 +182,10 @@ async fn a_full_cache_disk_pauses_the_task_and_it_resumes_when_space_is_free() {
 /// A task still waiting to move its file when the daemon restarts: its first move in the new
 /// process removes a half-written copy named by the new process's own pid (pids repeat, in
 /// containers at every start), as the start's own moves do.
+#[cfg_attr(not(dlsession_root), ignore = "needs root to mount a tmpfs; CI runs it as root")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restored_move_removes_a_copy_named_by_a_repeated_pid() {
-    if !is_root() {
-        eprintln!("SKIPPED: needs root (a read-only tmpfs as the destination)");
-        return;
-    }
+    dlsession_testkit::require_root();
     let env = TestEnv::new();
     let dir = env.path().join("readonly");
     let mount = Mount::tmpfs(&dir, "size=1m,ro");
