@@ -17,9 +17,13 @@ pub(super) const CHECK: u64 = u64::MAX;
 #[derive(Debug, Default)]
 pub(super) struct Held {
     by_conn: HashMap<ConnId, VecDeque<HeldRequest>>,
-    /// Connections with a request in its disk phase (at most one each), and its id: their
-    /// later requests wait in `by_conn` until it comes back or times out.
-    on_disk: HashMap<ConnId, u64>,
+    /// Connections with a request in its disk phase (at most one each): its id and the
+    /// phase's token (client ids need not be unique). Their later requests wait in
+    /// `by_conn` until it comes back or times out.
+    on_disk: HashMap<ConnId, (u64, u64)>,
+    /// Connections whose disk phase timed out and still hangs (its token): their next one
+    /// is refused at once, so one connection never ties up more than one check thread.
+    stuck: HashMap<ConnId, u64>,
     next_ticket: u64,
 }
 
@@ -44,19 +48,40 @@ impl Held {
         self.by_conn.contains_key(&conn) || self.on_disk.contains_key(&conn)
     }
 
-    /// Request `id` of the connection went to its disk phase.
-    pub fn went_to_disk(&mut self, conn: ConnId, id: u64) {
-        self.on_disk.insert(conn, id);
+    /// Request `id` of the connection went to its disk phase; the phase's token.
+    pub fn went_to_disk(&mut self, conn: ConnId, id: u64) -> u64 {
+        let token = self.ticket();
+        self.on_disk.insert(conn, (id, token));
+        token
     }
 
-    /// Request `id` came back from its disk phase (or timed out there): true if it was still
-    /// awaited, false if it was given up already (timed out, or its connection closed).
-    pub fn back_from_disk(&mut self, conn: ConnId, id: u64) -> bool {
-        let awaited = self.on_disk.get(&conn) == Some(&id);
-        if awaited {
-            self.on_disk.remove(&conn);
+    /// The disk phase `token` came back: its request's id if it was still awaited, `None`
+    /// if it was given up already (timed out, or its connection closed).
+    pub fn back_from_disk(&mut self, conn: ConnId, token: u64) -> Option<u64> {
+        if self.stuck.get(&conn) == Some(&token) {
+            self.stuck.remove(&conn);
         }
-        awaited
+        let (id, awaited) = *self.on_disk.get(&conn)?;
+        (awaited == token).then(|| {
+            self.on_disk.remove(&conn);
+            id
+        })
+    }
+
+    /// The disk phase `token` timed out: its request's id if it was still awaited (the
+    /// connection then counts as stuck until it comes back).
+    pub fn timed_out(&mut self, conn: ConnId, token: u64) -> Option<u64> {
+        let (id, awaited) = *self.on_disk.get(&conn)?;
+        (awaited == token).then(|| {
+            self.on_disk.remove(&conn);
+            self.stuck.insert(conn, token);
+            id
+        })
+    }
+
+    /// Whether a timed-out disk phase of the connection still hangs.
+    pub fn stuck(&self, conn: ConnId) -> bool {
+        self.stuck.contains_key(&conn)
     }
 
     /// Whether the connection's request is in its disk phase.
@@ -99,5 +124,6 @@ impl Held {
     pub fn forget(&mut self, conn: ConnId) {
         self.by_conn.remove(&conn);
         self.on_disk.remove(&conn);
+        self.stuck.remove(&conn);
     }
 }

@@ -97,14 +97,14 @@ pub enum CoreMsg {
     /// A task-creating request's disk phase is over (see `disk`).
     DiskChecked {
         conn: ConnId,
-        id: u64,
+        token: u64,
         request: Box<Request>,
         result: disk::Checked,
     },
     /// A disk phase took longer than `disk_check_timeout` (see `requests::tasks`).
     DiskCheckTimedOut {
         conn: ConnId,
-        id: u64,
+        token: u64,
     },
     /// The disk thread reports.
     Disk(disk::DiskReport),
@@ -448,8 +448,10 @@ impl Core {
             CoreMsg::Conn(ConnEvent::Closed(id)) => self.on_closed(id),
             CoreMsg::Conn(ConnEvent::Drained(id)) => self.on_drained(id),
             CoreMsg::Conn(ConnEvent::Request { conn, id, request }) => self.on_request(conn, id, request),
-            CoreMsg::DiskChecked { conn, id, request, result } => self.on_disk_checked(conn, id, *request, result),
-            CoreMsg::DiskCheckTimedOut { conn, id } => self.on_disk_check_timed_out(conn, id),
+            CoreMsg::DiskChecked { conn, token, request, result } => {
+                self.on_disk_checked(conn, token, *request, result)
+            }
+            CoreMsg::DiskCheckTimedOut { conn, token } => self.on_disk_check_timed_out(conn, token),
             CoreMsg::Disk(report) => self.on_disk_report(report),
             CoreMsg::Worker { task, generation, event } => self.on_worker(task, generation, event),
             CoreMsg::Committed { result, after } => {

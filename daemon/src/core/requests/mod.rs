@@ -50,13 +50,14 @@ impl Core {
     }
 
     /// A request's disk phase is over: handle it again with what it found.
-    pub(super) fn on_disk_checked(&mut self, conn: ConnId, id: u64, request: Request, result: Checked) {
+    pub(super) fn on_disk_checked(&mut self, conn: ConnId, token: u64, request: Request, result: Checked) {
         // Given up already (it timed out, or its connection closed, as the requests held
         // behind it did: nothing would be answered, and its files would lose the creator's
         // file mode): it goes.
-        let awaited = self.held.back_from_disk(conn, id);
+        let awaited = self.held.back_from_disk(conn, token);
+        let (awaited, id) = (awaited.is_some(), awaited.unwrap_or_default());
         if !awaited {
-            debug!(conn, id, request = request.name(), "a disk phase given up came back; dropped");
+            debug!(conn, token, request = request.name(), "a disk phase given up came back; dropped");
         }
         match result {
             Ok(prepared) => {
@@ -83,10 +84,8 @@ impl Core {
 
     /// A disk phase took too long (a hung mount): its request is answered with
     /// `file_error` and its connection goes on; what the check finds later is dropped.
-    pub(super) fn on_disk_check_timed_out(&mut self, conn: ConnId, id: u64) {
-        if !self.held.back_from_disk(conn, id) {
-            return;
-        }
+    pub(super) fn on_disk_check_timed_out(&mut self, conn: ConnId, token: u64) {
+        let Some(id) = self.held.timed_out(conn, token) else { return };
         let after = self.cfg.timing.disk_check_timeout;
         warn!(conn, id, ?after, "a disk check did not finish in time (a hung mount?); its request fails");
         let error = ErrorInfo::new(

@@ -228,15 +228,23 @@ impl Core {
         request: Request,
         check: impl FnOnce() -> Result<Prepared, ErrorInfo> + Send + 'static,
     ) {
-        self.held.went_to_disk(conn, id);
+        // One hung check per connection at most: while one still hangs, the next fails.
+        if self.held.stuck(conn) {
+            let error = ErrorInfo::new(
+                ErrorCode::FileError,
+                "an earlier check of files on disk for this connection still hangs (a hung mount?); try again later",
+            );
+            return self.reply(conn, id, Err(error));
+        }
+        let token = self.held.went_to_disk(conn, id);
         let tx = self.tx.clone();
         disk::check_request(check, move |result| {
-            let _ = tx.send(CoreMsg::DiskChecked { conn, id, request: Box::new(request), result });
+            let _ = tx.send(CoreMsg::DiskChecked { conn, token, request: Box::new(request), result });
         });
         let (tx, after) = (self.tx.clone(), self.cfg.timing.disk_check_timeout);
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
-            let _ = tx.send(CoreMsg::DiskCheckTimedOut { conn, id });
+            let _ = tx.send(CoreMsg::DiskCheckTimedOut { conn, token });
         });
     }
 }
