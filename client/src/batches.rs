@@ -57,7 +57,7 @@ impl Client {
         let mut ids = Vec::with_capacity(batches.iter().map(Vec::len).sum());
         // One request is one transaction; several are resumed only once all succeeded.
         let at_once = batches.len() <= 1;
-        let mut created = async {
+        let created = async {
             for batch in batches {
                 let want = batch.len();
                 match self.request(request(batch, resume && at_once)).await? {
@@ -68,26 +68,51 @@ impl Client {
             Ok(())
         }
         .await;
-        if created.is_ok() && resume && !at_once {
-            created = self.resume_tasks(&ids).await;
-        }
-        match created {
-            Ok(()) => Ok(ids),
-            Err(e) => {
-                if !ids.is_empty() {
-                    warn!(created = ids.len(), error = %e, "a batch was refused; cancelling the tasks created before it");
-                    self.withdraw(&ids).await;
-                }
-                Err(e)
+        if let Err(e) = created {
+            if !ids.is_empty() {
+                warn!(created = ids.len(), error = %e, "a batch was refused; cancelling the tasks created before it");
+                self.withdraw(&ids).await;
             }
+            return Err(e);
         }
+        if resume && !at_once {
+            self.start_batch(&ids).await?;
+        }
+        Ok(ids)
     }
 
-    /// Takes back tasks the app never got: cancels every one (one that completed already
-    /// counts as taken back) and retires those that are completed now, their events
-    /// acknowledged unseen by any session of this client.
+    /// Starts tasks created suspended, a part at a time; a part that fails is tried once
+    /// more (resuming twice does no harm). If it still fails, what is not started yet is
+    /// taken back; what is started runs on, and the app hears of it through its delegate as
+    /// of tasks made elsewhere (its events are never swallowed).
+    pub(crate) async fn start_batch(&self, ids: &[TaskId]) -> Result<()> {
+        for (n, part) in ids.chunks(BATCH_TASKS).enumerate() {
+            let started = match self.resume_tasks(part).await {
+                Err(first) => {
+                    warn!(error = %first, "starting part of a batch failed; trying once more");
+                    self.resume_tasks(part).await
+                }
+                ok => ok,
+            };
+            if let Err(e) = started {
+                let rest = ids.get(n * BATCH_TASKS..).unwrap_or_default();
+                warn!(started = n * BATCH_TASKS, withdrawn = rest.len(), error = %e, "cannot start a batch whole");
+                self.withdraw(rest).await;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes back tasks the app never got and that never started (suspended): cancels
+    /// every one and retires those cancelled, their events acknowledged unseen by any
+    /// session of this client. A link that broke is waited for (up to the request timeout).
     pub(crate) async fn withdraw(&self, tasks: &[TaskId]) {
         self.mark_withdrawn(tasks);
+        if let Err(e) = self.connected().await {
+            warn!(error = %e, tasks = tasks.len(), "cannot take back the tasks of a refused batch; they stay, suspended");
+            return;
+        }
         let mut completed = Vec::with_capacity(tasks.len());
         let limit = self.request_timeout();
         for window in tasks.chunks(PIPELINE) {
@@ -101,8 +126,6 @@ impl Client {
             for (task, rx) in answers {
                 match tokio::time::timeout(limit, rx).await {
                     Ok(Ok(Ok(_))) => completed.push(task),
-                    // Completed meanwhile (a quick download): retired with the others.
-                    Ok(Ok(Err(e))) if e.code == dlsession_proto::ErrorCode::InvalidRequest => completed.push(task),
                     Ok(Ok(Err(e))) => warn!(task, error = %e, "cancelling a task of a refused batch failed; it stays"),
                     Ok(Err(_)) | Err(_) => warn!(task, "no answer to cancelling a task of a refused batch; it stays"),
                 }

@@ -208,6 +208,16 @@ impl Client {
         tokio::time::timeout(after, answer).await.map_err(|_| Error::TimedOut { request: name, after })?
     }
 
+    /// Waits until a link is up (at most the request timeout), for requests sent without
+    /// waiting ([`Client::send_request`]) after the link may have broken.
+    pub(crate) async fn connected(&self) -> Result<()> {
+        let after = self.shared.options.request_timeout;
+        match tokio::time::timeout(after, self.live_link()).await {
+            Ok(link) => link.map(|_| ()),
+            Err(_) => Err(Error::TimedOut { request: "connect", after }),
+        }
+    }
+
     /// The current link, if one is up.
     fn current_link(&self) -> Option<Arc<Link>> {
         match &*self.shared.link.lock().ok()? {

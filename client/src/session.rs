@@ -146,7 +146,9 @@ impl Session {
     /// Creates many tasks, all or none; `resume` starts them. Up to 1,000 go in one request,
     /// one transaction in the daemon. A larger batch takes several requests: its tasks are
     /// created suspended and started only once all exist, and if one request is refused,
-    /// the tasks of the others are withdrawn unseen before the error is returned.
+    /// the tasks of the others are withdrawn unseen before the error is returned. (Only
+    /// if starting them fails partway, twice, do the parts already started go on: the
+    /// delegate then hears of them as of tasks made elsewhere.)
     pub async fn download_tasks(&self, requests: Vec<DownloadRequest>, resume: bool) -> Result<Vec<DownloadTask>> {
         self.create(requests, resume).await
     }
@@ -161,14 +163,20 @@ impl Session {
         // Tasks with their own policy are created suspended, given it, and only then
         // resumed: none starts under the session's policy first.
         let ids = client.create_tasks(&self.shared.identifier, specs, resume && !with_policy).await?;
-        if with_policy && let Err(e) = self.apply_policies(&ids, &policies, resume).await {
-            client.withdraw(&ids).await;
-            return Err(e);
+        if with_policy {
+            if let Err(e) = self.apply_policies(&ids, &policies).await {
+                client.withdraw(&ids).await;
+                return Err(e);
+            }
+            // Started only once every task has its policy (see `Client::start_batch`).
+            if resume {
+                client.start_batch(&ids).await?;
+            }
         }
         Ok(self.remember(ids, metas))
     }
 
-    async fn apply_policies(&self, ids: &[TaskId], policies: &[TaskPolicy], resume: bool) -> Result<()> {
+    async fn apply_policies(&self, ids: &[TaskId], policies: &[TaskPolicy]) -> Result<()> {
         let mut groups: Vec<(TaskPolicy, Vec<TaskId>)> = Vec::new();
         for (&id, &policy) in ids.iter().zip(policies).filter(|(_, p)| !p.is_empty()) {
             match groups.iter_mut().find(|(p, _)| *p == policy) {
@@ -178,9 +186,6 @@ impl Session {
         }
         for (policy, group) in &groups {
             self.shared.client.set_task_policy(group, *policy).await?;
-        }
-        if resume {
-            self.shared.client.resume_tasks(ids).await?;
         }
         Ok(())
     }
