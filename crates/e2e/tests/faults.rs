@@ -255,6 +255,26 @@ async fn a_file_that_was_there_is_not_taken_for_the_download() {
     assert_eq!(std::fs::read(&dest).unwrap(), vec![b'u'; 4096], "the file that was there is untouched");
 }
 
+/// The cache directory removed while a download runs (someone cleaning ~/.cache): the
+/// download starts over and completes, instead of failing with `file_error`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_removed_under_a_download_is_made_again() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    let len = 3u64 << 20;
+    s.add("/c", Resource::generated(len, 9).throttle(2 << 20));
+    let (session, mut events) = attach(&env, SessionConfiguration::background("t.cleaned")).await;
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/c"))], true).await.unwrap().remove(0);
+    dlsession_testkit::wait_for("bytes", LONG, || {
+        (dlsession_testkit::block(task.info()).unwrap().bytes_received > 0).then_some(())
+    });
+    std::fs::remove_dir_all(env.downloads_dir()).unwrap();
+    assert_eq!(events.completion(task.id(), LONG).await, None, "completed after starting over");
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(9, len)));
+    assert!(s.hits("/c") >= 2, "downloaded again");
+}
+
 /// A finished download whose destination cannot be written is never destroyed: the task
 /// waits (`destination_unavailable`, naming the OS error), keeps its data, and `resume`
 /// puts it in place once the destination works, without downloading it again.

@@ -913,6 +913,14 @@ fn file_failure(e: &std::io::Error, what: &str) -> Failure {
     if raw == Some(rustix::io::Errno::NOSPC.raw_os_error()) || raw == Some(rustix::io::Errno::DQUOT.raw_os_error()) {
         // Keep the partial data: the task waits and resumes when space is free.
         Failure::transient(ErrorCode::InsufficientSpace, format!("{what}: {e}"))
+    } else if e.kind() == std::io::ErrorKind::NotFound {
+        // The cache (or the partial file) was removed behind the daemon's back, say by
+        // someone cleaning ~/.cache: nothing of it can be trusted, but nothing is wrong
+        // with the download either. It starts over (the directory is made again).
+        Failure::restart(
+            ErrorCode::FileError,
+            format!("{what}: {e} (the partial file or its directory was removed; downloading again)"),
+        )
     } else {
         Failure::permanent(ErrorCode::FileError, format!("{what}: {e}"))
     }
