@@ -23,7 +23,7 @@ impl Client {
             validate::distinct_destinations(batches.iter().flatten().filter_map(|s| s.destination.as_deref()))
                 .map_err(Error::Invalid)?;
         }
-        self.create_batches(batches, resume, |tasks, resume| Request::CreateTasks {
+        self.create_batches(identifier, batches, resume, |tasks, resume| Request::CreateTasks {
             identifier: identifier.to_owned(),
             tasks,
             resume,
@@ -40,7 +40,7 @@ impl Client {
         resume: bool,
     ) -> Result<Vec<TaskId>> {
         let batches = split(uploads, |u| spec_size(&u.request) + u.file.len());
-        self.create_batches(batches, resume, |uploads, resume| Request::CreateUploads {
+        self.create_batches(identifier, batches, resume, |uploads, resume| Request::CreateUploads {
             identifier: identifier.to_owned(),
             uploads,
             resume,
@@ -50,6 +50,7 @@ impl Client {
 
     async fn create_batches<T>(
         &self,
+        identifier: &str,
         batches: Vec<Vec<T>>,
         resume: bool,
         request: impl Fn(Vec<T>, bool) -> Request,
@@ -76,16 +77,17 @@ impl Client {
             return Err(e);
         }
         if resume && !at_once {
-            self.start_batch(&ids).await?;
+            self.start_batch(identifier, &ids).await?;
         }
         Ok(ids)
     }
 
-    /// Starts tasks created suspended, a part at a time; a part that fails is tried once
-    /// more (resuming twice does no harm). If it still fails, what is not started yet is
-    /// taken back; what is started runs on, and the app hears of it through its delegate as
-    /// of tasks made elsewhere (its events are never swallowed).
-    pub(crate) async fn start_batch(&self, ids: &[TaskId]) -> Result<()> {
+    /// Starts tasks of session `identifier` created suspended, a part at a time; a part
+    /// that fails is tried once more. If it still fails, the tasks still suspended (as the
+    /// daemon lists them: a part whose answer was lost may have started) are taken back;
+    /// what started runs on, and the app hears of it through its delegate as of tasks made
+    /// elsewhere (its events are never swallowed).
+    pub(crate) async fn start_batch(&self, identifier: &str, ids: &[TaskId]) -> Result<()> {
         for (n, part) in ids.chunks(BATCH_TASKS).enumerate() {
             let started = match self.resume_tasks(part).await {
                 Err(first) => {
@@ -96,26 +98,58 @@ impl Client {
             };
             if let Err(e) = started {
                 let rest = ids.get(n * BATCH_TASKS..).unwrap_or_default();
-                warn!(started = n * BATCH_TASKS, withdrawn = rest.len(), error = %e, "cannot start a batch whole");
-                self.withdraw(rest).await;
+                match self.suspended_of(identifier).await {
+                    Ok(suspended) => {
+                        let idle: Vec<TaskId> = rest.iter().copied().filter(|t| suspended.contains(t)).collect();
+                        warn!(error = %e, withdrawn = idle.len(), running = ids.len() - idle.len(), "cannot start a batch whole");
+                        self.withdraw(&idle).await;
+                    }
+                    Err(list) => warn!(error = %e, %list, "cannot start a batch whole, nor tell which of it started"),
+                }
                 return Err(e);
             }
         }
         Ok(())
     }
 
+    /// The session's suspended tasks, as the daemon lists them.
+    async fn suspended_of(&self, identifier: &str) -> Result<std::collections::HashSet<TaskId>> {
+        let mut all = std::collections::HashSet::new();
+        let mut after = None;
+        loop {
+            let query = dlsession_proto::TaskQuery {
+                session: Some(identifier.to_owned()),
+                states: vec![dlsession_proto::TaskState::Suspended],
+                after,
+                limit: 1000,
+            };
+            let page = match self.request(Request::ListTasks(query)).await? {
+                Response::Tasks(page) => page,
+                other => return Err(Error::UnexpectedResponse { expected: "tasks", got: other.kind() }),
+            };
+            all.extend(page.tasks.iter().map(|t| t.id));
+            match page.next_after {
+                Some(next) if after.is_none_or(|prev| next > prev) => after = Some(next),
+                _ => return Ok(all),
+            }
+        }
+    }
+
     /// Takes back tasks the app never got and that never started (suspended): cancels
     /// every one and retires those cancelled, their events acknowledged unseen by any
     /// session of this client. A link that broke is waited for (up to the request timeout).
     pub(crate) async fn withdraw(&self, tasks: &[TaskId]) {
-        self.mark_withdrawn(tasks);
         if let Err(e) = self.connected().await {
             warn!(error = %e, tasks = tasks.len(), "cannot take back the tasks of a refused batch; they stay, suspended");
             return;
         }
+        // Marked first: a cancelled task's event may come before its cancel's answer.
+        self.mark_withdrawn(tasks);
         let mut completed = Vec::with_capacity(tasks.len());
         let limit = self.request_timeout();
         for window in tasks.chunks(PIPELINE) {
+            // One deadline per window: a daemon that stops answering costs one timeout.
+            let deadline = tokio::time::Instant::now() + limit;
             let mut answers = Vec::with_capacity(window.len());
             for &task in window {
                 match self.send_request(Request::ControlTask { task, action: TaskAction::Cancel }) {
@@ -124,13 +158,18 @@ impl Client {
                 }
             }
             for (task, rx) in answers {
-                match tokio::time::timeout(limit, rx).await {
+                match tokio::time::timeout_at(deadline, rx).await {
                     Ok(Ok(Ok(_))) => completed.push(task),
                     Ok(Ok(Err(e))) => warn!(task, error = %e, "cancelling a task of a refused batch failed; it stays"),
                     Ok(Err(_)) | Err(_) => warn!(task, "no answer to cancelling a task of a refused batch; it stays"),
                 }
             }
         }
+        // What was not cancelled stays, suspended, and is the app's to find: its events
+        // (none while suspended) must reach it.
+        let cancelled: std::collections::HashSet<TaskId> = completed.iter().copied().collect();
+        let kept: Vec<TaskId> = tasks.iter().copied().filter(|t| !cancelled.contains(t)).collect();
+        self.unmark_withdrawn(&kept);
         if let Err(e) = self.acknowledge_tasks(&completed).await {
             warn!(error = %e, "retiring the tasks of a refused batch failed");
         }

@@ -259,6 +259,15 @@ impl Client {
         }
     }
 
+    /// Undoes [`Client::mark_withdrawn`] for tasks that could not be taken back after all.
+    pub(crate) fn unmark_withdrawn(&self, tasks: &[TaskId]) {
+        if let Ok(mut w) = self.shared.withdrawn.lock() {
+            for t in tasks {
+                w.remove(t);
+            }
+        }
+    }
+
     /// Whether a batch took this task back: its events are not the app's.
     pub(crate) fn was_withdrawn(&self, task: TaskId) -> bool {
         self.shared.withdrawn.lock().is_ok_and(|w| w.contains(&task))

@@ -170,7 +170,7 @@ impl Session {
             }
             // Started only once every task has its policy (see `Client::start_batch`).
             if resume {
-                client.start_batch(&ids).await?;
+                client.start_batch(&self.shared.identifier, &ids).await?;
             }
         }
         Ok(self.remember(ids, metas))
