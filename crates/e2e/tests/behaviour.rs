@@ -326,6 +326,26 @@ async fn a_destination_check_that_hangs_or_panics_fails_and_the_connection_goes_
                 ServerMessage::Response { result: Err(e), .. } => assert!(e.message.contains("still hangs"), "{e}"),
                 other => panic!("{other:?}"),
             }
+            // On another mount, checks go on meanwhile (the task is never started).
+            let shm = std::path::Path::new("/dev/shm");
+            if shm.is_dir() {
+                let mut spec = TaskSpec::get("http://127.0.0.1:9/x");
+                let elsewhere = shm.join(format!("dlsession-test-{}.bin", std::process::id()));
+                spec.destination = Some(elsewhere.to_string_lossy().into_owned());
+                raw.send([(4, Request::CreateTasks { identifier: "t.hung".into(), tasks: vec![spec], resume: false })]);
+                match raw.recv() {
+                    ServerMessage::Response { result: Ok(Response::TasksCreated(ids)), .. } => {
+                        raw.send([(
+                            5,
+                            Request::ControlTask { task: ids[0], action: dlsession::proto::TaskAction::Cancel },
+                        )]);
+                        let _ = raw.recv();
+                        raw.send([(6, Request::AcknowledgeTasks { tasks: ids })]);
+                        let _ = raw.recv();
+                    }
+                    other => panic!("another mount is not held up: {other:?}"),
+                }
+            }
         }
         // The check ends later: its finding is dropped, and checks work again.
         tokio::time::sleep(Duration::from_millis(3500)).await;

@@ -169,7 +169,8 @@ impl Core {
             (Some(c), _) => {
                 let (cert_file, key_file) = (c.cert_file.clone(), c.key_file.clone());
                 let request = Request::SetSessionClientCert { identifier, cert };
-                self.check_on_disk(conn, id, request, move || {
+                let paths = vec![cert_file.clone().into(), key_file.clone().into()];
+                self.check_on_disk(conn, id, request, paths, move || {
                     let identity = ClientIdentity::load(&cert_file, &key_file).map_err(|e| match e {
                         ClientCertError::Read(m) => ErrorInfo::new(ErrorCode::FileError, format!("cannot read {m}")),
                         ClientCertError::Invalid(m) => ErrorInfo::new(ErrorCode::InvalidRequest, m),

@@ -383,12 +383,60 @@ pub(super) fn check_request(
     }));
 }
 
+/// The mount points `paths` lie under, from `/proc/self/mountinfo` (the longest mount
+/// point that prefixes each path; nothing is looked up on the paths themselves, which may
+/// hang). Unreadable mount table: `/` for each.
+pub(super) fn mounts_of(paths: &[std::path::PathBuf]) -> Vec<std::path::PathBuf> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let points: Vec<std::path::PathBuf> =
+        table.lines().filter_map(|l| l.split(' ').nth(4)).map(|p| unescape_mount(p).into()).collect();
+    let mut found: Vec<std::path::PathBuf> = paths
+        .iter()
+        .map(|p| points.iter().filter(|m| p.starts_with(m)).max_by_key(|m| m.as_os_str().len()).cloned())
+        .map(|m| m.unwrap_or_else(|| "/".into()))
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// A mount point as `mountinfo` writes it: space, tab, newline and backslash as octal
+/// escapes (`\040`).
+fn unescape_mount(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let code = bytes.get(i + 1..i + 4).filter(|_| b == b'\\').and_then(|d| std::str::from_utf8(d).ok());
+        match code.and_then(|d| u8::from_str_radix(d, 8).ok()) {
+            Some(c) => {
+                out.push(c);
+                i += 4;
+            }
+            None => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Destination checks at once, at most (see `check_request`).
 const CHECK_THREADS: usize = 64;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_lies_under_its_longest_mount_point() {
+        assert_eq!(unescape_mount("/mnt/with\\040space"), "/mnt/with space");
+        assert_eq!(unescape_mount("/plain\\"), "/plain\\");
+        let mounts = mounts_of(&["/proc/self/status".into(), "/".into()]);
+        assert!(mounts.contains(&"/proc".into()), "{mounts:?}");
+        assert!(mounts.contains(&"/".into()), "{mounts:?}");
+    }
 
     #[tokio::test]
     async fn removals_never_overtake_a_keep_and_replies_wait_for_it() {

@@ -7,6 +7,7 @@
 //! this connection hold anything?" is whether it has one, or a request on the disk.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 
 use crate::conn::ConnId;
 use dlsession_proto::Request;
@@ -20,11 +21,20 @@ pub(super) struct Held {
     /// Connections with a request in its disk phase (at most one each): its id and the
     /// phase's token (client ids need not be unique). Their later requests wait in
     /// `by_conn` until it comes back or times out.
-    on_disk: HashMap<ConnId, (u64, u64)>,
-    /// Connections whose disk phase timed out and still hangs (its token): their next one
-    /// is refused at once, so one connection never ties up more than one check thread.
-    stuck: HashMap<ConnId, u64>,
+    on_disk: HashMap<ConnId, OnDisk>,
+    /// Disk phases that timed out and still hang, per connection (token → the mounts they
+    /// touch): the connection's next one on those mounts is refused at once.
+    stuck: HashMap<ConnId, HashMap<u64, Vec<PathBuf>>>,
     next_ticket: u64,
+}
+
+/// A request in its disk phase.
+#[derive(Debug)]
+struct OnDisk {
+    id: u64,
+    token: u64,
+    /// The mount points of the paths it checks.
+    mounts: Vec<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -48,40 +58,42 @@ impl Held {
         self.by_conn.contains_key(&conn) || self.on_disk.contains_key(&conn)
     }
 
-    /// Request `id` of the connection went to its disk phase; the phase's token.
-    pub fn went_to_disk(&mut self, conn: ConnId, id: u64) -> u64 {
+    /// Request `id` of the connection went to its disk phase, touching `mounts`; the
+    /// phase's token.
+    pub fn went_to_disk(&mut self, conn: ConnId, id: u64, mounts: Vec<PathBuf>) -> u64 {
         let token = self.ticket();
-        self.on_disk.insert(conn, (id, token));
+        self.on_disk.insert(conn, OnDisk { id, token, mounts });
         token
     }
 
     /// The disk phase `token` came back: its request's id if it was still awaited, `None`
     /// if it was given up already (timed out, or its connection closed).
     pub fn back_from_disk(&mut self, conn: ConnId, token: u64) -> Option<u64> {
-        if self.stuck.get(&conn) == Some(&token) {
-            self.stuck.remove(&conn);
+        if let Some(hung) = self.stuck.get_mut(&conn) {
+            hung.remove(&token);
+            if hung.is_empty() {
+                self.stuck.remove(&conn);
+            }
         }
-        let (id, awaited) = *self.on_disk.get(&conn)?;
-        (awaited == token).then(|| {
-            self.on_disk.remove(&conn);
-            id
-        })
+        let awaited = self.on_disk.get(&conn).filter(|d| d.token == token)?.id;
+        self.on_disk.remove(&conn);
+        Some(awaited)
     }
 
-    /// The disk phase `token` timed out: its request's id if it was still awaited (the
-    /// connection then counts as stuck until it comes back).
+    /// The disk phase `token` timed out: its request's id if it was still awaited (its
+    /// mounts then count as hung for the connection until it comes back).
     pub fn timed_out(&mut self, conn: ConnId, token: u64) -> Option<u64> {
-        let (id, awaited) = *self.on_disk.get(&conn)?;
-        (awaited == token).then(|| {
-            self.on_disk.remove(&conn);
-            self.stuck.insert(conn, token);
-            id
-        })
+        if self.on_disk.get(&conn).is_none_or(|d| d.token != token) {
+            return None;
+        }
+        let d = self.on_disk.remove(&conn)?;
+        self.stuck.entry(conn).or_default().insert(token, d.mounts);
+        Some(d.id)
     }
 
-    /// Whether a timed-out disk phase of the connection still hangs.
-    pub fn stuck(&self, conn: ConnId) -> bool {
-        self.stuck.contains_key(&conn)
+    /// A mount among `mounts` on which a timed-out disk phase of the connection hangs.
+    pub fn stuck_on(&self, conn: ConnId, mounts: &[PathBuf]) -> Option<&PathBuf> {
+        self.stuck.get(&conn)?.values().flatten().find(|m| mounts.contains(m))
     }
 
     /// Whether the connection's request is in its disk phase.

@@ -42,7 +42,8 @@ impl Core {
                 .collect();
             if !dests.is_empty() {
                 let request = Request::CreateTasks { identifier, tasks: specs, resume };
-                self.check_on_disk(conn, id, request, move || {
+                let paths = dests.iter().map(|(_, d, _)| d.into()).collect();
+                self.check_on_disk(conn, id, request, paths, move || {
                     dests.into_iter().try_for_each(|(i, dest, overwrite)| {
                         disk::destination_on_disk(&dest, overwrite).map_err(|e| in_batch(i, n, e))
                     })?;
@@ -119,7 +120,8 @@ impl Core {
                 let part = self.session_dir(key).join(format!("{task_id}.part"));
                 let dest = spec.destination.clone().map(|d| (d, spec.overwrite));
                 let request = Request::CreateTaskFromResumeData { identifier, resume_data: blob, resume };
-                self.check_on_disk(conn, id, request, move || {
+                let paths = dest.iter().map(|(d, _)| d.into()).chain(kept.clone()).collect();
+                self.check_on_disk(conn, id, request, paths, move || {
                     if let Some((dest, overwrite)) = dest {
                         disk::destination_on_disk(&dest, overwrite)?;
                     }
@@ -174,7 +176,8 @@ impl Core {
             _ => {
                 let files: Vec<String> = uploads.iter().map(|u| u.file.clone()).collect();
                 let request = Request::CreateUploads { identifier, uploads, resume };
-                self.check_on_disk(conn, id, request, move || {
+                let paths = files.iter().map(Into::into).collect();
+                self.check_on_disk(conn, id, request, paths, move || {
                     let uploads = files
                         .iter()
                         .enumerate()
@@ -226,17 +229,23 @@ impl Core {
         conn: ConnId,
         id: u64,
         request: Request,
+        paths: Vec<std::path::PathBuf>,
         check: impl FnOnce() -> Result<Prepared, ErrorInfo> + Send + 'static,
     ) {
-        // One hung check per connection at most: while one still hangs, the next fails.
-        if self.held.stuck(conn) {
+        // While a check of this connection hangs, the next one on the same mount fails at
+        // once: one connection ties up at most one check thread per hung mount.
+        let mounts = disk::mounts_of(&paths);
+        if let Some(mount) = self.held.stuck_on(conn, &mounts) {
             let error = ErrorInfo::new(
                 ErrorCode::FileError,
-                "an earlier check of files on disk for this connection still hangs (a hung mount?); try again later",
+                format!(
+                    "an earlier check of files under {} for this connection still hangs (a hung mount?); try again later",
+                    mount.display()
+                ),
             );
             return self.reply(conn, id, Err(error));
         }
-        let token = self.held.went_to_disk(conn, id);
+        let token = self.held.went_to_disk(conn, id, mounts);
         let tx = self.tx.clone();
         disk::check_request(check, move |result| {
             let _ = tx.send(CoreMsg::DiskChecked { conn, token, request: Box::new(request), result });
