@@ -94,6 +94,10 @@ pub struct TaskRecord {
     pub bandwidth_limit: Option<u64>,
     /// This task's own policy, over its session's (`SetTaskPolicy`).
     pub policy: dlsession_proto::TaskPolicy,
+    /// Its finished file could not carry its mark although its mode allows one (the
+    /// filesystem refused it): its finish was recorded before the move, and the file at
+    /// the destination is recognised by its size alone (see `engine::files::MARK`).
+    pub unmarked: bool,
     /// Set for an upload: what it sends. Its response body is what it "downloads"
     /// (`location`, `committed_offset`, `response_*`).
     pub upload: Option<Upload>,
@@ -208,6 +212,7 @@ impl TaskRecord {
             retired: false,
             bandwidth_limit: None,
             policy: dlsession_proto::TaskPolicy::default(),
+            unmarked: false,
             upload: None,
             challenge: None,
         }

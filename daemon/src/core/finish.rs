@@ -53,6 +53,8 @@ impl Core {
         t.rec.phase = Phase::Finishing;
         t.rec.committed_offset = size;
         t.rec.bytes_expected = Some(size);
+        // Stored with the finish: a move after a restart knows not to ask for the mark.
+        t.rec.unmarked = !marked;
         // The phase is `finishing` in memory from here (no stop, no stall check, no network
         // handling touches the task); a commit of it is the unmarked protocol's.
         if marked {
@@ -165,7 +167,7 @@ impl Core {
             progress: t.progress.clone(),
             // Moves from here follow a committed finishing phase.
             recorded: true,
-            mark: marks(&t.rec).then(|| task_mark(&t.rec)),
+            mark: (marks(&t.rec) && !t.rec.unmarked).then(|| task_mark(&t.rec)),
             sha256: t.rec.expected_sha256,
         }
     }

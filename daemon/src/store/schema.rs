@@ -168,6 +168,9 @@ const MIGRATIONS: &[&str] = &[
     // and the others, without reading every row at start.
     "CREATE INDEX tasks_dormant ON tasks(session_id) WHERE retired = 0 AND state = 'suspended';
      CREATE INDEX tasks_awake ON tasks(id) WHERE retired = 0 AND state <> 'suspended';",
+    // 12: a finished file that could not carry its task's mark (NULL: it could, or never
+    // needed to).
+    "ALTER TABLE tasks ADD COLUMN unmarked INTEGER;",
 ];
 
 pub const LATEST_VERSION: i64 = MIGRATIONS.len() as i64;
