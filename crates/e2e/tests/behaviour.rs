@@ -360,6 +360,38 @@ async fn a_destination_check_that_hangs_or_panics_fails_and_the_connection_goes_
     }
 }
 
+/// A daemon told to stop while a request is in its disk phase waits for it (within its
+/// grace) and answers it, refused, instead of closing the connection on it unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_destination_check_answers_it() {
+    use dlsession::proto::{Response, ServerMessage, TaskSpec};
+    let env = TestEnv::new();
+    let pause = std::ffi::OsStr::new("destination-check:1:sleep-ms=1500");
+    let mut d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", pause)]);
+    let mut raw = dlsession_testkit::raw::RawClient::connect(&env.socket);
+    raw.send([(1, Request::OpenSession { identifier: "t.stop".into(), config: None })]);
+    assert!(matches!(raw.recv(), ServerMessage::Response { id: 1, result: Ok(Response::Session(_)) }));
+    let mut spec = TaskSpec::get("http://127.0.0.1:9/x");
+    spec.destination = Some(env.path().join("stop.bin").to_string_lossy().into_owned());
+    raw.send([(2, Request::CreateTasks { identifier: "t.stop".into(), tasks: vec![spec], resume: false })]);
+    dlsession_testkit::wait_for("the check to pause", LONG, || {
+        d.log().contains("failpoint destination-check reached; pausing").then_some(())
+    });
+    let stopping = std::thread::spawn(move || d.terminate());
+    loop {
+        match raw.recv() {
+            ServerMessage::Response { id: 2, result } => {
+                let e = result.expect_err("refused, the daemon is stopping");
+                assert!(e.message.contains("shutting down"), "{e}");
+                break;
+            }
+            ServerMessage::Response { id, result } => panic!("{id}: {result:?}"),
+            ServerMessage::Event(_) => {}
+        }
+    }
+    assert!(stopping.join().unwrap().success());
+}
+
 /// Many destination checks hanging at once (a stuck mount, here a pause on every check
 /// after the first) keep to threads of their own: the daemon's other file work goes on, so
 /// a resumed download, whose partial file is prepared off the runtime, still finishes.

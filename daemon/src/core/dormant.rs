@@ -242,6 +242,14 @@ impl Core {
         }
     }
 
+    /// The shutdown's grace is over: requests still in their disk phase are refused (what
+    /// their checks find is never looked at).
+    pub(super) fn give_up_disk_phases(&mut self) {
+        for (conn, id) in self.held.give_up_disk() {
+            self.reply(conn, id, Err(shutting_down()));
+        }
+    }
+
     /// A connection closed: its held requests go with it.
     pub(super) fn forget_held(&mut self, conn: ConnId) {
         self.held.forget(conn);

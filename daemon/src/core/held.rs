@@ -91,6 +91,16 @@ impl Held {
         Some(d.id)
     }
 
+    /// Whether any request is in its disk phase (shutdown waits for them, within its grace).
+    pub fn any_on_disk(&self) -> bool {
+        !self.on_disk.is_empty()
+    }
+
+    /// Gives up every disk phase (the shutdown's grace is over): their requests' ids.
+    pub fn give_up_disk(&mut self) -> Vec<(ConnId, u64)> {
+        self.on_disk.drain().map(|(conn, d)| (conn, d.id)).collect()
+    }
+
     /// A mount among `mounts` on which a timed-out disk phase of the connection hangs.
     pub fn stuck_on(&self, conn: ConnId, mounts: &[PathBuf]) -> Option<&PathBuf> {
         self.stuck.get(&conn)?.values().flatten().find(|m| mounts.contains(m))

@@ -370,7 +370,9 @@ impl Core {
         // When the daemon last became idle; reset by anything that happens.
         let mut idle_since: Option<tokio::time::Instant> = None;
         loop {
-            if self.life.shutting_down && self.slots.running_count() == 0 {
+            // A request in its disk phase is waited for too: refused when it comes back, a
+            // resume file it moved goes back (within the grace, see `ShutdownDeadline`).
+            if self.life.shutting_down && self.slots.running_count() == 0 && !self.held.any_on_disk() {
                 break;
             }
             let idle_at = match &self.life.idle_exit {
@@ -594,6 +596,7 @@ impl Core {
                         "shutdown grace period over; exiting without final checkpoints"
                     );
                     self.slots.abandon_all();
+                    self.give_up_disk_phases();
                 }
             }
         }
