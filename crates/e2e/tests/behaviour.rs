@@ -220,30 +220,23 @@ async fn a_hanging_destination_check_does_not_stall_the_daemon() {
 /// behind a creation whose check is under way waits for it, and lists its task.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_behind_a_destination_check_waits_for_it() {
-    use dlsession::proto::{Response, ServerMessage, TaskQuery, TaskSpec};
+    use dlsession::proto::{Response, ServerMessage, TaskQuery};
     let env = TestEnv::new();
     let pause = std::ffi::OsStr::new("destination-check:1:sleep-ms=1500");
     let _d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", pause)]);
-    let mut raw = dlsession_testkit::raw::RawClient::connect(&env.socket);
-    let identifier = "t.order".to_owned();
-    raw.send([(1, Request::OpenSession { identifier: identifier.clone(), config: None })]);
-    let mut spec = TaskSpec::get("http://127.0.0.1:9/x");
-    spec.destination = Some(env.path().join("ordered.bin").to_string_lossy().into_owned());
-    let list = TaskQuery { session: Some(identifier.clone()), states: vec![], after: None, limit: 0 };
-    raw.send([
-        (2, Request::CreateTasks { identifier, tasks: vec![spec], resume: false }),
-        (3, Request::ListTasks(list)),
-    ]);
+    let mut raw = raw_with_session(&env, "t.order");
+    let list = TaskQuery { session: Some("t.order".into()), states: vec![], after: None, limit: 0 };
+    raw.send([(2, create_to("t.order", &env.path().join("ordered.bin"))), (3, Request::ListTasks(list))]);
     let mut answers = Vec::new();
-    while answers.len() < 3 {
+    while answers.len() < 2 {
         if let ServerMessage::Response { id, result } = raw.recv() {
             answers.push((id, result.unwrap()));
         }
     }
     // (Answers may come in another order: the creation's waits for its commit.)
     answers.sort_by_key(|(id, _)| *id);
-    assert!(matches!(answers[1].1, Response::TasksCreated(_)), "{:?}", answers[1].1);
-    match &answers[2].1 {
+    assert!(matches!(answers[0].1, Response::TasksCreated(_)), "{:?}", answers[0].1);
+    match &answers[1].1 {
         Response::Tasks(page) => assert_eq!(page.tasks.len(), 1, "the listing saw the task created before it"),
         other => panic!("{other:?}"),
     }
@@ -254,16 +247,11 @@ async fn a_request_behind_a_destination_check_waits_for_it() {
 /// would not get the creator's file mode).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_creation_whose_client_left_during_its_check_is_dropped() {
-    use dlsession::proto::{Response, ServerMessage, TaskSpec};
     let env = TestEnv::new();
     let pause = std::ffi::OsStr::new("destination-check:1:sleep-ms=1500");
     let d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", pause)]);
-    let mut raw = dlsession_testkit::raw::RawClient::connect(&env.socket);
-    raw.send([(1, Request::OpenSession { identifier: "t.left".into(), config: None })]);
-    assert!(matches!(raw.recv(), ServerMessage::Response { id: 1, result: Ok(Response::Session(_)) }));
-    let mut spec = TaskSpec::get("http://127.0.0.1:9/x");
-    spec.destination = Some(env.path().join("left.bin").to_string_lossy().into_owned());
-    raw.send([(2, Request::CreateTasks { identifier: "t.left".into(), tasks: vec![spec], resume: false })]);
+    let mut raw = raw_with_session(&env, "t.left");
+    raw.send([(2, create_to("t.left", &env.path().join("left.bin")))]);
     dlsession_testkit::wait_for("the check to pause", LONG, || {
         d.log().contains("failpoint destination-check reached; pausing").then_some(())
     });
@@ -279,7 +267,7 @@ async fn a_creation_whose_client_left_during_its_check_is_dropped() {
 /// afterwards is dropped. A check that panics (a bug) fails its request at once the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_check_that_hangs_or_panics_fails_and_the_connection_goes_on() {
-    use dlsession::proto::{Response, ServerMessage, TaskSpec};
+    use dlsession::proto::{Response, ServerMessage};
     for (failpoint, code) in [
         ("destination-check:1:sleep-ms=4000", dlsession::ErrorCode::FileError),
         ("destination-check:1:panic", dlsession::ErrorCode::Internal),
@@ -287,16 +275,9 @@ async fn a_destination_check_that_hangs_or_panics_fails_and_the_connection_goes_
         let env = TestEnv::new();
         env.set_config("disk_check_timeout_ms", "1000");
         let _d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", std::ffi::OsStr::new(failpoint))]);
-        let mut raw = dlsession_testkit::raw::RawClient::connect(&env.socket);
-        raw.send([(1, Request::OpenSession { identifier: "t.hung".into(), config: None })]);
-        assert!(matches!(raw.recv(), ServerMessage::Response { id: 1, result: Ok(Response::Session(_)) }));
-        let mut spec = TaskSpec::get("http://127.0.0.1:9/x");
-        spec.destination = Some(env.path().join("hung.bin").to_string_lossy().into_owned());
+        let mut raw = raw_with_session(&env, "t.hung");
         let began = std::time::Instant::now();
-        raw.send([
-            (2, Request::CreateTasks { identifier: "t.hung".into(), tasks: vec![spec], resume: false }),
-            (3, Request::Status),
-        ]);
+        raw.send([(2, create_to("t.hung", &env.path().join("hung.bin"))), (3, Request::Status)]);
         let mut answers = Vec::new();
         while answers.len() < 2 {
             if let ServerMessage::Response { id, result } = raw.recv() {
@@ -311,13 +292,9 @@ async fn a_destination_check_that_hangs_or_panics_fails_and_the_connection_goes_
         }
         assert!(matches!(answers[1].1, Ok(Response::Status(_))), "{failpoint}: {:?}", answers[1]);
         assert!(took < Duration::from_secs(3), "{failpoint}: answered after {took:?}");
-        let create = |name: &str| {
-            let mut spec = TaskSpec::get("http://127.0.0.1:9/x");
-            spec.destination = Some(env.path().join(name).to_string_lossy().into_owned());
-            // The same id again: ids need not be unique, and the hung check's late finding
-            // must not be taken for a later request's.
-            (2, Request::CreateTasks { identifier: "t.hung".into(), tasks: vec![spec], resume: false })
-        };
+        // The same id again: ids need not be unique, and the hung check's late finding
+        // must not be taken for a later request's.
+        let create = |name: &str| (2, create_to("t.hung", &env.path().join(name)));
         if code == dlsession::ErrorCode::FileError {
             // While it still hangs, the connection's next check fails at once (one hung
             // check thread per connection at most).
@@ -329,10 +306,8 @@ async fn a_destination_check_that_hangs_or_panics_fails_and_the_connection_goes_
             // On another mount, checks go on meanwhile (the task is never started).
             let shm = std::path::Path::new("/dev/shm");
             if shm.is_dir() {
-                let mut spec = TaskSpec::get("http://127.0.0.1:9/x");
                 let elsewhere = shm.join(format!("dlsession-test-{}.bin", std::process::id()));
-                spec.destination = Some(elsewhere.to_string_lossy().into_owned());
-                raw.send([(4, Request::CreateTasks { identifier: "t.hung".into(), tasks: vec![spec], resume: false })]);
+                raw.send([(4, create_to("t.hung", &elsewhere))]);
                 match raw.recv() {
                     ServerMessage::Response { result: Ok(Response::TasksCreated(ids)), .. } => {
                         raw.send([(
@@ -364,16 +339,12 @@ async fn a_destination_check_that_hangs_or_panics_fails_and_the_connection_goes_
 /// grace) and answers it, refused, instead of closing the connection on it unanswered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_during_a_destination_check_answers_it() {
-    use dlsession::proto::{Response, ServerMessage, TaskSpec};
+    use dlsession::proto::ServerMessage;
     let env = TestEnv::new();
     let pause = std::ffi::OsStr::new("destination-check:1:sleep-ms=1500");
     let mut d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", pause)]);
-    let mut raw = dlsession_testkit::raw::RawClient::connect(&env.socket);
-    raw.send([(1, Request::OpenSession { identifier: "t.stop".into(), config: None })]);
-    assert!(matches!(raw.recv(), ServerMessage::Response { id: 1, result: Ok(Response::Session(_)) }));
-    let mut spec = TaskSpec::get("http://127.0.0.1:9/x");
-    spec.destination = Some(env.path().join("stop.bin").to_string_lossy().into_owned());
-    raw.send([(2, Request::CreateTasks { identifier: "t.stop".into(), tasks: vec![spec], resume: false })]);
+    let mut raw = raw_with_session(&env, "t.stop");
+    raw.send([(2, create_to("t.stop", &env.path().join("stop.bin")))]);
     dlsession_testkit::wait_for("the check to pause", LONG, || {
         d.log().contains("failpoint destination-check reached; pausing").then_some(())
     });
@@ -390,6 +361,22 @@ async fn a_stop_during_a_destination_check_answers_it() {
         }
     }
     assert!(stopping.join().unwrap().success());
+}
+
+/// A raw connection with session `identifier` opened on it (request id 1).
+fn raw_with_session(env: &TestEnv, identifier: &str) -> dlsession_testkit::raw::RawClient {
+    use dlsession::proto::{Response, ServerMessage};
+    let mut raw = dlsession_testkit::raw::RawClient::connect(&env.socket);
+    raw.send([(1, Request::OpenSession { identifier: identifier.into(), config: None })]);
+    assert!(matches!(raw.recv(), ServerMessage::Response { id: 1, result: Ok(Response::Session(_)) }));
+    raw
+}
+
+/// Creates one task (never started) of session `identifier` whose destination is `path`.
+fn create_to(identifier: &str, path: &std::path::Path) -> Request {
+    let mut spec = dlsession::proto::TaskSpec::get("http://127.0.0.1:9/x");
+    spec.destination = Some(path.to_string_lossy().into_owned());
+    Request::CreateTasks { identifier: identifier.into(), tasks: vec![spec], resume: false }
 }
 
 /// Many destination checks hanging at once (a stuck mount, here a pause on every check
