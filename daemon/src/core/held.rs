@@ -35,6 +35,8 @@ struct OnDisk {
     token: u64,
     /// The mount points of the paths it checks.
     mounts: Vec<PathBuf>,
+    /// Its timeout, stopped when it comes back (an idle daemon has no timer left).
+    timer: Option<tokio::task::AbortHandle>,
 }
 
 #[derive(Debug)]
@@ -62,8 +64,16 @@ impl Held {
     /// phase's token.
     pub fn went_to_disk(&mut self, conn: ConnId, id: u64, mounts: Vec<PathBuf>) -> u64 {
         let token = self.ticket();
-        self.on_disk.insert(conn, OnDisk { id, token, mounts });
+        self.on_disk.insert(conn, OnDisk { id, token, mounts, timer: None });
         token
+    }
+
+    /// The timeout of disk phase `token`.
+    pub fn set_disk_timer(&mut self, conn: ConnId, token: u64, timer: tokio::task::AbortHandle) {
+        match self.on_disk.get_mut(&conn).filter(|d| d.token == token) {
+            Some(d) => d.timer = Some(timer),
+            None => timer.abort(),
+        }
     }
 
     /// The disk phase `token` came back: its request's id if it was still awaited, `None`
@@ -75,9 +85,12 @@ impl Held {
                 self.stuck.remove(&conn);
             }
         }
-        let awaited = self.on_disk.get(&conn).filter(|d| d.token == token)?.id;
-        self.on_disk.remove(&conn);
-        Some(awaited)
+        self.on_disk.get(&conn).filter(|d| d.token == token)?;
+        let d = self.on_disk.remove(&conn)?;
+        if let Some(timer) = d.timer {
+            timer.abort();
+        }
+        Some(d.id)
     }
 
     /// The disk phase `token` timed out: its request's id if it was still awaited (its
@@ -145,7 +158,9 @@ impl Held {
 
     pub fn forget(&mut self, conn: ConnId) {
         self.by_conn.remove(&conn);
-        self.on_disk.remove(&conn);
+        if let Some(timer) = self.on_disk.remove(&conn).and_then(|d| d.timer) {
+            timer.abort();
+        }
         self.stuck.remove(&conn);
     }
 }

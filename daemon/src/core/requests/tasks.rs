@@ -251,9 +251,10 @@ impl Core {
             let _ = tx.send(CoreMsg::DiskChecked { conn, token, request: Box::new(request), result });
         });
         let (tx, after) = (self.tx.clone(), self.cfg.timing.disk_check_timeout);
-        tokio::spawn(async move {
+        let timer = tokio::spawn(async move {
             tokio::time::sleep(after).await;
             let _ = tx.send(CoreMsg::DiskCheckTimedOut { conn, token });
         });
+        self.held.set_disk_timer(conn, token, timer.abort_handle());
     }
 }
