@@ -232,6 +232,29 @@ async fn a_range_body_longer_than_its_range_is_cut_at_the_announced_end() {
     );
 }
 
+/// A resource known by its date alone, replaced within the same second by a longer one: the
+/// date still matches, but the length changed, so the partial data is not continued with
+/// the new version's bytes (a splice); the download starts over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_length_that_changed_under_the_same_date_is_not_spliced() {
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let date = "Tue, 01 Dec 2026 10:00:00 GMT";
+    let old = Resource::generated(4 << 20, 32).no_validators().last_modified(date);
+    server.add("/same-date.bin", old.fault(Hits::Nth(1), Fault::ResetAfter(1 << 20)));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.same-date"), delegate).await.unwrap();
+    let task =
+        session.download_tasks(vec![DownloadRequest::new(server.url("/same-date.bin"))], true).await.unwrap().remove(0);
+    dlsession_testkit::wait_until(|| server.hits("/same-date.bin") >= 1).await;
+    let new_len = 5u64 << 20;
+    server.add("/same-date.bin", Resource::generated(new_len, 33).no_validators().last_modified(date));
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    let file = events.moved_to(task.id()).unwrap();
+    assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(33, new_len)), "entirely the new version");
+}
+
 /// A resumed range of unknown total (`bytes N-M/*`) whose `Content-Length` is shorter than
 /// the range would make the file end early: it is refused, and the download starts over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -221,6 +221,8 @@ impl Core {
             offset: t.rec.committed_offset,
             etag: t.rec.etag.clone(),
             last_modified: t.rec.last_modified.clone(),
+            // A length equal to the app's hint may be only the hint.
+            total: t.rec.bytes_expected.filter(|&n| t.rec.committed_offset > 0 && Some(n) != t.rec.expected_size),
             expected_sha256: t.rec.expected_sha256,
             part_path: self.part_path(&t.rec),
             file_mode: t.rec.file_mode,

@@ -185,6 +185,18 @@ impl Engine {
             {
                 return Err(Failure::restart(ErrorCode::CannotResume, "server sent an incomplete range"));
             }
+            // Validators that stayed the same (a date within its second) do not prove the
+            // same version when the length changed.
+            if let (Some(now), Some(before)) = (total, job.total)
+                && now != before
+            {
+                return Err(Failure::restart(
+                    ErrorCode::CannotResume,
+                    format!(
+                        "the resource's length changed ({before} → {now} bytes) since the partial data was downloaded"
+                    ),
+                ));
+            }
             // The range and the length must describe the same bytes (with an unknown total
             // the length would otherwise set where the file ends).
             if let Some(len) = content_length

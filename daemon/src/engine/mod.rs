@@ -78,6 +78,9 @@ pub struct Job {
     pub offset: u64,
     pub etag: Option<String>,
     pub last_modified: Option<String>,
+    /// The resource's length as the server gave it when the partial data was downloaded
+    /// (`None`: unknown, or not told apart from the app's hint).
+    pub total: Option<u64>,
     pub expected_sha256: Option<[u8; 32]>,
     pub part_path: PathBuf,
     /// The mode the file is created with (and handed over with).
