@@ -303,14 +303,18 @@ fn suits(file: &File, direct: &File) -> bool {
 }
 
 /// `pwrite`s whole blocks. A short write that ends inside a block cannot be continued
-/// directly, so it is reported rather than retried into an `EINVAL`.
+/// directly, so it is reported rather than retried into an `EINVAL`: as the disk being
+/// full, which is what stops a write short (the task waits and resumes, its data kept).
 fn write_blocks(direct: &File, data: &[u8], pos: u64) -> io::Result<()> {
     let mut done = 0usize;
     while let Some(rest) = data.get(done..).filter(|r| !r.is_empty()) {
         match direct.write_at(rest, pos + done as u64) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::StorageFull, "a direct write wrote nothing")),
             Ok(n) if n < rest.len() && n % BLOCK != 0 => {
-                return Err(io::Error::other(format!("a direct write stopped after {n} of {} bytes", rest.len())));
+                return Err(io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    format!("a direct write stopped after {n} of {} bytes", rest.len()),
+                ));
             }
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

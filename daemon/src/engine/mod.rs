@@ -913,7 +913,10 @@ fn resource_timeout() -> Failure {
 
 fn file_failure(e: &std::io::Error, what: &str) -> Failure {
     let raw = e.raw_os_error();
-    if raw == Some(rustix::io::Errno::NOSPC.raw_os_error()) || raw == Some(rustix::io::Errno::DQUOT.raw_os_error()) {
+    if raw == Some(rustix::io::Errno::NOSPC.raw_os_error())
+        || raw == Some(rustix::io::Errno::DQUOT.raw_os_error())
+        || e.kind() == std::io::ErrorKind::StorageFull
+    {
         // Keep the partial data: the task waits and resumes when space is free.
         Failure::transient(ErrorCode::InsufficientSpace, format!("{what}: {e}"))
     } else if e.kind() == std::io::ErrorKind::NotFound {
