@@ -1,8 +1,11 @@
 //! Requests of any size: task batches, acknowledgements and listings split into requests
 //! that each stay well under the frame limit.
 
+use std::collections::HashSet;
+
 use dlsession_proto::{
-    Request, Response, SessionInfo, SessionQuery, TaskAction, TaskId, TaskPolicy, TaskSpec, UploadSpec, validate,
+    Request, Response, SessionInfo, SessionQuery, TaskAction, TaskId, TaskInfo, TaskPolicy, TaskQuery, TaskSpec,
+    TaskState, UploadSpec, validate,
 };
 use tracing::warn;
 
@@ -88,18 +91,20 @@ impl Client {
     /// what started runs on, and the app hears of it through its delegate as of tasks made
     /// elsewhere (its events are never swallowed).
     pub(crate) async fn start_batch(&self, identifier: &str, ids: &[TaskId]) -> Result<()> {
+        let resume = |part: &[TaskId]| self.request_ok(Request::ResumeTasks { tasks: part.to_vec() });
         for (n, part) in ids.chunks(BATCH_TASKS).enumerate() {
-            let started = match self.resume_tasks(part).await {
+            let started = match resume(part).await {
                 Err(first) => {
                     warn!(error = %first, "starting part of a batch failed; trying once more");
-                    self.resume_tasks(part).await
+                    resume(part).await
                 }
                 ok => ok,
             };
             if let Err(e) = started {
                 let rest = ids.get(n * BATCH_TASKS..).unwrap_or_default();
-                match self.suspended_of(identifier).await {
+                match self.list_session_tasks(identifier, vec![TaskState::Suspended]).await {
                     Ok(suspended) => {
+                        let suspended: HashSet<TaskId> = suspended.iter().map(|t| t.id).collect();
                         let idle: Vec<TaskId> = rest.iter().copied().filter(|t| suspended.contains(t)).collect();
                         warn!(error = %e, withdrawn = idle.len(), running = ids.len() - idle.len(), "cannot start a batch whole");
                         self.withdraw(&idle).await;
@@ -112,23 +117,20 @@ impl Client {
         Ok(())
     }
 
-    /// The session's suspended tasks, as the daemon lists them.
-    async fn suspended_of(&self, identifier: &str) -> Result<std::collections::HashSet<TaskId>> {
-        let mut all = std::collections::HashSet::new();
+    /// The live tasks of session `identifier` in `states` (empty: all), fetched a page at
+    /// a time.
+    pub(crate) async fn list_session_tasks(&self, identifier: &str, states: Vec<TaskState>) -> Result<Vec<TaskInfo>> {
+        let mut all = Vec::new();
         let mut after = None;
         loop {
-            let query = dlsession_proto::TaskQuery {
-                session: Some(identifier.to_owned()),
-                states: vec![dlsession_proto::TaskState::Suspended],
-                after,
-                limit: 1000,
-            };
+            let query = TaskQuery { session: Some(identifier.to_owned()), states: states.clone(), after, limit: 1000 };
             let page = match self.request(Request::ListTasks(query)).await? {
                 Response::Tasks(page) => page,
                 other => return Err(Error::UnexpectedResponse { expected: "tasks", got: other.kind() }),
             };
-            all.extend(page.tasks.iter().map(|t| t.id));
+            all.extend(page.tasks);
             match page.next_after {
+                // A cursor that does not advance would loop for ever.
                 Some(next) if after.is_none_or(|prev| next > prev) => after = Some(next),
                 _ => return Ok(all),
             }
@@ -145,7 +147,7 @@ impl Client {
         }
         // Marked first: a cancelled task's event may come before its cancel's answer.
         self.mark_withdrawn(tasks);
-        let mut completed = Vec::with_capacity(tasks.len());
+        let (mut completed, mut kept) = (Vec::with_capacity(tasks.len()), Vec::new());
         let limit = self.request_timeout();
         for window in tasks.chunks(PIPELINE) {
             // One deadline per window: a daemon that stops answering costs one timeout.
@@ -154,33 +156,32 @@ impl Client {
             for &task in window {
                 match self.send_request(Request::ControlTask { task, action: TaskAction::Cancel }) {
                     Ok(rx) => answers.push((task, rx)),
-                    Err(e) => warn!(task, error = %e, "cannot cancel a task of a refused batch; it stays"),
+                    Err(e) => {
+                        warn!(task, error = %e, "cannot cancel a task of a refused batch; it stays");
+                        kept.push(task);
+                    }
                 }
             }
             for (task, rx) in answers {
                 match tokio::time::timeout_at(deadline, rx).await {
                     Ok(Ok(Ok(_))) => completed.push(task),
-                    Ok(Ok(Err(e))) => warn!(task, error = %e, "cancelling a task of a refused batch failed; it stays"),
-                    Ok(Err(_)) | Err(_) => warn!(task, "no answer to cancelling a task of a refused batch; it stays"),
+                    Ok(Ok(Err(e))) => {
+                        warn!(task, error = %e, "cancelling a task of a refused batch failed; it stays");
+                        kept.push(task);
+                    }
+                    Ok(Err(_)) | Err(_) => {
+                        warn!(task, "no answer to cancelling a task of a refused batch; it stays");
+                        kept.push(task);
+                    }
                 }
             }
         }
         // What was not cancelled stays, suspended, and is the app's to find: its events
         // (none while suspended) must reach it.
-        let cancelled: std::collections::HashSet<TaskId> = completed.iter().copied().collect();
-        let kept: Vec<TaskId> = tasks.iter().copied().filter(|t| !cancelled.contains(t)).collect();
         self.unmark_withdrawn(&kept);
         if let Err(e) = self.acknowledge_tasks(&completed).await {
             warn!(error = %e, "retiring the tasks of a refused batch failed");
         }
-    }
-
-    /// Resumes these tasks, in requests of [`BATCH_TASKS`] (each one transaction).
-    pub(crate) async fn resume_tasks(&self, tasks: &[TaskId]) -> Result<()> {
-        for chunk in tasks.chunks(BATCH_TASKS) {
-            self.request_ok(Request::ResumeTasks { tasks: chunk.to_vec() }).await?;
-        }
-        Ok(())
     }
 
     /// Acknowledges every durable event of these completed tasks, in requests of a

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::stream::{SessionEvents, Subscribers};
 use dlsession_proto::{
     DetachReason, ErrorCode, ErrorInfo, Request, Response, SessionInfo, TaskAction, TaskId, TaskInfo, TaskPolicy,
-    TaskPolicyInfo, TaskQuery, TaskSpec,
+    TaskPolicyInfo, TaskSpec,
 };
 
 /// An error a task completed with (its [`ErrorInfo::code`] is one of the codes in docs/protocol.md).
@@ -217,28 +217,7 @@ impl Session {
     /// Every task of the session not yet acknowledged as completed, with state and
     /// counters: what a relaunched app rebuilds its view from.
     pub async fn get_all_tasks(&self) -> Result<Vec<TaskInfo>> {
-        let mut all = Vec::new();
-        let mut after = None;
-        loop {
-            let response = self
-                .shared
-                .client
-                .request(Request::ListTasks(TaskQuery {
-                    session: Some(self.shared.identifier.clone()),
-                    states: Vec::new(),
-                    after,
-                    limit: 1000,
-                }))
-                .await?;
-            let Response::Tasks(page) = response else {
-                return Err(Error::UnexpectedResponse { expected: "tasks", got: response.kind() });
-            };
-            all.extend(page.tasks);
-            match page.next_after {
-                Some(n) => after = Some(n),
-                None => break,
-            }
-        }
+        let all = self.shared.client.list_session_tasks(&self.shared.identifier, Vec::new()).await?;
         if let Ok(mut known) = self.shared.tasks.lock() {
             for info in &all {
                 known
