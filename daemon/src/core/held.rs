@@ -33,8 +33,8 @@ pub(super) struct Held {
 struct OnDisk {
     id: u64,
     token: u64,
-    /// The mount points of the paths it checks.
-    mounts: Vec<PathBuf>,
+    /// The paths it checks (their mounts count as hung if it times out).
+    paths: Vec<PathBuf>,
     /// Its timeout, stopped when it comes back (an idle daemon has no timer left).
     timer: Option<tokio::task::AbortHandle>,
 }
@@ -60,11 +60,11 @@ impl Held {
         self.by_conn.contains_key(&conn) || self.on_disk.contains_key(&conn)
     }
 
-    /// Request `id` of the connection went to its disk phase, touching `mounts`; the
+    /// Request `id` of the connection went to its disk phase, checking `paths`; the
     /// phase's token.
-    pub fn went_to_disk(&mut self, conn: ConnId, id: u64, mounts: Vec<PathBuf>) -> u64 {
+    pub fn went_to_disk(&mut self, conn: ConnId, id: u64, paths: Vec<PathBuf>) -> u64 {
         let token = self.ticket();
-        self.on_disk.insert(conn, OnDisk { id, token, mounts, timer: None });
+        self.on_disk.insert(conn, OnDisk { id, token, paths, timer: None });
         token
     }
 
@@ -93,15 +93,24 @@ impl Held {
         Some(d.id)
     }
 
-    /// The disk phase `token` timed out: its request's id if it was still awaited (its
-    /// mounts then count as hung for the connection until it comes back).
-    pub fn timed_out(&mut self, conn: ConnId, token: u64) -> Option<u64> {
+    /// The disk phase `token` timed out: its request's id and the paths it checks, if it
+    /// was still awaited (see [`Held::hangs_on`]).
+    pub fn timed_out(&mut self, conn: ConnId, token: u64) -> Option<(u64, Vec<PathBuf>)> {
         if self.on_disk.get(&conn).is_none_or(|d| d.token != token) {
             return None;
         }
         let d = self.on_disk.remove(&conn)?;
-        self.stuck.entry(conn).or_default().insert(token, d.mounts);
-        Some(d.id)
+        Some((d.id, d.paths))
+    }
+
+    /// The timed-out disk phase `token` hangs on `mounts` until it comes back.
+    pub fn hangs_on(&mut self, conn: ConnId, token: u64, mounts: Vec<PathBuf>) {
+        self.stuck.entry(conn).or_default().insert(token, mounts);
+    }
+
+    /// Whether a timed-out disk phase of the connection still hangs.
+    pub fn stuck(&self, conn: ConnId) -> bool {
+        self.stuck.contains_key(&conn)
     }
 
     /// Whether any request is in its disk phase (shutdown waits for them, within its grace).

@@ -55,28 +55,27 @@ impl Core {
         // behind it did: nothing would be answered, and its files would lose the creator's
         // file mode): it goes.
         let awaited = self.held.back_from_disk(conn, token);
-        let (awaited, id) = (awaited.is_some(), awaited.unwrap_or_default());
-        if !awaited {
+        if awaited.is_none() {
             debug!(conn, token, request = request.name(), "a disk phase given up came back; dropped");
         }
-        match result {
-            Ok(prepared) => {
+        match (result, awaited) {
+            (Ok(prepared), _) => {
                 let adopted = match &prepared.resume {
                     Some((_, Adoption::Adopted { kept, part })) => Some((part.clone(), kept.clone())),
                     _ => None,
                 };
                 // Dropped, or refused after all (the session went, the daemon is stopping):
                 // the kept file goes back where the resume data says it is.
-                if (!awaited || !self.handle_request(conn, id, request, DiskCheck::Done(prepared)))
-                    && let Some((part, kept)) = adopted
-                {
+                let handled =
+                    awaited.is_some_and(|id| self.handle_request(conn, id, request, DiskCheck::Done(prepared)));
+                if !handled && let Some((part, kept)) = adopted {
                     self.disk.unadopt(part, kept);
                 }
             }
-            Err(e) if awaited => self.reply(conn, id, Err(e)),
-            Err(_) => {}
+            (Err(e), Some(id)) => self.reply(conn, id, Err(e)),
+            (Err(_), None) => {}
         }
-        if awaited {
+        if awaited.is_some() {
             // What the connection sent meanwhile goes on.
             self.release_held(conn);
         }
@@ -85,7 +84,8 @@ impl Core {
     /// A disk phase took too long (a hung mount): its request is answered with
     /// `file_error` and its connection goes on; what the check finds later is dropped.
     pub(super) fn on_disk_check_timed_out(&mut self, conn: ConnId, token: u64) {
-        let Some(id) = self.held.timed_out(conn, token) else { return };
+        let Some((id, paths)) = self.held.timed_out(conn, token) else { return };
+        self.held.hangs_on(conn, token, super::disk::mounts_of(&paths));
         let after = self.cfg.timing.disk_check_timeout;
         warn!(conn, id, ?after, "a disk check did not finish in time (a hung mount?); its request fails");
         let error = ErrorInfo::new(

@@ -234,7 +234,8 @@ impl Core {
     ) {
         // While a check of this connection hangs, the next one on the same mount fails at
         // once: one connection ties up at most one check thread per hung mount.
-        let mounts = disk::mounts_of(&paths);
+        // (The mount table is read only then: not for every check.)
+        let mounts = if self.held.stuck(conn) { disk::mounts_of(&paths) } else { Vec::new() };
         if let Some(mount) = self.held.stuck_on(conn, &mounts) {
             let error = ErrorInfo::new(
                 ErrorCode::FileError,
@@ -245,7 +246,7 @@ impl Core {
             );
             return self.reply(conn, id, Err(error));
         }
-        let token = self.held.went_to_disk(conn, id, mounts);
+        let token = self.held.went_to_disk(conn, id, paths);
         let tx = self.tx.clone();
         disk::check_request(check, move |result| {
             let _ = tx.send(CoreMsg::DiskChecked { conn, token, request: Box::new(request), result });
