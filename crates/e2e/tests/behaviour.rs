@@ -195,9 +195,7 @@ async fn a_hanging_destination_check_does_not_stall_the_daemon() {
         let created = session.download_tasks(vec![request], true).await;
         (session, created)
     });
-    dlsession_testkit::wait_for("the check to pause", LONG, || {
-        d.log().contains("failpoint destination-check reached; pausing").then_some(())
-    });
+    check_paused(&d);
     let asked = std::time::Instant::now();
     let client = dlsession_testkit::app::client(&env).await;
     client.request(Request::Status).await.unwrap();
@@ -222,8 +220,7 @@ async fn a_hanging_destination_check_does_not_stall_the_daemon() {
 async fn a_request_behind_a_destination_check_waits_for_it() {
     use dlsession::proto::{Response, ServerMessage, TaskQuery};
     let env = TestEnv::new();
-    let pause = std::ffi::OsStr::new("destination-check:1:sleep-ms=1500");
-    let _d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", pause)]);
+    let _d = with_paused_check(&env);
     let mut raw = raw_with_session(&env, "t.order");
     let list = TaskQuery { session: Some("t.order".into()), states: vec![], after: None, limit: 0 };
     raw.send([(2, create_to("t.order", &env.path().join("ordered.bin"))), (3, Request::ListTasks(list))]);
@@ -248,18 +245,14 @@ async fn a_request_behind_a_destination_check_waits_for_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_creation_whose_client_left_during_its_check_is_dropped() {
     let env = TestEnv::new();
-    let pause = std::ffi::OsStr::new("destination-check:1:sleep-ms=1500");
-    let d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", pause)]);
+    let d = with_paused_check(&env);
     let mut raw = raw_with_session(&env, "t.left");
     raw.send([(2, create_to("t.left", &env.path().join("left.bin")))]);
-    dlsession_testkit::wait_for("the check to pause", LONG, || {
-        d.log().contains("failpoint destination-check reached; pausing").then_some(())
-    });
+    check_paused(&d);
     drop(raw);
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let listed = env.ctl(&["--json", "tasks"]);
-    let tasks: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
-    assert_eq!(tasks.as_array().unwrap().len(), 0, "created for a client that left: {tasks}");
+    let tasks = dlsession_testkit::cli::listed_tasks(&env);
+    assert_eq!(tasks.len(), 0, "created for a client that left: {tasks:?}");
 }
 
 /// A destination check that hangs longer than `disk_check_timeout_ms` fails its request
@@ -329,9 +322,8 @@ async fn a_destination_check_that_hangs_or_panics_fails_and_the_connection_goes_
             ServerMessage::Response { result: Ok(Response::TasksCreated(ids)), .. } => assert_eq!(ids.len(), 1),
             other => panic!("{failpoint}: {other:?}"),
         }
-        let listed = env.ctl(&["--json", "tasks"]);
-        let tasks: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
-        assert_eq!(tasks.as_array().unwrap().len(), 1, "{failpoint}: only the last creation: {tasks}");
+        let tasks = dlsession_testkit::cli::listed_tasks(&env);
+        assert_eq!(tasks.len(), 1, "{failpoint}: only the last creation: {tasks:?}");
     }
 }
 
@@ -341,13 +333,10 @@ async fn a_destination_check_that_hangs_or_panics_fails_and_the_connection_goes_
 async fn a_stop_during_a_destination_check_answers_it() {
     use dlsession::proto::ServerMessage;
     let env = TestEnv::new();
-    let pause = std::ffi::OsStr::new("destination-check:1:sleep-ms=1500");
-    let mut d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", pause)]);
+    let mut d = with_paused_check(&env);
     let mut raw = raw_with_session(&env, "t.stop");
     raw.send([(2, create_to("t.stop", &env.path().join("stop.bin")))]);
-    dlsession_testkit::wait_for("the check to pause", LONG, || {
-        d.log().contains("failpoint destination-check reached; pausing").then_some(())
-    });
+    check_paused(&d);
     let stopping = std::thread::spawn(move || d.terminate());
     loop {
         match raw.recv() {
@@ -361,6 +350,21 @@ async fn a_stop_during_a_destination_check_answers_it() {
         }
     }
     assert!(stopping.join().unwrap().success());
+}
+
+/// A daemon whose first destination check pauses 1.5 s.
+fn with_paused_check(env: &TestEnv) -> TestDaemon {
+    TestDaemon::start_with_env(
+        env,
+        &[("DLSESSIOND_FAILPOINT", std::ffi::OsStr::new("destination-check:1:sleep-ms=1500"))],
+    )
+}
+
+/// Waits until `d`'s destination check is paused.
+fn check_paused(d: &TestDaemon) {
+    dlsession_testkit::wait_for("the check to pause", LONG, || {
+        d.log().contains("failpoint destination-check reached; pausing").then_some(())
+    });
 }
 
 /// A raw connection with session `identifier` opened on it (request id 1).

@@ -76,6 +76,16 @@ pub fn json(o: &Output) -> Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(o)))
 }
 
+/// Every live task, as `dlsessionctl --json tasks` lists them (the command must succeed).
+pub fn listed_tasks(env: &TestEnv) -> Vec<Value> {
+    let out = env.ctl(&["--json", "tasks"]);
+    assert_exit(&out, 0);
+    match json(&out) {
+        Value::Array(tasks) => tasks,
+        other => panic!("not a list of tasks: {other}"),
+    }
+}
+
 /// Stdout as JSON lines.
 pub fn json_lines(o: &Output) -> Vec<Value> {
     stdout(o).lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()
