@@ -4,10 +4,10 @@
 
 use dlsession::{DownloadRequest, ErrorCode, Session};
 use dlsession_testkit::app::config;
+use dlsession_testkit::{DEFAULT_LAST_MODIFIED, LONG, Recorder, Seen};
 use dlsession_testkit::{
     Fault, Hits, Resource, TestCa, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex,
 };
-use dlsession_testkit::{LONG, Recorder, Seen};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_download_is_byte_exact() {
@@ -253,6 +253,65 @@ async fn a_length_that_changed_under_the_same_date_is_not_spliced() {
     assert_eq!(events.completion(task.id(), LONG).await, None);
     let file = events.moved_to(task.id()).unwrap();
     assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(33, new_len)), "entirely the new version");
+}
+
+/// A resume follows RFC 9110's rules for validators: no `If-Range` date beside a weak
+/// `ETag` (the 206 must then repeat the date), no resume by a date that is not strong (a
+/// second change within its second would not show), none of encoded bytes by a date, and a
+/// 206 whose bytes come encoded is not spliced onto plain ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_trusts_only_strong_validators() {
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let (len, reset) = (4u64 << 20, Fault::ResetAfter(1 << 20));
+    let by_date = |seed| Resource::generated(len, seed).no_validators().last_modified(DEFAULT_LAST_MODIFIED);
+    // Modified after the response's `Date`: not a strong validator (nor within its second).
+    let later = httpdate::fmt_http_date(std::time::SystemTime::now() + std::time::Duration::from_secs(3600));
+    let cases = [
+        ("/weak-date.bin", by_date(40).last_modified(&later).fault(Hits::Nth(1), reset.clone()), 2),
+        ("/weak-etag.bin", Resource::generated(len, 41).etag("W/\"v1\"").fault(Hits::Nth(1), reset.clone()), 2),
+        (
+            "/weak-etag-no-date.bin",
+            Resource::generated(len, 42)
+                .etag("W/\"v1\"")
+                .fault(Hits::Nth(1), reset.clone())
+                .fault(Hits::Nth(2), Fault::NoLastModified),
+            3,
+        ),
+        ("/encoded.bin", by_date(43).with_header("content-encoding", "gzip").fault(Hits::Nth(1), reset.clone()), 2),
+        (
+            "/encoded-206.bin",
+            by_date(44).fault(Hits::Nth(1), reset.clone()).fault(Hits::Nth(2), Fault::ContentEncoding("gzip".into())),
+            3,
+        ),
+    ];
+    for (path, resource, _) in &cases {
+        server.add(path, resource.clone());
+    }
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.validators"), delegate).await.unwrap();
+    let requests = cases.iter().map(|(path, ..)| DownloadRequest::new(server.url(path))).collect();
+    let tasks = session.download_tasks(requests, true).await.unwrap();
+    for ((path, resource, hits), task) in cases.iter().zip(&tasks) {
+        assert_eq!(events.completion(task.id(), LONG).await, None, "{path}");
+        let file = events.moved_to(task.id()).unwrap();
+        assert_eq!(sha256_file(&file).unwrap(), resource.sha256_hex(), "{path}");
+        let requests = server.requests_for(path);
+        assert_eq!(requests.len(), *hits, "{path}: {requests:?}");
+        let second = &requests[1];
+        match *path {
+            "/weak-etag.bin" | "/weak-etag-no-date.bin" => {
+                assert!(second.range.is_some(), "{path} resumed: {requests:?}");
+                assert_eq!(second.if_range, None, "{path}: no date beside a weak ETag: {requests:?}");
+            }
+            "/encoded-206.bin" => assert!(second.range.is_some() && second.if_range.is_some(), "{requests:?}"),
+            _ => assert_eq!(second.range, None, "{path} started over: {requests:?}"),
+        }
+        if *hits == 3 {
+            assert_eq!(requests[2].range, None, "{path}: the 206 was refused, the download started over");
+        }
+    }
 }
 
 /// A resumed range of unknown total (`bytes N-M/*`) whose `Content-Length` is shorter than

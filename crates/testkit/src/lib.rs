@@ -30,7 +30,7 @@ pub use daemon::{TestDaemon, TestEnv, bin_path};
 pub use mount::{Mount, require_root};
 pub use nginx::Nginx;
 pub use proxy::{ProxyFault, ProxyRecord, TestProxy};
-pub use server::{Fault, Hits, RequestRecord, Resource, TestServer};
+pub use server::{DEFAULT_LAST_MODIFIED, Fault, Hits, RequestRecord, Resource, TestServer};
 pub use socks::{SocksRecord, TestSocks};
 pub use tls::TestCa;
 pub use upload::{UploadFaults, UploadRecord, UploadServer};

@@ -116,6 +116,8 @@ pub enum Fault {
     SlowHeaders(Duration),
     /// Add one `X-Padding` header of this many bytes (then respond normally).
     HugeHeaders(usize),
+    /// Add `Content-Encoding` with this value to the response (the body stays as it is).
+    ContentEncoding(String),
 }
 
 #[derive(Clone)]
@@ -149,6 +151,8 @@ pub struct Resource {
     required_cookie: Option<String>,
     /// (`Authorization` value wanted, `WWW-Authenticate` sent without it).
     required_auth: Option<(String, String)>,
+    /// More headers sent with every response of its body (200, 206).
+    headers: Vec<(String, String)>,
     sha: Arc<OnceLock<String>>,
 }
 
@@ -188,6 +192,7 @@ impl Resource {
             set_cookies: Vec::new(),
             required_cookie: None,
             required_auth: None,
+            headers: Vec::new(),
             sha: Arc::new(cell),
         }
     }
@@ -301,6 +306,12 @@ impl Resource {
 
     pub fn throttle(mut self, bytes_per_sec: u64) -> Self {
         self.throttle = (bytes_per_sec > 0).then_some(bytes_per_sec);
+        self
+    }
+
+    /// Send this header with every response of the body (200, 206), as it is.
+    pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_owned(), value.to_owned()));
         self
     }
 
@@ -761,6 +772,7 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
     let mut long_unknown: Option<u64> = None;
     let mut hide_last_modified = false;
     let mut padding: Option<usize> = None;
+    let mut encoding: Option<String> = None;
     let mut body_fault: Option<Fault> = None;
     match fault {
         None => {}
@@ -791,6 +803,7 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
         }
         Some(Fault::SlowHeaders(d)) => tokio::time::sleep(d).await,
         Some(Fault::HugeHeaders(n)) => padding = Some(n),
+        Some(Fault::ContentEncoding(e)) => encoding = Some(e),
         Some(Fault::ChangeEtag(e)) => etag = Some(e),
         Some(Fault::IgnoreRange) => honour_range = false,
         Some(Fault::WrongContentRange) => wrong_content_range = true,
@@ -828,6 +841,12 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
     }
     if let Some(n) = padding {
         builder = builder.header("x-padding", "a".repeat(n));
+    }
+    for (name, value) in &res.headers {
+        builder = builder.header(name.as_str(), value.as_str());
+    }
+    if let Some(e) = encoding {
+        builder = builder.header(header::CONTENT_ENCODING, e);
     }
 
     let (status, start, end) = match range {

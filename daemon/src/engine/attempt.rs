@@ -12,8 +12,8 @@ use hyper::body::Incoming;
 use url::Url;
 
 use super::http::{
-    Failure, ReqBody, Retry, classify, empty_body, find, is_strong_etag, is_transient_status, parse_content_range,
-    parse_retry_after,
+    Failure, ReqBody, Retry, classify, empty_body, find, if_range, is_encoded, is_strong_etag, is_transient_status,
+    kept_last_modified, parse_content_range, parse_retry_after,
 };
 use super::proxy::{Proxies, TunnelGarbled, TunnelRefused};
 use super::{Engine, Job, ResponseMeta, USER_AGENT, auth};
@@ -144,7 +144,10 @@ impl Engine {
             f.error.http_status = Some(status);
             return Err(f);
         }
-        let (mut etag, mut last_modified) = (get(hyper::header::ETAG), get(hyper::header::LAST_MODIFIED));
+        let (mut etag, sent_last_modified) = (get(hyper::header::ETAG), get(hyper::header::LAST_MODIFIED));
+        let encoded = is_encoded(get(hyper::header::CONTENT_ENCODING).as_deref());
+        let mut last_modified =
+            kept_last_modified(sent_last_modified.clone(), get(hyper::header::DATE).as_deref(), encoded);
         let content_length = get(hyper::header::CONTENT_LENGTH).and_then(|v| v.trim().parse::<u64>().ok());
         let (start, total, restarted) = if status == 206 {
             let range = get(hyper::header::CONTENT_RANGE).and_then(|v| parse_content_range(&v));
@@ -157,19 +160,23 @@ impl Engine {
                     format!("asked for bytes from {offset}, server sent a range starting at {start}"),
                 ));
             }
-            // The validators must still be the ones the partial data came from, and a strong
-            // `ETag` that `If-Range` carried must come back (a 206 must carry the `ETag` a 200
-            // would, RFC 9110 15.3.7; not `Last-Modified`): without it, a server that ignored
+            // The validators must still be the ones the partial data came from (a strong
+            // `ETag` alone decides; beside a weak one the date counts too), and the one that
+            // decides must come back: a strong `ETag` that `If-Range` carried (a 206 must
+            // carry the `ETag` a 200 would, RFC 9110 15.3.7; not `Last-Modified`), or the
+            // date when no `If-Range` could be sent. Without it, a server that ignored
             // `If-Range` for a changed resource would have its new bytes spliced onto the old.
-            let differs = match (&job.etag, &etag) {
-                (Some(old), Some(new)) => old != new,
-                _ => match (&job.last_modified, &last_modified) {
-                    (Some(old), Some(new)) => old != new,
-                    _ => false,
-                },
+            let strong = job.etag.as_deref().is_some_and(is_strong_etag);
+            let differs =
+                |old: &Option<String>, new: &Option<String>| matches!((old, new), (Some(o), Some(n)) if o != n);
+            let changed = if strong {
+                differs(&job.etag, &etag) || etag.is_none()
+            } else {
+                let unchecked = if_range(job.etag.as_deref(), job.last_modified.as_deref()).is_none()
+                    && sent_last_modified.is_none();
+                // Data resumed by its date alone was not encoded (`kept_last_modified`).
+                differs(&job.etag, &etag) || differs(&job.last_modified, &sent_last_modified) || unchecked || encoded
             };
-            let missing = job.etag.as_deref().is_some_and(is_strong_etag) && etag.is_none();
-            let changed = differs || missing;
             if changed {
                 return Err(Failure::restart(
                     ErrorCode::CannotResume,
@@ -364,10 +371,8 @@ pub(super) fn build_request(
     }
     if offset > 0 {
         b = b.header(hyper::header::RANGE, format!("bytes={offset}-"));
-        match (&job.etag, &job.last_modified) {
-            (Some(etag), _) if is_strong_etag(etag) => b = b.header(hyper::header::IF_RANGE, etag.as_str()),
-            (_, Some(lm)) => b = b.header(hyper::header::IF_RANGE, lm.as_str()),
-            _ => {}
+        if let Some(validator) = if_range(job.etag.as_deref(), job.last_modified.as_deref()) {
+            b = b.header(hyper::header::IF_RANGE, validator);
         }
     }
     b.body(body).map_err(|e| Failure::permanent(ErrorCode::InvalidRequest, format!("cannot build the request: {e}")))

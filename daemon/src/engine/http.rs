@@ -462,10 +462,41 @@ pub fn is_strong_etag(etag: &str) -> bool {
     etag.starts_with('"')
 }
 
-/// Data already received can be continued with a range request: a validator lets
-/// `If-Range` make sure the resource has not changed meanwhile.
+/// Data already received can be continued with a range request: a strong validator
+/// (`If-Range`, or the response's own, see [`if_range`]) makes sure the resource has not
+/// changed meanwhile. A task keeps a `Last-Modified` only when it is strong
+/// ([`kept_last_modified`]).
 pub fn can_resume(etag: Option<&str>, last_modified: Option<&str>) -> bool {
     etag.is_some_and(is_strong_etag) || last_modified.is_some()
+}
+
+/// What a range request carries in `If-Range` (RFC 9110 13.1.5): a strong `ETag`, else the
+/// date, but never a date when an `ETag` is known (a weak one): the 206 is then checked
+/// against the validators by the client alone.
+pub fn if_range<'a>(etag: Option<&'a str>, last_modified: Option<&'a str>) -> Option<&'a str> {
+    match (etag, last_modified) {
+        (Some(e), _) if is_strong_etag(e) => Some(e),
+        (None, Some(lm)) => Some(lm),
+        _ => None,
+    }
+}
+
+/// The `Last-Modified` of a response worth keeping to resume with: a strong validator
+/// (RFC 9110 8.8.2.2: the response's `Date` at least a second later, so a second change
+/// within that second cannot hide behind it), for the bytes as they are (no
+/// `Content-Encoding`: a date does not tell encodings apart, a strong `ETag` does).
+pub fn kept_last_modified(last_modified: Option<String>, date: Option<&str>, encoded: bool) -> Option<String> {
+    let lm = last_modified?;
+    let modified = httpdate::parse_http_date(&lm).ok()?;
+    let served = httpdate::parse_http_date(date?).ok()?;
+    let strong = served.duration_since(modified).is_ok_and(|d| d >= Duration::from_secs(1));
+    (strong && !encoded).then_some(lm)
+}
+
+/// A response's bytes are encoded (`Content-Encoding` other than `identity`).
+pub fn is_encoded(content_encoding: Option<&str>) -> bool {
+    content_encoding
+        .is_some_and(|e| e.split(',').any(|c| !c.trim().is_empty() && !c.trim().eq_ignore_ascii_case("identity")))
 }
 
 #[cfg(test)]
@@ -481,6 +512,24 @@ mod tests {
         assert_eq!(parse_content_range("items 0-1/2"), None);
         assert_eq!(parse_content_range("bytes */100"), None);
         assert_eq!(parse_content_range("bytes 0-18446744073709551615/*"), None, "an end no length can follow");
+    }
+
+    #[test]
+    fn validators_for_a_resume() {
+        let (old, date) = ("Wed, 21 Oct 2015 07:28:00 GMT", "Wed, 21 Oct 2015 07:28:01 GMT");
+        let kept = |lm: &str, date: Option<&str>, encoded| kept_last_modified(Some(lm.to_owned()), date, encoded);
+        assert_eq!(kept(old, Some(date), false).as_deref(), Some(old), "a second later: strong");
+        assert_eq!(kept(old, Some(old), false), None, "the same second: weak");
+        assert_eq!(kept(date, Some(old), false), None, "modified after it was served");
+        assert_eq!(kept(old, None, false), None, "no Date: not known to be strong");
+        assert_eq!(kept(old, Some(date), true), None, "encoded bytes");
+        assert_eq!(kept("yesterday", Some(date), false), None);
+        assert!(is_encoded(Some("gzip")) && is_encoded(Some("identity, br")));
+        assert!(!is_encoded(None) && !is_encoded(Some("identity")) && !is_encoded(Some(" Identity ")));
+        assert_eq!(if_range(Some("\"a\""), Some(old)), Some("\"a\""));
+        assert_eq!(if_range(None, Some(old)), Some(old));
+        assert_eq!(if_range(Some("W/\"a\""), Some(old)), None, "no date beside a weak ETag");
+        assert_eq!(if_range(Some("W/\"a\""), None), None);
     }
 
     #[test]

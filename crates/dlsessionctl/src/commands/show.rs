@@ -116,7 +116,7 @@ fn describe(d: &TaskDetail, now: u64) -> Vec<(&'static str, String)> {
     lines.push(("etag", or_dash(d.etag.as_deref())));
     lines.push(("last-modified", or_dash(d.last_modified.as_deref())));
     if t.upload.is_none() {
-        lines.push(("resumable", if d.resumable { "yes".into() } else { "no (no validators yet)".into() }));
+        lines.push(("resumable", if d.resumable { "yes".into() } else { "no (no strong validator)".into() }));
     }
     if let Some(h) = d.expected_sha256 {
         lines.push(("expected sha256", dlsession_proto::validate::to_hex(&h)));
