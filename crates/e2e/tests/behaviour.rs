@@ -403,11 +403,7 @@ async fn many_hanging_destination_checks_leave_other_file_work_alone() {
         session.download_tasks(vec![DownloadRequest::new(server.url("/r")).destination(&dest)], true).await.unwrap();
     let task = &task[0];
     let client = dlsession_testkit::app::client(&env).await;
-    dlsession_testkit::wait_for("a checkpoint", LONG, || {
-        let r = block(client.request(Request::GetTask { task: task.id() })).unwrap();
-        let dlsession::proto::Response::Task(t) = r else { panic!("{r:?}") };
-        (t.committed_offset >= 256 << 10).then_some(())
-    });
+    dlsession_testkit::app::wait_for_checkpoint(&client, task.id(), 256 << 10).await;
     task.suspend().await.unwrap();
     // More creations than the runtime's blocking pool has threads, each check hanging.
     // (Each on a connection of its own: a connection's later requests wait for its check.)

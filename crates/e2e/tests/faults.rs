@@ -275,6 +275,27 @@ async fn a_cache_removed_under_a_download_is_made_again() {
     assert!(s.hits("/c") >= 2, "downloaded again");
 }
 
+/// The same past the download's first checkpoint, when its partial file is open: the next
+/// checkpoint finds the file gone and the download starts over then, instead of writing the
+/// rest to a file without a name and failing to move it at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_removed_after_a_checkpoint_starts_over_at_the_next() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    let len = 4u64 << 20;
+    s.add("/c", Resource::generated(len, 10).throttle(1 << 20));
+    let (session, mut events) = attach(&env, SessionConfiguration::background("t.cleaned-later")).await;
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/c"))], true).await.unwrap().remove(0);
+    let client = dlsession_testkit::app::client(&env).await;
+    dlsession_testkit::app::wait_for_checkpoint(&client, task.id(), 1).await;
+    std::fs::remove_dir_all(env.downloads_dir()).unwrap();
+    dlsession_testkit::wait_until(|| s.hits("/c") >= 2).await;
+    assert!(s.bytes_sent("/c") < len, "the first response was cut short, not sent whole before starting over");
+    assert_eq!(events.completion(task.id(), LONG).await, None, "completed after starting over");
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(10, len)));
+}
+
 /// A finished download whose destination cannot be written is never destroyed: the task
 /// waits (`destination_unavailable`, naming the OS error), keeps its data, and `resume`
 /// puts it in place once the destination works, without downloading it again.
@@ -765,16 +786,7 @@ async fn a_restart_from_zero_is_committed_before_new_bytes() {
         .unwrap()
         .remove(0);
     let client = dlsession_testkit::app::client(&env).await;
-    let started = std::time::Instant::now();
-    loop {
-        let r = client.request(dlsession::proto::Request::GetTask { task: task.id() }).await.unwrap();
-        let dlsession::proto::Response::Task(detail) = r else { panic!("{r:?}") };
-        if detail.committed_offset >= 512 << 10 {
-            break;
-        }
-        assert!(started.elapsed() < LONG, "no checkpoint");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    dlsession_testkit::app::wait_for_checkpoint(&client, task.id(), 512 << 10).await;
     drop(client);
     drop(session);
     daemon.kill9();

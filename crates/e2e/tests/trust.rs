@@ -659,7 +659,7 @@ async fn uncollected_events_and_old_resume_files_expire() {
         }
     };
     dlsession_testkit::wait_until(|| dlsession_testkit::block(detail(ids[0])).info.state == TaskState::Completed).await;
-    dlsession_testkit::wait_until(|| dlsession_testkit::block(detail(ids[1])).committed_offset > 0).await;
+    dlsession_testkit::app::wait_for_checkpoint(&c, ids[1], 1).await;
     let blob =
         c.request(Request::ControlTask { task: ids[1], action: TaskAction::CancelProducingResumeData }).await.unwrap();
     assert!(matches!(blob, Response::ResumeData(_)));
@@ -740,13 +740,7 @@ async fn kept_resume_files_expire_while_the_daemon_runs() {
     })
     .await;
     let id = c.create_tasks("t.resume", vec![TaskSpec::get(s.url("/slow"))], true).await.unwrap()[0];
-    dlsession_testkit::wait_until(|| {
-        match dlsession_testkit::block(c.request(Request::GetTask { task: id })).unwrap() {
-            Response::Task(d) => d.committed_offset > 0,
-            _ => false,
-        }
-    })
-    .await;
+    dlsession_testkit::app::wait_for_checkpoint(&c, id, 1).await;
     let blob = c.request(Request::ControlTask { task: id, action: TaskAction::CancelProducingResumeData }).await;
     assert!(matches!(blob, Ok(Response::ResumeData(_))));
     let resume_dir = env.downloads_dir().join("resume");

@@ -253,6 +253,21 @@ pub async fn client(env: &TestEnv) -> Client {
     Client::connect(options).await.expect("connect to the test daemon")
 }
 
+/// Waits (up to `LONG`) until the daemon has committed at least `at_least` bytes of a
+/// task, asking it over `client`; returns the committed offset.
+pub async fn wait_for_checkpoint(client: &Client, task: dlsession::proto::TaskId, at_least: u64) -> u64 {
+    let deadline = tokio::time::Instant::now() + crate::LONG;
+    loop {
+        let r = client.request(dlsession::proto::Request::GetTask { task }).await;
+        let Ok(dlsession::proto::Response::Task(detail)) = r else { panic!("task {task}: {r:?}") };
+        if detail.committed_offset >= at_least.max(1) {
+            return detail.committed_offset;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "task {task}: no checkpoint of {at_least} bytes within LONG");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A background session configuration that talks to the test daemon.
 pub fn config(env: &TestEnv, identifier: &str) -> SessionConfiguration {
     SessionConfiguration::background(identifier).socket(&env.socket)

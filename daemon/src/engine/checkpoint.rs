@@ -23,6 +23,23 @@ impl CheckpointPolicy {
     }
 }
 
+/// Syncs a partial file's data for a checkpoint, then makes sure it still has a name: one
+/// removed behind the daemon's back (someone cleaning ~/.cache) would otherwise take every
+/// later byte, and checkpoints no restart can find, until its move failed. The error is
+/// `NotFound`, which starts the download over (`engine::file_failure`).
+pub fn sync_data(file: impl std::os::fd::AsFd) -> std::io::Result<()> {
+    rustix::fs::fdatasync(&file)?;
+    still_named(file)
+}
+
+/// `NotFound` when the file has no name left (see [`sync_data`]).
+pub fn still_named(file: impl std::os::fd::AsFd) -> std::io::Result<()> {
+    if rustix::fs::fstat(file)?.st_nlink == 0 {
+        return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "the partial file was removed"));
+    }
+    Ok(())
+}
+
 /// Reports `offset` to the core as a checkpoint; its bytes were just synced (docs/behaviour.md, "Durability").
 pub fn report_checkpoint(link: &WorkerLink, offset: u64) {
     crate::failpoint::hit("checkpoint-after-sync");

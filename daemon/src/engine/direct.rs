@@ -345,7 +345,7 @@ fn io_loop(
             }
             Job::Sync { upto } => {
                 let began = Instant::now();
-                rustix::fs::fdatasync(direct)?;
+                super::checkpoint::sync_data(direct)?;
                 Timing::add(&link.timing().sync, began);
                 std::thread::sleep(delay);
                 tracing::debug!(task = link.task(), offset = upto, "synced");

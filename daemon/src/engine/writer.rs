@@ -15,7 +15,9 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use super::checkpoint::{CheckpointPolicy, SYNC_THREAD, join, report_checkpoint, test_sync_delay};
+use super::checkpoint::{
+    CheckpointPolicy, SYNC_THREAD, join, report_checkpoint, still_named, sync_data, test_sync_delay,
+};
 use super::progress::Progress;
 pub(super) use super::report::abandoned;
 use super::report::{Timing, WorkerLink};
@@ -246,7 +248,7 @@ pub fn run(
     // Where writeback was last started (see `start_writeback`).
     let mut kicked = offset;
     let sync_inline = |out: &mut File, offset: u64| -> std::io::Result<()> {
-        rustix::fs::fdatasync(&*out)?;
+        sync_data(&*out)?;
         tracing::debug!(task = link.task(), offset, "synced");
         Ok(())
     };
@@ -329,6 +331,8 @@ pub fn run(
                 });
                 out.set_permissions(std::fs::Permissions::from_mode(final_mode))?;
                 out.sync_all()?;
+                // A file removed meanwhile would fail its move; started over at once instead.
+                still_named(&out)?;
                 tracing::debug!(task = link.task(), offset, marked, "synced");
                 let sha256 = hasher.map(|h| h.finalize().into());
                 return Ok(WriterDone { offset, sha256, marked });
@@ -433,7 +437,7 @@ impl Syncer {
             let result = (|| {
                 for offset in rx {
                     let began = Instant::now();
-                    let result = rustix::fs::fdatasync(&fd);
+                    let result = sync_data(&fd);
                     Timing::add(&link.timing().sync, began);
                     std::thread::sleep(delay);
                     if result.is_ok() {
