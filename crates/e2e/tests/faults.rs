@@ -707,6 +707,43 @@ async fn a_small_file_moved_before_a_crash_is_found_in_place() {
     restart_and_expect_the_moved_file(&env, &mut daemon, &s, "t.found", task, &dest, 43, len).await;
 }
 
+/// A file moved into place just before a crash is found at start, not when its task's turn
+/// for a download slot comes: behind a long download holding the only slot, it completes
+/// at once, with the file it had moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_moved_before_a_crash_is_found_at_start_not_behind_the_queue() {
+    let env = TestEnv::new();
+    let mut daemon = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", OsStr::new("finish-after-move"))]);
+    let s = TestServer::start().await.unwrap();
+    // 4 MiB at 64 KiB/s: a minute, longer than the wait below.
+    s.add("/slow", Resource::generated(4 << 20, 46).throttle(64 << 10));
+    let len = 64u64 << 10;
+    s.add("/f", Resource::generated(len, 47));
+    let (app, _events) = attach(&env, SessionConfiguration::background("t.found-early")).await;
+    let slow = DownloadRequest::new(s.url("/slow")).priority(1.0);
+    let slow = app.download_tasks(vec![slow], true).await.unwrap().remove(0);
+    dlsession_testkit::wait_until(|| s.hits("/slow") == 1).await;
+    let dest = env.path().join("f.bin");
+    let task = app.download_tasks(vec![DownloadRequest::new(s.url("/f")).destination(&dest)], true).await.unwrap();
+    assert!(!daemon.wait_exit(LONG).success(), "stopped at the failpoint");
+    assert!(marked(&dest), "moved, with its mark");
+    drop(app);
+    // One download at a time from now on: the slow one, first by priority, takes it.
+    env.set_config("max_concurrent_downloads", "1");
+    daemon.set_env(&[]);
+    daemon.restart();
+    let (_app, mut events) = attach(&env, SessionConfiguration::background("t.found-early")).await;
+    let done = events.completion(task[0].id(), std::time::Duration::from_secs(15)).await;
+    assert_eq!(done, None, "{}", daemon.log());
+    assert_eq!(sha256_file(&events.moved_to(task[0].id()).unwrap()).unwrap(), to_hex(&pattern_sha256(47, len)));
+    assert_eq!(s.hits("/f"), 1, "not downloaded again");
+    assert!(s.hits("/slow") >= 2, "the slow download had the slot");
+    assert!(
+        !events.seen.iter().any(|e| matches!(e, Seen::Completed { task, .. } if *task == slow.id())),
+        "still running"
+    );
+}
+
 /// A file others may write (0664 here: an app with umask 002, the default for users on many
 /// systems) carries no mark, since whoever may write it could mark it: its finish is
 /// committed before its move, and a crash right after the move still ends in the

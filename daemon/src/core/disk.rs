@@ -31,6 +31,19 @@ pub enum DiskReport {
     /// The resume directory was cleaned: how many files went, and the oldest kept file
     /// left (its modification time).
     ResumeDir { removed: usize, oldest: Option<UnixMillis> },
+    /// A task's finished file, looked for at start, is in place (see `Look`).
+    FoundInPlace { task: TaskId, location: String, size: u64, error: Option<ErrorInfo> },
+}
+
+/// At start: where a task that was downloading may have had its file moved just before the
+/// daemon stopped (see `crate::engine::files::found_in_place`).
+#[derive(Debug)]
+pub(super) struct Look {
+    pub task: TaskId,
+    pub part: PathBuf,
+    pub to: PathBuf,
+    pub mark: String,
+    pub sha256: Option<[u8; 32]>,
 }
 
 /// The extension of a task's partial file (`ID.part` in its session's directory).
@@ -69,6 +82,7 @@ enum Job {
         kept: PathBuf,
     },
     CollectGarbage(Garbage),
+    LookInPlace(Vec<Look>),
     /// Removes kept partial files older than `retention` (reports `ResumeDir`).
     CleanResumeDir {
         dir: PathBuf,
@@ -92,6 +106,7 @@ impl std::fmt::Debug for Job {
             Job::Keep { .. } => "Keep",
             Job::Unadopt { .. } => "Unadopt",
             Job::CollectGarbage(_) => "CollectGarbage",
+            Job::LookInPlace(_) => "LookInPlace",
             Job::CleanResumeDir { .. } => "CleanResumeDir",
             Job::Then(_) => "Then",
         })
@@ -136,6 +151,12 @@ impl Disk {
 
     pub fn collect_garbage(&self, garbage: Garbage) {
         self.send(Job::CollectGarbage(garbage));
+    }
+
+    pub fn look_in_place(&self, looks: Vec<Look>) {
+        if !looks.is_empty() {
+            self.send(Job::LookInPlace(looks));
+        }
     }
 
     pub fn clean_resume_dir(&self, dir: PathBuf, retention: Duration) {
@@ -185,6 +206,14 @@ fn run(job: Job, report: &impl Fn(DiskReport)) {
             let removed = collect_garbage(&g);
             if removed > 0 {
                 info!(removed, "removed stray files from the cache directory");
+            }
+        }
+        Job::LookInPlace(looks) => {
+            for l in looks {
+                if let Some(found) = crate::engine::files::found_in_place(&l.part, &l.to, &l.mark, l.sha256) {
+                    let (location, size, error) = found.outcome(&l.to);
+                    report(DiskReport::FoundInPlace { task: l.task, location, size, error });
+                }
             }
         }
         Job::CleanResumeDir { dir, retention } => {

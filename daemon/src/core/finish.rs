@@ -84,6 +84,40 @@ impl Core {
         }
     }
 
+    /// A task read from the database at start was found with its file in place (see
+    /// `look_in_place_at_start`). Taken only while it still waits in the queue: an attempt
+    /// that began meanwhile looks for itself.
+    pub(super) fn on_found_at_start(&mut self, id: TaskId, location: String, size: u64, error: Option<ErrorInfo>) {
+        let Some(t) = self.tasks.get_mut(&id) else { return };
+        if t.state != TaskState::Queued || t.run.is_some() || !std::mem::take(&mut t.restored) {
+            return;
+        }
+        self.unqueue(id);
+        self.on_found_in_place(id, location, size, error);
+    }
+
+    /// Tasks read from the database that were downloading may have had their file moved into
+    /// place just before the daemon stopped (a marked file's finish is committed after its
+    /// move). Each is looked for at start, on the disk thread, rather than when it gets a
+    /// download slot: behind a long queue that could take hours, with its file already
+    /// delivered.
+    pub(super) fn look_in_place_at_start(&mut self) {
+        let looks: Vec<_> = self
+            .tasks
+            .values()
+            .filter(|t| t.restored && t.state == TaskState::Queued && t.rec.phase != Phase::Finishing)
+            .filter(|t| marks(&t.rec) && !t.rec.unmarked)
+            .map(|t| super::disk::Look {
+                task: t.rec.id,
+                part: self.part_path(&t.rec),
+                to: self.target_of(&t.rec).0,
+                mark: task_mark(&t.rec),
+                sha256: t.rec.expected_sha256,
+            })
+            .collect();
+        self.disk.look_in_place(looks);
+    }
+
     pub(super) fn on_moved(&mut self, id: TaskId, location: String) {
         self.release(id);
         self.refuse_waiting_stops(id, "finished downloading");

@@ -130,6 +130,7 @@ impl Core {
             Err(e) => tracing::error!(error = %e, "cannot list suspended tasks; the cache is not swept this time"),
         }
         self.clean_resume_dir();
+        self.look_in_place_at_start();
         // The first wake after a start waits `wake_initial`: the app may come back by
         // itself, and a daemon restarting in a loop must not relaunch it every time (the
         // wake backoff lives in memory).

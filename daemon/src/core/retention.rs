@@ -121,6 +121,9 @@ impl Core {
                 h.oldest_resume_file = [oldest, h.oldest_resume_file].into_iter().flatten().min();
                 self.arm_housekeeping();
             }
+            DiskReport::FoundInPlace { task, location, size, error } => {
+                self.on_found_at_start(task, location, size, error)
+            }
         }
     }
 

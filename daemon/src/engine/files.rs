@@ -51,6 +51,20 @@ pub struct Found {
     pub synced: io::Result<()>,
 }
 
+impl Found {
+    /// Where the file is, its size, and the error that keeps it from counting as moved yet
+    /// (its directory could not be synced: the move is tried again).
+    pub fn outcome(self, to: &Path) -> (String, u64, Option<dlsession_proto::ErrorInfo>) {
+        let error = self.synced.err().map(|e| {
+            dlsession_proto::ErrorInfo::new(
+                dlsession_proto::ErrorCode::DestinationUnavailable,
+                format!("cannot sync the directory of {}: {e}; the download is kept", to.display()),
+            )
+        });
+        (to.to_string_lossy().into_owned(), self.size, error)
+    }
+}
+
 /// Looks for the task's finished file at `to` when its partial file `part` is gone: a file
 /// there that carries `mark` was renamed into place before a crash cut the finish short.
 /// It counts only as a regular file of this user that nobody else may write and that has

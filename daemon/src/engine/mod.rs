@@ -784,13 +784,8 @@ fn paced_slice(limiters: &[Arc<RateLimiter>]) -> Option<usize> {
 
 /// The outcome of finding the task's file moved into place at `target`.
 fn found_outcome(target: &std::path::Path, found: files::Found) -> Outcome {
-    let error = found.synced.err().map(|e| {
-        dlsession_proto::ErrorInfo::new(
-            ErrorCode::DestinationUnavailable,
-            format!("cannot sync the directory of {}: {e}; the download is kept", target.display()),
-        )
-    });
-    Outcome::FoundInPlace { location: target.to_string_lossy().into_owned(), size: found.size, error }
+    let (location, size, error) = found.outcome(target);
+    Outcome::FoundInPlace { location, size, error }
 }
 
 #[derive(Debug)]
