@@ -272,6 +272,14 @@ async fn a_resume_trusts_only_strong_validators() {
         ("/weak-date.bin", by_date(40).last_modified(&later).fault(Hits::Nth(1), reset.clone()), 2),
         ("/weak-etag.bin", Resource::generated(len, 41).etag("W/\"v1\"").fault(Hits::Nth(1), reset.clone()), 2),
         (
+            "/weak-etag-new-date.bin",
+            Resource::generated(len, 45)
+                .etag("W/\"v1\"")
+                .fault(Hits::Nth(1), reset.clone())
+                .fault(Hits::Nth(2), Fault::ChangeLastModified("Thu, 22 Oct 2015 07:28:00 GMT".into())),
+            3,
+        ),
+        (
             "/weak-etag-no-date.bin",
             Resource::generated(len, 42)
                 .etag("W/\"v1\"")
@@ -279,7 +287,15 @@ async fn a_resume_trusts_only_strong_validators() {
                 .fault(Hits::Nth(2), Fault::NoLastModified),
             3,
         ),
-        ("/encoded.bin", by_date(43).with_header("content-encoding", "gzip").fault(Hits::Nth(1), reset.clone()), 2),
+        (
+            // Every `Content-Encoding` line counts.
+            "/encoded.bin",
+            by_date(43)
+                .with_header("content-encoding", "identity")
+                .with_header("content-encoding", "gzip")
+                .fault(Hits::Nth(1), reset.clone()),
+            2,
+        ),
         (
             "/encoded-206.bin",
             by_date(44).fault(Hits::Nth(1), reset.clone()).fault(Hits::Nth(2), Fault::ContentEncoding("gzip".into())),
@@ -301,7 +317,7 @@ async fn a_resume_trusts_only_strong_validators() {
         assert_eq!(requests.len(), *hits, "{path}: {requests:?}");
         let second = &requests[1];
         match *path {
-            "/weak-etag.bin" | "/weak-etag-no-date.bin" => {
+            "/weak-etag.bin" | "/weak-etag-no-date.bin" | "/weak-etag-new-date.bin" => {
                 assert!(second.range.is_some(), "{path} resumed: {requests:?}");
                 assert_eq!(second.if_range, None, "{path}: no date beside a weak ETag: {requests:?}");
             }
@@ -311,6 +327,33 @@ async fn a_resume_trusts_only_strong_validators() {
         if *hits == 3 {
             assert_eq!(requests[2].range, None, "{path}: the 206 was refused, the download started over");
         }
+    }
+}
+
+/// A 206 answering a request without `Range` (the whole body as a range, as some servers
+/// send) is the download itself, whatever validators and encoding it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_206_to_a_request_without_range_is_taken_whole() {
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let len = 1u64 << 20;
+    let plain = Resource::generated(len, 50).no_validators().fault(Hits::All, Fault::WholeAs206);
+    let encoded = Resource::generated(len, 51)
+        .no_validators()
+        .with_header("content-encoding", "gzip")
+        .fault(Hits::All, Fault::WholeAs206);
+    server.add("/plain.bin", plain.clone());
+    server.add("/encoded.bin", encoded.clone());
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.whole-206"), delegate).await.unwrap();
+    let requests =
+        vec![DownloadRequest::new(server.url("/plain.bin")), DownloadRequest::new(server.url("/encoded.bin"))];
+    let tasks = session.download_tasks(requests, true).await.unwrap();
+    for (task, (path, resource)) in tasks.iter().zip([("/plain.bin", &plain), ("/encoded.bin", &encoded)]) {
+        assert_eq!(events.completion(task.id(), LONG).await, None, "{path}");
+        assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), resource.sha256_hex(), "{path}");
+        assert_eq!(server.hits(path), 1, "{path}: taken at once");
     }
 }
 

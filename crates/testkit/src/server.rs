@@ -103,6 +103,9 @@ pub enum Fault {
     LongRangeOfUnknownTotal(u64),
     /// Serve the same body but with this `ETag` (also used for the `If-Range` comparison).
     ChangeEtag(String),
+    /// Serve the same body but with this `Last-Modified` (also used for the `If-Range`
+    /// comparison).
+    ChangeLastModified(String),
     /// Declare the correct `Content-Length` but stop after this many body bytes: HTTP/1.x closes
     /// the connection (FIN, no reset), HTTP/2 resets the stream.
     ShortBody(u64),
@@ -118,6 +121,9 @@ pub enum Fault {
     HugeHeaders(usize),
     /// Add `Content-Encoding` with this value to the response (the body stays as it is).
     ContentEncoding(String),
+    /// Answer a request without `Range` with 206 and a `Content-Range` of the whole body, as
+    /// some servers do.
+    WholeAs206,
 }
 
 #[derive(Clone)]
@@ -766,6 +772,7 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
     }
 
     let mut etag = res.etag.clone();
+    let mut last_modified = res.last_modified.clone();
     let mut honour_range = res.ranges;
     let mut wrong_content_range = false;
     let mut short_unknown: Option<u64> = None;
@@ -773,6 +780,7 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
     let mut hide_last_modified = false;
     let mut padding: Option<usize> = None;
     let mut encoding: Option<String> = None;
+    let mut whole_as_206 = false;
     let mut body_fault: Option<Fault> = None;
     match fault {
         None => {}
@@ -804,7 +812,9 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
         Some(Fault::SlowHeaders(d)) => tokio::time::sleep(d).await,
         Some(Fault::HugeHeaders(n)) => padding = Some(n),
         Some(Fault::ContentEncoding(e)) => encoding = Some(e),
+        Some(Fault::WholeAs206) => whole_as_206 = true,
         Some(Fault::ChangeEtag(e)) => etag = Some(e),
+        Some(Fault::ChangeLastModified(lm)) => last_modified = Some(lm),
         Some(Fault::IgnoreRange) => honour_range = false,
         Some(Fault::WrongContentRange) => wrong_content_range = true,
         Some(Fault::ShortRangeOfUnknownTotal(k)) => short_unknown = Some(k),
@@ -820,10 +830,13 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
         (Some(r), true) => parse_range(r, total),
         _ => RangeReq::Full,
     };
+    if whole_as_206 && matches!(range, RangeReq::Full) && total > 0 {
+        range = RangeReq::Range(0, total - 1);
+    }
     if let (Some(cond), RangeReq::Range(..) | RangeReq::Unsatisfiable) = (&record.if_range, &range) {
         let cond = cond.trim();
         let etag_match = etag.as_deref().is_some_and(|e| !e.starts_with("W/") && !cond.starts_with("W/") && e == cond);
-        let date_match = res.last_modified.as_deref().is_some_and(|lm| lm == cond);
+        let date_match = last_modified.as_deref().is_some_and(|lm| lm == cond);
         if !etag_match && !date_match {
             range = RangeReq::Full;
         }
@@ -836,7 +849,7 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
     if let Some(e) = &etag {
         builder = builder.header(header::ETAG, e.as_str());
     }
-    if let Some(lm) = res.last_modified.as_ref().filter(|_| !hide_last_modified) {
+    if let Some(lm) = last_modified.as_ref().filter(|_| !hide_last_modified) {
         builder = builder.header(header::LAST_MODIFIED, lm.as_str());
     }
     if let Some(n) = padding {

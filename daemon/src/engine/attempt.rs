@@ -116,10 +116,13 @@ impl Engine {
             let complete = get(hyper::header::CONTENT_RANGE)
                 .and_then(|v| v.trim().strip_prefix("bytes */").and_then(|n| n.trim().parse::<u64>().ok()))
                 .is_some_and(|n| n == offset);
+            // With `If-Range` the server checked the validator; without it (beside a weak
+            // `ETag`) the 416 must bring the date back, unchanged.
             let unchanged = match (&job.etag, get(hyper::header::ETAG)) {
                 (Some(old), Some(new)) => *old == new,
                 _ => true,
-            };
+            } && (if_range(job.etag.as_deref(), job.last_modified.as_deref()).is_some()
+                || job.last_modified.is_some() && job.last_modified == get(hyper::header::LAST_MODIFIED));
             if complete && unchanged {
                 return Ok(ResponseMeta {
                     status,
@@ -145,7 +148,11 @@ impl Engine {
             return Err(f);
         }
         let (mut etag, sent_last_modified) = (get(hyper::header::ETAG), get(hyper::header::LAST_MODIFIED));
-        let encoded = is_encoded(get(hyper::header::CONTENT_ENCODING).as_deref());
+        // Every line counts, and one that is not text counts as an encoding.
+        let encoded = headers
+            .get_all(hyper::header::CONTENT_ENCODING)
+            .iter()
+            .any(|v| v.to_str().map_or(true, |v| is_encoded(Some(v))));
         let mut last_modified =
             kept_last_modified(sent_last_modified.clone(), get(hyper::header::DATE).as_deref(), encoded);
         let content_length = get(hyper::header::CONTENT_LENGTH).and_then(|v| v.trim().parse::<u64>().ok());
@@ -169,14 +176,19 @@ impl Engine {
             let strong = job.etag.as_deref().is_some_and(is_strong_etag);
             let differs =
                 |old: &Option<String>, new: &Option<String>| matches!((old, new), (Some(o), Some(n)) if o != n);
-            let changed = if strong {
-                differs(&job.etag, &etag) || etag.is_none()
-            } else {
-                let unchecked = if_range(job.etag.as_deref(), job.last_modified.as_deref()).is_none()
-                    && sent_last_modified.is_none();
-                // Data resumed by its date alone was not encoded (`kept_last_modified`).
-                differs(&job.etag, &etag) || differs(&job.last_modified, &sent_last_modified) || unchecked || encoded
-            };
+            // A 206 to a request without `Range` (the whole body as a range) continues nothing.
+            let changed = offset > 0
+                && if strong {
+                    differs(&job.etag, &etag) || etag.is_none()
+                } else {
+                    let unchecked = if_range(job.etag.as_deref(), job.last_modified.as_deref()).is_none()
+                        && sent_last_modified.is_none();
+                    // Data resumed by its date alone was not encoded (`kept_last_modified`).
+                    differs(&job.etag, &etag)
+                        || differs(&job.last_modified, &sent_last_modified)
+                        || unchecked
+                        || encoded
+                };
             if changed {
                 return Err(Failure::restart(
                     ErrorCode::CannotResume,
