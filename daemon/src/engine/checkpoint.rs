@@ -27,17 +27,23 @@ impl CheckpointPolicy {
 /// removed behind the daemon's back (someone cleaning ~/.cache) would otherwise take every
 /// later byte, and checkpoints no restart can find, until its move failed. The error is
 /// `NotFound`, which starts the download over (`engine::file_failure`).
-pub fn sync_data(file: impl std::os::fd::AsFd) -> std::io::Result<()> {
+pub fn sync_data(file: impl std::os::fd::AsFd, path: &std::path::Path) -> std::io::Result<()> {
     rustix::fs::fdatasync(&file)?;
-    still_named(file)
+    still_named(file, path)
 }
 
-/// `NotFound` when the file has no name left (see [`sync_data`]).
-pub fn still_named(file: impl std::os::fd::AsFd) -> std::io::Result<()> {
-    if rustix::fs::fstat(file)?.st_nlink == 0 {
-        return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "the partial file was removed"));
+/// `NotFound` when the file at `path`, open as `file`, has no name left (see [`sync_data`]).
+pub fn still_named(file: impl std::os::fd::AsFd, path: &std::path::Path) -> std::io::Result<()> {
+    let open = rustix::fs::fstat(file)?;
+    if open.st_nlink > 0 {
+        return Ok(());
     }
-    Ok(())
+    // Some filesystems (FUSE, network ones) report no links for a file that has its name:
+    // the name decides.
+    match rustix::fs::lstat(path) {
+        Ok(named) if named.st_dev == open.st_dev && named.st_ino == open.st_ino => Ok(()),
+        _ => Err(std::io::Error::new(std::io::ErrorKind::NotFound, "the partial file was removed")),
+    }
 }
 
 /// Reports `offset` to the core as a checkpoint; its bytes were just synced (docs/behaviour.md, "Durability").

@@ -149,9 +149,10 @@ impl Direct {
         let (jobs, rx) = mpsc::sync_channel::<Job>(4);
         let (back_tx, back) = mpsc::channel::<Aligned>();
         let delay = super::checkpoint::test_sync_delay();
-        let thread = std::thread::Builder::new()
-            .name("dl-direct".into())
-            .spawn(move || io_loop(&direct, &rx, &back_tx, &link, delay))?;
+        let thread = std::thread::Builder::new().name("dl-direct".into()).spawn({
+            let path = path.to_path_buf();
+            move || io_loop(&direct, &path, &rx, &back_tx, &link, delay)
+        })?;
         let mut d = Direct {
             cur,
             base,
@@ -326,6 +327,7 @@ fn write_blocks(direct: &File, data: &[u8], pos: u64) -> io::Result<()> {
 
 fn io_loop(
     direct: &File,
+    path: &Path,
     jobs: &mpsc::Receiver<Job>,
     back: &mpsc::Sender<Aligned>,
     link: &WorkerLink,
@@ -345,7 +347,7 @@ fn io_loop(
             }
             Job::Sync { upto } => {
                 let began = Instant::now();
-                super::checkpoint::sync_data(direct)?;
+                super::checkpoint::sync_data(direct, path)?;
                 Timing::add(&link.timing().sync, began);
                 std::thread::sleep(delay);
                 tracing::debug!(task = link.task(), offset = upto, "synced");

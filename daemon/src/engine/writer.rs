@@ -248,7 +248,7 @@ pub fn run(
     // Where writeback was last started (see `start_writeback`).
     let mut kicked = offset;
     let sync_inline = |out: &mut File, offset: u64| -> std::io::Result<()> {
-        sync_data(&*out)?;
+        sync_data(&*out, path)?;
         tracing::debug!(task = link.task(), offset, "synced");
         Ok(())
     };
@@ -298,7 +298,7 @@ pub fn run(
                         Some(s) => s,
                         None => {
                             sync_entry(&mut entry_unsynced)?;
-                            syncer.insert(Syncer::start(&out, requested, link.clone())?)
+                            syncer.insert(Syncer::start(&out, path, requested, link.clone())?)
                         }
                     };
                     s.check()?;
@@ -332,7 +332,7 @@ pub fn run(
                 out.set_permissions(std::fs::Permissions::from_mode(final_mode))?;
                 out.sync_all()?;
                 // A file removed meanwhile would fail its move; started over at once instead.
-                still_named(&out)?;
+                still_named(&out, path)?;
                 tracing::debug!(task = link.task(), offset, marked, "synced");
                 let sha256 = hasher.map(|h| h.finalize().into());
                 return Ok(WriterDone { offset, sha256, marked });
@@ -424,9 +424,9 @@ struct Syncer {
 impl Syncer {
     /// Starts the thread on the writer's thread (which it wakes after each sync);
     /// `durable` is how much of the file is synced already.
-    fn start(file: &File, durable: u64, link: WorkerLink) -> std::io::Result<Syncer> {
+    fn start(file: &File, path: &Path, durable: u64, link: WorkerLink) -> std::io::Result<Syncer> {
         use std::sync::atomic::Ordering;
-        let fd = file.try_clone()?;
+        let (fd, path) = (file.try_clone()?, path.to_path_buf());
         let busy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let synced = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(durable));
         let (tx, rx) = std::sync::mpsc::channel::<u64>();
@@ -437,7 +437,7 @@ impl Syncer {
             let result = (|| {
                 for offset in rx {
                     let began = Instant::now();
-                    let result = sync_data(&fd);
+                    let result = sync_data(&fd, &path);
                     Timing::add(&link.timing().sync, began);
                     std::thread::sleep(delay);
                     if result.is_ok() {
