@@ -36,7 +36,9 @@ pub enum DiskReport {
 }
 
 /// At start: where a task that was downloading may have had its file moved just before the
-/// daemon stopped (see `crate::engine::files::found_in_place`).
+/// daemon stopped (see `crate::engine::files::found_in_place`). Looked for on a thread of
+/// its own (`look_in_place`), not the disk thread: it touches destinations, which may sit on
+/// a hung mount.
 #[derive(Debug)]
 pub(super) struct Look {
     pub task: TaskId,
@@ -82,7 +84,6 @@ enum Job {
         kept: PathBuf,
     },
     CollectGarbage(Garbage),
-    LookInPlace(Vec<Look>),
     /// Removes kept partial files older than `retention` (reports `ResumeDir`).
     CleanResumeDir {
         dir: PathBuf,
@@ -106,7 +107,6 @@ impl std::fmt::Debug for Job {
             Job::Keep { .. } => "Keep",
             Job::Unadopt { .. } => "Unadopt",
             Job::CollectGarbage(_) => "CollectGarbage",
-            Job::LookInPlace(_) => "LookInPlace",
             Job::CleanResumeDir { .. } => "CleanResumeDir",
             Job::Then(_) => "Then",
         })
@@ -151,12 +151,6 @@ impl Disk {
 
     pub fn collect_garbage(&self, garbage: Garbage) {
         self.send(Job::CollectGarbage(garbage));
-    }
-
-    pub fn look_in_place(&self, looks: Vec<Look>) {
-        if !looks.is_empty() {
-            self.send(Job::LookInPlace(looks));
-        }
     }
 
     pub fn clean_resume_dir(&self, dir: PathBuf, retention: Duration) {
@@ -208,19 +202,31 @@ fn run(job: Job, report: &impl Fn(DiskReport)) {
                 info!(removed, "removed stray files from the cache directory");
             }
         }
-        Job::LookInPlace(looks) => {
-            for l in looks {
-                if let Some(found) = crate::engine::files::found_in_place(&l.part, &l.to, &l.mark, l.sha256) {
-                    let (location, size, error) = found.outcome(&l.to);
-                    report(DiskReport::FoundInPlace { task: l.task, location, size, error });
-                }
-            }
-        }
         Job::CleanResumeDir { dir, retention } => {
             let (removed, oldest) = clean_resume_dir(&dir, retention);
             report(DiskReport::ResumeDir { removed, oldest });
         }
         Job::Then(f) => f(),
+    }
+}
+
+/// Looks for each task's file in place, on a thread of its own, and reports those found
+/// (`DiskReport::FoundInPlace`). A look that hangs holds up only the looks behind it; those
+/// tasks look for themselves when they get a download slot.
+pub(super) fn look_in_place(looks: Vec<Look>, report: impl Fn(DiskReport) + Send + 'static) {
+    if looks.is_empty() {
+        return;
+    }
+    let spawned = std::thread::Builder::new().name("dlsessiond-look".into()).spawn(move || {
+        for l in looks {
+            if let Some(found) = crate::engine::files::found_in_place(&l.part, &l.to, &l.mark, l.sha256) {
+                let (location, size, error) = found.outcome(&l.to);
+                report(DiskReport::FoundInPlace { task: l.task, location, size, error });
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot look for files moved before the last stop; each task looks when it starts");
     }
 }
 

@@ -89,7 +89,7 @@ impl Core {
     /// that began meanwhile looks for itself.
     pub(super) fn on_found_at_start(&mut self, id: TaskId, location: String, size: u64, error: Option<ErrorInfo>) {
         let Some(t) = self.tasks.get_mut(&id) else { return };
-        if t.state != TaskState::Queued || t.run.is_some() || !std::mem::take(&mut t.restored) {
+        if !waits_for_a_slot(t) || t.run.is_some() || !std::mem::take(&mut t.restored) {
             return;
         }
         self.unqueue(id);
@@ -98,14 +98,15 @@ impl Core {
 
     /// Tasks read from the database that were downloading may have had their file moved into
     /// place just before the daemon stopped (a marked file's finish is committed after its
-    /// move). Each is looked for at start, on the disk thread, rather than when it gets a
+    /// move). Each is looked for at start, off this thread, rather than when it gets a
     /// download slot: behind a long queue that could take hours, with its file already
-    /// delivered.
+    /// delivered. Every queued or retrying one is looked for: a fresh transfer records
+    /// nothing before its first checkpoint or its finish, so none can be ruled out.
     pub(super) fn look_in_place_at_start(&mut self) {
         let looks: Vec<_> = self
             .tasks
             .values()
-            .filter(|t| t.restored && t.state == TaskState::Queued && t.rec.phase != Phase::Finishing)
+            .filter(|t| t.restored && waits_for_a_slot(t) && t.rec.phase != Phase::Finishing)
             .filter(|t| marks(&t.rec) && !t.rec.unmarked)
             .map(|t| super::disk::Look {
                 task: t.rec.id,
@@ -115,7 +116,10 @@ impl Core {
                 sha256: t.rec.expected_sha256,
             })
             .collect();
-        self.disk.look_in_place(looks);
+        let tx = self.tx.clone();
+        super::disk::look_in_place(looks, move |r| {
+            let _ = tx.send(super::CoreMsg::Disk(r));
+        });
     }
 
     pub(super) fn on_moved(&mut self, id: TaskId, location: String) {
@@ -232,6 +236,16 @@ impl Core {
         self.timers.set(at, Timer::Retry(id));
         self.set_state(id, TaskState::Waiting);
         self.save_task(id, Vec::new());
+    }
+}
+
+/// A task queued for a download slot, or waiting to retry (not for its app's answer to a
+/// challenge).
+fn waits_for_a_slot(t: &Task) -> bool {
+    match t.state {
+        TaskState::Queued => true,
+        TaskState::Waiting => t.rec.challenge.is_none(),
+        _ => false,
     }
 }
 
