@@ -612,3 +612,26 @@ fn the_daemon_refuses_to_go_on_when_the_check_cannot_finish() {
     let stderr = refused(&env, "database-check:1:panic", "after its check ended without an answer");
     assert!(stderr.contains("the check ended without an answer") && stderr.contains("refusing to start"), "{stderr}");
 }
+
+/// A resumed task is stored by its state, deadline and retry alone; the rest of its row
+/// stays as it was.
+#[tokio::test]
+async fn a_resumed_task_is_stored_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("d.db");
+    let mut t = task(4);
+    t.state = TaskState::Suspended;
+    t.retry_at = Some(123);
+    {
+        let (store, _) = open(&db);
+        store.write(vec![Op::InsertSession(session()), Op::InsertTask(Box::new(t.clone()))], None);
+        store.write(vec![Op::Queued { task: 4, resource_deadline: Some(77) }], None);
+        assert!(store.flush(std::time::Duration::from_secs(30)).await);
+    }
+    let (_, snap) = open(&db);
+    let stored = snap.tasks.iter().find(|r| r.id == 4).expect("live, not dormant");
+    assert_eq!((stored.state, stored.resource_deadline, stored.retry_at), (TaskState::Queued, Some(77), None));
+    let expected =
+        dlsessiond::model::TaskRecord { state: TaskState::Queued, resource_deadline: Some(77), retry_at: None, ..t };
+    assert_eq!(*stored, expected, "nothing else changed");
+}

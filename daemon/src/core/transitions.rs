@@ -66,6 +66,17 @@ impl Core {
         self.enqueue(id);
     }
 
+    /// What stores a suspended task that `make_queued` made queued: its state, deadline and
+    /// retry alone, or its whole record when that holds changes not stored yet.
+    pub(super) fn queued_op(&mut self, id: TaskId) -> Option<Op> {
+        let t = self.tasks.get_mut(&id)?;
+        Some(if std::mem::take(&mut t.unsaved) {
+            Op::UpdateTask(Box::new(t.rec.clone()))
+        } else {
+            Op::Queued { task: id, resource_deadline: t.rec.resource_deadline }
+        })
+    }
+
     /// Persists a task's record; `after` runs once it is durable.
     pub(super) fn save_task(&mut self, task: TaskId, after: Vec<After>) {
         let ops = self.tasks.get(&task).map(|t| vec![Op::UpdateTask(Box::new(t.rec.clone()))]).unwrap_or_default();

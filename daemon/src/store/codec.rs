@@ -73,6 +73,13 @@ fn state_name(state: TaskState) -> &'static str {
     }
 }
 
+/// Stores a resumed task as queued (see `Op::Queued`).
+pub fn set_queued(tx: &Transaction<'_>, task: TaskId, resource_deadline: Option<u64>) -> rusqlite::Result<()> {
+    tx.prepare_cached("UPDATE tasks SET state = ?2, resource_deadline = ?3, retry_at = NULL WHERE id = ?1")?
+        .execute(params![sat(task), state_name(TaskState::Queued), i64_opt(resource_deadline)])?;
+    Ok(())
+}
+
 fn u64_opt(v: Option<i64>) -> Option<u64> {
     v.map(|v| v.max(0) as u64)
 }

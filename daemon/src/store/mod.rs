@@ -53,6 +53,12 @@ pub enum Op {
         task: TaskId,
         offset: u64,
     },
+    /// A suspended task resumed: queued, with its resource deadline, no retry pending (a
+    /// batch of 100,000 resumed at once wrote each whole row again otherwise).
+    Queued {
+        task: TaskId,
+        resource_deadline: Option<u64>,
+    },
     /// Also advances the session's `next_seq` past it.
     InsertEvent(EventRecord),
     DeleteEvents {
@@ -581,6 +587,7 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
                 .execute(params![sat(*task), sat(*offset)])?;
             Ok(())
         }
+        Op::Queued { task, resource_deadline } => codec::set_queued(tx, *task, *resource_deadline),
         Op::InsertEvent(e) => codec::insert_event(tx, e),
         Op::DeleteEvents { session, seqs } => {
             let mut stmt = tx.prepare_cached("DELETE FROM events WHERE session_id = ?1 AND seq = ?2")?;

@@ -11,7 +11,6 @@ use crate::core::task::AfterStop;
 use crate::core::transitions::cancelled;
 use crate::core::{After, Core};
 use crate::model::{SessionKey, now_ms};
-use crate::store::Op;
 use dlsession_proto::{ErrorCode, ErrorInfo, Response, TaskAction, TaskId, TaskState};
 
 impl Core {
@@ -36,9 +35,7 @@ impl Core {
             match t.state {
                 TaskState::Suspended => {
                     self.make_queued(task, now);
-                    if let Some(t) = self.tasks.get(&task) {
-                        ops.push(Op::UpdateTask(Box::new(t.rec.clone())));
-                    }
+                    ops.extend(self.queued_op(task));
                 }
                 TaskState::Running if pending_suspend => {
                     if let Some(run) = t.run.as_mut() {
@@ -79,7 +76,8 @@ impl Core {
             TaskAction::Resume => match state {
                 TaskState::Suspended => {
                     self.make_queued(task, now_ms());
-                    self.save_task(task, ok());
+                    let ops = self.queued_op(task).into_iter().collect();
+                    self.commit(ops, ok());
                     self.schedule();
                     Ok(Answer::Later)
                 }
