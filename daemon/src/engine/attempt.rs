@@ -176,8 +176,10 @@ impl Engine {
             let strong = job.etag.as_deref().is_some_and(is_strong_etag);
             let differs =
                 |old: &Option<String>, new: &Option<String>| matches!((old, new), (Some(o), Some(n)) if o != n);
-            // A 206 to a request without `Range` (the whole body as a range) continues nothing.
-            let changed = offset > 0
+            // A 206 to a request without `Range` (the whole body as a range) continues nothing:
+            // none of the checks and carried validators below that concern earlier data apply.
+            let resumed = offset > 0;
+            let changed = resumed
                 && if strong {
                     differs(&job.etag, &etag) || etag.is_none()
                 } else {
@@ -197,8 +199,10 @@ impl Engine {
             }
             // A validator the 206 leaves out (it need not repeat `Last-Modified`) still
             // describes the data: kept, or the next interruption could not resume.
-            etag = etag.or_else(|| job.etag.clone());
-            last_modified = last_modified.or_else(|| job.last_modified.clone());
+            if resumed {
+                etag = etag.or_else(|| job.etag.clone());
+                last_modified = last_modified.or_else(|| job.last_modified.clone());
+            }
             if let Some(t) = total
                 && end + 1 != t
             {
@@ -206,7 +210,7 @@ impl Engine {
             }
             // Validators that stayed the same (a date within its second) do not prove the
             // same version when the length changed.
-            if let (Some(now), Some(before)) = (total, job.total)
+            if let (true, Some(now), Some(before)) = (resumed, total, job.total)
                 && now != before
             {
                 return Err(Failure::restart(
