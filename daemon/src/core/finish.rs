@@ -88,8 +88,10 @@ impl Core {
     /// `look_in_place_at_start`). Taken only while it still waits in the queue: an attempt
     /// that began meanwhile looks for itself.
     pub(super) fn on_found_at_start(&mut self, id: TaskId, location: String, size: u64, error: Option<ErrorInfo>) {
-        let Some(t) = self.tasks.get_mut(&id) else { return };
-        if !waits_for_a_slot(t) || t.run.is_some() || !std::mem::take(&mut t.restored) {
+        let Some(t) = self.tasks.get(&id) else { return };
+        // `restored` stays: a move tried again after a failed directory sync still counts
+        // copies named by this pid as leftovers (`start_move`).
+        if !waits_for_a_slot(t) || t.run.is_some() || !t.restored {
             return;
         }
         self.unqueue(id);

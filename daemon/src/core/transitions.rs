@@ -69,17 +69,15 @@ impl Core {
     /// What stores a suspended task that `make_queued` made queued: its state, deadline and
     /// retry alone, or its whole record when that holds changes not stored yet.
     pub(super) fn queued_op(&mut self, id: TaskId) -> Option<Op> {
+        // Every way into `Suspended` stores the whole record, so nothing else can be
+        // waiting to be stored but what `unsaved` marks.
         let t = self.tasks.get_mut(&id)?;
-        Some(if std::mem::take(&mut t.unsaved) {
-            Op::UpdateTask(Box::new(t.rec.clone()))
-        } else {
-            Op::Queued { task: id, resource_deadline: t.rec.resource_deadline }
-        })
+        Some(if t.unsaved { save_op(t) } else { Op::Queued { task: id, resource_deadline: t.rec.resource_deadline } })
     }
 
     /// Persists a task's record; `after` runs once it is durable.
     pub(super) fn save_task(&mut self, task: TaskId, after: Vec<After>) {
-        let ops = self.tasks.get(&task).map(|t| vec![Op::UpdateTask(Box::new(t.rec.clone()))]).unwrap_or_default();
+        let ops = self.tasks.get_mut(&task).map(|t| vec![save_op(t)]).unwrap_or_default();
         self.commit(ops, after);
     }
 
@@ -327,12 +325,8 @@ impl Core {
             WorkerEvent::Checkpoint { offset } => {
                 let Some(t) = self.tasks.get_mut(&id) else { return };
                 t.rec.committed_offset = offset;
-                let op = if std::mem::take(&mut t.unsaved) {
-                    // The validators must be durable before an offset that relies on them.
-                    Op::UpdateTask(Box::new(t.rec.clone()))
-                } else {
-                    Op::Checkpoint { task: id, offset }
-                };
+                // The validators must be durable before an offset that relies on them.
+                let op = if t.unsaved { save_op(t) } else { Op::Checkpoint { task: id, offset } };
                 self.commit(vec![op], Vec::new());
             }
             WorkerEvent::BodyReceived => self.free_slot(id),
@@ -616,10 +610,10 @@ impl Core {
                 self.complete(id, Some(cancelled(&by)), &mut ops, &mut after);
             }
         }
-        if let Some(t) = self.tasks.get(&id)
-            && !ops.iter().any(|op| matches!(op, Op::UpdateTask(r) if r.id == id))
+        if !ops.iter().any(|op| matches!(op, Op::UpdateTask(r) if r.id == id))
+            && let Some(t) = self.tasks.get_mut(&id)
         {
-            ops.push(Op::UpdateTask(Box::new(t.rec.clone())));
+            ops.push(save_op(t));
         }
         for (conn, req) in replies {
             let response = response.clone();
@@ -681,4 +675,10 @@ pub(super) fn kept_headers(headers: Vec<Header>) -> Vec<Header> {
 /// The completion error of a task cancelled at the request of `by` (who, and how).
 pub(super) fn cancelled(by: &str) -> ErrorInfo {
     ErrorInfo::new(ErrorCode::Cancelled, format!("cancelled by {by}"))
+}
+
+/// The op that stores a task's whole record: nothing of it is left unsaved after it.
+fn save_op(t: &mut super::task::Task) -> Op {
+    t.unsaved = false;
+    Op::UpdateTask(Box::new(t.rec.clone()))
 }
