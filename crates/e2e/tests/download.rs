@@ -331,29 +331,37 @@ async fn a_resume_trusts_only_strong_validators() {
 }
 
 /// A 206 answering a request without `Range` (the whole body as a range, as some servers
-/// send) is the download itself, whatever validators and encoding it has.
+/// send) is the download itself, whatever validators and encoding it has, and it keeps only
+/// its own validators: not those of an earlier answer whose bytes were not kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_206_to_a_request_without_range_is_taken_whole() {
     let env = TestEnv::new();
     let _daemon = TestDaemon::start(&env);
     let server = TestServer::start().await.unwrap();
     let len = 1u64 << 20;
-    let plain = Resource::generated(len, 50).no_validators().fault(Hits::All, Fault::WholeAs206);
-    let encoded = Resource::generated(len, 51)
-        .no_validators()
-        .with_header("content-encoding", "gzip")
-        .fault(Hits::All, Fault::WholeAs206);
-    server.add("/plain.bin", plain.clone());
-    server.add("/encoded.bin", encoded.clone());
+    let plain = Resource::generated(len, 50).no_validators().whole_as_206();
+    let encoded = Resource::generated(len, 51).no_validators().with_header("content-encoding", "gzip").whole_as_206();
+    // The first answer (with an ETag) breaks before its first byte; the second has none.
+    let again = Resource::generated(len, 52)
+        .whole_as_206()
+        .fault(Hits::Nth(1), Fault::ResetAfter(0))
+        .fault(Hits::Nth(2), Fault::NoEtag);
+    let cases = [("/plain.bin", plain, 1), ("/encoded.bin", encoded, 1), ("/again.bin", again, 2)];
+    for (path, resource, _) in &cases {
+        server.add(path, resource.clone());
+    }
     let (delegate, mut events) = Recorder::new(&env.path().join("out"));
     let session = Session::attach(config(&env, "t.whole-206"), delegate).await.unwrap();
-    let requests =
-        vec![DownloadRequest::new(server.url("/plain.bin")), DownloadRequest::new(server.url("/encoded.bin"))];
+    let requests = cases.iter().map(|(path, ..)| DownloadRequest::new(server.url(path))).collect();
     let tasks = session.download_tasks(requests, true).await.unwrap();
-    for (task, (path, resource)) in tasks.iter().zip([("/plain.bin", &plain), ("/encoded.bin", &encoded)]) {
+    let client = dlsession_testkit::app::client(&env).await;
+    for (task, (path, resource, hits)) in tasks.iter().zip(&cases) {
         assert_eq!(events.completion(task.id(), LONG).await, None, "{path}");
         assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), resource.sha256_hex(), "{path}");
-        assert_eq!(server.hits(path), 1, "{path}: taken at once");
+        assert_eq!(server.hits(path), *hits, "{path}");
+        let r = client.request(dlsession::proto::Request::GetTask { task: task.id() }).await.unwrap();
+        let dlsession::proto::Response::Task(detail) = r else { panic!("{r:?}") };
+        assert_eq!(detail.etag, None, "{path}: no ETag came with the bytes kept");
     }
 }
 

@@ -121,9 +121,8 @@ pub enum Fault {
     HugeHeaders(usize),
     /// Add `Content-Encoding` with this value to the response (the body stays as it is).
     ContentEncoding(String),
-    /// Answer a request without `Range` with 206 and a `Content-Range` of the whole body, as
-    /// some servers do.
-    WholeAs206,
+    /// Leave `ETag` out of this response.
+    NoEtag,
 }
 
 #[derive(Clone)]
@@ -148,6 +147,8 @@ pub struct Resource {
     etag: Option<String>,
     last_modified: Option<String>,
     ranges: bool,
+    /// Answer a request without `Range` with 206 and a `Content-Range` of the whole body.
+    whole_as_206: bool,
     content_length: bool,
     throttle: Option<u64>,
     faults: Vec<(Hits, Fault)>,
@@ -192,6 +193,7 @@ impl Resource {
             etag: Some(etag),
             last_modified: Some(DEFAULT_LAST_MODIFIED.to_owned()),
             ranges: true,
+            whole_as_206: false,
             content_length: true,
             throttle: None,
             faults: Vec::new(),
@@ -312,6 +314,13 @@ impl Resource {
 
     pub fn throttle(mut self, bytes_per_sec: u64) -> Self {
         self.throttle = (bytes_per_sec > 0).then_some(bytes_per_sec);
+        self
+    }
+
+    /// Answer a request without `Range` with 206 and a `Content-Range` of the whole body, as
+    /// some servers do.
+    pub fn whole_as_206(mut self) -> Self {
+        self.whole_as_206 = true;
         self
     }
 
@@ -780,7 +789,6 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
     let mut hide_last_modified = false;
     let mut padding: Option<usize> = None;
     let mut encoding: Option<String> = None;
-    let mut whole_as_206 = false;
     let mut body_fault: Option<Fault> = None;
     match fault {
         None => {}
@@ -812,7 +820,7 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
         Some(Fault::SlowHeaders(d)) => tokio::time::sleep(d).await,
         Some(Fault::HugeHeaders(n)) => padding = Some(n),
         Some(Fault::ContentEncoding(e)) => encoding = Some(e),
-        Some(Fault::WholeAs206) => whole_as_206 = true,
+        Some(Fault::NoEtag) => etag = None,
         Some(Fault::ChangeEtag(e)) => etag = Some(e),
         Some(Fault::ChangeLastModified(lm)) => last_modified = Some(lm),
         Some(Fault::IgnoreRange) => honour_range = false,
@@ -830,7 +838,7 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
         (Some(r), true) => parse_range(r, total),
         _ => RangeReq::Full,
     };
-    if whole_as_206 && matches!(range, RangeReq::Full) && total > 0 {
+    if res.whole_as_206 && matches!(range, RangeReq::Full) && total > 0 {
         range = RangeReq::Range(0, total - 1);
     }
     if let (Some(cond), RangeReq::Range(..) | RangeReq::Unsatisfiable) = (&record.if_range, &range) {
