@@ -116,14 +116,8 @@ impl Engine {
             let complete = get(hyper::header::CONTENT_RANGE)
                 .and_then(|v| v.trim().strip_prefix("bytes */").and_then(|n| n.trim().parse::<u64>().ok()))
                 .is_some_and(|n| n == offset);
-            // With `If-Range` the server checked the validator; without it (beside a weak
-            // `ETag`) the 416 must bring the date back, unchanged.
-            let unchanged = match (&job.etag, get(hyper::header::ETAG)) {
-                (Some(old), Some(new)) => *old == new,
-                _ => true,
-            } && (if_range(job.etag.as_deref(), job.last_modified.as_deref()).is_some()
-                || job.last_modified.is_some() && job.last_modified == get(hyper::header::LAST_MODIFIED));
-            if complete && unchanged {
+            let sent = (get(hyper::header::ETAG), get(hyper::header::LAST_MODIFIED));
+            if complete && !kept_changed_416(Kept::of(job), sent.0.as_deref(), sent.1.as_deref()) {
                 return Ok(ResponseMeta {
                     status,
                     final_url: redact::url(final_url.as_str()),
@@ -167,31 +161,10 @@ impl Engine {
                     format!("asked for bytes from {offset}, server sent a range starting at {start}"),
                 ));
             }
-            // The validators must still be the ones the partial data came from (a strong
-            // `ETag` alone decides; beside a weak one the date counts too), and the one that
-            // decides must come back: a strong `ETag` that `If-Range` carried (a 206 must
-            // carry the `ETag` a 200 would, RFC 9110 15.3.7; not `Last-Modified`), or the
-            // date when no `If-Range` could be sent. Without it, a server that ignored
-            // `If-Range` for a changed resource would have its new bytes spliced onto the old.
-            let strong = job.etag.as_deref().is_some_and(is_strong_etag);
-            let differs =
-                |old: &Option<String>, new: &Option<String>| matches!((old, new), (Some(o), Some(n)) if o != n);
             // A 206 to a request without `Range` (the whole body as a range) continues nothing:
             // none of the checks and carried validators below that concern earlier data apply.
             let resumed = offset > 0;
-            let changed = resumed
-                && if strong {
-                    differs(&job.etag, &etag) || etag.is_none()
-                } else {
-                    let unchecked = if_range(job.etag.as_deref(), job.last_modified.as_deref()).is_none()
-                        && sent_last_modified.is_none();
-                    // Data resumed by its date alone was not encoded (`kept_last_modified`).
-                    differs(&job.etag, &etag)
-                        || differs(&job.last_modified, &sent_last_modified)
-                        || unchecked
-                        || encoded
-                };
-            if changed {
+            if resumed && kept_changed_206(Kept::of(job), etag.as_deref(), sent_last_modified.as_deref(), encoded) {
                 return Err(Failure::restart(
                     ErrorCode::CannotResume,
                     "the resource changed since the partial data was downloaded",
@@ -394,6 +367,47 @@ pub(super) fn build_request(
     b.body(body).map_err(|e| Failure::permanent(ErrorCode::InvalidRequest, format!("cannot build the request: {e}")))
 }
 
+/// The validators of the data kept for a resume (those a `Range` request continues).
+#[derive(Clone, Copy)]
+struct Kept<'a> {
+    etag: Option<&'a str>,
+    last_modified: Option<&'a str>,
+}
+
+impl<'a> Kept<'a> {
+    fn of(job: &'a Job) -> Kept<'a> {
+        Kept { etag: job.etag.as_deref(), last_modified: job.last_modified.as_deref() }
+    }
+}
+
+fn differs(old: Option<&str>, new: Option<&str>) -> bool {
+    matches!((old, new), (Some(o), Some(n)) if o != n)
+}
+
+/// A 206 continuing `kept` data, with these validators, may come from another version: the
+/// validators must still be the ones the data came from (a strong `ETag` alone decides;
+/// beside a weak one the date counts too), and the one that decides must come back. That
+/// is a strong `ETag` that `If-Range` carried (a 206 carries the `ETag` a 200 would, RFC 9110
+/// 15.3.7; not `Last-Modified`), or the date when no `If-Range` could be sent. Without it, a
+/// server that ignored `If-Range` for a changed resource would have its new bytes spliced
+/// onto the old. Data resumed by a date alone was not encoded (`kept_last_modified`).
+fn kept_changed_206(kept: Kept<'_>, etag: Option<&str>, last_modified: Option<&str>, encoded: bool) -> bool {
+    if kept.etag.is_some_and(is_strong_etag) {
+        return differs(kept.etag, etag) || etag.is_none();
+    }
+    let unchecked = if_range(kept.etag, kept.last_modified).is_none() && last_modified.is_none();
+    differs(kept.etag, etag) || differs(kept.last_modified, last_modified) || unchecked || encoded
+}
+
+/// A 416 saying the `kept` data is the whole resource may be about another version: with
+/// `If-Range` the server checked the validator; without one (beside a weak `ETag`) the 416
+/// must bring the date back, unchanged.
+fn kept_changed_416(kept: Kept<'_>, etag: Option<&str>, last_modified: Option<&str>) -> bool {
+    let checked = if_range(kept.etag, kept.last_modified).is_some()
+        || kept.last_modified.is_some() && kept.last_modified == last_modified;
+    differs(kept.etag, etag) || !checked
+}
+
 /// A userinfo part as the user meant it (`p%40ss` is `p@ss`).
 fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&redact::percent_decode(s)).into_owned()
@@ -402,6 +416,31 @@ fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kept_data_is_continued_only_with_the_validators_it_came_with() {
+        let (strong, weak, date, later) = (Some("\"a\""), Some("W/\"a\""), Some("d1"), Some("d2"));
+        let kept = |etag, last_modified| Kept { etag, last_modified };
+        // A strong ETag decides alone, and must come back.
+        assert!(!kept_changed_206(kept(strong, date), strong, later, false));
+        assert!(kept_changed_206(kept(strong, date), Some("\"b\""), date, false));
+        assert!(kept_changed_206(kept(strong, date), None, date, false));
+        // By a date (If-Range sent): the date need not come back; encoded bytes never fit.
+        assert!(!kept_changed_206(kept(None, date), None, None, false));
+        assert!(kept_changed_206(kept(None, date), None, later, false));
+        assert!(kept_changed_206(kept(None, date), None, date, true));
+        // Beside a weak ETag (no If-Range): both compared, the date must come back.
+        assert!(!kept_changed_206(kept(weak, date), weak, date, false));
+        assert!(kept_changed_206(kept(weak, date), weak, later, false));
+        assert!(kept_changed_206(kept(weak, date), weak, None, false));
+        // A 416 "complete": with If-Range the server checked; without, the date must match.
+        assert!(!kept_changed_416(kept(strong, None), None, None));
+        assert!(kept_changed_416(kept(strong, None), Some("\"b\""), None));
+        assert!(!kept_changed_416(kept(None, date), None, None));
+        assert!(!kept_changed_416(kept(weak, date), None, date));
+        assert!(kept_changed_416(kept(weak, date), None, None));
+        assert!(kept_changed_416(kept(weak, date), None, later));
+    }
 
     #[test]
     fn userinfo_is_decoded_for_basic_authentication() {
