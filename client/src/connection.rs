@@ -52,7 +52,8 @@ impl Default for ClientOptions {
     fn default() -> ClientOptions {
         ClientOptions {
             socket: None,
-            client_name: std::env::args()
+            // `args_os`: `args` panics when the program's name is not UTF-8.
+            client_name: std::env::args_os()
                 .next()
                 .and_then(|a| Path::new(&a).file_name().map(|n| n.to_string_lossy().into_owned()))
                 .unwrap_or_else(|| "dlsession".into()),

@@ -201,6 +201,33 @@ async fn refused_requests_and_usage_errors() {
     let o = ctl(&f.env, &["show", "987654"]).await;
     assert_exit(&o, 1);
     assert!(stderr(&o).contains("no_such_task"), "{}", stderr(&o));
+
+    // A destination that is not UTF-8 is a usage error, not a panic before clap (exit 101).
+    use std::os::unix::ffi::OsStrExt;
+    let env = Arc::clone(&f.env);
+    let url = f.server.url("/a");
+    let o = tokio::task::spawn_blocking(move || {
+        let mut dest = env.path().as_os_str().to_owned();
+        dest.push(std::ffi::OsStr::from_bytes(b"/\xff.bin"));
+        env.command(bin_path("dlsessionctl")).arg("get").arg(&url).arg("-o").arg(dest).output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("not valid UTF-8"), "{}", stderr(&o));
+    // Nor is a program name that is not UTF-8 (the library's default client name reads it).
+    let env = Arc::clone(&f.env);
+    let o = tokio::task::spawn_blocking(move || {
+        use std::os::unix::process::CommandExt;
+        env.command(bin_path("dlsessionctl"))
+            .arg0(std::ffi::OsStr::from_bytes(b"ctl\xff"))
+            .arg("status")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_exit(&o, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -467,6 +494,52 @@ async fn attach_delivers_and_moves_files() {
     let o = ctl(&f.env, &["--json", "wake", "org.example.attach"]).await;
     assert_exit(&o, 0);
     assert_keys(&json(&o), &["session", "outcome"]);
+}
+
+/// `attach` acknowledges only what it printed: with stdout full or closed, the events stay
+/// for the next attach (the cache file of a task without destination would be deleted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_acknowledges_only_what_it_could_print() {
+    let f = fixture().await;
+    f.server.add("/f.bin", Resource::generated(20_000, 12));
+    let dir = f.env.path().join("out");
+    let o = ctl(&f.env, &["--json", "get", &f.server.url("/f.bin"), "-d", dir.to_str().unwrap(), "--session", "s.out"])
+        .await;
+    assert_exit(&o, 0);
+    wait_completed(&f.env, json_lines(&o)[0]["task"].as_u64().unwrap()).await;
+    let pending = |env: Arc<TestEnv>| async move {
+        let o = ctl(&env, &["--json", "sessions"]).await;
+        let sessions = json(&o);
+        sessions.as_array().unwrap().iter().find(|s| s["identifier"] == "s.out").unwrap()["pending_events"].clone()
+    };
+    let before = pending(Arc::clone(&f.env)).await;
+    assert!(before.as_u64().unwrap() >= 2, "{before}");
+
+    let attach_into = |stdout: Stdio| {
+        let env = Arc::clone(&f.env);
+        tokio::task::spawn_blocking(move || {
+            env.command(bin_path("dlsessionctl")).args(["attach", "s.out"]).stdout(stdout).output().unwrap()
+        })
+    };
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let o = attach_into(Stdio::from(full)).await.unwrap();
+    assert_exit(&o, 1);
+    assert!(stderr(&o).contains("error: internal: cannot write output"), "{}", stderr(&o));
+    assert_eq!(pending(Arc::clone(&f.env)).await, before);
+
+    // A closed pipe is not an error (exit 0, nothing said), and acknowledges nothing either.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = attach_into(Stdio::from(writer)).await.unwrap();
+    assert_exit(&o, 0);
+    assert!(!stderr(&o).contains("error"), "{}", stderr(&o));
+    assert_eq!(pending(Arc::clone(&f.env)).await, before);
+
+    let o = ctl(&f.env, &["--json", "attach", "s.out"]).await;
+    assert_exit(&o, 0);
+    let names: Vec<String> = json_lines(&o).iter().map(|l| l["event"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(names, ["finished_downloading", "completed", "finished_events"], "{}", stdout(&o));
+    assert_eq!(pending(Arc::clone(&f.env)).await, 0);
 }
 
 #[test]

@@ -32,6 +32,8 @@ enum Note {
     /// Connected again after the daemon restarted.
     Reconnected,
     Detached(DetachReason),
+    /// A line could not be written: the event it told of was left unacknowledged.
+    OutputFailed(io::Error),
 }
 
 pub async fn run(ctx: &Ctx, args: AttachArgs) -> Result<Exit> {
@@ -57,6 +59,7 @@ pub async fn run(ctx: &Ctx, args: AttachArgs) -> Result<Exit> {
         move_to,
         notes: tx,
         failed: Arc::new(AtomicBool::new(false)),
+        output_failed: AtomicBool::new(false),
         cache_note: AtomicBool::new(false),
         finished_said: AtomicBool::new(false),
     };
@@ -106,6 +109,8 @@ pub async fn run(ctx: &Ctx, args: AttachArgs) -> Result<Exit> {
         Some(Note::Completed | Note::Reconnected) | None => {
             Err(CliError::Client(dlsession::Error::Disconnected { reason: None }))
         }
+        // Silent (exit 0) for a closed pipe; what was not printed stays for the next attach.
+        Some(Note::OutputFailed(e)) => Err(CliError::Output(e)),
     };
     if matches!(outcome, Ok(Exit::Success)) {
         // Tasks go on; this only ends the attachment politely.
@@ -188,6 +193,8 @@ struct Printer {
     notes: mpsc::UnboundedSender<Note>,
     /// A file could not be moved.
     failed: Arc<AtomicBool>,
+    /// Writing to stdout failed: nothing more is printed or acknowledged.
+    output_failed: AtomicBool,
     /// The note about the cache was printed.
     cache_note: AtomicBool,
     /// The last line printed was `finished_events` (it is said once, whether the library
@@ -196,14 +203,36 @@ struct Printer {
 }
 
 impl Printer {
-    fn line(&self, human: &str, json: &AttachEventJson) {
+    /// Prints one event's line. False when it could not be written (the main task is told
+    /// once): an event nobody saw must not be acknowledged, see [`Printer::durable`].
+    fn line(&self, human: &str, json: &AttachEventJson) -> bool {
+        if self.output_failed.load(Ordering::Acquire) {
+            return false;
+        }
         let finished = matches!(json, AttachEventJson::FinishedEvents { .. });
         if self.finished_said.swap(finished, Ordering::AcqRel) && finished {
-            return;
+            return true;
         }
         let mut out = io::stdout().lock();
-        let _ = if self.json { write_json(&mut out, json) } else { writeln!(out, "{human}") };
-        let _ = out.flush();
+        let written = if self.json { write_json(&mut out, json) } else { writeln!(out, "{human}") };
+        match written.and_then(|()| out.flush()) {
+            Ok(()) => true,
+            Err(e) => {
+                if !self.output_failed.swap(true, Ordering::AcqRel) {
+                    let _ = self.notes.send(Note::OutputFailed(e));
+                }
+                false
+            }
+        }
+    }
+
+    /// Prints the line of a durable event, or leaves the event unacknowledged when it could
+    /// not be printed: unwinding out of a delegate callback makes the library keep it (and
+    /// what follows) for the next attach, and detach. `resume_unwind` runs no panic hook.
+    fn durable(&self, human: &str, json: &AttachEventJson) {
+        if !self.line(human, json) {
+            std::panic::resume_unwind(Box::new("dlsessionctl cannot write its output"));
+        }
     }
 }
 
@@ -227,7 +256,7 @@ impl SessionDelegate for Printer {
                     "note: files left in dlsessiond's cache are deleted once acknowledged; --move-to DIR keeps them"
                 );
             }
-            self.line(
+            self.durable(
                 &format!("finished_downloading task {}: {}", task.id(), location.display()),
                 &AttachEventJson::FinishedDownloading {
                     task: task.id(),
@@ -243,6 +272,7 @@ impl SessionDelegate for Printer {
             .unwrap_or_else(|| output::FALLBACK_FILE_NAME.into());
         match move_into(location, dir, &name) {
             Ok(to) => {
+                // The file is safe in DIR whether or not its line is printed: acknowledged.
                 self.line(
                     &format!("finished_downloading task {}: {}", task.id(), to.display()),
                     &AttachEventJson::FinishedDownloading {
@@ -298,16 +328,22 @@ impl SessionDelegate for Printer {
             },
         };
         let truncated = if response.body_truncated { ", truncated" } else { "" };
-        self.line(
-            &format!("upload_response task {}: {} (body{truncated}: {})", task.id(), response.status, body.display()),
-            &AttachEventJson::UploadResponse {
-                task: task.id(),
-                status: response.status,
-                body: body.display().to_string(),
-                body_truncated: response.body_truncated,
-                move_error,
-            },
-        );
+        // Moved into DIR, the body is safe whether or not its line is printed.
+        let safe = self.move_to.is_some() && move_error.is_none();
+        let human =
+            format!("upload_response task {}: {} (body{truncated}: {})", task.id(), response.status, body.display());
+        let json = AttachEventJson::UploadResponse {
+            task: task.id(),
+            status: response.status,
+            body: body.display().to_string(),
+            body_truncated: response.body_truncated,
+            move_error,
+        };
+        if safe {
+            self.line(&human, &json);
+        } else {
+            self.durable(&human, &json);
+        }
     }
 
     fn did_receive_challenge(
@@ -334,7 +370,7 @@ impl SessionDelegate for Printer {
             None => format!("completed task {}", task.id()),
             Some(e) => format!("completed task {}: {}", task.id(), output::error(e)),
         };
-        self.line(&human, &AttachEventJson::Completed { task: task.id(), error: json::error(error) });
+        self.durable(&human, &AttachEventJson::Completed { task: task.id(), error: json::error(error) });
         let _ = self.notes.send(Note::Completed);
     }
 
@@ -360,7 +396,7 @@ impl SessionDelegate for Printer {
             None => "did_become_invalid".to_owned(),
             Some(e) => format!("did_become_invalid: {}", output::error(e)),
         };
-        self.line(&human, &AttachEventJson::DidBecomeInvalid { error: json::error(error) });
+        self.durable(&human, &AttachEventJson::DidBecomeInvalid { error: json::error(error) });
     }
 
     fn did_detach(&self, _: &Session, reason: DetachReason) {

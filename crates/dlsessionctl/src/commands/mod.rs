@@ -23,7 +23,11 @@ use ctx::Ctx;
 
 /// Runs the command and returns the exit status.
 pub async fn run(cli: Cli) -> Result<Exit> {
-    let ctx = Ctx { json: cli.json, socket: cli.socket, client_name: client_name(std::env::args().skip(1)) };
+    let ctx = Ctx {
+        json: cli.json,
+        socket: cli.socket,
+        client_name: client_name(std::env::args_os().skip(1).filter_map(|a| a.into_string().ok())),
+    };
     match cli.command {
         Command::Status => status::run(&ctx).await,
         Command::Sessions => sessions::run(&ctx).await,
@@ -46,7 +50,8 @@ pub async fn run(cli: Cli) -> Result<Exit> {
 }
 
 /// How the daemon names this invocation to others ("cancelled by dlsessionctl cancel 12"):
-/// the subcommand and its first plain words, never a URL, path or option value.
+/// the subcommand and its first plain words, never a URL, path or option value. Words that
+/// are not UTF-8 are left out (`std::env::args` would panic on them before clap could say so).
 fn client_name(args: impl Iterator<Item = String>) -> String {
     let words: Vec<String> =
         args.filter(|a| !a.starts_with('-') && !a.contains('/') && !a.contains(':') && a.len() <= 40).take(3).collect();
