@@ -579,3 +579,71 @@ async fn a_paced_upload_is_not_timed_out_while_it_waits_its_turn() {
     assert_eq!(server.file("slow.bin").as_deref(), Some(&data[..]));
     assert_eq!(server.records().len(), 1, "one request, never timed out: {:?}", server.records());
 }
+
+/// The server has answered, but the answer's body cannot be written (here a directory
+/// sits where its file goes): the upload is never sent again. The body is tried again,
+/// with the reason shown, and kept once it can be; a task stopped while it still cannot
+/// completes with the server's status and why its body was not kept. Before, the attempt
+/// failed as transient: a PUT went to the server again and again, and a POST ended as
+/// "may have reached the server" with the server's answer thrown away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_whose_body_cannot_be_kept_never_sends_the_upload_again() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = UploadServer::start(false).await.unwrap();
+    let (file, data) = make_file(env.path(), "kept.bin", 100_000, 31);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.keep"), delegate).await.unwrap();
+    let block = |id: u64| {
+        let dir = env.downloads_dir().join("s1").join(format!("{id}.download"));
+        std::fs::create_dir_all(dir.join("in-the-way")).unwrap();
+        dir
+    };
+
+    let put = session.upload_task(UploadRequest::new(server.url("/files/put"), &file)).await.unwrap();
+    let obstacle = block(put.id());
+    put.resume().await.unwrap();
+    let id = put.id().to_string();
+    wait_until(|| stdout(&env.ctl(&["show", &id])).contains("cannot keep the server's answer yet")).await;
+    std::fs::remove_dir_all(&obstacle).unwrap();
+    assert_eq!(events.completion(put.id(), LONG).await, None);
+    let (status, body, truncated) = events.response(put.id()).expect("the answer");
+    assert_eq!((status, truncated), (201, false));
+    assert!(String::from_utf8(body).unwrap().contains(&sha256_hex(&data)));
+    assert_eq!(server.records().len(), 1, "sent once: {:?}", server.records());
+
+    let request = UploadRequest::new(server.url("/files/post"), &file).method(UploadMethod::Post);
+    let post = session.upload_task(request).await.unwrap();
+    block(post.id());
+    post.resume().await.unwrap();
+    let id = post.id().to_string();
+    wait_until(|| stdout(&env.ctl(&["show", &id])).contains("cannot keep the server's answer yet")).await;
+    let _ = post.cancel().await;
+    let error = events.completion(post.id(), LONG).await.expect("why the answer's body is missing");
+    assert_eq!((error.code, error.http_status), (ErrorCode::FileError, Some(201)), "{error:?}");
+    assert!(error.message.contains("201") && error.message.contains("not sent again"), "{}", error.message);
+    let (status, _, truncated) = events.response(post.id()).expect("the answer's status and headers");
+    assert_eq!((status, truncated), (201, true));
+    assert_eq!(server.records().len(), 2, "each sent once: {:?}", server.records());
+}
+
+/// A PUT the server keeps refusing with 503 is retried with a growing delay: bytes sent
+/// are no progress for an upload that sends them all again (before, every attempt reset
+/// the delay to `retry_initial_ms`: a 10-second window saw about 50 attempts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upload_backs_off() {
+    let env = TestEnv::new();
+    env.set_config("retry_initial_ms", "200");
+    let _d = TestDaemon::start(&env);
+    let server = UploadServer::start(false).await.unwrap();
+    server.set_faults(UploadFaults { statuses: (1..=100).map(|n| (n, 503)).collect(), ..UploadFaults::default() });
+    let (file, _) = make_file(env.path(), "refused.bin", 20_000, 32);
+    let (delegate, _events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.backoff"), delegate).await.unwrap();
+    let task = session.upload_task(UploadRequest::new(server.url("/files/refused"), &file)).await.unwrap();
+    task.resume().await.unwrap();
+    // Doubling from 200 ms (jitter aside): attempts at about 0, 0.2, 0.6, 1.4, 3.0, 6.2 s.
+    tokio::time::sleep(std::time::Duration::from_secs(8)).await;
+    let attempts = server.records().len();
+    assert!((3..=9).contains(&attempts), "{attempts} attempts in 8 s");
+}

@@ -111,7 +111,12 @@ impl SessionDelegate for Recorder {
         let _ = self.tx.send(Seen::Sent { task: task.id(), total, expected });
     }
     fn did_receive_upload_response(&self, _: &Session, task: &DownloadTask, r: &dlsession::UploadResponse) {
-        let body = std::fs::read(&r.body).unwrap_or_else(|e| panic!("read {}: {e}", r.body.display()));
+        // A body cut short may have no file at all (it could not be written: the completion
+        // says why); any other must be there.
+        let body = match std::fs::read(&r.body) {
+            Err(_) if r.body_truncated => Vec::new(),
+            read => read.unwrap_or_else(|e| panic!("read {}: {e}", r.body.display())),
+        };
         let headers = r.headers.iter().map(|h| (h.name.clone(), h.value.clone())).collect();
         let seen = Seen::Response { task: task.id(), status: r.status, body, truncated: r.body_truncated, headers };
         let _ = self.tx.send(seen);

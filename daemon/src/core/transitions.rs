@@ -338,6 +338,7 @@ impl Core {
             WorkerEvent::Failed(failure) => self.on_failed(id, failure),
             WorkerEvent::Stopped { offset } => self.on_stopped(id, offset),
             WorkerEvent::ResumeUrl { url } => self.on_resume_url(id, url),
+            WorkerEvent::AnswerHeld { error } => self.on_answer_held(id, error),
             WorkerEvent::UploadDone { response } => self.on_upload_done(id, response),
         }
         self.schedule();
@@ -469,7 +470,11 @@ impl Core {
         // No route to the server: the network is gone, not the download failing.
         let offline = self.offline_for(id, &failure);
         let Some(t) = self.tasks.get_mut(&id) else { return };
-        let made_progress = run.as_ref().is_some_and(|r| t.progress.received() > r.start_received);
+        // Bytes kept count as progress: received ones, or sent ones a server offered to keep.
+        // Other uploads send everything again, so bytes sent are no progress (else a PUT
+        // answered 503 again and again would be retried at the first delay for ever).
+        let keeps_progress = t.rec.upload.as_ref().is_none_or(|u| u.resume_url.is_some());
+        let made_progress = keeps_progress && run.as_ref().is_some_and(|r| t.progress.received() > r.start_received);
         t.failures = match (made_progress, offline) {
             (true, _) => 1,
             (false, true) => t.failures,

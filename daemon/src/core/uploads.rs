@@ -77,6 +77,14 @@ impl Core {
         self.save_task(id, Vec::new());
     }
 
+    /// The answer is in and its body waits to be written: why, for `show` (not committed;
+    /// the completion that follows replaces it).
+    pub(super) fn on_answer_held(&mut self, id: TaskId, error: ErrorInfo) {
+        let Some(t) = self.tasks.get_mut(&id) else { return };
+        t.rec.last_error = Some(error);
+        self.notify_watchers(id);
+    }
+
     /// The final response: `upload_response` with its body's file, then `completed` (with
     /// an error when the status is not a success), in one commit.
     pub(super) fn on_upload_done(&mut self, id: TaskId, response: UploadResponse) {

@@ -62,6 +62,11 @@ pub enum WorkerEvent {
     ResumeUrl {
         url: Option<String>,
     },
+    /// An upload's final response is in, but its body could not be written yet: the worker
+    /// tries again (`error` says why, for `show`).
+    AnswerHeld {
+        error: dlsession_proto::ErrorInfo,
+    },
     /// An upload got its final response; its body is synced at `response.location`.
     UploadDone {
         response: UploadResponse,

@@ -28,7 +28,7 @@ use super::http::{Failure, ReqBody, Retry, empty_body, is_transient_status, loca
 use super::limiter::RateLimiter;
 use super::progress::Progress;
 use super::report::UploadResponse;
-use super::{Engine, Job, Outcome, UploadJob, WorkerEvent, auth, deadline, resource_timeout};
+use super::{Engine, Job, Outcome, UploadJob, WorkerEvent, auth, deadline, file_failure, resource_timeout};
 use dlsession_proto::{ErrorCode, ErrorInfo, Header, UPLOAD_RESPONSE_BODY_LIMIT, UploadMethod, redact};
 
 /// The draft's interop version spoken here (`Upload-Draft-Interop-Version`).
@@ -351,29 +351,32 @@ impl Engine {
         }
     }
 
-    /// Puts the response body in its file (synced) and reports the response.
+    /// Puts the response body in its file (synced) and reports the response. The server
+    /// has answered, so a body that cannot be written never sends the upload again: it is
+    /// tried again (the reason shown as the task's last error) until it is written, or a
+    /// stop or the resource deadline comes and `ANSWER_GRACE` passes; then the response is
+    /// reported without its body, and the task fails with why it could not be kept.
     async fn keep_response(&self, job: &Job, up: &UploadJob, response: Received) -> Outcome {
-        let part = job.part_path.clone();
-        let to = up.body_to.clone();
-        let mode = job.file_mode;
         let Received { status, final_url, headers, body, truncated } = response;
         let size = body.len() as u64;
-        let written = tokio::task::spawn_blocking(move || write_synced(&part, &to, &body, mode)).await;
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                return Outcome::Failed(Failure::transient(
-                    ErrorCode::FileError,
-                    format!("keeping the upload's response body: {e}"),
-                ));
-            }
-            Err(e) => return Outcome::Failed(Failure::transient(ErrorCode::Internal, format!("worker: {e}"))),
-        }
-        let error = (!(200..300).contains(&status)).then(|| {
+        let status_error = (!(200..300).contains(&status)).then(|| {
             let mut e = ErrorInfo::new(ErrorCode::HttpStatus, format!("server answered {}", status_text(status)));
             e.http_status = Some(status);
             e
         });
+        let (size, truncated, error) = match keep_body(job, up, Arc::new(body)).await {
+            Ok(()) => (size, truncated, status_error),
+            Err(e) => {
+                let mut error = file_failure(&e, "").error;
+                error.message = format!(
+                    "the server answered {}, but its {size}-byte body could not be kept: {e} (the upload is not sent \
+                     again)",
+                    status_text(status)
+                );
+                error.http_status = Some(status);
+                (0, true, Some(error))
+            }
+        };
         Outcome::Uploaded(UploadResponse {
             status,
             final_url: redact::url(final_url.as_str()),
@@ -385,6 +388,55 @@ impl Engine {
         })
     }
 }
+
+/// Writes an upload's answer body to its file, trying again while it fails (a full disk, a
+/// cache directory taken away) until a stop or the resource deadline, plus `ANSWER_GRACE`.
+async fn keep_body(job: &Job, up: &UploadJob, body: Arc<Vec<u8>>) -> io::Result<()> {
+    let mut stop = job.stop.clone();
+    let give_up = async {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => {}
+            () = deadline(job.deadline) => {}
+        }
+        tokio::time::sleep(ANSWER_GRACE).await;
+    };
+    tokio::pin!(give_up);
+    let mut wait = KEEP_RETRY_FIRST;
+    let mut told = false;
+    loop {
+        let (part, to, mode, data) = (job.part_path.clone(), up.body_to.clone(), job.file_mode, Arc::clone(&body));
+        let e = match tokio::task::spawn_blocking(move || write_synced(&part, &to, &data, mode)).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => e,
+            Err(e) => io::Error::other(format!("worker: {e}")),
+        };
+        // Trying is a sign of life for the supervisor, not a stuck worker.
+        job.progress.beat();
+        if !told {
+            told = true;
+            tracing::warn!(error = %e, "cannot keep the upload's answer; trying again");
+            let mut error = file_failure(&e, "").error;
+            error.message = format!("cannot keep the server's answer yet: {e}; trying again");
+            job.link.send(WorkerEvent::AnswerHeld { error });
+        }
+        tokio::select! {
+            biased;
+            () = &mut give_up => {
+                // Best effort: the location the event names exists, empty.
+                let (part, to, mode) = (job.part_path.clone(), up.body_to.clone(), job.file_mode);
+                let _ = tokio::task::spawn_blocking(move || write_synced(&part, &to, &[], mode)).await;
+                return Err(e);
+            }
+            () = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(KEEP_RETRY_MAX);
+    }
+}
+
+/// How soon an answer's body that could not be written is tried again, doubling up to
+/// `KEEP_RETRY_MAX` (a full disk usually frees up in seconds or not at all soon).
+const KEEP_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(250);
+const KEEP_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How far an attempt got.
 enum Reached {
