@@ -462,9 +462,6 @@ async fn reconnect(shared: &Arc<Shared>) {
         *w = link.welcome.clone();
     }
     let mut again: Vec<Request> = Vec::new();
-    if shared.handles_wakes.load(Ordering::Acquire) {
-        again.push(Request::HandleWakes);
-    }
     if let Some(filter) = shared.watch.lock().ok().and_then(|w| w.clone()) {
         again.push(Request::Watch(filter));
     }
@@ -497,8 +494,28 @@ async fn reconnect(shared: &Arc<Shared>) {
             }
         }
     });
-    for r in rejoins {
-        tokio::spawn(rejoin(shared.clone(), link.clone(), r));
+    let rejoining: Vec<_> =
+        rejoins.into_iter().map(|r| tokio::spawn(rejoin(shared.clone(), link.clone(), r))).collect();
+    // Wakes are handled again only once the sessions are rejoined (or a request timeout
+    // passed): else the daemon, seeing them unattached with events waiting, woke this very
+    // app for them, or another process of it, which could attach first and take them over.
+    if shared.handles_wakes.load(Ordering::Acquire) {
+        let (shared, link) = (shared.clone(), link.clone());
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + shared.options.request_timeout;
+            for r in rejoining {
+                let _ = tokio::time::timeout_at(deadline, r).await;
+            }
+            let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+            match link.send(id, Request::HandleWakes) {
+                Ok(rx) => {
+                    if let Ok(Err(e)) = rx.await {
+                        warn!(error = %e, "registering for wakes again failed");
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot register for wakes again"),
+            }
+        });
     }
 }
 

@@ -40,8 +40,9 @@ impl Client {
             let mut joined: HashMap<String, Session> = HashMap::new();
             while let Some(event) = events.recv().await {
                 let Event::Wake { identifier, .. } = event else { continue };
-                // A session whose connection still routes to us is attached already.
-                if joined.contains_key(&identifier) && client.is_routed(&identifier) {
+                // A session routed here is attached here already (by the app, or by an
+                // earlier wake), or being rejoined after a reconnect: the app has it.
+                if client.is_routed(&identifier) {
                     continue;
                 }
                 let Some((config, delegate)) = handler.rejoin(&identifier) else {
@@ -144,6 +145,7 @@ impl Session {
             _watching: watching,
             pending_acks: Vec::new(),
             acks_in_flight: Vec::new(),
+            finish_owed: false,
             kept: HashSet::new(),
             kept_challenges: HashSet::new(),
             overflowed: handle.overflowed,
@@ -214,8 +216,11 @@ struct Dispatcher {
     /// Dropped with the dispatcher: ends the task that watches the runtime.
     _watching: tokio::sync::oneshot::Sender<()>,
     pending_acks: Vec<u64>,
-    /// Answers to acknowledgements sent without waiting (sent in order, at once).
-    acks_in_flight: Vec<tokio::sync::oneshot::Receiver<std::result::Result<Response, ErrorInfo>>>,
+    /// Acknowledgements sent without waiting (in order, at once), with their answers to come.
+    acks_in_flight: Vec<(Vec<u64>, AckAnswer)>,
+    /// `finished_events` came while acknowledgements failed or went unanswered: the app
+    /// hears it only once they are durable (sent again every `ASK_AGAIN_RETRY` until then).
+    finish_owed: bool,
     /// Tasks whose file the app kept for later (`Handled::Later`): none of their events is
     /// acknowledged in this attachment.
     kept: HashSet<TaskId>,
@@ -252,7 +257,10 @@ fn watch_runtime() -> (Arc<AtomicBool>, tokio::sync::oneshot::Sender<()>) {
     (alive, tx)
 }
 
-/// How long after a failed attempt the dropped events are asked for again.
+type AckAnswer = tokio::sync::oneshot::Receiver<std::result::Result<Response, ErrorInfo>>;
+
+/// How long after a failed attempt the dropped events are asked for again (and failed
+/// acknowledgements sent again).
 const ASK_AGAIN_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Acknowledgements are sent in batches of at most this many.
@@ -271,11 +279,16 @@ impl Dispatcher {
                     if self.overflowed.load(Ordering::Acquire) && due {
                         self.ask_again();
                     }
+                    if self.finish_owed && due && !self.finish_events() {
+                        break;
+                    }
+                    let retrying = self.overflowed.load(Ordering::Acquire) || self.finish_owed;
                     let next = match self.ask_again_at {
                         // Asking again waits: for an event, or until it is due.
-                        Some(at) if self.overflowed.load(Ordering::Acquire) => {
+                        Some(at) if retrying => {
                             let wait = at.saturating_duration_since(std::time::Instant::now());
-                            match self.block_on(tokio::time::timeout(wait, events.recv())) {
+                            // The timer is made on the runtime: outside it, making one panics.
+                            match self.block_on(async { tokio::time::timeout(wait, events.recv()).await }) {
                                 Some(Ok(e)) => e,
                                 Some(Err(_)) => continue,
                                 None => events.blocking_recv(),
@@ -425,14 +438,8 @@ impl Dispatcher {
                 session.shared.signals.streams.offer(&seen);
             }
             Event::FinishedEvents { .. } => {
-                // Everything is acknowledged (and durable) before the app is told it is done.
-                self.flush_acks(true);
-                if std::mem::take(&mut self.delivered) {
-                    d.did_finish_events_for_background_session(&session);
-                    session.shared.signals.streams.offer(&SessionEvent::FinishedEvents);
-                }
-                session.shared.signals.unsettled.store(false, Ordering::Release);
-                session.shared.signals.poke();
+                self.finish_owed = true;
+                return self.finish_events();
             }
             Event::Detached { reason, .. } => {
                 self.flush_acks(false);
@@ -448,9 +455,31 @@ impl Dispatcher {
         true
     }
 
+    /// Tells the app every event is delivered, once every acknowledgement is durable
+    /// (else it would rest, and be woken for the same events again); until then, tried
+    /// again every `ASK_AGAIN_RETRY`. Returns false when the session is over here.
+    fn finish_events(&mut self) -> bool {
+        if !self.flush_acks(true) {
+            self.ask_again_at = Some(std::time::Instant::now() + ASK_AGAIN_RETRY);
+            return true;
+        }
+        self.finish_owed = false;
+        let Some(shared) = self.session.upgrade() else { return false };
+        let session = Session { shared };
+        if std::mem::take(&mut self.delivered) {
+            self.delegate.did_finish_events_for_background_session(&session);
+            session.shared.signals.streams.offer(&SessionEvent::FinishedEvents);
+        }
+        session.shared.signals.unsettled.store(false, Ordering::Release);
+        session.shared.signals.poke();
+        true
+    }
+
     /// The connection broke: what was sent on it is lost (it comes again), the app hears.
     fn connection_lost(&mut self, reason: &str) {
+        // Answers that cannot come now; their events come again after the rejoin.
         self.acks_in_flight.clear();
+        self.finish_owed = false;
         if let Some(shared) = self.session.upgrade() {
             self.delegate.did_lose_connection(&Session { shared: shared.clone() }, reason);
             shared.signals.streams.offer(&SessionEvent::ConnectionLost { reason: reason.to_owned() });
@@ -519,44 +548,69 @@ impl Dispatcher {
     }
 
     /// Sends the pending acknowledgements. With `wait`, returns only once every
-    /// acknowledgement sent so far is durable (answered), including earlier batches.
-    fn flush_acks(&mut self, wait: bool) {
-        // Forget answers already in (a failed one is logged).
-        self.acks_in_flight.retain_mut(|rx| match rx.try_recv() {
+    /// acknowledgement sent so far is answered, including earlier batches, or the request
+    /// timeout passed (one deadline for them all). True when every one sent so far is
+    /// durable; the events of one refused or unanswered are acknowledged again later
+    /// (an event acknowledged twice is answered, the second time doing nothing).
+    fn flush_acks(&mut self, wait: bool) -> bool {
+        let mut durable = true;
+        // Answers already in.
+        let mut again = Vec::new();
+        self.acks_in_flight.retain_mut(|(seqs, rx)| match rx.try_recv() {
             Err(tokio::sync::oneshot::error::TryRecvError::Empty) => true,
             Ok(Err(e)) => {
-                warn!(error = %e, "acknowledging events failed; they will be delivered again");
+                warn!(error = %e, "acknowledging events failed; sending it again");
+                again.append(seqs);
                 false
             }
-            _ => false,
+            Ok(Ok(_)) => false,
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                again.append(seqs);
+                false
+            }
         });
+        durable &= again.is_empty();
+        self.pending_acks.append(&mut again);
         if !self.pending_acks.is_empty() {
-            let seqs = std::mem::take(&mut self.pending_acks);
             // The app dropped the session: the events stay unacknowledged and come again.
-            let Some(shared) = self.session.upgrade() else { return };
+            let Some(shared) = self.session.upgrade() else { return false };
             let client = shared.client.clone();
             drop(shared);
-            let request = Request::AckEvents { identifier: self.identifier.clone(), seqs };
+            let seqs = std::mem::take(&mut self.pending_acks);
+            let request = Request::AckEvents { identifier: self.identifier.clone(), seqs: seqs.clone() };
             match client.send_request(request) {
-                Ok(rx) => self.acks_in_flight.push(rx),
-                Err(e) => warn!(error = %e, "acknowledging events failed; they will be delivered again"),
-            }
-        }
-        if wait {
-            // A daemon that stopped answering must not freeze the session: each answer is
-            // waited for at most the request timeout (unanswered ones come again).
-            let limit = self.session.upgrade().map_or(Duration::from_secs(60), |s| s.client.request_timeout());
-            for rx in std::mem::take(&mut self.acks_in_flight) {
-                // The app's runtime is gone (it is exiting): the events come again.
-                let Some(answer) = self.block_on(async { tokio::time::timeout(limit, rx).await }) else { return };
-                match answer {
-                    Ok(Ok(Ok(_))) => {}
-                    Ok(Ok(Err(e))) => warn!(error = %e, "acknowledging events failed; they will be delivered again"),
-                    Ok(Err(_)) => warn!("the connection closed before an acknowledgement was answered"),
-                    Err(_) => warn!("dlsessiond did not answer an acknowledgement in time; the events come again"),
+                Ok(rx) => self.acks_in_flight.push((seqs, rx)),
+                Err(e) => {
+                    warn!(error = %e, "acknowledging events failed; sending it again");
+                    self.pending_acks = seqs;
+                    durable = false;
                 }
             }
         }
+        if !wait {
+            return durable && self.acks_in_flight.is_empty();
+        }
+        // A daemon that stopped answering must not freeze the session for long.
+        let limit = self.session.upgrade().map_or(Duration::from_secs(60), |s| s.client.request_timeout());
+        let deadline = tokio::time::Instant::now() + limit;
+        for (seqs, rx) in std::mem::take(&mut self.acks_in_flight) {
+            // The app's runtime is gone (it is exiting): the events come again.
+            let Some(answer) = self.block_on(async { tokio::time::timeout_at(deadline, rx).await }) else {
+                return false;
+            };
+            let failed = match answer {
+                Ok(Ok(Ok(_))) => continue,
+                Ok(Ok(Err(e))) => format!("acknowledging events failed ({e}); sending it again"),
+                Ok(Err(_)) => {
+                    "the connection closed before an acknowledgement was answered; sending it again".to_owned()
+                }
+                Err(_) => "dlsessiond did not answer an acknowledgement in time; sending it again".to_owned(),
+            };
+            warn!("{failed}");
+            self.pending_acks.extend(seqs);
+            durable = false;
+        }
+        durable
     }
 
     /// Runs `f` on the app's runtime, unless that is shutting down (`None`).

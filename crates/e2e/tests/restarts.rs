@@ -381,3 +381,49 @@ async fn a_relaunched_app_outlives_the_daemon() {
     assert!(alive, "the app died with the daemon");
     let _ = rustix::process::kill_process(rustix::process::Pid::from_raw(pid).unwrap(), rustix::process::Signal::KILL);
 }
+
+/// After a daemon restart, an app that handles wakes is not woken for a session it is
+/// rejoining itself. Before, the library registered for wakes ahead of its rejoins: the
+/// daemon saw the session unattached with events waiting and woke this very app, whose
+/// handler was asked to rejoin a session it had (or another process of it could take it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_is_not_woken_for_a_session_it_is_rejoining() {
+    use dlsession::{DownloadTask, Handled, SessionDelegate};
+    /// Keeps every file for later: the events stay unacknowledged.
+    struct Keeper;
+    impl SessionDelegate for Keeper {
+        fn finish_downloading(&self, _: &Session, _: &DownloadTask, _: &std::path::Path) -> Handled {
+            Handled::Later
+        }
+    }
+    let env = TestEnv::new();
+    let mut d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    s.add("/f", Resource::generated(1000, 3));
+    let app = dlsession::Client::connect(dlsession::ClientOptions {
+        socket: Some(env.socket.clone()),
+        app_id: Some("org.example.self".into()),
+        autostart: false,
+        ..dlsession::ClientOptions::default()
+    })
+    .await
+    .unwrap();
+    let (handler, mut told) = dlsession_testkit::app::IgnoredWakes::new();
+    app.handle_wakes(handler);
+    let config = SessionConfiguration::background("t.self").socket(&env.socket).app_id("org.example.self");
+    let session = Session::attach_with(&app, config, std::sync::Arc::new(Keeper)).await.unwrap();
+    session.download_tasks(vec![DownloadRequest::new(s.url("/f"))], true).await.unwrap();
+    dlsession_testkit::wait_until(|| {
+        dlsession_testkit::block(session.info()).is_ok_and(|i| i.pending_events >= 2 && i.tasks.active() == 0)
+    })
+    .await;
+
+    d.kill9();
+    dlsession_testkit::wait_until(|| !app.is_connected()).await;
+    d.restart();
+    dlsession_testkit::wait_until(|| app.is_connected()).await;
+    dlsession_testkit::wait_until(|| dlsession_testkit::block(session.info()).is_ok_and(|i| i.attached)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(told.try_recv().is_err(), "the app was woken for a session it was rejoining");
+    assert!(dlsession_testkit::block(session.info()).unwrap().attached);
+}

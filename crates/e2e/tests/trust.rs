@@ -753,3 +753,69 @@ async fn kept_resume_files_expire_while_the_daemon_runs() {
         d.log().contains("removed kept partial files of resume data past their retention").then_some(())
     });
 }
+
+/// The app hears "every event is delivered, you may rest" only once its acknowledgements
+/// are durable. Here the state directory fills while a callback runs, so the daemon cannot
+/// commit them: the library sends them again until it can (before, it gave up after the
+/// request timeout and told the app to rest; the app exited, and was woken later for the
+/// same events).
+#[cfg_attr(not(dlsession_root), ignore = "needs root to mount a small filesystem; CI runs it as root")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_may_rest_only_once_its_acknowledgements_are_durable() {
+    use dlsession::{DownloadTask, Handled, SessionDelegate};
+    use std::sync::Mutex;
+    struct Gate {
+        open: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+        arrived: tokio::sync::mpsc::UnboundedSender<&'static str>,
+    }
+    impl SessionDelegate for Gate {
+        fn finish_downloading(&self, _: &Session, _: &DownloadTask, _: &Path) -> Handled {
+            let _ = self.arrived.send("finished_downloading");
+            if let Some(rx) = self.open.lock().unwrap().take() {
+                let _ = rx.recv();
+            }
+            Handled::Done
+        }
+        fn did_finish_events_for_background_session(&self, _: &Session) {
+            let _ = self.arrived.send("may rest");
+        }
+    }
+
+    dlsession_testkit::require_root();
+    let env = TestEnv::new();
+    let state = env.state_dir.join("dlsessiond");
+    let _mount = dlsession_testkit::Mount::tmpfs(&state, "size=3m,mode=0700");
+    let _d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    s.add("/f", Resource::generated(5_000, 10));
+    let (open, gate) = std::sync::mpsc::channel();
+    let (arrived, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    let delegate = std::sync::Arc::new(Gate { open: Mutex::new(Some(gate)), arrived });
+    let options = dlsession::ClientOptions {
+        socket: Some(env.socket.clone()),
+        autostart: false,
+        request_timeout: Duration::from_secs(1),
+        ..dlsession::ClientOptions::default()
+    };
+    let client = dlsession::Client::connect(options).await.unwrap();
+    let config = SessionConfiguration::background("t.rest").socket(&env.socket);
+    let session = Session::attach_with(&client, config, delegate).await.unwrap();
+    session.download_tasks(vec![DownloadRequest::new(s.url("/f"))], true).await.unwrap();
+    async fn next(
+        heard: &mut tokio::sync::mpsc::UnboundedReceiver<&'static str>,
+        within: Duration,
+    ) -> Option<&'static str> {
+        tokio::time::timeout(within, heard.recv()).await.ok().flatten()
+    }
+    assert_eq!(next(&mut heard, LONG).await, Some("finished_downloading"));
+
+    // The callback returns with the state directory full: the acknowledgement's commit fails.
+    let filler = fill(&state);
+    open.send(()).unwrap();
+    assert_eq!(next(&mut heard, Duration::from_secs(4)).await, None, "told to rest with its events not acknowledged");
+
+    // Space returns: the acknowledgements go through, and then the app may rest.
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(next(&mut heard, LONG).await, Some("may rest"));
+    assert_eq!(dlsession_testkit::block(session.info()).unwrap().pending_events, 0);
+}
