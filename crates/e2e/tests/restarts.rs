@@ -427,3 +427,26 @@ async fn an_app_is_not_woken_for_a_session_it_is_rejoining() {
     assert!(told.try_recv().is_err(), "the app was woken for a session it was rejoining");
     assert!(dlsession_testkit::block(session.info()).unwrap().attached);
 }
+
+/// A session stored before a rule about its configuration was added (here a relative
+/// launch path, refused since) is rejoined with that configuration as stored: before, every
+/// rejoin was refused with `invalid_request` and retried for ever, the app silently cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_stored_under_older_rules_is_rejoined() {
+    let env = TestEnv::new();
+    let mut d = TestDaemon::start(&env);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let config = SessionConfiguration::background("t.older").socket(&env.socket).launch_command(["/bin/true"]);
+    let session = Session::attach(config, delegate).await.unwrap();
+    d.kill9();
+    events.wait("the app told of the lost connection", LONG, |e| *e == Seen::ConnectionLost).await;
+    let db = rusqlite::Connection::open(env.database()).unwrap();
+    let changed = db.execute("UPDATE sessions SET launch_value = './app.sh' WHERE identifier = 't.older'", []).unwrap();
+    assert_eq!(changed, 1);
+    drop(db);
+    d.restart();
+    events.wait("the app told it is back", LONG, |e| *e == Seen::Reconnected).await;
+    dlsession_testkit::wait_for("the rejoin", LONG, || {
+        dlsession_testkit::block(session.info()).ok().filter(|i| i.attached).map(|_| ())
+    });
+}

@@ -22,8 +22,12 @@ impl Core {
         takeover: bool,
     ) -> Handled {
         dlsession_proto::validate::identifier(&identifier)?;
-        validate::session_config(&config, &self.cfg.limits)?;
         let existing = self.sessions.find(&identifier);
+        // The stored configuration sent back unchanged (a rejoin) is not checked again: one
+        // stored before a rule was added would keep its app out for good.
+        if existing.and_then(|k| self.sessions.get(&k)).is_none_or(|s| s.rec.config != config) {
+            validate::session_config(&config, &self.cfg.limits)?;
+        }
         if let Some(e) = &self.life.storage {
             // Only an attach that writes nothing can be served while the disk refuses writes.
             let writes =
