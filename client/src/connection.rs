@@ -619,19 +619,35 @@ const IN_USE_GRACE: Duration = Duration::from_secs(3);
 /// Puts an event in a session's queue (a detach must not be lost: it ends the session).
 fn deliver_to_route(shared: &Shared, identifier: &str, event: Event) {
     let Ok(routes) = shared.routes.lock() else { return };
-    if let Some(route) = routes.get(identifier)
-        && route.tx.try_send(Routed::Event(event)).is_err()
-    {
-        route.overflowed.store(true, Ordering::Release);
+    if let Some(route) = routes.get(identifier) {
+        hand_over(route, Routed::Event(event));
     }
 }
 
 fn notify_routes(shared: &Shared, what: impl Fn(&str) -> Routed) {
     let Ok(routes) = shared.routes.lock() else { return };
     for (identifier, route) in routes.iter() {
-        if route.tx.try_send(what(identifier)).is_err() {
+        hand_over(route, what(identifier));
+    }
+}
+
+/// Hands a message the session must not miss (a detach, a lost or regained connection) to
+/// its queue: when the queue is full, the session is told to ask for its events again and
+/// the message goes in as soon as there is room (the dispatcher drains the queue). Dropped,
+/// a lost detach left the session rejoining one that was gone.
+fn hand_over(route: &Route, routed: Routed) {
+    match route.tx.try_send(routed) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(routed)) => {
             route.overflowed.store(true, Ordering::Release);
+            let tx = route.tx.clone();
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = tx.send(routed).await;
+                });
+            }
         }
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
     }
 }
 
@@ -665,19 +681,12 @@ fn dispatch(shared: &Shared, msg: ServerMessage) {
         if route.overflowed.load(Ordering::Acquire) && !progress && !detach {
             return;
         }
-        match route.tx.try_send(Routed::Event(event)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(Routed::Event(e))) if detach => {
-                // Full: make room by telling the session to ask again, and hand the detach
-                // over as soon as there is room (the dispatcher drains the queue).
-                route.overflowed.store(true, Ordering::Release);
-                let tx = route.tx.clone();
-                tokio::spawn(async move {
-                    let _ = tx.send(Routed::Event(e)).await;
-                });
-            }
-            Err(_) if !progress => route.overflowed.store(true, Ordering::Release),
-            Err(_) => {}
+        if detach {
+            hand_over(route, Routed::Event(event));
+            return;
+        }
+        if route.tx.try_send(Routed::Event(event)).is_err() && !progress {
+            route.overflowed.store(true, Ordering::Release);
         }
         return;
     }

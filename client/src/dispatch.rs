@@ -522,6 +522,17 @@ impl Dispatcher {
         let get = shared.client.request(Request::GetSession { identifier: shared.identifier.clone() });
         let stored = match self.block_on(get) {
             Some(Ok(Response::Session(info))) => Some(info.config),
+            // Gone (invalidated and removed meanwhile): attaching would make a new, empty
+            // session behind the app's back. Over, as a rejoin finds it.
+            Some(Err(e)) if e.code() == ErrorCode::NoSuchSession => {
+                if shared.client.unroute(&shared.identifier, shared.route) {
+                    let reason = DetachReason::Invalidated;
+                    self.delegate.did_detach(&Session { shared: shared.clone() }, reason);
+                    shared.signals.streams.offer(&SessionEvent::Detached(reason));
+                    shared.signals.end(Ended::Daemon(reason));
+                }
+                return;
+            }
             _ => None,
         };
         let request = SessionConfiguration::reattach(request, stored);

@@ -234,19 +234,8 @@ async fn events_that_overflow_the_queue_come_again() {
     }
     let env = TestEnv::new();
     let _d = TestDaemon::start(&env);
-    let s = TestServer::start().await.unwrap();
     let n = 40u64;
-    for i in 0..n {
-        s.add(&format!("/e{i}"), Resource::generated(1000, 200 + i));
-    }
-    let client = dlsession::Client::connect(dlsession::ClientOptions {
-        socket: Some(env.socket.clone()),
-        autostart: false,
-        event_queue: 4,
-        ..dlsession::ClientOptions::default()
-    })
-    .await
-    .unwrap();
+    let (s, client) = small_files_and_a_queue_of_4(&env, "e", n, 200).await;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let config = SessionConfiguration::background("t.overflow");
     let session = Session::attach_with(&client, config, std::sync::Arc::new(Slow(tx))).await.unwrap();
@@ -449,4 +438,81 @@ async fn a_session_stored_under_older_rules_is_rejoined() {
     dlsession_testkit::wait_for("the rejoin", LONG, || {
         dlsession_testkit::block(session.info()).ok().filter(|i| i.attached).map(|_| ())
     });
+}
+
+/// A session whose event queue is full when the daemon goes away still hears that the
+/// connection was lost (and that it is back): the notices wait for room instead of being
+/// dropped as progress is (before, the delegate never heard `did_lose_connection`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_event_queue_still_hears_the_connection_lost() {
+    use std::sync::Mutex;
+    struct Gate {
+        open: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+        heard: tokio::sync::mpsc::UnboundedSender<&'static str>,
+    }
+    impl dlsession::SessionDelegate for Gate {
+        fn did_complete_with_error(&self, _: &Session, _: &dlsession::DownloadTask, _: Option<&dlsession::TaskError>) {
+            let gate = self.open.lock().unwrap().take();
+            if let Some(rx) = gate {
+                let _ = self.heard.send("held");
+                let _ = rx.recv();
+            }
+        }
+        fn did_lose_connection(&self, _: &Session, _: &str) {
+            let _ = self.heard.send("lost");
+        }
+        fn did_reconnect(&self, _: &Session) {
+            let _ = self.heard.send("back");
+        }
+    }
+    let env = TestEnv::new();
+    let mut d = TestDaemon::start(&env);
+    let n = 20u64;
+    let (s, client) = small_files_and_a_queue_of_4(&env, "q", n, 300).await;
+    let (open, gate) = std::sync::mpsc::channel();
+    let (heard, mut told) = tokio::sync::mpsc::unbounded_channel();
+    let delegate = std::sync::Arc::new(Gate { open: Mutex::new(Some(gate)), heard });
+    let config = SessionConfiguration::background("t.full");
+    let session = Session::attach_with(&client, config, delegate).await.unwrap();
+    let reqs = (0..n).map(|i| DownloadRequest::new(s.url(&format!("/q{i}")))).collect();
+    session.download_tasks(reqs, true).await.unwrap();
+    assert_eq!(tokio::time::timeout(LONG, told.recv()).await.unwrap(), Some("held"));
+    // The other downloads finish meanwhile: their events fill the queue of 4.
+    dlsession_testkit::wait_until(|| dlsession_testkit::block(session.info()).is_ok_and(|i| i.tasks.active() == 0))
+        .await;
+    d.kill9();
+    dlsession_testkit::wait_until(|| !client.is_connected()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    d.restart();
+    dlsession_testkit::wait_until(|| client.is_connected()).await;
+    open.send(()).unwrap();
+    let mut notices = Vec::new();
+    while notices.len() < 2 {
+        match tokio::time::timeout(Duration::from_secs(10), told.recv()).await {
+            Ok(Some(notice)) => notices.push(notice),
+            _ => break,
+        }
+    }
+    assert_eq!(notices, ["lost", "back"]);
+}
+
+/// A server with `n` files of 1,000 bytes (`/{prefix}{i}`, seeds from `seed`) and a client
+/// whose sessions queue at most 4 events.
+async fn small_files_and_a_queue_of_4(
+    env: &TestEnv,
+    prefix: &str,
+    n: u64,
+    seed: u64,
+) -> (TestServer, dlsession::Client) {
+    let s = TestServer::start().await.unwrap();
+    for i in 0..n {
+        s.add(&format!("/{prefix}{i}"), Resource::generated(1000, seed + i));
+    }
+    let options = dlsession::ClientOptions {
+        socket: Some(env.socket.clone()),
+        autostart: false,
+        event_queue: 4,
+        ..dlsession::ClientOptions::default()
+    };
+    (s, dlsession::Client::connect(options).await.unwrap())
 }
