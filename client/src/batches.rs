@@ -20,6 +20,7 @@ impl Client {
     /// parts before it are cancelled and retired again, their events never seen by the
     /// app, before the error is returned.
     pub async fn create_tasks(&self, identifier: &str, specs: Vec<TaskSpec>, resume: bool) -> Result<Vec<TaskId>> {
+        fits_a_request(specs.iter().map(|s| (spec_size(s), s.url.len())))?;
         let batches = split(specs, spec_size);
         // Each request is checked by the daemon; across requests only the whole can be.
         if batches.len() > 1 {
@@ -42,6 +43,7 @@ impl Client {
         uploads: Vec<UploadSpec>,
         resume: bool,
     ) -> Result<Vec<TaskId>> {
+        fits_a_request(uploads.iter().map(|u| (spec_size(&u.request) + u.file.len(), u.request.url.len())))?;
         let batches = split(uploads, |u| spec_size(&u.request) + u.file.len());
         self.create_batches(identifier, batches, resume, |uploads, resume| Request::CreateUploads {
             identifier: identifier.to_owned(),
@@ -226,6 +228,25 @@ impl Client {
             }
         }
     }
+}
+
+/// Refuses a spec too large for any request (its encoding would fail as `internal`): a URL
+/// that long is `invalid_url` (the daemon's own limit is far lower), anything else
+/// `invalid_request`. `specs`: each spec's size and its URL's length.
+fn fits_a_request(specs: impl Iterator<Item = (usize, usize)>) -> Result<()> {
+    for (i, (size, url)) in specs.enumerate() {
+        if size <= BATCH_BYTES {
+            continue;
+        }
+        let (code, what) = if url > BATCH_BYTES / 2 {
+            (dlsession_proto::ErrorCode::InvalidUrl, format!("its URL is {url} bytes long"))
+        } else {
+            (dlsession_proto::ErrorCode::InvalidRequest, format!("it takes {size} bytes"))
+        };
+        let message = format!("task {} of the batch is too large for a request: {what} (at most {BATCH_BYTES})", i + 1);
+        return Err(Error::Invalid(dlsession_proto::ErrorInfo::new(code, message)));
+    }
+    Ok(())
 }
 
 /// Specs in requests of at most [`BATCH_TASKS`] and about [`BATCH_BYTES`] each (a spec

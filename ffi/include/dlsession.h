@@ -434,9 +434,8 @@ enum dls_code dls_config_set_app_id(struct dls_config *config,
  * Relaunch the app with this command (`argc` strings, run directly without a shell, in
  * the user's home directory) when the session has finished events and the app is not
  * running. The program (`argv[0]`) is an absolute path or a bare name looked up in `PATH`:
- * a relative path such as `./app` makes `dls_session_attach` fail with
- * `DLS_INVALID_ARGUMENT`. `argc` 0 means never relaunch (clears a stored command). The
- * strings are copied.
+ * an empty or relative one (`./app`) is refused here with `DLS_INVALID_ARGUMENT`. `argc` 0
+ * means never relaunch (clears a stored command). The strings are copied.
  *
  * # Safety
  *

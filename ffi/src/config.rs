@@ -86,9 +86,8 @@ pub unsafe extern "C" fn dls_config_set_app_id(
 /// Relaunch the app with this command (`argc` strings, run directly without a shell, in
 /// the user's home directory) when the session has finished events and the app is not
 /// running. The program (`argv[0]`) is an absolute path or a bare name looked up in `PATH`:
-/// a relative path such as `./app` makes `dls_session_attach` fail with
-/// `DLS_INVALID_ARGUMENT`. `argc` 0 means never relaunch (clears a stored command). The
-/// strings are copied.
+/// an empty or relative one (`./app`) is refused here with `DLS_INVALID_ARGUMENT`. `argc` 0
+/// means never relaunch (clears a stored command). The strings are copied.
 ///
 /// # Safety
 ///
@@ -117,6 +116,13 @@ pub unsafe extern "C" fn dls_config_set_launch_command(
         for (i, arg) in pointers.iter().enumerate() {
             // SAFETY: each pointer is NULL or a NUL-terminated string (the contract).
             command.push(unsafe { args::string(*arg, &format!("argv[{i}]")) }?.to_owned());
+        }
+        // The daemon's rule, said before anything is sent (it would refuse the attach).
+        let program = command.first().map_or("", String::as_str);
+        if program.is_empty() || (program.contains('/') && !program.starts_with('/')) {
+            return Err(Failure::invalid(format!(
+                "argv[0] {program:?} is empty or a relative path: give an absolute one (or a bare name, looked up in PATH)"
+            )));
         }
         config.inner = config.inner.clone().launch_command(command);
         Ok(())
@@ -250,6 +256,13 @@ mod tests {
                 dls_code::DLS_INVALID_ARGUMENT
             );
             assert_eq!(take(err).1, "argv[1] is NULL");
+            for program in [c"./app", c""] {
+                let argv = [program.as_ptr()];
+                err = ptr::null_mut();
+                let code = dls_config_set_launch_command(config, argv.as_ptr(), 1, &mut err);
+                assert_eq!(code, dls_code::DLS_INVALID_ARGUMENT);
+                assert!(take(err).1.contains("relative path"));
+            }
             dls_config_free(config);
             dls_config_free(ptr::null_mut());
         }

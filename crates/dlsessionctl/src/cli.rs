@@ -419,11 +419,11 @@ pub struct AuthArgs {
 
     /// Give the credential to every task of the session for the same origin (its
     /// protection space), not this task only
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["cancel", "fail"])]
     pub space: bool,
 
     /// Keep the credential in the daemon's database (else in its memory only)
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["cancel", "fail"])]
     pub keep: bool,
 
     /// Cancel the task instead

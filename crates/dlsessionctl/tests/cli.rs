@@ -202,6 +202,14 @@ async fn refused_requests_and_usage_errors() {
     assert_exit(&o, 1);
     assert!(stderr(&o).contains("no_such_task"), "{}", stderr(&o));
 
+    // A URL too long for any request is refused as a bad URL, not as an internal error.
+    let list = f.env.path().join("long-url.txt");
+    std::fs::write(&list, format!("{}\n{}/{}\n", f.server.url("/a"), f.server.url("/b"), "x".repeat(1 << 20))).unwrap();
+    let dir = f.env.path().join("long-url");
+    let o = ctl(&f.env, &["get", "-i", list.to_str().unwrap(), "-d", dir.to_str().unwrap()]).await;
+    assert_exit(&o, 1);
+    assert!(stderr(&o).contains("error: invalid_url: task 2 of the batch is too large"), "{}", stderr(&o));
+
     // A destination that is not UTF-8 is a usage error, not a panic before clap (exit 101).
     use std::os::unix::ffi::OsStrExt;
     let env = Arc::clone(&f.env);
@@ -285,6 +293,8 @@ async fn unreachable_daemon_exits_3() {
         &["limit", "2MiB"][..],
         &["proxy", "org.example", "--no-proxy", "localhost"],
         &["proxy", "org.example", "env", "--no-proxy", "localhost"],
+        &["auth", "1", "--cancel", "--keep"],
+        &["auth", "1", "--fail", "--space"],
     ] {
         let o = ctl(&env, args).await;
         assert_exit(&o, 2);
