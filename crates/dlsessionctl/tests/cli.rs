@@ -1079,3 +1079,53 @@ async fn the_next_get_never_collects_what_a_get_wait_is_waiting_for() {
     assert!(!stderr(&o).contains("warning"), "the waiting get acknowledged its own task: {}", stderr(&o));
     assert_eq!(std::fs::metadata(&slow).unwrap().len(), 300_000);
 }
+
+/// A command that follows downloads gives up on a daemon that does not come back, after
+/// `DLSESSIONCTL_RECONNECT_TIMEOUT` seconds, saying so (exit 3); before, it waited for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn following_commands_give_up_on_a_daemon_that_does_not_come_back() {
+    let mut f = fixture().await;
+    f.server.add("/slow.bin", Resource::generated(4 << 20, 21).throttle(64 << 10));
+    let dest = f.env.path().join("slow.bin");
+    let follow = |args: Vec<String>| {
+        f.env
+            .command(bin_path("dlsessionctl"))
+            .args(args)
+            .env("DLSESSION_NO_AUTOSTART", "1")
+            .env("DLSESSIONCTL_RECONNECT_TIMEOUT", "2")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let get =
+        follow(vec!["get".into(), f.server.url("/slow.bin"), "-o".into(), dest.display().to_string(), "--wait".into()]);
+    // `attach --wait` with nothing running would be done at once.
+    dlsession_testkit::wait_for("the download running", Duration::from_secs(10), || {
+        let o = f.env.ctl(&["--json", "tasks", "--state", "running"]);
+        (!json(&o).as_array().unwrap().is_empty()).then_some(())
+    });
+    let watch = follow(vec!["watch".into()]);
+    let attach = follow(vec!["attach".into(), "dlsessionctl".into(), "--wait".into()]);
+    // Every one of them is connected and following before the daemon goes.
+    dlsession_testkit::wait_for("three followers", Duration::from_secs(10), || {
+        let o = f.env.ctl(&["--json", "status"]);
+        (json(&o)["connections"].as_u64() >= Some(4)).then_some(())
+    });
+    let killed = Instant::now();
+    f.daemon.kill9();
+    for (name, child) in [("get", get), ("watch", watch), ("attach", attach)] {
+        let o = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+        assert_exit(&o, 3);
+        let err = stderr(&o);
+        assert!(err.contains("error: lost the connection to dlsessiond: not back within 2 s"), "{name}: {err}");
+        if name != "attach" {
+            assert!(
+                err.contains("note: lost the connection to dlsessiond; connecting again (for 2 s)"),
+                "{name}: {err}"
+            );
+        }
+    }
+    assert!(killed.elapsed() < Duration::from_secs(10), "{:?}", killed.elapsed());
+}

@@ -79,9 +79,13 @@ pub async fn run(ctx: &Ctx, args: AttachArgs) -> Result<Exit> {
     drop(printer);
     let interrupt = tokio::signal::ctrl_c();
     tokio::pin!(interrupt);
+    // The delegate says when the connection is lost and back.
+    let lost = super::ctx::lost_for_good(&client, false);
+    tokio::pin!(lost);
     let note = loop {
         let note = tokio::select! {
             note = rx.recv() => note,
+            e = &mut lost => return Err(e),
             _ = &mut interrupt => return Ok(Exit::Interrupted),
         };
         match note {

@@ -1,6 +1,7 @@
 //! What every command gets: the global flags, and the ways to reach the daemon.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use dlsession::{Client, ClientOptions};
 use dlsession_proto::{Request, Response};
@@ -46,6 +47,48 @@ impl Ctx {
             ..ClientOptions::default()
         };
         Ok(Client::connect(options).await?)
+    }
+}
+
+/// How long a command that follows something (`get --wait`, `upload --wait`, `watch`,
+/// `attach`) waits for a lost daemon to come back: `DLSESSIONCTL_RECONNECT_TIMEOUT`
+/// seconds (0: for ever), else a minute. A restart takes well under that; a daemon that
+/// cannot start again would otherwise hold a script for ever.
+pub fn reconnect_limit() -> Option<Duration> {
+    let secs = std::env::var(RECONNECT_TIMEOUT_ENV).ok().and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(60);
+    (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+pub const RECONNECT_TIMEOUT_ENV: &str = "DLSESSIONCTL_RECONNECT_TIMEOUT";
+
+/// Resolves once `client` has been without a connection for longer than
+/// [`reconnect_limit`], with the error to end on (exit 3). With `say`, tells on stderr when
+/// the connection is lost and when it is back (`attach`'s delegate says so itself).
+pub async fn lost_for_good(client: &Client, say: bool) -> CliError {
+    let limit = reconnect_limit();
+    let mut lost_at: Option<Instant> = None;
+    let mut look = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        look.tick().await;
+        if client.is_connected() {
+            if lost_at.take().is_some() && say {
+                eprintln!("note: connected to dlsessiond again");
+            }
+            continue;
+        }
+        let since = *lost_at.get_or_insert_with(|| {
+            if say {
+                let until = limit.map_or("for ever".to_owned(), |l| format!("for {} s", l.as_secs()));
+                eprintln!("note: lost the connection to dlsessiond; connecting again ({until})");
+            }
+            Instant::now()
+        });
+        if let Some(limit) = limit
+            && since.elapsed() >= limit
+        {
+            let reason = format!("not back within {} s ({RECONNECT_TIMEOUT_ENV} sets how long)", limit.as_secs());
+            return CliError::Client(dlsession::Error::Disconnected { reason: Some(reason) });
+        }
     }
 }
 

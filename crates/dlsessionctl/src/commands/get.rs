@@ -382,9 +382,15 @@ pub(super) async fn wait(ctx: &Ctx, client: &Client, session: &str, ids: &[TaskI
     let mut failed = 0usize;
     let interrupt = tokio::signal::ctrl_c();
     tokio::pin!(interrupt);
+    let lost = super::ctx::lost_for_good(client, true);
+    tokio::pin!(lost);
     while !pending.is_empty() {
         let event = tokio::select! {
             event = events.recv() => event,
+            e = &mut lost => {
+                progress.clear();
+                return Err(e);
+            }
             _ = &mut interrupt => {
                 progress.clear();
                 eprintln!(

@@ -32,6 +32,8 @@ pub async fn run(ctx: &Ctx, args: WatchArgs) -> Result<Exit> {
     let mut settled = false;
     let interrupt = tokio::signal::ctrl_c();
     tokio::pin!(interrupt);
+    let lost = super::ctx::lost_for_good(&client, true);
+    tokio::pin!(lost);
     // After a reconnect the daemon sends only tasks not completed: one that completed while
     // this was away is asked for, else the watch would wait for it for ever.
     // (A restarted daemon numbers its connections from 1 again: its pid tells them apart.)
@@ -51,6 +53,10 @@ pub async fn run(ctx: &Ctx, args: WatchArgs) -> Result<Exit> {
             biased;
             Some(event) = async { queued.pop_front() } => Some(event),
             event = events.recv() => event,
+            e = &mut lost => {
+                progress.clear();
+                return Err(e);
+            }
             _ = look.tick() => {
                 let now = which();
                 if now != connection && client.is_connected() {
