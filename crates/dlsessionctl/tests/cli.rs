@@ -1102,10 +1102,7 @@ async fn following_commands_give_up_on_a_daemon_that_does_not_come_back() {
     let get =
         follow(vec!["get".into(), f.server.url("/slow.bin"), "-o".into(), dest.display().to_string(), "--wait".into()]);
     // `attach --wait` with nothing running would be done at once.
-    dlsession_testkit::wait_for("the download running", Duration::from_secs(10), || {
-        let o = f.env.ctl(&["--json", "tasks", "--state", "running"]);
-        (!json(&o).as_array().unwrap().is_empty()).then_some(())
-    });
+    wait_running(&f.env);
     let watch = follow(vec!["watch".into()]);
     let attach = follow(vec!["attach".into(), "dlsessionctl".into(), "--wait".into()]);
     // Every one of them is connected and following before the daemon goes.
@@ -1128,4 +1125,47 @@ async fn following_commands_give_up_on_a_daemon_that_does_not_come_back() {
         }
     }
     assert!(killed.elapsed() < Duration::from_secs(10), "{:?}", killed.elapsed());
+}
+
+/// A `get --wait` interrupted with Ctrl-C leaves its downloads going on, and the next `get`
+/// collects their results once they are done (before, nothing ever did: their events
+/// waited in the session until they expired).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_get_collects_what_an_interrupted_get_wait_left() {
+    let f = fixture().await;
+    f.server.add("/slow.bin", Resource::generated(300_000, 8).throttle(200_000));
+    f.server.add("/quick.bin", Resource::generated(1_000, 9));
+    let slow = f.env.path().join("slow.bin");
+    let child = f
+        .env
+        .command(bin_path("dlsessionctl"))
+        .args(["get", &f.server.url("/slow.bin"), "-o", slow.to_str().unwrap(), "--wait"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_running(&f.env);
+    let interrupted = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(interrupted.success());
+    let o = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    assert_exit(&o, 130);
+    assert!(stderr(&o).contains("the next `dlsessionctl get` collects their results"), "{}", stderr(&o));
+    let id = task_id(&stdout(&o));
+    wait_completed(&f.env, id).await;
+
+    let quick = f.env.path().join("quick.bin");
+    let o = ctl(&f.env, &["get", &f.server.url("/quick.bin"), "-o", quick.to_str().unwrap()]).await;
+    assert_exit(&o, 0);
+    assert!(stderr(&o).contains("collected 1 earlier task(s), all succeeded"), "{}", stderr(&o));
+    let shown = json(&ctl(&f.env, &["--json", "show", &id.to_string()]).await);
+    assert_eq!(shown["retired"], true, "{shown}");
+}
+
+/// Waits until some task is running.
+fn wait_running(env: &TestEnv) {
+    dlsession_testkit::wait_for("a download running", Duration::from_secs(10), || {
+        let o = env.ctl(&["--json", "tasks", "--state", "running"]);
+        (!json(&o).as_array().unwrap().is_empty()).then_some(())
+    });
 }

@@ -71,8 +71,8 @@ pub async fn run(ctx: &Ctx, args: GetArgs) -> Result<Exit> {
             spec.expected_sha256 = plan.sha256;
             spec.destination = item.destination.to_str().map(str::to_owned);
             spec.overwrite = args.overwrite;
-            if !args.wait && args.session == DEFAULT_SESSION {
-                spec.description = Some(COLLECTED_LATER.to_owned());
+            if args.session == DEFAULT_SESSION {
+                spec.description = Some(collected_by_the_next_get(args.wait));
             }
             spec
         })
@@ -127,8 +127,26 @@ pub async fn run(ctx: &Ctx, args: GetArgs) -> Result<Exit> {
 pub(super) const DEFAULT_SESSION: &str = "dlsessionctl";
 
 /// The description of a task a `get` without `--wait` leaves behind: the next `get`
-/// collects exactly these (never the tasks of a `get --wait` still running elsewhere).
+/// collects exactly these, and those of a `get --wait` that is gone (interrupted, or given
+/// up on the daemon), never those of one still waiting.
 pub(super) const COLLECTED_LATER: &str = "dlsessionctl get (its result is collected by the next get)";
+const WAITED_FOR_BY: &str = "dlsessionctl get --wait, pid ";
+
+/// The description of a task made in the command line's own session.
+pub(super) fn collected_by_the_next_get(wait: bool) -> String {
+    if wait { format!("{WAITED_FOR_BY}{}", std::process::id()) } else { COLLECTED_LATER.to_owned() }
+}
+
+/// Whether the next `get` collects a task of this description: left for it, or waited for
+/// by a `get --wait` that is no longer running (no process of that pid is a dlsessionctl).
+fn collected_now(description: Option<&str>) -> bool {
+    let Some(description) = description else { return false };
+    if description == COLLECTED_LATER {
+        return true;
+    }
+    let Some(pid) = description.strip_prefix(WAITED_FOR_BY).and_then(|p| p.parse::<u32>().ok()) else { return false };
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).map_or(true, |comm| comm.trim_end() != "dlsessionctl")
+}
 
 /// Acknowledges the tasks of the command line's own session that an earlier `get`
 /// without `--wait` created and that have completed: their files are at their destinations, and without
@@ -147,7 +165,7 @@ pub(super) async fn collect_earlier(client: &Client, session: &str) {
             Ok(Response::Tasks(page)) => page,
             _ => return,
         };
-        done.extend(page.tasks.into_iter().filter(|t| t.description.as_deref() == Some(COLLECTED_LATER)));
+        done.extend(page.tasks.into_iter().filter(|t| collected_now(t.description.as_deref())));
         match page.next_after {
             Some(next) if query.after.is_none_or(|prev| next > prev) => query.after = Some(next),
             _ => break,
@@ -393,8 +411,9 @@ pub(super) async fn wait(ctx: &Ctx, client: &Client, session: &str, ids: &[TaskI
             }
             _ = &mut interrupt => {
                 progress.clear();
+                let collect = if session == DEFAULT_SESSION { "; the next `dlsessionctl get` collects their results" } else { "" };
                 eprintln!(
-                    "interrupted: the downloads go on in dlsessiond (see `dlsessionctl tasks --session {session}`)"
+                    "interrupted: the downloads go on in dlsessiond (see `dlsessionctl tasks --session {session}`){collect}"
                 );
                 return Ok(Exit::Interrupted);
             }

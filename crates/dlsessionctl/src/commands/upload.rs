@@ -8,7 +8,7 @@ use std::io::Write;
 
 use dlsession_proto::{Header, Request, Response, TaskSpec, UploadMethod, UploadSpec, redact};
 
-use super::get::{COLLECTED_LATER, DEFAULT_SESSION, collect_earlier, drop_new_session, open_session, wait};
+use super::get::{DEFAULT_SESSION, collect_earlier, collected_by_the_next_get, drop_new_session, open_session, wait};
 use crate::cli::UploadArgs;
 use crate::commands::ctx::Ctx;
 use crate::error::{CliError, Exit, Result};
@@ -41,8 +41,8 @@ pub async fn run(ctx: &Ctx, args: UploadArgs) -> Result<Exit> {
             h.name
         )));
     }
-    if !args.wait && args.session == DEFAULT_SESSION {
-        request.description = Some(COLLECTED_LATER.to_owned());
+    if args.session == DEFAULT_SESSION {
+        request.description = Some(collected_by_the_next_get(args.wait));
     }
 
     let client = ctx.connect_or_start(None).await?;
