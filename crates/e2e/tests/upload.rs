@@ -647,3 +647,29 @@ async fn a_refused_upload_backs_off() {
     let attempts = server.records().len();
     assert!((3..=9).contains(&attempts), "{attempts} attempts in 8 s");
 }
+
+/// A server that answers 503 before the body is all read (and then reads the rest): a
+/// POST that must not go twice is sent again, since the server answered a request it had
+/// not got whole. (Whether it went whole is decided when the answer's head arrives; the
+/// race of the rest going out just after it, which made the retry fail as "may have
+/// reached the server", cannot be timed here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_before_the_whole_body_lets_a_post_go_again() {
+    let env = TestEnv::new();
+    env.set_config("retry_initial_ms", "100");
+    let _d = TestDaemon::start(&env);
+    let server = UploadServer::start(false).await.unwrap();
+    server.set_faults(UploadFaults { answer_early: Some((1, 64 << 10, 503)), ..UploadFaults::default() });
+    // Larger than the socket buffers hold: the answer comes while the body still goes.
+    let (file, data) = make_file(env.path(), "early.bin", 32 << 20, 33);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.early"), delegate).await.unwrap();
+    let request = UploadRequest::new(server.url("/files/early"), &file).method(UploadMethod::Post);
+    let task = session.upload_tasks(vec![request], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None, "{:?}", server.records());
+    // The first request's record stays unfinished (the client left before the rest was read).
+    let statuses: Vec<u16> = server.records().iter().map(|r| r.status).collect();
+    assert_eq!(statuses.len(), 2, "{statuses:?}");
+    assert_eq!(statuses[1], 201);
+    assert_eq!(server.file("early").as_deref(), Some(&data[..]));
+}

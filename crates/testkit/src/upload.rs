@@ -65,6 +65,10 @@ pub struct UploadFaults {
     pub response_trickle: Option<std::time::Duration>,
     /// Send the `201`'s head and this many bytes of its body, then close the connection.
     pub response_cut_after: Option<usize>,
+    /// `(n, after, status)`: answer request number `n` (as in `statuses`) with `status`
+    /// once `after` bytes of its body are read, then, half a second later, read the rest
+    /// and drop it (the client finishes sending) and close the connection.
+    pub answer_early: Option<(usize, u64, u16)>,
 }
 
 #[derive(Debug, Default)]
@@ -262,8 +266,9 @@ async fn serve(mut stream: Stream, state: Arc<Mutex<State>>) -> anyhow::Result<(
         };
         let status = handle(&mut stream, &mut buf, &head, number, &state).await?;
         state.lock().unwrap().records[number - 1].status = status;
-        // Cut on purpose, or refused before its body was read.
-        if status == 0 || status == 401 {
+        // Cut on purpose, refused before its body was read, or answered early.
+        let early = state.lock().unwrap().faults.answer_early.is_some_and(|(n, _, _)| n == number);
+        if status == 0 || status == 401 || early {
             return Ok(());
         }
     }
@@ -315,6 +320,16 @@ async fn handle(
                 discard(stream, buf, length).await?;
                 respond(stream, 401, &[("WWW-Authenticate", challenge), ("Connection", "close".into())], b"").await?;
                 return Ok(401);
+            }
+            let early = state.lock().unwrap().faults.answer_early.filter(|(n, _, _)| *n == number);
+            if let Some((_, after, status)) = early {
+                let after = after.min(length);
+                discard(stream, buf, after).await?;
+                respond(stream, status, &[("Connection", "close".into())], b"").await?;
+                // The answer is on its way well before the rest is read.
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                discard(stream, buf, length - after).await?;
+                return Ok(status);
             }
             let resumable = state.lock().unwrap().resumable && interop;
             let id = if resumable {

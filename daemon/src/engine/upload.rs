@@ -299,6 +299,12 @@ impl Engine {
                 }
                 Some(Ok(r)) => r,
             };
+            // Answered before its whole body went out: the server did not take it as a
+            // request, and the rest the connection may still send after the answer does not
+            // count (its body is no longer the task's: `FileBody::sent`).
+            if !job.progress.sent_whole.load(Ordering::Relaxed) {
+                job.progress.body.fetch_add(1, Ordering::Relaxed);
+            }
             if let Some(jar) = &job.cookies {
                 jar.take_from(&url, resp.headers());
             }
