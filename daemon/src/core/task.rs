@@ -140,6 +140,9 @@ pub(super) struct Task {
     /// next attempt announces that it starts at 0 (`resumed_at_offset`), though it is not
     /// resuming anything (not stored: after a restart the event is not sent).
     pub discarded: bool,
+    /// An upload's answer is in and its body waits to be written: `rec.last_error` says so
+    /// only until it is (see `on_answer_held`).
+    pub answer_held: bool,
     /// The task's own bandwidth limit (`rec.bandwidth_limit`; rate 0 when none), held by its
     /// running download.
     pub limiter: Arc<crate::engine::limiter::RateLimiter>,
@@ -216,6 +219,7 @@ impl Tasks {
             no_network_since: None,
             restored: false,
             discarded: false,
+            answer_held: false,
             limiter: Arc::new(crate::engine::limiter::RateLimiter::new(bandwidth_limit)),
         };
         self.counts.add(state);

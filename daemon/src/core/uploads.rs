@@ -77,11 +77,12 @@ impl Core {
         self.save_task(id, Vec::new());
     }
 
-    /// The answer is in and its body waits to be written: why, for `show` (not committed;
-    /// the completion that follows replaces it).
+    /// The answer is in and its body waits to be written: why, for `show` (not committed
+    /// by itself; cleared once the body is kept, see `on_upload_done`).
     pub(super) fn on_answer_held(&mut self, id: TaskId, error: ErrorInfo) {
         let Some(t) = self.tasks.get_mut(&id) else { return };
         t.rec.last_error = Some(error);
+        t.answer_held = true;
         self.notify_watchers(id);
     }
 
@@ -93,6 +94,10 @@ impl Core {
         self.refuse_waiting_stops(id, "received its response");
         let Some(t) = self.tasks.get_mut(&id) else { return };
         let UploadResponse { status, final_url, headers, location, size, truncated, error } = response;
+        if std::mem::take(&mut t.answer_held) {
+            // It said the body was not kept yet: the completion says how it ended.
+            t.rec.last_error = error.clone();
+        }
         let rec = &mut t.rec;
         rec.response_status = Some(status);
         rec.final_url = Some(final_url);

@@ -395,11 +395,18 @@ impl Engine {
     }
 }
 
-/// Writes an upload's answer body to its file, trying again while it fails (a full disk, a
-/// cache directory taken away) until a stop or the resource deadline, plus `ANSWER_GRACE`.
+/// Writes an upload's answer body to its file, trying again while it fails: a full disk
+/// (or quota) until a stop or the resource deadline comes and `ANSWER_GRACE` passes, any
+/// other error for `KEEP_OTHER_ERRORS` at most (a directory that became read-only seldom
+/// comes back by itself). Once stopped (or past the deadline) before it begins, the answer
+/// has had its grace while it was read: one try.
 async fn keep_body(job: &Job, up: &UploadJob, body: Arc<Vec<u8>>) -> io::Result<()> {
     let mut stop = job.stop.clone();
+    let late = *stop.borrow() || job.deadline.is_some_and(|at| at <= tokio::time::Instant::now());
     let give_up = async {
+        if late {
+            return;
+        }
         tokio::select! {
             _ = stop.wait_for(|s| *s) => {}
             () = deadline(job.deadline) => {}
@@ -407,6 +414,7 @@ async fn keep_body(job: &Job, up: &UploadJob, body: Arc<Vec<u8>>) -> io::Result<
         tokio::time::sleep(ANSWER_GRACE).await;
     };
     tokio::pin!(give_up);
+    let began = tokio::time::Instant::now();
     let mut wait = KEEP_RETRY_FIRST;
     let mut told = false;
     loop {
@@ -418,6 +426,10 @@ async fn keep_body(job: &Job, up: &UploadJob, body: Arc<Vec<u8>>) -> io::Result<
         };
         // Trying is a sign of life for the supervisor, not a stuck worker.
         job.progress.beat();
+        let full = file_failure(&e, "").error.code == ErrorCode::InsufficientSpace;
+        if late || (!full && began.elapsed() >= KEEP_OTHER_ERRORS) {
+            return Err(keep_nothing(job, up, e).await);
+        }
         if !told {
             told = true;
             tracing::warn!(error = %e, "cannot keep the upload's answer; trying again");
@@ -427,22 +439,27 @@ async fn keep_body(job: &Job, up: &UploadJob, body: Arc<Vec<u8>>) -> io::Result<
         }
         tokio::select! {
             biased;
-            () = &mut give_up => {
-                // Best effort: the location the event names exists, empty.
-                let (part, to, mode) = (job.part_path.clone(), up.body_to.clone(), job.file_mode);
-                let _ = tokio::task::spawn_blocking(move || write_synced(&part, &to, &[], mode)).await;
-                return Err(e);
-            }
+            () = &mut give_up => return Err(keep_nothing(job, up, e).await),
             () = tokio::time::sleep(wait) => {}
         }
         wait = (wait * 2).min(KEEP_RETRY_MAX);
     }
 }
 
+/// Gives up keeping an answer's body: the location the event names is made to exist,
+/// empty, where that can be done. Returns why the body was not kept.
+async fn keep_nothing(job: &Job, up: &UploadJob, e: io::Error) -> io::Error {
+    let (part, to, mode) = (job.part_path.clone(), up.body_to.clone(), job.file_mode);
+    let _ = tokio::task::spawn_blocking(move || write_synced(&part, &to, &[], mode)).await;
+    e
+}
+
 /// How soon an answer's body that could not be written is tried again, doubling up to
 /// `KEEP_RETRY_MAX` (a full disk usually frees up in seconds or not at all soon).
 const KEEP_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(250);
 const KEEP_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long an error other than a full disk is tried again.
+const KEEP_OTHER_ERRORS: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How far an attempt got.
 enum Reached {
@@ -609,43 +626,78 @@ fn file_body(up: &UploadJob, from: u64, job: &Job) -> ReqBody {
     progress.received.store(from, Ordering::Relaxed);
     // An empty body is whole as soon as the request goes.
     progress.sent_whole.store(from >= size, Ordering::Relaxed);
-    tokio::task::spawn_blocking(move || read_file(&path, from, size, mtime_ns, &tx));
+    tokio::spawn(read_file(path, from, size, mtime_ns, tx));
     let limiters = job.limiters.clone();
     FileBody { rx, remaining: size.saturating_sub(from), progress, limiters, unpaced: Bytes::new(), paced: None, body }
         .boxed_unsync()
 }
 
-fn read_file(path: &Path, mut at: u64, size: u64, mtime_ns: i64, tx: &mpsc::Sender<Result<Bytes, FileChanged>>) {
-    let fail = |message: String| {
-        let _ = tx.blocking_send(Err(FileChanged(message)));
+/// Reads the file a piece at a time into `tx`, each read a short job on a blocking thread:
+/// an upload waiting for its connection to take the next piece holds no thread (a thread
+/// each, many slow uploads took every one the daemon's file work has).
+async fn read_file(
+    path: std::path::PathBuf,
+    mut at: u64,
+    size: u64,
+    mtime_ns: i64,
+    tx: mpsc::Sender<Result<Bytes, FileChanged>>,
+) {
+    let opened = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || std::fs::File::open(path)).await
     };
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) => return fail(format!("cannot read the file to upload {}: {e}", path.display())),
+    let file = match opened {
+        Ok(Ok(f)) => Arc::new(f),
+        Ok(Err(e)) => {
+            let _ = tx.send(Err(FileChanged(format!("cannot read the file to upload {}: {e}", path.display())))).await;
+            return;
+        }
+        Err(e) => {
+            let _ = tx.send(Err(FileChanged(format!("reading the file to upload: worker: {e}")))).await;
+            return;
+        }
     };
     while at < size {
-        let want = usize::try_from((size - at).min(CHUNK as u64)).unwrap_or(CHUNK);
-        let mut buf = vec![0; want];
-        let n = match file.read_at(&mut buf, at) {
-            Ok(0) => return fail(changed_message(path, size, at)),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return fail(format!("reading the file to upload {}: {e}", path.display())),
+        let (file, path) = (Arc::clone(&file), path.clone());
+        let piece = tokio::task::spawn_blocking(move || read_piece(&file, &path, at, size, mtime_ns)).await;
+        let piece = match piece {
+            Ok(Ok(piece)) => piece,
+            Ok(Err(message)) => {
+                let _ = tx.send(Err(FileChanged(message))).await;
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(Err(FileChanged(format!("reading the file to upload: worker: {e}")))).await;
+                return;
+            }
         };
-        buf.truncate(n);
-        at += n as u64;
-        // The last bytes go only if the file is still the one submitted: a file rewritten
-        // while it was read fails instead of arriving whole as a mix.
-        if at == size
-            && let Err(f) = unchanged(path, size, mtime_ns)
-        {
-            return fail(f.error.message);
-        }
-        if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+        at += piece.len() as u64;
+        if tx.send(Ok(piece)).await.is_err() {
             // The request is gone (failed, stopped): nobody reads on.
             return;
         }
     }
+}
+
+/// The next piece of the file from `at` (at most `CHUNK` bytes), or why it cannot be sent.
+fn read_piece(file: &std::fs::File, path: &Path, at: u64, size: u64, mtime_ns: i64) -> Result<Bytes, String> {
+    let want = usize::try_from((size - at).min(CHUNK as u64)).unwrap_or(CHUNK);
+    let mut buf = vec![0; want];
+    let n = loop {
+        match file.read_at(&mut buf, at) {
+            Ok(0) => return Err(changed_message(path, size, at)),
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("reading the file to upload {}: {e}", path.display())),
+        }
+    };
+    buf.truncate(n);
+    // The last bytes go only if the file is still the one submitted: a file rewritten
+    // while it was read fails instead of arriving whole as a mix.
+    if at + n as u64 == size {
+        unchanged(path, size, mtime_ns).map_err(|f| f.error.message)?;
+    }
+    Ok(Bytes::from(buf))
 }
 
 struct FileBody {
@@ -709,6 +761,11 @@ impl Body for FileBody {
     type Error = BodyError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        // No longer the task's body (its request was answered, or another one went since):
+        // the rest is not sent, and the connection ends with it.
+        if self.progress.body.load(Ordering::Relaxed) != self.body {
+            return Poll::Ready(Some(Err("the request was answered; the rest of its body is not sent".into())));
+        }
         loop {
             if let Some((_, wait)) = self.paced.as_mut() {
                 if wait.as_mut().poll(cx).is_pending() {
@@ -792,6 +849,58 @@ mod tests {
         }
     }
 
+    /// Uploads whose connections do not take their next piece hold no blocking thread: with
+    /// one in the pool, other file work still runs (before, each upload's reader held one
+    /// for the whole upload). The pieces that are read are the file's, and a file that
+    /// changed fails at its end.
+    #[test]
+    fn a_stalled_upload_holds_no_blocking_thread() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("up.bin");
+        let data: Vec<u8> = (0..CHUNK * 3 + 10).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let mtime_ns = mtime_ns_of(&std::fs::metadata(&path).unwrap());
+        let size = data.len() as u64;
+        runtime.block_on(async {
+            // Three uploads whose connections take nothing after the first piece.
+            let mut stalled = Vec::new();
+            for _ in 0..3 {
+                let (tx, mut rx) = mpsc::channel(1);
+                tokio::spawn(read_file(path.clone(), 0, size, mtime_ns, tx));
+                let first = rx.recv().await.unwrap().unwrap();
+                assert_eq!(&first[..], &data[..CHUNK]);
+                stalled.push(rx);
+            }
+            let other = tokio::task::spawn_blocking(|| 42);
+            let done = tokio::time::timeout(std::time::Duration::from_secs(5), other).await;
+            assert_eq!(done.expect("other file work is not held up").unwrap(), 42);
+
+            // One read to its end: the file as it is.
+            let mut whole = Vec::new();
+            let mut rx = stalled.remove(0);
+            while let Some(piece) = rx.recv().await {
+                whole.extend_from_slice(&piece.unwrap());
+            }
+            assert_eq!(whole.len(), data.len() - CHUNK);
+            assert_eq!(&whole[..], &data[CHUNK..]);
+
+            // Changed since it was submitted (the size recorded is not the file's): no end.
+            let (tx, mut rx) = mpsc::channel(8);
+            tokio::spawn(read_file(path.clone(), 0, size, mtime_ns + 1, tx));
+            let mut last = None;
+            while let Some(piece) = rx.recv().await {
+                last = Some(piece.is_ok());
+            }
+            assert_eq!(last, Some(false), "the last piece is the change");
+        });
+    }
+
     #[tokio::test]
     async fn only_the_newest_request_body_counts_what_it_sends() {
         let progress = Arc::new(Progress::new(0, None));
@@ -799,9 +908,9 @@ mod tests {
         let mut old = body(&progress, old_rx, 8);
         let (new_tx, new_rx) = mpsc::channel(4);
         let mut new = body(&progress, new_rx, 8);
-        // The earlier request's body drains its rest after the newer one started.
+        // The earlier request's body sends no more once the newer one started.
         old_tx.send(Ok(Bytes::from_static(b"12345678"))).await.unwrap();
-        assert!(old.frame().await.unwrap().unwrap().is_data());
+        assert!(old.frame().await.unwrap().is_err(), "the old body ends");
         assert_eq!(progress.received(), 0, "the old body's bytes are not the new request's");
         assert!(!progress.sent_whole.load(Ordering::Relaxed), "nor is its end");
         new_tx.send(Ok(Bytes::from_static(b"abcd"))).await.unwrap();
