@@ -321,7 +321,10 @@ impl Dispatcher {
                 Ok(false) => break,
                 Err(_) => {
                     tracing::error!(session = %self.identifier, "the session delegate panicked; detaching (the events come again)");
-                    self.flush_acks(false);
+                    // What it handled before is acknowledged durably before the session ends:
+                    // its process may exit as soon as it hears (a file it moved already
+                    // would come again, from a cache that no longer has it).
+                    self.flush_acks(true);
                     if let Some(shared) = self.session.upgrade() {
                         if shared.client.unroute(&shared.identifier, shared.route) {
                             let _ =
@@ -540,7 +543,11 @@ impl Dispatcher {
         self.replay_coming(&shared);
         let Some(answer) = self.block_on(shared.client.request(request)) else { return };
         match answer {
-            Ok(_) => self.ask_again_at = None,
+            Ok(_) => {
+                self.ask_again_at = None;
+                // The replay asked for ends with its own `finished_events`.
+                self.finish_owed = false;
+            }
             Err(e) if e.code() == ErrorCode::SessionInUse => {
                 // Someone else has it now: this attachment is over.
                 if shared.client.unroute(&shared.identifier, shared.route) {

@@ -114,7 +114,12 @@ pub async fn run(ctx: &Ctx, args: AttachArgs) -> Result<Exit> {
             Err(CliError::Client(dlsession::Error::Disconnected { reason: None }))
         }
         // Silent (exit 0) for a closed pipe; what was not printed stays for the next attach.
-        Some(Note::OutputFailed(e)) => Err(CliError::Output(e)),
+        Some(Note::OutputFailed(e)) => {
+            // The library acknowledges what was printed before it ends the session (the
+            // printer's channel closes with it); this process must not exit before that.
+            let _ = tokio::time::timeout(Duration::from_secs(10), async { while rx.recv().await.is_some() {} }).await;
+            Err(CliError::Output(e))
+        }
     };
     if matches!(outcome, Ok(Exit::Success)) {
         // Tasks go on; this only ends the attachment politely.
@@ -247,7 +252,7 @@ fn write_json(out: &mut impl Write, value: &impl Serialize) -> io::Result<()> {
 
 impl SessionDelegate for Printer {
     fn did_resume_at_offset(&self, _: &Session, task: &DownloadTask, offset: u64, expected_total: Option<u64>) {
-        self.line(
+        self.durable(
             &format!("resumed_at_offset task {} at {offset}", task.id()),
             &AttachEventJson::ResumedAtOffset { task: task.id(), offset, expected_total },
         );
