@@ -235,15 +235,15 @@ impl Client {
 /// `invalid_request`. `specs`: each spec's size and its URL's length.
 fn fits_a_request(specs: impl Iterator<Item = (usize, usize)>) -> Result<()> {
     for (i, (size, url)) in specs.enumerate() {
-        if size <= BATCH_BYTES {
+        if size <= SPEC_MAX {
             continue;
         }
-        let (code, what) = if url > BATCH_BYTES / 2 {
+        let (code, what) = if url > SPEC_MAX / 2 {
             (dlsession_proto::ErrorCode::InvalidUrl, format!("its URL is {url} bytes long"))
         } else {
             (dlsession_proto::ErrorCode::InvalidRequest, format!("it takes {size} bytes"))
         };
-        let message = format!("task {} of the batch is too large for a request: {what} (at most {BATCH_BYTES})", i + 1);
+        let message = format!("task {} of the batch is too large for a request: {what} (at most {SPEC_MAX})", i + 1);
         return Err(Error::Invalid(dlsession_proto::ErrorInfo::new(code, message)));
     }
     Ok(())
@@ -273,6 +273,8 @@ const PIPELINE: usize = 256;
 /// Tasks per `CreateTasks` request, and the bytes of specs (well under the frame limit).
 const BATCH_TASKS: usize = 1000;
 const BATCH_BYTES: usize = 512 << 10;
+/// The largest spec sent (alone in its request): a frame less room for the request around it.
+const SPEC_MAX: usize = dlsession_proto::MAX_FRAME - (64 << 10);
 /// Task ids per acknowledgement request.
 const BATCH_IDS: usize = 10_000;
 
