@@ -18,8 +18,9 @@ impl Core {
             conn.handle.mailbox.add_progress(&s.rec.identifier, id, (delta, total, expected), direction);
         };
         // While an attach replays the events it missed, progress would overtake them (the
-        // totals are absolute: the next report after the replay says it all).
-        if let Some(c) = s.attached.filter(|_| !s.replaying).and_then(|c| self.conns.get(&c)) {
+        // totals are absolute: the next report after the replay says it all). The replay
+        // lasts until its `finished_events` is out, which a slow reader may hold back.
+        if let Some(c) = s.attached.filter(|_| !s.replaying && !s.replay_tail).and_then(|c| self.conns.get(&c)) {
             send(c);
         }
         for c in self.conns.values() {
