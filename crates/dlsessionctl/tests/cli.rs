@@ -202,6 +202,34 @@ async fn refused_requests_and_usage_errors() {
     assert_exit(&o, 1);
     assert!(stderr(&o).contains("no_such_task"), "{}", stderr(&o));
 
+    // A refused get leaves an existing session's configuration as it was.
+    let dest = f.env.path().join("kept.bin");
+    let o = ctl(
+        &f.env,
+        &["get", &f.server.url("/a"), "-o", dest.to_str().unwrap(), "--session", "s.kept", "--launch-cmd", "/bin/true"],
+    )
+    .await;
+    assert_exit(&o, 0);
+    let o = ctl(
+        &f.env,
+        &[
+            "get",
+            "file:///etc/passwd",
+            "--session",
+            "s.kept",
+            "--launch-cmd",
+            "/bin/false",
+            "-o",
+            dest.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_exit(&o, 1);
+    let o = ctl(&f.env, &["--json", "sessions"]).await;
+    let sessions = json(&o);
+    let kept = sessions.as_array().unwrap().iter().find(|s| s["identifier"] == "s.kept").unwrap();
+    assert_eq!(kept["launch"]["argv"], serde_json::json!(["/bin/true"]), "{kept}");
+
     // A URL too long for any request is refused as a bad URL, not as an internal error.
     let list = f.env.path().join("long-url.txt");
     std::fs::write(&list, format!("{}\n{}/{}\n", f.server.url("/a"), f.server.url("/b"), "x".repeat(1 << 20))).unwrap();

@@ -56,8 +56,10 @@ pub async fn run(ctx: &Ctx, args: GetArgs) -> Result<Exit> {
     let plan = plan(&args, urls, &cwd)?;
     prepare_files(&plan, args.overwrite)?;
 
+    // Heard from before the tasks exist: a Ctrl-C once they run is never the default exit.
+    let interrupt = interrupt_signal(args.wait)?;
     let client = ctx.connect_or_start(None).await?;
-    let made = open_session(&client, &args.session, args.app_id.clone(), plan.launch.clone(), args.per_host).await?;
+    let opened = open_session(&client, &args.session, args.app_id.clone(), plan.launch.clone(), args.per_host).await?;
     if args.session == DEFAULT_SESSION {
         collect_earlier(&client, &args.session).await;
     }
@@ -81,9 +83,7 @@ pub async fn run(ctx: &Ctx, args: GetArgs) -> Result<Exit> {
     let ids = match client.create_tasks(&args.session, specs, true).await {
         Ok(ids) => ids,
         Err(e) => {
-            if made {
-                drop_new_session(&client, &args.session).await;
-            }
+            undo_open(&client, &args.session, opened).await;
             return Err(e.into());
         }
     };
@@ -120,7 +120,18 @@ pub async fn run(ctx: &Ctx, args: GetArgs) -> Result<Exit> {
         }
         return Ok(Exit::Success);
     }
-    wait(ctx, &client, &args.session, &ids).await
+    wait(ctx, &client, &args.session, &ids, interrupt).await
+}
+
+/// SIGINT, listened to from now on when `wait`s.
+pub(super) fn interrupt_signal(wait: bool) -> Result<Option<tokio::signal::unix::Signal>> {
+    if !wait {
+        return Ok(None);
+    }
+    let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
+    Ok(Some(signal.map_err(|e| {
+        CliError::local(dlsession_proto::ErrorCode::Internal, format!("cannot listen for Ctrl-C: {e}"))
+    })?))
 }
 
 /// The session `get` uses unless told otherwise: the command line's own.
@@ -134,18 +145,34 @@ const WAITED_FOR_BY: &str = "dlsessionctl get --wait, pid ";
 
 /// The description of a task made in the command line's own session.
 pub(super) fn collected_by_the_next_get(wait: bool) -> String {
-    if wait { format!("{WAITED_FOR_BY}{}", std::process::id()) } else { COLLECTED_LATER.to_owned() }
+    let pid = std::process::id();
+    match start_time(pid) {
+        Some(start) if wait => format!("{WAITED_FOR_BY}{pid} started {start}"),
+        _ => COLLECTED_LATER.to_owned(),
+    }
 }
 
 /// Whether the next `get` collects a task of this description: left for it, or waited for
-/// by a `get --wait` that is no longer running (no process of that pid is a dlsessionctl).
+/// by a `get --wait` that is no longer running (no process has its pid and start time).
 fn collected_now(description: Option<&str>) -> bool {
     let Some(description) = description else { return false };
     if description == COLLECTED_LATER {
         return true;
     }
-    let Some(pid) = description.strip_prefix(WAITED_FOR_BY).and_then(|p| p.parse::<u32>().ok()) else { return false };
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).map_or(true, |comm| comm.trim_end() != "dlsessionctl")
+    let Some((pid, start)) = description.strip_prefix(WAITED_FOR_BY).and_then(|r| r.split_once(" started ")) else {
+        return false;
+    };
+    let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) else { return false };
+    start_time(pid) != Some(start)
+}
+
+/// When process `pid` started (clock ticks after boot: `/proc/PID/stat`, field 22), which
+/// tells a process from a later one given the same pid.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may hold spaces and parentheses: field 3 on.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// Acknowledges the tasks of the command line's own session that an earlier `get`
@@ -315,11 +342,36 @@ fn prepare_files(plan: &Plan, overwrite: bool) -> Result<()> {
 }
 
 /// Creates the session if needed; sets its app id and relaunch command if asked to,
-/// keeping the rest of an existing configuration. True if it made the session.
+/// keeping the rest of an existing configuration. Says what it did (see [`undo_open`]).
 /// Connections per host of a session `get` creates: a bulk download tool fetches many
 /// files from one server at once (like aria2c's `-j16`); app sessions keep the
 /// default, 6. Measured on 1,000 files of 100 KiB: 0.41 s with 16, 0.57 s with 6.
 const NEW_SESSION_PER_HOST: u32 = 16;
+
+/// What [`open_session`] did, so a command refused afterwards can undo it.
+pub(super) enum Opened {
+    /// Made the session.
+    Made,
+    /// Changed an existing session's configuration; this was the one before.
+    Changed(SessionConfig),
+    /// Left an existing session as it was.
+    Kept,
+}
+
+/// Undoes [`open_session`] for a command the daemon then refused: a session it made goes
+/// (see [`drop_new_session`]), one it reconfigured gets its configuration back.
+pub(super) async fn undo_open(client: &Client, identifier: &str, opened: Opened) {
+    match opened {
+        Opened::Made => drop_new_session(client, identifier).await,
+        Opened::Changed(before) => {
+            let request = Request::OpenSession { identifier: identifier.to_owned(), config: Some(before) };
+            if let Err(e) = client.request(request).await {
+                eprintln!("warning: could not put session {identifier}'s configuration back: {e}");
+            }
+        }
+        Opened::Kept => {}
+    }
+}
 
 pub(super) async fn open_session(
     client: &Client,
@@ -327,7 +379,7 @@ pub(super) async fn open_session(
     app_id: Option<String>,
     launch: Option<Vec<String>>,
     per_host: Option<u32>,
-) -> Result<bool> {
+) -> Result<Opened> {
     let (mut config, exists) = match client.request(Request::GetSession { identifier: identifier.to_owned() }).await {
         Ok(Response::Session(info)) => (info.config, true),
         Ok(other) => return Err(CliError::unexpected("session", &other)),
@@ -337,6 +389,7 @@ pub(super) async fn open_session(
         Err(e) => return Err(e.into()),
     };
     let changed = app_id.is_some() || launch.is_some() || per_host.is_some();
+    let before = config.clone();
     if let Some(n) = per_host {
         config.max_connections_per_host = n;
     }
@@ -347,9 +400,14 @@ pub(super) async fn open_session(
         config.launch = Some(LaunchSpec::Command { argv });
     }
     // An existing session keeps its configuration unless asked to change it.
+    let opened = match (exists, changed && config != before) {
+        (false, _) => Opened::Made,
+        (true, true) => Opened::Changed(before),
+        (true, false) => Opened::Kept,
+    };
     let config = (changed || !exists).then_some(config);
     match client.request(Request::OpenSession { identifier: identifier.to_owned(), config }).await? {
-        Response::Session(_) => Ok(!exists),
+        Response::Session(_) => Ok(opened),
         other => Err(CliError::unexpected("session", &other)),
     }
 }
@@ -390,7 +448,13 @@ pub(super) async fn drop_new_session(client: &Client, identifier: &str) {
 }
 
 /// Follows the tasks until all are completed, then acknowledges their events.
-pub(super) async fn wait(ctx: &Ctx, client: &Client, session: &str, ids: &[TaskId]) -> Result<Exit> {
+pub(super) async fn wait(
+    ctx: &Ctx,
+    client: &Client,
+    session: &str,
+    ids: &[TaskId],
+    interrupt: Option<tokio::signal::unix::Signal>,
+) -> Result<Exit> {
     // Subscribe before asking, so nothing sent right after the Watch answer is lost.
     let mut events = client.events();
     request_ok(client, Request::Watch(WatchFilter { session: None, tasks: ids.to_vec() })).await?;
@@ -398,8 +462,14 @@ pub(super) async fn wait(ctx: &Ctx, client: &Client, session: &str, ids: &[TaskI
     let mut pending: HashSet<TaskId> = ids.iter().copied().collect();
     let mut paused_noted: HashSet<TaskId> = HashSet::new();
     let mut failed = 0usize;
-    let interrupt = tokio::signal::ctrl_c();
-    tokio::pin!(interrupt);
+    let mut interrupt = interrupt;
+    let interrupted = async {
+        match interrupt.as_mut() {
+            Some(signal) => signal.recv().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(interrupted);
     let lost = super::ctx::lost_for_good(client, true);
     tokio::pin!(lost);
     while !pending.is_empty() {
@@ -409,7 +479,7 @@ pub(super) async fn wait(ctx: &Ctx, client: &Client, session: &str, ids: &[TaskI
                 progress.clear();
                 return Err(e);
             }
-            _ = &mut interrupt => {
+            _ = &mut interrupted => {
                 progress.clear();
                 let collect = if session == DEFAULT_SESSION { "; the next `dlsessionctl get` collects their results" } else { "" };
                 eprintln!(
@@ -535,6 +605,20 @@ fn report_finished(ctx: &Ctx, progress: &Progress, session: &str, info: &TaskInf
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn a_waited_for_task_is_collected_once_its_process_is_gone() {
+        let own = collected_by_the_next_get(true);
+        assert!(own.starts_with(WAITED_FOR_BY), "{own}");
+        assert!(!collected_now(Some(&own)), "this process still waits: {own}");
+        let start = start_time(std::process::id()).unwrap();
+        let gone = format!("{WAITED_FOR_BY}{} started {}", std::process::id(), start + 1);
+        assert!(collected_now(Some(&gone)), "the same pid, another process");
+        assert!(collected_now(Some(COLLECTED_LATER)));
+        assert!(collected_now(Some(&collected_by_the_next_get(false))));
+        assert!(!collected_now(Some("an app's own description")));
+        assert!(!collected_now(None));
+    }
 
     fn args(argv: &[&str]) -> GetArgs {
         let mut full = vec!["dlsessionctl", "get"];

@@ -8,7 +8,9 @@ use std::io::Write;
 
 use dlsession_proto::{Header, Request, Response, TaskSpec, UploadMethod, UploadSpec, redact};
 
-use super::get::{DEFAULT_SESSION, collect_earlier, collected_by_the_next_get, drop_new_session, open_session, wait};
+use super::get::{
+    DEFAULT_SESSION, collect_earlier, collected_by_the_next_get, interrupt_signal, open_session, undo_open, wait,
+};
 use crate::cli::UploadArgs;
 use crate::commands::ctx::Ctx;
 use crate::error::{CliError, Exit, Result};
@@ -45,8 +47,9 @@ pub async fn run(ctx: &Ctx, args: UploadArgs) -> Result<Exit> {
         request.description = Some(collected_by_the_next_get(args.wait));
     }
 
+    let interrupt = interrupt_signal(args.wait)?;
     let client = ctx.connect_or_start(None).await?;
-    let made = open_session(&client, &args.session, None, None, None).await?;
+    let opened = open_session(&client, &args.session, None, None, None).await?;
     if args.session == DEFAULT_SESSION {
         collect_earlier(&client, &args.session).await;
     }
@@ -56,9 +59,7 @@ pub async fn run(ctx: &Ctx, args: UploadArgs) -> Result<Exit> {
         Ok(Response::TasksCreated(ids)) => ids,
         Ok(other) => return Err(CliError::unexpected("tasks_created", &other)),
         Err(e) => {
-            if made {
-                drop_new_session(&client, &args.session).await;
-            }
+            undo_open(&client, &args.session, opened).await;
             return Err(e.into());
         }
     };
@@ -88,5 +89,5 @@ pub async fn run(ctx: &Ctx, args: UploadArgs) -> Result<Exit> {
         }
         return Ok(Exit::Success);
     }
-    wait(ctx, &client, &args.session, &ids).await
+    wait(ctx, &client, &args.session, &ids, interrupt).await
 }
