@@ -192,3 +192,72 @@ async fn a_fast_download_whose_server_falls_silent_gets_every_byte_sent() {
         .await
         .expect("the bytes sent before the server fell silent reached the daemon");
 }
+
+/// A finished file in the cache stays until its `finished_downloading` is acknowledged,
+/// across a restart, even when the app acknowledged the task's `completed` first (which
+/// retires the task): the start-up sweep deleted it, and the replayed event named nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_file_stays_for_its_unacknowledged_event_across_a_restart() {
+    use dlsession::proto::{DurableEvent, Event, Request, ServerMessage, TaskSpec};
+    let env = TestEnv::new();
+    let mut d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/c", Resource::generated(3000, 41));
+    let attach =
+        |n: u64| (n, Request::Attach { identifier: "t.cached".into(), config: Default::default(), takeover: false });
+    let mut app = dlsession_testkit::raw::RawClient::connect(&env.socket);
+    app.send([
+        attach(1),
+        (
+            2,
+            Request::CreateTasks {
+                identifier: "t.cached".into(),
+                tasks: vec![TaskSpec::get(server.url("/c"))],
+                resume: true,
+            },
+        ),
+    ]);
+    let (mut location, mut completed) = (None, None);
+    while location.is_none() || completed.is_none() {
+        match app.recv() {
+            ServerMessage::Event(Event::Durable {
+                event: DurableEvent::FinishedDownloading { location: l, .. },
+                ..
+            }) => {
+                location = Some(l);
+            }
+            ServerMessage::Event(Event::Durable { seq, event: DurableEvent::Completed { .. }, .. }) => {
+                completed = Some(seq)
+            }
+            _ => {}
+        }
+    }
+    let location = std::path::PathBuf::from(location.unwrap());
+    app.send([(3, Request::AckEvents { identifier: "t.cached".into(), seqs: vec![completed.unwrap()] })]);
+    loop {
+        if let ServerMessage::Response { id: 3, .. } = app.recv() {
+            break;
+        }
+    }
+    drop(app);
+    assert!(d.terminate().success());
+    d.restart();
+    let mut app = dlsession_testkit::raw::RawClient::connect(&env.socket);
+    app.send([attach(1)]);
+    loop {
+        match app.recv() {
+            ServerMessage::Event(Event::Durable {
+                event: DurableEvent::FinishedDownloading { location: l, .. },
+                ..
+            }) => {
+                assert_eq!(std::path::PathBuf::from(l), location);
+                break;
+            }
+            ServerMessage::Event(Event::FinishedEvents { .. }) => panic!("the event was not replayed"),
+            _ => {}
+        }
+    }
+    // The sweep runs off the start path: give it time, then the file must still be there.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!(sha256_file(&location).unwrap(), to_hex(&pattern_sha256(41, 3000)));
+}

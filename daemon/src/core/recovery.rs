@@ -183,6 +183,17 @@ impl Core {
                 locations.insert(location.into());
             }
         }
+        // A file an unacknowledged event names stays, though its task may be retired (an
+        // app that acknowledged `completed` first).
+        for s in self.sessions.values() {
+            for ev in s.events.values() {
+                if let DurableEvent::FinishedDownloading { location, .. }
+                | DurableEvent::UploadResponse { body: location, .. } = &ev.event
+                {
+                    locations.insert(location.into());
+                }
+            }
+        }
         Garbage {
             downloads: self.cfg.downloads_dir(),
             sessions: self.sessions.keys().collect(),
