@@ -819,3 +819,49 @@ async fn the_app_may_rest_only_once_its_acknowledgements_are_durable() {
     assert_eq!(next(&mut heard, LONG).await, Some("may rest"));
     assert_eq!(dlsession_testkit::block(session.info()).unwrap().pending_events, 0);
 }
+
+/// Resume data moves a cancelled task's partial file aside only once the cancel is durable:
+/// moved before (here the cancel's commit is held by a full state disk, and the daemon is
+/// then killed), the database still had the task queued with its file gone, and it started
+/// over from 0 after the restart.
+#[cfg_attr(not(dlsession_root), ignore = "needs root to mount a small filesystem; CI runs it as root")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_data_takes_the_partial_file_only_once_the_cancel_is_durable() {
+    dlsession_testkit::require_root();
+    let env = TestEnv::new();
+    env.set_config("checkpoint_bytes", "262144");
+    let state = env.state_dir.join("dlsessiond");
+    let _mount = dlsession_testkit::Mount::tmpfs(&state, "size=3m,mode=0700");
+    let mut d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    let len = 1u64 << 20;
+    // A checkpoint every 4 s: none falls between filling the disk and the cancel.
+    s.add("/big", Resource::generated(len, 12).throttle(64 << 10));
+    let (session, mut events) = attach(&env, SessionConfiguration::background("t.kept")).await;
+    let big = session.download_tasks(vec![DownloadRequest::new(s.url("/big"))], true).await.unwrap().remove(0);
+    let client = dlsession_testkit::app::client(&env).await;
+    let committed = dlsession_testkit::app::wait_for_checkpoint(&client, big.id(), 1).await;
+
+    let filler = fill(&state);
+    let cancelling = tokio::spawn({
+        let big = big.clone();
+        async move { big.cancel_producing_resume_data().await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let part = env.downloads_dir().join("s1").join(format!("{}.part", big.id()));
+    assert!(part.exists(), "the partial file stays while the cancel is not durable");
+    let resume = env.downloads_dir().join("resume");
+    assert!(std::fs::read_dir(&resume).map_or(true, |mut d| d.next().is_none()), "nothing moved aside yet");
+    d.kill9();
+    cancelling.abort();
+    std::fs::remove_file(&filler).unwrap();
+    d.restart();
+
+    // The cancel never became durable: the task goes on from its checkpoint, not from 0.
+    assert_eq!(events.completion(big.id(), LONG).await, None);
+    let last = s.requests_for("/big").pop().unwrap();
+    let from: u64 =
+        last.range.as_deref().and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok()).unwrap_or(0);
+    assert!(from >= committed, "resumed at {from}, committed {committed}: {last:?}");
+    assert_eq!(sha256_file(&events.moved_to(big.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(12, len)));
+}

@@ -202,6 +202,11 @@ pub enum After {
     },
     RemoveFiles(Vec<PathBuf>),
     RemoveDir(PathBuf),
+    /// A cancelled task's partial file moved aside for its resume data (disk thread).
+    Keep {
+        from: PathBuf,
+        to: PathBuf,
+    },
     /// Tell a waiting worker that its commit is durable.
     Signal(oneshot::Sender<()>),
     /// The attempt's `resumed_at_offset` is out: its progress may follow.
@@ -565,6 +570,10 @@ impl Core {
                     }
                 }
                 After::RemoveFiles(paths) => self.disk.remove(paths),
+                After::Keep { from, to } => {
+                    self.disk.keep(from, to);
+                    self.kept_resume_file();
+                }
                 After::RemoveDir(dir) => self.disk.remove_dir(dir),
             }
         }

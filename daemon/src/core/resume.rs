@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::Core;
+use super::{After, Core};
 use crate::model::TaskRecord;
 use dlsession_proto::{ErrorCode, ErrorInfo, Header, TaskId, TaskSpec};
 
@@ -72,10 +72,10 @@ impl ResumeData {
 
 impl Core {
     /// The resume-data blob of a task being cancelled. Its partial file, if it can be
-    /// continued, is queued to be moved aside (on the disk thread, before anything else
-    /// queued later touches it); the reply carrying the blob must wait for that
-    /// (`After::ReplyAfterDisk`).
-    pub(super) fn keep_for_resume(&mut self, task: TaskId) -> Vec<u8> {
+    /// continued, is to be moved aside once the cancel commits (`After::Keep` in `after`,
+    /// before the completion's own actions: the disk thread does them in order); the reply
+    /// carrying the blob must wait for that (`After::ReplyAfterDisk`).
+    pub(super) fn keep_for_resume(&mut self, task: TaskId, after: &mut Vec<After>) -> Vec<u8> {
         let Some(t) = self.tasks.get(&task) else { return Vec::new() };
         let rec = &t.rec;
         let resumable = rec.committed_offset > 0
@@ -97,8 +97,9 @@ impl Core {
             file,
         };
         if let Some(name) = &data.file {
-            self.disk.keep(self.part_path(rec), self.resume_dir().join(name));
-            self.kept_resume_file();
+            // Moved once the cancel is durable: moved before, a crash left the task queued
+            // in the database with its partial file gone, downloading from 0 again.
+            after.push(After::Keep { from: self.part_path(rec), to: self.resume_dir().join(name) });
         }
         dlsession_proto::codec::encode(&data).unwrap_or_default()
     }

@@ -610,7 +610,7 @@ impl Core {
             }
             AfterStop::Cancel => self.complete(id, Some(cancelled(&by)), &mut ops, &mut after),
             AfterStop::CancelProducingResumeData => {
-                response = dlsession_proto::Response::ResumeData(self.keep_for_resume(id));
+                response = dlsession_proto::Response::ResumeData(self.keep_for_resume(id, &mut after));
                 after_disk = true;
                 self.complete(id, Some(cancelled(&by)), &mut ops, &mut after);
             }

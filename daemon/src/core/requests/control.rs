@@ -143,13 +143,14 @@ impl Core {
                     return Ok(Answer::Later);
                 }
                 self.unqueue(task);
+                let mut ops = Vec::new();
+                let mut after = Vec::new();
                 let reply = if with_data {
-                    After::ReplyAfterDisk { conn, id, response: Response::ResumeData(self.keep_for_resume(task)) }
+                    let blob = self.keep_for_resume(task, &mut after);
+                    After::ReplyAfterDisk { conn, id, response: Response::ResumeData(blob) }
                 } else {
                     After::Reply { conn, id, response: Response::Ok }
                 };
-                let mut ops = Vec::new();
-                let mut after = Vec::new();
                 self.complete(task, Some(cancelled(&by)), &mut ops, &mut after);
                 after.push(reply);
                 self.commit(ops, after);
