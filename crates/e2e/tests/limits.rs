@@ -11,7 +11,7 @@ use dlsession::proto::{LimitTarget, Request, Response};
 use dlsession::{DownloadRequest, DownloadTask, ErrorCode, Session};
 use dlsession_testkit::app::{client, config};
 use dlsession_testkit::{
-    LONG, Recorder, Resource, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex,
+    Fault, Hits, LONG, Recorder, Resource, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex,
 };
 
 async fn set(env: &TestEnv, target: LimitTarget, rate: Option<u64>) {
@@ -166,4 +166,36 @@ async fn a_paced_download_is_written_as_it_goes() {
         (std::fs::metadata(&part).ok()?.len() >= 32 << 10).then_some(())
     });
     assert!(received(&task).await < 256 << 10, "paced: not a whole batch yet");
+}
+
+/// A session's `max_concurrent_tasks` raised while its one running task waits for a slow
+/// server lets the next task start at once, with the session limit as its wait reason
+/// until then (before, it waited for whatever event next looked at the queue).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raised_session_limit_starts_the_next_task_at_once() {
+    use dlsession::proto::{SessionConfig, WaitReason};
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    s.add("/slow", Resource::generated(1000, 61).fault(Hits::All, Fault::SlowHeaders(Duration::from_secs(30))));
+    s.add("/quick", Resource::generated(1000, 62));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.limit").max_concurrent_tasks(1), delegate).await.unwrap();
+    session.download_tasks(vec![DownloadRequest::new(s.url("/slow"))], true).await.unwrap();
+    dlsession_testkit::wait_until(|| dlsession_testkit::block(session.info()).is_ok_and(|i| i.tasks.running == 1))
+        .await;
+    let quick = session.download_tasks(vec![DownloadRequest::new(s.url("/quick"))], true).await.unwrap().remove(0);
+    let held = dlsession_testkit::wait_for("the session limit", LONG, || {
+        dlsession_testkit::block(quick.info())
+            .ok()
+            .filter(|i| matches!(i.wait, Some(WaitReason::SessionLimit { limit: 1 })))
+    });
+    assert_eq!(held.state, dlsession::TaskState::Queued);
+
+    let other = client(&env).await;
+    let raised = SessionConfig { max_concurrent_tasks: Some(2), ..session.info().await.unwrap().config };
+    other.request(Request::OpenSession { identifier: "t.limit".into(), config: Some(raised) }).await.unwrap();
+    let raised_at = Instant::now();
+    assert_eq!(events.completion(quick.id(), Duration::from_secs(10)).await, None);
+    assert!(raised_at.elapsed() < Duration::from_secs(10), "{:?}", raised_at.elapsed());
 }

@@ -110,6 +110,9 @@ impl Core {
             && s.reconfigure(config)
         {
             ops.push(Op::UpdateSession(s.rec.clone()));
+            // Raised limits let queued tasks start now, not at the next event that happens
+            // to look at the queue.
+            self.schedule();
         }
     }
 
