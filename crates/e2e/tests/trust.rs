@@ -865,3 +865,31 @@ async fn resume_data_takes_the_partial_file_only_once_the_cancel_is_durable() {
     assert!(from >= committed, "resumed at {from}, committed {committed}: {last:?}");
     assert_eq!(sha256_file(&events.moved_to(big.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(12, len)));
 }
+
+/// A chain of slow redirects, each answered within the request timeout, is not a stuck
+/// worker: each response is a sign of life (before, the chain's whole time counted as
+/// silence, and the download was stopped and started over for ever, without a backoff).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_redirects_are_not_a_stuck_worker() {
+    let env = TestEnv::new();
+    env.set_config("stall_timeout_ms", "500");
+    let d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    let slow = Duration::from_millis(1200);
+    s.add(
+        "/r1",
+        Resource::generated(10, 1).fault(Hits::All, Fault::SlowRedirect { after: slow, location: "/r2".into() }),
+    );
+    s.add(
+        "/r2",
+        Resource::generated(10, 1).fault(Hits::All, Fault::SlowRedirect { after: slow, location: "/r3".into() }),
+    );
+    s.add("/r3", Resource::generated(5000, 63).fault(Hits::All, Fault::SlowHeaders(slow)));
+    let config = SessionConfiguration::background("t.hops").timeout_for_request(Duration::from_secs(2));
+    let (session, mut events) = attach(&env, config).await;
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/r1"))], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(63, 5000)));
+    assert_eq!(s.hits("/r1"), 1, "one attempt");
+    assert!(!d.log().contains("silent for too long"), "{}", d.log());
+}

@@ -117,6 +117,8 @@ pub enum Fault {
     Redirect { status: u16, location: String },
     /// Wait this long before sending the response head (then respond normally).
     SlowHeaders(Duration),
+    /// Wait this long, then answer `302 Found` to `location`.
+    SlowRedirect { after: Duration, location: String },
     /// Add one `X-Padding` header of this many bytes (then respond normally).
     HugeHeaders(usize),
     /// Add `Content-Encoding` with this value to the response (the body stays as it is).
@@ -772,7 +774,7 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
     let is_head = req.method() == Method::HEAD;
     let fault = res.faults.iter().find(|(on, _)| on.matches(hit)).map(|(_, f)| f.clone());
     // A redirect answers any method (an upload's POST answered `303 See Other`).
-    let redirect = matches!(fault, Some(Fault::Redirect { .. }));
+    let redirect = matches!(fault, Some(Fault::Redirect { .. } | Fault::SlowRedirect { .. }));
     if !is_head && req.method() != Method::GET && !redirect {
         let mut resp =
             small_response(StatusCode::METHOD_NOT_ALLOWED, "text/html", "<html>405 method not allowed</html>".into());
@@ -797,6 +799,15 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) ->
             let mut resp = small_response(status, "text/html", format!("<html>error {code}</html>"));
             if let Some(ra) = retry_after.and_then(|ra| HeaderValue::from_str(&ra).ok()) {
                 resp.headers_mut().insert(header::RETRY_AFTER, ra);
+            }
+            return Ok(resp);
+        }
+        Some(Fault::SlowRedirect { after, location }) => {
+            tokio::time::sleep(after).await;
+            let mut resp =
+                small_response(StatusCode::FOUND, "text/html", format!("<html>redirect to {location}</html>"));
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                resp.headers_mut().insert(header::LOCATION, v);
             }
             return Ok(resp);
         }

@@ -45,6 +45,10 @@ impl Engine {
                 }
                 Ok(Ok(r)) => r,
             };
+            // A response is a sign of life: a chain of slow redirects, each within the
+            // request timeout, is not a stuck worker (the supervisor stopped and requeued it
+            // for ever, without a backoff).
+            job.progress.beat();
             // Every response's cookies count, a redirect's too (a login that sets one and
             // sends on to the file).
             if let Some(jar) = &job.cookies {
