@@ -419,3 +419,32 @@ async fn a_tasks_own_policy_overrides_its_sessions() {
     let out = env.ctl(&["policy", "t.own", "--metered", "inherit"]);
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// An upload whose whole body went out is not stopped by a policy while its answer is
+/// awaited (here the network turns metered): stopped, a POST's answer was thrown away and
+/// the task failed with "may have reached the server" when it could go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_change_does_not_stop_an_upload_awaiting_its_answer() {
+    use dlsession::{UploadMethod, UploadRequest};
+    use dlsession_testkit::{UploadFaults, UploadServer};
+    let (env, bus) = desktop();
+    let _d = start(&env, &bus);
+    let server = UploadServer::start(false).await.unwrap();
+    server.set_faults(UploadFaults { answer_after: Some(Duration::from_secs(3)), ..UploadFaults::default() });
+    let file = env.path().join("form.bin");
+    std::fs::write(&file, vec![7u8; 100_000]).unwrap();
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.answer").allows_metered(false), delegate).await.unwrap();
+    let request = UploadRequest::new(server.url("/files/form"), &file).method(UploadMethod::Post);
+    let task = session.upload_tasks(vec![request], true).await.unwrap().remove(0);
+    let sent =
+        poll(&task, "the whole body sent", &|i| i.upload.as_ref().is_some_and(|u| u.bytes_sent == 100_000)).await;
+    assert_eq!(sent.state, TaskState::Running, "the answer is awaited");
+
+    set(&bus, NM, "Metered", "dbus.UInt32(1)");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    set(&bus, NM, "Metered", "dbus.UInt32(2)");
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(events.response(task.id()).map(|r| r.0), Some(201));
+    assert_eq!(server.records().len(), 1);
+}

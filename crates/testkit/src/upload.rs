@@ -69,6 +69,8 @@ pub struct UploadFaults {
     /// once `after` bytes of its body are read, then read what else comes slowly (64 KiB
     /// every 20 ms) until the client closes.
     pub answer_early: Option<(usize, u64, u16)>,
+    /// Answer a PUT or POST this long after its whole body was read.
+    pub answer_after: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Default)]
@@ -352,6 +354,10 @@ async fn handle(
                 None
             };
             let Some(body) = read_body(stream, buf, length, number, id, state).await? else { return Ok(0) };
+            let answer_after = state.lock().unwrap().faults.answer_after;
+            if let Some(after) = answer_after {
+                tokio::time::sleep(after).await;
+            }
             finish(stream, name, id, body, forced, state).await
         }
         ("HEAD", _, Some(id)) => {

@@ -62,7 +62,10 @@ impl Core {
                 );
                 self.life.storage = Some(error);
                 for id in self.slots.running() {
-                    if self.tasks.get(&id).and_then(|t| t.run.as_ref()).is_some_and(|r| r.holds_slot) {
+                    let t = self.tasks.get(&id);
+                    if t.and_then(|t| t.run.as_ref()).is_some_and(|r| r.holds_slot)
+                        && !t.is_some_and(super::task::Task::awaits_answer)
+                    {
                         self.stop_worker(id, AfterStop::Requeue);
                     }
                 }

@@ -214,7 +214,7 @@ impl Core {
             let allowed = admit_policy(self.policy_of(t), limits).is_ok();
             let id = t.rec.id;
             match t.state {
-                TaskState::Running if !allowed => refused.push(id),
+                TaskState::Running if !allowed && !t.awaits_answer() => refused.push(id),
                 TaskState::Queued => {
                     let held = self.slots.is_held(id);
                     if held && allowed {

@@ -149,6 +149,13 @@ pub(super) struct Task {
 }
 
 impl Task {
+    /// An upload whose whole body went out and whose answer is awaited: a stop nobody asked
+    /// for (a policy, a full state disk) would throw the answer away, and a POST could not
+    /// be sent again ("may have reached the server"). Such a stop waits for the answer.
+    pub fn awaits_answer(&self) -> bool {
+        self.rec.upload.is_some() && self.progress.sent_whole.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn lane(&self) -> LaneKey {
         (self.rec.session, self.host.clone())
     }
