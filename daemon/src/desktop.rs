@@ -67,10 +67,15 @@ pub async fn watch(report: impl Fn(Desktop) + Send + 'static) {
     let changes = match tokio::time::timeout(READ_TIMEOUT, subscribe(&conn)).await {
         Ok(changes) => changes,
         Err(_) => {
-            info!("the system bus did not take the subscriptions in time; changes will not be heard");
+            info!(
+                "the system bus did not take the subscriptions in time; its services are read again every {} s",
+                REREAD_UNSUBSCRIBED.as_secs()
+            );
             Vec::new()
         }
     };
+    // Without subscriptions, the stream of changes ends at once: that is no bus going away.
+    let subscribed = !changes.is_empty();
     let mut any = futures_util::stream::select_all(changes);
     loop {
         let now = read(&conn).await;
@@ -86,6 +91,10 @@ pub async fn watch(report: impl Fn(Desktop) + Send + 'static) {
             debug!(?now, "desktop conditions");
             report(now.clone());
             last = Some(now);
+        }
+        if !subscribed {
+            tokio::time::sleep(REREAD_UNSUBSCRIBED).await;
+            continue;
         }
         if any.next().await.is_none() {
             // Facts nobody can update any more are dropped rather than kept forever (a
@@ -127,6 +136,8 @@ async fn subscribe(conn: &Connection) -> Vec<futures_util::stream::BoxStream<'st
 
 /// How long reading the services' properties may take.
 const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often the services are read when their changes could not be subscribed to.
+const REREAD_UNSUBSCRIBED: std::time::Duration = std::time::Duration::from_secs(30);
 
 async fn proxy<'a>(conn: &Connection, (dest, path, iface): (&'a str, &'a str, &'a str)) -> zbus::Result<Proxy<'a>> {
     zbus::proxy::Builder::new(conn)
