@@ -893,3 +893,35 @@ async fn slow_redirects_are_not_a_stuck_worker() {
     assert_eq!(s.hits("/r1"), 1, "one attempt");
     assert!(!d.log().contains("silent for too long"), "{}", d.log());
 }
+
+/// After a restart, a session whose events were waiting is not woken sooner than
+/// `wake_initial` after the start, also when a task of it was still to finish then (its
+/// wake was planned only once that task was done, with the backoff the restart had reset:
+/// at once, so a daemon restarting in a loop relaunched the app at every start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_wake_after_a_start_waits_also_behind_a_running_task() {
+    use dlsession::proto::{Request, TaskSpec};
+    let env = TestEnv::new();
+    env.set_config("wake_initial_ms", "4000");
+    let mut d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    let launches = env.path().join("launches");
+    session_with_waiting_events(&env, &s, "t.loop", &launches).await;
+    // Its first wake comes `wake_initial` after the daemon started.
+    dlsession_testkit::wait_for("the first launch", LONG, || (launch_count(&launches) >= 1).then_some(()));
+    s.add("/slow", Resource::generated(200_000, 64).throttle(100_000));
+    let c = dlsession_testkit::app::client(&env).await;
+    let tasks = vec![TaskSpec::get(s.url("/slow"))];
+    c.request(Request::CreateTasks { identifier: "t.loop".into(), tasks, resume: true }).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    d.kill9();
+    let before = launch_count(&launches);
+    d.restart();
+    let restarted = Instant::now();
+    // The slow task finishes about 2 s after the start; no launch before 4 s.
+    tokio::time::sleep(Duration::from_millis(3300)).await;
+    assert_eq!(launch_count(&launches), before, "relaunched {:?} after the start", restarted.elapsed());
+    dlsession_testkit::wait_for("the wake after wake_initial", LONG, || {
+        (launch_count(&launches) > before).then_some(())
+    });
+}

@@ -172,6 +172,7 @@ impl Core {
             self.cancel_wakes(key);
             if let Some(s) = self.sessions.get_mut(&key) {
                 s.wake = WakeStatus::default();
+                s.waited_at_start = false;
             }
         }
         if invalid && all_acked {

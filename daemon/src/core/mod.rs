@@ -279,6 +279,8 @@ struct Lifecycle {
     pub desktop_heard: bool,
     /// The database passed its start check: work may start (`recovery::on_checked`).
     pub checked: bool,
+    /// When it did.
+    pub checked_at: Option<std::time::Instant>,
     /// The start's work, until then.
     pub start: Option<start::StartWork>,
     /// Why the daemon must stop with an error (a database that failed its check).

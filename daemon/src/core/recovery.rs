@@ -116,6 +116,7 @@ impl Core {
             return;
         }
         self.life.checked = true;
+        self.life.checked_at = Some(std::time::Instant::now());
         let Some(start) = self.life.start.take() else { return };
         for (id, leftovers) in start.finishing {
             self.start_move(id, leftovers);
@@ -136,6 +137,9 @@ impl Core {
         // wake backoff lives in memory).
         let keys: Vec<_> = self.sessions.keys().collect();
         for key in keys {
+            if let Some(s) = self.sessions.get_mut(&key) {
+                s.waited_at_start = !s.events.is_empty();
+            }
             self.check_wake(key, self.cfg.timing.wake_initial);
         }
         for (conn, app_id) in start.new_apps {

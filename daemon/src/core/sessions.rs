@@ -45,6 +45,10 @@ pub(super) struct Session {
     /// Its tasks with a worker.
     pub running: u32,
     pub wake: WakeStatus,
+    /// Its events were waiting when the daemon started: until they are all acknowledged,
+    /// no wake comes sooner than `wake_initial` after the start (the wake backoff lives in
+    /// memory: a daemon restarting in a loop would relaunch the app at each start).
+    pub waited_at_start: bool,
     /// When the next wake is due (`wake.next_wake` is the same on the wall clock).
     pub wake_timer: Option<Mono>,
     /// A `wake` went to a running app: when it counts as unanswered (then: relaunch).
@@ -91,6 +95,7 @@ impl Session {
             dormant: 0,
             running: 0,
             wake: WakeStatus::default(),
+            waited_at_start: false,
             wake_timer: None,
             wake_unanswered: None,
             limiter,

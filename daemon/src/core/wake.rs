@@ -52,6 +52,14 @@ impl Core {
         if s.wake_timer.is_some() || !self.can_wake(key) {
             return;
         }
+        // Also for a session whose tasks were still running at the start (planned only
+        // once they are done): its first wake waits `wake_initial` after the start.
+        let since_start = self.life.checked_at.map_or(Duration::ZERO, |t| t.elapsed());
+        let at_least = if s.waited_at_start {
+            at_least.max(self.cfg.timing.wake_initial.saturating_sub(since_start))
+        } else {
+            at_least
+        };
         let delay = self.wake_backoff(s.wake.attempts).max(at_least);
         let at = self.timers.after(delay);
         if let Some(s) = self.sessions.get_mut(&key) {
