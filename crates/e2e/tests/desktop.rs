@@ -430,7 +430,7 @@ async fn a_policy_change_does_not_stop_an_upload_awaiting_its_answer() {
     let (env, bus) = desktop();
     let _d = start(&env, &bus);
     let server = UploadServer::start(false).await.unwrap();
-    server.set_faults(UploadFaults { answer_after: Some(Duration::from_secs(3)), ..UploadFaults::default() });
+    server.set_faults(UploadFaults { answer_after: Some(Duration::from_secs(5)), ..UploadFaults::default() });
     let file = env.path().join("form.bin");
     std::fs::write(&file, vec![7u8; 100_000]).unwrap();
     let (delegate, mut events) = Recorder::new(&env.path().join("out"));
@@ -442,7 +442,9 @@ async fn a_policy_change_does_not_stop_an_upload_awaiting_its_answer() {
     assert_eq!(sent.state, TaskState::Running, "the answer is awaited");
 
     set(&bus, NM, "Metered", "dbus.UInt32(1)");
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    wait_status(&env, "metered", |s| s["network"]["metered"] == true);
+    assert_eq!(task.info().await.unwrap().state, TaskState::Running, "the daemon knew it metered before the answer");
+    tokio::time::sleep(Duration::from_secs(5)).await;
     set(&bus, NM, "Metered", "dbus.UInt32(2)");
     assert_eq!(events.completion(task.id(), LONG).await, None);
     assert_eq!(events.response(task.id()).map(|r| r.0), Some(201));

@@ -299,6 +299,8 @@ impl Engine {
                 }
                 Some(Ok(r)) => r,
             };
+            // A response is a sign of life (a chain of slow redirects is no stuck worker).
+            job.progress.beat();
             // Answered before its whole body went out: the server did not take it as a
             // request, and the rest the connection may still send after the answer does not
             // count (its body is no longer the task's: `FileBody::sent`).
