@@ -157,6 +157,7 @@ impl Engine {
             }
             Ok(Ok(r)) => r,
         };
+        job.progress.beat();
         let status = resp.status().as_u16();
         let get = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::trim);
         if matches!(status, 404 | 410) {
