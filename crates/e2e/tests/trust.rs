@@ -410,6 +410,16 @@ async fn a_removed_session_detaches_its_app_once_the_removal_is_durable() {
     assert_eq!(left, 0, "the app heard the session was removed before the removal was durable");
 }
 
+/// A test environment whose state directory is a tmpfs of `size` (root only; the mount goes
+/// when the returned `Mount` is dropped): the directory, to fill with [`fill`].
+fn on_a_small_state_disk(size: &str) -> (TestEnv, PathBuf, dlsession_testkit::Mount) {
+    dlsession_testkit::require_root();
+    let env = TestEnv::new();
+    let state = env.state_dir.join("dlsessiond");
+    let mount = dlsession_testkit::Mount::tmpfs(&state, &format!("size={size},mode=0700"));
+    (env, state, mount)
+}
+
 /// Fills `dir`'s filesystem; returns the filler file (remove it to free the space).
 fn fill(dir: &Path) -> PathBuf {
     let filler = dir.join("filler");
@@ -427,11 +437,8 @@ fn fill(dir: &Path) -> PathBuf {
 #[cfg_attr(not(dlsession_root), ignore = "needs root to mount a small filesystem; CI runs it as root")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_state_directory_is_weather_not_death() {
-    dlsession_testkit::require_root();
-    let env = TestEnv::new();
+    let (env, state, _mount) = on_a_small_state_disk("3m");
     env.set_config("checkpoint_bytes", "262144");
-    let state = env.state_dir.join("dlsessiond");
-    let _mount = dlsession_testkit::Mount::tmpfs(&state, "size=3m,mode=0700");
     let mut d = TestDaemon::start(&env);
     let s = TestServer::start().await.unwrap();
     let len = 12u64 << 20;
@@ -694,10 +701,7 @@ async fn uncollected_events_and_old_resume_files_expire() {
 #[cfg_attr(not(dlsession_root), ignore = "needs root to mount a small filesystem; CI runs it as root")]
 #[test]
 fn a_start_on_a_full_state_directory_waits_for_space() {
-    dlsession_testkit::require_root();
-    let env = TestEnv::new();
-    let state = env.state_dir.join("dlsessiond");
-    let _mount = dlsession_testkit::Mount::tmpfs(&state, "size=2m,mode=0700");
+    let (env, state, _mount) = on_a_small_state_disk("2m");
     {
         let mut d = TestDaemon::start(&env);
         assert!(d.terminate().success());
@@ -781,10 +785,7 @@ async fn the_app_may_rest_only_once_its_acknowledgements_are_durable() {
         }
     }
 
-    dlsession_testkit::require_root();
-    let env = TestEnv::new();
-    let state = env.state_dir.join("dlsessiond");
-    let _mount = dlsession_testkit::Mount::tmpfs(&state, "size=3m,mode=0700");
+    let (env, state, _mount) = on_a_small_state_disk("3m");
     let _d = TestDaemon::start(&env);
     let s = TestServer::start().await.unwrap();
     s.add("/f", Resource::generated(5_000, 10));
@@ -827,11 +828,8 @@ async fn the_app_may_rest_only_once_its_acknowledgements_are_durable() {
 #[cfg_attr(not(dlsession_root), ignore = "needs root to mount a small filesystem; CI runs it as root")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_data_takes_the_partial_file_only_once_the_cancel_is_durable() {
-    dlsession_testkit::require_root();
-    let env = TestEnv::new();
+    let (env, state, _mount) = on_a_small_state_disk("3m");
     env.set_config("checkpoint_bytes", "262144");
-    let state = env.state_dir.join("dlsessiond");
-    let _mount = dlsession_testkit::Mount::tmpfs(&state, "size=3m,mode=0700");
     let mut d = TestDaemon::start(&env);
     let s = TestServer::start().await.unwrap();
     let len = 1u64 << 20;
