@@ -421,22 +421,16 @@ async fn keep_body(job: &Job, up: &UploadJob, body: Arc<Vec<u8>>) -> io::Result<
     let mut wait = KEEP_RETRY_FIRST;
     let mut told = false;
     loop {
-        let (part, to, mode, data) = (job.part_path.clone(), up.body_to.clone(), job.file_mode, Arc::clone(&body));
-        let e = match tokio::task::spawn_blocking(move || write_synced(&part, &to, &data, mode)).await {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(e)) => e,
-            Err(e) => io::Error::other(format!("worker: {e}")),
-        };
+        let Err(e) = write_answer(job, up, Arc::clone(&body)).await else { return Ok(()) };
         // Trying is a sign of life for the supervisor, not a stuck worker.
         job.progress.beat();
-        let full = file_failure(&e, "").error.code == ErrorCode::InsufficientSpace;
-        if late || (!full && began.elapsed() >= KEEP_OTHER_ERRORS) {
+        let mut error = file_failure(&e, "").error;
+        if late || (error.code != ErrorCode::InsufficientSpace && began.elapsed() >= KEEP_OTHER_ERRORS) {
             return Err(keep_nothing(job, up, e).await);
         }
         if !told {
             told = true;
             tracing::warn!(error = %e, "cannot keep the upload's answer; trying again");
-            let mut error = file_failure(&e, "").error;
             error.message = format!("cannot keep the server's answer yet: {e}; trying again");
             job.link.send(WorkerEvent::AnswerHeld { error });
         }
@@ -449,11 +443,19 @@ async fn keep_body(job: &Job, up: &UploadJob, body: Arc<Vec<u8>>) -> io::Result<
     }
 }
 
+/// Writes `data` as the answer's body file, synced, on a blocking thread.
+async fn write_answer(job: &Job, up: &UploadJob, data: Arc<Vec<u8>>) -> io::Result<()> {
+    let (part, to, mode) = (job.part_path.clone(), up.body_to.clone(), job.file_mode);
+    match tokio::task::spawn_blocking(move || write_synced(&part, &to, &data, mode)).await {
+        Ok(written) => written,
+        Err(e) => Err(io::Error::other(format!("worker: {e}"))),
+    }
+}
+
 /// Gives up keeping an answer's body: the location the event names is made to exist,
 /// empty, where that can be done. Returns why the body was not kept.
 async fn keep_nothing(job: &Job, up: &UploadJob, e: io::Error) -> io::Error {
-    let (part, to, mode) = (job.part_path.clone(), up.body_to.clone(), job.file_mode);
-    let _ = tokio::task::spawn_blocking(move || write_synced(&part, &to, &[], mode)).await;
+    let _ = write_answer(job, up, Arc::new(Vec::new())).await;
     e
 }
 
