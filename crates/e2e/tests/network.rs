@@ -22,10 +22,12 @@ struct Server {
 
 impl Server {
     fn start(ns: &NetNs, mib: u64, rate: u64) -> Server {
-        let mut child = ns.spawn(
-            &bin_path("dlsession-serve"),
-            &["--bind", &ns.ns_ip.to_string(), &mib.to_string(), &rate.to_string()],
-        );
+        Server::start_at(ns, &ns.ns_ip.to_string(), mib, rate)
+    }
+
+    /// On `bind` (`IP` or `IP:PORT`) inside the namespace.
+    fn start_at(ns: &NetNs, bind: &str, mib: u64, rate: u64) -> Server {
+        let mut child = ns.spawn(&bin_path("dlsession-serve"), &["--bind", bind, &mib.to_string(), &rate.to_string()]);
         let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
         let url = lines.next().unwrap().unwrap();
         let sha256 = lines.next().unwrap().unwrap();
@@ -134,6 +136,37 @@ async fn a_task_started_without_a_route_waits_instead_of_backing_off() {
     let text = String::from_utf8_lossy(&shown.stdout);
     assert!(text.contains("no route to the server since"), "{text}");
     ns.link_up();
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), server.sha256);
+}
+
+/// A network without a default route (a LAN, or only loopback): a server named by a host
+/// name that refuses the connection has an address with a route (what its name resolved
+/// to), so the task backs off and tries again. Before, no response had told the daemon an
+/// address, the name counted as unreachable, and the task waited for a route change that
+/// never came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(dlsession_root), ignore = "needs root to make a network namespace; CI runs it as root")]
+async fn a_named_server_that_refuses_on_a_network_without_a_default_route_is_tried_again() {
+    require_root();
+    let ns = NetNs::new(75);
+    let env = TestEnv::new();
+    // The daemon inside the namespace: loopback and the link, no default route.
+    let _d = TestDaemon::start_in(&env, &ns);
+    // A port nothing listens on (a server's, stopped), named through `localhost`.
+    let stopped = Server::start_at(&ns, "127.0.0.1:0", 1, 0).url.clone();
+    let port: u16 = stopped.trim_start_matches("http://127.0.0.1:").split('/').next().unwrap().parse().unwrap();
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.lan"), delegate).await.unwrap();
+    let url = format!("http://localhost:{port}/sample.bin");
+    let task = session.download_tasks(vec![DownloadRequest::new(&url)], true).await.unwrap().remove(0);
+    let wait = poll("the refused attempt to be retried", Duration::from_secs(10), async || {
+        let info = task.info().await.unwrap();
+        (info.wait.is_some() && attempts(&env, task.id()) >= 2).then_some(info.wait)
+    })
+    .await;
+    assert!(!matches!(wait, Some(WaitReason::NoNetwork { .. })), "{wait:?}");
+    let server = Server::start_at(&ns, &format!("127.0.0.1:{port}"), 1, 0);
     assert_eq!(events.completion(task.id(), LONG).await, None);
     assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), server.sha256);
 }

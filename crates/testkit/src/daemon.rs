@@ -263,6 +263,13 @@ impl TestDaemon {
         TestDaemon::start_after(env, &format!("umask {umask:03o}"))
     }
 
+    /// Like [`TestDaemon::start`], the daemon running inside `ns` (its own links and routes:
+    /// loopback and the namespace's end of the link, no default route). Root only.
+    pub fn start_in(env: &TestEnv, ns: &crate::netns::NetNs) -> TestDaemon {
+        // `ip netns exec` execs the daemon in turn: the child is still the daemon itself.
+        TestDaemon::start_after(env, &format!("exec ip netns exec {} \"$0\" \"$@\"", ns.name()))
+    }
+
     /// Like [`TestDaemon::start`], the daemon started by `/bin/sh` after `prelude` (e.g.
     /// `ulimit -Sn 256`), which sets what the daemon inherits.
     pub fn start_after(env: &TestEnv, prelude: &str) -> TestDaemon {

@@ -47,6 +47,11 @@ impl NetNs {
         ns
     }
 
+    /// The namespace's name, for `ip netns exec`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Runs `program` inside the namespace (stdout piped, stderr inherited).
     pub fn spawn(&self, program: &std::path::Path, args: &[&str]) -> Child {
         Command::new("ip")

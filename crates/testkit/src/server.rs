@@ -411,30 +411,38 @@ impl Drop for TestServer {
 impl TestServer {
     /// Plain HTTP/1.1 on `127.0.0.1:<ephemeral>`.
     pub async fn start() -> anyhow::Result<TestServer> {
-        Self::start_inner(None, IpAddr::V4(Ipv4Addr::LOCALHOST)).await
+        Self::start_inner(None, SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)).await
     }
 
     /// Plain HTTP/1.1 on `ip:<ephemeral>` (say, an address inside a network namespace).
     pub async fn start_on(ip: IpAddr) -> anyhow::Result<TestServer> {
-        Self::start_inner(None, ip).await
+        Self::start_inner(None, SocketAddr::new(ip, 0)).await
+    }
+
+    /// Plain HTTP/1.1 on `addr` (say, the port a server had before it was stopped).
+    pub async fn start_at(addr: SocketAddr) -> anyhow::Result<TestServer> {
+        Self::start_inner(None, addr).await
     }
 
     /// HTTPS on `127.0.0.1:<ephemeral>` (and, best effort, the same port on `[::1]`, since
     /// `localhost` may resolve there first) presenting `ca`'s leaf certificate. Serves HTTP/2
     /// when ALPN negotiates `h2`, else HTTP/1.1.
     pub async fn start_tls(ca: &TestCa) -> anyhow::Result<TestServer> {
-        Self::start_inner(Some(tokio_rustls::TlsAcceptor::from(ca.server_config())), IpAddr::V4(Ipv4Addr::LOCALHOST))
-            .await
+        Self::start_inner(
+            Some(tokio_rustls::TlsAcceptor::from(ca.server_config())),
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
+        )
+        .await
     }
 
     /// HTTPS that wants a client certificate `ca` issued (see `TestCa::client_identity`).
     pub async fn start_mutual_tls(ca: &TestCa) -> anyhow::Result<TestServer> {
         let acceptor = tokio_rustls::TlsAcceptor::from(ca.mutual_server_config());
-        Self::start_inner(Some(acceptor), IpAddr::V4(Ipv4Addr::LOCALHOST)).await
+        Self::start_inner(Some(acceptor), SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)).await
     }
 
-    async fn start_inner(tls: Option<tokio_rustls::TlsAcceptor>, ip: IpAddr) -> anyhow::Result<TestServer> {
-        let listener = TcpListener::bind((ip, 0)).await?;
+    async fn start_inner(tls: Option<tokio_rustls::TlsAcceptor>, addr: SocketAddr) -> anyhow::Result<TestServer> {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::default());
         let (tx, rx) = watch::channel(());

@@ -467,6 +467,11 @@ impl Core {
         let run = self.release(id);
         let session =
             self.tasks.get(&id).map(|t| self.sessions.identifier(t.rec.session).to_owned()).unwrap_or_default();
+        // An attempt that failed before any response knows where it connected only by what
+        // the name resolved to (a server on a LAN without a default route that refused).
+        if let Some(t) = self.tasks.get_mut(&id) {
+            t.peer = t.peer.or(failure.first_hop);
+        }
         // No route to the server: the network is gone, not the download failing.
         let offline = self.offline_for(id, &failure);
         let Some(t) = self.tasks.get_mut(&id) else { return };

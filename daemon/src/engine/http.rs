@@ -17,6 +17,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tracing::{info, warn};
 
+use super::names::{Recording, Resolved};
 use super::proxy::{Proxies, ProxyConnector, TunnelAuth};
 use super::reads::{InFlight, SpeedSizedReads};
 
@@ -49,6 +50,8 @@ pub struct ClientFactory {
     /// What `tls` was built from, for configurations that add a client certificate.
     roots: Arc<RootCertStore>,
     connect_timeout: Duration,
+    /// What names resolved to, shared by every client made here.
+    resolved: Resolved,
 }
 
 /// A session's client certificate as its downloads see it.
@@ -198,7 +201,12 @@ impl ClientFactory {
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots.clone())
             .with_no_client_auth();
-        Ok(ClientFactory { tls, roots, connect_timeout })
+        Ok(ClientFactory { tls, roots, connect_timeout, resolved: Resolved::default() })
+    }
+
+    /// What every client's resolutions found (see `names`).
+    pub fn resolved(&self) -> &Resolved {
+        &self.resolved
     }
 
     /// A client whose connections go as `proxies` say (with `tunnel_auth` on `CONNECT`s),
@@ -230,7 +238,7 @@ impl ClientFactory {
         tunnel_auth: TunnelAuth,
         versions: Versions,
     ) -> HttpClient {
-        let mut http = HttpConnector::new();
+        let mut http = HttpConnector::new_with_resolver(Recording::new(self.resolved.clone()));
         http.enforce_http(false);
         http.set_connect_timeout(Some(self.connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
@@ -296,6 +304,10 @@ pub struct Failure {
     pub discard_partial: bool,
     /// A 401 or 407 that asked for credentials: the core may ask the app instead of failing.
     pub challenge: Option<Box<dlsession_proto::Challenge>>,
+    /// Where the attempt's first connection goes (its proxy, else its server), as its name
+    /// last resolved: tells the core whether that address has a route when no response
+    /// told it one. Set by the worker as it reports the failure.
+    pub first_hop: Option<std::net::IpAddr>,
 }
 
 impl Failure {
@@ -305,11 +317,18 @@ impl Failure {
             retry: Retry::After(None),
             discard_partial: false,
             challenge: None,
+            first_hop: None,
         }
     }
 
     pub fn permanent(code: ErrorCode, message: impl Into<String>) -> Failure {
-        Failure { error: ErrorInfo::new(code, message), retry: Retry::Never, discard_partial: false, challenge: None }
+        Failure {
+            error: ErrorInfo::new(code, message),
+            retry: Retry::Never,
+            discard_partial: false,
+            challenge: None,
+            first_hop: None,
+        }
     }
 
     pub fn restart(code: ErrorCode, message: impl Into<String>) -> Failure {
@@ -318,6 +337,7 @@ impl Failure {
             retry: Retry::After(None),
             discard_partial: true,
             challenge: None,
+            first_hop: None,
         }
     }
 }

@@ -22,11 +22,13 @@ use http::header::{HeaderName, HeaderValue, PROXY_AUTHENTICATE, PROXY_AUTHORIZAT
 use http::{HeaderMap, Uri};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::proxy::{SocksV4, SocksV5};
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::proxy::matcher::{Intercept, Matcher};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower_service::Service;
+
+use super::names::TcpConnector;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -101,6 +103,17 @@ impl Proxies {
     pub fn proxy_origin(&self, url: &url::Url) -> Option<String> {
         let uri: Uri = url.as_str().parse().ok()?;
         origin_of_proxy(self.intercept(&uri)?.uri())
+    }
+
+    /// The host a request to `url` connects to first: its proxy's (of any kind), else its
+    /// own; IPv6 without brackets.
+    pub fn first_hop(&self, url: &url::Url) -> Option<String> {
+        let uri: Uri = url.as_str().parse().ok()?;
+        let host = match self.intercept(&uri) {
+            Some(proxy) => proxy.uri().host()?.to_owned(),
+            None => url.host_str()?.to_owned(),
+        };
+        Some(host.trim_start_matches('[').trim_end_matches(']').to_owned())
     }
 
     /// A description for the logs (credentials are not included).
@@ -255,7 +268,7 @@ impl Write for ProxyStream {
 /// Opens TLS to an https:// proxy (verified like any server: the system's roots and the
 /// extra CA file).
 async fn tls_to_proxy(
-    mut direct: HttpConnector,
+    mut direct: TcpConnector,
     proxy: &Uri,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, BoxError> {
@@ -398,7 +411,7 @@ fn tunnel_headers(proxy: &Intercept, auth: &TunnelAuth) -> Vec<(HeaderName, Head
 #[derive(Clone)]
 pub struct ProxyConnector {
     proxies: Proxies,
-    direct: HttpConnector,
+    direct: TcpConnector,
     /// For https:// proxies: TLS to the proxy itself.
     tls: Arc<rustls::ClientConfig>,
     /// The app's credentials for proxies, sent with `CONNECT`.
@@ -416,7 +429,7 @@ impl std::fmt::Debug for ProxyConnector {
 impl ProxyConnector {
     pub fn new(
         proxies: Proxies,
-        direct: HttpConnector,
+        direct: TcpConnector,
         tls: Arc<rustls::ClientConfig>,
         tunnel_auth: TunnelAuth,
         answer_limit: std::time::Duration,

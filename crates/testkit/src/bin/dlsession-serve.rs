@@ -1,5 +1,5 @@
-//! `dlsession-serve [--bind IP] [MIB] [BYTES_PER_SECOND]`: an HTTP server on 127.0.0.1
-//! (or IP) for trying dlsessiond without depending on anyone else's server. It serves `/sample.bin`, MIB
+//! `dlsession-serve [--bind IP[:PORT]] [MIB] [BYTES_PER_SECOND]`: an HTTP server on 127.0.0.1
+//! (or IP, on PORT if given) for trying dlsessiond without depending on anyone else's server. It serves `/sample.bin`, MIB
 //! mebibytes (default 64) of deterministic content with an `ETag` (so a stopped download
 //! resumes), optionally throttled; prints the URL and the content's SHA-256 on one line
 //! each, then serves until it is killed.
@@ -10,9 +10,9 @@ use dlsession_testkit::{Resource, TestServer, pattern_sha256, to_hex};
 
 const SEED: u64 = 2026;
 
-const USAGE: &str = "usage: dlsession-serve [--bind IP] [MIB] [BYTES_PER_SECOND]
+const USAGE: &str = "usage: dlsession-serve [--bind IP[:PORT]] [MIB] [BYTES_PER_SECOND]
 serves /sample.bin: MIB mebibytes (default 64) of fixed content with an ETag, on IP
-(default 127.0.0.1) and a free port, at BYTES_PER_SECOND (default: as fast as it can);
+(default 127.0.0.1) and PORT (default: a free one), at BYTES_PER_SECOND (default: as fast as it can);
 prints the URL, then the content's SHA-256, then serves until killed";
 
 #[tokio::main(flavor = "current_thread")]
@@ -32,11 +32,14 @@ async fn run() -> anyhow::Result<()> {
         return Ok(());
     }
     let mut args = std::env::args().skip(1).peekable();
-    let mut bind = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    let mut bind = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0));
     if args.peek().is_some_and(|a| a == "--bind") {
         args.next();
         let ip = args.next().ok_or_else(|| anyhow::anyhow!("--bind needs an IP address"))?;
-        bind = ip.parse().map_err(|e| anyhow::anyhow!("--bind {ip}: {e}"))?;
+        bind = match ip.parse::<std::net::SocketAddr>() {
+            Ok(addr) => addr,
+            Err(_) => std::net::SocketAddr::new(ip.parse().map_err(|e| anyhow::anyhow!("--bind {ip}: {e}"))?, 0),
+        };
     }
     let mib: u64 = match args.next() {
         Some(n) => n.parse().map_err(|e| anyhow::anyhow!("MIB: not a number ({e})"))?,
@@ -47,7 +50,7 @@ async fn run() -> anyhow::Result<()> {
         None => None,
     };
     let len = mib << 20;
-    let server = TestServer::start_on(bind).await?;
+    let server = TestServer::start_at(bind).await?;
     let mut resource = Resource::generated(len, SEED).etag(&format!("\"sample-{mib}\""));
     if let Some(rate) = rate.filter(|r| *r > 0) {
         resource = resource.throttle(rate);
