@@ -27,8 +27,11 @@ pub struct SessionRecord {
     pub config: SessionConfig,
     /// The sequence number the next durable event gets (never reused).
     pub next_seq: u64,
-    /// `finish_tasks_and_invalidate` was called.
+    /// `finish_tasks_and_invalidate` (or `invalidate_and_cancel`) was called.
     pub invalidating: bool,
+    /// `invalidate_and_cancel` was called: a task still unfinished at a start (it was
+    /// stopping when the daemon stopped) is cancelled, not run again.
+    pub cancelling: bool,
     /// `did_become_invalid` was emitted: only its pending events remain.
     pub invalid: bool,
     pub created_at: UnixMillis,

@@ -23,6 +23,7 @@ fn session() -> SessionRecord {
         },
         next_seq: 1,
         invalidating: false,
+        cancelling: false,
         invalid: false,
         created_at: 1000,
         policy: dlsession_proto::SessionPolicy { allows_metered: false, ..Default::default() },
@@ -94,13 +95,16 @@ async fn records_survive_a_reopen() {
                     created_at: 2,
                 }),
                 Op::RetireTasks(vec![1]),
+                // `invalidate_and_cancel` (schema 13).
+                Op::UpdateSession(SessionRecord { invalidating: true, cancelling: true, ..session() }),
             ],
             None,
         );
         assert!(store.flush(std::time::Duration::from_secs(30)).await);
     }
     let (store, snap) = open(&db);
-    assert_eq!(snap.sessions, vec![SessionRecord { next_seq: 3, ..session() }]);
+    let ending = SessionRecord { next_seq: 3, invalidating: true, cancelling: true, ..session() };
+    assert_eq!(snap.sessions, vec![ending]);
     assert_eq!(snap.next_task_id, 10);
     let ids: Vec<u64> = snap.tasks.iter().map(|t| t.id).collect();
     assert_eq!(ids, vec![2, 3], "retired task 1 is not live");

@@ -261,3 +261,29 @@ async fn a_cached_file_stays_for_its_unacknowledged_event_across_a_restart() {
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     assert_eq!(sha256_file(&location).unwrap(), to_hex(&pattern_sha256(41, 3000)));
 }
+
+/// `invalidate_and_cancel` is answered before a running task has stopped (its last sync
+/// held here for half a minute). A daemon killed in that window cancels the task at its
+/// next start: it is not downloaded again, and the session ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_and_cancel_holds_across_a_crash_before_the_task_stopped() {
+    let env = TestEnv::new();
+    // No checkpoint but the stop's: the failpoint holds exactly that one.
+    env.set_config("checkpoint_bytes", "1073741824");
+    env.set_config("checkpoint_interval_ms", "600000");
+    let hold = std::ffi::OsStr::new("checkpoint-after-sync:1:sleep-ms=30000");
+    let mut d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", hold)]);
+    let server = TestServer::start().await.unwrap();
+    server.add("/big.bin", Resource::generated(LEN, 12).throttle(RATE));
+    let (session, mut events, task) = start_download(&env, &server, "t.cancel-crash").await;
+    wait_for_bytes(&mut events, task.id(), 1 << 20).await;
+    session.invalidate_and_cancel().await.unwrap();
+    d.kill9();
+    d.set_env(&[]);
+    d.restart();
+    let error = events.completion(task.id(), LONG).await.expect("completes with an error");
+    assert_eq!(error.code, dlsession::ErrorCode::Cancelled, "{error}");
+    events.wait("did_become_invalid", LONG, |e| matches!(e, Seen::Invalid)).await;
+    assert_eq!(server.hits("/big.bin"), 1, "not downloaded again after the restart");
+    assert!(d.log().contains("cancelling what invalidate_and_cancel left running"), "{}", d.log());
+}

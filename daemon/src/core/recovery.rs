@@ -46,11 +46,20 @@ impl Core {
         // A retry is never further away than the longest wait the daemon itself sets (the
         // wall clock may have been set back while it was stopped).
         let longest = self.cfg.timing.retry_max.max(self.cfg.timing.retry_after_max);
+        let mut cancel = Vec::new();
         for rec in snapshot.tasks {
             let (id, state, phase, retry_at) = (rec.id, rec.state, rec.phase, rec.retry_at);
             let challenged = rec.challenge.is_some();
+            let cancelling = self.sessions.get(&rec.session).is_some_and(|s| s.rec.cancelling && !s.rec.invalid);
             self.restore_task(rec);
             match state {
+                // `invalidate_and_cancel` was answered while it was stopping. A task
+                // finishing its file finishes (as it would have without the stop).
+                TaskState::Queued | TaskState::Running | TaskState::Waiting | TaskState::Suspended
+                    if cancelling && phase == Phase::Transfer =>
+                {
+                    cancel.push(id)
+                }
                 // Cut short between "data complete" and "finished committed": the move is
                 // finished (or found done, or found lost) by a worker, like any other.
                 // Before this process moved anything, copies named by its pid are leftovers too.
@@ -71,6 +80,7 @@ impl Core {
                 TaskState::Suspended | TaskState::Completed => {}
             }
         }
+        self.cancel_at_start(cancel);
         info!(
             sessions = self.sessions.len(),
             tasks = self.tasks.len(),
@@ -84,6 +94,22 @@ impl Core {
         self.store.dormant_ids(move |ids| {
             let _ = tx.send(super::CoreMsg::Checked(ids));
         });
+    }
+
+    /// Completes `cancelled` the tasks an `invalidate_and_cancel` answered before the
+    /// daemon stopped had not ended yet (committed once the start's check passed, like
+    /// every write).
+    fn cancel_at_start(&mut self, ids: Vec<TaskId>) {
+        if ids.is_empty() {
+            return;
+        }
+        info!(tasks = ids.len(), "cancelling what invalidate_and_cancel left running before the stop");
+        let by = "invalidate_and_cancel (the daemon stopped before the task had)";
+        let (mut ops, mut after) = (Vec::new(), Vec::new());
+        for id in ids {
+            self.complete(id, Some(super::transitions::cancelled(by)), &mut ops, &mut after);
+        }
+        self.commit(ops, after);
     }
 
     /// Adds a task read from the database (at start, or dormant until now).

@@ -227,6 +227,7 @@ impl Sessions {
             config,
             next_seq: self.seq_floor.max(1),
             invalidating: false,
+            cancelling: false,
             invalid: false,
             created_at: now,
             policy: dlsession_proto::SessionPolicy::default(),

@@ -102,8 +102,8 @@ pub fn save_session(tx: &Transaction<'_>, s: &SessionRecord) -> rusqlite::Result
         "INSERT INTO sessions (id, identifier, app_id, launch_kind, launch_value, http_headers,
             timeout_request_ms, timeout_resource_ms, max_conn_per_host, max_concurrent_tasks,
             bandwidth_limit, next_seq, invalidating, invalid, created_at, allows_metered, allows_battery,
-            discretionary, waits_for_connectivity, notify)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)
+            discretionary, waits_for_connectivity, notify, cancelling)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)
          ON CONFLICT(id) DO UPDATE SET app_id = excluded.app_id, launch_kind = excluded.launch_kind,
             launch_value = excluded.launch_value, http_headers = excluded.http_headers,
             timeout_request_ms = excluded.timeout_request_ms, timeout_resource_ms = excluded.timeout_resource_ms,
@@ -112,7 +112,7 @@ pub fn save_session(tx: &Transaction<'_>, s: &SessionRecord) -> rusqlite::Result
             invalidating = excluded.invalidating, invalid = excluded.invalid,
             allows_metered = excluded.allows_metered, allows_battery = excluded.allows_battery,
             discretionary = excluded.discretionary, waits_for_connectivity = excluded.waits_for_connectivity,
-            notify = excluded.notify",
+            notify = excluded.notify, cancelling = excluded.cancelling",
     )?;
     stmt.execute(params![
         s.key,
@@ -135,6 +135,7 @@ pub fn save_session(tx: &Transaction<'_>, s: &SessionRecord) -> rusqlite::Result
         s.policy.discretionary,
         s.policy.waits_for_connectivity,
         s.policy.notify,
+        s.cancelling,
     ])?;
     Ok(())
 }
@@ -144,7 +145,7 @@ pub fn load_sessions(conn: &Connection) -> rusqlite::Result<Vec<SessionRecord>> 
         "SELECT id, identifier, app_id, launch_kind, launch_value, http_headers, timeout_request_ms,
             timeout_resource_ms, max_conn_per_host, max_concurrent_tasks, bandwidth_limit, next_seq,
             invalidating, invalid, created_at, allows_metered, allows_battery, discretionary,
-            waits_for_connectivity, notify
+            waits_for_connectivity, notify, cancelling
          FROM sessions WHERE substr(identifier, 1, 1) <> char(1) ORDER BY id",
     )?;
     let rows = stmt.query_map([], |r| {
@@ -163,6 +164,7 @@ pub fn load_sessions(conn: &Connection) -> rusqlite::Result<Vec<SessionRecord>> 
             },
             next_seq: r.get::<_, i64>(11)?.max(0) as u64,
             invalidating: r.get(12)?,
+            cancelling: r.get(20)?,
             invalid: r.get(13)?,
             created_at: r.get::<_, i64>(14)?.max(0) as u64,
             policy: dlsession_proto::SessionPolicy {

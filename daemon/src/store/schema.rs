@@ -171,6 +171,9 @@ const MIGRATIONS: &[&str] = &[
     // 12: a finished file that could not carry its task's mark (NULL: it could, or never
     // needed to).
     "ALTER TABLE tasks ADD COLUMN unmarked INTEGER;",
+    // 13: `invalidate_and_cancel` was called (its answer goes before its running tasks have
+    // stopped: a start cancels what is left of them).
+    "ALTER TABLE sessions ADD COLUMN cancelling INTEGER NOT NULL DEFAULT 0;",
 ];
 
 pub const LATEST_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -171,8 +171,11 @@ impl Core {
                 self.commit_after_pending(Vec::new(), vec![After::Refuse { conn, id, error }]);
                 return Ok(Answer::Later);
             }
-            if !s.rec.invalidating {
+            if !s.rec.invalidating || (cancel && !s.rec.cancelling) {
                 s.rec.invalidating = true;
+                // Stored with the answer: tasks still stopping when it goes are cancelled
+                // at the next start if the daemon stops first.
+                s.rec.cancelling |= cancel;
                 ops.push(Op::UpdateSession(s.rec.clone()));
             }
         }
