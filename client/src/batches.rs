@@ -66,7 +66,7 @@ impl Client {
         let created = async {
             for batch in batches {
                 let want = batch.len();
-                match self.request(request(batch, resume && at_once)).await? {
+                match self.request_once(request(batch, resume && at_once)).await? {
                     Response::TasksCreated(got) if got.len() == want => ids.extend(got),
                     other => return Err(Error::UnexpectedResponse { expected: "tasks_created", got: other.kind() }),
                 }

@@ -209,6 +209,30 @@ impl Client {
         tokio::time::timeout(after, answer).await.map_err(|_| Error::TimedOut { request: name, after })?
     }
 
+    /// Sends a request that creates tasks under a new creation key, and again under the
+    /// same key if the connection broke before the answer came (the daemon may have
+    /// created them: then it answers their ids instead of creating them twice), within
+    /// the request timeout. A request that timed out is not sent again (the daemon may
+    /// still create its tasks, if it was only slow).
+    pub(crate) async fn request_once(&self, request: Request) -> Result<Response> {
+        let (name, after) = (request.name(), self.shared.options.request_timeout);
+        let keyed = Request::Once { key: creation_key(), request: Box::new(request) };
+        // One timer for every try, as for any request.
+        let tries = async {
+            loop {
+                match self.request(keyed.clone()).await {
+                    Err(Error::Disconnected { reason }) => {
+                        debug!(?reason, request = name, "the answer was lost; sending the request again under its key");
+                        // A client closed for good fails here at once.
+                        self.connected().await.map_err(|_| Error::Disconnected { reason })?;
+                    }
+                    other => return other,
+                }
+            }
+        };
+        tokio::time::timeout(after, tries).await.map_err(|_| Error::TimedOut { request: name, after })?
+    }
+
     /// Waits until a link is up (at most the request timeout), for requests sent without
     /// waiting ([`Client::send_request`]) after the link may have broken.
     pub(crate) async fn connected(&self) -> Result<()> {
@@ -700,4 +724,18 @@ fn process_umask() -> Option<u32> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
     u32::from_str_radix(line.trim(), 8).ok().filter(|m| *m <= 0o777)
+}
+
+/// A key no other creation request of this session has: 128 random bits (the kernel's),
+/// or, if those cannot be read, this process, the time and a counter.
+fn creation_key() -> u128 {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 16];
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).is_ok() {
+        return u128::from_ne_bytes(bytes);
+    }
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let count = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (u128::from(std::process::id()) << 96) ^ (nanos << 32) ^ u128::from(count)
 }

@@ -148,7 +148,9 @@ impl Session {
     /// created suspended and started only once all exist, and if one request is refused,
     /// the tasks of the others are withdrawn unseen before the error is returned. (Only
     /// if starting them fails partway, twice, do the parts already started go on: the
-    /// delegate then hears of them as of tasks made elsewhere.)
+    /// delegate then hears of them as of tasks made elsewhere.) A request whose answer is
+    /// lost to a broken connection (the daemon restarted) is sent again under the same
+    /// creation key once it is back: tasks it had created are answered, never made twice.
     pub async fn download_tasks(&self, requests: Vec<DownloadRequest>, resume: bool) -> Result<Vec<DownloadTask>> {
         self.create(requests, resume).await
     }
@@ -196,7 +198,7 @@ impl Session {
         let response = self
             .shared
             .client
-            .request(Request::CreateTaskFromResumeData {
+            .request_once(Request::CreateTaskFromResumeData {
                 identifier: self.shared.identifier.clone(),
                 resume_data: resume_data.to_vec(),
                 resume: false,

@@ -10,6 +10,7 @@
 //! |---|---|
 //! | `checkpoint-after-sync` | the writer has `fdatasync`ed a checkpoint, the offset is not reported yet |
 //! | `checkpoint-after-commit` | the store committed a batch holding a checkpoint |
+//! | `tasks-after-commit` | the store committed a batch that created tasks, their request not answered yet |
 //! | `finish-before-move` | the finishing phase is committed, the file not moved yet |
 //! | `finish-after-move` | the file is moved and its directory synced, `completed` not committed yet |
 //! | `destination-check` | a task-creating request's destinations are about to be checked on disk (off the core thread) |

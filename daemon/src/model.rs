@@ -39,6 +39,21 @@ pub struct SessionRecord {
     pub policy: dlsession_proto::SessionPolicy,
 }
 
+/// The tasks a request sent `Once` created: `count` ids from `first` (a request's ids are
+/// consecutive), kept a day under the client's key so the same request sent again after
+/// its answer was lost is answered instead of creating twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Creation {
+    pub session: SessionKey,
+    pub key: u128,
+    pub first: TaskId,
+    pub count: u64,
+    pub created_at: UnixMillis,
+}
+
+/// How long a creation key is kept.
+pub const CREATION_KEPT_MS: u64 = 24 * 3600 * 1000;
+
 /// Where a task stands in the finish protocol (docs/behaviour.md, "Durability").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {

@@ -639,3 +639,28 @@ async fn a_resumed_task_is_stored_queued() {
         dlsessiond::model::TaskRecord { state: TaskState::Queued, resource_deadline: Some(77), retry_at: None, ..t };
     assert_eq!(*stored, expected, "nothing else changed");
 }
+
+/// Creation keys (`Request::Once`) survive a reopen for a day: older ones are dropped by
+/// the next save and never loaded; a deleted session's go with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creation_keys_are_kept_a_day() {
+    use dlsessiond::model::{CREATION_KEPT_MS, Creation, now_ms};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("d.db");
+    let now = now_ms();
+    let c = |session, key, first, created_at| Creation { session, key, first, count: 3, created_at };
+    {
+        let (store, _) = open(&db);
+        let other = SessionRecord { key: 8, identifier: "org.example.other".into(), ..session() };
+        store.write(vec![Op::InsertSession(session()), Op::InsertSession(other)], None);
+        store.write(vec![Op::SaveCreation(c(7, 1, 10, now - CREATION_KEPT_MS - 1))], None);
+        store.write(vec![Op::SaveCreation(c(7, u128::MAX, 20, now)), Op::SaveCreation(c(8, 2, 30, now))], None);
+        store.write(vec![Op::DeleteSession(8)], None);
+        assert!(store.flush(std::time::Duration::from_secs(30)).await);
+    }
+    let (_, snap) = open(&db);
+    assert_eq!(snap.creations, vec![c(7, u128::MAX, 20, now)]);
+    let rows: i64 =
+        rusqlite::Connection::open(&db).unwrap().query_row("SELECT count(*) FROM creations", [], |r| r.get(0)).unwrap();
+    assert_eq!(rows, 1, "the old key and the deleted session's are gone from the file");
+}

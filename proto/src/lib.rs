@@ -57,7 +57,7 @@ pub use task::*;
 pub const MAGIC: [u8; 4] = *b"DLSD";
 
 /// Bumped whenever a message type changes in a way an older peer cannot decode.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// The oldest protocol version a daemon of this build still serves (see [`v1`]).
 pub const MIN_PROTOCOL_VERSION: u16 = 1;

@@ -140,6 +140,14 @@ pub enum Request {
     /// request.
     /// → [`Response::Ok`]
     ResumeTasks { tasks: Vec<TaskId> },
+    // Protocol 6.
+    /// `request` (a `CreateTasks`, `CreateUploads` or `CreateTaskFromResumeData`) at most
+    /// once per `key` in its session: if the session already created tasks under `key`,
+    /// the answer is those tasks' ids and nothing is created. A client sends a request
+    /// again under the same key when its answer was lost (the connection broke), so a
+    /// creation the daemon had committed is not made twice. Keys are kept a day.
+    /// → the inner request's answer ([`Response::TasksCreated`]).
+    Once { key: u128, request: Box<Request> },
 }
 
 /// A session's client certificate: PEM files the daemon reads (the certificate, followed by
@@ -331,6 +339,7 @@ impl Request {
             Request::SetSessionClientCert { .. } => "set_session_client_cert",
             Request::GetSessionClientCert { .. } => "get_session_client_cert",
             Request::ResumeTasks { .. } => "resume_tasks",
+            Request::Once { request, .. } => request.name(),
         }
     }
 }

@@ -491,11 +491,12 @@ fn handshake_is_frozen() {
     check(3, "hello", &hello);
     check(4, "hello", &hello);
     check(5, "hello", &hello);
+    check(6, "hello", &hello);
     let welcome = Welcome { daemon_version: "0.1.0".into(), pid: 4242, connection_id: 7 };
-    for version in 1..=5 {
+    for version in 1..=6 {
         check(version, "welcome", &frame::encode_frame(&welcome).unwrap());
     }
-    assert_eq!(&Preamble::ours(HandshakeStatus::Ok).to_bytes(), b"DLSD\x00\x05\x00\x00");
+    assert_eq!(&Preamble::ours(HandshakeStatus::Ok).to_bytes(), b"DLSD\x00\x06\x00\x00");
     assert_eq!(&Preamble { version: 9, status: HandshakeStatus::VersionMismatch }.to_bytes(), b"DLSD\x00\x09\x00\x01");
 }
 
@@ -506,6 +507,7 @@ fn daemons_serve_every_supported_version() {
     assert_eq!(with(2).negotiate().unwrap(), 2);
     assert_eq!(with(3).negotiate().unwrap(), 3);
     assert_eq!(with(4).negotiate().unwrap(), 4);
+    assert_eq!(with(5).negotiate().unwrap(), 5);
     assert_eq!(with(PROTOCOL_VERSION).negotiate().unwrap(), PROTOCOL_VERSION);
     assert!(with(0).negotiate().is_err());
     assert!(with(PROTOCOL_VERSION + 1).negotiate().is_err());
@@ -524,6 +526,7 @@ fn requests_are_frozen_and_round_trip() {
         check(3, name, &bytes);
         check(4, name, &bytes);
         check(5, name, &bytes);
+        check(6, name, &bytes);
         let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![frame], "{name} does not round-trip");
     }
@@ -534,6 +537,7 @@ fn requests_are_frozen_and_round_trip() {
         check(3, name, &bytes);
         check(4, name, &bytes);
         check(5, name, &bytes);
+        check(6, name, &bytes);
         let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![frame], "{name} does not round-trip");
     }
@@ -543,6 +547,7 @@ fn requests_are_frozen_and_round_trip() {
         check(3, name, &bytes);
         check(4, name, &bytes);
         check(5, name, &bytes);
+        check(6, name, &bytes);
         let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![frame], "{name} does not round-trip");
     }
@@ -551,6 +556,7 @@ fn requests_are_frozen_and_round_trip() {
         let bytes = frame::encode_frame(&frame).unwrap();
         check(4, name, &bytes);
         check(5, name, &bytes);
+        check(6, name, &bytes);
         let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![frame], "{name} does not round-trip");
     }
@@ -558,8 +564,20 @@ fn requests_are_frozen_and_round_trip() {
     let frame = RequestFrame { id: 0x1234, request: Request::ResumeTasks { tasks: vec![7, 8, 1 << 40] } };
     let bytes = frame::encode_frame(&frame).unwrap();
     check(5, "req_resume_tasks", &bytes);
+    check(6, "req_resume_tasks", &bytes);
     let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
     assert_eq!(back, vec![frame], "req_resume_tasks does not round-trip");
+    // Protocol 6 only appended a request: protocol 5's messages are unchanged.
+    let create = Request::CreateTasks {
+        identifier: "s".into(),
+        tasks: vec![TaskSpec::get("https://example.org/a")],
+        resume: true,
+    };
+    let frame = RequestFrame { id: 0x1234, request: Request::Once { key: u128::MAX - 7, request: Box::new(create) } };
+    let bytes = frame::encode_frame(&frame).unwrap();
+    check(6, "req_once", &bytes);
+    let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
+    assert_eq!(back, vec![frame], "req_once does not round-trip");
 }
 
 #[test]
@@ -568,6 +586,7 @@ fn server_messages_are_frozen_and_round_trip() {
         let bytes = frame::encode_frame(&msg).unwrap();
         check(4, name, &bytes);
         check(5, name, &bytes);
+        check(6, name, &bytes);
         let back: Vec<ServerMessage> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![msg.clone()], "{name} does not round-trip");
         // Protocols 2 and 3 get the bytes they always got.
@@ -582,6 +601,7 @@ fn server_messages_are_frozen_and_round_trip() {
         let bytes = frame::encode_frame(&msg).unwrap();
         check(4, name, &bytes);
         check(5, name, &bytes);
+        check(6, name, &bytes);
         let back: Vec<ServerMessage> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![msg.clone()], "{name} does not round-trip");
         check(3, name, &frame::encode_server_frame(3, msg).unwrap());
@@ -590,6 +610,7 @@ fn server_messages_are_frozen_and_round_trip() {
         let bytes = frame::encode_frame(&msg).unwrap();
         check(4, name, &bytes);
         check(5, name, &bytes);
+        check(6, name, &bytes);
         let back: Vec<ServerMessage> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![msg], "{name} does not round-trip");
     }

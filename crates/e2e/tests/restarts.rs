@@ -61,6 +61,44 @@ async fn an_attached_app_reconnects_and_gets_its_events() {
     .await;
 }
 
+/// The daemon dies after committing new tasks and before answering: the library sends the
+/// request again under its creation key once the daemon is back and gets those tasks'
+/// ids. Nothing is created twice, and the app knows every task it made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_whose_answer_was_lost_are_created_once() {
+    let env = TestEnv::new();
+    let lost = std::ffi::OsStr::new("tasks-after-commit:1");
+    let mut d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", lost)]);
+    let s = TestServer::start().await.unwrap();
+    let paths = ["/once-a", "/once-b", "/once-c"];
+    for (i, path) in paths.iter().enumerate() {
+        s.add(path, Resource::generated(10_000, 60 + i as u64));
+    }
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session =
+        Session::attach(SessionConfiguration::background("t.once").socket(&env.socket), delegate).await.unwrap();
+    let creating = tokio::spawn({
+        let session = session.clone();
+        let requests: Vec<DownloadRequest> = paths.iter().map(|p| DownloadRequest::new(s.url(p))).collect();
+        async move { session.download_tasks(requests, true).await }
+    });
+    // Committed, then the daemon stops where a crash would: the answer never goes.
+    assert!(!d.wait_exit(LONG).success(), "stopped at the failpoint");
+    d.set_env(&[]);
+    d.restart();
+    let tasks = creating.await.unwrap().expect("answered once the daemon was back");
+    let mut made: Vec<u64> = tasks.iter().map(|t| t.id()).collect();
+    let mut listed: Vec<u64> = session.get_all_tasks().await.unwrap().iter().map(|t| t.id).collect();
+    made.sort_unstable();
+    listed.sort_unstable();
+    assert_eq!(made, listed, "the daemon holds exactly the tasks the app was told of");
+    assert_eq!(listed.len(), paths.len());
+    for task in &tasks {
+        assert_eq!(events.completion(task.id(), LONG).await, None);
+    }
+    assert!(d.log().contains("created before under this key"), "{}", d.log());
+}
+
 /// A clean restart (SIGTERM, as systemd and upgrades do it) does not end an attached
 /// app's session either: the app hears the connection went, rejoins, and gets its events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

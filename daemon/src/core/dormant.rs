@@ -108,6 +108,7 @@ impl Core {
             | Request::CreateTasks { .. }
             | Request::CreateUploads { .. }
             | Request::CreateTaskFromResumeData { .. }
+            | Request::Once { .. }
             | Request::GetSessionClientCert { .. }
             | Request::GetSessionPolicy { .. }
             | Request::GetSessionProxy { .. }

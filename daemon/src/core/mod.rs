@@ -12,7 +12,7 @@
 //! their running attempts), `admission` (run queues, running workers, the limits: who may
 //! start and why not), `conns` (connections), `timers`, `status` (statistics, systemd
 //! status), `disk` (the disk thread), `held` (requests held back), `start` (the start's
-//! work waiting for the database's check); and, here, `Lifecycle` and `Housekeeping`.
+//! work waiting for the database's check), `creations` (creation keys); and, here, `Lifecycle` and `Housekeeping`.
 //! Behaviour, as methods of [`Core`] that wire the parts together: `requests` (one
 //! handler per request), `transitions` (queueing, workers' reports, completion), `finish`
 //! (putting files in place), `delivery` (durable events), `progress`, `wake`, `resume`,
@@ -27,6 +27,7 @@ mod client_cert;
 mod conns;
 mod convert;
 mod cookies;
+mod creations;
 mod credentials;
 mod delivery;
 mod disk;
@@ -253,6 +254,8 @@ pub struct Core {
     auth: credentials::Auth,
     /// Requests waiting for dormant tasks to be read.
     held: held::Held,
+    /// What requests sent `Once` created, by key.
+    creations: creations::Creations,
 }
 
 /// Where the daemon is in its life, and what keeps it from leaving.
@@ -355,6 +358,7 @@ impl Core {
             launches: launches::Launches::new(cfg_launches),
             auth: credentials::Auth::default(),
             held: held::Held::default(),
+            creations: creations::Creations::default(),
         };
         core.restore(snapshot);
         let mut ops = Vec::new();

@@ -23,6 +23,9 @@ impl Core {
         self.restore_cookies(snapshot.cookie_jars);
         self.restore_auth(snapshot.session_challenges, snapshot.credentials);
         self.restore_client_certs(snapshot.client_certs);
+        for c in snapshot.creations {
+            self.creations.add(c);
+        }
         for (key, proxy) in snapshot.session_proxies {
             if let Some(s) = self.sessions.get_mut(&key) {
                 s.proxy = Some(proxy);

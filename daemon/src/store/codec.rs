@@ -711,3 +711,35 @@ pub fn load_client_certs(conn: &Connection) -> rusqlite::Result<Vec<(SessionKey,
     })?;
     rows.collect()
 }
+
+/// Stores what a request sent `Once` created, and forgets keys older than a day.
+pub fn save_creation(tx: &Transaction<'_>, c: &crate::model::Creation) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO creations (session_id, key, first_id, count, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![c.session, c.key.to_be_bytes(), sat(c.first), sat(c.count), sat(c.created_at)])?;
+    let before = c.created_at.saturating_sub(crate::model::CREATION_KEPT_MS);
+    tx.prepare_cached("DELETE FROM creations WHERE created_at < ?1")?.execute(params![sat(before)])?;
+    Ok(())
+}
+
+/// Creation keys made at or after `since`, oldest first (a key that is not 16 bytes is
+/// not one this daemon wrote, and is skipped).
+pub fn load_creations(conn: &Connection, since: u64) -> rusqlite::Result<Vec<crate::model::Creation>> {
+    let mut stmt = conn.prepare(
+        "SELECT session_id, key, first_id, count, created_at FROM creations WHERE created_at >= ?1
+         ORDER BY created_at",
+    )?;
+    let rows = stmt.query_map(params![sat(since)], |r| {
+        let key: Vec<u8> = r.get(1)?;
+        let Ok(key) = <[u8; 16]>::try_from(key.as_slice()) else { return Ok(None) };
+        Ok(Some(crate::model::Creation {
+            session: r.get(0)?,
+            key: u128::from_be_bytes(key),
+            first: r.get::<_, i64>(2)?.max(0) as u64,
+            count: r.get::<_, i64>(3)?.max(0) as u64,
+            created_at: r.get::<_, i64>(4)?.max(0) as u64,
+        }))
+    })?;
+    rows.filter_map(Result::transpose).collect()
+}

@@ -117,6 +117,8 @@ pub enum Op {
         session: SessionKey,
         cert: Option<dlsession_proto::ClientCertificate>,
     },
+    /// What a request sent `Once` created; keys older than a day go with it.
+    SaveCreation(crate::model::Creation),
 }
 
 /// A cookie jar as stored (JSON). `Debug` shows its size only: cookies are credentials,
@@ -194,6 +196,8 @@ pub struct Snapshot {
     pub credentials: Vec<(SessionKey, crate::model::HeldCredential)>,
     /// Sessions' client certificates.
     pub client_certs: Vec<(SessionKey, dlsession_proto::ClientCertificate)>,
+    /// Creation keys of the last day, oldest first.
+    pub creations: Vec<crate::model::Creation>,
 }
 
 /// Handle to the database thread. Cheap to clone.
@@ -315,6 +319,7 @@ fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreError> {
         session_challenges: codec::load_session_challenges(conn)?,
         credentials: codec::load_credentials(conn)?,
         client_certs: codec::load_client_certs(conn)?,
+        creations: codec::load_creations(conn, crate::model::now_ms().saturating_sub(crate::model::CREATION_KEPT_MS))?,
     })
 }
 
@@ -492,7 +497,7 @@ impl<H: Fn(Health)> Writer<H> {
         match commit(&mut self.conn, self.backlog.iter().flat_map(|(ops, _)| ops.iter())) {
             Ok(()) => {
                 let batch = std::mem::take(&mut self.backlog);
-                log_checkpoints(&batch);
+                after_commit(&batch);
                 if self.failing.take().is_some() {
                     info!(
                         batches = batch.len(),
@@ -531,7 +536,8 @@ impl<H: Fn(Health)> Writer<H> {
     }
 }
 
-fn log_checkpoints(batch: &[(Vec<Op>, Option<Done>)]) {
+/// Logs the checkpoints a batch committed; the failpoints right after a commit.
+fn after_commit(batch: &[(Vec<Op>, Option<Done>)]) {
     let mut checkpoints = batch.iter().flat_map(|(ops, _)| ops.iter()).filter_map(|op| match op {
         Op::Checkpoint { task, offset } => Some((*task, *offset)),
         _ => None,
@@ -541,6 +547,9 @@ fn log_checkpoints(batch: &[(Vec<Op>, Option<Done>)]) {
             debug!(task, offset, "checkpoint committed");
         }
         crate::failpoint::hit("checkpoint-after-commit");
+    }
+    if batch.iter().flat_map(|(ops, _)| ops.iter()).any(|op| matches!(op, Op::InsertTask(_))) {
+        crate::failpoint::hit("tasks-after-commit");
     }
 }
 
@@ -565,6 +574,7 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
             tx.execute("DELETE FROM session_challenges WHERE session_id = ?1", params![key])?;
             tx.execute("DELETE FROM credentials WHERE session_id = ?1", params![key])?;
             tx.execute("DELETE FROM session_client_certs WHERE session_id = ?1", params![key])?;
+            tx.execute("DELETE FROM creations WHERE session_id = ?1", params![key])?;
             // A session is deleted once all its tasks are retired; any other would be orphaned.
             tx.execute("DELETE FROM tasks WHERE session_id = ?1 AND retired = 0", params![key])?;
             // Its retired tasks stay in the history (`show` finds them) under a tombstone row whose
@@ -650,6 +660,7 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
             tx.execute("DELETE FROM session_client_certs WHERE session_id = ?1", params![session])?;
             Ok(())
         }
+        Op::SaveCreation(c) => codec::save_creation(tx, c),
         Op::ForgetCredential { session, task, origin, proxy } => {
             tx.execute(
                 "DELETE FROM credentials WHERE session_id = ?1 AND task_id = ?2 AND origin = ?3 AND proxy = ?4",

@@ -174,6 +174,17 @@ const MIGRATIONS: &[&str] = &[
     // 13: `invalidate_and_cancel` was called (its answer goes before its running tasks have
     // stopped: a start cancels what is left of them).
     "ALTER TABLE sessions ADD COLUMN cancelling INTEGER NOT NULL DEFAULT 0;",
+    // 14: which tasks a request sent `Once` created, under the client's key (16 bytes,
+    // big-endian), kept a day.
+    "CREATE TABLE creations (
+        session_id INTEGER NOT NULL,
+        key        BLOB NOT NULL,
+        first_id   INTEGER NOT NULL,
+        count      INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (session_id, key)
+     ) WITHOUT ROWID;
+     CREATE INDEX creations_age ON creations(created_at);",
 ];
 
 pub const LATEST_VERSION: i64 = MIGRATIONS.len() as i64;

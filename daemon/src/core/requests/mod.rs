@@ -15,6 +15,7 @@ use super::Core;
 use super::disk::{Adoption, Checked};
 use crate::conn::ConnId;
 use dlsession_proto::{ErrorCode, ErrorInfo, Request, Response, TaskId, WakeReason};
+use tasks::Creating;
 
 /// How a handler answered: now, or later (after a commit or a worker stop).
 pub(super) enum Answer {
@@ -135,11 +136,12 @@ impl Core {
             Request::ListSessionsPage(query) => Ok(Answer::Now(Response::SessionsPage(self.list_sessions(query)))),
             Request::HandleWakes => self.handle_wakes(conn),
             Request::CreateTasks { identifier, tasks, resume } => {
-                self.create_tasks(conn, id, identifier, tasks, resume, check)
+                self.create_tasks(conn, id, identifier, tasks, Creating { resume, once: None }, check)
             }
             Request::CreateUploads { identifier, uploads, resume } => {
-                self.create_uploads(conn, id, identifier, uploads, resume, check)
+                self.create_uploads(conn, id, identifier, uploads, Creating { resume, once: None }, check)
             }
+            Request::Once { key, request } => self.create_once(conn, id, key, *request, check),
             Request::SetSessionChallenges { identifier, answers } => {
                 self.set_session_challenges(conn, id, &identifier, answers)
             }
@@ -154,7 +156,7 @@ impl Core {
                 Ok(Answer::Now(Response::SessionClientCert(self.session_client_cert(&identifier)?)))
             }
             Request::CreateTaskFromResumeData { identifier, resume_data, resume } => {
-                self.create_from_resume_data(conn, id, identifier, resume_data, resume, check)
+                self.create_from_resume_data(conn, id, identifier, resume_data, Creating { resume, once: None }, check)
             }
             Request::ControlTask { task, action } => self.control_task(conn, id, task, action),
             Request::ResumeTasks { tasks } => self.resume_tasks(conn, id, &tasks),
@@ -265,8 +267,10 @@ fn access(request: &Request) -> Access {
         | Request::GetSessionProxy { .. }
         | Request::GetSessionChallenges { .. }
         | Request::GetSessionClientCert { .. } => Access::Read,
-        // These check for themselves: they write only when something changes.
-        Request::Attach { .. }
+        // These check for themselves: they write only when something changes (`Once`
+        // answers a key it knows even while nothing can be written).
+        Request::Once { .. }
+        | Request::Attach { .. }
         | Request::Detach { .. }
         | Request::Wake { .. }
         | Request::HandleWakes

@@ -5,6 +5,7 @@ use tracing::debug;
 
 use super::{Answer, DiskCheck, Handled, in_batch};
 use crate::conn::ConnId;
+use crate::core::creations;
 use crate::core::disk::{self, Adoption, Prepared};
 use crate::core::resume::ResumeData;
 use crate::core::sched::host_key;
@@ -21,7 +22,7 @@ impl Core {
         id: u64,
         identifier: String,
         specs: Vec<TaskSpec>,
-        resume: bool,
+        how: Creating,
         check: DiskCheck,
     ) -> Handled {
         let key = self.open_for_tasks(&identifier)?;
@@ -41,7 +42,7 @@ impl Core {
                 .filter_map(|(i, s)| s.destination.clone().map(|d| (i, d, s.overwrite)))
                 .collect();
             if !dests.is_empty() {
-                let request = Request::CreateTasks { identifier, tasks: specs, resume };
+                let request = how.request(Request::CreateTasks { identifier, tasks: specs, resume: how.resume });
                 let paths = dests.iter().map(|(_, d, _)| d.into()).collect();
                 self.check_on_disk(conn, id, request, paths, move || {
                     dests.into_iter().try_for_each(|(i, dest, overwrite)| {
@@ -58,19 +59,20 @@ impl Core {
             .into_iter()
             .zip(hosts)
             .map(|(spec, host)| move |id| (TaskRecord::new(id, key, spec, now, file_mode), host));
-        self.insert_created(conn, id, key, made, resume, now);
+        self.insert_created(conn, id, key, made, how, now);
         Ok(Answer::Later)
     }
 
     /// Adds tasks made by `made` (each given its new id) in one commit, queued when
-    /// `resume`; the request is answered with their ids once they are durable.
+    /// `resume`, with the key they were created `once` under; the request is answered
+    /// with their ids once they are durable.
     fn insert_created<F: FnOnce(TaskId) -> (TaskRecord, String)>(
         &mut self,
         conn: ConnId,
         request: u64,
         key: SessionKey,
         made: impl ExactSizeIterator<Item = F>,
-        resume: bool,
+        how: Creating,
         now: u64,
     ) {
         let mut ops = Vec::with_capacity(made.len() + 1);
@@ -79,7 +81,7 @@ impl Core {
             let id = self.tasks.allocate();
             let (rec, host) = make(id);
             self.insert_task(rec, host);
-            if resume {
+            if how.resume {
                 self.make_queued(id, now);
             }
             if let Some(t) = self.tasks.get(&id) {
@@ -88,6 +90,7 @@ impl Core {
             ids.push(id);
         }
         ops.push(Op::SetNextTaskId(self.tasks.next_id()));
+        self.remember_creation(key, how.once, &ids, now, &mut ops);
         debug!(session = %self.sessions.identifier(key), count = ids.len(), "tasks created");
         self.commit(ops, vec![After::Reply { conn, id: request, response: Response::TasksCreated(ids) }]);
         self.schedule();
@@ -99,7 +102,7 @@ impl Core {
         id: u64,
         identifier: String,
         blob: Vec<u8>,
-        resume: bool,
+        how: Creating,
         check: DiskCheck,
     ) -> Handled {
         let key = self.open_for_tasks(&identifier)?;
@@ -119,7 +122,11 @@ impl Core {
                 let kept = data.kept_file().map(|f| self.resume_dir().join(f));
                 let part = self.session_dir(key).join(format!("{task_id}.part"));
                 let dest = spec.destination.clone().map(|d| (d, spec.overwrite));
-                let request = Request::CreateTaskFromResumeData { identifier, resume_data: blob, resume };
+                let request = how.request(Request::CreateTaskFromResumeData {
+                    identifier,
+                    resume_data: blob,
+                    resume: how.resume,
+                });
                 let paths = dest.iter().map(|(d, _)| d.into()).chain(kept.clone()).collect();
                 self.check_on_disk(conn, id, request, paths, move || {
                     if let Some((dest, overwrite)) = dest {
@@ -137,7 +144,7 @@ impl Core {
             data.continue_in(&mut rec);
         }
         self.insert_task(rec, host_key(&url));
-        if resume {
+        if how.resume {
             self.make_queued(task_id, now);
         }
         let mut ops = Vec::new();
@@ -145,6 +152,7 @@ impl Core {
             ops.push(Op::InsertTask(Box::new(t.rec.clone())));
         }
         ops.push(Op::SetNextTaskId(self.tasks.next_id()));
+        self.remember_creation(key, how.once, &[task_id], now, &mut ops);
         let after = vec![After::Reply { conn, id, response: Response::TasksCreated(vec![task_id]) }];
         self.commit(ops, after);
         self.schedule();
@@ -160,7 +168,7 @@ impl Core {
         id: u64,
         identifier: String,
         uploads: Vec<UploadSpec>,
-        resume: bool,
+        how: Creating,
         check: DiskCheck,
     ) -> Handled {
         let key = self.open_for_tasks(&identifier)?;
@@ -175,7 +183,7 @@ impl Core {
             DiskCheck::Done(Prepared { uploads: snapshots, .. }) if snapshots.len() == n => snapshots,
             _ => {
                 let files: Vec<String> = uploads.iter().map(|u| u.file.clone()).collect();
-                let request = Request::CreateUploads { identifier, uploads, resume };
+                let request = how.request(Request::CreateUploads { identifier, uploads, resume: how.resume });
                 let paths = files.iter().map(Into::into).collect();
                 self.check_on_disk(conn, id, request, paths, move || {
                     let uploads = files
@@ -206,8 +214,74 @@ impl Core {
                 (rec, host)
             }
         });
-        self.insert_created(conn, id, key, made, resume, now);
+        self.insert_created(conn, id, key, made, how, now);
         Ok(Answer::Later)
+    }
+
+    /// A request that creates tasks, sent under a creation key: if the session created
+    /// tasks under it already (the answer was lost and the client sent it again), the
+    /// answer is their ids, once they are durable; else the request is handled, and the
+    /// key stored with its tasks. Checked again after a disk phase: of two requests with
+    /// one key that both went to check files, the second to come back answers the first's
+    /// ids.
+    pub(super) fn create_once(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        key: u128,
+        request: Request,
+        check: DiskCheck,
+    ) -> Handled {
+        let identifier = match &request {
+            Request::CreateTasks { identifier, .. }
+            | Request::CreateUploads { identifier, .. }
+            | Request::CreateTaskFromResumeData { identifier, .. } => identifier,
+            other => {
+                return Err(ErrorInfo::new(
+                    ErrorCode::InvalidRequest,
+                    format!("{} cannot be sent once: only requests that create tasks can", other.name()),
+                ));
+            }
+        };
+        let session = self.sessions.key_of(identifier)?;
+        if let Some(ids) = self.creations.get(session, key) {
+            debug!(session = %identifier, count = ids.len(), "created before under this key: answered again");
+            let reply = After::Reply { conn, id, response: Response::TasksCreated(ids) };
+            self.commit_after_pending(Vec::new(), vec![reply]);
+            return Ok(Answer::Later);
+        }
+        // Checked here rather than before (see `access`): a known key is answered even
+        // while nothing can be written.
+        if let Some(e) = &self.life.storage {
+            return Err(e.clone());
+        }
+        let how = |resume| Creating { resume, once: Some(key) };
+        match request {
+            Request::CreateTasks { identifier, tasks, resume } => {
+                self.create_tasks(conn, id, identifier, tasks, how(resume), check)
+            }
+            Request::CreateUploads { identifier, uploads, resume } => {
+                self.create_uploads(conn, id, identifier, uploads, how(resume), check)
+            }
+            Request::CreateTaskFromResumeData { identifier, resume_data, resume } => {
+                self.create_from_resume_data(conn, id, identifier, resume_data, how(resume), check)
+            }
+            _ => Ok(Answer::Later),
+        }
+    }
+
+    /// Keeps what `ids` were created under `once` (if sent so), stored with them.
+    fn remember_creation(
+        &mut self,
+        session: SessionKey,
+        once: Option<u128>,
+        ids: &[TaskId],
+        now: u64,
+        ops: &mut Vec<Op>,
+    ) {
+        let Some(c) = once.and_then(|key| creations::record(session, key, ids, now)) else { return };
+        self.creations.add(c);
+        ops.push(Op::SaveCreation(c));
     }
 
     /// At most `max_tasks_per_batch` of them in one request.
@@ -257,5 +331,23 @@ impl Core {
             let _ = tx.send(CoreMsg::DiskCheckTimedOut { conn, token });
         });
         self.held.set_disk_timer(conn, token, timer.abort_handle());
+    }
+}
+
+/// How a creating request asked for its tasks: queued at once (`resume`), and the creation
+/// key it came under (`Request::Once`), if any.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Creating {
+    pub resume: bool,
+    pub once: Option<u128>,
+}
+
+impl Creating {
+    /// `request` (its disk phase's copy) as it came: under its key, if it had one.
+    fn request(self, request: Request) -> Request {
+        match self.once {
+            Some(key) => Request::Once { key, request: Box::new(request) },
+            None => request,
+        }
     }
 }
