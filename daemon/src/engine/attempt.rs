@@ -39,9 +39,10 @@ impl Engine {
             }
             auth::apply(&mut req, &url, &job.auth, &proxies);
             let resp = match tokio::time::timeout(job.idle_timeout, client.request(req)).await {
-                Err(_) => return Err(no_response(&url, job)),
+                Err(_) => return Err(self.unanswered(no_response(&url, job), &url, &proxies)),
                 Ok(Err(e)) => {
-                    return Err(request_failure(&e, &url, &proxies, &format!("requesting {}", host_of(&url))));
+                    let f = request_failure(&e, &url, &proxies, &format!("requesting {}", host_of(&url)));
+                    return Err(self.unanswered(f, &url, &proxies));
                 }
                 Ok(Ok(r)) => r,
             };

@@ -304,9 +304,9 @@ pub struct Failure {
     pub discard_partial: bool,
     /// A 401 or 407 that asked for credentials: the core may ask the app instead of failing.
     pub challenge: Option<Box<dlsession_proto::Challenge>>,
-    /// Where the attempt's first connection goes (its proxy, else its server), as its name
-    /// last resolved: tells the core whether that address has a route when no response
-    /// told it one. Set by the worker as it reports the failure.
+    /// For a request that got no response: where its connection went (its proxy, else its
+    /// server, the one a redirect named included), as the name last resolved, so the core
+    /// can tell whether that address has a route.
     pub first_hop: Option<std::net::IpAddr>,
 }
 

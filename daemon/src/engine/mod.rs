@@ -290,28 +290,24 @@ impl Engine {
         Ok((client, proxies))
     }
 
-    /// The address a job for `url` connects to first (see `Failure::first_hop`): an address
-    /// written in the URL (or the proxy's), else what its name last resolved to.
-    fn first_hop(&self, url: &str, proxy: Option<&SessionProxy>) -> Option<std::net::IpAddr> {
-        let url = url::Url::parse(url).ok()?;
-        let host = match proxy {
-            Some(p) => proxy::Proxies::new(p.url.as_deref().unwrap_or(""), "", "", &p.no_proxy).first_hop(&url),
-            None => self.proxies.first_hop(&url),
-        }?;
-        host.parse().ok().or_else(|| self.factory.resolved().of(&host))
+    /// `f`, a request to `url` that got no response, with the address its connection went
+    /// to (see `Failure::first_hop`): an address written in the URL (or the proxy's), else
+    /// what its name last resolved to.
+    pub(super) fn unanswered(&self, mut f: Failure, url: &url::Url, proxies: &proxy::Proxies) -> Failure {
+        f.first_hop =
+            proxies.first_hop(url).and_then(|host| host.parse().ok().or_else(|| self.factory.resolved().of(&host)));
+        f
     }
 
     /// Starts a worker for `job`.
     pub fn spawn(self: &Arc<Self>, job: Job) -> tokio::task::JoinHandle<()> {
         let engine = Arc::clone(self);
-        let engine_for_hop = Arc::clone(self);
         // Debug: at the default level an enabled span cost every poll of every download an
         // enter and exit in the registry; what is logged at info names its task itself.
         let span = debug_span!("download", session = %job.session, task = job.link.task());
         tokio::spawn(
             async move {
                 let link = job.link.clone();
-                let hop = (job.url.clone(), job.proxy.clone());
                 let _abandon = AbandonOnDrop(link.abandoned.clone());
                 // A bug that panics a worker fails its attempt; it never leaves the task
                 // "running" with nobody working on it.
@@ -319,17 +315,13 @@ impl Engine {
                     let mut job = job;
                     if job.upload.is_some() { engine.upload(&mut job).await } else { engine.download(job).await }
                 };
-                let engine = Arc::clone(&engine_for_hop);
-                let mut outcome = match AssertUnwindSafe(work).catch_unwind().await {
+                let outcome = match AssertUnwindSafe(work).catch_unwind().await {
                     Ok(outcome) => outcome,
                     Err(panic) => Outcome::Failed(Failure::transient(
                         ErrorCode::Internal,
                         format!("the download worker failed: {}", threads::panic_message(panic.as_ref())),
                     )),
                 };
-                if let Outcome::Failed(f) = &mut outcome {
-                    f.first_hop = engine.first_hop(&hop.0, hop.1.as_ref());
-                }
                 debug!(?outcome, "worker finished");
                 outcome.report(&link);
             }

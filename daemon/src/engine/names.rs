@@ -31,6 +31,10 @@ impl Resolved {
         self.0.lock().unwrap_or_else(PoisonError::into_inner).get(host).copied()
     }
 
+    fn forget(&self, host: &str) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).remove(host);
+    }
+
     fn remember(&self, host: &str, ip: IpAddr) {
         let mut names = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if names.len() >= MOST && !names.contains_key(host) {
@@ -67,9 +71,18 @@ impl Service<Name> for Recording {
         let resolving = self.gai.call(name);
         let resolved = self.resolved.clone();
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> = resolving.await?.collect();
-            if let Some(first) = addrs.first() {
-                resolved.remember(&host, first.ip());
+            // A name that does not resolve now has no address to check: an old answer may
+            // be from another network.
+            let addrs: Vec<SocketAddr> = match resolving.await {
+                Ok(addrs) => addrs.collect(),
+                Err(e) => {
+                    resolved.forget(&host);
+                    return Err(e);
+                }
+            };
+            match addrs.first() {
+                Some(first) => resolved.remember(&host, first.ip()),
+                None => resolved.forget(&host),
             }
             Ok(addrs.into_iter())
         })

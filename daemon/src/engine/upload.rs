@@ -146,14 +146,10 @@ impl Engine {
         }
         auth::apply(&mut req, resume, &job.auth, &proxies);
         let resp = match tokio::time::timeout(job.idle_timeout, client.request(req)).await {
-            Err(_) => return Err(no_response(resume, job)),
+            Err(_) => return Err(self.unanswered(no_response(resume, job), resume, &proxies)),
             Ok(Err(e)) => {
-                return Err(request_failure(
-                    &e,
-                    resume,
-                    &proxies,
-                    &format!("asking {} for the upload's offset", host_of(resume)),
-                ));
+                let what = format!("asking {} for the upload's offset", host_of(resume));
+                return Err(self.unanswered(request_failure(&e, resume, &proxies, &what), resume, &proxies));
             }
             Ok(Ok(r)) => r,
         };
@@ -279,7 +275,7 @@ impl Engine {
                 take_offer(location, offered);
             }
             let resp = match resp {
-                None => return Err(no_response(&url, job)),
+                None => return Err(self.unanswered(no_response(&url, job), &url, &proxies)),
                 Some(Err(e)) => {
                     if let Some(f) = changed_failure(&e) {
                         return Err(f);
@@ -296,7 +292,7 @@ impl Engine {
                     if !may_ask {
                         f.challenge = None;
                     }
-                    return Err(f);
+                    return Err(self.unanswered(f, &url, &proxies));
                 }
                 Some(Ok(r)) => r,
             };
