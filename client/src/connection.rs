@@ -86,6 +86,16 @@ struct Route {
     attach: Request,
     /// The queue was full and events were dropped: the session must ask for them again.
     overflowed: Arc<AtomicBool>,
+    /// Messages that must not be missed, waiting for room in order (see `hand_over`).
+    late: Arc<std::sync::Mutex<Late>>,
+}
+
+/// A route's messages waiting for room in its queue, in the order they came.
+#[derive(Debug, Default)]
+struct Late {
+    waiting: std::collections::VecDeque<Routed>,
+    /// A task is putting them in the queue: later ones go behind them.
+    draining: bool,
 }
 
 /// A session's end of its route.
@@ -211,26 +221,28 @@ impl Client {
 
     /// Sends a request that creates tasks under a new creation key, and again under the
     /// same key if the connection broke before the answer came (the daemon may have
-    /// created them: then it answers their ids instead of creating them twice), within
-    /// the request timeout. A request that timed out is not sent again (the daemon may
-    /// still create its tasks, if it was only slow).
+    /// created them: then it answers their ids instead of creating them twice): at most
+    /// `RESENDS` times, each try with its own request timeout (a daemon coming back checks
+    /// its database first), a pause growing from 50 ms between them. A request that timed
+    /// out is not sent again (the daemon may still create its tasks, if it was only slow).
     pub(crate) async fn request_once(&self, request: Request) -> Result<Response> {
-        let (name, after) = (request.name(), self.shared.options.request_timeout);
+        let name = request.name();
         let keyed = Request::Once { key: creation_key(), request: Box::new(request) };
-        // One timer for every try, as for any request.
-        let tries = async {
-            loop {
-                match self.request(keyed.clone()).await {
-                    Err(Error::Disconnected { reason }) => {
-                        debug!(?reason, request = name, "the answer was lost; sending the request again under its key");
-                        // A client closed for good fails here at once.
-                        self.connected().await.map_err(|_| Error::Disconnected { reason })?;
-                    }
-                    other => return other,
+        let mut pause = Duration::from_millis(50);
+        for resend in 0..=RESENDS {
+            match self.request(keyed.clone()).await {
+                Err(Error::Disconnected { reason }) if resend < RESENDS => {
+                    debug!(?reason, request = name, "the answer was lost; sending the request again under its key");
+                    // Never a tight loop: a link that broke may still look up for a moment.
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                    // A client closed for good fails here at once.
+                    self.connected().await.map_err(|_| Error::Disconnected { reason })?;
                 }
+                other => return other,
             }
-        };
-        tokio::time::timeout(after, tries).await.map_err(|_| Error::TimedOut { request: name, after })?
+        }
+        Err(Error::Disconnected { reason: None })
     }
 
     /// Waits until a link is up (at most the request timeout), for requests sent without
@@ -338,7 +350,8 @@ impl Client {
         let token = self.shared.next_route.fetch_add(1, Ordering::Relaxed);
         let overflowed = Arc::new(AtomicBool::new(false));
         if let Ok(mut routes) = self.shared.routes.lock() {
-            routes.insert(identifier.to_owned(), Route { token, tx, attach, overflowed: overflowed.clone() });
+            let late = Arc::default();
+            routes.insert(identifier.to_owned(), Route { token, tx, attach, overflowed: overflowed.clone(), late });
         }
         RouteHandle { token, events, overflowed }
     }
@@ -657,22 +670,47 @@ fn notify_routes(shared: &Shared, what: impl Fn(&str) -> Routed) {
 
 /// Hands a message the session must not miss (a detach, a lost or regained connection) to
 /// its queue: when the queue is full, the session is told to ask for its events again and
-/// the message goes in as soon as there is room (the dispatcher drains the queue). Dropped,
-/// a lost detach left the session rejoining one that was gone.
+/// the message goes in as soon as there is room (the dispatcher drains the queue), after
+/// those that waited before it ("lost" before "back"). Dropped, a lost detach left the
+/// session rejoining one that was gone.
 fn hand_over(route: &Route, routed: Routed) {
-    match route.tx.try_send(routed) {
-        Ok(()) => {}
-        Err(mpsc::error::TrySendError::Full(routed)) => {
-            route.overflowed.store(true, Ordering::Release);
-            let tx = route.tx.clone();
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    let _ = tx.send(routed).await;
-                });
+    let Ok(mut late) = route.late.lock() else { return };
+    let routed = if late.draining {
+        routed
+    } else {
+        match route.tx.try_send(routed) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
+            Err(mpsc::error::TrySendError::Full(routed)) => routed,
+        }
+    };
+    route.overflowed.store(true, Ordering::Release);
+    if late.draining {
+        late.waiting.push_back(routed);
+        return;
+    }
+    // Without a runtime to wait for room on, it cannot go (and must not wait where a later
+    // message would overtake it).
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    late.waiting.push_back(routed);
+    late.draining = true;
+    let (tx, queue) = (route.tx.clone(), route.late.clone());
+    runtime.spawn(async move {
+        loop {
+            let next = match queue.lock() {
+                Ok(mut late) => match late.waiting.pop_front() {
+                    Some(next) => next,
+                    None => {
+                        late.draining = false;
+                        return;
+                    }
+                },
+                Err(_) => return,
+            };
+            if tx.send(next).await.is_err() {
+                return;
             }
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => {}
-    }
+    });
 }
 
 /// Hands an event to its session's queue, or to `events()`.
@@ -702,11 +740,19 @@ fn dispatch(shared: &Shared, msg: ServerMessage) {
         // session back from whoever took it over).
         let progress = matches!(event, Event::Progress { .. } | Event::SendProgress { .. });
         let detach = matches!(event, Event::Detached { .. });
-        if route.overflowed.load(Ordering::Acquire) && !progress && !detach {
-            return;
-        }
         if detach {
             hand_over(route, Routed::Event(event));
+            return;
+        }
+        // Notices still waiting for room go first (`hand_over`): an event now would
+        // overtake them. A durable one comes again when the session asks.
+        if route.late.lock().is_ok_and(|late| late.draining) {
+            if !progress {
+                route.overflowed.store(true, Ordering::Release);
+            }
+            return;
+        }
+        if route.overflowed.load(Ordering::Acquire) && !progress {
             return;
         }
         if route.tx.try_send(Routed::Event(event)).is_err() && !progress {
@@ -725,6 +771,10 @@ fn process_umask() -> Option<u32> {
     let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
     u32::from_str_radix(line.trim(), 8).ok().filter(|m| *m <= 0o777)
 }
+
+/// How many times a creating request goes again after its answer was lost (a request
+/// that made the daemon crash is not sent for ever).
+const RESENDS: u32 = 3;
 
 /// A key no other creation request of this session has: 128 random bits (the kernel's),
 /// or, if those cannot be read, this process, the time and a counter.
