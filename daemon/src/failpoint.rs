@@ -10,6 +10,7 @@
 //! |---|---|
 //! | `checkpoint-after-sync` | the writer has `fdatasync`ed a checkpoint, the offset is not reported yet |
 //! | `checkpoint-after-commit` | the store committed a batch holding a checkpoint |
+//! | `tasks-before-commit` | the store is about to commit a batch that creates tasks |
 //! | `tasks-after-commit` | the store committed a batch that created tasks, their request not answered yet |
 //! | `finish-before-move` | the finishing phase is committed, the file not moved yet |
 //! | `finish-after-move` | the file is moved and its directory synced, `completed` not committed yet |

@@ -53,6 +53,8 @@ pub struct Creation {
 
 /// How long a creation key is kept.
 pub const CREATION_KEPT_MS: u64 = 24 * 3600 * 1000;
+/// Creation keys kept at most, all sessions together: past it the oldest go first.
+pub const CREATIONS_MOST: usize = 100_000;
 
 /// Where a task stands in the finish protocol (docs/behaviour.md, "Durability").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

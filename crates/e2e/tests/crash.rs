@@ -287,3 +287,31 @@ async fn invalidate_and_cancel_holds_across_a_crash_before_the_task_stopped() {
     assert_eq!(server.hits("/big.bin"), 1, "not downloaded again after the restart");
     assert!(d.log().contains("cancelling what invalidate_and_cancel left running"), "{}", d.log());
 }
+
+/// `invalidate_and_cancel` reaches a task whose file is already at its destination (marked)
+/// while its completion is not committed, and the daemon is killed then. At the next start
+/// the file is found in place and the task completes with it, as it would have without the
+/// stop: it is not cancelled with its file left there, owned by nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_delivered_before_a_crash_is_not_cancelled_by_invalidate_and_cancel() {
+    let env = TestEnv::new();
+    let hold = std::ffi::OsStr::new("finish-after-move:1:sleep-ms=30000");
+    let mut d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", hold)]);
+    let server = TestServer::start().await.unwrap();
+    server.add("/delivered.bin", Resource::generated(300_000, 13));
+    let dest = env.path().join("delivered.bin");
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let config = SessionConfiguration::background("t.delivered").socket(&env.socket);
+    let session = Session::attach(config, delegate).await.unwrap();
+    let request = DownloadRequest::new(server.url("/delivered.bin")).destination(&dest);
+    let task = session.download_tasks(vec![request], true).await.unwrap().remove(0);
+    dlsession_testkit::wait_until(|| dest.exists()).await;
+    session.invalidate_and_cancel().await.unwrap();
+    d.kill9();
+    d.set_env(&[]);
+    d.restart();
+    assert_eq!(events.completion(task.id(), LONG).await, None, "completed with its file");
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(13, 300_000)));
+    events.wait("did_become_invalid", LONG, |e| matches!(e, Seen::Invalid)).await;
+    assert_eq!(server.hits("/delivered.bin"), 1, "not downloaded again");
+}

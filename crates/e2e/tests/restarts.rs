@@ -99,6 +99,36 @@ async fn tasks_whose_answer_was_lost_are_created_once() {
     assert!(d.log().contains("created before under this key"), "{}", d.log());
 }
 
+/// New tasks start only once their creation is durable: a daemon that dies before that
+/// commit has downloaded nothing (else a file could sit at a destination no task owns after
+/// the restart), and the request, sent again under its key, creates them then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_start_only_once_their_creation_is_durable() {
+    let env = TestEnv::new();
+    let slow = std::ffi::OsStr::new("tasks-before-commit:1:sleep-ms=5000");
+    let mut d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", slow)]);
+    let s = TestServer::start().await.unwrap();
+    s.add("/early", Resource::generated(10_000, 70));
+    let dest = env.path().join("early.bin");
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let config = SessionConfiguration::background("t.early").socket(&env.socket);
+    let session = Session::attach(config, delegate).await.unwrap();
+    let creating = tokio::spawn({
+        let (session, request) = (session.clone(), DownloadRequest::new(s.url("/early")).destination(&dest));
+        async move { session.download_tasks(vec![request], true).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(s.hits("/early"), 0, "nothing is fetched before the creation is durable");
+    d.kill9();
+    assert!(!dest.exists());
+    d.set_env(&[]);
+    d.restart();
+    let task = creating.await.unwrap().expect("created once the daemon was back").remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(events.location(task.id()).as_deref(), Some(dest.as_path()), "delivered at its destination");
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(70, 10_000)));
+}
+
 /// A clean restart (SIGTERM, as systemd and upgrades do it) does not end an attached
 /// app's session either: the app hears the connection went, rejoins, and gets its events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

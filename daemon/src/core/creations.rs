@@ -1,5 +1,5 @@
 //! Creation keys (`Request::Once`): which tasks a request sent under a key created, kept a
-//! day (at most `MOST` keys), so the same request sent again after its answer was lost is
+//! day (at most `CREATIONS_MOST` keys), so the same request sent again after its answer was lost is
 //! answered with the same ids instead of creating the tasks twice.
 //!
 //! Invariant: a key is here only once its tasks exist in memory, and its row is in the
@@ -11,10 +11,7 @@ use dlsession_proto::TaskId;
 
 use dlsession_proto::UnixMillis;
 
-use crate::model::{CREATION_KEPT_MS, Creation, SessionKey};
-
-/// Keys remembered at most, all sessions together: past it the oldest go first.
-const MOST: usize = 100_000;
+use crate::model::{CREATION_KEPT_MS, CREATIONS_MOST, Creation, SessionKey};
 
 #[derive(Debug, Default)]
 pub(super) struct Creations {
@@ -30,11 +27,11 @@ impl Creations {
         Some((first..first.saturating_add(count)).collect())
     }
 
-    /// Remembers `c`, forgetting keys older than a day (as of `c`) and the oldest past `MOST`.
+    /// Remembers `c`, forgetting keys older than a day (as of `c`) and the oldest past `CREATIONS_MOST`.
     pub fn add(&mut self, c: Creation) {
         let before = c.created_at.saturating_sub(CREATION_KEPT_MS);
         while let Some(&(at, session, key)) = self.order.front()
-            && (at < before || self.order.len() >= MOST)
+            && (at < before || self.order.len() >= CREATIONS_MOST)
         {
             self.order.pop_front();
             self.by_key.remove(&(session, key));
@@ -81,11 +78,11 @@ mod tests {
     #[test]
     fn memory_is_bounded() {
         let mut c = Creations::default();
-        for key in 0..(MOST as u128 + 10) {
+        for key in 0..(CREATIONS_MOST as u128 + 10) {
             c.add(record(1, key, &[1], 5).unwrap());
         }
-        assert!(c.by_key.len() <= MOST && c.order.len() == c.by_key.len());
+        assert!(c.by_key.len() <= CREATIONS_MOST && c.order.len() == c.by_key.len());
         assert_eq!(c.get(1, 0), None, "the oldest went first");
-        assert!(c.get(1, MOST as u128 + 9).is_some());
+        assert!(c.get(1, CREATIONS_MOST as u128 + 9).is_some());
     }
 }

@@ -33,6 +33,8 @@ pub enum DiskReport {
     ResumeDir { removed: usize, oldest: Option<UnixMillis> },
     /// A task's finished file, looked for at start, is in place (see `Look`).
     FoundInPlace { task: TaskId, location: String, size: u64, error: Option<ErrorInfo> },
+    /// A task looked for with `Look::report_missing` is not in place.
+    NotInPlace { task: TaskId },
 }
 
 /// At start: where a task that was downloading may have had its file moved just before the
@@ -46,6 +48,8 @@ pub(super) struct Look {
     pub to: PathBuf,
     pub mark: String,
     pub sha256: Option<[u8; 32]>,
+    /// Report it not found too (a task to cancel unless its file was delivered).
+    pub report_missing: bool,
 }
 
 /// The extension of a task's partial file (`ID.part` in its session's directory).
@@ -213,20 +217,31 @@ fn run(job: Job, report: &impl Fn(DiskReport)) {
 /// Looks for each task's file in place, on a thread of its own, and reports those found
 /// (`DiskReport::FoundInPlace`). A look that hangs holds up only the looks behind it; those
 /// tasks look for themselves when they get a download slot.
-pub(super) fn look_in_place(looks: Vec<Look>, report: impl Fn(DiskReport) + Send + 'static) {
+pub(super) fn look_in_place(looks: Vec<Look>, report: impl Fn(DiskReport) + Send + Sync + 'static) {
     if looks.is_empty() {
         return;
     }
+    let missing: Vec<TaskId> = looks.iter().filter(|l| l.report_missing).map(|l| l.task).collect();
+    let report = std::sync::Arc::new(report);
+    let reporter = report.clone();
     let spawned = std::thread::Builder::new().name("dlsessiond-look".into()).spawn(move || {
         for l in looks {
-            if let Some(found) = crate::engine::files::found_in_place(&l.part, &l.to, &l.mark, l.sha256) {
-                let (location, size, error) = found.outcome(&l.to);
-                report(DiskReport::FoundInPlace { task: l.task, location, size, error });
+            match crate::engine::files::found_in_place(&l.part, &l.to, &l.mark, l.sha256) {
+                Some(found) => {
+                    let (location, size, error) = found.outcome(&l.to);
+                    reporter(DiskReport::FoundInPlace { task: l.task, location, size, error });
+                }
+                None if l.report_missing => reporter(DiskReport::NotInPlace { task: l.task }),
+                None => {}
             }
         }
     });
     if let Err(e) = spawned {
         warn!(error = %e, "cannot look for files moved before the last stop; each task looks when it starts");
+        // Those waiting for the answer are told nothing was found: they go on without it.
+        for task in missing {
+            report(DiskReport::NotInPlace { task });
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 use tracing::{debug, warn};
 
 use super::backoff::Backoff;
-use super::task::{AfterStop, Run, Task};
+use super::task::{AfterStop, OffLanes, Run, Task};
 use super::timers::wall_after;
 use super::{After, Core, Timer};
 use crate::engine::files::Leftovers;
@@ -89,13 +89,32 @@ impl Core {
     /// that began meanwhile looks for itself.
     pub(super) fn on_found_at_start(&mut self, id: TaskId, location: String, size: u64, error: Option<ErrorInfo>) {
         let Some(t) = self.tasks.get(&id) else { return };
+        // One held for this answer (`OffLanes::Cancelling`) takes it in any state it was
+        // put in meanwhile (a suspend), but completed.
+        let held = t.off_lanes == Some(OffLanes::Cancelling) && t.state != TaskState::Completed;
         // `restored` stays: a move tried again after a failed directory sync still counts
         // copies named by this pid as leftovers (`start_move`).
-        if !waits_for_a_slot(t) || t.run.is_some() || !t.restored {
+        if !(waits_for_a_slot(t) || held) || t.run.is_some() || !t.restored {
             return;
         }
         self.unqueue(id);
+        // From here it goes as any found file does (a failed directory sync: moved again).
+        if let Some(t) = self.tasks.get_mut(&id) {
+            t.off_lanes = None;
+        }
         self.on_found_in_place(id, location, size, error);
+    }
+
+    /// A task of a session that `invalidate_and_cancel` ended before the daemon stopped,
+    /// held back at start until its file was looked for, was not found in place: it is
+    /// cancelled now (see `recovery::restore`).
+    pub(super) fn on_not_in_place(&mut self, id: TaskId) {
+        let Some(t) = self.tasks.get(&id) else { return };
+        if t.off_lanes != Some(OffLanes::Cancelling) || t.state == TaskState::Completed {
+            return;
+        }
+        self.unqueue(id);
+        self.cancel_at_start(vec![id]);
     }
 
     /// Tasks read from the database that were downloading may have had their file moved into
@@ -105,7 +124,7 @@ impl Core {
     /// delivered. Every queued or retrying one is looked for: a fresh transfer records
     /// nothing before its first checkpoint or its finish, so none can be ruled out.
     pub(super) fn look_in_place_at_start(&mut self) {
-        let looks: Vec<_> = self
+        let mut looks: Vec<_> = self
             .tasks
             .values()
             .filter(|t| t.restored && waits_for_a_slot(t) && t.rec.phase != Phase::Finishing)
@@ -116,8 +135,23 @@ impl Core {
                 to: self.target_of(&t.rec).0,
                 mark: task_mark(&t.rec),
                 sha256: t.rec.expected_sha256,
+                report_missing: t.off_lanes == Some(OffLanes::Cancelling),
             })
             .collect();
+        // Those held for their answer go first; and if the looks hang (a hung mount), they
+        // are cancelled after `disk_check_timeout` rather than held for ever (a file found
+        // after that stays where it is).
+        looks.sort_by_key(|l| !l.report_missing);
+        let held: Vec<TaskId> = looks.iter().filter(|l| l.report_missing).map(|l| l.task).collect();
+        if !held.is_empty() {
+            let (tx, after) = (self.tx.clone(), self.cfg.timing.disk_check_timeout);
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                for task in held {
+                    let _ = tx.send(super::CoreMsg::Disk(super::disk::DiskReport::NotInPlace { task }));
+                }
+            });
+        }
         let tx = self.tx.clone();
         super::disk::look_in_place(looks, move |r| {
             let _ = tx.send(super::CoreMsg::Disk(r));

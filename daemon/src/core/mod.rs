@@ -215,6 +215,8 @@ pub enum After {
         task: TaskId,
         generation: u64,
     },
+    /// New tasks are durable: the queued ones join their lanes.
+    Created(Vec<TaskId>),
 }
 
 /// The core actor. Build with [`Core::new`], drive with [`Core::run`]. It owns one part
@@ -567,6 +569,7 @@ impl Core {
                     let _ = tx.send(());
                 }
                 After::ReleaseProgress { task, generation } => self.release_progress(task, generation),
+                After::Created(ids) => self.on_created(ids),
                 After::ReplyAfterDisk { conn, id, response } => {
                     if let Some(c) = self.conns.get(&conn) {
                         let out = c.handle.clone();

@@ -205,7 +205,7 @@ impl Core {
             // the timer fires. Suspended ones (most, with many tasks) cost nothing here.
             let weighed = match t.state {
                 TaskState::Running => true,
-                TaskState::Queued => t.timer.is_none(),
+                TaskState::Queued => t.timer.is_none() && t.off_lanes.is_none(),
                 _ => false,
             };
             if !weighed || t.rec.phase != crate::model::Phase::Transfer {

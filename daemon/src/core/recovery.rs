@@ -54,14 +54,25 @@ impl Core {
             let (id, state, phase, retry_at) = (rec.id, rec.state, rec.phase, rec.retry_at);
             let challenged = rec.challenge.is_some();
             let cancelling = self.sessions.get(&rec.session).is_some_and(|s| s.rec.cancelling && !s.rec.invalid);
+            // A marked file's move is recorded only with its completion: it may be in place.
+            let maybe_moved = super::finish::marks(&rec) && !rec.unmarked && rec.upload.is_none() && !challenged;
             self.restore_task(rec);
             match state {
-                // `invalidate_and_cancel` was answered while it was stopping. A task
-                // finishing its file finishes (as it would have without the stop).
+                // `invalidate_and_cancel` was answered while it was stopping: cancelled, not
+                // run again. One that may have moved its file into place just before the
+                // stop waits, in no lane, for the start's look (`look_in_place_at_start`):
+                // found, it completes as it would have; not found, it is cancelled
+                // (`on_not_in_place`). A task finishing its file finishes.
                 TaskState::Queued | TaskState::Running | TaskState::Waiting | TaskState::Suspended
                     if cancelling && phase == Phase::Transfer =>
                 {
-                    cancel.push(id)
+                    if maybe_moved && state != TaskState::Suspended {
+                        if let Some(t) = self.tasks.get_mut(&id) {
+                            t.off_lanes = Some(super::task::OffLanes::Cancelling);
+                        }
+                    } else {
+                        cancel.push(id)
+                    }
                 }
                 // Cut short between "data complete" and "finished committed": the move is
                 // finished (or found done, or found lost) by a worker, like any other.
@@ -102,7 +113,7 @@ impl Core {
     /// Completes `cancelled` the tasks an `invalidate_and_cancel` answered before the
     /// daemon stopped had not ended yet (committed once the start's check passed, like
     /// every write).
-    fn cancel_at_start(&mut self, ids: Vec<TaskId>) {
+    pub(super) fn cancel_at_start(&mut self, ids: Vec<TaskId>) {
         if ids.is_empty() {
             return;
         }
@@ -110,6 +121,11 @@ impl Core {
         let by = "invalidate_and_cancel (the daemon stopped before the task had)";
         let (mut ops, mut after) = (Vec::new(), Vec::new());
         for id in ids {
+            // A request that must not go twice and may have reached its server says so
+            // (`network`), rather than `cancelled`, which would say it did not happen.
+            if self.upload_interrupted(id) {
+                continue;
+            }
             self.complete(id, Some(super::transitions::cancelled(by)), &mut ops, &mut after);
         }
         self.commit(ops, after);

@@ -124,6 +124,7 @@ impl Core {
             DiskReport::FoundInPlace { task, location, size, error } => {
                 self.on_found_at_start(task, location, size, error)
             }
+            DiskReport::NotInPlace { task } => self.on_not_in_place(task),
         }
     }
 

@@ -104,6 +104,17 @@ impl Run {
     }
 }
 
+/// Why a task waits off the lanes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum OffLanes {
+    /// Created, its creation not durable yet (started before, a crash could leave a file at
+    /// its destination that no task owns).
+    Creating,
+    /// Its session was ended by `invalidate_and_cancel` before the daemon stopped: its file
+    /// is looked for first (it may have been delivered), then it is cancelled.
+    Cancelling,
+}
+
 #[derive(Debug)]
 pub(super) struct Task {
     pub rec: TaskRecord,
@@ -136,6 +147,8 @@ pub(super) struct Task {
     /// crash may have cut its finish short after its file was moved, marked, into place;
     /// its next attempt looks there before anything else (see `engine::files::found_in_place`).
     pub restored: bool,
+    /// Kept off the lanes (queued or waiting, it starts nothing) until the reason ends.
+    pub off_lanes: Option<OffLanes>,
     /// Its data was thrown away (the resource changed, or the finished file was lost): the
     /// next attempt announces that it starts at 0 (`resumed_at_offset`), though it is not
     /// resuming anything (not stored: after a restart the event is not sent).
@@ -225,6 +238,7 @@ impl Tasks {
             peer: None,
             no_network_since: None,
             restored: false,
+            off_lanes: None,
             discarded: false,
             answer_held: false,
             limiter: Arc::new(crate::engine::limiter::RateLimiter::new(bandwidth_limit)),

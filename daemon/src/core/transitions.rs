@@ -8,7 +8,7 @@ use tracing::warn;
 use super::admission::Limits;
 use super::backoff::{Backoff, retry_delay};
 use super::sched::LaneKey;
-use super::task::{AfterStop, Run};
+use super::task::{AfterStop, OffLanes, Run};
 use super::timers::wall_after;
 use super::{After, Core, Timer};
 use crate::engine::files::Leftovers;
@@ -66,6 +66,22 @@ impl Core {
         self.enqueue(id);
     }
 
+    /// New tasks are durable: the queued ones join their lanes (or their `earliest_begin`
+    /// timers) and may start.
+    pub(super) fn on_created(&mut self, ids: Vec<TaskId>) {
+        for id in ids {
+            let Some(t) = self.tasks.get_mut(&id) else { continue };
+            if t.off_lanes != Some(OffLanes::Creating) {
+                continue;
+            }
+            t.off_lanes = None;
+            if t.state == TaskState::Queued {
+                self.enqueue(id);
+            }
+        }
+        self.schedule();
+    }
+
     /// What stores a suspended task that `make_queued` made queued: its state, deadline and
     /// retry alone, or its whole record when that holds changes not stored yet.
     pub(super) fn queued_op(&mut self, id: TaskId) -> Option<Op> {
@@ -104,6 +120,10 @@ impl Core {
     pub(super) fn enqueue(&mut self, id: TaskId) {
         let now = now_ms();
         let Some(t) = self.tasks.get_mut(&id) else { return };
+        // Kept off for now (see `OffLanes`): whatever ends that queues it.
+        if t.off_lanes.is_some() {
+            return;
+        }
         if t.rec.phase == Phase::Finishing {
             return self.start_move(id, Leftovers::OthersOnly);
         }

@@ -723,14 +723,15 @@ pub fn save_creation(tx: &Transaction<'_>, c: &crate::model::Creation) -> rusqli
     Ok(())
 }
 
-/// Creation keys made at or after `since`, oldest first (a key that is not 16 bytes is
-/// not one this daemon wrote, and is skipped).
+/// Creation keys made at or after `since`, the newest `CREATIONS_MOST`, oldest first (a key
+/// that is not 16 bytes is not one this daemon wrote, and is skipped).
 pub fn load_creations(conn: &Connection, since: u64) -> rusqlite::Result<Vec<crate::model::Creation>> {
     let mut stmt = conn.prepare(
-        "SELECT session_id, key, first_id, count, created_at FROM creations WHERE created_at >= ?1
-         ORDER BY created_at",
+        "SELECT * FROM (SELECT session_id, key, first_id, count, created_at FROM creations
+            WHERE created_at >= ?1 ORDER BY created_at DESC LIMIT ?2) ORDER BY created_at",
     )?;
-    let rows = stmt.query_map(params![sat(since)], |r| {
+    let most = i64::try_from(crate::model::CREATIONS_MOST).unwrap_or(i64::MAX);
+    let rows = stmt.query_map(params![sat(since), most], |r| {
         let key: Vec<u8> = r.get(1)?;
         let Ok(key) = <[u8; 16]>::try_from(key.as_slice()) else { return Ok(None) };
         Ok(Some(crate::model::Creation {

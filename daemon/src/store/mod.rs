@@ -494,6 +494,9 @@ impl<H: Fn(Health)> Writer<H> {
                 Err(e) => return self.failed(e.to_string(), true),
             }
         }
+        if self.backlog.iter().flat_map(|(ops, _)| ops.iter()).any(|op| matches!(op, Op::InsertTask(_))) {
+            crate::failpoint::hit("tasks-before-commit");
+        }
         match commit(&mut self.conn, self.backlog.iter().flat_map(|(ops, _)| ops.iter())) {
             Ok(()) => {
                 let batch = std::mem::take(&mut self.backlog);

@@ -15,7 +15,6 @@ use super::Core;
 use super::disk::{Adoption, Checked};
 use crate::conn::ConnId;
 use dlsession_proto::{ErrorCode, ErrorInfo, Request, Response, TaskId, WakeReason};
-use tasks::Creating;
 
 /// How a handler answered: now, or later (after a commit or a worker stop).
 pub(super) enum Answer {
@@ -102,6 +101,12 @@ impl Core {
 
     /// Handles a request; false if it was refused.
     pub(super) fn handle_request(&mut self, conn: ConnId, id: u64, request: Request, check: DiskCheck) -> bool {
+        // Its tasks exist: answered even while the daemon stops or cannot write.
+        if let Request::Once { key, request: inner } = &request
+            && self.answer_created(conn, id, *key, inner, &check)
+        {
+            return true;
+        }
         let access = access(&request);
         let (mutating, writes) = (access != Access::Read, access == Access::Write);
         let result = if mutating && self.life.shutting_down {
@@ -267,10 +272,8 @@ fn access(request: &Request) -> Access {
         | Request::GetSessionProxy { .. }
         | Request::GetSessionChallenges { .. }
         | Request::GetSessionClientCert { .. } => Access::Read,
-        // These check for themselves: they write only when something changes (`Once`
-        // answers a key it knows even while nothing can be written).
-        Request::Once { .. }
-        | Request::Attach { .. }
+        // These check for themselves: they write only when something changes.
+        Request::Attach { .. }
         | Request::Detach { .. }
         | Request::Wake { .. }
         | Request::HandleWakes
@@ -278,7 +281,9 @@ fn access(request: &Request) -> Access {
         | Request::SetSessionProxy { .. }
         | Request::SetSessionChallenges { .. }
         | Request::SetSessionClientCert { .. } => Access::Live,
-        Request::OpenSession { .. }
+        // A key already used is answered before this is asked (`answer_created`).
+        Request::Once { .. }
+        | Request::OpenSession { .. }
         | Request::CreateTasks { .. }
         | Request::CreateUploads { .. }
         | Request::AnswerChallenge { .. }
@@ -292,5 +297,23 @@ fn access(request: &Request) -> Access {
         | Request::SetBandwidthLimit { .. }
         | Request::SetSessionPolicy { .. }
         | Request::SetTaskPolicy { .. } => Access::Write,
+    }
+}
+
+/// How a creating request asked for its tasks: queued at once (`resume`), and the creation
+/// key it came under (`Request::Once`), if any.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Creating {
+    pub resume: bool,
+    pub once: Option<u128>,
+}
+
+impl Creating {
+    /// `request` (its disk phase's copy) as it came: under its key, if it had one.
+    pub(super) fn request(self, request: Request) -> Request {
+        match self.once {
+            Some(key) => Request::Once { key, request: Box::new(request) },
+            None => request,
+        }
     }
 }

@@ -185,6 +185,11 @@ impl Core {
                 self.sessions.get(&key).map(|s| s.tasks.iter().copied().collect()).unwrap_or_default();
             for task in ids {
                 let Some(t) = self.tasks.get_mut(&task) else { continue };
+                // Held at start until its file is looked for: the look cancels it, or
+                // completes it if its file was delivered before the stop.
+                if t.off_lanes == Some(crate::core::task::OffLanes::Cancelling) {
+                    continue;
+                }
                 match t.state {
                     TaskState::Completed => {}
                     TaskState::Running => {

@@ -3,12 +3,13 @@
 
 use tracing::debug;
 
-use super::{Answer, DiskCheck, Handled, in_batch};
+use super::{Answer, Creating, DiskCheck, Handled, in_batch};
 use crate::conn::ConnId;
 use crate::core::creations;
 use crate::core::disk::{self, Adoption, Prepared};
 use crate::core::resume::ResumeData;
 use crate::core::sched::host_key;
+use crate::core::task::OffLanes;
 use crate::core::{After, Core, CoreMsg};
 use crate::model::{SessionKey, TaskRecord, Upload, now_ms};
 use crate::store::Op;
@@ -81,6 +82,9 @@ impl Core {
             let id = self.tasks.allocate();
             let (rec, host) = make(id);
             self.insert_task(rec, host);
+            if let Some(t) = self.tasks.get_mut(&id) {
+                t.off_lanes = Some(OffLanes::Creating);
+            }
             if how.resume {
                 self.make_queued(id, now);
             }
@@ -92,8 +96,8 @@ impl Core {
         ops.push(Op::SetNextTaskId(self.tasks.next_id()));
         self.remember_creation(key, how.once, &ids, now, &mut ops);
         debug!(session = %self.sessions.identifier(key), count = ids.len(), "tasks created");
-        self.commit(ops, vec![After::Reply { conn, id: request, response: Response::TasksCreated(ids) }]);
-        self.schedule();
+        let reply = After::Reply { conn, id: request, response: Response::TasksCreated(ids.clone()) };
+        self.commit(ops, vec![After::Created(ids), reply]);
     }
 
     pub(super) fn create_from_resume_data(
@@ -144,6 +148,9 @@ impl Core {
             data.continue_in(&mut rec);
         }
         self.insert_task(rec, host_key(&url));
+        if let Some(t) = self.tasks.get_mut(&task_id) {
+            t.off_lanes = Some(OffLanes::Creating);
+        }
         if how.resume {
             self.make_queued(task_id, now);
         }
@@ -153,9 +160,8 @@ impl Core {
         }
         ops.push(Op::SetNextTaskId(self.tasks.next_id()));
         self.remember_creation(key, how.once, &[task_id], now, &mut ops);
-        let after = vec![After::Reply { conn, id, response: Response::TasksCreated(vec![task_id]) }];
-        self.commit(ops, after);
-        self.schedule();
+        let reply = After::Reply { conn, id, response: Response::TasksCreated(vec![task_id]) };
+        self.commit(ops, vec![After::Created(vec![task_id]), reply]);
         Ok(Answer::Later)
     }
 
@@ -218,12 +224,40 @@ impl Core {
         Ok(Answer::Later)
     }
 
-    /// A request that creates tasks, sent under a creation key: if the session created
-    /// tasks under it already (the answer was lost and the client sent it again), the
-    /// answer is their ids, once they are durable; else the request is handled, and the
-    /// key stored with its tasks. Checked again after a disk phase: of two requests with
-    /// one key that both went to check files, the second to come back answers the first's
-    /// ids.
+    /// A request sent `Once` whose key its session created tasks under already (its answer
+    /// was lost and the client sent it again): answered with their ids, once they are
+    /// durable, and nothing is created; a file its disk phase adopted goes back. False if
+    /// the key is new. Asked again after a disk phase: of two requests with one key that
+    /// both went to check files, the second to come back answers the first's ids.
+    pub(super) fn answer_created(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        key: u128,
+        request: &Request,
+        check: &DiskCheck,
+    ) -> bool {
+        let identifier = match request {
+            Request::CreateTasks { identifier, .. }
+            | Request::CreateUploads { identifier, .. }
+            | Request::CreateTaskFromResumeData { identifier, .. } => identifier,
+            _ => return false,
+        };
+        let Some(ids) = self.sessions.key_of(identifier).ok().and_then(|session| self.creations.get(session, key))
+        else {
+            return false;
+        };
+        debug!(session = %identifier, count = ids.len(), "created before under this key: answered again");
+        if let DiskCheck::Done(Prepared { resume: Some((_, Adoption::Adopted { kept, part })), .. }) = check {
+            self.disk.unadopt(part.clone(), kept.clone());
+        }
+        let reply = After::Reply { conn, id, response: Response::TasksCreated(ids) };
+        self.commit_after_pending(Vec::new(), vec![reply]);
+        true
+    }
+
+    /// A request that creates tasks, sent under a creation key its session has not used
+    /// (see `answer_created`): handled, and the key stored with its tasks.
     pub(super) fn create_once(
         &mut self,
         conn: ConnId,
@@ -232,28 +266,14 @@ impl Core {
         request: Request,
         check: DiskCheck,
     ) -> Handled {
-        let identifier = match &request {
-            Request::CreateTasks { identifier, .. }
-            | Request::CreateUploads { identifier, .. }
-            | Request::CreateTaskFromResumeData { identifier, .. } => identifier,
-            other => {
-                return Err(ErrorInfo::new(
-                    ErrorCode::InvalidRequest,
-                    format!("{} cannot be sent once: only requests that create tasks can", other.name()),
-                ));
-            }
-        };
-        let session = self.sessions.key_of(identifier)?;
-        if let Some(ids) = self.creations.get(session, key) {
-            debug!(session = %identifier, count = ids.len(), "created before under this key: answered again");
-            let reply = After::Reply { conn, id, response: Response::TasksCreated(ids) };
-            self.commit_after_pending(Vec::new(), vec![reply]);
-            return Ok(Answer::Later);
-        }
-        // Checked here rather than before (see `access`): a known key is answered even
-        // while nothing can be written.
-        if let Some(e) = &self.life.storage {
-            return Err(e.clone());
+        if !matches!(
+            request,
+            Request::CreateTasks { .. } | Request::CreateUploads { .. } | Request::CreateTaskFromResumeData { .. }
+        ) {
+            return Err(ErrorInfo::new(
+                ErrorCode::InvalidRequest,
+                format!("{} cannot be sent once: only requests that create tasks can", request.name()),
+            ));
         }
         let how = |resume| Creating { resume, once: Some(key) };
         match request {
@@ -331,23 +351,5 @@ impl Core {
             let _ = tx.send(CoreMsg::DiskCheckTimedOut { conn, token });
         });
         self.held.set_disk_timer(conn, token, timer.abort_handle());
-    }
-}
-
-/// How a creating request asked for its tasks: queued at once (`resume`), and the creation
-/// key it came under (`Request::Once`), if any.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Creating {
-    pub resume: bool,
-    pub once: Option<u128>,
-}
-
-impl Creating {
-    /// `request` (its disk phase's copy) as it came: under its key, if it had one.
-    fn request(self, request: Request) -> Request {
-        match self.once {
-            Some(key) => Request::Once { key, request: Box::new(request) },
-            None => request,
-        }
     }
 }
