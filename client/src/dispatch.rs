@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::SessionConfiguration;
 use crate::connection::{Client, ClientOptions, Routed};
@@ -145,6 +145,7 @@ impl Session {
             _watching: watching,
             pending_acks: Vec::new(),
             acks_in_flight: Vec::new(),
+            acks_failing: false,
             finish_owed: false,
             kept: HashSet::new(),
             kept_challenges: HashSet::new(),
@@ -218,6 +219,9 @@ struct Dispatcher {
     pending_acks: Vec<u64>,
     /// Acknowledgements sent without waiting (in order, at once), with their answers to come.
     acks_in_flight: Vec<(Vec<u64>, AckAnswer)>,
+    /// Acknowledgements have been failing since the last one that worked: said once at
+    /// warn (they are sent again every second), the rest at debug.
+    acks_failing: bool,
     /// `finished_events` came while acknowledgements failed or went unanswered: the app
     /// hears it only once they are durable (sent again every `ASK_AGAIN_RETRY` until then).
     finish_owed: bool,
@@ -573,22 +577,25 @@ impl Dispatcher {
     fn flush_acks(&mut self, wait: bool) -> bool {
         let mut durable = true;
         // Answers already in.
-        let mut again = Vec::new();
+        let (mut again, mut failed_seqs) = (Vec::<String>::new(), Vec::new());
         self.acks_in_flight.retain_mut(|(seqs, rx)| match rx.try_recv() {
             Err(tokio::sync::oneshot::error::TryRecvError::Empty) => true,
             Ok(Err(e)) => {
-                warn!(error = %e, "acknowledging events failed; sending it again");
-                again.append(seqs);
+                again.push(format!("acknowledging events failed ({e}); sending it again"));
+                failed_seqs.append(seqs);
                 false
             }
             Ok(Ok(_)) => false,
             Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
-                again.append(seqs);
+                failed_seqs.append(seqs);
                 false
             }
         });
-        durable &= again.is_empty();
-        self.pending_acks.append(&mut again);
+        durable &= failed_seqs.is_empty();
+        self.pending_acks.append(&mut failed_seqs);
+        for failed in again {
+            self.ack_failed(&failed);
+        }
         if !self.pending_acks.is_empty() {
             // The app dropped the session: the events stay unacknowledged and come again.
             let Some(shared) = self.session.upgrade() else { return false };
@@ -599,14 +606,16 @@ impl Dispatcher {
             match client.send_request(request) {
                 Ok(rx) => self.acks_in_flight.push((seqs, rx)),
                 Err(e) => {
-                    warn!(error = %e, "acknowledging events failed; sending it again");
+                    self.ack_failed(&format!("acknowledging events failed ({e}); sending it again"));
                     self.pending_acks = seqs;
                     durable = false;
                 }
             }
         }
         if !wait {
-            return durable && self.acks_in_flight.is_empty();
+            let all = durable && self.acks_in_flight.is_empty();
+            self.acks_worked(all);
+            return all;
         }
         // A daemon that stopped answering must not freeze the session for long.
         let limit = self.session.upgrade().map_or(Duration::from_secs(60), |s| s.client.request_timeout());
@@ -624,11 +633,28 @@ impl Dispatcher {
                 }
                 Err(_) => "dlsessiond did not answer an acknowledgement in time; sending it again".to_owned(),
             };
-            warn!("{failed}");
+            self.ack_failed(&failed);
             self.pending_acks.extend(seqs);
             durable = false;
         }
+        self.acks_worked(durable);
         durable
+    }
+
+    /// Says an acknowledgement failed: at warn the first time since one last worked.
+    fn ack_failed(&mut self, what: &str) {
+        if std::mem::replace(&mut self.acks_failing, true) {
+            debug!(session = %self.identifier, "{what}");
+        } else {
+            warn!(session = %self.identifier, "{what} (said once until one works again)");
+        }
+    }
+
+    /// Every acknowledgement so far is durable (`all`): if they had been failing, says so.
+    fn acks_worked(&mut self, all: bool) {
+        if all && std::mem::take(&mut self.acks_failing) {
+            info!(session = %self.identifier, "acknowledging events works again");
+        }
     }
 
     /// Runs `f` on the app's runtime, unless that is shutting down (`None`).
