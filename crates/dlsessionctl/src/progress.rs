@@ -213,23 +213,16 @@ impl Progress {
 
     /// Prints a line on stderr (above the bars).
     pub fn err(&self, line: &str) {
-        let _ = self.print(line, true);
+        let _ = print(self.multi.as_ref(), line, true);
+    }
+
+    /// Where others (a task of their own) print notes above the bars.
+    pub fn notes(&self) -> Notes {
+        Notes(self.multi.clone())
     }
 
     fn print(&self, line: &str, stderr: bool) -> std::io::Result<()> {
-        let write = || {
-            if stderr {
-                writeln!(std::io::stderr().lock(), "{line}")
-            } else {
-                let mut out = std::io::stdout().lock();
-                writeln!(out, "{line}")?;
-                out.flush()
-            }
-        };
-        match &self.multi {
-            Some(multi) => multi.suspend(write),
-            None => write(),
-        }
+        print(self.multi.as_ref(), line, stderr)
     }
 
     /// Removes every bar (before exiting).
@@ -335,5 +328,32 @@ mod tests {
         assert!(text.contains("] 1.5 MiB / 3.0 MiB - ETA -"), "{text:?}");
         let text = drawn(2048, None);
         assert!(text.contains("task 7 2.0 KiB -"), "{text:?}");
+    }
+}
+
+/// Prints notes on stderr above a [`Progress`]'s bars, from anywhere.
+#[derive(Debug, Clone, Default)]
+pub struct Notes(Option<MultiProgress>);
+
+impl Notes {
+    pub fn err(&self, line: &str) {
+        let _ = print(self.0.as_ref(), line, true);
+    }
+}
+
+/// Prints a line (on stderr or stdout) above `multi`'s bars, if there are any.
+fn print(multi: Option<&MultiProgress>, line: &str, stderr: bool) -> std::io::Result<()> {
+    let write = || {
+        if stderr {
+            writeln!(std::io::stderr().lock(), "{line}")
+        } else {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{line}")?;
+            out.flush()
+        }
+    };
+    match multi {
+        Some(multi) => multi.suspend(write),
+        None => write(),
     }
 }

@@ -80,7 +80,7 @@ pub async fn run(ctx: &Ctx, args: AttachArgs) -> Result<Exit> {
     let interrupt = tokio::signal::ctrl_c();
     tokio::pin!(interrupt);
     // The delegate says when the connection is lost and back.
-    let lost = super::ctx::lost_for_good(&client, false);
+    let lost = super::ctx::lost_for_good(&client, None);
     tokio::pin!(lost);
     let note = loop {
         let note = tokio::select! {

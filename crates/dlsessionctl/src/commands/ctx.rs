@@ -62,24 +62,27 @@ pub fn reconnect_limit() -> Option<Duration> {
 pub const RECONNECT_TIMEOUT_ENV: &str = "DLSESSIONCTL_RECONNECT_TIMEOUT";
 
 /// Resolves once `client` has been without a connection for longer than
-/// [`reconnect_limit`], with the error to end on (exit 3). With `say`, tells on stderr when
-/// the connection is lost and when it is back (`attach`'s delegate says so itself).
-pub async fn lost_for_good(client: &Client, say: bool) -> CliError {
+/// [`reconnect_limit`], with the error to end on (exit 3). With `say`, tells on stderr (above
+/// any progress bars) when the connection is lost and when it is back (`attach`'s delegate
+/// says so itself).
+pub async fn lost_for_good(client: &Client, say: Option<crate::progress::Notes>) -> CliError {
     let limit = reconnect_limit();
     let mut lost_at: Option<Instant> = None;
     let mut look = tokio::time::interval(Duration::from_millis(250));
     loop {
         look.tick().await;
         if client.is_connected() {
-            if lost_at.take().is_some() && say {
-                eprintln!("note: connected to dlsessiond again");
+            if lost_at.take().is_some()
+                && let Some(say) = &say
+            {
+                say.err("note: connected to dlsessiond again");
             }
             continue;
         }
         let since = *lost_at.get_or_insert_with(|| {
-            if say {
+            if let Some(say) = &say {
                 let until = limit.map_or("for ever".to_owned(), |l| format!("for {} s", l.as_secs()));
-                eprintln!("note: lost the connection to dlsessiond; connecting again ({until})");
+                say.err(&format!("note: lost the connection to dlsessiond; connecting again ({until})"));
             }
             Instant::now()
         });

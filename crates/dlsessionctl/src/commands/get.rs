@@ -470,7 +470,7 @@ pub(super) async fn wait(
         }
     };
     tokio::pin!(interrupted);
-    let lost = super::ctx::lost_for_good(client, true);
+    let lost = super::ctx::lost_for_good(client, Some(progress.notes()));
     tokio::pin!(lost);
     while !pending.is_empty() {
         let event = tokio::select! {

@@ -32,7 +32,7 @@ pub async fn run(ctx: &Ctx, args: WatchArgs) -> Result<Exit> {
     let mut settled = false;
     let interrupt = tokio::signal::ctrl_c();
     tokio::pin!(interrupt);
-    let lost = super::ctx::lost_for_good(&client, true);
+    let lost = super::ctx::lost_for_good(&client, Some(progress.notes()));
     tokio::pin!(lost);
     // After a reconnect the daemon sends only tasks not completed: one that completed while
     // this was away is asked for, else the watch would wait for it for ever.
