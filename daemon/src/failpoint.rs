@@ -17,6 +17,7 @@
 //! | `destination-check` | a task-creating request's destinations are about to be checked on disk (off the core thread) |
 //! | `restart-after-reset` | a resource that changed is starting over: its reset offset is committed, no new byte written (abort or panic only: reached on the async runtime) |
 //! | `client-cert-read` | a session's client certificate files are about to be read (when set, and at start) |
+//! | `look-in-place` | the start's look for a task's file moved into place before a stop is about to look (each task) |
 //! | `database-check` | the `db-check` thread is about to run the start's `quick_check` |
 //! | `worker-response` | a download worker accepted a response and is about to write (abort or panic only) |
 

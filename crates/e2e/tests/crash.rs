@@ -315,3 +315,31 @@ async fn a_file_delivered_before_a_crash_is_not_cancelled_by_invalidate_and_canc
     events.wait("did_become_invalid", LONG, |e| matches!(e, Seen::Invalid)).await;
     assert_eq!(server.hits("/delivered.bin"), 1, "not downloaded again");
 }
+
+/// The same, but the start's look hangs (a hung mount, here a failpoint): the task held for
+/// the look's answer is cancelled after `disk_check_timeout`, not held for ever, and the
+/// session ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_look_at_start_does_not_hold_invalidate_and_cancel_for_ever() {
+    let env = TestEnv::new();
+    let hold = std::ffi::OsStr::new("finish-after-move:1:sleep-ms=30000");
+    let mut d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", hold)]);
+    let server = TestServer::start().await.unwrap();
+    server.add("/hung.bin", Resource::generated(300_000, 14));
+    let dest = env.path().join("hung.bin");
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let config = SessionConfiguration::background("t.hung-look").socket(&env.socket);
+    let session = Session::attach(config, delegate).await.unwrap();
+    let request = DownloadRequest::new(server.url("/hung.bin")).destination(&dest);
+    let task = session.download_tasks(vec![request], true).await.unwrap().remove(0);
+    dlsession_testkit::wait_until(|| dest.exists()).await;
+    session.invalidate_and_cancel().await.unwrap();
+    d.kill9();
+    env.set_config("disk_check_timeout_ms", "1000");
+    d.set_env(&[("DLSESSIOND_FAILPOINT", std::ffi::OsStr::new("look-in-place:1:sleep-ms=60000"))]);
+    d.restart();
+    let error = events.completion(task.id(), Duration::from_secs(20)).await.expect("cancelled");
+    assert_eq!(error.code, dlsession::ErrorCode::Cancelled, "{error}");
+    events.wait("did_become_invalid", LONG, |e| matches!(e, Seen::Invalid)).await;
+    assert!(dest.exists(), "the file found too late stays where it is");
+}

@@ -226,6 +226,7 @@ pub(super) fn look_in_place(looks: Vec<Look>, report: impl Fn(DiskReport) + Send
     let reporter = report.clone();
     let spawned = std::thread::Builder::new().name("dlsessiond-look".into()).spawn(move || {
         for l in looks {
+            crate::failpoint::hit("look-in-place");
             match crate::engine::files::found_in_place(&l.part, &l.to, &l.mark, l.sha256) {
                 Some(found) => {
                     let (location, size, error) = found.outcome(&l.to);
