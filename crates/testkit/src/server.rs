@@ -686,7 +686,7 @@ fn parse_range(value: &str, len: u64) -> RangeReq {
     RangeReq::Range(start, end.map_or(len - 1, |e| e.min(len - 1)))
 }
 
-fn header_str(req: &Request<Incoming>, name: header::HeaderName) -> Option<String> {
+fn header_str<B>(req: &Request<B>, name: header::HeaderName) -> Option<String> {
     req.headers().get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
 }
 
@@ -709,6 +709,7 @@ fn empty_body() -> RespBody {
 
 async fn handle(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) -> Result<Response<RespBody>, io::Error> {
     let path = req.uri().path().to_owned();
+    let req = drain_body(req).await;
     let mut resp = respond(shared, ctl, req).await?;
     let cookies = shared.lock().resources.get(&path).map(|r| r.set_cookies.clone()).unwrap_or_default();
     for c in cookies {
@@ -719,7 +720,30 @@ async fn handle(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) -> 
     Ok(resp)
 }
 
-async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<Incoming>) -> Result<Response<RespBody>, io::Error> {
+/// Reads a request's body (a POST's, here answered as any resource) and drops it, before
+/// the answer: a server that answers and closes while the client still writes makes the
+/// client's write fail (`EPIPE`) before it reads the answer, which a real server reading
+/// its request does not do. At most `DRAIN_LIMIT` bytes, for at most 5 s.
+async fn drain_body(req: Request<Incoming>) -> Request<()> {
+    let (parts, mut body) = req.into_parts();
+    if !body.is_end_stream() {
+        let drain = async {
+            let mut read = 0u64;
+            while read < DRAIN_LIMIT
+                && let Some(Ok(frame)) = body.frame().await
+            {
+                read += frame.data_ref().map_or(0, |d| d.len() as u64);
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+    }
+    Request::from_parts(parts, ())
+}
+
+/// The most of a request's body the server reads before answering.
+const DRAIN_LIMIT: u64 = 16 << 20;
+
+async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<()>) -> Result<Response<RespBody>, io::Error> {
     let path = req.uri().path().to_owned();
     let mut headers: Vec<(String, String)> = req
         .headers()
