@@ -28,9 +28,10 @@ impl Core {
             && self.conns.is_empty()
             && self.slots.is_idle()
             && self.timers.only_idle()
-            // Nothing else would start the daemon again when the route returns (looked at
-            // last: by then nothing runs and no client is connected).
-            && !self.tasks.values().any(|t| t.no_network_since.is_some())
+            // Nothing else would start the daemon again when the route returns, or finish
+            // what waits off the lanes (looked at last: by then nothing runs and no client
+            // is connected).
+            && !self.tasks.values().any(|t| t.no_network_since.is_some() || t.off_lanes.is_some())
     }
 
     /// Asks the socket server to pause accepting if no connection is open (in any
