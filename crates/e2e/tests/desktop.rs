@@ -450,3 +450,42 @@ async fn a_policy_change_does_not_stop_an_upload_awaiting_its_answer() {
     assert_eq!(events.response(task.id()).map(|r| r.0), Some(201));
     assert_eq!(server.records().len(), 1);
 }
+
+/// The same upload, answered with a `307`: its body goes again, so the policy it was spared
+/// while it waited applies now, and it waits for an unmetered network (before, it went on
+/// uploading over the metered one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_sent_again_by_a_redirect_follows_the_policy_it_was_spared() {
+    use dlsession::{UploadMethod, UploadRequest, WaitReason};
+    use dlsession_testkit::{UploadFaults, UploadServer};
+    let (env, bus) = desktop();
+    let _d = start(&env, &bus);
+    let server = UploadServer::start(false).await.unwrap();
+    // Each body takes 2 s to read (far more than socket buffers hold: the second is still
+    // being sent when the policy is looked at); the first is answered 307 two seconds later.
+    server.set_faults(UploadFaults {
+        rate: Some(8 << 20),
+        answer_after: Some(Duration::from_secs(2)),
+        redirect: Some((1, 307, "/files/moved".into())),
+        ..UploadFaults::default()
+    });
+    let file = env.path().join("again.bin");
+    let len = 16u64 << 20;
+    std::fs::write(&file, vec![9u8; len as usize]).unwrap();
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.again").allows_metered(false), delegate).await.unwrap();
+    let request = UploadRequest::new(server.url("/files/form"), &file).method(UploadMethod::Put);
+    let task = session.upload_tasks(vec![request], true).await.unwrap().remove(0);
+    poll(&task, "the whole body sent", &|i| i.upload.as_ref().is_some_and(|u| u.bytes_sent == len)).await;
+    set(&bus, NM, "Metered", "dbus.UInt32(1)");
+    wait_status(&env, "metered", |s| s["network"]["metered"] == true);
+    assert_eq!(task.info().await.unwrap().state, TaskState::Running, "spared while it awaits the answer");
+    let held = poll(&task, "held for an unmetered network after the 307", &|i| {
+        i.state == TaskState::Queued && i.wait == Some(WaitReason::MeteredNetwork)
+    })
+    .await;
+    assert!(held.upload.as_ref().is_some_and(|u| u.bytes_sent < len), "stopped while sending again: {held:?}");
+    set(&bus, NM, "Metered", "dbus.UInt32(2)");
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(events.response(task.id()).map(|r| r.0), Some(201));
+}

@@ -71,6 +71,9 @@ pub struct UploadFaults {
     pub answer_early: Option<(usize, u64, u16)>,
     /// Answer a PUT or POST this long after its whole body was read.
     pub answer_after: Option<std::time::Duration>,
+    /// `(n, status, location)`: answer request number `n` (as in `statuses`) with this
+    /// redirect once its whole body was read (after `answer_after`).
+    pub redirect: Option<(usize, u16, String)>,
 }
 
 #[derive(Debug, Default)]
@@ -357,6 +360,11 @@ async fn handle(
             let answer_after = state.lock().unwrap().faults.answer_after;
             if let Some(after) = answer_after {
                 tokio::time::sleep(after).await;
+            }
+            let redirect = state.lock().unwrap().faults.redirect.clone().filter(|(n, _, _)| *n == number);
+            if let Some((_, status, location)) = redirect {
+                respond(stream, status, &[("Location", location)], b"").await?;
+                return Ok(status);
             }
             finish(stream, name, id, body, forced, state).await
         }

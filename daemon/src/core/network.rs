@@ -198,7 +198,7 @@ impl Core {
     /// off the lanes, held ones it allows again go back to them, and what may start starts.
     pub(super) fn enforce_policies(&mut self) {
         let limits = self.limits();
-        let (mut refused, mut hold, mut release) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut refused, mut hold, mut release, mut deferred) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for t in self.tasks.values() {
             // Only running tasks and queued ones in a lane (or held) are weighed: on a timer
             // (`earliest_begin`) a task is in no lane, and `enqueue` weighs its policy when
@@ -215,6 +215,7 @@ impl Core {
             let id = t.rec.id;
             match t.state {
                 TaskState::Running if !allowed && !t.awaits_answer() => refused.push(id),
+                TaskState::Running if !allowed => deferred.push(id),
                 TaskState::Queued => {
                     let held = self.slots.is_held(id);
                     if held && allowed {
@@ -242,6 +243,11 @@ impl Core {
         }
         for id in refused {
             self.stop_worker(id, AfterStop::Requeue);
+        }
+        for id in deferred {
+            if let Some(t) = self.tasks.get_mut(&id) {
+                t.policy_deferred = true;
+            }
         }
         // Tasks waiting for a route in sessions that no longer wait for one give up now.
         let given_up: Vec<TaskId> = self

@@ -147,6 +147,10 @@ pub(super) struct Task {
     /// crash may have cut its finish short after its file was moved, marked, into place;
     /// its next attempt looks there before anything else (see `engine::files::found_in_place`).
     pub restored: bool,
+    /// Its policy refused it while it awaited its server's answer (an upload whose body was
+    /// out, which is not stopped then): looked at again each tick while it runs, in case
+    /// its body goes again (a 307 or 308).
+    pub policy_deferred: bool,
     /// Kept off the lanes (queued or waiting, it starts nothing) until the reason ends.
     pub off_lanes: Option<OffLanes>,
     /// Its data was thrown away (the resource changed, or the finished file was lost): the
@@ -239,6 +243,7 @@ impl Tasks {
             no_network_since: None,
             restored: false,
             off_lanes: None,
+            policy_deferred: false,
             discarded: false,
             answer_held: false,
             limiter: Arc::new(crate::engine::limiter::RateLimiter::new(bandwidth_limit)),

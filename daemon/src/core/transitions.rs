@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::admission::Limits;
 use super::backoff::{Backoff, retry_delay};
@@ -274,6 +274,7 @@ impl Core {
         if let Some(t) = self.tasks.get_mut(&id) {
             // The attempt looks first thing.
             t.restored = false;
+            t.policy_deferred = false;
             t.rec.attempts += 1;
             // Learnt again from this attempt's response (the network may have changed).
             t.peer = None;
@@ -420,10 +421,35 @@ impl Core {
         self.notify_watchers(id);
     }
 
+    /// Running uploads whose policy refused them while they awaited their server's answer
+    /// (`Task::policy_deferred`): one whose body goes again (a 307 or 308) stops now, as the
+    /// policy said; one the policy allows again is forgotten.
+    fn apply_deferred_policies(&mut self) {
+        let mut stop = Vec::new();
+        for id in self.slots.running() {
+            let Some(t) = self.tasks.get(&id).filter(|t| t.policy_deferred) else { continue };
+            let refuses = self.policy_refuses(t);
+            if refuses && t.awaits_answer() {
+                continue;
+            }
+            if refuses {
+                stop.push(id);
+            }
+            if let Some(t) = self.tasks.get_mut(&id) {
+                t.policy_deferred = false;
+            }
+        }
+        for id in stop {
+            info!(task = id, "the upload goes again (a redirect) and its policy refuses it now: stopping it");
+            self.stop_worker(id, AfterStop::Requeue);
+        }
+    }
+
     /// Abandons workers that have shown no sign of life for too long (a hung disk, a
     /// bug): told to stop first, and if even that goes unanswered, the attempt fails with
     /// `internal` and the task retries. Nothing stays `running` with nobody working on it.
     pub(super) fn supervise(&mut self) {
+        self.apply_deferred_policies();
         let now = std::time::Instant::now();
         let mut silent = Vec::new();
         for id in self.slots.running() {
