@@ -2,7 +2,8 @@
 //!
 //! A [`Client`] owns one [`Link`] at a time. When it breaks (the daemon restarted,
 //! crashed or was upgraded), requests waiting for an answer fail with
-//! [`Error::Disconnected`], every attached session hears `ConnectionLost`, and the client
+//! [`Error::Disconnected`] (those that create tasks go again under their creation key
+//! first, see `Client::request_once`), every attached session hears `ConnectionLost`, and the client
 //! connects again with backoff (starting the daemon where autostart is allowed). It then
 //! registers again for wakes and watches, rejoins every attached session (whose undelivered
 //! events the daemon sends again: delivery is at least once) and tells each session
@@ -227,7 +228,10 @@ impl Client {
     /// out is not sent again (the daemon may still create its tasks, if it was only slow).
     pub(crate) async fn request_once(&self, request: Request) -> Result<Response> {
         let name = request.name();
-        let keyed = Request::Once { key: creation_key(), request: Box::new(request) };
+        let keyed = match dlsession_proto::CreateRequest::from_request(request) {
+            Ok(create) => Request::Once { key: creation_key(), request: create },
+            Err(other) => return self.request(*other).await,
+        };
         let mut pause = Duration::from_millis(50);
         for resend in 0..=RESENDS {
             match self.request(keyed.clone()).await {

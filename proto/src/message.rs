@@ -141,13 +141,74 @@ pub enum Request {
     /// → [`Response::Ok`]
     ResumeTasks { tasks: Vec<TaskId> },
     // Protocol 6.
-    /// `request` (a `CreateTasks`, `CreateUploads` or `CreateTaskFromResumeData`) at most
-    /// once per `key` in its session: if the session already created tasks under `key`,
-    /// the answer is those tasks' ids and nothing is created. A client sends a request
-    /// again under the same key when its answer was lost (the connection broke), so a
-    /// creation the daemon had committed is not made twice. Keys are kept a day.
-    /// → the inner request's answer ([`Response::TasksCreated`]).
-    Once { key: u128, request: Box<Request> },
+    /// `request` at most once per `key` in its session: if the session already created
+    /// tasks under `key`, the answer is those tasks' ids and nothing is created. A client
+    /// sends a request again under the same key when its answer was lost (the connection
+    /// broke), so a creation the daemon had committed is not made twice. Keys are kept a
+    /// day. → the inner request's answer ([`Response::TasksCreated`]).
+    Once { key: u128, request: CreateRequest },
+}
+
+/// A request that creates tasks, as [`Request::Once`] carries it: its own type, not a
+/// `Request`, so that requests cannot nest (decoding a nest would recurse as deep as a
+/// frame allows).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CreateRequest {
+    /// As [`Request::CreateTasks`].
+    Tasks { identifier: String, tasks: Vec<TaskSpec>, resume: bool },
+    /// As [`Request::CreateUploads`].
+    Uploads { identifier: String, uploads: Vec<UploadSpec>, resume: bool },
+    /// As [`Request::CreateTaskFromResumeData`].
+    FromResumeData { identifier: String, resume_data: Vec<u8>, resume: bool },
+}
+
+impl CreateRequest {
+    /// `request` if it creates tasks, else `request` back.
+    pub fn from_request(request: Request) -> Result<CreateRequest, Box<Request>> {
+        match request {
+            Request::CreateTasks { identifier, tasks, resume } => {
+                Ok(CreateRequest::Tasks { identifier, tasks, resume })
+            }
+            Request::CreateUploads { identifier, uploads, resume } => {
+                Ok(CreateRequest::Uploads { identifier, uploads, resume })
+            }
+            Request::CreateTaskFromResumeData { identifier, resume_data, resume } => {
+                Ok(CreateRequest::FromResumeData { identifier, resume_data, resume })
+            }
+            other => Err(Box::new(other)),
+        }
+    }
+
+    /// The request it stands for.
+    pub fn into_request(self) -> Request {
+        match self {
+            CreateRequest::Tasks { identifier, tasks, resume } => Request::CreateTasks { identifier, tasks, resume },
+            CreateRequest::Uploads { identifier, uploads, resume } => {
+                Request::CreateUploads { identifier, uploads, resume }
+            }
+            CreateRequest::FromResumeData { identifier, resume_data, resume } => {
+                Request::CreateTaskFromResumeData { identifier, resume_data, resume }
+            }
+        }
+    }
+
+    /// The session it creates tasks in.
+    pub fn identifier(&self) -> &str {
+        match self {
+            CreateRequest::Tasks { identifier, .. }
+            | CreateRequest::Uploads { identifier, .. }
+            | CreateRequest::FromResumeData { identifier, .. } => identifier,
+        }
+    }
+
+    /// As [`Request::name`] of the request it stands for.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CreateRequest::Tasks { .. } => "create_tasks",
+            CreateRequest::Uploads { .. } => "create_uploads",
+            CreateRequest::FromResumeData { .. } => "create_task_from_resume_data",
+        }
+    }
 }
 
 /// A session's client certificate: PEM files the daemon reads (the certificate, followed by

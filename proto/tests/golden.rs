@@ -568,12 +568,12 @@ fn requests_are_frozen_and_round_trip() {
     let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
     assert_eq!(back, vec![frame], "req_resume_tasks does not round-trip");
     // Protocol 6 only appended a request: protocol 5's messages are unchanged.
-    let create = Request::CreateTasks {
+    let create = CreateRequest::Tasks {
         identifier: "s".into(),
         tasks: vec![TaskSpec::get("https://example.org/a")],
         resume: true,
     };
-    let frame = RequestFrame { id: 0x1234, request: Request::Once { key: u128::MAX - 7, request: Box::new(create) } };
+    let frame = RequestFrame { id: 0x1234, request: Request::Once { key: u128::MAX - 7, request: create } };
     let bytes = frame::encode_frame(&frame).unwrap();
     check(6, "req_once", &bytes);
     let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();

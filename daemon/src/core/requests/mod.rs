@@ -103,7 +103,7 @@ impl Core {
     pub(super) fn handle_request(&mut self, conn: ConnId, id: u64, request: Request, check: DiskCheck) -> bool {
         // Its tasks exist: answered even while the daemon stops or cannot write.
         if let Request::Once { key, request: inner } = &request
-            && self.answer_created(conn, id, *key, inner, &check)
+            && self.answer_created(conn, id, *key, inner.identifier(), &check)
         {
             return true;
         }
@@ -146,7 +146,7 @@ impl Core {
             Request::CreateUploads { identifier, uploads, resume } => {
                 self.create_uploads(conn, id, identifier, uploads, Creating { resume, once: None }, check)
             }
-            Request::Once { key, request } => self.create_once(conn, id, key, *request, check),
+            Request::Once { key, request } => self.create_once(conn, id, key, request, check),
             Request::SetSessionChallenges { identifier, answers } => {
                 self.set_session_challenges(conn, id, &identifier, answers)
             }
@@ -312,7 +312,10 @@ impl Creating {
     /// `request` (its disk phase's copy) as it came: under its key, if it had one.
     pub(super) fn request(self, request: Request) -> Request {
         match self.once {
-            Some(key) => Request::Once { key, request: Box::new(request) },
+            Some(key) => match dlsession_proto::CreateRequest::from_request(request) {
+                Ok(create) => Request::Once { key, request: create },
+                Err(other) => *other,
+            },
             None => request,
         }
     }

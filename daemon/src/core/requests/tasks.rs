@@ -14,7 +14,7 @@ use crate::core::{After, Core, CoreMsg};
 use crate::model::{SessionKey, TaskRecord, Upload, now_ms};
 use crate::store::Op;
 use crate::validate;
-use dlsession_proto::{ErrorCode, ErrorInfo, Request, Response, TaskId, TaskSpec, UploadSpec};
+use dlsession_proto::{CreateRequest, ErrorCode, ErrorInfo, Request, Response, TaskId, TaskSpec, UploadSpec};
 
 impl Core {
     pub(super) fn create_tasks(
@@ -234,15 +234,9 @@ impl Core {
         conn: ConnId,
         id: u64,
         key: u128,
-        request: &Request,
+        identifier: &str,
         check: &DiskCheck,
     ) -> bool {
-        let identifier = match request {
-            Request::CreateTasks { identifier, .. }
-            | Request::CreateUploads { identifier, .. }
-            | Request::CreateTaskFromResumeData { identifier, .. } => identifier,
-            _ => return false,
-        };
         let Some(ids) = self.sessions.key_of(identifier).ok().and_then(|session| self.creations.get(session, key))
         else {
             return false;
@@ -263,30 +257,20 @@ impl Core {
         conn: ConnId,
         id: u64,
         key: u128,
-        request: Request,
+        request: CreateRequest,
         check: DiskCheck,
     ) -> Handled {
-        if !matches!(
-            request,
-            Request::CreateTasks { .. } | Request::CreateUploads { .. } | Request::CreateTaskFromResumeData { .. }
-        ) {
-            return Err(ErrorInfo::new(
-                ErrorCode::InvalidRequest,
-                format!("{} cannot be sent once: only requests that create tasks can", request.name()),
-            ));
-        }
         let how = |resume| Creating { resume, once: Some(key) };
         match request {
-            Request::CreateTasks { identifier, tasks, resume } => {
+            CreateRequest::Tasks { identifier, tasks, resume } => {
                 self.create_tasks(conn, id, identifier, tasks, how(resume), check)
             }
-            Request::CreateUploads { identifier, uploads, resume } => {
+            CreateRequest::Uploads { identifier, uploads, resume } => {
                 self.create_uploads(conn, id, identifier, uploads, how(resume), check)
             }
-            Request::CreateTaskFromResumeData { identifier, resume_data, resume } => {
+            CreateRequest::FromResumeData { identifier, resume_data, resume } => {
                 self.create_from_resume_data(conn, id, identifier, resume_data, how(resume), check)
             }
-            _ => Ok(Answer::Later),
         }
     }
 
