@@ -46,8 +46,9 @@ impl Core {
     fn reachable(t: &Task, default_route: bool, routes: &mut HashMap<IpAddr, bool>) -> bool {
         let mut route = |ip: IpAddr| *routes.entry(ip).or_insert_with(|| net::route_to(ip));
         match (t.peer, literal_peer(&t.rec.url)) {
-            (_, Some(ip)) => route(ip),
-            (Some(ip), None) => route(ip) || default_route,
+            // Where the last attempt went (a proxy, a server a redirect named) comes first.
+            (Some(ip), literal) => route(ip) || (literal.is_none() && default_route),
+            (None, Some(ip)) => route(ip),
             (None, None) => default_route,
         }
     }

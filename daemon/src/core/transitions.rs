@@ -699,6 +699,7 @@ impl Core {
         t.rec.finished_at = Some(now);
         t.rec.retry_at = None;
         t.rec.phase = Phase::Transfer;
+        t.off_lanes = None;
         let key = t.rec.session;
         ops.extend(self.drop_challenge(id));
         self.forget_task_auth(id, key, ops);
