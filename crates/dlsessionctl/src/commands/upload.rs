@@ -2,11 +2,11 @@
 //!
 //! The file is checked here first (so a typo fails before the daemon is asked), then by
 //! the daemon, which records its size and modification time; one `CreateUploads` request
-//! creates and starts the task.
+//! (sent `Once`, see `Client::create_uploads`) creates and starts the task.
 
 use std::io::Write;
 
-use dlsession_proto::{Header, Request, Response, TaskSpec, UploadMethod, UploadSpec, redact};
+use dlsession_proto::{Header, TaskSpec, UploadMethod, UploadSpec, redact};
 
 use super::get::{
     DEFAULT_SESSION, collect_earlier, collected_by_the_next_get, interrupt_signal, open_session, undo_open, wait,
@@ -54,10 +54,10 @@ pub async fn run(ctx: &Ctx, args: UploadArgs) -> Result<Exit> {
         collect_earlier(&client, &args.session).await;
     }
     let upload = UploadSpec { request, method, file: file.clone(), idempotent: args.idempotent };
-    let create = Request::CreateUploads { identifier: args.session.clone(), uploads: vec![upload], resume: true };
-    let ids = match client.request(create).await {
-        Ok(Response::TasksCreated(ids)) => ids,
-        Ok(other) => return Err(CliError::unexpected("tasks_created", &other)),
+    // Through the library: sent again under its creation key if the answer is lost, so the
+    // upload is never made twice.
+    let ids = match client.create_uploads(&args.session, vec![upload], true).await {
+        Ok(ids) => ids,
         Err(e) => {
             undo_open(&client, &args.session, opened).await;
             return Err(e.into());
