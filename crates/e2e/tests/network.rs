@@ -171,6 +171,37 @@ async fn a_named_server_that_refuses_on_a_network_without_a_default_route_is_tri
     assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), server.sha256);
 }
 
+/// A server on the LAN (an address with a route, no default route) redirects to one the
+/// network cannot reach: the attempt that gets no answer went to the redirect's address,
+/// which has no route, so the task waits for the network instead of backing off as if the
+/// LAN server had failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(dlsession_root), ignore = "needs root to make a network namespace; CI runs it as root")]
+async fn a_redirect_to_an_unreachable_server_waits_for_the_network() {
+    require_root();
+    let ns = NetNs::new(76);
+    let env = TestEnv::new();
+    let _d = TestDaemon::start_in(&env, &ns);
+    // This side of the link is the LAN server; 203.0.113.0/24 (TEST-NET-3) has no route
+    // inside the namespace.
+    let lan = dlsession_testkit::TestServer::start_on(ns.host_ip).await.unwrap();
+    let away = "http://203.0.113.7/file".to_owned();
+    lan.add(
+        "/r",
+        dlsession_testkit::Resource::bytes("")
+            .fault(dlsession_testkit::Hits::All, dlsession_testkit::Fault::Redirect { status: 302, location: away }),
+    );
+    let (delegate, _events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.away"), delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(lan.url("/r"))], true).await.unwrap().remove(0);
+    poll("no_network", Duration::from_secs(10), async || {
+        matches!(task.info().await.unwrap().wait, Some(WaitReason::NoNetwork { .. })).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(attempts(&env, task.id()), 1, "waits, no retries");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(dlsession_root), ignore = "needs root to make a network namespace; CI runs it as root")]
 async fn a_session_that_does_not_wait_for_connectivity_fails_fast() {

@@ -20,6 +20,8 @@ pub struct NetNs {
     net: String,
     /// The namespace's address on the link.
     pub ns_ip: IpAddr,
+    /// This side's address on the link (reachable from inside the namespace).
+    pub host_ip: IpAddr,
 }
 
 fn ip(args: &[&str]) {
@@ -35,7 +37,13 @@ impl NetNs {
         let (host_if, ns_if) = (format!("dlh{id}n{tag}"), format!("dlp{id}n{tag}"));
         let net = format!("10.231.{tag}");
         ip(&["netns", "add", &name]);
-        let ns = NetNs { name, host_if, net: net.clone(), ns_ip: IpAddr::V4(Ipv4Addr::new(10, 231, tag, 2)) };
+        let ns = NetNs {
+            name,
+            host_if,
+            net: net.clone(),
+            ns_ip: IpAddr::V4(Ipv4Addr::new(10, 231, tag, 2)),
+            host_ip: IpAddr::V4(Ipv4Addr::new(10, 231, tag, 1)),
+        };
         ip(&["link", "add", &ns.host_if, "type", "veth", "peer", "name", &ns_if]);
         ip(&["link", "set", &ns_if, "netns", &ns.name]);
         ip(&["addr", "add", &format!("{net}.1/24"), "dev", &ns.host_if]);
