@@ -3,11 +3,11 @@
 //! A [`Client`] owns one [`Link`] at a time. When it breaks (the daemon restarted,
 //! crashed or was upgraded), requests waiting for an answer fail with
 //! [`Error::Disconnected`] (those that create tasks go again under their creation key
-//! first, see `Client::request_once`), every attached session hears `ConnectionLost`, and the client
-//! connects again with backoff (starting the daemon where autostart is allowed). It then
-//! registers again for wakes and watches, rejoins every attached session (whose undelivered
-//! events the daemon sends again: delivery is at least once) and tells each session
-//! `Reconnected`. Requests made while it is away wait for the new link, up to their timeout.
+//! first, see `Client::request_once`), every attached session hears `ConnectionLost`, and
+//! the client connects again with backoff (starting the daemon where autostart is
+//! allowed). It then registers again for wakes and watches, rejoins every attached session
+//! (whose undelivered events the daemon sends again: delivery is at least once) and tells
+//! each session `Reconnected`. Requests made while it is away wait for the new link, up to their timeout.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};

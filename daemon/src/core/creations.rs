@@ -1,15 +1,13 @@
 //! Creation keys (`Request::Once`): which tasks a request sent under a key created, kept a
-//! day (at most `CREATIONS_MOST` keys), so the same request sent again after its answer was lost is
-//! answered with the same ids instead of creating the tasks twice.
+//! day (at most `CREATIONS_MOST` keys), so the same request sent again after its answer
+//! was lost is answered with the same ids instead of creating the tasks twice.
 //!
 //! Invariant: a key is here only once its tasks exist in memory, and its row is in the
 //! same commit as theirs (an answer from here waits for the commits on their way).
 
 use std::collections::{HashMap, VecDeque};
 
-use dlsession_proto::TaskId;
-
-use dlsession_proto::UnixMillis;
+use dlsession_proto::{TaskId, UnixMillis};
 
 use crate::model::{CREATION_KEPT_MS, CREATIONS_MOST, Creation, SessionKey};
 

@@ -128,7 +128,7 @@ impl Core {
             .tasks
             .values()
             .filter(|t| t.restored && waits_for_a_slot(t) && t.rec.phase != Phase::Finishing)
-            .filter(|t| marks(&t.rec) && !t.rec.unmarked)
+            .filter(|t| marked_in_place(&t.rec))
             .map(|t| super::disk::Look {
                 task: t.rec.id,
                 part: self.part_path(&t.rec),
@@ -241,7 +241,7 @@ impl Core {
             progress: t.progress.clone(),
             // Moves from here follow a committed finishing phase.
             recorded: true,
-            mark: (marks(&t.rec) && !t.rec.unmarked).then(|| task_mark(&t.rec)),
+            mark: marked_in_place(&t.rec).then(|| task_mark(&t.rec)),
             sha256: t.rec.expected_sha256,
         }
     }
@@ -289,6 +289,13 @@ fn waits_for_a_slot(t: &Task) -> bool {
 /// then write the mark).
 pub(super) fn marks(rec: &crate::model::TaskRecord) -> bool {
     rec.file_mode & 0o022 == 0
+}
+
+/// Whether the task's finished file, once moved into place, carries its mark (it marks
+/// its files, and its finish did not record that this one could not): found in place,
+/// the file proves its move, so a move may have happened that no commit recorded.
+pub(super) fn marked_in_place(rec: &crate::model::TaskRecord) -> bool {
+    marks(rec) && !rec.unmarked
 }
 
 /// A task's mark on its finished file (see `engine::files::MARK`): unique to the task, even

@@ -12,7 +12,8 @@
 //! their running attempts), `admission` (run queues, running workers, the limits: who may
 //! start and why not), `conns` (connections), `timers`, `status` (statistics, systemd
 //! status), `disk` (the disk thread), `held` (requests held back), `start` (the start's
-//! work waiting for the database's check), `creations` (creation keys); and, here, `Lifecycle` and `Housekeeping`.
+//! work waiting for the database's check), `creations` (creation keys); and, here,
+//! `Lifecycle` and `Housekeeping`.
 //! Behaviour, as methods of [`Core`] that wire the parts together: `requests` (one
 //! handler per request), `transitions` (queueing, workers' reports, completion), `finish`
 //! (putting files in place), `delivery` (durable events), `progress`, `wake`, `resume`,

@@ -55,7 +55,7 @@ impl Core {
             let challenged = rec.challenge.is_some();
             let cancelling = self.sessions.get(&rec.session).is_some_and(|s| s.rec.cancelling && !s.rec.invalid);
             // A marked file's move is recorded only with its completion: it may be in place.
-            let maybe_moved = super::finish::marks(&rec) && !rec.unmarked && rec.upload.is_none() && !challenged;
+            let maybe_moved = super::finish::marked_in_place(&rec) && rec.upload.is_none() && !challenged;
             self.restore_task(rec);
             match state {
                 // `invalidate_and_cancel` was answered while it was stopping: cancelled, not

@@ -81,21 +81,48 @@ impl Core {
         for make in made {
             let id = self.tasks.allocate();
             let (rec, host) = make(id);
-            self.insert_task(rec, host);
-            if let Some(t) = self.tasks.get_mut(&id) {
-                t.off_lanes = Some(OffLanes::Creating);
-            }
-            if how.resume {
-                self.make_queued(id, now);
-            }
-            if let Some(t) = self.tasks.get(&id) {
-                ops.push(Op::InsertTask(Box::new(t.rec.clone())));
-            }
+            self.add_created(rec, host, how.resume, now, &mut ops);
             ids.push(id);
         }
-        ops.push(Op::SetNextTaskId(self.tasks.next_id()));
-        self.remember_creation(key, how.once, &ids, now, &mut ops);
         debug!(session = %self.sessions.identifier(key), count = ids.len(), "tasks created");
+        self.commit_created(conn, request, key, ids, how.once, now, ops);
+    }
+
+    /// Adds one new task (its id allocated): off the lanes until its creation is durable
+    /// (`on_created`), queued when `resume`; its row goes into `ops`.
+    fn add_created(&mut self, rec: TaskRecord, host: String, resume: bool, now: u64, ops: &mut Vec<Op>) {
+        let id = rec.id;
+        self.insert_task(rec, host);
+        if let Some(t) = self.tasks.get_mut(&id) {
+            t.off_lanes = Some(OffLanes::Creating);
+        }
+        if resume {
+            self.make_queued(id, now);
+        }
+        if let Some(t) = self.tasks.get(&id) {
+            ops.push(Op::InsertTask(Box::new(t.rec.clone())));
+        }
+    }
+
+    /// Commits new tasks `ids` (their rows in `ops`) with the next id and the key they were
+    /// created `once` under: the request is answered with their ids once they are durable,
+    /// and they may start then.
+    #[allow(clippy::too_many_arguments)]
+    fn commit_created(
+        &mut self,
+        conn: ConnId,
+        request: u64,
+        key: SessionKey,
+        ids: Vec<TaskId>,
+        once: Option<u128>,
+        now: u64,
+        mut ops: Vec<Op>,
+    ) {
+        ops.push(Op::SetNextTaskId(self.tasks.next_id()));
+        if let Some(c) = once.and_then(|once| creations::record(key, once, &ids, now)) {
+            self.creations.add(c);
+            ops.push(Op::SaveCreation(c));
+        }
         let reply = After::Reply { conn, id: request, response: Response::TasksCreated(ids.clone()) };
         self.commit(ops, vec![After::Created(ids), reply]);
     }
@@ -147,21 +174,9 @@ impl Core {
         if adoption != Adoption::None {
             data.continue_in(&mut rec);
         }
-        self.insert_task(rec, host_key(&url));
-        if let Some(t) = self.tasks.get_mut(&task_id) {
-            t.off_lanes = Some(OffLanes::Creating);
-        }
-        if how.resume {
-            self.make_queued(task_id, now);
-        }
         let mut ops = Vec::new();
-        if let Some(t) = self.tasks.get(&task_id) {
-            ops.push(Op::InsertTask(Box::new(t.rec.clone())));
-        }
-        ops.push(Op::SetNextTaskId(self.tasks.next_id()));
-        self.remember_creation(key, how.once, &[task_id], now, &mut ops);
-        let reply = After::Reply { conn, id, response: Response::TasksCreated(vec![task_id]) };
-        self.commit(ops, vec![After::Created(vec![task_id]), reply]);
+        self.add_created(rec, host_key(&url), how.resume, now, &mut ops);
+        self.commit_created(conn, id, key, vec![task_id], how.once, now, ops);
         Ok(Answer::Later)
     }
 
@@ -272,20 +287,6 @@ impl Core {
                 self.create_from_resume_data(conn, id, identifier, resume_data, how(resume), check)
             }
         }
-    }
-
-    /// Keeps what `ids` were created under `once` (if sent so), stored with them.
-    fn remember_creation(
-        &mut self,
-        session: SessionKey,
-        once: Option<u128>,
-        ids: &[TaskId],
-        now: u64,
-        ops: &mut Vec<Op>,
-    ) {
-        let Some(c) = once.and_then(|key| creations::record(session, key, ids, now)) else { return };
-        self.creations.add(c);
-        ops.push(Op::SaveCreation(c));
     }
 
     /// At most `max_tasks_per_batch` of them in one request.
