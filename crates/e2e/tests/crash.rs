@@ -288,6 +288,40 @@ async fn invalidate_and_cancel_holds_across_a_crash_before_the_task_stopped() {
     assert!(d.log().contains("cancelling what invalidate_and_cancel left running"), "{}", d.log());
 }
 
+/// A download of 300,000 bytes of pattern `seed` to `name` in `env`'s directory, its file
+/// moved into place (marked) while its completion is held back by a failpoint; then
+/// `invalidate_and_cancel` is answered and the daemon killed (its failpoint dropped for the
+/// next start).
+async fn delivered_then_invalidated_and_killed(env: &TestEnv, name: &str, seed: u64) -> Delivered {
+    let hold = std::ffi::OsStr::new("finish-after-move:1:sleep-ms=30000");
+    let mut d = TestDaemon::start_with_env(env, &[("DLSESSIOND_FAILPOINT", hold)]);
+    let server = TestServer::start().await.unwrap();
+    let path = format!("/{name}");
+    server.add(&path, Resource::generated(300_000, seed));
+    let dest = env.path().join(name);
+    let (delegate, events) = Recorder::new(&env.path().join("out"));
+    let config = SessionConfiguration::background(format!("t.{name}")).socket(&env.socket);
+    let session = Session::attach(config, delegate).await.unwrap();
+    let request = DownloadRequest::new(server.url(&path)).destination(&dest);
+    let task = session.download_tasks(vec![request], true).await.unwrap().remove(0);
+    dlsession_testkit::wait_until(|| dest.exists()).await;
+    session.invalidate_and_cancel().await.unwrap();
+    d.kill9();
+    d.set_env(&[]);
+    Delivered { daemon: d, server, _session: session, events, task: task.id(), dest }
+}
+
+/// What `delivered_then_invalidated_and_killed` leaves: the app's session stays alive to
+/// hear what the next start does.
+struct Delivered {
+    daemon: TestDaemon,
+    server: TestServer,
+    _session: Session,
+    events: dlsession_testkit::Events,
+    task: u64,
+    dest: std::path::PathBuf,
+}
+
 /// `invalidate_and_cancel` reaches a task whose file is already at its destination (marked)
 /// while its completion is not committed, and the daemon is killed then. At the next start
 /// the file is found in place and the task completes with it, as it would have without the
@@ -295,23 +329,11 @@ async fn invalidate_and_cancel_holds_across_a_crash_before_the_task_stopped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_delivered_before_a_crash_is_not_cancelled_by_invalidate_and_cancel() {
     let env = TestEnv::new();
-    let hold = std::ffi::OsStr::new("finish-after-move:1:sleep-ms=30000");
-    let mut d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", hold)]);
-    let server = TestServer::start().await.unwrap();
-    server.add("/delivered.bin", Resource::generated(300_000, 13));
-    let dest = env.path().join("delivered.bin");
-    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
-    let config = SessionConfiguration::background("t.delivered").socket(&env.socket);
-    let session = Session::attach(config, delegate).await.unwrap();
-    let request = DownloadRequest::new(server.url("/delivered.bin")).destination(&dest);
-    let task = session.download_tasks(vec![request], true).await.unwrap().remove(0);
-    dlsession_testkit::wait_until(|| dest.exists()).await;
-    session.invalidate_and_cancel().await.unwrap();
-    d.kill9();
-    d.set_env(&[]);
+    let Delivered { daemon: mut d, server, _session, mut events, task, dest: _ } =
+        delivered_then_invalidated_and_killed(&env, "delivered.bin", 13).await;
     d.restart();
-    assert_eq!(events.completion(task.id(), LONG).await, None, "completed with its file");
-    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(13, 300_000)));
+    assert_eq!(events.completion(task, LONG).await, None, "completed with its file");
+    assert_eq!(sha256_file(&events.moved_to(task).unwrap()).unwrap(), to_hex(&pattern_sha256(13, 300_000)));
     events.wait("did_become_invalid", LONG, |e| matches!(e, Seen::Invalid)).await;
     assert_eq!(server.hits("/delivered.bin"), 1, "not downloaded again");
 }
@@ -322,23 +344,12 @@ async fn a_file_delivered_before_a_crash_is_not_cancelled_by_invalidate_and_canc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_look_at_start_does_not_hold_invalidate_and_cancel_for_ever() {
     let env = TestEnv::new();
-    let hold = std::ffi::OsStr::new("finish-after-move:1:sleep-ms=30000");
-    let mut d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", hold)]);
-    let server = TestServer::start().await.unwrap();
-    server.add("/hung.bin", Resource::generated(300_000, 14));
-    let dest = env.path().join("hung.bin");
-    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
-    let config = SessionConfiguration::background("t.hung-look").socket(&env.socket);
-    let session = Session::attach(config, delegate).await.unwrap();
-    let request = DownloadRequest::new(server.url("/hung.bin")).destination(&dest);
-    let task = session.download_tasks(vec![request], true).await.unwrap().remove(0);
-    dlsession_testkit::wait_until(|| dest.exists()).await;
-    session.invalidate_and_cancel().await.unwrap();
-    d.kill9();
+    let Delivered { daemon: mut d, server: _server, _session, mut events, task, dest } =
+        delivered_then_invalidated_and_killed(&env, "hung.bin", 14).await;
     env.set_config("disk_check_timeout_ms", "1000");
     d.set_env(&[("DLSESSIOND_FAILPOINT", std::ffi::OsStr::new("look-in-place:1:sleep-ms=60000"))]);
     d.restart();
-    let error = events.completion(task.id(), Duration::from_secs(20)).await.expect("cancelled");
+    let error = events.completion(task, Duration::from_secs(20)).await.expect("cancelled");
     assert_eq!(error.code, dlsession::ErrorCode::Cancelled, "{error}");
     events.wait("did_become_invalid", LONG, |e| matches!(e, Seen::Invalid)).await;
     assert!(dest.exists(), "the file found too late stays where it is");
