@@ -280,10 +280,19 @@ fn collect_garbage(g: &Garbage) -> usize {
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some(key) = name.strip_prefix('s').and_then(|k| k.parse::<SessionKey>().ok()) else { continue };
         let path = entry.path();
+        // Never through a link: a session directory replaced by a symlink to the user's
+        // files would have them removed as "not its tasks'" (the writer refuses it too).
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
         if !g.sessions.contains(&key) {
-            if key < g.first_new_session && std::fs::remove_dir_all(&path).is_ok() {
+            if key >= g.first_new_session {
+                continue;
+            }
+            if if is_dir { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) }.is_ok() {
                 removed += 1;
             }
+            continue;
+        }
+        if !is_dir {
             continue;
         }
         let Ok(files) = std::fs::read_dir(&path) else { continue };
@@ -531,16 +540,23 @@ mod tests {
         }
         std::fs::create_dir_all(d.join("s5")).unwrap();
         std::fs::write(d.join("s5/1.part"), b"x").unwrap();
+        // A live session's directory replaced by a link to the user's files, and a dead one's.
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("x.txt"), b"mine").unwrap();
+        std::os::unix::fs::symlink(outside.path(), d.join("s3")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), d.join("s4")).unwrap();
         let g = Garbage {
             downloads: d.to_path_buf(),
-            sessions: HashSet::from([1]),
+            sessions: HashSet::from([1, 3]),
             first_new_session: 5,
             // Task 6 is of session 3: a file of that name in session 1's directory is no one's.
             unfinished: HashMap::from([(1, 1), (6, 3)]),
             locations: HashSet::from([d.join("s1/3.download")]),
             first_new_id: 9,
         };
-        assert_eq!(collect_garbage(&g), 4, "s1/1.tmp, s1/2.part, s1/6.part and the directory of session 2");
+        assert_eq!(collect_garbage(&g), 5, "s1/1.tmp, s1/2.part, s1/6.part, session 2's directory, session 4's link");
+        assert!(outside.path().join("x.txt").exists(), "nothing is removed through a link");
+        assert!(!d.join("s4").exists() && d.join("s3").exists(), "a dead session's link goes, not what it names");
         assert!(d.join("s1/1.part").exists() && d.join("s1/3.download").exists());
         assert!(!d.join("s1/1.tmp").exists() && !d.join("s1/6.part").exists());
         assert!(d.join("s1/9.part").exists(), "a task created after the list was made keeps its file");
