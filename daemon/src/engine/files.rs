@@ -86,20 +86,7 @@ pub fn found_in_place(part: &Path, to: &Path, mark: &str, sha256: Option<[u8; 32
 /// file of this user, written by nobody else, with no other name, carrying `mark`, with
 /// the SHA-256 `sha256` when given.
 fn marked_size(to: &Path, mark: &str, sha256: Option<[u8; 32]>) -> Option<u64> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let euid = rustix::process::geteuid().as_raw();
-    // Never opened unless it looks like a candidate (a device or FIFO is not opened at all).
-    let looked = std::fs::symlink_metadata(to).ok()?;
-    if !looked.is_file() || looked.uid() != euid {
-        return None;
-    }
-    // One descriptor for every check: the name cannot be swapped between them.
-    let mut file =
-        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(to).ok()?;
-    let meta = file.metadata().ok()?;
-    if !meta.is_file() || meta.uid() != euid || meta.mode() & 0o022 != 0 || meta.nlink() != 1 {
-        return None;
-    }
+    let (mut file, meta) = open_own(to, 0, None)?;
     let mut buf = [0u8; 128];
     let n = rustix::fs::fgetxattr(&file, MARK, &mut buf[..]).ok()?;
     if buf.get(..n) != Some(mark.as_bytes()) {
@@ -109,6 +96,31 @@ fn marked_size(to: &Path, mark: &str, sha256: Option<[u8; 32]>) -> Option<u64> {
         return None;
     }
     Some(meta.len())
+}
+
+/// `to` opened for reading if it is a regular file of this user (not a link to one) that
+/// nobody else may write beyond the `allowed` group/other write bits, with one name (or
+/// two, the other being `also`: a hard link left by a move that crashed between its link
+/// and its unlink). Anything else may be someone else's and is never taken for ours.
+fn open_own(to: &Path, allowed: u32, also: Option<&Path>) -> Option<(File, std::fs::Metadata)> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let euid = rustix::process::geteuid().as_raw();
+    // Never opened unless it looks like a candidate (a device or FIFO is not opened at all).
+    let looked = std::fs::symlink_metadata(to).ok()?;
+    if !looked.is_file() || looked.uid() != euid {
+        return None;
+    }
+    // One descriptor for every check: the name cannot be swapped between them.
+    let file =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(to).ok()?;
+    let meta = file.metadata().ok()?;
+    let one_name = meta.nlink() == 1
+        || (meta.nlink() == 2
+            && also
+                .and_then(|p| std::fs::symlink_metadata(p).ok())
+                .is_some_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino()));
+    let writable_by_others = meta.mode() & 0o022 & !allowed != 0;
+    (meta.is_file() && meta.uid() == euid && !writable_by_others && one_name).then_some((file, meta))
 }
 
 /// The SHA-256 of what is left to read of `file` (`None` on a read error).
@@ -141,10 +153,8 @@ fn proven_ours(to: &Path, job: &Finish) -> bool {
             return false;
         }
     }
-    match job.sha256 {
-        Some(expected) => File::open(to).ok().and_then(|mut f| sha256_of(&mut f)) == Some(expected),
-        None => true,
-    }
+    let Some((mut file, _)) = open_own(to, job.mode & 0o022, None) else { return false };
+    job.sha256.is_none_or(|expected| sha256_of(&mut file) == Some(expected))
 }
 
 /// Why a finish could not be completed (see [`complete_move`]).
@@ -209,7 +219,14 @@ pub fn complete_move(job: &Finish, leftovers: Leftovers) -> Result<(), CompleteE
     match (size_of(from)?, size_of(to)?) {
         // Copied across filesystems and renamed, but the source not yet removed. The
         // destination's directory is synced first: the cache copy is the only other one.
-        (Some(a), Some(b)) if a == size && b == size && !job.overwrite && same_contents(from, to) => {
+        // Only a file that is ours counts: another user's file of the same bytes planted
+        // there (or a link to one) could be changed once the cache copy is gone.
+        (Some(a), Some(b))
+            if a == size
+                && b == size
+                && !job.overwrite
+                && open_own(to, job.mode & 0o022, Some(from)).is_some_and(|(f, _)| same_contents(from, f)) =>
+        {
             sync_parent(to).map_err(io_err)?;
             let _ = std::fs::remove_file(from);
             Ok(())
@@ -227,9 +244,9 @@ pub fn complete_move(job: &Finish, leftovers: Leftovers) -> Result<(), CompleteE
     }
 }
 
-/// Whether two files hold the same bytes (false on any read error).
-fn same_contents(a: &Path, b: &Path) -> bool {
-    let (Ok(mut fa), Ok(mut fb)) = (File::open(a), File::open(b)) else { return false };
+/// Whether the file at `a` holds the same bytes as `fb` (false on any read error).
+fn same_contents(a: &Path, mut fb: File) -> bool {
+    let Ok(mut fa) = File::open(a) else { return false };
     let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
     loop {
         let Ok(n) = read_full(&mut fa, &mut ba) else { return false };
@@ -1001,6 +1018,28 @@ mod tests {
             Err(CompleteError::Move(MoveError::Exists(_)))
         ));
         assert_eq!(std::fs::read(&from).unwrap(), b"54321", "kept");
+        // The same bytes, but not ours to take: a link to them, a file others may write.
+        // The cache copy is the only one we can vouch for, so it stays.
+        let (linked, planted) = (dir.path().join("linked"), dir.path().join("planted"));
+        std::fs::write(&planted, b"54321").unwrap();
+        std::os::unix::fs::symlink(&planted, &linked).unwrap();
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o666)).unwrap();
+        for to in [&linked, &planted] {
+            assert!(
+                matches!(
+                    complete_move(&finish(&from, to, false, 5), Leftovers::OthersOnly),
+                    Err(CompleteError::Move(MoveError::Exists(_)))
+                ),
+                "{to:?} taken for the download"
+            );
+            assert!(from.exists(), "the cache copy stays");
+        }
+        // A move that crashed between its link and its unlink left one file with two names.
+        let both = dir.path().join("both");
+        std::fs::hard_link(&from, &both).unwrap();
+        complete_move(&finish(&from, &both, false, 5), Leftovers::OthersOnly).unwrap();
+        assert!(!from.exists() && std::fs::read(&both).unwrap() == b"54321");
+        std::fs::rename(&both, &from).unwrap();
         // Gone from both places: lost.
         std::fs::remove_file(&from).unwrap();
         std::fs::remove_file(&to).unwrap();
