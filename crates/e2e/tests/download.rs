@@ -232,6 +232,63 @@ async fn a_range_body_longer_than_its_range_is_cut_at_the_announced_end() {
     );
 }
 
+/// A server that caps its ranges answers less than was asked: the bytes it sent are kept
+/// (synced and committed) and the next attempt asks for the rest, whether the answer gave
+/// the file's length (`/T`) or not (`/*`, where the length known from the first answer
+/// holds). Before, `/*` ended the file at the range's end (a truncated file reported as a
+/// success) and `/T` threw the partial data away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_caps_its_ranges_gets_asked_for_the_rest() {
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let (len, mib) = (4u64 << 20, 1u64 << 20);
+    server.add(
+        "/capped.bin",
+        Resource::generated(len, 41)
+            .fault(Hits::Nth(1), Fault::ResetAfter(mib))
+            .fault(Hits::Nth(2), Fault::CappedRange { most: mib, unknown_total: true })
+            .fault(Hits::Nth(3), Fault::CappedRange { most: mib, unknown_total: false }),
+    );
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.capped-range"), delegate).await.unwrap();
+    let task =
+        session.download_tasks(vec![DownloadRequest::new(server.url("/capped.bin"))], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(41, len)));
+    let ranges: Vec<_> = server.requests_for("/capped.bin").into_iter().map(|r| r.range).collect();
+    let from = |n: u64| Some(format!("bytes={}-", n * mib));
+    assert_eq!(ranges, vec![None, from(1), from(2), from(3)], "each answer's bytes were kept");
+}
+
+/// A `416` saying the resource ends exactly where the partial data does, from a server
+/// (or a cache) holding a shorter copy under the same validators, does not finish a file
+/// whose length is known to be longer: the download starts over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_416_at_the_partial_end_of_a_longer_file_does_not_finish_it() {
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let len = 4u64 << 20;
+    server.add(
+        "/short-copy.bin",
+        Resource::generated(len, 43)
+            .fault(Hits::Nth(1), Fault::ResetAfter(1 << 20))
+            .fault(Hits::Nth(2), Fault::EndsWhereTheRangeStarts),
+    );
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.short-416"), delegate).await.unwrap();
+    let task = session
+        .download_tasks(vec![DownloadRequest::new(server.url("/short-copy.bin"))], true)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(43, len)));
+    let requests = server.requests_for("/short-copy.bin");
+    assert_eq!(requests.len(), 3, "started over after the 416: {requests:?}");
+}
+
 /// A resource known by its date alone, replaced within the same second by a longer one: the
 /// date still matches, but the length changed, so the partial data is not continued with
 /// the new version's bytes (a splice); the download starts over.

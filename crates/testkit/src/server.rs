@@ -101,6 +101,12 @@ pub enum Fault {
     /// this many bytes before the resource does, no `Content-Length`, and the body to the
     /// resource's end: more than the range announced.
     LongRangeOfUnknownTotal(u64),
+    /// On a range request answer 206 with at most this many bytes of it (`bytes N-M/T`, or
+    /// `/*` with `unknown_total`), exactly those bytes: a server that caps its ranges.
+    CappedRange { most: u64, unknown_total: bool },
+    /// On a range request answer `416` with `bytes */N`, N where the range starts: a server
+    /// (or a cache) whose copy ends exactly where the client's partial data does.
+    EndsWhereTheRangeStarts,
     /// Serve the same body but with this `ETag` (also used for the `If-Range` comparison).
     ChangeEtag(String),
     /// Serve the same body but with this `Last-Modified` (also used for the `If-Range`
@@ -819,6 +825,8 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<()>) -> Resul
     let mut honour_range = res.ranges;
     let mut wrong_content_range = false;
     let mut short_unknown: Option<u64> = None;
+    let mut capped: Option<(u64, bool)> = None;
+    let mut ends_at_range = false;
     let mut long_unknown: Option<u64> = None;
     let mut hide_last_modified = false;
     let mut padding: Option<usize> = None;
@@ -869,6 +877,8 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<()>) -> Resul
         Some(Fault::IgnoreRange) => honour_range = false,
         Some(Fault::WrongContentRange) => wrong_content_range = true,
         Some(Fault::ShortRangeOfUnknownTotal(k)) => short_unknown = Some(k),
+        Some(Fault::CappedRange { most, unknown_total }) => capped = Some((most.max(1), unknown_total)),
+        Some(Fault::EndsWhereTheRangeStarts) => ends_at_range = true,
         Some(Fault::LongRangeOfUnknownTotal(k)) => long_unknown = Some(k),
         Some(Fault::NoLastModified) => hide_last_modified = true,
         Some(f @ (Fault::ResetAfter(_) | Fault::StallAfter(_) | Fault::ShortBody(_) | Fault::LongContentLength(_))) => {
@@ -924,9 +934,20 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<()>) -> Resul
                 .map_err(io::Error::other)?;
             return Ok(resp);
         }
+        RangeReq::Range(first, _) if ends_at_range => {
+            let resp = builder
+                .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                .header(header::CONTENT_RANGE, format!("bytes */{first}"))
+                .header(header::CONTENT_LENGTH, "0")
+                .body(empty_body())
+                .map_err(io::Error::other)?;
+            return Ok(resp);
+        }
         RangeReq::Range(first, last) => {
             let first = if wrong_content_range { first + 1 } else { first };
-            let of = if short_unknown.is_some() || long_unknown.is_some() { "*".to_owned() } else { total.to_string() };
+            let last = capped.map_or(last, |(most, _)| last.min(first + most - 1));
+            let unknown = short_unknown.is_some() || long_unknown.is_some() || capped.is_some_and(|(_, u)| u);
+            let of = if unknown { "*".to_owned() } else { total.to_string() };
             let announced = last.saturating_sub(long_unknown.unwrap_or(0)).max(first);
             builder = builder.header(header::CONTENT_RANGE, format!("bytes {first}-{announced}/{of}"));
             (StatusCode::PARTIAL_CONTENT, first.min(last + 1), last + 1)

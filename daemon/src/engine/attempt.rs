@@ -118,9 +118,11 @@ impl Engine {
         if status == 416 && offset > 0 {
             // `bytes */N` with N the offset asked for: the partial file already holds the
             // whole resource (a stop came after the last byte, before the finish).
+            // Never against a length known from before: a copy that ends early (a cache
+            // holding a truncated one under the same validators) is not the whole file.
             let complete = get(hyper::header::CONTENT_RANGE)
                 .and_then(|v| v.trim().strip_prefix("bytes */").and_then(|n| n.trim().parse::<u64>().ok()))
-                .is_some_and(|n| n == offset);
+                .is_some_and(|n| n == offset && job.total.is_none_or(|t| t == n));
             let sent = (get(hyper::header::ETAG), get(hyper::header::LAST_MODIFIED));
             if complete && !kept_changed_416(Kept::of(job), sent.0.as_deref(), sent.1.as_deref()) {
                 return Ok(ResponseMeta {
@@ -130,6 +132,7 @@ impl Engine {
                     etag: job.etag.clone(),
                     last_modified: job.last_modified.clone(),
                     total: Some(offset),
+                    ends_at: Some(offset),
                     offset,
                     restarted: false,
                     complete: true,
@@ -155,7 +158,7 @@ impl Engine {
         let mut last_modified =
             kept_last_modified(sent_last_modified.clone(), get(hyper::header::DATE).as_deref(), encoded);
         let content_length = get(hyper::header::CONTENT_LENGTH).and_then(|v| v.trim().parse::<u64>().ok());
-        let (start, total, restarted) = if status == 206 {
+        let (start, total, ends_at, restarted) = if status == 206 {
             let range = get(hyper::header::CONTENT_RANGE).and_then(|v| parse_content_range(&v));
             let Some((start, end, total)) = range else {
                 return Err(Failure::restart(ErrorCode::CannotResume, "206 response without a valid Content-Range"));
@@ -181,11 +184,8 @@ impl Engine {
                 etag = etag.or_else(|| job.etag.clone());
                 last_modified = last_modified.or_else(|| job.last_modified.clone());
             }
-            if let Some(t) = total
-                && end + 1 != t
-            {
-                return Err(Failure::restart(ErrorCode::CannotResume, "server sent an incomplete range"));
-            }
+            // A range that ends before the file does is not an error: servers cap their
+            // ranges, and the next attempt asks for the rest (see `ends_at`).
             // Validators that stayed the same (a date within its second) do not prove the
             // same version when the length changed.
             if let (true, Some(now), Some(before)) = (resumed, total, job.total)
@@ -208,19 +208,21 @@ impl Engine {
                     format!("Content-Length ({len}) disagrees with Content-Range ({start}-{end})"),
                 ));
             }
-            // A length past what a file can hold is a lie, not a size.
-            let announced = match content_length.map(|l| offset.checked_add(l)) {
-                Some(None) => {
-                    return Err(Failure::permanent(ErrorCode::Network, "the response announces an impossible length"));
-                }
-                Some(Some(end)) => Some(end),
-                None => None,
-            };
-            // With an unknown total the range's own end is where this answer ends: a body
-            // that stops before it is short, never the end of the file.
-            (offset, total.or(announced).or(Some(end + 1)), false)
+            // With an unknown total (`/*`) the length known from before still holds (the
+            // validators matched): a shorter range is part of the file, never its end.
+            // Nothing known either, the range's end is the best guess.
+            let known = job.total.filter(|_| resumed);
+            if let Some(before) = known
+                && end >= before
+            {
+                return Err(Failure::restart(
+                    ErrorCode::CannotResume,
+                    format!("the server sent bytes up to {} of a resource of {before} bytes", end + 1),
+                ));
+            }
+            (offset, total.or(known).or(Some(end + 1)), Some(end + 1), false)
         } else {
-            (0, content_length, offset > 0)
+            (0, content_length, content_length, offset > 0)
         };
         let headers = response_headers(headers);
         Ok(ResponseMeta {
@@ -230,6 +232,7 @@ impl Engine {
             etag,
             last_modified,
             total,
+            ends_at,
             offset: start,
             restarted,
             complete: false,

@@ -426,9 +426,9 @@ impl Engine {
         crate::failpoint::hit("worker-response");
         job.progress.received.store(meta.offset, Ordering::Relaxed);
         job.progress.expected.store(meta.total.unwrap_or(u64::MAX), Ordering::Relaxed);
-        let total = meta.total;
+        let (total, ends_at) = (meta.total, meta.ends_at);
         let meta_offset = meta.offset;
-        let body_len = total.map(|t| t.saturating_sub(meta.offset));
+        let body_len = ends_at.map(|e| e.saturating_sub(meta.offset));
         // Starting over while the store still holds an offset into the old data: that
         // offset must be gone before new bytes land, or a crash could leave the new
         // resource's first bytes to be resumed with the old one's rest (docs/behaviour.md, "Retries and resume").
@@ -489,7 +489,7 @@ impl Engine {
             allowance.grant(hold.limit);
         }
         // The connection may wait for bytes that are sure to come (see `reads`).
-        let ahead = resp.extensions().get::<reads::BodyAhead>().map(|a| match total {
+        let ahead = resp.extensions().get::<reads::BodyAhead>().map(|a| match ends_at {
             Some(end) => a.track(end),
             None => a.track_unsized(),
         });
@@ -504,7 +504,7 @@ impl Engine {
             if hold.is_none() && writer.is_none() {
                 writer = start_writer.take().map(|start| start());
             }
-            match self.pump_body(&mut job, &mut body, &tx, hold.take(), ahead.as_ref()).await {
+            match self.pump_body(&mut job, &mut body, &tx, (hold.take(), ends_at), ahead.as_ref()).await {
                 BodyEnd::Released => {}
                 end => break end,
             }
@@ -605,9 +605,10 @@ impl Engine {
         job: &mut Job,
         body: &mut Incoming,
         tx: &mpsc::Sender<WriterMsg>,
-        hold: Option<Hold>,
+        (hold, ends_at): (Option<Hold>, Option<u64>),
         ahead: Option<&reads::AheadGuard>,
     ) -> BodyEnd {
+        let received = |job: &Job| job.progress.received();
         let held = hold.is_some();
         // Frames go to the writer thread in batches of whatever has already arrived, up to
         // HANDOFF bytes or GATHER: one wake-up per batch instead of one per frame (HTTP/2
@@ -650,7 +651,27 @@ impl Engine {
                         format!("no data received for {} s", job.idle_timeout.as_secs_f64()),
                     ));
                 }
-                Ok(None) => break BodyEnd::Complete,
+                // A body that ends cleanly but short is a failure like any other (its bytes
+                // are synced and committed, and the next attempt resumes after them), as is
+                // a range shorter than the file (a server that caps its ranges).
+                Ok(None) => match (ends_at, job.progress.expected()) {
+                    (Some(end), _) if received(job) < end => {
+                        break BodyEnd::Failed(Failure::transient(
+                            ErrorCode::Network,
+                            format!("the response ended after {} of {end} bytes", received(job)),
+                        ));
+                    }
+                    (_, Some(total)) if received(job) < total => {
+                        break BodyEnd::Failed(Failure::transient(
+                            ErrorCode::Network,
+                            format!(
+                                "the server sent bytes up to {} of {total}; the rest is asked for next",
+                                received(job)
+                            ),
+                        ));
+                    }
+                    _ => break BodyEnd::Complete,
+                },
                 Ok(Some(Err(e))) => break BodyEnd::Failed(classify(&e, "reading the response body")),
                 Ok(Some(Ok(frame))) => match frame.into_data() {
                     Ok(d) => d,
@@ -663,11 +684,7 @@ impl Engine {
             // hyper holds a body to its Content-Length, but a 206 may announce its length
             // only in Content-Range (a chunked or HTTP/2 body): no byte beyond the announced
             // end is kept, held or streamed (it would be written, and checkpointed, past it).
-            let to_end = job
-                .progress
-                .expected
-                .load(Ordering::Relaxed)
-                .saturating_sub(job.progress.received.load(Ordering::Relaxed));
+            let to_end = ends_at.map_or(u64::MAX, |end| end.saturating_sub(received(job)));
             let room = hold.map_or(u64::MAX, |h| h.limit.saturating_sub(batch.bytes as u64)).min(to_end);
             let overlong = data.len() as u64 > room;
             if overlong {

@@ -96,7 +96,11 @@ pub struct ResponseMeta {
     pub headers: Vec<Header>,
     pub etag: Option<String>,
     pub last_modified: Option<String>,
+    /// The file's length, when known.
     pub total: Option<u64>,
+    /// Where this answer's body ends in the file, when known: before `total` when the
+    /// server sent a shorter range than was asked for (the next attempt resumes after it).
+    pub ends_at: Option<u64>,
     /// Where this transfer starts in the file.
     pub offset: u64,
     /// Earlier data was discarded (resource changed, no validators, or no range support).
