@@ -82,6 +82,7 @@ pub async fn run(
             proxies,
             engine::EngineSettings {
                 max_redirects: cfg.limits.max_redirects,
+                max_url_len: cfg.limits.max_url_len,
                 checkpoint_bytes: cfg.timing.checkpoint_bytes,
                 checkpoint_interval: cfg.timing.checkpoint_interval,
                 writer_threads: cfg.limits.writer_threads(),

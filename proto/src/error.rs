@@ -120,14 +120,33 @@ pub struct ErrorInfo {
     pub http_status: Option<u16>,
 }
 
+/// The longest message an [`ErrorInfo`] made by `new` or `http` carries, in bytes. A
+/// message may quote what a server sent (a redirect's location, a header): unbounded, one
+/// stored error could outgrow a frame and make its task's events undeliverable.
+pub const MAX_ERROR_MESSAGE: usize = 4096;
+
 impl ErrorInfo {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> ErrorInfo {
-        ErrorInfo { code, message: message.into(), http_status: None }
+        ErrorInfo { code, message: bounded(message.into()), http_status: None }
     }
 
     pub fn http(status: u16, message: impl Into<String>) -> ErrorInfo {
-        ErrorInfo { code: ErrorCode::HttpStatus, message: message.into(), http_status: Some(status) }
+        ErrorInfo { code: ErrorCode::HttpStatus, message: bounded(message.into()), http_status: Some(status) }
     }
+}
+
+/// `message` cut to [`MAX_ERROR_MESSAGE`] bytes (on a character boundary, ending in "…").
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_ERROR_MESSAGE {
+        let ellipsis = '…';
+        let mut cut = MAX_ERROR_MESSAGE - ellipsis.len_utf8();
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push(ellipsis);
+    }
+    message
 }
 
 impl fmt::Display for ErrorInfo {
@@ -157,4 +176,18 @@ pub enum ProtoError {
     VersionMismatch { ours: u16, theirs: u16 },
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_bounded_on_a_character_boundary() {
+        let long = ErrorInfo::new(ErrorCode::InvalidUrl, "é".repeat(450_000));
+        assert!(long.message.len() <= MAX_ERROR_MESSAGE && long.message.ends_with('…'), "{}", long.message.len());
+        assert!(ErrorInfo::http(404, "x".repeat(MAX_ERROR_MESSAGE + 1)).message.len() <= MAX_ERROR_MESSAGE);
+        let exact = "y".repeat(MAX_ERROR_MESSAGE);
+        assert_eq!(ErrorInfo::new(ErrorCode::Internal, exact.clone()).message, exact, "at the limit: untouched");
+    }
 }

@@ -47,7 +47,7 @@ pub mod v2;
 pub mod v3;
 pub mod validate;
 
-pub use error::{ErrorCode, ErrorInfo, ProtoError};
+pub use error::{ErrorCode, ErrorInfo, MAX_ERROR_MESSAGE, ProtoError};
 pub use handshake::{ClientHello, HandshakeStatus, Preamble, Welcome};
 pub use message::*;
 pub use session::*;

@@ -53,6 +53,34 @@ async fn redirects_are_followed_within_limits() {
     assert_eq!(sha256_file(&events.moved_to(tasks[2].id()).unwrap()).unwrap(), to_hex(&pattern_sha256(4, 1000)));
 }
 
+/// What a server sends can end up quoted in an error: a redirect to an invalid location of
+/// 900 KB (percent-encoded: 2.7 MB) still gives a completion the app receives, and the
+/// session's tasks can be listed (the message is cut, not the event dropped for outgrowing a frame).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_invalid_redirect_still_completes_its_task() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let location = format!("http://[{}", "é".repeat(450_000));
+    server.add("/huge", Resource::bytes("").fault(Hits::All, Fault::Redirect { status: 302, location }));
+    let (session, mut events) = attach(&env, "t.huge-location").await;
+    let task = session.download_tasks(vec![DownloadRequest::new(server.url("/huge"))], true).await.unwrap().remove(0);
+    let err = events.completion(task.id(), LONG).await.expect("a failure");
+    assert_eq!(err.code, ErrorCode::InvalidUrl, "{}", &err.message[..200.min(err.message.len())]);
+    assert!(err.message.len() <= dlsession_proto::MAX_ERROR_MESSAGE, "{} bytes", err.message.len());
+    session.get_all_tasks().await.expect("the session's tasks can be listed");
+    // A valid location longer than a task's URL may be (8 KiB) is refused the same way.
+    server.add(
+        "/long",
+        Resource::bytes("")
+            .fault(Hits::All, Fault::Redirect { status: 302, location: format!("/{}", "a".repeat(20_000)) }),
+    );
+    let task = session.download_tasks(vec![DownloadRequest::new(server.url("/long"))], true).await.unwrap().remove(0);
+    let err = events.completion(task.id(), LONG).await.expect("a failure");
+    assert_eq!(err.code, ErrorCode::InvalidUrl, "{err}");
+    assert!(err.message.contains("the limit is 8192"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_to_http_redirect_is_refused() {
     let env = TestEnv::new();

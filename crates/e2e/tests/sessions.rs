@@ -143,6 +143,32 @@ async fn invalidate_and_cancel_ends_a_task_whose_move_fails_meanwhile() {
     events.wait("did_become_invalid", LONG, |e| *e == Seen::Invalid).await;
 }
 
+/// A server's `ETag` near the 1 MiB a response head may take is not kept as a validator
+/// (it would not fit in resume data): cancelling for resume data still gives a blob that
+/// makes a task, which starts over. Before, the blob came back empty after the cancel had
+/// been committed, and the download was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_etag_still_gives_usable_resume_data() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let len = 8u64 << 20;
+    let etag = format!("\"{}\"", "a".repeat(1_040_000));
+    server.add("/tagged", Resource::generated(len, 5).etag(&etag).throttle(4 << 20));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.huge-etag"), delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(server.url("/tagged"))], true).await.unwrap().remove(0);
+    events
+        .wait("1 MiB", LONG, |e| matches!(e, Seen::Progress { task: t, total } if *t == task.id() && *total >= 1 << 20))
+        .await;
+    let data = task.cancel_producing_resume_data().await.expect("resume data");
+    assert!(!data.is_empty(), "an empty blob makes no task");
+    let again = session.download_task_with_resume_data(&data).await.expect("a task from the blob");
+    again.resume().await.unwrap();
+    assert_eq!(events.completion(again.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(again.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(5, len)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_data_continues_at_the_offset() {
     let env = TestEnv::new();

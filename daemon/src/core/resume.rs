@@ -101,7 +101,12 @@ impl Core {
             // in the database with its partial file gone, downloading from 0 again.
             after.push(After::Keep { from: self.part_path(rec), to: self.resume_dir().join(name) });
         }
-        dlsession_proto::codec::encode(&data).unwrap_or_default()
+        // Every field is bounded (the app's limits, validators of at most 1 KiB), so this
+        // cannot fail; if it ever did, an empty blob is refused as not ours when used.
+        dlsession_proto::codec::encode(&data).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot encode resume data");
+            Vec::new()
+        })
     }
 }
 

@@ -20,6 +20,7 @@ use dlsession_proto::{DurableEvent, ErrorCode, ErrorInfo, Header, TaskId, TaskSt
 /// Response headers kept per task (for `show`); more are dropped.
 const MAX_KEPT_HEADERS: usize = 64;
 const MAX_KEPT_HEADER_LEN: usize = 1024;
+const MAX_KEPT_HEADER_NAME: usize = 256;
 
 impl Core {
     /// Moves a task to `state`, keeping the counters and watchers in step.
@@ -721,6 +722,8 @@ const BEGIN_RECHECK: Duration = Duration::from_secs(15);
 pub(super) fn kept_headers(headers: Vec<Header>) -> Vec<Header> {
     headers
         .into_iter()
+        // A name that long is no header an app looks for; cut, it would be another name.
+        .filter(|h| h.name.len() <= MAX_KEPT_HEADER_NAME)
         .take(MAX_KEPT_HEADERS)
         .map(|mut h| {
             h.value.truncate(h.value.floor_char_boundary(MAX_KEPT_HEADER_LEN));

@@ -90,6 +90,18 @@ impl Engine {
                 format!("refusing redirect from https to insecure http ({})", host_of(next)),
             ));
         }
+        // Kept as the task's final URL and quoted back: never longer than a task's own.
+        if next.as_str().len() > self.settings.max_url_len {
+            return Err(Failure::permanent(
+                ErrorCode::InvalidUrl,
+                format!(
+                    "redirect to a URL of {} bytes; the limit is {} ({})",
+                    next.as_str().len(),
+                    self.settings.max_url_len,
+                    host_of(next)
+                ),
+            ));
+        }
         if hops > self.settings.max_redirects {
             return Err(Failure::permanent(
                 ErrorCode::TooManyRedirects,
@@ -149,7 +161,10 @@ impl Engine {
             f.error.http_status = Some(status);
             return Err(f);
         }
-        let (mut etag, sent_last_modified) = (get(hyper::header::ETAG), get(hyper::header::LAST_MODIFIED));
+        // A validator is sent back in `If-Range` and carried in resume data: one too long
+        // for either is not kept (the download can then only start over), never cut.
+        let validator = |name| get(name).filter(|v| v.len() <= MAX_VALIDATOR_LEN);
+        let (mut etag, sent_last_modified) = (validator(hyper::header::ETAG), validator(hyper::header::LAST_MODIFIED));
         // Every line counts, and one that is not text counts as an encoding.
         let encoded = headers
             .get_all(hyper::header::CONTENT_ENCODING)
@@ -242,6 +257,9 @@ impl Engine {
 }
 
 /// A response's headers as a task keeps them.
+/// The longest `ETag` or `Last-Modified` kept to resume with (real ones are tens of bytes).
+const MAX_VALIDATOR_LEN: usize = 1024;
+
 pub(super) fn response_headers(map: &hyper::HeaderMap) -> Vec<Header> {
     map.iter().map(|(k, v)| Header::new(k.as_str(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect()
 }

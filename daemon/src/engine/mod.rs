@@ -180,6 +180,8 @@ struct Route {
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
     pub max_redirects: u32,
+    /// The longest URL a redirect may lead to (the same limit as a task's own URL).
+    pub max_url_len: usize,
     pub checkpoint_bytes: u64,
     pub checkpoint_interval: Duration,
     /// Most download writers running at once (see `threads`).
