@@ -64,6 +64,9 @@ impl CookieJar {
             .filter_map(|v| RawCookie::parse(v.to_owned()).ok())
             .filter(|c| c.domain().is_none_or(|d| d.trim_start_matches('.').contains('.')))
             .filter(|c| c.name().len() + c.value().len() <= MAX_COOKIE_BYTES && prefix_allows(c, url))
+            // An attribute longer than a browser keeps (RFC 6265bis: 1 KiB) refuses the
+            // cookie: kept whole, a few thousand such cookies would be gigabytes.
+            .filter(|c| [c.path(), c.domain()].into_iter().flatten().all(|a| a.len() <= MAX_ATTRIBUTE_BYTES))
             .collect();
         if cookies.is_empty() {
             return;
@@ -118,6 +121,8 @@ impl CookieJar {
 
 /// A cookie's name and value at most (as browsers: larger ones are ignored).
 const MAX_COOKIE_BYTES: usize = 4096;
+/// The longest `Path` or `Domain` a cookie may carry.
+const MAX_ATTRIBUTE_BYTES: usize = 1024;
 /// Cookies per domain at most, and in one jar.
 const MAX_PER_DOMAIN: usize = 180;
 const MAX_PER_JAR: usize = 3000;
@@ -236,6 +241,12 @@ mod tests {
         assert!(jar.header_for(&url).unwrap().contains("fresh=1"));
         assert_eq!(jar.unexpired(), MAX_PER_DOMAIN);
         assert!(!jar.to_json().contains("\"c0x0\""), "an expired cookie is not stored");
+        // With room made, a cookie with an attribute over 1 KiB is still not taken.
+        let long_path = format!("longpath=1; Path=/{}", "a".repeat(300_000));
+        jar.take_from(&url, &set_cookies(&["c0x1=; Max-Age=0; Path=/"]));
+        jar.take_from(&url, &set_cookies(&[long_path.as_str()]));
+        let stored = jar.to_json();
+        assert!(!stored.contains("\"longpath\"") && stored.len() < 1 << 20, "{} bytes", stored.len());
     }
 
     /// A plain http answer neither sets nor replaces a `Secure` cookie; the name prefixes
