@@ -298,6 +298,19 @@ impl Config {
                 return Err(ConfigError::Invalid { key, message: "backoffs must be at least 1 ms".into() });
             }
         }
+        // A cap below the start would hold the backoff there (at 0, a relaunch or retry as
+        // fast as a process can be forked).
+        for (key, cap, start, of) in [
+            ("retry_max_ms", self.timing.retry_max, self.timing.retry_initial, "retry_initial_ms"),
+            ("wake_max_ms", self.timing.wake_max, self.timing.wake_initial, "wake_initial_ms"),
+        ] {
+            if cap < start {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: format!("must be at least {of} ({} ms)", start.as_millis()),
+                });
+            }
+        }
 
         Ok(())
     }

@@ -137,9 +137,14 @@ fn an_invalid_config_file_is_reported() {
     let out = run_expecting_failure(&env);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_setting"));
     // Values that would refuse every client or time out at once are refused by name.
-    for line in
-        ["max_connections = 0", "max_tasks_per_batch = 0", "handshake_timeout_ms = 0", "extra_ca_file = \"ca.pem\""]
-    {
+    for line in [
+        "max_connections = 0",
+        "max_tasks_per_batch = 0",
+        "handshake_timeout_ms = 0",
+        "extra_ca_file = \"ca.pem\"",
+        "wake_max_ms = 0",
+        "retry_max_ms = 10",
+    ] {
         let env = TestEnv::with_config(&format!("{line}\n"));
         let out = run_expecting_failure(&env);
         let stderr = String::from_utf8_lossy(&out.stderr);
