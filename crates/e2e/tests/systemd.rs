@@ -321,13 +321,13 @@ impl Drop for StopAutostarted {
 async fn ctl(
     env: &Arc<TestEnv>,
     args: Vec<String>,
-    extra_env: Option<(&'static str, &'static str)>,
+    extra_env: &'static [(&'static str, &'static str)],
 ) -> std::process::Output {
     let env = env.clone();
     tokio::task::spawn_blocking(move || {
         let mut cmd = env.command(bin_path("dlsessionctl"));
         cmd.env_remove("DLSESSION_NO_AUTOSTART");
-        if let Some((k, v)) = extra_env {
+        for (k, v) in extra_env {
             cmd.env(k, v);
         }
         cmd.args(args).stdin(Stdio::null()).output().unwrap()
@@ -347,18 +347,25 @@ async fn get_starts_the_daemon_when_none_runs() {
         vec!["get".to_owned(), server.url("/a"), "-o".into(), out.to_string_lossy().into_owned(), "--wait".into()];
 
     // Turned off: a clear "not running" and exit 3.
-    let o = ctl(&env, args.clone(), Some(("DLSESSION_NO_AUTOSTART", "1"))).await;
+    let o = ctl(&env, args.clone(), &[("DLSESSION_NO_AUTOSTART", "1")]).await;
     assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("dlsessiond is not running"));
 
-    let o = ctl(&env, args, None).await;
+    // Started from inside a systemd service (the app's): the daemon takes none of its
+    // variables (it would log to that unit's journal stream, and take itself for a service).
+    let o =
+        ctl(&env, args, &[("INVOCATION_ID", "0123456789abcdef0123456789abcdef"), ("JOURNAL_STREAM", "8:12345")]).await;
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(sha256_file(&out).unwrap(), Resource::generated(100_000, 1).sha256_hex());
-    daemon_pid(&env).expect("a daemon runs now");
+    let pid = daemon_pid(&env).expect("a daemon runs now");
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    for var in environ.split(|b| *b == 0).map(String::from_utf8_lossy) {
+        assert!(!var.starts_with("INVOCATION_ID=") && !var.starts_with("JOURNAL_STREAM="), "{var}");
+    }
     let log = std::fs::read_to_string(env.state_dir.join("dlsessiond/dlsessiond.log")).unwrap();
     assert!(log.contains("dlsessiond ready"), "{log}");
     // Inspection commands never start one, but see this one.
-    let o = ctl(&env, vec!["status".into()], None).await;
+    let o = ctl(&env, vec!["status".into()], &[]).await;
     assert_eq!(o.status.code(), Some(0));
 }
 
@@ -411,7 +418,7 @@ async fn ten_clients_racing_start_exactly_one_daemon() {
         ];
         runs.push(tokio::spawn({
             let env = env.clone();
-            async move { ctl(&env, args, None).await }
+            async move { ctl(&env, args, &[]).await }
         }));
     }
     for (i, r) in runs.into_iter().enumerate() {
