@@ -6,7 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::sync::Arc;
 
 use rustix::fs::{CWD, RenameFlags};
@@ -103,7 +103,7 @@ fn marked_size(to: &Path, mark: &str, sha256: Option<[u8; 32]>) -> Option<u64> {
 /// two, the other being `also`: a hard link left by a move that crashed between its link
 /// and its unlink). Anything else may be someone else's and is never taken for ours.
 fn open_own(to: &Path, allowed: u32, also: Option<&Path>) -> Option<(File, std::fs::Metadata)> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    use std::os::unix::fs::MetadataExt;
     let euid = rustix::process::geteuid().as_raw();
     // Never opened unless it looks like a candidate (a device or FIFO is not opened at all).
     let looked = std::fs::symlink_metadata(to).ok()?;
@@ -636,7 +636,9 @@ fn create_copy_temp(to: &Path) -> io::Result<(PathBuf, File)> {
     for _ in 0..64 {
         let seq = COPY_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = copy_temp_path(to, std::process::id(), seq);
-        match std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp) {
+        // Private from the start (the task's mode is set next): under a loose umask another
+        // user could open it in between and keep a handle to write through.
+        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp) {
             Ok(f) => return Ok((tmp, f)),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
