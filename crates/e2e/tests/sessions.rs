@@ -655,6 +655,18 @@ async fn finished_events_once_per_replay_and_once_per_quiet_down() {
 /// collected in the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relaunches_wait_their_turn_beyond_max_concurrent_launches() {
+    relaunches_within_the_cap(false).await;
+}
+
+/// The same with a launcher that puts the app in the background and exits at once with
+/// success (as `gtk-launch`, `xdg-open` or a starting unit do): its exit does not free the
+/// slot, the app's attach does (before, every session's app came up at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launcher_that_exits_at_once_still_holds_its_launch_slot() {
+    relaunches_within_the_cap(true).await;
+}
+
+async fn relaunches_within_the_cap(background: bool) {
     let env = TestEnv::new();
     env.set_config("max_concurrent_launches", "2");
     let d = TestDaemon::start(&env);
@@ -665,17 +677,15 @@ async fn relaunches_wait_their_turn_beyond_max_concurrent_launches() {
     let log = env.path().join("launches.log");
     let app = env.path().join("app.sh");
     let ctl = dlsession_testkit::bin_path("dlsessionctl");
-    std::fs::write(
-        &app,
-        format!(
-            "#!/bin/sh\necho \"start $1 $(date +%s%N)\" >> {log}\nsleep 0.4\necho \"up $1 $(date +%s%N)\" >> {log}\n\
-             exec {ctl} --socket {socket} attach \"$1\"\n",
-            log = log.display(),
-            ctl = ctl.display(),
-            socket = env.socket.display()
-        ),
-    )
-    .unwrap();
+    let body = format!(
+        "echo \"start $1 $(date +%s%N)\" >> {log}\nsleep 0.4\necho \"up $1 $(date +%s%N)\" >> {log}\n\
+         exec {ctl} --socket {socket} attach \"$1\" > /dev/null\n",
+        log = log.display(),
+        ctl = ctl.display(),
+        socket = env.socket.display()
+    );
+    let script = if background { format!("#!/bin/sh\n(\n{body}) &\nexit 0\n") } else { format!("#!/bin/sh\n{body}") };
+    std::fs::write(&app, script).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&app, std::fs::Permissions::from_mode(0o755)).unwrap();
     let client = dlsession_testkit::app::client(&env).await;

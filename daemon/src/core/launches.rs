@@ -1,7 +1,8 @@
 //! Relaunch slots: at most `max_concurrent_launches` apps are being relaunched at once,
 //! and the sessions beyond wait their turn in order (docs/behaviour.md, "Wake and
-//! relaunch"). A slot is held from the launch until the app attaches, its process exits,
-//! or `wake_answer_ms` passes, whichever comes first.
+//! relaunch"). A slot is held from the launch until the app attaches, its process fails
+//! (or ends once nothing waits for the app), or `wake_answer_ms` passes, whichever comes
+//! first.
 //!
 //! Every launch that takes a slot gets a number of its own, and the end of a launch frees
 //! the slot only if that launch still holds it: a process relaunched long ago (its slot

@@ -420,7 +420,16 @@ impl Core {
 
     pub(super) fn on_launch_finished(&mut self, key: SessionKey, launch: LaunchNo, result: Result<(), String>) {
         self.life.launches_running = self.life.launches_running.saturating_sub(1);
-        self.release_launch_slot(key, Some(launch));
+        // A launcher that succeeds at once (a unit started, a D-Bus activation, a command
+        // that puts the app in the background) has not brought the app yet: the slot stays
+        // until the app attaches or `wake_answer_ms` passes, or a storm of such launches
+        // would get past the cap.
+        let app_awaited = result.is_ok()
+            && self.has_finished_events(key)
+            && self.sessions.get(&key).is_some_and(|s| s.attached.is_none());
+        if !app_awaited {
+            self.release_launch_slot(key, Some(launch));
+        }
         let Err(e) = result else { return };
         // An app that collected everything and then exited with an error is not a failed
         // wake: nothing waits for it any more.
