@@ -736,6 +736,43 @@ async fn relaunched_by_shell(env: &TestEnv, identifier: &str, script: String, ur
     client
 }
 
+/// A daemon that is stopping starts no relaunch: a wake that comes due while the stop
+/// waits for a download's last sync (held 8 s here) is left to the next start, which plans
+/// every session's wakes anyway. Before, the app was started against a daemon about to go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_daemon_relaunches_nothing() {
+    let env = TestEnv::new();
+    // No checkpoint but the stop's: the failpoint holds exactly that one.
+    env.set_config("checkpoint_bytes", "1073741824");
+    env.set_config("checkpoint_interval_ms", "600000");
+    env.set_config("shutdown_grace_ms", "20000");
+    let wake_after = Duration::from_millis(2500);
+    env.set_config("wake_initial_ms", &wake_after.as_millis().to_string());
+    let hold = std::ffi::OsStr::new("checkpoint-after-sync:1:sleep-ms=8000");
+    let mut d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", hold)]);
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(1000, 5));
+    server.add("/big", Resource::generated(64 << 20, 6).throttle(1 << 20));
+    // An app that fails without collecting: it is relaunched again after `wake_after`.
+    let count = env.path().join("launched");
+    let script = format!("echo x >> {}; exit 1", count.display());
+    let _b = relaunched_by_shell(&env, "t.stop-b", script, server.url("/a")).await;
+    let lines = |p: &std::path::Path| std::fs::read_to_string(p).map_or(0, |t| t.lines().count());
+    wait_for("the first relaunch", LONG, || (lines(&count) == 1).then_some(()));
+    let first = std::time::Instant::now();
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let a = Session::attach(config(&env, "t.stop-a"), delegate).await.unwrap();
+    let task = a.download_tasks(vec![DownloadRequest::new(server.url("/big"))], true).await.unwrap().remove(0);
+    events
+        .wait("bytes", LONG, |e| matches!(e, Seen::Progress { task: t, total } if *t == task.id() && *total >= 1 << 18))
+        .await;
+    assert!(first.elapsed() < wake_after, "too slow to stop before the next wake: {:?}", first.elapsed());
+    let status = tokio::task::spawn_blocking(move || (d.terminate(), d)).await.unwrap();
+    assert!(first.elapsed() > wake_after + Duration::from_secs(1), "the stop ended before the wake came due");
+    assert!(status.0.success(), "{}", status.1.log());
+    assert_eq!(lines(&count), 1, "relaunched while stopping:\n{}", status.1.log());
+}
+
 /// The daemon raises its own descriptor limit; an app it relaunches gets the limit the
 /// daemon was started with, as if started from the desktop (a program that uses `select`
 /// breaks on descriptors above 1,024).

@@ -40,8 +40,10 @@ impl Core {
     /// backoff, or `at_least` from now if that is later.
     pub(super) fn check_wake(&mut self, key: SessionKey, at_least: Duration) {
         // Before the database passed its start check, no wake is planned: the start plans
-        // every session's then (`recovery::on_checked`), waiting `wake_initial`.
-        if !self.life.checked {
+        // every session's then (`recovery::on_checked`), waiting `wake_initial`. Nor while
+        // stopping: an app woken now would meet a daemon about to go (the next start plans
+        // the wakes again).
+        if !self.life.checked || self.life.shutting_down {
             return;
         }
         if !self.has_finished_events(key) {
@@ -83,6 +85,9 @@ impl Core {
             s.wake_timer = None;
             s.wake.next_wake = None;
         }
+        if self.life.shutting_down {
+            return;
+        }
         // Its app is being relaunched (started, not yet attached or exited): a second one
         // is not started; the next wake is scheduled when that launch is over.
         if self.launches.holds(key) {
@@ -100,7 +105,7 @@ impl Core {
     pub(super) fn on_wake_unanswered(&mut self, key: SessionKey) {
         let Some(s) = self.sessions.get_mut(&key) else { return };
         s.wake_unanswered = None;
-        if !self.has_finished_events(key) {
+        if !self.has_finished_events(key) || self.life.shutting_down {
             return;
         }
         let answer = self.cfg.timing.wake_answer;
@@ -277,6 +282,9 @@ impl Core {
     /// Starts the relaunches waiting in line while slots are free. One that is no longer
     /// needed (its app attached meanwhile, or its events were collected) gives its slot on.
     pub(super) fn start_waiting_launches(&mut self) {
+        if self.life.shutting_down {
+            return;
+        }
         while let Some((key, reason, launch)) = self.launches.next() {
             // Still wanted: events wait, or a `wake` request waits for this launch.
             let wanted =
