@@ -367,6 +367,15 @@ async fn a_row_with_an_unknown_value_is_refused_not_guessed() {
         "UPDATE tasks SET state = 'sleeping'",
         "UPDATE tasks SET upload_method = 'PATCH'",
         "UPDATE tasks SET id = -5",
+        // Never replaced by a guess: a checksum check silently skipped, a finishing task
+        // downloaded again, a mode wider than one, an error of another kind, a relaunch
+        // dropped, an event of task 0.
+        "UPDATE tasks SET expected_sha256 = x'00'",
+        "UPDATE tasks SET phase = 'x'",
+        "UPDATE tasks SET file_mode = 4095",
+        "UPDATE tasks SET error_code = 'from_the_future', error_msg = 'x'",
+        "UPDATE sessions SET launch_kind = 'teleport', launch_value = 'x'",
+        "UPDATE events SET task_id = NULL",
     ];
     for change in cases {
         let dir = tempfile::tempdir().unwrap();
@@ -393,6 +402,48 @@ async fn a_row_with_an_unknown_value_is_refused_not_guessed() {
             Ok((_, snap)) => panic!("{change}: read as {:?} / {:?}", snap.tasks, snap.events),
         }
     }
+}
+
+/// A session whose stored next event number is not above its stored events (a database
+/// edited by hand, or restored in part) gets it raised at load: the next event would
+/// otherwise collide with a stored one, and its commit fail for ever, holding every write.
+#[tokio::test]
+async fn a_next_event_number_below_the_stored_events_is_raised() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    {
+        let (store, _) = open(&path);
+        let event = |seq| EventRecord {
+            session: 7,
+            seq,
+            event: DurableEvent::Completed { task: 1, error: None },
+            created_at: 1,
+        };
+        store.write(
+            vec![
+                Op::InsertSession(session()),
+                Op::InsertTask(Box::new(task(1))),
+                Op::InsertEvent(event(4)),
+                Op::InsertEvent(event(5)),
+            ],
+            None,
+        );
+        assert!(store.flush(std::time::Duration::from_secs(30)).await);
+    }
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch("UPDATE sessions SET next_seq = 1").unwrap();
+    drop(conn);
+    let (store, snap) = Store::open(&path, |_| {}).unwrap();
+    let s = snap.sessions.iter().find(|s| s.key == 7).unwrap();
+    assert_eq!(s.next_seq, 6, "above the stored events");
+    let next = EventRecord {
+        session: 7,
+        seq: s.next_seq,
+        event: DurableEvent::Completed { task: 1, error: None },
+        created_at: 2,
+    };
+    store.write(vec![Op::InsertEvent(next)], None);
+    assert!(store.flush(std::time::Duration::from_secs(30)).await, "the next event is stored");
 }
 
 /// Suspended tasks are not in the snapshot: it counts them per session, and they are read

@@ -40,13 +40,15 @@ fn launch_columns(launch: &Option<LaunchSpec>) -> (Option<&'static str>, Option<
     }
 }
 
-fn launch_from(kind: Option<String>, value: Option<String>) -> Option<LaunchSpec> {
-    match (kind.as_deref(), value) {
+fn launch_from(kind: Option<String>, value: Option<String>) -> rusqlite::Result<Option<LaunchSpec>> {
+    Ok(match (kind.as_deref(), value) {
+        (None, None) => None,
         (Some("command"), Some(v)) => Some(LaunchSpec::Command { argv: v.split('\0').map(str::to_owned).collect() }),
         (Some("systemd_unit"), Some(v)) => Some(LaunchSpec::SystemdUnit { unit: v }),
         (Some("desktop_app"), Some(v)) => Some(LaunchSpec::DesktopApp { app_id: v }),
-        _ => None,
-    }
+        // Never dropped: the session's app would silently never be relaunched.
+        (kind, _) => return Err(unknown(3, "launch kind", kind.unwrap_or("(none, with a value)"))),
+    })
 }
 
 fn error_columns(e: &Option<ErrorInfo>) -> (Option<&'static str>, Option<&str>, Option<u16>) {
@@ -56,13 +58,15 @@ fn error_columns(e: &Option<ErrorInfo>) -> (Option<&'static str>, Option<&str>, 
     }
 }
 
-fn error_from(code: Option<String>, message: Option<String>, http: Option<u16>) -> Option<ErrorInfo> {
-    let code = code?;
-    Some(ErrorInfo {
-        code: ErrorCode::from_name(&code).unwrap_or(ErrorCode::Internal),
-        message: message.unwrap_or_default(),
-        http_status: http,
-    })
+fn error_from(
+    column: usize,
+    code: Option<String>,
+    message: Option<String>,
+    http: Option<u16>,
+) -> rusqlite::Result<Option<ErrorInfo>> {
+    let Some(code) = code else { return Ok(None) };
+    let Some(known) = ErrorCode::from_name(&code) else { return Err(unknown(column, "error code", &code)) };
+    Ok(Some(ErrorInfo { code: known, message: message.unwrap_or_default(), http_status: http }))
 }
 
 fn state_name(state: TaskState) -> &'static str {
@@ -154,7 +158,7 @@ pub fn load_sessions(conn: &Connection) -> rusqlite::Result<Vec<SessionRecord>> 
             identifier: r.get(1)?,
             config: SessionConfig {
                 app_id: r.get(2)?,
-                launch: launch_from(r.get(3)?, r.get(4)?),
+                launch: launch_from(r.get(3)?, r.get(4)?)?,
                 http_headers: split_headers(&r.get::<_, String>(5)?),
                 timeout_for_request_ms: r.get::<_, i64>(6)?.max(0) as u64,
                 timeout_for_resource_ms: r.get::<_, i64>(7)?.max(0) as u64,
@@ -314,13 +318,23 @@ fn task_from_row(r: &Row<'_>) -> rusqlite::Result<TaskRecord> {
         description: r.get(4)?,
         priority: r.get::<_, f64>(5)? as f32,
         earliest_begin: u64_opt(r.get(6)?),
-        expected_sha256: sha.and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok()),
+        // A checksum of another length is never dropped: the check would silently not run.
+        expected_sha256: sha
+            .map(|v| {
+                <[u8; 32]>::try_from(v.as_slice())
+                    .map_err(|_| unknown(7, "expected_sha256 of length", &v.len().to_string()))
+            })
+            .transpose()?,
         destination: r.get(8)?,
         overwrite: r.get(9)?,
         expected_size: u64_opt(r.get(10)?),
         created_at: r.get::<_, i64>(11)?.max(0) as u64,
         state: TaskState::from_name(&state).ok_or_else(|| unknown(12, "task state", &state))?,
-        phase: if phase == "finishing" { Phase::Finishing } else { Phase::Transfer },
+        phase: match phase.as_str() {
+            "transfer" => Phase::Transfer,
+            "finishing" => Phase::Finishing,
+            other => return Err(unknown(13, "task phase", other)),
+        },
         committed_offset: r.get::<_, i64>(14)?.max(0) as u64,
         bytes_expected: u64_opt(r.get(15)?),
         etag: r.get(16)?,
@@ -329,16 +343,22 @@ fn task_from_row(r: &Row<'_>) -> rusqlite::Result<TaskRecord> {
         response_status: r.get(19)?,
         response_headers: split_headers(&r.get::<_, String>(20)?),
         attempts: r.get(21)?,
-        last_error: error_from(r.get(22)?, r.get(23)?, r.get(24)?),
+        last_error: error_from(22, r.get(22)?, r.get(23)?, r.get(24)?)?,
         retry_at: u64_opt(r.get(25)?),
         started_at: u64_opt(r.get(26)?),
         finished_at: u64_opt(r.get(27)?),
         resource_deadline: u64_opt(r.get(28)?),
         location: r.get(29)?,
-        error: error_from(r.get(30)?, r.get(31)?, r.get(32)?),
+        error: error_from(30, r.get(30)?, r.get(31)?, r.get(32)?)?,
         resume_secret: r.get::<_, Option<i64>>(33)?.map(|s| s as u64),
         retired: r.get(34)?,
-        file_mode: r.get::<_, Option<u32>>(35)?.filter(|m| *m <= 0o777).unwrap_or(DEFAULT_FILE_MODE),
+        // None: a task from before modes were kept (migration 2). Wider than a mode: never
+        // replaced by a guess.
+        file_mode: match r.get::<_, Option<u32>>(35)? {
+            None => DEFAULT_FILE_MODE,
+            Some(m) if m <= 0o777 => m,
+            Some(m) => return Err(unknown(35, "file mode", &format!("{m:o}"))),
+        },
         bandwidth_limit: r.get::<_, Option<i64>>(36)?.and_then(|v| u64::try_from(v).ok()).filter(|v| *v > 0),
         policy: dlsession_proto::TaskPolicy {
             allows_metered: r.get(37)?,
@@ -537,8 +557,15 @@ pub fn load_events(conn: &Connection) -> rusqlite::Result<Vec<EventRecord>> {
     )?;
     let rows = stmt.query_map([], |r| {
         let kind: String = r.get(2)?;
-        let task = r.get::<_, Option<i64>>(3)?.unwrap_or(0).max(0) as u64;
-        let error = error_from(r.get(7)?, r.get(8)?, r.get(9)?);
+        let task_id = r.get::<_, Option<i64>>(3)?;
+        // Every kind but `did_become_invalid` names its task: none, or a negative one, is
+        // never taken for task 0.
+        let task = match task_id {
+            Some(t) if t >= 0 => t as u64,
+            _ if kind == "did_become_invalid" => 0,
+            other => return Err(unknown(3, "event task id", &format!("{other:?}"))),
+        };
+        let error = error_from(7, r.get(7)?, r.get(8)?, r.get(9)?)?;
         let event = match kind.as_str() {
             "resumed_at_offset" => DurableEvent::ResumedAtOffset {
                 task,

@@ -21,6 +21,7 @@ mod codec;
 mod error;
 mod schema;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
@@ -305,11 +306,29 @@ impl Store {
 }
 
 fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreError> {
+    let mut sessions = codec::load_sessions(conn)?;
+    let events = codec::load_events(conn)?;
+    // A session's next number is above every event it stored, whatever its row says: one
+    // at or below would collide with a stored event, and that commit would fail for ever,
+    // holding every write behind it (a database edited by hand, or restored in part).
+    let mut above: HashMap<SessionKey, u64> = HashMap::new();
+    for ev in &events {
+        let next = above.entry(ev.session).or_default();
+        *next = (*next).max(ev.seq.saturating_add(1));
+    }
+    for s in &mut sessions {
+        if let Some(&next) = above.get(&s.key)
+            && s.next_seq < next
+        {
+            warn!(session = %s.identifier, stored = s.next_seq, next, "a session's next event number was below its stored events; raised");
+            s.next_seq = next;
+        }
+    }
     Ok(Snapshot {
-        sessions: codec::load_sessions(conn)?,
+        sessions,
         tasks: codec::load_awake_tasks(conn)?,
         dormant: codec::load_dormant_counts(conn)?,
-        events: codec::load_events(conn)?,
+        events,
         next_task_id: codec::load_next_task_id(conn)?,
         next_session_key: codec::load_next_session_key(conn)?,
         global_limit: codec::load_global_limit(conn)?,
