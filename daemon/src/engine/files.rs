@@ -745,6 +745,26 @@ pub fn sync_parent(path: &Path) -> io::Result<()> {
     DIR_SYNCS.sync(parent_dir(path))
 }
 
+/// fsyncs `dir`. A directory that cannot be opened for reading (mode 0300: writable and
+/// searchable, a "drop box") or whose filesystem refuses to sync a directory (`EINVAL`) is
+/// made durable by syncing every filesystem instead: slower, but the rename in it is not
+/// a failed move (it already happened; retrying it would fail the same way for ever).
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    match File::open(dir).and_then(|d| d.sync_all()) {
+        Err(e) if cannot_sync_directly(&e) => {
+            tracing::debug!(dir = %dir.display(), error = %e, "cannot sync the directory itself; syncing the filesystems");
+            rustix::fs::sync();
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// Errors of opening or syncing a directory that say "not this way", not "failed".
+fn cannot_sync_directly(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(code) if [libc::EACCES, libc::EINVAL, libc::ENOTSUP].contains(&code))
+}
+
 static DIR_SYNCS: DirSyncs = DirSyncs { state: Mutex::new(None), done: Condvar::new() };
 
 struct DirSyncs {
@@ -786,7 +806,7 @@ impl DirSyncs {
             entry.running = true;
             let target = entry.requested;
             drop(guard);
-            let result = File::open(dir).and_then(|d| d.sync_all());
+            let result = sync_dir(dir);
             guard = self.state.lock().map_err(|_| poisoned())?;
             let map = guard.get_or_insert_with(HashMap::new);
             if let Some(entry) = map.get_mut(dir) {
@@ -877,6 +897,14 @@ mod tests {
             }
         }
         assert!(sync_parent(Path::new("/nonexistent/dir/file")).is_err(), "errors reach the caller");
+        // A directory that cannot be opened for reading, or a filesystem that syncs no
+        // directory, is synced another way; anything else is an error.
+        for code in [libc::EACCES, libc::EINVAL, libc::ENOTSUP] {
+            assert!(cannot_sync_directly(&io::Error::from_raw_os_error(code)), "{code}");
+        }
+        for code in [libc::EIO, libc::ENOSPC, libc::ENOENT, libc::EROFS] {
+            assert!(!cannot_sync_directly(&io::Error::from_raw_os_error(code)), "{code}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
