@@ -354,3 +354,43 @@ async fn a_hung_look_at_start_does_not_hold_invalidate_and_cancel_for_ever() {
     events.wait("did_become_invalid", LONG, |e| matches!(e, Seen::Invalid)).await;
     assert!(dest.exists(), "the file found too late stays where it is");
 }
+
+/// A task recorded as finishing (its file goes to another filesystem, where a copy carries
+/// no mark) when `invalidate_and_cancel` is answered and the daemon killed: at the next
+/// start its move is started again, and if that move fails (a file now at the destination)
+/// it completes `cancelled` and the session ends, as it would have without the stop.
+/// Before, it waited to move again for ever and the session never ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finishing_task_of_a_cancelled_session_ends_if_its_move_fails_after_a_restart() {
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("SKIPPED: no /dev/shm here, so no second filesystem for the destination");
+        return;
+    }
+    let env = TestEnv::new();
+    // The second move: the first finds the destination on another filesystem before any
+    // rename, and the finish is recorded; the second copies.
+    let hold = std::ffi::OsStr::new("finish-before-move:2:sleep-ms=30000");
+    let mut d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", hold)]);
+    let server = TestServer::start().await.unwrap();
+    server.add("/f.bin", Resource::generated(300_000, 47));
+    let elsewhere = tempfile::tempdir_in(shm).unwrap();
+    let dest = elsewhere.path().join("f.bin");
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let config = SessionConfiguration::background("t.finishing-cancelled").socket(&env.socket);
+    let session = Session::attach(config, delegate).await.unwrap();
+    let request = DownloadRequest::new(server.url("/f.bin")).destination(&dest);
+    let task = session.download_tasks(vec![request], true).await.unwrap().remove(0);
+    dlsession_testkit::wait_for("the recorded move", LONG, || {
+        d.log().contains("failpoint finish-before-move reached; pausing").then_some(())
+    });
+    session.invalidate_and_cancel().await.unwrap();
+    d.kill9();
+    std::fs::write(&dest, b"someone else's file").unwrap();
+    d.set_env(&[]);
+    d.restart();
+    let error = events.completion(task.id(), LONG).await.expect("completes with an error");
+    assert_eq!(error.code, dlsession::ErrorCode::Cancelled, "{error}");
+    events.wait("did_become_invalid", LONG, |e| matches!(e, Seen::Invalid)).await;
+    assert_eq!(std::fs::read(&dest).unwrap(), b"someone else's file", "left alone");
+}

@@ -205,14 +205,14 @@ impl Core {
         let run = self.release(id);
         // `invalidate_and_cancel` reached it while it moved (its session is ending): it
         // completes `cancelled`, as a task already waiting to move again does, instead of
-        // waiting to move again and keeping the session from ending.
-        let ending = self
-            .tasks
-            .get(&id)
-            .filter(|t| self.sessions.get(&t.rec.session).is_some_and(|s| s.rec.invalidating))
-            .map(|t| t.rec.committed_offset);
-        if let Some(offset) = ending
-            && run.is_some_and(|r| r.after_stop == Some(AfterStop::Cancel))
+        // waiting to move again and keeping the session from ending. Also after a restart,
+        // when the move was started by the start itself (no stop was asked of it then):
+        // the session's stored `cancelling` says so.
+        let session =
+            self.tasks.get(&id).and_then(|t| Some((t.rec.committed_offset, self.sessions.get(&t.rec.session)?)));
+        let ending = session.filter(|(_, s)| s.rec.invalidating).map(|(offset, s)| (offset, s.rec.cancelling));
+        if let Some((offset, cancelling)) = ending
+            && (cancelling || run.is_some_and(|r| r.after_stop == Some(AfterStop::Cancel)))
         {
             return self.apply_after_stop(id, AfterStop::Cancel, offset);
         }
