@@ -951,7 +951,42 @@ fn file_failure(e: &std::io::Error, what: &str) -> Failure {
             ErrorCode::FileError,
             format!("{what}: {e} (the partial file or its directory was removed; downloading again)"),
         )
+    } else if passing(e) {
+        // Weather, not a verdict on the download (a disk or network filesystem failing for
+        // a while, a filesystem remounted read-only after an error): the partial data is
+        // kept and the attempt tried again with backoff, as for a full disk.
+        Failure::transient(ErrorCode::FileError, format!("{what}: {e} (trying again later; the data is kept)"))
     } else {
         Failure::permanent(ErrorCode::FileError, format!("{what}: {e}"))
+    }
+}
+
+/// I/O errors that may go away by themselves: `EIO`, `EROFS`, `ETIMEDOUT`, `EAGAIN`,
+/// `ESTALE` (an NFS handle: the retry opens the file by its name again), `EINTR`.
+fn passing(e: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    [Errno::IO, Errno::ROFS, Errno::TIMEDOUT, Errno::AGAIN, Errno::STALE, Errno::INTR]
+        .iter()
+        .any(|errno| e.raw_os_error() == Some(errno.raw_os_error()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What an error on the partial file does to the download: a full disk or a failing
+    /// device waits with the data kept; a removed file starts over; anything else ends it.
+    #[test]
+    fn partial_file_errors_keep_the_data_unless_they_are_a_verdict() {
+        let fail = |code| file_failure(&std::io::Error::from_raw_os_error(code), "writing");
+        for code in [libc::ENOSPC, libc::EDQUOT, libc::EIO, libc::EROFS, libc::ETIMEDOUT, libc::ESTALE] {
+            let f = fail(code);
+            assert!(matches!(f.retry, Retry::After(_)) && !f.discard_partial, "{code}: {f:?}");
+        }
+        let removed = fail(libc::ENOENT);
+        assert!(matches!(removed.retry, Retry::After(_)) && removed.discard_partial);
+        for code in [libc::EFBIG, libc::EISDIR, libc::ENAMETOOLONG] {
+            assert!(matches!(fail(code).retry, Retry::Never), "{code}");
+        }
     }
 }
