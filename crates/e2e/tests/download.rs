@@ -50,6 +50,34 @@ async fn https_download_over_h2_with_test_ca() {
     assert_eq!(versions, vec![http::Version::HTTP_2], "ALPN negotiated HTTP/2");
 }
 
+/// A response head over HTTP/2 is taken up to the size HTTP/1.1's is (1 MiB), not h2's
+/// default of 16 KiB: a 40 KB head (large cookies, a long policy header) downloads as it
+/// would over HTTP/1.1. Before, h2 reset the stream and the task retried for days.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_response_head_over_h2_is_taken_as_over_h1() {
+    let env = TestEnv::new();
+    let ca = TestCa::new().unwrap();
+    env.add_config(&format!("extra_ca_file = {:?}", ca.ca_pem_path()));
+    let _daemon = TestDaemon::start(&env);
+    let server = TestServer::start_tls(&ca).await.unwrap();
+    server.add("/padded.bin", Resource::generated(100_000, 13).fault(Hits::All, Fault::HugeHeaders(40_000)));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "test.h2-head"), delegate).await.unwrap();
+    let task = session.download_task(DownloadRequest::new(server.url("/padded.bin"))).await.unwrap();
+    task.resume().await.unwrap();
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(13, 100_000)));
+    let versions: Vec<_> = server.requests_for("/padded.bin").iter().map(|r| r.version).collect();
+    assert_eq!(versions, vec![http::Version::HTTP_2], "over HTTP/2, once");
+    // One far larger than any real one fails as over HTTP/1.1: at once, not retried.
+    server.add("/huge.bin", Resource::generated(1000, 14).fault(Hits::All, Fault::HugeHeaders(2 << 20)));
+    let task = session.download_task(DownloadRequest::new(server.url("/huge.bin"))).await.unwrap();
+    task.resume().await.unwrap();
+    let error = events.completion(task.id(), LONG).await.expect("fails");
+    assert_eq!(error.code, ErrorCode::Network, "{error}");
+    assert_eq!(server.hits("/huge.bin"), 1, "not retried: {error}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_found_completes_with_http_status_and_no_file() {
     let env = TestEnv::new();

@@ -289,6 +289,27 @@ pub(super) fn request_failure(
     if let Some(garbled) = find::<TunnelGarbled>(err) {
         return Failure::permanent(ErrorCode::Network, format!("{what}: {garbled}"));
     }
+    // A response head our side of an HTTP/2 connection refused (over 1 MiB, or not valid
+    // HTTP/2): malformed, as over HTTP/1.1, and no retry will change it. Only before the
+    // head: in a body, the same errors are a body shorter or longer than announced
+    // (transient), and a stream the server refused asks for a retry.
+    if let Some(h2) = find::<h2::Error>(err)
+        && h2.is_library()
+        && matches!(
+            h2.reason(),
+            Some(
+                h2::Reason::PROTOCOL_ERROR
+                    | h2::Reason::REFUSED_STREAM
+                    | h2::Reason::COMPRESSION_ERROR
+                    | h2::Reason::ENHANCE_YOUR_CALM
+            )
+        )
+    {
+        return Failure::permanent(
+            ErrorCode::Network,
+            format!("{what}: malformed response head (HTTP/2): {}", super::http::error_chain(err)),
+        );
+    }
     let Some(refused) = find::<TunnelRefused>(err) else { return classify(err, what) };
     let status = refused.status;
     let message = format!("the proxy answered {} to CONNECT {}", status_text(status), host_of(url));

@@ -260,6 +260,9 @@ impl ClientFactory {
             .http2_initial_stream_window_size(H2_STREAM_WINDOW)
             .http2_initial_connection_window_size(16u32 << 20)
             .http1_max_buf_size(H1_MAX_BUF)
+            // A response head is taken up to the same size over HTTP/2 (h2's default is
+            // 16 KiB: a larger head reset the stream, and the task retried for days).
+            .http2_max_header_list_size(H1_MAX_BUF as u32)
             .build(SpeedSizedReads { connector: https, in_flight: IN_FLIGHT })
     }
 }
@@ -397,6 +400,7 @@ pub fn classify(err: &(dyn StdError + 'static), what: &str) -> Failure {
     {
         return Failure::permanent(ErrorCode::Network, format!("{what}: malformed response: {chain}"));
     }
+
     Failure::transient(ErrorCode::Network, format!("{what}: {chain}"))
 }
 
@@ -415,7 +419,7 @@ pub(super) fn find<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static))
 }
 
 /// "outer: inner: innermost", skipping repeats.
-fn error_chain(err: &(dyn StdError + 'static)) -> String {
+pub(super) fn error_chain(err: &(dyn StdError + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = cur {
