@@ -541,3 +541,48 @@ async fn a_large_download_logs_where_its_time_went() {
     assert!(field("network_wait_ms") + field("writer_wait_ms") <= body + 1.0, "{line}");
     assert!(field("write_ms") > 0.0 && field("move_ms") > 0.0, "64 MiB was written and moved: {line}");
 }
+
+/// Serves `response` (raw bytes) to every connection on a loopback port; returns the URL
+/// and a count of the connections.
+async fn raw_server(response: &'static [u8]) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/raw.bin", listener.local_addr().unwrap());
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(response).await;
+            });
+        }
+    });
+    (url, hits)
+}
+
+/// A body in a transfer coding other than `chunked` (which would be written as the file:
+/// gzip bytes delivered as a success), or framed by both `Transfer-Encoding` and
+/// `Content-Length` (RFC 9112 6.3: an error), fails at once and is not tried again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_in_an_unsupported_transfer_coding_is_refused() {
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let (session_delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.transfer-coding"), session_delegate).await.unwrap();
+    let gzip: &[u8] =
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    let both: &[u8] =
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    for (response, says) in [(gzip, "transfer coding"), (both, "Content-Length")] {
+        let (url, hits) = raw_server(response).await;
+        let task = session.download_task(DownloadRequest::new(url)).await.unwrap();
+        task.resume().await.unwrap();
+        let error = events.completion(task.id(), LONG).await.expect("refused");
+        assert_eq!(error.code, ErrorCode::Network, "{error}");
+        assert!(error.message.contains(says), "{error}");
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1, "not tried again: {error}");
+    }
+}

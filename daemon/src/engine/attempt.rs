@@ -164,6 +164,32 @@ impl Engine {
         // A validator is sent back in `If-Range` and carried in resume data: one too long
         // for either is not kept (the download can then only start over), never cut.
         let validator = |name| get(name).filter(|v| v.len() <= MAX_VALIDATOR_LEN);
+        // A body in a transfer coding hyper does not undo (only `chunked` is) would be
+        // written as the file, and one framed by both a coding and a length is the
+        // request-smuggling shape RFC 9112 (6.3) says to treat as an error.
+        let codings: Vec<String> = headers
+            .get_all(hyper::header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| {
+                String::from_utf8_lossy(v.as_bytes())
+                    .split(',')
+                    .map(|c| c.trim().to_ascii_lowercase())
+                    .collect::<Vec<_>>()
+            })
+            .filter(|c| !c.is_empty())
+            .collect();
+        if let Some(other) = codings.iter().find(|c| *c != "chunked") {
+            return Err(Failure::permanent(
+                ErrorCode::Network,
+                format!("the response is sent in transfer coding {other:?}, which is not supported"),
+            ));
+        }
+        if !codings.is_empty() && headers.contains_key(hyper::header::CONTENT_LENGTH) {
+            return Err(Failure::permanent(
+                ErrorCode::Network,
+                "malformed response: both Transfer-Encoding and Content-Length",
+            ));
+        }
         let (mut etag, sent_last_modified) = (validator(hyper::header::ETAG), validator(hyper::header::LAST_MODIFIED));
         // Every line counts, and one that is not text counts as an encoding.
         let encoded = headers
