@@ -673,3 +673,21 @@ async fn an_answer_before_the_whole_body_lets_a_post_go_again() {
     wait_until(|| statuses() == [503, 201]).await;
     assert_eq!(server.file("early").as_deref(), Some(&data[..]));
 }
+
+/// A redirect to an invalid location after an upload fails the task with `invalid_url`, as
+/// it does a download; before, the 3xx went to the app as if it were the server's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_redirected_to_an_invalid_location_fails_with_invalid_url() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = UploadServer::start(false).await.unwrap();
+    server.set_faults(UploadFaults { redirect: Some((1, 307, "http://[".into())), ..UploadFaults::default() });
+    let (file, _) = make_file(env.path(), "r.bin", 1000, 3);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.upload-bad-redirect"), delegate).await.unwrap();
+    let request = UploadRequest::new(server.url("/files/r.bin"), &file);
+    let task = session.upload_tasks(vec![request], true).await.unwrap().remove(0);
+    let error = events.completion(task.id(), LONG).await.expect("fails");
+    assert_eq!(error.code, ErrorCode::InvalidUrl, "{error}");
+    assert!(events.response(task.id()).is_none(), "the redirect is no answer of the server's");
+}

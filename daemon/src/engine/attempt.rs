@@ -65,10 +65,7 @@ impl Engine {
             let Some(location) = super::http::location(resp.headers()) else {
                 return Ok((resp, url));
             };
-            let next = url.join(&location).map_err(|e| {
-                let location = redact::url(&location);
-                Failure::permanent(ErrorCode::InvalidUrl, format!("redirect to an invalid location {location:?}: {e}"))
-            })?;
+            let next = url.join(&location).map_err(|e| invalid_redirect(&location, e))?;
             hops += 1;
             self.may_redirect(&url, &next, hops)?;
             url = next;
@@ -283,6 +280,12 @@ impl Engine {
 }
 
 /// A response's headers as a task keeps them.
+/// A redirect whose location does not parse (downloads and uploads alike): permanent.
+pub(super) fn invalid_redirect(location: &str, e: url::ParseError) -> Failure {
+    let location = redact::url(location);
+    Failure::permanent(ErrorCode::InvalidUrl, format!("redirect to an invalid location {location:?}: {e}"))
+}
+
 /// The longest `ETag` or `Last-Modified` kept to resume with (real ones are tens of bytes).
 const MAX_VALIDATOR_LEN: usize = 1024;
 

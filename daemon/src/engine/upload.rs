@@ -21,8 +21,8 @@ use tokio::sync::mpsc;
 use url::Url;
 
 use super::attempt::{
-    build_request, host_of, no_response, request_failure, response_headers, status_failure, status_text,
-    stopped_at_proxy,
+    build_request, host_of, invalid_redirect, no_response, request_failure, response_headers, status_failure,
+    status_text, stopped_at_proxy,
 };
 use super::http::{Failure, ReqBody, Retry, empty_body, is_transient_status, location};
 use super::limiter::RateLimiter;
@@ -320,8 +320,11 @@ impl Engine {
             }
             if matches!(status, 301 | 302 | 303 | 307 | 308)
                 && !appending
-                && let Some(next) = location(resp.headers()).and_then(|l| url.join(&l).ok())
+                && let Some(location) = location(resp.headers())
             {
+                // As for a download: an invalid location fails the task, never passes for
+                // the server's answer.
+                let next = url.join(&location).map_err(|e| invalid_redirect(&location, e))?;
                 hops += 1;
                 self.may_redirect(&url, &next, hops)?;
                 // 307 and 308 repeat the request; 303 (and 301/302 after a POST) fetch the
