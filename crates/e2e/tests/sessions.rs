@@ -313,6 +313,9 @@ async fn wakes_back_off_while_the_app_stays_away() {
     let env = TestEnv::new();
     env.set_config("wake_initial_ms", "200");
     env.set_config("wake_max_ms", "100000");
+    // A launch that ends at once without its app attaching counts as under way this long:
+    // short, so that the backoff alone paces the wakes here.
+    env.set_config("wake_answer_ms", "100");
     let _d = TestDaemon::start(&env);
     let server = TestServer::start().await.unwrap();
     server.add("/a", Resource::generated(1000, 1));
@@ -734,6 +737,36 @@ async fn relaunched_by_shell(env: &TestEnv, identifier: &str, script: String, ur
     let create = Request::CreateTasks { identifier: identifier.into(), tasks: vec![TaskSpec::get(url)], resume: true };
     client.request(create).await.unwrap();
     client
+}
+
+/// A relaunched app that hangs before it attaches (at a password prompt, say) is not started
+/// again beside itself at every backoff: the wake fails instead, saying why, until the
+/// process ends. Before, a new instance piled up at each try, none ever ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_relaunched_app_is_not_started_again_beside_itself() {
+    let env = TestEnv::new();
+    env.set_config("wake_initial_ms", "200");
+    env.set_config("wake_answer_ms", "100");
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(1000, 9));
+    let pids = env.path().join("pids");
+    let script = format!("echo $$ >> {}; exec sleep 30", pids.display());
+    let _client = relaunched_by_shell(&env, "t.hung", script, server.url("/a")).await;
+    let read = || std::fs::read_to_string(&pids).unwrap_or_default();
+    wait_for("the first relaunch", LONG, || (!read().is_empty()).then_some(()));
+    // Backoffs of 0.2, 0.4, 0.8 and 1.6 s fall in these 3 s.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = read();
+    let wake = block(info(&env, "t.hung")).unwrap().wake;
+    for pid in started.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+        if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+    assert_eq!(started.lines().count(), 1, "one instance, not one per wake: {started}");
+    assert!(wake.last_error.as_ref().is_some_and(|e| e.message.contains("still runs")), "{wake:?}");
+    assert!(wake.attempts >= 2, "the wakes went on, failing: {wake:?}");
 }
 
 /// A daemon that is stopping starts no relaunch: a wake that comes due while the stop

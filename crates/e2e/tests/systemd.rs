@@ -272,6 +272,48 @@ async fn a_socket_activated_daemon_exits_when_idle_and_comes_back() {
     stop(child);
 }
 
+/// A session woken through a running process of its app (no launch spec) plans its next
+/// wake; when that process goes and no other can take wakes, the plan is dropped, and a
+/// socket-activated daemon with nothing else to do exits. Before, the wake (10 s away
+/// here) kept it up only to find nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_with_nobody_left_to_wake_does_not_keep_an_idle_daemon_up() {
+    let env = TestEnv::new();
+    env.set_config("idle_exit_ms", "500");
+    env.set_config("wake_initial_ms", "10000");
+    env.set_config("wake_max_ms", "10000");
+    env.set_config("wake_answer_ms", "200");
+    let mut notify = Notify::new(env.path());
+    let (mut child, log) = socket_activate(&env, &notify.path, &[]);
+    let server = TestServer::start().await.unwrap();
+    server.add("/f", Resource::generated(10_000, 4));
+    let options = ClientOptions {
+        socket: Some(env.socket.clone()),
+        autostart: false,
+        app_id: Some("org.example.Sleepy".into()),
+        ..ClientOptions::default()
+    };
+    let app = Client::connect(options).await.unwrap();
+    notify.wait("READY=1", Duration::from_secs(10));
+    app.request(Request::HandleWakes).await.unwrap();
+    let config = dlsession::proto::SessionConfig {
+        app_id: Some("org.example.Sleepy".into()),
+        ..dlsession::proto::SessionConfig::default()
+    };
+    app.request(Request::OpenSession { identifier: "t.sleepy".into(), config: Some(config) }).await.unwrap();
+    let spec = dlsession::proto::TaskSpec::get(server.url("/f"));
+    app.request(Request::CreateTasks { identifier: "t.sleepy".into(), tasks: vec![spec], resume: true }).await.unwrap();
+    // The app is told to wake, does not rejoin: the next wake is planned 10 s away.
+    wait_for("the wake", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log).unwrap().contains("outcome=Woken").then_some(())
+    });
+    drop(app);
+    let left = Instant::now();
+    let status = wait_for("the idle exit", Duration::from_secs(8), || child.try_wait().unwrap());
+    assert!(status.success(), "clean exit: {status}");
+    assert!(left.elapsed() < Duration::from_secs(5), "stayed {:?} for a wake with nobody to wake", left.elapsed());
+}
+
 /// Under systemd an app the daemon relaunched lives in the daemon's cgroup, so an idle
 /// daemon waits for it to exit before leaving (leaving would have it killed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -61,6 +61,9 @@ pub(super) struct Session {
     pub launch_slot_timer: Option<Mono>,
     /// `Wake` requests answered once it has started.
     pub launch_replies: Vec<(ConnId, u64)>,
+    /// The process of the latest relaunch by command while it runs (its launch's number and
+    /// pid): no second one starts beside it (`Core::relaunch`).
+    pub launched_process: Option<(u64, u32)>,
     /// Its cookies, shared with its running downloads; `None`: it keeps none. Set by the
     /// core (the jar tells the core when it changed).
     pub cookies: Option<Arc<crate::engine::cookies::CookieJar>>,
@@ -102,6 +105,7 @@ impl Session {
             launching: false,
             launch_slot_timer: None,
             launch_replies: Vec::new(),
+            launched_process: None,
             cookies: None,
             proxy: None,
             client_cert: None,

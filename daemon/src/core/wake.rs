@@ -71,6 +71,25 @@ impl Core {
         self.set_timer(at, Timer::Wake(key));
     }
 
+    /// A process of `app_id` that took wakes is gone: a session of that app with no other
+    /// way to be woken (no other such process, no launch spec) forgets its planned wakes,
+    /// which would only find nobody and keep an idle daemon from exiting. A process of the
+    /// app that comes back is told at once (`wake_for_new_app`).
+    pub(super) fn wake_target_gone(&mut self, app_id: &str) {
+        let keys: Vec<SessionKey> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.rec.config.app_id.as_deref() == Some(app_id))
+            .filter(|(_, s)| s.wake_timer.is_some() || s.wake_unanswered.is_some())
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            if !self.can_wake(key) {
+                self.cancel_wakes(key);
+            }
+        }
+    }
+
     /// Forgets the wakes due for a session (it is attached, or has nothing to deliver).
     pub(super) fn cancel_wakes(&mut self, key: SessionKey) {
         let Some(s) = self.sessions.get_mut(&key) else { return };
@@ -181,11 +200,28 @@ impl Core {
         reason: WakeReason,
         reply: Option<(ConnId, u64)>,
     ) -> Result<Option<WakeOutcome>, ErrorInfo> {
-        let s =
-            self.sessions.get_mut(&key).ok_or_else(|| ErrorInfo::new(ErrorCode::NoSuchSession, "no such session"))?;
+        let no_session = || ErrorInfo::new(ErrorCode::NoSuchSession, "no such session");
+        let s = self.sessions.get(&key).ok_or_else(no_session)?;
         let Some(spec) = s.rec.config.launch.clone() else {
             return Ok(Some(WakeOutcome::NoTarget));
         };
+        // The app launched before still runs and has not attached (hung at a prompt, say):
+        // another would pile up beside it at every backoff, never reaped, holding the
+        // daemon from idle exit. The wake counts as failed (its backoff grows) and says why.
+        if let Some((_, pid)) = s.launched_process
+            && s.attached.is_none()
+        {
+            let still = ErrorInfo::new(
+                ErrorCode::Internal,
+                format!("the app relaunched before (pid {pid}) still runs and has not attached; not starting another"),
+            );
+            self.woke(key, &Err(still.clone()));
+            if let Some((conn, id)) = reply {
+                self.reply(conn, id, Err(still));
+            }
+            return Ok(None);
+        }
+        let s = self.sessions.get_mut(&key).ok_or_else(no_session)?;
         s.launch_replies.extend(reply);
         if std::mem::replace(&mut s.launching, true) {
             return Ok(None);
@@ -328,6 +364,9 @@ impl Core {
         if launched.is_ok() {
             self.life.launches_running += 1;
         }
+        if let (Ok(launcher::Launched::Process(pid)), Some(s)) = (&launched, self.sessions.get_mut(&key)) {
+            s.launched_process = Some((launch, *pid));
+        }
         let outcome = launched
             .map(|l| match l {
                 launcher::Launched::Process(pid) => WakeOutcome::Launched { pid },
@@ -428,6 +467,11 @@ impl Core {
 
     pub(super) fn on_launch_finished(&mut self, key: SessionKey, launch: LaunchNo, result: Result<(), String>) {
         self.life.launches_running = self.life.launches_running.saturating_sub(1);
+        if let Some(s) = self.sessions.get_mut(&key)
+            && s.launched_process.is_some_and(|(no, _)| no == launch)
+        {
+            s.launched_process = None;
+        }
         // A launcher that succeeds at once (a unit started, a D-Bus activation, a command
         // that puts the app in the background) has not brought the app yet: the slot stays
         // until the app attaches or `wake_answer_ms` passes, or a storm of such launches
