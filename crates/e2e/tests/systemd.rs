@@ -272,6 +272,31 @@ async fn a_socket_activated_daemon_exits_when_idle_and_comes_back() {
     stop(child);
 }
 
+/// Under systemd's watchdog the daemon pings every half period while it has work or
+/// clients, and while idle stretches the period (`WATCHDOG_USEC`) to the longest it can
+/// say instead of waking every few seconds; the next client brings the period back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_daemon_stretches_its_watchdog_instead_of_pinging() {
+    let env = TestEnv::new();
+    let mut notify = Notify::new(env.path());
+    let (child, _log) = socket_activate(&env, &notify.path, &["WATCHDOG_USEC=1000000"]);
+    let client = connect(&env).await;
+    notify.wait("READY=1", Duration::from_secs(10));
+    let pings = |seen: &[String]| seen.iter().filter(|l| *l == "WATCHDOG=1").count();
+    notify.collect(Duration::from_millis(1600));
+    assert!(pings(&notify.seen) >= 2, "pinged every 0.5 s while a client is connected: {:?}", notify.seen);
+    drop(client);
+    notify.wait("WATCHDOG_USEC=4294967295", Duration::from_secs(5));
+    let stretched = notify.seen.iter().rposition(|l| l == "WATCHDOG_USEC=4294967295").unwrap();
+    notify.collect(Duration::from_secs(3));
+    let after = pings(&notify.seen[stretched..]);
+    assert!(after <= 1, "idle, pinged {after} times in 3 s (one comes with the stretch): {:?}", notify.seen);
+    let client = connect(&env).await;
+    let Response::Status(_) = client.request(Request::Status).await.unwrap() else { panic!() };
+    notify.wait("WATCHDOG_USEC=1000000", Duration::from_secs(5));
+    stop(child);
+}
+
 /// A session woken through a running process of its app (no launch spec) plans its next
 /// wake; when that process goes and no other can take wakes, the plan is dropped, and a
 /// socket-activated daemon with nothing else to do exits. Before, the wake (10 s away

@@ -376,11 +376,7 @@ impl Core {
         self.schedule();
         let mut ticker: Option<tokio::time::Interval> = None;
         // Pinging from this loop (not a side task) means a wedged core is restarted.
-        let mut watchdog = sd_notify::watchdog_enabled().map(|every| {
-            let mut t = tokio::time::interval(every / 2);
-            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            t
-        });
+        let mut watchdog = status::Watchdog::from_env();
         // When the daemon last became idle; reset by anything that happens.
         let mut idle_since: Option<tokio::time::Instant> = None;
         loop {
@@ -409,6 +405,11 @@ impl Core {
                 ticker = None;
                 self.stats.download_rate = 0;
             }
+            if let Some(w) = &mut watchdog {
+                w.follow(
+                    want_ticks || !self.conns.is_empty() || self.life.commits_in_flight > 0 || !self.timers.only_idle(),
+                );
+            }
             tokio::select! {
                 msg = self.rx.recv() => match msg {
                     Some(msg) => self.handle(msg),
@@ -416,9 +417,7 @@ impl Core {
                 },
                 _ = self.timers.sleep() => self.fire_timers(),
                 _ = tick(&mut ticker) => self.on_tick(),
-                _ = tick(&mut watchdog) => {
-                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-                }
+                () = ping(&mut watchdog) => {}
                 _ = sleep_until(idle_at) => {
                     idle_since = None;
                     if let Some(resume) = self.pause_accepting_if_idle().await {
@@ -705,6 +704,13 @@ fn secret() -> u64 {
 async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn ping(watchdog: &mut Option<status::Watchdog>) {
+    match watchdog {
+        Some(w) => w.ping().await,
         None => std::future::pending().await,
     }
 }

@@ -37,6 +37,53 @@ impl Stats {
     }
 }
 
+/// systemd's watchdog (`WatchdogSec=`): pinged from the core loop every half period, so
+/// a wedged core is restarted. While the daemon is idle (nothing running, no client, no
+/// work timer) the period is stretched to the longest `WATCHDOG_USEC` can say (about 71
+/// minutes): an idle daemon is not woken every few seconds only to say it lives.
+#[derive(Debug)]
+pub(super) struct Watchdog {
+    every: Duration,
+    ping: tokio::time::Interval,
+    idle: bool,
+}
+
+/// The watchdog period while idle: `WATCHDOG_USEC` is a 32-bit count of microseconds.
+const IDLE_WATCHDOG: Duration = Duration::from_micros(u32::MAX as u64);
+
+impl Watchdog {
+    pub fn from_env() -> Option<Watchdog> {
+        sd_notify::watchdog_enabled().map(|every| Watchdog { every, ping: pinger(every), idle: false })
+    }
+
+    /// Follows whether the daemon is busy: the period systemd expects changes with it.
+    pub fn follow(&mut self, busy: bool) {
+        if busy != self.idle {
+            return;
+        }
+        self.idle = !busy;
+        let period = if busy { self.every } else { IDLE_WATCHDOG.max(self.every) };
+        let usec = u32::try_from(period.as_micros()).unwrap_or(u32::MAX);
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::WatchdogUsec(usec), sd_notify::NotifyState::Watchdog]);
+        self.ping = pinger(period);
+    }
+
+    /// Waits for the next ping, then sends it.
+    pub async fn ping(&mut self) {
+        self.ping.tick().await;
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+    }
+}
+
+/// Ticks every half `period`, the first half a period from now (a ping was just sent, or
+/// the service just started).
+fn pinger(period: Duration) -> tokio::time::Interval {
+    let half = period / 2;
+    let mut t = tokio::time::interval_at(tokio::time::Instant::now() + half, half);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
+}
+
 /// Systemd status reporting: present when `NOTIFY_SOCKET` is set.
 #[derive(Debug, Default)]
 pub(super) struct StatusReport {
