@@ -133,6 +133,7 @@ fn launch_command(
     let argv = scoped_argv(argv, ctx.scope, ctx.identifier);
     let (program, args) = argv.split_first().ok_or("empty launch command")?;
     let log = open_log(ctx);
+    let log_path = log.is_some().then(|| log_paths(ctx.log_dir, ctx.identifier)[0].clone());
     let (out, err) = match &log {
         Some(f) => (
             f.try_clone().map(Stdio::from).unwrap_or_else(|_| Stdio::null()),
@@ -171,7 +172,20 @@ fn launch_command(
     // wake status, where `dlsessionctl show` finds it.
     let name = program.clone();
     tokio::spawn(async move {
-        let result = match child.wait().await {
+        // While it runs, its log is kept to two generations too (an app that talks for
+        // days would otherwise fill the disk the database lives on).
+        let mut check = tokio::time::interval_at(tokio::time::Instant::now() + LOG_CHECK, LOG_CHECK);
+        let exited = loop {
+            tokio::select! {
+                exited = child.wait() => break exited,
+                _ = check.tick(), if log_path.is_some() => {
+                    if let Some(path) = log_path.clone() {
+                        let _ = tokio::task::spawn_blocking(move || cap_log(&path, LOG_CAP)).await;
+                    }
+                }
+            }
+        };
+        let result = match exited {
             Ok(status) if !status.success() => Err(format!("{name} (pid {pid}) exited with {status}")),
             Ok(_) => Ok(()),
             Err(e) => Err(format!("cannot wait for {name} (pid {pid}): {e}")),
@@ -272,6 +286,24 @@ fn open_log(ctx: &Context<'_>) -> Option<std::fs::File> {
     let [path, _] = log_paths(ctx.log_dir, ctx.identifier);
     rotate_log(&path, LOG_CAP);
     OpenOptions::new().create(true).append(true).mode(0o600).open(path).ok()
+}
+
+/// How often the log of a relaunched app that still runs is looked at.
+const LOG_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A log still written by a running app that has grown to `cap` bytes: copied to `path.1`
+/// and emptied in place (the app appends to the same file; a rename would leave it writing
+/// to `path.1`). What the app writes between the copy and the emptying is lost.
+fn cap_log(path: &Path, cap: u64) {
+    if !std::fs::metadata(path).is_ok_and(|m| m.len() >= cap) {
+        return;
+    }
+    let mut old = path.as_os_str().to_owned();
+    old.push(".1");
+    let capped = std::fs::copy(path, &old).and_then(|_| OpenOptions::new().write(true).open(path)?.set_len(0));
+    if let Err(e) = capped {
+        warn!(path = %path.display(), error = %e, "cannot cap a launch log");
+    }
 }
 
 /// Moves `path` to `path.1` if it has grown to `cap` bytes.

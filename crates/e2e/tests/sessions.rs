@@ -869,6 +869,37 @@ async fn a_removed_sessions_launch_logs_go_with_it() {
     wait_for("the launch log removed", LONG, || (!log.exists()).then_some(()));
 }
 
+/// The launch log of a relaunched app that keeps running and talking is capped while it
+/// runs (copied to `.log.1` and emptied in place), not only at the next launch: before, a
+/// chatty app filled the disk the database lives on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_apps_launch_log_is_capped_while_it_runs() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(1000, 79));
+    let pid_file = env.path().join("pid");
+    let script = format!("echo $$ > {}; head -c 3000000 /dev/zero | tr '\\0' x; exec sleep 30", pid_file.display());
+    let _client = relaunched_by_shell(&env, "t.chatty", script, server.url("/a")).await;
+    let logs = env.state_dir.join("dlsessiond/launch-logs");
+    let size = |ext: &str| -> Option<u64> {
+        let found = std::fs::read_dir(&logs).ok()?.flatten().map(|e| e.path()).find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("t.chatty") && n.to_string_lossy().ends_with(ext))
+        })?;
+        std::fs::metadata(found).ok().map(|m| m.len())
+    };
+    wait_for("the app's output", LONG, || size(".log").filter(|n| *n >= 3_000_000).map(|_| ()));
+    let capped = wait_for("the log capped while the app runs", Duration::from_secs(20), || {
+        size(".log").filter(|n| *n < 1 << 20).and(size(".log.1"))
+    });
+    assert!(capped >= 3_000_000, "the earlier generation kept: {capped}");
+    let pid = std::fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<i32>().ok());
+    if let Some(pid) = pid.and_then(rustix::process::Pid::from_raw) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    }
+}
+
 /// A relaunched app inherits none of the daemon's sockets (its netlink socket leaked into
 /// every app it started).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
