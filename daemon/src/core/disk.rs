@@ -68,10 +68,17 @@ pub(super) struct Garbage {
     /// in its session's directory (an id, not a path, per task: building 200,000 paths
     /// at start-up cost more than the whole rest of the restore).
     pub unfinished: HashMap<TaskId, SessionKey>,
-    /// Finished files of completed tasks that are still in the cache.
+    /// Finished files of completed tasks that are still in the cache, by [`cache_tail`].
     pub locations: HashSet<PathBuf>,
     /// Task ids from here on were handed out after the list was made: their files stay.
     pub first_new_id: TaskId,
+}
+
+/// The part of a cache file's path the sweep matches it by: its session's directory and
+/// its name (`sK/NAME`), not the whole text: the cache may be reached by another path than
+/// the one stored with the task (through a link, or another `--cache-dir`).
+pub(super) fn cache_tail(path: &Path) -> PathBuf {
+    path.iter().rev().take(2).collect::<Vec<_>>().into_iter().rev().collect()
 }
 
 enum Job {
@@ -303,7 +310,7 @@ fn collect_garbage(g: &Garbage) -> usize {
             let new = task_file.is_some_and(|(id, _)| id >= g.first_new_id);
             let live = task_file
                 .is_some_and(|(id, ext)| (ext == PART_EXT || ext == CACHE_EXT) && g.unfinished.get(&id) == Some(&key));
-            if !new && !live && !g.locations.contains(&path) && std::fs::remove_file(&path).is_ok() {
+            if !new && !live && !g.locations.contains(&cache_tail(&path)) && std::fs::remove_file(&path).is_ok() {
                 removed += 1;
             }
         }
@@ -551,7 +558,8 @@ mod tests {
             first_new_session: 5,
             // Task 6 is of session 3: a file of that name in session 1's directory is no one's.
             unfinished: HashMap::from([(1, 1), (6, 3)]),
-            locations: HashSet::from([d.join("s1/3.download")]),
+            // Stored under another path to the same cache (a link, another --cache-dir).
+            locations: HashSet::from([cache_tail(Path::new("/elsewhere/cache/downloads/s1/3.download"))]),
             first_new_id: 9,
         };
         assert_eq!(collect_garbage(&g), 5, "s1/1.tmp, s1/2.part, s1/6.part, session 2's directory, session 4's link");

@@ -229,7 +229,7 @@ impl Core {
                 unfinished.insert(t.rec.id, t.rec.session);
             }
             if let Some(location) = &t.rec.location {
-                locations.insert(location.into());
+                locations.insert(super::disk::cache_tail(std::path::Path::new(location)));
             }
         }
         // A file an unacknowledged event names stays, though its task may be retired (an
@@ -239,7 +239,7 @@ impl Core {
                 if let DurableEvent::FinishedDownloading { location, .. }
                 | DurableEvent::UploadResponse { body: location, .. } = &ev.event
                 {
-                    locations.insert(location.into());
+                    locations.insert(super::disk::cache_tail(std::path::Path::new(location)));
                 }
             }
         }
