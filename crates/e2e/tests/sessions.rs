@@ -769,6 +769,44 @@ async fn a_hung_relaunched_app_is_not_started_again_beside_itself() {
     assert!(wake.attempts >= 2, "the wakes went on, failing: {wake:?}");
 }
 
+/// A relaunched app that attached, collected and stays open (a tray app) is no hung one:
+/// when the session has news again, the app is relaunched as before (a single-instance
+/// app hands over to the running one), not refused as "still runs".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_attached_and_stays_open_is_relaunched_again() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(1000, 10));
+    let pids = env.path().join("pids");
+    let ctl = dlsession_testkit::bin_path("dlsessionctl");
+    let script = format!(
+        "echo $$ >> {pids}; {ctl} --socket {socket} attach t.stays > /dev/null; exec sleep 30",
+        pids = pids.display(),
+        ctl = ctl.display(),
+        socket = env.socket.display()
+    );
+    let client = relaunched_by_shell(&env, "t.stays", script, server.url("/a")).await;
+    let read = || std::fs::read_to_string(&pids).unwrap_or_default();
+    wait_for("collected by the first instance", LONG, || {
+        block(info(&env, "t.stays")).filter(|s| s.pending_events == 0 && read().lines().count() == 1)
+    });
+    let create = Request::CreateTasks {
+        identifier: "t.stays".into(),
+        tasks: vec![TaskSpec::get(server.url("/a"))],
+        resume: true,
+    };
+    client.request(create).await.unwrap();
+    // Well before the first instance ends (its sleep is 30 s).
+    let started =
+        wait_for("a second relaunch", Duration::from_secs(15), || Some(read()).filter(|t| t.lines().count() == 2));
+    for pid in started.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+        if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+}
+
 /// A daemon that is stopping starts no relaunch: a wake that comes due while the stop
 /// waits for a download's last sync (held 8 s here) is left to the next start, which plans
 /// every session's wakes anyway. Before, the app was started against a daemon about to go.

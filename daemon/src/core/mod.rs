@@ -412,7 +412,15 @@ impl Core {
             }
             tokio::select! {
                 msg = self.rx.recv() => match msg {
-                    Some(msg) => self.handle(msg),
+                    Some(msg) => {
+                        // Watched closely from here: a core that wedges handling what woke
+                        // it after a quiet spell is found within the unit's period. (Timers
+                        // that fire while idle are housekeeping; any other keeps it busy.)
+                        if let Some(w) = &mut watchdog {
+                            w.follow(true);
+                        }
+                        self.handle(msg)
+                    }
                     None => break,
                 },
                 _ = self.timers.sleep() => self.fire_timers(),

@@ -61,8 +61,8 @@ pub(super) struct Session {
     pub launch_slot_timer: Option<Mono>,
     /// `Wake` requests answered once it has started.
     pub launch_replies: Vec<(ConnId, u64)>,
-    /// The process of the latest relaunch by command while it runs (its launch's number and
-    /// pid): no second one starts beside it (`Core::relaunch`).
+    /// The process of the latest relaunch by command while it runs and has not attached
+    /// (its launch's number and pid): no second one starts beside it (`Core::relaunch`).
     pub launched_process: Option<(u64, u32)>,
     /// Its cookies, shared with its running downloads; `None`: it keeps none. Set by the
     /// core (the jar tells the core when it changed).

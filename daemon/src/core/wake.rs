@@ -158,6 +158,11 @@ impl Core {
         if s.attached.is_some() {
             return Ok(Some(WakeOutcome::Attached));
         }
+        // Not while stopping (a notification clicked, a `wake` request): the app would meet
+        // a daemon about to go.
+        if self.life.shutting_down {
+            return Err(ErrorInfo::new(ErrorCode::Internal, "the daemon is shutting down; try again when it is back"));
+        }
         let identifier = s.rec.identifier.clone();
         let targets: Vec<ConnId> = match &s.rec.config.app_id {
             Some(app) => self.conns.wake_targets(app).collect(),

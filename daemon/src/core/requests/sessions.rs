@@ -61,6 +61,9 @@ impl Core {
         if let Some(s) = self.sessions.get_mut(&key) {
             s.attached = Some(conn);
             s.replaying = true;
+            // A relaunched process that attached is the app at work, not a hung one: later
+            // wakes may start the app again (a single-instance app hands over to itself).
+            s.launched_process = None;
         }
         if let Some(c) = self.conns.get_mut(&conn) {
             c.attached.insert(key);
