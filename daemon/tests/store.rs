@@ -446,6 +446,32 @@ async fn a_next_event_number_below_the_stored_events_is_raised() {
     assert!(store.flush(std::time::Duration::from_secs(30)).await, "the next event is stored");
 }
 
+/// An error message stored before messages were bounded is cut like a new one when read:
+/// whole, it could outgrow a frame and make its event undeliverable.
+#[tokio::test]
+async fn a_stored_error_message_is_bounded_when_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    {
+        let (store, _) = open(&path);
+        let event = EventRecord {
+            session: 7,
+            seq: 1,
+            event: DurableEvent::Completed { task: 1, error: Some(ErrorInfo::new(ErrorCode::InvalidUrl, "x")) },
+            created_at: 1,
+        };
+        store
+            .write(vec![Op::InsertSession(session()), Op::InsertTask(Box::new(task(1))), Op::InsertEvent(event)], None);
+        assert!(store.flush(std::time::Duration::from_secs(30)).await);
+    }
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute("UPDATE events SET error_msg = ?1", ["é".repeat(450_000)]).unwrap();
+    drop(conn);
+    let (_, snap) = Store::open(&path, |_| {}).unwrap();
+    let DurableEvent::Completed { error: Some(e), .. } = &snap.events[0].event else { panic!("{:?}", snap.events) };
+    assert!(e.message.len() <= dlsession_proto::MAX_ERROR_MESSAGE, "{} bytes", e.message.len());
+}
+
 /// Suspended tasks are not in the snapshot: it counts them per session, and they are read
 /// by session, by task or all at once.
 #[tokio::test]

@@ -35,13 +35,22 @@ impl CookieJar {
     /// A jar holding what `stored` holds (JSON from [`CookieJar::to_json`]); an empty one
     /// if there is nothing or it cannot be read (the error says why).
     pub fn load(stored: Option<&str>, on_change: impl Fn() + Send + Sync + 'static) -> (CookieJar, Option<String>) {
-        let (store, error) = match stored {
+        let (mut store, error) = match stored {
             None => (CookieStore::new(), None),
             Some(json) => match cookie_store::serde::json::load_all(json.as_bytes()) {
                 Ok(store) => (store, None),
                 Err(e) => (CookieStore::new(), Some(e.to_string())),
             },
         };
+        // Taken before attributes were bounded: dropped as they would be refused now.
+        let oversized: Vec<(String, String, String)> = store
+            .iter_any()
+            .filter_map(|c| Some((c.domain.as_cow()?.into_owned(), String::from(&c.path), c.name().to_owned())))
+            .filter(|(domain, path, _)| domain.len() > MAX_ATTRIBUTE_BYTES || path.len() > MAX_ATTRIBUTE_BYTES)
+            .collect();
+        for (domain, path, name) in oversized {
+            store.remove(&domain, &path, &name);
+        }
         let jar = CookieJar { store: Mutex::new(store), dirty: AtomicBool::new(false), on_change: Box::new(on_change) };
         (jar, error)
     }
@@ -247,6 +256,16 @@ mod tests {
         jar.take_from(&url, &set_cookies(&[long_path.as_str()]));
         let stored = jar.to_json();
         assert!(!stored.contains("\"longpath\"") && stored.len() < 1 << 20, "{} bytes", stored.len());
+        // One kept before the bound (stored by an older daemon) is dropped when loaded.
+        let mut older: serde_json::Value = serde_json::from_str(&stored).unwrap();
+        let first = older.as_array().and_then(|a| a.first()).cloned().unwrap();
+        let mut long = first.clone();
+        long["raw_cookie"] = serde_json::Value::String(format!("old=1; Path=/{}", "b".repeat(5000)));
+        long["path"] = serde_json::json!([format!("/{}", "b".repeat(5000)), true]);
+        older.as_array_mut().unwrap().push(long);
+        let (reloaded, error) = CookieJar::load(Some(&older.to_string()), || {});
+        assert_eq!(error, None);
+        assert!(!reloaded.to_json().contains(&"b".repeat(5000)), "dropped at load");
     }
 
     /// A plain http answer neither sets nor replaces a `Secure` cookie; the name prefixes

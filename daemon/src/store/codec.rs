@@ -66,7 +66,8 @@ fn error_from(
 ) -> rusqlite::Result<Option<ErrorInfo>> {
     let Some(code) = code else { return Ok(None) };
     let Some(known) = ErrorCode::from_name(&code) else { return Err(unknown(column, "error code", &code)) };
-    Ok(Some(ErrorInfo { code: known, message: message.unwrap_or_default(), http_status: http }))
+    // Through `new`: a message stored before messages were bounded is cut like a new one.
+    Ok(Some(ErrorInfo { http_status: http, ..ErrorInfo::new(known, message.unwrap_or_default()) }))
 }
 
 fn state_name(state: TaskState) -> &'static str {
