@@ -279,7 +279,6 @@ impl Engine {
     }
 }
 
-/// A response's headers as a task keeps them.
 /// A redirect whose location does not parse (downloads and uploads alike): permanent.
 pub(super) fn invalid_redirect(location: &str, e: url::ParseError) -> Failure {
     let location = redact::url(location);
@@ -289,6 +288,7 @@ pub(super) fn invalid_redirect(location: &str, e: url::ParseError) -> Failure {
 /// The longest `ETag` or `Last-Modified` kept to resume with (real ones are tens of bytes).
 const MAX_VALIDATOR_LEN: usize = 1024;
 
+/// A response's headers as a task keeps them.
 pub(super) fn response_headers(map: &hyper::HeaderMap) -> Vec<Header> {
     map.iter().map(|(k, v)| Header::new(k.as_str(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect()
 }
@@ -322,8 +322,11 @@ pub(super) fn request_failure(
     // HTTP/2): malformed, as over HTTP/1.1, and no retry will change it. Only before the
     // head: in a body, the same errors are a body shorter or longer than announced
     // (transient), and a stream the server refused asks for a retry.
+    // A stream's own reset only: a connection-wide GOAWAY reaches every request waiting on
+    // that connection, most of them blameless.
     if let Some(h2) = find::<h2::Error>(err)
         && h2.is_library()
+        && h2.is_reset()
         && matches!(
             h2.reason(),
             Some(
