@@ -100,7 +100,7 @@ fn start_blocking(socket: &Path, timeout: Duration) -> Result<(), Error> {
     let mut command = Command::new(&exe);
     // What systemd gave the starting app (when it runs as a service) is not the daemon's:
     // it would log to that unit's journal stream, and take itself for a service.
-    for var in SYSTEMD_VARS {
+    for var in dlsession_proto::paths::SYSTEMD_SERVICE_VARIABLES {
         command.env_remove(var);
     }
     let mut child = command
@@ -128,31 +128,6 @@ fn start_blocking(socket: &Path, timeout: Duration) -> Result<(), Error> {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
-
-/// Variables systemd sets for a service's processes (systemd.exec(5), "Environment
-/// variables in spawned processes"), none of which an autostarted daemon should see.
-const SYSTEMD_VARS: [&str; 20] = [
-    "NOTIFY_SOCKET",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "INVOCATION_ID",
-    "JOURNAL_STREAM",
-    "SYSTEMD_EXEC_PID",
-    "MAINPID",
-    "MANAGERPID",
-    "TRIGGER_UNIT",
-    "TRIGGER_PATH",
-    "TRIGGER_TIMER_REALTIME_USEC",
-    "TRIGGER_TIMER_MONOTONIC_USEC",
-    "RUNTIME_DIRECTORY",
-    "STATE_DIRECTORY",
-    "CACHE_DIRECTORY",
-    "LOGS_DIRECTORY",
-    "CREDENTIALS_DIRECTORY",
-];
 
 /// The log of an autostarted daemon grows to this size; then it becomes `NAME.1`
 /// (replacing the one before) and a new one starts.

@@ -225,10 +225,12 @@ impl Config {
                 checkpoint_bytes: file.checkpoint_bytes.unwrap_or(64 << 20),
                 checkpoint_interval: ms(file.checkpoint_interval_ms, 2_000),
                 retry_initial: ms(file.retry_initial_ms, 1_000),
-                retry_max: ms(file.retry_max_ms, 600_000),
+                // Unset, a cap is never below its start (a start set above the default cap
+                // was taken before caps were checked); set, one below is refused.
+                retry_max: ms(file.retry_max_ms, file.retry_initial_ms.unwrap_or(0).max(600_000)),
                 retry_after_max: ms(file.retry_after_max_ms, 24 * 3_600_000),
                 wake_initial: ms(file.wake_initial_ms, 30_000),
-                wake_max: ms(file.wake_max_ms, 3_600_000),
+                wake_max: ms(file.wake_max_ms, file.wake_initial_ms.unwrap_or(0).max(3_600_000)),
                 wake_answer: ms(file.wake_answer_ms, 10_000),
                 stall_timeout: ms(file.stall_timeout_ms, 60_000),
                 shutdown_grace: ms(file.shutdown_grace_ms, 10_000),

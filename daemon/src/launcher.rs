@@ -66,19 +66,6 @@ pub fn scoped_argv(argv: &[String], scope: Scope, identifier: &str) -> Vec<Strin
     }
 }
 
-/// Variables systemd gives the daemon that must not reach the apps it starts (an app
-/// could otherwise notify systemd on the daemon's behalf, or take its socket).
-const SYSTEMD_VARIABLES: &[&str] = &[
-    "NOTIFY_SOCKET",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "JOURNAL_STREAM",
-    "INVOCATION_ID",
-];
-
 #[derive(Debug)]
 pub enum Launched {
     Process(u32),
@@ -142,7 +129,7 @@ fn launch_command(
         None => (Stdio::null(), Stdio::null()),
     };
     let mut command = tokio::process::Command::new(program);
-    for var in SYSTEMD_VARIABLES {
+    for var in dlsession_proto::paths::SYSTEMD_SERVICE_VARIABLES {
         command.env_remove(var);
     }
     if let Some(soft) = crate::lifecycle::started_descriptor_limit() {
@@ -220,7 +207,7 @@ fn start_unit(
 ) -> Result<Launched, String> {
     let unit = instantiate(unit, ctx.identifier);
     let mut command = tokio::process::Command::new("systemctl");
-    for var in SYSTEMD_VARIABLES {
+    for var in dlsession_proto::paths::SYSTEMD_SERVICE_VARIABLES {
         command.env_remove(var);
     }
     let child = command

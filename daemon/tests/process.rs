@@ -137,6 +137,11 @@ fn an_invalid_config_file_is_reported() {
     let out = run_expecting_failure(&env);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_setting"));
     // Values that would refuse every client or time out at once are refused by name.
+    // A start above the default cap, the cap unset: the cap follows (as before caps were
+    // checked), the daemon starts.
+    let env = TestEnv::with_config("wake_initial_ms = 7200000\nretry_initial_ms = 1200000\n");
+    let mut daemon = TestDaemon::start(&env);
+    daemon.terminate();
     for line in [
         "max_connections = 0",
         "max_tasks_per_batch = 0",

@@ -12,6 +12,38 @@ pub const RELAUNCH_SOCKET_ENV: &str = "DLSESSION_SOCKET";
 pub const RELAUNCH_IDENTIFIER_ENV: &str = "DLSESSION_IDENTIFIER";
 pub const RELAUNCH_REASON_ENV: &str = "DLSESSION_WAKE_REASON";
 
+/// Variables systemd sets for a service's processes (systemd.exec(5), "Environment
+/// variables in spawned processes"): neither a daemon an app autostarts nor an app the
+/// daemon relaunches takes them from the one that started it (it would notify systemd or
+/// log to the journal on the other's behalf, take its sockets or directories, or take
+/// itself for a service).
+pub const SYSTEMD_SERVICE_VARIABLES: &[&str] = &[
+    "NOTIFY_SOCKET",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "INVOCATION_ID",
+    "JOURNAL_STREAM",
+    "SYSTEMD_EXEC_PID",
+    "MAINPID",
+    "MANAGERPID",
+    "TRIGGER_UNIT",
+    "TRIGGER_PATH",
+    "TRIGGER_TIMER_REALTIME_USEC",
+    "TRIGGER_TIMER_MONOTONIC_USEC",
+    "RUNTIME_DIRECTORY",
+    "STATE_DIRECTORY",
+    "CACHE_DIRECTORY",
+    "LOGS_DIRECTORY",
+    "CONFIGURATION_DIRECTORY",
+    "CREDENTIALS_DIRECTORY",
+    "MEMORY_PRESSURE_WATCH",
+    "MEMORY_PRESSURE_WRITE",
+    "FDSTORE",
+];
+
 const APP: &str = "dlsessiond";
 const SOCKET_NAME: &str = "dlsessiond.sock";
 

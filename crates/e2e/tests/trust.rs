@@ -614,7 +614,7 @@ async fn attaching_does_not_reset_the_wake_backoff() {
 }
 
 /// Files handed over get the mode the client itself would give a file (0666 minus its
-/// umask), whatever the daemon's own umask (a systemd unit sets 0077); the daemon's cache
+/// umask), whatever the daemon's own umask (0077 here); the daemon's cache
 /// and state stay private.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handed_over_files_get_the_clients_mode() {

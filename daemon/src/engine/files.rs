@@ -522,9 +522,10 @@ fn move_batch(first: MoveJob, rx: &std::sync::mpsc::Receiver<MoveJob>) {
     // One sync per destination directory covers every rename in it.
     let mut synced: HashMap<PathBuf, Option<(io::ErrorKind, String)>> = HashMap::new();
     for job in renamed {
-        let dir = parent_dir(&job.finish.to).to_path_buf();
-        let outcome =
-            synced.entry(dir).or_insert_with_key(|dir| DIR_SYNCS.sync(dir).err().map(|e| (e.kind(), e.to_string())));
+        let to = &job.finish.to;
+        let outcome = synced
+            .entry(parent_dir(to).to_path_buf())
+            .or_insert_with_key(|dir| DIR_SYNCS.sync(dir, to).err().map(|e| (e.kind(), e.to_string())));
         let result = match outcome {
             None => Ok(()),
             Some((kind, msg)) => {
@@ -550,8 +551,8 @@ fn create_dirs_durably(dir: &Path, mode: u32) -> io::Result<()> {
     }
     for d in missing.into_iter().rev() {
         match std::fs::create_dir(d) {
-            // Set explicitly: the daemon's own umask (0077 under its systemd unit) would
-            // make the user's new directories private.
+            // Set explicitly: the daemon's own umask (whatever started it: an autostarting
+            // app's, or a unit's) must not decide the user's new directories' mode.
             Ok(()) => {
                 std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode))?;
                 sync_parent(d)?;
@@ -742,19 +743,27 @@ fn copy_beating(src: &mut File, dst: &mut File, progress: &Progress) -> io::Resu
 /// sync that starts after a caller's rename covers it, so many finishing downloads in one
 /// directory cost a few fsyncs, not one each.
 pub fn sync_parent(path: &Path) -> io::Result<()> {
-    DIR_SYNCS.sync(parent_dir(path))
+    DIR_SYNCS.sync(parent_dir(path), path)
 }
 
-/// fsyncs `dir`. A directory that cannot be opened for reading (mode 0300: writable and
-/// searchable, a "drop box") or whose filesystem refuses to sync a directory (`EINVAL`) is
-/// made durable by syncing every filesystem instead: slower, but the rename in it is not
-/// a failed move (it already happened; retrying it would fail the same way for ever).
-fn sync_dir(dir: &Path) -> io::Result<()> {
+/// fsyncs `dir`, where `child` was just renamed. A directory that cannot be opened for
+/// reading (mode 0300: writable and searchable, a "drop box") or whose filesystem refuses
+/// to sync a directory (`EINVAL`) is made durable by syncing its whole filesystem through
+/// `child` (`syncfs`; every filesystem only if `child` cannot be opened either): slower,
+/// but the rename in it is no failed move (it happened; retrying would fail for ever).
+fn sync_dir(dir: &Path, child: &Path) -> io::Result<()> {
     match File::open(dir).and_then(|d| d.sync_all()) {
         Err(e) if cannot_sync_directly(&e) => {
-            tracing::debug!(dir = %dir.display(), error = %e, "cannot sync the directory itself; syncing the filesystems");
-            rustix::fs::sync();
-            Ok(())
+            tracing::debug!(dir = %dir.display(), error = %e, "cannot sync the directory itself; syncing its filesystem");
+            let opened =
+                std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(child);
+            match opened {
+                Ok(file) => rustix::fs::syncfs(&file).map_err(io::Error::from),
+                Err(_) => {
+                    rustix::fs::sync();
+                    Ok(())
+                }
+            }
         }
         other => other,
     }
@@ -784,7 +793,7 @@ struct DirSync {
 }
 
 impl DirSyncs {
-    fn sync(&self, dir: &Path) -> io::Result<()> {
+    fn sync(&self, dir: &Path, child: &Path) -> io::Result<()> {
         let poisoned = || io::Error::other("directory sync state poisoned");
         let mut guard = self.state.lock().map_err(|_| poisoned())?;
         let entry = guard.get_or_insert_with(HashMap::new).entry(dir.to_path_buf()).or_default();
@@ -806,7 +815,7 @@ impl DirSyncs {
             entry.running = true;
             let target = entry.requested;
             drop(guard);
-            let result = sync_dir(dir);
+            let result = sync_dir(dir, child);
             guard = self.state.lock().map_err(|_| poisoned())?;
             let map = guard.get_or_insert_with(HashMap::new);
             if let Some(entry) = map.get_mut(dir) {

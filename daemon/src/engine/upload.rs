@@ -6,7 +6,7 @@
 
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -821,7 +821,8 @@ impl Body for FileBody {
 fn write_synced(part: &Path, to: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     use std::io::Write;
     if let Some(dir) = part.parent() {
-        std::fs::create_dir_all(dir)?;
+        // Private, as every directory of the cache (whatever the daemon's umask).
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     }
     let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(part)?;
     f.write_all(data)?;

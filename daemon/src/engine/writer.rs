@@ -186,7 +186,7 @@ thread_local! {
 }
 
 /// Whether the process umask leaves `mode` whole, so a file created with it has it. The
-/// daemon never changes its umask (0077 under its systemd unit), so it is read once, from
+/// daemon never changes its umask (whatever started it gave it), so it is read once, from
 /// /proc; unknown counts as no (every new file is then set explicitly).
 fn umask_keeps(mode: u32) -> bool {
     static UMASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
