@@ -287,6 +287,9 @@ async fn a_server_that_caps_its_ranges_gets_asked_for_the_rest() {
     let ranges: Vec<_> = server.requests_for("/capped.bin").into_iter().map(|r| r.range).collect();
     let from = |n: u64| Some(format!("bytes={}-", n * mib));
     assert_eq!(ranges, vec![None, from(1), from(2), from(3)], "each answer's bytes were kept");
+    // The rest was asked for within the resumed attempt: one resume, no backoff between.
+    let resumes = events.seen.iter().filter(|e| matches!(e, Seen::Resumed { task: t, .. } if *t == task.id())).count();
+    assert_eq!(resumes, 1, "{:?}", events.seen);
 }
 
 /// A `416` saying the resource ends exactly where the partial data does, from a server

@@ -440,6 +440,8 @@ impl Engine {
         } else {
             (None, None)
         };
+        // What the rest of a capped range is asked for with, in this attempt (`ask_for_the_rest`).
+        let validators = (meta.etag.clone(), meta.last_modified.clone());
         job.link.send(WorkerEvent::Started { meta, durable });
         if let Some(committed) = committed {
             // A stop is heard meanwhile (the commit may wait long: the database refusing
@@ -491,13 +493,11 @@ impl Engine {
             allowance.grant(hold.limit);
         }
         // The connection may wait for bytes that are sure to come (see `reads`).
-        let ahead = resp.extensions().get::<reads::BodyAhead>().map(|a| match ends_at {
-            Some(end) => a.track(end),
-            None => a.track_unsized(),
-        });
+        let mut ahead = body_ahead(&resp, ends_at);
         let mut start_writer = Some(start_writer);
         let mut writer = None;
         let mut body = resp.into_body();
+        let mut ends_at = ends_at;
         let ended = loop {
             if complete {
                 // The body of a 416 is an error page, never data.
@@ -508,6 +508,20 @@ impl Engine {
             }
             match self.pump_body(&mut job, &mut body, &tx, (hold.take(), ends_at), ahead.as_ref()).await {
                 BodyEnd::Released => {}
+                BodyEnd::Capped => {
+                    // The server capped its range: the rest is asked for now, in this
+                    // attempt, into the same file (no backoff, no new attempt or event).
+                    if writer.is_none() {
+                        writer = start_writer.take().map(|start| start());
+                    }
+                    (job.etag, job.last_modified, job.total) = (validators.0.clone(), validators.1.clone(), total);
+                    match self.ask_for_the_rest(&job).await {
+                        Ok((rest, rest_ends_at, rest_ahead)) => {
+                            (body, ends_at, ahead) = (rest, rest_ends_at, rest_ahead)
+                        }
+                        Err(end) => break end,
+                    }
+                }
                 end => break end,
             }
         };
@@ -523,7 +537,9 @@ impl Engine {
         }
         let last = match ended {
             BodyEnd::Complete => WriterMsg::Finish,
-            BodyEnd::Stopped | BodyEnd::Failed(_) | BodyEnd::WriterGone | BodyEnd::Released => WriterMsg::Stop,
+            BodyEnd::Stopped | BodyEnd::Failed(_) | BodyEnd::WriterGone | BodyEnd::Released | BodyEnd::Capped => {
+                WriterMsg::Stop
+            }
         };
         let body_ended = std::time::Instant::now();
         let _ = tx.send(last).await;
@@ -537,7 +553,7 @@ impl Engine {
             BodyEnd::Complete => {}
             BodyEnd::Stopped => return Outcome::Stopped(done.offset),
             BodyEnd::Failed(f) => return Outcome::Failed(f),
-            BodyEnd::WriterGone | BodyEnd::Released => {
+            BodyEnd::WriterGone | BodyEnd::Released | BodyEnd::Capped => {
                 return Outcome::Failed(Failure::transient(ErrorCode::Internal, "the file writer stopped"));
             }
         }
@@ -602,6 +618,31 @@ impl Engine {
     /// Reads the body into `tx`. With `hold` (a small body, see SMALL_BODY) nothing is sent
     /// until the body has ended or the hold expired (`Released`: what arrived is sent, the
     /// caller starts the writer and pumps the rest), so the writer may start afterwards.
+    /// Asks for the rest of the file after a capped range, from where the body got to,
+    /// with the validators the attempt's first answer gave (`job`'s, updated): only a
+    /// `206` that continues exactly there is taken; anything else ends the attempt (its
+    /// bytes are kept, and the next attempt sorts it out).
+    async fn ask_for_the_rest(&self, job: &Job) -> Result<(Incoming, Option<u64>, Option<reads::AheadGuard>), BodyEnd> {
+        let at = job.progress.received();
+        let mut stop = job.stop.clone();
+        let sent = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => return Err(BodyEnd::Stopped),
+            _ = deadline(job.deadline) => return Err(BodyEnd::Failed(resource_timeout())),
+            r = self.send_following_redirects(job, at) => r,
+        };
+        let (resp, final_url) = sent.map_err(BodyEnd::Failed)?;
+        let meta = self.accept_response(job, &resp, final_url, at).map_err(BodyEnd::Failed)?;
+        if meta.status != 206 || meta.offset != at || meta.complete || meta.total != job.total {
+            return Err(BodyEnd::Failed(Failure::transient(
+                ErrorCode::Network,
+                format!("asked for the rest of the file from byte {at}, the server answered {}", meta.status),
+            )));
+        }
+        let ahead = body_ahead(&resp, meta.ends_at);
+        Ok((resp.into_body(), meta.ends_at, ahead))
+    }
+
     async fn pump_body(
         &self,
         job: &mut Job,
@@ -663,15 +704,7 @@ impl Engine {
                             format!("the response ended after {} of {end} bytes", received(job)),
                         ));
                     }
-                    (_, Some(total)) if received(job) < total => {
-                        break BodyEnd::Failed(Failure::transient(
-                            ErrorCode::Network,
-                            format!(
-                                "the server sent bytes up to {} of {total}; the rest is asked for next",
-                                received(job)
-                            ),
-                        ));
-                    }
+                    (_, Some(total)) if received(job) < total => break BodyEnd::Capped,
                     _ => break BodyEnd::Complete,
                 },
                 Ok(Some(Err(e))) => break BodyEnd::Failed(classify(&e, "reading the response body")),
@@ -872,6 +905,17 @@ enum BodyEnd {
     WriterGone,
     /// A held body's hold expired (see `pump_body`).
     Released,
+    /// The answer ended where its range did, before the file's end (a server that caps its
+    /// ranges): the rest is asked for (`ask_for_the_rest`).
+    Capped,
+}
+
+/// The connection's read-ahead for a response whose body ends at `ends_at` (see `reads`).
+fn body_ahead(resp: &hyper::Response<Incoming>, ends_at: Option<u64>) -> Option<reads::AheadGuard> {
+    resp.extensions().get::<reads::BodyAhead>().map(|a| match ends_at {
+        Some(end) => a.track(end),
+        None => a.track_unsized(),
+    })
 }
 
 /// Holding a small body in memory until it has all arrived.
