@@ -925,24 +925,10 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<()>) -> Resul
 
     let (status, start, end) = match range {
         RangeReq::Full => (StatusCode::OK, 0, total),
-        RangeReq::Unsatisfiable => {
-            let resp = builder
-                .status(StatusCode::RANGE_NOT_SATISFIABLE)
-                .header(header::CONTENT_RANGE, format!("bytes */{total}"))
-                .header(header::CONTENT_LENGTH, "0")
-                .body(empty_body())
-                .map_err(io::Error::other)?;
-            return Ok(resp);
-        }
-        RangeReq::Range(first, _) if ends_at_range => {
-            let resp = builder
-                .status(StatusCode::RANGE_NOT_SATISFIABLE)
-                .header(header::CONTENT_RANGE, format!("bytes */{first}"))
-                .header(header::CONTENT_LENGTH, "0")
-                .body(empty_body())
-                .map_err(io::Error::other)?;
-            return Ok(resp);
-        }
+        // A 416 saying the resource is that long: its real length, or (a shorter copy) the
+        // length the client already has.
+        RangeReq::Unsatisfiable => return not_satisfiable(builder, total),
+        RangeReq::Range(first, _) if ends_at_range => return not_satisfiable(builder, first),
         RangeReq::Range(first, last) => {
             let first = if wrong_content_range { first + 1 } else { first };
             let last = capped.map_or(last, |(most, _)| last.min(first + most - 1));
@@ -994,6 +980,16 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<()>) -> Resul
         .boxed()
     };
     builder.status(status).body(body).map_err(io::Error::other)
+}
+
+/// `416 Range Not Satisfiable` for a resource of `len` bytes.
+fn not_satisfiable(builder: http::response::Builder, len: u64) -> io::Result<Response<RespBody>> {
+    builder
+        .status(StatusCode::RANGE_NOT_SATISFIABLE)
+        .header(header::CONTENT_RANGE, format!("bytes */{len}"))
+        .header(header::CONTENT_LENGTH, "0")
+        .body(empty_body())
+        .map_err(io::Error::other)
 }
 
 // ---------------------------------------------------------------------------------------------
