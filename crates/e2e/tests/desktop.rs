@@ -162,6 +162,27 @@ async fn a_session_that_refuses_metered_networks_waits_and_goes_on() {
     assert_eq!(detail["attempts"], 2, "stopped once, resumed once: {detail}");
 }
 
+/// A task its policy holds (a metered network that stays metered) still has a resource
+/// budget: when it runs out, the task completes `timed_out`, saying why it waited, without
+/// an attempt. Before, it waited for ever, and the app was never told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_held_by_its_policy_past_its_resource_deadline_times_out() {
+    let (env, bus) = desktop();
+    let _d = start(&env, &bus);
+    set(&bus, NM, "Metered", "dbus.UInt32(1)");
+    wait_status(&env, "metered", |s| s["network"]["metered"] == true);
+    let server = TestServer::start().await.unwrap();
+    server.add("/never", Resource::generated(1000, 13));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let config = config(&env, "t.held-too-long").allows_metered(false).timeout_for_resource(Duration::from_secs(2));
+    let session = Session::attach(config, delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(server.url("/never"))], true).await.unwrap().remove(0);
+    let error = events.completion(task.id(), Duration::from_secs(15)).await.expect("timed out");
+    assert_eq!(error.code, dlsession::ErrorCode::TimedOut, "{error}");
+    assert!(error.message.contains("metered"), "says why it waited: {error}");
+    assert_eq!(server.hits("/never"), 0, "never asked");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_desktop_services_the_daemon_assumes_online_unmetered_on_ac() {
     let env = TestEnv::new();

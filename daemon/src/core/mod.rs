@@ -608,6 +608,7 @@ impl Core {
         while let Some(timer) = self.timers.pop_due() {
             match timer {
                 Timer::Begin(id) | Timer::Retry(id) => self.on_task_timer(id),
+                Timer::HeldDeadline(id) => self.on_held_deadline(id),
                 Timer::Wake(key) => self.on_wake_timer(key),
                 Timer::WakeUnanswered(key) => self.on_wake_unanswered(key),
                 Timer::LaunchSlot(key) => self.on_launch_slot_timer(key),

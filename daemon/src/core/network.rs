@@ -237,10 +237,10 @@ impl Core {
             );
         }
         for (lane, prio, id) in hold {
-            self.slots.hold(&lane, prio, id);
+            self.hold_queued(&lane, prio, id);
         }
         for (lane, prio, id) in release {
-            self.slots.release(&lane, prio, id);
+            self.release_held_task(&lane, prio, id);
         }
         for id in refused {
             self.stop_worker(id, AfterStop::Requeue);

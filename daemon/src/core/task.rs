@@ -126,6 +126,9 @@ pub(super) struct Task {
     pub run: Option<Run>,
     /// The deadline this task has in the core's timers, if any.
     pub timer: Option<Mono>,
+    /// While its policy holds it off the lanes: its resource deadline in the core's timers
+    /// (`Timer::HeldDeadline`; still held then, it completes `timed_out`).
+    pub held_deadline: Option<Mono>,
     /// Consecutive failed attempts without progress (the backoff exponent).
     pub failures: u32,
     /// Consecutive failed moves of the finished file to its destination.
@@ -232,6 +235,7 @@ impl Tasks {
             progress,
             run: None,
             timer: None,
+            held_deadline: None,
             failures: 0,
             move_failures: 0,
             unsaved: false,

@@ -32,6 +32,8 @@ pub enum Timer {
     Status,
     /// Expiring what nobody collects (see `retention`); days away, and redone at start.
     Housekeeping,
+    /// A task its policy holds off the lanes reaches its resource deadline.
+    HeldDeadline(TaskId),
 }
 
 /// The longest the core sleeps at once: a timer further away is looked at again then.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::admission::Limits;
+use super::admission::{Limits, Refusal, admit_policy};
 use super::backoff::{Backoff, retry_delay};
 use super::sched::LaneKey;
 use super::task::{AfterStop, OffLanes, Run};
@@ -142,7 +142,7 @@ impl Core {
                 let (lane, prio) = (t.lane(), t.rec.priority);
                 let refused = self.tasks.get(&id).is_some_and(|t| self.policy_refuses(t));
                 if refused {
-                    self.slots.hold(&lane, prio, id);
+                    self.hold_queued(&lane, prio, id);
                 } else {
                     self.slots.queue(&lane, prio, id);
                 }
@@ -150,8 +150,61 @@ impl Core {
         }
     }
 
+    /// Holds a queued task its policy refuses off the lanes, until its resource deadline:
+    /// still held then (the network stayed metered, say), it completes `timed_out`, as a
+    /// task that could run would by then. The wait counts against the budget like any.
+    pub(super) fn hold_queued(&mut self, lane: &LaneKey, priority: f32, id: TaskId) {
+        self.slots.hold(lane, priority, id);
+        let Some(t) = self.tasks.get_mut(&id) else { return };
+        if let (None, Some(deadline)) = (t.held_deadline, t.rec.resource_deadline) {
+            let at = self.timers.at_wall(deadline);
+            t.held_deadline = Some(at);
+            self.timers.set(at, Timer::HeldDeadline(id));
+        }
+    }
+
+    /// A held task its policy allows again goes back to its lane (its deadline is the
+    /// engine's to keep again).
+    pub(super) fn release_held_task(&mut self, lane: &LaneKey, priority: f32, id: TaskId) {
+        self.slots.release(lane, priority, id);
+        self.disarm_held_deadline(id);
+    }
+
+    fn disarm_held_deadline(&mut self, id: TaskId) {
+        let at = self.tasks.get_mut(&id).and_then(|t| t.held_deadline.take());
+        self.clear_timer(at, Timer::HeldDeadline(id));
+    }
+
+    /// A held task reached its resource deadline: still held, it completes `timed_out`.
+    pub(super) fn on_held_deadline(&mut self, id: TaskId) {
+        let Some(t) = self.tasks.get_mut(&id) else { return };
+        t.held_deadline = None;
+        if t.state != TaskState::Queued || !self.slots.is_held(id) {
+            return;
+        }
+        let Some(deadline) = t.rec.resource_deadline else { return };
+        if now_ms() < deadline {
+            // The wall clock was set back: not yet.
+            let (lane, prio) = (t.lane(), t.rec.priority);
+            return self.hold_queued(&lane, prio, id);
+        }
+        let refusal = self.tasks.get(&id).map(|t| admit_policy(self.policy_of(t), self.limits()));
+        let why = match refusal.unwrap_or(Ok(())) {
+            Err(Refusal::Metered) => "the network is metered, and its policy refuses that",
+            Err(Refusal::OnBattery) => "the machine runs on battery, and its policy refuses that",
+            Err(Refusal::Discretionary) => "it is discretionary, and conditions were not good enough",
+            _ => "its policy held it",
+        };
+        self.unqueue(id);
+        let error = ErrorInfo::new(ErrorCode::TimedOut, format!("timeout_for_resource ran out while it waited: {why}"));
+        let (mut ops, mut after) = (Vec::new(), Vec::new());
+        self.complete(id, Some(error), &mut ops, &mut after);
+        self.commit(ops, after);
+    }
+
     /// Takes a queued or waiting task out of its lane and timers.
     pub(super) fn unqueue(&mut self, id: TaskId) {
+        self.disarm_held_deadline(id);
         let Some(t) = self.tasks.get_mut(&id) else { return };
         let timer = t.timer.take();
         let (lane, prio, state) = (t.lane(), t.rec.priority, t.state);
@@ -692,10 +745,12 @@ impl Core {
             None => return,
         };
         let Some(t) = self.tasks.get_mut(&id) else { return };
-        // A waiting task's timer (a retry, or the deadline of a wait for credentials) goes.
+        // A waiting task's timer (a retry, or the deadline of a wait for credentials) goes,
+        // and a held one's deadline.
         if t.state == TaskState::Waiting {
             self.timers.clear(t.timer.take(), Timer::Retry(id));
         }
+        self.timers.clear(t.held_deadline.take(), Timer::HeldDeadline(id));
         t.rec.error = error.clone();
         t.rec.finished_at = Some(now);
         t.rec.retry_at = None;
