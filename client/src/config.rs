@@ -425,12 +425,14 @@ impl SessionConfiguration {
 pub struct DownloadRequest {
     pub(crate) spec: TaskSpec,
     pub(crate) policy: TaskPolicy,
+    /// Why the daemon cannot be given this request (see [`path_text`]): creating it fails.
+    pub(crate) refused: Option<String>,
 }
 
 impl DownloadRequest {
     /// A GET of `url` (http or https).
     pub fn new(url: impl Into<String>) -> DownloadRequest {
-        DownloadRequest { spec: TaskSpec::get(url), policy: TaskPolicy::default() }
+        DownloadRequest { spec: TaskSpec::get(url), policy: TaskPolicy::default(), refused: None }
     }
 
     /// A header added to this task's requests (after the session's headers).
@@ -471,8 +473,12 @@ impl DownloadRequest {
     }
 
     /// Move the finished file here (an absolute path) instead of leaving it in the cache.
+    /// A path that is not UTF-8 makes creating the task fail (`invalid_request`).
     pub fn destination(mut self, path: impl AsRef<Path>) -> Self {
-        self.spec.destination = Some(path.as_ref().to_string_lossy().into_owned());
+        match path_text(path.as_ref(), "destination") {
+            Ok(text) => self.spec.destination = Some(text),
+            Err(why) => self.refused = Some(why),
+        }
         self
     }
 
@@ -538,6 +544,8 @@ impl DownloadRequest {
 #[derive(Debug, Clone)]
 pub struct UploadRequest {
     pub(crate) spec: UploadSpec,
+    /// As [`DownloadRequest::refused`].
+    pub(crate) refused: Option<String>,
 }
 
 impl UploadRequest {
@@ -545,13 +553,13 @@ impl UploadRequest {
     /// directory.
     pub fn new(url: impl Into<String>, file: impl AsRef<Path>) -> UploadRequest {
         let file = std::path::absolute(file.as_ref()).unwrap_or_else(|_| file.as_ref().to_path_buf());
+        let (text, refused) = match path_text(&file, "file") {
+            Ok(text) => (text, None),
+            Err(why) => (String::new(), Some(why)),
+        };
         UploadRequest {
-            spec: UploadSpec {
-                request: TaskSpec::get(url),
-                method: UploadMethod::Put,
-                file: file.to_string_lossy().into_owned(),
-                idempotent: false,
-            },
+            spec: UploadSpec { request: TaskSpec::get(url), method: UploadMethod::Put, file: text, idempotent: false },
+            refused,
         }
     }
 
@@ -603,4 +611,15 @@ impl UploadRequest {
     pub fn spec(&self) -> &UploadSpec {
         &self.spec
     }
+}
+
+/// A path as the daemon takes it (text, on the wire), or why it cannot be: one that is
+/// not UTF-8 would, made text, name another file.
+pub(crate) fn path_text(path: &Path, what: &str) -> std::result::Result<String, String> {
+    path.to_str().map(str::to_owned).ok_or_else(|| {
+        format!(
+            "{what} {} is not UTF-8: paths go to the daemon as text, and this one would name another file",
+            path.display()
+        )
+    })
 }

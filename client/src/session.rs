@@ -12,8 +12,17 @@ use crate::error::{Error, Result};
 use crate::stream::{SessionEvents, Subscribers};
 use dlsession_proto::{
     DetachReason, ErrorCode, ErrorInfo, Request, Response, SessionInfo, TaskAction, TaskId, TaskInfo, TaskPolicy,
-    TaskPolicyInfo, TaskSpec,
+    TaskPolicyInfo, TaskSpec, TaskState, WaitReason,
 };
+
+/// The first reason a request cannot be given to the daemon (a path that is not UTF-8),
+/// as an error: none of the batch is created.
+fn refuse_unusable<'a>(mut refused: impl Iterator<Item = &'a Option<String>>) -> Result<()> {
+    match refused.find_map(Option::as_ref) {
+        Some(why) => Err(Error::Invalid(ErrorInfo::new(ErrorCode::InvalidRequest, why.clone()))),
+        None => Ok(()),
+    }
+}
 
 /// An error a task completed with (its [`ErrorInfo::code`] is one of the codes in docs/protocol.md).
 pub type TaskError = ErrorInfo;
@@ -124,6 +133,7 @@ impl Session {
     /// Creates upload tasks, all or none (in requests of up to 1,000, like
     /// [`Session::download_tasks`]); `resume` starts them.
     pub async fn upload_tasks(&self, requests: Vec<UploadRequest>, resume: bool) -> Result<Vec<DownloadTask>> {
+        refuse_unusable(requests.iter().map(|r| &r.refused))?;
         let metas: Vec<(String, Option<String>)> =
             requests.iter().map(|r| (r.spec.request.url.clone(), r.spec.request.description.clone())).collect();
         let uploads = requests.into_iter().map(|r| r.spec).collect();
@@ -156,6 +166,7 @@ impl Session {
     }
 
     async fn create(&self, requests: Vec<DownloadRequest>, resume: bool) -> Result<Vec<DownloadTask>> {
+        refuse_unusable(requests.iter().map(|r| &r.refused))?;
         let policies: Vec<TaskPolicy> = requests.iter().map(DownloadRequest::policy).collect();
         let with_policy = policies.iter().any(|p| !p.is_empty());
         let specs: Vec<TaskSpec> = requests.into_iter().map(DownloadRequest::into_spec).collect();
@@ -289,12 +300,23 @@ impl Session {
             {
                 // Only tasks waiting for credentials the app left for later remain: they wait
                 // for the app, not for time (the daemon says no `finished_events` for them).
-                return Ok(());
+                // As the daemon sees them: one the app answered meanwhile (later, or from
+                // inside the callback) runs again and does not count.
+                if info.tasks.active() <= self.awaiting_answers().await? {
+                    return Ok(());
+                }
+                quiet_once = false;
             } else if info.tasks.active() > deferred {
                 quiet_once = false;
             }
             let _ = tokio::time::timeout(IDLE_RECHECK, changes.changed()).await;
         }
+    }
+
+    /// How many of the session's tasks wait for an answer to a challenge, as the daemon says.
+    async fn awaiting_answers(&self) -> Result<u64> {
+        let waiting = self.shared.client.list_session_tasks(&self.shared.identifier, vec![TaskState::Waiting]).await?;
+        Ok(waiting.iter().filter(|t| matches!(t.wait, Some(WaitReason::AuthRequired { .. }))).count() as u64)
     }
 
     /// The session's events as a [`futures_core::Stream`], beside the delegate: each

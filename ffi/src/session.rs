@@ -352,7 +352,9 @@ pub unsafe extern "C" fn dls_task_cancel(
 
 /// Waits until the session is idle: no task queued, running or waiting to retry or for an
 /// answer to its challenge (suspended ones do not count), and every event delivered to the
-/// callback and acknowledged. A challenge left unanswered keeps it from becoming idle. `timeout_ms` < 0 waits for as long as it takes. `*idle_out` (may be NULL)
+/// callback and acknowledged. A task whose challenge is left unanswered does not count (it
+/// waits for the app, not for time); once answered, in the callback or later, it counts until
+/// it is done. `timeout_ms` < 0 waits for as long as it takes. `*idle_out` (may be NULL)
 /// is true if it became idle, false if the time ran out (which is not an error).
 ///
 /// # Safety

@@ -440,6 +440,43 @@ async fn wait_idle_returns_when_only_deferred_challenges_remain() {
     assert_eq!(info.tasks.active(), 1, "the challenged task still waits for the app: {info:?}");
 }
 
+/// A challenge the delegate left for later and the app then answered no longer counts as
+/// waiting for the app: `wait_idle` waits for that task's download to finish (before, it
+/// returned while the download still ran, and an app that then exits lost its file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_idle_waits_for_a_download_whose_challenge_was_answered_later() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    /// Leaves every challenge for later, noting its round.
+    struct Defer(std::sync::Arc<AtomicU32>);
+    impl dlsession::SessionDelegate for Defer {
+        fn did_receive_challenge(
+            &self,
+            _: &Session,
+            _: &dlsession::DownloadTask,
+            challenge: &dlsession::Challenge,
+        ) -> Option<ChallengeAnswer> {
+            self.0.store(challenge.round, Ordering::SeqCst);
+            None
+        }
+    }
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    s.add("/slow", Resource::generated(6 << 20, 53).throttle(2 << 20).require_auth(GOOD, "Basic realm=\"files\""));
+    let config = config(&env, "t.answered-later").answers_challenges(true);
+    let seen = std::sync::Arc::new(AtomicU32::new(0));
+    let session = Session::attach(config, Defer(seen.clone())).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/slow"))], true).await.unwrap().remove(0);
+    // Left for later by the delegate first, then answered.
+    wait_until(|| seen.load(Ordering::SeqCst) > 0).await;
+    let round = seen.load(Ordering::SeqCst);
+    task.answer_challenge_round(round, basic(CredentialScope::Task, false)).await.unwrap();
+    let idle = tokio::time::timeout(std::time::Duration::from_secs(30), session.wait_idle()).await;
+    idle.expect("idle once the download is done").unwrap();
+    let info = task.info().await.unwrap();
+    assert_eq!(info.state, dlsession::proto::TaskState::Completed, "idle while it still ran: {info:?}");
+}
+
 /// A task waiting for credentials nobody gives completes `timed_out` (with the server's
 /// 401) when its `timeout_for_resource` runs out, as a retry would: it waited for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -158,3 +158,31 @@ async fn wait_idle_and_the_stream_end_when_this_process_detaches() {
     while tokio::time::timeout(LONG, stream.recv()).await.expect("the stream ends").is_some() {}
     assert!(session.events().recv().await.is_none(), "a stream asked for afterwards ends at once");
 }
+
+/// A destination or upload file whose path is not UTF-8 cannot go to the daemon as text
+/// without naming another file: the batch is refused (`invalid_request`), nothing is
+/// created. Before, the path was made text with U+FFFD and the file saved elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_that_is_not_utf8_is_refused_not_renamed() {
+    use std::os::unix::ffi::OsStrExt;
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(1000, 3));
+    let (delegate, _events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.not-utf8"), delegate).await.unwrap();
+    let mut bad = env.path().as_os_str().as_bytes().to_vec();
+    bad.extend(b"/caf\xe9.bin");
+    let bad = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(&bad));
+    let requests = vec![
+        DownloadRequest::new(server.url("/a")).destination(env.path().join("fine.bin")),
+        DownloadRequest::new(server.url("/a")).destination(&bad),
+    ];
+    let err = session.download_tasks(requests, true).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidRequest, "{err}");
+    assert!(err.to_string().contains("not UTF-8"), "{err}");
+    let upload = dlsession::UploadRequest::new(server.url("/up"), &bad);
+    let err = session.upload_tasks(vec![upload], true).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::InvalidRequest, "{err}");
+    assert!(session.get_all_tasks().await.unwrap().is_empty(), "nothing was created");
+}

@@ -31,9 +31,12 @@ pub async fn run(ctx: &Ctx, args: TasksArgs) -> Result<Exit> {
     };
     let mut sink: Box<dyn Sink> = if ctx.json { Box::new(JsonSink::default()) } else { Box::new(TableSink::new()) };
     loop {
-        let page = match client.request(Request::ListTasks(query.clone())).await? {
-            Response::Tasks(page) => page,
-            other => return Err(CliError::unexpected("tasks", &other)),
+        let page = match client.request(Request::ListTasks(query.clone())).await {
+            Ok(Response::Tasks(page)) => page,
+            // What was printed stays a whole document (a JSON array closed); stderr and the
+            // exit code say the list is cut short.
+            Ok(other) => return Err(sink.cut_short(CliError::unexpected("tasks", &other))),
+            Err(e) => return Err(sink.cut_short(e.into())),
         };
         sink.page(&page.tasks)?;
         match page.next_after {
@@ -49,6 +52,10 @@ pub async fn run(ctx: &Ctx, args: TasksArgs) -> Result<Exit> {
 trait Sink {
     fn page(&mut self, tasks: &[TaskInfo]) -> Result<()>;
     fn finish(&mut self) -> Result<()>;
+    /// The list ends early with `error`: what was printed is closed as a document.
+    fn cut_short(&mut self, error: CliError) -> CliError {
+        error
+    }
 }
 
 /// A JSON array written element by element.
@@ -74,6 +81,13 @@ impl Sink for JsonSink {
         out.write_all(if self.started { b"\n]\n" } else { b"[]\n" })?;
         out.flush()?;
         Ok(())
+    }
+
+    fn cut_short(&mut self, error: CliError) -> CliError {
+        match self.finish() {
+            Ok(()) => error,
+            Err(write) => write,
+        }
     }
 }
 
