@@ -534,6 +534,40 @@ async fn attach_delivers_and_moves_files() {
     assert_keys(&json(&o), &["session", "outcome"]);
 }
 
+/// A finished file an earlier `attach --move-to` moved before its acknowledgement was
+/// durable (stopped by Ctrl-C, say) comes again, its cache file gone: the next attach says
+/// so and acknowledges it. Before, every later attach failed on it and the session never
+/// drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_acknowledges_a_file_an_earlier_attach_moved() {
+    let f = fixture().await;
+    f.server.add("/files/moved.bin", Resource::generated(20_000, 12));
+    let url = f.server.url("/files/moved.bin");
+    let o = ctl(
+        &f.env,
+        &["--json", "get", &url, "-d", f.env.path().join("first").to_str().unwrap(), "--session", "org.example.moved"],
+    )
+    .await;
+    assert_exit(&o, 0);
+    let id = json_lines(&o)[0]["task"].as_u64().unwrap();
+    wait_completed(&f.env, id).await;
+    let shown = json(&ctl(&f.env, &["--json", "show", &id.to_string()]).await);
+    let location = std::path::PathBuf::from(shown["location"].as_str().expect("a location in the cache"));
+    let keep = f.env.path().join("keep");
+    std::fs::create_dir_all(&keep).unwrap();
+    std::fs::rename(&location, keep.join("moved.bin")).unwrap();
+    let o = ctl(&f.env, &["attach", "org.example.moved", "--move-to", keep.to_str().unwrap()]).await;
+    assert_exit(&o, 0);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no longer in dlsessiond's cache"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let sessions = json(&ctl(&f.env, &["--json", "sessions"]).await);
+    let s = sessions.as_array().unwrap().iter().find(|s| s["identifier"] == "org.example.moved").unwrap();
+    assert_eq!(s["pending_events"], 0, "{s}");
+}
+
 /// `attach` acknowledges only what it printed: with stdout full or closed, the events stay
 /// for the next attach (the cache file of a task without destination would be deleted).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -293,6 +293,26 @@ impl SessionDelegate for Printer {
                 );
                 Handled::Done
             }
+            // Gone from the cache: an earlier attach moved it and was stopped (Ctrl-C, a
+            // daemon restart) before its acknowledgement was durable, or it was removed.
+            // Held back, the event would fail every attach for ever; nothing is left to keep.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !location.exists() => {
+                eprintln!(
+                    "note: task {}: its file is no longer in dlsessiond's cache ({}): moved by an earlier attach, or removed",
+                    task.id(),
+                    location.display()
+                );
+                self.durable(
+                    &format!("finished_downloading task {}: {} (gone)", task.id(), location.display()),
+                    &AttachEventJson::FinishedDownloading {
+                        task: task.id(),
+                        location: location.display().to_string(),
+                        moved_from: None,
+                        move_error: None,
+                    },
+                );
+                Handled::Done
+            }
             Err(e) => {
                 self.failed.store(true, Ordering::Relaxed);
                 let error = CliError::file("cannot move the download to", dir, &e);
@@ -455,14 +475,22 @@ fn place(from: &Path, to: &Path) -> io::Result<()> {
     }
 }
 
+/// Copies `from` to a temporary name beside `to`, then gives it the name `to` (never
+/// replacing a file there): stopped midway (Ctrl-C), it leaves no half file named `to`.
 fn copy_new(from: &Path, to: &Path) -> io::Result<()> {
+    let name = to.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = to.with_file_name(format!(".{name}.dlsessionctl-{}.tmp", std::process::id()));
     let mut src = File::open(from)?;
-    let mut dst = OpenOptions::new().write(true).create_new(true).open(to)?;
-    let copied = io::copy(&mut src, &mut dst).and_then(|_| dst.sync_all());
-    if let Err(e) = copied {
-        let _ = std::fs::remove_file(to);
-        return Err(e);
-    }
+    let mut dst = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+    let copied =
+        io::copy(&mut src, &mut dst).and_then(|_| dst.sync_all()).and_then(|()| match std::fs::hard_link(&tmp, to) {
+            // Where links are not kept, a rename after a look (a file made there in that
+            // instant would be replaced).
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists && !to.exists() => std::fs::rename(&tmp, to),
+            other => other,
+        });
+    let _ = std::fs::remove_file(&tmp);
+    copied?;
     let _ = std::fs::remove_file(from);
     Ok(())
 }
