@@ -830,3 +830,32 @@ async fn an_app_that_leaves_finds_its_results_when_it_rejoins() {
         block(session.get_all_tasks()).unwrap().is_empty().then_some(())
     });
 }
+
+/// A watcher hears why a new task waits once it is placed: a task created to start in an
+/// hour is told as waiting for its `earliest_begin` (before, its only update said queued
+/// with no reason, "may start now", until it started an hour later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_hears_that_a_new_task_waits_for_its_begin_date() {
+    use dlsession::proto::{Event, ServerMessage, TaskSpec, WatchFilter};
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let mut raw = dlsession_testkit::raw::RawClient::connect(&env.socket);
+    raw.stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut spec = TaskSpec::get("http://127.0.0.1:9/later.bin");
+    spec.earliest_begin = Some(now_ms() + 3_600_000);
+    raw.send([
+        (1, Request::OpenSession { identifier: "t.begin-watch".into(), config: None }),
+        (2, Request::Watch(WatchFilter { session: Some("t.begin-watch".into()), tasks: Vec::new() })),
+        (3, Request::CreateTasks { identifier: "t.begin-watch".into(), tasks: vec![spec], resume: true }),
+    ]);
+    let mut seen = Vec::new();
+    loop {
+        if let ServerMessage::Event(Event::TaskUpdate(info)) = raw.recv() {
+            if matches!(info.wait, Some(WaitReason::EarliestBegin { .. })) {
+                break;
+            }
+            seen.push(info.wait);
+            assert!(seen.len() < 20, "no update with the begin date: {seen:?}");
+        }
+    }
+}

@@ -65,6 +65,11 @@ impl Core {
         }
         self.set_state(id, TaskState::Queued);
         self.enqueue(id);
+        // Told again now that it is placed: why it waits (`earliest_begin`, a held policy)
+        // is known only once it is in its lane or on its timer.
+        if self.tasks.get(&id).is_some_and(|t| t.state == TaskState::Queued) {
+            self.notify_watchers(id);
+        }
     }
 
     /// New tasks are durable: the queued ones join their lanes (or their `earliest_begin`
@@ -78,6 +83,8 @@ impl Core {
             t.off_lanes = None;
             if t.state == TaskState::Queued {
                 self.enqueue(id);
+                // Watchers saw it off the lanes: now they hear why it waits, if it does.
+                self.notify_watchers(id);
             }
         }
         self.schedule();
@@ -155,6 +162,8 @@ impl Core {
     /// task that could run would by then. The wait counts against the budget like any.
     pub(super) fn hold_queued(&mut self, lane: &LaneKey, priority: f32, id: TaskId) {
         self.slots.hold(lane, priority, id);
+        // Its reason changed (watchers saw a limit, or none).
+        self.notify_watchers(id);
         let Some(t) = self.tasks.get_mut(&id) else { return };
         if let (None, Some(deadline)) = (t.held_deadline, t.rec.resource_deadline) {
             let at = self.timers.at_wall(deadline);
@@ -168,6 +177,7 @@ impl Core {
     pub(super) fn release_held_task(&mut self, lane: &LaneKey, priority: f32, id: TaskId) {
         self.slots.release(lane, priority, id);
         self.disarm_held_deadline(id);
+        self.notify_watchers(id);
     }
 
     fn disarm_held_deadline(&mut self, id: TaskId) {
