@@ -458,6 +458,16 @@ pub(super) async fn wait(
     // Subscribe before asking, so nothing sent right after the Watch answer is lost.
     let mut events = client.events();
     request_ok(client, Request::Watch(WatchFilter { session: None, tasks: ids.to_vec() })).await?;
+    // A task that completed before the watch took effect (collected even, by an app attached
+    // to the session) sends nothing more: each is asked for once.
+    let mut caught_up = Vec::new();
+    for id in ids {
+        if let Ok(Response::Task(detail)) = client.request(Request::GetTask { task: *id }).await
+            && detail.info.state == TaskState::Completed
+        {
+            caught_up.push(detail.info);
+        }
+    }
     let mut progress = Progress::new(progress::terminal(), false);
     let mut pending: HashSet<TaskId> = ids.iter().copied().collect();
     let mut paused_noted: HashSet<TaskId> = HashSet::new();
@@ -474,6 +484,8 @@ pub(super) async fn wait(
     tokio::pin!(lost);
     while !pending.is_empty() {
         let event = tokio::select! {
+            biased;
+            Some(info) = std::future::ready(caught_up.pop()) => Some(Event::TaskUpdate(info)),
             event = events.recv() => event,
             e = &mut lost => {
                 progress.clear();
