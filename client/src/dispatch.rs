@@ -682,10 +682,19 @@ impl Dispatcher {
         if let Some(t) = session.known_task(id) {
             return t;
         }
-        let fetched = self.block_on(session.task_info(id)).and_then(Result::ok);
+        // Only while a link is up: disconnected, the request would wait its whole timeout for
+        // each task this process does not know, holding every later event (the notice of
+        // the lost connection too).
+        let fetched = if session.shared.client.is_connected() {
+            self.block_on(session.task_info(id)).and_then(Result::ok)
+        } else {
+            None
+        };
+        let found = fetched.is_some();
         let (url, description) = fetched.map(|i| (i.url, i.description)).unwrap_or_default();
         let task = session.task_handle(id, url, description);
-        if let Ok(mut known) = session.shared.tasks.lock() {
+        // A handle made without its URL is not remembered: the task's next event asks again.
+        if found && let Ok(mut known) = session.shared.tasks.lock() {
             known.insert(id, task.clone());
         }
         task
