@@ -65,9 +65,14 @@ impl Core {
         }
         self.set_state(id, TaskState::Queued);
         self.enqueue(id);
-        // Told again now that it is placed: why it waits (`earliest_begin`, a held policy)
-        // is known only once it is in its lane or on its timer.
-        if self.tasks.get(&id).is_some_and(|t| t.state == TaskState::Queued) {
+        self.tell_begin_date(id);
+    }
+
+    /// Watchers were told a task is queued before it was placed: one that waits for its
+    /// `earliest_begin` is told so now (a held one is told by `hold_queued`; one in its
+    /// lane was told right, and with thousands created at once, once is enough).
+    fn tell_begin_date(&self, id: TaskId) {
+        if self.tasks.get(&id).is_some_and(|t| t.state == TaskState::Queued && t.timer.is_some()) {
             self.notify_watchers(id);
         }
     }
@@ -83,8 +88,7 @@ impl Core {
             t.off_lanes = None;
             if t.state == TaskState::Queued {
                 self.enqueue(id);
-                // Watchers saw it off the lanes: now they hear why it waits, if it does.
-                self.notify_watchers(id);
+                self.tell_begin_date(id);
             }
         }
         self.schedule();

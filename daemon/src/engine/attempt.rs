@@ -223,7 +223,7 @@ impl Engine {
                 last_modified = last_modified.or_else(|| job.last_modified.clone());
             }
             // A range that ends before the file does is not an error: servers cap their
-            // ranges, and the next attempt asks for the rest (see `ends_at`).
+            // ranges, and the rest is asked for within the attempt (see `ends_at`).
             // Validators that stayed the same (a date within its second) do not prove the
             // same version when the length changed.
             if let (true, Some(now), Some(before)) = (resumed, total, job.total)
@@ -318,24 +318,16 @@ pub(super) fn request_failure(
     if let Some(garbled) = find::<TunnelGarbled>(err) {
         return Failure::permanent(ErrorCode::Network, format!("{what}: {garbled}"));
     }
-    // A response head our side of an HTTP/2 connection refused (over 1 MiB, or not valid
-    // HTTP/2): malformed, as over HTTP/1.1, and no retry will change it. Only before the
-    // head: in a body, the same errors are a body shorter or longer than announced
-    // (transient), and a stream the server refused asks for a retry.
-    // A stream's own reset only: a connection-wide GOAWAY reaches every request waiting on
-    // that connection, most of them blameless.
+    // A response head our side of an HTTP/2 connection refused, resetting its stream (over
+    // 1 MiB, or not valid HTTP/2): malformed, as over HTTP/1.1, and no retry will change
+    // it. Only before the head (in a body, the same resets are a body shorter or longer
+    // than announced: transient), only our reset (a stream the server refused asks for a
+    // retry), and only the stream's (a connection-wide GOAWAY reaches every request
+    // waiting on that connection, most of them blameless).
     if let Some(h2) = find::<h2::Error>(err)
         && h2.is_library()
         && h2.is_reset()
-        && matches!(
-            h2.reason(),
-            Some(
-                h2::Reason::PROTOCOL_ERROR
-                    | h2::Reason::REFUSED_STREAM
-                    | h2::Reason::COMPRESSION_ERROR
-                    | h2::Reason::ENHANCE_YOUR_CALM
-            )
-        )
+        && matches!(h2.reason(), Some(h2::Reason::PROTOCOL_ERROR | h2::Reason::REFUSED_STREAM))
     {
         return Failure::permanent(
             ErrorCode::Network,

@@ -615,9 +615,6 @@ impl Engine {
         tokio::task::spawn_blocking(move || files::found_in_place(&part, &to, &mark, sha256)).await.ok().flatten()
     }
 
-    /// Reads the body into `tx`. With `hold` (a small body, see SMALL_BODY) nothing is sent
-    /// until the body has ended or the hold expired (`Released`: what arrived is sent, the
-    /// caller starts the writer and pumps the rest), so the writer may start afterwards.
     /// Asks for the rest of the file after a capped range, from where the body got to,
     /// with the validators the attempt's first answer gave (`job`'s, updated): only a
     /// `206` that continues exactly there is taken; anything else ends the attempt (its
@@ -643,6 +640,10 @@ impl Engine {
         Ok((resp.into_body(), meta.ends_at, ahead))
     }
 
+    /// Reads the body into `tx`. With `hold` (a small body, see SMALL_BODY) nothing is sent
+    /// until the body has ended or the hold expired (`Released`: what arrived is sent, the
+    /// caller starts the writer and pumps the rest), so the writer may start afterwards.
+    /// The body ends where its answer does (`ends_at`), or before: short, or `Capped`.
     async fn pump_body(
         &self,
         job: &mut Job,
@@ -695,8 +696,9 @@ impl Engine {
                     ));
                 }
                 // A body that ends cleanly but short is a failure like any other (its bytes
-                // are synced and committed, and the next attempt resumes after them), as is
-                // a range shorter than the file (a server that caps its ranges).
+                // are synced and committed, and the next attempt resumes after them); one
+                // that ends where its range did, before the file's end, is `Capped` (a server
+                // that caps its ranges: the rest is asked for in this attempt).
                 Ok(None) => match (ends_at, job.progress.expected()) {
                     (Some(end), _) if received(job) < end => {
                         break BodyEnd::Failed(Failure::transient(
