@@ -447,6 +447,24 @@ pub(super) async fn drop_new_session(client: &Client, identifier: &str) {
     .await;
 }
 
+/// How long `wait` hears nothing before it asks for its tasks (then doubling, up to
+/// `QUIET_MOST`).
+const QUIET_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+const QUIET_MOST: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The tasks of `ids` that are completed, as the daemon says (unknown ones left out).
+async fn completed_among(client: &Client, ids: &HashSet<TaskId>) -> Vec<TaskInfo> {
+    let mut done = Vec::new();
+    for id in ids {
+        if let Ok(Response::Task(detail)) = client.request(Request::GetTask { task: *id }).await
+            && detail.info.state == TaskState::Completed
+        {
+            done.push(detail.info);
+        }
+    }
+    done
+}
+
 /// Follows the tasks until all are completed, then acknowledges their events.
 pub(super) async fn wait(
     ctx: &Ctx,
@@ -458,16 +476,8 @@ pub(super) async fn wait(
     // Subscribe before asking, so nothing sent right after the Watch answer is lost.
     let mut events = client.events();
     request_ok(client, Request::Watch(WatchFilter { session: None, tasks: ids.to_vec() })).await?;
-    // A task that completed before the watch took effect (collected even, by an app attached
-    // to the session) sends nothing more: each is asked for once.
     let mut caught_up = Vec::new();
-    for id in ids {
-        if let Ok(Response::Task(detail)) = client.request(Request::GetTask { task: *id }).await
-            && detail.info.state == TaskState::Completed
-        {
-            caught_up.push(detail.info);
-        }
-    }
+    let mut quiet = QUIET_FIRST;
     let mut progress = Progress::new(progress::terminal(), false);
     let mut pending: HashSet<TaskId> = ids.iter().copied().collect();
     let mut paused_noted: HashSet<TaskId> = HashSet::new();
@@ -487,6 +497,14 @@ pub(super) async fn wait(
             biased;
             Some(info) = std::future::ready(caught_up.pop()) => Some(Event::TaskUpdate(info)),
             event = events.recv() => event,
+            () = tokio::time::sleep(quiet) => {
+                // Nothing heard for a while: a task that completed before the watch took
+                // effect (collected even, by an app attached to the session) sends nothing
+                // more. Asked for, less and less often (most waits hear progress instead).
+                caught_up = completed_among(client, &pending).await;
+                quiet = (quiet * 2).min(QUIET_MOST);
+                continue;
+            }
             e = &mut lost => {
                 progress.clear();
                 return Err(e);
