@@ -452,14 +452,20 @@ pub(super) async fn drop_new_session(client: &Client, identifier: &str) {
 const QUIET_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
 const QUIET_MOST: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// The tasks of `ids` that are completed, as the daemon says (unknown ones left out).
+/// The tasks of `ids` that are completed, as the daemon says (unknown ones left out). Only
+/// while connected, and no further than the first request that fails: a daemon that went
+/// away is the watch's to notice, not a wait of a request timeout per task.
 async fn completed_among(client: &Client, ids: &HashSet<TaskId>) -> Vec<TaskInfo> {
     let mut done = Vec::new();
     for id in ids {
-        if let Ok(Response::Task(detail)) = client.request(Request::GetTask { task: *id }).await
-            && detail.info.state == TaskState::Completed
-        {
-            done.push(detail.info);
+        if !client.is_connected() {
+            break;
+        }
+        match client.request(Request::GetTask { task: *id }).await {
+            Ok(Response::Task(detail)) if detail.info.state == TaskState::Completed => done.push(detail.info),
+            Ok(_) => {}
+            Err(e) if e.code() == dlsession_proto::ErrorCode::NoSuchTask => {}
+            Err(_) => break,
         }
     }
     done
