@@ -759,11 +759,7 @@ async fn a_hung_relaunched_app_is_not_started_again_beside_itself() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let started = read();
     let wake = block(info(&env, "t.hung")).unwrap().wake;
-    for pid in started.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
-        if let Some(pid) = rustix::process::Pid::from_raw(pid) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-        }
-    }
+    kill_listed(&started);
     assert_eq!(started.lines().count(), 1, "one instance, not one per wake: {started}");
     assert!(wake.last_error.as_ref().is_some_and(|e| e.message.contains("still runs")), "{wake:?}");
     assert!(wake.attempts >= 2, "the wakes went on, failing: {wake:?}");
@@ -800,11 +796,7 @@ async fn an_app_that_attached_and_stays_open_is_relaunched_again() {
     // Well before the first instance ends (its sleep is 30 s).
     let started =
         wait_for("a second relaunch", Duration::from_secs(15), || Some(read()).filter(|t| t.lines().count() == 2));
-    for pid in started.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
-        if let Some(pid) = rustix::process::Pid::from_raw(pid) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-        }
-    }
+    kill_listed(&started);
 }
 
 /// A daemon that is stopping starts no relaunch: a wake that comes due while the stop
@@ -932,8 +924,13 @@ async fn a_running_apps_launch_log_is_capped_while_it_runs() {
         size(".log").filter(|n| *n < 1 << 20).and(size(".log.1"))
     });
     assert!(capped >= 3_000_000, "the earlier generation kept: {capped}");
-    let pid = std::fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<i32>().ok());
-    if let Some(pid) = pid.and_then(rustix::process::Pid::from_raw) {
+    kill_listed(&std::fs::read_to_string(&pid_file).unwrap_or_default());
+}
+
+/// Ends the processes whose pids `listed` holds, one per line (apps a test relaunched
+/// that would otherwise outlive it).
+fn kill_listed(listed: &str) {
+    for pid in listed.lines().filter_map(|p| p.trim().parse::<i32>().ok()).filter_map(rustix::process::Pid::from_raw) {
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
     }
 }
