@@ -380,20 +380,7 @@ async fn a_row_with_an_unknown_value_is_refused_not_guessed() {
     for change in cases {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
-        {
-            let (store, _) = open(&path);
-            let event = EventRecord {
-                session: 7,
-                seq: 1,
-                event: DurableEvent::Completed { task: 1, error: None },
-                created_at: 1,
-            };
-            store.write(
-                vec![Op::InsertSession(session()), Op::InsertTask(Box::new(task(1))), Op::InsertEvent(event)],
-                None,
-            );
-            assert!(store.flush(std::time::Duration::from_secs(30)).await);
-        }
+        stored_with_events(&path, vec![completed(1, None)]).await;
         let conn = rusqlite::Connection::open(&path).unwrap();
         conn.execute_batch(&format!("PRAGMA foreign_keys = OFF; {change};")).unwrap();
         drop(conn);
@@ -404,6 +391,21 @@ async fn a_row_with_an_unknown_value_is_refused_not_guessed() {
     }
 }
 
+/// Task 1's `completed` as event `seq` of session 7.
+fn completed(seq: u64, error: Option<ErrorInfo>) -> EventRecord {
+    EventRecord { session: 7, seq, event: DurableEvent::Completed { task: 1, error }, created_at: 1 }
+}
+
+/// A database at `path` holding session 7, its task 1 and `events`, durable (for tests that
+/// then change it by hand).
+async fn stored_with_events(path: &Path, events: Vec<EventRecord>) {
+    let (store, _) = open(path);
+    let mut ops = vec![Op::InsertSession(session()), Op::InsertTask(Box::new(task(1)))];
+    ops.extend(events.into_iter().map(Op::InsertEvent));
+    store.write(ops, None);
+    assert!(store.flush(std::time::Duration::from_secs(30)).await);
+}
+
 /// A session whose stored next event number is not above its stored events (a database
 /// edited by hand, or restored in part) gets it raised at load: the next event would
 /// otherwise collide with a stored one, and its commit fail for ever, holding every write.
@@ -411,38 +413,14 @@ async fn a_row_with_an_unknown_value_is_refused_not_guessed() {
 async fn a_next_event_number_below_the_stored_events_is_raised() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
-    {
-        let (store, _) = open(&path);
-        let event = |seq| EventRecord {
-            session: 7,
-            seq,
-            event: DurableEvent::Completed { task: 1, error: None },
-            created_at: 1,
-        };
-        store.write(
-            vec![
-                Op::InsertSession(session()),
-                Op::InsertTask(Box::new(task(1))),
-                Op::InsertEvent(event(4)),
-                Op::InsertEvent(event(5)),
-            ],
-            None,
-        );
-        assert!(store.flush(std::time::Duration::from_secs(30)).await);
-    }
+    stored_with_events(&path, vec![completed(4, None), completed(5, None)]).await;
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch("UPDATE sessions SET next_seq = 1").unwrap();
     drop(conn);
     let (store, snap) = Store::open(&path, |_| {}).unwrap();
     let s = snap.sessions.iter().find(|s| s.key == 7).unwrap();
     assert_eq!(s.next_seq, 6, "above the stored events");
-    let next = EventRecord {
-        session: 7,
-        seq: s.next_seq,
-        event: DurableEvent::Completed { task: 1, error: None },
-        created_at: 2,
-    };
-    store.write(vec![Op::InsertEvent(next)], None);
+    store.write(vec![Op::InsertEvent(completed(s.next_seq, None))], None);
     assert!(store.flush(std::time::Duration::from_secs(30)).await, "the next event is stored");
 }
 
@@ -452,18 +430,7 @@ async fn a_next_event_number_below_the_stored_events_is_raised() {
 async fn a_stored_error_message_is_bounded_when_read() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
-    {
-        let (store, _) = open(&path);
-        let event = EventRecord {
-            session: 7,
-            seq: 1,
-            event: DurableEvent::Completed { task: 1, error: Some(ErrorInfo::new(ErrorCode::InvalidUrl, "x")) },
-            created_at: 1,
-        };
-        store
-            .write(vec![Op::InsertSession(session()), Op::InsertTask(Box::new(task(1))), Op::InsertEvent(event)], None);
-        assert!(store.flush(std::time::Duration::from_secs(30)).await);
-    }
+    stored_with_events(&path, vec![completed(1, Some(ErrorInfo::new(ErrorCode::InvalidUrl, "x")))]).await;
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute("UPDATE events SET error_msg = ?1", ["é".repeat(450_000)]).unwrap();
     drop(conn);
