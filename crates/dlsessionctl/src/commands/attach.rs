@@ -243,6 +243,21 @@ impl Printer {
             std::panic::resume_unwind(Box::new("dlsessionctl cannot write its output"));
         }
     }
+
+    /// Reports a finished file that is not moved (no `--move-to`, or gone from the cache:
+    /// `note` says so after its path), as a durable event: it is acknowledged.
+    fn left_in_place(&self, task: &DownloadTask, location: &Path, note: &str) -> Handled {
+        self.durable(
+            &format!("finished_downloading task {}: {}{note}", task.id(), location.display()),
+            &AttachEventJson::FinishedDownloading {
+                task: task.id(),
+                location: location.display().to_string(),
+                moved_from: None,
+                move_error: None,
+            },
+        );
+        Handled::Done
+    }
 }
 
 fn write_json(out: &mut impl Write, value: &impl Serialize) -> io::Result<()> {
@@ -265,16 +280,7 @@ impl SessionDelegate for Printer {
                     "note: files left in dlsessiond's cache are deleted once acknowledged; --move-to DIR keeps them"
                 );
             }
-            self.durable(
-                &format!("finished_downloading task {}: {}", task.id(), location.display()),
-                &AttachEventJson::FinishedDownloading {
-                    task: task.id(),
-                    location: location.display().to_string(),
-                    moved_from: None,
-                    move_error: None,
-                },
-            );
-            return Handled::Done;
+            return self.left_in_place(task, location, "");
         };
         let name = output::file_name_from_url(task.url())
             .or_else(|| location.file_name().map(|n| output::sanitize_file_name(&n.to_string_lossy())))
@@ -302,16 +308,7 @@ impl SessionDelegate for Printer {
                     task.id(),
                     location.display()
                 );
-                self.durable(
-                    &format!("finished_downloading task {}: {} (gone)", task.id(), location.display()),
-                    &AttachEventJson::FinishedDownloading {
-                        task: task.id(),
-                        location: location.display().to_string(),
-                        moved_from: None,
-                        move_error: None,
-                    },
-                );
-                Handled::Done
+                self.left_in_place(task, location, " (gone)")
             }
             Err(e) => {
                 self.failed.store(true, Ordering::Relaxed);
