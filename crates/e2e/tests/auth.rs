@@ -411,27 +411,32 @@ async fn a_proxy_challenge_after_a_posts_303_does_not_send_the_post_again() {
     assert!(!events.seen.iter().any(|e| matches!(e, Seen::Challenge { .. })), "the app was not asked");
 }
 
+/// A delegate that leaves every challenge for later, noting the round of the last one.
+#[derive(Default)]
+struct Defer(std::sync::Arc<std::sync::atomic::AtomicU32>);
+
+impl dlsession::SessionDelegate for Defer {
+    fn did_receive_challenge(
+        &self,
+        _: &Session,
+        _: &dlsession::DownloadTask,
+        challenge: &dlsession::Challenge,
+    ) -> Option<ChallengeAnswer> {
+        self.0.store(challenge.round, std::sync::atomic::Ordering::SeqCst);
+        None
+    }
+}
+
 /// An app whose delegate leaves a challenge for later can still wait for its session to be
 /// idle: the task waits for the app, not for time (it waited until the resource deadline).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_idle_returns_when_only_deferred_challenges_remain() {
-    struct Defer;
-    impl dlsession::SessionDelegate for Defer {
-        fn did_receive_challenge(
-            &self,
-            _: &Session,
-            _: &dlsession::DownloadTask,
-            _: &dlsession::Challenge,
-        ) -> Option<ChallengeAnswer> {
-            None
-        }
-    }
     let env = TestEnv::new();
     let _d = TestDaemon::start(&env);
     let s = server().await;
     s.add("/open", Resource::generated(1000, 64));
     let config = config(&env, "t.later").answers_challenges(true);
-    let session = Session::attach(config, Defer).await.unwrap();
+    let session = Session::attach(config, Defer::default()).await.unwrap();
     let requests = vec![DownloadRequest::new(s.url("/private")), DownloadRequest::new(s.url("/open"))];
     session.download_tasks(requests, true).await.unwrap();
     let idle = tokio::time::timeout(std::time::Duration::from_secs(20), session.wait_idle()).await;
@@ -446,19 +451,6 @@ async fn wait_idle_returns_when_only_deferred_challenges_remain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_idle_waits_for_a_download_whose_challenge_was_answered_later() {
     use std::sync::atomic::{AtomicU32, Ordering};
-    /// Leaves every challenge for later, noting its round.
-    struct Defer(std::sync::Arc<AtomicU32>);
-    impl dlsession::SessionDelegate for Defer {
-        fn did_receive_challenge(
-            &self,
-            _: &Session,
-            _: &dlsession::DownloadTask,
-            challenge: &dlsession::Challenge,
-        ) -> Option<ChallengeAnswer> {
-            self.0.store(challenge.round, Ordering::SeqCst);
-            None
-        }
-    }
     let env = TestEnv::new();
     let _d = TestDaemon::start(&env);
     let s = TestServer::start().await.unwrap();
