@@ -385,21 +385,12 @@ impl Engine {
         let offset = prepared.as_ref().map_or(0, |p| p.offset);
         let lost_data = job.offset > 0 && offset == 0;
 
+        let (resp, meta) = match self.ask(&job, offset).await {
+            Ok(answer) => answer,
+            Err(None) => return Outcome::Stopped(offset),
+            Err(Some(f)) => return Outcome::Failed(f),
+        };
         let mut stop = job.stop.clone();
-        let sent = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => return Outcome::Stopped(offset),
-            _ = deadline(job.deadline) => return Outcome::Failed(resource_timeout()),
-            r = self.send_following_redirects(&job, offset) => r,
-        };
-        let (resp, final_url) = match sent {
-            Ok(r) => r,
-            Err(f) => return Outcome::Failed(f),
-        };
-        let meta = match self.accept_response(&job, &resp, final_url, offset) {
-            Ok(m) => m,
-            Err(f) => return Outcome::Failed(f),
-        };
         if meta.offset != offset
             && let Some(p) = prepared.take()
         {
@@ -615,21 +606,29 @@ impl Engine {
         tokio::task::spawn_blocking(move || files::found_in_place(&part, &to, &mark, sha256)).await.ok().flatten()
     }
 
+    /// Asks for the file from `offset` (redirects followed, within the resource deadline) and
+    /// decides whether the answer can be written, and from where. `Err(None)`: a stop was
+    /// asked for meanwhile.
+    async fn ask(&self, job: &Job, offset: u64) -> Result<(hyper::Response<Incoming>, ResponseMeta), Option<Failure>> {
+        let mut stop = job.stop.clone();
+        let sent = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => return Err(None),
+            _ = deadline(job.deadline) => return Err(Some(resource_timeout())),
+            r = self.send_following_redirects(job, offset) => r,
+        };
+        let (resp, final_url) = sent.map_err(Some)?;
+        let meta = self.accept_response(job, &resp, final_url, offset).map_err(Some)?;
+        Ok((resp, meta))
+    }
+
     /// Asks for the rest of the file after a capped range, from where the body got to,
     /// with the validators the attempt's first answer gave (`job`'s, updated): only a
     /// `206` that continues exactly there is taken; anything else ends the attempt (its
     /// bytes are kept, and the next attempt sorts it out).
     async fn ask_for_the_rest(&self, job: &Job) -> Result<(Incoming, Option<u64>, Option<reads::AheadGuard>), BodyEnd> {
         let at = job.progress.received();
-        let mut stop = job.stop.clone();
-        let sent = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => return Err(BodyEnd::Stopped),
-            _ = deadline(job.deadline) => return Err(BodyEnd::Failed(resource_timeout())),
-            r = self.send_following_redirects(job, at) => r,
-        };
-        let (resp, final_url) = sent.map_err(BodyEnd::Failed)?;
-        let meta = self.accept_response(job, &resp, final_url, at).map_err(BodyEnd::Failed)?;
+        let (resp, meta) = self.ask(job, at).await.map_err(|f| f.map_or(BodyEnd::Stopped, BodyEnd::Failed))?;
         if meta.status != 206 || meta.offset != at || meta.complete || meta.total != job.total {
             return Err(BodyEnd::Failed(Failure::transient(
                 ErrorCode::Network,
