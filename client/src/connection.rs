@@ -348,16 +348,20 @@ impl Client {
     }
 
     /// Routes the identifier's events to a new queue; the token proves ownership. `attach`
-    /// is how to rejoin the session on a new connection.
-    pub(crate) fn route(&self, identifier: &str, attach: Request) -> RouteHandle {
+    /// is how to rejoin the session on a new connection. `None` if the identifier is routed
+    /// already: checked and taken under one lock, so two attaches racing (the app's own and
+    /// a wake's rejoin) cannot both think they own it.
+    pub(crate) fn route(&self, identifier: &str, attach: Request) -> Option<RouteHandle> {
+        let mut routes = self.shared.routes.lock().ok()?;
+        if routes.contains_key(identifier) {
+            return None;
+        }
         let (tx, events) = mpsc::channel(self.shared.options.event_queue.max(1));
         let token = self.shared.next_route.fetch_add(1, Ordering::Relaxed);
         let overflowed = Arc::new(AtomicBool::new(false));
-        if let Ok(mut routes) = self.shared.routes.lock() {
-            let late = Arc::default();
-            routes.insert(identifier.to_owned(), Route { token, tx, attach, overflowed: overflowed.clone(), late });
-        }
-        RouteHandle { token, events, overflowed }
+        let late = Arc::default();
+        routes.insert(identifier.to_owned(), Route { token, tx, attach, overflowed: overflowed.clone(), late });
+        Some(RouteHandle { token, events, overflowed })
     }
 
     pub(crate) fn is_routed(&self, identifier: &str) -> bool {

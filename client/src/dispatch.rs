@@ -25,7 +25,10 @@ impl Client {
     /// as this connection is open. Registered at once if the daemon is away (every new
     /// connection registers again). It reads this client's [`Client::events`]: a later
     /// `events()` on the same client takes them over and the wakes go unheard (watch tasks
-    /// with another client).
+    /// with another client). A session the app attaches itself on this client is not
+    /// rejoined; if the app attaches it while a wake rejoins it, the first to attach keeps
+    /// it and the app's attach may fail with `invalid_request` ("already attached"): attach
+    /// such sessions before calling this, or have the handler decline them.
     pub fn handle_wakes(&self, handler: impl WakeHandler) {
         let mut events = self.events();
         // The daemon wakes only connections that say they rejoin; the others' apps it
@@ -56,6 +59,10 @@ impl Client {
                     Ok(session) => {
                         joined.insert(identifier, session);
                     }
+                    // The app attached it itself meanwhile: it has it.
+                    Err(e) if client.is_routed(&identifier) => {
+                        debug!(%identifier, error = %e, "wake's rejoin stood down")
+                    }
                     Err(e) => warn!(%identifier, error = %e, "rejoining after a wake failed"),
                 }
             }
@@ -83,14 +90,19 @@ impl Session {
         delegate: Arc<dyn SessionDelegate>,
     ) -> Result<Session> {
         dlsession_proto::validate::identifier(&config.identifier).map_err(Error::Invalid)?;
-        if client.is_routed(&config.identifier) {
-            return Err(Error::Invalid(ErrorInfo::new(
+        let already_attached = || {
+            Error::Invalid(ErrorInfo::new(
                 ErrorCode::InvalidRequest,
                 format!(
-                    "session {} is already attached on this connection; drop that Session first",
+                    "session {} is already attached on this connection (by the app or by a wake's \
+                     rejoin); drop that Session first",
                     config.identifier
                 ),
-            )));
+            ))
+        };
+        // Checked again when routing: another attach may route it while this one asks.
+        if client.is_routed(&config.identifier) {
+            return Err(already_attached());
         }
         // What the app did not set keeps its stored value (its launch command, say).
         let stored = if config.sets_everything() {
@@ -109,7 +121,7 @@ impl Session {
             takeover: config.takeover,
         };
         // Route first: the replay follows the attach response immediately.
-        let handle = client.route(&config.identifier, request.clone());
+        let handle = client.route(&config.identifier, request.clone()).ok_or_else(already_attached)?;
         let route = handle.token;
         let session = Session {
             shared: Arc::new(SessionShared {

@@ -238,6 +238,33 @@ async fn dropping_an_old_handle_leaves_a_new_attachment_alone() {
     assert_eq!(events.completion(task.id(), LONG).await, None, "events reach the new attachment");
 }
 
+/// Two attaches of one identifier racing on one connection (the app's own and a wake's
+/// rejoin, say): one wins and gets the events, the other is told, none is left deaf.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_attaches_racing_on_one_connection_leave_one_attached() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(20_000, 8));
+    let client = dlsession_testkit::app::client(&env).await;
+    let (d1, e1) = Recorder::new(&env.path().join("out1"));
+    let (d2, e2) = Recorder::new(&env.path().join("out2"));
+    // Both ask for the stored session before routing (their configurations leave settings
+    // to it), so both pass the first check before either routes.
+    let (a, b) = tokio::join!(
+        Session::attach_with(&client, config(&env, "t.race"), std::sync::Arc::new(d1)),
+        Session::attach_with(&client, config(&env, "t.race"), std::sync::Arc::new(d2)),
+    );
+    let (session, mut events, err) = match (a, b) {
+        (Ok(s), Err(e)) => (s, e1, e),
+        (Err(e), Ok(s)) => (s, e2, e),
+        (a, b) => panic!("exactly one attach must win: {:?} / {:?}", a.map(|_| ()), b.map(|_| ())),
+    };
+    assert_eq!(err.code(), ErrorCode::InvalidRequest, "{err}");
+    let task = session.download_tasks(vec![DownloadRequest::new(server.url("/a"))], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None, "events reach the attachment that won");
+}
+
 struct Panicky;
 
 impl dlsession::SessionDelegate for Panicky {
