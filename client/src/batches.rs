@@ -27,8 +27,9 @@ impl Client {
             validate::distinct_destinations(batches.iter().flatten().filter_map(|s| s.destination.as_deref()))
                 .map_err(Error::Invalid)?;
         }
-        self.create_batches(identifier, batches, resume, |tasks, resume| Request::CreateTasks {
-            identifier: identifier.to_owned(),
+        let identifier = identifier.to_owned();
+        self.create_batches(identifier.clone(), batches, resume, move |tasks, resume| Request::CreateTasks {
+            identifier: identifier.clone(),
             tasks,
             resume,
         })
@@ -45,15 +46,33 @@ impl Client {
     ) -> Result<Vec<TaskId>> {
         fits_a_request(uploads.iter().map(|u| (spec_size(&u.request) + u.file.len(), u.request.url.len())))?;
         let batches = split(uploads, |u| spec_size(&u.request) + u.file.len());
-        self.create_batches(identifier, batches, resume, |uploads, resume| Request::CreateUploads {
-            identifier: identifier.to_owned(),
+        let identifier = identifier.to_owned();
+        self.create_batches(identifier.clone(), batches, resume, move |uploads, resume| Request::CreateUploads {
+            identifier: identifier.clone(),
             uploads,
             resume,
         })
         .await
     }
 
-    async fn create_batches<T>(
+    async fn create_batches<T: Send + 'static>(
+        &self,
+        identifier: String,
+        batches: Vec<Vec<T>>,
+        resume: bool,
+        request: impl Fn(Vec<T>, bool) -> Request + Send + Sync + 'static,
+    ) -> Result<Vec<TaskId>> {
+        // One request is one transaction; several are resumed only once all succeeded, and
+        // carried to their end even if the caller stops waiting, else the parts made so far
+        // would stay suspended, unknown to the app.
+        if batches.len() <= 1 {
+            return self.create_parts(&identifier, batches, resume, request).await;
+        }
+        let client = self.clone();
+        run_to_end(async move { client.create_parts(&identifier, batches, resume, request).await }).await
+    }
+
+    async fn create_parts<T>(
         &self,
         identifier: &str,
         batches: Vec<Vec<T>>,
@@ -61,7 +80,6 @@ impl Client {
         request: impl Fn(Vec<T>, bool) -> Request,
     ) -> Result<Vec<TaskId>> {
         let mut ids = Vec::with_capacity(batches.iter().map(Vec::len).sum());
-        // One request is one transaction; several are resumed only once all succeeded.
         let at_once = batches.len() <= 1;
         let created = async {
             for batch in batches {
@@ -228,6 +246,19 @@ impl Client {
             }
         }
     }
+}
+
+/// Runs `work` on its own task and waits for it: dropping the wait does not stop the work
+/// half-way (a batch made in parts, a policy given before the start).
+pub(crate) async fn run_to_end<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    tokio::spawn(work).await.unwrap_or_else(|e| {
+        Err(Error::Invalid(dlsession_proto::ErrorInfo::new(
+            dlsession_proto::ErrorCode::Internal,
+            format!("creating the tasks stopped: {e}"),
+        )))
+    })
 }
 
 /// Refuses a spec too large for any request (its encoding would fail as `internal`): a URL

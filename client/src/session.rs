@@ -161,6 +161,9 @@ impl Session {
     /// delegate then hears of them as of tasks made elsewhere.) A request whose answer is
     /// lost to a broken connection (the daemon restarted) is sent again under the same
     /// creation key once it is back: tasks it had created are answered, never made twice.
+    /// A batch in several requests, or one with task policies, is carried to its end even
+    /// if this future is dropped (a timeout around it, say): made whole and started, its
+    /// tasks then reach the delegate as tasks made elsewhere.
     pub async fn download_tasks(&self, requests: Vec<DownloadRequest>, resume: bool) -> Result<Vec<DownloadTask>> {
         self.create(requests, resume).await
     }
@@ -172,21 +175,37 @@ impl Session {
         let specs: Vec<TaskSpec> = requests.into_iter().map(DownloadRequest::into_spec).collect();
         let metas: Vec<(String, Option<String>)> =
             specs.iter().map(|s| (s.url.clone(), s.description.clone())).collect();
-        let client = &self.shared.client;
-        // Tasks with their own policy are created suspended, given it, and only then
-        // resumed: none starts under the session's policy first.
-        let ids = client.create_tasks(&self.shared.identifier, specs, resume && !with_policy).await?;
-        if with_policy {
-            if let Err(e) = self.apply_policies(&ids, &policies).await {
-                client.withdraw(&ids).await;
-                return Err(e);
-            }
-            // Started only once every task has its policy (see `Client::start_batch`).
-            if resume {
-                client.start_batch(&self.shared.identifier, &ids).await?;
-            }
-        }
+        let ids = if with_policy {
+            // To their end even if the caller stops waiting: created suspended, they would
+            // stay so, unknown to the app.
+            let session = self.clone();
+            crate::batches::run_to_end(async move { session.create_with_policies(specs, policies, resume).await })
+                .await?
+        } else {
+            self.shared.client.create_tasks(&self.shared.identifier, specs, resume).await?
+        };
         Ok(self.remember(ids, metas))
+    }
+
+    /// Tasks with their own policy are created suspended, given it, and only then resumed:
+    /// none starts under the session's policy first.
+    async fn create_with_policies(
+        &self,
+        specs: Vec<TaskSpec>,
+        policies: Vec<TaskPolicy>,
+        resume: bool,
+    ) -> Result<Vec<TaskId>> {
+        let client = &self.shared.client;
+        let ids = client.create_tasks(&self.shared.identifier, specs, false).await?;
+        if let Err(e) = self.apply_policies(&ids, &policies).await {
+            client.withdraw(&ids).await;
+            return Err(e);
+        }
+        // Started only once every task has its policy (see `Client::start_batch`).
+        if resume {
+            client.start_batch(&self.shared.identifier, &ids).await?;
+        }
+        Ok(ids)
     }
 
     async fn apply_policies(&self, ids: &[TaskId], policies: &[TaskPolicy]) -> Result<()> {

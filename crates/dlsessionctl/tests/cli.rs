@@ -1229,6 +1229,49 @@ async fn the_next_get_collects_what_an_interrupted_get_wait_left() {
     assert_eq!(shown["retired"], true, "{shown}");
 }
 
+/// A Ctrl-C while a `get -i` without `--wait` is making a batch in several requests lets
+/// the batch be made whole and started (killed half-way, the parts made so far stayed
+/// suspended for ever), says so, and exits 130.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_interrupted_while_making_its_batch_makes_it_whole() {
+    let server = TestServer::start().await.expect("test server");
+    let env = Arc::new(TestEnv::new());
+    // The second part's commit is held: the Ctrl-C comes meanwhile.
+    let slow = std::ffi::OsStr::new("tasks-before-commit:2:sleep-ms=3000");
+    let _daemon = tokio::task::block_in_place(|| TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", slow)]));
+    let urls: Vec<String> = (0..1_500)
+        .map(|i| {
+            let path = format!("/f{i}");
+            server.add(&path, Resource::generated(100, 5));
+            server.url(&path)
+        })
+        .collect();
+    let list = env.path().join("list.txt");
+    std::fs::write(&list, urls.join("\n")).unwrap();
+    let dir = env.path().join("out");
+    let child = env
+        .command(bin_path("dlsessionctl"))
+        .args(["get", "-i", list.to_str().unwrap(), "-d", dir.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let interrupted = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(interrupted.success());
+    let o = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    assert_exit(&o, 130);
+    assert!(stderr(&o).contains("interrupted: the tasks above were made"), "{}", stderr(&o));
+    assert_eq!(stdout(&o).lines().filter(|l| l.starts_with("task ")).count(), 1_500, "{}", stdout(&o));
+    let fetched = || (0..1_500).map(|i| server.hits(&format!("/f{i}"))).sum::<usize>();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while fetched() < 1_500 {
+        assert!(Instant::now() < deadline, "{} of 1,500 fetched: the rest were left suspended", fetched());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Waits until some task is running.
 fn wait_running(env: &TestEnv) {
     dlsession_testkit::wait_for("a download running", Duration::from_secs(10), || {

@@ -129,6 +129,34 @@ async fn tasks_start_only_once_their_creation_is_durable() {
     assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(70, 10_000)));
 }
 
+/// A batch made in several requests is carried to its end when the app stops waiting for it
+/// half-way (a timeout around `download_tasks`): its parts are created suspended and started
+/// only once all exist, so a dropped wait left them suspended for ever, unknown to the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_in_parts_whose_wait_is_dropped_still_starts_whole() {
+    let env = TestEnv::new();
+    // The second part's commit is held: the wait is dropped meanwhile.
+    let slow = std::ffi::OsStr::new("tasks-before-commit:2:sleep-ms=3000");
+    let _d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", slow)]);
+    let s = TestServer::start().await.unwrap();
+    s.add("/part", Resource::generated(1_000, 71));
+    let (delegate, _events) = Recorder::new(&env.path().join("out"));
+    let config = SessionConfiguration::background("t.parts").socket(&env.socket);
+    let session = Session::attach(config, delegate).await.unwrap();
+    let requests = vec![DownloadRequest::new(s.url("/part")); 1_500];
+    let waited = tokio::time::timeout(Duration::from_millis(1500), session.download_tasks(requests, true)).await;
+    assert!(waited.is_err(), "the wait was meant to end before the batch was made: {waited:?}");
+    let deadline = tokio::time::Instant::now() + LONG;
+    while s.hits("/part") < 1_500 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of 1,500 tasks fetched: the rest were left suspended",
+            s.hits("/part")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A clean restart (SIGTERM, as systemd and upgrades do it) does not end an attached
 /// app's session either: the app hears the connection went, rejoins, and gets its events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -56,8 +56,9 @@ pub async fn run(ctx: &Ctx, args: GetArgs) -> Result<Exit> {
     let plan = plan(&args, urls, &cwd)?;
     prepare_files(&plan, args.overwrite)?;
 
-    // Heard from before the tasks exist: a Ctrl-C once they run is never the default exit.
-    let interrupt = interrupt_signal(args.wait)?;
+    // Heard from before the tasks exist: a Ctrl-C once they are being made is never the
+    // default exit.
+    let mut interrupt = interrupt_signal()?;
     let client = ctx.connect_or_start(None).await?;
     let opened = open_session(&client, &args.session, args.app_id.clone(), plan.launch.clone(), args.per_host).await?;
     if args.session == DEFAULT_SESSION {
@@ -79,6 +80,11 @@ pub async fn run(ctx: &Ctx, args: GetArgs) -> Result<Exit> {
             spec
         })
         .collect();
+    if interrupted_meanwhile(&mut interrupt) {
+        undo_open(&client, &args.session, opened).await;
+        eprintln!("interrupted: no task was made");
+        return Ok(Exit::Interrupted);
+    }
     // In batches of at most 1,000 (each one transaction): any number of URLs fits.
     let ids = match client.create_tasks(&args.session, specs, true).await {
         Ok(ids) => ids,
@@ -107,6 +113,9 @@ pub async fn run(ctx: &Ctx, args: GetArgs) -> Result<Exit> {
         out.flush()?;
     }
     if !args.wait {
+        if interrupted_meanwhile(&mut interrupt) {
+            return Ok(interrupted_after_making(&args.session));
+        }
         if !ctx.json {
             let collect = if args.session == DEFAULT_SESSION {
                 "the next `dlsessionctl get` collects their results".to_owned()
@@ -120,18 +129,28 @@ pub async fn run(ctx: &Ctx, args: GetArgs) -> Result<Exit> {
         }
         return Ok(Exit::Success);
     }
-    wait(ctx, &client, &args.session, &ids, interrupt).await
+    wait(ctx, &client, &args.session, &ids, Some(interrupt)).await
 }
 
-/// SIGINT, listened to from now on when `wait`s.
-pub(super) fn interrupt_signal(wait: bool) -> Result<Option<tokio::signal::unix::Signal>> {
-    if !wait {
-        return Ok(None);
-    }
+/// SIGINT, listened to from now on: a Ctrl-C while the tasks are being made lets the batch
+/// be made whole (killed half-way, its parts made so far would stay suspended, unknown).
+pub(super) fn interrupt_signal() -> Result<tokio::signal::unix::Signal> {
     let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
-    Ok(Some(signal.map_err(|e| {
-        CliError::local(dlsession_proto::ErrorCode::Internal, format!("cannot listen for Ctrl-C: {e}"))
-    })?))
+    signal.map_err(|e| CliError::local(dlsession_proto::ErrorCode::Internal, format!("cannot listen for Ctrl-C: {e}")))
+}
+
+/// Whether a Ctrl-C came since `signal` was last asked (without waiting for one).
+pub(super) fn interrupted_meanwhile(signal: &mut tokio::signal::unix::Signal) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    signal.poll_recv(&mut cx).is_ready()
+}
+
+/// What a Ctrl-C heard while the tasks were being made ends with, without `--wait`.
+pub(super) fn interrupted_after_making(session: &str) -> Exit {
+    eprintln!(
+        "interrupted: the tasks above were made and go on in dlsessiond (see `dlsessionctl tasks --session {session}`)"
+    );
+    Exit::Interrupted
 }
 
 /// The session `get` uses unless told otherwise: the command line's own.

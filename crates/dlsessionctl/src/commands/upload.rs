@@ -9,7 +9,8 @@ use std::io::Write;
 use dlsession_proto::{Header, TaskSpec, UploadMethod, UploadSpec, redact};
 
 use super::get::{
-    DEFAULT_SESSION, collect_earlier, collected_by_the_next_get, interrupt_signal, open_session, undo_open, wait,
+    DEFAULT_SESSION, collect_earlier, collected_by_the_next_get, interrupt_signal, interrupted_after_making,
+    interrupted_meanwhile, open_session, undo_open, wait,
 };
 use crate::cli::UploadArgs;
 use crate::commands::ctx::Ctx;
@@ -47,11 +48,16 @@ pub async fn run(ctx: &Ctx, args: UploadArgs) -> Result<Exit> {
         request.description = Some(collected_by_the_next_get(args.wait));
     }
 
-    let interrupt = interrupt_signal(args.wait)?;
+    let mut interrupt = interrupt_signal()?;
     let client = ctx.connect_or_start(None).await?;
     let opened = open_session(&client, &args.session, None, None, None).await?;
     if args.session == DEFAULT_SESSION {
         collect_earlier(&client, &args.session).await;
+    }
+    if interrupted_meanwhile(&mut interrupt) {
+        undo_open(&client, &args.session, opened).await;
+        eprintln!("interrupted: no upload was made");
+        return Ok(Exit::Interrupted);
     }
     let upload = UploadSpec { request, method, file: file.clone(), idempotent: args.idempotent };
     // Through the library: sent again under its creation key if the answer is lost, so the
@@ -81,6 +87,9 @@ pub async fn run(ctx: &Ctx, args: UploadArgs) -> Result<Exit> {
         out.flush()?;
     }
     if !args.wait {
+        if interrupted_meanwhile(&mut interrupt) {
+            return Ok(interrupted_after_making(&args.session));
+        }
         if !ctx.json {
             eprintln!(
                 "uploading in the background (dlsessiond goes on after this command): follow with \
@@ -89,5 +98,5 @@ pub async fn run(ctx: &Ctx, args: UploadArgs) -> Result<Exit> {
         }
         return Ok(Exit::Success);
     }
-    wait(ctx, &client, &args.session, &ids, interrupt).await
+    wait(ctx, &client, &args.session, &ids, Some(interrupt)).await
 }
