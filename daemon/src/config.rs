@@ -330,6 +330,13 @@ impl Config {
     pub fn launch_log_dir(&self) -> PathBuf {
         self.state_dir.join("launch-logs")
     }
+
+    /// The lock held beside the socket while this daemon serves it.
+    pub fn socket_lock_path(&self) -> PathBuf {
+        let mut name = self.socket.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        name.push(".lock");
+        self.socket.with_file_name(name)
+    }
 }
 
 /// A number of days (fractions allowed), positive.

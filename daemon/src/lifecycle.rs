@@ -54,14 +54,8 @@ pub fn prepare(cfg: &Config) -> Result<Instance, LifecycleError> {
     let socket_dir = cfg.socket.parent().unwrap_or(Path::new("/"));
     private_dir(socket_dir)?;
     let state_lock = lock(&cfg.state_dir.join("dlsessiond.lock"))?;
-    let socket_lock = lock(&lock_path_for(&cfg.socket))?;
+    let socket_lock = lock(&cfg.socket_lock_path())?;
     Ok(Instance { _locks: vec![state_lock, socket_lock] })
-}
-
-fn lock_path_for(socket: &Path) -> PathBuf {
-    let mut name = socket.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".lock");
-    socket.with_file_name(name)
 }
 
 /// Creates `dir` (and missing parents) with mode 0700, or checks that an existing one is

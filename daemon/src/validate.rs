@@ -1,13 +1,13 @@
 //! Validation of everything a client asks for (docs/behaviour.md, "Security and bad
 //! input"). Each refusal carries its error code and a message a developer can act on.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use dlsession_proto::redact;
 use dlsession_proto::{ErrorCode, ErrorInfo, Header, LaunchSpec, SessionConfig, SessionProxy, TaskSpec, UploadSpec};
 use url::Url;
 
-use crate::config::Limits;
+use crate::config::{Config, Limits};
 
 fn err(code: ErrorCode, message: impl Into<String>) -> ErrorInfo {
     ErrorInfo::new(code, message)
@@ -142,8 +142,89 @@ fn header(h: &Header) -> Result<(), ErrorInfo> {
     Ok(())
 }
 
-/// Checks one task; `cache_dir` is where our own files live (never a destination).
-pub fn task(spec: &TaskSpec, limits: &Limits, cache_dir: &Path) -> Result<Url, ErrorInfo> {
+/// The daemon's own places, never a task's destination: its cache directory (partial and
+/// finished files), its state directory (the database, launch logs), its socket and the
+/// socket's lock. Replacing the database by a download lost every session.
+#[derive(Debug, Clone)]
+pub struct OwnPlaces {
+    /// As configured, and as resolved when the daemon started (symlinks followed).
+    dirs: Vec<(PathBuf, &'static str)>,
+    files: Vec<(PathBuf, &'static str)>,
+}
+
+impl OwnPlaces {
+    /// Resolved now: call once the directories exist.
+    pub fn of(cfg: &Config) -> OwnPlaces {
+        OwnPlaces::resolved(
+            vec![
+                (cfg.cache_dir.clone(), "dlsessiond's cache directory"),
+                (cfg.state_dir.clone(), "dlsessiond's state directory"),
+            ],
+            vec![(cfg.socket.clone(), "dlsessiond's socket"), (cfg.socket_lock_path(), "dlsessiond's socket lock")],
+        )
+    }
+
+    pub(crate) fn resolved(dirs: Vec<(PathBuf, &'static str)>, files: Vec<(PathBuf, &'static str)>) -> OwnPlaces {
+        let both = |places: Vec<(PathBuf, &'static str)>| {
+            let resolved: Vec<_> = places
+                .iter()
+                .filter_map(|(p, what)| Some((resolve(p).ok()?, *what)))
+                .filter(|r| !places.contains(r))
+                .collect();
+            places.into_iter().chain(resolved).collect()
+        };
+        OwnPlaces { dirs: both(dirs), files: both(files) }
+    }
+
+    /// Refuses a destination that names one of these places as written (no disk access).
+    fn refuse_as_written(&self, dest: &str) -> Result<(), ErrorInfo> {
+        self.refuse(dest, Path::new(dest))
+    }
+
+    /// Refuses a destination that is one of these places once its symlinks are resolved (as
+    /// far as its directories exist): reads the disk.
+    pub fn refuse_on_disk(&self, dest: &str) -> Result<(), ErrorInfo> {
+        match resolve(Path::new(dest)) {
+            Ok(resolved) => self.refuse(dest, &resolved),
+            // What cannot be resolved is checked as written (the move fails on it anyway).
+            Err(_) => self.refuse_as_written(dest),
+        }
+    }
+
+    fn refuse(&self, dest: &str, path: &Path) -> Result<(), ErrorInfo> {
+        let inside = self.dirs.iter().find(|(dir, _)| path.starts_with(dir)).map(|(_, what)| *what);
+        let same = || self.files.iter().find(|(file, _)| path == file).map(|(_, what)| *what);
+        match inside.or_else(same) {
+            Some(what) => Err(err(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "destination {dest:?} is {what} or inside it; leave the destination unset to keep the file in the cache"
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `path` with the symlinks of its longest existing part resolved and the rest appended.
+fn resolve(path: &Path) -> std::io::Result<PathBuf> {
+    let mut rest = Vec::new();
+    let mut existing = path;
+    loop {
+        match std::fs::canonicalize(existing) {
+            Ok(resolved) => return Ok(rest.iter().rev().fold(resolved, |p, name| p.join(name))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else { return Err(e) };
+                rest.push(name);
+                existing = parent;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Checks one task; `own` are the daemon's own places (never a destination).
+pub fn task(spec: &TaskSpec, limits: &Limits, own: &OwnPlaces) -> Result<Url, ErrorInfo> {
     let parsed = url(&spec.url, limits)?;
     headers(&spec.headers, limits)?;
     if !spec.priority.is_finite() || !(0.0..=1.0).contains(&spec.priority) {
@@ -156,15 +237,16 @@ pub fn task(spec: &TaskSpec, limits: &Limits, cache_dir: &Path) -> Result<Url, E
         return Err(err(ErrorCode::InvalidRequest, format!("description exceeds {MAX_DESCRIPTION} bytes")));
     }
     if let Some(dest) = &spec.destination {
-        destination(dest, cache_dir)?;
+        destination(dest)?;
+        own.refuse_as_written(dest)?;
     }
     Ok(parsed)
 }
 
 /// An upload's request and the shape of its file's path (the file itself is checked on a
 /// blocking thread: `disk::upload_file`).
-pub fn upload(spec: &UploadSpec, limits: &Limits, cache_dir: &Path) -> Result<Url, ErrorInfo> {
-    let parsed = task(&spec.request, limits, cache_dir)?;
+pub fn upload(spec: &UploadSpec, limits: &Limits, own: &OwnPlaces) -> Result<Url, ErrorInfo> {
+    let parsed = task(&spec.request, limits, own)?;
     let r = &spec.request;
     let download_only = [
         ("expected_sha256", r.expected_sha256.is_some()),
@@ -196,7 +278,7 @@ const PATH_MAX: usize = libc::PATH_MAX as usize;
 const NAME_MAX: usize = libc::NAME_MAX as usize;
 
 /// The shape of a destination path (no disk access; see `destination_on_disk`).
-fn destination(dest: &str, cache_dir: &Path) -> Result<(), ErrorInfo> {
+fn destination(dest: &str) -> Result<(), ErrorInfo> {
     let path = Path::new(dest);
     if !path.is_absolute() {
         return Err(err(ErrorCode::InvalidRequest, format!("destination must be an absolute path, got {dest:?}")));
@@ -214,14 +296,6 @@ fn destination(dest: &str, cache_dir: &Path) -> Result<(), ErrorInfo> {
     }
     if path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
         return Err(err(ErrorCode::InvalidRequest, format!("destination {dest:?} must not contain '..'")));
-    }
-    if path.starts_with(cache_dir) {
-        return Err(err(
-            ErrorCode::InvalidRequest,
-            format!(
-                "destination {dest:?} is inside dlsessiond's cache directory; leave the destination unset to keep the file there"
-            ),
-        ));
     }
     Ok(())
 }
@@ -350,12 +424,39 @@ mod tests {
         let existing = dir.path().join("exists");
         std::fs::write(&existing, b"x").unwrap();
         let ok = dir.path().join("new");
-        assert!(destination(ok.to_str().unwrap(), &cache).is_ok());
-        assert_eq!(destination("relative/path", &cache).unwrap_err().code, ErrorCode::InvalidRequest);
-        assert!(destination(existing.to_str().unwrap(), &cache).is_ok(), "no disk access here");
+        assert!(destination(ok.to_str().unwrap()).is_ok());
+        assert_eq!(destination("relative/path").unwrap_err().code, ErrorCode::InvalidRequest);
+        assert!(destination(existing.to_str().unwrap()).is_ok(), "no disk access here");
+        assert_eq!(destination("/tmp/../etc/passwd").unwrap_err().code, ErrorCode::InvalidRequest);
+        let own = OwnPlaces::resolved(vec![(cache.clone(), "the cache")], Vec::new());
         let inside = cache.join("downloads/s1/1.part");
-        assert_eq!(destination(inside.to_str().unwrap(), &cache).unwrap_err().code, ErrorCode::InvalidRequest);
-        assert_eq!(destination("/tmp/../etc/passwd", &cache).unwrap_err().code, ErrorCode::InvalidRequest);
+        assert_eq!(own.refuse_as_written(inside.to_str().unwrap()).unwrap_err().code, ErrorCode::InvalidRequest);
+    }
+
+    /// The daemon's own places are refused as destinations also through a symlink, and its
+    /// socket and lock by name (their directory is the user's runtime directory).
+    #[test]
+    fn own_places_are_never_destinations() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, run) = (dir.path().join("state"), dir.path().join("run"));
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::create_dir_all(&run).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&state, &link).unwrap();
+        let socket = run.join("dlsessiond.sock");
+        let own =
+            OwnPlaces::resolved(vec![(state.clone(), "the state directory")], vec![(socket.clone(), "the socket")]);
+        let refused = |dest: &Path| own.refuse_on_disk(dest.to_str().unwrap()).map_err(|e| e.code);
+        assert_eq!(refused(&state.join("dlsessiond.db")), Err(ErrorCode::InvalidRequest));
+        let through_link = link.join("dlsessiond.db");
+        assert!(own.refuse_as_written(through_link.to_str().unwrap()).is_ok(), "as written it is elsewhere");
+        assert_eq!(refused(&through_link), Err(ErrorCode::InvalidRequest), "resolved it is the database");
+        assert_eq!(refused(&link.join("new/dir/file")), Err(ErrorCode::InvalidRequest), "missing directories too");
+        assert_eq!(refused(&socket), Err(ErrorCode::InvalidRequest));
+        assert_eq!(refused(&run.join("other.bin")), Ok(()), "the socket's directory is the user's");
+        assert_eq!(refused(&dir.path().join("elsewhere/file")), Ok(()));
+        let message = own.refuse_on_disk(through_link.to_str().unwrap()).unwrap_err().message;
+        assert!(message.contains("the state directory"), "{message}");
     }
 
     #[test]

@@ -794,6 +794,15 @@ async fn destinations_and_bad_requests() {
     ] {
         assert_eq!(refused(DownloadRequest::new(server.url("/a")).destination(&bad)).await, expected, "{why}");
     }
+    // The daemon's own files never: its database, also through a symlink, and its socket.
+    let link = env.path().join("state-link");
+    std::os::unix::fs::symlink(env.database().parent().unwrap(), &link).unwrap();
+    for (own, why) in
+        [(link.join("dlsessiond.db"), "the database through a symlink"), (env.socket.clone(), "the socket")]
+    {
+        let r = DownloadRequest::new(server.url("/a")).destination(&own).overwrite(true);
+        assert_eq!(refused(r).await, ErrorCode::InvalidRequest, "{why}");
+    }
     // One file however its path is spelled: twice in one batch is refused.
     let twice = [env.path().join("saved/c.bin"), env.path().join("saved/./c.bin")]
         .map(|d| DownloadRequest::new(server.url("/a")).destination(d));

@@ -367,7 +367,12 @@ pub(super) fn adopt(kept: &Path, part: &Path) -> Adoption {
 /// not there yet unless `overwrite`. It can block (a hung network mount), so the core runs
 /// it on a blocking thread. The move itself refuses to replace a file either way (this
 /// only reports the problem at creation instead of after the download).
-pub(super) fn destination_on_disk(dest: &str, overwrite: bool) -> Result<(), ErrorInfo> {
+pub(super) fn destination_on_disk(
+    dest: &str,
+    overwrite: bool,
+    own: &crate::validate::OwnPlaces,
+) -> Result<(), ErrorInfo> {
+    own.refuse_on_disk(dest)?;
     match std::fs::symlink_metadata(dest) {
         Ok(m) if m.is_dir() => {
             Err(ErrorInfo::new(ErrorCode::FileError, format!("destination {dest:?} is a directory; give a file path")))
@@ -531,10 +536,24 @@ mod tests {
         let existing = dir.path().join("exists");
         std::fs::write(&existing, b"x").unwrap();
         let new = dir.path().join("new");
-        assert!(destination_on_disk(new.to_str().unwrap(), false).is_ok());
-        assert_eq!(destination_on_disk(existing.to_str().unwrap(), false).unwrap_err().code, ErrorCode::FileError);
-        assert!(destination_on_disk(existing.to_str().unwrap(), true).is_ok());
-        assert_eq!(destination_on_disk(dir.path().to_str().unwrap(), true).unwrap_err().code, ErrorCode::FileError);
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let own = crate::validate::OwnPlaces::resolved(vec![(state.clone(), "the state directory")], Vec::new());
+        assert!(destination_on_disk(new.to_str().unwrap(), false, &own).is_ok());
+        assert_eq!(
+            destination_on_disk(existing.to_str().unwrap(), false, &own).unwrap_err().code,
+            ErrorCode::FileError
+        );
+        assert!(destination_on_disk(existing.to_str().unwrap(), true, &own).is_ok());
+        assert_eq!(
+            destination_on_disk(dir.path().to_str().unwrap(), true, &own).unwrap_err().code,
+            ErrorCode::FileError
+        );
+        let database = state.join("dlsessiond.db");
+        assert_eq!(
+            destination_on_disk(database.to_str().unwrap(), true, &own).unwrap_err().code,
+            ErrorCode::InvalidRequest
+        );
     }
 
     #[test]

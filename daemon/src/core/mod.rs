@@ -226,6 +226,8 @@ pub enum After {
 #[derive(Debug)]
 pub struct Core {
     cfg: Arc<Config>,
+    /// The daemon's own places (never a destination), resolved at start.
+    own: Arc<crate::validate::OwnPlaces>,
     store: Store,
     engine: Arc<Engine>,
     tx: CoreTx,
@@ -338,6 +340,7 @@ impl Core {
         let global_limit = snapshot.global_limit.unwrap_or(cfg.limits.bandwidth_limit);
         let cfg_launches = cfg.limits.max_concurrent_launches;
         let mut core = Core {
+            own: Arc::new(crate::validate::OwnPlaces::of(&cfg)),
             cfg,
             store,
             engine,

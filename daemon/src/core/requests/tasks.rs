@@ -30,8 +30,7 @@ impl Core {
         self.within_batch_limit(specs.len(), "tasks")?;
         let mut hosts = Vec::with_capacity(specs.len());
         for (i, spec) in specs.iter().enumerate() {
-            let url =
-                validate::task(spec, &self.cfg.limits, &self.cfg.cache_dir).map_err(|e| in_batch(i, specs.len(), e))?;
+            let url = validate::task(spec, &self.cfg.limits, &self.own).map_err(|e| in_batch(i, specs.len(), e))?;
             hosts.push(host_key(&url));
         }
         dlsession_proto::validate::distinct_destinations(specs.iter().filter_map(|s| s.destination.as_deref()))?;
@@ -45,9 +44,10 @@ impl Core {
             if !dests.is_empty() {
                 let request = how.request(Request::CreateTasks { identifier, tasks: specs, resume: how.resume });
                 let paths = dests.iter().map(|(_, d, _)| d.into()).collect();
+                let own = self.own.clone();
                 self.check_on_disk(conn, id, request, paths, move || {
                     dests.into_iter().try_for_each(|(i, dest, overwrite)| {
-                        disk::destination_on_disk(&dest, overwrite).map_err(|e| in_batch(i, n, e))
+                        disk::destination_on_disk(&dest, overwrite, &own).map_err(|e| in_batch(i, n, e))
                     })?;
                     Ok(Prepared { resume: None, uploads: Vec::new(), client_cert: None })
                 });
@@ -139,7 +139,7 @@ impl Core {
         let key = self.open_for_tasks(&identifier)?;
         let data = ResumeData::decode(&blob)?;
         let spec = data.spec();
-        let url = validate::task(&spec, &self.cfg.limits, &self.cfg.cache_dir)?;
+        let url = validate::task(&spec, &self.cfg.limits, &self.own)?;
         let (task_id, adoption) = match check {
             DiskCheck::Done(Prepared { resume: Some(prepared), .. }) => prepared,
             DiskCheck::Pending if spec.destination.is_none() && data.kept_file().is_none() => {
@@ -159,9 +159,10 @@ impl Core {
                     resume: how.resume,
                 });
                 let paths = dest.iter().map(|(d, _)| d.into()).chain(kept.clone()).collect();
+                let own = self.own.clone();
                 self.check_on_disk(conn, id, request, paths, move || {
                     if let Some((dest, overwrite)) = dest {
-                        disk::destination_on_disk(&dest, overwrite)?;
+                        disk::destination_on_disk(&dest, overwrite, &own)?;
                     }
                     let adoption = kept.map_or(Adoption::None, |kept| disk::adopt(&kept, &part));
                     Ok(Prepared { resume: Some((task_id, adoption)), uploads: Vec::new(), client_cert: None })
@@ -197,7 +198,7 @@ impl Core {
         let n = uploads.len();
         let mut hosts = Vec::with_capacity(n);
         for (i, spec) in uploads.iter().enumerate() {
-            let url = validate::upload(spec, &self.cfg.limits, &self.cfg.cache_dir).map_err(|e| in_batch(i, n, e))?;
+            let url = validate::upload(spec, &self.cfg.limits, &self.own).map_err(|e| in_batch(i, n, e))?;
             hosts.push(host_key(&url));
         }
         let snapshots = match check {
