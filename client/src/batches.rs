@@ -219,7 +219,7 @@ impl Client {
     /// Gives these tasks their own policy (each field set overrides their session's), in
     /// requests of a bounded size. Each request is all or nothing.
     pub async fn set_task_policy(&self, tasks: &[TaskId], policy: TaskPolicy) -> Result<()> {
-        for chunk in tasks.chunks(BATCH_IDS) {
+        for chunk in tasks.chunks(BATCH_TASKS) {
             match self.request(Request::SetTaskPolicy { tasks: chunk.to_vec(), policy }).await? {
                 Response::Ok => {}
                 other => return Err(Error::UnexpectedResponse { expected: "ok", got: other.kind() }),

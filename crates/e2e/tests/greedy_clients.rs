@@ -190,6 +190,33 @@ async fn oversized_batches_are_refused_whole() {
     assert_eq!(s.tasks.total(), 0, "nothing of a refused batch was created");
 }
 
+/// A request that names one task many times (it fits a frame a million times) costs what
+/// naming it once does: a policy set on a large task's id repeated 2,000 times copied its
+/// record 2,000 times (about 1 GB here; hundreds of GB within a frame).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_naming_one_task_many_times_costs_one() {
+    use dlsession::proto::{Header, TaskPolicy, TaskSpec};
+    let env = TestEnv::new();
+    let d = TestDaemon::start(&env);
+    let client =
+        Client::connect(ClientOptions { socket: Some(env.socket.clone()), ..ClientOptions::default() }).await.unwrap();
+    client.request(Request::OpenSession { identifier: "t.repeat".into(), config: None }).await.unwrap();
+    let mut spec = TaskSpec::get("http://127.0.0.1:9/large");
+    spec.headers = (0..60).map(|i| Header::new(format!("X-Large-{i}"), "v".repeat(8_000))).collect();
+    let r = client.request(Request::CreateTasks { identifier: "t.repeat".into(), tasks: vec![spec], resume: false });
+    let Response::TasksCreated(ids) = r.await.unwrap() else { panic!("tasks_created expected") };
+    let before = dlsession_testkit::host::peak_rss_kib(d.pid());
+    let policy = TaskPolicy { allows_metered: Some(false), ..TaskPolicy::default() };
+    let r = client.request(Request::SetTaskPolicy { tasks: vec![ids[0]; 2_000], policy }).await.unwrap();
+    assert_eq!(r, Response::Ok);
+    let grew = dlsession_testkit::host::peak_rss_kib(d.pid()).saturating_sub(before);
+    assert!(grew < 200 << 10, "the daemon's peak memory grew by {} MiB", grew >> 10);
+    let Response::TaskPolicy(got) = client.request(Request::GetTaskPolicy { task: ids[0] }).await.unwrap() else {
+        panic!("task_policy expected")
+    };
+    assert_eq!(got.own.allows_metered, Some(false), "the policy was set");
+}
+
 /// A client that leaves while the daemon has stopped reading it (its requests wait behind
 /// a destination check that hangs, more than the in-flight limit of them) does not keep
 /// its session attached: the daemon sees it go, and the app's next attach, without

@@ -89,7 +89,11 @@ impl Core {
     /// Gives tasks their own policy, all or none: an unknown or completed task refuses the
     /// request. Running tasks the policy now refuses stop; held ones it allows start.
     pub(super) fn set_task_policy(&mut self, conn: ConnId, id: u64, tasks: &[TaskId], policy: TaskPolicy) -> Handled {
-        for task in tasks {
+        // Once each: a task named a million times (it fits a frame) is one update, not a
+        // million copies of its record.
+        let tasks: std::collections::BTreeSet<TaskId> = tasks.iter().copied().collect();
+        self.within_batch_limit(tasks.len(), "tasks")?;
+        for task in &tasks {
             match self.tasks.get(task) {
                 None => return Err(ErrorInfo::new(ErrorCode::NoSuchTask, format!("no live task {task}"))),
                 Some(t) if t.state == TaskState::Completed => {
@@ -102,7 +106,7 @@ impl Core {
             }
         }
         let mut ops = Vec::with_capacity(tasks.len());
-        for task in tasks {
+        for task in &tasks {
             if let Some(t) = self.tasks.get_mut(task) {
                 t.rec.policy = policy;
                 ops.push(Op::UpdateTask(Box::new(t.rec.clone())));
