@@ -117,6 +117,11 @@ fn start_blocking(socket: &Path, timeout: Duration) -> Result<(), Error> {
     let deadline = Instant::now() + timeout;
     loop {
         if UnixStream::connect(socket).is_ok() {
+            // Reaped when it exits, while this process lives on: else a zombie until then.
+            let reaper = std::thread::Builder::new().name("dlsessiond-reaper".into());
+            if let Err(e) = reaper.spawn(move || child.wait()) {
+                tracing::debug!(error = %e, "cannot start a thread to reap the started daemon when it exits");
+            }
             return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {

@@ -246,6 +246,7 @@ pub enum Command {
 /// The `dlsessiond` binary: parse flags, set up logging, run until SIGTERM or SIGINT.
 pub fn main_entry() -> ExitCode {
     use clap::Parser;
+    lifecycle::close_inherited();
     let args = Args::parse();
     if let Some(Command::InstallUserUnits { dir, exec }) = args.command {
         return match units::install(dir, exec) {

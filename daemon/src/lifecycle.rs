@@ -199,6 +199,35 @@ pub fn activated_listener(configured: &Path) -> Result<Option<Listener>, Lifecyc
     Ok(Some(Listener::from(listener)))
 }
 
+/// Closes every descriptor the daemon was started with but stdio and the sockets systemd
+/// passed (`LISTEN_FDS`, when `LISTEN_PID` is this process). An app that starts the daemon
+/// (the library's autostart) may hold a listening socket, a lock or a pipe without
+/// close-on-exec: kept here, the port stayed bound and the pipe never ended for as long as
+/// the daemon ran. Must run first, before anything of the daemon's own is open.
+#[allow(unsafe_code)]
+pub fn close_inherited() {
+    let ours = std::env::var("LISTEN_PID").ok().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
+    let passed =
+        if ours { std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse::<u32>().ok()).unwrap_or(0) } else { 0 };
+    let first = 3u32.saturating_add(passed);
+    // SAFETY: called at the top of `main`, before any thread exists and before the daemon
+    // opened anything: every descriptor from `first` up was inherited, and nothing in
+    // this process owns it or will use it.
+    if unsafe { libc::close_range(first, u32::MAX, 0) } == 0 {
+        return;
+    }
+    // Kernels before 5.9: the descriptors /proc lists (read whole first: the listing's
+    // own descriptor is among them while it is open).
+    let open: Vec<i32> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(entries) => entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect(),
+        Err(_) => return,
+    };
+    for fd in open.into_iter().filter(|&fd| u32::try_from(fd).is_ok_and(|fd| fd >= first)) {
+        // SAFETY: as above; the listing's own descriptor is closed already (EBADF, ignored).
+        unsafe { libc::close(fd) };
+    }
+}
+
 /// Takes ownership of a descriptor passed by systemd.
 #[allow(unsafe_code)]
 fn adopt(fd: std::os::fd::RawFd) -> std::os::fd::OwnedFd {

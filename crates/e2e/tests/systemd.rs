@@ -460,6 +460,39 @@ async fn get_starts_the_daemon_when_none_runs() {
     assert_eq!(o.status.code(), Some(0));
 }
 
+/// A daemon started by an app keeps none of the app's descriptors: one the app left open
+/// without close-on-exec (a listening socket, a lock, a pipe) stayed open in the daemon
+/// for as long as it ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_an_app_started_keeps_none_of_its_descriptors() {
+    let env = Arc::new(TestEnv::new());
+    let _stop = StopAutostarted(env.clone());
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(1_000, 2));
+    let held = env.path().join("held-by-the-app");
+    let out = env.path().join("a.bin");
+    let o = {
+        let (env, held, out, url) = (env.clone(), held.clone(), out.clone(), server.url("/a"));
+        tokio::task::spawn_blocking(move || {
+            // The shell opens descriptor 7 without close-on-exec, as C code often does.
+            let script = r#"exec 7>>"$1"; exec "$2" get "$3" -o "$4""#;
+            let mut cmd = env.command("/bin/sh");
+            cmd.env_remove("DLSESSION_NO_AUTOSTART").arg("-c").arg(script).arg("sh").arg(&held);
+            cmd.arg(bin_path("dlsessionctl")).arg(url).arg(&out);
+            cmd.stdin(Stdio::null()).output().unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let pid = daemon_pid(&env).expect("a daemon runs now");
+    let open: Vec<std::path::PathBuf> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .collect();
+    assert!(!open.contains(&held), "the daemon holds the app's descriptor: {open:?}");
+}
+
 /// A starter that holds the start-up lock and never starts a daemon (stopped, say) does
 /// not hang every other client: each gives up after its connect timeout, saying why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
