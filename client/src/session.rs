@@ -382,9 +382,15 @@ impl Session {
         self.shared.client.request_ok(request).await
     }
 
+    /// A task of this session: one of another session is `no_such_task` here (an id taken
+    /// from the app's input must not reach, or answer the challenge of, another app's task).
     pub(crate) async fn task_info(&self, id: TaskId) -> Result<TaskInfo> {
         match self.shared.client.request(Request::GetTask { task: id }).await? {
-            Response::Task(detail) => Ok(detail.info),
+            Response::Task(detail) if detail.info.session == self.shared.identifier => Ok(detail.info),
+            Response::Task(_) => Err(Error::Invalid(ErrorInfo::new(
+                ErrorCode::NoSuchTask,
+                format!("task {id} is not of session {}", self.shared.identifier),
+            ))),
             other => Err(Error::UnexpectedResponse { expected: "task", got: other.kind() }),
         }
     }

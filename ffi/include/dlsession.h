@@ -376,7 +376,10 @@ typedef struct dls_event {
  *   but the session's later events wait meanwhile.
  * - `event` and every string in it are valid only during the call: copy what you keep.
  * - FINISHED_DOWNLOADING: move the file before returning (if the task had no
- *   destination); afterwards the daemon deletes it.
+ *   destination); afterwards the daemon deletes it, unless the callback called
+ *   `dls_event_keep` (it could not move it): then it stays and comes again.
+ * - It must return normally: throwing a C++ exception or `longjmp`ing out of it is
+ *   undefined behaviour.
  * - An event is acknowledged to the daemon after its callback returns; a process that
  *   dies first gets it again on its next attach, so handle events idempotently.
  * - The callback may call `dls_download`, `dls_upload` and the `dls_task_*` functions
@@ -525,6 +528,20 @@ const char *dls_error_message(const struct dls_error *error);
 void dls_error_free(struct dls_error *error);
 
 /**
+ * Keeps the file of the FINISHED_DOWNLOADING event being delivered: called from its
+ * callback when the file could not be moved (`rename` failed with `EXDEV`, `ENOSPC`,
+ * `EACCES`…). The event is then not acknowledged: the file stays in the daemon's cache and
+ * the event (with the task's later ones) comes again on the next attach. Anywhere else
+ * (another event's callback, outside a callback) it is `DLS_INVALID_ARGUMENT`.
+ *
+ * # Safety
+ *
+ * `event` is NULL or the event passed to the running callback; `err` as for
+ * `dls_session_attach`.
+ */
+enum dls_code dls_event_keep(const struct dls_event *event, struct dls_error **err);
+
+/**
  * Connects to the daemon (starting it if nothing listens and `DLSESSION_NO_AUTOSTART` is
  * not set) and attaches to the session of `config`, creating it or rejoining it. Events
  * queued while the app was away are delivered right after, maybe before this returns.
@@ -562,7 +579,8 @@ void dls_session_free(struct dls_session *session);
 
 /**
  * Creates a download of `url` and starts it. `destination` (may be NULL) is where the
- * finished file goes; a relative path is taken from the current directory. Without one,
+ * finished file goes; a relative path is taken from the current directory (leading `..`
+ * climb from it; a `..` after a name is `DLS_INVALID_REQUEST`, as in any path). Without one,
  * the file is handed to the FINISHED_DOWNLOADING event to move. `flags`: 0, or
  * `DLS_DOWNLOAD_OVERWRITE`; other bits are `DLS_INVALID_ARGUMENT`. The new task's id goes
  * to `*task_id_out` (may be NULL).
@@ -584,7 +602,8 @@ enum dls_code dls_download(struct dls_session *session,
  * a `PUT` (`method` NULL or "PUT") or a `POST` ("POST"; either in any case), with
  * `content_type` (may be NULL) as its `Content-Type`. The daemon records the file's size and modification time now: a
  * missing, unreadable or directory path is `DLS_FILE_ERROR` here, and a file changed
- * before it is sent fails the task. A relative path is taken from the current directory.
+ * before it is sent fails the task. A relative path is taken from the current directory
+ * (leading `..` climb from it).
  * `flags`: 0, or `DLS_UPLOAD_IDEMPOTENT`; other bits are `DLS_INVALID_ARGUMENT`. Events:
  * SENT while the body goes, UPLOAD_RESPONSE with the server's answer, then COMPLETED. The
  * new task's id goes to `*task_id_out` (may be NULL).

@@ -50,8 +50,24 @@ pub(crate) unsafe fn object_mut<'a, T>(p: *mut T, what: &str) -> Result<&'a mut 
 }
 
 /// `path` made absolute: the daemon runs elsewhere, where a relative path means nothing.
+/// Leading `..` of a relative path climb from the current directory (which the kernel
+/// reports with its symlinks resolved, so this is where the kernel would go); a `..` after
+/// a name stays (it may follow a symlink) and the daemon refuses it.
 pub(crate) fn absolute(path: &str, what: &str) -> Result<std::path::PathBuf, Failure> {
-    std::path::absolute(path).map_err(|e| Failure::invalid(format!("{what} {path:?}: {e}")))
+    use std::path::Component;
+    let invalid = |e: std::io::Error| Failure::invalid(format!("{what} {path:?}: {e}"));
+    let relative = std::path::Path::new(path);
+    if relative.is_absolute() {
+        return std::path::absolute(relative).map_err(invalid);
+    }
+    let mut base = std::env::current_dir().map_err(invalid)?;
+    let mut rest = relative.components().peekable();
+    while let Some(c) = rest.next_if(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
+        if c == Component::ParentDir {
+            base.pop();
+        }
+    }
+    Ok(rest.fold(base, |p, c| p.join(c)))
 }
 
 /// Writes `value` to `out` unless it is NULL (out-parameters are optional).
@@ -63,5 +79,22 @@ pub(crate) unsafe fn put<T>(out: *mut T, value: T) {
     if !out.is_null() {
         // SAFETY: not NULL, and the caller promises it is writable.
         unsafe { out.write(value) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::absolute;
+
+    #[test]
+    fn relative_paths_climb_from_the_current_directory() {
+        let cwd = std::env::current_dir().unwrap();
+        let up = cwd.parent().unwrap().to_path_buf();
+        assert_eq!(absolute("../out/f.iso", "destination").unwrap(), up.join("out/f.iso"));
+        assert_eq!(absolute("./../f", "destination").unwrap(), up.join("f"));
+        assert_eq!(absolute("f", "destination").unwrap(), cwd.join("f"));
+        // After a name, `..` may follow a symlink: left for the daemon to refuse.
+        assert_eq!(absolute("a/../f", "destination").unwrap(), cwd.join("a/../f"));
+        assert_eq!(absolute("/abs/f", "destination").unwrap(), std::path::PathBuf::from("/abs/f"));
     }
 }

@@ -121,7 +121,10 @@ pub struct dls_event {
 ///   but the session's later events wait meanwhile.
 /// - `event` and every string in it are valid only during the call: copy what you keep.
 /// - FINISHED_DOWNLOADING: move the file before returning (if the task had no
-///   destination); afterwards the daemon deletes it.
+///   destination); afterwards the daemon deletes it, unless the callback called
+///   `dls_event_keep` (it could not move it): then it stays and comes again.
+/// - It must return normally: throwing a C++ exception or `longjmp`ing out of it is
+///   undefined behaviour.
 /// - An event is acknowledged to the daemon after its callback returns; a process that
 ///   dies first gets it again on its next attach, so handle events idempotently.
 /// - The callback may call `dls_download`, `dls_upload` and the `dls_task_*` functions
@@ -159,6 +162,56 @@ thread_local! {
     /// The gate whose callback this thread is running, if any: `close` from inside it must
     /// not wait for itself.
     static INSIDE: Cell<*const Gate> = const { Cell::new(ptr::null()) };
+    /// While a FINISHED_DOWNLOADING callback runs on this thread: whether it called
+    /// `dls_event_keep`.
+    static KEEP: Cell<Option<bool>> = const { Cell::new(None) };
+}
+
+/// A FINISHED_DOWNLOADING callback on its way: `dls_event_keep` may be called until it is
+/// dropped (also when the delivery unwinds).
+struct Asking;
+
+impl Asking {
+    fn start() -> Asking {
+        KEEP.with(|keep| keep.set(Some(false)));
+        Asking
+    }
+
+    fn kept(self) -> bool {
+        KEEP.with(Cell::get) == Some(true)
+    }
+}
+
+impl Drop for Asking {
+    fn drop(&mut self) {
+        KEEP.with(|keep| keep.set(None));
+    }
+}
+
+/// Keeps the file of the FINISHED_DOWNLOADING event being delivered: called from its
+/// callback when the file could not be moved (`rename` failed with `EXDEV`, `ENOSPC`,
+/// `EACCES`…). The event is then not acknowledged: the file stays in the daemon's cache and
+/// the event (with the task's later ones) comes again on the next attach. Anywhere else
+/// (another event's callback, outside a callback) it is `DLS_INVALID_ARGUMENT`.
+///
+/// # Safety
+///
+/// `event` is NULL or the event passed to the running callback; `err` as for
+/// `dls_session_attach`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dls_event_keep(event: *const dls_event, err: *mut *mut crate::error::dls_error) -> dls_code {
+    crate::error::call(err, || {
+        // SAFETY: the caller's contract.
+        let event = unsafe { crate::args::object(event, "event") }?;
+        let finishing = event.kind == dls_event_kind::DLS_EVENT_FINISHED_DOWNLOADING;
+        if !finishing || KEEP.with(Cell::get).is_none() {
+            return Err(crate::error::Failure::invalid(
+                "dls_event_keep: only from the callback of a FINISHED_DOWNLOADING event",
+            ));
+        }
+        KEEP.with(|keep| keep.set(Some(true)));
+        Ok(())
+    })
 }
 
 impl Gate {
@@ -369,8 +422,9 @@ impl SessionDelegate for Delegate {
         e.location = Some(c_string(&location.to_string_lossy()));
         // Not shown to the app (the session is being freed): the event and its file stay
         // for the next attach.
+        let asking = Asking::start();
         self.durable(&e);
-        Handled::Done
+        if asking.kept() { Handled::Later } else { Handled::Done }
     }
 
     /// The app answers with `dls_task_answer_challenge` (in the callback or later): the

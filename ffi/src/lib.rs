@@ -32,7 +32,7 @@ pub use config::{
     dls_config_set_client_certificate, dls_config_set_launch_command, dls_config_set_socket,
 };
 pub use error::{dls_code, dls_code_name, dls_error, dls_error_code, dls_error_free, dls_error_message};
-pub use event::{dls_event, dls_event_fn, dls_event_kind};
+pub use event::{dls_event, dls_event_fn, dls_event_keep, dls_event_kind};
 pub use session::{
     DLS_ANSWER_BASIC, DLS_ANSWER_BEARER, DLS_ANSWER_CANCEL, DLS_ANSWER_FAIL, DLS_ANSWER_HEADER, DLS_ANSWER_KEEP,
     DLS_ANSWER_PROTECTION_SPACE, DLS_DOWNLOAD_OVERWRITE, DLS_UPLOAD_IDEMPOTENT, dls_download, dls_session,

@@ -88,7 +88,8 @@ pub unsafe extern "C" fn dls_session_free(session: *mut dls_session) {
 pub const DLS_DOWNLOAD_OVERWRITE: u32 = 1;
 
 /// Creates a download of `url` and starts it. `destination` (may be NULL) is where the
-/// finished file goes; a relative path is taken from the current directory. Without one,
+/// finished file goes; a relative path is taken from the current directory (leading `..`
+/// climb from it; a `..` after a name is `DLS_INVALID_REQUEST`, as in any path). Without one,
 /// the file is handed to the FINISHED_DOWNLOADING event to move. `flags`: 0, or
 /// `DLS_DOWNLOAD_OVERWRITE`; other bits are `DLS_INVALID_ARGUMENT`. The new task's id goes
 /// to `*task_id_out` (may be NULL).
@@ -143,7 +144,8 @@ pub const DLS_UPLOAD_IDEMPOTENT: u32 = 1;
 /// a `PUT` (`method` NULL or "PUT") or a `POST` ("POST"; either in any case), with
 /// `content_type` (may be NULL) as its `Content-Type`. The daemon records the file's size and modification time now: a
 /// missing, unreadable or directory path is `DLS_FILE_ERROR` here, and a file changed
-/// before it is sent fails the task. A relative path is taken from the current directory.
+/// before it is sent fails the task. A relative path is taken from the current directory
+/// (leading `..` climb from it).
 /// `flags`: 0, or `DLS_UPLOAD_IDEMPOTENT`; other bits are `DLS_INVALID_ARGUMENT`. Events:
 /// SENT while the body goes, UPLOAD_RESPONSE with the server's answer, then COMPLETED. The
 /// new task's id goes to `*task_id_out` (may be NULL).

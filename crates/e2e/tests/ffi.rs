@@ -261,6 +261,19 @@ fn the_c_api_controls_tasks() {
         assert_eq!(dls_task_resume(session, 999_999, &mut err), dls_code::DLS_NO_SUCH_TASK);
         assert_eq!(dls_error_code(err), dls_code::DLS_NO_SUCH_TASK as c_int);
         dls_error_free(err);
+        // Another session's task is not this session's to control.
+        let theirs = rt.block_on(another_sessions_task(&env, &server.url("/slow.bin")));
+        let mut err = ptr::null_mut();
+        assert_eq!(dls_task_cancel(session, theirs, &mut err), dls_code::DLS_NO_SUCH_TASK);
+        dls_error_free(err);
+        let state = rt.block_on(async {
+            let client = dlsession_testkit::app::client(&env).await;
+            match client.request(dlsession::proto::Request::GetTask { task: theirs }).await.unwrap() {
+                dlsession::proto::Response::Task(detail) => detail.info.state,
+                other => panic!("{other:?}"),
+            }
+        });
+        assert_eq!(state, dlsession::proto::TaskState::Suspended, "the other session's task is left alone");
         dls_session_free(session);
         task
     };
@@ -273,6 +286,99 @@ fn the_c_api_controls_tasks() {
         probe_data.wait_from_callback.into_inner().unwrap(),
         Some(dls_code::DLS_INVALID_ARGUMENT),
         "waiting for idle from the session's own callback is refused, not a deadlock"
+    );
+}
+
+/// A suspended task of a session of its own.
+async fn another_sessions_task(env: &TestEnv, url: &str) -> u64 {
+    use dlsession::proto::{Request, Response, TaskSpec};
+    let client = dlsession_testkit::app::client(env).await;
+    client.request(Request::OpenSession { identifier: "org.example.other".into(), config: None }).await.unwrap();
+    let r =
+        Request::CreateTasks { identifier: "org.example.other".into(), tasks: vec![TaskSpec::get(url)], resume: false };
+    match client.request(r).await.unwrap() {
+        Response::TasksCreated(ids) => ids[0],
+        other => panic!("{other:?}"),
+    }
+}
+
+/// What a callback that keeps finished files saw.
+#[derive(Default)]
+struct Keeper {
+    /// Whether it keeps the files it is handed (it could not move them).
+    keep: bool,
+    /// (task, location, whether the file was there) of every FINISHED_DOWNLOADING.
+    finished: Mutex<Vec<(u64, String, bool)>>,
+    /// What `dls_event_keep` answered in a COMPLETED callback.
+    keep_elsewhere: Mutex<Option<dls_code>>,
+}
+
+unsafe extern "C" fn keeper(event: *const dls_event, user_data: *mut c_void) {
+    // SAFETY: the library passes a live event, and the test's `Keeper` as user_data.
+    let (e, keeper) = unsafe { (&*event, &*(user_data as *const Keeper)) };
+    match e.kind {
+        dls_event_kind::DLS_EVENT_FINISHED_DOWNLOADING => {
+            // SAFETY: `location` is a live string during the call.
+            let location = unsafe { CStr::from_ptr(e.location) }.to_string_lossy().into_owned();
+            let there = std::path::Path::new(&location).exists();
+            keeper.finished.lock().unwrap().push((e.task_id, location, there));
+            if keeper.keep {
+                // SAFETY: the event being delivered.
+                assert_eq!(unsafe { dlsession_ffi::dls_event_keep(event, ptr::null_mut()) }, dls_code::DLS_OK);
+            }
+        }
+        dls_event_kind::DLS_EVENT_COMPLETED => {
+            // SAFETY: the event being delivered (not one that may be kept).
+            let code = unsafe { dlsession_ffi::dls_event_keep(event, ptr::null_mut()) };
+            *keeper.keep_elsewhere.lock().unwrap() = Some(code);
+        }
+        _ => {}
+    }
+}
+
+/// A callback that could not move a finished file keeps it with `dls_event_keep`: the file
+/// stays in the cache and comes again on the next attach (before, the event was
+/// acknowledged and the daemon deleted the download).
+#[test]
+fn the_c_api_keeps_a_file_the_app_could_not_move() {
+    use dlsession_ffi::*;
+
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt.block_on(TestServer::start()).unwrap();
+    server.add("/kept.bin", Resource::generated(10_000, 46));
+    let url = CString::new(server.url("/kept.bin")).unwrap();
+    let first = Keeper { keep: true, ..Keeper::default() };
+    // SAFETY: live pointers or NULL where allowed; `first` outlives the session.
+    let task = unsafe {
+        let session = attach(&env, c"org.example.ffi-keep", keeper, &first, |_| {});
+        let mut task = 0;
+        assert_eq!(dls_download(session, url.as_ptr(), ptr::null(), 0, &mut task, ptr::null_mut()), dls_code::DLS_OK);
+        let mut idle = false;
+        assert_eq!(dls_session_wait_idle(session, 60_000, &mut idle, ptr::null_mut()), dls_code::DLS_OK);
+        assert!(idle, "idle with its finished file kept");
+        dls_session_free(session);
+        task
+    };
+    let seen = first.finished.into_inner().unwrap();
+    assert!(matches!(seen.as_slice(), [(t, _, true)] if *t == task), "{seen:?}");
+
+    let second = Keeper::default();
+    // SAFETY: as above; `second` outlives the session.
+    unsafe {
+        let session = attach(&env, c"org.example.ffi-keep", keeper, &second, |_| {});
+        let mut idle = false;
+        assert_eq!(dls_session_wait_idle(session, 60_000, &mut idle, ptr::null_mut()), dls_code::DLS_OK);
+        assert!(idle);
+        dls_session_free(session);
+    }
+    let again = second.finished.into_inner().unwrap();
+    assert!(matches!(again.as_slice(), [(t, _, true)] if *t == task), "handed over again, file there: {again:?}");
+    assert_eq!(
+        second.keep_elsewhere.into_inner().unwrap(),
+        Some(dls_code::DLS_INVALID_ARGUMENT),
+        "only a finished download may be kept"
     );
 }
 
