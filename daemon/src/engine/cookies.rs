@@ -69,6 +69,9 @@ impl CookieJar {
         let cookies: Vec<RawCookie<'static>> = headers
             .get_all(SET_COOKIE)
             .iter()
+            // The whole line is kept with the cookie: one longer than a cookie and its
+            // attributes need (a megabyte of unknown attributes) is refused.
+            .filter(|v| v.len() <= MAX_SET_COOKIE_BYTES)
             .filter_map(|v| v.to_str().ok())
             .filter_map(|v| RawCookie::parse(v.to_owned()).ok())
             .filter(|c| c.domain().is_none_or(|d| d.trim_start_matches('.').contains('.')))
@@ -89,14 +92,19 @@ impl CookieJar {
             let Ok(cookie) = Cookie::try_from_raw_cookie(&raw, url) else { continue };
             let Some(domain) = cookie.domain.as_cow().map(std::borrow::Cow::into_owned) else { continue };
             let path = String::from(&cookie.path);
-            let existing = store.get_any(&domain, &path, cookie.name());
-            // "Leave Secure cookies alone": only an https answer sets or replaces one.
-            if !secure_origin && (cookie.secure() == Some(true) || existing.is_some_and(|c| c.secure() == Some(true))) {
+            let existing = store.get_any(&domain, &path, cookie.name()).is_some();
+            // "Leave Secure cookies alone": only an https answer sets one, or one that a
+            // Secure cookie of the same name would be sent beside (RFC 6265bis 5.7).
+            if !secure_origin
+                && (cookie.secure() == Some(true) || shadows_a_secure_one(&store, &domain, &path, cookie.name()))
+            {
                 continue;
             }
-            // Full: a new name waits until expiries or deletions make room.
-            if existing.is_none() && !cookie.is_expired() && !room_for(&store, &domain) {
-                continue;
+            // Full: a new name takes the place of the cookie that expires first, in its
+            // domain if that is full, else in the domain holding the most (a server that
+            // filled the jar loses its own, never another site's).
+            if !existing && !cookie.is_expired() {
+                make_room(&mut store, &domain);
             }
             changed |= store.insert(cookie.into_owned(), url).is_ok();
         }
@@ -136,17 +144,55 @@ const MAX_ATTRIBUTE_BYTES: usize = 1024;
 const MAX_PER_DOMAIN: usize = 180;
 const MAX_PER_JAR: usize = 3000;
 
-/// Whether a new cookie for `domain` fits.
-fn room_for(store: &CookieStore, domain: &str) -> bool {
-    let mut total = 0;
-    let mut here = 0;
+/// A whole `Set-Cookie` value at most: a cookie, and attributes up to their bound.
+const MAX_SET_COOKIE_BYTES: usize = 8192;
+
+/// Makes room for a new cookie of `domain`: drops one when its domain or the jar is full.
+fn make_room(store: &mut CookieStore, domain: &str) {
+    let mut per_domain: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for c in store.iter_any() {
-        total += 1;
-        if c.domain.as_cow().is_some_and(|d| d == domain) {
-            here += 1;
-        }
+        *per_domain.entry(c.domain.as_cow().map(std::borrow::Cow::into_owned).unwrap_or_default()).or_default() += 1;
     }
-    total < MAX_PER_JAR && here < MAX_PER_DOMAIN
+    let total: usize = per_domain.values().sum();
+    let from = if per_domain.get(domain).copied().unwrap_or(0) >= MAX_PER_DOMAIN {
+        domain.to_owned()
+    } else if total >= MAX_PER_JAR {
+        match per_domain.into_iter().max_by_key(|(_, n)| *n) {
+            Some((most, _)) => most,
+            None => return,
+        }
+    } else {
+        return;
+    };
+    // A cookie kept until the session ends first (a browser drops those when it closes),
+    // else the one that expires first.
+    let victim = store
+        .iter_any()
+        .filter(|c| c.domain.as_cow().is_some_and(|d| d == from))
+        .min_by_key(|c| match &c.expires {
+            cookie_store::CookieExpiration::SessionEnd => (0, 0),
+            cookie_store::CookieExpiration::AtUtc(at) => (1, at.unix_timestamp()),
+        })
+        .map(|c| (String::from(&c.path), c.name().to_owned()));
+    if let Some((path, name)) = victim {
+        store.remove(&from, &path, &name);
+    }
+}
+
+/// Whether a Secure cookie named `name` exists whose domain domain-matches `domain` (or
+/// the other way round) and whose path `path` path-matches: a non-secure cookie so made
+/// would be sent beside it, and could be taken for it.
+fn shadows_a_secure_one(store: &CookieStore, domain: &str, path: &str, name: &str) -> bool {
+    let domain_match = |a: &str, b: &str| a == b || a.strip_suffix(b).is_some_and(|rest| rest.ends_with('.'));
+    let path_match = |p: &str, of: &str| {
+        p == of || (p.starts_with(of) && (of.ends_with('/') || p.as_bytes().get(of.len()) == Some(&b'/')))
+    };
+    store.iter_any().any(|c| {
+        c.name() == name
+            && c.secure() == Some(true)
+            && c.domain.as_cow().is_some_and(|d| domain_match(&d, domain) || domain_match(domain, &d))
+            && path_match(path, &String::from(&c.path))
+    })
 }
 
 /// Drops expired cookies (the store only marks them).
@@ -244,10 +290,22 @@ mod tests {
         let huge = format!("huge={}", "x".repeat(5000));
         jar.take_from(&url, &set_cookies(&[huge.as_str()]));
         assert!(!jar.header_for(&url).unwrap().contains("huge="), "larger than 4 KiB: ignored");
+        // A line of unknown attributes past what a cookie needs is refused whole: the jar
+        // keeps each line, and a few thousand of a megabyte each were gigabytes.
+        let padded = format!("padded=1; Path=/; X-Junk={}", "j".repeat(1 << 20));
+        jar.take_from(&url, &set_cookies(&[padded.as_str()]));
+        assert!(!jar.header_for(&url).unwrap().contains("padded="), "a 1 MiB line: ignored");
         // A deletion frees room for a new name.
         jar.take_from(&url, &set_cookies(&["c0x0=; Max-Age=0; Path=/"]));
         jar.take_from(&url, &set_cookies(&["fresh=1; Path=/"]));
         assert!(jar.header_for(&url).unwrap().contains("fresh=1"));
+        assert_eq!(jar.unexpired(), MAX_PER_DOMAIN);
+        // Full, a new name takes the place of a session's cookie, else of the one that
+        // expires first: the domain's own cookies never lock it out for good.
+        jar.take_from(&url, &set_cookies(&["soon=1; Path=/; Max-Age=60", "later=1; Path=/; Max-Age=600"]));
+        jar.take_from(&url, &set_cookies(&["newest=1; Path=/"]));
+        let has = |name: &str| jar.header_for(&url).unwrap().split("; ").any(|c| c.starts_with(name));
+        assert!(has("soon=") && has("later=") && has("newest="), "the new names are in");
         assert_eq!(jar.unexpired(), MAX_PER_DOMAIN);
         assert!(!jar.to_json().contains("\"c0x0\""), "an expired cookie is not stored");
         // With room made, a cookie with an attribute over 1 KiB is still not taken.
@@ -268,8 +326,26 @@ mod tests {
         assert!(!reloaded.to_json().contains(&"b".repeat(5000)), "dropped at load");
     }
 
-    /// A plain http answer neither sets nor replaces a `Secure` cookie; the name prefixes
-    /// hold.
+    /// A jar filled by many hosts of one server makes room for another site's cookie from
+    /// the fullest domain.
+    #[test]
+    fn a_full_jar_makes_room_from_the_fullest_domain() {
+        let (jar, _) = CookieJar::load(None, || {});
+        for host in 0..17 {
+            let url = Url::parse(&format!("https://h{host}.greedy.example/")).unwrap();
+            let values: Vec<String> = (0..MAX_PER_DOMAIN).map(|i| format!("c{i}=1; Path=/")).collect();
+            let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+            jar.take_from(&url, &set_cookies(&refs));
+        }
+        assert_eq!(jar.unexpired(), MAX_PER_JAR);
+        let victim = Url::parse("https://victim.example/").unwrap();
+        jar.take_from(&victim, &set_cookies(&["login=1; Path=/"]));
+        assert_eq!(jar.header_for(&victim).as_deref(), Some("login=1"));
+        assert_eq!(jar.unexpired(), MAX_PER_JAR);
+    }
+
+    /// A plain http answer neither sets nor replaces a `Secure` cookie, nor shadows one
+    /// (same name, on a path or domain it would be sent with); the name prefixes hold.
     #[test]
     fn secure_cookies_are_left_alone_by_plain_http() {
         let (jar, _) = CookieJar::load(None, || {});
@@ -278,6 +354,12 @@ mod tests {
         jar.take_from(&https, &set_cookies(&["sid=good; Secure; Path=/"]));
         jar.take_from(&http, &set_cookies(&["sid=attacker; Path=/", "other=1; Secure; Path=/"]));
         assert_eq!(jar.header_for(&https).as_deref(), Some("sid=good"));
+        jar.take_from(&http, &set_cookies(&["sid=evil; Path=/data", "sid=evil; Domain=example.org"]));
+        let data = Url::parse("https://shop.example.org/data/x").unwrap();
+        assert_eq!(jar.header_for(&data).as_deref(), Some("sid=good"), "not shadowed");
+        jar.take_from(&http, &set_cookies(&["plain=1; Path=/plain"]));
+        let plain = Url::parse("http://shop.example.org/plain/a").unwrap();
+        assert_eq!(jar.header_for(&plain).as_deref(), Some("plain=1"), "other names are set");
         jar.take_from(
             &https,
             &set_cookies(&[
