@@ -358,15 +358,34 @@ const REFUSED_CERTIFICATE: [&str; 7] = [
 ];
 const REFUSED_HINT: &str =
     " (the server wants a client certificate it accepts: see `dlsessionctl policy SESSION --client-cert`)";
+/// TLS alerts by which a server refuses the handshake itself: no version or cipher both
+/// sides accept, or (TLS 1.2 servers say it so) no client certificate; retrying changes
+/// nothing.
+const REFUSED_HANDSHAKE: [&str; 4] = ["HandshakeFailure", "ProtocolVersion", "InsufficientSecurity", "AccessDenied"];
+const HANDSHAKE_HINT: &str = " (no TLS version or cipher both sides accept, or the server wants a client certificate: \
+     see `dlsessionctl policy SESSION --client-cert`)";
+
+/// The hint for a fatal alert the server sent, if it is one retrying cannot mend.
+fn refused_alert(alert: &str) -> Option<&'static str> {
+    if REFUSED_CERTIFICATE.iter().any(|name| alert.starts_with(name)) {
+        Some(REFUSED_HINT)
+    } else if REFUSED_HANDSHAKE.iter().any(|name| alert.starts_with(name)) {
+        Some(HANDSHAKE_HINT)
+    } else {
+        None
+    }
+}
 
 /// Classifies an error from sending a request or reading a body.
 pub fn classify(err: &(dyn StdError + 'static), what: &str) -> Failure {
     let chain = error_chain(err);
     // A certificate problem is not transient: retrying for a week would only hide it.
     if let Some(tls) = find::<rustls::Error>(err) {
-        let refused_ours = matches!(tls, rustls::Error::AlertReceived(a)
-            if REFUSED_CERTIFICATE.contains(&format!("{a:?}").as_str()));
-        let permanent = refused_ours
+        let refused = match tls {
+            rustls::Error::AlertReceived(a) => refused_alert(&format!("{a:?}")),
+            _ => None,
+        };
+        let permanent = refused.is_some()
             || matches!(
                 tls,
                 rustls::Error::InvalidCertificate(_)
@@ -374,8 +393,7 @@ pub fn classify(err: &(dyn StdError + 'static), what: &str) -> Failure {
                     | rustls::Error::UnsupportedNameType
                     | rustls::Error::PeerIncompatible(_)
             );
-        let hint = if refused_ours { REFUSED_HINT } else { "" };
-        let message = format!("{what}: TLS error: {tls}{hint}");
+        let message = format!("{what}: TLS error: {tls}{}", refused.unwrap_or_default());
         return if permanent {
             Failure::permanent(ErrorCode::Tls, message)
         } else {
@@ -383,10 +401,8 @@ pub fn classify(err: &(dyn StdError + 'static), what: &str) -> Failure {
         };
     }
     // The same alert inside the connection's own error, of which hyper keeps only the text.
-    if let Some(alert) = chain.split("received fatal alert: ").nth(1)
-        && REFUSED_CERTIFICATE.iter().any(|name| alert.starts_with(name))
-    {
-        return Failure::permanent(ErrorCode::Tls, format!("{what}: TLS error: {chain}{REFUSED_HINT}"));
+    if let Some(hint) = chain.split("received fatal alert: ").nth(1).and_then(refused_alert) {
+        return Failure::permanent(ErrorCode::Tls, format!("{what}: TLS error: {chain}{hint}"));
     }
     if let Some(io) = find::<std::io::Error>(err)
         && io.kind() == std::io::ErrorKind::TimedOut
@@ -526,6 +542,26 @@ pub fn is_encoded(content_encoding: Option<&str>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server's fatal alert that retrying cannot mend fails the task at once; others
+    /// (an internal error, a connection closed) are retried.
+    #[test]
+    fn refused_handshakes_are_permanent() {
+        use rustls::AlertDescription as A;
+        for (alert, permanent, hint) in [
+            (A::HandshakeFailure, true, "no TLS version or cipher"),
+            (A::ProtocolVersion, true, "no TLS version or cipher"),
+            (A::CertificateRequired, true, "wants a client certificate it accepts"),
+            (A::InternalError, false, ""),
+        ] {
+            let f = classify(&rustls::Error::AlertReceived(alert), "GET");
+            assert_eq!(f.retry == Retry::Never, permanent, "{alert:?}: {f:?}");
+            assert_eq!(f.error.code, ErrorCode::Tls);
+            assert!(f.error.message.contains(hint), "{alert:?}: {}", f.error.message);
+        }
+        let wrapped = std::io::Error::other("received fatal alert: HandshakeFailure");
+        assert_eq!(classify(&wrapped, "GET").retry, Retry::Never, "the alert as text, as hyper keeps it");
+    }
 
     #[test]
     fn content_range() {
