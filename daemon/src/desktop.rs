@@ -2,7 +2,8 @@
 //! on the core's thread): NetworkManager's `State` and `Metered`, UPower's `OnBattery` and
 //! the display device's `Percentage`. Each change is reported to the core whole. A service
 //! that is not on the bus (or no bus at all) leaves its facts unknown: the daemon then
-//! assumes online, unmetered and on AC, and says so once in the log.
+//! assumes online, unmetered and on AC, and says so once in the log. One on the bus that
+//! fails a read keeps its last facts until it answers again.
 //!
 //! The bus is the one `DBUS_SYSTEM_BUS_ADDRESS` names, else the system's.
 
@@ -77,8 +78,10 @@ pub async fn watch(report: impl Fn(Desktop) + Send + 'static) {
     // Without subscriptions, the stream of changes ends at once: that is no bus going away.
     let subscribed = !changes.is_empty();
     let mut any = futures_util::stream::select_all(changes);
+    // After a read a service on the bus did not answer: when to read again.
+    let mut again: Option<std::time::Duration> = None;
     loop {
-        let now = read(&conn).await;
+        let (now, failed) = read(&conn, last.as_ref()).await;
         if (now.nm_connected.is_none() || now.on_battery.is_none()) && !said_missing {
             info!(
                 network = %now.network_source,
@@ -92,17 +95,23 @@ pub async fn watch(report: impl Fn(Desktop) + Send + 'static) {
             report(now.clone());
             last = Some(now);
         }
+        again = failed.then(|| again.map_or(REREAD_FAILED_FIRST, |a| (a * 2).min(REREAD_FAILED_MOST)));
         if !subscribed {
-            tokio::time::sleep(REREAD_UNSUBSCRIBED).await;
+            tokio::time::sleep(again.unwrap_or(REREAD_UNSUBSCRIBED).min(REREAD_UNSUBSCRIBED)).await;
             continue;
         }
-        if any.next().await.is_none() {
-            // Facts nobody can update any more are dropped rather than kept forever (a
-            // stale "on battery" would hold sessions back).
-            let why = "the system bus went away".to_owned();
-            info!("{why}: assuming online, unmetered and on AC power");
-            report(Desktop { network_source: why.clone(), power_source: why, ..Desktop::default() });
-            return;
+        tokio::select! {
+            changed = any.next() => {
+                if changed.is_none() {
+                    // Facts nobody can update any more are dropped rather than kept forever
+                    // (a stale "on battery" would hold sessions back).
+                    let why = "the system bus went away".to_owned();
+                    info!("{why}: assuming online, unmetered and on AC power");
+                    report(Desktop { network_source: why.clone(), power_source: why, ..Desktop::default() });
+                    return;
+                }
+            }
+            () = tokio::time::sleep(again.unwrap_or_default()), if again.is_some() => {}
         }
     }
 }
@@ -138,29 +147,105 @@ async fn subscribe(conn: &Connection) -> Vec<futures_util::stream::BoxStream<'st
 const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How often the services are read when their changes could not be subscribed to.
 const REREAD_UNSUBSCRIBED: std::time::Duration = std::time::Duration::from_secs(30);
+/// A service on the bus that did not answer is read again after this, doubling up to the
+/// most (its last facts are kept meanwhile).
+const REREAD_FAILED_FIRST: std::time::Duration = std::time::Duration::from_secs(2);
+const REREAD_FAILED_MOST: std::time::Duration = std::time::Duration::from_secs(60);
 
-async fn proxy<'a>(conn: &Connection, (dest, path, iface): (&'a str, &'a str, &'a str)) -> zbus::Result<Proxy<'a>> {
-    zbus::proxy::Builder::new(conn)
-        .destination(dest)?
-        .path(path)?
-        .interface(iface)?
+/// Why a service said nothing.
+#[derive(Debug)]
+enum Silent {
+    /// Not on the bus: its facts are unknown.
+    Absent(String),
+    /// On the bus but it failed or did not answer in time: its last facts still hold.
+    Failed(String),
+}
+
+/// One property of a service, without starting the service if it is not running (an admin
+/// who stopped NetworkManager does not want it started again by a download daemon).
+/// `Ok(None)`: the service has no such property.
+async fn get<T>((dest, path, iface): (&str, &str, &str), conn: &Connection, name: &str) -> Result<Option<T>, Silent>
+where
+    T: TryFrom<zbus::zvariant::OwnedValue>,
+{
+    let failed = |e: zbus::Error| Silent::Failed(format!("{dest}: {e}"));
+    let props = zbus::proxy::Builder::<Proxy>::new(conn)
+        .destination(dest)
+        .and_then(|b| b.path(path))
+        .and_then(|b| b.interface("org.freedesktop.DBus.Properties"))
+        .map_err(failed)?
         .cache_properties(CacheProperties::No)
         .build()
         .await
+        .map_err(failed)?;
+    let flags = zbus::proxy::MethodFlags::NoAutoStart.into();
+    match props.call_with_flags::<_, _, zbus::zvariant::OwnedValue>("Get", flags, &(iface, name)).await {
+        Ok(Some(value)) => T::try_from(value)
+            .map(Some)
+            .map_err(|_| Silent::Failed(format!("{dest}: {name} is not of the expected type"))),
+        Ok(None) => Err(Silent::Failed(format!("{dest}: no answer to reading {name}"))),
+        Err(zbus::Error::MethodError(error, detail, _)) => {
+            let why = || format!("{dest} not available ({error}: {})", detail.as_deref().unwrap_or("no details"));
+            match error.as_str() {
+                "org.freedesktop.DBus.Error.ServiceUnknown" | "org.freedesktop.DBus.Error.NameHasNoOwner" => {
+                    Err(Silent::Absent(why()))
+                }
+                "org.freedesktop.DBus.Error.UnknownProperty"
+                | "org.freedesktop.DBus.Error.InvalidArgs"
+                | "org.freedesktop.DBus.Error.UnknownInterface" => Ok(None),
+                _ => Err(Silent::Failed(why())),
+            }
+        }
+        Err(e) => Err(failed(e)),
+    }
 }
 
-/// Reads every fact now, each service on its own time: one that hangs counts as absent
-/// for this read, and the other's facts are kept (a hung UPower must not lose
-/// NetworkManager's "metered").
-async fn read(conn: &Connection) -> Desktop {
-    let why = || format!("no answer within {} s", READ_TIMEOUT.as_secs());
+/// Reads every fact now, each service on its own time. A service not on the bus leaves its
+/// facts unknown; one on the bus that fails or hangs keeps what it said last (a busy
+/// NetworkManager after a resume did not make a metered network unmetered), and says
+/// whether a read failed so that it is read again soon.
+async fn read(conn: &Connection, last: Option<&Desktop>) -> (Desktop, bool) {
+    let timeout = || Silent::Failed(format!("no answer within {} s", READ_TIMEOUT.as_secs()));
     let (network, power) = tokio::join!(
         tokio::time::timeout(READ_TIMEOUT, read_network(conn)),
         tokio::time::timeout(READ_TIMEOUT, read_power(conn)),
     );
-    let network = network.unwrap_or_else(|_| Desktop { network_source: why(), ..Desktop::default() });
-    let power = power.unwrap_or_else(|_| Desktop { power_source: why(), ..Desktop::default() });
-    Desktop {
+    let mut failed = false;
+    let mut heard = |got: Result<Result<Desktop, Silent>, _>,
+                     keep: &dyn Fn(&Desktop) -> Desktop,
+                     absent: &dyn Fn(String) -> Desktop| {
+        match got.unwrap_or_else(|_| Err(timeout())) {
+            Ok(d) => d,
+            Err(Silent::Absent(why)) => absent(why),
+            Err(Silent::Failed(why)) => {
+                failed = true;
+                debug!(%why, "a desktop service did not answer; its last word holds");
+                last.map_or_else(|| absent(why), keep)
+            }
+        }
+    };
+    let network = heard(
+        network,
+        &|l| Desktop {
+            nm_connected: l.nm_connected,
+            nm_internet: l.nm_internet,
+            metered: l.metered,
+            network_source: l.network_source.clone(),
+            ..Desktop::default()
+        },
+        &|why| Desktop { network_source: why, ..Desktop::default() },
+    );
+    let power = heard(
+        power,
+        &|l| Desktop {
+            on_battery: l.on_battery,
+            battery_percent: l.battery_percent,
+            power_source: l.power_source.clone(),
+            ..Desktop::default()
+        },
+        &|why| Desktop { power_source: why, ..Desktop::default() },
+    );
+    let now = Desktop {
         nm_connected: network.nm_connected,
         nm_internet: network.nm_internet,
         metered: network.metered,
@@ -168,55 +253,41 @@ async fn read(conn: &Connection) -> Desktop {
         on_battery: power.on_battery,
         battery_percent: power.battery_percent,
         power_source: power.power_source,
-    }
+    };
+    (now, failed)
 }
 
 /// NetworkManager's facts (the network fields of a `Desktop`).
-async fn read_network(conn: &Connection) -> Desktop {
-    let mut d = Desktop::default();
-    match proxy(conn, NM).await {
-        Ok(nm) => match nm.get_property::<u32>("State").await {
-            Ok(state) => {
-                d.nm_connected = Some(state >= NM_STATE_CONNECTED_LOCAL);
-                // NMConnectivityState: 1 none, 2 portal, 3 limited, 4 full (0: unknown).
-                d.nm_internet = match nm.get_property::<u32>("Connectivity").await {
-                    Ok(4) => Some(true),
-                    Ok(1..=3) => Some(false),
-                    _ => None,
-                };
-                // An older NetworkManager may lack `Metered`: then unknown.
-                d.metered = nm
-                    .get_property::<u32>("Metered")
-                    .await
-                    .ok()
-                    .map(|m| m == NM_METERED_YES || m == NM_METERED_GUESS_YES);
-                d.network_source = "NetworkManager".into();
-            }
-            Err(e) => d.network_source = format!("NetworkManager not available ({e})"),
-        },
-        Err(e) => d.network_source = format!("NetworkManager not available ({e})"),
-    }
-    d
+async fn read_network(conn: &Connection) -> Result<Desktop, Silent> {
+    let Some(state) = get::<u32>(NM, conn, "State").await? else {
+        return Err(Silent::Absent("NetworkManager not available (it has no State)".into()));
+    };
+    // NMConnectivityState: 1 none, 2 portal, 3 limited, 4 full (0: unknown).
+    let nm_internet = match get::<u32>(NM, conn, "Connectivity").await? {
+        Some(4) => Some(true),
+        Some(1..=3) => Some(false),
+        _ => None,
+    };
+    // An older NetworkManager may lack `Metered`: then unknown.
+    let metered = get::<u32>(NM, conn, "Metered").await?.map(|m| m == NM_METERED_YES || m == NM_METERED_GUESS_YES);
+    Ok(Desktop {
+        nm_connected: Some(state >= NM_STATE_CONNECTED_LOCAL),
+        nm_internet,
+        metered,
+        network_source: "NetworkManager".into(),
+        ..Desktop::default()
+    })
 }
 
 /// UPower's facts (the power fields of a `Desktop`).
-async fn read_power(conn: &Connection) -> Desktop {
-    let mut d = Desktop::default();
-    match proxy(conn, UPOWER).await {
-        Ok(up) => match up.get_property::<bool>("OnBattery").await {
-            Ok(on_battery) => {
-                d.on_battery = Some(on_battery);
-                d.power_source = "UPower".into();
-                if let Ok(display) = proxy(conn, DISPLAY).await
-                    && let Ok(p) = display.get_property::<f64>("Percentage").await
-                    && p > 0.0
-                {
-                    d.battery_percent = Some(p.clamp(0.0, 100.0).round() as u8);
-                }
-            }
-            Err(e) => d.power_source = format!("UPower not available ({e})"),
-        },
-        Err(e) => d.power_source = format!("UPower not available ({e})"),
-    }
-    d
+async fn read_power(conn: &Connection) -> Result<Desktop, Silent> {
+    let Some(on_battery) = get::<bool>(UPOWER, conn, "OnBattery").await? else {
+        return Err(Silent::Absent("UPower not available (it has no OnBattery)".into()));
+    };
+    // The display device's charge is only shown; a read that fails leaves it out.
+    let battery_percent = match get::<f64>(DISPLAY, conn, "Percentage").await {
+        Ok(Some(p)) if p > 0.0 => Some(p.clamp(0.0, 100.0).round() as u8),
+        _ => None,
+    };
+    Ok(Desktop { on_battery: Some(on_battery), battery_percent, power_source: "UPower".into(), ..Desktop::default() })
 }

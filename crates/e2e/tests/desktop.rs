@@ -339,6 +339,34 @@ fn a_hung_upower_does_not_hide_a_metered_network() {
     assert!(s["power"]["source"].as_str().unwrap_or_default().contains("no answer"), "{s}");
 }
 
+/// A desktop service still on the bus that does not answer a read (NetworkManager busy
+/// after a resume) keeps its last word: a metered network stays metered, and a task that
+/// refuses metered networks stays held. Before, the failed read counted as "unmetered" and
+/// released it until NetworkManager next spoke.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_network_manager_does_not_make_a_metered_network_unmetered() {
+    let (env, mut bus) = desktop();
+    set(&bus, NM, "Metered", "dbus.UInt32(1)");
+    let _d = start(&env, &bus);
+    let server = TestServer::start().await.unwrap();
+    server.add("/held", Resource::generated(100_000, 14));
+    let (delegate, _events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.busy").allows_metered(false), delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(server.url("/held"))], true).await.unwrap().remove(0);
+    poll(&task, "metered_network", &|i| i.wait == Some(WaitReason::MeteredNetwork)).await;
+    // NetworkManager stops answering for 15 s; UPower's change makes the daemon read both.
+    bus.freeze(NM.0, NM.1, 15);
+    set(&bus, UPOWER, "OnBattery", "dbus.Boolean(True)");
+    let until = Instant::now() + Duration::from_secs(14);
+    while Instant::now() < until {
+        assert_eq!(server.hits("/held"), 0, "the task started while NetworkManager was busy");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let s = status(&env);
+    assert_eq!(s["network"]["metered"], true, "{s}");
+    assert_eq!(task.info().await.unwrap().wait, Some(WaitReason::MeteredNetwork));
+}
+
 /// Before the desktop services first answer, a session that refuses metered networks does
 /// not download: its task waits until NetworkManager's word is in (here "metered", and
 /// UPower's silence makes that take 10 s).

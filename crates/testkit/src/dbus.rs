@@ -123,6 +123,33 @@ impl PrivateBus {
         self.mock_call(dest, path, &call, &format!("adding {method}"));
     }
 
+    /// Makes a mock service stop answering for `secs` seconds (it sleeps in a method of its
+    /// own, called from a process left waiting for the answer): a busy system service,
+    /// still on the bus. Returns once the sleep has begun.
+    pub fn freeze(&mut self, dest: &str, path: &str, secs: u32) {
+        let iface = "org.example.Freeze";
+        let call = format!("m.AddMethod({iface:?}, 'Freeze', '', '', 'import time; time.sleep({secs})')\n");
+        self.mock_call(dest, path, &call, "adding Freeze");
+        // A call that expects no answer is dropped by dbus-python: this one waits for it.
+        let caller = Command::new("dbus-send")
+            .arg(format!("--bus={}", self.address))
+            .args(["--print-reply", &format!("--reply-timeout={}", (secs + 5) * 1000), &format!("--dest={dest}"), path])
+            .arg(format!("{iface}.Freeze"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run dbus-send");
+        self.services.push(caller);
+        // Frozen once a call of ours waits: a Ping answered late says so.
+        let started = Instant::now();
+        let ping =
+            ["--print-reply", "--reply-timeout=300", &format!("--dest={dest}"), path, "org.freedesktop.DBus.Peer.Ping"];
+        while self.send(&ping).contains("method return") {
+            assert!(started.elapsed() < Duration::from_secs(10), "{dest} did not freeze");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Runs `call` (Python, with `m` the object's `org.freedesktop.DBus.Mock` interface)
     /// against a mock object, through dbus-python; fails the test with `what` if it fails.
     fn mock_call(&self, dest: &str, path: &str, call: &str, what: &str) {
