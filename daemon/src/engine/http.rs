@@ -241,7 +241,12 @@ impl ClientFactory {
         let mut http = HttpConnector::new_with_resolver(Recording::new(self.resolved.clone()));
         http.enforce_http(false);
         http.set_connect_timeout(Some(self.connect_timeout));
+        // A connection whose peer is gone without a word (a NAT or firewall that forgot it
+        // while the machine slept, an address that changed) is found within about two
+        // minutes, not the kernel's default of eleven (75 s × 9 probes).
         http.set_keepalive(Some(Duration::from_secs(60)));
+        http.set_keepalive_interval(Some(Duration::from_secs(15)));
+        http.set_keepalive_retries(Some(4));
         http.set_nodelay(true);
         let connector =
             ProxyConnector::new(proxies.clone(), http, Arc::new(self.tls.clone()), tunnel_auth, self.connect_timeout);
@@ -263,6 +268,12 @@ impl ClientFactory {
             // A response head is taken up to the same size over HTTP/2 (h2's default is
             // 16 KiB: a larger head reset the stream, and the task retried for days).
             .http2_max_header_list_size(H1_MAX_BUF as u32)
+            // An HTTP/2 connection is shared by every download to its host: one that died
+            // silently (after a suspend, say) is found by a ping unanswered for 20 s, while
+            // pooled too, instead of each request on it waiting out its own timeout.
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .http2_keep_alive_timeout(Duration::from_secs(20))
+            .http2_keep_alive_while_idle(true)
             .build(SpeedSizedReads { connector: https, in_flight: IN_FLIGHT })
     }
 }
