@@ -11,7 +11,8 @@ use crate::{ProtoError, codec};
 ///
 /// Returns `Ok(None)` on a clean end of stream before the first header byte; an end of
 /// stream anywhere else is [`ProtoError::Truncated`]. The payload length is checked
-/// against [`crate::MAX_FRAME`] before the buffer grows.
+/// against [`crate::MAX_FRAME`] before the buffer grows, and the buffer grows only with
+/// the bytes that arrive.
 pub async fn read_frame<R, T>(reader: &mut R, buf: &mut Vec<u8>) -> Result<Option<T>, ProtoError>
 where
     R: AsyncRead + Unpin,
@@ -28,11 +29,12 @@ where
     }
     let len = frame::payload_len(header)?;
     buf.clear();
-    buf.resize(len, 0);
-    reader.read_exact(buf).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => ProtoError::Truncated,
-        _ => ProtoError::Io(e),
-    })?;
+    // Grown as the bytes come, not to the announced length at once: a peer that announces
+    // 1 MiB and sends nothing more holds no megabyte.
+    let got = reader.take(len as u64).read_to_end(buf).await?;
+    if got < len {
+        return Err(ProtoError::Truncated);
+    }
     codec::decode(buf).map(Some)
 }
 

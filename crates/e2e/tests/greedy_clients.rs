@@ -94,6 +94,28 @@ async fn a_client_stuck_in_the_middle_of_a_frame_bothers_nobody() {
     assert!(status_latency(&client).await < Duration::from_secs(1));
 }
 
+/// Clients that announce a 1 MiB frame and send nothing more hold no megabyte each: the
+/// daemon's buffer grows with the bytes that come (before, 200 such clients made it
+/// allocate and zero 200 MiB).
+#[test]
+fn frames_announced_but_not_sent_hold_no_memory() {
+    let env = TestEnv::new();
+    let d = TestDaemon::start(&env);
+    let before = dlsession_testkit::host::peak_rss_kib(d.pid());
+    let mut stuck = Vec::new();
+    for _ in 0..200 {
+        let (mut s, _) = handshake(&env.socket);
+        let mut welcome_len = [0u8; 4];
+        s.read_exact(&mut welcome_len).unwrap();
+        s.write_all(&(1u32 << 20).to_be_bytes()).unwrap();
+        s.write_all(&[0]).unwrap(); // one byte of the megabyte, then nothing
+        stuck.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let grew = dlsession_testkit::host::peak_rss_kib(d.pid()).saturating_sub(before);
+    assert!(grew < 64 << 10, "the daemon's peak memory grew by {} MiB", grew >> 10);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_clients_coming_and_going() {
     let env = TestEnv::new();
