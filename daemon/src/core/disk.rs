@@ -419,11 +419,9 @@ pub fn upload_file(path: &str) -> Result<FileSnapshot, ErrorInfo> {
     if !kind.is_file() {
         return Err(refuse(if kind.is_dir() { "it is a directory".into() } else { "it is not a regular file".into() }));
     }
-    let file = std::fs::File::open(path).map_err(|e| refuse(e.to_string()))?;
+    // Opened without blocking: the path may have become a FIFO since.
+    let file = crate::engine::upload::open_regular(Path::new(path)).map_err(|e| refuse(e.to_string()))?;
     let meta = file.metadata().map_err(|e| refuse(e.to_string()))?;
-    if !meta.is_file() {
-        return Err(refuse("it is not a regular file".into()));
-    }
     Ok(FileSnapshot { size: meta.len(), mtime_ns: crate::engine::upload::mtime_ns_of(&meta) })
 }
 

@@ -648,7 +648,7 @@ async fn read_file(
 ) {
     let opened = {
         let path = path.clone();
-        tokio::task::spawn_blocking(move || std::fs::File::open(path)).await
+        tokio::task::spawn_blocking(move || open_regular(&path)).await
     };
     let file = match opened {
         Ok(Ok(f)) => Arc::new(f),
@@ -681,6 +681,17 @@ async fn read_file(
             return;
         }
     }
+}
+
+/// Opens a file to upload for reading without blocking on what is not a regular file: the
+/// path may have been replaced by a FIFO since it was checked (an open would wait for a
+/// writer for ever, holding a thread of the daemon's shared file work).
+pub fn open_regular(path: &Path) -> io::Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::other("it is not a regular file"));
+    }
+    Ok(file)
 }
 
 /// The next piece of the file from `at` (at most `CHUNK` bytes), or why it cannot be sent.
@@ -836,6 +847,23 @@ fn write_synced(part: &Path, to: &Path, data: &[u8], mode: u32) -> io::Result<()
 
 #[cfg(test)]
 mod tests {
+    /// A FIFO put where the file was is refused at once, not waited on for a writer.
+    #[test]
+    fn a_fifo_in_place_of_the_file_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let opening = fifo.clone();
+        std::thread::spawn(move || tx.send(super::open_regular(&opening).map(drop).map_err(|e| e.to_string())));
+        let got = rx.recv_timeout(std::time::Duration::from_secs(5)).expect("opening a FIFO blocked");
+        assert_eq!(got, Err("it is not a regular file".to_owned()));
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(super::open_regular(&file).is_ok());
+    }
+
     use super::*;
 
     /// A body as `file_body` makes it, fed from `rx` instead of a file.
