@@ -153,8 +153,13 @@ impl Core {
         self.timers.set(at, super::Timer::Retry(id));
     }
 
-    /// A wait for credentials outlived the task's resource deadline: it completes.
+    /// A wait for credentials outlived the task's resource deadline: it completes (unless
+    /// the wall clock was set back meanwhile: then its timer is armed again).
     pub(super) fn on_challenge_deadline(&mut self, id: TaskId) {
+        let deadline = self.tasks.get(&id).and_then(|t| t.rec.resource_deadline);
+        if deadline.is_some_and(|d| crate::model::now_ms() < d) {
+            return self.arm_challenge_deadline(id);
+        }
         let error = out_of_time(self.tasks.get(&id).and_then(|t| t.rec.challenge.as_ref()));
         let (mut ops, mut after) = (Vec::new(), Vec::new());
         self.complete(id, Some(error), &mut ops, &mut after);
