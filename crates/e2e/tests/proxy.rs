@@ -70,6 +70,30 @@ async fn no_proxy_hosts_are_reached_directly() {
     assert!(proxy.records().is_empty(), "bypassed: {:?}", proxy.records());
 }
 
+/// Started as a CGI program (`REQUEST_METHOD` set), the daemon trusts no proxy variable:
+/// there `HTTP_PROXY` may be a request's `Proxy:` header ("httpoxy").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_cgi_the_proxy_variables_are_not_trusted() {
+    let env = TestEnv::new();
+    let proxy = TestProxy::start().await.unwrap();
+    let _d = TestDaemon::start_with_env(
+        &env,
+        &[
+            ("HTTP_PROXY", OsStr::new(&proxy.url())),
+            ("NO_PROXY", OsStr::new("")),
+            ("REQUEST_METHOD", OsStr::new("GET")),
+        ],
+    );
+    let plain = TestServer::start().await.unwrap();
+    plain.add("/p", Resource::generated(1000, 4));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session =
+        Session::attach(SessionConfiguration::background("t.cgi").socket(&env.socket), delegate).await.unwrap();
+    let t = session.download_tasks(vec![DownloadRequest::new(plain.url("/p"))], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(t.id(), LONG).await, None);
+    assert!(proxy.records().is_empty(), "went through the proxy: {:?}", proxy.records());
+}
+
 /// Through a SOCKS5 proxy with a password: `socks5h` hands the proxy the name (no DNS
 /// lookup here), TLS runs end to end inside the tunnel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,16 +35,7 @@ impl Core {
         let spaces = self.auth.spaces.get(&key).into_iter().flatten();
         let mut held: Vec<&HeldCredential> = own.iter().collect();
         held.extend(spaces.filter(|c| !own.iter().any(|o| o.origin == c.origin && o.proxy == c.proxy)));
-        held.into_iter()
-            .filter_map(|c| {
-                Some(AuthHeader {
-                    origin: c.origin.clone(),
-                    proxy: c.proxy,
-                    name: c.name.parse().ok()?,
-                    value: c.value.parse().ok()?,
-                })
-            })
-            .collect()
+        held.into_iter().filter_map(|c| AuthHeader::new(c.origin.clone(), c.proxy, &c.name, &c.value)).collect()
     }
 
     pub(super) fn answers_challenges(&self, key: SessionKey) -> bool {

@@ -42,6 +42,11 @@ pub struct Proxies {
 
 impl Proxies {
     pub fn from_env() -> Proxies {
+        // Run as a CGI program, `HTTP_PROXY` may be a request's `Proxy:` header ("httpoxy"):
+        // then no proxy variable is trusted (configuration.md).
+        if std::env::var_os("REQUEST_METHOD").is_some() {
+            return Proxies::new("", "", "", "");
+        }
         let var = |names: [&str; 2]| names.iter().find_map(|n| std::env::var(n).ok()).unwrap_or_default();
         Proxies::new(
             &var(["ALL_PROXY", "all_proxy"]),
@@ -156,7 +161,11 @@ fn split_no_proxy(no: &str) -> (Vec<(String, u16)>, String) {
         };
         match split.and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?))) {
             Some((host, port)) if !host.is_empty() => ported.push((host.to_owned(), port)),
-            _ => rest.push(entry),
+            // `[::1]` or `[fd00::/8]` without a port: the matcher takes addresses unbracketed.
+            _ => match entry.strip_prefix('[').and_then(|v6| v6.strip_suffix(']')) {
+                Some(bare) if !bare.is_empty() => rest.push(bare),
+                _ => rest.push(entry),
+            },
         }
     }
     (ported, rest.join(","))
@@ -589,5 +598,10 @@ mod tests {
         assert_eq!(via(&p, "http://elsewhere.test/").as_deref(), Some("socks5h://127.0.0.1:1080/"));
         let everything = Proxies::new("http://127.0.0.1:3128", "", "", "*");
         assert_eq!(via(&everything, "http://a.test/"), None);
+        // IPv6 as URLs write it, without a port: an address and a block.
+        let v6 = Proxies::new("http://127.0.0.1:3128", "", "", "[::1], [fd00::/8]");
+        assert_eq!(via(&v6, "http://[::1]/a"), None);
+        assert_eq!(via(&v6, "http://[fd00::5]:8080/a"), None, "in the block");
+        assert!(via(&v6, "http://[2001:db8::1]/a").is_some());
     }
 }
