@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use dlsession_proto::{Event, Request, ServerMessage, TaskId, TaskInfo};
+use dlsession_proto::{Event, Request, ServerMessage, TaskId, TaskInfo, WakeReason};
 
 pub type ConnId = u64;
 
@@ -163,6 +163,9 @@ pub struct Mailbox {
 struct MailboxInner {
     progress: BTreeMap<TaskId, PendingProgress>,
     updates: BTreeMap<TaskId, TaskInfo>,
+    /// Unsent wakes, one per session: a client that does not read (while another loops
+    /// `wake`) is owed one per session, not one per request.
+    wakes: BTreeMap<String, WakeReason>,
 }
 
 #[derive(Debug)]
@@ -214,6 +217,14 @@ impl Mailbox {
         self.notify.notify_one();
     }
 
+    /// Wakes the app for session `identifier`, replacing an unsent wake of it.
+    pub fn put_wake(&self, identifier: &str, reason: WakeReason) {
+        if let Ok(mut m) = self.inner.lock() {
+            m.wakes.insert(identifier.to_owned(), reason);
+        }
+        self.notify.notify_one();
+    }
+
     /// The unsent progress of one task (sent ahead of its final events).
     pub fn take_progress(&self, task: TaskId) -> Option<ServerMessage> {
         let p = self.inner.lock().ok()?.progress.remove(&task)?;
@@ -224,15 +235,19 @@ impl Mailbox {
         let Ok(mut m) = self.inner.lock() else { return Vec::new() };
         let progress = std::mem::take(&mut m.progress);
         let updates = std::mem::take(&mut m.updates);
+        let wakes = std::mem::take(&mut m.wakes);
         drop(m);
         let mut out: Vec<ServerMessage> = progress.into_iter().map(|(t, p)| progress_message(t, p)).collect();
         out.extend(updates.into_values().map(|i| ServerMessage::Event(Event::TaskUpdate(i))));
+        out.extend(
+            wakes.into_iter().map(|(identifier, reason)| ServerMessage::Event(Event::Wake { identifier, reason })),
+        );
         out
     }
 
     #[cfg(test)]
     pub fn pending(&self) -> usize {
-        self.inner.lock().map(|m| m.progress.len() + m.updates.len()).unwrap_or(0)
+        self.inner.lock().map(|m| m.progress.len() + m.updates.len() + m.wakes.len()).unwrap_or(0)
     }
 }
 
@@ -276,6 +291,27 @@ mod tests {
             .sum();
         assert_eq!(written, 10_000, "no bytes lost in coalescing");
         assert_eq!(m.pending(), 0);
+    }
+
+    /// Wakes a client has not read yet are one per session, the latest reason kept.
+    #[test]
+    fn wakes_coalesce_per_session() {
+        let m = Mailbox::default();
+        for _ in 0..10_000 {
+            m.put_wake("a", WakeReason::Requested);
+        }
+        m.put_wake("b", WakeReason::Requested);
+        m.put_wake("a", WakeReason::FinishedEvents);
+        assert_eq!(m.pending(), 2);
+        let wakes: Vec<(String, WakeReason)> = m
+            .take_all()
+            .into_iter()
+            .filter_map(|msg| match msg {
+                ServerMessage::Event(Event::Wake { identifier, reason }) => Some((identifier, reason)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(wakes, [("a".into(), WakeReason::FinishedEvents), ("b".into(), WakeReason::Requested)]);
     }
 
     fn event() -> ServerMessage {

@@ -12,7 +12,7 @@ use super::timers::{Timer, wall_after};
 use super::{ConnId, Core};
 use crate::launcher;
 use crate::model::{SessionKey, now_ms};
-use dlsession_proto::{ErrorCode, ErrorInfo, Event, WakeOutcome, WakeReason};
+use dlsession_proto::{ErrorCode, ErrorInfo, WakeOutcome, WakeReason};
 
 impl Core {
     fn has_finished_events(&self, key: SessionKey) -> bool {
@@ -178,7 +178,7 @@ impl Core {
         }
         for conn in &targets {
             if let Some(c) = self.conns.get(conn) {
-                c.handle.event(Event::Wake { identifier: identifier.clone(), reason });
+                c.handle.mailbox.put_wake(&identifier, reason);
             }
         }
         let outcome = WakeOutcome::Woken { connections: u32::try_from(targets.len()).unwrap_or(u32::MAX) };
