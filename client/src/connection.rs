@@ -45,7 +45,8 @@ pub struct ClientOptions {
     /// it, a broken connection stays broken ([`Client::is_closed`]).
     pub reconnect: bool,
     /// Events queued per attached session (durable events that do not fit are not lost:
-    /// the daemon keeps them, and the session asks for them again once it caught up).
+    /// the daemon keeps them, and the session asks for them again once it caught up; until
+    /// that answer, later ones are held back too, so the delegate hears them in order).
     pub event_queue: usize,
 }
 
@@ -202,6 +203,16 @@ impl Client {
     /// Sends a request and waits for its response (at most the request timeout). While
     /// the client is connecting again, the request waits for the new connection.
     pub async fn request(&self, request: Request) -> Result<Response> {
+        self.request_with(request, None).await
+    }
+
+    /// Sends a request whose answer is handled in its place among the events: `in_order`
+    /// runs on it after every event read before it was routed, and before any read after.
+    pub(crate) async fn request_in_order(&self, request: Request, in_order: crate::link::InOrder) -> Result<Response> {
+        self.request_with(request, Some(in_order)).await
+    }
+
+    async fn request_with(&self, request: Request, in_order: Option<crate::link::InOrder>) -> Result<Response> {
         let name = request.name();
         let after = self.shared.options.request_timeout;
         // One timer for the whole request: waiting for a connection, then for the answer.
@@ -210,7 +221,7 @@ impl Client {
                 Some(link) => link,
                 None => self.live_link().await?,
             };
-            let rx = self.send_on(&link, request)?;
+            let rx = self.send_with(&link, request, in_order)?;
             match rx.await {
                 Ok(Ok(response)) => Ok(response),
                 Ok(Err(e)) => Err(Error::Daemon(e)),
@@ -282,6 +293,15 @@ impl Client {
     }
 
     fn send_on(&self, link: &Link, request: Request) -> Result<oneshot::Receiver<Answer>> {
+        self.send_with(link, request, None)
+    }
+
+    fn send_with(
+        &self,
+        link: &Link,
+        request: Request,
+        in_order: Option<crate::link::InOrder>,
+    ) -> Result<oneshot::Receiver<Answer>> {
         // Registrations are repeated on every new connection.
         match &request {
             Request::Watch(filter) => self.remember_watch(Some(filter.clone())),
@@ -290,7 +310,7 @@ impl Client {
             _ => {}
         }
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        link.send(id, request)
+        link.send(id, request, in_order)
     }
 
     /// Marks tasks as taken back (see `Shared::withdrawn`) before they are cancelled.
@@ -460,6 +480,10 @@ async fn supervise(shared: Arc<Shared>, mut incoming: mpsc::UnboundedReceiver<(u
         }
         match item {
             Incoming::Message(msg) => dispatch(&shared, msg),
+            Incoming::Answer(tx, hook, answer) => {
+                (hook.0)(&answer);
+                let _ = tx.send(answer);
+            }
             Incoming::Closed(reason) => {
                 let text = reason.clone().unwrap_or_else(|| "dlsessiond closed the connection".into());
                 // The link's state first: an app that hears of the loss and asks something
@@ -524,7 +548,7 @@ async fn reconnect(shared: &Arc<Shared>) {
     let mut registrations = Vec::new();
     for request in again {
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        match link.send(id, request) {
+        match link.send(id, request, None) {
             Ok(rx) => registrations.push(rx),
             Err(e) => warn!(error = %e, "cannot register again with dlsessiond"),
         }
@@ -552,7 +576,7 @@ async fn reconnect(shared: &Arc<Shared>) {
                 let _ = tokio::time::timeout_at(deadline, r).await;
             }
             let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-            match link.send(id, Request::HandleWakes) {
+            match link.send(id, Request::HandleWakes, None) {
                 Ok(rx) => {
                     if let Ok(Err(e)) = rx.await {
                         warn!(error = %e, "registering for wakes again failed");
@@ -597,7 +621,7 @@ async fn rejoin(shared: Arc<Shared>, link: Arc<Link>, r: Rejoin) {
     // that is gone (invalidated and removed while the app was away) is over: an attach would
     // make a new, empty one behind the app's back.
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let stored = match link.send(id, Request::GetSession { identifier: identifier.clone() }) {
+    let stored = match link.send(id, Request::GetSession { identifier: identifier.clone() }, None) {
         Ok(rx) => match rx.await {
             Ok(Ok(Response::Session(info))) => Some(info.config),
             Ok(Err(e)) if e.code == ErrorCode::NoSuchSession => {
@@ -619,11 +643,13 @@ async fn rejoin(shared: Arc<Shared>, link: Arc<Link>, r: Rejoin) {
         // and one dropped after sends its detach behind this attach, on the same link.
         let sent = {
             let Ok(routes) = shared.routes.lock() else { return };
-            if routes.get(&identifier).is_none_or(|route| route.token != token) {
+            let Some(route) = routes.get(&identifier).filter(|route| route.token == token) else {
                 debug!(session = %identifier, "the session was dropped; not rejoining it");
                 return;
-            }
-            link.send(id, attach.clone())
+            };
+            // The replay that follows the answer brings whatever an overflow dropped before:
+            // events are let through again from there (see `Dispatcher::ask_again`).
+            link.send(id, attach.clone(), Some(reopen_on_answer(route.overflowed.clone())))
         };
         let answer = match sent {
             Ok(rx) => rx.await,
@@ -656,6 +682,16 @@ async fn rejoin(shared: Arc<Shared>, link: Arc<Link>, r: Rejoin) {
             return;
         }
     }
+}
+
+/// Lets a session's events through again when the answer to its attach is read, in its
+/// place among them: every event after it is the replay's, or newer.
+pub(crate) fn reopen_on_answer(overflowed: Arc<AtomicBool>) -> crate::link::InOrder {
+    crate::link::InOrder(Box::new(move |answer| {
+        if answer.is_ok() {
+            overflowed.store(false, Ordering::Release);
+        }
+    }))
 }
 
 /// How long `session_in_use` is taken for our own attachment the daemon has not dropped yet.

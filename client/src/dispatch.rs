@@ -533,7 +533,6 @@ impl Dispatcher {
     /// first, so they do not come twice).
     fn ask_again(&mut self) {
         self.flush_acks(true);
-        self.overflowed.store(false, Ordering::Release);
         let Some(shared) = self.session.upgrade() else { return };
         let Some(request) = shared.client.attach_request(&shared.identifier, shared.route) else { return };
         // Attached on this very connection: no takeover (that could take the session back
@@ -557,7 +556,11 @@ impl Dispatcher {
         let request = SessionConfiguration::reattach(request, stored);
         debug!(session = %self.identifier, "the event queue overflowed; asking for the events again");
         self.replay_coming(&shared);
-        let Some(answer) = self.block_on(shared.client.request(request)) else { return };
+        // Events stay dropped until the attach's answer, in its place among them: what came
+        // before it is in the replay that follows it; let through earlier, a live event
+        // reached the delegate ahead of the older ones the replay brings.
+        let reopen = crate::connection::reopen_on_answer(self.overflowed.clone());
+        let Some(answer) = self.block_on(shared.client.request_in_order(request, reopen)) else { return };
         match answer {
             Ok(_) => {
                 self.ask_again_at = None;

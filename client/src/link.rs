@@ -21,7 +21,17 @@ use dlsession_proto::{
 /// The answer to one request.
 pub type Answer = std::result::Result<Response, ErrorInfo>;
 
-type Pending = HashMap<u64, oneshot::Sender<Answer>>;
+/// Run on an answer in its place among the messages (see [`Incoming::Answer`]).
+pub struct InOrder(pub Box<dyn FnOnce(&Answer) + Send>);
+
+impl std::fmt::Debug for InOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InOrder")
+    }
+}
+
+/// Who waits for an answer, and what runs on it in order, if anything.
+type Pending = HashMap<u64, (oneshot::Sender<Answer>, Option<InOrder>)>;
 
 /// A live connection. Dropping it closes the socket.
 #[derive(Debug)]
@@ -42,11 +52,15 @@ impl Drop for Link {
     }
 }
 
-/// What the reader hands to the client: every message that is not an answer, and once,
-/// when the connection ends, why.
+/// What the reader hands to the client: every message that is not an answer, the answers
+/// to be handled in order with them, and once, when the connection ends, why.
 #[derive(Debug)]
 pub enum Incoming {
     Message(ServerMessage),
+    /// An answer whose request asked for it in its place among the messages: its hook runs
+    /// after every message read before it was routed and before any read after it, then
+    /// the waiter gets it.
+    Answer(oneshot::Sender<Answer>, InOrder, Answer),
     Closed(Option<String>),
 }
 
@@ -120,13 +134,15 @@ impl Link {
     }
 
     /// Sends a request; the receiver gets its answer (or an error when the link breaks).
-    pub fn send(&self, id: u64, request: Request) -> Result<oneshot::Receiver<Answer>> {
+    /// With `in_order`, the answer goes through the messages' way and the hook runs on it
+    /// there (see [`Incoming::Answer`]).
+    pub fn send(&self, id: u64, request: Request, in_order: Option<InOrder>) -> Result<oneshot::Receiver<Answer>> {
         let bytes = frame::encode_frame(&RequestFrame { id, request })?;
         let (tx, rx) = oneshot::channel();
         {
             let mut pending = self.pending.lock().map_err(|_| self.disconnected())?;
             let Some(pending) = pending.as_mut() else { return Err(self.disconnected()) };
-            pending.insert(id, tx);
+            pending.insert(id, (tx, in_order));
         }
         self.out.send(bytes).map_err(|_| self.disconnected())?;
         Ok(rx)
@@ -150,15 +166,24 @@ impl Link {
         }
     }
 
-    /// Hands an answer to its request; anything else is passed on.
-    fn answer(&self, id: u64, result: Answer) {
+    /// Hands an answer to its request, or to the messages' way if it asked to be handled
+    /// in order; false if that way is closed.
+    fn answer(
+        &self,
+        id: u64,
+        result: Answer,
+        incoming: &mpsc::UnboundedSender<(u64, Incoming)>,
+        generation: u64,
+    ) -> bool {
         let waiter = self.pending.lock().ok().and_then(|mut p| p.as_mut().and_then(|p| p.remove(&id)));
         match waiter {
-            Some(tx) => {
+            Some((tx, None)) => {
                 let _ = tx.send(result);
             }
+            Some((tx, Some(hook))) => return incoming.send((generation, Incoming::Answer(tx, hook, result))).is_ok(),
             None => tracing::debug!(id, "response to an unknown request"),
         }
+        true
     }
 }
 
@@ -200,7 +225,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
         match msg {
             // A connection-level error from the daemon: it closes next.
             ServerMessage::Response { id: 0, result: Err(e) } => return Some(e.message),
-            ServerMessage::Response { id, result } => link.upgrade()?.answer(id, result),
+            ServerMessage::Response { id, result } => {
+                if !link.upgrade()?.answer(id, result, incoming, generation) {
+                    return None;
+                }
+            }
             other => {
                 if incoming.send((generation, Incoming::Message(other))).is_err() {
                     return None;

@@ -146,3 +146,116 @@ async fn nobody_listening_is_not_running() {
     assert!(err.is_unreachable(), "{err:?}");
     assert!(err.to_string().contains("dlsessiond is not running"));
 }
+
+/// Events keep their order across an overflow of the session's queue: while the library
+/// asks for the dropped ones again (it attaches again), an event the daemon sends before
+/// answering that attach is not handed to the delegate ahead of them; it comes in the
+/// replay, after them. A scripted daemon holds exactly that order on the wire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_event_never_overtakes_the_replay_of_an_overflow() {
+    use dlsession::proto::{DurableEvent, Event, Request, RequestFrame, SessionConfig, SessionInfo, TaskCounts};
+    use dlsession::{Session, SessionConfiguration};
+    use std::sync::{Arc, Mutex};
+
+    enum Kind {
+        Attach,
+        Other,
+    }
+    fn session_info() -> SessionInfo {
+        SessionInfo {
+            identifier: "s".into(),
+            config: SessionConfig::default(),
+            attached: true,
+            tasks: TaskCounts::default(),
+            pending_events: 0,
+            wake: Default::default(),
+            invalidating: false,
+            created_at: 0,
+        }
+    }
+    fn completed(seq: u64) -> ServerMessage {
+        let event = DurableEvent::Completed { task: seq, error: None };
+        ServerMessage::Event(Event::Durable { identifier: "s".into(), seq, event })
+    }
+    async fn send(s: &mut UnixStream, msg: &ServerMessage) {
+        s.write_all(&frame::encode_frame(msg).unwrap()).await.unwrap();
+    }
+    let (_d, path) = fake_daemon(|mut s| async move {
+        welcome(&mut s).await;
+        let mut attaches = 0;
+        let mut acked: std::collections::BTreeSet<u64> = Default::default();
+        loop {
+            let body = read_frame(&mut s).await;
+            if body.is_empty() {
+                return;
+            }
+            let Ok(frame) = dlsession::proto::codec::decode::<RequestFrame>(&body) else { return };
+            let frame_kind = if matches!(frame.request, Request::Attach { .. }) { Kind::Attach } else { Kind::Other };
+            let answer = match frame.request {
+                Request::GetSession { .. } => Ok(Response::Session(session_info())),
+                Request::Attach { .. } => {
+                    attaches += 1;
+                    if attaches == 2 {
+                        // The library asks again after an overflow: a newer event goes
+                        // first, then the answer, then the replay of what is unacknowledged.
+                        send(&mut s, &completed(21)).await;
+                    }
+                    Ok(Response::Session(session_info()))
+                }
+                Request::AckEvents { seqs, .. } => {
+                    acked.extend(seqs);
+                    Ok(Response::Ok)
+                }
+                Request::GetTask { task } => {
+                    Err(dlsession::proto::ErrorInfo::new(ErrorCode::NoSuchTask, format!("no task {task}")))
+                }
+                _ => Ok(Response::Ok),
+            };
+            send(&mut s, &ServerMessage::Response { id: frame.id, result: answer }).await;
+            match attaches {
+                // Twenty events at once into a queue of four: most are dropped.
+                1 if acked.is_empty() => {
+                    for seq in 1..=20 {
+                        send(&mut s, &completed(seq)).await;
+                    }
+                    acked.insert(0);
+                }
+                // Every later attach (the replay overflows too) gets what is unacknowledged.
+                n if n >= 2 && matches!(frame_kind, Kind::Attach) => {
+                    for seq in (1..=21).filter(|seq| !acked.contains(seq)) {
+                        send(&mut s, &completed(seq)).await;
+                    }
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    struct Slow(Mutex<Vec<u64>>);
+    impl dlsession::SessionDelegate for Slow {
+        fn did_complete_with_error(
+            &self,
+            _: &Session,
+            task: &dlsession::DownloadTask,
+            _: Option<&dlsession::TaskError>,
+        ) {
+            let mut heard = self.0.lock().unwrap();
+            if !heard.contains(&task.id()) {
+                heard.push(task.id());
+            }
+            drop(heard);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    let client = Client::connect(ClientOptions { event_queue: 4, ..options(path) }).await.unwrap();
+    let delegate = Arc::new(Slow(Mutex::default()));
+    let _session =
+        Session::attach_with(&client, SessionConfiguration::background("s"), delegate.clone()).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while delegate.0.lock().unwrap().len() < 21 {
+        assert!(std::time::Instant::now() < deadline, "heard only {:?}", delegate.0.lock().unwrap());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let heard = delegate.0.lock().unwrap().clone();
+    assert_eq!(heard, (1..=21).collect::<Vec<u64>>(), "events heard out of their order");
+}

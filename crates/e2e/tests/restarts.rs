@@ -313,17 +313,23 @@ async fn a_daemon_that_stops_answering_times_requests_out() {
 }
 
 /// A slow app with a small event queue: the events that did not fit are asked for again,
-/// and every one arrives (at least once); the session ends up drained.
+/// and every one arrives (at least once), in order: no task's completion reaches the
+/// delegate before its file (a live event let through while the replay was asked for
+/// overtook the older ones the replay brings); the session ends up drained.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_that_overflow_the_queue_come_again() {
-    struct Slow(tokio::sync::mpsc::UnboundedSender<u64>);
+    struct Slow(tokio::sync::mpsc::UnboundedSender<u64>, std::sync::Mutex<Vec<(bool, u64)>>);
     impl dlsession::SessionDelegate for Slow {
+        fn did_finish_downloading_to(&self, _: &Session, task: &dlsession::DownloadTask, _: &std::path::Path) {
+            self.1.lock().unwrap().push((false, task.id()));
+        }
         fn did_complete_with_error(
             &self,
             _: &Session,
             task: &dlsession::DownloadTask,
             _: Option<&dlsession::TaskError>,
         ) {
+            self.1.lock().unwrap().push((true, task.id()));
             std::thread::sleep(Duration::from_millis(20));
             let _ = self.0.send(task.id());
         }
@@ -334,13 +340,20 @@ async fn events_that_overflow_the_queue_come_again() {
     let (s, client) = small_files_and_a_queue_of_4(&env, "e", n, 200).await;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let config = SessionConfiguration::background("t.overflow");
-    let session = Session::attach_with(&client, config, std::sync::Arc::new(Slow(tx))).await.unwrap();
+    let delegate = std::sync::Arc::new(Slow(tx, std::sync::Mutex::default()));
+    let session = Session::attach_with(&client, config, delegate.clone()).await.unwrap();
     let reqs = (0..n).map(|i| DownloadRequest::new(s.url(&format!("/e{i}")))).collect();
     let tasks = session.download_tasks(reqs, true).await.unwrap();
     let mut seen = std::collections::BTreeSet::new();
     while seen.len() < tasks.len() {
         let id = tokio::time::timeout(LONG, rx.recv()).await.expect("every completion arrives").unwrap();
         seen.insert(id);
+    }
+    let order = delegate.1.lock().unwrap().clone();
+    for task in &tasks {
+        let first = |completed| order.iter().position(|&(c, t)| c == completed && t == task.id());
+        assert!(first(false).is_some(), "task {}: its file never came: {order:?}", task.id());
+        assert!(first(false) < first(true), "task {}: completed before its file came: {order:?}", task.id());
     }
     dlsession_testkit::wait_until(|| {
         dlsession_testkit::block(session.info()).map(|i| i.pending_events == 0).unwrap_or(false)
