@@ -103,8 +103,8 @@ impl CookieJar {
             // Full: a new name takes the place of the cookie that expires first, in its
             // domain if that is full, else in the domain holding the most (a server that
             // filled the jar loses its own, never another site's).
-            if !existing && !cookie.is_expired() {
-                make_room(&mut store, &domain);
+            if !existing && !cookie.is_expired() && !make_room(&mut store, &domain, secure_origin) {
+                continue;
             }
             changed |= store.insert(cookie.into_owned(), url).is_ok();
         }
@@ -147,8 +147,9 @@ const MAX_PER_JAR: usize = 3000;
 /// A whole `Set-Cookie` value at most: a cookie, and attributes up to their bound.
 const MAX_SET_COOKIE_BYTES: usize = 8192;
 
-/// Makes room for a new cookie of `domain`: drops one when its domain or the jar is full.
-fn make_room(store: &mut CookieStore, domain: &str) {
+/// Makes room for a new cookie of `domain`: drops one when its domain or the jar is full;
+/// false if none may go (a plain http answer never pushes out a `Secure` cookie).
+fn make_room(store: &mut CookieStore, domain: &str, secure_origin: bool) -> bool {
     let mut per_domain: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for c in store.iter_any() {
         *per_domain.entry(c.domain.as_cow().map(std::borrow::Cow::into_owned).unwrap_or_default()).or_default() += 1;
@@ -159,23 +160,29 @@ fn make_room(store: &mut CookieStore, domain: &str) {
     } else if total >= MAX_PER_JAR {
         match per_domain.into_iter().max_by_key(|(_, n)| *n) {
             Some((most, _)) => most,
-            None => return,
+            None => return true,
         }
     } else {
-        return;
+        return true;
     };
-    // A cookie kept until the session ends first (a browser drops those when it closes),
-    // else the one that expires first.
+    // Not `Secure` first (RFC 6265bis), and never one for a plain http answer; then one
+    // kept until the session ends (a browser drops those when it closes); then the one
+    // that expires first.
     let victim = store
         .iter_any()
         .filter(|c| c.domain.as_cow().is_some_and(|d| d == from))
-        .min_by_key(|c| match &c.expires {
-            cookie_store::CookieExpiration::SessionEnd => (0, 0),
-            cookie_store::CookieExpiration::AtUtc(at) => (1, at.unix_timestamp()),
+        .filter(|c| secure_origin || c.secure() != Some(true))
+        .min_by_key(|c| {
+            let secure = c.secure() == Some(true);
+            match &c.expires {
+                cookie_store::CookieExpiration::SessionEnd => (secure, 0, 0),
+                cookie_store::CookieExpiration::AtUtc(at) => (secure, 1, at.unix_timestamp()),
+            }
         })
         .map(|c| (String::from(&c.path), c.name().to_owned()));
-    if let Some((path, name)) = victim {
-        store.remove(&from, &path, &name);
+    match victim {
+        Some((path, name)) => store.remove(&from, &path, &name).is_some(),
+        None => false,
     }
 }
 
@@ -342,6 +349,30 @@ mod tests {
         jar.take_from(&victim, &set_cookies(&["login=1; Path=/"]));
         assert_eq!(jar.header_for(&victim).as_deref(), Some("login=1"));
         assert_eq!(jar.unexpired(), MAX_PER_JAR);
+    }
+
+    /// A plain http answer that fills the domain never pushes its `Secure` cookie out (and
+    /// then replaces it): new names from it evict only cookies that are not `Secure`.
+    #[test]
+    fn plain_http_cannot_evict_a_secure_cookie() {
+        let (jar, _) = CookieJar::load(None, || {});
+        let https = Url::parse("https://shop.example.org/").unwrap();
+        let http = Url::parse("http://shop.example.org/").unwrap();
+        jar.take_from(&https, &set_cookies(&["sid=good; Secure; Path=/"]));
+        let filler: Vec<String> = (0..MAX_PER_DOMAIN).map(|i| format!("f{i}=1; Path=/; Max-Age=1000000")).collect();
+        jar.take_from(&http, &set_cookies(&filler.iter().map(String::as_str).collect::<Vec<_>>()));
+        jar.take_from(&http, &set_cookies(&["sid=attacker; Path=/"]));
+        let header = jar.header_for(&https).unwrap();
+        assert!(header.split("; ").any(|c| c == "sid=good"), "the Secure cookie stays");
+        assert!(!header.contains("sid=attacker"));
+        assert_eq!(jar.unexpired(), MAX_PER_DOMAIN);
+        // A domain full of Secure cookies refuses a plain http answer's new name.
+        let (jar, _) = CookieJar::load(None, || {});
+        let secure: Vec<String> = (0..MAX_PER_DOMAIN).map(|i| format!("s{i}=1; Secure; Path=/")).collect();
+        jar.take_from(&https, &set_cookies(&secure.iter().map(String::as_str).collect::<Vec<_>>()));
+        jar.take_from(&http, &set_cookies(&["intruder=1; Path=/"]));
+        assert!(!jar.header_for(&https).unwrap().contains("intruder="), "refused, nothing evicted");
+        assert_eq!(jar.unexpired(), MAX_PER_DOMAIN);
     }
 
     /// A plain http answer neither sets nor replaces a `Secure` cookie, nor shadows one
