@@ -145,13 +145,14 @@ impl Session {
         self.runtime.block_on(self.inner().wait_idle())
     }
 
-    /// Like [`Session::wait_idle`], for at most `timeout`: `Ok(false)` if it was not idle
-    /// by then.
+    /// Like [`Session::wait_idle`], waiting at most `timeout`: `Ok(false)` if it was not
+    /// idle by then. A look at the daemon under way is finished first (it takes a round
+    /// trip, bounded by the request timeout), so a zero timeout asks whether it is idle now.
     pub fn wait_idle_for(&self, timeout: Duration) -> Result<bool> {
-        match self.runtime.block_on(async { tokio::time::timeout(timeout, self.inner().wait_idle()).await }) {
-            Ok(r) => r.map(|()| true),
-            Err(_) => Ok(false),
-        }
+        self.runtime.block_on(async {
+            // A timeout beyond what the clock can count waits for as long as it takes.
+            self.inner().wait_idle_until(tokio::time::Instant::now().checked_add(timeout)).await
+        })
     }
 
     /// The session's events, one at a time ([`crate::Session::events`]); the iterator

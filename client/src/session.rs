@@ -177,49 +177,17 @@ impl Session {
             specs.iter().map(|s| (s.url.clone(), s.description.clone())).collect();
         let ids = if with_policy {
             // To their end even if the caller stops waiting: created suspended, they would
-            // stay so, unknown to the app.
-            let session = self.clone();
-            crate::batches::run_to_end(async move { session.create_with_policies(specs, policies, resume).await })
-                .await?
+            // stay so, unknown to the app. Not holding the session: an app that drops it
+            // meanwhile detaches at once.
+            let (client, identifier) = (self.shared.client.clone(), self.shared.identifier.clone());
+            crate::batches::run_to_end(async move {
+                create_with_policies(&client, &identifier, specs, policies, resume).await
+            })
+            .await?
         } else {
             self.shared.client.create_tasks(&self.shared.identifier, specs, resume).await?
         };
         Ok(self.remember(ids, metas))
-    }
-
-    /// Tasks with their own policy are created suspended, given it, and only then resumed:
-    /// none starts under the session's policy first.
-    async fn create_with_policies(
-        &self,
-        specs: Vec<TaskSpec>,
-        policies: Vec<TaskPolicy>,
-        resume: bool,
-    ) -> Result<Vec<TaskId>> {
-        let client = &self.shared.client;
-        let ids = client.create_tasks(&self.shared.identifier, specs, false).await?;
-        if let Err(e) = self.apply_policies(&ids, &policies).await {
-            client.withdraw(&ids).await;
-            return Err(e);
-        }
-        // Started only once every task has its policy (see `Client::start_batch`).
-        if resume {
-            client.start_batch(&self.shared.identifier, &ids).await?;
-        }
-        Ok(ids)
-    }
-
-    async fn apply_policies(&self, ids: &[TaskId], policies: &[TaskPolicy]) -> Result<()> {
-        let mut groups: Vec<(TaskPolicy, Vec<TaskId>)> = Vec::new();
-        for (&id, &policy) in ids.iter().zip(policies).filter(|(_, p)| !p.is_empty()) {
-            match groups.iter_mut().find(|(p, _)| *p == policy) {
-                Some((_, group)) => group.push(id),
-                None => groups.push((policy, vec![id])),
-            }
-        }
-        for (policy, group) in &groups {
-            self.shared.client.set_task_policy(group, *policy).await?;
-        }
-        Ok(())
     }
 
     /// Creates a task continuing a download cancelled with
@@ -284,6 +252,14 @@ impl Session {
     /// # }
     /// ```
     pub async fn wait_idle(&self) -> Result<()> {
+        self.wait_idle_until(None).await.map(drop)
+    }
+
+    /// [`Session::wait_idle`] that stops waiting at `deadline`: `Ok(false)` if the session
+    /// was not idle by then. The deadline bounds the waits between looks, never a look:
+    /// each look at the daemon (bounded by the request timeout) is finished, so a deadline
+    /// already past still gives a true answer about now.
+    pub(crate) async fn wait_idle_until(&self, deadline: Option<tokio::time::Instant>) -> Result<bool> {
         let signals = &self.shared.signals;
         let mut changes = signals.idle.subscribe();
         // Everything acknowledged but `finished_events` not handled yet: it comes at once
@@ -293,14 +269,14 @@ impl Session {
             changes.borrow_and_update();
             let ended = signals.ended.lock().ok().and_then(|d| *d);
             match ended {
-                Some(Ended::Daemon(DetachReason::Invalidated)) => return Ok(()),
+                Some(Ended::Daemon(DetachReason::Invalidated)) => return Ok(true),
                 Some(Ended::Daemon(reason)) => return Err(Error::Detached { reason }),
                 Some(Ended::Here(why)) => return Err(Error::NotAttached { why }),
                 None => {}
             }
             let info = match self.info().await {
                 Ok(info) => info,
-                Err(e) if e.code() == ErrorCode::NoSuchSession => return Ok(()),
+                Err(e) if e.code() == ErrorCode::NoSuchSession => return Ok(true),
                 Err(e) => return Err(e),
             };
             let at_rest = !signals.unsettled.load(Ordering::Acquire);
@@ -308,10 +284,10 @@ impl Session {
             let deferred = signals.kept_challenges.load(Ordering::Acquire);
             if info.tasks.active() == 0 {
                 if at_rest && info.pending_events <= kept {
-                    return Ok(());
+                    return Ok(true);
                 }
                 if info.pending_events == 0 && std::mem::replace(&mut quiet_once, true) {
-                    return Ok(());
+                    return Ok(true);
                 }
             } else if info.tasks.active() <= deferred
                 && info.pending_events <= kept
@@ -322,13 +298,22 @@ impl Session {
                 // As the daemon sees them: one the app answered meanwhile (later, or from
                 // inside the callback) runs again and does not count.
                 if info.tasks.active() <= self.awaiting_answers().await? {
-                    return Ok(());
+                    return Ok(true);
                 }
                 quiet_once = false;
             } else if info.tasks.active() > deferred {
                 quiet_once = false;
             }
-            let _ = tokio::time::timeout(IDLE_RECHECK, changes.changed()).await;
+            let wait = match deadline {
+                None => IDLE_RECHECK,
+                Some(deadline) => match deadline.saturating_duration_since(tokio::time::Instant::now()) {
+                    // The second look a quiet session needs is taken at once.
+                    left if left.is_zero() && quiet_once => continue,
+                    left if left.is_zero() => return Ok(false),
+                    left => left.min(IDLE_RECHECK),
+                },
+            };
+            let _ = tokio::time::timeout(wait, changes.changed()).await;
         }
     }
 
@@ -506,4 +491,40 @@ impl DownloadTask {
     async fn control(&self, action: TaskAction) -> Result<Response> {
         self.client.request(Request::ControlTask { task: self.id, action }).await
     }
+}
+
+/// Tasks with their own policy are created suspended, given it, and only then resumed:
+/// none starts under the session's policy first.
+async fn create_with_policies(
+    client: &Client,
+    identifier: &str,
+    specs: Vec<TaskSpec>,
+    policies: Vec<TaskPolicy>,
+    resume: bool,
+) -> Result<Vec<TaskId>> {
+    let ids = client.create_tasks(identifier, specs, false).await?;
+    if let Err(e) = apply_policies(client, &ids, &policies).await {
+        client.withdraw(&ids).await;
+        return Err(e);
+    }
+    // Started only once every task has its policy (see `Client::start_batch`).
+    if resume {
+        client.start_batch(identifier, &ids).await?;
+    }
+    Ok(ids)
+}
+
+/// Gives each task its policy, a request per distinct policy (each all or nothing).
+async fn apply_policies(client: &Client, ids: &[TaskId], policies: &[TaskPolicy]) -> Result<()> {
+    let mut groups: Vec<(TaskPolicy, Vec<TaskId>)> = Vec::new();
+    for (&id, &policy) in ids.iter().zip(policies).filter(|(_, p)| !p.is_empty()) {
+        match groups.iter_mut().find(|(p, _)| *p == policy) {
+            Some((_, group)) => group.push(id),
+            None => groups.push((policy, vec![id])),
+        }
+    }
+    for (policy, group) in &groups {
+        client.set_task_policy(group, *policy).await?;
+    }
+    Ok(())
 }

@@ -356,7 +356,9 @@ pub unsafe extern "C" fn dls_task_cancel(
 /// answer to its challenge (suspended ones do not count), and every event delivered to the
 /// callback and acknowledged. A task whose challenge is left unanswered does not count (it
 /// waits for the app, not for time); once answered, in the callback or later, it counts until
-/// it is done. `timeout_ms` < 0 waits for as long as it takes. `*idle_out` (may be NULL)
+/// it is done. `timeout_ms` < 0 waits for as long as it takes; it bounds the waiting, not a
+/// look at the daemon under way (a round trip, bounded by the request timeout), so 0 asks
+/// whether the session is idle now. `*idle_out` (may be NULL)
 /// is true if it became idle, false if the time ran out (which is not an error).
 ///
 /// # Safety

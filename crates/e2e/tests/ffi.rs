@@ -230,7 +230,7 @@ fn the_c_api_controls_tasks() {
     use dlsession_ffi::*;
 
     let env = TestEnv::new();
-    let _daemon = TestDaemon::start(&env);
+    let daemon = TestDaemon::start(&env);
     // The test server needs a runtime; the library under test brings its own.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let server = rt.block_on(TestServer::start()).unwrap();
@@ -256,6 +256,18 @@ fn the_c_api_controls_tasks() {
         idle = false;
         assert_eq!(dls_session_wait_idle(session, 60_000, &mut idle, ptr::null_mut()), dls_code::DLS_OK);
         assert!(idle, "idle once the cancellation is delivered");
+        // A zero timeout asks whether it is idle now: it is, even with a daemon slow to
+        // answer (stopped for 300 ms): the look is not cut short.
+        let pid = daemon.pid();
+        dlsession_testkit::host::signal(pid, rustix::process::Signal::STOP);
+        let resume = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            dlsession_testkit::host::signal(pid, rustix::process::Signal::CONT);
+        });
+        idle = false;
+        assert_eq!(dls_session_wait_idle(session, 0, &mut idle, ptr::null_mut()), dls_code::DLS_OK);
+        resume.join().unwrap();
+        assert!(idle, "idle, asked with a zero timeout");
 
         let mut err = ptr::null_mut();
         assert_eq!(dls_task_resume(session, 999_999, &mut err), dls_code::DLS_NO_SUCH_TASK);
