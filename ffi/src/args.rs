@@ -52,22 +52,29 @@ pub(crate) unsafe fn object_mut<'a, T>(p: *mut T, what: &str) -> Result<&'a mut 
 /// `path` made absolute: the daemon runs elsewhere, where a relative path means nothing.
 /// Leading `..` of a relative path climb from the current directory (which the kernel
 /// reports with its symlinks resolved, so this is where the kernel would go); a `..` after
-/// a name stays (it may follow a symlink) and the daemon refuses it.
+/// a name stays (it may follow a symlink) and the daemon refuses it. The rest is kept as
+/// written (a trailing `/` too, which the daemon refuses as naming no file).
 pub(crate) fn absolute(path: &str, what: &str) -> Result<std::path::PathBuf, Failure> {
-    use std::path::Component;
     let invalid = |e: std::io::Error| Failure::invalid(format!("{what} {path:?}: {e}"));
-    let relative = std::path::Path::new(path);
-    if relative.is_absolute() {
-        return std::path::absolute(relative).map_err(invalid);
+    if path.is_empty() || path.starts_with('/') {
+        return std::path::absolute(path).map_err(invalid);
     }
     let mut base = std::env::current_dir().map_err(invalid)?;
-    let mut rest = relative.components().peekable();
-    while let Some(c) = rest.next_if(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
-        if c == Component::ParentDir {
+    let mut rest = path;
+    loop {
+        if let Some(after) = rest.strip_prefix("../") {
             base.pop();
+            rest = after.trim_start_matches('/');
+        } else if rest == ".." {
+            base.pop();
+            rest = "";
+        } else if let Some(after) = rest.strip_prefix("./") {
+            rest = after.trim_start_matches('/');
+        } else {
+            break;
         }
     }
-    Ok(rest.fold(base, |p, c| p.join(c)))
+    Ok(if rest.is_empty() { base } else { base.join(rest) })
 }
 
 /// Writes `value` to `out` unless it is NULL (out-parameters are optional).
@@ -96,5 +103,9 @@ mod tests {
         // After a name, `..` may follow a symlink: left for the daemon to refuse.
         assert_eq!(absolute("a/../f", "destination").unwrap(), cwd.join("a/../f"));
         assert_eq!(absolute("/abs/f", "destination").unwrap(), std::path::PathBuf::from("/abs/f"));
+        // Kept as written: a trailing slash still names no file (the daemon says so).
+        assert!(absolute("../downloads/", "destination").unwrap().to_str().unwrap().ends_with("/downloads/"));
+        assert!(absolute("downloads/", "destination").unwrap().to_str().unwrap().ends_with("/downloads/"));
+        assert!(absolute("", "destination").is_err(), "an empty path is a bad argument");
     }
 }
