@@ -117,20 +117,27 @@ fn start_blocking(socket: &Path, timeout: Duration) -> Result<(), Error> {
     let deadline = Instant::now() + timeout;
     loop {
         if UnixStream::connect(socket).is_ok() {
-            // Reaped when it exits, while this process lives on: else a zombie until then.
-            let reaper = std::thread::Builder::new().name("dlsessiond-reaper".into());
-            if let Err(e) = reaper.spawn(move || child.wait()) {
-                tracing::debug!(error = %e, "cannot start a thread to reap the started daemon when it exits");
-            }
+            reap_when_it_exits(child);
             return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
             return Err(fail(format!("{} exited during start-up ({status}){see_log}", exe.display())));
         }
         if Instant::now() >= deadline {
+            // It may still come up (a slow disk): it runs on, and is reaped all the same.
+            reap_when_it_exits(child);
             return Err(fail(format!("{} did not start listening within {timeout:?}{see_log}", exe.display())));
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Reaps the started daemon when it exits, while this process lives on: else a zombie
+/// until then.
+fn reap_when_it_exits(mut child: std::process::Child) {
+    let reaper = std::thread::Builder::new().name("dlsessiond-reaper".into());
+    if let Err(e) = reaper.spawn(move || child.wait()) {
+        tracing::debug!(error = %e, "cannot start a thread to reap the started daemon when it exits");
     }
 }
 

@@ -187,9 +187,13 @@ where
         Err(zbus::Error::MethodError(error, detail, _)) => {
             let why = || format!("{dest} not available ({error}: {})", detail.as_deref().unwrap_or("no details"));
             match error.as_str() {
-                "org.freedesktop.DBus.Error.ServiceUnknown" | "org.freedesktop.DBus.Error.NameHasNoOwner" => {
-                    Err(Silent::Absent(why()))
-                }
+                // Not there, or never to be asked (a sandbox refusing it): no facts, and no
+                // read again every minute for ever.
+                "org.freedesktop.DBus.Error.ServiceUnknown"
+                | "org.freedesktop.DBus.Error.NameHasNoOwner"
+                | "org.freedesktop.DBus.Error.AccessDenied"
+                | "org.freedesktop.DBus.Error.UnknownObject"
+                | "org.freedesktop.DBus.Error.UnknownMethod" => Err(Silent::Absent(why())),
                 "org.freedesktop.DBus.Error.UnknownProperty"
                 | "org.freedesktop.DBus.Error.InvalidArgs"
                 | "org.freedesktop.DBus.Error.UnknownInterface" => Ok(None),

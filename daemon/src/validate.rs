@@ -181,10 +181,16 @@ impl OwnPlaces {
         self.refuse(dest, Path::new(dest))
     }
 
-    /// Refuses a destination that is one of these places once its symlinks are resolved (as
-    /// far as its directories exist): reads the disk.
+    /// Refuses a destination that is one of these places once the symlinks of its
+    /// directories are resolved (as far as they exist): reads the disk. Its own name is
+    /// not followed: the move replaces a link there, not what it points to.
     pub fn refuse_on_disk(&self, dest: &str) -> Result<(), ErrorInfo> {
-        match resolve(Path::new(dest)) {
+        let path = Path::new(dest);
+        let resolved = match (path.parent(), path.file_name()) {
+            (Some(dir), Some(name)) => resolve(dir).map(|dir| dir.join(name)),
+            _ => resolve(path),
+        };
+        match resolved {
             Ok(resolved) => self.refuse(dest, &resolved),
             // What cannot be resolved is checked as written (the move fails on it anyway).
             Err(_) => self.refuse_as_written(dest),
@@ -455,6 +461,11 @@ mod tests {
         assert_eq!(refused(&socket), Err(ErrorCode::InvalidRequest));
         assert_eq!(refused(&run.join("other.bin")), Ok(()), "the socket's directory is the user's");
         assert_eq!(refused(&dir.path().join("elsewhere/file")), Ok(()));
+        // A destination that is itself a link into the state directory is replaced by the
+        // move, not written through: allowed.
+        let pointing = dir.path().join("pointing");
+        std::os::unix::fs::symlink(state.join("dlsessiond.db"), &pointing).unwrap();
+        assert_eq!(refused(&pointing), Ok(()));
         let message = own.refuse_on_disk(through_link.to_str().unwrap()).unwrap_err().message;
         assert!(message.contains("the state directory"), "{message}");
     }

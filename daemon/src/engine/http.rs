@@ -376,11 +376,13 @@ const REFUSED_HANDSHAKE: [&str; 4] = ["HandshakeFailure", "ProtocolVersion", "In
 const HANDSHAKE_HINT: &str = " (no TLS version or cipher both sides accept, or the server wants a client certificate: \
      see `dlsessionctl policy SESSION --client-cert`)";
 
-/// The hint for a fatal alert the server sent, if it is one retrying cannot mend.
+/// The hint for a fatal alert the server sent (its name, then anything but a letter or
+/// digit), if it is one retrying cannot mend.
 fn refused_alert(alert: &str) -> Option<&'static str> {
-    if REFUSED_CERTIFICATE.iter().any(|name| alert.starts_with(name)) {
+    let name = alert.split(|c: char| !c.is_ascii_alphanumeric()).next().unwrap_or_default();
+    if REFUSED_CERTIFICATE.contains(&name) {
         Some(REFUSED_HINT)
-    } else if REFUSED_HANDSHAKE.iter().any(|name| alert.starts_with(name)) {
+    } else if REFUSED_HANDSHAKE.contains(&name) {
         Some(HANDSHAKE_HINT)
     } else {
         None
@@ -564,6 +566,7 @@ mod tests {
             (A::ProtocolVersion, true, "no TLS version or cipher"),
             (A::CertificateRequired, true, "wants a client certificate it accepts"),
             (A::InternalError, false, ""),
+            (A::BadCertificateStatusResponse, false, ""),
         ] {
             let f = classify(&rustls::Error::AlertReceived(alert), "GET");
             assert_eq!(f.retry == Retry::Never, permanent, "{alert:?}: {f:?}");

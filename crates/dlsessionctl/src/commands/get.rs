@@ -56,9 +56,6 @@ pub async fn run(ctx: &Ctx, args: GetArgs) -> Result<Exit> {
     let plan = plan(&args, urls, &cwd)?;
     prepare_files(&plan, args.overwrite)?;
 
-    // Heard from before the tasks exist: a Ctrl-C once they are being made is never the
-    // default exit.
-    let mut interrupt = interrupt_signal()?;
     let client = ctx.connect_or_start(None).await?;
     let opened = open_session(&client, &args.session, args.app_id.clone(), plan.launch.clone(), args.per_host).await?;
     if args.session == DEFAULT_SESSION {
@@ -80,11 +77,9 @@ pub async fn run(ctx: &Ctx, args: GetArgs) -> Result<Exit> {
             spec
         })
         .collect();
-    if interrupted_meanwhile(&mut interrupt) {
-        undo_open(&client, &args.session, opened).await;
-        eprintln!("interrupted: no task was made");
-        return Ok(Exit::Interrupted);
-    }
+    // Heard from here on: a Ctrl-C while the tasks are being made is never the default
+    // exit (before, it still is: nothing is made yet).
+    let mut interrupt = interrupt_signal()?;
     // In batches of at most 1,000 (each one transaction): any number of URLs fits.
     let ids = match client.create_tasks(&args.session, specs, true).await {
         Ok(ids) => ids,
@@ -113,7 +108,7 @@ pub async fn run(ctx: &Ctx, args: GetArgs) -> Result<Exit> {
         out.flush()?;
     }
     if !args.wait {
-        if interrupted_meanwhile(&mut interrupt) {
+        if interrupted_meanwhile(&mut interrupt).await {
             return Ok(interrupted_after_making(&args.session));
         }
         if !ctx.json {
@@ -139,10 +134,10 @@ pub(super) fn interrupt_signal() -> Result<tokio::signal::unix::Signal> {
     signal.map_err(|e| CliError::local(dlsession_proto::ErrorCode::Internal, format!("cannot listen for Ctrl-C: {e}")))
 }
 
-/// Whether a Ctrl-C came since `signal` was last asked (without waiting for one).
-pub(super) fn interrupted_meanwhile(signal: &mut tokio::signal::unix::Signal) -> bool {
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    signal.poll_recv(&mut cx).is_ready()
+/// Whether a Ctrl-C came since `signal` was last asked (a moment is given for one the
+/// runtime has not handed over yet).
+pub(super) async fn interrupted_meanwhile(signal: &mut tokio::signal::unix::Signal) -> bool {
+    tokio::time::timeout(std::time::Duration::from_millis(20), signal.recv()).await.is_ok()
 }
 
 /// What a Ctrl-C heard while the tasks were being made ends with, without `--wait`.

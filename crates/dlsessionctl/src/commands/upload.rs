@@ -48,17 +48,13 @@ pub async fn run(ctx: &Ctx, args: UploadArgs) -> Result<Exit> {
         request.description = Some(collected_by_the_next_get(args.wait));
     }
 
-    let mut interrupt = interrupt_signal()?;
     let client = ctx.connect_or_start(None).await?;
     let opened = open_session(&client, &args.session, None, None, None).await?;
     if args.session == DEFAULT_SESSION {
         collect_earlier(&client, &args.session).await;
     }
-    if interrupted_meanwhile(&mut interrupt) {
-        undo_open(&client, &args.session, opened).await;
-        eprintln!("interrupted: no upload was made");
-        return Ok(Exit::Interrupted);
-    }
+    // Heard from here on (see `get`).
+    let mut interrupt = interrupt_signal()?;
     let upload = UploadSpec { request, method, file: file.clone(), idempotent: args.idempotent };
     // Through the library: sent again under its creation key if the answer is lost, so the
     // upload is never made twice.
@@ -87,7 +83,7 @@ pub async fn run(ctx: &Ctx, args: UploadArgs) -> Result<Exit> {
         out.flush()?;
     }
     if !args.wait {
-        if interrupted_meanwhile(&mut interrupt) {
+        if interrupted_meanwhile(&mut interrupt).await {
             return Ok(interrupted_after_making(&args.session));
         }
         if !ctx.json {
