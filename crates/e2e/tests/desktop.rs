@@ -162,6 +162,41 @@ async fn a_session_that_refuses_metered_networks_waits_and_goes_on() {
     assert_eq!(detail["attempts"], 2, "stopped once, resumed once: {detail}");
 }
 
+/// A watcher hears why a held task waits when the reason changes while it stays held
+/// (metered, then on battery): before, only holding and releasing told it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_hears_when_a_held_task_waits_for_another_reason() {
+    use dlsession::proto::{Event, Request, WatchFilter};
+    let (env, bus) = desktop();
+    set(&bus, NM, "Metered", "dbus.UInt32(1)");
+    let _d = start(&env, &bus);
+    let (delegate, _events) = Recorder::new(&env.path().join("out"));
+    let session =
+        Session::attach(config(&env, "t.reason").allows_metered(false).allows_battery(false), delegate).await.unwrap();
+    let task =
+        session.download_tasks(vec![DownloadRequest::new("http://127.0.0.1:9/r")], true).await.unwrap().remove(0);
+    poll(&task, "metered_network", &|i| i.wait == Some(WaitReason::MeteredNetwork)).await;
+    let watcher = dlsession_testkit::app::client(&env).await;
+    let mut updates = watcher.events();
+    watcher.request(Request::Watch(WatchFilter { session: None, tasks: vec![task.id()] })).await.unwrap();
+    // Unmetered, but on battery: still held, for another reason.
+    set(&bus, UPOWER, "OnBattery", "dbus.Boolean(True)");
+    set(&bus, NM, "Metered", "dbus.UInt32(2)");
+    let heard = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(event) = updates.recv().await {
+            if let Event::TaskUpdate(info) = event
+                && info.wait == Some(WaitReason::OnBattery)
+            {
+                return info;
+            }
+        }
+        panic!("the watch ended");
+    })
+    .await
+    .expect("the watcher heard the task now waits for AC power");
+    assert_eq!(heard.state, TaskState::Queued);
+}
+
 /// A task its policy holds (a metered network that stays metered) still has a resource
 /// budget: when it runs out, the task completes `timed_out`, saying why it waited, without
 /// an attempt. Before, it waited for ever, and the app was never told.

@@ -200,6 +200,8 @@ impl Core {
     pub(super) fn enforce_policies(&mut self) {
         let limits = self.limits();
         let (mut refused, mut hold, mut release, mut deferred) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        // Held still, for another reason now (metered, then on battery): watchers hear it.
+        let mut reheld = Vec::new();
         for t in self.tasks.values() {
             // Only running tasks and queued ones in a lane (or held) are weighed: on a timer
             // (`earliest_begin`) a task is in no lane, and `enqueue` weighs its policy when
@@ -212,7 +214,8 @@ impl Core {
             if !weighed || t.rec.phase != crate::model::Phase::Transfer {
                 continue;
             }
-            let allowed = admit_policy(self.policy_of(t), limits).is_ok();
+            let refusal = admit_policy(self.policy_of(t), limits).err();
+            let allowed = refusal.is_none();
             let id = t.rec.id;
             match t.state {
                 TaskState::Running if !allowed && !t.awaits_answer() => refused.push(id),
@@ -223,6 +226,8 @@ impl Core {
                         release.push((t.lane(), t.rec.priority, id));
                     } else if !held && !allowed {
                         hold.push((t.lane(), t.rec.priority, id));
+                    } else if held && t.held_for != refusal {
+                        reheld.push((id, refusal));
                     }
                 }
                 _ => {}
@@ -241,6 +246,12 @@ impl Core {
         }
         for (lane, prio, id) in release {
             self.release_held_task(&lane, prio, id);
+        }
+        for (id, why) in reheld {
+            if let Some(t) = self.tasks.get_mut(&id) {
+                t.held_for = why;
+            }
+            self.notify_watchers(id);
         }
         for id in refused {
             self.stop_worker(id, AfterStop::Requeue);

@@ -129,6 +129,8 @@ pub(super) struct Task {
     /// While its policy holds it off the lanes: its resource deadline in the core's timers
     /// (`Timer::HeldDeadline`; still held then, it completes `timed_out`).
     pub held_deadline: Option<Mono>,
+    /// Why its policy holds it, as its watchers were last told (they hear of a change).
+    pub held_for: Option<super::admission::Refusal>,
     /// Consecutive failed attempts without progress (the backoff exponent).
     pub failures: u32,
     /// Consecutive failed moves of the finished file to its destination.
@@ -236,6 +238,7 @@ impl Tasks {
             run: None,
             timer: None,
             held_deadline: None,
+            held_for: None,
             failures: 0,
             move_failures: 0,
             unsaved: false,

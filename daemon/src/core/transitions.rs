@@ -166,6 +166,10 @@ impl Core {
     /// task that could run would by then. The wait counts against the budget like any.
     pub(super) fn hold_queued(&mut self, lane: &LaneKey, priority: f32, id: TaskId) {
         self.slots.hold(lane, priority, id);
+        let why = self.tasks.get(&id).and_then(|t| admit_policy(self.policy_of(t), self.limits()).err());
+        if let Some(t) = self.tasks.get_mut(&id) {
+            t.held_for = why;
+        }
         // Its reason changed (watchers saw a limit, or none).
         self.notify_watchers(id);
         let Some(t) = self.tasks.get_mut(&id) else { return };
@@ -180,6 +184,9 @@ impl Core {
     /// engine's to keep again).
     pub(super) fn release_held_task(&mut self, lane: &LaneKey, priority: f32, id: TaskId) {
         self.slots.release(lane, priority, id);
+        if let Some(t) = self.tasks.get_mut(&id) {
+            t.held_for = None;
+        }
         self.disarm_held_deadline(id);
         self.notify_watchers(id);
     }
