@@ -171,6 +171,40 @@ async fn a_named_server_that_refuses_on_a_network_without_a_default_route_is_tri
     assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), server.sha256);
 }
 
+/// A network that flaps (a default route that goes and comes back again and again) retries
+/// the tasks backing off after network errors once, not on every return, and keeps their
+/// backoff: before, each return retried them all and started their backoff afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(dlsession_root), ignore = "needs root to make a network namespace; CI runs it as root")]
+async fn a_flapping_network_does_not_retry_backing_off_tasks_on_every_return() {
+    require_root();
+    let ns = NetNs::new(77);
+    ns.add_default_route();
+    let env = TestEnv::new();
+    // The daemon inside the namespace, online through the link.
+    let _d = TestDaemon::start_in(&env, &ns);
+    let (delegate, _events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.flap"), delegate).await.unwrap();
+    // This side of the link, a port nothing listens on: refused, backed off from.
+    let url = format!("http://{}:9/flap.bin", ns.host_ip);
+    let task = session.download_tasks(vec![DownloadRequest::new(&url)], true).await.unwrap().remove(0);
+    // Backed off far enough (100 ms doubling, in tests) that its own timer adds at most
+    // one attempt while the network flaps.
+    poll("refused attempts backing off", Duration::from_secs(30), async || {
+        (attempts(&env, task.id()) >= 6).then_some(())
+    })
+    .await;
+    let before = attempts(&env, task.id());
+    for _ in 0..5 {
+        ns.del_default_route();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        ns.add_default_route();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let during = attempts(&env, task.id()) - before;
+    assert!(during <= 2, "{during} attempts while the network flapped five times in 2.5 s");
+}
+
 /// A server on the LAN (an address with a route, no default route) redirects to one the
 /// network cannot reach: the attempt that gets no answer went to the redirect's address,
 /// which has no route, so the task waits for the network instead of backing off as if the

@@ -81,6 +81,17 @@ impl NetNs {
     pub fn link_up(&self) {
         ip(&["link", "set", &self.host_if, "up"]);
     }
+
+    /// Inside the namespace, a default route through this side of the link: a process
+    /// there is online.
+    pub fn add_default_route(&self) {
+        ip(&["-n", &self.name, "route", "add", "default", "via", &self.host_ip.to_string()]);
+    }
+
+    /// Takes the namespace's default route away again.
+    pub fn del_default_route(&self) {
+        ip(&["-n", &self.name, "route", "del", "default"]);
+    }
 }
 
 impl Drop for NetNs {

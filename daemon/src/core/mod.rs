@@ -280,6 +280,9 @@ struct Lifecycle {
     pub network_watched: bool,
     /// A route beyond the local networks exists (as of the last change).
     pub online: bool,
+    /// When tasks backing off after network errors were last retried because the network
+    /// came back (a link that flaps retries them at most once per `COME_BACK_DAMPING`).
+    pub came_back_at: Option<std::time::Instant>,
     /// What NetworkManager and UPower say (`crate::desktop`).
     pub desktop: crate::desktop::Desktop,
     /// The desktop watcher has reported once (until then nothing is known, not even that

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use tracing::info;
+use tracing::{debug, info};
 
 use super::Core;
 use super::admission::admit_policy;
@@ -124,11 +124,25 @@ impl Core {
         }
         let was_online = self.life.online;
         self.life.online = net::default_route();
-        let (online, came_back) = (self.life.online, (self.life.online && !was_online) || internet_back);
+        let (online, mut came_back) = (self.life.online, (self.life.online && !was_online) || internet_back);
+        // A link that flaps (Wi-Fi dropping every half minute, a connectivity check that
+        // toggles) must not retry every backing-off task on each return: at most once per
+        // `COME_BACK_DAMPING`; in between they follow their backoff.
+        if came_back {
+            let recent = self.life.came_back_at.is_some_and(|at| at.elapsed() < COME_BACK_DAMPING);
+            if recent {
+                debug!("the network came back again soon: tasks backing off keep their backoff");
+                came_back = false;
+            } else {
+                self.life.came_back_at = Some(std::time::Instant::now());
+            }
+        }
         // One check per address per pass: thousands of tasks share few servers.
         let mut routes: HashMap<IpAddr, bool> = HashMap::new();
         let mut stop = Vec::new();
-        let mut go = Vec::new();
+        // Waiting for the network (their backoff starts afresh), and backing off after
+        // network errors (they keep their backoff: a retry that fails again waits longer).
+        let (mut go, mut again) = (Vec::new(), Vec::new());
         for t in self.tasks.values() {
             let id = &t.rec.id;
             let transfer = t.rec.phase == crate::model::Phase::Transfer;
@@ -154,19 +168,27 @@ impl Core {
                             .as_ref()
                             .is_some_and(|e| matches!(e.code, ErrorCode::Network | ErrorCode::TimedOut)) =>
                 {
-                    go.push(*id)
+                    again.push(*id)
                 }
                 _ => {}
             }
         }
-        if !stop.is_empty() || !go.is_empty() {
-            info!(online = self.life.online, stopped = stop.len(), retried = go.len(), "the network changed");
+        if !stop.is_empty() || !go.is_empty() || !again.is_empty() {
+            info!(
+                online = self.life.online,
+                stopped = stop.len(),
+                retried = go.len() + again.len(),
+                "the network changed"
+            );
         }
         for id in stop {
             self.stop_worker(id, AfterStop::NoNetwork);
         }
         for id in go {
             self.retry_now(id, true, Vec::new());
+        }
+        for id in again {
+            self.retry_now(id, false, Vec::new());
         }
         self.schedule();
     }
@@ -309,3 +331,7 @@ pub(super) fn not_connected() -> dlsession_proto::ErrorInfo {
         "no route to the server, and the session does not wait for connectivity (waits_for_connectivity is off)",
     )
 }
+
+/// The network coming back retries tasks backing off after network errors at most once
+/// in this long.
+const COME_BACK_DAMPING: std::time::Duration = std::time::Duration::from_secs(30);
