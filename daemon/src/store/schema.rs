@@ -287,6 +287,12 @@ fn migrate(mut conn: Connection, from: i64, path: &Path) -> Result<Connection, S
         let version = index as i64 + 1;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(open_err)?;
         tx.execute_batch(sql).map_err(open_err)?;
+        if version == 12 {
+            // Daemons before 12 never marked a finished file: one finishing then (its move
+            // cut short by a crash) is recognised by its size, as it was, not refused as
+            // unmarked and downloaded again.
+            tx.execute("UPDATE tasks SET unmarked = 1 WHERE phase = 'finishing'", []).map_err(open_err)?;
+        }
         tx.pragma_update(None, "user_version", version).map_err(open_err)?;
         tx.pragma_update(None, "application_id", APPLICATION_ID).map_err(open_err)?;
         tx.commit().map_err(open_err)?;
@@ -298,6 +304,40 @@ fn migrate(mut conn: Connection, from: i64, path: &Path) -> Result<Connection, S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A task finishing when a daemon before schema 12 stopped (it marked no file) is
+    /// unmarked after the upgrade; one still downloading is not (the new writer marks it).
+    #[test]
+    fn a_finishing_task_from_before_marks_is_recognised_by_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let conn = Connection::open(&path).unwrap();
+        for sql in &MIGRATIONS[..11] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 11).unwrap();
+        conn.execute_batch(
+            "INSERT INTO sessions (id, identifier, http_headers, timeout_request_ms, timeout_resource_ms,
+                 max_conn_per_host, next_seq, invalidating, invalid, created_at)
+             VALUES (1, 's', '[]', 1, 1, 1, 1, 0, 0, 0);",
+        )
+        .unwrap();
+        for (id, phase) in [(1, "finishing"), (2, "transfer")] {
+            conn.execute(
+                "INSERT INTO tasks (id, session_id, url, headers, priority, overwrite, created_at, state, phase,
+                     committed_offset, response_headers, attempts, retired)
+                 VALUES (?1, 1, 'http://x/', '[]', 0.5, 0, 0, 'running', ?2, 0, '[]', 1, 0)",
+                rusqlite::params![id, phase],
+            )
+            .unwrap();
+        }
+        let conn = migrate(conn, 11, &path).unwrap();
+        let unmarked = |id: i64| -> Option<bool> {
+            conn.query_row("SELECT unmarked FROM tasks WHERE id = ?1", [id], |r| r.get(0)).unwrap()
+        };
+        assert_eq!(unmarked(1), Some(true), "finishing when marks did not exist");
+        assert_eq!(unmarked(2), None, "still downloading: its file gets its mark");
+    }
 
     /// A check kept off by another connection's lock says it could not check, not that the
     /// file is corrupt (which told the user to move a sound database away).
