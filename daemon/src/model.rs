@@ -118,6 +118,9 @@ pub struct TaskRecord {
     /// filesystem refused it): its finish was recorded before the move, and the file at
     /// the destination is recognised by its size alone (see `engine::files::MARK`).
     pub unmarked: bool,
+    /// Whether `bytes_expected` is a length a server stated (else the app's hint, or the
+    /// end of a range guessed from it); `None` in rows stored before that was recorded.
+    pub total_known: Option<bool>,
     /// Set for an upload: what it sends. Its response body is what it "downloads"
     /// (`location`, `committed_offset`, `response_*`).
     pub upload: Option<Upload>,
@@ -233,6 +236,7 @@ impl TaskRecord {
             bandwidth_limit: None,
             policy: dlsession_proto::TaskPolicy::default(),
             unmarked: false,
+            total_known: Some(false),
             upload: None,
             challenge: None,
         }

@@ -267,6 +267,18 @@ async fn a_range_body_longer_than_its_range_is_cut_at_the_announced_end() {
 /// success) and `/T` threw the partial data away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_caps_its_ranges_gets_asked_for_the_rest() {
+    capped_ranges_are_asked_for_the_rest("t.capped-range", None).await;
+}
+
+/// The same when the app's `expected_size` equals the file's length: the length the server
+/// stated is still known as the server's (it was taken for only the app's hint, and a
+/// range ending early ended the file: a truncated file delivered as a success).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_range_is_asked_for_the_rest_when_the_app_gave_the_size() {
+    capped_ranges_are_asked_for_the_rest("t.capped-hinted", Some(4 << 20)).await;
+}
+
+async fn capped_ranges_are_asked_for_the_rest(identifier: &str, expected_size: Option<u64>) {
     let env = TestEnv::new();
     let _daemon = TestDaemon::start(&env);
     let server = TestServer::start().await.unwrap();
@@ -279,9 +291,12 @@ async fn a_server_that_caps_its_ranges_gets_asked_for_the_rest() {
             .fault(Hits::Nth(3), Fault::CappedRange { most: mib, unknown_total: false }),
     );
     let (delegate, mut events) = Recorder::new(&env.path().join("out"));
-    let session = Session::attach(config(&env, "t.capped-range"), delegate).await.unwrap();
-    let task =
-        session.download_tasks(vec![DownloadRequest::new(server.url("/capped.bin"))], true).await.unwrap().remove(0);
+    let session = Session::attach(config(&env, identifier), delegate).await.unwrap();
+    let mut request = DownloadRequest::new(server.url("/capped.bin"));
+    if let Some(size) = expected_size {
+        request = request.expected_size(size);
+    }
+    let task = session.download_tasks(vec![request], true).await.unwrap().remove(0);
     assert_eq!(events.completion(task.id(), LONG).await, None);
     assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(41, len)));
     let ranges: Vec<_> = server.requests_for("/capped.bin").into_iter().map(|r| r.range).collect();

@@ -67,6 +67,9 @@ impl ResumeData {
         rec.etag = self.etag.clone();
         rec.last_modified = self.last_modified.clone();
         rec.bytes_expected = self.bytes_expected;
+        // The total the old task's server gave (made its `expected_size` too: equal to it,
+        // it must not count as only a hint, or a range ending early would end the file).
+        rec.total_known = Some(self.bytes_expected.is_some());
     }
 }
 

@@ -325,8 +325,12 @@ impl Core {
             offset: t.rec.committed_offset,
             etag: t.rec.etag.clone(),
             last_modified: t.rec.last_modified.clone(),
-            // A length equal to the app's hint may be only the hint.
-            total: t.rec.bytes_expected.filter(|&n| t.rec.committed_offset > 0 && Some(n) != t.rec.expected_size),
+            // A length a server stated; in rows from before that was recorded, one equal to
+            // the app's hint may be only the hint.
+            total: t
+                .rec
+                .bytes_expected
+                .filter(|&n| t.rec.committed_offset > 0 && t.rec.total_known.unwrap_or(Some(n) != t.rec.expected_size)),
             expected_sha256: t.rec.expected_sha256,
             part_path: self.part_path(&t.rec),
             file_mode: t.rec.file_mode,
@@ -452,6 +456,7 @@ impl Core {
         rec.etag = meta.etag;
         rec.last_modified = meta.last_modified;
         rec.bytes_expected = meta.total.or(rec.expected_size);
+        rec.total_known = Some(meta.total_stated);
         if meta.restarted || meta.offset == 0 {
             // Committed before any new byte is written: the old offset must not point
             // into data of a changed resource after a crash.

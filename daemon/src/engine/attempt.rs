@@ -141,6 +141,7 @@ impl Engine {
                     etag: job.etag.clone(),
                     last_modified: job.last_modified.clone(),
                     total: Some(offset),
+                    total_stated: true,
                     ends_at: Some(offset),
                     offset,
                     restarted: false,
@@ -196,7 +197,7 @@ impl Engine {
         let mut last_modified =
             kept_last_modified(sent_last_modified.clone(), get(hyper::header::DATE).as_deref(), encoded);
         let content_length = get(hyper::header::CONTENT_LENGTH).and_then(|v| v.trim().parse::<u64>().ok());
-        let (start, total, ends_at, restarted) = if status == 206 {
+        let (start, total, total_stated, ends_at, restarted) = if status == 206 {
             let range = get(hyper::header::CONTENT_RANGE).and_then(|v| parse_content_range(&v));
             let Some((start, end, total)) = range else {
                 return Err(Failure::restart(ErrorCode::CannotResume, "206 response without a valid Content-Range"));
@@ -258,9 +259,10 @@ impl Engine {
                     format!("the server sent bytes up to {} of a resource of {before} bytes", end + 1),
                 ));
             }
-            (offset, total.or(known).or(Some(end + 1)), Some(end + 1), false)
+            let stated = total.is_some() || known.is_some();
+            (offset, total.or(known).or(Some(end + 1)), stated, Some(end + 1), false)
         } else {
-            (0, content_length, content_length, offset > 0)
+            (0, content_length, content_length.is_some(), content_length, offset > 0)
         };
         let headers = response_headers(headers);
         Ok(ResponseMeta {
@@ -270,6 +272,7 @@ impl Engine {
             etag,
             last_modified,
             total,
+            total_stated,
             ends_at,
             offset: start,
             restarted,

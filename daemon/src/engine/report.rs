@@ -98,6 +98,9 @@ pub struct ResponseMeta {
     pub last_modified: Option<String>,
     /// The file's length, when known.
     pub total: Option<u64>,
+    /// `total` is a length a server stated (now or in an earlier answer), not the end of a
+    /// range taken for it.
+    pub total_stated: bool,
     /// Where this answer's body ends in the file, when known: before `total` when the
     /// server sent a shorter range than was asked for (the next attempt resumes after it).
     pub ends_at: Option<u64>,

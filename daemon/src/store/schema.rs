@@ -185,6 +185,9 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (session_id, key)
      ) WITHOUT ROWID;
      CREATE INDEX creations_age ON creations(created_at);",
+    // 15: whether a task's `bytes_expected` was stated by a server (NULL: not recorded; a
+    // length equal to the app's hint then counts as only the hint).
+    "ALTER TABLE tasks ADD COLUMN total_known INTEGER;",
 ];
 
 pub const LATEST_VERSION: i64 = MIGRATIONS.len() as i64;
