@@ -278,6 +278,33 @@ async fn a_capped_range_is_asked_for_the_rest_when_the_app_gave_the_size() {
     capped_ranges_are_asked_for_the_rest("t.capped-hinted", Some(4 << 20)).await;
 }
 
+/// A refusal of the request for the rest (here a 403) ends only that attempt: the capped
+/// range's bytes stay and the next attempt goes on from there. Before, the 403 ended the
+/// task for good and deleted its partial data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_for_the_rest_keeps_the_capped_bytes() {
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let (len, mib) = (4u64 << 20, 1u64 << 20);
+    server.add(
+        "/refused-rest.bin",
+        Resource::generated(len, 42)
+            .fault(Hits::Nth(1), Fault::ResetAfter(mib))
+            .fault(Hits::Nth(2), Fault::CappedRange { most: mib, unknown_total: false })
+            .fault(Hits::Nth(3), Fault::Status { code: 403, retry_after: None }),
+    );
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.refused-rest"), delegate).await.unwrap();
+    let request = DownloadRequest::new(server.url("/refused-rest.bin"));
+    let task = session.download_tasks(vec![request], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(42, len)));
+    let ranges: Vec<_> = server.requests_for("/refused-rest.bin").into_iter().map(|r| r.range).collect();
+    let from = |n: u64| Some(format!("bytes={}-", n * mib));
+    assert_eq!(ranges, vec![None, from(1), from(2), from(2)], "the next attempt went on from the capped range's end");
+}
+
 async fn capped_ranges_are_asked_for_the_rest(identifier: &str, expected_size: Option<u64>) {
     let env = TestEnv::new();
     let _daemon = TestDaemon::start(&env);

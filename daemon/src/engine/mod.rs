@@ -628,7 +628,17 @@ impl Engine {
     /// bytes are kept, and the next attempt sorts it out).
     async fn ask_for_the_rest(&self, job: &Job) -> Result<(Incoming, Option<u64>, Option<reads::AheadGuard>), BodyEnd> {
         let at = job.progress.received();
-        let (resp, meta) = self.ask(job, at).await.map_err(|f| f.map_or(BodyEnd::Stopped, BodyEnd::Failed))?;
+        let (resp, meta) = self.ask(job, at).await.map_err(|f| match f {
+            None => BodyEnd::Stopped,
+            // The resource's deadline passed: that ends the task, here as anywhere.
+            Some(f) if f.error.code == ErrorCode::TimedOut && f.retry == Retry::Never => BodyEnd::Failed(f),
+            // Anything else the answer says (a refused range, a 403) ends only this attempt:
+            // the bytes of the capped range stay, and the next attempt asks afresh.
+            Some(f) => BodyEnd::Failed(Failure::transient(
+                ErrorCode::Network,
+                format!("asked for the rest of the file from byte {at}: {}", f.error.message),
+            )),
+        })?;
         if meta.status != 206 || meta.offset != at || meta.complete || meta.total != job.total {
             return Err(BodyEnd::Failed(Failure::transient(
                 ErrorCode::Network,
