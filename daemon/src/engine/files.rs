@@ -6,7 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::sync::Arc;
 
 use rustix::fs::{CWD, RenameFlags};
@@ -290,7 +290,9 @@ pub fn move_into_place(job: &Finish) -> Result<(), MoveError> {
 /// The mode of a directory made for a file of `mode`: searchable where readable (0644
 /// gives 0755, 0640 gives 0750), as the app's own umask would have made it.
 fn dir_mode(mode: u32) -> u32 {
-    (mode | ((mode & 0o444) >> 2)) & 0o777
+    // The owner may always write and search it: a file handed over read-only (umask 0222)
+    // made a read-only directory no move could enter.
+    (mode | ((mode & 0o444) >> 2) | 0o300) & 0o777
 }
 
 /// What `rename_into_place` did.
@@ -550,7 +552,8 @@ fn create_dirs_durably(dir: &Path, mode: u32) -> io::Result<()> {
         cur = d.parent();
     }
     for d in missing.into_iter().rev() {
-        match std::fs::create_dir(d) {
+        // Private until its mode is set: never, for a moment, what the umask allows.
+        match std::fs::DirBuilder::new().mode(0o700).create(d) {
             // Set explicitly: the daemon's own umask (whatever started it: an autostarting
             // app's, or a unit's) must not decide the user's new directories' mode.
             Ok(()) => {
@@ -626,7 +629,16 @@ fn link_then_unlink(from: &Path, to: &Path) -> io::Result<()> {
 /// and a per-process sequence number keep concurrent copies apart.
 fn copy_temp_path(to: &Path, pid: u32, seq: u64) -> PathBuf {
     let name = to.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    to.with_file_name(format!(".{name}.dlsessiond-{pid}-{seq}.tmp"))
+    to.with_file_name(format!("{}{pid}-{seq}.tmp", copy_temp_prefix(&name)))
+}
+
+/// How the temporary names of copies to a file named `name` start. The name is cut (at a
+/// character) so that the whole stays within a name's 255 bytes whatever the pid and
+/// sequence number: a destination of a long name could otherwise never be copied to.
+fn copy_temp_prefix(name: &str) -> String {
+    // ".", ".dlsessiond-", up to 20 digits, "-", up to 20 digits, ".tmp".
+    const ROOM: usize = 255 - (1 + 12 + 20 + 1 + 20 + 4);
+    format!(".{}.dlsessiond-", &name[..name.floor_char_boundary(ROOM)])
 }
 
 static COPY_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -654,7 +666,7 @@ fn create_copy_temp(to: &Path) -> io::Result<(PathBuf, File)> {
 /// (a second daemon of this user, copying right now) is left alone.
 pub fn remove_stale_copies(to: &Path, leftovers: Leftovers) {
     let (Some(dir), Some(name)) = (to.parent(), to.file_name()) else { return };
-    let prefix = format!(".{}.dlsessiond-", name.to_string_lossy());
+    let prefix = copy_temp_prefix(&name.to_string_lossy());
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
         let file = entry.file_name();
@@ -689,16 +701,17 @@ fn copy_then_rename(job: &Finish) -> Result<(), MoveError> {
     let (tmp, mut dst) = create_copy_temp(to).map_err(io_err)?;
     let result = (|| {
         let mut src = File::open(&job.from)?;
-        // The copy is handed over with the file's mode, not the daemon's umask.
-        dst.set_permissions(std::fs::Permissions::from_mode(job.mode))?;
         copy_beating(&mut src, &mut dst, &job.progress)?;
         // The copy carries the mark too, where the filesystem keeps one: it is what
         // proves the file ours if the cache copy is gone before the task is completed.
+        // Set before the mode: a file without owner write takes no user attribute.
         if let Some(m) = &job.mark
             && let Err(e) = mark(&dst, m)
         {
             tracing::debug!(error = %e, path = %to.display(), "the destination's filesystem keeps no mark");
         }
+        // The copy is handed over with the file's mode, not the daemon's umask.
+        dst.set_permissions(std::fs::Permissions::from_mode(job.mode))?;
         dst.sync_all()?;
         // The copy is a temporary name of ours, removed as a leftover after a crash.
         rename(&tmp, to, overwrite, NoReplace::Link)
@@ -1127,6 +1140,33 @@ mod tests {
         assert_eq!(dir_mode(0o644), 0o755);
         assert_eq!(dir_mode(0o600), 0o700);
         assert_eq!(dir_mode(0o664), 0o775);
+        // A read-only file (umask 0222) still gets directories a move can enter.
+        assert_eq!(dir_mode(0o444), 0o755);
+        assert_eq!(dir_mode(0o400), 0o700);
+        let ro = Finish { mode: 0o444, ..finish(&dir.path().join("2.part"), &dir.path().join("c/d/g"), false, 4) };
+        std::fs::write(&ro.from, b"data").unwrap();
+        complete_move(&ro, Leftovers::OthersOnly).unwrap();
+        assert_eq!(mode(&dir.path().join("c/d/g")), 0o444);
+    }
+
+    /// A copy to a name as long as a name may be gets a temporary name that fits, and its
+    /// leftovers are still found.
+    #[test]
+    fn a_copy_to_a_long_name_fits_its_temporary_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = "é".repeat(127); // 254 bytes
+        let to = dir.path().join(&name);
+        let tmp = copy_temp_path(&to, u32::MAX, u64::MAX);
+        assert!(tmp.file_name().unwrap().len() <= 255, "{}", tmp.file_name().unwrap().len());
+        let src = dir.path().join("src");
+        std::fs::write(&src, b"long").unwrap();
+        copy_then_rename(&finish(&src, &to, false, 4)).unwrap();
+        assert_eq!(std::fs::read(&to).unwrap(), b"long");
+        // Left by this process's pid: a leftover when recovery asks for any.
+        let left = copy_temp_path(&to, std::process::id(), 7);
+        std::fs::write(&left, b"left").unwrap();
+        remove_stale_copies(&to, Leftovers::Any);
+        assert!(!left.exists(), "a leftover under the cut name is found");
     }
 
     #[test]

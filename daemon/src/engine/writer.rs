@@ -331,6 +331,9 @@ pub fn run(
                 });
                 out.set_permissions(std::fs::Permissions::from_mode(final_mode))?;
                 out.sync_all()?;
+                // The finish is committed with the file's size before its move: a fresh file
+                // that never reached a checkpoint has its directory entry synced first.
+                sync_entry(&mut entry_unsynced)?;
                 // A file removed meanwhile would fail its move; started over at once instead.
                 still_named(&out, path)?;
                 tracing::debug!(task = link.task(), offset, marked, "synced");
