@@ -39,7 +39,8 @@ pub enum dls_event_kind {
     /// app's own request).
     DLS_EVENT_BECAME_INVALID = 6,
     /// This process is no longer attached: `error_message` is the reason ("taken_over",
-    /// with `error_code` `DLS_SESSION_IN_USE`; "invalidated"; "daemon_shutdown").
+    /// with `error_code` `DLS_SESSION_IN_USE`; "invalidated"). A daemon that stops is not a
+    /// detach: the app gets CONNECTION_LOST, then RECONNECTED once it is back.
     DLS_EVENT_DETACHED = 7,
     /// The connection to the daemon broke (`error_message` says why); the library connects
     /// again by itself and events not yet acknowledged come again.
