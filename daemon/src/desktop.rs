@@ -214,41 +214,19 @@ async fn read(conn: &Connection, last: Option<&Desktop>) -> (Desktop, bool) {
         tokio::time::timeout(READ_TIMEOUT, read_network(conn)),
         tokio::time::timeout(READ_TIMEOUT, read_power(conn)),
     );
+    // Each answer fills only its own service's fields of the result: a whole `Desktop`
+    // (the last one kept, or one of unknown facts) serves for either.
     let mut failed = false;
-    let mut heard = |got: Result<Result<Desktop, Silent>, _>,
-                     keep: &dyn Fn(&Desktop) -> Desktop,
-                     absent: &dyn Fn(String) -> Desktop| {
-        match got.unwrap_or_else(|_| Err(timeout())) {
-            Ok(d) => d,
-            Err(Silent::Absent(why)) => absent(why),
-            Err(Silent::Failed(why)) => {
-                failed = true;
-                debug!(%why, "a desktop service did not answer; its last word holds");
-                last.map_or_else(|| absent(why), keep)
-            }
+    let mut heard = |got: Result<Result<Desktop, Silent>, _>| match got.unwrap_or_else(|_| Err(timeout())) {
+        Ok(d) => d,
+        Err(Silent::Absent(why)) => unknown(why),
+        Err(Silent::Failed(why)) => {
+            failed = true;
+            debug!(%why, "a desktop service did not answer; its last word holds");
+            last.map_or_else(|| unknown(why), Desktop::clone)
         }
     };
-    let network = heard(
-        network,
-        &|l| Desktop {
-            nm_connected: l.nm_connected,
-            nm_internet: l.nm_internet,
-            metered: l.metered,
-            network_source: l.network_source.clone(),
-            ..Desktop::default()
-        },
-        &|why| Desktop { network_source: why, ..Desktop::default() },
-    );
-    let power = heard(
-        power,
-        &|l| Desktop {
-            on_battery: l.on_battery,
-            battery_percent: l.battery_percent,
-            power_source: l.power_source.clone(),
-            ..Desktop::default()
-        },
-        &|why| Desktop { power_source: why, ..Desktop::default() },
-    );
+    let (network, power) = (heard(network), heard(power));
     let now = Desktop {
         nm_connected: network.nm_connected,
         nm_internet: network.nm_internet,
@@ -259,6 +237,11 @@ async fn read(conn: &Connection, last: Option<&Desktop>) -> (Desktop, bool) {
         power_source: power.power_source,
     };
     (now, failed)
+}
+
+/// Nothing known, for the reason `why` (shown as either service's source).
+fn unknown(why: String) -> Desktop {
+    Desktop { network_source: why.clone(), power_source: why, ..Desktop::default() }
 }
 
 /// NetworkManager's facts (the network fields of a `Desktop`).
