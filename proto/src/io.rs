@@ -30,7 +30,9 @@ where
     let len = frame::payload_len(header)?;
     buf.clear();
     // Grown as the bytes come, not to the announced length at once: a peer that announces
-    // 1 MiB and sends nothing more holds no megabyte.
+    // 1 MiB and sends nothing more holds no megabyte. Room for a usual frame is made first,
+    // so that it takes one read.
+    buf.reserve(len.min(64 << 10));
     let got = reader.take(len as u64).read_to_end(buf).await?;
     if got < len {
         return Err(ProtoError::Truncated);
