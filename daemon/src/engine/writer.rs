@@ -331,9 +331,15 @@ pub fn run(
                 });
                 out.set_permissions(std::fs::Permissions::from_mode(final_mode))?;
                 out.sync_all()?;
-                // The finish is committed with the file's size before its move: a fresh file
-                // that never reached a checkpoint has its directory entry synced first.
-                sync_entry(&mut entry_unsynced)?;
+                // The finish is committed with the file's size before its move. An unmarked
+                // file is recognised after a crash only in the cache (its size there): a
+                // fresh one that never reached a checkpoint has its directory entry synced
+                // first. A marked one is found at its destination too; syncing its entry
+                // here would cost a directory sync per file (measured: 1,000 × 100 KiB
+                // 0.25 s → 0.41 s, twice the daemon's CPU).
+                if !marked {
+                    sync_entry(&mut entry_unsynced)?;
+                }
                 // A file removed meanwhile would fail its move; started over at once instead.
                 still_named(&out, path)?;
                 tracing::debug!(task = link.task(), offset, marked, "synced");
