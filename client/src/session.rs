@@ -265,6 +265,8 @@ impl Session {
         // Everything acknowledged but `finished_events` not handled yet: it comes at once
         // unless nothing asks for it (a task suspended last); give it one look.
         let mut quiet_once = false;
+        // Past the deadline, the second look a quiet session needs is taken once, at once.
+        let mut looked_again = false;
         loop {
             changes.borrow_and_update();
             let ended = signals.ended.lock().ok().and_then(|d| *d);
@@ -307,8 +309,7 @@ impl Session {
             let wait = match deadline {
                 None => IDLE_RECHECK,
                 Some(deadline) => match deadline.saturating_duration_since(tokio::time::Instant::now()) {
-                    // The second look a quiet session needs is taken at once.
-                    left if left.is_zero() && quiet_once => continue,
+                    left if left.is_zero() && quiet_once && !std::mem::replace(&mut looked_again, true) => continue,
                     left if left.is_zero() => return Ok(false),
                     left => left.min(IDLE_RECHECK),
                 },
