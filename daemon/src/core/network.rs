@@ -247,7 +247,7 @@ impl Core {
                     if held && allowed {
                         release.push((t.lane(), t.rec.priority, id));
                     } else if !held && !allowed {
-                        hold.push((t.lane(), t.rec.priority, id));
+                        hold.push((t.lane(), t.rec.priority, id, refusal));
                     } else if held && t.held_for != refusal {
                         reheld.push((id, refusal));
                     }
@@ -263,17 +263,14 @@ impl Core {
                 "conditions or policies changed: tasks follow their policies"
             );
         }
-        for (lane, prio, id) in hold {
-            self.hold_queued(&lane, prio, id);
+        for (lane, prio, id, why) in hold {
+            self.hold_queued(&lane, prio, id, why);
         }
         for (lane, prio, id) in release {
             self.release_held_task(&lane, prio, id);
         }
         for (id, why) in reheld {
-            if let Some(t) = self.tasks.get_mut(&id) {
-                t.held_for = why;
-            }
-            self.notify_watchers(id);
+            self.note_held_for(id, why);
         }
         for id in refused {
             self.stop_worker(id, AfterStop::Requeue);

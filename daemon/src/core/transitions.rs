@@ -151,11 +151,9 @@ impl Core {
             }
             None => {
                 let (lane, prio) = (t.lane(), t.rec.priority);
-                let refused = self.tasks.get(&id).is_some_and(|t| self.policy_refuses(t));
-                if refused {
-                    self.hold_queued(&lane, prio, id);
-                } else {
-                    self.slots.queue(&lane, prio, id);
+                match self.tasks.get(&id).and_then(|t| admit_policy(self.policy_of(t), self.limits()).err()) {
+                    Some(why) => self.hold_queued(&lane, prio, id, Some(why)),
+                    None => self.slots.queue(&lane, prio, id),
                 }
             }
         }
@@ -164,14 +162,11 @@ impl Core {
     /// Holds a queued task its policy refuses off the lanes, until its resource deadline:
     /// still held then (the network stayed metered, say), it completes `timed_out`, as a
     /// task that could run would by then. The wait counts against the budget like any.
-    pub(super) fn hold_queued(&mut self, lane: &LaneKey, priority: f32, id: TaskId) {
+    /// `why`: the refusal that holds it, as its caller weighed it.
+    pub(super) fn hold_queued(&mut self, lane: &LaneKey, priority: f32, id: TaskId, why: Option<Refusal>) {
         self.slots.hold(lane, priority, id);
-        let why = self.tasks.get(&id).and_then(|t| admit_policy(self.policy_of(t), self.limits()).err());
-        if let Some(t) = self.tasks.get_mut(&id) {
-            t.held_for = why;
-        }
         // Its reason changed (watchers saw a limit, or none).
-        self.notify_watchers(id);
+        self.note_held_for(id, why);
         let Some(t) = self.tasks.get_mut(&id) else { return };
         if let (None, Some(deadline)) = (t.held_deadline, t.rec.resource_deadline) {
             let at = self.timers.at_wall(deadline);
@@ -191,6 +186,14 @@ impl Core {
         self.notify_watchers(id);
     }
 
+    /// Records why a held task waits, and tells its watchers.
+    pub(super) fn note_held_for(&mut self, id: TaskId, why: Option<Refusal>) {
+        if let Some(t) = self.tasks.get_mut(&id) {
+            t.held_for = why;
+        }
+        self.notify_watchers(id);
+    }
+
     fn disarm_held_deadline(&mut self, id: TaskId) {
         let at = self.tasks.get_mut(&id).and_then(|t| t.held_deadline.take());
         self.clear_timer(at, Timer::HeldDeadline(id));
@@ -204,12 +207,12 @@ impl Core {
             return;
         }
         let Some(deadline) = t.rec.resource_deadline else { return };
+        let (lane, prio) = (t.lane(), t.rec.priority);
+        let refusal = self.tasks.get(&id).map(|t| admit_policy(self.policy_of(t), self.limits()));
         if now_ms() < deadline {
             // The wall clock was set back: not yet.
-            let (lane, prio) = (t.lane(), t.rec.priority);
-            return self.hold_queued(&lane, prio, id);
+            return self.hold_queued(&lane, prio, id, refusal.and_then(Result::err));
         }
-        let refusal = self.tasks.get(&id).map(|t| admit_policy(self.policy_of(t), self.limits()));
         let why = match refusal.unwrap_or(Ok(())) {
             Err(Refusal::Metered) => "the network is metered, and its policy refuses that",
             Err(Refusal::OnBattery) => "the machine runs on battery, and its policy refuses that",
