@@ -283,39 +283,42 @@ async fn a_capped_range_is_asked_for_the_rest_when_the_app_gave_the_size() {
 /// task for good and deleted its partial data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_request_for_the_rest_keeps_the_capped_bytes() {
-    let env = TestEnv::new();
-    let _daemon = TestDaemon::start(&env);
-    let server = TestServer::start().await.unwrap();
-    let (len, mib) = (4u64 << 20, 1u64 << 20);
-    server.add(
-        "/refused-rest.bin",
-        Resource::generated(len, 42)
-            .fault(Hits::Nth(1), Fault::ResetAfter(mib))
-            .fault(Hits::Nth(2), Fault::CappedRange { most: mib, unknown_total: false })
-            .fault(Hits::Nth(3), Fault::Status { code: 403, retry_after: None }),
-    );
-    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
-    let session = Session::attach(config(&env, "t.refused-rest"), delegate).await.unwrap();
-    let request = DownloadRequest::new(server.url("/refused-rest.bin"));
-    let task = session.download_tasks(vec![request], true).await.unwrap().remove(0);
-    assert_eq!(events.completion(task.id(), LONG).await, None);
-    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(42, len)));
-    let ranges: Vec<_> = server.requests_for("/refused-rest.bin").into_iter().map(|r| r.range).collect();
-    let from = |n: u64| Some(format!("bytes={}-", n * mib));
+    let refused = Fault::Status { code: 403, retry_after: None };
+    let (ranges, _) = after_a_capped_range("t.refused-rest", 42, refused, None).await;
+    let from = |n: u64| Some(format!("bytes={}-", n * MIB));
     assert_eq!(ranges, vec![None, from(1), from(2), from(2)], "the next attempt went on from the capped range's end");
 }
 
 async fn capped_ranges_are_asked_for_the_rest(identifier: &str, expected_size: Option<u64>) {
+    let capped_again = Fault::CappedRange { most: MIB, unknown_total: false };
+    let (ranges, resumes) = after_a_capped_range(identifier, 41, capped_again, expected_size).await;
+    let from = |n: u64| Some(format!("bytes={}-", n * MIB));
+    assert_eq!(ranges, vec![None, from(1), from(2), from(3)], "each answer's bytes were kept");
+    // The rest was asked for within the resumed attempt: one resume, no backoff between.
+    assert_eq!(resumes, 1);
+}
+
+const MIB: u64 = 1 << 20;
+
+/// Downloads a 4 MiB file (`seed`) whose first answer breaks after 1 MiB, whose second is a
+/// range capped at 1 MiB of unknown total, and whose third is `third`; it must arrive whole.
+/// Returns the ranges asked for, in order, and how many resumes the task reported.
+async fn after_a_capped_range(
+    identifier: &str,
+    seed: u64,
+    third: Fault,
+    expected_size: Option<u64>,
+) -> (Vec<Option<String>>, usize) {
     let env = TestEnv::new();
     let _daemon = TestDaemon::start(&env);
     let server = TestServer::start().await.unwrap();
-    let (len, mib) = (4u64 << 20, 1u64 << 20);
+    let len = 4 * MIB;
     server.add(
         "/capped.bin",
-        Resource::generated(len, 41)
-            .fault(Hits::Nth(1), Fault::ResetAfter(mib))
-            .fault(Hits::Nth(2), Fault::CappedRange { most: mib, unknown_total: true })
-            .fault(Hits::Nth(3), Fault::CappedRange { most: mib, unknown_total: false }),
+        Resource::generated(len, seed)
+            .fault(Hits::Nth(1), Fault::ResetAfter(MIB))
+            .fault(Hits::Nth(2), Fault::CappedRange { most: MIB, unknown_total: true })
+            .fault(Hits::Nth(3), third),
     );
     let (delegate, mut events) = Recorder::new(&env.path().join("out"));
     let session = Session::attach(config(&env, identifier), delegate).await.unwrap();
@@ -325,13 +328,10 @@ async fn capped_ranges_are_asked_for_the_rest(identifier: &str, expected_size: O
     }
     let task = session.download_tasks(vec![request], true).await.unwrap().remove(0);
     assert_eq!(events.completion(task.id(), LONG).await, None);
-    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(41, len)));
-    let ranges: Vec<_> = server.requests_for("/capped.bin").into_iter().map(|r| r.range).collect();
-    let from = |n: u64| Some(format!("bytes={}-", n * mib));
-    assert_eq!(ranges, vec![None, from(1), from(2), from(3)], "each answer's bytes were kept");
-    // The rest was asked for within the resumed attempt: one resume, no backoff between.
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(seed, len)));
+    let ranges = server.requests_for("/capped.bin").into_iter().map(|r| r.range).collect();
     let resumes = events.seen.iter().filter(|e| matches!(e, Seen::Resumed { task: t, .. } if *t == task.id())).count();
-    assert_eq!(resumes, 1, "{:?}", events.seen);
+    (ranges, resumes)
 }
 
 /// A `416` saying the resource ends exactly where the partial data does, from a server
