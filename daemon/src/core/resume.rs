@@ -10,8 +10,10 @@ use dlsession_proto::{ErrorCode, ErrorInfo, Header, TaskId, TaskSpec};
 
 const RESUME_MAGIC: [u8; 4] = *b"DLRD";
 
-/// What the blob holds. Its encoding is a contract with every blob handed out before:
-/// fields are only ever appended.
+/// What the blob holds. Its encoding is a contract with every blob handed out before
+/// (`a_blob_handed_out_before_still_decodes` pins it): the layout never changes under this
+/// magic. A new field needs a new layout under a new magic, chosen by the blob's first four
+/// bytes (bincode writes the array first, byte by byte), with this one still decoded.
 #[derive(Serialize, Deserialize)]
 pub(super) struct ResumeData {
     magic: [u8; 4],
@@ -142,4 +144,39 @@ mod tests {
         data.magic = *b"XXXX";
         assert!(ResumeData::decode(&dlsession_proto::codec::encode(&data).unwrap()).is_err());
     }
+
+    /// A blob an app kept from an earlier release (its bytes written out here once) must
+    /// still make its task: a change to the layout fails this test.
+    #[test]
+    fn a_blob_handed_out_before_still_decodes() {
+        let data = ResumeData {
+            magic: RESUME_MAGIC,
+            url: "http://h/f".into(),
+            headers: vec![Header { name: "X-A".into(), value: "b".into() }],
+            description: Some("d".into()),
+            priority: 0.5,
+            expected_sha256: Some([7; 32]),
+            destination: Some("/tmp/f".into()),
+            overwrite: true,
+            offset: 300,
+            bytes_expected: Some(70_000),
+            etag: Some("\"e\"".into()),
+            last_modified: None,
+            file: Some("00000000000000ff.part".into()),
+        };
+        let blob = dlsession_proto::codec::encode(&data).unwrap();
+        let hex: String = blob.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, GOLDEN, "the resume-data layout changed: blobs handed out before would be refused");
+        assert_eq!(&blob[..4], b"DLRD", "the magic leads, so a later layout can be told apart by it");
+        let back = ResumeData::decode(&blob).unwrap();
+        assert_eq!(back.spec().expected_size, Some(70_000));
+        assert_eq!(back.kept_file(), Some("00000000000000ff.part"));
+        assert_eq!((back.offset, back.etag.as_deref()), (300, Some("\"e\"")));
+    }
+
+    const GOLDEN: &str = concat!(
+        "444c52440a687474703a2f2f682f660103582d4101620101640000003f0107070707070707070707070707",
+        "0707070707070707070707070707070707070701062f746d702f6601fb2c0101fc701101000103226522",
+        "000115303030303030303030303030303066662e70617274",
+    );
 }
