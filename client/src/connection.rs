@@ -7,7 +7,8 @@
 //! the client connects again with backoff (starting the daemon where autostart is
 //! allowed). It then registers again for wakes and watches, rejoins every attached session
 //! (whose undelivered events the daemon sends again: delivery is at least once) and tells
-//! each session `Reconnected`. Requests made while it is away wait for the new link, up to their timeout.
+//! each session `Reconnected`. Requests made while it is away wait for the new link, up to their timeout;
+//! so do requests the daemon refused with `shutting_down` (not run), sent again on the new link.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -23,7 +24,8 @@ use crate::error::{Error, Result};
 use crate::events::{EventReceiver, Mailbox};
 use crate::link::{Answer, Incoming, Link};
 use dlsession_proto::{
-    ClientHello, DetachReason, ErrorCode, Event, Request, Response, ServerMessage, TaskId, WatchFilter, Welcome,
+    ClientHello, DetachReason, ErrorCode, ErrorInfo, Event, Request, Response, ServerMessage, TaskId, WatchFilter,
+    Welcome,
 };
 
 /// How to connect.
@@ -37,7 +39,8 @@ pub struct ClientOptions {
     pub app_id: Option<String>,
     /// Deadline for connecting and the handshake.
     pub timeout: Duration,
-    /// Deadline for each request's answer ([`Error::TimedOut`] after it).
+    /// Deadline for each request's answer ([`Error::TimedOut`] after it), waiting for a
+    /// connection and, for a request refused while the daemon stopped, for it to come back.
     pub request_timeout: Duration,
     /// Start `dlsessiond` if nothing listens on the socket (unless `DLSESSION_NO_AUTOSTART=1`).
     pub autostart: bool,
@@ -212,23 +215,49 @@ impl Client {
         self.request_with(request, Some(in_order)).await
     }
 
+    /// A request the daemon refused because it was stopping (`shutting_down`: not run) goes
+    /// again on the next connection, once the daemon is back, within the same timeout;
+    /// after it, the refusal is the answer. Not a request whose answer is handled in order
+    /// (re-attaching, which has its own retries), nor on a client that does not reconnect.
     async fn request_with(&self, request: Request, in_order: Option<crate::link::InOrder>) -> Result<Response> {
         let name = request.name();
         let after = self.shared.options.request_timeout;
+        let mut refused: Option<ErrorInfo> = None;
         // One timer for the whole request: waiting for a connection, then for the answer.
         let answer = async {
-            let link = match self.current_link() {
-                Some(link) => link,
-                None => self.live_link().await?,
-            };
-            let rx = self.send_with(&link, request, in_order)?;
-            match rx.await {
-                Ok(Ok(response)) => Ok(response),
-                Ok(Err(e)) => Err(Error::Daemon(e)),
-                Err(_) => Err(link.disconnected()),
+            let mut in_order = in_order;
+            let mut stopping: Option<Arc<Link>> = None;
+            loop {
+                let link = match (stopping.take(), &refused) {
+                    (Some(old), Some(e)) => {
+                        self.live_link_after(Some(&old)).await.map_err(|_| Error::Daemon(e.clone()))?
+                    }
+                    _ => match self.current_link() {
+                        Some(link) => link,
+                        None => self.live_link().await?,
+                    },
+                };
+                // Without reconnecting, nothing would come to send it again on.
+                let again = in_order.is_none() && self.shared.options.reconnect;
+                let rx = self.send_with(&link, request.clone(), in_order.take())?;
+                match rx.await {
+                    Ok(Ok(response)) => return Ok(response),
+                    Ok(Err(e)) if again && e.code == ErrorCode::ShuttingDown => {
+                        debug!(request = name, "dlsessiond is stopping; the request goes again once it is back");
+                        refused = Some(e);
+                        stopping = Some(link);
+                    }
+                    Ok(Err(e)) => return Err(Error::Daemon(e)),
+                    Err(_) => return Err(link.disconnected()),
+                }
             }
         };
-        tokio::time::timeout(after, answer).await.map_err(|_| Error::TimedOut { request: name, after })?
+        let result = tokio::time::timeout(after, answer).await;
+        match (result, refused) {
+            (Ok(answer), _) => answer,
+            (Err(_), Some(e)) => Err(Error::Daemon(e)),
+            (Err(_), None) => Err(Error::TimedOut { request: name, after }),
+        }
     }
 
     /// Sends a request that creates tasks under a new creation key, and again under the
@@ -347,10 +376,17 @@ impl Client {
 
     /// The current link, waiting for one while the client connects again.
     async fn live_link(&self) -> Result<Arc<Link>> {
+        self.live_link_after(None).await
+    }
+
+    /// The next live link other than `old`.
+    async fn live_link_after(&self, old: Option<&Arc<Link>>) -> Result<Arc<Link>> {
         loop {
             let changed = self.shared.link_changed.notified();
             match &*self.shared.link.lock().map_err(|_| Error::Disconnected { reason: None })? {
-                LinkState::Up(link) if !link.is_closed() => return Ok(link.clone()),
+                LinkState::Up(link) if !link.is_closed() && !old.is_some_and(|old| Arc::ptr_eq(old, link)) => {
+                    return Ok(link.clone());
+                }
                 LinkState::Closed(reason) => return Err(Error::Disconnected { reason: reason.clone() }),
                 // Broken, not yet marked down (see `current_link`), or down: the next one.
                 LinkState::Up(_) | LinkState::Down(_) => {}

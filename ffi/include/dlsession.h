@@ -184,6 +184,11 @@ typedef enum dls_code {
      */
     DLS_NOT_CONNECTED = 24,
     /**
+     * shutting_down: the daemon was stopping and did not come back within the request
+     * timeout; the request was not run (the library sends it again when it comes back).
+     */
+    DLS_SHUTTING_DOWN = 25,
+    /**
      * A bad argument from the caller: NULL where a value is needed, a string that is
      * not UTF-8. Nothing was sent to the daemon.
      */

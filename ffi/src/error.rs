@@ -65,6 +65,9 @@ pub enum dls_code {
     DLS_DESTINATION_UNAVAILABLE = 23,
     /// not_connected: no route to the server, and the session does not wait for one.
     DLS_NOT_CONNECTED = 24,
+    /// shutting_down: the daemon was stopping and did not come back within the request
+    /// timeout; the request was not run (the library sends it again when it comes back).
+    DLS_SHUTTING_DOWN = 25,
     /// A bad argument from the caller: NULL where a value is needed, a string that is
     /// not UTF-8. Nothing was sent to the daemon.
     DLS_INVALID_ARGUMENT = 100,
@@ -72,7 +75,7 @@ pub enum dls_code {
 
 impl dls_code {
     /// Every code, `DLS_OK` first.
-    pub(crate) const ALL: [dls_code; 26] = [
+    pub(crate) const ALL: [dls_code; 27] = [
         dls_code::DLS_OK,
         dls_code::DLS_INVALID_URL,
         dls_code::DLS_UNSUPPORTED_SCHEME,
@@ -98,6 +101,7 @@ impl dls_code {
         dls_code::DLS_STORAGE_FULL,
         dls_code::DLS_DESTINATION_UNAVAILABLE,
         dls_code::DLS_NOT_CONNECTED,
+        dls_code::DLS_SHUTTING_DOWN,
         dls_code::DLS_INVALID_ARGUMENT,
     ];
 
@@ -128,6 +132,7 @@ impl dls_code {
             ErrorCode::StorageFull => dls_code::DLS_STORAGE_FULL,
             ErrorCode::DestinationUnavailable => dls_code::DLS_DESTINATION_UNAVAILABLE,
             ErrorCode::NotConnected => dls_code::DLS_NOT_CONNECTED,
+            ErrorCode::ShuttingDown => dls_code::DLS_SHUTTING_DOWN,
         }
     }
 
@@ -159,6 +164,7 @@ impl dls_code {
             dls_code::DLS_STORAGE_FULL => c"storage_full",
             dls_code::DLS_DESTINATION_UNAVAILABLE => c"destination_unavailable",
             dls_code::DLS_NOT_CONNECTED => c"not_connected",
+            dls_code::DLS_SHUTTING_DOWN => c"shutting_down",
             dls_code::DLS_INVALID_ARGUMENT => c"invalid_argument",
         }
     }

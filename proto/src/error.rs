@@ -38,11 +38,16 @@ pub enum ErrorCode {
     DestinationUnavailable,
     /// No route to the server, and the session does not wait for connectivity.
     NotConnected,
+    // Protocol 7.
+    /// The daemon is shutting down: the request was refused, not run, and may be sent
+    /// again once the daemon is back (the client library does so by itself). Only ever a
+    /// request's answer.
+    ShuttingDown,
 }
 
 impl ErrorCode {
     /// Every code, in wire order.
-    pub const ALL: [ErrorCode; 24] = [
+    pub const ALL: [ErrorCode; 25] = [
         ErrorCode::InvalidUrl,
         ErrorCode::UnsupportedScheme,
         ErrorCode::InvalidIdentifier,
@@ -67,6 +72,7 @@ impl ErrorCode {
         ErrorCode::StorageFull,
         ErrorCode::DestinationUnavailable,
         ErrorCode::NotConnected,
+        ErrorCode::ShuttingDown,
     ];
 
     /// The stable snake_case name, as used in JSON output and CLI messages.
@@ -96,6 +102,7 @@ impl ErrorCode {
             ErrorCode::StorageFull => "storage_full",
             ErrorCode::DestinationUnavailable => "destination_unavailable",
             ErrorCode::NotConnected => "not_connected",
+            ErrorCode::ShuttingDown => "shutting_down",
         }
     }
 

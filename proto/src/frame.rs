@@ -34,8 +34,9 @@ pub fn encode_frame<T: Serialize>(value: &T) -> Result<Vec<u8>, ProtoError> {
 pub fn encode_server_frame(version: u16, msg: crate::ServerMessage) -> Result<Vec<u8>, ProtoError> {
     match version {
         ..=1 => encode_frame(&crate::v1::downgrade(msg)),
-        2 => encode_frame(&crate::v3::downgrade(crate::v2::downgrade(msg))),
-        3 => encode_frame(&crate::v3::downgrade(msg)),
+        2 => encode_frame(&crate::v3::downgrade(crate::v2::downgrade(crate::v6::downgrade(msg)))),
+        3 => encode_frame(&crate::v3::downgrade(crate::v6::downgrade(msg))),
+        4..=6 => encode_frame(&crate::v6::downgrade(msg)),
         _ => encode_frame(&msg),
     }
 }

@@ -25,7 +25,7 @@
 //! answers in the client's version and sends it messages in that version's shapes
 //! ([`v1`] holds the frozen shapes of protocol 1 and the conversions; [`v2`] maps what
 //! protocol 3 appended onto protocol 2's variants; [`v3`] holds protocol 3's shapes of what
-//! protocol 4 changed).
+//! protocol 4 changed; [`v6`] maps the error code protocol 7 appended).
 //!
 //! A frame is a big-endian `u32` payload length followed by that many bytes of bincode
 //! (standard config: varint integers, little endian). The length is checked against
@@ -45,6 +45,7 @@ pub mod task;
 pub mod v1;
 pub mod v2;
 pub mod v3;
+pub mod v6;
 pub mod validate;
 
 pub use error::{ErrorCode, ErrorInfo, MAX_ERROR_MESSAGE, ProtoError};
@@ -57,7 +58,7 @@ pub use task::*;
 pub const MAGIC: [u8; 4] = *b"DLSD";
 
 /// Bumped whenever a message type changes in a way an older peer cannot decode.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// The oldest protocol version a daemon of this build still serves (see [`v1`]).
 pub const MIN_PROTOCOL_VERSION: u16 = 1;

@@ -281,7 +281,7 @@ fn code(c: crate::ErrorCode) -> ErrorCode {
         C::Cancelled => ErrorCode::Cancelled,
         C::ProtocolVersion => ErrorCode::ProtocolVersion,
         C::PermissionDenied => ErrorCode::PermissionDenied,
-        C::Internal | C::StorageFull => ErrorCode::Internal,
+        C::Internal | C::StorageFull | C::ShuttingDown => ErrorCode::Internal,
         C::DestinationUnavailable => ErrorCode::FileError,
         C::NotConnected => ErrorCode::Network,
     }

@@ -492,11 +492,12 @@ fn handshake_is_frozen() {
     check(4, "hello", &hello);
     check(5, "hello", &hello);
     check(6, "hello", &hello);
+    check(7, "hello", &hello);
     let welcome = Welcome { daemon_version: "0.1.0".into(), pid: 4242, connection_id: 7 };
-    for version in 1..=6 {
+    for version in 1..=7 {
         check(version, "welcome", &frame::encode_frame(&welcome).unwrap());
     }
-    assert_eq!(&Preamble::ours(HandshakeStatus::Ok).to_bytes(), b"DLSD\x00\x06\x00\x00");
+    assert_eq!(&Preamble::ours(HandshakeStatus::Ok).to_bytes(), b"DLSD\x00\x07\x00\x00");
     assert_eq!(&Preamble { version: 9, status: HandshakeStatus::VersionMismatch }.to_bytes(), b"DLSD\x00\x09\x00\x01");
 }
 
@@ -508,6 +509,7 @@ fn daemons_serve_every_supported_version() {
     assert_eq!(with(3).negotiate().unwrap(), 3);
     assert_eq!(with(4).negotiate().unwrap(), 4);
     assert_eq!(with(5).negotiate().unwrap(), 5);
+    assert_eq!(with(6).negotiate().unwrap(), 6);
     assert_eq!(with(PROTOCOL_VERSION).negotiate().unwrap(), PROTOCOL_VERSION);
     assert!(with(0).negotiate().is_err());
     assert!(with(PROTOCOL_VERSION + 1).negotiate().is_err());
@@ -527,6 +529,7 @@ fn requests_are_frozen_and_round_trip() {
         check(4, name, &bytes);
         check(5, name, &bytes);
         check(6, name, &bytes);
+        check(7, name, &bytes);
         let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![frame], "{name} does not round-trip");
     }
@@ -538,6 +541,7 @@ fn requests_are_frozen_and_round_trip() {
         check(4, name, &bytes);
         check(5, name, &bytes);
         check(6, name, &bytes);
+        check(7, name, &bytes);
         let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![frame], "{name} does not round-trip");
     }
@@ -548,6 +552,7 @@ fn requests_are_frozen_and_round_trip() {
         check(4, name, &bytes);
         check(5, name, &bytes);
         check(6, name, &bytes);
+        check(7, name, &bytes);
         let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![frame], "{name} does not round-trip");
     }
@@ -557,6 +562,7 @@ fn requests_are_frozen_and_round_trip() {
         check(4, name, &bytes);
         check(5, name, &bytes);
         check(6, name, &bytes);
+        check(7, name, &bytes);
         let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![frame], "{name} does not round-trip");
     }
@@ -565,6 +571,7 @@ fn requests_are_frozen_and_round_trip() {
     let bytes = frame::encode_frame(&frame).unwrap();
     check(5, "req_resume_tasks", &bytes);
     check(6, "req_resume_tasks", &bytes);
+    check(7, "req_resume_tasks", &bytes);
     let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
     assert_eq!(back, vec![frame], "req_resume_tasks does not round-trip");
     // Protocol 6 only appended a request: protocol 5's messages are unchanged.
@@ -576,6 +583,7 @@ fn requests_are_frozen_and_round_trip() {
     let frame = RequestFrame { id: 0x1234, request: Request::Once { key: u128::MAX - 7, request: create } };
     let bytes = frame::encode_frame(&frame).unwrap();
     check(6, "req_once", &bytes);
+    check(7, "req_once", &bytes);
     let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
     assert_eq!(back, vec![frame], "req_once does not round-trip");
 }
@@ -587,6 +595,7 @@ fn server_messages_are_frozen_and_round_trip() {
         check(4, name, &bytes);
         check(5, name, &bytes);
         check(6, name, &bytes);
+        check(7, name, &bytes);
         let back: Vec<ServerMessage> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![msg.clone()], "{name} does not round-trip");
         // Protocols 2 and 3 get the bytes they always got.
@@ -602,6 +611,7 @@ fn server_messages_are_frozen_and_round_trip() {
         check(4, name, &bytes);
         check(5, name, &bytes);
         check(6, name, &bytes);
+        check(7, name, &bytes);
         let back: Vec<ServerMessage> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![msg.clone()], "{name} does not round-trip");
         check(3, name, &frame::encode_server_frame(3, msg).unwrap());
@@ -611,6 +621,7 @@ fn server_messages_are_frozen_and_round_trip() {
         check(4, name, &bytes);
         check(5, name, &bytes);
         check(6, name, &bytes);
+        check(7, name, &bytes);
         let back: Vec<ServerMessage> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![msg], "{name} does not round-trip");
     }
@@ -703,6 +714,24 @@ fn protocol_2_clients_get_only_protocol_2_variants() {
     }
 }
 
+/// Protocol 7 appended the error code `shutting_down` (a refusal while the daemon stops):
+/// older clients get it as `internal` with the same message, as they always did.
+#[test]
+fn older_clients_get_shutting_down_as_internal() {
+    let refusal = ErrorInfo::new(ErrorCode::ShuttingDown, "the daemon is shutting down; try again when it is back");
+    let msg = ServerMessage::Response { id: 9, result: Err(refusal.clone()) };
+    let bytes = frame::encode_frame(&msg).unwrap();
+    check(7, "resp_err_shutting_down", &bytes);
+    assert_eq!(frame::encode_server_frame(7, msg.clone()).unwrap(), bytes);
+    let internal = ServerMessage::Response { id: 9, result: Err(ErrorInfo { code: ErrorCode::Internal, ..refusal }) };
+    for version in 2..=6 {
+        let old = frame::encode_server_frame(version, msg.clone()).unwrap();
+        assert_eq!(old, frame::encode_server_frame(version, internal.clone()).unwrap(), "protocol {version}");
+    }
+    let v1_bytes = frame::encode_server_frame(1, msg).unwrap();
+    assert_eq!(v1_bytes, frame::encode_server_frame(1, internal).unwrap());
+}
+
 /// What a protocol-1 client receives is byte for byte what protocol-1 daemons sent.
 #[test]
 fn protocol_1_clients_get_protocol_1_bytes() {
@@ -777,6 +806,7 @@ fn error_codes_are_stable() {
             "storage_full",
             "destination_unavailable",
             "not_connected",
+            "shutting_down",
         ]
     );
     for (i, code) in ErrorCode::ALL.iter().enumerate() {

@@ -186,6 +186,51 @@ async fn a_clean_restart_keeps_the_app_attached() {
     );
 }
 
+/// Requests the daemon refuses while it stops (SIGTERM, as a restart or an upgrade does it)
+/// go again once it is back: the app gets its answer, not `shutting_down`. The daemon is
+/// held in its shutdown by its last checkpoint (a failpoint), answering meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_refused_while_the_daemon_stops_go_again_once_it_is_back() {
+    let env = TestEnv::new();
+    // The shutdown's checkpoint is the first one, the one held.
+    env.set_config("checkpoint_interval_ms", "600000");
+    let held = std::ffi::OsStr::new("checkpoint-after-sync:1:sleep-ms=3000");
+    let mut d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", held)]);
+    let s = TestServer::start().await.unwrap();
+    let len = 4u64 << 20;
+    s.add("/big", Resource::generated(len, 73).etag("\"r\"").throttle(1 << 20));
+    s.add("/small", Resource::generated(10_000, 74));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session =
+        Session::attach(SessionConfiguration::background("t.stopping").socket(&env.socket), delegate).await.unwrap();
+    let big = session.download_tasks(vec![DownloadRequest::new(s.url("/big"))], true).await.unwrap().remove(0);
+    events.wait("progress", LONG, |e| matches!(e, Seen::Progress { total, .. } if *total > 0)).await;
+    d.signal_term();
+    let deadline = std::time::Instant::now() + LONG;
+    while !d.log().contains("shutting down: checkpointing running downloads") {
+        assert!(std::time::Instant::now() < deadline, "no shutdown began: {}", d.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let creating = tokio::spawn({
+        let session = session.clone();
+        let small = DownloadRequest::new(s.url("/small"));
+        async move { session.download_tasks(vec![small], true).await }
+    });
+    let suspending = tokio::spawn(async move { big.suspend().await.map(|()| big) });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!creating.is_finished() && !suspending.is_finished(), "refused, they wait for the daemon to come back");
+    assert!(tokio::task::block_in_place(|| d.wait_exit(LONG)).success());
+    d.set_env(&[]);
+    d.restart();
+    let small = creating.await.unwrap().expect("created once the daemon was back").remove(0);
+    let big = suspending.await.unwrap().expect("suspended once the daemon was back");
+    assert_eq!(events.completion(small.id(), LONG).await, None);
+    let file = events.moved_to(small.id()).unwrap();
+    assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(74, 10_000)));
+    let info = big.info().await.unwrap();
+    assert_eq!(info.state, dlsession::TaskState::Suspended, "{info:?}");
+}
+
 /// Starts `dlsessionctl ARGS`, its output piped. The test restarts the daemon itself: the
 /// command must not start one first.
 fn spawn_ctl(env: &TestEnv, args: &[&str]) -> std::process::Child {

@@ -357,10 +357,15 @@ impl TestDaemon {
 
     /// SIGTERM and wait for the daemon to exit.
     pub fn terminate(&mut self) -> ExitStatus {
+        self.signal_term();
+        self.wait_exit(Duration::from_secs(30))
+    }
+
+    /// SIGTERM, without waiting: the daemon begins to shut down ([`TestDaemon::wait_exit`]).
+    pub fn signal_term(&self) {
         let child = self.child.as_ref().expect("daemon not running");
         let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
-        self.wait_exit(Duration::from_secs(30))
     }
 
     /// Waits for the daemon to exit by itself (e.g. at a failpoint) and returns how.

@@ -19,6 +19,7 @@ use tracing::{debug, error};
 
 use super::Core;
 use super::held::{CHECK, HeldRequest};
+use super::life::shutting_down;
 use super::requests::DiskCheck;
 use crate::conn::ConnId;
 use crate::model::SessionKey;
@@ -30,10 +31,6 @@ use dlsession_proto::{ErrorCode, ErrorInfo, LimitTarget, Request, TaskId, TaskSt
 /// once; what attaching commits waits for the check like every write).
 fn may_run_before_the_check(request: &Request) -> bool {
     matches!(request, Request::Attach { .. } | Request::Detach { .. }) || super::requests::reads_only(request)
-}
-
-fn shutting_down() -> ErrorInfo {
-    ErrorInfo::new(ErrorCode::Internal, "the daemon is shutting down; try again when it is back")
 }
 
 impl Core {

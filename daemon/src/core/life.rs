@@ -11,6 +11,12 @@ use super::{Core, IdleExit};
 use crate::conn::PauseCheck;
 use dlsession_proto::{DetachReason, ErrorCode, ErrorInfo, Event};
 
+/// A request refused because the daemon stops: not run, so the client may send it again
+/// once the daemon is back (the client library does).
+pub(super) fn shutting_down() -> ErrorInfo {
+    ErrorInfo::new(ErrorCode::ShuttingDown, "the daemon is shutting down; try again when it is back")
+}
+
 impl Core {
     /// Exit once nothing has happened for `idle.after` (see [`Core::has_nothing_to_do`]).
     pub fn exit_when_idle(&mut self, idle: IdleExit) {

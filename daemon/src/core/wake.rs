@@ -161,7 +161,7 @@ impl Core {
         // Not while stopping (a notification clicked, a `wake` request): the app would meet
         // a daemon about to go.
         if self.life.shutting_down {
-            return Err(ErrorInfo::new(ErrorCode::Internal, "the daemon is shutting down; try again when it is back"));
+            return Err(super::life::shutting_down());
         }
         let identifier = s.rec.identifier.clone();
         let targets: Vec<ConnId> = match &s.rec.config.app_id {

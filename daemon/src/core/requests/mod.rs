@@ -110,7 +110,7 @@ impl Core {
         let access = access(&request);
         let (mutating, writes) = (access != Access::Read, access == Access::Write);
         let result = if mutating && self.life.shutting_down {
-            Err(ErrorInfo::new(ErrorCode::Internal, "the daemon is shutting down; try again when it is back"))
+            Err(crate::core::life::shutting_down())
         } else if let Some(e) = self.life.storage.as_ref().filter(|_| writes) {
             Err(e.clone())
         } else {
