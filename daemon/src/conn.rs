@@ -40,6 +40,9 @@ pub enum ConnEvent {
 pub trait ToCore: Clone + Send + Sync + 'static {
     /// False once nobody listens any more (the core has stopped).
     fn send(&self, event: ConnEvent) -> bool;
+
+    /// Resolves once the core has stopped: it has queued every answer it will give.
+    fn stopped(&self) -> impl std::future::Future<Output = ()> + Send;
 }
 
 /// The core decides the daemon is idle and asks the server whether any connection is open.

@@ -95,7 +95,18 @@ pub async fn serve<C: ToCore>(
         }
     }
     debug!("no longer accepting connections");
+    // Answers the core queued last (to changes committed while it stopped) are still to be
+    // written: each connection ends once the core has stopped and its writer has written
+    // them, within `FLUSH_AT_EXIT` (a client that does not read is not waited for longer).
+    core.stopped().await;
+    let deadline = tokio::time::Instant::now() + FLUSH_AT_EXIT;
+    while live.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
+
+/// How long connections get, once the core has stopped, to write what it queued.
+const FLUSH_AT_EXIT: Duration = Duration::from_secs(2);
 
 /// Counts a connection as live until its task ends (however it ends).
 struct LiveGuard(Arc<AtomicUsize>);
@@ -276,6 +287,7 @@ impl<C: ToCore> Connection<C> {
                 Err(tokio::sync::TryAcquireError::NoPermits) => loop {
                     tokio::select! {
                         permit = in_flight.acquire() => break permit,
+                        () = self.core.stopped() => return Ok(()),
                         () = tokio::time::sleep(GONE_CHECK) => if rd.peer_gone() {
                             debug!("the client went away while its requests waited");
                             return Ok(());
@@ -288,7 +300,13 @@ impl<C: ToCore> Connection<C> {
             // Closed by the writer when it stops (the peer cannot be written to).
             let Ok(permit) = permit else { return Ok(()) };
             permit.forget();
-            let Some(frame) = read_frame::<_, RequestFrame>(rd, &mut buf).await? else { return Ok(()) };
+            // Once the core has stopped nothing more is answered: the connection ends, and
+            // its writer sends what the core queued (see `serve`).
+            let frame = tokio::select! {
+                frame = read_frame::<_, RequestFrame>(rd, &mut buf) => frame?,
+                () = self.core.stopped() => return Ok(()),
+            };
+            let Some(frame) = frame else { return Ok(()) };
             let msg = ConnEvent::Request { conn: self.id, id: frame.id, request: frame.request };
             if !self.core.send(msg) {
                 return Ok(());

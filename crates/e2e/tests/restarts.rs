@@ -206,11 +206,7 @@ async fn requests_refused_while_the_daemon_stops_go_again_once_it_is_back() {
     let big = session.download_tasks(vec![DownloadRequest::new(s.url("/big"))], true).await.unwrap().remove(0);
     events.wait("progress", LONG, |e| matches!(e, Seen::Progress { total, .. } if *total > 0)).await;
     d.signal_term();
-    let deadline = std::time::Instant::now() + LONG;
-    while !d.log().contains("shutting down: checkpointing running downloads") {
-        assert!(std::time::Instant::now() < deadline, "no shutdown began: {}", d.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tokio::task::block_in_place(|| d.wait_logged("shutting down: checkpointing running downloads", LONG));
     let creating = tokio::spawn({
         let session = session.clone();
         let small = DownloadRequest::new(s.url("/small"));
@@ -229,6 +225,33 @@ async fn requests_refused_while_the_daemon_stops_go_again_once_it_is_back() {
     assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(74, 10_000)));
     let info = big.info().await.unwrap();
     assert_eq!(info.state, dlsession::TaskState::Suspended, "{info:?}");
+}
+
+/// A change committed while the daemon stops is answered before it exits: a `dlsessionctl
+/// get` whose tasks were being committed when SIGTERM came prints them and exits 0 (the
+/// daemon used to exit without the answer, the command failing though its task was made).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_committed_while_the_daemon_stops_is_answered() {
+    let env = TestEnv::new();
+    let held = std::ffi::OsStr::new("tasks-before-commit:1:sleep-ms=1500");
+    let mut d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", held)]);
+    let s = TestServer::start().await.unwrap();
+    s.add("/f", Resource::generated(1_000, 75));
+    let dest = env.path().join("f.bin");
+    let ctl = spawn_ctl(&env, &["get", &s.url("/f"), "-o", dest.to_str().unwrap(), "--session", "t.stopcommit"]);
+    tokio::task::block_in_place(|| d.wait_logged("failpoint tasks-before-commit reached", LONG));
+    d.signal_term();
+    let out = tokio::task::block_in_place(|| ctl.wait_with_output()).unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}\nlog: {}", d.log());
+    assert!(tokio::task::block_in_place(|| d.wait_exit(LONG)).success());
+    // The task the command was told of is the one the daemon holds, and it runs once back.
+    d.set_env(&[]);
+    d.restart();
+    let listed = env.ctl(&["tasks", "--session", "t.stopcommit", "--json"]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    let id = stdout.strip_prefix("task ").and_then(|rest| rest.split(':').next()).unwrap_or_default();
+    assert!(!id.is_empty() && listed.contains(&format!("\"id\":{id}")), "told {stdout:?}, holds {listed}");
 }
 
 /// Starts `dlsessionctl ARGS`, its output piped. The test restarts the daemon itself: the

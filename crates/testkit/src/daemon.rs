@@ -347,6 +347,15 @@ impl TestDaemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits until the daemon's log (all runs) holds `needle`.
+    pub fn wait_logged(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(needle) {
+            assert!(Instant::now() < deadline, "{needle:?} not logged within {timeout:?}; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL: no chance to checkpoint.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -79,6 +79,10 @@ impl crate::conn::ToCore for CoreTx {
     fn send(&self, event: ConnEvent) -> bool {
         mpsc::UnboundedSender::send(self, CoreMsg::Conn(event)).is_ok()
     }
+
+    fn stopped(&self) -> impl std::future::Future<Output = ()> + Send {
+        mpsc::UnboundedSender::closed(self)
+    }
 }
 
 /// The engine's reports, as messages on the core's channel.
@@ -267,6 +271,8 @@ pub struct Core {
 #[derive(Debug, Default)]
 struct Lifecycle {
     pub shutting_down: bool,
+    /// The shutdown's grace period is over: nothing more is waited for.
+    pub grace_over: bool,
     /// Set while the database refuses writes: changes are refused, downloads held.
     pub storage: Option<ErrorInfo>,
     pub idle_exit: Option<IdleExit>,
@@ -387,8 +393,14 @@ impl Core {
         let mut idle_since: Option<tokio::time::Instant> = None;
         loop {
             // A request in its disk phase is waited for too: refused when it comes back, a
-            // resume file it moved goes back (within the grace, see `ShutdownDeadline`).
-            if self.life.shutting_down && self.slots.running_count() == 0 && !self.held.any_on_disk() {
+            // resume file it moved goes back; and so are commits on their way, whose replies
+            // (a cancel, a creation) go out only once they are durable (within the grace,
+            // see `ShutdownDeadline`).
+            if self.life.shutting_down
+                && self.slots.running_count() == 0
+                && !self.held.any_on_disk()
+                && (self.life.commits_in_flight == 0 || self.life.grace_over)
+            {
                 break;
             }
             let idle_at = match &self.life.idle_exit {
@@ -632,6 +644,7 @@ impl Core {
                         running = self.slots.running_count(),
                         "shutdown grace period over; exiting without final checkpoints"
                     );
+                    self.life.grace_over = true;
                     self.slots.abandon_all();
                     self.give_up_disk_phases();
                 }
