@@ -354,6 +354,28 @@ async fn a_resumable_upload_goes_on_from_the_servers_offset_after_a_cut_and_a_cr
     drop(session);
 }
 
+/// A server that offers resumption at a URL longer than a task's may be is not taken up on
+/// it (the URL would be stored and asked again): a cut upload goes again from its start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offer_to_resume_at_an_overlong_url_is_not_taken() {
+    const SIZE: usize = 2 << 20;
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = UploadServer::start(true).await.unwrap();
+    let faults = UploadFaults { cut_after: Some(1 << 20), offer_padding: Some(40_000), ..UploadFaults::default() };
+    server.set_faults(faults);
+    let (file, data) = make_file(env.path(), "long.bin", SIZE, 12);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.longoffer"), delegate).await.unwrap();
+    let request = UploadRequest::new(server.url("/files/long.bin"), &file);
+    let task = session.upload_tasks(vec![request], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(server.file("long.bin").as_deref(), Some(&data[..]));
+    let methods: Vec<String> = server.records().iter().map(|r| r.method.clone()).collect();
+    assert!(!methods.iter().any(|m| m == "HEAD" || m == "PATCH"), "the offer was taken: {methods:?}");
+    assert!(methods.iter().filter(|m| *m == "PUT").count() >= 2, "sent again after the cut: {methods:?}");
+}
+
 /// Over HTTPS, to a server that also speaks HTTP/2 (as real ones do): uploads go over
 /// HTTP/1.1, where a `104` can arrive, so the server's offer is taken and a POST cut
 /// mid-body goes on from the server's offset.

@@ -74,6 +74,8 @@ pub struct UploadFaults {
     /// `(n, status, location)`: answer request number `n` (as in `statuses`) with this
     /// redirect once its whole body was read (after `answer_after`).
     pub redirect: Option<(usize, u16, String)>,
+    /// Pad the `104`'s `Location` with a query of this many bytes.
+    pub offer_padding: Option<usize>,
 }
 
 #[derive(Debug, Default)]
@@ -348,8 +350,10 @@ async fn handle(
                     s.uploads.insert(id, (name.to_owned(), Vec::new(), false));
                     id
                 };
+                let padding = state.lock().unwrap().faults.offer_padding.map(|n| format!("?p={}", "x".repeat(n)));
                 let interim = format!(
-                    "HTTP/1.1 104 Upload Resumption Supported\r\nUpload-Draft-Interop-Version: 6\r\nLocation: /uploads/{id}\r\n\r\n"
+                    "HTTP/1.1 104 Upload Resumption Supported\r\nUpload-Draft-Interop-Version: 6\r\nLocation: /uploads/{id}{}\r\n\r\n",
+                    padding.unwrap_or_default()
                 );
                 stream.write_all(interim.as_bytes()).await?;
                 Some(id)

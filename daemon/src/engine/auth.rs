@@ -62,20 +62,52 @@ pub fn tunnel_challenge(status: u16, headers: &HeaderMap, url: &Url, proxies: &P
 }
 
 fn read(headers: &HeaderMap, header: HeaderName, origin: String, proxy: bool) -> Option<Challenge> {
-    let value = headers.get(header)?.to_str().ok()?.trim();
-    let (scheme, params) = value.split_once(char::is_whitespace).unwrap_or((value, ""));
-    // `Negotiate, Basic realm="x"`: the first challenge has no parameters.
-    let params = if scheme.ends_with(',') { "" } else { first_challenge(params) };
-    let scheme = scheme.trim_end_matches(',');
-    if scheme.is_empty() || !scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~+".contains(&b)) {
-        return None;
-    }
-    Some(Challenge { scheme: scheme.to_owned(), realm: realm(params), origin, proxy, round: 1 })
+    // Several header lines are one list; bytes beyond ASCII (a realm in another language)
+    // are read leniently, not taken for no challenge at all.
+    let value: Vec<String> =
+        headers.get_all(header).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect();
+    let value = value.join(", ");
+    let offered = challenges(&value);
+    // The first the app can answer with a credential of its own kind, else the first.
+    let (scheme, params) = offered
+        .iter()
+        .find(|(scheme, _)| ANSWERABLE.iter().any(|a| scheme.eq_ignore_ascii_case(a)))
+        .or_else(|| offered.first())?;
+    Some(Challenge { scheme: (*scheme).to_owned(), realm: realm(params), origin, proxy, round: 1 })
 }
 
-/// The parameters of the first challenge: up to an unquoted comma that starts another
-/// challenge (`, Scheme param=…`), quoted commas and parameter lists kept.
-fn first_challenge(params: &str) -> &str {
+/// Schemes a credential answers by name (`Basic`, `Bearer`); any other gets a `Header`.
+const ANSWERABLE: [&str; 2] = ["Basic", "Bearer"];
+
+/// The longest scheme name kept; a longer one is not a challenge (the scheme travels in an
+/// event and a task's wait reason).
+const MAX_SCHEME: usize = 64;
+
+/// Each challenge of a header's value, its scheme and its parameters (`Negotiate, Basic
+/// realm="x", charset=UTF-8`: two). Schemes that are not tokens, or too long, are skipped.
+fn challenges(value: &str) -> Vec<(&str, &str)> {
+    let mut out = Vec::new();
+    let mut rest = value.trim_start_matches([',', ' ', '\t']);
+    while !rest.is_empty() {
+        let end = rest.find([' ', '\t', ',']).unwrap_or(rest.len());
+        let (scheme, after) = rest.split_at(end);
+        let (params, next) = match after.strip_prefix(',') {
+            // `Negotiate, Basic …`: a scheme without parameters.
+            Some(next) => ("", next),
+            None => split_challenge(after.trim_start()),
+        };
+        let token = scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !scheme.is_empty() && scheme.len() <= MAX_SCHEME && token {
+            out.push((scheme, params));
+        }
+        rest = next.trim_start_matches([',', ' ', '\t']);
+    }
+    out
+}
+
+/// Splits a challenge's parameters from what follows: up to an unquoted comma that starts
+/// another challenge (`, Scheme param=…`), quoted commas and parameter lists kept.
+fn split_challenge(params: &str) -> (&str, &str) {
     let mut quoted = false;
     let mut escaped = false;
     for (i, c) in params.char_indices() {
@@ -85,32 +117,64 @@ fn first_challenge(params: &str) -> &str {
             '"' => quoted = !quoted,
             ',' if !quoted => {
                 let next = params.get(i + 1..).unwrap_or("").trim_start();
-                let token_end = next.find(|c: char| !(c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)));
-                // A token followed by a space, not by `=`: a new scheme.
-                if let Some(end) = token_end
-                    && end > 0
-                    && next.get(end..).is_some_and(|r| r.starts_with(' ') && !r.trim_start().starts_with('='))
-                {
-                    return params.get(..i).unwrap_or(params);
+                let token_end = next.find(|c: char| !is_tchar(c)).unwrap_or(next.len());
+                // A token followed by a space, a comma or the end, not by `=`: a new scheme.
+                let after = next.get(token_end..).unwrap_or("");
+                if token_end > 0 && !after.trim_start().starts_with('=') {
+                    return (params.get(..i).unwrap_or(params), params.get(i + 1..).unwrap_or(""));
                 }
             }
             _ => {}
         }
     }
-    params
+    (params, "")
 }
 
-/// The `realm` parameter of the first challenge (quoted or a token), cut at 256 bytes.
+fn is_tchar(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
+}
+
+/// The `realm` parameter (quoted, with `\"` escapes, or a token), cut at 256 bytes: named
+/// as a parameter of its own, not found inside another's value.
 fn realm(params: &str) -> Option<String> {
-    let at = params.to_ascii_lowercase().find("realm=")?;
-    let rest = params.get(at + "realm=".len()..)?;
-    let value = match rest.strip_prefix('"') {
-        Some(quoted) => quoted.split('"').next()?,
-        None => rest.split([',', ' ']).next()?,
-    };
-    let mut value = value.to_owned();
-    value.truncate(value.floor_char_boundary(256));
-    Some(value)
+    let mut rest = params;
+    loop {
+        rest = rest.trim_start_matches([',', ' ', '\t']);
+        let name_end = rest.find(|c: char| !is_tchar(c))?;
+        let (name, after) = rest.split_at(name_end);
+        let after = after.trim_start().strip_prefix('=')?.trim_start();
+        let (value, next) = match after.strip_prefix('"') {
+            Some(quoted) => unquote(quoted),
+            None => {
+                let end = after.find([',', ' ', '\t']).unwrap_or(after.len());
+                (after.get(..end).unwrap_or("").to_owned(), after.get(end..).unwrap_or(""))
+            }
+        };
+        if name.eq_ignore_ascii_case("realm") {
+            let mut value = value;
+            value.truncate(value.floor_char_boundary(256));
+            return Some(value);
+        }
+        rest = next;
+    }
+}
+
+/// A quoted string's value (after its opening quote) and what follows its closing quote.
+fn unquote(s: &str) -> (String, &str) {
+    let mut value = String::new();
+    let mut chars = s.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some((_, escaped)) = chars.next() {
+                    value.push(escaped);
+                }
+            }
+            '"' => return (value, s.get(i + 1..).unwrap_or("")),
+            c => value.push(c),
+        }
+    }
+    (value, "")
 }
 
 /// The failure a challenge ends an attempt with: the server's status, which completes the
@@ -161,13 +225,46 @@ mod tests {
         assert_eq!((c.origin.as_str(), c.proxy), ("https://files.example.org:443", false));
         h.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=api, error=\"invalid_token\""));
         assert_eq!(challenge(401, &h, &url, &none).and_then(|c| c.realm), Some("api".into()));
+        // Of several, the first the app can answer by name.
         h.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Negotiate, Basic realm=\"x\""));
-        assert_eq!(challenge(401, &h, &url, &none).map(|c| (c.scheme, c.realm)), Some(("Negotiate".into(), None)));
+        assert_eq!(
+            challenge(401, &h, &url, &none).map(|c| (c.scheme, c.realm)),
+            Some(("Basic".into(), Some("x".into())))
+        );
         h.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Digest nonce=\"a,b\", qop=auth, Basic realm=\"y\""));
-        assert_eq!(challenge(401, &h, &url, &none).map(|c| (c.scheme, c.realm)), Some(("Digest".into(), None)));
+        assert_eq!(
+            challenge(401, &h, &url, &none).map(|c| (c.scheme, c.realm)),
+            Some(("Basic".into(), Some("y".into())))
+        );
+        h.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Digest nonce=\"a,b\", realm=\"d\", NTLM"));
+        assert_eq!(
+            challenge(401, &h, &url, &none).map(|c| (c.scheme, c.realm)),
+            Some(("Digest".into(), Some("d".into())))
+        );
         h.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Negotiate"));
         assert_eq!(challenge(401, &h, &url, &none).map(|c| (c.scheme, c.realm)), Some(("Negotiate".into(), None)));
         assert!(challenge(403, &h, &url, &none).is_none(), "only 401 and 407");
+        // Several header lines are one list.
+        h.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Negotiate"));
+        h.append(WWW_AUTHENTICATE, HeaderValue::from_static("NTLM"));
+        h.append(WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"corp\""));
+        assert_eq!(challenge(401, &h, &url, &none).and_then(|c| c.realm), Some("corp".into()));
+        // A realm in another language (obs-text, not UTF-8 here) still makes a challenge.
+        let latin1 =
+            HeaderValue::from_bytes(b"Basic realm=\"Zugang f\xfcr Kunden\"").unwrap_or_else(|_| unreachable!());
+        h.insert(WWW_AUTHENTICATE, latin1);
+        assert_eq!(challenge(401, &h, &url, &none).and_then(|c| c.realm), Some("Zugang f\u{fffd}r Kunden".into()));
+        // `realm=` inside another parameter's value, or as the end of another name, is not it;
+        // escapes are honoured.
+        h.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error_description=\"bad realm=evil\", xrealm=no"));
+        assert_eq!(challenge(401, &h, &url, &none).map(|c| (c.scheme, c.realm)), Some(("Bearer".into(), None)));
+        h.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"say \\\"hi\\\", ok\""));
+        assert_eq!(challenge(401, &h, &url, &none).and_then(|c| c.realm), Some("say \"hi\", ok".into()));
+        // A scheme too long to be one is no challenge.
+        let long = format!("{} realm=x", "A".repeat(100_000));
+        h.insert(WWW_AUTHENTICATE, HeaderValue::from_str(&long).unwrap_or_else(|_| unreachable!()));
+        assert!(challenge(401, &h, &url, &none).is_none());
+        h.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Negotiate"));
         assert!(challenge(401, &HeaderMap::new(), &url, &none).is_none(), "a 401 without a challenge");
         // A 407 names the proxy; through none, there is nothing to answer.
         h.insert(PROXY_AUTHENTICATE, HeaderValue::from_static("Basic realm=proxy"));

@@ -243,10 +243,13 @@ impl Engine {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let (mut seen, mut quiet_since) = (job.progress.received(), tokio::time::Instant::now());
             // Only the first offer counts, and only for the origin that made it (never
-            // another host, never from https to http).
+            // another host, never from https to http), and no longer than a task's URL may be
+            // (it is stored and asked again).
+            let max_url_len = self.settings.max_url_len;
             let take_offer = |location: String, offered: &mut bool| {
                 if let Ok(u) = url.join(&location)
                     && u.origin() == url.origin()
+                    && u.as_str().len() <= max_url_len
                     && !*offered
                 {
                     *offered = true;
