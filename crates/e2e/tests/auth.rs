@@ -354,6 +354,38 @@ async fn an_upload_asked_for_credentials_goes_again_with_the_apps_header() {
     assert_eq!(std::fs::read(&file).unwrap(), data, "the app's file is untouched");
 }
 
+/// A resumable upload whose resource asks for credentials when the daemon asks it how much
+/// it holds (an expired token) is not taken for gone: the app is asked, and the upload goes
+/// on from the server's offset with the credential (a POST was failed `cannot_resume`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_resource_that_asks_for_credentials_is_not_forgotten() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = UploadServer::start(true).await.unwrap();
+    server.set_faults(UploadFaults { statuses: vec![(2, 401)], cut_after: Some(100_000), ..UploadFaults::default() });
+    let file = env.path().join("doc.bin");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&file, &data).unwrap();
+    let header = ChallengeAnswer::Use {
+        credential: Credential::Header { name: "X-Api-Key".into(), value: "k-9".into() },
+        scope: CredentialScope::Task,
+        keep: false,
+    };
+    let (delegate, mut events) = Recorder::answering(&env.path().join("out"), header);
+    let session = Session::attach(config(&env, "t.headauth").answers_challenges(true), delegate).await.unwrap();
+    let post = UploadRequest::new(server.url("/files/doc"), &file).method(UploadMethod::Post);
+    let task = session.upload_tasks(vec![post], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None, "{:?}", server.records());
+    assert_eq!(server.file("doc").as_deref(), Some(&data[..]), "byte-exact");
+    let sent: Vec<_> = server
+        .records()
+        .into_iter()
+        .map(|r| (r.method.clone(), r.status, r.header("x-api-key").map(str::to_owned)))
+        .collect();
+    let key = || Some("k-9".to_owned());
+    assert_eq!(sent[1..], [("HEAD".into(), 401, None), ("HEAD".into(), 204, key()), ("PATCH".into(), 201, key())]);
+}
+
 /// A POST answered `303 See Other` was taken by the server: a 401 on the GET that follows
 /// is its answer, and the app is not asked (its answer would send the POST again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

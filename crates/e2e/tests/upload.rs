@@ -496,6 +496,32 @@ async fn a_resumable_post_goes_on_after_a_503_and_is_not_repeated_when_forgotten
     assert_eq!(methods, ["POST", "HEAD"], "never sent whole again");
 }
 
+/// A resumed upload that sends nothing new is no progress: its backoff grows with each
+/// failure (the offset it resumed from counted as bytes sent, so a server answering 503 to
+/// every PATCH had it retried at the first delay until its resource deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_upload_that_sends_nothing_new_backs_off_more_each_time() {
+    let env = TestEnv::new();
+    env.set_config("retry_initial_ms", "50");
+    let d = TestDaemon::start(&env);
+    let (file, data) = make_file(env.path(), "again.bin", 300_000, 15);
+    let server = UploadServer::start(true).await.unwrap();
+    // The PUT is cut; the first PATCH sends the rest (progress) and is answered 503 like
+    // the three after it, which have nothing left to send.
+    let statuses = vec![(3, 503), (5, 503), (7, 503), (9, 503)];
+    server.set_faults(UploadFaults { statuses, cut_after: Some(100_000), ..UploadFaults::default() });
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.nothingnew"), delegate).await.unwrap();
+    let task = session.upload_tasks(vec![UploadRequest::new(server.url("/files/again"), &file)], true).await.unwrap();
+    assert_eq!(events.completion(task[0].id(), LONG).await, None, "{:?}", server.records());
+    assert_eq!(server.file("again").as_deref(), Some(&data[..]));
+    let methods: Vec<String> = server.records().into_iter().map(|r| r.method).collect();
+    assert_eq!(methods.iter().filter(|m| *m == "PATCH").count(), 5, "{methods:?}");
+    let log = d.log();
+    let failures: Vec<&str> = log.lines().filter(|l| l.contains("attempt failed")).collect();
+    assert!(failures.iter().any(|l| l.contains("consecutive=4")), "the backoff grew: {failures:#?}");
+}
+
 /// The app may exit: the daemon finishes the upload and relaunches it, which collects the
 /// server's response then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,7 +49,7 @@ impl UploadRecord {
 #[derive(Debug, Clone, Default)]
 pub struct UploadFaults {
     /// Answer this status (after reading the body) to request number `n` (1-based, of
-    /// every request) for each `(n, status)`.
+    /// every request) for each `(n, status)`; a `HEAD` answered 401 carries a challenge.
     pub statuses: Vec<(usize, u16)>,
     /// Break the connection once, after this many body bytes of one request.
     pub cut_after: Option<u64>,
@@ -375,7 +375,9 @@ async fn handle(
         ("HEAD", _, Some(id)) => {
             *state.lock().unwrap().generations.entry(id).or_default() += 1;
             if let Some(status) = forced {
-                respond(stream, status, &[], b"").await?;
+                // A 401 asks as a server would (an expired token on the upload resource).
+                let challenge = [("WWW-Authenticate", "ApiKey realm=\"uploads\"".to_owned())];
+                respond(stream, status, if status == 401 { &challenge[..] } else { &[] }, b"").await?;
                 return Ok(status);
             }
             let held = state.lock().unwrap().uploads.get(&id).map(|(_, d, done)| (d.len(), *done));

@@ -606,15 +606,19 @@ impl Core {
         let Some(t) = self.tasks.get_mut(&id) else { return };
         // Bytes kept count as progress: received ones, or sent ones a server offered to keep.
         // Other uploads send everything again, so bytes sent are no progress (else a PUT
-        // answered 503 again and again would be retried at the first delay for ever).
+        // answered 503 again and again would be retried at the first delay for ever); nor is
+        // the offset a resumed upload starts from (only what it sends beyond it).
         let keeps_progress = t.rec.upload.as_ref().is_none_or(|u| u.resume_url.is_some());
-        let made_progress = keeps_progress && run.as_ref().is_some_and(|r| t.progress.received() > r.start_received);
+        let from = t.progress.body_from.load(std::sync::atomic::Ordering::Relaxed);
+        let made_progress =
+            keeps_progress && run.as_ref().is_some_and(|r| t.progress.received() > r.start_received.max(from));
         t.failures = match (made_progress, offline) {
             (true, _) => 1,
             (false, true) => t.failures,
             (false, false) => t.failures + 1,
         };
-        warn!(%session, task = id, error = %failure.error, attempt = t.rec.attempts, "download attempt failed");
+        let consecutive = t.failures;
+        warn!(%session, task = id, error = %failure.error, attempt = t.rec.attempts, consecutive, "download attempt failed");
         if failure.discard_partial {
             t.discarded |= t.rec.committed_offset > 0 || t.rec.phase == Phase::Finishing;
             t.rec.committed_offset = 0;

@@ -19,6 +19,7 @@ impl Core {
         let t = self.tasks.get_mut(&id)?;
         // A fresh attempt: its bytes sent count from where it starts.
         t.progress.received.store(0, std::sync::atomic::Ordering::Relaxed);
+        t.progress.body_from.store(0, std::sync::atomic::Ordering::Relaxed);
         t.progress.sent_whole.store(false, std::sync::atomic::Ordering::Relaxed);
         let up = t.rec.upload.as_mut()?;
         let retry_safe = up.retry_safe();

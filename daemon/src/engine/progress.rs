@@ -22,6 +22,9 @@ pub struct Progress {
     /// Numbers an upload's request bodies: only the newest one counts its bytes (one of an
     /// earlier request may still be draining after a redirect or an early answer).
     pub body: AtomicU64,
+    /// Where an upload's newest body began (the server's offset, for one it resumes): only
+    /// bytes sent beyond it are this attempt's progress.
+    pub body_from: AtomicU64,
 }
 
 impl Progress {
@@ -33,6 +36,7 @@ impl Progress {
             sent_whole: AtomicBool::new(false),
             paced: AtomicU64::new(0),
             body: AtomicU64::new(0),
+            body_from: AtomicU64::new(0),
         }
     }
 

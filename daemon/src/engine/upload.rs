@@ -155,6 +155,11 @@ impl Engine {
         };
         job.progress.beat();
         let status = resp.status().as_u16();
+        // Asked for credentials (an expired token): the upload is not gone, the app is asked
+        // as for any request of the task.
+        if let Some(challenge) = auth::challenge(status, resp.headers(), resume, &proxies) {
+            return Err(auth::failure(status, &status_text(status), challenge));
+        }
         let get = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::trim);
         if matches!(status, 404 | 410) {
             return Ok(ServerOffset::Gone);
@@ -631,6 +636,7 @@ fn file_body(up: &UploadJob, from: u64, job: &Job) -> ReqBody {
     let progress = job.progress.clone();
     let body = progress.body.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
     progress.received.store(from, Ordering::Relaxed);
+    progress.body_from.store(from, Ordering::Relaxed);
     // An empty body is whole as soon as the request goes.
     progress.sent_whole.store(from >= size, Ordering::Relaxed);
     tokio::spawn(read_file(path, from, size, mtime_ns, tx));
