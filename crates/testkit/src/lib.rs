@@ -5,7 +5,9 @@
 //! throw-away certificate authority ([`tls`]), deterministic content with hashes
 //! ([`content`]), an isolated daemon ([`daemon`]), an app that records what it is told
 //! ([`app`]), the CLI on pipes and terminals ([`cli`]), tmpfs mounts ([`mount`]), waiting
-//! ([`wait`]) and what the system says about files and processes ([`host`]).
+//! ([`wait`]), what the system says about files and processes ([`host`]), a private D-Bus
+//! ([`dbus`]), network namespaces ([`netns`]), the wire protocol by hand ([`raw`]) and a
+//! SOCKS5 proxy ([`socks`]).
 
 pub mod app;
 pub mod cli;
