@@ -69,7 +69,11 @@ pub async fn run(
     let cfg = Arc::new(cfg);
     let (core_tx, core_rx) = mpsc::unbounded_channel();
     let started = std::time::Instant::now();
-    let (store, snapshot) = open_store(&cfg, &core_tx).await?;
+    tokio::pin!(shutdown);
+    let Some((store, snapshot)) = open_store(&cfg, &core_tx, &mut shutdown).await? else {
+        info!("stopped before the database opened");
+        return Ok(());
+    };
     // Start-up time matters under socket activation: the first client waits for it.
     let opened = started.elapsed();
     let (sessions, tasks) = (snapshot.sessions.len(), snapshot.tasks.len());
@@ -134,7 +138,6 @@ pub async fn run(
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     info!(socket = %cfg.socket.display(), pid = std::process::id(), "dlsessiond ready");
 
-    tokio::pin!(shutdown);
     let result = tokio::select! {
         r = &mut core_task => r,
         _ = &mut shutdown => {
@@ -158,11 +161,13 @@ pub async fn run(
 
 /// Opens the database. A state directory that refuses writes for now (full, an I/O error)
 /// is waited out, with a log line and a `STATUS=` for systemd, instead of exiting: under
-/// systemd an exit would become a restart loop until someone frees space.
+/// systemd an exit would become a restart loop until someone frees space. `None`: asked to
+/// stop meanwhile (`shutdown` resolved; nothing was opened, nothing is lost).
 async fn open_store(
     cfg: &Config,
     core_tx: &mpsc::UnboundedSender<CoreMsg>,
-) -> Result<(store::Store, store::Snapshot), DaemonError> {
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<Option<(store::Store, store::Snapshot)>, DaemonError> {
     let db = cfg.database_path();
     let mut wait = std::time::Duration::from_secs(1);
     let mut told = false;
@@ -178,7 +183,7 @@ async fn open_store(
                 if told {
                     info!("the database opens again; starting");
                 }
-                return Ok(opened);
+                return Ok(Some(opened));
             }
             Err(e) if e.is_weather() => {
                 if !told {
@@ -191,7 +196,13 @@ async fn open_store(
                     sd_notify::NotifyState::Status(&status),
                     sd_notify::NotifyState::ExtendTimeoutUsec(extend),
                 ]);
-                tokio::time::sleep(wait).await;
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = shutdown.as_mut() => {
+                        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+                        return Ok(None);
+                    }
+                }
                 wait = (wait * 2).min(std::time::Duration::from_secs(10));
             }
             Err(e) => return Err(e.into()),
@@ -338,7 +349,10 @@ fn start(args: Args) -> Result<(), DaemonError> {
     })
 }
 
-/// Installs the SIGTERM and SIGINT handlers now; the future resolves on either signal.
+/// Installs the SIGTERM and SIGINT handlers now; the future resolves on either signal. A
+/// second signal ends the process at once, as a second Ctrl-C is meant to: what was
+/// committed is safe (the next start recovers from it, as after a crash), only the running
+/// downloads' last bytes since their checkpoint are fetched again.
 fn shutdown_signal() -> Result<impl Future<Output = ()>, DaemonError> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
@@ -348,6 +362,14 @@ fn shutdown_signal() -> Result<impl Future<Output = ()>, DaemonError> {
             _ = term.recv() => info!("SIGTERM received"),
             _ = int.recv() => info!("SIGINT received"),
         }
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!("a second stop signal: exiting at once (the next start recovers from the last commit)");
+            std::process::exit(1);
+        });
     })
 }
 

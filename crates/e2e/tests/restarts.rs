@@ -186,27 +186,44 @@ async fn a_clean_restart_keeps_the_app_attached() {
     );
 }
 
+/// A daemon stopping (SIGTERM) while an app's download of `BIG` bytes runs, held in its
+/// shutdown by that download's checkpoint (a failpoint pausing `hold_ms`), answering
+/// meanwhile.
+struct Stopping {
+    d: TestDaemon,
+    s: TestServer,
+    session: Session,
+    events: dlsession_testkit::app::Events,
+    task: dlsession::DownloadTask,
+}
+
+const BIG: u64 = 4 << 20;
+
+async fn stopping(env: &TestEnv, hold_ms: u64, seed: u64) -> Stopping {
+    // The shutdown's checkpoint is the first one, the one held.
+    env.set_config("checkpoint_interval_ms", "600000");
+    let held = format!("checkpoint-after-sync:1:sleep-ms={hold_ms}");
+    let d = TestDaemon::start_with_env(env, &[("DLSESSIOND_FAILPOINT", std::ffi::OsStr::new(&held))]);
+    let s = TestServer::start().await.unwrap();
+    s.add("/big", Resource::generated(BIG, seed).etag("\"r\"").throttle(1 << 20));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let config = SessionConfiguration::background(format!("t.stopping{seed}")).socket(&env.socket);
+    let session = Session::attach(config, delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/big"))], true).await.unwrap().remove(0);
+    events.wait("progress", LONG, |e| matches!(e, Seen::Progress { total, .. } if *total > 0)).await;
+    d.signal_term();
+    tokio::task::block_in_place(|| d.wait_logged("shutting down: checkpointing running downloads", LONG));
+    Stopping { d, s, session, events, task }
+}
+
 /// Requests the daemon refuses while it stops (SIGTERM, as a restart or an upgrade does it)
 /// go again once it is back: the app gets its answer, not `shutting_down`. The daemon is
 /// held in its shutdown by its last checkpoint (a failpoint), answering meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_refused_while_the_daemon_stops_go_again_once_it_is_back() {
     let env = TestEnv::new();
-    // The shutdown's checkpoint is the first one, the one held.
-    env.set_config("checkpoint_interval_ms", "600000");
-    let held = std::ffi::OsStr::new("checkpoint-after-sync:1:sleep-ms=3000");
-    let mut d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", held)]);
-    let s = TestServer::start().await.unwrap();
-    let len = 4u64 << 20;
-    s.add("/big", Resource::generated(len, 73).etag("\"r\"").throttle(1 << 20));
+    let Stopping { mut d, s, session, mut events, task: big } = stopping(&env, 3_000, 73).await;
     s.add("/small", Resource::generated(10_000, 74));
-    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
-    let session =
-        Session::attach(SessionConfiguration::background("t.stopping").socket(&env.socket), delegate).await.unwrap();
-    let big = session.download_tasks(vec![DownloadRequest::new(s.url("/big"))], true).await.unwrap().remove(0);
-    events.wait("progress", LONG, |e| matches!(e, Seen::Progress { total, .. } if *total > 0)).await;
-    d.signal_term();
-    tokio::task::block_in_place(|| d.wait_logged("shutting down: checkpointing running downloads", LONG));
     let creating = tokio::spawn({
         let session = session.clone();
         let small = DownloadRequest::new(s.url("/small"));
@@ -252,6 +269,24 @@ async fn a_change_committed_while_the_daemon_stops_is_answered() {
     let listed = String::from_utf8_lossy(&listed.stdout);
     let id = stdout.strip_prefix("task ").and_then(|rest| rest.split(':').next()).unwrap_or_default();
     assert!(!id.is_empty() && listed.contains(&format!("\"id\":{id}")), "told {stdout:?}, holds {listed}");
+}
+
+/// A second stop signal ends the daemon at once (as a second Ctrl-C is meant to), not after
+/// its shutdown's checkpoints; the next start recovers from the last commit, byte-exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stop_signal_ends_the_daemon_at_once() {
+    let env = TestEnv::new();
+    env.set_config("shutdown_grace_ms", "60000");
+    let Stopping { mut d, s: _s, session: _session, mut events, task } = stopping(&env, 60_000, 76).await;
+    d.signal_term();
+    let status = tokio::task::block_in_place(|| d.wait_exit(Duration::from_secs(5)));
+    assert!(!status.success(), "{status:?}");
+    assert!(d.log().contains("a second stop signal"), "{}", d.log());
+    d.set_env(&[]);
+    d.restart();
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    let file = events.moved_to(task.id()).unwrap();
+    assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(76, BIG)));
 }
 
 /// Starts `dlsessionctl ARGS`, its output piped. The test restarts the daemon itself: the

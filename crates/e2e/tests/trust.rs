@@ -723,6 +723,24 @@ fn a_start_on_a_full_state_directory_waits_for_space() {
     assert!(d.log().contains("the database opens again; starting"), "{}", d.log());
 }
 
+/// A daemon waiting for its state directory to take writes stops when asked (SIGTERM, as
+/// `systemctl stop` and a logout do), instead of waiting on until someone frees space.
+#[cfg_attr(not(dlsession_root), ignore = "needs root to mount a small filesystem; CI runs it as root")]
+#[test]
+fn a_start_waiting_for_space_stops_when_asked() {
+    let (env, state, _mount) = on_a_small_state_disk("2m");
+    {
+        let mut d = TestDaemon::start(&env);
+        assert!(d.terminate().success());
+    }
+    let _filler = fill(&state);
+    let mut d = TestDaemon::start_unready(&env);
+    d.wait_logged("waiting until it works", LONG);
+    d.signal_term();
+    assert!(d.wait_exit(Duration::from_secs(10)).success(), "{}", d.log());
+    assert!(d.log().contains("stopped before the database opened"), "{}", d.log());
+}
+
 /// Kept partial files of resume data go when their retention ends, while the daemon runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kept_resume_files_expire_while_the_daemon_runs() {

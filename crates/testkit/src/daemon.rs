@@ -245,7 +245,21 @@ impl TestDaemon {
 
     /// Like [`TestDaemon::start`] with extra environment variables (e.g. `SSL_CERT_FILE`).
     pub fn start_with_env(env: &TestEnv, extra: &[(&str, &std::ffi::OsStr)]) -> TestDaemon {
-        let mut d = TestDaemon {
+        let mut d = TestDaemon::unstarted(env, extra);
+        d.spawn();
+        d
+    }
+
+    /// Starts the daemon without waiting for it to serve (one that waits for its state
+    /// directory, say): [`TestDaemon::wait_ready`] or [`TestDaemon::wait_logged`] next.
+    pub fn start_unready(env: &TestEnv) -> TestDaemon {
+        let mut d = TestDaemon::unstarted(env, &[]);
+        d.spawn_process();
+        d
+    }
+
+    fn unstarted(env: &TestEnv, extra: &[(&str, &std::ffi::OsStr)]) -> TestDaemon {
+        TestDaemon {
             child: None,
             log: env.path().join("daemon.log"),
             socket: env.socket.clone(),
@@ -253,9 +267,7 @@ impl TestDaemon {
             extra_env: extra.iter().map(|(k, v)| (k.to_string(), v.to_os_string())).collect(),
             prelude: None,
             runs: 0,
-        };
-        d.spawn();
-        d
+        }
     }
 
     /// Like [`TestDaemon::start`], with the daemon's umask set to `umask`.
@@ -287,6 +299,11 @@ impl TestDaemon {
     }
 
     fn spawn(&mut self) {
+        self.spawn_process();
+        self.wait_ready(Duration::from_secs(20));
+    }
+
+    fn spawn_process(&mut self) {
         self.runs += 1;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("daemon log");
         let mut cmd = match &self.prelude {
@@ -309,7 +326,6 @@ impl TestDaemon {
             .stderr(log);
         let child = cmd.spawn().expect("spawn dlsessiond");
         self.child = Some(child);
-        self.wait_ready(Duration::from_secs(20));
     }
 
     /// Waits until the daemon answers on its socket (or exits: then panics with its log).
