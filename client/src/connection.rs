@@ -145,6 +145,9 @@ struct Shared {
     /// Tasks a batch created and took back because a later part of it was refused: the
     /// app never had them, so their events are acknowledged unseen. Ids are never reused.
     withdrawn: Mutex<HashSet<TaskId>>,
+    /// Connecting again found a daemon of another protocol version (ours, its): requests
+    /// that time out waiting for a connection say so. Cleared once connected.
+    mismatch: Mutex<Option<(u16, u16)>>,
 }
 
 /// A connection to `dlsessiond`. Cheap to clone; closes when the last clone is dropped.
@@ -190,6 +193,7 @@ impl Client {
             handles_wakes: AtomicBool::new(false),
             welcome: Mutex::new(welcome),
             withdrawn: Mutex::default(),
+            mismatch: Mutex::default(),
         });
         let supervisor = tokio::spawn(supervise(shared.clone(), incoming_rx));
         Ok(Client { shared, _guard: Arc::new(DropGuard { supervisor }) })
@@ -256,7 +260,16 @@ impl Client {
         match (result, refused) {
             (Ok(answer), _) => answer,
             (Err(_), Some(e)) => Err(Error::Daemon(e)),
-            (Err(_), None) => Err(Error::TimedOut { request: name, after }),
+            (Err(_), None) => Err(self.timed_out(name, after)),
+        }
+    }
+
+    /// A request unanswered within `after`: timed out, or never sent because the daemon
+    /// that came back speaks another protocol version (say, after a downgrade).
+    fn timed_out(&self, request: &'static str, after: Duration) -> Error {
+        match self.shared.mismatch.lock().ok().and_then(|m| *m) {
+            Some((ours, theirs)) if self.current_link().is_none() => Error::VersionMismatch { ours, theirs },
+            _ => Error::TimedOut { request, after },
         }
     }
 
@@ -295,7 +308,7 @@ impl Client {
         let after = self.shared.options.request_timeout;
         match tokio::time::timeout(after, self.live_link()).await {
             Ok(link) => link.map(|_| ()),
-            Err(_) => Err(Error::TimedOut { request: "connect", after }),
+            Err(_) => Err(self.timed_out("connect", after)),
         }
     }
 
@@ -555,6 +568,19 @@ async fn reconnect(shared: &Arc<Shared>) {
         tokio::time::sleep(wait).await;
         match open(&shared.socket, &shared.options, &shared.incoming, generation, true).await {
             Ok(link) => break link,
+            Err(Error::VersionMismatch { ours, theirs }) => {
+                // Said once: it stays so until the daemon is replaced again.
+                let new = shared.mismatch.lock().map(|mut m| m.replace((ours, theirs)) != Some((ours, theirs)));
+                if new.unwrap_or(false) {
+                    warn!(
+                        ours,
+                        theirs,
+                        "dlsessiond came back speaking another protocol version (downgraded?); requests fail with \
+                         protocol_version until one that speaks ours is back"
+                    );
+                }
+                wait = (wait * 2).min(RECONNECT_MAX);
+            }
             Err(e) => {
                 debug!(error = %e, "connecting to dlsessiond again failed");
                 wait = (wait * 2).min(RECONNECT_MAX);
@@ -562,6 +588,9 @@ async fn reconnect(shared: &Arc<Shared>) {
         }
     };
     info!("connected to dlsessiond again");
+    if let Ok(mut m) = shared.mismatch.lock() {
+        *m = None;
+    }
     shared.generation.store(generation, Ordering::Release);
     if let Ok(mut w) = shared.welcome.lock() {
         *w = link.welcome.clone();

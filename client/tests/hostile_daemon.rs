@@ -63,6 +63,38 @@ async fn another_protocol_version_is_a_typed_error() {
     assert_eq!(err.code(), ErrorCode::ProtocolVersion);
 }
 
+/// A daemon that comes back speaking another version (downgraded under a running app):
+/// requests fail with that, not with a bare timeout, while the client keeps trying.
+#[tokio::test]
+async fn a_daemon_back_in_another_version_fails_requests_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fake.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    tokio::spawn(async move {
+        // Ours first, gone at once; then only an older one answers.
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut pre = [0u8; 8];
+        let _ = s.read_exact(&mut pre).await;
+        let _ = read_frame(&mut s).await;
+        welcome(&mut s).await;
+        drop(s);
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let _ = s.read_exact(&mut pre).await;
+            let _ = s.write_all(&Preamble { version: 5, status: HandshakeStatus::VersionMismatch }.to_bytes()).await;
+        }
+    });
+    let options =
+        ClientOptions { reconnect: true, request_timeout: std::time::Duration::from_secs(2), ..options(path) };
+    let client = Client::connect(options).await.unwrap();
+    while client.is_connected() {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let err = client.request(dlsession::proto::Request::Status).await.unwrap_err();
+    assert!(matches!(err, Error::VersionMismatch { theirs: 5, .. }), "{err:?}");
+    assert_eq!(err.code(), ErrorCode::ProtocolVersion);
+}
+
 #[tokio::test]
 async fn a_refusal_names_its_reason() {
     let (_d, path) = fake_daemon(|mut s| async move {
