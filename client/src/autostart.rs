@@ -54,7 +54,7 @@ fn start_blocking(socket: &Path, timeout: Duration) -> Result<(), Error> {
         .map_err(|e| fail(format!("cannot open {}: {e}", lock_path.display())))?;
     // Whoever holds the lock is starting a daemon: wait for it, but not for ever (a
     // starter stopped in a debugger or by SIGSTOP holds it as long as it likes).
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::deadline::after(timeout);
     loop {
         match lock.try_lock() {
             Ok(()) => break,
@@ -114,7 +114,7 @@ fn start_blocking(socket: &Path, timeout: Duration) -> Result<(), Error> {
         .spawn()
         .map_err(|e| fail(format!("cannot run {}: {e}", exe.display())))?;
     let see_log = log_path.map(|p| format!("; see {}", p.display())).unwrap_or_default();
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::deadline::after(timeout);
     loop {
         if UnixStream::connect(socket).is_ok() {
             reap_when_it_exits(child);

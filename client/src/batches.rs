@@ -171,7 +171,7 @@ impl Client {
         let limit = self.request_timeout();
         for window in tasks.chunks(PIPELINE) {
             // One deadline per window: a daemon that stops answering costs one timeout.
-            let deadline = tokio::time::Instant::now() + limit;
+            let deadline = crate::deadline::after_tokio(limit);
             let mut answers = Vec::with_capacity(window.len());
             for &task in window {
                 match self.send_request(Request::ControlTask { task, action: TaskAction::Cancel }) {

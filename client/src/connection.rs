@@ -41,6 +41,7 @@ pub struct ClientOptions {
     pub timeout: Duration,
     /// Deadline for each request's answer ([`Error::TimedOut`] after it), waiting for a
     /// connection and, for a request refused while the daemon stopped, for it to come back.
+    /// `Duration::MAX`: none (as for `timeout`).
     pub request_timeout: Duration,
     /// Start `dlsessiond` if nothing listens on the socket (unless `DLSESSION_NO_AUTOSTART=1`).
     pub autostart: bool,
@@ -636,7 +637,7 @@ async fn reconnect(shared: &Arc<Shared>) {
     if shared.handles_wakes.load(Ordering::Acquire) {
         let (shared, link) = (shared.clone(), link.clone());
         tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + shared.options.request_timeout;
+            let deadline = crate::deadline::after_tokio(shared.options.request_timeout);
             for r in rejoining {
                 let _ = tokio::time::timeout_at(deadline, r).await;
             }

@@ -634,7 +634,7 @@ impl Dispatcher {
         }
         // A daemon that stopped answering must not freeze the session for long.
         let limit = self.session.upgrade().map_or(Duration::from_secs(60), |s| s.client.request_timeout());
-        let deadline = tokio::time::Instant::now() + limit;
+        let deadline = crate::deadline::after_tokio(limit);
         for (seqs, rx) in std::mem::take(&mut self.acks_in_flight) {
             // The app's runtime is gone (it is exiting): the events come again.
             let Some(answer) = self.block_on(async { tokio::time::timeout_at(deadline, rx).await }) else {

@@ -50,6 +50,7 @@ mod batches;
 pub mod blocking;
 mod config;
 mod connection;
+mod deadline;
 mod delegate;
 mod dispatch;
 mod error;
