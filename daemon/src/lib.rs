@@ -340,10 +340,27 @@ fn start(args: Args) -> Result<(), DaemonError> {
         .map_err(DaemonError::Runtime)?;
     runtime.block_on(async {
         // Handlers first: once the socket accepts connections, SIGTERM must checkpoint.
-        let shutdown = shutdown_signal()?;
+        let signal = shutdown_signal()?;
         let (listener, activated) = match lifecycle::activated_listener(&cfg.socket)? {
             Some(passed) => (passed, true),
             None => (lifecycle::bind(&cfg.socket)?, false),
+        };
+        // systemd owns an activation socket; one of our own is watched.
+        let lost = if activated { None } else { lifecycle::socket_lost(&cfg.socket) };
+        let shutdown = async move {
+            let Some(lost) = lost else { return signal.await };
+            let mut signal = Box::pin(signal);
+            tokio::select! {
+                () = &mut signal => {}
+                () = lost => {
+                    // Stopping already: a signal now ends the process at once.
+                    tokio::spawn(async move {
+                        signal.await;
+                        tracing::warn!("a stop signal while stopping: exiting at once");
+                        std::process::exit(1);
+                    });
+                }
+            }
         };
         run(cfg, listener, activated, shutdown).await
     })
@@ -373,6 +390,20 @@ fn shutdown_signal() -> Result<impl Future<Output = ()>, DaemonError> {
     })
 }
 
+/// Whether systemd connected our stderr to the journal: `JOURNAL_STREAM` names the stream's
+/// device and inode, and is inherited by processes started from a service (a terminal's
+/// shell, say) whose stderr is elsewhere, so it must name our stderr (systemd.exec(5)).
+fn stderr_is_the_journal() -> bool {
+    let Some(named) = std::env::var("JOURNAL_STREAM").ok() else { return false };
+    rustix::fs::fstat(std::io::stderr()).is_ok_and(|st| names_stream(&named, st.st_dev, st.st_ino))
+}
+
+/// `JOURNAL_STREAM`'s `DEVICE:INODE` (decimal) is this device and inode.
+fn names_stream(named: &str, dev: u64, ino: u64) -> bool {
+    let Some((d, i)) = named.trim().split_once(':') else { return false };
+    d.parse::<u64>().ok() == Some(dev) && i.parse::<u64>().ok() == Some(ino)
+}
+
 /// Logs to journald (with `SESSION=` and `TASK=` fields) when systemd connected our
 /// stderr to the journal, else readable lines on stderr (coloured only on a terminal).
 fn init_logging() {
@@ -399,7 +430,7 @@ fn init_logging() {
         Ok(quiet) => filter.add_directive(quiet),
         Err(_) => filter,
     };
-    if std::env::var_os("JOURNAL_STREAM").is_some()
+    if stderr_is_the_journal()
         && let Ok(journal) = tracing_journald::layer()
     {
         let journal = journal.with_field_prefix(None).with_syslog_identifier("dlsessiond".into());
@@ -413,5 +444,16 @@ fn init_logging() {
     }
     if let Some(message) = refused {
         tracing::warn!("{message}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_journal_is_ours_only_where_it_names_our_stderr() {
+        assert!(super::names_stream("2049:123456", 2049, 123456));
+        assert!(!super::names_stream("2049:123456", 2049, 7), "another stream (inherited from a service)");
+        assert!(!super::names_stream("2049", 2049, 123456));
+        assert!(!super::names_stream("x:y", 0, 0));
     }
 }

@@ -123,6 +123,55 @@ pub fn bind(socket: &Path) -> Result<Listener, LifecycleError> {
     ListenerOptions::new().name(name).mode(0o600).reclaim_name(true).create_tokio().map_err(bind_err)
 }
 
+/// Resolves once `socket` is no longer the file the daemon listens on: removed (a logout
+/// emptied the runtime directory, a clean-up of `/tmp`) or replaced (systemd's socket unit
+/// took the path, another daemon). Clients could no longer reach this daemon, and the
+/// locks it holds would keep one they can reach from starting: it should stop. Woken only
+/// by changes in the socket's directory (inotify), never by a timer. `None` where the
+/// socket cannot be watched (then it is not).
+pub fn socket_lost(socket: &Path) -> Option<impl Future<Output = ()> + use<>> {
+    use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
+    let ours = std::fs::symlink_metadata(socket).ok().map(|m| (m.dev(), m.ino()))?;
+    let dir = socket.parent()?;
+    let fd = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK).ok()?;
+    let changes = WatchFlags::CREATE
+        | WatchFlags::DELETE
+        | WatchFlags::MOVED_FROM
+        | WatchFlags::MOVED_TO
+        | WatchFlags::DELETE_SELF
+        | WatchFlags::MOVE_SELF;
+    inotify::add_watch(&fd, dir, changes).ok()?;
+    let fd = watched(fd)?;
+    let socket = socket.to_path_buf();
+    Some(async move {
+        let mut buf = [std::mem::MaybeUninit::uninit(); 1024];
+        loop {
+            let Ok(mut ready) = fd.readable().await else { return std::future::pending().await };
+            // What changed matters less than what is there now: read every event, then look.
+            let mut events = inotify::Reader::new(fd.get_ref(), &mut buf);
+            while events.next().is_ok() {}
+            ready.clear_ready();
+            let now = std::fs::symlink_metadata(&socket).ok().map(|m| (m.dev(), m.ino()));
+            if now != Some(ours) {
+                warn!(
+                    socket = %socket.display(),
+                    "the socket was removed or replaced (a logout, systemd's socket unit, another daemon); \
+                     stopping, so that a daemon clients can reach may start"
+                );
+                return;
+            }
+        }
+    })
+}
+
+/// The inotify descriptor, registered with the runtime for reading.
+#[allow(unsafe_code)]
+fn watched(fd: std::os::fd::OwnedFd) -> Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    // SAFETY: the `AsyncFd` owns the `OwnedFd`, which stays open and the same descriptor
+    // until the `AsyncFd` is dropped (nothing else has it).
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
+}
+
 /// Whether a Unix socket listens at `path`, without connecting to it (a connection to
 /// systemd's activation socket would start a daemon): its row in `/proc/net/unix` has the
 /// `__SO_ACCEPTCON` flag. `None` if that table cannot be read.

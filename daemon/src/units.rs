@@ -13,7 +13,10 @@ pub fn service_for(exec: &Path) -> io::Result<String> {
     if path.contains(['\n', '"', '\\']) {
         return Err(io::Error::other(format!("cannot put {path:?} in a unit file")));
     }
-    let quoted = if path.contains(' ') { format!("\"{path}\"") } else { path.to_owned() };
+    // systemd expands `%` specifiers and `$` variables in `ExecStart=`: doubled, they are
+    // themselves (a daemon under `/opt/100%/` or `/srv/$X/` runs from there, not elsewhere).
+    let escaped = path.replace('%', "%%").replace('$', "$$");
+    let quoted = if path.contains(' ') { format!("\"{escaped}\"") } else { escaped };
     let mut out = String::with_capacity(SERVICE.len() + path.len());
     for line in SERVICE.lines() {
         if line.starts_with("ExecStart=") {
@@ -66,5 +69,7 @@ mod tests {
         let spaced = service_for(Path::new("/opt/my apps/dlsessiond")).unwrap();
         assert!(spaced.contains("ExecStart=\"/opt/my apps/dlsessiond\""));
         assert!(service_for(Path::new("/bad\npath")).is_err());
+        let odd = service_for(Path::new("/opt/100%/$HOME/dlsessiond")).unwrap();
+        assert!(odd.contains("\nExecStart=/opt/100%%/$$HOME/dlsessiond\n"), "{odd}");
     }
 }

@@ -582,20 +582,56 @@ async fn an_idle_daemon_uses_no_cpu() {
     assert!(used <= 1, "an idle daemon used {used} clock ticks in 3 s");
 }
 
-/// With `JOURNAL_STREAM` set, logs go to the journal when one runs, else stay on stderr
-/// (plain, without colour): whichever this machine has is checked.
+/// With `JOURNAL_STREAM` naming the daemon's stderr (as systemd sets it for a service),
+/// logs go to the journal when one runs, else stay on stderr (plain, without colour):
+/// whichever this machine has is checked. Naming another stream (inherited from a service
+/// by a shell, say), they stay on stderr either way.
 #[test]
 fn logs_go_to_the_journal_or_stay_on_stderr() {
+    use std::os::unix::fs::MetadataExt;
     let journal = Path::new("/run/systemd/journal/socket").exists();
+    let on_stderr = |daemon: &TestDaemon| {
+        wait_for("the ready line on stderr", Duration::from_secs(10), || {
+            daemon.log().contains("dlsessiond ready").then_some(())
+        });
+        assert!(!daemon.log().contains("\u{1b}["), "no colour codes when stderr is not a terminal");
+    };
     let env = TestEnv::new();
-    let daemon = TestDaemon::start_with_env(&env, &[("JOURNAL_STREAM", std::ffi::OsStr::new("8:12345"))]);
+    let inherited = TestDaemon::start_with_env(&env, &[("JOURNAL_STREAM", std::ffi::OsStr::new("8:12345"))]);
+    on_stderr(&inherited);
+
+    let env = TestEnv::new();
+    // The daemon's stderr is this file (opened to append): the stream systemd would name.
+    let log = env.path().join("daemon.log");
+    std::fs::write(&log, "").unwrap();
+    let meta = std::fs::metadata(&log).unwrap();
+    let named = format!("{}:{}", meta.dev(), meta.ino());
+    let daemon = TestDaemon::start_with_env(&env, &[("JOURNAL_STREAM", std::ffi::OsStr::new(&named))]);
     if journal {
         // Ready (it answered), and nothing of it on stderr: the lines went to the journal.
         assert!(!daemon.log().contains("dlsessiond ready"), "{}", daemon.log());
-        return;
+    } else {
+        on_stderr(&daemon);
     }
-    wait_for("the ready line on stderr", Duration::from_secs(10), || {
-        daemon.log().contains("dlsessiond ready").then_some(())
-    });
-    assert!(!daemon.log().contains("\u{1b}["), "no colour codes when stderr is not a terminal");
+}
+
+/// A daemon whose socket file is removed (a logout emptying the runtime directory) or
+/// taken (systemd's socket unit enabled while it ran) stops: unreachable, it held the
+/// locks that kept a reachable daemon from starting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_whose_socket_is_taken_stops() {
+    for take in [false, true] {
+        let env = TestEnv::new();
+        let mut d = TestDaemon::start(&env);
+        std::fs::remove_file(&env.socket).unwrap();
+        let _taker = take.then(|| std::os::unix::net::UnixListener::bind(&env.socket).unwrap());
+        let status = tokio::task::block_in_place(|| d.wait_exit(Duration::from_secs(20)));
+        assert!(status.success(), "{status:?}");
+        assert!(d.log().contains("the socket was removed or replaced"), "{}", d.log());
+        // Its locks are free: a daemon clients can reach starts.
+        if !take {
+            let d = TestDaemon::start(&env);
+            assert_eq!(d.log().matches("dlsessiond ready").count(), 2, "{}", d.log());
+        }
+    }
 }
