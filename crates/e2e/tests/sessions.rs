@@ -169,6 +169,39 @@ async fn an_oversized_etag_still_gives_usable_resume_data() {
     assert_eq!(sha256_file(&events.moved_to(again.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(5, len)));
 }
 
+/// Resume data of a download whose server stated no length (no `Content-Length`) carries
+/// the app's `expected_size` as a hint, not as the file's length: the new task continues
+/// when the server then states another length (it was taken for a changed resource, and
+/// the kept bytes were thrown away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_data_keeps_a_size_hint_apart_from_the_length() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let len = 6u64 << 20;
+    server.add("/unsized", Resource::generated(len, 9).etag("\"u\"").no_content_length().throttle(2 << 20));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.hint"), delegate).await.unwrap();
+    let request = DownloadRequest::new(server.url("/unsized")).expected_size(4 << 20);
+    let task = session.download_tasks(vec![request], true).await.unwrap().remove(0);
+    dlsession_testkit::app::wait_for_checkpoint(session.client(), task.id(), 1).await;
+    let data = task.cancel_producing_resume_data().await.unwrap();
+    let resumed = session.download_task_with_resume_data(&data).await.unwrap();
+    assert_eq!(resumed.info().await.unwrap().bytes_expected, Some(4 << 20), "the hint stays");
+    resumed.resume().await.unwrap();
+    assert_eq!(events.completion(resumed.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(resumed.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(9, len)));
+    let offsets: Vec<u64> = events
+        .seen
+        .iter()
+        .filter_map(|e| match e {
+            Seen::Resumed { task, offset } if *task == resumed.id() => Some(*offset),
+            _ => None,
+        })
+        .collect();
+    assert!(matches!(offsets[..], [o] if o > 0), "continued once, never from zero: {offsets:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_data_continues_at_the_offset() {
     let env = TestEnv::new();
