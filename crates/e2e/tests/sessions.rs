@@ -202,6 +202,36 @@ async fn resume_data_keeps_a_size_hint_apart_from_the_length() {
     assert!(matches!(offsets[..], [o] if o > 0), "continued once, never from zero: {offsets:?}");
 }
 
+/// Two stops of one running task, a plain cancel and one producing resume data: each
+/// requester hears what it asked for. The blob (the task's credentials in clear) goes only
+/// to the one that asked for it; the other gets `ok` (it got the blob too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_stop_of_a_task_hears_what_it_asked_for() {
+    use dlsession::proto::TaskAction;
+    let env = TestEnv::new();
+    // The stop's checkpoint, held: both requests wait for the same stop.
+    env.set_config("checkpoint_interval_ms", "600000");
+    let held = std::ffi::OsStr::new("checkpoint-after-sync:1:sleep-ms=1000");
+    let _d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", held)]);
+    let server = TestServer::start().await.unwrap();
+    server.add("/big", Resource::generated(8 << 20, 31).etag("\"b\"").throttle(1 << 20));
+    let c = dlsession_testkit::app::client(&env).await;
+    c.request(Request::OpenSession { identifier: "t.stops".into(), config: None }).await.unwrap();
+    let id = c.create_tasks("t.stops", vec![TaskSpec::get(server.url("/big"))], true).await.unwrap()[0];
+    wait_for("bytes to arrive", LONG, || match block(c.request(Request::GetTask { task: id })) {
+        Ok(Response::Task(d)) if d.info.bytes_received > 0 => Some(()),
+        _ => None,
+    });
+    let plain = c.send_request(Request::ControlTask { task: id, action: TaskAction::Cancel }).unwrap();
+    let data =
+        c.send_request(Request::ControlTask { task: id, action: TaskAction::CancelProducingResumeData }).unwrap();
+    assert_eq!(plain.await.unwrap(), Ok(Response::Ok));
+    match data.await.unwrap() {
+        Ok(Response::ResumeData(blob)) => assert!(!blob.is_empty()),
+        other => panic!("{other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_data_continues_at_the_offset() {
     let env = TestEnv::new();

@@ -203,6 +203,11 @@ impl Core {
     /// would mean deleting it).
     pub(super) fn on_move_failed(&mut self, id: TaskId, error: ErrorInfo) {
         let run = self.release(id);
+        self.after_move_failed(id, run, error);
+    }
+
+    /// What follows a finish that failed (its worker already released, as `run`).
+    pub(super) fn after_move_failed(&mut self, id: TaskId, run: Option<Run>, error: ErrorInfo) {
         // `invalidate_and_cancel` reached it while it moved (its session is ending): it
         // completes `cancelled`, as a task already waiting to move again does, instead of
         // waiting to move again and keeping the session from ending. Also after a restart,

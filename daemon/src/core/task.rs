@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use dlsession_proto::{TaskCounts, TaskId, TaskState};
+use dlsession_proto::{TaskAction, TaskCounts, TaskId, TaskState};
 use tokio::sync::watch;
 
 use super::sched::LaneKey;
@@ -29,6 +29,18 @@ pub(super) enum AfterStop {
 }
 
 impl AfterStop {
+    /// What happened to the task, for a requester who asked for something else.
+    pub fn told(self) -> &'static str {
+        match self {
+            AfterStop::Suspend => "was suspended",
+            AfterStop::Requeue => "was queued again",
+            AfterStop::Cancel => "was cancelled (its session is being cancelled, or a cancel came first)",
+            AfterStop::CancelProducingResumeData => "was cancelled",
+            AfterStop::Shutdown => "was stopped by the daemon's shutdown",
+            AfterStop::NoNetwork => "lost its network",
+        }
+    }
+
     /// When several stops are asked for, the strongest wins (a cancel beats a suspend).
     fn rank(self) -> u8 {
         match self {
@@ -140,8 +152,8 @@ pub(super) struct Task {
     pub unsaved: bool,
     pub speed: u64,
     pub sampled: u64,
-    /// Requests answered once the worker has stopped.
-    pub waiting_replies: Vec<(ConnId, u64)>,
+    /// Requests answered once the worker has stopped, with what each asked for.
+    pub waiting_replies: Vec<(ConnId, u64, TaskAction)>,
     /// Who asked for a cancel under way: the completion error says so.
     pub cancelled_by: Option<String>,
     /// The address its last response came from (not stored: learnt again after a restart).

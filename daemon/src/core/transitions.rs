@@ -628,14 +628,20 @@ impl Core {
         t.rec.last_error = Some(failure.error.clone());
         if t.rec.phase == Phase::Finishing && !failure.discard_partial {
             // The data is complete and committed (a bug or a hang hit the finish): keep it
-            // and try the move again, never the download.
+            // and try the move again, never the download (as a move that failed: a session
+            // being cancelled cancels it, a stop asked for meanwhile hears it came too late).
             let error = ErrorInfo::new(ErrorCode::DestinationUnavailable, failure.error.message);
-            return self.hold_for_move(id, error);
+            return self.after_move_failed(id, run, error);
         }
         let file_lost = t.rec.phase == Phase::Finishing;
         t.rec.phase = Phase::Transfer;
-        let after_stop = run.and_then(|r| r.after_stop);
-        // A stop was requested while the attempt was failing: honour the request.
+        // A stop was requested while the attempt was failing: honour the request, unless the
+        // failure ends the task anyway (a 404 completes it; only a cancel says otherwise):
+        // suspended or queued again, it would try again for nothing.
+        let ends = matches!(failure.retry, Retry::Never) && failure.challenge.is_none();
+        let after_stop = run
+            .and_then(|r| r.after_stop)
+            .filter(|how| !ends || matches!(how, AfterStop::Cancel | AfterStop::CancelProducingResumeData));
         if let Some(how) = after_stop {
             let offset = t.rec.committed_offset;
             return self.apply_after_stop(id, how, offset);
@@ -713,7 +719,7 @@ impl Core {
     /// completed first: the task was not stopped, and its requester hears so.
     pub(super) fn refuse_waiting_stops(&mut self, id: TaskId, what: &str) {
         let Some(t) = self.tasks.get_mut(&id) else { return };
-        for (conn, req) in std::mem::take(&mut t.waiting_replies) {
+        for (conn, req, _) in std::mem::take(&mut t.waiting_replies) {
             let error =
                 ErrorInfo::new(ErrorCode::InvalidRequest, format!("task {id} {what} before it could be stopped"));
             self.reply(conn, req, Err(error));
@@ -758,12 +764,28 @@ impl Core {
         {
             ops.push(save_op(t));
         }
-        for (conn, req) in replies {
-            let response = response.clone();
-            after.push(if after_disk {
-                After::ReplyAfterDisk { conn, id: req, response }
-            } else {
-                After::Reply { conn, id: req, response }
+        // Each requester hears of what it asked for: the blob only goes to those who asked
+        // for resume data (it holds the task's credentials), and one who did gets a blob or
+        // a refusal, never a plain `Ok` (the task stopped otherwise: another request's stop
+        // came first, or its session is being cancelled).
+        for (conn, req, asked) in replies {
+            let wants_data = asked == dlsession_proto::TaskAction::CancelProducingResumeData;
+            after.push(match (&response, wants_data) {
+                (dlsession_proto::Response::ResumeData(_), true) => {
+                    After::ReplyAfterDisk { conn, id: req, response: response.clone() }
+                }
+                (_, true) => After::Refuse {
+                    conn,
+                    id: req,
+                    error: ErrorInfo::new(
+                        ErrorCode::InvalidRequest,
+                        format!("task {id} {} before its resume data could be made", how.told()),
+                    ),
+                },
+                (_, false) if after_disk => {
+                    After::ReplyAfterDisk { conn, id: req, response: dlsession_proto::Response::Ok }
+                }
+                (_, false) => After::Reply { conn, id: req, response: dlsession_proto::Response::Ok },
             });
         }
         self.commit(ops, after);
@@ -778,6 +800,13 @@ impl Core {
             None => return,
         };
         let Some(t) = self.tasks.get_mut(&id) else { return };
+        // Requests waiting for a stop that none answered (the attempt failed for good, or its
+        // worker was given up) hear that it completed, once that is durable.
+        for (conn, req, _) in std::mem::take(&mut t.waiting_replies) {
+            let error =
+                ErrorInfo::new(ErrorCode::InvalidRequest, format!("task {id} completed before it could be stopped"));
+            after.push(After::Refuse { conn, id: req, error });
+        }
         // A waiting task's timer (a retry, or the deadline of a wait for credentials) goes,
         // and a held one's deadline.
         if t.state == TaskState::Waiting {

@@ -110,7 +110,7 @@ impl Core {
                     Ok(Answer::Later)
                 }
                 TaskState::Running => {
-                    t.waiting_replies.push((conn, id));
+                    t.waiting_replies.push((conn, id, action));
                     self.stop_worker(task, AfterStop::Suspend);
                     Ok(Answer::Later)
                 }
@@ -136,7 +136,7 @@ impl Core {
                 }
                 let by = self.conns.describe(conn);
                 if state == TaskState::Running {
-                    t.waiting_replies.push((conn, id));
+                    t.waiting_replies.push((conn, id, action));
                     t.cancelled_by = Some(by);
                     let how = if with_data { AfterStop::CancelProducingResumeData } else { AfterStop::Cancel };
                     self.stop_worker(task, how);
