@@ -501,6 +501,42 @@ async fn wait_idle_waits_for_a_download_whose_challenge_was_answered_later() {
     assert_eq!(info.state, dlsession::proto::TaskState::Completed, "idle while it still ran: {info:?}");
 }
 
+/// A credential cannot go in a header that frames a body (`Upload-Offset`, `Content-Length`,
+/// `Content-Type`): it would replace the daemon's own on a resumed upload's `PATCH`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_cannot_take_a_header_that_frames_a_body() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let s = server().await;
+    let seen = std::sync::Arc::new(AtomicU32::new(0));
+    let session =
+        Session::attach(config(&env, "t.framing").answers_challenges(true), Defer(seen.clone())).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(s.url("/private"))], true).await.unwrap().remove(0);
+    wait_until(|| seen.load(Ordering::SeqCst) > 0).await;
+    let round = seen.load(Ordering::SeqCst);
+    for name in ["Upload-Offset", "upload-complete", "Content-Type"] {
+        let credential = Credential::Header { name: name.into(), value: "0".into() };
+        let answer = ChallengeAnswer::Use { credential, scope: CredentialScope::Task, keep: false };
+        let err = task.answer_challenge_round(round, answer).await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidRequest, "{name}: {err}");
+    }
+    // The task still waits for a usable answer.
+    task.answer_challenge_round(round, basic(CredentialScope::Task, false)).await.unwrap();
+    let info = tokio::time::timeout(LONG, async {
+        loop {
+            let info = task.info().await.unwrap();
+            if info.state == dlsession::proto::TaskState::Completed {
+                return info;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(info.error, None);
+}
+
 /// A task waiting for credentials nobody gives completes `timed_out` (with the server's
 /// 401) when its `timeout_for_resource` runs out, as a retry would: it waited for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -354,6 +354,27 @@ async fn a_resumable_upload_goes_on_from_the_servers_offset_after_a_cut_and_a_cr
     drop(session);
 }
 
+/// A session's headers never frame an upload's body: one named `Upload-Offset` (or any
+/// `Upload-*`) is left off its uploads (a task's own are refused), so the draft's framing
+/// stays the daemon's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_headers_never_frame_an_upload() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = UploadServer::start(true).await.unwrap();
+    let (file, data) = make_file(env.path(), "framed.bin", 50_000, 16);
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let config = config(&env, "t.framed").header("Upload-Offset", "999").header("X-Team", "blue");
+    let session = Session::attach(config, delegate).await.unwrap();
+    let request = UploadRequest::new(server.url("/files/framed"), &file);
+    let task = session.upload_tasks(vec![request], true).await.unwrap().remove(0);
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(server.file("framed").as_deref(), Some(&data[..]));
+    let records = server.records();
+    assert!(records.iter().all(|r| r.header("upload-offset").is_none()), "{records:?}");
+    assert!(records.iter().all(|r| r.header("x-team") == Some("blue")), "other session headers still go: {records:?}");
+}
+
 /// A server that offers resumption at a URL longer than a task's may be is not taken up on
 /// it (the URL would be stored and asked again): a cut upload goes again from its start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

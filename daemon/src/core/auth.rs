@@ -201,6 +201,16 @@ impl Core {
                 ),
             ));
         }
+        // Nor may it be a header that frames an upload's body (it would replace the daemon's
+        // own on a resumed upload's `PATCH`).
+        if let ChallengeAnswer::Use { credential: Credential::Header { name, .. }, .. } = &answer
+            && (dlsession_proto::validate::is_upload_framing_header(name) || name.eq_ignore_ascii_case("content-type"))
+        {
+            return Err(ErrorInfo::new(
+                ErrorCode::InvalidRequest,
+                format!("{name:?} cannot carry a credential: it describes the request's body"),
+            ));
+        }
         let key = t.rec.session;
         let (mut ops, mut after) = (Vec::new(), vec![After::Reply { conn, id, response: Response::Ok }]);
         match answer {

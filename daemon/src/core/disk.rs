@@ -355,7 +355,15 @@ pub enum Adoption {
 pub(super) fn adopt(kept: &Path, part: &Path) -> Adoption {
     let moved = part.parent().map(private_dir).transpose().and_then(|_| std::fs::rename(kept, part));
     match moved {
-        Ok(()) => Adoption::Adopted { kept: kept.to_path_buf(), part: part.to_path_buf() },
+        Ok(()) => {
+            // Both entries durable before the new task's commit names the offset: else a
+            // power cut could put the file back in resume/, for the same blob to adopt again.
+            let synced = crate::engine::files::sync_parent(part).and_then(|()| crate::engine::files::sync_parent(kept));
+            if let Err(e) = synced {
+                warn!(error = %e, "cannot sync the directories of an adopted partial file");
+            }
+            Adoption::Adopted { kept: kept.to_path_buf(), part: part.to_path_buf() }
+        }
         Err(e) => {
             info!(error = %e, "resume data's partial file is gone; the new task starts from zero");
             Adoption::None

@@ -300,6 +300,12 @@ impl Core {
         let upload = self.upload_job(id);
         let Some(t) = self.tasks.get(&id) else { return };
         let Some(s) = self.sessions.get(&t.rec.session) else { return };
+        if upload.is_none() {
+            // A download's attempt starts from what is committed (an earlier attempt's count
+            // may be higher: bytes it lost, a file thrown away): shown so, and its progress
+            // counted from there.
+            t.progress.received.store(t.rec.committed_offset, std::sync::atomic::Ordering::Relaxed);
+        }
         let now = now_ms();
         // Task headers override session headers of the same name.
         let mut headers: Vec<Header> = s
@@ -308,6 +314,8 @@ impl Core {
             .http_headers
             .iter()
             .filter(|h| !t.rec.headers.iter().any(|o| o.name.eq_ignore_ascii_case(&h.name)))
+            // An upload's body is framed by the daemon alone (a task's own are refused).
+            .filter(|h| upload.is_none() || !dlsession_proto::validate::is_upload_framing_header(&h.name))
             .cloned()
             .collect();
         headers.extend(t.rec.headers.iter().cloned());

@@ -45,9 +45,13 @@ impl RateLimiter {
     }
 
     /// Changes the rate for every download under this bucket, at once: what was reserved
-    /// at the old rate is forgotten, and waiting chunks reserve again.
+    /// at the old rate is forgotten, and waiting chunks reserve again. The same rate again
+    /// changes nothing (forgetting would hand out a fresh burst each time it is set).
     pub fn set_rate(&self, rate: Option<u64>) {
-        self.rate.store(rate.unwrap_or(0), Ordering::Relaxed);
+        let rate = rate.unwrap_or(0);
+        if self.rate.swap(rate, Ordering::Relaxed) == rate {
+            return;
+        }
         if let Ok(mut b) = self.state.lock() {
             b.generation = b.generation.wrapping_add(1);
             b.paid_until = Instant::now();
@@ -101,6 +105,28 @@ mod tests {
         let took = start.elapsed();
         assert!(took >= Duration::from_millis(4500), "{took:?}");
         assert!(took <= Duration::from_millis(5100), "{took:?}");
+    }
+
+    /// A script setting the same limit every second does not lift it.
+    #[tokio::test(start_paused = true)]
+    async fn the_same_rate_set_again_gives_no_fresh_burst() {
+        let limiter = RateLimiter::new(Some(16_384));
+        let start = tokio::time::Instant::now();
+        let nag = async {
+            for _ in 0..20 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                limiter.set_rate(Some(16_384));
+            }
+        };
+        let go = async {
+            for _ in 0..10 {
+                limiter.acquire(16_384).await;
+            }
+            start.elapsed()
+        };
+        let (took, ()) = tokio::join!(go, nag);
+        // 160 KiB at 16 KiB/s: about 9 s, the first burst aside.
+        assert!(took >= Duration::from_secs(8), "{took:?}");
     }
 
     #[tokio::test(start_paused = true)]
