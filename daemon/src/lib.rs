@@ -141,7 +141,15 @@ pub async fn run(
     let result = tokio::select! {
         r = &mut core_task => r,
         _ = &mut shutdown => {
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+            // The whole stop may take the grace period three times (checkpoints, the last
+            // commits, queued file work) and the connections' last writes: systemd is told,
+            // so that a longer `shutdown_grace_ms` is not cut short by `TimeoutStopSec=`.
+            let budget = cfg.timing.shutdown_grace.saturating_mul(3).saturating_add(std::time::Duration::from_secs(3));
+            let budget = u32::try_from(budget.as_micros()).unwrap_or(u32::MAX);
+            let _ = sd_notify::notify(&[
+                sd_notify::NotifyState::Stopping,
+                sd_notify::NotifyState::ExtendTimeoutUsec(budget),
+            ]);
             let _ = stop_tx.send(true);
             let _ = core_tx.send(CoreMsg::Shutdown);
             (&mut core_task).await

@@ -185,6 +185,7 @@ async fn watchdog_pings_arrive_at_half_the_interval() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_downloads_reports_stopping_and_resumes_after_restart() {
     let env = TestEnv::new();
+    env.set_config("shutdown_grace_ms", "7000");
     let mut notify = Notify::new(env.path());
     let notify_path = notify.path.clone();
     let mut daemon = TestDaemon::start_with_env(&env, &[("NOTIFY_SOCKET", notify_path.as_os_str())]);
@@ -207,6 +208,8 @@ async fn sigterm_during_downloads_reports_stopping_and_resumes_after_restart() {
     let status = daemon.terminate();
     assert!(status.success(), "clean exit: {status}");
     notify.wait("STOPPING=1", Duration::from_secs(5));
+    // The stop's whole budget (3 × the 7 s grace, and 3 s), so TimeoutStopSec cannot cut it.
+    notify.wait("EXTEND_TIMEOUT_USEC=24000000", Duration::from_secs(5));
     let sent = server.bytes_sent("/big");
     daemon.restart();
     wait_for("the download to finish", Duration::from_secs(60), || dest.exists().then_some(()));
