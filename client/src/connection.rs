@@ -222,15 +222,23 @@ impl Client {
 
     /// A request the daemon refused because it was stopping (`shutting_down`: not run) goes
     /// again on the next connection, once the daemon is back, within the same timeout;
-    /// after it, the refusal is the answer. Not a request whose answer is handled in order
-    /// (re-attaching, which has its own retries), nor on a client that does not reconnect.
+    /// after it, the refusal is the answer (a timeout once it went again is a timeout: it may
+    /// have run). Not a request whose answer is handled in order, an attach or a
+    /// registration (the reconnect itself attaches and registers again), nor on a client
+    /// that does not reconnect.
     async fn request_with(&self, request: Request, in_order: Option<crate::link::InOrder>) -> Result<Response> {
         let name = request.name();
         let after = self.shared.options.request_timeout;
+        let again = in_order.is_none()
+            && self.shared.options.reconnect
+            && !matches!(request, Request::Attach { .. } | Request::Watch(_) | Request::Unwatch | Request::HandleWakes);
+        // Refused while the daemon stopped, and not sent again yet.
         let mut refused: Option<ErrorInfo> = None;
         // One timer for the whole request: waiting for a connection, then for the answer.
         let answer = async {
             let mut in_order = in_order;
+            // Kept only where it may go again (a batch of thousands is not copied for nothing).
+            let mut request = Some(request);
             let mut stopping: Option<Arc<Link>> = None;
             loop {
                 let link = match (stopping.take(), &refused) {
@@ -239,12 +247,19 @@ impl Client {
                     }
                     _ => match self.current_link() {
                         Some(link) => link,
-                        None => self.live_link().await?,
+                        None => {
+                            // A daemon of another version answers: waiting would not help.
+                            if let Some(e) = self.mismatched() {
+                                return Err(e);
+                            }
+                            self.live_link().await?
+                        }
                     },
                 };
-                // Without reconnecting, nothing would come to send it again on.
-                let again = in_order.is_none() && self.shared.options.reconnect;
-                let rx = self.send_with(&link, request.clone(), in_order.take())?;
+                refused = None;
+                let this = if again { request.clone() } else { request.take() };
+                let Some(this) = this else { return Err(Error::Disconnected { reason: None }) };
+                let rx = self.send_with(&link, this, in_order.take())?;
                 match rx.await {
                     Ok(Ok(response)) => return Ok(response),
                     Ok(Err(e)) if again && e.code == ErrorCode::ShuttingDown => {
@@ -265,13 +280,16 @@ impl Client {
         }
     }
 
+    /// The daemon that came back speaks another protocol version, and no link is up.
+    fn mismatched(&self) -> Option<Error> {
+        let (ours, theirs) = self.shared.mismatch.lock().ok().and_then(|m| *m)?;
+        self.current_link().is_none().then_some(Error::VersionMismatch { ours, theirs })
+    }
+
     /// A request unanswered within `after`: timed out, or never sent because the daemon
     /// that came back speaks another protocol version (say, after a downgrade).
     fn timed_out(&self, request: &'static str, after: Duration) -> Error {
-        match self.shared.mismatch.lock().ok().and_then(|m| *m) {
-            Some((ours, theirs)) if self.current_link().is_none() => Error::VersionMismatch { ours, theirs },
-            _ => Error::TimedOut { request, after },
-        }
+        self.mismatched().unwrap_or(Error::TimedOut { request, after })
     }
 
     /// Sends a request that creates tasks under a new creation key, and again under the

@@ -41,7 +41,8 @@ pub trait ToCore: Clone + Send + Sync + 'static {
     /// False once nobody listens any more (the core has stopped).
     fn send(&self, event: ConnEvent) -> bool;
 
-    /// Resolves once the core has stopped: it has queued every answer it will give.
+    /// Resolves once the core takes nothing more: every answer it will give is queued (the
+    /// last ones, to what came as it stopped, refusals) or on its way.
     fn stopped(&self) -> impl std::future::Future<Output = ()> + Send;
 }
 

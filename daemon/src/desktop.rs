@@ -23,6 +23,8 @@ const NM_STATE_CONNECTED_LOCAL: u32 = 50;
 // NMMetered: yes and guess-yes count as metered.
 const NM_METERED_YES: u32 = 1;
 const NM_METERED_GUESS_YES: u32 = 3;
+// NMConnectivityState: a captive portal (its check got a sign-in page, not its answer).
+const NM_CONNECTIVITY_PORTAL: u32 = 2;
 
 /// What NetworkManager and UPower said last (`None`: they did not say).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -32,6 +34,9 @@ pub struct Desktop {
     /// NetworkManager's `Connectivity`: full (true), or none, behind a portal or limited
     /// (false); unknown: `None`.
     pub nm_internet: Option<bool>,
+    /// NetworkManager found a captive portal (a sign-in page answers in place of servers):
+    /// nothing should start until it lets traffic through.
+    pub portal: Option<bool>,
     pub metered: Option<bool>,
     pub on_battery: Option<bool>,
     pub battery_percent: Option<u8>,
@@ -230,6 +235,7 @@ async fn read(conn: &Connection, last: Option<&Desktop>) -> (Desktop, bool) {
     let now = Desktop {
         nm_connected: network.nm_connected,
         nm_internet: network.nm_internet,
+        portal: network.portal,
         metered: network.metered,
         network_source: network.network_source,
         on_battery: power.on_battery,
@@ -250,16 +256,19 @@ async fn read_network(conn: &Connection) -> Result<Desktop, Silent> {
         return Err(Silent::Absent("NetworkManager not available (it has no State)".into()));
     };
     // NMConnectivityState: 1 none, 2 portal, 3 limited, 4 full (0: unknown).
-    let nm_internet = match get::<u32>(NM, conn, "Connectivity").await? {
+    let connectivity = get::<u32>(NM, conn, "Connectivity").await?;
+    let nm_internet = match connectivity {
         Some(4) => Some(true),
         Some(1..=3) => Some(false),
         _ => None,
     };
+    let portal = connectivity.filter(|&c| c != 0).map(|c| c == NM_CONNECTIVITY_PORTAL);
     // An older NetworkManager may lack `Metered`: then unknown.
     let metered = get::<u32>(NM, conn, "Metered").await?.map(|m| m == NM_METERED_YES || m == NM_METERED_GUESS_YES);
     Ok(Desktop {
         nm_connected: Some(state >= NM_STATE_CONNECTED_LOCAL),
         nm_internet,
+        portal,
         metered,
         network_source: "NetworkManager".into(),
         ..Desktop::default()

@@ -48,7 +48,7 @@ pub async fn serve<C: ToCore>(
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     let ids = AtomicU64::new(1);
     // Accepted connections whose task has not ended, counted from the moment of accept.
-    let live = Arc::new(AtomicUsize::new(0));
+    let live = Arc::new(Live::default());
     loop {
         let accepted = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => break,
@@ -58,7 +58,7 @@ pub async fn serve<C: ToCore>(
         let accepted = match accepted {
             Next::Accepted(r) => r,
             Next::PauseCheck(check) => {
-                let idle = live.load(Ordering::Acquire) == 0;
+                let idle = live.count.load(Ordering::Acquire) == 0;
                 let _ = check.reply.send(idle);
                 if idle {
                     let go_on = tokio::select! {
@@ -77,7 +77,7 @@ pub async fn serve<C: ToCore>(
                 let id = ids.fetch_add(1, Ordering::Relaxed);
                 let conn = Connection { id, core: core.clone(), settings: settings.clone(), our_uid };
                 let slots = slots.clone();
-                live.fetch_add(1, Ordering::AcqRel);
+                live.count.fetch_add(1, Ordering::AcqRel);
                 let live = LiveGuard(live.clone());
                 tokio::spawn(
                     async move {
@@ -99,21 +99,35 @@ pub async fn serve<C: ToCore>(
     // written: each connection ends once the core has stopped and its writer has written
     // them, within `FLUSH_AT_EXIT` (a client that does not read is not waited for longer).
     core.stopped().await;
-    let deadline = tokio::time::Instant::now() + FLUSH_AT_EXIT;
-    while live.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let all_ended = async {
+        loop {
+            let ended = live.ended.notified();
+            if live.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            ended.await;
+        }
+    };
+    let _ = tokio::time::timeout(FLUSH_AT_EXIT, all_ended).await;
 }
 
 /// How long connections get, once the core has stopped, to write what it queued.
 const FLUSH_AT_EXIT: Duration = Duration::from_secs(2);
 
+/// Connections whose task has not ended, and a signal as each ends.
+#[derive(Default)]
+struct Live {
+    count: AtomicUsize,
+    ended: tokio::sync::Notify,
+}
+
 /// Counts a connection as live until its task ends (however it ends).
-struct LiveGuard(Arc<AtomicUsize>);
+struct LiveGuard(Arc<Live>);
 
 impl Drop for LiveGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
+        self.0.ended.notify_waiters();
     }
 }
 

@@ -353,8 +353,9 @@ fn start(args: Args) -> Result<(), DaemonError> {
             Some(passed) => (passed, true),
             None => (lifecycle::bind(&cfg.socket)?, false),
         };
-        // systemd owns an activation socket; one of our own is watched.
-        let lost = if activated { None } else { lifecycle::socket_lost(&cfg.socket) };
+        // systemd owns an activation socket; one of our own is watched, and removed at exit.
+        let own = if activated { None } else { lifecycle::OwnSocket::of(&cfg.socket) };
+        let lost = own.as_ref().and_then(lifecycle::OwnSocket::lost);
         let shutdown = async move {
             let Some(lost) = lost else { return signal.await };
             let mut signal = Box::pin(signal);
@@ -370,7 +371,11 @@ fn start(args: Args) -> Result<(), DaemonError> {
                 }
             }
         };
-        run(cfg, listener, activated, shutdown).await
+        let result = run(cfg, listener, activated, shutdown).await;
+        if let Some(own) = own {
+            own.remove();
+        }
+        result
     })
 }
 

@@ -120,48 +120,76 @@ pub fn bind(socket: &Path) -> Result<Listener, LifecycleError> {
     }
     let bind_err = |source| LifecycleError::Bind { path: socket.to_path_buf(), source };
     let name = socket.to_fs_name::<GenericFilePath>().map_err(bind_err)?;
-    ListenerOptions::new().name(name).mode(0o600).reclaim_name(true).create_tokio().map_err(bind_err)
+    // Not reclaimed on drop: removed at exit only while it is still ours (`OwnSocket`).
+    ListenerOptions::new().name(name).mode(0o600).reclaim_name(false).create_tokio().map_err(bind_err)
 }
 
-/// Resolves once `socket` is no longer the file the daemon listens on: removed (a logout
-/// emptied the runtime directory, a clean-up of `/tmp`) or replaced (systemd's socket unit
-/// took the path, another daemon). Clients could no longer reach this daemon, and the
-/// locks it holds would keep one they can reach from starting: it should stop. Woken only
-/// by changes in the socket's directory (inotify), never by a timer. `None` where the
-/// socket cannot be watched (then it is not).
-pub fn socket_lost(socket: &Path) -> Option<impl Future<Output = ()> + use<>> {
-    use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
-    let ours = std::fs::symlink_metadata(socket).ok().map(|m| (m.dev(), m.ino()))?;
-    let dir = socket.parent()?;
-    let fd = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK).ok()?;
-    let changes = WatchFlags::CREATE
-        | WatchFlags::DELETE
-        | WatchFlags::MOVED_FROM
-        | WatchFlags::MOVED_TO
-        | WatchFlags::DELETE_SELF
-        | WatchFlags::MOVE_SELF;
-    inotify::add_watch(&fd, dir, changes).ok()?;
-    let fd = watched(fd)?;
-    let socket = socket.to_path_buf();
-    Some(async move {
-        let mut buf = [std::mem::MaybeUninit::uninit(); 1024];
-        loop {
-            let Ok(mut ready) = fd.readable().await else { return std::future::pending().await };
-            // What changed matters less than what is there now: read every event, then look.
-            let mut events = inotify::Reader::new(fd.get_ref(), &mut buf);
-            while events.next().is_ok() {}
-            ready.clear_ready();
-            let now = std::fs::symlink_metadata(&socket).ok().map(|m| (m.dev(), m.ino()));
-            if now != Some(ours) {
-                warn!(
-                    socket = %socket.display(),
-                    "the socket was removed or replaced (a logout, systemd's socket unit, another daemon); \
-                     stopping, so that a daemon clients can reach may start"
-                );
-                return;
-            }
+/// The socket file this daemon bound, by device and inode: what it watches, and what it
+/// removes at exit, only if the path still names it (a socket unit or another daemon may
+/// have taken the path meanwhile: theirs is never removed).
+#[derive(Debug, Clone)]
+pub struct OwnSocket {
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+impl OwnSocket {
+    /// The socket at `path` as it is now (right after binding it).
+    pub fn of(path: &Path) -> Option<OwnSocket> {
+        let m = std::fs::symlink_metadata(path).ok()?;
+        Some(OwnSocket { path: path.to_path_buf(), id: (m.dev(), m.ino()) })
+    }
+
+    /// Whether the path still names our socket.
+    fn is_there(&self) -> bool {
+        std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id)
+    }
+
+    /// Removes the socket file if it is still ours.
+    pub fn remove(&self) {
+        if self.is_there() {
+            let _ = std::fs::remove_file(&self.path);
         }
-    })
+    }
+
+    /// Resolves once the path no longer names our socket: removed (a logout emptied the
+    /// runtime directory, a clean-up of `/tmp`) or replaced (systemd's socket unit took the
+    /// path, another daemon). Clients could no longer reach this daemon, and the locks it
+    /// holds would keep one they can reach from starting: it should stop. Woken only by
+    /// changes in the socket's directory (inotify), never by a timer. `None` where the
+    /// socket cannot be watched (then it is not).
+    pub fn lost(&self) -> Option<impl Future<Output = ()> + use<>> {
+        use rustix::fs::inotify::{self, CreateFlags, WatchFlags};
+        let dir = self.path.parent()?;
+        let fd = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK).ok()?;
+        let changes = WatchFlags::CREATE
+            | WatchFlags::DELETE
+            | WatchFlags::MOVED_FROM
+            | WatchFlags::MOVED_TO
+            | WatchFlags::DELETE_SELF
+            | WatchFlags::MOVE_SELF;
+        inotify::add_watch(&fd, dir, changes).ok()?;
+        let fd = watched(fd)?;
+        let own = self.clone();
+        Some(async move {
+            let mut buf = [std::mem::MaybeUninit::uninit(); 1024];
+            loop {
+                let Ok(mut ready) = fd.readable().await else { return std::future::pending().await };
+                // What changed matters less than what is there now: read every event, then look.
+                let mut events = inotify::Reader::new(fd.get_ref(), &mut buf);
+                while events.next().is_ok() {}
+                ready.clear_ready();
+                if !own.is_there() {
+                    warn!(
+                        socket = %own.path.display(),
+                        "the socket was removed or replaced (a logout, systemd's socket unit, another daemon); \
+                         stopping, so that a daemon clients can reach may start"
+                    );
+                    return;
+                }
+            }
+        })
+    }
 }
 
 /// The inotify descriptor, registered with the runtime for reading.

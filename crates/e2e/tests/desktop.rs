@@ -162,6 +162,36 @@ async fn a_session_that_refuses_metered_networks_waits_and_goes_on() {
     assert_eq!(detail["attempts"], 2, "stopped once, resumed once: {detail}");
 }
 
+/// Behind a captive portal (NetworkManager's `Connectivity`: portal) nothing starts, whatever
+/// the policy: an HTTPS download would fail on the portal's certificate, an HTTP one save
+/// its sign-in page as the file. Tasks wait (`no_network`) and go on once through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_starts_behind_a_captive_portal() {
+    let (env, bus) = desktop();
+    set(&bus, NM, "Connectivity", "dbus.UInt32(2)");
+    let _d = start(&env, &bus);
+    let s = wait_status(&env, "the portal", |s| {
+        s["network"]["source"].as_str().is_some_and(|src| src.contains("captive portal"))
+    });
+    assert_eq!(s["network"]["online"], false, "{s}");
+    let server = TestServer::start().await.unwrap();
+    let len = 200_000;
+    server.add("/p", Resource::generated(len, 21));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.portal"), delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(server.url("/p"))], true).await.unwrap().remove(0);
+    let held =
+        poll(&task, "no_network", &|i| matches!(i.wait, Some(WaitReason::NoNetwork { since }) if since > 0)).await;
+    assert_eq!(held.state, TaskState::Queued, "{held:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(server.hits("/p"), 0, "nothing went to the server behind the portal");
+
+    // Signed in: the portal lets traffic through.
+    set(&bus, NM, "Connectivity", "dbus.UInt32(4)");
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(21, len)));
+}
+
 /// A watcher hears why a held task waits when the reason changes while it stays held
 /// (metered, then on battery): before, only holding and releasing told it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -631,6 +631,10 @@ async fn a_daemon_whose_socket_is_taken_stops() {
         let status = tokio::task::block_in_place(|| d.wait_exit(Duration::from_secs(20)));
         assert!(status.success(), "{status:?}");
         assert!(d.log().contains("the socket was removed or replaced"), "{}", d.log());
+        // The one that took the path keeps it: reachable there still.
+        if take {
+            assert!(std::os::unix::net::UnixStream::connect(&env.socket).is_ok(), "the taker's socket was removed");
+        }
         // Its locks are free: a daemon clients can reach starts.
         if !take {
             let d = TestDaemon::start(&env);

@@ -44,6 +44,9 @@ pub(super) enum Refusal {
     OnBattery,
     /// The session is discretionary and conditions are not good enough.
     Discretionary,
+    /// The network is behind a captive portal: whatever the policy, nothing starts (an
+    /// HTTPS download would fail on the portal's certificate, an HTTP one save its page).
+    Portal,
 }
 
 /// What admission depends on besides the slots: the daemon's state and the machine's
@@ -56,6 +59,7 @@ pub(super) struct Limits {
     pub metered: bool,
     pub on_battery: bool,
     pub battery_percent: Option<u8>,
+    pub portal: bool,
 }
 
 #[derive(Debug)]
@@ -203,6 +207,9 @@ fn admit_state(limits: Limits) -> Result<(), Refusal> {
 
 /// Whether a task under `policy` (its own over its session's) may run in these conditions.
 pub(super) fn admit_policy(policy: SessionPolicy, l: Limits) -> Result<(), Refusal> {
+    if l.portal {
+        return Err(Refusal::Portal);
+    }
     if l.metered && !policy.allows_metered {
         return Err(Refusal::Metered);
     }
@@ -252,6 +259,7 @@ mod tests {
             metered: false,
             on_battery: false,
             battery_percent: None,
+            portal: false,
         };
         let mut started = Vec::new();
         while let Some((lane, id)) = slots.pop_next(limits, &sessions) {
@@ -284,6 +292,7 @@ mod tests {
             metered: false,
             on_battery: false,
             battery_percent: None,
+            portal: false,
         };
         let strict = SessionPolicy { allows_metered: false, allows_battery: false, ..SessionPolicy::default() };
         let discretionary = SessionPolicy { discretionary: true, ..SessionPolicy::default() };
@@ -295,6 +304,8 @@ mod tests {
         let low = Limits { on_battery: true, battery_percent: Some(30), ..good };
         assert_eq!(admit_policy(discretionary, low), Err(Refusal::Discretionary));
         assert_eq!(admit_policy(discretionary, Limits { battery_percent: Some(80), ..low }), Ok(()));
+        // Behind a captive portal nothing starts, whatever the policy.
+        assert_eq!(admit_policy(SessionPolicy::default(), Limits { portal: true, ..good }), Err(Refusal::Portal));
     }
 
     /// A held task is never started, is released into its lane, and leaves on unqueue.
@@ -311,6 +322,7 @@ mod tests {
             metered: true,
             on_battery: false,
             battery_percent: None,
+            portal: false,
         };
         slots.queue(&lane, 0.9, 1);
         slots.queue(&lane, 0.1, 2);

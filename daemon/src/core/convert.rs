@@ -75,6 +75,8 @@ impl Core {
                     Refusal::Metered => WaitReason::MeteredNetwork,
                     Refusal::OnBattery => WaitReason::OnBattery,
                     Refusal::Discretionary => WaitReason::Discretionary,
+                    // No reason of its own in the protocol: the internet is not there yet.
+                    Refusal::Portal => WaitReason::NoNetwork { since: self.life.portal_since.unwrap_or(0) },
                 })
             }
         }

@@ -7,7 +7,8 @@ use tracing::{info, warn};
 
 use super::task::AfterStop;
 use super::timers::Timer;
-use super::{Core, IdleExit};
+use super::{Core, CoreMsg, IdleExit};
+use crate::conn::ConnEvent;
 use crate::conn::PauseCheck;
 use dlsession_proto::{DetachReason, ErrorCode, ErrorInfo, Event};
 
@@ -104,6 +105,19 @@ impl Core {
         }
         let deadline = self.timers.after(self.cfg.timing.shutdown_grace);
         self.timers.set(deadline, Timer::ShutdownDeadline);
+    }
+
+    /// The core's loop has ended: nothing more is taken. Requests that came meanwhile are
+    /// refused (not run, so a client sends them again to the next daemon), what else came is
+    /// seen to, and the connections stop reading (`ToCore::stopped`).
+    pub(super) fn take_nothing_more(&mut self) {
+        self.rx.close();
+        while let Ok(msg) = self.rx.try_recv() {
+            match msg {
+                CoreMsg::Conn(ConnEvent::Request { conn, id, .. }) => self.reply(conn, id, Err(shutting_down())),
+                other => self.handle(other),
+            }
+        }
     }
 
     pub(super) fn notify_shutdown(&mut self) {

@@ -294,6 +294,8 @@ struct Lifecycle {
     /// The desktop watcher has reported once (until then nothing is known, not even that
     /// the services are absent).
     pub desktop_heard: bool,
+    /// Since when NetworkManager says the network is behind a captive portal (wall clock).
+    pub portal_since: Option<dlsession_proto::UnixMillis>,
     /// The database passed its start check: work may start (`recovery::on_checked`).
     pub checked: bool,
     /// When it did.
@@ -466,6 +468,7 @@ impl Core {
             }
             self.report_status();
         }
+        self.take_nothing_more();
         self.notify_shutdown();
         if let Some(fatal) = self.life.fatal.take() {
             return Err(fatal);

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::Core;
 use super::admission::admit_policy;
@@ -199,9 +199,21 @@ impl Core {
         // Out of a captive portal (or limited connectivity) to the internet: the network is
         // back even if no route changed.
         let internet_back = facts.nm_internet == Some(true) && self.life.desktop.nm_internet == Some(false);
+        match (facts.portal == Some(true), self.life.portal_since) {
+            (true, None) => {
+                warn!("the network is behind a captive portal: nothing starts until it lets traffic through");
+                self.life.portal_since = Some(crate::model::now_ms());
+            }
+            (false, Some(_)) => {
+                info!("out of the captive portal: tasks go on");
+                self.life.portal_since = None;
+            }
+            _ => {}
+        }
         info!(
             connected = ?facts.nm_connected,
             internet = ?facts.nm_internet,
+            portal = ?facts.portal,
             metered = ?facts.metered,
             on_battery = ?facts.on_battery,
             battery_percent = ?facts.battery_percent,
@@ -303,6 +315,9 @@ impl Core {
     pub(super) fn conditions(&self) -> Conditions {
         let d = &self.life.desktop;
         let network_source = match (self.life.network_watched, d.nm_connected.is_some()) {
+            (true, true) if self.life.portal_since.is_some() => {
+                "rtnetlink+NetworkManager (behind a captive portal: sign in to it)".to_owned()
+            }
             (true, true) => "rtnetlink+NetworkManager".to_owned(),
             (true, false) => format!("rtnetlink; {}", d.network_source),
             (false, _) => format!("no rtnetlink; {}", d.network_source),

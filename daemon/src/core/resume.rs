@@ -110,6 +110,30 @@ impl ResumeData {
     }
 }
 
+/// What the blob of `rec` holds, naming the kept `file`.
+fn blob_of(rec: &TaskRecord, file: Option<String>) -> FieldsV2 {
+    // Only a total a server stated (by the rule `start` uses), never the app's hint.
+    let stated = rec.bytes_expected.filter(|&n| rec.total_known.unwrap_or(Some(n) != rec.expected_size));
+    FieldsV2 {
+        fields: Fields {
+            magic: MAGIC_V2,
+            url: rec.url.clone(),
+            headers: rec.headers.clone(),
+            description: rec.description.clone(),
+            priority: rec.priority,
+            expected_sha256: rec.expected_sha256,
+            destination: rec.destination.clone(),
+            overwrite: rec.overwrite,
+            offset: if file.is_some() { rec.committed_offset } else { 0 },
+            bytes_expected: stated,
+            etag: rec.etag.clone(),
+            last_modified: rec.last_modified.clone(),
+            file,
+        },
+        expected_size: rec.expected_size,
+    }
+}
+
 impl Core {
     /// The resume-data blob of a task being cancelled. Its partial file, if it can be
     /// continued, is to be moved aside once the cancel commits (`After::Keep` in `after`,
@@ -121,26 +145,7 @@ impl Core {
         let resumable = rec.committed_offset > 0
             && crate::engine::http::can_resume(rec.etag.as_deref(), rec.last_modified.as_deref());
         let file = resumable.then(|| format!("{:016x}.part", super::secret()));
-        // Only a total a server stated (by the rule `start` uses), never the app's hint.
-        let stated = rec.bytes_expected.filter(|&n| rec.total_known.unwrap_or(Some(n) != rec.expected_size));
-        let data = FieldsV2 {
-            fields: Fields {
-                magic: MAGIC_V2,
-                url: rec.url.clone(),
-                headers: rec.headers.clone(),
-                description: rec.description.clone(),
-                priority: rec.priority,
-                expected_sha256: rec.expected_sha256,
-                destination: rec.destination.clone(),
-                overwrite: rec.overwrite,
-                offset: if file.is_some() { rec.committed_offset } else { 0 },
-                bytes_expected: stated,
-                etag: rec.etag.clone(),
-                last_modified: rec.last_modified.clone(),
-                file,
-            },
-            expected_size: rec.expected_size,
-        };
+        let data = blob_of(rec, file);
         if let Some(name) = &data.fields.file {
             // Moved once the cancel is durable: moved before, a crash left the task queued
             // in the database with its partial file gone, downloading from 0 again.
@@ -226,17 +231,18 @@ mod tests {
         rec.bytes_expected = Some(10_000_000); // the hint only: no Content-Length came
         rec.total_known = Some(false);
         rec.etag = Some("\"e\"".into());
-        let v2 = |rec: &TaskRecord, stated: Option<u64>| FieldsV2 {
-            fields: Fields { bytes_expected: stated, offset: rec.committed_offset, ..fields(MAGIC_V2) },
-            expected_size: rec.expected_size,
-        };
-        let blob = dlsession_proto::codec::encode(&v2(&rec, None)).unwrap();
+        let file = Some("00000000000000aa.part".to_owned());
+        let blob = dlsession_proto::codec::encode(&blob_of(&rec, file.clone())).unwrap();
         let back = ResumeData::decode(&blob).unwrap();
         let mut again = TaskRecord::new(2, 1, back.spec(), 0, 0o644);
         back.continue_in(&mut again);
         assert_eq!(again.expected_size, Some(10_000_000), "the hint stays a hint");
         assert_eq!(again.total_known, Some(false), "and is not taken for a stated total");
-        let blob = dlsession_proto::codec::encode(&v2(&rec, Some(12_000_000))).unwrap();
+        assert_eq!(again.committed_offset, 5_000_000);
+        // A length its server stated travels as one.
+        rec.bytes_expected = Some(12_000_000);
+        rec.total_known = Some(true);
+        let blob = dlsession_proto::codec::encode(&blob_of(&rec, file)).unwrap();
         let mut stated = TaskRecord::new(3, 1, spec, 0, 0o644);
         ResumeData::decode(&blob).unwrap().continue_in(&mut stated);
         assert_eq!((stated.bytes_expected, stated.total_known), (Some(12_000_000), Some(true)));

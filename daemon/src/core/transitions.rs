@@ -217,6 +217,7 @@ impl Core {
             Err(Refusal::Metered) => "the network is metered, and its policy refuses that",
             Err(Refusal::OnBattery) => "the machine runs on battery, and its policy refuses that",
             Err(Refusal::Discretionary) => "it is discretionary, and conditions were not good enough",
+            Err(Refusal::Portal) => "the network is behind a captive portal (sign in to it first)",
             _ => "its policy held it",
         };
         self.unqueue(id);
@@ -289,6 +290,7 @@ impl Core {
             metered: self.life.desktop.metered.unwrap_or(!self.life.desktop_heard),
             on_battery: self.life.desktop.on_battery.unwrap_or(!self.life.desktop_heard),
             battery_percent: self.life.desktop.battery_percent,
+            portal: self.life.desktop.portal == Some(true),
         }
     }
 
@@ -611,6 +613,15 @@ impl Core {
         }
         // No route to the server: the network is gone, not the download failing.
         let offline = self.offline_for(id, &failure);
+        // Behind a captive portal (or with no internet, says NetworkManager) a certificate
+        // is the portal's, not the server's: not a reason to give up.
+        let mut failure = failure;
+        if failure.error.code == ErrorCode::Tls
+            && failure.retry == Retry::Never
+            && self.life.desktop.nm_internet == Some(false)
+        {
+            failure.retry = Retry::After(None);
+        }
         let Some(t) = self.tasks.get_mut(&id) else { return };
         // Bytes kept count as progress: received ones, or sent ones a server offered to keep.
         // Other uploads send everything again, so bytes sent are no progress (else a PUT

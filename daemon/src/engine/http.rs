@@ -471,7 +471,8 @@ pub fn location(headers: &hyper::HeaderMap) -> Option<String> {
 
 /// Statuses that are worth retrying (docs/behaviour.md, "Retries and resume").
 pub fn is_transient_status(status: u16) -> bool {
-    matches!(status, 408 | 429 | 500 | 502 | 503 | 504)
+    // 511: a captive portal wants a sign-in (RFC 6585), not the server refusing.
+    matches!(status, 408 | 429 | 500 | 502 | 503 | 504 | 511)
 }
 
 /// Parses `Retry-After` as delta-seconds or an HTTP date; anything else is `None`.
@@ -694,7 +695,7 @@ mod tests {
 
     #[test]
     fn transient_statuses() {
-        for s in [408, 429, 500, 502, 503, 504] {
+        for s in [408, 429, 500, 502, 503, 504, 511] {
             assert!(is_transient_status(s));
         }
         for s in [400, 401, 403, 404, 410, 501] {
