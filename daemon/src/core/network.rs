@@ -39,13 +39,15 @@ impl Core {
         info!(online = self.life.online, "following the network (rtnetlink)");
     }
 
-    /// Whether `t`'s peer can be reached: the route of its last peer or of the URL's
-    /// address; a name never resolved counts as reachable when a default route exists, and
-    /// a known peer too when one does (it may have moved to another address). `routes`
+    /// Whether `t`'s peer can be reached: the route of its last peer (this attempt's, else
+    /// an earlier one's: a name that fails to resolve on a LAN without a default route
+    /// does not make its server unreachable) or of the URL's address; a name never resolved
+    /// counts as reachable when a default route exists, and a known peer too when one does
+    /// (it may have moved to another address). `routes`
     /// memoises checks within one pass.
     fn reachable(t: &Task, default_route: bool, routes: &mut HashMap<IpAddr, bool>) -> bool {
         let mut route = |ip: IpAddr| *routes.entry(ip).or_insert_with(|| net::route_to(ip));
-        match (t.peer, literal_peer(&t.rec.url)) {
+        match (t.peer.or(t.earlier_peer), literal_peer(&t.rec.url)) {
             // Where the last attempt went (a proxy, a server a redirect named) comes first.
             (Some(ip), literal) => route(ip) || (literal.is_none() && default_route),
             (None, Some(ip)) => route(ip),
@@ -347,3 +349,32 @@ pub(super) fn not_connected() -> dlsession_proto::ErrorInfo {
 /// The network coming back retries tasks backing off after network errors at most once
 /// in this long.
 const COME_BACK_DAMPING: std::time::Duration = std::time::Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::net::IpAddr;
+
+    use super::super::task::Tasks;
+    use super::Core;
+    use crate::model::TaskRecord;
+    use dlsession_proto::TaskSpec;
+
+    /// A LAN server whose name stopped resolving (its DNS restarted) on a network without a
+    /// default route is still reachable through the address an earlier attempt learnt: it
+    /// waited for a route change that never comes.
+    #[test]
+    fn an_earlier_attempts_address_serves_when_this_one_learnt_none() {
+        let mut tasks = Tasks::new(1);
+        tasks.insert(TaskRecord::new(1, 1, TaskSpec::get("http://nas.lan/f"), 0, 0o644), "nas.lan:80".into());
+        let Some(t) = tasks.get_mut(&1) else { unreachable!() };
+        let lan: IpAddr = [192, 168, 1, 5].into();
+        let mut routes = HashMap::from([(lan, true)]);
+        t.earlier_peer = Some(lan);
+        assert!(Core::reachable(t, false, &mut routes));
+        t.earlier_peer = None;
+        assert!(!Core::reachable(t, false, &mut routes), "a name never resolved, and no default route");
+        t.peer = Some(lan);
+        assert!(Core::reachable(t, false, &mut routes));
+    }
+}

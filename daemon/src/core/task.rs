@@ -158,6 +158,9 @@ pub(super) struct Task {
     pub cancelled_by: Option<String>,
     /// The address its last response came from (not stored: learnt again after a restart).
     pub peer: Option<std::net::IpAddr>,
+    /// The one an earlier attempt learnt: where to look for a route when this attempt
+    /// learnt none (a name that failed to resolve on a LAN without a default route).
+    pub earlier_peer: Option<std::net::IpAddr>,
     /// Waiting for a route to its peer since then (state `Waiting`, no timer).
     pub no_network_since: Option<dlsession_proto::UnixMillis>,
     /// Read from the database (at start, or dormant until now) and not yet looked at: a
@@ -259,6 +262,7 @@ impl Tasks {
             waiting_replies: Vec::new(),
             cancelled_by: None,
             peer: None,
+            earlier_peer: None,
             no_network_since: None,
             restored: false,
             off_lanes: None,

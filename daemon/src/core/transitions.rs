@@ -368,7 +368,9 @@ impl Core {
             t.restored = false;
             t.policy_deferred = false;
             t.rec.attempts += 1;
-            // Learnt again from this attempt's response (the network may have changed).
+            // Learnt again from this attempt's response (the network may have changed); the
+            // last one known serves until then.
+            t.earlier_peer = t.peer.or(t.earlier_peer);
             t.peer = None;
             t.rec.started_at.get_or_insert(now);
             t.sampled = t.progress.received();
