@@ -94,29 +94,111 @@ pub fn watch(report: impl Fn(Watch) + Send + 'static) -> io::Result<()> {
         loop {
             // Wait for a change, however long; then drain what follows closely.
             let _ = rustix::net::sockopt::set_socket_timeout(&fd, rustix::net::sockopt::Timeout::Recv, None);
-            match rustix::net::recv(&fd, &mut buf[..], RecvFlags::empty()) {
-                Ok(_) => {}
+            let mut changed = match rustix::net::recv(&fd, &mut buf[..], RecvFlags::empty()) {
+                Ok((n, _)) => news(buf.get(..n).unwrap_or_default()),
                 // The socket's buffer overflowed: changes were lost, which is a change too.
-                Err(rustix::io::Errno::NOBUFS) => {}
+                Err(rustix::io::Errno::NOBUFS) => true,
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => {
                     tracing::warn!(error = %e, "the network watcher stopped; peers are assumed reachable");
                     report(Watch::Stopped);
                     return;
                 }
-            }
+            };
             let _ = rustix::net::sockopt::set_socket_timeout(&fd, rustix::net::sockopt::Timeout::Recv, Some(COALESCE));
             let burst = std::time::Instant::now();
-            while burst.elapsed() < LONGEST_BURST && rustix::net::recv(&fd, &mut buf[..], RecvFlags::empty()).is_ok() {}
-            report(Watch::Changed);
+            while burst.elapsed() < LONGEST_BURST {
+                match rustix::net::recv(&fd, &mut buf[..], RecvFlags::empty()) {
+                    Ok((n, _)) => changed |= news(buf.get(..n).unwrap_or_default()),
+                    Err(rustix::io::Errno::NOBUFS) => changed = true,
+                    Err(_) => break,
+                }
+            }
+            // A laptop's wifi reports each scan and roam; nothing there moves a route.
+            if changed {
+                report(Watch::Changed);
+            }
         }
     })?;
     Ok(())
 }
 
+const RTM_NEWLINK: u16 = 16;
+const IFLA_WIRELESS: u16 = 11;
+/// `struct nlmsghdr`, then `struct ifinfomsg` of a link message.
+const NLMSG_HEADER: usize = 16;
+const IFINFOMSG: usize = 16;
+
+/// Whether the netlink messages in `buf` may tell of a change to links, addresses or
+/// routes: all but a link message carrying wireless events only (a scan done, a roam within
+/// one network), which wifi sends every minute or so. What cannot be read counts as news.
+fn news(buf: &[u8]) -> bool {
+    let mut rest = buf;
+    while rest.len() >= NLMSG_HEADER {
+        let word = |at: usize| rest.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_ne_bytes);
+        let half = |at: usize| rest.get(at..at + 2).and_then(|b| b.try_into().ok()).map(u16::from_ne_bytes);
+        let (Some(len), Some(kind)) = (word(0), half(4)) else { return true };
+        let len = len as usize;
+        let Some(msg) = rest.get(..len).filter(|_| len >= NLMSG_HEADER) else { return true };
+        if kind != RTM_NEWLINK || !wireless_only(msg.get(NLMSG_HEADER + IFINFOMSG..).unwrap_or_default()) {
+            return true;
+        }
+        rest = rest.get(len.next_multiple_of(4)..).unwrap_or_default();
+    }
+    false
+}
+
+/// Whether a link message's attributes hold a wireless event (`IFLA_WIRELESS`).
+fn wireless_only(mut attrs: &[u8]) -> bool {
+    while attrs.len() >= 4 {
+        let len = attrs.get(..2).and_then(|b| b.try_into().ok()).map(u16::from_ne_bytes).unwrap_or(0) as usize;
+        let kind = attrs.get(2..4).and_then(|b| b.try_into().ok()).map(u16::from_ne_bytes).unwrap_or(0);
+        if kind == IFLA_WIRELESS {
+            return true;
+        }
+        if len < 4 {
+            return false;
+        }
+        attrs = attrs.get(len.next_multiple_of(4)..).unwrap_or_default();
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A link message with one attribute of `kind`.
+    fn link_message(kind: u16) -> Vec<u8> {
+        let mut m = Vec::new();
+        let len = (NLMSG_HEADER + IFINFOMSG + 8) as u32;
+        m.extend_from_slice(&len.to_ne_bytes());
+        m.extend_from_slice(&RTM_NEWLINK.to_ne_bytes());
+        m.extend_from_slice(&[0; 10]); // flags, seq, pid
+        m.extend_from_slice(&[0; IFINFOMSG]);
+        m.extend_from_slice(&8u16.to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&[0; 4]);
+        m
+    }
+
+    #[test]
+    fn wifi_scans_are_no_news() {
+        let scan = link_message(IFLA_WIRELESS);
+        assert!(!news(&scan));
+        assert!(!news(&[scan.clone(), scan.clone()].concat()));
+        // IFLA_OPERSTATE (16): the link went up or down.
+        let state = link_message(16);
+        assert!(news(&state));
+        assert!(news(&[scan.clone(), state].concat()), "one real change among scans");
+        // Another kind (a route: RTM_NEWROUTE 24), and what cannot be read, is news.
+        let mut route = scan.clone();
+        route[4..6].copy_from_slice(&24u16.to_ne_bytes());
+        assert!(news(&route));
+        let mut bad = scan;
+        bad[0..4].copy_from_slice(&5u32.to_ne_bytes());
+        assert!(news(&bad), "a length shorter than a header");
+    }
 
     #[test]
     fn loopback_always_has_a_route() {
