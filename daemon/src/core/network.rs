@@ -124,6 +124,7 @@ impl Core {
         if !self.life.network_watched {
             return;
         }
+        self.engine.forget_connections();
         let was_online = self.life.online;
         self.life.online = net::default_route();
         let (online, mut came_back) = (self.life.online, (self.life.online && !was_online) || internet_back);

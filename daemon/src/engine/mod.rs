@@ -192,10 +192,9 @@ pub struct EngineSettings {
 #[derive(Debug)]
 pub struct Engine {
     factory: http::ClientFactory,
-    /// The client going as the daemon's environment says.
-    client: HttpClient,
-    /// The same for uploads (HTTP/1.1 only, see `http::Versions`).
-    upload_client: HttpClient,
+    /// The clients going as the daemon's environment says: for downloads, and for uploads
+    /// (HTTP/1.1 only, see `http::Versions`). Made again when the network changes.
+    clients: std::sync::Mutex<(HttpClient, HttpClient)>,
     proxies: proxy::Proxies,
     /// One client per session proxy, client certificate and proxy credential in use (made
     /// when first needed; its connections are pooled apart from the others', so a tunnel
@@ -216,11 +215,9 @@ impl Engine {
         settings: EngineSettings,
     ) -> std::io::Result<Engine> {
         tracing::info!(proxies = %proxies.describe(), "proxy settings from the environment");
-        let client = factory.client(&proxies, None, Arc::from([]), http::Versions::Http1And2);
-        let upload_client = factory.client(&proxies, None, Arc::from([]), http::Versions::Http1);
+        let clients = Engine::environment_clients(&factory, &proxies).map_err(std::io::Error::other)?;
         Ok(Engine {
-            client: client.map_err(std::io::Error::other)?,
-            upload_client: upload_client.map_err(std::io::Error::other)?,
+            clients: std::sync::Mutex::new(clients),
             factory,
             proxies,
             by_route: std::sync::Mutex::default(),
@@ -228,6 +225,27 @@ impl Engine {
             settings,
             mover: files::Mover::start()?,
         })
+    }
+
+    fn environment_clients(
+        factory: &http::ClientFactory,
+        proxies: &proxy::Proxies,
+    ) -> Result<(HttpClient, HttpClient), rustls::Error> {
+        let client = factory.client(proxies, None, Arc::from([]), http::Versions::Http1And2)?;
+        let upload_client = factory.client(proxies, None, Arc::from([]), http::Versions::Http1)?;
+        Ok((client, upload_client))
+    }
+
+    /// The network changed (links, addresses, routes): pooled connections may sit on an
+    /// address that is gone, or go out the wrong way (a dock, a VPN, a new lease), and a
+    /// shared HTTP/2 one would carry every new request until its ping gave up. New requests
+    /// get fresh pools; connections in use go on until they end.
+    pub fn forget_connections(&self) {
+        match Engine::environment_clients(&self.factory, &self.proxies) {
+            Ok(fresh) => *self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = fresh,
+            Err(e) => tracing::warn!(error = %e, "cannot make fresh HTTP clients; the pooled connections stay"),
+        }
+        self.by_route.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
     }
 
     /// The client (and proxy rules) for a job: its session's proxy, else the environment's,
@@ -255,11 +273,12 @@ impl Engine {
         // One key for one set, whatever the order it was gathered in.
         tunnel_auth.sort_by(|a, b| (&a.0, a.1.as_str(), a.2.as_bytes()).cmp(&(&b.0, b.1.as_str(), b.2.as_bytes())));
         if job.proxy.is_none() && identity.is_none() && tunnel_auth.is_empty() {
+            let clients = self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let client = match versions {
-                http::Versions::Http1And2 => &self.client,
-                http::Versions::Http1 => &self.upload_client,
+                http::Versions::Http1And2 => clients.0.clone(),
+                http::Versions::Http1 => clients.1.clone(),
             };
-            return Ok((client.clone(), self.proxies.clone()));
+            return Ok((client, self.proxies.clone()));
         }
         let key = (job.proxy.clone(), identity.map(|i| i.id), tunnel_auth, versions);
         let mut clients = self.by_route.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
