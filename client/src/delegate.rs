@@ -123,6 +123,15 @@ pub trait SessionDelegate: Send + Sync + 'static {
         self.did_finish_downloading_to(session, task, location);
         Handled::Done
     }
+
+    /// Like [`SessionDelegate::did_receive_upload_response`], but the app says whether it
+    /// took the response: [`Handled::Later`] keeps it (its body file stays in the daemon's
+    /// cache, the event comes again on the next attach), say when moving the body failed.
+    /// The default calls `did_receive_upload_response` and answers [`Handled::Done`].
+    fn upload_response(&self, session: &Session, task: &DownloadTask, response: &UploadResponse) -> Handled {
+        self.did_receive_upload_response(session, task, response);
+        Handled::Done
+    }
 }
 
 /// An upload's final response (see [`SessionDelegate::did_receive_upload_response`]).

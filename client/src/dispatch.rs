@@ -6,7 +6,6 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -150,6 +149,7 @@ impl Session {
         let (runtime_alive, watching) = watch_runtime();
         let dispatcher = Dispatcher {
             session: Arc::downgrade(&session.shared),
+            client: client.clone(),
             identifier: config.identifier.clone(),
             delegate,
             runtime: tokio::runtime::Handle::current(),
@@ -157,6 +157,7 @@ impl Session {
             _watching: watching,
             pending_acks: Vec::new(),
             acks_in_flight: Vec::new(),
+            handled: std::collections::BTreeSet::new(),
             acks_failing: false,
             finish_owed: false,
             kept: HashSet::new(),
@@ -220,6 +221,9 @@ async fn apply_policy(client: &Client, config: &SessionConfiguration) -> Result<
 /// and this thread ends.
 struct Dispatcher {
     session: std::sync::Weak<SessionShared>,
+    /// Its own handle on the connection: what the app handled is acknowledged even after the
+    /// app dropped its session (else those events came again, their files gone).
+    client: crate::connection::Client,
     identifier: String,
     delegate: Arc<dyn SessionDelegate>,
     runtime: tokio::runtime::Handle,
@@ -231,6 +235,10 @@ struct Dispatcher {
     pending_acks: Vec<u64>,
     /// Acknowledgements sent without waiting (in order, at once), with their answers to come.
     acks_in_flight: Vec<(Vec<u64>, AckAnswer)>,
+    /// Events the delegate handled whose acknowledgement is not known durable yet: one that
+    /// comes again (a replay after a reconnect) is acknowledged again, not handed to the
+    /// delegate a second time (it would move a file it moved already).
+    handled: std::collections::BTreeSet<u64>,
     /// Acknowledgements have been failing since the last one that worked: said once at
     /// warn (they are sent again every second), the rest at debug.
     acks_failing: bool,
@@ -298,7 +306,13 @@ impl Dispatcher {
                     if self.finish_owed && due && !self.finish_events() {
                         break;
                     }
-                    let retrying = self.overflowed.load(Ordering::Acquire) || self.finish_owed;
+                    // Acknowledgements refused, or not answered yet, are looked at again (and
+                    // sent again) every `ASK_AGAIN_RETRY` even when no event comes.
+                    let acking = !self.pending_acks.is_empty() || !self.acks_in_flight.is_empty();
+                    if acking && self.ask_again_at.is_none_or(|at| at <= std::time::Instant::now()) {
+                        self.ask_again_at = Some(std::time::Instant::now() + ASK_AGAIN_RETRY);
+                    }
+                    let retrying = self.overflowed.load(Ordering::Acquire) || self.finish_owed || acking;
                     let next = match self.ask_again_at {
                         // Asking again waits: for an event, or until it is due.
                         Some(at) if retrying => {
@@ -352,7 +366,9 @@ impl Dispatcher {
                 }
             }
         }
-        self.flush_acks(false);
+        // What was handled is acknowledged before the thread ends, the app's handle gone or
+        // not (its process may exit next: those files must not come again).
+        self.flush_acks(true);
         if let Some(shared) = self.session.upgrade() {
             // A `Detached` from the daemon was recorded first; else this process detached.
             shared.signals.end(Ended::Here("this process detached it"));
@@ -371,6 +387,14 @@ impl Dispatcher {
             {
                 // A task of a batch that was refused: never the app's.
                 self.pending_acks.push(seq);
+            }
+            Event::Durable { seq, .. } if self.handled.contains(&seq) => {
+                // Handled before, its acknowledgement lost with a connection: acknowledged
+                // again, not handed over again.
+                let sent = self.acks_in_flight.iter().any(|(seqs, _)| seqs.contains(&seq));
+                if !sent && !self.pending_acks.contains(&seq) {
+                    self.pending_acks.push(seq);
+                }
             }
             Event::Durable { seq, event, .. } => {
                 self.delivered = true;
@@ -429,7 +453,9 @@ impl Dispatcher {
                             body: body.into(),
                             body_truncated: *body_truncated,
                         };
-                        d.did_receive_upload_response(&session, &t, &response);
+                        if d.upload_response(&session, &t, &response) == Handled::Later {
+                            self.kept.insert(*task);
+                        }
                         SessionEvent::UploadResponse { task: *task, response }
                     }
                 };
@@ -439,6 +465,7 @@ impl Dispatcher {
                     return true;
                 }
                 self.pending_acks.push(seq);
+                self.handled.insert(seq);
                 if self.pending_acks.len() >= ACK_BATCH {
                     self.flush_acks(false);
                 }
@@ -496,8 +523,11 @@ impl Dispatcher {
 
     /// The connection broke: what was sent on it is lost (it comes again), the app hears.
     fn connection_lost(&mut self, reason: &str) {
-        // Answers that cannot come now; their events come again after the rejoin.
-        self.acks_in_flight.clear();
+        // Answers that cannot come now: sent again on the next connection (their events,
+        // replayed by the rejoin, are not handed to the delegate again: `handled`).
+        for (seqs, _) in std::mem::take(&mut self.acks_in_flight) {
+            self.pending_acks.extend(seqs);
+        }
         self.finish_owed = false;
         if let Some(shared) = self.session.upgrade() {
             self.delegate.did_lose_connection(&Session { shared: shared.clone() }, reason);
@@ -593,6 +623,7 @@ impl Dispatcher {
         let mut durable = true;
         // Answers already in.
         let (mut again, mut failed_seqs) = (Vec::<String>::new(), Vec::new());
+        let handled = &mut self.handled;
         self.acks_in_flight.retain_mut(|(seqs, rx)| match rx.try_recv() {
             Err(tokio::sync::oneshot::error::TryRecvError::Empty) => true,
             Ok(Err(e)) => {
@@ -600,7 +631,12 @@ impl Dispatcher {
                 failed_seqs.append(seqs);
                 false
             }
-            Ok(Ok(_)) => false,
+            Ok(Ok(_)) => {
+                for seq in seqs.iter() {
+                    handled.remove(seq);
+                }
+                false
+            }
             Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
                 failed_seqs.append(seqs);
                 false
@@ -612,13 +648,9 @@ impl Dispatcher {
             self.ack_failed(&failed);
         }
         if !self.pending_acks.is_empty() {
-            // The app dropped the session: the events stay unacknowledged and come again.
-            let Some(shared) = self.session.upgrade() else { return false };
-            let client = shared.client.clone();
-            drop(shared);
             let seqs = std::mem::take(&mut self.pending_acks);
             let request = Request::AckEvents { identifier: self.identifier.clone(), seqs: seqs.clone() };
-            match client.send_request(request) {
+            match self.client.send_request(request) {
                 Ok(rx) => self.acks_in_flight.push((seqs, rx)),
                 Err(e) => {
                     self.ack_failed(&format!("acknowledging events failed ({e}); sending it again"));
@@ -633,7 +665,7 @@ impl Dispatcher {
             return all;
         }
         // A daemon that stopped answering must not freeze the session for long.
-        let limit = self.session.upgrade().map_or(Duration::from_secs(60), |s| s.client.request_timeout());
+        let limit = self.client.request_timeout();
         let deadline = crate::deadline::after_tokio(limit);
         for (seqs, rx) in std::mem::take(&mut self.acks_in_flight) {
             // The app's runtime is gone (it is exiting): the events come again.
@@ -641,7 +673,12 @@ impl Dispatcher {
                 return false;
             };
             let failed = match answer {
-                Ok(Ok(Ok(_))) => continue,
+                Ok(Ok(Ok(_))) => {
+                    for seq in &seqs {
+                        self.handled.remove(seq);
+                    }
+                    continue;
+                }
                 Ok(Ok(Err(e))) => format!("acknowledging events failed ({e}); sending it again"),
                 Ok(Err(_)) => {
                     "the connection closed before an acknowledgement was answered; sending it again".to_owned()

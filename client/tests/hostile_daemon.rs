@@ -291,3 +291,91 @@ async fn a_live_event_never_overtakes_the_replay_of_an_overflow() {
     let heard = delegate.0.lock().unwrap().clone();
     assert_eq!(heard, (1..=21).collect::<Vec<u64>>(), "events heard out of their order");
 }
+
+/// An event the delegate handled whose acknowledgement was lost with the connection comes
+/// again in the rejoin's replay: it is acknowledged again, not handed to the delegate a
+/// second time (an app would move a file it had moved already).
+#[tokio::test]
+async fn an_event_handled_before_a_reconnect_is_not_handed_over_again() {
+    use dlsession::proto::{DurableEvent, Event, Request, RequestFrame, SessionConfig, SessionInfo, TaskCounts};
+    use dlsession::{Session, SessionConfiguration};
+    use std::sync::{Arc, Mutex};
+
+    fn session_info() -> SessionInfo {
+        SessionInfo {
+            identifier: "s".into(),
+            config: SessionConfig::default(),
+            attached: true,
+            tasks: TaskCounts::default(),
+            pending_events: 1,
+            wake: Default::default(),
+            invalidating: false,
+            created_at: 0,
+        }
+    }
+    let completed = ServerMessage::Event(Event::Durable {
+        identifier: "s".into(),
+        seq: 1,
+        event: DurableEvent::Completed { task: 1, error: None },
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fake.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let acked_later = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let acked = acked_later.clone();
+    tokio::spawn(async move {
+        for connection in 1.. {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut pre = [0u8; 8];
+            let _ = s.read_exact(&mut pre).await;
+            let _ = read_frame(&mut s).await;
+            welcome(&mut s).await;
+            loop {
+                let body = read_frame(&mut s).await;
+                let Ok(frame) = dlsession::proto::codec::decode::<RequestFrame>(&body) else { break };
+                let answer = match frame.request {
+                    // The first connection goes before it answers the acknowledgement.
+                    Request::AckEvents { .. } if connection == 1 => break,
+                    Request::AckEvents { seqs, .. } => {
+                        acked.lock().unwrap().extend(seqs);
+                        Ok(Response::Ok)
+                    }
+                    Request::GetTask { task } => {
+                        Err(dlsession::proto::ErrorInfo::new(ErrorCode::NoSuchTask, format!("no task {task}")))
+                    }
+                    Request::Attach { .. } | Request::GetSession { .. } => Ok(Response::Session(session_info())),
+                    _ => Ok(Response::Ok),
+                };
+                let is_attach = matches!(answer, Ok(Response::Session(_)));
+                let reply = ServerMessage::Response { id: frame.id, result: answer };
+                s.write_all(&frame::encode_frame(&reply).unwrap()).await.unwrap();
+                if is_attach {
+                    // Unacknowledged: sent at every attach.
+                    s.write_all(&frame::encode_frame(&completed).unwrap()).await.unwrap();
+                }
+            }
+        }
+    });
+    struct Heard(Mutex<Vec<u64>>);
+    impl dlsession::SessionDelegate for Heard {
+        fn did_complete_with_error(
+            &self,
+            _: &Session,
+            task: &dlsession::DownloadTask,
+            _: Option<&dlsession::TaskError>,
+        ) {
+            self.0.lock().unwrap().push(task.id());
+        }
+    }
+    let client = Client::connect(ClientOptions { reconnect: true, ..options(path) }).await.unwrap();
+    let delegate = Arc::new(Heard(Mutex::default()));
+    let _session =
+        Session::attach_with(&client, SessionConfiguration::background("s"), delegate.clone()).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while acked_later.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "never acknowledged on the new connection");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(*delegate.0.lock().unwrap(), [1], "handed to the delegate once");
+    assert_eq!(*acked_later.lock().unwrap(), [1], "acknowledged again, once");
+}

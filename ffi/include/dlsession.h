@@ -534,11 +534,12 @@ const char *dls_error_message(const struct dls_error *error);
 void dls_error_free(struct dls_error *error);
 
 /**
- * Keeps the file of the FINISHED_DOWNLOADING event being delivered: called from its
- * callback when the file could not be moved (`rename` failed with `EXDEV`, `ENOSPC`,
- * `EACCES`…). The event is then not acknowledged: the file stays in the daemon's cache and
- * the event (with the task's later ones) comes again on the next attach. Anywhere else
- * (another event's callback, outside a callback) it is `DLS_INVALID_ARGUMENT`.
+ * Keeps the file of the FINISHED_DOWNLOADING event (or the response body of the
+ * UPLOAD_RESPONSE event) being delivered: called from its callback when the file could not
+ * be moved (`rename` failed with `EXDEV`, `ENOSPC`, `EACCES`…). The event is then not
+ * acknowledged: the file stays in the daemon's cache and the event (with the task's later
+ * ones) comes again on the next attach. Anywhere else (another event's callback, outside a
+ * callback) it is `DLS_INVALID_ARGUMENT`.
  *
  * # Safety
  *

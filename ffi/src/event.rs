@@ -163,13 +163,13 @@ thread_local! {
     /// The gate whose callback this thread is running, if any: `close` from inside it must
     /// not wait for itself.
     static INSIDE: Cell<*const Gate> = const { Cell::new(ptr::null()) };
-    /// While a FINISHED_DOWNLOADING callback runs on this thread: whether it called
-    /// `dls_event_keep`.
+    /// While a FINISHED_DOWNLOADING or UPLOAD_RESPONSE callback runs on this thread: whether
+    /// it called `dls_event_keep`.
     static KEEP: Cell<Option<bool>> = const { Cell::new(None) };
 }
 
-/// A FINISHED_DOWNLOADING callback on its way: `dls_event_keep` may be called until it is
-/// dropped (also when the delivery unwinds).
+/// A FINISHED_DOWNLOADING or UPLOAD_RESPONSE callback on its way: `dls_event_keep` may be
+/// called until it is dropped (also when the delivery unwinds).
 struct Asking;
 
 impl Asking {
@@ -189,11 +189,12 @@ impl Drop for Asking {
     }
 }
 
-/// Keeps the file of the FINISHED_DOWNLOADING event being delivered: called from its
-/// callback when the file could not be moved (`rename` failed with `EXDEV`, `ENOSPC`,
-/// `EACCES`…). The event is then not acknowledged: the file stays in the daemon's cache and
-/// the event (with the task's later ones) comes again on the next attach. Anywhere else
-/// (another event's callback, outside a callback) it is `DLS_INVALID_ARGUMENT`.
+/// Keeps the file of the FINISHED_DOWNLOADING event (or the response body of the
+/// UPLOAD_RESPONSE event) being delivered: called from its callback when the file could not
+/// be moved (`rename` failed with `EXDEV`, `ENOSPC`, `EACCES`…). The event is then not
+/// acknowledged: the file stays in the daemon's cache and the event (with the task's later
+/// ones) comes again on the next attach. Anywhere else (another event's callback, outside a
+/// callback) it is `DLS_INVALID_ARGUMENT`.
 ///
 /// # Safety
 ///
@@ -204,10 +205,13 @@ pub unsafe extern "C" fn dls_event_keep(event: *const dls_event, err: *mut *mut 
     crate::error::call(err, || {
         // SAFETY: the caller's contract.
         let event = unsafe { crate::args::object(event, "event") }?;
-        let finishing = event.kind == dls_event_kind::DLS_EVENT_FINISHED_DOWNLOADING;
-        if !finishing || KEEP.with(Cell::get).is_none() {
+        let keepable = matches!(
+            event.kind,
+            dls_event_kind::DLS_EVENT_FINISHED_DOWNLOADING | dls_event_kind::DLS_EVENT_UPLOAD_RESPONSE
+        );
+        if !keepable || KEEP.with(Cell::get).is_none() {
             return Err(crate::error::Failure::invalid(
-                "dls_event_keep: only from the callback of a FINISHED_DOWNLOADING event",
+                "dls_event_keep: only from the callback of a FINISHED_DOWNLOADING or UPLOAD_RESPONSE event",
             ));
         }
         KEEP.with(|keep| keep.set(Some(true)));
@@ -401,14 +405,16 @@ impl SessionDelegate for Delegate {
         self.gate.deliver(&e);
     }
 
-    fn did_receive_upload_response(&self, session: &Session, task: &DownloadTask, response: &UploadResponse) {
+    fn upload_response(&self, session: &Session, task: &DownloadTask, response: &UploadResponse) -> Handled {
         let mut e = Event::new(dls_event_kind::DLS_EVENT_UPLOAD_RESPONSE, session, Some(task));
         e.http_status = c_int::from(response.status);
         e.location = Some(c_string(&response.body.to_string_lossy()));
         e.body_truncated = response.body_truncated;
         let headers: Vec<String> = response.headers.iter().map(|h| format!("{}: {}", h.name, h.value)).collect();
         e.response_headers = Some(c_string(&headers.join("\n")));
+        let asking = Asking::start();
         self.durable(&e);
+        if asking.kept() { Handled::Later } else { Handled::Done }
     }
 
     fn did_resume_at_offset(&self, session: &Session, task: &DownloadTask, offset: u64, expected_total: Option<u64>) {

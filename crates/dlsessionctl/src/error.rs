@@ -80,7 +80,7 @@ impl CliError {
     pub fn exit(&self) -> Exit {
         match self {
             CliError::Usage(_) => Exit::Usage,
-            CliError::Client(e) if e.is_unreachable() => Exit::Unreachable,
+            CliError::Client(e) if e.is_unreachable() || e.code() == ErrorCode::ShuttingDown => Exit::Unreachable,
             CliError::Client(_) | CliError::Local(_) => Exit::Failed,
             CliError::Output(e) if e.kind() == io::ErrorKind::BrokenPipe => Exit::Success,
             CliError::Output(_) => Exit::Failed,
@@ -114,6 +114,9 @@ impl CliError {
                 let mut lines = vec![format!("error: {e}")];
                 if e.code() == ErrorCode::SessionInUse {
                     lines.push("hint: another process is attached; --takeover takes the session over".into());
+                }
+                if e.code() == ErrorCode::ShuttingDown {
+                    lines.push("hint: nothing was changed; run the command again once dlsessiond is back".into());
                 }
                 lines
             }
@@ -159,5 +162,9 @@ mod tests {
         assert_eq!(d.exit(), Exit::Failed);
         assert_eq!(d.lines()[0], "error: unsupported_scheme: only http and https URLs are supported (got \"file\")");
         assert_eq!(CliError::Output(io::Error::from(io::ErrorKind::BrokenPipe)).exit(), Exit::Success);
+        // Refused while the daemon stopped: nothing was run, it is not there to run it.
+        let stopping = CliError::from(dlsession::Error::Daemon(ErrorInfo::new(ErrorCode::ShuttingDown, "stopping")));
+        assert_eq!(stopping.exit(), Exit::Unreachable);
+        assert!(stopping.lines()[1].starts_with("hint: nothing was changed"), "{:?}", stopping.lines());
     }
 }

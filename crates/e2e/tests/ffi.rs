@@ -319,7 +319,8 @@ async fn another_sessions_task(env: &TestEnv, url: &str) -> u64 {
 struct Keeper {
     /// Whether it keeps the files it is handed (it could not move them).
     keep: bool,
-    /// (task, location, whether the file was there) of every FINISHED_DOWNLOADING.
+    /// (task, location, whether the file was there) of every FINISHED_DOWNLOADING and
+    /// UPLOAD_RESPONSE (its body).
     finished: Mutex<Vec<(u64, String, bool)>>,
     /// What `dls_event_keep` answered in a COMPLETED callback.
     keep_elsewhere: Mutex<Option<dls_code>>,
@@ -329,7 +330,7 @@ unsafe extern "C" fn keeper(event: *const dls_event, user_data: *mut c_void) {
     // SAFETY: the library passes a live event, and the test's `Keeper` as user_data.
     let (e, keeper) = unsafe { (&*event, &*(user_data as *const Keeper)) };
     match e.kind {
-        dls_event_kind::DLS_EVENT_FINISHED_DOWNLOADING => {
+        dls_event_kind::DLS_EVENT_FINISHED_DOWNLOADING | dls_event_kind::DLS_EVENT_UPLOAD_RESPONSE => {
             // SAFETY: `location` is a live string during the call.
             let location = unsafe { CStr::from_ptr(e.location) }.to_string_lossy().into_owned();
             let there = std::path::Path::new(&location).exists();
@@ -346,6 +347,22 @@ unsafe extern "C" fn keeper(event: *const dls_event, user_data: *mut c_void) {
         }
         _ => {}
     }
+}
+
+/// Attaches the session again with a keeper that keeps nothing, until it is idle: what it
+/// was handed.
+fn attach_again(env: &TestEnv, identifier: &CStr) -> Keeper {
+    use dlsession_ffi::*;
+    let second = Keeper::default();
+    // SAFETY: live pointers or NULL where allowed; `second` outlives the session.
+    unsafe {
+        let session = attach(env, identifier, keeper, &second, |_| {});
+        let mut idle = false;
+        assert_eq!(dls_session_wait_idle(session, 60_000, &mut idle, ptr::null_mut()), dls_code::DLS_OK);
+        assert!(idle);
+        dls_session_free(session);
+    }
+    second
 }
 
 /// A callback that could not move a finished file keeps it with `dls_event_keep`: the file
@@ -376,15 +393,7 @@ fn the_c_api_keeps_a_file_the_app_could_not_move() {
     let seen = first.finished.into_inner().unwrap();
     assert!(matches!(seen.as_slice(), [(t, _, true)] if *t == task), "{seen:?}");
 
-    let second = Keeper::default();
-    // SAFETY: as above; `second` outlives the session.
-    unsafe {
-        let session = attach(&env, c"org.example.ffi-keep", keeper, &second, |_| {});
-        let mut idle = false;
-        assert_eq!(dls_session_wait_idle(session, 60_000, &mut idle, ptr::null_mut()), dls_code::DLS_OK);
-        assert!(idle);
-        dls_session_free(session);
-    }
+    let second = attach_again(&env, c"org.example.ffi-keep");
     let again = second.finished.into_inner().unwrap();
     assert!(matches!(again.as_slice(), [(t, _, true)] if *t == task), "handed over again, file there: {again:?}");
     assert_eq!(
@@ -392,6 +401,46 @@ fn the_c_api_keeps_a_file_the_app_could_not_move() {
         Some(dls_code::DLS_INVALID_ARGUMENT),
         "only a finished download may be kept"
     );
+}
+
+/// An upload's response body the callback could not move is kept the same way.
+#[test]
+fn the_c_api_keeps_an_upload_response_the_app_could_not_move() {
+    use dlsession_ffi::*;
+
+    let env = TestEnv::new();
+    let _daemon = TestDaemon::start(&env);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt.block_on(dlsession_testkit::UploadServer::start(false)).unwrap();
+    let file = env.path().join("form.bin");
+    std::fs::write(&file, vec![7u8; 5_000]).unwrap();
+    let (url, path) = (CString::new(server.url("/files/form")).unwrap(), CString::new(file.to_str().unwrap()).unwrap());
+    let first = Keeper { keep: true, ..Keeper::default() };
+    // SAFETY: live pointers or NULL where allowed; `first` outlives the session.
+    let task = unsafe {
+        let session = attach(&env, c"org.example.ffi-keep-upload", keeper, &first, |_| {});
+        let mut task = 0;
+        let code = dls_upload(
+            session,
+            url.as_ptr(),
+            path.as_ptr(),
+            c"PUT".as_ptr(),
+            ptr::null(),
+            0,
+            &mut task,
+            ptr::null_mut(),
+        );
+        assert_eq!(code, dls_code::DLS_OK);
+        let mut idle = false;
+        assert_eq!(dls_session_wait_idle(session, 60_000, &mut idle, ptr::null_mut()), dls_code::DLS_OK);
+        dls_session_free(session);
+        task
+    };
+    let seen = first.finished.into_inner().unwrap();
+    assert!(matches!(seen.as_slice(), [(t, _, true)] if *t == task), "{seen:?}");
+    let second = attach_again(&env, c"org.example.ffi-keep-upload");
+    let again = second.finished.into_inner().unwrap();
+    assert!(matches!(again.as_slice(), [(t, _, true)] if *t == task), "handed over again, body there: {again:?}");
 }
 
 /// A callback that is still using its session when the app frees it, from another thread.

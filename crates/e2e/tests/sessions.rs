@@ -232,6 +232,61 @@ async fn each_stop_of_a_task_hears_what_it_asked_for() {
     }
 }
 
+/// A delegate that takes its time over each finished file, and notes the tasks it took.
+struct Slow {
+    dir: std::path::PathBuf,
+    took: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+}
+
+impl dlsession::SessionDelegate for Slow {
+    fn did_finish_downloading_to(&self, _: &Session, task: &dlsession::DownloadTask, location: &std::path::Path) {
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::rename(location, self.dir.join(task.id().to_string())).unwrap();
+        self.took.lock().unwrap().push(task.id());
+    }
+}
+
+/// Events the app handled are acknowledged even when it drops its session while more are
+/// still coming (as an app that exits does): they came again at the next attach, the
+/// files they named gone already.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_an_app_handled_before_dropping_its_session_does_not_come_again() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let c = dlsession_testkit::app::client(&env).await;
+    c.request(Request::OpenSession { identifier: "t.dropped".into(), config: None }).await.unwrap();
+    let specs: Vec<TaskSpec> = (0..12u64)
+        .map(|i| {
+            server.add(&format!("/f{i}"), Resource::generated(1_000, 40 + i));
+            TaskSpec::get(server.url(&format!("/f{i}")))
+        })
+        .collect();
+    c.create_tasks("t.dropped", specs, true).await.unwrap();
+    wait_for("every download to finish", LONG, || {
+        match block(c.request(Request::GetSession { identifier: "t.dropped".into() })) {
+            Ok(Response::Session(info)) if info.pending_events >= 24 => Some(()),
+            _ => None,
+        }
+    });
+    let dir = env.path().join("took");
+    std::fs::create_dir_all(&dir).unwrap();
+    let took = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let slow = Slow { dir: dir.clone(), took: took.clone() };
+    let session = Session::attach(config(&env, "t.dropped"), slow).await.unwrap();
+    wait_for("a few files taken", LONG, || (took.lock().unwrap().len() >= 3).then_some(()));
+    drop(session);
+    // The first attachment's thread acknowledges what it handled, then ends.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let first: Vec<u64> = took.lock().unwrap().clone();
+    let again = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let session = Session::attach(config(&env, "t.dropped"), Slow { dir, took: again.clone() }).await.unwrap();
+    tokio::time::timeout(LONG, session.wait_idle()).await.unwrap().unwrap();
+    let second: Vec<u64> = again.lock().unwrap().clone();
+    assert!(first.iter().all(|t| !second.contains(t)), "handed over twice: first {first:?}, then {second:?}");
+    assert_eq!(first.len() + second.len(), 12, "first {first:?}, then {second:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_data_continues_at_the_offset() {
     let env = TestEnv::new();

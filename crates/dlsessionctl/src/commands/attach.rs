@@ -335,7 +335,7 @@ impl SessionDelegate for Printer {
         }
     }
 
-    fn did_receive_upload_response(&self, _: &Session, task: &DownloadTask, response: &dlsession::UploadResponse) {
+    fn upload_response(&self, _: &Session, task: &DownloadTask, response: &dlsession::UploadResponse) -> Handled {
         // The body is deleted once acknowledged: with --move-to it is kept there.
         let (body, move_error) = match &self.move_to {
             None => (response.body.clone(), None),
@@ -356,6 +356,7 @@ impl SessionDelegate for Printer {
         let truncated = if response.body_truncated { ", truncated" } else { "" };
         // Moved into DIR, the body is safe whether or not its line is printed.
         let safe = self.move_to.is_some() && move_error.is_none();
+        let move_failed = move_error.is_some();
         let human =
             format!("upload_response task {}: {} (body{truncated}: {})", task.id(), response.status, body.display());
         let json = AttachEventJson::UploadResponse {
@@ -370,6 +371,13 @@ impl SessionDelegate for Printer {
         } else {
             self.durable(&human, &json);
         }
+        if move_failed {
+            // Not acknowledged, as a download whose move failed: the body stays in
+            // dlsessiond's cache and the event comes again on the next attach.
+            eprintln!("note: task {} stays in dlsessiond's cache until it is collected (attach again)", task.id());
+            return Handled::Later;
+        }
+        Handled::Done
     }
 
     fn did_receive_challenge(
@@ -463,6 +471,9 @@ fn move_into(from: &Path, dir: &Path, name: &str) -> io::Result<PathBuf> {
 fn place(from: &Path, to: &Path) -> io::Result<()> {
     match std::fs::hard_link(from, to) {
         Ok(()) => {
+            // The new name durable before the old goes (and before the event is
+            // acknowledged, which lets the daemon forget the file).
+            sync_dir_of(to)?;
             let _ = std::fs::remove_file(from);
             Ok(())
         }
@@ -488,8 +499,15 @@ fn copy_new(from: &Path, to: &Path) -> io::Result<()> {
         });
     let _ = std::fs::remove_file(&tmp);
     copied?;
+    sync_dir_of(to)?;
     let _ = std::fs::remove_file(from);
     Ok(())
+}
+
+/// Makes the directory entry of `path` durable (after a power cut the file is there).
+fn sync_dir_of(path: &Path) -> io::Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
