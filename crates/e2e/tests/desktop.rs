@@ -192,6 +192,35 @@ async fn nothing_starts_behind_a_captive_portal() {
     assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(21, len)));
 }
 
+/// NetworkManager connecting again counts as the network returning even where no default
+/// route went away (a full-tunnel VPN keeps its own): a task backing off after a network
+/// error goes at once, not after its backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_manager_connecting_again_retries_what_backs_off() {
+    let (env, bus) = desktop();
+    env.set_config("retry_initial_ms", "120000");
+    env.set_config("retry_max_ms", "120000");
+    let _d = start(&env, &bus);
+    wait_status(&env, "NetworkManager heard", |s| {
+        s["network"]["source"].as_str().is_some_and(|src| src.contains("NetworkManager"))
+    });
+    // Nothing listens there yet: refused, the task backs off for two minutes.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.nm-back"), delegate).await.unwrap();
+    let url = format!("http://{addr}/back");
+    let task = session.download_tasks(vec![DownloadRequest::new(url)], true).await.unwrap().remove(0);
+    poll(&task, "backoff", &|i| matches!(i.wait, Some(WaitReason::Backoff { .. }))).await;
+    let server = TestServer::start_at(addr).await.unwrap();
+    server.add("/back", Resource::generated(50_000, 22));
+    // The wifi under the tunnel drops and comes back: NetworkManager says so.
+    set(&bus, NM, "State", "dbus.UInt32(20)");
+    wait_status(&env, "offline", |s| s["network"]["online"] == false);
+    set(&bus, NM, "State", "dbus.UInt32(70)");
+    let done = tokio::time::timeout(Duration::from_secs(20), events.completion(task.id(), LONG)).await;
+    assert_eq!(done.expect("retried when the network came back, not after the backoff"), None);
+}
+
 /// A watcher hears why a held task waits when the reason changes while it stays held
 /// (metered, then on battery): before, only holding and releasing told it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -224,9 +224,11 @@ impl Core {
         );
         self.life.desktop = facts;
         self.life.desktop_heard = true;
-        // NetworkManager connecting again is news about routes too.
+        // NetworkManager connecting again is news about routes too, and the network coming
+        // back even where no default route went (a full-tunnel VPN keeps its own while the
+        // wifi under it is gone: tasks backing off would wait out their backoff).
         if reconnected || internet_back {
-            self.network_changed(internet_back);
+            self.network_changed(internet_back || reconnected);
         }
         self.enforce_policies();
     }
