@@ -307,8 +307,10 @@ impl Dispatcher {
                         break;
                     }
                     // Acknowledgements refused, or not answered yet, are looked at again (and
-                    // sent again) every `ASK_AGAIN_RETRY` even when no event comes.
-                    let acking = !self.pending_acks.is_empty() || !self.acks_in_flight.is_empty();
+                    // sent again) every `ASK_AGAIN_RETRY` even when no event comes; not while
+                    // there is no connection (the next one sends them, after its replay).
+                    let acking = (!self.pending_acks.is_empty() || !self.acks_in_flight.is_empty())
+                        && self.client.is_connected();
                     if acking && self.ask_again_at.is_none_or(|at| at <= std::time::Instant::now()) {
                         self.ask_again_at = Some(std::time::Instant::now() + ASK_AGAIN_RETRY);
                     }
@@ -647,15 +649,20 @@ impl Dispatcher {
         for failed in again {
             self.ack_failed(&failed);
         }
-        if !self.pending_acks.is_empty() {
-            let seqs = std::mem::take(&mut self.pending_acks);
+        // At most `ACK_BATCH` a request (a connection lost with several in flight hands
+        // them all back at once).
+        while !self.pending_acks.is_empty() {
+            let rest = self.pending_acks.split_off(self.pending_acks.len().min(ACK_BATCH));
+            let seqs = std::mem::replace(&mut self.pending_acks, rest);
             let request = Request::AckEvents { identifier: self.identifier.clone(), seqs: seqs.clone() };
             match self.client.send_request(request) {
                 Ok(rx) => self.acks_in_flight.push((seqs, rx)),
                 Err(e) => {
                     self.ack_failed(&format!("acknowledging events failed ({e}); sending it again"));
-                    self.pending_acks = seqs;
+                    let rest = std::mem::replace(&mut self.pending_acks, seqs);
+                    self.pending_acks.extend(rest);
                     durable = false;
+                    break;
                 }
             }
         }

@@ -55,6 +55,25 @@ pub fn default_route() -> bool {
     )
 }
 
+/// The local addresses traffic to the internet at large leaves from (IPv4, IPv6): what
+/// changes when a dock, a VPN or a new lease moves the way out, while a refreshed address
+/// lifetime changes nothing. Nothing is sent.
+pub fn way_out() -> (Option<IpAddr>, Option<IpAddr>) {
+    let source = |peer: IpAddr| {
+        let local = match peer {
+            IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+        };
+        let socket = UdpSocket::bind(local).ok()?;
+        socket.connect(SocketAddr::new(peer, 9)).ok()?;
+        socket.local_addr().ok().map(|a| a.ip())
+    };
+    (
+        source(IpAddr::V4(Ipv4Addr::new(1, 1, 1, 1))),
+        source(IpAddr::V6(Ipv6Addr::new(0x2606, 0x4700, 0x4700, 0, 0, 0, 0, 0x1111))),
+    )
+}
+
 /// A family that cannot be asked does not count: with IPv6 off, the IPv4 route decides
 /// (counting the missing family as a route made the daemon online for ever). Only when
 /// neither can be asked is the answer "yes", in doubt.
@@ -198,6 +217,14 @@ mod tests {
         let mut bad = scan;
         bad[0..4].copy_from_slice(&5u32.to_ne_bytes());
         assert!(news(&bad), "a length shorter than a header");
+    }
+
+    #[test]
+    fn the_way_out_is_a_local_address_or_none() {
+        let (v4, v6) = way_out();
+        assert!(v4.is_none_or(|a| a.is_ipv4() && !a.is_unspecified()), "{v4:?}");
+        assert!(v6.is_none_or(|a| a.is_ipv6() && !a.is_unspecified()), "{v6:?}");
+        assert_eq!(way_out(), (v4, v6), "the same while nothing changes");
     }
 
     #[test]

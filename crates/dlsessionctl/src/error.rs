@@ -116,7 +116,9 @@ impl CliError {
                     lines.push("hint: another process is attached; --takeover takes the session over".into());
                 }
                 if e.code() == ErrorCode::ShuttingDown {
-                    lines.push("hint: nothing was changed; run the command again once dlsessiond is back".into());
+                    lines.push(
+                        "hint: the refused request was not run; run the command again once dlsessiond is back".into(),
+                    );
                 }
                 lines
             }
@@ -165,6 +167,6 @@ mod tests {
         // Refused while the daemon stopped: nothing was run, it is not there to run it.
         let stopping = CliError::from(dlsession::Error::Daemon(ErrorInfo::new(ErrorCode::ShuttingDown, "stopping")));
         assert_eq!(stopping.exit(), Exit::Unreachable);
-        assert!(stopping.lines()[1].starts_with("hint: nothing was changed"), "{:?}", stopping.lines());
+        assert!(stopping.lines()[1].starts_with("hint: the refused request was not run"), "{:?}", stopping.lines());
     }
 }

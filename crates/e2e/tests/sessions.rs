@@ -277,8 +277,15 @@ async fn what_an_app_handled_before_dropping_its_session_does_not_come_again() {
     wait_for("a few files taken", LONG, || (took.lock().unwrap().len() >= 3).then_some(()));
     drop(session);
     // The first attachment's thread acknowledges what it handled, then ends.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let first: Vec<u64> = took.lock().unwrap().clone();
+    let left = 24 - first.len() as u64;
+    wait_for("the handled events acknowledged", LONG, || {
+        match block(c.request(Request::GetSession { identifier: "t.dropped".into() })) {
+            Ok(Response::Session(info)) if info.pending_events <= left => Some(()),
+            _ => None,
+        }
+    });
     let again = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let session = Session::attach(config(&env, "t.dropped"), Slow { dir, took: again.clone() }).await.unwrap();
     tokio::time::timeout(LONG, session.wait_idle()).await.unwrap().unwrap();

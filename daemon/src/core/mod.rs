@@ -294,6 +294,9 @@ struct Lifecycle {
     /// The desktop watcher has reported once (until then nothing is known, not even that
     /// the services are absent).
     pub desktop_heard: bool,
+    /// The addresses traffic to the internet leaves from, at the last network pass
+    /// (`net::way_out`).
+    pub way_out: Option<(Option<std::net::IpAddr>, Option<std::net::IpAddr>)>,
     /// Since when NetworkManager says the network is behind a captive portal (wall clock).
     pub portal_since: Option<dlsession_proto::UnixMillis>,
     /// The database passed its start check: work may start (`recovery::on_checked`).

@@ -36,6 +36,7 @@ impl Core {
     pub(super) fn on_network_watched(&mut self) {
         self.life.network_watched = true;
         self.life.online = net::default_route();
+        self.life.way_out = Some(net::way_out());
         info!(online = self.life.online, "following the network (rtnetlink)");
     }
 
@@ -124,7 +125,13 @@ impl Core {
         if !self.life.network_watched {
             return;
         }
-        self.engine.forget_connections();
+        // Pooled connections go when the way out moved (a dock, a VPN, a new lease), not on
+        // every message (a refreshed address lifetime).
+        let way_out = net::way_out();
+        if self.life.way_out.replace(way_out).is_some_and(|before| before != way_out) {
+            info!(?way_out, "the way out changed: pooled connections are forgotten");
+            self.engine.forget_connections();
+        }
         let was_online = self.life.online;
         self.life.online = net::default_route();
         let (online, mut came_back) = (self.life.online, (self.life.online && !was_online) || internet_back);
@@ -222,13 +229,17 @@ impl Core {
             battery_percent = ?facts.battery_percent,
             "network and power"
         );
+        let facts_internet = facts.nm_internet;
         self.life.desktop = facts;
         self.life.desktop_heard = true;
         // NetworkManager connecting again is news about routes too, and the network coming
         // back even where no default route went (a full-tunnel VPN keeps its own while the
         // wifi under it is gone: tasks backing off would wait out their backoff).
+        // (Not while NetworkManager says the internet is still missing: the return of
+        // `Connectivity` to full says so later, and the 30 s damping would swallow it.)
+        let back = internet_back || (reconnected && facts_internet != Some(false));
         if reconnected || internet_back {
-            self.network_changed(internet_back || reconnected);
+            self.network_changed(back);
         }
         self.enforce_policies();
     }

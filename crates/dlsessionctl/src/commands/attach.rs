@@ -341,6 +341,16 @@ impl SessionDelegate for Printer {
             None => (response.body.clone(), None),
             Some(dir) => match move_into(&response.body, dir, &format!("upload-{}-response", task.id())) {
                 Ok(to) => (to, None),
+                // Gone from the cache (moved by an earlier attach that was stopped before
+                // its acknowledgement, or removed): nothing is left to keep (see downloads).
+                Err(e) if e.kind() == io::ErrorKind::NotFound && !response.body.exists() => {
+                    eprintln!(
+                        "note: task {}: its response body is no longer in dlsessiond's cache ({}): moved by an earlier attach, or removed",
+                        task.id(),
+                        response.body.display()
+                    );
+                    (response.body.clone(), None)
+                }
                 Err(e) => {
                     self.failed.store(true, Ordering::Relaxed);
                     let error = CliError::file("cannot move the upload's response to", dir, &e);
@@ -473,7 +483,7 @@ fn place(from: &Path, to: &Path) -> io::Result<()> {
         Ok(()) => {
             // The new name durable before the old goes (and before the event is
             // acknowledged, which lets the daemon forget the file).
-            sync_dir_of(to)?;
+            sync_dir_of(to);
             let _ = std::fs::remove_file(from);
             Ok(())
         }
@@ -499,15 +509,19 @@ fn copy_new(from: &Path, to: &Path) -> io::Result<()> {
         });
     let _ = std::fs::remove_file(&tmp);
     copied?;
-    sync_dir_of(to)?;
+    sync_dir_of(to);
     let _ = std::fs::remove_file(from);
     Ok(())
 }
 
-/// Makes the directory entry of `path` durable (after a power cut the file is there).
-fn sync_dir_of(path: &Path) -> io::Result<()> {
+/// Makes the directory entry of `path` durable (after a power cut the file is there). Best
+/// effort: the file is in place already, and a directory that cannot be read (a drop box,
+/// mode 0333) or synced must not make a move that worked count as failed.
+fn sync_dir_of(path: &Path) {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    File::open(dir)?.sync_all()
+    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+        eprintln!("warning: cannot sync {} after moving a file there: {e}", dir.display());
+    }
 }
 
 #[cfg(test)]
