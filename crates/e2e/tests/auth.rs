@@ -362,9 +362,17 @@ async fn an_upload_resource_that_asks_for_credentials_is_not_forgotten() {
     let env = TestEnv::new();
     let _d = TestDaemon::start(&env);
     let server = UploadServer::start(true).await.unwrap();
-    server.set_faults(UploadFaults { statuses: vec![(2, 401)], cut_after: Some(100_000), ..UploadFaults::default() });
+    // Big and paced enough that the cut comes while the body is still going out, after the
+    // client has read the server's offer (a small body is all in the socket's buffers first).
+    let faults = UploadFaults {
+        statuses: vec![(2, 401)],
+        cut_after: Some(1 << 20),
+        rate: Some(3 << 20),
+        ..UploadFaults::default()
+    };
+    server.set_faults(faults);
     let file = env.path().join("doc.bin");
-    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let data: Vec<u8> = (0..(6u32 << 20)).map(|i| (i % 253) as u8).collect();
     std::fs::write(&file, &data).unwrap();
     let header = ChallengeAnswer::Use {
         credential: Credential::Header { name: "X-Api-Key".into(), value: "k-9".into() },

@@ -525,12 +525,15 @@ async fn a_resumed_upload_that_sends_nothing_new_backs_off_more_each_time() {
     let env = TestEnv::new();
     env.set_config("retry_initial_ms", "50");
     let d = TestDaemon::start(&env);
-    let (file, data) = make_file(env.path(), "again.bin", 300_000, 15);
+    // Big and paced enough that the cut comes while the body still goes out, after the
+    // server's offer was read (a small body is all in the socket's buffers first).
+    let (file, data) = make_file(env.path(), "again.bin", 6 << 20, 15);
     let server = UploadServer::start(true).await.unwrap();
     // The PUT is cut; the first PATCH sends the rest (progress) and is answered 503 like
     // the three after it, which have nothing left to send.
     let statuses = vec![(3, 503), (5, 503), (7, 503), (9, 503)];
-    server.set_faults(UploadFaults { statuses, cut_after: Some(100_000), ..UploadFaults::default() });
+    let faults = UploadFaults { statuses, cut_after: Some(1 << 20), rate: Some(3 << 20), ..UploadFaults::default() };
+    server.set_faults(faults);
     let (delegate, mut events) = Recorder::new(&env.path().join("out"));
     let session = Session::attach(config(&env, "t.nothingnew"), delegate).await.unwrap();
     let task = session.upload_tasks(vec![UploadRequest::new(server.url("/files/again"), &file)], true).await.unwrap();
