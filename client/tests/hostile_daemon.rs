@@ -19,17 +19,26 @@ where
     F: FnOnce(UnixStream) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
+    let (dir, path, listener) = listen();
+    tokio::spawn(async move { script(opened(&listener).await).await });
+    (dir, path)
+}
+
+/// A socket in a directory of its own, for a fake daemon to listen on.
+fn listen() -> (tempfile::TempDir, PathBuf, UnixListener) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fake.sock");
     let listener = UnixListener::bind(&path).unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut pre = [0u8; 8];
-        let _ = s.read_exact(&mut pre).await;
-        let _ = read_frame(&mut s).await;
-        script(s).await;
-    });
-    (dir, path)
+    (dir, path, listener)
+}
+
+/// The next connection, its opening (preamble and hello frame) read.
+async fn opened(listener: &UnixListener) -> UnixStream {
+    let (mut s, _) = listener.accept().await.unwrap();
+    let mut pre = [0u8; 8];
+    let _ = s.read_exact(&mut pre).await;
+    let _ = read_frame(&mut s).await;
+    s
 }
 
 async fn read_frame(s: &mut UnixStream) -> Vec<u8> {
@@ -67,20 +76,12 @@ async fn another_protocol_version_is_a_typed_error() {
 /// requests fail with that, not with a bare timeout, while the client keeps trying.
 #[tokio::test]
 async fn a_daemon_back_in_another_version_fails_requests_with_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("fake.sock");
-    let listener = UnixListener::bind(&path).unwrap();
+    let (_dir, path, listener) = listen();
     tokio::spawn(async move {
         // Ours first, gone at once; then only an older one answers.
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut pre = [0u8; 8];
-        let _ = s.read_exact(&mut pre).await;
-        let _ = read_frame(&mut s).await;
-        welcome(&mut s).await;
-        drop(s);
+        welcome(&mut opened(&listener).await).await;
         loop {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let _ = s.read_exact(&mut pre).await;
+            let mut s = opened(&listener).await;
             let _ = s.write_all(&Preamble { version: 5, status: HandshakeStatus::VersionMismatch }.to_bytes()).await;
         }
     });
@@ -318,17 +319,12 @@ async fn an_event_handled_before_a_reconnect_is_not_handed_over_again() {
         seq: 1,
         event: DurableEvent::Completed { task: 1, error: None },
     });
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("fake.sock");
-    let listener = UnixListener::bind(&path).unwrap();
+    let (_dir, path, listener) = listen();
     let acked_later = Arc::new(Mutex::new(Vec::<u64>::new()));
     let acked = acked_later.clone();
     tokio::spawn(async move {
         for connection in 1.. {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut pre = [0u8; 8];
-            let _ = s.read_exact(&mut pre).await;
-            let _ = read_frame(&mut s).await;
+            let mut s = opened(&listener).await;
             welcome(&mut s).await;
             loop {
                 let body = read_frame(&mut s).await;

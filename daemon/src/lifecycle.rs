@@ -136,13 +136,12 @@ pub struct OwnSocket {
 impl OwnSocket {
     /// The socket at `path` as it is now (right after binding it).
     pub fn of(path: &Path) -> Option<OwnSocket> {
-        let m = std::fs::symlink_metadata(path).ok()?;
-        Some(OwnSocket { path: path.to_path_buf(), id: (m.dev(), m.ino()) })
+        Some(OwnSocket { path: path.to_path_buf(), id: file_id(path)? })
     }
 
     /// Whether the path still names our socket.
     fn is_there(&self) -> bool {
-        std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id)
+        file_id(&self.path) == Some(self.id)
     }
 
     /// Removes the socket file if it is still ours.
@@ -190,6 +189,11 @@ impl OwnSocket {
             }
         })
     }
+}
+
+/// The device and inode `path` names (not following a link).
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// The inotify descriptor, registered with the runtime for reading.

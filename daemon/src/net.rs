@@ -34,44 +34,40 @@ pub fn route_to(ip: IpAddr) -> bool {
 /// Whether the kernel has a route to `ip`; `None` if it cannot be asked (no socket of that
 /// family: IPv6 turned off at boot, a sandbox).
 fn route_in_family(ip: IpAddr) -> Option<bool> {
+    Some(match toward(ip)? {
+        Ok(_) => true,
+        Err(e) => !no_route(&e),
+    })
+}
+
+/// A UDP socket of `ip`'s family connected toward it (the kernel picks route and source
+/// address; nothing is sent); `None` if no socket of that family can be made.
+fn toward(ip: IpAddr) -> Option<io::Result<UdpSocket>> {
     let local = match ip {
         IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
         IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
     };
     let socket = UdpSocket::bind(local).ok()?;
-    Some(match socket.connect(SocketAddr::new(ip, 9)) {
-        Ok(()) => true,
-        Err(e) => !no_route(&e),
-    })
+    Some(socket.connect(SocketAddr::new(ip, 9)).map(|()| socket))
 }
+
+/// Public anycast resolvers, as any address beyond the local networks (IPv4, IPv6).
+const INTERNET: [IpAddr; 2] =
+    [IpAddr::V4(Ipv4Addr::new(1, 1, 1, 1)), IpAddr::V6(Ipv6Addr::new(0x2606, 0x4700, 0x4700, 0, 0, 0, 0, 0x1111))];
 
 /// Whether there is a route to the internet at large (a default route, IPv4 or IPv6):
 /// what a peer not yet resolved needs.
 pub fn default_route() -> bool {
-    // Public anycast resolvers, as any address beyond the local networks; nothing is sent.
-    either_route(
-        route_in_family(IpAddr::V4(Ipv4Addr::new(1, 1, 1, 1))),
-        route_in_family(IpAddr::V6(Ipv6Addr::new(0x2606, 0x4700, 0x4700, 0, 0, 0, 0, 0x1111))),
-    )
+    let [v4, v6] = INTERNET.map(route_in_family);
+    either_route(v4, v6)
 }
 
 /// The local addresses traffic to the internet at large leaves from (IPv4, IPv6): what
 /// changes when a dock, a VPN or a new lease moves the way out, while a refreshed address
 /// lifetime changes nothing. Nothing is sent.
 pub fn way_out() -> (Option<IpAddr>, Option<IpAddr>) {
-    let source = |peer: IpAddr| {
-        let local = match peer {
-            IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
-            IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
-        };
-        let socket = UdpSocket::bind(local).ok()?;
-        socket.connect(SocketAddr::new(peer, 9)).ok()?;
-        socket.local_addr().ok().map(|a| a.ip())
-    };
-    (
-        source(IpAddr::V4(Ipv4Addr::new(1, 1, 1, 1))),
-        source(IpAddr::V6(Ipv6Addr::new(0x2606, 0x4700, 0x4700, 0, 0, 0, 0, 0x1111))),
-    )
+    let [v4, v6] = INTERNET.map(|peer| toward(peer)?.ok()?.local_addr().ok().map(|a| a.ip()));
+    (v4, v6)
 }
 
 /// A family that cannot be asked does not count: with IPv6 off, the IPv4 route decides

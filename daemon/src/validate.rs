@@ -116,7 +116,7 @@ pub fn headers(headers: &[Header], limits: &Limits) -> Result<(), ErrorInfo> {
 }
 
 fn header(h: &Header) -> Result<(), ErrorInfo> {
-    let is_tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    let is_tchar = dlsession_proto::validate::is_token_char;
     if h.name.is_empty() || h.name.len() > 256 || !h.name.chars().all(is_tchar) {
         return Err(err(ErrorCode::InvalidRequest, format!("invalid header name {:?}", h.name)));
     }

@@ -9,6 +9,12 @@ pub const MAX_IDENTIFIER_LEN: usize = 255;
 /// without making sense of a limit at all).
 pub const MIN_BANDWIDTH_LIMIT: u64 = 1024;
 
+/// A `tchar` of RFC 9110: what a token (a header's name, an auth scheme or parameter name)
+/// is made of.
+pub fn is_token_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
+}
+
 /// A header that frames an upload's body (`Content-Length`, `Transfer-Encoding`, any
 /// `Upload-*` of the resumable uploads draft): the daemon sets it; an upload may not.
 pub fn is_upload_framing_header(name: &str) -> bool {

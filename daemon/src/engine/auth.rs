@@ -8,6 +8,7 @@ use url::Url;
 
 use super::http::{Failure, ReqBody};
 use super::proxy::Proxies;
+use dlsession_proto::validate::is_token_char as is_tchar;
 use dlsession_proto::{Challenge, ErrorCode};
 
 /// A credential header for the requests to one origin (a proxy's, for `proxy`). `Debug`
@@ -96,7 +97,7 @@ fn challenges(value: &str) -> Vec<(&str, &str)> {
             Some(next) => ("", next),
             None => split_challenge(after.trim_start()),
         };
-        let token = scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        let token = scheme.chars().all(is_tchar);
         if !scheme.is_empty() && scheme.len() <= MAX_SCHEME && token {
             out.push((scheme, params));
         }
@@ -128,10 +129,6 @@ fn split_challenge(params: &str) -> (&str, &str) {
         }
     }
     (params, "")
-}
-
-fn is_tchar(c: char) -> bool {
-    c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
 }
 
 /// The `realm` parameter (quoted, with `\"` escapes, or a token), cut at 256 bytes: named
