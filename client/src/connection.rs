@@ -466,6 +466,15 @@ impl Client {
         false
     }
 
+    /// Detaches `identifier` unless a session routes it again: checked and sent under the
+    /// routes lock, so a new attach of it on this connection goes after this detach.
+    pub(crate) fn detach_unless_routed(&self, identifier: &str) {
+        let Ok(routes) = self.shared.routes.lock() else { return };
+        if !routes.contains_key(identifier) {
+            let _ = self.send_request(Request::Detach { identifier: identifier.to_owned() });
+        }
+    }
+
     /// How the session routed under `identifier` attached (to ask for its events again).
     pub(crate) fn attach_request(&self, identifier: &str, token: u64) -> Option<Request> {
         let routes = self.shared.routes.lock().ok()?;

@@ -129,6 +129,7 @@ impl Session {
                 route,
                 tasks: Mutex::new(HashMap::new()),
                 signals: Signals::default(),
+                detach: Arc::default(),
             }),
         };
         match client.request(request).await {
@@ -147,8 +148,10 @@ impl Session {
             }
         }
         let (runtime_alive, watching) = watch_runtime();
+        session.shared.detach.thread_runs();
         let dispatcher = Dispatcher {
             session: Arc::downgrade(&session.shared),
+            detach: session.shared.detach.clone(),
             client: client.clone(),
             identifier: config.identifier.clone(),
             delegate,
@@ -225,6 +228,8 @@ struct Dispatcher {
     /// app dropped its session (else those events came again, their files gone).
     client: crate::connection::Client,
     identifier: String,
+    /// Whether this thread sends the `Detach` of a session the app dropped.
+    detach: Arc<crate::session::DetachDuty>,
     delegate: Arc<dyn SessionDelegate>,
     runtime: tokio::runtime::Handle,
     /// Cleared when the app's runtime shuts down (the process is exiting): then nothing
@@ -289,6 +294,14 @@ const ASK_AGAIN_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Acknowledgements are sent in batches of at most this many.
 const ACK_BATCH: usize = 64;
+
+impl Drop for Dispatcher {
+    /// Whichever way the thread ends (a panicking delegate, a thread that never started), a
+    /// detach it owes is sent.
+    fn drop(&mut self) {
+        self.detach_if_owed();
+    }
+}
 
 impl Dispatcher {
     fn run(mut self, mut events: mpsc::Receiver<Routed>) {
@@ -369,13 +382,23 @@ impl Dispatcher {
             }
         }
         // What was handled is acknowledged before the thread ends, the app's handle gone or
-        // not (its process may exit next: those files must not come again).
+        // not (its process may exit next: those files must not come again). A dropped
+        // session's detach goes behind the acknowledgements, which the daemon applies first.
+        self.flush_acks(false);
+        self.detach_if_owed();
         self.flush_acks(true);
         if let Some(shared) = self.session.upgrade() {
             // A `Detached` from the daemon was recorded first; else this process detached.
             shared.signals.end(Ended::Here("this process detached it"));
         }
         debug!(session = %self.identifier, "delegate thread exiting");
+    }
+
+    /// Sends the detach of a session the app dropped, if this thread owes it.
+    fn detach_if_owed(&self) {
+        if self.detach.thread_ends() {
+            self.client.detach_unless_routed(&self.identifier);
+        }
     }
 
     /// Returns false when the session is over for this process.

@@ -2,7 +2,7 @@
 //! tasks, invalidating, detaching (attaching and the delegate are `dispatch`'s).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,6 +36,36 @@ pub(crate) struct SessionShared {
     pub(crate) tasks: Mutex<HashMap<TaskId, DownloadTask>>,
     /// What the dispatcher tells the app's other threads (idle waiters, event streams).
     pub(crate) signals: Signals,
+    /// Who sends the `Detach` when the app drops the session.
+    pub(crate) detach: Arc<DetachDuty>,
+}
+
+/// Who sends a dropped session's `Detach`: its delivery thread while that runs, after the
+/// acknowledgements of what the delegate handled (else the daemon took the session for
+/// unattached with those events pending, and a process attaching next, or the relaunch it
+/// starts, was handed them again, their files moved already); otherwise the drop itself.
+#[derive(Debug, Default)]
+pub(crate) struct DetachDuty(AtomicU8);
+
+impl DetachDuty {
+    const DROP_SENDS: u8 = 0;
+    const THREAD_RUNS: u8 = 1;
+    const THREAD_OWES: u8 = 2;
+
+    /// The delivery thread starts: a drop from now on leaves the detach to it.
+    pub(crate) fn thread_runs(&self) {
+        self.0.store(Self::THREAD_RUNS, Ordering::Release);
+    }
+
+    /// At the drop: true when the delivery thread will send the detach.
+    fn leave_to_thread(&self) -> bool {
+        self.0.compare_exchange(Self::THREAD_RUNS, Self::THREAD_OWES, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// The delivery thread ends: true when it owes the detach (a drop later sends its own).
+    pub(crate) fn thread_ends(&self) -> bool {
+        self.0.swap(Self::DROP_SENDS, Ordering::AcqRel) == Self::THREAD_OWES
+    }
 }
 
 /// Set by the session's dispatcher, read by [`Session::wait_idle`] and event streams.
@@ -90,7 +120,7 @@ impl Drop for SessionShared {
     fn drop(&mut self) {
         // Only while still attached: a later session of the same identifier on this
         // connection owns the route (and the attachment) now.
-        if self.client.unroute(&self.identifier, self.route) {
+        if self.client.unroute(&self.identifier, self.route) && !self.detach.leave_to_thread() {
             let _ = self.client.send_request(Request::Detach { identifier: self.identifier.clone() });
         }
     }

@@ -55,6 +55,20 @@ fn options(path: PathBuf) -> ClientOptions {
     ClientOptions { socket: Some(path), autostart: false, reconnect: false, ..ClientOptions::default() }
 }
 
+/// Session "s", attached, one event pending.
+fn session_info() -> dlsession::proto::SessionInfo {
+    dlsession::proto::SessionInfo {
+        identifier: "s".into(),
+        config: dlsession::proto::SessionConfig::default(),
+        attached: true,
+        tasks: dlsession::proto::TaskCounts::default(),
+        pending_events: 1,
+        wake: Default::default(),
+        invalidating: false,
+        created_at: 0,
+    }
+}
+
 async fn welcome(s: &mut UnixStream) {
     let mut bytes = Preamble::ours(HandshakeStatus::Ok).to_bytes().to_vec();
     bytes.extend(frame::encode_frame(&Welcome { daemon_version: "fake".into(), pid: 1, connection_id: 1 }).unwrap());
@@ -298,22 +312,10 @@ async fn a_live_event_never_overtakes_the_replay_of_an_overflow() {
 /// second time (an app would move a file it had moved already).
 #[tokio::test]
 async fn an_event_handled_before_a_reconnect_is_not_handed_over_again() {
-    use dlsession::proto::{DurableEvent, Event, Request, RequestFrame, SessionConfig, SessionInfo, TaskCounts};
+    use dlsession::proto::{DurableEvent, Event, Request, RequestFrame};
     use dlsession::{Session, SessionConfiguration};
     use std::sync::{Arc, Mutex};
 
-    fn session_info() -> SessionInfo {
-        SessionInfo {
-            identifier: "s".into(),
-            config: SessionConfig::default(),
-            attached: true,
-            tasks: TaskCounts::default(),
-            pending_events: 1,
-            wake: Default::default(),
-            invalidating: false,
-            created_at: 0,
-        }
-    }
     let completed = ServerMessage::Event(Event::Durable {
         identifier: "s".into(),
         seq: 1,
@@ -376,4 +378,75 @@ async fn an_event_handled_before_a_reconnect_is_not_handed_over_again() {
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(*delegate.0.lock().unwrap(), [1], "handed to the delegate once");
     assert_eq!(*acked_later.lock().unwrap(), [1], "acknowledged again, once");
+}
+
+/// An app that drops its session while the delegate handles an event detaches only after
+/// acknowledging what it handled: the daemon applies requests in order, and a detach first
+/// left the session unattached with that event pending (a process attaching then, or the
+/// relaunch the daemon starts, was handed it again, its file moved already).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_session_detaches_after_its_acknowledgements() {
+    use dlsession::proto::{DurableEvent, Event, Request, RequestFrame};
+    use dlsession::{Session, SessionConfiguration};
+    use std::sync::{Arc, Mutex};
+
+    let (_dir, path, listener) = listen();
+    let heard = Arc::new(Mutex::new(Vec::<String>::new()));
+    let order = heard.clone();
+    tokio::spawn(async move {
+        let mut s = opened(&listener).await;
+        welcome(&mut s).await;
+        loop {
+            let body = read_frame(&mut s).await;
+            let Ok(frame) = dlsession::proto::codec::decode::<RequestFrame>(&body) else { break };
+            let answer = match &frame.request {
+                Request::Attach { .. } | Request::GetSession { .. } => Ok(Response::Session(session_info())),
+                Request::GetTask { task } => {
+                    Err(dlsession::proto::ErrorInfo::new(ErrorCode::NoSuchTask, format!("no task {task}")))
+                }
+                _ => Ok(Response::Ok),
+            };
+            match &frame.request {
+                Request::AckEvents { seqs, .. } => order.lock().unwrap().push(format!("ack {seqs:?}")),
+                Request::Detach { .. } => order.lock().unwrap().push("detach".into()),
+                _ => {}
+            }
+            let is_attach = matches!(frame.request, Request::Attach { .. });
+            let reply = ServerMessage::Response { id: frame.id, result: answer };
+            s.write_all(&frame::encode_frame(&reply).unwrap()).await.unwrap();
+            if is_attach {
+                for seq in [1, 2] {
+                    let event = ServerMessage::Event(Event::Durable {
+                        identifier: "s".into(),
+                        seq,
+                        event: DurableEvent::Completed { task: seq, error: None },
+                    });
+                    s.write_all(&frame::encode_frame(&event).unwrap()).await.unwrap();
+                }
+            }
+        }
+    });
+    /// Busy with the first event while the app drops its session.
+    struct Busy(std::sync::mpsc::Sender<()>);
+    impl dlsession::SessionDelegate for Busy {
+        fn did_complete_with_error(&self, _: &Session, _: &dlsession::DownloadTask, _: Option<&dlsession::TaskError>) {
+            let _ = self.0.send(());
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+    }
+    let client = Client::connect(options(path)).await.unwrap();
+    let (entered, inside) = std::sync::mpsc::channel();
+    let session =
+        Session::attach_with(&client, SessionConfiguration::background("s"), Arc::new(Busy(entered))).await.unwrap();
+    tokio::task::spawn_blocking(move || inside.recv_timeout(std::time::Duration::from_secs(20)).unwrap())
+        .await
+        .unwrap();
+    drop(session);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !heard.lock().unwrap().iter().any(|h| h == "detach") {
+        assert!(std::time::Instant::now() < deadline, "never detached: {:?}", heard.lock().unwrap());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(*heard.lock().unwrap(), ["ack [1]", "detach"], "the handled event acknowledged before the detach");
 }
