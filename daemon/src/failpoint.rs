@@ -20,6 +20,7 @@
 //! | `look-in-place` | the start's look for a task's file moved into place before a stop is about to look (each task) |
 //! | `database-check` | the `db-check` thread is about to run the start's `quick_check` |
 //! | `worker-response` | a download worker accepted a response and is about to write (abort or panic only) |
+//! | `connection-request` | a connection read a request and is about to hand it to the core (abort or panic only: reached on the async runtime) |
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -131,6 +131,18 @@ impl Drop for LiveGuard {
     }
 }
 
+/// Tells the core a connection is closed when dropped (however its task ends).
+struct ClosedOnDrop<C: ToCore> {
+    core: C,
+    id: crate::conn::ConnId,
+}
+
+impl<C: ToCore> Drop for ClosedOnDrop<C> {
+    fn drop(&mut self) {
+        self.core.send(ConnEvent::Closed(self.id));
+    }
+}
+
 /// The connection's socket, shared by its reader and its writer (a stream is read and
 /// written through shared references at once; no lock between the two).
 #[derive(Clone)]
@@ -269,6 +281,9 @@ impl<C: ToCore> Connection<C> {
         if !self.core.send(ConnEvent::Open(handle)) {
             return;
         }
+        // Also when this task panics (a bug): else the core kept its sessions attached to a
+        // dead connection, deaf to their events and refusing the app's next attach.
+        let closed = ClosedOnDrop { core: self.core.clone(), id: self.id };
         let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let drained = {
             let (core, id) = (self.core.clone(), self.id);
@@ -286,7 +301,7 @@ impl<C: ToCore> Connection<C> {
             out_tx.send(ServerMessage::Response { id: 0, result: Err(error) });
         }
         drop(out_tx);
-        let _ = self.core.send(ConnEvent::Closed(self.id));
+        drop(closed);
         let _ = writer.await;
         debug!("connection closed");
     }
@@ -321,6 +336,7 @@ impl<C: ToCore> Connection<C> {
                 () = self.core.stopped() => return Ok(()),
             };
             let Some(frame) = frame else { return Ok(()) };
+            crate::failpoint::hit("connection-request");
             let msg = ConnEvent::Request { conn: self.id, id: frame.id, request: frame.request };
             if !self.core.send(msg) {
                 return Ok(());

@@ -24,6 +24,7 @@ pub mod lifecycle;
 pub mod model;
 pub mod net;
 pub mod notify;
+pub mod panics;
 pub mod store;
 pub mod units;
 pub mod validate;

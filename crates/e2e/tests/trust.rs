@@ -191,6 +191,29 @@ async fn a_panicking_worker_fails_only_its_attempt() {
     assert!(d.terminate().success());
 }
 
+/// A connection whose task panics (a bug) is closed for the core too: the session it held is
+/// free for the app's next attach (it stayed attached to the dead connection: `session_in_use`,
+/// its events going nowhere, no wake).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_connection_frees_its_session() {
+    let env = TestEnv::new();
+    let d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", OsStr::new("connection-request:2:panic"))]);
+    let first = dlsession_testkit::app::client(&env).await;
+    let attach = Request::Attach { identifier: "t.conn".into(), config: Default::default(), takeover: false };
+    first.request(attach.clone()).await.unwrap();
+    // Its second request panics the connection's task.
+    assert!(first.request(Request::Status).await.is_err());
+    d.wait_logged("failpoint connection-request reached", LONG);
+    let next = dlsession_testkit::app::client(&env).await;
+    dlsession_testkit::wait_for("the session free again", LONG, || {
+        match dlsession_testkit::block(next.request(Request::GetSession { identifier: "t.conn".into() })) {
+            Ok(Response::Session(info)) if !info.attached => Some(()),
+            _ => None,
+        }
+    });
+    assert!(matches!(next.request(attach).await, Ok(Response::Session(_))), "attached again without takeover");
+}
+
 /// A daemon whose first checkpoint sync sticks for a minute (on a 4 MiB download at
 /// 4 MiB/s, `/stuck` on the returned server, a pattern of `seed`), told to stop a worker
 /// silent for 0.5 s and to abandon it 1 s later; `config` adds settings.

@@ -130,7 +130,9 @@ impl Disk {
         let (jobs, rx) = std_mpsc::channel::<Job>();
         std::thread::Builder::new().name("dlsessiond-disk".into()).spawn(move || {
             for job in rx {
-                run(job, &report);
+                // A job that panics (a bug) is lost, not the thread: the jobs behind it
+                // still run and the replies queued behind them still go.
+                let _ = crate::panics::contained("cache file work", || run(job, &report));
             }
         })?;
         Ok(Disk { jobs })

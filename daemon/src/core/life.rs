@@ -90,6 +90,12 @@ impl Core {
                 self.life.fatal = Some(e);
                 self.begin_shutdown();
             }
+            // Exits with an error: a service manager starts it again, from the last commit.
+            crate::store::Health::Stopped(e) => {
+                tracing::error!(error = %e, "stopping: nothing can be committed any more");
+                self.life.fatal = Some(e);
+                self.begin_shutdown();
+            }
         }
     }
 

@@ -274,14 +274,18 @@ impl Core {
             // here until `Launched` is sent.
             let gate = std::sync::Arc::new(std::sync::Mutex::new((false, None)));
             let (exited, on_exit_gate) = (tx.clone(), gate.clone());
-            let launched = launcher::launch(&spec, &ctx, move |result| {
-                let mut g = on_exit_gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                if g.0 {
-                    let _ = exited.send(super::CoreMsg::LaunchFinished { session: key, launch, result });
-                } else {
-                    g.1 = Some(result);
-                }
-            });
+            let launched = crate::panics::contained("a relaunch", || {
+                launcher::launch(&spec, &ctx, move |result| {
+                    let mut g = on_exit_gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if g.0 {
+                        let _ = exited.send(super::CoreMsg::LaunchFinished { session: key, launch, result });
+                    } else {
+                        g.1 = Some(result);
+                    }
+                })
+            })
+            // Else the session stayed "launching" and was never relaunched again.
+            .unwrap_or_else(|why| Err(format!("the relaunch failed: {why}")));
             let mut g = gate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let _ = tx.send(super::CoreMsg::Launched { session: key, launch, launched });
             g.0 = true;

@@ -340,7 +340,7 @@ impl Engine {
                     Ok(outcome) => outcome,
                     Err(panic) => Outcome::Failed(Failure::transient(
                         ErrorCode::Internal,
-                        format!("the download worker failed: {}", threads::panic_message(panic.as_ref())),
+                        format!("the download worker failed: {}", crate::panics::message(panic.as_ref())),
                     )),
                 };
                 debug!(?outcome, "worker finished");

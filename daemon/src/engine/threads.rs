@@ -79,7 +79,7 @@ impl JobThreads {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move || {
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-                .map_err(|panic| format!("the writer failed: {}", panic_message(panic.as_ref())));
+                .map_err(|panic| format!("the writer failed: {}", crate::panics::message(panic.as_ref())));
             let _ = tx.send(out);
         });
         self.start(job);
@@ -126,17 +126,6 @@ impl JobThreads {
                 }
             }
         }
-    }
-}
-
-/// The text of a panic payload.
-pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "a panic".into()
     }
 }
 

@@ -146,6 +146,9 @@ pub enum Health {
     /// The file failed `PRAGMA quick_check` after the start (or the check could not finish):
     /// nothing was or will be written; the daemon must stop. The text is the refusal to show.
     Corrupt(String),
+    /// The database thread ended by a panic (a bug): what it held is not committed and
+    /// nothing more will be; the daemon must stop (a restart recovers from the last commit).
+    Stopped(String),
 }
 
 /// The first retry of a failed commit comes after this; each next one waits twice as
@@ -214,7 +217,10 @@ impl Store {
     /// Opens (or creates) the database, checks and migrates it, loads the snapshot and
     /// starts the writer thread. `on_health` hears when commits start failing and when
     /// they work again.
-    pub fn open(path: &Path, on_health: impl Fn(Health) + Send + 'static) -> Result<(Store, Snapshot), StoreError> {
+    pub fn open(
+        path: &Path,
+        on_health: impl Fn(Health) + Clone + Send + 'static,
+    ) -> Result<(Store, Snapshot), StoreError> {
         let (mut conn, check) = schema::open(path)?;
         let snapshot = match load_snapshot(&mut conn) {
             Ok(snapshot) => snapshot,
@@ -239,8 +245,13 @@ impl Store {
         thread::Builder::new()
             .name("db-writer".into())
             .spawn(move || {
-                Writer { conn, path, on_health, backlog: Vec::new(), failing: None, checked, after_check: Vec::new() }
-                    .run(&rx)
+                let on_death = on_health.clone();
+                let writer =
+                    Writer { conn, path, on_health, backlog: Vec::new(), failing: None, checked, after_check: Vec::new() };
+                // Else every later commit waited for ever, its request unanswered.
+                if let Err(why) = crate::panics::contained("the database thread", || writer.run(&rx)) {
+                    on_death(Health::Stopped(format!("the database thread panicked: {why}")));
+                }
             })
             .map_err(|e| StoreError::Sql(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
         Ok((Store { tx }, snapshot))
