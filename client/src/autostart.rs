@@ -5,7 +5,7 @@
 //! the socket: the first starts the daemon, the others find it listening.
 
 use std::fs::{DirBuilder, File, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -36,6 +36,31 @@ pub async fn start(socket: &Path, timeout: Duration) -> Result<(), Error> {
         .map_err(|e| Error::StartFailed { reason: format!("the starter thread failed: {e}") })?
 }
 
+/// As the daemon checks its socket's directory: this user's, and not writable by others
+/// without the sticky bit. Another user's (made first under `/tmp`) would hold our lock
+/// file and the socket a daemon of theirs listens on.
+fn ours_alone(dir: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(dir).map_err(|e| format!("cannot look at {}: {e}", dir.display()))?;
+    let us = dlsession_proto::paths::effective_uid();
+    let mode = meta.mode() & 0o7777;
+    if meta.uid() != us {
+        return Err(format!(
+            "{} belongs to uid {}, not to this user (uid {us}); not starting a daemon there \
+             (set XDG_RUNTIME_DIR or DLSESSIOND_SOCKET)",
+            dir.display(),
+            meta.uid()
+        ));
+    }
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(format!(
+            "{} can be written by other users (mode {:o}); not starting a daemon there (make it 0700)",
+            dir.display(),
+            mode & 0o777
+        ));
+    }
+    Ok(())
+}
+
 fn start_blocking(socket: &Path, timeout: Duration) -> Result<(), Error> {
     let fail = |reason: String| Error::StartFailed { reason };
     let dir = socket.parent().ok_or_else(|| fail(format!("{} has no parent directory", socket.display())))?;
@@ -44,6 +69,7 @@ fn start_blocking(socket: &Path, timeout: Duration) -> Result<(), Error> {
         .mode(0o700)
         .create(dir)
         .map_err(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
+    ours_alone(dir).map_err(fail)?;
     let lock_path = dir.join("dlsessiond.startup.lock");
     let lock = OpenOptions::new()
         .write(true)

@@ -64,6 +64,24 @@ pub enum Incoming {
     Closed(Option<String>),
 }
 
+/// The daemon must run as this user: another user's process listening there (on a socket
+/// planted in a `/tmp` directory made before ours, when `XDG_RUNTIME_DIR` is unset) would
+/// be handed every request, credentials included, and could invent events. Checked before
+/// a byte is sent.
+fn run_by_us(stream: &Stream, socket: &Path) -> Result<()> {
+    let ours = dlsession_proto::paths::effective_uid();
+    let refused = |reason: String| Error::Refused { code: ErrorCode::PermissionDenied, reason };
+    match stream.peer_creds() {
+        Ok(creds) if creds.euid() == Some(ours) => Ok(()),
+        Ok(creds) => Err(refused(format!(
+            "the process listening on {} runs as uid {}, not as this user (uid {ours}); not talking to it",
+            socket.display(),
+            creds.euid().map_or_else(|| "unknown".to_owned(), |uid| uid.to_string()),
+        ))),
+        Err(e) => Err(refused(format!("cannot tell who listens on {}: {e}; not talking to it", socket.display()))),
+    }
+}
+
 impl Link {
     /// Connects and performs the handshake. Messages other than answers go to `incoming`.
     pub async fn open(
@@ -77,6 +95,7 @@ impl Link {
             .map_err(|source| Error::NotRunning { path: socket.to_path_buf(), source })?;
         let stream =
             Stream::connect(name).await.map_err(|source| Error::NotRunning { path: socket.to_path_buf(), source })?;
+        run_by_us(&stream, socket)?;
         let (mut rd, wr) = tokio::io::split(stream);
         let mut wr = BufWriter::new(wr);
         let mut opening = Preamble::ours(HandshakeStatus::Ok).to_bytes().to_vec();

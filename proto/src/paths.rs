@@ -78,6 +78,12 @@ pub fn defaults() -> Result<DefaultPaths, NoHomeDir> {
     })
 }
 
+/// This process's effective uid: the one owner a daemon (and its socket's directory) may
+/// have for a client to use it.
+pub fn effective_uid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
 /// The socket a client should connect to: `DLSESSION_SOCKET` (set for relaunched apps),
 /// else `DLSESSIOND_SOCKET`, else the XDG default.
 pub fn client_socket() -> Result<PathBuf, NoHomeDir> {

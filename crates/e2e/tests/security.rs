@@ -224,3 +224,55 @@ fn the_daemon_is_built_without_cpu_jitter_entropy() {
         "aws-lc's jitter entropy is built in: is AWS_LC_SYS_NO_JITTER_ENTROPY set (.cargo/config.toml)?"
     );
 }
+
+/// A socket another user listens on (a directory of theirs made first under `/tmp`, where
+/// the socket goes without `XDG_RUNTIME_DIR`) is never talked to: the client refuses before
+/// sending a byte (its requests carry credentials), and autostart starts no daemon there.
+#[cfg_attr(not(dlsession_root), ignore = "needs root to listen as another uid; CI runs it as root")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_of_another_user_is_not_talked_to() {
+    dlsession_testkit::require_root();
+    let env = TestEnv::new();
+    std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let planted = env.path().join("planted");
+    std::fs::create_dir(&planted).unwrap();
+    std::os::unix::fs::chown(&planted, Some(65534), Some(65534)).unwrap();
+    let socket = planted.join("dlsessiond.sock");
+    // The impostor: takes one connection and says how many bytes came before it closed.
+    let listen = "import socket, sys\n\
+                  s = socket.socket(socket.AF_UNIX)\n\
+                  s.bind(sys.argv[1]); s.listen(1)\n\
+                  print('ready', flush=True)\n\
+                  c, _ = s.accept(); c.settimeout(10)\n\
+                  got = b''\n\
+                  while True:\n\
+                  \x20   b = c.recv(4096)\n\
+                  \x20   if not b: break\n\
+                  \x20   got += b\n\
+                  print('got', len(got), flush=True)\n";
+    let mut impostor = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", listen])
+        .arg(&socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("setpriv (util-linux) and /usr/bin/python3 are needed for this test");
+    let mut out = std::io::BufReader::new(impostor.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let options = ClientOptions { socket: Some(socket.clone()), autostart: false, ..ClientOptions::default() };
+    let err = Client::connect(options).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::PermissionDenied, "{err}");
+    assert!(err.to_string().contains("runs as uid 65534"), "{err}");
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "got 0", "nothing was sent to it");
+    assert!(impostor.wait().unwrap().success());
+
+    // Nobody listening: autostart starts no daemon in their directory, nor locks in it.
+    std::fs::remove_file(&socket).unwrap();
+    let options = ClientOptions { socket: Some(socket.clone()), autostart: true, ..ClientOptions::default() };
+    let err = Client::connect(options).await.unwrap_err();
+    assert!(err.to_string().contains("belongs to uid 65534"), "{err}");
+    assert_eq!(std::fs::read_dir(&planted).unwrap().count(), 0, "nothing made in their directory");
+}
