@@ -214,6 +214,35 @@ async fn a_panicking_connection_frees_its_session() {
     assert!(matches!(next.request(attach).await, Ok(Response::Session(_))), "attached again without takeover");
 }
 
+/// A database thread that panics (a bug) stops the daemon with an error, instead of every
+/// later commit waiting for ever unanswered; the next start goes on from the last commit, and
+/// the app's create, sent again under its key, makes its task once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_database_thread_stops_the_daemon() {
+    let env = TestEnv::new();
+    // No backtrace: symbolizing one took a minute on a debug build.
+    let mut d = TestDaemon::start_with_env(
+        &env,
+        &[("DLSESSIOND_FAILPOINT", OsStr::new("tasks-before-commit:1:panic")), ("RUST_BACKTRACE", OsStr::new("0"))],
+    );
+    let s = TestServer::start().await.unwrap();
+    s.add("/f", Resource::generated(1_000, 3));
+    let (session, mut events) = attach(&env, SessionConfiguration::background("t.db")).await;
+    let creating = {
+        let session = session.clone();
+        let url = s.url("/f");
+        tokio::spawn(async move { session.download_tasks(vec![DownloadRequest::new(url)], true).await })
+    };
+    let status = d.wait_exit(LONG);
+    assert_eq!(status.code(), Some(1), "{}", d.log());
+    assert!(d.log().contains("the database thread panicked"), "{}", d.log());
+    d.set_env(&[]);
+    d.restart();
+    let tasks = creating.await.unwrap().unwrap();
+    assert_eq!(events.completion(tasks[0].id(), LONG).await, None);
+    assert_eq!(session.get_all_tasks().await.unwrap().len(), 1, "made once");
+}
+
 /// A daemon whose first checkpoint sync sticks for a minute (on a 4 MiB download at
 /// 4 MiB/s, `/stuck` on the returned server, a pattern of `seed`), told to stop a worker
 /// silent for 0.5 s and to abandon it 1 s later; `config` adds settings.

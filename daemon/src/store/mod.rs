@@ -246,8 +246,15 @@ impl Store {
             .name("db-writer".into())
             .spawn(move || {
                 let on_death = on_health.clone();
-                let writer =
-                    Writer { conn, path, on_health, backlog: Vec::new(), failing: None, checked, after_check: Vec::new() };
+                let writer = Writer {
+                    conn,
+                    path,
+                    on_health,
+                    backlog: Vec::new(),
+                    failing: None,
+                    checked,
+                    after_check: Vec::new(),
+                };
                 // Else every later commit waited for ever, its request unanswered.
                 if let Err(why) = crate::panics::contained("the database thread", || writer.run(&rx)) {
                     on_death(Health::Stopped(format!("the database thread panicked: {why}")));
