@@ -359,7 +359,7 @@ impl SessionConfiguration {
             && f.bandwidth_limit
     }
 
-    /// An attach sent again (after a reconnect, or to replay an overflowed queue): never a
+    /// An attach sent again (after a reconnect): never a
     /// takeover (another process that took the session meanwhile keeps it), and with
     /// `stored`, the session's configuration as it is now, when it could be read: a change
     /// another client made meanwhile (`dlsessionctl limit`) stays; only the app's own attach

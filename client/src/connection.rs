@@ -91,7 +91,7 @@ struct Route {
     /// How this session attached, to rejoin after a reconnect.
     attach: Request,
     /// The queue was full and events were dropped: the session must ask for them again.
-    overflowed: Arc<AtomicBool>,
+    overflowed: Arc<Overflow>,
     /// Messages that must not be missed, waiting for room in order (see `hand_over`).
     late: Arc<std::sync::Mutex<Late>>,
 }
@@ -109,7 +109,68 @@ struct Late {
 pub(crate) struct RouteHandle {
     pub token: u64,
     pub events: mpsc::Receiver<Routed>,
-    pub overflowed: Arc<AtomicBool>,
+    pub overflowed: Arc<Overflow>,
+}
+
+/// A route's queue overflowed: events were dropped, and the session asks for them again
+/// once it has caught up with the rest. From the first one dropped until the answer every
+/// event is dropped, so what the session lacks is exactly what came after the last durable
+/// event its queue took: the daemon sends again from there, paced: `room` events at a time,
+/// the next ones when the session has caught up and asks again (a replay of the whole
+/// backlog overflowed the queue again, and came again, for every queue a slow app took).
+#[derive(Debug)]
+pub(crate) struct Overflow {
+    dropped: AtomicBool,
+    /// The last durable event the queue took.
+    last_taken: std::sync::atomic::AtomicU64,
+    /// Delivery is paced (since the first overflow of this attachment).
+    paced: AtomicBool,
+    /// Durable events the queue took since the last answer.
+    taken: std::sync::atomic::AtomicU64,
+    /// How many events a paced delivery sends at a time: half the queue (notices take room too).
+    room: u32,
+}
+
+impl Overflow {
+    fn new(queue: usize) -> Overflow {
+        Overflow {
+            dropped: AtomicBool::new(false),
+            last_taken: Default::default(),
+            paced: AtomicBool::new(false),
+            taken: Default::default(),
+            room: u32::try_from(queue / 2).unwrap_or(u32::MAX).max(1),
+        }
+    }
+
+    /// Events were dropped (or a notice waits for room): ask again.
+    pub(crate) fn set(&self) {
+        self.dropped.store(true, Ordering::Release);
+    }
+
+    /// Events were dropped, or a paced delivery has sent all it may: ask (again), once the
+    /// queue is drained.
+    pub(crate) fn is_set(&self) -> bool {
+        self.dropped.load(Ordering::Acquire)
+            || (self.paced.load(Ordering::Acquire) && self.taken.load(Ordering::Acquire) >= u64::from(self.room))
+    }
+
+    fn took(&self, seq: u64) {
+        self.last_taken.store(seq, Ordering::Release);
+        self.taken.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// What to ask for: from the event after the last taken, `room` of them.
+    pub(crate) fn ask(&self) -> (u64, u32) {
+        (self.last_taken.load(Ordering::Acquire).saturating_add(1), self.room)
+    }
+
+    /// The answer to an attach (`paced` false) or to asking again (true) came, in its
+    /// place among the events: those after it flow, counted against the new room.
+    fn reopen(&self, paced: bool) {
+        self.paced.store(paced, Ordering::Release);
+        self.taken.store(0, Ordering::Release);
+        self.dropped.store(false, Ordering::Release);
+    }
 }
 
 /// Events queued per attached session by default (see `ClientOptions::event_queue`).
@@ -446,7 +507,7 @@ impl Client {
         }
         let (tx, events) = mpsc::channel(self.shared.options.event_queue.max(1));
         let token = self.shared.next_route.fetch_add(1, Ordering::Relaxed);
-        let overflowed = Arc::new(AtomicBool::new(false));
+        let overflowed = Arc::new(Overflow::new(self.shared.options.event_queue.max(1)));
         let late = Arc::default();
         routes.insert(identifier.to_owned(), Route { token, tx, attach, overflowed: overflowed.clone(), late });
         Some(RouteHandle { token, events, overflowed })
@@ -473,12 +534,6 @@ impl Client {
         if !routes.contains_key(identifier) {
             let _ = self.send_request(Request::Detach { identifier: identifier.to_owned() });
         }
-    }
-
-    /// How the session routed under `identifier` attached (to ask for its events again).
-    pub(crate) fn attach_request(&self, identifier: &str, token: u64) -> Option<Request> {
-        let routes = self.shared.routes.lock().ok()?;
-        routes.get(identifier).filter(|r| r.token == token).map(|r| r.attach.clone())
     }
 
     /// What the daemon said about itself in the last handshake.
@@ -742,7 +797,7 @@ async fn rejoin(shared: Arc<Shared>, link: Arc<Link>, r: Rejoin) {
             };
             // The replay that follows the answer brings whatever an overflow dropped before:
             // events are let through again from there (see `Dispatcher::ask_again`).
-            link.send(id, attach.clone(), Some(reopen_on_answer(route.overflowed.clone())))
+            link.send(id, attach.clone(), Some(reopen_on_answer(route.overflowed.clone(), false)))
         };
         let answer = match sent {
             Ok(rx) => rx.await,
@@ -779,10 +834,10 @@ async fn rejoin(shared: Arc<Shared>, link: Arc<Link>, r: Rejoin) {
 
 /// Lets a session's events through again when the answer to its attach is read, in its
 /// place among them: every event after it is the replay's, or newer.
-pub(crate) fn reopen_on_answer(overflowed: Arc<AtomicBool>) -> crate::link::InOrder {
+pub(crate) fn reopen_on_answer(overflowed: Arc<Overflow>, paced: bool) -> crate::link::InOrder {
     crate::link::InOrder(Box::new(move |answer| {
         if answer.is_ok() {
-            overflowed.store(false, Ordering::Release);
+            overflowed.reopen(paced);
         }
     }))
 }
@@ -820,7 +875,7 @@ fn hand_over(route: &Route, routed: Routed) {
             Err(mpsc::error::TrySendError::Full(routed)) => routed,
         }
     };
-    route.overflowed.store(true, Ordering::Release);
+    route.overflowed.set();
     if late.draining {
         late.waiting.push_back(routed);
         return;
@@ -885,15 +940,25 @@ fn dispatch(shared: &Shared, msg: ServerMessage) {
         // overtake them. A durable one comes again when the session asks.
         if route.late.lock().is_ok_and(|late| late.draining) {
             if !progress {
-                route.overflowed.store(true, Ordering::Release);
+                route.overflowed.set();
             }
             return;
         }
-        if route.overflowed.load(Ordering::Acquire) && !progress {
+        if route.overflowed.is_set() && !progress {
             return;
         }
-        if route.tx.try_send(Routed::Event(event)).is_err() && !progress {
-            route.overflowed.store(true, Ordering::Release);
+        let seq = match &event {
+            Event::Durable { seq, .. } => Some(*seq),
+            _ => None,
+        };
+        match route.tx.try_send(Routed::Event(event)) {
+            Ok(()) => {
+                if let Some(seq) = seq {
+                    route.overflowed.took(seq);
+                }
+            }
+            Err(_) if !progress => route.overflowed.set(),
+            Err(_) => {}
         }
         return;
     }

@@ -259,7 +259,7 @@ struct Dispatcher {
     /// acknowledged as usual.
     kept_challenges: HashSet<TaskId>,
     /// The queue overflowed and events were dropped: ask for them again once caught up.
-    overflowed: Arc<AtomicBool>,
+    overflowed: Arc<crate::connection::Overflow>,
     /// Asking again failed: not before then (it is tried until it works).
     ask_again_at: Option<std::time::Instant>,
     /// Durable events were handed to the delegate since it last heard "finished events":
@@ -313,7 +313,7 @@ impl Dispatcher {
                     // the queue, then wait.
                     self.flush_acks(false);
                     let due = self.ask_again_at.is_none_or(|at| at <= std::time::Instant::now());
-                    if self.overflowed.load(Ordering::Acquire) && due {
+                    if self.overflowed.is_set() && due {
                         self.ask_again();
                     }
                     if self.finish_owed && due && !self.finish_events() {
@@ -327,7 +327,7 @@ impl Dispatcher {
                     if acking && self.ask_again_at.is_none_or(|at| at <= std::time::Instant::now()) {
                         self.ask_again_at = Some(std::time::Instant::now() + ASK_AGAIN_RETRY);
                     }
-                    let retrying = self.overflowed.load(Ordering::Acquire) || self.finish_owed || acking;
+                    let retrying = self.overflowed.is_set() || self.finish_owed || acking;
                     let next = match self.ask_again_at {
                         // Asking again waits: for an event, or until it is due.
                         Some(at) if retrying => {
@@ -583,38 +583,31 @@ impl Dispatcher {
         shared.signals.kept_challenges.store(0, Ordering::Release);
     }
 
-    /// Events were dropped because the queue was full: now that it is empty, attach again
-    /// so the daemon sends every unacknowledged event again (handled ones are acknowledged
-    /// first, so they do not come twice).
+    /// The daemon ended this attachment (`reason`), found out when asking for events.
+    fn ended_by_daemon(&self, shared: &Arc<SessionShared>, reason: DetachReason) {
+        if shared.client.unroute(&shared.identifier, shared.route) {
+            self.delegate.did_detach(&Session { shared: shared.clone() }, reason);
+            shared.signals.streams.offer(&SessionEvent::Detached(reason));
+            shared.signals.end(Ended::Daemon(reason));
+        }
+    }
+
+    /// Events were dropped because the queue was full, or a paced delivery sent all it may:
+    /// now that the queue is empty, ask for what comes after the last event it took, as
+    /// many as half the queue holds (handled ones are acknowledged first).
     fn ask_again(&mut self) {
         self.flush_acks(true);
         let Some(shared) = self.session.upgrade() else { return };
-        let Some(request) = shared.client.attach_request(&shared.identifier, shared.route) else { return };
-        // Attached on this very connection: no takeover (that could take the session back
-        // from a process that took it over meanwhile), with the configuration stored now.
-        let get = shared.client.request(Request::GetSession { identifier: shared.identifier.clone() });
-        let stored = match self.block_on(get) {
-            Some(Ok(Response::Session(info))) => Some(info.config),
-            // Gone (invalidated and removed meanwhile): attaching would make a new, empty
-            // session behind the app's back. Over, as a rejoin finds it.
-            Some(Err(e)) if e.code() == ErrorCode::NoSuchSession => {
-                if shared.client.unroute(&shared.identifier, shared.route) {
-                    let reason = DetachReason::Invalidated;
-                    self.delegate.did_detach(&Session { shared: shared.clone() }, reason);
-                    shared.signals.streams.offer(&SessionEvent::Detached(reason));
-                    shared.signals.end(Ended::Daemon(reason));
-                }
-                return;
-            }
-            _ => None,
-        };
-        let request = SessionConfiguration::reattach(request, stored);
-        debug!(session = %self.identifier, "the event queue overflowed; asking for the events again");
-        self.replay_coming(&shared);
-        // Events stay dropped until the attach's answer, in its place among them: what came
-        // before it is in the replay that follows it; let through earlier, a live event
-        // reached the delegate ahead of the older ones the replay brings.
-        let reopen = crate::connection::reopen_on_answer(self.overflowed.clone());
+        let (from_seq, room) = self.overflowed.ask();
+        debug!(session = %self.identifier, from_seq, room, "asking for the events the queue could not take");
+        // Not at rest before the replay's `finished_events`. (What it kept stays kept: the
+        // replay starts after it.)
+        shared.signals.unsettled.store(true, Ordering::Release);
+        // Events stay dropped until the answer, in its place among them: what came before it
+        // is in the replay that follows it; let through earlier, a live event reached the
+        // delegate ahead of the older ones the replay brings.
+        let reopen = crate::connection::reopen_on_answer(self.overflowed.clone(), true);
+        let request = Request::ReplayEvents { identifier: shared.identifier.clone(), from_seq, room };
         let Some(answer) = self.block_on(shared.client.request_in_order(request, reopen)) else { return };
         match answer {
             Ok(_) => {
@@ -622,18 +615,14 @@ impl Dispatcher {
                 // The replay asked for ends with its own `finished_events`.
                 self.finish_owed = false;
             }
-            Err(e) if e.code() == ErrorCode::SessionInUse => {
-                // Someone else has it now: this attachment is over.
-                if shared.client.unroute(&shared.identifier, shared.route) {
-                    self.delegate.did_detach(&Session { shared: shared.clone() }, DetachReason::TakenOver);
-                    shared.signals.streams.offer(&SessionEvent::Detached(DetachReason::TakenOver));
-                    shared.signals.end(Ended::Daemon(DetachReason::TakenOver));
-                }
-            }
+            // Gone (invalidated and removed meanwhile): over, as a rejoin finds it.
+            Err(e) if e.code() == ErrorCode::NoSuchSession => self.ended_by_daemon(&shared, DetachReason::Invalidated),
+            // Someone else has it now: this attachment is over.
+            Err(e) if e.code() == ErrorCode::SessionInUse => self.ended_by_daemon(&shared, DetachReason::TakenOver),
             Err(e) => {
                 // The dropped events are still to fetch: asked for again, later.
                 warn!(session = %self.identifier, error = %e, "asking for the events again failed; trying again in 1 s");
-                self.overflowed.store(true, Ordering::Release);
+                self.overflowed.set();
                 self.ask_again_at = Some(std::time::Instant::now() + ASK_AGAIN_RETRY);
             }
         }

@@ -195,59 +195,55 @@ async fn nobody_listening_is_not_running() {
 }
 
 /// Events keep their order across an overflow of the session's queue: while the library
-/// asks for the dropped ones again (it attaches again), an event the daemon sends before
-/// answering that attach is not handed to the delegate ahead of them; it comes in the
-/// replay, after them. A scripted daemon holds exactly that order on the wire.
+/// asks for the dropped ones again, an event the daemon sends before answering is not handed
+/// to the delegate ahead of them; it comes in the replay, after them. And the replay is
+/// paced: each event is sent again at most once (a replay of the whole backlog overflowed
+/// the queue again each time, so a slow app with N events pending was sent about N²/2Q). A
+/// scripted daemon holds exactly that order on the wire and counts what it sends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_event_never_overtakes_the_replay_of_an_overflow() {
-    use dlsession::proto::{DurableEvent, Event, Request, RequestFrame, SessionConfig, SessionInfo, TaskCounts};
+    use dlsession::proto::{DurableEvent, Event, Request, RequestFrame};
     use dlsession::{Session, SessionConfiguration};
+    use std::collections::{BTreeMap, BTreeSet};
     use std::sync::{Arc, Mutex};
 
-    enum Kind {
-        Attach,
-        Other,
-    }
-    fn session_info() -> SessionInfo {
-        SessionInfo {
-            identifier: "s".into(),
-            config: SessionConfig::default(),
-            attached: true,
-            tasks: TaskCounts::default(),
-            pending_events: 0,
-            wake: Default::default(),
-            invalidating: false,
-            created_at: 0,
-        }
-    }
+    const EVENTS: u64 = 60;
     fn completed(seq: u64) -> ServerMessage {
         let event = DurableEvent::Completed { task: seq, error: None };
         ServerMessage::Event(Event::Durable { identifier: "s".into(), seq, event })
     }
-    async fn send(s: &mut UnixStream, msg: &ServerMessage) {
-        s.write_all(&frame::encode_frame(msg).unwrap()).await.unwrap();
-    }
+    let sent_times = Arc::new(Mutex::new(BTreeMap::<u64, u32>::new()));
+    let counted = sent_times.clone();
     let (_d, path) = fake_daemon(|mut s| async move {
         welcome(&mut s).await;
-        let mut attaches = 0;
-        let mut acked: std::collections::BTreeSet<u64> = Default::default();
+        let mut asked = 0;
+        let mut acked = BTreeSet::<u64>::new();
+        let mut newest = EVENTS - 1;
+        let send = async |s: &mut UnixStream, msg: &ServerMessage| {
+            if let ServerMessage::Event(Event::Durable { seq, .. }) = msg {
+                *counted.lock().unwrap().entry(*seq).or_insert(0) += 1;
+            }
+            s.write_all(&frame::encode_frame(msg).unwrap()).await.unwrap();
+        };
         loop {
             let body = read_frame(&mut s).await;
             if body.is_empty() {
                 return;
             }
             let Ok(frame) = dlsession::proto::codec::decode::<RequestFrame>(&body) else { return };
-            let frame_kind = if matches!(frame.request, Request::Attach { .. }) { Kind::Attach } else { Kind::Other };
+            let mut replay = None;
+            let attach = matches!(frame.request, Request::Attach { .. });
             let answer = match frame.request {
-                Request::GetSession { .. } => Ok(Response::Session(session_info())),
-                Request::Attach { .. } => {
-                    attaches += 1;
-                    if attaches == 2 {
-                        // The library asks again after an overflow: a newer event goes
-                        // first, then the answer, then the replay of what is unacknowledged.
-                        send(&mut s, &completed(21)).await;
+                Request::GetSession { .. } | Request::Attach { .. } => Ok(Response::Session(session_info())),
+                Request::ReplayEvents { from_seq, room, .. } => {
+                    asked += 1;
+                    if asked == 1 {
+                        // A newer event goes first, then the answer, then the replay.
+                        newest = EVENTS;
+                        send(&mut s, &completed(EVENTS)).await;
                     }
-                    Ok(Response::Session(session_info()))
+                    replay = Some((from_seq, room));
+                    Ok(Response::Ok)
                 }
                 Request::AckEvents { seqs, .. } => {
                     acked.extend(seqs);
@@ -259,21 +255,17 @@ async fn a_live_event_never_overtakes_the_replay_of_an_overflow() {
                 _ => Ok(Response::Ok),
             };
             send(&mut s, &ServerMessage::Response { id: frame.id, result: answer }).await;
-            match attaches {
-                // Twenty events at once into a queue of four: most are dropped.
-                1 if acked.is_empty() => {
-                    for seq in 1..=20 {
-                        send(&mut s, &completed(seq)).await;
-                    }
-                    acked.insert(0);
+            if attach {
+                // Many events at once into a queue of four: most are dropped.
+                for seq in 1..EVENTS {
+                    send(&mut s, &completed(seq)).await;
                 }
-                // Every later attach (the replay overflows too) gets what is unacknowledged.
-                n if n >= 2 && matches!(frame_kind, Kind::Attach) => {
-                    for seq in (1..=21).filter(|seq| !acked.contains(seq)) {
-                        send(&mut s, &completed(seq)).await;
-                    }
+            }
+            if let Some((from, room)) = replay {
+                let due: Vec<u64> = (from..=newest).filter(|seq| !acked.contains(seq)).take(room as usize).collect();
+                for seq in due {
+                    send(&mut s, &completed(seq)).await;
                 }
-                _ => {}
             }
         }
     })
@@ -286,12 +278,8 @@ async fn a_live_event_never_overtakes_the_replay_of_an_overflow() {
             task: &dlsession::DownloadTask,
             _: Option<&dlsession::TaskError>,
         ) {
-            let mut heard = self.0.lock().unwrap();
-            if !heard.contains(&task.id()) {
-                heard.push(task.id());
-            }
-            drop(heard);
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            self.0.lock().unwrap().push(task.id());
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
     }
     let client = Client::connect(ClientOptions { event_queue: 4, ..options(path) }).await.unwrap();
@@ -299,12 +287,14 @@ async fn a_live_event_never_overtakes_the_replay_of_an_overflow() {
     let _session =
         Session::attach_with(&client, SessionConfiguration::background("s"), delegate.clone()).await.unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while delegate.0.lock().unwrap().len() < 21 {
+    while delegate.0.lock().unwrap().len() < EVENTS as usize {
         assert!(std::time::Instant::now() < deadline, "heard only {:?}", delegate.0.lock().unwrap());
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let heard = delegate.0.lock().unwrap().clone();
-    assert_eq!(heard, (1..=21).collect::<Vec<u64>>(), "events heard out of their order");
+    assert_eq!(heard, (1..=EVENTS).collect::<Vec<u64>>(), "events heard out of their order, or twice");
+    let most = sent_times.lock().unwrap().values().copied().max().unwrap();
+    assert!(most <= 2, "an event was sent {most} times: {:?}", sent_times.lock().unwrap());
 }
 
 /// An event the delegate handled whose acknowledgement was lost with the connection comes

@@ -25,7 +25,8 @@
 //! answers in the client's version and sends it messages in that version's shapes
 //! ([`v1`] holds the frozen shapes of protocol 1 and the conversions; [`v2`] maps what
 //! protocol 3 appended onto protocol 2's variants; [`v3`] holds protocol 3's shapes of what
-//! protocol 4 changed; [`v6`] maps the error code protocol 7 appended).
+//! protocol 4 changed; [`v6`] maps the error code protocol 7 appended; protocol 8 appended a
+//! request only, so its clients' messages need no mapping).
 //!
 //! A frame is a big-endian `u32` payload length followed by that many bytes of bincode
 //! (standard config: varint integers, little endian). The length is checked against
@@ -58,7 +59,7 @@ pub use task::*;
 pub const MAGIC: [u8; 4] = *b"DLSD";
 
 /// Bumped whenever a message type changes in a way an older peer cannot decode.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// The oldest protocol version a daemon of this build still serves (see [`v1`]).
 pub const MIN_PROTOCOL_VERSION: u16 = 1;

@@ -147,6 +147,15 @@ pub enum Request {
     /// broke), so a creation the daemon had committed is not made twice. Keys are kept a
     /// day. → the inner request's answer ([`Response::TasksCreated`]).
     Once { key: u128, request: CreateRequest },
+    // Protocol 8.
+    /// Paced delivery, for a client whose queue overflowed: the session attached on this
+    /// connection has its unacknowledged events sent again from `from_seq` on (the client
+    /// has those before it), in order after the answer, at most `room` of them; after
+    /// `room` durable events the daemon holds the rest until the client asks again (from
+    /// the seq after the last it took). `finished_events` follows once every event is out.
+    /// Pacing lasts until the next attach. `session_in_use` when this connection is not the
+    /// one attached. → [`Response::Ok`]
+    ReplayEvents { identifier: String, from_seq: u64, room: u32 },
 }
 
 /// A request that creates tasks, as [`Request::Once`] carries it: its own type, not a
@@ -401,6 +410,7 @@ impl Request {
             Request::GetSessionClientCert { .. } => "get_session_client_cert",
             Request::ResumeTasks { .. } => "resume_tasks",
             Request::Once { request, .. } => request.name(),
+            Request::ReplayEvents { .. } => "replay_events",
         }
     }
 }

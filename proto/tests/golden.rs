@@ -493,11 +493,12 @@ fn handshake_is_frozen() {
     check(5, "hello", &hello);
     check(6, "hello", &hello);
     check(7, "hello", &hello);
+    check(8, "hello", &hello);
     let welcome = Welcome { daemon_version: "0.1.0".into(), pid: 4242, connection_id: 7 };
-    for version in 1..=7 {
+    for version in 1..=8 {
         check(version, "welcome", &frame::encode_frame(&welcome).unwrap());
     }
-    assert_eq!(&Preamble::ours(HandshakeStatus::Ok).to_bytes(), b"DLSD\x00\x07\x00\x00");
+    assert_eq!(&Preamble::ours(HandshakeStatus::Ok).to_bytes(), b"DLSD\x00\x08\x00\x00");
     assert_eq!(&Preamble { version: 9, status: HandshakeStatus::VersionMismatch }.to_bytes(), b"DLSD\x00\x09\x00\x01");
 }
 
@@ -530,6 +531,7 @@ fn requests_are_frozen_and_round_trip() {
         check(5, name, &bytes);
         check(6, name, &bytes);
         check(7, name, &bytes);
+        check(8, name, &bytes);
         let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![frame], "{name} does not round-trip");
     }
@@ -542,6 +544,7 @@ fn requests_are_frozen_and_round_trip() {
         check(5, name, &bytes);
         check(6, name, &bytes);
         check(7, name, &bytes);
+        check(8, name, &bytes);
         let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![frame], "{name} does not round-trip");
     }
@@ -553,6 +556,7 @@ fn requests_are_frozen_and_round_trip() {
         check(5, name, &bytes);
         check(6, name, &bytes);
         check(7, name, &bytes);
+        check(8, name, &bytes);
         let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![frame], "{name} does not round-trip");
     }
@@ -563,6 +567,7 @@ fn requests_are_frozen_and_round_trip() {
         check(5, name, &bytes);
         check(6, name, &bytes);
         check(7, name, &bytes);
+        check(8, name, &bytes);
         let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![frame], "{name} does not round-trip");
     }
@@ -572,6 +577,7 @@ fn requests_are_frozen_and_round_trip() {
     check(5, "req_resume_tasks", &bytes);
     check(6, "req_resume_tasks", &bytes);
     check(7, "req_resume_tasks", &bytes);
+    check(8, "req_resume_tasks", &bytes);
     let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
     assert_eq!(back, vec![frame], "req_resume_tasks does not round-trip");
     // Protocol 6 only appended a request: protocol 5's messages are unchanged.
@@ -584,8 +590,18 @@ fn requests_are_frozen_and_round_trip() {
     let bytes = frame::encode_frame(&frame).unwrap();
     check(6, "req_once", &bytes);
     check(7, "req_once", &bytes);
+    check(8, "req_once", &bytes);
     let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
     assert_eq!(back, vec![frame], "req_once does not round-trip");
+    // Protocol 8 only appended a request: protocol 7's messages are unchanged.
+    let frame = RequestFrame {
+        id: 0x1234,
+        request: Request::ReplayEvents { identifier: "s".into(), from_seq: 1 << 33, room: 2048 },
+    };
+    let bytes = frame::encode_frame(&frame).unwrap();
+    check(8, "req_replay_events", &bytes);
+    let back: Vec<RequestFrame> = frame::decode_frames(&bytes).unwrap();
+    assert_eq!(back, vec![frame], "req_replay_events does not round-trip");
 }
 
 #[test]
@@ -596,6 +612,7 @@ fn server_messages_are_frozen_and_round_trip() {
         check(5, name, &bytes);
         check(6, name, &bytes);
         check(7, name, &bytes);
+        check(8, name, &bytes);
         let back: Vec<ServerMessage> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![msg.clone()], "{name} does not round-trip");
         // Protocols 2 and 3 get the bytes they always got.
@@ -612,6 +629,7 @@ fn server_messages_are_frozen_and_round_trip() {
         check(5, name, &bytes);
         check(6, name, &bytes);
         check(7, name, &bytes);
+        check(8, name, &bytes);
         let back: Vec<ServerMessage> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![msg.clone()], "{name} does not round-trip");
         check(3, name, &frame::encode_server_frame(3, msg).unwrap());
@@ -622,6 +640,7 @@ fn server_messages_are_frozen_and_round_trip() {
         check(5, name, &bytes);
         check(6, name, &bytes);
         check(7, name, &bytes);
+        check(8, name, &bytes);
         let back: Vec<ServerMessage> = frame::decode_frames(&bytes).unwrap();
         assert_eq!(back, vec![msg], "{name} does not round-trip");
     }
@@ -722,6 +741,7 @@ fn older_clients_get_shutting_down_as_internal() {
     let msg = ServerMessage::Response { id: 9, result: Err(refusal.clone()) };
     let bytes = frame::encode_frame(&msg).unwrap();
     check(7, "resp_err_shutting_down", &bytes);
+    check(8, "resp_err_shutting_down", &bytes);
     assert_eq!(frame::encode_server_frame(7, msg.clone()).unwrap(), bytes);
     let internal = ServerMessage::Response { id: 9, result: Err(ErrorInfo { code: ErrorCode::Internal, ..refusal }) };
     for version in 2..=6 {

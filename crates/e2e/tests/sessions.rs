@@ -1177,3 +1177,88 @@ async fn a_wake_waiting_for_a_slot_is_answered_when_its_session_goes() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Paced delivery (`ReplayEvents`, what the library asks once its event queue overflowed):
+/// the daemon sends at most `room` events from `from_seq` on, holds the rest until asked
+/// again, and ends with `finished_events` once every one is out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paced_replay_sends_no_more_than_the_room_asked_for() {
+    use dlsession::proto::handshake::{HandshakeStatus, Preamble};
+    use dlsession::proto::{ClientHello, Event, RequestFrame, ServerMessage, frame};
+    use std::io::{Read, Write};
+
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let c = dlsession_testkit::app::client(&env).await;
+    c.request(Request::OpenSession { identifier: "t.paced".into(), config: None }).await.unwrap();
+    let specs: Vec<TaskSpec> = (0..6u64)
+        .map(|i| {
+            server.add(&format!("/p{i}"), Resource::generated(500, 70 + i));
+            TaskSpec::get(server.url(&format!("/p{i}")))
+        })
+        .collect();
+    c.create_tasks("t.paced", specs, true).await.unwrap();
+    wait_for("every download to finish", LONG, || {
+        match block(c.request(Request::GetSession { identifier: "t.paced".into() })) {
+            Ok(Response::Session(info)) if info.pending_events >= 12 => Some(()),
+            _ => None,
+        }
+    });
+    let socket = env.socket.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        let mut opening = Preamble::ours(HandshakeStatus::Ok).to_bytes().to_vec();
+        let hello = ClientHello { client_name: "raw".into(), client_version: "0".into(), app_id: None, umask: None };
+        opening.extend(frame::encode_frame(&hello).unwrap());
+        s.write_all(&opening).unwrap();
+        let mut pre = [0u8; 8];
+        s.read_exact(&mut pre).unwrap();
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).unwrap();
+        s.read_exact(&mut vec![0u8; u32::from_be_bytes(len) as usize]).unwrap();
+        let next = |s: &mut std::os::unix::net::UnixStream, wait: Duration| -> Option<ServerMessage> {
+            s.set_read_timeout(Some(wait)).unwrap();
+            let mut len = [0u8; 4];
+            s.read_exact(&mut len).ok()?;
+            let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+            s.read_exact(&mut body).unwrap();
+            Some(dlsession::proto::codec::decode(&body).unwrap())
+        };
+        let send = |s: &mut std::os::unix::net::UnixStream, id: u64, request: Request| {
+            s.write_all(&frame::encode_frame(&RequestFrame { id, request }).unwrap()).unwrap();
+        };
+        // What comes after a request until nothing more does: durable seqs, and whether
+        // `finished_events` came.
+        let heard = |s: &mut std::os::unix::net::UnixStream| -> (Vec<u64>, bool) {
+            let (mut seqs, mut finished) = (Vec::new(), false);
+            while let Some(msg) = next(s, Duration::from_millis(400)) {
+                match msg {
+                    ServerMessage::Event(Event::Durable { seq, .. }) => seqs.push(seq),
+                    ServerMessage::Event(Event::FinishedEvents { .. }) => finished = true,
+                    _ => {}
+                }
+            }
+            (seqs, finished)
+        };
+        let config = Default::default();
+        send(&mut s, 1, Request::Attach { identifier: "t.paced".into(), config, takeover: false });
+        let (all, finished) = heard(&mut s);
+        assert_eq!(all.len(), 12, "an attach replays everything: {all:?}");
+        assert!(finished);
+        let mut got = Vec::new();
+        let mut from = all[0];
+        for round in 0..3 {
+            send(&mut s, 10 + round, Request::ReplayEvents { identifier: "t.paced".into(), from_seq: from, room: 5 });
+            let (seqs, finished) = heard(&mut s);
+            let want = if round < 2 { 5 } else { 2 };
+            assert_eq!(seqs.len(), want, "round {round}: {seqs:?}");
+            assert_eq!(finished, round == 2, "finished_events only once every event is out (round {round})");
+            from = seqs.last().unwrap() + 1;
+            got.extend(seqs);
+        }
+        assert_eq!(got, all, "each pending event once, in order");
+    })
+    .await
+    .unwrap();
+}

@@ -43,8 +43,9 @@ impl Core {
         loop {
             let mut room = c.handle.out.room();
             let mut sent = None;
+            let mut credit = s.credit;
             for (seq, ev) in s.undelivered() {
-                if room < 2 {
+                if room < 2 || credit == Some(0) {
                     break;
                 }
                 // Progress that is still coalescing goes out before the task's events, except
@@ -60,10 +61,16 @@ impl Core {
                 c.handle.event(Event::Durable { identifier, seq: *seq, event: ev.event.clone() });
                 room -= 1;
                 sent = Some(*seq);
+                credit = credit.map(|c| c.saturating_sub(1));
             }
+            s.credit = credit;
             s.delivered = sent.unwrap_or(s.delivered);
             if s.undelivered().next().is_none() {
                 break;
+            }
+            // The client asks for more once it has caught up (`replay_from`).
+            if s.credit == Some(0) {
+                return;
             }
             if !c.handle.out.hold() {
                 return;
@@ -99,6 +106,30 @@ impl Core {
         s.replaying = false;
         s.delivered = 0;
         s.replay_tail = true;
+        s.credit = None;
+        self.deliver(key);
+    }
+
+    /// The attached client has the events before `from_seq` and room for `room` more (its
+    /// queue was full, and it dropped the rest): answered, then the unacknowledged events
+    /// from `from_seq` on, `room` at most, then, once every one is out, `finished_events`.
+    /// From then on it gets `room` events each time it asks: a replay of everything (another
+    /// attach) filled a slow app's queue again each time, sending its whole backlog again
+    /// for every queue it could take.
+    pub(super) fn replay_from(&mut self, conn: ConnId, id: u64, key: SessionKey, from_seq: u64, room: u32) {
+        let Some(s) = self.sessions.get_mut(&key) else { return };
+        if s.attached != Some(conn) {
+            let e =
+                ErrorInfo::new(ErrorCode::SessionInUse, "this connection is not attached to the session; attach first");
+            return self.reply(conn, id, Err(e));
+        }
+        // An attach's replay on its way sends everything anyway.
+        if !s.replaying {
+            s.delivered = s.delivered.min(from_seq.saturating_sub(1));
+            s.replay_tail = true;
+            s.credit = Some(u64::from(room));
+        }
+        self.reply(conn, id, Ok(Response::Ok));
         self.deliver(key);
     }
 

@@ -101,6 +101,7 @@ impl Core {
             | Request::GetConditions
             | Request::Unwatch
             | Request::AckEvents { .. }
+            | Request::ReplayEvents { .. }
             | Request::Wake { .. }
             | Request::CreateTasks { .. }
             | Request::CreateUploads { .. }

@@ -28,6 +28,9 @@ pub(super) struct Session {
     /// A replay's `finished_events` is owed, once every event is out (a slow reader gets
     /// them a window at a time).
     pub replay_tail: bool,
+    /// How many more durable events the attached client has room for, once it has asked
+    /// for a paced replay (`ReplayEvents`); `None`: as many as come.
+    pub credit: Option<u64>,
     /// Highest seq known committed.
     pub committed: u64,
     /// Unacknowledged durable events (change them through `push_event` / `take_event`).
@@ -89,6 +92,7 @@ impl Session {
             replaying: false,
             delivered: 0,
             replay_tail: false,
+            credit: None,
             committed: 0,
             events: BTreeMap::new(),
             pending_by_task: HashMap::new(),
@@ -141,6 +145,7 @@ impl Session {
             self.attached = None;
             self.replaying = false;
             self.replay_tail = false;
+            self.credit = None;
         }
     }
 

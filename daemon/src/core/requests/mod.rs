@@ -172,6 +172,11 @@ impl Core {
                 self.acknowledge(conn, id, key, seqs);
                 Ok(Answer::Later)
             }
+            Request::ReplayEvents { identifier, from_seq, room } => {
+                let key = self.sessions.key_of(&identifier)?;
+                self.replay_from(conn, id, key, from_seq, room);
+                Ok(Answer::Later)
+            }
             Request::AcknowledgeTasks { tasks } => self.acknowledge_tasks(conn, id, tasks),
             Request::FinishTasksAndInvalidate { identifier } => {
                 self.finish_and_invalidate(conn, id, &identifier, false)
@@ -271,7 +276,8 @@ fn access(request: &Request) -> Access {
         | Request::GetSessionCookies { .. }
         | Request::GetSessionProxy { .. }
         | Request::GetSessionChallenges { .. }
-        | Request::GetSessionClientCert { .. } => Access::Read,
+        | Request::GetSessionClientCert { .. }
+        | Request::ReplayEvents { .. } => Access::Read,
         // These check for themselves: they write only when something changes.
         Request::Attach { .. }
         | Request::Detach { .. }
