@@ -69,6 +69,9 @@ impl CookieJar {
         let cookies: Vec<RawCookie<'static>> = headers
             .get_all(SET_COOKIE)
             .iter()
+            // No more than a domain holds: HTTP/2's compressed headers carry tens of thousands
+            // of short lines in a megabyte, and each new cookie looks over the whole jar.
+            .take(MAX_PER_DOMAIN)
             // The whole line is kept with the cookie: one longer than a cookie and its
             // attributes need (a megabyte of unknown attributes) is refused.
             .filter(|v| v.len() <= MAX_SET_COOKIE_BYTES)
@@ -335,6 +338,20 @@ mod tests {
 
     /// A jar filled by many hosts of one server makes room for another site's cookie from
     /// the fullest domain.
+    #[test]
+    fn one_response_sets_no_more_cookies_than_a_domain_holds() {
+        let (jar, _) = CookieJar::load(None, || {});
+        let url = Url::parse("https://flood.example.org/").unwrap();
+        let values: Vec<String> = (0..20_000).map(|i| format!("c{i}=1; Path=/")).collect();
+        let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+        jar.take_from(&url, &set_cookies(&refs));
+        assert_eq!(jar.unexpired(), MAX_PER_DOMAIN);
+        let sent = jar.header_for(&url).unwrap();
+        // The first lines were taken; the rest were never looked at (before, each one pushed
+        // out an earlier one, the whole jar counted for every line).
+        assert!(sent.contains("c0=1") && !sent.contains("c19999=1"), "{sent}");
+    }
+
     #[test]
     fn a_full_jar_makes_room_from_the_fullest_domain() {
         let (jar, _) = CookieJar::load(None, || {});

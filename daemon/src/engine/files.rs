@@ -6,7 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::sync::Arc;
 
 use rustix::fs::{CWD, RenameFlags};
@@ -103,7 +103,6 @@ fn marked_size(to: &Path, mark: &str, sha256: Option<[u8; 32]>) -> Option<u64> {
 /// two, the other being `also`: a hard link left by a move that crashed between its link
 /// and its unlink). Anything else may be someone else's and is never taken for ours.
 fn open_own(to: &Path, allowed: u32, also: Option<&Path>) -> Option<(File, std::fs::Metadata)> {
-    use std::os::unix::fs::MetadataExt;
     let euid = rustix::process::geteuid().as_raw();
     // Never opened unless it looks like a candidate (a device or FIFO is not opened at all).
     let looked = std::fs::symlink_metadata(to).ok()?;
@@ -556,11 +555,26 @@ fn create_dirs_durably(dir: &Path, mode: u32) -> io::Result<()> {
         match std::fs::DirBuilder::new().mode(0o700).create(d) {
             // Set explicitly: the daemon's own umask (whatever started it: an autostarting
             // app's, or a unit's) must not decide the user's new directories' mode.
+            // Through a descriptor of the directory itself, never a link put in its place.
             Ok(()) => {
-                std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode))?;
+                let made = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                    .open(d)?;
+                made.set_permissions(std::fs::Permissions::from_mode(mode))?;
                 sync_parent(d)?;
             }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            // Made by someone else since we looked: only a directory of ours is used (another
+            // user's could swap the file once it is delivered).
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let meta = std::fs::symlink_metadata(d)?;
+                if !meta.is_dir() || meta.uid() != rustix::process::geteuid().as_raw() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!("{} appeared meanwhile, not a directory of ours", d.display()),
+                    ));
+                }
+            }
             Err(e) => return Err(e),
         }
     }

@@ -232,11 +232,16 @@ impl Engine {
             // The server offers resumption in an informational response while the body goes.
             let (offers_tx, mut offers) = mpsc::unbounded_channel::<String>();
             if with_body && !appending {
+                // One offer at most is passed on, no longer than a task's URL may be: a server
+                // sending thousands of 104s with megabyte locations queues nothing.
+                let (passed, max_len) = (std::sync::atomic::AtomicBool::new(false), self.settings.max_url_len);
                 hyper::ext::on_informational(&mut req, move |res| {
                     let offered = res.status().as_u16() == 104
                         && res.headers().get(INTEROP).and_then(|v| v.to_str().ok()) == Some(INTEROP_VERSION);
                     if let Some(location) = location(res.headers())
                         && offered
+                        && location.len() <= max_len
+                        && !passed.swap(true, Ordering::AcqRel)
                     {
                         let _ = offers_tx.send(location);
                     }
@@ -844,7 +849,15 @@ fn write_synced(part: &Path, to: &Path, data: &[u8], mode: u32) -> io::Result<()
         // Private, as every directory of the cache (whatever the daemon's umask).
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     }
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(part)?;
+    // Never through a link planted in its place, and the app's mode whatever our umask.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(part)?;
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
     f.write_all(data)?;
     f.sync_data()?;
     std::fs::rename(part, to)?;
