@@ -423,6 +423,44 @@ async fn a_notification_tells_the_user_and_its_action_relaunches_the_app() {
     assert!(policy.contains("notifies when done"), "{policy}");
 }
 
+/// A notification server that comes after the daemon (a user service started before the
+/// desktop's) still shows the notices that come later: the service is looked for again at the
+/// next notice (the first failure ended notifications for the daemon's whole life).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_show_once_their_server_comes() {
+    let env = TestEnv::new();
+    env.set_config("wake_initial_ms", "500");
+    env.set_config("wake_answer_ms", "300");
+    let mut bus = PrivateBus::start(env.path());
+    let d = TestDaemon::start_with_env(&env, &[("DBUS_SESSION_BUS_ADDRESS", std::ffi::OsStr::new(&bus.address))]);
+    let server = TestServer::start().await.unwrap();
+    server.add("/ok", Resource::generated(10_000, 2));
+    let marker = env.path().join("relaunched");
+    let script = env.path().join("app.sh");
+    std::fs::write(&script, format!("#!/bin/sh\necho \"$DLSESSION_WAKE_REASON\" >> {}\n", marker.display())).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (delegate, _events) = Recorder::new(&env.path().join("out"));
+    let config = config(&env, "t.late").notify(true).launch_command([script.display().to_string()]);
+    let session = Session::attach(config, delegate).await.unwrap();
+    session.detach().await.unwrap();
+    drop(session);
+    let c = dlsession_testkit::app::client(&env).await;
+    c.request(dlsession::proto::Request::CreateTasks {
+        identifier: "t.late".into(),
+        tasks: vec![dlsession::proto::TaskSpec::get(server.url("/ok"))],
+        resume: true,
+    })
+    .await
+    .unwrap();
+    file_with(&marker, "finished_events", "the first relaunch").await;
+    d.wait_logged("session notifications cannot be shown", LONG);
+    let log = env.path().join("notifications.log");
+    bus.mock_session_template("notification_daemon", "org.freedesktop.Notifications", &log);
+    // The app never attaches: the next wake (the backoff) tells the user.
+    let shown = file_with(&log, "Notify", "a notification once the server is there").await;
+    assert!(shown.contains("t.late"), "{shown}");
+}
+
 /// A system service that hangs counts as absent for that read only: the other service's
 /// facts are kept (a hung UPower lost NetworkManager's "metered" too).
 #[test]
