@@ -338,6 +338,45 @@ async fn resume_data_continues_at_the_offset() {
     assert_eq!(err.code(), ErrorCode::InvalidRequest);
 }
 
+/// A kept partial file that cannot be taken (here: its task's directory cannot be made) is
+/// refused as a `file_error`, the bytes kept: before, any error counted as "the file is
+/// gone" and the new task silently started from zero, the kept file left to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_data_whose_file_cannot_be_taken_is_refused_not_restarted() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let len = 8u64 << 20;
+    server.add("/big", Resource::generated(len, 4).throttle(4 << 20));
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.adopt"), delegate).await.unwrap();
+    let task = session.download_tasks(vec![DownloadRequest::new(server.url("/big"))], true).await.unwrap().remove(0);
+    events
+        .wait("2 MiB", LONG, |e| matches!(e, Seen::Progress { task: t, total } if *t == task.id() && *total >= 2 << 20))
+        .await;
+    let data = task.cancel_producing_resume_data().await.unwrap();
+    assert_eq!(events.completion(task.id(), LONG).await.unwrap().code, ErrorCode::Cancelled);
+    // The session's cache directory becomes a file: the new task's partial file has nowhere to go.
+    let dir = std::fs::read_dir(env.downloads_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('s')) && p.is_dir())
+        .expect("the session's directory");
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::write(&dir, b"in the way").unwrap();
+    let err = session.download_task_with_resume_data(&data).await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::FileError, "{err}");
+    assert!(err.to_string().contains("kept partial file"), "{err}");
+    // Out of the way, the same resume data continues where it stopped.
+    std::fs::remove_file(&dir).unwrap();
+    let resumed = session.download_task_with_resume_data(&data).await.unwrap();
+    resumed.resume().await.unwrap();
+    assert_eq!(events.completion(resumed.id(), LONG).await, None);
+    let from = server.requests_for("/big").pop().unwrap().range.unwrap_or_default();
+    assert!(from.starts_with("bytes=") && from != "bytes=0-", "continued, not from zero: {from}");
+}
+
 /// An old handle of a session, dropped after the identifier was attached again on the same
 /// connection, does not detach the new attachment (whose events keep coming).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -354,23 +354,34 @@ pub enum Adoption {
 }
 
 /// Gives task `part` the kept file `kept` (on a blocking thread).
-pub(super) fn adopt(kept: &Path, part: &Path) -> Adoption {
-    let moved = part.parent().map(private_dir).transpose().and_then(|_| std::fs::rename(kept, part));
-    match moved {
-        Ok(()) => {
-            // Both entries durable before the new task's commit names the offset: else a
-            // power cut could put the file back in resume/, for the same blob to adopt again.
-            let synced = crate::engine::files::sync_parent(part).and_then(|()| crate::engine::files::sync_parent(kept));
-            if let Err(e) = synced {
-                warn!(error = %e, "cannot sync the directories of an adopted partial file");
-            }
-            Adoption::Adopted { kept: kept.to_path_buf(), part: part.to_path_buf() }
-        }
-        Err(e) => {
-            info!(error = %e, "resume data's partial file is gone; the new task starts from zero");
-            Adoption::None
-        }
+pub(super) fn adopt(kept: &Path, part: &Path) -> Result<Adoption, ErrorInfo> {
+    let refused = |what: &str, e: io::Error| {
+        ErrorInfo::new(
+            ErrorCode::FileError,
+            format!("cannot take the kept partial file of this resume data ({what}: {e}); it stays, try again"),
+        )
+    };
+    if let Some(dir) = part.parent() {
+        private_dir(dir).map_err(|e| refused("its task's directory", e))?;
     }
+    match std::fs::rename(kept, part) {
+        Ok(()) => {}
+        // Taken by another task, or expired: the new task starts from zero.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            info!("resume data's partial file is gone; the new task starts from zero");
+            return Ok(Adoption::None);
+        }
+        // Anything else (EIO, EACCES) is no reason to throw the kept bytes away.
+        Err(e) => return Err(refused("moving it", e)),
+    }
+    // Both entries durable before the new task's commit names the offset: else a power cut
+    // could put the file back in resume/, for the same blob to adopt again.
+    let synced = crate::engine::files::sync_parent(part).and_then(|()| crate::engine::files::sync_parent(kept));
+    if let Err(e) = synced {
+        let _ = std::fs::rename(part, kept);
+        return Err(refused("syncing its directories", e));
+    }
+    Ok(Adoption::Adopted { kept: kept.to_path_buf(), part: part.to_path_buf() })
 }
 
 /// What the filesystem says about a destination that passed `task`: not a directory, and

@@ -237,8 +237,14 @@ pub fn open(path: &Path) -> Result<(Connection, Check), StoreError> {
     // FULL: a commit is on disk before we acknowledge anything that depends on it.
     conn.pragma_update(None, "synchronous", "FULL").map_err(open_err)?;
     conn.pragma_update(None, "foreign_keys", true).map_err(open_err)?;
+    // The WAL grows to the largest transaction between checkpoints (a batch of 10,000 tasks,
+    // a prune of the history) and would stay that size for the daemon's life.
+    conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT).map_err(open_err)?;
     Ok((migrate(conn, version, path)?, check))
 }
+
+/// The size the WAL is cut back to after a checkpoint, in bytes.
+pub const JOURNAL_SIZE_LIMIT: i64 = 64 << 20;
 
 /// Whether the file still has to pass `PRAGMA quick_check`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -281,6 +287,7 @@ pub fn reopen(path: &Path) -> Result<Connection, StoreError> {
     conn.busy_timeout(Duration::from_secs(5)).map_err(open_err)?;
     conn.pragma_update(None, "synchronous", "FULL").map_err(open_err)?;
     conn.pragma_update(None, "foreign_keys", true).map_err(open_err)?;
+    conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT).map_err(open_err)?;
     Ok(conn)
 }
 

@@ -164,7 +164,10 @@ impl Core {
                     if let Some((dest, overwrite)) = dest {
                         disk::destination_on_disk(&dest, overwrite, &own)?;
                     }
-                    let adoption = kept.map_or(Adoption::None, |kept| disk::adopt(&kept, &part));
+                    let adoption = match kept {
+                        Some(kept) => disk::adopt(&kept, &part)?,
+                        None => Adoption::None,
+                    };
                     Ok(Prepared { resume: Some((task_id, adoption)), uploads: Vec::new(), client_cert: None })
                 });
                 return Ok(Answer::Later);
