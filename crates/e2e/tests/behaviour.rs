@@ -840,6 +840,35 @@ async fn an_app_that_leaves_finds_its_results_when_it_rejoins() {
     });
 }
 
+/// Dated tasks start at their dates, in date order, and one taken off the queue before its
+/// date (suspended) does not start then: all of them share one timer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dated_tasks_start_at_their_dates_and_not_when_taken_off() {
+    use dlsession::proto::TaskSpec;
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    for (i, path) in ["/first", "/taken-off", "/later"].iter().enumerate() {
+        s.add(path, Resource::generated(1000, 30 + i as u64));
+    }
+    let c = dlsession_testkit::app::client(&env).await;
+    c.request(Request::OpenSession { identifier: "t.dated".into(), config: None }).await.unwrap();
+    let start = now_ms();
+    let dated =
+        |path: &str, after_ms: u64| TaskSpec { earliest_begin: Some(start + after_ms), ..TaskSpec::get(s.url(path)) };
+    let ids = c
+        .create_tasks("t.dated", vec![dated("/later", 3_000), dated("/taken-off", 1_500), dated("/first", 1_500)], true)
+        .await
+        .unwrap();
+    c.request(Request::ControlTask { task: ids[1], action: TaskAction::Suspend }).await.unwrap();
+    dlsession_testkit::wait_for("the first date's task", LONG, || (s.hits("/first") > 0).then_some(()));
+    assert!(now_ms() >= start + 1_500, "not before its date");
+    assert_eq!(s.hits("/later"), 0, "not before its own date");
+    dlsession_testkit::wait_for("the later date's task", LONG, || (s.hits("/later") > 0).then_some(()));
+    assert!(now_ms() >= start + 3_000, "not before its date");
+    assert_eq!(s.hits("/taken-off"), 0, "suspended before its date: never started");
+}
+
 /// A watcher hears why a new task waits once it is placed: a task created to start in an
 /// hour is told as waiting for its `earliest_begin` (before, its only update said queued
 /// with no reason, "may start now", until it started an hour later).

@@ -30,6 +30,7 @@ mod convert;
 mod cookies;
 mod creations;
 mod credentials;
+mod dated;
 mod delivery;
 mod disk;
 mod dormant;
@@ -250,6 +251,8 @@ pub struct Core {
     status: Option<StatusReport>,
     life: Lifecycle,
     housekeeping: Housekeeping,
+    /// Queued tasks waiting for their `earliest_begin`, and their one timer.
+    dated: dated::Dated,
     rng: u64,
     /// How relaunched apps are started (in a scope of their own under systemd).
     launch_scope: crate::launcher::Scope,
@@ -371,6 +374,7 @@ impl Core {
             status: StatusReport::from_env(),
             life: Lifecycle::default(),
             housekeeping: Housekeeping::default(),
+            dated: dated::Dated::default(),
             rng: seed(),
             launch_scope: crate::launcher::Scope::detect(),
             bandwidth: Arc::new(crate::engine::limiter::RateLimiter::new(global_limit)),
@@ -631,7 +635,8 @@ impl Core {
     fn fire_timers(&mut self) {
         while let Some(timer) = self.timers.pop_due() {
             match timer {
-                Timer::Begin(id) | Timer::Retry(id) => self.on_task_timer(id),
+                Timer::Retry(id) => self.on_task_timer(id),
+                Timer::Dated => self.on_dated_timer(),
                 Timer::HeldDeadline(id) => self.on_held_deadline(id),
                 Timer::Wake(key) => self.on_wake_timer(key),
                 Timer::WakeUnanswered(key) => self.on_wake_unanswered(key),

@@ -23,7 +23,8 @@ pub type Mono = u64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Timer {
-    Begin(TaskId),
+    /// The first `earliest_begin` of a queued task, or the next look at the wall clock.
+    Dated,
     Retry(TaskId),
     Wake(SessionKey),
     /// A `wake` went to a running app that has not rejoined the session since: relaunch.

@@ -141,13 +141,10 @@ impl Core {
         }
         match t.rec.earliest_begin.filter(|&at| at > now) {
             Some(at) => {
-                // A date: when the timer fires, the wall clock is asked again (it may
-                // have been set back meanwhile). It is asked at least every
-                // `BEGIN_RECHECK` too: the monotonic clock stops while the machine sleeps,
-                // and a wall clock set forward brings the date nearer.
-                let at = self.timers.at_wall(at).min(self.timers.after(BEGIN_RECHECK));
-                t.timer = Some(at);
-                self.timers.set(at, Timer::Begin(id));
+                // A date: in no lane until it comes (`t.timer` says so; `dated` holds it).
+                t.timer = Some(self.timers.at_wall(at));
+                self.dated.insert(at, id);
+                self.arm_dated();
             }
             None => {
                 let (lane, prio) = (t.lane(), t.rec.priority);
@@ -236,7 +233,9 @@ impl Core {
         match state {
             TaskState::Queued => {
                 self.slots.unqueue(&lane, prio, id);
-                self.clear_timer(timer, Timer::Begin(id));
+                if let (Some(_), Some(at)) = (timer, self.tasks.get(&id).and_then(|t| t.rec.earliest_begin)) {
+                    self.dated.remove(at, id);
+                }
             }
             TaskState::Waiting => self.clear_timer(timer, Timer::Retry(id)),
             _ => {}
@@ -244,6 +243,35 @@ impl Core {
         if let Some(t) = self.tasks.get_mut(&id) {
             t.rec.retry_at = None;
         }
+    }
+
+    /// Sets the one timer of the dated tasks: at the first date, asking the wall clock
+    /// again then (it may have been set back meanwhile), and at least every `BEGIN_RECHECK`
+    /// (a wall clock set forward brings the dates nearer).
+    fn arm_dated(&mut self) {
+        let at = self.dated.first().map(|first| self.timers.at_wall(first).min(self.timers.after(BEGIN_RECHECK)));
+        // One set already comes no later (it re-arms when it fires): kept, so a stream of
+        // new dated tasks does not push the wall clock's recheck away for ever.
+        if self.dated.timer.is_some_and(|set| at.is_none_or(|at| at >= set)) {
+            return;
+        }
+        let old = std::mem::replace(&mut self.dated.timer, at);
+        self.clear_timer(old, Timer::Dated);
+        if let Some(at) = at {
+            self.set_timer(at, Timer::Dated);
+        }
+    }
+
+    /// Dated tasks whose date has come (by the wall clock) join their lanes.
+    pub(super) fn on_dated_timer(&mut self) {
+        self.dated.timer = None;
+        for id in self.dated.take_due(now_ms()) {
+            let Some(t) = self.tasks.get_mut(&id) else { continue };
+            if t.state == TaskState::Queued && t.timer.take().is_some() {
+                self.enqueue(id);
+            }
+        }
+        self.arm_dated();
     }
 
     pub(super) fn on_task_timer(&mut self, id: TaskId) {
