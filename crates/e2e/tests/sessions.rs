@@ -1222,9 +1222,7 @@ async fn a_wake_waiting_for_a_slot_is_answered_when_its_session_goes() {
 /// again, and ends with `finished_events` once every one is out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paced_replay_sends_no_more_than_the_room_asked_for() {
-    use dlsession::proto::handshake::{HandshakeStatus, Preamble};
-    use dlsession::proto::{ClientHello, Event, RequestFrame, ServerMessage, frame};
-    use std::io::{Read, Write};
+    use dlsession::proto::{Event, ServerMessage};
 
     let env = TestEnv::new();
     let _d = TestDaemon::start(&env);
@@ -1246,32 +1244,12 @@ async fn a_paced_replay_sends_no_more_than_the_room_asked_for() {
     });
     let socket = env.socket.clone();
     tokio::task::spawn_blocking(move || {
-        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
-        let mut opening = Preamble::ours(HandshakeStatus::Ok).to_bytes().to_vec();
-        let hello = ClientHello { client_name: "raw".into(), client_version: "0".into(), app_id: None, umask: None };
-        opening.extend(frame::encode_frame(&hello).unwrap());
-        s.write_all(&opening).unwrap();
-        let mut pre = [0u8; 8];
-        s.read_exact(&mut pre).unwrap();
-        let mut len = [0u8; 4];
-        s.read_exact(&mut len).unwrap();
-        s.read_exact(&mut vec![0u8; u32::from_be_bytes(len) as usize]).unwrap();
-        let next = |s: &mut std::os::unix::net::UnixStream, wait: Duration| -> Option<ServerMessage> {
-            s.set_read_timeout(Some(wait)).unwrap();
-            let mut len = [0u8; 4];
-            s.read_exact(&mut len).ok()?;
-            let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-            s.read_exact(&mut body).unwrap();
-            Some(dlsession::proto::codec::decode(&body).unwrap())
-        };
-        let send = |s: &mut std::os::unix::net::UnixStream, id: u64, request: Request| {
-            s.write_all(&frame::encode_frame(&RequestFrame { id, request }).unwrap()).unwrap();
-        };
+        let mut raw = dlsession_testkit::raw::RawClient::connect(&socket);
         // What comes after a request until nothing more does: durable seqs, and whether
         // `finished_events` came.
-        let heard = |s: &mut std::os::unix::net::UnixStream| -> (Vec<u64>, bool) {
+        let heard = |raw: &mut dlsession_testkit::raw::RawClient| -> (Vec<u64>, bool) {
             let (mut seqs, mut finished) = (Vec::new(), false);
-            while let Some(msg) = next(s, Duration::from_millis(400)) {
+            while let Some(msg) = raw.recv_within(Duration::from_millis(400)) {
                 match msg {
                     ServerMessage::Event(Event::Durable { seq, .. }) => seqs.push(seq),
                     ServerMessage::Event(Event::FinishedEvents { .. }) => finished = true,
@@ -1281,15 +1259,16 @@ async fn a_paced_replay_sends_no_more_than_the_room_asked_for() {
             (seqs, finished)
         };
         let config = Default::default();
-        send(&mut s, 1, Request::Attach { identifier: "t.paced".into(), config, takeover: false });
-        let (all, finished) = heard(&mut s);
+        raw.send([(1, Request::Attach { identifier: "t.paced".into(), config, takeover: false })]);
+        let (all, finished) = heard(&mut raw);
         assert_eq!(all.len(), 12, "an attach replays everything: {all:?}");
         assert!(finished);
         let mut got = Vec::new();
         let mut from = all[0];
         for round in 0..3 {
-            send(&mut s, 10 + round, Request::ReplayEvents { identifier: "t.paced".into(), from_seq: from, room: 5 });
-            let (seqs, finished) = heard(&mut s);
+            let replay = Request::ReplayEvents { identifier: "t.paced".into(), from_seq: from, room: 5 };
+            raw.send([(10 + round, replay)]);
+            let (seqs, finished) = heard(&mut raw);
             let want = if round < 2 { 5 } else { 2 };
             assert_eq!(seqs.len(), want, "round {round}: {seqs:?}");
             assert_eq!(finished, round == 2, "finished_events only once every event is out (round {round})");

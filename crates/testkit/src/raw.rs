@@ -44,6 +44,22 @@ impl RawClient {
         frame::decode_frames::<ServerMessage>(&bytes).expect("decode").pop().expect("one message")
     }
 
+    /// The next message, if one comes within `wait` (then the read timeout is left at `wait`).
+    pub fn recv_within(&mut self, wait: std::time::Duration) -> Option<ServerMessage> {
+        self.stream.set_read_timeout(Some(wait)).expect("set a read timeout");
+        let mut header = [0u8; frame::HEADER_LEN];
+        match self.stream.read_exact(&mut header) {
+            Ok(()) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return None,
+            Err(e) => panic!("reading a frame's header: {e}"),
+        }
+        let len = frame::payload_len(header).expect("a frame's length");
+        let mut bytes = header.to_vec();
+        bytes.resize(frame::HEADER_LEN + len, 0);
+        self.stream.read_exact(&mut bytes[frame::HEADER_LEN..]).expect("a frame's payload");
+        frame::decode_frames::<ServerMessage>(&bytes).expect("decode").pop()
+    }
+
     /// One whole frame (header and payload).
     fn frame(&mut self) -> Vec<u8> {
         let mut header = [0u8; frame::HEADER_LEN];
