@@ -303,10 +303,9 @@ impl Core {
         let Some(key) = self.tasks.get(&task).map(|t| t.rec.session) else { return };
         let Some(s) = self.sessions.get_mut(&key) else { return };
         let seqs: Vec<u64> = s
-            .events
-            .iter()
-            .filter(|(_, e)| matches!(e.event, DurableEvent::Challenge { task: t, .. } if t == task))
-            .map(|(seq, _)| *seq)
+            .pending_of(task)
+            .filter(|(_, e)| matches!(e.event, DurableEvent::Challenge { .. }))
+            .map(|(seq, _)| seq)
             .collect();
         if seqs.is_empty() {
             return;

@@ -2,7 +2,7 @@
 //!
 //! Invariants kept here and nowhere else:
 //! - every session is reachable by key and by identifier, and the two maps agree;
-//! - a session's `pending_by_task` counts exactly its unacknowledged events per task;
+//! - a session's `by_task` holds exactly its unacknowledged events' (task, seq) pairs;
 //! - sequence numbers only grow, across invalidation too: a session created later under
 //!   an old identifier numbers its events after the old one's (`seq_floor`).
 
@@ -35,8 +35,9 @@ pub(super) struct Session {
     pub committed: u64,
     /// Unacknowledged durable events (change them through `push_event` / `take_event`).
     pub events: BTreeMap<u64, EventRecord>,
-    /// How many of them each task has (so "has this task events pending?" costs nothing).
-    pending_by_task: HashMap<TaskId, u32>,
+    /// Their (task, seq) pairs: a task's events without looking over the session's (an
+    /// acknowledgement by task, a challenge withdrawn, "has this task events pending?").
+    by_task: BTreeSet<(TaskId, u64)>,
     /// How many of them are challenges (they wake the app even while other tasks run).
     pending_challenges: u32,
     /// Its tasks held in memory (not its dormant ones).
@@ -95,7 +96,7 @@ impl Session {
             credit: None,
             committed: 0,
             events: BTreeMap::new(),
-            pending_by_task: HashMap::new(),
+            by_task: BTreeSet::new(),
             pending_challenges: 0,
             tasks: BTreeSet::new(),
             counts: TaskCounts::default(),
@@ -159,7 +160,7 @@ impl Session {
     /// Adds an unacknowledged event.
     pub fn push_event(&mut self, rec: EventRecord) {
         if let Some(task) = rec.task() {
-            *self.pending_by_task.entry(task).or_default() += 1;
+            self.by_task.insert((task, rec.seq));
         }
         if matches!(rec.event, dlsession_proto::DurableEvent::Challenge { .. }) {
             self.pending_challenges += 1;
@@ -173,20 +174,20 @@ impl Session {
         if matches!(ev.event, dlsession_proto::DurableEvent::Challenge { .. }) {
             self.pending_challenges = self.pending_challenges.saturating_sub(1);
         }
-        if let Some(task) = ev.task()
-            && let Some(n) = self.pending_by_task.get_mut(&task)
-        {
-            *n -= 1;
-            if *n == 0 {
-                self.pending_by_task.remove(&task);
-            }
+        if let Some(task) = ev.task() {
+            self.by_task.remove(&(task, seq));
         }
         Some(ev)
     }
 
     /// The task has events nobody acknowledged yet.
     pub fn has_pending(&self, task: TaskId) -> bool {
-        self.pending_by_task.contains_key(&task)
+        self.pending_of(task).next().is_some()
+    }
+
+    /// The task's unacknowledged events, in order.
+    pub fn pending_of(&self, task: TaskId) -> impl Iterator<Item = (u64, &EventRecord)> {
+        self.by_task.range((task, 0)..=(task, u64::MAX)).filter_map(|&(_, seq)| self.events.get(&seq).map(|e| (seq, e)))
     }
 
     /// Undelivered events, nothing active (or a challenge to answer), nobody attached: the

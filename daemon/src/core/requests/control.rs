@@ -173,12 +173,8 @@ impl Core {
         let mut by_session: BTreeMap<SessionKey, Vec<u64>> = BTreeMap::new();
         for (key, ids) in wanted {
             let Some(s) = self.sessions.get(&key) else { continue };
-            let seqs: Vec<u64> = s
-                .events
-                .iter()
-                .filter(|(_, e)| e.task().is_some_and(|t| ids.contains(&t)))
-                .map(|(seq, _)| *seq)
-                .collect();
+            let mut seqs: Vec<u64> = ids.iter().flat_map(|&t| s.pending_of(t).map(|(seq, _)| seq)).collect();
+            seqs.sort_unstable();
             by_session.insert(key, seqs);
         }
         let last = by_session.len();
