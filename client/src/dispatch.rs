@@ -447,6 +447,9 @@ impl Dispatcher {
                     DurableEvent::Completed { task, error } => {
                         let t = self.task(&session, *task);
                         d.did_complete_with_error(&session, &t, error.as_ref());
+                        // Its last event: the handle is not kept for ever (an app that made a
+                        // million tasks held a million handles). The app's own clones stay.
+                        session.forget_task(*task);
                         SessionEvent::Completed { task: *task, error: error.clone() }
                     }
                     DurableEvent::DidBecomeInvalid { error } => {

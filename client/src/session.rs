@@ -418,6 +418,13 @@ impl Session {
     pub(crate) fn known_task(&self, id: TaskId) -> Option<DownloadTask> {
         self.shared.tasks.lock().ok()?.get(&id).cloned()
     }
+
+    /// Forgets a completed task's handle.
+    pub(crate) fn forget_task(&self, id: TaskId) {
+        if let Ok(mut known) = self.shared.tasks.lock() {
+            known.remove(&id);
+        }
+    }
 }
 
 /// A task of an attached session. `Debug` shows its URL redacted.
