@@ -102,7 +102,10 @@ pub fn prepare(path: &Path, offset: u64, hash: bool, mode: u32, progress: &Progr
             false
         }
         Ok(_) => return Err(not_regular(path)),
-        Err(_) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        // Anything else (EIO, ENOMEM) is no reason to empty the committed bytes: the attempt
+        // fails and is retried.
+        Err(e) => return Err(e),
     };
     let mut file = partial_file().create(true).truncate(false).open(path)?;
     if !existed {

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use dlsession::Client;
 use dlsession_proto::{
-    ErrorCode, Event, Header, LaunchSpec, Request, Response, SessionConfig, TaskId, TaskInfo, TaskSpec, TaskState,
-    WatchFilter,
+    ErrorCode, Event, Header, LaunchSpec, Request, Response, SessionConfig, TaskId, TaskInfo, TaskQuery, TaskSpec,
+    TaskState, WatchFilter,
 };
 
 use crate::cli::GetArgs;
@@ -194,24 +194,9 @@ fn start_time(pid: u32) -> Option<u64> {
 /// this their events would pile up with no app to collect them. Each result stays in the
 /// history (`show ID`); failures are named on stderr so none passes silently.
 pub(super) async fn collect_earlier(client: &Client, session: &str) {
-    let mut done: Vec<TaskInfo> = Vec::new();
-    let mut query = dlsession_proto::TaskQuery {
-        session: Some(session.to_owned()),
-        states: vec![TaskState::Completed],
-        after: None,
-        limit: 1000,
+    let Some(done) = completed_in(client, session, |t| collected_now(t.description.as_deref())).await else {
+        return;
     };
-    loop {
-        let page = match client.request(Request::ListTasks(query.clone())).await {
-            Ok(Response::Tasks(page)) => page,
-            _ => return,
-        };
-        done.extend(page.tasks.into_iter().filter(|t| collected_now(t.description.as_deref())));
-        match page.next_after {
-            Some(next) if query.after.is_none_or(|prev| next > prev) => query.after = Some(next),
-            _ => break,
-        }
-    }
     if done.is_empty() {
         return;
     }
@@ -466,11 +451,41 @@ pub(super) async fn drop_new_session(client: &Client, identifier: &str) {
 const QUIET_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
 const QUIET_MOST: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// The session's completed tasks that `keep` keeps, listed a page at a time; `None` if a
+/// page could not be had (what came before it is dropped too).
+async fn completed_in(client: &Client, session: &str, keep: impl Fn(&TaskInfo) -> bool) -> Option<Vec<TaskInfo>> {
+    let mut done = Vec::new();
+    let mut query =
+        TaskQuery { session: Some(session.to_owned()), states: vec![TaskState::Completed], after: None, limit: 1000 };
+    loop {
+        let Ok(Response::Tasks(page)) = client.request(Request::ListTasks(query.clone())).await else { return None };
+        done.extend(page.tasks.into_iter().filter(|t| keep(t)));
+        match page.next_after {
+            // A cursor that does not advance would loop for ever.
+            Some(next) if query.after.is_none_or(|prev| next > prev) => query.after = Some(next),
+            _ => return Some(done),
+        }
+    }
+}
+
+/// Up to this many pending tasks are asked for one by one (`GetTask`), more by listing the
+/// session's completed ones; and up to this many are watched by id, more by watching the
+/// session (a `Watch` naming 210,000 ids does not fit in a frame).
+const ASK_EACH_MAX: usize = 10_000;
+
 /// The tasks of `ids` that are completed, as the daemon says (unknown ones left out). Only
 /// while connected, and no further than the first request that fails: a daemon that went
 /// away is the watch's to notice, not a wait of a request timeout per task.
-async fn completed_among(client: &Client, ids: &HashSet<TaskId>) -> Vec<TaskInfo> {
+async fn completed_among(client: &Client, session: &str, ids: &HashSet<TaskId>) -> Vec<TaskInfo> {
     let mut done = Vec::new();
+    // Many: the session's completed tasks a page at a time, not a request per task (100,000
+    // round trips at every quiet spell).
+    if ids.len() > ASK_EACH_MAX {
+        if !client.is_connected() {
+            return done;
+        }
+        return completed_in(client, session, |t| ids.contains(&t.id)).await.unwrap_or_default();
+    }
     for id in ids {
         if !client.is_connected() {
             break;
@@ -495,7 +510,12 @@ pub(super) async fn wait(
 ) -> Result<Exit> {
     // Subscribe before asking, so nothing sent right after the Watch answer is lost.
     let mut events = client.events();
-    request_ok(client, Request::Watch(WatchFilter { session: None, tasks: ids.to_vec() })).await?;
+    let filter = if ids.len() > ASK_EACH_MAX {
+        WatchFilter { session: Some(session.to_owned()), tasks: Vec::new() }
+    } else {
+        WatchFilter { session: None, tasks: ids.to_vec() }
+    };
+    request_ok(client, Request::Watch(filter)).await?;
     let mut caught_up = Vec::new();
     let mut quiet = QUIET_FIRST;
     let mut progress = Progress::new(progress::terminal(), false);
@@ -521,7 +541,7 @@ pub(super) async fn wait(
                 // Nothing heard for a while: a task that completed before the watch took
                 // effect (collected even, by an app attached to the session) sends nothing
                 // more. Asked for, less and less often (most waits hear progress instead).
-                caught_up = completed_among(client, &pending).await;
+                caught_up = completed_among(client, session, &pending).await;
                 quiet = (quiet * 2).min(QUIET_MOST);
                 continue;
             }
