@@ -178,6 +178,30 @@ fn launch_command(
             Err(e) => Err(format!("cannot wait for {name} (pid {pid}): {e}")),
         };
         on_exit(result);
+        // What it started may outlive it and still write there (a launcher that puts the app
+        // in the background and exits): while the log grows, it is looked at until it has
+        // been quiet for `LOG_QUIET` (most apps exit for good: one more look).
+        let Some(path) = log_path else { return };
+        let size = |path: &Path| std::fs::metadata(path).map(|m| m.len()).ok();
+        let (mut last, mut quiet_since, mut grew) = (size(&path), tokio::time::Instant::now(), false);
+        check.reset();
+        loop {
+            check.tick().await;
+            let watched = path.clone();
+            let now = tokio::task::spawn_blocking(move || {
+                cap_log(&watched, LOG_CAP);
+                size(&watched)
+            })
+            .await
+            .ok()
+            .flatten();
+            if now != last {
+                (last, quiet_since, grew) = (now, tokio::time::Instant::now(), true);
+            } else if !grew || quiet_since.elapsed() >= LOG_QUIET {
+                // Quiet from the first look on, or for long: nobody writes there.
+                break;
+            }
+        }
     });
     Ok(Launched::Process(pid))
 }
@@ -271,12 +295,17 @@ pub fn log_paths(log_dir: &Path, identifier: &str) -> [std::path::PathBuf; 2] {
 fn open_log(ctx: &Context<'_>) -> Option<std::fs::File> {
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(ctx.log_dir).ok()?;
     let [path, _] = log_paths(ctx.log_dir, ctx.identifier);
-    rotate_log(&path, LOG_CAP);
+    // Copied and emptied in place, not renamed: an earlier launch still writing there would
+    // go on writing to `.log.1`, which nothing looks at.
+    cap_log(&path, LOG_CAP);
     OpenOptions::new().create(true).append(true).mode(0o600).open(path).ok()
 }
 
 /// How often the log of a relaunched app that still runs is looked at.
 const LOG_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// After the launched process exits, its log is looked at until it stops growing this long.
+const LOG_QUIET: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// A log still written by a running app that has grown to `cap` bytes: copied to `path.1`
 /// and emptied in place (the app appends to the same file; a rename would leave it writing
@@ -290,17 +319,6 @@ fn cap_log(path: &Path, cap: u64) {
     let capped = std::fs::copy(path, &old).and_then(|_| OpenOptions::new().write(true).open(path)?.set_len(0));
     if let Err(e) = capped {
         warn!(path = %path.display(), error = %e, "cannot cap a launch log");
-    }
-}
-
-/// Moves `path` to `path.1` if it has grown to `cap` bytes.
-pub fn rotate_log(path: &Path, cap: u64) {
-    if std::fs::metadata(path).is_ok_and(|m| m.len() >= cap) {
-        let mut old = path.as_os_str().to_owned();
-        old.push(".1");
-        if let Err(e) = std::fs::rename(path, &old) {
-            warn!(path = %path.display(), error = %e, "cannot rotate a launch log");
-        }
     }
 }
 
@@ -347,12 +365,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("a.log");
         std::fs::write(&log, vec![b'x'; 10]).unwrap();
-        rotate_log(&log, 100);
-        assert!(log.exists(), "under the cap: kept");
+        cap_log(&log, 100);
+        assert_eq!(std::fs::read(&log).unwrap().len(), 10, "under the cap: kept");
         std::fs::write(&log, vec![b'y'; 100]).unwrap();
-        rotate_log(&log, 100);
-        assert!(!log.exists());
+        let writer = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        cap_log(&log, 100);
         assert_eq!(std::fs::read(dir.path().join("a.log.1")).unwrap(), vec![b'y'; 100]);
+        // Emptied in place: a writer that still has it open goes on writing to it.
+        std::io::Write::write_all(&mut &writer, b"z").unwrap();
+        assert_eq!(std::fs::read(&log).unwrap(), b"z");
     }
 
     #[test]

@@ -1102,20 +1102,49 @@ async fn a_running_apps_launch_log_is_capped_while_it_runs() {
     let pid_file = env.path().join("pid");
     let script = format!("echo $$ > {}; head -c 3000000 /dev/zero | tr '\\0' x; exec sleep 30", pid_file.display());
     let _client = relaunched_by_shell(&env, "t.chatty", script, server.url("/a")).await;
-    let logs = env.state_dir.join("dlsessiond/launch-logs");
-    let size = |ext: &str| -> Option<u64> {
-        let found = std::fs::read_dir(&logs).ok()?.flatten().map(|e| e.path()).find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("t.chatty") && n.to_string_lossy().ends_with(ext))
-        })?;
-        std::fs::metadata(found).ok().map(|m| m.len())
-    };
+    let size = |ext: &str| launch_log_size(&env, "t.chatty", ext);
     wait_for("the app's output", LONG, || size(".log").filter(|n| *n >= 3_000_000).map(|_| ()));
     let capped = wait_for("the log capped while the app runs", Duration::from_secs(20), || {
         size(".log").filter(|n| *n < 1 << 20).and(size(".log.1"))
     });
     assert!(capped >= 3_000_000, "the earlier generation kept: {capped}");
     kill_listed(&std::fs::read_to_string(&pid_file).unwrap_or_default());
+}
+
+/// The launch log of an app whose launcher put it in the background and exited is still
+/// capped while the app talks (it was looked at only while the launched process ran).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backgrounded_apps_launch_log_is_capped_too() {
+    let env = TestEnv::new();
+    // One launch only: the next one's start would cap the log anyway.
+    env.set_config("wake_initial_ms", "600000");
+    env.set_config("wake_max_ms", "600000");
+    env.set_config("wake_answer_ms", "600000");
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    server.add("/a", Resource::generated(1000, 80));
+    let pid_file = env.path().join("pid");
+    let script = format!(
+        "(echo $$ > {}; sleep 1; head -c 200000 /dev/zero | tr '\\0' y; sleep 5; head -c 3000000 /dev/zero | tr '\\0' x; \
+         exec sleep 30) & exit 0",
+        pid_file.display()
+    );
+    let _client = relaunched_by_shell(&env, "t.background", script, server.url("/a")).await;
+    let size = |ext: &str| launch_log_size(&env, "t.background", ext);
+    let capped = wait_for("the log capped while the backgrounded app runs", Duration::from_secs(40), || {
+        size(".log").filter(|n| *n < 1 << 20).and(size(".log.1")).filter(|n| *n >= 3_000_000)
+    });
+    assert!(capped >= 3_000_000, "the earlier generation kept: {capped}");
+    kill_listed(&std::fs::read_to_string(&pid_file).unwrap_or_default());
+}
+
+/// The size of the launch log (`ext`: ".log" or ".log.1") of the session `identifier`.
+fn launch_log_size(env: &TestEnv, identifier: &str, ext: &str) -> Option<u64> {
+    let logs = env.state_dir.join("dlsessiond/launch-logs");
+    let found = std::fs::read_dir(&logs).ok()?.flatten().map(|e| e.path()).find(|p| {
+        p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(identifier) && n.to_string_lossy().ends_with(ext))
+    })?;
+    std::fs::metadata(found).ok().map(|m| m.len())
 }
 
 /// Ends the processes whose pids `listed` holds, one per line (apps a test relaunched
