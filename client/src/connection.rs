@@ -129,6 +129,10 @@ pub(crate) struct Overflow {
     taken: std::sync::atomic::AtomicU64,
     /// How many events a paced delivery sends at a time: half the queue (notices take room too).
     room: u32,
+    /// The connection was lost and the session's rejoin not answered yet: its replay brings
+    /// everything (a `ReplayEvents` sent on the new connection ahead of the rejoin's attach
+    /// found the session unattached there and took it for taken over).
+    rejoining: AtomicBool,
 }
 
 impl Overflow {
@@ -139,6 +143,7 @@ impl Overflow {
             paced: AtomicBool::new(false),
             taken: Default::default(),
             room: u32::try_from(queue / 2).unwrap_or(u32::MAX).max(1),
+            rejoining: AtomicBool::new(false),
         }
     }
 
@@ -159,6 +164,11 @@ impl Overflow {
         self.taken.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// Waiting for the rejoin's replay: nothing to ask for meanwhile.
+    pub(crate) fn rejoining(&self) -> bool {
+        self.rejoining.load(Ordering::Acquire)
+    }
+
     /// What to ask for: from the event after the last taken, `room` of them.
     pub(crate) fn ask(&self) -> (u64, u32) {
         (self.last_taken.load(Ordering::Acquire).saturating_add(1), self.room)
@@ -167,6 +177,9 @@ impl Overflow {
     /// The answer to an attach (`paced` false) or to asking again (true) came, in its
     /// place among the events: those after it flow, counted against the new room.
     fn reopen(&self, paced: bool) {
+        if !paced {
+            self.rejoining.store(false, Ordering::Release);
+        }
         self.paced.store(paced, Ordering::Release);
         self.taken.store(0, Ordering::Release);
         self.dropped.store(false, Ordering::Release);
@@ -627,6 +640,11 @@ async fn supervise(shared: Arc<Shared>, mut incoming: mpsc::UnboundedReceiver<(u
                     continue;
                 }
                 set_link(&shared, LinkState::Down(reason));
+                if let Ok(routes) = shared.routes.lock() {
+                    for route in routes.values() {
+                        route.overflowed.rejoining.store(true, Ordering::Release);
+                    }
+                }
                 notify_routes(&shared, |_| Routed::ConnectionLost(text.clone()));
                 warn!(reason = %text, "lost the connection to dlsessiond; connecting again");
                 reconnect(&shared).await;

@@ -600,6 +600,12 @@ impl Dispatcher {
     /// many as half the queue holds (handled ones are acknowledged first).
     fn ask_again(&mut self) {
         self.flush_acks(true);
+        // The connection broke: the rejoin's attach replays everything, and its answer ends
+        // the asking (looked at again meanwhile, in case it never comes).
+        if self.overflowed.rejoining() {
+            self.ask_again_at = Some(std::time::Instant::now() + ASK_AGAIN_RETRY);
+            return;
+        }
         let Some(shared) = self.session.upgrade() else { return };
         let (from_seq, room) = self.overflowed.ask();
         debug!(session = %self.identifier, from_seq, room, "asking for the events the queue could not take");

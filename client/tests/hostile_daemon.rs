@@ -440,3 +440,104 @@ async fn a_dropped_session_detaches_after_its_acknowledgements() {
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert_eq!(*heard.lock().unwrap(), ["ack [1]", "detach"], "the handled event acknowledged before the detach");
 }
+
+/// A connection that breaks while a session catches up after an overflow: the library waits
+/// for its rejoin (whose attach replays everything) instead of asking the new connection for
+/// the rest first, which the daemon answers `session_in_use` (not attached there yet) and the
+/// library took for a takeover, ending the session. The scripted daemon answers the rejoin
+/// slowly, so asking first is what would happen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_catching_up_across_a_reconnect_is_not_taken_for_taken_over() {
+    use dlsession::proto::{DetachReason, DurableEvent, Event, Request, RequestFrame};
+    use dlsession::{Session, SessionConfiguration};
+    use std::sync::{Arc, Mutex};
+
+    const EVENTS: u64 = 30;
+    fn completed(seq: u64) -> ServerMessage {
+        let event = DurableEvent::Completed { task: seq, error: None };
+        ServerMessage::Event(Event::Durable { identifier: "s".into(), seq, event })
+    }
+    let (_dir, path, listener) = listen();
+    let asked_unattached = Arc::new(Mutex::new(0u32));
+    let asked = asked_unattached.clone();
+    tokio::spawn(async move {
+        let mut acked = std::collections::BTreeSet::<u64>::new();
+        for connection in 1.. {
+            let mut s = opened(&listener).await;
+            welcome(&mut s).await;
+            let mut attached = false;
+            loop {
+                let body = read_frame(&mut s).await;
+                let Ok(frame) = dlsession::proto::codec::decode::<RequestFrame>(&body) else { break };
+                let answer = match &frame.request {
+                    // The first connection breaks when asked for the rest.
+                    Request::ReplayEvents { .. } if connection == 1 => break,
+                    Request::ReplayEvents { .. } if !attached => {
+                        *asked.lock().unwrap() += 1;
+                        Err(dlsession::proto::ErrorInfo::new(ErrorCode::SessionInUse, "not attached here"))
+                    }
+                    // The rejoin's first request, answered slowly.
+                    Request::GetSession { .. } if connection > 1 && !attached => {
+                        tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+                        Ok(Response::Session(session_info()))
+                    }
+                    Request::GetSession { .. } | Request::Attach { .. } => Ok(Response::Session(session_info())),
+                    Request::AckEvents { seqs, .. } => {
+                        acked.extend(seqs.iter().copied());
+                        Ok(Response::Ok)
+                    }
+                    Request::GetTask { task } => {
+                        Err(dlsession::proto::ErrorInfo::new(ErrorCode::NoSuchTask, format!("no task {task}")))
+                    }
+                    _ => Ok(Response::Ok),
+                };
+                // Everything unacknowledged after an attach (far more than the queue holds); a
+                // paced replay's room from where it asks.
+                let due: Vec<u64> = match &frame.request {
+                    _ if answer.is_err() => Vec::new(),
+                    Request::Attach { .. } => (1..=EVENTS).filter(|seq| !acked.contains(seq)).collect(),
+                    Request::ReplayEvents { from_seq, room, .. } => {
+                        (*from_seq..=EVENTS).filter(|seq| !acked.contains(seq)).take(*room as usize).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                attached |= matches!(frame.request, Request::Attach { .. });
+                let reply = ServerMessage::Response { id: frame.id, result: answer };
+                s.write_all(&frame::encode_frame(&reply).unwrap()).await.unwrap();
+                for seq in due {
+                    s.write_all(&frame::encode_frame(&completed(seq)).unwrap()).await.unwrap();
+                }
+            }
+        }
+    });
+    struct Heard(Mutex<Vec<u64>>, Mutex<Option<DetachReason>>);
+    impl dlsession::SessionDelegate for Heard {
+        fn did_complete_with_error(
+            &self,
+            _: &Session,
+            task: &dlsession::DownloadTask,
+            _: Option<&dlsession::TaskError>,
+        ) {
+            let mut heard = self.0.lock().unwrap();
+            if !heard.contains(&task.id()) {
+                heard.push(task.id());
+            }
+        }
+        fn did_detach(&self, _: &Session, reason: DetachReason) {
+            *self.1.lock().unwrap() = Some(reason);
+        }
+    }
+    let options = ClientOptions { reconnect: true, event_queue: 4, ..options(path) };
+    let client = Client::connect(options).await.unwrap();
+    let delegate = Arc::new(Heard(Mutex::default(), Mutex::default()));
+    let _session =
+        Session::attach_with(&client, SessionConfiguration::background("s"), delegate.clone()).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while delegate.0.lock().unwrap().len() < EVENTS as usize {
+        assert_eq!(*delegate.1.lock().unwrap(), None, "the session ended; heard {:?}", delegate.0.lock().unwrap());
+        assert!(std::time::Instant::now() < deadline, "heard only {:?}", delegate.0.lock().unwrap());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(*delegate.1.lock().unwrap(), None);
+    assert_eq!(*asked_unattached.lock().unwrap(), 0, "asked the new connection before the rejoin");
+}

@@ -236,6 +236,8 @@ async fn a_panicking_database_thread_stops_the_daemon() {
     let status = d.wait_exit(LONG);
     assert_eq!(status.code(), Some(1), "{}", d.log());
     assert!(d.log().contains("the database thread panicked"), "{}", d.log());
+    // What the thread held heard it would not be written: the stop waited for nothing.
+    assert!(!d.log().contains("grace period over"), "{}", d.log());
     d.set_env(&[]);
     d.restart();
     let tasks = creating.await.unwrap().unwrap();

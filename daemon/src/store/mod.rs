@@ -257,6 +257,12 @@ impl Store {
                 };
                 // Else every later commit waited for ever, its request unanswered.
                 if let Err(why) = crate::panics::contained("the database thread", || writer.run(&rx)) {
+                    // What was still queued hears it will not be written, as the backlog did.
+                    for job in rx.try_iter() {
+                        if let Job::Write { done: Some(done), .. } = job {
+                            done(Err(STOPPED.into()));
+                        }
+                    }
                     on_death(Health::Stopped(format!("the database thread panicked: {why}")));
                 }
             })
@@ -420,6 +426,21 @@ impl<T> Drop for Reply<T> {
     }
 }
 
+/// Whatever waited to be written when the thread ends (the core is gone, or a panic) is
+/// lost with the process, as after a crash; nothing that waited on it was acknowledged, and
+/// each waiter hears so (else the core counted those commits in flight until its grace ran out).
+impl<H> Drop for Writer<H> {
+    fn drop(&mut self) {
+        for (_, done) in self.backlog.drain(..) {
+            if let Some(done) = done {
+                done(Err(STOPPED.into()));
+            }
+        }
+    }
+}
+
+const STOPPED: &str = "the database thread stopped before this could be written";
+
 /// The `db-writer` thread: the one connection and the batches not yet committed.
 struct Writer<H> {
     conn: Connection,
@@ -509,13 +530,6 @@ impl<H: Fn(Health)> Writer<H> {
                 }
             }
             self.flush();
-        }
-        // The core is gone. Whatever could not be written is lost with the process, as after
-        // a crash; nothing that waited on it was acknowledged.
-        for (_, done) in self.backlog.drain(..) {
-            if let Some(done) = done {
-                done(Err("the database thread stopped before this could be written".into()));
-            }
         }
         debug!("database thread exiting");
     }
