@@ -55,6 +55,12 @@ fn options(path: PathBuf) -> ClientOptions {
     ClientOptions { socket: Some(path), autostart: false, reconnect: false, ..ClientOptions::default() }
 }
 
+/// Task `seq` of session "s" completed, as durable event `seq`.
+fn completed(seq: u64) -> ServerMessage {
+    let event = dlsession::proto::DurableEvent::Completed { task: seq, error: None };
+    ServerMessage::Event(dlsession::proto::Event::Durable { identifier: "s".into(), seq, event })
+}
+
 /// Session "s", attached, one event pending.
 fn session_info() -> dlsession::proto::SessionInfo {
     dlsession::proto::SessionInfo {
@@ -202,16 +208,12 @@ async fn nobody_listening_is_not_running() {
 /// scripted daemon holds exactly that order on the wire and counts what it sends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_event_never_overtakes_the_replay_of_an_overflow() {
-    use dlsession::proto::{DurableEvent, Event, Request, RequestFrame};
+    use dlsession::proto::{Event, Request, RequestFrame};
     use dlsession::{Session, SessionConfiguration};
     use std::collections::{BTreeMap, BTreeSet};
     use std::sync::{Arc, Mutex};
 
     const EVENTS: u64 = 60;
-    fn completed(seq: u64) -> ServerMessage {
-        let event = DurableEvent::Completed { task: seq, error: None };
-        ServerMessage::Event(Event::Durable { identifier: "s".into(), seq, event })
-    }
     let sent_times = Arc::new(Mutex::new(BTreeMap::<u64, u32>::new()));
     let counted = sent_times.clone();
     let (_d, path) = fake_daemon(|mut s| async move {
@@ -448,15 +450,11 @@ async fn a_dropped_session_detaches_after_its_acknowledgements() {
 /// slowly, so asking first is what would happen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_catching_up_across_a_reconnect_is_not_taken_for_taken_over() {
-    use dlsession::proto::{DetachReason, DurableEvent, Event, Request, RequestFrame};
+    use dlsession::proto::{DetachReason, Request, RequestFrame};
     use dlsession::{Session, SessionConfiguration};
     use std::sync::{Arc, Mutex};
 
     const EVENTS: u64 = 30;
-    fn completed(seq: u64) -> ServerMessage {
-        let event = DurableEvent::Completed { task: seq, error: None };
-        ServerMessage::Event(Event::Durable { identifier: "s".into(), seq, event })
-    }
     let (_dir, path, listener) = listen();
     let asked_unattached = Arc::new(Mutex::new(0u32));
     let asked = asked_unattached.clone();
