@@ -284,33 +284,21 @@ impl Client {
 
     /// Sends a request and waits for its response (at most the request timeout). While
     /// the client is connecting again, the request waits for the new connection.
-    pub async fn request(&self, request: Request) -> Result<Response> {
-        self.request_with(request, None).await
-    }
-
-    /// Sends a request whose answer is handled in its place among the events: `in_order`
-    /// runs on it after every event read before it was routed, and before any read after.
-    pub(crate) async fn request_in_order(&self, request: Request, in_order: crate::link::InOrder) -> Result<Response> {
-        self.request_with(request, Some(in_order)).await
-    }
-
+    ///
     /// A request the daemon refused because it was stopping (`shutting_down`: not run) goes
     /// again on the next connection, once the daemon is back, within the same timeout;
     /// after it, the refusal is the answer (a timeout once it went again is a timeout: it may
-    /// have run). Not a request whose answer is handled in order, an attach or a
-    /// registration (the reconnect itself attaches and registers again), nor on a client
-    /// that does not reconnect.
-    async fn request_with(&self, request: Request, in_order: Option<crate::link::InOrder>) -> Result<Response> {
+    /// have run). Not an attach or a registration (the reconnect itself attaches and
+    /// registers again), nor on a client that does not reconnect.
+    pub async fn request(&self, request: Request) -> Result<Response> {
         let name = request.name();
         let after = self.shared.options.request_timeout;
-        let again = in_order.is_none()
-            && self.shared.options.reconnect
+        let again = self.shared.options.reconnect
             && !matches!(request, Request::Attach { .. } | Request::Watch(_) | Request::Unwatch | Request::HandleWakes);
         // Refused while the daemon stopped, and not sent again yet.
         let mut refused: Option<ErrorInfo> = None;
         // One timer for the whole request: waiting for a connection, then for the answer.
         let answer = async {
-            let mut in_order = in_order;
             // Kept only where it may go again (a batch of thousands is not copied for nothing).
             let mut request = Some(request);
             let mut stopping: Option<Arc<Link>> = None;
@@ -333,7 +321,7 @@ impl Client {
                 refused = None;
                 let this = if again { request.clone() } else { request.take() };
                 let Some(this) = this else { return Err(Error::Disconnected { reason: None }) };
-                let rx = self.send_with(&link, this, in_order.take())?;
+                let rx = self.send_with(&link, this, None)?;
                 match rx.await {
                     Ok(Ok(response)) => return Ok(response),
                     Ok(Err(e)) if again && e.code == ErrorCode::ShuttingDown => {
@@ -351,6 +339,27 @@ impl Client {
             (Ok(answer), _) => answer,
             (Err(_), Some(e)) => Err(Error::Daemon(e)),
             (Err(_), None) => Err(self.timed_out(name, after)),
+        }
+    }
+
+    /// Sends a request whose answer is handled in its place among the events (`in_order`
+    /// runs on it after every event read before it was routed, and before any read after),
+    /// on the connection up now only: with none, or when it breaks, [`Error::Disconnected`]
+    /// (never sent on the next one, ahead of its rejoins).
+    pub(crate) async fn request_in_order_here(
+        &self,
+        request: Request,
+        in_order: crate::link::InOrder,
+    ) -> Result<Response> {
+        let name = request.name();
+        let link = self.current_link().ok_or(Error::Disconnected { reason: None })?;
+        let rx = self.send_with(&link, request, Some(in_order))?;
+        let after = self.shared.options.request_timeout;
+        match tokio::time::timeout(after, rx).await {
+            Ok(Ok(Ok(response))) => Ok(response),
+            Ok(Ok(Err(e))) => Err(Error::Daemon(e)),
+            Ok(Err(_)) => Err(link.disconnected()),
+            Err(_) => Err(self.timed_out(name, after)),
         }
     }
 

@@ -617,7 +617,8 @@ impl Dispatcher {
         // delegate ahead of the older ones the replay brings.
         let reopen = crate::connection::reopen_on_answer(self.overflowed.clone(), true);
         let request = Request::ReplayEvents { identifier: shared.identifier.clone(), from_seq, room };
-        let Some(answer) = self.block_on(shared.client.request_in_order(request, reopen)) else { return };
+        // Only on the connection up now: a new one is not attached until its rejoin is answered.
+        let Some(answer) = self.block_on(shared.client.request_in_order_here(request, reopen)) else { return };
         match answer {
             Ok(_) => {
                 self.ask_again_at = None;

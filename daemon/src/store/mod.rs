@@ -136,6 +136,27 @@ impl std::fmt::Debug for JarJson {
 /// Runs after the batch's transaction committed (or, the database thread gone, never will).
 pub type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
 
+/// A write's `done`, answered `Err` if it is dropped unanswered (a database thread that ends
+/// or dies with it held or queued): nobody waits on a write for ever (the core counts its
+/// commits in flight, and a stop waits for them).
+struct Answer(Option<Done>);
+
+impl Answer {
+    fn call(mut self, result: Result<(), String>) {
+        if let Some(done) = self.0.take() {
+            done(result);
+        }
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if let Some(done) = self.0.take() {
+            done(Err(STOPPED.into()));
+        }
+    }
+}
+
 /// Whether the database takes writes (see the module documentation).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Health {
@@ -162,7 +183,7 @@ type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 enum Job {
     Write {
         ops: Vec<Op>,
-        done: Option<Done>,
+        done: Answer,
     },
     Read(ReadJob),
     /// A read that runs once the start's check passed (the answer also says it passed).
@@ -256,13 +277,8 @@ impl Store {
                     after_check: Vec::new(),
                 };
                 // Else every later commit waited for ever, its request unanswered.
+                // What it held or had queued is answered as it is dropped (`Answer`).
                 if let Err(why) = crate::panics::contained("the database thread", || writer.run(&rx)) {
-                    // What was still queued hears it will not be written, as the backlog did.
-                    for job in rx.try_iter() {
-                        if let Job::Write { done: Some(done), .. } = job {
-                            done(Err(STOPPED.into()));
-                        }
-                    }
                     on_death(Health::Stopped(format!("the database thread panicked: {why}")));
                 }
             })
@@ -272,9 +288,8 @@ impl Store {
 
     /// Queues a batch; `done` runs once it is durable.
     pub fn write(&self, ops: Vec<Op>, done: Option<Done>) {
-        if let Err(mpsc::SendError(Job::Write { done: Some(done), .. })) = self.tx.send(Job::Write { ops, done }) {
-            done(Err("the database thread has stopped".into()));
-        }
+        // A thread that has stopped drops the job: its `Answer` says so.
+        let _ = self.tx.send(Job::Write { ops, done: Answer(done) });
     }
 
     /// Loads one task, retired or not (for `show`), with the identifier of its session
@@ -426,19 +441,6 @@ impl<T> Drop for Reply<T> {
     }
 }
 
-/// Whatever waited to be written when the thread ends (the core is gone, or a panic) is
-/// lost with the process, as after a crash; nothing that waited on it was acknowledged, and
-/// each waiter hears so (else the core counted those commits in flight until its grace ran out).
-impl<H> Drop for Writer<H> {
-    fn drop(&mut self) {
-        for (_, done) in self.backlog.drain(..) {
-            if let Some(done) = done {
-                done(Err(STOPPED.into()));
-            }
-        }
-    }
-}
-
 const STOPPED: &str = "the database thread stopped before this could be written";
 
 /// The `db-writer` thread: the one connection and the batches not yet committed.
@@ -447,7 +449,7 @@ struct Writer<H> {
     path: PathBuf,
     on_health: H,
     /// Batches waiting to commit, in order (while commits fail).
-    backlog: Vec<(Vec<Op>, Option<Done>)>,
+    backlog: Vec<(Vec<Op>, Answer)>,
     /// The last commit failed: why, when, and how long until the next try.
     failing: Option<Failing>,
     /// The start's `quick_check` passed (or was not due): commits may happen.
@@ -560,9 +562,7 @@ impl<H: Fn(Health)> Writer<H> {
                     (self.on_health)(Health::Recovered);
                 }
                 for (_, done) in batch {
-                    if let Some(done) = done {
-                        done(Ok(()));
-                    }
+                    done.call(Ok(()));
                 }
             }
             Err(e) => {
@@ -591,7 +591,7 @@ impl<H: Fn(Health)> Writer<H> {
 }
 
 /// Logs the checkpoints a batch committed; the failpoints right after a commit.
-fn after_commit(batch: &[(Vec<Op>, Option<Done>)]) {
+fn after_commit(batch: &[(Vec<Op>, Answer)]) {
     let mut checkpoints = batch.iter().flat_map(|(ops, _)| ops.iter()).filter_map(|op| match op {
         Op::Checkpoint { task, offset } => Some((*task, *offset)),
         _ => None,
