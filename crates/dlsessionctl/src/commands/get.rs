@@ -468,24 +468,15 @@ async fn completed_in(client: &Client, session: &str, keep: impl Fn(&TaskInfo) -
     }
 }
 
-/// Up to this many pending tasks are asked for one by one (`GetTask`), more by listing the
-/// session's completed ones; and up to this many are watched by id, more by watching the
-/// session (a `Watch` naming 210,000 ids does not fit in a frame).
-const ASK_EACH_MAX: usize = 10_000;
+/// Up to this many tasks are watched by id, more by watching their session (a `Watch`
+/// naming 210,000 ids does not fit in a frame); its other tasks' news is passed over.
+const WATCH_IDS_MAX: usize = 10_000;
 
 /// The tasks of `ids` that are completed, as the daemon says (unknown ones left out). Only
 /// while connected, and no further than the first request that fails: a daemon that went
 /// away is the watch's to notice, not a wait of a request timeout per task.
-async fn completed_among(client: &Client, session: &str, ids: &HashSet<TaskId>) -> Vec<TaskInfo> {
+async fn completed_among(client: &Client, ids: &HashSet<TaskId>) -> Vec<TaskInfo> {
     let mut done = Vec::new();
-    // Many: the session's completed tasks a page at a time, not a request per task (100,000
-    // round trips at every quiet spell).
-    if ids.len() > ASK_EACH_MAX {
-        if !client.is_connected() {
-            return done;
-        }
-        return completed_in(client, session, |t| ids.contains(&t.id)).await.unwrap_or_default();
-    }
     for id in ids {
         if !client.is_connected() {
             break;
@@ -510,7 +501,7 @@ pub(super) async fn wait(
 ) -> Result<Exit> {
     // Subscribe before asking, so nothing sent right after the Watch answer is lost.
     let mut events = client.events();
-    let filter = if ids.len() > ASK_EACH_MAX {
+    let filter = if ids.len() > WATCH_IDS_MAX {
         WatchFilter { session: Some(session.to_owned()), tasks: Vec::new() }
     } else {
         WatchFilter { session: None, tasks: ids.to_vec() }
@@ -532,17 +523,20 @@ pub(super) async fn wait(
     tokio::pin!(interrupted);
     let lost = super::ctx::lost_for_good(client, Some(progress.notes()));
     tokio::pin!(lost);
+    // Pushed back by news of these tasks only (a session watched whole brings others' too).
+    let mut quiet_until = tokio::time::Instant::now() + quiet;
     while !pending.is_empty() {
         let event = tokio::select! {
             biased;
             Some(info) = std::future::ready(caught_up.pop()) => Some(Event::TaskUpdate(info)),
             event = events.recv() => event,
-            () = tokio::time::sleep(quiet) => {
+            () = tokio::time::sleep_until(quiet_until) => {
                 // Nothing heard for a while: a task that completed before the watch took
                 // effect (collected even, by an app attached to the session) sends nothing
                 // more. Asked for, less and less often (most waits hear progress instead).
-                caught_up = completed_among(client, session, &pending).await;
+                caught_up = completed_among(client, &pending).await;
                 quiet = (quiet * 2).min(QUIET_MOST);
+                quiet_until = tokio::time::Instant::now() + quiet;
                 continue;
             }
             e = &mut lost => {
@@ -558,6 +552,14 @@ pub(super) async fn wait(
                 return Ok(Exit::Interrupted);
             }
         };
+        let ours = match &event {
+            Some(Event::TaskUpdate(info)) => pending.contains(&info.id),
+            Some(Event::Progress { task, .. } | Event::SendProgress { task, .. }) => pending.contains(task),
+            _ => false,
+        };
+        if ours {
+            quiet_until = tokio::time::Instant::now() + quiet;
+        }
         match event {
             None => {
                 progress.clear();
@@ -618,7 +620,21 @@ pub(super) async fn wait(
 /// The daemon emits a task's durable events in the same step that tells watchers it
 /// completed, so one request after the last completion covers them all.
 async fn acknowledge(client: &Client, ids: &[TaskId]) -> Result<()> {
-    Ok(client.acknowledge_tasks(ids).await?)
+    match client.acknowledge_tasks(ids).await {
+        Ok(()) => Ok(()),
+        // An app attached to the session acknowledged some of these already (they are ours:
+        // unknown means retired), which refuses a request naming them whole: one by one.
+        Err(e) if e.code() == ErrorCode::NoSuchTask => {
+            for id in ids {
+                match client.acknowledge_tasks(&[*id]).await {
+                    Err(e) if e.code() != ErrorCode::NoSuchTask => return Err(e.into()),
+                    _ => {}
+                }
+            }
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn report_finished(ctx: &Ctx, progress: &Progress, session: &str, info: &TaskInfo) -> Result<()> {
