@@ -5,7 +5,7 @@
 //! the socket: the first starts the daemon, the others find it listening.
 
 use std::fs::{DirBuilder, File, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
+use dlsession_proto::paths::NotPrivate;
 
 /// Set to `1` to never start the daemon from a client.
 pub const NO_AUTOSTART_ENV: &str = "DLSESSION_NO_AUTOSTART";
@@ -36,29 +37,21 @@ pub async fn start(socket: &Path, timeout: Duration) -> Result<(), Error> {
         .map_err(|e| Error::StartFailed { reason: format!("the starter thread failed: {e}") })?
 }
 
-/// As the daemon checks its socket's directory: this user's, and not writable by others
-/// without the sticky bit. Another user's (made first under `/tmp`) would hold our lock
-/// file and the socket a daemon of theirs listens on.
+/// As the daemon checks its socket's directory (`paths::not_private`): another user's (made
+/// first under `/tmp`) would hold our lock file and the socket a daemon of theirs listens on.
 fn ours_alone(dir: &Path) -> Result<(), String> {
-    let meta = std::fs::metadata(dir).map_err(|e| format!("cannot look at {}: {e}", dir.display()))?;
-    let us = dlsession_proto::paths::effective_uid();
-    let mode = meta.mode() & 0o7777;
-    if meta.uid() != us {
-        return Err(format!(
-            "{} belongs to uid {}, not to this user (uid {us}); not starting a daemon there \
+    match dlsession_proto::paths::not_private(dir).map_err(|e| format!("cannot look at {}: {e}", dir.display()))? {
+        None => Ok(()),
+        Some(NotPrivate::Owner { owner, us }) => Err(format!(
+            "{} belongs to uid {owner}, not to this user (uid {us}); not starting a daemon there \
              (set XDG_RUNTIME_DIR or DLSESSIOND_SOCKET)",
-            dir.display(),
-            meta.uid()
-        ));
+            dir.display()
+        )),
+        Some(NotPrivate::Writable { mode }) => Err(format!(
+            "{} can be written by other users (mode {mode:o}); not starting a daemon there (make it 0700)",
+            dir.display()
+        )),
     }
-    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
-        return Err(format!(
-            "{} can be written by other users (mode {:o}); not starting a daemon there (make it 0700)",
-            dir.display(),
-            mode & 0o777
-        ));
-    }
-    Ok(())
 }
 
 fn start_blocking(socket: &Path, timeout: Duration) -> Result<(), Error> {

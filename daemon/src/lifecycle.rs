@@ -11,6 +11,7 @@ use interprocess::os::unix::local_socket::ListenerOptionsExt;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use dlsession_proto::paths::NotPrivate;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
@@ -66,17 +67,12 @@ pub fn prepare(cfg: &Config) -> Result<Instance, LifecycleError> {
 pub fn private_dir(dir: &Path) -> Result<(), LifecycleError> {
     let err = |source| LifecycleError::Dir { path: dir.to_path_buf(), source };
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(err)?;
-    let meta = std::fs::metadata(dir).map_err(err)?;
-    let us = rustix::process::geteuid().as_raw();
-    if meta.uid() != us {
-        return Err(LifecycleError::NotOurs { path: dir.to_path_buf(), owner: meta.uid(), us });
+    let path = dir.to_path_buf();
+    match dlsession_proto::paths::not_private(dir).map_err(err)? {
+        None => Ok(()),
+        Some(NotPrivate::Owner { owner, us }) => Err(LifecycleError::NotOurs { path, owner, us }),
+        Some(NotPrivate::Writable { mode }) => Err(LifecycleError::Unsafe { path, mode }),
     }
-    let mode = meta.mode() & 0o7777;
-    let sticky = mode & 0o1000 != 0;
-    if mode & 0o022 != 0 && !sticky {
-        return Err(LifecycleError::Unsafe { path: dir.to_path_buf(), mode: mode & 0o777 });
-    }
-    Ok(())
 }
 
 fn lock(path: &Path) -> Result<File, LifecycleError> {

@@ -84,6 +84,32 @@ pub fn effective_uid() -> u32 {
     rustix::process::geteuid().as_raw()
 }
 
+/// Why a directory may not hold the daemon's files (its socket, lock, state): another
+/// user's, or one others may write to without the sticky bit (they could replace them).
+/// One readable by others is fine: everything put there is created private.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotPrivate {
+    /// Owned by uid `owner`, not by `us`.
+    Owner { owner: u32, us: u32 },
+    /// Writable by others, mode `mode` (permission bits).
+    Writable { mode: u32 },
+}
+
+/// The daemon's and its clients' one rule for a directory of theirs (followed through links).
+pub fn not_private(dir: &std::path::Path) -> std::io::Result<Option<NotPrivate>> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir)?;
+    let us = effective_uid();
+    let mode = meta.mode() & 0o7777;
+    Ok(if meta.uid() != us {
+        Some(NotPrivate::Owner { owner: meta.uid(), us })
+    } else if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        Some(NotPrivate::Writable { mode: mode & 0o777 })
+    } else {
+        None
+    })
+}
+
 /// The socket a client should connect to: `DLSESSION_SOCKET` (set for relaunched apps),
 /// else `DLSESSIOND_SOCKET`, else the XDG default.
 pub fn client_socket() -> Result<PathBuf, NoHomeDir> {
