@@ -61,6 +61,31 @@ fn completed(seq: u64) -> ServerMessage {
     ServerMessage::Event(dlsession::proto::Event::Durable { identifier: "s".into(), seq, event })
 }
 
+/// Records the tasks whose completion it hears, in order (twice if handed twice), pausing
+/// `pause` in each (a slow app), and how its attachment ended.
+#[derive(Default)]
+struct Completions {
+    heard: std::sync::Mutex<Vec<u64>>,
+    pause: std::time::Duration,
+    detached: std::sync::Mutex<Option<dlsession::DetachReason>>,
+}
+
+impl dlsession::SessionDelegate for Completions {
+    fn did_complete_with_error(
+        &self,
+        _: &dlsession::Session,
+        task: &dlsession::DownloadTask,
+        _: Option<&dlsession::TaskError>,
+    ) {
+        self.heard.lock().unwrap().push(task.id());
+        std::thread::sleep(self.pause);
+    }
+
+    fn did_detach(&self, _: &dlsession::Session, reason: dlsession::DetachReason) {
+        *self.detached.lock().unwrap() = Some(reason);
+    }
+}
+
 /// Session "s", attached, one event pending.
 fn session_info() -> dlsession::proto::SessionInfo {
     dlsession::proto::SessionInfo {
@@ -272,28 +297,16 @@ async fn a_live_event_never_overtakes_the_replay_of_an_overflow() {
         }
     })
     .await;
-    struct Slow(Mutex<Vec<u64>>);
-    impl dlsession::SessionDelegate for Slow {
-        fn did_complete_with_error(
-            &self,
-            _: &Session,
-            task: &dlsession::DownloadTask,
-            _: Option<&dlsession::TaskError>,
-        ) {
-            self.0.lock().unwrap().push(task.id());
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-    }
     let client = Client::connect(ClientOptions { event_queue: 4, ..options(path) }).await.unwrap();
-    let delegate = Arc::new(Slow(Mutex::default()));
+    let delegate = Arc::new(Completions { pause: std::time::Duration::from_millis(5), ..Completions::default() });
     let _session =
         Session::attach_with(&client, SessionConfiguration::background("s"), delegate.clone()).await.unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while delegate.0.lock().unwrap().len() < EVENTS as usize {
-        assert!(std::time::Instant::now() < deadline, "heard only {:?}", delegate.0.lock().unwrap());
+    while delegate.heard.lock().unwrap().len() < EVENTS as usize {
+        assert!(std::time::Instant::now() < deadline, "heard only {:?}", delegate.heard.lock().unwrap());
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let heard = delegate.0.lock().unwrap().clone();
+    let heard = delegate.heard.lock().unwrap().clone();
     assert_eq!(heard, (1..=EVENTS).collect::<Vec<u64>>(), "events heard out of their order, or twice");
     let most = sent_times.lock().unwrap().values().copied().max().unwrap();
     assert!(most <= 2, "an event was sent {most} times: {:?}", sent_times.lock().unwrap());
@@ -346,19 +359,8 @@ async fn an_event_handled_before_a_reconnect_is_not_handed_over_again() {
             }
         }
     });
-    struct Heard(Mutex<Vec<u64>>);
-    impl dlsession::SessionDelegate for Heard {
-        fn did_complete_with_error(
-            &self,
-            _: &Session,
-            task: &dlsession::DownloadTask,
-            _: Option<&dlsession::TaskError>,
-        ) {
-            self.0.lock().unwrap().push(task.id());
-        }
-    }
     let client = Client::connect(ClientOptions { reconnect: true, ..options(path) }).await.unwrap();
-    let delegate = Arc::new(Heard(Mutex::default()));
+    let delegate = Arc::new(Completions::default());
     let _session =
         Session::attach_with(&client, SessionConfiguration::background("s"), delegate.clone()).await.unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -368,7 +370,7 @@ async fn an_event_handled_before_a_reconnect_is_not_handed_over_again() {
     }
     // A second handing over, or a second acknowledgement, would come by now.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert_eq!(*delegate.0.lock().unwrap(), [1], "handed to the delegate once");
+    assert_eq!(*delegate.heard.lock().unwrap(), [1], "handed to the delegate once");
     assert_eq!(*acked_later.lock().unwrap(), [1], "acknowledged again, once");
 }
 
@@ -450,7 +452,7 @@ async fn a_dropped_session_detaches_after_its_acknowledgements() {
 /// slowly, so asking first is what would happen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_catching_up_across_a_reconnect_is_not_taken_for_taken_over() {
-    use dlsession::proto::{DetachReason, Request, RequestFrame};
+    use dlsession::proto::{Request, RequestFrame};
     use dlsession::{Session, SessionConfiguration};
     use std::sync::{Arc, Mutex};
 
@@ -508,34 +510,23 @@ async fn a_session_catching_up_across_a_reconnect_is_not_taken_for_taken_over() 
             }
         }
     });
-    struct Heard(Mutex<Vec<u64>>, Mutex<Option<DetachReason>>);
-    impl dlsession::SessionDelegate for Heard {
-        fn did_complete_with_error(
-            &self,
-            _: &Session,
-            task: &dlsession::DownloadTask,
-            _: Option<&dlsession::TaskError>,
-        ) {
-            let mut heard = self.0.lock().unwrap();
-            if !heard.contains(&task.id()) {
-                heard.push(task.id());
-            }
-        }
-        fn did_detach(&self, _: &Session, reason: DetachReason) {
-            *self.1.lock().unwrap() = Some(reason);
-        }
-    }
     let options = ClientOptions { reconnect: true, event_queue: 4, ..options(path) };
     let client = Client::connect(options).await.unwrap();
-    let delegate = Arc::new(Heard(Mutex::default(), Mutex::default()));
+    let delegate = Arc::new(Completions::default());
     let _session =
         Session::attach_with(&client, SessionConfiguration::background("s"), delegate.clone()).await.unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while delegate.0.lock().unwrap().len() < EVENTS as usize {
-        assert_eq!(*delegate.1.lock().unwrap(), None, "the session ended; heard {:?}", delegate.0.lock().unwrap());
-        assert!(std::time::Instant::now() < deadline, "heard only {:?}", delegate.0.lock().unwrap());
+    let distinct = || delegate.heard.lock().unwrap().iter().collect::<std::collections::BTreeSet<_>>().len();
+    while distinct() < EVENTS as usize {
+        assert_eq!(
+            *delegate.detached.lock().unwrap(),
+            None,
+            "the session ended; heard {:?}",
+            delegate.heard.lock().unwrap()
+        );
+        assert!(std::time::Instant::now() < deadline, "heard only {:?}", delegate.heard.lock().unwrap());
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert_eq!(*delegate.1.lock().unwrap(), None);
+    assert_eq!(*delegate.detached.lock().unwrap(), None);
     assert_eq!(*asked_unattached.lock().unwrap(), 0, "asked the new connection before the rejoin");
 }

@@ -374,6 +374,32 @@ async fn without_the_service_the_desktop_files_exec_line_runs() {
     assert_eq!(bad.code(), dlsession::ErrorCode::InvalidRequest, "{bad}");
 }
 
+/// A session that asks for notifications, with a launch command that appends its wake
+/// reason to the returned marker file, finishes a download while its app is away. The
+/// server must live as long as the test.
+async fn done_while_its_app_is_away(env: &TestEnv, identifier: &str, seed: u64) -> (TestServer, std::path::PathBuf) {
+    let server = TestServer::start().await.unwrap();
+    server.add("/ok", Resource::generated(10_000, seed));
+    let marker = env.path().join("relaunched");
+    let script = env.path().join("app.sh");
+    std::fs::write(&script, format!("#!/bin/sh\necho \"$DLSESSION_WAKE_REASON\" >> {}\n", marker.display())).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (delegate, _events) = Recorder::new(&env.path().join("out"));
+    let config = config(env, identifier).notify(true).launch_command([script.display().to_string()]);
+    let session = Session::attach(config, delegate).await.unwrap();
+    session.detach().await.unwrap();
+    drop(session);
+    let c = dlsession_testkit::app::client(env).await;
+    c.request(dlsession::proto::Request::CreateTasks {
+        identifier: identifier.into(),
+        tasks: vec![dlsession::proto::TaskSpec::get(server.url("/ok"))],
+        resume: true,
+    })
+    .await
+    .unwrap();
+    (server, marker)
+}
+
 /// A session that asks for it gets one desktop notification when its downloads are done and
 /// its app is not running; clicking it relaunches the app.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,25 +409,7 @@ async fn a_notification_tells_the_user_and_its_action_relaunches_the_app() {
     let log = env.path().join("notifications.log");
     bus.mock_session_template("notification_daemon", "org.freedesktop.Notifications", &log);
     let _d = TestDaemon::start_with_env(&env, &[("DBUS_SESSION_BUS_ADDRESS", std::ffi::OsStr::new(&bus.address))]);
-    let server = TestServer::start().await.unwrap();
-    server.add("/ok", Resource::generated(10_000, 1));
-    let marker = env.path().join("relaunched");
-    let script = env.path().join("app.sh");
-    std::fs::write(&script, format!("#!/bin/sh\necho \"$DLSESSION_WAKE_REASON\" >> {}\n", marker.display())).unwrap();
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let (delegate, _events) = Recorder::new(&env.path().join("out"));
-    let config = config(&env, "t.notify").notify(true).launch_command([script.display().to_string()]);
-    let session = Session::attach(config, delegate).await.unwrap();
-    session.detach().await.unwrap();
-    drop(session);
-    let c = dlsession_testkit::app::client(&env).await;
-    c.request(dlsession::proto::Request::CreateTasks {
-        identifier: "t.notify".into(),
-        tasks: vec![dlsession::proto::TaskSpec::get(server.url("/ok"))],
-        resume: true,
-    })
-    .await
-    .unwrap();
+    let (_server, marker) = done_while_its_app_is_away(&env, "t.notify", 1).await;
     let shown = file_with(&log, "Notify", "a notification (the log)").await;
     assert!(shown.contains("1 download finished") && shown.contains("t.notify"), "{shown}");
     file_with(&marker, "finished_events", "the app's relaunch").await;
@@ -433,25 +441,7 @@ async fn notifications_show_once_their_server_comes() {
     env.set_config("wake_answer_ms", "300");
     let mut bus = PrivateBus::start(env.path());
     let d = TestDaemon::start_with_env(&env, &[("DBUS_SESSION_BUS_ADDRESS", std::ffi::OsStr::new(&bus.address))]);
-    let server = TestServer::start().await.unwrap();
-    server.add("/ok", Resource::generated(10_000, 2));
-    let marker = env.path().join("relaunched");
-    let script = env.path().join("app.sh");
-    std::fs::write(&script, format!("#!/bin/sh\necho \"$DLSESSION_WAKE_REASON\" >> {}\n", marker.display())).unwrap();
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let (delegate, _events) = Recorder::new(&env.path().join("out"));
-    let config = config(&env, "t.late").notify(true).launch_command([script.display().to_string()]);
-    let session = Session::attach(config, delegate).await.unwrap();
-    session.detach().await.unwrap();
-    drop(session);
-    let c = dlsession_testkit::app::client(&env).await;
-    c.request(dlsession::proto::Request::CreateTasks {
-        identifier: "t.late".into(),
-        tasks: vec![dlsession::proto::TaskSpec::get(server.url("/ok"))],
-        resume: true,
-    })
-    .await
-    .unwrap();
+    let (_server, marker) = done_while_its_app_is_away(&env, "t.late", 2).await;
     file_with(&marker, "finished_events", "the first relaunch").await;
     d.wait_logged("session notifications cannot be shown", LONG);
     let log = env.path().join("notifications.log");

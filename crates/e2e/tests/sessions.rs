@@ -246,6 +246,35 @@ impl dlsession::SessionDelegate for Slow {
     }
 }
 
+/// Session `identifier`, with no app attached, downloads `n` files of `size` bytes (patterns
+/// from `seed`) from `server`; returns once all are done, their events (two each) pending.
+async fn finished_while_away(
+    env: &TestEnv,
+    server: &TestServer,
+    identifier: &str,
+    n: u64,
+    size: u64,
+    seed: u64,
+) -> dlsession::Client {
+    let c = dlsession_testkit::app::client(env).await;
+    c.request(Request::OpenSession { identifier: identifier.into(), config: None }).await.unwrap();
+    let specs: Vec<TaskSpec> = (0..n)
+        .map(|i| {
+            let path = format!("/{identifier}/{i}");
+            server.add(&path, Resource::generated(size, seed + i));
+            TaskSpec::get(server.url(&path))
+        })
+        .collect();
+    c.create_tasks(identifier, specs, true).await.unwrap();
+    wait_for("every download to finish", LONG, || {
+        match block(c.request(Request::GetSession { identifier: identifier.into() })) {
+            Ok(Response::Session(info)) if info.pending_events >= 2 * n => Some(()),
+            _ => None,
+        }
+    });
+    c
+}
+
 /// Events the app handled are acknowledged even when it drops its session while more are
 /// still coming (as an app that exits does): they came again at the next attach, the
 /// files they named gone already.
@@ -254,21 +283,7 @@ async fn what_an_app_handled_before_dropping_its_session_does_not_come_again() {
     let env = TestEnv::new();
     let _d = TestDaemon::start(&env);
     let server = TestServer::start().await.unwrap();
-    let c = dlsession_testkit::app::client(&env).await;
-    c.request(Request::OpenSession { identifier: "t.dropped".into(), config: None }).await.unwrap();
-    let specs: Vec<TaskSpec> = (0..12u64)
-        .map(|i| {
-            server.add(&format!("/f{i}"), Resource::generated(1_000, 40 + i));
-            TaskSpec::get(server.url(&format!("/f{i}")))
-        })
-        .collect();
-    c.create_tasks("t.dropped", specs, true).await.unwrap();
-    wait_for("every download to finish", LONG, || {
-        match block(c.request(Request::GetSession { identifier: "t.dropped".into() })) {
-            Ok(Response::Session(info)) if info.pending_events >= 24 => Some(()),
-            _ => None,
-        }
-    });
+    let c = finished_while_away(&env, &server, "t.dropped", 12, 1_000, 40).await;
     let dir = env.path().join("took");
     std::fs::create_dir_all(&dir).unwrap();
     let took = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -294,22 +309,37 @@ async fn what_an_app_handled_before_dropping_its_session_does_not_come_again() {
     assert_eq!(first.len() + second.len(), 12, "first {first:?}, then {second:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resume_data_continues_at_the_offset() {
-    let env = TestEnv::new();
-    let _d = TestDaemon::start(&env);
-    let server = TestServer::start().await.unwrap();
-    let len = 8u64 << 20;
-    server.add("/big", Resource::generated(len, 3).throttle(4 << 20));
+/// The size of `/big`, served at 4 MiB/s by `cancelled_at_2_mib`.
+const BIG: u64 = 8 << 20;
+
+/// A download of `/big` (a pattern of `seed`) in session `identifier`, cancelled with its
+/// resume data once 2 MiB are in: the session, its events, the task and the resume data.
+async fn cancelled_at_2_mib(
+    env: &TestEnv,
+    server: &TestServer,
+    identifier: &str,
+    seed: u64,
+) -> (Session, dlsession_testkit::Events, dlsession::DownloadTask, Vec<u8>) {
+    server.add("/big", Resource::generated(BIG, seed).throttle(4 << 20));
     let (delegate, mut events) = Recorder::new(&env.path().join("out"));
-    let session = Session::attach(config(&env, "t.resume"), delegate).await.unwrap();
+    let session = Session::attach(config(env, identifier), delegate).await.unwrap();
     let task = session.download_tasks(vec![DownloadRequest::new(server.url("/big"))], true).await.unwrap().remove(0);
     events
         .wait("2 MiB", LONG, |e| matches!(e, Seen::Progress { task: t, total } if *t == task.id() && *total >= 2 << 20))
         .await;
     let data = task.cancel_producing_resume_data().await.unwrap();
-    assert!(!data.is_empty());
     assert_eq!(events.completion(task.id(), LONG).await.unwrap().code, ErrorCode::Cancelled);
+    (session, events, task, data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_data_continues_at_the_offset() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start().await.unwrap();
+    let len = BIG;
+    let (session, mut events, task, data) = cancelled_at_2_mib(&env, &server, "t.resume", 3).await;
+    assert!(!data.is_empty());
 
     let resumed = session.download_task_with_resume_data(&data).await.unwrap();
     assert_ne!(resumed.id(), task.id());
@@ -346,16 +376,7 @@ async fn resume_data_whose_file_cannot_be_taken_is_refused_not_restarted() {
     let env = TestEnv::new();
     let _d = TestDaemon::start(&env);
     let server = TestServer::start().await.unwrap();
-    let len = 8u64 << 20;
-    server.add("/big", Resource::generated(len, 4).throttle(4 << 20));
-    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
-    let session = Session::attach(config(&env, "t.adopt"), delegate).await.unwrap();
-    let task = session.download_tasks(vec![DownloadRequest::new(server.url("/big"))], true).await.unwrap().remove(0);
-    events
-        .wait("2 MiB", LONG, |e| matches!(e, Seen::Progress { task: t, total } if *t == task.id() && *total >= 2 << 20))
-        .await;
-    let data = task.cancel_producing_resume_data().await.unwrap();
-    assert_eq!(events.completion(task.id(), LONG).await.unwrap().code, ErrorCode::Cancelled);
+    let (session, mut events, _, data) = cancelled_at_2_mib(&env, &server, "t.adopt", 4).await;
     // The session's cache directory becomes a file: the new task's partial file has nowhere to go.
     let dir = std::fs::read_dir(env.downloads_dir())
         .unwrap()
@@ -1256,21 +1277,7 @@ async fn a_paced_replay_sends_no_more_than_the_room_asked_for() {
     let env = TestEnv::new();
     let _d = TestDaemon::start(&env);
     let server = TestServer::start().await.unwrap();
-    let c = dlsession_testkit::app::client(&env).await;
-    c.request(Request::OpenSession { identifier: "t.paced".into(), config: None }).await.unwrap();
-    let specs: Vec<TaskSpec> = (0..6u64)
-        .map(|i| {
-            server.add(&format!("/p{i}"), Resource::generated(500, 70 + i));
-            TaskSpec::get(server.url(&format!("/p{i}")))
-        })
-        .collect();
-    c.create_tasks("t.paced", specs, true).await.unwrap();
-    wait_for("every download to finish", LONG, || {
-        match block(c.request(Request::GetSession { identifier: "t.paced".into() })) {
-            Ok(Response::Session(info)) if info.pending_events >= 12 => Some(()),
-            _ => None,
-        }
-    });
+    finished_while_away(&env, &server, "t.paced", 6, 500, 70).await;
     let socket = env.socket.clone();
     tokio::task::spawn_blocking(move || {
         let mut raw = dlsession_testkit::raw::RawClient::connect(&socket);

@@ -476,6 +476,18 @@ fn on_a_small_state_disk(size: &str) -> (TestEnv, PathBuf, dlsession_testkit::Mo
     (env, state, mount)
 }
 
+/// A small state disk holding a database a daemon made (and stopped), then filled: the
+/// filler file is returned (remove it to free the space).
+fn a_full_state_disk_with_a_database() -> (TestEnv, PathBuf, dlsession_testkit::Mount) {
+    let (env, state, mount) = on_a_small_state_disk("2m");
+    {
+        let mut d = TestDaemon::start(&env);
+        assert!(d.terminate().success());
+    }
+    let filler = fill(&state);
+    (env, filler, mount)
+}
+
 /// Fills `dir`'s filesystem; returns the filler file (remove it to free the space).
 fn fill(dir: &Path) -> PathBuf {
     let filler = dir.join("filler");
@@ -757,12 +769,7 @@ async fn uncollected_events_and_old_resume_files_expire() {
 #[cfg_attr(not(dlsession_root), ignore = "needs root to mount a small filesystem; CI runs it as root")]
 #[test]
 fn a_start_on_a_full_state_directory_waits_for_space() {
-    let (env, state, _mount) = on_a_small_state_disk("2m");
-    {
-        let mut d = TestDaemon::start(&env);
-        assert!(d.terminate().success());
-    }
-    let filler = fill(&state);
+    let (env, filler, _mount) = a_full_state_disk_with_a_database();
     let log = env.path().join("daemon.log");
     let freer = std::thread::spawn(move || {
         let deadline = Instant::now() + LONG;
@@ -784,12 +791,7 @@ fn a_start_on_a_full_state_directory_waits_for_space() {
 #[cfg_attr(not(dlsession_root), ignore = "needs root to mount a small filesystem; CI runs it as root")]
 #[test]
 fn a_start_waiting_for_space_stops_when_asked() {
-    let (env, state, _mount) = on_a_small_state_disk("2m");
-    {
-        let mut d = TestDaemon::start(&env);
-        assert!(d.terminate().success());
-    }
-    let _filler = fill(&state);
+    let (env, _filler, _mount) = a_full_state_disk_with_a_database();
     let mut d = TestDaemon::start_unready(&env);
     d.wait_logged("waiting until it works", LONG);
     d.signal_term();
