@@ -166,8 +166,8 @@ fn launch_command(
             tokio::select! {
                 exited = child.wait() => break exited,
                 _ = check.tick(), if log_path.is_some() => {
-                    if let Some(path) = log_path.clone() {
-                        let _ = tokio::task::spawn_blocking(move || cap_log(&path, LOG_CAP)).await;
+                    if let Some(path) = &log_path {
+                        look_at_log(path).await;
                     }
                 }
             }
@@ -182,19 +182,11 @@ fn launch_command(
         // in the background and exits): while the log grows, it is looked at until it has
         // been quiet for `LOG_QUIET` (most apps exit for good: one more look).
         let Some(path) = log_path else { return };
-        let size = |path: &Path| std::fs::metadata(path).map(|m| m.len()).ok();
-        let (mut last, mut quiet_since, mut grew) = (size(&path), tokio::time::Instant::now(), false);
+        let (mut last, mut quiet_since, mut grew) = (look_at_log(&path).await, tokio::time::Instant::now(), false);
         check.reset();
         loop {
             check.tick().await;
-            let watched = path.clone();
-            let now = tokio::task::spawn_blocking(move || {
-                cap_log(&watched, LOG_CAP);
-                size(&watched)
-            })
-            .await
-            .ok()
-            .flatten();
+            let now = look_at_log(&path).await;
             if now != last {
                 (last, quiet_since, grew) = (now, tokio::time::Instant::now(), true);
             } else if !grew || quiet_since.elapsed() >= LOG_QUIET {
@@ -307,18 +299,29 @@ const LOG_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
 /// After the launched process exits, its log is looked at until it stops growing this long.
 const LOG_QUIET: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// Caps a launch log (`cap_log`) off the runtime's threads; its size after, if it is there.
+async fn look_at_log(path: &Path) -> Option<u64> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || cap_log(&path, LOG_CAP)).await.ok().flatten()
+}
+
 /// A log still written by a running app that has grown to `cap` bytes: copied to `path.1`
 /// and emptied in place (the app appends to the same file; a rename would leave it writing
-/// to `path.1`). What the app writes between the copy and the emptying is lost.
-fn cap_log(path: &Path, cap: u64) {
-    if !std::fs::metadata(path).is_ok_and(|m| m.len() >= cap) {
-        return;
+/// to `path.1`). What the app writes between the copy and the emptying is lost. Returns its
+/// size after, if it is there.
+fn cap_log(path: &Path, cap: u64) -> Option<u64> {
+    let len = std::fs::metadata(path).ok()?.len();
+    if len < cap {
+        return Some(len);
     }
     let mut old = path.as_os_str().to_owned();
     old.push(".1");
-    let capped = std::fs::copy(path, &old).and_then(|_| OpenOptions::new().write(true).open(path)?.set_len(0));
-    if let Err(e) = capped {
-        warn!(path = %path.display(), error = %e, "cannot cap a launch log");
+    match std::fs::copy(path, &old).and_then(|_| OpenOptions::new().write(true).open(path)?.set_len(0)) {
+        Ok(()) => Some(0),
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "cannot cap a launch log");
+            Some(len)
+        }
     }
 }
 
