@@ -48,6 +48,15 @@ fn task(id: u64) -> TaskRecord {
     rec
 }
 
+/// Prunes the history; returns how many tasks went.
+async fn prune(store: &Store, before: u64, keep: u64) -> u64 {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    store.prune_history(before, keep, move |result| {
+        let _ = tx.send(result);
+    });
+    tokio::time::timeout(std::time::Duration::from_secs(60), rx).await.expect("the prune ended").unwrap().unwrap()
+}
+
 fn open(path: &Path) -> (Store, dlsessiond::store::Snapshot) {
     Store::open(path, |e| panic!("store failed: {e:?}")).unwrap()
 }
@@ -134,8 +143,7 @@ async fn records_survive_a_reopen() {
     assert_eq!(snap.next_session_key, 8, "the tombstone's key is not reused");
     store.write(vec![Op::InsertSession(SessionRecord { key: 8, ..session() })], None);
     // Pruning the history removes the tombstone with its last task.
-    store.write(vec![Op::PruneRetired { before: u64::MAX, keep: 0 }], None);
-    assert!(store.flush(std::time::Duration::from_secs(30)).await);
+    assert_eq!(prune(&store, u64::MAX, 0).await, 1);
     assert!(store.load_task(1).await.unwrap().is_none());
     drop(store);
     let (_, snap) = open(&db);
@@ -231,8 +239,7 @@ async fn pruning_deletes_only_retired_tasks_older_than_the_horizon() {
         ],
         None,
     );
-    store.write(vec![Op::PruneRetired { before: now - 30 * day, keep: u64::MAX }], None);
-    assert!(store.flush(std::time::Duration::from_secs(30)).await);
+    assert_eq!(prune(&store, now - 30 * day, u64::MAX).await, 2);
     for (id, kept) in [(1, false), (2, true), (3, false), (4, true)] {
         assert_eq!(store.load_task(id).await.unwrap().is_some(), kept, "task {id}");
     }
@@ -292,8 +299,7 @@ async fn history_is_pruned_by_count() {
         })));
     }
     store.write(ops, None);
-    store.write(vec![Op::PruneRetired { before: 0, keep: 3 }], None);
-    assert!(store.flush(std::time::Duration::from_secs(30)).await);
+    assert_eq!(prune(&store, 0, 3).await, 6);
     let mut kept = Vec::new();
     for id in 1..=10 {
         if store.load_task(id).await.unwrap().is_some() {
@@ -301,6 +307,47 @@ async fn history_is_pruned_by_count() {
         }
     }
     assert_eq!(kept, [5, 8, 9, 10], "the three newest retired tasks and the live one");
+}
+
+/// A big prune goes a chunk at a time: what is queued while it runs goes between its
+/// chunks, not after the whole history went in one transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_prune_lets_writes_through_between_its_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(&dir.path().join("db"));
+    let now = dlsessiond::model::now_ms();
+    let n = 50_000u64;
+    let mut ops = vec![Op::InsertSession(session())];
+    ops.extend((1..=n).map(|id| {
+        Op::InsertTask(Box::new(TaskRecord {
+            state: TaskState::Completed,
+            finished_at: Some(now),
+            retired: true,
+            ..task(id)
+        }))
+    }));
+    store.write(ops, None);
+    assert!(store.flush(std::time::Duration::from_secs(60)).await);
+    let (pruned_tx, mut pruned) = tokio::sync::oneshot::channel();
+    store.prune_history(0, 10, move |result| {
+        let _ = pruned_tx.send(result);
+    });
+    // Reads (which commit what was written before them) go between its chunks: one sees
+    // the oldest task gone while the prune is still under way.
+    let mut between = false;
+    while !between {
+        let gone = store.load_task(1).await.unwrap().is_none();
+        match pruned.try_recv() {
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => between = gone,
+            _ => break,
+        }
+    }
+    assert!(between, "nothing went between the prune's chunks: it ran as one transaction");
+    let deleted = tokio::time::timeout(std::time::Duration::from_secs(60), pruned).await.unwrap().unwrap().unwrap();
+    assert_eq!(deleted, n - 10);
+    for (id, kept) in [(1, false), (n - 10, false), (n - 9, true), (n, true)] {
+        assert_eq!(store.load_task(id).await.unwrap().is_some(), kept, "task {id}");
+    }
 }
 
 /// Values a client or server chose are stored saturated, never wrapped: a timeout of

@@ -107,6 +107,32 @@ async fn retired_history_is_pruned_as_configured() {
     }
 }
 
+/// `retired_history_max` holds while the daemon runs, not only at its next start or hour:
+/// the history is pruned as tasks retire once a tenth of the cap retired since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retired_history_is_capped_while_the_daemon_runs() {
+    let f = fixture_with(|env| env.set_config("retired_history_max", "1")).await;
+    f.server.add("/h.bin", Resource::generated(1000, 3));
+    let mut ids = Vec::new();
+    for name in ["a.bin", "b.bin"] {
+        let dest = f.env.path().join(name);
+        let o = ctl(&f.env, &["--json", "get", &f.server.url("/h.bin"), "-o", dest.to_str().unwrap(), "--wait"]).await;
+        assert_exit(&o, 0);
+        ids.push(json_lines(&o)[0]["task"].as_u64().expect("task id"));
+    }
+    // The prune runs beside the acknowledgement's commit: give it a moment.
+    let shown = |id: u64| {
+        let env = &f.env;
+        async move { ctl(env, &["show", &id.to_string()]).await.status.code() }
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while shown(ids[0]).await != Some(1) {
+        assert!(std::time::Instant::now() < deadline, "the older task is still in the history past its cap");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(shown(ids[1]).await, Some(0), "the newest retired task stays");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_json_lines_for_several_urls() {
     let f = fixture().await;

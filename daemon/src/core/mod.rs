@@ -325,6 +325,8 @@ pub struct IdleExit {
 struct Housekeeping {
     /// When retired history was last pruned.
     last_prune: Option<std::time::Instant>,
+    /// Tasks retired since.
+    retired_since_prune: u64,
     /// When the housekeeping timer fires.
     pub timer: Option<Mono>,
     /// The modification time of the oldest kept partial file of resume data.
@@ -385,9 +387,7 @@ impl Core {
             creations: creations::Creations::default(),
         };
         core.restore(snapshot);
-        let mut ops = Vec::new();
-        core.prune_history(&mut ops);
-        core.commit(ops, Vec::new());
+        core.prune_history(0);
         core.on_housekeeping();
         Ok(core)
     }

@@ -12,29 +12,39 @@
 
 use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::Core;
 use super::disk::DiskReport;
 use super::timers::{Timer, millis};
 use crate::model::{SessionKey, now_ms};
-use crate::store::Op;
+
+/// Retirements after which history is pruned at the latest, whatever the time.
+const PRUNE_AFTER: u64 = 10_000;
 
 impl Core {
     /// Deletes retired tasks older than `retired_history`, and all but the newest
-    /// `retired_history_max`: at start, then at most once an hour (or a tenth of the
-    /// history, if shorter) when tasks retire. History grows only as tasks retire, so this
-    /// needs no timer of its own.
-    pub(super) fn prune_history(&mut self, ops: &mut Vec<Op>) {
+    /// `retired_history_max`: at start, then when `retired` more tasks retire, once a tenth
+    /// of the cap (at most [`PRUNE_AFTER`]) retired since the last prune or an hour has
+    /// passed (or a tenth of the history, if shorter). History grows only as tasks retire,
+    /// so this needs no timer of its own; counting keeps a burst of retirements from
+    /// growing it far past its cap (and then deleting it all at once).
+    pub(super) fn prune_history(&mut self, retired: usize) {
         let history = self.cfg.timing.retired_history;
+        let keep = self.cfg.timing.retired_history_max;
         let every = (history / 10).min(Duration::from_secs(3600));
-        if self.housekeeping.last_prune.is_some_and(|at| at.elapsed() < every) {
+        let h = &mut self.housekeeping;
+        h.retired_since_prune = h.retired_since_prune.saturating_add(retired as u64);
+        let by_count = h.retired_since_prune >= (keep / 10).clamp(1, PRUNE_AFTER);
+        if !by_count && h.last_prune.is_some_and(|at| at.elapsed() < every) {
             return;
         }
-        self.housekeeping.last_prune = Some(Instant::now());
-        ops.push(Op::PruneRetired {
-            before: now_ms().saturating_sub(millis(history)),
-            keep: self.cfg.timing.retired_history_max,
+        h.last_prune = Some(Instant::now());
+        h.retired_since_prune = 0;
+        self.store.prune_history(now_ms().saturating_sub(millis(history)), keep, |result| match result {
+            Ok(deleted) if deleted > 0 => debug!(deleted, "pruned the task history"),
+            // Logged where it failed.
+            Ok(_) | Err(_) => {}
         });
     }
 

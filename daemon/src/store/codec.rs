@@ -774,3 +774,44 @@ pub fn load_creations(conn: &Connection, since: u64) -> rusqlite::Result<Vec<cra
     })?;
     rows.filter_map(Result::transpose).collect()
 }
+
+/// The id at and below which retired tasks are past the newest `keep` (none if there are
+/// not that many).
+pub fn history_cutoff(conn: &Connection, keep: u64) -> rusqlite::Result<Option<i64>> {
+    conn.query_row(
+        "SELECT id FROM tasks WHERE retired = 1 ORDER BY id DESC LIMIT 1 OFFSET ?1",
+        params![sat(keep)],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// Deletes at most `limit` retired tasks that finished (or, never started, were created) at
+/// or before `before`, or whose id is at or below `cutoff`; returns how many went. Both
+/// through indexes: by age on `tasks_retired_age`, by count on `tasks_live`.
+pub fn prune_retired(tx: &Transaction<'_>, before: u64, cutoff: Option<i64>, limit: u64) -> rusqlite::Result<u64> {
+    let mut deleted = tx.execute(
+        "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks
+            WHERE retired = 1 AND coalesce(finished_at, created_at) <= ?1 LIMIT ?2)",
+        params![sat(before), sat(limit)],
+    )? as u64;
+    if let Some(cutoff) = cutoff
+        && deleted < limit
+    {
+        deleted += tx.execute(
+            "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE retired = 1 AND id <= ?1 LIMIT ?2)",
+            params![cutoff, sat(limit - deleted)],
+        )? as u64;
+    }
+    Ok(deleted)
+}
+
+/// Deletes ended sessions kept for the history once none of their tasks is left.
+pub fn drop_ended_sessions(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute(
+        "DELETE FROM sessions WHERE substr(identifier, 1, 1) = ?1
+            AND NOT EXISTS (SELECT 1 FROM tasks WHERE tasks.session_id = sessions.id)",
+        params![TOMBSTONE],
+    )?;
+    Ok(())
+}

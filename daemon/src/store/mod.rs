@@ -27,7 +27,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior, params};
 use tracing::{debug, error, info, warn};
 
 use codec::sat;
@@ -67,12 +67,6 @@ pub enum Op {
         seqs: Vec<u64>,
     },
     RetireTasks(Vec<TaskId>),
-    /// Deletes retired tasks that finished (or, never started, were created) at or before
-    /// `before`, and all but the newest `keep` retired tasks.
-    PruneRetired {
-        before: u64,
-        keep: u64,
-    },
     SetNextTaskId(TaskId),
     /// Event sequence numbers of any later session start here (never lowered): a session
     /// that reuses a deleted one's identifier must not reuse its sequence numbers, or a
@@ -190,6 +184,12 @@ enum Job {
     ReadAfterCheck(ReadJob),
     /// The start's `quick_check` ended (on a thread and connection of its own).
     Checked(Result<(), StoreError>),
+    /// See [`Store::prune_history`].
+    Prune {
+        before: u64,
+        keep: u64,
+        reply: Reply<u64>,
+    },
 }
 
 /// Everything the daemon needs to rebuild its state at start.
@@ -275,6 +275,7 @@ impl Store {
                     failing: None,
                     checked,
                     after_check: Vec::new(),
+                    pruning: None,
                 };
                 // Else every later commit waited for ever, its request unanswered.
                 // What it held or had queued is answered as it is dropped (`Answer`).
@@ -290,6 +291,15 @@ impl Store {
     pub fn write(&self, ops: Vec<Op>, done: Option<Done>) {
         // A thread that has stopped drops the job: its `Answer` says so.
         let _ = self.tx.send(Job::Write { ops, done: Answer(done) });
+    }
+
+    /// Deletes retired tasks that finished (or, never started, were created) at or before
+    /// `before`, and all but the newest `keep` retired tasks; `then` hears how many went.
+    /// A few thousand rows per transaction, with writes queued meanwhile committed in
+    /// between: a million rows in one transaction held every commit for many seconds. A
+    /// prune asked for while one is under way takes its place.
+    pub fn prune_history(&self, before: u64, keep: u64, then: impl FnOnce(Result<u64, StoreError>) + Send + 'static) {
+        let _ = self.tx.send(Job::Prune { before, keep, reply: Reply::new(then) });
     }
 
     /// Loads one task, retired or not (for `show`), with the identifier of its session
@@ -456,6 +466,20 @@ struct Writer<H> {
     checked: bool,
     /// Reads waiting for it.
     after_check: Vec<ReadJob>,
+    /// A prune of the history under way, done a chunk at a time while nothing else waits.
+    pruning: Option<Pruning>,
+}
+
+/// Rows a prune deletes per transaction (under 10 ms on this machine: 100,000 took 0.38 s).
+const PRUNE_CHUNK: u64 = 2_000;
+
+struct Pruning {
+    before: u64,
+    keep: u64,
+    /// Found by the first chunk: the id at and below which retired tasks are past `keep`.
+    cutoff: Option<Option<i64>>,
+    deleted: u64,
+    reply: Reply<u64>,
 }
 
 struct Failing {
@@ -486,14 +510,26 @@ pub struct Woken {
 impl<H: Fn(Health)> Writer<H> {
     fn run(mut self, rx: &mpsc::Receiver<Job>) {
         'jobs: loop {
-            // While failing, wake up for the next retry even if nothing new comes.
-            let first = match &self.failing {
-                None => rx.recv().ok(),
-                Some(f) => match rx.recv_timeout(f.wait.saturating_sub(f.at.elapsed())) {
+            let first = if self.pruning.is_some() && self.checked && self.failing.is_none() {
+                // A prune goes on a chunk at a time while nothing else is queued.
+                match rx.try_recv() {
                     Ok(job) => Some(job),
-                    Err(mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                },
+                    Err(mpsc::TryRecvError::Empty) => {
+                        self.prune_some();
+                        continue;
+                    }
+                    Err(mpsc::TryRecvError::Disconnected) => break,
+                }
+            } else {
+                // While failing, wake up for the next retry even if nothing new comes.
+                match &self.failing {
+                    None => rx.recv().ok(),
+                    Some(f) => match rx.recv_timeout(f.wait.saturating_sub(f.at.elapsed())) {
+                        Ok(job) => Some(job),
+                        Err(mpsc::RecvTimeoutError::Timeout) => None,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    },
+                }
             };
             let mut group: Vec<Job> = Vec::new();
             match first {
@@ -528,6 +564,13 @@ impl<H: Fn(Health)> Writer<H> {
                         error!(error = %e, "the database failed its check; nothing will be written");
                         (self.on_health)(Health::Corrupt(e.to_string()));
                         break 'jobs;
+                    }
+                    Job::Prune { before, keep, reply } => {
+                        let new = Pruning { before, keep, cutoff: None, deleted: 0, reply };
+                        // The one it takes the place of hears what it did.
+                        if let Some(old) = self.pruning.replace(new) {
+                            old.reply.send(Ok(old.deleted));
+                        }
                     }
                 }
             }
@@ -569,6 +612,35 @@ impl<H: Fn(Health)> Writer<H> {
                 let reopen = matches!(&e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::SystemIoFailure);
                 self.failed(e.to_string(), reopen);
             }
+        }
+    }
+
+    /// Deletes the next chunk of the prune under way; answers once a chunk comes short.
+    fn prune_some(&mut self) {
+        let Writer { conn, pruning: Some(p), .. } = self else { return };
+        let chunk = (|| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if p.cutoff.is_none() {
+                p.cutoff = Some(codec::history_cutoff(&tx, p.keep)?);
+            }
+            let deleted = codec::prune_retired(&tx, p.before, p.cutoff.flatten(), PRUNE_CHUNK)?;
+            if deleted < PRUNE_CHUNK {
+                codec::drop_ended_sessions(&tx)?;
+            }
+            tx.commit()?;
+            Ok::<_, rusqlite::Error>(deleted)
+        })();
+        let result = match chunk {
+            Ok(PRUNE_CHUNK) => return p.deleted += PRUNE_CHUNK,
+            Ok(deleted) => Ok(p.deleted + deleted),
+            // History is not worth the retries writes get: the next prune tries again.
+            Err(e) => {
+                warn!(error = %e, "cannot prune the task history; it is tried again as more tasks retire");
+                Err(e.into())
+            }
+        };
+        if let Some(p) = self.pruning.take() {
+            p.reply.send(result);
         }
     }
 
@@ -665,29 +737,6 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
             for id in ids {
                 stmt.execute(params![sat(*id)])?;
             }
-            Ok(())
-        }
-        Op::PruneRetired { before, keep } => {
-            // Both through indexes: by age on `tasks_retired_age`, by count on `tasks_live`.
-            tx.execute(
-                "DELETE FROM tasks WHERE retired = 1 AND coalesce(finished_at, created_at) <= ?1",
-                params![sat(*before)],
-            )?;
-            let cutoff: Option<i64> = tx
-                .query_row(
-                    "SELECT id FROM tasks WHERE retired = 1 ORDER BY id DESC LIMIT 1 OFFSET ?1",
-                    params![sat(*keep)],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if let Some(cutoff) = cutoff {
-                tx.execute("DELETE FROM tasks WHERE retired = 1 AND id <= ?1", params![cutoff])?;
-            }
-            tx.execute(
-                "DELETE FROM sessions WHERE substr(identifier, 1, 1) = ?1
-                    AND NOT EXISTS (SELECT 1 FROM tasks WHERE tasks.session_id = sessions.id)",
-                params![codec::TOMBSTONE],
-            )?;
             Ok(())
         }
         Op::SetNextTaskId(id) => codec::raise_meta(tx, "next_task_id", *id),
