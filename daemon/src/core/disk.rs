@@ -216,7 +216,11 @@ fn run(job: Job, report: &impl Fn(DiskReport)) {
             }
         }
         Job::CleanResumeDir { dir, retention } => {
-            let (removed, oldest) = clean_resume_dir(&dir, retention);
+            // The core waits for this report to clean again: a panic (a bug) tries again a
+            // retention later instead of never.
+            let (removed, oldest) =
+                crate::panics::contained("cleaning kept partial files", || clean_resume_dir(&dir, retention))
+                    .unwrap_or((0, Some(crate::model::now_ms())));
             report(DiskReport::ResumeDir { removed, oldest });
         }
         Job::Then(f) => f(),
