@@ -50,6 +50,32 @@ async fn https_download_over_h2_with_test_ca() {
     assert_eq!(versions, vec![http::Version::HTTP_2], "ALPN negotiated HTTP/2");
 }
 
+/// An HTTP/2 body of unknown length that a reset cut short is not a complete file, whatever
+/// the reset's reason: hyper ends a body reset with `NO_ERROR` as if it had ended, and the
+/// first 1 MiB of 4 was taken for the whole file. Now the attempt fails and the next resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_body_cut_by_a_graceful_reset_is_not_taken_for_complete() {
+    let env = TestEnv::new();
+    let ca = TestCa::new().unwrap();
+    env.add_config(&format!("extra_ca_file = {:?}", ca.ca_pem_path()));
+    let _daemon = TestDaemon::start(&env);
+    let server = TestServer::start_tls(&ca).await.unwrap();
+    let len = 4u64 << 20;
+    server.add(
+        "/cut.bin",
+        Resource::generated(len, 15).no_content_length().fault(Hits::Nth(1), Fault::GracefulResetAfter(1 << 20)),
+    );
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "test.h2-graceful-reset"), delegate).await.unwrap();
+    let task = session.download_task(DownloadRequest::new(server.url("/cut.bin"))).await.unwrap();
+    task.resume().await.unwrap();
+    assert_eq!(events.completion(task.id(), LONG).await, None);
+    assert_eq!(sha256_file(&events.moved_to(task.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(15, len)));
+    let requests = server.requests_for("/cut.bin");
+    assert_eq!(requests.iter().map(|r| r.version).collect::<Vec<_>>(), [http::Version::HTTP_2; 2], "{requests:?}");
+    assert!(requests[1].range.is_some(), "the second request resumed after the kept bytes: {requests:?}");
+}
+
 /// A response head over HTTP/2 is taken up to the size HTTP/1.1's is (1 MiB), not h2's
 /// default of 16 KiB: a 40 KB head (large cookies, a long policy header) downloads as it
 /// would over HTTP/1.1. Before, h2 reset the stream and the task retried for days.

@@ -82,6 +82,10 @@ pub enum Fault {
     /// Send a normal head (200/206 with the correct `Content-Length`), then abort after this many
     /// body bytes. On HTTP/1.x the TCP connection is reset (RST); on HTTP/2 the stream is reset.
     ResetAfter(u64),
+    /// Send this many body bytes, then end: HTTP/2 resets the stream with `NO_ERROR` (which
+    /// RFC 9113 allows only after a complete response, and hyper's client reads as the
+    /// body's end); HTTP/1.x aborts the body as `ShortBody` does.
+    GracefulResetAfter(u64),
     /// Send this many body bytes, then send nothing more, keeping the connection open.
     StallAfter(u64),
     /// Read the request, then drop the connection without any response (HTTP/2: reset the stream).
@@ -881,9 +885,13 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<()>) -> Resul
         Some(Fault::EndsWhereTheRangeStarts) => ends_at_range = true,
         Some(Fault::LongRangeOfUnknownTotal(k)) => long_unknown = Some(k),
         Some(Fault::NoLastModified) => hide_last_modified = true,
-        Some(f @ (Fault::ResetAfter(_) | Fault::StallAfter(_) | Fault::ShortBody(_) | Fault::LongContentLength(_))) => {
-            body_fault = Some(f)
-        }
+        Some(
+            f @ (Fault::ResetAfter(_)
+            | Fault::GracefulResetAfter(_)
+            | Fault::StallAfter(_)
+            | Fault::ShortBody(_)
+            | Fault::LongContentLength(_)),
+        ) => body_fault = Some(f),
     }
 
     let total = res.len();
@@ -946,6 +954,7 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<()>) -> Resul
         Some(Fault::ResetAfter(n)) if n < body_len => {
             (n, Tail::Fail { reset: req.version() < Version::HTTP_2 }, body_len)
         }
+        Some(Fault::GracefulResetAfter(n)) if n < body_len => (n, Tail::FailGracefully, body_len),
         Some(Fault::StallAfter(n)) if n < body_len => (n, Tail::Stall, body_len),
         Some(Fault::ShortBody(n)) if n < body_len => (n, Tail::Fail { reset: false }, body_len),
         Some(Fault::LongContentLength(k)) if k > 0 => (body_len, Tail::Fail { reset: false }, body_len + k),
@@ -996,6 +1005,23 @@ fn not_satisfiable(builder: http::response::Builder, len: u64) -> io::Result<Res
 // Streamed body
 // ---------------------------------------------------------------------------------------------
 
+/// An error hyper's server finds an HTTP/2 reason in (it looks through the sources; an
+/// `io::Error` shows its payload's source, not the payload).
+#[derive(Debug)]
+struct GracefulReset(h2::Error);
+
+impl fmt::Display for GracefulReset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("testkit fault: stream reset with NO_ERROR")
+    }
+}
+
+impl std::error::Error for GracefulReset {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
 /// What happens once the body's bytes have been sent.
 enum Tail {
     /// End normally.
@@ -1003,6 +1029,9 @@ enum Tail {
     /// Fail the body (hyper then aborts the connection / resets the stream). With `reset`, the
     /// TCP connection ends with an RST.
     Fail { reset: bool },
+    /// Fail the body with an HTTP/2 `NO_ERROR` among its error's sources: hyper resets the
+    /// stream with that reason.
+    FailGracefully,
     /// Never send anything again.
     Stall,
 }
@@ -1082,21 +1111,23 @@ impl Body for ServedBody {
                     return Poll::Ready(None);
                 }
                 Tail::Stall => return Poll::Pending,
-                Tail::Fail { reset } => {
+                Tail::Fail { .. } | Tail::FailGracefully => {
                     if !this.tail_armed {
                         // Let hyper flush what it has before we break the connection.
                         this.tail_armed = true;
                         this.sleep = Some(Box::pin(tokio::time::sleep(FLUSH_GRACE)));
                         continue;
                     }
-                    if reset {
-                        this.ctl.reset.store(true, Ordering::SeqCst);
-                    }
                     this.done = true;
-                    return Poll::Ready(Some(Err(io::Error::new(
-                        io::ErrorKind::ConnectionAborted,
-                        "testkit fault: body aborted",
-                    ))));
+                    let error = if let Tail::Fail { reset } = this.tail {
+                        if reset {
+                            this.ctl.reset.store(true, Ordering::SeqCst);
+                        }
+                        io::Error::new(io::ErrorKind::ConnectionAborted, "testkit fault: body aborted")
+                    } else {
+                        io::Error::other(GracefulReset(h2::Reason::NO_ERROR.into()))
+                    };
+                    return Poll::Ready(Some(Err(error)));
                 }
             }
         }

@@ -506,7 +506,7 @@ impl Engine {
         let mut ahead = body_ahead(&resp, ends_at);
         let mut start_writer = Some(start_writer);
         let mut writer = None;
-        let mut body = resp.into_body();
+        let mut body = Body::of(resp);
         let mut ends_at = ends_at;
         let ended = loop {
             if complete {
@@ -645,7 +645,7 @@ impl Engine {
     /// with the validators the attempt's first answer gave (`job`'s, updated): only a
     /// `206` that continues exactly there is taken; anything else ends the attempt (its
     /// bytes are kept, and the next attempt sorts it out).
-    async fn ask_for_the_rest(&self, job: &Job) -> Result<(Incoming, Option<u64>, Option<reads::AheadGuard>), BodyEnd> {
+    async fn ask_for_the_rest(&self, job: &Job) -> Result<(Body, Option<u64>, Option<reads::AheadGuard>), BodyEnd> {
         let at = job.progress.received();
         let (resp, meta) = self.ask(job, at).await.map_err(|f| match f {
             None => BodyEnd::Stopped,
@@ -665,7 +665,7 @@ impl Engine {
             )));
         }
         let ahead = body_ahead(&resp, meta.ends_at);
-        Ok((resp.into_body(), meta.ends_at, ahead))
+        Ok((Body::of(resp), meta.ends_at, ahead))
     }
 
     /// Reads the body into `tx`. With `hold` (a small body, see SMALL_BODY) nothing is sent
@@ -675,7 +675,7 @@ impl Engine {
     async fn pump_body(
         &self,
         job: &mut Job,
-        body: &mut Incoming,
+        body: &mut Body,
         tx: &mpsc::Sender<WriterMsg>,
         (hold, ends_at): (Option<Hold>, Option<u64>),
         ahead: Option<&reads::AheadGuard>,
@@ -692,7 +692,7 @@ impl Engine {
             let ready = if !held && !batch.is_empty() && batch.takes_more() {
                 tokio::select! {
                     biased;
-                    f = body.frame() => Some(Ok(f)),
+                    f = body.incoming.frame() => Some(Ok(f)),
                     () = std::future::ready(()) => None,
                 }
             } else {
@@ -710,7 +710,7 @@ impl Engine {
                         _ = job.stop.wait_for(|s| *s) => break BodyEnd::Stopped,
                         _ = deadline(job.deadline) => break BodyEnd::Failed(resource_timeout()),
                         _ = deadline(hold.map(|h| h.until)) => break BodyEnd::Released,
-                        f = tokio::time::timeout(job.idle_timeout, body.frame()) => f,
+                        f = tokio::time::timeout(job.idle_timeout, body.incoming.frame()) => f,
                     };
                     Timing::add(&job.link.timing().network_wait, began);
                     frame
@@ -732,6 +732,13 @@ impl Engine {
                         break BodyEnd::Failed(Failure::transient(
                             ErrorCode::Network,
                             format!("the response ended after {} of {end} bytes", received(job)),
+                        ));
+                    }
+                    // Without an announced end, only the stream's own end says it is whole.
+                    (None, _) if body.reset() => {
+                        break BodyEnd::Failed(Failure::transient(
+                            ErrorCode::Network,
+                            format!("the server reset the stream after {} bytes", received(job)),
                         ));
                     }
                     (_, Some(total)) if received(job) < total => break BodyEnd::Capped,
@@ -926,6 +933,26 @@ fn move_error(e: &files::MoveError) -> dlsession_proto::ErrorInfo {
         e => format!("{e}; the download is kept"),
     };
     dlsession_proto::ErrorInfo::new(ErrorCode::DestinationUnavailable, message)
+}
+
+/// A response's body, and whether it comes over HTTP/2.
+struct Body {
+    incoming: Incoming,
+    h2: bool,
+}
+
+impl Body {
+    fn of(resp: hyper::Response<Incoming>) -> Body {
+        let h2 = resp.version() == hyper::Version::HTTP_2;
+        Body { incoming: resp.into_body(), h2 }
+    }
+
+    /// After its end: whether an HTTP/2 stream was reset before its end (hyper ends a body
+    /// reset with `NO_ERROR` as if it were complete; h2 still tells the two apart).
+    fn reset(&self) -> bool {
+        use hyper::body::Body as _;
+        self.h2 && !self.incoming.is_end_stream()
+    }
 }
 
 enum BodyEnd {
