@@ -32,13 +32,20 @@ async fn http_download_is_byte_exact() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn https_download_over_h2_with_test_ca() {
+/// A daemon that trusts a new test CA, and an HTTPS server (HTTP/2 by ALPN) with its
+/// certificate.
+async fn over_tls() -> (TestEnv, TestDaemon, TestServer) {
     let env = TestEnv::new();
     let ca = TestCa::new().unwrap();
     env.add_config(&format!("extra_ca_file = {:?}", ca.ca_pem_path()));
-    let _daemon = TestDaemon::start(&env);
+    let daemon = TestDaemon::start(&env);
     let server = TestServer::start_tls(&ca).await.unwrap();
+    (env, daemon, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_download_over_h2_with_test_ca() {
+    let (env, _daemon, server) = over_tls().await;
     server.add("/b.bin", Resource::generated(5 << 20, 11));
     let (delegate, mut events) = Recorder::new(&env.path().join("out"));
     let session = Session::attach(config(&env, "test.https"), delegate).await.unwrap();
@@ -55,11 +62,7 @@ async fn https_download_over_h2_with_test_ca() {
 /// first 1 MiB of 4 was taken for the whole file. Now the attempt fails and the next resumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_body_cut_by_a_graceful_reset_is_not_taken_for_complete() {
-    let env = TestEnv::new();
-    let ca = TestCa::new().unwrap();
-    env.add_config(&format!("extra_ca_file = {:?}", ca.ca_pem_path()));
-    let _daemon = TestDaemon::start(&env);
-    let server = TestServer::start_tls(&ca).await.unwrap();
+    let (env, _daemon, server) = over_tls().await;
     let len = 4u64 << 20;
     server.add(
         "/cut.bin",
@@ -81,11 +84,7 @@ async fn an_h2_body_cut_by_a_graceful_reset_is_not_taken_for_complete() {
 /// would over HTTP/1.1. Before, h2 reset the stream and the task retried for days.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_response_head_over_h2_is_taken_as_over_h1() {
-    let env = TestEnv::new();
-    let ca = TestCa::new().unwrap();
-    env.add_config(&format!("extra_ca_file = {:?}", ca.ca_pem_path()));
-    let _daemon = TestDaemon::start(&env);
-    let server = TestServer::start_tls(&ca).await.unwrap();
+    let (env, _daemon, server) = over_tls().await;
     server.add("/padded.bin", Resource::generated(100_000, 13).fault(Hits::All, Fault::HugeHeaders(40_000)));
     let (delegate, mut events) = Recorder::new(&env.path().join("out"));
     let session = Session::attach(config(&env, "test.h2-head"), delegate).await.unwrap();
