@@ -48,10 +48,25 @@ async fn hostile_servers_end_in_exact_files_or_clear_errors() {
     s.add("/huge", r(7).fault(Hits::All, Fault::HugeHeaders(2 << 20)));
     // A slow drip, never idle long enough to time out.
     s.add("/drip", Resource::generated(6000, 8).throttle(3000));
+    // A 2xx that is not the file: a 202's page, and a 204 answering a resume.
+    let not_the_file = |code| Fault::Status { code, retry_after: None };
+    s.add("/accepted", r(9).fault(Hits::All, not_the_file(202)));
+    s.add("/no-content", r(10).fault(Hits::Nth(1), Fault::ResetAfter(1 << 20)).fault(Hits::All, not_the_file(204)));
 
     let config = SessionConfiguration::background("t.hostile").timeout_for_request(Duration::from_millis(700));
     let (session, mut events) = attach(&env, config).await;
-    let paths = ["/stall", "/long-cl", "/short", "/bad-range", "/no-206", "/close", "/huge", "/drip"];
+    let paths = [
+        "/stall",
+        "/long-cl",
+        "/short",
+        "/bad-range",
+        "/no-206",
+        "/close",
+        "/huge",
+        "/drip",
+        "/accepted",
+        "/no-content",
+    ];
     let reqs = paths.iter().map(|p| DownloadRequest::new(s.url(p))).collect();
     let tasks = session.download_tasks(reqs, true).await.unwrap();
     let by = |p: &str| tasks[paths.iter().position(|x| *x == p).unwrap()].id();
@@ -66,6 +81,13 @@ async fn hostile_servers_end_in_exact_files_or_clear_errors() {
     let huge = events.completion(by("/huge"), LONG).await.unwrap();
     assert_eq!(huge.code, ErrorCode::Network, "{huge}");
     assert_eq!(s.hits("/huge"), 1, "not retried");
+    for (p, code, hits) in [("/accepted", 202, 1), ("/no-content", 204, 2)] {
+        let error = events.completion(by(p), LONG).await.expect("not the file: an error");
+        assert_eq!((error.code, error.http_status), (ErrorCode::HttpStatus, Some(code)), "{p}: {error}");
+        assert!(error.message.contains("with no file"), "{p}: {error}");
+        assert_eq!(events.moved_to(by(p)), None, "{p}: no file handed over");
+        assert_eq!(s.hits(p), hits, "{p}");
+    }
 
     // The stall resumed where the synced data ended.
     let stall = s.requests_for("/stall");

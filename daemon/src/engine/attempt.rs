@@ -154,8 +154,16 @@ impl Engine {
                 "server refused the range request (416); restarting",
             ));
         }
-        if !(200..300).contains(&status) {
-            let mut f = Failure::permanent(ErrorCode::HttpStatus, format!("server answered {}", status_text(status)));
+        // The file comes only in a 200, a 203 (a transforming proxy's copy) or a 206: the
+        // body of another 2xx (a 202's "still being made" page, a 204's nothing) is not it,
+        // and taken as it, replaced the bytes kept and completed the task.
+        if !matches!(status, 200 | 203 | 206) {
+            let not_the_file =
+                if (200..300).contains(&status) { " with no file (only 200, 203 and 206 carry it)" } else { "" };
+            let mut f = Failure::permanent(
+                ErrorCode::HttpStatus,
+                format!("server answered {}{not_the_file}", status_text(status)),
+            );
             f.error.http_status = Some(status);
             return Err(f);
         }
