@@ -323,9 +323,12 @@ impl SessionConfiguration {
         self
     }
 
-    /// Connect to this socket instead of the default.
+    /// Connect to this socket instead of the default. A relative path is taken from the
+    /// current directory now: reconnects and daemon starts come later, after a `chdir`.
     pub fn socket(mut self, path: impl Into<PathBuf>) -> Self {
-        self.socket = Some(path.into());
+        let path = path.into();
+        // Only an empty path (or no current directory) fails: connecting then says why.
+        self.socket = Some(std::path::absolute(&path).unwrap_or(path));
         self
     }
 
@@ -622,4 +625,17 @@ pub(crate) fn path_text(path: &Path, what: &str) -> std::result::Result<String, 
             path.display()
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SessionConfiguration;
+
+    /// A relative socket path names the same socket after the app changes directory.
+    #[test]
+    fn a_relative_socket_is_taken_from_the_directory_at_the_call() {
+        let config = SessionConfiguration::background("org.example.relative").socket("run/dls.sock");
+        let here = std::env::current_dir().expect("a current directory");
+        assert_eq!(config.socket.as_deref(), Some(here.join("run/dls.sock").as_path()));
+    }
 }

@@ -416,7 +416,8 @@ struct dls_config *dls_config_new(const char *identifier, struct dls_error **err
 
 /**
  * Connect to the daemon's socket at `path` instead of the default (`DLSESSION_SOCKET`,
- * else `DLSESSIOND_SOCKET`, else `$XDG_RUNTIME_DIR/dlsessiond/dlsessiond.sock`).
+ * else `DLSESSIOND_SOCKET`, else `$XDG_RUNTIME_DIR/dlsessiond/dlsessiond.sock`). A
+ * relative `path` is taken from the current directory at this call.
  *
  * # Safety
  *

@@ -38,7 +38,8 @@ pub unsafe extern "C" fn dls_config_new(identifier: *const c_char, err: *mut *mu
 }
 
 /// Connect to the daemon's socket at `path` instead of the default (`DLSESSION_SOCKET`,
-/// else `DLSESSIOND_SOCKET`, else `$XDG_RUNTIME_DIR/dlsessiond/dlsessiond.sock`).
+/// else `DLSESSIOND_SOCKET`, else `$XDG_RUNTIME_DIR/dlsessiond/dlsessiond.sock`). A
+/// relative `path` is taken from the current directory at this call.
 ///
 /// # Safety
 ///

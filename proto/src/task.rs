@@ -446,11 +446,29 @@ impl TaskCounts {
         *slot = slot.saturating_sub(1);
     }
 
+    /// Saturating: counts come from the wire, and a client must not panic on them.
     pub fn total(&self) -> u64 {
-        self.suspended + self.queued + self.running + self.waiting + self.completed
+        [self.suspended, self.queued, self.running, self.waiting, self.completed]
+            .into_iter()
+            .fold(0, u64::saturating_add)
     }
 
+    /// Saturating, as `total`.
     pub fn active(&self) -> u64 {
-        self.queued + self.running + self.waiting
+        [self.queued, self.running, self.waiting].into_iter().fold(0, u64::saturating_add)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TaskCounts;
+
+    /// Counts a daemon sends are summed without overflowing (a panic in a debug build, a
+    /// wrapped "idle" in a release one).
+    #[test]
+    fn counts_from_the_wire_sum_without_overflow() {
+        let counts = TaskCounts { suspended: 1, queued: u64::MAX, running: 2, waiting: 0, completed: 3 };
+        assert_eq!(counts.active(), u64::MAX);
+        assert_eq!(counts.total(), u64::MAX);
     }
 }
