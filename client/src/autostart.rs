@@ -30,11 +30,20 @@ pub fn enabled() -> bool {
 
 /// Starts a daemon listening on `socket` unless one already is, and waits until it
 /// accepts connections.
+///
+/// On a thread of its own, not the runtime's blocking pool: a runtime being dropped waits
+/// for every job of its pool, and this one may wait up to twice `timeout` (for the lock,
+/// then for the socket), so an app dropping its session would wait for it too.
 pub async fn start(socket: &Path, timeout: Duration) -> Result<(), Error> {
     let socket = socket.to_path_buf();
-    tokio::task::spawn_blocking(move || start_blocking(&socket, timeout))
-        .await
-        .map_err(|e| Error::StartFailed { reason: format!("the starter thread failed: {e}") })?
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("dlsession-start".into())
+        .spawn(move || {
+            let _ = tx.send(start_blocking(&socket, timeout));
+        })
+        .map_err(|e| Error::StartFailed { reason: format!("cannot start the starter thread: {e}") })?;
+    rx.await.map_err(|_| Error::StartFailed { reason: "the starter thread failed".into() })?
 }
 
 /// As the daemon checks its socket's directory (`paths::not_private`): another user's (made

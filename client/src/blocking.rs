@@ -40,7 +40,8 @@ use dlsession_proto::{
 /// An attached background session, with blocking methods (see the [module](self)).
 ///
 /// Dropping it detaches; the daemon goes on with the tasks. The drop waits (up to five
-/// seconds) for a delegate callback that is running to return.
+/// seconds) for a delegate callback that is running to return; past that it returns, and
+/// what the callback handled is still acknowledged when it does.
 #[derive(Debug)]
 pub struct Session {
     inner: Option<crate::Session>,
@@ -56,8 +57,19 @@ impl Drop for Session {
         let done = inner.shared.signals.dispatcher_done.lock().ok().and_then(|mut d| d.take());
         // Detaching ends the delegate's thread; the runtime it uses must outlive it.
         drop(inner);
-        if let Some(done) = done {
-            let _ = done.recv_timeout(DISPATCHER_END);
+        let Some(done) = done else { return };
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done.recv_timeout(DISPATCHER_END) {
+            // A callback still runs: after it, the thread acknowledges and detaches on this
+            // runtime, so the runtime is kept (on a thread of its own) until the thread ends.
+            // Shut down under it, that thread panicked and its events came again.
+            let runtime = Arc::clone(&self.runtime);
+            let kept = std::thread::Builder::new().name("dlsession-end".into()).spawn(move || {
+                let _ = done.recv();
+                drop(runtime);
+            });
+            if let Err(e) = kept {
+                tracing::warn!(error = %e, "cannot keep the runtime for a delegate callback still running");
+            }
         }
     }
 }

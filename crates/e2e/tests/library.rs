@@ -107,14 +107,20 @@ async fn the_event_stream_follows_the_delegate() {
     assert_eq!(rest.last(), Some(&SessionEvent::Detached(DetachReason::TakenOver)), "{rest:?}");
 }
 
+/// A daemon and a test server for a program without a runtime of its own (the server
+/// needs one; the app under test does not).
+fn for_a_plain_program() -> (TestEnv, TestDaemon, tokio::runtime::Runtime, TestServer) {
+    let env = TestEnv::new();
+    let daemon = TestDaemon::start(&env);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt.block_on(TestServer::start()).unwrap();
+    (env, daemon, rt, server)
+}
+
 /// A plain program, no async runtime of its own: the blocking facade.
 #[test]
 fn the_blocking_facade_downloads_without_a_runtime() {
-    let env = TestEnv::new();
-    let _d = TestDaemon::start(&env);
-    // The test server needs a runtime; the app under test does not.
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let server = rt.block_on(TestServer::start()).unwrap();
+    let (env, _d, _rt, server) = for_a_plain_program();
     server.add("/b", Resource::generated(1 << 20, 9));
     let dest = env.path().join("b.bin");
 
@@ -134,6 +140,44 @@ fn the_blocking_facade_downloads_without_a_runtime() {
     assert_eq!(session.tasks().unwrap().len(), 0, "the completed task is retired once acknowledged");
     let missing = session.task(999_999).unwrap_err();
     assert_eq!(missing.code(), ErrorCode::NoSuchTask, "{missing}");
+}
+
+/// Dropping a blocking session whose delegate is still in a callback returns after five
+/// seconds, and what the callback handled is still acknowledged once it returns: the
+/// library's runtime lives until then. Before, it was shut down under the delegate's
+/// thread, which panicked, and the event came again.
+#[test]
+fn a_blocking_session_dropped_during_a_long_callback_still_acknowledges() {
+    let (env, _d, _rt, server) = for_a_plain_program();
+    server.add("/c", Resource::generated(1000, 4));
+    struct Slow(std::sync::Mutex<std::sync::mpsc::Sender<()>>);
+    impl dlsession::SessionDelegate for Slow {
+        fn did_complete_with_error(&self, _: &Session, _: &dlsession::DownloadTask, _: Option<&dlsession::TaskError>) {
+            let _ = self.0.lock().unwrap().send(());
+            std::thread::sleep(Duration::from_secs(7));
+        }
+    }
+    let (entered, callback) = std::sync::mpsc::channel();
+    let session =
+        dlsession::blocking::Session::attach(config(&env, "t.slow-callback"), Slow(std::sync::Mutex::new(entered)))
+            .unwrap();
+    let dest = env.path().join("c.bin");
+    session.download_tasks(vec![DownloadRequest::new(server.url("/c")).destination(&dest)], true).unwrap();
+    callback.recv_timeout(LONG).expect("the completion reached the delegate");
+    let dropped = std::time::Instant::now();
+    drop(session);
+    let waited = dropped.elapsed();
+    assert!(waited < Duration::from_secs(6), "the drop waited {waited:?} for the callback");
+    let pending = || {
+        let o = env.ctl(&["--json", "sessions"]);
+        let sessions: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let s = sessions.as_array().unwrap().iter().find(|s| s["identifier"] == "t.slow-callback").cloned();
+        s.map(|s| s["pending_events"].as_u64().unwrap())
+    };
+    // The callback returns 7 s after it began; its acknowledgement follows.
+    dlsession_testkit::wait_for("the callback's acknowledgement", Duration::from_secs(15), || {
+        (pending() == Some(0)).then_some(())
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
