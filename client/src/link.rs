@@ -18,6 +18,9 @@ use dlsession_proto::{
     ClientHello, ErrorCode, ErrorInfo, PROTOCOL_VERSION, Request, RequestFrame, Response, ServerMessage, Welcome, frame,
 };
 
+/// After a failed write, how long the link reads on before it closes.
+const WRITE_BROKE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The answer to one request.
 pub type Answer = std::result::Result<Response, ErrorInfo>;
 
@@ -117,25 +120,38 @@ impl Link {
         let welcome: Welcome = read_frame(&mut rd, &mut buf).await?.ok_or(Error::Disconnected { reason: None })?;
 
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let (write_failed, failed) = oneshot::channel::<std::io::Error>();
         let writer = tokio::spawn(async move {
-            while let Some(bytes) = out_rx.recv().await {
-                if wr.write_all(&bytes).await.is_err() {
-                    break;
-                }
-                while let Ok(more) = out_rx.try_recv() {
-                    if wr.write_all(&more).await.is_err() {
-                        return;
+            let written: std::io::Result<()> = async {
+                while let Some(bytes) = out_rx.recv().await {
+                    wr.write_all(&bytes).await?;
+                    while let Ok(more) = out_rx.try_recv() {
+                        wr.write_all(&more).await?;
                     }
+                    wr.flush().await?;
                 }
-                if wr.flush().await.is_err() {
-                    break;
-                }
+                Ok(())
+            }
+            .await;
+            if let Err(e) = written {
+                let _ = write_failed.send(e);
             }
         });
+        // A daemon that stops reading but keeps its end open (half closed) would leave every
+        // request waiting its whole timeout and no reconnect: a failed write ends the link,
+        // after a moment to read what the daemon sent before it (its answer, or why).
+        let write_broke = async {
+            let e = failed.await.ok()?;
+            tokio::time::sleep(WRITE_BROKE_GRACE).await;
+            Some(format!("cannot write to dlsessiond: {e}"))
+        };
         let link = std::sync::Arc::new_cyclic(|weak: &std::sync::Weak<Link>| {
             let weak = weak.clone();
             let reader = tokio::spawn(async move {
-                let reason = read_loop(&mut rd, &weak, &incoming, generation).await;
+                let reason = tokio::select! {
+                    reason = read_loop(&mut rd, &weak, &incoming, generation) => reason,
+                    Some(reason) = write_broke => Some(reason),
+                };
                 if let Some(link) = weak.upgrade() {
                     link.close(reason.clone());
                 }

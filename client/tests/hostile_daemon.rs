@@ -175,6 +175,29 @@ async fn garbage_after_the_handshake_fails_the_request_not_the_process() {
     assert!(client.is_closed());
 }
 
+/// A daemon that stops reading but keeps its end open: the request's write fails, and the
+/// link ends at once with that reason instead of the request waiting its whole timeout.
+#[tokio::test]
+async fn a_daemon_that_stops_reading_ends_the_link() {
+    let (_d, path) = fake_daemon(|mut s| async move {
+        welcome(&mut s).await;
+        let s = s.into_std().unwrap();
+        s.shutdown(std::net::Shutdown::Read).unwrap();
+        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+        drop(s);
+    })
+    .await;
+    let client = Client::connect(options(path)).await.unwrap();
+    let asked = std::time::Instant::now();
+    let err = client.request(dlsession::proto::Request::Status).await.unwrap_err();
+    assert!(asked.elapsed() < std::time::Duration::from_secs(10), "waited {:?}", asked.elapsed());
+    assert!(
+        matches!(&err, Error::Disconnected { reason: Some(r) } if r.contains("cannot write to dlsessiond")),
+        "{err:?}"
+    );
+    assert!(client.is_closed());
+}
+
 #[tokio::test]
 async fn an_oversized_frame_is_refused_before_allocation() {
     let (_d, path) = fake_daemon(|mut s| async move {
