@@ -107,6 +107,51 @@ async fn retired_history_is_pruned_as_configured() {
     }
 }
 
+/// A destination whose directory does not exist, or cannot be written, is refused before a
+/// task is made (exit 1, `file_error`): the unwritable one was taken, downloaded, and its
+/// file waited in the cache for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_refuses_a_directory_it_cannot_save_in() {
+    let f = fixture().await;
+    f.server.add("/a.bin", Resource::generated(1000, 5));
+    let dir = f.env.path().join("readonly");
+    // Root writes through modes: a read-only mount stops it too.
+    let _mount = if dlsession_testkit::host::is_root() {
+        Some(dlsession_testkit::Mount::tmpfs(&dir, "size=1m,ro"))
+    } else {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o500)).unwrap();
+        None
+    };
+    let missing = f.env.path().join("missing");
+    for (dir, why) in [(&dir, "cannot write in"), (&missing, "does not exist")] {
+        let dest = dir.join("a.bin");
+        let o = ctl(&f.env, &["get", &f.server.url("/a.bin"), "-o", dest.to_str().unwrap()]).await;
+        assert_exit(&o, 1);
+        let err = stderr(&o);
+        assert!(err.contains("file_error") && err.contains(why), "{err}");
+    }
+    assert_eq!(f.server.hits("/a.bin"), 0, "no task was made");
+}
+
+/// `get --wait` on a pipe says why a task waits, once per reason: two failures with the
+/// same error give one line. Before, a pipe heard nothing until the task ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_wait_says_why_a_task_waits() {
+    let f = fixture_with(|env| env.set_config("retry_initial_ms", "100")).await;
+    let busy = Fault::Status { code: 500, retry_after: None };
+    f.server.add("/busy.bin", Resource::generated(1000, 4).fault(Hits::First(2), busy));
+    let dest = f.env.path().join("busy.bin");
+    let o = ctl(&f.env, &["get", &f.server.url("/busy.bin"), "-o", dest.to_str().unwrap(), "--wait"]).await;
+    assert_exit(&o, 0);
+    let err = stderr(&o);
+    let said: Vec<&str> = err.lines().filter(|l| l.contains(" waits: backing off after attempt")).collect();
+    assert_eq!(said.len(), 1, "{err}");
+    assert!(said[0].contains("last error: http_status: server answered 500"), "{err}");
+    assert_eq!(f.server.hits("/busy.bin"), 3);
+}
+
 /// `retired_history_max` holds while the daemon runs, not only at its next start or hour:
 /// the history is pruned as tasks retire once a tenth of the cap retired since.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

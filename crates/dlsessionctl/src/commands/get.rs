@@ -322,13 +322,24 @@ fn prepare_files(plan: &Plan, overwrite: bool) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| CliError::file("cannot create the directory", dir, &e))?;
     }
     for item in &plan.items {
-        if let Some(parent) = item.destination.parent()
-            && !parent.is_dir()
-        {
-            return Err(CliError::local(
-                ErrorCode::FileError,
-                format!("cannot save to {}: {} is not a directory", item.destination.display(), parent.display()),
-            ));
+        if let Some(parent) = item.destination.parent() {
+            let cannot = |why: String| {
+                CliError::local(ErrorCode::FileError, format!("cannot save to {}: {why}", item.destination.display()))
+            };
+            let dir = parent.display();
+            match parent.metadata() {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(cannot(format!("{dir} does not exist")));
+                }
+                Err(e) => return Err(cannot(format!("cannot look at {dir}: {e}"))),
+                Ok(m) if !m.is_dir() => return Err(cannot(format!("{dir} is not a directory"))),
+                Ok(_) => {}
+            }
+            // The daemon runs as this user: where it cannot write, the finished file would
+            // wait in its cache until someone makes room (`destination_unavailable`).
+            if let Err(e) = rustix::fs::access(parent, rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK) {
+                return Err(cannot(format!("cannot write in {dir}: {}", std::io::Error::from(e))));
+            }
         }
         if !overwrite && item.destination.symlink_metadata().is_ok() {
             return Err(CliError::local(
@@ -491,6 +502,42 @@ async fn completed_among(client: &Client, ids: &HashSet<TaskId>) -> Vec<TaskInfo
     done
 }
 
+/// What `--wait` says on stderr when a task starts waiting for a reason someone may want to
+/// act on (a backoff once per error code), with its key: said again only when the key
+/// changes, so a log (stderr on a pipe has no progress bars) says why a wait goes on.
+/// Queues behind limits, dates and the like are ordinary and go unsaid.
+fn wait_note(info: &TaskInfo, now: u64) -> Option<(String, String)> {
+    use dlsession_proto::WaitReason as W;
+    let (id, w) = (info.id, info.wait.as_ref()?);
+    let said = |why: String| Some((why, format!("task {id} waits: {}", crate::output::wait_sentence(w, id, now))));
+    match w {
+        W::AuthRequired { challenge: c } => Some((
+            "credentials".into(),
+            format!(
+                "task {id} waits for credentials ({} at {}); answer with `dlsessionctl auth {id} --basic USER` (or \
+                 --bearer, --header NAME, --fail)",
+                c.scheme, c.origin
+            ),
+        )),
+        W::Suspended => Some((
+            "paused".into(),
+            format!("task {id} is paused; waiting until it is resumed (`dlsessionctl resume {id}`)"),
+        )),
+        W::Backoff { last_error: e, .. } => said(format!("backoff {}", e.code.as_str())),
+        W::DestinationUnavailable { error: e, .. } => said(format!("destination {}", e.code.as_str())),
+        W::StorageFull { .. } => said("storage".into()),
+        W::NoNetwork { .. } => said("no network".into()),
+        W::MeteredNetwork => said("metered".into()),
+        W::OnBattery => said("battery".into()),
+        W::GlobalLimit { .. }
+        | W::HostLimit { .. }
+        | W::SessionLimit { .. }
+        | W::EarliestBegin { .. }
+        | W::EventsPending { .. }
+        | W::Discretionary => None,
+    }
+}
+
 /// Follows the tasks until all are completed, then acknowledges their events.
 pub(super) async fn wait(
     ctx: &Ctx,
@@ -511,7 +558,8 @@ pub(super) async fn wait(
     let mut quiet = QUIET_FIRST;
     let mut progress = Progress::new(progress::terminal(), false);
     let mut pending: HashSet<TaskId> = ids.iter().copied().collect();
-    let mut paused_noted: HashSet<TaskId> = HashSet::new();
+    // Why each task was last said to wait (see `wait_note`).
+    let mut noted: HashMap<TaskId, String> = HashMap::new();
     let mut failed = 0usize;
     let mut interrupt = interrupt;
     let interrupted = async {
@@ -576,20 +624,10 @@ pub(super) async fn wait(
                     }
                     report_finished(ctx, &progress, session, &info)?;
                 } else {
-                    if let Some(dlsession_proto::WaitReason::AuthRequired { challenge: c }) = &info.wait
-                        && paused_noted.insert(info.id)
+                    if let Some((why, note)) = wait_note(&info, crate::output::now_ms())
+                        && noted.insert(info.id, why.clone()) != Some(why)
                     {
-                        progress.err(&format!(
-                            "task {} waits for credentials ({} at {}); answer with `dlsessionctl auth {} --basic \
-                             USER` (or --bearer, --header NAME, --fail)",
-                            info.id, c.scheme, c.origin, info.id
-                        ));
-                    }
-                    if info.state == TaskState::Suspended && paused_noted.insert(info.id) {
-                        progress.err(&format!(
-                            "task {} is paused; waiting until it is resumed (`dlsessionctl resume {}`)",
-                            info.id, info.id
-                        ));
+                        progress.err(&note);
                     }
                     progress.update(&info);
                 }
