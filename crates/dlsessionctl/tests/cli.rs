@@ -107,6 +107,25 @@ async fn retired_history_is_pruned_as_configured() {
     }
 }
 
+/// A session or task that does not exist is an error with nothing on stdout, not an empty
+/// answer: `tasks --json` printed `[]` before failing, `limit` read "none" with exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_does_not_exist_is_an_error_not_an_empty_answer() {
+    let f = fixture().await;
+    let asks: [&[&str]; 4] = [
+        &["--json", "tasks", "--session", "nosuch"],
+        &["limit", "--session", "nosuch"],
+        &["--json", "limit", "--session", "nosuch"],
+        &["limit", "--task", "999999"],
+    ];
+    for args in asks {
+        let o = ctl(&f.env, args).await;
+        assert_exit(&o, 1);
+        assert_eq!(stdout(&o), "", "{args:?}");
+        assert!(stderr(&o).contains("no_such_"), "{args:?}: {}", stderr(&o));
+    }
+}
+
 /// A destination whose directory does not exist, or cannot be written, is refused before a
 /// task is made (exit 1, `file_error`): the unwritable one was taken, downloaded, and its
 /// file waited in the cache for ever.

@@ -27,6 +27,17 @@ pub async fn run(ctx: &Ctx, args: LimitArgs) -> Result<Exit> {
     }
     let client = ctx.connect().await?;
     let (Some(target), Some(rate)) = (target.clone(), rate) else {
+        // A session or task that does not exist has no limit to show: `no_such_*`, as when
+        // setting one (it read "none", exit 0).
+        match &target {
+            Some(LimitTarget::Session { identifier }) => {
+                client.request(Request::GetSession { identifier: identifier.clone() }).await?;
+            }
+            Some(LimitTarget::Task { task }) => {
+                client.request(Request::GetTask { task: *task }).await?;
+            }
+            Some(LimitTarget::Global) | None => {}
+        }
         let limits = match client.request(Request::GetBandwidthLimits).await? {
             Response::BandwidthLimits(l) => l,
             other => return Err(CliError::unexpected("bandwidth_limits", &other)),

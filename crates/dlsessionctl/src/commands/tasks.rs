@@ -83,7 +83,12 @@ impl Sink for JsonSink {
         Ok(())
     }
 
+    /// An array begun is closed; before any element, stdout stays empty (a failure before
+    /// anything was listed is not an empty list).
     fn cut_short(&mut self, error: CliError) -> CliError {
+        if !self.started {
+            return error;
+        }
         match self.finish() {
             Ok(()) => error,
             Err(write) => write,
