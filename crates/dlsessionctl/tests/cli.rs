@@ -107,6 +107,22 @@ async fn retired_history_is_pruned_as_configured() {
     }
 }
 
+/// `show` of a task a 404 failed: its response status is the 404, and a completed task has
+/// no resource deadline left (it showed `-` and "in 6 d 23 h").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_of_a_failed_task_says_its_status_and_no_deadline() {
+    let f = fixture().await;
+    let dest = f.env.path().join("gone.bin");
+    let o = ctl(&f.env, &["--json", "get", &f.server.url("/gone.bin"), "-o", dest.to_str().unwrap(), "--wait"]).await;
+    assert_exit(&o, 1);
+    let id = json_lines(&o)[0]["task"].as_u64().expect("task id");
+    let o = ctl(&f.env, &["show", &id.to_string()]).await;
+    assert_exit(&o, 0);
+    let out = stdout(&o);
+    assert_eq!(show_field(&out, "response status"), "404", "{out}");
+    assert_eq!(show_field(&out, "resource deadline"), "-", "{out}");
+}
+
 /// A session or task that does not exist is an error with nothing on stdout, not an empty
 /// answer: `tasks --json` printed `[]` before failing, `limit` read "none" with exit 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

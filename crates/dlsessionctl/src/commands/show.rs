@@ -110,7 +110,9 @@ fn describe(d: &TaskDetail, now: u64) -> Vec<(&'static str, String)> {
     if let Some(e) = d.last_error.as_ref().filter(|e| Some(*e) != t.error.as_ref()) {
         lines.push(("last error", output::error(e)));
     }
-    lines.push(("response status", or_dash(d.response_status)));
+    // A status that failed the task came with no file: the error's is the one to show.
+    let status = t.error.as_ref().and_then(|e| e.http_status).or(d.response_status);
+    lines.push(("response status", or_dash(status)));
     lines.push(("response headers", headers(&d.response_headers)));
     lines.push(("request headers", headers(&d.request_headers)));
     lines.push(("etag", or_dash(d.etag.as_deref())));
@@ -127,7 +129,9 @@ fn describe(d: &TaskDetail, now: u64) -> Vec<(&'static str, String)> {
     lines.push(("created", output::when(t.created_at, now)));
     lines.push(("started", or_dash(d.started_at.map(|at| output::when(at, now)))));
     lines.push(("finished", or_dash(d.finished_at.map(|at| output::when(at, now)))));
-    lines.push(("resource deadline", or_dash(d.resource_deadline.map(|at| output::when(at, now)))));
+    // A completed task's deadline no longer holds anything ("in 6 d" read as a wait).
+    let deadline = d.resource_deadline.filter(|_| t.state != dlsession_proto::TaskState::Completed);
+    lines.push(("resource deadline", or_dash(deadline.map(|at| output::when(at, now)))));
     lines.push(("retired", if d.retired { "yes (its events were acknowledged)".into() } else { "no".into() }));
     lines
 }
