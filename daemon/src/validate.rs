@@ -13,23 +13,6 @@ fn err(code: ErrorCode, message: impl Into<String>) -> ErrorInfo {
     ErrorInfo::new(code, message)
 }
 
-/// Headers the daemon manages itself or that would let a client smuggle framing.
-const RESERVED_HEADERS: &[&str] = &[
-    "host",
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "upgrade",
-    "te",
-    "trailer",
-    "expect",
-    "range",
-    "if-range",
-];
-
-const MAX_HEADER_VALUE: usize = 8192;
 const MAX_DESCRIPTION: usize = 4096;
 
 /// Checks a session's own proxy (a URL the daemon can use, a `NO_PROXY` list of sane size)
@@ -110,34 +93,7 @@ pub fn headers(headers: &[Header], limits: &Limits) -> Result<(), ErrorInfo> {
         ));
     }
     for h in headers {
-        header(h)?;
-    }
-    Ok(())
-}
-
-fn header(h: &Header) -> Result<(), ErrorInfo> {
-    let is_tchar = dlsession_proto::validate::is_token_char;
-    if h.name.is_empty() || h.name.len() > 256 || !h.name.chars().all(is_tchar) {
-        return Err(err(ErrorCode::InvalidRequest, format!("invalid header name {:?}", h.name)));
-    }
-    if RESERVED_HEADERS.iter().any(|r| h.name.eq_ignore_ascii_case(r)) {
-        return Err(err(
-            ErrorCode::InvalidRequest,
-            format!("header {:?} is managed by dlsessiond and cannot be set", h.name),
-        ));
-    }
-    if h.value.len() > MAX_HEADER_VALUE {
-        return Err(err(
-            ErrorCode::InvalidRequest,
-            format!("header {:?} value exceeds {MAX_HEADER_VALUE} bytes", h.name),
-        ));
-    }
-    if let Some(c) = h.value.chars().find(|&c| c.is_control() && c != '\t') {
-        // The value itself is never echoed: it may be a credential.
-        return Err(err(
-            ErrorCode::InvalidRequest,
-            format!("header {:?} value contains the control character {:?} (CR, LF and NUL are refused)", h.name, c),
-        ));
+        dlsession_proto::validate::header(&h.name, &h.value)?;
     }
     Ok(())
 }

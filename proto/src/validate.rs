@@ -15,6 +15,48 @@ pub fn is_token_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
 }
 
+/// Headers the daemon manages itself or that would let a client smuggle framing.
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "expect",
+    "range",
+    "if-range",
+];
+
+/// Longest header value a task may carry, in bytes.
+pub const MAX_HEADER_VALUE: usize = 8192;
+
+/// A request header a task may carry: a token for a name, none the daemon manages, a
+/// value of at most `MAX_HEADER_VALUE` bytes without control characters but tab. The
+/// daemon checks every task; a command line checks its own before contacting it.
+pub fn header(name: &str, value: &str) -> Result<(), ErrorInfo> {
+    let refuse = |m: String| Err(ErrorInfo::new(ErrorCode::InvalidRequest, m));
+    if name.is_empty() || name.len() > 256 || !name.chars().all(is_token_char) {
+        return refuse(format!("invalid header name {name:?}"));
+    }
+    if RESERVED_HEADERS.iter().any(|r| name.eq_ignore_ascii_case(r)) {
+        return refuse(format!("header {name:?} is managed by dlsessiond and cannot be set"));
+    }
+    if value.len() > MAX_HEADER_VALUE {
+        return refuse(format!("header {name:?} value exceeds {MAX_HEADER_VALUE} bytes"));
+    }
+    if let Some(c) = value.chars().find(|&c| c.is_control() && c != '\t') {
+        // The value itself is never echoed: it may be a credential.
+        return refuse(format!(
+            "header {name:?} value contains the control character {c:?} (CR, LF and NUL are refused)"
+        ));
+    }
+    Ok(())
+}
+
 /// A header that frames an upload's body (`Content-Length`, `Transfer-Encoding`, any
 /// `Upload-*` of the resumable uploads draft): the daemon sets it; an upload may not.
 pub fn is_upload_framing_header(name: &str) -> bool {

@@ -14,7 +14,8 @@ use dlsession_proto::{TaskId, TaskState};
 /// can stand in for an app (`attach`).
 ///
 /// Exit status: 0 success, 1 the operation or a task failed, 2 usage error,
-/// 3 dlsessiond is not running.
+/// 3 dlsessiond unreachable (not running, could not be started, or stopping),
+/// 130 interrupted by Ctrl-C (the downloads go on).
 #[derive(Debug, Parser)]
 #[command(name = "dlsessionctl", version, max_term_width = 100, after_long_help = EXAMPLES)]
 pub struct Cli {
@@ -67,13 +68,14 @@ pub enum Command {
     /// is done and exits 0 only if all of them succeeded.
     ///
     /// Files land in the current directory under the name from the URL, unless -o or -d
-    /// says otherwise. Without --wait, the tasks' completion events stay in the session
-    /// until collected with `dlsessionctl attach SESSION`.
+    /// says otherwise. Without --wait, the tasks' completion events stay in the session:
+    /// in the default one the next `get` collects them (naming the failed ones); in one
+    /// given with --session, `dlsessionctl attach SESSION` does.
     ///
     /// If no daemon is running (and none is provided by systemd's socket), `get` starts
     /// dlsessiond in the background (from DLSESSIOND_PATH, next to dlsessionctl, or on
-    /// PATH; log in ~/.local/state/dlsessiond/dlsessiond.log). DLSESSION_NO_AUTOSTART=1
-    /// turns that off.
+    /// PATH; log in $XDG_STATE_HOME/dlsessiond/dlsessiond.log, by default
+    /// ~/.local/state/…). DLSESSION_NO_AUTOSTART=1 turns that off.
     Get(GetArgs),
 
     /// Answer a task's request for credentials (a 401, or a proxy's 407, in a session that

@@ -259,11 +259,13 @@ pub fn parse_header(raw: &str) -> Result<(String, String), String> {
     let Some((name, value)) = raw.split_once(':') else {
         return Err(format!("header {raw:?} has no ':'; write it as 'Name: value'"));
     };
-    let name = name.trim();
+    let (name, value) = (name.trim(), value.trim());
     if name.is_empty() {
         return Err(format!("header {raw:?} has an empty name; write it as 'Name: value'"));
     }
-    Ok((name.to_owned(), value.trim().to_owned()))
+    // The daemon's own rules, before it is contacted: a usage error like the rest.
+    dlsession_proto::validate::header(name, value).map_err(|e| e.message)?;
+    Ok((name.to_owned(), value.to_owned()))
 }
 
 /// Shortens `s` to at most `max` characters by cutting out its middle.
@@ -376,6 +378,10 @@ mod tests {
         assert_eq!(parse_header("X-Empty:"), Ok(("X-Empty".into(), String::new())));
         assert!(parse_header("NoColon").is_err());
         assert!(parse_header(": v").is_err());
+        // The daemon's rules, checked here (a usage error before it is contacted).
+        assert!(parse_header("Bad Name: v").unwrap_err().contains("invalid header name"));
+        assert!(parse_header("Range: bytes=0-").unwrap_err().contains("managed by dlsessiond"));
+        assert!(parse_header("X-A: a\rb").unwrap_err().contains("control character"));
     }
 
     #[test]
