@@ -291,6 +291,23 @@ async fn refused_requests_and_usage_errors() {
     assert_exit(&o, 2);
     assert!(stderr(&o).contains("-o"), "{}", stderr(&o));
 
+    // Mistakes said as what they are, before the daemon is asked.
+    let bare = f.server.url("/a").replacen("http://", "", 1);
+    let file = f.env.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let new_dir = format!("{}/", f.env.path().join("new-dir").display());
+    let cases: [(&[&str], i32, &str); 4] = [
+        (&["get", &bare], 2, "is not a URL: write http://"),
+        (&["get", "localhost:1/x"], 2, "is not a URL: write http://"),
+        (&["get", &f.server.url("/a"), "-d", file.to_str().unwrap()], 1, "is not a directory"),
+        (&["get", &f.server.url("/a"), "-o", &new_dir], 2, "names a directory that does not exist"),
+    ];
+    for (args, code, says) in cases {
+        let o = ctl(&f.env, args).await;
+        assert_exit(&o, code);
+        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+    }
+
     for args in [
         &["status", "--no-such-flag"][..],
         &["tasks", "--state", "sleeping"],

@@ -115,7 +115,11 @@ pub async fn run(ctx: &Ctx, args: GetArgs) -> Result<Exit> {
             let collect = if args.session == DEFAULT_SESSION {
                 "the next `dlsessionctl get` collects their results".to_owned()
             } else {
-                format!("their results wait in session {} for `dlsessionctl attach {0}` or its app", args.session)
+                format!(
+                    "their results wait in session {} for `dlsessionctl attach {}` or its app",
+                    args.session,
+                    shell_words::quote(&args.session)
+                )
             };
             eprintln!(
                 "downloading in the background (dlsessiond goes on after this command): follow with \
@@ -236,6 +240,14 @@ fn parse_url_list(text: &str) -> Vec<String> {
 
 /// Checks the flags and works out each URL's destination.
 fn plan(args: &GetArgs, urls: Vec<String>, cwd: &Path) -> Result<Plan> {
+    // `host:port/path` was refused as the unsupported scheme `host`: say what is missing
+    // (`file:/x` and the like keep the daemon's refusal).
+    let bare = |u: &&String| {
+        !u.contains("://") && url::Url::parse(u).map_or(true, |p| p.scheme() == "localhost" || p.scheme().contains('.'))
+    };
+    if let Some(bare) = urls.iter().find(bare) {
+        return Err(CliError::usage(format!("{bare:?} is not a URL: write http://{bare} or https://{bare}")));
+    }
     if args.output.is_some() && urls.len() != 1 {
         return Err(CliError::usage(format!(
             "-o names the file of a single URL, but {} URLs were given; use -d DIR for several",
@@ -289,6 +301,14 @@ fn destinations(urls: Vec<String>, output: Option<&Path>, dir: Option<&Path>, cw
         let name = output::file_name_from_url(&url);
         let destination = match (output, dir) {
             (Some(o), _) => {
+                // `-o new/` names a directory that is not there (the daemon would refuse
+                // it as no file name, after starting).
+                if o.as_os_str().as_encoded_bytes().ends_with(b"/") && !cwd.join(o).is_dir() {
+                    return Err(CliError::usage(format!(
+                        "-o {} names a directory that does not exist; create it, or give a file name",
+                        o.display()
+                    )));
+                }
                 let o = cwd.join(o);
                 if o.is_dir() { o.join(name.as_deref().unwrap_or(output::FALLBACK_FILE_NAME)) } else { o }
             }
@@ -319,6 +339,9 @@ fn destinations(urls: Vec<String>, output: Option<&Path>, dir: Option<&Path>, cw
 /// Creates the `-d` directory and checks that every destination can be written.
 fn prepare_files(plan: &Plan, overwrite: bool) -> Result<()> {
     if let Some(dir) = &plan.make_dir {
+        if dir.exists() && !dir.is_dir() {
+            return Err(CliError::local(ErrorCode::FileError, format!("-d {} is not a directory", dir.display())));
+        }
         std::fs::create_dir_all(dir).map_err(|e| CliError::file("cannot create the directory", dir, &e))?;
     }
     for item in &plan.items {
