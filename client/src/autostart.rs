@@ -63,6 +63,24 @@ fn ours_alone(dir: &Path) -> Result<(), String> {
     }
 }
 
+/// The last line written to the log at `path` from byte `from` on (of its last 64 KiB),
+/// at most 512 bytes of it: why a daemon that exited during its start did.
+fn last_line_since(path: &Path, from: u64) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    let end = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(from.max(end.saturating_sub(64 << 10)))).ok()?;
+    let mut text = Vec::new();
+    file.take(64 << 10).read_to_end(&mut text).ok()?;
+    let text = String::from_utf8_lossy(&text);
+    let line = text.lines().map(str::trim).rfind(|l| !l.is_empty())?;
+    let mut cut = line.len().min(512);
+    while !line.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    Some(line.get(..cut)?.to_owned())
+}
+
 fn start_blocking(socket: &Path, timeout: Duration) -> Result<(), Error> {
     let fail = |reason: String| Error::StartFailed { reason };
     let dir = socket.parent().ok_or_else(|| fail(format!("{} has no parent directory", socket.display())))?;
@@ -121,6 +139,8 @@ fn start_blocking(socket: &Path, timeout: Duration) -> Result<(), Error> {
         rotate(p);
         OpenOptions::new().create(true).append(true).mode(0o600).open(p).ok()
     });
+    // Where this start's own lines begin: what it said last is the reason it gives.
+    let log_from = log.as_ref().and_then(|f| f.metadata().ok()).map_or(0, |m| m.len());
     let (out, err) = match &log {
         Some(f) => (stdio(f), stdio(f)),
         None => (Stdio::null(), Stdio::null()),
@@ -141,7 +161,7 @@ fn start_blocking(socket: &Path, timeout: Duration) -> Result<(), Error> {
         .process_group(0)
         .spawn()
         .map_err(|e| fail(format!("cannot run {}: {e}", exe.display())))?;
-    let see_log = log_path.map(|p| format!("; see {}", p.display())).unwrap_or_default();
+    let see_log = log_path.as_ref().map(|p| format!("; see {}", p.display())).unwrap_or_default();
     let deadline = crate::deadline::after(timeout);
     loop {
         if UnixStream::connect(socket).is_ok() {
@@ -149,7 +169,12 @@ fn start_blocking(socket: &Path, timeout: Duration) -> Result<(), Error> {
             return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(fail(format!("{} exited during start-up ({status}){see_log}", exe.display())));
+            let said = log_path.as_deref().and_then(|p| last_line_since(p, log_from)).map(|l| format!(": {l}"));
+            return Err(fail(format!(
+                "{} exited during start-up ({status}){}{see_log}",
+                exe.display(),
+                said.unwrap_or_default()
+            )));
         }
         if Instant::now() >= deadline {
             // It may still come up (a slow disk): it runs on, and is reaped all the same.

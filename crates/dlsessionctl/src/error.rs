@@ -97,10 +97,15 @@ impl CliError {
                     io::ErrorKind::ConnectionRefused => format!("nothing listens on {}", path.display()),
                     _ => format!("cannot connect to {}: {source}", path.display()),
                 };
-                vec![
-                    format!("error: dlsessiond is not running ({why})"),
-                    "hint: start it with 'dlsessiond &' or 'systemctl --user start dlsessiond'".into(),
-                ]
+                // A daemon started bare listens on the default socket, not on this one.
+                let default = dlsession_proto::paths::defaults().is_ok_and(|d| d.socket == *path);
+                let hint = if default {
+                    "hint: start it with 'dlsessiond &' or 'systemctl --user start dlsessiond'".to_owned()
+                } else {
+                    let quoted = shell_words::quote(&path.to_string_lossy()).into_owned();
+                    format!("hint: start one there with 'dlsessiond --socket {quoted} &'")
+                };
+                vec![format!("error: dlsessiond is not running ({why})"), hint]
             }
             CliError::Client(dlsession::Error::Disconnected { reason }) => {
                 let mut line = "error: lost the connection to dlsessiond".to_owned();

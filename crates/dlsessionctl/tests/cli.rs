@@ -15,8 +15,8 @@ use dlsession::Client;
 use dlsession_proto::{Request, Response, TaskSpec};
 use dlsession_testkit::app::client;
 use dlsession_testkit::cli::{
-    assert_exit, assert_keys, ctl, ctl_pty, json, json_lines, sh_quote, show_field, stderr, stdout, table_cells,
-    task_row,
+    assert_exit, assert_keys, ctl, ctl_env, ctl_pty, json, json_lines, sh_quote, show_field, stderr, stdout,
+    table_cells, task_row,
 };
 use dlsession_testkit::{Fault, Hits, Resource, TestDaemon, TestEnv, TestServer, bin_path, sha256_file};
 use serde_json::Value;
@@ -105,6 +105,24 @@ async fn retired_history_is_pruned_as_configured() {
             assert!(stderr(&o).contains("no_such_task"), "{}", stderr(&o));
         }
     }
+}
+
+/// A daemon that exits while `get` starts it: the error says what the daemon said last,
+/// not only that its log has the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_fails_to_start_says_why_in_the_error() {
+    let env = Arc::new(TestEnv::new());
+    let fake = env.path().join("fake-dlsessiond");
+    std::fs::write(&fake, "#!/bin/sh\necho 'starting'\necho 'error: the reason it cannot start' >&2\nexit 1\n")
+        .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dest = env.path().join("never-written");
+    let args = ["get", "http://127.0.0.1:9/a.bin", "-o", dest.to_str().unwrap()];
+    let o = ctl_env(&env, &args, &[("DLSESSIOND_PATH", fake.to_str().unwrap())]).await;
+    assert_exit(&o, 3);
+    let err = stderr(&o);
+    assert!(err.contains("exited during start-up (exit status: 1): error: the reason it cannot start; see "), "{err}");
 }
 
 /// `show` of a task a 404 failed: its response status is the 404, and a completed task has
@@ -398,7 +416,9 @@ async fn unreachable_daemon_exits_3() {
     let err = stderr(&o);
     assert!(err.contains("dlsessiond is not running"), "{err}");
     assert!(err.contains(socket.to_str().unwrap()), "{err}");
-    assert!(err.contains("hint: start it with"), "{err}");
+    // A daemon started bare would listen elsewhere: the hint names this socket.
+    let hint = format!("hint: start one there with 'dlsessiond --socket {} &'", socket.display());
+    assert!(err.contains(&hint), "{err}");
 
     // The default socket of an environment without a daemon: every command that needs
     // one says so and exits 3 (inspection and control never start a daemon).
@@ -416,26 +436,15 @@ async fn unreachable_daemon_exits_3() {
         let o = ctl(&env, args).await;
         assert_exit(&o, 3);
         assert!(stderr(&o).starts_with("error: dlsessiond is not running (no socket at "), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("hint: start it with 'dlsessiond &'"), "{args:?}: {}", stderr(&o));
         assert!(o.stdout.is_empty(), "{args:?}: {}", stdout(&o));
     }
     // `get` and `attach` would start one, unless told not to.
-    let env2 = Arc::clone(&env);
-    let dest = env.path().join("never-written").to_str().unwrap().to_owned();
-    let outputs = tokio::task::spawn_blocking(move || {
-        [&["get", "http://127.0.0.1:9/a.bin", "-o", &dest][..], &["attach", "org.example"]].map(|args| {
-            env2.command(bin_path("dlsessionctl"))
-                .args(args)
-                .env("DLSESSION_NO_AUTOSTART", "1")
-                .stdin(Stdio::null())
-                .output()
-                .unwrap()
-        })
-    })
-    .await
-    .unwrap();
-    for o in &outputs {
-        assert_exit(o, 3);
-        assert!(stderr(o).contains("dlsessiond is not running"), "{}", stderr(o));
+    let dest = env.path().join("never-written");
+    for args in [&["get", "http://127.0.0.1:9/a.bin", "-o", dest.to_str().unwrap()][..], &["attach", "org.example"]] {
+        let o = ctl_env(&env, args, &[("DLSESSION_NO_AUTOSTART", "1")]).await;
+        assert_exit(&o, 3);
+        assert!(stderr(&o).contains("dlsessiond is not running"), "{}", stderr(&o));
     }
     assert!(!env.socket.exists(), "no daemon was started");
 

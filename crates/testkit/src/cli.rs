@@ -21,6 +21,23 @@ pub async fn ctl(env: &Arc<TestEnv>, args: &[&str]) -> Output {
     .expect("dlsessionctl run")
 }
 
+/// As [`ctl`], with extra environment variables.
+pub async fn ctl_env(env: &Arc<TestEnv>, args: &[&str], vars: &[(&str, &str)]) -> Output {
+    let env = Arc::clone(env);
+    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    let vars: Vec<(String, String)> = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    tokio::task::spawn_blocking(move || {
+        env.command(bin_path("dlsessionctl"))
+            .args(&args)
+            .envs(vars)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run dlsessionctl")
+    })
+    .await
+    .expect("dlsessionctl run")
+}
+
 /// Runs `dlsessionctl args` under a pseudo-terminal of 120 columns (util-linux `script`),
 /// with extra environment variables. The returned stdout is everything drawn on the
 /// terminal (stdout and stderr merged, `\r\n` line ends); the exit status is the command's.
