@@ -52,6 +52,8 @@ async fn hostile_servers_end_in_exact_files_or_clear_errors() {
     let not_the_file = |code| Fault::Status { code, retry_after: None };
     s.add("/accepted", r(9).fault(Hits::All, not_the_file(202)));
     s.add("/no-content", r(10).fault(Hits::Nth(1), Fault::ResetAfter(1 << 20)).fault(Hits::All, not_the_file(204)));
+    // A 206 to a request for the whole file, starting elsewhere: no attempt would do better.
+    s.add("/bad-whole", r(11).whole_as_206().fault(Hits::All, Fault::WrongContentRange));
 
     let config = SessionConfiguration::background("t.hostile").timeout_for_request(Duration::from_millis(700));
     let (session, mut events) = attach(&env, config).await;
@@ -66,6 +68,7 @@ async fn hostile_servers_end_in_exact_files_or_clear_errors() {
         "/drip",
         "/accepted",
         "/no-content",
+        "/bad-whole",
     ];
     let reqs = paths.iter().map(|p| DownloadRequest::new(s.url(p))).collect();
     let tasks = session.download_tasks(reqs, true).await.unwrap();
@@ -81,6 +84,10 @@ async fn hostile_servers_end_in_exact_files_or_clear_errors() {
     let huge = events.completion(by("/huge"), LONG).await.unwrap();
     assert_eq!(huge.code, ErrorCode::Network, "{huge}");
     assert_eq!(s.hits("/huge"), 1, "not retried");
+    let whole = events.completion(by("/bad-whole"), LONG).await.unwrap();
+    assert_eq!(whole.code, ErrorCode::Network, "{whole}");
+    assert!(whole.message.contains("malformed response to a request for the whole file"), "{whole}");
+    assert_eq!(s.hits("/bad-whole"), 1, "not retried");
     for (p, code, hits) in [("/accepted", 202, 1), ("/no-content", 204, 2)] {
         let error = events.completion(by(p), LONG).await.expect("not the file: an error");
         assert_eq!((error.code, error.http_status), (ErrorCode::HttpStatus, Some(code)), "{p}: {error}");

@@ -206,15 +206,27 @@ impl Engine {
             kept_last_modified(sent_last_modified.clone(), get(hyper::header::DATE).as_deref(), encoded);
         let content_length = get(hyper::header::CONTENT_LENGTH).and_then(|v| v.trim().parse::<u64>().ok());
         let (start, total, total_stated, ends_at, restarted) = if status == 206 {
+            // A resume the server got wrong starts over; a 206 that cannot describe the whole
+            // file to a request without `Range` would do the same again at every attempt, for
+            // the resource's whole budget: a malformed response, which no retry mends.
+            let unusable = |why: String| {
+                if offset > 0 {
+                    Failure::restart(ErrorCode::CannotResume, why)
+                } else {
+                    Failure::permanent(
+                        ErrorCode::Network,
+                        format!("malformed response to a request for the whole file: {why}"),
+                    )
+                }
+            };
             let range = get(hyper::header::CONTENT_RANGE).and_then(|v| parse_content_range(&v));
             let Some((start, end, total)) = range else {
-                return Err(Failure::restart(ErrorCode::CannotResume, "206 response without a valid Content-Range"));
+                return Err(unusable("206 response without a valid Content-Range".into()));
             };
             if start != offset {
-                return Err(Failure::restart(
-                    ErrorCode::CannotResume,
-                    format!("asked for bytes from {offset}, server sent a range starting at {start}"),
-                ));
+                return Err(unusable(format!(
+                    "asked for bytes from {offset}, server sent a range starting at {start}"
+                )));
             }
             // A 206 to a request without `Range` (the whole body as a range) continues nothing:
             // none of the checks and carried validators below that concern earlier data apply.
@@ -250,10 +262,7 @@ impl Engine {
             if let Some(len) = content_length
                 && end - start + 1 != len
             {
-                return Err(Failure::restart(
-                    ErrorCode::CannotResume,
-                    format!("Content-Length ({len}) disagrees with Content-Range ({start}-{end})"),
-                ));
+                return Err(unusable(format!("Content-Length ({len}) disagrees with Content-Range ({start}-{end})")));
             }
             // With an unknown total (`/*`) the length known from before still holds (the
             // validators matched): a shorter range is part of the file, never its end.
