@@ -55,10 +55,13 @@ impl Drop for Session {
     fn drop(&mut self) {
         let Some(inner) = self.inner.take() else { return };
         let done = inner.shared.signals.dispatcher_done.lock().ok().and_then(|mut d| d.take());
+        // Dropped from inside a callback (which the C API forbids): that thread goes on once
+        // the callback returns; waiting here would be waiting for itself.
+        let inside = inner.shared.signals.dispatcher.get() == Some(&std::thread::current().id());
         // Detaching ends the delegate's thread; the runtime it uses must outlive it.
         drop(inner);
         let Some(done) = done else { return };
-        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done.recv_timeout(DISPATCHER_END) {
+        if inside || matches!(done.recv_timeout(DISPATCHER_END), Err(std::sync::mpsc::RecvTimeoutError::Timeout)) {
             // A callback still runs: after it, the thread acknowledges and detaches on this
             // runtime, so the runtime is kept (on a thread of its own) until the thread ends.
             // Shut down under it, that thread panicked and its events came again.

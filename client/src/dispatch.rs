@@ -174,7 +174,7 @@ impl Session {
         if let Ok(mut slot) = session.shared.signals.dispatcher_done.lock() {
             *slot = Some(done_rx);
         }
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("dlsession-{}", config.identifier.chars().take(20).collect::<String>()))
             .spawn(move || {
                 // Dropped when the thread ends: `blocking::Session` waits for that.
@@ -184,6 +184,7 @@ impl Session {
             .map_err(|e| {
                 Error::Invalid(ErrorInfo::new(ErrorCode::Internal, format!("cannot start delegate thread: {e}")))
             })?;
+        let _ = session.shared.signals.dispatcher.set(thread.thread().id());
         Ok(session)
     }
 }

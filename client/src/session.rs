@@ -88,6 +88,8 @@ pub(crate) struct Signals {
     pub(crate) streams: Subscribers,
     /// Disconnected when the dispatcher's thread ends (see `blocking::Session`'s drop).
     pub(crate) dispatcher_done: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    /// That thread, once started: a drop from inside a callback does not wait for itself.
+    pub(crate) dispatcher: std::sync::OnceLock<std::thread::ThreadId>,
 }
 
 /// How an attachment ended.

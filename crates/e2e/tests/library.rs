@@ -107,6 +107,14 @@ async fn the_event_stream_follows_the_delegate() {
     assert_eq!(rest.last(), Some(&SessionEvent::Detached(DetachReason::TakenOver)), "{rest:?}");
 }
 
+/// How many events session `identifier` holds unacknowledged (`None`: no such session).
+fn pending_events(env: &TestEnv, identifier: &str) -> Option<u64> {
+    let o = env.ctl(&["--json", "sessions"]);
+    let sessions: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let s = sessions.as_array().unwrap().iter().find(|s| s["identifier"] == identifier).cloned();
+    s.map(|s| s["pending_events"].as_u64().unwrap())
+}
+
 /// A daemon and a test server for a program without a runtime of its own (the server
 /// needs one; the app under test does not).
 fn for_a_plain_program() -> (TestEnv, TestDaemon, tokio::runtime::Runtime, TestServer) {
@@ -168,15 +176,44 @@ fn a_blocking_session_dropped_during_a_long_callback_still_acknowledges() {
     drop(session);
     let waited = dropped.elapsed();
     assert!(waited < Duration::from_secs(6), "the drop waited {waited:?} for the callback");
-    let pending = || {
-        let o = env.ctl(&["--json", "sessions"]);
-        let sessions: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        let s = sessions.as_array().unwrap().iter().find(|s| s["identifier"] == "t.slow-callback").cloned();
-        s.map(|s| s["pending_events"].as_u64().unwrap())
-    };
     // The callback returns 7 s after it began; its acknowledgement follows.
     dlsession_testkit::wait_for("the callback's acknowledgement", Duration::from_secs(15), || {
-        (pending() == Some(0)).then_some(())
+        (pending_events(&env, "t.slow-callback") == Some(0)).then_some(())
+    });
+}
+
+/// A blocking session dropped from inside its own callback (the C API forbids it, a Rust
+/// app can do it) returns at once instead of waiting 5 s for itself, and what the
+/// callback handled is still acknowledged.
+#[test]
+fn a_blocking_session_dropped_in_its_own_callback_does_not_wait_for_itself() {
+    let (env, _d, _rt, server) = for_a_plain_program();
+    server.add("/c", Resource::generated(1000, 6));
+    type Slot = std::sync::Arc<std::sync::Mutex<Option<dlsession::blocking::Session>>>;
+    struct DropsItself(Slot, std::sync::Mutex<std::sync::mpsc::Sender<Duration>>);
+    impl dlsession::SessionDelegate for DropsItself {
+        fn did_complete_with_error(&self, _: &Session, _: &dlsession::DownloadTask, _: Option<&dlsession::TaskError>) {
+            let session = self.0.lock().unwrap().take();
+            let began = std::time::Instant::now();
+            drop(session);
+            let _ = self.1.lock().unwrap().send(began.elapsed());
+        }
+    }
+    let slot: Slot = Default::default();
+    let (tx, dropped) = std::sync::mpsc::channel();
+    let delegate = DropsItself(std::sync::Arc::clone(&slot), std::sync::Mutex::new(tx));
+    let session = dlsession::blocking::Session::attach(config(&env, "t.drops-itself"), delegate).unwrap();
+    let dest = env.path().join("c.bin");
+    let request = DownloadRequest::new(server.url("/c")).destination(&dest);
+    {
+        // In the slot before the task can complete: the callback waits for it there.
+        let mut held = slot.lock().unwrap();
+        held.insert(session).download_tasks(vec![request], true).unwrap();
+    }
+    let waited = dropped.recv_timeout(LONG).expect("the callback dropped the session");
+    assert!(waited < Duration::from_secs(2), "the drop waited {waited:?} for its own thread");
+    dlsession_testkit::wait_for("the callback's acknowledgement", Duration::from_secs(10), || {
+        (pending_events(&env, "t.drops-itself") == Some(0)).then_some(())
     });
 }
 
