@@ -69,13 +69,21 @@ pub async fn lost_for_good(client: &Client, say: Option<crate::progress::Notes>)
     let limit = reconnect_limit();
     let mut lost_at: Option<Instant> = None;
     let mut look = tokio::time::interval(Duration::from_millis(250));
+    // Which connection the last look saw: one lost and made again between two looks (a
+    // restart within 250 ms) is said too, or a daemon stopped on purpose and started again
+    // by this command's reconnect went unsaid.
+    let which = |w: &dlsession_proto::Welcome| (w.pid, w.connection_id);
+    let mut seen = which(&client.welcome());
     loop {
         look.tick().await;
         if client.is_connected() {
-            if lost_at.take().is_some()
+            let welcome = client.welcome();
+            let changed = which(&welcome) != seen;
+            seen = which(&welcome);
+            if (lost_at.take().is_some() || changed)
                 && let Some(say) = &say
             {
-                say.err("note: connected to dlsessiond again");
+                say.err(&format!("note: connected to dlsessiond again (pid {})", welcome.pid));
             }
             continue;
         }
