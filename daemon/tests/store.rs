@@ -313,21 +313,8 @@ async fn history_is_pruned_by_count() {
 /// chunks, not after the whole history went in one transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_big_prune_lets_writes_through_between_its_chunks() {
-    let dir = tempfile::tempdir().unwrap();
-    let (store, _) = open(&dir.path().join("db"));
-    let now = dlsessiond::model::now_ms();
     let n = 50_000u64;
-    let mut ops = vec![Op::InsertSession(session())];
-    ops.extend((1..=n).map(|id| {
-        Op::InsertTask(Box::new(TaskRecord {
-            state: TaskState::Completed,
-            finished_at: Some(now),
-            retired: true,
-            ..task(id)
-        }))
-    }));
-    store.write(ops, None);
-    assert!(store.flush(std::time::Duration::from_secs(60)).await);
+    let (_dir, store) = with_history(n).await;
     let (pruned_tx, mut pruned) = tokio::sync::oneshot::channel();
     store.prune_history(0, 10, move |result| {
         let _ = pruned_tx.send(result);
@@ -348,6 +335,80 @@ async fn a_big_prune_lets_writes_through_between_its_chunks() {
     for (id, kept) in [(1, false), (n - 10, false), (n - 9, true), (n, true)] {
         assert_eq!(store.load_task(id).await.unwrap().is_some(), kept, "task {id}");
     }
+}
+
+/// The session, and retired tasks `(id, finished_at)`.
+fn history(tasks: impl Iterator<Item = (u64, u64)>) -> Vec<Op> {
+    let mut ops = vec![Op::InsertSession(session())];
+    ops.extend(tasks.map(|(id, finished)| {
+        Op::InsertTask(Box::new(TaskRecord {
+            state: TaskState::Completed,
+            finished_at: Some(finished),
+            retired: true,
+            ..task(id)
+        }))
+    }));
+    ops
+}
+
+/// A store holding `n` tasks retired now, ids 1 to `n`.
+async fn with_history(n: u64) -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(&dir.path().join("db"));
+    store.write(history((1..=n).map(|id| (id, dlsessiond::model::now_ms()))), None);
+    assert!(store.flush(std::time::Duration::from_secs(60)).await);
+    (dir, store)
+}
+
+/// The newest `keep` are counted among what the age limit leaves: a task finished today
+/// stays when older ones with higher ids go by age (counted first, it went with them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prune_counts_what_the_age_limit_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(&dir.path().join("db"));
+    let (now, day) = (dlsessiond::model::now_ms(), 24 * 3600 * 1000);
+    store.write(history([(1, now), (2, now - 40 * day), (3, now - 40 * day), (4, now - 40 * day)].into_iter()), None);
+    assert_eq!(prune(&store, now - 30 * day, 3).await, 3);
+    assert!(store.load_task(1).await.unwrap().is_some(), "the one task within both limits stays");
+}
+
+/// A prune goes on while writes keep coming (it ran only when nothing was queued, so a busy
+/// daemon never pruned).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prune_goes_on_while_writes_keep_coming() {
+    let n = 10_000u64;
+    let (_dir, store) = with_history(n).await;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    // About a thousand writes queued at all times: the queue is never empty.
+    let queued = std::sync::Arc::new(AtomicU64::new(0));
+    let busy = std::thread::spawn({
+        let (store, stop, queued) = (store.clone(), std::sync::Arc::clone(&stop), std::sync::Arc::clone(&queued));
+        move || {
+            while !stop.load(Ordering::Relaxed) {
+                if queued.load(Ordering::Relaxed) >= 1000 {
+                    std::thread::yield_now();
+                    continue;
+                }
+                queued.fetch_add(1, Ordering::Relaxed);
+                let queued = std::sync::Arc::clone(&queued);
+                store.write(
+                    vec![Op::SetSeqFloor(1)],
+                    Some(Box::new(move |_| {
+                        queued.fetch_sub(1, Ordering::Relaxed);
+                    })),
+                );
+            }
+        }
+    });
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    store.prune_history(0, 10, move |result| {
+        let _ = tx.send(result);
+    });
+    let pruned = tokio::time::timeout(std::time::Duration::from_secs(10), rx).await;
+    stop.store(true, Ordering::Relaxed);
+    busy.join().unwrap();
+    assert_eq!(pruned.expect("the prune ended while writes kept coming").unwrap().unwrap(), n - 10);
 }
 
 /// Values a client or server chose are stored saturated, never wrapped: a timeout of

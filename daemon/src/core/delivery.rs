@@ -186,7 +186,7 @@ impl Core {
         let all_acked = self.sessions.get(&key).is_some_and(|s| s.events.is_empty());
         if !retire.is_empty() {
             ops.push(Op::RetireTasks(retire.clone()));
-            self.prune_history(retire.len());
+            self.prune_history(retire.len(), &mut ops);
             for task in retire {
                 if self.tasks.get(&task).is_some_and(|t| t.state == TaskState::Completed) {
                     self.tasks.remove(task);

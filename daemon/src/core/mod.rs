@@ -387,7 +387,9 @@ impl Core {
             creations: creations::Creations::default(),
         };
         core.restore(snapshot);
-        core.prune_history(0);
+        let mut ops = Vec::new();
+        core.prune_history(0, &mut ops);
+        core.commit(ops, Vec::new());
         core.on_housekeeping();
         Ok(core)
     }

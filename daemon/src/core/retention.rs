@@ -12,12 +12,13 @@
 
 use std::time::{Duration, Instant};
 
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::Core;
 use super::disk::DiskReport;
 use super::timers::{Timer, millis};
 use crate::model::{SessionKey, now_ms};
+use crate::store::Op;
 
 /// Retirements after which history is pruned at the latest, whatever the time.
 const PRUNE_AFTER: u64 = 10_000;
@@ -29,7 +30,7 @@ impl Core {
     /// passed (or a tenth of the history, if shorter). History grows only as tasks retire,
     /// so this needs no timer of its own; counting keeps a burst of retirements from
     /// growing it far past its cap (and then deleting it all at once).
-    pub(super) fn prune_history(&mut self, retired: usize) {
+    pub(super) fn prune_history(&mut self, retired: usize, ops: &mut Vec<Op>) {
         let history = self.cfg.timing.retired_history;
         let keep = self.cfg.timing.retired_history_max;
         let every = (history / 10).min(Duration::from_secs(3600));
@@ -41,11 +42,8 @@ impl Core {
         }
         h.last_prune = Some(Instant::now());
         h.retired_since_prune = 0;
-        self.store.prune_history(now_ms().saturating_sub(millis(history)), keep, |result| match result {
-            Ok(deleted) if deleted > 0 => debug!(deleted, "pruned the task history"),
-            // Logged where it failed.
-            Ok(_) | Err(_) => {}
-        });
+        // With the batch that retires the tasks: it starts once they are committed.
+        ops.push(Op::PruneRetired { before: now_ms().saturating_sub(millis(history)), keep });
     }
 
     /// Expires what is due and sets the timer for the next expiry.

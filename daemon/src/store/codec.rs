@@ -787,23 +787,24 @@ pub fn history_cutoff(conn: &Connection, keep: u64) -> rusqlite::Result<Option<i
 }
 
 /// Deletes at most `limit` retired tasks that finished (or, never started, were created) at
-/// or before `before`, or whose id is at or below `cutoff`; returns how many went. Both
-/// through indexes: by age on `tasks_retired_age`, by count on `tasks_live`.
-pub fn prune_retired(tx: &Transaction<'_>, before: u64, cutoff: Option<i64>, limit: u64) -> rusqlite::Result<u64> {
-    let mut deleted = tx.execute(
+/// or before `before`; returns how many went (through `tasks_retired_age`).
+pub fn prune_aged(tx: &Transaction<'_>, before: u64, limit: u64) -> rusqlite::Result<u64> {
+    let deleted = tx.execute(
         "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks
             WHERE retired = 1 AND coalesce(finished_at, created_at) <= ?1 LIMIT ?2)",
         params![sat(before), sat(limit)],
-    )? as u64;
-    if let Some(cutoff) = cutoff
-        && deleted < limit
-    {
-        deleted += tx.execute(
-            "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE retired = 1 AND id <= ?1 LIMIT ?2)",
-            params![cutoff, sat(limit - deleted)],
-        )? as u64;
-    }
-    Ok(deleted)
+    )?;
+    Ok(deleted as u64)
+}
+
+/// Deletes at most `limit` retired tasks whose id is at or below `cutoff`; returns how many
+/// went (through `tasks_live`).
+pub fn prune_beyond(tx: &Transaction<'_>, cutoff: i64, limit: u64) -> rusqlite::Result<u64> {
+    let deleted = tx.execute(
+        "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE retired = 1 AND id <= ?1 LIMIT ?2)",
+        params![cutoff, sat(limit)],
+    )?;
+    Ok(deleted as u64)
 }
 
 /// Deletes ended sessions kept for the history once none of their tasks is left.

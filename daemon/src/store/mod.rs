@@ -67,6 +67,12 @@ pub enum Op {
         seqs: Vec<u64>,
     },
     RetireTasks(Vec<TaskId>),
+    /// Starts a prune of the history once the batch carrying it committed (so it sees the
+    /// retirements committed with it), as [`Store::prune_history`] does.
+    PruneRetired {
+        before: u64,
+        keep: u64,
+    },
     SetNextTaskId(TaskId),
     /// Event sequence numbers of any later session start here (never lowered): a session
     /// that reuses a deleted one's identifier must not reuse its sequence numbers, or a
@@ -297,7 +303,8 @@ impl Store {
     /// `before`, and all but the newest `keep` retired tasks; `then` hears how many went.
     /// A few thousand rows per transaction, with writes queued meanwhile committed in
     /// between: a million rows in one transaction held every commit for many seconds. A
-    /// prune asked for while one is under way takes its place.
+    /// prune asked for while one is under way takes its place. The daemon asks with
+    /// `Op::PruneRetired`, in the batch whose retirements it should see.
     pub fn prune_history(&self, before: u64, keep: u64, then: impl FnOnce(Result<u64, StoreError>) + Send + 'static) {
         let _ = self.tx.send(Job::Prune { before, keep, reply: Reply::new(then) });
     }
@@ -473,13 +480,20 @@ struct Writer<H> {
 /// Rows a prune deletes per transaction (under 10 ms on this machine: 100,000 took 0.38 s).
 const PRUNE_CHUNK: u64 = 2_000;
 
+/// While other work is queued, a prune still goes on a chunk at least this often.
+const PRUNE_BUSY_EVERY: Duration = Duration::from_millis(250);
+
 struct Pruning {
     before: u64,
     keep: u64,
-    /// Found by the first chunk: the id at and below which retired tasks are past `keep`.
+    /// Every task older than `before` is gone: the count goes next.
+    aged: bool,
+    /// Found once `aged`: the id at and below which retired tasks are past `keep`.
     cutoff: Option<Option<i64>>,
     deleted: u64,
-    reply: Reply<u64>,
+    /// Who asked ([`Store::prune_history`]); none for an `Op::PruneRetired`.
+    reply: Option<Reply<u64>>,
+    last_chunk: std::time::Instant,
 }
 
 struct Failing {
@@ -510,10 +524,17 @@ pub struct Woken {
 impl<H: Fn(Health)> Writer<H> {
     fn run(mut self, rx: &mpsc::Receiver<Job>) {
         'jobs: loop {
-            let first = if self.pruning.is_some() && self.checked && self.failing.is_none() {
-                // A prune goes on a chunk at a time while nothing else is queued.
+            let first = if let Some(p) = self.pruning.as_ref().filter(|_| self.checked && self.failing.is_none()) {
+                // A prune goes on a chunk at a time while nothing else is queued, and now
+                // and then also when something is (a busy daemon would starve it).
+                let due = p.last_chunk.elapsed() >= PRUNE_BUSY_EVERY;
                 match rx.try_recv() {
-                    Ok(job) => Some(job),
+                    Ok(job) => {
+                        if due {
+                            self.prune_some();
+                        }
+                        Some(job)
+                    }
                     Err(mpsc::TryRecvError::Empty) => {
                         self.prune_some();
                         continue;
@@ -565,13 +586,7 @@ impl<H: Fn(Health)> Writer<H> {
                         (self.on_health)(Health::Corrupt(e.to_string()));
                         break 'jobs;
                     }
-                    Job::Prune { before, keep, reply } => {
-                        let new = Pruning { before, keep, cutoff: None, deleted: 0, reply };
-                        // The one it takes the place of hears what it did.
-                        if let Some(old) = self.pruning.replace(new) {
-                            old.reply.send(Ok(old.deleted));
-                        }
-                    }
+                    Job::Prune { before, keep, reply } => self.start_prune(before, keep, Some(reply)),
                 }
             }
             self.flush();
@@ -604,6 +619,13 @@ impl<H: Fn(Health)> Writer<H> {
                     );
                     (self.on_health)(Health::Recovered);
                 }
+                let mut prunes = batch.iter().flat_map(|(ops, _)| ops.iter()).filter_map(|op| match op {
+                    Op::PruneRetired { before, keep } => Some((*before, *keep)),
+                    _ => None,
+                });
+                if let Some((before, keep)) = prunes.next_back() {
+                    self.start_prune(before, keep, None);
+                }
                 for (_, done) in batch {
                     done.call(Ok(()));
                 }
@@ -615,15 +637,43 @@ impl<H: Fn(Health)> Writer<H> {
         }
     }
 
-    /// Deletes the next chunk of the prune under way; answers once a chunk comes short.
+    /// Starts a prune; one under way gives way to it (and who asked for that one hears what
+    /// it did).
+    fn start_prune(&mut self, before: u64, keep: u64, reply: Option<Reply<u64>>) {
+        let new = Pruning {
+            before,
+            keep,
+            aged: false,
+            cutoff: None,
+            deleted: 0,
+            reply,
+            last_chunk: std::time::Instant::now(),
+        };
+        if let Some(Pruning { reply: Some(reply), deleted, .. }) = self.pruning.replace(new) {
+            reply.send(Ok(deleted));
+        }
+    }
+
+    /// Deletes the next chunk of the prune under way: by age first, then (the cutoff found
+    /// once those are gone) by count; ends it once a chunk comes short.
     fn prune_some(&mut self) {
         let Writer { conn, pruning: Some(p), .. } = self else { return };
+        p.last_chunk = std::time::Instant::now();
         let chunk = (|| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            if p.cutoff.is_none() {
-                p.cutoff = Some(codec::history_cutoff(&tx, p.keep)?);
+            let mut deleted = 0;
+            if !p.aged {
+                deleted = codec::prune_aged(&tx, p.before, PRUNE_CHUNK)?;
+                p.aged = deleted < PRUNE_CHUNK;
             }
-            let deleted = codec::prune_retired(&tx, p.before, p.cutoff.flatten(), PRUNE_CHUNK)?;
+            if p.aged && deleted < PRUNE_CHUNK {
+                if p.cutoff.is_none() {
+                    p.cutoff = Some(codec::history_cutoff(&tx, p.keep)?);
+                }
+                if let Some(Some(cutoff)) = p.cutoff {
+                    deleted += codec::prune_beyond(&tx, cutoff, PRUNE_CHUNK - deleted)?;
+                }
+            }
             if deleted < PRUNE_CHUNK {
                 codec::drop_ended_sessions(&tx)?;
             }
@@ -639,8 +689,11 @@ impl<H: Fn(Health)> Writer<H> {
                 Err(e.into())
             }
         };
-        if let Some(p) = self.pruning.take() {
-            p.reply.send(result);
+        let Some(p) = self.pruning.take() else { return };
+        match (p.reply, result) {
+            (Some(reply), result) => reply.send(result),
+            (None, Ok(deleted)) if deleted > 0 => debug!(deleted, "pruned the task history"),
+            (None, _) => {}
         }
     }
 
@@ -739,6 +792,8 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> Result<(), rusqlite::Error> {
             }
             Ok(())
         }
+        // Not a change of this transaction: it starts after the commit (`Writer::flush`).
+        Op::PruneRetired { .. } => Ok(()),
         Op::SetNextTaskId(id) => codec::raise_meta(tx, "next_task_id", *id),
         Op::SetSeqFloor(seq) => codec::raise_meta(tx, "seq_floor", *seq),
         Op::SetGlobalLimit(rate) => codec::set_global_limit(tx, *rate),
