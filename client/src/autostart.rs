@@ -169,7 +169,12 @@ fn start_blocking(socket: &Path, timeout: Duration) -> Result<(), Error> {
             return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
-            let said = log_path.as_deref().and_then(|p| last_line_since(p, log_from)).map(|l| format!(": {l}"));
+            // Only from a log this start wrote to (one it could not open holds an older run's).
+            let said = log_path
+                .as_deref()
+                .filter(|_| log.is_some())
+                .and_then(|p| last_line_since(p, log_from))
+                .map(|l| format!(": {l}"));
             return Err(fail(format!(
                 "{} exited during start-up ({status}){}{see_log}",
                 exe.display(),

@@ -327,8 +327,12 @@ impl SessionConfiguration {
     /// current directory now: reconnects and daemon starts come later, after a `chdir`.
     pub fn socket(mut self, path: impl Into<PathBuf>) -> Self {
         let path = path.into();
-        // Only an empty path (or no current directory) fails: connecting then says why.
-        self.socket = Some(std::path::absolute(&path).unwrap_or(path));
+        // Only an empty path (or no current directory) fails: connecting then says why. A
+        // socket's address holds 107 bytes: one too long made absolute stays as given.
+        self.socket = Some(match std::path::absolute(&path) {
+            Ok(absolute) if absolute.as_os_str().len() < SOCKET_PATH_MAX => absolute,
+            _ => path,
+        });
         self
     }
 
@@ -626,6 +630,9 @@ pub(crate) fn path_text(path: &Path, what: &str) -> std::result::Result<String, 
         )
     })
 }
+
+/// The longest path a Unix socket's address holds (`sun_path` is 108 bytes with its NUL).
+const SOCKET_PATH_MAX: usize = 108;
 
 #[cfg(test)]
 mod tests {

@@ -179,7 +179,16 @@ impl Link {
             let Some(pending) = pending.as_mut() else { return Err(self.disconnected()) };
             pending.insert(id, (tx, in_order));
         }
-        self.out.send(bytes).map_err(|_| self.disconnected())?;
+        if self.out.send(bytes).is_err() {
+            // The writer ended on a failed write; the link closes a moment later.
+            if let Ok(mut pending) = self.pending.lock()
+                && let Some(pending) = pending.as_mut()
+            {
+                pending.remove(&id);
+            }
+            let reason = self.closed_reason.lock().ok().and_then(|r| r.clone());
+            return Err(Error::Disconnected { reason: reason.or_else(|| Some("cannot write to dlsessiond".into())) });
+        }
         Ok(rx)
     }
 

@@ -158,6 +158,17 @@ async fn what_does_not_exist_is_an_error_not_an_empty_answer() {
         assert_eq!(stdout(&o), "", "{args:?}");
         assert!(stderr(&o).contains("no_such_"), "{args:?}: {}", stderr(&o));
     }
+    // A task in the history only has no limit to show, as it has none to set.
+    f.server.add("/done.bin", Resource::generated(100, 2));
+    let dest = f.env.path().join("done.bin");
+    let o = ctl(&f.env, &["--json", "get", &f.server.url("/done.bin"), "-o", dest.to_str().unwrap(), "--wait"]).await;
+    assert_exit(&o, 0);
+    let id = json_lines(&o)[0]["task"].as_u64().expect("task id").to_string();
+    for set in [None, Some("1MiB")] {
+        let o = ctl(&f.env, &["limit", "--task", &id].into_iter().chain(set).collect::<Vec<_>>()).await;
+        assert_exit(&o, 1);
+        assert!(stderr(&o).contains("no_such_task"), "{set:?}: {}", stderr(&o));
+    }
 }
 
 /// A destination whose directory does not exist, or cannot be written, is refused before a
@@ -314,9 +325,11 @@ async fn refused_requests_and_usage_errors() {
     let file = f.env.path().join("a-file");
     std::fs::write(&file, b"x").unwrap();
     let new_dir = format!("{}/", f.env.path().join("new-dir").display());
-    let cases: [(&[&str], i32, &str); 4] = [
+    let cases: [(&[&str], i32, &str); 5] = [
         (&["get", &bare], 2, "is not a URL: write http://"),
         (&["get", "localhost:1/x"], 2, "is not a URL: write http://"),
+        // Not a host: the daemon's refusal, no suggestion.
+        (&["get", "/tmp/x"], 1, "error: "),
         (&["get", &f.server.url("/a"), "-d", file.to_str().unwrap()], 1, "is not a directory"),
         (&["get", &f.server.url("/a"), "-o", &new_dir], 2, "names a directory that does not exist"),
     ];

@@ -243,7 +243,11 @@ fn plan(args: &GetArgs, urls: Vec<String>, cwd: &Path) -> Result<Plan> {
     // `host:port/path` was refused as the unsupported scheme `host`: say what is missing
     // (`file:/x` and the like keep the daemon's refusal).
     let bare = |u: &&String| {
-        !u.contains("://") && url::Url::parse(u).map_or(true, |p| p.scheme() == "localhost" || p.scheme().contains('.'))
+        let host = u.split('/').next().unwrap_or_default();
+        let looks_like_a_host = host.contains('.') || host.contains(':') || host == "localhost";
+        !u.contains("://")
+            && looks_like_a_host
+            && url::Url::parse(u).map_or(true, |p| p.scheme() == "localhost" || p.scheme().contains('.'))
     };
     if let Some(bare) = urls.iter().find(bare) {
         return Err(CliError::usage(format!("{bare:?} is not a URL: write http://{bare} or https://{bare}")));

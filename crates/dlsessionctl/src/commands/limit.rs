@@ -34,7 +34,16 @@ pub async fn run(ctx: &Ctx, args: LimitArgs) -> Result<Exit> {
                 client.request(Request::GetSession { identifier: identifier.clone() }).await?;
             }
             Some(LimitTarget::Task { task }) => {
-                client.request(Request::GetTask { task: *task }).await?;
+                // A retired task (still in the history) has no limit either: as when setting.
+                if let Response::Task(t) = client.request(Request::GetTask { task: *task }).await?
+                    && t.retired
+                {
+                    return Err(dlsession::Error::Daemon(dlsession_proto::ErrorInfo::new(
+                        dlsession_proto::ErrorCode::NoSuchTask,
+                        format!("no live task {task} (it is in the history only)"),
+                    ))
+                    .into());
+                }
             }
             Some(LimitTarget::Global) | None => {}
         }
