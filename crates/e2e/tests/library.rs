@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use dlsession::{DetachReason, DownloadRequest, ErrorCode, Session, SessionEvent, TaskState};
 use dlsession_testkit::app::config;
+use dlsession_testkit::cli::pending_events;
 use dlsession_testkit::{LONG, Recorder, Seen};
 use dlsession_testkit::{Resource, TestDaemon, TestEnv, TestServer, pattern_sha256, sha256_file, to_hex};
 
@@ -105,14 +106,6 @@ async fn the_event_stream_follows_the_delegate() {
         rest.push(e);
     }
     assert_eq!(rest.last(), Some(&SessionEvent::Detached(DetachReason::TakenOver)), "{rest:?}");
-}
-
-/// How many events session `identifier` holds unacknowledged (`None`: no such session).
-fn pending_events(env: &TestEnv, identifier: &str) -> Option<u64> {
-    let o = env.ctl(&["--json", "sessions"]);
-    let sessions: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let s = sessions.as_array().unwrap().iter().find(|s| s["identifier"] == identifier).cloned();
-    s.map(|s| s["pending_events"].as_u64().unwrap())
 }
 
 /// A daemon and a test server for a program without a runtime of its own (the server

@@ -704,6 +704,37 @@ async fn handed_over_files_get_the_clients_mode() {
     assert_eq!(mode(&env.downloads_dir()), 0o700);
 }
 
+/// Retention is for events nobody collects: one the attached app keeps for later stays
+/// (with its file) past `event_retention_days` while the app is there, and expires once it
+/// has left. Before, it expired under the app, its file deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_do_not_expire_while_their_app_is_attached() {
+    struct Keep(std::sync::Arc<std::sync::Mutex<Option<PathBuf>>>);
+    impl dlsession::SessionDelegate for Keep {
+        fn finish_downloading(&self, _: &Session, _: &dlsession::DownloadTask, at: &Path) -> dlsession::Handled {
+            *self.0.lock().unwrap() = Some(at.to_path_buf());
+            dlsession::Handled::Later
+        }
+    }
+    let env = TestEnv::new();
+    // About 1.7 s.
+    env.set_config("event_retention_days", "0.00002");
+    let _d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    s.add("/k", Resource::generated(3000, 14));
+    let config = SessionConfiguration::background("t.kept").socket(&env.socket);
+    let handed = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let session = Session::attach(config, Keep(std::sync::Arc::clone(&handed))).await.unwrap();
+    session.download_tasks(vec![DownloadRequest::new(s.url("/k"))], true).await.unwrap();
+    let cached = dlsession_testkit::wait_for("the file handed over", LONG, || handed.lock().unwrap().clone());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let pending = || dlsession_testkit::cli::pending_events(&env, "t.kept").unwrap_or(0);
+    assert!(cached.exists() && pending() > 0, "expired under the attached app");
+    drop(session);
+    dlsession_testkit::wait_for("the kept event to expire once the app left", LONG, || (pending() == 0).then_some(()));
+    assert!(!cached.exists(), "its file went with it");
+}
+
 /// What nobody collects does not pile up: events of an app that never returns expire
 /// after `event_retention_days` (their file in the cache goes, the task retires, a log
 /// line says so), and kept partial files of resume data after 7 days. Here the daemon

@@ -142,3 +142,12 @@ pub fn table_cells(table: &str, needle: &str) -> Vec<String> {
     let line = table.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle:?} in:\n{table}"));
     line.split(['│', '┆', '|']).map(str::trim).filter(|c| !c.is_empty()).map(str::to_owned).collect()
 }
+
+/// How many events session `identifier` holds unacknowledged, from `dlsessionctl sessions`
+/// (`None`: no such session).
+pub fn pending_events(env: &TestEnv, identifier: &str) -> Option<u64> {
+    let o = env.ctl(&["--json", "sessions"]);
+    let sessions: Value = serde_json::from_slice(&o.stdout).expect("sessions as JSON");
+    let s = sessions.as_array().expect("an array").iter().find(|s| s["identifier"] == identifier).cloned();
+    s.map(|s| s["pending_events"].as_u64().expect("pending_events"))
+}

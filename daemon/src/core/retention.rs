@@ -65,9 +65,19 @@ impl Core {
         }
     }
 
+    /// A session's app left: its events may expire now (see `expire_events`).
+    pub(super) fn session_left(&mut self) {
+        self.arm_housekeeping();
+    }
+
     fn arm_housekeeping(&mut self) {
         let retention = millis(self.cfg.timing.event_retention);
-        let oldest_event = self.sessions.values().filter_map(|s| s.events.values().next().map(|e| e.created_at)).min();
+        let oldest_event = self
+            .sessions
+            .values()
+            .filter(|s| s.attached.is_none())
+            .filter_map(|s| s.events.values().next().map(|e| e.created_at))
+            .min();
         let next = [
             oldest_event.map(|t| t.saturating_add(retention)),
             self.housekeeping.oldest_resume_file.map(|t| t.saturating_add(millis(self.cfg.timing.resume_retention))),
@@ -84,12 +94,15 @@ impl Core {
         }
     }
 
-    /// Drops events older than `event_retention`, as if the app had acknowledged them.
+    /// Drops events older than `event_retention`, as if the app had acknowledged them, of
+    /// sessions no app is attached to: an attached app collects them (one it keeps for
+    /// later is its to keep: expired, its file went from under the app).
     fn expire_events(&mut self) {
         let horizon = now_ms().saturating_sub(millis(self.cfg.timing.event_retention));
         let expired: Vec<(SessionKey, Vec<u64>)> = self
             .sessions
             .iter()
+            .filter(|(_, s)| s.attached.is_none())
             .map(|(k, s)| {
                 (*k, s.events.values().filter(|e| e.created_at <= horizon).map(|e| e.seq).collect::<Vec<_>>())
             })

@@ -95,6 +95,7 @@ impl Core {
             c.attached.remove(&key);
         }
         self.check_wake(key, self.cfg.timing.wake_initial);
+        self.session_left();
         Ok(Answer::Now(Response::Ok))
     }
 
