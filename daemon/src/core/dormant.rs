@@ -13,7 +13,7 @@
 //! Invariant: a session's `counts` and the daemon's include its dormant tasks (as
 //! suspended), `Session::dormant` and `Tasks::dormant` say how many are still on disk.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 
 use tracing::{debug, error};
 
@@ -85,10 +85,16 @@ impl Core {
             let key = self.sessions.key_of(identifier).ok()?;
             (self.sessions.get(&key)?.dormant > 0).then(|| Dormant::Sessions(vec![key]))
         };
+        // Each id once (a frame may repeat one a million times: a query each on the database
+        // thread, which every commit waits behind).
         let tasks = |ids: &[TaskId]| {
-            let unknown: Vec<TaskId> =
+            let unknown: BTreeSet<TaskId> =
                 ids.iter().copied().filter(|id| *id < self.tasks.next_id() && self.tasks.get(id).is_none()).collect();
-            (!unknown.is_empty()).then_some(Dormant::OfTasks(unknown))
+            (!unknown.is_empty()).then(|| Dormant::OfTasks(unknown.into_iter().collect()))
+        };
+        // A batch the request refuses anyway (past `max_tasks_per_batch`) reads nothing first.
+        let batch = |ids: &[TaskId]| {
+            if ids.len() > self.cfg.limits.max_tasks_per_batch as usize { None } else { tasks(ids) }
         };
         match request {
             // Counts include dormant tasks; new tasks and events touch no old task.
@@ -129,9 +135,8 @@ impl Core {
             | Request::AnswerChallenge { task, .. }
             | Request::SetBandwidthLimit { target: LimitTarget::Task { task }, .. } => tasks(&[*task]),
             Request::SetBandwidthLimit { .. } => None,
-            Request::AcknowledgeTasks { tasks: ids }
-            | Request::SetTaskPolicy { tasks: ids, .. }
-            | Request::ResumeTasks { tasks: ids } => tasks(ids),
+            Request::AcknowledgeTasks { tasks: ids } => tasks(ids),
+            Request::SetTaskPolicy { tasks: ids, .. } | Request::ResumeTasks { tasks: ids } => batch(ids),
             Request::GetBandwidthLimits => Some(Dormant::All),
             Request::ListTasks(query) => {
                 if !query.states.is_empty() && !query.states.contains(&TaskState::Suspended) {
@@ -226,11 +231,14 @@ impl Core {
         }
         let mut n = 0usize;
         for rec in woken.tasks {
-            if taking.contains(&rec.session) && self.tasks.get(&rec.id).is_none() {
+            // Not in memory, and not a task that left it since (retired, its row maybe not
+            // yet written): only a row that was dormant all along.
+            if taking.contains(&rec.session) && self.tasks.get(&rec.id).is_none() && !self.tasks.left(rec.id) {
                 self.restore_task(rec);
                 n += 1;
             }
         }
+        self.tasks.settle();
         debug!(sessions = taking.len(), tasks = n, left = self.tasks.dormant(), "dormant tasks read");
     }
 
