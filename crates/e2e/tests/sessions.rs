@@ -1267,6 +1267,47 @@ async fn a_wake_waiting_for_a_slot_is_answered_when_its_session_goes() {
     }
 }
 
+/// A `wake` waiting for a launch slot when the daemon stops is answered `shutting_down`
+/// (the relaunch will not start): it went unanswered, its connection closed under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_waiting_for_a_slot_is_answered_when_the_daemon_stops() {
+    use dlsession::proto::ServerMessage;
+    let env = TestEnv::new();
+    env.set_config("max_concurrent_launches", "1");
+    env.set_config("wake_answer_ms", "60000");
+    let mut d = TestDaemon::start(&env);
+    let slow = vec!["/bin/sh".to_owned(), "-c".to_owned(), "sleep 10".to_owned()];
+    let client = dlsession_testkit::app::client(&env).await;
+    for id in ["t.holder", "t.waits"] {
+        let launch = Some(dlsession::LaunchSpec::Command { argv: slow.clone() });
+        let config = SessionConfig { launch, ..SessionConfig::default() };
+        client.request(Request::OpenSession { identifier: id.into(), config: Some(config) }).await.unwrap();
+    }
+    let holder = client.request(Request::Wake { identifier: "t.holder".into() }).await.unwrap();
+    assert!(matches!(holder, Response::Wake(dlsession::proto::WakeOutcome::Launched { .. })), "{holder:?}");
+    let socket = env.socket.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut raw = dlsession_testkit::raw::RawClient::connect(&socket);
+        raw.send([(7, Request::Wake { identifier: "t.waits".into() })]);
+        // No answer while the slot is taken.
+        assert!(raw.recv_within(Duration::from_millis(300)).is_none(), "the second wake waits for the slot");
+        raw
+    })
+    .await
+    .unwrap();
+    d.signal_term();
+    let got = tokio::task::spawn_blocking(move || {
+        let mut raw = answer;
+        raw.recv_within(Duration::from_secs(10))
+    })
+    .await
+    .unwrap();
+    match got {
+        Some(ServerMessage::Response { id: 7, result: Err(e) }) => assert_eq!(e.code, ErrorCode::ShuttingDown, "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+}
+
 /// Paced delivery (`ReplayEvents`, what the library asks once its event queue overflowed):
 /// the daemon sends at most `room` events from `from_seq` on, holds the rest until asked
 /// again, and ends with `finished_events` once every one is out.

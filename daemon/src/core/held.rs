@@ -6,7 +6,7 @@
 //! Invariant kept here: a connection has an entry only while it holds a request, so "does
 //! this connection hold anything?" is whether it has one, or a request on the disk.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 
 use crate::conn::ConnId;
@@ -25,6 +25,10 @@ pub(super) struct Held {
     /// Disk phases that timed out and still hang, per connection (token → the mounts they
     /// touch): the connection's next one on those mounts is refused at once.
     stuck: HashMap<ConnId, HashMap<u64, Vec<PathBuf>>>,
+    /// Disk phases (their tokens) whose connection closed before they came back: what one
+    /// did (a resume file moved into a new task's place) is undone when it comes back, so a
+    /// shutdown waits for them too.
+    orphaned: HashSet<u64>,
     next_ticket: u64,
 }
 
@@ -79,6 +83,7 @@ impl Held {
     /// The disk phase `token` came back: its request's id if it was still awaited, `None`
     /// if it was given up already (timed out, or its connection closed).
     pub fn back_from_disk(&mut self, conn: ConnId, token: u64) -> Option<u64> {
+        self.orphaned.remove(&token);
         if let Some(hung) = self.stuck.get_mut(&conn) {
             hung.remove(&token);
             if hung.is_empty() {
@@ -115,11 +120,12 @@ impl Held {
 
     /// Whether any request is in its disk phase (shutdown waits for them, within its grace).
     pub fn any_on_disk(&self) -> bool {
-        !self.on_disk.is_empty()
+        !self.on_disk.is_empty() || !self.orphaned.is_empty()
     }
 
     /// Gives up every disk phase (the shutdown's grace is over): their requests' ids.
     pub fn give_up_disk(&mut self) -> Vec<(ConnId, u64)> {
+        self.orphaned.clear();
         self.on_disk.drain().map(|(conn, d)| (conn, d.id)).collect()
     }
 
@@ -167,9 +173,34 @@ impl Held {
 
     pub fn forget(&mut self, conn: ConnId) {
         self.by_conn.remove(&conn);
-        if let Some(timer) = self.on_disk.remove(&conn).and_then(|d| d.timer) {
-            timer.abort();
+        if let Some(d) = self.on_disk.remove(&conn) {
+            self.orphaned.insert(d.token);
+            if let Some(timer) = d.timer {
+                timer.abort();
+            }
         }
         self.stuck.remove(&conn);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Held;
+
+    /// A disk phase whose connection closed is still waited for (by a shutdown) until it
+    /// comes back: what it did to a resume file is undone then.
+    #[test]
+    fn a_disk_phase_of_a_closed_connection_is_awaited_until_it_comes_back() {
+        let mut held = Held::default();
+        let token = held.went_to_disk(7, 1, Vec::new());
+        held.forget(7);
+        assert!(held.any_on_disk(), "forgotten with its connection");
+        assert_eq!(held.back_from_disk(7, token), None, "nobody to answer");
+        assert!(!held.any_on_disk());
+        let token = held.went_to_disk(8, 1, Vec::new());
+        held.forget(8);
+        assert_eq!(held.give_up_disk(), Vec::new());
+        assert!(!held.any_on_disk(), "the grace is over: given up");
+        assert_eq!(held.back_from_disk(8, token), None);
     }
 }

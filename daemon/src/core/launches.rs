@@ -80,6 +80,11 @@ impl Launches {
         Some((key, reason, self.hold(key)))
     }
 
+    /// The daemon stops: nothing waiting will be launched; the sessions that waited.
+    pub fn give_up_waiting(&mut self) -> Vec<SessionKey> {
+        self.waiting.drain(..).map(|(key, _)| key).collect()
+    }
+
     pub fn waiting(&self) -> usize {
         self.waiting.len()
     }

@@ -106,6 +106,15 @@ impl Core {
         info!(running = self.slots.running_count(), "shutting down: checkpointing running downloads");
         self.life.shutting_down = true;
         self.refuse_held();
+        // Relaunches still waiting for a slot will not start: a `wake` waiting for one hears
+        // so (it went unanswered, its connection closed under it). Launches under way keep
+        // their answers.
+        for key in self.launches.give_up_waiting() {
+            let replies = self.sessions.get_mut(&key).map(|s| s.launch_over()).unwrap_or_default();
+            for (conn, id) in replies {
+                self.reply(conn, id, Err(shutting_down()));
+            }
+        }
         for id in self.slots.running() {
             self.stop_worker(id, AfterStop::Shutdown);
         }

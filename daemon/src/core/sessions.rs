@@ -140,6 +140,13 @@ impl Session {
         range.into_iter().flatten()
     }
 
+    /// Its launch is over (or will not happen): the `wake` requests that waited for it, to
+    /// answer.
+    pub fn launch_over(&mut self) -> Vec<(ConnId, u64)> {
+        self.launching = false;
+        std::mem::take(&mut self.launch_replies)
+    }
+
     /// Forgets `conn` as the attached connection, if it is.
     pub fn detach(&mut self, conn: ConnId) {
         if self.attached == Some(conn) {

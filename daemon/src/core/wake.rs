@@ -348,13 +348,7 @@ impl Core {
                         Some(s) if s.attached.is_some() => WakeOutcome::Attached,
                         _ => WakeOutcome::NoTarget,
                     };
-                    let replies = match self.sessions.get_mut(&key) {
-                        Some(s) => {
-                            s.launching = false;
-                            std::mem::take(&mut s.launch_replies)
-                        }
-                        None => Vec::new(),
-                    };
+                    let replies = self.sessions.get_mut(&key).map(|s| s.launch_over()).unwrap_or_default();
                     for (conn, id) in replies {
                         self.reply(conn, id, Ok(dlsession_proto::Response::Wake(outcome.clone())));
                     }
@@ -383,13 +377,7 @@ impl Core {
                 launcher::Launched::Activated(app_id) => WakeOutcome::Activated { app_id },
             })
             .map_err(|e| ErrorInfo::new(ErrorCode::Internal, format!("cannot relaunch the app: {e}")));
-        let replies = match self.sessions.get_mut(&key) {
-            Some(s) => {
-                s.launching = false;
-                std::mem::take(&mut s.launch_replies)
-            }
-            None => Vec::new(),
-        };
+        let replies = self.sessions.get_mut(&key).map(|s| s.launch_over()).unwrap_or_default();
         self.woke(key, &outcome);
         for (conn, id) in replies {
             self.reply(conn, id, outcome.clone().map(dlsession_proto::Response::Wake));
