@@ -1275,7 +1275,7 @@ async fn a_wake_waiting_for_a_slot_is_answered_when_the_daemon_stops() {
     let env = TestEnv::new();
     env.set_config("max_concurrent_launches", "1");
     env.set_config("wake_answer_ms", "60000");
-    let mut d = TestDaemon::start(&env);
+    let d = TestDaemon::start(&env);
     let slow = vec!["/bin/sh".to_owned(), "-c".to_owned(), "sleep 10".to_owned()];
     let client = dlsession_testkit::app::client(&env).await;
     for id in ["t.holder", "t.waits"] {
