@@ -40,6 +40,13 @@ async fn hostile_servers_end_in_exact_files_or_clear_errors() {
         "/bad-range",
         r(4).fault(Hits::Nth(1), Fault::ResetAfter(1 << 20)).fault(Hits::Nth(2), Fault::WrongContentRange),
     );
+    // A reset, then a multipart answer to the one range asked for: from zero again.
+    s.add(
+        "/multipart",
+        r(12)
+            .with_header("Content-Type", "multipart/byteranges; boundary=x")
+            .fault(Hits::Nth(1), Fault::ResetAfter(1 << 20)),
+    );
     // A reset, then 200 instead of 206: the whole body again from zero.
     s.add("/no-206", r(5).fault(Hits::Nth(1), Fault::ResetAfter(1 << 20)).fault(Hits::Nth(2), Fault::IgnoreRange));
     // The server closes before sending headers, then behaves.
@@ -69,11 +76,21 @@ async fn hostile_servers_end_in_exact_files_or_clear_errors() {
         "/accepted",
         "/no-content",
         "/bad-whole",
+        "/multipart",
     ];
     let reqs = paths.iter().map(|p| DownloadRequest::new(s.url(p))).collect();
     let tasks = session.download_tasks(reqs, true).await.unwrap();
     let by = |p: &str| tasks[paths.iter().position(|x| *x == p).unwrap()].id();
-    for (p, seed) in [("/stall", 1), ("/long-cl", 2), ("/short", 3), ("/bad-range", 4), ("/no-206", 5), ("/close", 6)] {
+    let exact = [
+        ("/stall", 1),
+        ("/long-cl", 2),
+        ("/short", 3),
+        ("/bad-range", 4),
+        ("/no-206", 5),
+        ("/close", 6),
+        ("/multipart", 12),
+    ];
+    for (p, seed) in exact {
         assert_eq!(events.completion(by(p), LONG).await, None, "{p}");
         let file = events.moved_to(by(p)).unwrap();
         assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(seed, len)), "{p} is byte-exact");
@@ -112,6 +129,11 @@ async fn hostile_servers_end_in_exact_files_or_clear_errors() {
         "{:?}",
         events.seen
     );
+    // The multipart answer was not appended: the third request starts from zero.
+    let multipart = s.requests_for("/multipart");
+    assert_eq!(multipart.len(), 3, "{multipart:?}");
+    assert!(offset_of(multipart[1].range.as_deref()) > 0);
+    assert_eq!(offset_of(multipart[2].range.as_deref()), 0);
     // The 200-instead-of-206 restart is reported as resumed at offset 0.
     assert!(events.seen.iter().any(|e| matches!(e, Seen::Resumed { task, offset: 0 } if *task == by("/no-206"))));
 }

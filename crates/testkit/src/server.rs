@@ -911,7 +911,11 @@ async fn respond(shared: &Shared, ctl: &Arc<ConnCtl>, req: Request<()>) -> Resul
         }
     }
 
-    let mut builder = Response::builder().header(header::CONTENT_TYPE, "application/octet-stream");
+    // A resource's own `Content-Type` (`with_header`) replaces the default.
+    let mut builder = Response::builder();
+    if !res.headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("content-type")) {
+        builder = builder.header(header::CONTENT_TYPE, "application/octet-stream");
+    }
     if res.ranges {
         builder = builder.header(header::ACCEPT_RANGES, "bytes");
     }

@@ -219,6 +219,13 @@ impl Engine {
                     )
                 }
             };
+            // One range was asked for: a multipart answer (RFC 9110 14.6 forbids it then) would
+            // have its boundaries and part headers written into the file as data.
+            if get(hyper::header::CONTENT_TYPE)
+                .is_some_and(|t| t.trim_start().to_ascii_lowercase().starts_with("multipart/byteranges"))
+            {
+                return Err(unusable("a multipart/byteranges answer to a request for one range".into()));
+            }
             let range = get(hyper::header::CONTENT_RANGE).and_then(|v| parse_content_range(&v));
             let Some((start, end, total)) = range else {
                 return Err(unusable("206 response without a valid Content-Range".into()));
