@@ -128,6 +128,7 @@ impl Session {
                 identifier: config.identifier.clone(),
                 route,
                 tasks: Mutex::new(HashMap::new()),
+                forgotten: Mutex::default(),
                 signals: Signals::default(),
                 detach: Arc::default(),
             }),

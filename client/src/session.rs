@@ -34,6 +34,10 @@ pub(crate) struct SessionShared {
     /// Ownership of the client's route for `identifier`.
     pub(crate) route: u64,
     pub(crate) tasks: Mutex<HashMap<TaskId, DownloadTask>>,
+    /// Tasks whose completion was handed over lately: a handle the creating thread records
+    /// after that (the task failed at once, its creator was descheduled) would stay for
+    /// the session's life.
+    pub(crate) forgotten: Mutex<Forgotten>,
     /// What the dispatcher tells the app's other threads (idle waiters, event streams).
     pub(crate) signals: Signals,
     /// Who sends the `Detach` when the app drops the session.
@@ -177,8 +181,9 @@ impl Session {
     fn remember(&self, ids: Vec<TaskId>, metas: Vec<(String, Option<String>)>) -> Vec<DownloadTask> {
         let tasks: Vec<DownloadTask> =
             ids.into_iter().zip(metas).map(|(id, (url, description))| self.task_handle(id, url, description)).collect();
+        let forgotten = self.shared.forgotten.lock().ok();
         if let Ok(mut known) = self.shared.tasks.lock() {
-            for t in &tasks {
+            for t in tasks.iter().filter(|t| !forgotten.as_ref().is_some_and(|f| f.has(t.id))) {
                 known.insert(t.id, t.clone());
             }
         }
@@ -426,6 +431,36 @@ impl Session {
         if let Ok(mut known) = self.shared.tasks.lock() {
             known.remove(&id);
         }
+        if let Ok(mut forgotten) = self.shared.forgotten.lock() {
+            forgotten.add(id);
+        }
+    }
+}
+
+/// The last [`Forgotten::KEPT`] task ids whose completion was handed over.
+#[derive(Debug, Default)]
+pub(crate) struct Forgotten {
+    order: std::collections::VecDeque<TaskId>,
+    ids: std::collections::HashSet<TaskId>,
+}
+
+impl Forgotten {
+    /// Far more than can complete between a creation's answer and its handles' recording.
+    const KEPT: usize = 1024;
+
+    fn add(&mut self, id: TaskId) {
+        if self.ids.insert(id) {
+            self.order.push_back(id);
+        }
+        if self.order.len() > Self::KEPT
+            && let Some(old) = self.order.pop_front()
+        {
+            self.ids.remove(&old);
+        }
+    }
+
+    fn has(&self, id: TaskId) -> bool {
+        self.ids.contains(&id)
     }
 }
 
@@ -567,4 +602,23 @@ async fn apply_policies(client: &Client, ids: &[TaskId], policies: &[TaskPolicy]
         client.set_task_policy(group, *policy).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Forgotten;
+
+    /// Recently completed tasks are remembered as such, the oldest dropped past the bound.
+    #[test]
+    fn forgotten_tasks_are_bounded() {
+        let mut f = Forgotten::default();
+        for id in 0..=Forgotten::KEPT as u64 {
+            f.add(id);
+        }
+        assert!(!f.has(0), "the oldest went");
+        assert!(f.has(1) && f.has(Forgotten::KEPT as u64));
+        assert_eq!(f.order.len(), Forgotten::KEPT);
+        f.add(5);
+        assert_eq!(f.order.len(), Forgotten::KEPT, "one already there is not added twice");
+    }
 }
