@@ -181,13 +181,19 @@ impl Session {
     fn remember(&self, ids: Vec<TaskId>, metas: Vec<(String, Option<String>)>) -> Vec<DownloadTask> {
         let tasks: Vec<DownloadTask> =
             ids.into_iter().zip(metas).map(|(id, (url, description))| self.task_handle(id, url, description)).collect();
+        self.record(tasks.iter().cloned());
+        tasks
+    }
+
+    /// Keeps handles the session does not hold yet, but for tasks whose completion was
+    /// handed over already (see `SessionShared::forgotten`).
+    fn record(&self, handles: impl IntoIterator<Item = DownloadTask>) {
         let forgotten = self.shared.forgotten.lock().ok();
         if let Ok(mut known) = self.shared.tasks.lock() {
-            for t in tasks.iter().filter(|t| !forgotten.as_ref().is_some_and(|f| f.has(t.id))) {
-                known.insert(t.id, t.clone());
+            for t in handles.into_iter().filter(|t| !forgotten.as_ref().is_some_and(|f| f.has(t.id))) {
+                known.entry(t.id).or_insert(t);
             }
         }
-        tasks
     }
 
     /// Creates many tasks, all or none; `resume` starts them. Up to 1,000 go in one request,
@@ -245,9 +251,7 @@ impl Session {
         let id = ids.first().copied().ok_or(Error::UnexpectedResponse { expected: "one task id", got: "none" })?;
         let info = self.task_info(id).await?;
         let task = self.task_handle(id, info.url, info.description);
-        if let Ok(mut known) = self.shared.tasks.lock() {
-            known.insert(id, task.clone());
-        }
+        self.record([task.clone()]);
         Ok(task)
     }
 
@@ -255,13 +259,7 @@ impl Session {
     /// counters: what a relaunched app rebuilds its view from.
     pub async fn get_all_tasks(&self) -> Result<Vec<TaskInfo>> {
         let all = self.shared.client.list_session_tasks(&self.shared.identifier, Vec::new()).await?;
-        if let Ok(mut known) = self.shared.tasks.lock() {
-            for info in &all {
-                known
-                    .entry(info.id)
-                    .or_insert_with(|| self.task_handle(info.id, info.url.clone(), info.description.clone()));
-            }
-        }
+        self.record(all.iter().map(|i| self.task_handle(i.id, i.url.clone(), i.description.clone())));
         Ok(all)
     }
 
