@@ -705,8 +705,9 @@ async fn handed_over_files_get_the_clients_mode() {
 }
 
 /// Retention is for events nobody collects: one the attached app keeps for later stays
-/// (with its file) past `event_retention_days` while the app is there, and expires once it
-/// has left. Before, it expired under the app, its file deleted.
+/// (with its file) past `event_retention_days` while the app is there, also across a daemon
+/// restart it rides out, and expires once it has left (`wake_initial_ms` after). Before, it
+/// expired under the app, its file deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_do_not_expire_while_their_app_is_attached() {
     struct Keep(std::sync::Arc<std::sync::Mutex<Option<PathBuf>>>);
@@ -717,9 +718,10 @@ async fn events_do_not_expire_while_their_app_is_attached() {
         }
     }
     let env = TestEnv::new();
-    // About 1.7 s.
+    // About 1.7 s; an app that left (or was there before a restart) gets 3 s to come back.
     env.set_config("event_retention_days", "0.00002");
-    let _d = TestDaemon::start(&env);
+    env.set_config("wake_initial_ms", "3000");
+    let mut d = TestDaemon::start(&env);
     let s = TestServer::start().await.unwrap();
     s.add("/k", Resource::generated(3000, 14));
     let config = SessionConfiguration::background("t.kept").socket(&env.socket);
@@ -730,9 +732,15 @@ async fn events_do_not_expire_while_their_app_is_attached() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let pending = || dlsession_testkit::cli::pending_events(&env, "t.kept").unwrap_or(0);
     assert!(cached.exists() && pending() > 0, "expired under the attached app");
+    // A restart: the library reconnects and rejoins within the grace, and keeps it still.
+    assert!(d.terminate().success());
+    d.restart();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(cached.exists() && pending() > 0, "expired at the restart, before the app was back");
     drop(session);
     dlsession_testkit::wait_for("the kept event to expire once the app left", LONG, || (pending() == 0).then_some(()));
-    assert!(!cached.exists(), "its file went with it");
+    // Its file goes once the expiry is committed.
+    dlsession_testkit::wait_for("its file to go with it", LONG, || (!cached.exists()).then_some(()));
 }
 
 /// What nobody collects does not pile up: events of an app that never returns expire
@@ -744,6 +752,7 @@ async fn uncollected_events_and_old_resume_files_expire() {
     use dlsession::proto::{Request, Response, TaskAction, TaskSpec};
     let env = TestEnv::new();
     env.set_config("event_retention_days", "1");
+    env.set_config("wake_initial_ms", "300");
     let clock = env.path().join("faketime");
     let mut d = faked_clock_daemon(&env, &clock);
     let s = TestServer::start().await.unwrap();
@@ -776,12 +785,11 @@ async fn uncollected_events_and_old_resume_files_expire() {
     drop(c);
     assert!(d.terminate().success());
 
-    // Nine days later.
+    // Nine days later. The app gets `wake_initial_ms` after the start to come back first.
     std::fs::write(&clock, "+9d\n").unwrap();
     d.restart();
-    let log = d.log();
-    assert!(log.contains("expiring events nobody collected"), "{log}");
-    assert!(!cached.exists(), "the uncollected file went with its events");
+    d.wait_logged("expiring events nobody collected", LONG);
+    dlsession_testkit::wait_for("the uncollected file to go", LONG, || (!cached.exists()).then_some(()));
     assert_eq!(std::fs::read_dir(&resume_dir).unwrap().count(), 0, "the old kept partial went");
     let c = dlsession_testkit::app::client(&env).await;
     let info = match c.request(Request::GetSession { identifier: "t.expire".into() }).await.unwrap() {

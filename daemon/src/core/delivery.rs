@@ -193,6 +193,9 @@ impl Core {
                     if let Some(s) = self.sessions.get_mut(&key) {
                         s.tasks.remove(&task);
                         s.counts.remove(TaskState::Completed);
+                        if s.dormant > 0 {
+                            s.left.insert(task);
+                        }
                     }
                 }
             }

@@ -92,7 +92,8 @@ impl Core {
                 ids.iter().copied().filter(|id| *id < self.tasks.next_id() && self.tasks.get(id).is_none()).collect();
             (!unknown.is_empty()).then(|| Dormant::OfTasks(unknown.into_iter().collect()))
         };
-        // A batch the request refuses anyway (past `max_tasks_per_batch`) reads nothing first.
+        // A batch the request refuses anyway (past `max_tasks_per_batch`, counted as
+        // `ResumeTasks` counts it) reads nothing first.
         let batch = |ids: &[TaskId]| {
             if ids.len() > self.cfg.limits.max_tasks_per_batch as usize { None } else { tasks(ids) }
         };
@@ -135,8 +136,9 @@ impl Core {
             | Request::AnswerChallenge { task, .. }
             | Request::SetBandwidthLimit { target: LimitTarget::Task { task }, .. } => tasks(&[*task]),
             Request::SetBandwidthLimit { .. } => None,
-            Request::AcknowledgeTasks { tasks: ids } => tasks(ids),
-            Request::SetTaskPolicy { tasks: ids, .. } | Request::ResumeTasks { tasks: ids } => batch(ids),
+            // (`SetTaskPolicy` counts a task named twice once: its limit is checked after.)
+            Request::AcknowledgeTasks { tasks: ids } | Request::SetTaskPolicy { tasks: ids, .. } => tasks(ids),
+            Request::ResumeTasks { tasks: ids } => batch(ids),
             Request::GetBandwidthLimits => Some(Dormant::All),
             Request::ListTasks(query) => {
                 if !query.states.is_empty() && !query.states.contains(&TaskState::Suspended) {
@@ -233,12 +235,17 @@ impl Core {
         for rec in woken.tasks {
             // Not in memory, and not a task that left it since (retired, its row maybe not
             // yet written): only a row that was dormant all along.
-            if taking.contains(&rec.session) && self.tasks.get(&rec.id).is_none() && !self.tasks.left(rec.id) {
+            let left = self.sessions.get(&rec.session).is_some_and(|s| s.left.contains(&rec.id));
+            if taking.contains(&rec.session) && self.tasks.get(&rec.id).is_none() && !left {
                 self.restore_task(rec);
                 n += 1;
             }
         }
-        self.tasks.settle();
+        for key in &taking {
+            if let Some(s) = self.sessions.get_mut(key) {
+                s.left = HashSet::new();
+            }
+        }
         debug!(sessions = taking.len(), tasks = n, left = self.tasks.dormant(), "dormant tasks read");
     }
 

@@ -101,6 +101,8 @@ impl Held {
     /// The disk phase `token` timed out: its request's id and the paths it checks, if it
     /// was still awaited (see [`Held::hangs_on`]).
     pub fn timed_out(&mut self, conn: ConnId, token: u64) -> Option<(u64, Vec<PathBuf>)> {
+        // An orphan that hangs is given up like any other: a shutdown does not wait for it.
+        self.orphaned.remove(&token);
         if self.on_disk.get(&conn).is_none_or(|d| d.token != token) {
             return None;
         }
@@ -173,11 +175,9 @@ impl Held {
 
     pub fn forget(&mut self, conn: ConnId) {
         self.by_conn.remove(&conn);
+        // Its timer stays: an orphan that hangs (a dead mount) is not waited for past it.
         if let Some(d) = self.on_disk.remove(&conn) {
             self.orphaned.insert(d.token);
-            if let Some(timer) = d.timer {
-                timer.abort();
-            }
         }
         self.stuck.remove(&conn);
     }
@@ -202,5 +202,9 @@ mod tests {
         assert_eq!(held.give_up_disk(), Vec::new());
         assert!(!held.any_on_disk(), "the grace is over: given up");
         assert_eq!(held.back_from_disk(8, token), None);
+        let token = held.went_to_disk(9, 1, Vec::new());
+        held.forget(9);
+        assert_eq!(held.timed_out(9, token), None, "nobody to answer");
+        assert!(!held.any_on_disk(), "one that hangs past its timeout is not waited for");
     }
 }

@@ -107,8 +107,8 @@ impl Core {
         self.life.shutting_down = true;
         self.refuse_held();
         // Relaunches still waiting for a slot will not start: a `wake` waiting for one hears
-        // so (it went unanswered, its connection closed under it). Launches under way keep
-        // their answers.
+        // so (it went unanswered, its connection closed under it). One whose launch already
+        // began is answered when the launch reports, if the daemon still runs then.
         for key in self.launches.give_up_waiting() {
             let replies = self.sessions.get_mut(&key).map(|s| s.launch_over()).unwrap_or_default();
             for (conn, id) in replies {

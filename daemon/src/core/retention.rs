@@ -65,21 +65,32 @@ impl Core {
         }
     }
 
-    /// A session's app left: its events may expire now (see `expire_events`).
-    pub(super) fn session_left(&mut self) {
+    /// The apps of `keys` left: their events may expire, `wake_initial` from now at the
+    /// soonest (see `expire_events`).
+    pub(super) fn sessions_left(&mut self, keys: impl IntoIterator<Item = SessionKey>) {
+        let now = now_ms();
+        for key in keys {
+            if let Some(s) = self.sessions.get_mut(&key) {
+                s.left_at = now;
+            }
+        }
         self.arm_housekeeping();
     }
 
     fn arm_housekeeping(&mut self) {
         let retention = millis(self.cfg.timing.event_retention);
+        let grace = millis(self.cfg.timing.wake_initial);
         let oldest_event = self
             .sessions
             .values()
             .filter(|s| s.attached.is_none())
-            .filter_map(|s| s.events.values().next().map(|e| e.created_at))
+            .filter_map(|s| {
+                let first = s.events.values().next()?;
+                Some(first.created_at.saturating_add(retention).max(s.left_at.saturating_add(grace)))
+            })
             .min();
         let next = [
-            oldest_event.map(|t| t.saturating_add(retention)),
+            oldest_event,
             self.housekeeping.oldest_resume_file.map(|t| t.saturating_add(millis(self.cfg.timing.resume_retention))),
         ]
         .into_iter()
@@ -95,14 +106,18 @@ impl Core {
     }
 
     /// Drops events older than `event_retention`, as if the app had acknowledged them, of
-    /// sessions no app is attached to: an attached app collects them (one it keeps for
-    /// later is its to keep: expired, its file went from under the app).
+    /// sessions no app is attached to and none left within `wake_initial` (or since the
+    /// start): an attached app collects them (one it keeps for later is its to keep:
+    /// expired, its file went from under the app), and one that reconnects finds them.
     fn expire_events(&mut self) {
-        let horizon = now_ms().saturating_sub(millis(self.cfg.timing.event_retention));
+        let now = now_ms();
+        let horizon = now.saturating_sub(millis(self.cfg.timing.event_retention));
+        // An app that left (or was there before a restart) gets `wake_initial` to come back.
+        let back_by = now.saturating_sub(millis(self.cfg.timing.wake_initial));
         let expired: Vec<(SessionKey, Vec<u64>)> = self
             .sessions
             .iter()
-            .filter(|(_, s)| s.attached.is_none())
+            .filter(|(_, s)| s.attached.is_none() && s.left_at <= back_by)
             .map(|(k, s)| {
                 (*k, s.events.values().filter(|e| e.created_at <= horizon).map(|e| e.seq).collect::<Vec<_>>())
             })

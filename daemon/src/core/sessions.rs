@@ -6,7 +6,7 @@
 //! - sequence numbers only grow, across invalidation too: a session created later under
 //!   an old identifier numbers its events after the old one's (`seq_floor`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
 use std::sync::Arc;
 
@@ -46,6 +46,14 @@ pub(super) struct Session {
     pub counts: TaskCounts,
     /// Its suspended tasks still on disk since the start (`core::dormant`).
     pub dormant: u64,
+    /// When its app last left, or the daemon started (wall-clock ms): its events expire no
+    /// sooner than `wake_initial` after, so an app that comes back after a restart or a
+    /// broken connection finds what it kept (`core::retention`).
+    pub left_at: u64,
+    /// Its tasks that left memory (retired) while some of its tasks are dormant: a read of
+    /// its dormant rows may still find one suspended (the retirement not yet committed),
+    /// and must not bring it back. Emptied when its rows are taken.
+    pub left: HashSet<TaskId>,
     /// Its tasks with a worker.
     pub running: u32,
     pub wake: WakeStatus,
@@ -101,6 +109,8 @@ impl Session {
             tasks: BTreeSet::new(),
             counts: TaskCounts::default(),
             dormant: 0,
+            left_at: crate::model::now_ms(),
+            left: HashSet::new(),
             running: 0,
             wake: WakeStatus::default(),
             waited_at_start: false,

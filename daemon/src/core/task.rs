@@ -3,7 +3,7 @@
 //! Invariants kept here: the daemon-wide counts per state always match the tasks held
 //! (change a state only through `Tasks::set_state`), and task ids are never reused.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -209,27 +209,11 @@ pub(super) struct Tasks {
     counts: TaskCounts,
     /// Suspended tasks not held yet.
     dormant: u64,
-    /// Tasks that left memory (retired) while some are dormant: a read of dormant rows may
-    /// still find one suspended (its retirement not yet committed), and must not bring it
-    /// back. Emptied once nothing is dormant.
-    left: HashSet<TaskId>,
 }
 
 impl Tasks {
     pub fn new(next_id: TaskId) -> Tasks {
-        Tasks { by_id: BTreeMap::new(), next_id, counts: TaskCounts::default(), dormant: 0, left: HashSet::new() }
-    }
-
-    /// Whether `id` left memory while tasks were dormant (see `left`).
-    pub fn left(&self, id: TaskId) -> bool {
-        self.left.contains(&id)
-    }
-
-    /// Dormant rows were taken: once none is left, no read can bring one back.
-    pub fn settle(&mut self) {
-        if self.dormant == 0 {
-            self.left = HashSet::new();
-        }
+        Tasks { by_id: BTreeMap::new(), next_id, counts: TaskCounts::default(), dormant: 0 }
     }
 
     /// `n` more suspended tasks stay on disk.
@@ -296,9 +280,6 @@ impl Tasks {
     pub fn remove(&mut self, id: TaskId) -> Option<Box<Task>> {
         let t = self.by_id.remove(&id)?;
         self.counts.remove(t.state);
-        if self.dormant > 0 {
-            self.left.insert(id);
-        }
         Some(t)
     }
 
@@ -349,29 +330,5 @@ impl Tasks {
     /// Every live task's state, dormant ones included (as suspended).
     pub fn counts(&self) -> TaskCounts {
         TaskCounts { suspended: self.counts.suspended + self.dormant, ..self.counts }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Tasks;
-    use crate::model::TaskRecord;
-    use dlsession_proto::TaskSpec;
-
-    /// A task that leaves memory while some are dormant is remembered until none is: a
-    /// read of dormant rows that still finds it suspended must not bring it back.
-    #[test]
-    fn tasks_that_left_while_some_are_dormant_are_remembered_until_none_is() {
-        let mut tasks = Tasks::new(10);
-        tasks.add_dormant(2);
-        tasks.insert(TaskRecord::new(3, 1, TaskSpec::get("http://127.0.0.1/a"), 0, 0o644), "127.0.0.1".into());
-        tasks.insert(TaskRecord::new(4, 1, TaskSpec::get("http://127.0.0.1/b"), 0, 0o644), "127.0.0.1".into());
-        assert!(tasks.remove(3).is_some());
-        assert!(tasks.left(3) && !tasks.left(4));
-        tasks.take_dormant(2);
-        tasks.settle();
-        assert!(!tasks.left(3), "nothing dormant: nothing to guard against");
-        assert!(tasks.remove(4).is_some());
-        assert!(!tasks.left(4), "removed with nothing dormant: not kept");
     }
 }

@@ -95,7 +95,7 @@ impl Core {
             c.attached.remove(&key);
         }
         self.check_wake(key, self.cfg.timing.wake_initial);
-        self.session_left();
+        self.sessions_left([key]);
         Ok(Answer::Now(Response::Ok))
     }
 
