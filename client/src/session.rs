@@ -181,17 +181,17 @@ impl Session {
     fn remember(&self, ids: Vec<TaskId>, metas: Vec<(String, Option<String>)>) -> Vec<DownloadTask> {
         let tasks: Vec<DownloadTask> =
             ids.into_iter().zip(metas).map(|(id, (url, description))| self.task_handle(id, url, description)).collect();
-        self.record(tasks.iter().cloned());
+        self.record(tasks.iter().map(|t| (t.id, || t.clone())));
         tasks
     }
 
-    /// Keeps handles the session does not hold yet, but for tasks whose completion was
-    /// handed over already (see `SessionShared::forgotten`).
-    fn record(&self, handles: impl IntoIterator<Item = DownloadTask>) {
+    /// Keeps handles (each made only if kept) the session does not hold yet, but for tasks
+    /// whose completion was handed over already (see `SessionShared::forgotten`).
+    fn record<F: FnOnce() -> DownloadTask>(&self, handles: impl IntoIterator<Item = (TaskId, F)>) {
         let forgotten = self.shared.forgotten.lock().ok();
         if let Ok(mut known) = self.shared.tasks.lock() {
-            for t in handles.into_iter().filter(|t| !forgotten.as_ref().is_some_and(|f| f.has(t.id))) {
-                known.entry(t.id).or_insert(t);
+            for (id, make) in handles.into_iter().filter(|(id, _)| !forgotten.as_ref().is_some_and(|f| f.has(*id))) {
+                known.entry(id).or_insert_with(make);
             }
         }
     }
@@ -251,7 +251,7 @@ impl Session {
         let id = ids.first().copied().ok_or(Error::UnexpectedResponse { expected: "one task id", got: "none" })?;
         let info = self.task_info(id).await?;
         let task = self.task_handle(id, info.url, info.description);
-        self.record([task.clone()]);
+        self.record([(id, || task.clone())]);
         Ok(task)
     }
 
@@ -259,7 +259,7 @@ impl Session {
     /// counters: what a relaunched app rebuilds its view from.
     pub async fn get_all_tasks(&self) -> Result<Vec<TaskInfo>> {
         let all = self.shared.client.list_session_tasks(&self.shared.identifier, Vec::new()).await?;
-        self.record(all.iter().map(|i| self.task_handle(i.id, i.url.clone(), i.description.clone())));
+        self.record(all.iter().map(|i| (i.id, || self.task_handle(i.id, i.url.clone(), i.description.clone()))));
         Ok(all)
     }
 

@@ -546,16 +546,15 @@ impl Core {
         self.forget_held(id);
         let Some(conn) = self.conns.close(id) else { return };
         let took_wakes = conn.rejoins_on_wake().then(|| conn.handle.app_id.clone()).flatten();
-        let left: Vec<SessionKey> = conn.attached.iter().copied().collect();
-        for key in conn.attached {
+        for &key in &conn.attached {
             if let Some(s) = self.sessions.get_mut(&key) {
                 s.detach(id);
             }
             // The app left (or crashed) with events unacknowledged: wake it later, not at once.
             self.check_wake(key, self.cfg.timing.wake_initial);
         }
-        if !left.is_empty() {
-            self.sessions_left(left);
+        if !conn.attached.is_empty() {
+            self.sessions_left(conn.attached);
         }
         if let Some(app_id) = took_wakes {
             self.wake_target_gone(&app_id);

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use super::Core;
 use super::disk::DiskReport;
+use super::sessions::Session;
 use super::timers::{Timer, millis};
 use crate::model::{SessionKey, now_ms};
 use crate::store::Op;
@@ -77,20 +78,24 @@ impl Core {
         self.arm_housekeeping();
     }
 
+    /// From when a session's events may expire (wall-clock ms): `wake_initial` after its app
+    /// left or the daemon started, so one that comes back finds them; never while attached.
+    fn expiring_from(&self, s: &Session) -> Option<u64> {
+        s.attached.is_none().then(|| s.left_at.saturating_add(millis(self.cfg.timing.wake_initial)))
+    }
+
     fn arm_housekeeping(&mut self) {
         let retention = millis(self.cfg.timing.event_retention);
-        let grace = millis(self.cfg.timing.wake_initial);
-        let oldest_event = self
+        let first_event_due = self
             .sessions
             .values()
-            .filter(|s| s.attached.is_none())
             .filter_map(|s| {
                 let first = s.events.values().next()?;
-                Some(first.created_at.saturating_add(retention).max(s.left_at.saturating_add(grace)))
+                Some(first.created_at.saturating_add(retention).max(self.expiring_from(s)?))
             })
             .min();
         let next = [
-            oldest_event,
+            first_event_due,
             self.housekeeping.oldest_resume_file.map(|t| t.saturating_add(millis(self.cfg.timing.resume_retention))),
         ]
         .into_iter()
@@ -112,12 +117,10 @@ impl Core {
     fn expire_events(&mut self) {
         let now = now_ms();
         let horizon = now.saturating_sub(millis(self.cfg.timing.event_retention));
-        // An app that left (or was there before a restart) gets `wake_initial` to come back.
-        let back_by = now.saturating_sub(millis(self.cfg.timing.wake_initial));
         let expired: Vec<(SessionKey, Vec<u64>)> = self
             .sessions
             .iter()
-            .filter(|(_, s)| s.attached.is_none() && s.left_at <= back_by)
+            .filter(|(_, s)| self.expiring_from(s).is_some_and(|from| from <= now))
             .map(|(k, s)| {
                 (*k, s.events.values().filter(|e| e.created_at <= horizon).map(|e| e.seq).collect::<Vec<_>>())
             })

@@ -348,8 +348,12 @@ fn prepare_files(plan: &Plan, overwrite: bool) -> Result<()> {
         }
         std::fs::create_dir_all(dir).map_err(|e| CliError::file("cannot create the directory", dir, &e))?;
     }
+    // Each directory once: 100,000 URLs into one directory looked at it 200,000 times.
+    let mut usable: HashSet<&Path> = HashSet::new();
     for item in &plan.items {
-        if let Some(parent) = item.destination.parent() {
+        if let Some(parent) = item.destination.parent()
+            && !usable.contains(parent)
+        {
             let cannot = |why: String| {
                 CliError::local(ErrorCode::FileError, format!("cannot save to {}: {why}", item.destination.display()))
             };
@@ -367,6 +371,7 @@ fn prepare_files(plan: &Plan, overwrite: bool) -> Result<()> {
             if let Err(e) = rustix::fs::access(parent, rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK) {
                 return Err(cannot(format!("cannot write in {dir}: {}", std::io::Error::from(e))));
             }
+            usable.insert(parent);
         }
         if !overwrite && item.destination.symlink_metadata().is_ok() {
             return Err(CliError::local(
