@@ -1231,24 +1231,30 @@ async fn a_relaunched_app_starts_in_the_home_directory() {
     assert!(err.to_string().contains("relative path"), "{err}");
 }
 
+/// A daemon with one launch slot, held by the app of session "t.holder" (slow to come up,
+/// never attaching), and session `other`, whose app would launch the same way.
+async fn one_launch_slot_held(env: &TestEnv, other: &str) -> TestDaemon {
+    env.set_config("max_concurrent_launches", "1");
+    env.set_config("wake_answer_ms", "60000");
+    let d = TestDaemon::start(env);
+    let slow = vec!["/bin/sh".to_owned(), "-c".to_owned(), "sleep 10".to_owned()];
+    let client = dlsession_testkit::app::client(env).await;
+    for id in ["t.holder", other] {
+        let launch = Some(dlsession::LaunchSpec::Command { argv: slow.clone() });
+        let config = SessionConfig { launch, ..SessionConfig::default() };
+        client.request(Request::OpenSession { identifier: id.into(), config: Some(config) }).await.unwrap();
+    }
+    let holder = client.request(Request::Wake { identifier: "t.holder".into() }).await.unwrap();
+    assert!(matches!(holder, Response::Wake(dlsession::proto::WakeOutcome::Launched { .. })), "{holder:?}");
+    d
+}
+
 /// A `wake` request waiting in line for a launch slot is answered when its session is
 /// removed meanwhile (it used to wait for ever).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wake_waiting_for_a_slot_is_answered_when_its_session_goes() {
     let env = TestEnv::new();
-    env.set_config("max_concurrent_launches", "1");
-    env.set_config("wake_answer_ms", "60000");
-    let _d = TestDaemon::start(&env);
-    // An app that comes up slowly and never attaches: it holds the one slot.
-    let slow = vec!["/bin/sh".to_owned(), "-c".to_owned(), "sleep 10".to_owned()];
-    let client = dlsession_testkit::app::client(&env).await;
-    for (id, argv) in [("t.holder", slow.clone()), ("t.gone", slow)] {
-        let config =
-            SessionConfig { launch: Some(dlsession::LaunchSpec::Command { argv }), ..SessionConfig::default() };
-        client.request(Request::OpenSession { identifier: id.into(), config: Some(config) }).await.unwrap();
-    }
-    let holder = client.request(Request::Wake { identifier: "t.holder".into() }).await.unwrap();
-    assert!(matches!(holder, Response::Wake(dlsession::proto::WakeOutcome::Launched { .. })), "{holder:?}");
+    let _d = one_launch_slot_held(&env, "t.gone").await;
     let waiting = {
         let client = dlsession_testkit::app::client(&env).await;
         tokio::spawn(async move { client.request(Request::Wake { identifier: "t.gone".into() }).await })
@@ -1273,18 +1279,7 @@ async fn a_wake_waiting_for_a_slot_is_answered_when_its_session_goes() {
 async fn a_wake_waiting_for_a_slot_is_answered_when_the_daemon_stops() {
     use dlsession::proto::ServerMessage;
     let env = TestEnv::new();
-    env.set_config("max_concurrent_launches", "1");
-    env.set_config("wake_answer_ms", "60000");
-    let d = TestDaemon::start(&env);
-    let slow = vec!["/bin/sh".to_owned(), "-c".to_owned(), "sleep 10".to_owned()];
-    let client = dlsession_testkit::app::client(&env).await;
-    for id in ["t.holder", "t.waits"] {
-        let launch = Some(dlsession::LaunchSpec::Command { argv: slow.clone() });
-        let config = SessionConfig { launch, ..SessionConfig::default() };
-        client.request(Request::OpenSession { identifier: id.into(), config: Some(config) }).await.unwrap();
-    }
-    let holder = client.request(Request::Wake { identifier: "t.holder".into() }).await.unwrap();
-    assert!(matches!(holder, Response::Wake(dlsession::proto::WakeOutcome::Launched { .. })), "{holder:?}");
+    let d = one_launch_slot_held(&env, "t.waits").await;
     let socket = env.socket.clone();
     let answer = tokio::task::spawn_blocking(move || {
         let mut raw = dlsession_testkit::raw::RawClient::connect(&socket);

@@ -642,16 +642,22 @@ async fn an_unanswered_wake_falls_back_to_relaunch() {
     assert!(log.contains("did not rejoin after wake; relaunching"), "{log}");
 }
 
+/// A delegate that keeps every finished download for later (`Handled::Later`): its events
+/// stay unacknowledged. Remembers the last file handed over.
+#[derive(Default)]
+struct KeepForLater(std::sync::Arc<std::sync::Mutex<Option<PathBuf>>>);
+
+impl dlsession::SessionDelegate for KeepForLater {
+    fn finish_downloading(&self, _: &Session, _: &dlsession::DownloadTask, at: &Path) -> dlsession::Handled {
+        *self.0.lock().unwrap() = Some(at.to_path_buf());
+        dlsession::Handled::Later
+    }
+}
+
 /// An app that attaches and leaves (or crashes) without collecting is relaunched less and
 /// less often: attaching does not reset the wake backoff; only collecting does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attaching_does_not_reset_the_wake_backoff() {
-    struct Keep;
-    impl dlsession::SessionDelegate for Keep {
-        fn finish_downloading(&self, _: &Session, _: &dlsession::DownloadTask, _: &Path) -> dlsession::Handled {
-            dlsession::Handled::Later
-        }
-    }
     let env = TestEnv::new();
     env.set_config("wake_initial_ms", "400");
     env.set_config("wake_max_ms", "60000");
@@ -667,7 +673,7 @@ async fn attaching_does_not_reset_the_wake_backoff() {
             .socket(&env.socket)
             .app_id("org.example.trust")
             .launch_command(["/bin/sh".to_owned(), "-c".to_owned(), format!("date +%s%N >> {}", launches.display())]);
-        let session = Session::attach(config, Keep).await.unwrap();
+        let session = Session::attach(config, KeepForLater::default()).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         drop(session);
         let left = Instant::now();
@@ -710,13 +716,6 @@ async fn handed_over_files_get_the_clients_mode() {
 /// expired under the app, its file deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_do_not_expire_while_their_app_is_attached() {
-    struct Keep(std::sync::Arc<std::sync::Mutex<Option<PathBuf>>>);
-    impl dlsession::SessionDelegate for Keep {
-        fn finish_downloading(&self, _: &Session, _: &dlsession::DownloadTask, at: &Path) -> dlsession::Handled {
-            *self.0.lock().unwrap() = Some(at.to_path_buf());
-            dlsession::Handled::Later
-        }
-    }
     let env = TestEnv::new();
     // About 1.7 s; an app that left (or was there before a restart) gets 3 s to come back.
     env.set_config("event_retention_days", "0.00002");
@@ -725,8 +724,9 @@ async fn events_do_not_expire_while_their_app_is_attached() {
     let s = TestServer::start().await.unwrap();
     s.add("/k", Resource::generated(3000, 14));
     let config = SessionConfiguration::background("t.kept").socket(&env.socket);
-    let handed = std::sync::Arc::new(std::sync::Mutex::new(None));
-    let session = Session::attach(config, Keep(std::sync::Arc::clone(&handed))).await.unwrap();
+    let keep = KeepForLater::default();
+    let handed = std::sync::Arc::clone(&keep.0);
+    let session = Session::attach(config, keep).await.unwrap();
     session.download_tasks(vec![DownloadRequest::new(s.url("/k"))], true).await.unwrap();
     let cached = dlsession_testkit::wait_for("the file handed over", LONG, || handed.lock().unwrap().clone());
     tokio::time::sleep(Duration::from_secs(4)).await;
