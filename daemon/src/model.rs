@@ -121,6 +121,9 @@ pub struct TaskRecord {
     /// Whether `bytes_expected` is a length a server stated (else the app's hint, or the
     /// end of a range guessed from it); `None` in rows stored before that was recorded.
     pub total_known: Option<bool>,
+    /// Its file, assembled from more than one response, failed its SHA-256 and was
+    /// downloaded again from zero: a second mismatch completes the task.
+    pub refetched: bool,
     /// Set for an upload: what it sends. Its response body is what it "downloads"
     /// (`location`, `committed_offset`, `response_*`).
     pub upload: Option<Upload>,
@@ -237,6 +240,7 @@ impl TaskRecord {
             policy: dlsession_proto::TaskPolicy::default(),
             unmarked: false,
             total_known: Some(false),
+            refetched: false,
             upload: None,
             challenge: None,
         }

@@ -87,6 +87,8 @@ async fn records_survive_a_reopen() {
         t2.etag = Some("\"e\"".into());
         t2.last_error = Some(ErrorInfo::http(503, "busy"));
         t2.retry_at = Some(9999);
+        // Downloaded again from zero after a spliced file failed its checksum (schema 16).
+        t2.refetched = true;
         store.write(
             vec![
                 Op::UpdateTask(Box::new(t2)),
@@ -121,6 +123,7 @@ async fn records_survive_a_reopen() {
     assert_eq!(t2.state, TaskState::Waiting);
     assert_eq!(t2.committed_offset, 77);
     assert_eq!(t2.last_error, Some(ErrorInfo::http(503, "busy")));
+    assert!(t2.refetched && !snap.tasks[1].refetched);
     assert_eq!(snap.tasks[1].state, TaskState::Queued, "running is stored as queued");
     assert_eq!(snap.tasks[1].expected_sha256, Some([9; 32]));
     assert_eq!(snap.events.len(), 2);

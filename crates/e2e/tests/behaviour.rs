@@ -119,14 +119,17 @@ async fn checksums_are_verified() {
     let _d = TestDaemon::start(&env);
     let server = TestServer::start().await.unwrap();
     server.add("/a", Resource::generated(200_000, 8));
+    server.add("/b", Resource::generated(200_000, 8));
     let (session, mut events) = attach(&env, "t.sha").await;
     let good = DownloadRequest::new(server.url("/a")).expected_sha256(pattern_sha256(8, 200_000));
-    let bad = DownloadRequest::new(server.url("/a")).expected_sha256([0; 32]);
+    let bad = DownloadRequest::new(server.url("/b")).expected_sha256([0; 32]);
     let tasks = session.download_tasks(vec![good, bad], true).await.unwrap();
     assert_eq!(events.completion(tasks[0].id(), LONG).await, None);
     let err = events.completion(tasks[1].id(), LONG).await.unwrap();
     assert_eq!(err.code, ErrorCode::ChecksumMismatch);
     assert!(events.moved_to(tasks[1].id()).is_none(), "a mismatching file is never delivered");
+    // A file from one response is not downloaded again (only a spliced one is).
+    assert_eq!(server.hits("/b"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

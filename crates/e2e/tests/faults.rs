@@ -159,6 +159,48 @@ async fn a_changed_resource_is_never_spliced() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_splice_the_checksum_refuses_is_downloaded_again_once_from_zero() {
+    let env = TestEnv::new();
+    let _d = TestDaemon::start(&env);
+    let s = TestServer::start().await.unwrap();
+    let len = 4u64 << 20;
+    // The server changes the document but keeps its ETag: the resume's `If-Range` cannot
+    // tell, and the bytes after the cut are the new version's.
+    let lying = |path: &str, first_seed| {
+        s.add(
+            path,
+            Resource::generated(len, first_seed).etag("\"v1\"").fault(Hits::Nth(1), Fault::ResetAfter(2 << 20)),
+        );
+    };
+    lying("/doc", 20);
+    lying("/other", 22);
+    let (session, mut events) = attach(&env, SessionConfiguration::background("t.splice")).await;
+    // One expects the new version; one a file no response will ever give.
+    let new_version = DownloadRequest::new(s.url("/doc")).expected_sha256(pattern_sha256(21, len));
+    let never = DownloadRequest::new(s.url("/other")).expected_sha256([7; 32]);
+    let tasks = session.download_tasks(vec![new_version, never], true).await.unwrap();
+    dlsession_testkit::wait_until(|| s.hits("/doc") >= 1 && s.hits("/other") >= 1).await;
+    s.add("/doc", Resource::generated(len, 21).etag("\"v1\""));
+    // The download from zero is cut too, and its resume spliced again.
+    s.add("/other", Resource::generated(len, 23).etag("\"v1\"").fault(Hits::Nth(3), Fault::ResetAfter(2 << 20)));
+
+    // The spliced file failed its checksum; the download from zero gave the new version.
+    assert_eq!(events.completion(tasks[0].id(), LONG).await, None);
+    let file = events.moved_to(tasks[0].id()).unwrap();
+    assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(21, len)));
+    let offsets = |path| s.requests_for(path).iter().map(|r| offset_of(r.range.as_deref())).collect::<Vec<_>>();
+    assert_eq!(offsets("/doc"), vec![0, 2 << 20, 0], "cut, resumed (spliced), then once from zero");
+    assert!(events.seen.iter().any(|e| matches!(e, Seen::Resumed { task, offset: 0 } if *task == tasks[0].id())));
+
+    // A file that still does not match after that fails: one download from zero, no more.
+    let err = events.completion(tasks[1].id(), LONG).await.unwrap();
+    assert_eq!(err.code, ErrorCode::ChecksumMismatch);
+    assert!(err.message.contains("after downloading it again from zero"), "{err}");
+    assert_eq!(offsets("/other"), vec![0, 2 << 20, 0, 2 << 20]);
+    assert!(events.moved_to(tasks[1].id()).is_none(), "a mismatching file is never delivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_certificate_is_a_tls_error() {
     let env = TestEnv::new();
     let ca = TestCa::expired().unwrap();

@@ -22,6 +22,7 @@ impl Core {
         size: u64,
         sha256: Option<[u8; 32]>,
         marked: bool,
+        spliced: bool,
         reply: tokio::sync::oneshot::Sender<FinishPlan>,
     ) {
         self.flush_progress(id);
@@ -35,13 +36,24 @@ impl Core {
         {
             let _ = reply.send(FinishPlan::Abort);
             let got = sha256.map(|d| dlsession_proto::validate::to_hex(&d)).unwrap_or_default();
-            let error = ErrorInfo::new(
-                ErrorCode::ChecksumMismatch,
-                format!(
-                    "SHA-256 of the downloaded {size} bytes is {got}, expected {}",
-                    dlsession_proto::validate::to_hex(&expected)
-                ),
+            let mismatch = format!(
+                "SHA-256 of the downloaded {size} bytes is {got}, expected {}",
+                dlsession_proto::validate::to_hex(&expected)
             );
+            // Bytes joined to kept ones may be the splice of two versions a server passed
+            // off as one (the same validator for changed content): the file is downloaded
+            // once more, whole, before the mismatch is believed.
+            if spliced && !t.rec.refetched {
+                t.rec.refetched = true;
+                warn!(task = id, "{mismatch}; the file was resumed: downloading it again from zero");
+                let failure = crate::engine::Failure::restart(
+                    ErrorCode::ChecksumMismatch,
+                    format!("{mismatch}; the file was resumed, so it is downloaded again from zero"),
+                );
+                return self.on_failed(id, failure);
+            }
+            let again = if t.rec.refetched { " (after downloading it again from zero)" } else { "" };
+            let error = ErrorInfo::new(ErrorCode::ChecksumMismatch, format!("{mismatch}{again}"));
             self.release(id);
             self.refuse_waiting_stops(id, "completed (its checksum did not match)");
             let mut ops = Vec::new();

@@ -473,8 +473,8 @@ impl Core {
                 self.commit(vec![op], Vec::new());
             }
             WorkerEvent::BodyReceived => self.free_slot(id),
-            WorkerEvent::DataComplete { size, sha256, marked, reply } => {
-                self.on_data_complete(id, size, sha256, marked, reply)
+            WorkerEvent::DataComplete { size, sha256, marked, spliced, reply } => {
+                self.on_data_complete(id, size, sha256, marked, spliced, reply)
             }
             WorkerEvent::Moved { location } => self.on_moved(id, location),
             WorkerEvent::FoundInPlace { location, size, error } => self.on_found_in_place(id, location, size, error),
@@ -632,7 +632,7 @@ impl Core {
         }
     }
 
-    fn on_failed(&mut self, id: TaskId, failure: crate::engine::Failure) {
+    pub(super) fn on_failed(&mut self, id: TaskId, failure: crate::engine::Failure) {
         let run = self.release(id);
         let session =
             self.tasks.get(&id).map(|t| self.sessions.identifier(t.rec.session).to_owned()).unwrap_or_default();

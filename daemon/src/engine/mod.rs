@@ -583,7 +583,8 @@ impl Engine {
         let mut marked = done.marked;
         loop {
             let (reply, plan) = oneshot::channel();
-            job.link.send(WorkerEvent::DataComplete { size: done.offset, sha256: done.sha256, marked, reply });
+            let spliced = phases.first_byte > 0;
+            job.link.send(WorkerEvent::DataComplete { size: done.offset, sha256: done.sha256, marked, spliced, reply });
             let Ok(FinishPlan::Move { to, overwrite, recorded }) = plan.await else {
                 return Outcome::Aborted;
             };

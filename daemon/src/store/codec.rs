@@ -191,14 +191,14 @@ const TASK_COLUMNS: &str = "id, session_id, url, headers, description, priority,
     error_http, resume_secret, retired, file_mode, bandwidth_limit, allows_metered, allows_battery, discretionary,
     waits_for_connectivity, upload_method, upload_file, upload_size, upload_mtime_ns, upload_idempotent,
     upload_resume_url, upload_truncated, upload_in_flight, challenge_scheme, challenge_realm, challenge_origin,
-    challenge_proxy, challenge_round, unmarked, total_known";
+    challenge_proxy, challenge_round, unmarked, total_known, refetched";
 
 /// Inserts or replaces a task row (one statement for both, so the column lists cannot drift).
 pub fn save_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare_cached(&format!(
         "INSERT INTO tasks ({TASK_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
             ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35,
-            ?36, ?37, ?38, ?39, ?40, ?41, ?42, ?43, ?44, ?45, ?46, ?47, ?48, ?49, ?50, ?51, ?52, ?53, ?54, ?55, ?56)
+            ?36, ?37, ?38, ?39, ?40, ?41, ?42, ?43, ?44, ?45, ?46, ?47, ?48, ?49, ?50, ?51, ?52, ?53, ?54, ?55, ?56, ?57)
          ON CONFLICT(id) DO UPDATE SET priority = excluded.priority, state = excluded.state,
             phase = excluded.phase, committed_offset = excluded.committed_offset,
             bytes_expected = excluded.bytes_expected, etag = excluded.etag, last_modified = excluded.last_modified,
@@ -217,7 +217,7 @@ pub fn save_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
             upload_in_flight = excluded.upload_in_flight, challenge_scheme = excluded.challenge_scheme,
             challenge_realm = excluded.challenge_realm, challenge_origin = excluded.challenge_origin,
             challenge_proxy = excluded.challenge_proxy, challenge_round = excluded.challenge_round,
-            unmarked = excluded.unmarked, total_known = excluded.total_known"
+            unmarked = excluded.unmarked, total_known = excluded.total_known, refetched = excluded.refetched"
     ))?;
     let up = t.upload.as_ref();
     let ch = t.challenge.as_ref();
@@ -280,6 +280,7 @@ pub fn save_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
         ch.map(|c| c.round),
         t.unmarked.then_some(true),
         t.total_known,
+        t.refetched.then_some(true),
     ])?;
     Ok(())
 }
@@ -381,6 +382,7 @@ fn task_from_row(r: &Row<'_>) -> rusqlite::Result<TaskRecord> {
         },
         unmarked: r.get::<_, Option<bool>>(54)?.unwrap_or(false),
         total_known: r.get(55)?,
+        refetched: r.get::<_, Option<bool>>(56)?.unwrap_or(false),
     })
 }
 

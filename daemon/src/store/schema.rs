@@ -188,6 +188,9 @@ const MIGRATIONS: &[&str] = &[
     // 15: whether a task's `bytes_expected` was stated by a server (NULL: not recorded; a
     // length equal to the app's hint then counts as only the hint).
     "ALTER TABLE tasks ADD COLUMN total_known INTEGER;",
+    // 16: a file assembled from more than one response failed its SHA-256 and was
+    // downloaded again from zero (NULL: not yet; it happens at most once per task).
+    "ALTER TABLE tasks ADD COLUMN refetched INTEGER;",
 ];
 
 pub const LATEST_VERSION: i64 = MIGRATIONS.len() as i64;
