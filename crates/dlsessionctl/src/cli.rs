@@ -119,6 +119,15 @@ pub enum Command {
     /// Ask the daemon to wake or relaunch a session's app now
     Wake(WakeArgs),
 
+    /// Invalidate a session, to have it removed: it takes no new task, and once its tasks
+    /// are done and its events collected (by its app, or by `attach`), the daemon deletes it
+    ///
+    /// Suspended tasks hold the session back until they are resumed or cancelled; with
+    /// --cancel every unfinished task is cancelled now. Finished files already moved to
+    /// their destinations stay there; files left in the daemon's cache go with the
+    /// session once its events are collected (`attach --move-to DIR` keeps them).
+    Invalidate(InvalidateArgs),
+
     /// Show bandwidth limits, or set one: daemon-wide (--global), of a session (--session
     /// ID) or of a task (--task ID). A new limit applies to running downloads at once and
     /// is kept across restarts; `off` lifts it.
@@ -478,6 +487,17 @@ pub struct WakeArgs {
     /// The session identifier
     #[arg(value_name = "SESSION")]
     pub session: String,
+}
+
+#[derive(Debug, Args)]
+pub struct InvalidateArgs {
+    /// The session identifier
+    #[arg(value_name = "SESSION")]
+    pub session: String,
+
+    /// Cancel its unfinished tasks too (each completes with `cancelled`)
+    #[arg(long)]
+    pub cancel: bool,
 }
 
 fn parse_priority(s: &str) -> Result<f32, String> {

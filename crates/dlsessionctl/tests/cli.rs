@@ -171,6 +171,68 @@ async fn what_does_not_exist_is_an_error_not_an_empty_answer() {
     }
 }
 
+/// An operator removes a session: one `attach` made by mistake, and one with tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_has_a_session_removed() {
+    let f = fixture().await;
+    let o = ctl(&f.env, &["invalidate", "nosuch"]).await;
+    assert_exit(&o, 1);
+    assert!(stderr(&o).contains("no_such_session"), "{}", stderr(&o));
+    let sessions = |o: &Output| json(o).as_array().unwrap().iter().map(|s| s["identifier"].clone()).collect::<Vec<_>>();
+
+    // A typo in `attach` made an empty session; invalidating it and collecting its last
+    // event removes it.
+    let o = ctl(&f.env, &["attach", "com.exmaple.typo"]).await;
+    assert_exit(&o, 0);
+    let o = ctl(&f.env, &["invalidate", "com.exmaple.typo"]).await;
+    assert_exit(&o, 0);
+    assert_eq!(
+        stdout(&o).trim(),
+        "com.exmaple.typo: is invalid: `dlsessionctl attach com.exmaple.typo` collects its events \
+         (add --move-to DIR to keep files left in the cache), then the daemon removes it"
+    );
+    let o = ctl(&f.env, &["attach", "com.exmaple.typo"]).await;
+    assert_exit(&o, 0);
+    assert!(stdout(&o).contains("did_become_invalid"), "{}", stdout(&o));
+    assert!(!sessions(&ctl(&f.env, &["--json", "sessions"]).await).contains(&"com.exmaple.typo".into()));
+
+    // Suspended tasks hold the session back, and it takes no new task; --cancel ends them.
+    let c = client(&f.env).await;
+    let ids = create_suspended(&c, "s.gone", [f.server.url("/a"), f.server.url("/b")]).await;
+    let o = ctl(&f.env, &["invalidate", "s.gone"]).await;
+    assert_exit(&o, 0);
+    assert!(
+        stdout(&o).starts_with(
+            "s.gone: invalidating, takes no new task; 2 unfinished tasks (2 suspended: resume or cancel them, \
+             or invalidate with --cancel); once they complete, `dlsessionctl attach s.gone` collects"
+        ),
+        "{}",
+        stdout(&o)
+    );
+    let o = ctl(&f.env, &["get", "--session", "s.gone", &f.server.url("/c")]).await;
+    assert_exit(&o, 1);
+    assert!(stderr(&o).contains("session_invalidated"), "{}", stderr(&o));
+    let o = ctl(&f.env, &["invalidate", "--cancel", "s.gone"]).await;
+    assert_exit(&o, 0);
+    assert!(stdout(&o).starts_with("s.gone: is invalid: "), "{}", stdout(&o));
+    for id in &ids {
+        let v = wait_completed(&f.env, *id).await;
+        assert!(v["error"]["message"].as_str().unwrap().contains("invalidate_and_cancel"), "{v}");
+    }
+    // Asking again is no failure; --json gives the session as `sessions --json` does.
+    let o = ctl(&f.env, &["--json", "invalidate", "s.gone"]).await;
+    assert_exit(&o, 0);
+    let v = json(&o);
+    assert_eq!((v["identifier"].as_str(), v["invalidating"].as_bool()), (Some("s.gone"), Some(true)), "{v}");
+    assert_eq!(v["pending_events"], 3, "two completions and did_become_invalid: {v}");
+    let o = ctl(&f.env, &["attach", "s.gone"]).await;
+    assert_exit(&o, 0);
+    assert!(!sessions(&ctl(&f.env, &["--json", "sessions"]).await).contains(&"s.gone".into()));
+    let v = json(&ctl(&f.env, &["--json", "show", &ids[0].to_string()]).await);
+    assert_eq!(v["session"], "s.gone (invalidated)", "{v}");
+    assert_eq!(f.server.hits("/a") + f.server.hits("/b") + f.server.hits("/c"), 0);
+}
+
 /// A destination whose directory does not exist, or cannot be written, is refused before a
 /// task is made (exit 1, `file_error`): the unwritable one was taken, downloaded, and its
 /// file waited in the cache for ever.
@@ -762,7 +824,21 @@ async fn attach_acknowledges_only_what_it_could_print() {
 #[test]
 fn help_is_there_for_every_command() {
     let exe = Path::new(env!("CARGO_BIN_EXE_dlsessionctl"));
-    for cmd in ["status", "sessions", "tasks", "show", "get", "watch", "pause", "resume", "cancel", "attach", "wake"] {
+    let commands = [
+        "status",
+        "sessions",
+        "tasks",
+        "show",
+        "get",
+        "watch",
+        "pause",
+        "resume",
+        "cancel",
+        "attach",
+        "wake",
+        "invalidate",
+    ];
+    for cmd in commands {
         let o = std::process::Command::new(exe).args([cmd, "--help"]).output().unwrap();
         assert_eq!(o.status.code(), Some(0), "{cmd}");
         assert!(String::from_utf8_lossy(&o.stdout).contains("Usage: dlsessionctl"), "{cmd}");

@@ -6,6 +6,7 @@ mod completions;
 mod control;
 mod ctx;
 mod get;
+mod invalidate;
 mod limit;
 mod policy;
 mod proxy;
@@ -42,6 +43,7 @@ pub async fn run(cli: Cli) -> Result<Exit> {
         Command::Cancel(t) => control::run(&ctx, t.task, control::Action::Cancel).await,
         Command::Attach(args) => attach::run(&ctx, args).await,
         Command::Wake(args) => wake::run(&ctx, args).await,
+        Command::Invalidate(args) => invalidate::run(&ctx, args).await,
         Command::Limit(args) => limit::run(&ctx, args).await,
         Command::Policy(args) => policy::run(&ctx, args).await,
         Command::Proxy(args) => proxy::run(&ctx, args).await,
