@@ -199,3 +199,37 @@ async fn a_raised_session_limit_starts_the_next_task_at_once() {
     assert_eq!(events.completion(quick.id(), Duration::from_secs(10)).await, None);
     assert!(raised_at.elapsed() < Duration::from_secs(10), "{:?}", raised_at.elapsed());
 }
+
+/// Downloads slowed by their limits over HTTP/2 do not hold up the others on their
+/// connection: what a stream has received and not yet taken counts against the
+/// connection's window too, and three paced streams holding their own windows full once
+/// left none for the rest: an unlimited download beside them crawled at their pace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paced_h2_streams_do_not_hold_up_the_others_on_their_connection() {
+    let env = TestEnv::new();
+    let ca = dlsession_testkit::TestCa::new().unwrap();
+    env.add_config(&format!("extra_ca_file = {:?}", ca.ca_pem_path()));
+    let _d = TestDaemon::start(&env);
+    let server = TestServer::start_tls(&ca).await.unwrap();
+    let len = 32 << 20;
+    for (path, seed) in [("/paced1", 1), ("/paced2", 2), ("/paced3", 3), ("/free", 4)] {
+        server.add(path, Resource::generated(len, seed));
+    }
+    let (delegate, mut events) = Recorder::new(&env.path().join("out"));
+    let session = Session::attach(config(&env, "t.h2window"), delegate).await.unwrap();
+    for path in ["/paced1", "/paced2", "/paced3"] {
+        let task = session.download_task(DownloadRequest::new(server.url(path))).await.unwrap();
+        set(&env, LimitTarget::Task { task: task.id() }, Some(16 << 10)).await;
+        task.resume().await.unwrap();
+    }
+    // Their streams fill up to their windows meanwhile.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let free = session.download_task(DownloadRequest::new(server.url("/free"))).await.unwrap();
+    free.resume().await.unwrap();
+    let started = Instant::now();
+    assert_eq!(events.completion(free.id(), LONG).await, None);
+    assert!(started.elapsed() < Duration::from_secs(20), "the free download took {:?}", started.elapsed());
+    assert_eq!(sha256_file(&events.moved_to(free.id()).unwrap()).unwrap(), to_hex(&pattern_sha256(4, len)));
+    let versions: Vec<_> = server.requests().iter().map(|r| r.version).collect();
+    assert_eq!(versions, vec![http::Version::HTTP_2; 4], "all four over HTTP/2");
+}

@@ -263,7 +263,7 @@ impl ClientFactory {
             // Fixed, generous HTTP/2 windows: the adaptive window carried its estimate from
             // one download to the next and made throughput vary by 50 % between runs.
             .http2_initial_stream_window_size(H2_STREAM_WINDOW)
-            .http2_initial_connection_window_size(16u32 << 20)
+            .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
             .http1_max_buf_size(H1_MAX_BUF)
             // A response head is taken up to the same size over HTTP/2 (h2's default is
             // 16 KiB: a larger head reset the stream, and the task retried for days).
@@ -282,6 +282,12 @@ impl ClientFactory {
 const H1_MAX_BUF: usize = 1 << 20;
 /// What an HTTP/2 server may send on one stream before the engine has taken it.
 const H2_STREAM_WINDOW: u32 = 8 << 20;
+/// What it may send on a whole connection: as much as HTTP/2 allows, so that the streams'
+/// own windows are the only bound. Data a stream received and its download has not taken
+/// counts against both: with a connection window of 16 MiB, three downloads paced by their
+/// bandwidth limits held it full and an unlimited one beside them crawled at their pace.
+/// Each stream's window is counted with its download (`IN_FLIGHT`).
+const H2_CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 /// What may sit above a connection's socket, read but not yet counted by the engine. TLS:
 /// rustls's records, at most two of 16 KiB + 256 bytes per layer, two layers through an
 /// HTTPS proxy: about 65 KiB, counted twice. HTTP/1.1: hyper reads into its buffer's whole
