@@ -102,8 +102,9 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome> {
          every task completed and its events acknowledged. While it runs, the daemon's open descriptors \
          (`/proc/PID/fd`) and its children (relaunched apps alive, from `/proc/*/stat`) are sampled every \
          20 ms; peak RSS is `VmHWM`. Launches are counted from the log. {} runs, a fresh daemon each \
-         (medians, min–max). Relaunches under way are counted from the daemon's log: from a session's `wake … \
-         outcome=Launched` line to its `attached` line.\n\n| downloads done s | all acknowledged s | launches | \
+         (medians, min–max). Relaunches under way are counted from the earlier of a session's `wake … \
+         outcome=Launched` line in the daemon's log and the line its `app.sh` wrote first thing, to its \
+         `attached` line.\n\n| downloads done s | all acknowledged s | launches | \
          launches under way, peak | apps alive at once, peak | peak descriptors | peak RSS MiB |\n\
          |---|---|---|---|---|---|---|\n| {} | {} | {} | {} | {} | {} | {} |\n",
         BODY >> 10,
@@ -127,7 +128,7 @@ async fn once(ctx: &Ctx, responder: &Responder, n: usize) -> Result<Sample> {
     std::fs::write(
         &app,
         format!(
-            "#!/bin/sh\necho \"$1\" >> '{}'\nexec '{}' --socket '{}' attach \"$1\" > /dev/null\n",
+            "#!/bin/sh\necho \"$(date -u +%Y-%m-%dT%H:%M:%S.%6NZ) $1\" >> '{}'\nexec '{}' --socket '{}' attach \"$1\" > /dev/null\n",
             log.display(),
             ctx.ctl_bin.display(),
             env.socket.display()
@@ -181,26 +182,40 @@ async fn once(ctx: &Ctx, responder: &Responder, n: usize) -> Result<Sample> {
     }
     s.peak_rss_mib = run::status_kib(pid, "VmHWM")? as f64 / 1024.0;
     s.launches = count_lines(&log);
-    s.peak_launching = launches_under_way(&std::fs::read_to_string(env.path().join("daemon.log")).unwrap_or_default());
+    s.peak_launching = launches_under_way(
+        &std::fs::read_to_string(env.path().join("daemon.log")).unwrap_or_default(),
+        &std::fs::read_to_string(&log).unwrap_or_default(),
+    );
     drop(client);
     daemon.kill9();
     Ok(s)
 }
 
-/// The most relaunches under way at once, from the daemon's log: each runs from its
-/// `wake … outcome=Launched` line (logged once the process has started) to its session's
-/// `attached` line (logged after the slot is given on, on the same thread). An app may
-/// attach before its launch is logged (the core hears of the process after the app's own
-/// connection): that launch was over before it was counted. Timestamps are RFC 3339 UTC
-/// with microseconds, so they sort as text.
-fn launches_under_way(log: &str) -> usize {
+/// The most relaunches under way at once: each runs from its start to its session's
+/// `attached` line in the daemon's log (logged before the slot is given on, on the same
+/// thread, so the span lies within the slot the launch held). Its start is the earlier of the daemon's `wake … outcome=Launched` line (logged
+/// once the process has started) and the line the app itself wrote first thing (`apps`:
+/// `TIMESTAMP SESSION`), so a launch whose app attached before the daemon logged it is
+/// counted all the same. Timestamps are RFC 3339 UTC with microseconds, so they sort as text.
+fn launches_under_way(log: &str, apps: &str) -> usize {
     let session = |l: &str| l.split_whitespace().find_map(|f| f.strip_prefix("session=")).map(str::to_owned);
-    let (mut launched, mut attached) = (HashMap::new(), HashMap::new());
+    let (mut launched, mut attached) = (HashMap::new(), HashMap::<String, String>::new());
+    let mut earliest = |s: String, ts: &str| {
+        let start = launched.entry(s).or_insert_with(|| ts.to_owned());
+        if ts < start.as_str() {
+            *start = ts.to_owned();
+        }
+    };
+    for line in apps.lines() {
+        if let Some((ts, s)) = line.split_once(' ') {
+            earliest(s.to_owned(), ts);
+        }
+    }
     for line in log.lines() {
         let Some(ts) = line.split_whitespace().next() else { continue };
         if line.contains(": wake session=") && line.contains("outcome=Launched") {
             if let Some(s) = session(line) {
-                launched.entry(s).or_insert_with(|| ts.to_owned());
+                earliest(s, ts);
             }
         } else if line.contains(": attached conn=")
             && let Some(s) = session(line)
@@ -258,4 +273,26 @@ fn children(pid: u32) -> usize {
 
 fn count_lines(path: &Path) -> usize {
     std::fs::read_to_string(path).map_or(0, |t| t.lines().count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::launches_under_way;
+
+    #[test]
+    fn launches_are_counted_from_the_earlier_of_the_log_and_the_app() {
+        let log = "\
+2026-12-07T10:00:00.000100Z  INFO dlsessiond::core::wake: wake session=a outcome=Launched
+2026-12-07T10:00:00.000200Z  INFO dlsessiond::core::wake: wake session=b outcome=Launched
+2026-12-07T10:00:00.000300Z  INFO dlsessiond::core::requests: attached conn=1 session=a
+2026-12-07T10:00:00.000400Z  INFO dlsessiond::core::requests: attached conn=2 session=c
+2026-12-07T10:00:00.000500Z  INFO dlsessiond::core::wake: wake session=c outcome=Launched
+2026-12-07T10:00:00.000600Z  INFO dlsessiond::core::requests: attached conn=3 session=b
+";
+        // From the log alone, c attached before its launch was logged and is not counted: a
+        // and b overlap, so 2 at most.
+        assert_eq!(launches_under_way(log, ""), 2);
+        // c's app wrote its line before a's attach: three under way at once.
+        assert_eq!(launches_under_way(log, "2026-12-07T10:00:00.000250Z c\n"), 3);
+    }
 }

@@ -68,9 +68,12 @@ impl Core {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.attached.insert(key);
         }
+        // Logged before the slot is given on: a launch's span in the log (its `Launched` line
+        // to this one) then lies within the slot it held (the relaunch-storm benchmark counts
+        // them).
+        info!(conn, session = %self.sessions.identifier(key), "attached");
         // A relaunched app that attached is launched: its slot goes to the next in line.
         self.release_launch_slot(key, None);
-        info!(conn, session = %self.sessions.identifier(key), "attached");
         self.commit(ops, vec![After::Replay { conn, id, session: key }]);
         Ok(Answer::Later)
     }
