@@ -15,6 +15,8 @@ command -v curl >/dev/null || need+=(curl)
 command -v wget2 >/dev/null || need+=(wget2)
 command -v aria2c >/dev/null || need+=(aria2)
 [ -x /usr/bin/time ] || need+=(time)
+# The activation workload plays the service manager with it.
+command -v systemd-socket-activate >/dev/null || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     sudo=()

@@ -165,7 +165,7 @@ pub fn results_markdown(
     let _ = writeln!(md, "- **Commit:** {}", machine.commit);
     let _ = writeln!(
         md,
-        "- **Runs:** {runs} per contender{}, alternating in an order that changes every run (forward, then backward, then forward from the next contender, …), so each runs in every position and after different tools; \
+        "- **Runs:** {runs} per contender{}, alternating in an order that changes every run (forward, then backward, then forward from the next contender, …), so each runs early and late and after different tools (every position only with twice as many runs as contenders); \
          values are medians, min–max in parentheses",
         if quick { " (`--quick`: smaller sizes)" } else { "" }
     );

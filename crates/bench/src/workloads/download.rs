@@ -136,25 +136,28 @@ pub(super) struct Sample {
     pub wall: f64,
     /// CPU of the command (dlsessionctl or the peer).
     pub client_cpu: f64,
-    /// CPU of dlsessiond during the run (0 for peers).
+    /// CPU of dlsessiond during the run (for a peer's run, what the idle daemon beside it
+    /// spent: not the peer's, but work deferred into its time would show there).
     pub daemon_cpu: f64,
+    /// The run was dlsessiond's: its CPU is the daemon's and the command's together.
+    pub ours: bool,
     /// CPU of nginx's worker during the run (the sender's own work).
     pub server_cpu: f64,
 }
 
 impl Sample {
     pub fn cpu(&self) -> f64 {
-        self.client_cpu + self.daemon_cpu
+        self.client_cpu + if self.ours { self.daemon_cpu } else { 0.0 }
     }
 }
 
-/// Runs `cmd`, measuring the daemon's CPU alongside when `daemon` is given.
-pub(super) async fn measure(ctx: &Ctx, cmd: &Cmd, daemon: Option<&Daemon>, timeout: Duration) -> Result<Sample> {
-    let before = daemon.map(Daemon::cpu_ticks).transpose()?;
+/// Runs `cmd`, measuring the daemon's CPU alongside (`ours`: the run is the daemon's).
+pub(super) async fn measure(ctx: &Ctx, cmd: &Cmd, daemon: &Daemon, ours: bool, timeout: Duration) -> Result<Sample> {
+    let before = Some(daemon.cpu_ticks()?);
     let server_before = ctx.nginx.worker_cpu_ticks();
     let timed = run::run_timed(&ctx.time_bin, cmd, None, timeout).await?;
     let server_after = ctx.nginx.worker_cpu_ticks();
-    let after = daemon.map(Daemon::cpu_ticks).transpose()?;
+    let after = Some(daemon.cpu_ticks()?);
     timed.check(&cmd.display())?;
     let ticks = |b: Option<u64>, a: Option<u64>| match (b, a) {
         (Some(b), Some(a)) => a.saturating_sub(b) as f64 / ctx.clk_tck,
@@ -162,7 +165,7 @@ pub(super) async fn measure(ctx: &Ctx, cmd: &Cmd, daemon: Option<&Daemon>, timeo
     };
     let daemon_cpu = ticks(before, after);
     let server_cpu = ticks(server_before, server_after);
-    Ok(Sample { wall: timed.wall, client_cpu: timed.cpu(), daemon_cpu, server_cpu })
+    Ok(Sample { wall: timed.wall, client_cpu: timed.cpu(), daemon_cpu, server_cpu, ours })
 }
 
 pub async fn http(ctx: &Ctx, data: &mut Data) -> Result<Outcome> {
@@ -178,8 +181,10 @@ pub async fn http(ctx: &Ctx, data: &mut Data) -> Result<Outcome> {
          was read once before measuring, so every run is served from the page cache; outputs are deleted and \
          `sync` runs between runs (outside the timing; caches are not dropped); the contenders' order changes \
          every run (see Runs above). CPU: user+system of the command \
-         from `/usr/bin/time`, plus the daemon's utime+stime delta from `/proc/PID/stat` for dlsessiond. Note \
-         that dlsessiond `fdatasync`s the file (every 64 MiB and at the end) and renames it into place; the \
+         from `/usr/bin/time`, plus the daemon's utime+stime delta from `/proc/PID/stat` for dlsessiond; for a \
+         peer, the daemon column gives in parentheses what the idle daemon spent beside it (not counted: work \
+         put off into a peer's run would show there). Note \
+         that dlsessiond `fdatasync`s the file (every 32 MiB and at the end) and renames it into place; the \
          peers never sync.\n",
         size(big.size)
     );
@@ -247,8 +252,10 @@ async fn one_proto(
             let out = dir.join(format!("big-{i}.bin"));
             remove(&out)?;
             let cmd = command(ctx, env, c, &url, &out, proto)?;
-            let d = matches!(c.tool, Tool::Daemon).then_some(daemon);
-            let s = measure(ctx, &cmd, d, timeout).await.with_context(|| format!("{} ({})", c.name, proto.label()))?;
+            let ours = matches!(c.tool, Tool::Daemon);
+            let s = measure(ctx, &cmd, daemon, ours, timeout)
+                .await
+                .with_context(|| format!("{} ({})", c.name, proto.label()))?;
             verify(&out, &big.sha256).with_context(|| format!("{} ({})", c.name, proto.label()))?;
             remove(&out)?;
             run::sync_disks();
@@ -261,15 +268,13 @@ async fn one_proto(
                 s.wall,
                 big.size as f64 / s.wall / f64::from(1 << 20),
                 s.cpu(),
-                if d.is_some() {
+                if ours {
                     format!(" (daemon {:.2} s + ctl {:.2} s)", s.daemon_cpu, s.client_cpu)
                 } else {
-                    String::new()
+                    format!(" (idle daemon beside it {:.2} s)", s.daemon_cpu)
                 }
             );
-            if d.is_some()
-                && let Some(fields) = daemon.log_text().lines().rev().find_map(timing_fields)
-            {
+            if ours && let Some(fields) = daemon.log_text().lines().rev().find_map(timing_fields) {
                 phases.push((s.wall, fields));
             }
             if let Some(v) = samples.get_mut(i) {
@@ -372,6 +377,10 @@ fn summarize(
             .peers(peers.iter().map(|(n, w, _)| format!("{n} {:.3}", w.median)).collect::<Vec<_>>().join("; "))
             .ratio(ratio)
             .target(format!("≤ {wall_limit} × fastest peer ({fastest})"), ratio <= wall_limit);
+    } else {
+        // No peer ran (none installed): the target is not met by default.
+        wall_row =
+            wall_row.peers("not measured: no peer installed").target(format!("≤ {wall_limit} × fastest peer"), false);
     }
     outcome.rows.push(wall_row);
     if let Some(floor) = floor {
@@ -439,6 +448,8 @@ fn summarize(
             format!("{curl} {:.2} (others: {})", cc.median, others.join("; "))
         };
         cpu_row = cpu_row.peers(peers_text).ratio(ratio).target(format!("≤ {cpu_limit} × curl"), ratio <= cpu_limit);
+    } else {
+        cpu_row = cpu_row.peers("not measured: curl not installed").target(format!("≤ {cpu_limit} × curl"), false);
     }
     outcome.rows.push(cpu_row);
 
@@ -462,7 +473,7 @@ fn summarize(
         ) else {
             continue;
         };
-        let daemon = if matches!(c.tool, Tool::Daemon) { dm.fmt(2) } else { "—".into() };
+        let daemon = if matches!(c.tool, Tool::Daemon) { dm.fmt(2) } else { format!("({})", dm.fmt(2)) };
         let server = if matches!(c.tool, Tool::Floor(_)) { "—".into() } else { sv.fmt(2) };
         let _ = writeln!(
             outcome.details,

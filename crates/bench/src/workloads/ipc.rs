@@ -19,6 +19,8 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome> {
     let daemon = Daemon::start(&ctx.daemon_bin, &env).await?;
     let n = ctx.sizes.ipc_requests;
     let (mut p50s, mut p99s, mut maxes) = (Vec::new(), Vec::new(), Vec::new());
+    // Every run's samples together: the summary's percentiles.
+    let mut all = Vec::with_capacity(n * ctx.runs);
     for r in 0..ctx.runs {
         let client = daemon.client().await?;
         for _ in 0..WARMUP {
@@ -33,6 +35,7 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome> {
                 bail!("unexpected response {}", resp.kind());
             }
         }
+        all.extend_from_slice(&lat);
         let lat = sorted(&lat);
         let p50 = percentile(&lat, 50.0).context("no samples")?;
         let p99 = percentile(&lat, 99.0).context("no samples")?;
@@ -45,22 +48,24 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome> {
     let p50 = Summary::of(&p50s).context("no runs")?;
     let p99 = Summary::of(&p99s).context("no runs")?;
     let max = Summary::of(&maxes).context("no runs")?;
+    let all = sorted(&all);
+    let pooled = |p| percentile(&all, p).context("no samples");
+    let (all50, all99) = (pooled(50.0)?, pooled(99.0)?);
     let mut outcome = Outcome::default();
     outcome.rows.push(
-        Row::new(NAME, "`Status` round trip p50, µs")
-            .ours(format!("{:.1}", p50.median))
-            .target("≤ 100 µs", p50.median <= 100.0),
+        Row::new(NAME, format!("`Status` round trip p50 of {}, µs", thousands(all.len() as u64)))
+            .ours(format!("{all50:.1}"))
+            .target("≤ 100 µs", all50 <= 100.0),
     );
     outcome.rows.push(
-        Row::new(NAME, "`Status` round trip p99, µs")
-            .ours(format!("{:.1}", p99.median))
-            .target("≤ 1,000 µs", p99.median <= 1000.0),
+        Row::new(NAME, "`Status` round trip p99, µs").ours(format!("{all99:.1}")).target("≤ 1,000 µs", all99 <= 1000.0),
     );
     let _ = writeln!(
         outcome.details,
         "{} sequential `Client::request(Request::Status)` calls over one connection (the `dlsession` library, \
-         in this process, on a 2-thread tokio runtime) after {} warm-up calls, per run; a fresh connection each \
-         run, one daemon. Values are the median over {} runs of each run's percentile (min–max across runs):\n\n\
+         in this process, on a tokio runtime with one worker per core) after {} warm-up calls, per run; a fresh \
+         connection each run, one daemon. The summary's percentiles are over every run's calls together; below, \
+         the median over {} runs of each run's percentile (min–max across runs):\n\n\
          | p50 µs | p99 µs | max µs |\n|---|---|---|\n| {} | {} | {} |\n",
         thousands(n as u64),
         thousands(WARMUP as u64),

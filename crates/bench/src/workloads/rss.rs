@@ -71,6 +71,7 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome> {
     let out = out_dir(ctx, NAME)?;
     let (mut idle_v, mut busy_v, mut once_v, mut per_v, mut anon_v) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut once_anon_v = Vec::new();
     for r in 0..ctx.runs {
         let server = TestServer::start().await?;
         for i in 0..n {
@@ -99,9 +100,13 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome> {
         let per = (busy.0 - some.0) / more;
         let anon = (busy.1 - some.1) / more;
         let once = (busy.0 - idle.0) / n as f64;
+        // What the claim that the rest is code paged in once rests on: counted from idle, the
+        // anonymous memory (never file-backed code) per download.
+        let once_anon = (busy.1 - idle.1) / n as f64;
         println!(
             "[{NAME}] run {}/{}  idle {:.1} MiB, {first} running {:.1} MiB, {n} running {:.1} MiB → {per:.0} KiB per \
-             further download ({anon:.0} KiB anonymous; {once:.0} KiB per download counted from idle)",
+             further download ({anon:.0} KiB anonymous; {once:.0} KiB per download counted from idle, \
+             {once_anon:.0} KiB of it anonymous)",
             r + 1,
             ctx.runs,
             idle.0 / 1024.0,
@@ -113,6 +118,7 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome> {
         once_v.push(once);
         per_v.push(per);
         anon_v.push(anon);
+        once_anon_v.push(once_anon);
         let _ = client.request(Request::InvalidateAndCancel { identifier: "bench.rss".into() }).await;
         drop(client);
         daemon.kill9();
@@ -123,18 +129,22 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome> {
     }
     let s = |v: &[f64]| Summary::of(v).context("no runs");
     let (idle, busy, once, per, anon) = (s(&idle_v)?, s(&busy_v)?, s(&once_v)?, s(&per_v)?, s(&anon_v)?);
+    let once_anon = s(&once_anon_v)?;
     let mut outcome = Outcome::default();
     outcome.rows.push(
-        Row::new(NAME, format!("daemon RSS per running download ({first} → {n} at once), KiB"))
-            .ours(format!("{:.0}", per.median))
-            .target("≤ 128 KiB", per.median <= 128.0),
+        Row::new(
+            NAME,
+            format!("daemon RSS per running download ({first} → {n} at once, each paced at {} KiB/s), KiB", RATE >> 10),
+        )
+        .ours(format!("{:.0}", per.median))
+        .target("≤ 128 KiB", per.median <= 128.0),
     );
     outcome.rows.push(
         Row::new(
             NAME,
-            format!("the same counted from the idle daemon ({n} at once, includes code paged in once), KiB"),
+            format!("the same counted from the idle daemon ({n} at once), KiB; of it anonymous (not code paged in)"),
         )
-        .ours(format!("{:.0}", once.median)),
+        .ours(format!("{:.0}; {:.0}", once.median, once_anon.median)),
     );
     let _ = writeln!(
         outcome.details,
@@ -144,10 +154,13 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome> {
          all {n} are. Per download = (RSS with {n} running − RSS with {first} running) / {more}: the first \
          downloads also page in the daemon's code (file-backed, once per daemon), \
          which no further download costs. Counted from the idle daemon instead, (RSS with {n} − idle) / {n}, \
-         that one-time cost is spread over the {n}. The anonymous part (`RssAnon`) of the per-download figure is \
-         given beside it.\n\n\
-         | idle RSS MiB | RSS with {n} running MiB | per further download KiB | of it anonymous KiB | per download from idle KiB |\n\
-         |---|---|---|---|---|\n| {} | {} | {} | {} | {} |\n",
+         that one-time cost is spread over the {n}; its anonymous part (`RssAnon`, which no file-backed code is) \
+         says how much of it is memory the downloads themselves hold. Paced, no download takes the \
+         direct-write path of fast ones, whose buffers (up to 12 MiB per download that qualifies) are not in \
+         these figures. \
+         The anonymous part (`RssAnon`) of the per-download figure is given beside it.\n\n\
+         | idle RSS MiB | RSS with {n} running MiB | per further download KiB | of it anonymous KiB | per download from idle KiB | of it anonymous KiB |\n\
+         |---|---|---|---|---|---|\n| {} | {} | {} | {} | {} | {} |\n",
         n.clamp(6, 256),
         n.max(16),
         RATE >> 10,
@@ -156,6 +169,7 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome> {
         per.fmt(0),
         anon.fmt(0),
         once.fmt(0),
+        once_anon.fmt(0),
         s = SETTLE.as_secs(),
         more = n - first,
     );
