@@ -535,6 +535,26 @@ async fn a_next_event_number_below_the_stored_events_is_raised() {
     assert!(store.flush(std::time::Duration::from_secs(30)).await, "the next event is stored");
 }
 
+/// Event numbers are never reused: the events of a commit raise their session's next number,
+/// each session once, so acknowledged (deleted) events leave it above them after a restart.
+#[tokio::test]
+async fn deleted_events_leave_the_next_event_number_above_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    stored_with_events(&path, vec![completed(1, None), completed(3, None), completed(2, None)]).await;
+    let (store, snap) = open(&path);
+    assert_eq!(snap.sessions[0].next_seq, 4);
+    store.write(
+        vec![Op::InsertEvent(completed(4, None)), Op::DeleteEvents { session: 7, seqs: vec![1, 2, 3, 4] }],
+        None,
+    );
+    assert!(store.flush(std::time::Duration::from_secs(30)).await);
+    drop(store);
+    let (_, snap) = open(&path);
+    assert!(snap.events.is_empty());
+    assert_eq!(snap.sessions[0].next_seq, 5, "above every event the session ever had");
+}
+
 /// An error message stored before messages were bounded is cut like a new one when read:
 /// whole, it could outgrow a frame and make its event undeliverable.
 #[tokio::test]

@@ -209,7 +209,7 @@ pub fn save_task(tx: &Transaction<'_>, t: &TaskRecord) -> rusqlite::Result<()> {
             started_at = excluded.started_at, finished_at = excluded.finished_at,
             resource_deadline = excluded.resource_deadline, location = excluded.location,
             error_code = excluded.error_code, error_msg = excluded.error_msg, error_http = excluded.error_http,
-            resume_secret = excluded.resume_secret, retired = excluded.retired, file_mode = excluded.file_mode,
+            resume_secret = excluded.resume_secret, file_mode = excluded.file_mode,
             bandwidth_limit = excluded.bandwidth_limit, allows_metered = excluded.allows_metered,
             allows_battery = excluded.allows_battery, discretionary = excluded.discretionary,
             waits_for_connectivity = excluded.waits_for_connectivity,
@@ -541,9 +541,15 @@ pub fn insert_event(tx: &Transaction<'_>, e: &EventRecord) -> rusqlite::Result<(
         ch.map(|c| c.proxy),
         ch.map(|c| c.round),
     ])?;
-    // Cached: two events per finished download, and parsing this cost more than running it.
+    Ok(())
+}
+
+/// Raises a session's next event number past `seq` (once per session and transaction: the
+/// events of one commit raise it together).
+pub fn raise_next_seq(tx: &Transaction<'_>, session: SessionKey, seq: u64) -> rusqlite::Result<()> {
+    // Cached: a commit or more per finished download, and parsing this cost more than running it.
     tx.prepare_cached("UPDATE sessions SET next_seq = max(next_seq, ?2) WHERE id = ?1")?
-        .execute(params![e.session, sat(e.seq.saturating_add(1))])?;
+        .execute(params![session, sat(seq.saturating_add(1))])?;
     Ok(())
 }
 

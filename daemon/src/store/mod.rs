@@ -734,8 +734,19 @@ fn after_commit(batch: &[(Vec<Op>, Answer)]) {
 
 fn commit<'a>(conn: &mut Connection, ops: impl Iterator<Item = &'a Op>) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Each session's highest new event number (a commit usually holds one or two sessions).
+    let mut events: Vec<(SessionKey, u64)> = Vec::new();
     for op in ops {
         apply(&tx, op)?;
+        if let Op::InsertEvent(e) = op {
+            match events.iter_mut().find(|(s, _)| *s == e.session) {
+                Some((_, seq)) => *seq = (*seq).max(e.seq),
+                None => events.push((e.session, e.seq)),
+            }
+        }
+    }
+    for (session, seq) in events {
+        codec::raise_next_seq(&tx, session, seq)?;
     }
     tx.commit()
 }
