@@ -80,7 +80,11 @@ pub async fn run(
     let (sessions, tasks) = (snapshot.sessions.len(), snapshot.tasks.len());
     let dormant: u64 = snapshot.dormant.iter().map(|(_, n)| n).sum();
     let proxies = engine::proxy::Proxies::from_env();
-    let factory = engine::http::ClientFactory::new(cfg.extra_ca_file.as_deref(), cfg.timing.connect_timeout)?;
+    let factory = engine::http::ClientFactory::new(
+        cfg.extra_ca_file.as_deref(),
+        cfg.timing.connect_timeout,
+        cfg.limits.max_concurrent_downloads,
+    )?;
     let engine = Arc::new(
         engine::Engine::new(
             factory,

@@ -52,6 +52,8 @@ pub struct ClientFactory {
     connect_timeout: Duration,
     /// What names resolved to, shared by every client made here.
     resolved: Resolved,
+    /// An HTTP/2 connection's receive window (see `h2_connection_window`).
+    h2_window: u32,
 }
 
 /// A session's client certificate as its downloads see it.
@@ -172,7 +174,13 @@ impl std::fmt::Debug for ClientFactory {
 }
 
 impl ClientFactory {
-    pub fn new(extra_ca: Option<&Path>, connect_timeout: Duration) -> Result<ClientFactory, TlsSetupError> {
+    /// `streams`: the most downloads that run at once, each of which may be a stream of one
+    /// HTTP/2 connection.
+    pub fn new(
+        extra_ca: Option<&Path>,
+        connect_timeout: Duration,
+        streams: u32,
+    ) -> Result<ClientFactory, TlsSetupError> {
         let mut roots = RootCertStore::empty();
         let native = rustls_native_certs::load_native_certs();
         for e in &native.errors {
@@ -201,7 +209,8 @@ impl ClientFactory {
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots.clone())
             .with_no_client_auth();
-        Ok(ClientFactory { tls, roots, connect_timeout, resolved: Resolved::default() })
+        let h2_window = h2_connection_window(streams);
+        Ok(ClientFactory { tls, roots, connect_timeout, resolved: Resolved::default(), h2_window })
     }
 
     /// What every client's resolutions found (see `names`).
@@ -263,7 +272,7 @@ impl ClientFactory {
             // Fixed, generous HTTP/2 windows: the adaptive window carried its estimate from
             // one download to the next and made throughput vary by 50 % between runs.
             .http2_initial_stream_window_size(H2_STREAM_WINDOW)
-            .http2_initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .http2_initial_connection_window_size(self.h2_window)
             .http1_max_buf_size(H1_MAX_BUF)
             // A response head is taken up to the same size over HTTP/2 (h2's default is
             // 16 KiB: a larger head reset the stream, and the task retried for days).
@@ -282,12 +291,21 @@ impl ClientFactory {
 const H1_MAX_BUF: usize = 1 << 20;
 /// What an HTTP/2 server may send on one stream before the engine has taken it.
 const H2_STREAM_WINDOW: u32 = 8 << 20;
-/// What it may send on a whole connection: as much as HTTP/2 allows, so that the streams'
-/// own windows are the only bound. Data a stream received and its download has not taken
-/// counts against both: with a connection window of 16 MiB, three downloads paced by their
-/// bandwidth limits held it full and an unlimited one beside them crawled at their pace.
-/// Each stream's window is counted with its download (`IN_FLIGHT`).
-const H2_CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+
+/// What a server may send on a whole HTTP/2 connection before the engine has taken it: every
+/// stream's window, for as many streams as downloads may run at once, and one more. Data a
+/// stream received and its download has not taken counts against both windows: with 16 MiB
+/// for the connection, three downloads paced by their bandwidth limits held it full and an
+/// unlimited one beside them crawled at their pace. Never more than that: h2 lets a server
+/// make it hold tiny DATA frames up to half this window's worth of framing overhead, so the
+/// window also bounds what such frames may cost (half of what the streams may hold anyway;
+/// each stream's window is counted with its download, `IN_FLIGHT`).
+fn h2_connection_window(streams: u32) -> u32 {
+    // HTTP/2's largest window.
+    const MAX: u64 = (1 << 31) - 1;
+    let all = u64::from(H2_STREAM_WINDOW).saturating_mul(u64::from(streams).saturating_add(1));
+    u32::try_from(all.min(MAX)).unwrap_or(u32::MAX >> 1)
+}
 /// What may sit above a connection's socket, read but not yet counted by the engine. TLS:
 /// rustls's records, at most two of 16 KiB + 256 bytes per layer, two layers through an
 /// HTTPS proxy: about 65 KiB, counted twice. HTTP/1.1: hyper reads into its buffer's whole
@@ -563,6 +581,14 @@ pub fn is_encoded(content_encoding: Option<&str>) -> bool {
 mod tests {
     use super::*;
 
+    /// Room for every stream a connection can have, one more, and never past HTTP/2's most.
+    #[test]
+    fn an_h2_connection_window_holds_every_streams_window() {
+        assert_eq!(h2_connection_window(16), 17 * H2_STREAM_WINDOW);
+        assert_eq!(h2_connection_window(0), H2_STREAM_WINDOW);
+        assert_eq!(h2_connection_window(u32::MAX), (1 << 31) - 1);
+    }
+
     /// A server's fatal alert that retrying cannot mend fails the task at once; others
     /// (an internal error, a connection closed) are retried.
     #[test]
@@ -688,7 +714,7 @@ mod tests {
             head.extend(b"\r\nContent-Length: 0\r\n\r\n");
             let _ = s.write_all(&head).await;
         });
-        let client = ClientFactory::new(None, Duration::from_secs(5))
+        let client = ClientFactory::new(None, Duration::from_secs(5), 16)
             .unwrap()
             .client(&super::super::proxy::Proxies::from_env(), None, Arc::from([]), Versions::Http1And2)
             .unwrap();
