@@ -440,6 +440,9 @@ impl Engine {
         job.progress.expected.store(meta.total.unwrap_or(u64::MAX), Ordering::Relaxed);
         let (total, ends_at) = (meta.total, meta.ends_at);
         let meta_offset = meta.offset;
+        // The file's bytes come from more than one response: kept ones joined by this one,
+        // or the rest of a capped range asked for below.
+        let mut spliced = meta_offset > 0;
         let body_len = ends_at.map(|e| e.saturating_sub(meta.offset));
         // Starting over while the store still holds an offset into the old data: that
         // offset must be gone before new bytes land, or a crash could leave the new
@@ -525,6 +528,7 @@ impl Engine {
                         writer = start_writer.take().map(|start| start());
                     }
                     (job.etag, job.last_modified, job.total) = (validators.0.clone(), validators.1.clone(), total);
+                    spliced = true;
                     match self.ask_for_the_rest(&job).await {
                         Ok((rest, rest_ends_at, rest_ahead)) => {
                             (body, ends_at, ahead) = (rest, rest_ends_at, rest_ahead)
@@ -576,14 +580,13 @@ impl Engine {
             ));
         }
         let phases = Phases { body_began, body_ended, written: std::time::Instant::now(), first_byte: meta_offset };
-        self.finish(&job, done, phases).await
+        self.finish(&job, done, phases, spliced).await
     }
 
-    async fn finish(&self, job: &Job, done: writer::WriterDone, phases: Phases) -> Outcome {
+    async fn finish(&self, job: &Job, done: writer::WriterDone, phases: Phases, spliced: bool) -> Outcome {
         let mut marked = done.marked;
         loop {
             let (reply, plan) = oneshot::channel();
-            let spliced = phases.first_byte > 0;
             job.link.send(WorkerEvent::DataComplete { size: done.offset, sha256: done.sha256, marked, spliced, reply });
             let Ok(FinishPlan::Move { to, overwrite, recorded }) = plan.await else {
                 return Outcome::Aborted;

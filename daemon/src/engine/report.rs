@@ -33,8 +33,9 @@ pub enum WorkerEvent {
         size: u64,
         sha256: Option<[u8; 32]>,
         marked: bool,
-        /// The last response began past the file's first byte: its bytes were joined to
-        /// kept ones (a mismatching SHA-256 then earns one download from zero).
+        /// The file's bytes came from more than one response: the last began past the
+        /// file's first byte, or a capped range's rest was asked for (a mismatching SHA-256
+        /// then earns one download from zero).
         spliced: bool,
         reply: oneshot::Sender<FinishPlan>,
     },
