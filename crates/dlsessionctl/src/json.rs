@@ -422,6 +422,13 @@ pub struct ControlJson {
     pub ok: bool,
 }
 
+/// `invalidate` of a session its app emptied before the command could look at it.
+#[derive(Debug, Serialize)]
+pub struct RemovedJson<'a> {
+    pub identifier: &'a str,
+    pub removed: bool,
+}
+
 /// `wake`.
 #[derive(Debug, Serialize)]
 pub struct WakeJson<'a> {

@@ -8,7 +8,7 @@ use dlsession_proto::{ErrorCode, Request, Response, SessionInfo};
 use crate::cli::InvalidateArgs;
 use crate::commands::ctx::Ctx;
 use crate::error::{CliError, Exit, Result};
-use crate::json::{self, SessionJson};
+use crate::json::{self, RemovedJson, SessionJson};
 
 pub async fn run(ctx: &Ctx, args: InvalidateArgs) -> Result<Exit> {
     let client = ctx.connect().await?;
@@ -25,9 +25,19 @@ pub async fn run(ctx: &Ctx, args: InvalidateArgs) -> Result<Exit> {
         Err(dlsession::Error::Daemon(e)) if e.code == ErrorCode::SessionInvalidated => true,
         Err(e) => return Err(e.into()),
     };
-    let info = match client.request(Request::GetSession { identifier }).await? {
-        Response::Session(info) => info,
-        other => return Err(CliError::unexpected("session", &other)),
+    let info = match client.request(Request::GetSession { identifier: identifier.clone() }).await {
+        Ok(Response::Session(info)) => info,
+        Ok(other) => return Err(CliError::unexpected("session", &other)),
+        // Its attached app collected the last events in the meantime: the daemon removed it.
+        Err(dlsession::Error::Daemon(e)) if e.code == ErrorCode::NoSuchSession => {
+            if ctx.json {
+                json::print(&RemovedJson { identifier: &identifier, removed: true })?;
+            } else {
+                writeln!(std::io::stdout().lock(), "{identifier}: removed (its app collected its last events)")?;
+            }
+            return Ok(Exit::Success);
+        }
+        Err(e) => return Err(e.into()),
     };
     if ctx.json {
         json::print(&SessionJson::from(&info))?;
