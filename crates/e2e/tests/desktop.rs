@@ -485,6 +485,8 @@ async fn a_busy_network_manager_does_not_make_a_metered_network_unmetered() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let s = status(&env);
+    // UPower's change was read, so NetworkManager was asked while it could not answer.
+    assert_eq!(s["power"]["on_battery"], true, "{s}");
     assert_eq!(s["network"]["metered"], true, "{s}");
     assert_eq!(task.info().await.unwrap().wait, Some(WaitReason::MeteredNetwork));
 }

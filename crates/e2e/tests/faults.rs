@@ -188,15 +188,19 @@ async fn a_splice_the_checksum_refuses_is_downloaded_again_once_from_zero() {
     assert_eq!(events.completion(tasks[0].id(), LONG).await, None);
     let file = events.moved_to(tasks[0].id()).unwrap();
     assert_eq!(sha256_file(&file).unwrap(), to_hex(&pattern_sha256(21, len)));
+    // A reset may lose what the server had queued: the resume starts somewhere after zero.
     let offsets = |path| s.requests_for(path).iter().map(|r| offset_of(r.range.as_deref())).collect::<Vec<_>>();
-    assert_eq!(offsets("/doc"), vec![0, 2 << 20, 0], "cut, resumed (spliced), then once from zero");
+    let resumed = |at: u64| at > 0 && at < len;
+    let doc = offsets("/doc");
+    assert!(matches!(doc[..], [0, r, 0] if resumed(r)), "cut, resumed (spliced), then once from zero: {doc:?}");
     assert!(events.seen.iter().any(|e| matches!(e, Seen::Resumed { task, offset: 0 } if *task == tasks[0].id())));
 
     // A file that still does not match after that fails: one download from zero, no more.
     let err = events.completion(tasks[1].id(), LONG).await.unwrap();
     assert_eq!(err.code, ErrorCode::ChecksumMismatch);
     assert!(err.message.contains("after downloading it again from zero"), "{err}");
-    assert_eq!(offsets("/other"), vec![0, 2 << 20, 0, 2 << 20]);
+    let other = offsets("/other");
+    assert!(matches!(other[..], [0, a, 0, b] if resumed(a) && resumed(b)), "{other:?}");
     assert!(events.moved_to(tasks[1].id()).is_none(), "a mismatching file is never delivered");
 }
 
@@ -422,6 +426,9 @@ async fn an_unwritable_destination_keeps_the_download_until_it_can_be_moved() {
     let show = env.ctl(&["show", &task.id().to_string()]);
     let text = String::from_utf8_lossy(&show.stdout);
     assert!(text.contains("cannot be moved to its destination") && text.contains("dlsessionctl resume"), "{text}");
+    // What the session was sent by now (a completion would have come with the wait).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    events.drain();
     assert!(events.seen.iter().all(|e| !matches!(e, Seen::Completed { .. })), "{:?}", events.seen);
     // The destination works again: resume puts the file there, from the kept data.
     match &mount {
@@ -620,6 +627,8 @@ async fn crash_before_the_move_beside_a_planted_file(planted: Planted) {
     let Some(WaitReason::DestinationUnavailable { error, .. }) = &waiting.wait else { unreachable!() };
     assert!(error.message.contains("already exists"), "{planted:?}: {error}");
     assert_eq!(std::fs::read(&dest).unwrap(), foreign, "{planted:?}: the foreign file is untouched");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    events.drain();
     assert!(!events.seen.iter().any(|e| matches!(e, Seen::Finished { .. })), "{:?}", events.seen);
     // Its owner moves it away: the next try puts the download there, without a new request.
     std::fs::remove_file(&dest).unwrap();
@@ -927,6 +936,15 @@ async fn a_restart_from_zero_is_committed_before_new_bytes() {
     daemon.set_env(&[("DLSESSIOND_FAILPOINT", OsStr::new("restart-after-reset"))]);
     daemon.restart();
     assert!(!daemon.wait_exit(LONG).success(), "stopped at the failpoint");
+    // What the daemon stopped with: the reset committed, the new version's validator with it.
+    let db = rusqlite::Connection::open_with_flags(env.database(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let (offset, etag): (i64, Option<String>) = db
+        .query_row("SELECT committed_offset, etag FROM tasks WHERE id = ?1", [task.id() as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    drop(db);
+    assert_eq!((offset, etag.as_deref()), (0, Some("\"v2\"")), "the restart from zero was committed first");
     let before = s.requests_for("/f").len();
     daemon.set_env(&[]);
     daemon.restart();

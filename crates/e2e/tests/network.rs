@@ -182,7 +182,7 @@ async fn a_flapping_network_does_not_retry_backing_off_tasks_on_every_return() {
     ns.add_default_route();
     let env = TestEnv::new();
     // The daemon inside the namespace, online through the link.
-    let _d = TestDaemon::start_in(&env, &ns);
+    let d = TestDaemon::start_in(&env, &ns);
     let (delegate, _events) = Recorder::new(&env.path().join("out"));
     let session = Session::attach(config(&env, "t.flap"), delegate).await.unwrap();
     // This side of the link, a port nothing listens on: refused, backed off from.
@@ -203,6 +203,8 @@ async fn a_flapping_network_does_not_retry_backing_off_tasks_on_every_return() {
     }
     let during = attempts(&env, task.id()) - before;
     assert!(during <= 2, "{during} attempts while the network flapped five times in 2.5 s");
+    // The returns were seen (else no retry would be no proof): the later ones held back.
+    assert!(d.log().contains("the network came back again soon"), "{}", d.log());
 }
 
 /// A server on the LAN (an address with a route, no default route) redirects to one the
@@ -264,7 +266,9 @@ async fn a_session_that_does_not_wait_for_connectivity_fails_fast() {
 #[cfg_attr(not(dlsession_root), ignore = "needs root to make a network namespace; CI runs it as root")]
 async fn a_task_waiting_for_the_network_keeps_an_idle_daemon_up() {
     require_root();
-    let ns = NetNs::new(73);
+    // A tag no other test here uses: tests run at once, and a tag names the namespace,
+    // its links and its subnet.
+    let ns = NetNs::new(74);
     let server = Server::start(&ns, 1, 0);
     ns.link_down();
     let env = TestEnv::new();

@@ -377,6 +377,8 @@ async fn repeated_requests_are_answered_after_the_first_is_durable() {
         // In order: when both answers are in at one wake-up, `join!` would otherwise poll
         // the second first now and then, and time it before the first.
         let (first, second) = tokio::join!(biased; first, second);
+        // Else the order below would hold whatever the daemon did.
+        assert!(first > Duration::from_millis(100), "the first {what} was answered before the second was sent");
         assert!(
             second >= first,
             "the second {what} was answered at {second:?}, before the first ({first:?}) was durable"
@@ -416,6 +418,7 @@ async fn repeated_requests_are_answered_after_the_first_is_durable() {
         // In order: when both answers are in at one wake-up, `join!` would otherwise poll
         // the second first now and then, and time it before the first.
         let (first, second) = tokio::join!(biased; first, second);
+        assert!(first > Duration::from_millis(100), "the first {what} was answered before the second was sent");
         assert!(second >= first, "the second {what} was answered at {second:?}, before the first ({first:?})");
     }
 }

@@ -452,6 +452,35 @@ async fn tls_h2_faults() {
     assert_eq!(sha256_hex(&got), to_hex(&pattern_sha256(2, 1 << 20)));
 }
 
+/// `GracefulResetAfter` over HTTP/2 is what it says: the stream's data stops short and the
+/// stream is reset with `NO_ERROR`, not ended (which hyper's client cannot tell apart).
+#[tokio::test]
+async fn tls_h2_graceful_reset_is_a_no_error_reset() {
+    let ca = TestCa::new().unwrap();
+    let server = TestServer::start_tls(&ca).await.unwrap();
+    let cut = Fault::GracefulResetAfter(100_000);
+    server.add("/g", Resource::generated(1 << 20, 3).no_content_length().fault(Hits::All, cut));
+    let tls = tls_connect(&ca, server.addr(), &[b"h2"]).await.unwrap();
+    let (client, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(async move { conn.await.ok() });
+    let mut client = client.ready().await.unwrap();
+    let (response, _) = client.send_request(http::Request::get(server.url("/g")).body(()).unwrap(), true).unwrap();
+    let mut body = response.await.unwrap().into_body();
+    let mut got = 0;
+    let reset = loop {
+        match body.data().await {
+            Some(Ok(chunk)) => {
+                got += chunk.len();
+                body.flow_control().release_capacity(chunk.len()).unwrap();
+            }
+            Some(Err(e)) => break e,
+            None => panic!("the stream ended (END_STREAM) after {got} bytes instead of being reset"),
+        }
+    };
+    assert_eq!(reset.reason(), Some(h2::Reason::NO_ERROR), "{reset}");
+    assert_eq!(got, 100_000);
+}
+
 #[tokio::test]
 async fn tls_expired_leaf_fails_verification() {
     let ca = TestCa::expired().unwrap();
