@@ -57,11 +57,19 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome> {
     let at = |p: f64| move |s: &Sample| percentile(&s.sessions_done, p).unwrap_or(0.0);
     let (first, median, last) = (sum(&at(0.0))?, sum(&at(50.0))?, sum(&at(100.0))?);
     // Fairness in every run: each run's last session against that run's median one.
-    let spread = samples
-        .iter()
-        .map(|s| at(100.0)(s) / at(50.0)(s).max(f64::MIN_POSITIVE))
-        .max_by(f64::total_cmp)
-        .context("no runs")?;
+    // A run in which no session was seen done cannot show fairness: infinitely unfair.
+    let spread =
+        samples
+            .iter()
+            .map(|s| {
+                if s.sessions_done.is_empty() {
+                    f64::INFINITY
+                } else {
+                    at(100.0)(s) / at(50.0)(s).max(f64::MIN_POSITIVE)
+                }
+            })
+            .max_by(f64::total_cmp)
+            .context("no runs")?;
     let failed: u64 = samples.iter().map(|s| s.failed).sum();
     let big = thousands(tasks as u64);
     let mut outcome = Outcome::default();

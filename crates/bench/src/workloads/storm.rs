@@ -96,7 +96,7 @@ pub async fn run(ctx: &Ctx) -> Result<Outcome> {
         outcome.details,
         "{big} sessions are opened over one connection, each with `launch: Command [app.sh, ID]` and no app \
          attached; then one task each (`GET` of {} KiB from a loopback responder, `resume: true`) is created, \
-         all in flight at once. `app.sh` appends a line to a log and execs `dlsessionctl attach ID`, which \
+         all in flight at once. `app.sh` appends a line with the time (`date`, a process of its own) to a log and execs `dlsessionctl attach ID`, which \
          attaches as the session's app, takes the events that waited, acknowledges them and exits. The clock \
          starts at the first `CreateTasks` and stops when `Status` (polled every 20 ms) shows no live task: \
          every task completed and its events acknowledged. While it runs, the daemon's open descriptors \
