@@ -120,6 +120,27 @@ async fn suspended_tasks_are_read_when_touched() {
     d.restart();
     let client = connect(&env).await;
     assert_eq!(suspended(&client).await, 8);
+    // Session settings and an invalidation that only counts them leave them on disk.
+    let reads = |d: &TestDaemon| d.log().matches("dormant tasks read").count();
+    let before = reads(&d);
+    let b = || "t.b".to_owned();
+    let policy = dlsession_proto::SessionPolicy { allows_metered: false, ..Default::default() };
+    for request in [
+        Request::SetSessionPolicy { identifier: b(), policy },
+        Request::SetSessionCookies { identifier: b(), enabled: false },
+        Request::SetSessionProxy { identifier: b(), proxy: None },
+        Request::FinishTasksAndInvalidate { identifier: b() },
+    ] {
+        assert_eq!(ask(&client, request).await, Response::Ok);
+    }
+    match ask(&client, Request::GetSession { identifier: b() }).await {
+        Response::Session(info) => {
+            assert!(info.invalidating, "{info:?}");
+            assert_eq!(info.tasks.suspended, 3, "its suspended tasks hold it back, counted: {info:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(reads(&d), before, "no dormant task was read:\n{}", d.log());
     ask(&client, Request::InvalidateAndCancel { identifier: "t.c".into() }).await;
     wait_until(|| dlsession_testkit::block(suspended(&client)) == 5).await;
     for id in &ids[2] {

@@ -118,16 +118,20 @@ impl Core {
             | Request::GetSessionPolicy { .. }
             | Request::GetSessionProxy { .. }
             | Request::GetSessionCookies { .. } => None,
-            // The app (or a change to its session) touches the session's tasks.
+            // Session settings that no suspended task holds anything of (each is read when a
+            // task starts), and an invalidation that counts them: reading a million dormant
+            // tasks would hold every commit for seconds and keep them in memory for good.
+            Request::FinishTasksAndInvalidate { .. }
+            | Request::SetSessionPolicy { .. }
+            | Request::SetSessionCookies { .. }
+            | Request::SetSessionProxy { .. }
+            | Request::SetSessionClientCert { .. } => None,
+            // The app (or a change to its session's tasks) touches the session's tasks.
             Request::Attach { identifier, .. }
             | Request::OpenSession { identifier, .. }
-            | Request::FinishTasksAndInvalidate { identifier }
             | Request::InvalidateAndCancel { identifier }
-            | Request::SetSessionPolicy { identifier, .. }
-            | Request::SetSessionCookies { identifier, .. }
-            | Request::SetSessionProxy { identifier, .. }
+            // Drops what its tasks hold for answering challenges.
             | Request::SetSessionChallenges { identifier, .. }
-            | Request::SetSessionClientCert { identifier, .. }
             // Counts the credentials its tasks keep.
             | Request::GetSessionChallenges { identifier } => session(identifier),
             Request::ControlTask { task, .. }
