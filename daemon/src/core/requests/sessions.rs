@@ -186,6 +186,7 @@ impl Core {
                 ops.push(Op::UpdateSession(s.rec.clone()));
             }
         }
+        let mut groups: Vec<Vec<Op>> = Vec::new();
         if cancel {
             let by = format!("{} (invalidate_and_cancel)", self.conns.describe(conn));
             let ids: Vec<TaskId> =
@@ -205,15 +206,31 @@ impl Core {
                     }
                     _ => {
                         self.unqueue(task);
-                        self.complete(task, Some(cancelled(&by)), &mut ops, &mut after);
+                        // Each task's rows together: a part never holds half of one.
+                        let mut rows = Vec::new();
+                        self.complete(task, Some(cancelled(&by)), &mut rows, &mut after);
+                        groups.push(rows);
                     }
                 }
             }
         }
-        after.push(After::Reply { conn, id, response: Response::Ok });
-        self.check_invalidation(key, &mut ops, &mut after);
-        // A second invalidation repeats the first: answered once that is durable.
-        self.commit_after_pending(ops, after);
+        let reply = After::Reply { conn, id, response: Response::Ok };
+        let (mut rows, mut last) = (Vec::new(), Vec::new());
+        self.check_invalidation(key, &mut rows, &mut last);
+        groups.push(rows);
+        if groups.iter().map(Vec::len).sum::<usize>() > super::super::PACED_OPS {
+            // Answered once the session's new state (the first rows) is durable; the
+            // cancelled tasks follow in parts, other commits between them.
+            after.extend(last);
+            groups.insert(0, ops);
+            self.commit_paced(groups, vec![reply], after);
+        } else {
+            ops.extend(groups.into_iter().flatten());
+            after.push(reply);
+            after.extend(last);
+            // A second invalidation repeats the first: answered once that is durable.
+            self.commit_after_pending(ops, after);
+        }
         Ok(Answer::Later)
     }
 
