@@ -266,7 +266,7 @@ async fn cancelling_a_large_session_commits_in_parts() {
         let (left, events) = dlsession_testkit::block(unfinished(&client, "t.large"));
         (left == 0 && events == 6_001).then_some(())
     });
-    assert!(d.log().contains("a large change is committed in parts"), "{}", d.log());
+    assert!(d.log().contains("cancelling a large session a part at a time"), "{}", d.log());
     // Durable as it says: after a restart each is still cancelled, the session invalid.
     drop(client);
     let mut d = d;
@@ -282,7 +282,7 @@ async fn cancelling_a_large_session_commits_in_parts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_between_the_parts_of_a_cancellation_cancels_the_rest_at_start() {
     let env = TestEnv::new();
-    let mut d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", std::ffi::OsStr::new("paced-part:2"))]);
+    let mut d = TestDaemon::start_with_env(&env, &[("DLSESSIOND_FAILPOINT", std::ffi::OsStr::new("cancel-part:1"))]);
     let client = dlsession_testkit::app::client(&env).await;
     suspended_tasks(&client, "t.cut", 5_000).await;
     // Its answer never comes: the daemon stops first.

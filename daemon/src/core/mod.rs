@@ -223,12 +223,9 @@ pub enum After {
     },
     /// New tasks are durable: the queued ones join their lanes.
     Created(Vec<TaskId>),
-    /// A part of a paced change is durable: the next part goes (`Core::commit_paced`).
-    NextPaced,
+    /// A part of a session's cancellation is durable: the next part (`Core::cancel_part`).
+    CancelPart(SessionKey),
 }
-
-/// Rows in one part of a paced change (about 20 ms of a transaction here).
-const PACED_OPS: usize = 2_000;
 
 /// The core actor. Build with [`Core::new`], drive with [`Core::run`]. It owns one part
 /// per kind of state, each with its own invariants (see the modules); the methods here
@@ -273,9 +270,6 @@ pub struct Core {
     held: held::Held,
     /// What requests sent `Once` created, by key.
     creations: creations::Creations,
-    /// The rest of a large change, committed one part after another (see
-    /// [`Core::commit_paced`]).
-    paced: std::collections::VecDeque<(Vec<Op>, Vec<After>)>,
 }
 
 /// Where the daemon is in its life, and what keeps it from leaving.
@@ -393,7 +387,6 @@ impl Core {
             auth: credentials::Auth::default(),
             held: held::Held::default(),
             creations: creations::Creations::default(),
-            paced: std::collections::VecDeque::new(),
         };
         core.restore(snapshot);
         let mut ops = Vec::new();
@@ -586,65 +579,10 @@ impl Core {
     /// before that change is durable. Replies that change nothing (reads, an attach) do
     /// not wait so.
     fn commit_after_pending(&mut self, ops: Vec<Op>, after: Vec<After>) {
-        // Behind a paced change's parts, as behind any commit on its way.
-        if !self.paced.is_empty() {
-            self.paced.push_back((ops, after));
-            return;
-        }
         if ops.is_empty() && self.life.commits_in_flight == 0 {
             self.run_after(after);
             return;
         }
-        self.queue_commit(ops, after);
-    }
-
-    /// Commits a change of many rows (a session of 100,000 tasks cancelled), given as
-    /// groups that must stay together (one task's rows), in parts of about [`PACED_OPS`],
-    /// each once the one before is durable, so the commits of everything
-    /// else go between them: in one transaction it held every app's writes for 2 s. `first`
-    /// runs once the first part is durable (the answer to the request: it carries what the
-    /// request promised, the first group), `after` once the last is. Meanwhile the
-    /// change is in memory, as with any commit on its way; a crash in the middle leaves
-    /// what recovery finishes (a session stored as `cancelling` is cancelled at start).
-    fn commit_paced(&mut self, groups: Vec<Vec<Op>>, first: Vec<After>, after: Vec<After>) {
-        let total: usize = groups.iter().map(Vec::len).sum();
-        if total <= PACED_OPS {
-            let mut all = first;
-            all.extend(after);
-            return self.commit_after_pending(groups.into_iter().flatten().collect(), all);
-        }
-        // Whole groups (one task's rows) per part, never split between two.
-        let mut parts: Vec<Vec<Op>> = vec![Vec::new()];
-        for group in groups {
-            if let Some(part) = parts.last_mut()
-                && (part.is_empty() || part.len() + group.len() <= PACED_OPS)
-            {
-                part.extend(group);
-            } else {
-                parts.push(group);
-            }
-        }
-        info!(rows = total, parts = parts.len(), "a large change is committed in parts, other commits between them");
-        let last = parts.len() - 1;
-        let (mut first, mut after) = (Some(first), Some(after));
-        let start = self.paced.is_empty();
-        for (i, part) in parts.into_iter().enumerate() {
-            let mut then = if i == 0 { first.take().unwrap_or_default() } else { Vec::new() };
-            if i == last {
-                then.extend(after.take().unwrap_or_default());
-            }
-            self.paced.push_back((part, then));
-        }
-        if start {
-            self.next_paced();
-        }
-    }
-
-    /// Sends the next part of a paced change to the store (its follow-up sends the next).
-    fn next_paced(&mut self) {
-        let Some((ops, mut after)) = self.paced.pop_front() else { return };
-        crate::failpoint::hit("paced-part");
-        after.push(After::NextPaced);
         self.queue_commit(ops, after);
     }
 
@@ -679,7 +617,12 @@ impl Core {
                 }
                 After::ReleaseProgress { task, generation } => self.release_progress(task, generation),
                 After::Created(ids) => self.on_created(ids),
-                After::NextPaced => self.next_paced(),
+                After::CancelPart(key) => {
+                    crate::failpoint::hit("cancel-part");
+                    let (mut ops, mut after) = (Vec::new(), Vec::new());
+                    self.cancel_part(key, &mut ops, &mut after);
+                    self.commit(ops, after);
+                }
                 After::ReplyAfterDisk { conn, id, response } => {
                     if let Some(c) = self.conns.get(&conn) {
                         let out = c.handle.clone();

@@ -119,18 +119,16 @@ impl Core {
         }
         info!(tasks = ids.len(), "cancelling what invalidate_and_cancel left running before the stop");
         let by = "invalidate_and_cancel (the daemon stopped before the task had)";
-        let (mut groups, mut after) = (Vec::new(), Vec::new());
+        let (mut ops, mut after) = (Vec::new(), Vec::new());
         for id in ids {
             // A request that must not go twice and may have reached its server says so
             // (`network`), rather than `cancelled`, which would say it did not happen.
             if self.upload_interrupted(id) {
                 continue;
             }
-            let mut rows = Vec::new();
-            self.complete(id, Some(super::transitions::cancelled(by)), &mut rows, &mut after);
-            groups.push(rows);
+            self.complete(id, Some(super::transitions::cancelled(by)), &mut ops, &mut after);
         }
-        self.commit_paced(groups, Vec::new(), after);
+        self.commit(ops, after);
     }
 
     /// Adds a task read from the database (at start, or dormant until now).

@@ -5,7 +5,6 @@ use tracing::info;
 use super::{Answer, Handled};
 use crate::conn::ConnId;
 use crate::core::task::AfterStop;
-use crate::core::transitions::cancelled;
 use crate::core::{After, Core};
 use crate::model::{SessionKey, now_ms};
 use crate::store::Op;
@@ -186,51 +185,39 @@ impl Core {
                 ops.push(Op::UpdateSession(s.rec.clone()));
             }
         }
-        let mut groups: Vec<Vec<Op>> = Vec::new();
-        if cancel {
+        let reply = After::Reply { conn, id, response: Response::Ok };
+        let going = self.sessions.get(&key).is_some_and(|s| s.to_cancel.is_some());
+        if cancel && !going {
             let by = format!("{} (invalidate_and_cancel)", self.conns.describe(conn));
-            let ids: Vec<TaskId> =
+            let ids: std::collections::VecDeque<TaskId> =
                 self.sessions.get(&key).map(|s| s.tasks.iter().copied().collect()).unwrap_or_default();
-            for task in ids {
+            // Running ones stop at once; queued ones leave the lanes: none starts while it
+            // waits for its part (`enqueue` holds back the rest of the session's too).
+            for &task in &ids {
                 let Some(t) = self.tasks.get_mut(&task) else { continue };
-                // Held at start until its file is looked for: the look cancels it, or
-                // completes it if its file was delivered before the stop.
-                if t.off_lanes == Some(crate::core::task::OffLanes::Cancelling) {
-                    continue;
-                }
                 match t.state {
-                    TaskState::Completed => {}
-                    TaskState::Running => {
+                    TaskState::Running if t.off_lanes != Some(crate::core::task::OffLanes::Cancelling) => {
                         t.cancelled_by = Some(by.clone());
                         self.stop_worker(task, AfterStop::Cancel);
                     }
-                    _ => {
-                        self.unqueue(task);
-                        // Each task's rows together: a part never holds half of one.
-                        let mut rows = Vec::new();
-                        self.complete(task, Some(cancelled(&by)), &mut rows, &mut after);
-                        groups.push(rows);
-                    }
+                    TaskState::Queued => self.unqueue(task),
+                    _ => {}
                 }
             }
+            if ids.len() > crate::core::transitions::CANCEL_PART {
+                info!(session = %identifier, tasks = ids.len(), "cancelling a large session a part at a time, other commits between the parts");
+            }
+            if let Some(s) = self.sessions.get_mut(&key) {
+                s.to_cancel = Some((by, ids));
+            }
+            // The first part goes with the session's new state and the answer; the rest
+            // follow one part per commit (see `cancel_part`).
+            self.cancel_part(key, &mut ops, &mut after);
         }
-        let reply = After::Reply { conn, id, response: Response::Ok };
-        let (mut rows, mut last) = (Vec::new(), Vec::new());
-        self.check_invalidation(key, &mut rows, &mut last);
-        groups.push(rows);
-        if groups.iter().map(Vec::len).sum::<usize>() > super::super::PACED_OPS {
-            // Answered once the session's new state (the first rows) is durable; the
-            // cancelled tasks follow in parts, other commits between them.
-            after.extend(last);
-            groups.insert(0, ops);
-            self.commit_paced(groups, vec![reply], after);
-        } else {
-            ops.extend(groups.into_iter().flatten());
-            after.push(reply);
-            after.extend(last);
-            // A second invalidation repeats the first: answered once that is durable.
-            self.commit_after_pending(ops, after);
-        }
+        after.push(reply);
+        self.check_invalidation(key, &mut ops, &mut after);
+        // A second invalidation repeats the first: answered once that is durable.
+        self.commit_after_pending(ops, after);
         Ok(Answer::Later)
     }
 
