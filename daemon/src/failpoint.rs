@@ -21,7 +21,6 @@
 //! | `database-check` | the `db-check` thread is about to run the start's `quick_check` |
 //! | `worker-response` | a download worker accepted a response and is about to write (abort or panic only) |
 //! | `connection-request` | a connection read a request and is about to hand it to the core (abort or panic only: reached on the async runtime) |
-//! | `cancel-part` | a large session's `invalidate_and_cancel` has committed a part and is about to cancel the next (abort or panic only: reached on the core's task) |
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};

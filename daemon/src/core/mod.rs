@@ -223,8 +223,6 @@ pub enum After {
     },
     /// New tasks are durable: the queued ones join their lanes.
     Created(Vec<TaskId>),
-    /// A part of a session's cancellation is durable: the next part (`Core::cancel_part`).
-    CancelPart(SessionKey),
 }
 
 /// The core actor. Build with [`Core::new`], drive with [`Core::run`]. It owns one part
@@ -617,12 +615,6 @@ impl Core {
                 }
                 After::ReleaseProgress { task, generation } => self.release_progress(task, generation),
                 After::Created(ids) => self.on_created(ids),
-                After::CancelPart(key) => {
-                    crate::failpoint::hit("cancel-part");
-                    let (mut ops, mut after) = (Vec::new(), Vec::new());
-                    self.cancel_part(key, &mut ops, &mut after);
-                    self.commit(ops, after);
-                }
                 After::ReplyAfterDisk { conn, id, response } => {
                     if let Some(c) = self.conns.get(&conn) {
                         let out = c.handle.clone();

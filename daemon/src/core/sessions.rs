@@ -83,10 +83,6 @@ pub(super) struct Session {
     pub proxy: Option<dlsession_proto::SessionProxy>,
     /// Its client certificate: the files, and what was read from them (or why not).
     pub client_cert: Option<ClientCert>,
-    /// `invalidate_and_cancel`'s tasks not cancelled yet, and by whom: a large session's are
-    /// cancelled a part at a time, each part's commit before the next (`Core::cancel_part`);
-    /// none of them is queued to run meanwhile.
-    pub to_cancel: Option<(String, std::collections::VecDeque<TaskId>)>,
 }
 
 /// A session's client certificate as the core holds it.
@@ -111,7 +107,6 @@ impl Session {
             by_task: BTreeSet::new(),
             pending_challenges: 0,
             tasks: BTreeSet::new(),
-            to_cancel: None,
             counts: TaskCounts::default(),
             dormant: 0,
             left_at: crate::model::now_ms(),

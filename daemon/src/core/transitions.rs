@@ -22,9 +22,6 @@ const MAX_KEPT_HEADERS: usize = 64;
 const MAX_KEPT_HEADER_LEN: usize = 1024;
 const MAX_KEPT_HEADER_NAME: usize = 256;
 
-/// Tasks cancelled per commit by a session's `invalidate_and_cancel` (two rows each).
-pub(super) const CANCEL_PART: usize = 1_000;
-
 impl Core {
     /// Moves a task to `state`, keeping the counters and watchers in step.
     pub(super) fn set_state(&mut self, id: TaskId, state: TaskState) {
@@ -141,10 +138,6 @@ impl Core {
         }
         if t.rec.phase == Phase::Finishing {
             return self.start_move(id, Leftovers::OthersOnly);
-        }
-        // Its session is being cancelled a part at a time: it waits for its part.
-        if self.sessions.get(&t.rec.session).is_some_and(|s| s.to_cancel.is_some()) {
-            return;
         }
         match t.rec.earliest_begin.filter(|&at| at > now) {
             Some(at) => {
@@ -769,46 +762,6 @@ impl Core {
             (None, _) => self.complete(id, Some(failure.error), &mut ops, &mut after),
         }
         self.commit(ops, after);
-    }
-
-    /// Cancels the next part of a session's `invalidate_and_cancel` (at most
-    /// [`CANCEL_PART`] tasks) into `ops`: one commit for 100,000 tasks held every app's
-    /// writes for 2 s. While tasks are left, `after` asks for the next part once this one is
-    /// durable, so other commits go between the parts; the last one's completions find
-    /// every task done and make the session invalid.
-    pub(super) fn cancel_part(&mut self, key: crate::model::SessionKey, ops: &mut Vec<Op>, after: &mut Vec<After>) {
-        let Some(s) = self.sessions.get_mut(&key) else { return };
-        let Some((by, queue)) = s.to_cancel.as_mut() else { return };
-        let by = by.clone();
-        let part: Vec<TaskId> = queue.drain(..queue.len().min(CANCEL_PART)).collect();
-        let more = !queue.is_empty();
-        if !more {
-            s.to_cancel = None;
-        }
-        for task in part {
-            let Some(t) = self.tasks.get_mut(&task) else { continue };
-            // Held at start until its file is looked for: the look cancels it, or completes
-            // it if its file was delivered before the stop.
-            if t.off_lanes == Some(super::task::OffLanes::Cancelling) {
-                continue;
-            }
-            match t.state {
-                TaskState::Completed => {}
-                // Stopping since the request (its stop cancels it).
-                TaskState::Running if t.cancelled_by.is_some() => {}
-                TaskState::Running => {
-                    t.cancelled_by = Some(by.clone());
-                    self.stop_worker(task, AfterStop::Cancel);
-                }
-                _ => {
-                    self.unqueue(task);
-                    self.complete(task, Some(cancelled(&by)), ops, after);
-                }
-            }
-        }
-        if more {
-            after.push(After::CancelPart(key));
-        }
     }
 
     /// A suspend or cancel asked for while the body was still arriving, but the body

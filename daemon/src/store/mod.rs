@@ -380,21 +380,10 @@ fn load_snapshot(conn: &mut Connection) -> Result<Snapshot, StoreError> {
             s.next_seq = next;
         }
     }
-    // A session `invalidate_and_cancel` left part-way (its cancellations go in parts) has
-    // its suspended tasks read too, for the start to cancel them: dormant, they would wait
-    // for ever, and the session with them.
-    let cancelling: Vec<SessionKey> = sessions.iter().filter(|s| s.cancelling && !s.invalid).map(|s| s.key).collect();
-    let mut tasks = codec::load_awake_tasks(conn)?;
-    let mut dormant = codec::load_dormant_counts(conn)?;
-    if !cancelling.is_empty() {
-        tasks.extend(codec::load_dormant(conn, Some(&cancelling))?);
-        tasks.sort_by_key(|t| t.id);
-        dormant.retain(|(key, _)| !cancelling.contains(key));
-    }
     Ok(Snapshot {
         sessions,
-        tasks,
-        dormant,
+        tasks: codec::load_awake_tasks(conn)?,
+        dormant: codec::load_dormant_counts(conn)?,
         events,
         next_task_id: codec::load_next_task_id(conn)?,
         next_session_key: codec::load_next_session_key(conn)?,

@@ -5,6 +5,7 @@ use tracing::info;
 use super::{Answer, Handled};
 use crate::conn::ConnId;
 use crate::core::task::AfterStop;
+use crate::core::transitions::cancelled;
 use crate::core::{After, Core};
 use crate::model::{SessionKey, now_ms};
 use crate::store::Op;
@@ -185,36 +186,31 @@ impl Core {
                 ops.push(Op::UpdateSession(s.rec.clone()));
             }
         }
-        let reply = After::Reply { conn, id, response: Response::Ok };
-        let going = self.sessions.get(&key).is_some_and(|s| s.to_cancel.is_some());
-        if cancel && !going {
+        if cancel {
             let by = format!("{} (invalidate_and_cancel)", self.conns.describe(conn));
-            let ids: std::collections::VecDeque<TaskId> =
+            let ids: Vec<TaskId> =
                 self.sessions.get(&key).map(|s| s.tasks.iter().copied().collect()).unwrap_or_default();
-            // Running ones stop at once; queued ones leave the lanes: none starts while it
-            // waits for its part (`enqueue` holds back the rest of the session's too).
-            for &task in &ids {
+            for task in ids {
                 let Some(t) = self.tasks.get_mut(&task) else { continue };
+                // Held at start until its file is looked for: the look cancels it, or
+                // completes it if its file was delivered before the stop.
+                if t.off_lanes == Some(crate::core::task::OffLanes::Cancelling) {
+                    continue;
+                }
                 match t.state {
-                    TaskState::Running if t.off_lanes != Some(crate::core::task::OffLanes::Cancelling) => {
+                    TaskState::Completed => {}
+                    TaskState::Running => {
                         t.cancelled_by = Some(by.clone());
                         self.stop_worker(task, AfterStop::Cancel);
                     }
-                    TaskState::Queued => self.unqueue(task),
-                    _ => {}
+                    _ => {
+                        self.unqueue(task);
+                        self.complete(task, Some(cancelled(&by)), &mut ops, &mut after);
+                    }
                 }
             }
-            if ids.len() > crate::core::transitions::CANCEL_PART {
-                info!(session = %identifier, tasks = ids.len(), "cancelling a large session a part at a time, other commits between the parts");
-            }
-            if let Some(s) = self.sessions.get_mut(&key) {
-                s.to_cancel = Some((by, ids));
-            }
-            // The first part goes with the session's new state and the answer; the rest
-            // follow one part per commit (see `cancel_part`).
-            self.cancel_part(key, &mut ops, &mut after);
         }
-        after.push(reply);
+        after.push(After::Reply { conn, id, response: Response::Ok });
         self.check_invalidation(key, &mut ops, &mut after);
         // A second invalidation repeats the first: answered once that is durable.
         self.commit_after_pending(ops, after);
