@@ -74,6 +74,17 @@ async fn retry_after_never_storms_and_never_parks_a_task() {
     assert_eq!(s.hits("/hour"), 1);
 }
 
+/// A daemon whose events expire after a day and whose wall clock the test moves (write
+/// `+Nd` to the returned file, then restart it).
+fn retention_of_a_day() -> (TestEnv, PathBuf, TestDaemon) {
+    let env = TestEnv::new();
+    env.set_config("event_retention_days", "1");
+    env.set_config("wake_initial_ms", "300");
+    let clock = env.path().join("faketime");
+    let d = faked_clock_daemon(&env, &clock);
+    (env, clock, d)
+}
+
 /// The daemon with its wall clock under a file's control (libfaketime), its monotonic
 /// clock untouched.
 fn faked_clock_daemon(env: &TestEnv, offset_file: &Path) -> TestDaemon {
@@ -753,11 +764,7 @@ async fn events_do_not_expire_while_their_app_is_attached() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uncollected_events_and_old_resume_files_expire() {
     use dlsession::proto::{Request, Response, TaskAction, TaskSpec};
-    let env = TestEnv::new();
-    env.set_config("event_retention_days", "1");
-    env.set_config("wake_initial_ms", "300");
-    let clock = env.path().join("faketime");
-    let mut d = faked_clock_daemon(&env, &clock);
+    let (env, clock, mut d) = retention_of_a_day();
     let s = TestServer::start().await.unwrap();
     s.add("/done", Resource::generated(5000, 12));
     s.add("/slow", Resource::generated(8 << 20, 13).etag("\"e\"").throttle(1 << 20));
@@ -1044,4 +1051,36 @@ async fn the_first_wake_after_a_start_waits_also_behind_a_running_task() {
     let launched: u128 = text.lines().nth(before).unwrap().trim().parse().unwrap();
     let after = Duration::from_nanos(u64::try_from(launched.saturating_sub(restarting)).unwrap());
     assert!(after >= Duration::from_secs(4), "relaunched {after:?} after the restart began");
+}
+
+/// A backlog of uncollected events larger than a part expires a part at a time, each
+/// committed before the next (in one transaction a million would hold every app's writes
+/// for seconds); all of it goes, and the invalid session with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_backlog_of_events_expires_in_parts() {
+    use dlsession::proto::TaskSpec;
+    let (env, clock, mut d) = retention_of_a_day();
+    let c = dlsession_testkit::app::client(&env).await;
+    c.request(Request::OpenSession { identifier: "t.backlog".into(), config: None }).await.unwrap();
+    let n = 10_500;
+    for first in (0..n).step_by(1_000) {
+        let tasks = (first..(first + 1_000).min(n)).map(|i| TaskSpec::get(format!("http://127.0.0.1:9/{i}"))).collect();
+        c.create_tasks("t.backlog", tasks, false).await.unwrap();
+    }
+    // Each completes (cancelled) with an event nobody collects, and the session's last says
+    // it is invalid.
+    assert_eq!(c.request(Request::InvalidateAndCancel { identifier: "t.backlog".into() }).await.unwrap(), Response::Ok);
+    drop(c);
+    assert!(d.terminate().success());
+    std::fs::write(&clock, "+2d\n").unwrap();
+    d.restart();
+    let c = dlsession_testkit::app::client(&env).await;
+    dlsession_testkit::wait_for("the session to go with its events", LONG, || {
+        let gone = dlsession_testkit::block(c.request(Request::GetSession { identifier: "t.backlog".into() }));
+        matches!(gone, Err(dlsession::Error::Daemon(e)) if e.code == ErrorCode::NoSuchSession).then_some(())
+    });
+    let parts: Vec<String> =
+        d.log().lines().filter(|l| l.contains("expiring events nobody collected")).map(str::to_owned).collect();
+    assert_eq!(parts.len(), 2, "{parts:?}");
+    assert!(parts[0].contains("events=10000") && parts[1].contains("events=501"), "{parts:?}");
 }

@@ -147,7 +147,7 @@ impl Core {
         self.commit(ops, after);
     }
 
-    fn ack_ops(&mut self, key: SessionKey, seqs: Vec<u64>) -> (Vec<Op>, Vec<After>) {
+    pub(super) fn ack_ops(&mut self, key: SessionKey, seqs: Vec<u64>) -> (Vec<Op>, Vec<After>) {
         let mut ops = Vec::new();
         let mut after = Vec::new();
         let downloads = self.cfg.downloads_dir();

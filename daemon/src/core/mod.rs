@@ -223,6 +223,8 @@ pub enum After {
     },
     /// New tasks are durable: the queued ones join their lanes.
     Created(Vec<TaskId>),
+    /// A part of an expiry is durable: expire the next (`Core::on_housekeeping`).
+    ExpireMore,
 }
 
 /// The core actor. Build with [`Core::new`], drive with [`Core::run`]. It owns one part
@@ -333,6 +335,9 @@ struct Housekeeping {
     oldest_resume_file: Option<dlsession_proto::UnixMillis>,
     /// A clean of the resume directory is queued on the disk thread.
     cleaning: bool,
+    /// A part of an expiry is on its way to the database; the next waits for it
+    /// (`retention::EXPIRE_PART`).
+    expiring: bool,
 }
 
 impl Core {
@@ -615,6 +620,10 @@ impl Core {
                 }
                 After::ReleaseProgress { task, generation } => self.release_progress(task, generation),
                 After::Created(ids) => self.on_created(ids),
+                After::ExpireMore => {
+                    self.housekeeping.expiring = false;
+                    self.on_housekeeping();
+                }
                 After::ReplyAfterDisk { conn, id, response } => {
                     if let Some(c) = self.conns.get(&conn) {
                         let out = c.handle.clone();

@@ -14,15 +14,17 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::Core;
 use super::disk::DiskReport;
 use super::sessions::Session;
 use super::timers::{Timer, millis};
+use super::{After, Core};
 use crate::model::{SessionKey, now_ms};
 use crate::store::Op;
 
 /// Retirements after which history is pruned at the latest, whatever the time.
 const PRUNE_AFTER: u64 = 10_000;
+/// Events expired per commit (each a row deleted, a task retired).
+const EXPIRE_PART: usize = 10_000;
 
 impl Core {
     /// Deletes retired tasks older than `retired_history`, and all but the newest
@@ -86,9 +88,12 @@ impl Core {
 
     fn arm_housekeeping(&mut self) {
         let retention = millis(self.cfg.timing.event_retention);
+        // While a part of an expiry is on its way, its `ExpireMore` comes back for the rest.
+        let expiring = self.housekeeping.expiring;
         let first_event_due = self
             .sessions
             .values()
+            .filter(|_| !expiring)
             .filter_map(|s| {
                 let first = s.events.values().next()?;
                 Some(first.created_at.saturating_add(retention).max(self.expiring_from(s)?))
@@ -115,17 +120,36 @@ impl Core {
     /// start): an attached app collects them (one it keeps for later is its to keep:
     /// expired, its file went from under the app), and one that reconnects finds them.
     fn expire_events(&mut self) {
+        if self.housekeeping.expiring {
+            return;
+        }
         let now = now_ms();
         let horizon = now.saturating_sub(millis(self.cfg.timing.event_retention));
-        let expired: Vec<(SessionKey, Vec<u64>)> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| self.expiring_from(s).is_some_and(|from| from <= now))
-            .map(|(k, s)| {
-                (*k, s.events.values().filter(|e| e.created_at <= horizon).map(|e| e.seq).collect::<Vec<_>>())
-            })
-            .filter(|(_, seqs)| !seqs.is_empty())
-            .collect();
+        // At most `EXPIRE_PART` per commit: a backlog of a million acknowledged in one
+        // transaction would hold every app's writes for seconds.
+        let mut room = EXPIRE_PART;
+        let mut more = false;
+        let mut expired: Vec<(SessionKey, Vec<u64>)> = Vec::new();
+        for (k, s) in self.sessions.iter() {
+            if self.expiring_from(s).is_none_or(|from| from > now) {
+                continue;
+            }
+            let mut seqs: Vec<u64> =
+                s.events.values().filter(|e| e.created_at <= horizon).map(|e| e.seq).take(room + 1).collect();
+            if seqs.len() > room {
+                seqs.truncate(room);
+                more = true;
+            }
+            room -= seqs.len();
+            if !seqs.is_empty() {
+                expired.push((*k, seqs));
+            }
+            if room == 0 {
+                more = true;
+                break;
+            }
+        }
+        let (mut ops, mut after) = (Vec::new(), Vec::new());
         for (key, seqs) in expired {
             let days = self.cfg.timing.event_retention.as_secs() / 86_400;
             warn!(
@@ -134,8 +158,16 @@ impl Core {
                 days,
                 "expiring events nobody collected (files left in the cache are deleted, tasks retired)"
             );
-            self.acknowledge_quietly(key, seqs);
+            let (o, a) = self.ack_ops(key, seqs);
+            ops.extend(o);
+            after.extend(a);
         }
+        // The next part once this one is durable (a timer would queue it at once).
+        if more && !ops.is_empty() {
+            self.housekeeping.expiring = true;
+            after.push(After::ExpireMore);
+        }
+        self.commit(ops, after);
     }
 
     /// Queues the removal of kept partial files past their retention (on the disk
