@@ -622,7 +622,10 @@ impl Core {
                 After::Created(ids) => self.on_created(ids),
                 After::ExpireMore => {
                     self.housekeeping.expiring = false;
-                    self.on_housekeeping();
+                    // A stop does not wait for the rest: the next start expires it.
+                    if !self.life.shutting_down {
+                        self.on_housekeeping();
+                    }
                 }
                 After::ReplyAfterDisk { conn, id, response } => {
                     if let Some(c) = self.conns.get(&conn) {
