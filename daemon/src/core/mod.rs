@@ -517,7 +517,13 @@ impl Core {
                 match result {
                     Ok(()) => self.run_after(after),
                     // The store already reported the failure; nothing depending on it happens.
-                    Err(e) => warn!(error = %e, "dropping actions of a failed commit"),
+                    Err(e) => {
+                        warn!(error = %e, "dropping actions of a failed commit");
+                        // An expiry's next part is not owed any more: the timer may try again.
+                        if after.iter().any(|a| matches!(a, After::ExpireMore)) {
+                            self.housekeeping.expiring = false;
+                        }
+                    }
                 }
             }
             CoreMsg::Launched { session, launch, launched } => self.on_launched(session, launch, launched),

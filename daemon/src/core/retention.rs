@@ -134,8 +134,10 @@ impl Core {
             if self.expiring_from(s).is_none_or(|from| from > now) {
                 continue;
             }
+            // In the order they were written, as the timer reckons them (`arm_housekeeping`):
+            // the first not yet due ends the look, so a part never walks the rest.
             let mut seqs: Vec<u64> =
-                s.events.values().filter(|e| e.created_at <= horizon).map(|e| e.seq).take(room + 1).collect();
+                s.events.values().take_while(|e| e.created_at <= horizon).map(|e| e.seq).take(room + 1).collect();
             if seqs.len() > room {
                 seqs.truncate(room);
                 more = true;
