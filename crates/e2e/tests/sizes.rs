@@ -231,16 +231,11 @@ async fn an_answer_too_large_for_a_frame_is_an_error_not_a_hang() {
     assert!(matches!(c.request(Request::Status).await.unwrap(), Response::Status(_)));
 }
 
-/// Makes `n` suspended tasks (never fetched) in a new session `name`, 1,000 per request.
+/// Makes `n` suspended tasks (never fetched) in a new session `name`.
 async fn suspended_tasks(client: &dlsession::Client, name: &str, n: usize) {
     client.request(Request::OpenSession { identifier: name.into(), config: None }).await.unwrap();
-    for first in (0..n).step_by(1_000) {
-        let tasks = (first..(first + 1_000).min(n))
-            .map(|i| dlsession::proto::TaskSpec::get(format!("http://127.0.0.1:9/{name}/{i}")))
-            .collect();
-        let request = Request::CreateTasks { identifier: name.into(), tasks, resume: false };
-        assert!(matches!(client.request(request).await.unwrap(), Response::TasksCreated(_)));
-    }
+    let tasks = (0..n).map(|i| dlsession::proto::TaskSpec::get(format!("http://127.0.0.1:9/{name}/{i}"))).collect();
+    assert_eq!(client.create_tasks(name, tasks, false).await.unwrap().len(), n);
 }
 
 /// Unfinished tasks of `name`, and its pending events.

@@ -89,16 +89,17 @@ impl Core {
     fn arm_housekeeping(&mut self) {
         let retention = millis(self.cfg.timing.event_retention);
         // While a part of an expiry is on its way, its `ExpireMore` comes back for the rest.
-        let expiring = self.housekeeping.expiring;
-        let first_event_due = self
-            .sessions
-            .values()
-            .filter(|_| !expiring)
-            .filter_map(|s| {
-                let first = s.events.values().next()?;
-                Some(first.created_at.saturating_add(retention).max(self.expiring_from(s)?))
-            })
-            .min();
+        let first_event_due = if self.housekeeping.expiring {
+            None
+        } else {
+            self.sessions
+                .values()
+                .filter_map(|s| {
+                    let first = s.events.values().next()?;
+                    Some(first.created_at.saturating_add(retention).max(self.expiring_from(s)?))
+                })
+                .min()
+        };
         let next = [
             first_event_due,
             self.housekeeping.oldest_resume_file.map(|t| t.saturating_add(millis(self.cfg.timing.resume_retention))),

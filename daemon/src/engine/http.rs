@@ -306,6 +306,7 @@ fn h2_connection_window(streams: u32) -> u32 {
     let all = u64::from(H2_STREAM_WINDOW).saturating_mul(u64::from(streams).saturating_add(1));
     u32::try_from(all.min(MAX)).unwrap_or(u32::MAX >> 1)
 }
+
 /// What may sit above a connection's socket, read but not yet counted by the engine. TLS:
 /// rustls's records, at most two of 16 KiB + 256 bytes per layer, two layers through an
 /// HTTPS proxy: about 65 KiB, counted twice. HTTP/1.1: hyper reads into its buffer's whole

@@ -38,11 +38,10 @@ pub async fn run(ctx: &Ctx, args: LimitArgs) -> Result<Exit> {
                 if let Response::Task(t) = client.request(Request::GetTask { task: *task }).await?
                     && t.retired
                 {
-                    return Err(dlsession::Error::Daemon(dlsession_proto::ErrorInfo::new(
+                    return Err(CliError::local(
                         dlsession_proto::ErrorCode::NoSuchTask,
                         format!("no live task {task} (it is in the history only)"),
-                    ))
-                    .into());
+                    ));
                 }
             }
             Some(LimitTarget::Global) | None => {}
